@@ -1,0 +1,501 @@
+"""Configuration: one dataclass per concern, loaded from TOML, overridden with ``--set section.key=value``.
+
+Precedence is defaults < TOML file < ``--set``. Every mistake (an unknown section or key, a value of the
+wrong type, a value out of range) raises :class:`ConfigError` naming the offending ``section.key``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+__all__ = [
+    "ConfigError",
+    "Config",
+    "DataConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "RuntimeConfig",
+    "TrainConfig",
+    "TaskConfig",
+    "TuneConfig",
+    "BenchConfig",
+    "load_config",
+    "apply_overrides",
+    "config_to_dict",
+    "config_from_dict",
+    "dump_config",
+    "default_workers",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field (``section.key``)."""
+
+
+def default_workers() -> int:
+    """Loader worker processes / DALI threads taken from the machine: all cores but one, at most 16."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, n - 1))
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+def _choice(value: str, name: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, name, f"must be one of {', '.join(choices)}, got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    root: str = ""
+    """Dataset folder; empty means the built-in demo dataset (written on first use)."""
+    format: str = "folder"
+    """On-disk layout: folder (ImageFolder classes), manifest (CSV/JSONL image -> targets), drawing (canvas steps), paired (A/B or side-by-side pix2pix)."""
+    train_dir: str = "train"
+    """Sub-folder with the training split (relative to root); root itself is used when it does not exist."""
+    val_dir: str = "val"
+    """Sub-folder with the validation split; when missing, val_fraction of the training files is held out."""
+    test_dir: str = "test"
+    """Optional sub-folder evaluated once at the end of training."""
+    manifest: str = "labels.csv"
+    """Manifest file (CSV with a header, or .jsonl), relative to root, for format=manifest."""
+    target_columns: list[str] = field(default_factory=list)
+    """Manifest columns/keys used as regression targets; empty means every column except the path."""
+    val_fraction: float = 0.1
+    """Share of training files held out for validation when there is no val_dir (0..0.9)."""
+    split_seed: int = 0
+    """Seed of the held-out validation split (independent of runtime.seed)."""
+    image_size: int = 224
+    """Side of the square training crop and evaluation crop, in pixels."""
+    resize_size: int = 0
+    """Evaluation: shorter side resized to this before the centre crop; 0 means image_size / 0.875."""
+    channels: int = 3
+    """Image channels fed to the model: 3 (RGB) or 1 (grayscale). Other modes (RGBA, P, CMYK, L) are converted."""
+    random_resized_crop: bool = True
+    """Training augmentation: random-resized-crop (else resize + centre crop as for evaluation)."""
+    crop_scale_min: float = 0.08
+    """Smallest area share of a random-resized-crop (0..1]."""
+    hflip: bool = True
+    """Training augmentation: random horizontal flip."""
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    """Per-channel mean on the 0..1 scale, subtracted on the device (one value for grayscale)."""
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    """Per-channel standard deviation on the 0..1 scale (one value for grayscale)."""
+    loader: str = "auto"
+    """Backend: auto (GPU cache if it fits, DALI on CUDA, torch otherwise), torch, dali, cache."""
+    workers: int = -1
+    """torch loader worker processes; -1 means taken from the machine (cores - 1, at most 16)."""
+    prefetch: int = 2
+    """Batches prepared ahead per worker (torch) or pipeline depth (DALI)."""
+    dali_threads: int = -1
+    """DALI CPU threads; -1 means taken from the machine (cores - 1, at most 16)."""
+    hw_decoder_load: float = 0.9
+    """Share of JPEG decoding DALI sends to the GPU's hardware decoder (0..1)."""
+    cache_budget: float = 0.25
+    """GPU cache: use it only if the decoded dataset takes at most this share of device memory (0..1)."""
+    max_samples: int = 0
+    """Use at most this many training files (0 = all); for smoke tests and quick trials."""
+
+    def __post_init__(self) -> None:
+        _choice(self.format, "data.format", ("folder", "manifest", "drawing", "paired"))
+        _choice(self.loader, "data.loader", ("auto", "torch", "dali", "cache"))
+        _check(self.channels in (1, 3), "data.channels", f"must be 1 or 3, got {self.channels}")
+        _check(0.0 <= self.val_fraction <= 0.9, "data.val_fraction", f"must be in 0..0.9, got {self.val_fraction}")
+        _check(self.image_size >= 8, "data.image_size", f"must be >= 8 pixels, got {self.image_size}")
+        _check(self.resize_size == 0 or self.resize_size >= self.image_size, "data.resize_size",
+               f"must be 0 or >= data.image_size ({self.image_size}), got {self.resize_size}")
+        _check(0.0 < self.crop_scale_min <= 1.0, "data.crop_scale_min", f"must be in (0, 1], got {self.crop_scale_min}")
+        for name in ("mean", "std"):
+            vals = getattr(self, name)
+            _check(len(vals) in (1, 3), f"data.{name}", f"needs 1 or 3 values, got {len(vals)}")
+        _check(all(s > 0 for s in self.std), "data.std", "values must be > 0")
+        _check(self.workers >= -1, "data.workers", f"must be >= 0 or -1 (auto), got {self.workers}")
+        _check(self.dali_threads == -1 or self.dali_threads >= 1, "data.dali_threads", "must be >= 1 or -1 (auto)")
+        _check(self.prefetch >= 1, "data.prefetch", f"must be >= 1, got {self.prefetch}")
+        _check(0.0 <= self.hw_decoder_load <= 1.0, "data.hw_decoder_load", "must be in 0..1")
+        _check(0.0 < self.cache_budget <= 0.9, "data.cache_budget", "must be in (0, 0.9]")
+        _check(self.max_samples >= 0, "data.max_samples", "must be >= 0")
+
+    @property
+    def eval_resize(self) -> int:
+        return self.resize_size or int(round(self.image_size / 0.875))
+
+    @property
+    def num_workers(self) -> int:
+        return default_workers() if self.workers < 0 else self.workers
+
+    @property
+    def num_dali_threads(self) -> int:
+        return default_workers() if self.dali_threads < 0 else self.dali_threads
+
+    def norm_mean_std(self) -> tuple[list[float], list[float]]:
+        """Mean and std with one value per channel (RGB statistics are averaged for grayscale)."""
+
+        def per_channel(vals: list[float]) -> list[float]:
+            if len(vals) == self.channels:
+                return list(vals)
+            if len(vals) == 1:
+                return list(vals) * self.channels
+            return [sum(vals) / len(vals)]
+
+        return per_channel(self.mean), per_channel(self.std)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    """Registry name: torchvision models (resnet18, resnet50, ...) or small nets (mlp, convnet, smallcnn, unet)."""
+    num_outputs: int = 0
+    """Output units; 0 means taken from the data (classes, or target values)."""
+    width: int = 32
+    """Base channel width of the small nets (convnet, smallcnn, unet, patchgan)."""
+    dropout: float = 0.0
+    """Dropout before the classifier of the small nets (0..1)."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name", "must not be empty")
+        _check(self.num_outputs >= 0, "model.num_outputs", "must be >= 0")
+        _check(self.width >= 1, "model.width", "must be >= 1")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    """Optimizer: sgd or adamw (adam is adamw with weight_decay 0)."""
+    lr: float = 0.1
+    """Peak learning rate (per optimizer step, at the configured batch size)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = True
+    """SGD Nesterov momentum."""
+    weight_decay: float = 5e-4
+    """L2 / decoupled weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam(W) betas."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value (0 = off)."""
+
+    def __post_init__(self) -> None:
+        _choice(self.name, "optim.name", ("sgd", "adamw", "adam"))
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(0.0 <= self.momentum < 1.0, "optim.momentum", "must be in [0, 1)")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", "needs two values in [0, 1)")
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "cosine"
+    """Learning-rate schedule: constant, step (multiply by gamma every step_epochs), cosine (with warmup), onecycle."""
+    warmup_epochs: float = 0.0
+    """Linear warmup from 0, in epochs (fractions allowed); used by constant, step and cosine."""
+    step_epochs: int = 10
+    """step: epochs between decays."""
+    gamma: float = 0.5
+    """step: factor applied every step_epochs (0.5 halves the rate, as hand-written scripts do)."""
+    min_lr_ratio: float = 0.0
+    """cosine: final learning rate as a share of the peak."""
+    pct_start: float = 0.25
+    """onecycle: share of the run spent rising to the peak."""
+
+    def __post_init__(self) -> None:
+        _choice(self.name, "schedule.name", ("constant", "step", "cosine", "onecycle"))
+        _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
+        _check(self.step_epochs >= 1, "schedule.step_epochs", "must be >= 1")
+        _check(0 < self.gamma <= 1, "schedule.gamma", "must be in (0, 1]")
+        _check(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", "must be in [0, 1]")
+        _check(0 < self.pct_start < 1, "schedule.pct_start", "must be in (0, 1)")
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"
+    """auto (cuda when present, else cpu), cpu, cuda or cuda:N."""
+    precision: str = "auto"
+    """auto (bf16 on GPUs that support it, fp16 + scaler on older ones, fp32 on CPU), bf16, fp16, fp32."""
+    channels_last: str = "auto"
+    """auto (on for conv models on CUDA), on, off."""
+    compile: str = "auto"
+    """torch.compile: auto (on for CUDA, off on CPU), on, off."""
+    compile_mode: str = "default"
+    """torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs."""
+    seed: int = 0
+    """Seed of weights, data order and augmentation."""
+    deterministic: bool = False
+    """Use deterministic algorithms (slower on GPU)."""
+    cudnn_benchmark: bool = True
+    """Let cuDNN pick the fastest convolution algorithms for the shapes seen."""
+
+    def __post_init__(self) -> None:
+        d = self.device
+        _check(d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit()), "runtime.device",
+               f"must be auto, cpu, cuda or cuda:N, got {d!r}")
+        _choice(self.precision, "runtime.precision", ("auto", "bf16", "fp16", "fp32"))
+        _choice(self.channels_last, "runtime.channels_last", ("auto", "on", "off"))
+        _choice(self.compile, "runtime.compile", ("auto", "on", "off"))
+        _choice(self.compile_mode, "runtime.compile_mode",
+                ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    """Training epochs."""
+    batch_size: int = 128
+    """Samples per optimizer step (the global batch; split into accumulation micro-batches)."""
+    accumulation: int = 1
+    """Micro-batches per optimizer step; each micro-batch holds batch_size / accumulation samples."""
+    eval_batch_size: int = 0
+    """Evaluation batch size; 0 means twice the micro-batch."""
+    label_smoothing: float = 0.0
+    """Classification: label smoothing (0..1)."""
+    runs_dir: str = "runs"
+    """Folder holding one sub-folder per run."""
+    run_name: str = ""
+    """Run folder name; empty means <config name>-<date>-<time>. An existing folder is never reused."""
+    checkpoint_every: int = 1
+    """Write the `last` checkpoint every N epochs (and always at the end)."""
+    best_metric: str = ""
+    """Validation metric that selects the `best` checkpoint (e.g. val_acc, val_loss); empty = the task's default."""
+    log_every: int = 50
+    """Read losses from the device (a sync point) every N steps, for the progress bar and logs."""
+    max_steps: int = 0
+    """Stop each epoch after this many optimizer steps (0 = full epochs); for smoke tests."""
+    eval_every: int = 1
+    """Evaluate every N epochs (and always at the end)."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
+        _check(self.accumulation >= 1, "train.accumulation", "must be >= 1")
+        _check(self.batch_size % self.accumulation == 0, "train.batch_size",
+               f"{self.batch_size} is not divisible by train.accumulation ({self.accumulation})")
+        _check(self.eval_batch_size >= 0, "train.eval_batch_size", "must be >= 0")
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
+        _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+        _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+        _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
+        _check("/" not in self.run_name and self.run_name not in (".", ".."), "train.run_name",
+               f"must be a plain folder name, got {self.run_name!r}")
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size // self.accumulation
+
+    @property
+    def eval_batch(self) -> int:
+        return self.eval_batch_size or 2 * self.micro_batch
+
+
+@dataclass
+class TaskConfig:
+    name: str = "classify"
+    """What a batch means: classify, regress (image -> numbers) or pix2pix (image -> image)."""
+    lambda_l1: float = 100.0
+    """pix2pix: weight of the L1 loss against the adversarial loss."""
+    sample_every: int = 500
+    """pix2pix: save an input / output / target grid as PNG every N steps (0 = only at epoch ends)."""
+
+    def __post_init__(self) -> None:
+        _choice(self.name, "task.name", ("classify", "regress", "pix2pix"))
+        _check(self.lambda_l1 >= 0, "task.lambda_l1", "must be >= 0")
+        _check(self.sample_every >= 0, "task.sample_every", "must be >= 0")
+
+
+@dataclass
+class TuneConfig:
+    memory_budget_gib: float = 16.0
+    """VRAM budget in GiB; emulated on larger cards, the free memory on smaller ones."""
+    headroom: float = 0.10
+    """Share of the budget a chosen batch must leave free (0..0.5)."""
+    min_batch: int = 8
+    """Smallest batch size tried."""
+    max_batch: int = 4096
+    """Largest batch size tried."""
+    multiple: int = 8
+    """Batch sizes are multiples of this."""
+    warmup_steps: int = 3
+    """Steps per candidate before timing (excluded)."""
+    measure_steps: int = 10
+    """Timed steps per candidate."""
+    noise: float = 0.03
+    """Relative throughput difference treated as noise (the smaller batch wins within it)."""
+    verify_steps: int = 200
+    """Steps of the verification run at the chosen settings (0 = skip)."""
+    cache_dir: str = ""
+    """Where results are cached; empty means ~/.cache/fasttrain/autotune."""
+
+    def __post_init__(self) -> None:
+        _check(self.memory_budget_gib > 0, "tune.memory_budget_gib", "must be > 0")
+        _check(0 <= self.headroom <= 0.5, "tune.headroom", "must be in 0..0.5")
+        _check(self.min_batch >= 1, "tune.min_batch", "must be >= 1")
+        _check(self.max_batch >= self.min_batch, "tune.max_batch", "must be >= tune.min_batch")
+        _check(self.multiple >= 1, "tune.multiple", "must be >= 1")
+        _check(self.warmup_steps >= 0, "tune.warmup_steps", "must be >= 0")
+        _check(self.measure_steps >= 1, "tune.measure_steps", "must be >= 1")
+        _check(0 <= self.noise < 0.5, "tune.noise", "must be in [0, 0.5)")
+        _check(self.verify_steps >= 0, "tune.verify_steps", "must be >= 0")
+
+
+@dataclass
+class BenchConfig:
+    warmup_steps: int = 5
+    """Steps excluded from timing (compile, cuDNN autotune, loader start)."""
+    steps: int = 30
+    """Timed steps per measurement."""
+    repeats: int = 3
+    """Repeats per measurement; the median is reported."""
+
+    def __post_init__(self) -> None:
+        _check(self.warmup_steps >= 0, "bench.warmup_steps", "must be >= 0")
+        _check(self.steps >= 1, "bench.steps", "must be >= 1")
+        _check(self.repeats >= 1, "bench.repeats", "must be >= 1")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    name: str = "run"
+    """Config name (the TOML file's stem unless set); prefixes run folders."""
+
+
+_SECTIONS = {f.name: f for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)}
+
+
+def _coerce(value: Any, typ: Any, name: str) -> Any:
+    """Check ``value`` against the annotated type, converting int -> float; raise ConfigError naming ``name``."""
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(typ)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]  # a single value where a list is expected: `--set data.mean=0.5`
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(f"unsupported config type {typ!r} for {name}")
+
+
+def _section_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def config_from_dict(data: dict[str, Any], base: Config | None = None, source: str = "config") -> Config:
+    """Build a Config from nested dicts over ``base`` (defaults when None); validates every field."""
+    base = base or Config()
+    merged = config_to_dict(base)
+    for key, value in data.items():
+        if key == "name":
+            merged["name"] = _coerce(value, str, "name")
+            continue
+        if key not in _SECTIONS:
+            raise ConfigError(f"{source}: unknown section {key!r} (known: {', '.join(_SECTIONS)}, name)")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a table of settings, got {value!r}")
+        cls = _SECTIONS[key].default_factory
+        hints = _section_hints(cls)
+        for k, v in value.items():
+            if k not in hints:
+                known = ", ".join(hints)
+                raise ConfigError(f"{source}: unknown key {key}.{k} (known in [{key}]: {known})")
+            merged[key][k] = _coerce(v, hints[k], f"{key}.{k}")
+    sections = {}
+    for key, f in _SECTIONS.items():
+        sections[key] = f.default_factory(**merged[key])  # __post_init__ validates
+    return Config(**sections, name=merged["name"])
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as a TOML value (numbers, booleans, lists, quoted strings); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["optim.lr=0.1", "data.root=/x"]`` into nested dicts; a malformed item names itself."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        if key == "name":
+            out["name"] = text
+            continue
+        section, dot, k = key.partition(".")
+        if not dot or not k or "." in k:
+            raise ConfigError(f"--set {item!r}: expected section.key=value (for example optim.lr=0.05)")
+        out.setdefault(section, {})[k] = _parse_value(text.strip())
+    return out
+
+
+def apply_overrides(cfg: Config, items: list[str]) -> Config:
+    return config_from_dict(parse_overrides(items), base=cfg, source="--set")
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults < TOML file < overrides. ``path`` None means the defaults alone."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p}: not found")
+        try:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p}: not valid TOML: {e}") from None
+        data.setdefault("name", p.stem)
+        cfg = config_from_dict(data, base=cfg, source=str(p))
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as TOML text, loadable by :func:`load_config`."""
+    d = config_to_dict(cfg)
+    name = d.pop("name")
+    return tomli_w.dumps({"name": name, **d})

@@ -1,0 +1,1 @@
+"""Data: sources (file lists), loader backends behind one protocol, generators and checks."""

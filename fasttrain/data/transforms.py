@@ -1,0 +1,78 @@
+"""CPU decode and transforms of the torch backend, shared by prediction and the parity tests.
+
+Images leave here as uint8 C x H x W tensors; normalization happens on the device (``base.normalize_on_device``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from fasttrain.config import DataConfig
+
+__all__ = ["load_image", "eval_transform", "train_transform", "to_uint8_tensor"]
+
+
+def load_image(path: str, channels: int) -> Image.Image:
+    """Open and convert any mode (RGBA, LA, P, CMYK, I;16, L, 1) to RGB or L; alpha is composited on white.
+
+    Raises OSError / ValueError naming nothing; callers add the file name.
+    """
+    with Image.open(path) as im:
+        im.load()
+        target = "RGB" if channels == 3 else "L"
+        if im.mode == target:
+            return im.copy()
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        if im.mode in ("RGBA", "LA", "PA"):
+            # Compositing on white matches what a viewer shows; converting straight drops alpha to black.
+            rgba = im.convert("RGBA")
+            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(bg, rgba)
+        if im.mode.startswith("I;16") or im.mode == "I":
+            # 16-bit: scale to 8 bits instead of clipping.
+            arr = torch.from_numpy(__import__("numpy").asarray(im, dtype="int32"))
+            hi = max(int(arr.max()), 1)
+            arr = (arr.float() * (255.0 / (65535 if hi > 255 else 255))).clamp(0, 255).to(torch.uint8)
+            im = Image.fromarray(arr.numpy(), mode="L")
+        return im.convert(target)
+
+
+def to_uint8_tensor(im: Image.Image) -> torch.Tensor:
+    return TF.pil_to_tensor(im)  # uint8, C x H x W
+
+
+def eval_transform(cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize the shorter side to ``cfg.eval_resize`` (bilinear, antialiased), centre-crop ``cfg.image_size``."""
+    resize, crop = cfg.eval_resize, cfg.image_size
+
+    def apply(im: Image.Image) -> torch.Tensor:
+        x = to_uint8_tensor(im)
+        x = TF.resize(x, [resize], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        return TF.center_crop(x, [crop, crop])
+
+    return apply
+
+
+def train_transform(cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
+    """Random-resized-crop (scale crop_scale_min..1, ratio 3/4..4/3) or the eval transform, then optional flip."""
+    size = cfg.image_size
+    ops: list = []
+    if cfg.random_resized_crop:
+        ops.append(v2.RandomResizedCrop(size, scale=(cfg.crop_scale_min, 1.0), ratio=(3 / 4, 4 / 3), antialias=True))
+    else:
+        ops += [v2.Resize(cfg.eval_resize, antialias=True), v2.CenterCrop(size)]
+    if cfg.hflip:
+        ops.append(v2.RandomHorizontalFlip())
+    pipeline = v2.Compose(ops)
+
+    def apply(im: Image.Image) -> torch.Tensor:
+        return pipeline(to_uint8_tensor(im))
+
+    return apply
+

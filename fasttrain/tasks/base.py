@@ -1,0 +1,123 @@
+"""The task contract: what a batch means, its loss, metrics and steps. The engine owns time, order and files.
+
+A task builds a :class:`TrainState` (modules, optimizers, scalers; the engine adds schedulers), runs
+``train_step`` / ``eval_step`` on :class:`~fasttrain.data.base.Batch` objects, and never reads a value back
+from the device itself: steps return detached tensors and the engine decides when to sync.
+Autotune and the benchmarks call the very same step functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fasttrain.config import Config
+from fasttrain.data.base import Batch, InputSpec
+from fasttrain.data.sources import DataSource
+from fasttrain.runtime import Runtime
+
+__all__ = ["TrainState", "Task"]
+
+
+@dataclass
+class TrainState:
+    modules: dict[str, nn.Module]
+    """The uncompiled modules: their state_dicts are what checkpoints hold."""
+    callables: dict[str, nn.Module]
+    """What the steps call: the compiled modules (or the same objects when compile is off)."""
+    optimizers: dict[str, torch.optim.Optimizer]
+    scalers: dict[str, torch.amp.GradScaler]
+    schedulers: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0
+    """Epochs completed."""
+    step: int = 0
+    """Optimizer steps completed."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "modules": {k: m.state_dict() for k, m in self.modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "scalers": {k: s.state_dict() for k, s in self.scalers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+            "epoch": self.epoch,
+            "step": self.step,
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        for group in ("modules", "optimizers", "scalers", "schedulers"):
+            mine = getattr(self, group)
+            missing = set(mine) ^ set(sd[group])
+            if missing:
+                raise ValueError(f"checkpoint {group} {sorted(sd[group])} do not match this task's {sorted(mine)}")
+            for k, obj in mine.items():
+                obj.load_state_dict(sd[group][k])
+        self.epoch, self.step = int(sd["epoch"]), int(sd["step"])
+
+    def train(self, mode: bool = True) -> None:
+        for m in self.modules.values():
+            m.train(mode)
+
+
+class Task:
+    """Base class; subclasses set the class attributes and implement the methods."""
+
+    name: str = ""
+    best_metric: str = "val_loss"
+    """Default validation metric that selects the best checkpoint."""
+    best_mode: str = "min"
+    """min or max: which direction is better for ``best_metric``."""
+    is_conv: bool = True
+    """Whether channels_last is worth it for this task's networks."""
+
+    def __init__(self, cfg: Config, runtime: Runtime, source: DataSource | None):
+        self.cfg = cfg
+        self.runtime = runtime
+        self.source = source
+
+    # -- building ---------------------------------------------------------------------------------------------
+    def build_state(self) -> TrainState:
+        """Modules on the device (prepared by the runtime), optimizers and scalers; no schedulers."""
+        raise NotImplementedError
+
+    def input_spec(self) -> InputSpec:
+        mean, std = self.cfg.data.norm_mean_std()
+        return self.runtime.input_spec(mean, std)
+
+    # -- steps -----------------------------------------------------------------------------------------------
+    def train_step(self, state: TrainState, batch: Batch, *, update: bool = True,
+                   loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """Forward + backward on one micro-batch; steps the optimizers when ``update``.
+
+        ``loss_scale`` (1 / accumulation) scales the backward pass. Returns detached scalar tensors (means over
+        the batch), read by the engine only every ``train.log_every`` steps.
+        """
+        raise NotImplementedError
+
+    def eval_step(self, state: TrainState, batch: Batch) -> dict[str, torch.Tensor]:
+        """Sums over the batch (and ``count``) as detached tensors; the engine adds them up on the device."""
+        raise NotImplementedError
+
+    def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
+        """Turn summed eval values into the reported metrics (without the ``val_`` prefix)."""
+        n = max(sums.get("count", 0.0), 1.0)
+        return {k: v / n for k, v in sums.items() if k != "count"}
+
+    def synthetic_batch(self, batch_size: int, spec: InputSpec, train: bool = True) -> Batch:
+        """A batch of the largest shape the data produces, already on the device (autotune, benchmarks)."""
+        raise NotImplementedError
+
+    # -- hooks -----------------------------------------------------------------------------------------------
+    def on_step_end(self, state: TrainState, batch: Batch, run_dir: Path | None) -> None:
+        """Called after every optimizer step (pix2pix saves sample grids here)."""
+
+    def on_epoch_end(self, state: TrainState, run_dir: Path | None, val_batch: Batch | None) -> None:
+        """Called after each epoch's evaluation."""
+
+    # -- prediction ------------------------------------------------------------------------------------------
+    def describe_prediction(self, output: torch.Tensor, meta: dict[str, Any]) -> dict[str, Any]:
+        """One model output (no batch dim, float32 on the CPU) -> a printable record."""
+        raise NotImplementedError
