@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from fasttrain.config import Config
-from fasttrain.data.base import Batch, InputSpec
-from fasttrain.data.sources import DataSource
+from fasttrain.data.base import Batch, InputSpec, Loader
+from fasttrain.data.sources import DataSource, Split
 from fasttrain.runtime import Runtime
 
 __all__ = ["TrainState", "Task"]
@@ -83,6 +83,11 @@ class Task:
         """Modules on the device (prepared by the runtime), optimizers and scalers; no schedulers."""
         raise NotImplementedError
 
+    def make_loader(self, split: Split, *, train: bool, batch_size: int, backend: str) -> Loader:
+        """A loader over ``split`` yielding device Batches. ``backend`` is the engine's choice for image
+        classification (torch, dali, cache); tasks with their own decoding may ignore it (and log that)."""
+        raise NotImplementedError
+
     def input_spec(self) -> InputSpec:
         mean, std = self.cfg.data.norm_mean_std()
         return self.runtime.input_spec(mean, std)
@@ -114,10 +119,56 @@ class Task:
     def on_step_end(self, state: TrainState, batch: Batch, run_dir: Path | None) -> None:
         """Called after every optimizer step (pix2pix saves sample grids here)."""
 
-    def on_epoch_end(self, state: TrainState, run_dir: Path | None, val_batch: Batch | None) -> None:
-        """Called after each epoch's evaluation."""
+    def on_epoch_end(self, state: TrainState, run_dir: Path | None, val_loader: Loader | None) -> None:
+        """Called after each epoch's evaluation (pix2pix saves a sample grid from the first val batch)."""
+
+    # -- shared pieces ---------------------------------------------------------------------------------------
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                       module: nn.Module) -> None:
+        """Unscale, clip (when optim.grad_clip > 0), step, update the scaler, clear the gradients."""
+        clip = self.cfg.optim.grad_clip
+        if clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(module.parameters(), clip, foreach=True)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
 
     # -- prediction ------------------------------------------------------------------------------------------
+    def preprocess(self, path: str) -> torch.Tensor:
+        """One image file -> uint8 C x H x W as the evaluation transform makes it."""
+        from fasttrain.data.transforms import eval_transform, load_image
+
+        return eval_transform(self.cfg.data)(load_image(path, self.cfg.data.channels))
+
+    def predict(self, state: TrainState, paths: list[str], meta: dict[str, Any],
+                out_dir: Path | None = None) -> list[dict[str, Any]]:
+        """Predict for image files; one printable record per path (unreadable files get an ``error``)."""
+        from fasttrain.data.base import normalize_on_device
+
+        spec = self.input_spec()
+        model = state.callables[next(iter(state.callables))]
+        state.train(False)
+        records = []
+        for path in paths:
+            try:
+                x = self.preprocess(path)
+            except (OSError, ValueError, SyntaxError) as e:
+                records.append({"image": path, "error": f"cannot read image: {e}"})
+                continue
+            with torch.no_grad(), self.runtime.autocast():
+                out = model(normalize_on_device(x[None], spec))
+            records.append({"image": path, **self.describe_prediction(out[0].float().cpu(), meta)})
+        return records
+
     def describe_prediction(self, output: torch.Tensor, meta: dict[str, Any]) -> dict[str, Any]:
         """One model output (no batch dim, float32 on the CPU) -> a printable record."""
         raise NotImplementedError
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What prediction needs besides the config (class names, target names), stored in checkpoints."""
+        src = self.source
+        return {
+            "class_names": list(src.class_names) if src and src.class_names else None,
+            "target_names": list(src.target_names) if src and src.target_names else None,
+        }

@@ -1,0 +1,70 @@
+"""Backend choice for image -> label loaders: ``data.loader = auto | torch | dali | cache``.
+
+``auto`` picks the GPU-resident cache when the decoded dataset fits its budget (no per-step CPU work at all),
+DALI on CUDA when it imports (decode on the GPU), and the torch loader otherwise, and logs why.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fasttrain.config import Config, ConfigError
+from fasttrain.data.base import InputSpec, Loader
+from fasttrain.data.sources import Split
+
+log = logging.getLogger(__name__)
+
+__all__ = ["choose_backend", "make_image_loader"]
+
+
+def choose_backend(requested: str, *, device_type: str, num_images: int, cfg: Config,
+                   device=None) -> tuple[str, str]:
+    """(backend, reason). Raises ConfigError where an explicit choice cannot run here."""
+    if requested == "torch":
+        return "torch", "data.loader = torch"
+    if requested in ("cache", "auto"):
+        from fasttrain.data.gpu_cache import cache_fits
+
+        fits, why = cache_fits(num_images, cfg.data, device)
+        if requested == "cache":
+            if not fits:
+                log.warning("data.loader = cache although %s", why)
+            return "cache", "data.loader = cache"
+        if fits:
+            return "cache", f"auto: the decoded dataset fits the cache ({why})"
+    from fasttrain.data.dali import dali_status
+
+    ok, why_not = dali_status()
+    if requested == "dali":
+        if not ok:
+            raise ConfigError(f"data.loader = dali, but DALI cannot run here: {why_not}")
+        return "dali", "data.loader = dali" + ("" if device_type == "cuda" else " (CPU-only mode)")
+    if device_type == "cuda" and ok:
+        return "dali", "auto: CUDA device and DALI available (GPU decode)"
+    reason = "no CUDA device" if device_type != "cuda" else f"DALI unavailable ({why_not})"
+    return "torch", f"auto: {reason}, and the dataset is too large for the cache"
+
+
+def make_image_loader(backend: str, split: Split, cfg: Config, spec: InputSpec, *, train: bool,
+                      batch_size: int) -> Loader:
+    """A classification loader over ``split`` on ``backend`` (see :func:`choose_backend`)."""
+    d = cfg.data
+    seed = cfg.runtime.seed
+    if backend == "torch":
+        from fasttrain.data.torch_loader import ImageDataset, TorchLoader
+        from fasttrain.data.transforms import eval_transform, train_transform
+
+        tf = train_transform(d) if train else eval_transform(d)
+        ds = ImageDataset(split, tf, d.channels, seed)
+        return TorchLoader(ds, spec, batch_size=batch_size, train=train, seed=seed, workers=d.num_workers,
+                           prefetch=d.prefetch)
+    if backend == "dali":
+        from fasttrain.data.dali import DaliLoader
+
+        device_id = (spec.device.index or 0) if spec.device.type == "cuda" else None
+        return DaliLoader(split, d, spec, batch_size=batch_size, train=train, seed=seed, device_id=device_id)
+    if backend == "cache":
+        from fasttrain.data.gpu_cache import GpuCacheLoader
+
+        return GpuCacheLoader(split, d, spec, batch_size=batch_size, train=train, seed=seed)
+    raise ConfigError(f"data.loader: unknown backend {backend!r}")

@@ -1,0 +1,90 @@
+"""Image classification: cross-entropy with label smoothing, top-1 (and top-5) accuracy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fasttrain.data.base import Batch, InputSpec, Loader
+from fasttrain.data.sources import Split
+from fasttrain.models import build_model
+from fasttrain.optim import make_optimizer
+from fasttrain.tasks.base import Task, TrainState
+
+__all__ = ["ClassifyTask"]
+
+
+class ClassifyTask(Task):
+    name = "classify"
+    best_metric = "val_acc"
+    best_mode = "max"
+
+    @property
+    def num_classes(self) -> int:
+        n = self.cfg.model.num_outputs or (self.source.num_outputs if self.source else 0)
+        if n < 2:
+            raise ValueError("model.num_outputs: a classifier needs at least 2 classes "
+                             f"(found {n}; set model.num_outputs or check data.root)")
+        return n
+
+    def build_model(self) -> torch.nn.Module:
+        c = self.cfg
+        return build_model(c.model.name, in_channels=c.data.channels, num_outputs=self.num_classes,
+                           image_size=c.data.image_size, width=c.model.width, dropout=c.model.dropout)
+
+    def build_state(self) -> TrainState:
+        model = self.build_model()
+        fn = self.runtime.prepare_model(model)
+        opt = make_optimizer(model, self.cfg.optim, fused_kwargs=self.runtime.optimizer_kwargs())
+        return TrainState({"model": model}, {"model": fn}, {"model": opt}, {"model": self.runtime.grad_scaler()})
+
+    def make_loader(self, split: Split, *, train: bool, backend: str, batch_size: int) -> Loader:
+        from fasttrain.data.loaders import make_image_loader
+
+        return make_image_loader(backend, split, self.cfg, self.input_spec(), train=train, batch_size=batch_size)
+
+    def train_step(self, state: TrainState, batch: Batch, *, update: bool = True,
+                   loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
+        model, opt, scaler = state.callables["model"], state.optimizers["model"], state.scalers["model"]
+        with self.runtime.autocast():
+            logits = model(batch.inputs)
+        # The loss in float32: autocast would compute it in float32 anyway, this makes it explicit.
+        loss = F.cross_entropy(logits.float(), batch.targets, label_smoothing=self.cfg.train.label_smoothing)
+        scaler.scale(loss * loss_scale).backward()
+        if update:
+            self.optimizer_step(opt, scaler, state.modules["model"])
+        acc = (logits.detach().argmax(1) == batch.targets).float().mean()
+        return {"loss": loss.detach(), "acc": acc}
+
+    def eval_step(self, state: TrainState, batch: Batch) -> dict[str, torch.Tensor]:
+        with self.runtime.autocast():
+            logits = state.callables["model"](batch.inputs).float()
+        y = batch.targets
+        out = {
+            "loss": F.cross_entropy(logits, y, reduction="sum"),
+            "acc": (logits.argmax(1) == y).sum(),
+            "count": torch.tensor(float(len(y)), device=y.device),
+        }
+        if logits.shape[1] > 5:
+            out["acc5"] = (logits.topk(5, dim=1).indices == y[:, None]).any(1).sum()
+        return out
+
+    def synthetic_batch(self, batch_size: int, spec: InputSpec, train: bool = True) -> Batch:
+        s, c = self.cfg.data.image_size, self.cfg.data.channels
+        x = torch.randn(batch_size, c, s, s, device=spec.device).to(spec.dtype)
+        if spec.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, self.num_classes, (batch_size,), device=spec.device)
+        return Batch(x, y)
+
+    def describe_prediction(self, output: torch.Tensor, meta: dict[str, Any]) -> dict[str, Any]:
+        probs = output.softmax(0)
+        names = meta.get("class_names") or [str(i) for i in range(len(probs))]
+        top = probs.topk(min(3, len(probs)))
+        return {
+            "class": names[int(top.indices[0])],
+            "probability": round(float(top.values[0]), 4),
+            "top": [(names[int(i)], round(float(p), 4)) for p, i in zip(top.values, top.indices)],
+        }
