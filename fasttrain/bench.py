@@ -302,8 +302,10 @@ def loader_throughput(loader: Iterable, *, warmup_batches: int, max_batches: int
     def step() -> int:
         return len(next(it))
 
-    return time_steps(step, warmup=max(warmup_batches - 1, 0), steps=max_batches, repeats=repeats, device=dev,
-                      clock="wall")
+    t = time_steps(step, warmup=max(warmup_batches - 1, 0), steps=max_batches, repeats=repeats, device=dev,
+                   clock="wall")
+    t.warmup = max(warmup_batches, 1)
+    return t
 
 
 def model_step_throughput(task: Any, state: Any, batch: Any, *, warmup: int, steps: int, repeats: int,
@@ -351,7 +353,7 @@ def verdict(loader_sps: float, model_sps: float) -> str:
 class BenchReport:
     config_name: str
     backend: str
-    """Loader class that produced the batches (TorchLoader, DaliLoader, GpuCacheLoader...)."""
+    """Loader backend the run uses: torch, dali or cache (``data.loader``, or what auto chose)."""
     model: str
     batch_size: int
     """Micro-batch (samples per train_step call)."""
@@ -390,13 +392,16 @@ class BenchReport:
     def to_table(self) -> str:
         rows = [("loader only", self.loader), ("model only (ceiling)", self.model_step),
                 ("end to end", self.end_to_end)]
-        head = f"{'measurement':<22}{'samples/s':>12}{'min':>12}{'max':>12}{'ms/step':>10}{'peak GiB':>10}"
+        cuda = self.model_step.peak_allocated_bytes is not None
+        mem_head = "alloc GiB" if cuda else "RSS GiB"  # CUDA: peak allocated; CPU: process peak RSS
+        head = f"{'measurement':<22}{'samples/s':>12}{'min':>12}{'max':>12}{'ms/step':>10}{mem_head:>11}"
         lines = [f"fasttrain bench {self.config_name}: {self.model}, batch {self.batch_size}, "
                  f"loader {self.backend}, {self.runtime}", head, "-" * len(head)]
         for name, t in rows:
-            mem = "-" if t.peak_allocated_bytes is None else f"{t.peak_allocated_bytes / 2**30:.2f}"
+            peak = t.peak_allocated_bytes if cuda else t.peak_rss_bytes
+            mem = "-" if peak is None else f"{peak / 2**30:.2f}"
             lines.append(f"{name:<22}{t.samples_per_s:>12,.1f}{t.samples_per_s_min:>12,.1f}"
-                         f"{t.samples_per_s_max:>12,.1f}{t.seconds_per_step * 1e3:>10.1f}{mem:>10}")
+                         f"{t.samples_per_s_max:>12,.1f}{t.seconds_per_step * 1e3:>10.1f}{mem:>11}")
         lines.append("")
         lines.append(f"verdict: {self.verdict}; end to end reaches {self.ceiling_share:.0%} of the model-only "
                      f"ceiling")
@@ -427,38 +432,36 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> Path:
 def bench(cfg: Config, *, json_path: str | os.PathLike | None = None) -> BenchReport:
     """Loader-only, model-only and end-to-end samples/s for ``cfg``, with the verdict. Writes JSON when asked.
 
-    Uses ``cfg.bench`` (warmup_steps, steps, repeats) for every measurement and the training micro-batch.
+    The config is prepared exactly as ``fasttrain train`` prepares it (data root, runtime, task, backend);
+    ``cfg.bench`` (warmup_steps, steps, repeats) sets every measurement; batches are training micro-batches.
     """
-    from fasttrain.models import is_conv_model
-    from fasttrain.runtime import Runtime, environment
-    from fasttrain.tasks import make_task
+    from fasttrain.engine import prepare
+    from fasttrain.runtime import environment, seed_everything
 
-    runtime = Runtime(cfg.runtime, conv_model=is_conv_model(cfg.model.name))
-    source = _discover(cfg)
-    task = make_task(cfg, runtime, source)
+    prep = prepare(cfg)
+    cfg, runtime, task = prep.cfg, prep.runtime, prep.task
+    seed_everything(cfg.runtime.seed)
+    b, tc = cfg.bench, cfg.train
+    log.info("bench %s: %s | loader %s (%s)", cfg.name, runtime.describe(), prep.backend, prep.backend_reason)
     state = task.build_state()
-    b = cfg.bench
-    accumulation = cfg.train.accumulation
-    log.info("bench %s: %s", cfg.name, runtime.describe())
-
-    loader = task.make_loader("train", train=True)
+    loader = task.make_loader(prep.source.train, train=True, batch_size=tc.micro_batch, backend=prep.backend)
     try:
-        # The ceiling first: it also absorbs compile and cuDNN autotuning, so end to end starts warm.
-        batch = task.synthetic_batch(cfg.train.micro_batch, task.input_spec(), train=True)
+        # The ceiling first: its warm-up also absorbs compile and cuDNN autotuning, so end to end starts warm.
+        batch = task.synthetic_batch(tc.micro_batch, task.input_spec(), train=True)
         model_t = model_step_throughput(task, state, batch, warmup=b.warmup_steps, steps=b.steps,
-                                        repeats=b.repeats, accumulation=accumulation)
+                                        repeats=b.repeats, accumulation=tc.accumulation)
         del batch
         loader_t = loader_throughput(loader, warmup_batches=b.warmup_steps, max_batches=b.steps, repeats=b.repeats,
                                      device=runtime.device)
         e2e_t = end_to_end_throughput(task, state, loader, warmup=b.warmup_steps, steps=b.steps, repeats=b.repeats,
-                                      accumulation=accumulation)
+                                      accumulation=tc.accumulation)
     finally:
         loader.close()
     report = BenchReport(
         config_name=cfg.name,
-        backend=type(loader).__name__,
+        backend=prep.backend,
         model=cfg.model.name,
-        batch_size=cfg.train.micro_batch,
+        batch_size=tc.micro_batch,
         runtime=runtime.describe(),
         loader=loader_t,
         model_step=model_t,
@@ -469,9 +472,3 @@ def bench(cfg: Config, *, json_path: str | os.PathLike | None = None) -> BenchRe
         report.write_json(json_path)
         log.info("bench report written to %s", json_path)
     return report
-
-
-def _discover(cfg: Config) -> Any:
-    from fasttrain.data.sources import discover
-
-    return discover(cfg.data)

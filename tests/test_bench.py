@@ -213,3 +213,23 @@ def test_report_verdict_share_table_and_json(tmp_path, loader_sps, verdict):
     assert data["verdict"] == verdict and data["model_step"]["samples_per_s"] == 400.0
     assert data["environment"] == {"torch": "x"}
     assert list((tmp_path / "out").iterdir()) == [path]  # no temp file left behind
+
+
+def test_bench_on_a_tiny_cpu_config(tmp_path):
+    pytest.importorskip("fasttrain.engine")
+    from fasttrain.config import load_config
+    from fasttrain.data.synthetic import make_shapes_dataset
+
+    root = make_shapes_dataset(tmp_path / "shapes", train_per_class=12, val_per_class=2, size=24)
+    cfg = load_config(None, [f"data.root={root}", "data.loader=torch", "data.workers=0", "data.image_size=16",
+                             "model.name=smallcnn", "model.width=4", "runtime.device=cpu", "train.batch_size=8",
+                             "bench.warmup_steps=1", "bench.steps=3", "bench.repeats=2"])
+    report = B.bench(cfg, json_path=tmp_path / "bench.json")
+    assert report.backend == "torch" and report.batch_size == 8 and report.model == "smallcnn"
+    for t in (report.loader, report.model_step, report.end_to_end):
+        assert t.samples_per_s > 0 and t.repeats == 2 and t.steps == 3 and t.samples == 24
+    assert report.verdict in ("input-bound", "compute-bound")
+    assert 0 < report.ceiling_share < 5  # end to end can beat a noisy ceiling a little on 2 shared cores
+    assert report.environment["torch"] == torch.__version__
+    assert json.loads((tmp_path / "bench.json").read_text())["verdict"] == report.verdict
+    assert "end to end" in report.to_table()
