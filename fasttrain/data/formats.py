@@ -1,0 +1,375 @@
+"""Discovery of the non-folder formats: manifests (image -> numbers), drawing sessions, paired images.
+
+Like ``sources._discover_folder`` these return plain file lists and targets, never decoded images (drawing
+reads each canvas's header for its size). Unusable records are reported in ``DataSource.skipped`` as
+``(file, reason)`` and left out; only a mistake in the layout itself (no manifest, a path escaping the root,
+no images at all) raises :class:`~fasttrain.config.ConfigError`.
+
+Formats
+- manifest: ``root/<data.manifest>``, a CSV with a header or a ``.jsonl`` file (one object per line). The image
+  column is the first of ``path``, ``image``, ``file``; its paths are relative to the root (absolute paths must
+  lie inside it). Targets are ``data.target_columns``, or every other column whose values are mostly numbers.
+  An optional ``split`` column (train / val / test) assigns rows; without it (or without val rows) a seeded
+  ``data.val_fraction`` of the training rows is held out.
+- drawing: session folders of steps. ``step_0000.png`` is the canvas before a stroke and ``step_0001.json``
+  holds that stroke's first point and colour, ``{"x": 12, "y": 30, "color": "#ff4444"}``; canvas N pairs with
+  JSON N + 1. Targets are ``[x / W, y / H, r, g, b]`` (W, H: the canvas size in pixels; colour on 0..1).
+  Sessions live under ``train/``, ``val/``, ``test/`` or directly under the root, in which case whole sessions
+  are held out (steps of one session are too alike to sit on both sides of a split).
+- paired: ``A/`` and ``B/`` folders whose files match by relative path (extension aside), or side-by-side
+  images with the input on the left half and the target on the right (pix2pix's ``AB`` layout), whose target
+  is :data:`SIDE_BY_SIDE`. Splits are ``train/``, ``val/``, ``test/`` sub-folders (``train/A`` or ``A/train``)
+  or a seeded hold-out.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from PIL import Image
+
+from fasttrain.config import ConfigError, DataConfig
+from fasttrain.data.sources import IMAGE_EXTENSIONS, DataSource, Split, holdout_split, list_images
+
+log = logging.getLogger(__name__)
+
+__all__ = ["discover", "SIDE_BY_SIDE", "DRAWING_TARGETS", "PATH_COLUMNS", "parse_color"]
+
+SIDE_BY_SIDE = ":right-half:"
+"""Paired target marker: the target is the right half of the input file (the input is its left half)."""
+DRAWING_TARGETS = ["x", "y", "r", "g", "b"]
+"""Target layout of the drawing format: point as a share of the canvas size, colour on 0..1."""
+PATH_COLUMNS = ("path", "image", "file")
+"""Manifest columns that may hold the image path, in order of preference."""
+SPLIT_NAMES = ("train", "val", "test")
+
+_STEP = re.compile(r"^step_(\d+)\.(\w+)$")
+_COLOR = re.compile(r"^#([0-9a-fA-F]{6}|[0-9a-fA-F]{3})$")
+
+
+def discover(cfg: DataConfig, root: Path) -> DataSource:
+    """The files of ``cfg.format`` (manifest, drawing, paired) under ``root``."""
+    if cfg.format == "manifest":
+        return _discover_manifest(cfg, root)
+    if cfg.format == "drawing":
+        return _discover_drawing(cfg, root)
+    if cfg.format == "paired":
+        return _discover_paired(cfg, root)
+    raise ConfigError(f"data.format: {cfg.format!r} is not handled by fasttrain.data.formats")
+
+
+def _holdout(train: Split, cfg: DataConfig, groups: list[Any] | None = None) -> tuple[Split, Split]:
+    """Seeded hold-out of ``cfg.val_fraction``; with ``groups``, whole groups go to one side."""
+    if groups is None:
+        tr, va = holdout_split(train.targets, cfg.val_fraction, cfg.split_seed, stratify=False)
+    else:
+        keys = sorted(set(groups), key=str)
+        gtr, gva = holdout_split(keys, cfg.val_fraction, cfg.split_seed, stratify=False)
+        val_keys = {keys[i] for i in gva}
+        va = [i for i, g in enumerate(groups) if g in val_keys]
+        tr = [i for i, g in enumerate(groups) if g not in val_keys]
+    train_part, val = train.subset(tr), train.subset(va)
+    val.name = "val"
+    log.info("no validation split: held out %d of %d samples (data.val_fraction %.2f, seed %d)",
+             len(va), len(tr) + len(va), cfg.val_fraction, cfg.split_seed)
+    return train_part, val
+
+
+def _finish(root: Path, fmt: str, splits: dict[str, Split], cfg: DataConfig, skipped: list[tuple[str, str]],
+            groups: list[Any] | None = None, **names: Any) -> DataSource:
+    train = splits.get("train")
+    if train is None or len(train) == 0:
+        detail = f"; {len(skipped)} records skipped, first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+        raise ConfigError(f"data.root: no usable {fmt} training samples under {root}{detail}")
+    val = splits.get("val")
+    if val is None:
+        train, val = _holdout(train, cfg, groups)
+    test = splits.get("test")
+    return DataSource(root, fmt, train, val if val is not None and len(val) else None,
+                      test if test is not None and len(test) else None, skipped=skipped, **names)
+
+
+# -- manifest ------------------------------------------------------------------------------------------------
+def _read_manifest(path: Path, skipped: list[tuple[str, str]]) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) pairs; malformed JSON lines are skipped with their line number."""
+    rows: list[tuple[int, dict[str, Any]]] = []
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    skipped.append((f"{path}:{n}", f"not valid JSON ({e.msg})"))
+                    continue
+                if not isinstance(rec, dict):
+                    skipped.append((f"{path}:{n}", "not a JSON object"))
+                    continue
+                rows.append((n, rec))
+        return rows
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            raise ConfigError(f"data.manifest: {path} is empty (expected a header line)")
+        for rec in reader:
+            # line_num counts physical lines read so far, so quoted multi-line fields stay correct.
+            if None in rec:
+                skipped.append((f"{path}:{reader.line_num}", "more fields than the header has"))
+                continue
+            rows.append((reader.line_num, rec))
+    return rows
+
+
+def _as_number(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        v = float(value)
+    else:
+        try:
+            v = float(str(value).strip())
+        except ValueError:
+            return None
+    return v if math.isfinite(v) else None
+
+
+def _inside(root: Path, value: str) -> Path | None:
+    """``root / value`` normalised, or None when it leaves ``root`` (judged on the path text, not symlinks)."""
+    base = os.path.normpath(os.path.abspath(root))
+    full = os.path.normpath(os.path.join(base, value))
+    if os.path.commonpath([base, full]) != base:
+        return None
+    return Path(full)
+
+
+def _discover_manifest(cfg: DataConfig, root: Path) -> DataSource:
+    path = root / cfg.manifest
+    if not path.is_file():
+        raise ConfigError(f"data.manifest: {path} not found (a CSV with a header, or .jsonl, relative to data.root)")
+    skipped: list[tuple[str, str]] = []
+    rows = _read_manifest(path, skipped)
+    if not rows:
+        raise ConfigError(f"data.manifest: {path} has no records")
+    columns: list[str] = []
+    for _, rec in rows:
+        columns += [k for k in rec if k not in columns]
+    path_col = next((c for c in PATH_COLUMNS if c in columns), None)
+    if path_col is None:
+        raise ConfigError(f"data.manifest: {path} has no image column (one of {', '.join(PATH_COLUMNS)}); "
+                          f"columns: {', '.join(columns)}")
+    if cfg.target_columns:
+        missing = [c for c in cfg.target_columns if c not in columns]
+        if missing:
+            raise ConfigError(f"data.target_columns: {', '.join(missing)} not in {path} "
+                              f"(columns: {', '.join(columns)})")
+        targets = list(cfg.target_columns)
+    else:
+        # "Mostly numbers" rather than "all numbers": one bad row must not silently drop a whole column.
+        def numeric_share(c: str) -> float:
+            vals = [rec.get(c) for _, rec in rows]
+            return sum(_as_number(v) is not None for v in vals) / len(vals)
+
+        targets = [c for c in columns if c not in (path_col, "split") and numeric_share(c) > 0.5]
+        if not targets:
+            raise ConfigError(f"data.target_columns: {path} has no numeric columns besides {path_col!r}; "
+                              f"name the targets in data.target_columns")
+    splits: dict[str, Split] = {}
+    for n, rec in rows:
+        where = f"{path}:{n}"
+        value = rec.get(path_col)
+        if not isinstance(value, str) or not value.strip():
+            skipped.append((where, f"no image path in column {path_col!r}"))
+            continue
+        image = _inside(root, value.strip())
+        if image is None:
+            raise ConfigError(f"data.manifest: {where}: image path {value!r} leaves data.root {root}")
+        if not image.is_file():
+            skipped.append((where, f"image {image} not found"))
+            continue
+        vals = [_as_number(rec.get(c)) for c in targets]
+        bad = [c for c, v in zip(targets, vals) if v is None]
+        if bad:
+            skipped.append((where, f"not a number in {', '.join(bad)}: "
+                                   f"{', '.join(repr(rec.get(c)) for c in bad)}"))
+            continue
+        split = str(rec.get("split") or "train").strip().lower()
+        if split not in SPLIT_NAMES:
+            skipped.append((where, f"split {split!r} is not one of {', '.join(SPLIT_NAMES)}"))
+            continue
+        s = splits.setdefault(split, Split(split, [], []))
+        s.paths.append(str(image))
+        s.targets.append(vals)
+    return _finish(root, "manifest", splits, cfg, skipped, target_names=targets)
+
+
+# -- drawing -------------------------------------------------------------------------------------------------
+def parse_color(text: Any) -> tuple[float, float, float]:
+    """``#rrggbb`` or ``#rgb`` -> (r, g, b) on 0..1; ValueError for anything else."""
+    if not isinstance(text, str) or not _COLOR.match(text.strip()):
+        raise ValueError(f"colour {text!r} is not #rrggbb")
+    h = text.strip()[1:]
+    if len(h) == 3:
+        h = "".join(c * 2 for c in h)
+    return tuple(int(h[i:i + 2], 16) / 255.0 for i in (0, 2, 4))  # type: ignore[return-value]
+
+
+def _stroke_targets(json_path: Path, width: int, height: int) -> list[float]:
+    """[x / W, y / H, r, g, b] from a step JSON; ValueError (with the reason) when unusable."""
+    try:
+        rec = json.loads(json_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"not valid JSON ({e})") from None
+    if not isinstance(rec, dict):
+        raise ValueError("not a JSON object")
+    x, y = _as_number(rec.get("x")), _as_number(rec.get("y"))
+    if x is None or y is None:
+        raise ValueError(f"x and y must be numbers, got x={rec.get('x')!r} y={rec.get('y')!r}")
+    if not (0 <= x <= width and 0 <= y <= height):
+        raise ValueError(f"point ({x:g}, {y:g}) lies outside the {width}x{height} canvas")
+    r, g, b = parse_color(rec.get("color"))
+    return [x / width, y / height, r, g, b]
+
+
+def _session_dirs(folder: Path, reserved: set[str]) -> list[Path]:
+    """Folders under ``folder`` (itself included) holding step files, sorted; reserved names are skipped."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and not (Path(dirpath) == folder and d in reserved))
+        if any(_STEP.match(f) for f in filenames):
+            out.append(Path(dirpath))
+    return out
+
+
+def _drawing_split(name: str, folder: Path, reserved: set[str], skipped: list[tuple[str, str]],
+                   groups: list[str]) -> Split:
+    split = Split(name, [], [])
+    for session in _session_dirs(folder, reserved):
+        canvases: dict[int, Path] = {}
+        strokes: dict[int, Path] = {}
+        for f in sorted(session.iterdir()):
+            m = _STEP.match(f.name)
+            if not m or not f.is_file():
+                continue
+            n, ext = int(m.group(1)), "." + m.group(2).lower()
+            if ext == ".json":
+                strokes[n] = f
+            elif ext in IMAGE_EXTENSIONS:
+                canvases[n] = f
+        last = max(strokes, default=-1)
+        for n, canvas in sorted(canvases.items()):
+            stroke = strokes.get(n + 1)
+            if stroke is None:
+                if n < last:  # a gap inside the session; the final canvas has no next stroke by nature
+                    skipped.append((str(canvas), f"no stroke file step_{n + 1:04d}.json"))
+                continue
+            try:
+                with Image.open(canvas) as im:  # reads the header only
+                    width, height = im.size
+            except (OSError, ValueError, SyntaxError) as e:
+                skipped.append((str(canvas), f"unreadable canvas ({e})"))
+                continue
+            try:
+                targets = _stroke_targets(stroke, width, height)
+            except ValueError as e:
+                skipped.append((str(stroke), str(e)))
+                continue
+            split.paths.append(str(canvas))
+            split.targets.append(targets)
+            groups.append(str(session))
+        for n, stroke in sorted(strokes.items()):
+            if n >= 1 and n - 1 not in canvases:
+                skipped.append((str(stroke), f"no canvas step_{n - 1:04d} before this stroke"))
+    return split
+
+
+def _split_folders(cfg: DataConfig, root: Path) -> tuple[dict[str, Path], set[str]]:
+    """Existing split folders by name, and the names reserved at the root when the root is the train split."""
+    dirs = {"train": root / cfg.train_dir, "val": root / cfg.val_dir, "test": root / cfg.test_dir}
+    found = {k: d for k, d in dirs.items() if d.is_dir() and d != root}
+    if "train" not in found:
+        found["train"] = root
+    reserved = {cfg.train_dir, cfg.val_dir, cfg.test_dir} if found["train"] == root else set()
+    return found, reserved
+
+
+def _discover_drawing(cfg: DataConfig, root: Path) -> DataSource:
+    skipped: list[tuple[str, str]] = []
+    folders, reserved = _split_folders(cfg, root)
+    splits, train_groups = {}, []
+    for name, folder in folders.items():
+        groups: list[str] = []
+        splits[name] = _drawing_split(name, folder, reserved if folder == root else set(), skipped, groups)
+        if name == "train":
+            train_groups = groups
+    return _finish(root, "drawing", splits, cfg, skipped, groups=train_groups, target_names=list(DRAWING_TARGETS))
+
+
+# -- paired --------------------------------------------------------------------------------------------------
+def _by_stem(folder: Path) -> dict[str, Path]:
+    """Images under ``folder`` keyed by relative path without extension."""
+    return {str(p.relative_to(folder).with_suffix("")): p for p in list_images(folder)}
+
+
+def _ab_folders(root: Path, split: str | None) -> tuple[Path, Path] | None:
+    """(A, B) folders of a split: ``root/split/{A,B}`` or ``root/{A,B}/split``; root/{A,B} when split is None."""
+    candidates: Iterable[tuple[Path, Path]]
+    if split is None:
+        candidates = [(root / "A", root / "B")]
+    else:
+        candidates = [(root / split / "A", root / split / "B"), (root / "A" / split, root / "B" / split)]
+    for a, b in candidates:
+        if a.is_dir() and b.is_dir():
+            return a, b
+    return None
+
+
+def _paired_split(name: str, a: Path, b: Path, skipped: list[tuple[str, str]]) -> Split:
+    left, right = _by_stem(a), _by_stem(b)
+    split = Split(name, [], [])
+    for key, pa in sorted(left.items()):
+        pb = right.get(key)
+        if pb is None:
+            skipped.append((str(pa), f"no matching target image {b / key}.*"))
+            continue
+        split.paths.append(str(pa))
+        split.targets.append(str(pb))
+    for key in sorted(set(right) - set(left)):
+        skipped.append((str(right[key]), f"no matching input image {a / key}.*"))
+    return split
+
+
+def _side_by_side_split(name: str, folder: Path, reserved: set[str]) -> Split:
+    files = [p for p in list_images(folder)
+             if not reserved or p.relative_to(folder).parts[0] not in reserved]
+    return Split(name, [str(p) for p in files], [SIDE_BY_SIDE] * len(files))
+
+
+def _discover_paired(cfg: DataConfig, root: Path) -> DataSource:
+    skipped: list[tuple[str, str]] = []
+    splits: dict[str, Split] = {}
+    names = {"train": cfg.train_dir, "val": cfg.val_dir, "test": cfg.test_dir}
+    for split, sub in names.items():
+        ab = _ab_folders(root, sub)
+        if ab is not None:
+            splits[split] = _paired_split(split, *ab, skipped)
+    if "train" not in splits:
+        ab = _ab_folders(root, None)
+        if ab is not None and not any((ab[0] / s).is_dir() for s in names.values()):
+            splits["train"] = _paired_split("train", *ab, skipped)
+    if not splits:  # no A/B folders: side-by-side images
+        folders, reserved = _split_folders(cfg, root)
+        for split, folder in folders.items():
+            splits[split] = _side_by_side_split(split, folder, reserved if folder == root else set())
+    if "train" not in splits:
+        raise ConfigError(f"data.root: {root} has paired {', '.join(splits)} splits but no "
+                          f"{cfg.train_dir}/ split (expected {cfg.train_dir}/A and {cfg.train_dir}/B)")
+    return _finish(root, "paired", splits, cfg, skipped)
