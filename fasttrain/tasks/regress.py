@@ -1,0 +1,207 @@
+"""Image -> numbers: a sigmoid over the model's outputs, mean squared error on targets scaled to 0..1.
+
+Targets already in 0..1 (the drawing layout: point as a share of the canvas, colour) are used as they are;
+others (manifest columns in their own units) are min-max scaled with the training split's range, stored in the
+checkpoint so predictions come back in the original units. The whole image is resized to
+``data.image_size`` squared without cropping or flipping: either would move the point a target describes.
+
+Batches carry ``N x (K + 2)`` targets: the K scaled targets, then each source image's width and height, so
+the drawing metrics measure point error in pixels of each canvas's own size.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from fasttrain.config import ConfigError
+from fasttrain.data.base import Batch, InputSpec, Loader, normalize_on_device
+from fasttrain.data.formats import DRAWING_TARGETS
+from fasttrain.data.sources import Split
+from fasttrain.data.torch_loader import DECODE_ERRORS, TorchLoader
+from fasttrain.data.transforms import load_image, to_uint8_tensor
+from fasttrain.models import build_model
+from fasttrain.optim import make_optimizer
+from fasttrain.tasks.base import Task, TrainState
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RegressTask", "RegressDataset", "target_range", "resize_square"]
+
+
+def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 C x H x W -> C x size x size (bilinear, antialiased): the whole image, aspect not kept."""
+    return TF.resize(x, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+
+
+def target_range(targets: list[list[float]]) -> tuple[list[float], list[float]]:
+    """(low, high) per target: (0, 1) when every value already lies in 0..1, else the observed min and max."""
+    cols = list(zip(*targets))
+    if all(0.0 <= v <= 1.0 for col in cols for v in col):
+        return [0.0] * len(cols), [1.0] * len(cols)
+    low = [min(col) for col in cols]
+    high = [max(col) if max(col) > min(col) else min(col) + 1.0 for col in cols]
+    return low, high
+
+
+class RegressDataset(Dataset):
+    """(index, epoch) -> (uint8 C x S x S, float32 [scaled targets..., width, height]), or None when the file
+    cannot be decoded (logged with its name and skipped by the loader's collate)."""
+
+    def __init__(self, split: Split, image_size: int, channels: int, low: list[float], high: list[float]):
+        self.split, self.size, self.channels = split, image_size, channels
+        self.low = torch.tensor(low, dtype=torch.float32)
+        self.span = torch.tensor(high, dtype=torch.float32) - self.low
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: tuple[int, int] | int):
+        index = key[0] if isinstance(key, tuple) else key
+        path = self.split.paths[index]
+        try:
+            im = load_image(path, self.channels)
+        except DECODE_ERRORS as e:
+            log.warning("skipping unreadable image %s: %s", path, e)
+            return None
+        x = resize_square(to_uint8_tensor(im), self.size)
+        t = (torch.tensor(self.split.targets[index], dtype=torch.float32) - self.low) / self.span
+        return x, torch.cat([t, torch.tensor(im.size, dtype=torch.float32)])
+
+
+class RegressTask(Task):
+    name = "regress"
+    best_metric = "val_loss"
+    best_mode = "min"
+
+    def __init__(self, cfg, runtime, source):
+        super().__init__(cfg, runtime, source)
+        if source is not None:
+            if not source.target_names:
+                raise ConfigError(f"task.name: regress needs numeric targets (data.format manifest or drawing), "
+                                  f"but data.format = {cfg.data.format} gives none")
+            self.target_names = list(source.target_names)
+            self.low, self.high = target_range(source.train.targets)
+        else:  # prediction: names and range come from the checkpoint's meta
+            n = cfg.model.num_outputs
+            self.target_names = [f"t{i}" for i in range(n)]
+            self.low, self.high = [0.0] * n, [1.0] * n
+        self._span: torch.Tensor | None = None
+
+    @property
+    def num_outputs(self) -> int:
+        n = self.cfg.model.num_outputs or len(self.target_names)
+        if n != len(self.target_names):
+            raise ConfigError(f"model.num_outputs: {n} does not match the {len(self.target_names)} targets "
+                              f"({', '.join(self.target_names)})")
+        return n
+
+    @property
+    def is_drawing(self) -> bool:
+        return self.target_names == DRAWING_TARGETS
+
+    # -- building ---------------------------------------------------------------------------------------------
+    def build_state(self) -> TrainState:
+        c = self.cfg
+        model = build_model(c.model.name, in_channels=c.data.channels, num_outputs=self.num_outputs,
+                            image_size=c.data.image_size, width=c.model.width, dropout=c.model.dropout)
+        fn = self.runtime.prepare_model(model)
+        opt = make_optimizer(model, c.optim, fused_kwargs=self.runtime.optimizer_kwargs())
+        return TrainState({"model": model}, {"model": fn}, {"model": opt}, {"model": self.runtime.grad_scaler()})
+
+    def make_loader(self, split: Split, *, train: bool, batch_size: int, backend: str) -> Loader:
+        d = self.cfg.data
+        ds = RegressDataset(split, d.image_size, d.channels, self.low, self.high)
+        return TorchLoader(ds, self.input_spec(), batch_size=batch_size, train=train, seed=self.cfg.runtime.seed,
+                           workers=d.num_workers, prefetch=d.prefetch)
+
+    def _span_on(self, device: torch.device) -> torch.Tensor:
+        if self._span is None or self._span.device != device:
+            self._span = torch.tensor([h - lo for lo, h in zip(self.low, self.high)], device=device)
+        return self._span
+
+    # -- steps -----------------------------------------------------------------------------------------------
+    def train_step(self, state: TrainState, batch: Batch, *, update: bool = True,
+                   loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
+        with self.runtime.autocast():
+            out = state.callables["model"](batch.inputs)
+        pred = torch.sigmoid(out.float())
+        loss = F.mse_loss(pred, batch.targets[:, : pred.shape[1]])
+        state.scalers["model"].scale(loss * loss_scale).backward()
+        if update:
+            self.optimizer_step(state.optimizers["model"], state.scalers["model"], state.modules["model"])
+        return {"loss": loss.detach()}
+
+    def eval_step(self, state: TrainState, batch: Batch) -> dict[str, torch.Tensor]:
+        with self.runtime.autocast():
+            pred = torch.sigmoid(state.callables["model"](batch.inputs).float())
+        k = pred.shape[1]
+        err = pred - batch.targets[:, :k]
+        out = {
+            "loss": err.pow(2).mean(1).sum(),  # in scaled units, as trained
+            "mse": (err * self._span_on(err.device)).pow(2).mean(1).sum(),  # in the targets' own units
+            "count": torch.tensor(float(len(err)), device=err.device),
+        }
+        if self.is_drawing:
+            size = batch.targets[:, k:k + 2]
+            out["point_px"] = (err[:, :2] * size).norm(dim=1).sum()
+            out["color_err"] = err[:, 2:5].abs().mean(1).sum() * 255.0  # mean per-channel error, 0..255 levels
+        return out
+
+    def synthetic_batch(self, batch_size: int, spec: InputSpec, train: bool = True) -> Batch:
+        s, c, k = self.cfg.data.image_size, self.cfg.data.channels, self.num_outputs
+        x = torch.randn(batch_size, c, s, s, device=spec.device).to(spec.dtype)
+        if spec.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = torch.cat([torch.rand(batch_size, k, device=spec.device),
+                       torch.full((batch_size, 2), float(s), device=spec.device)], 1)
+        return Batch(x, y)
+
+    # -- prediction ------------------------------------------------------------------------------------------
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {**super().checkpoint_meta(), "target_low": list(self.low), "target_high": list(self.high)}
+
+    def predict(self, state: TrainState, paths: list[str], meta: dict[str, Any],
+                out_dir: Path | None = None) -> list[dict[str, Any]]:
+        """Like the base, but each record knows its image's size (drawing points are given in pixels)."""
+        spec = self.input_spec()
+        model = state.callables["model"]
+        state.train(False)
+        records = []
+        for path in paths:
+            try:
+                im = load_image(path, self.cfg.data.channels)
+            except DECODE_ERRORS as e:
+                records.append({"image": path, "error": f"cannot read image: {e}"})
+                continue
+            x = resize_square(to_uint8_tensor(im), self.cfg.data.image_size)
+            with torch.no_grad(), self.runtime.autocast():
+                out = model(normalize_on_device(x[None], spec))
+            desc = self.describe_prediction(out[0].float().cpu(), {**meta, "image_size": im.size})
+            records.append({"image": path, **desc})
+        return records
+
+    def describe_prediction(self, output: torch.Tensor, meta: dict[str, Any]) -> dict[str, Any]:
+        """Sigmoid, back to the targets' units; drawing targets as a point (pixels when ``meta["image_size"]``
+        is known, else shares of the canvas) and a ``#rrggbb`` colour, other targets by name."""
+        names = meta.get("target_names") or self.target_names
+        low = meta.get("target_low") or self.low
+        high = meta.get("target_high") or self.high
+        vals = [lo + float(v) * (h - lo) for v, lo, h in zip(torch.sigmoid(output), low, high)]
+        if names == DRAWING_TARGETS:
+            x, y, r, g, b = vals
+            if meta.get("image_size"):
+                w, h = meta["image_size"]
+                point = [round(x * w, 1), round(y * h, 1)]
+            else:
+                point = [round(x, 4), round(y, 4)]
+            color = "#" + "".join(f"{min(255, max(0, round(c * 255))):02x}" for c in (r, g, b))
+            return {"point": point, "color": color}
+        return {n: round(v, 6) for n, v in zip(names, vals)}
