@@ -1,0 +1,291 @@
+"""Image -> image (pix2pix, Isola et al. 2017): a U-Net generator against a PatchGAN discriminator.
+
+Per batch, as the reference (junyanz/pytorch-CycleGAN-and-pix2pix) does: G makes fake B from A; D steps on
+(A, real B) labelled real and (A, fake B) labelled fake, its loss halved; then G steps on the adversarial loss
+of (A, fake B) labelled real plus ``task.lambda_l1`` times the L1 distance to B. Each network has its own
+Adam optimizer (``optim.betas``; pix2pix uses 0.5, 0.999) and its own gradient scaler. Images are normalized to
+-1..1 whatever ``data.mean``/``data.std`` say, because that is the range of the generator's tanh.
+
+Both images of a pair get the same resize, crop and flip: training resizes to ``image_size * 286 / 256`` and
+crops ``image_size`` at random (the reference's jitter), evaluation resizes to ``image_size``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+from torchvision.utils import make_grid
+
+from fasttrain.config import ConfigError
+from fasttrain.data.base import Batch, InputSpec, Loader, normalize_on_device
+from fasttrain.data.formats import SIDE_BY_SIDE
+from fasttrain.data.sources import Split
+from fasttrain.data.torch_loader import DECODE_ERRORS, TorchLoader, sample_seed
+from fasttrain.data.transforms import load_image, to_uint8_tensor
+from fasttrain.models import build_model
+from fasttrain.optim import make_optimizer
+from fasttrain.tasks.base import Task, TrainState
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Pix2PixTask", "PairDataset", "load_pair", "GENERATORS", "JITTER"]
+
+GENERATORS = ("unet",)
+"""Registry names that map an image to an image of the same size (model.name for pix2pix)."""
+JITTER = 286 / 256
+"""Training resize before the random crop, relative to image_size (the reference: 286 -> 256)."""
+SAMPLES = 4
+"""Rows in a sample grid (input | output | target)."""
+
+
+def load_pair(path: str, target: str, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) as uint8 C x H x W: two files, or the left and right halves of one (target == SIDE_BY_SIDE)."""
+    a = to_uint8_tensor(load_image(path, channels))
+    if target == SIDE_BY_SIDE:
+        w = a.shape[-1] // 2
+        if w < 1:
+            raise ValueError(f"side-by-side image is {a.shape[-1]} px wide, too narrow to split")
+        return a[..., :w], a[..., w:2 * w]
+    return a, to_uint8_tensor(load_image(target, channels))
+
+
+def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    return TF.resize(x, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+
+
+class PairDataset(Dataset):
+    """(index, epoch) -> (A, B) uint8 C x S x S with the same geometry, or None when a file cannot be decoded."""
+
+    def __init__(self, split: Split, image_size: int, channels: int, *, train: bool, flip: bool, seed: int):
+        self.split, self.size, self.channels = split, image_size, channels
+        self.train, self.flip, self.seed = train, flip, seed
+        self.load_size = int(round(image_size * JITTER)) if train else image_size
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: tuple[int, int] | int):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        path, target = self.split.paths[index], self.split.targets[index]
+        try:
+            a, b = load_pair(path, target, self.channels)
+        except DECODE_ERRORS as e:
+            log.warning("skipping unreadable pair %s -> %s: %s", path, target, e)
+            return None
+        a, b = _resize(a, self.load_size), _resize(b, self.load_size)
+        if self.train:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+            top, left = (int(v) for v in torch.randint(0, self.load_size - self.size + 1, (2,), generator=g))
+            a = a[:, top:top + self.size, left:left + self.size]
+            b = b[:, top:top + self.size, left:left + self.size]
+            if self.flip and bool(torch.rand((), generator=g) < 0.5):
+                a, b = a.flip(-1), b.flip(-1)
+        return a.contiguous(), b.contiguous()
+
+
+def _to_image(x: torch.Tensor) -> torch.Tensor:
+    """-1..1 -> 0..1, float32 on the CPU."""
+    return ((x.detach().float().cpu() + 1) / 2).clamp(0, 1)
+
+
+def _atomic_save_png(image: torch.Tensor, path: Path) -> None:
+    """C x H x W in 0..1 -> PNG, written to a temp file then renamed."""
+    from torchvision.utils import save_image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        save_image(image, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class Pix2PixTask(Task):
+    name = "pix2pix"
+    best_metric = "val_l1"
+    best_mode = "min"
+
+    def __init__(self, cfg, runtime, source):
+        super().__init__(cfg, runtime, source)
+        if cfg.train.accumulation != 1:
+            raise ConfigError(f"train.accumulation: pix2pix steps both networks on every batch and does not "
+                              f"accumulate gradients; set train.accumulation = 1 (got {cfg.train.accumulation})")
+        if cfg.model.name not in GENERATORS:
+            raise ConfigError(f"model.name: pix2pix needs an image-to-image generator ({', '.join(GENERATORS)}), "
+                              f"got {cfg.model.name!r}")
+        if cfg.optim.name == "sgd":
+            raise ConfigError("optim.name: pix2pix trains both networks with Adam; set optim.name = adam "
+                              "(and optim.betas = [0.5, 0.999] as the reference does)")
+        if source is not None and source.format != "paired":
+            raise ConfigError(f"data.format: pix2pix needs paired images (data.format = paired), got {source.format}")
+
+    def input_spec(self) -> InputSpec:
+        c = self.cfg.data.channels
+        return self.runtime.input_spec([0.5] * c, [0.5] * c)  # -1..1, the tanh's range
+
+    # -- building ---------------------------------------------------------------------------------------------
+    def build_state(self) -> TrainState:
+        c = self.cfg
+        ch = c.data.channels
+        gen = build_model(c.model.name, in_channels=ch, num_outputs=ch, image_size=c.data.image_size,
+                          width=c.model.width, dropout=c.model.dropout)
+        disc = build_model("patchgan", in_channels=2 * ch, num_outputs=1, image_size=c.data.image_size,
+                           width=c.model.width)
+        fused = self.runtime.optimizer_kwargs()
+        modules = {"generator": gen, "discriminator": disc}
+        return TrainState(
+            modules,
+            {k: self.runtime.prepare_model(m) for k, m in modules.items()},
+            {k: make_optimizer(m, c.optim, fused_kwargs=fused) for k, m in modules.items()},
+            {k: self.runtime.grad_scaler() for k in modules},
+        )
+
+    def make_loader(self, split: Split, *, train: bool, batch_size: int, backend: str) -> Loader:
+        d, seed = self.cfg.data, self.cfg.runtime.seed
+        ds = PairDataset(split, d.image_size, d.channels, train=train, flip=d.hflip, seed=seed)
+        spec = self.input_spec()
+        scale_shift = spec.scale_shift()
+
+        def prepare(cpu_batch) -> Batch:
+            a, b = cpu_batch
+            return Batch(normalize_on_device(a, spec, scale_shift), normalize_on_device(b, spec, scale_shift))
+
+        return TorchLoader(ds, spec, batch_size=batch_size, train=train, seed=seed, workers=d.num_workers,
+                           prefetch=d.prefetch, prepare=prepare)
+
+    # -- steps -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _gan_loss(logits: torch.Tensor, real: bool) -> torch.Tensor:
+        logits = logits.float()
+        target = torch.ones_like(logits) if real else torch.zeros_like(logits)
+        return F.binary_cross_entropy_with_logits(logits, target)
+
+    def train_step(self, state: TrainState, batch: Batch, *, update: bool = True,
+                   loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
+        if not update:
+            raise ConfigError("train.accumulation: pix2pix does not accumulate gradients (set it to 1)")
+        gen, disc = state.callables["generator"], state.callables["discriminator"]
+        d_module = state.modules["discriminator"]
+        real_a, real_b = batch.inputs, batch.targets
+        with self.runtime.autocast():
+            fake_b = gen(real_a)
+
+        # Discriminator: real pairs -> 1, generated pairs -> 0 (the generator gets no gradient from this).
+        d_module.requires_grad_(True)
+        with self.runtime.autocast():
+            pred_fake = disc(torch.cat([real_a, fake_b.detach()], 1))
+            pred_real = disc(torch.cat([real_a, real_b], 1))
+        d_loss = 0.5 * (self._gan_loss(pred_fake, False) + self._gan_loss(pred_real, True))
+        state.scalers["discriminator"].scale(d_loss).backward()
+        self.optimizer_step(state.optimizers["discriminator"], state.scalers["discriminator"], d_module)
+
+        # Generator: fool D and stay close to B. D's weights are frozen so this backward skips their gradients.
+        d_module.requires_grad_(False)
+        with self.runtime.autocast():
+            pred_fake = disc(torch.cat([real_a, fake_b], 1))
+        g_gan = self._gan_loss(pred_fake, True)
+        g_l1 = F.l1_loss(fake_b.float(), real_b.float())
+        g_loss = g_gan + self.cfg.task.lambda_l1 * g_l1
+        state.scalers["generator"].scale(g_loss).backward()
+        self.optimizer_step(state.optimizers["generator"], state.scalers["generator"], state.modules["generator"])
+        d_module.requires_grad_(True)
+        return {"loss": g_loss.detach(), "d_loss": d_loss.detach(), "g_gan": g_gan.detach(), "g_l1": g_l1.detach()}
+
+    def eval_step(self, state: TrainState, batch: Batch) -> dict[str, torch.Tensor]:
+        with self.runtime.autocast():
+            fake = state.callables["generator"](batch.inputs)
+        diff = fake.float() - batch.targets.float()
+        l1 = diff.abs().mean((1, 2, 3))
+        mse01 = (diff / 2).pow(2).mean((1, 2, 3)).clamp_min(1e-10)  # on the 0..1 scale
+        return {
+            "l1": l1.sum(),
+            "psnr": (-10.0 * torch.log10(mse01)).sum(),
+            "count": torch.tensor(float(len(l1)), device=l1.device),
+        }
+
+    def synthetic_batch(self, batch_size: int, spec: InputSpec, train: bool = True) -> Batch:
+        s, c = self.cfg.data.image_size, self.cfg.data.channels
+        x, y = (torch.rand(batch_size, c, s, s, device=spec.device).mul(2).sub(1).to(spec.dtype) for _ in range(2))
+        if spec.channels_last:
+            x, y = (t.contiguous(memory_format=torch.channels_last) for t in (x, y))
+        return Batch(x, y)
+
+    # -- samples ---------------------------------------------------------------------------------------------
+    def sample_grid(self, state: TrainState, batch: Batch) -> torch.Tensor:
+        """Rows of input | output | target for the first few samples, 0..1 on the CPU (eval mode, no grad)."""
+        gen = state.callables["generator"]
+        was_training = state.modules["generator"].training
+        state.modules["generator"].train(False)
+        try:
+            a, b = batch.inputs[:SAMPLES], batch.targets[:SAMPLES]
+            with torch.no_grad(), self.runtime.autocast():
+                fake = gen(a)
+        finally:
+            state.modules["generator"].train(was_training)
+        rows = torch.stack([_to_image(a), _to_image(fake), _to_image(b)], 1).flatten(0, 1)
+        if rows.shape[1] == 1:
+            rows = rows.expand(-1, 3, -1, -1)
+        return make_grid(rows, nrow=3, padding=2, pad_value=1.0)
+
+    def on_step_end(self, state: TrainState, batch: Batch, run_dir: Path | None) -> None:
+        every = self.cfg.task.sample_every
+        if run_dir is not None and every and state.step % every == 0:
+            _atomic_save_png(self.sample_grid(state, batch), Path(run_dir) / "samples" / f"step_{state.step:07d}.png")
+
+    def on_epoch_end(self, state: TrainState, run_dir: Path | None, val_loader: Loader | None) -> None:
+        if run_dir is None or val_loader is None:
+            return
+        batch = next(iter(val_loader), None)
+        if batch is not None:
+            _atomic_save_png(self.sample_grid(state, batch),
+                             Path(run_dir) / "samples" / f"epoch_{state.epoch + 1:04d}_val.png")
+
+    # -- prediction ------------------------------------------------------------------------------------------
+    def predict(self, state: TrainState, paths: list[str], meta: dict[str, Any],
+                out_dir: Path | None = None) -> list[dict[str, Any]]:
+        """Write each generated image (resized back to its input's size) as ``out_dir/<stem>_pix2pix.png``.
+
+        ``out_dir`` defaults to ``./predictions``; existing files are never overwritten (a number is added).
+        Side-by-side files are not split: pass the input images themselves.
+        """
+        out_dir = Path(out_dir or "predictions")
+        spec = self.input_spec()
+        gen = state.callables["generator"]
+        state.train(False)
+        records = []
+        for path in paths:
+            try:
+                a = to_uint8_tensor(load_image(path, self.cfg.data.channels))
+            except DECODE_ERRORS as e:
+                records.append({"image": path, "error": f"cannot read image: {e}"})
+                continue
+            with torch.no_grad(), self.runtime.autocast():
+                fake = gen(normalize_on_device(_resize(a, self.cfg.data.image_size)[None], spec))
+            img = TF.resize(_to_image(fake[0]), list(a.shape[-2:]), antialias=True).clamp(0, 1)
+            dest = out_dir / f"{Path(path).stem}_pix2pix.png"
+            n = 1
+            while dest.exists():
+                n += 1
+                dest = out_dir / f"{Path(path).stem}_pix2pix-{n}.png"
+            _atomic_save_png(img, dest)
+            records.append({"image": path, **self.describe_prediction(fake[0].float().cpu(), {"output": str(dest)})})
+        return records
+
+    def describe_prediction(self, output: torch.Tensor, meta: dict[str, Any]) -> dict[str, Any]:
+        rec: dict[str, Any] = {"size": list(output.shape[-2:])}
+        if meta.get("output"):
+            rec["output"] = meta["output"]
+        return rec
