@@ -1,0 +1,72 @@
+"""Loader + train step as ``fasttrain train`` runs them, against the naive hand-written script in the same run.
+
+Same files, model, batch size and worker count; the naive script is fp32, NCHW, eager, ImageFolder + PIL
+DataLoader with a ``loss.item()`` per step. ``tools/bench_summary.py`` prints fasttrain / naive as a ratio.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchutil import NaiveScript, bench_config, naive_loader, skip_unavailable_backend
+from fasttrain import bench
+from fasttrain.engine import prepare
+
+pytestmark = pytest.mark.benchmark(group="end_to_end")
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali", "cache"])
+def test_end_to_end(benchmark, measure, size, device, data_root, e2e_model, backend):
+    skip_unavailable_backend(backend)
+    batch_size = size.e2e_batch_size
+    cfg = bench_config(size, model=e2e_model, batch_size=batch_size, loader=backend, data_root=data_root)
+    prep = prepare(cfg)
+    task = prep.task
+    state = task.build_state()
+    loader = task.make_loader(prep.source.train, train=True, batch_size=batch_size, backend=prep.backend)
+    state.train(True)
+    batches = bench.cycle_batches(loader)
+
+    def step() -> int:
+        batch = next(batches)
+        task.train_step(state, batch)
+        return len(batch)
+
+    try:
+        measure(
+            lambda: bench.run_steps(step, size.steps_per_round, device),
+            samples_per_round=batch_size * size.steps_per_round,
+            kind="end_to_end", model=e2e_model, batch_size=batch_size, precision=prep.runtime.precision.name,
+            backend=prep.backend, compile=prep.runtime.compile, channels_last=prep.runtime.channels_last,
+            workers=cfg.data.num_workers, workload=f"{e2e_model}-b{batch_size}",
+        )
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip(f"{e2e_model} batch {batch_size}: out of memory on this GPU")
+    finally:
+        loader.close()
+
+
+def test_end_to_end_naive(benchmark, measure, size, device, data_root, e2e_model):
+    from fasttrain.config import default_workers
+
+    batch_size, workers = size.e2e_batch_size, default_workers()
+    loader = naive_loader(data_root, image_size=size.image_size, batch_size=batch_size, workers=workers,
+                          device=device)
+    script = NaiveScript(e2e_model, num_classes=len(loader.dataset.classes), image_size=size.image_size,
+                         width=size.model_width, device=device)
+    batches = bench.cycle_batches(loader)
+
+    def step() -> int:
+        images, labels = next(batches)
+        return script.step(images, labels)
+
+    try:
+        measure(
+            lambda: bench.run_steps(step, size.steps_per_round, device),
+            samples_per_round=batch_size * size.steps_per_round,
+            kind="end_to_end", model=e2e_model, batch_size=batch_size, precision="fp32", backend="naive",
+            compile=False, channels_last=False, workers=workers, workload=f"{e2e_model}-b{batch_size}",
+        )
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip(f"naive {e2e_model} batch {batch_size}: out of memory on this GPU")
