@@ -1,0 +1,249 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from fasttrain.config import ConfigError, DataConfig
+from fasttrain.data.formats import DRAWING_TARGETS, SIDE_BY_SIDE, parse_color
+from fasttrain.data.sources import discover
+from fasttrain.data.synthetic import (DRAWING_PALETTE, make_drawing_dataset, make_imagenet_like,
+                                      make_paired_dataset)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def png(path: Path, size=(16, 12), color=(255, 255, 255)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def stroke(path: Path, **rec) -> Path:
+    path.write_text(json.dumps(rec) if not isinstance(rec.get("raw"), str) else rec["raw"])
+    return path
+
+
+def skipped_reasons(src) -> dict[str, str]:
+    return {Path(f).name: why for f, why in src.skipped}
+
+
+# -- drawing -------------------------------------------------------------------------------------------------
+def test_drawing_generator_writes_canvases_and_strokes(tmp_path):
+    root = make_drawing_dataset(tmp_path / "d", sessions=3, steps=4, size=(40, 30))
+    session = root / "session_0000"
+    names = sorted(p.name for p in session.iterdir())
+    assert names == ["step_0000.png", "step_0001.json", "step_0001.png", "step_0002.json", "step_0002.png",
+                     "step_0003.json", "step_0003.png", "step_0004.json", "step_0004.png"]
+    rec = json.loads((session / "step_0001.json").read_text())
+    assert rec["color"] in DRAWING_PALETTE and 0 <= rec["x"] <= 40 and 0 <= rec["y"] <= 30
+    with Image.open(session / "step_0000.png") as im:
+        assert im.size == (40, 30)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+    with pytest.raises(FileExistsError, match="d already exists"):
+        make_drawing_dataset(root, sessions=1, steps=1)
+
+
+def test_drawing_pairs_canvas_n_with_stroke_n_plus_1(tmp_path):
+    root = make_drawing_dataset(tmp_path / "d", sessions=2, steps=3, size=(40, 20), val_sessions=1)
+    src = discover(DataConfig(format="drawing"), root)
+    assert src.target_names == DRAWING_TARGETS and src.skipped == []
+    assert len(src.train) == 2 * 3 and len(src.val) == 3  # the final canvas of a session has no next stroke
+    i = src.train.paths.index(str(root / "train" / "session_0000" / "step_0001.png"))
+    rec = json.loads((root / "train" / "session_0000" / "step_0002.json").read_text())
+    r, g, b = parse_color(rec["color"])
+    assert src.train.targets[i] == pytest.approx([rec["x"] / 40, rec["y"] / 20, r, g, b])
+    # the next stroke starts where the previous one ended (what makes the data learnable)
+    prev = json.loads((root / "train" / "session_0000" / "step_0001.json").read_text())
+    assert [rec["x"], rec["y"]] == prev["points"][-1]
+    assert DRAWING_PALETTE.index(rec["color"]) == (DRAWING_PALETTE.index(prev["color"]) + 1) % len(DRAWING_PALETTE)
+
+
+def test_drawing_bad_records_are_reported_and_skipped(tmp_path):
+    s = tmp_path / "d" / "s1"
+    for n in range(7):
+        png(s / f"step_{n:04d}.png", size=(20, 10))
+    stroke(s / "step_0001.json", x=10, y=5, color="#ff4444")         # good
+    stroke(s / "step_0002.json", raw="{not json")                     # malformed JSON
+    stroke(s / "step_0003.json", x=1, y=1, color="red")               # bad colour string
+    stroke(s / "step_0004.json", x=50, y=1, color="#00ff00")          # outside the canvas
+    # step_0005.json missing: canvas 4 has no pair although later strokes exist
+    stroke(s / "step_0006.json", x=2, y=3, color="#0f0")              # good (#rgb)
+    stroke(s / "step_0008.json", x=2, y=3, color="#000000")           # no canvas 7 before it (and a gap after 6)
+    s2 = tmp_path / "d" / "s2"
+    png(s2 / "step_0000.png").write_bytes(b"not a png")               # unreadable canvas
+    stroke(s2 / "step_0001.json", x=1, y=1, color="#000000")
+    src = discover(DataConfig(format="drawing", val_fraction=0.0), tmp_path / "d")
+    assert [Path(p).name for p in src.train.paths] == ["step_0000.png", "step_0005.png"]
+    assert src.train.targets[0] == pytest.approx([0.5, 0.5, 1.0, 0x44 / 255, 0x44 / 255])
+    assert src.train.targets[1] == pytest.approx([0.1, 0.3, 0.0, 1.0, 0.0])
+    why = skipped_reasons(src)
+    assert "not valid JSON" in why["step_0002.json"]
+    assert "#rrggbb" in why["step_0003.json"]
+    assert "outside the 20x10 canvas" in why["step_0004.json"]
+    assert "step_0005.json" in why["step_0004.png"]
+    assert "no canvas step_0007" in why["step_0008.json"]
+    assert "step_0007.json" in why["step_0006.png"]
+    assert "unreadable canvas" in why["step_0000.png"]
+    assert len(src.skipped) == 7
+
+
+def test_drawing_holds_out_whole_sessions(tmp_path):
+    root = make_drawing_dataset(tmp_path / "d", sessions=10, steps=3, size=16)
+    src = discover(DataConfig(format="drawing", val_fraction=0.2, split_seed=1), root)
+    sessions = lambda split: {Path(p).parent.name for p in split.paths}  # noqa: E731
+    assert len(sessions(src.val)) == 2 and not sessions(src.train) & sessions(src.val)
+    assert len(src.train) + len(src.val) == 30
+
+
+@pytest.mark.parametrize("text,rgb", [("#ff0000", (1, 0, 0)), ("#00F", (0, 0, 1)), (" #808080 ", (128 / 255,) * 3)])
+def test_parse_color(text, rgb):
+    assert parse_color(text) == pytest.approx(rgb)
+
+
+@pytest.mark.parametrize("bad", ["ff0000", "#ff00", "#gg0000", None, 7, "rgb(1,2,3)"])
+def test_parse_color_rejects(bad):
+    with pytest.raises(ValueError):
+        parse_color(bad)
+
+
+# -- manifest ------------------------------------------------------------------------------------------------
+def test_manifest_csv_targets_splits_and_bad_rows(tmp_path):
+    for name in ("a", "b", "c", "d", "e", "f"):
+        png(tmp_path / "img" / f"{name}.png")
+    (tmp_path / "labels.csv").write_text(
+        "path,age,score,label,split\n"
+        "img/a.png,30,0.5,cat,train\n"
+        "img/b.png,40,0.25,dog,train\n"
+        "img/c.png,oops,0.1,dog,train\n"      # line 4: not a number
+        "img/missing.png,1,1,cat,train\n"     # line 5: no such file
+        "img/d.png,50,0.75,cat,val\n"
+        "img/e.png,60,1.0,cat,test\n"
+        "img/f.png,70,1.0,cat,holdout\n")     # line 8: unknown split
+    src = discover(DataConfig(format="manifest"), tmp_path)
+    assert src.target_names == ["age", "score"]  # label is not numeric, split is not a target
+    assert [Path(p).name for p in src.train.paths] == ["a.png", "b.png"]
+    assert src.train.targets == [[30.0, 0.5], [40.0, 0.25]]
+    assert [Path(p).name for p in src.val.paths] == ["d.png"] and len(src.test) == 1
+    where = {f.rsplit(":", 1)[1]: why for f, why in src.skipped}
+    assert set(where) == {"4", "5", "8"}
+    assert "age" in where["4"] and "not found" in where["5"] and "holdout" in where["8"]
+
+    chosen = discover(DataConfig(format="manifest", target_columns=["score"]), tmp_path)
+    assert chosen.target_names == ["score"] and len(chosen.train) == 3  # row 4's age no longer matters
+
+
+def test_manifest_path_leaving_the_root_is_refused_with_its_line(tmp_path):
+    png(tmp_path / "data" / "a.png")
+    png(tmp_path / "secret.png")
+    (tmp_path / "data" / "labels.csv").write_text("image,y\na.png,1\n../secret.png,2\n")
+    with pytest.raises(ConfigError, match=r"labels.csv:3: image path '\.\./secret.png' leaves data.root"):
+        discover(DataConfig(format="manifest"), tmp_path / "data")
+    (tmp_path / "data" / "labels.csv").write_text(f"image,y\na.png,1\n{tmp_path / 'secret.png'},2\n")
+    with pytest.raises(ConfigError, match="labels.csv:3"):
+        discover(DataConfig(format="manifest"), tmp_path / "data")
+
+
+def test_manifest_jsonl_with_holdout_and_malformed_lines(tmp_path):
+    lines = []
+    for i in range(20):
+        png(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"file": f"{i}.png", "x": i / 20, "y": 1 - i / 20}))
+    lines.insert(3, "{broken")
+    lines.insert(5, "[1, 2]")
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    src = discover(DataConfig(format="manifest", manifest="m.jsonl", val_fraction=0.25, split_seed=3), tmp_path)
+    assert src.target_names == ["x", "y"]
+    assert len(src.train) == 15 and len(src.val) == 5
+    assert not set(src.train.paths) & set(src.val.paths)
+    assert [f.rsplit(":", 1)[1] for f, _ in src.skipped] == ["4", "6"]
+    again = discover(DataConfig(format="manifest", manifest="m.jsonl", val_fraction=0.25, split_seed=3), tmp_path)
+    assert again.val.paths == src.val.paths  # seeded
+
+
+def test_manifest_layout_errors_name_the_setting(tmp_path):
+    with pytest.raises(ConfigError, match="data.manifest"):
+        discover(DataConfig(format="manifest"), tmp_path)
+    (tmp_path / "labels.csv").write_text("name,y\na.png,1\n")
+    with pytest.raises(ConfigError, match="no image column"):
+        discover(DataConfig(format="manifest"), tmp_path)
+    (tmp_path / "labels.csv").write_text("path,y\na.png,1\n")
+    with pytest.raises(ConfigError, match="data.target_columns: z"):
+        discover(DataConfig(format="manifest", target_columns=["z"]), tmp_path)
+
+
+# -- paired --------------------------------------------------------------------------------------------------
+def test_paired_generator_folders_layout(tmp_path):
+    root = make_paired_dataset(tmp_path / "p", n=10, size=32)
+    src = discover(DataConfig(format="paired"), root)
+    assert len(src.train) == 8 and len(src.val) == 2 and src.skipped == []
+    for a, b in zip(src.train.paths, src.train.targets):
+        assert Path(a).parent.name == "A" and Path(b).parent.name == "B" and Path(a).name == Path(b).name
+    with Image.open(src.train.paths[0]) as im:
+        assert im.size == (32, 32)
+
+
+def test_paired_generator_side_by_side_layout(tmp_path):
+    root = make_paired_dataset(tmp_path / "p", n=5, size=32, layout="side_by_side")
+    src = discover(DataConfig(format="paired"), root)
+    assert len(src.train) == 4 and len(src.val) == 1
+    assert set(src.train.targets) == {SIDE_BY_SIDE}
+    with Image.open(src.train.paths[0]) as im:
+        assert im.size == (64, 32)
+
+
+def test_paired_matches_by_name_and_reports_orphans(tmp_path):
+    png(tmp_path / "A" / "x.jpg")
+    png(tmp_path / "B" / "x.png")  # another extension still pairs
+    png(tmp_path / "A" / "sub" / "y.png")
+    png(tmp_path / "B" / "sub" / "y.png")
+    png(tmp_path / "A" / "only_a.png")
+    png(tmp_path / "B" / "only_b.png")
+    src = discover(DataConfig(format="paired", val_fraction=0.0), tmp_path)
+    assert sorted(Path(p).name for p in src.train.paths) == ["x.jpg", "y.png"]
+    why = skipped_reasons(src)
+    assert "no matching target" in why["only_a.png"] and "no matching input" in why["only_b.png"]
+
+
+def test_paired_reference_layout_a_train_b_train(tmp_path):
+    for split in ("train", "val"):
+        for i in range(3):
+            png(tmp_path / "A" / split / f"{i}.png")
+            png(tmp_path / "B" / split / f"{i}.png")
+    src = discover(DataConfig(format="paired"), tmp_path)
+    assert len(src.train) == 3 and len(src.val) == 3
+
+
+def test_paired_root_ab_with_val_folder(tmp_path):
+    for i in range(4):
+        png(tmp_path / "A" / f"{i}.png")
+        png(tmp_path / "B" / f"{i}.png")
+    png(tmp_path / "val" / "A" / "v.png")
+    png(tmp_path / "val" / "B" / "v.png")
+    src = discover(DataConfig(format="paired"), tmp_path)
+    assert len(src.train) == 4 and [Path(p).name for p in src.val.paths] == ["v.png"]
+
+
+# -- benchmarks' JPEGs and the CLI ---------------------------------------------------------------------------
+def test_imagenet_like_jpegs(tmp_path):
+    root = make_imagenet_like(tmp_path / "inet", n=6, classes=3, size=(100, 75), val=3)
+    files = sorted((root / "train").rglob("*.jpg"))
+    assert len(files) == 6 and len(list((root / "val").rglob("*.jpg"))) == 3
+    assert sorted(p.name for p in (root / "train").iterdir()) == ["class_000", "class_001", "class_002"]
+    with Image.open(files[0]) as im:
+        assert im.format == "JPEG" and im.size == (100, 75)
+    src = discover(DataConfig(), root)
+    assert src.class_names == ["class_000", "class_001", "class_002"]
+
+
+def test_make_data_cli(tmp_path):
+    tool = [sys.executable, str(REPO / "tools" / "make_data.py")]
+    out = subprocess.run(tool + ["drawing", str(tmp_path / "d"), "--sessions", "2", "--steps", "2",
+                                 "--size", "24x16"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    src = discover(DataConfig(format="drawing"), tmp_path / "d")
+    assert len(src.train) + len(src.val) == 4
+    again = subprocess.run(tool + ["paired", str(tmp_path / "d")], capture_output=True, text=True)
+    assert again.returncode == 1 and "already exists" in again.stderr
