@@ -120,6 +120,17 @@ def test_baseline_ratios_and_regressions(results_file, tmp_path):
     assert none == []
 
 
+def test_missing_baseline_benchmarks_fail_only_when_asked(tmp_path):
+    base = _results()
+    now = copy.deepcopy(base)
+    gone = now["benchmarks"].pop(0)  # e.g. DALI skipped on the runner
+    rows, _ = S.load_rows(_write(tmp_path / "now.json", now))
+    base_rows, _ = S.load_rows(_write(tmp_path / "base.json", base))
+    assert S.compare(rows, base_rows, max_drop=0.1, max_memory_growth=0.1)[1] == []
+    _, problems = S.compare(rows, base_rows, max_drop=0.1, max_memory_growth=0.1, fail_missing=True)
+    assert problems == [f"{gone['fullname']}: in the baseline but not in this run (skipped, failed or renamed)"]
+
+
 def test_main_writes_markdown_and_plot_and_fails_on_regression(results_file, tmp_path, capsys):
     out, png = tmp_path / "summary.md", tmp_path / "plots" / "summary.png"
     assert S.main([str(results_file), "-o", str(out), "--plot", str(png)]) == 0

@@ -106,11 +106,16 @@ def naive_speedups(rows: list[Row]) -> dict[str, float]:
     return out
 
 
-def compare(rows: list[Row], baseline: list[Row], *, max_drop: float, max_memory_growth: float
-            ) -> tuple[dict[str, float], list[str]]:
-    """(fullname -> samples/s ratio to the baseline, regressions). Unmatched rows are neither."""
+def compare(rows: list[Row], baseline: list[Row], *, max_drop: float, max_memory_growth: float,
+            fail_missing: bool = False) -> tuple[dict[str, float], list[str]]:
+    """(fullname -> samples/s ratio to the baseline, regressions). New rows are not compared; baseline rows
+    missing from this run (skipped, failed or renamed) are regressions only with ``fail_missing``."""
     base = {r.name: r for r in baseline}
     ratios, problems = {}, []
+    if fail_missing:
+        present = {r.name for r in rows}
+        problems += [f"{name}: in the baseline but not in this run (skipped, failed or renamed)"
+                     for name in sorted(set(base) - present)]
     for r in rows:
         b = base.get(r.name)
         if b is None:
@@ -246,13 +251,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="fail when samples/s falls more than this share below the baseline (default 0.10)")
     p.add_argument("--max-memory-growth", type=float, default=0.10,
                    help="fail when peak allocated CUDA memory grows more than this share (default 0.10)")
+    p.add_argument("--fail-missing", action="store_true",
+                   help="fail when a baseline benchmark is missing from the results (e.g. DALI silently skipped)")
     args = p.parse_args(argv)
 
     rows, header = load_rows(args.results)
     ratios, problems = None, []
     if args.baseline:
         base_rows, _ = load_rows(args.baseline)
-        ratios, problems = compare(rows, base_rows, max_drop=args.max_drop, max_memory_growth=args.max_memory_growth)
+        ratios, problems = compare(rows, base_rows, max_drop=args.max_drop, max_memory_growth=args.max_memory_growth,
+                                   fail_missing=args.fail_missing)
     text = to_markdown(rows, header, ratios)
     if problems:
         text += "\n### Regressions against the baseline\n\n" + "\n".join(f"- {m}" for m in problems) + "\n"
