@@ -50,6 +50,8 @@ __all__ = [
     "verdict",
 ]
 
+NOISY_SPREAD = 0.25
+"""(max - min) / median of the repeats above which a report calls its figures rough."""
 INPUT_BOUND = "input-bound"
 COMPUTE_BOUND = "compute-bound"
 
@@ -405,6 +407,10 @@ class BenchReport:
         lines.append("")
         lines.append(f"verdict: {self.verdict}; end to end reaches {self.ceiling_share:.0%} of the model-only "
                      f"ceiling")
+        noisiest = max(t.spread for _, t in rows)
+        if self.ceiling_share > 1.05 or noisiest > NOISY_SPREAD:
+            lines.append(f"note: repeats differ by up to {noisiest:.0%} of their median (a busy machine?); the "
+                         f"figures are rough: raise bench.steps / bench.repeats for steadier ones")
         if self.verdict == INPUT_BOUND:
             lines.append("the loader limits this run: try data.loader = dali or cache, more data.workers / "
                          "data.dali_threads, or smaller images")

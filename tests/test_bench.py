@@ -213,6 +213,16 @@ def test_report_verdict_share_table_and_json(tmp_path, loader_sps, verdict):
     assert data["verdict"] == verdict and data["model_step"]["samples_per_s"] == 400.0
     assert data["environment"] == {"torch": "x"}
     assert list((tmp_path / "out").iterdir()) == [path]  # no temp file left behind
+    assert "note:" not in table  # repeats within 20 %: not called rough
+
+
+def test_report_calls_noisy_figures_rough():
+    noisy = _timing(400.0)
+    noisy.samples_per_s_min, noisy.samples_per_s_max = 200.0, 500.0
+    report = B.BenchReport(config_name="demo", backend="torch", model="smallcnn", batch_size=32,
+                           runtime="device=cpu", loader=_timing(900.0), model_step=noisy, end_to_end=_timing(480.0))
+    assert report.ceiling_share == pytest.approx(1.2)
+    assert "note: repeats differ by up to 75%" in report.to_table()
 
 
 def test_bench_on_a_tiny_cpu_config(tmp_path):
