@@ -1,0 +1,129 @@
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from fasttrain.checkpoint import load_checkpoint
+from fasttrain.config import Config, ConfigError, DataConfig, apply_overrides
+from fasttrain.data.sources import Split, discover
+from fasttrain.data.synthetic import make_drawing_dataset
+from fasttrain.engine import train
+from fasttrain.predict import predict
+from fasttrain.runtime import Runtime
+from fasttrain.tasks.regress import RegressTask, target_range
+
+
+def drawing_cfg(root, runs, *extra):
+    return apply_overrides(Config(), [
+        f"data.root={root}", "data.format=drawing", "data.image_size=32", "data.mean=[0.5]", "data.std=[0.5]",
+        "data.workers=0", "data.val_fraction=0.2", "model.name=convnet", "model.width=8", "task.name=regress",
+        "optim.name=adamw", "optim.lr=0.005", "optim.weight_decay=0.0", "schedule.name=constant",
+        "train.epochs=8", "train.batch_size=32", "train.log_every=5", f"train.runs_dir={runs}", "name=draw", *extra])
+
+
+@pytest.fixture(scope="module")
+def drawing_root(tmp_path_factory):
+    return make_drawing_dataset(tmp_path_factory.mktemp("data") / "drawing", sessions=80, steps=5, size=32)
+
+
+@pytest.fixture(scope="module")
+def trained(drawing_root, tmp_path_factory):
+    return train(drawing_cfg(drawing_root, tmp_path_factory.mktemp("runs")), progress=False)
+
+
+def mean_predictor_mse(root, cfg) -> float:
+    src = discover(cfg.data, root)
+    tr, va = torch.tensor(src.train.targets), torch.tensor(src.val.targets)
+    return float(((va - tr.mean(0)) ** 2).mean())
+
+
+def test_drawing_run_beats_the_mean_predictor(trained, drawing_root, tmp_path):
+    h = trained.history
+    baseline = mean_predictor_mse(drawing_root, drawing_cfg(drawing_root, tmp_path))
+    assert h[-1]["val_loss"] < h[0]["val_loss"]
+    assert trained.best_metric == "val_loss"
+    print(f"val_loss {trained.best_value:.4f}, mean predictor {baseline:.4f}")
+    assert trained.best_value < 0.5 * baseline, (trained.best_value, baseline)
+    assert {"val_mse", "val_point_px", "val_color_err"} <= set(h[-1])
+    # targets already lie in 0..1, so the loss and the MSE in target units agree
+    assert h[-1]["val_mse"] == pytest.approx(h[-1]["val_loss"], rel=1e-5)
+    assert h[-1]["val_point_px"] < 32
+
+
+def test_checkpoint_loads_and_predicts_point_and_colour(trained, drawing_root):
+    ckpt_path = trained.run_dir / "checkpoints" / "best.pt"
+    meta = load_checkpoint(ckpt_path)["meta"]
+    assert meta["target_names"] == ["x", "y", "r", "g", "b"]
+    assert meta["target_low"] == [0.0] * 5 and meta["target_high"] == [1.0] * 5
+    canvas = drawing_root / "session_0000" / "step_0002.png"
+    recs = predict(ckpt_path, [canvas, drawing_root / "nope.png"], device="cpu")
+    rec = recs[0]
+    assert rec["image"] == str(canvas)
+    assert len(rec["point"]) == 2 and all(0 <= v <= 32 for v in rec["point"])  # pixels of the 32 px canvas
+    assert rec["color"].startswith("#") and len(rec["color"]) == 7
+    assert "error" in recs[1]
+
+
+def test_unreadable_images_are_skipped_not_fatal(tmp_path, caplog):
+    root = make_drawing_dataset(tmp_path / "d", sessions=2, steps=3, size=16)
+    cfg = apply_overrides(Config(), ["data.format=drawing", "data.image_size=16", "data.workers=0",
+                                     "model.name=convnet", "model.width=4", "task.name=regress"])
+    src = discover(cfg.data, root)
+    bad = src.train.paths[1]
+    Path(bad).write_bytes(b"\x89PNG\r\n\x1a\n broken after discovery")
+    task = RegressTask(cfg, Runtime(cfg.runtime), src)
+    loader = task.make_loader(src.train, train=False, batch_size=64, backend="torch")
+    with caplog.at_level(logging.WARNING):
+        batches = list(loader)
+    loader.close()
+    assert sum(len(b) for b in batches) == len(src.train) - 1
+    assert bad in caplog.text
+    x, y = batches[0].inputs, batches[0].targets
+    assert x.shape[1:] == (3, 16, 16) and x.dtype == torch.float32
+    assert y.shape[1] == 5 + 2 and torch.all(y[:, 5:] == 16)  # targets, then the canvas width and height
+
+
+def test_manifest_targets_outside_0_1_are_scaled_and_come_back_in_their_units(tmp_path):
+    from PIL import Image
+
+    rows = ["path,age,height"]
+    for i in range(12):
+        Image.new("L", (12, 12), i * 20).save(tmp_path / f"{i}.png")
+        rows.append(f"{i}.png,{20 + i},{150 + 3 * i}")
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    cfg = apply_overrides(Config(), [f"data.root={tmp_path}", "data.format=manifest", "data.channels=1",
+                                     "data.image_size=12", "data.workers=0", "model.name=mlp", "model.width=4",
+                                     "task.name=regress"])
+    src = discover(cfg.data, tmp_path)
+    task = RegressTask(cfg, Runtime(cfg.runtime), src)
+    assert task.low[0] >= 20 and task.high[0] <= 31
+    state = task.build_state()
+    batch = next(iter(task.make_loader(src.train, train=False, batch_size=4, backend="torch")))
+    assert 0 <= float(batch.targets[:, :2].min()) and float(batch.targets[:, :2].max()) <= 1
+    with torch.no_grad():
+        sums = task.eval_step(state, batch)
+    assert float(sums["mse"]) > float(sums["loss"])  # MSE in years / cm, loss in scaled units
+    desc = task.describe_prediction(torch.zeros(2), task.checkpoint_meta())
+    assert set(desc) == {"age", "height"}
+    assert desc["age"] == pytest.approx((task.low[0] + task.high[0]) / 2)  # sigmoid(0) = mid-range
+
+
+def test_target_range():
+    assert target_range([[0.2, 1.0], [0.0, 0.5]]) == ([0.0, 0.0], [1.0, 1.0])
+    assert target_range([[2.0, 5.0], [4.0, 5.0]]) == ([2.0, 5.0], [4.0, 6.0])  # constant column: unit span
+
+
+def test_regress_needs_numeric_targets(shapes_root):
+    cfg = apply_overrides(Config(), [f"data.root={shapes_root}", "task.name=regress"])
+    with pytest.raises(ConfigError, match="task.name: regress needs numeric targets"):
+        RegressTask(cfg, Runtime(cfg.runtime), discover(cfg.data))
+
+
+def test_synthetic_batch_runs_a_train_step(drawing_root):
+    cfg = drawing_cfg(drawing_root, "unused", "model.num_outputs=5")
+    task = RegressTask(cfg, Runtime(cfg.runtime), None)
+    state = task.build_state()
+    batch = task.synthetic_batch(4, task.input_spec())
+    out = task.train_step(state, batch)
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
