@@ -1,0 +1,370 @@
+"""DALI loader: parity with the torch path, epoch coverage, order, shards, layout, bad files, a run that learns.
+
+Everything runs in DALI's CPU-only mode (``device_id=None``); the ``gpu`` tests exercise the mixed decoder.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from fasttrain.config import DataConfig
+from fasttrain.data.base import InputSpec, normalize_on_device
+from fasttrain.data.dali import DaliLoader, check_image_file, dali_status, sniff_image_format
+from fasttrain.data.sources import Split
+from fasttrain.data.torch_loader import EpochSampler
+from fasttrain.data.transforms import eval_transform, load_image
+
+needs_dali = pytest.mark.skipif(not dali_status()[0], reason=dali_status()[1])
+
+# One grey level is 1 / (255 * std) ~ 0.017 on the normalized scale. Both backends decode JPEGs with
+# libjpeg-turbo and the geometry is torchvision's to the pixel, so what differs is the resampling arithmetic
+# (DALI's antialiased linear filter vs torch's, each rounding to uint8): measured 0.002-0.006 mean per
+# image, a few levels at single pixels. A one-pixel crop offset would already cost ~0.1-0.3.
+PARITY_MEAN_ABS = 0.02  # per image, normalized scale (~1 grey level)
+PARITY_MAX_ABS = 0.5  # any single value (~8 grey levels: rounding of gray conversion / resampling at edges)
+
+
+def photo_like(rng: np.random.Generator, h: int, w: int) -> Image.Image:
+    """Smooth random colour fields (low-resolution noise upsampled), closer to photos than white noise."""
+    base = (rng.random((max(2, h // 10), max(2, w // 10), 3)) * 255).astype(np.uint8)
+    return Image.fromarray(base).resize((w, h), Image.BICUBIC)
+
+
+def write_mixed_images(folder: Path, n: int, seed: int = 0) -> list[str]:
+    """Mixed sizes and kinds: RGB JPEG, RGB PNG, grayscale JPEG, opaque RGBA PNG."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        h, w = (int(v) for v in rng.integers(36, 120, 2))
+        im = photo_like(rng, h, w)
+        kind = i % 4
+        if kind == 0:
+            p = folder / f"{i:03d}.jpg"
+            im.save(p, quality=92)
+        elif kind == 1:
+            p = folder / f"{i:03d}.png"
+            im.save(p)
+        elif kind == 2:
+            p = folder / f"{i:03d}.jpg"
+            im.convert("L").save(p, quality=92)
+        else:
+            p = folder / f"{i:03d}.png"
+            im.convert("RGBA").save(p)  # alpha 255 everywhere: compositing on white changes nothing
+        paths.append(str(p))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory) -> list[str]:
+    return write_mixed_images(tmp_path_factory.mktemp("mixed"), 23)
+
+
+def spec_for(data: DataConfig, *, dtype=torch.float32, channels_last=False, device="cpu") -> InputSpec:
+    mean, std = data.norm_mean_std()
+    return InputSpec(torch.device(device), dtype, channels_last, tuple(mean), tuple(std))
+
+
+def split_of(paths, targets=None, name="val") -> Split:
+    return Split(name, list(paths), list(range(len(paths))) if targets is None else list(targets))
+
+
+def epoch(loader, e=None):
+    if e is not None:
+        loader.set_epoch(e)
+    batches = list(loader)
+    return batches, torch.cat([b.targets for b in batches]), torch.cat([b.inputs for b in batches])
+
+
+def torch_reference(paths, data: DataConfig, spec: InputSpec) -> torch.Tensor:
+    tf = eval_transform(data)
+    return normalize_on_device(torch.stack([tf(load_image(p, data.channels)) for p in paths]), spec)
+
+
+# -- no DALI needed -----------------------------------------------------------------------------------------
+
+def test_importing_the_module_does_not_import_dali():
+    code = "import sys, fasttrain.data.dali, fasttrain.data.gpu_cache; sys.exit('nvidia.dali' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_magic_bytes_and_truncation_check(tmp_path, mixed):
+    im = Image.new("RGB", (20, 10), (10, 200, 30))
+    for ext, kind in (("bmp", "bmp"), ("webp", "webp"), ("tiff", "tiff"), ("ppm", "pnm"), ("png", "png")):
+        p = tmp_path / f"ok.{ext}"
+        im.save(p)
+        assert sniff_image_format(p.read_bytes()[:16]) == kind
+        assert check_image_file(str(p)) is None
+    assert all(check_image_file(p) is None for p in mixed)
+    jpeg = Path(mixed[0]).read_bytes()
+    cases = {
+        "empty.jpg": b"",
+        "html.jpg": b"<html><body>404</body></html>",
+        "cut.jpg": jpeg[: len(jpeg) // 2],
+        "cut.png": Path(mixed[1]).read_bytes()[:200],
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        assert check_image_file(str(tmp_path / name)) is not None, name
+    assert "empty" in check_image_file(str(tmp_path / "empty.jpg"))
+    assert check_image_file(str(tmp_path / "missing.jpg")).startswith("cannot be read")
+    (tmp_path / "trailer.jpg").write_bytes(jpeg + b"\0" * 300)  # bytes after EOI: valid, PIL confirms
+    assert check_image_file(str(tmp_path / "trailer.jpg")) is None
+
+
+# -- CPU-only DALI --------------------------------------------------------------------------------------------
+
+@needs_dali
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_eval_output_matches_the_torch_path(mixed, channels, channels_last):
+    data = DataConfig(image_size=32, channels=channels)  # eval_resize 37: odd crop margins, half-pixel cases
+    spec = spec_for(data, channels_last=channels_last)
+    loader = DaliLoader(split_of(mixed), data, spec, batch_size=5, train=False, seed=0)
+    _, targets, x = epoch(loader)
+    loader.close()
+    assert targets.tolist() == list(range(len(mixed)))  # labels follow the file list, in order
+    ref = torch_reference(mixed, data, spec)
+    assert x.shape == ref.shape == (len(mixed), channels, 32, 32)
+    err = (x - ref).abs()
+    per_image = err.flatten(1).mean(1)
+    assert per_image.max() < PARITY_MEAN_ABS, per_image
+    assert err.max() < PARITY_MAX_ABS
+
+
+@needs_dali
+def test_eval_matches_the_torch_path_on_imagenette(tmp_path_factory):
+    from conftest import extract_shared
+
+    root = extract_shared("imagenette224", tmp_path_factory.mktemp("imagenette-subset"),
+                          members_filter=lambda name: "/val/n03888257/" in name)
+    paths = sorted(str(p) for p in root.rglob("*.JPEG"))[:64]
+    data = DataConfig(image_size=64)  # 224 -> 73 -> 64: real photos, downscaled, odd margins
+    spec = spec_for(data, channels_last=True)
+    loader = DaliLoader(split_of(paths), data, spec, batch_size=16, train=False, seed=0)
+    _, _, x = epoch(loader)
+    err = (x - torch_reference(paths, data, spec)).abs()
+    assert err.flatten(1).mean(1).max() < PARITY_MEAN_ABS
+    assert err.max() < PARITY_MAX_ABS
+
+
+@needs_dali
+def test_eval_covers_every_sample_once_per_epoch(mixed):
+    data = DataConfig(image_size=16)
+    loader = DaliLoader(split_of(mixed), data, spec_for(data), batch_size=5, train=False, seed=0)
+    assert len(loader) == 5 and loader.num_samples == 23
+    for e in range(3):  # the reused pipeline restarts at the first sample every epoch
+        batches, targets, _ = epoch(loader, e)
+        assert [len(b) for b in batches] == [5, 5, 5, 5, 3]
+        assert targets.tolist() == list(range(23))
+    it = iter(loader)  # an abandoned pass must not shift the next one
+    next(it)
+    del it
+    assert epoch(loader)[1].tolist() == list(range(23))
+
+
+@needs_dali
+def test_training_drops_the_partial_batch_and_reshuffles_reproducibly(mixed):
+    data = DataConfig(image_size=16, crop_scale_min=0.3)
+    spec = spec_for(data)
+
+    def make(seed):
+        return DaliLoader(split_of(mixed, name="train"), data, spec, batch_size=5, train=True, seed=seed)
+
+    a, b = make(7), make(7)
+    assert len(a) == 4
+    batches, t0, x0 = epoch(a, 0)
+    assert [len(bt) for bt in batches] == [5, 5, 5, 5]
+    assert len(set(t0.tolist())) == 20  # 20 distinct samples, the 3 left over are dropped
+    _, t1, _ = epoch(a, 1)
+    assert t0.tolist() != t1.tolist()
+    # Same order as the torch backend's sampler: both backends see the same files in the same order.
+    sampler = EpochSampler(23, batch_size=5, shuffle=True, seed=7, drop_last=True)
+    sampler.epoch = 1
+    assert t1.tolist() == sampler.indices()
+    # Reproducible: another loader with the same seed, and the same loader going back to epoch 0.
+    _, t0b, x0b = epoch(b, 0)
+    assert t0b.tolist() == t0.tolist() and torch.equal(x0b, x0)
+    _, t0c, x0c = epoch(a, 0)
+    assert t0c.tolist() == t0.tolist() and torch.equal(x0c, x0)
+    assert epoch(make(8), 0)[1].tolist() != t0.tolist()
+
+
+@needs_dali
+@pytest.mark.parametrize("train", [False, True])
+def test_shards_are_disjoint_and_cover_the_split(mixed, train):
+    data = DataConfig(image_size=16)
+    seen = []
+    for shard in range(3):
+        loader = DaliLoader(split_of(mixed), data, spec_for(data), batch_size=2, train=train, seed=1,
+                            shard_id=shard, num_shards=3)
+        seen.append(epoch(loader, 4)[1].tolist())
+        assert len(seen[-1]) == (2 * len(loader) if train else len(loader.sampler))
+        loader.close()
+    flat = [i for s in seen for i in s]
+    assert len(flat) == len(set(flat))  # no sample in two shards
+    if train:
+        assert [len(s) for s in seen] == [8, 8, 6]  # shards of 8, 8, 7 in whole batches of 2
+    else:
+        assert sorted(flat) == list(range(23))
+
+
+@needs_dali
+def test_channels_last_is_a_view_with_the_right_strides(mixed):
+    data = DataConfig(image_size=16)
+    cl = DaliLoader(split_of(mixed), data, spec_for(data, channels_last=True), batch_size=4, train=True, seed=0)
+    x = next(iter(cl)).inputs
+    assert x.shape == (4, 3, 16, 16) and x.stride() == (16 * 16 * 3, 1, 16 * 3, 3)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    plain = DaliLoader(split_of(mixed), data, spec_for(data), batch_size=4, train=True, seed=0)
+    y = next(iter(plain)).inputs
+    assert y.is_contiguous() and y.shape == (4, 3, 16, 16)
+    assert torch.allclose(x, y, atol=1e-5)  # same samples, same augmentation, only the layout differs
+
+
+@needs_dali
+def test_bf16_is_cast_from_fp32_and_keeps_channels_last(mixed):
+    data = DataConfig(image_size=16)
+    fp32 = next(iter(DaliLoader(split_of(mixed), data, spec_for(data, channels_last=True), batch_size=8,
+                                train=False, seed=0))).inputs
+    bf16 = next(iter(DaliLoader(split_of(mixed), data, spec_for(data, dtype=torch.bfloat16, channels_last=True),
+                                batch_size=8, train=False, seed=0))).inputs
+    assert bf16.dtype == torch.bfloat16 and bf16.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(bf16.float(), fp32, atol=0.02)  # bf16 keeps 8 bits of mantissa
+
+
+@needs_dali
+def test_grayscale_output_has_one_channel(mixed):
+    data = DataConfig(image_size=16, channels=1)
+    for train in (True, False):
+        loader = DaliLoader(split_of(mixed), data, spec_for(data, channels_last=True), batch_size=4, train=train,
+                            seed=0)
+        assert next(iter(loader)).inputs.shape == (4, 1, 16, 16)
+
+
+@needs_dali
+def test_float_targets_are_gathered_alongside(mixed):
+    data = DataConfig(image_size=16)
+    targets = [[float(i), -float(i)] for i in range(len(mixed))]
+    loader = DaliLoader(split_of(mixed, targets), data, spec_for(data), batch_size=10, train=False, seed=0)
+    t = epoch(loader)[1]
+    assert t.dtype == torch.float32 and t.shape == (23, 2) and t[:, 0].tolist() == list(range(23))
+
+
+@needs_dali
+def test_bad_files_are_skipped_with_a_warning(tmp_path, mixed, caplog):
+    empty, text, cut = tmp_path / "empty.jpg", tmp_path / "text.png", tmp_path / "cut.jpg"
+    empty.write_bytes(b"")
+    text.write_text("not an image")
+    cut.write_bytes(Path(mixed[0]).read_bytes()[:300])
+    paths = [mixed[0], str(empty), mixed[1], str(text), mixed[2], str(cut)]
+    data = DataConfig(image_size=16)
+    with caplog.at_level(logging.WARNING, logger="fasttrain.data.dali"):
+        loader = DaliLoader(split_of(paths), data, spec_for(data), batch_size=2, train=False, seed=0)
+    for bad in (empty, text, cut):
+        assert any(str(bad) in r.getMessage() for r in caplog.records), bad
+    assert loader.num_samples == 3 and [p for p, _ in loader.skipped] == [str(empty), str(text), str(cut)]
+    assert epoch(loader)[1].tolist() == [0, 2, 4]  # the surviving files keep their own labels
+
+
+def write_stripes(root: Path, per_class: int, seed: int) -> tuple[list[str], list[int]]:
+    """3 classes an augmentation cannot confuse (horizontal, vertical, checker stripes; random colours and
+    periods; mixed sizes, JPEG and PNG). A layout mix-up (HWC read as CHW) scrambles orientation: no learning."""
+    rng = np.random.default_rng(seed)
+    paths, targets = [], []
+    for k in range(3):
+        for i in range(per_class):
+            h, w = (int(v) for v in rng.integers(36, 64, 2))
+            period = int(rng.integers(4, 9))
+            yy, xx = np.mgrid[0:h, 0:w] // period
+            band = (yy % 2, xx % 2, (yy + xx) % 2)[k]
+            a = np.where(band[..., None] == 1, rng.integers(0, 256, 3), rng.integers(0, 256, 3)).astype(np.uint8)
+            p = root / f"{k}_{i}.{'jpg' if i % 2 else 'png'}"
+            Image.fromarray(a).save(p)
+            paths.append(str(p))
+            targets.append(k)
+    return paths, targets
+
+
+@needs_dali
+def test_a_short_cpu_training_run_learns(tmp_path):
+    train_files, train_targets = write_stripes(tmp_path, 40, seed=0)
+    (tmp_path / "val").mkdir()
+    val_files, val_targets = write_stripes(tmp_path / "val", 15, seed=1)
+    data = DataConfig(image_size=32, crop_scale_min=0.35)
+    spec = spec_for(data, channels_last=True)
+    train = DaliLoader(Split("train", train_files, train_targets), data, spec, batch_size=16, train=True, seed=0)
+    val = DaliLoader(Split("val", val_files, val_targets), data, spec, batch_size=64, train=False, seed=0)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    losses = []
+    for e in range(8):
+        train.set_epoch(e)
+        total = 0.0
+        for b in train:
+            loss = nn.functional.cross_entropy(model(b.inputs), b.targets)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        losses.append(total / len(train))
+    model.eval()
+    with torch.no_grad():
+        correct = sum((model(b.inputs).argmax(1) == b.targets).sum().item() for b in val)
+    assert losses[-1] < 0.6 * losses[0], losses  # measured: 1.18 -> 0.43
+    assert correct / val.num_samples > 0.6  # chance is 1/3; measured 0.82
+
+
+# -- GPU (mixed decode) ---------------------------------------------------------------------------------------
+
+@needs_dali
+@pytest.mark.gpu
+def test_mixed_decode_matches_cpu_mode(mixed):
+    data = DataConfig(image_size=32)
+    gpu_spec = spec_for(data, dtype=torch.float16, channels_last=True, device="cuda:0")
+    gpu = DaliLoader(split_of(mixed), data, gpu_spec, batch_size=8, train=False, seed=0, device_id=0)
+    batches, targets, x = epoch(gpu)
+    assert all(b.inputs.device.type == "cuda" and b.targets.device.type == "cuda" for b in batches)
+    assert batches[0].inputs.dtype == torch.float16
+    assert batches[0].inputs.is_contiguous(memory_format=torch.channels_last)
+    assert targets.tolist() == list(range(23)) and [len(b) for b in batches] == [8, 8, 7]
+    cpu = DaliLoader(split_of(mixed), data, spec_for(data), batch_size=8, train=False, seed=0)
+    ref = epoch(cpu)[2]
+    # nvJPEG / the hardware decoder use other IDCT and chroma upsampling than libjpeg-turbo, and fp16 output
+    # rounds to ~0.002: a looser bound than CPU-vs-torch parity.
+    err = (x.float().cpu() - ref).abs()
+    assert err.flatten(1).mean(1).max() < 0.05
+
+
+@needs_dali
+@pytest.mark.gpu
+def test_mixed_decode_training_batches_bf16(mixed):
+    data = DataConfig(image_size=32)
+    spec = spec_for(data, dtype=torch.bfloat16, channels_last=True, device="cuda:0")
+
+    def run(seed):
+        loader = DaliLoader(split_of(mixed, name="train"), data, spec, batch_size=4, train=True, seed=seed,
+                            device_id=0)
+        out = epoch(loader, 2)
+        loader.close()
+        return out
+
+    batches, targets, x = run(3)
+    assert len(batches) == 5 and all(len(b) == 4 for b in batches)
+    assert x.dtype == torch.bfloat16 and x.device.type == "cuda"
+    assert batches[0].inputs.is_contiguous(memory_format=torch.channels_last)
+    assert x.float().abs().max() < 3.0  # normalized ImageNet statistics stay within about +-2.7
+    assert run(3)[1].tolist() == targets.tolist()
