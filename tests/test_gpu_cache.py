@@ -1,0 +1,201 @@
+"""GPU-resident cache: fits arithmetic, exact eval pixels, epoch coverage, reproducible on-device augmentation."""
+
+from __future__ import annotations
+
+import logging
+import math
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fasttrain.config import DataConfig
+from fasttrain.data import gpu_cache
+from fasttrain.data.base import InputSpec, normalize_on_device
+from fasttrain.data.gpu_cache import GpuCacheLoader, cache_bytes, cache_fits, random_resized_crop_theta
+from fasttrain.data.sources import Split
+from fasttrain.data.torch_loader import EpochSampler
+from fasttrain.data.transforms import eval_transform, load_image
+
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> list[str]:
+    """23 files of mixed sizes and kinds (RGB/grayscale JPEG, RGB/RGBA PNG)."""
+    folder = tmp_path_factory.mktemp("cache-images")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(23):
+        h, w = (int(v) for v in rng.integers(20, 70, 2))
+        im = Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
+        im = {0: im, 1: im.convert("L"), 2: im.convert("RGBA")}[i % 3]
+        p = folder / f"{i:02d}.{'jpg' if i % 3 == 1 else 'png'}"
+        im.save(p)
+        paths.append(str(p))
+    return paths
+
+
+def spec_for(data: DataConfig, *, dtype=torch.float32, channels_last=False, device="cpu") -> InputSpec:
+    mean, std = data.norm_mean_std()
+    return InputSpec(torch.device(device), dtype, channels_last, tuple(mean), tuple(std))
+
+
+def make(paths, data, spec=None, *, train, seed=0, batch_size=5, name=None) -> GpuCacheLoader:
+    split = Split(name or ("train" if train else "val"), list(paths), list(range(len(paths))))
+    return GpuCacheLoader(split, data, spec or spec_for(data), batch_size=batch_size, train=train, seed=seed)
+
+
+def epoch(loader, e=None):
+    if e is not None:
+        loader.set_epoch(e)
+    batches = list(loader)
+    return batches, torch.cat([b.targets for b in batches]), torch.cat([b.inputs for b in batches])
+
+
+# -- sizing ---------------------------------------------------------------------------------------------------
+
+def test_cache_bytes_counts_uint8_pixels_and_labels():
+    assert cache_bytes(50_000, DataConfig(image_size=32)) == 50_000 * (3 * 32 * 32 + 8)  # CIFAR-10: ~147 MiB
+    assert cache_bytes(10, DataConfig(image_size=224, channels=1)) == 10 * (224 * 224 + 8)
+
+
+def test_cache_fits_compares_with_the_budget_share_of_ram(monkeypatch):
+    monkeypatch.setattr(gpu_cache, "_available_ram", lambda: 4 * GIB)
+    data = DataConfig(image_size=32, cache_budget=0.25)  # budget: 1 GiB
+    per_image = 3 * 32 * 32 + 8
+    ok, why = cache_fits(GIB // per_image, data, "cpu")
+    assert ok and "available RAM" in why and "<=" in why
+    ok, why = cache_fits(GIB // per_image + 1, data, "cpu")
+    assert not ok and ">" in why and "1.00 GiB" in why
+
+
+def test_cache_fits_uses_total_device_memory_on_cuda(monkeypatch):
+    props = types.SimpleNamespace(total_memory=80 * GIB, name="FakeGPU")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+    ok, why = cache_fits(1_281_167, DataConfig(image_size=224), "cuda:0")  # ImageNet at 224: never
+    assert not ok and "179.63 GiB >" in why
+    ok, why = cache_fits(60_000, DataConfig(image_size=32), "cuda:0")  # CIFAR-10 train + test: 0.17 GiB
+    assert ok and "FakeGPU" in why and "20.00 GiB" in why
+
+
+# -- contents and order -----------------------------------------------------------------------------------------
+
+def test_eval_batches_are_the_torch_eval_pixels_every_sample_once(images):
+    data = DataConfig(image_size=24)
+    spec = spec_for(data)
+    loader = make(images, data, spec, train=False)
+    assert len(loader) == 5 and loader.num_samples == 23
+    for e in range(2):
+        batches, targets, x = epoch(loader, e)
+        assert [len(b) for b in batches] == [5, 5, 5, 5, 3]
+        assert targets.tolist() == list(range(23))
+    tf = eval_transform(data)
+    ref = normalize_on_device(torch.stack([tf(load_image(p, 3)) for p in images]), spec)
+    assert torch.equal(x, ref)  # the same code decoded them: validation matches the torch loader exactly
+
+
+def test_training_order_drops_the_partial_batch_and_matches_the_torch_sampler(images):
+    loader = make(images, DataConfig(image_size=16), train=True, seed=5)
+    assert len(loader) == 4
+    batches, t0, _ = epoch(loader, 0)
+    assert [len(b) for b in batches] == [5] * 4 and len(set(t0.tolist())) == 20
+    t1 = epoch(loader, 1)[1]
+    assert t1.tolist() != t0.tolist()
+    sampler = EpochSampler(23, batch_size=5, shuffle=True, seed=5, drop_last=True)
+    sampler.epoch = 1
+    assert t1.tolist() == sampler.indices()
+
+
+@pytest.mark.parametrize("rrc", [True, False])
+def test_augmentation_is_deterministic_per_seed_and_epoch(images, rrc):
+    data = DataConfig(image_size=16, random_resized_crop=rrc, crop_scale_min=0.2)
+    a, b, other = (make(images, data, train=True, seed=s) for s in (1, 1, 2))
+    _, ta, xa = epoch(a, 3)
+    _, tb, xb = epoch(b, 3)
+    assert torch.equal(ta, tb) and torch.equal(xa, xb)
+    assert torch.equal(epoch(a, 3)[2], xa)  # going back to an epoch replays it
+    assert not torch.equal(epoch(a, 4)[2], xa)
+    assert not torch.equal(epoch(other, 3)[2], xa)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_shapes_dtypes_layout_and_range(images, dtype, channels):
+    data = DataConfig(image_size=16, channels=channels)
+    spec = spec_for(data, dtype=dtype, channels_last=True)
+    x = next(iter(make(images, data, spec, train=True))).inputs
+    assert x.shape == (5, channels, 16, 16) and x.dtype == dtype
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    mean, std = data.norm_mean_std()
+    lo = min((0 - m) / s for m, s in zip(mean, std))
+    hi = max((1 - m) / s for m, s in zip(mean, std))
+    assert lo - 0.02 <= x.float().min() and x.float().max() <= hi + 0.02
+
+
+# -- the on-device random-resized-crop ---------------------------------------------------------------------------
+
+def test_random_resized_crop_windows_follow_torchvision_ranges():
+    g = torch.Generator().manual_seed(0)
+    theta = random_resized_crop_theta(4000, 0.08, True, g, torch.device("cpu"))
+    sx, h, cx, cy = theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2]
+    w = sx.abs()
+    area, ratio = w * h, w / h
+    assert theta[:, 0, 1].eq(0).all() and theta[:, 1, 0].eq(0).all()
+    assert (area >= 0.08 - 1e-6).all() and (area <= 1 + 1e-6).all()
+    assert (ratio >= 3 / 4 - 1e-5).all() and (ratio <= 4 / 3 + 1e-5).all()
+    assert (cx.abs() + w <= 1 + 1e-6).all() and (cy.abs() + h <= 1 + 1e-6).all()  # inside the canvas
+    assert 0.45 < (sx < 0).float().mean() < 0.55  # half flipped
+    assert abs(area.mean().item() - (0.08 + 1) / 2) < 0.06  # area ~ uniform(0.08, 1), a little fewer big ones
+    assert abs(torch.log(ratio).mean().item()) < 0.02  # log-uniform aspect, symmetric around 1
+
+
+def test_full_scale_crop_is_the_canvas_and_flip_mirrors_it(images):
+    data = DataConfig(image_size=16, crop_scale_min=1.0, hflip=False)  # area 1 fits only at aspect 1
+    rrc = epoch(make(images, data, train=True), 0)[2]
+    plain = epoch(make(images, DataConfig(image_size=16, random_resized_crop=False, resize_size=16, hflip=False),
+                       train=True), 0)[2]
+    assert torch.allclose(rrc, plain, atol=1e-4)  # identity grid: exact pixel centres, same samples and order
+    flipped = epoch(make(images, DataConfig(image_size=16, crop_scale_min=1.0), train=True), 0)[2]
+    mirrored = torch.isclose(flipped, plain.flip(3), atol=1e-4).flatten(1).all(1)
+    same = torch.isclose(flipped, plain, atol=1e-4).flatten(1).all(1)
+    assert (mirrored | same).all() and mirrored.any() and same.any()
+
+
+def test_unreadable_files_are_skipped_with_a_warning(images, tmp_path, caplog):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    paths = [images[0], str(bad), images[1]]
+    with caplog.at_level(logging.WARNING, logger="fasttrain.data.gpu_cache"):
+        loader = make(paths, DataConfig(image_size=16), train=False)
+    assert any(str(bad) in r.getMessage() for r in caplog.records)
+    assert loader.num_samples == 2 and epoch(loader)[1].tolist() == [0, 2]
+
+
+def test_batch_larger_than_the_training_split_is_refused(images):
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        make(images[:3], DataConfig(image_size=16), train=True, batch_size=4)
+
+
+# -- CUDA ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+def test_cuda_cache_steps_never_sync_with_the_host(images):
+    data = DataConfig(image_size=32, crop_scale_min=0.25)
+    spec = spec_for(data, dtype=torch.bfloat16, channels_last=True, device="cuda")
+    loader = make(images, data, spec, train=True, seed=3)
+    assert loader.images.device.type == "cuda" and loader.images.dtype == torch.uint8
+    loader.set_epoch(1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any hidden .item() / pageable copy / sync raises
+    try:
+        batches = list(loader)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    x = torch.cat([b.inputs for b in batches])
+    assert x.device.type == "cuda" and x.dtype == torch.bfloat16 and math.isfinite(x.float().abs().max().item())
+    assert batches[0].inputs.is_contiguous(memory_format=torch.channels_last)
+    again = torch.cat([b.inputs for b in epoch(make(images, data, spec, train=True, seed=3), 1)[0]])
+    assert torch.equal(x, again)
