@@ -1,0 +1,133 @@
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fasttrain.checkpoint import load_checkpoint
+from fasttrain.config import Config, ConfigError, apply_overrides
+from fasttrain.data.sources import Split, discover
+from fasttrain.data.synthetic import make_paired_dataset
+from fasttrain.engine import evaluate, prepare, train
+from fasttrain.predict import predict
+from fasttrain.runtime import Runtime
+from fasttrain.tasks.pix2pix import PairDataset, Pix2PixTask
+
+
+def p2p_cfg(root, runs, *extra):
+    return apply_overrides(Config(), [
+        f"data.root={root}", "data.format=paired", "data.image_size=32", "data.workers=0",
+        "model.name=unet", "model.width=8", "task.name=pix2pix", "task.sample_every=10",
+        "optim.name=adam", "optim.lr=0.002", "optim.betas=[0.5, 0.999]", "schedule.name=constant",
+        "train.epochs=3", "train.batch_size=8", "train.log_every=5", f"train.runs_dir={runs}", "name=p2p", *extra])
+
+
+@pytest.fixture(scope="module")
+def paired_root(tmp_path_factory):
+    return make_paired_dataset(tmp_path_factory.mktemp("data") / "paired", n=100, size=32)
+
+
+@pytest.fixture(scope="module")
+def trained(paired_root, tmp_path_factory):
+    return train(p2p_cfg(paired_root, tmp_path_factory.mktemp("runs")), progress=False)
+
+
+def untrained_val_l1(cfg) -> float:
+    prep = prepare(cfg)
+    torch.manual_seed(cfg.runtime.seed)
+    state = prep.task.build_state()
+    loader = prep.task.make_loader(prep.source.val, train=False, batch_size=32, backend="torch")
+    return evaluate(prep.task, state, loader)["l1"]
+
+
+def test_short_run_lowers_val_l1_and_writes_samples(trained, paired_root, tmp_path):
+    h = trained.history
+    assert trained.best_metric == "val_l1"
+    before = untrained_val_l1(p2p_cfg(paired_root, tmp_path))
+    print(f"val_l1 untrained {before:.3f} -> best {trained.best_value:.3f}")
+    assert trained.best_value < 0.6 * before
+    assert {"train_d_loss", "train_g_gan", "train_g_l1", "val_l1", "val_psnr"} <= set(h[-1])
+    samples = sorted(p.name for p in (trained.run_dir / "samples").iterdir())
+    assert "step_0000010.png" in samples and "epoch_0003_val.png" in samples
+    with Image.open(trained.run_dir / "samples" / "epoch_0003_val.png") as im:
+        assert im.width > im.height / 4 * 2  # rows of input | output | target
+
+
+def test_checkpoint_holds_both_networks_and_predicts_images(trained, paired_root, tmp_path):
+    ckpt = load_checkpoint(trained.run_dir / "checkpoints" / "best.pt")
+    state = ckpt["state"]
+    for group in ("modules", "optimizers", "scalers", "schedulers"):
+        assert set(state[group]) == {"generator", "discriminator"}, group
+    assert state["optimizers"]["generator"]["param_groups"][0]["betas"] == (0.5, 0.999)
+    src = paired_root / "val" / "A" / "00099.png"
+    odd = tmp_path / "odd.png"
+    Image.open(src).resize((40, 24)).save(odd)
+    out = tmp_path / "pred"
+    recs = predict(trained.run_dir / "checkpoints" / "best.pt", [src, odd], device="cpu", out_dir=out)
+    assert Path(recs[0]["output"]) == out / "00099_pix2pix.png"
+    with Image.open(recs[1]["output"]) as im:
+        assert im.size == (40, 24)  # back at the input's size
+    again = predict(trained.run_dir / "checkpoints" / "best.pt", [src], device="cpu", out_dir=out)
+    assert Path(again[0]["output"]).name == "00099_pix2pix-2.png"  # never overwrites
+
+
+def test_both_images_of_a_pair_get_the_same_crop_and_flip(tmp_path):
+    # An asymmetric gradient as both halves of a side-by-side image: A and B must stay identical.
+    xs = torch.linspace(0, 255, 40).round().to(torch.uint8)
+    grad = torch.stack([xs.expand(40, 40), xs[:, None].expand(40, 40), 255 - xs.expand(40, 40)], -1)
+    half = Image.fromarray(grad.numpy())
+    ab = Image.new("RGB", (80, 40))
+    ab.paste(half, (0, 0))
+    ab.paste(half, (40, 0))
+    ab.save(tmp_path / "ab.png")
+    from fasttrain.data.formats import SIDE_BY_SIDE
+
+    ds = PairDataset(Split("train", [str(tmp_path / "ab.png")], [SIDE_BY_SIDE]), 32, 3, train=True, flip=True,
+                     seed=0)
+    crops = set()
+    for epoch in range(12):
+        a, b = ds[(0, epoch)]
+        assert a.shape == (3, 32, 32) and torch.equal(a, b)
+        crops.add((a[0, 0, 0].item(), a[0, 0, -1].item() < a[0, 0, 0].item()))
+    assert len(crops) > 3  # crops and flips really vary from epoch to epoch
+    assert any(flipped for _, flipped in crops)
+    assert torch.equal(ds[(0, 3)][0], ds[(0, 3)][0])  # the same (epoch, index) gives the same crop
+    val = PairDataset(ds.split, 32, 3, train=False, flip=True, seed=0)
+    assert torch.equal(val[(0, 0)][0], val[(0, 5)][0])  # no randomness in evaluation
+
+
+def test_unreadable_pairs_are_skipped(tmp_path, caplog):
+    root = make_paired_dataset(tmp_path / "p", n=6, size=32)
+    cfg = p2p_cfg(root, tmp_path)
+    src = discover(cfg.data, root)
+    Path(src.train.targets[0]).write_bytes(b"garbage")
+    task = Pix2PixTask(cfg, Runtime(cfg.runtime), src)
+    loader = task.make_loader(src.train, train=False, batch_size=16, backend="torch")
+    with caplog.at_level(logging.WARNING):
+        (batch,) = list(loader)
+    assert len(batch) == len(src.train) - 1 and src.train.targets[0] in caplog.text
+    assert batch.inputs.shape == batch.targets.shape == (len(batch), 3, 32, 32)
+    assert -1 <= float(batch.targets.min()) and float(batch.targets.max()) <= 1  # the tanh's range
+
+
+def test_a_step_updates_both_networks(paired_root, tmp_path):
+    cfg = p2p_cfg(paired_root, tmp_path)
+    task = Pix2PixTask(cfg, Runtime(cfg.runtime), None)
+    state = task.build_state()
+    before = {k: [p.detach().clone() for p in m.parameters()] for k, m in state.modules.items()}
+    out = task.train_step(state, task.synthetic_batch(4, task.input_spec()))
+    assert set(out) == {"loss", "d_loss", "g_gan", "g_l1"} and all(torch.isfinite(v) for v in out.values())
+    for k, m in state.modules.items():
+        assert any(not torch.equal(a, b) for a, b in zip(before[k], m.parameters())), k
+        assert all(p.grad is None for p in m.parameters())  # cleared after each step
+    assert all(p.requires_grad for p in state.modules["discriminator"].parameters())
+
+
+@pytest.mark.parametrize("override,field", [("train.accumulation=2", "train.accumulation"),
+                                            ("model.name=resnet18", "model.name"),
+                                            ("optim.name=sgd", "optim.name")])
+def test_refused_settings_name_their_field(paired_root, tmp_path, override, field):
+    cfg = p2p_cfg(paired_root, tmp_path, override)
+    with pytest.raises(ConfigError, match=field):
+        Pix2PixTask(cfg, Runtime(cfg.runtime), None)
