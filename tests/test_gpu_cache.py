@@ -76,7 +76,7 @@ def test_cache_fits_uses_total_device_memory_on_cuda(monkeypatch):
     props = types.SimpleNamespace(total_memory=80 * GIB, name="FakeGPU")
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
     ok, why = cache_fits(1_281_167, DataConfig(image_size=224), "cuda:0")  # ImageNet at 224: never
-    assert not ok and "179.63 GiB >" in why
+    assert not ok and "179.62 GiB >" in why
     ok, why = cache_fits(60_000, DataConfig(image_size=32), "cuda:0")  # CIFAR-10 train + test: 0.17 GiB
     assert ok and "FakeGPU" in why and "20.00 GiB" in why
 
