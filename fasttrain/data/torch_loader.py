@@ -133,6 +133,9 @@ class TorchLoader:
             pin_memory=cuda if pin_memory is None else pin_memory,
             persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
             drop_last=False,  # the sampler already trimmed to whole batches for training
+            # Its own generator: otherwise each new iterator draws its base seed from the global RNG, and a
+            # resumed run (fresh persistent workers) would shift dropout and init randomness.
+            generator=torch.Generator().manual_seed(seed),
         )
         self._stream = torch.cuda.Stream(spec.device) if cuda else None
 

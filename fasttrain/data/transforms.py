@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
@@ -36,10 +37,9 @@ def load_image(path: str, channels: int) -> Image.Image:
             im = Image.alpha_composite(bg, rgba)
         if im.mode.startswith("I;16") or im.mode == "I":
             # 16-bit: scale to 8 bits instead of clipping.
-            arr = torch.from_numpy(__import__("numpy").asarray(im, dtype="int32"))
-            hi = max(int(arr.max()), 1)
-            arr = (arr.float() * (255.0 / (65535 if hi > 255 else 255))).clamp(0, 255).to(torch.uint8)
-            im = Image.fromarray(arr.numpy(), mode="L")
+            arr = np.asarray(im, dtype=np.float64)
+            full = 65535.0 if arr.max() > 255 else 255.0
+            im = Image.fromarray(np.clip(np.rint(arr * (255.0 / full)), 0, 255).astype(np.uint8), mode="L")
         return im.convert(target)
 
 
@@ -52,9 +52,9 @@ def eval_transform(cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
     resize, crop = cfg.eval_resize, cfg.image_size
 
     def apply(im: Image.Image) -> torch.Tensor:
-        x = to_uint8_tensor(im)
-        x = TF.resize(x, [resize], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-        return TF.center_crop(x, [crop, crop])
+        # Geometry on the PIL image (Pillow's resize is faster than torch's on the CPU), uint8 tensor last.
+        im = TF.resize(im, [resize], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        return to_uint8_tensor(TF.center_crop(im, [crop, crop]))
 
     return apply
 
@@ -72,7 +72,7 @@ def train_transform(cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
     pipeline = v2.Compose(ops)
 
     def apply(im: Image.Image) -> torch.Tensor:
-        return pipeline(to_uint8_tensor(im))
+        return to_uint8_tensor(pipeline(im))
 
     return apply
 

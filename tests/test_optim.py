@@ -1,0 +1,54 @@
+import math
+
+import pytest
+import torch
+
+from fasttrain.config import OptimConfig, ScheduleConfig
+from fasttrain.optim import lr_factor, make_optimizer, make_scheduler
+
+
+def factors(cfg, spe=10, epochs=10):
+    total = spe * epochs
+    return [lr_factor(cfg, s, spe, total) for s in range(total)]
+
+
+def test_constant_with_warmup():
+    f = factors(ScheduleConfig(name="constant", warmup_epochs=1))
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(v == 1.0 for v in f[10:])
+
+
+def test_step_halves_every_n_epochs():
+    f = factors(ScheduleConfig(name="step", step_epochs=3, gamma=0.5))
+    assert f[29] == 1.0 and f[30] == 0.5 and f[60] == 0.25 and f[99] == 0.125
+
+
+def test_cosine_decays_to_min_ratio():
+    f = factors(ScheduleConfig(name="cosine", warmup_epochs=2, min_lr_ratio=0.1))
+    assert f[19] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[20:], f[21:]))  # monotone after warmup
+    assert f[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_onecycle_rises_then_falls():
+    f = factors(ScheduleConfig(name="onecycle", pct_start=0.25))
+    peak = max(range(len(f)), key=f.__getitem__)
+    assert 20 <= peak <= 26
+    assert f[0] == pytest.approx(1 / 25) and f[-1] < 1e-3
+    assert math.isclose(max(f), 1.0, rel_tol=1e-6)
+
+
+def test_scheduler_follows_factor_and_optimizers_split_decay():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    opt = make_optimizer(model, OptimConfig(name="sgd", lr=0.2, weight_decay=1e-3))
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-3, 0.0]
+    assert len(opt.param_groups[0]["params"]) == 1  # only the weight matrix decays
+    sched = make_scheduler(opt, ScheduleConfig(name="step", step_epochs=1, gamma=0.5), 2, 6)
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.2, 0.2, 0.1, 0.1, 0.05])
+    adamw = make_optimizer(model, OptimConfig(name="adamw", lr=1e-3, betas=[0.5, 0.999]))
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["betas"] == (0.5, 0.999)

@@ -1,0 +1,177 @@
+import json
+import logging
+
+import pytest
+import torch
+from PIL import Image
+
+from fasttrain.checkpoint import load_checkpoint
+from fasttrain.cli import main
+from fasttrain.config import Config, apply_overrides, load_config
+from fasttrain.engine import train
+
+
+def small_cfg(root, runs, *extra):
+    return apply_overrides(Config(), [
+        f"data.root={root}", "data.image_size=32", "data.resize_size=32", "data.random_resized_crop=false",
+        "data.loader=torch", "data.workers=0", "model.name=smallcnn", "model.width=16",
+        "optim.name=adamw", "optim.lr=0.005", "optim.weight_decay=0.01", "schedule.name=onecycle",
+        "train.epochs=3", "train.batch_size=32", "train.log_every=2", f"train.runs_dir={runs}",
+        "name=t", *extra])
+
+
+def weights(run_dir, which="last"):
+    return load_checkpoint(run_dir / "checkpoints" / f"{which}.pt")["state"]["modules"]["model"]
+
+
+@pytest.fixture(scope="module")
+def trained(shapes_root, tmp_path_factory):
+    return train(small_cfg(shapes_root, tmp_path_factory.mktemp("runs"), "train.epochs=8"), progress=False)
+
+
+def test_short_run_learns_and_writes_its_folder(trained, shapes_root):
+    result = trained
+    h = result.history
+    assert len(h) == 8
+    assert h[-1]["train_loss"] < h[0]["train_loss"] * 0.5  # the loss falls
+    assert result.best_value > 0.7  # 3 classes: chance is 0.33
+    d = result.run_dir
+    for f in ("config.toml", "environment.json", "metrics.jsonl", "train.log", "checkpoints/last.pt",
+              "checkpoints/best.pt"):
+        assert (d / f).is_file(), f
+    lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == list(range(1, 9))
+    assert {"train_loss", "val_loss", "val_acc", "samples_per_s", "lr"} <= set(lines[0])
+    resolved = load_config(d / "config.toml")
+    assert resolved.model.num_outputs == 3 and resolved.data.root == str(shapes_root)
+    ckpt = load_checkpoint(d / "checkpoints" / "best.pt")
+    assert ckpt["meta"]["class_names"] == ["circle", "square", "triangle"]
+    assert ckpt["config"]["train"]["epochs"] == 8
+    assert {"optimizers", "scalers", "schedulers", "epoch", "step"} <= set(ckpt["state"])
+    assert {"python", "numpy", "torch"} <= set(ckpt["rng"])
+
+
+def test_run_folders_are_never_reused(shapes_root, tmp_path):
+    cfg = small_cfg(shapes_root, tmp_path, "train.epochs=1", "train.run_name=same", "train.max_steps=1")
+    a = train(cfg, progress=False).run_dir
+    b = train(cfg, progress=False).run_dir
+    assert a.name == "same" and b.name == "same-2"
+    assert (a / "metrics.jsonl").read_text().count("\n") == 1  # the first run's files are untouched
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resumed_run_ends_with_the_same_weights(shapes_root, tmp_path, workers):
+    """Kill a run after epoch 2 of 3 (after its checkpoint), resume it: same final weights as one straight run."""
+    extra = (f"data.workers={workers}", "model.dropout=0.2", "train.accumulation=2", "optim.grad_clip=1.0")
+    straight = train(small_cfg(shapes_root, tmp_path / "a", *extra), progress=False)
+
+    def kill_after_two(state, record):
+        if record["epoch"] == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(small_cfg(shapes_root, tmp_path / "b", *extra), progress=False, on_epoch_end=kill_after_two)
+    (run_b,) = (tmp_path / "b").iterdir()
+    resumed = train(resume=run_b, progress=False)
+    assert resumed.run_dir == run_b
+    wa, wb = weights(straight.run_dir), weights(run_b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    assert resumed.history[-1]["val_loss"] == pytest.approx(straight.history[-1]["val_loss"], rel=1e-6)
+
+
+def test_resume_drops_metrics_written_after_the_checkpoint(shapes_root, tmp_path):
+    cfg = small_cfg(shapes_root, tmp_path, "train.checkpoint_every=2", "train.epochs=3", "train.max_steps=1")
+
+    def kill_after_three(state, record):
+        if record["epoch"] == 3:
+            raise Stop
+
+    # epoch 3 is the last, so it is checkpointed: kill at epoch 3 of a 4-epoch run instead
+    cfg = apply_overrides(cfg, ["train.epochs=4"])
+    with pytest.raises(Stop):
+        train(cfg, progress=False, on_epoch_end=kill_after_three)
+    (run,) = tmp_path.iterdir()
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["epoch"] == 2
+    result = train(resume=run, progress=False)
+    epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4]  # epoch 3 was trained again, recorded once
+    assert result.history[-1]["epoch"] == 4
+
+
+def _odd_modes(folder):
+    folder.mkdir(parents=True)
+    rgb = Image.new("RGB", (20, 16), (200, 30, 30))
+    rgb.convert("RGBA").save(folder / "rgba.png")
+    rgb.convert("P").save(folder / "palette.png")
+    p = rgb.convert("P")
+    p.info["transparency"] = 0
+    p.save(folder / "palette_t.png", transparency=0)
+    rgb.convert("L").save(folder / "gray.png")
+    rgb.convert("LA").save(folder / "gray_alpha.png")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    rgb.convert("1").save(folder / "bits.png")
+    Image.new("I;16", (20, 16), 40000).save(folder / "deep.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (folder / "empty.png").write_bytes(b"")
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_odd_image_modes_are_converted_and_bad_files_skipped(tmp_path, channels, caplog):
+    from fasttrain.data.transforms import load_image
+
+    _odd_modes(tmp_path / "train" / "a")
+    _odd_modes(tmp_path / "train" / "b")
+    for f in (tmp_path / "train" / "a").glob("*.png"):
+        if f.stat().st_size and f.name != "empty.png":
+            im = load_image(str(f), channels)
+            assert im.mode == ("RGB" if channels == 3 else "L")
+    assert load_image(str(tmp_path / "train" / "a" / "rgba.png"), 3).getpixel((0, 0)) == (200, 30, 30)
+    assert load_image(str(tmp_path / "train" / "a" / "deep.png"), 1).getpixel((0, 0)) == round(40000 * 255 / 65535)
+    mean = "[0.5]" if channels == 1 else "[0.5, 0.5, 0.5]"
+    cfg = small_cfg(tmp_path, tmp_path / "runs", f"data.channels={channels}", f"data.mean={mean}",
+                    f"data.std={mean}", "data.val_fraction=0.3", "train.epochs=1", "train.batch_size=4")
+    with caplog.at_level(logging.WARNING, logger="fasttrain"):
+        result = train(cfg, progress=False)
+    assert result.history[0]["train_loss"] > 0
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "broken.jpg" in warned or "empty.png" in warned  # bad files are named, and the run went on
+
+
+def test_predict_prints_class_and_probability(trained, shapes_root, tmp_path, capsys):
+    result = trained
+    imgs = sorted((shapes_root / "val" / "square").iterdir())[:3]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    code = main(["predict", str(result.run_dir / "checkpoints" / "best.pt"), *map(str, imgs), str(bad),
+                 "--device", "cpu"])
+    assert code == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 4
+    assert all("class=" in line and "probability=" in line for line in out[:3])
+    assert sum("class=square" in line for line in out[:3]) >= 2  # a trained model mostly gets it right
+    assert out[3].startswith(str(bad)) and "error" in out[3]
+
+
+def test_cli_reports_bad_settings_by_name(capsys, tmp_path):
+    assert main(["train", "--set", "optim.lr=-2", "--set", f"train.runs_dir={tmp_path}"]) == 2
+    assert "optim.lr: must be > 0" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "nope.toml")]) == 2
+    assert "nope.toml" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_real_digits_reach_high_accuracy(digits_root, tmp_path):
+    """scikit-learn's 8x8 digits (real data from ../shared/data): a small conv net clearly learns them."""
+    cfg = apply_overrides(Config(), [
+        f"data.root={digits_root}", "data.channels=1", "data.mean=[0.5]", "data.std=[0.5]", "data.image_size=8",
+        "data.resize_size=8", "data.random_resized_crop=false", "data.hflip=false", "data.loader=torch",
+        "data.workers=0", "model.name=smallcnn", "model.width=16", "optim.name=adamw", "optim.lr=0.005",
+        "optim.weight_decay=0.01", "train.epochs=6", "train.batch_size=64", f"train.runs_dir={tmp_path}"])
+    result = train(cfg, progress=False)
+    assert result.best_value > 0.85
+    assert result.test_metrics["test_acc"] > 0.85  # the held-out test/ split, evaluated at the end
