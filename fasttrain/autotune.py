@@ -477,12 +477,20 @@ class StepProbe:
         self.state.train(True)
         return self.state
 
-    def _run(self, b: int, eb: int):
+    def _run(self, b: int, eb: int) -> tuple[Any, int, dict[str, int | None]]:
+        """Warm-up (train steps, one eval step, one train step), then the timed train steps, then the eval step
+        and a train step again. Returns (timing, allocator retries after the warm-up, peak memory).
+
+        Retries are counted after the warm-up only: cuDNN's benchmark mode tries workspaces that may not fit
+        the cap on a new shape's first call, and the allocator counts the flush-and-retry before cuDNN skips
+        that algorithm; training sees that once too, and it is not a sign that the steady state is at the limit.
+        Peak memory spans the warm-up as well (the workspace cuDNN settles on stays reserved in training too).
+        """
         import torch
 
-        from fasttrain.bench import time_steps
+        from fasttrain.bench import peak_memory, time_steps
 
-        task = self.task
+        task, device = self.task, self.device
         state = self._ensure_state()
         spec = task.input_spec()
         batch = task.synthetic_batch(b, spec, train=True)
@@ -492,28 +500,41 @@ class StepProbe:
             task.train_step(state, batch, update=True)
             return b
 
-        timing = time_steps(step, warmup=self.warmup, steps=self.steps, repeats=self.repeats, device=self.device)
-        state.train(False)
-        with torch.no_grad():
-            task.eval_step(state, ebatch)
-        state.train(True)
-        task.train_step(state, batch, update=True)  # training resumes with eval-shaped blocks in the cache
+        def evaluate_once() -> None:
+            state.train(False)
+            with torch.no_grad():
+                task.eval_step(state, ebatch)
+            state.train(True)
+
+        for _ in range(max(1, self.warmup)):
+            step()
+        evaluate_once()
+        step()  # training resumes with eval-shaped blocks in the cache
         task.runtime.synchronize()
-        return timing
+        warm_peak = peak_memory(device)  # time_steps resets the peak: keep the warm-up's
+        retries0 = _alloc_retries(device)
+        timing = time_steps(step, warmup=0, steps=self.steps, repeats=self.repeats, device=device)
+        evaluate_once()
+        step()
+        task.runtime.synchronize()
+        mem = peak_memory(device)
+        for k in ("peak_allocated_bytes", "peak_reserved_bytes"):
+            if mem[k] is not None:
+                mem[k] = max(mem[k], warm_peak[k])
+        return timing, _alloc_retries(device) - retries0, mem
 
     def __call__(self, b: int, phase: str = "") -> Candidate:
-        from fasttrain.bench import peak_memory, reset_peak_memory
+        from fasttrain.bench import reset_peak_memory
 
         device = self.device
         eb = self.eval_batch(b)
         _free_device_memory(device)  # each size starts from an empty cache: retries are its own
-        retries0 = _alloc_retries(device)
         reset_peak_memory(device)
         t0 = time.perf_counter()
         oom = ""
-        timing = None
+        result = None
         try:
-            timing = self._run(b, eb)
+            result = self._run(b, eb)
         except Exception as e:  # noqa: BLE001 - classified below, everything but OOM re-raised
             if not is_oom_error(e):
                 raise
@@ -523,10 +544,8 @@ class StepProbe:
             self.state = None
             _free_device_memory(device)
             log.info("batch %d: %s", b, oom)
-            return Candidate(b, False, eval_batch_size=eb, phase=phase, error=oom,
-                             seconds=time.perf_counter() - t0, alloc_retries=_alloc_retries(device) - retries0)
-        retries = _alloc_retries(device) - retries0
-        mem = peak_memory(device)
+            return Candidate(b, False, eval_batch_size=eb, phase=phase, error=oom, seconds=time.perf_counter() - t0)
+        timing, retries, mem = result
         c = Candidate(
             batch_size=b,
             fits=retries == 0,
@@ -538,7 +557,7 @@ class StepProbe:
             alloc_retries=retries,
             eval_batch_size=eb,
             phase=phase,
-            error="" if retries == 0 else f"needed {retries} allocator retries (fragmentation at the limit)",
+            error="" if retries == 0 else f"needed {retries} allocator retries in the steady state (at the limit)",
             seconds=time.perf_counter() - t0,
             spread=timing.spread,
         )
@@ -903,7 +922,7 @@ def _write_outputs(cfg: Config, report: AutotuneReport, out_dir: Path | None, pl
                    loader_setting: dict[str, Any]) -> None:
     out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    if plan is not None:
+    if plan is not None and report.ok:  # never hand out a config that is known not to fit
         new_cfg, report.tuned_values = tuned_config(cfg, plan, loader_setting)
         report.files["config"] = str(_write_text_new(out / f"{cfg.name}.tuned.toml", _tuned_toml(new_cfg, report)))
     if report.candidates:
@@ -959,7 +978,7 @@ def _load_cached(path: Path, fields: dict[str, Any]) -> AutotuneReport | None:
 
 
 def autotune(cfg: Config, *, memory_budget_gib: float | None = None, out_dir: str | os.PathLike | None = None,
-             verify: bool = True, use_cache: bool = True, progress: bool = True) -> AutotuneReport:
+             verify: bool = True, use_cache: bool = True) -> AutotuneReport:
     """Find the batch size with the best train-step samples/s that fits the budget, the cheapest loader
     settings that keep up, verify them, and write a tuned config (table, JSON, PNG) into ``out_dir``
     (default: ``train.runs_dir/autotune-<name>-<time>``). The input config file is never touched.
@@ -985,15 +1004,17 @@ def autotune(cfg: Config, *, memory_budget_gib: float | None = None, out_dir: st
             report.cached, report.cache_path, report.files, report.notes = True, str(cache_path), {}, list(report.notes)
             plan = BatchPlan(**report.plan) if report.plan else None
             setting = report.loader["setting"] if report.loader else {}
+            report.elapsed_s = time.perf_counter() - t_start  # before the files, so the JSON holds it
             _write_outputs(cfg, report, out_dir, plan, setting)
             report.elapsed_s = time.perf_counter() - t_start
             log.info("autotune: answered from the cache %s", cache_path)
             return report
 
-    report = _tune(cfg, runtime, budget_gib, verify=verify, progress=progress)
+    report = _tune(cfg, runtime, budget_gib, verify=verify)
     report.environment = environment()
     plan = BatchPlan(**report.plan) if report.plan else None
     setting = report.loader["setting"] if report.loader else {}
+    report.elapsed_s = time.perf_counter() - t_start
     _write_outputs(cfg, report, out_dir, plan, setting)
     report.elapsed_s = time.perf_counter() - t_start
     if report.ok:
@@ -1005,7 +1026,7 @@ def autotune(cfg: Config, *, memory_budget_gib: float | None = None, out_dir: st
     return report
 
 
-def _tune(cfg: Config, runtime, budget_gib: float, *, verify: bool, progress: bool) -> AutotuneReport:
+def _tune(cfg: Config, runtime, budget_gib: float, *, verify: bool) -> AutotuneReport:
     from fasttrain.engine import prepare
     from fasttrain.models import is_conv_model
     from fasttrain.runtime import Runtime, seed_everything
@@ -1060,25 +1081,41 @@ def _tune(cfg: Config, runtime, budget_gib: float, *, verify: bool, progress: bo
             if compiled_batch is None:
                 report.error = "the compiled step does not fit at any usable batch size tried"
                 return report
+            if compiled_batch != result.chosen:
+                report.notes.append(f"chosen batch lowered from {result.chosen} to {compiled_batch}: the compiled "
+                                    f"step did not fit at the larger size")
             chosen = compiled_batch
         else:
             report.probe_mode = "runtime.compile is off: the eager probes are the step training runs"
             chosen = result.chosen
-        plan = plan_batches(pcfg.train.batch_size, chosen, multiple=tune.multiple, max_usable=result.max_usable)
-        report.plan = dataclasses.asdict(plan)
+        report.chosen_batch = chosen
+        max_usable = result.max_usable if chosen == result.chosen else chosen
         resident = None  # the loader trials and the verification build the real cache
         _free_device_memory(device)
         step_c = report.compiled if report.compiled is not None else result.by_size()[chosen]
-        step_sps = step_c.samples_per_s
-        report.loader = tune_loader(pcfg, runtime, source, backend, plan.micro_batch, step_sps,
+        plan = plan_batches(pcfg.train.batch_size, chosen, multiple=tune.multiple, max_usable=max_usable)
+        report.plan = dataclasses.asdict(plan)
+        report.loader = tune_loader(pcfg, runtime, source, backend, plan.micro_batch, step_c.samples_per_s,
                                     warmup_steps=tune.warmup_steps, measure_steps=tune.measure_steps)
-        if verify and tune.verify_steps > 0:
+        if not (verify and tune.verify_steps > 0):
+            report.notes.append("verification skipped (--no-verify or tune.verify_steps = 0)")
+            return report
+        for attempt in range(2):
             tuned, _ = tuned_config(pcfg, plan, report.loader["setting"])
             report.verify, state = _verify(tuned, prep, state, plan, tune.verify_steps, budget)
-            if not report.verify["ok"]:
-                report.error = f"verification failed: {report.verify['error']}"
-        elif not verify or tune.verify_steps == 0:
-            report.notes.append("verification skipped (--no-verify or tune.verify_steps = 0)")
+            if report.verify["ok"]:
+                report.error = ""
+                break
+            report.error = f"verification failed: {report.verify['error']}"
+            smaller = [c for c in result.candidates if c.usable and c.batch_size < plan.micro_batch]
+            if attempt == 1 or not smaller:
+                break
+            chosen, _best = choose_batch(smaller, tune.noise)
+            report.notes.append(f"verification at micro-batch {plan.micro_batch} ran out of memory "
+                                f"({report.verify['error']}); trying {chosen}")
+            report.chosen_batch = chosen
+            plan = plan_batches(pcfg.train.batch_size, chosen, multiple=tune.multiple, max_usable=chosen)
+            report.plan = dataclasses.asdict(plan)
         return report
     finally:
         state = probe = resident = None  # noqa: F841 - drop the last references before handing memory back
@@ -1106,7 +1143,7 @@ def _hold_resident_dataset(cfg: Config, source, backend: str, device, budget: Bu
 def _compiled_check(report: AutotuneReport, result: SearchResult, prep, budget: Budget,
                     eval_batch: Callable[[int], int]):
     """Compile once and run the chosen size as training will; if it does not fit, the next usable size down
-    (by samples/s), at most twice. Returns (state, batch) or (None, None)."""
+    (the next smaller probed size that was usable), at most twice. Returns (state, batch) or (None, None)."""
     tune = prep.cfg.tune
     probe = StepProbe(prep.task, budget=budget, warmup=max(tune.warmup_steps, 3), measure_steps=tune.measure_steps,
                       eval_batch=eval_batch)
@@ -1212,7 +1249,6 @@ def _verify(tuned: Config, prep, state, plan: BatchPlan, steps: int, budget: Bud
 def run_cli(cfg: Config, args) -> int:
     """``fasttrain autotune``: run, print the table; 0 when a verified choice was written, 1 otherwise."""
     report = autotune(cfg, memory_budget_gib=getattr(args, "memory_budget", None), out_dir=getattr(args, "out", None),
-                      verify=not getattr(args, "no_verify", False), use_cache=not getattr(args, "no_cache", False),
-                      progress=not getattr(args, "quiet", False))
+                      verify=not getattr(args, "no_verify", False), use_cache=not getattr(args, "no_cache", False))
     print(report.to_table())
     return 0 if report.ok else 1
