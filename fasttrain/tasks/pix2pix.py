@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -47,19 +48,21 @@ SAMPLES = 4
 """Rows in a sample grid (input | output | target)."""
 
 
-def load_pair(path: str, target: str, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) as uint8 C x H x W: two files, or the left and right halves of one (target == SIDE_BY_SIDE)."""
-    a = to_uint8_tensor(load_image(path, channels))
+def load_pair(path: str, target: str, channels: int) -> tuple[Image.Image, Image.Image]:
+    """(A, B): two files, or the left and right halves of one (target == SIDE_BY_SIDE)."""
+    a = load_image(path, channels)
     if target == SIDE_BY_SIDE:
-        w = a.shape[-1] // 2
+        w, h = a.size[0] // 2, a.size[1]
         if w < 1:
-            raise ValueError(f"side-by-side image is {a.shape[-1]} px wide, too narrow to split")
-        return a[..., :w], a[..., w:2 * w]
-    return a, to_uint8_tensor(load_image(target, channels))
+            raise ValueError(f"side-by-side image is {a.size[0]} px wide, too narrow to split")
+        return a.crop((0, 0, w, h)), a.crop((w, 0, 2 * w, h))
+    return a, load_image(target, channels)
 
 
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    return TF.resize(x, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+def _resize(im: Image.Image, size: int) -> torch.Tensor:
+    """-> uint8 C x size x size; resized by Pillow (faster than torch on the CPU), bilinear."""
+    im = TF.resize(im, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    return to_uint8_tensor(im)
 
 
 class PairDataset(Dataset):
@@ -268,13 +271,13 @@ class Pix2PixTask(Task):
         records = []
         for path in paths:
             try:
-                a = to_uint8_tensor(load_image(path, self.cfg.data.channels))
+                a = load_image(path, self.cfg.data.channels)
             except DECODE_ERRORS as e:
                 records.append({"image": path, "error": f"cannot read image: {e}"})
                 continue
             with torch.no_grad(), self.runtime.autocast():
                 fake = gen(normalize_on_device(_resize(a, self.cfg.data.image_size)[None], spec))
-            img = TF.resize(_to_image(fake[0]), list(a.shape[-2:]), antialias=True).clamp(0, 1)
+            img = TF.resize(_to_image(fake[0]), [a.size[1], a.size[0]], antialias=True).clamp(0, 1)
             dest = out_dir / f"{Path(path).stem}_pix2pix.png"
             n = 1
             while dest.exists():

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -36,9 +37,10 @@ log = logging.getLogger(__name__)
 __all__ = ["RegressTask", "RegressDataset", "target_range", "resize_square"]
 
 
-def resize_square(x: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 C x H x W -> C x size x size (bilinear, antialiased): the whole image, aspect not kept."""
-    return TF.resize(x, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+def resize_square(im: Image.Image, size: int) -> torch.Tensor:
+    """The whole image (aspect not kept) -> uint8 C x size x size, bilinear; resized by Pillow, faster on CPU."""
+    im = TF.resize(im, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    return to_uint8_tensor(im)
 
 
 def target_range(targets: list[list[float]]) -> tuple[list[float], list[float]]:
@@ -71,7 +73,7 @@ class RegressDataset(Dataset):
         except DECODE_ERRORS as e:
             log.warning("skipping unreadable image %s: %s", path, e)
             return None
-        x = resize_square(to_uint8_tensor(im), self.size)
+        x = resize_square(im, self.size)
         t = (torch.tensor(self.split.targets[index], dtype=torch.float32) - self.low) / self.span
         return x, torch.cat([t, torch.tensor(im.size, dtype=torch.float32)])
 
@@ -181,7 +183,7 @@ class RegressTask(Task):
             except DECODE_ERRORS as e:
                 records.append({"image": path, "error": f"cannot read image: {e}"})
                 continue
-            x = resize_square(to_uint8_tensor(im), self.cfg.data.image_size)
+            x = resize_square(im, self.cfg.data.image_size)
             with torch.no_grad(), self.runtime.autocast():
                 out = model(normalize_on_device(x[None], spec))
             desc = self.describe_prediction(out[0].float().cpu(), {**meta, "image_size": im.size})
