@@ -15,6 +15,7 @@ cost memory quadratically, and datasets small enough for this cache are usually 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -23,15 +24,12 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
-
 from fasttrain.config import DataConfig
 from fasttrain.data.base import Batch, InputSpec, normalize_on_device
 from fasttrain.data.dali import targets_tensor
 from fasttrain.data.sources import Split
 from fasttrain.data.torch_loader import DECODE_ERRORS, EpochSampler, sample_seed
-from fasttrain.data.transforms import eval_transform, load_image, to_uint8_tensor
+from fasttrain.data.transforms import eval_transform, load_image
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +75,6 @@ def cache_fits(num_images: int, data: DataConfig, device: torch.device | str | N
     return fits, why
 
 
-def _square_canvas(size: int) -> Callable:
-    """Shorter side to ``size`` (bilinear, antialiased), centre crop ``size``: the training canvas."""
-
-    def apply(im) -> torch.Tensor:
-        x = TF.resize(to_uint8_tensor(im), [size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-        return TF.center_crop(x, [size, size])
-
-    return apply
-
-
 def random_resized_crop_theta(n: int, scale_min: float, flip: bool, generator: torch.Generator,
                               device: torch.device) -> torch.Tensor:
     """n x 2 x 3 ``affine_grid`` matrices: torchvision's random-resized-crop (area scale_min..1, log-uniform
@@ -128,7 +116,8 @@ class GpuCacheLoader:
         self.batch_size = batch_size
         self.rrc = train and data.random_resized_crop
         self.flip = train and data.hflip
-        transform = _square_canvas(data.image_size) if self.rrc else eval_transform(data)
+        # The random-resized-crop canvas is the eval transform with the shorter side resized to image_size.
+        transform = eval_transform(dataclasses.replace(data, resize_size=data.image_size) if self.rrc else data)
         images, keep = _decode_all(split.paths, transform, data, threads=max(1, data.num_workers))
         if not keep:
             raise ValueError(f"GpuCacheLoader: no readable images in the {split.name} split ({len(split)} files)")
@@ -190,15 +179,9 @@ def _decode_all(paths: list[str], transform: Callable, data: DataConfig, threads
             return f"{type(e).__name__}: {e}"
         return None
 
-    # PIL decode and torch's resize release the GIL, so threads scale; each torch op runs single-threaded here
-    # so N threads do not each start an intra-op pool of every core.
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=min(threads, max(1, n))) as pool:
-            reasons = list(pool.map(decode, range(n), chunksize=16))
-    finally:
-        torch.set_num_threads(torch_threads)
+    # Pillow releases the GIL while it decodes and resizes, so threads scale.
+    with ThreadPoolExecutor(max_workers=min(threads, max(1, n))) as pool:
+        reasons = list(pool.map(decode, range(n), chunksize=16))
     keep = [i for i, why in enumerate(reasons) if why is None]
     for i, why in enumerate(reasons):
         if why is not None:
