@@ -200,6 +200,22 @@ def test_training_drops_the_partial_batch_and_reshuffles_reproducibly(mixed):
 
 
 @needs_dali
+def test_long_file_lists_go_through_a_temporary_file_list(mixed, monkeypatch, tmp_path):
+    from fasttrain.data import dali
+
+    monkeypatch.setattr(dali, "_FILES_ARGUMENT_MAX", 0)
+    monkeypatch.setattr(dali.tempfile, "tempdir", str(tmp_path))
+    data = DataConfig(image_size=16)
+    val = DaliLoader(split_of(mixed), data, spec_for(data), batch_size=5, train=False, seed=0)
+    assert epoch(val)[1].tolist() == list(range(23))
+    train = DaliLoader(split_of(mixed), data, spec_for(data), batch_size=5, train=True, seed=2)
+    sampler = EpochSampler(23, batch_size=5, shuffle=True, seed=2, drop_last=True)
+    sampler.epoch = 3
+    assert epoch(train, 3)[1].tolist() == sampler.indices()
+    assert list(tmp_path.iterdir()) == []  # each list is removed once the reader has parsed it
+
+
+@needs_dali
 @pytest.mark.parametrize("train", [False, True])
 def test_shards_are_disjoint_and_cover_the_split(mixed, train):
     data = DataConfig(image_size=16)

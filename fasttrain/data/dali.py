@@ -14,9 +14,11 @@ only when a loader is built.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
 
@@ -34,6 +36,7 @@ __all__ = ["dali_status", "DaliLoader", "sniff_image_format", "check_image_file"
 # nvJPEG's scratch buffers, sized as NVIDIA's ResNet-50 example does, so they are not regrown mid-epoch.
 _DEVICE_MEMORY_PADDING = 211_025_920
 _HOST_MEMORY_PADDING = 140_544_512
+_FILES_ARGUMENT_MAX = 50_000  # longer file lists reach the reader through a temporary file_list
 
 
 @functools.lru_cache(maxsize=1)
@@ -131,6 +134,22 @@ def targets_tensor(targets: Sequence[Any]) -> torch.Tensor:
     if t.dtype == torch.bool or t.dtype.is_complex:
         raise ValueError(f"unsupported target dtype {t.dtype}")
     return t.long()
+
+
+@contextlib.contextmanager
+def _reader_file_source(files: list[str], labels: list[int]) -> Iterator[dict[str, Any]]:
+    """``fn.readers.file`` arguments for this file order: ``files``/``labels``, or for long lists a temporary
+    ``file_list`` (1.28 M paths: 2.8 s to pass as an argument, 0.5 s to write and parse as a file, per epoch)."""
+    if len(files) <= _FILES_ARGUMENT_MAX or any("\n" in f or f != f.rstrip() for f in files):
+        yield dict(files=files, labels=labels)  # names a file_list cannot carry stay an argument
+        return
+    fd, path = tempfile.mkstemp(prefix="fasttrain-dali-", suffix=".txt")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(f"{p} {i}\n" for p, i in zip(files, labels)))
+        yield dict(file_list=path)
+    finally:
+        os.unlink(path)
 
 
 def _torchvision_eval_geometry(encoded, resize: int, crop: int):
@@ -254,11 +273,12 @@ class DaliLoader:
         files = [self._paths[i] for i in order]
         # DALI seeds are 32-bit; one per (seed, epoch, shard) keeps augmentation reproducible and shards distinct.
         pipe_seed = sample_seed(self.seed, epoch, -1 - self.shard_id) % (2**31 - 1)
-        self._pipe = self._define(files, order, pipe_seed)
-        self._pipe.build()
+        with _reader_file_source(files, order) as source:
+            self._pipe = self._define(source, pipe_seed)
+            self._pipe.build()  # the reader parses a file_list here, so the file can go right after
         self._pipe_epoch, self._pipe_fresh = epoch, True
 
-    def _define(self, files: list[str], labels: list[int], seed: int):
+    def _define(self, source: dict[str, Any], seed: int):
         from nvidia.dali import fn, types
         from nvidia.dali.pipeline import Pipeline
 
@@ -269,8 +289,7 @@ class DaliLoader:
         with pipe:
             # Labels are positions in self._paths; the real targets (ints or float vectors) are gathered on
             # the device. pad_last_batch repeats the last sample so an epoch ends on a batch boundary.
-            encoded, index = fn.readers.file(files=files, labels=labels, name="reader", pad_last_batch=True,
-                                             random_shuffle=False)
+            encoded, index = fn.readers.file(**source, name="reader", pad_last_batch=True, random_shuffle=False)
             # adjust_orientation=False: PIL (the torch backend) ignores EXIF rotation too, so both see the same pixels.
             decode: dict[str, Any] = dict(device="mixed" if gpu else "cpu", adjust_orientation=False,
                                           output_type=types.RGB if d.channels == 3 else types.GRAY)
