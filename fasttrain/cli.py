@@ -40,7 +40,6 @@ def _setup_logging(verbosity: int) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
     log.handlers[:] = [handler]
     log.setLevel(level)
-    log.propagate = False
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
