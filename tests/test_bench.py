@@ -238,8 +238,10 @@ def test_bench_on_a_tiny_cpu_config(tmp_path):
     assert report.backend == "torch" and report.batch_size == 8 and report.model == "smallcnn"
     for t in (report.loader, report.model_step, report.end_to_end):
         assert t.samples_per_s > 0 and t.repeats == 2 and t.steps == 3 and t.samples == 24
-    assert report.verdict in ("input-bound", "compute-bound")
-    assert 0 < report.ceiling_share < 5  # end to end can beat a noisy ceiling a little on 2 shared cores
+    # Figures from a shared 2-core machine are too noisy to bound; check the report's arithmetic instead.
+    expected = "input-bound" if report.loader.samples_per_s < report.model_step.samples_per_s else "compute-bound"
+    assert report.verdict == expected
+    assert report.ceiling_share == pytest.approx(report.end_to_end.samples_per_s / report.model_step.samples_per_s)
     assert report.environment["torch"] == torch.__version__
     assert json.loads((tmp_path / "bench.json").read_text())["verdict"] == report.verdict
     assert "end to end" in report.to_table()
