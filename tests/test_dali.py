@@ -28,8 +28,9 @@ needs_dali = pytest.mark.skipif(not dali_status()[0], reason=dali_status()[1])
 
 # One grey level is 1 / (255 * std) ~ 0.017 on the normalized scale. Both backends decode JPEGs with
 # libjpeg-turbo and the geometry is torchvision's to the pixel, so what differs is the resampling arithmetic
-# (DALI's antialiased linear filter vs torch's, each rounding to uint8): measured 0.002-0.006 mean per
-# image, a few levels at single pixels. A one-pixel crop offset would already cost ~0.1-0.3.
+# (DALI's antialiased linear filter vs Pillow's, which the torch path uses, each rounding to uint8) and the
+# RGB->gray rounding: measured 0.002-0.006 mean per image, a few levels at single pixels. A one-pixel crop
+# offset would already cost ~0.1-0.3.
 PARITY_MEAN_ABS = 0.02  # per image, normalized scale (~1 grey level)
 PARITY_MAX_ABS = 0.5  # any single value (~8 grey levels: rounding of gray conversion / resampling at edges)
 
