@@ -268,6 +268,9 @@ class TrainConfig:
     """Run folder name; empty means <config name>-<date>-<time>. An existing folder is never reused."""
     checkpoint_every: int = 1
     """Write the `last` checkpoint every N epochs (and always at the end)."""
+    checkpoint_every_steps: int = 0
+    """Also write `last` every N optimizer steps inside an epoch (0 = off); a resumed run continues from that
+    step. For long epochs, so a killed run loses minutes, not an epoch."""
     best_metric: str = ""
     """Validation metric that selects the `best` checkpoint (e.g. val_acc, val_loss); empty = the task's default."""
     log_every: int = 50
@@ -286,6 +289,7 @@ class TrainConfig:
         _check(self.eval_batch_size >= 0, "train.eval_batch_size", "must be >= 0")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
+        _check(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")

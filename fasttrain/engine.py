@@ -217,8 +217,9 @@ def _train(prep: Prepared, run_dir: Path, ckpt: dict | None, progress: bool,
     state.schedulers = {k: make_scheduler(o, cfg.schedule, steps_per_epoch, total_steps)
                         for k, o in state.optimizers.items()}
     best_metric = tc.best_metric or task.best_metric
-    best_mode = "max" if "acc" in best_metric else ("min" if tc.best_metric else task.best_mode)
+    best_mode = task.best_mode if best_metric == task.best_metric else _direction(best_metric)
     best_value = None
+    resume_micro = 0  # micro-batches of the current epoch already trained (a mid-epoch checkpoint)
     metrics_path = run_dir / "metrics.jsonl"
     ckpt_dir = run_dir / "checkpoints"
     history: list[dict[str, Any]] = []
@@ -230,19 +231,30 @@ def _train(prep: Prepared, run_dir: Path, ckpt: dict | None, progress: bool,
         state.load_state_dict(ckpt["state"])
         set_rng_state(ckpt["rng"])
         best_value = ckpt.get("best_value")
+        position = ckpt.get("position")
+        if position and position["epoch"] == state.epoch:
+            resume_micro = int(position["micro"])
         _trim_metrics(metrics_path, state.epoch)
         if metrics_path.is_file():
             history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-        log.info("resumed from %s at epoch %d, step %d", ckpt_dir / "last.pt", state.epoch, state.step)
+        log.info("resumed from %s at epoch %d, step %d%s", ckpt_dir / "last.pt", state.epoch, state.step,
+                 f" ({resume_micro} batches into epoch {state.epoch + 1})" if resume_micro else "")
 
-    def payload() -> dict[str, Any]:
+    def payload(position: dict[str, int] | None = None) -> dict[str, Any]:
+        """``position``: where inside an unfinished epoch a mid-epoch checkpoint was taken."""
         return {"state": state.state_dict(), "rng": rng_state(), "config": config_to_dict(cfg),
-                "meta": task.checkpoint_meta(), "best_metric": best_metric, "best_value": best_value}
+                "meta": task.checkpoint_meta(), "best_metric": best_metric, "best_value": best_value,
+                "position": position}
+
+    def checkpoint_mid_epoch(epoch: int, micro: int) -> None:
+        save_checkpoint(ckpt_dir / "last.pt", payload({"epoch": epoch, "micro": micro}))
 
     state.train(True)
     try:
         for epoch in range(state.epoch, tc.epochs):
-            record = _train_epoch(task, state, train_loader, epoch, steps_per_epoch, prep, run_dir, progress)
+            record = _train_epoch(task, state, train_loader, epoch, steps_per_epoch, prep, run_dir, progress,
+                                  start_micro=resume_micro, checkpoint=checkpoint_mid_epoch)
+            resume_micro = 0
             last = epoch + 1 == tc.epochs
             if val_loader is not None and ((epoch + 1) % tc.eval_every == 0 or last):
                 record.update({f"val_{k}": v for k, v in _timed_eval(task, state, val_loader, record).items()})
@@ -285,21 +297,35 @@ def _timed_eval(task: Task, state: TrainState, loader: Loader, record: dict) -> 
     return out
 
 
+def _epoch_batches(loader: Loader, epoch: int, skip: int):
+    """The epoch's batches, starting ``skip`` batches in (loaders that can skip without decoding do so)."""
+    loader.set_epoch(epoch)
+    if skip and hasattr(loader, "skip_batches"):
+        loader.skip_batches(skip)
+        return iter(loader)
+    it = iter(loader)
+    for _ in range(skip):  # draw and drop: keeps a loader's own random stream where a full pass has it
+        next(it)
+    return it
+
+
 def _train_epoch(task: Task, state: TrainState, loader: Loader, epoch: int, steps_per_epoch: int,
-                 prep: Prepared, run_dir: Path, progress: bool) -> dict[str, Any]:
+                 prep: Prepared, run_dir: Path, progress: bool, *, start_micro: int = 0,
+                 checkpoint: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     cfg, runtime = prep.cfg, prep.runtime
     tc = cfg.train
     accum = tc.accumulation
-    loader.set_epoch(epoch)
     micro_total = steps_per_epoch * accum
-    bar = tqdm(total=micro_total * tc.micro_batch, unit="img", unit_scale=False, dynamic_ncols=True,
-               desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress, leave=False, mininterval=0.5)
+    bar = tqdm(total=micro_total * tc.micro_batch, initial=start_micro * tc.micro_batch, unit="img",
+               unit_scale=False, dynamic_ncols=True, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress,
+               leave=False, mininterval=0.5)
     epoch_sums: dict[str, torch.Tensor] = {}  # sums of per-step means, on the device
     window: dict[str, torch.Tensor] = {}
-    n_micro = n_window = n_summed = samples = 0
+    n_micro, n_window, n_summed, samples = start_micro, 0, 0, 0
+    every = tc.checkpoint_every_steps
     runtime.synchronize()
     t0 = time.perf_counter()
-    for batch in loader:
+    for batch in _epoch_batches(loader, epoch, start_micro):
         update = (n_micro + 1) % accum == 0
         metrics = task.train_step(state, batch, update=update, loss_scale=1.0 / accum)
         _add_sums(window, metrics)
@@ -319,6 +345,8 @@ def _train_epoch(task: Task, state: TrainState, loader: Loader, epoch: int, step
                 _add_sums(epoch_sums, window)
                 n_summed += n_window
                 window, n_window = {}, 0
+            if every and checkpoint is not None and state.step % every == 0 and n_micro < micro_total:
+                checkpoint(epoch, n_micro)
         if n_micro >= micro_total:
             break
     _add_sums(epoch_sums, window)
@@ -337,6 +365,11 @@ def _train_epoch(task: Task, state: TrainState, loader: Loader, epoch: int, step
     if runtime.is_cuda:
         record["max_memory_gib"] = round(torch.cuda.max_memory_allocated(runtime.device) / 2**30, 3)
     return record
+
+
+def _direction(metric: str) -> str:
+    """Whether a higher (accuracy, PSNR) or lower (losses, errors) value of a metric is better."""
+    return "max" if any(k in metric for k in ("acc", "psnr")) else "min"
 
 
 def _fmt_metrics(m: dict[str, Any]) -> str:

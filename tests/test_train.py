@@ -175,3 +175,34 @@ def test_real_digits_reach_high_accuracy(digits_root, tmp_path):
     result = train(cfg, progress=False)
     assert result.best_value > 0.85
     assert result.test_metrics["test_acc"] > 0.85  # the held-out test/ split, evaluated at the end
+
+
+@pytest.mark.parametrize("loader", ["torch", "cache"])
+def test_killed_mid_epoch_resumes_from_the_step_checkpoint(shapes_root, tmp_path, monkeypatch, loader):
+    """checkpoint_every_steps: a run killed inside an epoch loses only the steps since its last checkpoint
+    and, resumed, ends with the same weights as an uninterrupted run. The torch loader skips the trained
+    batches without decoding them; the cache loader draws and drops them (keeping its random stream)."""
+    from fasttrain.tasks.classify import ClassifyTask
+
+    extra = ("train.epochs=2", "train.checkpoint_every_steps=3", "model.dropout=0.2",
+             "data.random_resized_crop=true", f"data.loader={loader}")
+    straight = train(small_cfg(shapes_root, tmp_path / "a", *extra), progress=False)
+    steps_per_epoch = straight.history[0]["step"]
+    assert steps_per_epoch > 8
+
+    def die_at_step_8(self, state, batch, run_dir):
+        if state.step == 8:
+            raise Stop
+
+    with monkeypatch.context() as m:
+        m.setattr(ClassifyTask, "on_step_end", die_at_step_8)
+        with pytest.raises(Stop):
+            train(small_cfg(shapes_root, tmp_path / "b", *extra), progress=False)
+    (run,) = (tmp_path / "b").iterdir()
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert ckpt["state"]["step"] == 6 and ckpt["position"] == {"epoch": 0, "micro": 6}
+    assert not (run / "metrics.jsonl").exists()  # no epoch finished
+    resumed = train(resume=run, progress=False)
+    wa, wb = weights(straight.run_dir), weights(run)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [r["step"] for r in resumed.history] == [r["step"] for r in straight.history]

@@ -47,6 +47,8 @@ class EpochSampler(Sampler):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.drop_last, self.num_shards, self.shard_id = drop_last, num_shards, shard_id
         self.epoch = 0
+        self.start = 0
+        """Samples of the epoch to leave out of the next iteration only (resuming mid-epoch)."""
 
     def indices(self) -> list[int]:
         if self.shuffle:
@@ -60,8 +62,8 @@ class EpochSampler(Sampler):
         return order
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
-        return iter([(i, epoch) for i in self.indices()])
+        epoch, start, self.start = self.epoch, self.start, 0
+        return iter([(i, epoch) for i in self.indices()[start:]])
 
     def __len__(self) -> int:
         per_shard = len(range(self.shard_id, self.n, self.num_shards))
@@ -145,6 +147,11 @@ class TorchLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch = epoch
+
+    def skip_batches(self, n: int) -> None:
+        """Start the next iteration ``n`` batches into the epoch without decoding them (resume mid-epoch).
+        Augmentation is seeded per sample, so the batches after the skip are the ones a full pass yields."""
+        self.sampler.start = n * self.batch_size
 
     def __iter__(self) -> Iterator[Batch]:
         batches = (b for b in self.loader if b is not None)
