@@ -1,5 +1,6 @@
 import json
 import logging
+import math
 
 import pytest
 import torch
@@ -206,3 +207,22 @@ def test_killed_mid_epoch_resumes_from_the_step_checkpoint(shapes_root, tmp_path
     wa, wb = weights(straight.run_dir), weights(run)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert [r["step"] for r in resumed.history] == [r["step"] for r in straight.history]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loader", ["torch", "cache", "dali"])
+def test_cuda_run_with_amp_channels_last_compile(shapes_root, tmp_path, loader):
+    """On a GPU the defaults turn on bf16/fp16 autocast, channels_last and torch.compile, for every backend."""
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    cfg = small_cfg(shapes_root, tmp_path, "runtime.device=cuda", "runtime.compile=auto", f"data.loader={loader}",
+                    "train.epochs=2", "data.workers=2")
+    result = train(cfg, progress=False)
+    assert result.backend == loader
+    env = json.loads((result.run_dir / "environment.json").read_text())
+    assert env["gpu"] and env["cuda"]
+    rec = result.history[-1]
+    assert rec["max_memory_gib"] > 0 and rec["samples_per_s"] > 0
+    assert math.isfinite(rec["train_loss"]) and rec["train_loss"] < result.history[0]["train_loss"] * 1.5
+    state = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")["state"]["modules"]["model"]
+    assert not any(k.startswith("_orig_mod.") for k in state)  # the uncompiled module is what is saved
