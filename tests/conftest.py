@@ -38,6 +38,12 @@ def extract_shared(name: str, dest: Path, members_filter=None) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shared_extractor():
+    """:func:`extract_shared` for tests (importing ``conftest`` clashes with benchmarks/conftest.py)."""
+    return extract_shared
+
+
+@pytest.fixture(scope="session")
 def shared_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("shared")
 

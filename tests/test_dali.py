@@ -159,10 +159,8 @@ def test_eval_output_matches_the_torch_path(mixed, channels, channels_last):
 
 
 @needs_dali
-def test_eval_matches_the_torch_path_on_imagenette(tmp_path_factory):
-    from conftest import extract_shared
-
-    root = extract_shared("imagenette224", tmp_path_factory.mktemp("imagenette-subset"),
+def test_eval_matches_the_torch_path_on_imagenette(tmp_path_factory, shared_extractor):
+    root = shared_extractor("imagenette224", tmp_path_factory.mktemp("imagenette-subset"),
                           members_filter=lambda name: "/val/n03888257/" in name)
     paths = sorted(str(p) for p in root.rglob("*.JPEG"))[:64]
     data = DataConfig(image_size=64)  # 224 -> 73 -> 64: real photos, downscaled, odd margins
