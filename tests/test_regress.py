@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fasttrain.checkpoint import load_checkpoint
-from fasttrain.config import Config, ConfigError, DataConfig, apply_overrides
-from fasttrain.data.sources import Split, discover
+from fasttrain.config import Config, ConfigError, apply_overrides
+from fasttrain.data.sources import discover
 from fasttrain.data.synthetic import make_drawing_dataset
 from fasttrain.engine import train
 from fasttrain.predict import predict

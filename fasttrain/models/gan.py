@@ -43,7 +43,7 @@ class UnetBlock(nn.Module):
         super().__init__()
         self.outermost = outermost
         in_channels = outer if in_channels is None else in_channels
-        # BatchNorm follows every conv but the first and last, so those carry biases and the others do not.
+        # As in the reference, only the outermost convs carry biases (BatchNorm's shift replaces the others').
         down_conv = nn.Conv2d(in_channels, inner, 4, stride=2, padding=1, bias=outermost)
         if outermost:
             up = nn.ConvTranspose2d(inner * 2, outer, 4, stride=2, padding=1)
