@@ -5,7 +5,6 @@ Everything runs in DALI's CPU-only mode (``device_id=None``); the ``gpu`` tests 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import subprocess
 import sys
@@ -33,21 +32,6 @@ needs_dali = pytest.mark.skipif(not dali_status()[0], reason=dali_status()[1])
 # offset would already cost ~0.1-0.3.
 PARITY_MEAN_ABS = 0.02  # per image, normalized scale (~1 grey level)
 PARITY_MAX_ABS = 0.5  # any single value (~8 grey levels: rounding of gray conversion / resampling at edges)
-
-
-@contextlib.contextmanager
-def warnings_of(logger_name: str):
-    """WARNING records of one logger, caught by a handler on that logger itself: works whatever the CLI did
-    to propagation (caplog listens on the root logger only)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append  # type: ignore[method-assign]
-    log = logging.getLogger(logger_name)
-    log.addHandler(handler)
-    try:
-        yield records
-    finally:
-        log.removeHandler(handler)
 
 
 def photo_like(rng: np.random.Generator, h: int, w: int) -> Image.Image:
@@ -292,17 +276,17 @@ def test_float_targets_are_gathered_alongside(mixed):
 
 
 @needs_dali
-def test_bad_files_are_skipped_with_a_warning(tmp_path, mixed):
+def test_bad_files_are_skipped_with_a_warning(tmp_path, mixed, caplog):
     empty, text, cut = tmp_path / "empty.jpg", tmp_path / "text.png", tmp_path / "cut.jpg"
     empty.write_bytes(b"")
     text.write_text("not an image")
     cut.write_bytes(Path(mixed[0]).read_bytes()[:300])
     paths = [mixed[0], str(empty), mixed[1], str(text), mixed[2], str(cut)]
     data = DataConfig(image_size=16)
-    with warnings_of("fasttrain.data.dali") as records:
+    with caplog.at_level(logging.WARNING, logger="fasttrain.data.dali"):
         loader = DaliLoader(split_of(paths), data, spec_for(data), batch_size=2, train=False, seed=0)
     for bad in (empty, text, cut):
-        assert any(str(bad) in r.getMessage() for r in records), bad
+        assert any(str(bad) in r.getMessage() for r in caplog.records), bad
     assert loader.num_samples == 3 and [p for p, _ in loader.skipped] == [str(empty), str(text), str(cut)]
     assert epoch(loader)[1].tolist() == [0, 2, 4]  # the surviving files keep their own labels
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import types
@@ -21,21 +20,6 @@ from fasttrain.data.torch_loader import EpochSampler
 from fasttrain.data.transforms import eval_transform, load_image
 
 GIB = 2**30
-
-
-@contextlib.contextmanager
-def warnings_of(logger_name: str):
-    """WARNING records of one logger, caught by a handler on that logger itself: works whatever the CLI did
-    to propagation (caplog listens on the root logger only)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append  # type: ignore[method-assign]
-    log = logging.getLogger(logger_name)
-    log.addHandler(handler)
-    try:
-        yield records
-    finally:
-        log.removeHandler(handler)
 
 
 @pytest.fixture(scope="module")
@@ -180,13 +164,13 @@ def test_full_scale_crop_is_the_canvas_and_flip_mirrors_it(images):
     assert (mirrored | same).all() and mirrored.any() and same.any()
 
 
-def test_unreadable_files_are_skipped_with_a_warning(images, tmp_path):
+def test_unreadable_files_are_skipped_with_a_warning(images, tmp_path, caplog):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff garbage")
     paths = [images[0], str(bad), images[1]]
-    with warnings_of("fasttrain.data.gpu_cache") as records:
+    with caplog.at_level(logging.WARNING, logger="fasttrain.data.gpu_cache"):
         loader = make(paths, DataConfig(image_size=16), train=False)
-    assert any(str(bad) in r.getMessage() for r in records)
+    assert any(str(bad) in r.getMessage() for r in caplog.records)
     assert loader.num_samples == 2 and epoch(loader)[1].tolist() == [0, 2]
 
 
