@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -176,10 +176,9 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, progre
         raise ValueError("train() needs a config or resume=RUN_DIR")
 
     prep = prepare(cfg)
-    cfg, runtime, task = prep.cfg, prep.runtime, prep.task
-    seed_everything(cfg.runtime.seed)
+    seed_everything(prep.cfg.runtime.seed)
     if resume is None:
-        run_dir = new_run_dir(cfg)
+        run_dir = new_run_dir(prep.cfg)
     handler = _RunLogHandler(run_dir / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     pkg_log = logging.getLogger("fasttrain")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch import nn
 
 from fasttrain.config import Config
@@ -72,6 +73,8 @@ class Task:
     """min or max: which direction is better for ``best_metric``."""
     is_conv: bool = True
     """Whether channels_last is worth it for this task's networks."""
+    predict_module: str = "model"
+    """The module (key of ``TrainState.callables``) whose output prediction describes."""
 
     def __init__(self, cfg: Config, runtime: Runtime, source: DataSource | None):
         self.cfg = cfg
@@ -135,30 +138,37 @@ class Task:
         optimizer.zero_grad(set_to_none=True)
 
     # -- prediction ------------------------------------------------------------------------------------------
-    def preprocess(self, path: str) -> torch.Tensor:
-        """One image file -> uint8 C x H x W as the evaluation transform makes it."""
-        from fasttrain.data.transforms import eval_transform, load_image
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """A decoded image -> uint8 C x H x W as the evaluation transform makes it."""
+        from fasttrain.data.transforms import eval_transform
 
-        return eval_transform(self.cfg.data)(load_image(path, self.cfg.data.channels))
+        return eval_transform(self.cfg.data)(image)
 
     def predict(self, state: TrainState, paths: list[str], meta: dict[str, Any],
                 out_dir: Path | None = None) -> list[dict[str, Any]]:
-        """Predict for image files; one printable record per path (unreadable files get an ``error``)."""
+        """One printable record per image file (unreadable files get an ``error``, the others continue).
+
+        Each output goes to :meth:`describe_prediction` with ``meta`` plus ``image`` (the path),
+        ``image_size`` (its width, height) and ``out_dir``.
+        """
         from fasttrain.data.base import normalize_on_device
+        from fasttrain.data.torch_loader import DECODE_ERRORS
+        from fasttrain.data.transforms import load_image
 
         spec = self.input_spec()
-        model = state.callables[next(iter(state.callables))]
+        model = state.callables[self.predict_module]
         state.train(False)
         records = []
         for path in paths:
             try:
-                x = self.preprocess(path)
-            except (OSError, ValueError, SyntaxError) as e:
+                image = load_image(path, self.cfg.data.channels)
+            except DECODE_ERRORS as e:
                 records.append({"image": path, "error": f"cannot read image: {e}"})
                 continue
             with torch.no_grad(), self.runtime.autocast():
-                out = model(normalize_on_device(x[None], spec))
-            records.append({"image": path, **self.describe_prediction(out[0].float().cpu(), meta)})
+                out = model(normalize_on_device(self.preprocess(image)[None], spec))
+            info = {**meta, "image": path, "image_size": image.size, "out_dir": out_dir}
+            records.append({"image": path, **self.describe_prediction(out[0].float().cpu(), info)})
         return records
 
     def describe_prediction(self, output: torch.Tensor, meta: dict[str, Any]) -> dict[str, Any]:

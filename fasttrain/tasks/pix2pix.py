@@ -118,6 +118,7 @@ def _atomic_save_png(image: torch.Tensor, path: Path) -> None:
 
 class Pix2PixTask(Task):
     name = "pix2pix"
+    predict_module = "generator"
     best_metric = "val_l1"
     best_mode = "min"
 
@@ -257,38 +258,26 @@ class Pix2PixTask(Task):
                              Path(run_dir) / "samples" / f"epoch_{state.epoch + 1:04d}_val.png")
 
     # -- prediction ------------------------------------------------------------------------------------------
-    def predict(self, state: TrainState, paths: list[str], meta: dict[str, Any],
-                out_dir: Path | None = None) -> list[dict[str, Any]]:
-        """Write each generated image (resized back to its input's size) as ``out_dir/<stem>_pix2pix.png``.
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return _resize(image, self.cfg.data.image_size)
+
+    def describe_prediction(self, output: torch.Tensor, meta: dict[str, Any]) -> dict[str, Any]:
+        """Write the generated image (resized back to its input's size) as ``out_dir/<stem>_pix2pix.png``.
 
         ``out_dir`` defaults to ``./predictions``; existing files are never overwritten (a number is added).
         Side-by-side files are not split: pass the input images themselves.
         """
-        out_dir = Path(out_dir or "predictions")
-        spec = self.input_spec()
-        gen = state.callables["generator"]
-        state.train(False)
-        records = []
-        for path in paths:
-            try:
-                a = load_image(path, self.cfg.data.channels)
-            except DECODE_ERRORS as e:
-                records.append({"image": path, "error": f"cannot read image: {e}"})
-                continue
-            with torch.no_grad(), self.runtime.autocast():
-                fake = gen(normalize_on_device(_resize(a, self.cfg.data.image_size)[None], spec))
-            img = TF.resize(_to_image(fake[0]), [a.size[1], a.size[0]], antialias=True).clamp(0, 1)
-            dest = out_dir / f"{Path(path).stem}_pix2pix.png"
-            n = 1
-            while dest.exists():
-                n += 1
-                dest = out_dir / f"{Path(path).stem}_pix2pix-{n}.png"
-            _atomic_save_png(img, dest)
-            records.append({"image": path, **self.describe_prediction(fake[0].float().cpu(), {"output": str(dest)})})
-        return records
-
-    def describe_prediction(self, output: torch.Tensor, meta: dict[str, Any]) -> dict[str, Any]:
         rec: dict[str, Any] = {"size": list(output.shape[-2:])}
-        if meta.get("output"):
-            rec["output"] = meta["output"]
+        if not meta.get("image"):
+            return rec
+        out_dir = Path(meta.get("out_dir") or "predictions")
+        w, h = meta["image_size"]
+        img = TF.resize(_to_image(output), [h, w], antialias=True).clamp(0, 1)
+        stem = Path(meta["image"]).stem
+        dest, n = out_dir / f"{stem}_pix2pix.png", 1
+        while dest.exists():
+            n += 1
+            dest = out_dir / f"{stem}_pix2pix-{n}.png"
+        _atomic_save_png(img, dest)
+        rec["output"] = str(dest)
         return rec

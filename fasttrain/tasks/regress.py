@@ -12,7 +12,6 @@ the drawing metrics measure point error in pixels of each canvas's own size.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +22,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from fasttrain.config import ConfigError
-from fasttrain.data.base import Batch, InputSpec, Loader, normalize_on_device
+from fasttrain.data.base import Batch, InputSpec, Loader
 from fasttrain.data.formats import DRAWING_TARGETS
 from fasttrain.data.sources import Split
 from fasttrain.data.torch_loader import DECODE_ERRORS, TorchLoader
@@ -170,25 +169,8 @@ class RegressTask(Task):
     def checkpoint_meta(self) -> dict[str, Any]:
         return {**super().checkpoint_meta(), "target_low": list(self.low), "target_high": list(self.high)}
 
-    def predict(self, state: TrainState, paths: list[str], meta: dict[str, Any],
-                out_dir: Path | None = None) -> list[dict[str, Any]]:
-        """Like the base, but each record knows its image's size (drawing points are given in pixels)."""
-        spec = self.input_spec()
-        model = state.callables["model"]
-        state.train(False)
-        records = []
-        for path in paths:
-            try:
-                im = load_image(path, self.cfg.data.channels)
-            except DECODE_ERRORS as e:
-                records.append({"image": path, "error": f"cannot read image: {e}"})
-                continue
-            x = resize_square(im, self.cfg.data.image_size)
-            with torch.no_grad(), self.runtime.autocast():
-                out = model(normalize_on_device(x[None], spec))
-            desc = self.describe_prediction(out[0].float().cpu(), {**meta, "image_size": im.size})
-            records.append({"image": path, **desc})
-        return records
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return resize_square(image, self.cfg.data.image_size)
 
     def describe_prediction(self, output: torch.Tensor, meta: dict[str, Any]) -> dict[str, Any]:
         """Sigmoid, back to the targets' units; drawing targets as a point (pixels when ``meta["image_size"]``
