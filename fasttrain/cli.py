@@ -113,18 +113,9 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def cmd_make_data(args: argparse.Namespace) -> int:
-    from fasttrain.data import synthetic
+    from fasttrain.data.make_data import main as make_data
 
-    makers = {"shapes": synthetic.make_shapes_dataset}
-    for kind, fn in (("drawing", "make_drawing_dataset"), ("paired", "make_paired_dataset"),
-                     ("imagenet-like", "make_imagenet_like")):
-        if hasattr(synthetic, fn):
-            makers[kind] = getattr(synthetic, fn)
-    if args.kind not in makers:
-        raise ConfigError(f"make-data: unknown kind {args.kind!r}; known: {', '.join(makers)}")
-    root = makers[args.kind](args.out)
-    print(f"wrote {args.kind} dataset to {root}")
-    return 0
+    return make_data(args.rest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,13 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(fn=cmd_check_data)
 
-    p = sub.add_parser("make-data", help="write a generated dataset (shapes, drawing, paired, imagenet-like)")
-    p.add_argument("kind")
-    p.add_argument("out")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("-q", "--quiet", action="store_true")
-    g.add_argument("-v", "--verbose", action="store_true")
-    p.set_defaults(fn=cmd_make_data)
+    p = sub.add_parser("make-data", add_help=False,
+                       help="write a generated dataset: shapes, drawing, paired, imagenet (--help for options)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_make_data, quiet=False, verbose=False)
     return parser
 
 

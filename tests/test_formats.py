@@ -239,11 +239,12 @@ def test_imagenet_like_jpegs(tmp_path):
 
 
 def test_make_data_cli(tmp_path):
-    tool = [sys.executable, str(REPO / "tools" / "make_data.py")]
-    out = subprocess.run(tool + ["drawing", str(tmp_path / "d"), "--sessions", "2", "--steps", "2",
-                                 "--size", "24x16"], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
+    from fasttrain.cli import main
+
+    assert main(["make-data", "drawing", str(tmp_path / "d"), "--sessions", "2", "--steps", "2",
+                 "--size", "24x16"]) == 0
     src = discover(DataConfig(format="drawing"), tmp_path / "d")
     assert len(src.train) + len(src.val) == 4
+    tool = [sys.executable, str(REPO / "tools" / "make_data.py")]  # the checkout wrapper, same parser
     again = subprocess.run(tool + ["paired", str(tmp_path / "d")], capture_output=True, text=True)
     assert again.returncode == 1 and "already exists" in again.stderr
