@@ -652,7 +652,9 @@ def tune_loader(cfg: Config, runtime, source, backend: str, micro: int, step_sps
     else:
         note = (f"keeps up: {chosen.setting or 'no knobs'} delivers {chosen.samples_per_s:,.1f} samples/s "
                 f"({share:.2f} x the step's {step_sps:,.1f})")
-    return {"backend": backend, "trials": [dataclasses.asdict(t) for t in trials], "setting": chosen.setting,
+    # The setting pins the backend that was measured: `auto` at train time could pick another one.
+    setting = {"loader": backend, **chosen.setting}
+    return {"backend": backend, "trials": [dataclasses.asdict(t) for t in trials], "setting": setting,
             "samples_per_s": chosen.samples_per_s, "step_samples_per_s": step_sps, "input_bound": input_bound,
             "loader_to_step": share, "note": note}
 
@@ -1032,7 +1034,8 @@ def _tune(cfg: Config, runtime, budget_gib: float, *, verify: bool) -> AutotuneR
     from fasttrain.runtime import Runtime, seed_everything
     from fasttrain.tasks import make_task
 
-    prep = prepare(cfg)
+    # The GPU cache is chosen against the budget, not the whole (maybe larger) card.
+    prep = prepare(cfg, memory_limit=int(budget_gib * GIB))
     pcfg, source, backend = prep.cfg, prep.source, prep.backend
     runtime = prep.runtime
     tune = pcfg.tune

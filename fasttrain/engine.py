@@ -71,8 +71,9 @@ def resolve_data_root(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
 
 
-def prepare(cfg: Config) -> Prepared:
-    """Resolve the data root, discover files, fix the output count, decide the runtime and the backend."""
+def prepare(cfg: Config, *, memory_limit: int | None = None) -> Prepared:
+    """Resolve the data root, discover files, fix the output count, decide the runtime and the backend.
+    ``memory_limit``: device bytes the run may use when smaller than the card (the GPU cache must fit it)."""
     cfg = resolve_data_root(cfg)
     source = discover(cfg.data)
     if not cfg.model.num_outputs and source.num_outputs:
@@ -84,7 +85,7 @@ def prepare(cfg: Config) -> Prepared:
 
         backend, reason = choose_backend(cfg.data.loader, device_type=runtime.device.type,
                                          num_images=len(source.train) + len(source.val or []), cfg=cfg,
-                                         device=runtime.device)
+                                         device=runtime.device, memory_limit=memory_limit)
     else:
         backend, reason = "torch", f"task {cfg.task.name} decodes with its own torch loader"
     return Prepared(cfg, runtime, source, task, backend, reason)

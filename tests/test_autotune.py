@@ -206,6 +206,7 @@ def test_cli_cpu_run_writes_a_config_that_trains_and_a_second_call_is_cached(tmp
     assert cfg.train.batch_size == report["plan"]["global_batch"]
     assert cfg.train.batch_size % cfg.train.accumulation == 0
     assert cfg.model.name == "smallcnn" and cfg.data.image_size == 32  # everything else as the input config
+    assert cfg.data.loader == report["loader"]["backend"]  # the measured backend, not `auto`, is pinned
 
     from fasttrain.engine import train
 
@@ -264,7 +265,7 @@ def test_loader_trials_on_the_torch_backend(shapes_root):
     assert r["input_bound"] and len(r["trials"]) == len(ladder) and "input-bound" in r["note"]
     # A slow step: the cheapest setting keeps up, and nothing more is tried.
     r = A.tune_loader(prep.cfg, prep.runtime, prep.source, "torch", 32, 1.0, warmup_steps=1, measure_steps=2)
-    assert not r["input_bound"] and len(r["trials"]) == 1 and r["setting"] == ladder[0]
+    assert not r["input_bound"] and len(r["trials"]) == 1 and r["setting"] == {"loader": "torch", **ladder[0]}
 
 
 def test_cpu_budget_does_not_apply():

@@ -54,9 +54,11 @@ def _available_ram() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def cache_fits(num_images: int, data: DataConfig, device: torch.device | str | None = None) -> tuple[bool, str]:
+def cache_fits(num_images: int, data: DataConfig, device: torch.device | str | None = None, *,
+               memory_limit: int | None = None) -> tuple[bool, str]:
     """(fits, why): the decoded dataset vs ``data.cache_budget`` of the device's total memory (CUDA) or of the
-    RAM available now (CPU). ``device=None`` means CUDA when present, as ``runtime.device = auto`` does."""
+    RAM available now (CPU). ``device=None`` means CUDA when present, as ``runtime.device = auto`` does.
+    ``memory_limit`` (bytes) caps the CUDA total: autotune's emulated budget, smaller than the card."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -64,6 +66,8 @@ def cache_fits(num_images: int, data: DataConfig, device: torch.device | str | N
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         total, where = props.total_memory, f"{props.name} memory"
+        if memory_limit is not None and memory_limit < total:
+            total, where = memory_limit, "memory budget"
     else:
         total, where = _available_ram(), "available RAM"
     budget = int(data.cache_budget * total)

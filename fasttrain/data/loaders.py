@@ -18,14 +18,15 @@ __all__ = ["choose_backend", "make_image_loader"]
 
 
 def choose_backend(requested: str, *, device_type: str, num_images: int, cfg: Config,
-                   device=None) -> tuple[str, str]:
-    """(backend, reason). Raises ConfigError where an explicit choice cannot run here."""
+                   device=None, memory_limit: int | None = None) -> tuple[str, str]:
+    """(backend, reason). Raises ConfigError where an explicit choice cannot run here.
+    ``memory_limit``: bytes of device memory the run may use, when smaller than the card (autotune's budget)."""
     if requested == "torch":
         return "torch", "data.loader = torch"
     if requested in ("cache", "auto"):
         from fasttrain.data.gpu_cache import cache_fits
 
-        fits, why = cache_fits(num_images, cfg.data, device)
+        fits, why = cache_fits(num_images, cfg.data, device, memory_limit=memory_limit)
         if requested == "cache":
             if not fits:
                 log.warning("data.loader = cache although %s", why)
