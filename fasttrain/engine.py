@@ -152,10 +152,6 @@ def _trim_metrics(path: Path, epochs_done: int) -> None:
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
-class _RunLogHandler(logging.FileHandler):
-    """Copies fasttrain's log records into the run folder's train.log for the duration of a run."""
-
-
 def train(cfg: Config | None = None, *, resume: str | Path | None = None, progress: bool = True,
           overrides: list[str] | None = None,
           on_epoch_end: Callable[[TrainState, dict[str, Any]], None] | None = None) -> TrainResult:
@@ -180,7 +176,7 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, progre
     seed_everything(prep.cfg.runtime.seed)
     if resume is None:
         run_dir = new_run_dir(prep.cfg)
-    handler = _RunLogHandler(run_dir / "train.log", encoding="utf-8")
+    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")  # this run's log, beside its metrics
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     pkg_log = logging.getLogger("fasttrain")
     pkg_log.addHandler(handler)
@@ -251,6 +247,7 @@ def _train(prep: Prepared, run_dir: Path, ckpt: dict | None, progress: bool,
 
     state.train(True)
     try:
+        t_run, first_epoch = time.perf_counter(), state.epoch
         for epoch in range(state.epoch, tc.epochs):
             record = _train_epoch(task, state, train_loader, epoch, steps_per_epoch, prep, run_dir, progress,
                                   start_micro=resume_micro, checkpoint=checkpoint_mid_epoch)
@@ -271,7 +268,8 @@ def _train(prep: Prepared, run_dir: Path, ckpt: dict | None, progress: bool,
                 save_checkpoint(ckpt_dir / "best.pt", payload())
             if (epoch + 1) % tc.checkpoint_every == 0 or last:
                 save_checkpoint(ckpt_dir / "last.pt", payload())
-            log.info(_summary_line(record, tc.epochs))
+            per_epoch = (time.perf_counter() - t_run) / (epoch + 1 - first_epoch)
+            log.info(_summary_line(record, tc.epochs, eta_s=per_epoch * (tc.epochs - epoch - 1)))
             if on_epoch_end is not None:
                 on_epoch_end(state, record)
         test_metrics = None
@@ -323,6 +321,7 @@ def _train_epoch(task: Task, state: TrainState, loader: Loader, epoch: int, step
     window: dict[str, torch.Tensor] = {}
     n_micro, n_window, n_summed, samples = start_micro, 0, 0, 0
     every = tc.checkpoint_every_steps
+    warned_nonfinite = False
     runtime.synchronize()
     t0 = time.perf_counter()
     for batch in _epoch_batches(loader, epoch, start_micro):
@@ -342,6 +341,10 @@ def _train_epoch(task: Task, state: TrainState, loader: Loader, epoch: int, step
                 # A sync point, on purpose only every log_every steps.
                 means = {k: v / n_window for k, v in _read(window).items()}
                 bar.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
+                if not warned_nonfinite and not all(math.isfinite(v) for v in means.values()):
+                    warned_nonfinite = True  # once per epoch: fp16 overflow steps are skipped by the scaler
+                    log.warning("epoch %d step %d: non-finite training values %s (learning rate too high? try "
+                                "runtime.precision=bf16/fp32 or optim.grad_clip)", epoch + 1, state.step, means)
                 _add_sums(epoch_sums, window)
                 n_summed += n_window
                 window, n_window = {}, 0
@@ -376,7 +379,13 @@ def _fmt_metrics(m: dict[str, Any]) -> str:
     return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
 
 
-def _summary_line(r: dict[str, Any], epochs: int) -> str:
+def _fmt_duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _summary_line(r: dict[str, Any], epochs: int, eta_s: float | None = None) -> str:
     keys = [k for k in r if k.startswith(("train_", "val_"))]
     parts = [f"epoch {r['epoch']}/{epochs}"] + [f"{k} {r[k]:.4f}" for k in keys]
     if r.get("samples_per_s"):
@@ -384,4 +393,6 @@ def _summary_line(r: dict[str, Any], epochs: int) -> str:
     parts.append(f"{r['epoch_time_s']:.1f}s")
     if r.get("best"):
         parts.append("*best*")
+    if eta_s:
+        parts.append(f"ETA {_fmt_duration(eta_s)}")
     return " | ".join(parts)

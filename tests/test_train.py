@@ -226,3 +226,12 @@ def test_cuda_run_with_amp_channels_last_compile(shapes_root, tmp_path, loader):
     assert math.isfinite(rec["train_loss"]) and rec["train_loss"] < result.history[0]["train_loss"] * 1.5
     state = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")["state"]["modules"]["model"]
     assert not any(k.startswith("_orig_mod.") for k in state)  # the uncompiled module is what is saved
+
+
+def test_diverging_run_warns_about_non_finite_losses(shapes_root, tmp_path, caplog):
+    cfg = small_cfg(shapes_root, tmp_path, "optim.name=sgd", "optim.lr=1e12", "optim.momentum=0.0",
+                    "train.epochs=1", "train.log_every=1", "schedule.name=constant")
+    with caplog.at_level(logging.WARNING, logger="fasttrain.engine"):
+        train(cfg, progress=False)
+    warnings = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
+    assert len(warnings) == 1  # once per epoch, not once per step
