@@ -323,6 +323,8 @@ def _train_epoch(task: Task, state: TrainState, loader: Loader, epoch: int, step
     every = tc.checkpoint_every_steps
     warned_nonfinite = False
     runtime.synchronize()
+    if runtime.is_cuda:
+        torch.cuda.reset_peak_memory_stats(runtime.device)  # max_memory_gib: this epoch's training peak
     t0 = time.perf_counter()
     for batch in _epoch_batches(loader, epoch, start_micro):
         update = (n_micro + 1) % accum == 0

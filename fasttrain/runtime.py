@@ -136,7 +136,10 @@ class Runtime:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         if self.compile:
-            return torch.compile(model, mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode)
+            # dynamic=False: a second batch shape (the last eval batch) gets its own static graph. By default
+            # dynamo would switch to a dynamic-shape graph and keep using it for the static training shape too.
+            return torch.compile(model, dynamic=False,
+                                 mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode)
         return model
 
     def optimizer_kwargs(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ index), so a resumed run and an uninterrupted one see the same crops whatever th
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable, Iterator, Sequence
 
@@ -95,11 +96,17 @@ class ImageDataset(Dataset):
         return x, self.target_fn(self.split.targets[index])
 
 
-def collate_skip(items: Sequence):
-    """Stack the samples that decoded; None when none did (the loader then skips the batch)."""
+def collate_skip(items: Sequence, fill_to: int = 0):
+    """Stack the samples that decoded; None when none did (the loader then skips the batch).
+
+    ``fill_to``: training batches short of samples (an unreadable file was skipped) are topped up by repeating
+    decoded ones, so every step keeps one shape (a new shape costs a torch.compile recompile).
+    """
     items = [it for it in items if it is not None]
     if not items:
         return None
+    if len(items) < fill_to:
+        items = [items[i % len(items)] for i in range(fill_to)]
     xs, ys = zip(*items)
     x = torch.stack(xs)
     y = torch.stack(ys) if isinstance(ys[0], torch.Tensor) else torch.as_tensor(ys)
@@ -130,6 +137,8 @@ class TorchLoader:
                                     drop_last=train, num_shards=num_shards, shard_id=shard_id)
         self.prepare = prepare or _default_prepare(spec)
         cuda = spec.device.type == "cuda"
+        if train and collate is collate_skip:
+            collate = functools.partial(collate_skip, fill_to=batch_size)
         self.loader = DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers, collate_fn=collate,
             pin_memory=cuda if pin_memory is None else pin_memory,

@@ -55,7 +55,11 @@ class TrainState:
             if missing:
                 raise ValueError(f"checkpoint {group} {sorted(sd[group])} do not match this task's {sorted(mine)}")
             for k, obj in mine.items():
-                obj.load_state_dict(sd[group][k])
+                saved = sd[group][k]
+                if group == "scalers" and (not saved or not obj.is_enabled()):
+                    # A bf16/fp32 run saved a disabled scaler ({}), or this run needs none: start fresh.
+                    continue
+                obj.load_state_dict(saved)
         self.epoch, self.step = int(sd["epoch"]), int(sd["step"])
 
     def train(self, mode: bool = True) -> None:
