@@ -73,7 +73,7 @@ __all__ = [
 ]
 
 GIB = 2**30
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 LOADER_MARGIN = 1.05
 """The loader keeps up when it delivers at least this multiple of the step's samples/s."""
 
@@ -405,11 +405,16 @@ def setup_budget(device, requested_gib: float) -> Budget:
 
     if device.type != "cuda":
         return Budget("cpu", requested_gib)
-    torch.zeros(1, device=device)  # create the CUDA context first: it counts as in use
-    torch.cuda.synchronize(device)
+    # Create the CUDA context and load cuBLAS / cuDNN first (lazily loaded, hundreds of MiB): they count as in use.
+    a = torch.ones(64, 64, device=device)
+    torch.nn.functional.conv2d(torch.ones(1, 3, 8, 8, device=device), torch.ones(4, 3, 3, 3, device=device))
+    (a @ a).sum().item()
+    del a
     gc.collect()
     torch.cuda.empty_cache()
-    total, used, source = _device_memory(device)
+    _nvml_total, used, source = _device_memory(device)
+    # set_per_process_memory_fraction multiplies the CUDA runtime's total, which can differ from NVML's.
+    total = int(torch.cuda.mem_get_info(device)[1])
     in_use = max(0, used - torch.cuda.memory_reserved(device))  # our own cache is ours to spend
     gpu = torch.cuda.get_device_name(device)
     want = int(requested_gib * GIB)
@@ -959,13 +964,31 @@ def _key_fields(cfg: Config, runtime, budget_gib: float) -> dict[str, Any]:
         "channels_last": runtime.channels_last,
         "gpu": gpu,
         "torch": torch.__version__,
+        "cudnn": [env_cudnn(), cfg.runtime.cudnn_benchmark, cfg.runtime.deterministic],  # workspace memory, speed
         "budget_gib": budget_gib,
         "headroom": t.headroom,
         "search": [t.min_batch, t.max_batch, t.multiple, t.noise],
-        "optim": [cfg.optim.name, cfg.optim.grad_clip > 0],
+        # momentum 0 keeps no SGD state; grad clipping adds a norm pass
+        "optim": [cfg.optim.name, cfg.optim.momentum > 0, cfg.optim.grad_clip > 0],
         "batch": [cfg.train.batch_size, cfg.train.eval_batch_size],
-        "data": [cfg.data.root, cfg.data.loader, cfg.data.max_samples, cfg.data.format, default_workers()],
+        "data": [cfg.data.root, cfg.data.loader, cfg.data.max_samples, cfg.data.format, default_workers(),
+                 cfg.data.cache_budget],
+        # the loader ladder starts from these
+        "loader": [cfg.data.workers, cfg.data.dali_threads, cfg.data.hw_decoder_load, cfg.data.prefetch,
+                   env_dali()],
     }
+
+
+def env_cudnn() -> int | None:
+    import torch
+
+    return torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+
+
+def env_dali() -> str | None:
+    from fasttrain.runtime import dali_version
+
+    return dali_version()
 
 
 def _load_cached(path: Path, fields: dict[str, Any]) -> AutotuneReport | None:
@@ -1074,29 +1097,38 @@ def _tune(cfg: Config, runtime, budget_gib: float, *, verify: bool) -> AutotuneR
             report.probe_mode = "eager probes; nothing fit, so nothing was compiled"
             return report
 
-        state = probe.state if not runtime.compile else None
+        chosen = result.chosen
+        # The plan first: the micro-batch training will run (the requested global batch may be kept as one
+        # batch or split) is the size to compile and verify, so the whole command compiles one shape.
+        plan = plan_batches(pcfg.train.batch_size, chosen, multiple=tune.multiple, max_usable=result.max_usable)
+        # The probe's state is handed over (or dropped): a failed verification must not leave it holding memory.
+        state, probe.state = (None if runtime.compile else probe.state), None
+        probe.close()
         if runtime.compile:
-            probe.close()
             report.probe_mode = ("eager search (a compile per candidate would cost a compile per size; a dynamic "
                                  "batch dimension is not the static program training runs); compiled once at the "
-                                 "chosen size, its state reused by the verification run")
-            state, compiled_batch = _compiled_check(report, result, prep, budget, eval_batch)
+                                 "planned micro-batch, its state reused by the verification run")
+            state, compiled_batch = _compiled_check(report, result, prep, budget, eval_batch,
+                                                    first=plan.micro_batch)
             if compiled_batch is None:
                 report.error = "the compiled step does not fit at any usable batch size tried"
                 return report
-            if compiled_batch != result.chosen:
-                report.notes.append(f"chosen batch lowered from {result.chosen} to {compiled_batch}: the compiled "
+            if compiled_batch != plan.micro_batch:
+                report.notes.append(f"micro-batch lowered from {plan.micro_batch} to {compiled_batch}: the compiled "
                                     f"step did not fit at the larger size")
-            chosen = compiled_batch
+                chosen = min(chosen, compiled_batch)
+                plan = plan_batches(pcfg.train.batch_size, compiled_batch, multiple=tune.multiple,
+                                    max_usable=compiled_batch)
+                if plan.micro_batch != compiled_batch:
+                    report.notes.append(f"the plan's micro-batch {plan.micro_batch} was not compiled here: the "
+                                        f"verification compiles it once more")
         else:
             report.probe_mode = "runtime.compile is off: the eager probes are the step training runs"
-            chosen = result.chosen
         report.chosen_batch = chosen
-        max_usable = result.max_usable if chosen == result.chosen else chosen
         resident = None  # the loader trials and the verification build the real cache
         _free_device_memory(device)
-        step_c = report.compiled if report.compiled is not None else result.by_size()[chosen]
-        plan = plan_batches(pcfg.train.batch_size, chosen, multiple=tune.multiple, max_usable=max_usable)
+        by_size = result.by_size()
+        step_c = report.compiled if report.compiled is not None else by_size.get(plan.micro_batch, by_size[chosen])
         report.plan = dataclasses.asdict(plan)
         report.loader = tune_loader(pcfg, runtime, source, backend, plan.micro_batch, step_c.samples_per_s,
                                     warmup_steps=tune.warmup_steps, measure_steps=tune.measure_steps)
@@ -1144,27 +1176,26 @@ def _hold_resident_dataset(cfg: Config, source, backend: str, device, budget: Bu
 
 
 def _compiled_check(report: AutotuneReport, result: SearchResult, prep, budget: Budget,
-                    eval_batch: Callable[[int], int]):
-    """Compile once and run the chosen size as training will; if it does not fit, the next usable size down
-    (the next smaller probed size that was usable), at most twice. Returns (state, batch) or (None, None)."""
+                    eval_batch: Callable[[int], int], *, first: int):
+    """Compile once and run the micro-batch ``first`` as training will; if it does not fit, the next usable
+    probed sizes below it, at most twice more. Returns (state, batch) or (None, None)."""
     tune = prep.cfg.tune
     probe = StepProbe(prep.task, budget=budget, warmup=max(tune.warmup_steps, 3), measure_steps=tune.measure_steps,
                       eval_batch=eval_batch)
-    usable = sorted((c for c in result.candidates if c.usable and c.batch_size <= result.chosen),
-                    key=lambda c: -c.batch_size)
-    for c in usable[:3]:
-        got = probe(c.batch_size, "compiled")
+    smaller = sorted({c.batch_size for c in result.candidates if c.usable and c.batch_size < first}, reverse=True)
+    for size in [first, *smaller][:3]:
+        got = probe(size, "compiled")
         report.compile_s += got.untimed_s  # warm-up (the compile) and the eval step (its compile)
         limit = None if budget.budget_bytes is None else (1 - tune.headroom) * budget.budget_bytes
         got.usable = got.fits and (limit is None or got.usage_bytes is None or got.usage_bytes <= limit)
         if not got.usable and got.fits:
             got.error = got.error or f"compiled step leaves less than {tune.headroom:.0%} headroom"
         report.compiled = got
-        log.info("compiled check at %d: %s (%.1f s, of which %.1f s warm-up and compile)", c.batch_size,
+        log.info("compiled check at %d: %s (%.1f s, of which %.1f s warm-up and compile)", size,
                  "ok" if got.usable else got.error, got.seconds, got.untimed_s)
         if got.usable:
-            return probe.state, c.batch_size
-        report.notes.append(f"compiled step at batch {c.batch_size}: {got.error}; trying a smaller size")
+            return probe.state, size
+        report.notes.append(f"compiled step at batch {size}: {got.error}; trying a smaller size")
         probe.state = None
         _free_device_memory(prep.runtime.device)
     return None, None
@@ -1241,8 +1272,12 @@ def _verify(tuned: Config, prep, state, plan: BatchPlan, steps: int, budget: Bud
         warnings.append(f"{retries} allocator retries during verification: close to the limit")
     used = out.get("device_used_bytes")
     if budget.mode == "emulated" and used is not None and used > budget.budget_bytes:
-        warnings.append(f"the device held {used / GIB:.2f} GiB during verification (PyTorch plus memory outside its "
-                        f"allocator, e.g. DALI), more than the {budget.budget_bytes / GIB:.2f} GiB budget")
+        # Memory outside torch's allocator (DALI's decoder buffers) is not capped by the memory fraction: on a
+        # real card of the budget's size this run would fail, so it does not count as fitting.
+        out["ok"] = False
+        out["error"] = (f"the device held {used / GIB:.2f} GiB during verification (PyTorch plus memory outside "
+                        f"its allocator, e.g. DALI), more than the {budget.budget_bytes / GIB:.2f} GiB budget; "
+                        f"fewer data.dali_threads or data.loader = torch need less")
     if warnings:
         out["warning"] = "; ".join(warnings)
     log.info("verify: %s samples/s end to end, %s", f"{out['samples_per_s']:,.1f}", out["memory_text"])

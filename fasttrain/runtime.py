@@ -25,7 +25,8 @@ from fasttrain.data.base import InputSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Precision", "decide_precision", "Runtime", "environment", "seed_everything", "resolve_device"]
+__all__ = ["Precision", "decide_precision", "Runtime", "environment", "seed_everything", "resolve_device",
+           "dali_version"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -165,7 +166,7 @@ def environment() -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "cpu_count": os.cpu_count(),
-        "dali": _version("nvidia.dali"),
+        "dali": dali_version(),
         "gpu": None,
         "gpu_memory_gib": None,
         "driver": None,
@@ -176,6 +177,11 @@ def environment() -> dict[str, Any]:
         env["gpu_memory_gib"] = round(props.total_memory / 2**30, 2)
         env["driver"] = _driver_version()
     return env
+
+
+def dali_version() -> str | None:
+    """The installed DALI's version from package metadata (DALI itself is not imported)."""
+    return _version("nvidia.dali")
 
 
 def _version(module: str) -> str | None:

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["dali_status", "DaliLoader", "sniff_image_format", "check_image_file", "drop_bad_files", "targets_tensor"]
 
-# nvJPEG's scratch buffers, sized as NVIDIA's ResNet-50 example does, so they are not regrown mid-epoch.
+# nvJPEG's scratch buffers in NVIDIA's ResNet-50 example (per thread there; split across threads here), so they
+# are not regrown mid-epoch.
 _DEVICE_MEMORY_PADDING = 211_025_920
 _HOST_MEMORY_PADDING = 140_544_512
 _FILES_ARGUMENT_MAX = 50_000  # longer file lists reach the reader through a temporary file_list
@@ -294,8 +295,13 @@ class DaliLoader:
             decode: dict[str, Any] = dict(device="mixed" if gpu else "cpu", adjust_orientation=False,
                                           output_type=types.RGB if d.channels == 3 else types.GRAY)
             if gpu:
-                decode.update(hw_decoder_load=d.hw_decoder_load, device_memory_padding=_DEVICE_MEMORY_PADDING,
-                              host_memory_padding=_HOST_MEMORY_PADDING)
+                decode["hw_decoder_load"] = d.hw_decoder_load
+                if self.train:
+                    # The paddings are per decoder thread, outside torch's allocator (no budget sees them): split
+                    # the example's totals across threads, and leave the validation pipeline at DALI's defaults.
+                    threads = max(1, d.num_dali_threads)
+                    decode.update(device_memory_padding=_DEVICE_MEMORY_PADDING // threads,
+                                  host_memory_padding=_HOST_MEMORY_PADDING // threads)
             crop: dict[str, Any] = {}
             if self.train and d.random_resized_crop:
                 # Fused crop: only the chosen window is decoded (ROI decode), then resized as torchvision does.
