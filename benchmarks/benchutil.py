@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 HERE = Path(__file__).resolve().parent
-SHARED_DATA = (Path("/work/shared/data"), HERE.parent.parent / "shared" / "data")
-"""Where the project's real datasets live: the shared folder, or ``../shared/data`` beside the checkout."""
+SHARED_DATA = tuple(Path(p) for p in (os.environ.get("FASTTRAIN_SHARED_DATA"), HERE.parent.parent / "shared" / "data")
+                    if p)
+"""Where the project's real datasets live: $FASTTRAIN_SHARED_DATA, or ``../shared/data`` beside the checkout."""
 
 
 @dataclass(frozen=True)
