@@ -109,8 +109,9 @@ def demo_dataset(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 # -- drawing sessions (format "drawing") ---------------------------------------------------------------------
-DRAWING_PALETTE = ("#ff4444", "#33aa33", "#3366ff", "#ffaa00", "#aa33ff", "#00aaaa")
-"""Stroke colours in drawing order: each stroke takes the colour after the previous stroke's."""
+DRAWING_PALETTE = ("#ffdd00", "#ff8800", "#ff4444", "#228822", "#662299", "#112266")
+"""Stroke colours in drawing order: each stroke takes the colour after the previous stroke's. Their gray levels
+(206, 156, 124, 94, 68, 37) stay apart, so the workload's grayscale canvases still tell them apart."""
 
 
 def _rgb(hex_color: str) -> tuple[int, int, int]:
@@ -131,7 +132,7 @@ def drawing_session(steps: int, size: int | tuple[int, int], rng: random.Random)
     w, h = _size2(size)
     margin = max(2, min(w, h) // 10)
     line = max(1, min(w, h) // 40)
-    dot = max(2, min(w, h) // 28)
+    dot = max(3, min(w, h) // 16)  # the colour cue must survive grayscale and downscaling
     x, y = rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)
     color_idx = rng.randrange(len(DRAWING_PALETTE))
     strokes: list[tuple[list[tuple[float, float]], str]] = []
