@@ -85,7 +85,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except Exception as e:  # pickle / zip errors: say which file and why
         raise ValueError(f"checkpoint {path}: cannot be loaded ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        raise ValueError(f"checkpoint {path}: not a fasttrain checkpoint (format {ckpt.get('format')!r})")
+        found = f"format {ckpt.get('format')!r}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        raise ValueError(f"checkpoint {path}: not a fasttrain checkpoint ({found})")
     return ckpt
 
 

@@ -384,6 +384,10 @@ class Config:
     name: str = "run"
     """Config name (the TOML file's stem unless set); prefixes run folders."""
 
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
+               f"must be a plain name (it prefixes run folders), got {self.name!r}")
+
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)}
 

@@ -44,6 +44,7 @@ def test_int_accepted_for_float_but_not_reverse(tmp_path):
     (["train.batch_size=100", "train.accumulation=3"], r"train\.batch_size: 100 is not divisible"),
     (["lr=0.1"], r"expected section\.key=value"),
     (["optim.lr"], r"expected section\.key=value"),
+    (["name=../elsewhere"], r"name: must be a plain name"),
 ])
 def test_errors_name_the_field(items, pattern):
     with pytest.raises(ConfigError, match=pattern):

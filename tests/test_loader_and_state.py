@@ -49,3 +49,17 @@ def test_scaler_state_from_a_run_without_scaling_is_not_loaded_into_an_enabled_s
     resumed = state(True)  # e.g. resumed with runtime.precision=fp16
     resumed.load_state_dict(saved)
     assert resumed.scalers["m"].is_enabled() and resumed.scalers["m"].get_scale() == 65536.0
+
+
+def test_loading_something_else_than_a_checkpoint_names_the_file(tmp_path):
+    import pytest
+
+    from fasttrain.checkpoint import load_checkpoint
+
+    for name, obj in (("list.pt", [1, 2]), ("other.pt", {"format": 99})):
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(ValueError, match=f"checkpoint .*{name}: not a fasttrain checkpoint"):
+            load_checkpoint(tmp_path / name)
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="junk.pt: cannot be loaded"):
+        load_checkpoint(tmp_path / "junk.pt")

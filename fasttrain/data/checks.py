@@ -16,6 +16,7 @@ from PIL import Image
 
 from fasttrain.config import default_workers
 from fasttrain.data.sources import list_images
+from fasttrain.data.transforms import DECODE_ERRORS
 
 __all__ = ["CheckReport", "check_image", "check_data"]
 
@@ -53,7 +54,7 @@ def check_image(path: str | os.PathLike, channels: int = 3) -> tuple[str | None,
         with Image.open(path) as im:
             im.load()  # the full decode: truncated files fail here, not at open
             fmt, mode, size = im.format, im.mode, im.size
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except DECODE_ERRORS as e:
         return f"cannot be decoded ({type(e).__name__}: {e})", None
     notes = []
     want = "RGB" if channels == 3 else "L"

@@ -37,6 +37,7 @@ from PIL import Image
 
 from fasttrain.config import ConfigError, DataConfig
 from fasttrain.data.sources import IMAGE_EXTENSIONS, DataSource, Split, holdout_split, list_images
+from fasttrain.data.transforms import DECODE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +275,7 @@ def _drawing_split(name: str, folder: Path, reserved: set[str], skipped: list[tu
             try:
                 with Image.open(canvas) as im:  # reads the header only
                     width, height = im.size
-            except (OSError, ValueError, SyntaxError) as e:
+            except DECODE_ERRORS as e:
                 skipped.append((str(canvas), f"unreadable canvas ({e})"))
                 continue
             try:

@@ -28,8 +28,8 @@ from fasttrain.config import DataConfig
 from fasttrain.data.base import Batch, InputSpec, normalize_on_device
 from fasttrain.data.dali import targets_tensor
 from fasttrain.data.sources import Split
-from fasttrain.data.torch_loader import DECODE_ERRORS, EpochSampler, sample_seed
-from fasttrain.data.transforms import eval_transform, load_image
+from fasttrain.data.torch_loader import EpochSampler, sample_seed
+from fasttrain.data.transforms import DECODE_ERRORS, eval_transform, load_image
 
 log = logging.getLogger(__name__)
 

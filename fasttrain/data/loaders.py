@@ -33,6 +33,8 @@ def choose_backend(requested: str, *, device_type: str, num_images: int, cfg: Co
             return "cache", "data.loader = cache"
         if fits:
             return "cache", f"auto: the decoded dataset fits the cache ({why})"
+    if requested == "auto" and device_type != "cuda":  # DALI is only auto-picked on CUDA: no need to import it
+        return "torch", "auto: no CUDA device, and the dataset is too large for the cache"
     from fasttrain.data.dali import dali_status
 
     ok, why_not = dali_status()
@@ -42,8 +44,7 @@ def choose_backend(requested: str, *, device_type: str, num_images: int, cfg: Co
         return "dali", "data.loader = dali" + ("" if device_type == "cuda" else " (CPU-only mode)")
     if device_type == "cuda" and ok:
         return "dali", "auto: CUDA device and DALI available (GPU decode)"
-    reason = "no CUDA device" if device_type != "cuda" else f"DALI unavailable ({why_not})"
-    return "torch", f"auto: {reason}, and the dataset is too large for the cache"
+    return "torch", f"auto: DALI unavailable ({why_not}), and the dataset is too large for the cache"
 
 
 def make_image_loader(backend: str, split: Split, cfg: Config, spec: InputSpec, *, train: bool,

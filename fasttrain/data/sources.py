@@ -119,7 +119,8 @@ def _discover_folder(cfg: DataConfig, root: Path) -> DataSource:
     train = _class_folder_split(train_dir, "train", class_names)
     if len(train) == 0:
         raise ConfigError(f"data.root: no images under {train_dir} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    empty = [c for i, c in enumerate(class_names) if i not in set(train.targets)]
+    present = set(train.targets)
+    empty = [c for i, c in enumerate(class_names) if i not in present]
     if empty:
         log.warning("class folders without images in %s: %s", train_dir, ", ".join(empty))
     val_dir = root / cfg.val_dir

@@ -13,19 +13,16 @@ import logging
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fasttrain.data.base import Batch, InputSpec, normalize_on_device
 from fasttrain.data.sources import Split
-from fasttrain.data.transforms import load_image
+from fasttrain.data.transforms import DECODE_ERRORS, load_image
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EpochSampler", "ImageDataset", "collate_skip", "TorchLoader", "sample_seed"]
 
-# Errors a broken or unsupported image file raises while decoding (PIL raises SyntaxError on some corrupt PNGs).
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

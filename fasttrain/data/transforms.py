@@ -15,7 +15,11 @@ from torchvision.transforms.v2 import functional as TF
 
 from fasttrain.config import DataConfig
 
-__all__ = ["load_image", "eval_transform", "train_transform", "to_uint8_tensor"]
+__all__ = ["DECODE_ERRORS", "load_image", "eval_transform", "train_transform", "to_uint8_tensor"]
+
+# What a broken or unsupported image file raises while decoding (PIL raises SyntaxError on some corrupt PNGs,
+# DecompressionBombError on absurd sizes): every loader skips and reports these instead of stopping.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def load_image(path: str, channels: int) -> Image.Image:

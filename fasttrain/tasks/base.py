@@ -156,8 +156,7 @@ class Task:
         ``image_size`` (its width, height) and ``out_dir``.
         """
         from fasttrain.data.base import normalize_on_device
-        from fasttrain.data.torch_loader import DECODE_ERRORS
-        from fasttrain.data.transforms import load_image
+        from fasttrain.data.transforms import DECODE_ERRORS, load_image
 
         spec = self.input_spec()
         model = state.callables[self.predict_module]

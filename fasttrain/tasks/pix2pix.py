@@ -30,8 +30,8 @@ from fasttrain.config import ConfigError
 from fasttrain.data.base import Batch, InputSpec, Loader, normalize_on_device
 from fasttrain.data.formats import SIDE_BY_SIDE
 from fasttrain.data.sources import Split
-from fasttrain.data.torch_loader import DECODE_ERRORS, TorchLoader, sample_seed
-from fasttrain.data.transforms import load_image, to_uint8_tensor
+from fasttrain.data.torch_loader import TorchLoader, sample_seed
+from fasttrain.data.transforms import DECODE_ERRORS, load_image, to_uint8_tensor
 from fasttrain.models import build_model
 from fasttrain.optim import make_optimizer
 from fasttrain.tasks.base import Task, TrainState

@@ -25,8 +25,8 @@ from fasttrain.config import ConfigError
 from fasttrain.data.base import Batch, InputSpec, Loader
 from fasttrain.data.formats import DRAWING_TARGETS
 from fasttrain.data.sources import Split
-from fasttrain.data.torch_loader import DECODE_ERRORS, TorchLoader
-from fasttrain.data.transforms import load_image, to_uint8_tensor
+from fasttrain.data.torch_loader import TorchLoader
+from fasttrain.data.transforms import DECODE_ERRORS, load_image, to_uint8_tensor
 from fasttrain.models import build_model
 from fasttrain.optim import make_optimizer
 from fasttrain.tasks.base import Task, TrainState
