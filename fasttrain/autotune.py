@@ -43,7 +43,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -51,6 +50,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from fasttrain.config import Config, default_workers, dump_config
+from fasttrain.io import atomic_write_text, write_new, write_new_text
 
 log = logging.getLogger(__name__)
 
@@ -844,55 +844,10 @@ def plot_report(report: AutotuneReport | dict[str, Any], path: str | os.PathLike
     ax.legend(handles[0] + handles2[0], handles[1] + handles2[1], loc="lower right", fontsize=8)
     ax.set_title(f"{r.config_name}: {r.model} {'x'.join(map(str, r.input_shape))}, {r.runtime}", fontsize=9)
     fig.tight_layout()
-    return _write_new(Path(path), lambda p: fig.savefig(p, format="png"))
+    return write_new(Path(path), lambda p: fig.savefig(p, format="png"))
 
 
 # =================================================================================================== files ===
-def _write_new(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write to a temp file, then link it to ``path`` or, where that exists, ``stem-2.ext``, ``stem-3.ext``...
-    os.link fails on an existing name, so nothing is ever overwritten, even by a concurrent writer."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the user's files get the usual mode
-        suffix, stem = path.suffix, path.stem
-        for i in range(1, 1000):
-            target = path if i == 1 else path.with_name(f"{stem}-{i}{suffix}")
-            try:
-                os.link(tmp, target)
-                return target
-            except FileExistsError:
-                continue
-        raise FileExistsError(f"{path}: no free file name")
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _write_text_new(path: Path, text: str) -> Path:
-    return _write_new(path, lambda p: p.write_text(text, encoding="utf-8"))
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """For the cache (ours to replace): temp file + os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def default_out_dir(cfg: Config) -> Path:
     """runs_dir/autotune-<config name>-<date>-<time>; a suffix is added when it exists."""
     base = Path(cfg.train.runs_dir).expanduser()
@@ -931,14 +886,14 @@ def _write_outputs(cfg: Config, report: AutotuneReport, out_dir: Path | None, pl
     out.mkdir(parents=True, exist_ok=True)
     if plan is not None and report.ok:  # never hand out a config that is known not to fit
         new_cfg, report.tuned_values = tuned_config(cfg, plan, loader_setting)
-        report.files["config"] = str(_write_text_new(out / f"{cfg.name}.tuned.toml", _tuned_toml(new_cfg, report)))
+        report.files["config"] = str(write_new_text(out / f"{cfg.name}.tuned.toml", _tuned_toml(new_cfg, report)))
     if report.candidates:
         try:
             report.files["plot"] = str(plot_report(report, out / "autotune.png"))
         except Exception as e:  # noqa: BLE001 - a plot must never cost the user the result
             report.notes.append(f"plot not written: {type(e).__name__}: {e}")
     # The JSON last, so it lists the other files.
-    written = _write_text_new(out / "autotune.json", json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    written = write_new_text(out / "autotune.json", json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     report.files["json"] = str(written)
 
 
@@ -1044,7 +999,8 @@ def autotune(cfg: Config, *, memory_budget_gib: float | None = None, out_dir: st
     report.elapsed_s = time.perf_counter() - t_start
     if report.ok:
         try:
-            _write_json_atomic(cache_path, {"key": fields, "report": report.to_dict()})
+            atomic_write_text(cache_path, json.dumps({"key": fields, "report": report.to_dict()}, indent=1,
+                                                     default=str))
             report.cache_path = str(cache_path)
         except OSError as e:
             report.notes.append(f"cache not written ({cache_path}: {e})")

@@ -22,7 +22,6 @@ import os
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from fasttrain.config import Config
+from fasttrain.io import write_new_text
 
 log = logging.getLogger(__name__)
 
@@ -367,6 +367,8 @@ class BenchReport:
     model_step: Timing
     end_to_end: Timing
     environment: dict[str, Any] = field(default_factory=dict)
+    json_path: str | None = None
+    """Where the JSON report was written (a new name when the asked-for file existed)."""
 
     @property
     def verdict(self) -> str:
@@ -419,22 +421,9 @@ class BenchReport:
         return "\n".join(lines)
 
     def write_json(self, path: str | os.PathLike) -> Path:
-        """Write ``to_dict()`` atomically (temp file + rename); never overwrites silently a folder."""
-        return _write_json_atomic(Path(path), self.to_dict())
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        """Write ``to_dict()`` to ``path``, or ``stem-2.json``... where it exists (a user's file is never
+        overwritten); returns the path written."""
+        return write_new_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def bench(cfg: Config, *, json_path: str | os.PathLike | None = None) -> BenchReport:
@@ -477,6 +466,6 @@ def bench(cfg: Config, *, json_path: str | os.PathLike | None = None) -> BenchRe
         environment=environment(),
     )
     if json_path is not None:
-        report.write_json(json_path)
-        log.info("bench report written to %s", json_path)
+        report.json_path = str(report.write_json(json_path))
+        log.info("bench report written to %s", report.json_path)
     return report

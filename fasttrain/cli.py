@@ -100,6 +100,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     report = bench(resolve_config(args.config, args.overrides), json_path=args.json)
     print(report.to_table())
+    if report.json_path:
+        print(f"JSON report: {report.json_path}")
     return 0
 
 

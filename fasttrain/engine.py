@@ -19,10 +19,11 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from fasttrain.checkpoint import atomic_write_text, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from fasttrain.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fasttrain.config import Config, config_from_dict, config_to_dict, dump_config
 from fasttrain.data.base import Loader
 from fasttrain.data.sources import DataSource, discover
+from fasttrain.io import atomic_write_text
 from fasttrain.models import is_conv_model
 from fasttrain.optim import make_scheduler
 from fasttrain.runtime import Runtime, environment, seed_everything

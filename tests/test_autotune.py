@@ -167,14 +167,6 @@ def test_oom_classifier_accepts_only_out_of_memory():
 
 
 # -- files and cache ---------------------------------------------------------------------------------------------
-def test_written_files_never_overwrite(tmp_path):
-    a = A._write_text_new(tmp_path / "x.tuned.toml", "one")
-    b = A._write_text_new(tmp_path / "x.tuned.toml", "two")
-    assert a.name == "x.tuned.toml" and b.name == "x.tuned-2.toml"
-    assert a.read_text() == "one" and b.read_text() == "two"
-    assert not list(tmp_path.glob(".*tmp"))
-
-
 def test_cache_key_depends_on_what_decides_the_result():
     base = {"model": {"name": "resnet50"}, "budget_gib": 16.0, "headroom": 0.1, "gpu": "H100"}
     assert A.cache_key(base) == A.cache_key(dict(reversed(list(base.items()))))

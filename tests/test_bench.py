@@ -226,7 +226,6 @@ def test_report_calls_noisy_figures_rough():
 
 
 def test_bench_on_a_tiny_cpu_config(tmp_path):
-    pytest.importorskip("fasttrain.engine")
     from fasttrain.config import load_config
     from fasttrain.data.synthetic import make_shapes_dataset
 
@@ -234,14 +233,15 @@ def test_bench_on_a_tiny_cpu_config(tmp_path):
     cfg = load_config(None, [f"data.root={root}", "data.loader=torch", "data.workers=0", "data.image_size=16",
                              "model.name=smallcnn", "model.width=4", "runtime.device=cpu", "train.batch_size=8",
                              "bench.warmup_steps=1", "bench.steps=3", "bench.repeats=2"])
-    report = B.bench(cfg, json_path=tmp_path / "bench.json")
+    mine = tmp_path / "bench.json"
+    mine.write_text("the user's own file")
+    report = B.bench(cfg, json_path=mine)
     assert report.backend == "torch" and report.batch_size == 8 and report.model == "smallcnn"
     for t in (report.loader, report.model_step, report.end_to_end):
         assert t.samples_per_s > 0 and t.repeats == 2 and t.steps == 3 and t.samples == 24
-    # Figures from a shared 2-core machine are too noisy to bound; check the report's arithmetic instead.
-    expected = "input-bound" if report.loader.samples_per_s < report.model_step.samples_per_s else "compute-bound"
-    assert report.verdict == expected
-    assert report.ceiling_share == pytest.approx(report.end_to_end.samples_per_s / report.model_step.samples_per_s)
+    # (the verdict and ceiling arithmetic are tested on fixed figures above: these CPU timings are too noisy)
     assert report.environment["torch"] == torch.__version__
-    assert json.loads((tmp_path / "bench.json").read_text())["verdict"] == report.verdict
+    assert mine.read_text() == "the user's own file"  # never overwritten: the report took a new name
+    assert report.json_path == str(tmp_path / "bench-2.json")
+    assert json.loads((tmp_path / "bench-2.json").read_text()) == json.loads(json.dumps(report.to_dict()))
     assert "end to end" in report.to_table()

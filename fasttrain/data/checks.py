@@ -72,6 +72,8 @@ def check_data(root: str | os.PathLike, *, channels: int = 3, workers: int = 0,
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"check-data: {root} is not a folder")
+    if skip_list is not None and Path(skip_list).exists():  # fail before decoding a large tree, not after
+        raise FileExistsError(f"check-data --skip-list: {skip_list} already exists; it is not overwritten")
     files = list_images(root)
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
         results = list(pool.map(lambda f: check_image(f, channels), files))

@@ -13,8 +13,6 @@ crops ``image_size`` at random (the reference's jitter), evaluation resizes to `
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from fasttrain.data.formats import SIDE_BY_SIDE
 from fasttrain.data.sources import Split
 from fasttrain.data.torch_loader import TorchLoader, sample_seed
 from fasttrain.data.transforms import DECODE_ERRORS, load_image, to_uint8_tensor
+from fasttrain.io import atomic_replace, write_new
 from fasttrain.models import build_model
 from fasttrain.optim import make_optimizer
 from fasttrain.tasks.base import Task, TrainState
@@ -100,20 +99,11 @@ def _to_image(x: torch.Tensor) -> torch.Tensor:
     return ((x.detach().float().cpu() + 1) / 2).clamp(0, 1)
 
 
-def _atomic_save_png(image: torch.Tensor, path: Path) -> None:
-    """C x H x W in 0..1 -> PNG, written to a temp file then renamed."""
+def _save_png(image: torch.Tensor, tmp: Path) -> None:
+    """C x H x W in 0..1 -> PNG at ``tmp`` (the io helpers give it its final name)."""
     from torchvision.utils import save_image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        save_image(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    save_image(image, tmp, format="png")
 
 
 class Pix2PixTask(Task):
@@ -247,15 +237,17 @@ class Pix2PixTask(Task):
     def on_step_end(self, state: TrainState, batch: Batch, run_dir: Path | None) -> None:
         every = self.cfg.task.sample_every
         if run_dir is not None and every and state.step % every == 0:
-            _atomic_save_png(self.sample_grid(state, batch), Path(run_dir) / "samples" / f"step_{state.step:07d}.png")
+            grid = self.sample_grid(state, batch)
+            atomic_replace(Path(run_dir) / "samples" / f"step_{state.step:07d}.png", lambda p: _save_png(grid, p))
 
     def on_epoch_end(self, state: TrainState, run_dir: Path | None, val_loader: Loader | None) -> None:
         if run_dir is None or val_loader is None:
             return
         batch = next(iter(val_loader), None)
         if batch is not None:
-            _atomic_save_png(self.sample_grid(state, batch),
-                             Path(run_dir) / "samples" / f"epoch_{state.epoch + 1:04d}_val.png")
+            grid = self.sample_grid(state, batch)
+            atomic_replace(Path(run_dir) / "samples" / f"epoch_{state.epoch + 1:04d}_val.png",
+                           lambda p: _save_png(grid, p))
 
     # -- prediction ------------------------------------------------------------------------------------------
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -273,11 +265,6 @@ class Pix2PixTask(Task):
         out_dir = Path(meta.get("out_dir") or "predictions")
         w, h = meta["image_size"]
         img = TF.resize(_to_image(output), [h, w], antialias=True).clamp(0, 1)
-        stem = Path(meta["image"]).stem
-        dest, n = out_dir / f"{stem}_pix2pix.png", 1
-        while dest.exists():
-            n += 1
-            dest = out_dir / f"{stem}_pix2pix-{n}.png"
-        _atomic_save_png(img, dest)
+        dest = write_new(out_dir / f"{Path(meta['image']).stem}_pix2pix.png", lambda p: _save_png(img, p))
         rec["output"] = str(dest)
         return rec
