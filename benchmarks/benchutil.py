@@ -110,24 +110,7 @@ def generate_imagenet_like(dest: Path, n_train: int, n_val: int, classes: int) -
     """ImageNet-size JPEGs (500x375, quality 90, ~ImageNet file sizes) when no real data is around."""
     from fasttrain.data import synthetic
 
-    if hasattr(synthetic, "make_imagenet_like"):
-        return synthetic.make_imagenet_like(dest, n_train + n_val, classes)
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    with synthetic.atomic_dir(dest) as tmp:
-        for split, n in (("train", n_train), ("val", n_val)):
-            for i in range(n):
-                c = i % classes
-                folder = tmp / split / f"class{c:02d}"
-                folder.mkdir(parents=True, exist_ok=True)
-                # Smooth structure plus fine noise: compresses like a photo, not like flat colour or pure noise.
-                coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((500, 375),
-                                                                                               Image.BICUBIC)
-                arr = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (375, 500, 3), dtype=np.int16)
-                Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(folder / f"{split}_{i:06d}.jpg", quality=90)
-    return dest
+    return synthetic.make_imagenet_like(dest, n_train, classes, val=n_val)
 
 
 def bench_config(size: BenchSize, *, model: str, batch_size: int, precision: str = "auto", loader: str = "torch",

@@ -12,8 +12,7 @@ import torch
 
 from benchutil import NaiveScript, bench_config
 from fasttrain import bench
-from fasttrain.models import is_conv_model
-from fasttrain.runtime import Runtime
+from fasttrain.runtime import runtime_for
 from fasttrain.tasks import make_task
 
 pytestmark = pytest.mark.benchmark(group="model_step")
@@ -30,7 +29,7 @@ def test_model_step(benchmark, measure, size, device, model_case):
     model, batch_size, precision = model_case
     cfg = bench_config(size, model=model, batch_size=batch_size, precision=precision, num_outputs=size.num_classes)
     try:
-        runtime = Runtime(cfg.runtime, conv_model=is_conv_model(model))
+        runtime = runtime_for(cfg)
     except ValueError as e:  # e.g. bf16 asked for on a GPU without it
         pytest.skip(str(e))
     task = make_task(cfg, runtime, None)

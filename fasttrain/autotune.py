@@ -968,14 +968,13 @@ def autotune(cfg: Config, *, memory_budget_gib: float | None = None, out_dir: st
     the cache (and refreshes it). ``verify`` runs ``tune.verify_steps`` steps plus one evaluation on the real
     data at the chosen settings, under the same budget.
     """
-    from fasttrain.models import is_conv_model
-    from fasttrain.runtime import Runtime, environment
+    from fasttrain.runtime import environment, runtime_for
 
     t_start = time.perf_counter()
     budget_gib = float(memory_budget_gib if memory_budget_gib is not None else cfg.tune.memory_budget_gib)
     if budget_gib <= 0:
         raise ValueError(f"--memory-budget: must be > 0 GiB, got {budget_gib:g}")
-    runtime = Runtime(cfg.runtime, conv_model=is_conv_model(cfg.model.name))
+    runtime = runtime_for(cfg)
     fields = _key_fields(cfg, runtime, budget_gib)
     cache_path = cache_dir_for(cfg) / f"{cache_key(fields)}.json"
     if use_cache and cache_path.is_file():
@@ -990,7 +989,7 @@ def autotune(cfg: Config, *, memory_budget_gib: float | None = None, out_dir: st
             log.info("autotune: answered from the cache %s", cache_path)
             return report
 
-    report = _tune(cfg, runtime, budget_gib, verify=verify)
+    report = _tune(cfg, budget_gib, verify=verify)
     report.environment = environment()
     plan = BatchPlan(**report.plan) if report.plan else None
     setting = report.loader["setting"] if report.loader else {}
@@ -1007,10 +1006,9 @@ def autotune(cfg: Config, *, memory_budget_gib: float | None = None, out_dir: st
     return report
 
 
-def _tune(cfg: Config, runtime, budget_gib: float, *, verify: bool) -> AutotuneReport:
+def _tune(cfg: Config, budget_gib: float, *, verify: bool) -> AutotuneReport:
     from fasttrain.engine import prepare
-    from fasttrain.models import is_conv_model
-    from fasttrain.runtime import Runtime, seed_everything
+    from fasttrain.runtime import runtime_for, seed_everything
     from fasttrain.tasks import make_task
 
     # The GPU cache is chosen against the budget, not the whole (maybe larger) card.
@@ -1037,7 +1035,7 @@ def _tune(cfg: Config, runtime, budget_gib: float, *, verify: bool) -> AutotuneR
         stop_reason="", probe_mode="", notes=notes)
     try:
         # Eager probes with everything else as configured; compile comes once, at the chosen size.
-        eager_rt = Runtime(dataclasses.replace(pcfg.runtime, compile="off"), conv_model=is_conv_model(pcfg.model.name))
+        eager_rt = runtime_for(pcfg, compile="off")
         eager_task = make_task(pcfg, eager_rt, source)
         probe = StepProbe(eager_task, budget=budget, warmup=tune.warmup_steps, measure_steps=tune.measure_steps,
                           eval_batch=eval_batch)

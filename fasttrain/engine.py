@@ -24,9 +24,8 @@ from fasttrain.config import Config, config_from_dict, config_to_dict, dump_conf
 from fasttrain.data.base import Loader
 from fasttrain.data.sources import DataSource, discover
 from fasttrain.io import atomic_write_text
-from fasttrain.models import is_conv_model
 from fasttrain.optim import make_scheduler
-from fasttrain.runtime import Runtime, environment, seed_everything
+from fasttrain.runtime import Runtime, environment, runtime_for, seed_everything
 from fasttrain.tasks import Task, TrainState, make_task
 
 log = logging.getLogger(__name__)
@@ -79,7 +78,7 @@ def prepare(cfg: Config, *, memory_limit: int | None = None) -> Prepared:
     source = discover(cfg.data)
     if not cfg.model.num_outputs and source.num_outputs:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_outputs=source.num_outputs))
-    runtime = Runtime(cfg.runtime, conv_model=is_conv_model(cfg.model.name))
+    runtime = runtime_for(cfg)
     task = make_task(cfg, runtime, source)
     if cfg.task.name == "classify":
         from fasttrain.data.loaders import choose_backend

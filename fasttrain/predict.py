@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
 from fasttrain.checkpoint import load_checkpoint
 from fasttrain.config import config_from_dict
-from fasttrain.models import is_conv_model
-from fasttrain.runtime import Runtime
+from fasttrain.runtime import runtime_for
 from fasttrain.tasks import make_task
 
 __all__ = ["predict"]
@@ -21,8 +19,7 @@ def predict(checkpoint: str | Path, images: list[str], *, device: str = "auto",
     ckpt = load_checkpoint(checkpoint)
     cfg = config_from_dict(ckpt["config"], source=str(checkpoint))
     # A handful of images: compiling would cost more than it saves.
-    rt_cfg = dataclasses.replace(cfg.runtime, device=device, compile="off")
-    runtime = Runtime(rt_cfg, conv_model=is_conv_model(cfg.model.name))
+    runtime = runtime_for(cfg, device=device, compile="off")
     task = make_task(cfg, runtime, None)
     state = task.build_state()
     for name, module in state.modules.items():

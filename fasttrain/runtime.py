@@ -7,7 +7,7 @@ when disabled) and uses the model ``runtime.prepare_model`` returned.
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging
 import os
 import platform
@@ -25,8 +25,8 @@ from fasttrain.data.base import InputSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Precision", "decide_precision", "Runtime", "environment", "seed_everything", "resolve_device",
-           "dali_version"]
+__all__ = ["Precision", "decide_precision", "Runtime", "runtime_for", "environment", "seed_everything",
+           "resolve_device", "dali_version"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -215,9 +215,10 @@ def _driver_version() -> str | None:
         return None
 
 
-def runtime_for(cfg: Config, model_is_conv: bool = True) -> Runtime:
-    return Runtime(cfg.runtime, conv_model=model_is_conv)
+def runtime_for(cfg: Config, **overrides: Any) -> Runtime:
+    """The runtime of a config: channels_last only where its model convolves. ``overrides`` replace
+    ``runtime.*`` fields for this use (e.g. ``compile="off"`` for eager probes or prediction)."""
+    from fasttrain.models import is_conv_model
 
-
-def environment_json() -> str:
-    return json.dumps(environment(), indent=2)
+    rcfg = dataclasses.replace(cfg.runtime, **overrides) if overrides else cfg.runtime
+    return Runtime(rcfg, conv_model=is_conv_model(cfg.model.name))

@@ -75,8 +75,6 @@ class Task:
     """Default validation metric that selects the best checkpoint."""
     best_mode: str = "min"
     """min or max: which direction is better for ``best_metric``."""
-    is_conv: bool = True
-    """Whether channels_last is worth it for this task's networks."""
     predict_module: str = "model"
     """The module (key of ``TrainState.callables``) whose output prediction describes."""
 
