@@ -93,8 +93,14 @@ def torch_reference(paths, data: DataConfig, spec: InputSpec) -> torch.Tensor:
 
 # -- no DALI needed -----------------------------------------------------------------------------------------
 
-def test_importing_the_module_does_not_import_dali():
-    code = "import sys, fasttrain.data.dali, fasttrain.data.gpu_cache; sys.exit('nvidia.dali' in sys.modules)"
+def test_importing_the_package_has_no_side_effects():
+    """STYLE habit 1: no DALI import, no CUDA initialisation, no cuDNN flag changed by importing any module."""
+    code = ("import sys, torch; flags = torch.backends.cudnn.benchmark; "
+            "import fasttrain, fasttrain.cli, fasttrain.engine, fasttrain.autotune, fasttrain.bench, "
+            "fasttrain.predict, fasttrain.data.dali, fasttrain.data.gpu_cache, fasttrain.data.loaders, "
+            "fasttrain.tasks.classify, fasttrain.tasks.regress, fasttrain.tasks.pix2pix; "
+            "sys.exit(1 if 'nvidia.dali' in sys.modules else 2 if torch.cuda.is_initialized() "
+            "else 3 if torch.backends.cudnn.benchmark != flags else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

@@ -51,7 +51,9 @@ def test_short_run_lowers_val_l1_and_writes_samples(trained, paired_root, tmp_pa
     samples = sorted(p.name for p in (trained.run_dir / "samples").iterdir())
     assert "step_0000010.png" in samples and "epoch_0003_val.png" in samples
     with Image.open(trained.run_dir / "samples" / "epoch_0003_val.png") as im:
-        assert im.width > im.height / 4 * 2  # rows of input | output | target
+        cell = 32 + 2  # make_grid: 32 px images, 2 px padding
+        assert im.width == 3 * cell + 2  # input | output | target
+        assert (im.height - 2) % cell == 0 and im.height > cell  # one row per sample, at least two
 
 
 def test_checkpoint_holds_both_networks_and_predicts_images(trained, paired_root, tmp_path):

@@ -1,4 +1,5 @@
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -69,9 +70,15 @@ def test_checkpoint_loads_and_predicts_point_and_colour(trained, drawing_root):
     recs = predict(ckpt_path, [canvas, drawing_root / "nope.png"], device="cpu")
     rec = recs[0]
     assert rec["image"] == str(canvas)
-    assert len(rec["point"]) == 2 and all(0 <= v <= 32 for v in rec["point"])  # pixels of the 32 px canvas
-    assert rec["color"].startswith("#") and len(rec["color"]) == 7
+    assert len(rec["point"]) == 2 and rec["color"].startswith("#") and len(rec["color"]) == 7
     assert "error" in recs[1]
+
+    # predict() must reproduce the evaluation: its point error over the val split is the best epoch's.
+    val = discover(drawing_cfg(drawing_root, "unused").data, drawing_root).val
+    recs = predict(ckpt_path, val.paths, device="cpu")
+    err = [math.dist(r["point"], (t[0] * 32, t[1] * 32)) for r, t in zip(recs, val.targets)]
+    best = next(h for h in trained.history if h["val_loss"] == trained.best_value)
+    assert sum(err) / len(err) == pytest.approx(best["val_point_px"], abs=0.1)  # predict rounds to 0.1 px
 
 
 def test_unreadable_images_are_skipped_not_fatal(tmp_path, caplog):

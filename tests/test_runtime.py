@@ -1,3 +1,7 @@
+import json
+import os
+import platform
+
 import pytest
 import torch
 
@@ -56,8 +60,11 @@ def test_bf16_autocast_on_cpu_changes_matmul_dtype():
 def test_environment_record_has_versions():
     env = environment()
     assert env["torch"] == torch.__version__
-    for key in ("cuda", "cudnn", "driver", "gpu", "dali", "cpu_count", "python"):
-        assert key in env
+    assert env["cuda"] == torch.version.cuda and env["cpu_count"] == os.cpu_count()
+    assert env["cudnn"] == (torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None)
+    assert env["python"] == platform.python_version()
+    assert (env["gpu"] is None) == (not torch.cuda.is_available())
+    assert json.loads(json.dumps(env)) == env  # written as environment.json with every run
 
 
 @pytest.mark.gpu

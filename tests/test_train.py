@@ -136,11 +136,29 @@ def test_odd_image_modes_are_converted_and_bad_files_skipped(tmp_path, channels,
     mean = "[0.5]" if channels == 1 else "[0.5, 0.5, 0.5]"
     cfg = small_cfg(tmp_path, tmp_path / "runs", f"data.channels={channels}", f"data.mean={mean}",
                     f"data.std={mean}", "data.val_fraction=0.3", "train.epochs=1", "train.batch_size=4")
+    result = train(cfg, progress=False)  # bad files in the tree: the run completes
+    assert len(result.history) == 1 and math.isfinite(result.history[0]["train_loss"])
+    assert math.isfinite(result.history[0]["val_loss"])
+
+    # One evaluation pass over every file: each bad one is named once, every good one arrives.
+    from fasttrain.data.base import InputSpec
+    from fasttrain.data.sources import discover
+    from fasttrain.data.torch_loader import ImageDataset, TorchLoader
+    from fasttrain.data.transforms import eval_transform
+
+    split = discover(apply_overrides(cfg, ["data.val_fraction=0"]).data).train
+    spec = InputSpec(torch.device("cpu"), torch.float32, False, (0.5,) * channels, (0.5,) * channels)
+    loader = TorchLoader(ImageDataset(split, eval_transform(cfg.data), channels, 0), spec, batch_size=4,
+                         train=False, seed=0, workers=0)
+    caplog.clear()  # only this pass's records
     with caplog.at_level(logging.WARNING, logger="fasttrain"):
-        result = train(cfg, progress=False)
-    assert result.history[0]["train_loss"] > 0
-    warned = " ".join(r.getMessage() for r in caplog.records)
-    assert "broken.jpg" in warned or "empty.png" in warned  # bad files are named, and the run went on
+        batches = list(loader)
+    bad = [p for p in split.paths if p.endswith(("broken.jpg", "empty.png"))]
+    assert len(bad) == 4
+    assert sum(len(b) for b in batches) == len(split) - len(bad)
+    warned = [r.getMessage() for r in caplog.records]
+    assert all(sum(p in w for w in warned) == 1 for p in bad)
+    assert all(b.inputs.shape[1] == channels for b in batches)
 
 
 def test_predict_prints_class_and_probability(trained, shapes_root, tmp_path, capsys):
