@@ -15,7 +15,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from fasttrain.config import DataConfig
 
-__all__ = ["DECODE_ERRORS", "load_image", "eval_transform", "train_transform", "to_uint8_tensor"]
+__all__ = ["DECODE_ERRORS", "load_image", "eval_transform", "train_transform", "to_uint8_tensor", "resize_square"]
 
 # What a broken or unsupported image file raises while decoding (PIL raises SyntaxError on some corrupt PNGs,
 # DecompressionBombError on absurd sizes): every loader skips and reports these instead of stopping.
@@ -49,6 +49,13 @@ def load_image(path: str, channels: int) -> Image.Image:
 
 def to_uint8_tensor(im: Image.Image) -> torch.Tensor:
     return TF.pil_to_tensor(im)  # uint8, C x H x W
+
+
+def resize_square(im: Image.Image, size: int) -> torch.Tensor:
+    """The whole image (aspect not kept, nothing cropped) -> uint8 C x size x size, bilinear, by Pillow.
+    For targets tied to positions in the image (regression points, pix2pix pairs), where a crop would move them."""
+    im = TF.resize(im, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    return to_uint8_tensor(im)
 
 
 def eval_transform(cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:

@@ -84,9 +84,23 @@ class Task:
         self.source = source
 
     # -- building ---------------------------------------------------------------------------------------------
-    def build_state(self) -> TrainState:
-        """Modules on the device (prepared by the runtime), optimizers and scalers; no schedulers."""
+    @property
+    def num_outputs(self) -> int:
+        """Output units of the (single) model."""
         raise NotImplementedError
+
+    def build_state(self) -> TrainState:
+        """Modules on the device (prepared by the runtime), optimizers and scalers; no schedulers.
+        This default is one ``model`` from the registry with ``num_outputs`` outputs; pix2pix builds two."""
+        from fasttrain.models import build_model
+        from fasttrain.optim import make_optimizer
+
+        c = self.cfg
+        model = build_model(c.model.name, in_channels=c.data.channels, num_outputs=self.num_outputs,
+                            image_size=c.data.image_size, width=c.model.width, dropout=c.model.dropout)
+        fn = self.runtime.prepare_model(model)
+        opt = make_optimizer(model, c.optim, fused_kwargs=self.runtime.optimizer_kwargs())
+        return TrainState({"model": model}, {"model": fn}, {"model": opt}, {"model": self.runtime.grad_scaler()})
 
     def make_loader(self, split: Split, *, train: bool, batch_size: int, backend: str) -> Loader:
         """A loader over ``split`` yielding device Batches. ``backend`` is the engine's choice for image
@@ -119,6 +133,12 @@ class Task:
     def synthetic_batch(self, batch_size: int, spec: InputSpec, train: bool = True) -> Batch:
         """A batch of the largest shape the data produces, already on the device (autotune, benchmarks)."""
         raise NotImplementedError
+
+    def synthetic_inputs(self, batch_size: int, spec: InputSpec) -> torch.Tensor:
+        """Random model inputs at the configured size, dtype and memory format, on the device."""
+        s, c = self.cfg.data.image_size, self.cfg.data.channels
+        x = torch.randn(batch_size, c, s, s, device=spec.device).to(spec.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if spec.channels_last else x
 
     # -- hooks -----------------------------------------------------------------------------------------------
     def on_step_end(self, state: TrainState, batch: Batch, run_dir: Path | None) -> None:

@@ -9,8 +9,6 @@ import torch.nn.functional as F
 
 from fasttrain.data.base import Batch, InputSpec, Loader
 from fasttrain.data.sources import Split
-from fasttrain.models import build_model
-from fasttrain.optim import make_optimizer
 from fasttrain.tasks.base import Task, TrainState
 
 __all__ = ["ClassifyTask"]
@@ -22,23 +20,12 @@ class ClassifyTask(Task):
     best_mode = "max"
 
     @property
-    def num_classes(self) -> int:
+    def num_outputs(self) -> int:
         n = self.cfg.model.num_outputs or (self.source.num_outputs if self.source else 0)
         if n < 2:
             raise ValueError("model.num_outputs: a classifier needs at least 2 classes "
                              f"(found {n}; set model.num_outputs or check data.root)")
         return n
-
-    def build_model(self) -> torch.nn.Module:
-        c = self.cfg
-        return build_model(c.model.name, in_channels=c.data.channels, num_outputs=self.num_classes,
-                           image_size=c.data.image_size, width=c.model.width, dropout=c.model.dropout)
-
-    def build_state(self) -> TrainState:
-        model = self.build_model()
-        fn = self.runtime.prepare_model(model)
-        opt = make_optimizer(model, self.cfg.optim, fused_kwargs=self.runtime.optimizer_kwargs())
-        return TrainState({"model": model}, {"model": fn}, {"model": opt}, {"model": self.runtime.grad_scaler()})
 
     def make_loader(self, split: Split, *, train: bool, backend: str, batch_size: int) -> Loader:
         from fasttrain.data.loaders import make_image_loader
@@ -72,12 +59,8 @@ class ClassifyTask(Task):
         return out
 
     def synthetic_batch(self, batch_size: int, spec: InputSpec, train: bool = True) -> Batch:
-        s, c = self.cfg.data.image_size, self.cfg.data.channels
-        x = torch.randn(batch_size, c, s, s, device=spec.device).to(spec.dtype)
-        if spec.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = torch.randint(0, self.num_classes, (batch_size,), device=spec.device)
-        return Batch(x, y)
+        y = torch.randint(0, self.num_outputs, (batch_size,), device=spec.device)
+        return Batch(self.synthetic_inputs(batch_size, spec), y)
 
     def describe_prediction(self, output: torch.Tensor, meta: dict[str, Any]) -> dict[str, Any]:
         probs = output.softmax(0)

@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import make_grid
 
@@ -29,7 +28,7 @@ from fasttrain.data.base import Batch, InputSpec, Loader, normalize_on_device
 from fasttrain.data.formats import SIDE_BY_SIDE
 from fasttrain.data.sources import Split
 from fasttrain.data.torch_loader import TorchLoader, sample_seed
-from fasttrain.data.transforms import DECODE_ERRORS, load_image, to_uint8_tensor
+from fasttrain.data.transforms import DECODE_ERRORS, load_image, resize_square
 from fasttrain.io import atomic_replace, write_new
 from fasttrain.models import build_model
 from fasttrain.optim import make_optimizer
@@ -58,12 +57,6 @@ def load_pair(path: str, target: str, channels: int) -> tuple[Image.Image, Image
     return a, load_image(target, channels)
 
 
-def _resize(im: Image.Image, size: int) -> torch.Tensor:
-    """-> uint8 C x size x size; resized by Pillow (faster than torch on the CPU), bilinear."""
-    im = TF.resize(im, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-    return to_uint8_tensor(im)
-
-
 class PairDataset(Dataset):
     """(index, epoch) -> (A, B) uint8 C x S x S with the same geometry, or None when a file cannot be decoded."""
 
@@ -83,7 +76,7 @@ class PairDataset(Dataset):
         except DECODE_ERRORS as e:
             log.warning("skipping unreadable pair %s -> %s: %s", path, target, e)
             return None
-        a, b = _resize(a, self.load_size), _resize(b, self.load_size)
+        a, b = resize_square(a, self.load_size), resize_square(b, self.load_size)
         if self.train:
             g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
             top, left = (int(v) for v in torch.randint(0, self.load_size - self.size + 1, (2,), generator=g))
@@ -251,7 +244,7 @@ class Pix2PixTask(Task):
 
     # -- prediction ------------------------------------------------------------------------------------------
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return _resize(image, self.cfg.data.image_size)
+        return resize_square(image, self.cfg.data.image_size)
 
     def describe_prediction(self, output: torch.Tensor, meta: dict[str, Any]) -> dict[str, Any]:
         """Write the generated image (resized back to its input's size) as ``out_dir/<stem>_pix2pix.png``.

@@ -18,28 +18,18 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 from fasttrain.config import ConfigError
 from fasttrain.data.base import Batch, InputSpec, Loader
 from fasttrain.data.formats import DRAWING_TARGETS
 from fasttrain.data.sources import Split
 from fasttrain.data.torch_loader import TorchLoader
-from fasttrain.data.transforms import DECODE_ERRORS, load_image, to_uint8_tensor
-from fasttrain.models import build_model
-from fasttrain.optim import make_optimizer
+from fasttrain.data.transforms import DECODE_ERRORS, load_image, resize_square
 from fasttrain.tasks.base import Task, TrainState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RegressTask", "RegressDataset", "target_range", "resize_square"]
-
-
-def resize_square(im: Image.Image, size: int) -> torch.Tensor:
-    """The whole image (aspect not kept) -> uint8 C x size x size, bilinear; resized by Pillow, faster on CPU."""
-    im = TF.resize(im, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-    return to_uint8_tensor(im)
+__all__ = ["RegressTask", "RegressDataset", "target_range"]
 
 
 def target_range(targets: list[list[float]]) -> tuple[list[float], list[float]]:
@@ -109,14 +99,6 @@ class RegressTask(Task):
         return self.target_names == DRAWING_TARGETS
 
     # -- building ---------------------------------------------------------------------------------------------
-    def build_state(self) -> TrainState:
-        c = self.cfg
-        model = build_model(c.model.name, in_channels=c.data.channels, num_outputs=self.num_outputs,
-                            image_size=c.data.image_size, width=c.model.width, dropout=c.model.dropout)
-        fn = self.runtime.prepare_model(model)
-        opt = make_optimizer(model, c.optim, fused_kwargs=self.runtime.optimizer_kwargs())
-        return TrainState({"model": model}, {"model": fn}, {"model": opt}, {"model": self.runtime.grad_scaler()})
-
     def make_loader(self, split: Split, *, train: bool, batch_size: int, backend: str) -> Loader:
         d = self.cfg.data
         ds = RegressDataset(split, d.image_size, d.channels, self.low, self.high)
@@ -157,13 +139,10 @@ class RegressTask(Task):
         return out
 
     def synthetic_batch(self, batch_size: int, spec: InputSpec, train: bool = True) -> Batch:
-        s, c, k = self.cfg.data.image_size, self.cfg.data.channels, self.num_outputs
-        x = torch.randn(batch_size, c, s, s, device=spec.device).to(spec.dtype)
-        if spec.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        s, k = self.cfg.data.image_size, self.num_outputs
         y = torch.cat([torch.rand(batch_size, k, device=spec.device),
                        torch.full((batch_size, 2), float(s), device=spec.device)], 1)
-        return Batch(x, y)
+        return Batch(self.synthetic_inputs(batch_size, spec), y)
 
     # -- prediction ------------------------------------------------------------------------------------------
     def checkpoint_meta(self) -> dict[str, Any]:
