@@ -328,11 +328,10 @@ def cache_key(fields: dict[str, Any]) -> str:
 
 
 def cache_dir_for(cfg: Config) -> Path:
-    if cfg.tune.cache_dir:
-        return Path(cfg.tune.cache_dir).expanduser()
-    env = os.environ.get("FASTTRAIN_CACHE")
-    base = Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fasttrain"
-    return base / "autotune"
+    """tune.cache_dir, else the autotune/ folder of fasttrain's cache (where the demo dataset lives too)."""
+    from fasttrain.data.synthetic import default_cache_dir
+
+    return Path(cfg.tune.cache_dir).expanduser() if cfg.tune.cache_dir else default_cache_dir() / "autotune"
 
 
 # ================================================================================================== budget ===
@@ -849,14 +848,10 @@ def plot_report(report: AutotuneReport | dict[str, Any], path: str | os.PathLike
 
 # =================================================================================================== files ===
 def default_out_dir(cfg: Config) -> Path:
-    """runs_dir/autotune-<config name>-<date>-<time>; a suffix is added when it exists."""
-    base = Path(cfg.train.runs_dir).expanduser()
-    name = f"autotune-{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    for i in range(1000):
-        d = base / (name if i == 0 else f"{name}-{i + 1}")
-        if not d.exists():
-            return d
-    raise FileExistsError(f"train.runs_dir: no free folder name for {name!r} in {base}")
+    """runs_dir/autotune-<config name>-<date>-<time>, created now; a suffix is added when it exists."""
+    from fasttrain.engine import new_run_dir
+
+    return new_run_dir(cfg, prefix="autotune-")
 
 
 def tuned_config(cfg: Config, plan: BatchPlan, loader_setting: dict[str, Any]) -> tuple[Config, dict[str, Any]]:

@@ -91,11 +91,12 @@ def prepare(cfg: Config, *, memory_limit: int | None = None) -> Prepared:
     return Prepared(cfg, runtime, source, task, backend, reason)
 
 
-def new_run_dir(cfg: Config) -> Path:
-    """A fresh run folder; an existing one is never reused (a suffix is added instead)."""
+def new_run_dir(cfg: Config, prefix: str = "") -> Path:
+    """A fresh folder in train.runs_dir, created here (so two runs cannot share it); an existing one is never
+    reused: a suffix is added instead. ``prefix`` names other kinds of output (``autotune-``)."""
     base = Path(cfg.train.runs_dir).expanduser()
     base.mkdir(parents=True, exist_ok=True)
-    name = cfg.train.run_name or f"{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = (cfg.train.run_name if not prefix else "") or f"{prefix}{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
     for i in range(1000):
         d = base / (name if i == 0 else f"{name}-{i + 1}")
         try:
