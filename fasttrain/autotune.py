@@ -140,6 +140,17 @@ def _round_down(x: int, m: int) -> int:
     return x // m * m
 
 
+def mark_usable(c: Candidate, budget_bytes: int | None, headroom: float) -> Candidate:
+    """Set ``c.usable``: it fits, was timed, and its usage leaves ``headroom`` of the budget (no budget on CPU)."""
+    c.usable = c.fits and c.samples_per_s is not None
+    limit = None if budget_bytes is None else (1.0 - headroom) * budget_bytes
+    if c.usable and limit is not None and c.usage_bytes is not None and c.usage_bytes > limit:
+        c.usable = False
+        c.error = c.error or (f"leaves less than {headroom:.0%} headroom "
+                              f"({c.usage_bytes / GIB:.2f} of {budget_bytes / GIB:.2f} GiB)")
+    return c
+
+
 def choose_batch(candidates: Iterable[Candidate], noise: float) -> tuple[int | None, int | None]:
     """(chosen, best): the best samples/s among usable candidates; the smallest batch within ``noise`` of it
     is chosen (it gives the same speed with less memory, and more optimizer steps per epoch)."""
@@ -170,18 +181,12 @@ def search_batch_size(measure: Callable[[int, str], Candidate], *, min_batch: in
     if cap < start:
         raise ValueError(f"tune.max_batch: no multiple of tune.multiple ({multiple}) lies between tune.min_batch "
                          f"({min_batch}) and the largest batch tried ({max_batch})")
-    limit = None if budget_bytes is None else (1.0 - headroom) * budget_bytes
     results: dict[int, Candidate] = {}
     order: list[Candidate] = []
 
     def run(b: int, phase: str) -> Candidate:
-        c = measure(b, phase)
+        c = mark_usable(measure(b, phase), budget_bytes, headroom)
         c.phase = c.phase or phase
-        c.usable = c.fits and c.samples_per_s is not None
-        if c.usable and limit is not None and c.usage_bytes is not None and c.usage_bytes > limit:
-            c.usable = False
-            c.error = c.error or (f"leaves less than {headroom:.0%} headroom "
-                                  f"({c.usage_bytes / GIB:.2f} of {budget_bytes / GIB:.2f} GiB)")
         results[b] = c
         order.append(c)
         return c
@@ -1133,12 +1138,8 @@ def _compiled_check(report: AutotuneReport, result: SearchResult, prep, budget: 
                       eval_batch=eval_batch)
     smaller = sorted({c.batch_size for c in result.candidates if c.usable and c.batch_size < first}, reverse=True)
     for size in [first, *smaller][:3]:
-        got = probe(size, "compiled")
+        got = mark_usable(probe(size, "compiled"), budget.budget_bytes, tune.headroom)
         report.compile_s += got.untimed_s  # warm-up (the compile) and the eval step (its compile)
-        limit = None if budget.budget_bytes is None else (1 - tune.headroom) * budget.budget_bytes
-        got.usable = got.fits and (limit is None or got.usage_bytes is None or got.usage_bytes <= limit)
-        if not got.usable and got.fits:
-            got.error = got.error or f"compiled step leaves less than {tune.headroom:.0%} headroom"
         report.compiled = got
         log.info("compiled check at %d: %s (%.1f s, of which %.1f s warm-up and compile)", size,
                  "ok" if got.usable else got.error, got.seconds, got.untimed_s)
