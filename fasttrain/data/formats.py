@@ -36,7 +36,7 @@ from typing import Any, Iterable
 from PIL import Image
 
 from fasttrain.config import ConfigError, DataConfig
-from fasttrain.data.sources import IMAGE_EXTENSIONS, DataSource, Split, holdout_split, list_images
+from fasttrain.data.sources import IMAGE_EXTENSIONS, DataSource, Split, hold_out, list_images, split_folders
 from fasttrain.data.transforms import DECODE_ERRORS
 
 log = logging.getLogger(__name__)
@@ -66,23 +66,6 @@ def discover(cfg: DataConfig, root: Path) -> DataSource:
     raise ConfigError(f"data.format: {cfg.format!r} is not handled by fasttrain.data.formats")
 
 
-def _holdout(train: Split, cfg: DataConfig, groups: list[Any] | None = None) -> tuple[Split, Split]:
-    """Seeded hold-out of ``cfg.val_fraction``; with ``groups``, whole groups go to one side."""
-    if groups is None:
-        tr, va = holdout_split(train.targets, cfg.val_fraction, cfg.split_seed, stratify=False)
-    else:
-        keys = sorted(set(groups), key=str)
-        gtr, gva = holdout_split(keys, cfg.val_fraction, cfg.split_seed, stratify=False)
-        val_keys = {keys[i] for i in gva}
-        va = [i for i, g in enumerate(groups) if g in val_keys]
-        tr = [i for i, g in enumerate(groups) if g not in val_keys]
-    train_part, val = train.subset(tr), train.subset(va)
-    val.name = "val"
-    log.info("no validation split: held out %d of %d samples (data.val_fraction %.2f, seed %d)",
-             len(va), len(tr) + len(va), cfg.val_fraction, cfg.split_seed)
-    return train_part, val
-
-
 def _finish(root: Path, fmt: str, splits: dict[str, Split], cfg: DataConfig, skipped: list[tuple[str, str]],
             groups: list[Any] | None = None, **names: Any) -> DataSource:
     train = splits.get("train")
@@ -91,7 +74,7 @@ def _finish(root: Path, fmt: str, splits: dict[str, Split], cfg: DataConfig, ski
         raise ConfigError(f"data.root: no usable {fmt} training samples under {root}{detail}")
     val = splits.get("val")
     if val is None:
-        train, val = _holdout(train, cfg, groups)
+        train, val = hold_out(train, cfg, stratify=False, groups=groups)
     test = splits.get("test")
     return DataSource(root, fmt, train, val if val is not None and len(val) else None,
                       test if test is not None and len(test) else None, skipped=skipped, **names)
@@ -292,19 +275,9 @@ def _drawing_split(name: str, folder: Path, reserved: set[str], skipped: list[tu
     return split
 
 
-def _split_folders(cfg: DataConfig, root: Path) -> tuple[dict[str, Path], set[str]]:
-    """Existing split folders by name, and the names reserved at the root when the root is the train split."""
-    dirs = {"train": root / cfg.train_dir, "val": root / cfg.val_dir, "test": root / cfg.test_dir}
-    found = {k: d for k, d in dirs.items() if d.is_dir() and d != root}
-    if "train" not in found:
-        found["train"] = root
-    reserved = {cfg.train_dir, cfg.val_dir, cfg.test_dir} if found["train"] == root else set()
-    return found, reserved
-
-
 def _discover_drawing(cfg: DataConfig, root: Path) -> DataSource:
     skipped: list[tuple[str, str]] = []
-    folders, reserved = _split_folders(cfg, root)
+    folders, reserved = split_folders(cfg, root)
     splits, train_groups = {}, []
     for name, folder in folders.items():
         groups: list[str] = []
@@ -367,7 +340,7 @@ def _discover_paired(cfg: DataConfig, root: Path) -> DataSource:
         if ab is not None and not any((ab[0] / s).is_dir() for s in names.values()):
             splits["train"] = _paired_split("train", *ab, skipped)
     if not splits:  # no A/B folders: side-by-side images
-        folders, reserved = _split_folders(cfg, root)
+        folders, reserved = split_folders(cfg, root)
         for split, folder in folders.items():
             splits[split] = _side_by_side_split(split, folder, reserved if folder == root else set())
     if "train" not in splits:

@@ -18,7 +18,8 @@ from fasttrain.config import ConfigError, DataConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_EXTENSIONS", "Split", "DataSource", "discover", "list_images", "holdout_split"]
+__all__ = ["IMAGE_EXTENSIONS", "Split", "DataSource", "discover", "list_images", "holdout_split", "hold_out",
+           "split_folders"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm"})
 
@@ -93,6 +94,38 @@ def holdout_split(targets: list[Any], fraction: float, seed: int, stratify: bool
     return sorted(train), sorted(val)
 
 
+def split_folders(cfg: DataConfig, root: Path) -> tuple[dict[str, Path], set[str]]:
+    """The split folders that exist ({"train": ..., "val"?: ..., "test"?: ...}; the root itself is the training
+    split when it has no train_dir), and the names that are splits, not data, when the root is that split."""
+    dirs = {"train": root / cfg.train_dir, "val": root / cfg.val_dir, "test": root / cfg.test_dir}
+    train = dirs["train"] if dirs["train"].is_dir() and dirs["train"] != root else root
+    found = {"train": train}
+    for name in ("val", "test"):
+        if dirs[name].is_dir() and dirs[name] not in (root, train):
+            found[name] = dirs[name]
+    reserved = {cfg.train_dir, cfg.val_dir, cfg.test_dir} if train == root else set()
+    return found, reserved
+
+
+def hold_out(train: Split, cfg: DataConfig, *, stratify: bool, groups: list[Any] | None = None
+             ) -> tuple[Split, Split]:
+    """(train, val): a seeded ``cfg.val_fraction`` of ``train`` held out, per class when ``stratify``; with
+    ``groups``, whole groups go to one side (steps of one drawing session)."""
+    if groups is None:
+        tr, va = holdout_split(train.targets, cfg.val_fraction, cfg.split_seed, stratify=stratify)
+    else:
+        keys = sorted(set(groups), key=str)
+        _, gva = holdout_split(keys, cfg.val_fraction, cfg.split_seed, stratify=False)
+        val_keys = {keys[i] for i in gva}
+        va = [i for i, g in enumerate(groups) if g in val_keys]
+        tr = [i for i, g in enumerate(groups) if g not in val_keys]
+    train_part, val = train.subset(tr), train.subset(va)
+    val.name = "val"
+    log.info("no %s/ split: held out %d of %d training samples for validation (data.val_fraction %.2f, seed %d)",
+             cfg.val_dir, len(va), len(tr) + len(va), cfg.val_fraction, cfg.split_seed)
+    return train_part, val
+
+
 def _class_folder_split(folder: Path, name: str, class_names: list[str]) -> Split:
     paths, targets = [], []
     index = {c: i for i, c in enumerate(class_names)}
@@ -107,11 +140,8 @@ def _class_folder_split(folder: Path, name: str, class_names: list[str]) -> Spli
 
 
 def _discover_folder(cfg: DataConfig, root: Path) -> DataSource:
-    train_dir = root / cfg.train_dir
-    if not train_dir.is_dir():
-        train_dir = root  # one folder of class folders
-    # When the root itself is the training split, its val/ and test/ folders are splits, not classes.
-    reserved = {cfg.val_dir, cfg.test_dir} if train_dir == root else set()
+    folders, reserved = split_folders(cfg, root)
+    train_dir = folders["train"]
     class_names = sorted(p.name for p in train_dir.iterdir()
                          if p.is_dir() and not p.name.startswith(".") and p.name not in reserved)
     if not class_names:
@@ -123,17 +153,11 @@ def _discover_folder(cfg: DataConfig, root: Path) -> DataSource:
     empty = [c for i, c in enumerate(class_names) if i not in present]
     if empty:
         log.warning("class folders without images in %s: %s", train_dir, ", ".join(empty))
-    val_dir = root / cfg.val_dir
-    if val_dir.is_dir() and val_dir != train_dir:
-        val = _class_folder_split(val_dir, "val", class_names)
+    if "val" in folders:
+        val = _class_folder_split(folders["val"], "val", class_names)
     else:
-        tr, va = holdout_split(train.targets, cfg.val_fraction, cfg.split_seed, stratify=True)
-        train, val = train.subset(tr), train.subset(va)
-        val.name = "val"
-        log.info("no %s/ folder: held out %d of %d training images for validation (seed %d)",
-                 cfg.val_dir, len(va), len(tr) + len(va), cfg.split_seed)
-    test_dir = root / cfg.test_dir
-    test = _class_folder_split(test_dir, "test", class_names) if test_dir.is_dir() and test_dir != train_dir else None
+        train, val = hold_out(train, cfg, stratify=True)
+    test = _class_folder_split(folders["test"], "test", class_names) if "test" in folders else None
     return DataSource(root, "folder", train, val if len(val) else None, test, class_names=class_names)
 
 
