@@ -144,13 +144,14 @@ def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
         f.flush()
 
 
-def _trim_metrics(path: Path, epochs_done: int) -> None:
-    """On resume: drop records of epochs after the checkpoint (they will be run again)."""
+def _trim_metrics(path: Path, epochs_done: int) -> list[dict[str, Any]]:
+    """On resume: drop records of epochs after the checkpoint (they will be run again); returns those kept."""
     if not path.is_file():
-        return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("epoch", 0) <= epochs_done]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+        return []
+    keep = [r for r in map(json.loads, filter(str.strip, path.read_text(encoding="utf-8").splitlines()))
+            if r.get("epoch", 0) <= epochs_done]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+    return keep
 
 
 def train(cfg: Config | None = None, *, resume: str | Path | None = None, progress: bool = True,
@@ -231,9 +232,8 @@ def _train(prep: Prepared, run_dir: Path, ckpt: dict | None, progress: bool,
         position = ckpt.get("position")
         if position and position["epoch"] == state.epoch:
             resume_micro = int(position["micro"])
-        _trim_metrics(metrics_path, state.epoch)
-        if metrics_path.is_file():
-            history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        # history is one record per epoch; a finished run's "test" event stays in the file only
+        history = [r for r in _trim_metrics(metrics_path, state.epoch) if "event" not in r]
         log.info("resumed from %s at epoch %d, step %d%s", ckpt_dir / "last.pt", state.epoch, state.step,
                  f" ({resume_micro} batches into epoch {state.epoch + 1})" if resume_micro else "")
 
