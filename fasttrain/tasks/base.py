@@ -177,6 +177,7 @@ class Task:
         from fasttrain.data.transforms import DECODE_ERRORS, load_image
 
         spec = self.input_spec()
+        scale_shift = spec.scale_shift()  # once, not per image
         model = state.callables[self.predict_module]
         state.train(False)
         records = []
@@ -187,7 +188,7 @@ class Task:
                 records.append({"image": path, "error": f"cannot read image: {e}"})
                 continue
             with torch.no_grad(), self.runtime.autocast():
-                out = model(normalize_on_device(self.preprocess(image)[None], spec))
+                out = model(normalize_on_device(self.preprocess(image)[None], spec, scale_shift))
             info = {**meta, "image": path, "image_size": image.size, "out_dir": out_dir}
             records.append({"image": path, **self.describe_prediction(out[0].float().cpu(), info)})
         return records
