@@ -312,18 +312,26 @@ def loader_throughput(loader: Iterable, *, warmup_batches: int, max_batches: int
     return t
 
 
-def model_step_throughput(task: Any, state: Any, batch: Any, *, warmup: int, steps: int, repeats: int,
-                          accumulation: int = 1) -> Timing:
-    """The train step alone on a batch already on the device: the ceiling no loader can beat."""
-    device = task.runtime.device
+def _train_step_fn(task: Any, state: Any, next_batch: Callable[[], Any], accumulation: int) -> Callable[[], int]:
+    """One micro-batch through ``task.train_step`` as the engine runs it (the optimizer steps every
+    ``accumulation`` micro-batches); returns the batch size, reading nothing back from the device."""
     state.train(True)
     counter = [0]
 
     def step() -> int:
+        batch = next_batch()
         counter[0] += 1
         task.train_step(state, batch, update=counter[0] % accumulation == 0, loss_scale=1.0 / accumulation)
         return len(batch)
 
+    return step
+
+
+def model_step_throughput(task: Any, state: Any, batch: Any, *, warmup: int, steps: int, repeats: int,
+                          accumulation: int = 1) -> Timing:
+    """The train step alone on a batch already on the device: the ceiling no loader can beat."""
+    device = task.runtime.device
+    step = _train_step_fn(task, state, lambda: batch, accumulation)
     clock = "events" if device.type == "cuda" else "wall"
     return time_steps(step, warmup=warmup, steps=steps, repeats=repeats, device=device, clock=clock)
 
@@ -333,18 +341,9 @@ def end_to_end_throughput(task: Any, state: Any, loader: Iterable, *, warmup: in
     """Loader and train step together, as ``fasttrain train`` runs them (micro-batches, update every
     ``accumulation``). ``steps`` counts micro-batches. Timed by the wall clock: the loader works on the CPU and
     on side streams that CUDA events on the current stream would not see."""
-    device = task.runtime.device
-    state.train(True)
     it = cycle_batches(loader)
-    counter = [0]
-
-    def step() -> int:
-        batch = next(it)
-        counter[0] += 1
-        task.train_step(state, batch, update=counter[0] % accumulation == 0, loss_scale=1.0 / accumulation)
-        return len(batch)
-
-    return time_steps(step, warmup=warmup, steps=steps, repeats=repeats, device=device, clock="wall")
+    step = _train_step_fn(task, state, lambda: next(it), accumulation)
+    return time_steps(step, warmup=warmup, steps=steps, repeats=repeats, device=task.runtime.device, clock="wall")
 
 
 # -- the user-facing report -----------------------------------------------------------------------------------
