@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 
-from benchutil import SIZES, BenchSize, cache_root, find_tar, extract_imagenette, generate_imagenet_like
+from benchutil import SIZES, BenchSize, cache_root, extract_imagenette, find_tar, generate_imagenet_like
 from fasttrain import bench
 
 

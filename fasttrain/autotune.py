@@ -44,10 +44,11 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from fasttrain.config import Config, default_workers, dump_config
 from fasttrain.io import atomic_write_text, write_new, write_new_text
@@ -111,7 +112,7 @@ class Candidate:
     """Of ``seconds``, the part outside the timed steps: warm-up (compile, cuDNN autotuning) and the eval step."""
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Candidate":
+    def from_dict(cls, d: dict[str, Any]) -> Candidate:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -397,7 +398,7 @@ def _device_memory(device) -> tuple[int, int, str]:
             return int(info.total), int(info.used), "nvml"
         finally:
             pynvml.nvmlShutdown()
-    except Exception as e:  # NVML missing, MIG, containers without NVML: the CUDA runtime knows the same totals
+    except Exception as e:  # noqa: BLE001 - NVML missing, MIG, no NVML in a container: CUDA knows the totals
         log.debug("NVML unavailable (%s); using cudaMemGetInfo", e)
         free, total = torch.cuda.mem_get_info(device)
         return int(total), int(total - free), "cudaMemGetInfo"
@@ -544,7 +545,7 @@ class StepProbe:
         result = None
         try:
             result = self._run(b, eb)
-        except Exception as e:  # noqa: BLE001 - classified below, everything but OOM re-raised
+        except Exception as e:
             if not is_oom_error(e):
                 raise
             oom = _oom_summary(e)
@@ -712,7 +713,8 @@ class AutotuneReport:
 
     @property
     def ok(self) -> bool:
-        return not self.error and self.chosen_batch is not None and (self.verify is None or self.verify.get("ok", False))
+        verified = self.verify is None or self.verify.get("ok", False)
+        return not self.error and self.chosen_batch is not None and verified
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -720,7 +722,7 @@ class AutotuneReport:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "AutotuneReport":
+    def from_dict(cls, d: dict[str, Any]) -> AutotuneReport:
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
         kw["candidates"] = [Candidate.from_dict(c) for c in d.get("candidates", [])]
@@ -773,7 +775,8 @@ class AutotuneReport:
             lines.append(text)
         if self.plan:
             p = self.plan
-            lines.append(f"train: batch_size {p['global_batch']} = {p['accumulation']} x {p['micro_batch']}: {p['note']}")
+            lines.append(f"train: batch_size {p['global_batch']} = {p['accumulation']} x {p['micro_batch']}: "
+                         f"{p['note']}")
         if self.loader:
             lines.append(f"loader ({self.loader['backend']}): {self.loader['note']}")
         if self.verify:
@@ -1193,7 +1196,7 @@ def _verify(tuned: Config, prep, state, plan: BatchPlan, steps: int, budget: Bud
             # does not cap: read the whole device while the loaders are still alive.
             _, used, _src = _device_memory(device)
             out["device_used_bytes"] = used
-    except Exception as e:  # noqa: BLE001 - only OOM is an outcome; anything else is a bug
+    except Exception as e:
         if not is_oom_error(e):
             raise
         err = _oom_summary(e)

@@ -23,9 +23,10 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -144,7 +145,7 @@ class StepTimer:
             return self._start.elapsed_time(self._end) / 1000.0
         return self._end - self._start
 
-    def __enter__(self) -> "StepTimer":
+    def __enter__(self) -> StepTimer:
         self.start()
         return self
 
@@ -297,7 +298,8 @@ def loader_throughput(loader: Iterable, *, warmup_batches: int, max_batches: int
                       device: torch.device | str | None = None) -> Timing:
     """The loader alone: batches drawn and the device synchronized before the clock is read.
 
-    The first ``warmup_batches`` (at least one: it carries worker start) are untimed. ``device`` defaults to the device of the first batch. The loader restarts (next epoch) when it runs out.
+    The first ``warmup_batches`` (at least one: it carries worker start) are untimed. ``device`` defaults to
+    the device of the first batch. The loader restarts (next epoch) when it runs out.
     """
     it = cycle_batches(loader)
     first = next(it)  # always warm-up: it carries worker / pipeline start

@@ -61,7 +61,8 @@ class DataConfig:
     root: str = ""
     """Dataset folder; empty means the built-in demo dataset (written on first use)."""
     format: str = "folder"
-    """On-disk layout: folder (ImageFolder classes), manifest (CSV/JSONL image -> targets), drawing (canvas steps), paired (A/B or side-by-side pix2pix)."""
+    """On-disk layout: folder (ImageFolder classes), manifest (CSV/JSONL image -> targets), drawing (canvas
+    steps), paired (A/B or side-by-side pix2pix)."""
     train_dir: str = "train"
     """Sub-folder with the training split (relative to root); root itself is used when it does not exist."""
     val_dir: str = "val"
@@ -192,7 +193,8 @@ class OptimConfig:
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _check(0.0 <= self.momentum < 1.0, "optim.momentum", "must be in [0, 1)")
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", "needs two values in [0, 1)")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               "needs two values in [0, 1)")
         _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
 
 

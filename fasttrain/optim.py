@@ -7,7 +7,7 @@ tested without training and resume exactly from a checkpointed step.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

@@ -211,7 +211,7 @@ def _driver_version() -> str | None:
             return v.decode() if isinstance(v, bytes) else v
         finally:
             pynvml.nvmlShutdown()
-    except Exception:  # NVML missing or unusable: the record says None
+    except Exception:  # noqa: BLE001 - NVML missing or unusable: the record says None
         return None
 
 

@@ -157,7 +157,7 @@ def test_cycle_batches_refuses_an_empty_loader(clock):
 class FakeTask:
     """Just enough of the Task contract: a runtime with a device and a train_step that counts updates."""
 
-    class runtime:  # noqa: N801 - stands in for a Runtime instance
+    class runtime:
         device = torch.device("cpu")
 
     def __init__(self, clock: Clock):

@@ -1,7 +1,15 @@
 import pytest
 
-from fasttrain.config import (Config, ConfigError, apply_overrides, config_from_dict, config_to_dict, dump_config,
-                              load_config, parse_overrides)
+from fasttrain.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    load_config,
+    parse_overrides,
+)
 
 
 def write(tmp_path, text, name="exp.toml"):

@@ -9,8 +9,7 @@ from PIL import Image
 from fasttrain.config import ConfigError, DataConfig
 from fasttrain.data.formats import DRAWING_TARGETS, SIDE_BY_SIDE, parse_color
 from fasttrain.data.sources import discover
-from fasttrain.data.synthetic import (DRAWING_PALETTE, make_drawing_dataset, make_imagenet_like,
-                                      make_paired_dataset)
+from fasttrain.data.synthetic import DRAWING_PALETTE, make_drawing_dataset, make_imagenet_like, make_paired_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fasttrain.data.make_data import main  # noqa: E402
+from fasttrain.data.make_data import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

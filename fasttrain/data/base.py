@@ -8,8 +8,9 @@ float targets or a second image batch. It knows its ``len()`` (batches per epoch
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 

@@ -19,8 +19,9 @@ import functools
 import logging
 import os
 import tempfile
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -46,7 +47,7 @@ def dali_status() -> tuple[bool, str]:
     try:
         import nvidia.dali as dali
         import nvidia.dali.plugin.pytorch  # noqa: F401  (the bridge to torch tensors)
-    except Exception as e:  # ImportError, or a broken install failing while loading its libraries
+    except Exception as e:  # noqa: BLE001 - ImportError, or a broken install failing to load its libraries
         return False, f"nvidia.dali does not import: {type(e).__name__}: {e}"
     return True, f"DALI {dali.__version__}"
 
@@ -101,7 +102,7 @@ def check_image_file(path: str) -> str | None:
         try:
             with Image.open(path) as im:
                 im.load()
-        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... on broken streams
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... on broken streams
             return f"truncated or corrupt {kind} ({type(e).__name__}: {e})"
     return None
 

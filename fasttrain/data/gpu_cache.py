@@ -19,11 +19,12 @@ import dataclasses
 import logging
 import math
 import os
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+
 from fasttrain.config import DataConfig
 from fasttrain.data.base import Batch, InputSpec, normalize_on_device
 from fasttrain.data.dali import targets_tensor

@@ -36,7 +36,7 @@ class Split:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def subset(self, indices: list[int]) -> "Split":
+    def subset(self, indices: list[int]) -> Split:
         return Split(self.name, [self.paths[i] for i in indices], [self.targets[i] for i in indices])
 
 

@@ -5,7 +5,7 @@ Images leave here as uint8 C x H x W tensors; normalization happens on the devic
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
