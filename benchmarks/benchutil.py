@@ -125,7 +125,8 @@ def bench_config(size: BenchSize, *, model: str, batch_size: int, precision: str
         "name": f"bench-{size.name}",
         "data": data,
         "model": {"name": model, "num_outputs": num_outputs, "width": size.model_width},
-        "runtime": {"precision": precision},
+        # "fp32" rows are float32, not TF32: the label says what ran (bf16 rows keep TF32 for their fp32 parts).
+        "runtime": {"precision": precision, **({"tf32": "off"} if precision == "fp32" else {})},
         "train": {"batch_size": batch_size},
     })
 

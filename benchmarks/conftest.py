@@ -13,6 +13,7 @@ into a table and plots.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 from collections.abc import Callable
@@ -24,6 +25,7 @@ import torch
 
 from benchutil import SIZES, BenchSize, cache_root, extract_imagenette, find_tar, generate_imagenet_like
 from fasttrain import bench
+from fasttrain.runtime import BackendFlags, backend_flags
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -104,12 +106,16 @@ def _fresh_device():
 
 @pytest.fixture
 def measure(benchmark, env, size, device) -> Callable[..., dict[str, Any]]:
-    """``measure(round_fn, samples_per_round=N, **info)``: time rounds with ``benchmark.pedantic`` and record
-    samples/s (from the median round), peak memory, the batch/model/precision/backend and the environment."""
+    """``measure(round_fn, samples_per_round=N, flags=F, **info)``: time rounds with ``benchmark.pedantic`` under
+    the backend flags ``F`` (cuDNN benchmark, TF32, determinism: set for this case, whatever ran before, and put
+    back afterwards), and record samples/s (from the median round), peak memory, the flags, the
+    batch/model/precision/backend and the environment."""
 
-    def run(round_fn: Callable[[], int], *, samples_per_round: int, **info: Any) -> dict[str, Any]:
+    def run(round_fn: Callable[[], int], *, samples_per_round: int, flags: BackendFlags,
+            **info: Any) -> dict[str, Any]:
         bench.reset_peak_memory(device)
-        benchmark.pedantic(round_fn, rounds=size.rounds, iterations=1, warmup_rounds=size.warmup_rounds)
+        with backend_flags(flags):
+            benchmark.pedantic(round_fn, rounds=size.rounds, iterations=1, warmup_rounds=size.warmup_rounds)
         stats = benchmark.stats.stats if benchmark.stats is not None else None  # None with --benchmark-disable
         median = stats.median if stats is not None else None
         benchmark.extra_info.update(
@@ -119,6 +125,7 @@ def measure(benchmark, env, size, device) -> Callable[..., dict[str, Any]]:
             bench_size=size.name,
             device=str(device),
             **bench.peak_memory(device),
+            flags=dataclasses.asdict(flags),
             **info,
             env=env,
         )

@@ -12,6 +12,7 @@ import torch
 from benchutil import NaiveScript, bench_config, naive_loader, skip_unavailable_backend
 from fasttrain import bench
 from fasttrain.engine import prepare
+from fasttrain.runtime import BackendFlags
 
 pytestmark = pytest.mark.benchmark(group="end_to_end")
 
@@ -37,6 +38,7 @@ def test_end_to_end(benchmark, measure, size, device, data_root, e2e_model, back
         measure(
             lambda: bench.run_steps(step, size.steps_per_round, device),
             samples_per_round=batch_size * size.steps_per_round,
+            flags=prep.runtime.backend_flags,
             kind="end_to_end", model=e2e_model, batch_size=batch_size, precision=prep.runtime.precision.name,
             backend=prep.backend, compile=prep.runtime.compile, channels_last=prep.runtime.channels_last,
             workers=cfg.data.num_workers, workload=f"{e2e_model}-b{batch_size}",
@@ -65,6 +67,7 @@ def test_end_to_end_naive(benchmark, measure, size, device, data_root, e2e_model
         measure(
             lambda: bench.run_steps(step, size.steps_per_round, device),
             samples_per_round=batch_size * size.steps_per_round,
+            flags=BackendFlags.torch_defaults(),  # a script that sets nothing
             kind="end_to_end", model=e2e_model, batch_size=batch_size, precision="fp32", backend="naive",
             compile=False, channels_last=False, workers=workers, workload=f"{e2e_model}-b{batch_size}",
         )

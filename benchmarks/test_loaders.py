@@ -11,6 +11,7 @@ import pytest
 from benchutil import bench_config, naive_loader, skip_unavailable_backend
 from fasttrain import bench
 from fasttrain.engine import prepare
+from fasttrain.runtime import BackendFlags
 
 pytestmark = pytest.mark.benchmark(group="loader")
 
@@ -27,6 +28,7 @@ def test_loader(benchmark, measure, size, device, data_root, backend):
         measure(
             lambda: bench.run_steps(lambda: len(next(batches)), size.steps_per_round, device),
             samples_per_round=batch_size * size.steps_per_round,
+            flags=prep.runtime.backend_flags,
             kind="loader", model=None, batch_size=batch_size, precision=prep.runtime.precision.name,
             backend=prep.backend, workers=cfg.data.num_workers, dali_threads=cfg.data.num_dali_threads,
             images=len(prep.source.train), image_size=size.image_size, workload=f"loader-b{batch_size}",
@@ -51,6 +53,7 @@ def test_loader_naive(benchmark, measure, size, device, data_root):
     measure(
         lambda: bench.run_steps(step, size.steps_per_round, device),
         samples_per_round=batch_size * size.steps_per_round,
+        flags=BackendFlags.torch_defaults(),
         kind="loader", model=None, batch_size=batch_size, precision="fp32", backend="naive", workers=workers,
         images=len(loader.dataset), image_size=size.image_size, workload=f"loader-b{batch_size}",
     )

@@ -12,7 +12,7 @@ import torch
 
 from benchutil import NaiveScript, bench_config
 from fasttrain import bench
-from fasttrain.runtime import runtime_for
+from fasttrain.runtime import BackendFlags, runtime_for
 from fasttrain.tasks import make_task
 
 pytestmark = pytest.mark.benchmark(group="model_step")
@@ -44,6 +44,7 @@ def test_model_step(benchmark, measure, size, device, model_case):
     _run_or_skip_oom(lambda: measure(
         lambda: bench.run_steps(step, size.steps_per_round, device),
         samples_per_round=batch_size * size.steps_per_round,
+        flags=runtime.backend_flags,
         kind="model_step", model=model, batch_size=batch_size, precision=runtime.precision.name,
         backend="synthetic", compile=runtime.compile, channels_last=runtime.channels_last,
         workload=f"{model}-b{batch_size}",
@@ -60,6 +61,7 @@ def test_model_step_naive(benchmark, measure, size, device, naive_case):
     _run_or_skip_oom(lambda: measure(
         lambda: bench.run_steps(lambda: script.step(images, labels), size.steps_per_round, device),
         samples_per_round=batch_size * size.steps_per_round,
+        flags=BackendFlags.torch_defaults(),  # a script that sets nothing
         kind="model_step", model=model, batch_size=batch_size, precision="fp32", backend="naive",
         compile=False, channels_last=False, workload=f"{model}-b{batch_size}",
     ), f"naive {model} batch {batch_size}")

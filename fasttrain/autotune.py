@@ -992,7 +992,8 @@ def autotune(cfg: Config, *, memory_budget_gib: float | None = None, out_dir: st
             log.info("autotune: answered from the cache %s", cache_path)
             return report
 
-    report = _tune(cfg, budget_gib, verify=verify)
+    with runtime.flags():
+        report = _tune(cfg, budget_gib, verify=verify)
     report.environment = environment()
     plan = BatchPlan(**report.plan) if report.plan else None
     setting = report.loader["setting"] if report.loader else {}

@@ -437,24 +437,12 @@ def bench(cfg: Config, *, json_path: str | os.PathLike | None = None) -> BenchRe
     from fasttrain.runtime import environment, seed_everything
 
     prep = prepare(cfg)
-    cfg, runtime, task = prep.cfg, prep.runtime, prep.task
+    cfg, runtime = prep.cfg, prep.runtime
     seed_everything(cfg.runtime.seed)
     b, tc = cfg.bench, cfg.train
     log.info("bench %s: %s | loader %s (%s)", cfg.name, runtime.describe(), prep.backend, prep.backend_reason)
-    state = task.build_state()
-    loader = task.make_loader(prep.source.train, train=True, batch_size=tc.micro_batch, backend=prep.backend)
-    try:
-        # The ceiling first: its warm-up also absorbs compile and cuDNN autotuning, so end to end starts warm.
-        batch = task.synthetic_batch(tc.micro_batch, task.input_spec(), train=True)
-        model_t = model_step_throughput(task, state, batch, warmup=b.warmup_steps, steps=b.steps,
-                                        repeats=b.repeats, accumulation=tc.accumulation)
-        del batch
-        loader_t = loader_throughput(loader, warmup_batches=b.warmup_steps, max_batches=b.steps, repeats=b.repeats,
-                                     device=runtime.device)
-        e2e_t = end_to_end_throughput(task, state, loader, warmup=b.warmup_steps, steps=b.steps, repeats=b.repeats,
-                                      accumulation=tc.accumulation)
-    finally:
-        loader.close()
+    with runtime.flags():
+        model_t, loader_t, e2e_t = _measure_all(prep, b, tc)
     report = BenchReport(
         config_name=cfg.name,
         backend=prep.backend,
@@ -470,3 +458,23 @@ def bench(cfg: Config, *, json_path: str | os.PathLike | None = None) -> BenchRe
         report.json_path = str(report.write_json(json_path))
         log.info("bench report written to %s", report.json_path)
     return report
+
+
+def _measure_all(prep, b, tc) -> tuple[Timing, Timing, Timing]:
+    """(model-only, loader-only, end to end) for a prepared config."""
+    task, runtime = prep.task, prep.runtime
+    state = task.build_state()
+    loader = task.make_loader(prep.source.train, train=True, batch_size=tc.micro_batch, backend=prep.backend)
+    try:
+        # The ceiling first: its warm-up also absorbs compile and cuDNN autotuning, so end to end starts warm.
+        batch = task.synthetic_batch(tc.micro_batch, task.input_spec(), train=True)
+        model_t = model_step_throughput(task, state, batch, warmup=b.warmup_steps, steps=b.steps,
+                                        repeats=b.repeats, accumulation=tc.accumulation)
+        del batch
+        loader_t = loader_throughput(loader, warmup_batches=b.warmup_steps, max_batches=b.steps, repeats=b.repeats,
+                                     device=runtime.device)
+        e2e_t = end_to_end_throughput(task, state, loader, warmup=b.warmup_steps, steps=b.steps, repeats=b.repeats,
+                                      accumulation=tc.accumulation)
+    finally:
+        loader.close()
+    return model_t, loader_t, e2e_t

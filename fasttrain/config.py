@@ -240,6 +240,9 @@ class RuntimeConfig:
     """Use deterministic algorithms (slower on GPU)."""
     cudnn_benchmark: bool = True
     """Let cuDNN pick the fastest convolution algorithms for the shapes seen."""
+    tf32: str = "auto"
+    """float32 matrix products and convolutions on tensor cores in TF32: auto (on), on, off. Matters only where
+    work runs in float32 on CUDA (precision fp32, and the float32 parts of an autocast step)."""
 
     def __post_init__(self) -> None:
         d = self.device
@@ -248,6 +251,7 @@ class RuntimeConfig:
         _choice(self.precision, "runtime.precision", ("auto", "bf16", "fp16", "fp32"))
         _choice(self.channels_last, "runtime.channels_last", ("auto", "on", "off"))
         _choice(self.compile, "runtime.compile", ("auto", "on", "off"))
+        _choice(self.tf32, "runtime.tf32", ("auto", "on", "off"))
         _choice(self.compile_mode, "runtime.compile_mode",
                 ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
 

@@ -184,7 +184,8 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, progre
     pkg_log = logging.getLogger("fasttrain")
     pkg_log.addHandler(handler)
     try:
-        return _train(prep, run_dir, ckpt, progress, on_epoch_end)
+        with prep.runtime.flags():
+            return _train(prep, run_dir, ckpt, progress, on_epoch_end)
     finally:
         pkg_log.removeHandler(handler)
         handler.close()

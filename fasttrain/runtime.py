@@ -13,6 +13,7 @@ import os
 import platform
 import random
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,7 @@ from fasttrain.data.base import InputSpec
 log = logging.getLogger(__name__)
 
 __all__ = ["Precision", "decide_precision", "Runtime", "runtime_for", "environment", "seed_everything",
-           "resolve_device", "dali_version"]
+           "decide_device", "resolve_device", "dali_version", "BackendFlags", "backend_flags"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -68,16 +69,70 @@ def decide_precision(requested: str, device_type: str, bf16_supported: bool) -> 
     raise ValueError(f"runtime.precision: unknown value {requested!r}")
 
 
-def resolve_device(requested: str) -> torch.device:
+def decide_device(requested: str, cuda_count: int, current: int = 0) -> torch.device:
+    """Pure policy: the device of ``runtime.device`` on a machine with ``cuda_count`` GPUs, ``current`` being
+    the current CUDA device. A CUDA device always carries its index: several CUDA calls
+    (``set_per_process_memory_fraction``, ``mem_get_info``, NVML lookups) refuse an index-less ``cuda``."""
     if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda", current) if cuda_count > 0 else torch.device("cpu")
     dev = torch.device(requested)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"runtime.device: {requested!r} asked for, but CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"runtime.device: {requested!r} does not exist ({torch.cuda.device_count()} GPUs)")
-    return dev
+    if dev.type != "cuda":
+        return dev
+    if cuda_count == 0:
+        raise ValueError(f"runtime.device: {requested!r} asked for, but CUDA is not available on this machine")
+    index = current if dev.index is None else dev.index
+    if index >= cuda_count:
+        raise ValueError(f"runtime.device: {requested!r} does not exist ({cuda_count} GPUs)")
+    return torch.device("cuda", index)
+
+
+def resolve_device(requested: str) -> torch.device:
+    """:func:`decide_device` on this machine (queries CUDA only when it is available)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return decide_device(requested, count, torch.cuda.current_device() if count else 0)
+
+
+@dataclass(frozen=True)
+class BackendFlags:
+    """Process-wide torch switches a run depends on. Changed only through :func:`backend_flags`, which puts
+    the previous values back: a benchmark of a plain script must not inherit fasttrain's settings."""
+
+    cudnn_benchmark: bool
+    """cuDNN tries the convolution algorithms for each new shape and keeps the fastest."""
+    tf32_matmul: bool
+    """float32 matrix products on tensor cores in TF32 (10-bit mantissa inputs)."""
+    tf32_cudnn: bool
+    """float32 convolutions on tensor cores in TF32."""
+    deterministic: bool
+    """torch.use_deterministic_algorithms (warn only)."""
+
+    @classmethod
+    def current(cls) -> BackendFlags:
+        return cls(bool(torch.backends.cudnn.benchmark), bool(torch.backends.cuda.matmul.allow_tf32),
+                   bool(torch.backends.cudnn.allow_tf32), torch.are_deterministic_algorithms_enabled())
+
+    @classmethod
+    def torch_defaults(cls) -> BackendFlags:
+        """What a script that sets nothing runs with (torch's defaults: TF32 for convolutions only)."""
+        return cls(cudnn_benchmark=False, tf32_matmul=False, tf32_cudnn=True, deterministic=False)
+
+    def apply(self) -> None:
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = self.tf32_matmul
+        torch.backends.cudnn.allow_tf32 = self.tf32_cudnn
+        if self.deterministic != torch.are_deterministic_algorithms_enabled():
+            torch.use_deterministic_algorithms(self.deterministic, warn_only=True)
+
+
+@contextlib.contextmanager
+def backend_flags(flags: BackendFlags) -> Iterator[BackendFlags]:
+    """Set ``flags`` for the duration of the block, then restore what was set before."""
+    before = BackendFlags.current()
+    flags.apply()
+    try:
+        yield flags
+    finally:
+        before.apply()
 
 
 def _on_off(value: str, auto: bool) -> bool:
@@ -104,12 +159,16 @@ class Runtime:
         self.compile = _on_off(cfg.compile, is_cuda)
         self.non_blocking = is_cuda
         self.pin_memory = is_cuda
-        if is_cuda:
-            torch.backends.cudnn.benchmark = cfg.cudnn_benchmark and not cfg.deterministic
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        if cfg.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
+        # Decided here, applied only by flags() (constructing a Runtime changes nothing process-wide).
+        tf32 = _on_off(cfg.tf32, True)
+        self.backend_flags = BackendFlags(
+            cudnn_benchmark=is_cuda and cfg.cudnn_benchmark and not cfg.deterministic,
+            tf32_matmul=tf32, tf32_cudnn=tf32, deterministic=cfg.deterministic)
+
+    def flags(self) -> contextlib.AbstractContextManager[BackendFlags]:
+        """The process-wide switches this run uses (cuDNN benchmark, TF32, determinism), for one block:
+        ``with runtime.flags(): ...``; the previous values come back afterwards."""
+        return backend_flags(self.backend_flags)
 
     @property
     def is_cuda(self) -> bool:
@@ -152,7 +211,8 @@ class Runtime:
             torch.cuda.synchronize(self.device)
 
     def describe(self) -> str:
-        return (f"device={self.device} precision={self.precision.name} channels_last={self.channels_last} "
+        tf32 = " tf32" if self.is_cuda and self.precision.name == "fp32" and self.backend_flags.tf32_matmul else ""
+        return (f"device={self.device} precision={self.precision.name}{tf32} channels_last={self.channels_last} "
                 f"compile={self.compile}")
 
 

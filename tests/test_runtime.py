@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fasttrain.config import RuntimeConfig
-from fasttrain.runtime import Runtime, decide_precision, environment
+from fasttrain.runtime import BackendFlags, Runtime, backend_flags, decide_device, decide_precision, environment
 
 
 @pytest.mark.parametrize("requested, device, bf16, name, dtype, scaler", [
@@ -73,3 +73,62 @@ def test_cuda_runtime_defaults():
     assert rt.compile and rt.channels_last
     assert rt.precision.name in ("bf16", "fp16")
     assert rt.grad_scaler().is_enabled() == (rt.precision.name == "fp16")
+
+
+@pytest.mark.parametrize("requested, count, current, expected", [
+    ("auto", 1, 0, "cuda:0"),
+    ("auto", 4, 2, "cuda:2"),  # torchrun / torch.cuda.set_device chose the current device
+    ("auto", 0, 0, "cpu"),
+    ("cuda", 2, 1, "cuda:1"),
+    ("cuda:1", 2, 0, "cuda:1"),
+    ("cpu", 2, 0, "cpu"),
+])
+def test_cuda_device_decision_always_carries_an_index(requested, count, current, expected):
+    dev = decide_device(requested, count, current)
+    assert dev == torch.device(expected)
+    if dev.type == "cuda":
+        # torch.cuda.set_per_process_memory_fraction and mem_get_info resolve the device strictly; an
+        # index-less torch.device("cuda") raises "Expected a torch.device with a specified index".
+        assert dev.index is not None
+        assert torch.cuda._utils._get_device_index(dev, optional=False) == dev.index
+
+
+def test_device_decision_refusals_name_the_field():
+    with pytest.raises(ValueError, match="runtime.device: 'cuda' asked for, but CUDA is not available"):
+        decide_device("cuda", 0)
+    with pytest.raises(ValueError, match=r"runtime.device: 'cuda:3' does not exist \(2 GPUs\)"):
+        decide_device("cuda:3", 2)
+
+
+def test_constructing_a_runtime_changes_no_process_wide_flag():
+    before = BackendFlags.current()
+    rt = Runtime(RuntimeConfig(device="cpu", deterministic=True, tf32="off"))
+    assert BackendFlags.current() == before
+    with rt.flags() as applied:
+        assert BackendFlags.current() == applied == rt.backend_flags
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.backends.cudnn.allow_tf32
+    assert BackendFlags.current() == before  # restored, whatever ran inside
+
+
+def test_backend_flags_restore_after_an_error():
+    before = BackendFlags.current()
+    wanted = BackendFlags(cudnn_benchmark=not before.cudnn_benchmark, tf32_matmul=not before.tf32_matmul,
+                          tf32_cudnn=not before.tf32_cudnn, deterministic=False)
+    with pytest.raises(RuntimeError, match="boom"), backend_flags(wanted):
+        assert BackendFlags.current() == wanted
+        raise RuntimeError("boom")
+    assert BackendFlags.current() == before
+
+
+def test_cuda_runtime_decides_cudnn_benchmark_and_tf32(monkeypatch):
+    # CUDA stubbed: the decision is pure, nothing touches a device.
+    monkeypatch.setattr("fasttrain.runtime.resolve_device", lambda requested: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    rt = Runtime(RuntimeConfig())
+    assert rt.backend_flags == BackendFlags(cudnn_benchmark=True, tf32_matmul=True, tf32_cudnn=True,
+                                            deterministic=False)
+    exact = Runtime(RuntimeConfig(precision="fp32", tf32="off", deterministic=True))
+    assert exact.backend_flags == BackendFlags(cudnn_benchmark=False, tf32_matmul=False, tf32_cudnn=False,
+                                               deterministic=True)
+    assert "tf32" not in exact.describe() and "fp32 tf32" in Runtime(RuntimeConfig(precision="fp32")).describe()
