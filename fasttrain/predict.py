@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from fasttrain.checkpoint import load_checkpoint
-from fasttrain.config import config_from_dict
-from fasttrain.runtime import runtime_for
+from fasttrain.config import Config, config_from_dict
+from fasttrain.runtime import Runtime, runtime_for
 from fasttrain.tasks import make_task
 
-__all__ = ["predict"]
+log = logging.getLogger(__name__)
+
+__all__ = ["predict", "prediction_runtime"]
+
+
+def prediction_runtime(cfg: Config, device: str) -> Runtime:
+    """The runtime for prediction on ``device``: the trained precision where this device runs it, else the one
+    ``auto`` picks here (a checkpoint trained in fp16 on a GPU predicts in fp32 on a CPU). No compile: for a
+    handful of images it costs more than it saves."""
+    try:
+        return runtime_for(cfg, device=device, compile="off")
+    except ValueError as e:
+        if not str(e).startswith("runtime.precision"):
+            raise
+        log.info("%s: predicting with runtime.precision = auto on this device instead", e)
+        return runtime_for(cfg, device=device, compile="off", precision="auto")
 
 
 def predict(checkpoint: str | Path, images: list[str], *, device: str = "auto",
@@ -18,8 +34,7 @@ def predict(checkpoint: str | Path, images: list[str], *, device: str = "auto",
     """One record per image (class and probability, regressed values, or the written image's path)."""
     ckpt = load_checkpoint(checkpoint)
     cfg = config_from_dict(ckpt["config"], source=str(checkpoint))
-    # A handful of images: compiling would cost more than it saves.
-    runtime = runtime_for(cfg, device=device, compile="off")
+    runtime = prediction_runtime(cfg, device)
     task = make_task(cfg, runtime, None)
     state = task.build_state()
     for name, module in state.modules.items():

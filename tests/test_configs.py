@@ -51,3 +51,24 @@ def test_packaged_config_trains_on_generated_data(name, kind, extra, tmp_path):
 def test_quickstart_is_packaged_and_valid():
     cfg = load_config(packaged_config("quickstart"))
     assert cfg.name == "quickstart" and cfg.data.root == ""
+
+
+def test_a_checkpoint_trained_in_fp16_predicts_on_a_cpu(tmp_path):
+    """fp16 needs CUDA to train, not to predict: prediction picks the precision of the device it runs on."""
+    import dataclasses
+
+    from fasttrain.checkpoint import save_checkpoint
+    from fasttrain.config import config_to_dict
+    from fasttrain.runtime import runtime_for
+    from fasttrain.tasks import make_task
+
+    root = _data("shapes2", tmp_path / "data")
+    cfg = load_config(packaged_config("catfish"), [f"data.root={root}", "model.num_outputs=2"])
+    task = make_task(cfg, runtime_for(cfg, device="cpu"), None)
+    state = task.build_state()
+    fp16 = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, precision="fp16"))
+    ckpt = save_checkpoint(tmp_path / "fp16.pt", {"state": state.state_dict(), "config": config_to_dict(fp16),
+                                                  "meta": {"class_names": ["circle", "square"]}})
+    image = next(p for p in sorted(root.rglob("*.png")))
+    (record,) = predict(ckpt, [str(image)], device="cpu")
+    assert "error" not in record and record["class"] in ("circle", "square")
