@@ -63,3 +63,52 @@ def test_loading_something_else_than_a_checkpoint_names_the_file(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="junk.pt: cannot be loaded"):
         load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_optimizer_states_take_the_layout_of_channels_last_parameters():
+    """A checkpoint from a run without channels_last, resumed on a channels_last model: CUDA's fused optimizers
+    need each state tensor laid out like its parameter (CPU kernels do not check, so check the strides)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    saved_model = nn.Conv2d(3, 3, 3)
+    saved_opt = torch.optim.AdamW(saved_model.parameters(), lr=0.1)
+    saved_model(torch.randn(2, 3, 8, 8)).square().sum().backward()
+    saved_opt.step()
+    model = nn.Conv2d(3, 3, 3).to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    state = TrainState({"model": model}, {"model": model}, {"model": opt},
+                       {"model": torch.amp.GradScaler("cpu", enabled=False)})
+    state.load_state_dict({"modules": {"model": saved_model.state_dict()},
+                           "optimizers": {"model": saved_opt.state_dict()}, "scalers": {"model": {}},
+                           "schedulers": {}, "epoch": 1, "step": 1})
+    w = model.weight
+    assert w.stride() == (27, 1, 9, 3)  # channels_last
+    for key in ("exp_avg", "exp_avg_sq"):
+        moved = opt.state[w][key]
+        assert moved.stride() == w.stride(), key
+        torch.testing.assert_close(moved, saved_opt.state[saved_model.weight][key], rtol=0, atol=0)
+    assert opt.state[model.bias]["exp_avg"].stride() == model.bias.stride()
+
+
+def test_decoding_a_sample_in_process_leaves_every_other_generator_alone(tmp_path, monkeypatch):
+    """data.workers = 0 decodes in the training process: seeding a sample's augmentation must not reseed CUDA
+    (dropout, a restored RNG state) nor move the global CPU stream."""
+    from fasttrain.data.transforms import train_transform
+
+    p = tmp_path / "a.png"
+    Image.fromarray((torch.arange(40 * 32 * 3) % 251).reshape(32, 40, 3).to(torch.uint8).numpy()).save(p)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
+    ds = ImageDataset(Split("train", [str(p)], [0]), train_transform(DataConfig(image_size=8)), 3, seed=5)
+    torch.manual_seed(123)
+    calls.clear()
+    before = torch.get_rng_state()
+    first, _ = ds[(0, 2)]
+    assert calls == []
+    assert torch.equal(torch.get_rng_state(), before)
+    again, _ = ds[(0, 2)]
+    assert torch.equal(first, again)  # still seeded per (seed, epoch, index)
+    other, _ = ds[(0, 3)]
+    assert not torch.equal(first, other)

@@ -85,8 +85,11 @@ class ImageDataset(Dataset):
         path = self.split.paths[index]
         try:
             im = load_image(path, self.channels)
+            # torchvision's transforms draw from the global CPU generator: seed it for this sample inside a fork
+            # that restores it. Only the CPU generator: torch.manual_seed would also reseed every CUDA generator
+            # (with data.workers = 0 this runs in the training process: dropout's stream, a restored RNG state).
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed(self.seed, epoch, index))
+                torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
                 x = self.transform(im)
         except DECODE_ERRORS as e:
             log.warning("skipping unreadable image %s: %s", path, e)

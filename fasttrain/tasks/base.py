@@ -21,7 +21,7 @@ from fasttrain.data.base import Batch, InputSpec, Loader
 from fasttrain.data.sources import DataSource, Split
 from fasttrain.runtime import Runtime
 
-__all__ = ["TrainState", "Task"]
+__all__ = ["Task", "TrainState", "match_param_layout"]
 
 
 @dataclass
@@ -60,11 +60,27 @@ class TrainState:
                     # A bf16/fp32 run saved a disabled scaler ({}), or this run needs none: start fresh.
                     continue
                 obj.load_state_dict(saved)
+                if group == "optimizers":
+                    match_param_layout(obj)
         self.epoch, self.step = int(sd["epoch"]), int(sd["step"])
 
     def train(self, mode: bool = True) -> None:
         for m in self.modules.values():
             m.train(mode)
+
+
+def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor (momentum, Adam moments) its parameter's strides.
+
+    ``Optimizer.load_state_dict`` casts states to the parameter's dtype and device but keeps the saved layout: a
+    checkpoint written without channels_last, resumed on a channels_last model, gets NCHW-strided states beside
+    NHWC-strided parameters, and CUDA's fused optimizer kernels refuse mixed layouts at the first step.
+    """
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if (isinstance(value, torch.Tensor) and value.shape == param.shape
+                    and value.stride() != param.stride()):
+                state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 class Task:
