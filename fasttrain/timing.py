@@ -247,11 +247,13 @@ def time_window(step_fn: Callable[[], int], *, warmup: int, repeats: int, second
                 clock: str = "auto", reset_peak: bool = True) -> Timing:
     """:func:`time_steps` with each repeat lasting about ``seconds`` instead of a fixed step count.
 
-    After ``warmup`` untimed steps one more step is timed alone (the device synchronized around it) and the
-    steps per repeat become ``ceil(seconds / that step)``, kept within ``min_steps``..``max_steps`` and rounded
-    up to a multiple of ``step_multiple`` (whole optimizer steps under accumulation). The calibration step
-    counts as warm-up. A slow step still runs ``min_steps`` per repeat: the bound is on the window, and a
-    caller that must bound the total checks the step's cost first.
+    The ``warmup`` steps and one more calibration step are each timed alone (the device synchronized around
+    them, untimed for the result); the fastest of them after the first (which carries compile and allocation)
+    sizes the repeats: ``ceil(seconds / fastest)`` steps, kept within ``min_steps``..``max_steps`` and rounded
+    up to a multiple of ``step_multiple`` (whole optimizer steps under accumulation). The fastest, not the last:
+    one step slowed by another process must not shrink the window to a single step. A slow step still runs
+    ``min_steps`` per repeat: the bound is on the window, and a caller that must bound the total checks the
+    step's cost first.
     """
     if seconds <= 0 or min_steps < 1 or step_multiple < 1:
         raise ValueError(f"time_window: need seconds > 0, min_steps >= 1, step_multiple >= 1 (got {seconds}, "
@@ -259,12 +261,13 @@ def time_window(step_fn: Callable[[], int], *, warmup: int, repeats: int, second
     dev = _as_device(device)
     if reset_peak:
         reset_peak_memory(dev)
-    for _ in range(warmup):
-        _check_batch_size(step_fn())
-    calib = StepTimer(dev, "wall")
-    with calib:
-        _check_batch_size(step_fn())
-    per_step = max(calib.elapsed(), 1e-9)
+    times = []
+    for _ in range(warmup + 1):
+        calib = StepTimer(dev, "wall")
+        with calib:
+            _check_batch_size(step_fn())
+        times.append(calib.elapsed())
+    per_step = max(min(times[1:] or times), 1e-9)
     steps = min(max(min_steps, math.ceil(seconds / per_step)), max(max_steps, min_steps))
     steps = -(-steps // step_multiple) * step_multiple
     t = time_steps(step_fn, warmup=0, steps=steps, repeats=repeats, device=dev, clock=clock, reset_peak=False)
@@ -291,6 +294,10 @@ class TimeBudget:
     def left(self, share: float = 1.0) -> float:
         """Seconds left until ``share`` of the budget is spent (negative once past it)."""
         return self.seconds * share - self.elapsed()
+
+    def exclude(self, seconds: float) -> None:
+        """Leave ``seconds`` already spent out of the count."""
+        self.excluded_s += max(0.0, seconds)
 
     @contextlib.contextmanager
     def excluded(self) -> Iterator[None]:

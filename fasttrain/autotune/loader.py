@@ -1,0 +1,247 @@
+"""Loader tuning: each setting judged end to end (the real loader feeding the real step at the planned
+micro-batch) against the model-only step, the config's own setting first.
+
+A loader alone that delivers 1.9x the step's rate can still leave the step waiting (its workers compete with
+the training process for the CPU, its copies with the step for the device), so a setting is judged by what
+training sees: end-to-end samples/s over a window long enough to drain the prefetch queue filled while the
+workers started (warm-up: the queue's depth plus two batches; then at least three queues' worth of timed
+steps). A setting keeps up when the model-only step does not beat it beyond the noise.
+
+DALI's file pre-check and the cache's decode run once per autotune, not per setting: :func:`reuse_file_checks`
+remembers the pre-check's answer for a file list, and the last setting measured hands its open loader to the
+verification. The memory a DALI loader holds outside torch's allocator is read with NVML while it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fasttrain import memory
+from fasttrain.autotune.search import choose_loader
+from fasttrain.config import Config, DataConfig, default_workers
+from fasttrain.timing import cycle_batches, time_window, train_step_fn
+
+log = logging.getLogger("fasttrain.autotune")
+
+__all__ = ["LoaderTrial", "LoaderResult", "loader_ladder", "queue_depth", "reuse_file_checks", "tune_loader"]
+
+
+@dataclass
+class LoaderTrial:
+    setting: dict[str, Any]
+    """The data.* values tried."""
+    samples_per_s: float | None
+    """End to end: the loader feeding the train step."""
+    spread: float = 0.0
+    rates: list[float] = field(default_factory=list)
+    share: float | None = None
+    """End-to-end samples/s as a share of the model-only step's."""
+    keeps_up: bool = False
+    given: bool = False
+    """The config's own setting."""
+    seconds: float = 0.0
+    outside_torch_bytes: int | None = None
+    """Device memory the loader holds outside torch's allocator (NVML, CUDA only)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoaderTrial:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class LoaderResult:
+    backend: str
+    trials: list[LoaderTrial]
+    setting: dict[str, Any]
+    """What the tuned config gets: data.loader (the backend measured, so `auto` cannot pick another) and knobs."""
+    samples_per_s: float | None
+    """The kept setting's end-to-end samples/s."""
+    spread: float
+    model_samples_per_s: float
+    model_spread: float
+    keeps_up: bool
+    note: str
+    outside_torch_bytes: int | None = None
+    loader: Any = field(default=None, repr=False, compare=False)
+    """The kept setting's loader, still open, when it was the last one measured (handed to the verification)."""
+
+    @property
+    def input_bound(self) -> bool:
+        return not self.keeps_up
+
+    @property
+    def share(self) -> float | None:
+        if not (self.samples_per_s and self.model_samples_per_s):
+            return None
+        return self.samples_per_s / self.model_samples_per_s
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "loader"}
+        d["trials"] = [t.to_dict() for t in self.trials]
+        d["input_bound"], d["share"] = self.input_bound, self.share
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoaderResult:
+        names = {f.name for f in dataclasses.fields(cls)} - {"loader"}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["trials"] = [LoaderTrial.from_dict(t) for t in d.get("trials", [])]
+        return cls(**kw)
+
+
+def _resolved(backend: str, setting: dict[str, Any], data: DataConfig) -> tuple:
+    d = dataclasses.replace(data, **setting)
+    if backend == "torch":
+        return (d.num_workers,)
+    if backend == "dali":
+        return (d.num_dali_threads, d.hw_decoder_load)
+    return ()
+
+
+def loader_ladder(backend: str, data: DataConfig) -> list[dict[str, Any]]:
+    """Settings to try: the config's own first, then the others cheapest first (at most 4 in all).
+
+    torch: workers at a quarter, half and all of the machine's share. dali: threads likewise, at the configured
+    hw_decoder_load; when that is below 0.9 a last try raises it to 0.9 (the hardware JPEG decoder is a
+    separate engine: a lower load only moves decoding onto CPU threads). cache: no knobs."""
+    w = default_workers()
+    counts = sorted({max(1, w // 4), max(1, w // 2), w})
+    if backend == "torch":
+        given, others = {"workers": data.workers}, [{"workers": n} for n in counts]
+    elif backend == "dali":
+        load = data.hw_decoder_load
+        given = {"dali_threads": data.dali_threads, "hw_decoder_load": load}
+        others = [{"dali_threads": n, "hw_decoder_load": load} for n in counts]
+        if load < 0.9:
+            others.append({"dali_threads": w, "hw_decoder_load": 0.9})
+    else:
+        return [{}]
+    ladder, seen = [given], {_resolved(backend, given, data)}
+    for s in others:
+        key = _resolved(backend, s, data)
+        if key not in seen:
+            seen.add(key)
+            ladder.append(s)
+    return ladder[:4]
+
+
+def queue_depth(backend: str, data: DataConfig) -> int:
+    """Batches a loader prepares ahead: torch workers x prefetch, DALI's pipeline depth, none for the cache."""
+    if backend == "torch":
+        return data.prefetch * max(1, data.num_workers) if data.num_workers > 0 else 0
+    if backend == "dali":
+        return data.prefetch
+    return 0
+
+
+@contextlib.contextmanager
+def reuse_file_checks() -> Iterator[dict]:
+    """Within the block, DALI's file pre-check (``fasttrain.data.dali.drop_bad_files``, which every DaliLoader
+    runs over its whole file list: minutes on 1.28 M files) answers each file list once; the function is put back
+    afterwards. A no-op where DALI's module does not have that function."""
+    import sys
+
+    dali = sys.modules.get("fasttrain.data.dali")
+    if dali is None:
+        try:
+            import fasttrain.data.dali as dali  # does not import DALI itself
+        except ImportError:
+            yield {}
+            return
+    original = getattr(dali, "drop_bad_files", None)
+    memo: dict[tuple[str, ...], Any] = {}
+    if original is None:
+        yield memo
+        return
+
+    def once(paths, *args, **kwargs):
+        key = tuple(paths)
+        if key not in memo:
+            memo[key] = original(paths, *args, **kwargs)
+        return memo[key]
+
+    dali.drop_bad_files = once
+    try:
+        yield memo
+    finally:
+        dali.drop_bad_files = original
+
+
+def tune_loader(cfg: Config, runtime, source, backend: str, *, micro: int, accumulation: int, state,
+                model_sps: float, model_spread: float, noise: float, warmup: int, repeats: int, repeat_s: float,
+                time_left: Callable[[], float] | None = None, stamp: Callable[[], str] = lambda: "",
+                make_task: Callable | None = None) -> LoaderResult:
+    """Measure the config's own loader setting end to end at ``micro`` with ``state`` (the probe's or the
+    compiled check's), then the ladder's others, cheapest first, until one keeps up with the model-only step
+    (``model_sps``) or time runs out; keep the fastest (ties: the given setting, else the cheaper)."""
+    if make_task is None:
+        from fasttrain.tasks import make_task
+    device = runtime.device
+    trials: list[LoaderTrial] = []
+    open_loader, open_index = None, None
+    ladder = loader_ladder(backend, cfg.data)
+    try:
+        for i, setting in enumerate(ladder):
+            if i and time_left is not None and time_left() < trials[-1].seconds:
+                log.info("autotune [%s] loader: %d setting(s) not tried (time budget)", stamp(), len(ladder) - i)
+                break
+            if open_loader is not None:
+                open_loader.close()
+                open_loader = open_index = None
+            data = dataclasses.replace(cfg.data, **setting)
+            task = make_task(dataclasses.replace(cfg, data=data), runtime, source)
+            depth = queue_depth(backend, data)
+            t0 = time.perf_counter()
+            before = memory.outside_torch_bytes(device)
+            loader = task.make_loader(source.train, train=True, batch_size=micro, backend=backend)
+            open_loader, open_index = loader, i
+            it = cycle_batches(loader)
+            step = train_step_fn(task, state, lambda it=it: next(it), accumulation)
+            t = time_window(step, warmup=depth + 2, repeats=repeats, seconds=repeat_s,
+                            min_steps=max(1, math.ceil(3 * depth / repeats)), step_multiple=accumulation,
+                            device=device, clock="wall", reset_peak=False)
+            after = memory.outside_torch_bytes(device)
+            outside = after - before if after is not None and before is not None else None
+            trial = LoaderTrial(setting, t.samples_per_s, t.spread, list(t.per_repeat_samples_per_s),
+                                t.samples_per_s / model_sps if model_sps else None, False, i == 0,
+                                time.perf_counter() - t0, outside)
+            trials.append(trial)
+            _, trial.keeps_up = choose_loader([trial], model_sps, model_spread, noise)
+            log.info("autotune [%s] loader %s %s: %s samples/s end to end ±%.0f%% (%.0f%% of the model-only step's "
+                     "%s)%s", stamp(), backend, setting or "(no knobs)", f"{t.samples_per_s:,.1f}",
+                     100 * t.spread / 2, 100 * (trial.share or 0), f"{model_sps:,.1f}",
+                     ", keeps up" if trial.keeps_up else "")
+            if trial.keeps_up:
+                break
+        pick, keeps_up = choose_loader(trials, model_sps, model_spread, noise, given=0)
+    except BaseException:
+        if open_loader is not None:
+            open_loader.close()
+        raise
+    kept = trials[pick]
+    if open_index != pick and open_loader is not None:
+        open_loader.close()
+        open_loader = None
+    share = kept.share or 0.0
+    name = kept.setting or "no knobs"
+    if keeps_up:
+        note = (f"keeps up: {name} delivers {kept.samples_per_s:,.1f} samples/s end to end, {share:.0%} of the "
+                f"model-only step's {model_sps:,.1f} (within the noise)")
+    else:
+        note = (f"input-bound: {name} delivers {kept.samples_per_s:,.1f} samples/s end to end, {share:.0%} of the "
+                f"model-only step's {model_sps:,.1f}; expect about that in training")
+    if not kept.given:
+        note += f" (the config's own {trials[0].setting} measured {trials[0].samples_per_s:,.1f})"
+    return LoaderResult(backend, trials, {"loader": backend, **kept.setting}, kept.samples_per_s, kept.spread,
+                        model_sps, model_spread, keeps_up, note, kept.outside_torch_bytes, open_loader)
