@@ -254,13 +254,18 @@ def process_device_bytes(device: torch.device | str) -> int | None:
 
 
 def outside_torch_bytes(device: torch.device | str) -> int | None:
-    """Device bytes this process holds outside torch's caching allocator (CUDA context, library handles, DALI's
-    decode buffers and prefetched batches): NVML's per-process figure minus torch's reserved bytes; None on CPU
-    or where NVML cannot see processes. Differences of two readings isolate one component (a loader)."""
-    held = process_device_bytes(device)
-    if held is None:
+    """Device bytes held outside torch's caching allocator (CUDA context, library handles, DALI's decode buffers
+    and prefetched batches): NVML's figure for this process minus torch's reserved bytes; where NVML cannot see
+    processes (containers without the host PID namespace, MIG), the whole device's used bytes minus torch's
+    reserved, which includes other processes. Either way only the difference of two readings taken close
+    together isolates one component (a loader). None on CPU."""
+    dev = _device(device)
+    if dev.type != "cuda":
         return None
-    return max(0, held - int(torch.cuda.memory_reserved(_device(device))))
+    held = process_device_bytes(dev)
+    if held is None:
+        held = device_memory(dev).used_bytes
+    return max(0, held - int(torch.cuda.memory_reserved(dev)))
 
 
 def load_cuda_libraries(device: torch.device | str) -> None:

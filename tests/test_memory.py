@@ -113,6 +113,9 @@ def test_process_device_bytes_reads_this_process_from_nvml(monkeypatch):
     assert M.outside_torch_bytes(dev) == 1 * M.GIB  # 3 GiB held, 2 GiB of it torch's reserved cache
     nvml.nvmlDeviceGetComputeRunningProcesses = lambda h: [proc(pid=1, usedGpuMemory=5 * M.GIB)]
     assert M.process_device_bytes(dev) is None  # this process not visible (container PID namespace)
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: proc(total=80 * M.GIB, used=9 * M.GIB)
+    assert M.outside_torch_bytes(dev) == 7 * M.GIB  # then the whole device (other processes included)
+    assert M.device_memory(dev) == M.DeviceMemory(80 * M.GIB, 9 * M.GIB, "nvml")
 
 
 def test_cublas_workspace_constant_is_the_hopper_default():

@@ -3,7 +3,6 @@ time-bounded windows and the time budget."""
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest

@@ -275,11 +275,16 @@ def _run(report: AutotuneReport, prep, budget: Budget, clock: TimeBudget, *, ver
             return
         plan = _plan(pcfg, result.chosen, _first_failure(result.candidates), device)
         by_size = result.by_size()
+        log.info("autotune [%s] search: %s; chosen %s (best %s, the config's own %s)", stamp(), result.stop_reason,
+                 result.chosen, result.best, given)
         if plan.micro_batch not in by_size:  # a split of the global batch: measure the micro-batch it runs
             c = mark_usable(probe(plan.micro_batch, "plan"), budget.budget_bytes, tune.headroom)
             report.candidates.append(c)
             by_size[c.batch_size] = c
         reference = by_size[plan.micro_batch]
+        if not reference.usable:
+            report.error = f"the planned micro-batch {plan.micro_batch} is not usable: {reference.error}"
+            return
         # The probe's state is handed over (or dropped): a failed stage must not leave it holding memory.
         state, probe.state = (None if runtime.compile else probe.state), None
         probe.close()
@@ -287,10 +292,11 @@ def _run(report: AutotuneReport, prep, budget: Budget, clock: TimeBudget, *, ver
             report.probe_mode = ("eager search (a compile per candidate would cost a compile per size; a dynamic "
                                  "batch dimension is not the static program training runs); compiled once at the "
                                  "planned micro-batch, its state reused by the loader trials and the verification")
-            state, reference, plan = _compile(report, prep, budget, settings, clock, plan, by_size)
-            if reference is None:
+            state, compiled, plan = _compile(report, prep, budget, settings, clock, plan, by_size)
+            if compiled is None:
                 report.error = "the compiled step does not fit at any usable batch size tried"
                 return
+            reference = compiled
         else:
             report.probe_mode = "runtime.compile is off: the eager probes are the step training runs"
         resident = None  # the loader trials and the verification build the real cache
@@ -318,13 +324,15 @@ def _run(report: AutotuneReport, prep, budget: Budget, clock: TimeBudget, *, ver
             loader_result.loader = state = None
             free_device_memory(device)
             plan = _plan(pcfg, report.chosen_batch, _first_failure(report.candidates), device)
-            reference = by_size.get(plan.micro_batch) or reference
+            reference = by_size.get(plan.micro_batch)
             if runtime.compile:
                 state, reference, plan = _compile(report, prep, budget, settings, clock, plan, by_size)
                 if reference is None:
                     report.error = "the compiled step does not fit at any usable batch size tried"
                     return
             report.plan = plan
+        if reference is not None and reference.batch_size != plan.micro_batch:
+            reference = None  # the verification measures the model-only step at its micro-batch itself
         if not (verify and tune.verify_s > 0):
             report.notes.append("verification skipped (--no-verify or tune.verify_s = 0)")
             return
@@ -381,7 +389,7 @@ def _charge_loader_memory(report: AutotuneReport, budget: Budget, device) -> boo
 
 
 def _verify(report: AutotuneReport, prep, budget: Budget, settings: ProbeSettings, clock: TimeBudget,
-            plan: BatchPlan, state, reference: Candidate, given: int | None) -> None:
+            plan: BatchPlan, state, reference: Candidate | None, given: int | None) -> None:
     """The verification; after memory evidence against the micro-batch (out of memory, retries, over the
     budget) the next smaller usable size, at most twice more."""
     from fasttrain.autotune.probe import verify
@@ -410,8 +418,7 @@ def _verify(report: AutotuneReport, prep, budget: Budget, settings: ProbeSetting
             report.error = "" if v.ok else v.error
             return
         report.error = f"verification failed: {v.error}"
-        failed = Candidate(plan.micro_batch, False, failure="retries" if v.failure == "retries" else "oom",
-                           error=v.error, phase="verify")
+        failed = Candidate(plan.micro_batch, False, failure=v.failure, error=v.error, phase="verify")
         smaller = [c for c in report.candidates if c.usable and c.batch_size < plan.micro_batch]
         if attempt == 2 or not smaller:
             return
@@ -422,13 +429,13 @@ def _verify(report: AutotuneReport, prep, budget: Budget, settings: ProbeSetting
         free_device_memory(device)
         plan = _plan(pcfg, chosen, _first_failure([*report.candidates, failed]), device)
         by_size = {c.batch_size: c for c in report.candidates}
-        reference = by_size.get(plan.micro_batch, reference)
+        reference = by_size.get(plan.micro_batch)  # None: the verification measures the step itself
         if runtime.compile:
             state, compiled, plan = _compile(report, prep, budget, settings, clock, plan, by_size)
             if compiled is None:
                 report.error = "the compiled step does not fit at any smaller usable batch size"
                 return
-            reference = compiled
+            reference = compiled if compiled.batch_size == plan.micro_batch else None
 
 
 def _hold_resident_dataset(cfg: Config, source, backend: str, device, budget: Budget, notes: list[str]):

@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 GIB = 2**30
-MEMORY_FAILURES = ("oom", "retries", "headroom")
+MEMORY_FAILURES = ("oom", "retries", "headroom", "budget")
 
 
 class Measured(Protocol):
@@ -85,7 +85,8 @@ class Candidate:
     usable: bool = False
     """Fits, was timed, and leaves the headroom (set by the search)."""
     failure: str = ""
-    """oom, retries or headroom: the memory evidence against this size; empty when usable."""
+    """oom, retries, headroom (a probe) or budget (the whole device over it in the verification): the memory
+    evidence against this size; empty when usable."""
     phase: str = ""
     """given (the config's own micro-batch), grow, bisect or compiled."""
     error: str = ""
