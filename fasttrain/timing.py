@@ -214,12 +214,15 @@ def run_steps(step_fn: Callable[[], int], steps: int, device: torch.device | str
 
 
 def time_steps(step_fn: Callable[[], int], *, warmup: int, steps: int, repeats: int,
-               device: torch.device | str | None = None, clock: str = "auto", reset_peak: bool = True) -> Timing:
+               device: torch.device | str | None = None, clock: str = "auto", reset_peak: bool = True,
+               max_repeat_s: float | None = None) -> Timing:
     """Time ``step_fn`` (runs one step, returns its batch size as an int).
 
     ``warmup`` steps run once, untimed, before the first repeat; then ``repeats`` x ``steps`` timed steps.
     Peak CUDA memory is reset before the warm-up (unless ``reset_peak`` is False: the caller owns the peak), so
-    it covers everything this call ran.
+    it covers everything this call ran. ``max_repeat_s`` (wall clock only, where the host reads the time anyway)
+    ends a repeat early once it has lasted that long: a machine that slows down mid-measurement cannot stretch a
+    bounded measurement; the rate counts the steps that ran. ``Timing.steps`` stays the planned count.
     """
     if steps < 1 or repeats < 1 or warmup < 0:
         raise ValueError(f"time_steps: need steps >= 1, repeats >= 1, warmup >= 0 (got {steps}, {repeats}, {warmup})")
@@ -231,11 +234,14 @@ def time_steps(step_fn: Callable[[], int], *, warmup: int, steps: int, repeats: 
     timer = StepTimer(dev, clock)
     samples: list[int] = []
     seconds: list[float] = []
+    bounded = max_repeat_s is not None and timer.mode == "wall"
     for _ in range(repeats):
         n = 0
         timer.start()
         for _ in range(steps):
             n += step_fn()
+            if bounded and time.perf_counter() - timer._start > max_repeat_s:
+                break
         timer.stop()
         seconds.append(timer.elapsed())
         samples.append(_check_batch_size(n))
@@ -244,7 +250,7 @@ def time_steps(step_fn: Callable[[], int], *, warmup: int, steps: int, repeats: 
 
 def time_window(step_fn: Callable[[], int], *, warmup: int, repeats: int, seconds: float, min_steps: int = 1,
                 max_steps: int = 100_000, step_multiple: int = 1, device: torch.device | str | None = None,
-                clock: str = "auto", reset_peak: bool = True) -> Timing:
+                clock: str = "auto", reset_peak: bool = True, max_repeat_s: float | None = None) -> Timing:
     """:func:`time_steps` with each repeat lasting about ``seconds`` instead of a fixed step count.
 
     The ``warmup`` steps and one more calibration step are each timed alone (the device synchronized around
@@ -253,7 +259,7 @@ def time_window(step_fn: Callable[[], int], *, warmup: int, repeats: int, second
     up to a multiple of ``step_multiple`` (whole optimizer steps under accumulation). The fastest, not the last:
     one step slowed by another process must not shrink the window to a single step. A slow step still runs
     ``min_steps`` per repeat: the bound is on the window, and a caller that must bound the total checks the
-    step's cost first.
+    step's cost first. ``max_repeat_s``: see :func:`time_steps`.
     """
     if seconds <= 0 or min_steps < 1 or step_multiple < 1:
         raise ValueError(f"time_window: need seconds > 0, min_steps >= 1, step_multiple >= 1 (got {seconds}, "
@@ -270,7 +276,8 @@ def time_window(step_fn: Callable[[], int], *, warmup: int, repeats: int, second
     per_step = max(min(times[1:] or times), 1e-9)
     steps = min(max(min_steps, math.ceil(seconds / per_step)), max(max_steps, min_steps))
     steps = -(-steps // step_multiple) * step_multiple
-    t = time_steps(step_fn, warmup=0, steps=steps, repeats=repeats, device=dev, clock=clock, reset_peak=False)
+    t = time_steps(step_fn, warmup=0, steps=steps, repeats=repeats, device=dev, clock=clock, reset_peak=False,
+                   max_repeat_s=max_repeat_s)
     t.warmup = warmup + 1
     return t
 

@@ -230,21 +230,44 @@ def small_prep(shapes_root, *extra: str):
     return prepare(cfg)
 
 
-def test_loader_trials_end_to_end_on_the_torch_backend(shapes_root):
+def sleepy(seconds: float):
+    """A stand-in for ``cycle_batches`` whose loader sleeps ``seconds`` per batch."""
+    from fasttrain.timing import cycle_batches
+
+    def cycle(loader):
+        for batch in cycle_batches(loader):
+            time.sleep(seconds)
+            yield batch
+
+    return cycle
+
+
+def test_loader_trials_end_to_end_on_the_torch_backend(shapes_root, monkeypatch):
     prep = small_prep(shapes_root, "data.loader=torch", "data.workers=0")
     ladder = L.loader_ladder("torch", prep.cfg.data)
     assert ladder[0] == {"workers": 0} and len(ladder) >= 2  # the config's own setting first
     state = prep.task.build_state()
-    kw = dict(micro=32, accumulation=1, state=state, model_spread=0.0, noise=0.03, warmup=1, repeats=2,
-              repeat_s=0.02)
-    # A step far faster than any loader: input-bound, every setting tried, the shortfall reported.
-    r = L.tune_loader(prep.cfg, prep.runtime, prep.source, "torch", model_sps=1e9, **kw)
+    kw = dict(micro=32, accumulation=1, state=state, noise=0.03, warmup=1, repeats=2, repeat_s=0.02)
+    # Every setting's loader far slower than the step (it sleeps per batch): input-bound, every setting tried.
+    monkeypatch.setattr(L, "cycle_batches", sleepy(0.05))
+    r = L.tune_loader(prep.cfg, prep.runtime, prep.source, "torch", **kw)
     assert r.input_bound and len(r.trials) == len(ladder) and "input-bound" in r.note
-    assert all(t.samples_per_s > 0 and len(t.rates) == 2 and t.share < 0.01 for t in r.trials)
+    assert all(t.samples_per_s > 0 and len(t.rates) == 2 and len(t.model_rates) == 2 for t in r.trials)
+    assert all(t.share < 0.9 and t.model_samples_per_s > t.samples_per_s for t in r.trials)
     if r.loader is not None:  # open only when the kept setting was the last measured
         r.loader.close()
-    # A slow step: the config's own setting keeps up, and nothing more is tried.
-    r = L.tune_loader(prep.cfg, prep.runtime, prep.source, "torch", model_sps=1.0, **kw)
+    # A step far slower than the loader (it sleeps): the config's own setting keeps up, nothing more is tried.
+    from fasttrain.timing import cycle_batches
+
+    monkeypatch.setattr(L, "cycle_batches", cycle_batches)
+    real_step = prep.task.train_step
+
+    def slow_step(*a, **k):
+        time.sleep(0.05)
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(type(prep.task), "train_step", lambda self, *a, **k: slow_step(*a, **k))
+    r = L.tune_loader(prep.cfg, prep.runtime, prep.source, "torch", **kw)
     assert r.keeps_up and len(r.trials) == 1 and r.trials[0].given and r.setting == {"loader": "torch", **ladder[0]}
     assert r.loader is not None  # the last measured, kept: handed to the verification
     r.loader.close()
@@ -268,8 +291,9 @@ def test_dali_file_precheck_runs_once_for_the_whole_ladder(shapes_root, monkeypa
     assert len(ladder) >= 2 and ladder[0]["dali_threads"] == 2
     state = prep.task.build_state()
     with L.reuse_file_checks():
+        monkeypatch.setattr(L, "cycle_batches", sleepy(0.05))  # no setting keeps up: every one is tried
         r = L.tune_loader(prep.cfg, prep.runtime, prep.source, "dali", micro=16, accumulation=1, state=state,
-                          model_sps=1e9, model_spread=0.0, noise=0.03, warmup=1, repeats=2, repeat_s=0.02)
+                          noise=0.03, warmup=1, repeats=2, repeat_s=0.02)
         if r.loader is not None:
             r.loader.close()
     assert len(r.trials) == len(ladder)  # every setting built its own pipeline ...
@@ -363,7 +387,7 @@ def test_charging_the_loaders_memory_moves_the_plan_off_a_tight_batch():
     small = Candidate(32, True, samples_per_s=900.0, usage_bytes=4 * GIB, usable=True)
     report = R.AutotuneReport("x", "m", "classify", "cuda:0", "rt", [3, 8, 8], budget, 0.1, 0.03, 8,
                               candidates=[small, big], chosen_batch=64, plan=BatchPlan(64, 1, 64, 64, ""))
-    report.loader = L.LoaderResult("dali", [], {}, 900.0, 0.0, 1000.0, 0.0, True, "", outside_torch_bytes=GIB)
+    report.loader = L.LoaderResult("dali", [], {}, 990.0, 0.0, 1000.0, 0.0, True, "", outside_torch_bytes=GIB)
     assert not A._charge_loader_memory(report, budget, torch.device("cuda", 0))  # 8 + 1 GiB <= 9 GiB
     report.loader.outside_torch_bytes = int(1.5 * GIB)
     assert A._charge_loader_memory(report, budget, torch.device("cuda", 0))
@@ -414,7 +438,8 @@ def full_report() -> R.AutotuneReport:
     budget = P.Budget("emulated", 16.0, 16 * GIB, 80 * GIB, GIB, True, 0.19, 1.0, 0, "nvml", "H100")
     v = P.Verification(True, 128, 1, "dali", samples_per_s=1250.0, rates=[1200.0, 1250.0, 1270.0], spread=0.056,
                        agreement=Agreement("agrees", True, True, "either", "fine"))
-    lr = L.LoaderResult("dali", [L.LoaderTrial({"dali_threads": -1}, 1260.0, 0.02, [1260.0], 0.97, True, True)],
+    lr = L.LoaderResult("dali", [L.LoaderTrial({"dali_threads": -1}, 1260.0, 0.02, [1260.0], 1300.0, 0.02, [1300.0],
+                                               0.97, True, True)],
                         {"loader": "dali", "dali_threads": -1}, 1260.0, 0.02, 1300.0, 0.02, True, "keeps up")
     return R.AutotuneReport("quickstart", "resnet50", "classify", "cuda:0", "rt", [3, 224, 224], budget, 0.1, 0.03, 8,
                             max_batch=128, time_budget_s=45.0, candidates=cands, chosen_batch=128, best_batch=128,

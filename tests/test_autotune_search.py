@@ -16,6 +16,7 @@ from fasttrain.autotune.search import (
     choose_batch,
     choose_loader,
     judge_verification,
+    loader_share,
     plan_batches,
     search_batch_size,
 )
@@ -285,14 +286,28 @@ def test_the_configs_own_batch_and_accumulation():
 
 
 # -- loader ------------------------------------------------------------------------------------------------------
+def trial(e2e, model, spread=0.02):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(samples_per_s=e2e, spread=spread, model_samples_per_s=model, model_spread=spread)
+
+
 def test_loader_choice_prefers_the_given_setting_on_a_tie():
-    given, more = cand(0, 980.0, 0.02), cand(0, 1000.0, 0.02)
-    assert choose_loader([given, more], 1000.0, 0.02, 0.03) == (0, True)  # tie, and it keeps up
-    slow = cand(0, 600.0, 0.02)
-    assert choose_loader([slow, more], 1000.0, 0.02, 0.03) == (1, True)
-    assert choose_loader([slow], 1000.0, 0.02, 0.03) == (0, False)  # input-bound
+    given, more = trial(980.0, 1000.0), trial(1000.0, 1000.0)
+    assert choose_loader([given, more], 0.03) == (0, True)  # tie, and it keeps up
+    slow = trial(600.0, 1000.0)
+    assert choose_loader([slow, more], 0.03) == (1, True)
+    assert choose_loader([slow], 0.03) == (0, False)  # input-bound
     with pytest.raises(ValueError):
-        choose_loader([], 1.0, 0.0, 0.03)
+        choose_loader([], 0.03)
+
+
+def test_loader_choice_is_by_share_of_the_step_measured_alongside():
+    # The machine slowed down between the two trials: raw end-to-end figures would pick the wrong setting.
+    given = trial(900.0, 1000.0)  # 90 % of the step, measured while the machine was fast
+    more = trial(450.0, 450.0)  # 100 % of the step, measured while the machine ran at half speed
+    assert choose_loader([given, more], 0.03) == (1, True)
+    assert loader_share(given) == (pytest.approx(0.9), pytest.approx(0.04))
 
 
 # -- verification ------------------------------------------------------------------------------------------------
@@ -304,20 +319,28 @@ def test_verification_agreeing_within_the_noise():
 def test_verification_far_below_the_probe_unexplained_is_not_ok():
     # The issue: the probe said 235, the verification measured 43 and still reported ok.
     a = judge_verification(probe_sps=235, probe_spread=0.05, verify_sps=43, verify_spread=0.05, noise=0.03,
-                           loader_sps=900, loader_spread=0.05, recheck_sps=230, recheck_spread=0.05)
+                           loader_share=0.99, loader_spread=0.05, recheck_sps=230, recheck_spread=0.05)
     assert a.status == "disagrees" and not a.explained and "unexplained" in a.text
 
 
 def test_verification_below_the_probe_because_input_bound():
     a = judge_verification(probe_sps=1000, probe_spread=0.02, verify_sps=600, verify_spread=0.03, noise=0.03,
-                           loader_sps=610, loader_spread=0.03)
+                           loader_share=0.61, loader_spread=0.03)
     assert a.status == "input-bound" and a.explained and a.reliable and "verification" in a.believe
+    # The loader kept up in its trial: a slow verification is not explained by it.
+    a = judge_verification(probe_sps=1000, probe_spread=0.02, verify_sps=600, verify_spread=0.03, noise=0.03,
+                           loader_share=1.0, loader_spread=0.03)
+    assert a.status == "disagrees"
 
 
 def test_verification_below_the_probe_because_the_machine_slowed_down():
-    a = judge_verification(probe_sps=1000, probe_spread=0.02, verify_sps=500, verify_spread=0.03, noise=0.03,
-                           loader_sps=2000, loader_spread=0.03, recheck_sps=510, recheck_spread=0.03)
+    # The run that reached this test: probe 319 samples/s in a quiet moment, everything after at ~90.
+    a = judge_verification(probe_sps=319, probe_spread=0.05, verify_sps=88, verify_spread=0.02, noise=0.03,
+                           loader_share=0.98, loader_spread=0.04, recheck_sps=90, recheck_spread=0.03)
     assert a.status == "machine-changed" and a.explained and not a.reliable and "slowed down" in a.text
+    both = judge_verification(probe_sps=1000, probe_spread=0.02, verify_sps=300, verify_spread=0.03, noise=0.03,
+                              loader_share=0.6, loader_spread=0.03, recheck_sps=500, recheck_spread=0.03)
+    assert both.status == "machine-changed" and "input-bound as well" in both.text  # 500 x 60 %
     up = judge_verification(probe_sps=500, probe_spread=0.02, verify_sps=1000, verify_spread=0.03, noise=0.03,
                             recheck_sps=990, recheck_spread=0.03)
     assert up.status == "machine-changed" and "sped up" in up.text

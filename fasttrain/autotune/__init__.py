@@ -252,7 +252,8 @@ def _run(report: AutotuneReport, prep, budget: Budget, clock: TimeBudget, *, ver
                              with_eval=budget.budget_bytes is not None)
     # Eager probes with everything else as configured; compile comes once, at the planned micro-batch.
     eager_task = make_task(pcfg, runtime_for(pcfg, compile="off"), source)
-    probe = StepProbe(eager_task, budget=budget, settings=settings, eval_batch=eval_batch, stamp=stamp)
+    probe = StepProbe(eager_task, budget=budget, settings=settings, eval_batch=eval_batch, stamp=stamp,
+                      time_left=lambda: clock.left(SEARCH_SHARE))
     log.info("autotune %s: %s; %s; time budget %g s (compile excluded)", pcfg.name, runtime.describe(),
              budget.describe(), clock.seconds)
     resident = _hold_resident_dataset(pcfg, source, backend, device, budget, report.notes)
@@ -304,10 +305,9 @@ def _run(report: AutotuneReport, prep, budget: Budget, clock: TimeBudget, *, ver
         if state is None:
             state = prep.task.build_state()
         loader_result = tune_loader(pcfg, runtime, source, backend, micro=plan.micro_batch,
-                                    accumulation=plan.accumulation, state=state,
-                                    model_sps=reference.samples_per_s, model_spread=reference.spread,
-                                    noise=tune.noise, warmup=tune.warmup_steps, repeats=tune.repeats,
-                                    repeat_s=tune.repeat_s, time_left=lambda: clock.left(LOADER_SHARE), stamp=stamp)
+                                    accumulation=plan.accumulation, state=state, noise=tune.noise,
+                                    warmup=tune.warmup_steps, repeats=tune.repeats, repeat_s=tune.repeat_s,
+                                    time_left=lambda: clock.left(LOADER_SHARE), stamp=stamp)
         report.loader, report.plan = loader_result, plan
         if _charge_loader_memory(report, budget, device):
             # The loader's own memory pushed the plan's micro-batch over the headroom: a smaller one, measured.
@@ -408,7 +408,7 @@ def _verify(report: AutotuneReport, prep, budget: Budget, settings: ProbeSetting
         seconds = max(min(tune.verify_s, clock.left()), min(1.0, tune.verify_s))
         v, state = verify(task, source, backend=lr.backend, state=state, plan=plan, budget=budget, seconds=seconds,
                           noise=tune.noise, settings=settings, reference=reference, loader=loader,
-                          loader_sps=lr.samples_per_s, loader_spread=lr.spread,
+                          loader_share=lr.share, loader_spread=lr.spread + lr.model_spread,
                           eval_batch_size=tuned.train.eval_batch, stamp=clock.stamp)
         loader = None
         report.verify, report.plan = v, plan

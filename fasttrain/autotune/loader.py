@@ -5,7 +5,10 @@ A loader alone that delivers 1.9x the step's rate can still leave the step waiti
 the training process for the CPU, its copies with the step for the device), so a setting is judged by what
 training sees: end-to-end samples/s over a window long enough to drain the prefetch queue filled while the
 workers started (warm-up: the queue's depth plus two batches; then at least three queues' worth of timed
-steps). A setting keeps up when the model-only step does not beat it beyond the noise.
+steps), as a share of the model-only step (a synthetic batch already on the device) measured right before and
+right after that window: the same machine state, so a machine whose speed changes (other jobs, clocks) between
+trials or since the search cannot decide. A setting keeps up when the model-only step does not beat it beyond
+the noise.
 
 DALI's file pre-check and the cache's decode run once per autotune, not per setting: :func:`reuse_file_checks`
 remembers the pre-check's answer for a file list, and the last setting measured hands its open loader to the
@@ -18,15 +21,16 @@ import contextlib
 import dataclasses
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from fasttrain import memory
-from fasttrain.autotune.search import choose_loader
+from fasttrain.autotune.search import choose_loader, loader_share, spread_of
 from fasttrain.config import Config, DataConfig, default_workers
-from fasttrain.timing import cycle_batches, time_window, train_step_fn
+from fasttrain.timing import cycle_batches, time_steps, time_window, train_step_fn
 
 log = logging.getLogger("fasttrain.autotune")
 
@@ -41,6 +45,10 @@ class LoaderTrial:
     """End to end: the loader feeding the train step."""
     spread: float = 0.0
     rates: list[float] = field(default_factory=list)
+    model_samples_per_s: float | None = None
+    """The model-only step (synthetic batch), measured right before and after the end-to-end window."""
+    model_spread: float = 0.0
+    model_rates: list[float] = field(default_factory=list)
     share: float | None = None
     """End-to-end samples/s as a share of the model-only step's."""
     keeps_up: bool = False
@@ -178,19 +186,19 @@ def reuse_file_checks() -> Iterator[dict]:
         dali.drop_bad_files = original
 
 
-def tune_loader(cfg: Config, runtime, source, backend: str, *, micro: int, accumulation: int, state,
-                model_sps: float, model_spread: float, noise: float, warmup: int, repeats: int, repeat_s: float,
-                time_left: Callable[[], float] | None = None, stamp: Callable[[], str] = lambda: "",
-                make_task: Callable | None = None) -> LoaderResult:
+def tune_loader(cfg: Config, runtime, source, backend: str, *, micro: int, accumulation: int, state, noise: float,
+                warmup: int, repeats: int, repeat_s: float, time_left: Callable[[], float] | None = None,
+                stamp: Callable[[], str] = lambda: "", make_task: Callable | None = None) -> LoaderResult:
     """Measure the config's own loader setting end to end at ``micro`` with ``state`` (the probe's or the
-    compiled check's), then the ladder's others, cheapest first, until one keeps up with the model-only step
-    (``model_sps``) or time runs out; keep the fastest (ties: the given setting, else the cheaper)."""
+    compiled check's), then the ladder's others, cheapest first, until one keeps up with the model-only step or
+    time runs out; keep the highest share of the model-only step (ties: the given setting, else the cheaper)."""
     if make_task is None:
         from fasttrain.tasks import make_task
     device = runtime.device
     trials: list[LoaderTrial] = []
     open_loader, open_index = None, None
     ladder = loader_ladder(backend, cfg.data)
+    half = max(1, -(-repeats // 2))
     try:
         for i, setting in enumerate(ladder):
             if i and time_left is not None and time_left() < trials[-1].seconds:
@@ -207,24 +215,35 @@ def tune_loader(cfg: Config, runtime, source, backend: str, *, micro: int, accum
             loader = task.make_loader(source.train, train=True, batch_size=micro, backend=backend)
             open_loader, open_index = loader, i
             it = cycle_batches(loader)
-            step = train_step_fn(task, state, lambda it=it: next(it), accumulation)
-            t = time_window(step, warmup=depth + 2, repeats=repeats, seconds=repeat_s,
-                            min_steps=max(1, math.ceil(3 * depth / repeats)), step_multiple=accumulation,
-                            device=device, clock="wall", reset_peak=False)
-            after = memory.outside_torch_bytes(device)
+            batch = task.synthetic_batch(micro, task.input_spec(), train=True)
+            model_step = train_step_fn(task, state, lambda batch=batch: batch, accumulation)
+            e2e_step = train_step_fn(task, state, lambda it=it: next(it), accumulation)
+            cap = 4 * repeat_s
+            m1 = time_window(model_step, warmup=1, repeats=half, seconds=repeat_s, step_multiple=accumulation,
+                             device=device, reset_peak=False, max_repeat_s=cap)
+            e2e = time_window(e2e_step, warmup=depth + 2, repeats=repeats, seconds=repeat_s,
+                              min_steps=max(1, math.ceil(3 * depth / repeats)), step_multiple=accumulation,
+                              device=device, clock="wall", reset_peak=False, max_repeat_s=max(cap, 2 * repeat_s))
+            after = memory.outside_torch_bytes(device)  # while the loader is alive
+            m2 = time_steps(model_step, warmup=1, steps=m1.steps, repeats=half, device=device, reset_peak=False,
+                            max_repeat_s=cap)
+            model_rates = [*m1.per_repeat_samples_per_s, *m2.per_repeat_samples_per_s]
             outside = after - before if after is not None and before is not None else None
-            trial = LoaderTrial(setting, t.samples_per_s, t.spread, list(t.per_repeat_samples_per_s),
-                                t.samples_per_s / model_sps if model_sps else None, False, i == 0,
-                                time.perf_counter() - t0, outside)
+            trial = LoaderTrial(setting, e2e.samples_per_s, e2e.spread, list(e2e.per_repeat_samples_per_s),
+                                given=i == 0, seconds=time.perf_counter() - t0, outside_torch_bytes=outside)
+            trial.model_rates = model_rates
+            trial.model_samples_per_s = statistics.median(model_rates)
+            trial.model_spread = spread_of(model_rates)
+            trial.share = loader_share(trial)[0]
+            _, trial.keeps_up = choose_loader([trial], noise)
             trials.append(trial)
-            _, trial.keeps_up = choose_loader([trial], model_sps, model_spread, noise)
-            log.info("autotune [%s] loader %s %s: %s samples/s end to end ±%.0f%% (%.0f%% of the model-only step's "
-                     "%s)%s", stamp(), backend, setting or "(no knobs)", f"{t.samples_per_s:,.1f}",
-                     100 * t.spread / 2, 100 * (trial.share or 0), f"{model_sps:,.1f}",
-                     ", keeps up" if trial.keeps_up else "")
+            log.info("autotune [%s] loader %s %s: %s samples/s end to end ±%.0f%%, %.0f%% of the model-only step "
+                     "measured alongside (%s)%s", stamp(), backend, setting or "(no knobs)",
+                     f"{e2e.samples_per_s:,.1f}", 100 * e2e.spread / 2, 100 * trial.share,
+                     f"{trial.model_samples_per_s:,.1f}", ", keeps up" if trial.keeps_up else "")
             if trial.keeps_up:
                 break
-        pick, keeps_up = choose_loader(trials, model_sps, model_spread, noise, given=0)
+        pick, keeps_up = choose_loader(trials, noise, given=0)
     except BaseException:
         if open_loader is not None:
             open_loader.close()
@@ -233,15 +252,12 @@ def tune_loader(cfg: Config, runtime, source, backend: str, *, micro: int, accum
     if open_index != pick and open_loader is not None:
         open_loader.close()
         open_loader = None
-    share = kept.share or 0.0
     name = kept.setting or "no knobs"
-    if keeps_up:
-        note = (f"keeps up: {name} delivers {kept.samples_per_s:,.1f} samples/s end to end, {share:.0%} of the "
-                f"model-only step's {model_sps:,.1f} (within the noise)")
-    else:
-        note = (f"input-bound: {name} delivers {kept.samples_per_s:,.1f} samples/s end to end, {share:.0%} of the "
-                f"model-only step's {model_sps:,.1f}; expect about that in training")
+    fig = (f"{name} delivers {kept.samples_per_s:,.1f} samples/s end to end, {kept.share:.0%} of the model-only "
+           f"step's {kept.model_samples_per_s:,.1f}")
+    note = f"keeps up: {fig} (within the noise)" if keeps_up else f"input-bound: {fig}; expect about that in training"
     if not kept.given:
-        note += f" (the config's own {trials[0].setting} measured {trials[0].samples_per_s:,.1f})"
+        note += f" (the config's own {trials[0].setting}: {trials[0].share:.0%})"
     return LoaderResult(backend, trials, {"loader": backend, **kept.setting}, kept.samples_per_s, kept.spread,
-                        model_sps, model_spread, keeps_up, note, kept.outside_torch_bytes, open_loader)
+                        kept.model_samples_per_s, kept.model_spread, keeps_up, note, kept.outside_torch_bytes,
+                        open_loader)

@@ -164,17 +164,19 @@ class StepProbe:
     The task (and so its runtime: precision, channels_last, compile) decides what runs. The state (modules,
     optimizer, scaler) is built once and kept across candidates, as training keeps it; after an out-of-memory
     error it is dropped and rebuilt, so no half-created gradients or optimizer state leak into the next size.
-    ``stamp()`` prefixes progress lines (the time budget's ``12.3/45 s``).
+    ``stamp()`` prefixes progress lines (the time budget's ``12.3/45 s``); ``time_left()`` (seconds) decides
+    whether a noisy measurement may be taken once more.
     """
 
     def __init__(self, task, *, budget: Budget, settings: ProbeSettings, eval_batch: Callable[[int], int],
-                 state=None, stamp: Callable[[], str] = _default_stamp):
+                 state=None, stamp: Callable[[], str] = _default_stamp, time_left: Callable[[], float] | None = None):
         self.task = task
         self.budget = budget
         self.s = settings
         self.eval_batch = eval_batch
         self.state = state
         self.stamp = stamp
+        self.time_left = time_left
 
     @property
     def device(self) -> torch.device:
@@ -202,14 +204,18 @@ class StepProbe:
         state.train(True)
 
     def _measure(self, step: Callable[[], int], warmup: int) -> tuple[list[float], float, bool, int]:
-        """(rates, timed seconds, reliable, steps per repeat): a time window, once more when too noisy."""
+        """(rates, timed seconds, reliable, steps per repeat): a time window, once more when too noisy and time
+        allows. A repeat is cut at 4 x tune.repeat_s (wall clock) if the machine slows down under it."""
         s = self.s
         t = time_window(step, warmup=warmup, repeats=s.repeats, seconds=s.repeat_s, min_steps=s.min_steps,
-                        device=self.device, reset_peak=False)
+                        device=self.device, reset_peak=False, max_repeat_s=4 * s.repeat_s)
         rates, timed = list(t.per_repeat_samples_per_s), t.timed_seconds
         if t.spread <= s.max_spread:
             return rates, timed, True, t.steps
-        again = time_steps(step, warmup=0, steps=t.steps, repeats=s.repeats, device=self.device, reset_peak=False)
+        if self.time_left is not None and self.time_left() < 2 * timed:
+            return rates, timed, False, t.steps
+        again = time_steps(step, warmup=0, steps=t.steps, repeats=s.repeats, device=self.device, reset_peak=False,
+                           max_repeat_s=4 * s.repeat_s)
         timed += again.timed_seconds
         if again.spread <= s.max_spread:  # the first round caught a disturbance the second did not
             return list(again.per_repeat_samples_per_s), timed, True, t.steps
@@ -312,7 +318,8 @@ class StepProbe:
                 runs.append((c, self._step_fn(state, batch, c.batch_size), steps, []))
             for _ in range(s.repeats):
                 for _c, step, steps, rates in runs:
-                    t = time_steps(step, warmup=1, steps=steps, repeats=1, device=self.device, reset_peak=False)
+                    t = time_steps(step, warmup=1, steps=steps, repeats=1, device=self.device, reset_peak=False,
+                                   max_repeat_s=4 * s.repeat_s)
                     rates.append(t.samples_per_s)
         except Exception as e:
             if not is_oom_error(e):
@@ -465,18 +472,20 @@ def _recheck(task, state, micro: int, settings: ProbeSettings) -> tuple[float, f
         return micro
 
     t = time_window(step, warmup=1, repeats=settings.repeats, seconds=settings.repeat_s,
-                    min_steps=settings.min_steps, device=task.runtime.device, reset_peak=False)
+                    min_steps=settings.min_steps, device=task.runtime.device, reset_peak=False,
+                    max_repeat_s=4 * settings.repeat_s)
     return t.samples_per_s, t.spread
 
 
 def verify(task, source, *, backend: str, state, plan: BatchPlan, budget: Budget, seconds: float, noise: float,
-           settings: ProbeSettings, reference: Candidate | None, loader=None, loader_sps: float | None = None,
+           settings: ProbeSettings, reference: Candidate | None, loader=None, loader_share: float | None = None,
            loader_spread: float = 0.0, eval_batch_size: int, stamp: Callable[[], str] = _default_stamp
            ) -> tuple[Verification, Any]:
     """About ``seconds`` of training at ``plan`` (whole optimizer steps) on the real data, then evaluation
     batches for a bounded time, under the budget. ``state`` (the compiled check's, or the probe's) is reused,
-    and so is ``loader`` (the loader trial's, already warm; closed here either way). Returns (verification,
-    state or None after an out-of-memory error)."""
+    and so is ``loader`` (the loader trial's, already warm; closed here either way). ``loader_share``: the loader
+    trial's end to end over model-only (with its spread), which explains a verification below the probe when
+    the run is input-bound. Returns (verification, state or None after an out-of-memory error)."""
     device = task.runtime.device
     accum = plan.accumulation
     out = Verification(False, plan.micro_batch, accum, backend)
@@ -499,8 +508,12 @@ def verify(task, source, *, backend: str, state, plan: BatchPlan, budget: Budget
             torch.cuda.empty_cache()
         memory.reset_peak_memory(device)
         retries0 = memory.alloc_retries(device)
-        timing = time_window(step, warmup=0, repeats=settings.repeats, seconds=max(0.05, seconds / settings.repeats),
-                             min_steps=accum, step_multiple=accum, device=device, clock="wall", reset_peak=False)
+        # warm-up: one more optimizer step (it allocates again after empty_cache), then the window.
+        window = max(0.05, seconds / settings.repeats)
+        timing = time_window(step, warmup=accum, repeats=settings.repeats, seconds=window, min_steps=accum,
+                             step_multiple=accum, device=device, clock="wall", reset_peak=False,
+                             max_repeat_s=2 * window)
+        retries = memory.alloc_retries(device) - retries0
         if source.val:
             val_loader = task.make_loader(source.val, train=False, batch_size=eval_batch_size, backend=backend)
             out.eval_total_batches = len(val_loader)
@@ -514,7 +527,7 @@ def verify(task, source, *, backend: str, state, plan: BatchPlan, budget: Budget
             # DALI (and cuDNN/cuBLAS workspaces) allocate outside torch's allocator, which the memory fraction does
             # not cap: read the whole device while the loaders are still alive.
             out.device_used_bytes = memory.device_memory(device).used_bytes
-        retries = memory.alloc_retries(device) - retries0
+        eval_retries = memory.alloc_retries(device) - retries0 - retries
     except Exception as e:
         if not is_oom_error(e):
             raise
@@ -538,6 +551,11 @@ def verify(task, source, *, backend: str, state, plan: BatchPlan, budget: Budget
     out.samples_per_s, out.spread = timing.samples_per_s, timing.spread
     if retries:
         out.error, out.failure = f"needed {retries} allocator retries in the steady state (at the limit)", "retries"
+    if eval_retries:
+        # A partial last evaluation batch is a new shape: cuDNN's algorithm search tries workspaces sized from the
+        # whole card, and the allocator flushes its cache for them once. Training never sees that shape.
+        out.warning = (f"{eval_retries} allocator retries during evaluation (cuDNN's algorithm search on a new batch "
+                       f"shape); none while training")
     used = out.device_used_bytes
     if budget.mode == "emulated" and used is not None and used > budget.budget_bytes:
         # Memory outside torch's allocator is not capped by the fraction: on a real card of the budget's size this
@@ -555,7 +573,7 @@ def verify(task, source, *, backend: str, state, plan: BatchPlan, budget: Budget
     if out.probe_samples_per_s is not None:
         agreement = judge_verification(probe_sps=out.probe_samples_per_s, probe_spread=out.probe_spread,
                                        verify_sps=out.samples_per_s, verify_spread=out.spread, noise=noise,
-                                       loader_sps=loader_sps, loader_spread=loader_spread)
+                                       loader_share=loader_share, loader_spread=loader_spread)
     if agreement is None or not agreement.explained:
         # Not probed at this micro-batch, or the two disagree: measure the model-only step again, now.
         out.recheck_samples_per_s, recheck_spread = _recheck(task, state, plan.micro_batch, settings)
@@ -565,11 +583,11 @@ def verify(task, source, *, backend: str, state, plan: BatchPlan, budget: Budget
                 f"micro-batch {plan.micro_batch} was not probed: compared with the model-only step measured now")
             agreement = judge_verification(probe_sps=out.probe_samples_per_s, probe_spread=out.probe_spread,
                                            verify_sps=out.samples_per_s, verify_spread=out.spread, noise=noise,
-                                           loader_sps=loader_sps, loader_spread=loader_spread)
+                                           loader_share=loader_share, loader_spread=loader_spread)
         else:
             agreement = judge_verification(probe_sps=out.probe_samples_per_s, probe_spread=out.probe_spread,
                                            verify_sps=out.samples_per_s, verify_spread=out.spread, noise=noise,
-                                           loader_sps=loader_sps, loader_spread=loader_spread,
+                                           loader_share=loader_share, loader_spread=loader_spread,
                                            recheck_sps=out.recheck_samples_per_s, recheck_spread=recheck_spread)
     out.agreement = agreement
     out.ok = agreement.explained

@@ -293,8 +293,10 @@ def _figure(r: AutotuneReport):
     ax2.set_ylim(0, top * 1.08 if top else 1.0)  # the budget lines and the memory curve on one scale
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
-    # Below the axes: a legend inside would cover the OOM markers on the x axis.
-    fig.legend(h1 + h2, l1 + l2, loc="lower center", ncol=2, fontsize=7, frameon=False)
+    # The measured curves first; below the axes: a legend inside would cover the OOM markers on the x axis.
+    pairs = sorted(zip(h1 + h2, l1 + l2), key=lambda p: not p[1].startswith(("train step", "verification",
+                                                                               "steady-state", "peak RSS")))
+    fig.legend([h for h, _ in pairs], [lb for _, lb in pairs], loc="lower center", ncol=2, fontsize=7, frameon=False)
     ax.set_title(f"{r.config_name}: {r.model} {'x'.join(map(str, r.input_shape))}, {r.runtime}", fontsize=9)
     rows = (len(l1) + len(l2) + 1) // 2
     fig.subplots_adjust(bottom=0.14 + 0.035 * rows, top=0.92, left=0.1, right=0.88)

@@ -35,6 +35,7 @@ __all__ = [
     "search_batch_size",
     "plan_batches",
     "choose_loader",
+    "loader_share",
     "judge_verification",
 ]
 
@@ -472,19 +473,36 @@ def plan_batches(requested_global: int, chosen: int, *, multiple: int, accumulat
 
 
 # -- loader -----------------------------------------------------------------------------------------------------
-def choose_loader(trials: Sequence[Measured], model_sps: float, model_spread: float, noise: float,
-                  given: int = 0) -> tuple[int, bool]:
+class LoaderMeasured(Protocol):
+    samples_per_s: float | None
+    """End to end."""
+    spread: float
+    model_samples_per_s: float | None
+    """The model-only step, measured right before and after the end-to-end window (the same machine state)."""
+    model_spread: float
+
+
+def loader_share(t: LoaderMeasured) -> tuple[float, float]:
+    """(end to end / model-only, its spread): how much of the step's speed the loader lets through."""
+    if not t.samples_per_s or not t.model_samples_per_s:
+        return 0.0, 0.0
+    return t.samples_per_s / t.model_samples_per_s, t.spread + t.model_spread
+
+
+def choose_loader(trials: Sequence[LoaderMeasured], noise: float, given: int = 0) -> tuple[int, bool]:
     """(index of the setting to keep, whether it keeps up with the model-only step).
 
-    ``trials`` are end-to-end measurements in the order tried, ``given`` the index of the config's own setting.
-    A setting keeps up when the model-only step does not beat it beyond the noise. The fastest end to end wins;
-    settings tying with it keep the given one, else the earliest (the ladder runs cheapest first)."""
+    ``trials`` are in the order tried, ``given`` the index of the config's own setting. Each is judged by its
+    share of the model-only step measured alongside it, so a machine whose speed changes between trials does not
+    decide. A setting keeps up when the model-only step does not beat it beyond the noise. The highest share
+    wins; settings tying with it keep the given one, else the earliest (the ladder runs cheapest first)."""
     if not trials:
         raise ValueError("choose_loader: no trials")
-    best = max(range(len(trials)), key=lambda i: trials[i].samples_per_s or 0.0)
-    ties = [i for i in range(len(trials)) if not beats(trials[best], trials[i], noise)]
+    shares = [_Rate(*loader_share(t)) for t in trials]
+    best = max(range(len(trials)), key=lambda i: shares[i].samples_per_s)
+    ties = [i for i in range(len(trials)) if not beats(shares[best], shares[i], noise)]
     pick = given if given in ties else min(ties)
-    return pick, not beats(_Rate(model_sps, model_spread), trials[pick], noise)
+    return pick, not beats(_Rate(1.0, 0.0), shares[pick], noise)
 
 
 @dataclass
@@ -522,18 +540,21 @@ def _within(a: float, sa: float, b: float, sb: float, noise: float) -> tuple[boo
 
 
 def judge_verification(*, probe_sps: float, probe_spread: float, verify_sps: float, verify_spread: float,
-                       noise: float, loader_sps: float | None = None, loader_spread: float = 0.0,
+                       noise: float, loader_share: float | None = None, loader_spread: float = 0.0,
                        recheck_sps: float | None = None, recheck_spread: float = 0.0) -> Agreement:
     """Compare the verification (end to end, real data) with the probe (model-only step, synthetic batch).
 
-    - within the noise of both: agrees;
-    - lower, and the loader trial already measured this setting below the model-only step and the
-      verification agrees with that trial: input-bound (believe the verification for training speed; the
-      probe is the model-only ceiling);
-    - ``recheck_sps`` (the model-only step measured again right after the verification) moved away from the
-      probe in the same direction and the verification agrees with it: the machine's speed changed (other load,
-      thermal throttling); believe the later figures; the search's comparisons ran at another speed, so the
-      answer is marked unreliable;
+    ``loader_share`` (spread ``loader_spread``): the loader trial's end-to-end samples/s as a share of the
+    model-only step measured alongside it; below 1 beyond the noise, the run is input-bound and the verification
+    is expected at ``probe x share``. ``recheck_sps``: the model-only step measured again right after the
+    verification.
+
+    - within the noise of the probe: agrees;
+    - input-bound and within the noise of ``probe x share``: input-bound (believe the verification for training
+      speed; the probe is the model-only ceiling);
+    - the recheck moved away from the probe beyond the noise, and the verification is within the noise of
+      ``recheck`` (x share when input-bound): the machine's speed changed (other load, thermal throttling);
+      believe the later figures; the search compared sizes at another speed, so the answer is marked unreliable;
     - anything else disagrees, unexplained.
     """
     ok, m = _within(verify_sps, verify_spread, probe_sps, probe_spread, noise)
@@ -541,29 +562,30 @@ def judge_verification(*, probe_sps: float, probe_spread: float, verify_sps: flo
     fig = f"verification {verify_sps:,.1f} samples/s end to end vs the probe's {probe_sps:,.1f} ({rel:+.0%})"
     if ok:
         return Agreement("agrees", True, True, "either", f"{fig}: within the noise (±{m:.0%})")
-    if loader_sps is not None and verify_sps < probe_sps:
-        slow_loader = loader_sps < probe_sps * (1.0 - max(noise, (loader_spread + probe_spread) / 2))
-        same, _ = _within(verify_sps, verify_spread, loader_sps, loader_spread, noise)
-        if slow_loader and same:
+    bound = loader_share is not None and beats(_Rate(1.0, 0.0), _Rate(loader_share, loader_spread), noise)
+    share = loader_share if bound else 1.0
+    if bound:
+        same, _ = _within(verify_sps, verify_spread, probe_sps * share, probe_spread + loader_spread, noise)
+        if same:
             return Agreement("input-bound", True, True,
                              "the verification, for training speed (the probe is the model-only ceiling)",
-                             f"{fig}: input-bound, the loader delivers about {loader_sps:,.1f} samples/s end to end "
-                             f"at this setting")
+                             f"{fig}: input-bound, the loader trial ran end to end at {share:.0%} of the model-only "
+                             f"step measured alongside it")
     if recheck_sps is not None:
-        moved = (recheck_sps - probe_sps) * (verify_sps - probe_sps) > 0
-        moved_out, _ = _within(recheck_sps, recheck_spread, probe_sps, probe_spread, noise)
-        target = min(recheck_sps, loader_sps) if loader_sps is not None else recheck_sps
-        same, _ = _within(verify_sps, verify_spread, target, recheck_spread, noise)
-        if moved and not moved_out and same:
+        unmoved, _ = _within(recheck_sps, recheck_spread, probe_sps, probe_spread, noise)
+        same, _ = _within(verify_sps, verify_spread, recheck_sps * share,
+                          recheck_spread + (loader_spread if bound else 0.0), noise)
+        if not unmoved and same:
             word = "slowed down" if recheck_sps < probe_sps else "sped up"
+            extra = f"; input-bound as well ({share:.0%} of the step)" if bound else ""
             return Agreement("machine-changed", True, False,
                              "the verification and the re-measured step (later, at the machine's current speed)",
                              f"{fig}: the machine {word} (the model-only step re-measured at {recheck_sps:,.1f} "
-                             f"samples/s: other load or thermal throttling); the batch comparison ran at another "
-                             f"speed, so this answer is not cached")
+                             f"samples/s: other load or thermal throttling){extra}; the batch comparison ran at "
+                             f"another speed, so this answer is not cached")
     why = []
-    if loader_sps is not None:
-        why.append(f"the loader trial measured {loader_sps:,.1f} samples/s end to end")
+    if loader_share is not None:
+        why.append(f"the loader trial ran at {loader_share:.0%} of the model-only step")
     if recheck_sps is not None:
         why.append(f"the model-only step re-measured at {recheck_sps:,.1f}")
     return Agreement("disagrees", False, False, "neither: measure again on a quieter machine",

@@ -1,0 +1,105 @@
+"""Check autotune's CPU targets on the quickstart, in one run, as a user would call the commands:
+
+1. ``fasttrain train -q`` (the quickstart's own training time) and ``fasttrain autotune quickstart --no-cache``:
+   autotune takes at most 2x the training's wall time;
+2. the tuned config proposes no gradient accumulation;
+3. ``fasttrain bench`` on the original and on the tuned config, alternated (original, tuned, original, tuned,
+   ...) so a change of the machine's load hits both alike: the tuned config's end-to-end samples/s is at least
+   0.9x the original's (medians over the rounds).
+
+``python3 tools/autotune_cpu_target.py [--rounds 3] [--out DIR]``; prints a table, writes ``targets.json`` into
+the output folder and exits 1 when a target is missed. Run it from the repository root (``python3 -m fasttrain``
+then imports this checkout). Timings depend on the machine and its load: say which machine gave the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run ``python3 -m fasttrain ...``; returns its wall time; raises with the log's tail when it fails."""
+    t0 = time.perf_counter()
+    with open(log, "w", encoding="utf-8") as f:
+        proc = subprocess.run([sys.executable, "-m", "fasttrain", *cmd], stdout=f, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - t0
+    if proc.returncode not in (0, 1):  # autotune exits 1 when its answer is not ok: reported, not fatal here
+        tail = log.read_text(encoding="utf-8")[-2000:]
+        raise RuntimeError(f"fasttrain {' '.join(cmd)} failed ({proc.returncode}):\n{tail}")
+    return wall
+
+
+def e2e(report: Path) -> float:
+    return float(json.loads(report.read_text(encoding="utf-8"))["end_to_end"]["samples_per_s"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3, help="bench rounds per config, alternated (default 3)")
+    p.add_argument("--out", type=Path, default=None, help="folder for logs and results (default: a temp folder)")
+    args = p.parse_args(argv)
+    out = args.out or Path(tempfile.mkdtemp(prefix="autotune-cpu-target-"))
+    out.mkdir(parents=True, exist_ok=True)
+    runs = out / "runs"
+    common = ["--set", f"train.runs_dir={runs}"]
+
+    train_s = run(["train", "-q", *common], out / "train.log")
+    tune_out = out / "autotune"
+    tune_s = run(["autotune", "quickstart", *common, "--no-cache", "--out", str(tune_out)], out / "autotune.log")
+    report = json.loads((tune_out / "autotune.json").read_text(encoding="utf-8"))
+    tuned = tune_out / "quickstart.tuned.toml"
+    accumulation = report["plan"]["accumulation"] if report.get("plan") else None
+
+    original, tuned_sps = [], []
+    if tuned.is_file():
+        for i in range(args.rounds):
+            for name, cfg, into in (("original", "quickstart", original), ("tuned", str(tuned), tuned_sps)):
+                js = out / f"bench-{name}-{i}.json"
+                run(["bench", cfg, *common, "--json", str(js), "-q"], out / f"bench-{name}-{i}.log")
+                into.append(e2e(js))
+
+    ratio = statistics.median(tuned_sps) / statistics.median(original) if original and tuned_sps else None
+    targets = {
+        "autotune_wall_s": round(tune_s, 1),
+        "train_wall_s": round(train_s, 1),
+        "autotune_over_train": round(tune_s / train_s, 2),
+        "within_2x_training": tune_s <= 2 * train_s,
+        "accumulation": accumulation,
+        "no_accumulation": accumulation == 1,
+        "autotune_ok": report.get("ok"),
+        "chosen_batch": report.get("chosen_batch"),
+        "given_batch": report.get("given_batch"),
+        "reliable": report.get("reliable"),
+        "original_e2e": original,
+        "tuned_e2e": tuned_sps,
+        "tuned_over_original": round(ratio, 3) if ratio is not None else None,
+        "tuned_at_least_0.9x": ratio is not None and ratio >= 0.9,
+        "cpu_count": os.cpu_count(),
+        "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    (out / "targets.json").write_text(json.dumps(targets, indent=2) + "\n", encoding="utf-8")
+    print(f"training {train_s:.1f} s, autotune {tune_s:.1f} s ({tune_s / train_s:.2f}x; target <= 2x): "
+          f"{'met' if targets['within_2x_training'] else 'MISSED'}")
+    print(f"accumulation {accumulation} (target 1): {'met' if targets['no_accumulation'] else 'MISSED'}; "
+          f"chosen batch {report.get('chosen_batch')} (the config's own {report.get('given_batch')}), "
+          f"ok {report.get('ok')}, reliable {report.get('reliable')}")
+    if ratio is not None:
+        print(f"end to end: tuned {statistics.median(tuned_sps):,.1f} vs original {statistics.median(original):,.1f} "
+              f"samples/s = {ratio:.3f}x (target >= 0.9): {'met' if targets['tuned_at_least_0.9x'] else 'MISSED'}")
+    else:
+        print("end to end: no tuned config was written (see autotune.log)")
+    print(f"details: {out}")
+    met = targets["within_2x_training"] and targets["no_accumulation"] and targets["tuned_at_least_0.9x"]
+    return 0 if met else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
