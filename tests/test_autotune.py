@@ -263,11 +263,11 @@ def test_loader_trials_end_to_end_on_the_torch_backend(shapes_root, monkeypatch)
     real_step = prep.task.train_step
 
     def slow_step(*a, **k):
-        time.sleep(0.05)
+        time.sleep(0.25)  # far longer than decoding a batch of 32 tiny PNGs, even on a busy machine
         return real_step(*a, **k)
 
     monkeypatch.setattr(type(prep.task), "train_step", lambda self, *a, **k: slow_step(*a, **k))
-    r = L.tune_loader(prep.cfg, prep.runtime, prep.source, "torch", **kw)
+    r = L.tune_loader(prep.cfg, prep.runtime, prep.source, "torch", **{**kw, "noise": 0.2})
     assert r.keeps_up and len(r.trials) == 1 and r.trials[0].given and r.setting == {"loader": "torch", **ladder[0]}
     assert r.loader is not None  # the last measured, kept: handed to the verification
     r.loader.close()
