@@ -348,7 +348,7 @@ class TuneConfig:
     train step follow."""
     repeats: int = 3
     """Timed repeats per measurement; the median is used and (max - min) / median is its spread."""
-    repeat_s: float = 0.25
+    repeat_s: float = 0.2
     """Each timed repeat lasts about this long."""
     measure_steps: int = 1
     """Timed steps per repeat, at least (a slow step still runs this many, whatever tune.repeat_s)."""
@@ -357,8 +357,9 @@ class TuneConfig:
     config's own batch (else the smaller) is kept."""
     max_spread: float = 0.15
     """A measurement whose spread exceeds this is repeated once, then marked unreliable (and not cached)."""
-    verify_s: float = 5.0
-    """Seconds of end-to-end training at the tuned settings, plus evaluation batches (0 = skip verification)."""
+    verify_s: float = 3.0
+    """Seconds of end-to-end training at the tuned settings (three windows; the loader comes warm from its trial),
+    plus evaluation batches for at most 30 % of that (0 = skip verification)."""
     cache_dir: str = ""
     """Where results are cached; empty means ~/.cache/fasttrain/autotune."""
 
