@@ -61,7 +61,7 @@ SIZES = {
     "gpu": BenchSize(name="gpu", models=("resnet18", "resnet50", "smallcnn"), batch_sizes=(64, 128, 256),
                      precisions=("bf16", "fp32"), image_size=224, num_classes=1000, model_width=32,
                      steps_per_round=20, rounds=5, warmup_rounds=2, loader_batch_size=256,
-                     e2e_models=("resnet50",), e2e_batch_size=256, train_per_class=0, val_per_class=0),
+                     e2e_models=("resnet50", "resnet18"), e2e_batch_size=256, train_per_class=0, val_per_class=0),
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -129,6 +130,10 @@ def measure(benchmark, env, size, device) -> Callable[..., dict[str, Any]]:
             **info,
             env=env,
         )
+        log = os.environ.get("FASTTRAIN_BENCH_LOG")
+        if log:  # one line per case as it finishes: a run cut off (a lent machine's time limit) keeps its figures
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"name": benchmark.fullname, **benchmark.extra_info}, default=str) + "\n")
         return dict(benchmark.extra_info)
 
     return run
