@@ -162,10 +162,19 @@ class ModelConfig:
     width: int = 32
     """Base channel width of the small nets (convnet, smallcnn, unet, patchgan)."""
     dropout: float = 0.0
-    """Dropout before the classifier of the small nets (0..1)."""
+    """Dropout before the classifier of the small nets and timm models (0..1)."""
+    pretrained: bool = False
+    """Start from the torchvision (or timm) default pretrained weights, downloaded into their cache on first use;
+    the head gets fresh outputs when the class count differs."""
+    init_from: str = ""
+    """Start from the weights in this file: a fasttrain checkpoint or a state dict (keys and shapes must match)."""
+    reset_head: bool = False
+    """With init_from: leave the file's classifier head out and start it fresh (a new class count)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must not be empty")
+        _check(not (self.pretrained and self.init_from), "model.init_from",
+               "give model.pretrained or model.init_from, not both")
         _check(self.num_outputs >= 0, "model.num_outputs", "must be >= 0")
         _check(self.width >= 1, "model.width", "must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")

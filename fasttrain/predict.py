@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ def predict(checkpoint: str | Path, images: list[str], *, device: str = "auto",
     """One record per image (class and probability, regressed values, or the written image's path)."""
     ckpt = load_checkpoint(checkpoint)
     cfg = config_from_dict(ckpt["config"], source=str(checkpoint))
+    # The checkpoint holds the weights: no download of pretrained ones, no read of the run's init_from file.
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, init_from=""))
     runtime = prediction_runtime(cfg, device)
     task = make_task(cfg, runtime, None)
     state = task.build_state()

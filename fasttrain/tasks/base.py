@@ -113,10 +113,23 @@ class Task:
 
         c = self.cfg
         model = build_model(c.model.name, in_channels=c.data.channels, num_outputs=self.num_outputs,
-                            image_size=c.data.image_size, width=c.model.width, dropout=c.model.dropout)
+                            image_size=c.data.image_size, width=c.model.width, dropout=c.model.dropout,
+                            pretrained=c.model.pretrained)
+        self.load_initial_weights(model, "model")
         fn = self.runtime.prepare_model(model)
         opt = make_optimizer(model, c.optim, fused_kwargs=self.runtime.optimizer_kwargs())
         return TrainState({"model": model}, {"model": fn}, {"model": opt}, {"model": self.runtime.grad_scaler()})
+
+    def load_initial_weights(self, model: nn.Module, module: str) -> None:
+        """``model.init_from``: the file's weights (a fasttrain checkpoint's ``module``, or a state dict) into
+        ``model``, before it moves to the device. Not on resume or prediction: their checkpoint overwrites it."""
+        path = self.cfg.model.init_from
+        if not path:
+            return
+        from fasttrain.models.init import load_initial_weights, read_state_dict
+
+        load_initial_weights(model, read_state_dict(path, module), reset_head=self.cfg.model.reset_head,
+                             source=path)
 
     def make_loader(self, split: Split, *, train: bool, batch_size: int, backend: str) -> Loader:
         """A loader over ``split`` yielding device Batches. ``backend`` is the engine's choice for image
