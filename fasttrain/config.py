@@ -7,6 +7,7 @@ wrong type, a value out of range) raises :class:`ConfigError` naming the offendi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import tomllib
 import typing
@@ -34,6 +35,9 @@ __all__ = [
     "config_from_dict",
     "dump_config",
     "default_workers",
+    "FieldInfo",
+    "field_docs",
+    "describe_config",
 ]
 
 
@@ -522,3 +526,51 @@ def dump_config(cfg: Config) -> str:
     d = config_to_dict(cfg)
     name = d.pop("name")
     return tomli_w.dumps({"name": name, **d})
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """One setting, as ``fasttrain config show`` prints it."""
+
+    key: str
+    """section.key"""
+    value: Any
+    default: Any
+    type: str
+    description: str
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a config dataclass (the string under each field), read once from its source.
+    They are the settings' descriptions, units included; Python keeps no such docstring at run time."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # no source (a frozen build): no descriptions
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe_config(cfg: Config) -> list[FieldInfo]:
+    """Every setting of ``cfg`` with its value, its default, its type and its description."""
+    defaults = Config()
+    out = [FieldInfo("name", cfg.name, defaults.name, "str", field_docs(Config).get("name", ""))]
+    for section, f in _SECTIONS.items():
+        cls = f.default_factory
+        hints, docs = _section_hints(cls), field_docs(cls)
+        for fld in dataclasses.fields(cls):
+            typ = hints[fld.name]
+            out.append(FieldInfo(f"{section}.{fld.name}", getattr(getattr(cfg, section), fld.name),
+                                 getattr(getattr(defaults, section), fld.name),
+                                 getattr(typ, "__name__", str(typ)), docs.get(fld.name, "")))
+    return out
