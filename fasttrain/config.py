@@ -332,11 +332,18 @@ class TaskConfig:
     """pix2pix: weight of the L1 loss against the adversarial loss."""
     sample_every: int = 500
     """pix2pix: save an input / output / target grid as PNG every N steps (0 = only at epoch ends)."""
+    mixup_alpha: float = 0.0
+    """classify: MixUp on the device, Beta(alpha, alpha) mixing of batch pairs (0 = off; 0.2 is usual)."""
+    cutmix_alpha: float = 0.0
+    """classify: CutMix on the device, Beta(alpha, alpha) box area (0 = off; 1.0 is usual). With both on, each
+    batch gets one of the two at random."""
 
     def __post_init__(self) -> None:
         _choice(self.name, "task.name", ("classify", "regress", "pix2pix"))
         _check(self.lambda_l1 >= 0, "task.lambda_l1", "must be >= 0")
         _check(self.sample_every >= 0, "task.sample_every", "must be >= 0")
+        _check(self.mixup_alpha >= 0, "task.mixup_alpha", f"must be >= 0, got {self.mixup_alpha}")
+        _check(self.cutmix_alpha >= 0, "task.cutmix_alpha", f"must be >= 0, got {self.cutmix_alpha}")
 
 
 @dataclass

@@ -27,6 +27,23 @@ class ClassifyTask(Task):
                              f"(found {n}; set model.num_outputs or check data.root)")
         return n
 
+    def __init__(self, cfg, runtime, source):
+        super().__init__(cfg, runtime, source)
+        self._mix: Any = None
+
+    def batch_mix(self) -> Any:
+        """MixUp / CutMix (torchvision.transforms.v2) over a device batch, or None when both are off. The mixing
+        weight is drawn on the CPU (no device sync); the images are mixed where they are."""
+        t = self.cfg.task
+        if self._mix is None and (t.mixup_alpha > 0 or t.cutmix_alpha > 0):
+            from torchvision.transforms import v2
+
+            n = self.num_outputs
+            mixes = ([v2.MixUp(alpha=t.mixup_alpha, num_classes=n)] if t.mixup_alpha > 0 else []) + \
+                    ([v2.CutMix(alpha=t.cutmix_alpha, num_classes=n)] if t.cutmix_alpha > 0 else [])
+            self._mix = mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+        return self._mix
+
     def make_loader(self, split: Split, *, train: bool, backend: str, batch_size: int) -> Loader:
         from fasttrain.data.loaders import make_image_loader
 
@@ -35,10 +52,16 @@ class ClassifyTask(Task):
     def train_step(self, state: TrainState, batch: Batch, *, update: bool = True,
                    loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
         model, opt, scaler = state.callables["model"], state.optimizers["model"], state.scalers["model"]
+        x, y = batch.inputs, batch.targets
+        mix = self.batch_mix()
+        if mix is not None:  # soft targets: a mix of two labels per sample
+            x, y = mix(x, y)
+            if self.runtime.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
         with self.runtime.autocast():
-            logits = model(batch.inputs)
+            logits = model(x)
         # The loss in float32: autocast would compute it in float32 anyway, this makes it explicit.
-        loss = F.cross_entropy(logits.float(), batch.targets, label_smoothing=self.cfg.train.label_smoothing)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.train.label_smoothing)
         scaler.scale(loss * loss_scale).backward()
         if update:
             self.optimizer_step(opt, scaler, state.modules["model"])
