@@ -52,7 +52,7 @@ class BenchSize:
 
 
 SIZES = {
-    # Tiny: checks that every path runs and gives a rough figure, on 2 cores in well under 3 minutes.
+    # Tiny: checks that every path runs and gives a rough figure, on 2 cores in about 30-40 s (32 s measured).
     "cpu": BenchSize(name="cpu", models=("smallcnn", "resnet18"), batch_sizes=(8, 16), precisions=("fp32",),
                      image_size=32, num_classes=10, model_width=16, steps_per_round=2, rounds=3, warmup_rounds=1,
                      loader_batch_size=32, e2e_models=("smallcnn",), e2e_batch_size=16, train_per_class=24,

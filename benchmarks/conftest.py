@@ -2,7 +2,7 @@
 
 Run explicitly (the default test run only collects ``tests/``)::
 
-    pytest benchmarks/ --bench-size=cpu                       # a few minutes on 2 cores
+    pytest benchmarks/ --bench-size=cpu                       # about 30-40 s on 2 cores
     pytest benchmarks/ --bench-size=gpu --benchmark-json=out.json
 
 Every benchmark round runs a fixed number of steps and ends with a device synchronize (``bench.run_steps``),
@@ -32,7 +32,7 @@ from fasttrain.runtime import BackendFlags, backend_flags
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--bench-size", choices=("auto", "cpu", "gpu"), default=os.environ.get("FASTTRAIN_BENCH_SIZE", "auto"),
-        help="benchmark parameter set: cpu (tiny, minutes on 2 cores), gpu (full), auto (gpu when CUDA is "
+        help="benchmark parameter set: cpu (tiny, ~40 s on 2 cores), gpu (full), auto (gpu when CUDA is "
              "present); env FASTTRAIN_BENCH_SIZE",
     )
 
