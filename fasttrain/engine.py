@@ -34,7 +34,7 @@ from fasttrain.checkpoint import (
 from fasttrain.config import Config, ConfigError, config_to_dict, dump_config
 from fasttrain.data.base import Loader
 from fasttrain.data.sources import DataSource, discover
-from fasttrain.io import WriteError, append_jsonl, atomic_write_text, os_reason
+from fasttrain.io import WriteError, append_jsonl, atomic_write_text, check_writable, os_reason
 from fasttrain.optim import make_scheduler
 from fasttrain.rundir import RunError, RunLock, clean_temp_files, trim_metrics, write_run_config
 from fasttrain.runtime import Runtime, environment, runtime_for, seed_everything
@@ -179,6 +179,7 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, progre
                 raise FileNotFoundError(f"--resume: {run_dir} is not a run folder")
             lock = RunLock(run_dir).acquire()  # before reading anything a running process may be rewriting
             clean_temp_files(run_dir)
+            check_writable(run_dir / "checkpoints", "--resume")  # a read-only copy fails now, not after an epoch
             last = run_dir / "checkpoints" / "last.pt"
             ckpt = load_checkpoint(last, resume=True)
             saved = checkpoint_config(ckpt, last)

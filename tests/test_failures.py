@@ -370,3 +370,48 @@ def test_predict_fails_when_an_image_fails(shapes_root, tmp_path, capsys):
         captured = capsys.readouterr()
         assert len(captured.out.strip().splitlines()) == 2  # the good image is still predicted
         assert "1 of 2 images could not be predicted" in captured.err and str(bad) in captured.err
+
+
+def test_a_read_only_run_folder_is_refused_when_the_resume_starts(shapes_root, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    with pytest.raises(Stop):
+        train(tiny_cfg(shapes_root, runs), progress=False, on_epoch_end=stop_after(1))
+    run = one_run(runs)
+    FaultFS(monkeypatch).read_only(run / "checkpoints")
+    assert main(["train", "--resume", str(run), "-q"]) == 1
+    line = one_line_error(capsys.readouterr().err)
+    assert "--resume" in line and "checkpoints" in line and "Read-only file system" in line
+    assert [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_os_errors_from_any_command_are_one_line(monkeypatch, capsys):
+    """The shared path (autotune --out uses it too): an OSError naming a file is what + why, exit 1."""
+    import errno
+
+    import fasttrain.bench
+
+    def denied(cfg, **kw):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/srv/shared/tuned")
+
+    monkeypatch.setattr(fasttrain.bench, "bench", denied)
+    assert main(["bench"]) == 1
+    assert one_line_error(capsys.readouterr().err) == ("fasttrain: error: cannot write /srv/shared/tuned: "
+                                                       "Permission denied")
+
+
+def test_a_full_disk_under_train_log_is_said_once(tmp_path, monkeypatch, capsys):
+    from fasttrain.engine import _run_log_handler
+
+    FaultFS(monkeypatch).disk_full(tmp_path / "train.log", room=10)
+    handler = _run_log_handler(tmp_path / "train.log")
+    logger = logging.getLogger("fasttrain.test_full_log")
+    logger.addHandler(handler)
+    try:
+        for i in range(3):
+            logger.warning("record %d with some text", i)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err and "Logging error" not in err
+    assert "cannot write" in err and "train.log: No space left on device" in err
