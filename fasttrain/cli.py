@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -68,25 +69,36 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"best {result.best_metric}: {result.best_value:.4f} -> {result.run_dir / 'checkpoints' / 'best.pt'}")
     if result.test_metrics:
         print("test: " + ", ".join(f"{k}={v:.4g}" for k, v in result.test_metrics.items()))
+    if result.skipped:
+        print(f"skipped files: {len(result.skipped)} (listed in {result.run_dir / 'train.log'})")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """Exit status 0 when every image got a prediction, 1 when any failed (listed on stderr)."""
+    from fasttrain.io import check_writable
     from fasttrain.predict import predict
 
+    if args.out_dir:
+        check_writable(args.out_dir, "predict --out-dir")
     records = predict(args.checkpoint, args.images, device=args.device, out_dir=args.out_dir)
-    failed = 0
+    failed = []
     for r in records:
+        if "error" in r:
+            failed.append(r)
         if args.json:
             print(json.dumps(r))
             continue
         if "error" in r:
-            failed += 1
             print(f"{r['image']}: error: {r['error']}")
             continue
         fields = {k: v for k, v in r.items() if k not in ("image", "top")}
         print(f"{r['image']}: " + "  ".join(f"{k}={v}" for k, v in fields.items()))
-    return 1 if failed == len(records) else 0
+    if failed:
+        print(f"fasttrain: error: {len(failed)} of {len(records)} images could not be predicted: "
+              + ", ".join(r["image"] for r in failed), file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_autotune(args: argparse.Namespace) -> int:
@@ -97,8 +109,12 @@ def cmd_autotune(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from fasttrain.bench import bench
+    from fasttrain.io import check_writable
 
-    report = bench(resolve_config(args.config, args.overrides), json_path=args.json)
+    cfg = resolve_config(args.config, args.overrides)
+    if args.json:  # written at the end: ask now, not after the measurements
+        check_writable(Path(args.json).expanduser().parent, "bench --json")
+    report = bench(cfg, json_path=args.json)
     print(report.to_table())
     if report.json_path:
         print(f"JSON report: {report.json_path}")
@@ -107,7 +123,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_check_data(args: argparse.Namespace) -> int:
     from fasttrain.data.checks import check_data
+    from fasttrain.io import check_writable
 
+    if args.skip_list:  # written at the end: ask now, not after decoding every image
+        check_writable(Path(args.skip_list).expanduser().parent, "check-data --skip-list")
     report = check_data(args.data, channels=args.channels, workers=args.workers,
                         skip_list=args.skip_list)
     print(report.to_text())
@@ -175,8 +194,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    """An OS error as ``what: why``: ``cannot write /x/y: No space left on device``."""
+    from fasttrain.io import WriteError, os_reason
+
+    if isinstance(e, WriteError) or not isinstance(e, OSError) or not e.filename:
+        return str(e)
+    action = "cannot write" if e.errno in _WRITE_ERRNOS else "cannot use"
+    return f"{action} {e.filename}: {os_reason(e)}"
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0 done, 1 the work failed (unreadable inputs, a write failed, a run stopped), 2 a usage or
+    setting error, 130 interrupted. Errors are one line on stderr, naming the file, setting or flag."""
+    from fasttrain.rundir import RunError
+
     args = build_parser().parse_args(argv)
+    saved = log.handlers[:], log.level
     _setup_logging(-1 if args.quiet else (1 if args.verbose else 0))
     try:
         return args.fn(args)
@@ -184,12 +221,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fasttrain: error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"fasttrain: error: {e}", file=sys.stderr)
+        print(f"fasttrain: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except (OSError, RunError) as e:  # a write failed (disk full, read-only, permissions), a run had to stop
+        print(f"fasttrain: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fasttrain: interrupted; a run continues with `fasttrain train --resume RUN_DIR` "
               "from its last checkpoint", file=sys.stderr)
         return 130
+    finally:  # called as a function (tests, notebooks): leave no handler on a stream that may close
+        log.handlers[:], level = saved
+        log.setLevel(level)
 
 
 if __name__ == "__main__":

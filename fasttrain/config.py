@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import tomllib
 import typing
@@ -298,6 +299,9 @@ class TrainConfig:
     """Stop each epoch after this many optimizer steps (0 = full epochs); for smoke tests."""
     eval_every: int = 1
     """Evaluate every N epochs (and always at the end)."""
+    max_nonfinite_logs: int = 3
+    """Stop the run when the training loss is non-finite (inf / nan) at this many logged steps in a row
+    (every log_every steps); the last checkpoint with finite weights is kept. 0 = never stop."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
@@ -312,6 +316,7 @@ class TrainConfig:
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
+        _check(self.max_nonfinite_logs >= 0, "train.max_nonfinite_logs", "must be >= 0 (0 = never stop)")
         _check("/" not in self.run_name and self.run_name not in (".", ".."), "train.run_name",
                f"must be a plain folder name, got {self.run_name!r}")
 
@@ -431,6 +436,8 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
         raise ConfigError(f"{name}: expected an integer, got {value!r}")
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # TOML has inf and nan literals; no setting means either
+                raise ConfigError(f"{name}: must be a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{name}: expected a number, got {value!r}")
     if typ is str:
@@ -518,9 +525,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not p.is_file():
             raise ConfigError(f"config file {p}: not found")
         try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
+            # utf-8-sig: a byte-order mark (some Windows editors write one) is not part of the text
+            data = tomllib.loads(p.read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+                              f"save it as UTF-8") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {p}: not valid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"config file {p}: cannot be read: {e.strerror or e}") from None
         data.setdefault("name", p.stem)
         cfg = config_from_dict(data, base=cfg, source=str(p))
     if overrides:

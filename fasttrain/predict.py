@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
-from fasttrain.checkpoint import load_checkpoint
-from fasttrain.config import Config, config_from_dict
+from fasttrain.checkpoint import CheckpointError, checkpoint_config, load_checkpoint
+from fasttrain.config import Config
+from fasttrain.io import check_writable
 from fasttrain.runtime import Runtime, runtime_for
 from fasttrain.tasks import make_task
 
@@ -32,15 +32,26 @@ def prediction_runtime(cfg: Config, device: str) -> Runtime:
 
 def predict(checkpoint: str | Path, images: list[str], *, device: str = "auto",
             out_dir: str | Path | None = None) -> list[dict[str, Any]]:
-    """One record per image (class and probability, regressed values, or the written image's path)."""
+    """One record per image (class and probability, regressed values, or the written image's path); an image
+    that cannot be read gets an ``error`` and the others go on."""
     ckpt = load_checkpoint(checkpoint)
-    cfg = config_from_dict(ckpt["config"], source=str(checkpoint))
-    # The checkpoint holds the weights: no download of pretrained ones, no read of the run's init_from file.
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=False, init_from=""))
+    cfg = checkpoint_config(ckpt, checkpoint)
+    if cfg.task.name == "pix2pix":  # it writes images: ask before predicting (./predictions by default)
+        check_writable(out_dir or "predictions", "predict --out-dir")
     runtime = prediction_runtime(cfg, device)
     task = make_task(cfg, runtime, None)
+    task.restoring = True  # the checkpoint holds the weights: no pretrained download, no init_from read
     state = task.build_state()
+    saved = ckpt["state"]["modules"]
+    missing = sorted(set(state.modules) - set(saved))
+    if missing:
+        raise CheckpointError(f"checkpoint {checkpoint}: has no weights for {', '.join(missing)} "
+                              f"(it holds {', '.join(sorted(saved))})")
     for name, module in state.modules.items():
-        module.load_state_dict(ckpt["state"]["modules"][name])
+        try:
+            module.load_state_dict(saved[name])
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint {checkpoint}: its {name} weights do not fit model "
+                                  f"{cfg.model.name} ({str(e).splitlines()[-1].strip()})") from None
     return task.predict(state, [str(p) for p in images], ckpt.get("meta") or {},
                         Path(out_dir) if out_dir else None)

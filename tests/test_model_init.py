@@ -104,3 +104,25 @@ def test_timm_models_by_name(tmp_path):
     # the runtime treats it as any torchvision net: channels_last where it convolves
     cfg = load_config(None, ["model.name=timm/resnet10t", "runtime.channels_last=on"])
     assert runtime_for(cfg, device="cpu").channels_last
+
+
+def test_resume_and_predict_take_the_checkpoint_not_the_starting_weights(tmp_path):
+    """A run that started from init_from resumes and predicts after the file is gone (its weights are in the
+    checkpoint), and the resumed weights are the checkpoint's."""
+    from fasttrain.data.synthetic import make_shapes_dataset
+    from fasttrain.engine import train
+    from fasttrain.predict import predict
+
+    root = make_shapes_dataset(tmp_path / "data", train_per_class=4, val_per_class=1, size=16,
+                               shapes=("circle", "square"))
+    source = build_model("smallcnn", in_channels=3, num_outputs=2, image_size=16, width=4)
+    torch.save(source.state_dict(), tmp_path / "start.pt")
+    cfg = _cfg(tmp_path, f"data.root={root}", "model.num_outputs=2", f"model.init_from={tmp_path / 'start.pt'}",
+               "train.epochs=1", "train.batch_size=4", "data.workers=0", "train.max_steps=1")
+    run = train(cfg, progress=False).run_dir
+    (tmp_path / "start.pt").unlink()
+    resumed = train(resume=run, overrides=["train.epochs=2"], progress=False)
+    assert resumed.history[-1]["epoch"] == 2
+    image = next(root.rglob("*.png"))
+    (record,) = predict(run / "checkpoints" / "last.pt", [str(image)], device="cpu")
+    assert "error" not in record

@@ -93,6 +93,9 @@ class Task:
     """min or max: which direction is better for ``best_metric``."""
     predict_module: str = "model"
     """The module (key of ``TrainState.callables``) whose output prediction describes."""
+    restoring: bool = False
+    """Set when a checkpoint will be loaded into the built state (resume, prediction): starting weights
+    (model.pretrained, model.init_from) are then neither downloaded nor read."""
 
     def __init__(self, cfg: Config, runtime: Runtime, source: DataSource | None):
         self.cfg = cfg
@@ -114,7 +117,7 @@ class Task:
         c = self.cfg
         model = build_model(c.model.name, in_channels=c.data.channels, num_outputs=self.num_outputs,
                             image_size=c.data.image_size, width=c.model.width, dropout=c.model.dropout,
-                            pretrained=c.model.pretrained)
+                            pretrained=c.model.pretrained and not self.restoring)
         self.load_initial_weights(model, "model")
         fn = self.runtime.prepare_model(model)
         opt = make_optimizer(model, c.optim, fused_kwargs=self.runtime.optimizer_kwargs())
@@ -124,7 +127,7 @@ class Task:
         """``model.init_from``: the file's weights (a fasttrain checkpoint's ``module``, or a state dict) into
         ``model``, before it moves to the device. Not on resume or prediction: their checkpoint overwrites it."""
         path = self.cfg.model.init_from
-        if not path:
+        if not path or self.restoring:
             return
         from fasttrain.models.init import load_initial_weights, read_state_dict
 
