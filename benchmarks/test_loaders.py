@@ -10,7 +10,7 @@ import pytest
 
 from benchutil import bench_config, naive_loader, skip_unavailable_backend
 from fasttrain import bench
-from fasttrain.engine import prepare
+from fasttrain.prepare import prepare
 from fasttrain.runtime import BackendFlags
 
 pytestmark = pytest.mark.benchmark(group="loader")

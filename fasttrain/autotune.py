@@ -857,9 +857,9 @@ def plot_report(report: AutotuneReport | dict[str, Any], path: str | os.PathLike
 # =================================================================================================== files ===
 def default_out_dir(cfg: Config) -> Path:
     """runs_dir/autotune-<config name>-<date>-<time>, created now; a suffix is added when it exists."""
-    from fasttrain.engine import new_run_dir
+    from fasttrain.rundir import new_run_dir, run_name
 
-    return new_run_dir(cfg, prefix="autotune-")
+    return new_run_dir(cfg.train.runs_dir, run_name(cfg.name, prefix="autotune-"))
 
 
 def tuned_config(cfg: Config, plan: BatchPlan, loader_setting: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
@@ -1011,7 +1011,7 @@ def autotune(cfg: Config, *, memory_budget_gib: float | None = None, out_dir: st
 
 
 def _tune(cfg: Config, budget_gib: float, *, verify: bool) -> AutotuneReport:
-    from fasttrain.engine import prepare
+    from fasttrain.prepare import prepare
     from fasttrain.runtime import runtime_for, seed_everything
     from fasttrain.tasks import make_task
 

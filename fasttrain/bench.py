@@ -433,7 +433,7 @@ def bench(cfg: Config, *, json_path: str | os.PathLike | None = None) -> BenchRe
     The config is prepared exactly as ``fasttrain train`` prepares it (data root, runtime, task, backend);
     ``cfg.bench`` (warmup_steps, steps, repeats) sets every measurement; batches are training micro-batches.
     """
-    from fasttrain.engine import prepare
+    from fasttrain.prepare import prepare
     from fasttrain.runtime import environment, seed_everything
 
     prep = prepare(cfg)

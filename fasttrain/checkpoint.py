@@ -9,8 +9,10 @@ and :func:`check_resume_config` names the settings a resumed run may not change.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +22,11 @@ import torch
 from fasttrain.config import Config, ConfigError, config_from_dict, config_to_dict
 from fasttrain.io import WriteError, atomic_replace
 
+log = logging.getLogger(__name__)
+
 __all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "CheckpointError",
-           "checkpoint_config", "check_resume_config", "RESUME_MAY_CHANGE", "finite_weights"]
+           "checkpoint_config", "check_resume_config", "RESUME_MAY_CHANGE", "finite_weights", "CheckpointManager",
+           "ResumePoint"]
 
 FORMAT = 1
 
@@ -196,3 +201,75 @@ def check_resume_config(saved: Config, new: Config, path: str | os.PathLike) -> 
                           f"with the first value. Start a new run for that (fasttrain train CONFIG --set ...); "
                           f"a resume may change train.epochs, logging / evaluation / checkpoint intervals, "
                           f"runtime.*, data.root and the loader settings")
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run goes on from: its best value so far and, for a mid-epoch checkpoint, the
+    micro-batches of the current epoch already trained and that epoch's running sums."""
+
+    best_value: float | None = None
+    micro: int = 0
+    running: dict[str, Any] | None = None
+
+
+class CheckpointManager:
+    """What a checkpoint holds, in one place: the task state (modules, optimizers, scalers, schedulers, EMA,
+    epoch, step), the RNG states, the resolved config, what prediction needs (``task.checkpoint_meta()``), the
+    best value so far, and for a mid-epoch checkpoint the loader position and the epoch's running sums.
+
+    ``last.pt`` is never replaced by non-finite weights (a diverged run keeps its last good state); ``best.pt``
+    follows ``train.best_metric``. Only the main process writes (``enabled``); every process can restore, on
+    any world size.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, cfg: Config, task: Any, state: Any, best_metric: str,
+                 enabled: bool = True):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.cfg, self.task, self.state = cfg, task, state
+        self.best_metric = best_metric
+        self.best_value: float | None = None
+        self.enabled = enabled
+        self.saved_at = "none yet"
+        """What last.pt holds (for messages)."""
+
+    @property
+    def last(self) -> Path:
+        return self.dir / "last.pt"
+
+    def payload(self, position: dict[str, int] | None = None, running: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+        """``position``: ``{"epoch", "micro"}`` inside an unfinished epoch; ``running``: that epoch's sums."""
+        return {"state": self.state.state_dict(), "rng": rng_state(), "config": config_to_dict(self.cfg),
+                "meta": self.task.checkpoint_meta(), "best_metric": self.best_metric, "best_value": self.best_value,
+                "position": position, "running": running}
+
+    def save_last(self, position: dict[str, int] | None = None, running: dict[str, Any] | None = None) -> bool:
+        """Write last.pt unless the weights went non-finite; returns whether it was written."""
+        if not finite_weights(self.state.modules):
+            log.warning("not writing %s at step %d: the weights are not finite; it keeps %s", self.last,
+                        self.state.step, self.saved_at)
+            return False
+        if self.enabled:
+            save_checkpoint(self.last, self.payload(position, running))
+        self.saved_at = f"epoch {self.state.epoch}, step {self.state.step}"
+        return True
+
+    def save_best(self) -> None:
+        if self.enabled:
+            save_checkpoint(self.dir / "best.pt", self.payload())
+
+    def restore(self, ckpt: dict[str, Any]) -> ResumePoint:
+        """Load ``ckpt`` (from :func:`load_checkpoint` with ``resume=True``) into the state and the RNGs."""
+        try:
+            self.state.load_state_dict(ckpt["state"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {self.last}: its state does not fit this run's model and "
+                                  f"optimizers ({str(e).splitlines()[0]})") from None
+        set_rng_state(ckpt["rng"])
+        self.best_value = ckpt.get("best_value")
+        self.saved_at = f"epoch {self.state.epoch}, step {self.state.step}"
+        position = ckpt.get("position")
+        if position and position["epoch"] == self.state.epoch:
+            return ResumePoint(self.best_value, int(position["micro"]), ckpt.get("running"))
+        return ResumePoint(self.best_value)

@@ -175,6 +175,9 @@ class ModelConfig:
     """Start from the weights in this file: a fasttrain checkpoint or a state dict (keys and shapes must match)."""
     reset_head: bool = False
     """With init_from: leave the file's classifier head out and start it fresh (a new class count)."""
+    sync_bn: bool = False
+    """Under torchrun: batch-norm statistics over all GPUs' samples (SyncBatchNorm), for small per-GPU batches.
+    CUDA only (NCCL)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must not be empty")
@@ -302,9 +305,18 @@ class TrainConfig:
     max_nonfinite_logs: int = 3
     """Stop the run when the training loss is non-finite (inf / nan) at this many logged steps in a row
     (every log_every steps); the last checkpoint with finite weights is kept. 0 = never stop."""
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Metrics files: jsonl (metrics.jsonl, always written: resume and plot read it), csv (metrics.csv, one row
+    per epoch), tensorboard (event files in tensorboard/, needs the tensorboard package)."""
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights, updated every optimizer step (0 = off; 0.999-0.9999 usual);
+    evaluated beside the model (val_ema_*), saved in checkpoints and used by predict."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        for name in self.loggers:
+            _choice(name, "train.loggers", ("jsonl", "csv", "tensorboard"))
+        _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.accumulation >= 1, "train.accumulation", "must be >= 1")
         _check(self.batch_size % self.accumulation == 0, "train.batch_size",

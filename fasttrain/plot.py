@@ -8,14 +8,13 @@ run from before they existed) is drawn from its epoch records alone.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fasttrain.io import atomic_replace, write_new
+from fasttrain.io import atomic_replace, read_jsonl, write_new
 
 log = logging.getLogger(__name__)
 
@@ -45,20 +44,13 @@ class RunCurves:
 
 
 def read_curves(run_dir: str | os.PathLike) -> RunCurves:
-    """The records of ``run_dir/metrics.jsonl``; an unreadable (torn) line is skipped with a warning."""
+    """The records of ``run_dir/metrics.jsonl`` (a torn last line, from a run killed mid-write, is dropped)."""
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl" if run_dir.is_dir() else run_dir
     if not path.is_file():
         raise FileNotFoundError(f"plot: {path} not found (a run folder holds metrics.jsonl)")
     curves = RunCurves(path.parent.name)
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            log.warning("plot: %s line %d is not JSON (a write cut off?): skipped", path, n)
-            continue
+    for rec in read_jsonl(path):
         event = rec.get("event")
         if event == "step":
             curves.steps.append(rec)

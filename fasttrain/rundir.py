@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fasttrain.io import WriteError, atomic_write_text, os_reason, read_jsonl, remove_temp_files
+from fasttrain.io import WriteError, atomic_write_text, os_reason, remove_temp_files
 
-__all__ = ["RunError", "RunLockedError", "RunLock", "clean_temp_files", "trim_metrics", "write_run_config",
-           "LOCK_NAME"]
+__all__ = ["RunError", "RunLockedError", "RunLock", "clean_temp_files", "write_run_config", "new_run_dir",
+           "elastic_run_dir", "remember_elastic_run", "LOCK_NAME"]
 
 LOCK_NAME = ".lock"
 """The lock file in a run folder (held with ``flock`` while a process trains there)."""
@@ -88,22 +88,55 @@ def clean_temp_files(run_dir: str | os.PathLike) -> list[Path]:
     return removed
 
 
-def trim_metrics(path: str | os.PathLike, epochs_done: int) -> list[dict[str, Any]]:
-    """On resume: drop records of epochs after the checkpoint (they will be run again) and a torn last line;
-    returns the records kept."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    keep = [r for r in read_jsonl(path) if r.get("epoch", 0) <= epochs_done]
-    text = "".join(json.dumps(r) + "\n" for r in keep)
-    if text != path.read_text(encoding="utf-8", errors="replace"):
-        atomic_write_text(path, text)
-    return keep
-
-
 def write_run_config(run_dir: str | os.PathLike, text: str) -> None:
     """``config.toml``: what the run trains with. Written when the run starts, rewritten (atomically) on a
     resume whose ``--set`` changed it (more epochs), left alone otherwise."""
     path = Path(run_dir) / "config.toml"
     if not path.is_file() or path.read_text(encoding="utf-8", errors="replace") != text:
         atomic_write_text(path, text)
+
+
+def new_run_dir(runs_dir: str | os.PathLike, name: str) -> Path:
+    """A fresh folder ``runs_dir/name`` created here (so two runs cannot share it); an existing one is never
+    reused: ``name-2``, ``name-3``... instead."""
+    base = Path(runs_dir).expanduser()
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        for i in range(1000):
+            d = base / (name if i == 0 else f"{name}-{i + 1}")
+            try:
+                d.mkdir()
+                return d
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise WriteError(f"train.runs_dir: cannot create a run folder in {base}: {os_reason(e)}", e.errno,
+                         path=base, reason=os_reason(e)) from None
+    raise FileExistsError(f"train.runs_dir: could not find a free run folder name for {name!r} in {base}")
+
+
+def run_name(config_name: str, run_name: str = "", prefix: str = "") -> str:
+    """``train.run_name``, or ``<prefix><config name>-<date>-<time>``."""
+    return (run_name if not prefix else "") or f"{prefix}{config_name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def _elastic_marker(runs_dir: str | os.PathLike, run_id: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)[:100]
+    return Path(runs_dir).expanduser() / f".torchrun-{safe}"
+
+
+def elastic_run_dir(runs_dir: str | os.PathLike, run_id: str) -> Path | None:
+    """The run folder an earlier start of this torchrun job (same rendezvous id) created, if any: a job that
+    torchrun restarts after a lost worker continues there instead of starting a second folder."""
+    marker = _elastic_marker(runs_dir, run_id)
+    try:
+        name = marker.read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    folder = marker.parent / name
+    return folder if name and folder.is_dir() else None
+
+
+def remember_elastic_run(runs_dir: str | os.PathLike, run_id: str, run_dir: Path) -> None:
+    """Note which folder this torchrun job trains in (read by :func:`elastic_run_dir` after a restart)."""
+    atomic_write_text(_elastic_marker(runs_dir, run_id), run_dir.name + "\n")

@@ -195,12 +195,17 @@ class Runtime:
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        if self.compile:
-            # dynamic=False: a second batch shape (the last eval batch) gets its own static graph. By default
-            # dynamo would switch to a dynamic-shape graph and keep using it for the static training shape too.
-            return torch.compile(model, dynamic=False,
-                                 mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode)
-        return model
+        return self.compiled(model)
+
+    def compiled(self, module: nn.Module) -> nn.Module:
+        """``module`` compiled when the policy says so (itself otherwise); a DDP wrapper is compiled whole, so
+        its bucketed all-reduce overlaps the compiled backward."""
+        if not self.compile:
+            return module
+        # dynamic=False: a second batch shape (the last eval batch) gets its own static graph. By default dynamo
+        # would switch to a dynamic-shape graph and keep using it for the static training shape too.
+        return torch.compile(module, dynamic=False,
+                             mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode)
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Fused optimizer kernels on CUDA (one launch for all parameters); foreach elsewhere."""

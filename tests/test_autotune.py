@@ -245,7 +245,7 @@ def test_probe_oom_is_recovered_and_reported_other_errors_propagate(tmp_path, mo
 
 def test_loader_trials_on_the_torch_backend(shapes_root):
     from fasttrain.config import Config, apply_overrides
-    from fasttrain.engine import prepare
+    from fasttrain.prepare import prepare
 
     cfg = apply_overrides(Config(), [f"data.root={shapes_root}", "data.image_size=32", "data.resize_size=32",
                                      "data.loader=torch", "model.name=smallcnn", "model.width=8"])
@@ -289,7 +289,7 @@ def test_memory_fraction_emulates_a_smaller_card():
 @pytest.mark.gpu
 def test_probe_recovers_from_oom_with_a_tiny_budget(shapes_root):
     from fasttrain.config import Config, apply_overrides
-    from fasttrain.engine import prepare
+    from fasttrain.prepare import prepare
 
     cfg = apply_overrides(Config(), [f"data.root={shapes_root}", "data.image_size=224", "data.loader=torch",
                                      "model.name=resnet18", "runtime.compile=off"])

@@ -40,9 +40,14 @@ def test_short_run_learns_and_writes_its_folder(trained, shapes_root):
     for f in ("config.toml", "environment.json", "metrics.jsonl", "train.log", "checkpoints/last.pt",
               "checkpoints/best.pt"):
         assert (d / f).is_file(), f
-    lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    lines = [r for r in records if "event" not in r]
     assert [r["epoch"] for r in lines] == list(range(1, 9))
     assert {"train_loss", "val_loss", "val_acc", "samples_per_s", "lr"} <= set(lines[0])
+    steps = [r for r in records if r.get("event") == "step"]  # every train.log_every steps, marked as such
+    every = load_config(d / "config.toml").train.log_every
+    assert [r["step"] for r in steps] == list(range(every, h[-1]["step"] + 1, every))
+    assert {"epoch", "loss", "acc", "lr", "samples_per_s"} <= set(steps[0])
     resolved = load_config(d / "config.toml")
     assert resolved.model.num_outputs == 3 and resolved.data.root == str(shapes_root)
     ckpt = load_checkpoint(d / "checkpoints" / "best.pt")
@@ -99,8 +104,10 @@ def test_resume_drops_metrics_written_after_the_checkpoint(shapes_root, tmp_path
     (run,) = tmp_path.iterdir()
     assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["epoch"] == 2
     result = train(resume=run, progress=False)
-    epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2, 3, 4]  # epoch 3 was trained again, recorded once
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "event" not in r] == [1, 2, 3, 4]  # epoch 3 trained again, recorded once
+    steps = [r["step"] for r in records if r.get("event") == "step"]
+    assert steps == sorted(set(steps))  # its step records too
     assert result.history[-1]["epoch"] == 4
 
 
@@ -225,8 +232,12 @@ def test_killed_mid_epoch_resumes_from_the_step_checkpoint(shapes_root, tmp_path
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     # step 9 is between two logged steps (log_every 2): one step's values are not yet in the logged sums
     assert ckpt["state"]["step"] == 9 and ckpt["position"] == {"epoch": 0, "micro": 9}
-    assert not (run / "metrics.jsonl").exists()  # no epoch finished
+    before = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in before] == ["step"] * 5  # steps 2..10 logged, no epoch finished
     resumed = train(resume=run, progress=False)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r.get("event") == "step"]
+    assert steps == sorted(set(steps)) and 10 in steps  # step 10 was trained again, recorded once
     wa, wb = weights(straight.run_dir), weights(run)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert [r["step"] for r in resumed.history] == [r["step"] for r in straight.history]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["build_model", "available_models", "is_conv_model"]
+__all__ = ["build_model", "check_model", "available_models", "is_conv_model"]
 
 _SMALL: dict[str, str] = {
     "smallcnn": "fasttrain.models.small:smallcnn",
@@ -41,6 +41,27 @@ def is_conv_model(name: str) -> bool:
     return base not in _NOT_CONV and not base.startswith(_TRANSFORMER_PREFIXES)
 
 
+def check_model(name: str) -> None:
+    """Raise a ValueError naming ``model.name`` when no model of that name can be built here (cheap: builds
+    nothing), so a run refuses it before it creates its folder."""
+    if name in _SMALL:
+        return
+    if name.startswith(TIMM_PREFIX):
+        try:
+            import timm
+        except ImportError:
+            raise ValueError(f"model.name: {name} needs timm, which is not installed (pip install timm)") from None
+        if not timm.is_model(name[len(TIMM_PREFIX):]):
+            raise ValueError(f"model.name: timm has no model {name[len(TIMM_PREFIX):]!r} "
+                             f"(timm.list_models() lists them)")
+        return
+    from torchvision import models as tvm
+
+    if name not in tvm.list_models(module=tvm):
+        raise ValueError(f"model.name: unknown model {name!r}; known: {', '.join(sorted(_SMALL))}, torchvision "
+                         f"classification models (resnet18, resnet50, ...) and timm/<name> with timm installed")
+
+
 def build_model(name: str, *, in_channels: int, num_outputs: int, image_size: int, width: int = 32,
                 dropout: float = 0.0, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     if name in _SMALL:
@@ -51,13 +72,11 @@ def build_model(name: str, *, in_channels: int, num_outputs: int, image_size: in
         builder = getattr(importlib.import_module(mod), fn)
         return builder(in_channels=in_channels, num_outputs=num_outputs, image_size=image_size, width=width,
                        dropout=dropout, **kwargs)
+    check_model(name)
     if name.startswith(TIMM_PREFIX):
         return _timm_model(name[len(TIMM_PREFIX):], in_channels, num_outputs, dropout, pretrained)
     from torchvision import models as tvm
 
-    if name not in tvm.list_models(module=tvm):
-        raise ValueError(f"model.name: unknown model {name!r}; known: {', '.join(sorted(_SMALL))}, torchvision "
-                         f"classification models (resnet18, resnet50, ...) and timm/<name> with timm installed")
     if not pretrained:
         model = tvm.get_model(name, weights=None, num_classes=num_outputs)
     else:
@@ -73,12 +92,8 @@ def build_model(name: str, *, in_channels: int, num_outputs: int, image_size: in
 
 
 def _timm_model(name: str, in_channels: int, num_outputs: int, dropout: float, pretrained: bool) -> nn.Module:
-    try:
-        import timm
-    except ImportError:
-        raise ValueError(f"model.name: timm/{name} needs timm, which is not installed (pip install timm)") from None
-    if not timm.is_model(name):
-        raise ValueError(f"model.name: timm has no model {name!r} (timm.list_models() lists them)")
+    import timm
+
     # timm resizes the head and adapts the stem's input channels itself, pretrained or not.
     return timm.create_model(name, pretrained=pretrained, num_classes=num_outputs, in_chans=in_channels,
                              drop_rate=dropout)

@@ -18,6 +18,7 @@ class ClassifyTask(Task):
     name = "classify"
     best_metric = "val_acc"
     best_mode = "max"
+    train_metric_names = ("loss", "acc")
 
     @property
     def num_outputs(self) -> int:
@@ -49,9 +50,7 @@ class ClassifyTask(Task):
 
         return make_image_loader(backend, split, self.cfg, self.input_spec(), train=train, batch_size=batch_size)
 
-    def train_step(self, state: TrainState, batch: Batch, *, update: bool = True,
-                   loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
-        model, opt, scaler = state.callables["model"], state.optimizers["model"], state.scalers["model"]
+    def train_phases(self, state: TrainState, batch: Batch):
         x, y = batch.inputs, batch.targets
         mix = self.batch_mix()
         if mix is not None:  # soft targets: a mix of two labels per sample
@@ -59,18 +58,19 @@ class ClassifyTask(Task):
             if self.runtime.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
         with self.runtime.autocast():
-            logits = model(x)
+            logits = state.callables["model"](x)
         # The loss in float32: autocast would compute it in float32 anyway, this makes it explicit.
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.train.label_smoothing)
-        scaler.scale(loss * loss_scale).backward()
-        if update:
-            self.optimizer_step(opt, scaler, state.modules["model"])
+        yield "model", loss
         acc = (logits.detach().argmax(1) == batch.targets).float().mean()
         return {"loss": loss.detach(), "acc": acc}
 
+    def eval_metric_names(self) -> tuple[str, ...]:
+        return ("loss", "acc", "acc5") if self.num_outputs > 5 else ("loss", "acc")  # top-5 of <= 5 says nothing
+
     def eval_step(self, state: TrainState, batch: Batch) -> dict[str, torch.Tensor]:
         with self.runtime.autocast():
-            logits = state.callables["model"](batch.inputs).float()
+            logits = state.local["model"](batch.inputs).float()
         y = batch.targets
         out = {
             "loss": F.cross_entropy(logits, y, reduction="sum"),
