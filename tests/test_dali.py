@@ -18,7 +18,8 @@ from torch import nn
 
 from fasttrain.config import DataConfig
 from fasttrain.data.base import InputSpec, normalize_on_device
-from fasttrain.data.dali import DaliLoader, check_image_file, dali_status, sniff_image_format
+from fasttrain.data.checks import check_header, sniff_image_format
+from fasttrain.data.dali import DaliLoader, dali_status
 from fasttrain.data.sources import Split
 from fasttrain.data.torch_loader import EpochSampler
 from fasttrain.data.transforms import eval_transform, load_image
@@ -89,6 +90,10 @@ def epoch(loader, e=None):
 def torch_reference(paths, data: DataConfig, spec: InputSpec) -> torch.Tensor:
     tf = eval_transform(data)
     return normalize_on_device(torch.stack([tf(load_image(p, data.channels)) for p in paths]), spec)
+
+
+def check_image_file(path):
+    return check_header(path)[1]
 
 
 # -- no DALI needed -----------------------------------------------------------------------------------------
@@ -202,22 +207,6 @@ def test_training_drops_the_partial_batch_and_reshuffles_reproducibly(mixed):
     _, t0c, x0c = epoch(a, 0)
     assert t0c.tolist() == t0.tolist() and torch.equal(x0c, x0)
     assert epoch(make(8), 0)[1].tolist() != t0.tolist()
-
-
-@needs_dali
-def test_long_file_lists_go_through_a_temporary_file_list(mixed, monkeypatch, tmp_path):
-    from fasttrain.data import dali
-
-    monkeypatch.setattr(dali, "_FILES_ARGUMENT_MAX", 0)
-    monkeypatch.setattr(dali.tempfile, "tempdir", str(tmp_path))
-    data = DataConfig(image_size=16)
-    val = DaliLoader(split_of(mixed), data, spec_for(data), batch_size=5, train=False, seed=0)
-    assert epoch(val)[1].tolist() == list(range(23))
-    train = DaliLoader(split_of(mixed), data, spec_for(data), batch_size=5, train=True, seed=2)
-    sampler = EpochSampler(23, batch_size=5, shuffle=True, seed=2, drop_last=True)
-    sampler.epoch = 3
-    assert epoch(train, 3)[1].tolist() == sampler.indices()
-    assert list(tmp_path.iterdir()) == []  # each list is removed once the reader has parsed it
 
 
 @needs_dali
