@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fasttrain.data.base import Batch, InputSpec, normalize_on_device
-from fasttrain.data.checks import BadFiles
+from fasttrain.data.checks import BadDataError, BadFiles
 from fasttrain.data.sources import Split
 from fasttrain.data.transforms import DECODE_ERRORS, load_image
 
@@ -197,15 +197,21 @@ class TorchLoader:
         dropped."""
         self._bad.start_epoch(self.sampler.epoch)
         drawn = decoded = 0
-        for out in self.loader:
-            drawn += 1
-            for path, reason in out["skipped"]:
-                self._bad.add(path, reason)
-            if out["batch"] is not None:
-                decoded += 1
-                yield out["batch"]
-        if drawn and not decoded:
-            raise self._bad.none_decoded(self._split)
+        try:
+            for out in self.loader:
+                drawn += 1
+                for path, reason in out["skipped"]:
+                    self._bad.add(path, reason)
+                if out["batch"] is not None:
+                    decoded += 1
+                    yield out["batch"]
+            if drawn and not decoded:
+                raise self._bad.none_decoded(self._split)
+        except BadDataError:
+            # The run stops: end the workers now. Reached only through the exception's traceback, they would be
+            # left to the cycle collector, whose shutdown waits 5 s per worker.
+            self.close()
+            raise
 
     def __iter__(self) -> Iterator[Batch]:
         batches = self._decoded()
