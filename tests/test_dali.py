@@ -487,6 +487,45 @@ def test_a_training_set_that_never_decodes_is_refused(tmp_path):
         epoch(loader, 0)
 
 
+class Stop(Exception):
+    pass
+
+
+@needs_dali
+def test_killed_mid_epoch_resumes_on_dali_with_the_same_weights(shapes_root, tmp_path, monkeypatch):
+    """The engine resumes a DALI run mid-epoch with skip_batches: per-sample augmentation makes the resumed
+    batches those of an uninterrupted run, so the final weights are bit-identical (CPU-only mode)."""
+    from fasttrain.checkpoint import load_checkpoint
+    from fasttrain.config import Config, apply_overrides
+    from fasttrain.engine import train
+    from fasttrain.tasks.classify import ClassifyTask
+
+    def cfg(runs):
+        return apply_overrides(Config(), [
+            f"data.root={shapes_root}", "data.image_size=24", "data.loader=dali", "data.dali_threads=1",
+            "data.max_samples=256", "model.name=smallcnn", "model.width=8", "model.dropout=0.2",
+            "optim.name=adamw", "optim.lr=0.005", "train.epochs=1", "train.batch_size=32",
+            "train.checkpoint_every_steps=2", f"train.runs_dir={runs}", "name=d"])
+
+    straight = train(cfg(tmp_path / "a"), progress=False)
+    assert straight.backend == "dali" and straight.history[0]["step"] == 8
+
+    def die_at_step_5(self, state, batch, run_dir):
+        if state.step == 5:
+            raise Stop
+
+    with monkeypatch.context() as m:
+        m.setattr(ClassifyTask, "on_step_end", die_at_step_5)
+        with pytest.raises(Stop):
+            train(cfg(tmp_path / "b"), progress=False)
+    (run,) = (tmp_path / "b").iterdir()
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["position"] == {"epoch": 0, "micro": 4}
+    train(resume=run, progress=False)
+    wa = load_checkpoint(straight.run_dir / "checkpoints" / "last.pt")["state"]["modules"]["model"]
+    wb = load_checkpoint(run / "checkpoints" / "last.pt")["state"]["modules"]["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def write_stripes(root: Path, per_class: int, seed: int) -> tuple[list[str], list[int]]:
     """3 classes an augmentation cannot confuse (horizontal, vertical, checker stripes; random colours and
     periods; mixed sizes, JPEG and PNG). A layout mix-up (HWC read as CHW) scrambles orientation: no learning."""

@@ -308,6 +308,7 @@ class _Feeder:
                 return _Planned(serial, key, b, good)
         raise L._bad.none_decoded(L._split_name)  # a whole epoch of batches without one usable file
 
+
 def _torchvision_eval_geometry(encoded, resize: int, crop: int):
     """Per-sample ((out_h, out_w), (crop_pos_y, crop_pos_x)) DALI nodes reproducing torchvision exactly.
 
@@ -330,8 +331,6 @@ def _torchvision_eval_geometry(encoded, resize: int, crop: int):
         anchor = half + (margin % 2) * (half % 2)  # round(margin / 2), halves to even, as Python does
         pos.append(anchor / dmath.max(margin, 1))  # DALI: crop_start = round(pos * margin) = anchor
     return (fn.cast(out_h, dtype=types.FLOAT), fn.cast(out_w, dtype=types.FLOAT)), tuple(pos)
-
-
 
 
 class DaliLoader:
@@ -503,19 +502,24 @@ class DaliLoader:
         return outs
 
     def _identify(self, failed: _Planned, message: str) -> list[tuple[int, str]]:
-        """The files of ``failed`` that DALI cannot decode: the sample its message names, else each sample
-        decoded alone by a batch-of-one pipeline."""
+        """The files of ``failed`` that DALI cannot decode: the sample its message names, once a batch-of-one
+        pipeline confirms it; else each sample of the batch decoded alone."""
+        samples = list({s.index: s for s in self._read(failed) if s.error is None}.values())
         m = _DECODE_FAILED.search(message)
         if m and int(m.group(1)) < len(failed.indices):
-            line = next(ln for ln in message.splitlines() if m.group(0) in ln).strip(" :")
-            return [(failed.indices[int(m.group(1))], f"DALI failed to decode it ({line})")]
+            named = failed.indices[int(m.group(1))]
+            bad = self._probe([s for s in samples if s.index == named])
+            if bad:
+                return bad
+        return self._probe(samples)
+
+    def _probe(self, samples: list[_Sample]) -> list[tuple[int, str]]:
+        """(index, DALI's reason) of the samples a batch-of-one copy of the pipeline fails on."""
         bad: list[tuple[int, str]] = []
         current: list[_Sample] = []
         pipe = None
         try:
-            for s in {s.index: s for s in self._read(failed)}.values():
-                if s.error is not None:
-                    continue
+            for s in samples:
                 if pipe is None:
                     pipe = self._define(lambda: self._outputs(current), batch_size=1, threads=1, prefetch=1,
                                         padded=False)
@@ -523,8 +527,10 @@ class DaliLoader:
                 try:
                     pipe.run()
                 except RuntimeError as e:
-                    bad.append((s.index, f"DALI failed to decode it ({str(e).strip().splitlines()[-1]})"))
-                    _shutdown(pipe)
+                    lines = [ln.strip(" :") for ln in str(e).splitlines() if ln.strip(" :")]
+                    detail = "" if _DECODE_FAILED.search(str(e)) or not lines else f" ({lines[-1]})"
+                    bad.append((s.index, f"DALI failed to decode it{detail}"))
+                    _shutdown(pipe)  # an operator error leaves the pipeline unusable
                     pipe = None
         finally:
             if pipe is not None:
