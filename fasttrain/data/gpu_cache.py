@@ -112,7 +112,9 @@ class GpuCacheLoader:
 
     Order: the torch backend's :class:`EpochSampler` (same permutation per (seed, epoch)); training drops the
     last partial batch, evaluation yields every sample once. Augmentation draws from a device generator seeded
-    by (seed, epoch), so an epoch's batches are reproducible.
+    by (seed, epoch), so an epoch's batches are reproducible. ``skipped``: (path, reason) of the files the shared
+    pre-check or the decode pass could not use; more than ``data.max_bad_per_epoch`` decode failures (beyond the
+    pre-check) refuse the dataset with the list.
     """
 
     def __init__(self, split: Split, data: DataConfig, spec: InputSpec, *, batch_size: int, train: bool, seed: int):
