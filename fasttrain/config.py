@@ -46,6 +46,10 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field (``section.key``)."""
 
 
+PILLOW_BOMB_PIXELS = 2 * 89_478_485
+"""Pillow raises DecompressionBombError above 2 x ``PIL.Image.MAX_IMAGE_PIXELS`` (89,478,485 by default) pixels."""
+
+
 def default_workers() -> int:
     """Loader worker processes / DALI threads taken from the machine: all cores but one, at most 16."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -112,6 +116,12 @@ class DataConfig:
     """GPU cache: use it only if the decoded dataset takes at most this share of device memory (0..1)."""
     max_samples: int = 0
     """Use at most this many training files (0 = all); for smoke tests and quick trials."""
+    max_image_pixels: int = PILLOW_BOMB_PIXELS
+    """Files whose header announces more pixels (width x height) are skipped on every backend, before decoding
+    (a few-KB PNG can decode to gigabytes). Default and upper bound: Pillow's DecompressionBombError threshold."""
+    max_bad_per_epoch: int = 10
+    """A run stops, listing the files, when more than this many files fail to decode within one epoch (files
+    the pre-check already skipped do not count): a damaged dataset is not trained on silently."""
 
     def __post_init__(self) -> None:
         _choice(self.format, "data.format", ("folder", "manifest", "drawing", "paired"))
@@ -132,6 +142,10 @@ class DataConfig:
         _check(0.0 <= self.hw_decoder_load <= 1.0, "data.hw_decoder_load", "must be in 0..1")
         _check(0.0 < self.cache_budget <= 0.9, "data.cache_budget", "must be in (0, 0.9]")
         _check(self.max_samples >= 0, "data.max_samples", "must be >= 0")
+        _check(1 <= self.max_image_pixels <= PILLOW_BOMB_PIXELS, "data.max_image_pixels",
+               f"must be in 1..{PILLOW_BOMB_PIXELS} (Pillow refuses larger images on the torch loader and cache), "
+               f"got {self.max_image_pixels}")
+        _check(self.max_bad_per_epoch >= 0, "data.max_bad_per_epoch", f"must be >= 0, got {self.max_bad_per_epoch}")
 
     @property
     def eval_resize(self) -> int:
