@@ -114,14 +114,20 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, progre
         prep = prepare(cfg)
         _check_best_metric(prep.task, prep.cfg.train.best_metric, bool(prep.source.val))
         seed_everything(prep.cfg.runtime.seed)
-        if run_dir is None:
-            run_dir, lock = _new_run(prep)
-        handler = _attach_run_log(run_dir / "train.log") if prep.dist.is_main else None
-        try:
-            with prep.runtime.flags():
-                return Trainer(prep, run_dir, ckpt, progress=progress, on_epoch_end=on_epoch_end).run()
-        finally:
-            _detach_run_log(handler)
+        with prep.runtime.flags():
+            # Loaders (they check the files), model and optimizers first: what cannot train is refused before
+            # a new run folder exists.
+            trainer = Trainer(prep, ckpt, progress=progress, on_epoch_end=on_epoch_end)
+            try:
+                if run_dir is None:
+                    run_dir, lock = _new_run(prep)
+                handler = _attach_run_log(run_dir / "train.log") if prep.dist.is_main else None
+                try:
+                    return trainer.run(run_dir)
+                finally:
+                    _detach_run_log(handler)
+            finally:
+                trainer.close()
     finally:
         if lock is not None:
             clean_temp_files(run_dir)
@@ -353,66 +359,78 @@ def _log_skipped(skipped: list[tuple[str, str]], show: int = 20) -> None:
 
 # -- the loop ----------------------------------------------------------------------------------------------------
 class Trainer:
-    """One run: built from a prepared config, a run folder and (on resume) a checkpoint; ``run()`` trains."""
+    """One run: built from a prepared config and (on resume) a checkpoint, writing nothing; ``run(run_dir)``
+    opens the run folder's files and trains; ``close()`` releases the loaders."""
 
-    def __init__(self, prep: Prepared, run_dir: Path, ckpt: dict[str, Any] | None, *, progress: bool = True,
+    def __init__(self, prep: Prepared, ckpt: dict[str, Any] | None, *, progress: bool = True,
                  on_epoch_end: Callable[[TrainState, dict[str, Any]], None] | None = None):
-        self.prep, self.run_dir, self.progress, self.on_epoch_end = prep, run_dir, progress, on_epoch_end
+        self.prep, self.ckpt, self.progress, self.on_epoch_end = prep, ckpt, progress, on_epoch_end
         cfg, task, source, info = prep.cfg, prep.task, prep.source, prep.dist
         self.cfg, self.task, self.source, self.tc = cfg, task, source, cfg.train
         self.is_main = info.is_main
+        self.best_metric = self.tc.best_metric or task.best_metric
+        self.best_mode = task.best_mode if self.best_metric == task.best_metric else _direction(self.best_metric)
+        self.train_loader = self._loader(source.train, train=True)
+        self.val_loader = None
+        try:
+            self.val_loader = self._loader(source.val, train=False) if source.val else None
+            micro_per_epoch = len(self.train_loader)
+            if micro_per_epoch < self.tc.accumulation:
+                raise ConfigError(f"train.batch_size: {self.tc.batch_size} is larger than the usable training set "
+                                  f"({self.train_loader.num_samples} images): no full step fits in an epoch")
+            self.steps_per_epoch = micro_per_epoch // self.tc.accumulation
+            if self.tc.max_steps:
+                self.steps_per_epoch = min(self.steps_per_epoch, self.tc.max_steps)
+            total_steps = self.steps_per_epoch * self.tc.epochs
+            task.restoring = ckpt is not None  # resume: the checkpoint's weights, not the starting ones
+            self.state = state = task.build_state()
+            _parallelize(state, prep)
+            if self.tc.ema_decay > 0:
+                _add_ema(state, task.predict_module, self.tc.ema_decay)
+            state.schedulers = {k: make_scheduler(o, cfg.schedule, self.steps_per_epoch, total_steps)
+                                for k, o in state.optimizers.items()}
+        except BaseException:
+            self.close()
+            raise
+        self.history: list[dict[str, Any]] = []
+        self.resume_micro, self.running = 0, Running()
+
+    def close(self) -> None:
+        for loader in (self.train_loader, self.val_loader):
+            if loader is not None:
+                loader.close()
+
+    def _open(self, run_dir: Path) -> None:
+        """The run folder's files: config, environment, checkpoint manager and metrics; on resume, the state."""
+        prep, cfg, task, source, state, ckpt = self.prep, self.cfg, self.task, self.source, self.state, self.ckpt
+        self.run_dir = run_dir
         log.info("run folder %s", run_dir)
         log.info("%s | data %s: %d train, %d val%s images, %s | loader %s (%s)%s", prep.runtime.describe(),
                  source.root, len(source.train), len(source.val or []),
                  f", {len(source.test)} test" if source.test else "",
                  f"{len(source.class_names)} classes" if source.class_names else cfg.task.name, prep.backend,
                  prep.backend_reason,
-                 f" | {info.world_size} processes, {prep.micro_batch} samples each per micro-batch"
-                 if info.enabled else "")
-        self.best_metric = self.tc.best_metric or task.best_metric
+                 f" | {prep.dist.world_size} processes, {prep.micro_batch} samples each per micro-batch"
+                 if prep.dist.enabled else "")
         if not source.val and self.best_metric.startswith("val_"):
             log.warning("no validation split: best.pt is not written (only last.pt)")
-        if ckpt is not None:
-            _check_same_outputs(task, ckpt, run_dir)
-        self.best_mode = task.best_mode if self.best_metric == task.best_metric else _direction(self.best_metric)
-
-        self.train_loader = self._loader(source.train, train=True)
-        self.val_loader = self._loader(source.val, train=False) if source.val else None
-        micro_per_epoch = len(self.train_loader)
-        if micro_per_epoch < self.tc.accumulation:
-            raise ConfigError(f"train.batch_size: {self.tc.batch_size} is larger than the usable training set "
-                              f"({self.train_loader.num_samples} images): no full step fits in an epoch")
-        self.steps_per_epoch = micro_per_epoch // self.tc.accumulation
-        if self.tc.max_steps:
-            self.steps_per_epoch = min(self.steps_per_epoch, self.tc.max_steps)
-        total_steps = self.steps_per_epoch * self.tc.epochs
-
-        task.restoring = ckpt is not None  # resume: the checkpoint's weights, not the starting ones
-        self.state = state = task.build_state()
-        _parallelize(state, prep)
-        if self.tc.ema_decay > 0:
-            _add_ema(state, task.predict_module, self.tc.ema_decay)
-        state.schedulers = {k: make_scheduler(o, cfg.schedule, self.steps_per_epoch, total_steps)
-                            for k, o in state.optimizers.items()}
         self.ckpts = CheckpointManager(run_dir, cfg=cfg, task=task, state=state, best_metric=self.best_metric,
                                        enabled=self.is_main)
         self.metrics = MetricsLog(run_dir, self.tc.loggers, enabled=self.is_main)
-        self.history: list[dict[str, Any]] = []
-        self.resume_micro, self.running = 0, Running()
         if self.is_main:
             write_run_config(run_dir, dump_config(cfg))  # on resume: rewritten when --set changed it
         if ckpt is None:
             if self.is_main:
                 atomic_write_text(run_dir / "environment.json", json.dumps(environment(), indent=2))
-        else:
-            point = self.ckpts.restore(ckpt)
-            self.resume_micro = point.micro
-            self.running = Running.from_checkpoint(point.running, prep.runtime.device)
-            records = (trim_metrics(run_dir / "metrics.jsonl", state.epoch, state.step) if self.is_main
-                       else [])
-            self.history = [r for r in records if "event" not in r]  # the test event stays in the file only
-            log.info("resumed from %s at epoch %d, step %d%s", self.ckpts.last, state.epoch, state.step,
-                     f" ({self.resume_micro} batches into epoch {state.epoch + 1})" if self.resume_micro else "")
+            return
+        _check_same_outputs(task, ckpt, run_dir)
+        point = self.ckpts.restore(ckpt)
+        self.resume_micro = point.micro
+        self.running = Running.from_checkpoint(point.running, prep.runtime.device)
+        records = trim_metrics(run_dir / "metrics.jsonl", state.epoch, state.step) if self.is_main else []
+        self.history = [r for r in records if "event" not in r]  # the test event stays in the file only
+        log.info("resumed from %s at epoch %d, step %d%s", self.ckpts.last, state.epoch, state.step,
+                 f" ({self.resume_micro} batches into epoch {state.epoch + 1})" if self.resume_micro else "")
 
     def _loader(self, split, *, train: bool) -> Loader:
         p = self.prep
@@ -420,7 +438,8 @@ class Trainer:
                                      backend=p.backend)
 
     # -- the run ----------------------------------------------------------------------------------------------
-    def run(self) -> TrainResult:
+    def run(self, run_dir: Path) -> TrainResult:
+        self._open(run_dir)
         tc, state = self.tc, self.state
         test_metrics = None
         test_loader = None
@@ -453,9 +472,8 @@ class Trainer:
                      f"{best:.4f}" if best is not None else "none", len(skipped), "s" if len(skipped) != 1 else "",
                      self.run_dir)
         finally:
-            for loader in (self.train_loader, self.val_loader, test_loader):
-                if loader is not None:
-                    loader.close()
+            if test_loader is not None:
+                test_loader.close()
             self.metrics.close()
         return TrainResult(self.run_dir, self.history, self.best_metric, self.ckpts.best_value, test_metrics,
                            self.prep.backend, skipped)

@@ -2,8 +2,9 @@
 root (the demo dataset when empty, always saved absolute), the discovered files, the output count, the
 process's place in a torchrun job, the runtime, the task and the loader backend with the reason for it.
 
-Everything that can be refused is refused here, before a run creates its folder: an unknown model, a
-classifier with one class, a batch larger than the data.
+What can be refused from the config and the file list is refused here, before a run creates its folder: an
+unknown model, a classifier with one class, a batch that does not divide over the processes. (The engine
+builds its loaders, which check the files themselves, before the folder too.)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fasttrain import distributed
-from fasttrain.config import Config, ConfigError
+from fasttrain.config import Config
 from fasttrain.data.sources import DataSource, discover
 from fasttrain.distributed import DistInfo
 from fasttrain.runtime import Runtime, resolve_device, runtime_for
@@ -81,7 +82,7 @@ def prepare(cfg: Config, *, memory_limit: int | None = None) -> Prepared:
     task.check()
     backend, reason = _choose_backend(cfg, runtime, source, memory_limit)
     prep = Prepared(cfg, runtime, source, task, backend, reason, info)
-    _check_batch(prep)
+    _ = prep.micro_batch  # the global batch divides over the processes
     return prep
 
 
@@ -96,10 +97,3 @@ def _choose_backend(cfg: Config, runtime: Runtime, source: DataSource, memory_li
                           memory_limit=memory_limit)
 
 
-def _check_batch(prep: Prepared) -> None:
-    """A global batch the training set cannot fill once would train nothing (training drops partial batches)."""
-    tc, n = prep.cfg.train, len(prep.source.train)
-    _ = prep.micro_batch  # divisible by the process count
-    if n < tc.batch_size:
-        raise ConfigError(f"train.batch_size: {tc.batch_size} is larger than the training set ({n} images): no "
-                          f"full step fits in an epoch; lower it")

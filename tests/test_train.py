@@ -271,3 +271,15 @@ def test_diverging_run_warns_about_non_finite_losses(shapes_root, tmp_path, capl
         train(cfg, progress=False)
     warnings = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
     assert len(warnings) == 1  # once per epoch, not once per step
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.name=resnet9000", "model.name: unknown model 'resnet9000'"),
+    ("train.batch_size=4096", "train.batch_size: 4096 is larger than the usable training set"),
+    ("model.num_outputs=1", "model.num_outputs: a classifier needs at least 2 classes"),
+])
+def test_what_cannot_train_is_refused_before_a_run_folder_exists(shapes_root, tmp_path, override, message):
+    runs = tmp_path / "runs"
+    with pytest.raises(ValueError, match=message):
+        train(small_cfg(shapes_root, runs, override), progress=False)
+    assert not runs.exists() or not any(runs.iterdir())
