@@ -124,6 +124,9 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, progre
                 handler = _attach_run_log(run_dir / "train.log") if prep.dist.is_main else None
                 try:
                     return trainer.run(run_dir)
+                except KeyboardInterrupt as e:
+                    e.run_dir = run_dir  # type: ignore[attr-defined]  # the CLI says how to resume it
+                    raise
                 finally:
                     _detach_run_log(handler)
             finally:

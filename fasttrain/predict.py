@@ -14,7 +14,7 @@ from fasttrain.tasks import make_task
 
 log = logging.getLogger(__name__)
 
-__all__ = ["predict", "prediction_runtime"]
+__all__ = ["predict", "prediction_runtime", "checkpoint_file"]
 
 
 def prediction_runtime(cfg: Config, device: str) -> Runtime:
@@ -30,10 +30,24 @@ def prediction_runtime(cfg: Config, device: str) -> Runtime:
         return runtime_for(cfg, device=device, compile="off", precision="auto")
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder's best checkpoint (its last when it has no best.pt)."""
+    p = Path(path)
+    if not p.is_dir():
+        return p
+    for name in ("best.pt", "last.pt"):
+        if (p / "checkpoints" / name).is_file():
+            return p / "checkpoints" / name
+    raise FileNotFoundError(f"{p}: a folder without checkpoints/best.pt or last.pt (is it a run folder?)")
+
+
 def predict(checkpoint: str | Path, images: list[str], *, device: str = "auto",
             out_dir: str | Path | None = None) -> list[dict[str, Any]]:
     """One record per image (class and probability, regressed values, or the written image's path); an image
-    that cannot be read gets an ``error`` and the others go on."""
+    that cannot be read gets an ``error`` and the others go on. ``checkpoint``: a checkpoint file, or a run
+    folder (its best.pt, else last.pt). A run trained with ``train.ema_decay`` predicts with the averaged
+    weights."""
+    checkpoint = checkpoint_file(checkpoint)
     ckpt = load_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt, checkpoint)
     if cfg.task.name == "pix2pix":  # it writes images: ask before predicting (./predictions by default)
@@ -42,7 +56,10 @@ def predict(checkpoint: str | Path, images: list[str], *, device: str = "auto",
     task = make_task(cfg, runtime, None)
     task.restoring = True  # the checkpoint holds the weights: no pretrained download, no init_from read
     state = task.build_state()
-    saved = ckpt["state"]["modules"]
+    saved = dict(ckpt["state"]["modules"])
+    for name, averaged in (ckpt["state"].get("ema") or {}).items():  # AveragedModel: "module." + the model's keys
+        saved[name] = {k[len("module."):]: v for k, v in averaged.items() if k.startswith("module.")}
+        log.info("predicting with the moving average of %s's weights (train.ema_decay)", name)
     missing = sorted(set(state.modules) - set(saved))
     if missing:
         raise CheckpointError(f"checkpoint {checkpoint}: has no weights for {', '.join(missing)} "
