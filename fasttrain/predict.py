@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from fasttrain import _callable_module
 from fasttrain.checkpoint import CheckpointError, checkpoint_config, load_checkpoint
 from fasttrain.config import Config
 from fasttrain.io import check_writable
@@ -72,3 +73,6 @@ def predict(checkpoint: str | Path, images: list[str], *, device: str = "auto",
                                   f"{cfg.model.name} ({str(e).splitlines()[-1].strip()})") from None
     return task.predict(state, [str(p) for p in images], ckpt.get("meta") or {},
                         Path(out_dir) if out_dir else None)
+
+
+_callable_module(__name__, "predict")  # fasttrain.predict(...) is predict(...): see fasttrain/__init__.py
