@@ -43,18 +43,22 @@ def checkpoint_file(path: str | Path) -> Path:
 
 
 def predict(checkpoint: str | Path, images: list[str], *, device: str = "auto",
-            out_dir: str | Path | None = None) -> list[dict[str, Any]]:
+            out_dir: str | Path | None = None, model: Any = None) -> list[dict[str, Any]]:
     """One record per image (class and probability, regressed values, or the written image's path); an image
     that cannot be read gets an ``error`` and the others go on. ``checkpoint``: a checkpoint file, or a run
     folder (its best.pt, else last.pt). A run trained with ``train.ema_decay`` predicts with the averaged
-    weights."""
+    weights. ``model``: the ``nn.Module`` (or factory) a run trained from Python was given."""
     checkpoint = checkpoint_file(checkpoint)
     ckpt = load_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt, checkpoint)
     if cfg.task.name == "pix2pix":  # it writes images: ask before predicting (./predictions by default)
         check_writable(out_dir or "predictions", "predict --out-dir")
     runtime = prediction_runtime(cfg, device)
+    from fasttrain.models import check_model
+
+    check_model(cfg.model.name, given=model is not None)  # a run trained on a model from Python needs it again
     task = make_task(cfg, runtime, None)
+    task.custom_model = model
     task.restoring = True  # the checkpoint holds the weights: no pretrained download, no init_from read
     state = task.build_state()
     saved = dict(ckpt["state"]["modules"])

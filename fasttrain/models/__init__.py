@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["build_model", "check_model", "available_models", "is_conv_model"]
+__all__ = ["build_model", "check_model", "available_models", "is_conv_model", "CUSTOM"]
 
 _SMALL: dict[str, str] = {
     "smallcnn": "fasttrain.models.small:smallcnn",
@@ -41,9 +41,18 @@ def is_conv_model(name: str) -> bool:
     return base not in _NOT_CONV and not base.startswith(_TRANSFORMER_PREFIXES)
 
 
-def check_model(name: str) -> None:
+CUSTOM = "custom"
+"""model.name of a run whose model came from Python (``train(cfg, model=...)``)."""
+
+
+def check_model(name: str, *, given: bool = False) -> None:
     """Raise a ValueError naming ``model.name`` when no model of that name can be built here (cheap: builds
-    nothing), so a run refuses it before it creates its folder."""
+    nothing), so a run refuses it before it creates its folder. ``given``: a model was passed from Python."""
+    if name == CUSTOM:
+        if not given:
+            raise ValueError("model.name: custom means this run's model was passed from Python; pass the same "
+                             "model again (train(..., model=...), predict(..., model=...))")
+        return
     if name in _SMALL:
         return
     if name.startswith(TIMM_PREFIX):

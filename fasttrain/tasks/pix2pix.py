@@ -128,9 +128,9 @@ class Pix2PixTask(Task):
     def build_state(self) -> TrainState:
         c = self.cfg
         ch = c.data.channels
-        gen = build_model(c.model.name, in_channels=ch, num_outputs=ch, image_size=c.data.image_size,
-                          width=c.model.width, dropout=c.model.dropout,
-                          pretrained=c.model.pretrained and not self.restoring)
+        gen = self.given_model() or build_model(
+            c.model.name, in_channels=ch, num_outputs=ch, image_size=c.data.image_size, width=c.model.width,
+            dropout=c.model.dropout, pretrained=c.model.pretrained and not self.restoring)
         self.load_initial_weights(gen, "generator")
         disc = build_model("patchgan", in_channels=2 * ch, num_outputs=1, image_size=c.data.image_size,
                            width=c.model.width)
