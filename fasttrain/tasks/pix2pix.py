@@ -108,7 +108,7 @@ class Pix2PixTask(Task):
 
     def __init__(self, cfg, runtime, source):
         super().__init__(cfg, runtime, source)
-        if cfg.model.name not in GENERATORS:
+        if cfg.model.name not in (*GENERATORS, "custom"):  # custom: a generator passed from Python
             raise ConfigError(f"model.name: pix2pix needs an image-to-image generator ({', '.join(GENERATORS)}), "
                               f"got {cfg.model.name!r}")
         if cfg.optim.name == "sgd":
