@@ -449,7 +449,9 @@ class Config:
                f"must be a plain name (it prefixes run folders), got {self.name!r}")
 
 
-_SECTIONS = {f.name: f for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)}
+_SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)  # type: ignore[misc]
+                               if dataclasses.is_dataclass(f.default_factory)}
+"""Section name -> its dataclass."""
 
 
 def _coerce(value: Any, typ: Any, name: str) -> Any:
@@ -499,7 +501,7 @@ def config_from_dict(data: dict[str, Any], base: Config | None = None, source: s
             raise ConfigError(f"{source}: unknown section {key!r} (known: {', '.join(_SECTIONS)}, name)")
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key} must be a table of settings, got {value!r}")
-        cls = _SECTIONS[key].default_factory
+        cls = _SECTIONS[key]
         hints = _section_hints(cls)
         for k, v in value.items():
             if k not in hints:
@@ -507,8 +509,8 @@ def config_from_dict(data: dict[str, Any], base: Config | None = None, source: s
                 raise ConfigError(f"{source}: unknown key {key}.{k} (known in [{key}]: {known})")
             merged[key][k] = _coerce(v, hints[k], f"{key}.{k}")
     sections = {}
-    for key, f in _SECTIONS.items():
-        sections[key] = f.default_factory(**merged[key])  # __post_init__ validates
+    for key, cls in _SECTIONS.items():
+        sections[key] = cls(**merged[key])  # __post_init__ validates
     return Config(**sections, name=merged["name"])
 
 
@@ -653,8 +655,7 @@ def describe_config(cfg: Config) -> list[FieldInfo]:
     """Every setting of ``cfg`` with its value, its default, its type and its description."""
     defaults = Config()
     out = [FieldInfo("name", cfg.name, defaults.name, "str", field_docs(Config).get("name", ""))]
-    for section, f in _SECTIONS.items():
-        cls = f.default_factory
+    for section, cls in _SECTIONS.items():
         hints, docs = _section_hints(cls), field_docs(cls)
         for fld in dataclasses.fields(cls):
             typ = hints[fld.name]

@@ -96,13 +96,14 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, progre
     if resume is None and cfg is None:
         raise ValueError("train() needs a config or resume=RUN_DIR")
     info = distributed.dist_info()
-    if resume is None and info.enabled and info.run_id:
+    if resume is None and info.enabled and info.run_id and cfg is not None:
         found = elastic_run_dir(cfg.train.runs_dir, info.run_id)
         if found is not None and (found / "checkpoints" / "last.pt").is_file():
             log.warning("torchrun restart %d of job %s: resuming %s from its last checkpoint", info.restart,
                         info.run_id, found)
             resume, overrides = found, _overrides_of(cfg, found)
-    lock = run_dir = None
+    lock: RunLock | None = None
+    run_dir: Path | None = None
     try:
         ckpt = None
         if resume is not None:
@@ -136,7 +137,7 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, progre
             finally:
                 trainer.close()
     finally:
-        if lock is not None:
+        if lock is not None and run_dir is not None:
             clean_temp_files(run_dir)
             lock.release()
 
@@ -486,6 +487,7 @@ class Trainer:
                            self.prep.backend, skipped)
 
     def _evaluate_into(self, record: dict[str, Any]) -> None:
+        assert self.val_loader is not None
         t0 = time.perf_counter()
         record.update({f"val_{k}": v for k, v in evaluate(self.task, self.state, self.val_loader).items()})
         if self.state.ema:

@@ -114,12 +114,13 @@ def _adapt_first_conv(model: nn.Module, in_channels: int, name: str, *, keep_wei
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Conv2d):
-                new = nn.Conv2d(in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
-                                child.dilation, child.groups, child.bias is not None)
+                new = nn.Conv2d(in_channels, child.out_channels, child.kernel_size,  # type: ignore[arg-type]
+                                child.stride, child.padding, child.dilation,  # type: ignore[arg-type]
+                                child.groups, child.bias is not None)
                 if keep_weights and in_channels == 1:
                     with torch.no_grad():
                         new.weight.copy_(child.weight.sum(dim=1, keepdim=True))
-                        if child.bias is not None:
+                        if child.bias is not None and new.bias is not None:
                             new.bias.copy_(child.bias)
                 setattr(parent, child_name, new)
                 return

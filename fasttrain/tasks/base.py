@@ -39,9 +39,9 @@ class TrainState:
     """The same modules without the data-parallel wrapper (compiled where ``callables`` are): for evaluation,
     prediction and frozen uses (pix2pix's discriminator while the generator learns), which must not take part in
     gradient synchronisation. Empty means ``callables``."""
-    ddp: dict[str, nn.Module] = field(default_factory=dict)
+    ddp: dict[str, Any] = field(default_factory=dict)
     """The DistributedDataParallel wrappers, by module name (empty in one process)."""
-    ema: dict[str, nn.Module] = field(default_factory=dict)
+    ema: dict[str, Any] = field(default_factory=dict)
     """Exponential moving averages of the weights (``train.ema_decay``), by module name."""
     epoch: int = 0
     """Epochs completed."""
