@@ -2,7 +2,7 @@
 
 Run explicitly (the default test run only collects ``tests/``)::
 
-    pytest benchmarks/ --bench-size=cpu                       # a few minutes on 2 cores
+    pytest benchmarks/ --bench-size=cpu                       # about 30-40 s on 2 cores
     pytest benchmarks/ --bench-size=gpu --benchmark-json=out.json
 
 Every benchmark round runs a fixed number of steps and ends with a device synchronize (``bench.run_steps``),
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,7 @@ from fasttrain.runtime import BackendFlags, backend_flags
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--bench-size", choices=("auto", "cpu", "gpu"), default=os.environ.get("FASTTRAIN_BENCH_SIZE", "auto"),
-        help="benchmark parameter set: cpu (tiny, minutes on 2 cores), gpu (full), auto (gpu when CUDA is "
+        help="benchmark parameter set: cpu (tiny, ~40 s on 2 cores), gpu (full), auto (gpu when CUDA is "
              "present); env FASTTRAIN_BENCH_SIZE",
     )
 
@@ -129,6 +130,10 @@ def measure(benchmark, env, size, device) -> Callable[..., dict[str, Any]]:
             **info,
             env=env,
         )
+        log = os.environ.get("FASTTRAIN_BENCH_LOG")
+        if log:  # one line per case as it finishes: a run cut off (a lent machine's time limit) keeps its figures
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"name": benchmark.fullname, **benchmark.extra_info}, default=str) + "\n")
         return dict(benchmark.extra_info)
 
     return run

@@ -11,7 +11,7 @@ import torch
 
 from benchutil import NaiveScript, bench_config, naive_loader, skip_unavailable_backend
 from fasttrain import bench
-from fasttrain.engine import prepare
+from fasttrain.prepare import prepare
 from fasttrain.runtime import BackendFlags
 
 pytestmark = pytest.mark.benchmark(group="end_to_end")

@@ -10,7 +10,7 @@ import pytest
 
 from benchutil import bench_config, naive_loader, skip_unavailable_backend
 from fasttrain import bench
-from fasttrain.engine import prepare
+from fasttrain.prepare import prepare
 from fasttrain.runtime import BackendFlags
 
 pytestmark = pytest.mark.benchmark(group="loader")
@@ -57,3 +57,56 @@ def test_loader_naive(benchmark, measure, size, device, data_root):
         kind="loader", model=None, batch_size=batch_size, precision="fp32", backend="naive", workers=workers,
         images=len(loader.dataset), image_size=size.image_size, workload=f"loader-b{batch_size}",
     )
+
+
+def test_dali_epoch_boundary_gap(benchmark, measure, size, device, data_root):
+    """The wait for an epoch's first batch against a steady-state batch (DALI; CPU-only mode without CUDA).
+
+    A round runs ``EPOCHS`` whole epochs of the training loader, timing each ``next()``. ``extra_info``:
+    ``epoch_gap_s`` (median over the round's epoch boundaries of the time from the last batch of epoch e to the
+    first of e+1), ``steady_batch_s`` (median of every other batch), and ``gap_ratio`` (their quotient: 1 means
+    the boundary costs no more than any batch; a pipeline rebuilt per epoch costs its build and an empty
+    prefetch queue there).
+    """
+    import statistics
+    import time
+
+    skip_unavailable_backend("dali")
+    epochs = 4
+    batch_size = size.loader_batch_size
+    cfg = bench_config(size, model="smallcnn", batch_size=batch_size, loader="dali", data_root=data_root)
+    prep = prepare(cfg)
+    loader = prep.task.make_loader(prep.source.train, train=True, batch_size=batch_size, backend="dali")
+    gaps: list[float] = []
+    steady: list[float] = []
+    state = {"epoch": 0}
+
+    def one_round() -> int:
+        n = 0
+        t = time.perf_counter()
+        for _ in range(epochs):
+            loader.set_epoch(state["epoch"])
+            state["epoch"] += 1
+            for i, batch in enumerate(loader):
+                now = time.perf_counter()
+                (gaps if i == 0 else steady).append(now - t)
+                t = now
+                n += len(batch)
+        return n
+
+    try:
+        one_round()  # warm-up: the first epoch's start (pipeline build, first decode) is not a boundary
+        gaps.clear()
+        steady.clear()
+        info = measure(one_round, samples_per_round=epochs * len(loader) * batch_size,
+                       flags=prep.runtime.backend_flags, kind="loader-epoch-gap", model=None, batch_size=batch_size,
+                       precision=prep.runtime.precision.name, backend="dali", dali_threads=cfg.data.num_dali_threads,
+                       images=len(prep.source.train), image_size=size.image_size,
+                       workload=f"epoch-gap-b{batch_size}", batches_per_epoch=len(loader))
+    finally:
+        loader.close()
+    gap, step = statistics.median(gaps), statistics.median(steady)
+    benchmark.extra_info.update(epoch_gap_s=gap, steady_batch_s=step, gap_ratio=gap / step, epochs_per_round=epochs)
+    print(f"\nDALI epoch boundary: {gap * 1e3:.2f} ms to the first batch vs {step * 1e3:.2f} ms per steady batch "
+          f"(x{gap / step:.2f}; {len(loader)} batches/epoch, {len(gaps)} boundaries)")
+    assert info["backend"] == "dali"

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fasttrain import _callable_module
 from fasttrain.config import Config
 from fasttrain.io import write_new_text
 from fasttrain.memory import format_bytes, peak_memory, peak_rss_bytes, reset_peak_memory
@@ -141,7 +142,7 @@ def bench(cfg: Config, *, json_path: str | os.PathLike | None = None) -> BenchRe
     The config is prepared exactly as ``fasttrain train`` prepares it (data root, runtime, task, backend);
     ``cfg.bench`` (warmup_steps, steps, repeats) sets every measurement; batches are training micro-batches.
     """
-    from fasttrain.engine import prepare
+    from fasttrain.prepare import prepare
     from fasttrain.runtime import environment, seed_everything
 
     prep = prepare(cfg)
@@ -186,3 +187,6 @@ def _measure_all(prep, b, tc) -> tuple[Timing, Timing, Timing]:
     finally:
         loader.close()
     return model_t, loader_t, e2e_t
+
+
+_callable_module(__name__, "bench")  # fasttrain.bench(...) is bench(...): see fasttrain/__init__.py

@@ -2,24 +2,37 @@
 
 A checkpoint holds the task state (modules, optimizers, scalers, schedulers, epoch, step), the RNG states,
 the resolved config and what prediction needs (class names). It is written to a temp file in the same folder,
-fsynced, then renamed over the old one, so a run killed mid-write leaves the previous checkpoint intact.
+fsynced, then renamed over the old one, so a run killed mid-write, or stopped by a full disk, leaves the
+previous checkpoint intact. Its layout is checked once on load (:class:`CheckpointError` names what is wrong),
+and :func:`check_resume_config` names the settings a resumed run may not change.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fasttrain.io import atomic_replace
+from fasttrain.config import Config, ConfigError, config_from_dict, config_to_dict
+from fasttrain.io import WriteError, atomic_replace
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+log = logging.getLogger(__name__)
+
+__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "CheckpointError",
+           "checkpoint_config", "check_resume_config", "RESUME_MAY_CHANGE", "finite_weights", "CheckpointManager",
+           "ResumePoint"]
 
 FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is not usable; the message names the file and what is missing or wrong."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -27,7 +40,8 @@ def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "numpy": (kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), int(pos), int(has_gauss),
+                  float(cached)),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -49,18 +63,215 @@ def _tuples(x: Any) -> Any:
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    return atomic_replace(path, lambda tmp: torch.save({"format": FORMAT, **payload}, tmp))
+    """Write atomically. A failed write (disk full, read-only) raises :class:`~fasttrain.io.WriteError`
+    saying that the previous checkpoint at ``path`` is intact."""
+    path = Path(path)
+
+    def write(tmp: Path) -> None:
+        # A Python file object, not a path: torch's own file writer loses the OS error (errno) of a full disk.
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **payload}, f)
+
+    try:
+        return atomic_replace(path, write)
+    except WriteError as e:
+        before = (f"the previous checkpoint {path} is intact" if path.exists()
+                  else "no earlier checkpoint of this name exists")
+        raise WriteError(f"cannot write checkpoint {path}: {e.reason}; {before}", e.errno, path=path,
+                         reason=e.reason) from None
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def finite_weights(modules: dict[str, torch.nn.Module]) -> bool:
+    """Whether every floating-point parameter and buffer is finite (one device sync). A diverged run's NaN
+    weights must not replace a good checkpoint."""
+    flags = [torch.isfinite(t).all() for m in modules.values()
+             for t in (*m.parameters(), *m.buffers()) if t.is_floating_point() and t.numel()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _need(cond: bool, path: Path, what: str) -> None:
+    if not cond:
+        raise CheckpointError(f"checkpoint {path}: {what}; it was damaged or not written by fasttrain "
+                              f"(use another checkpoint, e.g. best.pt / last.pt of the run)")
+
+
+def _validate(ckpt: dict[str, Any], path: Path, resume: bool) -> None:
+    """The layout every reader relies on, checked once so that readers can index it freely."""
+    _need(isinstance(ckpt.get("config"), dict), path, "it has no 'config' table")
+    state = ckpt.get("state")
+    _need(isinstance(state, dict), path, "it has no 'state' (the weights)")
+    assert isinstance(state, dict)
+    _need(isinstance(state.get("modules"), dict) and state["modules"]
+          and all(isinstance(v, dict) for v in state["modules"].values()), path, "its state has no 'modules' weights")
+    _need(isinstance(state.get("epoch", 0), int) and isinstance(state.get("step", 0), int), path,
+          "its state's epoch / step are not integers")
+    meta = ckpt.get("meta")
+    _need(meta is None or isinstance(meta, dict), path, "its 'meta' is not a table")
+    cfg = checkpoint_config(ckpt, path)
+    n = cfg.model.num_outputs
+    for key in ("class_names", "target_names"):
+        names = (meta or {}).get(key)
+        if names is None:
+            continue
+        _need(isinstance(names, list) and all(isinstance(s, str) for s in names), path, f"its {key} are not a list "
+              f"of names")
+        _need(not n or len(names) == n, path, f"it has {len(names)} {key.replace('_', ' ')} for the model's {n} "
+              f"outputs (model.num_outputs)")
+    if resume:
+        for group in ("optimizers", "scalers", "schedulers"):
+            _need(isinstance(state.get(group), dict), path, f"its state has no '{group}' (a resume needs them)")
+        _need("epoch" in state and "step" in state, path, "its state has no epoch / step (a resume needs them)")
+        rng = ckpt.get("rng")
+        _need(isinstance(rng, dict) and {"python", "numpy", "torch"} <= set(rng), path,
+              "it has no RNG states (a resume needs them)")
+        pos = ckpt.get("position")
+        _need(pos is None or (isinstance(pos, dict) and isinstance(pos.get("epoch"), int)
+                              and isinstance(pos.get("micro"), int)), path, "its 'position' is malformed")
+        running = ckpt.get("running")
+        _need(running is None or isinstance(running, dict), path, "its 'running' sums are malformed")
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                    resume: bool = False) -> dict[str, Any]:
+    """Load and check a checkpoint. ``resume``: also require what continuing a run needs (optimizer, scaler,
+    scheduler and RNG states). Raises FileNotFoundError or :class:`CheckpointError`, naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path}: not found")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - pickle / zip errors: say which file and why
-        raise ValueError(f"checkpoint {path}: cannot be loaded ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"checkpoint {path}: cannot be loaded ({type(e).__name__}: {e})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         found = f"format {ckpt.get('format')!r}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
-        raise ValueError(f"checkpoint {path}: not a fasttrain checkpoint ({found})")
+        raise CheckpointError(f"checkpoint {path}: not a fasttrain checkpoint ({found})")
+    _validate(ckpt, path, resume)
     return ckpt
+
+
+def checkpoint_config(ckpt: dict[str, Any], path: str | os.PathLike) -> Config:
+    """The run's config stored in a checkpoint; :class:`CheckpointError` naming the file when it is not valid."""
+    try:
+        return config_from_dict(ckpt["config"], source=f"checkpoint {path}")
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {path}: its config is not valid: {e}") from None
+
+
+RESUME_MAY_CHANGE = (
+    "train.epochs", "train.log_every", "train.eval_every", "train.eval_batch_size", "train.checkpoint_every",
+    "train.checkpoint_every_steps", "train.max_nonfinite_logs", "train.runs_dir", "train.run_name",
+    "runtime.*", "tune.*", "bench.*", "name",
+    "data.root", "data.loader", "data.workers", "data.prefetch", "data.dali_threads", "data.hw_decoder_load",
+    "data.cache_budget",
+)
+"""Settings ``--resume RUN --set ...`` may change: how long to train, how often to log, evaluate and checkpoint,
+where and how fast things run (device, precision, compile, loader backend and workers), and where the dataset
+lives (its classes must stay the same). Everything else (model.*, task.*, optim.*, schedule.*, the data's size,
+channels, normalization, augmentation and split, the batch size, the best metric) defines the run: a changed
+value either would not fit the saved weights or would be silently overridden by the saved optimizer and
+scheduler states, so it is refused. Settings added later that describe the data's content or the run's
+numbers belong to the refused group; the loader's speed and safety knobs (data.*) to this one."""
+
+_RESUME_FIXED_DATA = {"format", "train_dir", "val_dir", "test_dir", "manifest", "target_columns", "val_fraction",
+                      "split_seed", "image_size", "resize_size", "channels", "random_resized_crop", "crop_scale_min",
+                      "hflip", "mean", "std", "max_samples"}
+
+
+def _may_change(key: str) -> bool:
+    section, _, name = key.partition(".")
+    if key in RESUME_MAY_CHANGE or f"{section}.*" in RESUME_MAY_CHANGE:
+        return True
+    # New data.* settings are loader knobs unless listed as the data's content above.
+    return section == "data" and name not in _RESUME_FIXED_DATA
+
+
+def check_resume_config(saved: Config, new: Config, path: str | os.PathLike) -> None:
+    """Raise :class:`~fasttrain.config.ConfigError` naming every setting that differs between the checkpoint's
+    config and the resumed one but may not change on resume (see :data:`RESUME_MAY_CHANGE`)."""
+    a, b = config_to_dict(saved), config_to_dict(new)
+    changed = []
+    for section in a:
+        if isinstance(a[section], dict):
+            for k in sorted(set(a[section]) | set(b.get(section, {}))):
+                old, cur = a[section].get(k), b.get(section, {}).get(k)
+                if old != cur and not _may_change(f"{section}.{k}"):
+                    changed.append(f"{section}.{k} ({old!r} -> {cur!r})")
+        elif a[section] != b.get(section) and not _may_change(section):
+            changed.append(section)
+    if changed:
+        raise ConfigError(f"--resume: {', '.join(changed)} cannot change on resume: the run in {path} was trained "
+                          f"with the first value. Start a new run for that (fasttrain train CONFIG --set ...); "
+                          f"a resume may change train.epochs, logging / evaluation / checkpoint intervals, "
+                          f"runtime.*, data.root and the loader settings")
+
+
+@dataclass
+class ResumePoint:
+    """Where a resumed run goes on from: its best value so far and, for a mid-epoch checkpoint, the
+    micro-batches of the current epoch already trained and that epoch's running sums."""
+
+    best_value: float | None = None
+    micro: int = 0
+    running: dict[str, Any] | None = None
+
+
+class CheckpointManager:
+    """What a checkpoint holds, in one place: the task state (modules, optimizers, scalers, schedulers, EMA,
+    epoch, step), the RNG states, the resolved config, what prediction needs (``task.checkpoint_meta()``), the
+    best value so far, and for a mid-epoch checkpoint the loader position and the epoch's running sums.
+
+    ``last.pt`` is never replaced by non-finite weights (a diverged run keeps its last good state); ``best.pt``
+    follows ``train.best_metric``. Only the main process writes (``enabled``); every process can restore, on
+    any world size.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, *, cfg: Config, task: Any, state: Any, best_metric: str,
+                 enabled: bool = True):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.cfg, self.task, self.state = cfg, task, state
+        self.best_metric = best_metric
+        self.best_value: float | None = None
+        self.enabled = enabled
+        self.saved_at = "none yet"
+        """What last.pt holds (for messages)."""
+
+    @property
+    def last(self) -> Path:
+        return self.dir / "last.pt"
+
+    def payload(self, position: dict[str, int] | None = None, running: dict[str, Any] | None = None
+                ) -> dict[str, Any]:
+        """``position``: ``{"epoch", "micro"}`` inside an unfinished epoch; ``running``: that epoch's sums."""
+        return {"state": self.state.state_dict(), "rng": rng_state(), "config": config_to_dict(self.cfg),
+                "meta": self.task.checkpoint_meta(), "best_metric": self.best_metric, "best_value": self.best_value,
+                "position": position, "running": running}
+
+    def save_last(self, position: dict[str, int] | None = None, running: dict[str, Any] | None = None) -> bool:
+        """Write last.pt unless the weights went non-finite; returns whether it was written."""
+        if not finite_weights(self.state.modules):
+            log.warning("not writing %s at step %d: the weights are not finite; it keeps %s", self.last,
+                        self.state.step, self.saved_at)
+            return False
+        if self.enabled:
+            save_checkpoint(self.last, self.payload(position, running))
+        self.saved_at = f"epoch {self.state.epoch}, step {self.state.step}"
+        return True
+
+    def save_best(self) -> None:
+        if self.enabled:
+            save_checkpoint(self.dir / "best.pt", self.payload())
+
+    def restore(self, ckpt: dict[str, Any]) -> ResumePoint:
+        """Load ``ckpt`` (from :func:`load_checkpoint` with ``resume=True``) into the state and the RNGs."""
+        try:
+            self.state.load_state_dict(ckpt["state"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint {self.last}: its state does not fit this run's model and "
+                                  f"optimizers ({str(e).splitlines()[0]})") from None
+        set_rng_state(ckpt["rng"])
+        self.best_value = ckpt.get("best_value")
+        self.saved_at = f"epoch {self.state.epoch}, step {self.state.step}"
+        position = ckpt.get("position")
+        if position and position["epoch"] == self.state.epoch:
+            return ResumePoint(self.best_value, int(position["micro"]), ckpt.get("running"))
+        return ResumePoint(self.best_value)

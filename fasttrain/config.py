@@ -7,6 +7,8 @@ wrong type, a value out of range) raises :class:`ConfigError` naming the offendi
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
 import tomllib
 import typing
@@ -29,16 +31,26 @@ __all__ = [
     "TuneConfig",
     "BenchConfig",
     "load_config",
+    "packaged_config",
+    "packaged_configs",
+    "config_path",
     "apply_overrides",
     "config_to_dict",
     "config_from_dict",
     "dump_config",
     "default_workers",
+    "FieldInfo",
+    "field_docs",
+    "describe_config",
 ]
 
 
 class ConfigError(ValueError):
     """A configuration value is wrong; the message names the field (``section.key``)."""
+
+
+PILLOW_BOMB_PIXELS = 2 * 89_478_485
+"""Pillow raises DecompressionBombError above 2 x ``PIL.Image.MAX_IMAGE_PIXELS`` (89,478,485 by default) pixels."""
 
 
 def default_workers() -> int:
@@ -107,6 +119,12 @@ class DataConfig:
     """GPU cache: use it only if the decoded dataset takes at most this share of device memory (0..1)."""
     max_samples: int = 0
     """Use at most this many training files (0 = all); for smoke tests and quick trials."""
+    max_image_pixels: int = PILLOW_BOMB_PIXELS
+    """Files whose header announces more pixels (width x height) are skipped on every backend, before decoding
+    (a few-KB PNG can decode to gigabytes). Default and upper bound: Pillow's DecompressionBombError threshold."""
+    max_bad_per_epoch: int = 10
+    """A run stops, listing the files, when more than this many files fail to decode within one epoch (files
+    the pre-check already skipped do not count): a damaged dataset is not trained on silently."""
 
     def __post_init__(self) -> None:
         _choice(self.format, "data.format", ("folder", "manifest", "drawing", "paired"))
@@ -127,6 +145,10 @@ class DataConfig:
         _check(0.0 <= self.hw_decoder_load <= 1.0, "data.hw_decoder_load", "must be in 0..1")
         _check(0.0 < self.cache_budget <= 0.9, "data.cache_budget", "must be in (0, 0.9]")
         _check(self.max_samples >= 0, "data.max_samples", "must be >= 0")
+        _check(1 <= self.max_image_pixels <= PILLOW_BOMB_PIXELS, "data.max_image_pixels",
+               f"must be in 1..{PILLOW_BOMB_PIXELS} (Pillow refuses larger images on the torch loader and cache), "
+               f"got {self.max_image_pixels}")
+        _check(self.max_bad_per_epoch >= 0, "data.max_bad_per_epoch", f"must be >= 0, got {self.max_bad_per_epoch}")
 
     @property
     def eval_resize(self) -> int:
@@ -162,10 +184,22 @@ class ModelConfig:
     width: int = 32
     """Base channel width of the small nets (convnet, smallcnn, unet, patchgan)."""
     dropout: float = 0.0
-    """Dropout before the classifier of the small nets (0..1)."""
+    """Dropout before the classifier of the small nets and timm models (0..1)."""
+    pretrained: bool = False
+    """Start from the torchvision (or timm) default pretrained weights, downloaded into their cache on first use;
+    the head gets fresh outputs when the class count differs."""
+    init_from: str = ""
+    """Start from the weights in this file: a fasttrain checkpoint or a state dict (keys and shapes must match)."""
+    reset_head: bool = False
+    """With init_from: leave the file's classifier head out and start it fresh (a new class count)."""
+    sync_bn: bool = False
+    """Under torchrun: batch-norm statistics over all GPUs' samples (SyncBatchNorm), for small per-GPU batches.
+    CUDA only (NCCL)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must not be empty")
+        _check(not (self.pretrained and self.init_from), "model.init_from",
+               "give model.pretrained or model.init_from, not both")
         _check(self.num_outputs >= 0, "model.num_outputs", "must be >= 0")
         _check(self.width >= 1, "model.width", "must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
@@ -285,9 +319,21 @@ class TrainConfig:
     """Stop each epoch after this many optimizer steps (0 = full epochs); for smoke tests."""
     eval_every: int = 1
     """Evaluate every N epochs (and always at the end)."""
+    max_nonfinite_logs: int = 3
+    """Stop the run when the training loss is non-finite (inf / nan) at this many logged steps in a row
+    (every log_every steps); the last checkpoint with finite weights is kept. 0 = never stop."""
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Metrics files: jsonl (metrics.jsonl, always written: resume and plot read it), csv (metrics.csv, one row
+    per epoch), tensorboard (event files in tensorboard/, needs the tensorboard package)."""
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights, updated every optimizer step (0 = off; 0.999-0.9999 usual);
+    evaluated beside the model (val_ema_*), saved in checkpoints and used by predict."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
+        for name in self.loggers:
+            _choice(name, "train.loggers", ("jsonl", "csv", "tensorboard"))
+        _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.accumulation >= 1, "train.accumulation", "must be >= 1")
         _check(self.batch_size % self.accumulation == 0, "train.batch_size",
@@ -299,6 +345,7 @@ class TrainConfig:
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
+        _check(self.max_nonfinite_logs >= 0, "train.max_nonfinite_logs", "must be >= 0 (0 = never stop)")
         _check("/" not in self.run_name and self.run_name not in (".", ".."), "train.run_name",
                f"must be a plain folder name, got {self.run_name!r}")
 
@@ -319,11 +366,18 @@ class TaskConfig:
     """pix2pix: weight of the L1 loss against the adversarial loss."""
     sample_every: int = 500
     """pix2pix: save an input / output / target grid as PNG every N steps (0 = only at epoch ends)."""
+    mixup_alpha: float = 0.0
+    """classify: MixUp on the device, Beta(alpha, alpha) mixing of batch pairs (0 = off; 0.2 is usual)."""
+    cutmix_alpha: float = 0.0
+    """classify: CutMix on the device, Beta(alpha, alpha) box area (0 = off; 1.0 is usual). With both on, each
+    batch gets one of the two at random."""
 
     def __post_init__(self) -> None:
         _choice(self.name, "task.name", ("classify", "regress", "pix2pix"))
         _check(self.lambda_l1 >= 0, "task.lambda_l1", "must be >= 0")
         _check(self.sample_every >= 0, "task.sample_every", "must be >= 0")
+        _check(self.mixup_alpha >= 0, "task.mixup_alpha", f"must be >= 0, got {self.mixup_alpha}")
+        _check(self.cutmix_alpha >= 0, "task.cutmix_alpha", f"must be >= 0, got {self.cutmix_alpha}")
 
 
 @dataclass
@@ -413,7 +467,9 @@ class Config:
                f"must be a plain name (it prefixes run folders), got {self.name!r}")
 
 
-_SECTIONS = {f.name: f for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)}
+_SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)  # type: ignore[misc]
+                               if dataclasses.is_dataclass(f.default_factory)}
+"""Section name -> its dataclass."""
 
 
 def _coerce(value: Any, typ: Any, name: str) -> Any:
@@ -429,6 +485,8 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
         raise ConfigError(f"{name}: expected an integer, got {value!r}")
     if typ is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # TOML has inf and nan literals; no setting means either
+                raise ConfigError(f"{name}: must be a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{name}: expected a number, got {value!r}")
     if typ is str:
@@ -461,7 +519,7 @@ def config_from_dict(data: dict[str, Any], base: Config | None = None, source: s
             raise ConfigError(f"{source}: unknown section {key!r} (known: {', '.join(_SECTIONS)}, name)")
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key} must be a table of settings, got {value!r}")
-        cls = _SECTIONS[key].default_factory
+        cls = _SECTIONS[key]
         hints = _section_hints(cls)
         for k, v in value.items():
             if k not in hints:
@@ -469,8 +527,8 @@ def config_from_dict(data: dict[str, Any], base: Config | None = None, source: s
                 raise ConfigError(f"{source}: unknown key {key}.{k} (known in [{key}]: {known})")
             merged[key][k] = _coerce(v, hints[k], f"{key}.{k}")
     sections = {}
-    for key, f in _SECTIONS.items():
-        sections[key] = f.default_factory(**merged[key])  # __post_init__ validates
+    for key, cls in _SECTIONS.items():
+        sections[key] = cls(**merged[key])  # __post_init__ validates
     return Config(**sections, name=merged["name"])
 
 
@@ -508,17 +566,62 @@ def apply_overrides(cfg: Config, items: list[str]) -> Config:
     return config_from_dict(parse_overrides(items), base=cfg, source="--set")
 
 
+def packaged_config(name: str) -> Path | None:
+    """A config shipped with fasttrain (``quickstart``, ``catfish``, ...) by name, or None."""
+    from importlib import resources
+
+    stem = name[:-5] if name.endswith(".toml") else name
+    if not stem or "/" in stem or "\\" in stem:
+        return None
+    p = resources.files("fasttrain") / "configs" / f"{stem}.toml"
+    return Path(str(p)) if p.is_file() else None
+
+
+def packaged_configs() -> dict[str, str]:
+    """Every packaged config's name with its first comment line (one sentence: what it trains)."""
+    from importlib import resources
+
+    out = {}
+    for entry in sorted(resources.files("fasttrain").joinpath("configs").iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            first = next((ln for ln in entry.read_text(encoding="utf-8").splitlines() if ln.startswith("#")), "#")
+            out[entry.name[:-5]] = first.lstrip("# ").strip()
+    return out
+
+
+def config_path(name_or_path: str | os.PathLike) -> Path:
+    """A config file, or a packaged config's name; an unknown one names the packaged configs (and the closest)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    found = packaged_config(str(name_or_path))
+    if found is not None:
+        return found
+    import difflib
+
+    names = list(packaged_configs())
+    close = difflib.get_close_matches(str(name_or_path), names, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ConfigError(f"config {name_or_path}: no such file, and no packaged config of that name (packaged: "
+                      f"{', '.join(names)}){hint}")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults < TOML file < overrides. ``path`` None means the defaults alone."""
+    """Defaults < TOML file < overrides. ``path``: a TOML file, or a packaged config's name (``"quickstart"``);
+    None means the defaults alone."""
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p}: not found")
+        p = config_path(path)
         try:
-            data = tomllib.loads(p.read_text(encoding="utf-8"))
+            # utf-8-sig: a byte-order mark (some Windows editors write one) is not part of the text
+            data = tomllib.loads(p.read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+                              f"save it as UTF-8") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {p}: not valid TOML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"config file {p}: cannot be read: {e.strerror or e}") from None
         data.setdefault("name", p.stem)
         cfg = config_from_dict(data, base=cfg, source=str(p))
     if overrides:
@@ -531,3 +634,50 @@ def dump_config(cfg: Config) -> str:
     d = config_to_dict(cfg)
     name = d.pop("name")
     return tomli_w.dumps({"name": name, **d})
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """One setting, as ``fasttrain config show`` prints it."""
+
+    key: str
+    """section.key"""
+    value: Any
+    default: Any
+    type: str
+    description: str
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a config dataclass (the string under each field), read once from its source.
+    They are the settings' descriptions, units included; Python keeps no such docstring at run time."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):  # no source (a frozen build): no descriptions
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe_config(cfg: Config) -> list[FieldInfo]:
+    """Every setting of ``cfg`` with its value, its default, its type and its description."""
+    defaults = Config()
+    out = [FieldInfo("name", cfg.name, defaults.name, "str", field_docs(Config).get("name", ""))]
+    for section, cls in _SECTIONS.items():
+        hints, docs = _section_hints(cls), field_docs(cls)
+        for fld in dataclasses.fields(cls):
+            typ = hints[fld.name]
+            out.append(FieldInfo(f"{section}.{fld.name}", getattr(getattr(cfg, section), fld.name),
+                                 getattr(getattr(defaults, section), fld.name),
+                                 getattr(typ, "__name__", str(typ)), docs.get(fld.name, "")))
+    return out

@@ -1,7 +1,13 @@
-"""The training loop: epochs, steps, accumulation, evaluation, schedules, checkpoints, metrics, progress.
+"""The training loop: epochs, micro-batches and accumulation, evaluation, schedules, when to checkpoint and log.
 
-The engine owns time, order and files; the task owns what a batch means. Values are read back from the
-device only every ``train.log_every`` steps and once per evaluation (each read is a CPU-GPU sync point).
+The engine owns time, order and files; the task owns what a batch means (:mod:`fasttrain.tasks`), one step's
+backward / synchronisation / optimizer work is :mod:`fasttrain.step`, what a checkpoint holds is
+:class:`~fasttrain.checkpoint.CheckpointManager`, what gets recorded and shown is :mod:`fasttrain.metrics`, and
+how a config becomes a runnable set-up is :mod:`fasttrain.prepare`. Values are read back from the device only
+every ``train.log_every`` steps and once per evaluation (each read is a CPU-GPU sync point).
+
+Under torchrun every process runs this loop on its shard of each batch; gradients are all-reduced by DDP,
+evaluation sums and logged values once per read; rank 0 alone writes files and shows progress.
 """
 
 from __future__ import annotations
@@ -13,101 +19,238 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from fasttrain.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from fasttrain.config import Config, config_from_dict, config_to_dict, dump_config
+from fasttrain import distributed
+from fasttrain.checkpoint import (
+    CheckpointManager,
+    check_resume_config,
+    checkpoint_config,
+    load_checkpoint,
+)
+from fasttrain.config import Config, ConfigError, apply_overrides, dump_config
 from fasttrain.data.base import Loader
-from fasttrain.data.sources import DataSource, discover
-from fasttrain.io import atomic_write_text
+from fasttrain.data.sources import DataSource
+from fasttrain.io import WriteError, atomic_write_text, check_writable, os_reason
+from fasttrain.metrics import PROGRESS, MetricsLog, Progress, fmt_metrics, step_line, summary_line, trim_metrics
 from fasttrain.optim import make_scheduler
-from fasttrain.runtime import Runtime, environment, runtime_for, seed_everything
-from fasttrain.tasks import Task, TrainState, make_task
+from fasttrain.prepare import Prepared, prepare
+from fasttrain.rundir import (
+    RunError,
+    RunLock,
+    clean_temp_files,
+    elastic_run_dir,
+    new_run_dir,
+    remember_elastic_run,
+    run_name,
+    write_run_config,
+)
+from fasttrain.runtime import environment, seed_everything
+from fasttrain.tasks import Task, TrainState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "train", "prepare", "Prepared", "evaluate", "new_run_dir"]
+__all__ = ["TrainResult", "train", "evaluate", "Diverged"]
+
+
+class Diverged(RunError):
+    """The training loss stayed non-finite (``train.max_nonfinite_logs`` logged steps in a row)."""
 
 
 @dataclass
 class TrainResult:
     run_dir: Path
     history: list[dict[str, Any]]
-    """One record per epoch (what metrics.jsonl holds)."""
+    """One record per epoch (the epoch records of metrics.jsonl)."""
     best_metric: str
     best_value: float | None
     test_metrics: dict[str, float] | None = None
     backend: str = ""
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    """(file, reason) of every file or record the run left out (unreadable images, unusable manifest rows)."""
 
     @property
     def final(self) -> dict[str, Any]:
         return self.history[-1] if self.history else {}
 
 
-@dataclass
-class Prepared:
-    """Everything a loop needs, built once from a config (shared with autotune and bench)."""
+# -- entry point -------------------------------------------------------------------------------------------------
+def train(cfg: Config | None = None, *, resume: str | Path | None = None, progress: bool = True,
+          overrides: list[str] | None = None,
+          on_epoch_end: Callable[[TrainState, dict[str, Any]], None] | None = None,
+          model: Any = None) -> TrainResult:
+    """Train ``cfg`` in a new run folder, or continue the run in ``resume`` from its last checkpoint.
 
-    cfg: Config
-    runtime: Runtime
-    source: DataSource
-    task: Task
-    backend: str
-    backend_reason: str
+    ``model``: your own ``nn.Module`` (or a function returning one) instead of ``model.name``'s; the run then
+    records ``model.name = custom``, and resuming or predicting needs the same ``model=`` again.
+
+    ``overrides`` (``section.key=value``) apply on top of a resumed run's config (e.g. more epochs; what may
+    change is :data:`fasttrain.checkpoint.RESUME_MAY_CHANGE`). ``on_epoch_end(state, record)`` is called after
+    each epoch's checkpoint is written. One process at a time trains in a run folder (a lock); temp files of
+    interrupted checkpoint writes are removed when a run resumes and when it ends. Under torchrun a restarted
+    job (``--max-restarts``) finds its run folder again and resumes from its last checkpoint.
+    """
+    if resume is None and cfg is None:
+        raise ValueError("train() needs a config or resume=RUN_DIR")
+    info = distributed.dist_info()
+    if resume is None and info.enabled and info.run_id and cfg is not None:
+        found = elastic_run_dir(cfg.train.runs_dir, info.run_id)
+        if found is not None and (found / "checkpoints" / "last.pt").is_file():
+            log.warning("torchrun restart %d of job %s: resuming %s from its last checkpoint", info.restart,
+                        info.run_id, found)
+            resume, overrides = found, _overrides_of(cfg, found)
+    lock: RunLock | None = None
+    run_dir: Path | None = None
+    try:
+        ckpt = None
+        if resume is not None:
+            run_dir = Path(resume)
+            if not run_dir.is_dir():
+                raise FileNotFoundError(f"--resume: {run_dir} is not a run folder")
+            if info.is_main:
+                lock = RunLock(run_dir).acquire()  # before reading anything a running process may be rewriting
+                clean_temp_files(run_dir)
+                check_writable(run_dir / "checkpoints", "--resume")  # read-only: fail now, not after an epoch
+            cfg, ckpt = _resumed_config(run_dir, overrides)
+        assert cfg is not None
+        prep = prepare(cfg, model=model)
+        _check_best_metric(prep.task, prep.cfg.train.best_metric, bool(prep.source.val))
+        seed_everything(prep.cfg.runtime.seed)
+        with prep.runtime.flags():
+            # Loaders (they check the files), model and optimizers first: what cannot train is refused before
+            # a new run folder exists.
+            trainer = Trainer(prep, ckpt, progress=progress, on_epoch_end=on_epoch_end)
+            try:
+                if run_dir is None:
+                    run_dir, lock = _new_run(prep)
+                handler = _attach_run_log(run_dir / "train.log") if prep.dist.is_main else None
+                try:
+                    return trainer.run(run_dir)
+                except KeyboardInterrupt as e:
+                    e.run_dir = run_dir  # type: ignore[attr-defined]  # the CLI says how to resume it
+                    raise
+                finally:
+                    _detach_run_log(handler)
+            finally:
+                trainer.close()
+    finally:
+        if lock is not None and run_dir is not None:
+            clean_temp_files(run_dir)
+            lock.release()
 
 
-def resolve_data_root(cfg: Config) -> Config:
-    """An empty data.root means the demo dataset, written on first use; the resolved path goes in the config."""
-    if cfg.data.root:
-        return cfg
-    from fasttrain.data.synthetic import demo_dataset
-
-    root = demo_dataset()
-    log.info("data.root is empty: using the demo dataset in %s", root)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
-
-
-def prepare(cfg: Config, *, memory_limit: int | None = None) -> Prepared:
-    """Resolve the data root, discover files, fix the output count, decide the runtime and the backend.
-    ``memory_limit``: device bytes the run may use when smaller than the card (the GPU cache must fit it)."""
-    cfg = resolve_data_root(cfg)
-    source = discover(cfg.data)
-    if not cfg.model.num_outputs and source.num_outputs:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_outputs=source.num_outputs))
-    runtime = runtime_for(cfg)
-    task = make_task(cfg, runtime, source)
-    if cfg.task.name == "classify":
-        from fasttrain.data.loaders import choose_backend
-
-        backend, reason = choose_backend(cfg.data.loader, device_type=runtime.device.type,
-                                         num_images=len(source.train) + len(source.val or []), cfg=cfg,
-                                         device=runtime.device, memory_limit=memory_limit)
-    else:
-        backend, reason = "torch", f"task {cfg.task.name} decodes with its own torch loader"
-    return Prepared(cfg, runtime, source, task, backend, reason)
+def _resumed_config(run_dir: Path, overrides: list[str] | None) -> tuple[Config, dict[str, Any]]:
+    last = run_dir / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(last, resume=True)
+    saved = checkpoint_config(ckpt, last)
+    cfg = saved
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+        check_resume_config(saved, cfg, run_dir)
+    return cfg, ckpt
 
 
-def new_run_dir(cfg: Config, prefix: str = "") -> Path:
-    """A fresh folder in train.runs_dir, created here (so two runs cannot share it); an existing one is never
-    reused: a suffix is added instead. ``prefix`` names other kinds of output (``autotune-``)."""
-    base = Path(cfg.train.runs_dir).expanduser()
-    base.mkdir(parents=True, exist_ok=True)
-    name = (cfg.train.run_name if not prefix else "") or f"{prefix}{cfg.name}-{datetime.now():%Y%m%d-%H%M%S}"
-    for i in range(1000):
-        d = base / (name if i == 0 else f"{name}-{i + 1}")
-        try:
-            d.mkdir()
-            return d
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"train.runs_dir: could not find a free run folder name for {name!r} in {base}")
+def _overrides_of(cfg: Config, run_dir: Path) -> list[str]:
+    """A torchrun restart resumes with the settings the job was started with (those a resume may change)."""
+    from fasttrain.config import config_to_dict
+
+    try:
+        saved = checkpoint_config(load_checkpoint(run_dir / "checkpoints" / "last.pt"), run_dir)
+    except (OSError, ValueError):
+        return []
+    a, b = config_to_dict(saved), config_to_dict(cfg)
+    return [f"train.epochs={b['train']['epochs']}"] if a["train"]["epochs"] != b["train"]["epochs"] else []
 
 
+def _new_run(prep: Prepared) -> tuple[Path, RunLock | None]:
+    """Rank 0 creates the run folder and takes its lock; the other ranks learn its name."""
+    cfg, info = prep.cfg, prep.dist
+    run_dir = lock = None
+    if info.is_main:
+        run_dir = new_run_dir(cfg.train.runs_dir, run_name(cfg.name, cfg.train.run_name))
+        lock = RunLock(run_dir).acquire()
+        if info.enabled and info.run_id:
+            remember_elastic_run(cfg.train.runs_dir, info.run_id, run_dir)
+    run_dir = Path(distributed.broadcast_object(str(run_dir) if run_dir else None))
+    return run_dir, lock
+
+
+class _RunLogHandler(logging.FileHandler):
+    """train.log. A failed write (disk full) is said once on stderr, not as a traceback per log record."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            import sys
+
+            self.failed = True
+            err = sys.exc_info()[1]
+            print(f"fasttrain: warning: cannot write {self.baseFilename}: {os_reason(err) if err else 'error'}; "
+                  f"logging to the terminal only", file=sys.stderr)
+
+
+def _run_log_handler(path: Path) -> logging.Handler:
+    try:
+        handler = _RunLogHandler(path, encoding="utf-8")  # this run's log, beside its metrics
+    except OSError as e:
+        raise WriteError(f"cannot write {path}: {os_reason(e)}", e.errno, path=path, reason=os_reason(e)) from None
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    return handler
+
+
+def _attach_run_log(path: Path) -> logging.Handler:
+    """train.log records INFO whatever the console shows (-q, or a Python caller that configured nothing):
+    the package logger passes INFO on; what reaches the console is the console handler's own level."""
+    handler = _run_log_handler(path)
+    pkg = logging.getLogger("fasttrain")
+    handler._level_before = pkg.level  # type: ignore[attr-defined]
+    if pkg.getEffectiveLevel() > logging.INFO:
+        pkg.setLevel(logging.INFO)
+    pkg.addHandler(handler)
+    return handler
+
+
+def _detach_run_log(handler: logging.Handler | None) -> None:
+    if handler is None:
+        return
+    pkg = logging.getLogger("fasttrain")
+    pkg.removeHandler(handler)
+    pkg.setLevel(handler._level_before)  # type: ignore[attr-defined]
+    handler.close()
+
+
+# -- checks made before anything is written ------------------------------------------------------------------------
+def _check_best_metric(task: Task, metric: str, has_val: bool) -> None:
+    """A typo in train.best_metric would silently write no best.pt: refuse it before training."""
+    if not metric:
+        return
+    names = [f"train_{m}" for m in task.train_metric_names]
+    if has_val:
+        evals = task.eval_metric_names()
+        names += [f"val_{m}" for m in evals]
+        if task.cfg.train.ema_decay > 0:
+            names += [f"val_ema_{m}" for m in evals]
+    if metric not in names:
+        where = "" if has_val or not metric.startswith("val_") else " (there is no validation split)"
+        raise ConfigError(f"train.best_metric: {metric!r} is not a metric of task {task.name}{where}; choose one "
+                          f"of {', '.join(names)} (empty means {task.best_metric})")
+
+
+def _check_same_outputs(task: Task, ckpt: dict[str, Any], run_dir: Path) -> None:
+    """A resumed run on moved data (data.root) must see the classes / targets the run was trained on."""
+    saved, now = ckpt.get("meta") or {}, task.checkpoint_meta()
+    for key in ("class_names", "target_names"):
+        if saved.get(key) and now.get(key) and list(saved[key]) != list(now[key]):
+            raise ConfigError(f"data.root: the data's {key.replace('_', ' ')} ({', '.join(now[key])}) differ from "
+                              f"those the run in {run_dir} was trained on ({', '.join(saved[key])})")
+
+
+# -- device values ---------------------------------------------------------------------------------------------------
 def _add_sums(acc: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
     for k, v in new.items():
         v = v.detach().float()
@@ -123,14 +266,24 @@ def _read(tensors: dict[str, torch.Tensor]) -> dict[str, float]:
     return dict(zip(keys, vals))
 
 
-def evaluate(task: Task, state: TrainState, loader: Loader) -> dict[str, float]:
+def evaluate(task: Task, state: TrainState, loader: Loader, *, ema: bool = False) -> dict[str, float]:
+    """The task's metrics over ``loader`` (summed on the device, over all processes, read once). ``ema``:
+    with the weights' moving average in place of the weights."""
+    name = task.predict_module
+    swapped = state.local.get(name)
+    if ema:
+        state.local[name] = state.ema[name].module
     state.train(False)
     sums: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for batch in loader:
-            _add_sums(sums, task.eval_step(state, batch))
-    state.train(True)
-    return task.eval_metrics(_read(sums))
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                _add_sums(sums, task.eval_step(state, batch))
+    finally:
+        state.train(True)
+        if ema and swapped is not None:
+            state.local[name] = swapped
+    return task.eval_metrics(_read(distributed.all_reduce_sums(sums)))
 
 
 def _better(mode: str, new: float, old: float | None) -> bool:
@@ -139,163 +292,45 @@ def _better(mode: str, new: float, old: float | None) -> bool:
     return new > old if mode == "max" else new < old
 
 
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+def _direction(metric: str) -> str:
+    """Whether a higher (accuracy, PSNR) or lower (losses, errors) value of a metric is better."""
+    return "max" if any(k in metric for k in ("acc", "psnr")) else "min"
 
 
-def _trim_metrics(path: Path, epochs_done: int) -> list[dict[str, Any]]:
-    """On resume: drop records of epochs after the checkpoint (they will be run again); returns those kept."""
-    if not path.is_file():
-        return []
-    keep = [r for r in map(json.loads, filter(str.strip, path.read_text(encoding="utf-8").splitlines()))
-            if r.get("epoch", 0) <= epochs_done]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
-    return keep
+@dataclass
+class Running:
+    """The epoch in progress: its summed training values (over all processes, on the device) and counts, the
+    window since the last read, and the run of consecutive non-finite logged steps. Mid-epoch checkpoints hold
+    it, so that a resumed epoch's record averages all the epoch's steps exactly as an uninterrupted run's."""
 
+    epoch_sums: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    window: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    n_summed: int = 0
+    n_window: int = 0
+    nonfinite_logs: int = 0
 
-def train(cfg: Config | None = None, *, resume: str | Path | None = None, progress: bool = True,
-          overrides: list[str] | None = None,
-          on_epoch_end: Callable[[TrainState, dict[str, Any]], None] | None = None) -> TrainResult:
-    """Train ``cfg`` in a new run folder, or continue the run in ``resume`` from its last checkpoint.
+    def flush(self) -> dict[str, float]:
+        """Move the window into the epoch's sums (summed over processes first); returns the window's means."""
+        window = distributed.all_reduce_sums(self.window)
+        world = distributed.current().world_size
+        means = {k: v / (self.n_window * world) for k, v in _read(window).items()} if self.n_window else {}
+        _add_sums(self.epoch_sums, window)
+        self.n_summed += self.n_window * world
+        self.window, self.n_window = {}, 0
+        return means
 
-    ``overrides`` (``section.key=value``) apply on top of a resumed run's config (e.g. more epochs).
-    ``on_epoch_end(state, record)`` is called after each epoch's checkpoint is written.
-    """
-    ckpt = None
-    if resume is not None:
-        run_dir = Path(resume)
-        ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-        cfg = config_from_dict(ckpt["config"], source=f"{run_dir}/checkpoints/last.pt")
-        if overrides:
-            from fasttrain.config import apply_overrides
+    def to_checkpoint(self) -> dict[str, Any]:
+        return {"epoch_sums": {k: v.detach().cpu() for k, v in self.epoch_sums.items()},
+                "window": {k: v.detach().cpu() for k, v in self.window.items()},
+                "n_summed": self.n_summed, "n_window": self.n_window, "nonfinite_logs": self.nonfinite_logs}
 
-            cfg = apply_overrides(cfg, overrides)
-    elif cfg is None:
-        raise ValueError("train() needs a config or resume=RUN_DIR")
-
-    prep = prepare(cfg)
-    seed_everything(prep.cfg.runtime.seed)
-    if resume is None:
-        run_dir = new_run_dir(prep.cfg)
-    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")  # this run's log, beside its metrics
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    pkg_log = logging.getLogger("fasttrain")
-    pkg_log.addHandler(handler)
-    try:
-        with prep.runtime.flags():
-            return _train(prep, run_dir, ckpt, progress, on_epoch_end)
-    finally:
-        pkg_log.removeHandler(handler)
-        handler.close()
-
-
-def _train(prep: Prepared, run_dir: Path, ckpt: dict | None, progress: bool,
-           on_epoch_end: Callable | None) -> TrainResult:
-    cfg, runtime, task, source = prep.cfg, prep.runtime, prep.task, prep.source
-    tc = cfg.train
-    log.info("run folder %s", run_dir)
-    log.info("%s | data %s: %d train, %d val%s images, %s | loader %s (%s)", runtime.describe(), source.root,
-             len(source.train), len(source.val or []), f", {len(source.test)} test" if source.test else "",
-             f"{len(source.class_names)} classes" if source.class_names else cfg.task.name, prep.backend,
-             prep.backend_reason)
-
-    train_loader = task.make_loader(source.train, train=True, batch_size=tc.micro_batch, backend=prep.backend)
-    val_loader = (task.make_loader(source.val, train=False, batch_size=tc.eval_batch, backend=prep.backend)
-                  if source.val else None)
-    micro_per_epoch = len(train_loader)
-    if micro_per_epoch < tc.accumulation:
-        raise ValueError(f"train.batch_size: {tc.batch_size} is larger than the training set "
-                         f"({len(source.train)} images): no full step fits in an epoch")
-    steps_per_epoch = micro_per_epoch // tc.accumulation
-    if tc.max_steps:
-        steps_per_epoch = min(steps_per_epoch, tc.max_steps)
-    total_steps = steps_per_epoch * tc.epochs
-
-    state = task.build_state()
-    state.schedulers = {k: make_scheduler(o, cfg.schedule, steps_per_epoch, total_steps)
-                        for k, o in state.optimizers.items()}
-    best_metric = tc.best_metric or task.best_metric
-    best_mode = task.best_mode if best_metric == task.best_metric else _direction(best_metric)
-    best_value = None
-    resume_micro = 0  # micro-batches of the current epoch already trained (a mid-epoch checkpoint)
-    metrics_path = run_dir / "metrics.jsonl"
-    ckpt_dir = run_dir / "checkpoints"
-    history: list[dict[str, Any]] = []
-
-    if ckpt is None:
-        atomic_write_text(run_dir / "config.toml", dump_config(cfg))
-        atomic_write_text(run_dir / "environment.json", json.dumps(environment(), indent=2))
-    else:
-        state.load_state_dict(ckpt["state"])
-        set_rng_state(ckpt["rng"])
-        best_value = ckpt.get("best_value")
-        position = ckpt.get("position")
-        if position and position["epoch"] == state.epoch:
-            resume_micro = int(position["micro"])
-        # history is one record per epoch; a finished run's "test" event stays in the file only
-        history = [r for r in _trim_metrics(metrics_path, state.epoch) if "event" not in r]
-        log.info("resumed from %s at epoch %d, step %d%s", ckpt_dir / "last.pt", state.epoch, state.step,
-                 f" ({resume_micro} batches into epoch {state.epoch + 1})" if resume_micro else "")
-
-    def payload(position: dict[str, int] | None = None) -> dict[str, Any]:
-        """``position``: where inside an unfinished epoch a mid-epoch checkpoint was taken."""
-        return {"state": state.state_dict(), "rng": rng_state(), "config": config_to_dict(cfg),
-                "meta": task.checkpoint_meta(), "best_metric": best_metric, "best_value": best_value,
-                "position": position}
-
-    def checkpoint_mid_epoch(epoch: int, micro: int) -> None:
-        save_checkpoint(ckpt_dir / "last.pt", payload({"epoch": epoch, "micro": micro}))
-
-    state.train(True)
-    try:
-        t_run, first_epoch = time.perf_counter(), state.epoch
-        for epoch in range(state.epoch, tc.epochs):
-            record = _train_epoch(task, state, train_loader, epoch, steps_per_epoch, prep, run_dir, progress,
-                                  start_micro=resume_micro, checkpoint=checkpoint_mid_epoch)
-            resume_micro = 0
-            last = epoch + 1 == tc.epochs
-            if val_loader is not None and ((epoch + 1) % tc.eval_every == 0 or last):
-                record.update({f"val_{k}": v for k, v in _timed_eval(task, state, val_loader, record).items()})
-                task.on_epoch_end(state, run_dir, val_loader)
-            state.epoch = epoch + 1
-            value = record.get(best_metric)
-            is_best = value is not None and _better(best_mode, value, best_value)
-            if is_best:
-                best_value = value
-            record["best"] = is_best
-            _append_jsonl(metrics_path, record)
-            history.append(record)
-            if is_best:
-                save_checkpoint(ckpt_dir / "best.pt", payload())
-            if (epoch + 1) % tc.checkpoint_every == 0 or last:
-                save_checkpoint(ckpt_dir / "last.pt", payload())
-            per_epoch = (time.perf_counter() - t_run) / (epoch + 1 - first_epoch)
-            log.info(_summary_line(record, tc.epochs, eta_s=per_epoch * (tc.epochs - epoch - 1)))
-            if on_epoch_end is not None:
-                on_epoch_end(state, record)
-        test_metrics = None
-        if source.test:
-            test_loader = task.make_loader(source.test, train=False, batch_size=tc.eval_batch, backend=prep.backend)
-            try:
-                test_metrics = {f"test_{k}": v for k, v in evaluate(task, state, test_loader).items()}
-            finally:
-                test_loader.close()
-            _append_jsonl(metrics_path, {"epoch": state.epoch, "event": "test", **test_metrics})
-            log.info("test (final weights): %s", _fmt_metrics(test_metrics))
-    finally:
-        train_loader.close()
-        if val_loader is not None:
-            val_loader.close()
-    return TrainResult(run_dir, history, best_metric, best_value, test_metrics, prep.backend)
-
-
-def _timed_eval(task: Task, state: TrainState, loader: Loader, record: dict) -> dict[str, float]:
-    t0 = time.perf_counter()
-    out = evaluate(task, state, loader)
-    record["eval_time_s"] = round(time.perf_counter() - t0, 3)
-    return out
+    @classmethod
+    def from_checkpoint(cls, d: dict[str, Any] | None, device: torch.device) -> Running:
+        if not d:
+            return cls()
+        return cls({k: v.to(device) for k, v in d.get("epoch_sums", {}).items()},
+                   {k: v.to(device) for k, v in d.get("window", {}).items()},
+                   int(d.get("n_summed", 0)), int(d.get("n_window", 0)), int(d.get("nonfinite_logs", 0)))
 
 
 def _epoch_batches(loader: Loader, epoch: int, skip: int):
@@ -310,94 +345,291 @@ def _epoch_batches(loader: Loader, epoch: int, skip: int):
     return it
 
 
-def _train_epoch(task: Task, state: TrainState, loader: Loader, epoch: int, steps_per_epoch: int,
-                 prep: Prepared, run_dir: Path, progress: bool, *, start_micro: int = 0,
-                 checkpoint: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-    cfg, runtime = prep.cfg, prep.runtime
-    tc = cfg.train
-    accum = tc.accumulation
-    micro_total = steps_per_epoch * accum
-    bar = tqdm(total=micro_total * tc.micro_batch, initial=start_micro * tc.micro_batch, unit="img",
-               unit_scale=False, dynamic_ncols=True, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress,
-               leave=False, mininterval=0.5)
-    epoch_sums: dict[str, torch.Tensor] = {}  # sums of per-step means, on the device
-    window: dict[str, torch.Tensor] = {}
-    n_micro, n_window, n_summed, samples = start_micro, 0, 0, 0
-    every = tc.checkpoint_every_steps
-    warned_nonfinite = False
-    runtime.synchronize()
-    if runtime.is_cuda:
-        torch.cuda.reset_peak_memory_stats(runtime.device)  # max_memory_gib: this epoch's training peak
-    t0 = time.perf_counter()
-    for batch in _epoch_batches(loader, epoch, start_micro):
-        update = (n_micro + 1) % accum == 0
-        metrics = task.train_step(state, batch, update=update, loss_scale=1.0 / accum)
-        _add_sums(window, metrics)
-        n_micro += 1
-        n_window += 1
-        samples += len(batch)
-        bar.update(len(batch))
-        if update:
-            state.step += 1
-            for s in state.schedulers.values():
-                s.step()
-            task.on_step_end(state, batch, run_dir)
-            if state.step % tc.log_every == 0:
-                # A sync point, on purpose only every log_every steps.
-                means = {k: v / n_window for k, v in _read(window).items()}
-                bar.set_postfix({k: f"{v:.4g}" for k, v in means.items()}, refresh=False)
-                if not warned_nonfinite and not all(math.isfinite(v) for v in means.values()):
-                    warned_nonfinite = True  # once per epoch: fp16 overflow steps are skipped by the scaler
-                    log.warning("epoch %d step %d: non-finite training values %s (learning rate too high? try "
-                                "runtime.precision=bf16/fp32 or optim.grad_clip)", epoch + 1, state.step, means)
-                _add_sums(epoch_sums, window)
-                n_summed += n_window
-                window, n_window = {}, 0
-            if every and checkpoint is not None and state.step % every == 0 and n_micro < micro_total:
-                checkpoint(epoch, n_micro)
-        if n_micro >= micro_total:
-            break
-    _add_sums(epoch_sums, window)
-    n_summed += n_window
-    runtime.synchronize()
-    elapsed = time.perf_counter() - t0
-    bar.close()
-    totals = _read(epoch_sums)
-    count = max(n_summed, 1)
-    record: dict[str, Any] = {"epoch": epoch + 1, "step": state.step}
-    record.update({f"train_{k}": v / count for k, v in totals.items()})
-    opt = next(iter(state.optimizers.values()))
-    record["lr"] = opt.param_groups[0]["lr"]
-    record["samples_per_s"] = round(samples / elapsed, 1) if elapsed > 0 else None
-    record["epoch_time_s"] = round(elapsed, 3)
-    if runtime.is_cuda:
-        record["max_memory_gib"] = round(torch.cuda.max_memory_allocated(runtime.device) / 2**30, 3)
-    return record
+def _skipped_files(source: DataSource, *loaders: Loader | None) -> list[tuple[str, str]]:
+    """Files and records left out: at discovery, and by the loaders (unreadable images), each named once."""
+    seen: dict[str, str] = {}
+    for f, why in [*source.skipped, *(x for ld in loaders if ld is not None for x in getattr(ld, "skipped", []))]:
+        seen.setdefault(str(f), str(why))
+    return list(seen.items())
 
 
-def _direction(metric: str) -> str:
-    """Whether a higher (accuracy, PSNR) or lower (losses, errors) value of a metric is better."""
-    return "max" if any(k in metric for k in ("acc", "psnr")) else "min"
+def _log_skipped(skipped: list[tuple[str, str]], show: int = 20) -> None:
+    """The files the run left out, in train.log (and on the terminal), at most ``show`` of them by name."""
+    if not skipped:
+        return
+    log.warning("%d files were skipped (unreadable or unusable); run `fasttrain check-data` on the data for "
+                "the full report:", len(skipped))
+    for f, why in skipped[:show]:
+        log.warning("  skipped %s: %s", f, why)
+    if len(skipped) > show:
+        log.warning("  ... and %d more", len(skipped) - show)
 
 
-def _fmt_metrics(m: dict[str, Any]) -> str:
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+# -- the loop ----------------------------------------------------------------------------------------------------
+class Trainer:
+    """One run: built from a prepared config and (on resume) a checkpoint, writing nothing; ``run(run_dir)``
+    opens the run folder's files and trains; ``close()`` releases the loaders."""
+
+    def __init__(self, prep: Prepared, ckpt: dict[str, Any] | None, *, progress: bool = True,
+                 on_epoch_end: Callable[[TrainState, dict[str, Any]], None] | None = None):
+        self.prep, self.ckpt, self.progress, self.on_epoch_end = prep, ckpt, progress, on_epoch_end
+        cfg, task, source, info = prep.cfg, prep.task, prep.source, prep.dist
+        self.cfg, self.task, self.source, self.tc = cfg, task, source, cfg.train
+        self.is_main = info.is_main
+        self.best_metric = self.tc.best_metric or task.best_metric
+        self.best_mode = task.best_mode if self.best_metric == task.best_metric else _direction(self.best_metric)
+        self.train_loader = self._loader(source.train, train=True)
+        self.val_loader = None
+        try:
+            self.val_loader = self._loader(source.val, train=False) if source.val else None
+            micro_per_epoch = len(self.train_loader)
+            if micro_per_epoch < self.tc.accumulation:
+                raise ConfigError(f"train.batch_size: {self.tc.batch_size} is larger than the usable training set "
+                                  f"({self.train_loader.num_samples} images): no full step fits in an epoch")
+            self.steps_per_epoch = micro_per_epoch // self.tc.accumulation
+            if self.tc.max_steps:
+                self.steps_per_epoch = min(self.steps_per_epoch, self.tc.max_steps)
+            total_steps = self.steps_per_epoch * self.tc.epochs
+            task.restoring = ckpt is not None  # resume: the checkpoint's weights, not the starting ones
+            self.state = state = task.build_state()
+            _parallelize(state, prep)
+            if self.tc.ema_decay > 0:
+                _add_ema(state, task.predict_module, self.tc.ema_decay)
+            state.schedulers = {k: make_scheduler(o, cfg.schedule, self.steps_per_epoch, total_steps)
+                                for k, o in state.optimizers.items()}
+        except BaseException:
+            self.close()
+            raise
+        self.history: list[dict[str, Any]] = []
+        self.resume_micro, self.running = 0, Running()
+
+    def close(self) -> None:
+        for loader in (self.train_loader, self.val_loader):
+            if loader is not None:
+                loader.close()
+
+    def _open(self, run_dir: Path) -> None:
+        """The run folder's files: config, environment, checkpoint manager and metrics; on resume, the state."""
+        prep, cfg, task, source, state, ckpt = self.prep, self.cfg, self.task, self.source, self.state, self.ckpt
+        self.run_dir = run_dir
+        log.info("run folder %s", run_dir)
+        log.info("%s | data %s: %d train, %d val%s images, %s | loader %s (%s)%s", prep.runtime.describe(),
+                 source.root, len(source.train), len(source.val or []),
+                 f", {len(source.test)} test" if source.test else "",
+                 f"{len(source.class_names)} classes" if source.class_names else cfg.task.name, prep.backend,
+                 prep.backend_reason,
+                 f" | {prep.dist.world_size} processes, {prep.micro_batch} samples each per micro-batch"
+                 if prep.dist.enabled else "")
+        if not source.val and self.best_metric.startswith("val_"):
+            log.warning("no validation split: best.pt is not written (only last.pt)")
+        self.ckpts = CheckpointManager(run_dir, cfg=cfg, task=task, state=state, best_metric=self.best_metric,
+                                       enabled=self.is_main)
+        self.metrics = MetricsLog(run_dir, self.tc.loggers, enabled=self.is_main)
+        if self.is_main:
+            write_run_config(run_dir, dump_config(cfg))  # on resume: rewritten when --set changed it
+        if ckpt is None:
+            if self.is_main:
+                atomic_write_text(run_dir / "environment.json", json.dumps(environment(), indent=2))
+            return
+        _check_same_outputs(task, ckpt, run_dir)
+        point = self.ckpts.restore(ckpt)
+        self.resume_micro = point.micro
+        self.running = Running.from_checkpoint(point.running, prep.runtime.device)
+        records = trim_metrics(run_dir / "metrics.jsonl", state.epoch, state.step) if self.is_main else []
+        self.history = [r for r in records if "event" not in r]  # the test event stays in the file only
+        log.info("resumed from %s at epoch %d, step %d%s", self.ckpts.last, state.epoch, state.step,
+                 f" ({self.resume_micro} batches into epoch {state.epoch + 1})" if self.resume_micro else "")
+
+    def _loader(self, split, *, train: bool) -> Loader:
+        p = self.prep
+        return self.task.make_loader(split, train=train, batch_size=p.micro_batch if train else p.eval_batch,
+                                     backend=p.backend)
+
+    # -- the run ----------------------------------------------------------------------------------------------
+    def run(self, run_dir: Path) -> TrainResult:
+        self._open(run_dir)
+        tc, state = self.tc, self.state
+        test_metrics = None
+        test_loader = None
+        state.train(True)
+        try:
+            t_run, first_epoch = time.perf_counter(), state.epoch
+            for epoch in range(state.epoch, tc.epochs):
+                record = self.train_epoch(epoch)
+                self.resume_micro = 0
+                self.running = Running(nonfinite_logs=self.running.nonfinite_logs)
+                last = epoch + 1 == tc.epochs
+                if self.val_loader is not None and ((epoch + 1) % tc.eval_every == 0 or last):
+                    self._evaluate_into(record)
+                state.epoch = epoch + 1
+                self._finish_epoch(record, last)
+                per_epoch = (time.perf_counter() - t_run) / (epoch + 1 - first_epoch)
+                log.info(summary_line(record, tc.epochs, eta_s=per_epoch * (tc.epochs - epoch - 1),
+                                      skipped=len(_skipped_files(self.source, self.train_loader, self.val_loader))))
+                if self.on_epoch_end is not None:
+                    self.on_epoch_end(state, record)
+            if self.source.test:
+                test_loader = self._loader(self.source.test, train=False)
+                test_metrics = {f"test_{k}": v for k, v in evaluate(self.task, state, test_loader).items()}
+                self.metrics.event({"epoch": state.epoch, "step": state.step, "event": "test", **test_metrics})
+                log.info("test (final weights): %s", fmt_metrics(test_metrics))
+            skipped = _skipped_files(self.source, self.train_loader, self.val_loader, test_loader)
+            _log_skipped(skipped)
+            best = self.ckpts.best_value
+            log.info("run finished: %d epochs, best %s %s, %d file%s skipped | %s", state.epoch, self.best_metric,
+                     f"{best:.4f}" if best is not None else "none", len(skipped), "s" if len(skipped) != 1 else "",
+                     self.run_dir)
+        finally:
+            if test_loader is not None:
+                test_loader.close()
+            self.metrics.close()
+        return TrainResult(self.run_dir, self.history, self.best_metric, self.ckpts.best_value, test_metrics,
+                           self.prep.backend, skipped)
+
+    def _evaluate_into(self, record: dict[str, Any]) -> None:
+        assert self.val_loader is not None
+        t0 = time.perf_counter()
+        record.update({f"val_{k}": v for k, v in evaluate(self.task, self.state, self.val_loader).items()})
+        if self.state.ema:
+            record.update({f"val_ema_{k}": v
+                           for k, v in evaluate(self.task, self.state, self.val_loader, ema=True).items()})
+        record["eval_time_s"] = round(time.perf_counter() - t0, 3)
+        if self.is_main:
+            self.task.on_epoch_end(self.state, self.run_dir, self.val_loader)
+
+    def _finish_epoch(self, record: dict[str, Any], last: bool) -> None:
+        """The epoch's record and checkpoints: best.pt when the metric improved (and the weights are finite)."""
+        from fasttrain.checkpoint import finite_weights
+
+        value = record.get(self.best_metric)
+        is_best = (value is not None and _better(self.best_mode, value, self.ckpts.best_value)
+                   and finite_weights(self.state.modules))
+        if is_best:
+            self.ckpts.best_value = value
+        record["best"] = is_best
+        self.metrics.epoch(record)
+        self.history.append(record)
+        if is_best:
+            self.ckpts.save_best()
+        if (record["epoch"]) % self.tc.checkpoint_every == 0 or last:
+            self.ckpts.save_last()
+
+    def _diverged(self, epoch: int, count: int) -> Diverged:
+        tc = self.tc
+        return Diverged(f"training stopped at epoch {epoch + 1}, step {self.state.step}: the training loss was not "
+                        f"finite (inf / nan) at {count} logged steps in a row (every {tc.log_every} steps); "
+                        f"{self.ckpts.last} keeps the last finite weights ({self.ckpts.saved_at}). Lower optim.lr, or "
+                        f"try optim.grad_clip / runtime.precision=fp32 (train.max_nonfinite_logs = 0 never stops)")
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One epoch from micro-batch ``resume_micro`` on, continuing ``running`` (a resumed epoch's sums)."""
+        task, state, runtime, tc = self.task, self.state, self.prep.runtime, self.tc
+        accum, world = tc.accumulation, self.prep.dist.world_size
+        micro_total = self.steps_per_epoch * accum
+        global_micro = self.prep.micro_batch * world
+        bar = Progress(micro_total * global_micro, self.resume_micro * global_micro,
+                       f"epoch {epoch + 1}/{tc.epochs}", enabled=self.progress and self.is_main)
+        run = self.running
+        n_micro, samples = self.resume_micro, 0
+        warned_nonfinite = False
+        runtime.synchronize()
+        if runtime.is_cuda:
+            torch.cuda.reset_peak_memory_stats(runtime.device)  # max_memory_gib: this epoch's training peak
+        t0 = t_log = time.perf_counter()
+        samples_log = 0
+        try:
+            for batch in _epoch_batches(self.train_loader, epoch, self.resume_micro):
+                update = (n_micro + 1) % accum == 0
+                _add_sums(run.window, task.train_step(state, batch, update=update, loss_scale=1.0 / accum))
+                n_micro += 1
+                run.n_window += 1
+                samples += len(batch) * world
+                bar.update(len(batch) * world)
+                if update:
+                    state.step += 1
+                    for s in state.schedulers.values():
+                        s.step()
+                    if self.is_main:
+                        task.on_step_end(state, batch, self.run_dir)
+                    if state.step % tc.log_every == 0:
+                        means = run.flush()  # a sync point, on purpose only every log_every steps
+                        now = time.perf_counter()
+                        rate = (samples - samples_log) / (now - t_log) if now > t_log else None
+                        t_log, samples_log = now, samples
+                        self._log_step(epoch, n_micro // accum, means, rate, now - t0, samples, bar)
+                        if all(math.isfinite(v) for v in means.values()):
+                            run.nonfinite_logs = 0
+                        else:
+                            run.nonfinite_logs += 1
+                            if not warned_nonfinite:
+                                warned_nonfinite = True  # once per epoch: fp16 overflow steps are skipped anyway
+                                log.warning("epoch %d step %d: non-finite training values %s (learning rate too "
+                                            "high? try runtime.precision=bf16/fp32 or optim.grad_clip)", epoch + 1,
+                                            state.step, means)
+                            if tc.max_nonfinite_logs and run.nonfinite_logs >= tc.max_nonfinite_logs:
+                                raise self._diverged(epoch, run.nonfinite_logs)
+                    every = tc.checkpoint_every_steps
+                    if every and state.step % every == 0 and n_micro < micro_total:
+                        run.flush()  # the checkpoint holds sums over every process
+                        self.ckpts.save_last({"epoch": epoch, "micro": n_micro}, run.to_checkpoint())
+                if n_micro >= micro_total:
+                    break
+            run.flush()
+            runtime.synchronize()
+        finally:
+            bar.close()
+        elapsed = time.perf_counter() - t0
+        totals = _read(run.epoch_sums)
+        count = max(run.n_summed, 1)
+        record: dict[str, Any] = {"epoch": epoch + 1, "step": state.step}
+        record.update({f"train_{k}": v / count for k, v in totals.items()})
+        record["lr"] = next(iter(state.optimizers.values())).param_groups[0]["lr"]
+        record["samples_per_s"] = round(samples / elapsed, 3) if elapsed > 0 else None
+        record["epoch_time_s"] = round(elapsed, 3)
+        if runtime.is_cuda:
+            record["max_memory_gib"] = round(torch.cuda.max_memory_allocated(runtime.device) / 2**30, 3)
+        return record
+
+    def _log_step(self, epoch: int, step_in_epoch: int, means: dict[str, float], rate: float | None,
+                  elapsed: float, samples: int, bar: Progress) -> None:
+        """Every log_every steps: a step record in the metrics files, the bar's values on a terminal, and a
+        plain line in train.log (and on a console without a bar)."""
+        tc, state = self.tc, self.state
+        lr = next(iter(state.optimizers.values())).param_groups[0]["lr"]
+        bar.show(means)
+        steps_done = step_in_epoch - self.resume_micro // tc.accumulation
+        left = self.steps_per_epoch - step_in_epoch + self.steps_per_epoch * (tc.epochs - epoch - 1)
+        eta = elapsed / steps_done * left if steps_done > 0 else None
+        self.metrics.step({"epoch": epoch + 1, "step": state.step, **means, "lr": lr,
+                           "samples_per_s": round(rate, 3) if rate else None})
+        log.info(step_line(epoch + 1, tc.epochs, step_in_epoch, self.steps_per_epoch, means, lr, rate, eta),
+                 extra={PROGRESS: True})
 
 
-def _fmt_duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+# -- data parallelism and weight averages --------------------------------------------------------------------------
+def _parallelize(state: TrainState, prep: Prepared) -> None:
+    """Under torchrun: each trained module wrapped in DistributedDataParallel (bucketed all-reduce overlapping the
+    backward pass), compiled whole; ``state.local`` keeps the unwrapped modules for evaluation."""
+    if not prep.dist.enabled:
+        return
+    from torch.nn.parallel import DistributedDataParallel
+
+    runtime = prep.runtime
+    for name, module in state.modules.items():
+        if prep.cfg.model.sync_bn:
+            if not runtime.is_cuda:
+                raise ConfigError("model.sync_bn: SyncBatchNorm needs CUDA devices (NCCL); turn it off on CPU")
+            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)  # keeps the parameter objects
+            state.modules[name] = module
+        ddp = DistributedDataParallel(module, device_ids=[runtime.device.index] if runtime.is_cuda else None,
+                                      gradient_as_bucket_view=True)
+        state.ddp[name] = ddp
+        state.callables[name] = runtime.compiled(ddp)
+        state.local[name] = runtime.compiled(module)
 
 
-def _summary_line(r: dict[str, Any], epochs: int, eta_s: float | None = None) -> str:
-    keys = [k for k in r if k.startswith(("train_", "val_"))]
-    parts = [f"epoch {r['epoch']}/{epochs}"] + [f"{k} {r[k]:.4f}" for k in keys]
-    if r.get("samples_per_s"):
-        parts.append(f"{r['samples_per_s']:.0f} img/s")
-    parts.append(f"{r['epoch_time_s']:.1f}s")
-    if r.get("best"):
-        parts.append("*best*")
-    if eta_s:
-        parts.append(f"ETA {_fmt_duration(eta_s)}")
-    return " | ".join(parts)
+def _add_ema(state: TrainState, name: str, decay: float) -> None:
+    """An exponential moving average of ``name``'s weights and buffers, updated after every optimizer step."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    state.ema[name] = AveragedModel(state.modules[name], multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

@@ -195,12 +195,18 @@ class Runtime:
         model.to(self.device)
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
-        if self.compile:
-            # dynamic=False: a second batch shape (the last eval batch) gets its own static graph. By default
-            # dynamo would switch to a dynamic-shape graph and keep using it for the static training shape too.
-            return torch.compile(model, dynamic=False,
+        return self.compiled(model)
+
+    def compiled(self, module: nn.Module) -> nn.Module:
+        """``module`` compiled when the policy says so (itself otherwise); a DDP wrapper is compiled whole, so
+        its bucketed all-reduce overlaps the compiled backward."""
+        if not self.compile:
+            return module
+        # dynamic=False: a second batch shape (the last eval batch) gets its own static graph. By default dynamo
+        # would switch to a dynamic-shape graph and keep using it for the static training shape too.
+        compiled = torch.compile(module, dynamic=False,
                                  mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode)
-        return model
+        return compiled  # type: ignore[return-value]  # an OptimizedModule: an nn.Module calling the graph
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Fused optimizer kernels on CUDA (one launch for all parameters); foreach elsewhere."""
@@ -217,13 +223,22 @@ class Runtime:
 
 
 def environment() -> dict[str, Any]:
-    """What produced a figure or a run: versions, GPU, driver, CPU count. Never initialises DALI eagerly."""
+    """What produced a figure or a run: fasttrain's version and git commit (when run from a checkout), the
+    command line, library versions, GPU, driver, CPU count. ``cuda`` is the CUDA version in use: None on a
+    machine without a GPU (``cuda_build`` is the version torch was built for). Never initialises DALI eagerly."""
+    from fasttrain import __version__
+
+    has_gpu = torch.cuda.is_available()
     env: dict[str, Any] = {
+        "fasttrain": __version__,
+        "git_commit": _git_commit(),
+        "command": sys.argv[:],
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "torch": torch.__version__,
         "torchvision": _version("torchvision"),
-        "cuda": torch.version.cuda,
+        "cuda": torch.version.cuda if has_gpu else None,
+        "cuda_build": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "cpu_count": os.cpu_count(),
         "dali": dali_version(),
@@ -231,12 +246,31 @@ def environment() -> dict[str, Any]:
         "gpu_memory_gib": None,
         "driver": None,
     }
-    if torch.cuda.is_available():
+    if has_gpu:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         env["gpu"] = props.name
         env["gpu_memory_gib"] = round(props.total_memory / 2**30, 2)
         env["driver"] = _driver_version()
     return env
+
+
+def _git_commit() -> str | None:
+    """The commit of the checkout fasttrain runs from (with ``+dirty`` for uncommitted changes); None when it
+    was installed from a wheel or git is unavailable."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if dirty else head
 
 
 def dali_version() -> str | None:

@@ -223,82 +223,89 @@ def test_a_verification_out_of_memory_falls_back_to_a_smaller_measured_batch(tmp
 
 # -- loader trials -----------------------------------------------------------------------------------------------
 def small_prep(shapes_root, *extra: str):
-    from fasttrain.engine import prepare
+    from fasttrain.prepare import prepare
 
     cfg = apply_overrides(Config(), [f"data.root={shapes_root}", "data.image_size=32", "data.resize_size=32",
                                      "model.name=smallcnn", "model.width=8", "runtime.device=cpu", *extra])
     return prepare(cfg)
 
 
-def sleepy(seconds: float):
-    """A stand-in for ``cycle_batches`` whose loader sleeps ``seconds`` per batch."""
-    from fasttrain.timing import cycle_batches
-
-    def cycle(loader):
-        for batch in cycle_batches(loader):
-            time.sleep(seconds)
-            yield batch
-
-    return cycle
-
-
-def test_loader_trials_end_to_end_on_the_torch_backend(shapes_root, monkeypatch):
+def test_loader_trials_end_to_end_on_the_torch_backend(shapes_root, monkeypatch, virtual_time):
     prep = small_prep(shapes_root, "data.loader=torch", "data.workers=0")
     ladder = L.loader_ladder("torch", prep.cfg.data)
     assert ladder[0] == {"workers": 0} and len(ladder) >= 2  # the config's own setting first
     state = prep.task.build_state()
-    kw = dict(micro=32, accumulation=1, state=state, noise=0.03, warmup=1, repeats=2, repeat_s=0.02)
-    # Every setting's loader far slower than the step (it sleeps per batch): input-bound, every setting tried.
-    monkeypatch.setattr(L, "cycle_batches", sleepy(0.05))
-    r = L.tune_loader(prep.cfg, prep.runtime, prep.source, "torch", **kw)
+    kw = dict(micro=32, accumulation=1, state=state, noise=0.03, warmup=1, repeats=2, repeat_s=0.05)
+    # Every setting's loader far slower than the step: input-bound, every setting tried, the shortfall reported.
+    from fasttrain.data import checks
+
+    calls = []
+    real = checks.precheck
+    monkeypatch.setattr(checks, "precheck", lambda paths, **k: calls.append(len(paths)) or real(paths, **k))
+    monkeypatch.setattr(L, "cycle_batches", slowed(virtual_time, 5.0))
+    with L.reuse_file_checks():
+        r = L.tune_loader(prep.cfg, prep.runtime, prep.source, "torch", **kw)
+    assert calls == [len(prep.source.train)]  # one pre-check for the whole ladder
     assert r.input_bound and len(r.trials) == len(ladder) and "input-bound" in r.note
-    assert all(t.samples_per_s > 0 and len(t.rates) == 2 and len(t.model_rates) == 2 for t in r.trials)
-    assert all(t.share < 0.9 and t.model_samples_per_s > t.samples_per_s for t in r.trials)
+    assert all(len(t.rates) == 2 and len(t.model_rates) == 2 for t in r.trials)
+    assert all(t.share == pytest.approx(1 / 6, rel=0.05) for t in r.trials)  # measured against the step alongside
+    assert r.trials[0].model_samples_per_s == pytest.approx(virtual_time.rate(32), rel=0.05)
     if r.loader is not None:  # open only when the kept setting was the last measured
         r.loader.close()
-    # A step far slower than the loader (it sleeps): the config's own setting keeps up, nothing more is tried.
+    # A loader that costs the step nothing: the config's own setting keeps up, and nothing more is tried.
     from fasttrain.timing import cycle_batches
 
     monkeypatch.setattr(L, "cycle_batches", cycle_batches)
-    real_step = prep.task.train_step
-
-    def slow_step(*a, **k):
-        time.sleep(0.25)  # far longer than decoding a batch of 32 tiny PNGs, even on a busy machine
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(type(prep.task), "train_step", lambda self, *a, **k: slow_step(*a, **k))
-    r = L.tune_loader(prep.cfg, prep.runtime, prep.source, "torch", **{**kw, "noise": 0.2})
+    r = L.tune_loader(prep.cfg, prep.runtime, prep.source, "torch", **kw)
     assert r.keeps_up and len(r.trials) == 1 and r.trials[0].given and r.setting == {"loader": "torch", **ladder[0]}
     assert r.loader is not None  # the last measured, kept: handed to the verification
     r.loader.close()
 
 
-def test_dali_file_precheck_runs_once_for_the_whole_ladder(shapes_root, monkeypatch):
-    from fasttrain.data import dali
+def test_dali_file_precheck_runs_once_for_the_whole_ladder(shapes_root, monkeypatch, virtual_time):
+    from fasttrain.data import checks, dali
 
     if not dali.dali_status()[0]:
         pytest.skip(dali.dali_status()[1])
     calls = []
-    real = dali.drop_bad_files
+    real = checks.precheck
 
     def counting(paths, *a, **k):
         calls.append(len(paths))
         return real(paths, *a, **k)
 
-    monkeypatch.setattr(dali, "drop_bad_files", counting)
+    monkeypatch.setattr(dali, "precheck", counting)  # what DaliLoader calls
     prep = small_prep(shapes_root, "data.loader=dali", "data.dali_threads=2")
     ladder = L.loader_ladder("dali", prep.cfg.data)
     assert len(ladder) >= 2 and ladder[0]["dali_threads"] == 2
     state = prep.task.build_state()
     with L.reuse_file_checks():
-        monkeypatch.setattr(L, "cycle_batches", sleepy(0.05))  # no setting keeps up: every one is tried
+        monkeypatch.setattr(L, "cycle_batches", slowed(virtual_time, 5.0))  # none keeps up: every one is tried
         r = L.tune_loader(prep.cfg, prep.runtime, prep.source, "dali", micro=16, accumulation=1, state=state,
                           noise=0.03, warmup=1, repeats=2, repeat_s=0.02)
         if r.loader is not None:
             r.loader.close()
     assert len(r.trials) == len(ladder)  # every setting built its own pipeline ...
     assert calls == [len(prep.source.train)]  # ... and the pre-check ran once
-    assert dali.drop_bad_files is counting  # put back afterwards
+    assert dali.precheck is counting  # put back afterwards
+
+
+def test_reuse_file_checks_covers_every_loader_module_and_restores_them(monkeypatch):
+    import importlib
+
+    from fasttrain.data import checks
+
+    modules = [importlib.import_module(n) for n in L._PRECHECK_USERS]
+    assert all(m.precheck is checks.precheck for m in modules)  # each loader module calls the shared check
+    calls = []
+    for m in modules:
+        monkeypatch.setattr(m, "precheck", lambda paths, **k: calls.append(tuple(paths)) or len(calls))
+    before = [m.precheck for m in modules]
+    with L.reuse_file_checks() as memo:
+        answers = [m.precheck(["a", "b"], max_pixels=10, threads=t) for m, t in zip(modules, (1, 4, 8))]
+        other = modules[0].precheck(["c"], max_pixels=10, threads=1)
+    assert answers == [1, 1, 1] and other == 2 and calls == [("a", "b"), ("c",)] and len(memo) == 2
+    assert [m.precheck for m in modules] == before
 
 
 # -- compiled check, budget ------------------------------------------------------------------------------------
@@ -509,8 +516,8 @@ def test_memory_fraction_emulates_a_smaller_card_and_the_users_cap_comes_back():
 
 @pytest.mark.gpu
 def test_probe_recovers_from_oom_with_a_tiny_budget(shapes_root):
-    from fasttrain.engine import prepare
     from fasttrain.memory import CUBLAS_WORKSPACE_BYTES
+    from fasttrain.prepare import prepare
 
     cfg = apply_overrides(Config(), [f"data.root={shapes_root}", "data.image_size=224", "data.loader=torch",
                                      "model.name=resnet18", "runtime.compile=off"])

@@ -50,3 +50,70 @@ def test_check_data_cli_exit_code(tmp_path, capsys):
     clean.mkdir(parents=True)
     Image.new("RGB", (16, 16)).save(clean / "x.png")
     assert main(["check-data", str(tmp_path / "clean")]) == 0
+
+
+# -- the cheap header check every loader runs -------------------------------------------------------------------
+
+def _jpeg_with_segment(payload_len: int) -> bytes:
+    """A valid JPEG with an APP2 segment of ``payload_len`` bytes before its frame header."""
+    import io
+    import struct
+
+    buf = io.BytesIO()
+    Image.new("RGB", (30, 20), (1, 2, 3)).save(buf, format="JPEG")
+    data = buf.getvalue()
+    app2 = b"\xff\xe2" + struct.pack(">H", payload_len + 2) + b"\x00" * payload_len
+    return data[:2] + app2 * 3 + data[2:]  # three of them: the frame header sits ~190 KB in
+
+
+def test_header_check_reads_sizes_and_flags_files_whose_pixels_need_pillow(tmp_path):
+    from fasttrain.data.checks import check_header
+
+    cases = {
+        "rgb.png": (Image.new("RGB", (30, 20)), {}, False),
+        "gray.png": (Image.new("L", (30, 20)), {}, False),
+        "rgba.png": (Image.new("RGBA", (30, 20)), {}, True),
+        "palette.png": (Image.new("P", (30, 20)), {}, True),
+        "gray-trns.png": (Image.new("L", (30, 20)), {"transparency": 0}, True),
+        "deep.png": (Image.new("I;16", (30, 20)), {}, True),
+        "rgb.jpg": (Image.new("RGB", (30, 20)), {}, False),
+        "gray.jpg": (Image.new("L", (30, 20)), {}, False),
+        "progressive.jpg": (Image.new("RGB", (30, 20)), {"progressive": True}, False),
+        "cmyk.jpg": (Image.new("CMYK", (30, 20)), {}, True),
+        "rgb.bmp": (Image.new("RGB", (30, 20)), {}, True),
+        "rgb.webp": (Image.new("RGB", (30, 20)), {}, True),
+    }
+    for name, (im, kw, pil) in cases.items():
+        im.save(tmp_path / name, **kw)
+        info, why = check_header(tmp_path / name)
+        assert why is None and (info.width, info.height, info.pil) == (30, 20, pil), name
+    (tmp_path / "big-exif.jpg").write_bytes(_jpeg_with_segment(65000))
+    info, why = check_header(tmp_path / "big-exif.jpg")
+    assert why is None and (info.width, info.height) == (30, 20)  # the SOF lies past the first 64 KiB read
+
+
+def test_the_pixel_limit_is_strict_and_configurable(tmp_path):
+    from fasttrain.data.checks import check_header
+
+    Image.new("L", (100, 50)).save(tmp_path / "a.png")
+    assert check_header(tmp_path / "a.png", max_pixels=5000)[1] is None  # exactly the limit passes, as in Pillow
+    info, why = check_header(tmp_path / "a.png", max_pixels=4999)
+    assert info is None and "100x50 = 5,000 pixels" in why and "data.max_image_pixels (4,999)" in why
+
+
+def test_pixel_limit_default_is_pillows_bomb_error_threshold():
+    from fasttrain.config import PILLOW_BOMB_PIXELS, ConfigError, DataConfig
+
+    assert PILLOW_BOMB_PIXELS == 2 * Image.MAX_IMAGE_PIXELS == DataConfig().max_image_pixels
+    for bad in ({"max_image_pixels": 0}, {"max_image_pixels": PILLOW_BOMB_PIXELS + 1}, {"max_bad_per_epoch": -1}):
+        with pytest.raises(ConfigError, match=f"data.{next(iter(bad))}"):
+            DataConfig(**bad)
+
+
+def test_load_image_refuses_more_pixels_than_the_limit_before_decoding(tmp_path):
+    from fasttrain.data.transforms import load_image
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    assert load_image(str(tmp_path / "a.png"), 3, max_pixels=1200).size == (40, 30)
+    with pytest.raises(Image.DecompressionBombError, match="data.max_image_pixels"):
+        load_image(str(tmp_path / "a.png"), 3, max_pixels=1199)

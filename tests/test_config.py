@@ -90,3 +90,50 @@ def test_derived_batches():
     cfg = apply_overrides(Config(), ["train.batch_size=256", "train.accumulation=4"])
     assert cfg.train.micro_batch == 64
     assert cfg.train.eval_batch == 128
+
+
+def _float_fields():
+    """Every float setting (and list of floats) of every section, by name."""
+    import typing
+
+    from fasttrain.config import _SECTIONS
+
+    for section, f in _SECTIONS.items():
+        for name, typ in typing.get_type_hints(f.default_factory).items():
+            if typ is float or typ == list[float]:
+                yield f"{section}.{name}"
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_non_finite_numbers_are_refused_for_every_float_setting(value):
+    fields = list(_float_fields())
+    assert {"optim.lr", "data.mean", "train.label_smoothing", "tune.memory_budget_gib"} <= set(fields)
+    for key in fields:
+        with pytest.raises(ConfigError, match=rf"{key}(\[0\])?: must be a finite number"):
+            apply_overrides(Config(), [f"{key}={value}"])
+
+
+def test_non_finite_numbers_in_a_file_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim\.lr: must be a finite number, got inf"):
+        load_config(write(tmp_path, "[optim]\nlr = inf\n"))
+    with pytest.raises(ConfigError, match=r"data\.mean\[1\]: must be a finite number, got nan"):
+        load_config(write(tmp_path, "[data]\nmean = [0.5, nan, 0.5]\n", "m.toml"))
+
+
+def test_config_that_is_not_utf8_names_the_file(tmp_path):
+    p = tmp_path / "latin1.toml"
+    p.write_bytes("# réglages\n[optim]\nlr = 0.05\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1\.toml: not UTF-8 text .*save it as UTF-8"):
+        load_config(p)
+
+
+def test_config_with_a_byte_order_mark_is_read(tmp_path):
+    p = tmp_path / "bom.toml"
+    p.write_bytes(b"\xef\xbb\xbf[optim]\nlr = 0.05\n")
+    assert load_config(p).optim.lr == 0.05
+
+
+def test_max_nonfinite_logs_is_validated():
+    assert Config().train.max_nonfinite_logs == 3
+    with pytest.raises(ConfigError, match=r"train\.max_nonfinite_logs: must be >= 0"):
+        apply_overrides(Config(), ["train.max_nonfinite_logs=-1"])

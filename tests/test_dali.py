@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import badfiles
 import numpy as np
 import pytest
 import torch
@@ -18,10 +19,19 @@ from torch import nn
 
 from fasttrain.config import DataConfig
 from fasttrain.data.base import InputSpec, normalize_on_device
-from fasttrain.data.dali import DaliLoader, check_image_file, dali_status, sniff_image_format
+from fasttrain.data.checks import BadDataError, check_header, sniff_image_format
+from fasttrain.data.dali import (
+    DaliLoader,
+    _Draws,
+    dali_padding_bytes,
+    dali_status,
+    output_stream,
+    rrc_window,
+    train_params,
+)
 from fasttrain.data.sources import Split
-from fasttrain.data.torch_loader import EpochSampler
-from fasttrain.data.transforms import eval_transform, load_image
+from fasttrain.data.torch_loader import EpochSampler, ImageDataset, TorchLoader
+from fasttrain.data.transforms import eval_transform, load_image, train_transform
 
 needs_dali = pytest.mark.skipif(not dali_status()[0], reason=dali_status()[1])
 
@@ -91,6 +101,20 @@ def torch_reference(paths, data: DataConfig, spec: InputSpec) -> torch.Tensor:
     return normalize_on_device(torch.stack([tf(load_image(p, data.channels)) for p in paths]), spec)
 
 
+def torch_training_epoch(paths, data: DataConfig, spec: InputSpec, *, batch_size: int, seed: int, epoch: int):
+    loader = TorchLoader(ImageDataset(split_of(paths, name="train"), train_transform(data), data.channels, seed),
+                         spec, batch_size=batch_size, train=True, seed=seed, workers=0)
+    return epoch_of(loader, epoch)
+
+
+def epoch_of(loader, e):
+    return epoch(loader, e)
+
+
+def check_image_file(path):
+    return check_header(path)[1]
+
+
 # -- no DALI needed -----------------------------------------------------------------------------------------
 
 def test_importing_the_package_has_no_side_effects():
@@ -126,6 +150,48 @@ def test_magic_bytes_and_truncation_check(tmp_path, mixed):
     assert check_image_file(str(tmp_path / "missing.jpg")).startswith("cannot be read")
     (tmp_path / "trailer.jpg").write_bytes(jpeg + b"\0" * 300)  # bytes after EOI: valid, PIL confirms
     assert check_image_file(str(tmp_path / "trailer.jpg")) is None
+
+
+@pytest.mark.parametrize("size", [(40, 56), (300, 20), (20, 300), (7, 9)])
+def test_crop_windows_and_flips_are_the_torch_loaders_draws(size):
+    """The DALI feeder's augmentation is the torch loader's: the same draws from the same per-sample seed."""
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as TF
+
+    h, w = size
+    data = DataConfig(image_size=8, crop_scale_min=0.08)
+    rrc = v2.RandomResizedCrop(8, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+    im = Image.fromarray((np.arange(h * w * 3) % 251).astype(np.uint8).reshape(h, w, 3))
+    tf = train_transform(data)
+    flips = 0
+    for index in range(40):
+        window, flip = train_params(data, seed=5, epoch=3, index=index, height=h, width=w)
+        with torch.random.fork_rng(devices=[]):
+            from fasttrain.data.torch_loader import sample_seed
+
+            torch.manual_seed(sample_seed(5, 3, index))
+            expect = rrc.make_params([torch.empty(1, 1, 1).expand(3, h, w)])
+            torch.manual_seed(sample_seed(5, 3, index))
+            reference = tf(im)  # what ImageDataset computes for (epoch 3, index)
+        assert window == (expect["top"], expect["left"], expect["height"], expect["width"])
+        top, left, ch, cw = window
+        mine = TF.pil_to_tensor(TF.resized_crop(im, top, left, ch, cw, [8, 8], antialias=True))
+        assert torch.equal(mine.flip(2) if flip else mine, reference)
+        flips += flip
+    assert 5 < flips < 35
+    whole = rrc_window(_Draws().seed(0), 10, 10, (1.0, 1.0))
+    assert whole == (0, 0, 10, 10)  # area 1 fits at aspect 1 only, else the fallback: the whole image
+
+
+def test_decoder_padding_is_per_thread_and_outputs_follow_torchs_stream(monkeypatch):
+    """CPU twins of two GPU-only rules (untested on a GPU here): DALI's decoder paddings are per thread (the
+    memory a run reserves grows with the thread count), and outputs are bound to torch's current stream."""
+    assert dali_padding_bytes(DataConfig(dali_threads=1)) == (211_025_920, 2 * 140_544_512)
+    assert dali_padding_bytes(DataConfig(dali_threads=6)) == (6 * 211_025_920, 12 * 140_544_512)
+    assert output_stream(None, torch.device("cpu")) is None  # CPU-only mode: host-synchronous outputs
+    asked = []
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: asked.append(device) or "torch-stream")
+    assert output_stream(0, torch.device("cuda", 0)) == "torch-stream" and asked == [torch.device("cuda", 0)]
 
 
 # -- CPU-only DALI --------------------------------------------------------------------------------------------
@@ -205,22 +271,6 @@ def test_training_drops_the_partial_batch_and_reshuffles_reproducibly(mixed):
 
 
 @needs_dali
-def test_long_file_lists_go_through_a_temporary_file_list(mixed, monkeypatch, tmp_path):
-    from fasttrain.data import dali
-
-    monkeypatch.setattr(dali, "_FILES_ARGUMENT_MAX", 0)
-    monkeypatch.setattr(dali.tempfile, "tempdir", str(tmp_path))
-    data = DataConfig(image_size=16)
-    val = DaliLoader(split_of(mixed), data, spec_for(data), batch_size=5, train=False, seed=0)
-    assert epoch(val)[1].tolist() == list(range(23))
-    train = DaliLoader(split_of(mixed), data, spec_for(data), batch_size=5, train=True, seed=2)
-    sampler = EpochSampler(23, batch_size=5, shuffle=True, seed=2, drop_last=True)
-    sampler.epoch = 3
-    assert epoch(train, 3)[1].tolist() == sampler.indices()
-    assert list(tmp_path.iterdir()) == []  # each list is removed once the reader has parsed it
-
-
-@needs_dali
 @pytest.mark.parametrize("train", [False, True])
 def test_shards_are_disjoint_and_cover_the_split(mixed, train):
     data = DataConfig(image_size=16)
@@ -295,6 +345,185 @@ def test_bad_files_are_skipped_with_a_warning(tmp_path, mixed, caplog):
         assert any(str(bad) in r.getMessage() for r in caplog.records), bad
     assert loader.num_samples == 3 and [p for p, _ in loader.skipped] == [str(empty), str(text), str(cut)]
     assert epoch(loader)[1].tolist() == [0, 2, 4]  # the surviving files keep their own labels
+
+
+@pytest.fixture(scope="module")
+def awkward(tmp_path_factory) -> list[str]:
+    """Valid files whose pixels depend on conversion rules: transparent PNG, CMYK JPEG, 16-bit PNG, plus a plain
+    JPEG and PNG."""
+    return badfiles.write_corpus(tmp_path_factory.mktemp("awkward"), bad={})[0]
+
+
+@needs_dali
+@pytest.mark.parametrize("channels", [3, 1])
+def test_transparent_cmyk_and_16bit_files_decode_as_on_every_other_backend(awkward, channels):
+    """One rule everywhere: a transparent PNG is composited on white (DALI used to drop alpha: black)."""
+    data = DataConfig(image_size=32, channels=channels)
+    spec = spec_for(data)
+    loader = DaliLoader(split_of(awkward), data, spec, batch_size=4, train=False, seed=0)
+    x = epoch(loader)[2]
+    ref = torch_reference(awkward, data, spec)
+    err = (x - ref).abs()
+    assert err.flatten(1).mean(1).max() < PARITY_MEAN_ABS and err.max() < PARITY_MAX_ABS
+    transparent = x[[Path(p).name for p in awkward].index("transparent.png")]
+    white = (1 - torch.tensor(spec.mean)) / torch.tensor(spec.std)
+    assert torch.allclose(transparent[:, 25:, :6], white.view(-1, 1, 1).expand(-1, 7, 6), atol=0.02)  # left half
+    # Training crops too: the same windows and flips as the torch loader, on the same composited pixels.
+    train = DaliLoader(split_of(awkward, name="train"), data, spec, batch_size=2, train=True, seed=4)
+    _, t_dali, x_dali = epoch(train, 1)
+    _, t_torch, x_torch = torch_training_epoch(awkward, data, spec, batch_size=2, seed=4, epoch=1)
+    assert t_dali.tolist() == t_torch.tolist()
+    assert (x_dali - x_torch).abs().flatten(1).mean(1).max() < PARITY_MEAN_ABS
+
+
+@needs_dali
+@pytest.mark.parametrize("rrc", [True, False])
+def test_training_batches_match_the_torch_loader(mixed, rrc):
+    """Same order, same crop windows and flips per (seed, epoch, index): the pixels differ by resampling only."""
+    data = DataConfig(image_size=32, crop_scale_min=0.2, random_resized_crop=rrc)
+    spec = spec_for(data)
+    dali = DaliLoader(split_of(mixed, name="train"), data, spec, batch_size=5, train=True, seed=3)
+    for e in (0, 2):
+        _, t_dali, x_dali = epoch(dali, e)
+        _, t_torch, x_torch = torch_training_epoch(mixed, data, spec, batch_size=5, seed=3, epoch=e)
+        assert t_dali.tolist() == t_torch.tolist()
+        err = (x_dali - x_torch).abs()
+        assert err.flatten(1).mean(1).max() < PARITY_MEAN_ABS, err.flatten(1).mean(1)  # measured 0.004
+        assert err.max() < PARITY_MAX_ABS
+
+
+@needs_dali
+@pytest.mark.parametrize("train", [True, False])
+def test_one_pipeline_serves_every_epoch(mixed, train):
+    data = DataConfig(image_size=16, crop_scale_min=0.3)
+    loader = DaliLoader(split_of(mixed), data, spec_for(data), batch_size=5, train=train, seed=9)
+    sampler = EpochSampler(23, batch_size=5, shuffle=train, seed=9, drop_last=train)
+    for e in range(4):
+        sampler.epoch = e
+        assert epoch(loader, e)[1].tolist() == sampler.indices()
+    assert loader.builds == 1  # built once, at construction: no rebuild at an epoch boundary
+    loader.close()
+
+
+@needs_dali
+def test_resuming_mid_epoch_gives_bit_identical_batches(mixed):
+    """skip_batches(n): the batches after the skip are those of a full pass (augmentation is per sample), whatever
+    the pipeline ran before, and the skip applies to one pass only."""
+    data = DataConfig(image_size=16, crop_scale_min=0.3)
+
+    def make():
+        return DaliLoader(split_of(mixed, name="train"), data, spec_for(data), batch_size=4, train=True, seed=2)
+
+    full = epoch(make(), 3)[0]
+    resumed = make()
+    resumed.set_epoch(3)
+    resumed.skip_batches(2)
+    tail = list(resumed)
+    assert len(tail) == len(full) - 2
+    for a, b in zip(tail, full[2:]):
+        assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
+    assert all(torch.equal(a.inputs, b.inputs) for a, b in zip(epoch(resumed, 3)[0], full))
+    # An epoch asked for out of turn, or after a pass abandoned halfway, is the same epoch.
+    other = make()
+    epoch(other, 7)
+    it = iter(other)
+    next(it)
+    del it
+    again = epoch(other, 3)[0]
+    assert all(torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets) for a, b in zip(again, full))
+    assert other.builds == 1
+
+
+def corrupt(folder: Path, n: int) -> list[str]:
+    """PNGs that pass the pre-check (valid chunks, a zlib header) and fail in the decoder itself."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return [str(badfiles.write_png_corrupt_deflate(folder / f"corrupt{i}.png")) for i in range(n)]
+
+
+@needs_dali
+@pytest.mark.parametrize("how", ["named", "probed"])
+@pytest.mark.parametrize("train", [True, False])
+def test_a_file_failing_inside_dali_is_skipped_and_the_epoch_goes_on(mixed, tmp_path, monkeypatch, how, train):
+    if how == "probed":  # DALI's message names no sample: each sample of the batch is decoded alone
+        from fasttrain.data import dali
+
+        monkeypatch.setattr(dali, "_DECODE_FAILED", __import__("re").compile("never matches"))
+    (bad,) = corrupt(tmp_path, 1)
+    paths = mixed[:7] + [bad] + mixed[7:12]  # 13 files, the bad one at index 7
+    data = DataConfig(image_size=16, crop_scale_min=0.3)
+    loader = DaliLoader(split_of(paths, name="train" if train else "val"), data, spec_for(data), batch_size=4,
+                        train=train, seed=1)
+    assert loader.skipped == []  # the pre-check cannot tell
+    batches, targets, _ = epoch(loader, 0)
+    assert [p for p, _ in loader.skipped] == [bad] and "DALI failed to decode it" in loader.skipped[0][1]
+    assert 7 not in targets.tolist() and loader.builds == 2  # rebuilt once, the epoch carried on
+    sampler = EpochSampler(13, batch_size=4, shuffle=train, seed=1, drop_last=train)
+    expect = [i for i in sampler.indices() if i != 7]
+    if train:  # every batch keeps its shape: the bad file's batch is topped up with one of its own samples
+        assert [len(b) for b in batches] == [4, 4, 4]
+        assert [i for i in dict.fromkeys(targets.tolist())] == expect
+    else:
+        assert targets.tolist() == expect and [len(b) for b in batches] == [4, 3, 4, 1]
+    assert epoch(loader, 1)[1].tolist().count(7) == 0 and loader.builds == 2  # known now: never fed again
+
+
+@needs_dali
+def test_too_many_failures_in_one_epoch_stop_with_the_list(mixed, tmp_path):
+    bad = corrupt(tmp_path, 3)
+    data = DataConfig(image_size=16, max_bad_per_epoch=1)
+    loader = DaliLoader(split_of(bad + mixed[:5]), data, spec_for(data), batch_size=8, train=False, seed=0)
+    with pytest.raises(BadDataError, match="data.max_bad_per_epoch = 1") as err:
+        epoch(loader)
+    assert bad[0] in str(err.value) and bad[1] in str(err.value)
+    loader.close()
+
+
+@needs_dali
+def test_a_training_set_that_never_decodes_is_refused(tmp_path):
+    data = DataConfig(image_size=16)
+    loader = DaliLoader(split_of(corrupt(tmp_path, 3), name="train"), data, spec_for(data), batch_size=2,
+                        train=True, seed=0)
+    with pytest.raises(BadDataError, match="not one image of the train split"):
+        epoch(loader, 0)
+
+
+class Stop(Exception):
+    pass
+
+
+@needs_dali
+def test_killed_mid_epoch_resumes_on_dali_with_the_same_weights(shapes_root, tmp_path, monkeypatch):
+    """The engine resumes a DALI run mid-epoch with skip_batches: per-sample augmentation makes the resumed
+    batches those of an uninterrupted run, so the final weights are bit-identical (CPU-only mode)."""
+    from fasttrain.checkpoint import load_checkpoint
+    from fasttrain.config import Config, apply_overrides
+    from fasttrain.engine import train
+    from fasttrain.tasks.classify import ClassifyTask
+
+    def cfg(runs):
+        return apply_overrides(Config(), [
+            f"data.root={shapes_root}", "data.image_size=24", "data.loader=dali", "data.dali_threads=1",
+            "data.max_samples=256", "model.name=smallcnn", "model.width=8", "model.dropout=0.2",
+            "optim.name=adamw", "optim.lr=0.005", "train.epochs=1", "train.batch_size=32",
+            "train.checkpoint_every_steps=2", f"train.runs_dir={runs}", "name=d"])
+
+    straight = train(cfg(tmp_path / "a"), progress=False)
+    assert straight.backend == "dali" and straight.history[0]["step"] == 8
+
+    def die_at_step_5(self, state, batch, run_dir):
+        if state.step == 5:
+            raise Stop
+
+    with monkeypatch.context() as m:
+        m.setattr(ClassifyTask, "on_step_end", die_at_step_5)
+        with pytest.raises(Stop):
+            train(cfg(tmp_path / "b"), progress=False)
+    (run,) = (tmp_path / "b").iterdir()
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["position"] == {"epoch": 0, "micro": 4}
+    train(resume=run, progress=False)
+    wa = load_checkpoint(straight.run_dir / "checkpoints" / "last.pt")["state"]["modules"]["model"]
+    wb = load_checkpoint(run / "checkpoints" / "last.pt")["state"]["modules"]["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def write_stripes(root: Path, per_class: int, seed: int) -> tuple[list[str], list[int]]:

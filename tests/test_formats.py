@@ -173,6 +173,36 @@ def test_manifest_layout_errors_name_the_setting(tmp_path):
         discover(DataConfig(format="manifest", target_columns=["z"]), tmp_path)
 
 
+def test_manifest_with_a_byte_order_mark_is_read(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM: the first column is still called path."""
+    png(tmp_path / "a.png")
+    png(tmp_path / "b.png")
+    (tmp_path / "labels.csv").write_bytes("\ufeffpath,size\na.png,1\nb.png,2\n".encode())
+    src = discover(DataConfig(format="manifest", val_fraction=0), tmp_path)
+    assert src.target_names == ["size"] and len(src.train) == 2 and src.skipped == []
+    (tmp_path / "m.jsonl").write_bytes('\ufeff{"path": "a.png", "y": 1}\n{"path": "b.png", "y": 2}\n'.encode())
+    assert len(discover(DataConfig(format="manifest", manifest="m.jsonl", val_fraction=0), tmp_path).train) == 2
+
+
+@pytest.mark.parametrize("name", ["labels.csv", "m.jsonl"])
+def test_manifest_that_is_not_utf8_names_the_file(tmp_path, name):
+    png(tmp_path / "é.png")
+    text = "path,y\né.png,1\n" if name.endswith(".csv") else '{"path": "é.png", "y": 1}\n'
+    (tmp_path / name).write_bytes(text.encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"data\.manifest: .*{name} is not UTF-8 text"):
+        discover(DataConfig(format="manifest", manifest=name), tmp_path)
+
+
+@pytest.mark.parametrize("where", ["../secret.csv", "{abs}"])
+def test_manifest_outside_the_root_is_refused_without_its_content(tmp_path, where):
+    (tmp_path / "data").mkdir()
+    secret = tmp_path / "secret.csv"
+    secret.write_text("hunter2,topsecret\nmore,lines\n")
+    with pytest.raises(ConfigError, match=r"data\.manifest: .* lies outside data\.root") as e:
+        discover(DataConfig(format="manifest", manifest=where.format(abs=secret)), tmp_path / "data")
+    assert "hunter2" not in str(e.value) and "topsecret" not in str(e.value)
+
+
 # -- paired --------------------------------------------------------------------------------------------------
 def test_paired_generator_folders_layout(tmp_path):
     root = make_paired_dataset(tmp_path / "p", n=10, size=32)

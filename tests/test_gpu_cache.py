@@ -172,6 +172,7 @@ def test_unreadable_files_are_skipped_with_a_warning(images, tmp_path, caplog):
         loader = make(paths, DataConfig(image_size=16), train=False)
     assert any(str(bad) in r.getMessage() for r in caplog.records)
     assert loader.num_samples == 2 and epoch(loader)[1].tolist() == [0, 2]
+    assert [p for p, _ in loader.skipped] == [str(bad)]
 
 
 def test_batch_larger_than_the_training_split_is_refused(images):

@@ -21,7 +21,11 @@ def test_training_batches_keep_their_shape_when_a_file_is_unreadable(tmp_path):
     data = DataConfig(image_size=8, resize_size=8)
     ds = ImageDataset(Split("train", paths, list(range(8))), eval_transform(data), 3, seed=0)
     train = TorchLoader(ds, SPEC, batch_size=4, train=True, seed=0, workers=0)
+    assert train.skipped == []
     assert [len(b) for b in train] == [4, 4]  # topped up: one shape for every step
+    assert [p for p, _ in train.skipped] == [paths[3]] and "cannot be decoded" in train.skipped[0][1]
+    list(train)
+    assert len(train.skipped) == 1  # listed once, however many epochs meet it
     val = TorchLoader(ds, SPEC, batch_size=4, train=False, seed=0, workers=0)
     batches = list(val)
     assert [len(b) for b in batches] == [3, 4]  # evaluation never counts a sample twice

@@ -9,8 +9,9 @@ from fasttrain.checkpoint import load_checkpoint
 from fasttrain.config import Config, ConfigError, apply_overrides
 from fasttrain.data.sources import Split, discover
 from fasttrain.data.synthetic import make_paired_dataset
-from fasttrain.engine import evaluate, prepare, train
+from fasttrain.engine import evaluate, train
 from fasttrain.predict import predict
+from fasttrain.prepare import prepare
 from fasttrain.runtime import Runtime
 from fasttrain.tasks.pix2pix import PairDataset, Pix2PixTask
 
@@ -126,8 +127,29 @@ def test_a_step_updates_both_networks(paired_root, tmp_path):
     assert all(p.requires_grad for p in state.modules["discriminator"].parameters())
 
 
-@pytest.mark.parametrize("override,field", [("train.accumulation=2", "train.accumulation"),
-                                            ("model.name=resnet18", "model.name"),
+def test_accumulation_steps_both_networks_once_per_cycle(paired_root, tmp_path):
+    """The engine's step owns accumulation for pix2pix too: a first micro-batch only accumulates gradients
+    (the discriminator's from its own loss alone), the last one steps both networks and clears them."""
+    cfg = p2p_cfg(paired_root, tmp_path, "train.accumulation=2", "train.batch_size=4")
+    task = Pix2PixTask(cfg, Runtime(cfg.runtime), None)
+    state = task.build_state()
+    before = {k: [p.detach().clone() for p in m.parameters()] for k, m in state.modules.items()}
+    batch = task.synthetic_batch(2, task.input_spec())
+    task.train_step(state, batch, update=False, loss_scale=0.5)
+    for k, m in state.modules.items():
+        assert all(torch.equal(a, b) for a, b in zip(before[k], m.parameters())), k  # nothing stepped yet
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters()), k
+    d_grads = [p.grad.clone() for p in state.modules["discriminator"].parameters()]
+    task.train_step(state, batch, update=False, loss_scale=0.5)  # the same batch again: D's grads double
+    for g, p in zip(d_grads, state.modules["discriminator"].parameters()):
+        torch.testing.assert_close(p.grad, 2 * g)  # nothing from the generator's phase leaked into D
+    task.train_step(state, batch, update=True, loss_scale=0.5)
+    for k, m in state.modules.items():
+        assert any(not torch.equal(a, b) for a, b in zip(before[k], m.parameters())), k
+        assert all(p.grad is None for p in m.parameters())
+
+
+@pytest.mark.parametrize("override,field", [("model.name=resnet18", "model.name"),
                                             ("optim.name=sgd", "optim.name")])
 def test_refused_settings_name_their_field(paired_root, tmp_path, override, field):
     cfg = p2p_cfg(paired_root, tmp_path, override)

@@ -14,5 +14,5 @@ def test_quickstart_writes_demo_data_and_reaches_90_percent(tmp_path, monkeypatc
     assert len(list((demo / "train" / "circle").glob("*.png"))) == 300
     (run,) = (tmp_path / "runs").iterdir()
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert max(r["val_acc"] for r in records) >= 0.90
+    assert max(r["val_acc"] for r in records if "event" not in r) >= 0.90
     assert "best val_acc" in capsys.readouterr().out

@@ -1,10 +1,13 @@
 import json
 import os
 import platform
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import fasttrain
 from fasttrain.config import RuntimeConfig
 from fasttrain.runtime import BackendFlags, Runtime, backend_flags, decide_device, decide_precision, environment
 
@@ -60,7 +63,13 @@ def test_bf16_autocast_on_cpu_changes_matmul_dtype():
 def test_environment_record_has_versions():
     env = environment()
     assert env["torch"] == torch.__version__
-    assert env["cuda"] == torch.version.cuda and env["cpu_count"] == os.cpu_count()
+    assert env["cpu_count"] == os.cpu_count()
+    # the CUDA in use: none without a GPU, whatever the wheel was built for (that is cuda_build)
+    assert env["cuda"] == (torch.version.cuda if torch.cuda.is_available() else None)
+    assert env["cuda_build"] == torch.version.cuda
+    assert env["fasttrain"] == fasttrain.__version__ and env["command"] == sys.argv
+    if (Path(fasttrain.__file__).parents[1] / ".git").exists():  # run from a checkout: its commit
+        assert env["git_commit"] and len(env["git_commit"].split("+")[0]) == 40
     assert env["cudnn"] == (torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None)
     assert env["python"] == platform.python_version()
     assert (env["gpu"] is None) == (not torch.cuda.is_available())

@@ -40,9 +40,14 @@ def test_short_run_learns_and_writes_its_folder(trained, shapes_root):
     for f in ("config.toml", "environment.json", "metrics.jsonl", "train.log", "checkpoints/last.pt",
               "checkpoints/best.pt"):
         assert (d / f).is_file(), f
-    lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    lines = [r for r in records if "event" not in r]
     assert [r["epoch"] for r in lines] == list(range(1, 9))
     assert {"train_loss", "val_loss", "val_acc", "samples_per_s", "lr"} <= set(lines[0])
+    steps = [r for r in records if r.get("event") == "step"]  # every train.log_every steps, marked as such
+    every = load_config(d / "config.toml").train.log_every
+    assert [r["step"] for r in steps] == list(range(every, h[-1]["step"] + 1, every))
+    assert {"epoch", "loss", "acc", "lr", "samples_per_s"} <= set(steps[0])
     resolved = load_config(d / "config.toml")
     assert resolved.model.num_outputs == 3 and resolved.data.root == str(shapes_root)
     ckpt = load_checkpoint(d / "checkpoints" / "best.pt")
@@ -99,8 +104,10 @@ def test_resume_drops_metrics_written_after_the_checkpoint(shapes_root, tmp_path
     (run,) = tmp_path.iterdir()
     assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["epoch"] == 2
     result = train(resume=run, progress=False)
-    epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2, 3, 4]  # epoch 3 was trained again, recorded once
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "event" not in r] == [1, 2, 3, 4]  # epoch 3 trained again, recorded once
+    steps = [r["step"] for r in records if r.get("event") == "step"]
+    assert steps == sorted(set(steps))  # its step records too
     assert result.history[-1]["epoch"] == 4
 
 
@@ -168,8 +175,10 @@ def test_predict_prints_class_and_probability(trained, shapes_root, tmp_path, ca
     bad.write_bytes(b"nope")
     code = main(["predict", str(result.run_dir / "checkpoints" / "best.pt"), *map(str, imgs), str(bad),
                  "--device", "cpu"])
-    assert code == 0
-    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 1  # one image failed: the exit status says so, the others are still predicted
+    captured = capsys.readouterr()
+    assert str(bad) in captured.err
+    out = captured.out.strip().splitlines()
     assert len(out) == 4
     assert all("class=" in line and "probability=" in line for line in out[:3])
     assert sum("class=square" in line for line in out[:3]) >= 2  # a trained model mostly gets it right
@@ -199,32 +208,41 @@ def test_real_digits_reach_high_accuracy(digits_root, tmp_path):
 @pytest.mark.parametrize("loader", ["torch", "cache"])
 def test_killed_mid_epoch_resumes_from_the_step_checkpoint(shapes_root, tmp_path, monkeypatch, loader):
     """checkpoint_every_steps: a run killed inside an epoch loses only the steps since its last checkpoint
-    and, resumed, ends with the same weights as an uninterrupted run. The torch loader skips the trained
-    batches without decoding them; the cache loader draws and drops them (keeping its random stream)."""
+    and, resumed, ends with the same weights as an uninterrupted run, and the same epoch records: the resumed
+    epoch's train_loss / train_acc average all its steps (the checkpoint holds the running sums, including
+    steps not yet logged). The torch loader skips the trained batches without decoding them; the cache loader
+    draws and drops them (keeping its random stream)."""
     from fasttrain.tasks.classify import ClassifyTask
 
     extra = ("train.epochs=2", "train.checkpoint_every_steps=3", "model.dropout=0.2",
              "data.random_resized_crop=true", f"data.loader={loader}")
     straight = train(small_cfg(shapes_root, tmp_path / "a", *extra), progress=False)
     steps_per_epoch = straight.history[0]["step"]
-    assert steps_per_epoch > 8
+    assert steps_per_epoch > 11
 
-    def die_at_step_8(self, state, batch, run_dir):
-        if state.step == 8:
+    def die_at_step_11(self, state, batch, run_dir):
+        if state.step == 11:
             raise Stop
 
     with monkeypatch.context() as m:
-        m.setattr(ClassifyTask, "on_step_end", die_at_step_8)
+        m.setattr(ClassifyTask, "on_step_end", die_at_step_11)
         with pytest.raises(Stop):
             train(small_cfg(shapes_root, tmp_path / "b", *extra), progress=False)
     (run,) = (tmp_path / "b").iterdir()
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
-    assert ckpt["state"]["step"] == 6 and ckpt["position"] == {"epoch": 0, "micro": 6}
-    assert not (run / "metrics.jsonl").exists()  # no epoch finished
+    # step 9 is between two logged steps (log_every 2): one step's values are not yet in the logged sums
+    assert ckpt["state"]["step"] == 9 and ckpt["position"] == {"epoch": 0, "micro": 9}
+    before = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in before] == ["step"] * 5  # steps 2..10 logged, no epoch finished
     resumed = train(resume=run, progress=False)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r.get("event") == "step"]
+    assert steps == sorted(set(steps)) and 10 in steps  # step 10 was trained again, recorded once
     wa, wb = weights(straight.run_dir), weights(run)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert [r["step"] for r in resumed.history] == [r["step"] for r in straight.history]
+    for a, b in zip(straight.history, resumed.history):
+        assert (a["train_loss"], a["train_acc"], a["val_loss"]) == (b["train_loss"], b["train_acc"], b["val_loss"])
 
 
 @pytest.mark.gpu
@@ -248,8 +266,20 @@ def test_cuda_run_with_amp_channels_last_compile(shapes_root, tmp_path, loader):
 
 def test_diverging_run_warns_about_non_finite_losses(shapes_root, tmp_path, caplog):
     cfg = small_cfg(shapes_root, tmp_path, "optim.name=sgd", "optim.lr=1e12", "optim.momentum=0.0",
-                    "train.epochs=1", "train.log_every=1", "schedule.name=constant")
+                    "train.epochs=1", "train.log_every=1", "schedule.name=constant", "train.max_nonfinite_logs=0")
     with caplog.at_level(logging.WARNING, logger="fasttrain.engine"):
         train(cfg, progress=False)
     warnings = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
     assert len(warnings) == 1  # once per epoch, not once per step
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.name=resnet9000", "model.name: unknown model 'resnet9000'"),
+    ("train.batch_size=4096", "train.batch_size: 4096 is larger than the usable training set"),
+    ("model.num_outputs=1", "model.num_outputs: a classifier needs at least 2 classes"),
+])
+def test_what_cannot_train_is_refused_before_a_run_folder_exists(shapes_root, tmp_path, override, message):
+    runs = tmp_path / "runs"
+    with pytest.raises(ValueError, match=message):
+        train(small_cfg(shapes_root, runs, override), progress=False)
+    assert not runs.exists() or not any(runs.iterdir())

@@ -1,64 +1,148 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in as few calls as a lent machine allows, with its outputs in one folder:
-#   tools/gpu_suite.sh OUT_DIR [tests] [bench] [autotune] [e2e]     (no stage named: all of them)
-# - tests:    the `gpu`-marked tests (AMP, channels_last, compile, DALI mixed decode, the cache, the probe)
-# - bench:    pytest benchmarks/ --bench-size=gpu -> results.json, summary.md, summary.png
-# - autotune: `fasttrain autotune` on ResNet-50 224 px under the default 16 GiB budget, twice (the second answer
-#             comes from the cache), then the tuned config trained for one epoch (no OOM allowed)
-# - e2e:      `fasttrain bench` on the same config: loader-only, model-only, end to end
-# Data: Imagenette from ../shared/data (or $FASTTRAIN_BENCH_DATA), else generated ImageNet-size JPEGs.
-# On the lent machine DALI must be installed first (../shared/device/README.md); then run with OUT_DIR=$OUT.
-# Commit what it writes under benchmarks/results/<date>-<gpu>/ with the environment it records.
+# Everything that needs a GPU, in stages that each fit one 10-minute call of a lent machine with room to spare,
+# every stage writing its results into OUT_DIR as it goes (a stage cut off still leaves what it measured):
+#
+#   tools/gpu_suite.sh OUT_DIR STAGE...        (no stage: quick)
+#
+#   quick         < 8 min, the headline figures: ResNet-50 224 px model-only ceiling (bf16, channels_last,
+#                 compiled) and end to end from JPEG files with DALI and with the GPU cache (fasttrain bench),
+#                 the naive script on the same files, fasttrain autotune under 16 GiB twice (the second answer
+#                 from the cache), then tools/gpu_targets.py -> targets.md (each target met or not, with figures)
+#   tests         the `gpu`-marked tests
+#   model-resnet50, model-resnet18, model-smallcnn
+#                 benchmarks/test_model_step.py for one model (fasttrain per precision and batch, naive)
+#   loaders       benchmarks/test_loaders.py (torch, dali, cache, naive)
+#   e2e           benchmarks/test_end_to_end.py (resnet50 and resnet18: torch, dali, cache, naive)
+#   autotune      fasttrain autotune on ResNet-50 twice, then one epoch of the tuned config (no OOM allowed)
+#   summary       tools/bench_summary.py over every bench-*.json present, and tools/gpu_targets.py
+#
+# Data: Imagenette from ../shared/data when present, else ImageNet-size JPEGs generated on the machine in
+# parallel (../shared does not travel to a lent machine). Set FASTTRAIN_BENCH_DATA to use a folder of your own.
+# The lent machine has no `fasttrain` command and no DALI: install DALI first (../shared/device/README.md) and
+# carry tomli-w (tools/device_wheels.sh); this script calls `python3 -m fasttrain`.
+# On a lent machine: FASTTRAIN_SUITE_BUNDLE=$OUT/quick.tar.gz tools/gpu_suite.sh /tmp/suite quick
+# Commit what it writes under benchmarks/results/<date>-<gpu>/ (checkpoints are left out of the bundle).
 set -uo pipefail
-out=${1:?usage: tools/gpu_suite.sh OUT_DIR [tests] [bench] [autotune] [e2e]}
+out=${1:?usage: tools/gpu_suite.sh OUT_DIR [quick|tests|model-MODEL|loaders|e2e|autotune|summary]...}
 shift
-stages=${*:-tests bench autotune e2e}
+stages=${*:-quick}
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device: nothing to do')" || exit 2
-nvidia-smi > "$out/nvidia-smi.txt" 2>&1
-python3 -c "import json; from fasttrain.runtime import environment; print(json.dumps(environment(), indent=2))" \
-  > "$out/environment.json"
+out=$(cd "$out" && pwd)
+export PYTHONUNBUFFERED=1 PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+ft=(python3 -m fasttrain)
 status=0
 
-data_root() {  # an ImageFolder root with train/ and val/
+note() {  # log a line; with FASTTRAIN_SUITE_BUNDLE set, re-pack OUT_DIR into that one file (a lent machine
+          # returns at most 8 files, so everything travels as one archive, refreshed after every step)
+  echo "[$(date +%H:%M:%S)] $*" | tee -a "$out/suite.log" >&2  # stderr: data_root's stdout is its answer
+  if [ -n "${FASTTRAIN_SUITE_BUNDLE:-}" ]; then
+    tar czf "$FASTTRAIN_SUITE_BUNDLE.part" --exclude='*.pt' -C "$out" . && mv "$FASTTRAIN_SUITE_BUNDLE.part" "$FASTTRAIN_SUITE_BUNDLE"
+  fi
+}
+
+python3 - <<'EOF' || exit 2
+import importlib.util, os, sys
+import torch
+missing = [m for m in ("tomli_w", "nvidia.dali", "pynvml") if importlib.util.find_spec(m) is None]
+if not torch.cuda.is_available() and not os.environ.get("FASTTRAIN_SUITE_CPU"):  # set: a dry run of the script
+    sys.exit("no CUDA device: nothing to do")
+if missing:
+    sys.exit(f"missing on this machine: {', '.join(missing)} (tools/device_wheels.sh, ../shared/device/README.md)")
+EOF
+[ -f "$out/environment.json" ] || {
+  nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+  python3 -c "import json; from fasttrain.runtime import environment; print(json.dumps(environment(), indent=2))" \
+    > "$out/environment.json"
+}
+
+data_root() {  # an ImageFolder root with train/ and val/, made once per machine
   if [ -n "${FASTTRAIN_BENCH_DATA:-}" ]; then echo "$FASTTRAIN_BENCH_DATA"; return; fi
   local cache=${FASTTRAIN_BENCH_CACHE:-/tmp/fasttrain-bench}
   mkdir -p "$cache"
   if [ -f ../shared/data/imagenette224.tar ]; then
     [ -d "$cache/imagenette224" ] || tar xf ../shared/data/imagenette224.tar -C "$cache"
     echo "$cache/imagenette224"
-  else
-    [ -d "$cache/imagenet-like" ] || fasttrain make-data imagenet "$cache/imagenet-like" --n 8000 --val 1000 >&2
-    echo "$cache/imagenet-like"
+    return
   fi
+  local root=$cache/imagenet-like
+  if [ ! -d "$root" ]; then
+    # 8 generators in parallel (one is ~100 images/s), merged into one tree under unique names.
+    local shards=8 per=${FASTTRAIN_SUITE_PER_SHARD:-1000} k
+    local val=$((per / 8))
+    rm -rf "$cache/shards"
+    for k in $(seq 0 $((shards - 1))); do
+      "${ft[@]}" make-data imagenet "$cache/shards/$k" --n $per --val $val --seed "$k" > /dev/null &
+    done
+    wait
+    for k in $(seq 0 $((shards - 1))); do
+      (cd "$cache/shards/$k" && find . -name '*.jpg' | while read -r f; do
+        d="$cache/merge/$(dirname "$f")"; mkdir -p "$d"; mv "$f" "$d/s${k}_$(basename "$f")"; done)
+    done
+    mv "$cache/merge" "$root" && rm -rf "$cache/shards"
+    note "generated $(find "$root" -name '*.jpg' | wc -l) JPEGs in $root"
+  fi
+  echo "$root"
+}
+
+pytest_bench() {  # pytest_bench NAME ARGS...: one benchmark file or selection, results as they come
+  local name=$1; shift
+  FASTTRAIN_BENCH_DATA=$(data_root) FASTTRAIN_BENCH_LOG="$out/bench-$name.jsonl" \
+    python3 -m pytest "$@" --bench-size=gpu -q -rs -p no:cacheprovider -p no:randomly \
+    --benchmark-json="$out/bench-$name.json" 2>&1 | tee "$out/bench-$name.txt" || status=1
+}
+
+timed() {  # timed NAME CMD...: run, keep its output and wall time
+  local name=$1; shift
+  local t0=$SECONDS
+  "$@" 2>&1 | tee "$out/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  echo "wall_s=$((SECONDS - t0)) rc=$rc" >> "$out/$name.txt"
+  [ "$rc" -eq 0 ] || status=1
+  note "$name: rc=$rc in $((SECONDS - t0)) s"
 }
 
 for stage in $stages; do
+  note "stage $stage"
   case $stage in
+    quick)
+      root=$(data_root)
+      for backend in dali cache; do  # model-only ceiling, loader alone and end to end, one compile each
+        timed "quick-bench-$backend" "${ft[@]}" bench resnet50-imagenet --set "data.root=$root" \
+          --set "data.loader=$backend" --json "$out/quick-bench-$backend.json"
+      done
+      pytest_bench quick-naive benchmarks/test_end_to_end.py -k "naive and resnet50"
+      for run in 1 2; do
+        timed "quick-autotune-$run" "${ft[@]}" autotune resnet50-imagenet --set "data.root=$root" \
+          --set "train.runs_dir=$out/runs" --out "$out/quick-autotune-$run"
+      done
+      python3 tools/gpu_targets.py "$out" -o "$out/targets.md" || status=1 ;;
     tests)
-      python3 -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 | tee "$out/gpu-tests.txt" || status=1 ;;
-    bench)
-      python3 -m pytest benchmarks --bench-size=gpu -q -p no:cacheprovider --benchmark-json="$out/results.json" \
-        2>&1 | tee "$out/benchmarks.txt" || status=1
-      python3 tools/bench_summary.py "$out/results.json" -o "$out/summary.md" --plot "$out/summary.png" || status=1 ;;
+      python3 -m pytest tests -m gpu -q -rs -p no:cacheprovider -p no:randomly 2>&1 | tee "$out/gpu-tests.txt" \
+        || status=1 ;;
+    model-*)
+      pytest_bench "$stage" benchmarks/test_model_step.py -k "${stage#model-}" ;;
+    loaders)
+      pytest_bench loaders benchmarks/test_loaders.py ;;
+    e2e)
+      pytest_bench e2e benchmarks/test_end_to_end.py ;;
     autotune)
       root=$(data_root)
       for run in 1 2; do
-        /usr/bin/time -f "autotune call $run: %e s wall" fasttrain autotune resnet50-imagenet \
-          --set "data.root=$root" --set "train.runs_dir=$out/runs" --out "$out/autotune-$run" 2>&1 \
-          | tee "$out/autotune-$run.txt" || status=1
+        timed "autotune-$run" "${ft[@]}" autotune resnet50-imagenet --set "data.root=$root" \
+          --set "train.runs_dir=$out/runs" --out "$out/autotune-$run"
       done
       tuned=$(ls "$out"/autotune-1/*.tuned.toml 2>/dev/null | head -1)
-      [ -n "$tuned" ] && { fasttrain train "$tuned" --set train.epochs=1 --set "train.runs_dir=$out/runs" -q \
-        2>&1 | tee "$out/tuned-epoch.txt" || status=1; } ;;
-    e2e)
-      root=$(data_root)
-      fasttrain bench resnet50-imagenet --set "data.root=$root" --json "$out/bench-resnet50.json" 2>&1 \
-        | tee "$out/bench-resnet50.txt" || status=1 ;;
-    *) echo "unknown stage $stage (tests, bench, autotune, e2e)" >&2; status=2 ;;
+      [ -n "$tuned" ] && timed tuned-epoch "${ft[@]}" train "$tuned" --set train.epochs=1 \
+        --set "train.runs_dir=$out/runs" -q ;;
+    summary)
+      for f in "$out"/bench-*.json; do
+        [ -f "$f" ] && { python3 tools/bench_summary.py "$f" -o "${f%.json}.md" --plot "${f%.json}.png" || status=1; }
+      done
+      python3 tools/gpu_targets.py "$out" -o "$out/targets.md" || status=1 ;;
+    *) echo "unknown stage $stage" >&2; status=2 ;;
   esac
+  note "stage $stage done (status so far $status)"
 done
 exit $status

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fasttrain import _callable_module
 from fasttrain.autotune.search import (
     Agreement,
     BatchPlan,
@@ -172,17 +173,17 @@ def _out_dir(cfg: Config, out_dir: str | os.PathLike | None) -> Path:
     """``out_dir``, else runs_dir/autotune-<config name>-<date>-<time>, created now (a suffix where it exists)."""
     if out_dir is not None:
         return Path(out_dir).expanduser()
-    from fasttrain.engine import new_run_dir
+    from fasttrain.rundir import new_run_dir, run_name
 
-    return new_run_dir(cfg, prefix="autotune-")
+    return new_run_dir(cfg.train.runs_dir, run_name(cfg.name, prefix="autotune-"))
 
 
 def _tune(cfg: Config, budget_gib: float, *, verify: bool, clock: TimeBudget) -> AutotuneReport:
     from fasttrain.autotune.loader import reuse_file_checks
     from fasttrain.autotune.probe import release_budget, setup_budget
     from fasttrain.autotune.report import AutotuneReport
-    from fasttrain.engine import prepare
     from fasttrain.memory import GIB, free_device_memory
+    from fasttrain.prepare import prepare
     from fasttrain.runtime import seed_everything
 
     # The GPU cache is chosen against the budget, not the whole (maybe larger) card.
@@ -455,3 +456,5 @@ def _hold_resident_dataset(cfg: Config, source, backend: str, device, budget: Bu
                      f"data.loader = dali or torch may allow larger batches")
     return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
+
+_callable_module(__name__, "autotune")  # fasttrain.autotune(...) is autotune(...): see fasttrain/__init__.py

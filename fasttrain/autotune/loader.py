@@ -10,7 +10,7 @@ right after that window: the same machine state, so a machine whose speed change
 trials or since the search cannot decide. A setting keeps up when the model-only step does not beat it beyond
 the noise.
 
-DALI's file pre-check and the cache's decode run once per autotune, not per setting: :func:`reuse_file_checks`
+The file pre-check and the cache's decode run once per autotune, not per setting: :func:`reuse_file_checks`
 remembers the pre-check's answer for a file list, and the last setting measured hands its open loader to the
 verification. The memory a DALI loader holds outside torch's allocator is read with NVML while it runs.
 """
@@ -153,37 +153,44 @@ def queue_depth(backend: str, data: DataConfig) -> int:
     return 0
 
 
+_PRECHECK_USERS = ("fasttrain.data.checks", "fasttrain.data.dali", "fasttrain.data.gpu_cache")
+"""Where loaders find the shared file pre-check when they are built: ``fasttrain.data.checks.precheck`` (the
+torch loader imports it when called) and the two modules that import it by name. None imports DALI itself."""
+
+
 @contextlib.contextmanager
 def reuse_file_checks() -> Iterator[dict]:
-    """Within the block, DALI's file pre-check (``fasttrain.data.dali.drop_bad_files``, which every DaliLoader
-    runs over its whole file list: minutes on 1.28 M files) answers each file list once; the function is put back
-    afterwards. A no-op where DALI's module does not have that function."""
-    import sys
+    """Within the block, the file pre-check every loader runs over its whole split when it is built (reading each
+    file's header: minutes on 1.28 M files) answers each file list once, whichever backend and loader setting asks;
+    the loader modules get their own function back afterwards. A module without it is left alone."""
+    import importlib
 
-    dali = sys.modules.get("fasttrain.data.dali")
-    if dali is None:
+    memo: dict[tuple, Any] = {}
+    patched: list[tuple[Any, Any]] = []
+    modules = []
+    for name in _PRECHECK_USERS:  # all imported first: one imported inside the block would keep the wrapper
         try:
-            import fasttrain.data.dali as dali  # does not import DALI itself
+            modules.append(importlib.import_module(name))
         except ImportError:
-            yield {}
-            return
-    original = getattr(dali, "drop_bad_files", None)
-    memo: dict[tuple[str, ...], Any] = {}
-    if original is None:
-        yield memo
-        return
+            continue
+    for module in modules:
+        original = getattr(module, "precheck", None)
+        if original is None:
+            continue
 
-    def once(paths, *args, **kwargs):
-        key = tuple(paths)
-        if key not in memo:
-            memo[key] = original(paths, *args, **kwargs)
-        return memo[key]
+        def once(paths, *args, _original=original, **kwargs):
+            key = (tuple(paths), args, tuple(sorted((k, v) for k, v in kwargs.items() if k != "threads")))
+            if key not in memo:
+                memo[key] = _original(paths, *args, **kwargs)
+            return memo[key]
 
-    dali.drop_bad_files = once
+        module.precheck = once
+        patched.append((module, original))
     try:
         yield memo
     finally:
-        dali.drop_bad_files = original
+        for module, original in patched:
+            module.precheck = original
 
 
 def tune_loader(cfg: Config, runtime, source, backend: str, *, micro: int, accumulation: int, state, noise: float,

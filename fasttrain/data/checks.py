@@ -1,27 +1,299 @@
-"""File validation: which images cannot be decoded, and which are odd (converted modes, tiny, misnamed).
+"""Image validation, one set of rules for every backend and for ``fasttrain check-data``, at two depths.
 
-``fasttrain check-data DATA`` reads every image once (threads: Pillow releases the GIL while decoding) and
-reports; it never modifies, moves or deletes a file. The loaders skip bad files on their own at run time;
-this report tells the user which ones before a long run.
+:func:`check_header` is cheap (a stat, a read of at most 64 KiB, one of 64 bytes): the entry is a regular file
+(a FIFO named ``x.png`` is never opened for a blocking read), not empty, in a format the loaders read (magic
+bytes), its header's width x height within ``data.max_image_pixels`` (Pillow's decompression-bomb limit by
+default), a PNG's image data a zlib stream, a JPEG or PNG not cut short (a missing end marker is confirmed by a
+full decode). It also says how the file must be decoded so that every backend sees the same pixels
+(:attr:`ImageInfo.pil`). Every loader runs it on all its files once, at construction, with threads
+(:func:`precheck`), and skips what fails.
+
+:func:`check_image` adds the full decode the torch loader does, and notes on odd files; ``check-data`` runs it and
+reports, never modifying, moving or deleting a file.
+
+Files that pass the pre-check and still fail to decode mid-run are recorded by each loader's :class:`BadFiles`:
+skipped, logged, listed in ``loader.skipped``; more than ``data.max_bad_per_epoch`` of them in one epoch stop the
+run with :class:`BadDataError`, which lists them.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import struct
+import zlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import Image
 
-from fasttrain.config import default_workers
-from fasttrain.data.sources import list_images
-from fasttrain.data.transforms import DECODE_ERRORS
+from fasttrain.config import PILLOW_BOMB_PIXELS, default_workers
+from fasttrain.data.files import NotRegularFileError, open_regular
+from fasttrain.data.sources import scan_images
+from fasttrain.data.transforms import DECODE_ERRORS, convert_image
 
-__all__ = ["CheckReport", "check_image", "check_data"]
+log = logging.getLogger(__name__)
+
+__all__ = ["BadDataError", "BadFiles", "CheckReport", "ImageInfo", "Precheck", "check_data", "check_header",
+           "check_image", "precheck", "sniff_image_format"]
 
 _FORMAT_EXT = {"JPEG": {".jpg", ".jpeg"}, "PNG": {".png"}, "BMP": {".bmp"}, "WEBP": {".webp"},
                "TIFF": {".tif", ".tiff"}, "PPM": {".ppm", ".pgm", ".pnm"}}
+_HEAD = 64 * 1024  # one read covers the headers of nearly every JPEG (EXIF, ICC) and PNG; longer ones seek on
+_SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+
+
+class BadDataError(ValueError):
+    """The data cannot be trained on (no usable image, or too many that fail to decode); the message lists files."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    """jpeg, png, bmp, tiff, webp, pnm, jpeg2000."""
+    width: int
+    height: int
+    pil: bool
+    """True when only Pillow's decode and ``transforms.convert_image`` give the pixels every backend agrees on:
+    transparency (composited on white), 16-bit or sub-byte samples, palettes, CMYK / lossless / 12-bit JPEG, and
+    every format besides JPEG and PNG. False for 8-bit grey or colour JPEG (baseline, progressive) and 8-bit
+    grey or RGB PNG without transparency, which any decoder turns into the same pixels."""
+
+
+def sniff_image_format(head: bytes) -> str | None:
+    """The image format announced by a file's first bytes (16 are enough), or None when it is no image we read."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"BM"):
+        return "bmp"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if len(head) >= 3 and head[:1] == b"P" and head[1:2] in b"123456" and head[2:3].isspace():
+        return "pnm"
+    if head.startswith(b"\x00\x00\x00\x0cjP  \r\n\x87\n") or head.startswith(b"\xffO\xffQ"):
+        return "jpeg2000"
+    return None
+
+
+class _Bad(Exception):
+    """A reason the file is unusable, raised inside the header parsers."""
+
+
+def _read_exact(f: BinaryIO, n: int, what: str) -> bytes:
+    b = f.read(n)
+    if len(b) != n:
+        raise _Bad(f"truncated {what}")
+    return b
+
+
+def _jpeg_header(f: BinaryIO) -> tuple[int, int, bool]:
+    """(width, height, needs PIL) from the frame header (SOFn), walking the marker segments before it."""
+    f.seek(2)
+    while True:
+        b = f.read(1)
+        if not b:
+            raise _Bad("JPEG without a frame header (SOF) before the end of the file")
+        if b != b"\xff":
+            raise _Bad("corrupt JPEG: marker segments out of step")
+        m = f.read(1)
+        while m == b"\xff":  # fill bytes
+            m = f.read(1)
+        if not m:
+            raise _Bad("JPEG without a frame header (SOF) before the end of the file")
+        marker = m[0]
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # standalone markers
+            continue
+        if marker in (0xD9, 0xDA):
+            raise _Bad("corrupt JPEG: image data before any frame header (SOF)")
+        (length,) = struct.unpack(">H", _read_exact(f, 2, "JPEG marker segment"))
+        if length < 2:
+            raise _Bad("corrupt JPEG: a marker segment of negative length")
+        if marker in _SOF:
+            precision, height, width, comps = struct.unpack(">BHHB", _read_exact(f, 6, "JPEG frame header"))
+            if width == 0 or height == 0:
+                raise _Bad(f"JPEG frame header says {width}x{height} pixels")
+            plain = marker in (0xC0, 0xC1, 0xC2) and precision == 8 and comps in (1, 3)
+            return width, height, not plain
+        f.seek(length - 2, os.SEEK_CUR)
+
+
+def _png_header(f: BinaryIO) -> tuple[int, int, bool]:
+    """(width, height, needs PIL) from IHDR and the chunks before the first IDAT, whose zlib header is checked."""
+    f.seek(8)
+    length, kind = struct.unpack(">I4s", _read_exact(f, 8, "PNG header"))
+    if kind != b"IHDR" or length != 13:
+        raise _Bad("corrupt PNG: no IHDR chunk first")
+    ihdr = _read_exact(f, 13, "PNG header")
+    (crc,) = struct.unpack(">I", _read_exact(f, 4, "PNG header"))
+    if zlib.crc32(b"IHDR" + ihdr) & 0xFFFFFFFF != crc:
+        raise _Bad("corrupt PNG: IHDR checksum mismatch")
+    width, height, depth, color = struct.unpack(">IIBB", ihdr[:10])
+    if width == 0 or height == 0:
+        raise _Bad(f"PNG header says {width}x{height} pixels")
+    transparency = False
+    while True:
+        length, kind = struct.unpack(">I4s", _read_exact(f, 8, "PNG (no image data)"))
+        if kind == b"IDAT":
+            if length >= 2:
+                cmf, flg = _read_exact(f, 2, "PNG image data")
+                if cmf & 0x0F != 8 or cmf >> 4 > 7 or (cmf << 8 | flg) % 31 or flg & 0x20:
+                    raise _Bad("corrupt PNG: the image data (IDAT) is not a zlib stream")
+            break
+        if kind == b"IEND":
+            raise _Bad("corrupt PNG: no image data (IDAT)")
+        transparency |= kind == b"tRNS"
+        f.seek(length + 4, os.SEEK_CUR)
+    plain = depth == 8 and color in (0, 2) and not transparency
+    return width, height, not plain
+
+
+def _pil_header(f: BinaryIO) -> tuple[int, int, bool]:
+    f.seek(0)
+    try:
+        with Image.open(f) as im:
+            width, height = im.size
+    except Image.DecompressionBombError as e:
+        raise _Bad(f"decompression bomb ({e})") from None
+    except DECODE_ERRORS as e:
+        raise _Bad(f"cannot be read as an image ({type(e).__name__}: {e})") from None
+    return width, height, True
+
+
+def check_header(path: str | os.PathLike, max_pixels: int = PILLOW_BOMB_PIXELS) -> tuple[ImageInfo | None, str | None]:
+    """(what the header says, None), or (None, why the file cannot be used). Cheap: see the module docstring.
+
+    A JPEG or PNG whose last 64 bytes hold no end marker (a cut-off download) is decoded once with PIL to tell a
+    truncated image from a valid one with trailing bytes."""
+    kind = None
+    try:
+        with open_regular(path) as f:
+            head = f.read(16)
+            if not head:
+                return None, "empty file"
+            kind = sniff_image_format(head)
+            if kind is None:
+                return None, f"not a JPEG/PNG/BMP/TIFF/WebP/PNM/JPEG 2000 file (starts with {head[:8].hex(' ')})"
+            parse = {"jpeg": _jpeg_header, "png": _png_header}.get(kind, _pil_header)
+            width, height, pil = parse(f)
+            if width * height > max_pixels:
+                return None, (f"{width}x{height} = {width * height:,} pixels, more than data.max_image_pixels "
+                              f"({max_pixels:,}): a decompression-bomb guard; raise it if the image is genuine")
+            if kind in ("jpeg", "png"):
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 64))
+                if (b"\xff\xd9" if kind == "jpeg" else b"IEND") not in f.read():
+                    f.seek(0)
+                    with Image.open(f) as im:
+                        im.load()
+    except _Bad as e:
+        return None, str(e)
+    except NotRegularFileError as e:
+        return None, e.strerror
+    except OSError as e:
+        if kind is None:
+            return None, f"cannot be read ({e.strerror or e})"
+        return None, f"truncated or corrupt {kind} ({type(e).__name__}: {e})"
+    except (ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return None, f"truncated or corrupt {kind} ({type(e).__name__}: {e})"
+    return ImageInfo(kind, width, height, pil), None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What the loaders share: the pre-check at construction, and the record of files that fail later.
+
+
+@dataclass
+class Precheck:
+    keep: list[int]
+    """Indices of the paths that passed."""
+    infos: list[ImageInfo]
+    """Per kept path, what its header says."""
+    bad: list[tuple[str, str]]
+    """(path, reason) of those that did not, each logged."""
+
+
+def precheck(paths: Sequence[str], *, max_pixels: int, threads: int, split: str = "train") -> Precheck:
+    """:func:`check_header` on every path (threads: it is I/O bound); raises :class:`BadDataError` when none passes."""
+    check = functools.partial(check_header, max_pixels=max_pixels)
+    if len(paths) > 64 and threads > 1:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            results = list(pool.map(check, paths, chunksize=32))
+    else:
+        results = [check(p) for p in paths]
+    out = Precheck([], [], [])
+    for i, (path, (info, why)) in enumerate(zip(paths, results)):
+        if info is not None:
+            out.keep.append(i)
+            out.infos.append(info)
+        else:
+            out.bad.append((path, why))
+            log.warning("skipping %s: %s", path, why)
+    if not out.keep:
+        raise BadDataError(_none_usable(split, len(paths), out.bad))
+    return out
+
+
+def _none_usable(split: str, total: int, bad: list[tuple[str, str]]) -> str:
+    shown = "".join(f"\n  {p}: {why}" for p, why in bad[:10])
+    more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+    return (f"no usable image in the {split} split ({total} files):{shown}{more}\n"
+            f"`fasttrain check-data DATA` reports every file; fix or replace them, or point data.root elsewhere")
+
+
+class BadFiles:
+    """A loader's record of files found unusable after the pre-check, and the per-epoch limit.
+
+    ``skipped`` is the loader's own list (appended in place). :meth:`add` logs a file once, and raises
+    :class:`BadDataError` listing this epoch's failures when there are more than ``limit`` of them."""
+
+    def __init__(self, skipped: list[tuple[str, str]], limit: int, unit: str = "epoch"):
+        self.skipped, self.limit, self.unit = skipped, limit, unit
+        self._known = {p for p, _ in skipped}
+        self._epoch: object = None
+        self._this_epoch: list[tuple[str, str]] = []
+
+    def __contains__(self, path: str) -> bool:
+        return path in self._known
+
+    def start_epoch(self, epoch: object) -> None:
+        """Count from zero for a new epoch (the same epoch again, resumed or restarted, keeps its count)."""
+        if epoch != self._epoch:
+            self._epoch, self._this_epoch = epoch, []
+
+    def add(self, path: str, reason: str) -> None:
+        if path in self._known:
+            return
+        self._known.add(path)
+        self.skipped.append((path, reason))
+        self._this_epoch.append((path, reason))
+        log.warning("skipping %s: %s", path, reason)
+        if len(self._this_epoch) > self.limit:
+            listed = "".join(f"\n  {p}: {why}" for p, why in self._this_epoch)
+            raise BadDataError(
+                f"{len(self._this_epoch)} files failed to decode in one {self.unit}, more than "
+                f"data.max_bad_per_epoch = {self.limit}; stopping rather than training on damaged data:{listed}\n"
+                f"fix or remove them (`fasttrain check-data DATA --skip-list FILE` lists every bad file), "
+                f"or raise data.max_bad_per_epoch")
+
+    def none_decoded(self, split: str) -> BadDataError:
+        """The error for an epoch in which not one sample decoded."""
+        failed = self._this_epoch or self.skipped
+        listed = "".join(f"\n  {p}: {why}" for p, why in failed[:10])
+        more = f"\n  ... and {len(failed) - 10} more" if len(failed) > 10 else ""
+        return BadDataError(f"not one image of the {split} split could be decoded:{listed}{more}\n"
+                            f"`fasttrain check-data DATA` reports every file; fix or replace them")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# check-data
 
 
 @dataclass
@@ -29,14 +301,18 @@ class CheckReport:
     root: Path
     total: int
     bad: list[tuple[str, str]] = field(default_factory=list)
-    """(file, why it cannot be used)."""
+    """(file, why it cannot be used), non-regular entries (FIFOs, broken links) included."""
     odd: list[tuple[str, str]] = field(default_factory=list)
     """(file, what is unusual; usable after conversion)."""
+    empty: list[str] = field(default_factory=list)
+    """Folders holding no image at all (an empty class folder trains on nothing)."""
     skip_list: Path | None = None
 
     def to_text(self) -> str:
-        lines = [f"{self.root}: {self.total} images, {len(self.bad)} unreadable, {len(self.odd)} odd"]
+        lines = [f"{self.root}: {self.total} images, {len(self.bad)} unreadable, {len(self.odd)} odd"
+                 + (f", {len(self.empty)} empty folders" if self.empty else "")]
         lines += [f"  BAD  {f}: {why}" for f, why in self.bad]
+        lines += [f"  EMPTY  {d}{os.sep}: no image in this folder" for d in self.empty]
         lines += [f"  odd  {f}: {why}" for f, why in self.odd[:50]]
         if len(self.odd) > 50:
             lines.append(f"  ... and {len(self.odd) - 50} more odd files")
@@ -45,21 +321,27 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def check_image(path: str | os.PathLike, channels: int = 3) -> tuple[str | None, str | None]:
-    """(reason it is bad or None, note on what is odd or None). Decodes the whole file."""
+def check_image(path: str | os.PathLike, channels: int = 3,
+                max_pixels: int = PILLOW_BOMB_PIXELS) -> tuple[str | None, str | None]:
+    """(reason it is bad or None, note on what is odd or None): :func:`check_header`, then the full decode and
+    conversion of the torch loader."""
+    info, why = check_header(path, max_pixels)
+    if info is None:
+        return why, None
     path = Path(path)
     try:
-        if path.stat().st_size == 0:
-            return "empty file", None
-        with Image.open(path) as im:
-            im.load()  # the full decode: truncated files fail here, not at open
+        with open_regular(path) as f, Image.open(f) as im:
+            im.load()  # the full decode: corrupt image data fails here, not at open
             fmt, mode, size = im.format, im.mode, im.size
+            transparent = mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+            convert_image(im, channels)
     except DECODE_ERRORS as e:
         return f"cannot be decoded ({type(e).__name__}: {e})", None
     notes = []
     want = "RGB" if channels == 3 else "L"
     if mode != want:
-        notes.append(f"mode {mode}, converted to {want}")
+        notes.append(f"mode {mode}, converted to {want}"
+                     + (" (transparency composited on white)" if transparent else ""))
     if min(size) < 8:
         notes.append(f"tiny ({size[0]}x{size[1]})")
     if fmt in _FORMAT_EXT and path.suffix.lower() not in _FORMAT_EXT[fmt]:
@@ -68,21 +350,23 @@ def check_image(path: str | os.PathLike, channels: int = 3) -> tuple[str | None,
 
 
 def check_data(root: str | os.PathLike, *, channels: int = 3, workers: int = 0,
-               skip_list: str | os.PathLike | None = None) -> CheckReport:
+               skip_list: str | os.PathLike | None = None, max_pixels: int = PILLOW_BOMB_PIXELS) -> CheckReport:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"check-data: {root} is not a folder")
     if skip_list is not None and Path(skip_list).exists():  # fail before decoding a large tree, not after
         raise FileExistsError(f"check-data --skip-list: {skip_list} already exists; it is not overwritten")
-    files = list_images(root)
+    scan = scan_images(root)
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-        results = list(pool.map(lambda f: check_image(f, channels), files))
-    report = CheckReport(root, len(files))
-    for f, (bad, odd) in zip(files, results):
+        results = list(pool.map(lambda f: check_image(f, channels, max_pixels), scan.files))
+    report = CheckReport(root, len(scan.files) + len(scan.others), empty=[str(d) for d in scan.empty_dirs])
+    report.bad.extend(scan.others)
+    for f, (bad, odd) in zip(scan.files, results):
         if bad:
             report.bad.append((str(f), bad))
         elif odd:
             report.odd.append((str(f), odd))
+    report.bad.sort()
     if skip_list is not None:
         out = Path(skip_list)
         with open(out, "x", encoding="utf-8") as fh:  # "x": an existing file is never overwritten

@@ -1,44 +1,73 @@
-"""DALI backend: the same file list as every other backend, decoded and augmented by DALI, batches on the device.
+"""DALI backend: the same files as every other backend, decoded and augmented by DALI, batches on the device.
 
 On CUDA the JPEG decode runs on the GPU (``mixed``: hardware decoder for ``hw_decoder_load`` of the images,
 CUDA for the rest) and every later op runs on the GPU. With ``device_id=None`` the identical graph runs in
-DALI's CPU-only mode, which is what the CPU tests exercise.
+DALI's CPU-only mode, which is what the CPU tests exercise. ``nvidia.dali`` is imported only when a loader is
+built.
 
-Sample order and sharding come from the torch backend's :class:`EpochSampler`, so for one seed both backends
-visit the same files in the same order, and an epoch's order is a pure function of (seed, epoch): resuming at
-epoch k reproduces it. DALI readers cannot be re-seeded per epoch (``shuffle_after_epoch`` advances an
-internal counter, ``random_shuffle`` is a sliding buffer), so the reader gets the epoch's ordered file list
-and a training pipeline is rebuilt once per epoch; validation keeps one pipeline. ``nvidia.dali`` is imported
-only when a loader is built.
+**One long-lived pipeline per loader**, fed by ``fn.external_source``: a feeder hands DALI each batch's encoded
+file bytes in the order of the torch backend's :class:`EpochSampler` (every backend visits the same files in
+the same order, a pure function of (seed, epoch)), with the sample indices and, for training, each sample's
+augmentation: torchvision's random-resized-crop window (decoded as a region of interest) and flip, drawn from a
+generator seeded by (seed, epoch, index) exactly as the torch loader draws them. So a batch does not depend on
+what the pipeline ran before it: resuming mid-epoch (:meth:`DaliLoader.skip_batches`) gives bit-identical
+batches, and training crops are the torch loader's windows (the pixels differ by resampling only). The feeder
+reads files ahead with threads and plans across epoch boundaries (epoch e+1 after e; an evaluation pass after
+the last), so the next epoch starts decoding while the current one ends. Asked for anything else (another
+epoch, a resumed position, a pass abandoned halfway) it drops what it decoded ahead and starts there.
+
+**Pixels every backend agrees on.** DALI decodes 8-bit grey or colour JPEG and 8-bit grey/RGB PNG without
+transparency itself. The files the pre-check flags (:attr:`~fasttrain.data.checks.ImageInfo.pil`: transparency,
+16-bit, palettes, CMYK, other formats) are decoded by Pillow with the torch loader's rules (alpha composited on
+white, 16 bits scaled) and handed to DALI as an uncompressed PNM image, so a transparent PNG is the same image
+on every backend and in ``predict``.
+
+**Bad files.** The shared pre-check (:func:`~fasttrain.data.checks.precheck`) skips what it catches at
+construction. A file that still fails inside DALI is identified (DALI names the sample's place in the batch;
+otherwise the batch's samples are decoded one by one), added to ``skipped``, and the pipeline rebuilt; the epoch
+continues with the batch fed again without it (training tops the batch up by repeating samples, as the torch
+loader does). More than ``data.max_bad_per_epoch`` such files in an epoch stop the run with a list.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
+import io
 import logging
-import os
-import tempfile
+import math
+import re
+import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from fasttrain.config import DataConfig
 from fasttrain.data.base import Batch, InputSpec
+from fasttrain.data.checks import BadFiles, ImageInfo, precheck
+from fasttrain.data.files import open_regular
 from fasttrain.data.sources import Split
 from fasttrain.data.torch_loader import EpochSampler, sample_seed
+from fasttrain.data.transforms import DECODE_ERRORS, load_image
 
 log = logging.getLogger(__name__)
 
-__all__ = ["dali_status", "DaliLoader", "sniff_image_format", "check_image_file", "drop_bad_files", "targets_tensor"]
+__all__ = ["dali_status", "dali_padding_bytes", "DaliLoader", "output_stream", "rrc_window", "train_params",
+           "targets_tensor"]
 
-# nvJPEG's scratch buffers in NVIDIA's ResNet-50 example (per thread there; split across threads here), so they
-# are not regrown mid-epoch.
+# nvJPEG's scratch buffers in NVIDIA's ResNet-50 example. DALI documents both as per decoder thread: each thread
+# preallocates one device buffer of _DEVICE_MEMORY_PADDING and two pinned host buffers of _HOST_MEMORY_PADDING,
+# so buffers are not regrown mid-epoch. That memory is outside torch's allocator (no budget sees it): a training
+# pipeline holds num_threads x 201 MiB of device memory and num_threads x 2 x 134 MiB of pinned host memory;
+# see dali_padding_bytes(). The validation pipeline keeps DALI's defaults.
 _DEVICE_MEMORY_PADDING = 211_025_920
 _HOST_MEMORY_PADDING = 140_544_512
-_FILES_ARGUMENT_MAX = 50_000  # longer file lists reach the reader through a temporary file_list
+_DECODE_FAILED = re.compile(r"[Ff]ailed to decode sample #(\d+)")
+_RATIO = (3 / 4, 4 / 3)
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,76 +81,10 @@ def dali_status() -> tuple[bool, str]:
     return True, f"DALI {dali.__version__}"
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Cheap pre-check: DALI aborts the whole pipeline on one undecodable file, so obvious non-images go first.
-
-
-def sniff_image_format(head: bytes) -> str | None:
-    """The image format announced by a file's first bytes (16 are enough), or None when it is no image DALI reads."""
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head.startswith(b"BM"):
-        return "bmp"
-    if head[:4] in (b"II*\x00", b"MM\x00*"):
-        return "tiff"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    if len(head) >= 3 and head[:1] == b"P" and head[1:2] in b"123456" and head[2:3].isspace():
-        return "pnm"
-    if head.startswith(b"\x00\x00\x00\x0cjP  \r\n\x87\n") or head.startswith(b"\xffO\xffQ"):
-        return "jpeg2000"
-    return None
-
-
-def check_image_file(path: str) -> str | None:
-    """Why ``path`` cannot be decoded (empty, unreadable, not an image, truncated), or None when it looks fine.
-
-    Two small reads per file: the first 16 bytes (magic) and, for JPEG and PNG, the last 64, which must hold
-    the end marker (JPEG EOI, PNG IEND). A file without one (a cut-off download; DALI aborts on those) is
-    decoded once with PIL to tell a truncated image from a valid one with trailing bytes.
-    """
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-            kind = sniff_image_format(head)
-            if kind in ("jpeg", "png"):
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 64))
-                tail = f.read()
-    except OSError as e:
-        return f"cannot be read ({e.strerror or e})"
-    if not head:
-        return "empty file"
-    if kind is None:
-        return f"not a JPEG/PNG/BMP/TIFF/WebP/PNM/JPEG 2000 file (starts with {head[:8].hex(' ')})"
-    if kind in ("jpeg", "png") and (b"\xff\xd9" if kind == "jpeg" else b"IEND") not in tail:
-        from PIL import Image
-
-        try:
-            with Image.open(path) as im:
-                im.load()
-        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... on broken streams
-            return f"truncated or corrupt {kind} ({type(e).__name__}: {e})"
-    return None
-
-
-def drop_bad_files(paths: Sequence[str], threads: int = 8) -> tuple[list[int], list[tuple[str, str]]]:
-    """(indices of the files that pass :func:`check_image_file`, [(path, reason)] of those dropped, each logged)."""
-    if len(paths) > 256 and threads > 1:  # opening files is I/O bound: threads hide the latency
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            reasons = list(pool.map(check_image_file, paths, chunksize=64))
-    else:
-        reasons = [check_image_file(p) for p in paths]
-    keep, bad = [], []
-    for i, (path, why) in enumerate(zip(paths, reasons)):
-        if why is None:
-            keep.append(i)
-        else:
-            bad.append((path, why))
-            log.warning("skipping %s: %s", path, why)
-    return keep, bad
+def dali_padding_bytes(data: DataConfig) -> tuple[int, int]:
+    """(device, pinned host) bytes the GPU training pipeline's decoder preallocates outside torch's allocator."""
+    threads = max(1, data.num_dali_threads)
+    return threads * _DEVICE_MEMORY_PADDING, threads * 2 * _HOST_MEMORY_PADDING
 
 
 def targets_tensor(targets: Sequence[Any]) -> torch.Tensor:
@@ -138,20 +101,212 @@ def targets_tensor(targets: Sequence[Any]) -> torch.Tensor:
     return t.long()
 
 
-@contextlib.contextmanager
-def _reader_file_source(files: list[str], labels: list[int]) -> Iterator[dict[str, Any]]:
-    """``fn.readers.file`` arguments for this file order: ``files``/``labels``, or for long lists a temporary
-    ``file_list`` (1.28 M paths: 2.8 s to pass as an argument, 0.5 s to write and parse as a file, per epoch)."""
-    if len(files) <= _FILES_ARGUMENT_MAX or any("\n" in f or f != f.rstrip() for f in files):
-        yield dict(files=files, labels=labels)  # names a file_list cannot carry stay an argument
-        return
-    fd, path = tempfile.mkstemp(prefix="fasttrain-dali-", suffix=".txt")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("".join(f"{p} {i}\n" for p, i in zip(files, labels)))
-        yield dict(file_list=path)
-    finally:
-        os.unlink(path)
+def output_stream(device_id: int | None, device: torch.device):
+    """The CUDA stream DALI binds its outputs to: torch's current stream on the loader's device, so handing a
+    batch over enqueues a wait instead of blocking the Python thread; None (host-synchronous) in CPU-only mode."""
+    if device_id is None:
+        return None
+    return torch.cuda.current_stream(device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Augmentation parameters: the torch loader's, drawn the same way from the same per-sample seed.
+
+
+class _Draws:
+    """A generator and one-element buffers, reused per reader thread: the torch ops torchvision's transforms make,
+    without allocating a tensor per draw (3x faster per sample, same values: ``torch.randint`` is ``random_`` on a
+    new tensor, ``torch.rand`` is ``uniform_(0, 1)``)."""
+
+    def __init__(self):
+        self.g = torch.Generator()
+        self.f = torch.empty(1)
+        self.i = torch.empty(1, dtype=torch.long)
+        log_ratio = torch.log(torch.tensor(_RATIO))  # float32, as RandomResizedCrop keeps it
+        self.log_ratio = (float(log_ratio[0]), float(log_ratio[1]))
+
+    def seed(self, seed: int) -> _Draws:
+        self.g.manual_seed(seed)
+        return self
+
+    def uniform(self, lo: float, hi: float) -> float:
+        return self.f.uniform_(lo, hi, generator=self.g).item()
+
+    def aspect(self) -> float:
+        return self.f.uniform_(*self.log_ratio, generator=self.g).exp_().item()
+
+    def randint(self, hi: int) -> int:
+        return int(self.i.random_(0, hi, generator=self.g).item())
+
+
+_draws = threading.local()
+
+
+def _draws_here() -> _Draws:
+    d = getattr(_draws, "d", None)
+    if d is None:
+        d = _draws.d = _Draws()
+    return d
+
+
+def rrc_window(draws: _Draws, height: int, width: int, scale: tuple[float, float]) -> tuple[int, int, int, int]:
+    """(top, left, h, w): torchvision's ``RandomResizedCrop.make_params`` (ratio 3/4..4/3), draw for draw, so the
+    same generator state gives the same window."""
+    area = height * width
+    for _ in range(10):
+        target_area = area * draws.uniform(scale[0], scale[1])
+        aspect = draws.aspect()
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = draws.randint(height - h + 1)
+            return top, draws.randint(width - w + 1), h, w
+    in_ratio = width / height  # fallback: the centre crop torchvision takes
+    if in_ratio < min(_RATIO):
+        w, h = width, int(round(width / min(_RATIO)))
+    elif in_ratio > max(_RATIO):
+        h, w = height, int(round(height * max(_RATIO)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def train_params(data: DataConfig, seed: int, epoch: int, index: int, height: int, width: int
+                 ) -> tuple[tuple[int, int, int, int] | None, bool]:
+    """(random-resized-crop window or None, flip) of one training sample: the draws ``transforms.train_transform``
+    makes from the generator the torch loader seeds with ``sample_seed(seed, epoch, index)``."""
+    draws = _draws_here().seed(sample_seed(seed, epoch, index))
+    window = rrc_window(draws, height, width, (data.crop_scale_min, 1.0)) if data.random_resized_crop else None
+    flip = bool(data.hflip and draws.uniform(0.0, 1.0) < 0.5)  # v2 flips unless torch.rand(1) >= p
+    return window, flip
+
+
+def _pnm(im) -> bytes:
+    """A decoded PIL image (RGB or L) as an uncompressed PPM / PGM file: lossless, and trivial to decode."""
+    buf = io.BytesIO()
+    im.save(buf, format="PPM")
+    return buf.getvalue()
+
+
+@dataclass
+class _Planned:
+    serial: int
+    """Which planned run of batches it belongs to: a new one at each epoch boundary and at each reposition."""
+    key: int
+    """The epoch (training) or 0 (evaluation: every pass is the same)."""
+    batch: int
+    """Its batch number in the epoch."""
+    indices: list[int]
+    """Positions in the loader's file list: the batch's files less those known bad (training: topped up)."""
+
+
+@dataclass
+class _Sample:
+    index: int
+    data: np.ndarray | None
+    """The encoded file (or the PNM of Pillow's decode); None when it could not be read (``error``)."""
+    window: tuple[int, int, int, int] | None = None
+    """Training: (top, left, h, w) of the random-resized-crop."""
+    flip: bool = False
+    error: str | None = None
+
+
+class _Feeder:
+    """``fn.external_source``'s source: each call hands DALI the next planned batch, its files read ahead by a few
+    threads, and records it in ``in_flight`` until the loader takes its output (DALI keeps batches in order)."""
+
+    def __init__(self, loader: DaliLoader, readers: int, ahead: int):
+        self.loader, self.ahead = loader, ahead
+        self.pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="fasttrain-dali-read")
+        self.in_flight: deque[_Planned] = deque()
+        self.queue: deque[tuple[_Planned, Future]] = deque()
+        self.starts: dict[int, tuple[int, int]] = {}
+        """Per serial, the (key, batch) it started at."""
+        self.serial = self._counter = 0
+        self.pos = (0, 0)
+        self._orders: dict[int, list[int]] = {}
+
+    def reset(self, key: int, batch: int, serial: int | None = None) -> int:
+        """Plan from (key, batch) on, as a new serial (or continuing ``serial``); drops the batches read ahead."""
+        for _, fut in self.queue:
+            fut.cancel()
+        self.queue.clear()
+        if serial is None:
+            return self._start_serial(key, batch)
+        self.serial, self.pos = serial, (key, batch)
+        return serial
+
+    def _start_serial(self, key: int, batch: int) -> int:
+        self._counter += 1
+        self.serial, self.pos = self._counter, (key, batch)
+        self.starts[self.serial] = (key, batch)
+        self.starts.pop(self.serial - 16, None)  # nothing that old is in flight
+        return self.serial
+
+    def rewind(self, serial: int) -> None:
+        """After the pipeline was dropped: everything it held is gone; plan again from the earliest batch of
+        ``serial`` or later that was not output yet (with the current list of bad files)."""
+        pending = [p for p in self.in_flight if p.serial >= serial] + [p for p, _ in self.queue]
+        self.in_flight.clear()
+        if pending:
+            self.reset(pending[0].key, pending[0].batch, pending[0].serial)
+
+    def peek(self) -> _Planned:
+        """The batch the pipeline outputs next."""
+        if self.in_flight:
+            return self.in_flight[0]
+        self._fill()
+        return self.queue[0][0]
+
+    def __call__(self):
+        L = self.loader
+        while True:
+            self._fill()
+            planned, fut = self.queue.popleft()
+            samples = fut.result()
+            for s in samples:
+                if s.error is not None:
+                    L._bad.add(L._paths[s.index], s.error)  # may stop the run (BadDataError out of pipe.run)
+            ok = [s for s in samples if s.error is None]
+            if ok:
+                break
+        if len(ok) < len(samples) and L.train:
+            ok = [ok[k % len(ok)] for k in range(L.batch_size)]
+        planned.indices = [s.index for s in ok]
+        self.in_flight.append(planned)
+        return L._outputs(ok)
+
+    def close(self) -> None:
+        self.reset(*self.pos)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _order(self, key: int) -> list[int]:
+        if key not in self._orders:
+            if len(self._orders) >= 2:
+                self._orders.pop(next(iter(self._orders)))
+            self._orders[key] = self.loader.sampler.indices(key)
+        return self._orders[key]
+
+    def _fill(self) -> None:
+        while len(self.queue) < self.ahead:
+            planned = self._plan()
+            self.queue.append((planned, self.pool.submit(self.loader._read, planned)))
+
+    def _plan(self) -> _Planned:
+        L, B = self.loader, self.loader.batch_size
+        for _ in range(len(L) + 1):
+            (key, b), serial = self.pos, self.serial
+            order = self._order(key)
+            if (b + 1) * B < len(order):
+                self.pos = (key, b + 1)
+            else:  # the epoch's last batch: the next epoch (training) or the next pass (evaluation) follows
+                self._start_serial(key + 1 if L.train else 0, 0)
+            good = [i for i in order[b * B:(b + 1) * B] if L._paths[i] not in L._bad]
+            if good:
+                if L.train and len(good) < B:  # one shape for every step, as the torch loader's collate does
+                    good = [good[k % len(good)] for k in range(B)]
+                return _Planned(serial, key, b, good)
+        raise L._bad.none_decoded(L._split_name)  # a whole epoch of batches without one usable file
 
 
 def _torchvision_eval_geometry(encoded, resize: int, crop: int):
@@ -179,10 +334,11 @@ def _torchvision_eval_geometry(encoded, resize: int, crop: int):
 
 
 class DaliLoader:
-    """The loader contract over a DALI pipeline (see the module docstring for order, sharding and rebuilds).
+    """The loader contract over one long-lived DALI pipeline (see the module docstring for order, augmentation,
+    pixels and bad files).
 
-    Training: random-resized-crop fused into the decoder (area ``crop_scale_min``..1, aspect 3/4..4/3), resized
-    to ``image_size``, random flip; the last partial batch is dropped. Evaluation: shorter side resized to
+    Training: random-resized-crop (area ``crop_scale_min``..1, aspect 3/4..4/3; only the window is decoded),
+    resized to ``image_size``, random flip; the last partial batch is dropped. Evaluation: shorter side resized to
     ``eval_resize`` (linear, antialiased), centre crop ``image_size``; every sample exactly once, the last batch
     partial. Output: normalized, ``spec.dtype``, NCHW (a channels_last view of DALI's NHWC output when
     ``spec.channels_last``), targets indexed on the device. DALI has no bfloat16: bf16 is emitted as fp16 on
@@ -206,12 +362,17 @@ class DaliLoader:
         self.batch_size = batch_size
         self.device_id = device_id
         self.shard_id, self.num_shards = shard_id, num_shards
+        self._rrc, self._flip = train and data.random_resized_crop, train and data.hflip
 
-        keep, self.skipped = drop_bad_files(split.paths, threads=max(1, data.num_dali_threads))
-        if not keep:
-            raise ValueError(f"DaliLoader: no readable images in the {split.name} split ({len(split)} files)")
-        self._paths = [split.paths[i] for i in keep]
-        self._targets = targets_tensor([split.targets[i] for i in keep]).to(spec.device)
+        pre = precheck(split.paths, max_pixels=data.max_image_pixels, threads=max(1, data.num_dali_threads),
+                       split=split.name)
+        self.skipped: list[tuple[str, str]] = list(pre.bad)
+        """(path, reason) of every file left out: by the pre-check, and any that failed inside DALI since."""
+        self._bad = BadFiles(self.skipped, data.max_bad_per_epoch)
+        self._split_name = split.name
+        self._paths = [split.paths[i] for i in pre.keep]
+        self._infos: list[ImageInfo] = pre.infos
+        self._targets = targets_tensor([split.targets[i] for i in pre.keep]).to(spec.device)
         self.num_samples = len(self._paths)
         self.sampler = EpochSampler(self.num_samples, batch_size=batch_size, shuffle=train, seed=seed,
                                     drop_last=train, num_shards=num_shards, shard_id=shard_id)
@@ -219,10 +380,16 @@ class DaliLoader:
             raise ValueError(f"DaliLoader: the {split.name} split has {self.num_samples} usable images, "
                              f"{len(range(shard_id, self.num_samples, num_shards))} in shard {shard_id}: fewer than "
                              f"one batch of {batch_size} (training drops partial batches); lower the batch size")
+        self._start = 0  # batches of the next epoch to skip (resume)
+        self._passes = 0
+        self._last_serial: int | None = None  # the serial of the last batch handed out
+        self.builds = 0
+        """Pipelines built so far: one for the loader's life, plus one per file that failed inside DALI."""
+        readers = max(2, min(8, data.num_dali_threads // 4))  # reading is I/O: a few threads keep ahead
+        self._feeder = _Feeder(self, readers=readers, ahead=data.prefetch + 1)
+        self._feeder.reset(self._key(self.sampler.epoch), 0)
         self._pipe = None
-        self._pipe_epoch: int | None = None
-        self._pipe_fresh = False  # True: the pipeline sits at the start of an epoch (new, or one ran to its end)
-        self._build(self.sampler.epoch)  # fail here, not at the first step, if DALI cannot run this graph
+        self._build()  # fail here, not at the first step, if DALI cannot run this graph
 
     # -- the loader contract -----------------------------------------------------------------------------
 
@@ -232,82 +399,185 @@ class DaliLoader:
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch = epoch
 
+    def skip_batches(self, n: int) -> None:
+        """Start the next iteration ``n`` batches into the epoch without decoding them (resume mid-epoch).
+        Augmentation is drawn per sample from (seed, epoch, index): the batches after the skip are bit-identical
+        to those of a full pass."""
+        self._start = n
+
     def close(self) -> None:
-        """Shut the pipeline down (its threads and buffers go; tensors already handed out stay valid)."""
+        """Shut the pipeline and the readers down (tensors already handed out stay valid)."""
         self._drop_pipeline()
+        self._feeder.close()
 
     def __iter__(self) -> Iterator[Batch]:
-        epoch = self.sampler.epoch
-        # Training reshuffles (new reader file list) every epoch; evaluation reuses its pipeline when the last
-        # pass ran to the end: pad_last_batch then leaves the reader exactly at the shard's first sample.
-        if not (self._pipe_fresh and (self._pipe_epoch == epoch or not self.train)):
-            self._build(epoch)
-        pipe, self._pipe_fresh = self._pipe, False
-        remaining = len(self.sampler)
-        for _ in range(len(self)):
-            try:
-                images, idx = pipe.run()
-            except RuntimeError as e:  # the pipeline is dead after any operator error
-                self._drop_pipeline()
-                raise RuntimeError(f"DALI pipeline failed (a file the pre-check could not catch?): {e}") from e
-            x, i = self._to_torch(images, pipe), self._to_torch(idx, pipe).view(-1)
-            n = min(self.batch_size, remaining)
-            remaining -= n
-            if n < self.batch_size:  # the reader padded the last batch by repeating its last sample
-                x, i = x[:n], i[:n]
-            yield Batch(self._finish_images(x), self._targets[i.long()])
-        self._pipe_fresh = not self.train
+        epoch, start, self._start = self.sampler.epoch, self._start, 0
+        self._bad.start_epoch(epoch if self.train else ("pass", self._passes))
+        self._passes += 1
+        serial = self._seek(self._key(epoch), start)
+        decoded = 0
+        while self._feeder.peek().serial == serial:
+            step = self._step(serial)
+            if step is None:  # a file failed inside DALI: recorded, pipeline rebuilt, the batch is fed again
+                continue
+            images, idx = step
+            self._last_serial = serial
+            decoded += 1
+            yield Batch(self._finish_images(self._to_torch(images)), self._targets[self._to_torch(idx).long()])
+        if not decoded and start < len(self):
+            raise self._bad.none_decoded(self._split_name)
 
-    # -- internals ---------------------------------------------------------------------------------------
+    # -- feeding ------------------------------------------------------------------------------------------
+
+    def _key(self, epoch: int) -> int:
+        return epoch if self.train else 0  # every evaluation pass is the same
+
+    def _seek(self, key: int, start: int) -> int:
+        """The serial of the batches that begin at (key, start): those already planned or decoding when the
+        feeder foresaw this position (an epoch after the last one, or the next evaluation pass); otherwise a new
+        plan, after the batches decoded ahead for another position are drained and dropped."""
+        nxt = self._feeder.peek()
+        if nxt.serial != self._last_serial and self._feeder.starts.get(nxt.serial) == (key, start):
+            return nxt.serial
+        serial = self._feeder.reset(key, start)
+        while self._feeder.in_flight and self._feeder.in_flight[0].serial != serial:
+            self._step(serial)  # output of a batch nobody asked for any more: dropped
+        return serial
+
+    def _read(self, planned: _Planned) -> list[_Sample]:
+        """A planned batch's samples (runs in a reader thread): bytes, and for training the augmentation."""
+        done: dict[int, _Sample] = {}
+        return [done[i] if i in done else done.setdefault(i, self._read_one(i, planned.key)) for i in planned.indices]
+
+    def _read_one(self, i: int, key: int) -> _Sample:
+        path, info = self._paths[i], self._infos[i]
+        try:
+            if info.pil:  # Pillow's pixels with the shared rules (alpha on white), as an uncompressed image
+                data = _pnm(load_image(path, self.data.channels, self.data.max_image_pixels))
+            else:
+                with open_regular(path) as f:
+                    data = f.read()
+        except DECODE_ERRORS as e:
+            return _Sample(i, None, error=f"cannot be read ({type(e).__name__}: {e})")
+        if not data:
+            return _Sample(i, None, error="empty file")
+        window, flip = (train_params(self.data, self.seed, key, i, info.height, info.width) if self.train
+                        else (None, False))
+        return _Sample(i, np.frombuffer(data, np.uint8), window, flip)
+
+    def _outputs(self, samples: list[_Sample]) -> tuple:
+        """The external source's outputs for one batch, in the order of :meth:`_output_names`."""
+        out: list[Any] = [[s.data for s in samples], np.array([s.index for s in samples], np.int64)]
+        if self._rrc:
+            out.append(np.array([(s.window[1], s.window[0]) for s in samples], np.int32))  # anchor (x, y)
+            out.append(np.array([(s.window[3], s.window[2]) for s in samples], np.int32))  # shape (w, h)
+        if self._flip:
+            out.append(np.array([s.flip for s in samples], np.int32))
+        return tuple(out)
+
+    def _output_names(self) -> list[str]:
+        return ["encoded", "index"] + (["anchor", "shape"] if self._rrc else []) + (["mirror"] if self._flip else [])
+
+    # -- running ------------------------------------------------------------------------------------------
+
+    def _step(self, serial: int):
+        """(images, indices) of the next batch, or None when a file failed inside DALI (then it is recorded,
+        the pipeline rebuilt and the feeder rewound to the earliest batch of ``serial`` not output yet)."""
+        if self._pipe is None:
+            self._build()
+        stream = output_stream(self.device_id, self.spec.device)
+        try:
+            outs = self._pipe.run() if stream is None else self._pipe.run(stream)
+        except RuntimeError as e:
+            failed = self._feeder.in_flight[0] if self._feeder.in_flight else None
+            bad = self._identify(failed, str(e)) if failed is not None else []
+            self._drop_pipeline()
+            self._feeder.rewind(serial)
+            if not bad:
+                raise RuntimeError(f"DALI pipeline failed, and no single file of the batch fails alone: {e}") from e
+            for i, why in bad:
+                self._bad.add(self._paths[i], why)
+            return None
+        self._feeder.in_flight.popleft()
+        return outs
+
+    def _identify(self, failed: _Planned, message: str) -> list[tuple[int, str]]:
+        """The files of ``failed`` that DALI cannot decode: the sample its message names, once a batch-of-one
+        pipeline confirms it; else each sample of the batch decoded alone."""
+        samples = list({s.index: s for s in self._read(failed) if s.error is None}.values())
+        m = _DECODE_FAILED.search(message)
+        if m and int(m.group(1)) < len(failed.indices):
+            named = failed.indices[int(m.group(1))]
+            bad = self._probe([s for s in samples if s.index == named])
+            if bad:
+                return bad
+        return self._probe(samples)
+
+    def _probe(self, samples: list[_Sample]) -> list[tuple[int, str]]:
+        """(index, DALI's reason) of the samples a batch-of-one copy of the pipeline fails on."""
+        bad: list[tuple[int, str]] = []
+        current: list[_Sample] = []
+        pipe = None
+        try:
+            for s in samples:
+                if pipe is None:
+                    pipe = self._define(lambda: self._outputs(current), batch_size=1, threads=1, prefetch=1,
+                                        padded=False)
+                current[:] = [s]
+                try:
+                    pipe.run()
+                except RuntimeError as e:
+                    lines = [ln.strip(" :") for ln in str(e).splitlines() if ln.strip(" :")]
+                    detail = "" if _DECODE_FAILED.search(str(e)) or not lines else f" ({lines[-1]})"
+                    bad.append((s.index, f"DALI failed to decode it{detail}"))
+                    _shutdown(pipe)  # an operator error leaves the pipeline unusable
+                    pipe = None
+        finally:
+            if pipe is not None:
+                _shutdown(pipe)
+        return bad
 
     def _drop_pipeline(self) -> None:
         if self._pipe is not None:
-            shutdown = getattr(self._pipe, "_shutdown", None)  # frees threads and pools now, not at collection
-            if shutdown is not None:
-                shutdown()
+            _shutdown(self._pipe)
             self._pipe = None
-        self._pipe_epoch, self._pipe_fresh = None, False
 
-    def _build(self, epoch: int) -> None:
-        self._drop_pipeline()
-        self.sampler.epoch = epoch
-        order = self.sampler.indices()
-        files = [self._paths[i] for i in order]
-        # DALI seeds are 32-bit; one per (seed, epoch, shard) keeps augmentation reproducible and shards distinct.
-        pipe_seed = sample_seed(self.seed, epoch, -1 - self.shard_id) % (2**31 - 1)
-        with _reader_file_source(files, order) as source:
-            self._pipe = self._define(source, pipe_seed)
-            self._pipe.build()  # the reader parses a file_list here, so the file can go right after
-        self._pipe_epoch, self._pipe_fresh = epoch, True
+    def _build(self) -> None:
+        d = self.data
+        self._pipe = self._define(self._feeder, batch_size=self.batch_size, threads=d.num_dali_threads,
+                                  prefetch=d.prefetch, padded=self.train)
+        self.builds += 1
 
-    def _define(self, source: dict[str, Any], seed: int):
+    def _define(self, source, *, batch_size: int, threads: int, prefetch: int, padded: bool):
         from nvidia.dali import fn, types
         from nvidia.dali.pipeline import Pipeline
 
         d, gpu, size = self.data, self.device_id is not None, self.data.image_size
         dev = "gpu" if gpu else "cpu"
-        pipe = Pipeline(batch_size=self.batch_size, num_threads=d.num_dali_threads, device_id=self.device_id,
-                        seed=seed, prefetch_queue_depth=d.prefetch)
+        # No random operator in the graph (augmentation arrives per sample): the seed only has to be valid.
+        pipe = Pipeline(batch_size=batch_size, num_threads=threads, device_id=self.device_id,
+                        seed=sample_seed(self.seed, 0, -1 - self.shard_id) % (2**31 - 1),
+                        prefetch_queue_depth=prefetch, exec_dynamic=True)
+        names = self._output_names()
+        kinds = {"encoded": (types.UINT8, 1), "index": (types.INT64, 0), "anchor": (types.INT32, 1),
+                 "shape": (types.INT32, 1), "mirror": (types.INT32, 0)}
         with pipe:
-            # Labels are positions in self._paths; the real targets (ints or float vectors) are gathered on
-            # the device. pad_last_batch repeats the last sample so an epoch ends on a batch boundary.
-            encoded, index = fn.readers.file(**source, name="reader", pad_last_batch=True, random_shuffle=False)
+            nodes = dict(zip(names, fn.external_source(
+                source=source, num_outputs=len(names), batch=True,
+                dtype=[kinds[n][0] for n in names], ndim=[kinds[n][1] for n in names])))
+            encoded = nodes["encoded"]
             # adjust_orientation=False: PIL (the torch backend) ignores EXIF rotation too, so both see the same pixels.
             decode: dict[str, Any] = dict(device="mixed" if gpu else "cpu", adjust_orientation=False,
                                           output_type=types.RGB if d.channels == 3 else types.GRAY)
             if gpu:
                 decode["hw_decoder_load"] = d.hw_decoder_load
-                if self.train:
-                    # The paddings are per decoder thread, outside torch's allocator (no budget sees them): split
-                    # the example's totals across threads, and leave the validation pipeline at DALI's defaults.
-                    threads = max(1, d.num_dali_threads)
-                    decode.update(device_memory_padding=_DEVICE_MEMORY_PADDING // threads,
-                                  host_memory_padding=_HOST_MEMORY_PADDING // threads)
+                if padded:  # per decoder thread, as DALI documents them (see _DEVICE_MEMORY_PADDING)
+                    decode.update(device_memory_padding=_DEVICE_MEMORY_PADDING,
+                                  host_memory_padding=_HOST_MEMORY_PADDING)
             crop: dict[str, Any] = {}
-            if self.train and d.random_resized_crop:
-                # Fused crop: only the chosen window is decoded (ROI decode), then resized as torchvision does.
-                images = fn.decoders.image_random_crop(encoded, random_area=[d.crop_scale_min, 1.0],
-                                                       random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10, **decode)
+            if self._rrc:
+                # Only the window is decoded (ROI decode), then resized as torchvision's resized_crop does.
+                images = fn.decoders.image_slice(encoded, nodes["anchor"], nodes["shape"], axis_names="WH", **decode)
                 images = fn.resize(images, device=dev, resize_x=size, resize_y=size,
                                    interp_type=types.INTERP_LINEAR, antialias=True)
             else:
@@ -316,12 +586,13 @@ class DaliLoader:
                 images = fn.resize(images, device=dev, resize_y=resize_hw[0], resize_x=resize_hw[1],
                                    interp_type=types.INTERP_LINEAR, antialias=True)
                 crop = dict(crop=(size, size), crop_pos_y=crop_pos_yx[0], crop_pos_x=crop_pos_yx[1])
-            mirror = fn.random.coin_flip(probability=0.5) if self.train and d.hflip else 0
             images = fn.crop_mirror_normalize(
-                images, device=dev, dtype=self._dali_dtype(types), mirror=mirror,
+                images, device=dev, dtype=self._dali_dtype(types), mirror=nodes.get("mirror", 0),
                 output_layout="HWC" if self.spec.channels_last else "CHW",
                 mean=[255.0 * m for m in self.spec.mean], std=[255.0 * s for s in self.spec.std], **crop)
+            index = nodes["index"]
             pipe.set_outputs(images, index.gpu() if gpu else index)
+        pipe.build()
         return pipe
 
     def _dali_dtype(self, types):
@@ -331,25 +602,24 @@ class DaliLoader:
             return types.FLOAT16
         return types.FLOAT
 
-    def _to_torch(self, tensor_list, pipe) -> torch.Tensor:
-        """Zero-copy DLPack view of a dense DALI batch, as DALI's own PyTorch iterator does with its dynamic
-        executor (the buffer lives as long as the torch tensor; on the GPU, DLPack orders torch's stream after
-        DALI's). A copy for the legacy executor, whose output buffers are recycled on the next run."""
+    def _to_torch(self, tensor_list) -> torch.Tensor:
+        """Zero-copy DLPack view of a dense DALI batch (the dynamic executor does not recycle output buffers:
+        the memory lives as long as the torch tensor). On the GPU the outputs are already bound to torch's
+        current stream (:func:`output_stream`), so taking them enqueues no host wait."""
         t = tensor_list.as_tensor()
-        if getattr(pipe, "exec_dynamic", False):
-            if self.device_id is None:
-                return torch.from_dlpack(t)
-            with torch.cuda.device(self.device_id):
-                return torch.from_dlpack(t)
-        from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
-
-        device = torch.device("cuda", self.device_id) if self.device_id is not None else torch.device("cpu")
-        out = torch.empty(t.shape(), dtype=to_torch_type[t.dtype], device=device)
-        feed_ndarray(t, out, cuda_stream=torch.cuda.current_stream(device) if device.type == "cuda" else None)
-        return out
+        if self.device_id is None:
+            return torch.from_dlpack(t)
+        with torch.cuda.device(self.device_id):
+            return torch.from_dlpack(t)
 
     def _finish_images(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.channels_last:
             x = x.permute(0, 3, 1, 2)  # a contiguous NHWC tensor *is* NCHW with channels_last strides
         x = x.to(self.spec.device, non_blocking=True)  # no-op unless CPU-only DALI feeds a GPU
         return x.to(self.spec.dtype)  # bf16 (DALI cannot emit it); keeps the memory format
+
+
+def _shutdown(pipe) -> None:
+    shutdown = getattr(pipe, "_shutdown", None)  # frees threads and pools now, not at collection
+    if shutdown is not None:
+        shutdown()

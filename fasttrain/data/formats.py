@@ -83,10 +83,19 @@ def _finish(root: Path, fmt: str, splits: dict[str, Split], cfg: DataConfig, ski
 
 # -- manifest ------------------------------------------------------------------------------------------------
 def _read_manifest(path: Path, skipped: list[tuple[str, str]]) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, record) pairs; malformed JSON lines are skipped with their line number."""
+    """(line number, record) pairs; malformed JSON lines are skipped with their line number. A file that is not
+    UTF-8 is an error naming it; a byte-order mark (Excel's "CSV UTF-8") is accepted."""
+    try:
+        return _read_manifest_rows(path, skipped)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"data.manifest: {path} is not UTF-8 text (byte {e.start} cannot be decoded); save it "
+                          f"as UTF-8 (in Excel: CSV UTF-8)") from None
+
+
+def _read_manifest_rows(path: Path, skipped: list[tuple[str, str]]) -> list[tuple[int, dict[str, Any]]]:
     rows: list[tuple[int, dict[str, Any]]] = []
     if path.suffix.lower() in (".jsonl", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             for n, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -100,7 +109,7 @@ def _read_manifest(path: Path, skipped: list[tuple[str, str]]) -> list[tuple[int
                     continue
                 rows.append((n, rec))
         return rows
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a leading BOM is not part of the header
         reader = csv.DictReader(f)
         if not reader.fieldnames:
             raise ConfigError(f"data.manifest: {path} is empty (expected a header line)")
@@ -136,7 +145,10 @@ def _inside(root: Path, value: str) -> Path | None:
 
 
 def _discover_manifest(cfg: DataConfig, root: Path) -> DataSource:
-    path = root / cfg.manifest
+    path = _inside(root, cfg.manifest)
+    if path is None:  # never read (or echo) a file outside the dataset
+        raise ConfigError(f"data.manifest: {cfg.manifest!r} lies outside data.root {root}; the manifest must be a "
+                          f"file inside the dataset folder")
     if not path.is_file():
         raise ConfigError(f"data.manifest: {path} not found (a CSV with a header, or .jsonl, relative to data.root)")
     skipped: list[tuple[str, str]] = []

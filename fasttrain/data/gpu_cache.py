@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from fasttrain.config import DataConfig
 from fasttrain.data.base import Batch, InputSpec, normalize_on_device
+from fasttrain.data.checks import BadFiles, precheck
 from fasttrain.data.dali import targets_tensor
 from fasttrain.data.sources import Split
 from fasttrain.data.torch_loader import EpochSampler, sample_seed
@@ -111,7 +112,9 @@ class GpuCacheLoader:
 
     Order: the torch backend's :class:`EpochSampler` (same permutation per (seed, epoch)); training drops the
     last partial batch, evaluation yields every sample once. Augmentation draws from a device generator seeded
-    by (seed, epoch), so an epoch's batches are reproducible.
+    by (seed, epoch), so an epoch's batches are reproducible. ``skipped``: (path, reason) of the files the shared
+    pre-check or the decode pass could not use; more than ``data.max_bad_per_epoch`` decode failures (beyond the
+    pre-check) refuse the dataset with the list.
     """
 
     def __init__(self, split: Split, data: DataConfig, spec: InputSpec, *, batch_size: int, train: bool, seed: int):
@@ -123,9 +126,18 @@ class GpuCacheLoader:
         self.flip = train and data.hflip
         # The random-resized-crop canvas is the eval transform with the shorter side resized to image_size.
         transform = eval_transform(dataclasses.replace(data, resize_size=data.image_size) if self.rrc else data)
-        images, keep = _decode_all(split.paths, transform, data, threads=max(1, data.num_workers))
-        if not keep:
-            raise ValueError(f"GpuCacheLoader: no readable images in the {split.name} split ({len(split)} files)")
+        threads = max(1, data.num_workers)
+        pre = precheck(split.paths, max_pixels=data.max_image_pixels, threads=threads, split=split.name)
+        self.skipped: list[tuple[str, str]] = list(pre.bad)
+        # The decode pass is this backend's only decoding: the per-epoch limit on failures applies to it.
+        bad = BadFiles(self.skipped, data.max_bad_per_epoch, unit="decode pass of the cache")
+        paths = [split.paths[i] for i in pre.keep]
+        images, decoded, failed = _decode_all(paths, transform, data, threads=threads)
+        for path, reason in failed:
+            bad.add(path, reason)
+        if not decoded:
+            raise bad.none_decoded(split.name)
+        keep = [pre.keep[i] for i in decoded]
         self.images = images.to(spec.device)
         self.targets = targets_tensor([split.targets[i] for i in keep]).to(spec.device)
         self.num_samples = len(keep)
@@ -172,25 +184,24 @@ class GpuCacheLoader:
 
 
 def _decode_all(paths: list[str], transform: Callable, data: DataConfig, threads: int
-                ) -> tuple[torch.Tensor, list[int]]:
-    """Decode every file into one uint8 N x C x S x S tensor with threads; unreadable files are logged and left out."""
+                ) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
+    """Decode every file into one uint8 N x C x S x S tensor with threads: (tensor of the files that decoded,
+    their indices, [(path, reason)] of those that did not)."""
     size, n = data.image_size, len(paths)
     out = torch.empty((n, data.channels, size, size), dtype=torch.uint8)
 
     def decode(i: int) -> str | None:
         try:
-            out[i] = transform(load_image(paths[i], data.channels))
+            out[i] = transform(load_image(paths[i], data.channels, data.max_image_pixels))
         except DECODE_ERRORS as e:
-            return f"{type(e).__name__}: {e}"
+            return f"cannot be decoded ({type(e).__name__}: {e})"
         return None
 
     # Pillow releases the GIL while it decodes and resizes, so threads scale.
     with ThreadPoolExecutor(max_workers=min(threads, max(1, n))) as pool:
         reasons = list(pool.map(decode, range(n), chunksize=16))
     keep = [i for i, why in enumerate(reasons) if why is None]
-    for i, why in enumerate(reasons):
-        if why is not None:
-            log.warning("skipping unreadable image %s: %s", paths[i], why)
+    failed = [(paths[i], why) for i, why in enumerate(reasons) if why is not None]
     if len(keep) < n:
         out = out[keep]
-    return out, keep
+    return out, keep, failed

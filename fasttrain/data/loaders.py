@@ -53,13 +53,17 @@ def make_image_loader(backend: str, split: Split, cfg: Config, spec: InputSpec, 
     d = cfg.data
     seed = cfg.runtime.seed
     if backend == "torch":
+        from fasttrain.data.checks import precheck
         from fasttrain.data.torch_loader import ImageDataset, TorchLoader
         from fasttrain.data.transforms import eval_transform, train_transform
 
+        # The same pre-check as DALI and the cache: every backend samples from the same files, in the same order.
+        pre = precheck(split.paths, max_pixels=d.max_image_pixels, threads=max(1, d.num_workers), split=split.name)
         tf = train_transform(d) if train else eval_transform(d)
-        ds = ImageDataset(split, tf, d.channels, seed)
+        ds = ImageDataset(split.subset(pre.keep), tf, d.channels, seed, max_pixels=d.max_image_pixels)
         return TorchLoader(ds, spec, batch_size=batch_size, train=train, seed=seed, workers=d.num_workers,
-                           prefetch=d.prefetch)
+                           prefetch=d.prefetch, skipped=pre.bad, max_bad_per_epoch=d.max_bad_per_epoch,
+                           split=split.name)
     if backend == "dali":
         from fasttrain.data.dali import DaliLoader
 

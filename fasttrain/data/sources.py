@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from fasttrain.config import ConfigError, DataConfig
+from fasttrain.data.files import not_regular_reason
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_EXTENSIONS", "Split", "DataSource", "discover", "list_images", "holdout_split", "hold_out",
-           "split_folders"]
+__all__ = ["IMAGE_EXTENSIONS", "Split", "DataSource", "ImageScan", "discover", "list_images", "scan_images",
+           "holdout_split", "hold_out", "split_folders"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm"})
 
@@ -63,15 +64,67 @@ class DataSource:
         return 0
 
 
+@dataclass
+class ImageScan:
+    files: list[Path]
+    """Regular files (or links to them) with an image extension, sorted."""
+    others: list[tuple[str, str]]
+    """(path, what it is) of entries with an image extension that are no regular file: FIFOs, sockets, devices,
+    broken links. They are never opened (a FIFO would block the reader for ever)."""
+    empty_dirs: list[Path]
+    """Sub-folders (topmost ones) holding no image file at all."""
+
+
+def scan_images(folder: Path) -> ImageScan:
+    """Image files under ``folder`` (recursively, sorted, hidden files and folders skipped; linked folders followed),
+    and the image-named entries that are not regular files."""
+    files: list[Path] = []
+    others: list[tuple[str, str]] = []
+    empty: list[Path] = []
+    seen: set[tuple[int, int]] = set()  # folders by (device, inode): a link loop is walked once
+
+    def walk(d: Path) -> bool:  # True when the subtree holds an image file
+        try:
+            st = d.stat()
+            if (st.st_dev, st.st_ino) in seen:
+                return True  # already walked (and reported) through another link
+            seen.add((st.st_dev, st.st_ino))
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as e:
+            log.warning("cannot list %s: %s", d, e.strerror or e)
+            return False
+        found = False
+        for e in entries:
+            if e.name.startswith(".") or e.is_dir():  # is_dir follows links, as os.walk(followlinks=True) did
+                continue
+            if Path(e.name).suffix.lower() in IMAGE_EXTENSIONS:
+                if e.is_file():  # the directory entry's type: no extra system call unless it is a link
+                    files.append(Path(e.path))
+                    found = True
+                else:
+                    others.append((e.path, not_regular_reason(e.path) or "not a regular file"))
+        for e in entries:
+            if not e.name.startswith(".") and e.is_dir():
+                if walk(Path(e.path)):
+                    found = True
+                else:
+                    empty.append(Path(e.path))
+        return found
+
+    walk(Path(folder))
+    # Report the topmost empty folders only (an empty class folder, not each of its empty sub-folders).
+    empty = sorted(d for d in empty if not any(o != d and d.is_relative_to(o) for o in empty))
+    return ImageScan(files, others, empty)
+
+
 def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively, sorted, hidden files and folders skipped)."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in sorted(filenames):
-            if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS:
-                out.append(Path(dirpath) / f)
-    return out
+    """Image files under ``folder`` (see :func:`scan_images`); image-named entries that are not regular files
+    (a FIFO called ``x.png``) are left out with a warning."""
+    scan = scan_images(folder)
+    for path, why in scan.others:
+        log.warning("skipped %s: %s", path, why)
+    return scan.files
 
 
 def holdout_split(targets: list[Any], fraction: float, seed: int, stratify: bool) -> tuple[list[int], list[int]]:
@@ -126,16 +179,21 @@ def hold_out(train: Split, cfg: DataConfig, *, stratify: bool, groups: list[Any]
     return train_part, val
 
 
-def _class_folder_split(folder: Path, name: str, class_names: list[str]) -> Split:
+def _class_folder_split(folder: Path, name: str, class_names: list[str],
+                        skipped: list[tuple[str, str]] | None = None) -> Split:
+    """The split's files and class indices; image-named entries that are no regular file go to ``skipped``."""
     paths, targets = [], []
     index = {c: i for i, c in enumerate(class_names)}
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if sub.name not in index:
             raise ConfigError(f"data.root: {name} split {folder} has class folder {sub.name!r} that the training "
                               f"split lacks (training classes: {', '.join(class_names)})")
-        for f in list_images(sub):
+        scan = scan_images(sub)
+        for f in scan.files:
             paths.append(str(f))
             targets.append(index[sub.name])
+        if skipped is not None:
+            skipped.extend(scan.others)
     return Split(name, paths, targets)
 
 
@@ -146,7 +204,8 @@ def _discover_folder(cfg: DataConfig, root: Path) -> DataSource:
                          if p.is_dir() and not p.name.startswith(".") and p.name not in reserved)
     if not class_names:
         raise ConfigError(f"data.root: {train_dir} holds no class folders (expected {train_dir}/<class>/<image>)")
-    train = _class_folder_split(train_dir, "train", class_names)
+    skipped: list[tuple[str, str]] = []
+    train = _class_folder_split(train_dir, "train", class_names, skipped)
     if len(train) == 0:
         raise ConfigError(f"data.root: no images under {train_dir} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     present = set(train.targets)
@@ -154,11 +213,12 @@ def _discover_folder(cfg: DataConfig, root: Path) -> DataSource:
     if empty:
         log.warning("class folders without images in %s: %s", train_dir, ", ".join(empty))
     if "val" in folders:
-        val = _class_folder_split(folders["val"], "val", class_names)
+        val = _class_folder_split(folders["val"], "val", class_names, skipped)
     else:
         train, val = hold_out(train, cfg, stratify=True)
-    test = _class_folder_split(folders["test"], "test", class_names) if "test" in folders else None
-    return DataSource(root, "folder", train, val if len(val) else None, test, class_names=class_names)
+    test = _class_folder_split(folders["test"], "test", class_names, skipped) if "test" in folders else None
+    return DataSource(root, "folder", train, val if len(val) else None, test, class_names=class_names,
+                      skipped=skipped)
 
 
 def discover(cfg: DataConfig, root: str | os.PathLike | None = None) -> DataSource:

@@ -27,6 +27,18 @@ __all__ = ["SHAPES", "make_shapes_dataset", "demo_dataset", "default_cache_dir",
 SHAPES = ("circle", "square", "triangle", "cross")
 
 
+def _need(cond: bool, name: str, value: object, rule: str) -> None:
+    """Generator arguments are checked up front: a negative count would write empty folders."""
+    if not cond:
+        raise ValueError(f"{name} must be {rule}, got {value!r}")
+
+
+def _check_size(size: int | tuple[int, int], name: str = "size") -> None:
+    sides = (size,) if isinstance(size, int) else tuple(size)
+    _need(len(sides) in (1, 2) and all(isinstance(s, int) and s >= 8 for s in sides), name, size,
+          "at least 8 pixels per side")
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("FASTTRAIN_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                                / "fasttrain"))
@@ -85,6 +97,10 @@ def make_shapes_dataset(root: str | os.PathLike, *, train_per_class: int = 300, 
                         size: int = 48, shapes: tuple[str, ...] = SHAPES, seed: int = 0,
                         fmt: str = "png") -> Path:
     """Write an ImageFolder tree ``root/{train,val}/<shape>/*.<fmt>`` of coloured shapes; returns ``root``."""
+    _need(train_per_class >= 1, "train_per_class", train_per_class, ">= 1")
+    _need(val_per_class >= 0, "val_per_class", val_per_class, ">= 0")
+    _need(len(shapes) >= 2 and all(s in SHAPES for s in shapes), "shapes", shapes, f"two or more of {SHAPES}")
+    _check_size(size)
     root = Path(root)
     rng = random.Random(seed)
     with atomic_dir(root) as tmp:
@@ -105,6 +121,12 @@ def demo_dataset(cache_dir: str | os.PathLike | None = None) -> Path:
             make_shapes_dataset(root)
         except FileExistsError:  # another process finished writing it first
             pass
+        except OSError as e:  # a read-only or full home folder
+            from fasttrain.io import WriteError, os_reason
+
+            raise WriteError(f"cannot write the demo dataset to {root}: {os_reason(e)}; set FASTTRAIN_CACHE to a "
+                             f"writable folder, or data.root to a dataset", e.errno, path=root,
+                             reason=os_reason(e)) from None
     return root
 
 
@@ -175,6 +197,10 @@ def make_drawing_dataset(root: str | os.PathLike, sessions: int = 60, steps: int
     Canvas ``step_k.png`` (k = 0..steps) shows strokes 1..k; ``step_k.json`` (k = 1..steps) holds stroke k's
     first point and colour. With ``val_sessions`` > 0 the sessions go to ``train/`` and ``val/`` (that many).
     """
+    _need(sessions >= 1, "sessions", sessions, ">= 1")
+    _need(val_sessions >= 0, "val_sessions", val_sessions, ">= 0")
+    _need(steps >= 1, "steps", steps, ">= 1")
+    _check_size(size)
     root = Path(root)
     rng = random.Random(seed)
     with atomic_dir(root) as tmp:
@@ -218,6 +244,9 @@ def make_paired_dataset(root: str | os.PathLike, n: int = 200, size: int = 64, l
     """
     if layout not in ("folders", "side_by_side"):
         raise ValueError(f"layout must be folders or side_by_side, got {layout!r}")
+    _need(n >= 1, "n", n, ">= 1")
+    _need(0 <= val_fraction < 1, "val_fraction", val_fraction, "in [0, 1)")
+    _check_size(size)
     root = Path(root)
     rng = random.Random(seed)
     n_val = max(1, int(round(n * val_fraction))) if n > 1 and val_fraction > 0 else 0
@@ -266,6 +295,11 @@ def make_imagenet_like(root: str | os.PathLike, n: int = 1000, classes: int = 10
     ``root/{train,val}/class_NNN/NNNNNN.jpg``, ImageNet-sized (500 x 375, quality 90 by default, ~50 KB each),
     for loader and end-to-end benchmarks: decode cost is what matters, not what the images show.
     """
+    _need(n >= 1, "n", n, ">= 1")
+    _need(val >= 0, "val", val, ">= 0")
+    _need(classes >= 1, "classes", classes, ">= 1")
+    _need(1 <= quality <= 100, "quality", quality, "in 1..100")
+    _check_size(tuple(size))
     root = Path(root)
     rng = np.random.default_rng(seed)
     with atomic_dir(root) as tmp:

@@ -11,20 +11,19 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fasttrain.data.base import Batch, InputSpec, normalize_on_device
+from fasttrain.data.checks import BadDataError, BadFiles
 from fasttrain.data.sources import Split
 from fasttrain.data.transforms import DECODE_ERRORS, load_image
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EpochSampler", "ImageDataset", "collate_skip", "TorchLoader", "sample_seed"]
-
-
+__all__ = ["EpochSampler", "ImageDataset", "Skip", "collate_skip", "TorchLoader", "sample_seed"]
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A well-mixed 63-bit seed per (run seed, epoch, sample index)."""
@@ -49,9 +48,11 @@ class EpochSampler(Sampler):
         self.start = 0
         """Samples of the epoch to leave out of the next iteration only (resuming mid-epoch)."""
 
-    def indices(self) -> list[int]:
+    def indices(self, epoch: int | None = None) -> list[int]:
+        """This shard's sample order for ``epoch`` (default: the current one)."""
+        epoch = self.epoch if epoch is None else epoch
         if self.shuffle:
-            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+            g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, -1))
             order = torch.randperm(self.n, generator=g).tolist()
         else:
             order = list(range(self.n))
@@ -69,13 +70,20 @@ class EpochSampler(Sampler):
         return per_shard // self.batch_size * self.batch_size if self.drop_last else per_shard
 
 
+class Skip(NamedTuple):
+    """What a dataset returns for a sample it cannot decode: the file and why (the loader records and skips it)."""
+
+    path: str
+    reason: str
+
+
 class ImageDataset(Dataset):
-    """(index, epoch) -> (uint8 C x H x W, target) or None when the file cannot be decoded (logged, skipped)."""
+    """(index, epoch) -> (uint8 C x H x W, target), or a :class:`Skip` when the file cannot be decoded."""
 
     def __init__(self, split: Split, transform: Callable, channels: int, seed: int,
-                 target_fn: Callable[[Any], Any] = lambda t: t):
+                 target_fn: Callable[[Any], Any] = lambda t: t, max_pixels: int | None = None):
         self.split, self.transform, self.channels, self.seed = split, transform, channels, seed
-        self.target_fn = target_fn
+        self.target_fn, self.max_pixels = target_fn, max_pixels
 
     def __len__(self) -> int:
         return len(self.split)
@@ -84,7 +92,7 @@ class ImageDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         path = self.split.paths[index]
         try:
-            im = load_image(path, self.channels)
+            im = load_image(path, self.channels, self.max_pixels)
             # torchvision's transforms draw from the global CPU generator: seed it for this sample inside a fork
             # that restores it. Only the CPU generator: torch.manual_seed would also reseed every CUDA generator
             # (with data.workers = 0 this runs in the training process: dropout's stream, a restored RNG state).
@@ -92,18 +100,18 @@ class ImageDataset(Dataset):
                 torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
                 x = self.transform(im)
         except DECODE_ERRORS as e:
-            log.warning("skipping unreadable image %s: %s", path, e)
-            return None
+            return Skip(path, f"cannot be decoded ({type(e).__name__}: {e})")
         return x, self.target_fn(self.split.targets[index])
 
 
 def collate_skip(items: Sequence, fill_to: int = 0):
-    """Stack the samples that decoded; None when none did (the loader then skips the batch).
+    """Stack the samples that decoded (None or :class:`Skip` items are left out); None when none did (the loader
+    then skips the batch).
 
     ``fill_to``: training batches short of samples (an unreadable file was skipped) are topped up by repeating
     decoded ones, so every step keeps one shape (a new shape costs a torch.compile recompile).
     """
-    items = [it for it in items if it is not None]
+    items = [it for it in items if it is not None and not isinstance(it, Skip)]
     if not items:
         return None
     if len(items) < fill_to:
@@ -112,6 +120,18 @@ def collate_skip(items: Sequence, fill_to: int = 0):
     x = torch.stack(xs)
     y = torch.stack(ys) if isinstance(ys[0], torch.Tensor) else torch.as_tensor(ys)
     return x, y
+
+
+class _NamedSkips:
+    """Wraps a collate function: the :class:`Skip` items of a batch travel beside it (from the worker processes
+    to the loader, which records them); the wrapped function sees None in their place."""
+
+    def __init__(self, collate: Callable):
+        self.collate = collate
+
+    def __call__(self, items: Sequence) -> dict[str, Any]:
+        skips = [(it.path, it.reason) for it in items if isinstance(it, Skip)]
+        return {"batch": self.collate([None if isinstance(it, Skip) else it for it in items]), "skipped": skips}
 
 
 def _default_prepare(spec: InputSpec) -> Callable:
@@ -125,15 +145,24 @@ def _default_prepare(spec: InputSpec) -> Callable:
 
 
 class TorchLoader:
-    """A DataLoader behind the loader contract; ``prepare`` turns a CPU batch into a device Batch."""
+    """A DataLoader behind the loader contract; ``prepare`` turns a CPU batch into a device Batch.
+
+    ``skipped``: (path, reason) of files already left out (the pre-check's); files that fail to decode during
+    the run are added (a dataset reports them by returning :class:`Skip`). More than ``max_bad_per_epoch`` new
+    ones in one epoch, or an epoch in which nothing decodes, raise :class:`~fasttrain.data.checks.BadDataError`.
+    """
 
     def __init__(self, dataset: Dataset, spec: InputSpec, *, batch_size: int, train: bool, seed: int,
                  workers: int, prefetch: int = 2, pin_memory: bool | None = None,
                  prepare: Callable[[Any], Batch] | None = None, collate: Callable = collate_skip,
-                 num_shards: int = 1, shard_id: int = 0):
+                 num_shards: int = 1, shard_id: int = 0, skipped: list[tuple[str, str]] | None = None,
+                 max_bad_per_epoch: int = 10, split: str | None = None):
         self.spec = spec
         self.batch_size = batch_size
         self.num_samples = len(dataset)
+        self.skipped: list[tuple[str, str]] = list(skipped or [])
+        self._bad = BadFiles(self.skipped, max_bad_per_epoch)
+        self._split = split or ("train" if train else "evaluation")
         self.sampler = EpochSampler(len(dataset), batch_size=batch_size, shuffle=train, seed=seed,
                                     drop_last=train, num_shards=num_shards, shard_id=shard_id)
         self.prepare = prepare or _default_prepare(spec)
@@ -141,7 +170,7 @@ class TorchLoader:
         if train and collate is collate_skip:
             collate = functools.partial(collate_skip, fill_to=batch_size)
         self.loader = DataLoader(
-            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers, collate_fn=collate,
+            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers, collate_fn=_NamedSkips(collate),
             pin_memory=cuda if pin_memory is None else pin_memory,
             persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
             drop_last=False,  # the sampler already trimmed to whole batches for training
@@ -163,8 +192,29 @@ class TorchLoader:
         Augmentation is seeded per sample, so the batches after the skip are the ones a full pass yields."""
         self.sampler.start = n * self.batch_size
 
+    def _decoded(self) -> Iterator[Any]:
+        """The DataLoader's CPU batches; files that failed are recorded (and may stop the run), empty batches
+        dropped."""
+        self._bad.start_epoch(self.sampler.epoch)
+        drawn = decoded = 0
+        try:
+            for out in self.loader:
+                drawn += 1
+                for path, reason in out["skipped"]:
+                    self._bad.add(path, reason)
+                if out["batch"] is not None:
+                    decoded += 1
+                    yield out["batch"]
+            if drawn and not decoded:
+                raise self._bad.none_decoded(self._split)
+        except BadDataError:
+            # The run stops: end the workers now. Reached only through the exception's traceback, they would be
+            # left to the cycle collector, whose shutdown waits 5 s per worker.
+            self.close()
+            raise
+
     def __iter__(self) -> Iterator[Batch]:
-        batches = (b for b in self.loader if b is not None)
+        batches = self._decoded()
         if self._stream is None:
             for b in batches:
                 yield self.prepare(b)

@@ -14,37 +14,51 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from fasttrain.config import DataConfig
+from fasttrain.data.files import open_regular
 
-__all__ = ["DECODE_ERRORS", "load_image", "eval_transform", "train_transform", "to_uint8_tensor", "resize_square"]
+__all__ = ["DECODE_ERRORS", "load_image", "convert_image", "eval_transform", "train_transform", "to_uint8_tensor",
+           "resize_square"]
 
 # What a broken or unsupported image file raises while decoding (PIL raises SyntaxError on some corrupt PNGs,
 # DecompressionBombError on absurd sizes): every loader skips and reports these instead of stopping.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-def load_image(path: str, channels: int) -> Image.Image:
+def load_image(path: str, channels: int, max_pixels: int | None = None) -> Image.Image:
     """Open and convert any mode (RGBA, LA, P, CMYK, I;16, L, 1) to RGB or L; alpha is composited on white.
 
-    Raises OSError / ValueError naming nothing; callers add the file name.
+    Only regular files are opened (a FIFO named ``x.png`` raises :class:`~fasttrain.data.files.NotRegularFileError`
+    instead of blocking). ``max_pixels``: images whose header announces more pixels raise
+    ``Image.DecompressionBombError`` before anything is decoded (``data.max_image_pixels``; None: Pillow's own
+    limit only). Raises the errors of :data:`DECODE_ERRORS`, naming nothing; callers add the file name.
     """
-    with Image.open(path) as im:
+    with open_regular(path) as f, Image.open(f) as im:
+        if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
+            raise Image.DecompressionBombError(
+                f"{im.size[0]}x{im.size[1]} pixels exceed data.max_image_pixels ({max_pixels:,})")
         im.load()
-        target = "RGB" if channels == 3 else "L"
-        if im.mode == target:
-            return im.copy()
-        if im.mode == "P" and "transparency" in im.info:
-            im = im.convert("RGBA")
-        if im.mode in ("RGBA", "LA", "PA"):
-            # Compositing on white matches what a viewer shows; converting straight drops alpha to black.
-            rgba = im.convert("RGBA")
-            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, rgba)
-        if im.mode.startswith("I;16") or im.mode == "I":
-            # 16-bit: scale to 8 bits instead of clipping.
-            arr = np.asarray(im, dtype=np.float64)
-            full = 65535.0 if arr.max() > 255 else 255.0
-            im = Image.fromarray(np.clip(np.rint(arr * (255.0 / full)), 0, 255).astype(np.uint8), mode="L")
-        return im.convert(target)
+        return convert_image(im, channels)
+
+
+def convert_image(im: Image.Image, channels: int) -> Image.Image:
+    """A decoded image in any mode -> RGB (``channels`` 3) or L (1), by the rules every backend follows: alpha
+    (RGBA, LA, PA, palette transparency) composited on white, 16-bit scaled to 8 bits."""
+    target = "RGB" if channels == 3 else "L"
+    if im.mode == target:
+        return im.copy()
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Compositing on white matches what a viewer shows; converting straight drops alpha to black.
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, rgba)
+    if im.mode.startswith("I;16") or im.mode == "I":
+        # 16-bit: scale to 8 bits instead of clipping.
+        arr = np.asarray(im, dtype=np.float64)
+        full = 65535.0 if arr.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(np.rint(arr * (255.0 / full)), 0, 255).astype(np.uint8), mode="L")
+    return im.convert(target)
 
 
 def to_uint8_tensor(im: Image.Image) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 ``build_model(name, in_channels=..., num_outputs=..., image_size=..., width=..., dropout=...)`` returns an
 ``nn.Module`` on the CPU. Small nets are looked up in ``_SMALL`` ("module:function" so nothing is imported
-until used); every other name is tried as a torchvision model (``torchvision.models.get_model``).
+until used); ``timm/<name>`` is a timm model (timm is optional); every other name is tried as a torchvision
+model (``torchvision.models.get_model``). ``pretrained`` loads the torchvision / timm default weights (downloaded
+into their caches on first use) and gives the head ``num_outputs`` fresh outputs where the count differs.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+import torch
 from torch import nn
 
-__all__ = ["build_model", "available_models", "is_conv_model"]
+__all__ = ["build_model", "check_model", "available_models", "is_conv_model", "CUSTOM"]
 
 _SMALL: dict[str, str] = {
     "smallcnn": "fasttrain.models.small:smallcnn",
@@ -22,6 +25,8 @@ _SMALL: dict[str, str] = {
     "patchgan": "fasttrain.models.gan:patchgan",
 }
 _NOT_CONV = {"mlp"}
+_TRANSFORMER_PREFIXES = ("vit_", "swin_", "maxvit", "deit", "beit", "eva", "mixer", "cait", "xcit", "levit")
+TIMM_PREFIX = "timm/"
 
 
 def available_models() -> list[str]:
@@ -31,34 +36,92 @@ def available_models() -> list[str]:
 
 
 def is_conv_model(name: str) -> bool:
-    return name not in _NOT_CONV and not name.startswith(("vit_", "swin_", "maxvit"))
+    """Whether channels_last pays off: convolutional nets yes, transformers and MLPs no."""
+    base = name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else name
+    return base not in _NOT_CONV and not base.startswith(_TRANSFORMER_PREFIXES)
+
+
+CUSTOM = "custom"
+"""model.name of a run whose model came from Python (``train(cfg, model=...)``)."""
+
+
+def check_model(name: str, *, given: bool = False) -> None:
+    """Raise a ValueError naming ``model.name`` when no model of that name can be built here (cheap: builds
+    nothing), so a run refuses it before it creates its folder. ``given``: a model was passed from Python."""
+    if name == CUSTOM:
+        if not given:
+            raise ValueError("model.name: custom means this run's model was passed from Python; pass the same "
+                             "model again (train(..., model=...), predict(..., model=...))")
+        return
+    if name in _SMALL:
+        return
+    if name.startswith(TIMM_PREFIX):
+        try:
+            import timm
+        except ImportError:
+            raise ValueError(f"model.name: {name} needs timm, which is not installed (pip install timm)") from None
+        if not timm.is_model(name[len(TIMM_PREFIX):]):
+            raise ValueError(f"model.name: timm has no model {name[len(TIMM_PREFIX):]!r} "
+                             f"(timm.list_models() lists them)")
+        return
+    from torchvision import models as tvm
+
+    if name not in tvm.list_models(module=tvm):
+        raise ValueError(f"model.name: unknown model {name!r}; known: {', '.join(sorted(_SMALL))}, torchvision "
+                         f"classification models (resnet18, resnet50, ...) and timm/<name> with timm installed")
 
 
 def build_model(name: str, *, in_channels: int, num_outputs: int, image_size: int, width: int = 32,
-                dropout: float = 0.0, **kwargs: Any) -> nn.Module:
+                dropout: float = 0.0, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     if name in _SMALL:
+        if pretrained:
+            raise ValueError(f"model.pretrained: {name} is one of fasttrain's small nets, which have no pretrained "
+                             f"weights (use model.init_from = a file of your own)")
         mod, fn = _SMALL[name].split(":")
         builder = getattr(importlib.import_module(mod), fn)
         return builder(in_channels=in_channels, num_outputs=num_outputs, image_size=image_size, width=width,
                        dropout=dropout, **kwargs)
+    check_model(name)
+    if name.startswith(TIMM_PREFIX):
+        return _timm_model(name[len(TIMM_PREFIX):], in_channels, num_outputs, dropout, pretrained)
     from torchvision import models as tvm
 
-    if name not in tvm.list_models(module=tvm):
-        raise ValueError(f"model.name: unknown model {name!r}; known: {', '.join(sorted(_SMALL))} and torchvision "
-                         f"classification models (resnet18, resnet50, ...)")
-    model = tvm.get_model(name, weights=None, num_classes=num_outputs)
+    if not pretrained:
+        model = tvm.get_model(name, weights=None, num_classes=num_outputs)
+    else:
+        from fasttrain.models.init import replace_head
+
+        weights = tvm.get_model_weights(name).DEFAULT
+        model = tvm.get_model(name, weights=weights)  # into torch's hub cache on first use
+        if num_outputs != len(weights.meta["categories"]):
+            replace_head(model, num_outputs)
     if in_channels != 3:
-        _adapt_first_conv(model, in_channels, name)
+        _adapt_first_conv(model, in_channels, name, keep_weights=pretrained)
     return model
 
 
-def _adapt_first_conv(model: nn.Module, in_channels: int, name: str) -> None:
-    """Swap the first Conv2d for one with ``in_channels`` inputs (grayscale into a torchvision net)."""
+def _timm_model(name: str, in_channels: int, num_outputs: int, dropout: float, pretrained: bool) -> nn.Module:
+    import timm
+
+    # timm resizes the head and adapts the stem's input channels itself, pretrained or not.
+    return timm.create_model(name, pretrained=pretrained, num_classes=num_outputs, in_chans=in_channels,
+                             drop_rate=dropout)
+
+
+def _adapt_first_conv(model: nn.Module, in_channels: int, name: str, *, keep_weights: bool = False) -> None:
+    """Swap the first Conv2d for one with ``in_channels`` inputs (grayscale into a torchvision net). With
+    ``keep_weights`` a grayscale stem starts from the RGB filters summed over colour (a gray pixel is R = G = B)."""
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Conv2d):
-                new = nn.Conv2d(in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
-                                child.dilation, child.groups, child.bias is not None)
+                new = nn.Conv2d(in_channels, child.out_channels, child.kernel_size,  # type: ignore[arg-type]
+                                child.stride, child.padding, child.dilation,  # type: ignore[arg-type]
+                                child.groups, child.bias is not None)
+                if keep_weights and in_channels == 1:
+                    with torch.no_grad():
+                        new.weight.copy_(child.weight.sum(dim=1, keepdim=True))
+                        if child.bias is not None and new.bias is not None:
+                            new.bias.copy_(child.bias)
                 setattr(parent, child_name, new)
                 return
     raise ValueError(f"model.name: {name} has no Conv2d to adapt to {in_channels} input channels")

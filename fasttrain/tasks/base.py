@@ -8,6 +8,7 @@ Autotune and the benchmarks call the very same step functions.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,17 +30,30 @@ class TrainState:
     modules: dict[str, nn.Module]
     """The uncompiled modules: their state_dicts are what checkpoints hold."""
     callables: dict[str, nn.Module]
-    """What the steps call: the compiled modules (or the same objects when compile is off)."""
+    """What the training steps call: the compiled modules (or the same objects when compile is off), wrapped
+    for data parallelism under torchrun."""
     optimizers: dict[str, torch.optim.Optimizer]
     scalers: dict[str, torch.amp.GradScaler]
     schedulers: dict[str, Any] = field(default_factory=dict)
+    local: dict[str, nn.Module] = field(default_factory=dict)
+    """The same modules without the data-parallel wrapper (compiled where ``callables`` are): for evaluation,
+    prediction and frozen uses (pix2pix's discriminator while the generator learns), which must not take part in
+    gradient synchronisation. Empty means ``callables``."""
+    ddp: dict[str, Any] = field(default_factory=dict)
+    """The DistributedDataParallel wrappers, by module name (empty in one process)."""
+    ema: dict[str, Any] = field(default_factory=dict)
+    """Exponential moving averages of the weights (``train.ema_decay``), by module name."""
     epoch: int = 0
     """Epochs completed."""
     step: int = 0
     """Optimizer steps completed."""
 
+    def __post_init__(self) -> None:
+        if not self.local:
+            self.local = dict(self.callables)
+
     def state_dict(self) -> dict[str, Any]:
-        return {
+        sd = {
             "modules": {k: m.state_dict() for k, m in self.modules.items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
             "scalers": {k: s.state_dict() for k, s in self.scalers.items()},
@@ -47,6 +61,9 @@ class TrainState:
             "epoch": self.epoch,
             "step": self.step,
         }
+        if self.ema:
+            sd["ema"] = {k: m.state_dict() for k, m in self.ema.items()}
+        return sd
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         for group in ("modules", "optimizers", "scalers", "schedulers"):
@@ -62,10 +79,18 @@ class TrainState:
                 obj.load_state_dict(saved)
                 if group == "optimizers":
                     match_param_layout(obj)
+        saved_ema = sd.get("ema") or {}
+        for k, ema in self.ema.items():
+            if k in saved_ema:
+                ema.load_state_dict(saved_ema[k])
+            else:  # a run that turned EMA on at resume: the average starts from the weights
+                ema.module.load_state_dict(self.modules[k].state_dict())
         self.epoch, self.step = int(sd["epoch"]), int(sd["step"])
 
     def train(self, mode: bool = True) -> None:
         for m in self.modules.values():
+            m.train(mode)
+        for m in self.ema.values():
             m.train(mode)
 
 
@@ -92,7 +117,15 @@ class Task:
     best_mode: str = "min"
     """min or max: which direction is better for ``best_metric``."""
     predict_module: str = "model"
-    """The module (key of ``TrainState.callables``) whose output prediction describes."""
+    """The module (key of ``TrainState.local``) whose output prediction describes."""
+    train_metric_names: tuple[str, ...] = ("loss",)
+    """What ``train_step`` returns (epoch records hold them as ``train_<name>``)."""
+    custom_model: Any = None
+    """A model passed from Python (an ``nn.Module``, or a function returning one), used instead of
+    ``model.name``'s (``model.name = custom``)."""
+    restoring: bool = False
+    """Set when a checkpoint will be loaded into the built state (resume, prediction): starting weights
+    (model.pretrained, model.init_from) are then neither downloaded nor read."""
 
     def __init__(self, cfg: Config, runtime: Runtime, source: DataSource | None):
         self.cfg = cfg
@@ -100,6 +133,11 @@ class Task:
         self.source = source
 
     # -- building ---------------------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Raise (naming the setting) what cannot train, before a run creates its folder: by default the
+        output count (a classifier with one class, regression targets that do not match model.num_outputs)."""
+        _ = self.num_outputs
+
     @property
     def num_outputs(self) -> int:
         """Output units of the (single) model."""
@@ -112,11 +150,35 @@ class Task:
         from fasttrain.optim import make_optimizer
 
         c = self.cfg
-        model = build_model(c.model.name, in_channels=c.data.channels, num_outputs=self.num_outputs,
-                            image_size=c.data.image_size, width=c.model.width, dropout=c.model.dropout)
+        model = self.given_model() or build_model(
+            c.model.name, in_channels=c.data.channels, num_outputs=self.num_outputs, image_size=c.data.image_size,
+            width=c.model.width, dropout=c.model.dropout, pretrained=c.model.pretrained and not self.restoring)
+        self.load_initial_weights(model, "model")
         fn = self.runtime.prepare_model(model)
         opt = make_optimizer(model, c.optim, fused_kwargs=self.runtime.optimizer_kwargs())
         return TrainState({"model": model}, {"model": fn}, {"model": opt}, {"model": self.runtime.grad_scaler()})
+
+    def given_model(self) -> nn.Module | None:
+        """The model passed from Python (a factory is called), or None."""
+        m = self.custom_model
+        if m is None:
+            return None
+        if not isinstance(m, nn.Module):
+            m = m()
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"model=: the factory returned a {type(m).__name__}, not a torch.nn.Module")
+        return m
+
+    def load_initial_weights(self, model: nn.Module, module: str) -> None:
+        """``model.init_from``: the file's weights (a fasttrain checkpoint's ``module``, or a state dict) into
+        ``model``, before it moves to the device. Not on resume or prediction: their checkpoint overwrites it."""
+        path = self.cfg.model.init_from
+        if not path or self.restoring:
+            return
+        from fasttrain.models.init import load_initial_weights, read_state_dict
+
+        load_initial_weights(model, read_state_dict(path, module), reset_head=self.cfg.model.reset_head,
+                             source=path)
 
     def make_loader(self, split: Split, *, train: bool, batch_size: int, backend: str) -> Loader:
         """A loader over ``split`` yielding device Batches. ``backend`` is the engine's choice for image
@@ -128,18 +190,36 @@ class Task:
         return self.runtime.input_spec(mean, std)
 
     # -- steps -----------------------------------------------------------------------------------------------
-    def train_step(self, state: TrainState, batch: Batch, *, update: bool = True,
-                   loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
-        """Forward + backward on one micro-batch; steps the optimizers when ``update``.
+    def train_phases(self, state: TrainState, batch: Batch) -> Generator[tuple[str, torch.Tensor], None,
+                                                                            dict[str, torch.Tensor]]:
+        """The meaning of one training micro-batch: forward passes that ``yield (module name, loss)`` in the
+        order the networks update, then ``return`` detached scalar metrics (means over the batch).
 
-        ``loss_scale`` (1 / accumulation) scales the backward pass. Returns detached scalar tensors (means over
-        the batch), read by the engine only every ``train.log_every`` steps.
+        The backward pass, gradient synchronisation, clipping, scaling and the optimizer step of each yielded
+        loss happen between the yields (:func:`fasttrain.step.run_step`), so a later phase sees the earlier
+        network already updated, as in a hand-written GAN loop.
         """
         raise NotImplementedError
+
+    def train_step(self, state: TrainState, batch: Batch, *, update: bool = True,
+                   loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """Forward + backward on one micro-batch; the optimizers step when ``update``.
+
+        ``loss_scale`` (1 / accumulation) scales the backward pass. Returns detached scalar tensors (means over
+        the batch), read by the engine only every ``train.log_every`` steps. The engine, autotune and the
+        benchmarks all call this; what it does around the task's losses is :func:`fasttrain.step.run_step`.
+        """
+        from fasttrain.step import run_step
+
+        return run_step(self, state, batch, update=update, loss_scale=loss_scale)
 
     def eval_step(self, state: TrainState, batch: Batch) -> dict[str, torch.Tensor]:
         """Sums over the batch (and ``count``) as detached tensors; the engine adds them up on the device."""
         raise NotImplementedError
+
+    def eval_metric_names(self) -> tuple[str, ...]:
+        """What ``eval_metrics`` returns (``val_<name>`` in epoch records; what train.best_metric may name)."""
+        return ("loss",)
 
     def eval_metrics(self, sums: dict[str, float]) -> dict[str, float]:
         """Turn summed eval values into the reported metrics (without the ``val_`` prefix)."""
@@ -163,18 +243,6 @@ class Task:
     def on_epoch_end(self, state: TrainState, run_dir: Path | None, val_loader: Loader | None) -> None:
         """Called after each epoch's evaluation (pix2pix saves a sample grid from the first val batch)."""
 
-    # -- shared pieces ---------------------------------------------------------------------------------------
-    def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                       module: nn.Module) -> None:
-        """Unscale, clip (when optim.grad_clip > 0), step, update the scaler, clear the gradients."""
-        clip = self.cfg.optim.grad_clip
-        if clip > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(module.parameters(), clip, foreach=True)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-
     # -- prediction ------------------------------------------------------------------------------------------
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """A decoded image -> uint8 C x H x W as the evaluation transform makes it."""
@@ -194,7 +262,7 @@ class Task:
 
         spec = self.input_spec()
         scale_shift = spec.scale_shift()  # once, not per image
-        model = state.callables[self.predict_module]
+        model = state.local[self.predict_module]
         state.train(False)
         records = []
         for path in paths:

@@ -18,6 +18,7 @@ class ClassifyTask(Task):
     name = "classify"
     best_metric = "val_acc"
     best_mode = "max"
+    train_metric_names = ("loss", "acc")
 
     @property
     def num_outputs(self) -> int:
@@ -27,27 +28,49 @@ class ClassifyTask(Task):
                              f"(found {n}; set model.num_outputs or check data.root)")
         return n
 
+    def __init__(self, cfg, runtime, source):
+        super().__init__(cfg, runtime, source)
+        self._mix: Any = None
+
+    def batch_mix(self) -> Any:
+        """MixUp / CutMix (torchvision.transforms.v2) over a device batch, or None when both are off. The mixing
+        weight is drawn on the CPU (no device sync); the images are mixed where they are."""
+        t = self.cfg.task
+        if self._mix is None and (t.mixup_alpha > 0 or t.cutmix_alpha > 0):
+            from torchvision.transforms import v2
+
+            n = self.num_outputs
+            mixes = ([v2.MixUp(alpha=t.mixup_alpha, num_classes=n)] if t.mixup_alpha > 0 else []) + \
+                    ([v2.CutMix(alpha=t.cutmix_alpha, num_classes=n)] if t.cutmix_alpha > 0 else [])
+            self._mix = mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
+        return self._mix
+
     def make_loader(self, split: Split, *, train: bool, backend: str, batch_size: int) -> Loader:
         from fasttrain.data.loaders import make_image_loader
 
         return make_image_loader(backend, split, self.cfg, self.input_spec(), train=train, batch_size=batch_size)
 
-    def train_step(self, state: TrainState, batch: Batch, *, update: bool = True,
-                   loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
-        model, opt, scaler = state.callables["model"], state.optimizers["model"], state.scalers["model"]
+    def train_phases(self, state: TrainState, batch: Batch):
+        x, y = batch.inputs, batch.targets
+        mix = self.batch_mix()
+        if mix is not None:  # soft targets: a mix of two labels per sample
+            x, y = mix(x, y)
+            if self.runtime.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
         with self.runtime.autocast():
-            logits = model(batch.inputs)
+            logits = state.callables["model"](x)
         # The loss in float32: autocast would compute it in float32 anyway, this makes it explicit.
-        loss = F.cross_entropy(logits.float(), batch.targets, label_smoothing=self.cfg.train.label_smoothing)
-        scaler.scale(loss * loss_scale).backward()
-        if update:
-            self.optimizer_step(opt, scaler, state.modules["model"])
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.train.label_smoothing)
+        yield "model", loss
         acc = (logits.detach().argmax(1) == batch.targets).float().mean()
         return {"loss": loss.detach(), "acc": acc}
 
+    def eval_metric_names(self) -> tuple[str, ...]:
+        return ("loss", "acc", "acc5") if self.num_outputs > 5 else ("loss", "acc")  # top-5 of <= 5 says nothing
+
     def eval_step(self, state: TrainState, batch: Batch) -> dict[str, torch.Tensor]:
         with self.runtime.autocast():
-            logits = state.callables["model"](batch.inputs).float()
+            logits = state.local["model"](batch.inputs).float()
         y = batch.targets
         out = {
             "loss": F.cross_entropy(logits, y, reduction="sum"),

@@ -104,13 +104,11 @@ class Pix2PixTask(Task):
     predict_module = "generator"
     best_metric = "val_l1"
     best_mode = "min"
+    train_metric_names = ("loss", "d_loss", "g_gan", "g_l1")
 
     def __init__(self, cfg, runtime, source):
         super().__init__(cfg, runtime, source)
-        if cfg.train.accumulation != 1:
-            raise ConfigError(f"train.accumulation: pix2pix steps both networks on every batch and does not "
-                              f"accumulate gradients; set train.accumulation = 1 (got {cfg.train.accumulation})")
-        if cfg.model.name not in GENERATORS:
+        if cfg.model.name not in (*GENERATORS, "custom"):  # custom: a generator passed from Python
             raise ConfigError(f"model.name: pix2pix needs an image-to-image generator ({', '.join(GENERATORS)}), "
                               f"got {cfg.model.name!r}")
         if cfg.optim.name == "sgd":
@@ -118,6 +116,9 @@ class Pix2PixTask(Task):
                               "(and optim.betas = [0.5, 0.999] as the reference does)")
         if source is not None and source.format != "paired":
             raise ConfigError(f"data.format: pix2pix needs paired images (data.format = paired), got {source.format}")
+
+    def check(self) -> None:
+        """Its settings were checked when it was made (generator, optimizer, data format)."""
 
     def input_spec(self) -> InputSpec:
         c = self.cfg.data.channels
@@ -127,8 +128,10 @@ class Pix2PixTask(Task):
     def build_state(self) -> TrainState:
         c = self.cfg
         ch = c.data.channels
-        gen = build_model(c.model.name, in_channels=ch, num_outputs=ch, image_size=c.data.image_size,
-                          width=c.model.width, dropout=c.model.dropout)
+        gen = self.given_model() or build_model(
+            c.model.name, in_channels=ch, num_outputs=ch, image_size=c.data.image_size, width=c.model.width,
+            dropout=c.model.dropout, pretrained=c.model.pretrained and not self.restoring)
+        self.load_initial_weights(gen, "generator")
         disc = build_model("patchgan", in_channels=2 * ch, num_outputs=1, image_size=c.data.image_size,
                            width=c.model.width)
         fused = self.runtime.optimizer_kwargs()
@@ -160,10 +163,7 @@ class Pix2PixTask(Task):
         target = torch.ones_like(logits) if real else torch.zeros_like(logits)
         return F.binary_cross_entropy_with_logits(logits, target)
 
-    def train_step(self, state: TrainState, batch: Batch, *, update: bool = True,
-                   loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
-        if not update:
-            raise ConfigError("train.accumulation: pix2pix does not accumulate gradients (set it to 1)")
+    def train_phases(self, state: TrainState, batch: Batch):
         gen, disc = state.callables["generator"], state.callables["discriminator"]
         d_module = state.modules["discriminator"]
         real_a, real_b = batch.inputs, batch.targets
@@ -176,24 +176,28 @@ class Pix2PixTask(Task):
             pred_fake = disc(torch.cat([real_a, fake_b.detach()], 1))
             pred_real = disc(torch.cat([real_a, real_b], 1))
         d_loss = 0.5 * (self._gan_loss(pred_fake, False) + self._gan_loss(pred_real, True))
-        state.scalers["discriminator"].scale(d_loss).backward()
-        self.optimizer_step(state.optimizers["discriminator"], state.scalers["discriminator"], d_module)
+        yield "discriminator", d_loss
 
-        # Generator: fool D and stay close to B. D's weights are frozen so this backward skips their gradients.
+        # Generator: fool D and stay close to B. D is frozen (its weights get no gradient) and called without
+        # its data-parallel wrapper, which would otherwise wait for gradients that never come.
         d_module.requires_grad_(False)
-        with self.runtime.autocast():
-            pred_fake = disc(torch.cat([real_a, fake_b], 1))
-        g_gan = self._gan_loss(pred_fake, True)
-        g_l1 = F.l1_loss(fake_b.float(), real_b.float())
-        g_loss = g_gan + self.cfg.task.lambda_l1 * g_l1
-        state.scalers["generator"].scale(g_loss).backward()
-        self.optimizer_step(state.optimizers["generator"], state.scalers["generator"], state.modules["generator"])
-        d_module.requires_grad_(True)
+        try:
+            with self.runtime.autocast():
+                pred_fake = state.local["discriminator"](torch.cat([real_a, fake_b], 1))
+            g_gan = self._gan_loss(pred_fake, True)
+            g_l1 = F.l1_loss(fake_b.float(), real_b.float())
+            g_loss = g_gan + self.cfg.task.lambda_l1 * g_l1
+            yield "generator", g_loss
+        finally:
+            d_module.requires_grad_(True)
         return {"loss": g_loss.detach(), "d_loss": d_loss.detach(), "g_gan": g_gan.detach(), "g_l1": g_l1.detach()}
+
+    def eval_metric_names(self) -> tuple[str, ...]:
+        return ("l1", "psnr")
 
     def eval_step(self, state: TrainState, batch: Batch) -> dict[str, torch.Tensor]:
         with self.runtime.autocast():
-            fake = state.callables["generator"](batch.inputs)
+            fake = state.local["generator"](batch.inputs)
         diff = fake.float() - batch.targets.float()
         l1 = diff.abs().mean((1, 2, 3))
         mse01 = (diff / 2).pow(2).mean((1, 2, 3)).clamp_min(1e-10)  # on the 0..1 scale
@@ -213,7 +217,7 @@ class Pix2PixTask(Task):
     # -- samples ---------------------------------------------------------------------------------------------
     def sample_grid(self, state: TrainState, batch: Batch) -> torch.Tensor:
         """Rows of input | output | target for the first few samples, 0..1 on the CPU (eval mode, no grad)."""
-        gen = state.callables["generator"]
+        gen = state.local["generator"]
         was_training = state.modules["generator"].training
         state.modules["generator"].train(False)
         try:

@@ -111,20 +111,20 @@ class RegressTask(Task):
         return self._span
 
     # -- steps -----------------------------------------------------------------------------------------------
-    def train_step(self, state: TrainState, batch: Batch, *, update: bool = True,
-                   loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    def train_phases(self, state: TrainState, batch: Batch):
         with self.runtime.autocast():
             out = state.callables["model"](batch.inputs)
         pred = torch.sigmoid(out.float())
         loss = F.mse_loss(pred, batch.targets[:, : pred.shape[1]])
-        state.scalers["model"].scale(loss * loss_scale).backward()
-        if update:
-            self.optimizer_step(state.optimizers["model"], state.scalers["model"], state.modules["model"])
+        yield "model", loss
         return {"loss": loss.detach()}
+
+    def eval_metric_names(self) -> tuple[str, ...]:
+        return ("loss", "mse", "point_px", "color_err") if self.is_drawing else ("loss", "mse")
 
     def eval_step(self, state: TrainState, batch: Batch) -> dict[str, torch.Tensor]:
         with self.runtime.autocast():
-            pred = torch.sigmoid(state.callables["model"](batch.inputs).float())
+            pred = torch.sigmoid(state.local["model"](batch.inputs).float())
         k = pred.shape[1]
         err = pred - batch.targets[:, :k]
         out = {

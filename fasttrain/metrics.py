@@ -1,0 +1,213 @@
+"""What a run records and shows: metrics files (JSON lines always; CSV and TensorBoard on request), the progress
+bar on a terminal, plain progress lines elsewhere, and the epoch summary line.
+
+``metrics.jsonl`` holds one record per epoch (no ``event`` key), one per ``train.log_every`` steps
+(``"event": "step"``) and the final test (``"event": "test"``); resume and ``fasttrain plot`` read it back.
+Only the main process writes (under torchrun, rank 0).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fasttrain.io import append_jsonl, atomic_write_text, read_jsonl
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LOGGERS", "MetricsLog", "Progress", "trim_metrics", "summary_line", "step_line", "fmt_metrics",
+           "fmt_duration", "fmt_rate", "PROGRESS"]
+
+LOGGERS = ("jsonl", "csv", "tensorboard")
+"""Values of ``train.loggers``; metrics.jsonl is always written (resume and plot read it)."""
+PROGRESS = "progress"
+"""``extra`` key marking progress lines in the log: a terminal that shows the bar can leave them out."""
+
+
+def trim_metrics(path: str | os.PathLike, epochs_done: int, step: int) -> list[dict[str, Any]]:
+    """On resume: keep what happened before the checkpoint (epoch records up to ``epochs_done``, step records up
+    to ``step``) and drop the rest, which will be run again, and a torn last line; returns the records kept."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = read_jsonl(path)
+    keep = [r for r in records
+            if (r.get("step", 0) <= step if r.get("event") == "step" else r.get("epoch", 0) <= epochs_done)]
+    text = "".join(_json_line(r) for r in keep)
+    if len(keep) != len(records) or text != path.read_text(encoding="utf-8", errors="replace"):
+        atomic_write_text(path, text)
+    return keep
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(record) + "\n"
+
+
+class MetricsLog:
+    """The run's metrics files: ``metrics.jsonl`` always, ``metrics.csv`` (epoch records) and TensorBoard event
+    files (``tensorboard/``) when ``train.loggers`` names them. ``enabled=False`` (ranks other than 0) writes
+    nothing."""
+
+    def __init__(self, run_dir: str | os.PathLike, loggers: Sequence[str] = ("jsonl",), *, enabled: bool = True):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.csv = "csv" in loggers and enabled
+        self._tb = None
+        if "tensorboard" in loggers and enabled:
+            self._tb = tensorboard_writer(self.run_dir / "tensorboard")
+
+    def step(self, record: dict[str, Any]) -> None:
+        """A step record: ``step``, ``epoch``, the training values, ``lr``, ``samples_per_s``."""
+        if not self.enabled:
+            return
+        append_jsonl(self.path, {"event": "step", **record})
+        if self._tb is not None:
+            for k, v in record.items():
+                if k not in ("epoch", "step") and _is_number(v):
+                    self._tb.add_scalar(f"train/{k}" if k not in ("lr", "samples_per_s") else k, v, record["step"])
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        append_jsonl(self.path, record)
+        if self.csv:
+            self._write_csv()
+        if self._tb is not None:
+            for k, v in record.items():
+                if k.startswith(("train_", "val_")) and _is_number(v):
+                    split, _, name = k.partition("_")
+                    self._tb.add_scalar(f"{split}/{name}" + ("_epoch" if split == "train" else ""), v,
+                                        record["step"])
+            self._tb.flush()
+
+    def event(self, record: dict[str, Any]) -> None:
+        """A one-off record (``"event": "test"``)."""
+        if not self.enabled:
+            return
+        append_jsonl(self.path, record)
+        if self._tb is not None:
+            for k, v in record.items():
+                if k.startswith("test_") and _is_number(v):
+                    self._tb.add_scalar(f"test/{k[5:]}", v, record.get("step", 0))
+            self._tb.flush()
+
+    def _write_csv(self) -> None:
+        """metrics.csv: the epoch records as a table, rewritten whole (epochs are few), so a column that appears
+        later (validation every few epochs) gets its header."""
+        rows = [r for r in read_jsonl(self.path) if "event" not in r]
+        cols: list[str] = []
+        for r in rows:
+            cols += [k for k in r if k not in cols]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def tensorboard_writer(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # torch's writer needs the tensorboard package
+        from fasttrain.config import ConfigError
+
+        raise ConfigError(f"train.loggers: tensorboard needs the tensorboard package ({e}); pip install "
+                          f"tensorboard, or leave it out of train.loggers") from None
+    return SummaryWriter(log_dir=str(folder))
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+class Progress:
+    """A tqdm bar on a terminal (``bar``); elsewhere (CI logs, files) nothing but the plain lines the engine
+    logs every ``train.log_every`` steps: one ~2 KB line of carriage-return fragments per epoch reads badly."""
+
+    def __init__(self, total: int, initial: int, desc: str, *, enabled: bool):
+        self.bar = None
+        if enabled and _is_terminal():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="img", unit_scale=False, dynamic_ncols=True,
+                            desc=desc, leave=False, mininterval=0.5)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def show(self, values: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def fmt_metrics(m: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in m.items())
+
+
+def fmt_duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def fmt_rate(samples_per_s: float) -> str:
+    """Three significant digits at least: "0.217 img/s" for a slow GAN on a CPU, "5,612 img/s" on a GPU."""
+    if samples_per_s >= 100:
+        return f"{samples_per_s:,.0f} img/s"
+    return f"{samples_per_s:.3g} img/s"
+
+
+def step_line(epoch: int, epochs: int, step_in_epoch: int, steps_per_epoch: int, values: dict[str, float],
+              lr: float, samples_per_s: float | None, eta_s: float | None) -> str:
+    """A plain progress line, as timm's ``log_interval`` prints: step, values, lr, speed, ETA."""
+    parts = [f"epoch {epoch}/{epochs} step {step_in_epoch}/{steps_per_epoch}"]
+    parts.append(" ".join(f"{k} {v:.4g}" for k, v in values.items()))
+    parts.append(f"lr {lr:.3g}")
+    if samples_per_s:
+        parts.append(fmt_rate(samples_per_s))
+    if eta_s is not None:
+        parts.append(f"ETA {fmt_duration(eta_s)}")
+    return " | ".join(p for p in parts if p)
+
+
+def summary_line(r: dict[str, Any], epochs: int, eta_s: float | None = None, skipped: int = 0) -> str:
+    keys = [k for k in r if k.startswith(("train_", "val_"))]
+    parts = [f"epoch {r['epoch']}/{epochs}"] + [f"{k} {r[k]:.4f}" for k in keys]
+    if r.get("samples_per_s"):
+        parts.append(fmt_rate(r["samples_per_s"]))
+    parts.append(f"{r['epoch_time_s']:.1f}s")
+    if skipped:
+        parts.append(f"{skipped} file{'s' if skipped != 1 else ''} skipped")
+    if r.get("best"):
+        parts.append("*best*")
+    if eta_s:
+        parts.append(f"ETA {fmt_duration(eta_s)}")
+    return " | ".join(parts)

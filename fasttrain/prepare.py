@@ -1,0 +1,104 @@
+"""From a config to everything a run needs, decided once and shared by train, autotune and bench: the data
+root (the demo dataset when empty, always saved absolute), the discovered files, the output count, the
+process's place in a torchrun job, the runtime, the task and the loader backend with the reason for it.
+
+What can be refused from the config and the file list is refused here, before a run creates its folder: an
+unknown model, a classifier with one class, a batch that does not divide over the processes. (The engine
+builds its loaders, which check the files themselves, before the folder too.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fasttrain import distributed
+from fasttrain.config import Config
+from fasttrain.data.sources import DataSource, discover
+from fasttrain.distributed import DistInfo
+from fasttrain.runtime import Runtime, resolve_device, runtime_for
+from fasttrain.tasks import Task, make_task
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Prepared", "prepare", "resolve_data_root"]
+
+
+@dataclass
+class Prepared:
+    """Everything a loop needs, built once from a config (shared with autotune and bench)."""
+
+    cfg: Config
+    runtime: Runtime
+    source: DataSource
+    task: Task
+    backend: str
+    backend_reason: str
+    dist: DistInfo = dataclasses.field(default_factory=DistInfo)
+    """This process's place in a torchrun job (one process: rank 0 of 1)."""
+
+    @property
+    def micro_batch(self) -> int:
+        """Samples per micro-batch on this process: the global batch split over accumulation and processes."""
+        return distributed.per_rank_batch(self.cfg.train.micro_batch, self.dist.world_size)
+
+    @property
+    def eval_batch(self) -> int:
+        return max(1, self.cfg.train.eval_batch // self.dist.world_size)
+
+
+def resolve_data_root(cfg: Config) -> Config:
+    """An empty data.root means the demo dataset, written on first use. The root is made absolute, so a run's
+    saved config (and ``--resume``) works from any folder."""
+    if cfg.data.root:
+        root = Path(cfg.data.root).expanduser().resolve()
+    else:
+        from fasttrain.data.synthetic import demo_dataset
+
+        root = demo_dataset()
+        log.info("data.root is empty: using the demo dataset in %s", root)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
+
+
+def prepare(cfg: Config, *, memory_limit: int | None = None, model: Any = None) -> Prepared:
+    """Resolve the data root, discover files, fix the output count, join a torchrun job, decide the runtime,
+    the task and the backend, and check that a step can run. ``memory_limit``: device bytes the run may use
+    when smaller than the card (the GPU cache must fit it). ``model``: an ``nn.Module`` (or a function returning
+    one) from Python, used instead of ``model.name``'s (which becomes ``custom``)."""
+    from fasttrain.models import CUSTOM, check_model
+
+    if model is not None and cfg.model.name != CUSTOM:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=CUSTOM))
+    check_model(cfg.model.name, given=model is not None)
+    cfg = resolve_data_root(cfg)
+    source = discover(cfg.data)
+    if not cfg.model.num_outputs and source.num_outputs:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_outputs=source.num_outputs))
+    info = distributed.init(resolve_device(cfg.runtime.device).type)
+    device = {}
+    if info.enabled and resolve_device(cfg.runtime.device).type == "cuda":
+        device = {"device": f"cuda:{info.local_rank}"}  # one GPU per process: LOCAL_RANK's
+    runtime = runtime_for(cfg, **device)
+    task = make_task(cfg, runtime, source)
+    task.custom_model = model
+    task.check()
+    backend, reason = _choose_backend(cfg, runtime, source, memory_limit)
+    prep = Prepared(cfg, runtime, source, task, backend, reason, info)
+    _ = prep.micro_batch  # the global batch divides over the processes
+    return prep
+
+
+def _choose_backend(cfg: Config, runtime: Runtime, source: DataSource, memory_limit: int | None
+                    ) -> tuple[str, str]:
+    if cfg.task.name != "classify":
+        return "torch", f"task {cfg.task.name} decodes with its own torch loader"
+    from fasttrain.data.loaders import choose_backend
+
+    return choose_backend(cfg.data.loader, device_type=runtime.device.type,
+                          num_images=len(source.train) + len(source.val or []), cfg=cfg, device=runtime.device,
+                          memory_limit=memory_limit)
+
+

@@ -1,0 +1,211 @@
+"""Every backend over a folder of bad and awkward files (tests/badfiles.py): the good ones train and evaluate,
+every bad one is in ``loader.skipped`` with a reason, a run on data that is not data stops with the list, and
+nothing hangs (a FIFO named ``x.png`` used to block the torch loader, ``predict`` and check-data for ever)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import badfiles
+import pytest
+import torch
+
+from fasttrain.config import Config, DataConfig
+from fasttrain.data.base import InputSpec
+from fasttrain.data.checks import BadDataError, check_data
+from fasttrain.data.files import NotRegularFileError
+from fasttrain.data.loaders import make_image_loader
+from fasttrain.data.sources import Split, discover
+from fasttrain.data.transforms import load_image
+
+# What each bad entry's reason says (the path names the file; the reason says why).
+REASONS = {
+    "empty.jpg": "empty file",
+    "truncated.jpg": "truncated",
+    "truncated.png": "truncated",
+    "idat-not-zlib.png": "not a zlib stream",
+    "corrupt-deflate.png": "decode",  # passes the pre-check: found when decoded (torch, cache) or by DALI
+    "huge-header.jpg": "data.max_image_pixels",
+    "bomb.png": "data.max_image_pixels",
+    "fifo.png": "named pipe",
+    "folder.jpg": "directory",
+    "text.jpg": "not a JPEG",
+    "dangling.jpg": "broken symbolic link",
+}
+
+
+def _dali_ok() -> bool:
+    from fasttrain.data.dali import dali_status
+
+    return dali_status()[0]
+
+
+BACKENDS = ["torch", "torch-workers", "cache",
+            pytest.param("dali", marks=pytest.mark.skipif(not _dali_ok(), reason="DALI cannot run here"))]
+
+
+@pytest.fixture(autouse=True)
+def no_hang():
+    """A guard only: anything that blocks (a FIFO opened for reading) fails the test instead of hanging the suite."""
+    def timeout(signum, frame):
+        raise TimeoutError("blocked for 120 s")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory) -> Path:
+    return badfiles.write_png_bomb(tmp_path_factory.mktemp("bomb") / "bomb.png")
+
+
+@pytest.fixture
+def corpus(tmp_path, bomb) -> tuple[list[str], list[str]]:
+    return badfiles.write_corpus(tmp_path / "corpus", bomb_cache=bomb)
+
+
+def config(backend: str, **data) -> Config:
+    return Config(data=DataConfig(image_size=16, workers=1 if backend == "torch-workers" else 0, dali_threads=1,
+                                  loader=backend.split("-")[0], **data))
+
+
+def spec(cfg: Config) -> InputSpec:
+    mean, std = cfg.data.norm_mean_std()
+    return InputSpec(torch.device("cpu"), torch.float32, False, tuple(mean), tuple(std))
+
+
+def loader_for(backend: str, paths: list[str], *, train: bool, batch_size: int = 2, **data):
+    cfg = config(backend, **data)
+    split = Split("train" if train else "val", list(paths), list(range(len(paths))))
+    return make_image_loader(backend.split("-")[0], split, cfg, spec(cfg), train=train, batch_size=batch_size)
+
+
+def assert_skipped_with_reasons(loader, bad: list[str]) -> None:
+    skipped = dict(loader.skipped)
+    assert sorted(skipped) == sorted(bad)
+    assert isinstance(loader.skipped, list) and all(isinstance(s, tuple) and len(s) == 2 for s in loader.skipped)
+    for path, why in skipped.items():
+        assert REASONS[Path(path).name] in why, (path, why)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_trains_and_evaluates_the_good_files_and_lists_the_bad(corpus, backend):
+    good, bad = corpus
+    paths = sorted(good + bad)  # interleaved, as a folder lists them
+    good_idx = {paths.index(p) for p in good}
+    val = loader_for(backend, paths, train=False)
+    targets = torch.cat([b.targets for b in val]).tolist()
+    assert sorted(targets) == sorted(good_idx)  # every good file once, bad ones never
+    assert_skipped_with_reasons(val, bad)
+    train = loader_for(backend, paths, train=True)
+    batches = list(train)
+    # 6 files pass the pre-check: 3 whole batches, the one with the file that fails to decode topped up; the
+    # cache decodes everything at construction, so its sampler sees the 5 good files only.
+    assert [len(b) for b in batches] == [2] * (2 if backend == "cache" else 3)
+    assert {t for b in batches for t in b.targets.tolist()} <= good_idx
+    assert all(torch.isfinite(b.inputs).all() for b in batches)
+    assert_skipped_with_reasons(train, bad)
+    train.close()
+    val.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_training_set_of_non_images_is_refused_at_construction(corpus, backend):
+    _, bad = corpus
+    caught_early = [p for p in bad if not p.endswith("corrupt-deflate.png")]
+    with pytest.raises(BadDataError, match="no usable image in the train split") as err:
+        loader_for(backend, caught_early, train=True)
+    assert "check-data" in str(err.value) and caught_early[0] in str(err.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_training_set_that_never_decodes_is_refused_not_trained_at_zero_samples(tmp_path, backend):
+    """Files that pass the pre-check and all fail to decode: the torch loader used to 'train' on nothing."""
+    paths = [str(badfiles.write_png_corrupt_deflate(tmp_path / f"c{i}.png")) for i in range(4)]
+    with pytest.raises(BadDataError, match="not one image of the train split") as err:
+        loader = loader_for(backend, paths, train=True)
+        list(loader)
+    assert paths[0] in str(err.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_more_bad_files_in_an_epoch_than_allowed_stop_the_run_with_the_list(tmp_path, corpus, backend):
+    good, _ = corpus
+    broken = [str(badfiles.write_png_corrupt_deflate(tmp_path / f"c{i}.png")) for i in range(3)]
+    with pytest.raises(BadDataError, match=r"data.max_bad_per_epoch = 2") as err:
+        loader = loader_for(backend, good + broken, train=False, batch_size=8, max_bad_per_epoch=2)
+        list(loader)
+    assert all(p in str(err.value) for p in broken)
+
+
+def test_discovery_and_check_data_report_what_is_not_an_image(tmp_path, bomb):
+    root = tmp_path / "data"
+    good, bad = badfiles.write_corpus(root / "train" / "a", bomb_cache=bomb)
+    badfiles.write_corpus(root / "train" / "b", bad={})
+    (root / "train" / "empty-class").mkdir()
+    src = discover(DataConfig(root=str(root), val_fraction=0.0))
+    listed = set(src.train.paths)
+    assert set(good) <= listed and not any(p in listed for p in bad if "fifo" in p or "dangling" in p)
+    assert {Path(p).name for p, _ in src.skipped} == {"fifo.png", "dangling.jpg"}
+    assert src.class_names == ["a", "b", "empty-class"]
+    report = check_data(root, workers=2)
+    reasons = {Path(p).name: why for p, why in report.bad}
+    assert set(reasons) == {Path(p).name for p in bad} - {"folder.jpg"}  # a folder named x.jpg is a folder
+    for name, why in reasons.items():
+        assert REASONS[name] in why, (name, why)
+    assert report.empty == [str(root / "train" / "a" / "folder.jpg"), str(root / "train" / "empty-class")]
+    text = report.to_text()
+    assert "EMPTY" in text and "empty-class" in text and "named pipe" in text
+
+
+def test_check_data_cli_on_the_corpus(tmp_path, bomb, capsys):
+    from fasttrain.cli import main
+
+    badfiles.write_corpus(tmp_path / "data" / "c", bomb_cache=bomb)
+    assert main(["check-data", str(tmp_path / "data")]) == 1
+    out = capsys.readouterr().out
+    assert "fifo.png: not a regular file: a named pipe (FIFO)" in out and "10 unreadable" in out
+
+
+def test_load_image_names_a_fifo_instead_of_blocking(tmp_path):
+    """predict decodes with load_image: a FIFO is an error it reports, not a hang."""
+    fifo = badfiles.write_fifo(tmp_path / "x.png")
+    with pytest.raises(NotRegularFileError, match="named pipe"):
+        load_image(str(fifo), 3)
+    with pytest.raises(NotRegularFileError, match="broken symbolic link"):
+        load_image(str(badfiles.write_dangling_symlink(tmp_path / "y.jpg")), 3)
+
+
+def test_predict_reports_a_fifo_and_goes_on(tmp_path):
+    from fasttrain.data import synthetic
+    from fasttrain.engine import train
+    from fasttrain.predict import predict
+
+    root = synthetic.make_shapes_dataset(tmp_path / "data", train_per_class=4, val_per_class=1, size=16,
+                                         shapes=("circle", "square"))
+    cfg = Config(data=DataConfig(root=str(root), image_size=16, workers=0, loader="torch"))
+    cfg.train.epochs, cfg.train.max_steps, cfg.train.batch_size, cfg.train.runs_dir = 1, 1, 4, str(tmp_path / "r")
+    cfg.model.name = "mlp"
+    run = train(cfg, progress=False)
+    image = next(root.rglob("*.png"))
+    fifo = badfiles.write_fifo(tmp_path / "pipe.png")
+    records = predict(run.run_dir / "checkpoints" / "last.pt", [str(fifo), str(image)], device="cpu")
+    assert "named pipe" in records[0]["error"] and "error" not in records[1]
+
+
+def test_train_on_unreadable_data_exits_with_the_list_not_a_traceback(tmp_path, corpus, capsys):
+    from fasttrain.cli import main
+
+    _, bad = corpus
+    for cls in ("a", "b"):
+        badfiles.write_corpus(tmp_path / "data" / "train" / cls, bad={"text.jpg": badfiles.write_text,
+                                                                       "empty.png": badfiles.write_empty}, good={})
+    code = main(["train", "--set", f"data.root={tmp_path / 'data'}", "--set", "data.loader=torch",
+                 "--set", "data.workers=0", "--set", f"train.runs_dir={tmp_path / 'runs'}", "-q"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no usable image in the train split" in err and "text.jpg" in err
+    assert "Traceback" not in err

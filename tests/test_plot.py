@@ -1,0 +1,51 @@
+"""fasttrain plot: curves from metrics.jsonl (step and epoch records), one run or several overlaid."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from fasttrain.plot import plot_runs, read_curves
+
+
+def _run(folder, *, acc: list[float], steps_per_epoch: int = 4, log_every: int = 2, torn: bool = False):
+    folder.mkdir(parents=True)
+    lines = []
+    for e, a in enumerate(acc, 1):
+        for s in range(log_every, steps_per_epoch + 1, log_every):
+            step = (e - 1) * steps_per_epoch + s
+            lines.append({"event": "step", "epoch": e, "step": step, "loss": 2.0 / step, "lr": 0.1 / e,
+                          "samples_per_s": 100.0 + step})
+        lines.append({"epoch": e, "step": e * steps_per_epoch, "train_loss": 1.0 / e, "val_loss": 1.2 / e,
+                      "val_acc": a, "lr": 0.1 / e, "samples_per_s": 100.0, "best": a == max(acc)})
+    lines.append({"epoch": len(acc), "event": "test", "test_acc": 0.5})
+    text = "".join(json.dumps(r) + "\n" for r in lines)
+    (folder / "metrics.jsonl").write_text(text + ('{"epoch": 9, "train_lo' if torn else ""))
+    return folder
+
+
+def test_records_are_split_into_steps_and_epochs_and_a_torn_line_is_skipped(tmp_path, caplog):
+    run = read_curves(_run(tmp_path / "a", acc=[0.5, 0.7, 0.6], torn=True))
+    assert len(run.steps) == 6 and len(run.epochs) == 3  # the test event is neither
+    assert run.metric == "val_acc"
+    assert run.series("val_acc") == ([4, 8, 12], [0.5, 0.7, 0.6])
+    assert run.series("loss", "steps")[0] == [2, 4, 6, 8, 10, 12]
+    assert "dropped its last line 11" in caplog.text
+
+
+def test_one_run_draws_into_its_folder_and_several_into_a_new_file(tmp_path, monkeypatch):
+    a = _run(tmp_path / "a", acc=[0.5, 0.7])
+    b = _run(tmp_path / "b", acc=[0.4, 0.8, 0.9])
+    png = plot_runs([a])
+    assert png == a / "curves.png"
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] > 800
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs-compare.png").write_text("the user's file")
+    both = plot_runs([a, b])
+    assert both.name == "runs-compare-2.png"  # the existing file is left alone
+    assert (tmp_path / "runs-compare.png").read_text() == "the user's file"
+    with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
+        plot_runs([tmp_path / "nothing"])

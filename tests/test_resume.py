@@ -1,0 +1,108 @@
+"""Resume and checkpoints: what may change on resume, damaged checkpoints, the run's config kept current."""
+
+import pytest
+import torch
+
+from fasttrain.checkpoint import CheckpointError, check_resume_config, load_checkpoint
+from fasttrain.cli import main
+from fasttrain.config import Config, ConfigError, apply_overrides, load_config
+from fasttrain.engine import train
+
+
+def tiny_cfg(root, runs, *extra):
+    return apply_overrides(Config(), [
+        f"data.root={root}", "data.image_size=32", "data.resize_size=32", "data.random_resized_crop=false",
+        "data.loader=torch", "data.workers=0", "model.name=smallcnn", "model.width=8", "optim.name=adamw",
+        "optim.lr=0.005", "train.epochs=1", "train.batch_size=32", "train.max_steps=2", "train.log_every=1",
+        f"train.runs_dir={runs}", "runtime.device=cpu", "name=t", *extra])
+
+
+@pytest.fixture(scope="module")
+def run_dir(shapes_root, tmp_path_factory):
+    """A finished one-epoch run (module-wide: tests that change it copy it first)."""
+    return train(tiny_cfg(shapes_root, tmp_path_factory.mktemp("runs")), progress=False).run_dir
+
+
+def copy_run(run_dir, tmp_path):
+    import shutil
+
+    return shutil.copytree(run_dir, tmp_path / run_dir.name)
+
+
+@pytest.mark.parametrize("setting, shown", [
+    ("model.width=16", "model.width (8 -> 16)"),
+    ("data.image_size=24", "data.image_size (32 -> 24)"),
+    ("data.channels=1", "data.channels (3 -> 1)"),
+    ("optim.lr=0.1", "optim.lr (0.005 -> 0.1)"),
+    ("task.name=regress", "task.name ('classify' -> 'regress')"),
+    ("train.batch_size=16", "train.batch_size (32 -> 16)"),
+])
+def test_resume_names_what_cannot_change(run_dir, capsys, setting, shown):
+    before = (run_dir / "config.toml").read_text()
+    code = main(["train", "--resume", str(run_dir), "--set", "train.epochs=2", "--set", setting, "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert shown in err and "cannot change on resume" in err and "train.epochs" in err  # what may change
+    assert (run_dir / "config.toml").read_text() == before  # refused before anything was written
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["state"]["epoch"] == 1
+
+
+def test_resume_may_change_length_and_how_it_runs():
+    saved = Config()
+    new = apply_overrides(saved, ["train.epochs=20", "train.log_every=5", "train.checkpoint_every_steps=100",
+                                  "runtime.compile=off", "runtime.device=cpu", "data.workers=2", "data.loader=torch",
+                                  "data.root=/moved/data", "tune.max_batch=64", "name=other"])
+    check_resume_config(saved, new, "run")  # no error
+    with pytest.raises(ConfigError, match=r"schedule\.name .*, train\.max_steps"):
+        check_resume_config(saved, apply_overrides(saved, ["schedule.name=step", "train.max_steps=3"]), "run")
+
+
+def test_resume_with_more_epochs_updates_config_toml(run_dir, tmp_path):
+    run = copy_run(run_dir, tmp_path)
+    result = train(resume=run, overrides=["train.epochs=2"], progress=False)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert load_config(run / "config.toml").train.epochs == 2  # the run folder says what it ran
+    assert not list(run.glob(".*.tmp"))
+
+
+def _damage(run_dir, tmp_path, name, change):
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    change(ckpt)
+    path = tmp_path / name
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("name, change, message", [
+    ("noconfig.pt", lambda c: c.pop("config"), "has no 'config' table"),
+    ("nostate.pt", lambda c: c.pop("state"), "has no 'state'"),
+    ("nomodules.pt", lambda c: c["state"].pop("modules"), "has no 'modules' weights"),
+    ("fewnames.pt", lambda c: c["meta"].update(class_names=["circle", "square"]),
+     "2 class names for the model's 3 outputs"),
+    ("badconfig.pt", lambda c: c["config"]["model"].update(width=-3), r"its config is not valid: model\.width"),
+    ("wrongweights.pt", lambda c: c["state"]["modules"]["model"].update(
+        {k: v[:1] for k, v in c["state"]["modules"]["model"].items() if v.ndim}), "weights do not fit"),
+])
+def test_damaged_checkpoints_give_one_named_error(run_dir, tmp_path, shapes_root, capsys, name, change, message):
+    path = _damage(run_dir, tmp_path, name, change)
+    image = next((shapes_root / "val" / "circle").iterdir())
+    code = main(["predict", str(path), str(image), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert str(path) in err
+    import re
+
+    assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.pop("rng"), "no RNG states"),
+    (lambda c: c["state"].pop("optimizers"), "no 'optimizers'"),
+    (lambda c: c["state"]["modules"].update(extra={}), "modules"),
+])
+def test_damaged_checkpoint_refused_on_resume(run_dir, tmp_path, change, message):
+    run = copy_run(run_dir, tmp_path)
+    _damage(run, run / "checkpoints", "last.pt", change)
+    with pytest.raises(CheckpointError, match=message) as e:
+        train(resume=run, overrides=["train.epochs=2"], progress=False)
+    assert str(run / "checkpoints" / "last.pt") in str(e.value)

@@ -1,0 +1,161 @@
+#!/usr/bin/env python3
+"""The GPU targets, each met or not with its figure, from what ``tools/gpu_suite.sh`` wrote into a folder.
+
+    python tools/gpu_targets.py SUITE_OUT_DIR [-o targets.md]
+
+Reads whatever is there (a stage cut off by a time limit leaves some files out; its targets say "not measured"):
+- ``quick-bench-{dali,cache}.json``: ``fasttrain bench`` reports (model-only ceiling, loader alone, end to end);
+- ``bench-*.jsonl`` / ``bench-*.json``: benchmark cases (the naive script's end to end, ResNet-18 end to end);
+- ``quick-autotune-{1,2}/*.json`` or ``autotune-{1,2}/*.json``: autotune reports (first answer, cached answer).
+
+Targets: end to end >= 0.95 of the model-only ceiling for ResNet-50 (bf16, channels_last, compiled) from JPEG
+files; >= 2.8x (ResNet-50) and >= 7x (ResNet-18) the naive script's end-to-end samples/s; autotune's choice
+within 3% of the best measured batch, under 60 s plus one compile, a cached answer under 2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CEILING_SHARE = 0.95
+SPEEDUP = {"resnet50": 2.8, "resnet18": 7.0}
+AUTOTUNE_WITHIN = 0.03
+AUTOTUNE_SECONDS = 60.0
+CACHED_SECONDS = 2.0
+
+
+@dataclass
+class Target:
+    name: str
+    goal: str
+    figure: str = "not measured"
+    met: bool | None = None
+    """None: not measured."""
+
+    def row(self) -> str:
+        verdict = {True: "met", False: "**not met**", None: "not measured"}[self.met]
+        return f"| {self.name} | {self.goal} | {self.figure} | {verdict} |"
+
+
+def _load(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def bench_cases(folder: Path) -> list[dict[str, Any]]:
+    """Every benchmark case's extra_info: from the JSON lines written as cases finish, else the final JSON."""
+    cases: list[dict[str, Any]] = []
+    for jsonl in sorted(folder.glob("bench-*.jsonl")):
+        for line in jsonl.read_text(encoding="utf-8").splitlines():
+            try:
+                cases.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut off mid-write
+    for js in sorted(folder.glob("bench-*.json")):
+        if js.with_suffix(".jsonl").exists():
+            continue
+        data = _load(js) or {}
+        cases += [{"name": b.get("fullname"), **b.get("extra_info", {})} for b in data.get("benchmarks", [])]
+    return cases
+
+
+def _e2e(cases: list[dict[str, Any]], model: str, backend: str) -> float | None:
+    rates = [c["samples_per_s"] for c in cases if c.get("kind") == "end_to_end" and c.get("model") == model
+             and c.get("backend") == backend and c.get("samples_per_s")]
+    return max(rates) if rates else None
+
+
+def _autotune_report(folder: Path) -> dict[str, Any] | None:
+    for js in sorted(folder.glob("*.json")):
+        data = _load(js)
+        if isinstance(data, dict) and "candidates" in data:
+            return data
+    return None
+
+
+def evaluate(folder: Path) -> list[Target]:
+    targets = []
+    cases = bench_cases(folder)
+    bench = {b: _load(folder / f"quick-bench-{b}.json") for b in ("dali", "cache")}
+
+    for backend, report in bench.items():
+        t = Target(f"ResNet-50 end to end / model-only ({backend})", f">= {CEILING_SHARE:.2f}")
+        if report:
+            e2e, ceiling = report["end_to_end"]["samples_per_s"], report["model_step"]["samples_per_s"]
+            share = e2e / ceiling if ceiling else 0.0
+            t.figure = f"{e2e:,.0f} / {ceiling:,.0f} img/s = {share:.3f} ({report.get('runtime', '')})"
+            t.met = share >= CEILING_SHARE
+        targets.append(t)
+
+    for model, goal in SPEEDUP.items():
+        t = Target(f"{model} end to end vs the naive script", f">= {goal:g}x")
+        naive = _e2e(cases, model, "naive")
+        ours = {b: _e2e(cases, model, b) for b in ("dali", "cache", "torch")}
+        report = bench.get("dali") if model == "resnet50" else None
+        if report and report.get("model") == model:
+            ours["dali"] = max(ours["dali"] or 0.0, report["end_to_end"]["samples_per_s"])
+        best = max(((v, b) for b, v in ours.items() if v), default=None)
+        if naive and best:
+            ratio = best[0] / naive
+            t.figure = f"{best[0]:,.0f} ({best[1]}) / {naive:,.0f} naive img/s = {ratio:.2f}x"
+            t.met = ratio >= goal
+        targets.append(t)
+
+    first = _autotune_report(folder / "quick-autotune-1") or _autotune_report(folder / "autotune-1")
+    again = _autotune_report(folder / "quick-autotune-2") or _autotune_report(folder / "autotune-2")
+    t_best = Target("autotune's choice vs the best measured batch", f"within {AUTOTUNE_WITHIN:.0%}")
+    t_time = Target("autotune wall time, one compile excluded", f"< {AUTOTUNE_SECONDS:g} s")
+    t_cache = Target("autotune answered from its cache", f"< {CACHED_SECONDS:g} s")
+    if first:
+        fits = [c for c in first.get("candidates", []) if c.get("usable") and c.get("samples_per_s")]
+        chosen = next((c for c in fits if c.get("batch_size") == first.get("chosen_batch")), None)
+        if fits and chosen:
+            best = max(fits, key=lambda c: c["samples_per_s"])
+            gap = 1.0 - chosen["samples_per_s"] / best["samples_per_s"]
+            t_best.figure = (f"batch {chosen['batch_size']}: {chosen['samples_per_s']:,.0f} img/s, best batch "
+                             f"{best['batch_size']}: {best['samples_per_s']:,.0f} ({gap:.1%} below)")
+            t_best.met = gap <= AUTOTUNE_WITHIN
+        elapsed, compile_s = first.get("elapsed_s"), first.get("compile_s") or 0.0
+        if elapsed is not None:
+            t_time.figure = f"{elapsed:.1f} s in all, {compile_s:.1f} s of it compiling"
+            t_time.met = elapsed - compile_s < AUTOTUNE_SECONDS
+    if again and again.get("elapsed_s") is not None:
+        t_cache.figure = f"{again['elapsed_s']:.2f} s (cached: {again.get('cached')})"
+        t_cache.met = bool(again.get("cached")) and again["elapsed_s"] < CACHED_SECONDS
+    targets += [t_best, t_time, t_cache]
+    return targets
+
+
+def to_markdown(folder: Path, targets: list[Target]) -> str:
+    env = _load(folder / "environment.json") or {}
+    head = (f"GPU targets: {env.get('gpu', '?')}, driver {env.get('driver', '?')}, torch {env.get('torch', '?')}, "
+            f"CUDA {env.get('cuda', '?')}, DALI {env.get('dali', '?')}")
+    lines = [f"# {head}", "", "| target | goal | figure | verdict |", "|---|---|---|---|"]
+    lines += [t.row() for t in targets]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("folder", type=Path, help="the folder tools/gpu_suite.sh wrote")
+    p.add_argument("-o", "--output", type=Path, help="also write the Markdown here")
+    args = p.parse_args(argv)
+    if not args.folder.is_dir():
+        print(f"gpu_targets: {args.folder} is not a folder", file=sys.stderr)
+        return 2
+    text = to_markdown(args.folder, evaluate(args.folder))
+    print(text, end="")
+    if args.output:
+        args.output.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
