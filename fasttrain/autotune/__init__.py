@@ -54,6 +54,7 @@ from fasttrain.autotune.search import (
 from fasttrain.config import Config
 
 if TYPE_CHECKING:
+    from fasttrain.autotune.loader import LoaderResult
     from fasttrain.autotune.probe import Budget, ProbeSettings
     from fasttrain.autotune.report import AutotuneReport
     from fasttrain.timing import TimeBudget
@@ -201,9 +202,9 @@ def _tune(cfg: Config, budget_gib: float, *, verify: bool, clock: TimeBudget) ->
         cap_reason = f"the training set's size, {n_train} images"
         notes.append(f"batch sizes capped at the training set's {n_train} images")
     given: int | None = pcfg.train.micro_batch
-    if given > n_train:
-        notes.append(f"the config's micro-batch {given} is larger than the training set ({n_train} images): "
-                     f"not measured")
+    if pcfg.train.micro_batch > n_train:
+        notes.append(f"the config's micro-batch {pcfg.train.micro_batch} is larger than the training set "
+                     f"({n_train} images): not measured")
         given = None
     report = AutotuneReport(
         config_name=cfg.name, model=cfg.model.name, task=cfg.task.name, device=str(device),
@@ -258,7 +259,8 @@ def _run(report: AutotuneReport, prep, budget: Budget, clock: TimeBudget, *, ver
     log.info("autotune %s: %s; %s; time budget %g s (compile excluded)", pcfg.name, runtime.describe(),
              budget.describe(), clock.seconds)
     resident = _hold_resident_dataset(pcfg, source, backend, device, budget, report.notes)
-    state = loader_result = None
+    state: Any = None
+    loader_result: LoaderResult | None = None
     try:
         result = search_batch_size(probe, min_batch=tune.min_batch, max_batch=max_batch, multiple=tune.multiple,
                                    noise=tune.noise, budget_bytes=budget.budget_bytes, headroom=tune.headroom,
@@ -283,7 +285,8 @@ def _run(report: AutotuneReport, prep, budget: Budget, clock: TimeBudget, *, ver
             c = mark_usable(probe(plan.micro_batch, "plan"), budget.budget_bytes, tune.headroom)
             report.candidates.append(c)
             by_size[c.batch_size] = c
-        reference = by_size[plan.micro_batch]
+        reference: Candidate | None = by_size[plan.micro_batch]
+        assert reference is not None
         if not reference.usable:
             report.error = f"the planned micro-batch {plan.micro_batch} is not usable: {reference.error}"
             return
@@ -343,7 +346,8 @@ def _run(report: AutotuneReport, prep, budget: Budget, clock: TimeBudget, *, ver
         if loader_result is not None and loader_result.loader is not None:
             loader_result.loader.close()
             loader_result.loader = None
-        state = probe = resident = None  # noqa: F841 - drop the last references before handing memory back
+        state = resident = None  # noqa: F841 - drop the last references before handing memory back
+        probe.close()
 
 
 def _compile(report: AutotuneReport, prep, budget: Budget, settings: ProbeSettings, clock: TimeBudget,
@@ -401,6 +405,7 @@ def _verify(report: AutotuneReport, prep, budget: Budget, settings: ProbeSetting
     pcfg, source, runtime = prep.cfg, prep.source, prep.runtime
     tune, device = pcfg.tune, runtime.device
     lr = report.loader
+    assert lr is not None  # the loader trials ran before
     loader = lr.loader
     lr.loader = None
     for attempt in range(3):
@@ -424,6 +429,7 @@ def _verify(report: AutotuneReport, prep, budget: Budget, settings: ProbeSetting
         if attempt == 2 or not smaller:
             return
         chosen, _ = choose_batch(smaller, tune.noise, prefer=given)
+        assert chosen is not None  # smaller holds usable candidates
         report.notes.append(f"verification at micro-batch {plan.micro_batch} failed ({v.error}); trying {chosen}")
         report.chosen_batch = chosen
         state = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import statistics
@@ -76,7 +77,8 @@ class LoaderResult:
     samples_per_s: float | None
     """The kept setting's end-to-end samples/s."""
     spread: float
-    model_samples_per_s: float
+    model_samples_per_s: float | None
+    """The model-only step measured alongside the kept setting."""
     model_spread: float
     keeps_up: bool
     note: str
@@ -125,6 +127,8 @@ def loader_ladder(backend: str, data: DataConfig) -> list[dict[str, Any]]:
     separate engine: a lower load only moves decoding onto CPU threads). cache: no knobs."""
     w = default_workers()
     counts = sorted({max(1, w // 4), max(1, w // 2), w})
+    given: dict[str, Any]
+    others: list[dict[str, Any]]
     if backend == "torch":
         given, others = {"workers": data.workers}, [{"workers": n} for n in counts]
     elif backend == "dali":
@@ -184,13 +188,17 @@ def reuse_file_checks() -> Iterator[dict]:
                 memo[key] = _original(paths, *args, **kwargs)
             return memo[key]
 
-        module.precheck = once
+        setattr(module, "precheck", once)  # noqa: B010 - modules typed without this attribute
         patched.append((module, original))
     try:
         yield memo
     finally:
         for module, original in patched:
-            module.precheck = original
+            setattr(module, "precheck", original)  # noqa: B010
+
+
+def _same(x: Any) -> Any:
+    return x
 
 
 def tune_loader(cfg: Config, runtime, source, backend: str, *, micro: int, accumulation: int, state, noise: float,
@@ -200,7 +208,9 @@ def tune_loader(cfg: Config, runtime, source, backend: str, *, micro: int, accum
     compiled check's), then the ladder's others, cheapest first, until one keeps up with the model-only step or
     time runs out; keep the highest share of the model-only step (ties: the given setting, else the cheaper)."""
     if make_task is None:
-        from fasttrain.tasks import make_task
+        from fasttrain.tasks import make_task as make_task_
+    else:
+        make_task_ = make_task
     device = runtime.device
     trials: list[LoaderTrial] = []
     open_loader, open_index = None, None
@@ -215,7 +225,7 @@ def tune_loader(cfg: Config, runtime, source, backend: str, *, micro: int, accum
                 open_loader.close()
                 open_loader = open_index = None
             data = dataclasses.replace(cfg.data, **setting)
-            task = make_task(dataclasses.replace(cfg, data=data), runtime, source)
+            task = make_task_(dataclasses.replace(cfg, data=data), runtime, source)
             depth = queue_depth(backend, data)
             t0 = time.perf_counter()
             before = memory.outside_torch_bytes(device)
@@ -223,8 +233,8 @@ def tune_loader(cfg: Config, runtime, source, backend: str, *, micro: int, accum
             open_loader, open_index = loader, i
             it = cycle_batches(loader)
             batch = task.synthetic_batch(micro, task.input_spec(), train=True)
-            model_step = train_step_fn(task, state, lambda batch=batch: batch, accumulation)
-            e2e_step = train_step_fn(task, state, lambda it=it: next(it), accumulation)
+            model_step = train_step_fn(task, state, functools.partial(_same, batch), accumulation)
+            e2e_step = train_step_fn(task, state, functools.partial(next, it), accumulation)
             cap = 4 * repeat_s
             m1 = time_window(model_step, warmup=1, repeats=half, seconds=repeat_s, step_multiple=accumulation,
                              device=device, reset_peak=False, max_repeat_s=cap)

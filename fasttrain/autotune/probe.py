@@ -81,13 +81,14 @@ class Budget:
         if self.mode == "cpu":
             return "CPU run: the VRAM budget does not apply; memory is the process's peak RSS"
         used = format_bytes(self.in_use_before_bytes or 0, "GiB")
+        card = format_bytes(self.card_total_bytes, "GiB")
         outside = (f"; {format_bytes(self.outside_torch_bytes, 'GiB')} outside torch (the loader) charged to it"
                    if self.outside_torch_bytes else "")
         if self.mode == "emulated":
-            return (f"{self.requested_gib:g} GiB emulated on {self.gpu} ({self.card_total_bytes / GIB:.1f} GiB): "
+            return (f"{self.requested_gib:g} GiB emulated on {self.gpu} ({card}): "
                     f"per-process memory fraction {self.fraction:.3f}; {used} already in use (CUDA context, other "
                     f"processes, via {self.source}) counted in the budget{outside}")
-        return (f"{self.gpu} ({self.card_total_bytes / GIB:.1f} GiB) is not larger than the {self.requested_gib:g} GiB "
+        return (f"{self.gpu} ({card}) is not larger than the {self.requested_gib:g} GiB "
                 f"budget: the budget is its free memory, {format_bytes(self.budget_bytes, 'GiB')} ({used} in use "
                 f"before tuning, via {self.source}){outside}")
 
@@ -127,7 +128,7 @@ def charge_outside(budget: Budget, device: torch.device, nbytes: int) -> None:
     """Charge ``nbytes`` outside torch's allocator (the loader's) to the budget: torch's cap shrinks by as much
     (emulated), and candidates' usage is compared with it added (every mode)."""
     budget.outside_torch_bytes = max(0, int(nbytes))
-    if budget.mode == "emulated" and budget.card_total_bytes:
+    if budget.mode == "emulated" and budget.card_total_bytes and budget.budget_bytes is not None:
         room = budget.budget_bytes - (budget.in_use_before_bytes or 0) - budget.outside_torch_bytes
         budget.fraction = max(0.0, min(budget.previous_fraction or 1.0, room / budget.card_total_bytes))
         memory.set_memory_fraction(device, budget.fraction)
@@ -277,6 +278,7 @@ class StepProbe:
                           seconds=time.perf_counter() - t0)
             log.info("autotune [%s] batch %d (%s): %s", self.stamp(), b, phase, oom)
             return c
+        assert result is not None  # no out-of-memory error: _run returned
         rates, timed, reliable, steps, warm, steady, retries = result
         c = Candidate(
             batch_size=b,
@@ -306,7 +308,7 @@ class StepProbe:
         """More repeats for ``cands``, interleaved (A B A B ...): a change of the machine's speed hits all of them
         alike, so their comparison holds. The new rates are appended to each candidate's."""
         s = self.s
-        runs = []
+        runs: list[tuple[Candidate, Callable[[], int], int, list[float]]] = []
         try:
             state = self._ensure_state()
             spec = self.task.input_spec()
@@ -544,6 +546,7 @@ def verify(task, source, *, backend: str, state, plan: BatchPlan, budget: Budget
         out.error, out.failure = err, "oom"
         log.info("autotune [%s] verification at %d x %d: %s", stamp(), plan.micro_batch, accum, err)
         return out, None
+    assert timing is not None  # no out-of-memory error: the window ran
     peak = memory.read_peak(device)
     out.peak_allocated_bytes, out.peak_reserved_bytes = peak.peak_allocated_bytes, peak.peak_reserved_bytes
     out.peak_rss_bytes, out.alloc_retries = peak.peak_rss_bytes, retries
@@ -557,7 +560,8 @@ def verify(task, source, *, backend: str, state, plan: BatchPlan, budget: Budget
         out.warning = (f"{eval_retries} allocator retries during evaluation (cuDNN's algorithm search on a new batch "
                        f"shape); none while training")
     used = out.device_used_bytes
-    if budget.mode == "emulated" and used is not None and used > budget.budget_bytes:
+    if (budget.mode == "emulated" and used is not None and budget.budget_bytes is not None
+            and used > budget.budget_bytes):
         # Memory outside torch's allocator is not capped by the fraction: on a real card of the budget's size this
         # run would fail, so it does not count as fitting.
         out.error = (f"the device held {format_bytes(used, 'GiB')} during verification (torch plus memory outside "

@@ -91,7 +91,7 @@ class AutotuneReport:
                 v = [dataclasses.asdict(x) for x in v]
             elif f.name == "loader":
                 v = v.to_dict() if v is not None else None
-            elif dataclasses.is_dataclass(v):
+            elif dataclasses.is_dataclass(v) and not isinstance(v, type):
                 v = dataclasses.asdict(v)
             d[f.name] = v
         d["ok"], d["reliable"] = self.ok, self.reliable
@@ -160,7 +160,8 @@ class AutotuneReport:
             lines.append(f"error: {self.error}")
         by = {c.batch_size: c for c in self.candidates}
         if self.chosen_batch is not None and self.chosen_batch in by:
-            ch, best = by[self.chosen_batch], by.get(self.best_batch)
+            ch = by[self.chosen_batch]
+            best = by.get(self.best_batch) if self.best_batch is not None else None
             text = f"chosen batch {self.chosen_batch}: {ch.samples_per_s:,.1f} samples/s"
             if best is not None and best.batch_size != ch.batch_size:
                 why = "the config's own batch" if self.chosen_batch == self.given_batch else "the smaller batch"
@@ -230,31 +231,29 @@ def _figure(r: AutotuneReport):
     fig = Figure(figsize=(8.5, 5.6), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(111)
-    timed = [c for c in cands if c.samples_per_s is not None]
+    timed = [(c, c.samples_per_s) for c in cands if c.samples_per_s is not None]
     if timed:
-        xs = [c.batch_size for c in timed]
-        ys = [c.samples_per_s for c in timed]
-        lo = [c.samples_per_s - min(c.rates or [c.samples_per_s]) for c in timed]
-        hi = [max(c.rates or [c.samples_per_s]) - c.samples_per_s for c in timed]
+        xs = [c.batch_size for c, _ in timed]
+        ys = [y for _, y in timed]
+        lo = [y - min(c.rates or [y]) for c, y in timed]
+        hi = [max(c.rates or [y]) - y for c, y in timed]
         ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", color="tab:blue", capsize=3, label="train step samples/s "
                     "(median; bars: min..max of the repeats)")
-        shaky = [c for c in timed if not c.reliable]
+        shaky = [(c.batch_size, y) for c, y in timed if not c.reliable]
         if shaky:
-            ax.plot([c.batch_size for c in shaky], [c.samples_per_s for c in shaky], "o", mfc="none", mec="tab:red",
-                    markersize=12, label="unreliable (spread too large)")
+            ax.plot(*zip(*shaky), "o", mfc="none", mec="tab:red", markersize=12, label="unreliable (spread too large)")
     fails = [c for c in cands if c.samples_per_s is None or c.memory_failure]
     if fails:
         ax.plot([c.batch_size for c in fails], [0] * len(fails), "x", color="tab:red", markersize=10, clip_on=False,
                 label="does not fit (OOM / retries / headroom)")
-    ok_compiled = [c for c in r.compiled_tried if c.usable and c.samples_per_s is not None]
+    ok_compiled = [(c.batch_size, c.samples_per_s) for c in r.compiled_tried if c.usable and c.samples_per_s]
     if ok_compiled:
-        ax.plot([c.batch_size for c in ok_compiled], [c.samples_per_s for c in ok_compiled], "*", color="tab:green",
-                markersize=14, label="compiled step")
+        ax.plot(*zip(*ok_compiled), "*", color="tab:green", markersize=14, label="compiled step")
     v = r.verify
     if v is not None and v.samples_per_s is not None:
-        lo = v.samples_per_s - min(v.rates or [v.samples_per_s])
-        hi = max(v.rates or [v.samples_per_s]) - v.samples_per_s
-        ax.errorbar([v.micro_batch], [v.samples_per_s], yerr=[[lo], [hi]], fmt="D", color="tab:purple", capsize=3,
+        y = v.samples_per_s
+        below, above = y - min(v.rates or [y]), max(v.rates or [y]) - y
+        ax.errorbar([v.micro_batch], [y], yerr=[[below], [above]], fmt="D", color="tab:purple", capsize=3,
                     markersize=8, label=f"verification, end to end ({v.agreement.status if v.agreement else '?'})")
     if r.chosen_batch is not None:
         ax.axvline(r.chosen_batch, color="tab:green", linestyle="--", linewidth=1, label=f"chosen {r.chosen_batch}")

@@ -192,7 +192,8 @@ def mark_usable(c: Candidate, budget_bytes: int | None, headroom: float, extra_b
         return c
     c.usable = c.samples_per_s is not None
     limit = None if budget_bytes is None else (1.0 - headroom) * budget_bytes
-    if c.usable and limit is not None and c.usage_bytes is not None and c.usage_bytes + extra_bytes > limit:
+    if (c.usable and budget_bytes is not None and limit is not None and c.usage_bytes is not None
+            and c.usage_bytes + extra_bytes > limit):
         c.usable = False
         c.failure = "headroom"
         extra = f" + {extra_bytes / GIB:.2f} GiB outside torch" if extra_bytes else ""
@@ -271,12 +272,12 @@ def search_batch_size(measure: Callable[[int, str], Candidate], *, min_batch: in
     def cost(b: int) -> float:
         """The next probe's seconds, from the timed probe nearest in size: its untimed part (warm-up, eval)
         grows with the batch; its timed part is a fixed window until one step per repeat outlasts it."""
-        timed = [c for c in order if c.samples_per_s]
+        timed = [(c, c.samples_per_s) for c in order if c.samples_per_s]
         if not timed:
             return max((c.seconds for c in order), default=0.0)
-        ref = min(timed, key=lambda c: abs(math.log(b / c.batch_size)))
+        ref, sps = min(timed, key=lambda t: abs(math.log(b / t[0].batch_size)))
         scale = max(1.0, b / ref.batch_size)
-        step = b / ref.samples_per_s
+        step = b / sps
         return ref.untimed_s * scale + max(ref.timed_s, len(ref.rates) * step)
 
     def affordable(b: int) -> bool:
@@ -294,7 +295,7 @@ def search_batch_size(measure: Callable[[int, str], Candidate], *, min_batch: in
 
     def best_below(b: int) -> Candidate | None:
         below = [c for c in results.values() if c.usable and c.batch_size < b]
-        return max(below, key=lambda c: c.samples_per_s) if below else None
+        return max(below, key=lambda c: c.samples_per_s or 0.0) if below else None
 
     if given is not None:
         run(given, "given")
@@ -499,7 +500,7 @@ def choose_loader(trials: Sequence[LoaderMeasured], noise: float, given: int = 0
     if not trials:
         raise ValueError("choose_loader: no trials")
     shares = [_Rate(*loader_share(t)) for t in trials]
-    best = max(range(len(trials)), key=lambda i: shares[i].samples_per_s)
+    best = max(range(len(trials)), key=lambda i: shares[i].samples_per_s or 0.0)
     ties = [i for i in range(len(trials)) if not beats(shares[best], shares[i], noise)]
     pick = given if given in ties else min(ties)
     return pick, not beats(_Rate(1.0, 0.0), shares[pick], noise)
@@ -563,7 +564,7 @@ def judge_verification(*, probe_sps: float, probe_spread: float, verify_sps: flo
     if ok:
         return Agreement("agrees", True, True, "either", f"{fig}: within the noise (±{m:.0%})")
     bound = loader_share is not None and beats(_Rate(1.0, 0.0), _Rate(loader_share, loader_spread), noise)
-    share = loader_share if bound else 1.0
+    share = loader_share if bound and loader_share is not None else 1.0
     if bound:
         same, _ = _within(verify_sps, verify_spread, probe_sps * share, probe_spread + loader_spread, noise)
         if same:
