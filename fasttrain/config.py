@@ -397,9 +397,10 @@ class TuneConfig:
     it did not probe). 45 s: ResNet-50 eager probes on an H100 (about 3 s each with cuDNN's search per new
     shape, 8 to 10 sizes), one loader trial and the verification fit, with room for setup, inside 60 s plus one
     compile."""
-    warmup_steps: int = 2
-    """Train steps per candidate before timing (excluded); where a budget applies, an eval step and one more
-    train step follow."""
+    warmup_steps: int = 1
+    """Train steps per candidate before timing (excluded; the first of a new shape carries cuDNN's algorithm
+    search); where a budget applies, an eval step and two more train steps follow, and the repeats are sized by
+    one more, timed alone."""
     repeats: int = 3
     """Timed repeats per measurement; the median is used and (max - min) / median is its spread."""
     repeat_s: float = 0.2
@@ -411,9 +412,9 @@ class TuneConfig:
     config's own batch (else the smaller) is kept."""
     max_spread: float = 0.15
     """A measurement whose spread exceeds this is repeated once, then marked unreliable (and not cached)."""
-    verify_s: float = 3.0
-    """Seconds of end-to-end training at the tuned settings (three windows; the loader comes warm from its trial),
-    plus evaluation batches for at most 30 % of that (0 = skip verification)."""
+    verify_s: float = 2.0
+    """Seconds of end-to-end training at the tuned settings (tune.repeats windows; the loader comes warm from its
+    trial), plus evaluation batches for at most 30 % of that (0 = skip verification)."""
     cache_dir: str = ""
     """Where results are cached; empty means ~/.cache/fasttrain/autotune."""
 
