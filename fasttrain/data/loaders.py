@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 
 from fasttrain.config import Config, ConfigError
+from fasttrain.data import registry
 from fasttrain.data.base import InputSpec, Loader
+from fasttrain.data.samples import Samples
 from fasttrain.data.sources import Split
 
 log = logging.getLogger(__name__)
 
-__all__ = ["choose_backend", "make_image_loader"]
+__all__ = ["choose_backend", "make_loader", "make_image_loader"]
 
 
 def choose_backend(requested: str, *, device_type: str, num_images: int, cfg: Config,
@@ -47,30 +49,19 @@ def choose_backend(requested: str, *, device_type: str, num_images: int, cfg: Co
     return "torch", f"auto: DALI unavailable ({why_not}), and the dataset is too large for the cache"
 
 
-def make_image_loader(backend: str, split: Split, cfg: Config, spec: InputSpec, *, train: bool,
-                      batch_size: int) -> Loader:
+def make_loader(backend: str, samples: Samples, cfg: Config, spec: InputSpec, *, train: bool, batch_size: int,
+                num_shards: int = 1, shard_id: int = 0) -> Loader:
+    """A loader for ``samples`` on ``backend`` (a name of :data:`fasttrain.data.registry.BACKENDS`), this
+    process's shard ``shard_id`` of ``num_shards``."""
+    try:
+        build = registry.backend_builder(backend)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return build(samples, cfg, spec, train=train, batch_size=batch_size, num_shards=num_shards, shard_id=shard_id)
+
+
+def make_image_loader(backend: str, split: Split, cfg: Config, spec: InputSpec, *, train: bool, batch_size: int,
+                      num_shards: int = 1, shard_id: int = 0) -> Loader:
     """A classification loader over ``split`` on ``backend`` (see :func:`choose_backend`)."""
-    d = cfg.data
-    seed = cfg.runtime.seed
-    if backend == "torch":
-        from fasttrain.data.checks import precheck
-        from fasttrain.data.torch_loader import ImageDataset, TorchLoader
-        from fasttrain.data.transforms import eval_transform, train_transform
-
-        # The same pre-check as DALI and the cache: every backend samples from the same files, in the same order.
-        pre = precheck(split.paths, max_pixels=d.max_image_pixels, threads=max(1, d.num_workers), split=split.name)
-        tf = train_transform(d) if train else eval_transform(d)
-        ds = ImageDataset(split.subset(pre.keep), tf, d.channels, seed, max_pixels=d.max_image_pixels)
-        return TorchLoader(ds, spec, batch_size=batch_size, train=train, seed=seed, workers=d.num_workers,
-                           prefetch=d.prefetch, skipped=pre.bad, max_bad_per_epoch=d.max_bad_per_epoch,
-                           split=split.name)
-    if backend == "dali":
-        from fasttrain.data.dali import DaliLoader
-
-        device_id = (spec.device.index or 0) if spec.device.type == "cuda" else None
-        return DaliLoader(split, d, spec, batch_size=batch_size, train=train, seed=seed, device_id=device_id)
-    if backend == "cache":
-        from fasttrain.data.gpu_cache import GpuCacheLoader
-
-        return GpuCacheLoader(split, d, spec, batch_size=batch_size, train=train, seed=seed)
-    raise ConfigError(f"data.loader: unknown backend {backend!r}")
+    return make_loader(backend, Samples(split, "class"), cfg, spec, train=train, batch_size=batch_size,
+                       num_shards=num_shards, shard_id=shard_id)
