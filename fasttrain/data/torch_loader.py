@@ -69,19 +69,36 @@ def _default_prepare(spec: InputSpec) -> Callable:
     return prepare
 
 
+class _IndexKeys(Dataset):
+    """A dataset indexed by plain ints behind the loader's ``(index, epoch)`` keys."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        return self.dataset[key[0]]
+
+
 class TorchLoader:
     """A DataLoader behind the loader contract; ``prepare`` turns a CPU batch into a device Batch.
 
     ``skipped``: (path, reason) of files already left out (the pre-check's); files that fail to decode during
     the run are added (a dataset reports them by returning :class:`Skip`). More than ``max_bad_per_epoch`` new
     ones in one epoch, or an epoch in which nothing decodes, raise :class:`~fasttrain.data.checks.BadDataError`.
+    ``epoch_keys``: the dataset takes ``(index, epoch)`` keys (fasttrain's, which seed augmentation per sample);
+    False for a plain map-style dataset indexed by int.
     """
 
     def __init__(self, dataset: Dataset, spec: InputSpec, *, batch_size: int, train: bool, seed: int,
                  workers: int, prefetch: int = 2, pin_memory: bool | None = None,
                  prepare: Callable[[Any], Batch] | None = None, collate: Callable = collate_skip,
                  num_shards: int = 1, shard_id: int = 0, skipped: list[tuple[str, str]] | None = None,
-                 max_bad_per_epoch: int = 10, split: str | None = None):
+                 max_bad_per_epoch: int = 10, split: str | None = None, epoch_keys: bool = True):
+        if not epoch_keys:  # a plain map-style dataset: dataset[i], its own randomness
+            dataset = _IndexKeys(dataset)
         self.spec = spec
         self.batch_size = batch_size
         self.num_samples = len(dataset)
