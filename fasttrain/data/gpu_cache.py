@@ -38,6 +38,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -62,7 +63,7 @@ from fasttrain.data.sources import Split
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cache_bytes", "cache_fits", "sample_bytes", "GpuCacheLoader", "DeviceAugment", "ResizedCropFlip",
+__all__ = ["cache_bytes", "cache_fits", "sample_bytes", "GpuCacheLoader", "DeviceAugment", "Take", "ResizedCropFlip",
            "PairCropFlip", "random_resized_crop_theta", "build"]
 
 _RRC_ATTEMPTS = 10  # as torchvision: the first of 10 sampled windows that fits the canvas is used
@@ -173,14 +174,28 @@ def random_resized_crop_theta(seed: int, epoch: int, ids, scale_min: float, flip
     return torch.from_numpy(theta.astype(np.float32))
 
 
+@dataclass
+class Take:
+    """One batch of an epoch's plan: its rows of the cache and their parameters, on the device and (for work
+    the host plans without a sync) on the CPU."""
+
+    rows: torch.Tensor
+    rows_host: torch.Tensor
+    params: torch.Tensor | None
+    params_host: torch.Tensor | None
+
+
 class DeviceAugment:
     """A task's augmentation in the cache: :meth:`plan` draws per-sample parameters for an epoch on the CPU (one
-    copy to the device per epoch), :meth:`apply` transforms a gathered batch on the device. This base class is
-    the identity (evaluation, regression)."""
+    copy to the device per epoch); :meth:`take` cuts a batch out of the cached tensors, by default a gather
+    followed by :meth:`apply` on the device. This base class is the identity (evaluation, regression)."""
 
     def plan(self, seed: int, epoch: int, ids: np.ndarray) -> torch.Tensor | None:
         """Per-sample parameters (first dimension: ``len(ids)``), or None when there are none."""
         return None
+
+    def take(self, images: torch.Tensor, targets: torch.Tensor, t: Take) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.apply(images[t.rows], targets[t.rows], t.params)
 
     def apply(self, x: torch.Tensor, y: torch.Tensor, params: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         return x, y
@@ -221,18 +236,15 @@ class PairCropFlip(DeviceAugment):
         top, left, flipped = pair_jitter(seed, epoch, ids, self.room, self.flip)
         return torch.from_numpy(np.stack([top, left, flipped], 1))
 
-    def apply(self, x, y, params):
-        s, ar = self.size, torch.arange(self.size, device=x.device)
-        rows = params[:, :1] + ar  # n x s
-        cols = params[:, 1:2] + ar
-        cols = torch.where(params[:, 2:3].bool(), cols.flip(1), cols)  # a flip reads the columns backwards
-
-        def crop(t: torch.Tensor) -> torch.Tensor:
-            n, c, _, w = t.shape
-            t = t.gather(2, rows[:, None, :, None].expand(n, c, s, w))
-            return t.gather(3, cols[:, None, None, :].expand(n, c, s, s))
-
-        return crop(x), crop(y)
+    def take(self, images, targets, t):
+        # The windows are cut as views and stacked (one copy; offsets read from the host's copy of the plan, no
+        # sync): ~100x faster than an index gather on the CPU, one batched concatenation on the GPU.
+        s = self.size
+        where = [(r, top, left) for r, (top, left) in zip(t.rows_host.tolist(), t.params_host[:, :2].tolist())]
+        x = torch.stack([images[r, :, top:top + s, left:left + s] for r, top, left in where])
+        y = torch.stack([targets[r, :, top:top + s, left:left + s] for r, top, left in where])
+        flip = t.params[:, 2].bool().view(-1, 1, 1, 1)  # both images of a pair, or neither
+        return torch.where(flip, x.flip(3), x), torch.where(flip, y.flip(3), y)
 
 
 def _augment_for(samples: Samples, data: DataConfig, train: bool) -> DeviceAugment | None:
@@ -346,9 +358,10 @@ class GpuCacheLoader:
                          (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
                          for t in (order_cpu, params_cpu))
         for at in range(0, order.numel(), self.batch_size):
-            idx = order[at:at + self.batch_size]
-            p = None if params is None else params[at:at + self.batch_size]
-            x, y = self.augment.apply(self.images[idx], self.targets[idx], p)
+            b = slice(at, at + self.batch_size)
+            take = Take(order[b], order_cpu[b], None if params is None else params[b],
+                        None if params_cpu is None else params_cpu[b])
+            x, y = self.augment.take(self.images, self.targets, take)
             yield Batch(self._finish(x, self.images.dtype),
                         self._finish(y, self.targets.dtype) if self.targets_are_images else y)
 
