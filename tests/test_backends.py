@@ -316,3 +316,28 @@ def test_the_engine_builds_its_loaders_for_its_rank():
                                  dist=DistInfo(rank=3, local_rank=1, world_size=4, local_world_size=2))
     assert Trainer._loader(types.SimpleNamespace(prep=prep, task=task), "split", train=True) == "loader"
     assert asked == dict(train=True, batch_size=8, backend="cache", num_shards=4, shard_id=3)
+
+
+@needs_dali
+@pytest.mark.parametrize("task", ["regress", "pix2pix"])
+def test_the_regress_and_pix2pix_runs_train_on_dali_cpu_mode(tmp_path, task):
+    """The engine, a task and DALI's CPU-only mode end to end: two steps, an evaluation, a checkpoint."""
+    from fasttrain.data.synthetic import make_drawing_dataset, make_paired_dataset
+    from fasttrain.engine import train
+
+    if task == "regress":
+        root = make_drawing_dataset(tmp_path / "d", sessions=6, steps=4, size=24)
+        extra = ["data.format=drawing", "data.channels=1", "data.mean=[0.5]", "data.std=[0.5]", "model.name=convnet",
+                 "data.image_size=16"]
+    else:  # the U-Net halves the side 5 times
+        root = make_paired_dataset(tmp_path / "p", n=12, size=40)
+        extra = ["data.format=paired", "model.name=unet", "optim.name=adam", "task.sample_every=0",
+                 "data.image_size=32"]
+    cfg = apply_overrides(Config(), [f"data.root={root}", f"task.name={task}",
+                                     "data.loader=dali", "data.dali_threads=1", "model.width=4", "train.epochs=1",
+                                     "train.batch_size=4", "train.max_steps=2", f"train.runs_dir={tmp_path / 'runs'}",
+                                     "runtime.device=cpu", *extra])
+    result = train(cfg, progress=False)
+    assert result.backend == "dali" and result.history[0]["step"] == 2
+    assert (result.run_dir / "checkpoints" / "last.pt").is_file()
+    assert all(np.isfinite(v) for k, v in result.history[0].items() if k.startswith("val_"))

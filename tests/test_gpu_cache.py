@@ -282,3 +282,40 @@ def test_pair_targets_are_normalized_like_the_inputs():
     spec = spec_for(DataConfig(mean=[0.5], std=[0.5]))
     (b,) = list(GpuCacheLoader.from_dataset(Pairs(), spec, batch_size=4, train=False, targets_are_images=True))
     assert torch.allclose(b.targets, -b.inputs) and b.targets.shape == (4, 3, 8, 8)
+
+
+@pytest.mark.gpu
+def test_cuda_pair_cache_steps_never_sync_and_match_the_cpu_twin():
+    """The pair crop reads its offsets from the host's copy of the plan: no hidden sync on CUDA, and the same
+    windows and flips as on the CPU."""
+    from fasttrain.data.gpu_cache import PairCropFlip
+
+    class Pairs(torch.utils.data.Dataset):
+        def __init__(self):
+            g = torch.Generator().manual_seed(0)
+            self.a = torch.randint(0, 256, (12, 3, 20, 20), generator=g, dtype=torch.uint8)
+
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return self.a[i], 255 - self.a[i]
+
+    def run(device, dtype):
+        spec = spec_for(DataConfig(mean=[0.5], std=[0.5]), dtype=dtype, channels_last=True, device=device)
+        loader = GpuCacheLoader.from_dataset(Pairs(), spec, batch_size=4, train=True, seed=1, targets_are_images=True,
+                                             augment=PairCropFlip(size=16, load_size=20, flip=True))
+        loader.set_epoch(2)
+        return list(loader)
+
+    cpu = run("cpu", torch.float32)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu = run("cuda", torch.bfloat16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for g, c in zip(gpu, cpu):
+        assert g.inputs.is_cuda and g.inputs.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(g.inputs.float().cpu(), c.inputs, atol=0.01)
+        assert torch.allclose(g.targets.float().cpu(), c.targets, atol=0.01)
