@@ -579,6 +579,8 @@ def config_path(name_or_path: str | os.PathLike) -> Path:
     found = packaged_config(str(name_or_path))
     if found is not None:
         return found
+    if os.sep in str(name_or_path) or str(name_or_path).endswith(".toml"):
+        raise ConfigError(f"config file {p}: not found")
     import difflib
 
     names = list(packaged_configs())
