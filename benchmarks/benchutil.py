@@ -57,7 +57,7 @@ SIZES = {
                      image_size=32, num_classes=10, model_width=16, steps_per_round=2, rounds=3, warmup_rounds=1,
                      loader_batch_size=32, e2e_models=("smallcnn",), e2e_batch_size=16, train_per_class=24,
                      val_per_class=2, torch_threads=1),
-    # The figures PERF.md reports: ImageNet-shaped inputs, batch sizes up to 256, bf16 against fp32.
+    # The GPU figures: ImageNet-shaped inputs, batch sizes up to 256, bf16 against fp32.
     "gpu": BenchSize(name="gpu", models=("resnet18", "resnet50", "smallcnn"), batch_sizes=(64, 128, 256),
                      precisions=("bf16", "fp32"), image_size=224, num_classes=1000, model_width=32,
                      steps_per_round=20, rounds=5, warmup_rounds=2, loader_batch_size=256,

@@ -1,8 +1,53 @@
 """fasttrain: a high-throughput trainer for PyTorch image models.
 
-Importing the package has no side effects: no CUDA initialisation, no DALI import, no flags changed.
-Entry points live in their modules: ``fasttrain.engine.train``, ``fasttrain.predict.predict``,
-``fasttrain.autotune.autotune``, ``fasttrain.bench.bench``.
+    from fasttrain import load_config, train
+    cfg = load_config("catfish", ["data.root=photos", "train.epochs=5"])
+    result = train(cfg)                       # a TrainResult: run folder, per-epoch history, best value
+
+``train``, ``autotune``, ``bench``, ``predict`` and ``load_config`` are the entry points (each returns a result
+object; the command line only prints them). Importing the package has no side effects: no CUDA initialisation,
+no DALI import, no flags changed; the entry points are imported when first used.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
+
+__all__ = ["__version__", "load_config", "train", "autotune", "bench", "predict"]
+
+_ENTRY_POINTS = {"load_config": "fasttrain.config", "train": "fasttrain.engine"}
+# bench, predict and autotune are modules that share their entry point's name: the module itself is callable
+# (``fasttrain.bench(cfg)`` is ``fasttrain.bench.bench(cfg)``), so ``from fasttrain import bench`` gives one object
+# that both runs and holds the module's helpers, whichever was imported first.
+_CALLABLE_MODULES = ("autotune", "bench", "predict")
+
+
+def __getattr__(name: str) -> Any:
+    """``fasttrain.train`` and friends, imported on first use (PEP 562) so that ``import fasttrain`` stays light."""
+    import importlib
+
+    if name in _ENTRY_POINTS:
+        value = getattr(importlib.import_module(_ENTRY_POINTS[name]), name)
+        globals()[name] = value
+        return value
+    if name in _CALLABLE_MODULES:
+        return importlib.import_module(f"fasttrain.{name}")
+    raise AttributeError(f"module 'fasttrain' has no attribute {name!r}")
+
+
+def _callable_module(module_name: str, function: str) -> None:
+    """Let the module ``module_name`` be called as its function ``function`` (see ``_CALLABLE_MODULES``)."""
+    import sys
+    import types
+
+    class CallableModule(types.ModuleType):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            return getattr(self, function)(*args, **kwargs)
+
+    sys.modules[module_name].__class__ = CallableModule
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -50,6 +50,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from fasttrain import _callable_module
 from fasttrain.config import Config, default_workers, dump_config
 from fasttrain.io import atomic_write_text, write_new, write_new_text
 
@@ -1244,3 +1245,6 @@ def run_cli(cfg: Config, args) -> int:
                       verify=not getattr(args, "no_verify", False), use_cache=not getattr(args, "no_cache", False))
     print(report.to_table())
     return 0 if report.ok else 1
+
+
+_callable_module(__name__, "autotune")  # fasttrain.autotune(...) is autotune(...): see fasttrain/__init__.py

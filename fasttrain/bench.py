@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from fasttrain import _callable_module
 from fasttrain.config import Config
 from fasttrain.io import write_new_text
 
@@ -478,3 +479,6 @@ def _measure_all(prep, b, tc) -> tuple[Timing, Timing, Timing]:
     finally:
         loader.close()
     return model_t, loader_t, e2e_t
+
+
+_callable_module(__name__, "bench")  # fasttrain.bench(...) is bench(...): see fasttrain/__init__.py

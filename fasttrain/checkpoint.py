@@ -40,7 +40,8 @@ def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "numpy": (kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), int(pos), int(has_gauss),
+                  float(cached)),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -99,6 +100,7 @@ def _validate(ckpt: dict[str, Any], path: Path, resume: bool) -> None:
     _need(isinstance(ckpt.get("config"), dict), path, "it has no 'config' table")
     state = ckpt.get("state")
     _need(isinstance(state, dict), path, "it has no 'state' (the weights)")
+    assert isinstance(state, dict)
     _need(isinstance(state.get("modules"), dict) and state["modules"]
           and all(isinstance(v, dict) for v in state["modules"].values()), path, "its state has no 'modules' weights")
     _need(isinstance(state.get("epoch", 0), int) and isinstance(state.get("step", 0), int), path,

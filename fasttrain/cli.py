@@ -1,4 +1,10 @@
-"""Command line: parse arguments, set up logging, call the package's functions, print their results."""
+"""fasttrain: train PyTorch image models as fast as the GPU allows.
+
+Give it a folder of images and a config (or nothing: the quickstart trains on demo data it writes itself). It
+decodes JPEGs on the GPU (DALI) or keeps a small dataset decoded there, runs AMP, channels_last and
+torch.compile, finds the batch size that is fastest inside your GPU's memory, and writes each run to its own
+folder (config, metrics, checkpoints, log), from which it resumes.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,6 @@ import errno
 import json
 import logging
 import sys
-from importlib import resources
 from pathlib import Path
 
 from fasttrain import __version__
@@ -15,24 +20,21 @@ from fasttrain.config import Config, ConfigError, load_config
 
 log = logging.getLogger("fasttrain")
 
+EPILOG = """examples:
+  fasttrain train                                   the quickstart (demo data, a minute on a CPU)
+  fasttrain train catfish --set data.root=photos     a packaged config on your folder of images
+  fasttrain config show catfish                      every setting with its value, default and meaning
+  fasttrain autotune my.toml                         the fastest batch size inside 16 GiB of GPU memory
+  fasttrain train --resume runs/catfish-20261125-101500
+  fasttrain plot runs/catfish-*                      loss, accuracy, lr and speed curves
+  fasttrain predict runs/catfish-20261125-101500 cat.jpg
 
-def packaged_config(name: str) -> Path | None:
-    """A config shipped with fasttrain (``quickstart``, ``catfish``, ...) by name."""
-    stem = name[:-5] if name.endswith(".toml") else name
-    p = resources.files("fasttrain") / "configs" / f"{stem}.toml"
-    return Path(str(p)) if p.is_file() else None
+'fasttrain COMMAND --help' describes each command."""
 
 
 def resolve_config(arg: str | None, overrides: list[str]) -> Config:
-    if arg is None:
-        path = packaged_config("quickstart")
-    elif Path(arg).is_file():
-        path = Path(arg)
-    else:
-        path = packaged_config(arg)
-        if path is None:
-            raise ConfigError(f"config {arg}: no such file, and no packaged config of that name")
-    return load_config(path, overrides)
+    """A config file or packaged name (None: the quickstart), with ``--set`` overrides."""
+    return load_config(arg or "quickstart", overrides)
 
 
 class _ConsoleFilter(logging.Filter):
@@ -73,17 +75,24 @@ def _setup_logging(verbosity: int) -> None:
     log.setLevel(min(level, logging.INFO))
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set train.epochs=5")
+def _add_verbosity(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("-q", "--quiet", action="store_true", help="warnings and results only, no progress bars")
     g.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
+def _add_common(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help=f"override a config value (repeatable), e.g. --set {example}; "
+                        f"'fasttrain config show' lists every key")
+    _add_verbosity(p)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from fasttrain.engine import train
 
+    if args.nproc > 1:
+        return _torchrun(args.nproc, sys.argv[1:] if args.argv is None else args.argv)
     if args.resume:
         if args.config:
             raise ConfigError("train: give either CONFIG or --resume RUN_DIR, not both")
@@ -101,6 +110,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("test: " + ", ".join(f"{k}={v:.4g}" for k, v in result.test_metrics.items()))
     if result.skipped:
         print(f"skipped files: {len(result.skipped)} (listed in {result.run_dir / 'train.log'})")
+    return 0
+
+
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """``fasttrain train --nproc N ...``: torchrun's own elastic agent on this machine, starting N workers that
+    run ``python -m fasttrain train ...`` (the same arguments without --nproc), as
+    ``torchrun --standalone --nproc-per-node=N -m fasttrain train ...`` would."""
+    from torch.distributed.run import main as torchrun
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    try:
+        torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "fasttrain", *rest])
+    except SystemExit as e:  # torchrun exits with the workers' status
+        return int(e.code or 0)
+    except Exception as e:  # noqa: BLE001 - torchrun's ChildFailedError: a worker failed; its own output says why
+        print(f"fasttrain: error: a worker failed: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -163,64 +196,147 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return 0 if not report.bad else 1
 
 
-def cmd_make_data(args: argparse.Namespace) -> int:
-    from fasttrain.data.make_data import main as make_data
+def cmd_config(args: argparse.Namespace) -> int:
+    from fasttrain.config import describe_config, packaged_configs
 
-    return make_data(args.rest)
+    if args.action == "list":
+        for name, text in packaged_configs().items():
+            print(f"{name:<20} {text}")
+        return 0
+    cfg = load_config(args.config, args.overrides) if args.config else load_config(None, args.overrides)
+    rows = describe_config(cfg)
+    if args.changed:
+        rows = [r for r in rows if r.value != r.default]
+    section = None
+    for r in rows:
+        head = r.key.partition(".")[0] if "." in r.key else ""
+        if head != section:
+            section = head
+            print(f"\n[{head}]" if head else f"# {cfg.name}")
+        default = "" if r.value == r.default else f"  (default {r.default!r})"
+        print(f"{r.key} = {r.value!r}{default}")
+        print(f"    {r.type}: {r.description}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from fasttrain.plot import plot_runs
+
+    runs = [_run_folder(d) for d in args.runs]
+    print(f"wrote {plot_runs(runs, args.out)}")
+    return 0
+
+
+def _run_folder(path: str) -> Path:
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{path}: not a run folder")
+    return p
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help with each option's default where it has a meaningful one (not None, False or empty)."""
+
+    def __init__(self, prog: str):
+        super().__init__(prog, max_help_position=32, width=110)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return _HelpFormatter(prog)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fasttrain", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fasttrain", description=__doc__.split("\n\n", 1)[1].strip(),
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"fasttrain {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a config (no config: the quickstart on demo data)")
-    p.add_argument("config", nargs="?", help="TOML config file or packaged config name (default: quickstart)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
-    _add_common(p)
-    p.set_defaults(fn=cmd_train)
+    def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=description, formatter_class=_formatter)
 
-    p = sub.add_parser("predict", help="predict with a checkpoint")
-    p.add_argument("checkpoint")
-    p.add_argument("images", nargs="+")
+    p = command("train", "train a config (no config: the quickstart on demo data)",
+                "Train in a new run folder train.runs_dir/<name>-<date>-<time>/ (config.toml, environment.json, "
+                "metrics.jsonl, train.log, checkpoints/last.pt and best.pt), or continue one with --resume.")
+    p.add_argument("config", nargs="?", help="TOML file or packaged config name ('fasttrain config list'); "
+                                             "default: quickstart")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
+                                                       "(--set train.epochs=N extends it)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train on N GPUs of this machine (starts torchrun's agent: one process per GPU)")
+    _add_common(p, "optim.lr=0.05")
+    p.set_defaults(fn=cmd_train, argv=None)
+
+    p = command("predict", "predict with a checkpoint or a run folder",
+                "The class and probability per image (regressed point and colour for the drawing task; a "
+                "generated image for pix2pix).")
+    p.add_argument("checkpoint", help="a checkpoint (.pt) or a run folder (its best.pt, else last.pt)")
+    p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--out-dir", help="where generated images go (pix2pix)")
+    p.add_argument("--out-dir", help="where generated images go (pix2pix; default ./predictions)")
     p.add_argument("--json", action="store_true", help="one JSON record per line")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("-q", "--quiet", action="store_true")
-    g.add_argument("-v", "--verbose", action="store_true")
+    _add_verbosity(p)
     p.set_defaults(fn=cmd_predict)
 
-    p = sub.add_parser("autotune", help="find the batch size and loader settings with the best samples/s")
-    p.add_argument("config", nargs="?")
+    p = command("autotune", "find the batch size and loader settings with the best samples/s",
+                "Measure samples/s and peak memory per batch size inside a VRAM budget (emulated on larger "
+                "cards), choose the fastest batch that leaves headroom and the loader setting that keeps up, "
+                "verify it, and write a table, JSON, a PNG and a tuned config.")
+    p.add_argument("config", nargs="?", help="TOML file or packaged config name (default: quickstart)")
     p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
                    help="VRAM budget in GiB (default: tune.memory_budget_gib, 16)")
-    p.add_argument("--out", default=None, help="folder for the report, plot and tuned config")
+    p.add_argument("--out", default=None, help="folder for the report, plot and tuned config "
+                                              "(default: train.runs_dir/autotune-<name>-<time>)")
     p.add_argument("--no-verify", action="store_true", help="skip the verification run")
-    p.add_argument("--no-cache", action="store_true", help="ignore cached results")
-    _add_common(p)
+    p.add_argument("--no-cache", action="store_true", help="ignore (and refresh) cached results")
+    _add_common(p, "tune.max_batch=512")
     p.set_defaults(fn=cmd_autotune)
 
-    p = sub.add_parser("bench", help="loader-only, model-only and end-to-end samples/s for a config")
-    p.add_argument("config", nargs="?")
-    p.add_argument("--json", default=None, help="also write the report as JSON here")
-    _add_common(p)
+    p = command("bench", "loader-only, model-only and end-to-end samples/s for a config",
+                "Which part limits a run: the loader alone, the train step alone on a batch already on the "
+                "device (the ceiling), and both together as training runs them.")
+    p.add_argument("config", nargs="?", help="TOML file or packaged config name (default: quickstart)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON here "
+                                                                "(a new file; an existing one is kept)")
+    _add_common(p, "bench.steps=50")
     p.set_defaults(fn=cmd_bench)
 
-    p = sub.add_parser("check-data", help="report unreadable or odd images; never touches the files")
-    p.add_argument("data")
-    p.add_argument("--channels", type=int, choices=(1, 3), default=3)
-    p.add_argument("--workers", type=int, default=0, help="threads (0: from the machine)")
-    p.add_argument("--skip-list", default=None, help="write the bad files' paths to this new file")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("-q", "--quiet", action="store_true")
-    g.add_argument("-v", "--verbose", action="store_true")
+    p = command("check-data", "report unreadable or odd images; never touches the files",
+                "Decode every image once and report unreadable files, files that are not images, empty class "
+                "folders and odd ones (converted modes, misnamed formats). Nothing is modified.")
+    p.add_argument("data", help="a dataset folder")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="channels the model reads")
+    p.add_argument("--workers", type=int, default=0, help="decoding threads (0: from the machine)")
+    p.add_argument("--skip-list", default=None, metavar="PATH", help="write the bad files' paths to this new file")
+    _add_verbosity(p)
     p.set_defaults(fn=cmd_check_data)
 
-    p = sub.add_parser("make-data", add_help=False,
-                       help="write a generated dataset: shapes, drawing, paired, imagenet (--help for options)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(fn=cmd_make_data, quiet=False, verbose=False)
+    p = command("config", "show every setting of a config, or list the packaged configs",
+                "'config show [NAME|PATH]' prints every key with its value, default, type and description "
+                "(units included); 'config list' names the packaged configs.")
+    p.add_argument("action", choices=("show", "list"))
+    p.add_argument("config", nargs="?", help="TOML file or packaged config name (default: the defaults)")
+    p.add_argument("--changed", action="store_true", help="only the settings that differ from the defaults")
+    _add_common(p, "optim.lr=0.05")
+    p.set_defaults(fn=cmd_config)
+
+    p = command("plot", "draw a run's curves (several runs overlaid) into a PNG",
+                "Loss, the task's validation metric, learning rate and samples/s against optimizer steps, from "
+                "metrics.jsonl.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders")
+    p.add_argument("--out", default=None, metavar="PNG", help="default: RUN_DIR/curves.png for one run, "
+                                                              "./runs-compare.png (a new file) for several")
+    _add_verbosity(p)
+    p.set_defaults(fn=cmd_plot)
+
+    sub.add_parser("make-data", add_help=False,
+                   help="write a generated dataset: shapes, drawing, paired, imagenet "
+                        "('fasttrain make-data KIND --help' lists each one's options)")
     return parser
 
 
@@ -242,7 +358,14 @@ def main(argv: list[str] | None = None) -> int:
     setting error, 130 interrupted. Errors are one line on stderr, naming the file, setting or flag."""
     from fasttrain.rundir import RunError
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["make-data"]:  # its own parser, help included: fasttrain make-data --help
+        from fasttrain.data.make_data import main as make_data
+
+        return make_data(argv[1:] or ["--help"])
     args = build_parser().parse_args(argv)
+    if getattr(args, "argv", "") is None:
+        args.argv = argv
     saved = log.handlers[:], log.level
     _setup_logging(-1 if args.quiet else (1 if args.verbose else 0))
     try:
@@ -256,9 +379,15 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, RunError) as e:  # a write failed (disk full, read-only, permissions), a run had to stop
         print(f"fasttrain: error: {_one_line(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("fasttrain: interrupted; a run continues with `fasttrain train --resume RUN_DIR` "
-              "from its last checkpoint", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # off the progress bar's line
+        run_dir = getattr(e, "run_dir", None)
+        if run_dir is not None:
+            print(f"fasttrain: interrupted; continue the run from its last checkpoint with\n"
+                  f"  fasttrain train --resume {run_dir}", file=sys.stderr)
+        else:
+            print("fasttrain: interrupted", file=sys.stderr)
         return 130
     finally:  # called as a function (tests, notebooks): leave no handler on a stream that may close
         log.handlers[:], level = saved

@@ -33,6 +33,9 @@ __all__ = [
     "TuneConfig",
     "BenchConfig",
     "load_config",
+    "packaged_config",
+    "packaged_configs",
+    "config_path",
     "apply_overrides",
     "config_to_dict",
     "config_from_dict",
@@ -449,7 +452,9 @@ class Config:
                f"must be a plain name (it prefixes run folders), got {self.name!r}")
 
 
-_SECTIONS = {f.name: f for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)}
+_SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)  # type: ignore[misc]
+                               if dataclasses.is_dataclass(f.default_factory)}
+"""Section name -> its dataclass."""
 
 
 def _coerce(value: Any, typ: Any, name: str) -> Any:
@@ -499,7 +504,7 @@ def config_from_dict(data: dict[str, Any], base: Config | None = None, source: s
             raise ConfigError(f"{source}: unknown section {key!r} (known: {', '.join(_SECTIONS)}, name)")
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key} must be a table of settings, got {value!r}")
-        cls = _SECTIONS[key].default_factory
+        cls = _SECTIONS[key]
         hints = _section_hints(cls)
         for k, v in value.items():
             if k not in hints:
@@ -507,8 +512,8 @@ def config_from_dict(data: dict[str, Any], base: Config | None = None, source: s
                 raise ConfigError(f"{source}: unknown key {key}.{k} (known in [{key}]: {known})")
             merged[key][k] = _coerce(v, hints[k], f"{key}.{k}")
     sections = {}
-    for key, f in _SECTIONS.items():
-        sections[key] = f.default_factory(**merged[key])  # __post_init__ validates
+    for key, cls in _SECTIONS.items():
+        sections[key] = cls(**merged[key])  # __post_init__ validates
     return Config(**sections, name=merged["name"])
 
 
@@ -546,13 +551,54 @@ def apply_overrides(cfg: Config, items: list[str]) -> Config:
     return config_from_dict(parse_overrides(items), base=cfg, source="--set")
 
 
+def packaged_config(name: str) -> Path | None:
+    """A config shipped with fasttrain (``quickstart``, ``catfish``, ...) by name, or None."""
+    from importlib import resources
+
+    stem = name[:-5] if name.endswith(".toml") else name
+    if not stem or "/" in stem or "\\" in stem:
+        return None
+    p = resources.files("fasttrain") / "configs" / f"{stem}.toml"
+    return Path(str(p)) if p.is_file() else None
+
+
+def packaged_configs() -> dict[str, str]:
+    """Every packaged config's name with its first comment line (one sentence: what it trains)."""
+    from importlib import resources
+
+    out = {}
+    for entry in sorted(resources.files("fasttrain").joinpath("configs").iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            first = next((ln for ln in entry.read_text(encoding="utf-8").splitlines() if ln.startswith("#")), "#")
+            out[entry.name[:-5]] = first.lstrip("# ").strip()
+    return out
+
+
+def config_path(name_or_path: str | os.PathLike) -> Path:
+    """A config file, or a packaged config's name; an unknown one names the packaged configs (and the closest)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    found = packaged_config(str(name_or_path))
+    if found is not None:
+        return found
+    if os.sep in str(name_or_path) or str(name_or_path).endswith(".toml"):
+        raise ConfigError(f"config file {p}: not found")
+    import difflib
+
+    names = list(packaged_configs())
+    close = difflib.get_close_matches(str(name_or_path), names, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    raise ConfigError(f"config {name_or_path}: no such file, and no packaged config of that name (packaged: "
+                      f"{', '.join(names)}){hint}")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults < TOML file < overrides. ``path`` None means the defaults alone."""
+    """Defaults < TOML file < overrides. ``path``: a TOML file, or a packaged config's name (``"quickstart"``);
+    None means the defaults alone."""
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p}: not found")
+        p = config_path(path)
         try:
             # utf-8-sig: a byte-order mark (some Windows editors write one) is not part of the text
             data = tomllib.loads(p.read_text(encoding="utf-8-sig"))
@@ -614,8 +660,7 @@ def describe_config(cfg: Config) -> list[FieldInfo]:
     """Every setting of ``cfg`` with its value, its default, its type and its description."""
     defaults = Config()
     out = [FieldInfo("name", cfg.name, defaults.name, "str", field_docs(Config).get("name", ""))]
-    for section, f in _SECTIONS.items():
-        cls = f.default_factory
+    for section, cls in _SECTIONS.items():
         hints, docs = _section_hints(cls), field_docs(cls)
         for fld in dataclasses.fields(cls):
             typ = hints[fld.name]

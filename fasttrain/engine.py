@@ -80,8 +80,12 @@ class TrainResult:
 # -- entry point -------------------------------------------------------------------------------------------------
 def train(cfg: Config | None = None, *, resume: str | Path | None = None, progress: bool = True,
           overrides: list[str] | None = None,
-          on_epoch_end: Callable[[TrainState, dict[str, Any]], None] | None = None) -> TrainResult:
+          on_epoch_end: Callable[[TrainState, dict[str, Any]], None] | None = None,
+          model: Any = None) -> TrainResult:
     """Train ``cfg`` in a new run folder, or continue the run in ``resume`` from its last checkpoint.
+
+    ``model``: your own ``nn.Module`` (or a function returning one) instead of ``model.name``'s; the run then
+    records ``model.name = custom``, and resuming or predicting needs the same ``model=`` again.
 
     ``overrides`` (``section.key=value``) apply on top of a resumed run's config (e.g. more epochs; what may
     change is :data:`fasttrain.checkpoint.RESUME_MAY_CHANGE`). ``on_epoch_end(state, record)`` is called after
@@ -92,13 +96,14 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, progre
     if resume is None and cfg is None:
         raise ValueError("train() needs a config or resume=RUN_DIR")
     info = distributed.dist_info()
-    if resume is None and info.enabled and info.run_id:
+    if resume is None and info.enabled and info.run_id and cfg is not None:
         found = elastic_run_dir(cfg.train.runs_dir, info.run_id)
         if found is not None and (found / "checkpoints" / "last.pt").is_file():
             log.warning("torchrun restart %d of job %s: resuming %s from its last checkpoint", info.restart,
                         info.run_id, found)
             resume, overrides = found, _overrides_of(cfg, found)
-    lock = run_dir = None
+    lock: RunLock | None = None
+    run_dir: Path | None = None
     try:
         ckpt = None
         if resume is not None:
@@ -111,7 +116,7 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, progre
                 check_writable(run_dir / "checkpoints", "--resume")  # read-only: fail now, not after an epoch
             cfg, ckpt = _resumed_config(run_dir, overrides)
         assert cfg is not None
-        prep = prepare(cfg)
+        prep = prepare(cfg, model=model)
         _check_best_metric(prep.task, prep.cfg.train.best_metric, bool(prep.source.val))
         seed_everything(prep.cfg.runtime.seed)
         with prep.runtime.flags():
@@ -124,12 +129,15 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, progre
                 handler = _attach_run_log(run_dir / "train.log") if prep.dist.is_main else None
                 try:
                     return trainer.run(run_dir)
+                except KeyboardInterrupt as e:
+                    e.run_dir = run_dir  # type: ignore[attr-defined]  # the CLI says how to resume it
+                    raise
                 finally:
                     _detach_run_log(handler)
             finally:
                 trainer.close()
     finally:
-        if lock is not None:
+        if lock is not None and run_dir is not None:
             clean_temp_files(run_dir)
             lock.release()
 
@@ -480,6 +488,7 @@ class Trainer:
                            self.prep.backend, skipped)
 
     def _evaluate_into(self, record: dict[str, Any]) -> None:
+        assert self.val_loader is not None
         t0 = time.perf_counter()
         record.update({f"val_{k}": v for k, v in evaluate(self.task, self.state, self.val_loader).items()})
         if self.state.ema:

@@ -51,11 +51,12 @@ def _os_error(exc: BaseException) -> OSError | None:
     """The OSError behind ``exc``: itself, or its cause / context (torch.save wraps the file's OSError in a
     RuntimeError)."""
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
     return None
 
 
@@ -136,7 +137,7 @@ def atomic_replace(path: str | os.PathLike, write: Callable[[Path], None]) -> Pa
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_replace(path, lambda p: p.write_text(text, encoding="utf-8"))
+    return atomic_replace(path, lambda p: _write_text(p, text))
 
 
 def write_new(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -163,7 +164,11 @@ def write_new(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
 
 
 def write_new_text(path: str | os.PathLike, text: str) -> Path:
-    return write_new(path, lambda p: p.write_text(text, encoding="utf-8"))
+    return write_new(path, lambda p: _write_text(p, text))
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
 
 
 def check_writable(folder: str | os.PathLike, what: str) -> Path:
@@ -196,7 +201,7 @@ def remove_temp_files(folder: str | os.PathLike) -> list[Path]:
     """Remove the temp files that interrupted :func:`atomic_replace` / :func:`write_new` calls left in
     ``folder`` (``.last.pt.ab12cd34.tmp``: killed mid-write). Only for folders fasttrain owns, while no other
     process writes there (a run folder under its lock). Returns what was removed."""
-    removed = []
+    removed: list[Path] = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed

@@ -19,7 +19,8 @@ __all__ = ["make_optimizer", "lr_factor", "make_scheduler"]
 
 def _param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
     """No weight decay on biases and normalization parameters (1-d tensors), as the reference recipes do."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for m in modules:
         for p in m.parameters():
             if p.requires_grad:
@@ -36,7 +37,8 @@ def make_optimizer(module: nn.Module | list[nn.Module], cfg: OptimConfig, *, fus
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                                **kw)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), **kw)
+    b1, b2 = cfg.betas
+    return torch.optim.AdamW(groups, lr=lr, betas=(b1, b2), **kw)
 
 
 def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:

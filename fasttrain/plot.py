@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ def read_curves(run_dir: str | os.PathLike) -> RunCurves:
     return curves
 
 
-def plot_runs(run_dirs: list[str | os.PathLike], out: str | os.PathLike | None = None) -> Path:
+def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None) -> Path:
     """Draw the runs' curves into a PNG and return its path. Default: ``curves.png`` in the run folder (one
     run; replaced when drawn again) or ``runs-compare.png`` here (several; an existing file is kept and a new
     name chosen)."""

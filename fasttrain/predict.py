@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from fasttrain import _callable_module
 from fasttrain.checkpoint import CheckpointError, checkpoint_config, load_checkpoint
 from fasttrain.config import Config
 from fasttrain.io import check_writable
@@ -14,7 +15,7 @@ from fasttrain.tasks import make_task
 
 log = logging.getLogger(__name__)
 
-__all__ = ["predict", "prediction_runtime"]
+__all__ = ["predict", "prediction_runtime", "checkpoint_file"]
 
 
 def prediction_runtime(cfg: Config, device: str) -> Runtime:
@@ -30,19 +31,40 @@ def prediction_runtime(cfg: Config, device: str) -> Runtime:
         return runtime_for(cfg, device=device, compile="off", precision="auto")
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """A checkpoint file, or a run folder's best checkpoint (its last when it has no best.pt)."""
+    p = Path(path)
+    if not p.is_dir():
+        return p
+    for name in ("best.pt", "last.pt"):
+        if (p / "checkpoints" / name).is_file():
+            return p / "checkpoints" / name
+    raise FileNotFoundError(f"{p}: a folder without checkpoints/best.pt or last.pt (is it a run folder?)")
+
+
 def predict(checkpoint: str | Path, images: list[str], *, device: str = "auto",
-            out_dir: str | Path | None = None) -> list[dict[str, Any]]:
+            out_dir: str | Path | None = None, model: Any = None) -> list[dict[str, Any]]:
     """One record per image (class and probability, regressed values, or the written image's path); an image
-    that cannot be read gets an ``error`` and the others go on."""
+    that cannot be read gets an ``error`` and the others go on. ``checkpoint``: a checkpoint file, or a run
+    folder (its best.pt, else last.pt). A run trained with ``train.ema_decay`` predicts with the averaged
+    weights. ``model``: the ``nn.Module`` (or factory) a run trained from Python was given."""
+    checkpoint = checkpoint_file(checkpoint)
     ckpt = load_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt, checkpoint)
     if cfg.task.name == "pix2pix":  # it writes images: ask before predicting (./predictions by default)
         check_writable(out_dir or "predictions", "predict --out-dir")
     runtime = prediction_runtime(cfg, device)
+    from fasttrain.models import check_model
+
+    check_model(cfg.model.name, given=model is not None)  # a run trained on a model from Python needs it again
     task = make_task(cfg, runtime, None)
+    task.custom_model = model
     task.restoring = True  # the checkpoint holds the weights: no pretrained download, no init_from read
     state = task.build_state()
-    saved = ckpt["state"]["modules"]
+    saved = dict(ckpt["state"]["modules"])
+    for name, averaged in (ckpt["state"].get("ema") or {}).items():  # AveragedModel: "module." + the model's keys
+        saved[name] = {k[len("module."):]: v for k, v in averaged.items() if k.startswith("module.")}
+        log.info("predicting with the moving average of %s's weights (train.ema_decay)", name)
     missing = sorted(set(state.modules) - set(saved))
     if missing:
         raise CheckpointError(f"checkpoint {checkpoint}: has no weights for {', '.join(missing)} "
@@ -55,3 +77,6 @@ def predict(checkpoint: str | Path, images: list[str], *, device: str = "auto",
                                   f"{cfg.model.name} ({str(e).splitlines()[-1].strip()})") from None
     return task.predict(state, [str(p) for p in images], ckpt.get("meta") or {},
                         Path(out_dir) if out_dir else None)
+
+
+_callable_module(__name__, "predict")  # fasttrain.predict(...) is predict(...): see fasttrain/__init__.py

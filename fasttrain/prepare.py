@@ -13,6 +13,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fasttrain import distributed
 from fasttrain.config import Config
@@ -62,13 +63,16 @@ def resolve_data_root(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
 
 
-def prepare(cfg: Config, *, memory_limit: int | None = None) -> Prepared:
+def prepare(cfg: Config, *, memory_limit: int | None = None, model: Any = None) -> Prepared:
     """Resolve the data root, discover files, fix the output count, join a torchrun job, decide the runtime,
     the task and the backend, and check that a step can run. ``memory_limit``: device bytes the run may use
-    when smaller than the card (the GPU cache must fit it)."""
-    from fasttrain.models import check_model
+    when smaller than the card (the GPU cache must fit it). ``model``: an ``nn.Module`` (or a function returning
+    one) from Python, used instead of ``model.name``'s (which becomes ``custom``)."""
+    from fasttrain.models import CUSTOM, check_model
 
-    check_model(cfg.model.name)
+    if model is not None and cfg.model.name != CUSTOM:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=CUSTOM))
+    check_model(cfg.model.name, given=model is not None)
     cfg = resolve_data_root(cfg)
     source = discover(cfg.data)
     if not cfg.model.num_outputs and source.num_outputs:
@@ -79,6 +83,7 @@ def prepare(cfg: Config, *, memory_limit: int | None = None) -> Prepared:
         device = {"device": f"cuda:{info.local_rank}"}  # one GPU per process: LOCAL_RANK's
     runtime = runtime_for(cfg, **device)
     task = make_task(cfg, runtime, source)
+    task.custom_model = model
     task.check()
     backend, reason = _choose_backend(cfg, runtime, source, memory_limit)
     prep = Prepared(cfg, runtime, source, task, backend, reason, info)

@@ -204,8 +204,9 @@ class Runtime:
             return module
         # dynamic=False: a second batch shape (the last eval batch) gets its own static graph. By default dynamo
         # would switch to a dynamic-shape graph and keep using it for the static training shape too.
-        return torch.compile(module, dynamic=False,
-                             mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode)
+        compiled = torch.compile(module, dynamic=False,
+                                 mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode)
+        return compiled  # type: ignore[return-value]  # an OptimizedModule: an nn.Module calling the graph
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Fused optimizer kernels on CUDA (one launch for all parameters); foreach elsewhere."""

@@ -2,8 +2,7 @@
 
 import pytest
 
-from fasttrain.cli import packaged_config
-from fasttrain.config import load_config
+from fasttrain.config import load_config, packaged_config
 from fasttrain.data import synthetic
 from fasttrain.engine import train
 from fasttrain.predict import predict

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["build_model", "check_model", "available_models", "is_conv_model"]
+__all__ = ["build_model", "check_model", "available_models", "is_conv_model", "CUSTOM"]
 
 _SMALL: dict[str, str] = {
     "smallcnn": "fasttrain.models.small:smallcnn",
@@ -41,9 +41,18 @@ def is_conv_model(name: str) -> bool:
     return base not in _NOT_CONV and not base.startswith(_TRANSFORMER_PREFIXES)
 
 
-def check_model(name: str) -> None:
+CUSTOM = "custom"
+"""model.name of a run whose model came from Python (``train(cfg, model=...)``)."""
+
+
+def check_model(name: str, *, given: bool = False) -> None:
     """Raise a ValueError naming ``model.name`` when no model of that name can be built here (cheap: builds
-    nothing), so a run refuses it before it creates its folder."""
+    nothing), so a run refuses it before it creates its folder. ``given``: a model was passed from Python."""
+    if name == CUSTOM:
+        if not given:
+            raise ValueError("model.name: custom means this run's model was passed from Python; pass the same "
+                             "model again (train(..., model=...), predict(..., model=...))")
+        return
     if name in _SMALL:
         return
     if name.startswith(TIMM_PREFIX):
@@ -105,12 +114,13 @@ def _adapt_first_conv(model: nn.Module, in_channels: int, name: str, *, keep_wei
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Conv2d):
-                new = nn.Conv2d(in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
-                                child.dilation, child.groups, child.bias is not None)
+                new = nn.Conv2d(in_channels, child.out_channels, child.kernel_size,  # type: ignore[arg-type]
+                                child.stride, child.padding, child.dilation,  # type: ignore[arg-type]
+                                child.groups, child.bias is not None)
                 if keep_weights and in_channels == 1:
                     with torch.no_grad():
                         new.weight.copy_(child.weight.sum(dim=1, keepdim=True))
-                        if child.bias is not None:
+                        if child.bias is not None and new.bias is not None:
                             new.bias.copy_(child.bias)
                 setattr(parent, child_name, new)
                 return

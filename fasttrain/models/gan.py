@@ -45,13 +45,16 @@ class UnetBlock(nn.Module):
         in_channels = outer if in_channels is None else in_channels
         # As in the reference, only the outermost convs carry biases (BatchNorm's shift replaces the others').
         down_conv = nn.Conv2d(in_channels, inner, 4, stride=2, padding=1, bias=outermost)
+        layers: list[nn.Module]
         if outermost:
+            assert sub is not None
             up = nn.ConvTranspose2d(inner * 2, outer, 4, stride=2, padding=1)
             layers = [down_conv, sub, nn.ReLU(True), up, nn.Tanh()]
         elif innermost:
             up = nn.ConvTranspose2d(inner, outer, 4, stride=2, padding=1, bias=False)
             layers = [nn.LeakyReLU(0.2), down_conv, nn.ReLU(True), up, nn.BatchNorm2d(outer)]
         else:
+            assert sub is not None
             up = nn.ConvTranspose2d(inner * 2, outer, 4, stride=2, padding=1, bias=False)
             layers = [nn.LeakyReLU(0.2), down_conv, nn.BatchNorm2d(inner), sub, nn.ReLU(True), up,
                       nn.BatchNorm2d(outer)]

@@ -39,9 +39,9 @@ class TrainState:
     """The same modules without the data-parallel wrapper (compiled where ``callables`` are): for evaluation,
     prediction and frozen uses (pix2pix's discriminator while the generator learns), which must not take part in
     gradient synchronisation. Empty means ``callables``."""
-    ddp: dict[str, nn.Module] = field(default_factory=dict)
+    ddp: dict[str, Any] = field(default_factory=dict)
     """The DistributedDataParallel wrappers, by module name (empty in one process)."""
-    ema: dict[str, nn.Module] = field(default_factory=dict)
+    ema: dict[str, Any] = field(default_factory=dict)
     """Exponential moving averages of the weights (``train.ema_decay``), by module name."""
     epoch: int = 0
     """Epochs completed."""
@@ -120,6 +120,9 @@ class Task:
     """The module (key of ``TrainState.local``) whose output prediction describes."""
     train_metric_names: tuple[str, ...] = ("loss",)
     """What ``train_step`` returns (epoch records hold them as ``train_<name>``)."""
+    custom_model: Any = None
+    """A model passed from Python (an ``nn.Module``, or a function returning one), used instead of
+    ``model.name``'s (``model.name = custom``)."""
     restoring: bool = False
     """Set when a checkpoint will be loaded into the built state (resume, prediction): starting weights
     (model.pretrained, model.init_from) are then neither downloaded nor read."""
@@ -147,13 +150,24 @@ class Task:
         from fasttrain.optim import make_optimizer
 
         c = self.cfg
-        model = build_model(c.model.name, in_channels=c.data.channels, num_outputs=self.num_outputs,
-                            image_size=c.data.image_size, width=c.model.width, dropout=c.model.dropout,
-                            pretrained=c.model.pretrained and not self.restoring)
+        model = self.given_model() or build_model(
+            c.model.name, in_channels=c.data.channels, num_outputs=self.num_outputs, image_size=c.data.image_size,
+            width=c.model.width, dropout=c.model.dropout, pretrained=c.model.pretrained and not self.restoring)
         self.load_initial_weights(model, "model")
         fn = self.runtime.prepare_model(model)
         opt = make_optimizer(model, c.optim, fused_kwargs=self.runtime.optimizer_kwargs())
         return TrainState({"model": model}, {"model": fn}, {"model": opt}, {"model": self.runtime.grad_scaler()})
+
+    def given_model(self) -> nn.Module | None:
+        """The model passed from Python (a factory is called), or None."""
+        m = self.custom_model
+        if m is None:
+            return None
+        if not isinstance(m, nn.Module):
+            m = m()
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"model=: the factory returned a {type(m).__name__}, not a torch.nn.Module")
+        return m
 
     def load_initial_weights(self, model: nn.Module, module: str) -> None:
         """``model.init_from``: the file's weights (a fasttrain checkpoint's ``module``, or a state dict) into

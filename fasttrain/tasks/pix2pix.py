@@ -65,7 +65,7 @@ class Pix2PixTask(Task):
 
     def __init__(self, cfg, runtime, source):
         super().__init__(cfg, runtime, source)
-        if cfg.model.name not in GENERATORS:
+        if cfg.model.name not in (*GENERATORS, "custom"):  # custom: a generator passed from Python
             raise ConfigError(f"model.name: pix2pix needs an image-to-image generator ({', '.join(GENERATORS)}), "
                               f"got {cfg.model.name!r}")
         if cfg.optim.name == "sgd":
@@ -85,9 +85,9 @@ class Pix2PixTask(Task):
     def build_state(self) -> TrainState:
         c = self.cfg
         ch = c.data.channels
-        gen = build_model(c.model.name, in_channels=ch, num_outputs=ch, image_size=c.data.image_size,
-                          width=c.model.width, dropout=c.model.dropout,
-                          pretrained=c.model.pretrained and not self.restoring)
+        gen = self.given_model() or build_model(
+            c.model.name, in_channels=ch, num_outputs=ch, image_size=c.data.image_size, width=c.model.width,
+            dropout=c.model.dropout, pretrained=c.model.pretrained and not self.restoring)
         self.load_initial_weights(gen, "generator")
         disc = build_model("patchgan", in_channels=2 * ch, num_outputs=1, image_size=c.data.image_size,
                            width=c.model.width)

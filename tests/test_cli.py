@@ -1,0 +1,103 @@
+"""The command line a newcomer meets: help, names, settings, curves, predictions and interruptions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fasttrain.cli import main
+
+
+def _run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse's --help and usage errors
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _quick(shapes_root, runs, *extra: str) -> list[str]:
+    sets = [f"data.root={shapes_root}", "data.image_size=32", "data.resize_size=32", "data.loader=torch",
+            "data.workers=0", "model.name=smallcnn", "model.width=8", "train.epochs=1", "train.batch_size=32",
+            "train.max_steps=2", "train.log_every=1", f"train.runs_dir={runs}", "runtime.device=cpu", *extra]
+    return [a for s in sets for a in ("--set", s)]
+
+
+def test_help_of_every_command_and_of_make_data(capsys):
+    code, out, _ = _run_cli(capsys, "--help")
+    assert code == 0 and "examples:" in out and "fasttrain config show" in out and "make-data" in out
+    for command, expected in (("train", "--nproc"), ("autotune", "tune.max_batch"), ("bench", "bench.steps"),
+                              ("check-data", "--skip-list"), ("config", "--changed"), ("plot", "RUN_DIR")):
+        code, out, _ = _run_cli(capsys, command, "--help")
+        assert code == 0 and expected in out, command
+    code, out, _ = _run_cli(capsys, "train", "--help")
+    assert "(default: 1)" in out and "(default: None)" not in out  # defaults shown where they mean something
+    code, out, err = _run_cli(capsys, "make-data", "--help")  # was "unrecognized arguments: --help"
+    assert code == 0 and "shapes" in out and "imagenet" in out
+
+
+def test_an_unknown_config_name_lists_the_packaged_ones(capsys):
+    code, _, err = _run_cli(capsys, "train", "catfsh")
+    assert code == 2 and "packaged: catfish, convnet" in err and "did you mean catfish?" in err
+
+
+def test_config_list_and_show(capsys):
+    code, out, _ = _run_cli(capsys, "config", "list")
+    assert code == 0 and "quickstart" in out and "resnet50-imagenet" in out and "ResNet-50 on ImageNet" in out
+    code, out, _ = _run_cli(capsys, "config", "show", "catfish", "--set", "optim.lr=0.5")
+    assert code == 0 and "[optim]" in out
+    lines = out.splitlines()
+    i = lines.index(next(ln for ln in lines if ln.startswith("optim.lr = ")))
+    assert lines[i] == "optim.lr = 0.5  (default 0.1)" and lines[i + 1].startswith("    float: Peak learning rate")
+    code, out, _ = _run_cli(capsys, "config", "show", "catfish", "--changed")
+    keys = [ln.split(" = ")[0] for ln in out.splitlines() if " = " in ln]
+    assert "data.image_size" in keys and "optim.momentum" not in keys
+
+
+def test_a_run_plots_predicts_from_its_folder_and_says_how_to_resume_after_ctrl_c(shapes_root, tmp_path, capsys,
+                                                                              monkeypatch):
+    runs = tmp_path / "runs"
+    code, out, _ = _run_cli(capsys, "train", *_quick(shapes_root, runs), "-q")
+    assert code == 0
+    (run,) = runs.iterdir()
+    code, out, _ = _run_cli(capsys, "plot", str(run))
+    assert code == 0 and (run / "curves.png").is_file()
+    image = next(shapes_root.rglob("*.png"))
+    code, out, _ = _run_cli(capsys, "predict", str(run), str(image), "--json")  # a run folder: its best.pt
+    assert code == 0 and json.loads(out)["class"] in ("circle", "square", "triangle")
+
+    from fasttrain.tasks.classify import ClassifyTask
+
+    def ctrl_c(self, state, batch, run_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ClassifyTask, "on_step_end", ctrl_c)
+    code, _, err = _run_cli(capsys, "train", *_quick(shapes_root, tmp_path / "runs2"), "-q")
+    (run2,) = (tmp_path / "runs2").iterdir()
+    assert code == 130 and f"fasttrain train --resume {run2}" in err and "RUN_DIR" not in err
+
+
+def test_log_lines_of_a_run_reach_train_log_under_quiet(shapes_root, tmp_path, capsys):
+    """-q silences the console, not the run's own log: train.log keeps the INFO lines and the step lines."""
+    runs = tmp_path / "runs"
+    assert _run_cli(capsys, "train", *_quick(shapes_root, runs), "-q")[0] == 0
+    (run,) = runs.iterdir()
+    text = (run / "train.log").read_text()
+    assert "run folder" in text and "epoch 1/1 step 1/2 | loss" in text and "epoch 1/1 | train_loss" in text
+    err = capsys.readouterr().err
+    assert "run folder" not in err  # the console under -q shows warnings only
+
+
+@pytest.mark.parametrize("nproc_args", [["--nproc", "1"], ["--nproc=1"]])
+def test_nproc_one_trains_in_this_process(shapes_root, tmp_path, capsys, nproc_args):
+    code, _, _ = _run_cli(capsys, "train", *_quick(shapes_root, tmp_path / "runs"), *nproc_args, "-q")
+    assert code == 0 and len(list((tmp_path / "runs").iterdir())) == 1
+
+
+def test_without_a_terminal_progress_is_plain_lines_not_bar_fragments(shapes_root, tmp_path, capsys):
+    code, _, err = _run_cli(capsys, "train", *_quick(shapes_root, tmp_path / "runs"))
+    assert code == 0 and "\r" not in err  # no carriage-return fragments of a bar in a CI log
+    steps = [ln for ln in err.splitlines() if "epoch 1/1 step" in ln]
+    assert len(steps) == 2 and "img/s" in steps[0] and "lr " in steps[0] and "ETA" in steps[0]
