@@ -45,7 +45,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -447,7 +447,8 @@ class DaliLoader:
                 yield Batch(self._finish_images(self._to_torch(a)), self._finish_images(self._to_torch(b)))
             else:
                 images, idx = step
-                yield Batch(self._finish_images(self._to_torch(images)), self._targets[self._to_torch(idx).long()])
+                targets = cast(torch.Tensor, self._targets)  # set for every kind but pairs
+                yield Batch(self._finish_images(self._to_torch(images)), targets[self._to_torch(idx).long()])
         if not decoded and start < len(self):
             raise self._bad.none_decoded(self._split_name)
 
@@ -485,7 +486,7 @@ class DaliLoader:
 
     def _read_one(self, i: int, key: int) -> _Sample:
         files = [(self._paths[i], self._infos[i])]
-        if self._paths_b is not None:
+        if self._paths_b is not None and self._infos_b is not None:
             files.append((self._paths_b[i], self._infos_b[i]))
         encoded = []
         for path, info in files:
@@ -649,10 +650,10 @@ class DaliLoader:
                 else:
                     b = fn.decoders.image(nodes["encoded_b"], **decode)
                 side = self._load_size
-                crop = dict(crop=(size, size), crop_pos_x=nodes["crop_x"], crop_pos_y=nodes["crop_y"]) \
+                window = dict(crop=(size, size), crop_pos_x=nodes["crop_x"], crop_pos_y=nodes["crop_y"]) \
                     if self.train else {}
                 a, b = (fn.crop_mirror_normalize(fn.resize(t, resize_x=side, resize_y=side, **linear), **normalize,
-                                                 **crop) for t in (a, b))
+                                                 **window) for t in (a, b))
                 pipe.set_outputs(a, b, index)
             else:
                 crop: dict[str, Any] = {}

@@ -36,10 +36,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -318,7 +318,7 @@ class GpuCacheLoader:
         them all, see the module docstring); evaluation only the items of shard ``shard_id``.
         """
         check_shard(num_shards, shard_id)
-        n = len(dataset)
+        n = len(cast(Sized, dataset))
         rows = list(range(n)) if train else list(range(shard_id, n, num_shards))
         skipped = list(skipped or [])
         bad = BadFiles(skipped, max_bad, unit="decode pass of the cache")
@@ -353,10 +353,12 @@ class GpuCacheLoader:
         if not len(order_cpu):
             return
         params_cpu = self.augment.plan(self.seed, epoch, self.ids[order_cpu.numpy()])
+        def to_device(t: torch.Tensor) -> torch.Tensor:
+            return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
+
         # The only host-to-device traffic of the epoch: its order and parameters, once (pinned: no sync).
-        order, params = (None if t is None else
-                         (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
-                         for t in (order_cpu, params_cpu))
+        order = to_device(order_cpu)
+        params = None if params_cpu is None else to_device(params_cpu)
         for at in range(0, order.numel(), self.batch_size):
             b = slice(at, at + self.batch_size)
             take = Take(order[b], order_cpu[b], None if params is None else params[b],
@@ -388,7 +390,7 @@ def _decode_rows(dataset: Dataset, rows: list[int], threads: int, bad: BadFiles
                  ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Decode ``dataset[row]`` for every row into preallocated tensors (threads fill them in place): (inputs,
     targets, the rows that decoded). Items that cannot be used are added to ``bad``."""
-    k0, first = 0, None
+    k0, first = 0, cast(Any, None)
     while k0 < len(rows):  # the first usable item fixes the shapes
         first = dataset[rows[k0]]
         if _usable(first):

@@ -62,11 +62,13 @@ class Samples:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"sample kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind == "pair" and self.side_by_side and not all(t == SIDE_BY_SIDE for t in self.split.targets):
+            raise ValueError(f"the {self.split.name} split mixes side-by-side images and A/B file pairs")
 
     @property
     def side_by_side(self) -> bool:
         """Pairs stored as one file each (input left, target right)."""
-        return self.kind == "pair" and any(t == SIDE_BY_SIDE for t in self.split.targets)
+        return self.kind == "pair" and bool(self.split.targets) and self.split.targets[0] == SIDE_BY_SIDE
 
 
 class Skip(NamedTuple):
@@ -206,15 +208,15 @@ class PairDataset(Dataset):
                 b = load_image(target, self.channels, self.max_pixels)
             except DECODE_ERRORS as e:
                 return _skip(target, e)
-        a, b = resize_square(a, self.load_size), resize_square(b, self.load_size)
+        xa, xb = resize_square(a, self.load_size), resize_square(b, self.load_size)
         if self.crop:
             s = self.size
             top, left, flipped = (int(v[0]) for v in pair_jitter(self.seed, epoch, [index], self.load_size - s + 1,
                                                                  self.flip))
-            a, b = a[:, top:top + s, left:left + s], b[:, top:top + s, left:left + s]
+            xa, xb = xa[:, top:top + s, left:left + s], xb[:, top:top + s, left:left + s]
             if flipped:
-                a, b = a.flip(-1), b.flip(-1)
-        return a.contiguous(), b.contiguous()
+                xa, xb = xa.flip(-1), xb.flip(-1)
+        return xa.contiguous(), xb.contiguous()
 
 
 def targets_tensor(targets: Sequence[Any]) -> torch.Tensor:
@@ -257,12 +259,11 @@ def precheck_samples(samples: Samples, data: DataConfig, threads: int) -> Checke
     target_infos = None
     if samples.kind == "pair":
         if samples.side_by_side:
+            for i, info in zip(keep, infos):
+                if info.width < 2:
+                    bad.append((split.paths[i], f"side-by-side image is {info.width} px wide, too narrow to split"))
+                    log.warning("skipping %s: %s", *bad[-1])
             ok = [k for k, info in enumerate(infos) if info.width >= 2]
-            for k in range(len(keep)):
-                if infos[k].width < 2:
-                    path = split.paths[keep[k]]
-                    bad.append((path, f"side-by-side image is {infos[k].width} px wide, too narrow to split"))
-                    log.warning("skipping %s: %s", path, bad[-1][1])
             keep, infos = [keep[k] for k in ok], [infos[k] for k in ok]
         else:
             targets = [split.targets[i] for i in keep]

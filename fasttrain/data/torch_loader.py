@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence, Sized
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -76,7 +76,7 @@ class _IndexKeys(Dataset):
         self.dataset = dataset
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(cast(Sized, self.dataset))
 
     def __getitem__(self, key: tuple[int, int]):
         return self.dataset[key[0]]
@@ -101,11 +101,11 @@ class TorchLoader:
             dataset = _IndexKeys(dataset)
         self.spec = spec
         self.batch_size = batch_size
-        self.num_samples = len(dataset)
+        self.num_samples = len(cast(Sized, dataset))
         self.skipped: list[tuple[str, str]] = list(skipped or [])
         self._bad = BadFiles(self.skipped, max_bad_per_epoch)
         self._split = split or ("train" if train else "evaluation")
-        self.sampler = EpochSampler(len(dataset), batch_size=batch_size, shuffle=train, seed=seed,
+        self.sampler = EpochSampler(len(cast(Sized, dataset)), batch_size=batch_size, shuffle=train, seed=seed,
                                     drop_last=train, num_shards=num_shards, shard_id=shard_id)
         self.prepare = prepare or _default_prepare(spec)
         cuda = spec.device.type == "cuda"
