@@ -341,3 +341,14 @@ def test_the_regress_and_pix2pix_runs_train_on_dali_cpu_mode(tmp_path, task):
     assert result.backend == "dali" and result.history[0]["step"] == 2
     assert (result.run_dir / "checkpoints" / "last.pt").is_file()
     assert all(np.isfinite(v) for k, v in result.history[0].items() if k.startswith("val_"))
+
+
+def test_a_request_names_its_kind_and_a_pair_split_has_one_layout():
+    from fasttrain.data.formats import SIDE_BY_SIDE
+
+    with pytest.raises(ValueError, match="sample kind must be one of class, vector, pair"):
+        Samples(Split("train", [], []), "frames")
+    for targets in (["b/0.png", SIDE_BY_SIDE], [SIDE_BY_SIDE, "b/1.png"]):
+        with pytest.raises(ValueError, match="the train split mixes side-by-side images and A/B file pairs"):
+            Samples(Split("train", ["0.png", "1.png"], targets), "pair")
+    assert Samples(Split("train", ["0.png"], [SIDE_BY_SIDE]), "pair").side_by_side

@@ -62,7 +62,7 @@ class Samples:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"sample kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
-        if self.kind == "pair" and self.side_by_side and not all(t == SIDE_BY_SIDE for t in self.split.targets):
+        if self.kind == "pair" and len({t == SIDE_BY_SIDE for t in self.split.targets}) > 1:
             raise ValueError(f"the {self.split.name} split mixes side-by-side images and A/B file pairs")
 
     @property
