@@ -91,14 +91,21 @@ def prepare(cfg: Config, *, memory_limit: int | None = None, model: Any = None) 
     return prep
 
 
+_SAMPLE_KINDS = {"classify": "class", "regress": "vector", "pix2pix": "pair"}
+"""What each task's loaders hold (:mod:`fasttrain.data.samples`): sizes the cache, tells what DALI can serve."""
+
+
 def _choose_backend(cfg: Config, runtime: Runtime, source: DataSource, memory_limit: int | None
                     ) -> tuple[str, str]:
-    if cfg.task.name != "classify":
-        return "torch", f"task {cfg.task.name} decodes with its own torch loader"
+    """The loader backend for every task alike (``data.loader``), and why."""
     from fasttrain.data.loaders import choose_backend
 
+    kind = _SAMPLE_KINDS.get(cfg.task.name)
+    if kind is None:
+        return "torch", f"task {cfg.task.name} has no sample kind for the other backends"
+    # Regression vectors carry each image's width and height besides the targets.
+    num_targets = len(source.target_names) + 2 if kind == "vector" and source.target_names else 0
     return choose_backend(cfg.data.loader, device_type=runtime.device.type,
                           num_images=len(source.train) + len(source.val or []), cfg=cfg, device=runtime.device,
-                          memory_limit=memory_limit)
-
-
+                          memory_limit=memory_limit, kind=kind, train_images=len(source.train),
+                          num_targets=num_targets)
