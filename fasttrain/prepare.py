@@ -85,22 +85,18 @@ def prepare(cfg: Config, *, memory_limit: int | None = None, model: Any = None) 
     task = make_task(cfg, runtime, source)
     task.custom_model = model
     task.check()
-    backend, reason = _choose_backend(cfg, runtime, source, memory_limit)
+    backend, reason = _choose_backend(cfg, runtime, source, memory_limit, task)
     prep = Prepared(cfg, runtime, source, task, backend, reason, info)
     _ = prep.micro_batch  # the global batch divides over the processes
     return prep
 
 
-_SAMPLE_KINDS = {"classify": "class", "regress": "vector", "pix2pix": "pair"}
-"""What each task's loaders hold (:mod:`fasttrain.data.samples`): sizes the cache, tells what DALI can serve."""
-
-
-def _choose_backend(cfg: Config, runtime: Runtime, source: DataSource, memory_limit: int | None
+def _choose_backend(cfg: Config, runtime: Runtime, source: DataSource, memory_limit: int | None, task: Task
                     ) -> tuple[str, str]:
     """The loader backend for every task alike (``data.loader``), and why."""
     from fasttrain.data.loaders import choose_backend
 
-    kind = _SAMPLE_KINDS.get(cfg.task.name)
+    kind = task.sample_kind
     if kind is None:
         return "torch", f"task {cfg.task.name} has no sample kind for the other backends"
     # Regression vectors carry each image's width and height besides the targets.

@@ -118,6 +118,9 @@ class Task:
     """min or max: which direction is better for ``best_metric``."""
     predict_module: str = "model"
     """The module (key of ``TrainState.local``) whose output prediction describes."""
+    sample_kind: str | None = None
+    """What its loaders hold (:mod:`fasttrain.data.samples`: class, vector, pair): any backend can then serve it
+    (the cache is sized by it, DALI knows what to decode). None: the torch loader only."""
     train_metric_names: tuple[str, ...] = ("loss",)
     """What ``train_step`` returns (epoch records hold them as ``train_<name>``)."""
     custom_model: Any = None

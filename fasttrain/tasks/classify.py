@@ -18,6 +18,7 @@ class ClassifyTask(Task):
     name = "classify"
     best_metric = "val_acc"
     best_mode = "max"
+    sample_kind = "class"
     train_metric_names = ("loss", "acc")
 
     @property

@@ -61,6 +61,7 @@ class Pix2PixTask(Task):
     predict_module = "generator"
     best_metric = "val_l1"
     best_mode = "min"
+    sample_kind = "pair"
     train_metric_names = ("loss", "d_loss", "g_gan", "g_l1")
 
     def __init__(self, cfg, runtime, source):

@@ -65,6 +65,7 @@ class RegressTask(Task):
     name = "regress"
     best_metric = "val_loss"
     best_mode = "min"
+    sample_kind = "vector"
 
     def __init__(self, cfg, runtime, source):
         super().__init__(cfg, runtime, source)
