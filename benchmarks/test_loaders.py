@@ -2,13 +2,15 @@
 
 torch, dali and cache are fasttrain's backends built as ``fasttrain train`` builds them; naive is the
 torchvision ImageFolder + PIL DataLoader of a hand-written script, on the same files, batch and workers.
+``test_task_loader``: the same backends for the other workloads, on generated data: regress (128 px grayscale
+drawing canvases, resized whole) and pix2pix (256 px image pairs; 64 px in the cpu set), training batches.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from benchutil import bench_config, naive_loader, skip_unavailable_backend
+from benchutil import bench_config, cache_root, naive_loader, skip_unavailable_backend
 from fasttrain import bench
 from fasttrain.prepare import prepare
 from fasttrain.runtime import BackendFlags
@@ -32,6 +34,55 @@ def test_loader(benchmark, measure, size, device, data_root, backend):
             kind="loader", model=None, batch_size=batch_size, precision=prep.runtime.precision.name,
             backend=prep.backend, workers=cfg.data.num_workers, dali_threads=cfg.data.num_dali_threads,
             images=len(prep.source.train), image_size=size.image_size, workload=f"loader-b{batch_size}",
+        )
+    finally:
+        loader.close()
+
+
+@pytest.fixture(scope="session")
+def task_roots(pytestconfig, size):
+    """Generated data of the regress and pix2pix workloads, written once into the benchmark cache."""
+    from fasttrain.data.synthetic import make_drawing_dataset, make_paired_dataset
+
+    cache = cache_root(pytestconfig)
+    small = size.name == "cpu"
+    sessions, pairs, side = (20, 160, 64) if small else (400, 2000, 256)
+    drawing = cache / f"drawing-{sessions}x8-128"
+    if not drawing.is_dir():
+        make_drawing_dataset(drawing, sessions=sessions, steps=8, size=128)
+    paired = cache / f"paired-{pairs}-{side}"
+    if not paired.is_dir():
+        make_paired_dataset(paired, n=pairs, size=side)
+    return {"regress": drawing, "pix2pix": paired}
+
+
+TASK_SETTINGS = {
+    "regress": ["data.format=drawing", "data.channels=1", "data.mean=[0.5]", "data.std=[0.5]", "task.name=regress",
+                "model.name=convnet"],
+    "pix2pix": ["data.format=paired", "task.name=pix2pix", "model.name=unet", "optim.name=adam"],
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali", "cache"])
+@pytest.mark.parametrize("task", ["regress", "pix2pix"])
+def test_task_loader(benchmark, measure, size, device, task_roots, task, backend):
+    from fasttrain.config import apply_overrides
+
+    skip_unavailable_backend(backend)
+    batch_size = size.loader_batch_size
+    cfg = bench_config(size, model="convnet", batch_size=batch_size, loader=backend, data_root=task_roots[task])
+    cfg = apply_overrides(cfg, TASK_SETTINGS[task])
+    prep = prepare(cfg)
+    loader = prep.task.make_loader(prep.source.train, train=True, batch_size=batch_size, backend=prep.backend)
+    try:
+        batches = bench.cycle_batches(loader)
+        measure(
+            lambda: bench.run_steps(lambda: len(next(batches)), size.steps_per_round, device),
+            samples_per_round=batch_size * size.steps_per_round,
+            flags=prep.runtime.backend_flags,
+            kind="loader", model=None, batch_size=batch_size, precision=prep.runtime.precision.name,
+            backend=prep.backend, workers=cfg.data.num_workers, dali_threads=cfg.data.num_dali_threads,
+            images=len(prep.source.train), image_size=size.image_size, workload=f"{task}-loader-b{batch_size}",
         )
     finally:
         loader.close()

@@ -399,6 +399,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:  # called as a function (tests, notebooks): leave no handler on a stream that may close
         log.handlers[:], level = saved
         log.setLevel(level)
+        if "torch.distributed" in sys.modules:  # under torchrun: leave the process group cleanly
+            from fasttrain.distributed import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":

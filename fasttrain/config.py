@@ -18,6 +18,8 @@ from typing import Any
 
 import tomli_w
 
+from fasttrain.data import registry
+
 __all__ = [
     "ConfigError",
     "Config",
@@ -106,7 +108,8 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     """Per-channel standard deviation on the 0..1 scale (one value for grayscale)."""
     loader: str = "auto"
-    """Backend: auto (GPU cache if it fits, DALI on CUDA, torch otherwise), torch, dali, cache."""
+    """Backend, the same for every task: auto (the GPU cache when the decoded data fits it, else DALI: GPU decode
+    on CUDA, its CPU-only mode without a GPU; torch where DALI cannot serve), torch, dali, cache."""
     workers: int = -1
     """torch loader worker processes; -1 means taken from the machine (cores - 1, at most 16)."""
     prefetch: int = 2
@@ -127,8 +130,8 @@ class DataConfig:
     the pre-check already skipped do not count): a damaged dataset is not trained on silently."""
 
     def __post_init__(self) -> None:
-        _choice(self.format, "data.format", ("folder", "manifest", "drawing", "paired"))
-        _choice(self.loader, "data.loader", ("auto", "torch", "dali", "cache"))
+        _choice(self.format, "data.format", registry.format_choices())
+        _choice(self.loader, "data.loader", registry.loader_choices())
         _check(self.channels in (1, 3), "data.channels", f"must be 1 or 3, got {self.channels}")
         _check(0.0 <= self.val_fraction <= 0.9, "data.val_fraction", f"must be in 0..0.9, got {self.val_fraction}")
         _check(self.image_size >= 8, "data.image_size", f"must be >= 8 pixels, got {self.image_size}")
@@ -598,6 +601,8 @@ def config_path(name_or_path: str | os.PathLike) -> Path:
     found = packaged_config(str(name_or_path))
     if found is not None:
         return found
+    if os.sep in str(name_or_path) or str(name_or_path).endswith(".toml"):
+        raise ConfigError(f"config file {p}: not found")
     import difflib
 
     names = list(packaged_configs())

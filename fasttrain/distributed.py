@@ -102,7 +102,12 @@ def init(device_type: str, *, timeout_s: float = 1800.0) -> DistInfo:
                              f"{torch.cuda.device_count()} GPUs (torchrun --nproc-per-node too large?)")
         torch.cuda.set_device(info.local_rank)
         kwargs["device_id"] = torch.device("cuda", info.local_rank)
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    # torchrun's store outlives a restart of the worker group: the ranks of a new attempt would read the dead
+    # attempt's addresses under the default keys and fail to connect. Each attempt gets its own key prefix.
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
+    store = dist.PrefixStore(f"fasttrain/attempt-{info.restart}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs)
     _CURRENT = info
     log.info("rank %d of %d (local %d) joined the %s process group", info.rank, info.world_size, info.local_rank,
              backend)

@@ -441,9 +441,10 @@ class Trainer:
                  f" ({self.resume_micro} batches into epoch {state.epoch + 1})" if self.resume_micro else "")
 
     def _loader(self, split, *, train: bool) -> Loader:
+        """This process's shard of ``split``: the global order is (seed, epoch)'s whatever the world size."""
         p = self.prep
         return self.task.make_loader(split, train=train, batch_size=p.micro_batch if train else p.eval_batch,
-                                     backend=p.backend)
+                                     backend=p.backend, num_shards=p.dist.world_size, shard_id=p.dist.rank)
 
     # -- the run ----------------------------------------------------------------------------------------------
     def run(self, run_dir: Path) -> TrainResult:

@@ -85,20 +85,23 @@ def prepare(cfg: Config, *, memory_limit: int | None = None, model: Any = None) 
     task = make_task(cfg, runtime, source)
     task.custom_model = model
     task.check()
-    backend, reason = _choose_backend(cfg, runtime, source, memory_limit)
+    backend, reason = _choose_backend(cfg, runtime, source, memory_limit, task)
     prep = Prepared(cfg, runtime, source, task, backend, reason, info)
     _ = prep.micro_batch  # the global batch divides over the processes
     return prep
 
 
-def _choose_backend(cfg: Config, runtime: Runtime, source: DataSource, memory_limit: int | None
+def _choose_backend(cfg: Config, runtime: Runtime, source: DataSource, memory_limit: int | None, task: Task
                     ) -> tuple[str, str]:
-    if cfg.task.name != "classify":
-        return "torch", f"task {cfg.task.name} decodes with its own torch loader"
+    """The loader backend for every task alike (``data.loader``), and why."""
     from fasttrain.data.loaders import choose_backend
 
+    kind = task.sample_kind
+    if kind is None:
+        return "torch", f"task {cfg.task.name} has no sample kind for the other backends"
+    # Regression vectors carry each image's width and height besides the targets.
+    num_targets = len(source.target_names) + 2 if kind == "vector" and source.target_names else 0
     return choose_backend(cfg.data.loader, device_type=runtime.device.type,
                           num_images=len(source.train) + len(source.val or []), cfg=cfg, device=runtime.device,
-                          memory_limit=memory_limit)
-
-
+                          memory_limit=memory_limit, kind=kind, train_images=len(source.train),
+                          num_targets=num_targets)

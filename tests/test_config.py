@@ -98,8 +98,8 @@ def _float_fields():
 
     from fasttrain.config import _SECTIONS
 
-    for section, f in _SECTIONS.items():
-        for name, typ in typing.get_type_hints(f.default_factory).items():
+    for section, cls in _SECTIONS.items():
+        for name, typ in typing.get_type_hints(cls).items():
             if typ is float or typ == list[float]:
                 yield f"{section}.{name}"
 

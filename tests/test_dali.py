@@ -283,8 +283,11 @@ def test_shards_are_disjoint_and_cover_the_split(mixed, train):
         loader.close()
     flat = [i for s in seen for i in s]
     assert len(flat) == len(set(flat))  # no sample in two shards
-    if train:
-        assert [len(s) for s in seen] == [8, 8, 6]  # shards of 8, 8, 7 in whole batches of 2
+    if train:  # 23 trimmed to whole global batches of 2 x 3: the same 6 per shard, 18 in all
+        assert [len(s) for s in seen] == [6, 6, 6]
+        whole = EpochSampler(23, batch_size=6, shuffle=True, seed=1, drop_last=True).indices(4)
+        for k in range(3):  # global step k: the 3 shards' batch k together are the one-process batch k
+            assert sorted(i for s in seen for i in s[2 * k:2 * k + 2]) == sorted(whole[6 * k:6 * k + 6])
     else:
         assert sorted(flat) == list(range(23))
 

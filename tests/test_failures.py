@@ -419,3 +419,39 @@ def test_a_full_disk_under_train_log_is_said_once(tmp_path, monkeypatch, capsys)
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "Traceback" not in err and "Logging error" not in err
     assert "cannot write" in err and "train.log: No space left on device" in err
+
+
+def test_two_processes_writing_the_demo_data_at_once_both_get_it(tmp_path):
+    """Two torchrun ranks start the quickstart together: the one that finishes second uses the first's data."""
+    import threading
+
+    from fasttrain.data import synthetic
+
+    real = synthetic.make_shapes_dataset
+    both_inside = threading.Barrier(2)
+
+    def slow_make(root, **kw):
+        with synthetic.atomic_dir(root) as tmp:
+            both_inside.wait(timeout=30)  # both write their temp folder before either renames it
+            (tmp / "done").write_text("x")
+        return root
+
+    results, errors = [], []
+
+    def rank():
+        try:
+            results.append(synthetic.demo_dataset(tmp_path))
+        except Exception as e:  # noqa: BLE001 - the assertion below reports it
+            errors.append(e)
+
+    synthetic.make_shapes_dataset = slow_make
+    try:
+        threads = [threading.Thread(target=rank) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        synthetic.make_shapes_dataset = real
+    assert errors == [] and len(results) == 2 and results[0] == results[1]
+    assert [p.name for p in results[0].parent.iterdir()] == ["shapes-v1"]  # no temp folder left behind

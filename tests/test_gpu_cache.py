@@ -45,7 +45,7 @@ def spec_for(data: DataConfig, *, dtype=torch.float32, channels_last=False, devi
 
 def make(paths, data, spec=None, *, train, seed=0, batch_size=5, name=None) -> GpuCacheLoader:
     split = Split(name or ("train" if train else "val"), list(paths), list(range(len(paths))))
-    return GpuCacheLoader(split, data, spec or spec_for(data), batch_size=batch_size, train=train, seed=seed)
+    return gpu_cache.from_split(split, data, spec or spec_for(data), batch_size=batch_size, train=train, seed=seed)
 
 
 def epoch(loader, e=None):
@@ -138,8 +138,7 @@ def test_shapes_dtypes_layout_and_range(images, dtype, channels):
 # -- the on-device random-resized-crop ---------------------------------------------------------------------------
 
 def test_random_resized_crop_windows_follow_torchvision_ranges():
-    g = torch.Generator().manual_seed(0)
-    theta = random_resized_crop_theta(4000, 0.08, True, g, torch.device("cpu"))
+    theta = random_resized_crop_theta(0, 0, np.arange(4000), 0.08, True)
     sx, h, cx, cy = theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2]
     w = sx.abs()
     area, ratio = w * h, w / h
@@ -200,3 +199,123 @@ def test_cuda_cache_steps_never_sync_with_the_host(images):
     assert batches[0].inputs.is_contiguous(memory_format=torch.channels_last)
     again = torch.cat([b.inputs for b in epoch(make(images, data, spec, train=True, seed=3), 1)[0]])
     assert torch.equal(x, again)
+
+
+# -- a user's own map-style dataset -------------------------------------------------------------------------------
+
+class Tiles(torch.utils.data.Dataset):
+    """A user's dataset: C x 8 x 8 image tensors (uint8, or model-ready floats) and int labels; None marks items
+    it cannot give, and ``odd`` yields one of another shape."""
+
+    def __init__(self, n, *, dtype=torch.uint8, missing=(), odd=None):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randint(0, 256, (n, 3, 8, 8), generator=g).to(dtype)
+        if dtype.is_floating_point:
+            self.x = self.x / 255 - 0.5
+        self.missing, self.odd = set(missing), odd
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        if i in self.missing:
+            return None
+        x = self.x[i] if i != self.odd else self.x[i, :, :4]
+        return x, i % 5
+
+
+def test_a_users_dataset_is_cached_and_served_as_the_torch_loader_serves_it():
+    from fasttrain.data.torch_loader import TorchLoader
+
+    ds, spec = Tiles(13), spec_for(DataConfig())
+    for train in (False, True):
+        cached = GpuCacheLoader.from_dataset(ds, spec, batch_size=4, train=train, seed=2)
+        plain = TorchLoader(ds, spec, batch_size=4, train=train, seed=2, workers=0, epoch_keys=False)
+        assert len(cached) == len(plain) == (3 if train else 4)
+        got, ref = epoch(cached, 1), epoch(plain, 1)
+        assert torch.equal(got[1], ref[1]) and got[1].dtype == torch.int64  # same order, labels as int64
+        assert torch.equal(got[2], ref[2])  # uint8 normalized on the device, as the torch loader does
+
+
+def test_a_float_dataset_is_taken_as_model_ready_and_cast():
+    ds = Tiles(6, dtype=torch.float32)
+    spec = spec_for(DataConfig(), dtype=torch.bfloat16, channels_last=True)
+    loader = GpuCacheLoader.from_dataset(ds, spec, batch_size=6, train=False)
+    (b,) = list(loader)
+    assert b.inputs.dtype == torch.bfloat16 and b.inputs.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(b.inputs, ds.x.to(torch.bfloat16))
+
+
+def test_items_a_dataset_cannot_give_are_listed_and_too_many_refuse_it():
+    loader = GpuCacheLoader.from_dataset(Tiles(10, missing={0, 7}), spec_for(DataConfig()), batch_size=4,
+                                         train=False, threads=2)
+    assert loader.num_samples == 8 and loader.skipped == [("Tiles[0]", "the dataset returned None for it"),
+                                                         ("Tiles[7]", "the dataset returned None for it")]
+    assert loader.ids.tolist() == [1, 2, 3, 4, 5, 6, 8, 9] and epoch(loader)[1].tolist() == [1, 2, 3, 4, 0, 1, 3, 4]
+    from fasttrain.data.checks import BadDataError
+
+    with pytest.raises(BadDataError, match="max_bad_per_epoch = 1"):
+        GpuCacheLoader.from_dataset(Tiles(10, missing={2, 5}), spec_for(DataConfig()), batch_size=4, train=False,
+                                    max_bad=1)
+    with pytest.raises(ValueError, match=r"Tiles\[3\]: shape \(3, 4, 8\).*one shape"):
+        GpuCacheLoader.from_dataset(Tiles(10, odd=3), spec_for(DataConfig()), batch_size=4, train=False)
+
+
+def test_evaluation_caches_only_its_shard_and_training_everything():
+    spec = spec_for(DataConfig())
+    shards = [GpuCacheLoader.from_dataset(Tiles(11), spec, batch_size=2, train=False, num_shards=3, shard_id=r)
+              for r in range(3)]
+    assert [s.num_samples for s in shards] == [4, 4, 3] and shards[1].ids.tolist() == [1, 4, 7, 10]
+    train = GpuCacheLoader.from_dataset(Tiles(11), spec, batch_size=2, train=True, num_shards=3, shard_id=1)
+    assert train.num_samples == 11 and len(train) == 1  # 11 -> one global step of 2 x 3
+
+
+def test_pair_targets_are_normalized_like_the_inputs():
+    class Pairs(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            a = torch.full((3, 8, 8), 10 * i, dtype=torch.uint8)
+            return a, 255 - a
+
+    spec = spec_for(DataConfig(mean=[0.5], std=[0.5]))
+    (b,) = list(GpuCacheLoader.from_dataset(Pairs(), spec, batch_size=4, train=False, targets_are_images=True))
+    assert torch.allclose(b.targets, -b.inputs) and b.targets.shape == (4, 3, 8, 8)
+
+
+@pytest.mark.gpu
+def test_cuda_pair_cache_steps_never_sync_and_match_the_cpu_twin():
+    """The pair crop reads its offsets from the host's copy of the plan: no hidden sync on CUDA, and the same
+    windows and flips as on the CPU."""
+    from fasttrain.data.gpu_cache import PairCropFlip
+
+    class Pairs(torch.utils.data.Dataset):
+        def __init__(self):
+            g = torch.Generator().manual_seed(0)
+            self.a = torch.randint(0, 256, (12, 3, 20, 20), generator=g, dtype=torch.uint8)
+
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return self.a[i], 255 - self.a[i]
+
+    def run(device, dtype):
+        spec = spec_for(DataConfig(mean=[0.5], std=[0.5]), dtype=dtype, channels_last=True, device=device)
+        loader = GpuCacheLoader.from_dataset(Pairs(), spec, batch_size=4, train=True, seed=1, targets_are_images=True,
+                                             augment=PairCropFlip(size=16, load_size=20, flip=True))
+        loader.set_epoch(2)
+        return list(loader)
+
+    cpu = run("cpu", torch.float32)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu = run("cuda", torch.bfloat16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for g, c in zip(gpu, cpu):
+        assert g.inputs.is_cuda and g.inputs.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(g.inputs.float().cpu(), c.inputs, atol=0.01)
+        assert torch.allclose(g.targets.float().cpu(), c.targets, atol=0.01)

@@ -1,12 +1,14 @@
 import logging
 from pathlib import Path
 
+import badfiles
 import pytest
 import torch
 from PIL import Image
 
 from fasttrain.checkpoint import load_checkpoint
 from fasttrain.config import Config, ConfigError, apply_overrides
+from fasttrain.data.dali import dali_status
 from fasttrain.data.sources import Split, discover
 from fasttrain.data.synthetic import make_paired_dataset
 from fasttrain.engine import evaluate, train
@@ -14,6 +16,12 @@ from fasttrain.predict import predict
 from fasttrain.prepare import prepare
 from fasttrain.runtime import Runtime
 from fasttrain.tasks.pix2pix import PairDataset, Pix2PixTask
+
+needs_dali = pytest.mark.skipif(not dali_status()[0], reason=dali_status()[1])
+BACKENDS = ["torch", "cache", pytest.param("dali", marks=needs_dali)]
+# DALI's resampling against Pillow's, normalized to -1..1 (one grey level ~0.008): as for classification.
+PARITY_MEAN_ABS = 0.02
+PARITY_MAX_ABS = 0.5
 
 
 def p2p_cfg(root, runs, *extra):
@@ -100,18 +108,84 @@ def test_both_images_of_a_pair_get_the_same_crop_and_flip(tmp_path):
     assert torch.equal(val[(0, 0)][0], val[(0, 5)][0])  # no randomness in evaluation
 
 
-def test_unreadable_pairs_are_skipped(tmp_path, caplog):
-    root = make_paired_dataset(tmp_path / "p", n=6, size=32)
-    cfg = p2p_cfg(root, tmp_path)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unreadable_pairs_are_skipped_and_named(tmp_path, caplog, backend):
+    root = make_paired_dataset(tmp_path / "p", n=8, size=32)
+    cfg = p2p_cfg(root, tmp_path, "data.dali_threads=1")
     src = discover(cfg.data, root)
-    Path(src.train.targets[0]).write_bytes(b"garbage")
+    garbage, corrupt = src.train.targets[0], src.train.targets[3]
+    Path(garbage).write_bytes(b"garbage")  # the target file: caught by the shared pre-check
+    badfiles.write_png_corrupt_deflate(Path(corrupt))  # passes the pre-check, fails in the decoder
     task = Pix2PixTask(cfg, Runtime(cfg.runtime), src)
-    loader = task.make_loader(src.train, train=False, batch_size=16, backend="torch")
+    loader = task.make_loader(src.train, train=False, batch_size=16, backend=backend)
     with caplog.at_level(logging.WARNING):
         (batch,) = list(loader)
-    assert len(batch) == len(src.train) - 1 and src.train.targets[0] in caplog.text
+    assert len(batch) == len(src.train) - 2 and garbage in caplog.text
+    skipped = dict(loader.skipped)
+    assert garbage in skipped  # the bad file of the pair is named (loader.skipped is what the run lists)
+    # DALI decodes a pair in one graph: it names the input and says which target went with it.
+    assert corrupt in skipped or any(corrupt in why for why in skipped.values())
     assert batch.inputs.shape == batch.targets.shape == (len(batch), 3, 32, 32)
     assert -1 <= float(batch.targets.min()) and float(batch.targets.max()) <= 1  # the tanh's range
+
+
+# -- the same batches on every backend ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pair_roots(tmp_path_factory):
+    base = tmp_path_factory.mktemp("pair-parity")
+    return {layout: make_paired_dataset(base / layout, n=12, size=40, layout=layout, val_fraction=0)
+            for layout in ("folders", "side_by_side")}
+
+
+def whole_epoch(loader, epoch: int):
+    loader.set_epoch(epoch)
+    batches = list(loader)
+    loader.close()
+    return [len(b) for b in batches], torch.cat([b.inputs for b in batches]), torch.cat([b.targets for b in batches])
+
+
+@needs_dali
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["folders", "side_by_side"])
+def test_dali_mixed_decode_pairs_match_cpu_mode(pair_roots, tmp_path, layout):
+    """The GPU graph (mixed decode, slices of a side-by-side file on the device) cuts the CPU mode's pairs."""
+    from fasttrain.data.base import InputSpec
+    from fasttrain.data.dali import DaliLoader
+    from fasttrain.data.samples import Samples
+
+    cfg = p2p_cfg(pair_roots[layout], tmp_path, "data.image_size=24", "data.val_fraction=0")
+    samples = Samples(discover(cfg.data).train, "pair")
+    out = {}
+    for device, dtype in (("cpu", torch.float32), ("cuda:0", torch.float16)):
+        spec = InputSpec(torch.device(device), dtype, True, (0.5,) * 3, (0.5,) * 3)
+        loader = DaliLoader(samples, cfg.data, spec, batch_size=4, train=True, seed=0,
+                            device_id=0 if device != "cpu" else None)
+        out[device] = whole_epoch(loader, 1)
+    assert out["cuda:0"][0] == out["cpu"][0]
+    for k in (1, 2):  # nvJPEG / CUDA resampling and fp16 output: a looser bound than CPU parity
+        assert (out["cuda:0"][k].float().cpu() - out["cpu"][k]).abs().flatten(1).mean(1).max() < 0.05
+
+
+@pytest.mark.parametrize("backend", ["cache", pytest.param("dali", marks=needs_dali)])
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("layout", ["folders", "side_by_side"])
+def test_every_backend_gives_the_torch_loaders_pairs(pair_roots, tmp_path, backend, train, layout):
+    """40 px pairs at image_size 24: training resizes both to 27 and cuts the same window (and flip) from both,
+    drawn per (seed, epoch, index) by every backend alike; the cache's batches are the torch loader's exactly,
+    DALI's differ by resampling only."""
+    cfg = p2p_cfg(pair_roots[layout], tmp_path, "data.image_size=24", "data.dali_threads=1", "data.val_fraction=0")
+    src = discover(cfg.data)
+    task = Pix2PixTask(cfg, Runtime(cfg.runtime), src)
+    sizes, a_ref, b_ref = whole_epoch(task.make_loader(src.train, train=train, batch_size=4, backend="torch"), 3)
+    got_sizes, a, b = whole_epoch(task.make_loader(src.train, train=train, batch_size=4, backend=backend), 3)
+    assert got_sizes == sizes and a.shape == b.shape == (sum(sizes), 3, 24, 24)
+    for got, ref in ((a, a_ref), (b, b_ref)):
+        if backend == "cache":
+            assert torch.equal(got, ref)
+        else:
+            err = (got - ref).abs()
+            assert err.flatten(1).mean(1).max() < PARITY_MEAN_ABS and err.max() < PARITY_MAX_ABS
 
 
 def test_a_step_updates_both_networks(paired_root, tmp_path):

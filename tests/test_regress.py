@@ -2,17 +2,28 @@ import logging
 import math
 from pathlib import Path
 
+import badfiles
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fasttrain.checkpoint import load_checkpoint
 from fasttrain.config import Config, ConfigError, apply_overrides
+from fasttrain.data.dali import dali_status
 from fasttrain.data.sources import discover
 from fasttrain.data.synthetic import make_drawing_dataset
 from fasttrain.engine import train
 from fasttrain.predict import predict
 from fasttrain.runtime import Runtime
 from fasttrain.tasks.regress import RegressTask, target_range
+
+needs_dali = pytest.mark.skipif(not dali_status()[0], reason=dali_status()[1])
+BACKENDS = ["torch", "cache", pytest.param("dali", marks=needs_dali)]
+# Resampling tolerance of DALI against Pillow on the normalized scale, as for classification (tests/test_dali.py):
+# one grey level is ~0.008 here (std 0.5), and the antialiased linear filters differ by a few levels at edges.
+PARITY_MEAN_ABS = 0.02
+PARITY_MAX_ABS = 0.5
 
 
 def drawing_cfg(root, runs, *extra):
@@ -81,23 +92,86 @@ def test_checkpoint_loads_and_predicts_point_and_colour(trained, drawing_root):
     assert sum(err) / len(err) == pytest.approx(best["val_point_px"], abs=0.1)  # predict rounds to 0.1 px
 
 
-def test_unreadable_images_are_skipped_not_fatal(tmp_path, caplog):
-    root = make_drawing_dataset(tmp_path / "d", sessions=2, steps=3, size=16)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unreadable_images_are_skipped_named_and_not_fatal(tmp_path, caplog, backend):
+    root = make_drawing_dataset(tmp_path / "d", sessions=2, steps=4, size=16)
     cfg = apply_overrides(Config(), ["data.format=drawing", "data.image_size=16", "data.workers=0",
-                                     "model.name=convnet", "model.width=4", "task.name=regress"])
+                                     "data.val_fraction=0", "data.dali_threads=1", "model.name=convnet",
+                                     "model.width=4", "task.name=regress"])
     src = discover(cfg.data, root)
-    bad = src.train.paths[1]
-    Path(bad).write_bytes(b"\x89PNG\r\n\x1a\n broken after discovery")
+    cut, corrupt = src.train.paths[1], src.train.paths[4]
+    Path(cut).write_bytes(b"\x89PNG\r\n\x1a\n broken after discovery")  # the shared pre-check catches it
+    badfiles.write_png_corrupt_deflate(Path(corrupt))  # passes the pre-check, fails in the decoder
     task = RegressTask(cfg, Runtime(cfg.runtime), src)
-    loader = task.make_loader(src.train, train=False, batch_size=64, backend="torch")
+    loader = task.make_loader(src.train, train=False, batch_size=64, backend=backend)
     with caplog.at_level(logging.WARNING):
         batches = list(loader)
     loader.close()
-    assert sum(len(b) for b in batches) == len(src.train) - 1
-    assert bad in caplog.text
+    assert sum(len(b) for b in batches) == len(src.train) - 2
+    assert sorted(p for p, _ in loader.skipped) == sorted([cut, corrupt])  # named in loader.skipped (the run's list)
+    assert cut in caplog.text and corrupt in caplog.text
     x, y = batches[0].inputs, batches[0].targets
     assert x.shape[1:] == (3, 16, 16) and x.dtype == torch.float32
     assert y.shape[1] == 5 + 2 and torch.all(y[:, 5:] == 16)  # targets, then the canvas width and height
+
+
+# -- the same batches on every backend ---------------------------------------------------------------------------
+
+def write_manifest(root: Path, n: int = 14) -> Path:
+    """JPEG and PNG photos-like images of mixed sizes; targets in their own units (scaled by the task)."""
+    rng = np.random.default_rng(3)
+    rows = ["path,age,height"]
+    root.mkdir(parents=True)
+    for i in range(n):
+        h, w = (int(v) for v in rng.integers(20, 60, 2))
+        base = (rng.random((max(2, h // 8), max(2, w // 8), 3)) * 255).astype(np.uint8)
+        im = Image.fromarray(base).resize((w, h), Image.BICUBIC)
+        name = f"{i}.{'jpg' if i % 2 else 'png'}"
+        im.save(root / name, **({"quality": 92} if i % 2 else {}))
+        rows.append(f"{name},{20 + i},{150 + 3 * i}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def parity_data(tmp_path_factory):
+    base = tmp_path_factory.mktemp("regress-parity")
+    return {"drawing": make_drawing_dataset(base / "drawing", sessions=4, steps=4, size=(40, 30)),
+            "manifest": write_manifest(base / "manifest")}
+
+
+def regress_task(root: Path, fmt: str, channels: int):
+    cfg = apply_overrides(Config(), [
+        f"data.root={root}", f"data.format={fmt}", "data.image_size=24", f"data.channels={channels}",
+        "data.workers=0", "data.dali_threads=1", "data.val_fraction=0", "model.name=convnet", "task.name=regress"])
+    src = discover(cfg.data)
+    return RegressTask(cfg, Runtime(cfg.runtime), src), src
+
+
+def whole_epoch(loader, epoch: int):
+    loader.set_epoch(epoch)
+    batches = list(loader)
+    loader.close()
+    return [len(b) for b in batches], torch.cat([b.inputs for b in batches]), torch.cat([b.targets for b in batches])
+
+
+@pytest.mark.parametrize("backend", ["cache", pytest.param("dali", marks=needs_dali)])
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("fmt,channels", [("drawing", 1), ("manifest", 3)])
+def test_every_backend_gives_the_torch_loaders_batches(parity_data, backend, train, fmt, channels):
+    """The whole image resized square, nothing cropped or flipped, in the same order with the same scaled targets
+    and image sizes: the cache holds the torch loader's pixels exactly; DALI's resize differs by resampling."""
+    task, src = regress_task(parity_data[fmt], fmt, channels)
+    sizes, x_ref, y_ref = whole_epoch(task.make_loader(src.train, train=train, batch_size=4, backend="torch"), 2)
+    got_sizes, x, y = whole_epoch(task.make_loader(src.train, train=train, batch_size=4, backend=backend), 2)
+    assert got_sizes == sizes and torch.equal(y, y_ref)
+    if fmt == "manifest":
+        assert y[:, :2].min() >= 0 and y[:, :2].max() <= 1 and y[:, 2:].max() > 20  # scaled, then width, height
+    if backend == "cache":
+        assert torch.equal(x, x_ref)
+    else:
+        err = (x - x_ref).abs()
+        assert err.flatten(1).mean(1).max() < PARITY_MEAN_ABS and err.max() < PARITY_MAX_ABS
 
 
 def test_manifest_targets_outside_0_1_are_scaled_and_come_back_in_their_units(tmp_path):

@@ -3,13 +3,17 @@
 On CUDA the JPEG decode runs on the GPU (``mixed``: hardware decoder for ``hw_decoder_load`` of the images,
 CUDA for the rest) and every later op runs on the GPU. With ``device_id=None`` the identical graph runs in
 DALI's CPU-only mode, which is what the CPU tests exercise. ``nvidia.dali`` is imported only when a loader is
-built.
+built. Every kind of sample is served (:mod:`fasttrain.data.samples`): classification, regression (the whole
+image resized square; targets, with each image's size from the header the pre-check read, gathered on the
+device) and pairs (two files, or one side-by-side file decoded once and sliced into halves; one graph resizes
+both images and cuts the same crop window and flip from both).
 
 **One long-lived pipeline per loader**, fed by ``fn.external_source``: a feeder hands DALI each batch's encoded
-file bytes in the order of the torch backend's :class:`EpochSampler` (every backend visits the same files in
+file bytes in the order of :class:`~fasttrain.data.order.EpochSampler` (every backend visits the same files in
 the same order, a pure function of (seed, epoch)), with the sample indices and, for training, each sample's
 augmentation: torchvision's random-resized-crop window (decoded as a region of interest) and flip, drawn from a
-generator seeded by (seed, epoch, index) exactly as the torch loader draws them. So a batch does not depend on
+generator seeded by (seed, epoch, index) exactly as the torch loader draws them (pairs: the
+:func:`~fasttrain.data.samples.pair_jitter` window and flip). So a batch does not depend on
 what the pipeline ran before it: resuming mid-epoch (:meth:`DaliLoader.skip_batches`) gives bit-identical
 batches, and training crops are the torch loader's windows (the pixels differ by resampling only). The feeder
 reads files ahead with threads and plans across epoch boundaries (epoch e+1 after e; an evaluation pass after
@@ -38,26 +42,27 @@ import math
 import re
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
-from fasttrain.config import DataConfig
+from fasttrain.config import Config, DataConfig
 from fasttrain.data.base import Batch, InputSpec
-from fasttrain.data.checks import BadFiles, ImageInfo, precheck
+from fasttrain.data.checks import BadFiles, ImageInfo
 from fasttrain.data.files import open_regular
+from fasttrain.data.order import EpochSampler, check_shard, sample_seed
+from fasttrain.data.samples import Samples, pair_jitter, pair_load_size, precheck_samples, targets_tensor
 from fasttrain.data.sources import Split
-from fasttrain.data.torch_loader import EpochSampler, sample_seed
 from fasttrain.data.transforms import DECODE_ERRORS, load_image
 
 log = logging.getLogger(__name__)
 
 __all__ = ["dali_status", "dali_padding_bytes", "DaliLoader", "output_stream", "rrc_window", "train_params",
-           "targets_tensor"]
+           "targets_tensor", "build"]
 
 # nvJPEG's scratch buffers in NVIDIA's ResNet-50 example. DALI documents both as per decoder thread: each thread
 # preallocates one device buffer of _DEVICE_MEMORY_PADDING and two pinned host buffers of _HOST_MEMORY_PADDING,
@@ -85,20 +90,6 @@ def dali_padding_bytes(data: DataConfig) -> tuple[int, int]:
     """(device, pinned host) bytes the GPU training pipeline's decoder preallocates outside torch's allocator."""
     threads = max(1, data.num_dali_threads)
     return threads * _DEVICE_MEMORY_PADDING, threads * 2 * _HOST_MEMORY_PADDING
-
-
-def targets_tensor(targets: Sequence[Any]) -> torch.Tensor:
-    """Class indices -> int64 (N); float vectors -> float32 (N x K); image targets (paths) -> ValueError."""
-    try:
-        t = torch.as_tensor(targets)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError("targets must be class indices or numeric vectors; paired image targets "
-                         "need the torch loader") from e
-    if t.dtype.is_floating_point:
-        return t.float()
-    if t.dtype == torch.bool or t.dtype.is_complex:
-        raise ValueError(f"unsupported target dtype {t.dtype}")
-    return t.long()
 
 
 def output_stream(device_id: int | None, device: torch.device):
@@ -206,9 +197,16 @@ class _Sample:
     data: np.ndarray | None
     """The encoded file (or the PNM of Pillow's decode); None when it could not be read (``error``)."""
     window: tuple[int, int, int, int] | None = None
-    """Training: (top, left, h, w) of the random-resized-crop."""
+    """Class training: (top, left, h, w) of the random-resized-crop."""
     flip: bool = False
-    error: str | None = None
+    error: tuple[str, str] | None = None
+    """(file, reason) when a file of the sample could not be read."""
+    data_b: np.ndarray | None = None
+    """Pairs of two files: the target file."""
+    crop: tuple[float, float] = (0.0, 0.0)
+    """Pair training: (x, y) of the crop window as shares of the margin (crop_mirror_normalize's crop_pos)."""
+    half: tuple[int, int] = (0, 0)
+    """Side-by-side pairs: (w, h) of each half."""
 
 
 class _Feeder:
@@ -266,7 +264,7 @@ class _Feeder:
             samples = fut.result()
             for s in samples:
                 if s.error is not None:
-                    L._bad.add(L._paths[s.index], s.error)  # may stop the run (BadDataError out of pipe.run)
+                    L._bad.add(*s.error)  # may stop the run (BadDataError out of pipe.run)
             ok = [s for s in samples if s.error is None]
             if ok:
                 break
@@ -301,7 +299,7 @@ class _Feeder:
                 self.pos = (key, b + 1)
             else:  # the epoch's last batch: the next epoch (training) or the next pass (evaluation) follows
                 self._start_serial(key + 1 if L.train else 0, 0)
-            good = [i for i in order[b * B:(b + 1) * B] if L._paths[i] not in L._bad]
+            good = [i for i in order[b * B:(b + 1) * B] if L._usable(i)]
             if good:
                 if L.train and len(good) < B:  # one shape for every step, as the torch loader's collate does
                     good = [good[k % len(good)] for k in range(B)]
@@ -335,51 +333,73 @@ def _torchvision_eval_geometry(encoded, resize: int, crop: int):
 
 class DaliLoader:
     """The loader contract over one long-lived DALI pipeline (see the module docstring for order, augmentation,
-    pixels and bad files).
+    pixels and bad files), for any kind of :class:`~fasttrain.data.samples.Samples` (a plain Split is ``class``).
 
-    Training: random-resized-crop (area ``crop_scale_min``..1, aspect 3/4..4/3; only the window is decoded),
-    resized to ``image_size``, random flip; the last partial batch is dropped. Evaluation: shorter side resized to
-    ``eval_resize`` (linear, antialiased), centre crop ``image_size``; every sample exactly once, the last batch
-    partial. Output: normalized, ``spec.dtype``, NCHW (a channels_last view of DALI's NHWC output when
-    ``spec.channels_last``), targets indexed on the device. DALI has no bfloat16: bf16 is emitted as fp16 on
-    the GPU (fp32 on the CPU) and cast by torch, one cheap elementwise pass.
+    ``class`` training: random-resized-crop (area ``crop_scale_min``..1, aspect 3/4..4/3; only the window is
+    decoded), resized to ``image_size``, random flip. ``class`` evaluation: shorter side resized to ``eval_resize``
+    (linear, antialiased), centre crop ``image_size``. ``vector``: the whole image resized to ``image_size``
+    squared, no augmentation; targets gathered on the device, with each image's width and height from its header
+    when ``size_targets``. ``pair``: both images through the same graph (two files, or the halves of one
+    side-by-side file sliced after one decode), resized square (training: to the jitter size, then the same
+    :func:`~fasttrain.data.samples.pair_jitter` window and flip for both, as the torch loader cuts them); the
+    target images are the batch's targets. Training drops the last partial global batch; evaluation yields every
+    sample of the shard once. Output: normalized, ``spec.dtype``, NCHW (a channels_last view of DALI's NHWC
+    output when ``spec.channels_last``). DALI has no bfloat16: bf16 is emitted as fp16 on the GPU (fp32 on the
+    CPU) and cast by torch, one cheap elementwise pass.
+
+    ``shard_id`` / ``num_shards``: the global rank and world size (:class:`~fasttrain.data.order.EpochSampler`);
+    ``device_id``: the GPU of this process (its local rank), None for the CPU-only mode.
     """
 
-    def __init__(self, split: Split, data: DataConfig, spec: InputSpec, *, batch_size: int, train: bool,
+    def __init__(self, split: Split | Samples, data: DataConfig, spec: InputSpec, *, batch_size: int, train: bool,
                  seed: int, shard_id: int = 0, num_shards: int = 1, device_id: int | None = None):
         ok, why = dali_status()
         if not ok:
             raise RuntimeError(f"DaliLoader: {why}")
         if batch_size < 1:
             raise ValueError(f"DaliLoader: batch_size must be >= 1, got {batch_size}")
-        if not 0 <= shard_id < num_shards:
-            raise ValueError(f"DaliLoader: shard_id {shard_id} outside 0..{num_shards - 1}")
+        check_shard(num_shards, shard_id)
         if device_id is not None and spec.device.type != "cuda":
             raise ValueError(f"DaliLoader: device_id={device_id} (GPU decode) but the inputs go to {spec.device}")
-        if len(spec.mean) != data.channels or len(spec.std) != data.channels:
+        if len(spec.mean) != data.channels:
             raise ValueError(f"DaliLoader: spec has {len(spec.mean)} mean values for {data.channels} channels")
+        samples = split if isinstance(split, Samples) else Samples(split, "class")
+        self.kind = samples.kind
         self.data, self.spec, self.train, self.seed = data, spec, train, seed
         self.batch_size = batch_size
         self.device_id = device_id
         self.shard_id, self.num_shards = shard_id, num_shards
-        self._rrc, self._flip = train and data.random_resized_crop, train and data.hflip
+        self._rrc = train and self.kind == "class" and data.random_resized_crop
+        self._flip = train and self.kind != "vector" and data.hflip
+        self._side_by_side = samples.side_by_side
+        self._load_size = pair_load_size(data.image_size, samples.jitter) if train else data.image_size
 
-        pre = precheck(split.paths, max_pixels=data.max_image_pixels, threads=max(1, data.num_dali_threads),
-                       split=split.name)
-        self.skipped: list[tuple[str, str]] = list(pre.bad)
+        checked = precheck_samples(samples, data, threads=max(1, data.num_dali_threads))
+        split = checked.samples.split
+        self.skipped: list[tuple[str, str]] = list(checked.bad)
         """(path, reason) of every file left out: by the pre-check, and any that failed inside DALI since."""
         self._bad = BadFiles(self.skipped, data.max_bad_per_epoch)
         self._split_name = split.name
-        self._paths = [split.paths[i] for i in pre.keep]
-        self._infos: list[ImageInfo] = pre.infos
-        self._targets = targets_tensor([split.targets[i] for i in pre.keep]).to(spec.device)
+        self._paths = list(split.paths)
+        self._infos: list[ImageInfo] = checked.infos
+        self._paths_b: list[str] | None = None
+        self._infos_b: list[ImageInfo] | None = checked.target_infos
+        if self.kind == "pair":
+            self._targets = None
+            if not self._side_by_side:
+                self._paths_b = list(split.targets)
+        else:
+            targets = split.targets
+            if samples.size_targets:  # the width and height the pre-check read from each header
+                targets = [list(t) + [info.width, info.height] for t, info in zip(targets, checked.infos)]
+            self._targets = targets_tensor(targets).to(spec.device)
         self.num_samples = len(self._paths)
         self.sampler = EpochSampler(self.num_samples, batch_size=batch_size, shuffle=train, seed=seed,
                                     drop_last=train, num_shards=num_shards, shard_id=shard_id)
-        if len(self.sampler) == 0:
-            raise ValueError(f"DaliLoader: the {split.name} split has {self.num_samples} usable images, "
-                             f"{len(range(shard_id, self.num_samples, num_shards))} in shard {shard_id}: fewer than "
-                             f"one batch of {batch_size} (training drops partial batches); lower the batch size")
+        if train and len(self.sampler) == 0:
+            shards = f" x {num_shards} processes" if num_shards > 1 else ""
+            raise ValueError(f"DaliLoader: the {split.name} split has {self.num_samples} usable images, fewer than one "
+                             f"batch of {batch_size}{shards} (training drops partial batches); lower the batch size")
         self._start = 0  # batches of the next epoch to skip (resume)
         self._passes = 0
         self._last_serial: int | None = None  # the serial of the last batch handed out
@@ -420,10 +440,15 @@ class DaliLoader:
             step = self._step(serial)
             if step is None:  # a file failed inside DALI: recorded, pipeline rebuilt, the batch is fed again
                 continue
-            images, idx = step
             self._last_serial = serial
             decoded += 1
-            yield Batch(self._finish_images(self._to_torch(images)), self._targets[self._to_torch(idx).long()])
+            if self.kind == "pair":
+                a, b, _ = step
+                yield Batch(self._finish_images(self._to_torch(a)), self._finish_images(self._to_torch(b)))
+            else:
+                images, idx = step
+                targets = cast(torch.Tensor, self._targets)  # set for every kind but pairs
+                yield Batch(self._finish_images(self._to_torch(images)), targets[self._to_torch(idx).long()])
         if not decoded and start < len(self):
             raise self._bad.none_decoded(self._split_name)
 
@@ -449,34 +474,67 @@ class DaliLoader:
         done: dict[int, _Sample] = {}
         return [done[i] if i in done else done.setdefault(i, self._read_one(i, planned.key)) for i in planned.indices]
 
+    def _usable(self, i: int) -> bool:
+        """Sample ``i`` has no file known to be bad."""
+        return self._paths[i] not in self._bad and (self._paths_b is None or self._paths_b[i] not in self._bad)
+
+    def _encoded(self, path: str, info: ImageInfo) -> bytes:
+        if info.pil:  # Pillow's pixels with the shared rules (alpha on white), as an uncompressed image
+            return _pnm(load_image(path, self.data.channels, self.data.max_image_pixels))
+        with open_regular(path) as f:
+            return f.read()
+
     def _read_one(self, i: int, key: int) -> _Sample:
-        path, info = self._paths[i], self._infos[i]
-        try:
-            if info.pil:  # Pillow's pixels with the shared rules (alpha on white), as an uncompressed image
-                data = _pnm(load_image(path, self.data.channels, self.data.max_image_pixels))
-            else:
-                with open_regular(path) as f:
-                    data = f.read()
-        except DECODE_ERRORS as e:
-            return _Sample(i, None, error=f"cannot be read ({type(e).__name__}: {e})")
-        if not data:
-            return _Sample(i, None, error="empty file")
-        window, flip = (train_params(self.data, self.seed, key, i, info.height, info.width) if self.train
-                        else (None, False))
-        return _Sample(i, np.frombuffer(data, np.uint8), window, flip)
+        files = [(self._paths[i], self._infos[i])]
+        if self._paths_b is not None and self._infos_b is not None:
+            files.append((self._paths_b[i], self._infos_b[i]))
+        encoded = []
+        for path, info in files:
+            try:
+                data = self._encoded(path, info)
+            except DECODE_ERRORS as e:
+                return _Sample(i, None, error=(path, f"cannot be read ({type(e).__name__}: {e})"))
+            if not data:
+                return _Sample(i, None, error=(path, "empty file"))
+            encoded.append(np.frombuffer(data, np.uint8))
+        sample = _Sample(i, encoded[0], data_b=encoded[1] if len(encoded) > 1 else None)
+        info = self._infos[i]
+        if self.kind == "class" and self.train:
+            sample.window, sample.flip = train_params(self.data, self.seed, key, i, info.height, info.width)
+        elif self.kind == "pair":
+            if self._side_by_side:
+                sample.half = (info.width // 2, info.height)
+            if self.train:
+                margin = self._load_size - self.data.image_size
+                top, left, flipped = (int(v[0]) for v in pair_jitter(self.seed, key, [i], margin + 1, self.data.hflip))
+                # crop_mirror_normalize starts the window at round(pos x margin): pos = offset / margin exactly.
+                sample.crop = (left / margin, top / margin) if margin else (0.0, 0.0)
+                sample.flip = bool(flipped)
+        return sample
 
     def _outputs(self, samples: list[_Sample]) -> tuple:
         """The external source's outputs for one batch, in the order of :meth:`_output_names`."""
-        out: list[Any] = [[s.data for s in samples], np.array([s.index for s in samples], np.int64)]
-        if self._rrc:
-            out.append(np.array([(s.window[1], s.window[0]) for s in samples], np.int32))  # anchor (x, y)
-            out.append(np.array([(s.window[3], s.window[2]) for s in samples], np.int32))  # shape (w, h)
-        if self._flip:
-            out.append(np.array([s.flip for s in samples], np.int32))
-        return tuple(out)
+        columns: dict[str, Any] = {
+            "encoded": lambda: [s.data for s in samples],
+            "index": lambda: np.array([s.index for s in samples], np.int64),
+            "anchor": lambda: np.array([(s.window[1], s.window[0]) for s in samples], np.int32),  # (x, y)
+            "shape": lambda: np.array([(s.window[3], s.window[2]) for s in samples], np.int32),  # (w, h)
+            "mirror": lambda: np.array([s.flip for s in samples], np.int32),
+            "encoded_b": lambda: [s.data_b for s in samples],
+            "half": lambda: np.array([s.half for s in samples], np.int32),
+            "anchor_b": lambda: np.array([(s.half[0], 0) for s in samples], np.int32),
+            "origin": lambda: np.zeros((len(samples), 2), np.int32),
+            "crop_x": lambda: np.array([s.crop[0] for s in samples], np.float32),
+            "crop_y": lambda: np.array([s.crop[1] for s in samples], np.float32),
+        }
+        return tuple(columns[name]() for name in self._output_names())
 
     def _output_names(self) -> list[str]:
-        return ["encoded", "index"] + (["anchor", "shape"] if self._rrc else []) + (["mirror"] if self._flip else [])
+        names = ["encoded", "index"] + (["anchor", "shape"] if self._rrc else [])
+        if self.kind == "pair":
+            names += ["half", "origin", "anchor_b"] if self._side_by_side else ["encoded_b"]
+            names += ["crop_x", "crop_y"] if self.train else []
+        return names + (["mirror"] if self._flip else [])
 
     # -- running ------------------------------------------------------------------------------------------
 
@@ -496,6 +554,8 @@ class DaliLoader:
             if not bad:
                 raise RuntimeError(f"DALI pipeline failed, and no single file of the batch fails alone: {e}") from e
             for i, why in bad:
+                if self._paths_b is not None:  # the batch-of-one pipeline cannot tell which file of the pair
+                    why = f"{why}, or its target image {self._paths_b[i]}"
                 self._bad.add(self._paths[i], why)
             return None
         self._feeder.in_flight.popleft()
@@ -560,7 +620,9 @@ class DaliLoader:
                         prefetch_queue_depth=prefetch, exec_dynamic=True)
         names = self._output_names()
         kinds = {"encoded": (types.UINT8, 1), "index": (types.INT64, 0), "anchor": (types.INT32, 1),
-                 "shape": (types.INT32, 1), "mirror": (types.INT32, 0)}
+                 "shape": (types.INT32, 1), "mirror": (types.INT32, 0), "encoded_b": (types.UINT8, 1),
+                 "half": (types.INT32, 1), "origin": (types.INT32, 1), "anchor_b": (types.INT32, 1),
+                 "crop_x": (types.FLOAT, 0), "crop_y": (types.FLOAT, 0)}
         with pipe:
             nodes = dict(zip(names, fn.external_source(
                 source=source, num_outputs=len(names), batch=True,
@@ -574,24 +636,40 @@ class DaliLoader:
                 if padded:  # per decoder thread, as DALI documents them (see _DEVICE_MEMORY_PADDING)
                     decode.update(device_memory_padding=_DEVICE_MEMORY_PADDING,
                                   host_memory_padding=_HOST_MEMORY_PADDING)
-            crop: dict[str, Any] = {}
-            if self._rrc:
-                # Only the window is decoded (ROI decode), then resized as torchvision's resized_crop does.
-                images = fn.decoders.image_slice(encoded, nodes["anchor"], nodes["shape"], axis_names="WH", **decode)
-                images = fn.resize(images, device=dev, resize_x=size, resize_y=size,
-                                   interp_type=types.INTERP_LINEAR, antialias=True)
-            else:
-                images = fn.decoders.image(encoded, **decode)
-                resize_hw, crop_pos_yx = _torchvision_eval_geometry(encoded, d.eval_resize, size)
-                images = fn.resize(images, device=dev, resize_y=resize_hw[0], resize_x=resize_hw[1],
-                                   interp_type=types.INTERP_LINEAR, antialias=True)
-                crop = dict(crop=(size, size), crop_pos_y=crop_pos_yx[0], crop_pos_x=crop_pos_yx[1])
-            images = fn.crop_mirror_normalize(
-                images, device=dev, dtype=self._dali_dtype(types), mirror=nodes.get("mirror", 0),
-                output_layout="HWC" if self.spec.channels_last else "CHW",
-                mean=[255.0 * m for m in self.spec.mean], std=[255.0 * s for s in self.spec.std], **crop)
+            linear = dict(device=dev, interp_type=types.INTERP_LINEAR, antialias=True)
+            normalize = dict(device=dev, dtype=self._dali_dtype(types), mirror=nodes.get("mirror", 0),
+                             output_layout="HWC" if self.spec.channels_last else "CHW",
+                             mean=[255.0 * m for m in self.spec.mean], std=[255.0 * s for s in self.spec.std])
             index = nodes["index"]
-            pipe.set_outputs(images, index.gpu() if gpu else index)
+            index = index.gpu() if gpu else index
+            if self.kind == "pair":
+                a = fn.decoders.image(encoded, **decode)
+                if self._side_by_side:  # one decode, two slices: (0, 0) and (w, 0), each w x h
+                    b = fn.slice(a, nodes["anchor_b"], nodes["half"], axis_names="WH", device=dev)
+                    a = fn.slice(a, nodes["origin"], nodes["half"], axis_names="WH", device=dev)
+                else:
+                    b = fn.decoders.image(nodes["encoded_b"], **decode)
+                side = self._load_size
+                window = dict(crop=(size, size), crop_pos_x=nodes["crop_x"], crop_pos_y=nodes["crop_y"]) \
+                    if self.train else {}
+                a, b = (fn.crop_mirror_normalize(fn.resize(t, resize_x=side, resize_y=side, **linear), **normalize,
+                                                 **window) for t in (a, b))
+                pipe.set_outputs(a, b, index)
+            else:
+                crop: dict[str, Any] = {}
+                if self.kind == "vector":  # the whole image, squared: a target may be a position in it
+                    images = fn.resize(fn.decoders.image(encoded, **decode), resize_x=size, resize_y=size, **linear)
+                elif self._rrc:
+                    # Only the window is decoded (ROI decode), then resized as torchvision's resized_crop does.
+                    images = fn.decoders.image_slice(encoded, nodes["anchor"], nodes["shape"], axis_names="WH",
+                                                     **decode)
+                    images = fn.resize(images, resize_x=size, resize_y=size, **linear)
+                else:
+                    images = fn.decoders.image(encoded, **decode)
+                    resize_hw, crop_pos_yx = _torchvision_eval_geometry(encoded, d.eval_resize, size)
+                    images = fn.resize(images, resize_y=resize_hw[0], resize_x=resize_hw[1], **linear)
+                    crop = dict(crop=(size, size), crop_pos_y=crop_pos_yx[0], crop_pos_x=crop_pos_yx[1])
+                pipe.set_outputs(fn.crop_mirror_normalize(images, **normalize, **crop), index)
         pipe.build()
         return pipe
 
@@ -623,3 +701,12 @@ def _shutdown(pipe) -> None:
     shutdown = getattr(pipe, "_shutdown", None)  # frees threads and pools now, not at collection
     if shutdown is not None:
         shutdown()
+
+
+def build(samples: Samples, cfg: Config, spec: InputSpec, *, train: bool, batch_size: int, num_shards: int = 1,
+          shard_id: int = 0) -> DaliLoader:
+    """The DALI backend for any request: GPU decode on the inputs' CUDA device (the process's local rank under
+    torchrun), the CPU-only mode otherwise; ``shard_id`` is the global rank."""
+    device_id = (spec.device.index or 0) if spec.device.type == "cuda" else None
+    return DaliLoader(samples, cfg.data, spec, batch_size=batch_size, train=train, seed=cfg.runtime.seed,
+                      shard_id=shard_id, num_shards=num_shards, device_id=device_id)

@@ -1,6 +1,6 @@
 """Discovery of the non-folder formats: manifests (image -> numbers), drawing sessions, paired images.
 
-Like ``sources._discover_folder`` these return plain file lists and targets, never decoded images (drawing
+Like ``sources.discover_folder`` these return plain file lists and targets, never decoded images (drawing
 reads each canvas's header for its size). Unusable records are reported in ``DataSource.skipped`` as
 ``(file, reason)`` and left out; only a mistake in the layout itself (no manifest, a path escaping the root,
 no images at all) raises :class:`~fasttrain.config.ConfigError`.
@@ -42,7 +42,8 @@ from fasttrain.data.transforms import DECODE_ERRORS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["discover", "SIDE_BY_SIDE", "DRAWING_TARGETS", "PATH_COLUMNS", "parse_color"]
+__all__ = ["discover_manifest", "discover_drawing", "discover_paired", "SIDE_BY_SIDE", "DRAWING_TARGETS",
+           "PATH_COLUMNS", "parse_color"]
 
 SIDE_BY_SIDE = ":right-half:"
 """Paired target marker: the target is the right half of the input file (the input is its left half)."""
@@ -54,17 +55,6 @@ SPLIT_NAMES = ("train", "val", "test")
 
 _STEP = re.compile(r"^step_(\d+)\.(\w+)$")
 _COLOR = re.compile(r"^#([0-9a-fA-F]{6}|[0-9a-fA-F]{3})$")
-
-
-def discover(cfg: DataConfig, root: Path) -> DataSource:
-    """The files of ``cfg.format`` (manifest, drawing, paired) under ``root``."""
-    if cfg.format == "manifest":
-        return _discover_manifest(cfg, root)
-    if cfg.format == "drawing":
-        return _discover_drawing(cfg, root)
-    if cfg.format == "paired":
-        return _discover_paired(cfg, root)
-    raise ConfigError(f"data.format: {cfg.format!r} is not handled by fasttrain.data.formats")
 
 
 def _finish(root: Path, fmt: str, splits: dict[str, Split], cfg: DataConfig, skipped: list[tuple[str, str]],
@@ -144,7 +134,8 @@ def _inside(root: Path, value: str) -> Path | None:
     return Path(full)
 
 
-def _discover_manifest(cfg: DataConfig, root: Path) -> DataSource:
+def discover_manifest(cfg: DataConfig, root: Path) -> DataSource:
+    """The ``manifest`` format (see the module docstring)."""
     path = _inside(root, cfg.manifest)
     if path is None:  # never read (or echo) a file outside the dataset
         raise ConfigError(f"data.manifest: {cfg.manifest!r} lies outside data.root {root}; the manifest must be a "
@@ -288,7 +279,8 @@ def _drawing_split(name: str, folder: Path, reserved: set[str], skipped: list[tu
     return split
 
 
-def _discover_drawing(cfg: DataConfig, root: Path) -> DataSource:
+def discover_drawing(cfg: DataConfig, root: Path) -> DataSource:
+    """The ``drawing`` format (see the module docstring)."""
     skipped: list[tuple[str, str]] = []
     folders, reserved = split_folders(cfg, root)
     splits, train_groups = {}, []
@@ -340,7 +332,8 @@ def _side_by_side_split(name: str, folder: Path, reserved: set[str]) -> Split:
     return Split(name, [str(p) for p in files], [SIDE_BY_SIDE] * len(files))
 
 
-def _discover_paired(cfg: DataConfig, root: Path) -> DataSource:
+def discover_paired(cfg: DataConfig, root: Path) -> DataSource:
+    """The ``paired`` format (see the module docstring)."""
     skipped: list[tuple[str, str]] = []
     splits: dict[str, Split] = {}
     names = {"train": cfg.train_dir, "val": cfg.val_dir, "test": cfg.test_dir}

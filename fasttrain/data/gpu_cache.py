@@ -1,48 +1,92 @@
-"""GPU-resident cache: a small dataset decoded once into a uint8 tensor on the device and augmented there.
+"""GPU-resident cache: a dataset decoded once into tensors on the device, every batch gathered and augmented there.
 
-After construction no step touches the CPU (airbench's recipe): the epoch's permutation is moved to the device
-once, and each batch is a gather, a batched random-resized-crop (one ``affine_grid`` + ``grid_sample``, the
-flip folded into the x scale), a normalization and a cast. On a CPU device the same code caches in RAM.
+What is cached is a map-style dataset's deterministic path (:func:`fasttrain.data.samples.dataset_for` with
+``deterministic=True``), decoded once by threads; a task's augmentation then runs on the device per batch:
 
-What is cached: evaluation (and training without random-resized-crop) stores exactly the torch backend's
-evaluation pixels (``transforms.eval_transform``: shorter side to ``eval_resize``, centre crop
-``image_size``), so validation numbers match the torch loader. Training with random-resized-crop stores the
-image's centre square resized to ``image_size`` and crops from it: the crop is then upsampled to
-``image_size``, so small-scale crops are softer than crops of the full-resolution file. A larger canvas would
-cost memory quadratically, and datasets small enough for this cache are usually small-image datasets
-(CIFAR-size), where the canvas is the original image anyway.
+- ``class``: evaluation (and training without random-resized-crop) stores exactly the torch backend's
+  evaluation pixels (shorter side to ``eval_resize``, centre crop ``image_size``), so validation numbers match
+  the torch loader. Training with random-resized-crop stores the image's centre square resized to
+  ``image_size`` and crops from it (one ``affine_grid`` + ``grid_sample``, the flip folded into the x scale):
+  the crop is upsampled to ``image_size``, so small-scale crops are softer than crops of the full-resolution
+  file. A larger canvas would cost memory quadratically, and datasets small enough for this cache are usually
+  small-image datasets (CIFAR-size), where the canvas is the original image anyway.
+- ``vector``: the whole image resized square and the float target vector: the torch backend's batches exactly
+  (regression has no augmentation).
+- ``pair``: both images, at ``image_size`` for evaluation and at the jitter size for training, where each step
+  crops the :func:`~fasttrain.data.samples.pair_jitter` window from both and flips both or neither: the same
+  windows as the torch backend, so its training batches are the torch backend's too, bit for bit.
+- any map-style dataset of (image, target) items of one shape: :meth:`GpuCacheLoader.from_dataset`.
+
+Augmentation parameters are drawn per sample from (seed, epoch, index) on the CPU once per epoch, and copied to
+the device with the epoch's order: after construction that copy is the only host-to-device traffic, and an
+epoch's batches do not depend on what ran before (``skip_batches`` resumes mid-epoch exactly). On a CPU device
+the same code caches in RAM.
+
+**Under torchrun** the order is :class:`~fasttrain.data.order.EpochSampler`'s, a function of (seed, epoch)
+whatever the world size. A training epoch's slice for one rank is a different subset of the data every epoch,
+so a rank that held only a fixed shard could not serve it: **training caches the whole split on every rank**
+(the device memory of one-GPU training, which is what ``cache_fits`` checks; each rank decodes it once at
+start), and in exchange a resumed run visits the same samples on any number of processes. **Evaluation caches
+only the rank's shard** (every sample exactly once across ranks). Shuffling only within a fixed per-rank shard
+would save the memory but tie the order to the world size.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
-from fasttrain.config import DataConfig
+from fasttrain.config import Config, DataConfig
 from fasttrain.data.base import Batch, InputSpec, normalize_on_device
-from fasttrain.data.checks import BadFiles, precheck
-from fasttrain.data.dali import targets_tensor
+from fasttrain.data.checks import BadFiles
+from fasttrain.data.order import EpochSampler, check_shard, sample_seeds
+from fasttrain.data.samples import (
+    Samples,
+    Skip,
+    dataset_for,
+    pair_jitter,
+    pair_load_size,
+    precheck_samples,
+    targets_tensor,
+)
 from fasttrain.data.sources import Split
-from fasttrain.data.torch_loader import EpochSampler, sample_seed
-from fasttrain.data.transforms import DECODE_ERRORS, eval_transform, load_image
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cache_bytes", "cache_fits", "GpuCacheLoader", "random_resized_crop_theta"]
+__all__ = ["cache_bytes", "cache_fits", "sample_bytes", "GpuCacheLoader", "DeviceAugment", "Take", "ResizedCropFlip",
+           "PairCropFlip", "random_resized_crop_theta", "build"]
 
 _RRC_ATTEMPTS = 10  # as torchvision: the first of 10 sampled windows that fits the canvas is used
 
 
-def cache_bytes(num_images: int, data: DataConfig) -> int:
-    """Bytes the cache holds for ``num_images``: C x S x S uint8 pixels plus an int64 label each."""
-    return num_images * (data.channels * data.image_size * data.image_size + 8)
+# -- sizing ---------------------------------------------------------------------------------------------------
+
+def sample_bytes(kind: str, data: DataConfig, *, train: bool = False, num_targets: int = 0) -> int:
+    """Bytes one cached sample takes: uint8 pixels plus its target (int64 label, float32 vector, or a second
+    image: pairs at the training jitter size when ``train``)."""
+    c, s = data.channels, data.image_size
+    if kind == "pair":
+        side = pair_load_size(s) if train else s
+        return 2 * c * side * side
+    if kind == "vector":
+        return c * s * s + 4 * num_targets
+    return c * s * s + 8
+
+
+def cache_bytes(num_images: int, data: DataConfig, kind: str = "class", *, train: bool = False,
+                num_targets: int = 0) -> int:
+    """Bytes the cache holds for ``num_images`` samples (see :func:`sample_bytes`)."""
+    return num_images * sample_bytes(kind, data, train=train, num_targets=num_targets)
 
 
 def _available_ram() -> int:
@@ -57,14 +101,19 @@ def _available_ram() -> int:
 
 
 def cache_fits(num_images: int, data: DataConfig, device: torch.device | str | None = None, *,
-               memory_limit: int | None = None) -> tuple[bool, str]:
+               memory_limit: int | None = None, kind: str = "class", train_images: int | None = None,
+               num_targets: int = 0) -> tuple[bool, str]:
     """(fits, why): the decoded dataset vs ``data.cache_budget`` of the device's total memory (CUDA) or of the
     RAM available now (CPU). ``device=None`` means CUDA when present, as ``runtime.device = auto`` does.
-    ``memory_limit`` (bytes) caps the CUDA total: autotune's emulated budget, smaller than the card."""
+    ``memory_limit`` (bytes) caps the CUDA total: autotune's emulated budget, smaller than the card.
+    ``kind`` / ``num_targets``: what a sample holds; ``train_images`` of the ``num_images`` are cached at the
+    training size (pairs: the jitter canvas; default: none)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    need = cache_bytes(num_images, data)
+    train_n = min(train_images or 0, num_images)
+    need = (cache_bytes(train_n, data, kind, train=True, num_targets=num_targets)
+            + cache_bytes(num_images - train_n, data, kind, num_targets=num_targets))
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         total, where = props.total_memory, f"{props.name} memory"
@@ -75,80 +124,213 @@ def cache_fits(num_images: int, data: DataConfig, device: torch.device | str | N
     budget = int(data.cache_budget * total)
     fits = need <= budget
     gib = 2**30
-    why = (f"{num_images} images x {data.channels}x{data.image_size}x{data.image_size} uint8 = {need / gib:.2f} GiB "
-           f"{'<=' if fits else '>'} data.cache_budget {data.cache_budget:g} x {total / gib:.1f} GiB {where} "
-           f"= {budget / gib:.2f} GiB")
+    c, s = data.channels, data.image_size
+    if kind == "pair":
+        what = f"{num_images} pairs x 2 x {c}x{s}x{s}" + (f" ({train_n} at {pair_load_size(s)} px)" if train_n else "")
+    else:
+        what = f"{num_images} images x {c}x{s}x{s}"
+    why = (f"{what} uint8 = {need / gib:.2f} GiB {'<=' if fits else '>'} data.cache_budget {data.cache_budget:g} x "
+           f"{total / gib:.1f} GiB {where} = {budget / gib:.2f} GiB")
     return fits, why
 
 
-def random_resized_crop_theta(n: int, scale_min: float, flip: bool, generator: torch.Generator,
-                              device: torch.device) -> torch.Tensor:
-    """n x 2 x 3 ``affine_grid`` matrices: torchvision's random-resized-crop (area scale_min..1, log-uniform
-    aspect 3/4..4/3, first of 10 attempts that fits, else the whole canvas) on a square canvas, in continuous
-    coordinates, with a random horizontal flip as a negative x scale when ``flip``."""
+# -- augmentation on the device -----------------------------------------------------------------------------------
 
-    def uniform(lo: float, hi: float, *shape: int) -> torch.Tensor:
-        return torch.empty(*shape, device=device).uniform_(lo, hi, generator=generator)
+def _uniforms(seeds: np.ndarray, k: int) -> np.ndarray:
+    """n x k uniforms in [0, 1) per 63-bit seed: splitmix64 of seed + j x golden ratio (counter-based, vectorized)."""
+    with np.errstate(over="ignore"):
+        x = seeds[:, None] + np.arange(1, k + 1, dtype=np.uint64)[None, :] * np.uint64(0x9E3779B97F4A7C15)
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
-    area = uniform(scale_min, 1.0, n, _RRC_ATTEMPTS)
-    ratio = torch.exp(uniform(math.log(3 / 4), math.log(4 / 3), n, _RRC_ATTEMPTS))
-    w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)  # shares of the canvas side
+
+def random_resized_crop_theta(seed: int, epoch: int, ids, scale_min: float, flip: bool) -> torch.Tensor:
+    """n x 2 x 3 float32 ``affine_grid`` matrices, one per sample id: torchvision's random-resized-crop (area
+    scale_min..1, log-uniform aspect 3/4..4/3, first of 10 attempts that fits, else the whole canvas) on a square
+    canvas, in continuous coordinates, with a random horizontal flip as a negative x scale when ``flip``. Drawn
+    from (seed, epoch, id) alone: a sample's window does not depend on the batch it is in."""
+    u = _uniforms(sample_seeds(seed, epoch, ids), 2 * _RRC_ATTEMPTS + 3)
+    n = u.shape[0]
+    area = scale_min + (1.0 - scale_min) * u[:, :_RRC_ATTEMPTS]
+    lo, hi = math.log(3 / 4), math.log(4 / 3)
+    ratio = np.exp(lo + (hi - lo) * u[:, _RRC_ATTEMPTS:2 * _RRC_ATTEMPTS])
+    w, h = np.sqrt(area * ratio), np.sqrt(area / ratio)  # shares of the canvas side
     fits = (w <= 1) & (h <= 1)
-    first = fits.to(torch.int8).argmax(dim=1, keepdim=True)  # index of the first fitting attempt
-    found = fits.any(dim=1)
-    one = torch.ones((), device=device)
-    w = torch.where(found, w.gather(1, first).squeeze(1), one)
-    h = torch.where(found, h.gather(1, first).squeeze(1), one)
+    first = fits.argmax(axis=1)  # index of the first fitting attempt
+    found = fits.any(axis=1)
+    rows = np.arange(n)
+    w = np.where(found, w[rows, first], 1.0)
+    h = np.where(found, h[rows, first], 1.0)
     # Window centre in affine_grid's [-1, 1] coordinates, kept inside the canvas.
-    cx = uniform(-1.0, 1.0, n) * (1 - w)
-    cy = uniform(-1.0, 1.0, n) * (1 - h)
-    sx = w * torch.where(uniform(0.0, 1.0, n) < 0.5, -one, one) if flip else w
-    zero = torch.zeros_like(w)
-    return torch.stack([torch.stack([sx, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
+    cx = (2 * u[:, -3] - 1) * (1 - w)
+    cy = (2 * u[:, -2] - 1) * (1 - h)
+    sx = np.where(u[:, -1] < 0.5, -w, w) if flip else w
+    zero = np.zeros(n)
+    theta = np.stack([np.stack([sx, zero, cx], 1), np.stack([zero, h, cy], 1)], 1)
+    return torch.from_numpy(theta.astype(np.float32))
 
+
+@dataclass
+class Take:
+    """One batch of an epoch's plan: its rows of the cache and their parameters, on the device and (for work
+    the host plans without a sync) on the CPU."""
+
+    rows: torch.Tensor
+    rows_host: torch.Tensor
+    params: torch.Tensor | None
+    params_host: torch.Tensor | None
+
+
+class DeviceAugment:
+    """A task's augmentation in the cache: :meth:`plan` draws per-sample parameters for an epoch on the CPU (one
+    copy to the device per epoch); :meth:`take` cuts a batch out of the cached tensors, by default a gather
+    followed by :meth:`apply` on the device. This base class is the identity (evaluation, regression)."""
+
+    def plan(self, seed: int, epoch: int, ids: np.ndarray) -> torch.Tensor | None:
+        """Per-sample parameters (first dimension: ``len(ids)``), or None when there are none."""
+        return None
+
+    def take(self, images: torch.Tensor, targets: torch.Tensor, t: Take) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.apply(images[t.rows], targets[t.rows], t.params)
+
+    def apply(self, x: torch.Tensor, y: torch.Tensor, params: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, y
+
+
+class ResizedCropFlip(DeviceAugment):
+    """Classification training: random-resized-crop of the cached canvas (:func:`random_resized_crop_theta`) and/or
+    a horizontal flip."""
+
+    def __init__(self, *, rrc: bool, flip: bool, scale_min: float):
+        self.rrc, self.flip, self.scale_min = rrc, flip, scale_min
+
+    def plan(self, seed, epoch, ids):
+        if self.rrc:
+            return random_resized_crop_theta(seed, epoch, ids, self.scale_min, self.flip)
+        if self.flip:
+            return torch.from_numpy(_uniforms(sample_seeds(seed, epoch, ids), 1)[:, 0] < 0.5)
+        return None
+
+    def apply(self, x, y, params):
+        if self.rrc:
+            grid = F.affine_grid(params, list(x.shape), align_corners=False)
+            # Crops are at most the canvas, so this only upsamples: bilinear needs no antialiasing here.
+            x = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        elif self.flip:
+            x = torch.where(params.view(-1, 1, 1, 1), x.flip(3), x)
+        return x, y
+
+
+class PairCropFlip(DeviceAugment):
+    """pix2pix training: the same ``size`` window (and flip) cut from both cached images of a pair, drawn as the
+    torch backend draws it (:func:`~fasttrain.data.samples.pair_jitter`)."""
+
+    def __init__(self, *, size: int, load_size: int, flip: bool):
+        self.size, self.room, self.flip = size, load_size - size + 1, flip
+
+    def plan(self, seed, epoch, ids):
+        top, left, flipped = pair_jitter(seed, epoch, ids, self.room, self.flip)
+        return torch.from_numpy(np.stack([top, left, flipped], 1))
+
+    def take(self, images, targets, t):
+        # The windows are cut as views and stacked (one copy; offsets read from the host's copy of the plan, no
+        # sync): ~100x faster than an index gather on the CPU, one batched concatenation on the GPU.
+        s = self.size
+        where = [(r, top, left) for r, (top, left) in zip(t.rows_host.tolist(), t.params_host[:, :2].tolist())]
+        x = torch.stack([images[r, :, top:top + s, left:left + s] for r, top, left in where])
+        y = torch.stack([targets[r, :, top:top + s, left:left + s] for r, top, left in where])
+        flip = t.params[:, 2].bool().view(-1, 1, 1, 1)  # both images of a pair, or neither
+        return torch.where(flip, x.flip(3), x), torch.where(flip, y.flip(3), y)
+
+
+def _augment_for(samples: Samples, data: DataConfig, train: bool) -> DeviceAugment | None:
+    if not train:
+        return None
+    if samples.kind == "class" and (data.random_resized_crop or data.hflip):
+        return ResizedCropFlip(rrc=data.random_resized_crop, flip=data.hflip, scale_min=data.crop_scale_min)
+    if samples.kind == "pair":
+        return PairCropFlip(size=data.image_size, load_size=pair_load_size(data.image_size, samples.jitter),
+                            flip=data.hflip)
+    return None
+
+
+# -- the loader ------------------------------------------------------------------------------------------------
 
 class GpuCacheLoader:
-    """The loader contract over a dataset held decoded on ``spec.device`` (see the module docstring).
+    """The loader contract over samples held decoded on ``spec.device`` (see the module docstring).
 
-    Order: the torch backend's :class:`EpochSampler` (same permutation per (seed, epoch)); training drops the
-    last partial batch, evaluation yields every sample once. Augmentation draws from a device generator seeded
-    by (seed, epoch), so an epoch's batches are reproducible. ``skipped``: (path, reason) of the files the shared
-    pre-check or the decode pass could not use; more than ``data.max_bad_per_epoch`` decode failures (beyond the
-    pre-check) refuse the dataset with the list.
+    ``inputs``: N x C x H x W images (uint8: normalized with ``spec`` on the way out; float: taken as model-ready
+    and only cast to ``spec.dtype``); ``targets``: N x ... (class indices, float vectors, or images when
+    ``targets_are_images``, which get the inputs' treatment). ``ids``: each row's index in the dataset it came
+    from (the augmentation is drawn per id). The order is :class:`EpochSampler`'s over the rows, this process's
+    shard of it; training drops partial global batches, evaluation yields every row once.
+
+    Build it with :meth:`from_dataset` (any map-style dataset) or :func:`build` (a task's request).
     """
 
-    def __init__(self, split: Split, data: DataConfig, spec: InputSpec, *, batch_size: int, train: bool, seed: int):
+    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, spec: InputSpec, *, batch_size: int,
+                 train: bool, seed: int, augment: DeviceAugment | None = None, targets_are_images: bool = False,
+                 ids: Sequence[int] | None = None, num_shards: int = 1, shard_id: int = 0,
+                 skipped: list[tuple[str, str]] | None = None, name: str | None = None):
         if batch_size < 1:
             raise ValueError(f"GpuCacheLoader: batch_size must be >= 1, got {batch_size}")
-        self.data, self.spec, self.train, self.seed = data, spec, train, seed
-        self.batch_size = batch_size
-        self.rrc = train and data.random_resized_crop
-        self.flip = train and data.hflip
-        # The random-resized-crop canvas is the eval transform with the shorter side resized to image_size.
-        transform = eval_transform(dataclasses.replace(data, resize_size=data.image_size) if self.rrc else data)
-        threads = max(1, data.num_workers)
-        pre = precheck(split.paths, max_pixels=data.max_image_pixels, threads=threads, split=split.name)
-        self.skipped: list[tuple[str, str]] = list(pre.bad)
-        # The decode pass is this backend's only decoding: the per-epoch limit on failures applies to it.
-        bad = BadFiles(self.skipped, data.max_bad_per_epoch, unit="decode pass of the cache")
-        paths = [split.paths[i] for i in pre.keep]
-        images, decoded, failed = _decode_all(paths, transform, data, threads=threads)
-        for path, reason in failed:
-            bad.add(path, reason)
-        if not decoded:
-            raise bad.none_decoded(split.name)
-        keep = [pre.keep[i] for i in decoded]
-        self.images = images.to(spec.device)
-        self.targets = targets_tensor([split.targets[i] for i in keep]).to(spec.device)
-        self.num_samples = len(keep)
+        check_shard(num_shards, shard_id)
+        self.spec, self.train, self.seed, self.batch_size = spec, train, seed, batch_size
+        self.augment = augment or DeviceAugment()
+        self.targets_are_images = targets_are_images
+        self.images = inputs.to(spec.device)
+        self.targets = targets.to(spec.device)
+        self.num_samples = len(self.images)
+        self.ids = np.asarray(range(self.num_samples) if ids is None else ids, dtype=np.int64)
+        self.skipped: list[tuple[str, str]] = list(skipped or [])
+        """(path, reason) of the files the pre-check or the decode pass could not use."""
         self.sampler = EpochSampler(self.num_samples, batch_size=batch_size, shuffle=train, seed=seed,
-                                    drop_last=train)
-        if len(self.sampler) == 0:
-            raise ValueError(f"GpuCacheLoader: the {split.name} split has {self.num_samples} usable images, fewer "
-                             f"than one batch of {batch_size} (training drops partial batches); lower the batch size")
+                                    drop_last=train, num_shards=num_shards, shard_id=shard_id)
+        name = name or ("train" if train else "evaluation")
+        if train and len(self.sampler) == 0:
+            shards = f" x {num_shards} processes" if num_shards > 1 else ""
+            raise ValueError(f"GpuCacheLoader: the {name} split has {self.num_samples} usable images, fewer than "
+                             f"one batch of {batch_size}{shards} (training drops partial batches); lower the batch "
+                             f"size")
         self._scale_shift = spec.scale_shift()
-        log.info("cached %d %s images on %s: %.1f MiB", self.num_samples, split.name, spec.device,
-                 self.images.numel() / 2**20)
+        self._start = 0
+        log.info("cached %d %s samples on %s: %.1f MiB", self.num_samples, name, spec.device,
+                 (self.images.numel() * self.images.element_size()
+                  + self.targets.numel() * self.targets.element_size()) / 2**20)
+
+    @classmethod
+    def from_dataset(cls, dataset: Dataset, spec: InputSpec, *, batch_size: int, train: bool, seed: int = 0,
+                     augment: DeviceAugment | None = None, targets_are_images: bool = False, num_shards: int = 1,
+                     shard_id: int = 0, threads: int = 1, skipped: list[tuple[str, str]] | None = None,
+                     max_bad: int = 10, name: str | None = None) -> GpuCacheLoader:
+        """Decode a map-style dataset once and serve it from ``spec.device``.
+
+        ``dataset[i]`` (i an int) must give ``(image, target)``: the image a C x H x W tensor, uint8 (0..255) or
+        float (model-ready), every item the same shape; the target a number, a tensor (all of one shape), or an
+        image when ``targets_are_images``. An item that is None or a :class:`~fasttrain.data.samples.Skip` is left
+        out and listed in ``skipped``; more than ``max_bad`` of them refuse the dataset. ``threads`` decode items
+        concurrently (Pillow releases the GIL; keep 1 for a dataset that is not thread-safe). The items must not
+        be random: augmentation is ``augment``'s, on the device. Training caches every item (the order needs
+        them all, see the module docstring); evaluation only the items of shard ``shard_id``.
+        """
+        check_shard(num_shards, shard_id)
+        n = len(cast(Sized, dataset))
+        rows = list(range(n)) if train else list(range(shard_id, n, num_shards))
+        skipped = list(skipped or [])
+        bad = BadFiles(skipped, max_bad, unit="decode pass of the cache")
+        inputs, targets, ids = _decode_rows(dataset, rows, threads, bad)
+        if rows and not ids:
+            raise bad.none_decoded(name or ("train" if train else "evaluation"))
+        # Evaluation rows are this shard's already; training rows are sharded by the sampler.
+        return cls(inputs, targets, spec, batch_size=batch_size, train=train, seed=seed, augment=augment,
+                   targets_are_images=targets_are_images, ids=ids, num_shards=num_shards if train else 1,
+                   shard_id=shard_id if train else 0, skipped=skipped, name=name)
+
+    # -- the loader contract -----------------------------------------------------------------------------------
 
     def __len__(self) -> int:
         return -(-len(self.sampler) // self.batch_size)
@@ -156,52 +338,128 @@ class GpuCacheLoader:
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch = epoch
 
+    def skip_batches(self, n: int) -> None:
+        """Start the next iteration ``n`` batches into the epoch (resume mid-epoch): augmentation is drawn per
+        sample, so the batches after the skip are those of a full pass."""
+        self._start = n
+
     def close(self) -> None:
         self.images = self.targets = None  # type: ignore[assignment]
 
     def __iter__(self) -> Iterator[Batch]:
         device, epoch = self.spec.device, self.sampler.epoch
-        # The only host-to-device traffic of the epoch: its order, once (pinned: the copy does not sync).
-        order = torch.tensor(self.sampler.indices(), dtype=torch.long)
-        order = (order.pin_memory() if device.type == "cuda" else order).to(device, non_blocking=True)
-        gen = torch.Generator(device=device)
-        gen.manual_seed(sample_seed(self.seed, epoch, -2))
-        for start in range(0, order.numel(), self.batch_size):
-            idx = order[start:start + self.batch_size]
-            yield Batch(self._augment(self.images[idx], gen), self.targets[idx])
+        start, self._start = self._start * self.batch_size, 0
+        order_cpu = torch.tensor(self.sampler.indices()[start:], dtype=torch.long)
+        if not len(order_cpu):
+            return
+        params_cpu = self.augment.plan(self.seed, epoch, self.ids[order_cpu.numpy()])
+        def to_device(t: torch.Tensor) -> torch.Tensor:
+            return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
 
-    def _augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-        n = x.shape[0]
-        if self.rrc:
-            theta = random_resized_crop_theta(n, self.data.crop_scale_min, self.flip, gen, x.device)
-            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-            # Crops are at most the canvas, so this only upsamples: bilinear needs no antialiasing here.
-            x = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-        elif self.flip:
-            flip = torch.rand(n, device=x.device, generator=gen) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-        return normalize_on_device(x, self.spec, self._scale_shift)
+        # The only host-to-device traffic of the epoch: its order and parameters, once (pinned: no sync).
+        order = to_device(order_cpu)
+        params = None if params_cpu is None else to_device(params_cpu)
+        for at in range(0, order.numel(), self.batch_size):
+            b = slice(at, at + self.batch_size)
+            take = Take(order[b], order_cpu[b], None if params is None else params[b],
+                        None if params_cpu is None else params_cpu[b])
+            x, y = self.augment.take(self.images, self.targets, take)
+            yield Batch(self._finish(x, self.images.dtype),
+                        self._finish(y, self.targets.dtype) if self.targets_are_images else y)
+
+    def _finish(self, x: torch.Tensor, cached: torch.dtype) -> torch.Tensor:
+        """Model input from a cached image batch: uint8 pixels (perhaps resampled to float on the way) are
+        normalized; a float dataset's own values are only cast."""
+        if cached == torch.uint8:
+            return normalize_on_device(x, self.spec, self._scale_shift)
+        x = x.to(self.spec.dtype)
+        return x.contiguous(memory_format=torch.channels_last) if self.spec.channels_last else x
 
 
-def _decode_all(paths: list[str], transform: Callable, data: DataConfig, threads: int
-                ) -> tuple[torch.Tensor, list[int], list[tuple[str, str]]]:
-    """Decode every file into one uint8 N x C x S x S tensor with threads: (tensor of the files that decoded,
-    their indices, [(path, reason)] of those that did not)."""
-    size, n = data.image_size, len(paths)
-    out = torch.empty((n, data.channels, size, size), dtype=torch.uint8)
+def _usable(item: Any) -> bool:
+    return item is not None and not isinstance(item, Skip)
 
-    def decode(i: int) -> str | None:
-        try:
-            out[i] = transform(load_image(paths[i], data.channels, data.max_image_pixels))
-        except DECODE_ERRORS as e:
-            return f"cannot be decoded ({type(e).__name__}: {e})"
+
+def _skip_reason(dataset: Dataset, row: int, item: Any) -> tuple[str, str]:
+    if isinstance(item, Skip):
+        return item.path, item.reason
+    return f"{type(dataset).__name__}[{row}]", "the dataset returned None for it"
+
+
+def _decode_rows(dataset: Dataset, rows: list[int], threads: int, bad: BadFiles
+                 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Decode ``dataset[row]`` for every row into preallocated tensors (threads fill them in place): (inputs,
+    targets, the rows that decoded). Items that cannot be used are added to ``bad``."""
+    k0, first = 0, cast(Any, None)
+    while k0 < len(rows):  # the first usable item fixes the shapes
+        first = dataset[rows[k0]]
+        if _usable(first):
+            break
+        bad.add(*_skip_reason(dataset, rows[k0], first))
+        k0 += 1
+    if k0 == len(rows):
+        return torch.empty(0, dtype=torch.uint8), torch.empty(0), []
+    x0, y0 = first
+    if not isinstance(x0, torch.Tensor) or x0.ndim != 3:
+        raise ValueError(f"{type(dataset).__name__}[{rows[k0]}]: the GPU cache needs C x H x W image tensors, "
+                         f"got {type(x0).__name__} {tuple(getattr(x0, 'shape', ()))}")
+    n = len(rows)
+    inputs = torch.empty((n, *x0.shape), dtype=x0.dtype)
+    as_tensor = isinstance(y0, torch.Tensor)
+    targets: Any = torch.empty((n, *y0.shape), dtype=y0.dtype) if as_tensor else [None] * n
+
+    def put(k: int, item: Any) -> tuple[str, str] | None:
+        if not _usable(item):
+            return _skip_reason(dataset, rows[k], item)
+        x, y = item
+        if x.shape != x0.shape or (as_tensor and y.shape != y0.shape):
+            raise ValueError(f"{type(dataset).__name__}[{rows[k]}]: shape {tuple(x.shape)} / target "
+                             f"{tuple(getattr(y, 'shape', ()))}, unlike the first item's {tuple(x0.shape)} / "
+                             f"{tuple(getattr(y0, 'shape', ()))}: the GPU cache needs one shape")
+        inputs[k] = x
+        targets[k] = y
         return None
 
-    # Pillow releases the GIL while it decodes and resizes, so threads scale.
-    with ThreadPoolExecutor(max_workers=min(threads, max(1, n))) as pool:
-        reasons = list(pool.map(decode, range(n), chunksize=16))
-    keep = [i for i, why in enumerate(reasons) if why is None]
-    failed = [(paths[i], why) for i, why in enumerate(reasons) if why is not None]
+    put(k0, (x0, y0))
+    rest = range(k0 + 1, n)
+    if threads > 1 and len(rest) > 1:
+        # Pillow releases the GIL while it decodes and resizes, so threads scale.
+        with ThreadPoolExecutor(max_workers=min(threads, len(rest))) as pool:
+            failed = list(pool.map(lambda k: put(k, dataset[rows[k]]), rest, chunksize=16))
+    else:
+        failed = [put(k, dataset[rows[k]]) for k in rest]
+    keep = [k0] + [k for k, why in zip(rest, failed) if why is None]
+    for why in failed:
+        if why is not None:
+            bad.add(*why)
     if len(keep) < n:
-        out = out[keep]
-    return out, keep, failed
+        inputs = inputs[keep]
+        targets = targets[keep] if as_tensor else [targets[k] for k in keep]
+    return inputs, targets if as_tensor else targets_tensor(targets), [rows[k] for k in keep]
+
+
+def build(samples: Samples, cfg: Config, spec: InputSpec, *, train: bool, batch_size: int, num_shards: int = 1,
+          shard_id: int = 0) -> GpuCacheLoader:
+    """The cache backend for any request: the shared pre-check, the kind's deterministic dataset decoded once,
+    the kind's augmentation on the device."""
+    return from_samples(samples, cfg.data, spec, batch_size=batch_size, train=train, seed=cfg.runtime.seed,
+                        num_shards=num_shards, shard_id=shard_id)
+
+
+def from_samples(samples: Samples, data: DataConfig, spec: InputSpec, *, batch_size: int, train: bool, seed: int,
+                 num_shards: int = 1, shard_id: int = 0) -> GpuCacheLoader:
+    threads = max(1, data.num_workers)
+    checked = precheck_samples(samples, data, threads)
+    ds = dataset_for(checked.samples, data, seed, train=train, deterministic=True)
+    return GpuCacheLoader.from_dataset(
+        ds, spec, batch_size=batch_size, train=train, seed=seed, augment=_augment_for(samples, data, train),
+        targets_are_images=samples.kind == "pair", num_shards=num_shards, shard_id=shard_id, threads=threads,
+        skipped=checked.bad, max_bad=data.max_bad_per_epoch, name=samples.split.name)
+
+
+def from_split(split: Split, data: DataConfig, spec: InputSpec, *, batch_size: int, train: bool, seed: int,
+               num_shards: int = 1, shard_id: int = 0) -> GpuCacheLoader:
+    """Classification over a split's files (``Samples(split, "class")``)."""
+    return from_samples(Samples(split, "class"), data, spec, batch_size=batch_size, train=train, seed=seed,
+                        num_shards=num_shards, shard_id=shard_id)
+

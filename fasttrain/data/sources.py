@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from fasttrain.config import ConfigError, DataConfig
+from fasttrain.data import registry
 from fasttrain.data.files import not_regular_reason
 
 log = logging.getLogger(__name__)
 
 __all__ = ["IMAGE_EXTENSIONS", "Split", "DataSource", "ImageScan", "discover", "list_images", "scan_images",
-           "holdout_split", "hold_out", "split_folders"]
+           "holdout_split", "hold_out", "split_folders", "discover_folder"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm"})
 
@@ -197,7 +198,8 @@ def _class_folder_split(folder: Path, name: str, class_names: list[str],
     return Split(name, paths, targets)
 
 
-def _discover_folder(cfg: DataConfig, root: Path) -> DataSource:
+def discover_folder(cfg: DataConfig, root: Path) -> DataSource:
+    """The ``folder`` format: one sub-folder per class (ImageFolder), under split folders or a hold-out."""
     folders, reserved = split_folders(cfg, root)
     train_dir = folders["train"]
     class_names = sorted(p.name for p in train_dir.iterdir()
@@ -222,16 +224,16 @@ def _discover_folder(cfg: DataConfig, root: Path) -> DataSource:
 
 
 def discover(cfg: DataConfig, root: str | os.PathLike | None = None) -> DataSource:
-    """Find the dataset's files for ``cfg.format`` under ``root`` (default ``cfg.root``)."""
+    """Find the dataset's files for ``cfg.format`` under ``root`` (default ``cfg.root``), with the format's
+    discovery function from :data:`fasttrain.data.registry.FORMATS`."""
     root = Path(root if root is not None else cfg.root).expanduser()
     if not root.is_dir():
         raise ConfigError(f"data.root: {root} is not a folder")
-    if cfg.format == "folder":
-        src = _discover_folder(cfg, root)
-    else:
-        from fasttrain.data import formats
-
-        src = formats.discover(cfg, root)
+    try:
+        find = registry.format_discoverer(cfg.format)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    src = find(cfg, root)
     if cfg.max_samples and len(src.train) > cfg.max_samples:
         rng = random.Random(cfg.split_seed)
         keep = sorted(rng.sample(range(len(src.train)), cfg.max_samples))

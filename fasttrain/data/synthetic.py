@@ -7,6 +7,7 @@ dataset never looks complete, and they refuse to touch a folder that already exi
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import math
@@ -54,7 +55,12 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         yield tmp
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except OSError as e:  # another process wrote ``final`` meanwhile (two ranks making the demo data)
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise FileExistsError(f"{final} was written by another process meanwhile") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

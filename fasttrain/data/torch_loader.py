@@ -3,105 +3,30 @@
 It is the best a CPU loader can be: uint8 batches (4x fewer bytes than float), pinned memory, persistent
 workers, prefetching, and (on CUDA) the host-to-device copy and normalization on a side stream one batch
 ahead of the step, as timm's PrefetchLoader does. Augmentation randomness is derived from (seed, epoch,
-index), so a resumed run and an uninterrupted one see the same crops whatever the worker count.
+index), so a resumed run and an uninterrupted one see the same crops whatever the worker count. The order (and
+its shards under torchrun) is :class:`~fasttrain.data.order.EpochSampler`'s; the datasets are those of
+:mod:`fasttrain.data.samples` (both re-exported here).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable, Iterator, Sequence, Sized
+from typing import Any, cast
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from fasttrain.config import Config
 from fasttrain.data.base import Batch, InputSpec, normalize_on_device
 from fasttrain.data.checks import BadDataError, BadFiles
-from fasttrain.data.sources import Split
-from fasttrain.data.transforms import DECODE_ERRORS, load_image
+from fasttrain.data.order import EpochSampler, sample_seed
+from fasttrain.data.samples import ImageDataset, Samples, Skip, dataset_for, precheck_samples
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EpochSampler", "ImageDataset", "Skip", "collate_skip", "TorchLoader", "sample_seed"]
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed per (run seed, epoch, sample index)."""
-    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
-    x ^= x >> 31
-    x = (x * 0xD6E8FEB86659FD93) & (2**64 - 1)
-    return (x ^ (x >> 29)) & (2**63 - 1)
-
-
-class EpochSampler(Sampler):
-    """Yields ``(index, epoch)`` pairs: a seeded permutation per epoch (train) or the identity (eval).
-
-    ``num_shards`` / ``shard_id`` give each rank a disjoint, equally long slice. ``drop_last`` trims to whole
-    batches so every step has the same shape (what torch.compile and cudnn.benchmark like).
-    """
-
-    def __init__(self, n: int, *, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
-                 num_shards: int = 1, shard_id: int = 0):
-        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
-        self.drop_last, self.num_shards, self.shard_id = drop_last, num_shards, shard_id
-        self.epoch = 0
-        self.start = 0
-        """Samples of the epoch to leave out of the next iteration only (resuming mid-epoch)."""
-
-    def indices(self, epoch: int | None = None) -> list[int]:
-        """This shard's sample order for ``epoch`` (default: the current one)."""
-        epoch = self.epoch if epoch is None else epoch
-        if self.shuffle:
-            g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, -1))
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        order = order[self.shard_id::self.num_shards]
-        if self.drop_last:
-            order = order[: len(order) // self.batch_size * self.batch_size]
-        return order
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, start, self.start = self.epoch, self.start, 0
-        return iter([(i, epoch) for i in self.indices()[start:]])
-
-    def __len__(self) -> int:
-        per_shard = len(range(self.shard_id, self.n, self.num_shards))
-        return per_shard // self.batch_size * self.batch_size if self.drop_last else per_shard
-
-
-class Skip(NamedTuple):
-    """What a dataset returns for a sample it cannot decode: the file and why (the loader records and skips it)."""
-
-    path: str
-    reason: str
-
-
-class ImageDataset(Dataset):
-    """(index, epoch) -> (uint8 C x H x W, target), or a :class:`Skip` when the file cannot be decoded."""
-
-    def __init__(self, split: Split, transform: Callable, channels: int, seed: int,
-                 target_fn: Callable[[Any], Any] = lambda t: t, max_pixels: int | None = None):
-        self.split, self.transform, self.channels, self.seed = split, transform, channels, seed
-        self.target_fn, self.max_pixels = target_fn, max_pixels
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, key: tuple[int, int]):
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
-        path = self.split.paths[index]
-        try:
-            im = load_image(path, self.channels, self.max_pixels)
-            # torchvision's transforms draw from the global CPU generator: seed it for this sample inside a fork
-            # that restores it. Only the CPU generator: torch.manual_seed would also reseed every CUDA generator
-            # (with data.workers = 0 this runs in the training process: dropout's stream, a restored RNG state).
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-                x = self.transform(im)
-        except DECODE_ERRORS as e:
-            return Skip(path, f"cannot be decoded ({type(e).__name__}: {e})")
-        return x, self.target_fn(self.split.targets[index])
+__all__ = ["EpochSampler", "ImageDataset", "Skip", "collate_skip", "TorchLoader", "sample_seed", "build"]
 
 
 def collate_skip(items: Sequence, fill_to: int = 0):
@@ -144,26 +69,43 @@ def _default_prepare(spec: InputSpec) -> Callable:
     return prepare
 
 
+class _IndexKeys(Dataset):
+    """A dataset indexed by plain ints behind the loader's ``(index, epoch)`` keys."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(cast(Sized, self.dataset))
+
+    def __getitem__(self, key: tuple[int, int]):
+        return self.dataset[key[0]]
+
+
 class TorchLoader:
     """A DataLoader behind the loader contract; ``prepare`` turns a CPU batch into a device Batch.
 
     ``skipped``: (path, reason) of files already left out (the pre-check's); files that fail to decode during
     the run are added (a dataset reports them by returning :class:`Skip`). More than ``max_bad_per_epoch`` new
     ones in one epoch, or an epoch in which nothing decodes, raise :class:`~fasttrain.data.checks.BadDataError`.
+    ``epoch_keys``: the dataset takes ``(index, epoch)`` keys (fasttrain's, which seed augmentation per sample);
+    False for a plain map-style dataset indexed by int.
     """
 
     def __init__(self, dataset: Dataset, spec: InputSpec, *, batch_size: int, train: bool, seed: int,
                  workers: int, prefetch: int = 2, pin_memory: bool | None = None,
                  prepare: Callable[[Any], Batch] | None = None, collate: Callable = collate_skip,
                  num_shards: int = 1, shard_id: int = 0, skipped: list[tuple[str, str]] | None = None,
-                 max_bad_per_epoch: int = 10, split: str | None = None):
+                 max_bad_per_epoch: int = 10, split: str | None = None, epoch_keys: bool = True):
+        if not epoch_keys:  # a plain map-style dataset: dataset[i], its own randomness
+            dataset = _IndexKeys(dataset)
         self.spec = spec
         self.batch_size = batch_size
-        self.num_samples = len(dataset)
+        self.num_samples = len(cast(Sized, dataset))
         self.skipped: list[tuple[str, str]] = list(skipped or [])
         self._bad = BadFiles(self.skipped, max_bad_per_epoch)
         self._split = split or ("train" if train else "evaluation")
-        self.sampler = EpochSampler(len(dataset), batch_size=batch_size, shuffle=train, seed=seed,
+        self.sampler = EpochSampler(len(cast(Sized, dataset)), batch_size=batch_size, shuffle=train, seed=seed,
                                     drop_last=train, num_shards=num_shards, shard_id=shard_id)
         self.prepare = prepare or _default_prepare(spec)
         cuda = spec.device.type == "cuda"
@@ -237,3 +179,24 @@ class TorchLoader:
     def close(self) -> None:
         # Dropping the iterator shuts persistent workers down.
         self.loader = None  # type: ignore[assignment]
+
+
+def build(samples: Samples, cfg: Config, spec: InputSpec, *, train: bool, batch_size: int, num_shards: int = 1,
+          shard_id: int = 0) -> TorchLoader:
+    """The torch backend for any request (:mod:`fasttrain.data.samples`): the shared pre-check, then the kind's
+    dataset decoded by ``data.workers`` processes. Pairs are normalized on the device, both images alike."""
+    d = cfg.data
+    # The same pre-check as DALI and the cache: every backend samples from the same files, in the same order.
+    checked = precheck_samples(samples, d, threads=max(1, d.num_workers))
+    ds = dataset_for(checked.samples, d, cfg.runtime.seed, train=train)
+    prepare = None
+    if samples.kind == "pair":
+        scale_shift = spec.scale_shift()
+
+        def prepare(cpu_batch) -> Batch:
+            a, b = cpu_batch
+            return Batch(normalize_on_device(a, spec, scale_shift), normalize_on_device(b, spec, scale_shift))
+
+    return TorchLoader(ds, spec, batch_size=batch_size, train=train, seed=cfg.runtime.seed, workers=d.num_workers,
+                       prefetch=d.prefetch, prepare=prepare, num_shards=num_shards, shard_id=shard_id,
+                       skipped=checked.bad, max_bad_per_epoch=d.max_bad_per_epoch, split=samples.split.name)

@@ -118,6 +118,9 @@ class Task:
     """min or max: which direction is better for ``best_metric``."""
     predict_module: str = "model"
     """The module (key of ``TrainState.local``) whose output prediction describes."""
+    sample_kind: str | None = None
+    """What its loaders hold (:mod:`fasttrain.data.samples`: class, vector, pair): any backend can then serve it
+    (the cache is sized by it, DALI knows what to decode). None: the torch loader only."""
     train_metric_names: tuple[str, ...] = ("loss",)
     """What ``train_step`` returns (epoch records hold them as ``train_<name>``)."""
     custom_model: Any = None
@@ -180,9 +183,16 @@ class Task:
         load_initial_weights(model, read_state_dict(path, module), reset_head=self.cfg.model.reset_head,
                              source=path)
 
-    def make_loader(self, split: Split, *, train: bool, batch_size: int, backend: str) -> Loader:
-        """A loader over ``split`` yielding device Batches. ``backend`` is the engine's choice for image
-        classification (torch, dali, cache); tasks with their own decoding may ignore it (and log that)."""
+    def make_loader(self, split: Split, *, train: bool, batch_size: int, backend: str, num_shards: int = 1,
+                    shard_id: int = 0) -> Loader:
+        """A loader over ``split`` yielding device Batches of ``batch_size`` (this process's micro-batch).
+
+        ``backend`` (torch, dali, cache: ``data.loader``, or what auto chose) means the same for every task: a
+        task describes its samples (:class:`~fasttrain.data.samples.Samples`) and
+        :func:`fasttrain.data.loaders.make_loader` builds that backend. Under torchrun, ``num_shards`` is the
+        world size and ``shard_id`` the global rank: the epoch's global order stays a function of (seed, epoch),
+        each process reads an interleaved slice, and every process yields the same number of training batches
+        (see :mod:`fasttrain.data.order`)."""
         raise NotImplementedError
 
     def input_spec(self) -> InputSpec:

@@ -18,6 +18,7 @@ class ClassifyTask(Task):
     name = "classify"
     best_metric = "val_acc"
     best_mode = "max"
+    sample_kind = "class"
     train_metric_names = ("loss", "acc")
 
     @property
@@ -45,10 +46,13 @@ class ClassifyTask(Task):
             self._mix = mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
         return self._mix
 
-    def make_loader(self, split: Split, *, train: bool, backend: str, batch_size: int) -> Loader:
-        from fasttrain.data.loaders import make_image_loader
+    def make_loader(self, split: Split, *, train: bool, backend: str, batch_size: int, num_shards: int = 1,
+                    shard_id: int = 0) -> Loader:
+        from fasttrain.data.loaders import make_loader
+        from fasttrain.data.samples import Samples
 
-        return make_image_loader(backend, split, self.cfg, self.input_spec(), train=train, batch_size=batch_size)
+        return make_loader(backend, Samples(split, "class"), self.cfg, self.input_spec(), train=train,
+                           batch_size=batch_size, num_shards=num_shards, shard_id=shard_id)
 
     def train_phases(self, state: TrainState, batch: Batch):
         x, y = batch.inputs, batch.targets

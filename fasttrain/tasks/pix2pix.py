@@ -19,16 +19,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset
 from torchvision.transforms.v2 import functional as TF
 from torchvision.utils import make_grid
 
 from fasttrain.config import ConfigError
-from fasttrain.data.base import Batch, InputSpec, Loader, normalize_on_device
-from fasttrain.data.formats import SIDE_BY_SIDE
+from fasttrain.data.base import Batch, InputSpec, Loader
+from fasttrain.data.samples import PAIR_JITTER, PairDataset, Samples, load_pair
 from fasttrain.data.sources import Split
-from fasttrain.data.torch_loader import TorchLoader, sample_seed
-from fasttrain.data.transforms import DECODE_ERRORS, load_image, resize_square
+from fasttrain.data.transforms import resize_square
 from fasttrain.io import atomic_replace, write_new
 from fasttrain.models import build_model
 from fasttrain.optim import make_optimizer
@@ -40,51 +38,10 @@ __all__ = ["Pix2PixTask", "PairDataset", "load_pair", "GENERATORS", "JITTER"]
 
 GENERATORS = ("unet",)
 """Registry names that map an image to an image of the same size (model.name for pix2pix)."""
-JITTER = 286 / 256
+JITTER = PAIR_JITTER
 """Training resize before the random crop, relative to image_size (the reference: 286 -> 256)."""
 SAMPLES = 4
 """Rows in a sample grid (input | output | target)."""
-
-
-def load_pair(path: str, target: str, channels: int) -> tuple[Image.Image, Image.Image]:
-    """(A, B): two files, or the left and right halves of one (target == SIDE_BY_SIDE)."""
-    a = load_image(path, channels)
-    if target == SIDE_BY_SIDE:
-        w, h = a.size[0] // 2, a.size[1]
-        if w < 1:
-            raise ValueError(f"side-by-side image is {a.size[0]} px wide, too narrow to split")
-        return a.crop((0, 0, w, h)), a.crop((w, 0, 2 * w, h))
-    return a, load_image(target, channels)
-
-
-class PairDataset(Dataset):
-    """(index, epoch) -> (A, B) uint8 C x S x S with the same geometry, or None when a file cannot be decoded."""
-
-    def __init__(self, split: Split, image_size: int, channels: int, *, train: bool, flip: bool, seed: int):
-        self.split, self.size, self.channels = split, image_size, channels
-        self.train, self.flip, self.seed = train, flip, seed
-        self.load_size = int(round(image_size * JITTER)) if train else image_size
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, key: tuple[int, int] | int):
-        index, epoch = key if isinstance(key, tuple) else (key, 0)
-        path, target = self.split.paths[index], self.split.targets[index]
-        try:
-            a, b = load_pair(path, target, self.channels)
-        except DECODE_ERRORS as e:
-            log.warning("skipping unreadable pair %s -> %s: %s", path, target, e)
-            return None
-        a, b = resize_square(a, self.load_size), resize_square(b, self.load_size)
-        if self.train:
-            g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
-            top, left = (int(v) for v in torch.randint(0, self.load_size - self.size + 1, (2,), generator=g))
-            a = a[:, top:top + self.size, left:left + self.size]
-            b = b[:, top:top + self.size, left:left + self.size]
-            if self.flip and bool(torch.rand((), generator=g) < 0.5):
-                a, b = a.flip(-1), b.flip(-1)
-        return a.contiguous(), b.contiguous()
 
 
 def _to_image(x: torch.Tensor) -> torch.Tensor:
@@ -104,6 +61,7 @@ class Pix2PixTask(Task):
     predict_module = "generator"
     best_metric = "val_l1"
     best_mode = "min"
+    sample_kind = "pair"
     train_metric_names = ("loss", "d_loss", "g_gan", "g_l1")
 
     def __init__(self, cfg, runtime, source):
@@ -143,18 +101,13 @@ class Pix2PixTask(Task):
             {k: self.runtime.grad_scaler() for k in modules},
         )
 
-    def make_loader(self, split: Split, *, train: bool, batch_size: int, backend: str) -> Loader:
-        d, seed = self.cfg.data, self.cfg.runtime.seed
-        ds = PairDataset(split, d.image_size, d.channels, train=train, flip=d.hflip, seed=seed)
-        spec = self.input_spec()
-        scale_shift = spec.scale_shift()
+    def make_loader(self, split: Split, *, train: bool, batch_size: int, backend: str, num_shards: int = 1,
+                    shard_id: int = 0) -> Loader:
+        """Any backend: pairs (A, B) with the same resize, crop and flip; both normalized to -1..1."""
+        from fasttrain.data.loaders import make_loader
 
-        def prepare(cpu_batch) -> Batch:
-            a, b = cpu_batch
-            return Batch(normalize_on_device(a, spec, scale_shift), normalize_on_device(b, spec, scale_shift))
-
-        return TorchLoader(ds, spec, batch_size=batch_size, train=train, seed=seed, workers=d.num_workers,
-                           prefetch=d.prefetch, prepare=prepare)
+        return make_loader(backend, Samples(split, "pair", jitter=JITTER), self.cfg, self.input_spec(), train=train,
+                           batch_size=batch_size, num_shards=num_shards, shard_id=shard_id)
 
     # -- steps -----------------------------------------------------------------------------------------------
     @staticmethod

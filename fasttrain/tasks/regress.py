@@ -17,19 +17,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset
 
 from fasttrain.config import ConfigError
 from fasttrain.data.base import Batch, InputSpec, Loader
 from fasttrain.data.formats import DRAWING_TARGETS
+from fasttrain.data.samples import Samples, VectorDataset
 from fasttrain.data.sources import Split
-from fasttrain.data.torch_loader import TorchLoader
-from fasttrain.data.transforms import DECODE_ERRORS, load_image, resize_square
+from fasttrain.data.transforms import resize_square
 from fasttrain.tasks.base import Task, TrainState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RegressTask", "RegressDataset", "target_range"]
+__all__ = ["RegressTask", "RegressDataset", "scale_targets", "target_range"]
 
 
 def target_range(targets: list[list[float]]) -> tuple[list[float], list[float]]:
@@ -42,35 +41,31 @@ def target_range(targets: list[list[float]]) -> tuple[list[float], list[float]]:
     return low, high
 
 
-class RegressDataset(Dataset):
-    """(index, epoch) -> (uint8 C x S x S, float32 [scaled targets..., width, height]), or None when the file
-    cannot be decoded (logged with its name and skipped by the loader's collate)."""
+def scale_targets(split: Split, low: list[float], high: list[float]) -> Split:
+    """The split with each target vector min-max scaled to 0..1 by the training range (float32 arithmetic)."""
+    lo = torch.tensor(low, dtype=torch.float32)
+    span = torch.tensor(high, dtype=torch.float32) - lo
+    if not split.targets:
+        return Split(split.name, [], [])
+    scaled = (torch.tensor(split.targets, dtype=torch.float32) - lo) / span
+    return Split(split.name, list(split.paths), scaled.tolist())
 
-    def __init__(self, split: Split, image_size: int, channels: int, low: list[float], high: list[float]):
-        self.split, self.size, self.channels = split, image_size, channels
-        self.low = torch.tensor(low, dtype=torch.float32)
-        self.span = torch.tensor(high, dtype=torch.float32) - self.low
 
-    def __len__(self) -> int:
-        return len(self.split)
+class RegressDataset(VectorDataset):
+    """(index, epoch) -> (uint8 C x S x S, float32 [scaled targets..., width, height]), or a
+    :class:`~fasttrain.data.samples.Skip` naming the file that cannot be decoded (listed in ``loader.skipped``)."""
 
-    def __getitem__(self, key: tuple[int, int] | int):
-        index = key[0] if isinstance(key, tuple) else key
-        path = self.split.paths[index]
-        try:
-            im = load_image(path, self.channels)
-        except DECODE_ERRORS as e:
-            log.warning("skipping unreadable image %s: %s", path, e)
-            return None
-        x = resize_square(im, self.size)
-        t = (torch.tensor(self.split.targets[index], dtype=torch.float32) - self.low) / self.span
-        return x, torch.cat([t, torch.tensor(im.size, dtype=torch.float32)])
+    def __init__(self, split: Split, image_size: int, channels: int, low: list[float], high: list[float],
+                 max_pixels: int | None = None):
+        super().__init__(scale_targets(split, low, high), image_size, channels, size_targets=True,
+                         max_pixels=max_pixels)
 
 
 class RegressTask(Task):
     name = "regress"
     best_metric = "val_loss"
     best_mode = "min"
+    sample_kind = "vector"
 
     def __init__(self, cfg, runtime, source):
         super().__init__(cfg, runtime, source)
@@ -99,11 +94,14 @@ class RegressTask(Task):
         return self.target_names == DRAWING_TARGETS
 
     # -- building ---------------------------------------------------------------------------------------------
-    def make_loader(self, split: Split, *, train: bool, batch_size: int, backend: str) -> Loader:
-        d = self.cfg.data
-        ds = RegressDataset(split, d.image_size, d.channels, self.low, self.high)
-        return TorchLoader(ds, self.input_spec(), batch_size=batch_size, train=train, seed=self.cfg.runtime.seed,
-                           workers=d.num_workers, prefetch=d.prefetch)
+    def make_loader(self, split: Split, *, train: bool, batch_size: int, backend: str, num_shards: int = 1,
+                    shard_id: int = 0) -> Loader:
+        """Any backend: each image resized whole to image_size squared, targets scaled, then its width and height."""
+        from fasttrain.data.loaders import make_loader
+
+        samples = Samples(scale_targets(split, self.low, self.high), "vector", size_targets=True)
+        return make_loader(backend, samples, self.cfg, self.input_spec(), train=train, batch_size=batch_size,
+                           num_shards=num_shards, shard_id=shard_id)
 
     def _span_on(self, device: torch.device) -> torch.Tensor:
         if self._span is None or self._span.device != device:

@@ -1,0 +1,298 @@
+"""What a task asks a loader for, whatever the backend, and the map-style datasets that decode it with PIL.
+
+A task describes one split as :class:`Samples`: its files and targets and the *kind* of sample. Every backend
+(torch, DALI, the GPU cache) serves every kind it can from that description, so ``data.loader`` means the same
+for every task. Kinds:
+
+- ``class``: an image and a class index (classify). Training: torchvision's random-resized-crop and flip;
+  evaluation: shorter side to ``data.eval_resize``, centre crop ``data.image_size``.
+- ``vector``: an image and a float vector (regress). The whole image resized to ``image_size`` squared,
+  nothing cropped or flipped (a target may be a position in the image). With ``size_targets`` each image's width
+  and height (from its header) are appended to its vector.
+- ``pair``: an input and a target image (pix2pix); targets are the target files' paths, or
+  :data:`~fasttrain.data.formats.SIDE_BY_SIDE` (left half input, right half target). Evaluation resizes both to
+  ``image_size``; training resizes both to ``image_size x jitter`` and crops one random ``image_size`` window
+  from both, flipping both or neither. The window and flip come from :func:`pair_jitter`, a pure function of
+  (seed, epoch, index), so every backend draws the same ones.
+
+The datasets here are the torch backend's per-sample path, and (with ``deterministic=True``, the evaluation
+geometry or the training canvas) what the GPU cache decodes once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from fasttrain.config import DataConfig
+from fasttrain.data.checks import BadDataError, ImageInfo, _none_usable, precheck
+from fasttrain.data.formats import SIDE_BY_SIDE
+from fasttrain.data.order import sample_seed, sample_seeds
+from fasttrain.data.sources import Split
+from fasttrain.data.transforms import DECODE_ERRORS, eval_transform, load_image, resize_square, train_transform
+
+log = logging.getLogger(__name__)
+
+__all__ = ["KINDS", "PAIR_JITTER", "Samples", "Checked", "Skip", "ImageDataset", "VectorDataset", "PairDataset",
+           "load_pair", "pair_jitter", "pair_load_size", "precheck_samples", "dataset_for", "targets_tensor"]
+
+KINDS = ("class", "vector", "pair")
+PAIR_JITTER = 286 / 256
+"""pix2pix's training resize before the random crop, relative to image_size (the reference: 286 -> 256)."""
+
+
+@dataclass(frozen=True)
+class Samples:
+    """One split as a task asks a loader for it (see the module docstring)."""
+
+    split: Split
+    kind: str = "class"
+    size_targets: bool = False
+    """vector: append each image's width and height to its target vector."""
+    jitter: float = PAIR_JITTER
+    """pair: training resize before the random crop, relative to image_size."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"sample kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
+        if self.kind == "pair" and len({t == SIDE_BY_SIDE for t in self.split.targets}) > 1:
+            raise ValueError(f"the {self.split.name} split mixes side-by-side images and A/B file pairs")
+
+    @property
+    def side_by_side(self) -> bool:
+        """Pairs stored as one file each (input left, target right)."""
+        return self.kind == "pair" and bool(self.split.targets) and self.split.targets[0] == SIDE_BY_SIDE
+
+
+class Skip(NamedTuple):
+    """What a dataset returns for a sample it cannot decode: the file and why (the loader records and skips it)."""
+
+    path: str
+    reason: str
+
+
+def _skip(path: str, e: BaseException) -> Skip:
+    return Skip(path, f"cannot be decoded ({type(e).__name__}: {e})")
+
+
+class ImageDataset(Dataset):
+    """(index, epoch) -> (uint8 C x H x W, target), or a :class:`Skip` when the file cannot be decoded.
+
+    ``random``: the transform draws from torch's global CPU generator, seeded per (seed, epoch, index) inside a
+    fork that restores it. A deterministic transform needs no seeding (and the cache's decode threads must not
+    fork the global generator concurrently)."""
+
+    def __init__(self, split: Split, transform: Callable, channels: int, seed: int,
+                 target_fn: Callable[[Any], Any] = lambda t: t, max_pixels: int | None = None, random: bool = True):
+        self.split, self.transform, self.channels, self.seed = split, transform, channels, seed
+        self.target_fn, self.max_pixels, self.random = target_fn, max_pixels, random
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: tuple[int, int] | int):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        path = self.split.paths[index]
+        try:
+            im = load_image(path, self.channels, self.max_pixels)
+            if not self.random:
+                x = self.transform(im)
+            else:
+                # torchvision's transforms draw from the global CPU generator: seed it for this sample inside a
+                # fork that restores it. Only the CPU generator: torch.manual_seed would also reseed every CUDA
+                # generator (with data.workers = 0 this runs in the training process: dropout's stream).
+                with torch.random.fork_rng(devices=[]):
+                    torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
+                    x = self.transform(im)
+        except DECODE_ERRORS as e:
+            return _skip(path, e)
+        return x, self.target_fn(self.split.targets[index])
+
+
+class VectorDataset(Dataset):
+    """(index, epoch) -> (uint8 C x S x S of the whole image, float32 targets [+ width, height]), or a
+    :class:`Skip`. No randomness: the epoch is ignored."""
+
+    def __init__(self, split: Split, image_size: int, channels: int, *, size_targets: bool = False,
+                 max_pixels: int | None = None):
+        self.split, self.size, self.channels = split, image_size, channels
+        self.size_targets, self.max_pixels = size_targets, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: tuple[int, int] | int):
+        index = key[0] if isinstance(key, tuple) else key
+        path = self.split.paths[index]
+        try:
+            im = load_image(path, self.channels, self.max_pixels)
+        except DECODE_ERRORS as e:
+            return _skip(path, e)
+        t = torch.tensor(self.split.targets[index], dtype=torch.float32)
+        if self.size_targets:
+            t = torch.cat([t, torch.tensor(im.size, dtype=torch.float32)])
+        return resize_square(im, self.size), t
+
+
+def _halves(im: Image.Image) -> tuple[Image.Image, Image.Image]:
+    w, h = im.size[0] // 2, im.size[1]
+    if w < 1:
+        raise ValueError(f"side-by-side image is {im.size[0]} px wide, too narrow to split")
+    return im.crop((0, 0, w, h)), im.crop((w, 0, 2 * w, h))
+
+
+def load_pair(path: str, target: str, channels: int, max_pixels: int | None = None
+              ) -> tuple[Image.Image, Image.Image]:
+    """(A, B): two files, or the left and right halves of one (target == SIDE_BY_SIDE). Raises the errors of
+    :data:`~fasttrain.data.transforms.DECODE_ERRORS`."""
+    a = load_image(path, channels, max_pixels)
+    if target == SIDE_BY_SIDE:
+        return _halves(a)
+    return a, load_image(target, channels, max_pixels)
+
+
+def pair_load_size(image_size: int, jitter: float = PAIR_JITTER) -> int:
+    """The square side pairs are resized to before the training crop."""
+    return int(round(image_size * jitter))
+
+
+def pair_jitter(seed: int, epoch: int, indices, room: int, flip: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(top, left, flipped) int64 arrays of the training crop of each sample in ``indices``: offsets in
+    ``0..room - 1`` and a coin, all taken from :func:`~fasttrain.data.order.sample_seed` of (seed, epoch, index)
+    (bits 0.., 21.., 42..), so the torch loader, the GPU cache and DALI draw the same ones, vectorized."""
+    s = sample_seeds(seed, epoch, indices)
+    r = np.uint64(max(1, room))
+    top = (s % r).astype(np.int64)
+    left = ((s >> np.uint64(21)) % r).astype(np.int64)
+    flipped = ((s >> np.uint64(42)) & np.uint64(1)).astype(np.int64) if flip else np.zeros(len(s), np.int64)
+    return top, left, flipped
+
+
+class PairDataset(Dataset):
+    """(index, epoch) -> (A, B) uint8 C x S x S with the same geometry, or a :class:`Skip` naming the file that
+    cannot be decoded.
+
+    Training resizes both to ``load_size`` (default ``image_size x jitter``) and crops the :func:`pair_jitter`
+    window from both (flipping both or neither); evaluation resizes to ``image_size``. ``crop=False`` with a
+    ``load_size`` gives the uncropped training canvas (what the GPU cache holds)."""
+
+    def __init__(self, split: Split, image_size: int, channels: int, *, train: bool, flip: bool, seed: int,
+                 jitter: float = PAIR_JITTER, load_size: int | None = None, crop: bool | None = None,
+                 max_pixels: int | None = None):
+        self.split, self.size, self.channels = split, image_size, channels
+        self.train, self.flip, self.seed, self.max_pixels = train, flip, seed, max_pixels
+        self.load_size = load_size or (pair_load_size(image_size, jitter) if train else image_size)
+        self.crop = train if crop is None else crop
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: tuple[int, int] | int):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        path, target = self.split.paths[index], self.split.targets[index]
+        try:
+            a = load_image(path, self.channels, self.max_pixels)
+            if target == SIDE_BY_SIDE:
+                a, b = _halves(a)
+        except DECODE_ERRORS as e:
+            return _skip(path, e)
+        if target != SIDE_BY_SIDE:
+            try:  # the target file on its own: a bad one is named, not its input
+                b = load_image(target, self.channels, self.max_pixels)
+            except DECODE_ERRORS as e:
+                return _skip(target, e)
+        xa, xb = resize_square(a, self.load_size), resize_square(b, self.load_size)
+        if self.crop:
+            s = self.size
+            top, left, flipped = (int(v[0]) for v in pair_jitter(self.seed, epoch, [index], self.load_size - s + 1,
+                                                                 self.flip))
+            xa, xb = xa[:, top:top + s, left:left + s], xb[:, top:top + s, left:left + s]
+            if flipped:
+                xa, xb = xa.flip(-1), xb.flip(-1)
+        return xa.contiguous(), xb.contiguous()
+
+
+def targets_tensor(targets: Sequence[Any]) -> torch.Tensor:
+    """Class indices -> int64 (N); float vectors -> float32 (N x K); image targets (paths) -> ValueError."""
+    try:
+        t = torch.as_tensor(targets)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError("targets must be class indices or numeric vectors (paired image targets are "
+                         "a kind of their own)") from e
+    if t.dtype.is_floating_point:
+        return t.float()
+    if t.dtype == torch.bool or t.dtype.is_complex:
+        raise ValueError(f"unsupported target dtype {t.dtype}")
+    return t.long()
+
+
+# -- the shared pre-check over a request ------------------------------------------------------------------------
+
+@dataclass
+class Checked:
+    """The samples of a request whose files pass the shared pre-check, and what their headers say."""
+
+    samples: Samples
+    """The request, its split cut down to the usable samples (in order)."""
+    infos: list[ImageInfo]
+    """Per usable sample: its (input) file's header."""
+    target_infos: list[ImageInfo] | None
+    """Pairs of two files: per usable sample, the target file's header."""
+    bad: list[tuple[str, str]]
+    """(path, reason) of every file left out."""
+
+
+def precheck_samples(samples: Samples, data: DataConfig, threads: int) -> Checked:
+    """:func:`~fasttrain.data.checks.precheck` on every file of the request (inputs, and the target files of
+    pairs); a sample is kept when all its files pass. Raises BadDataError when none does."""
+    split = samples.split
+    pre = precheck(split.paths, max_pixels=data.max_image_pixels, threads=threads, split=split.name)
+    bad = list(pre.bad)
+    keep, infos = list(pre.keep), list(pre.infos)
+    target_infos = None
+    if samples.kind == "pair":
+        if samples.side_by_side:
+            for i, info in zip(keep, infos):
+                if info.width < 2:
+                    bad.append((split.paths[i], f"side-by-side image is {info.width} px wide, too narrow to split"))
+                    log.warning("skipping %s: %s", *bad[-1])
+            ok = [k for k, info in enumerate(infos) if info.width >= 2]
+            keep, infos = [keep[k] for k in ok], [infos[k] for k in ok]
+        else:
+            targets = [split.targets[i] for i in keep]
+            pre_b = precheck(targets, max_pixels=data.max_image_pixels, threads=threads, split=split.name)
+            bad += pre_b.bad
+            keep, infos = [keep[k] for k in pre_b.keep], [infos[k] for k in pre_b.keep]
+            target_infos = pre_b.infos
+    if not keep:
+        raise BadDataError(_none_usable(split.name, len(split), bad))
+    return Checked(replace(samples, split=split.subset(keep)), infos, target_infos, bad)
+
+
+def dataset_for(samples: Samples, data: DataConfig, seed: int, *, train: bool, deterministic: bool = False
+                ) -> Dataset:
+    """The map-style dataset of a request. ``deterministic``: what the GPU cache decodes once, the evaluation
+    geometry, or for training the canvas its device augmentation draws from (class: the centre square resized
+    to image_size when random-resized-crop is on; pair: both images resized to the jitter size, uncropped)."""
+    split, channels, size, px = samples.split, data.channels, data.image_size, data.max_image_pixels
+    if samples.kind == "vector":
+        return VectorDataset(split, size, channels, size_targets=samples.size_targets, max_pixels=px)
+    if samples.kind == "pair":
+        if deterministic:
+            load = pair_load_size(size, samples.jitter) if train else size
+            return PairDataset(split, size, channels, train=False, flip=False, seed=seed, load_size=load, crop=False,
+                               max_pixels=px)
+        return PairDataset(split, size, channels, train=train, flip=data.hflip, seed=seed, jitter=samples.jitter,
+                           max_pixels=px)
+    if deterministic:
+        canvas = replace(data, resize_size=size) if train and data.random_resized_crop else data
+        return ImageDataset(split, eval_transform(canvas), channels, seed, max_pixels=px, random=False)
+    tf = train_transform(data) if train else eval_transform(data)
+    return ImageDataset(split, tf, channels, seed, max_pixels=px, random=train)

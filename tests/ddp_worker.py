@@ -1,0 +1,36 @@
+"""A torchrun worker for the DDP tests: ``fasttrain train ...``, optionally killed with SIGKILL.
+
+    python -m torch.distributed.run ... tests/ddp_worker.py [--kill-rank R --kill-step S] train CONFIG --set ...
+
+With ``--kill-rank``, rank R of the first attempt (TORCHELASTIC_RESTART_COUNT = 0) kills itself with SIGKILL
+once S optimizer steps are done, as a lost machine would: torchrun restarts the group and the run must resume.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--kill-rank"]:
+        rank, step, argv = int(argv[1]), int(argv[3]), argv[4:]
+        if os.environ.get("RANK") == str(rank) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            from fasttrain.tasks.base import Task
+
+            train_step = Task.train_step
+
+            def die(self, state, batch, *, _step=step, **kw):  # on every rank, unlike on_step_end (rank 0's)
+                if state.step == _step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return train_step(self, state, batch, **kw)
+
+            Task.train_step = die
+    from fasttrain.cli import main as cli
+
+    return cli(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,135 @@
+"""Data-parallel training under torchrun on CPU (gloo, 2 processes), against one process on the same data.
+
+A BN-free model (mlp) makes the comparison exact up to float summation order: DDP averages the two halves'
+gradients, which is the gradient of the global batch's mean loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fasttrain.checkpoint import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "ddp_worker.py"
+
+pytestmark = [pytest.mark.slow,  # each case starts torchrun and its workers: seconds of imports per process
+              pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                 reason="needs torch.distributed with gloo")]
+
+
+def _sets(root: Path, runs: Path, *extra: str) -> list[str]:
+    sets = [f"data.root={root}", "data.image_size=16", "data.resize_size=16", "data.random_resized_crop=false",
+            "data.hflip=true", "data.loader=torch", "data.workers=0", "model.name=mlp", "model.width=8",
+            "optim.name=sgd", "optim.lr=0.05", "schedule.name=constant", "train.batch_size=32",
+            "train.eval_batch_size=32",
+            "train.log_every=2", "runtime.device=cpu", f"train.runs_dir={runs}", "name=ddp", *extra]
+    return [a for s in sets for a in ("--set", s)]
+
+
+def _torchrun(nproc: int, args: list[str], *, restarts: int = 0, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           f"--max-restarts={restarts}", str(WORKER), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _one_process(args: list[str]) -> None:
+    from fasttrain.cli import main
+
+    assert main(args) == 0
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoints" / "last.pt")["state"]["modules"]["model"]
+
+
+def _only_run(runs: Path) -> Path:
+    (run,) = [p for p in runs.iterdir() if p.is_dir()]
+    return run
+
+
+def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_two_ranks_match_one_process_and_write_one_run_folder(shapes_root, tmp_path):
+    args = ["train", "-q", *_sets(shapes_root, tmp_path / "two", "train.epochs=2", "train.max_steps=4")]
+    done = _torchrun(2, args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = _only_run(tmp_path / "two")  # rank 1 wrote nothing of its own
+    _one_process(["train", "-q", *_sets(shapes_root, tmp_path / "one", "train.epochs=2", "train.max_steps=4")])
+    single = _only_run(tmp_path / "one")
+    _close(_weights(run), _weights(single))
+    epochs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (single / "metrics.jsonl").read_text().splitlines()]
+    a = [r for r in epochs if "event" not in r]
+    b = [r for r in ref if "event" not in r]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [4, 8]
+    for x, y in zip(a, b):  # validation over both shards, summed: the single process's figures
+        assert x["val_acc"] == pytest.approx(y["val_acc"], abs=1e-6)
+        assert x["val_loss"] == pytest.approx(y["val_loss"], rel=1e-4)
+        assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4)
+
+
+def test_a_killed_rank_restarts_the_job_which_resumes_to_the_same_weights(shapes_root, tmp_path):
+    common = ("train.epochs=2", "train.max_steps=6", "train.checkpoint_every_steps=2")
+    straight = _torchrun(2, ["train", "-q", *_sets(shapes_root, tmp_path / "a", *common)])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = _torchrun(2, ["--kill-rank", "1", "--kill-step", "9", "train", "-q",
+                           *_sets(shapes_root, tmp_path / "b", *common)], restarts=1)
+    assert killed.returncode == 0, killed.stderr[-3000:]
+    assert "torchrun restart 1" in killed.stderr and "resuming" in killed.stderr
+    run = _only_run(tmp_path / "b")  # found again, not a second folder
+    _close(_weights(_only_run(tmp_path / "a")), _weights(run))
+    epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()
+              if "event" not in json.loads(x)]
+    assert epochs == [1, 2]
+
+
+@pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
+def test_a_checkpoint_resumes_on_another_world_size(shapes_root, tmp_path, first, then):
+    """The global order is a function of (seed, epoch): 2 -> 1 and 1 -> 2 processes visit the same samples and
+    end where an uninterrupted single-process run ends."""
+    common = ("train.max_steps=4",)
+
+    def run_with(nproc: int, args: list[str]) -> None:
+        if nproc == 1:
+            _one_process(args)
+        else:
+            done = _torchrun(nproc, args)
+            assert done.returncode == 0, done.stderr[-3000:]
+
+    run_with(first, ["train", "-q", *_sets(shapes_root, tmp_path / "r", "train.epochs=1", *common)])
+    run = _only_run(tmp_path / "r")
+    run_with(then, ["train", "-q", "--resume", str(run), "--set", "train.epochs=2"])
+    _one_process(["train", "-q", *_sets(shapes_root, tmp_path / "ref", "train.epochs=2", *common)])
+    _close(_weights(run), _weights(_only_run(tmp_path / "ref")))
+
+
+def test_a_batch_that_does_not_divide_over_the_processes_is_refused(shapes_root, tmp_path):
+    done = _torchrun(2, ["train", "-q", *_sets(shapes_root, tmp_path / "x", "train.batch_size=33")])
+    assert done.returncode != 0
+    assert "train.batch_size: 33 is not divisible by the 2 processes" in done.stderr
+    assert not (tmp_path / "x").exists() or not any(p.is_dir() for p in (tmp_path / "x").iterdir())
+
+
+def test_the_quickstart_under_two_ranks_reaches_90_percent(tmp_path):
+    env_cache = {"FASTTRAIN_CACHE": os.environ.get("FASTTRAIN_CACHE", str(tmp_path / "cache"))}
+    os.environ.update(env_cache)
+    done = _torchrun(2, ["train", "-q", "--set", f"train.runs_dir={tmp_path / 'runs'}", "--set", "data.workers=0"],
+                     timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = _only_run(tmp_path / "runs")
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["val_acc"] for r in records if "event" not in r) >= 0.90
