@@ -230,6 +230,25 @@ def small_prep(shapes_root, *extra: str):
     return prepare(cfg)
 
 
+def count_prechecks(monkeypatch) -> list[int]:
+    """Every reference the data modules hold to the file pre-check goes through a counter (what reuse_file_checks
+    then wraps); returns the list of file counts checked."""
+    from fasttrain.data import checks
+
+    calls: list[int] = []
+    real = checks.precheck
+
+    def counting(paths, *a, **k):
+        calls.append(len(paths))
+        return real(paths, *a, **k)
+
+    for m in L._data_modules():
+        for name, value in list(vars(m).items()):
+            if value is real:
+                monkeypatch.setattr(m, name, counting)
+    return calls
+
+
 def test_loader_trials_end_to_end_on_the_torch_backend(shapes_root, monkeypatch, virtual_time):
     prep = small_prep(shapes_root, "data.loader=torch", "data.workers=0")
     ladder = L.loader_ladder("torch", prep.cfg.data)
@@ -237,11 +256,7 @@ def test_loader_trials_end_to_end_on_the_torch_backend(shapes_root, monkeypatch,
     state = prep.task.build_state()
     kw = dict(micro=32, accumulation=1, state=state, noise=0.03, warmup=1, repeats=2, repeat_s=0.05)
     # Every setting's loader far slower than the step: input-bound, every setting tried, the shortfall reported.
-    from fasttrain.data import checks
-
-    calls = []
-    real = checks.precheck
-    monkeypatch.setattr(checks, "precheck", lambda paths, **k: calls.append(len(paths)) or real(paths, **k))
+    calls = count_prechecks(monkeypatch)
     monkeypatch.setattr(L, "cycle_batches", slowed(virtual_time, 5.0))
     with L.reuse_file_checks():
         r = L.tune_loader(prep.cfg, prep.runtime, prep.source, "torch", **kw)
@@ -263,18 +278,11 @@ def test_loader_trials_end_to_end_on_the_torch_backend(shapes_root, monkeypatch,
 
 
 def test_dali_file_precheck_runs_once_for_the_whole_ladder(shapes_root, monkeypatch, virtual_time):
-    from fasttrain.data import checks, dali
+    from fasttrain.data import dali
 
     if not dali.dali_status()[0]:
         pytest.skip(dali.dali_status()[1])
-    calls = []
-    real = checks.precheck
-
-    def counting(paths, *a, **k):
-        calls.append(len(paths))
-        return real(paths, *a, **k)
-
-    monkeypatch.setattr(dali, "precheck", counting)  # what DaliLoader calls
+    calls = count_prechecks(monkeypatch)
     prep = small_prep(shapes_root, "data.loader=dali", "data.dali_threads=2")
     ladder = L.loader_ladder("dali", prep.cfg.data)
     assert len(ladder) >= 2 and ladder[0]["dali_threads"] == 2
@@ -287,25 +295,27 @@ def test_dali_file_precheck_runs_once_for_the_whole_ladder(shapes_root, monkeypa
             r.loader.close()
     assert len(r.trials) == len(ladder)  # every setting built its own pipeline ...
     assert calls == [len(prep.source.train)]  # ... and the pre-check ran once
-    assert dali.precheck is counting  # put back afterwards
 
 
-def test_reuse_file_checks_covers_every_loader_module_and_restores_them(monkeypatch):
-    import importlib
-
+def test_reuse_file_checks_reaches_every_data_module_and_restores_them(shapes_root, monkeypatch):
     from fasttrain.data import checks
+    from fasttrain.data.samples import Samples, precheck_samples
+    from fasttrain.data.sources import discover
 
-    modules = [importlib.import_module(n) for n in L._PRECHECK_USERS]
-    assert all(m.precheck is checks.precheck for m in modules)  # each loader module calls the shared check
-    calls = []
-    for m in modules:
-        monkeypatch.setattr(m, "precheck", lambda paths, **k: calls.append(tuple(paths)) or len(calls))
-    before = [m.precheck for m in modules]
+    calls = count_prechecks(monkeypatch)
+    holders = [(m, n) for m in L._data_modules() for n, v in vars(m).items()
+               if getattr(v, "__name__", "") == "counting"]
+    assert len(holders) >= 2  # the shared module and at least one loader module that imported it by name
+    data = Config().data
+    split = discover(apply_overrides(Config(), [f"data.root={shapes_root}"]).data).train
     with L.reuse_file_checks() as memo:
-        answers = [m.precheck(["a", "b"], max_pixels=10, threads=t) for m, t in zip(modules, (1, 4, 8))]
-        other = modules[0].precheck(["c"], max_pixels=10, threads=1)
-    assert answers == [1, 1, 1] and other == 2 and calls == [("a", "b"), ("c",)] and len(memo) == 2
-    assert [m.precheck for m in modules] == before
+        assert all(getattr(m, n).__name__ == "once" for m, n in holders)
+        first = precheck_samples(Samples(split), data, threads=1)
+        again = precheck_samples(Samples(split), data, threads=4)
+        checks.precheck(split.paths[:5], max_pixels=data.max_image_pixels, threads=1)
+    assert calls == [len(split), 5] and len(memo) == 2
+    assert first.samples.split.paths == again.samples.split.paths
+    assert all(getattr(m, n).__name__ == "counting" for m, n in holders)  # put back
 
 
 # -- compiled check, budget ------------------------------------------------------------------------------------

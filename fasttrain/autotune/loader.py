@@ -157,44 +157,50 @@ def queue_depth(backend: str, data: DataConfig) -> int:
     return 0
 
 
-_PRECHECK_USERS = ("fasttrain.data.checks", "fasttrain.data.dali", "fasttrain.data.gpu_cache")
-"""Where loaders find the shared file pre-check when they are built: ``fasttrain.data.checks.precheck`` (the
-torch loader imports it when called) and the two modules that import it by name. None imports DALI itself."""
+def _data_modules() -> list[Any]:
+    """Every module of ``fasttrain.data``, imported (none imports DALI itself): where loaders find the pre-check."""
+    import importlib
+    import pkgutil
+
+    import fasttrain.data as data
+
+    out = []
+    for info in pkgutil.iter_modules(data.__path__):
+        try:
+            out.append(importlib.import_module(f"fasttrain.data.{info.name}"))
+        except ImportError:
+            continue
+    return out
 
 
 @contextlib.contextmanager
 def reuse_file_checks() -> Iterator[dict]:
     """Within the block, the file pre-check every loader runs over its whole split when it is built (reading each
-    file's header: minutes on 1.28 M files) answers each file list once, whichever backend and loader setting asks;
-    the loader modules get their own function back afterwards. A module without it is left alone."""
-    import importlib
+    file's header: minutes on 1.28 M files) answers each file list once, whichever backend and loader setting asks.
 
+    The pre-check is one function, ``fasttrain.data.checks.precheck``; loader modules import it by name, so every
+    reference a ``fasttrain.data`` module holds to it is swapped for the remembering one (all modules imported
+    first: one imported inside the block would keep the wrapper) and put back afterwards."""
+    from fasttrain.data import checks
+
+    modules = _data_modules()
+    original = checks.precheck
     memo: dict[tuple, Any] = {}
-    patched: list[tuple[Any, Any]] = []
-    modules = []
-    for name in _PRECHECK_USERS:  # all imported first: one imported inside the block would keep the wrapper
-        try:
-            modules.append(importlib.import_module(name))
-        except ImportError:
-            continue
-    for module in modules:
-        original = getattr(module, "precheck", None)
-        if original is None:
-            continue
 
-        def once(paths, *args, _original=original, **kwargs):
-            key = (tuple(paths), args, tuple(sorted((k, v) for k, v in kwargs.items() if k != "threads")))
-            if key not in memo:
-                memo[key] = _original(paths, *args, **kwargs)
-            return memo[key]
+    def once(paths, *args, **kwargs):
+        key = (tuple(paths), args, tuple(sorted((k, v) for k, v in kwargs.items() if k != "threads")))
+        if key not in memo:
+            memo[key] = original(paths, *args, **kwargs)
+        return memo[key]
 
-        setattr(module, "precheck", once)  # noqa: B010 - modules typed without this attribute
-        patched.append((module, original))
+    patched = [(m, name) for m in modules for name, value in vars(m).items() if value is original]
+    for m, name in patched:
+        setattr(m, name, once)
     try:
         yield memo
     finally:
-        for module, original in patched:
-            setattr(module, "precheck", original)  # noqa: B010
+        for m, name in patched:
+            setattr(m, name, original)
 
 
 def _same(x: Any) -> Any:
