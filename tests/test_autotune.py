@@ -277,6 +277,25 @@ def test_loader_trials_end_to_end_on_the_torch_backend(shapes_root, monkeypatch,
     r.loader.close()
 
 
+def test_a_noisy_loader_trial_is_measured_again_then_marked_unreliable(shapes_root, monkeypatch, virtual_time):
+    from fasttrain.timing import cycle_batches
+
+    def bursts(loader):  # every third batch waits 20 steps' time: another job took the cores for a moment
+        for n, batch in enumerate(cycle_batches(loader)):
+            virtual_time.now += (20.0 if n % 3 == 2 else 0.0) * len(batch) / virtual_time.rate(len(batch))
+            yield batch
+
+    prep = small_prep(shapes_root, "data.loader=torch", "data.workers=0")
+    monkeypatch.setattr(L, "cycle_batches", bursts)
+    r = L.tune_loader(prep.cfg, prep.runtime, prep.source, "torch", micro=32, accumulation=1,
+                      state=prep.task.build_state(), noise=0.03, warmup=1, repeats=3, repeat_s=0.01, max_spread=0.15)
+    if r.loader is not None:
+        r.loader.close()
+    first = r.trials[0]
+    assert not first.reliable and not r.reliable and len(first.rates) == 6  # two rounds of three windows
+    assert r.to_dict()["reliable"] is False
+
+
 def test_dali_file_precheck_runs_once_for_the_whole_ladder(shapes_root, monkeypatch, virtual_time):
     from fasttrain.data import dali
 

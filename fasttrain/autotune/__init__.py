@@ -311,8 +311,11 @@ def _run(report: AutotuneReport, prep, budget: Budget, clock: TimeBudget, *, ver
         loader_result = tune_loader(pcfg, runtime, source, backend, micro=plan.micro_batch,
                                     accumulation=plan.accumulation, state=state, noise=tune.noise,
                                     warmup=tune.warmup_steps, repeats=tune.repeats, repeat_s=tune.repeat_s,
-                                    time_left=lambda: clock.left(LOADER_SHARE), stamp=stamp)
+                                    max_spread=tune.max_spread, time_left=lambda: clock.left(LOADER_SHARE),
+                                    stamp=stamp)
         report.loader, report.plan = loader_result, plan
+        if not loader_result.reliable:
+            report.unreliable.append("a loader trial's repeats spread beyond tune.max_spread twice (a busy machine?)")
         if _charge_loader_memory(report, budget, device):
             # The loader's own memory pushed the plan's micro-batch over the headroom: a smaller one, measured.
             report.chosen_batch, _ = choose_batch(report.candidates, tune.noise, prefer=given)

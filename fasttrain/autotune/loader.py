@@ -58,6 +58,8 @@ class LoaderTrial:
     seconds: float = 0.0
     outside_torch_bytes: int | None = None
     """Device memory the loader holds outside torch's allocator (NVML, CUDA only)."""
+    reliable: bool = True
+    """False when the spread stayed above tune.max_spread after a second measurement."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -91,6 +93,10 @@ class LoaderResult:
         return not self.keeps_up
 
     @property
+    def reliable(self) -> bool:
+        return all(t.reliable for t in self.trials)
+
+    @property
     def share(self) -> float | None:
         if not (self.samples_per_s and self.model_samples_per_s):
             return None
@@ -99,7 +105,7 @@ class LoaderResult:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "loader"}
         d["trials"] = [t.to_dict() for t in self.trials]
-        d["input_bound"], d["share"] = self.input_bound, self.share
+        d["input_bound"], d["share"], d["reliable"] = self.input_bound, self.share, self.reliable
         return d
 
     @classmethod
@@ -207,12 +213,31 @@ def _same(x: Any) -> Any:
     return x
 
 
+def _measure_trial(model_step: Callable[[], int], e2e_step: Callable[[], int], *, depth: int, repeats: int,
+                   repeat_s: float, accumulation: int, device) -> tuple[list[float], list[float], int | None]:
+    """(model-only rates, end-to-end rates, memory outside torch while the loader ran): model-only windows right
+    before and after the end-to-end ones, so both see the same machine. The queue the loader fills meanwhile is
+    drained by the end-to-end warm-up (its depth plus two batches); then at least three queues' worth of steps."""
+    half, cap = max(1, -(-repeats // 2)), 4 * repeat_s
+    m1 = time_window(model_step, warmup=1, repeats=half, seconds=repeat_s, step_multiple=accumulation,
+                     device=device, reset_peak=False, max_repeat_s=cap)
+    e2e = time_window(e2e_step, warmup=depth + 2, repeats=repeats, seconds=repeat_s,
+                      min_steps=max(1, math.ceil(3 * depth / repeats)), step_multiple=accumulation, device=device,
+                      clock="wall", reset_peak=False, max_repeat_s=max(cap, 2 * repeat_s))
+    outside = memory.outside_torch_bytes(device)  # while the loader is alive
+    m2 = time_steps(model_step, warmup=1, steps=m1.steps, repeats=half, device=device, reset_peak=False,
+                    max_repeat_s=cap)
+    return [*m1.per_repeat_samples_per_s, *m2.per_repeat_samples_per_s], list(e2e.per_repeat_samples_per_s), outside
+
+
 def tune_loader(cfg: Config, runtime, source, backend: str, *, micro: int, accumulation: int, state, noise: float,
-                warmup: int, repeats: int, repeat_s: float, time_left: Callable[[], float] | None = None,
+                warmup: int, repeats: int, repeat_s: float, max_spread: float = float("inf"),
+                time_left: Callable[[], float] | None = None,
                 stamp: Callable[[], str] = lambda: "", make_task: Callable | None = None) -> LoaderResult:
     """Measure the config's own loader setting end to end at ``micro`` with ``state`` (the probe's or the
     compiled check's), then the ladder's others, cheapest first, until one keeps up with the model-only step or
-    time runs out; keep the highest share of the model-only step (ties: the given setting, else the cheaper)."""
+    time runs out; keep the highest share of the model-only step (ties: the given setting, else the cheaper).
+    A trial whose spread exceeds ``max_spread`` is measured once more, then marked unreliable."""
     if make_task is None:
         from fasttrain.tasks import make_task as make_task_
     else:
@@ -221,7 +246,6 @@ def tune_loader(cfg: Config, runtime, source, backend: str, *, micro: int, accum
     trials: list[LoaderTrial] = []
     open_loader, open_index = None, None
     ladder = loader_ladder(backend, cfg.data)
-    half = max(1, -(-repeats // 2))
     try:
         for i, setting in enumerate(ladder):
             if i and time_left is not None and time_left() < trials[-1].seconds:
@@ -241,19 +265,18 @@ def tune_loader(cfg: Config, runtime, source, backend: str, *, micro: int, accum
             batch = task.synthetic_batch(micro, task.input_spec(), train=True)
             model_step = train_step_fn(task, state, functools.partial(_same, batch), accumulation)
             e2e_step = train_step_fn(task, state, functools.partial(next, it), accumulation)
-            cap = 4 * repeat_s
-            m1 = time_window(model_step, warmup=1, repeats=half, seconds=repeat_s, step_multiple=accumulation,
-                             device=device, reset_peak=False, max_repeat_s=cap)
-            e2e = time_window(e2e_step, warmup=depth + 2, repeats=repeats, seconds=repeat_s,
-                              min_steps=max(1, math.ceil(3 * depth / repeats)), step_multiple=accumulation,
-                              device=device, clock="wall", reset_peak=False, max_repeat_s=max(cap, 2 * repeat_s))
-            after = memory.outside_torch_bytes(device)  # while the loader is alive
-            m2 = time_steps(model_step, warmup=1, steps=m1.steps, repeats=half, device=device, reset_peak=False,
-                            max_repeat_s=cap)
-            model_rates = [*m1.per_repeat_samples_per_s, *m2.per_repeat_samples_per_s]
+            window = dict(depth=depth, repeats=repeats, repeat_s=repeat_s, accumulation=accumulation, device=device)
+            model_rates, e2e_rates, after = _measure_trial(model_step, e2e_step, **window)
             outside = after - before if after is not None and before is not None else None
-            trial = LoaderTrial(setting, e2e.samples_per_s, e2e.spread, list(e2e.per_repeat_samples_per_s),
-                                given=i == 0, seconds=time.perf_counter() - t0, outside_torch_bytes=outside)
+            reliable = max(spread_of(model_rates), spread_of(e2e_rates)) <= max_spread
+            if not reliable and (time_left is None or time_left() > time.perf_counter() - t0):
+                # A burst of other load in one window: once more, kept when steady, else both and unreliable.
+                model_b, e2e_b, _ = _measure_trial(model_step, e2e_step, **window)
+                reliable = max(spread_of(model_b), spread_of(e2e_b)) <= max_spread
+                model_rates, e2e_rates = (model_b, e2e_b) if reliable else (model_rates + model_b, e2e_rates + e2e_b)
+            trial = LoaderTrial(setting, statistics.median(e2e_rates), spread_of(e2e_rates), e2e_rates,
+                                given=i == 0, seconds=time.perf_counter() - t0, outside_torch_bytes=outside,
+                                reliable=reliable)
             trial.model_rates = model_rates
             trial.model_samples_per_s = statistics.median(model_rates)
             trial.model_spread = spread_of(model_rates)
@@ -261,9 +284,10 @@ def tune_loader(cfg: Config, runtime, source, backend: str, *, micro: int, accum
             _, trial.keeps_up = choose_loader([trial], noise)
             trials.append(trial)
             log.info("autotune [%s] loader %s %s: %s samples/s end to end ±%.0f%%, %.0f%% of the model-only step "
-                     "measured alongside (%s)%s", stamp(), backend, setting or "(no knobs)",
-                     f"{e2e.samples_per_s:,.1f}", 100 * e2e.spread / 2, 100 * trial.share,
-                     f"{trial.model_samples_per_s:,.1f}", ", keeps up" if trial.keeps_up else "")
+                     "measured alongside (%s)%s%s", stamp(), backend, setting or "(no knobs)",
+                     f"{trial.samples_per_s:,.1f}", 100 * trial.spread / 2, 100 * trial.share,
+                     f"{trial.model_samples_per_s:,.1f}", ", keeps up" if trial.keeps_up else "",
+                     "" if reliable else " UNRELIABLE")
             if trial.keeps_up:
                 break
         pick, keeps_up = choose_loader(trials, noise, given=0)
