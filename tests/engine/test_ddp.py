@@ -17,7 +17,7 @@ import torch
 
 from fasttrain.checkpoint import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 WORKER = REPO / "tests" / "ddp_worker.py"
 
 pytestmark = [pytest.mark.slow,  # each case starts torchrun and its workers: seconds of imports per process
