@@ -19,6 +19,7 @@ from typing import Any
 import tomli_w
 
 from fasttrain.data import registry
+from fasttrain.tasks import task_names
 
 __all__ = [
     "ConfigError",
@@ -376,7 +377,7 @@ class TaskConfig:
     batch gets one of the two at random."""
 
     def __post_init__(self) -> None:
-        _choice(self.name, "task.name", ("classify", "regress", "pix2pix"))
+        _choice(self.name, "task.name", task_names())
         _check(self.lambda_l1 >= 0, "task.lambda_l1", "must be >= 0")
         _check(self.sample_every >= 0, "task.sample_every", "must be >= 0")
         _check(self.mixup_alpha >= 0, "task.mixup_alpha", f"must be >= 0, got {self.mixup_alpha}")

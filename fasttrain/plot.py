@@ -85,28 +85,29 @@ def _figure(runs: list[RunCurves]):
     colors = [f"C{i}" for i in range(10)]
     metrics = {r.metric for r in runs if r.metric}
     for i, run in enumerate(runs):
-        c, label = colors[i % 10], run.name
+        c = colors[i % 10]
+        label = run.name if len(runs) > 1 else ""  # one run: its name is the title
         x, y = run.series("loss", "steps")
         if x:
-            ax_loss.plot(x, y, "-", color=c, alpha=0.45, lw=1, label=f"{label} train (steps)")
+            ax_loss.plot(x, y, "-", color=c, alpha=0.45, lw=1, label=f"{label} train (steps)".strip())
         x, y = run.series("train_loss")
-        ax_loss.plot(x, y, "o-", color=c, lw=1.5, ms=3, label=f"{label} train (epoch mean)")
+        ax_loss.plot(x, y, "o-", color=c, lw=1.5, ms=3, label=f"{label} train (epoch mean)".strip())
         x, y = run.series("val_loss")
         if x:
-            ax_loss.plot(x, y, "s--", color=c, lw=1.5, ms=4, label=f"{label} val")
+            ax_loss.plot(x, y, "s--", color=c, lw=1.5, ms=4, label=f"{label} val".strip())
         if run.metric:
             x, y = run.series(run.metric)
-            ax_metric.plot(x, y, "s-", color=c, ms=4, label=f"{label} {run.metric}")
+            ax_metric.plot(x, y, "s-", color=c, ms=4, label=f"{label} {run.metric}".strip())
             best = [r for r in run.epochs if r.get("best")]
             if best:
                 ax_metric.plot([best[-1]["step"]], [best[-1][run.metric]], "*", color=c, ms=12)
         x, y = run.series("lr", "steps") if run.steps else run.series("lr")
-        ax_lr.plot(x, y, "-", color=c, label=label)
+        ax_lr.plot(x, y, "-", color=c, label=label or None)
         x, y = run.series("samples_per_s", "steps")
         if x:
-            ax_speed.plot(x, y, "-", color=c, alpha=0.45, lw=1, label=f"{label} (steps)")
+            ax_speed.plot(x, y, "-", color=c, alpha=0.45, lw=1, label=f"{label} (steps)".strip())
         x, y = run.series("samples_per_s")
-        ax_speed.plot(x, y, "o-", color=c, ms=3, label=f"{label} (epoch)")
+        ax_speed.plot(x, y, "o-", color=c, ms=3, label=f"{label} (epoch)".strip())
     ax_loss.set(title="loss", ylabel="loss")
     ax_metric.set(title="validation " + (", ".join(sorted(metrics)) or "metric (none recorded)"))
     ax_lr.set(title="learning rate", ylabel="lr")

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from fasttrain.config import (
@@ -6,7 +8,9 @@ from fasttrain.config import (
     apply_overrides,
     config_from_dict,
     config_to_dict,
+    describe_config,
     dump_config,
+    field_docs,
     load_config,
     parse_overrides,
 )
@@ -137,3 +141,37 @@ def test_max_nonfinite_logs_is_validated():
     assert Config().train.max_nonfinite_logs == 3
     with pytest.raises(ConfigError, match=r"train\.max_nonfinite_logs: must be >= 0"):
         apply_overrides(Config(), ["train.max_nonfinite_logs=-1"])
+
+
+def test_every_setting_is_described_with_its_value_and_default():
+    cfg = load_config(None, ["optim.lr=0.5", "data.image_size=64"])
+    rows = {f.key: f for f in describe_config(cfg)}
+    n_fields = 1 + sum(len(dataclasses.fields(f.type if isinstance(f.type, type) else getattr(Config(), f.name)))
+                       for f in dataclasses.fields(Config) if f.name != "name")
+    assert len(rows) == n_fields
+    assert rows["optim.lr"].value == 0.5 and rows["optim.lr"].default == 0.1 and rows["optim.lr"].type == "float"
+    assert "pixels" in rows["data.image_size"].description  # the unit travels with the description
+    assert [k for k, f in rows.items() if not f.description] == []  # a new field without a docstring fails here
+
+
+def test_field_docs_reads_the_string_under_each_field():
+    @dataclasses.dataclass
+    class Section:
+        a: int = 1
+        """First, in
+        two lines."""
+        b: str = "x"
+        c: float = 0.0
+        """Third."""
+
+    assert field_docs(Section) == {"a": "First, in two lines.", "c": "Third."}
+
+
+def test_task_names_come_from_the_task_table(monkeypatch):
+    """task.name accepts what fasttrain.tasks.TASKS lists: a new task is its module and one line there."""
+    import fasttrain.tasks as tasks
+
+    with pytest.raises(ConfigError, match="task.name: must be one of classify, regress, pix2pix, got 'segment'"):
+        load_config(None, ["task.name=segment"])
+    monkeypatch.setitem(tasks.TASKS, "segment", "fasttrain.tasks.classify:ClassifyTask")
+    assert load_config(None, ["task.name=segment"]).task.name == "segment"

@@ -11,7 +11,7 @@ from fasttrain.data.formats import DRAWING_TARGETS, SIDE_BY_SIDE, parse_color
 from fasttrain.data.sources import discover
 from fasttrain.data.synthetic import DRAWING_PALETTE, make_drawing_dataset, make_imagenet_like, make_paired_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 
 
 def png(path: Path, size=(16, 12), color=(255, 255, 255)) -> Path:
