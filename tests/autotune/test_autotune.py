@@ -2,7 +2,7 @@
 second call is cached, noisy answers are not, a verification that disagrees is not ok), the probe's OOM
 recovery, loader trials (torch, and DALI's CPU mode: one file pre-check for the whole ladder), the compiled
 check with a fake task, the budget's cap restored, the cache key, the typed JSON and the plot. The pure rules
-are in test_autotune_search.py. CUDA-only tests carry ``gpu``."""
+are in test_search.py. CUDA-only tests carry ``gpu``."""
 
 from __future__ import annotations
 
