@@ -165,9 +165,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_autotune(args: argparse.Namespace) -> int:
-    from fasttrain.autotune import run_cli
+    """Run, print the table; 0 when a verified choice was written, 1 otherwise."""
+    from fasttrain.autotune import autotune
 
-    return run_cli(resolve_config(args.config, args.overrides), args)
+    report = autotune(resolve_config(args.config, args.overrides), memory_budget_gib=args.memory_budget,
+                      out_dir=args.out, verify=not args.no_verify, use_cache=not args.no_cache,
+                      time_budget_s=args.time_budget)
+    print(report.to_table())
+    return 0 if report.ok else 1
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -290,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", help="TOML file or packaged config name (default: quickstart)")
     p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
                    help="VRAM budget in GiB (default: tune.memory_budget_gib, 16)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="seconds the whole search may take, compilation excluded (default: tune.time_budget_s, 45)")
     p.add_argument("--out", default=None, help="folder for the report, plot and tuned config "
                                               "(default: train.runs_dir/autotune-<name>-<time>)")
     p.add_argument("--no-verify", action="store_true", help="skip the verification run")

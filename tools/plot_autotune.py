@@ -1,7 +1,8 @@
 """Re-plot an autotune report: ``python tools/plot_autotune.py runs/autotune-x/autotune.json [out.png]``.
 
-Draws samples/s and peak memory against batch size (as ``fasttrain autotune`` does) from the JSON alone, e.g.
-to compare a report from a GPU machine on a laptop. The PNG goes beside the JSON unless a path is given; an
+Draws samples/s (with the spread of the repeats) and steady-state peak memory against batch size, the
+verification point, the budget lines and where the search stopped (as ``fasttrain autotune`` does) from the JSON
+alone, e.g. to compare a report from a GPU machine on a laptop. The PNG goes beside the JSON unless a path is given; an
 existing file is never overwritten (a ``-2`` suffix is added).
 """
 

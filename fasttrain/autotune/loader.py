@@ -1,0 +1,310 @@
+"""Loader tuning: each setting judged end to end (the real loader feeding the real step at the planned
+micro-batch) against the model-only step, the config's own setting first.
+
+A loader alone that delivers 1.9x the step's rate can still leave the step waiting (its workers compete with
+the training process for the CPU, its copies with the step for the device), so a setting is judged by what
+training sees: end-to-end samples/s over a window long enough to drain the prefetch queue filled while the
+workers started (warm-up: the queue's depth plus two batches; then at least three queues' worth of timed
+steps), as a share of the model-only step (a synthetic batch already on the device) measured right before and
+right after that window: the same machine state, so a machine whose speed changes (other jobs, clocks) between
+trials or since the search cannot decide. A setting keeps up when the model-only step does not beat it beyond
+the noise.
+
+The file pre-check and the cache's decode run once per autotune, not per setting: :func:`reuse_file_checks`
+remembers the pre-check's answer for a file list, and the last setting measured hands its open loader to the
+verification. The memory a DALI loader holds outside torch's allocator is read with NVML while it runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fasttrain import memory
+from fasttrain.autotune.search import choose_loader, loader_share, spread_of
+from fasttrain.config import Config, DataConfig, default_workers
+from fasttrain.timing import cycle_batches, time_steps, time_window, train_step_fn
+
+log = logging.getLogger("fasttrain.autotune")
+
+__all__ = ["LoaderTrial", "LoaderResult", "loader_ladder", "queue_depth", "reuse_file_checks", "tune_loader"]
+
+
+@dataclass
+class LoaderTrial:
+    setting: dict[str, Any]
+    """The data.* values tried."""
+    samples_per_s: float | None
+    """End to end: the loader feeding the train step."""
+    spread: float = 0.0
+    rates: list[float] = field(default_factory=list)
+    model_samples_per_s: float | None = None
+    """The model-only step (synthetic batch), measured right before and after the end-to-end window."""
+    model_spread: float = 0.0
+    model_rates: list[float] = field(default_factory=list)
+    share: float | None = None
+    """End-to-end samples/s as a share of the model-only step's."""
+    keeps_up: bool = False
+    given: bool = False
+    """The config's own setting."""
+    seconds: float = 0.0
+    outside_torch_bytes: int | None = None
+    """Device memory the loader holds outside torch's allocator (NVML, CUDA only)."""
+    reliable: bool = True
+    """False when the spread stayed above tune.max_spread after a second measurement."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoaderTrial:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class LoaderResult:
+    backend: str
+    trials: list[LoaderTrial]
+    setting: dict[str, Any]
+    """What the tuned config gets: data.loader (the backend measured, so `auto` cannot pick another) and knobs."""
+    samples_per_s: float | None
+    """The kept setting's end-to-end samples/s."""
+    spread: float
+    model_samples_per_s: float | None
+    """The model-only step measured alongside the kept setting."""
+    model_spread: float
+    keeps_up: bool
+    note: str
+    outside_torch_bytes: int | None = None
+    loader: Any = field(default=None, repr=False, compare=False)
+    """The kept setting's loader, still open, when it was the last one measured (handed to the verification)."""
+
+    @property
+    def input_bound(self) -> bool:
+        return not self.keeps_up
+
+    @property
+    def reliable(self) -> bool:
+        return all(t.reliable for t in self.trials)
+
+    @property
+    def share(self) -> float | None:
+        if not (self.samples_per_s and self.model_samples_per_s):
+            return None
+        return self.samples_per_s / self.model_samples_per_s
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "loader"}
+        d["trials"] = [t.to_dict() for t in self.trials]
+        d["input_bound"], d["share"], d["reliable"] = self.input_bound, self.share, self.reliable
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoaderResult:
+        names = {f.name for f in dataclasses.fields(cls)} - {"loader"}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["trials"] = [LoaderTrial.from_dict(t) for t in d.get("trials", [])]
+        return cls(**kw)
+
+
+def _resolved(backend: str, setting: dict[str, Any], data: DataConfig) -> tuple:
+    d = dataclasses.replace(data, **setting)
+    if backend == "torch":
+        return (d.num_workers,)
+    if backend == "dali":
+        return (d.num_dali_threads, d.hw_decoder_load)
+    return ()
+
+
+def loader_ladder(backend: str, data: DataConfig) -> list[dict[str, Any]]:
+    """Settings to try: the config's own first, then the others cheapest first (at most 4 in all).
+
+    torch: workers at a quarter, half and all of the machine's share. dali: threads likewise, at the configured
+    hw_decoder_load; when that is below 0.9 a last try raises it to 0.9 (the hardware JPEG decoder is a
+    separate engine: a lower load only moves decoding onto CPU threads). cache: no knobs."""
+    w = default_workers()
+    counts = sorted({max(1, w // 4), max(1, w // 2), w})
+    given: dict[str, Any]
+    others: list[dict[str, Any]]
+    if backend == "torch":
+        given, others = {"workers": data.workers}, [{"workers": n} for n in counts]
+    elif backend == "dali":
+        load = data.hw_decoder_load
+        given = {"dali_threads": data.dali_threads, "hw_decoder_load": load}
+        others = [{"dali_threads": n, "hw_decoder_load": load} for n in counts]
+        if load < 0.9:
+            others.append({"dali_threads": w, "hw_decoder_load": 0.9})
+    else:
+        return [{}]
+    ladder, seen = [given], {_resolved(backend, given, data)}
+    for s in others:
+        key = _resolved(backend, s, data)
+        if key not in seen:
+            seen.add(key)
+            ladder.append(s)
+    return ladder[:4]
+
+
+def queue_depth(backend: str, data: DataConfig) -> int:
+    """Batches a loader prepares ahead: torch workers x prefetch, DALI's pipeline depth, none for the cache."""
+    if backend == "torch":
+        return data.prefetch * max(1, data.num_workers) if data.num_workers > 0 else 0
+    if backend == "dali":
+        return data.prefetch
+    return 0
+
+
+def _data_modules() -> list[Any]:
+    """Every module of ``fasttrain.data``, imported (none imports DALI itself): where loaders find the pre-check."""
+    import importlib
+    import pkgutil
+
+    import fasttrain.data as data
+
+    out = []
+    for info in pkgutil.iter_modules(data.__path__):
+        try:
+            out.append(importlib.import_module(f"fasttrain.data.{info.name}"))
+        except ImportError:
+            continue
+    return out
+
+
+@contextlib.contextmanager
+def reuse_file_checks() -> Iterator[dict]:
+    """Within the block, the file pre-check every loader runs over its whole split when it is built (reading each
+    file's header: minutes on 1.28 M files) answers each file list once, whichever backend and loader setting asks.
+
+    The pre-check is one function, ``fasttrain.data.checks.precheck``; loader modules import it by name, so every
+    reference a ``fasttrain.data`` module holds to it is swapped for the remembering one (all modules imported
+    first: one imported inside the block would keep the wrapper) and put back afterwards."""
+    from fasttrain.data import checks
+
+    modules = _data_modules()
+    original = checks.precheck
+    memo: dict[tuple, Any] = {}
+
+    def once(paths, *args, **kwargs):
+        key = (tuple(paths), args, tuple(sorted((k, v) for k, v in kwargs.items() if k != "threads")))
+        if key not in memo:
+            memo[key] = original(paths, *args, **kwargs)
+        return memo[key]
+
+    patched = [(m, name) for m in modules for name, value in vars(m).items() if value is original]
+    for m, name in patched:
+        setattr(m, name, once)
+    try:
+        yield memo
+    finally:
+        for m, name in patched:
+            setattr(m, name, original)
+
+
+def _same(x: Any) -> Any:
+    return x
+
+
+def _measure_trial(model_step: Callable[[], int], e2e_step: Callable[[], int], *, depth: int, repeats: int,
+                   repeat_s: float, accumulation: int, device) -> tuple[list[float], list[float], int | None]:
+    """(model-only rates, end-to-end rates, memory outside torch while the loader ran): model-only windows right
+    before and after the end-to-end ones, so both see the same machine. The queue the loader fills meanwhile is
+    drained by the end-to-end warm-up (its depth plus two batches); then at least three queues' worth of steps."""
+    half, cap = max(1, -(-repeats // 2)), 4 * repeat_s
+    m1 = time_window(model_step, warmup=1, repeats=half, seconds=repeat_s, step_multiple=accumulation,
+                     device=device, reset_peak=False, max_repeat_s=cap)
+    e2e = time_window(e2e_step, warmup=depth + 2, repeats=repeats, seconds=repeat_s,
+                      min_steps=max(1, math.ceil(3 * depth / repeats)), step_multiple=accumulation, device=device,
+                      clock="wall", reset_peak=False, max_repeat_s=max(cap, 2 * repeat_s))
+    outside = memory.outside_torch_bytes(device)  # while the loader is alive
+    m2 = time_steps(model_step, warmup=1, steps=m1.steps, repeats=half, device=device, reset_peak=False,
+                    max_repeat_s=cap)
+    return [*m1.per_repeat_samples_per_s, *m2.per_repeat_samples_per_s], list(e2e.per_repeat_samples_per_s), outside
+
+
+def tune_loader(cfg: Config, runtime, source, backend: str, *, micro: int, accumulation: int, state, noise: float,
+                warmup: int, repeats: int, repeat_s: float, max_spread: float = float("inf"),
+                time_left: Callable[[], float] | None = None,
+                stamp: Callable[[], str] = lambda: "", make_task: Callable | None = None) -> LoaderResult:
+    """Measure the config's own loader setting end to end at ``micro`` with ``state`` (the probe's or the
+    compiled check's), then the ladder's others, cheapest first, until one keeps up with the model-only step or
+    time runs out; keep the highest share of the model-only step (ties: the given setting, else the cheaper).
+    A trial whose spread exceeds ``max_spread`` is measured once more, then marked unreliable."""
+    if make_task is None:
+        from fasttrain.tasks import make_task as make_task_
+    else:
+        make_task_ = make_task
+    device = runtime.device
+    trials: list[LoaderTrial] = []
+    open_loader, open_index = None, None
+    ladder = loader_ladder(backend, cfg.data)
+    try:
+        for i, setting in enumerate(ladder):
+            if i and time_left is not None and time_left() < trials[-1].seconds:
+                log.info("autotune [%s] loader: %d setting(s) not tried (time budget)", stamp(), len(ladder) - i)
+                break
+            if open_loader is not None:
+                open_loader.close()
+                open_loader = open_index = None
+            data = dataclasses.replace(cfg.data, **setting)
+            task = make_task_(dataclasses.replace(cfg, data=data), runtime, source)
+            depth = queue_depth(backend, data)
+            t0 = time.perf_counter()
+            before = memory.outside_torch_bytes(device)
+            loader = task.make_loader(source.train, train=True, batch_size=micro, backend=backend)
+            open_loader, open_index = loader, i
+            it = cycle_batches(loader)
+            batch = task.synthetic_batch(micro, task.input_spec(), train=True)
+            model_step = train_step_fn(task, state, functools.partial(_same, batch), accumulation)
+            e2e_step = train_step_fn(task, state, functools.partial(next, it), accumulation)
+            window = dict(depth=depth, repeats=repeats, repeat_s=repeat_s, accumulation=accumulation, device=device)
+            model_rates, e2e_rates, after = _measure_trial(model_step, e2e_step, **window)
+            outside = after - before if after is not None and before is not None else None
+            reliable = max(spread_of(model_rates), spread_of(e2e_rates)) <= max_spread
+            if not reliable and (time_left is None or time_left() > time.perf_counter() - t0):
+                # A burst of other load in one window: once more, kept when steady, else both and unreliable.
+                model_b, e2e_b, _ = _measure_trial(model_step, e2e_step, **window)
+                reliable = max(spread_of(model_b), spread_of(e2e_b)) <= max_spread
+                model_rates, e2e_rates = (model_b, e2e_b) if reliable else (model_rates + model_b, e2e_rates + e2e_b)
+            trial = LoaderTrial(setting, statistics.median(e2e_rates), spread_of(e2e_rates), e2e_rates,
+                                given=i == 0, seconds=time.perf_counter() - t0, outside_torch_bytes=outside,
+                                reliable=reliable)
+            trial.model_rates = model_rates
+            trial.model_samples_per_s = statistics.median(model_rates)
+            trial.model_spread = spread_of(model_rates)
+            trial.share = loader_share(trial)[0]
+            _, trial.keeps_up = choose_loader([trial], noise)
+            trials.append(trial)
+            log.info("autotune [%s] loader %s %s: %s samples/s end to end ±%.0f%%, %.0f%% of the model-only step "
+                     "measured alongside (%s)%s%s", stamp(), backend, setting or "(no knobs)",
+                     f"{trial.samples_per_s:,.1f}", 100 * trial.spread / 2, 100 * trial.share,
+                     f"{trial.model_samples_per_s:,.1f}", ", keeps up" if trial.keeps_up else "",
+                     "" if reliable else " UNRELIABLE")
+            if trial.keeps_up:
+                break
+        pick, keeps_up = choose_loader(trials, noise, given=0)
+    except BaseException:
+        if open_loader is not None:
+            open_loader.close()
+        raise
+    kept = trials[pick]
+    if open_index != pick and open_loader is not None:
+        open_loader.close()
+        open_loader = None
+    name = kept.setting or "no knobs"
+    fig = (f"{name} delivers {kept.samples_per_s:,.1f} samples/s end to end, {kept.share:.0%} of the model-only "
+           f"step's {kept.model_samples_per_s:,.1f}")
+    note = f"keeps up: {fig} (within the noise)" if keeps_up else f"input-bound: {fig}; expect about that in training"
+    if not kept.given:
+        note += f" (the config's own {trials[0].setting}: {trials[0].share:.0%})"
+    return LoaderResult(backend, trials, {"loader": backend, **kept.setting}, kept.samples_per_s, kept.spread,
+                        kept.model_samples_per_s, kept.model_spread, keeps_up, note, kept.outside_torch_bytes,
+                        open_loader)

@@ -1,0 +1,594 @@
+"""The pure core of autotune: candidates, noise-aware comparison, the batch-size search, the choice, batch plans,
+the loader choice and the verification verdict. No torch import: every rule here is tested with fake
+measurements.
+
+Noise is an input, not an assumption. Every measurement carries the per-repeat rates it came from and their
+spread, ``(max - min) / median``. Two measurements differ only beyond ``max(tune.noise, mean of their
+spreads)``; inside that margin they tie, and a tie keeps what the user gave (else the smaller batch: the same
+speed with less memory and more optimizer steps per epoch). A change is advice, and advice needs evidence.
+
+Evidence for memory is an out-of-memory error, allocator retries, or a measured peak over the budget's
+headroom *at that batch or a smaller one* (memory grows with the batch). A size that was never probed is
+reported as not probed (cap or time), never as "does not fit", and gradient accumulation is proposed only
+where memory evidence says the global batch does not fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+__all__ = [
+    "Candidate",
+    "Skipped",
+    "SearchResult",
+    "BatchPlan",
+    "Agreement",
+    "margin",
+    "beats",
+    "mark_usable",
+    "choose_batch",
+    "search_batch_size",
+    "plan_batches",
+    "choose_loader",
+    "loader_share",
+    "judge_verification",
+]
+
+GIB = 2**30
+MEMORY_FAILURES = ("oom", "retries", "headroom", "budget")
+
+
+class Measured(Protocol):
+    samples_per_s: float | None
+    spread: float
+
+
+def _from_dict(cls, d: dict[str, Any]):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class Candidate:
+    """One probed batch size."""
+
+    batch_size: int
+    fits: bool
+    """Ran without an out-of-memory error and without allocator retries."""
+    samples_per_s: float | None = None
+    """Train-step samples/s: the median of ``rates``; None when it did not run."""
+    rates: list[float] = field(default_factory=list)
+    """Samples/s of every timed repeat (re-measurements appended)."""
+    spread: float = 0.0
+    """(max - min) / median of ``rates``: this measurement's own noise."""
+    reliable: bool = True
+    """False when the spread stayed above tune.max_spread after a repeat."""
+    usage_bytes: int | None = None
+    """What counts against the budget: the steady-state peak reserved (+ memory in use before tuning when the
+    budget is emulated, + memory outside torch charged to it); None on CPU."""
+    peak_allocated_bytes: int | None = None
+    """Steady state (after the warm-up; see ``warmup_reserved_bytes``)."""
+    peak_reserved_bytes: int | None = None
+    """Steady state: peak stats are reset after the warm-up, so cuDNN's benchmark search is not in it."""
+    warmup_reserved_bytes: int | None = None
+    """Peak reserved during the warm-up, cuDNN's benchmark workspaces included (sized from the whole card's
+    free memory, whatever the cap): shown, not charged."""
+    peak_rss_bytes: int | None = None
+    """Process peak RSS over its lifetime (CPU runs report this instead of VRAM)."""
+    alloc_retries: int = 0
+    """Allocator retries (cache flushed and malloc retried) after the warm-up; > 0 means it did not fit."""
+    eval_batch_size: int = 0
+    usable: bool = False
+    """Fits, was timed, and leaves the headroom (set by the search)."""
+    failure: str = ""
+    """oom, retries, headroom (a probe) or budget (the whole device over it in the verification): the memory
+    evidence against this size; empty when usable."""
+    phase: str = ""
+    """given (the config's own micro-batch), grow, bisect or compiled."""
+    error: str = ""
+    """Why it did not fit or is not usable."""
+    seconds: float = 0.0
+    """Wall time of the probe, warm-up included."""
+    timed_s: float = 0.0
+    """Of ``seconds``, the time on the clock (all repeats)."""
+    untimed_s: float = 0.0
+    """Of ``seconds``, the part outside the timed steps: warm-up (compile, cuDNN autotuning) and eval steps."""
+    remeasured: int = 0
+    """Times more repeats were added (a second round, or an interleaved comparison)."""
+
+    def set_rates(self, rates: Sequence[float]) -> None:
+        self.rates = [float(r) for r in rates]
+        self.samples_per_s = statistics.median(self.rates) if self.rates else None
+        self.spread = spread_of(self.rates)
+
+    def add_rates(self, rates: Sequence[float]) -> None:
+        self.set_rates([*self.rates, *rates])
+        self.remeasured += 1
+
+    @property
+    def memory_failure(self) -> bool:
+        return self.failure in MEMORY_FAILURES
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Candidate:
+        return _from_dict(cls, d)
+
+
+def spread_of(rates: Sequence[float]) -> float:
+    """(max - min) / median; 0 for fewer than two rates."""
+    if len(rates) < 2:
+        return 0.0
+    mid = statistics.median(rates)
+    return (max(rates) - min(rates)) / mid if mid else 0.0
+
+
+@dataclass
+class Skipped:
+    """A size the search would have probed next and did not."""
+
+    batch_size: int
+    reason: str
+    """cap or time."""
+    detail: str = ""
+
+    def describe(self) -> str:
+        return f"not probed ({self.reason})"
+
+
+@dataclass
+class SearchResult:
+    candidates: list[Candidate]
+    """Every probe in the order it ran."""
+    chosen: int | None
+    """The chosen batch size; None when no size was usable."""
+    best: int | None
+    """The batch size with the highest samples/s among usable ones."""
+    stop_reason: str
+    max_usable: int | None = None
+    """Largest usable batch size probed."""
+    given: int | None = None
+    """The config's own micro-batch, probed first as the baseline."""
+    limit: str = ""
+    """What ended the growth: cap, time, memory, plateau, drop, or none (nothing usable)."""
+    not_probed: list[Skipped] = field(default_factory=list)
+
+    def by_size(self) -> dict[int, Candidate]:
+        return {c.batch_size: c for c in self.candidates}
+
+    @property
+    def fails_at(self) -> int | None:
+        """The smallest batch size with memory evidence against it (OOM, retries or headroom)."""
+        return min((c.batch_size for c in self.candidates if c.memory_failure), default=None)
+
+
+# -- comparison -------------------------------------------------------------------------------------------------
+def margin(a: Measured, b: Measured, noise: float) -> float:
+    """The relative difference below which ``a`` and ``b`` tie: tune.noise, or their own measured noise (the
+    mean of their spreads) when that is larger."""
+    return max(noise, (a.spread + b.spread) / 2)
+
+
+def beats(a: Measured, b: Measured, noise: float) -> bool:
+    """``a`` is faster than ``b`` beyond the noise of both."""
+    if a.samples_per_s is None or b.samples_per_s is None:
+        return False
+    return a.samples_per_s > b.samples_per_s * (1.0 + margin(a, b, noise))
+
+
+def mark_usable(c: Candidate, budget_bytes: int | None, headroom: float, extra_bytes: int = 0) -> Candidate:
+    """Set ``c.usable`` (fits, timed, and its usage plus ``extra_bytes`` leaves ``headroom`` of the budget; no
+    budget on CPU) and ``c.failure`` (the memory evidence against it)."""
+    if not c.fits:
+        c.usable = False
+        c.failure = c.failure or ("retries" if c.alloc_retries else "oom")
+        return c
+    c.usable = c.samples_per_s is not None
+    limit = None if budget_bytes is None else (1.0 - headroom) * budget_bytes
+    if (c.usable and budget_bytes is not None and limit is not None and c.usage_bytes is not None
+            and c.usage_bytes + extra_bytes > limit):
+        c.usable = False
+        c.failure = "headroom"
+        extra = f" + {extra_bytes / GIB:.2f} GiB outside torch" if extra_bytes else ""
+        c.error = (f"leaves less than {headroom:.0%} headroom ({c.usage_bytes / GIB:.2f} GiB{extra} of "
+                   f"{budget_bytes / GIB:.2f} GiB)")
+    elif c.usable:
+        c.failure, c.error = "", ""
+    return c
+
+
+def choose_batch(candidates: Iterable[Candidate], noise: float, prefer: int | None = None
+                 ) -> tuple[int | None, int | None]:
+    """(chosen, best). ``best``: the highest samples/s among usable candidates. Every usable size that ``best``
+    does not beat beyond the noise ties with it; of those, ``prefer`` (the config's own batch) is chosen when it
+    is one of them, else the smallest."""
+    usable = [c for c in candidates if c.usable and c.samples_per_s is not None]
+    if not usable:
+        return None, None
+    best = max(usable, key=lambda c: (c.samples_per_s, -c.batch_size))
+    ties = [c for c in usable if not beats(best, c, noise)]
+    if prefer is not None and any(c.batch_size == prefer for c in ties):
+        return prefer, best.batch_size
+    return min(c.batch_size for c in ties), best.batch_size
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _round_down(x: int, m: int) -> int:
+    return x // m * m
+
+
+def _fmt_sps(c: Candidate) -> str:
+    return f"{c.samples_per_s:,.1f}" if c.samples_per_s is not None else "-"
+
+
+def search_batch_size(measure: Callable[[int, str], Candidate], *, min_batch: int, max_batch: int, multiple: int,
+                      noise: float, budget_bytes: int | None, headroom: float, given: int | None = None,
+                      time_left: Callable[[], float] | None = None,
+                      remeasure: Callable[[list[Candidate]], None] | None = None,
+                      cap_reason: str = "tune.max_batch") -> SearchResult:
+    """Probe the config's own micro-batch ``given`` first (the baseline), then grow x2 from ``min_batch`` and
+    bisect the first unusable step on multiples of ``multiple``; choose.
+
+    ``measure(batch_size, phase)`` probes one size and returns a :class:`Candidate`. A candidate is usable
+    when it fits and its usage leaves ``headroom`` of ``budget_bytes`` (no budget: every fit is usable).
+    Growth stops at the first unusable size (or at a size at least as large as one already seen failing), at
+    ``max_batch`` (the cap), when ``time_left()`` is smaller than the next probe's estimated cost (the last
+    probe's seconds scaled by the batch ratio), after two growths that did not beat the best smaller size
+    beyond the noise (a plateau), or at a size the best smaller size beats beyond the noise (a drop). A plateau
+    or drop is confirmed first: ``remeasure([best smaller, this size])`` adds interleaved repeats to both (a
+    load change hits both alike), then the comparison is made again. Bisection runs only after an unusable
+    size and stops when the interval is one ``multiple`` wide, when a larger usable size gained nothing
+    beyond the noise, or when time runs out. Last, when the best size beats ``given``, both are re-measured
+    together before the choice is final.
+    """
+    if multiple < 1 or min_batch < 1:
+        raise ValueError(f"tune.multiple ({multiple}) and tune.min_batch ({min_batch}) must be >= 1")
+    start = _round_up(min_batch, multiple)
+    cap = _round_down(max_batch, multiple)
+    if cap < start:
+        raise ValueError(f"tune.max_batch: no multiple of tune.multiple ({multiple}) lies between tune.min_batch "
+                         f"({min_batch}) and the largest batch tried ({max_batch})")
+    results: dict[int, Candidate] = {}
+    order: list[Candidate] = []
+    skipped: list[Skipped] = []
+
+    def run(b: int, phase: str) -> Candidate:
+        c = mark_usable(measure(b, phase), budget_bytes, headroom)
+        c.phase = c.phase or phase
+        results[b] = c
+        order.append(c)
+        return c
+
+    def cost(b: int) -> float:
+        """The next probe's seconds, from the timed probe nearest in size: its untimed part (warm-up, eval)
+        grows with the batch; its timed part is a fixed window until one step per repeat outlasts it."""
+        timed = [(c, c.samples_per_s) for c in order if c.samples_per_s]
+        if not timed:
+            return max((c.seconds for c in order), default=0.0)
+        ref, sps = min(timed, key=lambda t: abs(math.log(b / t[0].batch_size)))
+        scale = max(1.0, b / ref.batch_size)
+        step = b / sps
+        return ref.untimed_s * scale + max(ref.timed_s, len(ref.rates) * step)
+
+    def affordable(b: int) -> bool:
+        return time_left is None or time_left() >= cost(b)
+
+    def confirm(cands: list[Candidate]) -> bool:
+        """Re-measure ``cands`` together when time allows; True when it ran."""
+        if remeasure is None:
+            return False
+        need = sum(c.timed_s + (c.seconds - c.timed_s) / 4 for c in cands)
+        if time_left is not None and time_left() < need:
+            return False
+        remeasure(cands)
+        return True
+
+    def best_below(b: int) -> Candidate | None:
+        below = [c for c in results.values() if c.usable and c.batch_size < b]
+        return max(below, key=lambda c: c.samples_per_s or 0.0) if below else None
+
+    if given is not None:
+        run(given, "given")
+
+    last_ok: int | None = None
+    first_bad: int | None = None
+    flat = 0
+    stop, limit = "", ""
+    b = start
+    while True:
+        known_bad = min((x for x, c in results.items() if not c.usable), default=None)
+        if known_bad is not None and b >= known_bad:
+            first_bad = known_bad
+            stop, limit = f"batch {known_bad} is not usable ({results[known_bad].error or 'does not fit'})", "memory"
+            break
+        if b in results:
+            c = results[b]
+        elif not affordable(b):
+            skipped.append(Skipped(b, "time", f"the next probe would take about {cost(b):.0f} s"))
+            stop, limit = f"time budget: batch {b} not probed (about {cost(b):.0f} s more)", "time"
+            break
+        else:
+            c = run(b, "grow")
+        if not c.usable:
+            first_bad = b
+            stop, limit = f"batch {b} is not usable ({c.error or 'does not fit'})", "memory"
+            break
+        last_ok = b
+        prev = best_below(b)
+        if prev is not None:
+            if beats(c, prev, noise):
+                flat = 0
+            else:
+                flat += 1
+                dropped = beats(prev, c, noise)
+                if (dropped or flat >= 2) and confirm([prev, c]):
+                    dropped = beats(prev, c, noise)
+                    if beats(c, prev, noise):
+                        flat = 0
+                if dropped:
+                    stop = (f"throughput fell at batch {b} ({_fmt_sps(c)} vs {_fmt_sps(prev)} samples/s at "
+                            f"{prev.batch_size}, beyond the noise)")
+                    limit = "drop"
+                    break
+                if flat >= 2:
+                    stop = f"throughput stopped rising (two growths within the noise) at batch {b}"
+                    limit = "plateau"
+                    break
+        if b >= cap:
+            stop, limit = f"reached {cap_reason} ({cap}) while samples/s still rose or held", "cap"
+            skipped.append(Skipped(2 * cap, "cap", f"{cap_reason} = {cap}"))
+            break
+        b = min(cap, b * 2)
+
+    if first_bad is not None and last_ok is not None:
+        lo, hi = last_ok, first_bad
+        while hi - lo > multiple:
+            mid = _round_down((lo + hi) // 2, multiple)
+            if mid <= lo:
+                mid = lo + multiple
+            if mid in results:
+                c = results[mid]
+            elif not affordable(mid):
+                skipped.append(Skipped(mid, "time", f"the next probe would take about {cost(mid):.0f} s"))
+                stop += f"; bisection stopped by the time budget before batch {mid}"
+                break
+            else:
+                c = run(mid, "bisect")
+            if c.usable:
+                gained = beats(c, results[lo], noise)
+                lo = mid
+                if not gained:
+                    stop += f"; bisection stopped at {mid}: no gain beyond the noise"
+                    break
+            else:
+                hi = mid
+        else:
+            stop += f"; largest usable batch {lo}, first unusable {hi}"
+
+    chosen, best = choose_batch(order, noise, prefer=given)
+    if given is not None and best is not None and chosen != given and given in results and results[given].usable:
+        if confirm([results[given], results[best]]):
+            chosen, best = choose_batch(order, noise, prefer=given)
+    if chosen is None:
+        first = order[0]
+        stop = (f"no batch size is usable: the smallest tried ({min(c.batch_size for c in order)}) "
+                f"{first.error or 'does not fit'}")
+        limit = "none"
+    usable = [c.batch_size for c in order if c.usable]
+    return SearchResult(order, chosen, best, stop, max(usable) if usable else None, given, limit, skipped)
+
+
+# -- the plan ---------------------------------------------------------------------------------------------------
+@dataclass
+class BatchPlan:
+    """How the global batch (train.batch_size) is reached with micro-batches that fit."""
+
+    micro_batch: int
+    accumulation: int
+    global_batch: int
+    requested_global: int
+    note: str
+    requested_accumulation: int = 1
+
+    @property
+    def changed_global(self) -> bool:
+        return self.global_batch != self.requested_global
+
+    @property
+    def changed(self) -> bool:
+        return self.changed_global or self.accumulation != self.requested_accumulation
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BatchPlan:
+        return _from_dict(cls, d)
+
+
+def _split(g: int, chosen: int, multiple: int, why: str, a0: int) -> BatchPlan:
+    """``g`` as equal micro-batches of at most ``chosen`` (on multiples of ``multiple`` where a split exists)."""
+    accum_min = math.ceil(g / chosen)
+    tries = range(accum_min, 2 * accum_min + 1)
+    for a in tries:
+        if g % a == 0 and (g // a) % multiple == 0:
+            return BatchPlan(g // a, a, g, g, f"train.batch_size {g} {why}: kept as {a} x {g // a} (gradient "
+                                              f"accumulation)", a0)
+    for a in tries:
+        if g % a == 0:
+            return BatchPlan(g // a, a, g, g,
+                             f"train.batch_size {g} {why}: kept as {a} x {g // a} (gradient accumulation); the "
+                             f"micro-batch is not a multiple of {multiple}: no equal split of {g} into micro-batches "
+                             f"of at most {chosen} is", a0)
+    micro = math.ceil(g / accum_min)
+    new_g = micro * accum_min
+    return BatchPlan(micro, accum_min, new_g, g,
+                     f"train.batch_size {g} {why}, and cannot be split into {accum_min}..{2 * accum_min} equal "
+                     f"micro-batches of at most {chosen}: changed to {new_g} = {accum_min} x {micro}", a0)
+
+
+def plan_batches(requested_global: int, chosen: int, *, multiple: int, accumulation: int = 1,
+                 fails_at: int | None = None, fail_reason: str = "", allow_accumulation: bool = True) -> BatchPlan:
+    """Turn the chosen micro-batch into train.batch_size / train.accumulation.
+
+    The config asked for ``requested_global`` in ``accumulation`` micro-batches. ``fails_at``: the smallest batch
+    with memory evidence against it (``fail_reason`` says which). Rules, in order:
+
+    - the chosen batch is the config's own micro-batch: nothing changes;
+    - the global batch is kept through accumulation when memory evidence says it does not fit as one batch
+      (``fails_at <= requested_global``; never where ``allow_accumulation`` is False: a CPU has no memory
+      budget), or when the config already accumulates (its own choice is kept, with the faster micro-batch);
+      a chosen batch at least as large as the global one means the global batch fits as one micro-batch;
+    - otherwise the global batch becomes the chosen batch (raised or lowered) and the note says that optim.lr
+      was left as it is.
+    """
+    g, a0 = requested_global, accumulation
+    m0 = g // a0
+    if chosen == m0:
+        how = f"{a0} x {m0}" if a0 > 1 else "one batch"
+        return BatchPlan(m0, a0, g, g, f"train.batch_size {g} is kept ({how}): no batch size was measured faster "
+                                       f"beyond the noise", a0)
+    evidence = fails_at is not None and fails_at <= g
+    if (allow_accumulation and evidence) or a0 > 1:
+        if chosen >= g:
+            return BatchPlan(g, 1, g, g, f"train.batch_size {g} fits as one micro-batch (batch {chosen} was "
+                                         f"measured usable): kept without accumulation", a0)
+        why = (f"does not fit as one batch ({fail_reason or 'memory'} at batch {fails_at})" if evidence
+               else "keeps the config's own accumulation, with a faster micro-batch")
+        return _split(g, chosen, multiple, why, a0)
+    verb = "raised" if chosen > g else "lowered"
+    return BatchPlan(chosen, 1, chosen, g,
+                     f"train.batch_size {verb} from {g} to {chosen} (faster beyond the noise); optim.lr is per "
+                     f"optimizer step and was left as it is: retune it, or scale it x{chosen / g:.3g} (linear rule)",
+                     a0)
+
+
+# -- loader -----------------------------------------------------------------------------------------------------
+class LoaderMeasured(Protocol):
+    samples_per_s: float | None
+    """End to end."""
+    spread: float
+    model_samples_per_s: float | None
+    """The model-only step, measured right before and after the end-to-end window (the same machine state)."""
+    model_spread: float
+
+
+def loader_share(t: LoaderMeasured) -> tuple[float, float]:
+    """(end to end / model-only, its spread): how much of the step's speed the loader lets through."""
+    if not t.samples_per_s or not t.model_samples_per_s:
+        return 0.0, 0.0
+    return t.samples_per_s / t.model_samples_per_s, t.spread + t.model_spread
+
+
+def choose_loader(trials: Sequence[LoaderMeasured], noise: float, given: int = 0) -> tuple[int, bool]:
+    """(index of the setting to keep, whether it keeps up with the model-only step).
+
+    ``trials`` are in the order tried, ``given`` the index of the config's own setting. Each is judged by its
+    share of the model-only step measured alongside it, so a machine whose speed changes between trials does not
+    decide. A setting keeps up when the model-only step does not beat it beyond the noise. The highest share
+    wins; settings tying with it keep the given one, else the earliest (the ladder runs cheapest first)."""
+    if not trials:
+        raise ValueError("choose_loader: no trials")
+    shares = [_Rate(*loader_share(t)) for t in trials]
+    best = max(range(len(trials)), key=lambda i: shares[i].samples_per_s or 0.0)
+    ties = [i for i in range(len(trials)) if not beats(shares[best], shares[i], noise)]
+    pick = given if given in ties else min(ties)
+    return pick, not beats(_Rate(1.0, 0.0), shares[pick], noise)
+
+
+@dataclass
+class _Rate:
+    samples_per_s: float | None
+    spread: float
+
+
+# -- verification -----------------------------------------------------------------------------------------------
+@dataclass
+class Agreement:
+    """Whether the verification's end-to-end samples/s agrees with the probe's, and if not, why."""
+
+    status: str
+    """agrees, input-bound, machine-changed or disagrees."""
+    explained: bool
+    """True unless the figures disagree for no reason found (then the answer is not ok)."""
+    reliable: bool
+    """False when the machine's speed changed between the probes and the verification (not cached)."""
+    believe: str
+    """Which figure to believe, and for what."""
+    text: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Agreement:
+        return _from_dict(cls, d)
+
+
+def _within(a: float, sa: float, b: float, sb: float, noise: float) -> tuple[bool, float]:
+    m = max(noise, (sa + sb) / 2)
+    return abs(a / b - 1.0) <= m if b else False, m
+
+
+def judge_verification(*, probe_sps: float, probe_spread: float, verify_sps: float, verify_spread: float,
+                       noise: float, loader_share: float | None = None, loader_spread: float = 0.0,
+                       recheck_sps: float | None = None, recheck_spread: float = 0.0) -> Agreement:
+    """Compare the verification (end to end, real data) with the probe (model-only step, synthetic batch).
+
+    ``loader_share`` (spread ``loader_spread``): the loader trial's end-to-end samples/s as a share of the
+    model-only step measured alongside it; below 1 beyond the noise, the run is input-bound and the verification
+    is expected at ``probe x share``. ``recheck_sps``: the model-only step measured again right after the
+    verification.
+
+    - within the noise of the probe: agrees;
+    - input-bound and within the noise of ``probe x share``: input-bound (believe the verification for training
+      speed; the probe is the model-only ceiling);
+    - the recheck moved away from the probe beyond the noise, and the verification is within the noise of
+      ``recheck`` (x share when input-bound): the machine's speed changed (other load, thermal throttling);
+      believe the later figures; the search compared sizes at another speed, so the answer is marked unreliable;
+    - anything else disagrees, unexplained.
+    """
+    ok, m = _within(verify_sps, verify_spread, probe_sps, probe_spread, noise)
+    rel = verify_sps / probe_sps - 1.0 if probe_sps else 0.0
+    fig = f"verification {verify_sps:,.1f} samples/s end to end vs the probe's {probe_sps:,.1f} ({rel:+.0%})"
+    if ok:
+        return Agreement("agrees", True, True, "either", f"{fig}: within the noise (±{m:.0%})")
+    bound = loader_share is not None and beats(_Rate(1.0, 0.0), _Rate(loader_share, loader_spread), noise)
+    share = loader_share if bound and loader_share is not None else 1.0
+    if bound:
+        same, _ = _within(verify_sps, verify_spread, probe_sps * share, probe_spread + loader_spread, noise)
+        if same:
+            return Agreement("input-bound", True, True,
+                             "the verification, for training speed (the probe is the model-only ceiling)",
+                             f"{fig}: input-bound, the loader trial ran end to end at {share:.0%} of the model-only "
+                             f"step measured alongside it")
+    if recheck_sps is not None:
+        unmoved, _ = _within(recheck_sps, recheck_spread, probe_sps, probe_spread, noise)
+        same, _ = _within(verify_sps, verify_spread, recheck_sps * share,
+                          recheck_spread + (loader_spread if bound else 0.0), noise)
+        if not unmoved and same:
+            word = "slowed down" if recheck_sps < probe_sps else "sped up"
+            extra = f"; input-bound as well ({share:.0%} of the step)" if bound else ""
+            return Agreement("machine-changed", True, False,
+                             "the verification and the re-measured step (later, at the machine's current speed)",
+                             f"{fig}: the machine {word} (the model-only step re-measured at {recheck_sps:,.1f} "
+                             f"samples/s: other load or thermal throttling){extra}; the batch comparison ran at "
+                             f"another speed, so this answer is not cached")
+    why = []
+    if loader_share is not None:
+        why.append(f"the loader trial ran at {loader_share:.0%} of the model-only step")
+    if recheck_sps is not None:
+        why.append(f"the model-only step re-measured at {recheck_sps:,.1f}")
+    return Agreement("disagrees", False, False, "neither: measure again on a quieter machine",
+                     f"{fig}: beyond the noise (±{m:.0%}) and unexplained"
+                     + (f" ({'; '.join(why)})" if why else ""))

@@ -1,0 +1,586 @@
+"""Autotune with torch on CPU: real ``fasttrain autotune`` runs on the quickstart (the tuned config trains, the
+second call is cached, noisy answers are not, a verification that disagrees is not ok), the probe's OOM
+recovery, loader trials (torch, and DALI's CPU mode: one file pre-check for the whole ladder), the compiled
+check with a fake task, the budget's cap restored, the cache key, the typed JSON and the plot. The pure rules
+are in test_search.py. CUDA-only tests carry ``gpu``."""
+
+from __future__ import annotations
+
+import json
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from fasttrain import autotune as A
+from fasttrain.autotune import cache as C
+from fasttrain.autotune import loader as L
+from fasttrain.autotune import probe as P
+from fasttrain.autotune import report as R
+from fasttrain.autotune.search import Agreement, BatchPlan, Candidate, Skipped
+from fasttrain.cli import main
+from fasttrain.config import Config, apply_overrides, load_config
+from fasttrain.data.base import Batch
+
+GIB = 2**30
+
+# Windows in virtual seconds (see VirtualClock): a few steps each. The real time budget is generous, so a busy
+# test machine cannot cut the search short.
+QUICK = ["--set", "tune.max_batch=64", "--set", "tune.warmup_steps=1", "--set", "tune.repeats=2",
+         "--set", "tune.repeat_s=0.01", "--set", "tune.verify_s=0.1", "--set", "tune.time_budget_s=600"]
+
+
+class VirtualClock:
+    """``time.perf_counter`` for a test: it moves only when a train step (``step_cost``) or a stand-in loader
+    runs, so every rate autotune measures is a fixed function of the batch size, whatever the machine's load.
+    The real step still runs; the time budget keeps the real clock."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.steps = 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    @staticmethod
+    def rate(b: int) -> float:
+        return 1000.0 * b / (b + 16)  # samples/s: rises and saturates, as on a real device
+
+    def step_cost(self, b: int) -> float:
+        self.steps += 1
+        jitter = (self.steps * 0.6180339887) % 1.0 - 0.5  # deterministic, never periodic: a small measured spread
+        return b / self.rate(b) * (1.0 + 0.02 * jitter)
+
+
+@pytest.fixture
+def virtual_time(monkeypatch) -> VirtualClock:
+    from fasttrain.tasks.classify import ClassifyTask
+
+    clock = VirtualClock()
+    real_step = ClassifyTask.train_step
+
+    def step(self, state, batch, **kw):
+        out = real_step(self, state, batch, **kw)
+        clock.now += clock.step_cost(len(batch))
+        return out
+
+    monkeypatch.setattr(ClassifyTask, "train_step", step)
+    monkeypatch.setattr(time, "perf_counter", clock)
+    return clock
+
+
+def cli_args(tmp_path, *extra: str) -> list[str]:
+    return ["autotune", "quickstart", *QUICK, *extra, "--set", f"train.runs_dir={tmp_path / 'runs'}",
+            "--set", f"tune.cache_dir={tmp_path / 'cache'}", "--out", str(tmp_path / "out"), "-q"]
+
+
+def test_cli_cpu_run_writes_a_config_that_trains_and_a_second_call_is_cached(tmp_path, monkeypatch, capsys,
+                                                                             virtual_time):
+    out = tmp_path / "out"
+    args = cli_args(tmp_path)
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "VRAM budget does not apply" in text and "samples/s" in text and "verify:" in text
+    assert "does not fit" not in text  # nothing ran out of memory, so nothing is said not to fit
+    report = json.loads((out / "autotune.json").read_text())
+    assert report["ok"] and report["reliable"] and report["budget"]["mode"] == "cpu"
+    assert "reached tune.max_batch (64)" in report["stop_reason"]  # the curve still rose: 128 not probed (cap)
+    assert [(s["batch_size"], s["reason"]) for s in report["not_probed"]] == [(128, "cap")]
+    cands = report["candidates"]
+    assert cands[0]["batch_size"] == 64 and cands[0]["phase"] == "given"  # the config's own batch: the baseline
+    assert report["chosen_batch"] in {c["batch_size"] for c in cands}
+    assert all(c["peak_rss_bytes"] and len(c["rates"]) >= 2 and not c["failure"] for c in cands)
+    assert report["plan"]["accumulation"] == 1  # a CPU is never told to accumulate
+    assert report["verify"]["ok"] and report["verify"]["samples_per_s"] > 0
+    assert report["verify"]["agreement"]["status"] in ("agrees", "input-bound")
+    assert report["loader"]["trials"][0]["given"] and report["elapsed_s"] > 0
+    assert (out / "autotune.png").stat().st_size > 1000
+    assert A.plot_report(report, out / "replot.png").stat().st_size > 1000  # from the JSON alone (tools/)
+    tuned = out / "quickstart.tuned.toml"
+    cfg = load_config(tuned)
+    assert cfg.train.batch_size == report["plan"]["global_batch"] and cfg.train.accumulation == 1
+    assert cfg.model.name == "smallcnn" and cfg.data.image_size == 32  # everything else as the input config
+    assert cfg.data.loader == report["loader"]["backend"]  # the measured backend, not `auto`, is pinned
+
+    from fasttrain.engine import train
+
+    first_text = tuned.read_text()
+    result = train(load_config(tuned, [f"train.runs_dir={tmp_path / 'runs'}", "train.epochs=1", "train.max_steps=2"]),
+                   progress=False)
+    assert result.history and result.history[-1]["step"] == 2
+
+    # Second call: from the cache, no probe runs; new files beside the first ones, never over them.
+    def no_probe(*a, **k):
+        raise AssertionError("the cache should have answered")
+
+    monkeypatch.setattr(A, "_tune", no_probe)
+    t0 = time.monotonic()
+    assert main(args) == 0
+    assert time.monotonic() - t0 < 5.0  # target < 2 s; generous for a loaded 2-core CI box
+    assert "[cached]" in capsys.readouterr().out
+    assert (out / "quickstart.tuned-2.toml").is_file() and (out / "autotune-2.json").is_file()
+    assert tuned.read_text() == first_text  # the first config is intact
+    # An ignored field (epochs) is the same answer; a field that matters (the image size) is a new one.
+    assert main([*args, "--set", "train.epochs=3"]) == 0
+    assert "[cached]" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="cache should have answered"):  # a new question: probes would run
+        main([*args, "--set", "data.image_size=24", "--set", "data.resize_size=24"])
+
+
+def test_probe_oom_is_recovered_and_reported_other_errors_propagate(tmp_path, monkeypatch, capsys, virtual_time):
+    def oom(self, b, eb):
+        _big = torch.empty(1024)  # a tensor the failing step held: freed outside the except block
+        raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {b} GiB")
+
+    monkeypatch.setattr(P.StepProbe, "_run", oom)
+    assert main(cli_args(tmp_path)) == 1
+    text = capsys.readouterr().out
+    assert "no batch size is usable" in text and "out of memory" in text and "OOM" in text
+    assert not list((tmp_path / "out").glob("*.toml"))  # nothing to train with: no config
+    assert not list((tmp_path / "cache").glob("*.json"))  # failures are not cached
+
+    def bug(self, b, eb):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(P.StepProbe, "_run", bug)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        main(cli_args(tmp_path))
+
+
+def test_an_unreliable_answer_is_reported_and_not_cached(tmp_path, capsys, virtual_time):
+    # Any spread is "too large": every probe is repeated once, then marked unreliable.
+    assert main(cli_args(tmp_path, "--set", "tune.max_spread=1e-9")) == 0
+    text = capsys.readouterr().out
+    assert "unreliable (not cached)" in text and "not cached" in text
+    report = json.loads((tmp_path / "out" / "autotune.json").read_text())
+    assert not report["reliable"] and all(not c["reliable"] for c in report["candidates"])
+    assert all(len(c["rates"]) == 4 for c in report["candidates"] if c["phase"] != "plan")  # measured twice
+    assert not list((tmp_path / "cache").glob("*.json"))
+
+
+def slowed(clock: VirtualClock, factor: float):
+    """A stand-in for ``cycle_batches`` whose loader takes ``factor`` times the step's time per batch: end to end
+    runs at 1 / (1 + factor) of the model-only step."""
+    from fasttrain.timing import cycle_batches
+
+    def cycle(loader):
+        for batch in cycle_batches(loader):
+            b = len(batch)
+            clock.now += factor * b / clock.rate(b)
+            yield batch
+
+    return cycle
+
+
+def test_a_verification_far_below_the_probe_without_a_reason_is_not_ok(tmp_path, monkeypatch, capsys,
+                                                                       virtual_time):
+    # The issue: verification at 1/5 of the probe still said ok. Here only the verification's batches are slow:
+    # the loader trial kept up and the model-only step re-measured fine, so nothing explains it.
+    monkeypatch.setattr(P, "cycle_batches", slowed(virtual_time, 5.0))
+    assert main(cli_args(tmp_path)) == 1
+    text = capsys.readouterr().out
+    assert "disagrees" in text and "unexplained" in text and "verify: FAILED" in text
+    assert not list((tmp_path / "out").glob("*.toml")) and not list((tmp_path / "cache").glob("*.json"))
+    report = json.loads((tmp_path / "out" / "autotune.json").read_text())
+    assert not report["ok"] and report["verify"]["recheck_samples_per_s"] > report["verify"]["samples_per_s"]
+
+
+def test_an_input_bound_verification_is_explained(tmp_path, monkeypatch, capsys, virtual_time):
+    monkeypatch.setattr(P, "cycle_batches", slowed(virtual_time, 5.0))
+    monkeypatch.setattr(L, "cycle_batches", slowed(virtual_time, 5.0))  # the loader trial sees the slow loader too
+    assert main(cli_args(tmp_path)) == 0
+    text = capsys.readouterr().out
+    assert "input-bound" in text
+    report = json.loads((tmp_path / "out" / "autotune.json").read_text())
+    assert report["ok"] and report["verify"]["agreement"]["status"] == "input-bound"
+    assert not report["loader"]["keeps_up"]
+
+
+def test_a_verification_out_of_memory_falls_back_to_a_smaller_measured_batch(tmp_path, monkeypatch, virtual_time):
+    real = P.verify
+    calls = []
+
+    def verify(task, source, **kw):
+        calls.append(kw["plan"].micro_batch)
+        if len(calls) == 1:  # the first verification runs out of memory: evidence against that micro-batch
+            kw["loader"] and kw["loader"].close()
+            return P.Verification(False, kw["plan"].micro_batch, 1, kw["backend"], error="out of memory (fake)",
+                                  failure="oom"), None
+        return real(task, source, **kw)
+
+    monkeypatch.setattr(P, "verify", verify)
+    cfg = load_config(None, ["data.root=", "model.name=smallcnn", "model.width=8", "data.image_size=32",
+                             "data.resize_size=32", "train.batch_size=64", f"train.runs_dir={tmp_path}",
+                             f"tune.cache_dir={tmp_path / 'cache'}", "tune.max_batch=64", "tune.warmup_steps=1",
+                             "tune.repeats=2", "tune.repeat_s=0.01", "tune.verify_s=0.1", "tune.time_budget_s=600"])
+    r = A.autotune(cfg, out_dir=tmp_path / "out")
+    assert calls[0] == 64 and calls[1] < 64
+    assert r.ok and r.plan.micro_batch == calls[1] and r.plan.accumulation == 1  # a CPU: no accumulation
+    assert any("verification at micro-batch 64 failed" in n for n in r.notes)
+    assert r.files["config"] and load_config(r.files["config"]).train.batch_size == calls[1]
+
+
+# -- loader trials -----------------------------------------------------------------------------------------------
+def small_prep(shapes_root, *extra: str):
+    from fasttrain.prepare import prepare
+
+    cfg = apply_overrides(Config(), [f"data.root={shapes_root}", "data.image_size=32", "data.resize_size=32",
+                                     "model.name=smallcnn", "model.width=8", "runtime.device=cpu", *extra])
+    return prepare(cfg)
+
+
+def count_prechecks(monkeypatch) -> list[int]:
+    """Every reference the data modules hold to the file pre-check goes through a counter (what reuse_file_checks
+    then wraps); returns the list of file counts checked."""
+    from fasttrain.data import checks
+
+    calls: list[int] = []
+    real = checks.precheck
+
+    def counting(paths, *a, **k):
+        calls.append(len(paths))
+        return real(paths, *a, **k)
+
+    for m in L._data_modules():
+        for name, value in list(vars(m).items()):
+            if value is real:
+                monkeypatch.setattr(m, name, counting)
+    return calls
+
+
+def test_loader_trials_end_to_end_on_the_torch_backend(shapes_root, monkeypatch, virtual_time):
+    prep = small_prep(shapes_root, "data.loader=torch", "data.workers=0")
+    ladder = L.loader_ladder("torch", prep.cfg.data)
+    assert ladder[0] == {"workers": 0} and len(ladder) >= 2  # the config's own setting first
+    state = prep.task.build_state()
+    kw = dict(micro=32, accumulation=1, state=state, noise=0.03, warmup=1, repeats=2, repeat_s=0.05)
+    # Every setting's loader far slower than the step: input-bound, every setting tried, the shortfall reported.
+    calls = count_prechecks(monkeypatch)
+    monkeypatch.setattr(L, "cycle_batches", slowed(virtual_time, 5.0))
+    with L.reuse_file_checks():
+        r = L.tune_loader(prep.cfg, prep.runtime, prep.source, "torch", **kw)
+    assert calls == [len(prep.source.train)]  # one pre-check for the whole ladder
+    assert r.input_bound and len(r.trials) == len(ladder) and "input-bound" in r.note
+    assert all(len(t.rates) == 2 and len(t.model_rates) == 2 for t in r.trials)
+    assert all(t.share == pytest.approx(1 / 6, rel=0.05) for t in r.trials)  # measured against the step alongside
+    assert r.trials[0].model_samples_per_s == pytest.approx(virtual_time.rate(32), rel=0.05)
+    if r.loader is not None:  # open only when the kept setting was the last measured
+        r.loader.close()
+    # A loader that costs the step nothing: the config's own setting keeps up, and nothing more is tried.
+    from fasttrain.timing import cycle_batches
+
+    monkeypatch.setattr(L, "cycle_batches", cycle_batches)
+    r = L.tune_loader(prep.cfg, prep.runtime, prep.source, "torch", **kw)
+    assert r.keeps_up and len(r.trials) == 1 and r.trials[0].given and r.setting == {"loader": "torch", **ladder[0]}
+    assert r.loader is not None  # the last measured, kept: handed to the verification
+    r.loader.close()
+
+
+def test_a_noisy_loader_trial_is_measured_again_then_marked_unreliable(shapes_root, monkeypatch, virtual_time):
+    from fasttrain.timing import cycle_batches
+
+    def bursts(loader):  # every third batch waits 20 steps' time: another job took the cores for a moment
+        for n, batch in enumerate(cycle_batches(loader)):
+            virtual_time.now += (20.0 if n % 3 == 2 else 0.0) * len(batch) / virtual_time.rate(len(batch))
+            yield batch
+
+    prep = small_prep(shapes_root, "data.loader=torch", "data.workers=0")
+    monkeypatch.setattr(L, "cycle_batches", bursts)
+    r = L.tune_loader(prep.cfg, prep.runtime, prep.source, "torch", micro=32, accumulation=1,
+                      state=prep.task.build_state(), noise=0.03, warmup=1, repeats=3, repeat_s=0.01, max_spread=0.15)
+    if r.loader is not None:
+        r.loader.close()
+    first = r.trials[0]
+    assert not first.reliable and not r.reliable and len(first.rates) == 6  # two rounds of three windows
+    assert r.to_dict()["reliable"] is False
+
+
+def test_dali_file_precheck_runs_once_for_the_whole_ladder(shapes_root, monkeypatch, virtual_time):
+    from fasttrain.data import dali
+
+    if not dali.dali_status()[0]:
+        pytest.skip(dali.dali_status()[1])
+    calls = count_prechecks(monkeypatch)
+    prep = small_prep(shapes_root, "data.loader=dali", "data.dali_threads=2")
+    ladder = L.loader_ladder("dali", prep.cfg.data)
+    assert len(ladder) >= 2 and ladder[0]["dali_threads"] == 2
+    state = prep.task.build_state()
+    with L.reuse_file_checks():
+        monkeypatch.setattr(L, "cycle_batches", slowed(virtual_time, 5.0))  # none keeps up: every one is tried
+        r = L.tune_loader(prep.cfg, prep.runtime, prep.source, "dali", micro=16, accumulation=1, state=state,
+                          noise=0.03, warmup=1, repeats=2, repeat_s=0.02)
+        if r.loader is not None:
+            r.loader.close()
+    assert len(r.trials) == len(ladder)  # every setting built its own pipeline ...
+    assert calls == [len(prep.source.train)]  # ... and the pre-check ran once
+
+
+def test_reuse_file_checks_reaches_every_data_module_and_restores_them(shapes_root, monkeypatch):
+    from fasttrain.data import checks
+    from fasttrain.data.samples import Samples, precheck_samples
+    from fasttrain.data.sources import discover
+
+    calls = count_prechecks(monkeypatch)
+    holders = [(m, n) for m in L._data_modules() for n, v in vars(m).items()
+               if getattr(v, "__name__", "") == "counting"]
+    assert len(holders) >= 2  # the shared module and at least one loader module that imported it by name
+    data = Config().data
+    split = discover(apply_overrides(Config(), [f"data.root={shapes_root}"]).data).train
+    with L.reuse_file_checks() as memo:
+        assert all(getattr(m, n).__name__ == "once" for m, n in holders)
+        first = precheck_samples(Samples(split), data, threads=1)
+        again = precheck_samples(Samples(split), data, threads=4)
+        checks.precheck(split.paths[:5], max_pixels=data.max_image_pixels, threads=1)
+    assert calls == [len(split), 5] and len(memo) == 2
+    assert first.samples.split.paths == again.samples.split.paths
+    assert all(getattr(m, n).__name__ == "counting" for m, n in holders)  # put back
+
+
+# -- compiled check, budget ------------------------------------------------------------------------------------
+class FakeTask:
+    """Just enough of a Task for StepProbe: steps above ``oom_above`` samples raise an out-of-memory error."""
+
+    def __init__(self, oom_above: int):
+        self.runtime = SimpleNamespace(device=torch.device("cpu"))
+        self.oom_above = oom_above
+        self.built = 0
+
+    def build_state(self):
+        self.built += 1
+        return SimpleNamespace(train=lambda mode=True: None)
+
+    def input_spec(self):
+        return None
+
+    def synthetic_batch(self, n, spec, train=True):
+        return Batch(torch.zeros(n, 1), torch.zeros(n))
+
+    def train_step(self, state, batch, *, update=True, loss_scale=1.0):
+        if len(batch) > self.oom_above:
+            raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+        time.sleep(0.001)
+        return {}
+
+    def eval_step(self, state, batch):
+        return {}
+
+
+SETTINGS = P.ProbeSettings(warmup=1, repeats=2, repeat_s=0.01, min_steps=1, max_spread=100.0, with_eval=False)
+
+
+def test_compiled_check_resets_the_compiler_between_sizes_and_a_failed_size_is_not_yes():
+    task = FakeTask(oom_above=32)
+    resets = []
+    state, got, tried = P.compiled_check(task, budget=P.Budget("cpu", 16.0), settings=SETTINGS,
+                                         eval_batch=lambda b: 2 * b, sizes=[64, 32, 16], headroom=0.1,
+                                         reset=lambda dev: resets.append(dev))
+    assert [c.batch_size for c in tried] == [64, 32] and got is tried[1] and state is not None
+    assert len(resets) == 1  # between 64 and 32: the failed size's graphs never reach the next one
+    assert R.fits_label(tried[0]) == "OOM" and R.fits_label(tried[1]) == "yes"
+    tight = Candidate(64, True, samples_per_s=100.0, phase="compiled", failure="headroom", error="leaves less")
+    assert R.fits_label(tight) != "yes"  # a compiled step over the headroom did not pass
+    report = R.AutotuneReport("x", "m", "classify", "cpu", "rt", [3, 8, 8], P.Budget("cpu", 16.0), 0.1, 0.03, 8,
+                              candidates=[Candidate(32, True, samples_per_s=1.0, usable=True, phase="grow")],
+                              compiled_tried=tried, compiled=got)
+    rows = [ln for ln in report.to_table().splitlines() if ln.strip().startswith("64")]
+    assert rows and "OOM" in rows[0] and "yes" not in rows[0]
+
+
+def test_remeasure_appends_interleaved_repeats():
+    probe = P.StepProbe(FakeTask(oom_above=10**6), budget=P.Budget("cpu", 16.0), settings=SETTINGS,
+                        eval_batch=lambda b: b)
+    a, b = probe(8, "grow"), probe(16, "grow")
+    assert len(a.rates) == 2 and a.fits and a.untimed_s >= 0 and a.timed_s > 0
+    probe.remeasure([a, b])
+    assert len(a.rates) == 4 and len(b.rates) == 4 and a.remeasured == b.remeasured == 1
+
+
+def fake_fraction(monkeypatch, start: float) -> list[float]:
+    calls: list[float] = []
+    monkeypatch.setattr(P.memory, "set_memory_fraction", lambda dev, f: calls.append(f))
+    monkeypatch.setattr(P.memory, "get_memory_fraction", lambda dev: start)
+    return calls
+
+
+def test_the_budget_restores_the_users_own_cap_and_charges_memory_outside_torch(monkeypatch):
+    calls = fake_fraction(monkeypatch, 0.7)
+    dev = torch.device("cuda", 0)
+    b = P.Budget("emulated", 16.0, budget_bytes=16 * GIB, card_total_bytes=80 * GIB, in_use_before_bytes=1 * GIB,
+                 counted_in_use=True, fraction=15 / 80, previous_fraction=0.7)
+    P.charge_outside(b, dev, 3 * GIB)  # DALI's buffers: torch's cap shrinks by as much
+    assert calls[-1] == pytest.approx(12 / 80) and b.outside_torch_bytes == 3 * GIB
+    assert "outside torch" in b.describe()
+    P.release_budget(b, dev)
+    assert calls[-1] == 0.7  # the user's own fraction, not 1.0
+    P.release_budget(P.Budget("cpu", 16.0), torch.device("cpu"))
+    assert len(calls) == 2
+
+
+def test_charging_the_loaders_memory_moves_the_plan_off_a_tight_batch():
+    budget = P.Budget("card", 10.0, budget_bytes=10 * GIB, card_total_bytes=10 * GIB, in_use_before_bytes=0)
+    big = Candidate(64, True, samples_per_s=1000.0, usage_bytes=8 * GIB, usable=True)
+    small = Candidate(32, True, samples_per_s=900.0, usage_bytes=4 * GIB, usable=True)
+    report = R.AutotuneReport("x", "m", "classify", "cuda:0", "rt", [3, 8, 8], budget, 0.1, 0.03, 8,
+                              candidates=[small, big], chosen_batch=64, plan=BatchPlan(64, 1, 64, 64, ""))
+    report.loader = L.LoaderResult("dali", [], {}, 990.0, 0.0, 1000.0, 0.0, True, "", outside_torch_bytes=GIB)
+    assert not A._charge_loader_memory(report, budget, torch.device("cuda", 0))  # 8 + 1 GiB <= 9 GiB
+    report.loader.outside_torch_bytes = int(1.5 * GIB)
+    assert A._charge_loader_memory(report, budget, torch.device("cuda", 0))
+    assert not big.usable and big.failure == "headroom" and "outside torch" in big.error and small.usable
+
+
+def test_cpu_budget_does_not_apply():
+    b = P.setup_budget(torch.device("cpu"), 16.0)
+    assert b.mode == "cpu" and b.budget_bytes is None and "does not apply" in b.describe()
+
+
+# -- cache key ---------------------------------------------------------------------------------------------------
+def test_the_cache_key_is_the_whole_config_but_an_explicit_ignore_list():
+    cfg = Config()
+    flat = C.flatten(cfg)
+    for name in C.IGNORED:  # every entry names a real field or section
+        assert name in flat or any(k.startswith(name[:-1]) for k in flat), name
+    fields = C.key_fields(cfg, budget_gib=16.0, machine_info={"device": "x"})
+    kept = set(fields["config"])
+    assert kept == {k for k in flat if not C._ignored(k)}
+    assert "train.batch_size" in kept and "data.root" in kept and "optim.name" in kept and "tune.noise" in kept
+    assert "train.epochs" not in kept and "schedule.name" not in kept and "name" not in kept
+    key = C.cache_key(fields)
+    assert C.cache_key(dict(reversed(list(fields.items())))) == key
+    for over in ("train.batch_size=96", "optim.name=adamw", "data.image_size=64", "runtime.precision=bf16",
+                 "tune.headroom=0.2", "data.workers=3"):
+        other = C.key_fields(apply_overrides(cfg, [over]), budget_gib=16.0, machine_info={"device": "x"})
+        assert C.cache_key(other) != key, over
+    for over in ("train.epochs=99", "schedule.name=step", "optim.lr=0.5", "train.runs_dir=/elsewhere"):
+        other = C.key_fields(apply_overrides(cfg, [over]), budget_gib=16.0, machine_info={"device": "x"})
+        assert C.cache_key(other) == key, over
+    assert C.cache_key(C.key_fields(cfg, budget_gib=8.0, machine_info={"device": "x"})) != key
+    assert C.cache_key(C.key_fields(cfg, budget_gib=16.0, machine_info={"device": "y"})) != key
+
+
+# -- the typed report and the plot ----------------------------------------------------------------------------------
+def full_report() -> R.AutotuneReport:
+    def c(b, sps, **kw):
+        x = Candidate(b, True, usable=True, phase="grow", peak_allocated_bytes=b * 2**24,
+                      peak_reserved_bytes=b * 2**25, warmup_reserved_bytes=b * 2**26, usage_bytes=b * 2**25, **kw)
+        x.set_rates([sps * 0.9, sps, sps * 1.08])
+        return x
+
+    cands = [c(8, 300), c(16, 550), c(32, 900), c(64, 1200), c(128, 1300)]
+    cands[0].reliable = False
+    cands += [Candidate(256, False, phase="grow", failure="oom", error="out of memory (x)"),
+              Candidate(192, False, phase="bisect", failure="oom", error="out of memory (x)")]
+    budget = P.Budget("emulated", 16.0, 16 * GIB, 80 * GIB, GIB, True, 0.19, 1.0, 0, "nvml", "H100")
+    v = P.Verification(True, 128, 1, "dali", samples_per_s=1250.0, rates=[1200.0, 1250.0, 1270.0], spread=0.056,
+                       agreement=Agreement("agrees", True, True, "either", "fine"))
+    lr = L.LoaderResult("dali", [L.LoaderTrial({"dali_threads": -1}, 1260.0, 0.02, [1260.0], 1300.0, 0.02, [1300.0],
+                                               0.97, True, True)],
+                        {"loader": "dali", "dali_threads": -1}, 1260.0, 0.02, 1300.0, 0.02, True, "keeps up")
+    return R.AutotuneReport("quickstart", "resnet50", "classify", "cuda:0", "rt", [3, 224, 224], budget, 0.1, 0.03, 8,
+                            max_batch=128, time_budget_s=45.0, candidates=cands, chosen_batch=128, best_batch=128,
+                            given_batch=64, stop_reason="...", limit="memory",
+                            not_probed=[Skipped(512, "time", "about 9 s")], plan=BatchPlan(128, 1, 128, 64, "raised"),
+                            loader=lr, verify=v, notes=["n"], unreliable=["batch 8: noisy"])
+
+
+def test_the_report_round_trips_through_json_as_dataclasses():
+    r = full_report()
+    back = R.AutotuneReport.from_dict(json.loads(json.dumps(r.to_dict(), default=str)))
+    assert back == r  # every nested part typed again: Budget, Candidate, BatchPlan, LoaderResult, Verification
+    assert isinstance(back.verify.agreement, Agreement) and isinstance(back.not_probed[0], Skipped)
+    d = r.to_dict()
+    assert d["ok"] and not d["reliable"] and d["loader"]["input_bound"] is False  # derived values in the JSON
+    # what tools/gpu_targets.py reads
+    assert {"candidates", "chosen_batch", "elapsed_s", "compile_s", "cached"} <= set(d)
+    assert {"usable", "samples_per_s", "batch_size"} <= set(d["candidates"][0])
+    table = r.to_table()
+    assert "not probed (time)" in table and "unreliable" in table and "verify vs probe: agrees" in table
+
+
+def test_the_plot_shows_spread_verification_and_cap_and_its_legend_leaves_the_oom_markers_free():
+    r = full_report()
+    r.limit = "cap"
+    fig = R._figure(r)
+    fig.canvas.draw()
+    ax, ax2 = fig.axes
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert any("min..max" in t for t in labels) and any("verification" in t for t in labels)
+    assert any("search stopped at the cap (128)" in t for t in labels) and any("not probed" in t for t in labels)
+    assert len(ax.containers) >= 2  # error bars: the probes' and the verification's
+    legend_box = fig.legends[0].get_window_extent()
+    oom = [ln for ln in ax.get_lines() if ln.get_label().startswith("does not fit")][0]
+    for x, y in zip(*oom.get_data()):
+        px, py = ax.transData.transform((x, y))
+        assert not legend_box.contains(px, py)  # the legend does not cover an OOM marker
+    lo, hi = ax2.get_ylim()
+    assert lo == 0 and hi >= 16  # the 16 GiB budget line is on the memory axis's visible scale
+
+
+# -- CUDA only ---------------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_memory_fraction_emulates_a_smaller_card_and_the_users_cap_comes_back():
+    dev = torch.device("cuda", torch.cuda.current_device())
+    total = torch.cuda.get_device_properties(dev).total_memory
+    budget_gib = 2.0
+    if total < 4 * GIB:
+        pytest.skip("needs a card larger than 4 GiB")
+    torch.cuda.set_per_process_memory_fraction(0.9, dev)  # the user's own cap
+    try:
+        b = P.setup_budget(dev, budget_gib)
+        try:
+            assert b.mode == "emulated" and b.in_use_before_bytes > 0 and b.previous_fraction == pytest.approx(0.9)
+            assert b.fraction == pytest.approx((budget_gib * GIB - b.in_use_before_bytes) / total)
+            with pytest.raises(torch.OutOfMemoryError):
+                torch.empty(int(2.5 * GIB), dtype=torch.uint8, device=dev)
+        finally:
+            P.release_budget(b, dev)
+        assert torch.cuda.get_per_process_memory_fraction(dev) == pytest.approx(0.9)
+        x = torch.empty(int(2.5 * GIB), dtype=torch.uint8, device=dev)  # the cap is gone again
+        del x
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+def test_probe_recovers_from_oom_with_a_tiny_budget(shapes_root):
+    from fasttrain.memory import CUBLAS_WORKSPACE_BYTES
+    from fasttrain.prepare import prepare
+
+    cfg = apply_overrides(Config(), [f"data.root={shapes_root}", "data.image_size=224", "data.loader=torch",
+                                     "model.name=resnet18", "runtime.compile=off"])
+    prep = prepare(cfg)
+    dev = prep.runtime.device
+    b = P.setup_budget(dev, 2.0)  # runs a matmul first: this thread's cuBLAS workspace exists from here on
+    before = torch.cuda.memory_allocated(dev)
+    try:
+        settings = P.ProbeSettings(warmup=1, repeats=2, repeat_s=0.05, min_steps=1, max_spread=100.0, with_eval=True)
+        probe = P.StepProbe(prep.task, budget=b, settings=settings, eval_batch=lambda n: 2 * n)
+        small = probe(8, "grow")
+        assert small.fits and small.samples_per_s > 0 and small.peak_reserved_bytes < 2 * GIB
+        big = probe(1024, "grow")
+        assert not big.fits and big.error.startswith("out of memory") and probe.state is None
+        again = probe(8, "grow")  # nothing leaked from the failed size
+        assert again.fits and again.peak_reserved_bytes <= small.peak_reserved_bytes * 1.2
+        probe.close()
+        # What may stay allocated after the probe: cuBLAS and cuBLASLt workspaces (one each per handle and
+        # stream) for autograd's backward thread, which gets its own handle: 2 x 32 MiB on Hopper.
+        allowance = 2 * CUBLAS_WORKSPACE_BYTES
+        assert torch.cuda.memory_allocated(dev) - before <= allowance
+    finally:
+        P.release_budget(b, dev)
+
+
+@pytest.mark.gpu
+def test_gpu_autotune_respects_the_budget(shapes_root, tmp_path):
+    cfg = apply_overrides(Config(), [f"data.root={shapes_root}", "data.image_size=224", "model.name=resnet18",
+                                     "tune.max_batch=1024", "tune.verify_s=2", f"train.runs_dir={tmp_path}",
+                                     f"tune.cache_dir={tmp_path / 'cache'}"])
+    r = A.autotune(cfg, memory_budget_gib=4.0, out_dir=tmp_path / "out")
+    assert r.ok, r.to_table()
+    assert r.budget.mode == "emulated"
+    assert all(c.usage_bytes <= 0.9 * 4 * GIB for c in r.candidates if c.usable)
+    by = {c.batch_size: c for c in r.candidates}
+    assert by[r.chosen_batch].samples_per_s >= (1 - cfg.tune.noise) * by[r.best_batch].samples_per_s
+    assert all(c.usable or R.fits_label(c) != "yes" for c in r.compiled_tried)

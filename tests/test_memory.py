@@ -1,0 +1,122 @@
+"""Device memory helpers on CPU: byte formatting, the out-of-memory classifier, peaks, the per-process cap (CUDA
+calls stubbed) and NVML's per-process reading (pynvml stubbed)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+
+from fasttrain import memory as M
+
+
+def test_format_bytes_picks_a_unit_and_can_be_forced():
+    assert M.format_bytes(None) == "-"
+    assert M.format_bytes(512) == "512 B"
+    assert M.format_bytes(3 * M.KIB) == "3.0 KiB"
+    assert M.format_bytes(32 * M.MIB) == "32.0 MiB"
+    assert M.format_bytes(int(1.5 * M.GIB)) == "1.50 GiB"
+    assert M.format_bytes(32 * M.MIB, "GiB") == "0.03 GiB"
+    with pytest.raises(ValueError, match="unit"):
+        M.format_bytes(1, "TB")
+
+
+def test_oom_classifier_accepts_only_out_of_memory():
+    assert M.is_oom_error(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert M.is_oom_error(RuntimeError("CUDA error: out of memory"))
+    assert M.is_oom_error(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert M.is_oom_error(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB"))
+    assert M.is_oom_error(MemoryError())
+    wrapped = RuntimeError("backend compiler failed")
+    wrapped.__cause__ = torch.OutOfMemoryError("CUDA out of memory")
+    assert M.is_oom_error(wrapped)
+    assert not M.is_oom_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x3 and 4x4)"))
+    assert not M.is_oom_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not M.is_oom_error(ValueError("out of memory"))  # not a runtime error from torch
+    assert not M.is_oom_error(KeyError("x"))
+    assert not M.is_oom_error(None)
+
+
+def test_oom_summary_is_one_line_and_short():
+    text = M.oom_summary(torch.OutOfMemoryError("CUDA out of memory. " + "x" * 500 + "\nsecond line"))
+    assert text.startswith("out of memory (CUDA out of memory.") and "\n" not in text and len(text) < 200
+    assert M.oom_summary(MemoryError()) == "out of memory (MemoryError)"
+
+
+def test_peaks_on_cpu_report_rss_only():
+    peak = M.read_peak("cpu")
+    assert peak.peak_allocated_bytes is None and peak.peak_reserved_bytes is None
+    assert peak.peak_rss_bytes > 10 * M.MIB  # a Python process with torch holds far more than 10 MiB
+    assert M.peak_memory(torch.device("cpu")) == {"peak_allocated_bytes": None, "peak_reserved_bytes": None,
+                                                  "peak_rss_bytes": M.peak_memory("cpu")["peak_rss_bytes"]}
+    assert "RSS" in peak.describe()
+    M.reset_peak_memory("cpu")  # no-op, no CUDA init
+    assert M.alloc_retries("cpu") == 0 and M.allocated_bytes("cpu") is None and M.reserved_bytes("cpu") is None
+    assert M.outside_torch_bytes("cpu") is None
+    with pytest.raises(ValueError, match="CUDA"):
+        M.device_memory("cpu")
+
+
+def test_memory_peak_max_keeps_the_larger_of_each():
+    a = M.MemoryPeak(10, 20, 100)
+    b = M.MemoryPeak(15, None, 50)
+    assert a.max(b) == M.MemoryPeak(15, 20, 100)
+    assert "reserved" in a.describe()
+
+
+class FakeCuda:
+    """torch.cuda's per-process fraction, as a dict per device index."""
+
+    def __init__(self, start: float):
+        self.fraction = {0: start}
+
+    def get(self, device=None):
+        return self.fraction[torch.device(device).index]
+
+    def set(self, fraction, device=None):
+        assert isinstance(fraction, float)
+        self.fraction[torch.device(device).index] = fraction
+
+
+def test_memory_fraction_restores_the_users_own_cap(monkeypatch):
+    fake = FakeCuda(0.7)  # the user capped this process at 70 % before calling us
+    monkeypatch.setattr(torch.cuda, "get_per_process_memory_fraction", fake.get)
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", fake.set)
+    dev = torch.device("cuda", 0)
+    with M.memory_fraction(dev, 0.25):
+        assert M.get_memory_fraction(dev) == 0.25
+        M.set_memory_fraction(dev, 1.7)  # clamped
+        assert fake.fraction[0] == 1.0
+    assert fake.fraction[0] == 0.7  # not 1.0: the user's value comes back
+    with pytest.raises(RuntimeError), M.memory_fraction(dev, 0.5):
+        raise RuntimeError("a failing probe")
+    assert fake.fraction[0] == 0.7
+
+
+def test_process_device_bytes_reads_this_process_from_nvml(monkeypatch):
+    import os
+
+    proc = types.SimpleNamespace
+    nvml = types.ModuleType("pynvml")
+    nvml.nvmlInit = lambda: None
+    nvml.nvmlShutdown = lambda: None
+    nvml.nvmlDeviceGetHandleByUUID = lambda uuid: ("handle", uuid)
+    nvml.nvmlDeviceGetComputeRunningProcesses = lambda h: [proc(pid=1, usedGpuMemory=5 * M.GIB),
+                                                           proc(pid=os.getpid(), usedGpuMemory=3 * M.GIB)]
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(uuid="abc"))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 2 * M.GIB)
+    dev = torch.device("cuda", 0)
+    assert M.process_device_bytes(dev) == 3 * M.GIB
+    assert M.outside_torch_bytes(dev) == 1 * M.GIB  # 3 GiB held, 2 GiB of it torch's reserved cache
+    nvml.nvmlDeviceGetComputeRunningProcesses = lambda h: [proc(pid=1, usedGpuMemory=5 * M.GIB)]
+    assert M.process_device_bytes(dev) is None  # this process not visible (container PID namespace)
+    nvml.nvmlDeviceGetMemoryInfo = lambda h: proc(total=80 * M.GIB, used=9 * M.GIB)
+    assert M.outside_torch_bytes(dev) == 7 * M.GIB  # then the whole device (other processes included)
+    assert M.device_memory(dev) == M.DeviceMemory(80 * M.GIB, 9 * M.GIB, "nvml")
+
+
+def test_cublas_workspace_constant_is_the_hopper_default():
+    assert M.CUBLAS_WORKSPACE_BYTES == 4096 * M.KIB * 8
