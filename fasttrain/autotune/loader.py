@@ -163,50 +163,15 @@ def queue_depth(backend: str, data: DataConfig) -> int:
     return 0
 
 
-def _data_modules() -> list[Any]:
-    """Every module of ``fasttrain.data``, imported (none imports DALI itself): where loaders find the pre-check."""
-    import importlib
-    import pkgutil
-
-    import fasttrain.data as data
-
-    out = []
-    for info in pkgutil.iter_modules(data.__path__):
-        try:
-            out.append(importlib.import_module(f"fasttrain.data.{info.name}"))
-        except ImportError:
-            continue
-    return out
-
-
 @contextlib.contextmanager
 def reuse_file_checks() -> Iterator[dict]:
     """Within the block, the file pre-check every loader runs over its whole split when it is built (reading each
-    file's header: minutes on 1.28 M files) answers each file list once, whichever backend and loader setting asks.
+    file's header: minutes on 1.28 M files) answers each file list once, whichever backend and loader setting asks
+    (:func:`fasttrain.data.checks.remembered_prechecks`)."""
+    from fasttrain.data.checks import remembered_prechecks
 
-    The pre-check is one function, ``fasttrain.data.checks.precheck``; loader modules import it by name, so every
-    reference a ``fasttrain.data`` module holds to it is swapped for the remembering one (all modules imported
-    first: one imported inside the block would keep the wrapper) and put back afterwards."""
-    from fasttrain.data import checks
-
-    modules = _data_modules()
-    original = checks.precheck
-    memo: dict[tuple, Any] = {}
-
-    def once(paths, *args, **kwargs):
-        key = (tuple(paths), args, tuple(sorted((k, v) for k, v in kwargs.items() if k != "threads")))
-        if key not in memo:
-            memo[key] = original(paths, *args, **kwargs)
-        return memo[key]
-
-    patched = [(m, name) for m in modules for name, value in vars(m).items() if value is original]
-    for m, name in patched:
-        setattr(m, name, once)
-    try:
+    with remembered_prechecks() as memo:
         yield memo
-    finally:
-        for m, name in patched:
-            setattr(m, name, original)
 
 
 def _same(x: Any) -> Any:
