@@ -131,6 +131,21 @@ def bench_config(size: BenchSize, *, model: str, batch_size: int, precision: str
     })
 
 
+def skip_on_oom(fn: Any, what: str) -> Any:
+    """``fn()``, or skip the benchmark (not fail it) when it runs out of memory: fasttrain's own rule for what
+    counts as out of memory (torch's OOM error, cuBLAS / cuDNN allocation failures, one re-raised by compile).
+    Any other error is a real failure and propagates."""
+    from fasttrain.memory import is_oom_error, oom_summary
+
+    try:
+        return fn()
+    except Exception as e:
+        if not is_oom_error(e):
+            raise
+        why = oom_summary(e)
+    pytest.skip(f"{what}: {why} on this device")  # outside the except: the traceback's tensors are gone
+
+
 def skip_unavailable_backend(backend: str) -> None:
     """Skip (not fail) a backend whose module has not been written or whose library cannot run here."""
     import importlib.util

@@ -7,12 +7,12 @@ DataLoader with a ``loss.item()`` per step. ``tools/bench_summary.py`` prints fa
 from __future__ import annotations
 
 import pytest
-import torch
 
-from benchutil import NaiveScript, bench_config, naive_loader, skip_unavailable_backend
+from benchutil import NaiveScript, bench_config, naive_loader, skip_on_oom, skip_unavailable_backend
 from fasttrain import bench
 from fasttrain.prepare import prepare
 from fasttrain.runtime import BackendFlags
+from fasttrain.timing import train_step_fn
 
 pytestmark = pytest.mark.benchmark(group="end_to_end")
 
@@ -26,25 +26,18 @@ def test_end_to_end(benchmark, measure, size, device, data_root, e2e_model, back
     task = prep.task
     state = task.build_state()
     loader = task.make_loader(prep.source.train, train=True, batch_size=batch_size, backend=prep.backend)
-    state.train(True)
     batches = bench.cycle_batches(loader)
-
-    def step() -> int:
-        batch = next(batches)
-        task.train_step(state, batch)
-        return len(batch)
+    step = train_step_fn(task, state, lambda: next(batches), accumulation=1)  # as fasttrain bench times it
 
     try:
-        measure(
+        skip_on_oom(lambda: measure(
             lambda: bench.run_steps(step, size.steps_per_round, device),
             samples_per_round=batch_size * size.steps_per_round,
             flags=prep.runtime.backend_flags,
             kind="end_to_end", model=e2e_model, batch_size=batch_size, precision=prep.runtime.precision.name,
             backend=prep.backend, compile=prep.runtime.compile, channels_last=prep.runtime.channels_last,
             workers=cfg.data.num_workers, workload=f"{e2e_model}-b{batch_size}",
-        )
-    except torch.cuda.OutOfMemoryError:
-        pytest.skip(f"{e2e_model} batch {batch_size}: out of memory on this GPU")
+        ), f"{e2e_model} batch {batch_size}")
     finally:
         loader.close()
 
@@ -63,13 +56,10 @@ def test_end_to_end_naive(benchmark, measure, size, device, data_root, e2e_model
         images, labels = next(batches)
         return script.step(images, labels)
 
-    try:
-        measure(
-            lambda: bench.run_steps(step, size.steps_per_round, device),
-            samples_per_round=batch_size * size.steps_per_round,
-            flags=BackendFlags.torch_defaults(),  # a script that sets nothing
-            kind="end_to_end", model=e2e_model, batch_size=batch_size, precision="fp32", backend="naive",
-            compile=False, channels_last=False, workers=workers, workload=f"{e2e_model}-b{batch_size}",
-        )
-    except torch.cuda.OutOfMemoryError:
-        pytest.skip(f"naive {e2e_model} batch {batch_size}: out of memory on this GPU")
+    skip_on_oom(lambda: measure(
+        lambda: bench.run_steps(step, size.steps_per_round, device),
+        samples_per_round=batch_size * size.steps_per_round,
+        flags=BackendFlags.torch_defaults(),  # a script that sets nothing
+        kind="end_to_end", model=e2e_model, batch_size=batch_size, precision="fp32", backend="naive",
+        compile=False, channels_last=False, workers=workers, workload=f"{e2e_model}-b{batch_size}",
+    ), f"naive {e2e_model} batch {batch_size}")

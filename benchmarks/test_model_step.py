@@ -10,19 +10,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchutil import NaiveScript, bench_config
+from benchutil import NaiveScript, bench_config, skip_on_oom
 from fasttrain import bench
 from fasttrain.runtime import BackendFlags, runtime_for
 from fasttrain.tasks import make_task
+from fasttrain.timing import train_step_fn
 
 pytestmark = pytest.mark.benchmark(group="model_step")
-
-
-def _run_or_skip_oom(fn, what: str):
-    try:
-        return fn()
-    except torch.cuda.OutOfMemoryError:
-        pytest.skip(f"{what}: out of memory on this GPU")
 
 
 def test_model_step(benchmark, measure, size, device, model_case):
@@ -35,13 +29,9 @@ def test_model_step(benchmark, measure, size, device, model_case):
     task = make_task(cfg, runtime, None)
     state = task.build_state()
     batch = task.synthetic_batch(batch_size, task.input_spec(), train=True)
-    state.train(True)
+    step = train_step_fn(task, state, lambda: batch, accumulation=1)  # the step fasttrain bench and autotune time
 
-    def step() -> int:
-        task.train_step(state, batch)
-        return batch_size
-
-    _run_or_skip_oom(lambda: measure(
+    skip_on_oom(lambda: measure(
         lambda: bench.run_steps(step, size.steps_per_round, device),
         samples_per_round=batch_size * size.steps_per_round,
         flags=runtime.backend_flags,
@@ -58,7 +48,7 @@ def test_model_step_naive(benchmark, measure, size, device, naive_case):
     images = torch.randn(batch_size, 3, size.image_size, size.image_size, device=device)
     labels = torch.randint(0, size.num_classes, (batch_size,), device=device)
 
-    _run_or_skip_oom(lambda: measure(
+    skip_on_oom(lambda: measure(
         lambda: bench.run_steps(lambda: script.step(images, labels), size.steps_per_round, device),
         samples_per_round=batch_size * size.steps_per_round,
         flags=BackendFlags.torch_defaults(),  # a script that sets nothing

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from fasttrain import distributed
+from fasttrain import distributed, memory
 from fasttrain.checkpoint import (
     CheckpointManager,
     check_resume_config,
@@ -534,8 +534,7 @@ class Trainer:
         n_micro, samples = self.resume_micro, 0
         warned_nonfinite = False
         runtime.synchronize()
-        if runtime.is_cuda:
-            torch.cuda.reset_peak_memory_stats(runtime.device)  # max_memory_gib: this epoch's training peak
+        memory.reset_peak_memory(runtime.device)  # max_memory_gib: this epoch's training peak
         t0 = t_log = time.perf_counter()
         samples_log = 0
         try:
@@ -587,8 +586,9 @@ class Trainer:
         record["lr"] = next(iter(state.optimizers.values())).param_groups[0]["lr"]
         record["samples_per_s"] = round(samples / elapsed, 3) if elapsed > 0 else None
         record["epoch_time_s"] = round(elapsed, 3)
-        if runtime.is_cuda:
-            record["max_memory_gib"] = round(torch.cuda.max_memory_allocated(runtime.device) / 2**30, 3)
+        peak = memory.read_peak(runtime.device).peak_allocated_bytes
+        if peak is not None:
+            record["max_memory_gib"] = round(peak / memory.GIB, 3)
         return record
 
     def _log_step(self, epoch: int, step_in_epoch: int, means: dict[str, float], rate: float | None,
