@@ -99,6 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(resume=args.resume, overrides=args.overrides, progress=not args.quiet)
     else:
         result = train(resolve_config(args.config, args.overrides), progress=not args.quiet)
+    if not _is_main_process():
+        return 0
     final = result.final
     print(f"run folder: {result.run_dir}")
     if final:
@@ -171,8 +173,16 @@ def cmd_autotune(args: argparse.Namespace) -> int:
     report = autotune(resolve_config(args.config, args.overrides), memory_budget_gib=args.memory_budget,
                       out_dir=args.out, verify=not args.no_verify, use_cache=not args.no_cache,
                       time_budget_s=args.time_budget)
-    print(report.to_table())
+    if _is_main_process():
+        print(report.to_table())
     return 0 if report.ok else 1
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun job (or the only process): the one that prints results."""
+    from fasttrain.distributed import dist_info
+
+    return dist_info().is_main
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -183,9 +193,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:  # written at the end: ask now, not after the measurements
         check_writable(Path(args.json).expanduser().parent, "bench --json")
     report = bench(cfg, json_path=args.json)
-    print(report.to_table())
-    if report.json_path:
-        print(f"JSON report: {report.json_path}")
+    if _is_main_process():
+        print(report.to_table())
+        if report.json_path:
+            print(f"JSON report: {report.json_path}")
     return 0
 
 

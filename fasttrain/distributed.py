@@ -20,7 +20,7 @@ import torch
 log = logging.getLogger(__name__)
 
 __all__ = ["DistInfo", "dist_info", "init", "shutdown", "per_rank_batch", "all_reduce_sums", "broadcast_object",
-           "barrier", "current"]
+           "barrier", "current", "wrap_state"]
 
 
 @dataclass(frozen=True)
@@ -160,3 +160,26 @@ def barrier() -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def wrap_state(state: Any, runtime: Any, *, sync_bn: bool = False) -> None:
+    """Under torchrun: each trained module of ``state`` wrapped in DistributedDataParallel (bucketed all-reduce
+    overlapping the backward pass), compiled whole; ``state.local`` keeps the unwrapped modules for evaluation.
+    One process: nothing changes. ``sync_bn`` (``model.sync_bn``): SyncBatchNorm, CUDA only."""
+    if not current().enabled:
+        return
+    from torch.nn.parallel import DistributedDataParallel
+
+    from fasttrain.config import ConfigError
+
+    for name, module in state.modules.items():
+        if sync_bn:
+            if not runtime.is_cuda:
+                raise ConfigError("model.sync_bn: SyncBatchNorm needs CUDA devices (NCCL); turn it off on CPU")
+            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)  # keeps the parameter objects
+            state.modules[name] = module
+        ddp = DistributedDataParallel(module, device_ids=[runtime.device.index] if runtime.is_cuda else None,
+                                      gradient_as_bucket_view=True)
+        state.ddp[name] = ddp
+        state.callables[name] = runtime.compiled(ddp)
+        state.local[name] = runtime.compiled(module)

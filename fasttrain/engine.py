@@ -392,7 +392,7 @@ class Trainer:
             total_steps = self.steps_per_epoch * self.tc.epochs
             task.restoring = ckpt is not None  # resume: the checkpoint's weights, not the starting ones
             self.state = state = task.build_state()
-            _parallelize(state, prep)
+            distributed.wrap_state(state, prep.runtime, sync_bn=prep.cfg.model.sync_bn)
             if self.tc.ema_decay > 0:
                 _add_ema(state, task.predict_module, self.tc.ema_decay)
             state.schedulers = {k: make_scheduler(o, cfg.schedule, self.steps_per_epoch, total_steps)
@@ -607,28 +607,7 @@ class Trainer:
                  extra={PROGRESS: True})
 
 
-# -- data parallelism and weight averages --------------------------------------------------------------------------
-def _parallelize(state: TrainState, prep: Prepared) -> None:
-    """Under torchrun: each trained module wrapped in DistributedDataParallel (bucketed all-reduce overlapping the
-    backward pass), compiled whole; ``state.local`` keeps the unwrapped modules for evaluation."""
-    if not prep.dist.enabled:
-        return
-    from torch.nn.parallel import DistributedDataParallel
-
-    runtime = prep.runtime
-    for name, module in state.modules.items():
-        if prep.cfg.model.sync_bn:
-            if not runtime.is_cuda:
-                raise ConfigError("model.sync_bn: SyncBatchNorm needs CUDA devices (NCCL); turn it off on CPU")
-            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)  # keeps the parameter objects
-            state.modules[name] = module
-        ddp = DistributedDataParallel(module, device_ids=[runtime.device.index] if runtime.is_cuda else None,
-                                      gradient_as_bucket_view=True)
-        state.ddp[name] = ddp
-        state.callables[name] = runtime.compiled(ddp)
-        state.local[name] = runtime.compiled(module)
-
-
+# -- weight averages --------------------------------------------------------------------------
 def _add_ema(state: TrainState, name: str, decay: float) -> None:
     """An exponential moving average of ``name``'s weights and buffers, updated after every optimizer step."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn

@@ -30,6 +30,7 @@ beyond the noise.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -145,8 +146,13 @@ def autotune(cfg: Config, *, memory_budget_gib: float | None = None, out_dir: st
     if use_cache:
         report = cache.load(cache_path, fields)
         if report is not None:
+            from fasttrain.distributed import dist_info
+
             report.cached, report.cache_path, report.files = True, str(cache_path), {}
             report.config_name = cfg.name
+            report.world_size = dist_info().world_size
+            if not dist_info().is_main:
+                return report  # every rank read the same answer; rank 0 writes the files
             report.elapsed_s = time.perf_counter() - t_start  # before the files, so the JSON holds it
             write_outputs(cfg, report, _out_dir(cfg, out_dir))
             report.elapsed_s = time.perf_counter() - t_start
@@ -155,6 +161,11 @@ def autotune(cfg: Config, *, memory_budget_gib: float | None = None, out_dir: st
 
     with runtime.flags():
         report = _tune(cfg, budget_gib, verify=verify, clock=clock)
+    report = _agree(report)
+    from fasttrain import distributed  # imports torch: not at module level (the search must not)
+
+    if not distributed.current().is_main:
+        return report  # rank 0 writes the files and the cache
     report.environment = environment()
     report.elapsed_s = time.perf_counter() - t_start
     if report.ok and not report.reliable:
@@ -168,6 +179,23 @@ def autotune(cfg: Config, *, memory_budget_gib: float | None = None, out_dir: st
         except OSError as e:
             report.notes.append(f"cache not written ({cache_path}: {e})")
     return report
+
+
+def _agree(report: AutotuneReport) -> AutotuneReport:
+    """Under torchrun every process tuned its own GPU for its share of the global batch; all of them take rank 0's
+    answer (sent as its JSON form: open loaders stay where they are)."""
+    from fasttrain import distributed
+    from fasttrain.autotune.report import AutotuneReport
+
+    info = distributed.current()
+    if not info.enabled:
+        return report
+    if report.loader is not None and report.loader.loader is not None:
+        report.loader.loader.close()
+        report.loader.loader = None
+    agreed = AutotuneReport.from_dict(distributed.broadcast_object(report.to_dict()))
+    agreed.world_size = info.world_size
+    return agreed
 
 
 def _out_dir(cfg: Config, out_dir: str | os.PathLike | None) -> Path:
@@ -189,6 +217,11 @@ def _tune(cfg: Config, budget_gib: float, *, verify: bool, clock: TimeBudget) ->
 
     # The GPU cache is chosen against the budget, not the whole (maybe larger) card.
     prep = prepare(cfg, memory_limit=int(budget_gib * GIB))
+    if prep.dist.enabled:
+        # Under torchrun each process tunes its own GPU for its share of the global batch (prepare checked that it
+        # divides); the answer is per GPU, and the tuned config multiplies it back.
+        share = dataclasses.replace(prep.cfg.train, batch_size=prep.cfg.train.batch_size // prep.dist.world_size)
+        prep = dataclasses.replace(prep, cfg=dataclasses.replace(prep.cfg, train=share))
     pcfg, source, runtime = prep.cfg, prep.source, prep.runtime
     tune = pcfg.tune
     seed_everything(pcfg.runtime.seed)

@@ -67,6 +67,7 @@ def machine(runtime) -> dict[str, Any]:
     import torch
 
     from fasttrain import __version__
+    from fasttrain.distributed import dist_info
     from fasttrain.runtime import dali_version
 
     if runtime.is_cuda:
@@ -80,6 +81,7 @@ def machine(runtime) -> dict[str, Any]:
         "dali": dali_version(),
         "workers": default_workers(),
         "fasttrain": __version__,
+        "world_size": dist_info().world_size,  # the answer is per GPU for a share of the global batch
     }
 
 

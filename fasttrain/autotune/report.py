@@ -71,6 +71,9 @@ class AutotuneReport:
     unreliable: list[str] = field(default_factory=list)
     """Why this answer is not trusted enough to cache (noisy probes, the machine's speed changed)."""
     environment: dict[str, Any] = field(default_factory=dict)
+    world_size: int = 1
+    """Processes of the torchrun job the answer is for: every batch here is per GPU, the tuned config's
+    train.batch_size is the global batch (per-GPU x world_size)."""
 
     @property
     def ok(self) -> bool:
@@ -171,6 +174,10 @@ class AutotuneReport:
         if self.plan:
             p = self.plan
             lines.append(f"train: batch_size {p.global_batch} = {p.accumulation} x {p.micro_batch}: {p.note}")
+            if self.world_size > 1:
+                lines.append(f"torchrun: {self.world_size} processes, so the global batch is {self.world_size} x "
+                             f"{p.global_batch} = {self.world_size * p.global_batch} (train.batch_size in the tuned "
+                             f"config); the figures above are per GPU")
         if self.loader:
             lines.append(f"loader ({self.loader.backend}): {self.loader.note}")
         if self.verify:
@@ -310,11 +317,14 @@ def plot_report(report: AutotuneReport | dict[str, Any], path: str | os.PathLike
 
 
 # -- files ------------------------------------------------------------------------------------------------------
-def tuned_config(cfg: Config, plan: BatchPlan, loader_setting: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
-    """The input config with the chosen train.batch_size / accumulation and loader knobs (nothing else)."""
-    train = dataclasses.replace(cfg.train, batch_size=plan.global_batch, accumulation=plan.accumulation)
+def tuned_config(cfg: Config, plan: BatchPlan, loader_setting: dict[str, Any], *, world_size: int = 1
+                 ) -> tuple[Config, dict[str, Any]]:
+    """The input config with the chosen train.batch_size / accumulation and loader knobs (nothing else).
+    ``world_size``: the plan is per GPU; train.batch_size is the global batch over that many processes."""
+    batch = plan.global_batch * world_size
+    train = dataclasses.replace(cfg.train, batch_size=batch, accumulation=plan.accumulation)
     data = dataclasses.replace(cfg.data, **loader_setting)
-    values = {"train.batch_size": plan.global_batch, "train.accumulation": plan.accumulation}
+    values = {"train.batch_size": batch, "train.accumulation": plan.accumulation}
     values.update({f"data.{k}": v for k, v in loader_setting.items()})
     return dataclasses.replace(cfg, train=train, data=data), values
 
@@ -337,7 +347,7 @@ def write_outputs(cfg: Config, report: AutotuneReport, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if report.plan is not None and report.ok:
         setting = report.loader.setting if report.loader else {}
-        new_cfg, report.tuned_values = tuned_config(cfg, report.plan, setting)
+        new_cfg, report.tuned_values = tuned_config(cfg, report.plan, setting, world_size=report.world_size)
         report.files["config"] = str(write_new_text(out / f"{cfg.name}.tuned.toml", tuned_toml(new_cfg, report)))
     if report.candidates:
         try:

@@ -154,3 +154,27 @@ def test_pix2pix_trains_under_two_ranks_with_both_networks_wrapped(tmp_path):
     saved = load_checkpoint(run / "checkpoints" / "last.pt")["state"]["modules"]
     assert set(saved) == {"generator", "discriminator"}
     assert not any(k.startswith("module.") for m in saved.values() for k in m)  # unwrapped: loads anywhere
+
+
+def test_bench_and_autotune_under_two_ranks(shapes_root, tmp_path):
+    """bench: per-GPU and global samples/s and the scaling efficiency; autotune: per-GPU batches, one answer,
+    the global batch it implies in the tuned config."""
+    sets = ["--set", f"data.root={shapes_root}", "--set", "data.image_size=16", "--set", "data.resize_size=16",
+            "--set", "data.loader=torch", "--set", "data.workers=0", "--set", "model.name=mlp", "--set",
+            "model.width=8", "--set", "train.batch_size=32", "--set", "runtime.device=cpu", "--set",
+            "bench.steps=3", "--set", "bench.repeats=1", "--set", "bench.warmup_steps=1",
+            "--set", f"train.runs_dir={tmp_path / 'runs'}", "--set", "tune.time_budget_s=8",
+            "--set", "tune.max_batch=64", "--set", f"tune.cache_dir={tmp_path / 'cache'}"]
+    done = _torchrun(2, ["bench", *sets, "--json", str(tmp_path / "bench.json")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("fasttrain bench") == 1  # rank 0 prints
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["world_size"] == 2 and report["batch_size"] == 16  # per GPU: half the global batch
+    assert report["global_samples_per_s"] == pytest.approx(2 * report["end_to_end"]["samples_per_s"])
+    assert 0 < report["scaling_efficiency"] < 5 and report["model_step_parallel"]["samples_per_s"] > 0
+    done = _torchrun(2, ["autotune", *sets, "--out", str(tmp_path / "tune")])
+    assert done.returncode in (0, 1), done.stderr[-3000:]  # 1: a noisy shared machine may refuse to advise
+    tuned = json.loads(next((tmp_path / "tune").glob("autotune*.json")).read_text())
+    assert tuned["world_size"] == 2 and len(list((tmp_path / "tune").glob("autotune*.json"))) == 1  # rank 0 wrote
+    if tuned["ok"]:
+        assert tuned["tuned_values"]["train.batch_size"] == 2 * tuned["plan"]["global_batch"]
