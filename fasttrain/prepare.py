@@ -24,7 +24,7 @@ from fasttrain.tasks import Task, make_task
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Prepared", "prepare", "resolve_data_root"]
+__all__ = ["Prepared", "prepare", "resolve_data_root", "cache_request"]
 
 
 @dataclass
@@ -91,17 +91,27 @@ def prepare(cfg: Config, *, memory_limit: int | None = None, model: Any = None) 
     return prep
 
 
+def cache_request(source: DataSource, task: Task) -> dict[str, Any] | None:
+    """What the GPU cache would hold for this run, as the keyword arguments of
+    :func:`~fasttrain.data.gpu_cache.cache_fits` (``num_images``, ``kind``, ``train_images``, ``num_targets``);
+    ``None`` when the task has no sample kind the cache serves. The backend choice and autotune's memory budget
+    size the cache from this one place."""
+    kind = task.sample_kind
+    if kind is None:
+        return None
+    # Regression vectors carry each image's width and height besides the targets.
+    num_targets = len(source.target_names) + 2 if kind == "vector" and source.target_names else 0
+    return dict(num_images=len(source.train) + len(source.val or []), kind=kind, train_images=len(source.train),
+                num_targets=num_targets)
+
+
 def _choose_backend(cfg: Config, runtime: Runtime, source: DataSource, memory_limit: int | None, task: Task
                     ) -> tuple[str, str]:
     """The loader backend for every task alike (``data.loader``), and why."""
     from fasttrain.data.loaders import choose_backend
 
-    kind = task.sample_kind
-    if kind is None:
+    request = cache_request(source, task)
+    if request is None:
         return "torch", f"task {cfg.task.name} has no sample kind for the other backends"
-    # Regression vectors carry each image's width and height besides the targets.
-    num_targets = len(source.target_names) + 2 if kind == "vector" and source.target_names else 0
-    return choose_backend(cfg.data.loader, device_type=runtime.device.type,
-                          num_images=len(source.train) + len(source.val or []), cfg=cfg, device=runtime.device,
-                          memory_limit=memory_limit, kind=kind, train_images=len(source.train),
-                          num_targets=num_targets)
+    return choose_backend(cfg.data.loader, device_type=runtime.device.type, cfg=cfg, device=runtime.device,
+                          memory_limit=memory_limit, **request)

@@ -291,7 +291,7 @@ def _run(report: AutotuneReport, prep, budget: Budget, clock: TimeBudget, *, ver
                       time_left=lambda: clock.left(SEARCH_SHARE))
     log.info("autotune %s: %s; %s; time budget %g s (compile excluded)", pcfg.name, runtime.describe(),
              budget.describe(), clock.seconds)
-    resident = _hold_resident_dataset(pcfg, source, backend, device, budget, report.notes)
+    resident = _hold_resident_dataset(pcfg, prep, backend, device, budget, report.notes)
     state: Any = None
     loader_result: LoaderResult | None = None
     try:
@@ -481,22 +481,31 @@ def _verify(report: AutotuneReport, prep, budget: Budget, settings: ProbeSetting
             reference = compiled if compiled.batch_size == plan.micro_batch else None
 
 
-def _hold_resident_dataset(cfg: Config, source, backend: str, device, budget: Budget, notes: list[str]):
+def _hold_resident_dataset(cfg: Config, prep, backend: str, device, budget: Budget, notes: list[str]):
     """With the GPU cache backend the decoded dataset lives on the device for the whole run: hold a placeholder
-    of its size during the probes so it counts against the budget as it will in training."""
+    of its size during the probes so it counts against the budget as it will in training. Sized as the
+    backend choice sized it (:func:`~fasttrain.prepare.cache_request`: the task's sample kind, pairs' training
+    canvas, regression targets)."""
     if backend != "cache" or device.type != "cuda":
         return None
     import torch
 
-    from fasttrain.data.gpu_cache import cache_bytes
     from fasttrain.memory import format_bytes
 
-    n = len(source.train) + len(source.val or [])
-    nbytes = cache_bytes(n, cfg.data)
+    nbytes = resident_cache_bytes(cfg, prep)
     if budget.budget_bytes and nbytes > 0.5 * budget.budget_bytes:
         notes.append(f"the GPU cache of the dataset takes {format_bytes(nbytes, 'GiB')}, over half the budget: "
                      f"data.loader = dali or torch may allow larger batches")
     return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+
+def resident_cache_bytes(cfg: Config, prep) -> int:
+    """Bytes the GPU cache takes for ``prep``'s dataset (training samples at their training size)."""
+    from fasttrain.data.gpu_cache import dataset_cache_bytes
+    from fasttrain.prepare import cache_request
+
+    request = cache_request(prep.source, prep.task)
+    return 0 if request is None else dataset_cache_bytes(data=cfg.data, **request)
 
 
 _callable_module(__name__, "autotune")  # fasttrain.autotune(...) is autotune(...): see fasttrain/__init__.py

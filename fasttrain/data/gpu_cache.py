@@ -63,7 +63,8 @@ from fasttrain.data.sources import Split
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cache_bytes", "cache_fits", "sample_bytes", "GpuCacheLoader", "DeviceAugment", "Take", "ResizedCropFlip",
+__all__ = ["cache_bytes", "dataset_cache_bytes", "cache_fits", "sample_bytes",
+           "GpuCacheLoader", "DeviceAugment", "Take", "ResizedCropFlip",
            "PairCropFlip", "random_resized_crop_theta", "build"]
 
 _RRC_ATTEMPTS = 10  # as torchvision: the first of 10 sampled windows that fits the canvas is used
@@ -89,6 +90,15 @@ def cache_bytes(num_images: int, data: DataConfig, kind: str = "class", *, train
     return num_images * sample_bytes(kind, data, train=train, num_targets=num_targets)
 
 
+def dataset_cache_bytes(num_images: int, data: DataConfig, *, kind: str = "class", train_images: int | None = None,
+                        num_targets: int = 0) -> int:
+    """Bytes the cache holds for a whole dataset: ``train_images`` of the ``num_images`` at the training size
+    (pairs: the jitter canvas), the rest at the eval size. What :func:`cache_fits` weighs and autotune holds."""
+    train_n = min(train_images or 0, num_images)
+    return (cache_bytes(train_n, data, kind, train=True, num_targets=num_targets)
+            + cache_bytes(num_images - train_n, data, kind, num_targets=num_targets))
+
+
 def _available_ram() -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -112,8 +122,7 @@ def cache_fits(num_images: int, data: DataConfig, device: torch.device | str | N
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     train_n = min(train_images or 0, num_images)
-    need = (cache_bytes(train_n, data, kind, train=True, num_targets=num_targets)
-            + cache_bytes(num_images - train_n, data, kind, num_targets=num_targets))
+    need = dataset_cache_bytes(num_images, data, kind=kind, train_images=train_images, num_targets=num_targets)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         total, where = props.total_memory, f"{props.name} memory"

@@ -578,3 +578,27 @@ def test_gpu_autotune_respects_the_budget(shapes_root, tmp_path):
     by = {c.batch_size: c for c in r.candidates}
     assert by[r.chosen_batch].samples_per_s >= (1 - cfg.tune.noise) * by[r.best_batch].samples_per_s
     assert all(c.usable or R.fits_label(c) != "yes" for c in r.compiled_tried)
+
+
+def test_resident_cache_is_sized_by_the_tasks_sample_kind(tmp_path):
+    """The GPU cache placeholder autotune holds during probes is what the cache backend will really hold: a
+    pix2pix sample is two images, its training pairs at the jitter canvas; a classification sample one image
+    and a label. Sizing pairs as classification would under-charge the budget by more than half."""
+    from fasttrain.data import synthetic
+    from fasttrain.data.samples import pair_load_size
+    from fasttrain.prepare import prepare
+
+    root = synthetic.make_paired_dataset(tmp_path / "pairs", n=10, size=32)
+    cfg = load_config("pix2pix", [f"data.root={root}", "data.image_size=32", "runtime.device=cpu"])
+    prep = prepare(cfg)
+    n_train, n_val = len(prep.source.train), len(prep.source.val or [])
+    assert (n_train, n_val) == (8, 2)
+    load = pair_load_size(32)
+    assert load > 32
+    assert A.resident_cache_bytes(cfg, prep) == n_train * 2 * 3 * load * load + n_val * 2 * 3 * 32 * 32
+
+    shapes = synthetic.make_shapes_dataset(tmp_path / "shapes", train_per_class=3, val_per_class=1, size=16)
+    ccfg = load_config("catfish", [f"data.root={shapes}", "data.image_size=16", "runtime.device=cpu"])
+    cprep = prepare(ccfg)
+    n = len(cprep.source.train) + len(cprep.source.val or [])
+    assert A.resident_cache_bytes(ccfg, cprep) == n * (3 * 16 * 16 + 8)
