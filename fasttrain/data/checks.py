@@ -264,7 +264,7 @@ def _precheck(paths: Sequence[str], *, max_pixels: int, threads: int, split: str
             out.keep.append(i)
             out.infos.append(info)
         else:
-            out.bad.append((path, why))
+            out.bad.append((path, why or "unreadable"))
             log.warning("skipping %s: %s", path, why)
     if not out.keep:
         raise BadDataError(_none_usable(split, len(paths), out.bad))

@@ -408,7 +408,7 @@ class DaliLoader:
         readers = max(2, min(8, data.num_dali_threads // 4))  # reading is I/O: a few threads keep ahead
         self._feeder = _Feeder(self, readers=readers, ahead=data.prefetch + 1)
         self._feeder.reset(self._key(self.sampler.epoch), 0)
-        self._pipe = None
+        self._pipe: Any = None
         self._build()  # fail here, not at the first step, if DALI cannot run this graph
 
     # -- the loader contract -----------------------------------------------------------------------------
@@ -514,11 +514,18 @@ class DaliLoader:
 
     def _outputs(self, samples: list[_Sample]) -> tuple:
         """The external source's outputs for one batch, in the order of :meth:`_output_names`."""
+
+        def windows() -> list[tuple[int, int, int, int]]:  # drawn for every sample when the crop is random
+            ws = [s.window for s in samples]
+            if any(w is None for w in ws):
+                raise RuntimeError("DALI loader: a sample has no random-resized-crop window")
+            return cast("list[tuple[int, int, int, int]]", ws)
+
         columns: dict[str, Any] = {
             "encoded": lambda: [s.data for s in samples],
             "index": lambda: np.array([s.index for s in samples], np.int64),
-            "anchor": lambda: np.array([(s.window[1], s.window[0]) for s in samples], np.int32),  # (x, y)
-            "shape": lambda: np.array([(s.window[3], s.window[2]) for s in samples], np.int32),  # (w, h)
+            "anchor": lambda: np.array([(w[1], w[0]) for w in windows()], np.int32),  # (x, y)
+            "shape": lambda: np.array([(w[3], w[2]) for w in windows()], np.int32),  # (w, h)
             "mirror": lambda: np.array([s.flip for s in samples], np.int32),
             "encoded_b": lambda: [s.data_b for s in samples],
             "half": lambda: np.array([s.half for s in samples], np.int32),

@@ -92,8 +92,8 @@ def scan_images(folder: Path) -> ImageScan:
             seen.add((st.st_dev, st.st_ino))
             with os.scandir(d) as it:
                 entries = sorted(it, key=lambda e: e.name)
-        except OSError as e:
-            log.warning("cannot list %s: %s", d, e.strerror or e)
+        except OSError as err:
+            log.warning("cannot list %s: %s", d, err.strerror or err)
             return False
         found = False
         for e in entries:

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -66,7 +67,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, color: tuple) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, color: tuple | int) -> None:
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
     elif shape == "square":
@@ -150,7 +151,8 @@ def _size2(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def drawing_session(steps: int, size: int | tuple[int, int], rng: random.Random) -> list[tuple[Image.Image, dict]]:
+def drawing_session(steps: int, size: int | tuple[int, int], rng: random.Random
+                    ) -> list[tuple[Image.Image, dict[str, Any] | None]]:
     """Canvases 0..steps and the strokes 1..steps of one session: ``[(canvas_k, stroke_k+1), ...]``.
 
     What makes it learnable: each stroke starts where the previous one ended, marked on the canvas by a
@@ -279,7 +281,7 @@ def imagenet_like_image(size: tuple[int, int], class_index: int, classes: int, r
     """A photo-sized JPEG with photo-like entropy: a smooth random field tinted by class, a shape, fine grain."""
     w, h = size
     field = rng.random((max(2, h // 24), max(2, w // 24), 3), dtype=np.float32)
-    im = Image.fromarray((field * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC)
+    im = Image.fromarray((field * 255).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
     hue = Image.new("RGB", (w, h), tuple(int(v) for v in np.array(
         [math.sin(2 * math.pi * (class_index / classes + k / 3)) * 0.5 + 0.5 for k in range(3)]) * 255))
     im = Image.blend(im, hue, 0.35)
@@ -305,7 +307,8 @@ def make_imagenet_like(root: str | os.PathLike, n: int = 1000, classes: int = 10
     _need(val >= 0, "val", val, ">= 0")
     _need(classes >= 1, "classes", classes, ">= 1")
     _need(1 <= quality <= 100, "quality", quality, "in 1..100")
-    _check_size(tuple(size))
+    size = (int(size[0]), int(size[1]))  # a list from JSON or TOML too
+    _check_size(size)
     root = Path(root)
     rng = np.random.default_rng(seed)
     with atomic_dir(root) as tmp:
@@ -314,6 +317,6 @@ def make_imagenet_like(root: str | os.PathLike, n: int = 1000, classes: int = 10
                 (tmp / split / f"class_{c:03d}").mkdir(parents=True)
             for i in range(count):
                 c = i % classes
-                data = imagenet_like_image(tuple(size), c, classes, rng, quality)  # type: ignore[arg-type]
+                data = imagenet_like_image(size, c, classes, rng, quality)
                 (tmp / split / f"class_{c:03d}" / f"{i:06d}.jpg").write_bytes(data)
     return root
