@@ -35,12 +35,14 @@ loader does). More than ``data.max_bad_per_epoch`` such files in an epoch stop t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
 import math
 import re
 import threading
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -214,7 +216,11 @@ class _Feeder:
     threads, and records it in ``in_flight`` until the loader takes its output (DALI keeps batches in order)."""
 
     def __init__(self, loader: DaliLoader, readers: int, ahead: int):
-        self.loader, self.ahead = loader, ahead
+        # A weak reference: the pipeline holds this feeder as its source, so a strong one would make a cycle
+        # (loader -> pipeline -> feeder -> loader) that only the cyclic GC frees, at a moment nobody chose,
+        # possibly inside a forked DataLoader worker, where destroying the pipeline hangs.
+        self._loader = weakref.ref(loader)
+        self.ahead = ahead
         self.pool = ThreadPoolExecutor(max_workers=readers, thread_name_prefix="fasttrain-dali-read")
         self.in_flight: deque[_Planned] = deque()
         self.queue: deque[tuple[_Planned, Future]] = deque()
@@ -223,6 +229,13 @@ class _Feeder:
         self.serial = self._counter = 0
         self.pos = (0, 0)
         self._orders: dict[int, list[int]] = {}
+
+    @property
+    def loader(self) -> DaliLoader:
+        loader = self._loader()
+        if loader is None:
+            raise RuntimeError("DALI loader: the loader was freed while its pipeline still ran")
+        return loader
 
     def reset(self, key: int, batch: int, serial: int | None = None) -> int:
         """Plan from (key, batch) on, as a new serial (or continuing ``serial``); drops the batches read ahead."""
@@ -429,6 +442,11 @@ class DaliLoader:
         """Shut the pipeline and the readers down (tensors already handed out stay valid)."""
         self._drop_pipeline()
         self._feeder.close()
+
+    def __del__(self) -> None:
+        # A loader dropped without close() releases its pipeline and threads here, in the process that owns them.
+        with contextlib.suppress(Exception):
+            self.close()
 
     def __iter__(self) -> Iterator[Batch]:
         epoch, start, self._start = self.sampler.epoch, self._start, 0

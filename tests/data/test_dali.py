@@ -5,9 +5,11 @@ Everything runs in DALI's CPU-only mode (``device_id=None``); the ``gpu`` tests 
 
 from __future__ import annotations
 
+import gc
 import logging
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import badfiles
@@ -226,6 +228,27 @@ def test_eval_matches_the_torch_path_on_imagenette(tmp_path_factory, shared_extr
     err = (x - torch_reference(paths, data, spec)).abs()
     assert err.flatten(1).mean(1).max() < PARITY_MEAN_ABS
     assert err.max() < PARITY_MAX_ABS
+
+
+@needs_dali
+def test_a_loader_dropped_without_close_is_freed_at_once_not_by_a_later_gc(mixed):
+    """A DALI pipeline left to the cyclic garbage collector is destroyed wherever the collector next runs,
+    including inside a forked DataLoader worker, where its executor waits for threads that do not exist in the
+    child: the worker hangs (seen: a torch loader with workers after an unclosed DALI loader). Dropping the last
+    reference must free the loader, its readers and its pipeline right there."""
+    data = DataConfig(image_size=16)
+    loader = DaliLoader(split_of(mixed), data, spec_for(data), batch_size=5, train=False, seed=0)
+    next(iter(loader))
+    pipe, pool = weakref.ref(loader._pipe), loader._feeder.pool
+    gc.disable()
+    try:
+        gone = weakref.ref(loader)
+        del loader
+        assert gone() is None, "the loader is kept alive by a reference cycle"
+        assert pipe() is None
+        assert pool._shutdown
+    finally:
+        gc.enable()
 
 
 @needs_dali
