@@ -120,7 +120,7 @@ def check_image_file(path):
 # -- no DALI needed -----------------------------------------------------------------------------------------
 
 def test_importing_the_package_has_no_side_effects():
-    """Importing any module has no side effects: no DALI import, no CUDA initialisation, no cuDNN flag changed by importing any module."""
+    """Importing any module has no side effects: no DALI import, no CUDA initialisation, no cuDNN flag changed."""
     code = ("import sys, torch; flags = torch.backends.cudnn.benchmark; "
             "import fasttrain, fasttrain.cli, fasttrain.engine, fasttrain.autotune, fasttrain.bench, "
             "fasttrain.predict, fasttrain.data.dali, fasttrain.data.gpu_cache, fasttrain.data.loaders, "
