@@ -164,8 +164,10 @@ class BenchReport:
         return write_new_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-def bench(cfg: Config, *, json_path: str | os.PathLike | None = None) -> BenchReport:
+def bench(cfg: Config, *, json_path: str | os.PathLike | None = None, model: Any = None, dataset: Any = None,
+          val_dataset: Any = None) -> BenchReport:
     """Loader-only, model-only and end-to-end samples/s for ``cfg``, with the verdict. Writes JSON when asked.
+    ``model``, ``dataset``, ``val_dataset``: your own, as :func:`fasttrain.train` takes them.
 
     The config is prepared exactly as ``fasttrain train`` prepares it (data root, runtime, task, backend);
     ``cfg.bench`` (warmup_steps, steps, repeats) sets every measurement; batches are training micro-batches.
@@ -175,7 +177,7 @@ def bench(cfg: Config, *, json_path: str | os.PathLike | None = None) -> BenchRe
     from fasttrain.prepare import prepare
     from fasttrain.runtime import environment, seed_everything
 
-    prep = prepare(cfg)
+    prep = prepare(cfg, model=model, dataset=dataset, val_dataset=val_dataset)
     cfg, runtime = prep.cfg, prep.runtime
     seed_everything(cfg.runtime.seed)
     b, tc = cfg.bench, cfg.train

@@ -81,11 +81,13 @@ class TrainResult:
 def train(cfg: Config | None = None, *, resume: str | Path | None = None, progress: bool = True,
           overrides: list[str] | None = None,
           on_epoch_end: Callable[[TrainState, dict[str, Any]], None] | None = None,
-          model: Any = None) -> TrainResult:
+          model: Any = None, dataset: Any = None, val_dataset: Any = None) -> TrainResult:
     """Train ``cfg`` in a new run folder, or continue the run in ``resume`` from its last checkpoint.
 
     ``model``: your own ``nn.Module`` (or a function returning one) instead of ``model.name``'s; the run then
     records ``model.name = custom``, and resuming or predicting needs the same ``model=`` again.
+    ``dataset`` / ``val_dataset``: your own map-style datasets of ``(image tensor, label)`` instead of
+    ``data.root``'s files (see :mod:`fasttrain.data.user`); resuming needs them again.
 
     ``overrides`` (``section.key=value``) apply on top of a resumed run's config (e.g. more epochs; what may
     change is :data:`fasttrain.checkpoint.RESUME_MAY_CHANGE`). ``on_epoch_end(state, record)`` is called after
@@ -116,7 +118,7 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, progre
                 check_writable(run_dir / "checkpoints", "--resume")  # read-only: fail now, not after an epoch
             cfg, ckpt = _resumed_config(run_dir, overrides)
         assert cfg is not None
-        prep = prepare(cfg, model=model)
+        prep = prepare(cfg, model=model, dataset=dataset, val_dataset=val_dataset)
         _check_best_metric(prep.task, prep.cfg.train.best_metric, bool(prep.source.val))
         seed_everything(prep.cfg.runtime.seed)
         with prep.runtime.flags():

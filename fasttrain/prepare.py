@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fasttrain import distributed
-from fasttrain.config import Config
+from fasttrain.config import Config, ConfigError
 from fasttrain.data.sources import DataSource, discover
 from fasttrain.distributed import DistInfo
 from fasttrain.runtime import Runtime, resolve_device, runtime_for
@@ -49,6 +49,13 @@ class Prepared:
     def eval_batch(self) -> int:
         return max(1, self.cfg.train.eval_batch // self.dist.world_size)
 
+    def new_task(self, cfg: Config | None = None, runtime: Runtime | None = None) -> Task:
+        """A task like this one for another config or runtime (autotune's eager probes, loader trials and
+        verification), over the same data and with the same model given from Python, if any."""
+        task = make_task(cfg or self.cfg, runtime or self.runtime, self.source)
+        task.custom_model = self.task.custom_model
+        return task
+
 
 def resolve_data_root(cfg: Config) -> Config:
     """An empty data.root means the demo dataset, written on first use. The root is made absolute, so a run's
@@ -63,18 +70,31 @@ def resolve_data_root(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
 
 
-def prepare(cfg: Config, *, memory_limit: int | None = None, model: Any = None) -> Prepared:
+def prepare(cfg: Config, *, memory_limit: int | None = None, model: Any = None, dataset: Any = None,
+            val_dataset: Any = None) -> Prepared:
     """Resolve the data root, discover files, fix the output count, join a torchrun job, decide the runtime,
     the task and the backend, and check that a step can run. ``memory_limit``: device bytes the run may use
     when smaller than the card (the GPU cache must fit it). ``model``: an ``nn.Module`` (or a function returning
-    one) from Python, used instead of ``model.name``'s (which becomes ``custom``)."""
+    one) from Python, used instead of ``model.name``'s (which becomes ``custom``). ``dataset`` /
+    ``val_dataset``: map-style datasets from Python instead of ``data.root``'s files (:mod:`fasttrain.data.user`;
+    ``data.root`` then records ``python:<class name>``)."""
+    from fasttrain.data.user import DATASET_ROOT, dataset_source, is_dataset_run
     from fasttrain.models import CUSTOM, check_model
 
     if model is not None and cfg.model.name != CUSTOM:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=CUSTOM))
     check_model(cfg.model.name, given=model is not None)
-    cfg = resolve_data_root(cfg)
-    source = discover(cfg.data)
+    if dataset is not None:
+        cfg, source = dataset_source(cfg, dataset, val_dataset)
+    elif val_dataset is not None:
+        raise ValueError("val_dataset: given without dataset (the training data)")
+    elif is_dataset_run(cfg):
+        raise ConfigError(f"data.root = {cfg.data.root!r}: this run trained on a dataset given from Python; pass it "
+                          f"again (dataset=...), or set data.root to a folder of images (a root may not start with "
+                          f"{DATASET_ROOT!r})")
+    else:
+        cfg = resolve_data_root(cfg)
+        source = discover(cfg.data)
     if not cfg.model.num_outputs and source.num_outputs:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_outputs=source.num_outputs))
     info = distributed.init(resolve_device(cfg.runtime.device).type)
@@ -110,6 +130,10 @@ def _choose_backend(cfg: Config, runtime: Runtime, source: DataSource, memory_li
     """The loader backend for every task alike (``data.loader``), and why."""
     from fasttrain.data.loaders import choose_backend
 
+    if source.format == "dataset":
+        from fasttrain.data.user import choose_dataset_backend
+
+        return choose_dataset_backend(cfg.data.loader, source, cfg, runtime.device, memory_limit)
     request = cache_request(source, task)
     if request is None:
         return "torch", f"task {cfg.task.name} has no sample kind for the other backends"

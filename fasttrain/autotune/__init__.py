@@ -116,7 +116,8 @@ _FAILURE_TEXT = {"oom": "out of memory", "retries": "allocator retries", "headro
 
 
 def autotune(cfg: Config, *, memory_budget_gib: float | None = None, out_dir: str | os.PathLike | None = None,
-             verify: bool = True, use_cache: bool = True, time_budget_s: float | None = None) -> AutotuneReport:
+             verify: bool = True, use_cache: bool = True, time_budget_s: float | None = None, model: Any = None,
+             dataset: Any = None, val_dataset: Any = None) -> AutotuneReport:
     """Find the batch size with the best train-step samples/s that fits the budget and the loader setting that
     keeps up, verify them end to end, and write a tuned config (table, JSON, PNG) into ``out_dir`` (default:
     ``train.runs_dir/autotune-<name>-<time>``). The input config file is never touched.
@@ -125,7 +126,8 @@ def autotune(cfg: Config, *, memory_budget_gib: float | None = None, out_dir: st
     ``tune.time_budget_s``. Reliable, ok answers are cached under ``tune.cache_dir`` (default
     ``~/.cache/fasttrain/autotune``, or ``$FASTTRAIN_CACHE/autotune``); ``use_cache=False`` ignores the cache
     (and refreshes it). ``verify`` runs about ``tune.verify_s`` seconds of training plus evaluation batches on
-    the real data at the tuned settings, under the same budget.
+    the real data at the tuned settings, under the same budget. ``model``, ``dataset``, ``val_dataset``: your
+    own, as :func:`fasttrain.train` takes them (answers for them are not cached: the config cannot name them).
     """
     from fasttrain.autotune import cache
     from fasttrain.autotune.report import write_outputs
@@ -140,6 +142,9 @@ def autotune(cfg: Config, *, memory_budget_gib: float | None = None, out_dir: st
     if seconds <= 0:
         raise ValueError(f"--time-budget / tune.time_budget_s: must be > 0 seconds, got {seconds:g}")
     clock = TimeBudget(seconds)
+    python_args = dict(model=model, dataset=dataset, val_dataset=val_dataset)
+    from_python = any(v is not None for v in python_args.values())
+    use_cache = use_cache and not from_python
     runtime = runtime_for(cfg)
     fields = cache.key_fields(cfg, budget_gib=budget_gib, machine_info=cache.machine(runtime))
     cache_path = cache.cache_dir_for(cfg) / f"{cache.cache_key(fields)}.json"
@@ -160,7 +165,7 @@ def autotune(cfg: Config, *, memory_budget_gib: float | None = None, out_dir: st
             return report
 
     with runtime.flags():
-        report = _tune(cfg, budget_gib, verify=verify, clock=clock)
+        report = _tune(cfg, budget_gib, verify=verify, clock=clock, python_args=python_args)
     report = _agree(report)
     from fasttrain import distributed  # imports torch: not at module level (the search must not)
 
@@ -172,7 +177,9 @@ def autotune(cfg: Config, *, memory_budget_gib: float | None = None, out_dir: st
         report.notes.append("not cached: the answer is unreliable (see below); ask again on a quieter machine")
     write_outputs(cfg, report, _out_dir(cfg, out_dir))
     report.elapsed_s = time.perf_counter() - t_start
-    if report.ok and report.reliable:
+    if from_python:
+        report.notes.append("not cached: the model or dataset came from Python, which the config cannot name")
+    elif report.ok and report.reliable:
         try:
             cache.store(cache_path, fields, report)
             report.cache_path = str(cache_path)
@@ -207,7 +214,8 @@ def _out_dir(cfg: Config, out_dir: str | os.PathLike | None) -> Path:
     return new_run_dir(cfg.train.runs_dir, run_name(cfg.name, prefix="autotune-"))
 
 
-def _tune(cfg: Config, budget_gib: float, *, verify: bool, clock: TimeBudget) -> AutotuneReport:
+def _tune(cfg: Config, budget_gib: float, *, verify: bool, clock: TimeBudget,
+          python_args: dict[str, Any] | None = None) -> AutotuneReport:
     from fasttrain.autotune.loader import reuse_file_checks
     from fasttrain.autotune.probe import release_budget, setup_budget
     from fasttrain.autotune.report import AutotuneReport
@@ -216,7 +224,7 @@ def _tune(cfg: Config, budget_gib: float, *, verify: bool, clock: TimeBudget) ->
     from fasttrain.runtime import seed_everything
 
     # The GPU cache is chosen against the budget, not the whole (maybe larger) card.
-    prep = prepare(cfg, memory_limit=int(budget_gib * GIB))
+    prep = prepare(cfg, memory_limit=int(budget_gib * GIB), **(python_args or {}))
     if prep.dist.enabled:
         # Under torchrun each process tunes its own GPU for its share of the global batch (prepare checked that it
         # divides); the answer is per GPU, and the tuned config multiplies it back.
@@ -240,8 +248,8 @@ def _tune(cfg: Config, budget_gib: float, *, verify: bool, clock: TimeBudget) ->
                      f"({n_train} images): not measured")
         given = None
     report = AutotuneReport(
-        config_name=cfg.name, model=cfg.model.name, task=cfg.task.name, device=str(device),
-        runtime=runtime.describe(), input_shape=[cfg.data.channels, cfg.data.image_size, cfg.data.image_size],
+        config_name=cfg.name, model=pcfg.model.name, task=pcfg.task.name, device=str(device),
+        runtime=runtime.describe(), input_shape=[pcfg.data.channels, pcfg.data.image_size, pcfg.data.image_size],
         budget=budget, headroom=tune.headroom, noise=tune.noise, multiple=tune.multiple, max_batch=max_batch,
         time_budget_s=clock.seconds, given_batch=given, notes=notes)
     try:
@@ -276,7 +284,6 @@ def _run(report: AutotuneReport, prep, budget: Budget, clock: TimeBudget, *, ver
     from fasttrain.autotune.probe import ProbeSettings, StepProbe
     from fasttrain.memory import format_bytes, free_device_memory
     from fasttrain.runtime import runtime_for
-    from fasttrain.tasks import make_task
 
     pcfg, source, runtime, backend = prep.cfg, prep.source, prep.runtime, prep.backend
     tune, device = pcfg.tune, runtime.device
@@ -286,7 +293,7 @@ def _run(report: AutotuneReport, prep, budget: Budget, clock: TimeBudget, *, ver
                              min_steps=tune.measure_steps, max_spread=tune.max_spread,
                              with_eval=budget.budget_bytes is not None)
     # Eager probes with everything else as configured; compile comes once, at the planned micro-batch.
-    eager_task = make_task(pcfg, runtime_for(pcfg, compile="off"), source)
+    eager_task = prep.new_task(pcfg, runtime_for(pcfg, compile="off"))
     probe = StepProbe(eager_task, budget=budget, settings=settings, eval_batch=eval_batch, stamp=stamp,
                       time_left=lambda: clock.left(SEARCH_SHARE))
     log.info("autotune %s: %s; %s; time budget %g s (compile excluded)", pcfg.name, runtime.describe(),
@@ -345,7 +352,7 @@ def _run(report: AutotuneReport, prep, budget: Budget, clock: TimeBudget, *, ver
                                     accumulation=plan.accumulation, state=state, noise=tune.noise,
                                     warmup=tune.warmup_steps, repeats=tune.repeats, repeat_s=tune.repeat_s,
                                     max_spread=tune.max_spread, time_left=lambda: clock.left(LOADER_SHARE),
-                                    stamp=stamp)
+                                    stamp=stamp, make_task=lambda c, r, _source: prep.new_task(c, r))
         report.loader, report.plan = loader_result, plan
         if not loader_result.reliable:
             report.unreliable.append("a loader trial's repeats spread beyond tune.max_spread twice (a busy machine?)")
@@ -436,7 +443,6 @@ def _verify(report: AutotuneReport, prep, budget: Budget, settings: ProbeSetting
     from fasttrain.autotune.probe import verify
     from fasttrain.autotune.report import tuned_config
     from fasttrain.memory import free_device_memory
-    from fasttrain.tasks import make_task
 
     pcfg, source, runtime = prep.cfg, prep.source, prep.runtime
     tune, device = pcfg.tune, runtime.device
@@ -446,7 +452,7 @@ def _verify(report: AutotuneReport, prep, budget: Budget, settings: ProbeSetting
     lr.loader = None
     for attempt in range(3):
         tuned, _ = tuned_config(pcfg, plan, lr.setting)
-        task = make_task(tuned, runtime, source)
+        task = prep.new_task(tuned, runtime)
         seconds = max(min(tune.verify_s, clock.left()), min(1.0, tune.verify_s))
         v, state = verify(task, source, backend=lr.backend, state=state, plan=plan, budget=budget, seconds=seconds,
                           noise=tune.noise, settings=settings, reference=reference, loader=loader,
@@ -502,8 +508,12 @@ def _hold_resident_dataset(cfg: Config, prep, backend: str, device, budget: Budg
 def resident_cache_bytes(cfg: Config, prep) -> int:
     """Bytes the GPU cache takes for ``prep``'s dataset (training samples at their training size)."""
     from fasttrain.data.gpu_cache import dataset_cache_bytes
+    from fasttrain.data.user import DatasetSplit
     from fasttrain.prepare import cache_request
 
+    train = prep.source.train
+    if isinstance(train, DatasetSplit):  # a dataset from Python: its items' own size
+        return (len(train) + len(prep.source.val or [])) * train.item_nbytes
     request = cache_request(prep.source, prep.task)
     return 0 if request is None else dataset_cache_bytes(data=cfg.data, **request)
 

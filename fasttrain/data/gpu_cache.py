@@ -112,17 +112,19 @@ def _available_ram() -> int:
 
 def cache_fits(num_images: int, data: DataConfig, device: torch.device | str | None = None, *,
                memory_limit: int | None = None, kind: str = "class", train_images: int | None = None,
-               num_targets: int = 0) -> tuple[bool, str]:
+               num_targets: int = 0, sample_nbytes: int | None = None) -> tuple[bool, str]:
     """(fits, why): the decoded dataset vs ``data.cache_budget`` of the device's total memory (CUDA) or of the
     RAM available now (CPU). ``device=None`` means CUDA when present, as ``runtime.device = auto`` does.
     ``memory_limit`` (bytes) caps the CUDA total: autotune's emulated budget, smaller than the card.
     ``kind`` / ``num_targets``: what a sample holds; ``train_images`` of the ``num_images`` are cached at the
-    training size (pairs: the jitter canvas; default: none)."""
+    training size (pairs: the jitter canvas; default: none). ``sample_nbytes``: bytes per sample when the samples
+    are not files decoded to uint8 (a dataset from Python: its items' own size)."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     train_n = min(train_images or 0, num_images)
-    need = dataset_cache_bytes(num_images, data, kind=kind, train_images=train_images, num_targets=num_targets)
+    need = (num_images * sample_nbytes if sample_nbytes is not None else
+            dataset_cache_bytes(num_images, data, kind=kind, train_images=train_images, num_targets=num_targets))
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         total, where = props.total_memory, f"{props.name} memory"
@@ -134,11 +136,14 @@ def cache_fits(num_images: int, data: DataConfig, device: torch.device | str | N
     fits = need <= budget
     gib = 2**30
     c, s = data.channels, data.image_size
-    if kind == "pair":
+    if sample_nbytes is not None:
+        what = f"{num_images} items x {sample_nbytes} bytes"
+    elif kind == "pair":
         what = f"{num_images} pairs x 2 x {c}x{s}x{s}" + (f" ({train_n} at {pair_load_size(s)} px)" if train_n else "")
     else:
         what = f"{num_images} images x {c}x{s}x{s}"
-    why = (f"{what} uint8 = {need / gib:.2f} GiB {'<=' if fits else '>'} data.cache_budget {data.cache_budget:g} x "
+    what += "" if sample_nbytes is not None else " uint8"
+    why = (f"{what} = {need / gib:.2f} GiB {'<=' if fits else '>'} data.cache_budget {data.cache_budget:g} x "
            f"{total / gib:.1f} GiB {where} = {budget / gib:.2f} GiB")
     return fits, why
 

@@ -81,7 +81,13 @@ def _dali_can_serve(kind: str) -> tuple[bool, str]:
 def make_loader(backend: str, samples: Samples, cfg: Config, spec: InputSpec, *, train: bool, batch_size: int,
                 num_shards: int = 1, shard_id: int = 0) -> Loader:
     """A loader for ``samples`` on ``backend`` (a name of :data:`fasttrain.data.registry.BACKENDS`), this
-    process's shard ``shard_id`` of ``num_shards``."""
+    process's shard ``shard_id`` of ``num_shards``. A split backed by a dataset from Python
+    (:class:`~fasttrain.data.user.DatasetSplit`) is served by :func:`~fasttrain.data.user.dataset_loader`."""
+    from fasttrain.data.user import DatasetSplit, dataset_loader
+
+    if isinstance(samples.split, DatasetSplit):
+        return dataset_loader(backend, samples.split, cfg, spec, train=train, batch_size=batch_size,
+                              num_shards=num_shards, shard_id=shard_id)
     try:
         build = registry.backend_builder(backend)
     except ValueError as e:

@@ -1,0 +1,323 @@
+"""Your own dataset from Python: ``train(cfg, dataset=..., val_dataset=...)`` (and ``autotune``, ``bench``).
+
+A map-style ``torch.utils.data.Dataset`` whose ``dataset[i]`` is ``(image, label)``:
+
+- the image a C x H x W tensor, every item the same shape: ``uint8`` (0..255; fasttrain normalizes it on the
+  device with ``data.mean`` / ``data.std``, so only bytes cross to the GPU) or floating point (model-ready: your
+  own transforms already normalized it); ``data.channels`` and ``data.image_size`` are taken from the first item;
+- the label an int class index; class names come from the dataset's ``classes`` attribute (torchvision's
+  datasets have one), else from ``model.num_outputs``.
+
+An item that cannot be read is reported and skipped, never fatal: ``__getitem__`` may return ``None`` or raise,
+and the loader lists it (``dataset[i]: why``) as it lists a bad file; more than ``data.max_bad_per_epoch`` in an
+epoch stop the run with the list, as for files.
+
+Backends: ``data.loader = auto`` keeps the dataset on the device (the GPU cache, RAM on a CPU) when it fits
+``data.cache_budget`` *and* its items are fixed (two reads of an item give the same tensor): read once, then no
+per-step host work at all. A dataset with random transforms of its own is read through the torch loader every
+epoch (caching would freeze one draw per item). DALI reads files, so it cannot serve a dataset from Python.
+Without ``val_dataset``, ``data.val_fraction`` of the items (seeded) are held out for validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch.utils.data import Dataset, IterableDataset
+
+from fasttrain.config import Config, ConfigError
+from fasttrain.data.base import Batch, InputSpec, Loader, normalize_on_device
+from fasttrain.data.samples import Skip
+from fasttrain.data.sources import DataSource, Split
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DATASET_ROOT", "DatasetSplit", "dataset_source", "choose_dataset_backend", "dataset_loader",
+           "is_dataset_run"]
+
+DATASET_ROOT = "python:"
+"""``data.root`` of a run trained on a dataset from Python: ``python:<class name>`` (resuming needs it again)."""
+
+
+class _ItemNames(Sequence):
+    """``dataset[i]`` for every item (``i`` the index in *your* dataset, also for a held-out part), without a
+    list of millions of strings: what messages call an item."""
+
+    def __init__(self, label: str, n: int, rows: Sequence[int] | None = None):
+        self.label, self.n, self.rows = label, n, rows
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(self.n))]
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        i %= self.n
+        return f"{self.label}[{i if self.rows is None else self.rows[i]}]"
+
+
+@dataclass
+class DatasetSplit(Split):
+    """A split backed by a map-style dataset instead of files (``paths`` name its items)."""
+
+    dataset: Any = None
+    """The dataset given from Python."""
+    rows: list[int] | None = None
+    """The items of ``dataset`` this split holds (None: all of them)."""
+    label: str = "dataset"
+    """The argument it came as (dataset or val_dataset), for messages."""
+    fixed: bool = True
+    """Items read twice gave the same tensors (no random transform): it may be cached."""
+    item_nbytes: int = 0
+    """Bytes one cached item takes (image and label)."""
+
+    def subset(self, indices: list[int]) -> DatasetSplit:
+        rows = [i if self.rows is None else self.rows[i] for i in indices]
+        return _split(self.name, self.dataset, rows, self.label, self.fixed, self.item_nbytes)
+
+    def items(self) -> Dataset:
+        """The split's items as a dataset, a failing item turned into a :class:`Skip` that names it."""
+        return _Checked(self.dataset, self.label, self.rows)
+
+
+def _split(name: str, dataset: Any, rows: list[int] | None, label: str, fixed: bool, item_nbytes: int
+           ) -> DatasetSplit:
+    n = len(dataset) if rows is None else len(rows)
+    return DatasetSplit(name, cast(list[str], _ItemNames(label, n, rows)), [], dataset=dataset, rows=rows,
+                        label=label, fixed=fixed, item_nbytes=item_nbytes)
+
+
+def is_dataset_run(cfg: Config) -> bool:
+    return cfg.data.root.startswith(DATASET_ROOT)
+
+
+class _Checked(Dataset):
+    """``dataset[rows[i]]`` with a failure (an exception, or None) turned into a :class:`Skip` naming the item in
+    the user's own indexing, so one bad image is reported and skipped, as a bad file is."""
+
+    def __init__(self, dataset: Any, label: str, rows: list[int] | None = None):
+        self.dataset, self.label, self.rows = dataset, label, rows
+
+    def __len__(self) -> int:
+        return len(self.dataset) if self.rows is None else len(self.rows)
+
+    def __getitem__(self, i: int):
+        row = i if self.rows is None else self.rows[i]
+        try:
+            item = self.dataset[row]
+        except Exception as e:  # noqa: BLE001 - the user's code: any failure of one item is that item's
+            return Skip(f"{self.label}[{row}]", f"cannot be read ({type(e).__name__}: {e})")
+        if item is None:
+            return Skip(f"{self.label}[{row}]", "the dataset returned None")
+        return item
+
+
+def _check_dataset(dataset: Any, arg: str) -> None:
+    if isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
+        raise TypeError(f"{arg}: needs a map-style dataset (__len__ and __getitem__ giving (image, label)), got "
+                        f"{type(dataset).__name__}")
+    if len(dataset) == 0:
+        raise ValueError(f"{arg}: the dataset is empty")
+
+
+def _first_item(dataset: Any, arg: str) -> tuple[int, torch.Tensor, Any]:
+    """The first item that reads, as (index, image, label); errors name what is wrong with it."""
+    errors = []
+    for i in range(min(len(dataset), 16)):
+        try:
+            item = dataset[i]
+        except Exception as e:  # noqa: BLE001 - reported below if no item reads
+            errors.append(f"{arg}[{i}]: {type(e).__name__}: {e}")
+            continue
+        if item is None:
+            continue
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise TypeError(f"{arg}[{i}]: expected an (image, label) pair, got {type(item).__name__}")
+        x, y = item
+        if not isinstance(x, torch.Tensor) or x.ndim != 3:
+            raise TypeError(f"{arg}[{i}]: the image must be a C x H x W tensor (uint8 0..255, or float already "
+                            f"normalized), got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+        if not (x.dtype == torch.uint8 or x.is_floating_point()):
+            raise TypeError(f"{arg}[{i}]: image dtype {x.dtype}: expected uint8 (0..255) or a floating point type")
+        if x.shape[1] != x.shape[2]:
+            raise ValueError(f"{arg}[{i}]: image {tuple(x.shape)} is not square; data.image_size is one side "
+                             f"(resize or crop in the dataset)")
+        label = y.item() if isinstance(y, torch.Tensor) and y.numel() == 1 else y
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise TypeError(f"{arg}[{i}]: the label must be an int class index, got {type(y).__name__} {y!r}")
+        return i, x, label
+    raise ValueError(f"{arg}: none of the first {min(len(dataset), 16)} items could be read"
+                     + (f" ({errors[0]})" if errors else " (each was None)"))
+
+
+FIXED_PROBES = 8
+"""Items read twice (under different seeds) to tell a fixed dataset from one with random transforms: a coin-flip
+transform passes all of them unchanged with probability 2**-8."""
+
+
+def _is_fixed(dataset: Any) -> bool:
+    """Whether items read twice, under different seeds of torch's, Python's and NumPy's RNGs, give the same images
+    (no random transform in the dataset). The caller's RNG states are restored."""
+    import numpy as np
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    checked = 0
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for i in range(min(len(dataset), 4 * FIXED_PROBES)):
+                images = []
+                for seed in (i, i + 7919):
+                    torch.manual_seed(seed)
+                    random.seed(seed)
+                    np.random.seed(seed)
+                    try:
+                        item = dataset[i]
+                    except Exception:  # noqa: BLE001 - an unreadable item says nothing about randomness
+                        break
+                    if not (isinstance(item, (tuple, list)) and isinstance(item[0], torch.Tensor)):
+                        break
+                    images.append(item[0])
+                if len(images) == 2:
+                    if not torch.equal(images[0], images[1]):
+                        return False
+                    checked += 1
+                    if checked == FIXED_PROBES:
+                        break
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+    return True
+
+
+def dataset_source(cfg: Config, dataset: Any, val_dataset: Any = None) -> tuple[Config, DataSource]:
+    """The config (data.root, channels, image size and output count taken from the dataset) and a
+    :class:`DataSource` over ``dataset`` (and ``val_dataset``, else a seeded ``data.val_fraction`` hold-out)."""
+    if cfg.task.name != "classify":
+        raise ConfigError(f"task.name: a dataset from Python is served to the classify task (an (image, label) "
+                          f"pair per item); got {cfg.task.name!r}: give that task's data as files in data.root")
+    if cfg.data.loader == "dali":
+        raise ConfigError("data.loader: DALI reads files; a dataset from Python is served by the torch loader or "
+                          "the cache (data.loader = auto, torch or cache)")
+    _check_dataset(dataset, "dataset")
+    if val_dataset is not None:
+        _check_dataset(val_dataset, "val_dataset")
+    i, x, label = _first_item(dataset, "dataset")
+    c, side = int(x.shape[0]), int(x.shape[1])
+    if c not in (1, 3):
+        raise ValueError(f"dataset[{i}]: {c} channels; fasttrain's models take 1 (grayscale) or 3 (RGB)")
+    classes = getattr(dataset, "classes", None)
+    n_out = cfg.model.num_outputs
+    if classes is not None:
+        names = [str(n) for n in classes]
+        if n_out and n_out != len(names):
+            raise ConfigError(f"model.num_outputs = {n_out}, but the dataset's classes attribute names "
+                              f"{len(names)} classes")
+    elif n_out:
+        names = [str(k) for k in range(n_out)]
+    else:
+        raise ConfigError("model.num_outputs: the dataset has no `classes` attribute (torchvision's datasets "
+                          "have one): give it one, or set model.num_outputs to the class count")
+    if not 0 <= label < len(names):
+        raise ValueError(f"dataset[{i}]: label {label} is outside 0..{len(names) - 1} ({len(names)} classes)")
+    if (c, side) != (cfg.data.channels, cfg.data.image_size):
+        log.info("data.channels = %d, data.image_size = %d: taken from the dataset's items (%s)", c, side,
+                 "x".join(map(str, x.shape)))
+    name = type(dataset).__name__
+    data = dataclasses.replace(cfg.data, root=f"{DATASET_ROOT}{name}", channels=c, image_size=side)
+    cfg = dataclasses.replace(cfg, data=data,
+                              model=dataclasses.replace(cfg.model, num_outputs=len(names)))
+    fixed = _is_fixed(dataset)
+    item_nbytes = x.numel() * x.element_size() + 8
+    rows: list[int] | None = None
+    val = None if val_dataset is None else _split("val", val_dataset, None, "val_dataset",
+                                                  fixed and _is_fixed(val_dataset), item_nbytes)
+    if val is None and cfg.data.val_fraction > 0 and len(dataset) > 1:
+        order = list(range(len(dataset)))
+        random.Random(cfg.runtime.seed).shuffle(order)
+        k = max(1, math.floor(len(order) * cfg.data.val_fraction))
+        rows = sorted(order[k:])
+        val = _split("val", dataset, sorted(order[:k]), "dataset", fixed, item_nbytes)
+        log.info("no val_dataset: %d of %d items held out for validation (data.val_fraction = %g)", k,
+                 len(dataset), cfg.data.val_fraction)
+    if cfg.data.max_samples and (len(dataset) if rows is None else len(rows)) > cfg.data.max_samples:
+        rows = (rows or list(range(len(dataset))))[:cfg.data.max_samples]
+    train = _split("train", dataset, rows, "dataset", fixed, item_nbytes)
+    source = DataSource(root=Path(data.root), format="dataset", train=train, val=val, class_names=names)
+    return cfg, source
+
+
+def choose_dataset_backend(requested: str, source: DataSource, cfg: Config, device: torch.device,
+                           memory_limit: int | None = None) -> tuple[str, str]:
+    """(backend, reason) for a dataset from Python: the cache when its items are fixed and fit, else torch."""
+    from fasttrain.data.gpu_cache import cache_fits
+
+    train = cast(DatasetSplit, source.train)
+    n = len(train) + len(source.val or [])
+    if requested == "torch":
+        return "torch", "data.loader = torch"
+    fixed = train.fixed and (source.val is None or cast(DatasetSplit, source.val).fixed)
+    fits, why = cache_fits(n, cfg.data, device, memory_limit=memory_limit, sample_nbytes=train.item_nbytes)
+    if requested == "cache":
+        if not fixed:
+            log.warning("data.loader = cache although the dataset's items change between reads (random "
+                        "transforms): the cache keeps one draw per item")
+        if not fits:
+            log.warning("data.loader = cache although %s", why)
+        return "cache", "data.loader = cache"
+    if not fixed:
+        return "torch", ("auto: the dataset's items change between reads (its own random transforms), so the "
+                         "torch loader reads them every epoch")
+    if fits:
+        return "cache", f"auto: the dataset's items are fixed and fit the cache ({why})"
+    return "torch", f"auto: the dataset does not fit the cache ({why})"
+
+
+def _prepare(spec: InputSpec):
+    scale_shift = spec.scale_shift()
+
+    def prepare(cpu_batch) -> Batch:
+        x, y = cpu_batch
+        if x.dtype == torch.uint8:
+            inputs = normalize_on_device(x, spec, scale_shift)
+        else:  # model-ready already
+            inputs = x.to(spec.device, non_blocking=True).to(spec.dtype)
+            if spec.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+        return Batch(inputs, y.to(spec.device, non_blocking=True))
+
+    return prepare
+
+
+def dataset_loader(backend: str, split: DatasetSplit, cfg: Config, spec: InputSpec, *, train: bool,
+                   batch_size: int, num_shards: int = 1, shard_id: int = 0) -> Loader:
+    """The torch loader or the cache over a dataset from Python (see the module docstring)."""
+    dataset = split.items()
+    if backend == "cache":
+        from fasttrain.data.gpu_cache import GpuCacheLoader
+
+        return GpuCacheLoader.from_dataset(dataset, spec, batch_size=batch_size, train=train, seed=cfg.runtime.seed,
+                                           num_shards=num_shards, shard_id=shard_id,
+                                           max_bad=cfg.data.max_bad_per_epoch, name=split.name)
+    if backend != "torch":
+        raise ConfigError(f"data.loader: {backend} cannot serve a dataset from Python (torch or cache can)")
+    from fasttrain.data.torch_loader import TorchLoader
+
+    loader = TorchLoader(dataset, spec, batch_size=batch_size, train=train, seed=cfg.runtime.seed,
+                         workers=cfg.data.num_workers, prefetch=cfg.data.prefetch, prepare=_prepare(spec),
+                         num_shards=num_shards, shard_id=shard_id, max_bad_per_epoch=cfg.data.max_bad_per_epoch,
+                         split=split.name, epoch_keys=False)
+    if train and len(loader.sampler) == 0:
+        shards = f" x {num_shards} processes" if num_shards > 1 else ""
+        raise ValueError(f"the train dataset has {len(split)} items, fewer than one batch of {batch_size}{shards} "
+                         f"(training drops partial batches); lower train.batch_size")
+    return loader
