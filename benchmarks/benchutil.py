@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 
 HERE = Path(__file__).resolve().parent
-SHARED_DATA = tuple(Path(p) for p in (os.environ.get("FASTTRAIN_SHARED_DATA"), HERE.parent.parent / "shared" / "data")
-                    if p)
+SHARED_DATA = tuple(
+    Path(p) for p in (os.environ.get("FASTTRAIN_SHARED_DATA"), HERE.parent.parent / "shared" / "data") if p
+)
 """Where the project's real datasets live: $FASTTRAIN_SHARED_DATA, or ``../shared/data`` beside the checkout."""
 
 
@@ -53,15 +54,42 @@ class BenchSize:
 
 SIZES = {
     # Tiny: checks that every path runs and gives a rough figure, on 2 cores in about 30-40 s (32 s measured).
-    "cpu": BenchSize(name="cpu", models=("smallcnn", "resnet18"), batch_sizes=(8, 16), precisions=("fp32",),
-                     image_size=32, num_classes=10, model_width=16, steps_per_round=2, rounds=3, warmup_rounds=1,
-                     loader_batch_size=32, e2e_models=("smallcnn",), e2e_batch_size=16, train_per_class=24,
-                     val_per_class=2, torch_threads=1),
+    "cpu": BenchSize(
+        name="cpu",
+        models=("smallcnn", "resnet18"),
+        batch_sizes=(8, 16),
+        precisions=("fp32",),
+        image_size=32,
+        num_classes=10,
+        model_width=16,
+        steps_per_round=2,
+        rounds=3,
+        warmup_rounds=1,
+        loader_batch_size=32,
+        e2e_models=("smallcnn",),
+        e2e_batch_size=16,
+        train_per_class=24,
+        val_per_class=2,
+        torch_threads=1,
+    ),
     # The GPU figures: ImageNet-shaped inputs, batch sizes up to 256, bf16 against fp32.
-    "gpu": BenchSize(name="gpu", models=("resnet18", "resnet50", "smallcnn"), batch_sizes=(64, 128, 256),
-                     precisions=("bf16", "fp32"), image_size=224, num_classes=1000, model_width=32,
-                     steps_per_round=20, rounds=5, warmup_rounds=2, loader_batch_size=256,
-                     e2e_models=("resnet50", "resnet18"), e2e_batch_size=256, train_per_class=0, val_per_class=0),
+    "gpu": BenchSize(
+        name="gpu",
+        models=("resnet18", "resnet50", "smallcnn"),
+        batch_sizes=(64, 128, 256),
+        precisions=("bf16", "fp32"),
+        image_size=224,
+        num_classes=1000,
+        model_width=32,
+        steps_per_round=20,
+        rounds=5,
+        warmup_rounds=2,
+        loader_batch_size=256,
+        e2e_models=("resnet50", "resnet18"),
+        e2e_batch_size=256,
+        train_per_class=0,
+        val_per_class=0,
+    ),
 }
 
 
@@ -113,22 +141,32 @@ def generate_imagenet_like(dest: Path, n_train: int, n_val: int, classes: int) -
     return synthetic.make_imagenet_like(dest, n_train, classes, val=n_val)
 
 
-def bench_config(size: BenchSize, *, model: str, batch_size: int, precision: str = "auto", loader: str = "torch",
-                 data_root: Path | None = None, num_outputs: int = 0) -> Any:
+def bench_config(
+    size: BenchSize,
+    *,
+    model: str,
+    batch_size: int,
+    precision: str = "auto",
+    loader: str = "torch",
+    data_root: Path | None = None,
+    num_outputs: int = 0,
+) -> Any:
     """A fasttrain Config for one benchmark, built the way users build theirs (overrides over defaults)."""
     from fasttrain.config import config_from_dict
 
     data = {"image_size": size.image_size, "loader": loader}
     if data_root is not None:
         data["root"] = str(data_root)
-    return config_from_dict({
-        "name": f"bench-{size.name}",
-        "data": data,
-        "model": {"name": model, "num_outputs": num_outputs, "width": size.model_width},
-        # "fp32" rows are float32, not TF32: the label says what ran (bf16 rows keep TF32 for their fp32 parts).
-        "runtime": {"precision": precision, **({"tf32": "off"} if precision == "fp32" else {})},
-        "train": {"batch_size": batch_size},
-    })
+    return config_from_dict(
+        {
+            "name": f"bench-{size.name}",
+            "data": data,
+            "model": {"name": model, "num_outputs": num_outputs, "width": size.model_width},
+            # "fp32" rows are float32, not TF32: the label says what ran (bf16 rows keep TF32 for their fp32 parts).
+            "runtime": {"precision": precision, **({"tf32": "off"} if precision == "fp32" else {})},
+            "train": {"batch_size": batch_size},
+        }
+    )
 
 
 def skip_on_oom(fn: Any, what: str) -> Any:
@@ -177,16 +215,24 @@ def naive_loader(root: Path, *, image_size: int, batch_size: int, workers: int, 
     import torch
     from torchvision import datasets, transforms
 
-    tf = transforms.Compose([
-        transforms.RandomResizedCrop(image_size),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    tf = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(image_size),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
     train_dir = Path(root) / "train"
     dataset = datasets.ImageFolder(str(train_dir if train_dir.is_dir() else root), tf)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                       pin_memory=getattr(device, "type", "cpu") == "cuda", drop_last=True)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=getattr(device, "type", "cpu") == "cuda",
+        drop_last=True,
+    )
 
 
 class NaiveScript:
@@ -199,8 +245,9 @@ class NaiveScript:
         from fasttrain.models import build_model
 
         self.device = device
-        self.model = build_model(model_name, in_channels=3, num_outputs=num_classes, image_size=image_size,
-                                 width=width).to(device)
+        self.model = build_model(
+            model_name, in_channels=3, num_outputs=num_classes, image_size=image_size, width=width
+        ).to(device)
         self.model.train()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         self.criterion = nn.CrossEntropyLoss()

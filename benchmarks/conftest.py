@@ -31,9 +31,11 @@ from fasttrain.runtime import BackendFlags, backend_flags
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--bench-size", choices=("auto", "cpu", "gpu"), default=os.environ.get("FASTTRAIN_BENCH_SIZE", "auto"),
+        "--bench-size",
+        choices=("auto", "cpu", "gpu"),
+        default=os.environ.get("FASTTRAIN_BENCH_SIZE", "auto"),
         help="benchmark parameter set: cpu (tiny, ~40 s on 2 cores), gpu (full), auto (gpu when CUDA is "
-             "present); env FASTTRAIN_BENCH_SIZE",
+        "present); env FASTTRAIN_BENCH_SIZE",
     )
 
 
@@ -112,8 +114,7 @@ def measure(benchmark, env, size, device) -> Callable[..., dict[str, Any]]:
     back afterwards), and record samples/s (from the median round), peak memory, the flags, the
     batch/model/precision/backend and the environment."""
 
-    def run(round_fn: Callable[[], int], *, samples_per_round: int, flags: BackendFlags,
-            **info: Any) -> dict[str, Any]:
+    def run(round_fn: Callable[[], int], *, samples_per_round: int, flags: BackendFlags, **info: Any) -> dict[str, Any]:
         bench.reset_peak_memory(device)
         with backend_flags(flags):
             benchmark.pedantic(round_fn, rounds=size.rounds, iterations=1, warmup_rounds=size.warmup_rounds)

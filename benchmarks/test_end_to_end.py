@@ -30,14 +30,23 @@ def test_end_to_end(benchmark, measure, size, device, data_root, e2e_model, back
     step = train_step_fn(task, state, lambda: next(batches), accumulation=1)  # as fasttrain bench times it
 
     try:
-        skip_on_oom(lambda: measure(
-            lambda: bench.run_steps(step, size.steps_per_round, device),
-            samples_per_round=batch_size * size.steps_per_round,
-            flags=prep.runtime.backend_flags,
-            kind="end_to_end", model=e2e_model, batch_size=batch_size, precision=prep.runtime.precision.name,
-            backend=prep.backend, compile=prep.runtime.compile, channels_last=prep.runtime.channels_last,
-            workers=cfg.data.num_workers, workload=f"{e2e_model}-b{batch_size}",
-        ), f"{e2e_model} batch {batch_size}")
+        skip_on_oom(
+            lambda: measure(
+                lambda: bench.run_steps(step, size.steps_per_round, device),
+                samples_per_round=batch_size * size.steps_per_round,
+                flags=prep.runtime.backend_flags,
+                kind="end_to_end",
+                model=e2e_model,
+                batch_size=batch_size,
+                precision=prep.runtime.precision.name,
+                backend=prep.backend,
+                compile=prep.runtime.compile,
+                channels_last=prep.runtime.channels_last,
+                workers=cfg.data.num_workers,
+                workload=f"{e2e_model}-b{batch_size}",
+            ),
+            f"{e2e_model} batch {batch_size}",
+        )
     finally:
         loader.close()
 
@@ -46,20 +55,34 @@ def test_end_to_end_naive(benchmark, measure, size, device, data_root, e2e_model
     from fasttrain.config import default_workers
 
     batch_size, workers = size.e2e_batch_size, default_workers()
-    loader = naive_loader(data_root, image_size=size.image_size, batch_size=batch_size, workers=workers,
-                          device=device)
-    script = NaiveScript(e2e_model, num_classes=len(loader.dataset.classes), image_size=size.image_size,
-                         width=size.model_width, device=device)
+    loader = naive_loader(data_root, image_size=size.image_size, batch_size=batch_size, workers=workers, device=device)
+    script = NaiveScript(
+        e2e_model,
+        num_classes=len(loader.dataset.classes),
+        image_size=size.image_size,
+        width=size.model_width,
+        device=device,
+    )
     batches = bench.cycle_batches(loader)
 
     def step() -> int:
         images, labels = next(batches)
         return script.step(images, labels)
 
-    skip_on_oom(lambda: measure(
-        lambda: bench.run_steps(step, size.steps_per_round, device),
-        samples_per_round=batch_size * size.steps_per_round,
-        flags=BackendFlags.torch_defaults(),  # a script that sets nothing
-        kind="end_to_end", model=e2e_model, batch_size=batch_size, precision="fp32", backend="naive",
-        compile=False, channels_last=False, workers=workers, workload=f"{e2e_model}-b{batch_size}",
-    ), f"naive {e2e_model} batch {batch_size}")
+    skip_on_oom(
+        lambda: measure(
+            lambda: bench.run_steps(step, size.steps_per_round, device),
+            samples_per_round=batch_size * size.steps_per_round,
+            flags=BackendFlags.torch_defaults(),  # a script that sets nothing
+            kind="end_to_end",
+            model=e2e_model,
+            batch_size=batch_size,
+            precision="fp32",
+            backend="naive",
+            compile=False,
+            channels_last=False,
+            workers=workers,
+            workload=f"{e2e_model}-b{batch_size}",
+        ),
+        f"naive {e2e_model} batch {batch_size}",
+    )

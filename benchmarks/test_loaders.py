@@ -31,9 +31,16 @@ def test_loader(benchmark, measure, size, device, data_root, backend):
             lambda: bench.run_steps(lambda: len(next(batches)), size.steps_per_round, device),
             samples_per_round=batch_size * size.steps_per_round,
             flags=prep.runtime.backend_flags,
-            kind="loader", model=None, batch_size=batch_size, precision=prep.runtime.precision.name,
-            backend=prep.backend, workers=cfg.data.num_workers, dali_threads=cfg.data.num_dali_threads,
-            images=len(prep.source.train), image_size=size.image_size, workload=f"loader-b{batch_size}",
+            kind="loader",
+            model=None,
+            batch_size=batch_size,
+            precision=prep.runtime.precision.name,
+            backend=prep.backend,
+            workers=cfg.data.num_workers,
+            dali_threads=cfg.data.num_dali_threads,
+            images=len(prep.source.train),
+            image_size=size.image_size,
+            workload=f"loader-b{batch_size}",
         )
     finally:
         loader.close()
@@ -57,8 +64,14 @@ def task_roots(pytestconfig, size):
 
 
 TASK_SETTINGS = {
-    "regress": ["data.format=drawing", "data.channels=1", "data.mean=[0.5]", "data.std=[0.5]", "task.name=regress",
-                "model.name=convnet"],
+    "regress": [
+        "data.format=drawing",
+        "data.channels=1",
+        "data.mean=[0.5]",
+        "data.std=[0.5]",
+        "task.name=regress",
+        "model.name=convnet",
+    ],
     "pix2pix": ["data.format=paired", "task.name=pix2pix", "model.name=unet", "optim.name=adam"],
 }
 
@@ -80,9 +93,16 @@ def test_task_loader(benchmark, measure, size, device, task_roots, task, backend
             lambda: bench.run_steps(lambda: len(next(batches)), size.steps_per_round, device),
             samples_per_round=batch_size * size.steps_per_round,
             flags=prep.runtime.backend_flags,
-            kind="loader", model=None, batch_size=batch_size, precision=prep.runtime.precision.name,
-            backend=prep.backend, workers=cfg.data.num_workers, dali_threads=cfg.data.num_dali_threads,
-            images=len(prep.source.train), image_size=size.image_size, workload=f"{task}-loader-b{batch_size}",
+            kind="loader",
+            model=None,
+            batch_size=batch_size,
+            precision=prep.runtime.precision.name,
+            backend=prep.backend,
+            workers=cfg.data.num_workers,
+            dali_threads=cfg.data.num_dali_threads,
+            images=len(prep.source.train),
+            image_size=size.image_size,
+            workload=f"{task}-loader-b{batch_size}",
         )
     finally:
         loader.close()
@@ -92,8 +112,7 @@ def test_loader_naive(benchmark, measure, size, device, data_root):
     from fasttrain.config import default_workers
 
     batch_size, workers = size.loader_batch_size, default_workers()
-    loader = naive_loader(data_root, image_size=size.image_size, batch_size=batch_size, workers=workers,
-                          device=device)
+    loader = naive_loader(data_root, image_size=size.image_size, batch_size=batch_size, workers=workers, device=device)
     batches = bench.cycle_batches(loader)
 
     def step() -> int:
@@ -105,8 +124,15 @@ def test_loader_naive(benchmark, measure, size, device, data_root):
         lambda: bench.run_steps(step, size.steps_per_round, device),
         samples_per_round=batch_size * size.steps_per_round,
         flags=BackendFlags.torch_defaults(),
-        kind="loader", model=None, batch_size=batch_size, precision="fp32", backend="naive", workers=workers,
-        images=len(loader.dataset), image_size=size.image_size, workload=f"loader-b{batch_size}",
+        kind="loader",
+        model=None,
+        batch_size=batch_size,
+        precision="fp32",
+        backend="naive",
+        workers=workers,
+        images=len(loader.dataset),
+        image_size=size.image_size,
+        workload=f"loader-b{batch_size}",
     )
 
 
@@ -149,15 +175,27 @@ def test_dali_epoch_boundary_gap(benchmark, measure, size, device, data_root):
         one_round()  # warm-up: the first epoch's start (pipeline build, first decode) is not a boundary
         gaps.clear()
         steady.clear()
-        info = measure(one_round, samples_per_round=epochs * len(loader) * batch_size,
-                       flags=prep.runtime.backend_flags, kind="loader-epoch-gap", model=None, batch_size=batch_size,
-                       precision=prep.runtime.precision.name, backend="dali", dali_threads=cfg.data.num_dali_threads,
-                       images=len(prep.source.train), image_size=size.image_size,
-                       workload=f"epoch-gap-b{batch_size}", batches_per_epoch=len(loader))
+        info = measure(
+            one_round,
+            samples_per_round=epochs * len(loader) * batch_size,
+            flags=prep.runtime.backend_flags,
+            kind="loader-epoch-gap",
+            model=None,
+            batch_size=batch_size,
+            precision=prep.runtime.precision.name,
+            backend="dali",
+            dali_threads=cfg.data.num_dali_threads,
+            images=len(prep.source.train),
+            image_size=size.image_size,
+            workload=f"epoch-gap-b{batch_size}",
+            batches_per_epoch=len(loader),
+        )
     finally:
         loader.close()
     gap, step = statistics.median(gaps), statistics.median(steady)
     benchmark.extra_info.update(epoch_gap_s=gap, steady_batch_s=step, gap_ratio=gap / step, epochs_per_round=epochs)
-    print(f"\nDALI epoch boundary: {gap * 1e3:.2f} ms to the first batch vs {step * 1e3:.2f} ms per steady batch "
-          f"(x{gap / step:.2f}; {len(loader)} batches/epoch, {len(gaps)} boundaries)")
+    print(
+        f"\nDALI epoch boundary: {gap * 1e3:.2f} ms to the first batch vs {step * 1e3:.2f} ms per steady batch "
+        f"(x{gap / step:.2f}; {len(loader)} batches/epoch, {len(gaps)} boundaries)"
+    )
     assert info["backend"] == "dali"

@@ -122,40 +122,63 @@ class BenchReport:
         }
 
     def to_table(self) -> str:
-        rows = [("loader only", self.loader), ("model only (ceiling)", self.model_step),
-                ("end to end", self.end_to_end)]
+        rows = [
+            ("loader only", self.loader),
+            ("model only (ceiling)", self.model_step),
+            ("end to end", self.end_to_end),
+        ]
         if self.model_step_parallel is not None:
-            rows = [("loader only", self.loader), ("model only, one GPU", self.model_step),
-                    (f"model only, {self.world_size} GPUs", self.model_step_parallel), ("end to end", self.end_to_end)]
+            rows = [
+                ("loader only", self.loader),
+                ("model only, one GPU", self.model_step),
+                (f"model only, {self.world_size} GPUs", self.model_step_parallel),
+                ("end to end", self.end_to_end),
+            ]
         cuda = self.model_step.peak_allocated_bytes is not None
         mem_head = "alloc GiB" if cuda else "RSS GiB"  # CUDA: peak allocated; CPU: process peak RSS
         head = f"{'measurement':<22}{'samples/s':>12}{'min':>12}{'max':>12}{'ms/step':>10}{mem_head:>11}"
-        lines = [f"fasttrain bench {self.config_name}: {self.model}, batch {self.batch_size}, "
-                 f"loader {self.backend}, {self.runtime}", head, "-" * len(head)]
+        lines = [
+            f"fasttrain bench {self.config_name}: {self.model}, batch {self.batch_size}, "
+            f"loader {self.backend}, {self.runtime}",
+            head,
+            "-" * len(head),
+        ]
         for name, t in rows:
             peak = t.peak_allocated_bytes if cuda else t.peak_rss_bytes
             mem = "-" if peak is None else format_bytes(peak, "GiB").split()[0]
-            lines.append(f"{name:<22}{t.samples_per_s:>12,.1f}{t.samples_per_s_min:>12,.1f}"
-                         f"{t.samples_per_s_max:>12,.1f}{t.seconds_per_step * 1e3:>10.1f}{mem:>11}")
+            lines.append(
+                f"{name:<22}{t.samples_per_s:>12,.1f}{t.samples_per_s_min:>12,.1f}"
+                f"{t.samples_per_s_max:>12,.1f}{t.seconds_per_step * 1e3:>10.1f}{mem:>11}"
+            )
         lines.append("")
         if self.world_size > 1:
             eff, total = self.scaling_efficiency, self.end_to_end.samples_per_s * self.world_size
-            lines.append(f"per GPU above; {self.world_size} processes: {total:,.1f} samples/s end to end in all"
-                         + (f"; scaling efficiency {eff:.0%} (the all-reduce's cost against one GPU alone)"
-                            if eff is not None else ""))
-        lines.append(f"verdict: {self.verdict}; end to end reaches {self.ceiling_share:.0%} of the model-only "
-                     f"ceiling")
+            lines.append(
+                f"per GPU above; {self.world_size} processes: {total:,.1f} samples/s end to end in all"
+                + (
+                    f"; scaling efficiency {eff:.0%} (the all-reduce's cost against one GPU alone)"
+                    if eff is not None
+                    else ""
+                )
+            )
+        lines.append(f"verdict: {self.verdict}; end to end reaches {self.ceiling_share:.0%} of the model-only ceiling")
         noisiest = max(t.spread for _, t in rows)
         if noisiest > NOISY_SPREAD:
-            lines.append(f"note: repeats differ by up to {noisiest:.0%} of their median (a busy machine?); the "
-                         f"figures are rough: raise bench.steps / bench.repeats for steadier ones")
+            lines.append(
+                f"note: repeats differ by up to {noisiest:.0%} of their median (a busy machine?); the "
+                f"figures are rough: raise bench.steps / bench.repeats for steadier ones"
+            )
         elif self.ceiling_share > 1.05:
-            lines.append("note: end to end measured above the model-only ceiling, which it cannot beat: the machine's "
-                         "speed changed between the two (a busy machine?) or the runs were short; raise bench.steps / "
-                         "bench.repeats for steadier figures")
+            lines.append(
+                "note: end to end measured above the model-only ceiling, which it cannot beat: the machine's "
+                "speed changed between the two (a busy machine?) or the runs were short; raise bench.steps / "
+                "bench.repeats for steadier figures"
+            )
         if self.verdict == INPUT_BOUND:
-            lines.append("the loader limits this run: try data.loader = dali or cache, more data.workers / "
-                         "data.dali_threads, or smaller images")
+            lines.append(
+                "the loader limits this run: try data.loader = dali or cache, more data.workers / "
+                "data.dali_threads, or smaller images"
+            )
         return "\n".join(lines)
 
     def write_json(self, path: str | os.PathLike) -> Path:
@@ -164,8 +187,14 @@ class BenchReport:
         return write_new_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-def bench(cfg: Config, *, json_path: str | os.PathLike | None = None, model: Any = None, dataset: Any = None,
-          val_dataset: Any = None) -> BenchReport:
+def bench(
+    cfg: Config,
+    *,
+    json_path: str | os.PathLike | None = None,
+    model: Any = None,
+    dataset: Any = None,
+    val_dataset: Any = None,
+) -> BenchReport:
     """Loader-only, model-only and end-to-end samples/s for ``cfg``, with the verdict. Writes JSON when asked.
     ``model``, ``dataset``, ``val_dataset``: your own, as :func:`fasttrain.train` takes them.
 
@@ -210,23 +239,39 @@ def _measure_all(prep, b, tc) -> tuple[Timing, Timing | None, Timing, Timing]:
     task, runtime, info = prep.task, prep.runtime, prep.dist
     micro = prep.micro_batch
     state = task.build_state()
-    loader = task.make_loader(prep.source.train, train=True, batch_size=micro, backend=prep.backend,
-                              num_shards=info.world_size, shard_id=info.rank)
+    loader = task.make_loader(
+        prep.source.train,
+        train=True,
+        batch_size=micro,
+        backend=prep.backend,
+        num_shards=info.world_size,
+        shard_id=info.rank,
+    )
     parallel_t = None
     try:
         # The ceiling first: its warm-up also absorbs compile and cuDNN autotuning, so end to end starts warm.
         batch = task.synthetic_batch(micro, task.input_spec(), train=True)
-        model_t = model_step_throughput(task, state, batch, warmup=b.warmup_steps, steps=b.steps,
-                                        repeats=b.repeats, accumulation=tc.accumulation)
+        model_t = model_step_throughput(
+            task, state, batch, warmup=b.warmup_steps, steps=b.steps, repeats=b.repeats, accumulation=tc.accumulation
+        )
         if info.enabled:  # the same step with DDP's all-reduce: one GPU's ceiling against N's
             distributed.wrap_state(state, runtime, sync_bn=prep.cfg.model.sync_bn)
-            parallel_t = model_step_throughput(task, state, batch, warmup=b.warmup_steps, steps=b.steps,
-                                               repeats=b.repeats, accumulation=tc.accumulation)
+            parallel_t = model_step_throughput(
+                task,
+                state,
+                batch,
+                warmup=b.warmup_steps,
+                steps=b.steps,
+                repeats=b.repeats,
+                accumulation=tc.accumulation,
+            )
         del batch
-        loader_t = loader_throughput(loader, warmup_batches=b.warmup_steps, max_batches=b.steps, repeats=b.repeats,
-                                     device=runtime.device)
-        e2e_t = end_to_end_throughput(task, state, loader, warmup=b.warmup_steps, steps=b.steps, repeats=b.repeats,
-                                      accumulation=tc.accumulation)
+        loader_t = loader_throughput(
+            loader, warmup_batches=b.warmup_steps, max_batches=b.steps, repeats=b.repeats, device=runtime.device
+        )
+        e2e_t = end_to_end_throughput(
+            task, state, loader, warmup=b.warmup_steps, steps=b.steps, repeats=b.repeats, accumulation=tc.accumulation
+        )
     finally:
         loader.close()
     return model_t, parallel_t, loader_t, e2e_t

@@ -24,9 +24,19 @@ from fasttrain.io import WriteError, atomic_replace
 
 log = logging.getLogger(__name__)
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "CheckpointError",
-           "checkpoint_config", "check_resume_config", "RESUME_MAY_CHANGE", "finite_weights", "CheckpointManager",
-           "ResumePoint"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "rng_state",
+    "set_rng_state",
+    "CheckpointError",
+    "checkpoint_config",
+    "check_resume_config",
+    "RESUME_MAY_CHANGE",
+    "finite_weights",
+    "CheckpointManager",
+    "ResumePoint",
+]
 
 FORMAT = 1
 
@@ -40,8 +50,7 @@ def rng_state() -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), int(pos), int(has_gauss),
-                  float(cached)),
+        "numpy": (kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), int(pos), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -75,24 +84,34 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     try:
         return atomic_replace(path, write)
     except WriteError as e:
-        before = (f"the previous checkpoint {path} is intact" if path.exists()
-                  else "no earlier checkpoint of this name exists")
-        raise WriteError(f"cannot write checkpoint {path}: {e.reason}; {before}", e.errno, path=path,
-                         reason=e.reason) from None
+        before = (
+            f"the previous checkpoint {path} is intact"
+            if path.exists()
+            else "no earlier checkpoint of this name exists"
+        )
+        raise WriteError(
+            f"cannot write checkpoint {path}: {e.reason}; {before}", e.errno, path=path, reason=e.reason
+        ) from None
 
 
 def finite_weights(modules: dict[str, torch.nn.Module]) -> bool:
     """Whether every floating-point parameter and buffer is finite (one device sync). A diverged run's NaN
     weights must not replace a good checkpoint."""
-    flags = [torch.isfinite(t).all() for m in modules.values()
-             for t in (*m.parameters(), *m.buffers()) if t.is_floating_point() and t.numel()]
+    flags = [
+        torch.isfinite(t).all()
+        for m in modules.values()
+        for t in (*m.parameters(), *m.buffers())
+        if t.is_floating_point() and t.numel()
+    ]
     return bool(torch.stack(flags).all()) if flags else True
 
 
 def _need(cond: bool, path: Path, what: str) -> None:
     if not cond:
-        raise CheckpointError(f"checkpoint {path}: {what}; it was damaged or not written by fasttrain "
-                              f"(use another checkpoint, e.g. best.pt / last.pt of the run)")
+        raise CheckpointError(
+            f"checkpoint {path}: {what}; it was damaged or not written by fasttrain "
+            f"(use another checkpoint, e.g. best.pt / last.pt of the run)"
+        )
 
 
 def _validate(ckpt: dict[str, Any], path: Path, resume: bool) -> None:
@@ -101,10 +120,18 @@ def _validate(ckpt: dict[str, Any], path: Path, resume: bool) -> None:
     state = ckpt.get("state")
     _need(isinstance(state, dict), path, "it has no 'state' (the weights)")
     assert isinstance(state, dict)
-    _need(isinstance(state.get("modules"), dict) and state["modules"]
-          and all(isinstance(v, dict) for v in state["modules"].values()), path, "its state has no 'modules' weights")
-    _need(isinstance(state.get("epoch", 0), int) and isinstance(state.get("step", 0), int), path,
-          "its state's epoch / step are not integers")
+    _need(
+        isinstance(state.get("modules"), dict)
+        and state["modules"]
+        and all(isinstance(v, dict) for v in state["modules"].values()),
+        path,
+        "its state has no 'modules' weights",
+    )
+    _need(
+        isinstance(state.get("epoch", 0), int) and isinstance(state.get("step", 0), int),
+        path,
+        "its state's epoch / step are not integers",
+    )
     meta = ckpt.get("meta")
     _need(meta is None or isinstance(meta, dict), path, "its 'meta' is not a table")
     cfg = checkpoint_config(ckpt, path)
@@ -113,26 +140,40 @@ def _validate(ckpt: dict[str, Any], path: Path, resume: bool) -> None:
         names = (meta or {}).get(key)
         if names is None:
             continue
-        _need(isinstance(names, list) and all(isinstance(s, str) for s in names), path, f"its {key} are not a list "
-              f"of names")
-        _need(not n or len(names) == n, path, f"it has {len(names)} {key.replace('_', ' ')} for the model's {n} "
-              f"outputs (model.num_outputs)")
+        _need(
+            isinstance(names, list) and all(isinstance(s, str) for s in names),
+            path,
+            f"its {key} are not a list of names",
+        )
+        _need(
+            not n or len(names) == n,
+            path,
+            f"it has {len(names)} {key.replace('_', ' ')} for the model's {n} outputs (model.num_outputs)",
+        )
     if resume:
         for group in ("optimizers", "scalers", "schedulers"):
             _need(isinstance(state.get(group), dict), path, f"its state has no '{group}' (a resume needs them)")
         _need("epoch" in state and "step" in state, path, "its state has no epoch / step (a resume needs them)")
         rng = ckpt.get("rng")
-        _need(isinstance(rng, dict) and {"python", "numpy", "torch"} <= set(rng), path,
-              "it has no RNG states (a resume needs them)")
+        _need(
+            isinstance(rng, dict) and {"python", "numpy", "torch"} <= set(rng),
+            path,
+            "it has no RNG states (a resume needs them)",
+        )
         pos = ckpt.get("position")
-        _need(pos is None or (isinstance(pos, dict) and isinstance(pos.get("epoch"), int)
-                              and isinstance(pos.get("micro"), int)), path, "its 'position' is malformed")
+        _need(
+            pos is None
+            or (isinstance(pos, dict) and isinstance(pos.get("epoch"), int) and isinstance(pos.get("micro"), int)),
+            path,
+            "its 'position' is malformed",
+        )
         running = ckpt.get("running")
         _need(running is None or isinstance(running, dict), path, "its 'running' sums are malformed")
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
-                    resume: bool = False) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", *, resume: bool = False
+) -> dict[str, Any]:
     """Load and check a checkpoint. ``resume``: also require what continuing a run needs (optimizer, scaler,
     scheduler and RNG states). Raises FileNotFoundError or :class:`CheckpointError`, naming the file."""
     path = Path(path)
@@ -158,10 +199,25 @@ def checkpoint_config(ckpt: dict[str, Any], path: str | os.PathLike) -> Config:
 
 
 RESUME_MAY_CHANGE = (
-    "train.epochs", "train.log_every", "train.eval_every", "train.eval_batch_size", "train.checkpoint_every",
-    "train.checkpoint_every_steps", "train.max_nonfinite_logs", "train.runs_dir", "train.run_name",
-    "runtime.*", "tune.*", "bench.*", "name",
-    "data.root", "data.loader", "data.workers", "data.prefetch", "data.dali_threads", "data.hw_decoder_load",
+    "train.epochs",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_batch_size",
+    "train.checkpoint_every",
+    "train.checkpoint_every_steps",
+    "train.max_nonfinite_logs",
+    "train.runs_dir",
+    "train.run_name",
+    "runtime.*",
+    "tune.*",
+    "bench.*",
+    "name",
+    "data.root",
+    "data.loader",
+    "data.workers",
+    "data.prefetch",
+    "data.dali_threads",
+    "data.hw_decoder_load",
     "data.cache_budget",
 )
 """Settings ``--resume RUN --set ...`` may change: how long to train, how often to log, evaluate and checkpoint,
@@ -172,9 +228,25 @@ value either would not fit the saved weights or would be silently overridden by 
 scheduler states, so it is refused. Settings added later that describe the data's content or the run's
 numbers belong to the refused group; the loader's speed and safety knobs (data.*) to this one."""
 
-_RESUME_FIXED_DATA = {"format", "train_dir", "val_dir", "test_dir", "manifest", "target_columns", "val_fraction",
-                      "split_seed", "image_size", "resize_size", "channels", "random_resized_crop", "crop_scale_min",
-                      "hflip", "mean", "std", "max_samples"}
+_RESUME_FIXED_DATA = {
+    "format",
+    "train_dir",
+    "val_dir",
+    "test_dir",
+    "manifest",
+    "target_columns",
+    "val_fraction",
+    "split_seed",
+    "image_size",
+    "resize_size",
+    "channels",
+    "random_resized_crop",
+    "crop_scale_min",
+    "hflip",
+    "mean",
+    "std",
+    "max_samples",
+}
 
 
 def _may_change(key: str) -> bool:
@@ -199,10 +271,12 @@ def check_resume_config(saved: Config, new: Config, path: str | os.PathLike) -> 
         elif a[section] != b.get(section) and not _may_change(section):
             changed.append(section)
     if changed:
-        raise ConfigError(f"--resume: {', '.join(changed)} cannot change on resume: the run in {path} was trained "
-                          f"with the first value. Start a new run for that (fasttrain train CONFIG --set ...); "
-                          f"a resume may change train.epochs, logging / evaluation / checkpoint intervals, "
-                          f"runtime.*, data.root and the loader settings")
+        raise ConfigError(
+            f"--resume: {', '.join(changed)} cannot change on resume: the run in {path} was trained "
+            f"with the first value. Start a new run for that (fasttrain train CONFIG --set ...); "
+            f"a resume may change train.epochs, logging / evaluation / checkpoint intervals, "
+            f"runtime.*, data.root and the loader settings"
+        )
 
 
 @dataclass
@@ -225,8 +299,9 @@ class CheckpointManager:
     any world size.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, *, cfg: Config, task: Any, state: Any, best_metric: str,
-                 enabled: bool = True):
+    def __init__(
+        self, run_dir: str | os.PathLike, *, cfg: Config, task: Any, state: Any, best_metric: str, enabled: bool = True
+    ):
         self.dir = Path(run_dir) / "checkpoints"
         self.cfg, self.task, self.state = cfg, task, state
         self.best_metric = best_metric
@@ -239,18 +314,28 @@ class CheckpointManager:
     def last(self) -> Path:
         return self.dir / "last.pt"
 
-    def payload(self, position: dict[str, int] | None = None, running: dict[str, Any] | None = None
-                ) -> dict[str, Any]:
+    def payload(self, position: dict[str, int] | None = None, running: dict[str, Any] | None = None) -> dict[str, Any]:
         """``position``: ``{"epoch", "micro"}`` inside an unfinished epoch; ``running``: that epoch's sums."""
-        return {"state": self.state.state_dict(), "rng": rng_state(), "config": config_to_dict(self.cfg),
-                "meta": self.task.checkpoint_meta(), "best_metric": self.best_metric, "best_value": self.best_value,
-                "position": position, "running": running}
+        return {
+            "state": self.state.state_dict(),
+            "rng": rng_state(),
+            "config": config_to_dict(self.cfg),
+            "meta": self.task.checkpoint_meta(),
+            "best_metric": self.best_metric,
+            "best_value": self.best_value,
+            "position": position,
+            "running": running,
+        }
 
     def save_last(self, position: dict[str, int] | None = None, running: dict[str, Any] | None = None) -> bool:
         """Write last.pt unless the weights went non-finite; returns whether it was written."""
         if not finite_weights(self.state.modules):
-            log.warning("not writing %s at step %d: the weights are not finite; it keeps %s", self.last,
-                        self.state.step, self.saved_at)
+            log.warning(
+                "not writing %s at step %d: the weights are not finite; it keeps %s",
+                self.last,
+                self.state.step,
+                self.saved_at,
+            )
             return False
         if self.enabled:
             save_checkpoint(self.last, self.payload(position, running))
@@ -266,8 +351,10 @@ class CheckpointManager:
         try:
             self.state.load_state_dict(ckpt["state"])
         except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {self.last}: its state does not fit this run's model and "
-                                  f"optimizers ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(
+                f"checkpoint {self.last}: its state does not fit this run's model and "
+                f"optimizers ({str(e).splitlines()[0]})"
+            ) from None
         set_rng_state(ckpt["rng"])
         self.best_value = ckpt.get("best_value")
         self.saved_at = f"epoch {self.state.epoch}, step {self.state.step}"

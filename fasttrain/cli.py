@@ -82,9 +82,14 @@ def _add_verbosity(p: argparse.ArgumentParser) -> None:
 
 
 def _add_common(p: argparse.ArgumentParser, example: str) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help=f"override a config value (repeatable), e.g. --set {example}; "
-                        f"'fasttrain config show' lists every key")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help=f"override a config value (repeatable), e.g. --set {example}; 'fasttrain config show' lists every key",
+    )
     _add_verbosity(p)
 
 
@@ -160,8 +165,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
         fields = {k: v for k, v in r.items() if k not in ("image", "top")}
         print(f"{r['image']}: " + "  ".join(f"{k}={v}" for k, v in fields.items()))
     if failed:
-        print(f"fasttrain: error: {len(failed)} of {len(records)} images could not be predicted: "
-              + ", ".join(r["image"] for r in failed), file=sys.stderr)
+        print(
+            f"fasttrain: error: {len(failed)} of {len(records)} images could not be predicted: "
+            + ", ".join(r["image"] for r in failed),
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -170,9 +178,14 @@ def cmd_autotune(args: argparse.Namespace) -> int:
     """Run, print the table; 0 when a verified choice was written, 1 otherwise."""
     from fasttrain.autotune import autotune
 
-    report = autotune(resolve_config(args.config, args.overrides), memory_budget_gib=args.memory_budget,
-                      out_dir=args.out, verify=not args.no_verify, use_cache=not args.no_cache,
-                      time_budget_s=args.time_budget)
+    report = autotune(
+        resolve_config(args.config, args.overrides),
+        memory_budget_gib=args.memory_budget,
+        out_dir=args.out,
+        verify=not args.no_verify,
+        use_cache=not args.no_cache,
+        time_budget_s=args.time_budget,
+    )
     if _is_main_process():
         print(report.to_table())
     return 0 if report.ok else 1
@@ -206,8 +219,7 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
     if args.skip_list:  # written at the end: ask now, not after decoding every image
         check_writable(Path(args.skip_list).expanduser().parent, "check-data --skip-list")
-    report = check_data(args.data, channels=args.channels, workers=args.workers,
-                        skip_list=args.skip_list)
+    report = check_data(args.data, channels=args.channels, workers=args.workers, skip_list=args.skip_list)
     print(report.to_text())
     return 0 if not report.bad else 1
 
@@ -268,29 +280,48 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fasttrain", description=__doc__.split("\n\n", 1)[1].strip(),
-                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fasttrain",
+        description=__doc__.split("\n\n", 1)[1].strip(),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"fasttrain {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help, description=description, formatter_class=_formatter)
 
-    p = command("train", "train a config (no config: the quickstart on demo data)",
-                "Train in a new run folder train.runs_dir/<name>-<date>-<time>/ (config.toml, environment.json, "
-                "metrics.jsonl, train.log, checkpoints/last.pt and best.pt), or continue one with --resume.")
-    p.add_argument("config", nargs="?", help="TOML file or packaged config name ('fasttrain config list'); "
-                                             "default: quickstart")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
-                                                       "(--set train.epochs=N extends it)")
-    p.add_argument("--nproc", type=int, default=1, metavar="N",
-                   help="train on N GPUs of this machine (starts torchrun's agent: one process per GPU)")
+    p = command(
+        "train",
+        "train a config (no config: the quickstart on demo data)",
+        "Train in a new run folder train.runs_dir/<name>-<date>-<time>/ (config.toml, environment.json, "
+        "metrics.jsonl, train.log, checkpoints/last.pt and best.pt), or continue one with --resume.",
+    )
+    p.add_argument(
+        "config", nargs="?", help="TOML file or packaged config name ('fasttrain config list'); default: quickstart"
+    )
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last checkpoint (--set train.epochs=N extends it)",
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train on N GPUs of this machine (starts torchrun's agent: one process per GPU)",
+    )
     _add_common(p, "optim.lr=0.05")
     p.set_defaults(fn=cmd_train, argv=None)
 
-    p = command("predict", "predict with a checkpoint or a run folder",
-                "The class and probability per image (regressed point and colour for the drawing task; a "
-                "generated image for pix2pix).")
+    p = command(
+        "predict",
+        "predict with a checkpoint or a run folder",
+        "The class and probability per image (regressed point and colour for the drawing task; a "
+        "generated image for pix2pix).",
+    )
     p.add_argument("checkpoint", help="a checkpoint (.pt) or a run folder (its best.pt, else last.pt)")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -299,34 +330,60 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbosity(p)
     p.set_defaults(fn=cmd_predict)
 
-    p = command("autotune", "find the batch size and loader settings with the best samples/s",
-                "Measure samples/s and peak memory per batch size inside a VRAM budget (emulated on larger "
-                "cards), choose the fastest batch that leaves headroom and the loader setting that keeps up, "
-                "verify it, and write a table, JSON, a PNG and a tuned config.")
+    p = command(
+        "autotune",
+        "find the batch size and loader settings with the best samples/s",
+        "Measure samples/s and peak memory per batch size inside a VRAM budget (emulated on larger "
+        "cards), choose the fastest batch that leaves headroom and the loader setting that keeps up, "
+        "verify it, and write a table, JSON, a PNG and a tuned config.",
+    )
     p.add_argument("config", nargs="?", help="TOML file or packaged config name (default: quickstart)")
-    p.add_argument("--memory-budget", type=float, default=None, metavar="GIB",
-                   help="VRAM budget in GiB (default: tune.memory_budget_gib, 16)")
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
-                   help="seconds the whole search may take, compilation excluded (default: tune.time_budget_s, 45)")
-    p.add_argument("--out", default=None, help="folder for the report, plot and tuned config "
-                                              "(default: train.runs_dir/autotune-<name>-<time>)")
+    p.add_argument(
+        "--memory-budget",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="VRAM budget in GiB (default: tune.memory_budget_gib, 16)",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds the whole search may take, compilation excluded (default: tune.time_budget_s, 45)",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="folder for the report, plot and tuned config (default: train.runs_dir/autotune-<name>-<time>)",
+    )
     p.add_argument("--no-verify", action="store_true", help="skip the verification run")
     p.add_argument("--no-cache", action="store_true", help="ignore (and refresh) cached results")
     _add_common(p, "tune.max_batch=512")
     p.set_defaults(fn=cmd_autotune)
 
-    p = command("bench", "loader-only, model-only and end-to-end samples/s for a config",
-                "Which part limits a run: the loader alone, the train step alone on a batch already on the "
-                "device (the ceiling), and both together as training runs them.")
+    p = command(
+        "bench",
+        "loader-only, model-only and end-to-end samples/s for a config",
+        "Which part limits a run: the loader alone, the train step alone on a batch already on the "
+        "device (the ceiling), and both together as training runs them.",
+    )
     p.add_argument("config", nargs="?", help="TOML file or packaged config name (default: quickstart)")
-    p.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON here "
-                                                                "(a new file; an existing one is kept)")
+    p.add_argument(
+        "--json",
+        default=None,
+        metavar="PATH",
+        help="also write the report as JSON here (a new file; an existing one is kept)",
+    )
     _add_common(p, "bench.steps=50")
     p.set_defaults(fn=cmd_bench)
 
-    p = command("check-data", "report unreadable or odd images; never touches the files",
-                "Decode every image once and report unreadable files, files that are not images, empty class "
-                "folders and odd ones (converted modes, misnamed formats). Nothing is modified.")
+    p = command(
+        "check-data",
+        "report unreadable or odd images; never touches the files",
+        "Decode every image once and report unreadable files, files that are not images, empty class "
+        "folders and odd ones (converted modes, misnamed formats). Nothing is modified.",
+    )
     p.add_argument("data", help="a dataset folder")
     p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="channels the model reads")
     p.add_argument("--workers", type=int, default=0, help="decoding threads (0: from the machine)")
@@ -334,27 +391,39 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbosity(p)
     p.set_defaults(fn=cmd_check_data)
 
-    p = command("config", "show every setting of a config, or list the packaged configs",
-                "'config show [NAME|PATH]' prints every key with its value, default, type and description "
-                "(units included); 'config list' names the packaged configs.")
+    p = command(
+        "config",
+        "show every setting of a config, or list the packaged configs",
+        "'config show [NAME|PATH]' prints every key with its value, default, type and description "
+        "(units included); 'config list' names the packaged configs.",
+    )
     p.add_argument("action", choices=("show", "list"))
     p.add_argument("config", nargs="?", help="TOML file or packaged config name (default: the defaults)")
     p.add_argument("--changed", action="store_true", help="only the settings that differ from the defaults")
     _add_common(p, "optim.lr=0.05")
     p.set_defaults(fn=cmd_config)
 
-    p = command("plot", "draw a run's curves (several runs overlaid) into a PNG",
-                "Loss, the task's validation metric, learning rate and samples/s against optimizer steps, from "
-                "metrics.jsonl.")
+    p = command(
+        "plot",
+        "draw a run's curves (several runs overlaid) into a PNG",
+        "Loss, the task's validation metric, learning rate and samples/s against optimizer steps, from metrics.jsonl.",
+    )
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders")
-    p.add_argument("--out", default=None, metavar="PNG", help="default: RUN_DIR/curves.png for one run, "
-                                                              "./runs-compare.png (a new file) for several")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="PNG",
+        help="default: RUN_DIR/curves.png for one run, ./runs-compare.png (a new file) for several",
+    )
     _add_verbosity(p)
     p.set_defaults(fn=cmd_plot)
 
-    sub.add_parser("make-data", add_help=False,
-                   help="write a generated dataset: shapes, drawing, paired, imagenet "
-                        "('fasttrain make-data KIND --help' lists each one's options)")
+    sub.add_parser(
+        "make-data",
+        add_help=False,
+        help="write a generated dataset: shapes, drawing, paired, imagenet "
+        "('fasttrain make-data KIND --help' lists each one's options)",
+    )
     return parser
 
 
@@ -402,8 +471,11 @@ def main(argv: list[str] | None = None) -> int:
             print(file=sys.stderr)  # off the progress bar's line
         run_dir = getattr(e, "run_dir", None)
         if run_dir is not None:
-            print(f"fasttrain: interrupted; continue the run from its last checkpoint with\n"
-                  f"  fasttrain train --resume {run_dir}", file=sys.stderr)
+            print(
+                f"fasttrain: interrupted; continue the run from its last checkpoint with\n"
+                f"  fasttrain train --resume {run_dir}",
+                file=sys.stderr,
+            )
         else:
             print("fasttrain: interrupted", file=sys.stderr)
         return 130

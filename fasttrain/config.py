@@ -136,8 +136,11 @@ class DataConfig:
         _check(self.channels in (1, 3), "data.channels", f"must be 1 or 3, got {self.channels}")
         _check(0.0 <= self.val_fraction <= 0.9, "data.val_fraction", f"must be in 0..0.9, got {self.val_fraction}")
         _check(self.image_size >= 8, "data.image_size", f"must be >= 8 pixels, got {self.image_size}")
-        _check(self.resize_size == 0 or self.resize_size >= self.image_size, "data.resize_size",
-               f"must be 0 or >= data.image_size ({self.image_size}), got {self.resize_size}")
+        _check(
+            self.resize_size == 0 or self.resize_size >= self.image_size,
+            "data.resize_size",
+            f"must be 0 or >= data.image_size ({self.image_size}), got {self.resize_size}",
+        )
         _check(0.0 < self.crop_scale_min <= 1.0, "data.crop_scale_min", f"must be in (0, 1], got {self.crop_scale_min}")
         for name in ("mean", "std"):
             vals = getattr(self, name)
@@ -149,9 +152,12 @@ class DataConfig:
         _check(0.0 <= self.hw_decoder_load <= 1.0, "data.hw_decoder_load", "must be in 0..1")
         _check(0.0 < self.cache_budget <= 0.9, "data.cache_budget", "must be in (0, 0.9]")
         _check(self.max_samples >= 0, "data.max_samples", "must be >= 0")
-        _check(1 <= self.max_image_pixels <= PILLOW_BOMB_PIXELS, "data.max_image_pixels",
-               f"must be in 1..{PILLOW_BOMB_PIXELS} (Pillow refuses larger images on the torch loader and cache), "
-               f"got {self.max_image_pixels}")
+        _check(
+            1 <= self.max_image_pixels <= PILLOW_BOMB_PIXELS,
+            "data.max_image_pixels",
+            f"must be in 1..{PILLOW_BOMB_PIXELS} (Pillow refuses larger images on the torch loader and cache), "
+            f"got {self.max_image_pixels}",
+        )
         _check(self.max_bad_per_epoch >= 0, "data.max_bad_per_epoch", f"must be >= 0, got {self.max_bad_per_epoch}")
 
     @property
@@ -202,8 +208,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must not be empty")
-        _check(not (self.pretrained and self.init_from), "model.init_from",
-               "give model.pretrained or model.init_from, not both")
+        _check(
+            not (self.pretrained and self.init_from),
+            "model.init_from",
+            "give model.pretrained or model.init_from, not both",
+        )
         _check(self.num_outputs >= 0, "model.num_outputs", "must be >= 0")
         _check(self.width >= 1, "model.width", "must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
@@ -231,8 +240,9 @@ class OptimConfig:
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _check(0.0 <= self.momentum < 1.0, "optim.momentum", "must be in [0, 1)")
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
-               "needs two values in [0, 1)")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", "needs two values in [0, 1)"
+        )
         _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
 
 
@@ -284,14 +294,20 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         d = self.device
-        _check(d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit()), "runtime.device",
-               f"must be auto, cpu, cuda or cuda:N, got {d!r}")
+        _check(
+            d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit()),
+            "runtime.device",
+            f"must be auto, cpu, cuda or cuda:N, got {d!r}",
+        )
         _choice(self.precision, "runtime.precision", ("auto", "bf16", "fp16", "fp32"))
         _choice(self.channels_last, "runtime.channels_last", ("auto", "on", "off"))
         _choice(self.compile, "runtime.compile", ("auto", "on", "off"))
         _choice(self.tf32, "runtime.tf32", ("auto", "on", "off"))
-        _choice(self.compile_mode, "runtime.compile_mode",
-                ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"))
+        _choice(
+            self.compile_mode,
+            "runtime.compile_mode",
+            ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        )
 
 
 @dataclass
@@ -340,8 +356,11 @@ class TrainConfig:
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.accumulation >= 1, "train.accumulation", "must be >= 1")
-        _check(self.batch_size % self.accumulation == 0, "train.batch_size",
-               f"{self.batch_size} is not divisible by train.accumulation ({self.accumulation})")
+        _check(
+            self.batch_size % self.accumulation == 0,
+            "train.batch_size",
+            f"{self.batch_size} is not divisible by train.accumulation ({self.accumulation})",
+        )
         _check(self.eval_batch_size >= 0, "train.eval_batch_size", "must be >= 0")
         _check(0 <= self.label_smoothing < 1, "train.label_smoothing", "must be in [0, 1)")
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
@@ -350,8 +369,11 @@ class TrainConfig:
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
         _check(self.max_nonfinite_logs >= 0, "train.max_nonfinite_logs", "must be >= 0 (0 = never stop)")
-        _check("/" not in self.run_name and self.run_name not in (".", ".."), "train.run_name",
-               f"must be a plain folder name, got {self.run_name!r}")
+        _check(
+            "/" not in self.run_name and self.run_name not in (".", ".."),
+            "train.run_name",
+            f"must be a plain folder name, got {self.run_name!r}",
+        )
 
     @property
     def micro_batch(self) -> int:
@@ -468,12 +490,18 @@ class Config:
     """Config name (the TOML file's stem unless set); prefixes run folders."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.name) and "/" not in self.name and self.name not in (".", ".."), "name",
-               f"must be a plain name (it prefixes run folders), got {self.name!r}")
+        _check(
+            bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
+            "name",
+            f"must be a plain name (it prefixes run folders), got {self.name!r}",
+        )
 
 
-_SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)  # type: ignore[misc]
-                               if dataclasses.is_dataclass(f.default_factory)}
+_SECTIONS: dict[str, type] = {
+    f.name: f.default_factory  # type: ignore[misc]
+    for f in dataclasses.fields(Config)
+    if dataclasses.is_dataclass(f.default_factory)
+}
 """Section name -> its dataclass."""
 
 
@@ -609,8 +637,9 @@ def config_path(name_or_path: str | os.PathLike) -> Path:
     names = list(packaged_configs())
     close = difflib.get_close_matches(str(name_or_path), names, n=1)
     hint = f"; did you mean {close[0]}?" if close else ""
-    raise ConfigError(f"config {name_or_path}: no such file, and no packaged config of that name (packaged: "
-                      f"{', '.join(names)}){hint}")
+    raise ConfigError(
+        f"config {name_or_path}: no such file, and no packaged config of that name (packaged: {', '.join(names)}){hint}"
+    )
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
@@ -623,8 +652,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             # utf-8-sig: a byte-order mark (some Windows editors write one) is not part of the text
             data = tomllib.loads(p.read_text(encoding="utf-8-sig"))
         except UnicodeDecodeError as e:
-            raise ConfigError(f"config file {p}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
-                              f"save it as UTF-8") from None
+            raise ConfigError(
+                f"config file {p}: not UTF-8 text (byte {e.start} is {e.object[e.start : e.start + 1]!r}); "
+                f"save it as UTF-8"
+            ) from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {p}: not valid TOML: {e}") from None
         except OSError as e:
@@ -670,8 +701,13 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
     docs = {}
     for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
             docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
@@ -684,7 +720,13 @@ def describe_config(cfg: Config) -> list[FieldInfo]:
         hints, docs = _section_hints(cls), field_docs(cls)
         for fld in dataclasses.fields(cls):
             typ = hints[fld.name]
-            out.append(FieldInfo(f"{section}.{fld.name}", getattr(getattr(cfg, section), fld.name),
-                                 getattr(getattr(defaults, section), fld.name),
-                                 getattr(typ, "__name__", str(typ)), docs.get(fld.name, "")))
+            out.append(
+                FieldInfo(
+                    f"{section}.{fld.name}",
+                    getattr(getattr(cfg, section), fld.name),
+                    getattr(getattr(defaults, section), fld.name),
+                    getattr(typ, "__name__", str(typ)),
+                    docs.get(fld.name, ""),
+                )
+            )
     return out

@@ -19,8 +19,18 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistInfo", "dist_info", "init", "shutdown", "per_rank_batch", "all_reduce_sums", "broadcast_object",
-           "barrier", "current", "wrap_state"]
+__all__ = [
+    "DistInfo",
+    "dist_info",
+    "init",
+    "shutdown",
+    "per_rank_batch",
+    "all_reduce_sums",
+    "broadcast_object",
+    "barrier",
+    "current",
+    "wrap_state",
+]
 
 
 @dataclass(frozen=True)
@@ -62,14 +72,20 @@ def dist_info(env: Mapping[str, str] | None = None) -> DistInfo:
     """The process's place in the job, from torchrun's variables (pure: pass ``env`` to test it)."""
     env = os.environ if env is None else env
     world = _int(env, "WORLD_SIZE", 1)
-    info = DistInfo(rank=_int(env, "RANK", 0), local_rank=_int(env, "LOCAL_RANK", 0), world_size=max(world, 1),
-                    local_world_size=max(_int(env, "LOCAL_WORLD_SIZE", world), 1),
-                    run_id=env.get("TORCHELASTIC_RUN_ID", ""), restart=_int(env, "TORCHELASTIC_RESTART_COUNT", 0))
+    info = DistInfo(
+        rank=_int(env, "RANK", 0),
+        local_rank=_int(env, "LOCAL_RANK", 0),
+        world_size=max(world, 1),
+        local_world_size=max(_int(env, "LOCAL_WORLD_SIZE", world), 1),
+        run_id=env.get("TORCHELASTIC_RUN_ID", ""),
+        restart=_int(env, "TORCHELASTIC_RESTART_COUNT", 0),
+    )
     if info.rank >= info.world_size:
         raise ValueError(f"environment: RANK={info.rank} is not below WORLD_SIZE={info.world_size}")
     if info.local_rank >= info.local_world_size:
-        raise ValueError(f"environment: LOCAL_RANK={info.local_rank} is not below "
-                         f"LOCAL_WORLD_SIZE={info.local_world_size}")
+        raise ValueError(
+            f"environment: LOCAL_RANK={info.local_rank} is not below LOCAL_WORLD_SIZE={info.local_world_size}"
+        )
     return info
 
 
@@ -98,8 +114,10 @@ def init(device_type: str, *, timeout_s: float = 1800.0) -> DistInfo:
     kwargs: dict[str, Any] = {}
     if device_type == "cuda":
         if info.local_rank >= torch.cuda.device_count():
-            raise ValueError(f"environment: LOCAL_RANK={info.local_rank} but this node has "
-                             f"{torch.cuda.device_count()} GPUs (torchrun --nproc-per-node too large?)")
+            raise ValueError(
+                f"environment: LOCAL_RANK={info.local_rank} but this node has "
+                f"{torch.cuda.device_count()} GPUs (torchrun --nproc-per-node too large?)"
+            )
         torch.cuda.set_device(info.local_rank)
         kwargs["device_id"] = torch.device("cuda", info.local_rank)
     # torchrun's store outlives a restart of the worker group: the ranks of a new attempt would read the dead
@@ -109,8 +127,9 @@ def init(device_type: str, *, timeout_s: float = 1800.0) -> DistInfo:
     store = dist.PrefixStore(f"fasttrain/attempt-{info.restart}", store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs)
     _CURRENT = info
-    log.info("rank %d of %d (local %d) joined the %s process group", info.rank, info.world_size, info.local_rank,
-             backend)
+    log.info(
+        "rank %d of %d (local %d) joined the %s process group", info.rank, info.world_size, info.local_rank, backend
+    )
     return info
 
 
@@ -126,8 +145,10 @@ def shutdown() -> None:
 def per_rank_batch(global_batch: int, world_size: int, name: str = "train.batch_size") -> int:
     """``global_batch / world_size``: the global batch stays the one the config names, whatever the GPU count."""
     if global_batch % world_size:
-        raise ValueError(f"{name}: {global_batch} is not divisible by the {world_size} processes (WORLD_SIZE); "
-                         f"choose a multiple of {world_size}")
+        raise ValueError(
+            f"{name}: {global_batch} is not divisible by the {world_size} processes (WORLD_SIZE); "
+            f"choose a multiple of {world_size}"
+        )
     return global_batch // world_size
 
 
@@ -178,8 +199,9 @@ def wrap_state(state: Any, runtime: Any, *, sync_bn: bool = False) -> None:
                 raise ConfigError("model.sync_bn: SyncBatchNorm needs CUDA devices (NCCL); turn it off on CPU")
             module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)  # keeps the parameter objects
             state.modules[name] = module
-        ddp = DistributedDataParallel(module, device_ids=[runtime.device.index] if runtime.is_cuda else None,
-                                      gradient_as_bucket_view=True)
+        ddp = DistributedDataParallel(
+            module, device_ids=[runtime.device.index] if runtime.is_cuda else None, gradient_as_bucket_view=True
+        )
         state.ddp[name] = ddp
         state.callables[name] = runtime.compiled(ddp)
         state.local[name] = runtime.compiled(module)

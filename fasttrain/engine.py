@@ -78,10 +78,17 @@ class TrainResult:
 
 
 # -- entry point -------------------------------------------------------------------------------------------------
-def train(cfg: Config | None = None, *, resume: str | Path | None = None, progress: bool = True,
-          overrides: list[str] | None = None,
-          on_epoch_end: Callable[[TrainState, dict[str, Any]], None] | None = None,
-          model: Any = None, dataset: Any = None, val_dataset: Any = None) -> TrainResult:
+def train(
+    cfg: Config | None = None,
+    *,
+    resume: str | Path | None = None,
+    progress: bool = True,
+    overrides: list[str] | None = None,
+    on_epoch_end: Callable[[TrainState, dict[str, Any]], None] | None = None,
+    model: Any = None,
+    dataset: Any = None,
+    val_dataset: Any = None,
+) -> TrainResult:
     """Train ``cfg`` in a new run folder, or continue the run in ``resume`` from its last checkpoint.
 
     ``model``: your own ``nn.Module`` (or a function returning one) instead of ``model.name``'s; the run then
@@ -101,8 +108,9 @@ def train(cfg: Config | None = None, *, resume: str | Path | None = None, progre
     if resume is None and info.enabled and info.run_id and cfg is not None:
         found = elastic_run_dir(cfg.train.runs_dir, info.run_id)
         if found is not None and (found / "checkpoints" / "last.pt").is_file():
-            log.warning("torchrun restart %d of job %s: resuming %s from its last checkpoint", info.restart,
-                        info.run_id, found)
+            log.warning(
+                "torchrun restart %d of job %s: resuming %s from its last checkpoint", info.restart, info.run_id, found
+            )
             resume, overrides = found, _overrides_of(cfg, found)
     lock: RunLock | None = None
     run_dir: Path | None = None
@@ -191,8 +199,11 @@ class _RunLogHandler(logging.FileHandler):
 
             self.failed = True
             err = sys.exc_info()[1]
-            print(f"fasttrain: warning: cannot write {self.baseFilename}: {os_reason(err) if err else 'error'}; "
-                  f"logging to the terminal only", file=sys.stderr)
+            print(
+                f"fasttrain: warning: cannot write {self.baseFilename}: {os_reason(err) if err else 'error'}; "
+                f"logging to the terminal only",
+                file=sys.stderr,
+            )
 
 
 def _run_log_handler(path: Path) -> logging.Handler:
@@ -239,8 +250,10 @@ def _check_best_metric(task: Task, metric: str, has_val: bool) -> None:
             names += [f"val_ema_{m}" for m in evals]
     if metric not in names:
         where = "" if has_val or not metric.startswith("val_") else " (there is no validation split)"
-        raise ConfigError(f"train.best_metric: {metric!r} is not a metric of task {task.name}{where}; choose one "
-                          f"of {', '.join(names)} (empty means {task.best_metric})")
+        raise ConfigError(
+            f"train.best_metric: {metric!r} is not a metric of task {task.name}{where}; choose one "
+            f"of {', '.join(names)} (empty means {task.best_metric})"
+        )
 
 
 def _check_same_outputs(task: Task, ckpt: dict[str, Any], run_dir: Path) -> None:
@@ -248,8 +261,10 @@ def _check_same_outputs(task: Task, ckpt: dict[str, Any], run_dir: Path) -> None
     saved, now = ckpt.get("meta") or {}, task.checkpoint_meta()
     for key in ("class_names", "target_names"):
         if saved.get(key) and now.get(key) and list(saved[key]) != list(now[key]):
-            raise ConfigError(f"data.root: the data's {key.replace('_', ' ')} ({', '.join(now[key])}) differ from "
-                              f"those the run in {run_dir} was trained on ({', '.join(saved[key])})")
+            raise ConfigError(
+                f"data.root: the data's {key.replace('_', ' ')} ({', '.join(now[key])}) differ from "
+                f"those the run in {run_dir} was trained on ({', '.join(saved[key])})"
+            )
 
 
 # -- device values ---------------------------------------------------------------------------------------------------
@@ -322,17 +337,25 @@ class Running:
         return means
 
     def to_checkpoint(self) -> dict[str, Any]:
-        return {"epoch_sums": {k: v.detach().cpu() for k, v in self.epoch_sums.items()},
-                "window": {k: v.detach().cpu() for k, v in self.window.items()},
-                "n_summed": self.n_summed, "n_window": self.n_window, "nonfinite_logs": self.nonfinite_logs}
+        return {
+            "epoch_sums": {k: v.detach().cpu() for k, v in self.epoch_sums.items()},
+            "window": {k: v.detach().cpu() for k, v in self.window.items()},
+            "n_summed": self.n_summed,
+            "n_window": self.n_window,
+            "nonfinite_logs": self.nonfinite_logs,
+        }
 
     @classmethod
     def from_checkpoint(cls, d: dict[str, Any] | None, device: torch.device) -> Running:
         if not d:
             return cls()
-        return cls({k: v.to(device) for k, v in d.get("epoch_sums", {}).items()},
-                   {k: v.to(device) for k, v in d.get("window", {}).items()},
-                   int(d.get("n_summed", 0)), int(d.get("n_window", 0)), int(d.get("nonfinite_logs", 0)))
+        return cls(
+            {k: v.to(device) for k, v in d.get("epoch_sums", {}).items()},
+            {k: v.to(device) for k, v in d.get("window", {}).items()},
+            int(d.get("n_summed", 0)),
+            int(d.get("n_window", 0)),
+            int(d.get("nonfinite_logs", 0)),
+        )
 
 
 def _epoch_batches(loader: Loader, epoch: int, skip: int):
@@ -359,8 +382,10 @@ def _log_skipped(skipped: list[tuple[str, str]], show: int = 20) -> None:
     """The files the run left out, in train.log (and on the terminal), at most ``show`` of them by name."""
     if not skipped:
         return
-    log.warning("%d files were skipped (unreadable or unusable); run `fasttrain check-data` on the data for "
-                "the full report:", len(skipped))
+    log.warning(
+        "%d files were skipped (unreadable or unusable); run `fasttrain check-data` on the data for the full report:",
+        len(skipped),
+    )
     for f, why in skipped[:show]:
         log.warning("  skipped %s: %s", f, why)
     if len(skipped) > show:
@@ -372,8 +397,14 @@ class Trainer:
     """One run: built from a prepared config and (on resume) a checkpoint, writing nothing; ``run(run_dir)``
     opens the run folder's files and trains; ``close()`` releases the loaders."""
 
-    def __init__(self, prep: Prepared, ckpt: dict[str, Any] | None, *, progress: bool = True,
-                 on_epoch_end: Callable[[TrainState, dict[str, Any]], None] | None = None):
+    def __init__(
+        self,
+        prep: Prepared,
+        ckpt: dict[str, Any] | None,
+        *,
+        progress: bool = True,
+        on_epoch_end: Callable[[TrainState, dict[str, Any]], None] | None = None,
+    ):
         self.prep, self.ckpt, self.progress, self.on_epoch_end = prep, ckpt, progress, on_epoch_end
         cfg, task, source, info = prep.cfg, prep.task, prep.source, prep.dist
         self.cfg, self.task, self.source, self.tc = cfg, task, source, cfg.train
@@ -386,8 +417,10 @@ class Trainer:
             self.val_loader = self._loader(source.val, train=False) if source.val else None
             micro_per_epoch = len(self.train_loader)
             if micro_per_epoch < self.tc.accumulation:
-                raise ConfigError(f"train.batch_size: {self.tc.batch_size} is larger than the usable training set "
-                                  f"({self.train_loader.num_samples} images): no full step fits in an epoch")
+                raise ConfigError(
+                    f"train.batch_size: {self.tc.batch_size} is larger than the usable training set "
+                    f"({self.train_loader.num_samples} images): no full step fits in an epoch"
+                )
             self.steps_per_epoch = micro_per_epoch // self.tc.accumulation
             if self.tc.max_steps:
                 self.steps_per_epoch = min(self.steps_per_epoch, self.tc.max_steps)
@@ -397,8 +430,10 @@ class Trainer:
             distributed.wrap_state(state, prep.runtime, sync_bn=prep.cfg.model.sync_bn)
             if self.tc.ema_decay > 0:
                 _add_ema(state, task.predict_module, self.tc.ema_decay)
-            state.schedulers = {k: make_scheduler(o, cfg.schedule, self.steps_per_epoch, total_steps)
-                                for k, o in state.optimizers.items()}
+            state.schedulers = {
+                k: make_scheduler(o, cfg.schedule, self.steps_per_epoch, total_steps)
+                for k, o in state.optimizers.items()
+            }
         except BaseException:
             self.close()
             raise
@@ -415,17 +450,25 @@ class Trainer:
         prep, cfg, task, source, state, ckpt = self.prep, self.cfg, self.task, self.source, self.state, self.ckpt
         self.run_dir = run_dir
         log.info("run folder %s", run_dir)
-        log.info("%s | data %s: %d train, %d val%s images, %s | loader %s (%s)%s", prep.runtime.describe(),
-                 source.root, len(source.train), len(source.val or []),
-                 f", {len(source.test)} test" if source.test else "",
-                 f"{len(source.class_names)} classes" if source.class_names else cfg.task.name, prep.backend,
-                 prep.backend_reason,
-                 f" | {prep.dist.world_size} processes, {prep.micro_batch} samples each per micro-batch"
-                 if prep.dist.enabled else "")
+        log.info(
+            "%s | data %s: %d train, %d val%s images, %s | loader %s (%s)%s",
+            prep.runtime.describe(),
+            source.root,
+            len(source.train),
+            len(source.val or []),
+            f", {len(source.test)} test" if source.test else "",
+            f"{len(source.class_names)} classes" if source.class_names else cfg.task.name,
+            prep.backend,
+            prep.backend_reason,
+            f" | {prep.dist.world_size} processes, {prep.micro_batch} samples each per micro-batch"
+            if prep.dist.enabled
+            else "",
+        )
         if not source.val and self.best_metric.startswith("val_"):
             log.warning("no validation split: best.pt is not written (only last.pt)")
-        self.ckpts = CheckpointManager(run_dir, cfg=cfg, task=task, state=state, best_metric=self.best_metric,
-                                       enabled=self.is_main)
+        self.ckpts = CheckpointManager(
+            run_dir, cfg=cfg, task=task, state=state, best_metric=self.best_metric, enabled=self.is_main
+        )
         self.metrics = MetricsLog(run_dir, self.tc.loggers, enabled=self.is_main)
         if self.is_main:
             write_run_config(run_dir, dump_config(cfg))  # on resume: rewritten when --set changed it
@@ -439,14 +482,25 @@ class Trainer:
         self.running = Running.from_checkpoint(point.running, prep.runtime.device)
         records = trim_metrics(run_dir / "metrics.jsonl", state.epoch, state.step) if self.is_main else []
         self.history = [r for r in records if "event" not in r]  # the test event stays in the file only
-        log.info("resumed from %s at epoch %d, step %d%s", self.ckpts.last, state.epoch, state.step,
-                 f" ({self.resume_micro} batches into epoch {state.epoch + 1})" if self.resume_micro else "")
+        log.info(
+            "resumed from %s at epoch %d, step %d%s",
+            self.ckpts.last,
+            state.epoch,
+            state.step,
+            f" ({self.resume_micro} batches into epoch {state.epoch + 1})" if self.resume_micro else "",
+        )
 
     def _loader(self, split, *, train: bool) -> Loader:
         """This process's shard of ``split``: the global order is (seed, epoch)'s whatever the world size."""
         p = self.prep
-        return self.task.make_loader(split, train=train, batch_size=p.micro_batch if train else p.eval_batch,
-                                     backend=p.backend, num_shards=p.dist.world_size, shard_id=p.dist.rank)
+        return self.task.make_loader(
+            split,
+            train=train,
+            batch_size=p.micro_batch if train else p.eval_batch,
+            backend=p.backend,
+            num_shards=p.dist.world_size,
+            shard_id=p.dist.rank,
+        )
 
     # -- the run ----------------------------------------------------------------------------------------------
     def run(self, run_dir: Path) -> TrainResult:
@@ -467,8 +521,14 @@ class Trainer:
                 state.epoch = epoch + 1
                 self._finish_epoch(record, last)
                 per_epoch = (time.perf_counter() - t_run) / (epoch + 1 - first_epoch)
-                log.info(summary_line(record, tc.epochs, eta_s=per_epoch * (tc.epochs - epoch - 1),
-                                      skipped=len(_skipped_files(self.source, self.train_loader, self.val_loader))))
+                log.info(
+                    summary_line(
+                        record,
+                        tc.epochs,
+                        eta_s=per_epoch * (tc.epochs - epoch - 1),
+                        skipped=len(_skipped_files(self.source, self.train_loader, self.val_loader)),
+                    )
+                )
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(state, record)
             if self.source.test:
@@ -479,23 +539,37 @@ class Trainer:
             skipped = _skipped_files(self.source, self.train_loader, self.val_loader, test_loader)
             _log_skipped(skipped)
             best = self.ckpts.best_value
-            log.info("run finished: %d epochs, best %s %s, %d file%s skipped | %s", state.epoch, self.best_metric,
-                     f"{best:.4f}" if best is not None else "none", len(skipped), "s" if len(skipped) != 1 else "",
-                     self.run_dir)
+            log.info(
+                "run finished: %d epochs, best %s %s, %d file%s skipped | %s",
+                state.epoch,
+                self.best_metric,
+                f"{best:.4f}" if best is not None else "none",
+                len(skipped),
+                "s" if len(skipped) != 1 else "",
+                self.run_dir,
+            )
         finally:
             if test_loader is not None:
                 test_loader.close()
             self.metrics.close()
-        return TrainResult(self.run_dir, self.history, self.best_metric, self.ckpts.best_value, test_metrics,
-                           self.prep.backend, skipped)
+        return TrainResult(
+            self.run_dir,
+            self.history,
+            self.best_metric,
+            self.ckpts.best_value,
+            test_metrics,
+            self.prep.backend,
+            skipped,
+        )
 
     def _evaluate_into(self, record: dict[str, Any]) -> None:
         assert self.val_loader is not None
         t0 = time.perf_counter()
         record.update({f"val_{k}": v for k, v in evaluate(self.task, self.state, self.val_loader).items()})
         if self.state.ema:
-            record.update({f"val_ema_{k}": v
-                           for k, v in evaluate(self.task, self.state, self.val_loader, ema=True).items()})
+            record.update(
+                {f"val_ema_{k}": v for k, v in evaluate(self.task, self.state, self.val_loader, ema=True).items()}
+            )
         record["eval_time_s"] = round(time.perf_counter() - t0, 3)
         if self.is_main:
             self.task.on_epoch_end(self.state, self.run_dir, self.val_loader)
@@ -505,8 +579,11 @@ class Trainer:
         from fasttrain.checkpoint import finite_weights
 
         value = record.get(self.best_metric)
-        is_best = (value is not None and _better(self.best_mode, value, self.ckpts.best_value)
-                   and finite_weights(self.state.modules))
+        is_best = (
+            value is not None
+            and _better(self.best_mode, value, self.ckpts.best_value)
+            and finite_weights(self.state.modules)
+        )
         if is_best:
             self.ckpts.best_value = value
         record["best"] = is_best
@@ -519,10 +596,12 @@ class Trainer:
 
     def _diverged(self, epoch: int, count: int) -> Diverged:
         tc = self.tc
-        return Diverged(f"training stopped at epoch {epoch + 1}, step {self.state.step}: the training loss was not "
-                        f"finite (inf / nan) at {count} logged steps in a row (every {tc.log_every} steps); "
-                        f"{self.ckpts.last} keeps the last finite weights ({self.ckpts.saved_at}). Lower optim.lr, or "
-                        f"try optim.grad_clip / runtime.precision=fp32 (train.max_nonfinite_logs = 0 never stops)")
+        return Diverged(
+            f"training stopped at epoch {epoch + 1}, step {self.state.step}: the training loss was not "
+            f"finite (inf / nan) at {count} logged steps in a row (every {tc.log_every} steps); "
+            f"{self.ckpts.last} keeps the last finite weights ({self.ckpts.saved_at}). Lower optim.lr, or "
+            f"try optim.grad_clip / runtime.precision=fp32 (train.max_nonfinite_logs = 0 never stops)"
+        )
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One epoch from micro-batch ``resume_micro`` on, continuing ``running`` (a resumed epoch's sums)."""
@@ -530,8 +609,12 @@ class Trainer:
         accum, world = tc.accumulation, self.prep.dist.world_size
         micro_total = self.steps_per_epoch * accum
         global_micro = self.prep.micro_batch * world
-        bar = Progress(micro_total * global_micro, self.resume_micro * global_micro,
-                       f"epoch {epoch + 1}/{tc.epochs}", enabled=self.progress and self.is_main)
+        bar = Progress(
+            micro_total * global_micro,
+            self.resume_micro * global_micro,
+            f"epoch {epoch + 1}/{tc.epochs}",
+            enabled=self.progress and self.is_main,
+        )
         run = self.running
         n_micro, samples = self.resume_micro, 0
         warned_nonfinite = False
@@ -565,9 +648,13 @@ class Trainer:
                             run.nonfinite_logs += 1
                             if not warned_nonfinite:
                                 warned_nonfinite = True  # once per epoch: fp16 overflow steps are skipped anyway
-                                log.warning("epoch %d step %d: non-finite training values %s (learning rate too "
-                                            "high? try runtime.precision=bf16/fp32 or optim.grad_clip)", epoch + 1,
-                                            state.step, means)
+                                log.warning(
+                                    "epoch %d step %d: non-finite training values %s (learning rate too "
+                                    "high? try runtime.precision=bf16/fp32 or optim.grad_clip)",
+                                    epoch + 1,
+                                    state.step,
+                                    means,
+                                )
                             if tc.max_nonfinite_logs and run.nonfinite_logs >= tc.max_nonfinite_logs:
                                 raise self._diverged(epoch, run.nonfinite_logs)
                     every = tc.checkpoint_every_steps
@@ -593,8 +680,16 @@ class Trainer:
             record["max_memory_gib"] = round(peak / memory.GIB, 3)
         return record
 
-    def _log_step(self, epoch: int, step_in_epoch: int, means: dict[str, float], rate: float | None,
-                  elapsed: float, samples: int, bar: Progress) -> None:
+    def _log_step(
+        self,
+        epoch: int,
+        step_in_epoch: int,
+        means: dict[str, float],
+        rate: float | None,
+        elapsed: float,
+        samples: int,
+        bar: Progress,
+    ) -> None:
         """Every log_every steps: a step record in the metrics files, the bar's values on a terminal, and a
         plain line in train.log (and on a console without a bar)."""
         tc, state = self.tc, self.state
@@ -603,10 +698,19 @@ class Trainer:
         steps_done = step_in_epoch - self.resume_micro // tc.accumulation
         left = self.steps_per_epoch - step_in_epoch + self.steps_per_epoch * (tc.epochs - epoch - 1)
         eta = elapsed / steps_done * left if steps_done > 0 else None
-        self.metrics.step({"epoch": epoch + 1, "step": state.step, **means, "lr": lr,
-                           "samples_per_s": round(rate, 3) if rate else None})
-        log.info(step_line(epoch + 1, tc.epochs, step_in_epoch, self.steps_per_epoch, means, lr, rate, eta),
-                 extra={PROGRESS: True})
+        self.metrics.step(
+            {
+                "epoch": epoch + 1,
+                "step": state.step,
+                **means,
+                "lr": lr,
+                "samples_per_s": round(rate, 3) if rate else None,
+            }
+        )
+        log.info(
+            step_line(epoch + 1, tc.epochs, step_in_epoch, self.steps_per_epoch, means, lr, rate, eta),
+            extra={PROGRESS: True},
+        )
 
 
 # -- weight averages --------------------------------------------------------------------------

@@ -27,8 +27,18 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WriteError", "atomic_replace", "atomic_write_text", "write_new", "write_new_text", "check_writable",
-           "os_reason", "remove_temp_files", "append_jsonl", "read_jsonl"]
+__all__ = [
+    "WriteError",
+    "atomic_replace",
+    "atomic_write_text",
+    "write_new",
+    "write_new_text",
+    "check_writable",
+    "os_reason",
+    "remove_temp_files",
+    "append_jsonl",
+    "read_jsonl",
+]
 
 
 class WriteError(OSError):
@@ -78,8 +88,9 @@ def _write_error(path: Path, exc: BaseException, intact: bool) -> WriteError:
         return err
     reason = os_reason(exc)
     tail = f"; the previous {path.name} is intact" if intact else ""
-    return WriteError(f"cannot write {path}: {reason}{tail}", err.errno if err is not None else None, path=path,
-                      reason=reason)
+    return WriteError(
+        f"cannot write {path}: {reason}{tail}", err.errno if err is not None else None, path=path, reason=reason
+    )
 
 
 def _is_write_failure(exc: BaseException) -> bool:
@@ -189,8 +200,9 @@ def check_writable(folder: str | os.PathLike, what: str) -> Path:
             os.close(fd)
             os.unlink(tmp)
     except OSError as e:
-        raise WriteError(f"{what}: cannot write to {folder}: {os_reason(e)}", e.errno, path=folder,
-                         reason=os_reason(e)) from None
+        raise WriteError(
+            f"{what}: cannot write to {folder}: {os_reason(e)}", e.errno, path=folder, reason=os_reason(e)
+        ) from None
     return folder
 
 
@@ -245,10 +257,15 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
                 raise ValueError("not a JSON object")
         except ValueError as e:
             if i == len(lines) - 1:
-                log.warning("%s: dropped its last line %d, a record cut short (disk full or killed mid-write): %s",
-                            path, n, str(e).splitlines()[0])
+                log.warning(
+                    "%s: dropped its last line %d, a record cut short (disk full or killed mid-write): %s",
+                    path,
+                    n,
+                    str(e).splitlines()[0],
+                )
                 break
-            raise ValueError(f"{path}:{n}: not a JSON record ({str(e).splitlines()[0]}); remove or fix that "
-                             f"line") from None
+            raise ValueError(
+                f"{path}:{n}: not a JSON record ({str(e).splitlines()[0]}); remove or fix that line"
+            ) from None
         out.append(rec)
     return out

@@ -122,14 +122,18 @@ class MemoryPeak:
         def mx(a: int | None, b: int | None) -> int | None:
             return b if a is None else a if b is None else max(a, b)
 
-        return MemoryPeak(mx(self.peak_allocated_bytes, other.peak_allocated_bytes),
-                          mx(self.peak_reserved_bytes, other.peak_reserved_bytes),
-                          max(self.peak_rss_bytes, other.peak_rss_bytes))
+        return MemoryPeak(
+            mx(self.peak_allocated_bytes, other.peak_allocated_bytes),
+            mx(self.peak_reserved_bytes, other.peak_reserved_bytes),
+            max(self.peak_rss_bytes, other.peak_rss_bytes),
+        )
 
     def describe(self) -> str:
         if self.peak_reserved_bytes is not None:
-            return (f"peak {format_bytes(self.peak_allocated_bytes, 'GiB')} allocated, "
-                    f"{format_bytes(self.peak_reserved_bytes, 'GiB')} reserved")
+            return (
+                f"peak {format_bytes(self.peak_allocated_bytes, 'GiB')} allocated, "
+                f"{format_bytes(self.peak_reserved_bytes, 'GiB')} reserved"
+            )
         return f"peak RSS {format_bytes(self.peak_rss_bytes, 'GiB')} (process lifetime)"
 
 
@@ -150,8 +154,9 @@ def read_peak(device: torch.device | str | None) -> MemoryPeak:
     """Peak allocated / reserved CUDA bytes since the last reset (None on CPU) and the process peak RSS."""
     dev = _device(device)
     if dev.type == "cuda":
-        return MemoryPeak(int(torch.cuda.max_memory_allocated(dev)), int(torch.cuda.max_memory_reserved(dev)),
-                          peak_rss_bytes())
+        return MemoryPeak(
+            int(torch.cuda.max_memory_allocated(dev)), int(torch.cuda.max_memory_reserved(dev)), peak_rss_bytes()
+        )
     return MemoryPeak(None, None, peak_rss_bytes())
 
 

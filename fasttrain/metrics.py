@@ -22,8 +22,18 @@ from fasttrain.io import append_jsonl, atomic_write_text, read_jsonl
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LOGGERS", "MetricsLog", "Progress", "trim_metrics", "summary_line", "step_line", "fmt_metrics",
-           "fmt_duration", "fmt_rate", "PROGRESS"]
+__all__ = [
+    "LOGGERS",
+    "MetricsLog",
+    "Progress",
+    "trim_metrics",
+    "summary_line",
+    "step_line",
+    "fmt_metrics",
+    "fmt_duration",
+    "fmt_rate",
+    "PROGRESS",
+]
 
 LOGGERS = ("jsonl", "csv", "tensorboard")
 """Values of ``train.loggers``; metrics.jsonl is always written (resume and plot read it)."""
@@ -38,8 +48,11 @@ def trim_metrics(path: str | os.PathLike, epochs_done: int, step: int) -> list[d
     if not path.is_file():
         return []
     records = read_jsonl(path)
-    keep = [r for r in records
-            if (r.get("step", 0) <= step if r.get("event") == "step" else r.get("epoch", 0) <= epochs_done)]
+    keep = [
+        r
+        for r in records
+        if (r.get("step", 0) <= step if r.get("event") == "step" else r.get("epoch", 0) <= epochs_done)
+    ]
     text = "".join(_json_line(r) for r in keep)
     if len(keep) != len(records) or text != path.read_text(encoding="utf-8", errors="replace"):
         atomic_write_text(path, text)
@@ -86,8 +99,7 @@ class MetricsLog:
             for k, v in record.items():
                 if k.startswith(("train_", "val_")) and _is_number(v):
                     split, _, name = k.partition("_")
-                    self._tb.add_scalar(f"{split}/{name}" + ("_epoch" if split == "train" else ""), v,
-                                        record["step"])
+                    self._tb.add_scalar(f"{split}/{name}" + ("_epoch" if split == "train" else ""), v, record["step"])
             self._tb.flush()
 
     def event(self, record: dict[str, Any]) -> None:
@@ -126,8 +138,10 @@ def tensorboard_writer(folder: Path):
     except ImportError as e:  # torch's writer needs the tensorboard package
         from fasttrain.config import ConfigError
 
-        raise ConfigError(f"train.loggers: tensorboard needs the tensorboard package ({e}); pip install "
-                          f"tensorboard, or leave it out of train.loggers") from None
+        raise ConfigError(
+            f"train.loggers: tensorboard needs the tensorboard package ({e}); pip install "
+            f"tensorboard, or leave it out of train.loggers"
+        ) from None
     return SummaryWriter(log_dir=str(folder))
 
 
@@ -144,8 +158,16 @@ class Progress:
         if enabled and _is_terminal():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="img", unit_scale=False, dynamic_ncols=True,
-                            desc=desc, leave=False, mininterval=0.5)
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                unit="img",
+                unit_scale=False,
+                dynamic_ncols=True,
+                desc=desc,
+                leave=False,
+                mininterval=0.5,
+            )
 
     def update(self, n: int) -> None:
         if self.bar is not None:
@@ -185,8 +207,16 @@ def fmt_rate(samples_per_s: float) -> str:
     return f"{samples_per_s:.3g} img/s"
 
 
-def step_line(epoch: int, epochs: int, step_in_epoch: int, steps_per_epoch: int, values: dict[str, float],
-              lr: float, samples_per_s: float | None, eta_s: float | None) -> str:
+def step_line(
+    epoch: int,
+    epochs: int,
+    step_in_epoch: int,
+    steps_per_epoch: int,
+    values: dict[str, float],
+    lr: float,
+    samples_per_s: float | None,
+    eta_s: float | None,
+) -> str:
     """A plain progress line, as timm's ``log_interval`` prints: step, values, lr, speed, ETA."""
     parts = [f"epoch {epoch}/{epochs} step {step_in_epoch}/{steps_per_epoch}"]
     parts.append(" ".join(f"{k} {v:.4g}" for k, v in values.items()))

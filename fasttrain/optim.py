@@ -28,15 +28,15 @@ def _param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dic
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(module: nn.Module | list[nn.Module], cfg: OptimConfig, *, fused_kwargs: dict | None = None,
-                   lr: float | None = None) -> torch.optim.Optimizer:
+def make_optimizer(
+    module: nn.Module | list[nn.Module], cfg: OptimConfig, *, fused_kwargs: dict | None = None, lr: float | None = None
+) -> torch.optim.Optimizer:
     modules = module if isinstance(module, list) else [module]
     groups = _param_groups(modules, cfg.weight_decay if cfg.name != "adam" else 0.0)
     lr = cfg.lr if lr is None else lr
     kw = dict(fused_kwargs or {})
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                               **kw)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, **kw)
     b1, b2 = cfg.betas
     return torch.optim.AdamW(groups, lr=lr, betas=(b1, b2), **kw)
 
@@ -67,7 +67,7 @@ def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps:
     raise ValueError(f"schedule.name: unknown schedule {cfg.name!r}")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps_per_epoch: int,
-                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch, total_steps))
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps_per_epoch: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch, total_steps))

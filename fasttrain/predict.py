@@ -42,8 +42,14 @@ def checkpoint_file(path: str | Path) -> Path:
     raise FileNotFoundError(f"{p}: a folder without checkpoints/best.pt or last.pt (is it a run folder?)")
 
 
-def predict(checkpoint: str | Path, images: list[str], *, device: str = "auto",
-            out_dir: str | Path | None = None, model: Any = None) -> list[dict[str, Any]]:
+def predict(
+    checkpoint: str | Path,
+    images: list[str],
+    *,
+    device: str = "auto",
+    out_dir: str | Path | None = None,
+    model: Any = None,
+) -> list[dict[str, Any]]:
     """One record per image (class and probability, regressed values, or the written image's path); an image
     that cannot be read gets an ``error`` and the others go on. ``checkpoint``: a checkpoint file, or a run
     folder (its best.pt, else last.pt). A run trained with ``train.ema_decay`` predicts with the averaged
@@ -63,20 +69,22 @@ def predict(checkpoint: str | Path, images: list[str], *, device: str = "auto",
     state = task.build_state()
     saved = dict(ckpt["state"]["modules"])
     for name, averaged in (ckpt["state"].get("ema") or {}).items():  # AveragedModel: "module." + the model's keys
-        saved[name] = {k[len("module."):]: v for k, v in averaged.items() if k.startswith("module.")}
+        saved[name] = {k[len("module.") :]: v for k, v in averaged.items() if k.startswith("module.")}
         log.info("predicting with the moving average of %s's weights (train.ema_decay)", name)
     missing = sorted(set(state.modules) - set(saved))
     if missing:
-        raise CheckpointError(f"checkpoint {checkpoint}: has no weights for {', '.join(missing)} "
-                              f"(it holds {', '.join(sorted(saved))})")
+        raise CheckpointError(
+            f"checkpoint {checkpoint}: has no weights for {', '.join(missing)} (it holds {', '.join(sorted(saved))})"
+        )
     for name, module in state.modules.items():
         try:
             module.load_state_dict(saved[name])
         except RuntimeError as e:
-            raise CheckpointError(f"checkpoint {checkpoint}: its {name} weights do not fit model "
-                                  f"{cfg.model.name} ({str(e).splitlines()[-1].strip()})") from None
-    return task.predict(state, [str(p) for p in images], ckpt.get("meta") or {},
-                        Path(out_dir) if out_dir else None)
+            raise CheckpointError(
+                f"checkpoint {checkpoint}: its {name} weights do not fit model "
+                f"{cfg.model.name} ({str(e).splitlines()[-1].strip()})"
+            ) from None
+    return task.predict(state, [str(p) for p in images], ckpt.get("meta") or {}, Path(out_dir) if out_dir else None)
 
 
 _callable_module(__name__, "predict")  # fasttrain.predict(...) is predict(...): see fasttrain/__init__.py

@@ -70,8 +70,9 @@ def resolve_data_root(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
 
 
-def prepare(cfg: Config, *, memory_limit: int | None = None, model: Any = None, dataset: Any = None,
-            val_dataset: Any = None) -> Prepared:
+def prepare(
+    cfg: Config, *, memory_limit: int | None = None, model: Any = None, dataset: Any = None, val_dataset: Any = None
+) -> Prepared:
     """Resolve the data root, discover files, fix the output count, join a torchrun job, decide the runtime,
     the task and the backend, and check that a step can run. ``memory_limit``: device bytes the run may use
     when smaller than the card (the GPU cache must fit it). ``model``: an ``nn.Module`` (or a function returning
@@ -89,9 +90,11 @@ def prepare(cfg: Config, *, memory_limit: int | None = None, model: Any = None, 
     elif val_dataset is not None:
         raise ValueError("val_dataset: given without dataset (the training data)")
     elif is_dataset_run(cfg):
-        raise ConfigError(f"data.root = {cfg.data.root!r}: this run trained on a dataset given from Python; pass it "
-                          f"again (dataset=...), or set data.root to a folder of images (a root may not start with "
-                          f"{DATASET_ROOT!r})")
+        raise ConfigError(
+            f"data.root = {cfg.data.root!r}: this run trained on a dataset given from Python; pass it "
+            f"again (dataset=...), or set data.root to a folder of images (a root may not start with "
+            f"{DATASET_ROOT!r})"
+        )
     else:
         cfg = resolve_data_root(cfg)
         source = discover(cfg.data)
@@ -121,12 +124,17 @@ def cache_request(source: DataSource, task: Task) -> dict[str, Any] | None:
         return None
     # Regression vectors carry each image's width and height besides the targets.
     num_targets = len(source.target_names) + 2 if kind == "vector" and source.target_names else 0
-    return dict(num_images=len(source.train) + len(source.val or []), kind=kind, train_images=len(source.train),
-                num_targets=num_targets)
+    return dict(
+        num_images=len(source.train) + len(source.val or []),
+        kind=kind,
+        train_images=len(source.train),
+        num_targets=num_targets,
+    )
 
 
-def _choose_backend(cfg: Config, runtime: Runtime, source: DataSource, memory_limit: int | None, task: Task
-                    ) -> tuple[str, str]:
+def _choose_backend(
+    cfg: Config, runtime: Runtime, source: DataSource, memory_limit: int | None, task: Task
+) -> tuple[str, str]:
     """The loader backend for every task alike (``data.loader``), and why."""
     from fasttrain.data.loaders import choose_backend
 
@@ -137,5 +145,11 @@ def _choose_backend(cfg: Config, runtime: Runtime, source: DataSource, memory_li
     request = cache_request(source, task)
     if request is None:
         return "torch", f"task {cfg.task.name} has no sample kind for the other backends"
-    return choose_backend(cfg.data.loader, device_type=runtime.device.type, cfg=cfg, device=runtime.device,
-                          memory_limit=memory_limit, **request)
+    return choose_backend(
+        cfg.data.loader,
+        device_type=runtime.device.type,
+        cfg=cfg,
+        device=runtime.device,
+        memory_limit=memory_limit,
+        **request,
+    )

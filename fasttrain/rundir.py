@@ -13,8 +13,17 @@ from typing import Any
 
 from fasttrain.io import WriteError, atomic_write_text, os_reason, remove_temp_files
 
-__all__ = ["RunError", "RunLockedError", "RunLock", "clean_temp_files", "write_run_config", "new_run_dir",
-           "elastic_run_dir", "remember_elastic_run", "LOCK_NAME"]
+__all__ = [
+    "RunError",
+    "RunLockedError",
+    "RunLock",
+    "clean_temp_files",
+    "write_run_config",
+    "new_run_dir",
+    "elastic_run_dir",
+    "remember_elastic_run",
+    "LOCK_NAME",
+]
 
 LOCK_NAME = ".lock"
 """The lock file in a run folder (held with ``flock`` while a process trains there)."""
@@ -40,8 +49,12 @@ class RunLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise WriteError(f"cannot write in run folder {self.path.parent}: {os_reason(e)}", e.errno,
-                             path=self.path, reason=os_reason(e)) from None
+            raise WriteError(
+                f"cannot write in run folder {self.path.parent}: {os_reason(e)}",
+                e.errno,
+                path=self.path,
+                reason=os_reason(e),
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -49,9 +62,11 @@ class RunLock:
             if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
             holder = self._holder()
-            raise RunLockedError(f"run folder {self.path.parent} is in use by another fasttrain process"
-                                 f"{f' (pid {holder})' if holder else ''}; wait for it to end or stop it, "
-                                 f"then resume") from None
+            raise RunLockedError(
+                f"run folder {self.path.parent} is in use by another fasttrain process"
+                f"{f' (pid {holder})' if holder else ''}; wait for it to end or stop it, "
+                f"then resume"
+            ) from None
         try:  # who holds it, for the message above; best effort (the lock itself is what counts)
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
@@ -110,8 +125,12 @@ def new_run_dir(runs_dir: str | os.PathLike, name: str) -> Path:
             except FileExistsError:
                 continue
     except OSError as e:
-        raise WriteError(f"train.runs_dir: cannot create a run folder in {base}: {os_reason(e)}", e.errno,
-                         path=base, reason=os_reason(e)) from None
+        raise WriteError(
+            f"train.runs_dir: cannot create a run folder in {base}: {os_reason(e)}",
+            e.errno,
+            path=base,
+            reason=os_reason(e),
+        ) from None
     raise FileExistsError(f"train.runs_dir: could not find a free run folder name for {name!r} in {base}")
 
 

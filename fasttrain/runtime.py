@@ -26,8 +26,19 @@ from fasttrain.data.base import InputSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Precision", "decide_precision", "Runtime", "runtime_for", "environment", "seed_everything",
-           "decide_device", "resolve_device", "dali_version", "BackendFlags", "backend_flags"]
+__all__ = [
+    "Precision",
+    "decide_precision",
+    "Runtime",
+    "runtime_for",
+    "environment",
+    "seed_everything",
+    "decide_device",
+    "resolve_device",
+    "dali_version",
+    "BackendFlags",
+    "backend_flags",
+]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -108,8 +119,12 @@ class BackendFlags:
 
     @classmethod
     def current(cls) -> BackendFlags:
-        return cls(bool(torch.backends.cudnn.benchmark), bool(torch.backends.cuda.matmul.allow_tf32),
-                   bool(torch.backends.cudnn.allow_tf32), torch.are_deterministic_algorithms_enabled())
+        return cls(
+            bool(torch.backends.cudnn.benchmark),
+            bool(torch.backends.cuda.matmul.allow_tf32),
+            bool(torch.backends.cudnn.allow_tf32),
+            torch.are_deterministic_algorithms_enabled(),
+        )
 
     @classmethod
     def torch_defaults(cls) -> BackendFlags:
@@ -163,7 +178,10 @@ class Runtime:
         tf32 = _on_off(cfg.tf32, True)
         self.backend_flags = BackendFlags(
             cudnn_benchmark=is_cuda and cfg.cudnn_benchmark and not cfg.deterministic,
-            tf32_matmul=tf32, tf32_cudnn=tf32, deterministic=cfg.deterministic)
+            tf32_matmul=tf32,
+            tf32_cudnn=tf32,
+            deterministic=cfg.deterministic,
+        )
 
     def flags(self) -> contextlib.AbstractContextManager[BackendFlags]:
         """The process-wide switches this run uses (cuDNN benchmark, TF32, determinism), for one block:
@@ -204,8 +222,9 @@ class Runtime:
             return module
         # dynamic=False: a second batch shape (the last eval batch) gets its own static graph. By default dynamo
         # would switch to a dynamic-shape graph and keep using it for the static training shape too.
-        compiled = torch.compile(module, dynamic=False,
-                                 mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode)
+        compiled = torch.compile(
+            module, dynamic=False, mode=None if self.cfg.compile_mode == "default" else self.cfg.compile_mode
+        )
         return compiled  # type: ignore[return-value]  # an OptimizedModule: an nn.Module calling the graph
 
     def optimizer_kwargs(self) -> dict[str, Any]:
@@ -218,8 +237,10 @@ class Runtime:
 
     def describe(self) -> str:
         tf32 = " tf32" if self.is_cuda and self.precision.name == "fp32" and self.backend_flags.tf32_matmul else ""
-        return (f"device={self.device} precision={self.precision.name}{tf32} channels_last={self.channels_last} "
-                f"compile={self.compile}")
+        return (
+            f"device={self.device} precision={self.precision.name}{tf32} channels_last={self.channels_last} "
+            f"compile={self.compile}"
+        )
 
 
 def environment() -> dict[str, Any]:
@@ -264,10 +285,16 @@ def _git_commit() -> str | None:
     if not (root / ".git").exists():
         return None
     try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{head}+dirty" if dirty else head

@@ -50,8 +50,9 @@ def optimizer_step(state: TrainState, name: str, grad_clip: float) -> None:
         ema.update_parameters(state.modules[name])
 
 
-def run_step(task: Task, state: TrainState, batch, *, update: bool = True,
-             loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
+def run_step(
+    task: Task, state: TrainState, batch, *, update: bool = True, loss_scale: float = 1.0
+) -> dict[str, torch.Tensor]:
     """Forward and backward of one micro-batch; the optimizers step when ``update`` (the last micro-batch of an
     accumulation). ``loss_scale`` (1 / accumulation) scales each backward pass. Returns the task's detached
     metrics (read back by the caller only every so often)."""

@@ -171,12 +171,15 @@ class Timing:
         mem = ""
         if self.peak_allocated_bytes is not None:
             mem = f", peak {format_bytes(self.peak_allocated_bytes, 'GiB')} allocated"
-        return (f"{self.samples_per_s:,.1f} samples/s (min {self.samples_per_s_min:,.1f}, max "
-                f"{self.samples_per_s_max:,.1f}, {self.repeats}x{self.steps} steps){mem}")
+        return (
+            f"{self.samples_per_s:,.1f} samples/s (min {self.samples_per_s_min:,.1f}, max "
+            f"{self.samples_per_s_max:,.1f}, {self.repeats}x{self.steps} steps){mem}"
+        )
 
 
-def _summarize(samples: list[int], seconds: list[float], *, steps: int, warmup: int, device: torch.device,
-               clock: str) -> Timing:
+def _summarize(
+    samples: list[int], seconds: list[float], *, steps: int, warmup: int, device: torch.device, clock: str
+) -> Timing:
     rates = [n / s if s > 0 else float("inf") for n, s in zip(samples, seconds)]
     if len(rates) >= 2:
         q1, _, q3 = statistics.quantiles(rates, n=4, method="inclusive")
@@ -213,9 +216,17 @@ def run_steps(step_fn: Callable[[], int], steps: int, device: torch.device | str
     return n
 
 
-def time_steps(step_fn: Callable[[], int], *, warmup: int, steps: int, repeats: int,
-               device: torch.device | str | None = None, clock: str = "auto", reset_peak: bool = True,
-               max_repeat_s: float | None = None) -> Timing:
+def time_steps(
+    step_fn: Callable[[], int],
+    *,
+    warmup: int,
+    steps: int,
+    repeats: int,
+    device: torch.device | str | None = None,
+    clock: str = "auto",
+    reset_peak: bool = True,
+    max_repeat_s: float | None = None,
+) -> Timing:
     """Time ``step_fn`` (runs one step, returns its batch size as an int).
 
     ``warmup`` steps run once, untimed, before the first repeat; then ``repeats`` x ``steps`` timed steps.
@@ -248,9 +259,20 @@ def time_steps(step_fn: Callable[[], int], *, warmup: int, steps: int, repeats: 
     return _summarize(samples, seconds, steps=steps, warmup=warmup, device=dev, clock=timer.mode)
 
 
-def time_window(step_fn: Callable[[], int], *, warmup: int, repeats: int, seconds: float, min_steps: int = 1,
-                max_steps: int = 100_000, step_multiple: int = 1, device: torch.device | str | None = None,
-                clock: str = "auto", reset_peak: bool = True, max_repeat_s: float | None = None) -> Timing:
+def time_window(
+    step_fn: Callable[[], int],
+    *,
+    warmup: int,
+    repeats: int,
+    seconds: float,
+    min_steps: int = 1,
+    max_steps: int = 100_000,
+    step_multiple: int = 1,
+    device: torch.device | str | None = None,
+    clock: str = "auto",
+    reset_peak: bool = True,
+    max_repeat_s: float | None = None,
+) -> Timing:
     """:func:`time_steps` with each repeat lasting about ``seconds`` instead of a fixed step count.
 
     The ``warmup`` steps and one more calibration step are each timed alone (the device synchronized around
@@ -262,8 +284,10 @@ def time_window(step_fn: Callable[[], int], *, warmup: int, repeats: int, second
     step's cost first. ``max_repeat_s``: see :func:`time_steps`.
     """
     if seconds <= 0 or min_steps < 1 or step_multiple < 1:
-        raise ValueError(f"time_window: need seconds > 0, min_steps >= 1, step_multiple >= 1 (got {seconds}, "
-                         f"{min_steps}, {step_multiple})")
+        raise ValueError(
+            f"time_window: need seconds > 0, min_steps >= 1, step_multiple >= 1 (got {seconds}, "
+            f"{min_steps}, {step_multiple})"
+        )
     dev = _as_device(device)
     if reset_peak:
         reset_peak_memory(dev)
@@ -276,8 +300,16 @@ def time_window(step_fn: Callable[[], int], *, warmup: int, repeats: int, second
     per_step = max(min(times[1:] or times), 1e-9)
     steps = min(max(min_steps, math.ceil(seconds / per_step)), max(max_steps, min_steps))
     steps = -(-steps // step_multiple) * step_multiple
-    t = time_steps(step_fn, warmup=0, steps=steps, repeats=repeats, device=dev, clock=clock, reset_peak=False,
-                   max_repeat_s=max_repeat_s)
+    t = time_steps(
+        step_fn,
+        warmup=0,
+        steps=steps,
+        repeats=repeats,
+        device=dev,
+        clock=clock,
+        reset_peak=False,
+        max_repeat_s=max_repeat_s,
+    )
     t.warmup = warmup + 1
     return t
 
@@ -346,8 +378,14 @@ def _batch_device(batch: Any) -> torch.device:
     return inputs.device
 
 
-def loader_throughput(loader: Iterable, *, warmup_batches: int, max_batches: int, repeats: int = 1,
-                      device: torch.device | str | None = None) -> Timing:
+def loader_throughput(
+    loader: Iterable,
+    *,
+    warmup_batches: int,
+    max_batches: int,
+    repeats: int = 1,
+    device: torch.device | str | None = None,
+) -> Timing:
     """The loader alone: batches drawn and the device synchronized before the clock is read.
 
     The first ``warmup_batches`` (at least one: it carries worker start) are untimed. ``device`` defaults to
@@ -360,8 +398,9 @@ def loader_throughput(loader: Iterable, *, warmup_batches: int, max_batches: int
     def step() -> int:
         return len(next(it))
 
-    t = time_steps(step, warmup=max(warmup_batches - 1, 0), steps=max_batches, repeats=repeats, device=dev,
-                   clock="wall")
+    t = time_steps(
+        step, warmup=max(warmup_batches - 1, 0), steps=max_batches, repeats=repeats, device=dev, clock="wall"
+    )
     t.warmup = max(warmup_batches, 1)
     return t
 
@@ -381,8 +420,9 @@ def train_step_fn(task: Any, state: Any, next_batch: Callable[[], Any], accumula
     return step
 
 
-def model_step_throughput(task: Any, state: Any, batch: Any, *, warmup: int, steps: int, repeats: int,
-                          accumulation: int = 1) -> Timing:
+def model_step_throughput(
+    task: Any, state: Any, batch: Any, *, warmup: int, steps: int, repeats: int, accumulation: int = 1
+) -> Timing:
     """The train step alone on a batch already on the device: the ceiling no loader can beat."""
     device = task.runtime.device
     step = train_step_fn(task, state, lambda: batch, accumulation)
@@ -390,8 +430,9 @@ def model_step_throughput(task: Any, state: Any, batch: Any, *, warmup: int, ste
     return time_steps(step, warmup=warmup, steps=steps, repeats=repeats, device=device, clock=clock)
 
 
-def end_to_end_throughput(task: Any, state: Any, loader: Iterable, *, warmup: int, steps: int, repeats: int,
-                          accumulation: int = 1) -> Timing:
+def end_to_end_throughput(
+    task: Any, state: Any, loader: Iterable, *, warmup: int, steps: int, repeats: int, accumulation: int = 1
+) -> Timing:
     """Loader and train step together, as ``fasttrain train`` runs them (micro-batches, update every
     ``accumulation``). ``steps`` counts micro-batches. Timed by the wall clock: the loader works on the CPU and
     on side streams that CUDA events on the current stream would not see."""

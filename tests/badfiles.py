@@ -42,6 +42,7 @@ def jpeg_bytes(seed: int = 0, **save) -> bytes:
 
 # -- bad ------------------------------------------------------------------------------------------------------
 
+
 def write_empty(path: Path) -> Path:
     path.write_bytes(b"")
     return path
@@ -81,7 +82,7 @@ def write_jpeg_huge_header(path: Path, side: int = 60000) -> Path:
     data = bytearray(jpeg_bytes(3))
     at = data.find(b"\xff\xc0")
     assert at > 0, "baseline JPEG expected"
-    data[at + 5: at + 9] = struct.pack(">HH", side, side)  # length(2) precision(1) then height, width
+    data[at + 5 : at + 9] = struct.pack(">HH", side, side)  # length(2) precision(1) then height, width
     path.write_bytes(bytes(data))
     return path
 
@@ -120,6 +121,7 @@ def write_dangling_symlink(path: Path) -> Path:
 
 
 # -- awkward but valid ---------------------------------------------------------------------------------------
+
 
 def write_transparent_png(path: Path) -> Path:
     """RGBA: a transparent left half stored as (0, 0, 0, 0), an opaque coloured right half, a half-transparent

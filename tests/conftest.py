@@ -58,8 +58,13 @@ def shapes_root(tmp_path_factory) -> Path:
     """A small coloured-shapes ImageFolder tree (train/ and val/), generated once per session."""
     from fasttrain.data.synthetic import make_shapes_dataset
 
-    return make_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", train_per_class=150, val_per_class=20,
-                               size=32, shapes=("circle", "square", "triangle"))
+    return make_shapes_dataset(
+        tmp_path_factory.mktemp("data") / "shapes",
+        train_per_class=150,
+        val_per_class=20,
+        size=32,
+        shapes=("circle", "square", "triangle"),
+    )
 
 
 @pytest.fixture(autouse=True)

@@ -125,6 +125,7 @@ class FaultFS:
                 if fs.kind == "ro" and _under(dst, fs.prefix):
                     fs._fail(dst)
                 return real(src, dst, *args, **kwargs)
+
             return fake
 
         self.mp.setattr(builtins, "open", fake_open)

@@ -9,16 +9,27 @@ import fasttrain
 
 
 def test_importing_the_package_imports_no_torch_and_initialises_nothing():
-    code = ("import sys, fasttrain; from fasttrain import __version__; "
-            "assert 'torch' not in sys.modules and 'nvidia.dali' not in sys.modules, sorted(sys.modules)")
+    code = (
+        "import sys, fasttrain; from fasttrain import __version__; "
+        "assert 'torch' not in sys.modules and 'nvidia.dali' not in sys.modules, sorted(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=fasttrain.__path__[0] + "/..")
 
 
 def test_entry_points_train_and_predict_from_python(shapes_root, tmp_path):
     from fasttrain import autotune, bench, load_config, predict, train
 
-    cfg = load_config("quickstart", [f"data.root={shapes_root}", f"train.runs_dir={tmp_path}", "train.epochs=1",
-                                     "train.max_steps=2", "data.workers=0", "data.loader=torch"])
+    cfg = load_config(
+        "quickstart",
+        [
+            f"data.root={shapes_root}",
+            f"train.runs_dir={tmp_path}",
+            "train.epochs=1",
+            "train.max_steps=2",
+            "data.workers=0",
+            "data.loader=torch",
+        ],
+    )
     assert cfg.name == "quickstart"  # a packaged name, resolved as the command line does
     result = train(cfg, progress=False)
     assert result.history[-1]["epoch"] == 1 and (result.run_dir / "train.log").stat().st_size > 0
@@ -47,8 +58,17 @@ def test_your_own_model_from_python_trains_resumes_and_predicts(shapes_root, tmp
         def forward(self, x):
             return self.head(self.conv(x).relu().mean((2, 3)))
 
-    cfg = load_config("quickstart", [f"data.root={shapes_root}", f"train.runs_dir={tmp_path}", "train.epochs=1",
-                                     "train.max_steps=2", "data.workers=0", "data.loader=torch"])
+    cfg = load_config(
+        "quickstart",
+        [
+            f"data.root={shapes_root}",
+            f"train.runs_dir={tmp_path}",
+            "train.epochs=1",
+            "train.max_steps=2",
+            "data.workers=0",
+            "data.loader=torch",
+        ],
+    )
     torch.manual_seed(0)
     result = train(cfg, model=Tiny, progress=False)  # a factory; an instance works the same
     run = result.run_dir

@@ -12,15 +12,32 @@ from fasttrain import bench as B
 
 
 def _timing(sps: float) -> B.Timing:
-    return B.Timing(samples_per_s=sps, samples_per_s_min=sps * 0.9, samples_per_s_max=sps * 1.1,
-                    samples_per_s_iqr=0.0, seconds_per_step=32 / sps, steps=10, warmup=2, repeats=3, samples=320)
+    return B.Timing(
+        samples_per_s=sps,
+        samples_per_s_min=sps * 0.9,
+        samples_per_s_max=sps * 1.1,
+        samples_per_s_iqr=0.0,
+        seconds_per_step=32 / sps,
+        steps=10,
+        warmup=2,
+        repeats=3,
+        samples=320,
+    )
 
 
 @pytest.mark.parametrize("loader_sps, verdict", [(100.0, "input-bound"), (500.0, "compute-bound")])
 def test_report_verdict_share_table_and_json(tmp_path, loader_sps, verdict):
-    report = B.BenchReport(config_name="demo", backend="TorchLoader", model="smallcnn", batch_size=32,
-                           runtime="device=cpu", loader=_timing(loader_sps), model_step=_timing(400.0),
-                           end_to_end=_timing(80.0 if verdict == "input-bound" else 360.0), environment={"torch": "x"})
+    report = B.BenchReport(
+        config_name="demo",
+        backend="TorchLoader",
+        model="smallcnn",
+        batch_size=32,
+        runtime="device=cpu",
+        loader=_timing(loader_sps),
+        model_step=_timing(400.0),
+        end_to_end=_timing(80.0 if verdict == "input-bound" else 360.0),
+        environment={"torch": "x"},
+    )
     assert report.verdict == verdict
     assert report.ceiling_share == pytest.approx(0.2 if verdict == "input-bound" else 0.9)
     table = report.to_table()
@@ -36,8 +53,16 @@ def test_report_verdict_share_table_and_json(tmp_path, loader_sps, verdict):
 def test_report_calls_noisy_figures_rough():
     noisy = _timing(400.0)
     noisy.samples_per_s_min, noisy.samples_per_s_max = 200.0, 500.0
-    report = B.BenchReport(config_name="demo", backend="torch", model="smallcnn", batch_size=32,
-                           runtime="device=cpu", loader=_timing(900.0), model_step=noisy, end_to_end=_timing(480.0))
+    report = B.BenchReport(
+        config_name="demo",
+        backend="torch",
+        model="smallcnn",
+        batch_size=32,
+        runtime="device=cpu",
+        loader=_timing(900.0),
+        model_step=noisy,
+        end_to_end=_timing(480.0),
+    )
     assert report.ceiling_share == pytest.approx(1.2)
     assert "note: repeats differ by up to 75%" in report.to_table()
 
@@ -47,9 +72,22 @@ def test_bench_on_a_tiny_cpu_config(tmp_path):
     from fasttrain.data.synthetic import make_shapes_dataset
 
     root = make_shapes_dataset(tmp_path / "shapes", train_per_class=12, val_per_class=2, size=24)
-    cfg = load_config(None, [f"data.root={root}", "data.loader=torch", "data.workers=0", "data.image_size=16",
-                             "model.name=smallcnn", "model.width=4", "runtime.device=cpu", "train.batch_size=8",
-                             "bench.warmup_steps=1", "bench.steps=3", "bench.repeats=2"])
+    cfg = load_config(
+        None,
+        [
+            f"data.root={root}",
+            "data.loader=torch",
+            "data.workers=0",
+            "data.image_size=16",
+            "model.name=smallcnn",
+            "model.width=4",
+            "runtime.device=cpu",
+            "train.batch_size=8",
+            "bench.warmup_steps=1",
+            "bench.steps=3",
+            "bench.repeats=2",
+        ],
+    )
     mine = tmp_path / "bench.json"
     mine.write_text("the user's own file")
     report = B.bench(cfg, json_path=mine)

@@ -19,17 +19,36 @@ def _run_cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def _quick(shapes_root, runs, *extra: str) -> list[str]:
-    sets = [f"data.root={shapes_root}", "data.image_size=32", "data.resize_size=32", "data.loader=torch",
-            "data.workers=0", "model.name=smallcnn", "model.width=8", "train.epochs=1", "train.batch_size=32",
-            "train.max_steps=2", "train.log_every=1", f"train.runs_dir={runs}", "runtime.device=cpu", *extra]
+    sets = [
+        f"data.root={shapes_root}",
+        "data.image_size=32",
+        "data.resize_size=32",
+        "data.loader=torch",
+        "data.workers=0",
+        "model.name=smallcnn",
+        "model.width=8",
+        "train.epochs=1",
+        "train.batch_size=32",
+        "train.max_steps=2",
+        "train.log_every=1",
+        f"train.runs_dir={runs}",
+        "runtime.device=cpu",
+        *extra,
+    ]
     return [a for s in sets for a in ("--set", s)]
 
 
 def test_help_of_every_command_and_of_make_data(capsys):
     code, out, _ = _run_cli(capsys, "--help")
     assert code == 0 and "examples:" in out and "fasttrain config show" in out and "make-data" in out
-    for command, expected in (("train", "--nproc"), ("autotune", "tune.max_batch"), ("bench", "bench.steps"),
-                              ("check-data", "--skip-list"), ("config", "--changed"), ("plot", "RUN_DIR")):
+    for command, expected in (
+        ("train", "--nproc"),
+        ("autotune", "tune.max_batch"),
+        ("bench", "bench.steps"),
+        ("check-data", "--skip-list"),
+        ("config", "--changed"),
+        ("plot", "RUN_DIR"),
+    ):
         code, out, _ = _run_cli(capsys, command, "--help")
         assert code == 0 and expected in out, command
     code, out, _ = _run_cli(capsys, "train", "--help")
@@ -56,8 +75,9 @@ def test_config_list_and_show(capsys):
     assert "data.image_size" in keys and "optim.momentum" not in keys
 
 
-def test_a_run_plots_predicts_from_its_folder_and_says_how_to_resume_after_ctrl_c(shapes_root, tmp_path, capsys,
-                                                                              monkeypatch):
+def test_a_run_plots_predicts_from_its_folder_and_says_how_to_resume_after_ctrl_c(
+    shapes_root, tmp_path, capsys, monkeypatch
+):
     runs = tmp_path / "runs"
     code, out, _ = _run_cli(capsys, "train", *_quick(shapes_root, runs), "-q")
     assert code == 0

@@ -33,8 +33,15 @@ def test_precedence_defaults_file_overrides(tmp_path):
 
 
 def test_override_value_types():
-    out = parse_overrides(["data.mean=[0.5]", "data.hflip=false", "model.name=resnet50", "train.epochs=7",
-                           "data.root=/some/path with space"])
+    out = parse_overrides(
+        [
+            "data.mean=[0.5]",
+            "data.hflip=false",
+            "model.name=resnet50",
+            "train.epochs=7",
+            "data.root=/some/path with space",
+        ]
+    )
     assert out["data"] == {"mean": [0.5], "hflip": False, "root": "/some/path with space"}
     assert out["model"]["name"] == "resnet50" and out["train"]["epochs"] == 7
 
@@ -46,18 +53,21 @@ def test_int_accepted_for_float_but_not_reverse(tmp_path):
         load_config(write(tmp_path, "[train]\nepochs = 2.5\n", "b.toml"))
 
 
-@pytest.mark.parametrize("items, pattern", [
-    (["optim.lrr=0.1"], r"unknown key optim\.lrr"),
-    (["optimizer.lr=0.1"], r"unknown section 'optimizer'"),
-    (["optim.lr=fast"], r"optim\.lr: expected a number"),
-    (["optim.lr=-1"], r"optim\.lr: must be > 0"),
-    (["data.hflip=yes"], r"data\.hflip: expected true or false"),
-    (["data.loader=gpu"], r"data\.loader: must be one of"),
-    (["train.batch_size=100", "train.accumulation=3"], r"train\.batch_size: 100 is not divisible"),
-    (["lr=0.1"], r"expected section\.key=value"),
-    (["optim.lr"], r"expected section\.key=value"),
-    (["name=../elsewhere"], r"name: must be a plain name"),
-])
+@pytest.mark.parametrize(
+    "items, pattern",
+    [
+        (["optim.lrr=0.1"], r"unknown key optim\.lrr"),
+        (["optimizer.lr=0.1"], r"unknown section 'optimizer'"),
+        (["optim.lr=fast"], r"optim\.lr: expected a number"),
+        (["optim.lr=-1"], r"optim\.lr: must be > 0"),
+        (["data.hflip=yes"], r"data\.hflip: expected true or false"),
+        (["data.loader=gpu"], r"data\.loader: must be one of"),
+        (["train.batch_size=100", "train.accumulation=3"], r"train\.batch_size: 100 is not divisible"),
+        (["lr=0.1"], r"expected section\.key=value"),
+        (["optim.lr"], r"expected section\.key=value"),
+        (["name=../elsewhere"], r"name: must be a plain name"),
+    ],
+)
 def test_errors_name_the_field(items, pattern):
     with pytest.raises(ConfigError, match=pattern):
         apply_overrides(Config(), items)
@@ -75,8 +85,7 @@ def test_file_errors_name_the_file(tmp_path):
 
 
 def test_dump_round_trip(tmp_path):
-    cfg = apply_overrides(Config(), ["optim.lr=0.02", "data.mean=[0.5]", "data.std=[0.5]", "data.channels=1",
-                                     "name=x"])
+    cfg = apply_overrides(Config(), ["optim.lr=0.02", "data.mean=[0.5]", "data.std=[0.5]", "data.channels=1", "name=x"])
     p = write(tmp_path, dump_config(cfg), "resolved.toml")
     again = load_config(p)
     assert config_to_dict(again) == config_to_dict(cfg)
@@ -146,8 +155,11 @@ def test_max_nonfinite_logs_is_validated():
 def test_every_setting_is_described_with_its_value_and_default():
     cfg = load_config(None, ["optim.lr=0.5", "data.image_size=64"])
     rows = {f.key: f for f in describe_config(cfg)}
-    n_fields = 1 + sum(len(dataclasses.fields(f.type if isinstance(f.type, type) else getattr(Config(), f.name)))
-                       for f in dataclasses.fields(Config) if f.name != "name")
+    n_fields = 1 + sum(
+        len(dataclasses.fields(f.type if isinstance(f.type, type) else getattr(Config(), f.name)))
+        for f in dataclasses.fields(Config)
+        if f.name != "name"
+    )
     assert len(rows) == n_fields
     assert rows["optim.lr"].value == 0.5 and rows["optim.lr"].default == 0.1 and rows["optim.lr"].type == "float"
     assert "pixels" in rows["data.image_size"].description  # the unit travels with the description

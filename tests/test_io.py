@@ -51,8 +51,9 @@ def test_a_full_disk_is_one_named_error_and_the_old_file_stays(tmp_path, monkeyp
     with pytest.raises(WriteError) as e:  # torch.save's own error wraps the OS's; the message gives the reason
         save_checkpoint(target, {"state": {"w": torch.ones(10_000)}})
     monkeypatch.undo()
-    assert str(e.value) == (f"cannot write checkpoint {target}: No space left on device; the previous checkpoint "
-                            f"{target} is intact")
+    assert str(e.value) == (
+        f"cannot write checkpoint {target}: No space left on device; the previous checkpoint {target} is intact"
+    )
     assert e.value.errno == errno.ENOSPC and isinstance(e.value, OSError)
     assert torch.load(target, weights_only=True)["state"]["w"].shape == (4,)
     assert os.listdir(target.parent) == ["last.pt"]
@@ -97,8 +98,14 @@ def test_read_jsonl_drops_only_a_torn_last_line(tmp_path, caplog):
 def test_remove_temp_files_takes_only_temp_files_of_atomic_writes(tmp_path):
     from fasttrain.io import remove_temp_files
 
-    names = [".last.pt.a1b2_c3d.tmp", ".metrics.jsonl.zzzzzzzz.tmp", "mine.tmp", ".last.pt.tmp", "last.pt",
-             ".hidden.txt"]
+    names = [
+        ".last.pt.a1b2_c3d.tmp",
+        ".metrics.jsonl.zzzzzzzz.tmp",
+        "mine.tmp",
+        ".last.pt.tmp",
+        "last.pt",
+        ".hidden.txt",
+    ]
     for n in names:
         (tmp_path / n).write_text("x")
     removed = {p.name for p in remove_temp_files(tmp_path)}

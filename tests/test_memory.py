@@ -49,8 +49,11 @@ def test_peaks_on_cpu_report_rss_only():
     peak = M.read_peak("cpu")
     assert peak.peak_allocated_bytes is None and peak.peak_reserved_bytes is None
     assert peak.peak_rss_bytes > 10 * M.MIB  # a Python process with torch holds far more than 10 MiB
-    assert M.peak_memory(torch.device("cpu")) == {"peak_allocated_bytes": None, "peak_reserved_bytes": None,
-                                                  "peak_rss_bytes": M.peak_memory("cpu")["peak_rss_bytes"]}
+    assert M.peak_memory(torch.device("cpu")) == {
+        "peak_allocated_bytes": None,
+        "peak_reserved_bytes": None,
+        "peak_rss_bytes": M.peak_memory("cpu")["peak_rss_bytes"],
+    }
     assert "RSS" in peak.describe()
     M.reset_peak_memory("cpu")  # no-op, no CUDA init
     assert M.alloc_retries("cpu") == 0 and M.allocated_bytes("cpu") is None and M.reserved_bytes("cpu") is None
@@ -103,8 +106,10 @@ def test_process_device_bytes_reads_this_process_from_nvml(monkeypatch):
     nvml.nvmlInit = lambda: None
     nvml.nvmlShutdown = lambda: None
     nvml.nvmlDeviceGetHandleByUUID = lambda uuid: ("handle", uuid)
-    nvml.nvmlDeviceGetComputeRunningProcesses = lambda h: [proc(pid=1, usedGpuMemory=5 * M.GIB),
-                                                           proc(pid=os.getpid(), usedGpuMemory=3 * M.GIB)]
+    nvml.nvmlDeviceGetComputeRunningProcesses = lambda h: [
+        proc(pid=1, usedGpuMemory=5 * M.GIB),
+        proc(pid=os.getpid(), usedGpuMemory=3 * M.GIB),
+    ]
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(uuid="abc"))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 2 * M.GIB)

@@ -12,8 +12,9 @@ FAST = ["train.epochs=1", "train.max_steps=2", "data.workers=0", "train.eval_bat
 
 def _data(kind, root):
     if kind == "shapes2":
-        return synthetic.make_shapes_dataset(root, train_per_class=6, val_per_class=2, size=40,
-                                             shapes=("circle", "square"))
+        return synthetic.make_shapes_dataset(
+            root, train_per_class=6, val_per_class=2, size=40, shapes=("circle", "square")
+        )
     if kind == "shapes_noval":
         synthetic.make_shapes_dataset(root / "tmp", train_per_class=10, val_per_class=0, size=60)
         return root / "tmp" / "train"
@@ -26,14 +27,20 @@ def _data(kind, root):
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("name, kind, extra", [
-    ("catfish", "shapes2", ["train.batch_size=4"]),
-    ("convnet", "shapes_noval", ["train.batch_size=4"]),
-    ("drawing", "drawing", ["train.batch_size=4", "data.image_size=64"]),
-    ("pix2pix", "paired", ["data.image_size=64", "model.width=8"]),
-    ("resnet50-imagenet", "imagenet", ["train.batch_size=4", "data.image_size=64", "data.resize_size=72",
-                                       "model.name=resnet18"]),
-])
+@pytest.mark.parametrize(
+    "name, kind, extra",
+    [
+        ("catfish", "shapes2", ["train.batch_size=4"]),
+        ("convnet", "shapes_noval", ["train.batch_size=4"]),
+        ("drawing", "drawing", ["train.batch_size=4", "data.image_size=64"]),
+        ("pix2pix", "paired", ["data.image_size=64", "model.width=8"]),
+        (
+            "resnet50-imagenet",
+            "imagenet",
+            ["train.batch_size=4", "data.image_size=64", "data.resize_size=72", "model.name=resnet18"],
+        ),
+    ],
+)
 def test_packaged_config_trains_on_generated_data(name, kind, extra, tmp_path):
     root = _data(kind, tmp_path / "data")
     path = packaged_config(name)
@@ -66,8 +73,10 @@ def test_a_checkpoint_trained_in_fp16_predicts_on_a_cpu(tmp_path):
     task = make_task(cfg, runtime_for(cfg, device="cpu"), None)
     state = task.build_state()
     fp16 = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, precision="fp16"))
-    ckpt = save_checkpoint(tmp_path / "fp16.pt", {"state": state.state_dict(), "config": config_to_dict(fp16),
-                                                  "meta": {"class_names": ["circle", "square"]}})
+    ckpt = save_checkpoint(
+        tmp_path / "fp16.pt",
+        {"state": state.state_dict(), "config": config_to_dict(fp16), "meta": {"class_names": ["circle", "square"]}},
+    )
     image = next(p for p in sorted(root.rglob("*.png")))
     (record,) = predict(ckpt, [str(image)], device="cpu")
     assert "error" not in record and record["class"] in ("circle", "square")

@@ -16,10 +16,28 @@ def _run(folder, *, acc: list[float], steps_per_epoch: int = 4, log_every: int =
     for e, a in enumerate(acc, 1):
         for s in range(log_every, steps_per_epoch + 1, log_every):
             step = (e - 1) * steps_per_epoch + s
-            lines.append({"event": "step", "epoch": e, "step": step, "loss": 2.0 / step, "lr": 0.1 / e,
-                          "samples_per_s": 100.0 + step})
-        lines.append({"epoch": e, "step": e * steps_per_epoch, "train_loss": 1.0 / e, "val_loss": 1.2 / e,
-                      "val_acc": a, "lr": 0.1 / e, "samples_per_s": 100.0, "best": a == max(acc)})
+            lines.append(
+                {
+                    "event": "step",
+                    "epoch": e,
+                    "step": step,
+                    "loss": 2.0 / step,
+                    "lr": 0.1 / e,
+                    "samples_per_s": 100.0 + step,
+                }
+            )
+        lines.append(
+            {
+                "epoch": e,
+                "step": e * steps_per_epoch,
+                "train_loss": 1.0 / e,
+                "val_loss": 1.2 / e,
+                "val_acc": a,
+                "lr": 0.1 / e,
+                "samples_per_s": 100.0,
+                "best": a == max(acc),
+            }
+        )
     lines.append({"epoch": len(acc), "event": "test", "test_acc": 0.5})
     text = "".join(json.dumps(r) + "\n" for r in lines)
     (folder / "metrics.jsonl").write_text(text + ('{"epoch": 9, "train_lo' if torn else ""))

@@ -12,14 +12,17 @@ from fasttrain.config import RuntimeConfig
 from fasttrain.runtime import BackendFlags, Runtime, backend_flags, decide_device, decide_precision, environment
 
 
-@pytest.mark.parametrize("requested, device, bf16, name, dtype, scaler", [
-    ("auto", "cuda", True, "bf16", torch.bfloat16, False),
-    ("auto", "cuda", False, "fp16", torch.float16, True),
-    ("auto", "cpu", False, "fp32", None, False),
-    ("fp32", "cuda", True, "fp32", None, False),
-    ("bf16", "cpu", False, "bf16", torch.bfloat16, False),
-    ("fp16", "cuda", True, "fp16", torch.float16, True),
-])
+@pytest.mark.parametrize(
+    "requested, device, bf16, name, dtype, scaler",
+    [
+        ("auto", "cuda", True, "bf16", torch.bfloat16, False),
+        ("auto", "cuda", False, "fp16", torch.float16, True),
+        ("auto", "cpu", False, "fp32", None, False),
+        ("fp32", "cuda", True, "fp32", None, False),
+        ("bf16", "cpu", False, "bf16", torch.bfloat16, False),
+        ("fp16", "cuda", True, "fp16", torch.float16, True),
+    ],
+)
 def test_precision_policy(requested, device, bf16, name, dtype, scaler):
     p = decide_precision(requested, device, bf16)
     assert (p.name, p.autocast_dtype, p.use_scaler) == (name, dtype, scaler)
@@ -84,14 +87,17 @@ def test_cuda_runtime_defaults():
     assert rt.grad_scaler().is_enabled() == (rt.precision.name == "fp16")
 
 
-@pytest.mark.parametrize("requested, count, current, expected", [
-    ("auto", 1, 0, "cuda:0"),
-    ("auto", 4, 2, "cuda:2"),  # torchrun / torch.cuda.set_device chose the current device
-    ("auto", 0, 0, "cpu"),
-    ("cuda", 2, 1, "cuda:1"),
-    ("cuda:1", 2, 0, "cuda:1"),
-    ("cpu", 2, 0, "cpu"),
-])
+@pytest.mark.parametrize(
+    "requested, count, current, expected",
+    [
+        ("auto", 1, 0, "cuda:0"),
+        ("auto", 4, 2, "cuda:2"),  # torchrun / torch.cuda.set_device chose the current device
+        ("auto", 0, 0, "cpu"),
+        ("cuda", 2, 1, "cuda:1"),
+        ("cuda:1", 2, 0, "cuda:1"),
+        ("cpu", 2, 0, "cpu"),
+    ],
+)
 def test_cuda_device_decision_always_carries_an_index(requested, count, current, expected):
     dev = decide_device(requested, count, current)
     assert dev == torch.device(expected)
@@ -122,8 +128,12 @@ def test_constructing_a_runtime_changes_no_process_wide_flag():
 
 def test_backend_flags_restore_after_an_error():
     before = BackendFlags.current()
-    wanted = BackendFlags(cudnn_benchmark=not before.cudnn_benchmark, tf32_matmul=not before.tf32_matmul,
-                          tf32_cudnn=not before.tf32_cudnn, deterministic=False)
+    wanted = BackendFlags(
+        cudnn_benchmark=not before.cudnn_benchmark,
+        tf32_matmul=not before.tf32_matmul,
+        tf32_cudnn=not before.tf32_cudnn,
+        deterministic=False,
+    )
     with pytest.raises(RuntimeError, match="boom"), backend_flags(wanted):
         assert BackendFlags.current() == wanted
         raise RuntimeError("boom")
@@ -135,9 +145,11 @@ def test_cuda_runtime_decides_cudnn_benchmark_and_tf32(monkeypatch):
     monkeypatch.setattr("fasttrain.runtime.resolve_device", lambda requested: torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     rt = Runtime(RuntimeConfig())
-    assert rt.backend_flags == BackendFlags(cudnn_benchmark=True, tf32_matmul=True, tf32_cudnn=True,
-                                            deterministic=False)
+    assert rt.backend_flags == BackendFlags(
+        cudnn_benchmark=True, tf32_matmul=True, tf32_cudnn=True, deterministic=False
+    )
     exact = Runtime(RuntimeConfig(precision="fp32", tf32="off", deterministic=True))
-    assert exact.backend_flags == BackendFlags(cudnn_benchmark=False, tf32_matmul=False, tf32_cudnn=False,
-                                               deterministic=True)
+    assert exact.backend_flags == BackendFlags(
+        cudnn_benchmark=False, tf32_matmul=False, tf32_cudnn=False, deterministic=True
+    )
     assert "tf32" not in exact.describe() and "fp32 tf32" in Runtime(RuntimeConfig(precision="fp32")).describe()

@@ -50,10 +50,16 @@ def _same_training(report: dict) -> bool:
     chose, and the config's own loader setting."""
     plan, loader = report.get("plan") or {}, report.get("loader") or {}
     trials = loader.get("trials") or []
-    kept_given = any(t.get("given") and {**t.get("setting", {}), "loader": loader.get("backend")}
-                     == loader.get("setting") for t in trials)
-    return (bool(plan) and plan.get("global_batch") == plan.get("requested_global")
-            and plan.get("accumulation") == plan.get("requested_accumulation") and kept_given)
+    kept_given = any(
+        t.get("given") and {**t.get("setting", {}), "loader": loader.get("backend")} == loader.get("setting")
+        for t in trials
+    )
+    return (
+        bool(plan)
+        and plan.get("global_batch") == plan.get("requested_global")
+        and plan.get("accumulation") == plan.get("requested_accumulation")
+        and kept_given
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,10 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         loads.append(os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
         trains.append(run(["train", "-q", *common], out / f"train-{i}.log"))
         tune_out = out / f"autotune-{i}"
-        tunes.append(run(["autotune", "quickstart", *common, "--no-cache", "--out", str(tune_out)],
-                         out / f"autotune-{i}.log"))
-        print(f"pair {i}: training {trains[-1]:.1f} s, autotune {tunes[-1]:.1f} s ({tunes[-1] / trains[-1]:.2f}x), "
-              f"load average {loads[-1]}", flush=True)
+        tunes.append(
+            run(["autotune", "quickstart", *common, "--no-cache", "--out", str(tune_out)], out / f"autotune-{i}.log")
+        )
+        print(
+            f"pair {i}: training {trains[-1]:.1f} s, autotune {tunes[-1]:.1f} s ({tunes[-1] / trains[-1]:.2f}x), "
+            f"load average {loads[-1]}",
+            flush=True,
+        )
     train_s, tune_s = statistics.median(trains), statistics.median(tunes)
     report = json.loads((tune_out / "autotune.json").read_text(encoding="utf-8"))
     tuned = tune_out / "quickstart.tuned.toml"  # the last pair's
@@ -108,28 +118,39 @@ def main(argv: list[str] | None = None) -> int:
         "tuned_e2e": tuned_sps,
         "tuned_over_original_per_round": [round(x, 3) for x in pairs],
         "tuned_over_original": round(ratio, 3) if ratio is not None else None,
-        "original_spread": (round((max(original) - min(original)) / statistics.median(original), 3)
-                            if original else None),
+        "original_spread": (
+            round((max(original) - min(original)) / statistics.median(original), 3) if original else None
+        ),
         "tuned_trains_as_the_original": same,
         "tuned_at_least_0.9x": same or (ratio is not None and ratio >= 0.9),
         "cpu_count": os.cpu_count(),
         "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
     (out / "targets.json").write_text(json.dumps(targets, indent=2) + "\n", encoding="utf-8")
-    print(f"medians: training {train_s:.1f} s, autotune {tune_s:.1f} s ({tune_s / train_s:.2f}x; target <= 2x): "
-          f"{'met' if targets['within_2x_training'] else 'MISSED'}")
-    print(f"accumulation {accumulation} (target 1): {'met' if targets['no_accumulation'] else 'MISSED'}; "
-          f"chosen batch {report.get('chosen_batch')} (the config's own {report.get('given_batch')}), "
-          f"ok {report.get('ok')}, reliable {report.get('reliable')}")
+    print(
+        f"medians: training {train_s:.1f} s, autotune {tune_s:.1f} s ({tune_s / train_s:.2f}x; target <= 2x): "
+        f"{'met' if targets['within_2x_training'] else 'MISSED'}"
+    )
+    print(
+        f"accumulation {accumulation} (target 1): {'met' if targets['no_accumulation'] else 'MISSED'}; "
+        f"chosen batch {report.get('chosen_batch')} (the config's own {report.get('given_batch')}), "
+        f"ok {report.get('ok')}, reliable {report.get('reliable')}"
+    )
     if ratio is not None:
-        print(f"end to end: tuned {statistics.median(tuned_sps):,.1f} vs original {statistics.median(original):,.1f} "
-              f"samples/s (medians), per-round ratio median {ratio:.3f}x (target >= 0.9): "
-              f"{'met' if targets['tuned_at_least_0.9x'] else 'MISSED'}")
-        print(f"  original per round {[round(x) for x in original]}, tuned {[round(x) for x in tuned_sps]}: the "
-              f"original alone spreads {targets['original_spread']:.0%} (the machine's noise)")
+        print(
+            f"end to end: tuned {statistics.median(tuned_sps):,.1f} vs original {statistics.median(original):,.1f} "
+            f"samples/s (medians), per-round ratio median {ratio:.3f}x (target >= 0.9): "
+            f"{'met' if targets['tuned_at_least_0.9x'] else 'MISSED'}"
+        )
+        print(
+            f"  original per round {[round(x) for x in original]}, tuned {[round(x) for x in tuned_sps]}: the "
+            f"original alone spreads {targets['original_spread']:.0%} (the machine's noise)"
+        )
         if same:
-            print("  the tuned config trains exactly as the original (same batch, accumulation and loader settings): "
-                  "any difference above is noise")
+            print(
+                "  the tuned config trains exactly as the original (same batch, accumulation and loader settings): "
+                "any difference above is noise"
+            )
     else:
         print("end to end: no tuned config was written (see autotune.log)")
     print(f"details: {out}")

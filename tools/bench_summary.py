@@ -75,22 +75,24 @@ def load_rows(path: str | Path) -> tuple[list[Row], dict[str, Any]]:
         sps = info.get("samples_per_s")
         if sps is None:
             sps = _rate(per_round, stats.get("median"))
-        rows.append(Row(
-            name=b.get("fullname") or b.get("name", "?"),
-            kind=info.get("kind") or b.get("group") or "other",
-            model=info.get("model"),
-            backend=str(info.get("backend", "")),
-            precision=str(info.get("precision", "")),
-            batch_size=info.get("batch_size"),
-            workload=str(info.get("workload", "")),
-            samples_per_s=sps,
-            samples_per_s_low=_rate(per_round, stats.get("max")),
-            samples_per_s_high=_rate(per_round, stats.get("min")),
-            peak_allocated=info.get("peak_allocated_bytes"),
-            peak_reserved=info.get("peak_reserved_bytes"),
-            peak_rss=info.get("peak_rss_bytes"),
-            rounds=int(stats.get("rounds", 0)),
-        ))
+        rows.append(
+            Row(
+                name=b.get("fullname") or b.get("name", "?"),
+                kind=info.get("kind") or b.get("group") or "other",
+                model=info.get("model"),
+                backend=str(info.get("backend", "")),
+                precision=str(info.get("precision", "")),
+                batch_size=info.get("batch_size"),
+                workload=str(info.get("workload", "")),
+                samples_per_s=sps,
+                samples_per_s_low=_rate(per_round, stats.get("max")),
+                samples_per_s_high=_rate(per_round, stats.get("min")),
+                peak_allocated=info.get("peak_allocated_bytes"),
+                peak_reserved=info.get("peak_reserved_bytes"),
+                peak_rss=info.get("peak_rss_bytes"),
+                rounds=int(stats.get("rounds", 0)),
+            )
+        )
     header = {k: data.get(k) for k in ("machine_info", "commit_info", "datetime", "version")}
     return rows, header
 
@@ -106,16 +108,19 @@ def naive_speedups(rows: list[Row]) -> dict[str, float]:
     return out
 
 
-def compare(rows: list[Row], baseline: list[Row], *, max_drop: float, max_memory_growth: float,
-            fail_missing: bool = False) -> tuple[dict[str, float], list[str]]:
+def compare(
+    rows: list[Row], baseline: list[Row], *, max_drop: float, max_memory_growth: float, fail_missing: bool = False
+) -> tuple[dict[str, float], list[str]]:
     """(fullname -> samples/s ratio to the baseline, regressions). New rows are not compared; baseline rows
     missing from this run (skipped, failed or renamed) are regressions only with ``fail_missing``."""
     base = {r.name: r for r in baseline}
     ratios, problems = {}, []
     if fail_missing:
         present = {r.name for r in rows}
-        problems += [f"{name}: in the baseline but not in this run (skipped, failed or renamed)"
-                     for name in sorted(set(base) - present)]
+        problems += [
+            f"{name}: in the baseline but not in this run (skipped, failed or renamed)"
+            for name in sorted(set(base) - present)
+        ]
     for r in rows:
         b = base.get(r.name)
         if b is None:
@@ -124,13 +129,17 @@ def compare(rows: list[Row], baseline: list[Row], *, max_drop: float, max_memory
             ratio = r.samples_per_s / b.samples_per_s
             ratios[r.name] = ratio
             if ratio < 1.0 - max_drop:
-                problems.append(f"{r.name}: {r.samples_per_s:,.1f} samples/s is {1 - ratio:.1%} below the baseline "
-                                f"{b.samples_per_s:,.1f} (allowed {max_drop:.0%})")
+                problems.append(
+                    f"{r.name}: {r.samples_per_s:,.1f} samples/s is {1 - ratio:.1%} below the baseline "
+                    f"{b.samples_per_s:,.1f} (allowed {max_drop:.0%})"
+                )
         if r.peak_allocated and b.peak_allocated:
             growth = r.peak_allocated / b.peak_allocated - 1.0
             if growth > max_memory_growth:
-                problems.append(f"{r.name}: peak allocated {_gib(r.peak_allocated)} GiB is {growth:.1%} above the "
-                                f"baseline {_gib(b.peak_allocated)} GiB (allowed {max_memory_growth:.0%})")
+                problems.append(
+                    f"{r.name}: peak allocated {_gib(r.peak_allocated)} GiB is {growth:.1%} above the "
+                    f"baseline {_gib(b.peak_allocated)} GiB (allowed {max_memory_growth:.0%})"
+                )
     return ratios, problems
 
 
@@ -160,8 +169,9 @@ def _env_line(header: dict[str, Any]) -> str:
     return ", ".join(p for p in parts if p)
 
 
-def to_markdown(rows: list[Row], header: dict[str, Any] | None = None,
-                baseline_ratios: dict[str, float] | None = None) -> str:
+def to_markdown(
+    rows: list[Row], header: dict[str, Any] | None = None, baseline_ratios: dict[str, float] | None = None
+) -> str:
     speedups = naive_speedups(rows)
     cuda = any(r.peak_allocated is not None for r in rows)
     mem_cols = ["peak alloc GiB", "peak reserved GiB"] if cuda else ["peak RSS GiB"]
@@ -171,21 +181,43 @@ def to_markdown(rows: list[Row], header: dict[str, Any] | None = None,
     kinds = [k for k in KIND_TITLES if any(r.kind == k for r in rows)]
     kinds += sorted({r.kind for r in rows} - set(kinds))
     for kind in kinds:
-        group = sorted((r for r in rows if r.kind == kind),
-                       key=lambda r: (r.model or "", r.batch_size or 0, r.backend == "naive", r.backend, r.precision))
-        cols = ["benchmark", "model", "backend", "precision", "batch", "samples/s", "range (slowest..fastest round)",
-                *mem_cols, "vs naive"]
+        group = sorted(
+            (r for r in rows if r.kind == kind),
+            key=lambda r: (r.model or "", r.batch_size or 0, r.backend == "naive", r.backend, r.precision),
+        )
+        cols = [
+            "benchmark",
+            "model",
+            "backend",
+            "precision",
+            "batch",
+            "samples/s",
+            "range (slowest..fastest round)",
+            *mem_cols,
+            "vs naive",
+        ]
         if baseline_ratios is not None:
             cols.append("vs baseline")
-        lines += [f"### {KIND_TITLES.get(kind, kind)}", "", "| " + " | ".join(cols) + " |",
-                  "|" + "|".join("---" if i < 4 else "---:" for i in range(len(cols))) + "|"]
+        lines += [
+            f"### {KIND_TITLES.get(kind, kind)}",
+            "",
+            "| " + " | ".join(cols) + " |",
+            "|" + "|".join("---" if i < 4 else "---:" for i in range(len(cols))) + "|",
+        ]
         for r in group:
             mem = [_gib(r.peak_allocated), _gib(r.peak_reserved)] if cuda else [_gib(r.peak_rss)]
             short = r.name.split("::")[-1]
-            cells = [f"`{short}`", r.model or "-", r.backend or "-", r.precision or "-",
-                     str(r.batch_size) if r.batch_size else "-", _num(r.samples_per_s),
-                     f"{_num(r.samples_per_s_low)}..{_num(r.samples_per_s_high)}", *mem,
-                     f"{speedups[r.name]:.2f}x" if r.name in speedups else "-"]
+            cells = [
+                f"`{short}`",
+                r.model or "-",
+                r.backend or "-",
+                r.precision or "-",
+                str(r.batch_size) if r.batch_size else "-",
+                _num(r.samples_per_s),
+                f"{_num(r.samples_per_s_low)}..{_num(r.samples_per_s_high)}",
+                *mem,
+                f"{speedups[r.name]:.2f}x" if r.name in speedups else "-",
+            ]
             if baseline_ratios is not None:
                 cells.append(f"{baseline_ratios[r.name]:.2f}x" if r.name in baseline_ratios else "new")
             lines.append("| " + " | ".join(cells) + " |")
@@ -241,26 +273,43 @@ def plot(rows: list[Row], path: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("results", help="pytest-benchmark JSON (--benchmark-json)")
     p.add_argument("-o", "--output", help="write the Markdown here (default: stdout)")
     p.add_argument("--plot", help="write a PNG of samples/s and memory against batch size here")
     p.add_argument("--baseline", help="pytest-benchmark JSON to compare with (matched by test name)")
-    p.add_argument("--max-drop", type=float, default=0.10,
-                   help="fail when samples/s falls more than this share below the baseline (default 0.10)")
-    p.add_argument("--max-memory-growth", type=float, default=0.10,
-                   help="fail when peak allocated CUDA memory grows more than this share (default 0.10)")
-    p.add_argument("--fail-missing", action="store_true",
-                   help="fail when a baseline benchmark is missing from the results (e.g. DALI silently skipped)")
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=0.10,
+        help="fail when samples/s falls more than this share below the baseline (default 0.10)",
+    )
+    p.add_argument(
+        "--max-memory-growth",
+        type=float,
+        default=0.10,
+        help="fail when peak allocated CUDA memory grows more than this share (default 0.10)",
+    )
+    p.add_argument(
+        "--fail-missing",
+        action="store_true",
+        help="fail when a baseline benchmark is missing from the results (e.g. DALI silently skipped)",
+    )
     args = p.parse_args(argv)
 
     rows, header = load_rows(args.results)
     ratios, problems = None, []
     if args.baseline:
         base_rows, _ = load_rows(args.baseline)
-        ratios, problems = compare(rows, base_rows, max_drop=args.max_drop, max_memory_growth=args.max_memory_growth,
-                                   fail_missing=args.fail_missing)
+        ratios, problems = compare(
+            rows,
+            base_rows,
+            max_drop=args.max_drop,
+            max_memory_growth=args.max_memory_growth,
+            fail_missing=args.fail_missing,
+        )
     text = to_markdown(rows, header, ratios)
     if problems:
         text += "\n### Regressions against the baseline\n\n" + "\n".join(f"- {m}" for m in problems) + "\n"

@@ -67,8 +67,14 @@ def bench_cases(folder: Path) -> list[dict[str, Any]]:
 
 
 def _e2e(cases: list[dict[str, Any]], model: str, backend: str) -> float | None:
-    rates = [c["samples_per_s"] for c in cases if c.get("kind") == "end_to_end" and c.get("model") == model
-             and c.get("backend") == backend and c.get("samples_per_s")]
+    rates = [
+        c["samples_per_s"]
+        for c in cases
+        if c.get("kind") == "end_to_end"
+        and c.get("model") == model
+        and c.get("backend") == backend
+        and c.get("samples_per_s")
+    ]
     return max(rates) if rates else None
 
 
@@ -119,8 +125,10 @@ def evaluate(folder: Path) -> list[Target]:
         if fits and chosen:
             best = max(fits, key=lambda c: c["samples_per_s"])
             gap = 1.0 - chosen["samples_per_s"] / best["samples_per_s"]
-            t_best.figure = (f"batch {chosen['batch_size']}: {chosen['samples_per_s']:,.0f} img/s, best batch "
-                             f"{best['batch_size']}: {best['samples_per_s']:,.0f} ({gap:.1%} below)")
+            t_best.figure = (
+                f"batch {chosen['batch_size']}: {chosen['samples_per_s']:,.0f} img/s, best batch "
+                f"{best['batch_size']}: {best['samples_per_s']:,.0f} ({gap:.1%} below)"
+            )
             t_best.met = gap <= AUTOTUNE_WITHIN
         elapsed, compile_s = first.get("elapsed_s"), first.get("compile_s") or 0.0
         if elapsed is not None:
@@ -135,8 +143,10 @@ def evaluate(folder: Path) -> list[Target]:
 
 def to_markdown(folder: Path, targets: list[Target]) -> str:
     env = _load(folder / "environment.json") or {}
-    head = (f"GPU targets: {env.get('gpu', '?')}, driver {env.get('driver', '?')}, torch {env.get('torch', '?')}, "
-            f"CUDA {env.get('cuda', '?')}, DALI {env.get('dali', '?')}")
+    head = (
+        f"GPU targets: {env.get('gpu', '?')}, driver {env.get('driver', '?')}, torch {env.get('torch', '?')}, "
+        f"CUDA {env.get('cuda', '?')}, DALI {env.get('dali', '?')}"
+    )
     lines = [f"# {head}", "", "| target | goal | figure | verdict |", "|---|---|---|---|"]
     lines += [t.row() for t in targets]
     return "\n".join(lines) + "\n"

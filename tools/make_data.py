@@ -1,6 +1,6 @@
 """Write a generated dataset from a checkout without installing: same as ``fasttrain make-data``.
 
-    python tools/make_data.py drawing OUT [--sessions 200] ...   (see fasttrain/data/make_data.py)
+python tools/make_data.py drawing OUT [--sessions 200] ...   (see fasttrain/data/make_data.py)
 """
 
 import sys

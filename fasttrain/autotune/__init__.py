@@ -90,10 +90,18 @@ __all__ = [
 
 # Names from the modules that need torch, loaded on first use: the pure search imports without torch.
 _LAZY = {
-    "AutotuneReport": "report", "plot_report": "report", "tuned_config": "report",
-    "Budget": "probe", "StepProbe": "probe", "Verification": "probe", "setup_budget": "probe",
+    "AutotuneReport": "report",
+    "plot_report": "report",
+    "tuned_config": "report",
+    "Budget": "probe",
+    "StepProbe": "probe",
+    "Verification": "probe",
+    "setup_budget": "probe",
     "release_budget": "probe",
-    "LoaderTrial": "loader", "LoaderResult": "loader", "loader_ladder": "loader", "tune_loader": "loader",
+    "LoaderTrial": "loader",
+    "LoaderResult": "loader",
+    "loader_ladder": "loader",
+    "tune_loader": "loader",
 }
 
 
@@ -111,13 +119,26 @@ SEARCH_SHARE = 0.6
 """The search stops probing once this share of tune.time_budget_s is spent."""
 LOADER_SHARE = 0.8
 """Loader settings are tried until this share is spent; the verification gets the rest."""
-_FAILURE_TEXT = {"oom": "out of memory", "retries": "allocator retries", "headroom": "over the headroom",
-                 "budget": "over the budget"}
+_FAILURE_TEXT = {
+    "oom": "out of memory",
+    "retries": "allocator retries",
+    "headroom": "over the headroom",
+    "budget": "over the budget",
+}
 
 
-def autotune(cfg: Config, *, memory_budget_gib: float | None = None, out_dir: str | os.PathLike | None = None,
-             verify: bool = True, use_cache: bool = True, time_budget_s: float | None = None, model: Any = None,
-             dataset: Any = None, val_dataset: Any = None) -> AutotuneReport:
+def autotune(
+    cfg: Config,
+    *,
+    memory_budget_gib: float | None = None,
+    out_dir: str | os.PathLike | None = None,
+    verify: bool = True,
+    use_cache: bool = True,
+    time_budget_s: float | None = None,
+    model: Any = None,
+    dataset: Any = None,
+    val_dataset: Any = None,
+) -> AutotuneReport:
     """Find the batch size with the best train-step samples/s that fits the budget and the loader setting that
     keeps up, verify them end to end, and write a tuned config (table, JSON, PNG) into ``out_dir`` (default:
     ``train.runs_dir/autotune-<name>-<time>``). The input config file is never touched.
@@ -214,8 +235,9 @@ def _out_dir(cfg: Config, out_dir: str | os.PathLike | None) -> Path:
     return new_run_dir(cfg.train.runs_dir, run_name(cfg.name, prefix="autotune-"))
 
 
-def _tune(cfg: Config, budget_gib: float, *, verify: bool, clock: TimeBudget,
-          python_args: dict[str, Any] | None = None) -> AutotuneReport:
+def _tune(
+    cfg: Config, budget_gib: float, *, verify: bool, clock: TimeBudget, python_args: dict[str, Any] | None = None
+) -> AutotuneReport:
     from fasttrain.autotune.loader import reuse_file_checks
     from fasttrain.autotune.probe import release_budget, setup_budget
     from fasttrain.autotune.report import AutotuneReport
@@ -244,14 +266,27 @@ def _tune(cfg: Config, budget_gib: float, *, verify: bool, clock: TimeBudget,
         notes.append(f"batch sizes capped at the training set's {n_train} images")
     given: int | None = pcfg.train.micro_batch
     if pcfg.train.micro_batch > n_train:
-        notes.append(f"the config's micro-batch {pcfg.train.micro_batch} is larger than the training set "
-                     f"({n_train} images): not measured")
+        notes.append(
+            f"the config's micro-batch {pcfg.train.micro_batch} is larger than the training set "
+            f"({n_train} images): not measured"
+        )
         given = None
     report = AutotuneReport(
-        config_name=cfg.name, model=pcfg.model.name, task=pcfg.task.name, device=str(device),
-        runtime=runtime.describe(), input_shape=[pcfg.data.channels, pcfg.data.image_size, pcfg.data.image_size],
-        budget=budget, headroom=tune.headroom, noise=tune.noise, multiple=tune.multiple, max_batch=max_batch,
-        time_budget_s=clock.seconds, given_batch=given, notes=notes)
+        config_name=cfg.name,
+        model=pcfg.model.name,
+        task=pcfg.task.name,
+        device=str(device),
+        runtime=runtime.describe(),
+        input_shape=[pcfg.data.channels, pcfg.data.image_size, pcfg.data.image_size],
+        budget=budget,
+        headroom=tune.headroom,
+        noise=tune.noise,
+        multiple=tune.multiple,
+        max_batch=max_batch,
+        time_budget_s=clock.seconds,
+        given_batch=given,
+        notes=notes,
+    )
     try:
         with reuse_file_checks():
             _run(report, prep, budget, clock, verify=verify, max_batch=max_batch, cap_reason=cap_reason, given=given)
@@ -266,10 +301,15 @@ def _eval_batch(cfg: Config) -> Callable[[int], int]:
 
 
 def _plan(cfg: Config, chosen: int, fails: Candidate | None, device) -> BatchPlan:
-    return plan_batches(cfg.train.batch_size, chosen, multiple=cfg.tune.multiple,
-                        accumulation=cfg.train.accumulation, fails_at=fails.batch_size if fails else None,
-                        fail_reason=_FAILURE_TEXT.get(fails.failure, "") if fails else "",
-                        allow_accumulation=device.type == "cuda")
+    return plan_batches(
+        cfg.train.batch_size,
+        chosen,
+        multiple=cfg.tune.multiple,
+        accumulation=cfg.train.accumulation,
+        fails_at=fails.batch_size if fails else None,
+        fail_reason=_FAILURE_TEXT.get(fails.failure, "") if fails else "",
+        allow_accumulation=device.type == "cuda",
+    )
 
 
 def _first_failure(cands: list[Candidate]) -> Candidate | None:
@@ -277,8 +317,17 @@ def _first_failure(cands: list[Candidate]) -> Candidate | None:
     return min(bad, key=lambda c: c.batch_size) if bad else None
 
 
-def _run(report: AutotuneReport, prep, budget: Budget, clock: TimeBudget, *, verify: bool, max_batch: int,
-         cap_reason: str, given: int | None) -> None:
+def _run(
+    report: AutotuneReport,
+    prep,
+    budget: Budget,
+    clock: TimeBudget,
+    *,
+    verify: bool,
+    max_batch: int,
+    cap_reason: str,
+    given: int | None,
+) -> None:
     """The stages, in order; ``report`` is filled as they go (an exception leaves what was found so far)."""
     from fasttrain.autotune.loader import tune_loader
     from fasttrain.autotune.probe import ProbeSettings, StepProbe
@@ -289,38 +338,73 @@ def _run(report: AutotuneReport, prep, budget: Budget, clock: TimeBudget, *, ver
     tune, device = pcfg.tune, runtime.device
     stamp = clock.stamp
     eval_batch = _eval_batch(pcfg)
-    settings = ProbeSettings(warmup=tune.warmup_steps, repeats=tune.repeats, repeat_s=tune.repeat_s,
-                             min_steps=tune.measure_steps, max_spread=tune.max_spread,
-                             with_eval=budget.budget_bytes is not None)
+    settings = ProbeSettings(
+        warmup=tune.warmup_steps,
+        repeats=tune.repeats,
+        repeat_s=tune.repeat_s,
+        min_steps=tune.measure_steps,
+        max_spread=tune.max_spread,
+        with_eval=budget.budget_bytes is not None,
+    )
     # Eager probes with everything else as configured; compile comes once, at the planned micro-batch.
     eager_task = prep.new_task(pcfg, runtime_for(pcfg, compile="off"))
-    probe = StepProbe(eager_task, budget=budget, settings=settings, eval_batch=eval_batch, stamp=stamp,
-                      time_left=lambda: clock.left(SEARCH_SHARE))
-    log.info("autotune %s: %s; %s; time budget %g s (compile excluded)", pcfg.name, runtime.describe(),
-             budget.describe(), clock.seconds)
+    probe = StepProbe(
+        eager_task,
+        budget=budget,
+        settings=settings,
+        eval_batch=eval_batch,
+        stamp=stamp,
+        time_left=lambda: clock.left(SEARCH_SHARE),
+    )
+    log.info(
+        "autotune %s: %s; %s; time budget %g s (compile excluded)",
+        pcfg.name,
+        runtime.describe(),
+        budget.describe(),
+        clock.seconds,
+    )
     resident = _hold_resident_dataset(pcfg, prep, backend, device, budget, report.notes)
     state: Any = None
     loader_result: LoaderResult | None = None
     try:
-        result = search_batch_size(probe, min_batch=tune.min_batch, max_batch=max_batch, multiple=tune.multiple,
-                                   noise=tune.noise, budget_bytes=budget.budget_bytes, headroom=tune.headroom,
-                                   given=given, time_left=lambda: clock.left(SEARCH_SHARE),
-                                   remeasure=probe.remeasure, cap_reason=cap_reason)
+        result = search_batch_size(
+            probe,
+            min_batch=tune.min_batch,
+            max_batch=max_batch,
+            multiple=tune.multiple,
+            noise=tune.noise,
+            budget_bytes=budget.budget_bytes,
+            headroom=tune.headroom,
+            given=given,
+            time_left=lambda: clock.left(SEARCH_SHARE),
+            remeasure=probe.remeasure,
+            cap_reason=cap_reason,
+        )
         report.candidates, report.stop_reason, report.limit = result.candidates, result.stop_reason, result.limit
         report.chosen_batch, report.best_batch, report.not_probed = result.chosen, result.best, result.not_probed
         shaky = [c.batch_size for c in result.candidates if not c.reliable]
         if shaky:
-            report.unreliable.append(f"batch {', '.join(map(str, shaky))}: repeats spread beyond tune.max_spread "
-                                     f"({tune.max_spread:.0%}) twice (a busy machine?)")
+            report.unreliable.append(
+                f"batch {', '.join(map(str, shaky))}: repeats spread beyond tune.max_spread "
+                f"({tune.max_spread:.0%}) twice (a busy machine?)"
+            )
         if result.chosen is None:
-            report.error = (f"{result.stop_reason}; lower tune.min_batch / tune.multiple, the image size or the "
-                            f"model, or raise --memory-budget")
+            report.error = (
+                f"{result.stop_reason}; lower tune.min_batch / tune.multiple, the image size or the "
+                f"model, or raise --memory-budget"
+            )
             report.probe_mode = "eager probes; nothing fit, so nothing was compiled"
             return
         plan = _plan(pcfg, result.chosen, _first_failure(result.candidates), device)
         by_size = result.by_size()
-        log.info("autotune [%s] search: %s; chosen %s (best %s, the config's own %s)", stamp(), result.stop_reason,
-                 result.chosen, result.best, given)
+        log.info(
+            "autotune [%s] search: %s; chosen %s (best %s, the config's own %s)",
+            stamp(),
+            result.stop_reason,
+            result.chosen,
+            result.best,
+            given,
+        )
         if plan.micro_batch not in by_size:  # a split of the global batch: measure the micro-batch it runs
             c = mark_usable(probe(plan.micro_batch, "plan"), budget.budget_bytes, tune.headroom)
             report.candidates.append(c)
@@ -334,9 +418,11 @@ def _run(report: AutotuneReport, prep, budget: Budget, clock: TimeBudget, *, ver
         state, probe.state = (None if runtime.compile else probe.state), None
         probe.close()
         if runtime.compile:
-            report.probe_mode = ("eager search (a compile per candidate would cost a compile per size; a dynamic "
-                                 "batch dimension is not the static program training runs); compiled once at the "
-                                 "planned micro-batch, its state reused by the loader trials and the verification")
+            report.probe_mode = (
+                "eager search (a compile per candidate would cost a compile per size; a dynamic "
+                "batch dimension is not the static program training runs); compiled once at the "
+                "planned micro-batch, its state reused by the loader trials and the verification"
+            )
             state, compiled, plan = _compile(report, prep, budget, settings, clock, plan, by_size)
             if compiled is None:
                 report.error = "the compiled step does not fit at any usable batch size tried"
@@ -348,11 +434,23 @@ def _run(report: AutotuneReport, prep, budget: Budget, clock: TimeBudget, *, ver
         free_device_memory(device)
         if state is None:
             state = prep.task.build_state()
-        loader_result = tune_loader(pcfg, runtime, source, backend, micro=plan.micro_batch,
-                                    accumulation=plan.accumulation, state=state, noise=tune.noise,
-                                    warmup=tune.warmup_steps, repeats=tune.repeats, repeat_s=tune.repeat_s,
-                                    max_spread=tune.max_spread, time_left=lambda: clock.left(LOADER_SHARE),
-                                    stamp=stamp, make_task=lambda c, r, _source: prep.new_task(c, r))
+        loader_result = tune_loader(
+            pcfg,
+            runtime,
+            source,
+            backend,
+            micro=plan.micro_batch,
+            accumulation=plan.accumulation,
+            state=state,
+            noise=tune.noise,
+            warmup=tune.warmup_steps,
+            repeats=tune.repeats,
+            repeat_s=tune.repeat_s,
+            max_spread=tune.max_spread,
+            time_left=lambda: clock.left(LOADER_SHARE),
+            stamp=stamp,
+            make_task=lambda c, r, _source: prep.new_task(c, r),
+        )
         report.loader, report.plan = loader_result, plan
         if not loader_result.reliable:
             report.unreliable.append("a loader trial's repeats spread beyond tune.max_spread twice (a busy machine?)")
@@ -360,12 +458,16 @@ def _run(report: AutotuneReport, prep, budget: Budget, clock: TimeBudget, *, ver
             # The loader's own memory pushed the plan's micro-batch over the headroom: a smaller one, measured.
             report.chosen_batch, _ = choose_batch(report.candidates, tune.noise, prefer=given)
             if report.chosen_batch is None:
-                report.error = (f"with the loader's {format_bytes(budget.outside_torch_bytes, 'GiB')} outside torch, "
-                                f"no batch size probed leaves {tune.headroom:.0%} headroom")
+                report.error = (
+                    f"with the loader's {format_bytes(budget.outside_torch_bytes, 'GiB')} outside torch, "
+                    f"no batch size probed leaves {tune.headroom:.0%} headroom"
+                )
                 return
-            report.notes.append(f"micro-batch {plan.micro_batch} no longer leaves the headroom once the loader's "
-                                f"{format_bytes(budget.outside_torch_bytes, 'GiB')} are charged: "
-                                f"{report.chosen_batch} instead")
+            report.notes.append(
+                f"micro-batch {plan.micro_batch} no longer leaves the headroom once the loader's "
+                f"{format_bytes(budget.outside_torch_bytes, 'GiB')} are charged: "
+                f"{report.chosen_batch} instead"
+            )
             if loader_result.loader is not None:
                 loader_result.loader.close()
             loader_result.loader = state = None
@@ -393,15 +495,30 @@ def _run(report: AutotuneReport, prep, budget: Budget, clock: TimeBudget, *, ver
         probe.close()
 
 
-def _compile(report: AutotuneReport, prep, budget: Budget, settings: ProbeSettings, clock: TimeBudget,
-             plan: BatchPlan, by_size: dict[int, Candidate]):
+def _compile(
+    report: AutotuneReport,
+    prep,
+    budget: Budget,
+    settings: ProbeSettings,
+    clock: TimeBudget,
+    plan: BatchPlan,
+    by_size: dict[int, Candidate],
+):
     """The compiled check at the plan's micro-batch, else the next usable sizes below; (state, compiled
     candidate or None, plan). The compile (the checks' warm-up) is not charged to the time budget."""
     from fasttrain.autotune.probe import compiled_check
+
     pcfg, tune, device = prep.cfg, prep.cfg.tune, prep.runtime.device
     smaller = sorted((b for b, c in by_size.items() if c.usable and b < plan.micro_batch), reverse=True)
-    state, got, tried = compiled_check(prep.task, budget=budget, settings=settings, eval_batch=_eval_batch(pcfg),
-                                       sizes=[plan.micro_batch, *smaller], headroom=tune.headroom, stamp=clock.stamp)
+    state, got, tried = compiled_check(
+        prep.task,
+        budget=budget,
+        settings=settings,
+        eval_batch=_eval_batch(pcfg),
+        sizes=[plan.micro_batch, *smaller],
+        headroom=tune.headroom,
+        stamp=clock.stamp,
+    )
     for c in tried:
         clock.exclude(c.untimed_s)
         report.compile_s += c.untimed_s
@@ -410,13 +527,17 @@ def _compile(report: AutotuneReport, prep, budget: Budget, settings: ProbeSettin
     if got is None:
         return None, None, plan
     if got.batch_size != plan.micro_batch:
-        report.notes.append(f"micro-batch lowered from {plan.micro_batch} to {got.batch_size}: the compiled step did "
-                            f"not fit at the larger size")
+        report.notes.append(
+            f"micro-batch lowered from {plan.micro_batch} to {got.batch_size}: the compiled step did "
+            f"not fit at the larger size"
+        )
         report.chosen_batch = min(report.chosen_batch or got.batch_size, got.batch_size)
         plan = _plan(pcfg, got.batch_size, _first_failure([*report.candidates, *tried]), device)
         if plan.micro_batch != got.batch_size:
-            report.notes.append(f"the plan's micro-batch {plan.micro_batch} was not compiled here: the loader trials "
-                                f"and the verification compile it once more")
+            report.notes.append(
+                f"the plan's micro-batch {plan.micro_batch} was not compiled here: the loader trials "
+                f"and the verification compile it once more"
+            )
     return state, got, plan
 
 
@@ -424,6 +545,7 @@ def _charge_loader_memory(report: AutotuneReport, budget: Budget, device) -> boo
     """Charge what the loader holds outside torch (measured with NVML while it ran) to the budget and mark every
     candidate again; True when the plan's micro-batch no longer leaves the headroom."""
     from fasttrain.autotune.probe import charge_outside
+
     lr, plan = report.loader, report.plan
     if lr is None or plan is None or budget.budget_bytes is None or not lr.outside_torch_bytes:
         return False
@@ -431,13 +553,25 @@ def _charge_loader_memory(report: AutotuneReport, budget: Budget, device) -> boo
     for c in [*report.candidates, *report.compiled_tried]:
         if c.fits:
             mark_usable(c, budget.budget_bytes, report.headroom, budget.outside_torch_bytes)
-    ref = report.compiled if report.compiled is not None else next(
-        (c for c in report.candidates if c.batch_size == plan.micro_batch), None)
+    ref = (
+        report.compiled
+        if report.compiled is not None
+        else next((c for c in report.candidates if c.batch_size == plan.micro_batch), None)
+    )
     return ref is not None and not ref.usable
 
 
-def _verify(report: AutotuneReport, prep, budget: Budget, settings: ProbeSettings, clock: TimeBudget,
-            plan: BatchPlan, state, reference: Candidate | None, given: int | None) -> None:
+def _verify(
+    report: AutotuneReport,
+    prep,
+    budget: Budget,
+    settings: ProbeSettings,
+    clock: TimeBudget,
+    plan: BatchPlan,
+    state,
+    reference: Candidate | None,
+    given: int | None,
+) -> None:
     """The verification; after memory evidence against the micro-batch (out of memory, retries, over the
     budget) the next smaller usable size, at most twice more."""
     from fasttrain.autotune.probe import verify
@@ -454,10 +588,23 @@ def _verify(report: AutotuneReport, prep, budget: Budget, settings: ProbeSetting
         tuned, _ = tuned_config(pcfg, plan, lr.setting)
         task = prep.new_task(tuned, runtime)
         seconds = max(min(tune.verify_s, clock.left()), min(1.0, tune.verify_s))
-        v, state = verify(task, source, backend=lr.backend, state=state, plan=plan, budget=budget, seconds=seconds,
-                          noise=tune.noise, settings=settings, reference=reference, loader=loader,
-                          loader_share=lr.share, loader_spread=lr.spread + lr.model_spread,
-                          eval_batch_size=tuned.train.eval_batch, stamp=clock.stamp)
+        v, state = verify(
+            task,
+            source,
+            backend=lr.backend,
+            state=state,
+            plan=plan,
+            budget=budget,
+            seconds=seconds,
+            noise=tune.noise,
+            settings=settings,
+            reference=reference,
+            loader=loader,
+            loader_share=lr.share,
+            loader_spread=lr.spread + lr.model_spread,
+            eval_batch_size=tuned.train.eval_batch,
+            stamp=clock.stamp,
+        )
         loader = None
         report.verify, report.plan = v, plan
         if v.agreement is not None and not v.agreement.reliable:
@@ -500,8 +647,10 @@ def _hold_resident_dataset(cfg: Config, prep, backend: str, device, budget: Budg
 
     nbytes = resident_cache_bytes(cfg, prep)
     if budget.budget_bytes and nbytes > 0.5 * budget.budget_bytes:
-        notes.append(f"the GPU cache of the dataset takes {format_bytes(nbytes, 'GiB')}, over half the budget: "
-                     f"data.loader = dali or torch may allow larger batches")
+        notes.append(
+            f"the GPU cache of the dataset takes {format_bytes(nbytes, 'GiB')}, over half the budget: "
+            f"data.loader = dali or torch may allow larger batches"
+        )
     return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
 

@@ -22,8 +22,17 @@ from fasttrain.io import atomic_write_text
 
 log = logging.getLogger("fasttrain.autotune")
 
-__all__ = ["CACHE_VERSION", "IGNORED", "flatten", "key_fields", "cache_key", "cache_dir_for", "load", "store",
-           "machine"]
+__all__ = [
+    "CACHE_VERSION",
+    "IGNORED",
+    "flatten",
+    "key_fields",
+    "cache_key",
+    "cache_dir_for",
+    "load",
+    "store",
+    "machine",
+]
 
 CACHE_VERSION = 3
 """Raised whenever what a cached answer means changes."""

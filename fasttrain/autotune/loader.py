@@ -178,27 +178,67 @@ def _same(x: Any) -> Any:
     return x
 
 
-def _measure_trial(model_step: Callable[[], int], e2e_step: Callable[[], int], *, depth: int, repeats: int,
-                   repeat_s: float, accumulation: int, device) -> tuple[list[float], list[float], int | None]:
+def _measure_trial(
+    model_step: Callable[[], int],
+    e2e_step: Callable[[], int],
+    *,
+    depth: int,
+    repeats: int,
+    repeat_s: float,
+    accumulation: int,
+    device,
+) -> tuple[list[float], list[float], int | None]:
     """(model-only rates, end-to-end rates, memory outside torch while the loader ran): model-only windows right
     before and after the end-to-end ones, so both see the same machine. The queue the loader fills meanwhile is
     drained by the end-to-end warm-up (its depth plus two batches); then at least three queues' worth of steps."""
     half, cap = max(1, -(-repeats // 2)), 4 * repeat_s
-    m1 = time_window(model_step, warmup=1, repeats=half, seconds=repeat_s, step_multiple=accumulation,
-                     device=device, reset_peak=False, max_repeat_s=cap)
-    e2e = time_window(e2e_step, warmup=depth + 2, repeats=repeats, seconds=repeat_s,
-                      min_steps=max(1, math.ceil(3 * depth / repeats)), step_multiple=accumulation, device=device,
-                      clock="wall", reset_peak=False, max_repeat_s=max(cap, 2 * repeat_s))
+    m1 = time_window(
+        model_step,
+        warmup=1,
+        repeats=half,
+        seconds=repeat_s,
+        step_multiple=accumulation,
+        device=device,
+        reset_peak=False,
+        max_repeat_s=cap,
+    )
+    e2e = time_window(
+        e2e_step,
+        warmup=depth + 2,
+        repeats=repeats,
+        seconds=repeat_s,
+        min_steps=max(1, math.ceil(3 * depth / repeats)),
+        step_multiple=accumulation,
+        device=device,
+        clock="wall",
+        reset_peak=False,
+        max_repeat_s=max(cap, 2 * repeat_s),
+    )
     outside = memory.outside_torch_bytes(device)  # while the loader is alive
-    m2 = time_steps(model_step, warmup=1, steps=m1.steps, repeats=half, device=device, reset_peak=False,
-                    max_repeat_s=cap)
+    m2 = time_steps(
+        model_step, warmup=1, steps=m1.steps, repeats=half, device=device, reset_peak=False, max_repeat_s=cap
+    )
     return [*m1.per_repeat_samples_per_s, *m2.per_repeat_samples_per_s], list(e2e.per_repeat_samples_per_s), outside
 
 
-def tune_loader(cfg: Config, runtime, source, backend: str, *, micro: int, accumulation: int, state, noise: float,
-                warmup: int, repeats: int, repeat_s: float, max_spread: float = float("inf"),
-                time_left: Callable[[], float] | None = None,
-                stamp: Callable[[], str] = lambda: "", make_task: Callable | None = None) -> LoaderResult:
+def tune_loader(
+    cfg: Config,
+    runtime,
+    source,
+    backend: str,
+    *,
+    micro: int,
+    accumulation: int,
+    state,
+    noise: float,
+    warmup: int,
+    repeats: int,
+    repeat_s: float,
+    max_spread: float = float("inf"),
+    time_left: Callable[[], float] | None = None,
+    stamp: Callable[[], str] = lambda: "",
+    make_task: Callable | None = None,
+) -> LoaderResult:
     """Measure the config's own loader setting end to end at ``micro`` with ``state`` (the probe's or the
     compiled check's), then the ladder's others, cheapest first, until one keeps up with the model-only step or
     time runs out; keep the highest share of the model-only step (ties: the given setting, else the cheaper).
@@ -239,20 +279,35 @@ def tune_loader(cfg: Config, runtime, source, backend: str, *, micro: int, accum
                 model_b, e2e_b, _ = _measure_trial(model_step, e2e_step, **window)
                 reliable = max(spread_of(model_b), spread_of(e2e_b)) <= max_spread
                 model_rates, e2e_rates = (model_b, e2e_b) if reliable else (model_rates + model_b, e2e_rates + e2e_b)
-            trial = LoaderTrial(setting, statistics.median(e2e_rates), spread_of(e2e_rates), e2e_rates,
-                                given=i == 0, seconds=time.perf_counter() - t0, outside_torch_bytes=outside,
-                                reliable=reliable)
+            trial = LoaderTrial(
+                setting,
+                statistics.median(e2e_rates),
+                spread_of(e2e_rates),
+                e2e_rates,
+                given=i == 0,
+                seconds=time.perf_counter() - t0,
+                outside_torch_bytes=outside,
+                reliable=reliable,
+            )
             trial.model_rates = model_rates
             trial.model_samples_per_s = statistics.median(model_rates)
             trial.model_spread = spread_of(model_rates)
             trial.share = loader_share(trial)[0]
             _, trial.keeps_up = choose_loader([trial], noise)
             trials.append(trial)
-            log.info("autotune [%s] loader %s %s: %s samples/s end to end ±%.0f%%, %.0f%% of the model-only step "
-                     "measured alongside (%s)%s%s", stamp(), backend, setting or "(no knobs)",
-                     f"{trial.samples_per_s:,.1f}", 100 * trial.spread / 2, 100 * trial.share,
-                     f"{trial.model_samples_per_s:,.1f}", ", keeps up" if trial.keeps_up else "",
-                     "" if reliable else " UNRELIABLE")
+            log.info(
+                "autotune [%s] loader %s %s: %s samples/s end to end ±%.0f%%, %.0f%% of the model-only step "
+                "measured alongside (%s)%s%s",
+                stamp(),
+                backend,
+                setting or "(no knobs)",
+                f"{trial.samples_per_s:,.1f}",
+                100 * trial.spread / 2,
+                100 * trial.share,
+                f"{trial.model_samples_per_s:,.1f}",
+                ", keeps up" if trial.keeps_up else "",
+                "" if reliable else " UNRELIABLE",
+            )
             if trial.keeps_up:
                 break
         pick, keeps_up = choose_loader(trials, noise, given=0)
@@ -265,11 +320,23 @@ def tune_loader(cfg: Config, runtime, source, backend: str, *, micro: int, accum
         open_loader.close()
         open_loader = None
     name = kept.setting or "no knobs"
-    fig = (f"{name} delivers {kept.samples_per_s:,.1f} samples/s end to end, {kept.share:.0%} of the model-only "
-           f"step's {kept.model_samples_per_s:,.1f}")
+    fig = (
+        f"{name} delivers {kept.samples_per_s:,.1f} samples/s end to end, {kept.share:.0%} of the model-only "
+        f"step's {kept.model_samples_per_s:,.1f}"
+    )
     note = f"keeps up: {fig} (within the noise)" if keeps_up else f"input-bound: {fig}; expect about that in training"
     if not kept.given:
         note += f" (the config's own {trials[0].setting}: {trials[0].share:.0%})"
-    return LoaderResult(backend, trials, {"loader": backend, **kept.setting}, kept.samples_per_s, kept.spread,
-                        kept.model_samples_per_s, kept.model_spread, keeps_up, note, kept.outside_torch_bytes,
-                        open_loader)
+    return LoaderResult(
+        backend,
+        trials,
+        {"loader": backend, **kept.setting},
+        kept.samples_per_s,
+        kept.spread,
+        kept.model_samples_per_s,
+        kept.model_spread,
+        keeps_up,
+        note,
+        kept.outside_torch_bytes,
+        open_loader,
+    )

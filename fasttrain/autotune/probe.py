@@ -43,8 +43,18 @@ from fasttrain.timing import cycle_batches, synchronize, time_steps, time_window
 
 log = logging.getLogger("fasttrain.autotune")
 
-__all__ = ["Budget", "setup_budget", "release_budget", "charge_outside", "ProbeSettings", "StepProbe",
-           "compiled_check", "reset_compiler", "Verification", "verify"]
+__all__ = [
+    "Budget",
+    "setup_budget",
+    "release_budget",
+    "charge_outside",
+    "ProbeSettings",
+    "StepProbe",
+    "compiled_check",
+    "reset_compiler",
+    "Verification",
+    "verify",
+]
 
 
 # ================================================================================================== budget ===
@@ -82,15 +92,22 @@ class Budget:
             return "CPU run: the VRAM budget does not apply; memory is the process's peak RSS"
         used = format_bytes(self.in_use_before_bytes or 0, "GiB")
         card = format_bytes(self.card_total_bytes, "GiB")
-        outside = (f"; {format_bytes(self.outside_torch_bytes, 'GiB')} outside torch (the loader) charged to it"
-                   if self.outside_torch_bytes else "")
+        outside = (
+            f"; {format_bytes(self.outside_torch_bytes, 'GiB')} outside torch (the loader) charged to it"
+            if self.outside_torch_bytes
+            else ""
+        )
         if self.mode == "emulated":
-            return (f"{self.requested_gib:g} GiB emulated on {self.gpu} ({card}): "
-                    f"per-process memory fraction {self.fraction:.3f}; {used} already in use (CUDA context, other "
-                    f"processes, via {self.source}) counted in the budget{outside}")
-        return (f"{self.gpu} ({card}) is not larger than the {self.requested_gib:g} GiB "
-                f"budget: the budget is its free memory, {format_bytes(self.budget_bytes, 'GiB')} ({used} in use "
-                f"before tuning, via {self.source}){outside}")
+            return (
+                f"{self.requested_gib:g} GiB emulated on {self.gpu} ({card}): "
+                f"per-process memory fraction {self.fraction:.3f}; {used} already in use (CUDA context, other "
+                f"processes, via {self.source}) counted in the budget{outside}"
+            )
+        return (
+            f"{self.gpu} ({card}) is not larger than the {self.requested_gib:g} GiB "
+            f"budget: the budget is its free memory, {format_bytes(self.budget_bytes, 'GiB')} ({used} in use "
+            f"before tuning, via {self.source}){outside}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,8 +133,10 @@ def setup_budget(device: torch.device, requested_gib: float) -> Budget:
     want = int(requested_gib * GIB)
     if want < total:
         if want <= in_use:
-            raise ValueError(f"--memory-budget / tune.memory_budget_gib: {requested_gib:g} GiB is less than what is "
-                             f"already in use on {gpu} ({format_bytes(in_use, 'GiB')}: CUDA context, other processes)")
+            raise ValueError(
+                f"--memory-budget / tune.memory_budget_gib: {requested_gib:g} GiB is less than what is "
+                f"already in use on {gpu} ({format_bytes(in_use, 'GiB')}: CUDA context, other processes)"
+            )
         fraction = min(previous, (want - in_use) / total)
         memory.set_memory_fraction(device, fraction)
         return Budget("emulated", requested_gib, want, total, in_use, True, fraction, previous, 0, dm.source, gpu)
@@ -169,8 +188,17 @@ class StepProbe:
     whether a noisy measurement may be taken once more.
     """
 
-    def __init__(self, task, *, budget: Budget, settings: ProbeSettings, eval_batch: Callable[[int], int],
-                 state=None, stamp: Callable[[], str] = _default_stamp, time_left: Callable[[], float] | None = None):
+    def __init__(
+        self,
+        task,
+        *,
+        budget: Budget,
+        settings: ProbeSettings,
+        eval_batch: Callable[[int], int],
+        state=None,
+        stamp: Callable[[], str] = _default_stamp,
+        time_left: Callable[[], float] | None = None,
+    ):
         self.task = task
         self.budget = budget
         self.s = settings
@@ -208,15 +236,30 @@ class StepProbe:
         """(rates, timed seconds, reliable, steps per repeat): a time window, once more when too noisy and time
         allows. A repeat is cut at 4 x tune.repeat_s (wall clock) if the machine slows down under it."""
         s = self.s
-        t = time_window(step, warmup=warmup, repeats=s.repeats, seconds=s.repeat_s, min_steps=s.min_steps,
-                        device=self.device, reset_peak=False, max_repeat_s=4 * s.repeat_s)
+        t = time_window(
+            step,
+            warmup=warmup,
+            repeats=s.repeats,
+            seconds=s.repeat_s,
+            min_steps=s.min_steps,
+            device=self.device,
+            reset_peak=False,
+            max_repeat_s=4 * s.repeat_s,
+        )
         rates, timed = list(t.per_repeat_samples_per_s), t.timed_seconds
         if t.spread <= s.max_spread:
             return rates, timed, True, t.steps
         if self.time_left is not None and self.time_left() < 2 * timed:
             return rates, timed, False, t.steps
-        again = time_steps(step, warmup=0, steps=t.steps, repeats=s.repeats, device=self.device, reset_peak=False,
-                           max_repeat_s=4 * s.repeat_s)
+        again = time_steps(
+            step,
+            warmup=0,
+            steps=t.steps,
+            repeats=s.repeats,
+            device=self.device,
+            reset_peak=False,
+            max_repeat_s=4 * s.repeat_s,
+        )
         timed += again.timed_seconds
         if again.spread <= s.max_spread:  # the first round caught a disturbance the second did not
             return list(again.per_repeat_samples_per_s), timed, True, t.steps
@@ -274,8 +317,9 @@ class StepProbe:
         if oom:
             self.state = None
             memory.free_device_memory(device)
-            c = Candidate(b, False, eval_batch_size=eb, phase=phase, failure="oom", error=oom,
-                          seconds=time.perf_counter() - t0)
+            c = Candidate(
+                b, False, eval_batch_size=eb, phase=phase, failure="oom", error=oom, seconds=time.perf_counter() - t0
+            )
             log.info("autotune [%s] batch %d (%s): %s", self.stamp(), b, phase, oom)
             return c
         assert result is not None  # no out-of-memory error: _run returned
@@ -299,9 +343,19 @@ class StepProbe:
         )
         c.set_rates(rates)
         c.untimed_s = max(0.0, c.seconds - timed)
-        log.info("autotune [%s] batch %d (%s): %s samples/s ±%.0f%% (%dx%d steps)%s, %s%s", self.stamp(), b, phase,
-                 f"{c.samples_per_s:,.1f}", 100 * c.spread / 2, len(rates), steps,
-                 "" if reliable else " UNRELIABLE", _mem_text(c), f", {c.error}" if c.error else "")
+        log.info(
+            "autotune [%s] batch %d (%s): %s samples/s ±%.0f%% (%dx%d steps)%s, %s%s",
+            self.stamp(),
+            b,
+            phase,
+            f"{c.samples_per_s:,.1f}",
+            100 * c.spread / 2,
+            len(rates),
+            steps,
+            "" if reliable else " UNRELIABLE",
+            _mem_text(c),
+            f", {c.error}" if c.error else "",
+        )
         return c
 
     def remeasure(self, cands: list[Candidate]) -> None:
@@ -320,8 +374,15 @@ class StepProbe:
                 runs.append((c, self._step_fn(state, batch, c.batch_size), steps, []))
             for _ in range(s.repeats):
                 for _c, step, steps, rates in runs:
-                    t = time_steps(step, warmup=1, steps=steps, repeats=1, device=self.device, reset_peak=False,
-                                   max_repeat_s=4 * s.repeat_s)
+                    t = time_steps(
+                        step,
+                        warmup=1,
+                        steps=steps,
+                        repeats=1,
+                        device=self.device,
+                        reset_peak=False,
+                        max_repeat_s=4 * s.repeat_s,
+                    )
                     rates.append(t.samples_per_s)
         except Exception as e:
             if not is_oom_error(e):
@@ -333,9 +394,11 @@ class StepProbe:
             return
         for c, _step, _steps, rates in runs:
             c.add_rates(rates)
-        log.info("autotune [%s] re-measured together: %s", self.stamp(),
-                 ", ".join(f"batch {c.batch_size} {c.samples_per_s:,.1f} ±{100 * c.spread / 2:.0f}%"
-                           for c, *_ in runs))
+        log.info(
+            "autotune [%s] re-measured together: %s",
+            self.stamp(),
+            ", ".join(f"batch {c.batch_size} {c.samples_per_s:,.1f} ±{100 * c.spread / 2:.0f}%" for c, *_ in runs),
+        )
 
     def close(self) -> None:
         self.state = None
@@ -344,9 +407,11 @@ class StepProbe:
 
 def _mem_text(c: Candidate) -> str:
     if c.peak_reserved_bytes is not None:
-        return (f"steady-state peak {format_bytes(c.peak_allocated_bytes, 'GiB')} allocated, "
-                f"{format_bytes(c.peak_reserved_bytes, 'GiB')} reserved (warm-up "
-                f"{format_bytes(c.warmup_reserved_bytes, 'GiB')})")
+        return (
+            f"steady-state peak {format_bytes(c.peak_allocated_bytes, 'GiB')} allocated, "
+            f"{format_bytes(c.peak_reserved_bytes, 'GiB')} reserved (warm-up "
+            f"{format_bytes(c.warmup_reserved_bytes, 'GiB')})"
+        )
     if c.peak_rss_bytes is not None:
         return f"peak RSS {format_bytes(c.peak_rss_bytes, 'GiB')}"
     return "memory unknown"
@@ -363,23 +428,42 @@ def reset_compiler(device: torch.device) -> None:
     memory.free_device_memory(device)
 
 
-def compiled_check(task, *, budget: Budget, settings: ProbeSettings, eval_batch: Callable[[int], int],
-                   sizes: list[int], headroom: float, stamp: Callable[[], str] = _default_stamp,
-                   reset: Callable[[torch.device], None] = reset_compiler, max_sizes: int = 3
-                   ) -> tuple[Any, Candidate | None, list[Candidate]]:
+def compiled_check(
+    task,
+    *,
+    budget: Budget,
+    settings: ProbeSettings,
+    eval_batch: Callable[[int], int],
+    sizes: list[int],
+    headroom: float,
+    stamp: Callable[[], str] = _default_stamp,
+    reset: Callable[[torch.device], None] = reset_compiler,
+    max_sizes: int = 3,
+) -> tuple[Any, Candidate | None, list[Candidate]]:
     """Compile once and run the first of ``sizes`` as training will; if it is not usable, the next ones (at most
     ``max_sizes`` in all), resetting the compiler in between. Returns (state, the usable compiled candidate or
     None, every compiled candidate tried)."""
-    probe = StepProbe(task, budget=budget, settings=dataclasses.replace(settings, warmup=max(settings.warmup, 3)),
-                      eval_batch=eval_batch, stamp=stamp)
+    probe = StepProbe(
+        task,
+        budget=budget,
+        settings=dataclasses.replace(settings, warmup=max(settings.warmup, 3)),
+        eval_batch=eval_batch,
+        stamp=stamp,
+    )
     tried: list[Candidate] = []
     for i, size in enumerate(sizes[:max_sizes]):
         if i:
             reset(task.runtime.device)  # a failed size's graphs and CUDA-graph pool must not reach the next
         got = mark_usable(probe(size, "compiled"), budget.budget_bytes, headroom, budget.outside_torch_bytes)
         tried.append(got)
-        log.info("autotune [%s] compiled check at %d: %s (%.1f s, of which %.1f s warm-up and compile)", stamp(),
-                 size, "usable" if got.usable else got.error, got.seconds, got.untimed_s)
+        log.info(
+            "autotune [%s] compiled check at %d: %s (%.1f s, of which %.1f s warm-up and compile)",
+            stamp(),
+            size,
+            "usable" if got.usable else got.error,
+            got.seconds,
+            got.untimed_s,
+        )
         if got.usable:
             return probe.state, got, tried
         probe.state = None
@@ -430,9 +514,11 @@ class Verification:
     @property
     def memory_text(self) -> str:
         if self.peak_reserved_bytes is not None:
-            return (f"steady-state peak {format_bytes(self.peak_allocated_bytes, 'GiB')} allocated, "
-                    f"{format_bytes(self.peak_reserved_bytes, 'GiB')} reserved, {self.alloc_retries} allocator "
-                    f"retries")
+            return (
+                f"steady-state peak {format_bytes(self.peak_allocated_bytes, 'GiB')} allocated, "
+                f"{format_bytes(self.peak_reserved_bytes, 'GiB')} reserved, {self.alloc_retries} allocator "
+                f"retries"
+            )
         return f"peak RSS {format_bytes(self.peak_rss_bytes, 'GiB')}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -473,16 +559,37 @@ def _recheck(task, state, micro: int, settings: ProbeSettings) -> tuple[float, f
         task.train_step(state, batch, update=True)
         return micro
 
-    t = time_window(step, warmup=1, repeats=settings.repeats, seconds=settings.repeat_s,
-                    min_steps=settings.min_steps, device=task.runtime.device, reset_peak=False,
-                    max_repeat_s=4 * settings.repeat_s)
+    t = time_window(
+        step,
+        warmup=1,
+        repeats=settings.repeats,
+        seconds=settings.repeat_s,
+        min_steps=settings.min_steps,
+        device=task.runtime.device,
+        reset_peak=False,
+        max_repeat_s=4 * settings.repeat_s,
+    )
     return t.samples_per_s, t.spread
 
 
-def verify(task, source, *, backend: str, state, plan: BatchPlan, budget: Budget, seconds: float, noise: float,
-           settings: ProbeSettings, reference: Candidate | None, loader=None, loader_share: float | None = None,
-           loader_spread: float = 0.0, eval_batch_size: int, stamp: Callable[[], str] = _default_stamp
-           ) -> tuple[Verification, Any]:
+def verify(
+    task,
+    source,
+    *,
+    backend: str,
+    state,
+    plan: BatchPlan,
+    budget: Budget,
+    seconds: float,
+    noise: float,
+    settings: ProbeSettings,
+    reference: Candidate | None,
+    loader=None,
+    loader_share: float | None = None,
+    loader_spread: float = 0.0,
+    eval_batch_size: int,
+    stamp: Callable[[], str] = _default_stamp,
+) -> tuple[Verification, Any]:
     """About ``seconds`` of training at ``plan`` (whole optimizer steps) on the real data, then evaluation
     batches for a bounded time, under the budget. ``state`` (the compiled check's, or the probe's) is reused,
     and so is ``loader`` (the loader trial's, already warm; closed here either way). ``loader_share``: the loader
@@ -512,9 +619,18 @@ def verify(task, source, *, backend: str, state, plan: BatchPlan, budget: Budget
         retries0 = memory.alloc_retries(device)
         # warm-up: one more optimizer step (it allocates again after empty_cache), then the window.
         window = max(0.05, seconds / settings.repeats)
-        timing = time_window(step, warmup=accum, repeats=settings.repeats, seconds=window, min_steps=accum,
-                             step_multiple=accum, device=device, clock="wall", reset_peak=False,
-                             max_repeat_s=2 * window)
+        timing = time_window(
+            step,
+            warmup=accum,
+            repeats=settings.repeats,
+            seconds=window,
+            min_steps=accum,
+            step_multiple=accum,
+            device=device,
+            clock="wall",
+            reset_peak=False,
+            max_repeat_s=2 * window,
+        )
         retries = memory.alloc_retries(device) - retries0
         if source.val:
             val_loader = task.make_loader(source.val, train=False, batch_size=eval_batch_size, backend=backend)
@@ -557,15 +673,23 @@ def verify(task, source, *, backend: str, state, plan: BatchPlan, budget: Budget
     if eval_retries:
         # A partial last evaluation batch is a new shape: cuDNN's algorithm search tries workspaces sized from the
         # whole card, and the allocator flushes its cache for them once. Training never sees that shape.
-        out.warning = (f"{eval_retries} allocator retries during evaluation (cuDNN's algorithm search on a new batch "
-                       f"shape); none while training")
+        out.warning = (
+            f"{eval_retries} allocator retries during evaluation (cuDNN's algorithm search on a new batch "
+            f"shape); none while training"
+        )
     used = out.device_used_bytes
-    if (budget.mode == "emulated" and used is not None and budget.budget_bytes is not None
-            and used > budget.budget_bytes):
+    if (
+        budget.mode == "emulated"
+        and used is not None
+        and budget.budget_bytes is not None
+        and used > budget.budget_bytes
+    ):
         # Memory outside torch's allocator is not capped by the fraction: on a real card of the budget's size this
         # run would fail, so it does not count as fitting.
-        out.error = (f"the device held {format_bytes(used, 'GiB')} during verification (torch plus memory outside "
-                     f"its allocator, e.g. DALI), more than the {format_bytes(budget.budget_bytes, 'GiB')} budget")
+        out.error = (
+            f"the device held {format_bytes(used, 'GiB')} during verification (torch plus memory outside "
+            f"its allocator, e.g. DALI), more than the {format_bytes(budget.budget_bytes, 'GiB')} budget"
+        )
         out.failure = "budget"
     if out.error:
         log.info("autotune [%s] verification at %d x %d: %s", stamp(), plan.micro_batch, accum, out.error)
@@ -575,29 +699,56 @@ def verify(task, source, *, backend: str, state, plan: BatchPlan, budget: Budget
         out.probe_samples_per_s, out.probe_spread = reference.samples_per_s, reference.spread
     agreement = None
     if out.probe_samples_per_s is not None:
-        agreement = judge_verification(probe_sps=out.probe_samples_per_s, probe_spread=out.probe_spread,
-                                       verify_sps=out.samples_per_s, verify_spread=out.spread, noise=noise,
-                                       loader_share=loader_share, loader_spread=loader_spread)
+        agreement = judge_verification(
+            probe_sps=out.probe_samples_per_s,
+            probe_spread=out.probe_spread,
+            verify_sps=out.samples_per_s,
+            verify_spread=out.spread,
+            noise=noise,
+            loader_share=loader_share,
+            loader_spread=loader_spread,
+        )
     if agreement is None or not agreement.explained:
         # Not probed at this micro-batch, or the two disagree: measure the model-only step again, now.
         out.recheck_samples_per_s, recheck_spread = _recheck(task, state, plan.micro_batch, settings)
         if out.probe_samples_per_s is None:
             out.probe_samples_per_s, out.probe_spread = out.recheck_samples_per_s, recheck_spread
             out.note = (out.note + "; " if out.note else "") + (
-                f"micro-batch {plan.micro_batch} was not probed: compared with the model-only step measured now")
-            agreement = judge_verification(probe_sps=out.probe_samples_per_s, probe_spread=out.probe_spread,
-                                           verify_sps=out.samples_per_s, verify_spread=out.spread, noise=noise,
-                                           loader_share=loader_share, loader_spread=loader_spread)
+                f"micro-batch {plan.micro_batch} was not probed: compared with the model-only step measured now"
+            )
+            agreement = judge_verification(
+                probe_sps=out.probe_samples_per_s,
+                probe_spread=out.probe_spread,
+                verify_sps=out.samples_per_s,
+                verify_spread=out.spread,
+                noise=noise,
+                loader_share=loader_share,
+                loader_spread=loader_spread,
+            )
         else:
-            agreement = judge_verification(probe_sps=out.probe_samples_per_s, probe_spread=out.probe_spread,
-                                           verify_sps=out.samples_per_s, verify_spread=out.spread, noise=noise,
-                                           loader_share=loader_share, loader_spread=loader_spread,
-                                           recheck_sps=out.recheck_samples_per_s, recheck_spread=recheck_spread)
+            agreement = judge_verification(
+                probe_sps=out.probe_samples_per_s,
+                probe_spread=out.probe_spread,
+                verify_sps=out.samples_per_s,
+                verify_spread=out.spread,
+                noise=noise,
+                loader_share=loader_share,
+                loader_spread=loader_spread,
+                recheck_sps=out.recheck_samples_per_s,
+                recheck_spread=recheck_spread,
+            )
     out.agreement = agreement
     out.ok = agreement.explained
     if not out.ok:
         out.error = f"verification disagrees with the probe: {agreement.text}"
-    log.info("autotune [%s] verification at %d x %d: %s samples/s end to end ±%.0f%% (%s); %s", stamp(),
-             plan.micro_batch, accum, f"{out.samples_per_s:,.1f}", 100 * out.spread / 2, out.memory_text,
-             agreement.status)
+    log.info(
+        "autotune [%s] verification at %d x %d: %s samples/s end to end ±%.0f%% (%s); %s",
+        stamp(),
+        plan.micro_batch,
+        accum,
+        f"{out.samples_per_s:,.1f}",
+        100 * out.spread / 2,
+        out.memory_text,
+        agreement.status,
+    )
     return out, state

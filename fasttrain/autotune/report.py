@@ -119,12 +119,16 @@ class AutotuneReport:
     def to_table(self) -> str:
         cuda = any(c.peak_reserved_bytes is not None for c in [*self.candidates, *self.compiled_tried])
         c_, h, w = self.input_shape
-        lines = [f"fasttrain autotune {self.config_name}: {self.model} ({self.task}) {c_}x{h}x{w}, {self.runtime}"
-                 + (" [cached]" if self.cached else ""),
-                 f"budget: {self.budget.describe()}"]
+        lines = [
+            f"fasttrain autotune {self.config_name}: {self.model} ({self.task}) {c_}x{h}x{w}, {self.runtime}"
+            + (" [cached]" if self.cached else ""),
+            f"budget: {self.budget.describe()}",
+        ]
         if cuda:
-            head = (f"{'batch':>7}{'samples/s':>13}{'±':>6}{'alloc GiB':>11}{'reserved':>10}{'warm-up':>9}"
-                    f"{'retries':>9}  {'fits':<18}phase")
+            head = (
+                f"{'batch':>7}{'samples/s':>13}{'±':>6}{'alloc GiB':>11}{'reserved':>10}{'warm-up':>9}"
+                f"{'retries':>9}  {'fits':<18}phase"
+            )
         else:
             head = f"{'batch':>7}{'samples/s':>13}{'±':>6}{'RSS GiB':>11}  {'fits':<18}phase"
         lines += [head, "-" * max(len(head), 60)]
@@ -147,16 +151,21 @@ class AutotuneReport:
             mark = ("  " + " ".join(marks)) if marks else ""
             fits = fits_label(c)
             if cuda:
-                lines.append(f"{c.batch_size:>7}{sps:>13}{pm:>6}{_gib(c.peak_allocated_bytes):>11}"
-                             f"{_gib(c.peak_reserved_bytes):>10}{_gib(c.warmup_reserved_bytes):>9}{c.alloc_retries:>9}"
-                             f"  {fits:<18}{c.phase}{mark}")
+                lines.append(
+                    f"{c.batch_size:>7}{sps:>13}{pm:>6}{_gib(c.peak_allocated_bytes):>11}"
+                    f"{_gib(c.peak_reserved_bytes):>10}{_gib(c.warmup_reserved_bytes):>9}{c.alloc_retries:>9}"
+                    f"  {fits:<18}{c.phase}{mark}"
+                )
             else:
-                lines.append(f"{c.batch_size:>7}{sps:>13}{pm:>6}{_gib(c.peak_rss_bytes):>11}  {fits:<18}"
-                             f"{c.phase}{mark}")
+                lines.append(
+                    f"{c.batch_size:>7}{sps:>13}{pm:>6}{_gib(c.peak_rss_bytes):>11}  {fits:<18}{c.phase}{mark}"
+                )
         lines.append("")
         if cuda:
-            lines.append("memory: steady-state peaks (statistics reset after the warm-up); 'warm-up' is the warm-up's "
-                         "peak reserved, cuDNN's algorithm search included, shown but not charged")
+            lines.append(
+                "memory: steady-state peaks (statistics reset after the warm-up); 'warm-up' is the warm-up's "
+                "peak reserved, cuDNN's algorithm search included, shown but not charged"
+            )
         lines.append(f"search: {self.stop_reason}")
         lines.append(f"compile: {self.probe_mode}")
         if self.error:
@@ -168,16 +177,17 @@ class AutotuneReport:
             text = f"chosen batch {self.chosen_batch}: {ch.samples_per_s:,.1f} samples/s"
             if best is not None and best.batch_size != ch.batch_size:
                 why = "the config's own batch" if self.chosen_batch == self.given_batch else "the smaller batch"
-                text += (f" (best {best.samples_per_s:,.1f} at {best.batch_size}: within the noise, so {why} "
-                         f"is kept)")
+                text += f" (best {best.samples_per_s:,.1f} at {best.batch_size}: within the noise, so {why} is kept)"
             lines.append(text)
         if self.plan:
             p = self.plan
             lines.append(f"train: batch_size {p.global_batch} = {p.accumulation} x {p.micro_batch}: {p.note}")
             if self.world_size > 1:
-                lines.append(f"torchrun: {self.world_size} processes, so the global batch is {self.world_size} x "
-                             f"{p.global_batch} = {self.world_size * p.global_batch} (train.batch_size in the tuned "
-                             f"config); the figures above are per GPU")
+                lines.append(
+                    f"torchrun: {self.world_size} processes, so the global batch is {self.world_size} x "
+                    f"{p.global_batch} = {self.world_size * p.global_batch} (train.batch_size in the tuned "
+                    f"config); the figures above are per GPU"
+                )
         if self.loader:
             lines.append(f"loader ({self.loader.backend}): {self.loader.note}")
         if self.verify:
@@ -186,9 +196,11 @@ class AutotuneReport:
                 ev = ""
                 if v.eval_batches is not None:
                     ev = f" + {v.eval_batches} of {v.eval_total_batches} evaluation batches"
-                lines.append(f"verify: {v.window_s:.1f} s of training{ev} at batch {v.micro_batch} x {v.accumulation}: "
-                             f"{v.samples_per_s:,.1f} samples/s end to end ±{100 * v.spread / 2:.0f}%, "
-                             f"{v.memory_text}")
+                lines.append(
+                    f"verify: {v.window_s:.1f} s of training{ev} at batch {v.micro_batch} x {v.accumulation}: "
+                    f"{v.samples_per_s:,.1f} samples/s end to end ±{100 * v.spread / 2:.0f}%, "
+                    f"{v.memory_text}"
+                )
             if v.agreement is not None:
                 a = v.agreement
                 lines.append(f"verify vs probe: {a.status}: {a.text}; believe {a.believe}")
@@ -244,15 +256,29 @@ def _figure(r: AutotuneReport):
         ys = [y for _, y in timed]
         lo = [y - min(c.rates or [y]) for c, y in timed]
         hi = [max(c.rates or [y]) - y for c, y in timed]
-        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", color="tab:blue", capsize=3, label="train step samples/s "
-                    "(median; bars: min..max of the repeats)")
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=[lo, hi],
+            fmt="o-",
+            color="tab:blue",
+            capsize=3,
+            label="train step samples/s (median; bars: min..max of the repeats)",
+        )
         shaky = [(c.batch_size, y) for c, y in timed if not c.reliable]
         if shaky:
             ax.plot(*zip(*shaky), "o", mfc="none", mec="tab:red", markersize=12, label="unreliable (spread too large)")
     fails = [c for c in cands if c.samples_per_s is None or c.memory_failure]
     if fails:
-        ax.plot([c.batch_size for c in fails], [0] * len(fails), "x", color="tab:red", markersize=10, clip_on=False,
-                label="does not fit (OOM / retries / headroom)")
+        ax.plot(
+            [c.batch_size for c in fails],
+            [0] * len(fails),
+            "x",
+            color="tab:red",
+            markersize=10,
+            clip_on=False,
+            label="does not fit (OOM / retries / headroom)",
+        )
     ok_compiled = [(c.batch_size, c.samples_per_s) for c in r.compiled_tried if c.usable and c.samples_per_s]
     if ok_compiled:
         ax.plot(*zip(*ok_compiled), "*", color="tab:green", markersize=14, label="compiled step")
@@ -260,17 +286,37 @@ def _figure(r: AutotuneReport):
     if v is not None and v.samples_per_s is not None:
         y = v.samples_per_s
         below, above = y - min(v.rates or [y]), max(v.rates or [y]) - y
-        ax.errorbar([v.micro_batch], [y], yerr=[[below], [above]], fmt="D", color="tab:purple", capsize=3,
-                    markersize=8, label=f"verification, end to end ({v.agreement.status if v.agreement else '?'})")
+        ax.errorbar(
+            [v.micro_batch],
+            [y],
+            yerr=[[below], [above]],
+            fmt="D",
+            color="tab:purple",
+            capsize=3,
+            markersize=8,
+            label=f"verification, end to end ({v.agreement.status if v.agreement else '?'})",
+        )
     if r.chosen_batch is not None:
         ax.axvline(r.chosen_batch, color="tab:green", linestyle="--", linewidth=1, label=f"chosen {r.chosen_batch}")
     if r.limit == "cap" and r.max_batch:
-        ax.axvline(r.max_batch, color="0.4", linestyle="-.", linewidth=1,
-                   label=f"search stopped at the cap ({r.max_batch}): larger sizes not probed")
+        ax.axvline(
+            r.max_batch,
+            color="0.4",
+            linestyle="-.",
+            linewidth=1,
+            label=f"search stopped at the cap ({r.max_batch}): larger sizes not probed",
+        )
     skipped = [s for s in r.not_probed if s.reason == "time"]
     if skipped:
-        ax.plot([s.batch_size for s in skipped], [0] * len(skipped), "|", color="0.4", markersize=14, clip_on=False,
-                label="not probed (time budget)")
+        ax.plot(
+            [s.batch_size for s in skipped],
+            [0] * len(skipped),
+            "|",
+            color="0.4",
+            markersize=14,
+            clip_on=False,
+            label="not probed (time budget)",
+        )
     ax.set_xscale("log", base=2)
     sizes = sorted({c.batch_size for c in cands} | {s.batch_size for s in r.not_probed})
     if sizes and len(sizes) <= 16:
@@ -292,16 +338,23 @@ def _figure(r: AutotuneReport):
     budget = r.budget.budget_bytes
     if cuda and budget:
         ax2.axhline(budget / GIB, color="tab:red", linewidth=1, label=f"budget {budget / GIB:.1f} GiB")
-        ax2.axhline((1 - r.headroom) * budget / GIB, color="tab:red", linestyle=":", linewidth=1,
-                    label=f"{r.headroom:.0%} headroom")
+        ax2.axhline(
+            (1 - r.headroom) * budget / GIB,
+            color="tab:red",
+            linestyle=":",
+            linewidth=1,
+            label=f"{r.headroom:.0%} headroom",
+        )
         top = max(top, budget / GIB)
     ax2.set_ylabel(label, color="tab:orange")
     ax2.set_ylim(0, top * 1.08 if top else 1.0)  # the budget lines and the memory curve on one scale
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     # The measured curves first; below the axes: a legend inside would cover the OOM markers on the x axis.
-    pairs = sorted(zip(h1 + h2, l1 + l2), key=lambda p: not p[1].startswith(("train step", "verification",
-                                                                               "steady-state", "peak RSS")))
+    pairs = sorted(
+        zip(h1 + h2, l1 + l2),
+        key=lambda p: not p[1].startswith(("train step", "verification", "steady-state", "peak RSS")),
+    )
     fig.legend([h for h, _ in pairs], [lb for _, lb in pairs], loc="lower center", ncol=2, fontsize=7, frameon=False)
     ax.set_title(f"{r.config_name}: {r.model} {'x'.join(map(str, r.input_shape))}, {r.runtime}", fontsize=9)
     rows = (len(l1) + len(l2) + 1) // 2
@@ -317,8 +370,9 @@ def plot_report(report: AutotuneReport | dict[str, Any], path: str | os.PathLike
 
 
 # -- files ------------------------------------------------------------------------------------------------------
-def tuned_config(cfg: Config, plan: BatchPlan, loader_setting: dict[str, Any], *, world_size: int = 1
-                 ) -> tuple[Config, dict[str, Any]]:
+def tuned_config(
+    cfg: Config, plan: BatchPlan, loader_setting: dict[str, Any], *, world_size: int = 1
+) -> tuple[Config, dict[str, Any]]:
     """The input config with the chosen train.batch_size / accumulation and loader knobs (nothing else).
     ``world_size``: the plan is per GPU; train.batch_size is the global batch over that many processes."""
     batch = plan.global_batch * world_size
@@ -330,8 +384,10 @@ def tuned_config(cfg: Config, plan: BatchPlan, loader_setting: dict[str, Any], *
 
 
 def tuned_toml(cfg: Config, report: AutotuneReport) -> str:
-    head = [f"# Written by `fasttrain autotune` on {datetime.now():%Y-%m-%d %H:%M} from config {cfg.name!r}.",
-            f"# {report.runtime}; budget: {report.budget.describe()}"]
+    head = [
+        f"# Written by `fasttrain autotune` on {datetime.now():%Y-%m-%d %H:%M} from config {cfg.name!r}.",
+        f"# {report.runtime}; budget: {report.budget.describe()}",
+    ]
     for k, v in report.tuned_values.items():
         head.append(f"# tuned: {k} = {v}")
     if report.plan:
@@ -356,4 +412,3 @@ def write_outputs(cfg: Config, report: AutotuneReport, out: Path) -> None:
             report.notes.append(f"plot not written: {type(e).__name__}: {e}")
     written = write_new_text(out / "autotune.json", json.dumps(report.to_dict(), indent=2, default=str) + "\n")
     report.files["json"] = str(written)
-

@@ -192,20 +192,28 @@ def mark_usable(c: Candidate, budget_bytes: int | None, headroom: float, extra_b
         return c
     c.usable = c.samples_per_s is not None
     limit = None if budget_bytes is None else (1.0 - headroom) * budget_bytes
-    if (c.usable and budget_bytes is not None and limit is not None and c.usage_bytes is not None
-            and c.usage_bytes + extra_bytes > limit):
+    if (
+        c.usable
+        and budget_bytes is not None
+        and limit is not None
+        and c.usage_bytes is not None
+        and c.usage_bytes + extra_bytes > limit
+    ):
         c.usable = False
         c.failure = "headroom"
         extra = f" + {extra_bytes / GIB:.2f} GiB outside torch" if extra_bytes else ""
-        c.error = (f"leaves less than {headroom:.0%} headroom ({c.usage_bytes / GIB:.2f} GiB{extra} of "
-                   f"{budget_bytes / GIB:.2f} GiB)")
+        c.error = (
+            f"leaves less than {headroom:.0%} headroom ({c.usage_bytes / GIB:.2f} GiB{extra} of "
+            f"{budget_bytes / GIB:.2f} GiB)"
+        )
     elif c.usable:
         c.failure, c.error = "", ""
     return c
 
 
-def choose_batch(candidates: Iterable[Candidate], noise: float, prefer: int | None = None
-                 ) -> tuple[int | None, int | None]:
+def choose_batch(
+    candidates: Iterable[Candidate], noise: float, prefer: int | None = None
+) -> tuple[int | None, int | None]:
     """(chosen, best). ``best``: the highest samples/s among usable candidates. Every usable size that ``best``
     does not beat beyond the noise ties with it; of those, ``prefer`` (the config's own batch) is chosen when it
     is one of them, else the smallest."""
@@ -231,11 +239,20 @@ def _fmt_sps(c: Candidate) -> str:
     return f"{c.samples_per_s:,.1f}" if c.samples_per_s is not None else "-"
 
 
-def search_batch_size(measure: Callable[[int, str], Candidate], *, min_batch: int, max_batch: int, multiple: int,
-                      noise: float, budget_bytes: int | None, headroom: float, given: int | None = None,
-                      time_left: Callable[[], float] | None = None,
-                      remeasure: Callable[[list[Candidate]], None] | None = None,
-                      cap_reason: str = "tune.max_batch") -> SearchResult:
+def search_batch_size(
+    measure: Callable[[int, str], Candidate],
+    *,
+    min_batch: int,
+    max_batch: int,
+    multiple: int,
+    noise: float,
+    budget_bytes: int | None,
+    headroom: float,
+    given: int | None = None,
+    time_left: Callable[[], float] | None = None,
+    remeasure: Callable[[list[Candidate]], None] | None = None,
+    cap_reason: str = "tune.max_batch",
+) -> SearchResult:
     """Probe the config's own micro-batch ``given`` first (the baseline), then grow x2 from ``min_batch`` and
     bisect the first unusable step on multiples of ``multiple``; choose.
 
@@ -256,8 +273,10 @@ def search_batch_size(measure: Callable[[int, str], Candidate], *, min_batch: in
     start = _round_up(min_batch, multiple)
     cap = _round_down(max_batch, multiple)
     if cap < start:
-        raise ValueError(f"tune.max_batch: no multiple of tune.multiple ({multiple}) lies between tune.min_batch "
-                         f"({min_batch}) and the largest batch tried ({max_batch})")
+        raise ValueError(
+            f"tune.max_batch: no multiple of tune.multiple ({multiple}) lies between tune.min_batch "
+            f"({min_batch}) and the largest batch tried ({max_batch})"
+        )
     results: dict[int, Candidate] = {}
     order: list[Candidate] = []
     skipped: list[Skipped] = []
@@ -336,8 +355,10 @@ def search_batch_size(measure: Callable[[int, str], Candidate], *, min_batch: in
                     if beats(c, prev, noise):
                         flat = 0
                 if dropped:
-                    stop = (f"throughput fell at batch {b} ({_fmt_sps(c)} vs {_fmt_sps(prev)} samples/s at "
-                            f"{prev.batch_size}, beyond the noise)")
+                    stop = (
+                        f"throughput fell at batch {b} ({_fmt_sps(c)} vs {_fmt_sps(prev)} samples/s at "
+                        f"{prev.batch_size}, beyond the noise)"
+                    )
                     limit = "drop"
                     break
                 if flat >= 2:
@@ -381,8 +402,10 @@ def search_batch_size(measure: Callable[[int, str], Candidate], *, min_batch: in
             chosen, best = choose_batch(order, noise, prefer=given)
     if chosen is None:
         first = order[0]
-        stop = (f"no batch size is usable: the smallest tried ({min(c.batch_size for c in order)}) "
-                f"{first.error or 'does not fit'}")
+        stop = (
+            f"no batch size is usable: the smallest tried ({min(c.batch_size for c in order)}) "
+            f"{first.error or 'does not fit'}"
+        )
         limit = "none"
     usable = [c.batch_size for c in order if c.usable]
     return SearchResult(order, chosen, best, stop, max(usable) if usable else None, given, limit, skipped)
@@ -422,23 +445,44 @@ def _split(g: int, chosen: int, multiple: int, why: str, a0: int) -> BatchPlan:
     tries = range(accum_min, 2 * accum_min + 1)
     for a in tries:
         if g % a == 0 and (g // a) % multiple == 0:
-            return BatchPlan(g // a, a, g, g, f"train.batch_size {g} {why}: kept as {a} x {g // a} (gradient "
-                                              f"accumulation)", a0)
+            return BatchPlan(
+                g // a, a, g, g, f"train.batch_size {g} {why}: kept as {a} x {g // a} (gradient accumulation)", a0
+            )
     for a in tries:
         if g % a == 0:
-            return BatchPlan(g // a, a, g, g,
-                             f"train.batch_size {g} {why}: kept as {a} x {g // a} (gradient accumulation); the "
-                             f"micro-batch is not a multiple of {multiple}: no equal split of {g} into micro-batches "
-                             f"of at most {chosen} is", a0)
+            return BatchPlan(
+                g // a,
+                a,
+                g,
+                g,
+                f"train.batch_size {g} {why}: kept as {a} x {g // a} (gradient accumulation); the "
+                f"micro-batch is not a multiple of {multiple}: no equal split of {g} into micro-batches "
+                f"of at most {chosen} is",
+                a0,
+            )
     micro = math.ceil(g / accum_min)
     new_g = micro * accum_min
-    return BatchPlan(micro, accum_min, new_g, g,
-                     f"train.batch_size {g} {why}, and cannot be split into {accum_min}..{2 * accum_min} equal "
-                     f"micro-batches of at most {chosen}: changed to {new_g} = {accum_min} x {micro}", a0)
+    return BatchPlan(
+        micro,
+        accum_min,
+        new_g,
+        g,
+        f"train.batch_size {g} {why}, and cannot be split into {accum_min}..{2 * accum_min} equal "
+        f"micro-batches of at most {chosen}: changed to {new_g} = {accum_min} x {micro}",
+        a0,
+    )
 
 
-def plan_batches(requested_global: int, chosen: int, *, multiple: int, accumulation: int = 1,
-                 fails_at: int | None = None, fail_reason: str = "", allow_accumulation: bool = True) -> BatchPlan:
+def plan_batches(
+    requested_global: int,
+    chosen: int,
+    *,
+    multiple: int,
+    accumulation: int = 1,
+    fails_at: int | None = None,
+    fail_reason: str = "",
+    allow_accumulation: bool = True,
+) -> BatchPlan:
     """Turn the chosen micro-batch into train.batch_size / train.accumulation.
 
     The config asked for ``requested_global`` in ``accumulation`` micro-batches. ``fails_at``: the smallest batch
@@ -456,21 +500,42 @@ def plan_batches(requested_global: int, chosen: int, *, multiple: int, accumulat
     m0 = g // a0
     if chosen == m0:
         how = f"{a0} x {m0}" if a0 > 1 else "one batch"
-        return BatchPlan(m0, a0, g, g, f"train.batch_size {g} is kept ({how}): no batch size was measured faster "
-                                       f"beyond the noise", a0)
+        return BatchPlan(
+            m0,
+            a0,
+            g,
+            g,
+            f"train.batch_size {g} is kept ({how}): no batch size was measured faster beyond the noise",
+            a0,
+        )
     evidence = fails_at is not None and fails_at <= g
     if (allow_accumulation and evidence) or a0 > 1:
         if chosen >= g:
-            return BatchPlan(g, 1, g, g, f"train.batch_size {g} fits as one micro-batch (batch {chosen} was "
-                                         f"measured usable): kept without accumulation", a0)
-        why = (f"does not fit as one batch ({fail_reason or 'memory'} at batch {fails_at})" if evidence
-               else "keeps the config's own accumulation, with a faster micro-batch")
+            return BatchPlan(
+                g,
+                1,
+                g,
+                g,
+                f"train.batch_size {g} fits as one micro-batch (batch {chosen} was "
+                f"measured usable): kept without accumulation",
+                a0,
+            )
+        why = (
+            f"does not fit as one batch ({fail_reason or 'memory'} at batch {fails_at})"
+            if evidence
+            else "keeps the config's own accumulation, with a faster micro-batch"
+        )
         return _split(g, chosen, multiple, why, a0)
     verb = "raised" if chosen > g else "lowered"
-    return BatchPlan(chosen, 1, chosen, g,
-                     f"train.batch_size {verb} from {g} to {chosen} (faster beyond the noise); optim.lr is per "
-                     f"optimizer step and was left as it is: retune it, or scale it x{chosen / g:.3g} (linear rule)",
-                     a0)
+    return BatchPlan(
+        chosen,
+        1,
+        chosen,
+        g,
+        f"train.batch_size {verb} from {g} to {chosen} (faster beyond the noise); optim.lr is per "
+        f"optimizer step and was left as it is: retune it, or scale it x{chosen / g:.3g} (linear rule)",
+        a0,
+    )
 
 
 # -- loader -----------------------------------------------------------------------------------------------------
@@ -540,9 +605,18 @@ def _within(a: float, sa: float, b: float, sb: float, noise: float) -> tuple[boo
     return abs(a / b - 1.0) <= m if b else False, m
 
 
-def judge_verification(*, probe_sps: float, probe_spread: float, verify_sps: float, verify_spread: float,
-                       noise: float, loader_share: float | None = None, loader_spread: float = 0.0,
-                       recheck_sps: float | None = None, recheck_spread: float = 0.0) -> Agreement:
+def judge_verification(
+    *,
+    probe_sps: float,
+    probe_spread: float,
+    verify_sps: float,
+    verify_spread: float,
+    noise: float,
+    loader_share: float | None = None,
+    loader_spread: float = 0.0,
+    recheck_sps: float | None = None,
+    recheck_spread: float = 0.0,
+) -> Agreement:
     """Compare the verification (end to end, real data) with the probe (model-only step, synthetic batch).
 
     ``loader_share`` (spread ``loader_spread``): the loader trial's end-to-end samples/s as a share of the
@@ -568,27 +642,40 @@ def judge_verification(*, probe_sps: float, probe_spread: float, verify_sps: flo
     if bound:
         same, _ = _within(verify_sps, verify_spread, probe_sps * share, probe_spread + loader_spread, noise)
         if same:
-            return Agreement("input-bound", True, True,
-                             "the verification, for training speed (the probe is the model-only ceiling)",
-                             f"{fig}: input-bound, the loader trial ran end to end at {share:.0%} of the model-only "
-                             f"step measured alongside it")
+            return Agreement(
+                "input-bound",
+                True,
+                True,
+                "the verification, for training speed (the probe is the model-only ceiling)",
+                f"{fig}: input-bound, the loader trial ran end to end at {share:.0%} of the model-only "
+                f"step measured alongside it",
+            )
     if recheck_sps is not None:
         unmoved, _ = _within(recheck_sps, recheck_spread, probe_sps, probe_spread, noise)
-        same, _ = _within(verify_sps, verify_spread, recheck_sps * share,
-                          recheck_spread + (loader_spread if bound else 0.0), noise)
+        same, _ = _within(
+            verify_sps, verify_spread, recheck_sps * share, recheck_spread + (loader_spread if bound else 0.0), noise
+        )
         if not unmoved and same:
             word = "slowed down" if recheck_sps < probe_sps else "sped up"
             extra = f"; input-bound as well ({share:.0%} of the step)" if bound else ""
-            return Agreement("machine-changed", True, False,
-                             "the verification and the re-measured step (later, at the machine's current speed)",
-                             f"{fig}: the machine {word} (the model-only step re-measured at {recheck_sps:,.1f} "
-                             f"samples/s: other load or thermal throttling){extra}; the batch comparison ran at "
-                             f"another speed, so this answer is not cached")
+            return Agreement(
+                "machine-changed",
+                True,
+                False,
+                "the verification and the re-measured step (later, at the machine's current speed)",
+                f"{fig}: the machine {word} (the model-only step re-measured at {recheck_sps:,.1f} "
+                f"samples/s: other load or thermal throttling){extra}; the batch comparison ran at "
+                f"another speed, so this answer is not cached",
+            )
     why = []
     if loader_share is not None:
         why.append(f"the loader trial ran at {loader_share:.0%} of the model-only step")
     if recheck_sps is not None:
         why.append(f"the model-only step re-measured at {recheck_sps:,.1f}")
-    return Agreement("disagrees", False, False, "neither: measure again on a quieter machine",
-                     f"{fig}: beyond the noise (±{m:.0%}) and unexplained"
-                     + (f" ({'; '.join(why)})" if why else ""))
+    return Agreement(
+        "disagrees",
+        False,
+        False,
+        "neither: measure again on a quieter machine",
+        f"{fig}: beyond the noise (±{m:.0%}) and unexplained" + (f" ({'; '.join(why)})" if why else ""),
+    )

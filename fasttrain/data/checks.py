@@ -40,11 +40,27 @@ from fasttrain.data.transforms import DECODE_ERRORS, convert_image
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BadDataError", "BadFiles", "CheckReport", "ImageInfo", "Precheck", "check_data", "check_header",
-           "check_image", "precheck", "sniff_image_format"]
+__all__ = [
+    "BadDataError",
+    "BadFiles",
+    "CheckReport",
+    "ImageInfo",
+    "Precheck",
+    "check_data",
+    "check_header",
+    "check_image",
+    "precheck",
+    "sniff_image_format",
+]
 
-_FORMAT_EXT = {"JPEG": {".jpg", ".jpeg"}, "PNG": {".png"}, "BMP": {".bmp"}, "WEBP": {".webp"},
-               "TIFF": {".tif", ".tiff"}, "PPM": {".ppm", ".pgm", ".pnm"}}
+_FORMAT_EXT = {
+    "JPEG": {".jpg", ".jpeg"},
+    "PNG": {".png"},
+    "BMP": {".bmp"},
+    "WEBP": {".webp"},
+    "TIFF": {".tif", ".tiff"},
+    "PPM": {".ppm", ".pgm", ".pnm"},
+}
 _HEAD = 64 * 1024  # one read covers the headers of nearly every JPEG (EXIF, ICC) and PNG; longer ones seek on
 _SOF = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 
@@ -186,8 +202,10 @@ def check_header(path: str | os.PathLike, max_pixels: int = PILLOW_BOMB_PIXELS) 
             parse = {"jpeg": _jpeg_header, "png": _png_header}.get(kind, _pil_header)
             width, height, pil = parse(f)
             if width * height > max_pixels:
-                return None, (f"{width}x{height} = {width * height:,} pixels, more than data.max_image_pixels "
-                              f"({max_pixels:,}): a decompression-bomb guard; raise it if the image is genuine")
+                return None, (
+                    f"{width}x{height} = {width * height:,} pixels, more than data.max_image_pixels "
+                    f"({max_pixels:,}): a decompression-bomb guard; raise it if the image is genuine"
+                )
             if kind in ("jpeg", "png"):
                 f.seek(0, os.SEEK_END)
                 f.seek(max(0, f.tell() - 64))
@@ -274,8 +292,10 @@ def _precheck(paths: Sequence[str], *, max_pixels: int, threads: int, split: str
 def _none_usable(split: str, total: int, bad: list[tuple[str, str]]) -> str:
     shown = "".join(f"\n  {p}: {why}" for p, why in bad[:10])
     more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
-    return (f"no usable image in the {split} split ({total} files):{shown}{more}\n"
-            f"`fasttrain check-data DATA` reports every file; fix or replace them, or point data.root elsewhere")
+    return (
+        f"no usable image in the {split} split ({total} files):{shown}{more}\n"
+        f"`fasttrain check-data DATA` reports every file; fix or replace them, or point data.root elsewhere"
+    )
 
 
 class BadFiles:
@@ -311,15 +331,18 @@ class BadFiles:
                 f"{len(self._this_epoch)} files failed to decode in one {self.unit}, more than "
                 f"data.max_bad_per_epoch = {self.limit}; stopping rather than training on damaged data:{listed}\n"
                 f"fix or remove them (`fasttrain check-data DATA --skip-list FILE` lists every bad file), "
-                f"or raise data.max_bad_per_epoch")
+                f"or raise data.max_bad_per_epoch"
+            )
 
     def none_decoded(self, split: str) -> BadDataError:
         """The error for an epoch in which not one sample decoded."""
         failed = self._this_epoch or self.skipped
         listed = "".join(f"\n  {p}: {why}" for p, why in failed[:10])
         more = f"\n  ... and {len(failed) - 10} more" if len(failed) > 10 else ""
-        return BadDataError(f"not one image of the {split} split could be decoded:{listed}{more}\n"
-                            f"`fasttrain check-data DATA` reports every file; fix or replace them")
+        return BadDataError(
+            f"not one image of the {split} split could be decoded:{listed}{more}\n"
+            f"`fasttrain check-data DATA` reports every file; fix or replace them"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -339,8 +362,10 @@ class CheckReport:
     skip_list: Path | None = None
 
     def to_text(self) -> str:
-        lines = [f"{self.root}: {self.total} images, {len(self.bad)} unreadable, {len(self.odd)} odd"
-                 + (f", {len(self.empty)} empty folders" if self.empty else "")]
+        lines = [
+            f"{self.root}: {self.total} images, {len(self.bad)} unreadable, {len(self.odd)} odd"
+            + (f", {len(self.empty)} empty folders" if self.empty else "")
+        ]
         lines += [f"  BAD  {f}: {why}" for f, why in self.bad]
         lines += [f"  EMPTY  {d}{os.sep}: no image in this folder" for d in self.empty]
         lines += [f"  odd  {f}: {why}" for f, why in self.odd[:50]]
@@ -351,8 +376,9 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def check_image(path: str | os.PathLike, channels: int = 3,
-                max_pixels: int = PILLOW_BOMB_PIXELS) -> tuple[str | None, str | None]:
+def check_image(
+    path: str | os.PathLike, channels: int = 3, max_pixels: int = PILLOW_BOMB_PIXELS
+) -> tuple[str | None, str | None]:
     """(reason it is bad or None, note on what is odd or None): :func:`check_header`, then the full decode and
     conversion of the torch loader."""
     info, why = check_header(path, max_pixels)
@@ -370,8 +396,9 @@ def check_image(path: str | os.PathLike, channels: int = 3,
     notes = []
     want = "RGB" if channels == 3 else "L"
     if mode != want:
-        notes.append(f"mode {mode}, converted to {want}"
-                     + (" (transparency composited on white)" if transparent else ""))
+        notes.append(
+            f"mode {mode}, converted to {want}" + (" (transparency composited on white)" if transparent else "")
+        )
     if min(size) < 8:
         notes.append(f"tiny ({size[0]}x{size[1]})")
     if fmt in _FORMAT_EXT and path.suffix.lower() not in _FORMAT_EXT[fmt]:
@@ -379,8 +406,14 @@ def check_image(path: str | os.PathLike, channels: int = 3,
     return None, "; ".join(notes) or None
 
 
-def check_data(root: str | os.PathLike, *, channels: int = 3, workers: int = 0,
-               skip_list: str | os.PathLike | None = None, max_pixels: int = PILLOW_BOMB_PIXELS) -> CheckReport:
+def check_data(
+    root: str | os.PathLike,
+    *,
+    channels: int = 3,
+    workers: int = 0,
+    skip_list: str | os.PathLike | None = None,
+    max_pixels: int = PILLOW_BOMB_PIXELS,
+) -> CheckReport:
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"check-data: {root} is not a folder")

@@ -63,8 +63,16 @@ from fasttrain.data.transforms import DECODE_ERRORS, load_image
 
 log = logging.getLogger(__name__)
 
-__all__ = ["dali_status", "dali_padding_bytes", "DaliLoader", "output_stream", "rrc_window", "train_params",
-           "targets_tensor", "build"]
+__all__ = [
+    "dali_status",
+    "dali_padding_bytes",
+    "DaliLoader",
+    "output_stream",
+    "rrc_window",
+    "train_params",
+    "targets_tensor",
+    "build",
+]
 
 # nvJPEG's scratch buffers in NVIDIA's ResNet-50 example. DALI documents both as per decoder thread: each thread
 # preallocates one device buffer of _DEVICE_MEMORY_PADDING and two pinned host buffers of _HOST_MEMORY_PADDING,
@@ -164,8 +172,9 @@ def rrc_window(draws: _Draws, height: int, width: int, scale: tuple[float, float
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def train_params(data: DataConfig, seed: int, epoch: int, index: int, height: int, width: int
-                 ) -> tuple[tuple[int, int, int, int] | None, bool]:
+def train_params(
+    data: DataConfig, seed: int, epoch: int, index: int, height: int, width: int
+) -> tuple[tuple[int, int, int, int] | None, bool]:
     """(random-resized-crop window or None, flip) of one training sample: the draws ``transforms.train_transform``
     makes from the generator the torch loader seeds with ``sample_seed(seed, epoch, index)``."""
     draws = _draws_here().seed(sample_seed(seed, epoch, index))
@@ -312,7 +321,7 @@ class _Feeder:
                 self.pos = (key, b + 1)
             else:  # the epoch's last batch: the next epoch (training) or the next pass (evaluation) follows
                 self._start_serial(key + 1 if L.train else 0, 0)
-            good = [i for i in order[b * B:(b + 1) * B] if L._usable(i)]
+            good = [i for i in order[b * B : (b + 1) * B] if L._usable(i)]
             if good:
                 if L.train and len(good) < B:  # one shape for every step, as the torch loader's collate does
                     good = [good[k % len(good)] for k in range(B)]
@@ -364,8 +373,19 @@ class DaliLoader:
     ``device_id``: the GPU of this process (its local rank), None for the CPU-only mode.
     """
 
-    def __init__(self, split: Split | Samples, data: DataConfig, spec: InputSpec, *, batch_size: int, train: bool,
-                 seed: int, shard_id: int = 0, num_shards: int = 1, device_id: int | None = None):
+    def __init__(
+        self,
+        split: Split | Samples,
+        data: DataConfig,
+        spec: InputSpec,
+        *,
+        batch_size: int,
+        train: bool,
+        seed: int,
+        shard_id: int = 0,
+        num_shards: int = 1,
+        device_id: int | None = None,
+    ):
         ok, why = dali_status()
         if not ok:
             raise RuntimeError(f"DaliLoader: {why}")
@@ -407,12 +427,21 @@ class DaliLoader:
                 targets = [list(t) + [info.width, info.height] for t, info in zip(targets, checked.infos)]
             self._targets = targets_tensor(targets).to(spec.device)
         self.num_samples = len(self._paths)
-        self.sampler = EpochSampler(self.num_samples, batch_size=batch_size, shuffle=train, seed=seed,
-                                    drop_last=train, num_shards=num_shards, shard_id=shard_id)
+        self.sampler = EpochSampler(
+            self.num_samples,
+            batch_size=batch_size,
+            shuffle=train,
+            seed=seed,
+            drop_last=train,
+            num_shards=num_shards,
+            shard_id=shard_id,
+        )
         if train and len(self.sampler) == 0:
             shards = f" x {num_shards} processes" if num_shards > 1 else ""
-            raise ValueError(f"DaliLoader: the {split.name} split has {self.num_samples} usable images, fewer than one "
-                             f"batch of {batch_size}{shards} (training drops partial batches); lower the batch size")
+            raise ValueError(
+                f"DaliLoader: the {split.name} split has {self.num_samples} usable images, fewer than one "
+                f"batch of {batch_size}{shards} (training drops partial batches); lower the batch size"
+            )
         self._start = 0  # batches of the next epoch to skip (resume)
         self._passes = 0
         self._last_serial: int | None = None  # the serial of the last batch handed out
@@ -606,8 +635,9 @@ class DaliLoader:
         try:
             for s in samples:
                 if pipe is None:
-                    pipe = self._define(lambda: self._outputs(current), batch_size=1, threads=1, prefetch=1,
-                                        padded=False)
+                    pipe = self._define(
+                        lambda: self._outputs(current), batch_size=1, threads=1, prefetch=1, padded=False
+                    )
                 current[:] = [s]
                 try:
                     pipe.run()
@@ -629,8 +659,9 @@ class DaliLoader:
 
     def _build(self) -> None:
         d = self.data
-        self._pipe = self._define(self._feeder, batch_size=self.batch_size, threads=d.num_dali_threads,
-                                  prefetch=d.prefetch, padded=self.train)
+        self._pipe = self._define(
+            self._feeder, batch_size=self.batch_size, threads=d.num_dali_threads, prefetch=d.prefetch, padded=self.train
+        )
         self.builds += 1
 
     def _define(self, source, *, batch_size: int, threads: int, prefetch: int, padded: bool):
@@ -640,31 +671,63 @@ class DaliLoader:
         d, gpu, size = self.data, self.device_id is not None, self.data.image_size
         dev = "gpu" if gpu else "cpu"
         # No random operator in the graph (augmentation arrives per sample): the seed only has to be valid.
-        pipe = Pipeline(batch_size=batch_size, num_threads=threads, device_id=self.device_id,
-                        seed=sample_seed(self.seed, 0, -1 - self.shard_id) % (2**31 - 1),
-                        prefetch_queue_depth=prefetch, exec_dynamic=True)
+        pipe = Pipeline(
+            batch_size=batch_size,
+            num_threads=threads,
+            device_id=self.device_id,
+            seed=sample_seed(self.seed, 0, -1 - self.shard_id) % (2**31 - 1),
+            prefetch_queue_depth=prefetch,
+            exec_dynamic=True,
+        )
         names = self._output_names()
-        kinds = {"encoded": (types.UINT8, 1), "index": (types.INT64, 0), "anchor": (types.INT32, 1),
-                 "shape": (types.INT32, 1), "mirror": (types.INT32, 0), "encoded_b": (types.UINT8, 1),
-                 "half": (types.INT32, 1), "origin": (types.INT32, 1), "anchor_b": (types.INT32, 1),
-                 "crop_x": (types.FLOAT, 0), "crop_y": (types.FLOAT, 0)}
+        kinds = {
+            "encoded": (types.UINT8, 1),
+            "index": (types.INT64, 0),
+            "anchor": (types.INT32, 1),
+            "shape": (types.INT32, 1),
+            "mirror": (types.INT32, 0),
+            "encoded_b": (types.UINT8, 1),
+            "half": (types.INT32, 1),
+            "origin": (types.INT32, 1),
+            "anchor_b": (types.INT32, 1),
+            "crop_x": (types.FLOAT, 0),
+            "crop_y": (types.FLOAT, 0),
+        }
         with pipe:
-            nodes = dict(zip(names, fn.external_source(
-                source=source, num_outputs=len(names), batch=True,
-                dtype=[kinds[n][0] for n in names], ndim=[kinds[n][1] for n in names])))
+            nodes = dict(
+                zip(
+                    names,
+                    fn.external_source(
+                        source=source,
+                        num_outputs=len(names),
+                        batch=True,
+                        dtype=[kinds[n][0] for n in names],
+                        ndim=[kinds[n][1] for n in names],
+                    ),
+                )
+            )
             encoded = nodes["encoded"]
             # adjust_orientation=False: PIL (the torch backend) ignores EXIF rotation too, so both see the same pixels.
-            decode: dict[str, Any] = dict(device="mixed" if gpu else "cpu", adjust_orientation=False,
-                                          output_type=types.RGB if d.channels == 3 else types.GRAY)
+            decode: dict[str, Any] = dict(
+                device="mixed" if gpu else "cpu",
+                adjust_orientation=False,
+                output_type=types.RGB if d.channels == 3 else types.GRAY,
+            )
             if gpu:
                 decode["hw_decoder_load"] = d.hw_decoder_load
                 if padded:  # per decoder thread, as DALI documents them (see _DEVICE_MEMORY_PADDING)
-                    decode.update(device_memory_padding=_DEVICE_MEMORY_PADDING,
-                                  host_memory_padding=_HOST_MEMORY_PADDING)
+                    decode.update(
+                        device_memory_padding=_DEVICE_MEMORY_PADDING, host_memory_padding=_HOST_MEMORY_PADDING
+                    )
             linear = dict(device=dev, interp_type=types.INTERP_LINEAR, antialias=True)
-            normalize = dict(device=dev, dtype=self._dali_dtype(types), mirror=nodes.get("mirror", 0),
-                             output_layout="HWC" if self.spec.channels_last else "CHW",
-                             mean=[255.0 * m for m in self.spec.mean], std=[255.0 * s for s in self.spec.std])
+            normalize = dict(
+                device=dev,
+                dtype=self._dali_dtype(types),
+                mirror=nodes.get("mirror", 0),
+                output_layout="HWC" if self.spec.channels_last else "CHW",
+                mean=[255.0 * m for m in self.spec.mean],
+                std=[255.0 * s for s in self.spec.std],
+            )
             index = nodes["index"]
             index = index.gpu() if gpu else index
             if self.kind == "pair":
@@ -675,10 +738,17 @@ class DaliLoader:
                 else:
                     b = fn.decoders.image(nodes["encoded_b"], **decode)
                 side = self._load_size
-                window = dict(crop=(size, size), crop_pos_x=nodes["crop_x"], crop_pos_y=nodes["crop_y"]) \
-                    if self.train else {}
-                a, b = (fn.crop_mirror_normalize(fn.resize(t, resize_x=side, resize_y=side, **linear), **normalize,
-                                                 **window) for t in (a, b))
+                window = (
+                    dict(crop=(size, size), crop_pos_x=nodes["crop_x"], crop_pos_y=nodes["crop_y"])
+                    if self.train
+                    else {}
+                )
+                a, b = (
+                    fn.crop_mirror_normalize(
+                        fn.resize(t, resize_x=side, resize_y=side, **linear), **normalize, **window
+                    )
+                    for t in (a, b)
+                )
                 pipe.set_outputs(a, b, index)
             else:
                 crop: dict[str, Any] = {}
@@ -686,8 +756,9 @@ class DaliLoader:
                     images = fn.resize(fn.decoders.image(encoded, **decode), resize_x=size, resize_y=size, **linear)
                 elif self._rrc:
                     # Only the window is decoded (ROI decode), then resized as torchvision's resized_crop does.
-                    images = fn.decoders.image_slice(encoded, nodes["anchor"], nodes["shape"], axis_names="WH",
-                                                     **decode)
+                    images = fn.decoders.image_slice(
+                        encoded, nodes["anchor"], nodes["shape"], axis_names="WH", **decode
+                    )
                     images = fn.resize(images, resize_x=size, resize_y=size, **linear)
                 else:
                     images = fn.decoders.image(encoded, **decode)
@@ -728,10 +799,27 @@ def _shutdown(pipe) -> None:
         shutdown()
 
 
-def build(samples: Samples, cfg: Config, spec: InputSpec, *, train: bool, batch_size: int, num_shards: int = 1,
-          shard_id: int = 0) -> DaliLoader:
+def build(
+    samples: Samples,
+    cfg: Config,
+    spec: InputSpec,
+    *,
+    train: bool,
+    batch_size: int,
+    num_shards: int = 1,
+    shard_id: int = 0,
+) -> DaliLoader:
     """The DALI backend for any request: GPU decode on the inputs' CUDA device (the process's local rank under
     torchrun), the CPU-only mode otherwise; ``shard_id`` is the global rank."""
     device_id = (spec.device.index or 0) if spec.device.type == "cuda" else None
-    return DaliLoader(samples, cfg.data, spec, batch_size=batch_size, train=train, seed=cfg.runtime.seed,
-                      shard_id=shard_id, num_shards=num_shards, device_id=device_id)
+    return DaliLoader(
+        samples,
+        cfg.data,
+        spec,
+        batch_size=batch_size,
+        train=train,
+        seed=cfg.runtime.seed,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        device_id=device_id,
+    )

@@ -56,8 +56,9 @@ def open_regular(path: str | os.PathLike) -> BinaryIO:
         fd = os.open(path, _OPEN_FLAGS)
     except FileNotFoundError:
         if os.path.islink(path):
-            raise NotRegularFileError(errno.ENOENT, "a broken symbolic link (its target does not exist)",
-                                      str(path)) from None
+            raise NotRegularFileError(
+                errno.ENOENT, "a broken symbolic link (its target does not exist)", str(path)
+            ) from None
         raise
     except IsADirectoryError:
         raise NotRegularFileError(errno.EISDIR, "not a regular file: a directory", str(path)) from None

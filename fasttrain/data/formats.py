@@ -42,8 +42,15 @@ from fasttrain.data.transforms import DECODE_ERRORS
 
 log = logging.getLogger(__name__)
 
-__all__ = ["discover_manifest", "discover_drawing", "discover_paired", "SIDE_BY_SIDE", "DRAWING_TARGETS",
-           "PATH_COLUMNS", "parse_color"]
+__all__ = [
+    "discover_manifest",
+    "discover_drawing",
+    "discover_paired",
+    "SIDE_BY_SIDE",
+    "DRAWING_TARGETS",
+    "PATH_COLUMNS",
+    "parse_color",
+]
 
 SIDE_BY_SIDE = ":right-half:"
 """Paired target marker: the target is the right half of the input file (the input is its left half)."""
@@ -57,8 +64,15 @@ _STEP = re.compile(r"^step_(\d+)\.(\w+)$")
 _COLOR = re.compile(r"^#([0-9a-fA-F]{6}|[0-9a-fA-F]{3})$")
 
 
-def _finish(root: Path, fmt: str, splits: dict[str, Split], cfg: DataConfig, skipped: list[tuple[str, str]],
-            groups: list[Any] | None = None, **names: Any) -> DataSource:
+def _finish(
+    root: Path,
+    fmt: str,
+    splits: dict[str, Split],
+    cfg: DataConfig,
+    skipped: list[tuple[str, str]],
+    groups: list[Any] | None = None,
+    **names: Any,
+) -> DataSource:
     train = splits.get("train")
     if train is None or len(train) == 0:
         detail = f"; {len(skipped)} records skipped, first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
@@ -67,8 +81,15 @@ def _finish(root: Path, fmt: str, splits: dict[str, Split], cfg: DataConfig, ski
     if val is None:
         train, val = hold_out(train, cfg, stratify=False, groups=groups)
     test = splits.get("test")
-    return DataSource(root, fmt, train, val if val is not None and len(val) else None,
-                      test if test is not None and len(test) else None, skipped=skipped, **names)
+    return DataSource(
+        root,
+        fmt,
+        train,
+        val if val is not None and len(val) else None,
+        test if test is not None and len(test) else None,
+        skipped=skipped,
+        **names,
+    )
 
 
 # -- manifest ------------------------------------------------------------------------------------------------
@@ -78,8 +99,10 @@ def _read_manifest(path: Path, skipped: list[tuple[str, str]]) -> list[tuple[int
     try:
         return _read_manifest_rows(path, skipped)
     except UnicodeDecodeError as e:
-        raise ConfigError(f"data.manifest: {path} is not UTF-8 text (byte {e.start} cannot be decoded); save it "
-                          f"as UTF-8 (in Excel: CSV UTF-8)") from None
+        raise ConfigError(
+            f"data.manifest: {path} is not UTF-8 text (byte {e.start} cannot be decoded); save it "
+            f"as UTF-8 (in Excel: CSV UTF-8)"
+        ) from None
 
 
 def _read_manifest_rows(path: Path, skipped: list[tuple[str, str]]) -> list[tuple[int, dict[str, Any]]]:
@@ -138,8 +161,10 @@ def discover_manifest(cfg: DataConfig, root: Path) -> DataSource:
     """The ``manifest`` format (see the module docstring)."""
     path = _inside(root, cfg.manifest)
     if path is None:  # never read (or echo) a file outside the dataset
-        raise ConfigError(f"data.manifest: {cfg.manifest!r} lies outside data.root {root}; the manifest must be a "
-                          f"file inside the dataset folder")
+        raise ConfigError(
+            f"data.manifest: {cfg.manifest!r} lies outside data.root {root}; the manifest must be a "
+            f"file inside the dataset folder"
+        )
     if not path.is_file():
         raise ConfigError(f"data.manifest: {path} not found (a CSV with a header, or .jsonl, relative to data.root)")
     skipped: list[tuple[str, str]] = []
@@ -151,13 +176,16 @@ def discover_manifest(cfg: DataConfig, root: Path) -> DataSource:
         columns += [k for k in rec if k not in columns]
     path_col = next((c for c in PATH_COLUMNS if c in columns), None)
     if path_col is None:
-        raise ConfigError(f"data.manifest: {path} has no image column (one of {', '.join(PATH_COLUMNS)}); "
-                          f"columns: {', '.join(columns)}")
+        raise ConfigError(
+            f"data.manifest: {path} has no image column (one of {', '.join(PATH_COLUMNS)}); "
+            f"columns: {', '.join(columns)}"
+        )
     if cfg.target_columns:
         missing = [c for c in cfg.target_columns if c not in columns]
         if missing:
-            raise ConfigError(f"data.target_columns: {', '.join(missing)} not in {path} "
-                              f"(columns: {', '.join(columns)})")
+            raise ConfigError(
+                f"data.target_columns: {', '.join(missing)} not in {path} (columns: {', '.join(columns)})"
+            )
         targets = list(cfg.target_columns)
     else:
         # "Mostly numbers" rather than "all numbers": one bad row must not silently drop a whole column.
@@ -167,8 +195,10 @@ def discover_manifest(cfg: DataConfig, root: Path) -> DataSource:
 
         targets = [c for c in columns if c not in (path_col, "split") and numeric_share(c) > 0.5]
         if not targets:
-            raise ConfigError(f"data.target_columns: {path} has no numeric columns besides {path_col!r}; "
-                              f"name the targets in data.target_columns")
+            raise ConfigError(
+                f"data.target_columns: {path} has no numeric columns besides {path_col!r}; "
+                f"name the targets in data.target_columns"
+            )
     splits: dict[str, Split] = {}
     for n, rec in rows:
         where = f"{path}:{n}"
@@ -185,8 +215,7 @@ def discover_manifest(cfg: DataConfig, root: Path) -> DataSource:
         vals = [_as_number(rec.get(c)) for c in targets]
         bad = [c for c, v in zip(targets, vals) if v is None]
         if bad:
-            skipped.append((where, f"not a number in {', '.join(bad)}: "
-                                   f"{', '.join(repr(rec.get(c)) for c in bad)}"))
+            skipped.append((where, f"not a number in {', '.join(bad)}: {', '.join(repr(rec.get(c)) for c in bad)}"))
             continue
         split = str(rec.get("split") or "train").strip().lower()
         if split not in SPLIT_NAMES:
@@ -206,7 +235,7 @@ def parse_color(text: Any) -> tuple[float, float, float]:
     h = text.strip()[1:]
     if len(h) == 3:
         h = "".join(c * 2 for c in h)
-    return tuple(int(h[i:i + 2], 16) / 255.0 for i in (0, 2, 4))  # type: ignore[return-value]
+    return tuple(int(h[i : i + 2], 16) / 255.0 for i in (0, 2, 4))  # type: ignore[return-value]
 
 
 def _stroke_targets(json_path: Path, width: int, height: int) -> list[float]:
@@ -230,15 +259,17 @@ def _session_dirs(folder: Path, reserved: set[str]) -> list[Path]:
     """Folders under ``folder`` (itself included) holding step files, sorted; reserved names are skipped."""
     out = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and not (Path(dirpath) == folder and d in reserved))
+        dirnames[:] = sorted(
+            d for d in dirnames if not d.startswith(".") and not (Path(dirpath) == folder and d in reserved)
+        )
         if any(_STEP.match(f) for f in filenames):
             out.append(Path(dirpath))
     return out
 
 
-def _drawing_split(name: str, folder: Path, reserved: set[str], skipped: list[tuple[str, str]],
-                   groups: list[str]) -> Split:
+def _drawing_split(
+    name: str, folder: Path, reserved: set[str], skipped: list[tuple[str, str]], groups: list[str]
+) -> Split:
     split = Split(name, [], [])
     for session in _session_dirs(folder, reserved):
         canvases: dict[int, Path] = {}
@@ -327,8 +358,7 @@ def _paired_split(name: str, a: Path, b: Path, skipped: list[tuple[str, str]]) -
 
 
 def _side_by_side_split(name: str, folder: Path, reserved: set[str]) -> Split:
-    files = [p for p in list_images(folder)
-             if not reserved or p.relative_to(folder).parts[0] not in reserved]
+    files = [p for p in list_images(folder) if not reserved or p.relative_to(folder).parts[0] not in reserved]
     return Split(name, [str(p) for p in files], [SIDE_BY_SIDE] * len(files))
 
 
@@ -350,6 +380,8 @@ def discover_paired(cfg: DataConfig, root: Path) -> DataSource:
         for split, folder in folders.items():
             splits[split] = _side_by_side_split(split, folder, reserved if folder == root else set())
     if "train" not in splits:
-        raise ConfigError(f"data.root: {root} has paired {', '.join(splits)} splits but no "
-                          f"{cfg.train_dir}/ split (expected {cfg.train_dir}/A and {cfg.train_dir}/B)")
+        raise ConfigError(
+            f"data.root: {root} has paired {', '.join(splits)} splits but no "
+            f"{cfg.train_dir}/ split (expected {cfg.train_dir}/A and {cfg.train_dir}/B)"
+        )
     return _finish(root, "paired", splits, cfg, skipped)

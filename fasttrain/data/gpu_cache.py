@@ -63,14 +63,25 @@ from fasttrain.data.sources import Split
 
 log = logging.getLogger(__name__)
 
-__all__ = ["cache_bytes", "dataset_cache_bytes", "cache_fits", "sample_bytes",
-           "GpuCacheLoader", "DeviceAugment", "Take", "ResizedCropFlip",
-           "PairCropFlip", "random_resized_crop_theta", "build"]
+__all__ = [
+    "cache_bytes",
+    "dataset_cache_bytes",
+    "cache_fits",
+    "sample_bytes",
+    "GpuCacheLoader",
+    "DeviceAugment",
+    "Take",
+    "ResizedCropFlip",
+    "PairCropFlip",
+    "random_resized_crop_theta",
+    "build",
+]
 
 _RRC_ATTEMPTS = 10  # as torchvision: the first of 10 sampled windows that fits the canvas is used
 
 
 # -- sizing ---------------------------------------------------------------------------------------------------
+
 
 def sample_bytes(kind: str, data: DataConfig, *, train: bool = False, num_targets: int = 0) -> int:
     """Bytes one cached sample takes: uint8 pixels plus its target (int64 label, float32 vector, or a second
@@ -84,19 +95,22 @@ def sample_bytes(kind: str, data: DataConfig, *, train: bool = False, num_target
     return c * s * s + 8
 
 
-def cache_bytes(num_images: int, data: DataConfig, kind: str = "class", *, train: bool = False,
-                num_targets: int = 0) -> int:
+def cache_bytes(
+    num_images: int, data: DataConfig, kind: str = "class", *, train: bool = False, num_targets: int = 0
+) -> int:
     """Bytes the cache holds for ``num_images`` samples (see :func:`sample_bytes`)."""
     return num_images * sample_bytes(kind, data, train=train, num_targets=num_targets)
 
 
-def dataset_cache_bytes(num_images: int, data: DataConfig, *, kind: str = "class", train_images: int | None = None,
-                        num_targets: int = 0) -> int:
+def dataset_cache_bytes(
+    num_images: int, data: DataConfig, *, kind: str = "class", train_images: int | None = None, num_targets: int = 0
+) -> int:
     """Bytes the cache holds for a whole dataset: ``train_images`` of the ``num_images`` at the training size
     (pairs: the jitter canvas), the rest at the eval size. What :func:`cache_fits` weighs and autotune holds."""
     train_n = min(train_images or 0, num_images)
-    return (cache_bytes(train_n, data, kind, train=True, num_targets=num_targets)
-            + cache_bytes(num_images - train_n, data, kind, num_targets=num_targets))
+    return cache_bytes(train_n, data, kind, train=True, num_targets=num_targets) + cache_bytes(
+        num_images - train_n, data, kind, num_targets=num_targets
+    )
 
 
 def _available_ram() -> int:
@@ -110,9 +124,17 @@ def _available_ram() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def cache_fits(num_images: int, data: DataConfig, device: torch.device | str | None = None, *,
-               memory_limit: int | None = None, kind: str = "class", train_images: int | None = None,
-               num_targets: int = 0, sample_nbytes: int | None = None) -> tuple[bool, str]:
+def cache_fits(
+    num_images: int,
+    data: DataConfig,
+    device: torch.device | str | None = None,
+    *,
+    memory_limit: int | None = None,
+    kind: str = "class",
+    train_images: int | None = None,
+    num_targets: int = 0,
+    sample_nbytes: int | None = None,
+) -> tuple[bool, str]:
     """(fits, why): the decoded dataset vs ``data.cache_budget`` of the device's total memory (CUDA) or of the
     RAM available now (CPU). ``device=None`` means CUDA when present, as ``runtime.device = auto`` does.
     ``memory_limit`` (bytes) caps the CUDA total: autotune's emulated budget, smaller than the card.
@@ -123,8 +145,11 @@ def cache_fits(num_images: int, data: DataConfig, device: torch.device | str | N
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     train_n = min(train_images or 0, num_images)
-    need = (num_images * sample_nbytes if sample_nbytes is not None else
-            dataset_cache_bytes(num_images, data, kind=kind, train_images=train_images, num_targets=num_targets))
+    need = (
+        num_images * sample_nbytes
+        if sample_nbytes is not None
+        else dataset_cache_bytes(num_images, data, kind=kind, train_images=train_images, num_targets=num_targets)
+    )
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         total, where = props.total_memory, f"{props.name} memory"
@@ -143,12 +168,15 @@ def cache_fits(num_images: int, data: DataConfig, device: torch.device | str | N
     else:
         what = f"{num_images} images x {c}x{s}x{s}"
     what += "" if sample_nbytes is not None else " uint8"
-    why = (f"{what} = {need / gib:.2f} GiB {'<=' if fits else '>'} data.cache_budget {data.cache_budget:g} x "
-           f"{total / gib:.1f} GiB {where} = {budget / gib:.2f} GiB")
+    why = (
+        f"{what} = {need / gib:.2f} GiB {'<=' if fits else '>'} data.cache_budget {data.cache_budget:g} x "
+        f"{total / gib:.1f} GiB {where} = {budget / gib:.2f} GiB"
+    )
     return fits, why
 
 
 # -- augmentation on the device -----------------------------------------------------------------------------------
+
 
 def _uniforms(seeds: np.ndarray, k: int) -> np.ndarray:
     """n x k uniforms in [0, 1) per 63-bit seed: splitmix64 of seed + j x golden ratio (counter-based, vectorized)."""
@@ -171,7 +199,7 @@ def random_resized_crop_theta(seed: int, epoch: int, ids, scale_min: float, flip
     n = u.shape[0]
     area = scale_min + (1.0 - scale_min) * u[:, :_RRC_ATTEMPTS]
     lo, hi = math.log(3 / 4), math.log(4 / 3)
-    ratio = np.exp(lo + (hi - lo) * u[:, _RRC_ATTEMPTS:2 * _RRC_ATTEMPTS])
+    ratio = np.exp(lo + (hi - lo) * u[:, _RRC_ATTEMPTS : 2 * _RRC_ATTEMPTS])
     w, h = np.sqrt(area * ratio), np.sqrt(area / ratio)  # shares of the canvas side
     fits = (w <= 1) & (h <= 1)
     first = fits.argmax(axis=1)  # index of the first fitting attempt
@@ -255,8 +283,8 @@ class PairCropFlip(DeviceAugment):
         # sync): ~100x faster than an index gather on the CPU, one batched concatenation on the GPU.
         s = self.size
         where = [(r, top, left) for r, (top, left) in zip(t.rows_host.tolist(), t.params_host[:, :2].tolist())]
-        x = torch.stack([images[r, :, top:top + s, left:left + s] for r, top, left in where])
-        y = torch.stack([targets[r, :, top:top + s, left:left + s] for r, top, left in where])
+        x = torch.stack([images[r, :, top : top + s, left : left + s] for r, top, left in where])
+        y = torch.stack([targets[r, :, top : top + s, left : left + s] for r, top, left in where])
         flip = t.params[:, 2].bool().view(-1, 1, 1, 1)  # both images of a pair, or neither
         return torch.where(flip, x.flip(3), x), torch.where(flip, y.flip(3), y)
 
@@ -267,12 +295,14 @@ def _augment_for(samples: Samples, data: DataConfig, train: bool) -> DeviceAugme
     if samples.kind == "class" and (data.random_resized_crop or data.hflip):
         return ResizedCropFlip(rrc=data.random_resized_crop, flip=data.hflip, scale_min=data.crop_scale_min)
     if samples.kind == "pair":
-        return PairCropFlip(size=data.image_size, load_size=pair_load_size(data.image_size, samples.jitter),
-                            flip=data.hflip)
+        return PairCropFlip(
+            size=data.image_size, load_size=pair_load_size(data.image_size, samples.jitter), flip=data.hflip
+        )
     return None
 
 
 # -- the loader ------------------------------------------------------------------------------------------------
+
 
 class GpuCacheLoader:
     """The loader contract over samples held decoded on ``spec.device`` (see the module docstring).
@@ -286,10 +316,23 @@ class GpuCacheLoader:
     Build it with :meth:`from_dataset` (any map-style dataset) or :func:`build` (a task's request).
     """
 
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, spec: InputSpec, *, batch_size: int,
-                 train: bool, seed: int, augment: DeviceAugment | None = None, targets_are_images: bool = False,
-                 ids: Sequence[int] | None = None, num_shards: int = 1, shard_id: int = 0,
-                 skipped: list[tuple[str, str]] | None = None, name: str | None = None):
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        spec: InputSpec,
+        *,
+        batch_size: int,
+        train: bool,
+        seed: int,
+        augment: DeviceAugment | None = None,
+        targets_are_images: bool = False,
+        ids: Sequence[int] | None = None,
+        num_shards: int = 1,
+        shard_id: int = 0,
+        skipped: list[tuple[str, str]] | None = None,
+        name: str | None = None,
+    ):
         if batch_size < 1:
             raise ValueError(f"GpuCacheLoader: batch_size must be >= 1, got {batch_size}")
         check_shard(num_shards, shard_id)
@@ -302,25 +345,52 @@ class GpuCacheLoader:
         self.ids = np.asarray(range(self.num_samples) if ids is None else ids, dtype=np.int64)
         self.skipped: list[tuple[str, str]] = list(skipped or [])
         """(path, reason) of the files the pre-check or the decode pass could not use."""
-        self.sampler = EpochSampler(self.num_samples, batch_size=batch_size, shuffle=train, seed=seed,
-                                    drop_last=train, num_shards=num_shards, shard_id=shard_id)
+        self.sampler = EpochSampler(
+            self.num_samples,
+            batch_size=batch_size,
+            shuffle=train,
+            seed=seed,
+            drop_last=train,
+            num_shards=num_shards,
+            shard_id=shard_id,
+        )
         name = name or ("train" if train else "evaluation")
         if train and len(self.sampler) == 0:
             shards = f" x {num_shards} processes" if num_shards > 1 else ""
-            raise ValueError(f"GpuCacheLoader: the {name} split has {self.num_samples} usable images, fewer than "
-                             f"one batch of {batch_size}{shards} (training drops partial batches); lower the batch "
-                             f"size")
+            raise ValueError(
+                f"GpuCacheLoader: the {name} split has {self.num_samples} usable images, fewer than "
+                f"one batch of {batch_size}{shards} (training drops partial batches); lower the batch "
+                f"size"
+            )
         self._scale_shift = spec.scale_shift()
         self._start = 0
-        log.info("cached %d %s samples on %s: %.1f MiB", self.num_samples, name, spec.device,
-                 (self.images.numel() * self.images.element_size()
-                  + self.targets.numel() * self.targets.element_size()) / 2**20)
+        log.info(
+            "cached %d %s samples on %s: %.1f MiB",
+            self.num_samples,
+            name,
+            spec.device,
+            (self.images.numel() * self.images.element_size() + self.targets.numel() * self.targets.element_size())
+            / 2**20,
+        )
 
     @classmethod
-    def from_dataset(cls, dataset: Dataset, spec: InputSpec, *, batch_size: int, train: bool, seed: int = 0,
-                     augment: DeviceAugment | None = None, targets_are_images: bool = False, num_shards: int = 1,
-                     shard_id: int = 0, threads: int = 1, skipped: list[tuple[str, str]] | None = None,
-                     max_bad: int = 10, name: str | None = None) -> GpuCacheLoader:
+    def from_dataset(
+        cls,
+        dataset: Dataset,
+        spec: InputSpec,
+        *,
+        batch_size: int,
+        train: bool,
+        seed: int = 0,
+        augment: DeviceAugment | None = None,
+        targets_are_images: bool = False,
+        num_shards: int = 1,
+        shard_id: int = 0,
+        threads: int = 1,
+        skipped: list[tuple[str, str]] | None = None,
+        max_bad: int = 10,
+        name: str | None = None,
+    ) -> GpuCacheLoader:
         """Decode a map-style dataset once and serve it from ``spec.device``.
 
         ``dataset[i]`` (i an int) must give ``(image, target)``: the image a C x H x W tensor, uint8 (0..255) or
@@ -340,9 +410,21 @@ class GpuCacheLoader:
         if rows and not ids:
             raise bad.none_decoded(name or ("train" if train else "evaluation"))
         # Evaluation rows are this shard's already; training rows are sharded by the sampler.
-        return cls(inputs, targets, spec, batch_size=batch_size, train=train, seed=seed, augment=augment,
-                   targets_are_images=targets_are_images, ids=ids, num_shards=num_shards if train else 1,
-                   shard_id=shard_id if train else 0, skipped=skipped, name=name)
+        return cls(
+            inputs,
+            targets,
+            spec,
+            batch_size=batch_size,
+            train=train,
+            seed=seed,
+            augment=augment,
+            targets_are_images=targets_are_images,
+            ids=ids,
+            num_shards=num_shards if train else 1,
+            shard_id=shard_id if train else 0,
+            skipped=skipped,
+            name=name,
+        )
 
     # -- the loader contract -----------------------------------------------------------------------------------
 
@@ -367,6 +449,7 @@ class GpuCacheLoader:
         if not len(order_cpu):
             return
         params_cpu = self.augment.plan(self.seed, epoch, self.ids[order_cpu.numpy()])
+
         def to_device(t: torch.Tensor) -> torch.Tensor:
             return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
 
@@ -375,11 +458,17 @@ class GpuCacheLoader:
         params = None if params_cpu is None else to_device(params_cpu)
         for at in range(0, order.numel(), self.batch_size):
             b = slice(at, at + self.batch_size)
-            take = Take(order[b], order_cpu[b], None if params is None else params[b],
-                        None if params_cpu is None else params_cpu[b])
+            take = Take(
+                order[b],
+                order_cpu[b],
+                None if params is None else params[b],
+                None if params_cpu is None else params_cpu[b],
+            )
             x, y = self.augment.take(self.images, self.targets, take)
-            yield Batch(self._finish(x, self.images.dtype),
-                        self._finish(y, self.targets.dtype) if self.targets_are_images else y)
+            yield Batch(
+                self._finish(x, self.images.dtype),
+                self._finish(y, self.targets.dtype) if self.targets_are_images else y,
+            )
 
     def _finish(self, x: torch.Tensor, cached: torch.dtype) -> torch.Tensor:
         """Model input from a cached image batch: uint8 pixels (perhaps resampled to float on the way) are
@@ -400,8 +489,9 @@ def _skip_reason(dataset: Dataset, row: int, item: Any) -> tuple[str, str]:
     return f"{type(dataset).__name__}[{row}]", "the dataset returned None for it"
 
 
-def _decode_rows(dataset: Dataset, rows: list[int], threads: int, bad: BadFiles
-                 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def _decode_rows(
+    dataset: Dataset, rows: list[int], threads: int, bad: BadFiles
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Decode ``dataset[row]`` for every row into preallocated tensors (threads fill them in place): (inputs,
     targets, the rows that decoded). Items that cannot be used are added to ``bad``."""
     k0, first = 0, cast(Any, None)
@@ -415,8 +505,10 @@ def _decode_rows(dataset: Dataset, rows: list[int], threads: int, bad: BadFiles
         return torch.empty(0, dtype=torch.uint8), torch.empty(0), []
     x0, y0 = first
     if not isinstance(x0, torch.Tensor) or x0.ndim != 3:
-        raise ValueError(f"{type(dataset).__name__}[{rows[k0]}]: the GPU cache needs C x H x W image tensors, "
-                         f"got {type(x0).__name__} {tuple(getattr(x0, 'shape', ()))}")
+        raise ValueError(
+            f"{type(dataset).__name__}[{rows[k0]}]: the GPU cache needs C x H x W image tensors, "
+            f"got {type(x0).__name__} {tuple(getattr(x0, 'shape', ()))}"
+        )
     n = len(rows)
     inputs = torch.empty((n, *x0.shape), dtype=x0.dtype)
     as_tensor = isinstance(y0, torch.Tensor)
@@ -427,9 +519,11 @@ def _decode_rows(dataset: Dataset, rows: list[int], threads: int, bad: BadFiles
             return _skip_reason(dataset, rows[k], item)
         x, y = item
         if x.shape != x0.shape or (as_tensor and y.shape != y0.shape):
-            raise ValueError(f"{type(dataset).__name__}[{rows[k]}]: shape {tuple(x.shape)} / target "
-                             f"{tuple(getattr(y, 'shape', ()))}, unlike the first item's {tuple(x0.shape)} / "
-                             f"{tuple(getattr(y0, 'shape', ()))}: the GPU cache needs one shape")
+            raise ValueError(
+                f"{type(dataset).__name__}[{rows[k]}]: shape {tuple(x.shape)} / target "
+                f"{tuple(getattr(y, 'shape', ()))}, unlike the first item's {tuple(x0.shape)} / "
+                f"{tuple(getattr(y0, 'shape', ()))}: the GPU cache needs one shape"
+            )
         inputs[k] = x
         targets[k] = y
         return None
@@ -452,28 +546,80 @@ def _decode_rows(dataset: Dataset, rows: list[int], threads: int, bad: BadFiles
     return inputs, targets if as_tensor else targets_tensor(targets), [rows[k] for k in keep]
 
 
-def build(samples: Samples, cfg: Config, spec: InputSpec, *, train: bool, batch_size: int, num_shards: int = 1,
-          shard_id: int = 0) -> GpuCacheLoader:
+def build(
+    samples: Samples,
+    cfg: Config,
+    spec: InputSpec,
+    *,
+    train: bool,
+    batch_size: int,
+    num_shards: int = 1,
+    shard_id: int = 0,
+) -> GpuCacheLoader:
     """The cache backend for any request: the shared pre-check, the kind's deterministic dataset decoded once,
     the kind's augmentation on the device."""
-    return from_samples(samples, cfg.data, spec, batch_size=batch_size, train=train, seed=cfg.runtime.seed,
-                        num_shards=num_shards, shard_id=shard_id)
+    return from_samples(
+        samples,
+        cfg.data,
+        spec,
+        batch_size=batch_size,
+        train=train,
+        seed=cfg.runtime.seed,
+        num_shards=num_shards,
+        shard_id=shard_id,
+    )
 
 
-def from_samples(samples: Samples, data: DataConfig, spec: InputSpec, *, batch_size: int, train: bool, seed: int,
-                 num_shards: int = 1, shard_id: int = 0) -> GpuCacheLoader:
+def from_samples(
+    samples: Samples,
+    data: DataConfig,
+    spec: InputSpec,
+    *,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    num_shards: int = 1,
+    shard_id: int = 0,
+) -> GpuCacheLoader:
     threads = max(1, data.num_workers)
     checked = precheck_samples(samples, data, threads)
     ds = dataset_for(checked.samples, data, seed, train=train, deterministic=True)
     return GpuCacheLoader.from_dataset(
-        ds, spec, batch_size=batch_size, train=train, seed=seed, augment=_augment_for(samples, data, train),
-        targets_are_images=samples.kind == "pair", num_shards=num_shards, shard_id=shard_id, threads=threads,
-        skipped=checked.bad, max_bad=data.max_bad_per_epoch, name=samples.split.name)
+        ds,
+        spec,
+        batch_size=batch_size,
+        train=train,
+        seed=seed,
+        augment=_augment_for(samples, data, train),
+        targets_are_images=samples.kind == "pair",
+        num_shards=num_shards,
+        shard_id=shard_id,
+        threads=threads,
+        skipped=checked.bad,
+        max_bad=data.max_bad_per_epoch,
+        name=samples.split.name,
+    )
 
 
-def from_split(split: Split, data: DataConfig, spec: InputSpec, *, batch_size: int, train: bool, seed: int,
-               num_shards: int = 1, shard_id: int = 0) -> GpuCacheLoader:
+def from_split(
+    split: Split,
+    data: DataConfig,
+    spec: InputSpec,
+    *,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    num_shards: int = 1,
+    shard_id: int = 0,
+) -> GpuCacheLoader:
     """Classification over a split's files (``Samples(split, "class")``)."""
-    return from_samples(Samples(split, "class"), data, spec, batch_size=batch_size, train=train, seed=seed,
-                        num_shards=num_shards, shard_id=shard_id)
-
+    return from_samples(
+        Samples(split, "class"),
+        data,
+        spec,
+        batch_size=batch_size,
+        train=train,
+        seed=seed,
+        num_shards=num_shards,
+        shard_id=shard_id,
+    )

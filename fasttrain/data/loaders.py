@@ -23,13 +23,21 @@ __all__ = ["DALI_KINDS", "choose_backend", "make_loader", "make_image_loader"]
 
 DALI_KINDS = ("class", "vector", "pair")
 """Sample kinds (:mod:`fasttrain.data.samples`) DALI serves from files."""
-_DALI_CPU_GAIN = ("DALI's CPU-only mode decodes faster than the torch loader (2.6x on Imagenette photos, "
-                  "2 cores)")
+_DALI_CPU_GAIN = "DALI's CPU-only mode decodes faster than the torch loader (2.6x on Imagenette photos, 2 cores)"
 
 
-def choose_backend(requested: str, *, device_type: str, num_images: int, cfg: Config, device=None,
-                   memory_limit: int | None = None, kind: str = "class", train_images: int | None = None,
-                   num_targets: int = 0) -> tuple[str, str]:
+def choose_backend(
+    requested: str,
+    *,
+    device_type: str,
+    num_images: int,
+    cfg: Config,
+    device=None,
+    memory_limit: int | None = None,
+    kind: str = "class",
+    train_images: int | None = None,
+    num_targets: int = 0,
+) -> tuple[str, str]:
     """(backend, reason) for ``data.loader = requested``. Raises ConfigError where an explicit choice cannot run
     here. ``memory_limit``: bytes of device memory the run may use, when smaller than the card (autotune's
     budget). ``kind``, ``train_images`` (of ``num_images``) and ``num_targets`` size the cache (see
@@ -44,8 +52,15 @@ def choose_backend(requested: str, *, device_type: str, num_images: int, cfg: Co
     if requested in ("cache", registry.AUTO):
         from fasttrain.data.gpu_cache import cache_fits
 
-        fits, why = cache_fits(num_images, cfg.data, device, memory_limit=memory_limit, kind=kind,
-                               train_images=train_images, num_targets=num_targets)
+        fits, why = cache_fits(
+            num_images,
+            cfg.data,
+            device,
+            memory_limit=memory_limit,
+            kind=kind,
+            train_images=train_images,
+            num_targets=num_targets,
+        )
         if requested == "cache":
             if not fits:
                 log.warning("data.loader = cache although %s", why)
@@ -78,16 +93,33 @@ def _dali_can_serve(kind: str) -> tuple[bool, str]:
     return ok, why if ok else f"DALI cannot run here ({why})"
 
 
-def make_loader(backend: str, samples: Samples, cfg: Config, spec: InputSpec, *, train: bool, batch_size: int,
-                num_shards: int = 1, shard_id: int = 0) -> Loader:
+def make_loader(
+    backend: str,
+    samples: Samples,
+    cfg: Config,
+    spec: InputSpec,
+    *,
+    train: bool,
+    batch_size: int,
+    num_shards: int = 1,
+    shard_id: int = 0,
+) -> Loader:
     """A loader for ``samples`` on ``backend`` (a name of :data:`fasttrain.data.registry.BACKENDS`), this
     process's shard ``shard_id`` of ``num_shards``. A split backed by a dataset from Python
     (:class:`~fasttrain.data.user.DatasetSplit`) is served by :func:`~fasttrain.data.user.dataset_loader`."""
     from fasttrain.data.user import DatasetSplit, dataset_loader
 
     if isinstance(samples.split, DatasetSplit):
-        return dataset_loader(backend, samples.split, cfg, spec, train=train, batch_size=batch_size,
-                              num_shards=num_shards, shard_id=shard_id)
+        return dataset_loader(
+            backend,
+            samples.split,
+            cfg,
+            spec,
+            train=train,
+            batch_size=batch_size,
+            num_shards=num_shards,
+            shard_id=shard_id,
+        )
     try:
         build = registry.backend_builder(backend)
     except ValueError as e:
@@ -95,8 +127,25 @@ def make_loader(backend: str, samples: Samples, cfg: Config, spec: InputSpec, *,
     return build(samples, cfg, spec, train=train, batch_size=batch_size, num_shards=num_shards, shard_id=shard_id)
 
 
-def make_image_loader(backend: str, split: Split, cfg: Config, spec: InputSpec, *, train: bool, batch_size: int,
-                      num_shards: int = 1, shard_id: int = 0) -> Loader:
+def make_image_loader(
+    backend: str,
+    split: Split,
+    cfg: Config,
+    spec: InputSpec,
+    *,
+    train: bool,
+    batch_size: int,
+    num_shards: int = 1,
+    shard_id: int = 0,
+) -> Loader:
     """A classification loader over ``split`` on ``backend`` (see :func:`choose_backend`)."""
-    return make_loader(backend, Samples(split, "class"), cfg, spec, train=train, batch_size=batch_size,
-                       num_shards=num_shards, shard_id=shard_id)
+    return make_loader(
+        backend,
+        Samples(split, "class"),
+        cfg,
+        spec,
+        train=train,
+        batch_size=batch_size,
+        num_shards=num_shards,
+        shard_id=shard_id,
+    )

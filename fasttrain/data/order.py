@@ -56,8 +56,17 @@ class EpochSampler(Sampler):
     shard the same length.
     """
 
-    def __init__(self, n: int, *, batch_size: int, shuffle: bool, seed: int, drop_last: bool,
-                 num_shards: int = 1, shard_id: int = 0):
+    def __init__(
+        self,
+        n: int,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool,
+        num_shards: int = 1,
+        shard_id: int = 0,
+    ):
         check_shard(num_shards, shard_id)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -83,7 +92,7 @@ class EpochSampler(Sampler):
 
     def indices(self, epoch: int | None = None) -> list[int]:
         """This shard's sample order for ``epoch`` (default: the current one)."""
-        return self.global_order(epoch)[self.shard_id::self.num_shards]
+        return self.global_order(epoch)[self.shard_id :: self.num_shards]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, start, self.start = self.epoch, self.start, 0

@@ -40,8 +40,22 @@ from fasttrain.data.transforms import DECODE_ERRORS, eval_transform, load_image,
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KINDS", "PAIR_JITTER", "Samples", "Checked", "Skip", "ImageDataset", "VectorDataset", "PairDataset",
-           "load_pair", "pair_jitter", "pair_load_size", "precheck_samples", "dataset_for", "targets_tensor"]
+__all__ = [
+    "KINDS",
+    "PAIR_JITTER",
+    "Samples",
+    "Checked",
+    "Skip",
+    "ImageDataset",
+    "VectorDataset",
+    "PairDataset",
+    "load_pair",
+    "pair_jitter",
+    "pair_load_size",
+    "precheck_samples",
+    "dataset_for",
+    "targets_tensor",
+]
 
 KINDS = ("class", "vector", "pair")
 PAIR_JITTER = 286 / 256
@@ -89,8 +103,16 @@ class ImageDataset(Dataset):
     fork that restores it. A deterministic transform needs no seeding (and the cache's decode threads must not
     fork the global generator concurrently)."""
 
-    def __init__(self, split: Split, transform: Callable, channels: int, seed: int,
-                 target_fn: Callable[[Any], Any] = lambda t: t, max_pixels: int | None = None, random: bool = True):
+    def __init__(
+        self,
+        split: Split,
+        transform: Callable,
+        channels: int,
+        seed: int,
+        target_fn: Callable[[Any], Any] = lambda t: t,
+        max_pixels: int | None = None,
+        random: bool = True,
+    ):
         self.split, self.transform, self.channels, self.seed = split, transform, channels, seed
         self.target_fn, self.max_pixels, self.random = target_fn, max_pixels, random
 
@@ -120,8 +142,9 @@ class VectorDataset(Dataset):
     """(index, epoch) -> (uint8 C x S x S of the whole image, float32 targets [+ width, height]), or a
     :class:`Skip`. No randomness: the epoch is ignored."""
 
-    def __init__(self, split: Split, image_size: int, channels: int, *, size_targets: bool = False,
-                 max_pixels: int | None = None):
+    def __init__(
+        self, split: Split, image_size: int, channels: int, *, size_targets: bool = False, max_pixels: int | None = None
+    ):
         self.split, self.size, self.channels = split, image_size, channels
         self.size_targets, self.max_pixels = size_targets, max_pixels
 
@@ -148,8 +171,7 @@ def _halves(im: Image.Image) -> tuple[Image.Image, Image.Image]:
     return im.crop((0, 0, w, h)), im.crop((w, 0, 2 * w, h))
 
 
-def load_pair(path: str, target: str, channels: int, max_pixels: int | None = None
-              ) -> tuple[Image.Image, Image.Image]:
+def load_pair(path: str, target: str, channels: int, max_pixels: int | None = None) -> tuple[Image.Image, Image.Image]:
     """(A, B): two files, or the left and right halves of one (target == SIDE_BY_SIDE). Raises the errors of
     :data:`~fasttrain.data.transforms.DECODE_ERRORS`."""
     a = load_image(path, channels, max_pixels)
@@ -183,9 +205,20 @@ class PairDataset(Dataset):
     window from both (flipping both or neither); evaluation resizes to ``image_size``. ``crop=False`` with a
     ``load_size`` gives the uncropped training canvas (what the GPU cache holds)."""
 
-    def __init__(self, split: Split, image_size: int, channels: int, *, train: bool, flip: bool, seed: int,
-                 jitter: float = PAIR_JITTER, load_size: int | None = None, crop: bool | None = None,
-                 max_pixels: int | None = None):
+    def __init__(
+        self,
+        split: Split,
+        image_size: int,
+        channels: int,
+        *,
+        train: bool,
+        flip: bool,
+        seed: int,
+        jitter: float = PAIR_JITTER,
+        load_size: int | None = None,
+        crop: bool | None = None,
+        max_pixels: int | None = None,
+    ):
         self.split, self.size, self.channels = split, image_size, channels
         self.train, self.flip, self.seed, self.max_pixels = train, flip, seed, max_pixels
         self.load_size = load_size or (pair_load_size(image_size, jitter) if train else image_size)
@@ -211,9 +244,10 @@ class PairDataset(Dataset):
         xa, xb = resize_square(a, self.load_size), resize_square(b, self.load_size)
         if self.crop:
             s = self.size
-            top, left, flipped = (int(v[0]) for v in pair_jitter(self.seed, epoch, [index], self.load_size - s + 1,
-                                                                 self.flip))
-            xa, xb = xa[:, top:top + s, left:left + s], xb[:, top:top + s, left:left + s]
+            top, left, flipped = (
+                int(v[0]) for v in pair_jitter(self.seed, epoch, [index], self.load_size - s + 1, self.flip)
+            )
+            xa, xb = xa[:, top : top + s, left : left + s], xb[:, top : top + s, left : left + s]
             if flipped:
                 xa, xb = xa.flip(-1), xb.flip(-1)
         return xa.contiguous(), xb.contiguous()
@@ -224,8 +258,9 @@ def targets_tensor(targets: Sequence[Any]) -> torch.Tensor:
     try:
         t = torch.as_tensor(targets)
     except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError("targets must be class indices or numeric vectors (paired image targets are "
-                         "a kind of their own)") from e
+        raise ValueError(
+            "targets must be class indices or numeric vectors (paired image targets are a kind of their own)"
+        ) from e
     if t.dtype.is_floating_point:
         return t.float()
     if t.dtype == torch.bool or t.dtype.is_complex:
@@ -234,6 +269,7 @@ def targets_tensor(targets: Sequence[Any]) -> torch.Tensor:
 
 
 # -- the shared pre-check over a request ------------------------------------------------------------------------
+
 
 @dataclass
 class Checked:
@@ -276,8 +312,7 @@ def precheck_samples(samples: Samples, data: DataConfig, threads: int) -> Checke
     return Checked(replace(samples, split=split.subset(keep)), infos, target_infos, bad)
 
 
-def dataset_for(samples: Samples, data: DataConfig, seed: int, *, train: bool, deterministic: bool = False
-                ) -> Dataset:
+def dataset_for(samples: Samples, data: DataConfig, seed: int, *, train: bool, deterministic: bool = False) -> Dataset:
     """The map-style dataset of a request. ``deterministic``: what the GPU cache decodes once, the evaluation
     geometry, or for training the canvas its device augmentation draws from (class: the centre square resized
     to image_size when random-resized-crop is on; pair: both images resized to the jitter size, uncropped)."""
@@ -287,10 +322,12 @@ def dataset_for(samples: Samples, data: DataConfig, seed: int, *, train: bool, d
     if samples.kind == "pair":
         if deterministic:
             load = pair_load_size(size, samples.jitter) if train else size
-            return PairDataset(split, size, channels, train=False, flip=False, seed=seed, load_size=load, crop=False,
-                               max_pixels=px)
-        return PairDataset(split, size, channels, train=train, flip=data.hflip, seed=seed, jitter=samples.jitter,
-                           max_pixels=px)
+            return PairDataset(
+                split, size, channels, train=False, flip=False, seed=seed, load_size=load, crop=False, max_pixels=px
+            )
+        return PairDataset(
+            split, size, channels, train=train, flip=data.hflip, seed=seed, jitter=samples.jitter, max_pixels=px
+        )
     if deterministic:
         canvas = replace(data, resize_size=size) if train and data.random_resized_crop else data
         return ImageDataset(split, eval_transform(canvas), channels, seed, max_pixels=px, random=False)

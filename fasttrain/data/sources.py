@@ -20,8 +20,19 @@ from fasttrain.data.files import not_regular_reason
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IMAGE_EXTENSIONS", "Split", "DataSource", "ImageScan", "discover", "list_images", "scan_images",
-           "holdout_split", "hold_out", "split_folders", "discover_folder"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "Split",
+    "DataSource",
+    "ImageScan",
+    "discover",
+    "list_images",
+    "scan_images",
+    "holdout_split",
+    "hold_out",
+    "split_folders",
+    "discover_folder",
+]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm"})
 
@@ -161,8 +172,7 @@ def split_folders(cfg: DataConfig, root: Path) -> tuple[dict[str, Path], set[str
     return found, reserved
 
 
-def hold_out(train: Split, cfg: DataConfig, *, stratify: bool, groups: list[Any] | None = None
-             ) -> tuple[Split, Split]:
+def hold_out(train: Split, cfg: DataConfig, *, stratify: bool, groups: list[Any] | None = None) -> tuple[Split, Split]:
     """(train, val): a seeded ``cfg.val_fraction`` of ``train`` held out, per class when ``stratify``; with
     ``groups``, whole groups go to one side (steps of one drawing session)."""
     if groups is None:
@@ -175,20 +185,29 @@ def hold_out(train: Split, cfg: DataConfig, *, stratify: bool, groups: list[Any]
         tr = [i for i, g in enumerate(groups) if g not in val_keys]
     train_part, val = train.subset(tr), train.subset(va)
     val.name = "val"
-    log.info("no %s/ split: held out %d of %d training samples for validation (data.val_fraction %.2f, seed %d)",
-             cfg.val_dir, len(va), len(tr) + len(va), cfg.val_fraction, cfg.split_seed)
+    log.info(
+        "no %s/ split: held out %d of %d training samples for validation (data.val_fraction %.2f, seed %d)",
+        cfg.val_dir,
+        len(va),
+        len(tr) + len(va),
+        cfg.val_fraction,
+        cfg.split_seed,
+    )
     return train_part, val
 
 
-def _class_folder_split(folder: Path, name: str, class_names: list[str],
-                        skipped: list[tuple[str, str]] | None = None) -> Split:
+def _class_folder_split(
+    folder: Path, name: str, class_names: list[str], skipped: list[tuple[str, str]] | None = None
+) -> Split:
     """The split's files and class indices; image-named entries that are no regular file go to ``skipped``."""
     paths, targets = [], []
     index = {c: i for i, c in enumerate(class_names)}
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if sub.name not in index:
-            raise ConfigError(f"data.root: {name} split {folder} has class folder {sub.name!r} that the training "
-                              f"split lacks (training classes: {', '.join(class_names)})")
+            raise ConfigError(
+                f"data.root: {name} split {folder} has class folder {sub.name!r} that the training "
+                f"split lacks (training classes: {', '.join(class_names)})"
+            )
         scan = scan_images(sub)
         for f in scan.files:
             paths.append(str(f))
@@ -202,8 +221,9 @@ def discover_folder(cfg: DataConfig, root: Path) -> DataSource:
     """The ``folder`` format: one sub-folder per class (ImageFolder), under split folders or a hold-out."""
     folders, reserved = split_folders(cfg, root)
     train_dir = folders["train"]
-    class_names = sorted(p.name for p in train_dir.iterdir()
-                         if p.is_dir() and not p.name.startswith(".") and p.name not in reserved)
+    class_names = sorted(
+        p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in reserved
+    )
     if not class_names:
         raise ConfigError(f"data.root: {train_dir} holds no class folders (expected {train_dir}/<class>/<image>)")
     skipped: list[tuple[str, str]] = []
@@ -219,8 +239,7 @@ def discover_folder(cfg: DataConfig, root: Path) -> DataSource:
     else:
         train, val = hold_out(train, cfg, stratify=True)
     test = _class_folder_split(folders["test"], "test", class_names, skipped) if "test" in folders else None
-    return DataSource(root, "folder", train, val if len(val) else None, test, class_names=class_names,
-                      skipped=skipped)
+    return DataSource(root, "folder", train, val if len(val) else None, test, class_names=class_names, skipped=skipped)
 
 
 def discover(cfg: DataConfig, root: str | os.PathLike | None = None) -> DataSource:

@@ -22,9 +22,21 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["SHAPES", "make_shapes_dataset", "demo_dataset", "default_cache_dir", "atomic_dir",
-           "DRAWING_PALETTE", "drawing_session", "make_drawing_dataset", "PAIRED_COLORS", "paired_images",
-           "make_paired_dataset", "imagenet_like_image", "make_imagenet_like"]
+__all__ = [
+    "SHAPES",
+    "make_shapes_dataset",
+    "demo_dataset",
+    "default_cache_dir",
+    "atomic_dir",
+    "DRAWING_PALETTE",
+    "drawing_session",
+    "make_drawing_dataset",
+    "PAIRED_COLORS",
+    "paired_images",
+    "make_paired_dataset",
+    "imagenet_like_image",
+    "make_imagenet_like",
+]
 
 SHAPES = ("circle", "square", "triangle", "cross")
 
@@ -37,13 +49,18 @@ def _need(cond: bool, name: str, value: object, rule: str) -> None:
 
 def _check_size(size: int | tuple[int, int], name: str = "size") -> None:
     sides = (size,) if isinstance(size, int) else tuple(size)
-    _need(len(sides) in (1, 2) and all(isinstance(s, int) and s >= 8 for s in sides), name, size,
-          "at least 8 pixels per side")
+    _need(
+        len(sides) in (1, 2) and all(isinstance(s, int) and s >= 8 for s in sides),
+        name,
+        size,
+        "at least 8 pixels per side",
+    )
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("FASTTRAIN_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                               / "fasttrain"))
+    return Path(
+        os.environ.get("FASTTRAIN_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fasttrain")
+    )
 
 
 @contextlib.contextmanager
@@ -100,9 +117,16 @@ def shape_image(shape: str, size: int, rng: random.Random) -> Image.Image:
     return im
 
 
-def make_shapes_dataset(root: str | os.PathLike, *, train_per_class: int = 300, val_per_class: int = 60,
-                        size: int = 48, shapes: tuple[str, ...] = SHAPES, seed: int = 0,
-                        fmt: str = "png") -> Path:
+def make_shapes_dataset(
+    root: str | os.PathLike,
+    *,
+    train_per_class: int = 300,
+    val_per_class: int = 60,
+    size: int = 48,
+    shapes: tuple[str, ...] = SHAPES,
+    seed: int = 0,
+    fmt: str = "png",
+) -> Path:
     """Write an ImageFolder tree ``root/{train,val}/<shape>/*.<fmt>`` of coloured shapes; returns ``root``."""
     _need(train_per_class >= 1, "train_per_class", train_per_class, ">= 1")
     _need(val_per_class >= 0, "val_per_class", val_per_class, ">= 0")
@@ -131,9 +155,13 @@ def demo_dataset(cache_dir: str | os.PathLike | None = None) -> Path:
         except OSError as e:  # a read-only or full home folder
             from fasttrain.io import WriteError, os_reason
 
-            raise WriteError(f"cannot write the demo dataset to {root}: {os_reason(e)}; set FASTTRAIN_CACHE to a "
-                             f"writable folder, or data.root to a dataset", e.errno, path=root,
-                             reason=os_reason(e)) from None
+            raise WriteError(
+                f"cannot write the demo dataset to {root}: {os_reason(e)}; set FASTTRAIN_CACHE to a "
+                f"writable folder, or data.root to a dataset",
+                e.errno,
+                path=root,
+                reason=os_reason(e),
+            ) from None
     return root
 
 
@@ -144,15 +172,16 @@ DRAWING_PALETTE = ("#ffdd00", "#ff8800", "#ff4444", "#228822", "#662299", "#1122
 
 
 def _rgb(hex_color: str) -> tuple[int, int, int]:
-    return tuple(int(hex_color[i:i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+    return tuple(int(hex_color[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
 
 
 def _size2(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
-def drawing_session(steps: int, size: int | tuple[int, int], rng: random.Random
-                    ) -> list[tuple[Image.Image, dict[str, Any] | None]]:
+def drawing_session(
+    steps: int, size: int | tuple[int, int], rng: random.Random
+) -> list[tuple[Image.Image, dict[str, Any] | None]]:
     """Canvases 0..steps and the strokes 1..steps of one session: ``[(canvas_k, stroke_k+1), ...]``.
 
     What makes it learnable: each stroke starts where the previous one ended, marked on the canvas by a
@@ -187,19 +216,31 @@ def drawing_session(steps: int, size: int | tuple[int, int], rng: random.Random
             prev = DRAWING_PALETTE[(DRAWING_PALETTE.index(color) - 1) % len(DRAWING_PALETTE)]
         else:
             (cx, cy), prev = strokes[-1][0][-1], strokes[-1][1]
-        draw.ellipse([cx - dot, cy - dot, cx + dot, cy + dot], fill=_rgb(prev), outline=(0, 0, 0),
-                     width=max(1, dot // 3))
+        draw.ellipse(
+            [cx - dot, cy - dot, cx + dot, cy + dot], fill=_rgb(prev), outline=(0, 0, 0), width=max(1, dot // 3)
+        )
         stroke = None
         if k < steps:
             points, color = strokes[k]
-            stroke = {"x": round(points[0][0], 1), "y": round(points[0][1], 1), "color": color,
-                      "points": [[round(px, 1), round(py, 1)] for px, py in points]}
+            stroke = {
+                "x": round(points[0][0], 1),
+                "y": round(points[0][1], 1),
+                "color": color,
+                "points": [[round(px, 1), round(py, 1)] for px, py in points],
+            }
         out.append((im, stroke))
     return out
 
 
-def make_drawing_dataset(root: str | os.PathLike, sessions: int = 60, steps: int = 8,
-                         size: int | tuple[int, int] = 128, *, val_sessions: int = 0, seed: int = 0) -> Path:
+def make_drawing_dataset(
+    root: str | os.PathLike,
+    sessions: int = 60,
+    steps: int = 8,
+    size: int | tuple[int, int] = 128,
+    *,
+    val_sessions: int = 0,
+    seed: int = 0,
+) -> Path:
     """Write drawing sessions ``root/session_NNNN/step_NNNN.{png,json}``; returns ``root``.
 
     Canvas ``step_k.png`` (k = 0..steps) shows strokes 1..k; ``step_k.json`` (k = 1..steps) holds stroke k's
@@ -243,8 +284,15 @@ def paired_images(size: int, rng: random.Random) -> tuple[Image.Image, Image.Ima
     return edges.convert("RGB"), target
 
 
-def make_paired_dataset(root: str | os.PathLike, n: int = 200, size: int = 64, layout: str = "folders", *,
-                        val_fraction: float = 0.2, seed: int = 0) -> Path:
+def make_paired_dataset(
+    root: str | os.PathLike,
+    n: int = 200,
+    size: int = 64,
+    layout: str = "folders",
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+) -> Path:
     """Write ``n`` outline -> filled-shape pairs, ``val_fraction`` of them under ``val/``, the rest ``train/``.
 
     layout ``folders``: ``<split>/A/NNNNN.png`` (input) and ``<split>/B/NNNNN.png`` (target);
@@ -276,28 +324,49 @@ def make_paired_dataset(root: str | os.PathLike, n: int = 200, size: int = 64, l
 
 
 # -- ImageNet-like JPEGs (benchmarks) ------------------------------------------------------------------------
-def imagenet_like_image(size: tuple[int, int], class_index: int, classes: int, rng: np.random.Generator,
-                        quality: int = 90) -> bytes:
+def imagenet_like_image(
+    size: tuple[int, int], class_index: int, classes: int, rng: np.random.Generator, quality: int = 90
+) -> bytes:
     """A photo-sized JPEG with photo-like entropy: a smooth random field tinted by class, a shape, fine grain."""
     w, h = size
     field = rng.random((max(2, h // 24), max(2, w // 24), 3), dtype=np.float32)
     im = Image.fromarray((field * 255).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC)
-    hue = Image.new("RGB", (w, h), tuple(int(v) for v in np.array(
-        [math.sin(2 * math.pi * (class_index / classes + k / 3)) * 0.5 + 0.5 for k in range(3)]) * 255))
+    hue = Image.new(
+        "RGB",
+        (w, h),
+        tuple(
+            int(v)
+            for v in np.array([math.sin(2 * math.pi * (class_index / classes + k / 3)) * 0.5 + 0.5 for k in range(3)])
+            * 255
+        ),
+    )
     im = Image.blend(im, hue, 0.35)
     draw = ImageDraw.Draw(im)
     r = rng.uniform(0.15, 0.3) * min(w, h)
-    _draw_shape(draw, SHAPES[class_index % len(SHAPES)], rng.uniform(r, w - r), rng.uniform(r, h - r), r,
-                tuple(int(v) for v in rng.integers(0, 256, 3)))
+    _draw_shape(
+        draw,
+        SHAPES[class_index % len(SHAPES)],
+        rng.uniform(r, w - r),
+        rng.uniform(r, h - r),
+        r,
+        tuple(int(v) for v in rng.integers(0, 256, 3)),
+    )
     arr = np.asarray(im, dtype=np.int16) + rng.integers(-10, 11, (h, w, 3), dtype=np.int16)
     buf = io.BytesIO()
     Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(buf, "JPEG", quality=quality)
     return buf.getvalue()
 
 
-def make_imagenet_like(root: str | os.PathLike, n: int = 1000, classes: int = 10,
-                       size: tuple[int, int] = (500, 375), quality: int = 90, *, val: int = 0,
-                       seed: int = 0) -> Path:
+def make_imagenet_like(
+    root: str | os.PathLike,
+    n: int = 1000,
+    classes: int = 10,
+    size: tuple[int, int] = (500, 375),
+    quality: int = 90,
+    *,
+    val: int = 0,
+    seed: int = 0,
+) -> Path:
     """Write ``n`` training JPEGs (and ``val`` validation ones) in ImageFolder layout, spread over ``classes``.
 
     ``root/{train,val}/class_NNN/NNNNNN.jpg``, ImageNet-sized (500 x 375, quality 90 by default, ~50 KB each),

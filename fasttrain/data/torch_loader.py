@@ -92,11 +92,26 @@ class TorchLoader:
     False for a plain map-style dataset indexed by int.
     """
 
-    def __init__(self, dataset: Dataset, spec: InputSpec, *, batch_size: int, train: bool, seed: int,
-                 workers: int, prefetch: int = 2, pin_memory: bool | None = None,
-                 prepare: Callable[[Any], Batch] | None = None, collate: Callable = collate_skip,
-                 num_shards: int = 1, shard_id: int = 0, skipped: list[tuple[str, str]] | None = None,
-                 max_bad_per_epoch: int = 10, split: str | None = None, epoch_keys: bool = True):
+    def __init__(
+        self,
+        dataset: Dataset,
+        spec: InputSpec,
+        *,
+        batch_size: int,
+        train: bool,
+        seed: int,
+        workers: int,
+        prefetch: int = 2,
+        pin_memory: bool | None = None,
+        prepare: Callable[[Any], Batch] | None = None,
+        collate: Callable = collate_skip,
+        num_shards: int = 1,
+        shard_id: int = 0,
+        skipped: list[tuple[str, str]] | None = None,
+        max_bad_per_epoch: int = 10,
+        split: str | None = None,
+        epoch_keys: bool = True,
+    ):
         if not epoch_keys:  # a plain map-style dataset: dataset[i], its own randomness
             dataset = _IndexKeys(dataset)
         self.spec = spec
@@ -105,16 +120,28 @@ class TorchLoader:
         self.skipped: list[tuple[str, str]] = list(skipped or [])
         self._bad = BadFiles(self.skipped, max_bad_per_epoch)
         self._split = split or ("train" if train else "evaluation")
-        self.sampler = EpochSampler(len(cast(Sized, dataset)), batch_size=batch_size, shuffle=train, seed=seed,
-                                    drop_last=train, num_shards=num_shards, shard_id=shard_id)
+        self.sampler = EpochSampler(
+            len(cast(Sized, dataset)),
+            batch_size=batch_size,
+            shuffle=train,
+            seed=seed,
+            drop_last=train,
+            num_shards=num_shards,
+            shard_id=shard_id,
+        )
         self.prepare = prepare or _default_prepare(spec)
         cuda = spec.device.type == "cuda"
         if train and collate is collate_skip:
             collate = functools.partial(collate_skip, fill_to=batch_size)
         self.loader = DataLoader(
-            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers, collate_fn=_NamedSkips(collate),
+            dataset,
+            batch_size=batch_size,
+            sampler=self.sampler,
+            num_workers=workers,
+            collate_fn=_NamedSkips(collate),
             pin_memory=cuda if pin_memory is None else pin_memory,
-            persistent_workers=workers > 0, prefetch_factor=prefetch if workers > 0 else None,
+            persistent_workers=workers > 0,
+            prefetch_factor=prefetch if workers > 0 else None,
             drop_last=False,  # the sampler already trimmed to whole batches for training
             # Its own generator: otherwise each new iterator draws its base seed from the global RNG, and a
             # resumed run (fresh persistent workers) would shift dropout and init randomness.
@@ -181,8 +208,16 @@ class TorchLoader:
         self.loader = None  # type: ignore[assignment]
 
 
-def build(samples: Samples, cfg: Config, spec: InputSpec, *, train: bool, batch_size: int, num_shards: int = 1,
-          shard_id: int = 0) -> TorchLoader:
+def build(
+    samples: Samples,
+    cfg: Config,
+    spec: InputSpec,
+    *,
+    train: bool,
+    batch_size: int,
+    num_shards: int = 1,
+    shard_id: int = 0,
+) -> TorchLoader:
     """The torch backend for any request (:mod:`fasttrain.data.samples`): the shared pre-check, then the kind's
     dataset decoded by ``data.workers`` processes. Pairs are normalized on the device, both images alike."""
     d = cfg.data
@@ -197,6 +232,18 @@ def build(samples: Samples, cfg: Config, spec: InputSpec, *, train: bool, batch_
             a, b = cpu_batch
             return Batch(normalize_on_device(a, spec, scale_shift), normalize_on_device(b, spec, scale_shift))
 
-    return TorchLoader(ds, spec, batch_size=batch_size, train=train, seed=cfg.runtime.seed, workers=d.num_workers,
-                       prefetch=d.prefetch, prepare=prepare, num_shards=num_shards, shard_id=shard_id,
-                       skipped=checked.bad, max_bad_per_epoch=d.max_bad_per_epoch, split=samples.split.name)
+    return TorchLoader(
+        ds,
+        spec,
+        batch_size=batch_size,
+        train=train,
+        seed=cfg.runtime.seed,
+        workers=d.num_workers,
+        prefetch=d.prefetch,
+        prepare=prepare,
+        num_shards=num_shards,
+        shard_id=shard_id,
+        skipped=checked.bad,
+        max_bad_per_epoch=d.max_bad_per_epoch,
+        split=samples.split.name,
+    )

@@ -16,8 +16,15 @@ from torchvision.transforms.v2 import functional as TF
 from fasttrain.config import DataConfig
 from fasttrain.data.files import open_regular
 
-__all__ = ["DECODE_ERRORS", "load_image", "convert_image", "eval_transform", "train_transform", "to_uint8_tensor",
-           "resize_square"]
+__all__ = [
+    "DECODE_ERRORS",
+    "load_image",
+    "convert_image",
+    "eval_transform",
+    "train_transform",
+    "to_uint8_tensor",
+    "resize_square",
+]
 
 # What a broken or unsupported image file raises while decoding (PIL raises SyntaxError on some corrupt PNGs,
 # DecompressionBombError on absurd sizes): every loader skips and reports these instead of stopping.
@@ -35,7 +42,8 @@ def load_image(path: str, channels: int, max_pixels: int | None = None) -> Image
     with open_regular(path) as f, Image.open(f) as im:
         if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
             raise Image.DecompressionBombError(
-                f"{im.size[0]}x{im.size[1]} pixels exceed data.max_image_pixels ({max_pixels:,})")
+                f"{im.size[0]}x{im.size[1]} pixels exceed data.max_image_pixels ({max_pixels:,})"
+            )
         im.load()
         return convert_image(im, channels)
 
@@ -100,4 +108,3 @@ def train_transform(cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
         return to_uint8_tensor(pipeline(im))
 
     return apply
-

@@ -40,8 +40,14 @@ from fasttrain.data.sources import DataSource, Split
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DATASET_ROOT", "DatasetSplit", "dataset_source", "choose_dataset_backend", "dataset_loader",
-           "is_dataset_run"]
+__all__ = [
+    "DATASET_ROOT",
+    "DatasetSplit",
+    "dataset_source",
+    "choose_dataset_backend",
+    "dataset_loader",
+    "is_dataset_run",
+]
 
 DATASET_ROOT = "python:"
 """``data.root`` of a run trained on a dataset from Python: ``python:<class name>`` (resuming needs it again)."""
@@ -90,11 +96,18 @@ class DatasetSplit(Split):
         return _Checked(self.dataset, self.label, self.rows)
 
 
-def _split(name: str, dataset: Any, rows: list[int] | None, label: str, fixed: bool, item_nbytes: int
-           ) -> DatasetSplit:
+def _split(name: str, dataset: Any, rows: list[int] | None, label: str, fixed: bool, item_nbytes: int) -> DatasetSplit:
     n = len(dataset) if rows is None else len(rows)
-    return DatasetSplit(name, cast(list[str], _ItemNames(label, n, rows)), [], dataset=dataset, rows=rows,
-                        label=label, fixed=fixed, item_nbytes=item_nbytes)
+    return DatasetSplit(
+        name,
+        cast(list[str], _ItemNames(label, n, rows)),
+        [],
+        dataset=dataset,
+        rows=rows,
+        label=label,
+        fixed=fixed,
+        item_nbytes=item_nbytes,
+    )
 
 
 def is_dataset_run(cfg: Config) -> bool:
@@ -124,8 +137,10 @@ class _Checked(Dataset):
 
 def _check_dataset(dataset: Any, arg: str) -> None:
     if isinstance(dataset, IterableDataset) or not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
-        raise TypeError(f"{arg}: needs a map-style dataset (__len__ and __getitem__ giving (image, label)), got "
-                        f"{type(dataset).__name__}")
+        raise TypeError(
+            f"{arg}: needs a map-style dataset (__len__ and __getitem__ giving (image, label)), got "
+            f"{type(dataset).__name__}"
+        )
     if len(dataset) == 0:
         raise ValueError(f"{arg}: the dataset is empty")
 
@@ -145,19 +160,25 @@ def _first_item(dataset: Any, arg: str) -> tuple[int, torch.Tensor, Any]:
             raise TypeError(f"{arg}[{i}]: expected an (image, label) pair, got {type(item).__name__}")
         x, y = item
         if not isinstance(x, torch.Tensor) or x.ndim != 3:
-            raise TypeError(f"{arg}[{i}]: the image must be a C x H x W tensor (uint8 0..255, or float already "
-                            f"normalized), got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+            raise TypeError(
+                f"{arg}[{i}]: the image must be a C x H x W tensor (uint8 0..255, or float already "
+                f"normalized), got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}"
+            )
         if not (x.dtype == torch.uint8 or x.is_floating_point()):
             raise TypeError(f"{arg}[{i}]: image dtype {x.dtype}: expected uint8 (0..255) or a floating point type")
         if x.shape[1] != x.shape[2]:
-            raise ValueError(f"{arg}[{i}]: image {tuple(x.shape)} is not square; data.image_size is one side "
-                             f"(resize or crop in the dataset)")
+            raise ValueError(
+                f"{arg}[{i}]: image {tuple(x.shape)} is not square; data.image_size is one side "
+                f"(resize or crop in the dataset)"
+            )
         label = y.item() if isinstance(y, torch.Tensor) and y.numel() == 1 else y
         if isinstance(label, bool) or not isinstance(label, int):
             raise TypeError(f"{arg}[{i}]: the label must be an int class index, got {type(y).__name__} {y!r}")
         return i, x, label
-    raise ValueError(f"{arg}: none of the first {min(len(dataset), 16)} items could be read"
-                     + (f" ({errors[0]})" if errors else " (each was None)"))
+    raise ValueError(
+        f"{arg}: none of the first {min(len(dataset), 16)} items could be read"
+        + (f" ({errors[0]})" if errors else " (each was None)")
+    )
 
 
 FIXED_PROBES = 8
@@ -203,11 +224,15 @@ def dataset_source(cfg: Config, dataset: Any, val_dataset: Any = None) -> tuple[
     """The config (data.root, channels, image size and output count taken from the dataset) and a
     :class:`DataSource` over ``dataset`` (and ``val_dataset``, else a seeded ``data.val_fraction`` hold-out)."""
     if cfg.task.name != "classify":
-        raise ConfigError(f"task.name: a dataset from Python is served to the classify task (an (image, label) "
-                          f"pair per item); got {cfg.task.name!r}: give that task's data as files in data.root")
+        raise ConfigError(
+            f"task.name: a dataset from Python is served to the classify task (an (image, label) "
+            f"pair per item); got {cfg.task.name!r}: give that task's data as files in data.root"
+        )
     if cfg.data.loader == "dali":
-        raise ConfigError("data.loader: DALI reads files; a dataset from Python is served by the torch loader or "
-                          "the cache (data.loader = auto, torch or cache)")
+        raise ConfigError(
+            "data.loader: DALI reads files; a dataset from Python is served by the torch loader or "
+            "the cache (data.loader = auto, torch or cache)"
+        )
     _check_dataset(dataset, "dataset")
     if val_dataset is not None:
         _check_dataset(val_dataset, "val_dataset")
@@ -220,44 +245,58 @@ def dataset_source(cfg: Config, dataset: Any, val_dataset: Any = None) -> tuple[
     if classes is not None:
         names = [str(n) for n in classes]
         if n_out and n_out != len(names):
-            raise ConfigError(f"model.num_outputs = {n_out}, but the dataset's classes attribute names "
-                              f"{len(names)} classes")
+            raise ConfigError(
+                f"model.num_outputs = {n_out}, but the dataset's classes attribute names {len(names)} classes"
+            )
     elif n_out:
         names = [str(k) for k in range(n_out)]
     else:
-        raise ConfigError("model.num_outputs: the dataset has no `classes` attribute (torchvision's datasets "
-                          "have one): give it one, or set model.num_outputs to the class count")
+        raise ConfigError(
+            "model.num_outputs: the dataset has no `classes` attribute (torchvision's datasets "
+            "have one): give it one, or set model.num_outputs to the class count"
+        )
     if not 0 <= label < len(names):
         raise ValueError(f"dataset[{i}]: label {label} is outside 0..{len(names) - 1} ({len(names)} classes)")
     if (c, side) != (cfg.data.channels, cfg.data.image_size):
-        log.info("data.channels = %d, data.image_size = %d: taken from the dataset's items (%s)", c, side,
-                 "x".join(map(str, x.shape)))
+        log.info(
+            "data.channels = %d, data.image_size = %d: taken from the dataset's items (%s)",
+            c,
+            side,
+            "x".join(map(str, x.shape)),
+        )
     name = type(dataset).__name__
     data = dataclasses.replace(cfg.data, root=f"{DATASET_ROOT}{name}", channels=c, image_size=side)
-    cfg = dataclasses.replace(cfg, data=data,
-                              model=dataclasses.replace(cfg.model, num_outputs=len(names)))
+    cfg = dataclasses.replace(cfg, data=data, model=dataclasses.replace(cfg.model, num_outputs=len(names)))
     fixed = _is_fixed(dataset)
     item_nbytes = x.numel() * x.element_size() + 8
     rows: list[int] | None = None
-    val = None if val_dataset is None else _split("val", val_dataset, None, "val_dataset",
-                                                  fixed and _is_fixed(val_dataset), item_nbytes)
+    val = (
+        None
+        if val_dataset is None
+        else _split("val", val_dataset, None, "val_dataset", fixed and _is_fixed(val_dataset), item_nbytes)
+    )
     if val is None and cfg.data.val_fraction > 0 and len(dataset) > 1:
         order = list(range(len(dataset)))
         random.Random(cfg.runtime.seed).shuffle(order)
         k = max(1, math.floor(len(order) * cfg.data.val_fraction))
         rows = sorted(order[k:])
         val = _split("val", dataset, sorted(order[:k]), "dataset", fixed, item_nbytes)
-        log.info("no val_dataset: %d of %d items held out for validation (data.val_fraction = %g)", k,
-                 len(dataset), cfg.data.val_fraction)
+        log.info(
+            "no val_dataset: %d of %d items held out for validation (data.val_fraction = %g)",
+            k,
+            len(dataset),
+            cfg.data.val_fraction,
+        )
     if cfg.data.max_samples and (len(dataset) if rows is None else len(rows)) > cfg.data.max_samples:
-        rows = (rows or list(range(len(dataset))))[:cfg.data.max_samples]
+        rows = (rows or list(range(len(dataset))))[: cfg.data.max_samples]
     train = _split("train", dataset, rows, "dataset", fixed, item_nbytes)
     source = DataSource(root=Path(data.root), format="dataset", train=train, val=val, class_names=names)
     return cfg, source
 
 
-def choose_dataset_backend(requested: str, source: DataSource, cfg: Config, device: torch.device,
-                           memory_limit: int | None = None) -> tuple[str, str]:
+def choose_dataset_backend(
+    requested: str, source: DataSource, cfg: Config, device: torch.device, memory_limit: int | None = None
+) -> tuple[str, str]:
     """(backend, reason) for a dataset from Python: the cache when its items are fixed and fit, else torch."""
     from fasttrain.data.gpu_cache import cache_fits
 
@@ -269,14 +308,18 @@ def choose_dataset_backend(requested: str, source: DataSource, cfg: Config, devi
     fits, why = cache_fits(n, cfg.data, device, memory_limit=memory_limit, sample_nbytes=train.item_nbytes)
     if requested == "cache":
         if not fixed:
-            log.warning("data.loader = cache although the dataset's items change between reads (random "
-                        "transforms): the cache keeps one draw per item")
+            log.warning(
+                "data.loader = cache although the dataset's items change between reads (random "
+                "transforms): the cache keeps one draw per item"
+            )
         if not fits:
             log.warning("data.loader = cache although %s", why)
         return "cache", "data.loader = cache"
     if not fixed:
-        return "torch", ("auto: the dataset's items change between reads (its own random transforms), so the "
-                         "torch loader reads them every epoch")
+        return "torch", (
+            "auto: the dataset's items change between reads (its own random transforms), so the "
+            "torch loader reads them every epoch"
+        )
     if fits:
         return "cache", f"auto: the dataset's items are fixed and fit the cache ({why})"
     return "torch", f"auto: the dataset does not fit the cache ({why})"
@@ -298,26 +341,56 @@ def _prepare(spec: InputSpec):
     return prepare
 
 
-def dataset_loader(backend: str, split: DatasetSplit, cfg: Config, spec: InputSpec, *, train: bool,
-                   batch_size: int, num_shards: int = 1, shard_id: int = 0) -> Loader:
+def dataset_loader(
+    backend: str,
+    split: DatasetSplit,
+    cfg: Config,
+    spec: InputSpec,
+    *,
+    train: bool,
+    batch_size: int,
+    num_shards: int = 1,
+    shard_id: int = 0,
+) -> Loader:
     """The torch loader or the cache over a dataset from Python (see the module docstring)."""
     dataset = split.items()
     if backend == "cache":
         from fasttrain.data.gpu_cache import GpuCacheLoader
 
-        return GpuCacheLoader.from_dataset(dataset, spec, batch_size=batch_size, train=train, seed=cfg.runtime.seed,
-                                           num_shards=num_shards, shard_id=shard_id,
-                                           max_bad=cfg.data.max_bad_per_epoch, name=split.name)
+        return GpuCacheLoader.from_dataset(
+            dataset,
+            spec,
+            batch_size=batch_size,
+            train=train,
+            seed=cfg.runtime.seed,
+            num_shards=num_shards,
+            shard_id=shard_id,
+            max_bad=cfg.data.max_bad_per_epoch,
+            name=split.name,
+        )
     if backend != "torch":
         raise ConfigError(f"data.loader: {backend} cannot serve a dataset from Python (torch or cache can)")
     from fasttrain.data.torch_loader import TorchLoader
 
-    loader = TorchLoader(dataset, spec, batch_size=batch_size, train=train, seed=cfg.runtime.seed,
-                         workers=cfg.data.num_workers, prefetch=cfg.data.prefetch, prepare=_prepare(spec),
-                         num_shards=num_shards, shard_id=shard_id, max_bad_per_epoch=cfg.data.max_bad_per_epoch,
-                         split=split.name, epoch_keys=False)
+    loader = TorchLoader(
+        dataset,
+        spec,
+        batch_size=batch_size,
+        train=train,
+        seed=cfg.runtime.seed,
+        workers=cfg.data.num_workers,
+        prefetch=cfg.data.prefetch,
+        prepare=_prepare(spec),
+        num_shards=num_shards,
+        shard_id=shard_id,
+        max_bad_per_epoch=cfg.data.max_bad_per_epoch,
+        split=split.name,
+        epoch_keys=False,
+    )
     if train and len(loader.sampler) == 0:
         shards = f" x {num_shards} processes" if num_shards > 1 else ""
-        raise ValueError(f"the train dataset has {len(split)} items, fewer than one batch of {batch_size}{shards} "
-                         f"(training drops partial batches); lower train.batch_size")
+        raise ValueError(
+            f"the train dataset has {len(split)} items, fewer than one batch of {batch_size}{shards} "
+            f"(training drops partial batches); lower train.batch_size"
+        )
     return loader

@@ -37,7 +37,7 @@ def available_models() -> list[str]:
 
 def is_conv_model(name: str) -> bool:
     """Whether channels_last pays off: convolutional nets yes, transformers and MLPs no."""
-    base = name[len(TIMM_PREFIX):] if name.startswith(TIMM_PREFIX) else name
+    base = name[len(TIMM_PREFIX) :] if name.startswith(TIMM_PREFIX) else name
     return base not in _NOT_CONV and not base.startswith(_TRANSFORMER_PREFIXES)
 
 
@@ -50,8 +50,10 @@ def check_model(name: str, *, given: bool = False) -> None:
     nothing), so a run refuses it before it creates its folder. ``given``: a model was passed from Python."""
     if name == CUSTOM:
         if not given:
-            raise ValueError("model.name: custom means this run's model was passed from Python; pass the same "
-                             "model again (train(..., model=...), predict(..., model=...))")
+            raise ValueError(
+                "model.name: custom means this run's model was passed from Python; pass the same "
+                "model again (train(..., model=...), predict(..., model=...))"
+            )
         return
     if name in _SMALL:
         return
@@ -60,30 +62,50 @@ def check_model(name: str, *, given: bool = False) -> None:
             import timm
         except ImportError:
             raise ValueError(f"model.name: {name} needs timm, which is not installed (pip install timm)") from None
-        if not timm.is_model(name[len(TIMM_PREFIX):]):
-            raise ValueError(f"model.name: timm has no model {name[len(TIMM_PREFIX):]!r} "
-                             f"(timm.list_models() lists them)")
+        if not timm.is_model(name[len(TIMM_PREFIX) :]):
+            raise ValueError(
+                f"model.name: timm has no model {name[len(TIMM_PREFIX) :]!r} (timm.list_models() lists them)"
+            )
         return
     from torchvision import models as tvm
 
     if name not in tvm.list_models(module=tvm):
-        raise ValueError(f"model.name: unknown model {name!r}; known: {', '.join(sorted(_SMALL))}, torchvision "
-                         f"classification models (resnet18, resnet50, ...) and timm/<name> with timm installed")
+        raise ValueError(
+            f"model.name: unknown model {name!r}; known: {', '.join(sorted(_SMALL))}, torchvision "
+            f"classification models (resnet18, resnet50, ...) and timm/<name> with timm installed"
+        )
 
 
-def build_model(name: str, *, in_channels: int, num_outputs: int, image_size: int, width: int = 32,
-                dropout: float = 0.0, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+def build_model(
+    name: str,
+    *,
+    in_channels: int,
+    num_outputs: int,
+    image_size: int,
+    width: int = 32,
+    dropout: float = 0.0,
+    pretrained: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
     if name in _SMALL:
         if pretrained:
-            raise ValueError(f"model.pretrained: {name} is one of fasttrain's small nets, which have no pretrained "
-                             f"weights (use model.init_from = a file of your own)")
+            raise ValueError(
+                f"model.pretrained: {name} is one of fasttrain's small nets, which have no pretrained "
+                f"weights (use model.init_from = a file of your own)"
+            )
         mod, fn = _SMALL[name].split(":")
         builder = getattr(importlib.import_module(mod), fn)
-        return builder(in_channels=in_channels, num_outputs=num_outputs, image_size=image_size, width=width,
-                       dropout=dropout, **kwargs)
+        return builder(
+            in_channels=in_channels,
+            num_outputs=num_outputs,
+            image_size=image_size,
+            width=width,
+            dropout=dropout,
+            **kwargs,
+        )
     check_model(name)
     if name.startswith(TIMM_PREFIX):
-        return _timm_model(name[len(TIMM_PREFIX):], in_channels, num_outputs, dropout, pretrained)
+        return _timm_model(name[len(TIMM_PREFIX) :], in_channels, num_outputs, dropout, pretrained)
     from torchvision import models as tvm
 
     if not pretrained:
@@ -104,8 +126,9 @@ def _timm_model(name: str, in_channels: int, num_outputs: int, dropout: float, p
     import timm
 
     # timm resizes the head and adapts the stem's input channels itself, pretrained or not.
-    return timm.create_model(name, pretrained=pretrained, num_classes=num_outputs, in_chans=in_channels,
-                             drop_rate=dropout)
+    return timm.create_model(
+        name, pretrained=pretrained, num_classes=num_outputs, in_chans=in_channels, drop_rate=dropout
+    )
 
 
 def _adapt_first_conv(model: nn.Module, in_channels: int, name: str, *, keep_weights: bool = False) -> None:
@@ -114,9 +137,16 @@ def _adapt_first_conv(model: nn.Module, in_channels: int, name: str, *, keep_wei
     for parent in model.modules():
         for child_name, child in parent.named_children():
             if isinstance(child, nn.Conv2d):
-                new = nn.Conv2d(in_channels, child.out_channels, child.kernel_size,  # type: ignore[arg-type]
-                                child.stride, child.padding, child.dilation,  # type: ignore[arg-type]
-                                child.groups, child.bias is not None)
+                new = nn.Conv2d(
+                    in_channels,
+                    child.out_channels,
+                    child.kernel_size,  # type: ignore[arg-type]
+                    child.stride,  # type: ignore[arg-type]
+                    child.padding,  # type: ignore[arg-type]
+                    child.dilation,  # type: ignore[arg-type]
+                    child.groups,
+                    child.bias is not None,
+                )
                 if keep_weights and in_channels == 1:
                     with torch.no_grad():
                         new.weight.copy_(child.weight.sum(dim=1, keepdim=True))

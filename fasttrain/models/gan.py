@@ -38,8 +38,17 @@ class UnetBlock(nn.Module):
     activation would silently change what the skip carries.
     """
 
-    def __init__(self, outer: int, inner: int, *, in_channels: int | None = None, sub: nn.Module | None = None,
-                 outermost: bool = False, innermost: bool = False, dropout: float = 0.0):
+    def __init__(
+        self,
+        outer: int,
+        inner: int,
+        *,
+        in_channels: int | None = None,
+        sub: nn.Module | None = None,
+        outermost: bool = False,
+        innermost: bool = False,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         self.outermost = outermost
         in_channels = outer if in_channels is None else in_channels
@@ -56,8 +65,15 @@ class UnetBlock(nn.Module):
         else:
             assert sub is not None
             up = nn.ConvTranspose2d(inner * 2, outer, 4, stride=2, padding=1, bias=False)
-            layers = [nn.LeakyReLU(0.2), down_conv, nn.BatchNorm2d(inner), sub, nn.ReLU(True), up,
-                      nn.BatchNorm2d(outer)]
+            layers = [
+                nn.LeakyReLU(0.2),
+                down_conv,
+                nn.BatchNorm2d(inner),
+                sub,
+                nn.ReLU(True),
+                up,
+                nn.BatchNorm2d(outer),
+            ]
             if dropout > 0:
                 layers.append(nn.Dropout(dropout))
         self.model = nn.Sequential(*layers)
@@ -74,13 +90,16 @@ def unet_depth(image_size: int) -> int:
     while depth < MAX_UNET_DEPTH and image_size % 2 ** (depth + 1) == 0:
         depth += 1
     if depth < MIN_UNET_DEPTH:
-        raise ValueError(f"data.image_size: the U-Net needs a size divisible by {2 ** MIN_UNET_DEPTH} "
-                         f"(64, 128, 256, ...), got {image_size}")
+        raise ValueError(
+            f"data.image_size: the U-Net needs a size divisible by {2**MIN_UNET_DEPTH} "
+            f"(64, 128, 256, ...), got {image_size}"
+        )
     return depth
 
 
-def unet(*, in_channels: int, num_outputs: int, image_size: int, width: int = 64, dropout: float = 0.0,
-         **_: object) -> nn.Module:
+def unet(
+    *, in_channels: int, num_outputs: int, image_size: int, width: int = 64, dropout: float = 0.0, **_: object
+) -> nn.Module:
     """U-Net generator: ``num_outputs`` output channels (tanh), ``width`` filters in the outer layer (ngf).
 
     ``dropout`` applies in the three innermost 8 * width decoder levels, as pix2pix does with 0.5.
@@ -97,8 +116,16 @@ def unet(*, in_channels: int, num_outputs: int, image_size: int, width: int = 64
     return net
 
 
-def patchgan(*, in_channels: int, num_outputs: int = 1, image_size: int = 256, width: int = 64,
-             dropout: float = 0.0, layers: int = 3, **_: object) -> nn.Module:
+def patchgan(
+    *,
+    in_channels: int,
+    num_outputs: int = 1,
+    image_size: int = 256,
+    width: int = 64,
+    dropout: float = 0.0,
+    layers: int = 3,
+    **_: object,
+) -> nn.Module:
     """PatchGAN discriminator over ``in_channels`` (input + target channels); one logit per 70 x 70 patch.
 
     ``num_outputs`` and ``dropout`` are ignored (one logit per patch, no dropout), as in the reference.
@@ -108,8 +135,11 @@ def patchgan(*, in_channels: int, num_outputs: int = 1, image_size: int = 256, w
     for n in range(1, layers + 1):
         prev, mult = mult, min(2**n, 8)
         stride = 2 if n < layers else 1  # the last one keeps the resolution, as in the reference
-        seq += [nn.Conv2d(width * prev, width * mult, 4, stride=stride, padding=1, bias=False),
-                nn.BatchNorm2d(width * mult), nn.LeakyReLU(0.2, True)]
+        seq += [
+            nn.Conv2d(width * prev, width * mult, 4, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(width * mult),
+            nn.LeakyReLU(0.2, True),
+        ]
     seq.append(nn.Conv2d(width * mult, 1, 4, stride=1, padding=1))
     net = nn.Sequential(*seq)
     init_pix2pix_weights(net)

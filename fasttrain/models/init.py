@@ -67,13 +67,14 @@ def read_state_dict(path: str | os.PathLike, module: str = "model") -> dict[str,
     for k, v in obj.items():
         for prefix in ("module.", "_orig_mod."):
             if k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         out[k] = v
     return out
 
 
-def load_initial_weights(model: nn.Module, state: dict[str, torch.Tensor], *, reset_head: bool,
-                         source: str) -> dict[str, Any]:
+def load_initial_weights(
+    model: nn.Module, state: dict[str, torch.Tensor], *, reset_head: bool, source: str
+) -> dict[str, Any]:
     """Load ``state`` into ``model``; every key must match in name and shape, except the head's with
     ``reset_head`` (left at its fresh initialisation). Returns what was loaded and left out, for the log."""
     head = head_linear(model)
@@ -83,8 +84,11 @@ def load_initial_weights(model: nn.Module, state: dict[str, torch.Tensor], *, re
     state = {k: v for k, v in state.items() if k not in skipped}
     missing = sorted(k for k in own if k not in state and k not in (head_keys if reset_head else set()))
     unexpected = sorted(k for k in state if k not in own)
-    wrong = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
-                   if k in own and state[k].shape != own[k].shape)
+    wrong = sorted(
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    )
     if missing or unexpected or wrong:
         parts = []
         for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
@@ -94,9 +98,14 @@ def load_initial_weights(model: nn.Module, state: dict[str, torch.Tensor], *, re
         hint = ""
         if not reset_head and any(k.split(" ")[0] in head_keys for k in wrong):
             hint = "; the classifier head differs (another class count?): set model.reset_head = true to start it fresh"
-        raise ValueError(f"model.init_from: {source} does not fit model {type(model).__name__} "
-                         f"({'; '.join(parts)}){hint}")
+        raise ValueError(
+            f"model.init_from: {source} does not fit model {type(model).__name__} ({'; '.join(parts)}){hint}"
+        )
     model.load_state_dict(state, strict=not reset_head)
-    log.info("initial weights from %s (%d tensors%s)", source, len(state),
-             f"; head {', '.join(skipped)} left fresh" if skipped else "")
+    log.info(
+        "initial weights from %s (%d tensors%s)",
+        source,
+        len(state),
+        f"; head {', '.join(skipped)} left fresh" if skipped else "",
+    )
     return {"loaded": len(state), "head_reset": skipped}

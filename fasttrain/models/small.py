@@ -12,20 +12,35 @@ def _conv_bn(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-def smallcnn(*, in_channels: int, num_outputs: int, image_size: int, width: int = 32, dropout: float = 0.0,
-             **_: object) -> nn.Module:
+def smallcnn(
+    *, in_channels: int, num_outputs: int, image_size: int, width: int = 32, dropout: float = 0.0, **_: object
+) -> nn.Module:
     """Three conv-BN-ReLU stages with max-pooling, global average pool, linear head. Any input size >= 8."""
     w = width
     return nn.Sequential(
-        _conv_bn(in_channels, w), nn.MaxPool2d(2),
-        _conv_bn(w, 2 * w), nn.MaxPool2d(2),
-        _conv_bn(2 * w, 4 * w), _conv_bn(4 * w, 4 * w),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(4 * w, num_outputs),
+        _conv_bn(in_channels, w),
+        nn.MaxPool2d(2),
+        _conv_bn(w, 2 * w),
+        nn.MaxPool2d(2),
+        _conv_bn(2 * w, 4 * w),
+        _conv_bn(4 * w, 4 * w),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(dropout),
+        nn.Linear(4 * w, num_outputs),
     )
 
 
-def mlp(*, in_channels: int, num_outputs: int, image_size: int, width: int = 32, dropout: float = 0.0,
-        depth: int = 2, **_: object) -> nn.Module:
+def mlp(
+    *,
+    in_channels: int,
+    num_outputs: int,
+    image_size: int,
+    width: int = 32,
+    dropout: float = 0.0,
+    depth: int = 2,
+    **_: object,
+) -> nn.Module:
     """Flatten -> ``depth`` hidden layers of 4 * width units (ReLU) -> outputs; for tiny images (8x8 digits)."""
     hidden = 4 * width
     layers: list[nn.Module] = [nn.Flatten()]
@@ -48,8 +63,17 @@ class ConvNet(nn.Module):
     regression (drawing) needs.
     """
 
-    def __init__(self, in_channels: int, num_outputs: int, image_size: int, width: int = 32,
-                 dropout: float = 0.0, min_blocks: int = 3, max_blocks: int = 6, hidden: int = 0):
+    def __init__(
+        self,
+        in_channels: int,
+        num_outputs: int,
+        image_size: int,
+        width: int = 32,
+        dropout: float = 0.0,
+        min_blocks: int = 3,
+        max_blocks: int = 6,
+        hidden: int = 0,
+    ):
         super().__init__()
         layers: list[nn.Module] = []
         cin, size = in_channels, image_size
@@ -65,15 +89,21 @@ class ConvNet(nn.Module):
         with torch.no_grad():
             flat = self.features(torch.zeros(1, in_channels, image_size, image_size)).numel()
         hidden = hidden or 16 * width
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-                                  nn.Linear(hidden, num_outputs))
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(flat, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_outputs),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
 
-def convnet(*, in_channels: int, num_outputs: int, image_size: int, width: int = 32, dropout: float = 0.0,
-            **_: object) -> nn.Module:
+def convnet(
+    *, in_channels: int, num_outputs: int, image_size: int, width: int = 32, dropout: float = 0.0, **_: object
+) -> nn.Module:
     """Conv(5x5) -> max-pool -> ReLU blocks (width, 2w, 4w, ... channels), flatten, 16w hidden units, outputs.
 
     Three blocks (fewer for inputs under 8 px), more for large inputs until the map is at most 8 x 8:

@@ -103,8 +103,7 @@ def match_param_layout(optimizer: torch.optim.Optimizer) -> None:
     """
     for param, state in optimizer.state.items():
         for key, value in state.items():
-            if (isinstance(value, torch.Tensor) and value.shape == param.shape
-                    and value.stride() != param.stride()):
+            if isinstance(value, torch.Tensor) and value.shape == param.shape and value.stride() != param.stride():
                 state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
@@ -154,8 +153,14 @@ class Task:
 
         c = self.cfg
         model = self.given_model() or build_model(
-            c.model.name, in_channels=c.data.channels, num_outputs=self.num_outputs, image_size=c.data.image_size,
-            width=c.model.width, dropout=c.model.dropout, pretrained=c.model.pretrained and not self.restoring)
+            c.model.name,
+            in_channels=c.data.channels,
+            num_outputs=self.num_outputs,
+            image_size=c.data.image_size,
+            width=c.model.width,
+            dropout=c.model.dropout,
+            pretrained=c.model.pretrained and not self.restoring,
+        )
         self.load_initial_weights(model, "model")
         fn = self.runtime.prepare_model(model)
         opt = make_optimizer(model, c.optim, fused_kwargs=self.runtime.optimizer_kwargs())
@@ -180,11 +185,11 @@ class Task:
             return
         from fasttrain.models.init import load_initial_weights, read_state_dict
 
-        load_initial_weights(model, read_state_dict(path, module), reset_head=self.cfg.model.reset_head,
-                             source=path)
+        load_initial_weights(model, read_state_dict(path, module), reset_head=self.cfg.model.reset_head, source=path)
 
-    def make_loader(self, split: Split, *, train: bool, batch_size: int, backend: str, num_shards: int = 1,
-                    shard_id: int = 0) -> Loader:
+    def make_loader(
+        self, split: Split, *, train: bool, batch_size: int, backend: str, num_shards: int = 1, shard_id: int = 0
+    ) -> Loader:
         """A loader over ``split`` yielding device Batches of ``batch_size`` (this process's micro-batch).
 
         ``backend`` (torch, dali, cache: ``data.loader``, or what auto chose) means the same for every task: a
@@ -200,8 +205,9 @@ class Task:
         return self.runtime.input_spec(mean, std)
 
     # -- steps -----------------------------------------------------------------------------------------------
-    def train_phases(self, state: TrainState, batch: Batch) -> Generator[tuple[str, torch.Tensor], None,
-                                                                            dict[str, torch.Tensor]]:
+    def train_phases(
+        self, state: TrainState, batch: Batch
+    ) -> Generator[tuple[str, torch.Tensor], None, dict[str, torch.Tensor]]:
         """The meaning of one training micro-batch: forward passes that ``yield (module name, loss)`` in the
         order the networks update, then ``return`` detached scalar metrics (means over the batch).
 
@@ -211,8 +217,9 @@ class Task:
         """
         raise NotImplementedError
 
-    def train_step(self, state: TrainState, batch: Batch, *, update: bool = True,
-                   loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    def train_step(
+        self, state: TrainState, batch: Batch, *, update: bool = True, loss_scale: float = 1.0
+    ) -> dict[str, torch.Tensor]:
         """Forward + backward on one micro-batch; the optimizers step when ``update``.
 
         ``loss_scale`` (1 / accumulation) scales the backward pass. Returns detached scalar tensors (means over
@@ -260,8 +267,9 @@ class Task:
 
         return eval_transform(self.cfg.data)(image)
 
-    def predict(self, state: TrainState, paths: list[str], meta: dict[str, Any],
-                out_dir: Path | None = None) -> list[dict[str, Any]]:
+    def predict(
+        self, state: TrainState, paths: list[str], meta: dict[str, Any], out_dir: Path | None = None
+    ) -> list[dict[str, Any]]:
         """One printable record per image file (unreadable files get an ``error``, the others continue).
 
         Each output goes to :meth:`describe_prediction` with ``meta`` plus ``image`` (the path),

@@ -25,8 +25,10 @@ class ClassifyTask(Task):
     def num_outputs(self) -> int:
         n = self.cfg.model.num_outputs or (self.source.num_outputs if self.source else 0)
         if n < 2:
-            raise ValueError("model.num_outputs: a classifier needs at least 2 classes "
-                             f"(found {n}; set model.num_outputs or check data.root)")
+            raise ValueError(
+                "model.num_outputs: a classifier needs at least 2 classes "
+                f"(found {n}; set model.num_outputs or check data.root)"
+            )
         return n
 
     def __init__(self, cfg, runtime, source):
@@ -41,18 +43,28 @@ class ClassifyTask(Task):
             from torchvision.transforms import v2
 
             n = self.num_outputs
-            mixes = ([v2.MixUp(alpha=t.mixup_alpha, num_classes=n)] if t.mixup_alpha > 0 else []) + \
-                    ([v2.CutMix(alpha=t.cutmix_alpha, num_classes=n)] if t.cutmix_alpha > 0 else [])
+            mixes = ([v2.MixUp(alpha=t.mixup_alpha, num_classes=n)] if t.mixup_alpha > 0 else []) + (
+                [v2.CutMix(alpha=t.cutmix_alpha, num_classes=n)] if t.cutmix_alpha > 0 else []
+            )
             self._mix = mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
         return self._mix
 
-    def make_loader(self, split: Split, *, train: bool, backend: str, batch_size: int, num_shards: int = 1,
-                    shard_id: int = 0) -> Loader:
+    def make_loader(
+        self, split: Split, *, train: bool, backend: str, batch_size: int, num_shards: int = 1, shard_id: int = 0
+    ) -> Loader:
         from fasttrain.data.loaders import make_loader
         from fasttrain.data.samples import Samples
 
-        return make_loader(backend, Samples(split, "class"), self.cfg, self.input_spec(), train=train,
-                           batch_size=batch_size, num_shards=num_shards, shard_id=shard_id)
+        return make_loader(
+            backend,
+            Samples(split, "class"),
+            self.cfg,
+            self.input_spec(),
+            train=train,
+            batch_size=batch_size,
+            num_shards=num_shards,
+            shard_id=shard_id,
+        )
 
     def train_phases(self, state: TrainState, batch: Batch):
         x, y = batch.inputs, batch.targets

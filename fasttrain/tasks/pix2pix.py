@@ -67,11 +67,15 @@ class Pix2PixTask(Task):
     def __init__(self, cfg, runtime, source):
         super().__init__(cfg, runtime, source)
         if cfg.model.name not in (*GENERATORS, "custom"):  # custom: a generator passed from Python
-            raise ConfigError(f"model.name: pix2pix needs an image-to-image generator ({', '.join(GENERATORS)}), "
-                              f"got {cfg.model.name!r}")
+            raise ConfigError(
+                f"model.name: pix2pix needs an image-to-image generator ({', '.join(GENERATORS)}), "
+                f"got {cfg.model.name!r}"
+            )
         if cfg.optim.name == "sgd":
-            raise ConfigError("optim.name: pix2pix trains both networks with Adam; set optim.name = adam "
-                              "(and optim.betas = [0.5, 0.999] as the reference does)")
+            raise ConfigError(
+                "optim.name: pix2pix trains both networks with Adam; set optim.name = adam "
+                "(and optim.betas = [0.5, 0.999] as the reference does)"
+            )
         if source is not None and source.format != "paired":
             raise ConfigError(f"data.format: pix2pix needs paired images (data.format = paired), got {source.format}")
 
@@ -87,11 +91,18 @@ class Pix2PixTask(Task):
         c = self.cfg
         ch = c.data.channels
         gen = self.given_model() or build_model(
-            c.model.name, in_channels=ch, num_outputs=ch, image_size=c.data.image_size, width=c.model.width,
-            dropout=c.model.dropout, pretrained=c.model.pretrained and not self.restoring)
+            c.model.name,
+            in_channels=ch,
+            num_outputs=ch,
+            image_size=c.data.image_size,
+            width=c.model.width,
+            dropout=c.model.dropout,
+            pretrained=c.model.pretrained and not self.restoring,
+        )
         self.load_initial_weights(gen, "generator")
-        disc = build_model("patchgan", in_channels=2 * ch, num_outputs=1, image_size=c.data.image_size,
-                           width=c.model.width)
+        disc = build_model(
+            "patchgan", in_channels=2 * ch, num_outputs=1, image_size=c.data.image_size, width=c.model.width
+        )
         fused = self.runtime.optimizer_kwargs()
         modules = {"generator": gen, "discriminator": disc}
         return TrainState(
@@ -101,13 +112,22 @@ class Pix2PixTask(Task):
             {k: self.runtime.grad_scaler() for k in modules},
         )
 
-    def make_loader(self, split: Split, *, train: bool, batch_size: int, backend: str, num_shards: int = 1,
-                    shard_id: int = 0) -> Loader:
+    def make_loader(
+        self, split: Split, *, train: bool, batch_size: int, backend: str, num_shards: int = 1, shard_id: int = 0
+    ) -> Loader:
         """Any backend: pairs (A, B) with the same resize, crop and flip; both normalized to -1..1."""
         from fasttrain.data.loaders import make_loader
 
-        return make_loader(backend, Samples(split, "pair", jitter=JITTER), self.cfg, self.input_spec(), train=train,
-                           batch_size=batch_size, num_shards=num_shards, shard_id=shard_id)
+        return make_loader(
+            backend,
+            Samples(split, "pair", jitter=JITTER),
+            self.cfg,
+            self.input_spec(),
+            train=train,
+            batch_size=batch_size,
+            num_shards=num_shards,
+            shard_id=shard_id,
+        )
 
     # -- steps -----------------------------------------------------------------------------------------------
     @staticmethod
@@ -196,8 +216,9 @@ class Pix2PixTask(Task):
         batch = next(iter(val_loader), None)
         if batch is not None:
             grid = self.sample_grid(state, batch)
-            atomic_replace(Path(run_dir) / "samples" / f"epoch_{state.epoch + 1:04d}_val.png",
-                           lambda p: _save_png(grid, p))
+            atomic_replace(
+                Path(run_dir) / "samples" / f"epoch_{state.epoch + 1:04d}_val.png", lambda p: _save_png(grid, p)
+            )
 
     # -- prediction ------------------------------------------------------------------------------------------
     def preprocess(self, image: Image.Image) -> torch.Tensor:

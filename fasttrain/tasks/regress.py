@@ -55,10 +55,18 @@ class RegressDataset(VectorDataset):
     """(index, epoch) -> (uint8 C x S x S, float32 [scaled targets..., width, height]), or a
     :class:`~fasttrain.data.samples.Skip` naming the file that cannot be decoded (listed in ``loader.skipped``)."""
 
-    def __init__(self, split: Split, image_size: int, channels: int, low: list[float], high: list[float],
-                 max_pixels: int | None = None):
-        super().__init__(scale_targets(split, low, high), image_size, channels, size_targets=True,
-                         max_pixels=max_pixels)
+    def __init__(
+        self,
+        split: Split,
+        image_size: int,
+        channels: int,
+        low: list[float],
+        high: list[float],
+        max_pixels: int | None = None,
+    ):
+        super().__init__(
+            scale_targets(split, low, high), image_size, channels, size_targets=True, max_pixels=max_pixels
+        )
 
 
 class RegressTask(Task):
@@ -71,8 +79,10 @@ class RegressTask(Task):
         super().__init__(cfg, runtime, source)
         if source is not None:
             if not source.target_names:
-                raise ConfigError(f"task.name: regress needs numeric targets (data.format manifest or drawing), "
-                                  f"but data.format = {cfg.data.format} gives none")
+                raise ConfigError(
+                    f"task.name: regress needs numeric targets (data.format manifest or drawing), "
+                    f"but data.format = {cfg.data.format} gives none"
+                )
             self.target_names = list(source.target_names)
             self.low, self.high = target_range(source.train.targets)
         else:  # prediction: names and range come from the checkpoint's meta
@@ -85,8 +95,10 @@ class RegressTask(Task):
     def num_outputs(self) -> int:
         n = self.cfg.model.num_outputs or len(self.target_names)
         if n != len(self.target_names):
-            raise ConfigError(f"model.num_outputs: {n} does not match the {len(self.target_names)} targets "
-                              f"({', '.join(self.target_names)})")
+            raise ConfigError(
+                f"model.num_outputs: {n} does not match the {len(self.target_names)} targets "
+                f"({', '.join(self.target_names)})"
+            )
         return n
 
     @property
@@ -94,14 +106,23 @@ class RegressTask(Task):
         return self.target_names == DRAWING_TARGETS
 
     # -- building ---------------------------------------------------------------------------------------------
-    def make_loader(self, split: Split, *, train: bool, batch_size: int, backend: str, num_shards: int = 1,
-                    shard_id: int = 0) -> Loader:
+    def make_loader(
+        self, split: Split, *, train: bool, batch_size: int, backend: str, num_shards: int = 1, shard_id: int = 0
+    ) -> Loader:
         """Any backend: each image resized whole to image_size squared, targets scaled, then its width and height."""
         from fasttrain.data.loaders import make_loader
 
         samples = Samples(scale_targets(split, self.low, self.high), "vector", size_targets=True)
-        return make_loader(backend, samples, self.cfg, self.input_spec(), train=train, batch_size=batch_size,
-                           num_shards=num_shards, shard_id=shard_id)
+        return make_loader(
+            backend,
+            samples,
+            self.cfg,
+            self.input_spec(),
+            train=train,
+            batch_size=batch_size,
+            num_shards=num_shards,
+            shard_id=shard_id,
+        )
 
     def _span_on(self, device: torch.device) -> torch.Tensor:
         if self._span is None or self._span.device != device:
@@ -131,15 +152,17 @@ class RegressTask(Task):
             "count": torch.full((), float(len(err)), device=err.device),  # no host->device copy: no sync
         }
         if self.is_drawing:
-            size = batch.targets[:, k:k + 2]
+            size = batch.targets[:, k : k + 2]
             out["point_px"] = (err[:, :2] * size).norm(dim=1).sum()
             out["color_err"] = err[:, 2:5].abs().mean(1).sum() * 255.0  # mean per-channel error, 0..255 levels
         return out
 
     def synthetic_batch(self, batch_size: int, spec: InputSpec, train: bool = True) -> Batch:
         s, k = self.cfg.data.image_size, self.num_outputs
-        y = torch.cat([torch.rand(batch_size, k, device=spec.device),
-                       torch.full((batch_size, 2), float(s), device=spec.device)], 1)
+        y = torch.cat(
+            [torch.rand(batch_size, k, device=spec.device), torch.full((batch_size, 2), float(s), device=spec.device)],
+            1,
+        )
         return Batch(self.synthetic_inputs(batch_size, spec), y)
 
     # -- prediction ------------------------------------------------------------------------------------------

@@ -27,8 +27,20 @@ GIB = 2**30
 
 # Windows in virtual seconds (see VirtualClock): a few steps each. The real time budget is generous, so a busy
 # test machine cannot cut the search short.
-QUICK = ["--set", "tune.max_batch=64", "--set", "tune.warmup_steps=1", "--set", "tune.repeats=2",
-         "--set", "tune.repeat_s=0.01", "--set", "tune.verify_s=0.1", "--set", "tune.time_budget_s=600"]
+QUICK = [
+    "--set",
+    "tune.max_batch=64",
+    "--set",
+    "tune.warmup_steps=1",
+    "--set",
+    "tune.repeats=2",
+    "--set",
+    "tune.repeat_s=0.01",
+    "--set",
+    "tune.verify_s=0.1",
+    "--set",
+    "tune.time_budget_s=600",
+]
 
 
 class VirtualClock:
@@ -71,12 +83,24 @@ def virtual_time(monkeypatch) -> VirtualClock:
 
 
 def cli_args(tmp_path, *extra: str) -> list[str]:
-    return ["autotune", "quickstart", *QUICK, *extra, "--set", f"train.runs_dir={tmp_path / 'runs'}",
-            "--set", f"tune.cache_dir={tmp_path / 'cache'}", "--out", str(tmp_path / "out"), "-q"]
+    return [
+        "autotune",
+        "quickstart",
+        *QUICK,
+        *extra,
+        "--set",
+        f"train.runs_dir={tmp_path / 'runs'}",
+        "--set",
+        f"tune.cache_dir={tmp_path / 'cache'}",
+        "--out",
+        str(tmp_path / "out"),
+        "-q",
+    ]
 
 
-def test_cli_cpu_run_writes_a_config_that_trains_and_a_second_call_is_cached(tmp_path, monkeypatch, capsys,
-                                                                             virtual_time):
+def test_cli_cpu_run_writes_a_config_that_trains_and_a_second_call_is_cached(
+    tmp_path, monkeypatch, capsys, virtual_time
+):
     out = tmp_path / "out"
     args = cli_args(tmp_path)
     assert main(args) == 0
@@ -106,8 +130,10 @@ def test_cli_cpu_run_writes_a_config_that_trains_and_a_second_call_is_cached(tmp
     from fasttrain.engine import train
 
     first_text = tuned.read_text()
-    result = train(load_config(tuned, [f"train.runs_dir={tmp_path / 'runs'}", "train.epochs=1", "train.max_steps=2"]),
-                   progress=False)
+    result = train(
+        load_config(tuned, [f"train.runs_dir={tmp_path / 'runs'}", "train.epochs=1", "train.max_steps=2"]),
+        progress=False,
+    )
     assert result.history and result.history[-1]["step"] == 2
 
     # Second call: from the cache, no probe runs; new files beside the first ones, never over them.
@@ -173,8 +199,7 @@ def slowed(clock: VirtualClock, factor: float):
     return cycle
 
 
-def test_a_verification_far_below_the_probe_without_a_reason_is_not_ok(tmp_path, monkeypatch, capsys,
-                                                                       virtual_time):
+def test_a_verification_far_below_the_probe_without_a_reason_is_not_ok(tmp_path, monkeypatch, capsys, virtual_time):
     # The issue: verification at 1/5 of the probe still said ok. Here only the verification's batches are slow:
     # the loader trial kept up and the model-only step re-measured fine, so nothing explains it.
     monkeypatch.setattr(P, "cycle_batches", slowed(virtual_time, 5.0))
@@ -205,15 +230,31 @@ def test_a_verification_out_of_memory_falls_back_to_a_smaller_measured_batch(tmp
         calls.append(kw["plan"].micro_batch)
         if len(calls) == 1:  # the first verification runs out of memory: evidence against that micro-batch
             kw["loader"] and kw["loader"].close()
-            return P.Verification(False, kw["plan"].micro_batch, 1, kw["backend"], error="out of memory (fake)",
-                                  failure="oom"), None
+            return P.Verification(
+                False, kw["plan"].micro_batch, 1, kw["backend"], error="out of memory (fake)", failure="oom"
+            ), None
         return real(task, source, **kw)
 
     monkeypatch.setattr(P, "verify", verify)
-    cfg = load_config(None, ["data.root=", "model.name=smallcnn", "model.width=8", "data.image_size=32",
-                             "data.resize_size=32", "train.batch_size=64", f"train.runs_dir={tmp_path}",
-                             f"tune.cache_dir={tmp_path / 'cache'}", "tune.max_batch=64", "tune.warmup_steps=1",
-                             "tune.repeats=2", "tune.repeat_s=0.01", "tune.verify_s=0.1", "tune.time_budget_s=600"])
+    cfg = load_config(
+        None,
+        [
+            "data.root=",
+            "model.name=smallcnn",
+            "model.width=8",
+            "data.image_size=32",
+            "data.resize_size=32",
+            "train.batch_size=64",
+            f"train.runs_dir={tmp_path}",
+            f"tune.cache_dir={tmp_path / 'cache'}",
+            "tune.max_batch=64",
+            "tune.warmup_steps=1",
+            "tune.repeats=2",
+            "tune.repeat_s=0.01",
+            "tune.verify_s=0.1",
+            "tune.time_budget_s=600",
+        ],
+    )
     r = A.autotune(cfg, out_dir=tmp_path / "out")
     assert calls[0] == 64 and calls[1] < 64
     assert r.ok and r.plan.micro_batch == calls[1] and r.plan.accumulation == 1  # a CPU: no accumulation
@@ -225,8 +266,18 @@ def test_a_verification_out_of_memory_falls_back_to_a_smaller_measured_batch(tmp
 def small_prep(shapes_root, *extra: str):
     from fasttrain.prepare import prepare
 
-    cfg = apply_overrides(Config(), [f"data.root={shapes_root}", "data.image_size=32", "data.resize_size=32",
-                                     "model.name=smallcnn", "model.width=8", "runtime.device=cpu", *extra])
+    cfg = apply_overrides(
+        Config(),
+        [
+            f"data.root={shapes_root}",
+            "data.image_size=32",
+            "data.resize_size=32",
+            "model.name=smallcnn",
+            "model.width=8",
+            "runtime.device=cpu",
+            *extra,
+        ],
+    )
     return prepare(cfg)
 
 
@@ -284,8 +335,20 @@ def test_a_noisy_loader_trial_is_measured_again_then_marked_unreliable(shapes_ro
 
     prep = small_prep(shapes_root, "data.loader=torch", "data.workers=0")
     monkeypatch.setattr(L, "cycle_batches", bursts)
-    r = L.tune_loader(prep.cfg, prep.runtime, prep.source, "torch", micro=32, accumulation=1,
-                      state=prep.task.build_state(), noise=0.03, warmup=1, repeats=3, repeat_s=0.01, max_spread=0.15)
+    r = L.tune_loader(
+        prep.cfg,
+        prep.runtime,
+        prep.source,
+        "torch",
+        micro=32,
+        accumulation=1,
+        state=prep.task.build_state(),
+        noise=0.03,
+        warmup=1,
+        repeats=3,
+        repeat_s=0.01,
+        max_spread=0.15,
+    )
     if r.loader is not None:
         r.loader.close()
     first = r.trials[0]
@@ -305,8 +368,19 @@ def test_dali_file_precheck_runs_once_for_the_whole_ladder(shapes_root, monkeypa
     state = prep.task.build_state()
     with L.reuse_file_checks():
         monkeypatch.setattr(L, "cycle_batches", slowed(virtual_time, 5.0))  # none keeps up: every one is tried
-        r = L.tune_loader(prep.cfg, prep.runtime, prep.source, "dali", micro=16, accumulation=1, state=state,
-                          noise=0.03, warmup=1, repeats=2, repeat_s=0.02)
+        r = L.tune_loader(
+            prep.cfg,
+            prep.runtime,
+            prep.source,
+            "dali",
+            micro=16,
+            accumulation=1,
+            state=state,
+            noise=0.03,
+            warmup=1,
+            repeats=2,
+            repeat_s=0.02,
+        )
         if r.loader is not None:
             r.loader.close()
     assert len(r.trials) == len(ladder)  # every setting built its own pipeline ...
@@ -366,24 +440,43 @@ SETTINGS = P.ProbeSettings(warmup=1, repeats=2, repeat_s=0.01, min_steps=1, max_
 def test_compiled_check_resets_the_compiler_between_sizes_and_a_failed_size_is_not_yes():
     task = FakeTask(oom_above=32)
     resets = []
-    state, got, tried = P.compiled_check(task, budget=P.Budget("cpu", 16.0), settings=SETTINGS,
-                                         eval_batch=lambda b: 2 * b, sizes=[64, 32, 16], headroom=0.1,
-                                         reset=lambda dev: resets.append(dev))
+    state, got, tried = P.compiled_check(
+        task,
+        budget=P.Budget("cpu", 16.0),
+        settings=SETTINGS,
+        eval_batch=lambda b: 2 * b,
+        sizes=[64, 32, 16],
+        headroom=0.1,
+        reset=lambda dev: resets.append(dev),
+    )
     assert [c.batch_size for c in tried] == [64, 32] and got is tried[1] and state is not None
     assert len(resets) == 1  # between 64 and 32: the failed size's graphs never reach the next one
     assert R.fits_label(tried[0]) == "OOM" and R.fits_label(tried[1]) == "yes"
     tight = Candidate(64, True, samples_per_s=100.0, phase="compiled", failure="headroom", error="leaves less")
     assert R.fits_label(tight) != "yes"  # a compiled step over the headroom did not pass
-    report = R.AutotuneReport("x", "m", "classify", "cpu", "rt", [3, 8, 8], P.Budget("cpu", 16.0), 0.1, 0.03, 8,
-                              candidates=[Candidate(32, True, samples_per_s=1.0, usable=True, phase="grow")],
-                              compiled_tried=tried, compiled=got)
+    report = R.AutotuneReport(
+        "x",
+        "m",
+        "classify",
+        "cpu",
+        "rt",
+        [3, 8, 8],
+        P.Budget("cpu", 16.0),
+        0.1,
+        0.03,
+        8,
+        candidates=[Candidate(32, True, samples_per_s=1.0, usable=True, phase="grow")],
+        compiled_tried=tried,
+        compiled=got,
+    )
     rows = [ln for ln in report.to_table().splitlines() if ln.strip().startswith("64")]
     assert rows and "OOM" in rows[0] and "yes" not in rows[0]
 
 
 def test_remeasure_appends_interleaved_repeats():
-    probe = P.StepProbe(FakeTask(oom_above=10**6), budget=P.Budget("cpu", 16.0), settings=SETTINGS,
-                        eval_batch=lambda b: b)
+    probe = P.StepProbe(
+        FakeTask(oom_above=10**6), budget=P.Budget("cpu", 16.0), settings=SETTINGS, eval_batch=lambda b: b
+    )
     a, b = probe(8, "grow"), probe(16, "grow")
     assert len(a.rates) == 2 and a.fits and a.untimed_s >= 0 and a.timed_s > 0
     probe.remeasure([a, b])
@@ -400,8 +493,16 @@ def fake_fraction(monkeypatch, start: float) -> list[float]:
 def test_the_budget_restores_the_users_own_cap_and_charges_memory_outside_torch(monkeypatch):
     calls = fake_fraction(monkeypatch, 0.7)
     dev = torch.device("cuda", 0)
-    b = P.Budget("emulated", 16.0, budget_bytes=16 * GIB, card_total_bytes=80 * GIB, in_use_before_bytes=1 * GIB,
-                 counted_in_use=True, fraction=15 / 80, previous_fraction=0.7)
+    b = P.Budget(
+        "emulated",
+        16.0,
+        budget_bytes=16 * GIB,
+        card_total_bytes=80 * GIB,
+        in_use_before_bytes=1 * GIB,
+        counted_in_use=True,
+        fraction=15 / 80,
+        previous_fraction=0.7,
+    )
     P.charge_outside(b, dev, 3 * GIB)  # DALI's buffers: torch's cap shrinks by as much
     assert calls[-1] == pytest.approx(12 / 80) and b.outside_torch_bytes == 3 * GIB
     assert "outside torch" in b.describe()
@@ -415,8 +516,21 @@ def test_charging_the_loaders_memory_moves_the_plan_off_a_tight_batch():
     budget = P.Budget("card", 10.0, budget_bytes=10 * GIB, card_total_bytes=10 * GIB, in_use_before_bytes=0)
     big = Candidate(64, True, samples_per_s=1000.0, usage_bytes=8 * GIB, usable=True)
     small = Candidate(32, True, samples_per_s=900.0, usage_bytes=4 * GIB, usable=True)
-    report = R.AutotuneReport("x", "m", "classify", "cuda:0", "rt", [3, 8, 8], budget, 0.1, 0.03, 8,
-                              candidates=[small, big], chosen_batch=64, plan=BatchPlan(64, 1, 64, 64, ""))
+    report = R.AutotuneReport(
+        "x",
+        "m",
+        "classify",
+        "cuda:0",
+        "rt",
+        [3, 8, 8],
+        budget,
+        0.1,
+        0.03,
+        8,
+        candidates=[small, big],
+        chosen_batch=64,
+        plan=BatchPlan(64, 1, 64, 64, ""),
+    )
     report.loader = L.LoaderResult("dali", [], {}, 990.0, 0.0, 1000.0, 0.0, True, "", outside_torch_bytes=GIB)
     assert not A._charge_loader_memory(report, budget, torch.device("cuda", 0))  # 8 + 1 GiB <= 9 GiB
     report.loader.outside_torch_bytes = int(1.5 * GIB)
@@ -442,8 +556,14 @@ def test_the_cache_key_is_the_whole_config_but_an_explicit_ignore_list():
     assert "train.epochs" not in kept and "schedule.name" not in kept and "name" not in kept
     key = C.cache_key(fields)
     assert C.cache_key(dict(reversed(list(fields.items())))) == key
-    for over in ("train.batch_size=96", "optim.name=adamw", "data.image_size=64", "runtime.precision=bf16",
-                 "tune.headroom=0.2", "data.workers=3"):
+    for over in (
+        "train.batch_size=96",
+        "optim.name=adamw",
+        "data.image_size=64",
+        "runtime.precision=bf16",
+        "tune.headroom=0.2",
+        "data.workers=3",
+    ):
         other = C.key_fields(apply_overrides(cfg, [over]), budget_gib=16.0, machine_info={"device": "x"})
         assert C.cache_key(other) != key, over
     for over in ("train.epochs=99", "schedule.name=step", "optim.lr=0.5", "train.runs_dir=/elsewhere"):
@@ -456,26 +576,74 @@ def test_the_cache_key_is_the_whole_config_but_an_explicit_ignore_list():
 # -- the typed report and the plot ----------------------------------------------------------------------------------
 def full_report() -> R.AutotuneReport:
     def c(b, sps, **kw):
-        x = Candidate(b, True, usable=True, phase="grow", peak_allocated_bytes=b * 2**24,
-                      peak_reserved_bytes=b * 2**25, warmup_reserved_bytes=b * 2**26, usage_bytes=b * 2**25, **kw)
+        x = Candidate(
+            b,
+            True,
+            usable=True,
+            phase="grow",
+            peak_allocated_bytes=b * 2**24,
+            peak_reserved_bytes=b * 2**25,
+            warmup_reserved_bytes=b * 2**26,
+            usage_bytes=b * 2**25,
+            **kw,
+        )
         x.set_rates([sps * 0.9, sps, sps * 1.08])
         return x
 
     cands = [c(8, 300), c(16, 550), c(32, 900), c(64, 1200), c(128, 1300)]
     cands[0].reliable = False
-    cands += [Candidate(256, False, phase="grow", failure="oom", error="out of memory (x)"),
-              Candidate(192, False, phase="bisect", failure="oom", error="out of memory (x)")]
+    cands += [
+        Candidate(256, False, phase="grow", failure="oom", error="out of memory (x)"),
+        Candidate(192, False, phase="bisect", failure="oom", error="out of memory (x)"),
+    ]
     budget = P.Budget("emulated", 16.0, 16 * GIB, 80 * GIB, GIB, True, 0.19, 1.0, 0, "nvml", "H100")
-    v = P.Verification(True, 128, 1, "dali", samples_per_s=1250.0, rates=[1200.0, 1250.0, 1270.0], spread=0.056,
-                       agreement=Agreement("agrees", True, True, "either", "fine"))
-    lr = L.LoaderResult("dali", [L.LoaderTrial({"dali_threads": -1}, 1260.0, 0.02, [1260.0], 1300.0, 0.02, [1300.0],
-                                               0.97, True, True)],
-                        {"loader": "dali", "dali_threads": -1}, 1260.0, 0.02, 1300.0, 0.02, True, "keeps up")
-    return R.AutotuneReport("quickstart", "resnet50", "classify", "cuda:0", "rt", [3, 224, 224], budget, 0.1, 0.03, 8,
-                            max_batch=128, time_budget_s=45.0, candidates=cands, chosen_batch=128, best_batch=128,
-                            given_batch=64, stop_reason="...", limit="memory",
-                            not_probed=[Skipped(512, "time", "about 9 s")], plan=BatchPlan(128, 1, 128, 64, "raised"),
-                            loader=lr, verify=v, notes=["n"], unreliable=["batch 8: noisy"])
+    v = P.Verification(
+        True,
+        128,
+        1,
+        "dali",
+        samples_per_s=1250.0,
+        rates=[1200.0, 1250.0, 1270.0],
+        spread=0.056,
+        agreement=Agreement("agrees", True, True, "either", "fine"),
+    )
+    lr = L.LoaderResult(
+        "dali",
+        [L.LoaderTrial({"dali_threads": -1}, 1260.0, 0.02, [1260.0], 1300.0, 0.02, [1300.0], 0.97, True, True)],
+        {"loader": "dali", "dali_threads": -1},
+        1260.0,
+        0.02,
+        1300.0,
+        0.02,
+        True,
+        "keeps up",
+    )
+    return R.AutotuneReport(
+        "quickstart",
+        "resnet50",
+        "classify",
+        "cuda:0",
+        "rt",
+        [3, 224, 224],
+        budget,
+        0.1,
+        0.03,
+        8,
+        max_batch=128,
+        time_budget_s=45.0,
+        candidates=cands,
+        chosen_batch=128,
+        best_batch=128,
+        given_batch=64,
+        stop_reason="...",
+        limit="memory",
+        not_probed=[Skipped(512, "time", "about 9 s")],
+        plan=BatchPlan(128, 1, 128, 64, "raised"),
+        loader=lr,
+        verify=v,
+        notes=["n"],
+        unreliable=["batch 8: noisy"],
+    )
 
 
 def test_the_report_round_trips_through_json_as_dataclasses():
@@ -542,8 +710,16 @@ def test_probe_recovers_from_oom_with_a_tiny_budget(shapes_root):
     from fasttrain.memory import CUBLAS_WORKSPACE_BYTES
     from fasttrain.prepare import prepare
 
-    cfg = apply_overrides(Config(), [f"data.root={shapes_root}", "data.image_size=224", "data.loader=torch",
-                                     "model.name=resnet18", "runtime.compile=off"])
+    cfg = apply_overrides(
+        Config(),
+        [
+            f"data.root={shapes_root}",
+            "data.image_size=224",
+            "data.loader=torch",
+            "model.name=resnet18",
+            "runtime.compile=off",
+        ],
+    )
     prep = prepare(cfg)
     dev = prep.runtime.device
     b = P.setup_budget(dev, 2.0)  # runs a matmul first: this thread's cuBLAS workspace exists from here on
@@ -568,9 +744,18 @@ def test_probe_recovers_from_oom_with_a_tiny_budget(shapes_root):
 
 @pytest.mark.gpu
 def test_gpu_autotune_respects_the_budget(shapes_root, tmp_path):
-    cfg = apply_overrides(Config(), [f"data.root={shapes_root}", "data.image_size=224", "model.name=resnet18",
-                                     "tune.max_batch=1024", "tune.verify_s=2", f"train.runs_dir={tmp_path}",
-                                     f"tune.cache_dir={tmp_path / 'cache'}"])
+    cfg = apply_overrides(
+        Config(),
+        [
+            f"data.root={shapes_root}",
+            "data.image_size=224",
+            "model.name=resnet18",
+            "tune.max_batch=1024",
+            "tune.verify_s=2",
+            f"train.runs_dir={tmp_path}",
+            f"tune.cache_dir={tmp_path / 'cache'}",
+        ],
+    )
     r = A.autotune(cfg, memory_budget_gib=4.0, out_dir=tmp_path / "out")
     assert r.ok, r.to_table()
     assert r.budget.mode == "emulated"

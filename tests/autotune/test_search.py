@@ -94,8 +94,17 @@ def test_plateau_stops_early_and_chooses_the_smaller_within_noise():
 def test_resnet50_anchor_chooses_within_noise_of_the_best_and_leaves_headroom():
     # resnet50 bf16 CL eager on a 16 GiB cap: 64: 2947, 128: 3722, 192: 3875, 256: 3975, 320: 4039, 384 out of
     # memory; ~2.7 GiB per 64 images. Peers pick 256..354 "largest that survives".
-    pts = [(8, 600), (16, 1100), (32, 1900), (64, 2947), (128, 3722), (192, 3875), (256, 3975), (320, 4039),
-           (384, 4060)]
+    pts = [
+        (8, 600),
+        (16, 1100),
+        (32, 1900),
+        (64, 2947),
+        (128, 3722),
+        (192, 3875),
+        (256, 3975),
+        (320, 4039),
+        (384, 4060),
+    ]
 
     def sps(b):
         for (b0, s0), (b1, s1) in zip(pts, pts[1:]):
@@ -318,31 +327,79 @@ def test_verification_agreeing_within_the_noise():
 
 def test_verification_far_below_the_probe_unexplained_is_not_ok():
     # The issue: the probe said 235, the verification measured 43 and still reported ok.
-    a = judge_verification(probe_sps=235, probe_spread=0.05, verify_sps=43, verify_spread=0.05, noise=0.03,
-                           loader_share=0.99, loader_spread=0.05, recheck_sps=230, recheck_spread=0.05)
+    a = judge_verification(
+        probe_sps=235,
+        probe_spread=0.05,
+        verify_sps=43,
+        verify_spread=0.05,
+        noise=0.03,
+        loader_share=0.99,
+        loader_spread=0.05,
+        recheck_sps=230,
+        recheck_spread=0.05,
+    )
     assert a.status == "disagrees" and not a.explained and "unexplained" in a.text
 
 
 def test_verification_below_the_probe_because_input_bound():
-    a = judge_verification(probe_sps=1000, probe_spread=0.02, verify_sps=600, verify_spread=0.03, noise=0.03,
-                           loader_share=0.61, loader_spread=0.03)
+    a = judge_verification(
+        probe_sps=1000,
+        probe_spread=0.02,
+        verify_sps=600,
+        verify_spread=0.03,
+        noise=0.03,
+        loader_share=0.61,
+        loader_spread=0.03,
+    )
     assert a.status == "input-bound" and a.explained and a.reliable and "verification" in a.believe
     # The loader kept up in its trial: a slow verification is not explained by it.
-    a = judge_verification(probe_sps=1000, probe_spread=0.02, verify_sps=600, verify_spread=0.03, noise=0.03,
-                           loader_share=1.0, loader_spread=0.03)
+    a = judge_verification(
+        probe_sps=1000,
+        probe_spread=0.02,
+        verify_sps=600,
+        verify_spread=0.03,
+        noise=0.03,
+        loader_share=1.0,
+        loader_spread=0.03,
+    )
     assert a.status == "disagrees"
 
 
 def test_verification_below_the_probe_because_the_machine_slowed_down():
     # The run that reached this test: probe 319 samples/s in a quiet moment, everything after at ~90.
-    a = judge_verification(probe_sps=319, probe_spread=0.05, verify_sps=88, verify_spread=0.02, noise=0.03,
-                           loader_share=0.98, loader_spread=0.04, recheck_sps=90, recheck_spread=0.03)
+    a = judge_verification(
+        probe_sps=319,
+        probe_spread=0.05,
+        verify_sps=88,
+        verify_spread=0.02,
+        noise=0.03,
+        loader_share=0.98,
+        loader_spread=0.04,
+        recheck_sps=90,
+        recheck_spread=0.03,
+    )
     assert a.status == "machine-changed" and a.explained and not a.reliable and "slowed down" in a.text
-    both = judge_verification(probe_sps=1000, probe_spread=0.02, verify_sps=300, verify_spread=0.03, noise=0.03,
-                              loader_share=0.6, loader_spread=0.03, recheck_sps=500, recheck_spread=0.03)
+    both = judge_verification(
+        probe_sps=1000,
+        probe_spread=0.02,
+        verify_sps=300,
+        verify_spread=0.03,
+        noise=0.03,
+        loader_share=0.6,
+        loader_spread=0.03,
+        recheck_sps=500,
+        recheck_spread=0.03,
+    )
     assert both.status == "machine-changed" and "input-bound as well" in both.text  # 500 x 60 %
-    up = judge_verification(probe_sps=500, probe_spread=0.02, verify_sps=1000, verify_spread=0.03, noise=0.03,
-                            recheck_sps=990, recheck_spread=0.03)
+    up = judge_verification(
+        probe_sps=500,
+        probe_spread=0.02,
+        verify_sps=1000,
+        verify_spread=0.03,
+        noise=0.03,
+        recheck_sps=990,
+        recheck_spread=0.03,
+    )
     assert up.status == "machine-changed" and "sped up" in up.text
 
 

@@ -32,6 +32,7 @@ GIB = 2**30
 
 # -- registries -------------------------------------------------------------------------------------------------
 
+
 def test_config_choices_are_the_registries():
     assert registry.loader_choices() == ("auto", "torch", "dali", "cache")
     assert registry.format_choices() == ("folder", "manifest", "drawing", "paired")
@@ -55,8 +56,10 @@ def test_a_backend_is_added_by_its_module_and_one_registry_line(monkeypatch, tmp
     cfg = Config(data=DataConfig(loader="mine"))
     assert choose_backend("mine", device_type="cpu", num_images=10, cfg=cfg) == ("mine", "data.loader = mine")
     split = Split("train", ["a.png"], [[0.5]])
-    assert make_loader("mine", Samples(split, "vector"), cfg, None, train=True, batch_size=4, num_shards=2,
-                       shard_id=1) == "a loader"
+    assert (
+        make_loader("mine", Samples(split, "vector"), cfg, None, train=True, batch_size=4, num_shards=2, shard_id=1)
+        == "a loader"
+    )
     assert built == [("vector", dict(train=True, batch_size=4, num_shards=2, shard_id=1))]
 
 
@@ -111,18 +114,22 @@ def test_the_data_layer_has_no_import_cycle_and_imports_nothing_above_it():
 
 # -- the auto choice ----------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def ram(monkeypatch):
     """Available RAM, as the CPU cache sees it."""
+
     def set_ram(nbytes: int) -> None:
         monkeypatch.setattr(gpu_cache, "_available_ram", lambda: nbytes)
+
     set_ram(4 * GIB)
     return set_ram
 
 
 def _no_dali(monkeypatch, why="ImportError: no module named nvidia"):
-    monkeypatch.setattr(loaders, "_dali_can_serve",
-                        lambda kind: (False, f"DALI cannot run here (nvidia.dali does not import: {why})"))
+    monkeypatch.setattr(
+        loaders, "_dali_can_serve", lambda kind: (False, f"DALI cannot run here (nvidia.dali does not import: {why})")
+    )
 
 
 def _dali(monkeypatch):
@@ -169,7 +176,9 @@ def test_an_explicit_dali_that_cannot_run_names_the_setting(monkeypatch):
 def test_dali_serves_every_task_kind_here():
     for kind in loaders.DALI_KINDS:
         assert choose_backend("dali", device_type="cpu", num_images=1, cfg=Config(), kind=kind) == (
-            "dali", "data.loader = dali (CPU-only mode)")
+            "dali",
+            "data.loader = dali (CPU-only mode)",
+        )
 
 
 def test_the_cache_is_sized_per_kind(ram):
@@ -188,11 +197,23 @@ def test_prepare_gives_every_task_the_backend_choice(tmp_path, task, fmt):
     from fasttrain.data.synthetic import make_drawing_dataset, make_paired_dataset
     from fasttrain.prepare import prepare
 
-    root = (make_drawing_dataset(tmp_path / "d", sessions=2, steps=3, size=16) if fmt == "drawing"
-            else make_paired_dataset(tmp_path / "p", n=6, size=16))
+    root = (
+        make_drawing_dataset(tmp_path / "d", sessions=2, steps=3, size=16)
+        if fmt == "drawing"
+        else make_paired_dataset(tmp_path / "p", n=6, size=16)
+    )
     extra = ["model.name=unet", "optim.name=adam"] if task == "pix2pix" else ["model.name=convnet"]
-    cfg = apply_overrides(Config(), [f"data.root={root}", f"data.format={fmt}", f"task.name={task}",
-                                     "data.image_size=16", "runtime.device=cpu", *extra])
+    cfg = apply_overrides(
+        Config(),
+        [
+            f"data.root={root}",
+            f"data.format={fmt}",
+            f"task.name={task}",
+            "data.image_size=16",
+            "runtime.device=cpu",
+            *extra,
+        ],
+    )
     prep = prepare(cfg)
     assert prep.backend == "cache" and prep.backend_reason.startswith("auto: the decoded dataset fits the cache")
     torch_prep = prepare(apply_overrides(cfg, ["data.loader=torch"]))
@@ -200,6 +221,7 @@ def test_prepare_gives_every_task_the_backend_choice(tmp_path, task, fmt):
 
 
 # -- sharding -----------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> list[str]:
@@ -216,8 +238,9 @@ def files(tmp_path_factory) -> list[str]:
 
 
 def _cfg(seed: int = 4) -> Config:
-    return Config(data=DataConfig(image_size=16, crop_scale_min=0.3, workers=0, dali_threads=1),
-                  runtime=RuntimeConfig(seed=seed))
+    return Config(
+        data=DataConfig(image_size=16, crop_scale_min=0.3, workers=0, dali_threads=1), runtime=RuntimeConfig(seed=seed)
+    )
 
 
 def _spec(cfg: Config) -> InputSpec:
@@ -228,8 +251,16 @@ def _spec(cfg: Config) -> InputSpec:
 def _loader(backend, files, *, train, batch_size, num_shards=1, shard_id=0):
     cfg = _cfg()
     split = Split("train" if train else "val", list(files), list(range(len(files))))
-    return make_loader(backend, Samples(split, "class"), cfg, _spec(cfg), train=train, batch_size=batch_size,
-                       num_shards=num_shards, shard_id=shard_id)
+    return make_loader(
+        backend,
+        Samples(split, "class"),
+        cfg,
+        _spec(cfg),
+        train=train,
+        batch_size=batch_size,
+        num_shards=num_shards,
+        shard_id=shard_id,
+    )
 
 
 def _batches(loader, epoch: int, skip: int = 0) -> list[tuple[list[int], torch.Tensor]]:
@@ -246,8 +277,10 @@ def _batches(loader, epoch: int, skip: int = 0) -> list[tuple[list[int], torch.T
 def test_training_shards_are_disjoint_equal_and_make_up_each_global_batch(files, backend, shards):
     per_rank = 2
     one = _batches(_loader(backend, files, train=True, batch_size=per_rank * shards), epoch=3)
-    ranks = [_batches(_loader(backend, files, train=True, batch_size=per_rank, num_shards=shards, shard_id=r), 3)
-             for r in range(shards)]
+    ranks = [
+        _batches(_loader(backend, files, train=True, batch_size=per_rank, num_shards=shards, shard_id=r), 3)
+        for r in range(shards)
+    ]
     assert [len(r) for r in ranks] == [len(one)] * shards  # every rank steps as often: no rank waits for ever
     assert len(one) == 23 // (per_rank * shards)
     seen = [i for r in ranks for ids, _ in r for i in ids]
@@ -277,8 +310,10 @@ def test_a_run_resumed_on_another_world_size_visits_the_same_samples(files, back
     """Mid-epoch at global micro-batch 2: one process at the global batch, or 2 ranks at half of it, each
     skipping 2 of its batches, go on with the same samples, augmented alike."""
     one = _batches(_loader(backend, files, train=True, batch_size=6), epoch=5, skip=2)
-    ranks = [_batches(_loader(backend, files, train=True, batch_size=3, num_shards=2, shard_id=r), 5, skip=2)
-             for r in range(2)]
+    ranks = [
+        _batches(_loader(backend, files, train=True, batch_size=3, num_shards=2, shard_id=r), 5, skip=2)
+        for r in range(2)
+    ]
     assert len(one) == len(ranks[0]) == len(ranks[1]) == 1  # 23 -> 18 samples: 3 global steps, 2 skipped
     assert sorted(ranks[0][0][0] + ranks[1][0][0]) == sorted(one[0][0])
     full = _batches(_loader(backend, files, train=True, batch_size=6), epoch=5)
@@ -288,8 +323,7 @@ def test_a_run_resumed_on_another_world_size_visits_the_same_samples(files, back
 def test_sampler_order_is_global_and_shards_interleave():
     s = EpochSampler(23, batch_size=2, shuffle=True, seed=3, drop_last=True, num_shards=3, shard_id=1)
     whole = s.global_order(4)
-    assert len(whole) == 18 and whole == EpochSampler(23, batch_size=6, shuffle=True, seed=3, drop_last=True
-                                                      ).indices(4)
+    assert len(whole) == 18 and whole == EpochSampler(23, batch_size=6, shuffle=True, seed=3, drop_last=True).indices(4)
     assert s.indices(4) == whole[1::3] and len(s) == 6
     ev = EpochSampler(23, batch_size=5, shuffle=False, seed=3, drop_last=False, num_shards=3, shard_id=2)
     assert ev.indices() == list(range(2, 23, 3)) and len(ev) == 7
@@ -312,8 +346,12 @@ def test_the_engine_builds_its_loaders_for_its_rank():
 
     asked = {}
     task = types.SimpleNamespace(make_loader=lambda split, **kw: asked.update(kw) or "loader")
-    prep = types.SimpleNamespace(micro_batch=8, eval_batch=16, backend="cache",
-                                 dist=DistInfo(rank=3, local_rank=1, world_size=4, local_world_size=2))
+    prep = types.SimpleNamespace(
+        micro_batch=8,
+        eval_batch=16,
+        backend="cache",
+        dist=DistInfo(rank=3, local_rank=1, world_size=4, local_world_size=2),
+    )
     assert Trainer._loader(types.SimpleNamespace(prep=prep, task=task), "split", train=True) == "loader"
     assert asked == dict(train=True, batch_size=8, backend="cache", num_shards=4, shard_id=3)
 
@@ -327,16 +365,39 @@ def test_the_regress_and_pix2pix_runs_train_on_dali_cpu_mode(tmp_path, task):
 
     if task == "regress":
         root = make_drawing_dataset(tmp_path / "d", sessions=6, steps=4, size=24)
-        extra = ["data.format=drawing", "data.channels=1", "data.mean=[0.5]", "data.std=[0.5]", "model.name=convnet",
-                 "data.image_size=16"]
+        extra = [
+            "data.format=drawing",
+            "data.channels=1",
+            "data.mean=[0.5]",
+            "data.std=[0.5]",
+            "model.name=convnet",
+            "data.image_size=16",
+        ]
     else:  # the U-Net halves the side 5 times
         root = make_paired_dataset(tmp_path / "p", n=12, size=40)
-        extra = ["data.format=paired", "model.name=unet", "optim.name=adam", "task.sample_every=0",
-                 "data.image_size=32"]
-    cfg = apply_overrides(Config(), [f"data.root={root}", f"task.name={task}",
-                                     "data.loader=dali", "data.dali_threads=1", "model.width=4", "train.epochs=1",
-                                     "train.batch_size=4", "train.max_steps=2", f"train.runs_dir={tmp_path / 'runs'}",
-                                     "runtime.device=cpu", *extra])
+        extra = [
+            "data.format=paired",
+            "model.name=unet",
+            "optim.name=adam",
+            "task.sample_every=0",
+            "data.image_size=32",
+        ]
+    cfg = apply_overrides(
+        Config(),
+        [
+            f"data.root={root}",
+            f"task.name={task}",
+            "data.loader=dali",
+            "data.dali_threads=1",
+            "model.width=4",
+            "train.epochs=1",
+            "train.batch_size=4",
+            "train.max_steps=2",
+            f"train.runs_dir={tmp_path / 'runs'}",
+            "runtime.device=cpu",
+            *extra,
+        ],
+    )
     result = train(cfg, progress=False)
     assert result.backend == "dali" and result.history[0]["step"] == 2
     assert (result.run_dir / "checkpoints" / "last.pt").is_file()

@@ -41,13 +41,18 @@ def _dali_ok() -> bool:
     return dali_status()[0]
 
 
-BACKENDS = ["torch", "torch-workers", "cache",
-            pytest.param("dali", marks=pytest.mark.skipif(not _dali_ok(), reason="DALI cannot run here"))]
+BACKENDS = [
+    "torch",
+    "torch-workers",
+    "cache",
+    pytest.param("dali", marks=pytest.mark.skipif(not _dali_ok(), reason="DALI cannot run here")),
+]
 
 
 @pytest.fixture(autouse=True)
 def no_hang():
     """A guard only: anything that blocks (a FIFO opened for reading) fails the test instead of hanging the suite."""
+
     def timeout(signum, frame):
         raise TimeoutError("blocked for 120 s")
 
@@ -69,8 +74,15 @@ def corpus(tmp_path, bomb) -> tuple[list[str], list[str]]:
 
 
 def config(backend: str, **data) -> Config:
-    return Config(data=DataConfig(image_size=16, workers=1 if backend == "torch-workers" else 0, dali_threads=1,
-                                  loader=backend.split("-")[0], **data))
+    return Config(
+        data=DataConfig(
+            image_size=16,
+            workers=1 if backend == "torch-workers" else 0,
+            dali_threads=1,
+            loader=backend.split("-")[0],
+            **data,
+        )
+    )
 
 
 def spec(cfg: Config) -> InputSpec:
@@ -185,8 +197,9 @@ def test_predict_reports_a_fifo_and_goes_on(tmp_path):
     from fasttrain.engine import train
     from fasttrain.predict import predict
 
-    root = synthetic.make_shapes_dataset(tmp_path / "data", train_per_class=4, val_per_class=1, size=16,
-                                         shapes=("circle", "square"))
+    root = synthetic.make_shapes_dataset(
+        tmp_path / "data", train_per_class=4, val_per_class=1, size=16, shapes=("circle", "square")
+    )
     cfg = Config(data=DataConfig(root=str(root), image_size=16, workers=0, loader="torch"))
     cfg.train.epochs, cfg.train.max_steps, cfg.train.batch_size, cfg.train.runs_dir = 1, 1, 4, str(tmp_path / "r")
     cfg.model.name = "mlp"
@@ -202,10 +215,25 @@ def test_train_on_unreadable_data_exits_with_the_list_not_a_traceback(tmp_path, 
 
     _, bad = corpus
     for cls in ("a", "b"):
-        badfiles.write_corpus(tmp_path / "data" / "train" / cls, bad={"text.jpg": badfiles.write_text,
-                                                                       "empty.png": badfiles.write_empty}, good={})
-    code = main(["train", "--set", f"data.root={tmp_path / 'data'}", "--set", "data.loader=torch",
-                 "--set", "data.workers=0", "--set", f"train.runs_dir={tmp_path / 'runs'}", "-q"])
+        badfiles.write_corpus(
+            tmp_path / "data" / "train" / cls,
+            bad={"text.jpg": badfiles.write_text, "empty.png": badfiles.write_empty},
+            good={},
+        )
+    code = main(
+        [
+            "train",
+            "--set",
+            f"data.root={tmp_path / 'data'}",
+            "--set",
+            "data.loader=torch",
+            "--set",
+            "data.workers=0",
+            "--set",
+            f"train.runs_dir={tmp_path / 'runs'}",
+            "-q",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "no usable image in the train split" in err and "text.jpg" in err
     assert "Traceback" not in err

@@ -54,6 +54,7 @@ def test_check_data_cli_exit_code(tmp_path, capsys):
 
 # -- the cheap header check every loader runs -------------------------------------------------------------------
 
+
 def _jpeg_with_segment(payload_len: int) -> bytes:
     """A valid JPEG with an APP2 segment of ``payload_len`` bytes before its frame header."""
     import io

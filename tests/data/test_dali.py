@@ -104,8 +104,14 @@ def torch_reference(paths, data: DataConfig, spec: InputSpec) -> torch.Tensor:
 
 
 def torch_training_epoch(paths, data: DataConfig, spec: InputSpec, *, batch_size: int, seed: int, epoch: int):
-    loader = TorchLoader(ImageDataset(split_of(paths, name="train"), train_transform(data), data.channels, seed),
-                         spec, batch_size=batch_size, train=True, seed=seed, workers=0)
+    loader = TorchLoader(
+        ImageDataset(split_of(paths, name="train"), train_transform(data), data.channels, seed),
+        spec,
+        batch_size=batch_size,
+        train=True,
+        seed=seed,
+        workers=0,
+    )
     return epoch_of(loader, epoch)
 
 
@@ -119,14 +125,17 @@ def check_image_file(path):
 
 # -- no DALI needed -----------------------------------------------------------------------------------------
 
+
 def test_importing_the_package_has_no_side_effects():
     """Importing any module has no side effects: no DALI import, no CUDA initialisation, no cuDNN flag changed."""
-    code = ("import sys, torch; flags = torch.backends.cudnn.benchmark; "
-            "import fasttrain, fasttrain.cli, fasttrain.engine, fasttrain.autotune, fasttrain.bench, "
-            "fasttrain.predict, fasttrain.data.dali, fasttrain.data.gpu_cache, fasttrain.data.loaders, "
-            "fasttrain.tasks.classify, fasttrain.tasks.regress, fasttrain.tasks.pix2pix; "
-            "sys.exit(1 if 'nvidia.dali' in sys.modules else 2 if torch.cuda.is_initialized() "
-            "else 3 if torch.backends.cudnn.benchmark != flags else 0)")
+    code = (
+        "import sys, torch; flags = torch.backends.cudnn.benchmark; "
+        "import fasttrain, fasttrain.cli, fasttrain.engine, fasttrain.autotune, fasttrain.bench, "
+        "fasttrain.predict, fasttrain.data.dali, fasttrain.data.gpu_cache, fasttrain.data.loaders, "
+        "fasttrain.tasks.classify, fasttrain.tasks.regress, fasttrain.tasks.pix2pix; "
+        "sys.exit(1 if 'nvidia.dali' in sys.modules else 2 if torch.cuda.is_initialized() "
+        "else 3 if torch.backends.cudnn.benchmark != flags else 0)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -198,6 +207,7 @@ def test_decoder_padding_is_per_thread_and_outputs_follow_torchs_stream(monkeypa
 
 # -- CPU-only DALI --------------------------------------------------------------------------------------------
 
+
 @needs_dali
 @pytest.mark.parametrize("channels", [3, 1])
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -218,8 +228,11 @@ def test_eval_output_matches_the_torch_path(mixed, channels, channels_last):
 
 @needs_dali
 def test_eval_matches_the_torch_path_on_imagenette(tmp_path_factory, shared_extractor):
-    root = shared_extractor("imagenette224", tmp_path_factory.mktemp("imagenette-subset"),
-                          members_filter=lambda name: "/val/n03888257/" in name)
+    root = shared_extractor(
+        "imagenette224",
+        tmp_path_factory.mktemp("imagenette-subset"),
+        members_filter=lambda name: "/val/n03888257/" in name,
+    )
     paths = sorted(str(p) for p in root.rglob("*.JPEG"))[:64]
     data = DataConfig(image_size=64)  # 224 -> 73 -> 64: real photos, downscaled, odd margins
     spec = spec_for(data, channels_last=True)
@@ -299,8 +312,9 @@ def test_shards_are_disjoint_and_cover_the_split(mixed, train):
     data = DataConfig(image_size=16)
     seen = []
     for shard in range(3):
-        loader = DaliLoader(split_of(mixed), data, spec_for(data), batch_size=2, train=train, seed=1,
-                            shard_id=shard, num_shards=3)
+        loader = DaliLoader(
+            split_of(mixed), data, spec_for(data), batch_size=2, train=train, seed=1, shard_id=shard, num_shards=3
+        )
         seen.append(epoch(loader, 4)[1].tolist())
         assert len(seen[-1]) == (2 * len(loader) if train else len(loader.sampler))
         loader.close()
@@ -310,7 +324,7 @@ def test_shards_are_disjoint_and_cover_the_split(mixed, train):
         assert [len(s) for s in seen] == [6, 6, 6]
         whole = EpochSampler(23, batch_size=6, shuffle=True, seed=1, drop_last=True).indices(4)
         for k in range(3):  # global step k: the 3 shards' batch k together are the one-process batch k
-            assert sorted(i for s in seen for i in s[2 * k:2 * k + 2]) == sorted(whole[6 * k:6 * k + 6])
+            assert sorted(i for s in seen for i in s[2 * k : 2 * k + 2]) == sorted(whole[6 * k : 6 * k + 6])
     else:
         assert sorted(flat) == list(range(23))
 
@@ -331,10 +345,21 @@ def test_channels_last_is_a_view_with_the_right_strides(mixed):
 @needs_dali
 def test_bf16_is_cast_from_fp32_and_keeps_channels_last(mixed):
     data = DataConfig(image_size=16)
-    fp32 = next(iter(DaliLoader(split_of(mixed), data, spec_for(data, channels_last=True), batch_size=8,
-                                train=False, seed=0))).inputs
-    bf16 = next(iter(DaliLoader(split_of(mixed), data, spec_for(data, dtype=torch.bfloat16, channels_last=True),
-                                batch_size=8, train=False, seed=0))).inputs
+    fp32 = next(
+        iter(DaliLoader(split_of(mixed), data, spec_for(data, channels_last=True), batch_size=8, train=False, seed=0))
+    ).inputs
+    bf16 = next(
+        iter(
+            DaliLoader(
+                split_of(mixed),
+                data,
+                spec_for(data, dtype=torch.bfloat16, channels_last=True),
+                batch_size=8,
+                train=False,
+                seed=0,
+            )
+        )
+    ).inputs
     assert bf16.dtype == torch.bfloat16 and bf16.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(bf16.float(), fp32, atol=0.02)  # bf16 keeps 8 bits of mantissa
 
@@ -343,8 +368,9 @@ def test_bf16_is_cast_from_fp32_and_keeps_channels_last(mixed):
 def test_grayscale_output_has_one_channel(mixed):
     data = DataConfig(image_size=16, channels=1)
     for train in (True, False):
-        loader = DaliLoader(split_of(mixed), data, spec_for(data, channels_last=True), batch_size=4, train=train,
-                            seed=0)
+        loader = DaliLoader(
+            split_of(mixed), data, spec_for(data, channels_last=True), batch_size=4, train=train, seed=0
+        )
         assert next(iter(loader)).inputs.shape == (4, 1, 16, 16)
 
 
@@ -477,8 +503,9 @@ def test_a_file_failing_inside_dali_is_skipped_and_the_epoch_goes_on(mixed, tmp_
     (bad,) = corrupt(tmp_path, 1)
     paths = mixed[:7] + [bad] + mixed[7:12]  # 13 files, the bad one at index 7
     data = DataConfig(image_size=16, crop_scale_min=0.3)
-    loader = DaliLoader(split_of(paths, name="train" if train else "val"), data, spec_for(data), batch_size=4,
-                        train=train, seed=1)
+    loader = DaliLoader(
+        split_of(paths, name="train" if train else "val"), data, spec_for(data), batch_size=4, train=train, seed=1
+    )
     assert loader.skipped == []  # the pre-check cannot tell
     batches, targets, _ = epoch(loader, 0)
     assert [p for p, _ in loader.skipped] == [bad] and "DALI failed to decode it" in loader.skipped[0][1]
@@ -507,8 +534,9 @@ def test_too_many_failures_in_one_epoch_stop_with_the_list(mixed, tmp_path):
 @needs_dali
 def test_a_training_set_that_never_decodes_is_refused(tmp_path):
     data = DataConfig(image_size=16)
-    loader = DaliLoader(split_of(corrupt(tmp_path, 3), name="train"), data, spec_for(data), batch_size=2,
-                        train=True, seed=0)
+    loader = DaliLoader(
+        split_of(corrupt(tmp_path, 3), name="train"), data, spec_for(data), batch_size=2, train=True, seed=0
+    )
     with pytest.raises(BadDataError, match="not one image of the train split"):
         epoch(loader, 0)
 
@@ -527,11 +555,26 @@ def test_killed_mid_epoch_resumes_on_dali_with_the_same_weights(shapes_root, tmp
     from fasttrain.tasks.classify import ClassifyTask
 
     def cfg(runs):
-        return apply_overrides(Config(), [
-            f"data.root={shapes_root}", "data.image_size=24", "data.loader=dali", "data.dali_threads=1",
-            "data.max_samples=256", "model.name=smallcnn", "model.width=8", "model.dropout=0.2",
-            "optim.name=adamw", "optim.lr=0.005", "train.epochs=1", "train.batch_size=32",
-            "train.checkpoint_every_steps=2", f"train.runs_dir={runs}", "name=d"])
+        return apply_overrides(
+            Config(),
+            [
+                f"data.root={shapes_root}",
+                "data.image_size=24",
+                "data.loader=dali",
+                "data.dali_threads=1",
+                "data.max_samples=256",
+                "model.name=smallcnn",
+                "model.width=8",
+                "model.dropout=0.2",
+                "optim.name=adamw",
+                "optim.lr=0.005",
+                "train.epochs=1",
+                "train.batch_size=32",
+                "train.checkpoint_every_steps=2",
+                f"train.runs_dir={runs}",
+                "name=d",
+            ],
+        )
 
     straight = train(cfg(tmp_path / "a"), progress=False)
     assert straight.backend == "dali" and straight.history[0]["step"] == 8
@@ -582,9 +625,17 @@ def test_a_short_cpu_training_run_learns(tmp_path):
     val = DaliLoader(Split("val", val_files, val_targets), data, spec, batch_size=64, train=False, seed=0)
     torch.manual_seed(0)
     model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 3))
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 3),
+    )
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
     losses = []
     for e in range(8):
@@ -605,6 +656,7 @@ def test_a_short_cpu_training_run_learns(tmp_path):
 
 
 # -- GPU (mixed decode) ---------------------------------------------------------------------------------------
+
 
 @needs_dali
 @pytest.mark.gpu
@@ -632,8 +684,7 @@ def test_mixed_decode_training_batches_bf16(mixed):
     spec = spec_for(data, dtype=torch.bfloat16, channels_last=True, device="cuda:0")
 
     def run(seed):
-        loader = DaliLoader(split_of(mixed, name="train"), data, spec, batch_size=4, train=True, seed=seed,
-                            device_id=0)
+        loader = DaliLoader(split_of(mixed, name="train"), data, spec, batch_size=4, train=True, seed=seed, device_id=0)
         out = epoch(loader, 2)
         loader.close()
         return out

@@ -34,8 +34,17 @@ def test_drawing_generator_writes_canvases_and_strokes(tmp_path):
     root = make_drawing_dataset(tmp_path / "d", sessions=3, steps=4, size=(40, 30))
     session = root / "session_0000"
     names = sorted(p.name for p in session.iterdir())
-    assert names == ["step_0000.png", "step_0001.json", "step_0001.png", "step_0002.json", "step_0002.png",
-                     "step_0003.json", "step_0003.png", "step_0004.json", "step_0004.png"]
+    assert names == [
+        "step_0000.png",
+        "step_0001.json",
+        "step_0001.png",
+        "step_0002.json",
+        "step_0002.png",
+        "step_0003.json",
+        "step_0003.png",
+        "step_0004.json",
+        "step_0004.png",
+    ]
     rec = json.loads((session / "step_0001.json").read_text())
     assert rec["color"] in DRAWING_PALETTE and 0 <= rec["x"] <= 40 and 0 <= rec["y"] <= 30
     with Image.open(session / "step_0000.png") as im:
@@ -64,15 +73,15 @@ def test_drawing_bad_records_are_reported_and_skipped(tmp_path):
     s = tmp_path / "d" / "s1"
     for n in range(7):
         png(s / f"step_{n:04d}.png", size=(20, 10))
-    stroke(s / "step_0001.json", x=10, y=5, color="#ff4444")         # good
-    stroke(s / "step_0002.json", raw="{not json")                     # malformed JSON
-    stroke(s / "step_0003.json", x=1, y=1, color="red")               # bad colour string
-    stroke(s / "step_0004.json", x=50, y=1, color="#00ff00")          # outside the canvas
+    stroke(s / "step_0001.json", x=10, y=5, color="#ff4444")  # good
+    stroke(s / "step_0002.json", raw="{not json")  # malformed JSON
+    stroke(s / "step_0003.json", x=1, y=1, color="red")  # bad colour string
+    stroke(s / "step_0004.json", x=50, y=1, color="#00ff00")  # outside the canvas
     # step_0005.json missing: canvas 4 has no pair although later strokes exist
-    stroke(s / "step_0006.json", x=2, y=3, color="#0f0")              # good (#rgb)
-    stroke(s / "step_0008.json", x=2, y=3, color="#000000")           # no canvas 7 before it (and a gap after 6)
+    stroke(s / "step_0006.json", x=2, y=3, color="#0f0")  # good (#rgb)
+    stroke(s / "step_0008.json", x=2, y=3, color="#000000")  # no canvas 7 before it (and a gap after 6)
     s2 = tmp_path / "d" / "s2"
-    png(s2 / "step_0000.png").write_bytes(b"not a png")               # unreadable canvas
+    png(s2 / "step_0000.png").write_bytes(b"not a png")  # unreadable canvas
     stroke(s2 / "step_0001.json", x=1, y=1, color="#000000")
     src = discover(DataConfig(format="drawing", val_fraction=0.0), tmp_path / "d")
     assert [Path(p).name for p in src.train.paths] == ["step_0000.png", "step_0005.png"]
@@ -116,11 +125,12 @@ def test_manifest_csv_targets_splits_and_bad_rows(tmp_path):
         "path,age,score,label,split\n"
         "img/a.png,30,0.5,cat,train\n"
         "img/b.png,40,0.25,dog,train\n"
-        "img/c.png,oops,0.1,dog,train\n"      # line 4: not a number
-        "img/missing.png,1,1,cat,train\n"     # line 5: no such file
+        "img/c.png,oops,0.1,dog,train\n"  # line 4: not a number
+        "img/missing.png,1,1,cat,train\n"  # line 5: no such file
         "img/d.png,50,0.75,cat,val\n"
         "img/e.png,60,1.0,cat,test\n"
-        "img/f.png,70,1.0,cat,holdout\n")     # line 8: unknown split
+        "img/f.png,70,1.0,cat,holdout\n"
+    )  # line 8: unknown split
     src = discover(DataConfig(format="manifest"), tmp_path)
     assert src.target_names == ["age", "score"]  # label is not numeric, split is not a target
     assert [Path(p).name for p in src.train.paths] == ["a.png", "b.png"]
@@ -270,8 +280,9 @@ def test_imagenet_like_jpegs(tmp_path):
 def test_make_data_cli(tmp_path):
     from fasttrain.cli import main
 
-    assert main(["make-data", "drawing", str(tmp_path / "d"), "--sessions", "2", "--steps", "2",
-                 "--size", "24x16"]) == 0
+    assert (
+        main(["make-data", "drawing", str(tmp_path / "d"), "--sessions", "2", "--steps", "2", "--size", "24x16"]) == 0
+    )
     src = discover(DataConfig(format="drawing"), tmp_path / "d")
     assert len(src.train) + len(src.val) == 4
     tool = [sys.executable, str(REPO / "tools" / "make_data.py")]  # the checkout wrapper, same parser

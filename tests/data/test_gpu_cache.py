@@ -57,6 +57,7 @@ def epoch(loader, e=None):
 
 # -- sizing ---------------------------------------------------------------------------------------------------
 
+
 def test_cache_bytes_counts_uint8_pixels_and_labels():
     assert cache_bytes(50_000, DataConfig(image_size=32)) == 50_000 * (3 * 32 * 32 + 8)  # CIFAR-10: ~147 MiB
     assert cache_bytes(10, DataConfig(image_size=224, channels=1)) == 10 * (224 * 224 + 8)
@@ -82,6 +83,7 @@ def test_cache_fits_uses_total_device_memory_on_cuda(monkeypatch):
 
 
 # -- contents and order -----------------------------------------------------------------------------------------
+
 
 def test_eval_batches_are_the_torch_eval_pixels_every_sample_once(images):
     data = DataConfig(image_size=24)
@@ -137,6 +139,7 @@ def test_shapes_dtypes_layout_and_range(images, dtype, channels):
 
 # -- the on-device random-resized-crop ---------------------------------------------------------------------------
 
+
 def test_random_resized_crop_windows_follow_torchvision_ranges():
     theta = random_resized_crop_theta(0, 0, np.arange(4000), 0.08, True)
     sx, h, cx, cy = theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2]
@@ -154,8 +157,9 @@ def test_random_resized_crop_windows_follow_torchvision_ranges():
 def test_full_scale_crop_is_the_canvas_and_flip_mirrors_it(images):
     data = DataConfig(image_size=16, crop_scale_min=1.0, hflip=False)  # area 1 fits only at aspect 1
     rrc = epoch(make(images, data, train=True), 0)[2]
-    plain = epoch(make(images, DataConfig(image_size=16, random_resized_crop=False, resize_size=16, hflip=False),
-                       train=True), 0)[2]
+    plain = epoch(
+        make(images, DataConfig(image_size=16, random_resized_crop=False, resize_size=16, hflip=False), train=True), 0
+    )[2]
     assert torch.allclose(rrc, plain, atol=1e-4)  # identity grid: exact pixel centres, same samples and order
     flipped = epoch(make(images, DataConfig(image_size=16, crop_scale_min=1.0), train=True), 0)[2]
     mirrored = torch.isclose(flipped, plain.flip(3), atol=1e-4).flatten(1).all(1)
@@ -181,6 +185,7 @@ def test_batch_larger_than_the_training_split_is_refused(images):
 
 # -- CUDA ---------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.gpu
 def test_cuda_cache_steps_never_sync_with_the_host(images):
     data = DataConfig(image_size=32, crop_scale_min=0.25)
@@ -202,6 +207,7 @@ def test_cuda_cache_steps_never_sync_with_the_host(images):
 
 
 # -- a user's own map-style dataset -------------------------------------------------------------------------------
+
 
 class Tiles(torch.utils.data.Dataset):
     """A user's dataset: C x 8 x 8 image tensors (uint8, or model-ready floats) and int labels; None marks items
@@ -247,24 +253,30 @@ def test_a_float_dataset_is_taken_as_model_ready_and_cast():
 
 
 def test_items_a_dataset_cannot_give_are_listed_and_too_many_refuse_it():
-    loader = GpuCacheLoader.from_dataset(Tiles(10, missing={0, 7}), spec_for(DataConfig()), batch_size=4,
-                                         train=False, threads=2)
-    assert loader.num_samples == 8 and loader.skipped == [("Tiles[0]", "the dataset returned None for it"),
-                                                         ("Tiles[7]", "the dataset returned None for it")]
+    loader = GpuCacheLoader.from_dataset(
+        Tiles(10, missing={0, 7}), spec_for(DataConfig()), batch_size=4, train=False, threads=2
+    )
+    assert loader.num_samples == 8 and loader.skipped == [
+        ("Tiles[0]", "the dataset returned None for it"),
+        ("Tiles[7]", "the dataset returned None for it"),
+    ]
     assert loader.ids.tolist() == [1, 2, 3, 4, 5, 6, 8, 9] and epoch(loader)[1].tolist() == [1, 2, 3, 4, 0, 1, 3, 4]
     from fasttrain.data.checks import BadDataError
 
     with pytest.raises(BadDataError, match="max_bad_per_epoch = 1"):
-        GpuCacheLoader.from_dataset(Tiles(10, missing={2, 5}), spec_for(DataConfig()), batch_size=4, train=False,
-                                    max_bad=1)
+        GpuCacheLoader.from_dataset(
+            Tiles(10, missing={2, 5}), spec_for(DataConfig()), batch_size=4, train=False, max_bad=1
+        )
     with pytest.raises(ValueError, match=r"Tiles\[3\]: shape \(3, 4, 8\).*one shape"):
         GpuCacheLoader.from_dataset(Tiles(10, odd=3), spec_for(DataConfig()), batch_size=4, train=False)
 
 
 def test_evaluation_caches_only_its_shard_and_training_everything():
     spec = spec_for(DataConfig())
-    shards = [GpuCacheLoader.from_dataset(Tiles(11), spec, batch_size=2, train=False, num_shards=3, shard_id=r)
-              for r in range(3)]
+    shards = [
+        GpuCacheLoader.from_dataset(Tiles(11), spec, batch_size=2, train=False, num_shards=3, shard_id=r)
+        for r in range(3)
+    ]
     assert [s.num_samples for s in shards] == [4, 4, 3] and shards[1].ids.tolist() == [1, 4, 7, 10]
     train = GpuCacheLoader.from_dataset(Tiles(11), spec, batch_size=2, train=True, num_shards=3, shard_id=1)
     assert train.num_samples == 11 and len(train) == 1  # 11 -> one global step of 2 x 3
@@ -303,8 +315,15 @@ def test_cuda_pair_cache_steps_never_sync_and_match_the_cpu_twin():
 
     def run(device, dtype):
         spec = spec_for(DataConfig(mean=[0.5], std=[0.5]), dtype=dtype, channels_last=True, device=device)
-        loader = GpuCacheLoader.from_dataset(Pairs(), spec, batch_size=4, train=True, seed=1, targets_are_images=True,
-                                             augment=PairCropFlip(size=16, load_size=20, flip=True))
+        loader = GpuCacheLoader.from_dataset(
+            Pairs(),
+            spec,
+            batch_size=4,
+            train=True,
+            seed=1,
+            targets_are_images=True,
+            augment=PairCropFlip(size=16, load_size=20, flip=True),
+        )
         loader.set_epoch(2)
         return list(loader)
 

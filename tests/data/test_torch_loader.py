@@ -81,11 +81,19 @@ def test_optimizer_states_take_the_layout_of_channels_last_parameters():
     saved_opt.step()
     model = nn.Conv2d(3, 3, 3).to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-    state = TrainState({"model": model}, {"model": model}, {"model": opt},
-                       {"model": torch.amp.GradScaler("cpu", enabled=False)})
-    state.load_state_dict({"modules": {"model": saved_model.state_dict()},
-                           "optimizers": {"model": saved_opt.state_dict()}, "scalers": {"model": {}},
-                           "schedulers": {}, "epoch": 1, "step": 1})
+    state = TrainState(
+        {"model": model}, {"model": model}, {"model": opt}, {"model": torch.amp.GradScaler("cpu", enabled=False)}
+    )
+    state.load_state_dict(
+        {
+            "modules": {"model": saved_model.state_dict()},
+            "optimizers": {"model": saved_opt.state_dict()},
+            "scalers": {"model": {}},
+            "schedulers": {},
+            "epoch": 1,
+            "step": 1,
+        }
+    )
     w = model.weight
     assert w.stride() == (27, 1, 9, 3)  # channels_last
     for key in ("exp_avg", "exp_avg_sq"):

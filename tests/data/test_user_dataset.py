@@ -38,9 +38,9 @@ class Bars(Dataset):
         x = torch.full((3, 16, 16), 30, dtype=torch.uint8)
         p, label = self.pos[i], self.labels[i]
         if label == 0:
-            x[:, p - 1:p + 1, :] = 220
+            x[:, p - 1 : p + 1, :] = 220
         else:
-            x[:, :, p - 1:p + 1] = 220
+            x[:, :, p - 1 : p + 1] = 220
         if self.jitter:
             x = x.roll(int(torch.randint(-1, 2, ())), dims=1 + label)
         if self.dtype != torch.uint8:
@@ -49,8 +49,17 @@ class Bars(Dataset):
 
 
 def config(tmp_path, *extra: str):
-    return load_config("quickstart", [f"train.runs_dir={tmp_path / 'runs'}", "runtime.device=cpu",
-                                      "runtime.compile=off", "train.batch_size=32", "data.workers=0", *extra])
+    return load_config(
+        "quickstart",
+        [
+            f"train.runs_dir={tmp_path / 'runs'}",
+            "runtime.device=cpu",
+            "runtime.compile=off",
+            "train.batch_size=32",
+            "data.workers=0",
+            *extra,
+        ],
+    )
 
 
 def test_a_fixed_dataset_is_cached_trains_and_resumes_only_with_the_dataset_again(tmp_path):
@@ -62,8 +71,13 @@ def test_a_fixed_dataset_is_cached_trains_and_resumes_only_with_the_dataset_agai
     assert saved.data.root == "python:Bars" and saved.data.image_size == 16 and saved.model.num_outputs == 2
     with pytest.raises(ConfigError, match="dataset given from Python"):
         train(resume=result.run_dir, overrides=["train.epochs=3"], progress=False)
-    more = train(resume=result.run_dir, overrides=["train.epochs=3"], dataset=Bars(320),
-                 val_dataset=Bars(96, seed=1), progress=False)
+    more = train(
+        resume=result.run_dir,
+        overrides=["train.epochs=3"],
+        dataset=Bars(320),
+        val_dataset=Bars(96, seed=1),
+        progress=False,
+    )
     assert [r["epoch"] for r in more.history] == [1, 2, 3]
 
 
@@ -84,8 +98,9 @@ def test_items_reach_the_model_normalized_once_uint8_by_fasttrain_float_as_given
     for dtype in (torch.uint8, torch.float32):
         ds = Bars(12, dtype=dtype)
         for backend in ("torch", "cache"):
-            prep = prepare(config(tmp_path, f"data.loader={backend}", "data.val_fraction=0"), dataset=ds,
-                           val_dataset=ds)
+            prep = prepare(
+                config(tmp_path, f"data.loader={backend}", "data.val_fraction=0"), dataset=ds, val_dataset=ds
+            )
             loader = prep.task.make_loader(prep.source.val, train=False, batch_size=5, backend=prep.backend)
             x = torch.cat([b.inputs for b in loader])
             items = torch.stack([ds[i][0] for i in range(len(ds))])
@@ -134,8 +149,9 @@ def test_bench_and_autotune_take_the_dataset_and_model_too(tmp_path):
     from torch import nn
 
     cfg = config(tmp_path, "bench.warmup_steps=1", "bench.steps=2", "bench.repeats=1")
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(4, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)
+    )
     report = bench(cfg, dataset=Bars(128), model=model)
     assert report.end_to_end.samples_per_s > 0
     tuned = autotune(cfg, dataset=Bars(128), model=model, time_budget_s=4, out_dir=tmp_path / "tune")

@@ -20,25 +20,52 @@ from fasttrain.checkpoint import load_checkpoint
 REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 WORKER = REPO / "tests" / "ddp_worker.py"
 
-pytestmark = [pytest.mark.slow,  # each case starts torchrun and its workers: seconds of imports per process
-              pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                 reason="needs torch.distributed with gloo")]
+pytestmark = [
+    pytest.mark.slow,  # each case starts torchrun and its workers: seconds of imports per process
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+        reason="needs torch.distributed with gloo",
+    ),
+]
 
 
 def _sets(root: Path, runs: Path, *extra: str) -> list[str]:
-    sets = [f"data.root={root}", "data.image_size=16", "data.resize_size=16", "data.random_resized_crop=false",
-            "data.hflip=true", "data.loader=torch", "data.workers=0", "model.name=mlp", "model.width=8",
-            "optim.name=sgd", "optim.lr=0.05", "schedule.name=constant", "train.batch_size=32",
-            "train.eval_batch_size=32",
-            "train.log_every=2", "runtime.device=cpu", f"train.runs_dir={runs}", "name=ddp", *extra]
+    sets = [
+        f"data.root={root}",
+        "data.image_size=16",
+        "data.resize_size=16",
+        "data.random_resized_crop=false",
+        "data.hflip=true",
+        "data.loader=torch",
+        "data.workers=0",
+        "model.name=mlp",
+        "model.width=8",
+        "optim.name=sgd",
+        "optim.lr=0.05",
+        "schedule.name=constant",
+        "train.batch_size=32",
+        "train.eval_batch_size=32",
+        "train.log_every=2",
+        "runtime.device=cpu",
+        f"train.runs_dir={runs}",
+        "name=ddp",
+        *extra,
+    ]
     return [a for s in sets for a in ("--set", s)]
 
 
 def _torchrun(nproc: int, args: list[str], *, restarts: int = 0, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           f"--max-restarts={restarts}", str(WORKER), *args]
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        f"--max-restarts={restarts}",
+        str(WORKER),
+        *args,
+    ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -86,14 +113,18 @@ def test_a_killed_rank_restarts_the_job_which_resumes_to_the_same_weights(shapes
     common = ("train.epochs=2", "train.max_steps=6", "train.checkpoint_every_steps=2")
     straight = _torchrun(2, ["train", "-q", *_sets(shapes_root, tmp_path / "a", *common)])
     assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = _torchrun(2, ["--kill-rank", "1", "--kill-step", "9", "train", "-q",
-                           *_sets(shapes_root, tmp_path / "b", *common)], restarts=1)
+    killed = _torchrun(
+        2,
+        ["--kill-rank", "1", "--kill-step", "9", "train", "-q", *_sets(shapes_root, tmp_path / "b", *common)],
+        restarts=1,
+    )
     assert killed.returncode == 0, killed.stderr[-3000:]
     assert "torchrun restart 1" in killed.stderr and "resuming" in killed.stderr
     run = _only_run(tmp_path / "b")  # found again, not a second folder
     _close(_weights(_only_run(tmp_path / "a")), _weights(run))
-    epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()
-              if "event" not in json.loads(x)]
+    epochs = [
+        json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines() if "event" not in json.loads(x)
+    ]
     assert epochs == [1, 2]
 
 
@@ -127,8 +158,9 @@ def test_a_batch_that_does_not_divide_over_the_processes_is_refused(shapes_root,
 def test_the_quickstart_under_two_ranks_reaches_90_percent(tmp_path):
     env_cache = {"FASTTRAIN_CACHE": os.environ.get("FASTTRAIN_CACHE", str(tmp_path / "cache"))}
     os.environ.update(env_cache)
-    done = _torchrun(2, ["train", "-q", "--set", f"train.runs_dir={tmp_path / 'runs'}", "--set", "data.workers=0"],
-                     timeout=900)
+    done = _torchrun(
+        2, ["train", "-q", "--set", f"train.runs_dir={tmp_path / 'runs'}", "--set", "data.workers=0"], timeout=900
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     run = _only_run(tmp_path / "runs")
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -141,10 +173,25 @@ def test_pix2pix_trains_under_two_ranks_with_both_networks_wrapped(tmp_path):
     from fasttrain.data.synthetic import make_paired_dataset
 
     root = make_paired_dataset(tmp_path / "pairs", n=40, size=32)
-    sets = [f"data.root={root}", "data.format=paired", "data.image_size=32", "data.workers=0",
-            "data.loader=torch", "model.name=unet", "model.width=8", "task.name=pix2pix", "optim.name=adam",
-            "optim.betas=[0.5, 0.999]", "train.batch_size=4", "train.epochs=2", "train.max_steps=3",
-            "train.log_every=1", "runtime.device=cpu", f"train.runs_dir={tmp_path / 'runs'}", "name=p2p"]
+    sets = [
+        f"data.root={root}",
+        "data.format=paired",
+        "data.image_size=32",
+        "data.workers=0",
+        "data.loader=torch",
+        "model.name=unet",
+        "model.width=8",
+        "task.name=pix2pix",
+        "optim.name=adam",
+        "optim.betas=[0.5, 0.999]",
+        "train.batch_size=4",
+        "train.epochs=2",
+        "train.max_steps=3",
+        "train.log_every=1",
+        "runtime.device=cpu",
+        f"train.runs_dir={tmp_path / 'runs'}",
+        "name=p2p",
+    ]
     done = _torchrun(2, ["train", "-q", *[a for s in sets for a in ("--set", s)]])
     assert done.returncode == 0, done.stderr[-3000:]
     run = _only_run(tmp_path / "runs")
@@ -159,12 +206,40 @@ def test_pix2pix_trains_under_two_ranks_with_both_networks_wrapped(tmp_path):
 def test_bench_and_autotune_under_two_ranks(shapes_root, tmp_path):
     """bench: per-GPU and global samples/s and the scaling efficiency; autotune: per-GPU batches, one answer,
     the global batch it implies in the tuned config."""
-    sets = ["--set", f"data.root={shapes_root}", "--set", "data.image_size=16", "--set", "data.resize_size=16",
-            "--set", "data.loader=torch", "--set", "data.workers=0", "--set", "model.name=mlp", "--set",
-            "model.width=8", "--set", "train.batch_size=32", "--set", "runtime.device=cpu", "--set",
-            "bench.steps=3", "--set", "bench.repeats=1", "--set", "bench.warmup_steps=1",
-            "--set", f"train.runs_dir={tmp_path / 'runs'}", "--set", "tune.time_budget_s=8",
-            "--set", "tune.max_batch=64", "--set", f"tune.cache_dir={tmp_path / 'cache'}"]
+    sets = [
+        "--set",
+        f"data.root={shapes_root}",
+        "--set",
+        "data.image_size=16",
+        "--set",
+        "data.resize_size=16",
+        "--set",
+        "data.loader=torch",
+        "--set",
+        "data.workers=0",
+        "--set",
+        "model.name=mlp",
+        "--set",
+        "model.width=8",
+        "--set",
+        "train.batch_size=32",
+        "--set",
+        "runtime.device=cpu",
+        "--set",
+        "bench.steps=3",
+        "--set",
+        "bench.repeats=1",
+        "--set",
+        "bench.warmup_steps=1",
+        "--set",
+        f"train.runs_dir={tmp_path / 'runs'}",
+        "--set",
+        "tune.time_budget_s=8",
+        "--set",
+        "tune.max_batch=64",
+        "--set",
+        f"tune.cache_dir={tmp_path / 'cache'}",
+    ]
     done = _torchrun(2, ["bench", *sets, "--json", str(tmp_path / "bench.json")])
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("fasttrain bench") == 1  # rank 0 prints

@@ -17,9 +17,19 @@ def test_ema_is_the_average_of_the_steps_weights(shapes_root, tmp_path):
         seen.append({k: v.clone() for k, v in state.modules["model"].state_dict().items()})
 
     decay = 0.5
-    cfg = load_config("quickstart", [f"data.root={shapes_root}", f"train.runs_dir={tmp_path}", "train.epochs=2",
-                                     "train.max_steps=1", "data.workers=0", "data.loader=torch",
-                                     f"train.ema_decay={decay}", "train.best_metric=val_ema_acc"])
+    cfg = load_config(
+        "quickstart",
+        [
+            f"data.root={shapes_root}",
+            f"train.runs_dir={tmp_path}",
+            "train.epochs=2",
+            "train.max_steps=1",
+            "data.workers=0",
+            "data.loader=torch",
+            f"train.ema_decay={decay}",
+            "train.best_metric=val_ema_acc",
+        ],
+    )
     result = train(cfg, progress=False, on_epoch_end=keep)
     assert all("val_ema_acc" in r and "val_ema_loss" in r for r in result.history)
     ckpt = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")

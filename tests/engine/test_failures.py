@@ -23,11 +23,29 @@ from fasttrain.io import WriteError
 
 
 def tiny_cfg(root, runs, *extra):
-    return apply_overrides(Config(), [
-        f"data.root={root}", "data.image_size=32", "data.resize_size=32", "data.random_resized_crop=false",
-        "data.loader=torch", "data.workers=0", "model.name=smallcnn", "model.width=8", "optim.name=adamw",
-        "optim.lr=0.005", "train.epochs=2", "train.batch_size=32", "train.max_steps=3", "train.log_every=1",
-        f"train.runs_dir={runs}", "runtime.device=cpu", "name=t", *extra])
+    return apply_overrides(
+        Config(),
+        [
+            f"data.root={root}",
+            "data.image_size=32",
+            "data.resize_size=32",
+            "data.random_resized_crop=false",
+            "data.loader=torch",
+            "data.workers=0",
+            "model.name=smallcnn",
+            "model.width=8",
+            "optim.name=adamw",
+            "optim.lr=0.005",
+            "train.epochs=2",
+            "train.batch_size=32",
+            "train.max_steps=3",
+            "train.log_every=1",
+            f"train.runs_dir={runs}",
+            "runtime.device=cpu",
+            "name=t",
+            *extra,
+        ],
+    )
 
 
 def cli_set(root, runs, *extra):
@@ -126,8 +144,7 @@ def test_read_only_home_for_the_demo_dataset_is_one_line(tmp_path, monkeypatch, 
 
 
 @pytest.mark.parametrize("command", ["bench", "check-data", "predict"])
-def test_outputs_written_at_the_end_are_checked_at_the_start(command, shapes_root, tmp_path, monkeypatch,
-                                                             capsys):
+def test_outputs_written_at_the_end_are_checked_at_the_start(command, shapes_root, tmp_path, monkeypatch, capsys):
     """An unwritable --json / --skip-list / --out-dir fails at once, before the work, in one line."""
     import fasttrain.bench
     import fasttrain.data.checks
@@ -136,15 +153,20 @@ def test_outputs_written_at_the_end_are_checked_at_the_start(command, shapes_roo
     def never(*a, **k):
         raise AssertionError("the work started although its output cannot be written")
 
-    for mod, name in ((fasttrain.bench, "bench"), (fasttrain.data.checks, "check_data"),
-                      (fasttrain.predict, "predict")):
+    for mod, name in (
+        (fasttrain.bench, "bench"),
+        (fasttrain.data.checks, "check_data"),
+        (fasttrain.predict, "predict"),
+    ):
         monkeypatch.setattr(mod, name, never)
     ro = tmp_path / "ro"
     ro.mkdir()
     FaultFS(monkeypatch).read_only(ro)
-    argv = {"bench": ["bench", "--json", str(ro / "b.json"), "--set", f"data.root={shapes_root}"],
-            "check-data": ["check-data", str(shapes_root), "--skip-list", str(ro / "skip.txt")],
-            "predict": ["predict", str(tmp_path / "x.pt"), "img.png", "--out-dir", str(ro / "out")]}[command]
+    argv = {
+        "bench": ["bench", "--json", str(ro / "b.json"), "--set", f"data.root={shapes_root}"],
+        "check-data": ["check-data", str(shapes_root), "--skip-list", str(ro / "skip.txt")],
+        "predict": ["predict", str(tmp_path / "x.pt"), "img.png", "--out-dir", str(ro / "out")],
+    }[command]
     code = main(argv)
     line = one_line_error(capsys.readouterr().err)
     assert code == 1 and "Read-only file system" in line and str(ro) in line
@@ -176,8 +198,11 @@ def test_temp_files_of_interrupted_writes_are_removed(shapes_root, tmp_path):
         train(tiny_cfg(shapes_root, runs), progress=False, on_epoch_end=stop_after(1))
     run = one_run(runs)
     # what a kill -9 during checkpoint / metrics writes leaves behind, and a file of the user's
-    stale = [run / "checkpoints" / ".last.pt.k3j_9x2a.tmp", run / "checkpoints" / ".best.pt.abcdefgh.tmp",
-             run / ".metrics.jsonl.12345678.tmp"]
+    stale = [
+        run / "checkpoints" / ".last.pt.k3j_9x2a.tmp",
+        run / "checkpoints" / ".best.pt.abcdefgh.tmp",
+        run / ".metrics.jsonl.12345678.tmp",
+    ]
     for p in stale:
         p.write_bytes(b"partial")
     mine = run / "checkpoints" / "notes.tmp"
@@ -198,10 +223,17 @@ def test_a_second_process_on_the_same_run_folder_is_refused(shapes_root, tmp_pat
         train(tiny_cfg(shapes_root, runs), progress=False, on_epoch_end=stop_after(1))
     run = one_run(runs)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import fcntl, os, sys, time\n"
-         f"fd = os.open({str(run / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
-         "fcntl.flock(fd, fcntl.LOCK_EX)\nos.write(fd, str(os.getpid()).encode())\n"
-         "print('locked', flush=True)\ntime.sleep(120)\n"], stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys, time\n"
+            f"fd = os.open({str(run / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\nos.write(fd, str(os.getpid()).encode())\n"
+            "print('locked', flush=True)\ntime.sleep(120)\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         code = main(["train", "--resume", str(run), "-q"])
@@ -242,8 +274,9 @@ def test_unreadable_images_are_counted_at_the_end_of_the_run(tmp_path, caplog):
     from fasttrain.data.synthetic import make_shapes_dataset
     from fasttrain.prepare import prepare
 
-    root = make_shapes_dataset(tmp_path / "d", train_per_class=20, val_per_class=4, size=32,
-                               shapes=("circle", "square"))
+    root = make_shapes_dataset(
+        tmp_path / "d", train_per_class=20, val_per_class=4, size=32, shapes=("circle", "square")
+    )
     broken = root / "train" / "circle" / "zz_broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     cfg = tiny_cfg(root, tmp_path / "runs", "train.epochs=1", "train.batch_size=8", "train.max_steps=0")
@@ -275,8 +308,7 @@ def _poison_after(monkeypatch, step):
     monkeypatch.setattr(ClassifyTask, "train_step", step_fn)
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(shapes_root, tmp_path,
-                                                                             monkeypatch, capsys):
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_finite_checkpoint(shapes_root, tmp_path, monkeypatch, capsys):
     _poison_after(monkeypatch, step=4)  # epoch 2 of 3-step epochs
     runs = tmp_path / "runs"
     code = main(["train", *cli_set(shapes_root, runs, "train.epochs=3", "train.checkpoint_every_steps=1"), "-q"])
@@ -306,12 +338,14 @@ def test_a_non_finite_state_is_never_the_best(shapes_root, tmp_path, monkeypatch
     assert last["state"]["epoch"] == 1  # epoch 2's NaN weights did not replace it
 
 
-@pytest.mark.parametrize("metric, hint", [("val_accuracy", "val_acc"), ("val_acc5", "val_acc"),
-                                          ("acc", "val_loss")])
+@pytest.mark.parametrize("metric, hint", [("val_accuracy", "val_acc"), ("val_acc5", "val_acc"), ("acc", "val_loss")])
 def test_best_metric_typo_is_refused_before_training(shapes_root, tmp_path, metric, hint):
     runs = tmp_path / "runs"
-    with pytest.raises(ConfigError, match=rf"train\.best_metric: '{metric}' is not a metric of task classify.*"
-                                          rf"{hint}"):
+    with pytest.raises(
+        ConfigError,
+        match=rf"train\.best_metric: '{metric}' is not a metric of task classify.*"
+        rf"{hint}",
+    ):
         train(tiny_cfg(shapes_root, runs, f"train.best_metric={metric}"), progress=False)
     assert not runs.exists()  # refused before a run folder was made
 
@@ -322,20 +356,23 @@ def test_best_metric_of_the_task_is_accepted(shapes_root, tmp_path):
     assert (result.run_dir / "checkpoints" / "best.pt").is_file()
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["shapes", "{out}", "--train-per-class", "-5"], "--train-per-class"),
-    (["shapes", "{out}", "--val-per-class", "-1"], "--val-per-class"),
-    (["shapes", "{out}", "--size", "0"], "--size"),
-    (["drawing", "{out}", "--steps", "0"], "--steps"),
-    (["drawing", "{out}", "--sessions", "-2"], "--sessions"),
-    (["drawing", "{out}", "--size", "10x-3"], "--size"),
-    (["paired", "{out}", "--n", "0"], "--n"),
-    (["imagenet", "{out}", "--quality", "0"], "--quality"),
-    (["imagenet", "{out}", "--quality", "101"], "--quality"),
-    (["imagenet", "{out}", "--n", "2", "--classes", "5"], "--n"),
-    (["imagenet", "{out}", "--classes", "0"], "--classes"),
-    (["imagenet", "{out}", "--val", "-1"], "--val"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["shapes", "{out}", "--train-per-class", "-5"], "--train-per-class"),
+        (["shapes", "{out}", "--val-per-class", "-1"], "--val-per-class"),
+        (["shapes", "{out}", "--size", "0"], "--size"),
+        (["drawing", "{out}", "--steps", "0"], "--steps"),
+        (["drawing", "{out}", "--sessions", "-2"], "--sessions"),
+        (["drawing", "{out}", "--size", "10x-3"], "--size"),
+        (["paired", "{out}", "--n", "0"], "--n"),
+        (["imagenet", "{out}", "--quality", "0"], "--quality"),
+        (["imagenet", "{out}", "--quality", "101"], "--quality"),
+        (["imagenet", "{out}", "--n", "2", "--classes", "5"], "--n"),
+        (["imagenet", "{out}", "--classes", "0"], "--classes"),
+        (["imagenet", "{out}", "--val", "-1"], "--val"),
+    ],
+)
 def test_make_data_refuses_bad_options(tmp_path, capsys, argv, flag):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as e:
@@ -360,8 +397,7 @@ def test_generators_refuse_bad_arguments(tmp_path):
 
 
 def test_predict_fails_when_an_image_fails(shapes_root, tmp_path, capsys):
-    result = train(tiny_cfg(shapes_root, tmp_path / "runs", "train.epochs=1", "train.max_steps=1"),
-                   progress=False)
+    result = train(tiny_cfg(shapes_root, tmp_path / "runs", "train.epochs=1", "train.max_steps=1"), progress=False)
     good = sorted((shapes_root / "val" / "circle").iterdir())[0]
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
@@ -399,8 +435,9 @@ def test_os_errors_from_any_command_are_one_line(monkeypatch, capsys):
 
     monkeypatch.setattr(fasttrain.bench, "bench", denied)
     assert main(["bench"]) == 1
-    assert one_line_error(capsys.readouterr().err) == ("fasttrain: error: cannot write /srv/shared/tuned: "
-                                                       "Permission denied")
+    assert one_line_error(capsys.readouterr().err) == (
+        "fasttrain: error: cannot write /srv/shared/tuned: Permission denied"
+    )
 
 
 def test_a_full_disk_under_train_log_is_said_once(tmp_path, monkeypatch, capsys):

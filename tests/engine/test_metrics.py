@@ -11,9 +11,20 @@ from fasttrain.engine import train
 
 
 def _cfg(root, runs, *extra):
-    return load_config("quickstart", [f"data.root={root}", f"train.runs_dir={runs}", "train.epochs=2",
-                                      "train.max_steps=2", "train.log_every=1", "data.workers=0", "data.loader=torch",
-                                      "train.eval_every=2", *extra])
+    return load_config(
+        "quickstart",
+        [
+            f"data.root={root}",
+            f"train.runs_dir={runs}",
+            "train.epochs=2",
+            "train.max_steps=2",
+            "train.log_every=1",
+            "data.workers=0",
+            "data.loader=torch",
+            "train.eval_every=2",
+            *extra,
+        ],
+    )
 
 
 def test_csv_and_tensorboard_loggers(shapes_root, tmp_path):

@@ -10,11 +10,29 @@ from fasttrain.engine import train
 
 
 def tiny_cfg(root, runs, *extra):
-    return apply_overrides(Config(), [
-        f"data.root={root}", "data.image_size=32", "data.resize_size=32", "data.random_resized_crop=false",
-        "data.loader=torch", "data.workers=0", "model.name=smallcnn", "model.width=8", "optim.name=adamw",
-        "optim.lr=0.005", "train.epochs=1", "train.batch_size=32", "train.max_steps=2", "train.log_every=1",
-        f"train.runs_dir={runs}", "runtime.device=cpu", "name=t", *extra])
+    return apply_overrides(
+        Config(),
+        [
+            f"data.root={root}",
+            "data.image_size=32",
+            "data.resize_size=32",
+            "data.random_resized_crop=false",
+            "data.loader=torch",
+            "data.workers=0",
+            "model.name=smallcnn",
+            "model.width=8",
+            "optim.name=adamw",
+            "optim.lr=0.005",
+            "train.epochs=1",
+            "train.batch_size=32",
+            "train.max_steps=2",
+            "train.log_every=1",
+            f"train.runs_dir={runs}",
+            "runtime.device=cpu",
+            "name=t",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +47,17 @@ def copy_run(run_dir, tmp_path):
     return shutil.copytree(run_dir, tmp_path / run_dir.name)
 
 
-@pytest.mark.parametrize("setting, shown", [
-    ("model.width=16", "model.width (8 -> 16)"),
-    ("data.image_size=24", "data.image_size (32 -> 24)"),
-    ("data.channels=1", "data.channels (3 -> 1)"),
-    ("optim.lr=0.1", "optim.lr (0.005 -> 0.1)"),
-    ("task.name=regress", "task.name ('classify' -> 'regress')"),
-    ("train.batch_size=16", "train.batch_size (32 -> 16)"),
-])
+@pytest.mark.parametrize(
+    "setting, shown",
+    [
+        ("model.width=16", "model.width (8 -> 16)"),
+        ("data.image_size=24", "data.image_size (32 -> 24)"),
+        ("data.channels=1", "data.channels (3 -> 1)"),
+        ("optim.lr=0.1", "optim.lr (0.005 -> 0.1)"),
+        ("task.name=regress", "task.name ('classify' -> 'regress')"),
+        ("train.batch_size=16", "train.batch_size (32 -> 16)"),
+    ],
+)
 def test_resume_names_what_cannot_change(run_dir, capsys, setting, shown):
     before = (run_dir / "config.toml").read_text()
     code = main(["train", "--resume", str(run_dir), "--set", "train.epochs=2", "--set", setting, "-q"])
@@ -49,9 +70,21 @@ def test_resume_names_what_cannot_change(run_dir, capsys, setting, shown):
 
 def test_resume_may_change_length_and_how_it_runs():
     saved = Config()
-    new = apply_overrides(saved, ["train.epochs=20", "train.log_every=5", "train.checkpoint_every_steps=100",
-                                  "runtime.compile=off", "runtime.device=cpu", "data.workers=2", "data.loader=torch",
-                                  "data.root=/moved/data", "tune.max_batch=64", "name=other"])
+    new = apply_overrides(
+        saved,
+        [
+            "train.epochs=20",
+            "train.log_every=5",
+            "train.checkpoint_every_steps=100",
+            "runtime.compile=off",
+            "runtime.device=cpu",
+            "data.workers=2",
+            "data.loader=torch",
+            "data.root=/moved/data",
+            "tune.max_batch=64",
+            "name=other",
+        ],
+    )
     check_resume_config(saved, new, "run")  # no error
     with pytest.raises(ConfigError, match=r"schedule\.name .*, train\.max_steps"):
         check_resume_config(saved, apply_overrides(saved, ["schedule.name=step", "train.max_steps=3"]), "run")
@@ -73,16 +106,27 @@ def _damage(run_dir, tmp_path, name, change):
     return path
 
 
-@pytest.mark.parametrize("name, change, message", [
-    ("noconfig.pt", lambda c: c.pop("config"), "has no 'config' table"),
-    ("nostate.pt", lambda c: c.pop("state"), "has no 'state'"),
-    ("nomodules.pt", lambda c: c["state"].pop("modules"), "has no 'modules' weights"),
-    ("fewnames.pt", lambda c: c["meta"].update(class_names=["circle", "square"]),
-     "2 class names for the model's 3 outputs"),
-    ("badconfig.pt", lambda c: c["config"]["model"].update(width=-3), r"its config is not valid: model\.width"),
-    ("wrongweights.pt", lambda c: c["state"]["modules"]["model"].update(
-        {k: v[:1] for k, v in c["state"]["modules"]["model"].items() if v.ndim}), "weights do not fit"),
-])
+@pytest.mark.parametrize(
+    "name, change, message",
+    [
+        ("noconfig.pt", lambda c: c.pop("config"), "has no 'config' table"),
+        ("nostate.pt", lambda c: c.pop("state"), "has no 'state'"),
+        ("nomodules.pt", lambda c: c["state"].pop("modules"), "has no 'modules' weights"),
+        (
+            "fewnames.pt",
+            lambda c: c["meta"].update(class_names=["circle", "square"]),
+            "2 class names for the model's 3 outputs",
+        ),
+        ("badconfig.pt", lambda c: c["config"]["model"].update(width=-3), r"its config is not valid: model\.width"),
+        (
+            "wrongweights.pt",
+            lambda c: c["state"]["modules"]["model"].update(
+                {k: v[:1] for k, v in c["state"]["modules"]["model"].items() if v.ndim}
+            ),
+            "weights do not fit",
+        ),
+    ],
+)
 def test_damaged_checkpoints_give_one_named_error(run_dir, tmp_path, shapes_root, capsys, name, change, message):
     path = _damage(run_dir, tmp_path, name, change)
     image = next((shapes_root / "val" / "circle").iterdir())
@@ -95,11 +139,14 @@ def test_damaged_checkpoints_give_one_named_error(run_dir, tmp_path, shapes_root
     assert re.search(message, err), err
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: c.pop("rng"), "no RNG states"),
-    (lambda c: c["state"].pop("optimizers"), "no 'optimizers'"),
-    (lambda c: c["state"]["modules"].update(extra={}), "modules"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.pop("rng"), "no RNG states"),
+        (lambda c: c["state"].pop("optimizers"), "no 'optimizers'"),
+        (lambda c: c["state"]["modules"].update(extra={}), "modules"),
+    ],
+)
 def test_damaged_checkpoint_refused_on_resume(run_dir, tmp_path, change, message):
     run = copy_run(run_dir, tmp_path)
     _damage(run, run / "checkpoints", "last.pt", change)

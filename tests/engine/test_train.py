@@ -13,12 +13,29 @@ from fasttrain.engine import train
 
 
 def small_cfg(root, runs, *extra):
-    return apply_overrides(Config(), [
-        f"data.root={root}", "data.image_size=32", "data.resize_size=32", "data.random_resized_crop=false",
-        "data.loader=torch", "data.workers=0", "model.name=smallcnn", "model.width=16",
-        "optim.name=adamw", "optim.lr=0.005", "optim.weight_decay=0.01", "schedule.name=onecycle",
-        "train.epochs=3", "train.batch_size=32", "train.log_every=2", f"train.runs_dir={runs}",
-        "name=t", *extra])
+    return apply_overrides(
+        Config(),
+        [
+            f"data.root={root}",
+            "data.image_size=32",
+            "data.resize_size=32",
+            "data.random_resized_crop=false",
+            "data.loader=torch",
+            "data.workers=0",
+            "model.name=smallcnn",
+            "model.width=16",
+            "optim.name=adamw",
+            "optim.lr=0.005",
+            "optim.weight_decay=0.01",
+            "schedule.name=onecycle",
+            "train.epochs=3",
+            "train.batch_size=32",
+            "train.log_every=2",
+            f"train.runs_dir={runs}",
+            "name=t",
+            *extra,
+        ],
+    )
 
 
 def weights(run_dir, which="last"):
@@ -37,8 +54,14 @@ def test_short_run_learns_and_writes_its_folder(trained, shapes_root):
     assert h[-1]["train_loss"] < h[0]["train_loss"] * 0.5  # the loss falls
     assert result.best_value > 0.7  # 3 classes: chance is 0.33
     d = result.run_dir
-    for f in ("config.toml", "environment.json", "metrics.jsonl", "train.log", "checkpoints/last.pt",
-              "checkpoints/best.pt"):
+    for f in (
+        "config.toml",
+        "environment.json",
+        "metrics.jsonl",
+        "train.log",
+        "checkpoints/last.pt",
+        "checkpoints/best.pt",
+    ):
         assert (d / f).is_file(), f
     records = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
     lines = [r for r in records if "event" not in r]
@@ -141,8 +164,16 @@ def test_odd_image_modes_are_converted_and_bad_files_skipped(tmp_path, channels,
     assert load_image(str(tmp_path / "train" / "a" / "rgba.png"), 3).getpixel((0, 0)) == (200, 30, 30)
     assert load_image(str(tmp_path / "train" / "a" / "deep.png"), 1).getpixel((0, 0)) == round(40000 * 255 / 65535)
     mean = "[0.5]" if channels == 1 else "[0.5, 0.5, 0.5]"
-    cfg = small_cfg(tmp_path, tmp_path / "runs", f"data.channels={channels}", f"data.mean={mean}",
-                    f"data.std={mean}", "data.val_fraction=0.3", "train.epochs=1", "train.batch_size=4")
+    cfg = small_cfg(
+        tmp_path,
+        tmp_path / "runs",
+        f"data.channels={channels}",
+        f"data.mean={mean}",
+        f"data.std={mean}",
+        "data.val_fraction=0.3",
+        "train.epochs=1",
+        "train.batch_size=4",
+    )
     result = train(cfg, progress=False)  # bad files in the tree: the run completes
     assert len(result.history) == 1 and math.isfinite(result.history[0]["train_loss"])
     assert math.isfinite(result.history[0]["val_loss"])
@@ -155,8 +186,9 @@ def test_odd_image_modes_are_converted_and_bad_files_skipped(tmp_path, channels,
 
     split = discover(apply_overrides(cfg, ["data.val_fraction=0"]).data).train
     spec = InputSpec(torch.device("cpu"), torch.float32, False, (0.5,) * channels, (0.5,) * channels)
-    loader = TorchLoader(ImageDataset(split, eval_transform(cfg.data), channels, 0), spec, batch_size=4,
-                         train=False, seed=0, workers=0)
+    loader = TorchLoader(
+        ImageDataset(split, eval_transform(cfg.data), channels, 0), spec, batch_size=4, train=False, seed=0, workers=0
+    )
     caplog.clear()  # only this pass's records
     with caplog.at_level(logging.WARNING, logger="fasttrain"):
         batches = list(loader)
@@ -173,8 +205,9 @@ def test_predict_prints_class_and_probability(trained, shapes_root, tmp_path, ca
     imgs = sorted((shapes_root / "val" / "square").iterdir())[:3]
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"nope")
-    code = main(["predict", str(result.run_dir / "checkpoints" / "best.pt"), *map(str, imgs), str(bad),
-                 "--device", "cpu"])
+    code = main(
+        ["predict", str(result.run_dir / "checkpoints" / "best.pt"), *map(str, imgs), str(bad), "--device", "cpu"]
+    )
     assert code == 1  # one image failed: the exit status says so, the others are still predicted
     captured = capsys.readouterr()
     assert str(bad) in captured.err
@@ -195,11 +228,29 @@ def test_cli_reports_bad_settings_by_name(capsys, tmp_path):
 
 def test_real_digits_reach_high_accuracy(digits_root, tmp_path):
     """scikit-learn's 8x8 digits (real data from ../shared/data): a small conv net clearly learns them."""
-    cfg = apply_overrides(Config(), [
-        f"data.root={digits_root}", "data.channels=1", "data.mean=[0.5]", "data.std=[0.5]", "data.image_size=8",
-        "data.resize_size=8", "data.random_resized_crop=false", "data.hflip=false", "data.loader=torch",
-        "data.workers=0", "model.name=smallcnn", "model.width=16", "optim.name=adamw", "optim.lr=0.005",
-        "optim.weight_decay=0.01", "train.epochs=6", "train.batch_size=64", f"train.runs_dir={tmp_path}"])
+    cfg = apply_overrides(
+        Config(),
+        [
+            f"data.root={digits_root}",
+            "data.channels=1",
+            "data.mean=[0.5]",
+            "data.std=[0.5]",
+            "data.image_size=8",
+            "data.resize_size=8",
+            "data.random_resized_crop=false",
+            "data.hflip=false",
+            "data.loader=torch",
+            "data.workers=0",
+            "model.name=smallcnn",
+            "model.width=16",
+            "optim.name=adamw",
+            "optim.lr=0.005",
+            "optim.weight_decay=0.01",
+            "train.epochs=6",
+            "train.batch_size=64",
+            f"train.runs_dir={tmp_path}",
+        ],
+    )
     result = train(cfg, progress=False)
     assert result.best_value > 0.85
     assert result.test_metrics["test_acc"] > 0.85  # the held-out test/ split, evaluated at the end
@@ -214,8 +265,13 @@ def test_killed_mid_epoch_resumes_from_the_step_checkpoint(shapes_root, tmp_path
     draws and drops them (keeping its random stream)."""
     from fasttrain.tasks.classify import ClassifyTask
 
-    extra = ("train.epochs=2", "train.checkpoint_every_steps=3", "model.dropout=0.2",
-             "data.random_resized_crop=true", f"data.loader={loader}")
+    extra = (
+        "train.epochs=2",
+        "train.checkpoint_every_steps=3",
+        "model.dropout=0.2",
+        "data.random_resized_crop=true",
+        f"data.loader={loader}",
+    )
     straight = train(small_cfg(shapes_root, tmp_path / "a", *extra), progress=False)
     steps_per_epoch = straight.history[0]["step"]
     assert steps_per_epoch > 11
@@ -251,8 +307,15 @@ def test_cuda_run_with_amp_channels_last_compile(shapes_root, tmp_path, loader):
     """On a GPU the defaults turn on bf16/fp16 autocast, channels_last and torch.compile, for every backend."""
     if loader == "dali":
         pytest.importorskip("nvidia.dali")
-    cfg = small_cfg(shapes_root, tmp_path, "runtime.device=cuda", "runtime.compile=auto", f"data.loader={loader}",
-                    "train.epochs=2", "data.workers=2")
+    cfg = small_cfg(
+        shapes_root,
+        tmp_path,
+        "runtime.device=cuda",
+        "runtime.compile=auto",
+        f"data.loader={loader}",
+        "train.epochs=2",
+        "data.workers=2",
+    )
     result = train(cfg, progress=False)
     assert result.backend == loader
     env = json.loads((result.run_dir / "environment.json").read_text())
@@ -265,19 +328,31 @@ def test_cuda_run_with_amp_channels_last_compile(shapes_root, tmp_path, loader):
 
 
 def test_diverging_run_warns_about_non_finite_losses(shapes_root, tmp_path, caplog):
-    cfg = small_cfg(shapes_root, tmp_path, "optim.name=sgd", "optim.lr=1e12", "optim.momentum=0.0",
-                    "train.epochs=1", "train.log_every=1", "schedule.name=constant", "train.max_nonfinite_logs=0")
+    cfg = small_cfg(
+        shapes_root,
+        tmp_path,
+        "optim.name=sgd",
+        "optim.lr=1e12",
+        "optim.momentum=0.0",
+        "train.epochs=1",
+        "train.log_every=1",
+        "schedule.name=constant",
+        "train.max_nonfinite_logs=0",
+    )
     with caplog.at_level(logging.WARNING, logger="fasttrain.engine"):
         train(cfg, progress=False)
     warnings = [r.getMessage() for r in caplog.records if "non-finite" in r.getMessage()]
     assert len(warnings) == 1  # once per epoch, not once per step
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.name=resnet9000", "model.name: unknown model 'resnet9000'"),
-    ("train.batch_size=4096", "train.batch_size: 4096 is larger than the usable training set"),
-    ("model.num_outputs=1", "model.num_outputs: a classifier needs at least 2 classes"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.name=resnet9000", "model.name: unknown model 'resnet9000'"),
+        ("train.batch_size=4096", "train.batch_size: 4096 is larger than the usable training set"),
+        ("model.num_outputs=1", "model.num_outputs: a classifier needs at least 2 classes"),
+    ],
+)
 def test_what_cannot_train_is_refused_before_a_run_folder_exists(shapes_root, tmp_path, override, message):
     runs = tmp_path / "runs"
     with pytest.raises(ValueError, match=message):

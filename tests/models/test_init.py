@@ -15,8 +15,17 @@ from fasttrain.tasks import make_task
 
 
 def _cfg(tmp_path, *overrides):
-    return load_config(None, ["model.name=smallcnn", "model.width=4", "model.num_outputs=3", "data.image_size=16",
-                              f"train.runs_dir={tmp_path / 'runs'}", *overrides])
+    return load_config(
+        None,
+        [
+            "model.name=smallcnn",
+            "model.width=4",
+            "model.num_outputs=3",
+            "data.image_size=16",
+            f"train.runs_dir={tmp_path / 'runs'}",
+            *overrides,
+        ],
+    )
 
 
 def _model_state(cfg):
@@ -55,8 +64,11 @@ def test_init_from_a_fasttrain_checkpoint_with_a_new_head(tmp_path):
 
 def test_init_from_names_what_does_not_fit(tmp_path):
     torch.save({"0.0.weight": torch.zeros(4, 3, 3, 3), "extra.weight": torch.zeros(1)}, tmp_path / "partial.pt")
-    with pytest.raises(ValueError, match=r"partial\.pt does not fit model Sequential \(missing: .*unexpected: "
-                                         r"extra\.weight"):
+    with pytest.raises(
+        ValueError,
+        match=r"partial\.pt does not fit model Sequential \(missing: .*unexpected: "
+        r"extra\.weight",
+    ):
         _model_state(_cfg(tmp_path, f"model.init_from={tmp_path / 'partial.pt'}"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match=r"model\.init_from: .*junk\.pt cannot be loaded"):
@@ -113,12 +125,21 @@ def test_resume_and_predict_take_the_checkpoint_not_the_starting_weights(tmp_pat
     from fasttrain.engine import train
     from fasttrain.predict import predict
 
-    root = make_shapes_dataset(tmp_path / "data", train_per_class=4, val_per_class=1, size=16,
-                               shapes=("circle", "square"))
+    root = make_shapes_dataset(
+        tmp_path / "data", train_per_class=4, val_per_class=1, size=16, shapes=("circle", "square")
+    )
     source = build_model("smallcnn", in_channels=3, num_outputs=2, image_size=16, width=4)
     torch.save(source.state_dict(), tmp_path / "start.pt")
-    cfg = _cfg(tmp_path, f"data.root={root}", "model.num_outputs=2", f"model.init_from={tmp_path / 'start.pt'}",
-               "train.epochs=1", "train.batch_size=4", "data.workers=0", "train.max_steps=1")
+    cfg = _cfg(
+        tmp_path,
+        f"data.root={root}",
+        "model.num_outputs=2",
+        f"model.init_from={tmp_path / 'start.pt'}",
+        "train.epochs=1",
+        "train.batch_size=4",
+        "data.workers=0",
+        "train.max_steps=1",
+    )
     run = train(cfg, progress=False).run_dir
     (tmp_path / "start.pt").unlink()
     resumed = train(resume=run, overrides=["train.epochs=2"], progress=False)

@@ -12,8 +12,9 @@ from fasttrain.tasks import make_task
 
 
 def _task_and_state(*overrides):
-    cfg = load_config(None, ["model.name=smallcnn", "model.width=4", "model.num_outputs=4", "data.image_size=16",
-                             *overrides])
+    cfg = load_config(
+        None, ["model.name=smallcnn", "model.width=4", "model.num_outputs=4", "data.image_size=16", *overrides]
+    )
     task = make_task(cfg, runtime_for(cfg, device="cpu"), None)
     return task, task.build_state()
 

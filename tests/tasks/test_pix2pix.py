@@ -25,11 +25,29 @@ PARITY_MAX_ABS = 0.5
 
 
 def p2p_cfg(root, runs, *extra):
-    return apply_overrides(Config(), [
-        f"data.root={root}", "data.format=paired", "data.image_size=32", "data.workers=0",
-        "model.name=unet", "model.width=8", "task.name=pix2pix", "task.sample_every=10",
-        "optim.name=adam", "optim.lr=0.002", "optim.betas=[0.5, 0.999]", "schedule.name=constant",
-        "train.epochs=3", "train.batch_size=8", "train.log_every=5", f"train.runs_dir={runs}", "name=p2p", *extra])
+    return apply_overrides(
+        Config(),
+        [
+            f"data.root={root}",
+            "data.format=paired",
+            "data.image_size=32",
+            "data.workers=0",
+            "model.name=unet",
+            "model.width=8",
+            "task.name=pix2pix",
+            "task.sample_every=10",
+            "optim.name=adam",
+            "optim.lr=0.002",
+            "optim.betas=[0.5, 0.999]",
+            "schedule.name=constant",
+            "train.epochs=3",
+            "train.batch_size=8",
+            "train.log_every=5",
+            f"train.runs_dir={runs}",
+            "name=p2p",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +112,7 @@ def test_both_images_of_a_pair_get_the_same_crop_and_flip(tmp_path):
     ab.save(tmp_path / "ab.png")
     from fasttrain.data.formats import SIDE_BY_SIDE
 
-    ds = PairDataset(Split("train", [str(tmp_path / "ab.png")], [SIDE_BY_SIDE]), 32, 3, train=True, flip=True,
-                     seed=0)
+    ds = PairDataset(Split("train", [str(tmp_path / "ab.png")], [SIDE_BY_SIDE]), 32, 3, train=True, flip=True, seed=0)
     crops = set()
     for epoch in range(12):
         a, b = ds[(0, epoch)]
@@ -131,11 +148,14 @@ def test_unreadable_pairs_are_skipped_and_named(tmp_path, caplog, backend):
 
 # -- the same batches on every backend ---------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def pair_roots(tmp_path_factory):
     base = tmp_path_factory.mktemp("pair-parity")
-    return {layout: make_paired_dataset(base / layout, n=12, size=40, layout=layout, val_fraction=0)
-            for layout in ("folders", "side_by_side")}
+    return {
+        layout: make_paired_dataset(base / layout, n=12, size=40, layout=layout, val_fraction=0)
+        for layout in ("folders", "side_by_side")
+    }
 
 
 def whole_epoch(loader, epoch: int):
@@ -159,8 +179,9 @@ def test_dali_mixed_decode_pairs_match_cpu_mode(pair_roots, tmp_path, layout):
     out = {}
     for device, dtype in (("cpu", torch.float32), ("cuda:0", torch.float16)):
         spec = InputSpec(torch.device(device), dtype, True, (0.5,) * 3, (0.5,) * 3)
-        loader = DaliLoader(samples, cfg.data, spec, batch_size=4, train=True, seed=0,
-                            device_id=0 if device != "cpu" else None)
+        loader = DaliLoader(
+            samples, cfg.data, spec, batch_size=4, train=True, seed=0, device_id=0 if device != "cpu" else None
+        )
         out[device] = whole_epoch(loader, 1)
     assert out["cuda:0"][0] == out["cpu"][0]
     for k in (1, 2):  # nvJPEG / CUDA resampling and fp16 output: a looser bound than CPU parity
@@ -223,8 +244,7 @@ def test_accumulation_steps_both_networks_once_per_cycle(paired_root, tmp_path):
         assert all(p.grad is None for p in m.parameters())
 
 
-@pytest.mark.parametrize("override,field", [("model.name=resnet18", "model.name"),
-                                            ("optim.name=sgd", "optim.name")])
+@pytest.mark.parametrize("override,field", [("model.name=resnet18", "model.name"), ("optim.name=sgd", "optim.name")])
 def test_refused_settings_name_their_field(paired_root, tmp_path, override, field):
     cfg = p2p_cfg(paired_root, tmp_path, override)
     with pytest.raises(ConfigError, match=field):

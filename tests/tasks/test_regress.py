@@ -27,12 +27,32 @@ PARITY_MAX_ABS = 0.5
 
 
 def drawing_cfg(root, runs, *extra):
-    return apply_overrides(Config(), [
-        f"data.root={root}", "data.format=drawing", "data.image_size=32", "data.channels=1", "data.mean=[0.5]",
-        "data.std=[0.5]",
-        "data.workers=0", "data.val_fraction=0.2", "model.name=convnet", "model.width=8", "task.name=regress",
-        "optim.name=adamw", "optim.lr=0.005", "optim.weight_decay=0.0", "schedule.name=constant",
-        "train.epochs=12", "train.batch_size=32", "train.log_every=5", f"train.runs_dir={runs}", "name=draw", *extra])
+    return apply_overrides(
+        Config(),
+        [
+            f"data.root={root}",
+            "data.format=drawing",
+            "data.image_size=32",
+            "data.channels=1",
+            "data.mean=[0.5]",
+            "data.std=[0.5]",
+            "data.workers=0",
+            "data.val_fraction=0.2",
+            "model.name=convnet",
+            "model.width=8",
+            "task.name=regress",
+            "optim.name=adamw",
+            "optim.lr=0.005",
+            "optim.weight_decay=0.0",
+            "schedule.name=constant",
+            "train.epochs=12",
+            "train.batch_size=32",
+            "train.log_every=5",
+            f"train.runs_dir={runs}",
+            "name=draw",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +115,19 @@ def test_checkpoint_loads_and_predicts_point_and_colour(trained, drawing_root):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unreadable_images_are_skipped_named_and_not_fatal(tmp_path, caplog, backend):
     root = make_drawing_dataset(tmp_path / "d", sessions=2, steps=4, size=16)
-    cfg = apply_overrides(Config(), ["data.format=drawing", "data.image_size=16", "data.workers=0",
-                                     "data.val_fraction=0", "data.dali_threads=1", "model.name=convnet",
-                                     "model.width=4", "task.name=regress"])
+    cfg = apply_overrides(
+        Config(),
+        [
+            "data.format=drawing",
+            "data.image_size=16",
+            "data.workers=0",
+            "data.val_fraction=0",
+            "data.dali_threads=1",
+            "model.name=convnet",
+            "model.width=4",
+            "task.name=regress",
+        ],
+    )
     src = discover(cfg.data, root)
     cut, corrupt = src.train.paths[1], src.train.paths[4]
     Path(cut).write_bytes(b"\x89PNG\r\n\x1a\n broken after discovery")  # the shared pre-check catches it
@@ -116,6 +146,7 @@ def test_unreadable_images_are_skipped_named_and_not_fatal(tmp_path, caplog, bac
 
 
 # -- the same batches on every backend ---------------------------------------------------------------------------
+
 
 def write_manifest(root: Path, n: int = 14) -> Path:
     """JPEG and PNG photos-like images of mixed sizes; targets in their own units (scaled by the task)."""
@@ -136,14 +167,27 @@ def write_manifest(root: Path, n: int = 14) -> Path:
 @pytest.fixture(scope="module")
 def parity_data(tmp_path_factory):
     base = tmp_path_factory.mktemp("regress-parity")
-    return {"drawing": make_drawing_dataset(base / "drawing", sessions=4, steps=4, size=(40, 30)),
-            "manifest": write_manifest(base / "manifest")}
+    return {
+        "drawing": make_drawing_dataset(base / "drawing", sessions=4, steps=4, size=(40, 30)),
+        "manifest": write_manifest(base / "manifest"),
+    }
 
 
 def regress_task(root: Path, fmt: str, channels: int):
-    cfg = apply_overrides(Config(), [
-        f"data.root={root}", f"data.format={fmt}", "data.image_size=24", f"data.channels={channels}",
-        "data.workers=0", "data.dali_threads=1", "data.val_fraction=0", "model.name=convnet", "task.name=regress"])
+    cfg = apply_overrides(
+        Config(),
+        [
+            f"data.root={root}",
+            f"data.format={fmt}",
+            "data.image_size=24",
+            f"data.channels={channels}",
+            "data.workers=0",
+            "data.dali_threads=1",
+            "data.val_fraction=0",
+            "model.name=convnet",
+            "task.name=regress",
+        ],
+    )
     src = discover(cfg.data)
     return RegressTask(cfg, Runtime(cfg.runtime), src), src
 
@@ -182,9 +226,19 @@ def test_manifest_targets_outside_0_1_are_scaled_and_come_back_in_their_units(tm
         Image.new("L", (12, 12), i * 20).save(tmp_path / f"{i}.png")
         rows.append(f"{i}.png,{20 + i},{150 + 3 * i}")
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
-    cfg = apply_overrides(Config(), [f"data.root={tmp_path}", "data.format=manifest", "data.channels=1",
-                                     "data.image_size=12", "data.workers=0", "model.name=mlp", "model.width=4",
-                                     "task.name=regress"])
+    cfg = apply_overrides(
+        Config(),
+        [
+            f"data.root={tmp_path}",
+            "data.format=manifest",
+            "data.channels=1",
+            "data.image_size=12",
+            "data.workers=0",
+            "model.name=mlp",
+            "model.width=4",
+            "task.name=regress",
+        ],
+    )
     src = discover(cfg.data, tmp_path)
     task = RegressTask(cfg, Runtime(cfg.runtime), src)
     assert task.low[0] >= 20 and task.high[0] <= 31

@@ -26,26 +26,74 @@ def _load_tool():
 S = _load_tool()
 
 
-def _entry(name: str, group: str, *, median: float, samples_per_round: int, backend: str, workload: str,
-           model: str | None = "resnet50", batch_size: int = 256, precision: str = "bf16",
-           alloc: int | None = 10 * 2**30, with_sps: bool = True) -> dict:
+def _entry(
+    name: str,
+    group: str,
+    *,
+    median: float,
+    samples_per_round: int,
+    backend: str,
+    workload: str,
+    model: str | None = "resnet50",
+    batch_size: int = 256,
+    precision: str = "bf16",
+    alloc: int | None = 10 * 2**30,
+    with_sps: bool = True,
+) -> dict:
     """One benchmark as pytest-benchmark 5 writes it (keys taken from a real --benchmark-json file)."""
     info = {
-        "samples_per_round": samples_per_round, "steps_per_round": 20, "bench_size": "gpu", "device": "cuda",
-        "peak_allocated_bytes": alloc, "peak_reserved_bytes": None if alloc is None else alloc + 2**30,
-        "peak_rss_bytes": 3 * 2**30, "kind": group, "model": model, "batch_size": batch_size,
-        "precision": precision, "backend": backend, "workload": workload, "env": {"torch": "2.14.1"},
+        "samples_per_round": samples_per_round,
+        "steps_per_round": 20,
+        "bench_size": "gpu",
+        "device": "cuda",
+        "peak_allocated_bytes": alloc,
+        "peak_reserved_bytes": None if alloc is None else alloc + 2**30,
+        "peak_rss_bytes": 3 * 2**30,
+        "kind": group,
+        "model": model,
+        "batch_size": batch_size,
+        "precision": precision,
+        "backend": backend,
+        "workload": workload,
+        "env": {"torch": "2.14.1"},
     }
     if with_sps:
         info["samples_per_s"] = samples_per_round / median
     return {
-        "group": group, "name": name.split("::")[-1], "fullname": name, "params": None, "param": None,
-        "extra_info": info, "options": {"disable_gc": False, "timer": "perf_counter", "min_rounds": 5,
-                                         "max_time": 1.0, "min_time": 5e-06, "warmup": False},
-        "stats": {"min": median * 0.9, "max": median * 1.25, "mean": median, "stddev": 0.01, "rounds": 5,
-                  "median": median, "iqr": 0.02, "q1": median * 0.95, "q3": median * 1.05, "iqr_outliers": 0,
-                  "stddev_outliers": 1, "outliers": "1;0", "ld15iqr": median * 0.9, "hd15iqr": median * 1.25,
-                  "ops": 1 / median, "total": 5 * median, "data": [median] * 5, "iterations": 1},
+        "group": group,
+        "name": name.split("::")[-1],
+        "fullname": name,
+        "params": None,
+        "param": None,
+        "extra_info": info,
+        "options": {
+            "disable_gc": False,
+            "timer": "perf_counter",
+            "min_rounds": 5,
+            "max_time": 1.0,
+            "min_time": 5e-06,
+            "warmup": False,
+        },
+        "stats": {
+            "min": median * 0.9,
+            "max": median * 1.25,
+            "mean": median,
+            "stddev": 0.01,
+            "rounds": 5,
+            "median": median,
+            "iqr": 0.02,
+            "q1": median * 0.95,
+            "q3": median * 1.05,
+            "iqr_outliers": 0,
+            "stddev_outliers": 1,
+            "outliers": "1;0",
+            "ld15iqr": median * 0.9,
+            "hd15iqr": median * 1.25,
+            "ops": 1 / median,
+            "total": 5 * median,
+            "data": [median] * 5,
+            "iterations": 1,
+        },
     }
 
 
@@ -53,21 +101,66 @@ def _results() -> dict:
     e2e = "benchmarks/test_end_to_end.py::"
     step = "benchmarks/test_model_step.py::"
     return {
-        "machine_info": {"node": "gpu-runner", "cpu": {"brand_raw": "EPYC"},
-                         "fasttrain": {"gpu": "NVIDIA H100 80GB HBM3", "driver": "580.1", "torch": "2.14.1",
-                                       "cuda": "13.0", "dali": "2.4.0", "cpu_count": 16, "bench_size": "gpu"}},
+        "machine_info": {
+            "node": "gpu-runner",
+            "cpu": {"brand_raw": "EPYC"},
+            "fasttrain": {
+                "gpu": "NVIDIA H100 80GB HBM3",
+                "driver": "580.1",
+                "torch": "2.14.1",
+                "cuda": "13.0",
+                "dali": "2.4.0",
+                "cpu_count": 16,
+                "bench_size": "gpu",
+            },
+        },
         "commit_info": {"id": "0123456789abcdef", "dirty": False},
         "benchmarks": [
-            _entry(e2e + "test_end_to_end[resnet50-dali]", "end_to_end", median=1.0, samples_per_round=5120,
-                   backend="dali", workload="resnet50-b256"),
-            _entry(e2e + "test_end_to_end_naive[resnet50]", "end_to_end", median=2.5, samples_per_round=5120,
-                   backend="naive", workload="resnet50-b256", precision="fp32"),
-            _entry(step + "test_model_step[resnet50-b64-bf16]", "model_step", median=0.4, samples_per_round=1280,
-                   backend="synthetic", workload="resnet50-b64", batch_size=64, alloc=3 * 2**30),
-            _entry(step + "test_model_step[resnet50-b256-bf16]", "model_step", median=1.0, samples_per_round=5120,
-                   backend="synthetic", workload="resnet50-b256", with_sps=False),
-            _entry("benchmarks/test_loaders.py::test_loader[torch]", "loader", median=2.0, samples_per_round=5120,
-                   backend="torch", workload="loader-b256", model=None),
+            _entry(
+                e2e + "test_end_to_end[resnet50-dali]",
+                "end_to_end",
+                median=1.0,
+                samples_per_round=5120,
+                backend="dali",
+                workload="resnet50-b256",
+            ),
+            _entry(
+                e2e + "test_end_to_end_naive[resnet50]",
+                "end_to_end",
+                median=2.5,
+                samples_per_round=5120,
+                backend="naive",
+                workload="resnet50-b256",
+                precision="fp32",
+            ),
+            _entry(
+                step + "test_model_step[resnet50-b64-bf16]",
+                "model_step",
+                median=0.4,
+                samples_per_round=1280,
+                backend="synthetic",
+                workload="resnet50-b64",
+                batch_size=64,
+                alloc=3 * 2**30,
+            ),
+            _entry(
+                step + "test_model_step[resnet50-b256-bf16]",
+                "model_step",
+                median=1.0,
+                samples_per_round=5120,
+                backend="synthetic",
+                workload="resnet50-b256",
+                with_sps=False,
+            ),
+            _entry(
+                "benchmarks/test_loaders.py::test_loader[torch]",
+                "loader",
+                median=2.0,
+                samples_per_round=5120,
+                backend="torch",
+                workload="loader-b256",
+                model=None,
+            ),
         ],
         "datetime": "2026-11-25T09:00:00+00:00",
         "version": "5.2.3",
@@ -156,16 +249,33 @@ def test_empty_results_say_so(tmp_path):
 
 def test_a_real_pytest_benchmark_json_is_understood(tmp_path):
     """Run pytest-benchmark on a trivial pedantic benchmark that fills extra_info like benchmarks/ does."""
-    (tmp_path / "test_tiny.py").write_text(textwrap.dedent("""
+    (tmp_path / "test_tiny.py").write_text(
+        textwrap.dedent("""
         def test_tiny(benchmark):
             benchmark.pedantic(lambda: sum(range(1000)), rounds=3, iterations=1, warmup_rounds=1)
             benchmark.extra_info.update(samples_per_round=8, kind="model_step", model="smallcnn",
                                         batch_size=8, precision="fp32", backend="synthetic", workload="w")
-    """))
+    """)
+    )
     out = tmp_path / "real.json"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-                           str(tmp_path / "test_tiny.py"), f"--benchmark-json={out}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            str(tmp_path / "test_tiny.py"),
+            f"--benchmark-json={out}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows, _ = S.load_rows(out)
     (row,) = rows

@@ -22,22 +22,40 @@ T = _load_tool()
 
 
 def _bench(folder: Path, backend: str, e2e: float, ceiling: float) -> None:
-    report = {"model": "resnet50", "runtime": "bf16", "end_to_end": {"samples_per_s": e2e},
-              "model_step": {"samples_per_s": ceiling}, "loader": {"samples_per_s": 2 * e2e}}
+    report = {
+        "model": "resnet50",
+        "runtime": "bf16",
+        "end_to_end": {"samples_per_s": e2e},
+        "model_step": {"samples_per_s": ceiling},
+        "loader": {"samples_per_s": 2 * e2e},
+    }
     (folder / f"quick-bench-{backend}.json").write_text(json.dumps(report))
 
 
 def _case(model: str, backend: str, rate: float) -> str:
-    return json.dumps({"name": f"e2e[{model}-{backend}]", "kind": "end_to_end", "model": model, "backend": backend,
-                       "samples_per_s": rate})
+    return json.dumps(
+        {
+            "name": f"e2e[{model}-{backend}]",
+            "kind": "end_to_end",
+            "model": model,
+            "backend": backend,
+            "samples_per_s": rate,
+        }
+    )
 
 
-def _autotune(folder: Path, *, chosen: int, rates: dict[int, float], elapsed: float, compile_s: float,
-              cached: bool) -> None:
+def _autotune(
+    folder: Path, *, chosen: int, rates: dict[int, float], elapsed: float, compile_s: float, cached: bool
+) -> None:
     folder.mkdir()
     cands = [{"batch_size": b, "samples_per_s": r, "usable": True} for b, r in rates.items()]
-    report = {"candidates": cands, "chosen_batch": chosen, "elapsed_s": elapsed, "compile_s": compile_s,
-              "cached": cached}
+    report = {
+        "candidates": cands,
+        "chosen_batch": chosen,
+        "elapsed_s": elapsed,
+        "compile_s": compile_s,
+        "cached": cached,
+    }
     (folder / "resnet50.json").write_text(json.dumps(report))
 
 
@@ -46,31 +64,46 @@ def _verdicts(folder: Path) -> dict[str, bool | None]:
 
 
 def test_targets_from_a_full_quick_stage(tmp_path):
-    _bench(tmp_path, "dali", e2e=5400, ceiling=5600)   # 0.964: met
+    _bench(tmp_path, "dali", e2e=5400, ceiling=5600)  # 0.964: met
     _bench(tmp_path, "cache", e2e=5000, ceiling=5600)  # 0.893: not met
     (tmp_path / "bench-quick-naive.jsonl").write_text(_case("resnet50", "naive", 1900) + "\n" + '{"cut off')
-    (tmp_path / "bench-e2e.jsonl").write_text("\n".join([_case("resnet18", "naive", 2000),
-                                                          _case("resnet18", "dali", 13000)]))
-    _autotune(tmp_path / "quick-autotune-1", chosen=192, rates={128: 3700, 192: 3900, 256: 3990},
-              elapsed=95.0, compile_s=50.0, cached=False)
+    (tmp_path / "bench-e2e.jsonl").write_text(
+        "\n".join([_case("resnet18", "naive", 2000), _case("resnet18", "dali", 13000)])
+    )
+    _autotune(
+        tmp_path / "quick-autotune-1",
+        chosen=192,
+        rates={128: 3700, 192: 3900, 256: 3990},
+        elapsed=95.0,
+        compile_s=50.0,
+        cached=False,
+    )
     _autotune(tmp_path / "quick-autotune-2", chosen=192, rates={192: 3900}, elapsed=0.8, compile_s=0.0, cached=True)
     v = _verdicts(tmp_path)
     assert v["ResNet-50 end to end / model-only (dali)"] is True
     assert v["ResNet-50 end to end / model-only (cache)"] is False
-    assert v["resnet50 end to end vs the naive script"] is True   # 5400 / 1900 = 2.84
+    assert v["resnet50 end to end vs the naive script"] is True  # 5400 / 1900 = 2.84
     assert v["resnet18 end to end vs the naive script"] is False  # 13000 / 2000 = 6.5
     assert v["autotune's choice vs the best measured batch"] is True  # 3900 vs 3990: 2.3% below
     assert v["autotune wall time, one compile excluded"] is True  # 95 - 50 = 45 s
     assert v["autotune answered from its cache"] is True
     md = T.to_markdown(tmp_path, T.evaluate(tmp_path))
-    assert "| resnet18 end to end vs the naive script | >= 7x | 13,000 (dali) / 2,000 naive img/s = 6.50x | " \
-           "**not met** |" in md
+    assert (
+        "| resnet18 end to end vs the naive script | >= 7x | 13,000 (dali) / 2,000 naive img/s = 6.50x | "
+        "**not met** |" in md
+    )
 
 
 def test_what_a_cut_off_stage_did_not_measure_says_so(tmp_path):
     _bench(tmp_path, "dali", e2e=5000, ceiling=5600)
-    _autotune(tmp_path / "quick-autotune-1", chosen=128, rates={128: 3700, 256: 3990}, elapsed=70.0, compile_s=5.0,
-              cached=False)
+    _autotune(
+        tmp_path / "quick-autotune-1",
+        chosen=128,
+        rates={128: 3700, 256: 3990},
+        elapsed=70.0,
+        compile_s=5.0,
+        cached=False,
+    )
     v = _verdicts(tmp_path)
     assert v["ResNet-50 end to end / model-only (cache)"] is None
     assert v["resnet50 end to end vs the naive script"] is None  # no naive figure
