@@ -2,7 +2,10 @@
 
 import json
 
+import pytest
 
+
+@pytest.mark.slow  # the whole quickstart, end to end (CI runs it; -m 'not slow' skips it)
 def test_quickstart_writes_demo_data_and_reaches_90_percent(tmp_path, monkeypatch, capsys):
     from fasttrain.cli import main
 

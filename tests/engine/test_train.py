@@ -226,6 +226,7 @@ def test_cli_reports_bad_settings_by_name(capsys, tmp_path):
     assert not any(tmp_path.iterdir())  # nothing was written
 
 
+@pytest.mark.slow  # a full training run on real data
 def test_real_digits_reach_high_accuracy(digits_root, tmp_path):
     """scikit-learn's 8x8 digits (real data from ../shared/data): a small conv net clearly learns them."""
     cfg = apply_overrides(
