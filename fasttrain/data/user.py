@@ -372,7 +372,7 @@ def dataset_loader(
         raise ConfigError(f"data.loader: {backend} cannot serve a dataset from Python (torch or cache can)")
     from fasttrain.data.torch_loader import TorchLoader
 
-    loader = TorchLoader(
+    return TorchLoader(
         dataset,
         spec,
         batch_size=batch_size,
@@ -387,10 +387,3 @@ def dataset_loader(
         split=split.name,
         epoch_keys=False,
     )
-    if train and len(loader.sampler) == 0:
-        shards = f" x {num_shards} processes" if num_shards > 1 else ""
-        raise ValueError(
-            f"the train dataset has {len(split)} items, fewer than one batch of {batch_size}{shards} "
-            f"(training drops partial batches); lower train.batch_size"
-        )
-    return loader

@@ -143,6 +143,9 @@ def test_a_wrong_dataset_is_refused_with_what_is_wrong(tmp_path):
         dataset_source(config(tmp_path, "data.loader=dali"), Bars(4))
     with pytest.raises(ConfigError, match="task.name"):
         dataset_source(load_config("pix2pix"), Bars(4))
+    with pytest.raises(ConfigError, match="train.batch_size: 64 is larger than the usable training set"):
+        train(config(tmp_path, "train.batch_size=64", "data.loader=torch"), dataset=Bars(40), progress=False)
+    assert not (tmp_path / "runs").exists()  # refused before a run folder was made
 
 
 def test_bench_and_autotune_take_the_dataset_and_model_too(tmp_path):
