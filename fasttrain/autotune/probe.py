@@ -697,9 +697,10 @@ def verify(
 
     if reference is not None and reference.samples_per_s is not None:
         out.probe_samples_per_s, out.probe_spread = reference.samples_per_s, reference.spread
-    agreement = None
-    if out.probe_samples_per_s is not None:
-        agreement = judge_verification(
+
+    def judge(recheck_sps: float | None = None, recheck_spread: float = 0.0) -> Agreement:
+        assert out.probe_samples_per_s is not None and out.samples_per_s is not None
+        return judge_verification(
             probe_sps=out.probe_samples_per_s,
             probe_spread=out.probe_spread,
             verify_sps=out.samples_per_s,
@@ -707,7 +708,11 @@ def verify(
             noise=noise,
             loader_share=loader_share,
             loader_spread=loader_spread,
+            recheck_sps=recheck_sps,
+            recheck_spread=recheck_spread,
         )
+
+    agreement = judge() if out.probe_samples_per_s is not None else None
     if agreement is None or not agreement.explained:
         # Not probed at this micro-batch, or the two disagree: measure the model-only step again, now.
         out.recheck_samples_per_s, recheck_spread = _recheck(task, state, plan.micro_batch, settings)
@@ -716,27 +721,9 @@ def verify(
             out.note = (out.note + "; " if out.note else "") + (
                 f"micro-batch {plan.micro_batch} was not probed: compared with the model-only step measured now"
             )
-            agreement = judge_verification(
-                probe_sps=out.probe_samples_per_s,
-                probe_spread=out.probe_spread,
-                verify_sps=out.samples_per_s,
-                verify_spread=out.spread,
-                noise=noise,
-                loader_share=loader_share,
-                loader_spread=loader_spread,
-            )
+            agreement = judge()
         else:
-            agreement = judge_verification(
-                probe_sps=out.probe_samples_per_s,
-                probe_spread=out.probe_spread,
-                verify_sps=out.samples_per_s,
-                verify_spread=out.spread,
-                noise=noise,
-                loader_share=loader_share,
-                loader_spread=loader_spread,
-                recheck_sps=out.recheck_samples_per_s,
-                recheck_spread=recheck_spread,
-            )
+            agreement = judge(recheck_sps=out.recheck_samples_per_s, recheck_spread=recheck_spread)
     out.agreement = agreement
     out.ok = agreement.explained
     if not out.ok:
