@@ -14,38 +14,13 @@ import sys
 import pytest
 import torch
 from faultfs import FaultFS
+from tinyrun import tiny_cfg
 
 from fasttrain.checkpoint import load_checkpoint
 from fasttrain.cli import main
-from fasttrain.config import Config, ConfigError, apply_overrides
+from fasttrain.config import Config, ConfigError
 from fasttrain.engine import train
 from fasttrain.io import WriteError
-
-
-def tiny_cfg(root, runs, *extra):
-    return apply_overrides(
-        Config(),
-        [
-            f"data.root={root}",
-            "data.image_size=32",
-            "data.resize_size=32",
-            "data.random_resized_crop=false",
-            "data.loader=torch",
-            "data.workers=0",
-            "model.name=smallcnn",
-            "model.width=8",
-            "optim.name=adamw",
-            "optim.lr=0.005",
-            "train.epochs=2",
-            "train.batch_size=32",
-            "train.max_steps=3",
-            "train.log_every=1",
-            f"train.runs_dir={runs}",
-            "runtime.device=cpu",
-            "name=t",
-            *extra,
-        ],
-    )
 
 
 def cli_set(root, runs, *extra):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tinyrun import tiny_cfg as _tiny_cfg
 
 from fasttrain.checkpoint import CheckpointError, check_resume_config, load_checkpoint
 from fasttrain.cli import main
@@ -10,29 +11,7 @@ from fasttrain.engine import train
 
 
 def tiny_cfg(root, runs, *extra):
-    return apply_overrides(
-        Config(),
-        [
-            f"data.root={root}",
-            "data.image_size=32",
-            "data.resize_size=32",
-            "data.random_resized_crop=false",
-            "data.loader=torch",
-            "data.workers=0",
-            "model.name=smallcnn",
-            "model.width=8",
-            "optim.name=adamw",
-            "optim.lr=0.005",
-            "train.epochs=1",
-            "train.batch_size=32",
-            "train.max_steps=2",
-            "train.log_every=1",
-            f"train.runs_dir={runs}",
-            "runtime.device=cpu",
-            "name=t",
-            *extra,
-        ],
-    )
+    return _tiny_cfg(root, runs, *extra, epochs=1, max_steps=2)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,32 @@
+"""The small CPU run the engine tests share: smallcnn at 32 px on the torch loader, a few steps, logged each step."""
+
+from __future__ import annotations
+
+from fasttrain.config import Config, apply_overrides
+
+
+def tiny_cfg(root, runs, *extra: str, epochs: int = 2, max_steps: int = 3) -> Config:
+    """``extra`` overrides (``section.key=value``) come last, so they win."""
+    return apply_overrides(
+        Config(),
+        [
+            f"data.root={root}",
+            "data.image_size=32",
+            "data.resize_size=32",
+            "data.random_resized_crop=false",
+            "data.loader=torch",
+            "data.workers=0",
+            "model.name=smallcnn",
+            "model.width=8",
+            "optim.name=adamw",
+            "optim.lr=0.005",
+            f"train.epochs={epochs}",
+            "train.batch_size=32",
+            f"train.max_steps={max_steps}",
+            "train.log_every=1",
+            f"train.runs_dir={runs}",
+            "runtime.device=cpu",
+            "name=t",
+            *extra,
+        ],
+    )
