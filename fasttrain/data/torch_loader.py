@@ -116,6 +116,7 @@ class TorchLoader:
             dataset = _IndexKeys(dataset)
         self.spec = spec
         self.batch_size = batch_size
+        self.train = train
         self.num_samples = len(cast(Sized, dataset))
         self.skipped: list[tuple[str, str]] = list(skipped or [])
         self._bad = BadFiles(self.skipped, max_bad_per_epoch)
@@ -162,20 +163,38 @@ class TorchLoader:
         self.sampler.start = n * self.batch_size
 
     def _decoded(self) -> Iterator[Any]:
-        """The DataLoader's CPU batches; files that failed are recorded (and may stop the run), empty batches
-        dropped."""
+        """The DataLoader's CPU batches; files that failed are recorded (and may stop the run).
+
+        A batch in which no file decoded is dropped in evaluation. In training the next batch that decodes is
+        yielded once more in its place: every process of a torchrun job must take the same number of steps
+        (each step all-reduces gradients), and each reads its own shard, so one process dropping a batch
+        would leave the others waiting for ever."""
         self._bad.start_epoch(self.sampler.epoch)
-        drawn = decoded = 0
+        drawn = decoded = owed = 0
+        last: Any = None
         try:
             for out in self.loader:
                 drawn += 1
                 for path, reason in out["skipped"]:
                     self._bad.add(path, reason)
-                if out["batch"] is not None:
-                    decoded += 1
-                    yield out["batch"]
+                if out["batch"] is None:
+                    owed += self.train
+                    continue
+                decoded += 1
+                last = out["batch"]
+                for _ in range(1 + owed):
+                    yield last
+                owed = 0
             if drawn and not decoded:
                 raise self._bad.none_decoded(self._split)
+            if owed:  # the epoch's last batches failed: the last one that decoded stands in
+                log.warning(
+                    "%d training batch(es) at the end of the epoch had no decodable file: the previous "
+                    "batch repeats in their place",
+                    owed,
+                )
+                for _ in range(owed):
+                    yield last
         except BadDataError:
             # The run stops: end the workers now. Reached only through the exception's traceback, they would be
             # left to the cycle collector, whose shutdown waits 5 s per worker.

@@ -124,3 +124,30 @@ def test_decoding_a_sample_in_process_leaves_every_other_generator_alone(tmp_pat
     assert torch.equal(first, again)  # still seeded per (seed, epoch, index)
     other, _ = ds[(0, 3)]
     assert not torch.equal(first, other)
+
+
+def _images(tmp_path, n):
+    paths = []
+    for i in range(n):
+        p = tmp_path / f"{i}.png"
+        Image.new("RGB", (12, 12), (i * 20, 0, 0)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def test_a_training_batch_with_no_decodable_file_is_replaced_so_every_process_takes_the_same_steps(tmp_path):
+    """Under torchrun each process reads its own shard and every step all-reduces: a process that dropped a
+    batch would leave the others waiting for ever. Training keeps len(loader) batches; evaluation drops it."""
+    paths = _images(tmp_path, 8)
+    data = DataConfig(image_size=8, resize_size=8)
+    ds = ImageDataset(Split("train", paths, list(range(8))), eval_transform(data), 3, seed=0)
+    order = EpochSampler(8, batch_size=2, shuffle=True, seed=0, drop_last=True).indices(0)
+    for k in order[2:4] + order[6:8]:  # the second batch and the last one: every file broken
+        (tmp_path / f"{k}.png").write_bytes(b"broken")
+    train = TorchLoader(ds, SPEC, batch_size=2, train=True, seed=0, workers=0)
+    batches = [b.targets.tolist() for b in train]
+    assert len(batches) == len(train) == 4
+    assert batches == [order[0:2], order[4:6], order[4:6], order[4:6]]  # the next good batch, then the last one
+    assert sorted(p for p, _ in train.skipped) == sorted(paths[k] for k in order[2:4] + order[6:8])
+    val = TorchLoader(ds, SPEC, batch_size=2, train=False, seed=0, workers=0)
+    assert sum(len(b) for b in val) == 4  # evaluation counts each decoded sample once
