@@ -18,11 +18,9 @@ from fasttrain.runtime import BackendFlags
 pytestmark = pytest.mark.benchmark(group="loader")
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali", "cache"])
-def test_loader(benchmark, measure, size, device, data_root, backend):
-    skip_unavailable_backend(backend)
-    batch_size = size.loader_batch_size
-    cfg = bench_config(size, model="smallcnn", batch_size=batch_size, loader=backend, data_root=data_root)
+def _measure_training_loader(measure, size, device, cfg, batch_size: int, *, workload: str) -> None:
+    """Training batches of ``cfg``'s loader, built as ``fasttrain train`` builds it, drawn until the device has
+    them."""
     prep = prepare(cfg)
     loader = prep.task.make_loader(prep.source.train, train=True, batch_size=batch_size, backend=prep.backend)
     try:
@@ -40,10 +38,18 @@ def test_loader(benchmark, measure, size, device, data_root, backend):
             dali_threads=cfg.data.num_dali_threads,
             images=len(prep.source.train),
             image_size=size.image_size,
-            workload=f"loader-b{batch_size}",
+            workload=workload,
         )
     finally:
         loader.close()
+
+
+@pytest.mark.parametrize("backend", ["torch", "dali", "cache"])
+def test_loader(benchmark, measure, size, device, data_root, backend):
+    skip_unavailable_backend(backend)
+    batch_size = size.loader_batch_size
+    cfg = bench_config(size, model="smallcnn", batch_size=batch_size, loader=backend, data_root=data_root)
+    _measure_training_loader(measure, size, device, cfg, batch_size, workload=f"loader-b{batch_size}")
 
 
 @pytest.fixture(scope="session")
@@ -85,27 +91,7 @@ def test_task_loader(benchmark, measure, size, device, task_roots, task, backend
     batch_size = size.loader_batch_size
     cfg = bench_config(size, model="convnet", batch_size=batch_size, loader=backend, data_root=task_roots[task])
     cfg = apply_overrides(cfg, TASK_SETTINGS[task])
-    prep = prepare(cfg)
-    loader = prep.task.make_loader(prep.source.train, train=True, batch_size=batch_size, backend=prep.backend)
-    try:
-        batches = bench.cycle_batches(loader)
-        measure(
-            lambda: bench.run_steps(lambda: len(next(batches)), size.steps_per_round, device),
-            samples_per_round=batch_size * size.steps_per_round,
-            flags=prep.runtime.backend_flags,
-            kind="loader",
-            model=None,
-            batch_size=batch_size,
-            precision=prep.runtime.precision.name,
-            backend=prep.backend,
-            workers=cfg.data.num_workers,
-            dali_threads=cfg.data.num_dali_threads,
-            images=len(prep.source.train),
-            image_size=size.image_size,
-            workload=f"{task}-loader-b{batch_size}",
-        )
-    finally:
-        loader.close()
+    _measure_training_loader(measure, size, device, cfg, batch_size, workload=f"{task}-loader-b{batch_size}")
 
 
 def test_loader_naive(benchmark, measure, size, device, data_root):
