@@ -238,6 +238,8 @@ class _Feeder:
         self.serial = self._counter = 0
         self.pos = (0, 0)
         self._orders: dict[int, list[int]] = {}
+        self._last_ok: list[_Sample] = []
+        """Training: the samples of the last batch fed, which stand in for a batch none of whose files reads."""
 
     @property
     def loader(self) -> DaliLoader:
@@ -290,8 +292,13 @@ class _Feeder:
             ok = [s for s in samples if s.error is None]
             if ok:
                 break
+            if L.train and self._last_ok:  # no file of the batch could be read: the last batch fed stands in,
+                ok = self._last_ok  # so this process keeps the step count of the others (see _plan)
+                break
         if len(ok) < len(samples) and L.train:
             ok = [ok[k % len(ok)] for k in range(L.batch_size)]
+        if L.train:
+            self._last_ok = ok
         planned.indices = [s.index for s in ok]
         self.in_flight.append(planned)
         return L._outputs(ok)
@@ -322,11 +329,26 @@ class _Feeder:
             else:  # the epoch's last batch: the next epoch (training) or the next pass (evaluation) follows
                 self._start_serial(key + 1 if L.train else 0, 0)
             good = [i for i in order[b * B : (b + 1) * B] if L._usable(i)]
+            if not good and L.train:
+                # Every file of this batch is known bad, but training still takes this step: under torchrun each
+                # process feeds its own shard and every step all-reduces, so a process one step short would leave
+                # the others waiting for ever. Another batch of the epoch stands in.
+                good = self._stand_in(order, b)
             if good:
                 if L.train and len(good) < B:  # one shape for every step, as the torch loader's collate does
                     good = [good[k % len(good)] for k in range(B)]
                 return _Planned(serial, key, b, good)
         raise L._bad.none_decoded(L._split_name)  # a whole epoch of batches without one usable file
+
+    def _stand_in(self, order: list[int], b: int) -> list[int]:
+        """The usable samples of the nearest batch of ``order`` after batch ``b`` (else before it) that has any."""
+        L, B = self.loader, self.loader.batch_size
+        batches = -(-len(order) // B)
+        for k in [*range(b + 1, batches), *range(b - 1, -1, -1)]:
+            good = [i for i in order[k * B : (k + 1) * B] if L._usable(i)]
+            if good:
+                return good
+        return []
 
 
 def _torchvision_eval_geometry(encoded, resize: int, crop: int):

@@ -521,6 +521,45 @@ def test_a_file_failing_inside_dali_is_skipped_and_the_epoch_goes_on(mixed, tmp_
 
 
 @needs_dali
+def test_a_training_batch_whose_files_all_fail_is_stood_in_for_so_every_process_takes_the_same_steps(mixed, tmp_path):
+    """Under torchrun every process feeds its own shard and every step all-reduces: a process that dropped a batch
+    (every file failing inside DALI) would leave the others waiting. Training keeps len(loader) batches."""
+    sampler = EpochSampler(12, batch_size=3, shuffle=True, seed=1, drop_last=True)
+    order = sampler.indices(0)
+    doomed = set(order[3:6])  # the second batch of epoch 0
+    bad = iter(corrupt(tmp_path, 3))
+    paths = [next(bad) if i in doomed else mixed[i] for i in range(12)]
+    data = DataConfig(image_size=16, crop_scale_min=0.3)
+    loader = DaliLoader(split_of(paths, name="train"), data, spec_for(data), batch_size=3, train=True, seed=1)
+    for e in (0, 1):  # epoch 0 meets the failures inside DALI; epoch 1 plans around the files known bad
+        batches, targets, _ = epoch(loader, e)
+        assert len(batches) == len(loader) == 4, e
+        assert not doomed & set(targets.tolist())
+    assert sorted(p for p, _ in loader.skipped) == sorted(paths[i] for i in doomed)
+    loader.close()
+
+
+@needs_dali
+def test_a_training_batch_whose_files_vanished_is_stood_in_for_by_the_last_one(mixed, tmp_path):
+    """Files that passed the pre-check and cannot be read when their batch comes (deleted, a lost mount)."""
+    paths = []
+    for i, src in enumerate(mixed[:12]):
+        dst = tmp_path / f"{i:02d}{Path(src).suffix}"
+        dst.write_bytes(Path(src).read_bytes())
+        paths.append(str(dst))
+    data = DataConfig(image_size=16)
+    loader = DaliLoader(split_of(paths, name="train"), data, spec_for(data), batch_size=3, train=True, seed=1)
+    order = loader.sampler.indices(0)
+    for i in order[6:9]:  # the third batch of epoch 0
+        Path(paths[i]).unlink()
+    batches, targets, _ = epoch(loader, 0)
+    assert len(batches) == len(loader) == 4
+    assert [b.targets.tolist() for b in batches][2] == order[3:6]  # the batch before stood in
+    assert sorted(p for p, _ in loader.skipped) == sorted(paths[i] for i in order[6:9])
+    loader.close()
+
+
+@needs_dali
 def test_too_many_failures_in_one_epoch_stop_with_the_list(mixed, tmp_path):
     bad = corrupt(tmp_path, 3)
     data = DataConfig(image_size=16, max_bad_per_epoch=1)
