@@ -162,7 +162,8 @@ def _first_item(dataset: Any, arg: str) -> tuple[int, torch.Tensor, Any]:
         if not isinstance(x, torch.Tensor) or x.ndim != 3:
             raise TypeError(
                 f"{arg}[{i}]: the image must be a C x H x W tensor (uint8 0..255, or float already "
-                f"normalized), got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}"
+                f"normalized), got {type(x).__name__} {tuple(getattr(x, 'shape', ()))}; for PIL images use "
+                f"torchvision's transforms.PILToTensor()"
             )
         if not (x.dtype == torch.uint8 or x.is_floating_point()):
             raise TypeError(f"{arg}[{i}]: image dtype {x.dtype}: expected uint8 (0..255) or a floating point type")

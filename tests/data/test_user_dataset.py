@@ -128,8 +128,16 @@ def test_a_wrong_dataset_is_refused_with_what_is_wrong(tmp_path):
         def __getitem__(self, i):
             return super().__getitem__(i)[0], "cat"
 
+    class Pictures(Bars):
+        def __getitem__(self, i):
+            from PIL import Image
+
+            return Image.new("RGB", (16, 16)), 0
+
     with pytest.raises(TypeError, match="map-style dataset"):
         dataset_source(cfg, Stream())
+    with pytest.raises(TypeError, match=r"got Image \(\).*PILToTensor"):
+        dataset_source(cfg, Pictures(4))
     with pytest.raises(ValueError, match=r"dataset\[0\]: image \(3, 16, 24\) is not square"):
         dataset_source(cfg, Wide(4))
     with pytest.raises(ConfigError, match="model.num_outputs"):
