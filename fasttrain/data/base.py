@@ -14,7 +14,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Batch", "Loader", "InputSpec", "normalize_on_device"]
+__all__ = ["Batch", "Loader", "InputSpec", "normalize_on_device", "model_input"]
 
 
 @dataclass
@@ -78,3 +78,13 @@ def normalize_on_device(images: torch.Tensor, spec: InputSpec, scale_shift=None)
     if spec.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+def model_input(x: torch.Tensor, spec: InputSpec, *, pixels: bool, scale_shift=None) -> torch.Tensor:
+    """A batch of images as the model takes it, on ``spec.device``: ``pixels`` (0..255 values, uint8 or already
+    resampled to float) are normalized by :func:`normalize_on_device`; anything else is a float batch a dataset
+    already normalized, only moved, cast to ``spec.dtype`` and laid out channels_last when the runtime says so."""
+    if pixels:
+        return normalize_on_device(x, spec, scale_shift)
+    x = x.to(spec.device, non_blocking=True).to(spec.dtype)
+    return x.contiguous(memory_format=torch.channels_last) if spec.channels_last else x

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from fasttrain.config import Config, DataConfig
-from fasttrain.data.base import Batch, InputSpec, normalize_on_device
+from fasttrain.data.base import Batch, InputSpec, model_input
 from fasttrain.data.checks import BadFiles
 from fasttrain.data.order import EpochSampler, check_shard, sample_seeds
 from fasttrain.data.samples import (
@@ -473,10 +473,7 @@ class GpuCacheLoader:
     def _finish(self, x: torch.Tensor, cached: torch.dtype) -> torch.Tensor:
         """Model input from a cached image batch: uint8 pixels (perhaps resampled to float on the way) are
         normalized; a float dataset's own values are only cast."""
-        if cached == torch.uint8:
-            return normalize_on_device(x, self.spec, self._scale_shift)
-        x = x.to(self.spec.dtype)
-        return x.contiguous(memory_format=torch.channels_last) if self.spec.channels_last else x
+        return model_input(x, self.spec, pixels=cached == torch.uint8, scale_shift=self._scale_shift)
 
 
 def _usable(item: Any) -> bool:

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from fasttrain.config import Config
-from fasttrain.data.base import Batch, InputSpec, normalize_on_device
+from fasttrain.data.base import Batch, InputSpec, model_input, normalize_on_device
 from fasttrain.data.checks import BadDataError, BadFiles
 from fasttrain.data.order import EpochSampler, sample_seed
 from fasttrain.data.samples import ImageDataset, Samples, Skip, dataset_for, precheck_samples
@@ -63,8 +63,9 @@ def _default_prepare(spec: InputSpec) -> Callable:
     scale_shift = spec.scale_shift()
 
     def prepare(cpu_batch) -> Batch:
-        x, y = cpu_batch
-        return Batch(normalize_on_device(x, spec, scale_shift), y.to(spec.device, non_blocking=True))
+        x, y = cpu_batch  # uint8 pixels from fasttrain's datasets; float from a dataset that normalized them
+        inputs = model_input(x, spec, pixels=x.dtype == torch.uint8, scale_shift=scale_shift)
+        return Batch(inputs, y.to(spec.device, non_blocking=True))
 
     return prepare
 

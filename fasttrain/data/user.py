@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Dataset, IterableDataset
 
 from fasttrain.config import Config, ConfigError
-from fasttrain.data.base import Batch, InputSpec, Loader, normalize_on_device
+from fasttrain.data.base import InputSpec, Loader
 from fasttrain.data.samples import Skip
 from fasttrain.data.sources import DataSource, Split
 
@@ -326,22 +326,6 @@ def choose_dataset_backend(
     return "torch", f"auto: the dataset does not fit the cache ({why})"
 
 
-def _prepare(spec: InputSpec):
-    scale_shift = spec.scale_shift()
-
-    def prepare(cpu_batch) -> Batch:
-        x, y = cpu_batch
-        if x.dtype == torch.uint8:
-            inputs = normalize_on_device(x, spec, scale_shift)
-        else:  # model-ready already
-            inputs = x.to(spec.device, non_blocking=True).to(spec.dtype)
-            if spec.channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-        return Batch(inputs, y.to(spec.device, non_blocking=True))
-
-    return prepare
-
-
 def dataset_loader(
     backend: str,
     split: DatasetSplit,
@@ -381,7 +365,6 @@ def dataset_loader(
         seed=cfg.runtime.seed,
         workers=cfg.data.num_workers,
         prefetch=cfg.data.prefetch,
-        prepare=_prepare(spec),
         num_shards=num_shards,
         shard_id=shard_id,
         max_bad_per_epoch=cfg.data.max_bad_per_epoch,
