@@ -540,6 +540,21 @@ def _section_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _did_you_mean(name: str, section: str | None) -> str:
+    """"; did you mean optim.lr?" for a misspelt key (closest in its section, else the same key in another
+    section: train.lr -> optim.lr) or section; empty when nothing is close."""
+    import difflib
+
+    if section is None:
+        close = difflib.get_close_matches(name, [*_SECTIONS, "name"], n=1)
+        return f"; did you mean {close[0]}?" if close else ""
+    close = difflib.get_close_matches(name, list(_section_hints(_SECTIONS[section])), n=1)
+    if close:
+        return f"; did you mean {section}.{close[0]}?"
+    elsewhere = [s for s, cls in _SECTIONS.items() if name in _section_hints(cls)]
+    return f"; did you mean {elsewhere[0]}.{name}?" if elsewhere else ""
+
+
 def config_from_dict(data: dict[str, Any], base: Config | None = None, source: str = "config") -> Config:
     """Build a Config from nested dicts over ``base`` (defaults when None); validates every field."""
     base = base or Config()
@@ -549,7 +564,9 @@ def config_from_dict(data: dict[str, Any], base: Config | None = None, source: s
             merged["name"] = _coerce(value, str, "name")
             continue
         if key not in _SECTIONS:
-            raise ConfigError(f"{source}: unknown section {key!r} (known: {', '.join(_SECTIONS)}, name)")
+            raise ConfigError(
+                f"{source}: unknown section {key!r} (known: {', '.join(_SECTIONS)}, name){_did_you_mean(key, None)}"
+            )
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key} must be a table of settings, got {value!r}")
         cls = _SECTIONS[key]
@@ -557,7 +574,9 @@ def config_from_dict(data: dict[str, Any], base: Config | None = None, source: s
         for k, v in value.items():
             if k not in hints:
                 known = ", ".join(hints)
-                raise ConfigError(f"{source}: unknown key {key}.{k} (known in [{key}]: {known})")
+                raise ConfigError(
+                    f"{source}: unknown key {key}.{k} (known in [{key}]: {known}){_did_you_mean(k, key)}"
+                )
             merged[key][k] = _coerce(v, hints[k], f"{key}.{k}")
     sections = {}
     for key, cls in _SECTIONS.items():

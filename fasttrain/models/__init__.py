@@ -9,6 +9,7 @@ into their caches on first use) and gives the head ``num_outputs`` fresh outputs
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from typing import Any
 
@@ -62,17 +63,21 @@ def check_model(name: str, *, given: bool = False) -> None:
             import timm
         except ImportError:
             raise ValueError(f"model.name: {name} needs timm, which is not installed (pip install timm)") from None
-        if not timm.is_model(name[len(TIMM_PREFIX) :]):
-            raise ValueError(
-                f"model.name: timm has no model {name[len(TIMM_PREFIX) :]!r} (timm.list_models() lists them)"
-            )
+        base = name[len(TIMM_PREFIX) :]
+        if not timm.is_model(base):
+            close = difflib.get_close_matches(base, timm.list_models(), n=3)
+            hint = f"; did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
+            raise ValueError(f"model.name: timm has no model {base!r} (timm.list_models() lists them){hint}")
         return
     from torchvision import models as tvm
 
-    if name not in tvm.list_models(module=tvm):
+    known = tvm.list_models(module=tvm)
+    if name not in known:
+        close = difflib.get_close_matches(name, [*_SMALL, *known], n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(
             f"model.name: unknown model {name!r}; known: {', '.join(sorted(_SMALL))}, torchvision "
-            f"classification models (resnet18, resnet50, ...) and timm/<name> with timm installed"
+            f"classification models (resnet18, resnet50, ...) and timm/<name> with timm installed{hint}"
         )
 
 
