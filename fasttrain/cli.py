@@ -111,10 +111,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if final:
         shown = {k: v for k, v in final.items() if k.startswith(("train_", "val_")) or k == "samples_per_s"}
         print("final epoch: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+    if result.stopped_early:
+        print(result.stopped_early)
     if result.best_value is not None:
         print(f"best {result.best_metric}: {result.best_value:.4f} -> {result.run_dir / 'checkpoints' / 'best.pt'}")
     if result.test_metrics:
-        print("test: " + ", ".join(f"{k}={v:.4g}" for k, v in result.test_metrics.items()))
+        print(f"test ({result.test_weights}): " + ", ".join(f"{k}={v:.4g}" for k, v in result.test_metrics.items()))
     if result.skipped:
         print(f"skipped files: {len(result.skipped)} (listed in {result.run_dir / 'train.log'})")
     return 0

@@ -333,6 +333,17 @@ class TrainConfig:
     step. For long epochs, so a killed run loses minutes, not an epoch."""
     best_metric: str = ""
     """Validation metric that selects the `best` checkpoint (e.g. val_acc, val_loss); empty = the task's default."""
+    save_top_k: int = 0
+    """Also keep the k best checkpoints by train.best_metric as checkpoints/epoch=E-<metric>=V.pt (0 = off); one
+    that drops out of the k is deleted (only files this run wrote)."""
+    early_stop_metric: str = ""
+    """Metric watched by early stopping (e.g. val_loss); empty = train.best_metric. Higher is better for
+    accuracies and PSNR, lower for losses."""
+    early_stop_patience: int = 0
+    """Stop the run when early_stop_metric has not improved for this many evaluations in a row (one every
+    train.eval_every epochs; 0 = never stop early). The count is kept in checkpoints: a resume goes on counting."""
+    early_stop_min_delta: float = 0.0
+    """Smallest change of early_stop_metric, in its own units, that counts as an improvement."""
     log_every: int = 50
     """Read losses from the device (a sync point) every N steps, for the progress bar and logs."""
     max_steps: int = 0
@@ -366,6 +377,9 @@ class TrainConfig:
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
         _check(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.save_top_k >= 0, "train.save_top_k", f"must be >= 0 (0 = off), got {self.save_top_k}")
+        _check(self.early_stop_patience >= 0, "train.early_stop_patience", "must be >= 0 (0 = never stop early)")
+        _check(self.early_stop_min_delta >= 0, "train.early_stop_min_delta", "must be >= 0")
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
         _check(self.max_nonfinite_logs >= 0, "train.max_nonfinite_logs", "must be >= 0 (0 = never stop)")
@@ -541,7 +555,7 @@ def _section_hints(cls: type) -> dict[str, Any]:
 
 
 def _did_you_mean(name: str, section: str | None) -> str:
-    """"; did you mean optim.lr?" for a misspelt key (closest in its section, else the same key in another
+    """ "; did you mean optim.lr?" for a misspelt key (closest in its section, else the same key in another
     section: train.lr -> optim.lr) or section; empty when nothing is close."""
     import difflib
 
@@ -574,9 +588,7 @@ def config_from_dict(data: dict[str, Any], base: Config | None = None, source: s
         for k, v in value.items():
             if k not in hints:
                 known = ", ".join(hints)
-                raise ConfigError(
-                    f"{source}: unknown key {key}.{k} (known in [{key}]: {known}){_did_you_mean(k, key)}"
-                )
+                raise ConfigError(f"{source}: unknown key {key}.{k} (known in [{key}]: {known}){_did_you_mean(k, key)}")
             merged[key][k] = _coerce(v, hints[k], f"{key}.{k}")
     sections = {}
     for key, cls in _SECTIONS.items():
