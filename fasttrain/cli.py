@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generated image for pix2pix).",
     )
     p.add_argument("checkpoint", help="a checkpoint (.pt) or a run folder (its best.pt, else last.pt)")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files, or folders (every image file under them, recursively)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out-dir", help="where generated images go (pix2pix; default ./predictions)")
     p.add_argument("--json", action="store_true", help="one JSON record per line")
