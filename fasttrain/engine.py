@@ -36,7 +36,8 @@ from fasttrain.data.base import Loader
 from fasttrain.data.sources import DataSource
 from fasttrain.io import WriteError, atomic_write_text, check_writable, os_reason
 from fasttrain.metrics import PROGRESS, MetricsLog, Progress, step_line, summary_line, trim_metrics
-from fasttrain.monitor import monitors, test_best
+from fasttrain.monitor import monitors, use_best
+from fasttrain.monitor import test_metrics as test_metrics_of
 from fasttrain.optim import make_scheduler
 from fasttrain.prepare import Prepared, prepare
 from fasttrain.rundir import (
@@ -73,7 +74,8 @@ class TrainResult:
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     """(file, reason) of every file or record the run left out (unreadable images, unusable manifest rows)."""
     test_weights: str = ""
-    """Which weights test_metrics were measured with (best.pt and its epoch, or the final weights)."""
+    """Which weights test_metrics (and confusion.json) were measured with: best.pt and its epoch, or the final
+    weights."""
     stopped_early: str = ""
     """Why early stopping ended the run (empty when it ran all train.epochs)."""
 
@@ -558,9 +560,13 @@ class Trainer:
                     log.info(self.early_stop.reason)
                     self.metrics.event({"epoch": state.epoch, "step": state.step, "event": "early_stop"})
                     break
+            if self.val_loader is not None or self.source.test:
+                tested = use_best(self.task, state, self.ckpts)
+            if self.val_loader is not None:
+                self.task.on_run_end(state, self.run_dir if self.is_main else None, self.val_loader, tested)
             if self.source.test:
                 test_loader = self._loader(self.source.test, train=False)
-                test_metrics, tested = test_best(self.task, state, test_loader, self.ckpts)
+                test_metrics = test_metrics_of(self.task, state, test_loader, tested)
                 self.metrics.event(
                     {"epoch": state.epoch, "step": state.step, "event": "test", "weights": tested, **test_metrics}
                 )

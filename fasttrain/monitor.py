@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EarlyStopping", "TopK", "improved", "direction", "monitors", "test_best"]
+__all__ = ["EarlyStopping", "TopK", "improved", "direction", "monitors", "use_best", "test_metrics"]
 
 
 def direction(metric: str, task_metric: str = "", task_mode: str = "min") -> str:
@@ -167,27 +167,32 @@ def monitors(
     )
 
 
-def test_best(task: Task, state: TrainState, loader: Loader, ckpts: CheckpointManager) -> tuple[dict[str, float], str]:
-    """The test split's metrics with best.pt's weights (the final ones when the run has no best.pt), loaded into
-    ``state``, and which weights those were (also in the log)."""
+def use_best(task: Task, state: TrainState, ckpts: CheckpointManager) -> str:
+    """Load best.pt's weights (and averages) into ``state`` where the run has one; returns which weights
+    ``state`` now holds, for the log and the reports (best.pt and its epoch, or the final weights)."""
     from fasttrain import distributed
     from fasttrain.checkpoint import load_checkpoint
-    from fasttrain.engine import evaluate
-    from fasttrain.metrics import fmt_metrics
 
     best = ckpts.dir / "best.pt"
     distributed.barrier()  # rank 0 wrote best.pt: every process reads the finished file
-    which = f"final weights, epoch {state.epoch}"
-    if ckpts.best_value is not None and best.is_file():
-        saved = load_checkpoint(best, map_location=task.runtime.device)["state"]
-        for name, module in state.modules.items():
-            module.load_state_dict(saved["modules"][name])
-        for name, ema in state.ema.items():
-            if name in (saved.get("ema") or {}):
-                ema.load_state_dict(saved["ema"][name])
-        which = f"best.pt, epoch {saved['epoch']}, {ckpts.best_metric} {ckpts.best_value:.4g}"
+    if ckpts.best_value is None or not best.is_file():
+        return f"final weights, epoch {state.epoch}"
+    saved = load_checkpoint(best, map_location=task.runtime.device)["state"]
+    for name, module in state.modules.items():
+        module.load_state_dict(saved["modules"][name])
+    for name, ema in state.ema.items():
+        if name in (saved.get("ema") or {}):
+            ema.load_state_dict(saved["ema"][name])
+    return f"best.pt, epoch {saved['epoch']}, {ckpts.best_metric} {ckpts.best_value:.4g}"
+
+
+def test_metrics(task: Task, state: TrainState, loader: Loader, weights: str) -> dict[str, float]:
+    """The test split's metrics with the weights in ``state`` (``weights`` says which, in the log)."""
+    from fasttrain.engine import evaluate
+    from fasttrain.metrics import fmt_metrics
+
     metrics = {f"test_{k}": v for k, v in evaluate(task, state, loader).items()}
     if state.ema:
         metrics.update({f"test_ema_{k}": v for k, v in evaluate(task, state, loader, ema=True).items()})
-    log.info("test (%s): %s", which, fmt_metrics(metrics))
-    return metrics, which
+    log.info("test (%s): %s", weights, fmt_metrics(metrics))
+    return metrics
