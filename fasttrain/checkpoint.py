@@ -246,6 +246,7 @@ _RESUME_FIXED_DATA = {
     "random_resized_crop",
     "crop_scale_min",
     "hflip",
+    "rand_augment",
     "mean",
     "std",
     "max_samples",

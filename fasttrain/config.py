@@ -104,6 +104,10 @@ class DataConfig:
     """Smallest area share of a random-resized-crop (0..1]."""
     hflip: bool = True
     """Training augmentation: random horizontal flip."""
+    rand_augment: str = ""
+    """Training augmentation: timm's RandAugment policy string (e.g. rand-m9-mstd0.5-inc1: magnitude 9 of 10, 2
+    ops per image), applied after crop and flip by timm.data.rand_augment_transform; empty = off. Needs timm and
+    the torch loader (it works on PIL images)."""
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     """Per-channel mean on the 0..1 scale, subtracted on the device (one value for grayscale)."""
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
@@ -158,6 +162,11 @@ class DataConfig:
             f"must be in 1..{PILLOW_BOMB_PIXELS} (Pillow refuses larger images on the torch loader and cache), "
             f"got {self.max_image_pixels}",
         )
+        _check(
+            not self.rand_augment or self.rand_augment.startswith("rand"),
+            "data.rand_augment",
+            f"must be a timm RandAugment string such as rand-m9-mstd0.5-inc1, or empty, got {self.rand_augment!r}",
+        )
         _check(self.max_bad_per_epoch >= 0, "data.max_bad_per_epoch", f"must be >= 0, got {self.max_bad_per_epoch}")
 
     @property
@@ -195,6 +204,10 @@ class ModelConfig:
     """Base channel width of the small nets (convnet, smallcnn, unet, patchgan)."""
     dropout: float = 0.0
     """Dropout before the classifier of the small nets and timm models (0..1)."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth: the largest share of residual blocks skipped per sample in training (0 = off; 0.1-0.2
+    usual): timm models' drop_path_rate, torchvision's stochastic_depth_prob (efficientnet_*, convnext_*); refused
+    for models without it."""
     pretrained: bool = False
     """Start from the torchvision (or timm) default pretrained weights, downloaded into their cache on first use;
     the head gets fresh outputs when the class count differs."""
@@ -216,12 +229,17 @@ class ModelConfig:
         _check(self.num_outputs >= 0, "model.num_outputs", "must be >= 0")
         _check(self.width >= 1, "model.width", "must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        _check(
+            0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", f"must be in [0, 1), got {self.drop_path_rate}"
+        )
 
 
 @dataclass
 class OptimConfig:
     name: str = "sgd"
-    """Optimizer: sgd or adamw (adam is adamw with weight_decay 0)."""
+    """Optimizer: sgd or adamw (adam is adamw with weight_decay 0); with timm installed also lamb, lion or
+    timm/<name> (any of timm.optim.list_optimizers(), built by timm.optim.create_optimizer_v2 with lr,
+    weight_decay and momentum from here, timm's defaults for the rest)."""
     lr: float = 0.1
     """Peak learning rate (per optimizer step, at the configured batch size)."""
     momentum: float = 0.9
@@ -231,12 +249,19 @@ class OptimConfig:
     weight_decay: float = 5e-4
     """L2 / decoupled weight decay."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """Adam(W) betas."""
+    """Adam(W), LAMB and Lion betas (Lion's authors use 0.9, 0.99)."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value (0 = off)."""
+    layer_decay: float = 0.0
+    """Layer-wise learning-rate decay (timm's, needs timm): the head trains at optim.lr, each layer below at
+    layer_decay times the one above (0 = off; 0.65-0.75 are usual for fine-tuning ViTs)."""
 
     def __post_init__(self) -> None:
-        _choice(self.name, "optim.name", ("sgd", "adamw", "adam"))
+        if not self.name.startswith("timm/") or self.name == "timm/":
+            _choice(self.name, "optim.name", ("sgd", "adamw", "adam", "lamb", "lion", "timm/<name>"))
+        _check(
+            0.0 <= self.layer_decay <= 1.0, "optim.layer_decay", f"must be in [0, 1] (0 = off), got {self.layer_decay}"
+        )
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _check(0.0 <= self.momentum < 1.0, "optim.momentum", "must be in [0, 1)")
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
@@ -411,6 +436,9 @@ class TaskConfig:
     cutmix_alpha: float = 0.0
     """classify: CutMix on the device, Beta(alpha, alpha) box area (0 = off; 1.0 is usual). With both on, each
     batch gets one of the two at random."""
+    random_erasing: float = 0.0
+    """classify: probability that timm's RandomErasing replaces a random box of a training image (2-33 % of its
+    area) with noise, on the device after normalization (0 = off; 0.25 is timm's usual). Needs timm."""
 
     def __post_init__(self) -> None:
         _choice(self.name, "task.name", task_names())
@@ -418,6 +446,12 @@ class TaskConfig:
         _check(self.sample_every >= 0, "task.sample_every", "must be >= 0")
         _check(self.mixup_alpha >= 0, "task.mixup_alpha", f"must be >= 0, got {self.mixup_alpha}")
         _check(self.cutmix_alpha >= 0, "task.cutmix_alpha", f"must be >= 0, got {self.cutmix_alpha}")
+        _check(0 <= self.random_erasing <= 1, "task.random_erasing", f"must be in [0, 1], got {self.random_erasing}")
+        _check(
+            self.random_erasing == 0 or self.name == "classify",
+            "task.random_erasing",
+            f"erases boxes of a classifier's images; task {self.name} would change its targets too (set it to 0)",
+        )
 
 
 @dataclass

@@ -160,6 +160,7 @@ class Task:
             width=c.model.width,
             dropout=c.model.dropout,
             pretrained=c.model.pretrained and not self.restoring,
+            drop_path_rate=c.model.drop_path_rate,
         )
         self.load_initial_weights(model, "model")
         fn = self.runtime.prepare_model(model)

@@ -38,6 +38,7 @@ class ClassifyTask(Task):
     def __init__(self, cfg, runtime, source):
         super().__init__(cfg, runtime, source)
         self._mix: Any = None
+        self._erase: Any = None
 
     def batch_mix(self) -> Any:
         """MixUp / CutMix (torchvision.transforms.v2) over a device batch, or None when both are off. The mixing
@@ -72,6 +73,12 @@ class ClassifyTask(Task):
 
     def train_phases(self, state: TrainState, batch: Batch):
         x, y = batch.inputs, batch.targets
+        if self.cfg.task.random_erasing > 0:
+            if self._erase is None:
+                from fasttrain.timm_support import random_erasing
+
+                self._erase = random_erasing(self.cfg.task.random_erasing, x.device)
+            x = self._erase(x.clone())  # in place on a copy: the batch may be reused (the cache, a retry)
         mix = self.batch_mix()
         if mix is not None:  # soft targets: a mix of two labels per sample
             x, y = mix(x, y)
