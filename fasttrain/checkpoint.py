@@ -365,10 +365,13 @@ class CheckpointManager:
             ) from None
         set_rng_state(ckpt["rng"])
         self.best_value = ckpt.get("best_value")
-        saved = ckpt.get("monitors") or {}
+        saved = ckpt.get("monitors")
         for k, m in self.monitors.items():
-            if isinstance(saved.get(k), dict):
-                m.load_state_dict(saved[k])
+            if isinstance(saved, dict) and isinstance(saved.get(k), dict):
+                try:
+                    m.load_state_dict(saved[k])
+                except (KeyError, TypeError, ValueError) as e:
+                    log.warning("checkpoint %s: its %s state is malformed (%s); starting it afresh", self.last, k, e)
         self.saved_at = f"epoch {self.state.epoch}, step {self.state.step}"
         position = ckpt.get("position")
         if position and position["epoch"] == self.state.epoch:

@@ -405,6 +405,12 @@ class TrainConfig:
         _check(self.save_top_k >= 0, "train.save_top_k", f"must be >= 0 (0 = off), got {self.save_top_k}")
         _check(self.early_stop_patience >= 0, "train.early_stop_patience", "must be >= 0 (0 = never stop early)")
         _check(self.early_stop_min_delta >= 0, "train.early_stop_min_delta", "must be >= 0")
+        for name in ("early_stop_metric", "early_stop_min_delta"):
+            _check(
+                not getattr(self, name) or self.early_stop_patience > 0,
+                f"train.{name}",
+                "does nothing without train.early_stop_patience (the evaluations to wait; 0 = never stop early)",
+            )
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
         _check(self.max_nonfinite_logs >= 0, "train.max_nonfinite_logs", "must be >= 0 (0 = never stop)")

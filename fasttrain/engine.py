@@ -135,6 +135,8 @@ def train(
         assert cfg is not None
         prep = prepare(cfg, model=model, dataset=dataset, val_dataset=val_dataset)
         _check_best_metric(prep.task, prep.cfg.train.best_metric, bool(prep.source.val))
+        if prep.cfg.train.save_top_k:
+            _check_best_metric(prep.task, prep.cfg.train.best_metric, bool(prep.source.val), "train.save_top_k", True)
         if prep.cfg.train.early_stop_patience:
             _check_best_metric(
                 prep.task, prep.cfg.train.early_stop_metric, bool(prep.source.val), "train.early_stop_metric", True

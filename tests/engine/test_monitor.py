@@ -133,3 +133,14 @@ def test_the_test_split_is_evaluated_with_best_pt(shapes_root, tmp_path, caplog)
     assert f"test ({result.test_weights})" in caplog.text
     (event,) = events(result.run_dir, "test")
     assert event["weights"] == result.test_weights and event["test_loss"] == result.test_metrics["test_loss"]
+
+
+def test_settings_that_would_do_nothing_are_refused(shapes_root, tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.early_stop_min_delta: does nothing without train\.early_stop_pat"):
+        tiny_cfg(shapes_root, tmp_path, "train.early_stop_min_delta=0.01")
+    no_val = ("data.val_dir=none", "data.val_fraction=0")
+    for setting in ("train.save_top_k=2", "train.early_stop_patience=2"):
+        key = setting.split("=")[0].replace("patience", "metric")
+        with pytest.raises(ConfigError, match=rf"{key}: val_acc needs a validation split, and the data has none"):
+            train(tiny_cfg(shapes_root, tmp_path, *no_val, setting), progress=False)
+    assert not any(tmp_path.iterdir())
