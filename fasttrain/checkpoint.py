@@ -206,6 +206,9 @@ RESUME_MAY_CHANGE = (
     "train.checkpoint_every",
     "train.checkpoint_every_steps",
     "train.max_nonfinite_logs",
+    "train.early_stop_patience",
+    "train.early_stop_min_delta",
+    "train.save_top_k",
     "train.runs_dir",
     "train.run_name",
     "runtime.*",
@@ -243,6 +246,7 @@ _RESUME_FIXED_DATA = {
     "random_resized_crop",
     "crop_scale_min",
     "hflip",
+    "rand_augment",
     "mean",
     "std",
     "max_samples",
@@ -275,7 +279,7 @@ def check_resume_config(saved: Config, new: Config, path: str | os.PathLike) -> 
             f"--resume: {', '.join(changed)} cannot change on resume: the run in {path} was trained "
             f"with the first value. Start a new run for that (fasttrain train CONFIG --set ...); "
             f"a resume may change train.epochs, logging / evaluation / checkpoint intervals, "
-            f"runtime.*, data.root and the loader settings"
+            f"early stopping, train.save_top_k, runtime.*, data.root and the loader settings"
         )
 
 
@@ -309,6 +313,9 @@ class CheckpointManager:
         self.enabled = enabled
         self.saved_at = "none yet"
         """What last.pt holds (for messages)."""
+        self.monitors: dict[str, Any] = {}
+        """Objects with ``state_dict`` / ``load_state_dict`` whose state every checkpoint carries (early
+        stopping's count, the top-k list: :mod:`fasttrain.monitor`)."""
 
     @property
     def last(self) -> Path:
@@ -325,6 +332,7 @@ class CheckpointManager:
             "best_value": self.best_value,
             "position": position,
             "running": running,
+            "monitors": {k: m.state_dict() for k, m in self.monitors.items()},
         }
 
     def save_last(self, position: dict[str, int] | None = None, running: dict[str, Any] | None = None) -> bool:
@@ -342,9 +350,9 @@ class CheckpointManager:
         self.saved_at = f"epoch {self.state.epoch}, step {self.state.step}"
         return True
 
-    def save_best(self) -> None:
+    def save_best(self, name: str = "best.pt") -> None:
         if self.enabled:
-            save_checkpoint(self.dir / "best.pt", self.payload())
+            save_checkpoint(self.dir / name, self.payload())
 
     def restore(self, ckpt: dict[str, Any]) -> ResumePoint:
         """Load ``ckpt`` (from :func:`load_checkpoint` with ``resume=True``) into the state and the RNGs."""
@@ -357,6 +365,13 @@ class CheckpointManager:
             ) from None
         set_rng_state(ckpt["rng"])
         self.best_value = ckpt.get("best_value")
+        saved = ckpt.get("monitors")
+        for k, m in self.monitors.items():
+            if isinstance(saved, dict) and isinstance(saved.get(k), dict):
+                try:
+                    m.load_state_dict(saved[k])
+                except (KeyError, TypeError, ValueError) as e:
+                    log.warning("checkpoint %s: its %s state is malformed (%s); starting it afresh", self.last, k, e)
         self.saved_at = f"epoch {self.state.epoch}, step {self.state.step}"
         position = ckpt.get("position")
         if position and position["epoch"] == self.state.epoch:

@@ -25,6 +25,7 @@ EPILOG = """examples:
   fasttrain train catfish --set data.root=photos     a packaged config on your folder of images
   fasttrain config show catfish                      every setting with its value, default and meaning
   fasttrain autotune my.toml                         the fastest batch size inside 16 GiB of GPU memory
+  fasttrain lr-find my.toml                          a learning-rate range test: loss against lr, a suggestion
   fasttrain train --resume runs/catfish-20261125-101500
   fasttrain plot runs/catfish-*                      loss, accuracy, lr and speed curves
   fasttrain predict runs/catfish-20261125-101500 cat.jpg
@@ -111,10 +112,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if final:
         shown = {k: v for k, v in final.items() if k.startswith(("train_", "val_")) or k == "samples_per_s"}
         print("final epoch: " + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+    if result.stopped_early:
+        print(result.stopped_early)
     if result.best_value is not None:
         print(f"best {result.best_metric}: {result.best_value:.4f} -> {result.run_dir / 'checkpoints' / 'best.pt'}")
     if result.test_metrics:
-        print("test: " + ", ".join(f"{k}={v:.4g}" for k, v in result.test_metrics.items()))
+        print(f"test ({result.test_weights}): " + ", ".join(f"{k}={v:.4g}" for k, v in result.test_metrics.items()))
     if result.skipped:
         print(f"skipped files: {len(result.skipped)} (listed in {result.run_dir / 'train.log'})")
     return 0
@@ -189,6 +192,28 @@ def cmd_autotune(args: argparse.Namespace) -> int:
     if _is_main_process():
         print(report.to_table())
     return 0 if report.ok else 1
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from fasttrain.lr_find import lr_find
+
+    r = lr_find(
+        resolve_config(args.config, args.overrides),
+        start_lr=args.start_lr,
+        end_lr=args.end_lr,
+        steps=args.steps,
+        out_dir=args.out,
+    )
+    print(f"lr range test: {len(r.lrs)} steps from {r.lrs[0]:.3g} to {r.lrs[-1]:.3g}; {r.reason}")
+    if r.suggestion is not None:
+        print(
+            f"suggested optim.lr: {r.suggestion:.3g} (steepest fall of the smoothed loss); "
+            f"try --set optim.lr={r.suggestion:.3g}"
+        )
+    else:
+        print("no suggestion: the sweep ended too early (the loss diverged within the first steps); lower --start-lr")
+    print("wrote " + ", ".join(str(f) for f in r.files))
+    return 0 if r.suggestion is not None else 1
 
 
 def _is_main_process() -> bool:
@@ -323,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generated image for pix2pix).",
     )
     p.add_argument("checkpoint", help="a checkpoint (.pt) or a run folder (its best.pt, else last.pt)")
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files, or folders (every image file under them, recursively)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out-dir", help="where generated images go (pix2pix; default ./predictions)")
     p.add_argument("--json", action="store_true", help="one JSON record per line")
@@ -361,6 +386,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="ignore (and refresh) cached results")
     _add_common(p, "tune.max_batch=512")
     p.set_defaults(fn=cmd_autotune)
+
+    p = command(
+        "lr-find",
+        "learning-rate range test: loss against an exponentially growing lr, with a suggestion",
+        "Train the config's model for up to --steps steps while the learning rate grows exponentially from "
+        "--start-lr to --end-lr (stopping when the smoothed loss diverges), suggest the rate where it falls "
+        "fastest, and write lr_find.json and lr_find.png. Nothing of a run or config is written or changed.",
+    )
+    p.add_argument("config", nargs="?", help="TOML file or packaged config name (default: quickstart)")
+    p.add_argument("--start-lr", type=float, default=1e-7, metavar="LR", help="first learning rate")
+    p.add_argument("--end-lr", type=float, default=10.0, metavar="LR", help="last learning rate")
+    p.add_argument("--steps", type=int, default=100, metavar="N", help="optimizer steps of the sweep")
+    p.add_argument(
+        "--out", default=None, help="folder for lr_find.json and .png (default: train.runs_dir/lr-find-<name>-<time>)"
+    )
+    _add_common(p, "optim.name=adamw")
+    p.set_defaults(fn=cmd_lr_find)
 
     p = command(
         "bench",

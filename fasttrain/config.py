@@ -104,6 +104,10 @@ class DataConfig:
     """Smallest area share of a random-resized-crop (0..1]."""
     hflip: bool = True
     """Training augmentation: random horizontal flip."""
+    rand_augment: str = ""
+    """Training augmentation: timm's RandAugment policy string (e.g. rand-m9-mstd0.5-inc1: magnitude 9 of 10, 2
+    ops per image), applied after crop and flip by timm.data.rand_augment_transform; empty = off. Needs timm and
+    the torch loader (it works on PIL images)."""
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     """Per-channel mean on the 0..1 scale, subtracted on the device (one value for grayscale)."""
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
@@ -158,6 +162,11 @@ class DataConfig:
             f"must be in 1..{PILLOW_BOMB_PIXELS} (Pillow refuses larger images on the torch loader and cache), "
             f"got {self.max_image_pixels}",
         )
+        _check(
+            not self.rand_augment or self.rand_augment.startswith("rand"),
+            "data.rand_augment",
+            f"must be a timm RandAugment string such as rand-m9-mstd0.5-inc1, or empty, got {self.rand_augment!r}",
+        )
         _check(self.max_bad_per_epoch >= 0, "data.max_bad_per_epoch", f"must be >= 0, got {self.max_bad_per_epoch}")
 
     @property
@@ -195,6 +204,10 @@ class ModelConfig:
     """Base channel width of the small nets (convnet, smallcnn, unet, patchgan)."""
     dropout: float = 0.0
     """Dropout before the classifier of the small nets and timm models (0..1)."""
+    drop_path_rate: float = 0.0
+    """Stochastic depth: the largest share of residual blocks skipped per sample in training (0 = off; 0.1-0.2
+    usual): timm models' drop_path_rate, torchvision's stochastic_depth_prob (efficientnet_*, convnext_*); refused
+    for models without it."""
     pretrained: bool = False
     """Start from the torchvision (or timm) default pretrained weights, downloaded into their cache on first use;
     the head gets fresh outputs when the class count differs."""
@@ -216,12 +229,17 @@ class ModelConfig:
         _check(self.num_outputs >= 0, "model.num_outputs", "must be >= 0")
         _check(self.width >= 1, "model.width", "must be >= 1")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        _check(
+            0.0 <= self.drop_path_rate < 1.0, "model.drop_path_rate", f"must be in [0, 1), got {self.drop_path_rate}"
+        )
 
 
 @dataclass
 class OptimConfig:
     name: str = "sgd"
-    """Optimizer: sgd or adamw (adam is adamw with weight_decay 0)."""
+    """Optimizer: sgd or adamw (adam is adamw with weight_decay 0); with timm installed also lamb, lion or
+    timm/<name> (any of timm.optim.list_optimizers(), built by timm.optim.create_optimizer_v2 with lr,
+    weight_decay and momentum from here, timm's defaults for the rest)."""
     lr: float = 0.1
     """Peak learning rate (per optimizer step, at the configured batch size)."""
     momentum: float = 0.9
@@ -231,12 +249,19 @@ class OptimConfig:
     weight_decay: float = 5e-4
     """L2 / decoupled weight decay."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """Adam(W) betas."""
+    """Adam(W), LAMB and Lion betas (Lion's authors use 0.9, 0.99)."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value (0 = off)."""
+    layer_decay: float = 0.0
+    """Layer-wise learning-rate decay (timm's, needs timm): the head trains at optim.lr, each layer below at
+    layer_decay times the one above (0 = off; 0.65-0.75 are usual for fine-tuning ViTs)."""
 
     def __post_init__(self) -> None:
-        _choice(self.name, "optim.name", ("sgd", "adamw", "adam"))
+        if not self.name.startswith("timm/") or self.name == "timm/":
+            _choice(self.name, "optim.name", ("sgd", "adamw", "adam", "lamb", "lion", "timm/<name>"))
+        _check(
+            0.0 <= self.layer_decay <= 1.0, "optim.layer_decay", f"must be in [0, 1] (0 = off), got {self.layer_decay}"
+        )
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
         _check(0.0 <= self.momentum < 1.0, "optim.momentum", "must be in [0, 1)")
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
@@ -333,6 +358,17 @@ class TrainConfig:
     step. For long epochs, so a killed run loses minutes, not an epoch."""
     best_metric: str = ""
     """Validation metric that selects the `best` checkpoint (e.g. val_acc, val_loss); empty = the task's default."""
+    save_top_k: int = 0
+    """Also keep the k best checkpoints by train.best_metric as checkpoints/epoch=E-<metric>=V.pt (0 = off); one
+    that drops out of the k is deleted (only files this run wrote)."""
+    early_stop_metric: str = ""
+    """Metric watched by early stopping (e.g. val_loss); empty = train.best_metric. Higher is better for
+    accuracies and PSNR, lower for losses."""
+    early_stop_patience: int = 0
+    """Stop the run when early_stop_metric has not improved for this many evaluations in a row (one every
+    train.eval_every epochs; 0 = never stop early). The count is kept in checkpoints: a resume goes on counting."""
+    early_stop_min_delta: float = 0.0
+    """Smallest change of early_stop_metric, in its own units, that counts as an improvement."""
     log_every: int = 50
     """Read losses from the device (a sync point) every N steps, for the progress bar and logs."""
     max_steps: int = 0
@@ -366,6 +402,15 @@ class TrainConfig:
         _check(self.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
         _check(self.checkpoint_every_steps >= 0, "train.checkpoint_every_steps", "must be >= 0")
         _check(self.log_every >= 1, "train.log_every", "must be >= 1")
+        _check(self.save_top_k >= 0, "train.save_top_k", f"must be >= 0 (0 = off), got {self.save_top_k}")
+        _check(self.early_stop_patience >= 0, "train.early_stop_patience", "must be >= 0 (0 = never stop early)")
+        _check(self.early_stop_min_delta >= 0, "train.early_stop_min_delta", "must be >= 0")
+        for name in ("early_stop_metric", "early_stop_min_delta"):
+            _check(
+                not getattr(self, name) or self.early_stop_patience > 0,
+                f"train.{name}",
+                "does nothing without train.early_stop_patience (the evaluations to wait; 0 = never stop early)",
+            )
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
         _check(self.max_nonfinite_logs >= 0, "train.max_nonfinite_logs", "must be >= 0 (0 = never stop)")
@@ -397,6 +442,9 @@ class TaskConfig:
     cutmix_alpha: float = 0.0
     """classify: CutMix on the device, Beta(alpha, alpha) box area (0 = off; 1.0 is usual). With both on, each
     batch gets one of the two at random."""
+    random_erasing: float = 0.0
+    """classify: probability that timm's RandomErasing replaces a random box of a training image (2-33 % of its
+    area) with noise, on the device after normalization (0 = off; 0.25 is timm's usual). Needs timm."""
 
     def __post_init__(self) -> None:
         _choice(self.name, "task.name", task_names())
@@ -404,6 +452,12 @@ class TaskConfig:
         _check(self.sample_every >= 0, "task.sample_every", "must be >= 0")
         _check(self.mixup_alpha >= 0, "task.mixup_alpha", f"must be >= 0, got {self.mixup_alpha}")
         _check(self.cutmix_alpha >= 0, "task.cutmix_alpha", f"must be >= 0, got {self.cutmix_alpha}")
+        _check(0 <= self.random_erasing <= 1, "task.random_erasing", f"must be in [0, 1], got {self.random_erasing}")
+        _check(
+            self.random_erasing == 0 or self.name == "classify",
+            "task.random_erasing",
+            f"erases boxes of a classifier's images; task {self.name} would change its targets too (set it to 0)",
+        )
 
 
 @dataclass
@@ -540,6 +594,21 @@ def _section_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _did_you_mean(name: str, section: str | None) -> str:
+    """ "; did you mean optim.lr?" for a misspelt key (closest in its section, else the same key in another
+    section: train.lr -> optim.lr) or section; empty when nothing is close."""
+    import difflib
+
+    if section is None:
+        close = difflib.get_close_matches(name, [*_SECTIONS, "name"], n=1)
+        return f"; did you mean {close[0]}?" if close else ""
+    close = difflib.get_close_matches(name, list(_section_hints(_SECTIONS[section])), n=1)
+    if close:
+        return f"; did you mean {section}.{close[0]}?"
+    elsewhere = [s for s, cls in _SECTIONS.items() if name in _section_hints(cls)]
+    return f"; did you mean {elsewhere[0]}.{name}?" if elsewhere else ""
+
+
 def config_from_dict(data: dict[str, Any], base: Config | None = None, source: str = "config") -> Config:
     """Build a Config from nested dicts over ``base`` (defaults when None); validates every field."""
     base = base or Config()
@@ -549,7 +618,9 @@ def config_from_dict(data: dict[str, Any], base: Config | None = None, source: s
             merged["name"] = _coerce(value, str, "name")
             continue
         if key not in _SECTIONS:
-            raise ConfigError(f"{source}: unknown section {key!r} (known: {', '.join(_SECTIONS)}, name)")
+            raise ConfigError(
+                f"{source}: unknown section {key!r} (known: {', '.join(_SECTIONS)}, name){_did_you_mean(key, None)}"
+            )
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: {key} must be a table of settings, got {value!r}")
         cls = _SECTIONS[key]
@@ -557,7 +628,7 @@ def config_from_dict(data: dict[str, Any], base: Config | None = None, source: s
         for k, v in value.items():
             if k not in hints:
                 known = ", ".join(hints)
-                raise ConfigError(f"{source}: unknown key {key}.{k} (known in [{key}]: {known})")
+                raise ConfigError(f"{source}: unknown key {key}.{k} (known in [{key}]: {known}){_did_you_mean(k, key)}")
             merged[key][k] = _coerce(v, hints[k], f"{key}.{k}")
     sections = {}
     for key, cls in _SECTIONS.items():

@@ -35,7 +35,9 @@ from fasttrain.config import Config, ConfigError, apply_overrides, dump_config
 from fasttrain.data.base import Loader
 from fasttrain.data.sources import DataSource
 from fasttrain.io import WriteError, atomic_write_text, check_writable, os_reason
-from fasttrain.metrics import PROGRESS, MetricsLog, Progress, fmt_metrics, step_line, summary_line, trim_metrics
+from fasttrain.metrics import PROGRESS, MetricsLog, Progress, step_line, summary_line, trim_metrics
+from fasttrain.monitor import monitors, use_best
+from fasttrain.monitor import test_metrics as test_metrics_of
 from fasttrain.optim import make_scheduler
 from fasttrain.prepare import Prepared, prepare
 from fasttrain.rundir import (
@@ -71,6 +73,11 @@ class TrainResult:
     backend: str = ""
     skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     """(file, reason) of every file or record the run left out (unreadable images, unusable manifest rows)."""
+    test_weights: str = ""
+    """Which weights test_metrics (and confusion.json) were measured with: best.pt and its epoch, or the final
+    weights."""
+    stopped_early: str = ""
+    """Why early stopping ended the run (empty when it ran all train.epochs)."""
 
     @property
     def final(self) -> dict[str, Any]:
@@ -128,6 +135,12 @@ def train(
         assert cfg is not None
         prep = prepare(cfg, model=model, dataset=dataset, val_dataset=val_dataset)
         _check_best_metric(prep.task, prep.cfg.train.best_metric, bool(prep.source.val))
+        if prep.cfg.train.save_top_k:
+            _check_best_metric(prep.task, prep.cfg.train.best_metric, bool(prep.source.val), "train.save_top_k", True)
+        if prep.cfg.train.early_stop_patience:
+            _check_best_metric(
+                prep.task, prep.cfg.train.early_stop_metric, bool(prep.source.val), "train.early_stop_metric", True
+            )
         seed_everything(prep.cfg.runtime.seed)
         with prep.runtime.flags():
             # Loaders (they check the files), model and optimizers first: what cannot train is refused before
@@ -238,8 +251,16 @@ def _detach_run_log(handler: logging.Handler | None) -> None:
 
 
 # -- checks made before anything is written ------------------------------------------------------------------------
-def _check_best_metric(task: Task, metric: str, has_val: bool) -> None:
-    """A typo in train.best_metric would silently write no best.pt: refuse it before training."""
+def _check_best_metric(
+    task: Task, metric: str, has_val: bool, key: str = "train.best_metric", needed: bool = False
+) -> None:
+    """A typo in train.best_metric would silently write no best.pt (in early_stop_metric, never stop): refuse
+    it before training. ``needed``: a validation metric must be there (early stopping watches it)."""
+    if needed and not has_val and (metric or task.cfg.train.best_metric or task.best_metric).startswith("val_"):
+        raise ConfigError(
+            f"{key}: {metric or task.cfg.train.best_metric or task.best_metric} needs a validation split, and the "
+            f"data has none (add data.val_dir or data.val_fraction > 0, or watch a train_ metric)"
+        )
     if not metric:
         return
     names = [f"train_{m}" for m in task.train_metric_names]
@@ -251,7 +272,7 @@ def _check_best_metric(task: Task, metric: str, has_val: bool) -> None:
     if metric not in names:
         where = "" if has_val or not metric.startswith("val_") else " (there is no validation split)"
         raise ConfigError(
-            f"train.best_metric: {metric!r} is not a metric of task {task.name}{where}; choose one "
+            f"{key}: {metric!r} is not a metric of task {task.name}{where}; choose one "
             f"of {', '.join(names)} (empty means {task.best_metric})"
         )
 
@@ -469,6 +490,8 @@ class Trainer:
         self.ckpts = CheckpointManager(
             run_dir, cfg=cfg, task=task, state=state, best_metric=self.best_metric, enabled=self.is_main
         )
+        self.early_stop, self.top_k = monitors(self.tc, self.ckpts.dir, self.best_metric, self.best_mode, self.is_main)
+        self.ckpts.monitors = {"early_stop": self.early_stop, "top_k": self.top_k}
         self.metrics = MetricsLog(run_dir, self.tc.loggers, enabled=self.is_main)
         if self.is_main:
             write_run_config(run_dir, dump_config(cfg))  # on resume: rewritten when --set changed it
@@ -506,12 +529,16 @@ class Trainer:
     def run(self, run_dir: Path) -> TrainResult:
         self._open(run_dir)
         tc, state = self.tc, self.state
-        test_metrics = None
+        test_metrics, tested = None, ""
         test_loader = None
         state.train(True)
         try:
             t_run, first_epoch = time.perf_counter(), state.epoch
-            for epoch in range(state.epoch, tc.epochs):
+            if self.early_stop.stopped:  # a resumed run that had stopped early
+                log.info(
+                    "%s; nothing left to train (a larger train.early_stop_patience goes on)", self.early_stop.reason
+                )
+            for epoch in range(state.epoch if not self.early_stop.stopped else tc.epochs, tc.epochs):
                 record = self.train_epoch(epoch)
                 self.resume_micro = 0
                 self.running = Running(nonfinite_logs=self.running.nonfinite_logs)
@@ -519,7 +546,7 @@ class Trainer:
                 if self.val_loader is not None and ((epoch + 1) % tc.eval_every == 0 or last):
                     self._evaluate_into(record)
                 state.epoch = epoch + 1
-                self._finish_epoch(record, last)
+                stop = self._finish_epoch(record, last)
                 per_epoch = (time.perf_counter() - t_run) / (epoch + 1 - first_epoch)
                 log.info(
                     summary_line(
@@ -531,11 +558,20 @@ class Trainer:
                 )
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(state, record)
+                if stop:
+                    log.info(self.early_stop.reason)
+                    self.metrics.event({"epoch": state.epoch, "step": state.step, "event": "early_stop"})
+                    break
+            if self.val_loader is not None or self.source.test:
+                tested = use_best(self.task, state, self.ckpts)
+            if self.val_loader is not None:
+                self.task.on_run_end(state, self.run_dir if self.is_main else None, self.val_loader, tested)
             if self.source.test:
                 test_loader = self._loader(self.source.test, train=False)
-                test_metrics = {f"test_{k}": v for k, v in evaluate(self.task, state, test_loader).items()}
-                self.metrics.event({"epoch": state.epoch, "step": state.step, "event": "test", **test_metrics})
-                log.info("test (final weights): %s", fmt_metrics(test_metrics))
+                test_metrics = test_metrics_of(self.task, state, test_loader, tested)
+                self.metrics.event(
+                    {"epoch": state.epoch, "step": state.step, "event": "test", "weights": tested, **test_metrics}
+                )
             skipped = _skipped_files(self.source, self.train_loader, self.val_loader, test_loader)
             _log_skipped(skipped)
             best = self.ckpts.best_value
@@ -560,6 +596,8 @@ class Trainer:
             test_metrics,
             self.prep.backend,
             skipped,
+            tested,
+            self.early_stop.reason,
         )
 
     def _evaluate_into(self, record: dict[str, Any]) -> None:
@@ -574,8 +612,9 @@ class Trainer:
         if self.is_main:
             self.task.on_epoch_end(self.state, self.run_dir, self.val_loader)
 
-    def _finish_epoch(self, record: dict[str, Any], last: bool) -> None:
-        """The epoch's record and checkpoints: best.pt when the metric improved (and the weights are finite)."""
+    def _finish_epoch(self, record: dict[str, Any], last: bool) -> bool:
+        """The epoch's record and checkpoints: best.pt when the metric improved (and the weights are finite),
+        a top-k checkpoint, early stopping's count. Returns whether early stopping ends the run here."""
         from fasttrain.checkpoint import finite_weights
 
         value = record.get(self.best_metric)
@@ -591,8 +630,15 @@ class Trainer:
         self.history.append(record)
         if is_best:
             self.ckpts.save_best()
-        if (record["epoch"]) % self.tc.checkpoint_every == 0 or last:
+        if self.top_k.wants(value) and finite_weights(self.state.modules):
+            assert value is not None
+            name = self.top_k.name_for(record["epoch"], value)
+            self.ckpts.save_best(name)
+            self.top_k.add(name, record["epoch"], value)
+        stop = self.early_stop.update(record)
+        if (record["epoch"]) % self.tc.checkpoint_every == 0 or last or stop:
             self.ckpts.save_last()
+        return stop
 
     def _diverged(self, epoch: int, count: int) -> Diverged:
         tc = self.tc

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from fasttrain.config import OptimConfig, ScheduleConfig
+from fasttrain.timm_support import timm_optimizer, uses_timm_optimizer
 
 __all__ = ["make_optimizer", "lr_factor", "make_scheduler"]
 
@@ -32,8 +33,10 @@ def make_optimizer(
     module: nn.Module | list[nn.Module], cfg: OptimConfig, *, fused_kwargs: dict | None = None, lr: float | None = None
 ) -> torch.optim.Optimizer:
     modules = module if isinstance(module, list) else [module]
-    groups = _param_groups(modules, cfg.weight_decay if cfg.name != "adam" else 0.0)
     lr = cfg.lr if lr is None else lr
+    if uses_timm_optimizer(cfg.name, cfg.layer_decay):  # lamb, lion, timm/<name>, layer-wise decay
+        return timm_optimizer(modules, cfg, lr)
+    groups = _param_groups(modules, cfg.weight_decay if cfg.name != "adam" else 0.0)
     kw = dict(fused_kwargs or {})
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, **kw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from fasttrain.tasks import make_task
 
 log = logging.getLogger(__name__)
 
-__all__ = ["predict", "prediction_runtime", "checkpoint_file"]
+__all__ = ["predict", "prediction_runtime", "checkpoint_file", "expand_images"]
 
 
 def prediction_runtime(cfg: Config, device: str) -> Runtime:
@@ -42,6 +43,28 @@ def checkpoint_file(path: str | Path) -> Path:
     raise FileNotFoundError(f"{p}: a folder without checkpoints/best.pt or last.pt (is it a run folder?)")
 
 
+def expand_images(paths: Sequence[str | Path]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Files as given, folders as the image files under them (recursively, sorted, hidden ones left out, as
+    training finds them); returns the paths and an ``error`` record for each image-named entry in a folder that
+    is no regular file (a FIFO, a broken link). A folder without images is an error naming it."""
+    from fasttrain.data.sources import IMAGE_EXTENSIONS, scan_images
+
+    files: list[str] = []
+    errors: list[dict[str, Any]] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            files.append(str(p))
+            continue
+        scan = scan_images(p)
+        if not scan.files and not scan.others:
+            raise FileNotFoundError(
+                f"predict: no image files under {p} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+        files += [str(f) for f in scan.files]
+        errors += [{"image": str(f), "error": why} for f, why in scan.others]
+    return files, errors
+
+
 def predict(
     checkpoint: str | Path,
     images: list[str],
@@ -51,10 +74,12 @@ def predict(
     model: Any = None,
 ) -> list[dict[str, Any]]:
     """One record per image (class and probability, regressed values, or the written image's path); an image
-    that cannot be read gets an ``error`` and the others go on. ``checkpoint``: a checkpoint file, or a run
+    that cannot be read gets an ``error`` and the others go on. ``images``: files, or folders of them (every
+    image file under a folder, recursively; see :func:`expand_images`). ``checkpoint``: a checkpoint file, or a run
     folder (its best.pt, else last.pt). A run trained with ``train.ema_decay`` predicts with the averaged
     weights. ``model``: the ``nn.Module`` (or factory) a run trained from Python was given."""
     checkpoint = checkpoint_file(checkpoint)
+    paths, errors = expand_images(images)
     ckpt = load_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt, checkpoint)
     if cfg.task.name == "pix2pix":  # it writes images: ask before predicting (./predictions by default)
@@ -84,7 +109,8 @@ def predict(
                 f"checkpoint {checkpoint}: its {name} weights do not fit model "
                 f"{cfg.model.name} ({str(e).splitlines()[-1].strip()})"
             ) from None
-    return task.predict(state, [str(p) for p in images], ckpt.get("meta") or {}, Path(out_dir) if out_dir else None)
+    records = task.predict(state, paths, ckpt.get("meta") or {}, Path(out_dir) if out_dir else None)
+    return records + errors
 
 
 _callable_module(__name__, "predict")  # fasttrain.predict(...) is predict(...): see fasttrain/__init__.py

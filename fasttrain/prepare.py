@@ -141,6 +141,12 @@ def _choose_backend(
     if source.format == "dataset":
         from fasttrain.data.user import choose_dataset_backend
 
+        if cfg.data.rand_augment:
+            raise ConfigError(
+                "data.rand_augment: timm's RandAugment works on image files' PIL images, not on the tensors of a "
+                "dataset from Python; put it in your dataset's transform and leave data.rand_augment empty"
+            )
+
         return choose_dataset_backend(cfg.data.loader, source, cfg, runtime.device, memory_limit)
     request = cache_request(source, task)
     if request is None:

@@ -48,6 +48,13 @@ def choose_backend(
     loader there); else the torch loader. Every reason says why."""
     if requested == "torch":
         return "torch", "data.loader = torch"
+    if cfg.data.rand_augment:  # timm's RandAugment works on PIL images: only the torch loader has them
+        if requested == registry.AUTO:
+            return "torch", "auto: data.rand_augment (timm's RandAugment) works on PIL images, in the torch loader"
+        raise ConfigError(
+            f"data.rand_augment: timm's RandAugment works on PIL images, which only the torch loader has; "
+            f"set data.loader = torch or auto (now {requested})"
+        )
     fits, why = False, ""
     if requested in ("cache", registry.AUTO):
         from fasttrain.data.gpu_cache import cache_fits

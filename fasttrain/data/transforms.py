@@ -93,7 +93,8 @@ def eval_transform(cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
 
 
 def train_transform(cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
-    """Random-resized-crop (scale crop_scale_min..1, ratio 3/4..4/3) or the eval transform, then optional flip."""
+    """Random-resized-crop (scale crop_scale_min..1, ratio 3/4..4/3) or the eval transform, then optional flip,
+    then timm's RandAugment (``data.rand_augment``)."""
     size = cfg.image_size
     ops: list = []
     if cfg.random_resized_crop:
@@ -102,6 +103,10 @@ def train_transform(cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
         ops += [v2.Resize(cfg.eval_resize, antialias=True), v2.CenterCrop(size)]
     if cfg.hflip:
         ops.append(v2.RandomHorizontalFlip())
+    if cfg.rand_augment:  # after crop and flip, on the PIL image, as timm's create_transform orders them
+        from fasttrain.timm_support import rand_augment
+
+        ops.append(rand_augment(cfg.rand_augment, cfg.norm_mean_std()[0], size))
     pipeline = v2.Compose(ops)
 
     def apply(im: Image.Image) -> torch.Tensor:

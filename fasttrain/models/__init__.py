@@ -1,6 +1,7 @@
 """Model registry: torchvision classification models by name, plus fasttrain's small nets.
 
-``build_model(name, in_channels=..., num_outputs=..., image_size=..., width=..., dropout=...)`` returns an
+``build_model(name, in_channels=..., num_outputs=..., image_size=..., width=..., dropout=..., drop_path_rate=...)``
+returns an
 ``nn.Module`` on the CPU. Small nets are looked up in ``_SMALL`` ("module:function" so nothing is imported
 until used); ``timm/<name>`` is a timm model (timm is optional); every other name is tried as a torchvision
 model (``torchvision.models.get_model``). ``pretrained`` loads the torchvision / timm default weights (downloaded
@@ -9,6 +10,7 @@ into their caches on first use) and gives the head ``num_outputs`` fresh outputs
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from typing import Any
 
@@ -62,17 +64,21 @@ def check_model(name: str, *, given: bool = False) -> None:
             import timm
         except ImportError:
             raise ValueError(f"model.name: {name} needs timm, which is not installed (pip install timm)") from None
-        if not timm.is_model(name[len(TIMM_PREFIX) :]):
-            raise ValueError(
-                f"model.name: timm has no model {name[len(TIMM_PREFIX) :]!r} (timm.list_models() lists them)"
-            )
+        base = name[len(TIMM_PREFIX) :]
+        if not timm.is_model(base):
+            close = difflib.get_close_matches(base, timm.list_models(), n=3)
+            hint = f"; did you mean {', '.join(TIMM_PREFIX + c for c in close)}?" if close else ""
+            raise ValueError(f"model.name: timm has no model {base!r} (timm.list_models() lists them){hint}")
         return
     from torchvision import models as tvm
 
-    if name not in tvm.list_models(module=tvm):
+    known = tvm.list_models(module=tvm)
+    if name not in known:
+        close = difflib.get_close_matches(name, [*_SMALL, *known], n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(
             f"model.name: unknown model {name!r}; known: {', '.join(sorted(_SMALL))}, torchvision "
-            f"classification models (resnet18, resnet50, ...) and timm/<name> with timm installed"
+            f"classification models (resnet18, resnet50, ...) and timm/<name> with timm installed{hint}"
         )
 
 
@@ -85,8 +91,13 @@ def build_model(
     width: int = 32,
     dropout: float = 0.0,
     pretrained: bool = False,
+    drop_path_rate: float = 0.0,
     **kwargs: Any,
 ) -> nn.Module:
+    if name in _SMALL and drop_path_rate > 0:
+        raise ValueError(
+            f"model.drop_path_rate: {name} is one of fasttrain's small nets, which have no residual blocks"
+        )
     if name in _SMALL:
         if pretrained:
             raise ValueError(
@@ -105,16 +116,34 @@ def build_model(
         )
     check_model(name)
     if name.startswith(TIMM_PREFIX):
-        return _timm_model(name[len(TIMM_PREFIX) :], in_channels, num_outputs, dropout, pretrained)
+        return _timm_model(name[len(TIMM_PREFIX) :], in_channels, num_outputs, dropout, pretrained, drop_path_rate)
     from torchvision import models as tvm
 
-    if not pretrained:
-        model = tvm.get_model(name, weights=None, num_classes=num_outputs)
-    else:
-        from fasttrain.models.init import replace_head
+    depth = {"stochastic_depth_prob": drop_path_rate} if drop_path_rate > 0 else {}
+    try:
+        if not pretrained:
+            model = tvm.get_model(name, weights=None, num_classes=num_outputs, **depth)
+        else:
+            from fasttrain.models.init import replace_head
 
-        weights = tvm.get_model_weights(name).DEFAULT
-        model = tvm.get_model(name, weights=weights)  # into torch's hub cache on first use
+            weights = tvm.get_model_weights(name).DEFAULT
+            model = tvm.get_model(name, weights=weights, **depth)  # into torch's hub cache on first use
+    except TypeError as e:
+        if not depth:
+            raise
+        raise ValueError(
+            f"model.drop_path_rate: torchvision's {name} takes no stochastic_depth_prob ({e}); use a model "
+            f"that has it (efficientnet_*, convnext_*, timm/<name>) or set it to 0"
+        ) from None
+    if depth:
+        from torchvision.ops import StochasticDepth
+
+        if not any(isinstance(m, StochasticDepth) for m in model.modules()):  # mobilenet takes it and ignores it
+            raise ValueError(
+                f"model.drop_path_rate: torchvision's {name} has no stochastic depth; use a model that has it "
+                f"(efficientnet_*, convnext_*, timm/<name>) or set it to 0"
+            )
+    if pretrained:
         if num_outputs != len(weights.meta["categories"]):
             replace_head(model, num_outputs)
     if in_channels != 3:
@@ -122,13 +151,21 @@ def build_model(
     return model
 
 
-def _timm_model(name: str, in_channels: int, num_outputs: int, dropout: float, pretrained: bool) -> nn.Module:
+def _timm_model(
+    name: str, in_channels: int, num_outputs: int, dropout: float, pretrained: bool, drop_path_rate: float = 0.0
+) -> nn.Module:
     import timm
 
-    # timm resizes the head and adapts the stem's input channels itself, pretrained or not.
-    return timm.create_model(
-        name, pretrained=pretrained, num_classes=num_outputs, in_chans=in_channels, drop_rate=dropout
-    )
+    depth = {"drop_path_rate": drop_path_rate} if drop_path_rate > 0 else {}
+    try:
+        # timm resizes the head and adapts the stem's input channels itself, pretrained or not.
+        return timm.create_model(
+            name, pretrained=pretrained, num_classes=num_outputs, in_chans=in_channels, drop_rate=dropout, **depth
+        )
+    except TypeError as e:
+        if not depth:
+            raise
+        raise ValueError(f"model.drop_path_rate: timm's {name} takes no drop_path_rate ({e}); set it to 0") from None
 
 
 def _adapt_first_conv(model: nn.Module, in_channels: int, name: str, *, keep_weights: bool = False) -> None:

@@ -160,6 +160,7 @@ class Task:
             width=c.model.width,
             dropout=c.model.dropout,
             pretrained=c.model.pretrained and not self.restoring,
+            drop_path_rate=c.model.drop_path_rate,
         )
         self.load_initial_weights(model, "model")
         fn = self.runtime.prepare_model(model)
@@ -259,6 +260,11 @@ class Task:
 
     def on_epoch_end(self, state: TrainState, run_dir: Path | None, val_loader: Loader | None) -> None:
         """Called after each epoch's evaluation (pix2pix saves a sample grid from the first val batch)."""
+
+    def on_run_end(self, state: TrainState, run_dir: Path | None, val_loader: Loader, weights: str) -> None:
+        """Called once after the last epoch with the weights the run reports (``weights`` says which: best.pt's
+        where it has one); every process calls it, ``run_dir`` is None where it must not write (the classifier
+        writes its confusion matrix here)."""
 
     # -- prediction ------------------------------------------------------------------------------------------
     def preprocess(self, image: Image.Image) -> torch.Tensor:

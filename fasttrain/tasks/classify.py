@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,6 +12,8 @@ import torch.nn.functional as F
 from fasttrain.data.base import Batch, InputSpec, Loader
 from fasttrain.data.sources import Split
 from fasttrain.tasks.base import Task, TrainState
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ClassifyTask"]
 
@@ -34,6 +38,7 @@ class ClassifyTask(Task):
     def __init__(self, cfg, runtime, source):
         super().__init__(cfg, runtime, source)
         self._mix: Any = None
+        self._erase: Any = None
 
     def batch_mix(self) -> Any:
         """MixUp / CutMix (torchvision.transforms.v2) over a device batch, or None when both are off. The mixing
@@ -68,6 +73,12 @@ class ClassifyTask(Task):
 
     def train_phases(self, state: TrainState, batch: Batch):
         x, y = batch.inputs, batch.targets
+        if self.cfg.task.random_erasing > 0:
+            if self._erase is None:
+                from fasttrain.timm_support import random_erasing
+
+                self._erase = random_erasing(self.cfg.task.random_erasing, x.device)
+            x = self._erase(x.clone())  # in place on a copy: the batch may be reused (the cache, a retry)
         mix = self.batch_mix()
         if mix is not None:  # soft targets: a mix of two labels per sample
             x, y = mix(x, y)
@@ -96,6 +107,26 @@ class ClassifyTask(Task):
         if logits.shape[1] > 5:
             out["acc5"] = (logits.topk(5, dim=1).indices == y[:, None]).any(1).sum()
         return out
+
+    def on_run_end(self, state: TrainState, run_dir: Path | None, val_loader: Loader, weights: str) -> None:
+        """Per-class accuracy and the confusion matrix over the validation split: confusion.json and
+        confusion.png in the run folder, and the per-class accuracies in the log."""
+        from fasttrain.tasks.confusion import confusion_matrix, confusion_report, write_confusion
+
+        state.train(False)
+        try:
+            matrix = confusion_matrix(state.local["model"], val_loader, self.num_outputs, self.runtime.autocast)
+        finally:
+            state.train(True)
+        names = list(self.source.class_names) if self.source and self.source.class_names else []
+        names = names if len(names) == self.num_outputs else [str(i) for i in range(self.num_outputs)]
+        report = confusion_report(matrix, names, split="val", weights=weights)
+        if run_dir is None:
+            return
+        js, png = write_confusion(run_dir, report)
+        ranked = sorted(((v, k) for k, v in report["per_class_accuracy"].items() if v is not None))
+        shown = ", ".join(f"{k} {v:.3f}" for v, k in ranked[:10]) + (" ..." if len(ranked) > 10 else "")
+        log.info("per-class val accuracy (%s), lowest first: %s | %s, %s", weights, shown, js.name, png.name)
 
     def synthetic_batch(self, batch_size: int, spec: InputSpec, train: bool = True) -> Batch:
         y = torch.randint(0, self.num_outputs, (batch_size,), device=spec.device)

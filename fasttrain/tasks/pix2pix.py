@@ -98,6 +98,7 @@ class Pix2PixTask(Task):
             width=c.model.width,
             dropout=c.model.dropout,
             pretrained=c.model.pretrained and not self.restoring,
+            drop_path_rate=c.model.drop_path_rate,
         )
         self.load_initial_weights(gen, "generator")
         disc = build_model(

@@ -1,0 +1,198 @@
+"""What a run does with a monitored metric besides best.pt: early stopping and the top-k checkpoints.
+
+Both see each epoch record (:meth:`update`) before ``last.pt`` is written, and both keep their state in every
+checkpoint (:meth:`state_dict`), so a resumed run counts on where it stopped and deletes only the top-k files
+it wrote itself. Which direction is better comes from the metric (accuracy and PSNR up, losses down).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fasttrain.checkpoint import CheckpointManager
+    from fasttrain.config import TrainConfig
+    from fasttrain.data.base import Loader
+    from fasttrain.tasks import Task, TrainState
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EarlyStopping", "TopK", "improved", "direction", "monitors", "use_best", "test_metrics"]
+
+
+def direction(metric: str, task_metric: str = "", task_mode: str = "min") -> str:
+    """max for accuracies and PSNR, min for losses and errors; the task's own mode for its default metric."""
+    if metric == task_metric:
+        return task_mode
+    return "max" if any(k in metric for k in ("acc", "psnr")) else "min"
+
+
+def improved(mode: str, new: float, old: float | None, min_delta: float = 0.0) -> bool:
+    """Whether ``new`` beats ``old`` by more than ``min_delta`` in direction ``mode``; NaN never does."""
+    if math.isnan(new):
+        return False
+    if old is None or math.isnan(old):
+        return True
+    return new > old + min_delta if mode == "max" else new < old - min_delta
+
+
+class EarlyStopping:
+    """Stop when ``metric`` has not improved by more than ``min_delta`` for ``patience`` evaluations in a row
+    (as Lightning's ``EarlyStopping``); ``patience`` 0 never stops. ``reason`` says why it stopped."""
+
+    def __init__(self, metric: str, mode: str, patience: int, min_delta: float = 0.0):
+        self.metric, self.mode, self.patience, self.min_delta = metric, mode, patience, min_delta
+        self.best: float | None = None
+        self.best_epoch = 0
+        self.wait = 0
+        """Evaluations in a row without improvement."""
+        self.reason = ""
+
+    @property
+    def stopped(self) -> bool:
+        return self.patience > 0 and self.wait >= self.patience
+
+    def update(self, record: dict[str, Any]) -> bool:
+        """Take an epoch record (epochs without the metric, i.e. not evaluated, do not count); True: stop now."""
+        value = record.get(self.metric)
+        if self.patience <= 0 or value is None:
+            return False
+        if improved(self.mode, value, self.best, self.min_delta):
+            self.best, self.best_epoch, self.wait = value, int(record["epoch"]), 0
+            return False
+        self.wait += 1
+        if self.stopped:
+            delta = f" by more than {self.min_delta:g}" if self.min_delta else ""
+            self.reason = (
+                f"early stop after epoch {record['epoch']}: {self.metric} has not improved{delta} for "
+                f"{self.wait} evaluations (best {self.best:.4g} at epoch {self.best_epoch}; "
+                f"train.early_stop_patience = {self.patience})"
+                if self.best is not None
+                else f"early stop after epoch {record['epoch']}: {self.metric} was not finite for {self.wait} "
+                f"evaluations (train.early_stop_patience = {self.patience})"
+            )
+        return self.stopped
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "wait": self.wait,
+            "reason": self.reason,
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sd.get("metric") != self.metric:  # another metric: its count says nothing about this one
+            return
+        self.best, self.best_epoch, self.wait = sd.get("best"), int(sd.get("best_epoch", 0)), int(sd.get("wait", 0))
+        self.reason = str(sd.get("reason", "")) if self.stopped else ""
+
+
+class TopK:
+    """Keep the ``k`` best checkpoints by ``metric`` as ``checkpoints/epoch=E-<metric>=V.pt``; a file that
+    drops out of the k is deleted, but only one this run wrote (its name is in the list the checkpoints carry),
+    and a name already taken by another file is never written over (``-v2`` is appended)."""
+
+    def __init__(self, folder: Path, metric: str, mode: str, k: int):
+        self.folder, self.metric, self.mode, self.k = Path(folder), metric, mode, k
+        self.kept: list[dict[str, Any]] = []
+        """{"file", "value", "epoch"} of the checkpoints kept, best first."""
+
+    def wants(self, value: float | None) -> bool:
+        if self.k <= 0 or value is None or math.isnan(value):
+            return False
+        return len(self.kept) < self.k or improved(self.mode, value, self.kept[-1]["value"])
+
+    def name_for(self, epoch: int, value: float) -> str:
+        mine = {e["file"] for e in self.kept}
+        stem, n = f"epoch={epoch}-{self.metric}={value:.4f}", 1
+        name = f"{stem}.pt"
+        while (self.folder / name).exists() and name not in mine:
+            n += 1
+            name = f"{stem}-v{n}.pt"
+        return name
+
+    def add(self, name: str, epoch: int, value: float) -> list[Path]:
+        """Record a written checkpoint; delete the ones beyond k (this run's only); returns those deleted."""
+        self.kept = [e for e in self.kept if e["file"] != name]
+        self.kept.append({"file": name, "value": value, "epoch": epoch})
+        return self._prune()
+
+    def _prune(self) -> list[Path]:
+        # best first; among equals the earlier epoch stays (as an improvement must be strict)
+        sign = -1.0 if self.mode == "max" else 1.0
+        self.kept.sort(key=lambda e: (sign * e["value"], e["epoch"]))
+        removed = []
+        for e in self.kept[self.k :]:
+            path = self.folder / e["file"]
+            try:
+                path.unlink()
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                log.warning("cannot delete %s (no longer among the top %d): %s", path, self.k, err)
+        self.kept = self.kept[: self.k]
+        return removed
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "kept": [dict(e) for e in self.kept]}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        if sd.get("metric") != self.metric:
+            return
+        self.kept = [
+            {"file": str(e["file"]), "value": float(e["value"]), "epoch": int(e["epoch"])}
+            for e in sd.get("kept", [])
+            if "/" not in str(e.get("file", "/")) and "\\" not in str(e.get("file", "\\"))
+        ]
+        if self.k > 0:
+            self._prune()  # a resume with a smaller train.save_top_k
+
+
+def monitors(
+    tc: TrainConfig, folder: Path, best_metric: str, best_mode: str, is_main: bool
+) -> tuple[EarlyStopping, TopK]:
+    """Early stopping (on every process: they all see the same all-reduced values and stop together) and the
+    top-k keeper (on the process that writes files) a run's config asks for."""
+    metric = tc.early_stop_metric or best_metric
+    mode = best_mode if metric == best_metric else direction(metric)
+    return (
+        EarlyStopping(metric, mode, tc.early_stop_patience, tc.early_stop_min_delta),
+        TopK(folder, best_metric, best_mode, tc.save_top_k if is_main else 0),
+    )
+
+
+def use_best(task: Task, state: TrainState, ckpts: CheckpointManager) -> str:
+    """Load best.pt's weights (and averages) into ``state`` where the run has one; returns which weights
+    ``state`` now holds, for the log and the reports (best.pt and its epoch, or the final weights)."""
+    from fasttrain import distributed
+    from fasttrain.checkpoint import load_checkpoint
+
+    best = ckpts.dir / "best.pt"
+    distributed.barrier()  # rank 0 wrote best.pt: every process reads the finished file
+    if ckpts.best_value is None or not best.is_file():
+        return f"final weights, epoch {state.epoch}"
+    saved = load_checkpoint(best, map_location=task.runtime.device)["state"]
+    for name, module in state.modules.items():
+        module.load_state_dict(saved["modules"][name])
+    for name, ema in state.ema.items():
+        if name in (saved.get("ema") or {}):
+            ema.load_state_dict(saved["ema"][name])
+    return f"best.pt, epoch {saved['epoch']}, {ckpts.best_metric} {ckpts.best_value:.4g}"
+
+
+def test_metrics(task: Task, state: TrainState, loader: Loader, weights: str) -> dict[str, float]:
+    """The test split's metrics with the weights in ``state`` (``weights`` says which, in the log)."""
+    from fasttrain.engine import evaluate
+    from fasttrain.metrics import fmt_metrics
+
+    metrics = {f"test_{k}": v for k, v in evaluate(task, state, loader).items()}
+    if state.ema:
+        metrics.update({f"test_ema_{k}": v for k, v in evaluate(task, state, loader, ema=True).items()})
+    log.info("test (%s): %s", weights, fmt_metrics(metrics))
+    return metrics

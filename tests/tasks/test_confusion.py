@@ -1,0 +1,43 @@
+"""A classifier's per-class accuracy and confusion matrix: confusion.json and confusion.png for best.pt's weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from tinyrun import tiny_cfg
+
+from fasttrain.engine import train
+from fasttrain.tasks.confusion import confusion_report
+
+
+def test_confusion_report_reads_rows_as_true_classes():
+    m = torch.tensor([[3, 1, 0], [0, 0, 0], [2, 0, 4]])
+    r = confusion_report(m, ["a", "b", "c"], split="val", weights="w")
+    assert r["per_class_accuracy"] == {"a": 0.75, "b": None, "c": pytest.approx(4 / 6, abs=1e-6)}
+    assert r["accuracy"] == 0.7 and r["samples"] == 10 and r["matrix"][2] == [2, 0, 4]
+
+
+def test_a_classifier_run_writes_its_confusion_matrix_for_best_pt(shapes_root, tmp_path, caplog):
+    def spoil_final(state, record):  # after the last checkpoint: only best.pt's weights score as logged
+        if record["epoch"] == 2:
+            with torch.no_grad():
+                for p in state.modules["model"].parameters():
+                    p.zero_()
+
+    with caplog.at_level("INFO", logger="fasttrain"):
+        result = train(tiny_cfg(shapes_root, tmp_path, epochs=2, max_steps=8), progress=False, on_epoch_end=spoil_final)
+    report = json.loads((result.run_dir / "confusion.json").read_text())
+    best = max(result.history, key=lambda r: r["val_acc"])
+    assert report["classes"] == ["circle", "square", "triangle"] and report["split"] == "val"
+    assert report["weights"].startswith(f"best.pt, epoch {best['epoch']}")
+    m = torch.tensor(report["matrix"])
+    assert m.sum(1).tolist() == [20, 20, 20]  # rows: the val images of each true class
+    assert report["accuracy"] == pytest.approx(best["val_acc"], abs=1e-6)
+    for i, name in enumerate(report["classes"]):
+        assert report["per_class_accuracy"][name] == pytest.approx(float(m[i, i]) / 20, abs=1e-6)
+    with Image.open(result.run_dir / "confusion.png") as png:
+        assert png.format == "PNG" and png.size[0] > 200
+    assert "per-class val accuracy (best.pt, epoch" in caplog.text
