@@ -306,6 +306,11 @@ class CheckpointManager:
         self.cfg, self.task, self.state = cfg, task, state
         self.best_metric = best_metric
         self.best_value: float | None = None
+        self.weights = "ema" if getattr(state, "ema", None) else "raw"
+        """Which weights predict uses from the next checkpoint: ``raw`` or ``ema`` (the moving average); with an
+        EMA, whichever validated better at the last evaluation (the average until one has)."""
+        self.best_weights = self.weights
+        """``weights`` when best.pt was written."""
         self.enabled = enabled
         self.saved_at = "none yet"
         """What last.pt holds (for messages)."""
@@ -323,6 +328,8 @@ class CheckpointManager:
             "meta": self.task.checkpoint_meta(),
             "best_metric": self.best_metric,
             "best_value": self.best_value,
+            "weights": self.weights,
+            "best_weights": self.best_weights,
             "position": position,
             "running": running,
         }
@@ -343,6 +350,7 @@ class CheckpointManager:
         return True
 
     def save_best(self) -> None:
+        self.best_weights = self.weights
         if self.enabled:
             save_checkpoint(self.dir / "best.pt", self.payload())
 
@@ -357,6 +365,9 @@ class CheckpointManager:
             ) from None
         set_rng_state(ckpt["rng"])
         self.best_value = ckpt.get("best_value")
+        if self.state.ema and ckpt["state"].get("ema"):  # else: the defaults (EMA turned on or off at resume)
+            self.weights = ckpt.get("weights") or "ema"
+            self.best_weights = ckpt.get("best_weights") or "ema"
         self.saved_at = f"epoch {self.state.epoch}, step {self.state.step}"
         position = ckpt.get("position")
         if position and position["epoch"] == self.state.epoch:

@@ -47,7 +47,7 @@ def optimizer_step(state: TrainState, name: str, grad_clip: float) -> None:
     optimizer.zero_grad(set_to_none=True)
     ema = state.ema.get(name)
     if ema is not None:
-        ema.update_parameters(state.modules[name])
+        ema.update(state.modules[name])
 
 
 def run_step(
