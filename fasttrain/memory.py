@@ -287,14 +287,27 @@ def load_cuda_libraries(device: torch.device | str) -> None:
 
 
 # -- the per-process cap --------------------------------------------------------------------------------------
+_FRACTIONS_SET: dict[int | None, float] = {}
+"""The caps :func:`set_memory_fraction` set, by device index: what :func:`get_memory_fraction` answers on a
+torch without ``torch.cuda.get_per_process_memory_fraction`` (added after 2.4, the floor pyproject declares)."""
+
+
 def get_memory_fraction(device: torch.device | str) -> float:
-    """The caching allocator's per-process cap on ``device`` as a share of its total (1.0 when never set)."""
-    return float(torch.cuda.get_per_process_memory_fraction(_device(device)))
+    """The caching allocator's per-process cap on ``device`` as a share of its total (1.0 when never set). On a
+    torch that cannot read it back: the last cap fasttrain set (a cap set outside fasttrain is not seen)."""
+    dev = _device(device)
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if getter is None:
+        return _FRACTIONS_SET.get(dev.index, 1.0)
+    return float(getter(dev))
 
 
 def set_memory_fraction(device: torch.device | str, fraction: float) -> None:
     """Cap torch's allocator on ``device`` at ``fraction`` of the device's total (clamped to 0..1)."""
-    torch.cuda.set_per_process_memory_fraction(float(min(1.0, max(0.0, fraction))), _device(device))
+    dev = _device(device)
+    fraction = float(min(1.0, max(0.0, fraction)))
+    torch.cuda.set_per_process_memory_fraction(fraction, dev)
+    _FRACTIONS_SET[dev.index] = fraction
 
 
 @contextlib.contextmanager
