@@ -300,7 +300,8 @@ def evaluate(task: Task, state: TrainState, loader: Loader, *, ema: bool = False
         state.train(True)
         if ema and swapped is not None:
             state.local[name] = swapped
-    return task.eval_metrics(_read(distributed.all_reduce_sums(sums)))
+    # device=: a process whose shard had no samples (or only unreadable ones) still joins the all-reduce.
+    return task.eval_metrics(_read(distributed.all_reduce_sums(sums, device=task.runtime.device)))
 
 
 def best_candidate(record: dict[str, Any], metric: str, mode: str, ema: bool) -> tuple[float | None, str | None]:

@@ -79,3 +79,27 @@ def test_ddp_steps_keep_the_gradients_as_bucket_views(tmp_path):
         assert where[1] == where[2] == where[3]  # the same bucket views every step (from the second on: torch's note)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_an_evaluation_shard_with_no_samples_still_joins_the_all_reduce(monkeypatch):
+    """With fewer validation samples than processes a rank has no sums: it returned without the collective and
+    the others waited for the 30-minute timeout. With device= every rank agrees on the keys and reduces."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(D, "current", lambda: D.DistInfo(rank=1, world_size=2, local_world_size=2))
+    reduced = []
+
+    def all_gather_object(out, obj):
+        out[:] = [["correct", "count", "loss"], obj]  # rank 0 evaluated samples; this rank's keys last
+
+    def all_reduce(t, op=None):
+        reduced.append(t.clone())
+        t += torch.tensor([3.0, 2.0, 0.5])  # what rank 0 adds (keys in sorted order)
+
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    out = D.all_reduce_sums({}, device=torch.device("cpu"))
+    assert len(reduced) == 1 and reduced[0].tolist() == [0.0, 0.0, 0.0]  # took part, with zeros
+    assert {k: v.item() for k, v in out.items()} == {"correct": 3.0, "count": 2.0, "loss": 0.5}
+    out = D.all_reduce_sums({"loss": torch.tensor(1.0)}, device=torch.device("cpu"))  # some keys missing
+    assert reduced[1].tolist() == [0.0, 0.0, 1.0] and out["loss"].item() == 1.5

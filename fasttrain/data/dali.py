@@ -471,8 +471,12 @@ class DaliLoader:
         """Pipelines built so far: one for the loader's life, plus one per file that failed inside DALI."""
         readers = max(2, min(8, data.num_dali_threads // 4))  # reading is I/O: a few threads keep ahead
         self._feeder = _Feeder(self, readers=readers, ahead=data.prefetch + 1)
-        self._feeder.reset(self._key(self.sampler.epoch), 0)
         self._pipe: Any = None
+        if len(self.sampler) == 0:
+            # Evaluation on a shard with no samples (fewer images than processes): this process yields no batch,
+            # builds no pipeline, and its evaluation still joins the others' all-reduce with zero sums.
+            return
+        self._feeder.reset(self._key(self.sampler.epoch), 0)
         self._build()  # fail here, not at the first step, if DALI cannot run this graph
 
     # -- the loader contract -----------------------------------------------------------------------------
@@ -500,6 +504,8 @@ class DaliLoader:
             self.close()
 
     def __iter__(self) -> Iterator[Batch]:
+        if len(self.sampler) == 0:  # an evaluation shard with no samples
+            return
         epoch, start, self._start = self.sampler.epoch, self._start, 0
         self._bad.start_epoch(epoch if self.train else ("pass", self._passes))
         self._passes += 1

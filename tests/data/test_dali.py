@@ -227,6 +227,25 @@ def test_eval_output_matches_the_torch_path(mixed, channels, channels_last):
 
 
 @needs_dali
+def test_an_evaluation_shard_with_no_samples_yields_nothing_instead_of_raising(mixed):
+    """Fewer validation images than processes: the empty shard raised alone (none decoded) while the other
+    ranks went on to the all-reduce and waited. It yields no batch; the shards together still cover each once."""
+    data = DataConfig(image_size=32)
+    seen = []
+    for shard in range(4):
+        loader = DaliLoader(
+            split_of(mixed[:2]), data, spec_for(data), batch_size=5, train=False, seed=0, num_shards=4, shard_id=shard
+        )
+        try:
+            batches = list(loader)
+            assert len(loader) == len(batches) == (1 if shard < 2 else 0)
+            seen += [t for b in batches for t in b.targets.tolist()]
+        finally:
+            loader.close()
+    assert sorted(seen) == [0, 1]
+
+
+@needs_dali
 def test_eval_matches_the_torch_path_on_imagenette(tmp_path_factory, shared_extractor):
     root = shared_extractor(
         "imagenette224",
