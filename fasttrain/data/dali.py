@@ -102,6 +102,25 @@ def dali_padding_bytes(data: DataConfig) -> tuple[int, int]:
     return threads * _DEVICE_MEMORY_PADDING, threads * 2 * _HOST_MEMORY_PADDING
 
 
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+"""torch.compile modes that capture CUDA graphs. A DALI batch shared through DLPack is freed by DALI's
+background thread, which calls ``cudaDeviceSynchronize()``; while torch captures a graph on that device this is
+an invalid operation, raised inside a ``std::thread`` -> ``std::terminate`` (NVIDIA/DALI#3703's class; DALI
+later retries such frees, NVIDIA/DALI#6259, but which releases have it is not checked here). In these modes the
+GPU loader copies each batch into a torch-owned tensor instead (``copy_to_external`` on torch's stream): one
+device-to-device copy of the batch per step, no DALI memory in torch's hands."""
+
+
+def copy_to_torch(dali_tensor, device: torch.device) -> torch.Tensor:
+    """A dense DALI GPU tensor copied into a new torch tensor on ``device``, on torch's current stream (ordered
+    after DALI's work, which :func:`output_stream` bound to that stream; no host wait)."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    out = torch.empty(dali_tensor.shape(), dtype=to_torch_type[dali_tensor.dtype], device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    return feed_ndarray(dali_tensor, out, cuda_stream=stream)
+
+
 def output_stream(device_id: int | None, device: torch.device):
     """The CUDA stream DALI binds its outputs to: torch's current stream on the loader's device, so handing a
     batch over enqueues a wait instead of blocking the Python thread; None (host-synchronous) in CPU-only mode."""
@@ -407,6 +426,7 @@ class DaliLoader:
         shard_id: int = 0,
         num_shards: int = 1,
         device_id: int | None = None,
+        copy_outputs: bool = False,
     ):
         ok, why = dali_status()
         if not ok:
@@ -423,6 +443,9 @@ class DaliLoader:
         self.data, self.spec, self.train, self.seed = data, spec, train, seed
         self.batch_size = batch_size
         self.device_id = device_id
+        self.copy_outputs = copy_outputs
+        """Copy each GPU batch into a torch-owned tensor instead of sharing DALI's through DLPack (see
+        :data:`CUDA_GRAPH_COMPILE_MODES`)."""
         self.shard_id, self.num_shards = shard_id, num_shards
         self._rrc = train and self.kind == "class" and data.random_resized_crop
         self._flip = train and self.kind != "vector" and data.hflip
@@ -807,11 +830,14 @@ class DaliLoader:
     def _to_torch(self, tensor_list) -> torch.Tensor:
         """Zero-copy DLPack view of a dense DALI batch (the dynamic executor does not recycle output buffers:
         the memory lives as long as the torch tensor). On the GPU the outputs are already bound to torch's
-        current stream (:func:`output_stream`), so taking them enqueues no host wait."""
+        current stream (:func:`output_stream`), so taking them enqueues no host wait. ``copy_outputs``: a copy
+        into a tensor torch allocated, on torch's current stream, and no DLPack capsule at all."""
         t = tensor_list.as_tensor()
         if self.device_id is None:
             return torch.from_dlpack(t)
         with torch.cuda.device(self.device_id):
+            if self.copy_outputs:
+                return copy_to_torch(t, torch.device("cuda", self.device_id))
             return torch.from_dlpack(t)
 
     def _finish_images(self, x: torch.Tensor) -> torch.Tensor:
@@ -840,6 +866,8 @@ def build(
     """The DALI backend for any request: GPU decode on the inputs' CUDA device (the process's local rank under
     torchrun), the CPU-only mode otherwise; ``shard_id`` is the global rank."""
     device_id = (spec.device.index or 0) if spec.device.type == "cuda" else None
+    rt = cfg.runtime
+    graphs = rt.compile != "off" and rt.compile_mode in CUDA_GRAPH_COMPILE_MODES  # compile=auto is on for CUDA
     return DaliLoader(
         samples,
         cfg.data,
@@ -850,4 +878,5 @@ def build(
         shard_id=shard_id,
         num_shards=num_shards,
         device_id=device_id,
+        copy_outputs=graphs and device_id is not None,
     )

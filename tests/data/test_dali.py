@@ -205,6 +205,61 @@ def test_decoder_padding_is_per_thread_and_outputs_follow_torchs_stream(monkeypa
     assert output_stream(0, torch.device("cuda", 0)) == "torch-stream" and asked == [torch.device("cuda", 0)]
 
 
+@pytest.mark.parametrize(
+    "compile, mode, device, copies",
+    [
+        ("auto", "reduce-overhead", "cuda", True),
+        ("on", "max-autotune", "cuda", True),
+        ("auto", "default", "cuda", False),
+        ("auto", "max-autotune-no-cudagraphs", "cuda", False),
+        ("off", "reduce-overhead", "cuda", False),
+        ("auto", "reduce-overhead", "cpu", False),  # CPU-only DALI: its batches are copied to the device anyway
+    ],
+)
+def test_cuda_graph_compile_modes_get_torch_owned_batches(monkeypatch, compile, mode, device, copies):
+    """DALI frees a DLPack-shared batch from a background thread with cudaDeviceSynchronize(), fatal while torch
+    captures a CUDA graph: in the graph-capturing modes the GPU loader copies batches into torch's memory."""
+    import fasttrain.data.dali as dali_mod
+    from fasttrain.config import Config, apply_overrides
+
+    made = {}
+    monkeypatch.setattr(dali_mod, "DaliLoader", lambda *a, **k: made.update(k))
+    cfg = apply_overrides(Config(), [f"runtime.compile={compile}", f"runtime.compile_mode={mode}"])
+    spec = InputSpec(torch.device(device, 0), torch.float16, True, (0.5,) * 3, (0.5,) * 3)
+    dali_mod.build(None, cfg, spec, train=True, batch_size=4)
+    assert made["copy_outputs"] is copies
+
+
+@needs_dali
+def test_copy_to_torch_gives_a_torch_owned_copy():
+    from nvidia.dali.backend import TensorCPU
+
+    from fasttrain.data.dali import copy_to_torch
+
+    src = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    dali_tensor = TensorCPU(src)
+    out = copy_to_torch(dali_tensor, torch.device("cpu"))
+    assert out.dtype == torch.uint8 and out.tolist() == src.tolist()
+    assert out.data_ptr() != dali_tensor.data_ptr()  # its own memory, no view of DALI's
+
+
+@pytest.mark.gpu
+@needs_dali
+def test_dali_batches_feed_a_reduce_overhead_compiled_step(mixed):
+    """The first GPU run confirms it: CUDA-graph capture with DALI batches, several steps, no terminate."""
+    data = DataConfig(image_size=32)
+    spec = spec_for(data, dtype=torch.float16, channels_last=True, device="cuda:0")
+    loader = DaliLoader(split_of(mixed), data, spec, batch_size=4, train=True, seed=0, device_id=0, copy_outputs=True)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 23)).cuda().half()
+    step = torch.compile(model, mode="reduce-overhead")
+    try:
+        for _ in range(3):
+            for batch in loader:
+                step(batch.inputs).float().sum().item()
+    finally:
+        loader.close()
+
+
 # -- CPU-only DALI --------------------------------------------------------------------------------------------
 
 
