@@ -44,6 +44,7 @@ __all__ = [
     "outside_torch_bytes",
     "load_cuda_libraries",
     "get_memory_fraction",
+    "release_dali_pools",
     "set_memory_fraction",
     "memory_fraction",
 ]
@@ -185,9 +186,22 @@ def reserved_bytes(device: torch.device | str | None) -> int | None:
     return int(torch.cuda.memory_reserved(dev)) if dev.type == "cuda" else None
 
 
+def release_dali_pools() -> None:
+    """Hand back what DALI's device and pinned-host pools keep after its pipelines were closed: closing a
+    pipeline returns its buffers to those pools, not to the driver, so a later reading (an autotune trial, a
+    verification, a run after ``autotune()`` in the same process) would count or hold them. A no-op when DALI
+    was never imported (nothing is imported here)."""
+    backend = sys.modules.get("nvidia.dali.backend")
+    release = getattr(backend, "ReleaseUnusedMemory", None)
+    if release is not None:
+        release()
+
+
 def free_device_memory(device: torch.device | str | None) -> None:
-    """After dropping references: collect reference cycles, then hand torch's cached blocks back (CUDA)."""
+    """After dropping references: collect reference cycles, then hand torch's cached blocks back (CUDA), and
+    DALI's pooled memory (:func:`release_dali_pools`)."""
     gc.collect()
+    release_dali_pools()
     dev = _device(device)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

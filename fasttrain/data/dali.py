@@ -517,9 +517,13 @@ class DaliLoader:
         self._start = n
 
     def close(self) -> None:
-        """Shut the pipeline and the readers down (tensors already handed out stay valid)."""
+        """Shut the pipeline and the readers down (tensors already handed out stay valid), and hand the memory
+        DALI's pools kept from it back to the driver."""
         self._drop_pipeline()
         self._feeder.close()
+        from fasttrain.memory import release_dali_pools
+
+        release_dali_pools()
 
     def __del__(self) -> None:
         # A loader dropped without close() releases its pipeline and threads here, in the process that owns them.

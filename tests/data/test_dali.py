@@ -231,6 +231,44 @@ def test_cuda_graph_compile_modes_get_torch_owned_batches(monkeypatch, compile, 
 
 
 @needs_dali
+def test_closing_a_loader_hands_dalis_pooled_memory_back(mixed, monkeypatch):
+    """A closed pipeline's buffers went back to DALI's pools, not to the driver: autotune's later loader trials
+    under-measured DALI, and a run after autotune() in one process trained with that memory held."""
+    import nvidia.dali.backend as dali_backend
+
+    from fasttrain import memory
+
+    calls = []
+    monkeypatch.setattr(dali_backend, "ReleaseUnusedMemory", lambda: calls.append("release"))
+    data = DataConfig(image_size=32)
+    loader = DaliLoader(split_of(mixed[:4]), data, spec_for(data), batch_size=2, train=False, seed=0)
+    list(loader)
+    assert calls == []
+    loader.close()
+    assert calls == ["release"]
+    memory.free_device_memory("cpu")  # what every autotune reading starts from
+    assert calls == ["release", "release"]
+
+
+@pytest.mark.gpu
+@needs_dali
+def test_a_closed_gpu_loader_leaves_its_decoder_memory_with_the_driver(mixed):
+    """Four decoder threads pad ~800 MiB of device memory; once the loader is closed it must be gone."""
+    from fasttrain import memory
+
+    dev = torch.device("cuda", 0)
+    torch.cuda.synchronize(dev)
+    before = memory.device_memory(dev).used_bytes
+    data = DataConfig(image_size=32, dali_threads=4)
+    spec = spec_for(data, dtype=torch.float16, device="cuda:0")
+    loader = DaliLoader(split_of(mixed), data, spec, batch_size=4, train=True, seed=0, device_id=0)
+    list(loader)
+    loader.close()
+    memory.free_device_memory(dev)
+    assert memory.device_memory(dev).used_bytes - before < 256 * memory.MIB
+
+
+@needs_dali
 def test_copy_to_torch_gives_a_torch_owned_copy():
     from nvidia.dali.backend import TensorCPU
 
