@@ -96,10 +96,11 @@ def dali_status() -> tuple[bool, str]:
     return True, f"DALI {dali.__version__}"
 
 
-def dali_padding_bytes(data: DataConfig) -> tuple[int, int]:
-    """(device, pinned host) bytes the GPU training pipeline's decoder preallocates outside torch's allocator."""
+def dali_padding_bytes(data: DataConfig, decoders: int = 1) -> tuple[int, int]:
+    """(device, pinned host) bytes the GPU training pipeline's ``decoders`` preallocate outside torch's allocator
+    (each padded decoder per thread: pix2pix's paired files have two, see :attr:`DaliLoader.decoders`)."""
     threads = max(1, data.num_dali_threads)
-    return threads * _DEVICE_MEMORY_PADDING, threads * 2 * _HOST_MEMORY_PADDING
+    return decoders * threads * _DEVICE_MEMORY_PADDING, decoders * threads * 2 * _HOST_MEMORY_PADDING
 
 
 CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
@@ -823,6 +824,11 @@ class DaliLoader:
                 pipe.set_outputs(fn.crop_mirror_normalize(images, **normalize, **crop), index)
         pipe.build()
         return pipe
+
+    @property
+    def decoders(self) -> int:
+        """Image decoders in the pipeline: two for pairs in separate files (a and b), else one."""
+        return 2 if self.kind == "pair" and not self._side_by_side else 1
 
     def _dali_dtype(self, types):
         # DALI has no bfloat16: fp16 on the GPU (half the bytes, fp16 holds normalized pixels more precisely

@@ -199,6 +199,7 @@ def test_decoder_padding_is_per_thread_and_outputs_follow_torchs_stream(monkeypa
     memory a run reserves grows with the thread count), and outputs are bound to torch's current stream."""
     assert dali_padding_bytes(DataConfig(dali_threads=1)) == (211_025_920, 2 * 140_544_512)
     assert dali_padding_bytes(DataConfig(dali_threads=6)) == (6 * 211_025_920, 12 * 140_544_512)
+    assert dali_padding_bytes(DataConfig(dali_threads=6), decoders=2) == (12 * 211_025_920, 24 * 140_544_512)
     assert output_stream(None, torch.device("cpu")) is None  # CPU-only mode: host-synchronous outputs
     asked = []
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: asked.append(device) or "torch-stream")
@@ -266,6 +267,22 @@ def test_a_closed_gpu_loader_leaves_its_decoder_memory_with_the_driver(mixed):
     loader.close()
     memory.free_device_memory(dev)
     assert memory.device_memory(dev).used_bytes - before < 256 * memory.MIB
+
+
+@needs_dali
+def test_a_pair_in_two_files_counts_two_padded_decoders(tmp_path, mixed):
+    from fasttrain.data.samples import Samples
+
+    data = DataConfig(image_size=32)
+    pair = Samples(Split("train", mixed[:4], mixed[4:8]), "pair")
+    loader = DaliLoader(pair, data, spec_for(data), batch_size=2, train=False, seed=0)
+    try:
+        assert loader.decoders == 2
+    finally:
+        loader.close()
+    single = DaliLoader(split_of(mixed[:4]), data, spec_for(data), batch_size=2, train=False, seed=0)
+    single.close()
+    assert single.decoders == 1
 
 
 @needs_dali
