@@ -15,7 +15,8 @@ augmentation: torchvision's random-resized-crop window (decoded as a region of i
 generator seeded by (seed, epoch, index) exactly as the torch loader draws them (pairs: the
 :func:`~fasttrain.data.samples.pair_jitter` window and flip). So a batch does not depend on
 what the pipeline ran before it: resuming mid-epoch (:meth:`DaliLoader.skip_batches`) gives bit-identical
-batches, and training crops are the torch loader's windows (the pixels differ by resampling only). The feeder
+batches, and training crops are the torch loader's windows (the pixels differ by resampling only, and on the
+GPU by nvJPEG's IDCT: chroma is upsampled as libjpeg-turbo does, see :func:`decoder_args`). The feeder
 reads files ahead with threads and plans across epoch boundaries (epoch e+1 after e; an evaluation pass after
 the last), so the next epoch starts decoding while the current one ends. Asked for anything else (another
 epoch, a resumed position, a pass abandoned halfway) it drops what it decoded ahead and starts there.
@@ -66,6 +67,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "dali_status",
     "dali_padding_bytes",
+    "decoder_args",
     "DaliLoader",
     "output_stream",
     "rrc_window",
@@ -94,6 +96,26 @@ def dali_status() -> tuple[bool, str]:
     except Exception as e:  # noqa: BLE001 - ImportError, or a broken install failing to load its libraries
         return False, f"nvidia.dali does not import: {type(e).__name__}: {e}"
     return True, f"DALI {dali.__version__}"
+
+
+def decoder_args(data: DataConfig, types: Any, *, gpu: bool, padded: bool) -> dict[str, Any]:
+    """The arguments of every ``fn.decoders.image`` / ``image_slice`` of a pipeline (``types``: DALI's module).
+
+    ``jpeg_fancy_upsampling`` on the GPU: DALI's ``mixed`` decoder otherwise upsamples 4:2:0 chroma its own way,
+    while Pillow (the torch loader, the cache, ``predict``) and DALI's CPU decoder use libjpeg-turbo's fancy
+    upsampling, so GPU-decoded JPEGs would differ from what every other path, and prediction, sees. Its cost
+    (it may keep some JPEGs off the hardware decoder) has not been measured on a GPU yet."""
+    decode: dict[str, Any] = dict(
+        device="mixed" if gpu else "cpu",
+        adjust_orientation=False,  # PIL (the torch backend) ignores EXIF rotation too: the same pixels
+        output_type=types.RGB if data.channels == 3 else types.GRAY,
+    )
+    if gpu:
+        decode["hw_decoder_load"] = data.hw_decoder_load
+        decode["jpeg_fancy_upsampling"] = True
+        if padded:  # per decoder thread, as DALI documents them (see _DEVICE_MEMORY_PADDING)
+            decode.update(device_memory_padding=_DEVICE_MEMORY_PADDING, host_memory_padding=_HOST_MEMORY_PADDING)
+    return decode
 
 
 def dali_padding_bytes(data: DataConfig, decoders: int = 1) -> tuple[int, int]:
@@ -763,18 +785,7 @@ class DaliLoader:
                 )
             )
             encoded = nodes["encoded"]
-            # adjust_orientation=False: PIL (the torch backend) ignores EXIF rotation too, so both see the same pixels.
-            decode: dict[str, Any] = dict(
-                device="mixed" if gpu else "cpu",
-                adjust_orientation=False,
-                output_type=types.RGB if d.channels == 3 else types.GRAY,
-            )
-            if gpu:
-                decode["hw_decoder_load"] = d.hw_decoder_load
-                if padded:  # per decoder thread, as DALI documents them (see _DEVICE_MEMORY_PADDING)
-                    decode.update(
-                        device_memory_padding=_DEVICE_MEMORY_PADDING, host_memory_padding=_HOST_MEMORY_PADDING
-                    )
+            decode = decoder_args(d, types, gpu=gpu, padded=padded)
             linear = dict(device=dev, interp_type=types.INTERP_LINEAR, antialias=True)
             normalize = dict(
                 device=dev,
