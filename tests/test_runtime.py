@@ -203,3 +203,12 @@ def test_a_cuda_runtime_makes_its_device_the_current_one(monkeypatch):
         lambda i: type("P", (), {"name": names[i], "total_memory": 2**30})(),
     )
     assert environment(torch.device("cuda", 1))["gpu"] == "GPU one"  # named by the run's device
+
+
+@pytest.mark.gpu
+def test_a_runtime_on_a_gpu_makes_it_current_and_decides_bf16_by_its_capability():
+    last = torch.cuda.device_count() - 1
+    rt = Runtime(RuntimeConfig(device=f"cuda:{last}"))
+    assert torch.cuda.current_device() == last
+    assert environment(rt.device)["gpu"] == torch.cuda.get_device_name(last)
+    assert (rt.precision.name == "bf16") == (torch.cuda.get_device_capability(last) >= (8, 0))

@@ -163,3 +163,22 @@ def test_resume_keeps_this_runs_fused_optimizer_and_its_scaler_works(run_dir, mo
     task.train_step(state, task.synthetic_batch(4, task.input_spec()))  # AssertionError without the fix
     assert any(not torch.equal(a, p) for a, p in zip(before, state.modules["model"].parameters()))
     assert all(s["step"].item() == 3 for s in opt.state.values())
+
+
+@pytest.mark.gpu
+def test_a_cpu_checkpoint_resumes_on_cuda_in_fp16(run_dir):
+    """The first step after resuming a foreach (CPU) checkpoint on CUDA's fused optimizer with fp16's scaler."""
+    from fasttrain.checkpoint import checkpoint_config
+    from fasttrain.runtime import runtime_for
+    from fasttrain.tasks import make_task
+
+    last = run_dir / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(last, resume=True)
+    cfg = apply_overrides(checkpoint_config(ckpt, last), ["runtime.device=cuda", "runtime.precision=fp16"])
+    task = make_task(cfg, runtime_for(cfg, compile="off"), None)
+    task.restoring = True
+    state = task.build_state()
+    state.load_state_dict({**ckpt["state"], "schedulers": {}})
+    assert all(g["fused"] for g in state.optimizers["model"].param_groups)
+    task.train_step(state, task.synthetic_batch(4, task.input_spec()))
+    torch.cuda.synchronize()
