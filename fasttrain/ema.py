@@ -42,6 +42,9 @@ class ModelEma:
         self.module = copy.deepcopy(model)
         for p in self.module.parameters():
             p.requires_grad_(False)
+        self._lists: tuple[int, tuple[list[torch.Tensor], ...]] | None = None
+        """(id of the model, its tensor lists): built once, not per step (optimizers and load_state_dict update
+        parameters and buffers in place, so the same objects stay the model's)."""
 
     def _tensors(self, model: nn.Module) -> tuple[list[torch.Tensor], ...]:
         """(averaged floats, model floats, averaged others, model others), in state_dict order."""
@@ -55,18 +58,22 @@ class ModelEma:
         new_o: list[torch.Tensor] = []
         for key, a in mine.items():
             b = theirs[key]
+            # The Parameter objects themselves, not detached views: a later ``param.data = ...`` (a move, a
+            # memory-format change) stays visible. update() runs under no_grad.
             if a.is_floating_point():
-                avg_f.append(a.detach())
-                new_f.append(b.detach())
+                avg_f.append(a)
+                new_f.append(b)
             else:
-                avg_o.append(a.detach())
-                new_o.append(b.detach())
+                avg_o.append(a)
+                new_o.append(b)
         return avg_f, new_f, avg_o, new_o
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """One step of the average towards ``model``'s current weights and buffers (all on the device)."""
-        avg_f, new_f, avg_o, new_o = self._tensors(model)
+        if self._lists is None or self._lists[0] != id(model):
+            self._lists = (id(model), self._tensors(model))
+        avg_f, new_f, avg_o, new_o = self._lists[1]
         if self.updates == 0:
             torch._foreach_copy_(avg_f, new_f)
         else:

@@ -207,3 +207,16 @@ def test_quickstart_with_the_readmes_ema_decay_ends_with_a_useful_average(tmp_pa
     ckpt = load_checkpoint(result.run_dir / "checkpoints" / "best.pt")
     best = max(max(r["val_acc"], r["val_ema_acc"]) for r in result.history)
     assert ckpt["best_value"] == best and ckpt["weights"] in ("ema", "raw")
+
+
+def test_ema_follows_a_parameter_whose_data_was_replaced():
+    """The tensor lists are built once: they must hold the Parameter objects, so ``param.data = ...`` (a move,
+    channels_last) is still what the average follows."""
+    model = torch.nn.Linear(2, 2)
+    ema = ModelEma(model, 0.5)
+    ema.update(model)
+    first = model.weight.detach().clone()
+    model.weight.data = torch.full((2, 2), 4.0)
+    ema.update(model)
+    d = ema_decay_at(0.5, 1)
+    torch.testing.assert_close(ema.module.weight, d * first + (1 - d) * 4.0)
