@@ -262,3 +262,28 @@ class NaiveScript:
         self.optimizer.step()
         self.running_loss += loss.item()  # as scripts do: a device read-back (sync) every step
         return images.shape[0]
+
+
+def epoch_batch_times(
+    loader: Any, sync: Any, since: float | None = None, clock: Any = None
+) -> tuple[int, list[float], float]:
+    """(samples, seconds per batch, clock at the last batch) over one pass of ``loader``; the first batch's time
+    runs from ``since`` (the previous pass's last batch) when given. ``sync()`` (the device's synchronize) runs
+    before every clock reading: a GPU batch is handed over as soon as its work is enqueued, so without it the
+    times are those of enqueueing, not of the batches being ready."""
+    import time
+
+    clock = clock or time.perf_counter
+    times: list[float] = []
+    n = 0
+    if since is None:
+        sync()
+        since = clock()
+    t = since
+    for batch in loader:
+        sync()
+        now = clock()
+        times.append(now - t)
+        t = now
+        n += len(batch)
+    return n, times, t

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchutil import bench_config, cache_root, naive_loader, skip_unavailable_backend
+from benchutil import bench_config, cache_root, epoch_batch_times, naive_loader, skip_unavailable_backend
 from fasttrain import bench
 from fasttrain.prepare import prepare
 from fasttrain.runtime import BackendFlags
@@ -132,7 +132,6 @@ def test_dali_epoch_boundary_gap(benchmark, measure, size, device, data_root):
     prefetch queue there).
     """
     import statistics
-    import time
 
     skip_unavailable_backend("dali")
     epochs = 4
@@ -145,16 +144,16 @@ def test_dali_epoch_boundary_gap(benchmark, measure, size, device, data_root):
     state = {"epoch": 0}
 
     def one_round() -> int:
-        n = 0
-        t = time.perf_counter()
+        # Every batch waits for the device (a synchronize per batch, and so per round): the times are of batches
+        # ready, not of work enqueued. The first batch's time runs from the previous epoch's last batch.
+        n, last = 0, None
         for _ in range(epochs):
             loader.set_epoch(state["epoch"])
             state["epoch"] += 1
-            for i, batch in enumerate(loader):
-                now = time.perf_counter()
-                (gaps if i == 0 else steady).append(now - t)
-                t = now
-                n += len(batch)
+            got, times, last = epoch_batch_times(loader, prep.runtime.synchronize, since=last)
+            gaps.append(times[0])
+            steady.extend(times[1:])
+            n += got
         return n
 
     try:

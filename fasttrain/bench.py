@@ -222,7 +222,7 @@ def bench(
         loader=loader_t,
         model_step=model_t,
         end_to_end=e2e_t,
-        environment=environment(),
+        environment=environment(runtime.device),
         world_size=prep.dist.world_size,
         model_step_parallel=parallel_t,
     )

@@ -310,6 +310,11 @@ class CheckpointManager:
         self.cfg, self.task, self.state = cfg, task, state
         self.best_metric = best_metric
         self.best_value: float | None = None
+        self.weights = "ema" if getattr(state, "ema", None) else "raw"
+        """Which weights predict uses from the next checkpoint: ``raw`` or ``ema`` (the moving average); with an
+        EMA, whichever validated better at the last evaluation (the average until one has)."""
+        self.best_weights = self.weights
+        """``weights`` when best.pt was written."""
         self.enabled = enabled
         self.saved_at = "none yet"
         """What last.pt holds (for messages)."""
@@ -330,6 +335,8 @@ class CheckpointManager:
             "meta": self.task.checkpoint_meta(),
             "best_metric": self.best_metric,
             "best_value": self.best_value,
+            "weights": self.weights,
+            "best_weights": self.best_weights,
             "position": position,
             "running": running,
             "monitors": {k: m.state_dict() for k, m in self.monitors.items()},
@@ -351,6 +358,8 @@ class CheckpointManager:
         return True
 
     def save_best(self, name: str = "best.pt") -> None:
+        if name == "best.pt":
+            self.best_weights = self.weights
         if self.enabled:
             save_checkpoint(self.dir / name, self.payload())
 
@@ -372,6 +381,9 @@ class CheckpointManager:
                     m.load_state_dict(saved[k])
                 except (KeyError, TypeError, ValueError) as e:
                     log.warning("checkpoint %s: its %s state is malformed (%s); starting it afresh", self.last, k, e)
+        if self.state.ema and ckpt["state"].get("ema"):  # else: the defaults (EMA turned on or off at resume)
+            self.weights = ckpt.get("weights") or "ema"
+            self.best_weights = ckpt.get("best_weights") or "ema"
         self.saved_at = f"epoch {self.state.epoch}, step {self.state.step}"
         position = ckpt.get("position")
         if position and position["epoch"] == self.state.epoch:

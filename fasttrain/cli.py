@@ -154,7 +154,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if args.out_dir:
         check_writable(args.out_dir, "predict --out-dir")
-    records = predict(args.checkpoint, args.images, device=args.device, out_dir=args.out_dir)
+    records = predict(args.checkpoint, args.images, device=args.device, out_dir=args.out_dir, weights=args.weights)
     failed = []
     for r in records:
         if "error" in r:
@@ -351,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files, or folders (every image file under them, recursively)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out-dir", help="where generated images go (pix2pix; default ./predictions)")
+    p.add_argument(
+        "--weights",
+        choices=("ema", "raw"),
+        help="a run with train.ema_decay: the moving average (ema) or the raw weights; default: those that "
+        "validated better (the checkpoint says which)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON record per line")
     _add_verbosity(p)
     p.set_defaults(fn=cmd_predict)

@@ -56,10 +56,17 @@ PILLOW_BOMB_PIXELS = 2 * 89_478_485
 """Pillow raises DecompressionBombError above 2 x ``PIL.Image.MAX_IMAGE_PIXELS`` (89,478,485 by default) pixels."""
 
 
-def default_workers() -> int:
-    """Loader worker processes / DALI threads taken from the machine: all cores but one, at most 16."""
+def default_workers(local_world_size: int | None = None) -> int:
+    """Loader worker processes / DALI threads per process, taken from the machine: all cores but one, shared by
+    the processes of this node (torchrun's ``LOCAL_WORLD_SIZE``; 8 GPUs on 96 cores: 11 each, not 8 x 16), at
+    most 16 and at least 1."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(16, n - 1))
+    if local_world_size is None:
+        try:
+            local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        except ValueError:
+            local_world_size = 1  # a malformed value is named where the distributed set-up reads it
+    return max(1, min(16, (n - 1) // max(1, local_world_size)))
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -116,11 +123,13 @@ class DataConfig:
     """Backend, the same for every task: auto (the GPU cache when the decoded data fits it, else DALI: GPU decode
     on CUDA, its CPU-only mode without a GPU; torch where DALI cannot serve), torch, dali, cache."""
     workers: int = -1
-    """torch loader worker processes; -1 means taken from the machine (cores - 1, at most 16)."""
+    """torch loader worker processes; -1 means taken from the machine (cores - 1, shared by the node's processes
+    under torchrun, at most 16 each)."""
     prefetch: int = 2
     """Batches prepared ahead per worker (torch) or pipeline depth (DALI)."""
     dali_threads: int = -1
-    """DALI CPU threads; -1 means taken from the machine (cores - 1, at most 16)."""
+    """DALI CPU threads; -1 means taken from the machine (cores - 1, shared by the node's processes under
+    torchrun, at most 16 each)."""
     hw_decoder_load: float = 0.9
     """Share of JPEG decoding DALI sends to the GPU's hardware decoder (0..1)."""
     cache_budget: float = 0.25

@@ -152,13 +152,24 @@ def per_rank_batch(global_batch: int, world_size: int, name: str = "train.batch_
     return global_batch // world_size
 
 
-def all_reduce_sums(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sum each tensor over all ranks (one collective for all of them); the identity for one process."""
+def all_reduce_sums(values: dict[str, torch.Tensor], *, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Sum each tensor over all ranks (one collective for all of them); the identity for one process.
+
+    ``device`` given: the ranks first agree on the keys (one small object all-gather) and a rank without some,
+    or without any (an evaluation shard with no samples), adds zeros on ``device``; every rank then takes part
+    in the same all-reduce. Without ``device`` every rank must hold the same keys (training windows do)."""
     info = current()
-    if not info.enabled or not values:
+    if not info.enabled:
         return values
     import torch.distributed as dist
 
+    if device is not None:
+        gathered: list[Any] = [None] * info.world_size
+        dist.all_gather_object(gathered, sorted(values))
+        every = sorted({k for keys in gathered for k in keys})
+        values = {k: values[k] if k in values else torch.zeros((), device=device) for k in every}
+    if not values:
+        return values
     keys = list(values)
     flat = torch.stack([values[k].detach().float().reshape(()) for k in keys])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)

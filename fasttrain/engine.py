@@ -321,7 +321,28 @@ def evaluate(task: Task, state: TrainState, loader: Loader, *, ema: bool = False
         state.train(True)
         if ema and swapped is not None:
             state.local[name] = swapped
-    return task.eval_metrics(_read(distributed.all_reduce_sums(sums)))
+    # device=: a process whose shard had no samples (or only unreadable ones) still joins the all-reduce.
+    return task.eval_metrics(_read(distributed.all_reduce_sums(sums, device=task.runtime.device)))
+
+
+def best_candidate(record: dict[str, Any], metric: str, mode: str, ema: bool) -> tuple[float | None, str | None]:
+    """The epoch's value of ``metric`` for best.pt and which weights it belongs to (``raw`` | ``ema``; None
+    without an EMA). With an EMA, a ``val_<m>`` metric is the better of ``val_<m>`` and ``val_ema_<m>``: best.pt
+    keeps whichever weights validated better. ``val_ema_<m>`` asks for the average alone."""
+    if not ema:
+        return record.get(metric), None
+    if metric.startswith("val_ema_"):
+        return record.get(metric), "ema"
+    if metric.startswith("val_"):
+        raw, avg = record.get(metric), record.get("val_ema_" + metric[len("val_") :])
+        if avg is not None and (raw is None or _better(mode, avg, raw)):
+            return avg, "ema"
+        return raw, "raw" if raw is not None else None
+    return record.get(metric), "raw"  # a training metric: measured on the raw weights
+
+
+def _fmt(v: float | None) -> str:
+    return "none" if v is None else f"{v:.4f}"
 
 
 def _better(mode: str, new: float, old: float | None) -> bool:
@@ -497,7 +518,7 @@ class Trainer:
             write_run_config(run_dir, dump_config(cfg))  # on resume: rewritten when --set changed it
         if ckpt is None:
             if self.is_main:
-                atomic_write_text(run_dir / "environment.json", json.dumps(environment(), indent=2))
+                atomic_write_text(run_dir / "environment.json", json.dumps(environment(prep.runtime.device), indent=2))
             return
         _check_same_outputs(task, ckpt, run_dir)
         point = self.ckpts.restore(ckpt)
@@ -576,10 +597,11 @@ class Trainer:
             _log_skipped(skipped)
             best = self.ckpts.best_value
             log.info(
-                "run finished: %d epochs, best %s %s, %d file%s skipped | %s",
+                "run finished: %d epochs, best %s %s%s, %d file%s skipped | %s",
                 state.epoch,
                 self.best_metric,
                 f"{best:.4f}" if best is not None else "none",
+                f" ({self.ckpts.best_weights} weights)" if state.ema and best is not None else "",
                 len(skipped),
                 "s" if len(skipped) != 1 else "",
                 self.run_dir,
@@ -617,7 +639,10 @@ class Trainer:
         a top-k checkpoint, early stopping's count. Returns whether early stopping ends the run here."""
         from fasttrain.checkpoint import finite_weights
 
-        value = record.get(self.best_metric)
+        value, weights = best_candidate(record, self.best_metric, self.best_mode, bool(self.state.ema))
+        if weights is not None:
+            record["weights"] = weights
+            self.ckpts.weights = weights  # what predict uses from this epoch's checkpoints
         is_best = (
             value is not None
             and _better(self.best_mode, value, self.ckpts.best_value)
@@ -629,6 +654,16 @@ class Trainer:
         self.metrics.epoch(record)
         self.history.append(record)
         if is_best:
+            if self.state.ema:
+                m = self.best_metric.removeprefix("val_").removeprefix("ema_")
+                log.info(
+                    "best.pt: the %s weights (val_%s %s, val_ema_%s %s)",
+                    "averaged (EMA)" if weights == "ema" else "raw",
+                    m,
+                    _fmt(record.get(f"val_{m}")),
+                    m,
+                    _fmt(record.get(f"val_ema_{m}")),
+                )
             self.ckpts.save_best()
         if self.top_k.wants(value) and finite_weights(self.state.modules):
             assert value is not None
@@ -761,7 +796,8 @@ class Trainer:
 
 # -- weight averages --------------------------------------------------------------------------
 def _add_ema(state: TrainState, name: str, decay: float) -> None:
-    """An exponential moving average of ``name``'s weights and buffers, updated after every optimizer step."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    """An exponential moving average of ``name``'s weights and buffers (warmed up), updated on the device after
+    every optimizer step (:class:`fasttrain.ema.ModelEma`)."""
+    from fasttrain.ema import ModelEma
 
-    state.ema[name] = AveragedModel(state.modules[name], multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    state.ema[name] = ModelEma(state.modules[name], decay)

@@ -44,6 +44,7 @@ __all__ = [
     "outside_torch_bytes",
     "load_cuda_libraries",
     "get_memory_fraction",
+    "release_dali_pools",
     "set_memory_fraction",
     "memory_fraction",
 ]
@@ -185,9 +186,22 @@ def reserved_bytes(device: torch.device | str | None) -> int | None:
     return int(torch.cuda.memory_reserved(dev)) if dev.type == "cuda" else None
 
 
+def release_dali_pools() -> None:
+    """Hand back what DALI's device and pinned-host pools keep after its pipelines were closed: closing a
+    pipeline returns its buffers to those pools, not to the driver, so a later reading (an autotune trial, a
+    verification, a run after ``autotune()`` in the same process) would count or hold them. A no-op when DALI
+    was never imported (nothing is imported here)."""
+    backend = sys.modules.get("nvidia.dali.backend")
+    release = getattr(backend, "ReleaseUnusedMemory", None)
+    if release is not None:
+        release()
+
+
 def free_device_memory(device: torch.device | str | None) -> None:
-    """After dropping references: collect reference cycles, then hand torch's cached blocks back (CUDA)."""
+    """After dropping references: collect reference cycles, then hand torch's cached blocks back (CUDA), and
+    DALI's pooled memory (:func:`release_dali_pools`)."""
     gc.collect()
+    release_dali_pools()
     dev = _device(device)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -287,14 +301,27 @@ def load_cuda_libraries(device: torch.device | str) -> None:
 
 
 # -- the per-process cap --------------------------------------------------------------------------------------
+_FRACTIONS_SET: dict[int | None, float] = {}
+"""The caps :func:`set_memory_fraction` set, by device index: what :func:`get_memory_fraction` answers on a
+torch without ``torch.cuda.get_per_process_memory_fraction`` (added after 2.4, the floor pyproject declares)."""
+
+
 def get_memory_fraction(device: torch.device | str) -> float:
-    """The caching allocator's per-process cap on ``device`` as a share of its total (1.0 when never set)."""
-    return float(torch.cuda.get_per_process_memory_fraction(_device(device)))
+    """The caching allocator's per-process cap on ``device`` as a share of its total (1.0 when never set). On a
+    torch that cannot read it back: the last cap fasttrain set (a cap set outside fasttrain is not seen)."""
+    dev = _device(device)
+    getter = getattr(torch.cuda, "get_per_process_memory_fraction", None)
+    if getter is None:
+        return _FRACTIONS_SET.get(dev.index, 1.0)
+    return float(getter(dev))
 
 
 def set_memory_fraction(device: torch.device | str, fraction: float) -> None:
     """Cap torch's allocator on ``device`` at ``fraction`` of the device's total (clamped to 0..1)."""
-    torch.cuda.set_per_process_memory_fraction(float(min(1.0, max(0.0, fraction))), _device(device))
+    dev = _device(device)
+    fraction = float(min(1.0, max(0.0, fraction)))
+    torch.cuda.set_per_process_memory_fraction(fraction, dev)
+    _FRACTIONS_SET[dev.index] = fraction
 
 
 @contextlib.contextmanager

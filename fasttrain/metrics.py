@@ -237,7 +237,7 @@ def summary_line(r: dict[str, Any], epochs: int, eta_s: float | None = None, ski
     if skipped:
         parts.append(f"{skipped} file{'s' if skipped != 1 else ''} skipped")
     if r.get("best"):
-        parts.append("*best*")
+        parts.append("*best* (EMA weights)" if r.get("weights") == "ema" else "*best*")
     if eta_s:
         parts.append(f"ETA {fmt_duration(eta_s)}")
     return " | ".join(parts)

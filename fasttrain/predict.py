@@ -72,15 +72,27 @@ def predict(
     device: str = "auto",
     out_dir: str | Path | None = None,
     model: Any = None,
+    weights: str | None = None,
 ) -> list[dict[str, Any]]:
     """One record per image (class and probability, regressed values, or the written image's path); an image
     that cannot be read gets an ``error`` and the others go on. ``images``: files, or folders of them (every
     image file under a folder, recursively; see :func:`expand_images`). ``checkpoint``: a checkpoint file, or a run
-    folder (its best.pt, else last.pt). A run trained with ``train.ema_decay`` predicts with the averaged
-    weights. ``model``: the ``nn.Module`` (or factory) a run trained from Python was given."""
+    folder (its best.pt, else last.pt). ``weights``: ``raw`` or ``ema`` (the moving average of a run trained
+    with ``train.ema_decay``); None: those the checkpoint says validated better (the average in checkpoints
+    written before that was recorded). ``model``: the ``nn.Module`` (or factory) a run trained from Python was
+    given."""
+    if weights not in (None, "raw", "ema"):
+        raise ValueError(f"predict --weights: {weights!r} is not one of raw, ema")
     checkpoint = checkpoint_file(checkpoint)
     paths, errors = expand_images(images)
     ckpt = load_checkpoint(checkpoint)
+    averages = ckpt["state"].get("ema") or {}
+    if weights == "ema" and not averages:
+        raise CheckpointError(
+            f"predict --weights ema: checkpoint {checkpoint} holds no moving average (its run had no "
+            f"train.ema_decay); use --weights raw"
+        )
+    use_ema = bool(averages) and (weights or ckpt.get("weights") or "ema") == "ema"
     cfg = checkpoint_config(ckpt, checkpoint)
     if cfg.task.name == "pix2pix":  # it writes images: ask before predicting (./predictions by default)
         check_writable(out_dir or "predictions", "predict --out-dir")
@@ -93,9 +105,13 @@ def predict(
     task.restoring = True  # the checkpoint holds the weights: no pretrained download, no init_from read
     state = task.build_state()
     saved = dict(ckpt["state"]["modules"])
-    for name, averaged in (ckpt["state"].get("ema") or {}).items():  # AveragedModel: "module." + the model's keys
+    for name, averaged in averages.items() if use_ema else ():  # ModelEma: "module." + the model's keys
         saved[name] = {k[len("module.") :]: v for k, v in averaged.items() if k.startswith("module.")}
-        log.info("predicting with the moving average of %s's weights (train.ema_decay)", name)
+        log.info(
+            "predicting with the moving average of %s's weights (train.ema_decay; --weights raw for the raw)", name
+        )
+    if averages and not use_ema:
+        log.info("predicting with the raw weights (--weights ema for their moving average)")
     missing = sorted(set(state.modules) - set(saved))
     if missing:
         raise CheckpointError(

@@ -34,6 +34,7 @@ __all__ = [
     "environment",
     "seed_everything",
     "decide_device",
+    "native_bf16",
     "resolve_device",
     "dali_version",
     "BackendFlags",
@@ -78,6 +79,12 @@ def decide_precision(requested: str, device_type: str, bf16_supported: bool) -> 
             raise ValueError("runtime.precision: fp16 needs a CUDA device; use fp32 or bf16 on CPU")
         return Precision("fp16", torch.float16, True)
     raise ValueError(f"runtime.precision: unknown value {requested!r}")
+
+
+def native_bf16(capability: tuple[int, int]) -> bool:
+    """Whether a GPU of this compute capability computes in bf16 natively (Ampere, 8.0, and later).
+    ``torch.cuda.is_bf16_supported()`` also counts emulation (slow on a T4) and reads the current device."""
+    return tuple(capability) >= (8, 0)
 
 
 def decide_device(requested: str, cuda_count: int, current: int = 0) -> torch.device:
@@ -167,7 +174,11 @@ class Runtime:
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         is_cuda = self.device.type == "cuda"
-        bf16_ok = is_cuda and torch.cuda.is_bf16_supported()
+        if is_cuda:
+            # What torchrun's set-up does for each rank: pinned memory, streams, the environment record and every
+            # call without an index then use the run's GPU, not GPU 0.
+            torch.cuda.set_device(self.device)
+        bf16_ok = is_cuda and native_bf16(torch.cuda.get_device_capability(self.device))
         self.precision = decide_precision(cfg.precision, self.device.type, bf16_ok)
         # channels_last pays off for convolutions on tensor cores; on CPU it is neutral at best.
         self.channels_last = _on_off(cfg.channels_last, is_cuda) and conv_model
@@ -243,10 +254,11 @@ class Runtime:
         )
 
 
-def environment() -> dict[str, Any]:
+def environment(device: torch.device | None = None) -> dict[str, Any]:
     """What produced a figure or a run: fasttrain's version and git commit (when run from a checkout), the
-    command line, library versions, GPU, driver, CPU count. ``cuda`` is the CUDA version in use: None on a
-    machine without a GPU (``cuda_build`` is the version torch was built for). Never initialises DALI eagerly."""
+    command line, library versions, GPU (``device``'s, else the current one), driver, CPU count. ``cuda`` is the
+    CUDA version in use: None on a machine without a GPU (``cuda_build`` is the version torch was built for).
+    Never initialises DALI eagerly."""
     from fasttrain import __version__
 
     has_gpu = torch.cuda.is_available()
@@ -268,7 +280,8 @@ def environment() -> dict[str, Any]:
         "driver": None,
     }
     if has_gpu:
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        index = device.index if device is not None and device.type == "cuda" else None
+        props = torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index)
         env["gpu"] = props.name
         env["gpu_memory_gib"] = round(props.total_memory / 2**30, 2)
         env["driver"] = _driver_version()

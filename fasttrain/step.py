@@ -44,10 +44,12 @@ def optimizer_step(state: TrainState, name: str, grad_clip: float) -> None:
         torch.nn.utils.clip_grad_norm_(state.modules[name].parameters(), grad_clip, foreach=True)
     scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    # Under DDP (gradient_as_bucket_view=True) the gradients are views into the all-reduce buckets: zeroing keeps
+    # them; set_to_none would drop the views, so every step would allocate fresh gradients and copy into buckets.
+    optimizer.zero_grad(set_to_none=name not in state.ddp)
     ema = state.ema.get(name)
     if ema is not None:
-        ema.update_parameters(state.modules[name])
+        ema.update(state.modules[name])
 
 
 def run_step(

@@ -1,4 +1,5 @@
 import dataclasses
+import os
 
 import pytest
 
@@ -187,3 +188,19 @@ def test_task_names_come_from_the_task_table(monkeypatch):
         load_config(None, ["task.name=segment"])
     monkeypatch.setitem(tasks.TASKS, "segment", "fasttrain.tasks.classify:ClassifyTask")
     assert load_config(None, ["task.name=segment"]).task.name == "segment"
+
+
+def test_default_workers_are_shared_by_the_processes_of_a_node(monkeypatch):
+    """Every rank took up to 15 workers or DALI threads: ~120 threads (and 15 padded decoders each) on an 8-GPU
+    node. torchrun's LOCAL_WORLD_SIZE divides the machine's cores between them."""
+    from fasttrain.config import DataConfig, default_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(96)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_workers() == 16  # one process: all cores but one, at most 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_workers() == 11  # 95 cores / 8 processes
+    assert DataConfig().num_workers == DataConfig().num_dali_threads == 11
+    assert DataConfig(workers=4).num_workers == 4  # a set value is kept
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    assert default_workers() == 1  # never none

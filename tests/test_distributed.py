@@ -51,3 +51,55 @@ def test_one_process_collectives_are_the_identity():
     assert D.all_reduce_sums(sums) is sums
     assert D.broadcast_object({"run": "x"}) == {"run": "x"}
     D.barrier()
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_ddp_steps_keep_the_gradients_as_bucket_views(tmp_path):
+    """gradient_as_bucket_view=True makes each gradient a view into DDP's all-reduce bucket; zero_grad with
+    set_to_none=True dropped the views every step (torch's note), so each backward allocated and copied again."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from fasttrain.step import optimizer_step
+    from fasttrain.tasks.base import TrainState
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+        ddp = DistributedDataParallel(model, gradient_as_bucket_view=True)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        state = TrainState({"model": model}, {"model": ddp}, {"model": opt}, {"model": scaler}, ddp={"model": ddp})
+        where = []
+        for _ in range(4):
+            ddp(torch.randn(5, 4)).square().mean().backward()
+            where.append([p.grad.data_ptr() for p in model.parameters()])
+            optimizer_step(state, "model", grad_clip=0.0)
+            assert all(p.grad is not None and not p.grad.any() for p in model.parameters())  # zeroed, kept
+        assert where[1] == where[2] == where[3]  # the same bucket views every step (from the second on: torch's note)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_an_evaluation_shard_with_no_samples_still_joins_the_all_reduce(monkeypatch):
+    """With fewer validation samples than processes a rank has no sums: it returned without the collective and
+    the others waited for the 30-minute timeout. With device= every rank agrees on the keys and reduces."""
+    import torch.distributed as dist
+
+    monkeypatch.setattr(D, "current", lambda: D.DistInfo(rank=1, world_size=2, local_world_size=2))
+    reduced = []
+
+    def all_gather_object(out, obj):
+        out[:] = [["correct", "count", "loss"], obj]  # rank 0 evaluated samples; this rank's keys last
+
+    def all_reduce(t, op=None):
+        reduced.append(t.clone())
+        t += torch.tensor([3.0, 2.0, 0.5])  # what rank 0 adds (keys in sorted order)
+
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    out = D.all_reduce_sums({}, device=torch.device("cpu"))
+    assert len(reduced) == 1 and reduced[0].tolist() == [0.0, 0.0, 0.0]  # took part, with zeros
+    assert {k: v.item() for k, v in out.items()} == {"correct": 3.0, "count": 2.0, "loss": 0.5}
+    out = D.all_reduce_sums({"loss": torch.tensor(1.0)}, device=torch.device("cpu"))  # some keys missing
+    assert reduced[1].tolist() == [0.0, 0.0, 1.0] and out["loss"].item() == 1.5

@@ -98,6 +98,23 @@ def test_memory_fraction_restores_the_users_own_cap(monkeypatch):
     assert fake.fraction[0] == 0.7
 
 
+def test_memory_fraction_works_on_a_torch_that_cannot_read_the_cap_back(monkeypatch):
+    """torch.cuda.get_per_process_memory_fraction came after torch 2.4 (pyproject's floor): without it the cap
+    that fasttrain set is what comes back, and an uncapped device reads 1.0."""
+    fake = FakeCuda(1.0)
+    monkeypatch.delattr(torch.cuda, "get_per_process_memory_fraction")
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", fake.set)
+    monkeypatch.setattr(M, "_FRACTIONS_SET", {})
+    dev = torch.device("cuda", 0)
+    assert M.get_memory_fraction(dev) == 1.0
+    with M.memory_fraction(dev, 0.5):
+        assert fake.fraction[0] == 0.5 and M.get_memory_fraction(dev) == 0.5
+        with M.memory_fraction(dev, 0.25):
+            assert fake.fraction[0] == 0.25
+        assert fake.fraction[0] == 0.5
+    assert fake.fraction[0] == 1.0 and M.get_memory_fraction(dev) == 1.0
+
+
 def test_process_device_bytes_reads_this_process_from_nvml(monkeypatch):
     import os
 

@@ -9,7 +9,15 @@ import torch
 
 import fasttrain
 from fasttrain.config import RuntimeConfig
-from fasttrain.runtime import BackendFlags, Runtime, backend_flags, decide_device, decide_precision, environment
+from fasttrain.runtime import (
+    BackendFlags,
+    Runtime,
+    backend_flags,
+    decide_device,
+    decide_precision,
+    environment,
+    native_bf16,
+)
 
 
 @pytest.mark.parametrize(
@@ -142,8 +150,7 @@ def test_backend_flags_restore_after_an_error():
 
 def test_cuda_runtime_decides_cudnn_benchmark_and_tf32(monkeypatch):
     # CUDA stubbed: the decision is pure, nothing touches a device.
-    monkeypatch.setattr("fasttrain.runtime.resolve_device", lambda requested: torch.device("cuda", 0))
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    _stub_gpus(monkeypatch, [(9, 0)])
     rt = Runtime(RuntimeConfig())
     assert rt.backend_flags == BackendFlags(
         cudnn_benchmark=True, tf32_matmul=True, tf32_cudnn=True, deterministic=False
@@ -153,3 +160,55 @@ def test_cuda_runtime_decides_cudnn_benchmark_and_tf32(monkeypatch):
         cudnn_benchmark=False, tf32_matmul=False, tf32_cudnn=False, deterministic=True
     )
     assert "tf32" not in exact.describe() and "fp32 tf32" in Runtime(RuntimeConfig(precision="fp32")).describe()
+
+
+def _stub_gpus(monkeypatch, capabilities, current=0):
+    """A machine with GPUs of these compute capabilities (nothing touches a device); returns set_device's calls."""
+    state = {"current": current, "set": []}
+
+    def set_device(d):
+        state["set"].append(torch.device(d))
+        state["current"] = torch.device(d).index
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: state["current"])
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capabilities[torch.device(d).index])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what emulation answers on a T4
+    return state["set"]
+
+
+def test_bf16_is_decided_by_the_run_devices_compute_capability(monkeypatch):
+    """GPU 0 an H100, GPU 1 a T4: a run on the T4 gets fp16 (bf16 there is emulated), an explicit bf16 is refused;
+    torch.cuda.is_bf16_supported() counted emulation and read the current device, so both went wrong."""
+    _stub_gpus(monkeypatch, [(9, 0), (7, 5)])
+    assert Runtime(RuntimeConfig(device="cuda:1")).precision.name == "fp16"
+    with pytest.raises(ValueError, match="runtime.precision: bf16 is not supported"):
+        Runtime(RuntimeConfig(device="cuda:1", precision="bf16"))
+    assert Runtime(RuntimeConfig(device="cuda:0")).precision.name == "bf16"
+    assert [native_bf16(c) for c in ((7, 5), (8, 0), (8, 6), (12, 0))] == [False, True, True, True]
+
+
+def test_a_cuda_runtime_makes_its_device_the_current_one(monkeypatch):
+    """One process on cuda:1: pinned memory, streams and the environment record must use GPU 1, not GPU 0."""
+    calls = _stub_gpus(monkeypatch, [(9, 0), (9, 0)])
+    Runtime(RuntimeConfig(device="cuda:1"))
+    assert calls == [torch.device("cuda", 1)] and torch.cuda.current_device() == 1
+    names = {0: "GPU zero", 1: "GPU one"}
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda i: type("P", (), {"name": names[i], "total_memory": 2**30})(),
+    )
+    assert environment(torch.device("cuda", 1))["gpu"] == "GPU one"  # named by the run's device
+
+
+@pytest.mark.gpu
+def test_a_runtime_on_a_gpu_makes_it_current_and_decides_bf16_by_its_capability():
+    last = torch.cuda.device_count() - 1
+    rt = Runtime(RuntimeConfig(device=f"cuda:{last}"))
+    assert torch.cuda.current_device() == last
+    assert environment(rt.device)["gpu"] == torch.cuda.get_device_name(last)
+    assert (rt.precision.name == "bf16") == (torch.cuda.get_device_capability(last) >= (8, 0))

@@ -3,7 +3,8 @@
 
     python tools/bench_summary.py results.json                          # Markdown on stdout
     python tools/bench_summary.py results.json -o summary.md --plot summary.png
-    python tools/bench_summary.py results.json --baseline benchmarks/baselines/gpu-h100.json --max-drop 0.10
+    python tools/bench_summary.py results.json --baseline benchmarks/baselines/gpu-nvidia-h100-80gb-hbm3.json
+    python tools/bench_summary.py --baseline-for "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
 
 The figures come from each benchmark's ``extra_info`` (written by benchmarks/conftest.py): samples/s from the
 median round, peak allocated / reserved CUDA memory (process peak RSS on CPU). Rows that have a ``naive``
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,7 +274,27 @@ def plot(rows: list[Row], path: str | Path) -> Path:
     return path
 
 
+BASELINES = Path("benchmarks/baselines")
+
+
+def baseline_path(gpu_name: str) -> Path:
+    """The committed baseline of one GPU model, named by what ``nvidia-smi --query-gpu=name`` reports:
+    ``NVIDIA H100 80GB HBM3`` -> ``benchmarks/baselines/gpu-nvidia-h100-80gb-hbm3.json``. Figures are only
+    comparable on the same model, so each model the runners have keeps its own file."""
+    slug = re.sub(r"[^a-z0-9]+", "-", gpu_name.strip().lower()).strip("-")
+    if not slug:
+        raise ValueError(f"no GPU model name to name a baseline by (got {gpu_name!r})")
+    return BASELINES / f"gpu-{slug}.json"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--baseline-for"]:  # the workflow: which baseline this runner's GPU compares against
+        if len(argv) != 2:
+            print("usage: bench_summary.py --baseline-for GPU_NAME", file=sys.stderr)
+            return 2
+        print(baseline_path(argv[1]))
+        return 0
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -8,6 +8,7 @@
 #                 compiled) and end to end from JPEG files with DALI and with the GPU cache (fasttrain bench),
 #                 the naive script on the same files, fasttrain autotune under 16 GiB twice (the second answer
 #                 from the cache), then tools/gpu_targets.py -> targets.md (each target met or not, with figures)
+#   data          only make (or find) the benchmark data root and log where it is
 #   tests         the `gpu`-marked tests
 #   model-resnet50, model-resnet18, model-smallcnn
 #                 benchmarks/test_model_step.py for one model (fasttrain per precision and batch, naive)
@@ -16,20 +17,27 @@
 #   autotune      fasttrain autotune on ResNet-50 twice, then one epoch of the tuned config (no OOM allowed)
 #   summary       tools/bench_summary.py over every bench-*.json present, and tools/gpu_targets.py
 #
-# Data: Imagenette from ../shared/data when present, else ImageNet-size JPEGs generated on the machine in
-# parallel (../shared does not travel to a lent machine). Set FASTTRAIN_BENCH_DATA to use a folder of your own.
+# Data: Imagenette from ../shared/data (FASTTRAIN_SUITE_SHARED) when present, else ImageNet-size JPEGs generated
+# on the machine in parallel (../shared does not travel to a lent machine) under FASTTRAIN_BENCH_CACHE
+# (/tmp/fasttrain-bench). Set FASTTRAIN_BENCH_DATA to use a folder of your own. Relative paths are the caller's.
 # The lent machine has no `fasttrain` command and no DALI: install DALI first (../shared/device/README.md) and
 # carry tomli-w (tools/device_wheels.sh); this script calls `python3 -m fasttrain`.
 # On a lent machine: FASTTRAIN_SUITE_BUNDLE=$OUT/quick.tar.gz tools/gpu_suite.sh /tmp/suite quick
 # Commit what it writes under benchmarks/results/<date>-<gpu>/ (checkpoints are left out of the bundle).
 set -uo pipefail
-out=${1:?usage: tools/gpu_suite.sh OUT_DIR [quick|tests|model-MODEL|loaders|e2e|autotune|summary]...}
+out=${1:?usage: tools/gpu_suite.sh OUT_DIR [quick|data|tests|model-MODEL|loaders|e2e|autotune|summary]...}
 shift
 stages=${*:-quick}
 here=$(cd "$(dirname "$0")/.." && pwd)
-cd "$here"
+absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }  # against the caller's directory
+# Every path a caller gives is made absolute before anything changes directory (data_root's merge runs in
+# subshells that cd into each shard: a relative cache path would point inside the shard there).
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
+[ -n "${FASTTRAIN_BENCH_CACHE:-}" ] && FASTTRAIN_BENCH_CACHE=$(absolute "$FASTTRAIN_BENCH_CACHE")
+[ -n "${FASTTRAIN_BENCH_DATA:-}" ] && FASTTRAIN_BENCH_DATA=$(absolute "$FASTTRAIN_BENCH_DATA")
+shared=$(absolute "${FASTTRAIN_SUITE_SHARED:-$here/../shared/data}")
+cd "$here"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 ft=(python3 -m fasttrain)
 status=0
@@ -61,8 +69,8 @@ data_root() {  # an ImageFolder root with train/ and val/, made once per machine
   if [ -n "${FASTTRAIN_BENCH_DATA:-}" ]; then echo "$FASTTRAIN_BENCH_DATA"; return; fi
   local cache=${FASTTRAIN_BENCH_CACHE:-/tmp/fasttrain-bench}
   mkdir -p "$cache"
-  if [ -f ../shared/data/imagenette224.tar ]; then
-    [ -d "$cache/imagenette224" ] || tar xf ../shared/data/imagenette224.tar -C "$cache"
+  if [ -f "$shared/imagenette224.tar" ]; then
+    [ -d "$cache/imagenette224" ] || tar xf "$shared/imagenette224.tar" -C "$cache"
     echo "$cache/imagenette224"
     return
   fi
@@ -118,6 +126,8 @@ for stage in $stages; do
           --set "train.runs_dir=$out/runs" --out "$out/quick-autotune-$run"
       done
       python3 tools/gpu_targets.py "$out" -o "$out/targets.md" || status=1 ;;
+    data)
+      root=$(data_root) && note "data root: $root" ;;
     tests)
       python3 -m pytest tests -m gpu -q -rs -p no:cacheprovider -p no:randomly 2>&1 | tee "$out/gpu-tests.txt" \
         || status=1 ;;

@@ -192,7 +192,7 @@ def autotune(
 
     if not distributed.current().is_main:
         return report  # rank 0 writes the files and the cache
-    report.environment = environment()
+    report.environment = environment(runtime.device)
     report.elapsed_s = time.perf_counter() - t_start
     if report.ok and not report.reliable:
         report.notes.append("not cached: the answer is unreliable (see below); ask again on a quieter machine")

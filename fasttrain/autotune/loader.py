@@ -263,6 +263,7 @@ def tune_loader(
             task = make_task_(dataclasses.replace(cfg, data=data), runtime, source)
             depth = queue_depth(backend, data)
             t0 = time.perf_counter()
+            memory.release_dali_pools()  # what an earlier trial's pipeline left in DALI's pools is not this one's
             before = memory.outside_torch_bytes(device)
             loader = task.make_loader(source.train, train=True, batch_size=micro, backend=backend)
             open_loader, open_index = loader, i

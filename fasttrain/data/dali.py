@@ -15,7 +15,8 @@ augmentation: torchvision's random-resized-crop window (decoded as a region of i
 generator seeded by (seed, epoch, index) exactly as the torch loader draws them (pairs: the
 :func:`~fasttrain.data.samples.pair_jitter` window and flip). So a batch does not depend on
 what the pipeline ran before it: resuming mid-epoch (:meth:`DaliLoader.skip_batches`) gives bit-identical
-batches, and training crops are the torch loader's windows (the pixels differ by resampling only). The feeder
+batches, and training crops are the torch loader's windows (the pixels differ by resampling only, and on the
+GPU by nvJPEG's IDCT: chroma is upsampled as libjpeg-turbo does, see :func:`decoder_args`). The feeder
 reads files ahead with threads and plans across epoch boundaries (epoch e+1 after e; an evaluation pass after
 the last), so the next epoch starts decoding while the current one ends. Asked for anything else (another
 epoch, a resumed position, a pass abandoned halfway) it drops what it decoded ahead and starts there.
@@ -66,6 +67,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "dali_status",
     "dali_padding_bytes",
+    "decoder_args",
     "DaliLoader",
     "output_stream",
     "rrc_window",
@@ -96,10 +98,50 @@ def dali_status() -> tuple[bool, str]:
     return True, f"DALI {dali.__version__}"
 
 
-def dali_padding_bytes(data: DataConfig) -> tuple[int, int]:
-    """(device, pinned host) bytes the GPU training pipeline's decoder preallocates outside torch's allocator."""
+def decoder_args(data: DataConfig, types: Any, *, gpu: bool, padded: bool) -> dict[str, Any]:
+    """The arguments of every ``fn.decoders.image`` / ``image_slice`` of a pipeline (``types``: DALI's module).
+
+    ``jpeg_fancy_upsampling`` on the GPU: DALI's ``mixed`` decoder otherwise upsamples 4:2:0 chroma its own way,
+    while Pillow (the torch loader, the cache, ``predict``) and DALI's CPU decoder use libjpeg-turbo's fancy
+    upsampling, so GPU-decoded JPEGs would differ from what every other path, and prediction, sees. Its cost
+    (it may keep some JPEGs off the hardware decoder) has not been measured on a GPU yet."""
+    decode: dict[str, Any] = dict(
+        device="mixed" if gpu else "cpu",
+        adjust_orientation=False,  # PIL (the torch backend) ignores EXIF rotation too: the same pixels
+        output_type=types.RGB if data.channels == 3 else types.GRAY,
+    )
+    if gpu:
+        decode["hw_decoder_load"] = data.hw_decoder_load
+        decode["jpeg_fancy_upsampling"] = True
+        if padded:  # per decoder thread, as DALI documents them (see _DEVICE_MEMORY_PADDING)
+            decode.update(device_memory_padding=_DEVICE_MEMORY_PADDING, host_memory_padding=_HOST_MEMORY_PADDING)
+    return decode
+
+
+def dali_padding_bytes(data: DataConfig, decoders: int = 1) -> tuple[int, int]:
+    """(device, pinned host) bytes the GPU training pipeline's ``decoders`` preallocate outside torch's allocator
+    (each padded decoder per thread: pix2pix's paired files have two, see :attr:`DaliLoader.decoders`)."""
     threads = max(1, data.num_dali_threads)
-    return threads * _DEVICE_MEMORY_PADDING, threads * 2 * _HOST_MEMORY_PADDING
+    return decoders * threads * _DEVICE_MEMORY_PADDING, decoders * threads * 2 * _HOST_MEMORY_PADDING
+
+
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+"""torch.compile modes that capture CUDA graphs. A DALI batch shared through DLPack is freed by DALI's
+background thread, which calls ``cudaDeviceSynchronize()``; while torch captures a graph on that device this is
+an invalid operation, raised inside a ``std::thread`` -> ``std::terminate`` (NVIDIA/DALI#3703's class; DALI
+later retries such frees, NVIDIA/DALI#6259, but which releases have it is not checked here). In these modes the
+GPU loader copies each batch into a torch-owned tensor instead (``copy_to_external`` on torch's stream): one
+device-to-device copy of the batch per step, no DALI memory in torch's hands."""
+
+
+def copy_to_torch(dali_tensor, device: torch.device) -> torch.Tensor:
+    """A dense DALI GPU tensor copied into a new torch tensor on ``device``, on torch's current stream (ordered
+    after DALI's work, which :func:`output_stream` bound to that stream; no host wait)."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    out = torch.empty(dali_tensor.shape(), dtype=to_torch_type[dali_tensor.dtype], device=device)
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    return feed_ndarray(dali_tensor, out, cuda_stream=stream)
 
 
 def output_stream(device_id: int | None, device: torch.device):
@@ -407,6 +449,7 @@ class DaliLoader:
         shard_id: int = 0,
         num_shards: int = 1,
         device_id: int | None = None,
+        copy_outputs: bool = False,
     ):
         ok, why = dali_status()
         if not ok:
@@ -423,6 +466,9 @@ class DaliLoader:
         self.data, self.spec, self.train, self.seed = data, spec, train, seed
         self.batch_size = batch_size
         self.device_id = device_id
+        self.copy_outputs = copy_outputs
+        """Copy each GPU batch into a torch-owned tensor instead of sharing DALI's through DLPack (see
+        :data:`CUDA_GRAPH_COMPILE_MODES`)."""
         self.shard_id, self.num_shards = shard_id, num_shards
         self._rrc = train and self.kind == "class" and data.random_resized_crop
         self._flip = train and self.kind != "vector" and data.hflip
@@ -471,8 +517,12 @@ class DaliLoader:
         """Pipelines built so far: one for the loader's life, plus one per file that failed inside DALI."""
         readers = max(2, min(8, data.num_dali_threads // 4))  # reading is I/O: a few threads keep ahead
         self._feeder = _Feeder(self, readers=readers, ahead=data.prefetch + 1)
-        self._feeder.reset(self._key(self.sampler.epoch), 0)
         self._pipe: Any = None
+        if len(self.sampler) == 0:
+            # Evaluation on a shard with no samples (fewer images than processes): this process yields no batch,
+            # builds no pipeline, and its evaluation still joins the others' all-reduce with zero sums.
+            return
+        self._feeder.reset(self._key(self.sampler.epoch), 0)
         self._build()  # fail here, not at the first step, if DALI cannot run this graph
 
     # -- the loader contract -----------------------------------------------------------------------------
@@ -490,9 +540,13 @@ class DaliLoader:
         self._start = n
 
     def close(self) -> None:
-        """Shut the pipeline and the readers down (tensors already handed out stay valid)."""
+        """Shut the pipeline and the readers down (tensors already handed out stay valid), and hand the memory
+        DALI's pools kept from it back to the driver."""
         self._drop_pipeline()
         self._feeder.close()
+        from fasttrain.memory import release_dali_pools
+
+        release_dali_pools()
 
     def __del__(self) -> None:
         # A loader dropped without close() releases its pipeline and threads here, in the process that owns them.
@@ -500,6 +554,8 @@ class DaliLoader:
             self.close()
 
     def __iter__(self) -> Iterator[Batch]:
+        if len(self.sampler) == 0:  # an evaluation shard with no samples
+            return
         epoch, start, self._start = self.sampler.epoch, self._start, 0
         self._bad.start_epoch(epoch if self.train else ("pass", self._passes))
         self._passes += 1
@@ -729,18 +785,7 @@ class DaliLoader:
                 )
             )
             encoded = nodes["encoded"]
-            # adjust_orientation=False: PIL (the torch backend) ignores EXIF rotation too, so both see the same pixels.
-            decode: dict[str, Any] = dict(
-                device="mixed" if gpu else "cpu",
-                adjust_orientation=False,
-                output_type=types.RGB if d.channels == 3 else types.GRAY,
-            )
-            if gpu:
-                decode["hw_decoder_load"] = d.hw_decoder_load
-                if padded:  # per decoder thread, as DALI documents them (see _DEVICE_MEMORY_PADDING)
-                    decode.update(
-                        device_memory_padding=_DEVICE_MEMORY_PADDING, host_memory_padding=_HOST_MEMORY_PADDING
-                    )
+            decode = decoder_args(d, types, gpu=gpu, padded=padded)
             linear = dict(device=dev, interp_type=types.INTERP_LINEAR, antialias=True)
             normalize = dict(
                 device=dev,
@@ -791,6 +836,11 @@ class DaliLoader:
         pipe.build()
         return pipe
 
+    @property
+    def decoders(self) -> int:
+        """Image decoders in the pipeline: two for pairs in separate files (a and b), else one."""
+        return 2 if self.kind == "pair" and not self._side_by_side else 1
+
     def _dali_dtype(self, types):
         # DALI has no bfloat16: fp16 on the GPU (half the bytes, fp16 holds normalized pixels more precisely
         # than bf16) and fp32 on the CPU (CPU fp16 arithmetic is slow); torch casts afterwards.
@@ -801,11 +851,14 @@ class DaliLoader:
     def _to_torch(self, tensor_list) -> torch.Tensor:
         """Zero-copy DLPack view of a dense DALI batch (the dynamic executor does not recycle output buffers:
         the memory lives as long as the torch tensor). On the GPU the outputs are already bound to torch's
-        current stream (:func:`output_stream`), so taking them enqueues no host wait."""
+        current stream (:func:`output_stream`), so taking them enqueues no host wait. ``copy_outputs``: a copy
+        into a tensor torch allocated, on torch's current stream, and no DLPack capsule at all."""
         t = tensor_list.as_tensor()
         if self.device_id is None:
             return torch.from_dlpack(t)
         with torch.cuda.device(self.device_id):
+            if self.copy_outputs:
+                return copy_to_torch(t, torch.device("cuda", self.device_id))
             return torch.from_dlpack(t)
 
     def _finish_images(self, x: torch.Tensor) -> torch.Tensor:
@@ -834,6 +887,8 @@ def build(
     """The DALI backend for any request: GPU decode on the inputs' CUDA device (the process's local rank under
     torchrun), the CPU-only mode otherwise; ``shard_id`` is the global rank."""
     device_id = (spec.device.index or 0) if spec.device.type == "cuda" else None
+    rt = cfg.runtime
+    graphs = rt.compile != "off" and rt.compile_mode in CUDA_GRAPH_COMPILE_MODES  # compile=auto is on for CUDA
     return DaliLoader(
         samples,
         cfg.data,
@@ -844,4 +899,5 @@ def build(
         shard_id=shard_id,
         num_shards=num_shards,
         device_id=device_id,
+        copy_outputs=graphs and device_id is not None,
     )

@@ -22,7 +22,7 @@ from fasttrain.data.base import Batch, InputSpec, Loader
 from fasttrain.data.sources import DataSource, Split
 from fasttrain.runtime import Runtime
 
-__all__ = ["Task", "TrainState", "match_param_layout"]
+__all__ = ["Task", "TrainState", "match_param_layout", "load_optimizer_state"]
 
 
 @dataclass
@@ -76,9 +76,10 @@ class TrainState:
                 if group == "scalers" and (not saved or not obj.is_enabled()):
                     # A bf16/fp32 run saved a disabled scaler ({}), or this run needs none: start fresh.
                     continue
-                obj.load_state_dict(saved)
                 if group == "optimizers":
-                    match_param_layout(obj)
+                    load_optimizer_state(obj, saved)
+                else:
+                    obj.load_state_dict(saved)
         saved_ema = sd.get("ema") or {}
         for k, ema in self.ema.items():
             if k in saved_ema:
@@ -92,6 +93,38 @@ class TrainState:
             m.train(mode)
         for m in self.ema.values():
             m.train(mode)
+
+
+_KERNEL_KEYS = ("fused", "foreach", "capturable")
+"""The param-group settings that choose an optimizer's kernels: this run's runtime decides them, not the
+checkpoint (:meth:`Runtime.optimizer_kwargs`)."""
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """``optimizer.load_state_dict(saved)``, keeping the kernels this run built it with.
+
+    ``Optimizer.load_state_dict`` takes the *saved* param groups whole: a checkpoint written on a CPU
+    (``foreach=True, fused=None``) and resumed on CUDA would turn the fused optimizer back into foreach while
+    ``_step_supports_amp_scaling`` stays True, and fp16's ``GradScaler.step`` then hands ``grad_scale`` /
+    ``found_inf`` to the foreach kernels, which assert at the first step. So the kernel choice is put back on
+    every group, each ``step`` tensor goes where those kernels keep it (a float32 on the parameter's device for
+    fused / capturable, a CPU scalar otherwise, as ``_init_group`` makes it), and the states take the
+    parameters' layout.
+    """
+    kernels = [{k: g[k] for k in _KERNEL_KEYS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, choice in zip(optimizer.param_groups, kernels, strict=True):
+        group.update(choice)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for param in group["params"]:
+            step = optimizer.state.get(param, {}).get("step")
+            if isinstance(step, torch.Tensor):
+                if on_device:
+                    optimizer.state[param]["step"] = step.to(dtype=torch.float32, device=param.device)
+                else:
+                    default = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+                    optimizer.state[param]["step"] = step.to(dtype=default, device="cpu")
+    match_param_layout(optimizer)
 
 
 def match_param_layout(optimizer: torch.optim.Optimizer) -> None:

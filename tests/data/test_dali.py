@@ -27,6 +27,7 @@ from fasttrain.data.dali import (
     _Draws,
     dali_padding_bytes,
     dali_status,
+    decoder_args,
     output_stream,
     rrc_window,
     train_params,
@@ -199,10 +200,145 @@ def test_decoder_padding_is_per_thread_and_outputs_follow_torchs_stream(monkeypa
     memory a run reserves grows with the thread count), and outputs are bound to torch's current stream."""
     assert dali_padding_bytes(DataConfig(dali_threads=1)) == (211_025_920, 2 * 140_544_512)
     assert dali_padding_bytes(DataConfig(dali_threads=6)) == (6 * 211_025_920, 12 * 140_544_512)
+    assert dali_padding_bytes(DataConfig(dali_threads=6), decoders=2) == (12 * 211_025_920, 24 * 140_544_512)
     assert output_stream(None, torch.device("cpu")) is None  # CPU-only mode: host-synchronous outputs
     asked = []
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: asked.append(device) or "torch-stream")
     assert output_stream(0, torch.device("cuda", 0)) == "torch-stream" and asked == [torch.device("cuda", 0)]
+
+
+@pytest.mark.parametrize(
+    "compile, mode, device, copies",
+    [
+        ("auto", "reduce-overhead", "cuda", True),
+        ("on", "max-autotune", "cuda", True),
+        ("auto", "default", "cuda", False),
+        ("auto", "max-autotune-no-cudagraphs", "cuda", False),
+        ("off", "reduce-overhead", "cuda", False),
+        ("auto", "reduce-overhead", "cpu", False),  # CPU-only DALI: its batches are copied to the device anyway
+    ],
+)
+def test_cuda_graph_compile_modes_get_torch_owned_batches(monkeypatch, compile, mode, device, copies):
+    """DALI frees a DLPack-shared batch from a background thread with cudaDeviceSynchronize(), fatal while torch
+    captures a CUDA graph: in the graph-capturing modes the GPU loader copies batches into torch's memory."""
+    import fasttrain.data.dali as dali_mod
+    from fasttrain.config import Config, apply_overrides
+
+    made = {}
+    monkeypatch.setattr(dali_mod, "DaliLoader", lambda *a, **k: made.update(k))
+    cfg = apply_overrides(Config(), [f"runtime.compile={compile}", f"runtime.compile_mode={mode}"])
+    spec = InputSpec(torch.device(device, 0), torch.float16, True, (0.5,) * 3, (0.5,) * 3)
+    dali_mod.build(None, cfg, spec, train=True, batch_size=4)
+    assert made["copy_outputs"] is copies
+
+
+@needs_dali
+def test_closing_a_loader_hands_dalis_pooled_memory_back(mixed, monkeypatch):
+    """A closed pipeline's buffers went back to DALI's pools, not to the driver: autotune's later loader trials
+    under-measured DALI, and a run after autotune() in one process trained with that memory held."""
+    import nvidia.dali.backend as dali_backend
+
+    from fasttrain import memory
+
+    calls = []
+    monkeypatch.setattr(dali_backend, "ReleaseUnusedMemory", lambda: calls.append("release"))
+    data = DataConfig(image_size=32)
+    loader = DaliLoader(split_of(mixed[:4]), data, spec_for(data), batch_size=2, train=False, seed=0)
+    list(loader)
+    gc.collect()  # loaders of earlier tests, closed by their __del__, release too: not what is counted here
+    gc.disable()
+    try:
+        calls.clear()
+        loader.close()
+        assert calls == ["release"]
+        memory.free_device_memory("cpu")  # what every autotune reading starts from (its gc.collect() may close
+        assert len(calls) >= 2  # a stray loader of another test too: at least one more release)
+    finally:
+        gc.enable()
+
+
+@pytest.mark.gpu
+@needs_dali
+def test_a_closed_gpu_loader_leaves_its_decoder_memory_with_the_driver(mixed):
+    """Four decoder threads pad ~800 MiB of device memory; once the loader is closed it must be gone."""
+    from fasttrain import memory
+
+    dev = torch.device("cuda", 0)
+    torch.cuda.synchronize(dev)
+    before = memory.device_memory(dev).used_bytes
+    data = DataConfig(image_size=32, dali_threads=4)
+    spec = spec_for(data, dtype=torch.float16, device="cuda:0")
+    loader = DaliLoader(split_of(mixed), data, spec, batch_size=4, train=True, seed=0, device_id=0)
+    list(loader)
+    loader.close()
+    memory.free_device_memory(dev)
+    assert memory.device_memory(dev).used_bytes - before < 256 * memory.MIB
+
+
+@needs_dali
+def test_a_pair_in_two_files_counts_two_padded_decoders(tmp_path, mixed):
+    from fasttrain.data.samples import Samples
+
+    data = DataConfig(image_size=32)
+    pair = Samples(Split("train", mixed[:4], mixed[4:8]), "pair")
+    loader = DaliLoader(pair, data, spec_for(data), batch_size=2, train=False, seed=0)
+    try:
+        assert loader.decoders == 2
+    finally:
+        loader.close()
+    single = DaliLoader(split_of(mixed[:4]), data, spec_for(data), batch_size=2, train=False, seed=0)
+    single.close()
+    assert single.decoders == 1
+
+
+@needs_dali
+def test_gpu_decoders_upsample_chroma_as_pillow_does(mixed, monkeypatch):
+    """DALI's mixed decoder left jpeg_fancy_upsampling off: GPU-decoded 4:2:0 JPEGs differed from Pillow, DALI's
+    CPU mode and predict. Every decoder of a pipeline takes decoder_args; on the GPU they turn it on."""
+    import nvidia.dali.types as types
+
+    import fasttrain.data.dali as dali_mod
+
+    gpu = decoder_args(DataConfig(), types, gpu=True, padded=True)
+    assert gpu["device"] == "mixed" and gpu["jpeg_fancy_upsampling"] is True
+    assert gpu["device_memory_padding"] == 211_025_920
+    assert "jpeg_fancy_upsampling" not in decoder_args(DataConfig(), types, gpu=False, padded=True)  # libjpeg's own
+    used = []
+    real = dali_mod.decoder_args
+    monkeypatch.setattr(dali_mod, "decoder_args", lambda *a, **k: used.append(k) or real(*a, **k))
+    data = DataConfig(image_size=32)
+    DaliLoader(split_of(mixed[:4]), data, spec_for(data), batch_size=2, train=True, seed=0).close()
+    assert used == [{"gpu": False, "padded": True}]  # the pipeline's decoders come from it
+
+
+@needs_dali
+def test_copy_to_torch_gives_a_torch_owned_copy():
+    from nvidia.dali.backend import TensorCPU
+
+    from fasttrain.data.dali import copy_to_torch
+
+    src = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    dali_tensor = TensorCPU(src)
+    out = copy_to_torch(dali_tensor, torch.device("cpu"))
+    assert out.dtype == torch.uint8 and out.tolist() == src.tolist()
+    assert out.data_ptr() != dali_tensor.data_ptr()  # its own memory, no view of DALI's
+
+
+@pytest.mark.gpu
+@needs_dali
+def test_dali_batches_feed_a_reduce_overhead_compiled_step(mixed):
+    """The first GPU run confirms it: CUDA-graph capture with DALI batches, several steps, no terminate."""
+    data = DataConfig(image_size=32)
+    spec = spec_for(data, dtype=torch.float16, channels_last=True, device="cuda:0")
+    loader = DaliLoader(split_of(mixed), data, spec, batch_size=4, train=True, seed=0, device_id=0, copy_outputs=True)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 23)).cuda().half()
+    step = torch.compile(model, mode="reduce-overhead")
+    try:
+        for _ in range(3):
+            for batch in loader:
+                step(batch.inputs).float().sum().item()
+    finally:
+        loader.close()
 
 
 # -- CPU-only DALI --------------------------------------------------------------------------------------------
@@ -224,6 +360,25 @@ def test_eval_output_matches_the_torch_path(mixed, channels, channels_last):
     per_image = err.flatten(1).mean(1)
     assert per_image.max() < PARITY_MEAN_ABS, per_image
     assert err.max() < PARITY_MAX_ABS
+
+
+@needs_dali
+def test_an_evaluation_shard_with_no_samples_yields_nothing_instead_of_raising(mixed):
+    """Fewer validation images than processes: the empty shard raised alone (none decoded) while the other
+    ranks went on to the all-reduce and waited. It yields no batch; the shards together still cover each once."""
+    data = DataConfig(image_size=32)
+    seen = []
+    for shard in range(4):
+        loader = DaliLoader(
+            split_of(mixed[:2]), data, spec_for(data), batch_size=5, train=False, seed=0, num_shards=4, shard_id=shard
+        )
+        try:
+            batches = list(loader)
+            assert len(loader) == len(batches) == (1 if shard < 2 else 0)
+            seen += [t for b in batches for t in b.targets.tolist()]
+        finally:
+            loader.close()
+    assert sorted(seen) == [0, 1]
 
 
 @needs_dali
@@ -710,10 +865,10 @@ def test_mixed_decode_matches_cpu_mode(mixed):
     assert targets.tolist() == list(range(23)) and [len(b) for b in batches] == [8, 8, 7]
     cpu = DaliLoader(split_of(mixed), data, spec_for(data), batch_size=8, train=False, seed=0)
     ref = epoch(cpu)[2]
-    # nvJPEG / the hardware decoder use other IDCT and chroma upsampling than libjpeg-turbo, and fp16 output
-    # rounds to ~0.002: a looser bound than CPU-vs-torch parity.
+    # jpeg_fancy_upsampling: chroma upsampled as libjpeg-turbo does; nvJPEG's IDCT still differs a little and
+    # fp16 output rounds to ~0.002 (before it, 4:2:0 chroma needed 0.05 here).
     err = (x.float().cpu() - ref).abs()
-    assert err.flatten(1).mean(1).max() < 0.05
+    assert err.flatten(1).mean(1).max() < 0.03
 
 
 @needs_dali

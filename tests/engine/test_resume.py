@@ -132,3 +132,53 @@ def test_damaged_checkpoint_refused_on_resume(run_dir, tmp_path, change, message
     with pytest.raises(CheckpointError, match=message) as e:
         train(resume=run, overrides=["train.epochs=2"], progress=False)
     assert str(run / "checkpoints" / "last.pt") in str(e.value)
+
+
+def test_resume_keeps_this_runs_fused_optimizer_and_its_scaler_works(run_dir, monkeypatch):
+    """A checkpoint written with foreach kernels (any CPU run), resumed where the runtime builds fused ones (CUDA):
+    torch's load_state_dict would take the saved groups (fused=None) and fp16's scaler would then hand grad_scale
+    to the foreach kernels, which assert. The fused kernels and an on-device step must survive the load."""
+    from fasttrain.checkpoint import checkpoint_config
+    from fasttrain.runtime import Runtime, runtime_for
+    from fasttrain.tasks import make_task
+
+    last = run_dir / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(last, resume=True)
+    saved_group = ckpt["state"]["optimizers"]["model"]["param_groups"][0]
+    assert saved_group["foreach"] and not saved_group.get("fused")  # what a CPU run saves
+    cfg = checkpoint_config(ckpt, last)
+    monkeypatch.setattr(Runtime, "optimizer_kwargs", lambda self: {"fused": True})  # what CUDA builds
+    task = make_task(cfg, runtime_for(cfg), None)
+    task.restoring = True
+    state = task.build_state()
+    state.scalers["model"] = torch.amp.GradScaler("cpu", init_scale=8.0)  # fp16's scaler, enabled
+    state.load_state_dict({**ckpt["state"], "schedulers": {}})
+    opt = state.optimizers["model"]
+    assert all(g["fused"] and not g["foreach"] for g in opt.param_groups)
+    steps = [s["step"] for s in opt.state.values()]
+    assert steps and all(s.dtype == torch.float32 and s.item() == 2 for s in steps)
+    for g in opt.param_groups:
+        g["lr"] = 1e-3  # the finished schedule left 0
+    before = [p.detach().clone() for p in state.modules["model"].parameters()]
+    task.train_step(state, task.synthetic_batch(4, task.input_spec()))  # AssertionError without the fix
+    assert any(not torch.equal(a, p) for a, p in zip(before, state.modules["model"].parameters()))
+    assert all(s["step"].item() == 3 for s in opt.state.values())
+
+
+@pytest.mark.gpu
+def test_a_cpu_checkpoint_resumes_on_cuda_in_fp16(run_dir):
+    """The first step after resuming a foreach (CPU) checkpoint on CUDA's fused optimizer with fp16's scaler."""
+    from fasttrain.checkpoint import checkpoint_config
+    from fasttrain.runtime import runtime_for
+    from fasttrain.tasks import make_task
+
+    last = run_dir / "checkpoints" / "last.pt"
+    ckpt = load_checkpoint(last, resume=True)
+    cfg = apply_overrides(checkpoint_config(ckpt, last), ["runtime.device=cuda", "runtime.precision=fp16"])
+    task = make_task(cfg, runtime_for(cfg, compile="off"), None)
+    task.restoring = True
+    state = task.build_state()
+    state.load_state_dict({**ckpt["state"], "schedulers": {}})
+    assert all(g["fused"] for g in state.optimizers["model"].param_groups)
+    task.train_step(state, task.synthetic_batch(4, task.input_spec()))
+    torch.cuda.synchronize()

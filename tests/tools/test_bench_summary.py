@@ -287,3 +287,36 @@ def test_a_real_pytest_benchmark_json_is_understood(tmp_path):
 def _write(path: Path, data: dict) -> Path:
     path.write_text(json.dumps(data))
     return path
+
+
+@pytest.mark.parametrize(
+    "name, file",
+    [
+        ("NVIDIA H100 80GB HBM3", "gpu-nvidia-h100-80gb-hbm3.json"),
+        ("NVIDIA H200", "gpu-nvidia-h200.json"),
+        ("Tesla T4\n", "gpu-tesla-t4.json"),
+        ("NVIDIA A100-SXM4-40GB", "gpu-nvidia-a100-sxm4-40gb.json"),
+    ],
+)
+def test_one_baseline_per_gpu_model_named_by_nvidia_smi(name, file, capsys):
+    assert S.baseline_path(name) == Path("benchmarks/baselines") / file
+    assert S.main(["--baseline-for", name]) == 0
+    assert capsys.readouterr().out.strip() == f"benchmarks/baselines/{file}"
+    with pytest.raises(ValueError, match="no GPU model name"):
+        S.baseline_path("  ")
+
+
+def test_the_gpu_workflow_pins_the_torch_the_tree_is_tested_with():
+    """The GPU workflow's constraints pinned torch 2.11 / torchvision 0.26 while the tree was tested on 2.14 / 0.29,
+    and its baseline was named for one GPU model."""
+    from importlib import metadata
+
+    pins = dict(
+        line.split("==")
+        for line in (ROOT / "benchmarks" / "constraints-gpu.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
+    for dist in ("torch", "torchvision"):
+        assert pins[dist] == metadata.version(dist).split("+")[0], dist
+    workflow = (ROOT / ".github" / "workflows" / "gpu-benchmarks.yml").read_text()
+    assert "--baseline-for" in workflow and "gpu-h100.json" not in workflow
