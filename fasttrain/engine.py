@@ -586,7 +586,14 @@ class Trainer:
             if self.val_loader is not None or self.source.test:
                 tested = use_best(self.task, state, self.ckpts)
             if self.val_loader is not None:
-                self.task.on_run_end(state, self.run_dir if self.is_main else None, self.val_loader, tested)
+                ema = bool(state.ema) and self.ckpts.best_weights == "ema"  # best.pt's average validated better
+                self.task.on_run_end(
+                    state,
+                    self.run_dir if self.is_main else None,
+                    self.val_loader,
+                    tested + (", EMA" if ema else ""),
+                    ema,
+                )
             if self.source.test:
                 test_loader = self._loader(self.source.test, train=False)
                 test_metrics = test_metrics_of(self.task, state, test_loader, tested)

@@ -294,10 +294,13 @@ class Task:
     def on_epoch_end(self, state: TrainState, run_dir: Path | None, val_loader: Loader | None) -> None:
         """Called after each epoch's evaluation (pix2pix saves a sample grid from the first val batch)."""
 
-    def on_run_end(self, state: TrainState, run_dir: Path | None, val_loader: Loader, weights: str) -> None:
+    def on_run_end(
+        self, state: TrainState, run_dir: Path | None, val_loader: Loader, weights: str, ema: bool = False
+    ) -> None:
         """Called once after the last epoch with the weights the run reports (``weights`` says which: best.pt's
-        where it has one); every process calls it, ``run_dir`` is None where it must not write (the classifier
-        writes its confusion matrix here)."""
+        where it has one; ``ema``: its moving average validated better, so reports use the average); every
+        process calls it, ``run_dir`` is None where it must not write (the classifier writes its confusion
+        matrix here)."""
 
     # -- prediction ------------------------------------------------------------------------------------------
     def preprocess(self, image: Image.Image) -> torch.Tensor:

@@ -108,14 +108,17 @@ class ClassifyTask(Task):
             out["acc5"] = (logits.topk(5, dim=1).indices == y[:, None]).any(1).sum()
         return out
 
-    def on_run_end(self, state: TrainState, run_dir: Path | None, val_loader: Loader, weights: str) -> None:
+    def on_run_end(
+        self, state: TrainState, run_dir: Path | None, val_loader: Loader, weights: str, ema: bool = False
+    ) -> None:
         """Per-class accuracy and the confusion matrix over the validation split: confusion.json and
         confusion.png in the run folder, and the per-class accuracies in the log."""
         from fasttrain.tasks.confusion import confusion_matrix, confusion_report, write_confusion
 
         state.train(False)
         try:
-            matrix = confusion_matrix(state.local["model"], val_loader, self.num_outputs, self.runtime.autocast)
+            model = state.ema["model"].module if ema and "model" in state.ema else state.local["model"]
+            matrix = confusion_matrix(model, val_loader, self.num_outputs, self.runtime.autocast)
         finally:
             state.train(True)
         names = list(self.source.class_names) if self.source and self.source.class_names else []

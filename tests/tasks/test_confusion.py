@@ -41,3 +41,26 @@ def test_a_classifier_run_writes_its_confusion_matrix_for_best_pt(shapes_root, t
     with Image.open(result.run_dir / "confusion.png") as png:
         assert png.format == "PNG" and png.size[0] > 200
     assert "per-class val accuracy (best.pt, epoch" in caplog.text
+
+
+def test_the_confusion_matrix_uses_the_average_when_best_pt_holds_it(shapes_root, tmp_path, monkeypatch):
+    import fasttrain.engine as engine
+
+    real_evaluate, raw_accs = engine.evaluate, []
+
+    def raw_scores_nothing(task, state, loader, *, ema=False):  # best.pt must then hold the average
+        metrics = real_evaluate(task, state, loader, ema=ema)
+        if not ema:
+            raw_accs.append(metrics["acc"])
+            metrics = {**metrics, "acc": 0.0}
+        return metrics
+
+    monkeypatch.setattr(engine, "evaluate", raw_scores_nothing)
+    cfg = tiny_cfg(shapes_root, tmp_path, "train.ema_decay=0.9", epochs=3, max_steps=24)
+    result = train(cfg, progress=False)
+    record = max(result.history, key=lambda r: r["val_ema_acc"])  # best.pt's epoch (raw scores 0 throughout)
+    epoch = result.history.index(record)
+    assert record["weights"] == "ema" and record["val_ema_acc"] != raw_accs[epoch]  # the set-up: they differ
+    report = json.loads((result.run_dir / "confusion.json").read_text())
+    assert report["weights"].endswith(", EMA")
+    assert report["accuracy"] == pytest.approx(record["val_ema_acc"], abs=1e-6)
