@@ -4,6 +4,7 @@ nothing hangs (a FIFO named ``x.png`` used to block the torch loader, ``predict`
 
 from __future__ import annotations
 
+import io
 import signal
 from pathlib import Path
 
@@ -154,6 +155,33 @@ def test_more_bad_files_in_an_epoch_than_allowed_stop_the_run_with_the_list(tmp_
     assert all(p in str(err.value) for p in broken)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_jpeg_corrupt_mid_stream_is_skipped_by_every_backend_for_the_same_reason(tmp_path, backend):
+    """Its header and end marker are intact, so the pre-check passes it; Pillow refuses it. DALI used to decode
+    it anyway (8 skipped against 9 elsewhere, an unattributed "Corrupt JPEG data" on stderr): now Pillow
+    judges such files for DALI too, and every backend names it with the same reason."""
+    good = [str(badfiles.write_jpeg(tmp_path / f"g{i}.jpg", seed=i)) for i in range(3)]
+    corrupt = str(badfiles.write_corrupt_mid_stream_jpeg(tmp_path / "corrupt.jpg"))
+    loader = loader_for(backend, [*good, corrupt], train=False)
+    targets = torch.cat([b.targets for b in loader]).tolist()
+    loader.close()
+    assert sorted(targets) == [0, 1, 2]
+    assert loader.skipped == [(corrupt, "cannot be decoded (OSError: broken data stream when reading image file)")]
+
+
+def test_jpeg_scan_check_passes_valid_files_and_flags_markers_inside_the_scan(tmp_path):
+    from fasttrain.data.checks import jpeg_scan_suspect
+
+    photo = badfiles._photo(3, 96, 120)
+    kinds = {"baseline": {}, "progressive": {"progressive": True}, "restarts": {"restart_marker_blocks": 1}}
+    for name, save in kinds.items():
+        buf = io.BytesIO()
+        photo.save(buf, format="JPEG", quality=90, **save)
+        assert not jpeg_scan_suspect(buf.getvalue()), name
+        assert not jpeg_scan_suspect(buf.getvalue() + b"trailing bytes \xff\x99"), name
+    assert jpeg_scan_suspect(badfiles.write_corrupt_mid_stream_jpeg(tmp_path / "c.jpg").read_bytes())
+
+
 def test_discovery_and_check_data_report_what_is_not_an_image(tmp_path, bomb):
     root = tmp_path / "data"
     good, bad = badfiles.write_corpus(root / "train" / "a", bomb_cache=bomb)
@@ -172,6 +200,30 @@ def test_discovery_and_check_data_report_what_is_not_an_image(tmp_path, bomb):
     assert report.empty == [str(root / "train" / "a" / "folder.jpg"), str(root / "train" / "empty-class")]
     text = report.to_text()
     assert "EMPTY" in text and "empty-class" in text and "named pipe" in text
+
+
+def test_a_file_link_loop_named_like_an_image_is_skipped_by_name_and_a_folder_loop_walked_once(tmp_path):
+    """``a.jpg -> a-partner.jpg -> a.jpg`` used to stop discovery and check-data ("Too many levels of symbolic
+    links" out of DirEntry.is_dir()); a folder link to its parent lists the class's files once."""
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        for i in range(2):
+            badfiles.write_jpeg((root / c).mkdir(parents=True, exist_ok=True) or root / c / f"{i}.jpg", seed=i)
+    badfiles.write_link_loop(root / "a" / "loop.jpg")
+    badfiles.write_folder_loop(root / "b" / "up")
+    src = discover(DataConfig(root=str(root), val_fraction=0.0))
+    assert sorted(Path(p).relative_to(root).as_posix() for p in src.train.paths) == [
+        "a/0.jpg",
+        "a/1.jpg",
+        "b/0.jpg",
+        "b/1.jpg",
+    ]
+    skipped = dict(src.skipped)
+    assert set(skipped) == {str(root / "a" / "loop.jpg"), str(root / "a" / "loop-partner.jpg")}
+    assert all("Too many levels of symbolic links" in why for why in skipped.values())
+    report = check_data(root, workers=1)
+    assert report.total == 6 and len(report.bad) == 2 and not report.empty
+    assert "loop.jpg: cannot be read (Too many levels of symbolic links)" in report.to_text()
 
 
 def test_check_data_cli_on_the_corpus(tmp_path, bomb, capsys):
