@@ -467,3 +467,15 @@ def test_two_processes_writing_the_demo_data_at_once_both_get_it(tmp_path):
         synthetic.make_shapes_dataset = real
     assert errors == [] and len(results) == 2 and results[0] == results[1]
     assert [p.name for p in results[0].parent.iterdir()] == ["shapes-v1"]  # no temp folder left behind
+
+
+def test_a_run_that_diverges_from_the_start_in_short_epochs_fails_and_says_so(shapes_root, tmp_path, capsys):
+    """optim.lr=1e30 with epochs shorter than train.max_nonfinite_logs logged steps: it used to exit 0 with NaN
+    losses and no checkpoint at all."""
+    runs = tmp_path / "runs"
+    args = cli_set(shapes_root, runs, "optim.lr=1e30", "optim.name=sgd", "train.max_steps=3", "train.epochs=1")
+    code = main(["train", *args, "-q"])
+    line = one_line_error(capsys.readouterr().err)
+    assert code == 1 and "weights are not finite" in line and "diverged" in line and "optim.lr" in line, line
+    assert "no checkpoint was written" in line
+    assert not (one_run(runs) / "checkpoints" / "last.pt").exists()
