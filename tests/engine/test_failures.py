@@ -479,3 +479,50 @@ def test_a_run_that_diverges_from_the_start_in_short_epochs_fails_and_says_so(sh
     assert code == 1 and "weights are not finite" in line and "diverged" in line and "optim.lr" in line, line
     assert "no checkpoint was written" in line
     assert not (one_run(runs) / "checkpoints" / "last.pt").exists()
+
+
+_HOLD_AND_LEAVE_A_CHILD = """
+import os, subprocess, sys, time
+from fasttrain.rundir import RunLock
+lock = RunLock(sys.argv[1]).acquire()
+if sys.argv[2] == "fork":  # as a DataLoader worker is made
+    if os.fork() == 0:
+        time.sleep(60)
+        os._exit(0)
+else:  # a child that keeps the descriptor some other way (exec with it passed on)
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], pass_fds=[lock._fd])
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("how", ["fork", "exec"])
+def test_a_lock_held_only_by_children_of_a_killed_process_is_not_held(tmp_path, how):
+    """After ``kill -9`` the orphaned DataLoader workers kept the run's flock for 5-15 s, so a resume started at
+    once was refused (naming the dead pid), and both torchrun restarts failed."""
+    import signal
+
+    from fasttrain.rundir import RunLock, RunLockedError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_AND_LEAVE_A_CHILD, str(run), how],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert owner.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError, match=f"pid {owner.pid}"):  # while the owner runs, it is held
+            RunLock(run).acquire()
+        owner.kill()
+        owner.wait()
+        lock = RunLock(run).acquire()  # at once: the child is still alive
+        with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+            RunLock(run).acquire()  # and now it is ours, held as any lock
+        lock.release()
+        RunLock(run).acquire().release()
+    finally:
+        os.killpg(owner.pid, signal.SIGKILL)  # the orphaned child too
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]
