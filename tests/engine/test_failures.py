@@ -526,3 +526,18 @@ def test_a_lock_held_only_by_children_of_a_killed_process_is_not_held(tmp_path, 
     finally:
         os.killpg(owner.pid, signal.SIGKILL)  # the orphaned child too
     assert sorted(p.name for p in run.iterdir()) == [".lock"]
+
+
+def test_out_of_host_memory_is_one_line_saying_what_to_lower(shapes_root, tmp_path, monkeypatch, capsys):
+    """A real allocation the CPU allocator refuses, inside a training step: it used to be a raw
+    DefaultCPUAllocator traceback."""
+    from fasttrain.tasks.classify import ClassifyTask
+
+    def step_fn(self, state, batch, **kw):
+        torch.empty(2**60, dtype=torch.uint8)  # 1 EiB
+
+    monkeypatch.setattr(ClassifyTask, "train_step", step_fn)
+    code = main(["train", *cli_set(shapes_root, tmp_path / "runs"), "-q"])
+    line = one_line_error(capsys.readouterr().err)
+    assert code == 1 and "out of host memory (an allocation of 1152921504606846976 bytes failed)" in line, line
+    assert "train.batch_size" in line and "DefaultCPUAllocator" not in line
