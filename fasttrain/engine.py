@@ -209,16 +209,28 @@ class _RunLogHandler(logging.FileHandler):
     failed = False
 
     def handleError(self, record: logging.LogRecord) -> None:
+        import sys
+
+        self._warn(sys.exc_info()[1])
+
+    def _warn(self, err: BaseException | None) -> None:
         if not self.failed:
             import sys
 
             self.failed = True
-            err = sys.exc_info()[1]
             print(
                 f"fasttrain: warning: cannot write {self.baseFilename}: {os_reason(err) if err else 'error'}; "
                 f"logging to the terminal only",
                 file=sys.stderr,
             )
+
+    def close(self) -> None:
+        """Closing flushes what a full disk did not take: a bare "[Errno 28]" from here, raised in the engine's
+        ``finally``, used to replace the run's own error (or fail a finished run). Said once, never raised."""
+        try:
+            super().close()
+        except OSError as e:
+            self._warn(e)
 
 
 def _run_log_handler(path: Path) -> logging.Handler:

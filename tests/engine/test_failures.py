@@ -541,3 +541,28 @@ def test_out_of_host_memory_is_one_line_saying_what_to_lower(shapes_root, tmp_pa
     line = one_line_error(capsys.readouterr().err)
     assert code == 1 and "out of host memory (an allocation of 1152921504606846976 bytes failed)" in line, line
     assert "train.batch_size" in line and "DefaultCPUAllocator" not in line
+
+
+def test_a_full_disk_under_train_log_names_the_file_and_never_masks_the_real_error(
+    shapes_root, tmp_path, monkeypatch, capsys
+):
+    """train.log's buffered writes fail at flush and again at close with a bare "[Errno 28] No space left on
+    device" (no file named), which used to replace the run's real error. Here the log writes to /dev/full (the
+    kernel's ENOSPC) and the checkpoint folder is full too: the error names the checkpoint."""
+    from fasttrain.engine import _RunLogHandler
+
+    monkeypatch.setattr(_RunLogHandler, "_open", lambda self: open("/dev/full", "w", encoding="utf-8"))
+    runs = tmp_path / "runs"
+    code = main(["train", *cli_set(shapes_root, runs), "-q"])
+    err = capsys.readouterr().err
+    assert code == 0, err  # the run itself was fine
+    assert "train.log: No space left on device; logging to the terminal only" in err and "Errno" not in err
+    from fasttrain.checkpoint import CheckpointManager
+
+    def full(self, *a, **k):  # the disk fills up before the first checkpoint: that is the error to show
+        raise WriteError(f"cannot write checkpoint {self.last}: No space left on device", 28, path=self.last)
+
+    monkeypatch.setattr(CheckpointManager, "save_last", full)
+    code = main(["train", *cli_set(shapes_root, runs), "-q"])
+    line = one_line_error(capsys.readouterr().err)
+    assert code == 1 and "cannot write checkpoint" in line and "last.pt: No space left on device" in line, line
