@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue the run in RUN_DIR from its last checkpoint (--set train.epochs=N extends it)",
+        help="continue the run in RUN_DIR from its last checkpoint, or from RUN_DIR/checkpoints/X.pt "
+        "(--set train.epochs=N extends it)",
     )
     p.add_argument(
         "--nproc",
