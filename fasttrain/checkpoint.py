@@ -195,7 +195,7 @@ def _damage(path: Path) -> str | None:
 
 
 def alternatives(path: str | os.PathLike, *, resume: bool = False) -> str:
-    """"; other checkpoints of this run: ..." naming the usable files beside ``path`` (best.pt, step
+    """ "; other checkpoints of this run: ..." naming the usable files beside ``path`` (best.pt, step
     checkpoints), with the command that resumes from one when ``resume``; or what else to do."""
     path = Path(path)
     others = sorted(
@@ -229,8 +229,8 @@ def load_checkpoint(
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # torch's message goes on for lines and suggests weights_only=False
-        found = re.search(r"GLOBAL (\S+)", str(e))
-        what = f" ({found.group(1)})" if found else ""
+        named = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" ({named.group(1)})" if named else ""
         raise CheckpointError(
             f"checkpoint {path}: refused: it holds pickled Python objects{what}, which could run code when "
             f"loaded; fasttrain checkpoints hold only tensors and plain data"
