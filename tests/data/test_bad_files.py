@@ -186,8 +186,8 @@ def test_jpeg_scan_check_passes_valid_files_and_flags_markers_inside_the_scan(tm
 
 def test_discovery_and_check_data_report_what_is_not_an_image(tmp_path, bomb):
     root = tmp_path / "data"
-    good, bad = badfiles.write_corpus(root / "train" / "circle", bomb_cache=bomb)
-    badfiles.write_corpus(root / "train" / "square", bad={})
+    good, bad = badfiles.write_corpus(root / "train" / "a", bomb_cache=bomb)
+    badfiles.write_corpus(root / "train" / "b", bad={})
     (root / "train" / "empty-class").mkdir()
     src = discover(DataConfig(root=str(root), val_fraction=0.0))
     listed = set(src.train.paths)
@@ -199,7 +199,7 @@ def test_discovery_and_check_data_report_what_is_not_an_image(tmp_path, bomb):
     assert set(reasons) == {Path(p).name for p in bad} - {"folder.jpg"}  # a folder named x.jpg is a folder
     for name, why in reasons.items():
         assert REASONS[name] in why, (name, why)
-    assert report.empty == [str(root / "train" / "circle" / "folder.jpg"), str(root / "train" / "empty-class")]
+    assert report.empty == [str(root / "train" / "a" / "folder.jpg"), str(root / "train" / "empty-class")]
     text = report.to_text()
     assert "EMPTY" in text and "empty-class" in text and "named pipe" in text
 
