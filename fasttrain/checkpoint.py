@@ -233,7 +233,7 @@ def load_checkpoint(
         what = f" ({named.group(1)})" if named else ""
         raise CheckpointError(
             f"checkpoint {path}: refused: it holds pickled Python objects{what}, which could run code when "
-            f"loaded; fasttrain checkpoints hold only tensors and plain data"
+            f"loaded; fasttrain checkpoints hold only tensors and plain data: use one that `fasttrain train` wrote"
         ) from None
     except Exception as e:  # noqa: BLE001 - zip / format errors: say which file and why, on one line
         why = str(e).strip().splitlines()[0] if str(e).strip() else ""

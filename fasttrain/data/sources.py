@@ -229,13 +229,24 @@ def hold_out(train: Split, cfg: DataConfig, *, stratify: bool, groups: list[Any]
     return train_part, val
 
 
+def _class_dir(p: Path, split: Path) -> bool:
+    """A class folder of ``split``: a visible folder, but no link to a folder holding the split (``up -> ..``:
+    a loop that would make every image a sample of class "up")."""
+    if p.name.startswith(".") or not p.is_dir():
+        return False
+    if p.is_symlink() and Path(os.path.realpath(split)).is_relative_to(os.path.realpath(p)):
+        log.warning("not a class folder: %s links to %s, which holds it (a link loop)", p, os.path.realpath(p))
+        return False
+    return True
+
+
 def _class_folder_split(
     folder: Path, name: str, class_names: list[str], skipped: list[tuple[str, str]] | None = None
 ) -> Split:
     """The split's files and class indices; image-named entries that are no regular file go to ``skipped``."""
     paths, targets = [], []
     index = {c: i for i, c in enumerate(class_names)}
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for sub in sorted(p for p in folder.iterdir() if _class_dir(p, folder)):
         if sub.name not in index:
             raise ConfigError(
                 f"data.root: {name} split {folder} has class folder {sub.name!r} that the training "
@@ -255,7 +266,7 @@ def discover_folder(cfg: DataConfig, root: Path) -> DataSource:
     folders, reserved = split_folders(cfg, root)
     train_dir = folders["train"]
     class_names = sorted(
-        p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in reserved
+        p.name for p in train_dir.iterdir() if _class_dir(p, train_dir) and p.name not in reserved
     )
     if not class_names:
         raise ConfigError(f"data.root: {train_dir} holds no class folders (expected {train_dir}/<class>/<image>)")

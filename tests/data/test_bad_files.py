@@ -213,7 +213,9 @@ def test_a_file_link_loop_named_like_an_image_is_skipped_by_name_and_a_folder_lo
             badfiles.write_jpeg((root / c).mkdir(parents=True, exist_ok=True) or root / c / f"{i}.jpg", seed=i)
     badfiles.write_link_loop(root / "a" / "loop.jpg")
     badfiles.write_folder_loop(root / "b" / "up")
+    badfiles.write_folder_loop(root / "up")  # a "class folder" that is the dataset again
     src = discover(DataConfig(root=str(root), val_fraction=0.0))
+    assert src.class_names == ["a", "b"]
     assert sorted(Path(p).relative_to(root).as_posix() for p in src.train.paths) == [
         "a/0.jpg",
         "a/1.jpg",
@@ -330,6 +332,7 @@ def hostile_tree(tmp_path, bomb) -> tuple[Path, Path, set[str]]:
     badfiles.write_corrupt_mid_stream_jpeg(root / "train" / "square" / "corrupt-mid-stream.jpg")
     badfiles.write_folder_loop(root / "train" / "square" / "up")
     badfiles.write_folder_loop(root / "val" / "circle" / "up")
+    badfiles.write_folder_loop(root / "train" / "up")
     secret = tmp_path / "secret.csv"
     secret.write_text("hunter2,topsecret\n")
     (root / "labels.csv").symlink_to(secret)
