@@ -184,8 +184,6 @@ def test_any_flipped_bit_is_refused_or_changes_nothing(tmp_path):
             assert str(tmp_path / "b.pt") in str(e) and "\n" not in str(e)
             refused += 1
             continue
-        except Exception:  # noqa: BLE001 - the layout check of an empty config may refuse an intact file too
-            continue
         for k, v in m.state_dict().items():
             assert torch.equal(got["state"]["modules"]["m"][k], v)
     assert refused > 60
