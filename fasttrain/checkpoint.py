@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
+import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "CheckpointError",
+    "alternatives",
     "checkpoint_config",
     "check_resume_config",
     "RESUME_MAY_CHANGE",
@@ -78,8 +82,13 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
 
     def write(tmp: Path) -> None:
         # A Python file object, not a path: torch's own file writer loses the OS error (errno) of a full disk.
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, **payload}, f)
+        crc = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(True)  # every record's CRC-32: what load checks damage against
+        try:
+            with open(tmp, "wb") as f:
+                torch.save({"format": FORMAT, **payload}, f)
+        finally:
+            torch.serialization.set_crc32_options(crc)
 
     try:
         return atomic_replace(path, write)
@@ -171,6 +180,39 @@ def _validate(ckpt: dict[str, Any], path: Path, resume: bool) -> None:
         _need(running is None or isinstance(running, dict), path, "its 'running' sums are malformed")
 
 
+def _damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint's bytes, or None. torch.save writes a zip whose every record carries a
+    CRC-32 of its bytes; torch.load never checks them, so one flipped bit would load as different weights (or
+    NaN two steps later). Reading the records back against their checksums costs one read of the file."""
+    if not zipfile.is_zipfile(path):
+        return None  # not a zip at all: torch.load says what it is
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        return f"its zip structure is broken: {e}"
+    return f"record {bad} does not match its CRC-32 checksum" if bad else None
+
+
+def alternatives(path: str | os.PathLike, *, resume: bool = False) -> str:
+    """ "; other checkpoints of this run: ..." naming the usable files beside ``path`` (best.pt, step
+    checkpoints), with the command that resumes from one when ``resume``; or what else to do."""
+    path = Path(path)
+    others = sorted(
+        (p for p in path.parent.glob("*.pt") if p.name != path.name and p.is_file()),
+        key=lambda p: (p.name != "best.pt", -p.stat().st_mtime),
+    )
+    if not others:
+        if resume:
+            run = path.parent.parent
+            return f"; this run has no other checkpoint: start again (fasttrain train {run / 'config.toml'})"
+        return ""
+    names = ", ".join(p.name for p in others)
+    if resume:
+        return f"; other checkpoints of this run: {names}; resume from one: fasttrain train --resume {others[0]}"
+    return f"; other checkpoints of this run: {names} (in {path.parent})"
+
+
 def load_checkpoint(
     path: str | os.PathLike, map_location: str | torch.device = "cpu", *, resume: bool = False
 ) -> dict[str, Any]:
@@ -179,10 +221,23 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path}: not found")
+    damage = _damage(path)
+    if damage is not None:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged ({damage}) and is not used{alternatives(path, resume=resume)}"
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - pickle / zip errors: say which file and why
-        raise CheckpointError(f"checkpoint {path}: cannot be loaded ({type(e).__name__}: {e})") from None
+    except pickle.UnpicklingError as e:  # torch's message goes on for lines and suggests weights_only=False
+        named = re.search(r"GLOBAL (\S+)", str(e))
+        what = f" ({named.group(1)})" if named else ""
+        raise CheckpointError(
+            f"checkpoint {path}: refused: it holds pickled Python objects{what}, which could run code when "
+            f"loaded; fasttrain checkpoints hold only tensors and plain data: use one that `fasttrain train` wrote"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - zip / format errors: say which file and why, on one line
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"checkpoint {path}: cannot be loaded ({type(e).__name__}: {why})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         found = f"format {ckpt.get('format')!r}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
         raise CheckpointError(f"checkpoint {path}: not a fasttrain checkpoint ({found})")

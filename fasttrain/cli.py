@@ -12,6 +12,7 @@ import argparse
 import errno
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -329,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--resume",
         metavar="RUN_DIR",
-        help="continue the run in RUN_DIR from its last checkpoint (--set train.epochs=N extends it)",
+        help="continue the run in RUN_DIR from its last checkpoint, or from RUN_DIR/checkpoints/X.pt "
+        "(--set train.epochs=N extends it)",
     )
     p.add_argument(
         "--nproc",
@@ -485,6 +487,31 @@ def _one_line(e: BaseException) -> str:
     return f"{action} {e.filename}: {os_reason(e)}"
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    if "torch" not in sys.modules:
+        return isinstance(e, MemoryError)
+    from fasttrain.memory import is_oom_error
+
+    return is_oom_error(e)
+
+
+def _oom_line(e: BaseException) -> str:
+    """Out of memory, host or GPU, as one line: what ran out and what to lower (torch's text is a traceback)."""
+    text = " ".join(str(e).split())
+    gpu = "cuda" in text.lower() or "cublas" in text.lower() or "cudnn" in text.lower()
+    wanted = re.search(r"(?:tried to allocate|allocate) ([\d.]+ ?[KMGT]?i?B|\d+ bytes)", text)
+    size = f" (an allocation of {wanted.group(1)} failed)" if wanted else ""
+    if gpu:
+        return (
+            f"out of GPU memory{size}: lower train.batch_size (with train.accumulation to keep the effective "
+            f"batch), or let `fasttrain autotune` find what fits"
+        )
+    return (
+        f"out of host memory{size}: lower train.batch_size, data.workers or data.cache_budget "
+        f"(data.loader=torch keeps no dataset in memory), or free memory on this machine"
+    )
+
+
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
 
 
@@ -513,6 +540,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (OSError, RunError) as e:  # a write failed (disk full, read-only, permissions), a run had to stop
         print(f"fasttrain: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except (RuntimeError, MemoryError) as e:
+        if not _out_of_memory(e):
+            raise
+        print(f"fasttrain: error: {_oom_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         if sys.stderr.isatty():

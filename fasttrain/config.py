@@ -243,6 +243,9 @@ class ModelConfig:
         )
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 @dataclass
 class OptimConfig:
     name: str = "sgd"
@@ -272,6 +275,11 @@ class OptimConfig:
             0.0 <= self.layer_decay <= 1.0, "optim.layer_decay", f"must be in [0, 1] (0 = off), got {self.layer_decay}"
         )
         _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(  # the optimizers compute in float32: a larger value raises mid-step ("cannot be converted")
+            self.lr <= _FLOAT32_MAX,
+            "optim.lr",
+            f"{self.lr:g} is more than float32 holds ({_FLOAT32_MAX:.3g}); learning rates are usually 1e-5 to 1",
+        )
         _check(0.0 <= self.momentum < 1.0, "optim.momentum", "must be in [0, 1)")
         _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _check(

@@ -27,6 +27,7 @@ import torch
 from fasttrain import distributed, memory
 from fasttrain.checkpoint import (
     CheckpointManager,
+    alternatives,
     check_resume_config,
     checkpoint_config,
     load_checkpoint,
@@ -124,14 +125,12 @@ def train(
     try:
         ckpt = None
         if resume is not None:
-            run_dir = Path(resume)
-            if not run_dir.is_dir():
-                raise FileNotFoundError(f"--resume: {run_dir} is not a run folder")
+            run_dir, start = _resume_target(Path(resume))
             if info.is_main:
                 lock = RunLock(run_dir).acquire()  # before reading anything a running process may be rewriting
                 clean_temp_files(run_dir)
                 check_writable(run_dir / "checkpoints", "--resume")  # read-only: fail now, not after an epoch
-            cfg, ckpt = _resumed_config(run_dir, overrides)
+            cfg, ckpt = _resumed_config(run_dir, overrides, start)
         assert cfg is not None
         prep = prepare(cfg, model=model, dataset=dataset, val_dataset=val_dataset)
         _check_best_metric(prep.task, prep.cfg.train.best_metric, bool(prep.source.val))
@@ -165,8 +164,24 @@ def train(
             lock.release()
 
 
-def _resumed_config(run_dir: Path, overrides: list[str] | None) -> tuple[Config, dict[str, Any]]:
-    last = run_dir / "checkpoints" / "last.pt"
+def _resume_target(resume: Path) -> tuple[Path, Path]:
+    """(run folder, checkpoint to resume from): a run folder resumes from its last.pt; a checkpoint file of a
+    run (``RUN/checkpoints/best.pt``, when last.pt is damaged or missing) from that file."""
+    if resume.is_file() and resume.parent.name == "checkpoints" and (resume.parent.parent / "config.toml").is_file():
+        return resume.parent.parent, resume
+    if not resume.is_dir():
+        raise FileNotFoundError(f"--resume: {resume} is not a run folder (nor a checkpoint in one's checkpoints/)")
+    return resume, resume / "checkpoints" / "last.pt"
+
+
+def _resumed_config(run_dir: Path, overrides: list[str] | None, last: Path | None = None) -> tuple[Config, dict]:
+    last = last or run_dir / "checkpoints" / "last.pt"
+    if not last.is_file() and not last.is_symlink():
+        raise FileNotFoundError(
+            f"--resume: {last} not found: the run stopped before its first checkpoint (written after each "
+            f"epoch, and every train.checkpoint_every_steps steps when set) or the file was deleted"
+            f"{alternatives(last, resume=True)}"
+        )
     ckpt = load_checkpoint(last, resume=True)
     saved = checkpoint_config(ckpt, last)
     cfg = saved
@@ -207,16 +222,28 @@ class _RunLogHandler(logging.FileHandler):
     failed = False
 
     def handleError(self, record: logging.LogRecord) -> None:
+        import sys
+
+        self._warn(sys.exc_info()[1])
+
+    def _warn(self, err: BaseException | None) -> None:
         if not self.failed:
             import sys
 
             self.failed = True
-            err = sys.exc_info()[1]
             print(
                 f"fasttrain: warning: cannot write {self.baseFilename}: {os_reason(err) if err else 'error'}; "
                 f"logging to the terminal only",
                 file=sys.stderr,
             )
+
+    def close(self) -> None:
+        """Closing flushes what a full disk did not take: a bare "[Errno 28]" from here, raised in the engine's
+        ``finally``, used to replace the run's own error (or fail a finished run). Said once, never raised."""
+        try:
+            super().close()
+        except OSError as e:
+            self._warn(e)
 
 
 def _run_log_handler(path: Path) -> logging.Handler:
@@ -680,14 +707,27 @@ class Trainer:
         stop = self.early_stop.update(record)
         if (record["epoch"]) % self.tc.checkpoint_every == 0 or last or stop:
             self.ckpts.save_last()
+        if self.tc.max_nonfinite_logs and not finite_weights(self.state.modules):
+            # Short epochs end before max_nonfinite_logs bad steps in a row: a run whose weights went inf / nan
+            # used to exit 0 with NaN losses and no checkpoint at all.
+            raise Diverged(
+                f"training stopped after epoch {record['epoch']}, step {self.state.step}: the weights are not "
+                f"finite (inf / nan): the run diverged; {self._kept()}. Lower optim.lr, or try optim.grad_clip "
+                f"/ runtime.precision=fp32"
+            )
         return stop
+
+    def _kept(self) -> str:
+        if self.ckpts.saved_at == "none yet":
+            return "no checkpoint was written (the weights were not finite at any checkpoint)"
+        return f"{self.ckpts.last} keeps the last finite weights ({self.ckpts.saved_at})"
 
     def _diverged(self, epoch: int, count: int) -> Diverged:
         tc = self.tc
         return Diverged(
             f"training stopped at epoch {epoch + 1}, step {self.state.step}: the training loss was not "
             f"finite (inf / nan) at {count} logged steps in a row (every {tc.log_every} steps); "
-            f"{self.ckpts.last} keeps the last finite weights ({self.ckpts.saved_at}). Lower optim.lr, or "
+            f"{self._kept()}. Lower optim.lr, or "
             f"try optim.grad_clip / runtime.precision=fp32 (train.max_nonfinite_logs = 0 never stops)"
         )
 

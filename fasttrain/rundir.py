@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from fasttrain.io import WriteError, atomic_write_text, os_reason, remove_temp_files
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "RunError",
@@ -37,17 +40,96 @@ class RunLockedError(RunError):
     """Another process is training in this run folder."""
 
 
+_HELD: set[int] = set()
+"""Descriptors of the run locks this process holds: closed in every forked child (see :class:`RunLock`)."""
+_AT_FORK = False
+
+
+def _close_held_in_child() -> None:
+    for fd in _HELD:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+def _exists(pid: int) -> bool:
+    """Whether a process ``pid`` runs (a zombie, killed and not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2 :][:1] != "Z"
+    except (OSError, ValueError):
+        return True
+
+
 class RunLock:
     """An exclusive ``flock`` on ``run_dir/.lock`` for as long as a process trains there. The kernel drops it
-    when the process ends in any way (``kill -9`` included), so a stale lock file never blocks a resume."""
+    when the process ends in any way (``kill -9`` included), so a stale lock file never blocks a resume.
+
+    A flock belongs to the open file, which forked children (DataLoader workers) share: they close their copy
+    at fork, so workers orphaned by ``kill -9`` never keep a run locked. The file records the owner's pid; a lock
+    still held when no process has that pid (a child kept it some other way) is stale and taken over: a fresh
+    lock file replaces it, under a short lock on the run folder itself so that two resumes cannot both take
+    over. (A reused pid keeps the lock held: refusing wrongly is safer than two runs in one folder.)"""
 
     def __init__(self, run_dir: str | os.PathLike):
         self.path = Path(run_dir) / LOCK_NAME
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
+        global _AT_FORK
+        if not _AT_FORK:
+            os.register_at_fork(after_in_child=_close_held_in_child)
+            _AT_FORK = True
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            guard = os.open(self.path.parent, os.O_RDONLY)
+        except OSError:
+            guard = None
+        try:
+            if guard is not None:
+                try:
+                    fcntl.flock(guard, fcntl.LOCK_EX)  # held for the few calls below only
+                except OSError:
+                    pass
+            fd = self._open(self.path, os.O_CREAT)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                holder = self._holder()
+                if holder is None or _exists(holder):
+                    os.close(fd)
+                    raise RunLockedError(
+                        f"run folder {self.path.parent} is in use by another fasttrain process"
+                        f"{f' (pid {holder})' if holder else ''}; wait for it to end or stop it, "
+                        f"then resume"
+                    ) from None
+                os.close(fd)
+                fd = self._take_over(holder)
+            try:  # who holds it
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except OSError:
+                pass
+        finally:
+            if guard is not None:
+                os.close(guard)
+        self._fd = fd
+        _HELD.add(fd)
+        return self
+
+    def _open(self, path: Path, flags: int) -> int:
+        try:
+            return os.open(path, os.O_RDWR | flags, 0o644)
         except OSError as e:
             raise WriteError(
                 f"cannot write in run folder {self.path.parent}: {os_reason(e)}",
@@ -55,34 +137,32 @@ class RunLock:
                 path=self.path,
                 reason=os_reason(e),
             ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            holder = self._holder()
-            raise RunLockedError(
-                f"run folder {self.path.parent} is in use by another fasttrain process"
-                f"{f' (pid {holder})' if holder else ''}; wait for it to end or stop it, "
-                f"then resume"
-            ) from None
-        try:  # who holds it, for the message above; best effort (the lock itself is what counts)
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-        except OSError:
-            pass
-        self._fd = fd
-        return self
 
-    def _holder(self) -> str:
+    def _take_over(self, dead: int) -> int:
+        """A new lock file, locked, renamed over the stale one (whose holders keep a lock on a file nobody opens)."""
+        tmp = self.path.with_name(f"{LOCK_NAME}.new-{os.getpid()}")
+        tmp.unlink(missing_ok=True)
+        fd = self._open(tmp, os.O_CREAT | os.O_EXCL)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.replace(tmp, self.path)
+        log.warning(
+            "run folder %s: the lock of process %d, which has ended, was still held by processes it left behind "
+            "(e.g. data loader workers); taken over",
+            self.path.parent,
+            dead,
+        )
+        return fd
+
+    def _holder(self) -> int | None:
+        """The pid recorded in the lock file; None when it cannot be read."""
         try:
-            return self.path.read_text(encoding="utf-8", errors="replace").strip()[:20]
-        except OSError:
-            return ""
+            return int(self.path.read_text(encoding="utf-8", errors="replace").split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
     def release(self) -> None:
         if self._fd is not None:
+            _HELD.discard(self._fd)
             os.close(self._fd)  # closing the last descriptor drops the flock
             self._fd = None
 

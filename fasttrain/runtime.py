@@ -15,6 +15,7 @@ import random
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -288,21 +289,22 @@ def environment(device: torch.device | None = None) -> dict[str, Any]:
     return env
 
 
-def _git_commit() -> str | None:
+def _git_commit(root: Path | None = None) -> str | None:
     """The commit of the checkout fasttrain runs from (with ``+dirty`` for uncommitted changes); None when it
-    was installed from a wheel or git is unavailable."""
+    was installed from a wheel or git is unavailable. Read-only: ``git status`` would otherwise refresh the
+    index and take the user's ``.git/index.lock`` for a moment (a commit of theirs at that moment fails)."""
     import subprocess
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = root or Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
         return None
+    git = ["git", "--no-optional-locks", "-C", str(root)]
     try:
         head = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            [*git, "status", "--porcelain", "--untracked-files=no"],
             capture_output=True,
             text=True,
             timeout=5,

@@ -120,6 +120,31 @@ def write_dangling_symlink(path: Path) -> Path:
     return path
 
 
+def write_link_loop(path: Path) -> Path:
+    """``path`` -> ``<stem>-partner<suffix>`` -> ``path``: a file symlink loop named like an image (stat: ELOOP)."""
+    partner = path.with_name(f"{path.stem}-partner{path.suffix}")
+    path.symlink_to(partner.name)
+    partner.symlink_to(path.name)
+    return path
+
+
+def write_folder_loop(path: Path) -> Path:
+    """A folder link to its own parent (``ln -s .. path``): walking it naively never ends."""
+    path.symlink_to("..")
+    return path
+
+
+def write_corrupt_mid_stream_jpeg(path: Path) -> Path:
+    """A JPEG whose header and end marker are intact but whose entropy-coded data is garbled halfway: the
+    header pre-check passes it; Pillow refuses it when decoding."""
+    data = bytearray(jpeg_bytes(7))
+    sos = data.find(b"\xff\xda")
+    mid = (sos + len(data)) // 2
+    data[mid : mid + 24] = b"\xff\x99" * 12  # markers that cannot stand inside scan data
+    path.write_bytes(bytes(data))
+    return path
+
+
 # -- awkward but valid ---------------------------------------------------------------------------------------
 
 

@@ -61,6 +61,8 @@ def test_int_accepted_for_float_but_not_reverse(tmp_path):
         (["optimizer.lr=0.1"], r"unknown section 'optimizer'"),
         (["optim.lr=fast"], r"optim\.lr: expected a number"),
         (["optim.lr=-1"], r"optim\.lr: must be > 0"),
+        (["optim.lr=1e39"], r"optim\.lr: 1e\+39 is more than float32 holds \(3\.4e\+38\)"),  # was a traceback
+        (["optim.lr=3.5e38"], r"optim\.lr: 3\.5e\+38 is more than float32 holds"),
         (["data.hflip=yes"], r"data\.hflip: expected true or false"),
         (["data.loader=gpu"], r"data\.loader: must be one of"),
         (["train.batch_size=100", "train.accumulation=3"], r"train\.batch_size: 100 is not divisible"),

@@ -212,3 +212,26 @@ def test_a_runtime_on_a_gpu_makes_it_current_and_decides_bf16_by_its_capability(
     assert torch.cuda.current_device() == last
     assert environment(rt.device)["gpu"] == torch.cuda.get_device_name(last)
     assert (rt.precision.name == "bf16") == (torch.cuda.get_device_capability(last) >= (8, 0))
+
+
+def test_the_environment_record_never_writes_the_users_git_index(tmp_path):
+    """``git status`` refreshes a stale index and writes it under .git/index.lock: every train inside a checkout
+    took the user's lock for a moment. The record reads the commit without touching the index."""
+    import subprocess
+
+    from fasttrain.runtime import _git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "f.txt").write_text("a\n")
+    git("add", "f.txt")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x")
+    os.utime(tmp_path / "f.txt", (1, 1))  # same content, new stat data: the index is stale
+    index = tmp_path / ".git" / "index"
+    before = index.stat()
+    commit = _git_commit(tmp_path)
+    after = index.stat()
+    assert commit is not None and len(commit) == 40  # clean: the content did not change
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)

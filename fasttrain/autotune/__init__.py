@@ -163,6 +163,11 @@ def autotune(
     if seconds <= 0:
         raise ValueError(f"--time-budget / tune.time_budget_s: must be > 0 seconds, got {seconds:g}")
     clock = TimeBudget(seconds)
+    from fasttrain.distributed import dist_info
+    from fasttrain.io import check_writable
+
+    if dist_info().is_main:  # the outputs are written after a search of minutes: a read-only folder fails now
+        check_writable(out_dir if out_dir is not None else cfg.train.runs_dir, "autotune --out")
     python_args = dict(model=model, dataset=dataset, val_dataset=val_dataset)
     from_python = any(v is not None for v in python_args.values())
     use_cache = use_cache and not from_python

@@ -21,8 +21,10 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import io
 import logging
 import os
+import re
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
@@ -49,6 +51,8 @@ __all__ = [
     "check_data",
     "check_header",
     "check_image",
+    "jpeg_scan_suspect",
+    "pil_decode_error",
     "precheck",
     "sniff_image_format",
 ]
@@ -224,6 +228,43 @@ def check_header(path: str | os.PathLike, max_pixels: int = PILLOW_BOMB_PIXELS) 
     except (ValueError, SyntaxError, Image.DecompressionBombError) as e:
         return None, f"truncated or corrupt {kind} ({type(e).__name__}: {e})"
     return ImageInfo(kind, width, height, pil), None
+
+
+# Inside a JPEG's entropy-coded data 0xFF is followed by 0x00 (a stuffed byte), 0xFF (fill) or RST0-7; between the
+# scans of a progressive file stand tables (DHT, DQT, DRI, DAC, DNL), comments, APPn and the next SOS; EOI ends it.
+_SCAN_FF = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_BETWEEN_SCANS = frozenset({0xC4, 0xCC, 0xDA, 0xDB, 0xDC, 0xDD, 0xFE, *range(0xE0, 0xF0)})
+
+
+def jpeg_scan_suspect(data: bytes) -> bool:
+    """Whether a JPEG's scan data holds a marker that cannot stand there (one pass of a C regex over the bytes).
+
+    Such a file is "corrupt mid-stream": libjpeg stops the scan early, and what follows decides the verdict;
+    Pillow refuses it (the torch loader and the cache skip it) while DALI's decoders fill the rest in and
+    decode it with only an unattributed "Corrupt JPEG data" line on stderr. Only these files can get different
+    verdicts, so only they need :func:`pil_decode_error` before DALI is given them."""
+    at = data.find(b"\xff\xda")
+    if at < 0:
+        return True
+    while (m := _SCAN_FF.search(data, at + 2)) is not None:
+        marker = data[m.start() + 1]
+        if marker == 0xD9:  # EOI: what follows is trailing bytes, which every decoder ignores
+            return False
+        if marker not in _BETWEEN_SCANS or m.start() + 4 > len(data):
+            return True
+        (length,) = struct.unpack(">H", data[m.start() + 2 : m.start() + 4])
+        at = m.start() + 2 + length - 2  # past the segment (a table may hold 0xFF bytes), then its scan if SOS
+    return True  # no end marker
+
+
+def pil_decode_error(data: bytes) -> str | None:
+    """Why Pillow's full decode refuses these encoded bytes (the reason :func:`check_image` gives), or None."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+    except DECODE_ERRORS as e:
+        return f"cannot be decoded ({type(e).__name__}: {e})"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------

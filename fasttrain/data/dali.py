@@ -55,7 +55,7 @@ import torch
 
 from fasttrain.config import Config, DataConfig
 from fasttrain.data.base import Batch, InputSpec
-from fasttrain.data.checks import BadFiles, ImageInfo
+from fasttrain.data.checks import BadFiles, ImageInfo, jpeg_scan_suspect, pil_decode_error
 from fasttrain.data.files import open_regular
 from fasttrain.data.order import EpochSampler, check_shard, sample_seed
 from fasttrain.data.samples import Samples, pair_jitter, pair_load_size, precheck_samples, targets_tensor
@@ -230,6 +230,10 @@ def _pnm(im) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PPM")
     return buf.getvalue()
+
+
+class _Refused(Exception):
+    """A file Pillow's full decode refuses; the message is the reason every backend gives."""
 
 
 @dataclass
@@ -607,7 +611,14 @@ class DaliLoader:
         if info.pil:  # Pillow's pixels with the shared rules (alpha on white), as an uncompressed image
             return _pnm(load_image(path, self.data.channels, self.data.max_image_pixels))
         with open_regular(path) as f:
-            return f.read()
+            data = f.read()
+        # One rule for every backend: Pillow's decode judges a JPEG whose scan data is corrupt mid-stream (DALI
+        # would decode it anyway, naming nothing); a cheap byte scan finds the few files that need it.
+        if info.format == "jpeg" and jpeg_scan_suspect(data):
+            why = pil_decode_error(data)
+            if why is not None:
+                raise _Refused(why)
+        return data
 
     def _read_one(self, i: int, key: int) -> _Sample:
         files = [(self._paths[i], self._infos[i])]
@@ -617,6 +628,8 @@ class DaliLoader:
         for path, info in files:
             try:
                 data = self._encoded(path, info)
+            except _Refused as e:
+                return _Sample(i, None, error=(path, str(e)))
             except DECODE_ERRORS as e:
                 return _Sample(i, None, error=(path, f"cannot be read ({type(e).__name__}: {e})"))
             if not data:

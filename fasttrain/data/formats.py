@@ -37,7 +37,16 @@ from typing import Any
 from PIL import Image
 
 from fasttrain.config import ConfigError, DataConfig
-from fasttrain.data.sources import IMAGE_EXTENSIONS, DataSource, Split, hold_out, list_images, split_folders
+from fasttrain.data.sources import (
+    IMAGE_EXTENSIONS,
+    DataSource,
+    Split,
+    entry_kind,
+    hold_out,
+    list_images,
+    split_folders,
+    walk_folders,
+)
 from fasttrain.data.transforms import DECODE_ERRORS
 
 log = logging.getLogger(__name__)
@@ -167,6 +176,12 @@ def discover_manifest(cfg: DataConfig, root: Path) -> DataSource:
         )
     if not path.is_file():
         raise ConfigError(f"data.manifest: {path} not found (a CSV with a header, or .jsonl, relative to data.root)")
+    real, real_root = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    if not real.is_relative_to(real_root):  # a link out of the dataset: never read (or echo) what it points at
+        raise ConfigError(
+            f"data.manifest: {path} is a link to {real}, outside data.root {root}; the manifest must be a "
+            f"file inside the dataset folder (copy it in)"
+        )
     skipped: list[tuple[str, str]] = []
     rows = _read_manifest(path, skipped)
     if not rows:
@@ -255,15 +270,13 @@ def _stroke_targets(json_path: Path, width: int, height: int) -> list[float]:
     return [x / width, y / height, r, g, b]
 
 
-def _session_dirs(folder: Path, reserved: set[str]) -> list[Path]:
-    """Folders under ``folder`` (itself included) holding step files, sorted; reserved names are skipped."""
+def _session_dirs(folder: Path, reserved: set[str]) -> list[tuple[Path, list]]:
+    """(folder, its entries) of the folders under ``folder`` (itself included) holding step files, sorted;
+    reserved names are skipped at the top. Linked folders are followed once (a link loop ends discovery)."""
     out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(
-            d for d in dirnames if not d.startswith(".") and not (Path(dirpath) == folder and d in reserved)
-        )
-        if any(_STEP.match(f) for f in filenames):
-            out.append(Path(dirpath))
+    for d, entries in walk_folders(folder, skip=lambda parent, name: parent == folder and name in reserved):
+        if any(_STEP.match(e.name) for e in entries):
+            out.append((d, entries))
     return out
 
 
@@ -271,12 +284,18 @@ def _drawing_split(
     name: str, folder: Path, reserved: set[str], skipped: list[tuple[str, str]], groups: list[str]
 ) -> Split:
     split = Split(name, [], [])
-    for session in _session_dirs(folder, reserved):
+    for session, entries in _session_dirs(folder, reserved):
         canvases: dict[int, Path] = {}
         strokes: dict[int, Path] = {}
-        for f in sorted(session.iterdir()):
-            m = _STEP.match(f.name)
-            if not m or not f.is_file():
+        for e in entries:
+            m = _STEP.match(e.name)
+            if not m:
+                continue
+            f = Path(e.path)
+            kind, why = entry_kind(e)
+            if kind != "file":
+                if kind == "other":  # a FIFO, a broken link or a link loop named like a step: named, skipped
+                    skipped.append((str(f), why or "not a regular file"))
                 continue
             n, ext = int(m.group(1)), "." + m.group(2).lower()
             if ext == ".json":

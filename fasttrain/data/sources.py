@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ __all__ = [
     "Split",
     "DataSource",
     "ImageScan",
+    "entry_kind",
+    "walk_folders",
     "discover",
     "list_images",
     "scan_images",
@@ -87,45 +90,75 @@ class ImageScan:
     """Sub-folders (topmost ones) holding no image file at all."""
 
 
-def scan_images(folder: Path) -> ImageScan:
-    """Image files under ``folder`` (recursively, sorted, hidden files and folders skipped; linked folders followed),
-    and the image-named entries that are not regular files."""
-    files: list[Path] = []
-    others: list[tuple[str, str]] = []
-    empty: list[Path] = []
-    seen: set[tuple[int, int]] = set()  # folders by (device, inode): a link loop is walked once
+def entry_kind(e: os.DirEntry) -> tuple[str, str | None]:
+    """("dir" | "file" | "other", why it is no usable file): links followed; an entry whose stat fails (a link
+    loop ``a.jpg -> b.jpg -> a.jpg``: ELOOP, a permission error) is "other" with the reason, never an error."""
+    try:
+        if e.is_dir():
+            return "dir", None
+        if e.is_file():  # the directory entry's type: no extra system call unless it is a link
+            return "file", None
+    except OSError as err:
+        return "other", f"cannot be read ({err.strerror or err})"
+    return "other", not_regular_reason(e.path) or "not a regular file"
 
-    def walk(d: Path) -> bool:  # True when the subtree holds an image file
+
+def walk_folders(folder: Path, *, skip: Callable[[Path, str], bool] | None = None) -> Iterator[tuple[Path, list]]:
+    """``(folder, its entries sorted by name)`` for ``folder`` and every sub-folder under it, depth first, hidden
+    ones skipped and ``skip(parent, name)`` ones too. Linked folders are followed once, by resolved identity
+    (device, inode), and a link to a folder that holds ``folder`` (``up -> ..``: a loop) not at all, so
+    discovery ends and lists each file once, under the folder it really lies in. A folder that cannot be listed
+    is logged and left out."""
+    seen: set[tuple[int, int]] = set()
+    top = os.path.realpath(folder)
+
+    def walk(d: Path) -> Iterator[tuple[Path, list]]:
         try:
             st = d.stat()
             if (st.st_dev, st.st_ino) in seen:
-                return True  # already walked (and reported) through another link
+                return
+            real = os.path.realpath(d)
+            if d != Path(folder) and (real == top or Path(top).is_relative_to(real)):
+                log.warning("not following %s: it links to %s, which holds %s (a link loop)", d, real, folder)
+                return
             seen.add((st.st_dev, st.st_ino))
             with os.scandir(d) as it:
-                entries = sorted(it, key=lambda e: e.name)
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
         except OSError as err:
             log.warning("cannot list %s: %s", d, err.strerror or err)
-            return False
-        found = False
+            return
+        yield d, entries
         for e in entries:
-            if e.name.startswith(".") or e.is_dir():  # is_dir follows links, as os.walk(followlinks=True) did
-                continue
-            if Path(e.name).suffix.lower() in IMAGE_EXTENSIONS:
-                if e.is_file():  # the directory entry's type: no extra system call unless it is a link
-                    files.append(Path(e.path))
-                    found = True
-                else:
-                    others.append((e.path, not_regular_reason(e.path) or "not a regular file"))
-        for e in entries:
-            if not e.name.startswith(".") and e.is_dir():
-                if walk(Path(e.path)):
-                    found = True
-                else:
-                    empty.append(Path(e.path))
-        return found
+            if entry_kind(e)[0] == "dir" and not (skip and skip(d, e.name)):
+                yield from walk(Path(e.path))
 
-    walk(Path(folder))
-    # Report the topmost empty folders only (an empty class folder, not each of its empty sub-folders).
+    yield from walk(Path(folder))
+
+
+def scan_images(folder: Path) -> ImageScan:
+    """Image files under ``folder`` (recursively, sorted, hidden files and folders skipped; linked folders followed
+    once, see :func:`walk_folders`), and the image-named entries that are not regular files. An entry that cannot
+    even be stat'ed (a file link loop, ELOOP) is one of those, whatever its name: named, skipped, counted."""
+    files: list[Path] = []
+    others: list[tuple[str, str]] = []
+    found: set[Path] = set()  # folders holding an image file directly
+    walked: list[Path] = []
+    for d, entries in walk_folders(folder):
+        walked.append(d)
+        for e in entries:
+            kind, why = entry_kind(e)
+            if kind == "dir":
+                continue
+            image_named = Path(e.name).suffix.lower() in IMAGE_EXTENSIONS
+            if kind == "file" and image_named:
+                files.append(Path(e.path))
+                found.add(d)
+            elif kind == "other" and (image_named or why and why.startswith("cannot be read")):
+                others.append((e.path, why or "not a regular file"))
+    # A folder is empty when no folder at or under it (by path, as walked) holds an image; report the topmost
+    # ones only (an empty class folder, not each of its empty sub-folders).
+    root = Path(folder)
+    empty = [d for d in walked if d != root and not any(f == d or f.is_relative_to(d) for f in found)]
     empty = sorted(d for d in empty if not any(o != d and d.is_relative_to(o) for o in empty))
     return ImageScan(files, others, empty)
 
@@ -196,13 +229,24 @@ def hold_out(train: Split, cfg: DataConfig, *, stratify: bool, groups: list[Any]
     return train_part, val
 
 
+def _class_dir(p: Path, split: Path) -> bool:
+    """A class folder of ``split``: a visible folder, but no link to a folder holding the split (``up -> ..``:
+    a loop that would make every image a sample of class "up")."""
+    if p.name.startswith(".") or not p.is_dir():
+        return False
+    if p.is_symlink() and Path(os.path.realpath(split)).is_relative_to(os.path.realpath(p)):
+        log.warning("not a class folder: %s links to %s, which holds it (a link loop)", p, os.path.realpath(p))
+        return False
+    return True
+
+
 def _class_folder_split(
     folder: Path, name: str, class_names: list[str], skipped: list[tuple[str, str]] | None = None
 ) -> Split:
     """The split's files and class indices; image-named entries that are no regular file go to ``skipped``."""
     paths, targets = [], []
     index = {c: i for i, c in enumerate(class_names)}
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for sub in sorted(p for p in folder.iterdir() if _class_dir(p, folder)):
         if sub.name not in index:
             raise ConfigError(
                 f"data.root: {name} split {folder} has class folder {sub.name!r} that the training "
@@ -221,9 +265,7 @@ def discover_folder(cfg: DataConfig, root: Path) -> DataSource:
     """The ``folder`` format: one sub-folder per class (ImageFolder), under split folders or a hold-out."""
     folders, reserved = split_folders(cfg, root)
     train_dir = folders["train"]
-    class_names = sorted(
-        p.name for p in train_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in reserved
-    )
+    class_names = sorted(p.name for p in train_dir.iterdir() if _class_dir(p, train_dir) and p.name not in reserved)
     if not class_names:
         raise ConfigError(f"data.root: {train_dir} holds no class folders (expected {train_dir}/<class>/<image>)")
     skipped: list[tuple[str, str]] = []

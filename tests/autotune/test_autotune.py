@@ -787,3 +787,19 @@ def test_resident_cache_is_sized_by_the_tasks_sample_kind(tmp_path):
     cprep = prepare(ccfg)
     n = len(cprep.source.train) + len(cprep.source.val or [])
     assert A.resident_cache_bytes(ccfg, cprep) == n * (3 * 16 * 16 + 8)
+
+
+def test_a_read_only_out_folder_is_refused_before_the_search(tmp_path, monkeypatch, capsys):
+    """It used to be refused only after the whole search (minutes), when the report was written."""
+    from faultfs import FaultFS
+
+    def searched(*a, **k):
+        raise AssertionError("the search ran before the output folder was checked")
+
+    monkeypatch.setattr(A, "_tune", searched)
+    (tmp_path / "out").mkdir()
+    FaultFS(monkeypatch).read_only(tmp_path / "out")
+    code = main(cli_args(tmp_path, "--no-cache"))
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert "autotune --out" in err and "Read-only file system" in err and str(tmp_path / "out") in err

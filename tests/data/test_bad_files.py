@@ -4,6 +4,9 @@ nothing hangs (a FIFO named ``x.png`` used to block the torch loader, ``predict`
 
 from __future__ import annotations
 
+import io
+import os
+import re
 import signal
 from pathlib import Path
 
@@ -154,6 +157,33 @@ def test_more_bad_files_in_an_epoch_than_allowed_stop_the_run_with_the_list(tmp_
     assert all(p in str(err.value) for p in broken)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_jpeg_corrupt_mid_stream_is_skipped_by_every_backend_for_the_same_reason(tmp_path, backend):
+    """Its header and end marker are intact, so the pre-check passes it; Pillow refuses it. DALI used to decode
+    it anyway (8 skipped against 9 elsewhere, an unattributed "Corrupt JPEG data" on stderr): now Pillow
+    judges such files for DALI too, and every backend names it with the same reason."""
+    good = [str(badfiles.write_jpeg(tmp_path / f"g{i}.jpg", seed=i)) for i in range(3)]
+    corrupt = str(badfiles.write_corrupt_mid_stream_jpeg(tmp_path / "corrupt.jpg"))
+    loader = loader_for(backend, [*good, corrupt], train=False)
+    targets = torch.cat([b.targets for b in loader]).tolist()
+    loader.close()
+    assert sorted(targets) == [0, 1, 2]
+    assert loader.skipped == [(corrupt, "cannot be decoded (OSError: broken data stream when reading image file)")]
+
+
+def test_jpeg_scan_check_passes_valid_files_and_flags_markers_inside_the_scan(tmp_path):
+    from fasttrain.data.checks import jpeg_scan_suspect
+
+    photo = badfiles._photo(3, 96, 120)
+    kinds = {"baseline": {}, "progressive": {"progressive": True}, "restarts": {"restart_marker_blocks": 1}}
+    for name, save in kinds.items():
+        buf = io.BytesIO()
+        photo.save(buf, format="JPEG", quality=90, **save)
+        assert not jpeg_scan_suspect(buf.getvalue()), name
+        assert not jpeg_scan_suspect(buf.getvalue() + b"trailing bytes \xff\x99"), name
+    assert jpeg_scan_suspect(badfiles.write_corrupt_mid_stream_jpeg(tmp_path / "c.jpg").read_bytes())
+
+
 def test_discovery_and_check_data_report_what_is_not_an_image(tmp_path, bomb):
     root = tmp_path / "data"
     good, bad = badfiles.write_corpus(root / "train" / "a", bomb_cache=bomb)
@@ -172,6 +202,32 @@ def test_discovery_and_check_data_report_what_is_not_an_image(tmp_path, bomb):
     assert report.empty == [str(root / "train" / "a" / "folder.jpg"), str(root / "train" / "empty-class")]
     text = report.to_text()
     assert "EMPTY" in text and "empty-class" in text and "named pipe" in text
+
+
+def test_a_file_link_loop_named_like_an_image_is_skipped_by_name_and_a_folder_loop_walked_once(tmp_path):
+    """``a.jpg -> a-partner.jpg -> a.jpg`` used to stop discovery and check-data ("Too many levels of symbolic
+    links" out of DirEntry.is_dir()); a folder link to its parent lists the class's files once."""
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        for i in range(2):
+            badfiles.write_jpeg((root / c).mkdir(parents=True, exist_ok=True) or root / c / f"{i}.jpg", seed=i)
+    badfiles.write_link_loop(root / "a" / "loop.jpg")
+    badfiles.write_folder_loop(root / "b" / "up")
+    badfiles.write_folder_loop(root / "up")  # a "class folder" that is the dataset again
+    src = discover(DataConfig(root=str(root), val_fraction=0.0))
+    assert src.class_names == ["a", "b"]
+    assert sorted(Path(p).relative_to(root).as_posix() for p in src.train.paths) == [
+        "a/0.jpg",
+        "a/1.jpg",
+        "b/0.jpg",
+        "b/1.jpg",
+    ]
+    skipped = dict(src.skipped)
+    assert set(skipped) == {str(root / "a" / "loop.jpg"), str(root / "a" / "loop-partner.jpg")}
+    assert all("Too many levels of symbolic links" in why for why in skipped.values())
+    report = check_data(root, workers=1)
+    assert report.total == 6 and len(report.bad) == 2 and not report.empty
+    assert "loop.jpg: cannot be read (Too many levels of symbolic links)" in report.to_text()
 
 
 def test_check_data_cli_on_the_corpus(tmp_path, bomb, capsys):
@@ -237,3 +293,75 @@ def test_train_on_unreadable_data_exits_with_the_list_not_a_traceback(tmp_path, 
     err = capsys.readouterr().err
     assert code == 2 and "no usable image in the train split" in err and "text.jpg" in err
     assert "Traceback" not in err
+
+
+# -- everything at once, through the command line ---------------------------------------------------------------
+def _manifest(root: Path) -> dict[str, tuple]:
+    """What the user owns under ``root``, entry by entry, links not followed: kind, bytes' sha256 or link target,
+    mode and modification time (a folder's changes when anything is created or removed in it, temp files too)."""
+    import hashlib
+    import stat
+
+    out: dict[str, tuple] = {}
+    for folder, dirs, files in os.walk(root):
+        for name in [*dirs, *files, "."]:
+            p = Path(folder) / name
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                what = ("link", os.readlink(p))
+            elif stat.S_ISREG(st.st_mode):
+                what = ("file", hashlib.sha256(p.read_bytes()).hexdigest())
+            else:
+                what = (stat.filemode(st.st_mode)[0], None)  # folder, FIFO: never opened
+            out[str(p.relative_to(root))] = (*what, st.st_mode, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture
+def hostile_tree(tmp_path, bomb) -> tuple[Path, Path, set[str]]:
+    """A shapes dataset holding every bad kind: the corpus, a file link loop and a corrupt-mid-stream JPEG named
+    like images, folder link loops, a manifest-named link to a file outside.
+    Returns (root, the outside file, names of the image-named entries every backend must skip)."""
+    from fasttrain.data.synthetic import make_shapes_dataset
+
+    root = make_shapes_dataset(
+        tmp_path / "data", train_per_class=24, val_per_class=6, size=32, shapes=("circle", "square")
+    )
+    _, bad = badfiles.write_corpus(root / "train" / "circle", good={}, bomb_cache=bomb)
+    badfiles.write_link_loop(root / "train" / "circle" / "loop.jpg")
+    badfiles.write_corrupt_mid_stream_jpeg(root / "train" / "square" / "corrupt-mid-stream.jpg")
+    badfiles.write_folder_loop(root / "train" / "square" / "up")
+    badfiles.write_folder_loop(root / "val" / "circle" / "up")
+    badfiles.write_folder_loop(root / "train" / "up")
+    secret = tmp_path / "secret.csv"
+    secret.write_text("hunter2,topsecret\n")
+    (root / "labels.csv").symlink_to(secret)
+    skipped = {Path(p).name for p in bad} - {"folder.jpg"} | {"loop.jpg", "loop-partner.jpg", "corrupt-mid-stream.jpg"}
+    return root, secret, skipped
+
+
+@pytest.mark.parametrize("backend", ["torch", "cache", pytest.param("dali", marks=BACKENDS[-1].marks)])
+def test_check_data_and_train_finish_on_a_hostile_tree_and_change_nothing_of_it(
+    hostile_tree, tmp_path, backend, capsys
+):
+    from fasttrain.cli import main
+
+    root, secret, must_skip = hostile_tree
+    before = _manifest(root), secret.read_bytes()
+    assert main(["check-data", str(root)]) == 1  # it finishes, and says the tree holds bad files
+    out = capsys.readouterr().out
+    for name in must_skip:
+        assert f"{os.sep}{name}: " in out, name
+    runs = tmp_path / "runs"
+    argv = ["train", "--set", f"data.root={root}", "--set", f"train.runs_dir={runs}", "--set", f"data.loader={backend}"]
+    for setting in ("data.image_size=32", "data.resize_size=32", "data.workers=0", "data.dali_threads=1",
+                    "model.name=smallcnn", "model.width=8", "train.epochs=1", "train.batch_size=8",
+                    "train.max_steps=2", "data.max_bad_per_epoch=20", "runtime.device=cpu"):  # fmt: skip
+        argv += ["--set", setting]
+    assert main([*argv, "-q"]) == 0, capsys.readouterr().err
+    (run,) = runs.iterdir()
+    log = (run / "train.log").read_text()
+    named = {Path(p).name for p in re.findall(r"skipp\w* (\S+?): ", log)}
+    assert must_skip - {"corrupt-deflate.png"} <= named, must_skip - named  # found at construction, named
+    assert "corrupt-mid-stream.jpg" in named  # every backend: the same rule
+    assert (_manifest(root), secret.read_bytes()) == before

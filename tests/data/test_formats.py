@@ -1,4 +1,5 @@
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,41 @@ def test_drawing_holds_out_whole_sessions(tmp_path):
     assert len(src.train) + len(src.val) == 30
 
 
+def test_drawing_link_loops_are_walked_once(tmp_path):
+    """``ln -s .. session/up`` used to list every file again through the loop (96 samples became 3,544 train +
+    392 val, each file in both splits); two loops never ended. Each canvas is listed once."""
+    root = make_drawing_dataset(tmp_path / "d", sessions=4, steps=3, size=16)
+    plain = discover(DataConfig(format="drawing", val_fraction=0.25), root)
+    (root / "session_0000" / "up").symlink_to("..")
+    src = discover(DataConfig(format="drawing", val_fraction=0.25), root)
+    assert src.train.paths == plain.train.paths and src.val.paths == plain.val.paths
+    (root / "session_0001" / "again").symlink_to("..")
+    (root / "session_0002" / "self").symlink_to(".")
+
+    def endless(signum, frame):
+        raise TimeoutError("discovery did not end within 30 s")
+
+    old = signal.signal(signal.SIGALRM, endless)
+    signal.alarm(30)
+    try:
+        src = discover(DataConfig(format="drawing", val_fraction=0.25), root)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert src.train.paths == plain.train.paths and src.val.paths == plain.val.paths
+    assert len(src.train) + len(src.val) == 4 * 3 and not set(src.train.paths) & set(src.val.paths)
+
+
+def test_drawing_step_that_is_a_link_loop_is_skipped_by_name(tmp_path):
+    root = make_drawing_dataset(tmp_path / "d", sessions=2, steps=3, size=16)
+    s = root / "session_0000"
+    (s / "step_0009.png").symlink_to("step_0010.png")
+    (s / "step_0010.png").symlink_to("step_0009.png")
+    src = discover(DataConfig(format="drawing", val_fraction=0.0), root)
+    assert len(src.train) == 2 * 3
+    assert "too many levels of symbolic links" in skipped_reasons(src)["step_0009.png"].lower()
+
+
 @pytest.mark.parametrize("text,rgb", [("#ff0000", (1, 0, 0)), ("#00F", (0, 0, 1)), (" #808080 ", (128 / 255,) * 3)])
 def test_parse_color(text, rgb):
     assert parse_color(text) == pytest.approx(rgb)
@@ -211,6 +247,34 @@ def test_manifest_outside_the_root_is_refused_without_its_content(tmp_path, wher
     with pytest.raises(ConfigError, match=r"data\.manifest: .* lies outside data\.root") as e:
         discover(DataConfig(format="manifest", manifest=where.format(abs=secret)), tmp_path / "data")
     assert "hunter2" not in str(e.value) and "topsecret" not in str(e.value)
+
+
+def test_manifest_that_links_outside_the_root_is_refused_unread(tmp_path, monkeypatch):
+    """labels.csv -> a file outside the dataset: judged on where the link leads, and never opened (it used to
+    be read and its first line shown in the error)."""
+    (tmp_path / "data").mkdir()
+    secret = tmp_path / "secret.csv"
+    secret.write_text("hunter2,topsecret\nmore,lines\n")
+    (tmp_path / "data" / "labels.csv").symlink_to(secret)
+    opened: list[str] = []
+    real_open = open
+
+    def spy(file, *a, **k):
+        opened.append(str(file))
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr("builtins.open", spy)
+    with pytest.raises(ConfigError, match=r"data\.manifest: .*labels\.csv is a link to .*secret\.csv, outside") as e:
+        discover(DataConfig(format="manifest", manifest="labels.csv"), tmp_path / "data")
+    assert "hunter2" not in str(e.value) and not any("labels.csv" in f or "secret" in f for f in opened)
+
+
+def test_manifest_linked_within_the_root_is_read(tmp_path):
+    png(tmp_path / "a.png")
+    (tmp_path / "real.csv").write_text("path,y\na.png,1\n")
+    (tmp_path / "labels.csv").symlink_to("real.csv")
+    src = discover(DataConfig(format="manifest", manifest="labels.csv", val_fraction=0.0), tmp_path)
+    assert src.train.paths == [str(tmp_path / "a.png")]
 
 
 # -- paired --------------------------------------------------------------------------------------------------

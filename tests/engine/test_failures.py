@@ -467,3 +467,102 @@ def test_two_processes_writing_the_demo_data_at_once_both_get_it(tmp_path):
         synthetic.make_shapes_dataset = real
     assert errors == [] and len(results) == 2 and results[0] == results[1]
     assert [p.name for p in results[0].parent.iterdir()] == ["shapes-v1"]  # no temp folder left behind
+
+
+def test_a_run_that_diverges_from_the_start_in_short_epochs_fails_and_says_so(shapes_root, tmp_path, capsys):
+    """optim.lr=1e30 with epochs shorter than train.max_nonfinite_logs logged steps: it used to exit 0 with NaN
+    losses and no checkpoint at all."""
+    runs = tmp_path / "runs"
+    args = cli_set(shapes_root, runs, "optim.lr=1e30", "optim.name=sgd", "train.max_steps=3", "train.epochs=1")
+    code = main(["train", *args, "-q"])
+    line = one_line_error(capsys.readouterr().err)
+    assert code == 1 and "weights are not finite" in line and "diverged" in line and "optim.lr" in line, line
+    assert "no checkpoint was written" in line
+    assert not (one_run(runs) / "checkpoints" / "last.pt").exists()
+
+
+_HOLD_AND_LEAVE_A_CHILD = """
+import os, subprocess, sys, time
+from fasttrain.rundir import RunLock
+lock = RunLock(sys.argv[1]).acquire()
+if sys.argv[2] == "fork":  # as a DataLoader worker is made
+    if os.fork() == 0:
+        time.sleep(60)
+        os._exit(0)
+else:  # a child that keeps the descriptor some other way (exec with it passed on)
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], pass_fds=[lock._fd])
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("how", ["fork", "exec"])
+def test_a_lock_held_only_by_children_of_a_killed_process_is_not_held(tmp_path, how):
+    """After ``kill -9`` the orphaned DataLoader workers kept the run's flock for 5-15 s, so a resume started at
+    once was refused (naming the dead pid), and both torchrun restarts failed."""
+    import signal
+
+    from fasttrain.rundir import RunLock, RunLockedError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    owner = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_AND_LEAVE_A_CHILD, str(run), how],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert owner.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError, match=f"pid {owner.pid}"):  # while the owner runs, it is held
+            RunLock(run).acquire()
+        owner.kill()
+        owner.wait()
+        lock = RunLock(run).acquire()  # at once: the child is still alive
+        with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+            RunLock(run).acquire()  # and now it is ours, held as any lock
+        lock.release()
+        RunLock(run).acquire().release()
+    finally:
+        os.killpg(owner.pid, signal.SIGKILL)  # the orphaned child too
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]
+
+
+def test_out_of_host_memory_is_one_line_saying_what_to_lower(shapes_root, tmp_path, monkeypatch, capsys):
+    """A real allocation the CPU allocator refuses, inside a training step: it used to be a raw
+    DefaultCPUAllocator traceback."""
+    from fasttrain.tasks.classify import ClassifyTask
+
+    def step_fn(self, state, batch, **kw):
+        torch.empty(2**60, dtype=torch.uint8)  # 1 EiB
+
+    monkeypatch.setattr(ClassifyTask, "train_step", step_fn)
+    code = main(["train", *cli_set(shapes_root, tmp_path / "runs"), "-q"])
+    line = one_line_error(capsys.readouterr().err)
+    assert code == 1 and "out of host memory (an allocation of 1152921504606846976 bytes failed)" in line, line
+    assert "train.batch_size" in line and "DefaultCPUAllocator" not in line
+
+
+def test_a_full_disk_under_train_log_names_the_file_and_never_masks_the_real_error(
+    shapes_root, tmp_path, monkeypatch, capsys
+):
+    """train.log's buffered writes fail at flush and again at close with a bare "[Errno 28] No space left on
+    device" (no file named), which used to replace the run's real error. Here the log writes to /dev/full (the
+    kernel's ENOSPC) and the checkpoint folder is full too: the error names the checkpoint."""
+    from fasttrain.engine import _RunLogHandler
+
+    monkeypatch.setattr(_RunLogHandler, "_open", lambda self: open("/dev/full", "w", encoding="utf-8"))
+    runs = tmp_path / "runs"
+    code = main(["train", *cli_set(shapes_root, runs), "-q"])
+    err = capsys.readouterr().err
+    assert code == 0, err  # the run itself was fine
+    assert "train.log: No space left on device; logging to the terminal only" in err and "Errno" not in err
+    from fasttrain.checkpoint import CheckpointManager
+
+    def full(self, *a, **k):  # the disk fills up before the first checkpoint: that is the error to show
+        raise WriteError(f"cannot write checkpoint {self.last}: No space left on device", 28, path=self.last)
+
+    monkeypatch.setattr(CheckpointManager, "save_last", full)
+    code = main(["train", *cli_set(shapes_root, runs), "-q"])
+    line = one_line_error(capsys.readouterr().err)
+    assert code == 1 and "cannot write checkpoint" in line and "last.pt: No space left on device" in line, line

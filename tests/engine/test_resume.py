@@ -182,3 +182,88 @@ def test_a_cpu_checkpoint_resumes_on_cuda_in_fp16(run_dir):
     assert all(g["fused"] for g in state.optimizers["model"].param_groups)
     task.train_step(state, task.synthetic_batch(4, task.input_spec()))
     torch.cuda.synchronize()
+
+
+def _flip_bit_in_weights(path) -> None:
+    """One flipped bit inside the first tensor record (the weights), as a failing disk or copy would leave."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as z:
+        info = next(i for i in z.infolist() if "/data/" in i.filename and i.file_size >= 16)
+    raw = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)  # the local header's length
+    raw[start + info.file_size // 2] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def test_a_checkpoint_with_one_flipped_bit_is_refused_by_name_and_best_pt_offered(run_dir, tmp_path, capsys):
+    """It used to resume with exit 0 and different final weights (torch.load never checks the zip's CRC-32s)."""
+    run = copy_run(run_dir, tmp_path)
+    last = run / "checkpoints" / "last.pt"
+    _flip_bit_in_weights(last)
+    code = main(["train", "--resume", str(run), "--set", "train.epochs=2", "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"checkpoint {last} is damaged" in err and "CRC-32" in err
+    assert f"fasttrain train --resume {run / 'checkpoints' / 'best.pt'}" in err
+    # The offered command works: the run goes on from best.pt.
+    result = train(resume=run / "checkpoints" / "best.pt", overrides=["train.epochs=2"], progress=False)
+    assert result.run_dir == run and result.history[-1]["epoch"] == 2
+
+
+def test_any_flipped_bit_is_refused_or_changes_nothing(tmp_path):
+    """Property over random single-bit flips anywhere in a small checkpoint: refused by name, or the loaded
+    state is exactly the saved one (a bit in zip padding). Never different weights."""
+    import random
+
+    from fasttrain.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    m = torch.nn.Linear(12, 5)
+    payload = {"config": {}, "state": {"modules": {"m": m.state_dict()}}}
+    data = save_checkpoint(tmp_path / "a.pt", payload).read_bytes()
+    rng = random.Random(0)
+    refused = 0
+    for _ in range(120):
+        raw = bytearray(data)
+        raw[rng.randrange(len(raw))] ^= 1 << rng.randrange(8)
+        (tmp_path / "b.pt").write_bytes(bytes(raw))
+        try:
+            got = load_checkpoint(tmp_path / "b.pt")
+        except CheckpointError as e:
+            assert str(tmp_path / "b.pt") in str(e) and "\n" not in str(e)
+            refused += 1
+            continue
+        for k, v in m.state_dict().items():
+            assert torch.equal(got["state"]["modules"]["m"][k], v)
+    assert refused > 60
+
+
+def test_resume_without_last_pt_says_why_and_what_to_run(run_dir, tmp_path, capsys):
+    run = copy_run(run_dir, tmp_path)
+    (run / "checkpoints" / "last.pt").unlink()
+    code = main(["train", "--resume", str(run), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1, err
+    assert "stopped before its first checkpoint" in err and "deleted" in err
+    assert f"fasttrain train --resume {run / 'checkpoints' / 'best.pt'}" in err
+    (run / "checkpoints" / "best.pt").unlink()
+    main(["train", "--resume", str(run), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert f"start again (fasttrain train {run / 'config.toml'})" in err, err
+
+
+def test_a_pickle_payload_is_refused_in_one_line_without_advice_to_lower_the_guard(tmp_path, capsys):
+    import os as _os
+
+    class Payload:
+        def __reduce__(self):
+            return (_os.system, ("echo owned > /dev/null",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": 1, "config": {}, "state": Payload()}, path)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "refused" in msg and "system" in msg
+    assert "weights_only" not in msg and "trusted" not in msg
