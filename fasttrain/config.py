@@ -105,9 +105,10 @@ class DataConfig:
     hflip: bool = True
     """Training augmentation: random horizontal flip."""
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    """Per-channel mean on the 0..1 scale, subtracted on the device (one value for grayscale)."""
+    """Per-channel mean on the 0..1 scale, subtracted on the device (one value per data.channels; three RGB
+    values also serve grayscale, averaged)."""
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    """Per-channel standard deviation on the 0..1 scale (one value for grayscale)."""
+    """Per-channel standard deviation on the 0..1 scale (one value per data.channels, as data.mean)."""
     loader: str = "auto"
     """Backend, the same for every task: auto (the GPU cache when the decoded data fits it, else DALI: GPU decode
     on CUDA, its CPU-only mode without a GPU; torch where DALI cannot serve), torch, dali, cache."""
@@ -144,7 +145,13 @@ class DataConfig:
         _check(0.0 < self.crop_scale_min <= 1.0, "data.crop_scale_min", f"must be in (0, 1], got {self.crop_scale_min}")
         for name in ("mean", "std"):
             vals = getattr(self, name)
-            _check(len(vals) in (1, 3), f"data.{name}", f"needs 1 or 3 values, got {len(vals)}")
+            # One value per channel; RGB statistics (the default) also serve a grayscale input, averaged.
+            _check(
+                len(vals) == self.channels or (self.channels == 1 and len(vals) == 3),
+                f"data.{name}",
+                f"needs one value per channel ({self.channels} for data.channels = {self.channels}), got "
+                f"{len(vals)}: {vals}",
+            )
         _check(all(s > 0 for s in self.std), "data.std", "values must be > 0")
         _check(self.workers >= -1, "data.workers", f"must be >= 0 or -1 (auto), got {self.workers}")
         _check(self.dali_threads == -1 or self.dali_threads >= 1, "data.dali_threads", "must be >= 1 or -1 (auto)")
@@ -159,6 +166,11 @@ class DataConfig:
             f"got {self.max_image_pixels}",
         )
         _check(self.max_bad_per_epoch >= 0, "data.max_bad_per_epoch", f"must be >= 0, got {self.max_bad_per_epoch}")
+        _check(
+            not self.target_columns or self.format == "manifest",
+            "data.target_columns",
+            f"names manifest columns; data.format = {self.format!r} has none (remove it, or use format = manifest)",
+        )
 
     @property
     def eval_resize(self) -> int:
@@ -194,7 +206,7 @@ class ModelConfig:
     width: int = 32
     """Base channel width of the small nets (convnet, smallcnn, unet, patchgan)."""
     dropout: float = 0.0
-    """Dropout before the classifier of the small nets and timm models (0..1)."""
+    """Dropout before the classifier of the small nets and timm models (0..1); torchvision's models take none."""
     pretrained: bool = False
     """Start from the torchvision (or timm) default pretrained weights, downloaded into their cache on first use;
     the head gets fresh outputs when the class count differs."""
@@ -212,6 +224,12 @@ class ModelConfig:
             not (self.pretrained and self.init_from),
             "model.init_from",
             "give model.pretrained or model.init_from, not both",
+        )
+        _check(
+            not self.reset_head or bool(self.init_from),
+            "model.reset_head",
+            "applies only with model.init_from (model.pretrained starts a head of another class count fresh by "
+            "itself); remove it or set model.init_from",
         )
         _check(self.num_outputs >= 0, "model.num_outputs", "must be >= 0")
         _check(self.width >= 1, "model.width", "must be >= 1")
@@ -495,6 +513,18 @@ class Config:
             "name",
             f"must be a plain name (it prefixes run folders), got {self.name!r}",
         )
+        if self.task.name != "classify":  # settings only a class-label loss uses would silently do nothing
+            for key, value in (
+                ("task.mixup_alpha", self.task.mixup_alpha),
+                ("task.cutmix_alpha", self.task.cutmix_alpha),
+                ("train.label_smoothing", self.train.label_smoothing),
+            ):
+                _check(
+                    value == 0,
+                    key,
+                    f"mixes or smooths class labels, which task.name = {self.task.name!r} does not have; "
+                    f"got {value} (set it to 0)",
+                )
 
 
 _SECTIONS: dict[str, type] = {

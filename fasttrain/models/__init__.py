@@ -45,15 +45,18 @@ CUSTOM = "custom"
 """model.name of a run whose model came from Python (``train(cfg, model=...)``)."""
 
 
-def check_model(name: str, *, given: bool = False) -> None:
+def check_model(name: str, *, given: bool = False, dropout: float = 0.0) -> None:
     """Raise a ValueError naming ``model.name`` when no model of that name can be built here (cheap: builds
-    nothing), so a run refuses it before it creates its folder. ``given``: a model was passed from Python."""
+    nothing), so a run refuses it before it creates its folder. ``given``: a model was passed from Python.
+    ``dropout``: model.dropout, which torchvision's models are built without (refused rather than ignored)."""
     if name == CUSTOM:
         if not given:
             raise ValueError(
                 "model.name: custom means this run's model was passed from Python; pass the same "
                 "model again (train(..., model=...), predict(..., model=...))"
             )
+        if dropout:
+            raise ValueError("model.dropout: a model passed from Python is used as given (set it to 0)")
         return
     if name in _SMALL:
         return
@@ -73,6 +76,11 @@ def check_model(name: str, *, given: bool = False) -> None:
         raise ValueError(
             f"model.name: unknown model {name!r}; known: {', '.join(sorted(_SMALL))}, torchvision "
             f"classification models (resnet18, resnet50, ...) and timm/<name> with timm installed"
+        )
+    if dropout:  # torchvision's builders differ (resnets take none): a setting that would do nothing
+        raise ValueError(
+            f"model.dropout: applies to fasttrain's small nets and timm/ models; torchvision's {name} is built "
+            f"without it (set it to 0, or use timm/{name})"
         )
 
 
@@ -103,7 +111,7 @@ def build_model(
             dropout=dropout,
             **kwargs,
         )
-    check_model(name)
+    check_model(name, dropout=dropout)
     if name.startswith(TIMM_PREFIX):
         return _timm_model(name[len(TIMM_PREFIX) :], in_channels, num_outputs, dropout, pretrained)
     from torchvision import models as tvm
