@@ -442,7 +442,8 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQ
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 the work failed (unreadable inputs, a write failed, a run stopped), 2 a usage or
-    setting error, 130 interrupted. Errors are one line on stderr, naming the file, setting or flag."""
+    setting error, 128 + the signal's number when a signal stopped it (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1).
+    Errors are one line on stderr, naming the file, setting or flag."""
     from fasttrain.rundir import RunError
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -466,19 +467,22 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, RunError) as e:  # a write failed (disk full, read-only, permissions), a run had to stop
         print(f"fasttrain: error: {_one_line(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as e:
+    except KeyboardInterrupt as e:  # Ctrl-C, or a run stopped by SIGINT / SIGTERM / SIGUSR1 (fasttrain.stop)
+        from fasttrain.stop import Stopped
+
         if sys.stderr.isatty():
             print(file=sys.stderr)  # off the progress bar's line
+        what = f"stopped by {e}" if isinstance(e, Stopped) else "interrupted"
         run_dir = getattr(e, "run_dir", None)
         if run_dir is not None:
+            where = "where it stopped" if getattr(e, "saved", False) else "from its last checkpoint"
             print(
-                f"fasttrain: interrupted; continue the run from its last checkpoint with\n"
-                f"  fasttrain train --resume {run_dir}",
+                f"fasttrain: {what}; continue the run {where} with\n  fasttrain train --resume {run_dir}",
                 file=sys.stderr,
             )
         else:
-            print("fasttrain: interrupted", file=sys.stderr)
-        return 130
+            print(f"fasttrain: {what}", file=sys.stderr)
+        return 128 + e.signum if isinstance(e, Stopped) else 130
     finally:  # called as a function (tests, notebooks): leave no handler on a stream that may close
         log.handlers[:], level = saved
         log.setLevel(level)

@@ -49,6 +49,7 @@ from fasttrain.rundir import (
     write_run_config,
 )
 from fasttrain.runtime import environment, seed_everything
+from fasttrain.stop import Stopped, StopRequest, stop_on_signals
 from fasttrain.tasks import Task, TrainState
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,10 @@ def train(
                     run_dir, lock = _new_run(prep)
                 handler = _attach_run_log(run_dir / "train.log") if prep.dist.is_main else None
                 try:
-                    return trainer.run(run_dir)
+                    # SIGINT, SIGTERM, SIGUSR1: saved at the next step (one process; torchrun's ranks would need
+                    # to agree on that step, so a job keeps each signal's own behaviour)
+                    with stop_on_signals(enabled=not prep.dist.enabled) as trainer.stop:
+                        return trainer.run(run_dir)
                 except KeyboardInterrupt as e:
                     e.run_dir = run_dir  # type: ignore[attr-defined]  # the CLI says how to resume it
                     raise
@@ -439,6 +443,7 @@ class Trainer:
             raise
         self.history: list[dict[str, Any]] = []
         self.resume_micro, self.running = 0, Running()
+        self.stop = StopRequest()
 
     def close(self) -> None:
         for loader in (self.train_loader, self.val_loader):
@@ -531,6 +536,8 @@ class Trainer:
                 )
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(state, record)
+                if self.stop.pending and not last:  # the epoch's checkpoint was just written
+                    raise self._stopped(epoch + 1, saved=True)
             if self.source.test:
                 test_loader = self._loader(self.source.test, train=False)
                 test_metrics = {f"test_{k}": v for k, v in evaluate(self.task, state, test_loader).items()}
@@ -603,6 +610,12 @@ class Trainer:
             f"try optim.grad_clip / runtime.precision=fp32 (train.max_nonfinite_logs = 0 never stops)"
         )
 
+    def _stopped(self, epoch: int, *, saved: bool) -> Stopped:
+        assert self.stop.signum is not None
+        e = Stopped(self.stop.signum, saved=saved)
+        log.warning("%s: stopped at epoch %d, step %d; %s saved", e, epoch, self.state.step, self.ckpts.last)
+        return e
+
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One epoch from micro-batch ``resume_micro`` on, continuing ``running`` (a resumed epoch's sums)."""
         task, state, runtime, tc = self.task, self.state, self.prep.runtime, self.tc
@@ -658,9 +671,12 @@ class Trainer:
                             if tc.max_nonfinite_logs and run.nonfinite_logs >= tc.max_nonfinite_logs:
                                 raise self._diverged(epoch, run.nonfinite_logs)
                     every = tc.checkpoint_every_steps
-                    if every and state.step % every == 0 and n_micro < micro_total:
+                    saved = bool(every and state.step % every == 0 and n_micro < micro_total)
+                    if saved or (self.stop.pending and n_micro < micro_total):
                         run.flush()  # the checkpoint holds sums over every process
                         self.ckpts.save_last({"epoch": epoch, "micro": n_micro}, run.to_checkpoint())
+                    if self.stop.pending and n_micro < micro_total:  # else the epoch's end saves, then stops
+                        raise self._stopped(epoch + 1, saved=True)
                 if n_micro >= micro_total:
                     break
             run.flush()
