@@ -37,41 +37,13 @@ def resolve_config(arg: str | None, overrides: list[str]) -> Config:
     return load_config(arg or "quickstart", overrides)
 
 
-class _ConsoleFilter(logging.Filter):
-    """What the console shows besides its level: under torchrun only rank 0's lines, except warnings and errors,
-    which every rank reports with its rank; on a terminal the progress bar instead of the plain progress lines
-    (which train.log always gets)."""
-
-    def __init__(self, bar_on_terminal: bool):
-        super().__init__()
-        from fasttrain.distributed import dist_info
-
-        self.bar = bar_on_terminal and sys.stderr.isatty()
-        info = dist_info()
-        self.rank = info.rank if info.enabled else None
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from fasttrain.metrics import PROGRESS
-
-        if self.bar and getattr(record, PROGRESS, False):
-            return False
-        if self.rank is not None:
-            if record.levelno < logging.WARNING and self.rank != 0:
-                return False
-            if record.levelno >= logging.WARNING and not record.getMessage().startswith("[rank"):
-                record.msg, record.args = f"[rank {self.rank}] {record.getMessage()}", None
-        return True
-
-
 def _setup_logging(verbosity: int) -> None:
     """The console shows WARNING (-q), INFO or DEBUG (-v); the package logger passes INFO on whatever the
     console shows, so a run's train.log holds its INFO lines under -q too."""
+    from fasttrain.metrics import console_handler
+
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
-    handler.setLevel(level)
-    handler.addFilter(_ConsoleFilter(bar_on_terminal=verbosity >= 0))
-    log.handlers[:] = [handler]
+    log.handlers[:] = [console_handler(level, bar_on_terminal=verbosity >= 0)]
     log.setLevel(min(level, logging.INFO))
 
 

@@ -89,6 +89,7 @@ def train(
     model: Any = None,
     dataset: Any = None,
     val_dataset: Any = None,
+    quiet: bool = False,
 ) -> TrainResult:
     """Train ``cfg`` in a new run folder, or continue the run in ``resume`` from its last checkpoint.
 
@@ -102,6 +103,10 @@ def train(
     each epoch's checkpoint is written. One process at a time trains in a run folder (a lock); temp files of
     interrupted checkpoint writes are removed when a run resumes and when it ends. Under torchrun a restarted
     job (``--max-restarts``) finds its run folder again and resumes from its last checkpoint.
+
+    Called from Python with no logging configured, the console shows what ``fasttrain train`` shows (the run's
+    lines and epoch summaries on stderr; ``quiet=True``: warnings only and no progress bar); configure logging
+    (the ``fasttrain`` logger) to decide yourself.
     """
     if resume is None and cfg is None:
         raise ValueError("train() needs a config or resume=RUN_DIR")
@@ -115,6 +120,8 @@ def train(
             resume, overrides = found, _overrides_of(cfg, found)
     lock: RunLock | None = None
     run_dir: Path | None = None
+    console = _api_console(quiet)
+    progress = progress and not quiet
     try:
         ckpt = None
         if resume is not None:
@@ -154,6 +161,7 @@ def train(
         if lock is not None and run_dir is not None:
             clean_temp_files(run_dir)
             lock.release()
+        _detach_run_log(console)
 
 
 def _resumed_config(run_dir: Path, overrides: list[str] | None) -> tuple[Config, dict[str, Any]]:
@@ -228,6 +236,22 @@ def _attach_run_log(path: Path) -> logging.Handler:
     handler._level_before = pkg.level  # type: ignore[attr-defined]
     if pkg.getEffectiveLevel() > logging.INFO:
         pkg.setLevel(logging.INFO)
+    pkg.addHandler(handler)
+    return handler
+
+
+def _api_console(quiet: bool) -> logging.Handler | None:
+    """train() called from Python where nothing configured logging (no handler on the package logger or above):
+    a console handler as the command line's (``quiet``: as ``-q``) for the call, detached by _detach_run_log."""
+    from fasttrain.metrics import console_handler
+
+    pkg = logging.getLogger("fasttrain")
+    if pkg.hasHandlers():
+        return None
+    handler = console_handler(logging.WARNING if quiet else logging.INFO, bar_on_terminal=not quiet)
+    handler._level_before = pkg.level  # type: ignore[attr-defined]
+    if pkg.getEffectiveLevel() > handler.level:
+        pkg.setLevel(handler.level)
     pkg.addHandler(handler)
     return handler
 
