@@ -208,7 +208,8 @@ class ModelConfig:
     dropout: float = 0.0
     """Dropout before the classifier of the small nets and timm models (0..1); torchvision's models take none."""
     pretrained: bool = False
-    """Start from the torchvision (or timm) default pretrained weights, downloaded into their cache on first use;
+    """Start from the torchvision (or timm) default pretrained weights, downloaded into their cache on first use
+    (torch.hub's checkpoints folder, or the Hugging Face cache; offline, an error names the folder and file);
     the head gets fresh outputs when the class count differs."""
     init_from: str = ""
     """Start from the weights in this file: a fasttrain checkpoint or a state dict (keys and shapes must match)."""

@@ -112,22 +112,41 @@ def build_model(
             **kwargs,
         )
     check_model(name, dropout=dropout)
-    if name.startswith(TIMM_PREFIX):
-        return _timm_model(name[len(TIMM_PREFIX) :], in_channels, num_outputs, dropout, pretrained)
-    from torchvision import models as tvm
+    source = None
+    if pretrained:
+        from fasttrain.models.init import check_pretrained_reachable
 
-    if not pretrained:
-        model = tvm.get_model(name, weights=None, num_classes=num_outputs)
-    else:
+        source = check_pretrained_reachable(name)  # offline: one line now, not a minute of retries first
+    try:
+        if name.startswith(TIMM_PREFIX):
+            return _timm_model(name[len(TIMM_PREFIX) :], in_channels, num_outputs, dropout, pretrained)
+        from torchvision import models as tvm
+
+        weights = tvm.get_model_weights(name).DEFAULT if pretrained else None
+        model = tvm.get_model(name, weights=weights, **({} if pretrained else {"num_classes": num_outputs}))
+    except _download_errors() as e:
+        if source is None:
+            raise
+        from fasttrain.models.init import pretrained_error
+
+        raise pretrained_error(name, source, f"{type(e).__name__}: {e}") from None
+    if weights is not None:
         from fasttrain.models.init import replace_head
 
-        weights = tvm.get_model_weights(name).DEFAULT
-        model = tvm.get_model(name, weights=weights)  # into torch's hub cache on first use
         if num_outputs != len(weights.meta["categories"]):
             replace_head(model, num_outputs)
     if in_channels != 3:
         _adapt_first_conv(model, in_channels, name, keep_weights=pretrained)
     return model
+
+
+def _download_errors() -> tuple[type[BaseException], ...]:
+    """What a failed download raises: OSError (urllib, requests), and huggingface_hub's HTTP errors."""
+    try:
+        from huggingface_hub.errors import HfHubHTTPError
+    except ImportError:
+        return (OSError,)
+    return (OSError, HfHubHTTPError)
 
 
 def _timm_model(name: str, in_channels: int, num_outputs: int, dropout: float, pretrained: bool) -> nn.Module:

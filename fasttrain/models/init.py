@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,16 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-__all__ = ["head_linear", "replace_head", "read_state_dict", "load_initial_weights"]
+__all__ = [
+    "head_linear",
+    "replace_head",
+    "read_state_dict",
+    "load_initial_weights",
+    "PretrainedSource",
+    "pretrained_source",
+    "check_pretrained_reachable",
+    "pretrained_error",
+]
 
 
 def head_linear(model: nn.Module) -> tuple[str, nn.Linear] | None:
@@ -109,3 +119,88 @@ def load_initial_weights(
         f"; head {', '.join(skipped)} left fresh" if skipped else "",
     )
     return {"loaded": len(state), "head_reset": skipped}
+
+
+# -- pretrained weights: where they come from, where they can be placed offline ----------------------------------
+@dataclass(frozen=True)
+class PretrainedSource:
+    """Where model.pretrained's weights come from and where they are kept."""
+
+    host: str
+    """The server a download asks ("" when no network is needed)."""
+    cached: bool
+    """The weights are in their cache already: no network needed."""
+    place: str
+    """Where to put them for offline use, in words (a folder, the file's name, where to fetch it)."""
+    hugging_face: bool = False
+    """Served by the Hugging Face hub (HF_HUB_OFFLINE applies)."""
+
+
+def pretrained_source(name: str) -> PretrainedSource:
+    """``model.name``'s default pretrained weights: torchvision's (torch.hub's ``checkpoints`` folder) or timm's
+    (the Hugging Face cache, or torch.hub's folder for timm models published by URL)."""
+    from urllib.parse import urlparse
+
+    if name.startswith("timm/"):
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(name[len("timm/") :])
+        repo = cfg.hf_hub_id if cfg is not None else None
+        if repo:
+            from huggingface_hub import constants, try_to_load_from_cache
+
+            repo_id, _, revision = repo.partition("@")
+            names = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else []
+            names += ["model.safetensors", "pytorch_model.bin"]
+            cached = any(
+                isinstance(try_to_load_from_cache(repo_id, f, revision=revision or None), str) for f in names
+            )
+            host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+            place = f"the Hugging Face cache {constants.HF_HUB_CACHE} (`hf download {repo_id}` elsewhere)"
+            return PretrainedSource(host, cached, place, hugging_face=True)
+        if cfg is None or not (cfg.url or cfg.file):
+            return PretrainedSource("", True, "")  # timm says what it lacks itself
+        if cfg.file:
+            return PretrainedSource("", True, str(cfg.file))
+        url = cfg.url
+    else:
+        from torchvision import models as tvm
+
+        url = tvm.get_model_weights(name).DEFAULT.url
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    file = os.path.basename(urlparse(url).path)
+    return PretrainedSource(
+        urlparse(url).hostname or "", (folder / file).is_file(), f"{folder}/ as {file} (from {url})"
+    )
+
+
+def _offline_reason(host: str, hugging_face: bool) -> str | None:
+    """Why no download can work here, known at once: HF_HUB_OFFLINE set, or the host's name does not resolve
+    (a machine without network), so that nothing retries for a minute first."""
+    import socket
+
+    if hugging_face and os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        return f"{host} cannot be resolved: {e.strerror or e}; no network?"
+    return None
+
+
+def pretrained_error(name: str, source: PretrainedSource, reason: str) -> ValueError:
+    """The one line for pretrained weights that cannot be had: what, why, and the two ways on offline."""
+    return ValueError(
+        f"model.pretrained: the weights of {name} cannot be downloaded ({reason}); for offline use put them in "
+        f"{source.place}, or start from a file of your own with model.init_from = PATH"
+    )
+
+
+def check_pretrained_reachable(name: str) -> PretrainedSource:
+    """Before a pretrained model is built: weights neither cached nor downloadable raise the one line now."""
+    source = pretrained_source(name)
+    if not source.cached and source.host:
+        reason = _offline_reason(source.host, source.hugging_face)
+        if reason is not None:
+            raise pretrained_error(name, source, reason)
+    return source

@@ -147,3 +147,52 @@ def test_resume_and_predict_take_the_checkpoint_not_the_starting_weights(tmp_pat
     image = next(root.rglob("*.png"))
     (record,) = predict(run / "checkpoints" / "last.pt", [str(image)], device="cpu")
     assert "error" not in record
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """A machine without network: names do not resolve, and a download attempted anyway fails the test."""
+    import socket
+
+    import huggingface_hub
+    import torch.hub
+
+    def unresolvable(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    def download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr("timm.models._hub.hf_hub_download", download, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache
+
+
+def test_pretrained_weights_offline_name_the_setting_the_cache_folder_and_init_from(tmp_path, no_network):
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError) as e:
+        build_model("resnet18", in_channels=3, num_outputs=5, image_size=32, pretrained=True)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("model.pretrained: the weights of resnet18 cannot be downloaded")
+    assert "download.pytorch.org cannot be resolved" in msg
+    assert f"{tmp_path / 'torch' / 'hub' / 'checkpoints'}/ as resnet18-" in msg and "model.init_from" in msg
+    pytest.importorskip("timm")
+    from huggingface_hub import constants
+
+    with pytest.raises(ValueError) as e:
+        build_model("timm/resnet18", in_channels=3, num_outputs=5, image_size=32, pretrained=True)
+    msg = str(e.value)
+    assert msg.startswith("model.pretrained: the weights of timm/resnet18 cannot be downloaded (huggingface.co")
+    assert f"Hugging Face cache {constants.HF_HUB_CACHE}" in msg and "model.init_from" in msg
+    assert time.perf_counter() - t0 < 10  # at once, not after a minute of retries
+
+
+def test_pretrained_weights_with_hf_hub_offline_fail_at_once(monkeypatch):
+    pytest.importorskip("timm")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"^model\.pretrained: .*timm/resnet18 .*\(HF_HUB_OFFLINE is set\)"):
+        build_model("timm/resnet18", in_channels=3, num_outputs=5, image_size=32, pretrained=True)
