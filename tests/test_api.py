@@ -90,7 +90,9 @@ def _visible(text: str) -> list[str]:
     return [line.rpartition("\r")[2].strip() for line in text.split("\n")]
 
 
-def test_train_from_python_prints_the_epoch_summaries_and_keeps_the_last_bar(shapes_root, tmp_path, capsys, monkeypatch):
+def test_train_from_python_prints_the_epoch_summaries_and_keeps_the_last_bar(
+    shapes_root, tmp_path, capsys, monkeypatch
+):
     import logging
 
     from fasttrain import load_config, metrics, train

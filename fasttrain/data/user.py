@@ -270,9 +270,7 @@ def dataset_source(cfg: Config, dataset: Any, val_dataset: Any = None) -> tuple[
     # The model learns from the items whole, at their own size: every size derived from it follows, so that
     # the run's config.toml (and predict on image files) resizes to the side the items had instead of
     # resizing to a configured resize_size and centre-cropping a part of it.
-    data = dataclasses.replace(
-        cfg.data, root=f"{DATASET_ROOT}{name}", channels=c, image_size=side, resize_size=side
-    )
+    data = dataclasses.replace(cfg.data, root=f"{DATASET_ROOT}{name}", channels=c, image_size=side, resize_size=side)
     cfg = dataclasses.replace(cfg, data=data, model=dataclasses.replace(cfg.model, num_outputs=len(names)))
     fixed = _is_fixed(dataset)
     item_nbytes = x.numel() * x.element_size() + 8
