@@ -411,8 +411,9 @@ def _log_skipped(skipped: list[tuple[str, str]], show: int = 20) -> None:
     if not skipped:
         return
     log.warning(
-        "%d files were skipped (unreadable or unusable); run `fasttrain check-data` on the data for the full report:",
+        "%d %s skipped (unreadable or unusable); run `fasttrain check-data` on the data for the full report:",
         len(skipped),
+        "file was" if len(skipped) == 1 else "files were",
     )
     for f, why in skipped[:show]:
         log.warning("  skipped %s: %s", f, why)
@@ -468,6 +469,7 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.resume_micro, self.running = 0, Running()
         self.stop = StopRequest()
+        self.t_run, self.step_at_start = time.perf_counter(), 0  # set again when run() starts
 
     def close(self) -> None:
         for loader in (self.train_loader, self.val_loader):
@@ -479,13 +481,20 @@ class Trainer:
         prep, cfg, task, source, state, ckpt = self.prep, self.cfg, self.task, self.source, self.state, self.ckpt
         self.run_dir = run_dir
         log.info("run folder %s", run_dir)
+        # The images the loaders use: files their pre-check left out are counted apart, not as used.
+        used = [
+            len(split or []) - len(getattr(loader, "skipped", []) if split else [])
+            for split, loader in ((source.train, self.train_loader), (source.val, self.val_loader))
+        ]
+        skipped = len(_skipped_files(source, self.train_loader, self.val_loader))
         log.info(
-            "%s | data %s: %d train, %d val%s images, %s | loader %s (%s)%s",
+            "%s | data %s: %d train, %d val%s images%s, %s | loader %s (%s)%s",
             prep.runtime.describe(),
             source.root,
-            len(source.train),
-            len(source.val or []),
+            used[0],
+            used[1],
             f", {len(source.test)} test" if source.test else "",
+            f" ({skipped} file{'s' if skipped != 1 else ''} skipped)" if skipped else "",
             f"{len(source.class_names)} classes" if source.class_names else cfg.task.name,
             prep.backend,
             prep.backend_reason,
@@ -518,6 +527,36 @@ class Trainer:
             state.step,
             f" ({self.resume_micro} batches into epoch {state.epoch + 1})" if self.resume_micro else "",
         )
+        self._say_replanned(ckpt)
+
+    def _say_replanned(self, ckpt: dict[str, Any]) -> None:
+        """A resume with another train.epochs re-plans a schedule that depends on the run's length (onecycle,
+        cosine): the learning rate at this step changes, which is said with both values."""
+        from fasttrain.optim import lr_factor
+
+        saved = ((ckpt.get("config") or {}).get("train") or {}).get("epochs")
+        sched, step, per_epoch = self.cfg.schedule, self.state.step, self.steps_per_epoch
+        if (
+            not saved
+            or saved == self.tc.epochs
+            or sched.name not in ("onecycle", "cosine")
+            or not self.state.schedulers
+        ):
+            return
+        peak = next(iter(self.state.schedulers.values())).base_lrs[0]
+        before = peak * lr_factor(sched, step, per_epoch, per_epoch * saved)
+        after = peak * lr_factor(sched, step, per_epoch, per_epoch * self.tc.epochs)
+        log.warning(
+            "train.epochs %d -> %d: the %s schedule is re-planned over %d epochs; the learning rate at step %d "
+            "goes from %.3g to %.3g",
+            saved,
+            self.tc.epochs,
+            sched.name,
+            self.tc.epochs,
+            step,
+            before,
+            after,
+        )
 
     def _loader(self, split, *, train: bool) -> Loader:
         """This process's shard of ``split``: the global order is (seed, epoch)'s whatever the world size."""
@@ -539,7 +578,7 @@ class Trainer:
         test_loader = None
         state.train(True)
         try:
-            t_run, first_epoch = time.perf_counter(), state.epoch
+            self.t_run, self.step_at_start = time.perf_counter(), state.step
             for epoch in range(state.epoch, tc.epochs):
                 record = self.train_epoch(epoch)
                 self.resume_micro = 0
@@ -549,12 +588,11 @@ class Trainer:
                     self._evaluate_into(record)
                 state.epoch = epoch + 1
                 self._finish_epoch(record, last)
-                per_epoch = (time.perf_counter() - t_run) / (epoch + 1 - first_epoch)
                 log.info(
                     summary_line(
                         record,
                         tc.epochs,
-                        eta_s=per_epoch * (tc.epochs - epoch - 1),
+                        eta_s=self._eta(),
                         skipped=len(_skipped_files(self.source, self.train_loader, self.val_loader)),
                     )
                 )
@@ -720,6 +758,13 @@ class Trainer:
             record["max_memory_gib"] = round(peak / memory.GIB, 3)
         return record
 
+    def _eta(self) -> float | None:
+        """Seconds left in the run, the one estimate every line and the bar show: the time per optimizer step
+        since this process started the run (evaluations included), times the steps left."""
+        done = self.state.step - self.step_at_start
+        left = self.steps_per_epoch * self.tc.epochs - self.state.step
+        return (time.perf_counter() - self.t_run) / done * left if done > 0 else None
+
     def _log_step(
         self,
         epoch: int,
@@ -734,10 +779,8 @@ class Trainer:
         plain line in train.log (and on a console without a bar)."""
         tc, state = self.tc, self.state
         lr = next(iter(state.optimizers.values())).param_groups[0]["lr"]
-        bar.show(means)
-        steps_done = step_in_epoch - self.resume_micro // tc.accumulation
-        left = self.steps_per_epoch - step_in_epoch + self.steps_per_epoch * (tc.epochs - epoch - 1)
-        eta = elapsed / steps_done * left if steps_done > 0 else None
+        eta = self._eta()
+        bar.show(means, eta)
         self.metrics.step(
             {
                 "epoch": epoch + 1,

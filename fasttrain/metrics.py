@@ -203,15 +203,20 @@ class Progress:
                 desc=desc,
                 leave=True,  # the epoch's last values stay on screen above its summary line
                 mininterval=0.5,
+                # no "<remaining" of tqdm's own (this epoch's): the run's one ETA comes with the values
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]",
             )
 
     def update(self, n: int) -> None:
         if self.bar is not None:
             self.bar.update(n)
 
-    def show(self, values: dict[str, float]) -> None:
+    def show(self, values: dict[str, float], eta_s: float | None = None) -> None:
         if self.bar is not None:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+            shown = {k: f"{v:.4g}" for k, v in values.items()}
+            if eta_s is not None:
+                shown["ETA"] = fmt_duration(eta_s)
+            self.bar.set_postfix(shown, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -219,10 +224,16 @@ class Progress:
             self.bar = None
 
 
+MIN_BAR_COLUMNS = 40
+"""A terminal narrower than this (a zero-width one: some CI consoles and IDE panes say 0) gets the plain progress
+lines instead of a bar it cannot draw."""
+
+
 def _is_terminal() -> bool:
+    """stderr is a terminal wide enough for the progress bar."""
     try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
+        return sys.stderr.isatty() and os.get_terminal_size(sys.stderr.fileno()).columns >= MIN_BAR_COLUMNS
+    except (AttributeError, ValueError, OSError):
         return False
 
 
