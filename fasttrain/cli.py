@@ -39,41 +39,13 @@ def resolve_config(arg: str | None, overrides: list[str]) -> Config:
     return load_config(arg or "quickstart", overrides)
 
 
-class _ConsoleFilter(logging.Filter):
-    """What the console shows besides its level: under torchrun only rank 0's lines, except warnings and errors,
-    which every rank reports with its rank; on a terminal the progress bar instead of the plain progress lines
-    (which train.log always gets)."""
-
-    def __init__(self, bar_on_terminal: bool):
-        super().__init__()
-        from fasttrain.distributed import dist_info
-
-        self.bar = bar_on_terminal and sys.stderr.isatty()
-        info = dist_info()
-        self.rank = info.rank if info.enabled else None
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from fasttrain.metrics import PROGRESS
-
-        if self.bar and getattr(record, PROGRESS, False):
-            return False
-        if self.rank is not None:
-            if record.levelno < logging.WARNING and self.rank != 0:
-                return False
-            if record.levelno >= logging.WARNING and not record.getMessage().startswith("[rank"):
-                record.msg, record.args = f"[rank {self.rank}] {record.getMessage()}", None
-        return True
-
-
 def _setup_logging(verbosity: int) -> None:
     """The console shows WARNING (-q), INFO or DEBUG (-v); the package logger passes INFO on whatever the
     console shows, so a run's train.log holds its INFO lines under -q too."""
+    from fasttrain.metrics import console_handler
+
     level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
-    handler.setLevel(level)
-    handler.addFilter(_ConsoleFilter(bar_on_terminal=verbosity >= 0))
-    log.handlers[:] = [handler]
+    log.handlers[:] = [console_handler(level, bar_on_terminal=verbosity >= 0)]
     log.setLevel(min(level, logging.INFO))
 
 
@@ -517,7 +489,8 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQ
 
 def main(argv: list[str] | None = None) -> int:
     """Exit status: 0 done, 1 the work failed (unreadable inputs, a write failed, a run stopped), 2 a usage or
-    setting error, 130 interrupted. Errors are one line on stderr, naming the file, setting or flag."""
+    setting error, 128 + the signal's number when a signal stopped it (130 Ctrl-C, 143 SIGTERM, 138 SIGUSR1).
+    Errors are one line on stderr, naming the file, setting or flag."""
     from fasttrain.rundir import RunError
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -546,19 +519,22 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fasttrain: error: {_oom_line(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt as e:
+    except KeyboardInterrupt as e:  # Ctrl-C, or a run stopped by SIGINT / SIGTERM / SIGUSR1 (fasttrain.stop)
+        from fasttrain.stop import Stopped
+
         if sys.stderr.isatty():
             print(file=sys.stderr)  # off the progress bar's line
+        what = f"stopped by {e}" if isinstance(e, Stopped) else "interrupted"
         run_dir = getattr(e, "run_dir", None)
         if run_dir is not None:
+            where = "where it stopped" if getattr(e, "saved", False) else "from its last checkpoint"
             print(
-                f"fasttrain: interrupted; continue the run from its last checkpoint with\n"
-                f"  fasttrain train --resume {run_dir}",
+                f"fasttrain: {what}; continue the run {where} with\n  fasttrain train --resume {run_dir}",
                 file=sys.stderr,
             )
         else:
-            print("fasttrain: interrupted", file=sys.stderr)
-        return 130
+            print(f"fasttrain: {what}", file=sys.stderr)
+        return 128 + e.signum if isinstance(e, Stopped) else 130
     finally:  # called as a function (tests, notebooks): leave no handler on a stream that may close
         log.handlers[:], level = saved
         log.setLevel(level)

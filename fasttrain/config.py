@@ -116,9 +116,10 @@ class DataConfig:
     ops per image), applied after crop and flip by timm.data.rand_augment_transform; empty = off. Needs timm and
     the torch loader (it works on PIL images)."""
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    """Per-channel mean on the 0..1 scale, subtracted on the device (one value for grayscale)."""
+    """Per-channel mean on the 0..1 scale, subtracted on the device (one value per data.channels; three RGB
+    values also serve grayscale, averaged)."""
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    """Per-channel standard deviation on the 0..1 scale (one value for grayscale)."""
+    """Per-channel standard deviation on the 0..1 scale (one value per data.channels, as data.mean)."""
     loader: str = "auto"
     """Backend, the same for every task: auto (the GPU cache when the decoded data fits it, else DALI: GPU decode
     on CUDA, its CPU-only mode without a GPU; torch where DALI cannot serve), torch, dali, cache."""
@@ -157,7 +158,13 @@ class DataConfig:
         _check(0.0 < self.crop_scale_min <= 1.0, "data.crop_scale_min", f"must be in (0, 1], got {self.crop_scale_min}")
         for name in ("mean", "std"):
             vals = getattr(self, name)
-            _check(len(vals) in (1, 3), f"data.{name}", f"needs 1 or 3 values, got {len(vals)}")
+            # One value per channel; RGB statistics (the default) also serve a grayscale input, averaged.
+            _check(
+                len(vals) == self.channels or (self.channels == 1 and len(vals) == 3),
+                f"data.{name}",
+                f"needs one value per channel ({self.channels} for data.channels = {self.channels}), got "
+                f"{len(vals)}: {vals}",
+            )
         _check(all(s > 0 for s in self.std), "data.std", "values must be > 0")
         _check(self.workers >= -1, "data.workers", f"must be >= 0 or -1 (auto), got {self.workers}")
         _check(self.dali_threads == -1 or self.dali_threads >= 1, "data.dali_threads", "must be >= 1 or -1 (auto)")
@@ -177,6 +184,11 @@ class DataConfig:
             f"must be a timm RandAugment string such as rand-m9-mstd0.5-inc1, or empty, got {self.rand_augment!r}",
         )
         _check(self.max_bad_per_epoch >= 0, "data.max_bad_per_epoch", f"must be >= 0, got {self.max_bad_per_epoch}")
+        _check(
+            not self.target_columns or self.format == "manifest",
+            "data.target_columns",
+            f"names manifest columns; data.format = {self.format!r} has none (remove it, or use format = manifest)",
+        )
 
     @property
     def eval_resize(self) -> int:
@@ -212,13 +224,14 @@ class ModelConfig:
     width: int = 32
     """Base channel width of the small nets (convnet, smallcnn, unet, patchgan)."""
     dropout: float = 0.0
-    """Dropout before the classifier of the small nets and timm models (0..1)."""
+    """Dropout before the classifier of the small nets and timm models (0..1); torchvision's models take none."""
     drop_path_rate: float = 0.0
     """Stochastic depth: the largest share of residual blocks skipped per sample in training (0 = off; 0.1-0.2
     usual): timm models' drop_path_rate, torchvision's stochastic_depth_prob (efficientnet_*, convnext_*); refused
     for models without it."""
     pretrained: bool = False
-    """Start from the torchvision (or timm) default pretrained weights, downloaded into their cache on first use;
+    """Start from the torchvision (or timm) default pretrained weights, downloaded into their cache on first use
+    (torch.hub's checkpoints folder, or the Hugging Face cache; offline, an error names the folder and file);
     the head gets fresh outputs when the class count differs."""
     init_from: str = ""
     """Start from the weights in this file: a fasttrain checkpoint or a state dict (keys and shapes must match)."""
@@ -234,6 +247,12 @@ class ModelConfig:
             not (self.pretrained and self.init_from),
             "model.init_from",
             "give model.pretrained or model.init_from, not both",
+        )
+        _check(
+            not self.reset_head or bool(self.init_from),
+            "model.reset_head",
+            "applies only with model.init_from (model.pretrained starts a head of another class count fresh by "
+            "itself); remove it or set model.init_from",
         )
         _check(self.num_outputs >= 0, "model.num_outputs", "must be >= 0")
         _check(self.width >= 1, "model.width", "must be >= 1")
@@ -566,6 +585,18 @@ class Config:
             "name",
             f"must be a plain name (it prefixes run folders), got {self.name!r}",
         )
+        if self.task.name != "classify":  # settings only a class-label loss uses would silently do nothing
+            for key, value in (
+                ("task.mixup_alpha", self.task.mixup_alpha),
+                ("task.cutmix_alpha", self.task.cutmix_alpha),
+                ("train.label_smoothing", self.train.label_smoothing),
+            ):
+                _check(
+                    value == 0,
+                    key,
+                    f"mixes or smooths class labels, which task.name = {self.task.name!r} does not have; "
+                    f"got {value} (set it to 0)",
+                )
 
 
 _SECTIONS: dict[str, type] = {

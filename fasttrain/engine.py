@@ -52,6 +52,7 @@ from fasttrain.rundir import (
     write_run_config,
 )
 from fasttrain.runtime import environment, seed_everything
+from fasttrain.stop import Stopped, StopRequest, stop_on_signals
 from fasttrain.tasks import Task, TrainState
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ def train(
     model: Any = None,
     dataset: Any = None,
     val_dataset: Any = None,
+    quiet: bool = False,
 ) -> TrainResult:
     """Train ``cfg`` in a new run folder, or continue the run in ``resume`` from its last checkpoint.
 
@@ -109,6 +111,10 @@ def train(
     each epoch's checkpoint is written. One process at a time trains in a run folder (a lock); temp files of
     interrupted checkpoint writes are removed when a run resumes and when it ends. Under torchrun a restarted
     job (``--max-restarts``) finds its run folder again and resumes from its last checkpoint.
+
+    Called from Python with no logging configured, the console shows what ``fasttrain train`` shows (the run's
+    lines and epoch summaries on stderr; ``quiet=True``: warnings only and no progress bar); configure logging
+    (the ``fasttrain`` logger) to decide yourself.
     """
     if resume is None and cfg is None:
         raise ValueError("train() needs a config or resume=RUN_DIR")
@@ -122,6 +128,8 @@ def train(
             resume, overrides = found, _overrides_of(cfg, found)
     lock: RunLock | None = None
     run_dir: Path | None = None
+    console = _api_console(quiet)
+    progress = progress and not quiet
     try:
         ckpt = None
         if resume is not None:
@@ -150,7 +158,10 @@ def train(
                     run_dir, lock = _new_run(prep)
                 handler = _attach_run_log(run_dir / "train.log") if prep.dist.is_main else None
                 try:
-                    return trainer.run(run_dir)
+                    # SIGINT, SIGTERM, SIGUSR1: saved at the next step (one process; torchrun's ranks would need
+                    # to agree on that step, so a job keeps each signal's own behaviour)
+                    with stop_on_signals(enabled=not prep.dist.enabled) as trainer.stop:
+                        return trainer.run(run_dir)
                 except KeyboardInterrupt as e:
                     e.run_dir = run_dir  # type: ignore[attr-defined]  # the CLI says how to resume it
                     raise
@@ -162,6 +173,7 @@ def train(
         if lock is not None and run_dir is not None:
             clean_temp_files(run_dir)
             lock.release()
+        _detach_run_log(console)
 
 
 def _resume_target(resume: Path) -> tuple[Path, Path]:
@@ -264,6 +276,22 @@ def _attach_run_log(path: Path) -> logging.Handler:
     handler._level_before = pkg.level  # type: ignore[attr-defined]
     if pkg.getEffectiveLevel() > logging.INFO:
         pkg.setLevel(logging.INFO)
+    pkg.addHandler(handler)
+    return handler
+
+
+def _api_console(quiet: bool) -> logging.Handler | None:
+    """train() called from Python where nothing configured logging (no handler on the package logger or above):
+    a console handler as the command line's (``quiet``: as ``-q``) for the call, detached by _detach_run_log."""
+    from fasttrain.metrics import console_handler
+
+    pkg = logging.getLogger("fasttrain")
+    if pkg.hasHandlers():
+        return None
+    handler = console_handler(logging.WARNING if quiet else logging.INFO, bar_on_terminal=not quiet)
+    handler._level_before = pkg.level  # type: ignore[attr-defined]
+    if pkg.getEffectiveLevel() > handler.level:
+        pkg.setLevel(handler.level)
     pkg.addHandler(handler)
     return handler
 
@@ -452,8 +480,9 @@ def _log_skipped(skipped: list[tuple[str, str]], show: int = 20) -> None:
     if not skipped:
         return
     log.warning(
-        "%d files were skipped (unreadable or unusable); run `fasttrain check-data` on the data for the full report:",
+        "%d %s skipped (unreadable or unusable); run `fasttrain check-data` on the data for the full report:",
         len(skipped),
+        "file was" if len(skipped) == 1 else "files were",
     )
     for f, why in skipped[:show]:
         log.warning("  skipped %s: %s", f, why)
@@ -508,6 +537,8 @@ class Trainer:
             raise
         self.history: list[dict[str, Any]] = []
         self.resume_micro, self.running = 0, Running()
+        self.stop = StopRequest()
+        self.t_run, self.step_at_start = time.perf_counter(), 0  # set again when run() starts
 
     def close(self) -> None:
         for loader in (self.train_loader, self.val_loader):
@@ -519,13 +550,20 @@ class Trainer:
         prep, cfg, task, source, state, ckpt = self.prep, self.cfg, self.task, self.source, self.state, self.ckpt
         self.run_dir = run_dir
         log.info("run folder %s", run_dir)
+        # The images the loaders use: files their pre-check left out are counted apart, not as used.
+        used = [
+            len(split or []) - len(getattr(loader, "skipped", []) if split else [])
+            for split, loader in ((source.train, self.train_loader), (source.val, self.val_loader))
+        ]
+        skipped = len(_skipped_files(source, self.train_loader, self.val_loader))
         log.info(
-            "%s | data %s: %d train, %d val%s images, %s | loader %s (%s)%s",
+            "%s | data %s: %d train, %d val%s images%s, %s | loader %s (%s)%s",
             prep.runtime.describe(),
             source.root,
-            len(source.train),
-            len(source.val or []),
+            used[0],
+            used[1],
             f", {len(source.test)} test" if source.test else "",
+            f" ({skipped} file{'s' if skipped != 1 else ''} skipped)" if skipped else "",
             f"{len(source.class_names)} classes" if source.class_names else cfg.task.name,
             prep.backend,
             prep.backend_reason,
@@ -560,6 +598,36 @@ class Trainer:
             state.step,
             f" ({self.resume_micro} batches into epoch {state.epoch + 1})" if self.resume_micro else "",
         )
+        self._say_replanned(ckpt)
+
+    def _say_replanned(self, ckpt: dict[str, Any]) -> None:
+        """A resume with another train.epochs re-plans a schedule that depends on the run's length (onecycle,
+        cosine): the learning rate at this step changes, which is said with both values."""
+        from fasttrain.optim import lr_factor
+
+        saved = ((ckpt.get("config") or {}).get("train") or {}).get("epochs")
+        sched, step, per_epoch = self.cfg.schedule, self.state.step, self.steps_per_epoch
+        if (
+            not saved
+            or saved == self.tc.epochs
+            or sched.name not in ("onecycle", "cosine")
+            or not self.state.schedulers
+        ):
+            return
+        peak = next(iter(self.state.schedulers.values())).base_lrs[0]
+        before = peak * lr_factor(sched, step, per_epoch, per_epoch * saved)
+        after = peak * lr_factor(sched, step, per_epoch, per_epoch * self.tc.epochs)
+        log.warning(
+            "train.epochs %d -> %d: the %s schedule is re-planned over %d epochs; the learning rate at step %d "
+            "goes from %.3g to %.3g",
+            saved,
+            self.tc.epochs,
+            sched.name,
+            self.tc.epochs,
+            step,
+            before,
+            after,
+        )
 
     def _loader(self, split, *, train: bool) -> Loader:
         """This process's shard of ``split``: the global order is (seed, epoch)'s whatever the world size."""
@@ -581,7 +649,7 @@ class Trainer:
         test_loader = None
         state.train(True)
         try:
-            t_run, first_epoch = time.perf_counter(), state.epoch
+            self.t_run, self.step_at_start = time.perf_counter(), state.step
             if self.early_stop.stopped:  # a resumed run that had stopped early
                 log.info(
                     "%s; nothing left to train (a larger train.early_stop_patience goes on)", self.early_stop.reason
@@ -595,12 +663,11 @@ class Trainer:
                     self._evaluate_into(record)
                 state.epoch = epoch + 1
                 stop = self._finish_epoch(record, last)
-                per_epoch = (time.perf_counter() - t_run) / (epoch + 1 - first_epoch)
                 log.info(
                     summary_line(
                         record,
                         tc.epochs,
-                        eta_s=per_epoch * (tc.epochs - epoch - 1),
+                        eta_s=self._eta(),
                         skipped=len(_skipped_files(self.source, self.train_loader, self.val_loader)),
                     )
                 )
@@ -610,6 +677,8 @@ class Trainer:
                     log.info(self.early_stop.reason)
                     self.metrics.event({"epoch": state.epoch, "step": state.step, "event": "early_stop"})
                     break
+                if self.stop.pending and not last:  # the epoch's checkpoint was just written
+                    raise self._stopped(epoch + 1, saved=True)
             if self.val_loader is not None or self.source.test:
                 tested = use_best(self.task, state, self.ckpts)
             if self.val_loader is not None:
@@ -731,6 +800,12 @@ class Trainer:
             f"try optim.grad_clip / runtime.precision=fp32 (train.max_nonfinite_logs = 0 never stops)"
         )
 
+    def _stopped(self, epoch: int, *, saved: bool) -> Stopped:
+        assert self.stop.signum is not None
+        e = Stopped(self.stop.signum, saved=saved)
+        log.warning("%s: stopped at epoch %d, step %d; %s saved", e, epoch, self.state.step, self.ckpts.last)
+        return e
+
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One epoch from micro-batch ``resume_micro`` on, continuing ``running`` (a resumed epoch's sums)."""
         task, state, runtime, tc = self.task, self.state, self.prep.runtime, self.tc
@@ -786,9 +861,12 @@ class Trainer:
                             if tc.max_nonfinite_logs and run.nonfinite_logs >= tc.max_nonfinite_logs:
                                 raise self._diverged(epoch, run.nonfinite_logs)
                     every = tc.checkpoint_every_steps
-                    if every and state.step % every == 0 and n_micro < micro_total:
+                    saved = bool(every and state.step % every == 0 and n_micro < micro_total)
+                    if saved or (self.stop.pending and n_micro < micro_total):
                         run.flush()  # the checkpoint holds sums over every process
                         self.ckpts.save_last({"epoch": epoch, "micro": n_micro}, run.to_checkpoint())
+                    if self.stop.pending and n_micro < micro_total:  # else the epoch's end saves, then stops
+                        raise self._stopped(epoch + 1, saved=True)
                 if n_micro >= micro_total:
                     break
             run.flush()
@@ -808,6 +886,13 @@ class Trainer:
             record["max_memory_gib"] = round(peak / memory.GIB, 3)
         return record
 
+    def _eta(self) -> float | None:
+        """Seconds left in the run, the one estimate every line and the bar show: the time per optimizer step
+        since this process started the run (evaluations included), times the steps left."""
+        done = self.state.step - self.step_at_start
+        left = self.steps_per_epoch * self.tc.epochs - self.state.step
+        return (time.perf_counter() - self.t_run) / done * left if done > 0 else None
+
     def _log_step(
         self,
         epoch: int,
@@ -822,10 +907,8 @@ class Trainer:
         plain line in train.log (and on a console without a bar)."""
         tc, state = self.tc, self.state
         lr = next(iter(state.optimizers.values())).param_groups[0]["lr"]
-        bar.show(means)
-        steps_done = step_in_epoch - self.resume_micro // tc.accumulation
-        left = self.steps_per_epoch - step_in_epoch + self.steps_per_epoch * (tc.epochs - epoch - 1)
-        eta = elapsed / steps_done * left if steps_done > 0 else None
+        eta = self._eta()
+        bar.show(means, eta)
         self.metrics.step(
             {
                 "epoch": epoch + 1,

@@ -33,12 +33,48 @@ __all__ = [
     "fmt_duration",
     "fmt_rate",
     "PROGRESS",
+    "ConsoleFilter",
+    "console_handler",
 ]
 
 LOGGERS = ("jsonl", "csv", "tensorboard")
 """Values of ``train.loggers``; metrics.jsonl is always written (resume and plot read it)."""
 PROGRESS = "progress"
 """``extra`` key marking progress lines in the log: a terminal that shows the bar can leave them out."""
+
+
+class ConsoleFilter(logging.Filter):
+    """What the console shows besides its level: under torchrun only rank 0's lines, except warnings and errors,
+    which every rank reports with its rank; on a terminal the progress bar instead of the plain progress lines
+    (which train.log always gets)."""
+
+    def __init__(self, bar_on_terminal: bool):
+        super().__init__()
+        from fasttrain.distributed import dist_info
+
+        self.bar = bar_on_terminal and _is_terminal()
+        info = dist_info()
+        self.rank = info.rank if info.enabled else None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.bar and getattr(record, PROGRESS, False):
+            return False
+        if self.rank is not None:
+            if record.levelno < logging.WARNING and self.rank != 0:
+                return False
+            if record.levelno >= logging.WARNING and not record.getMessage().startswith("[rank"):
+                record.msg, record.args = f"[rank {self.rank}] {record.getMessage()}", None
+        return True
+
+
+def console_handler(level: int, *, bar_on_terminal: bool) -> logging.Handler:
+    """The console's log handler (stderr, ``HH:MM:SS L message``), as the command line and a ``train()`` called
+    from Python with no logging configured show it."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname).1s %(message)s", "%H:%M:%S"))
+    handler.setLevel(level)
+    handler.addFilter(ConsoleFilter(bar_on_terminal=bar_on_terminal))
+    return handler
 
 
 def trim_metrics(path: str | os.PathLike, epochs_done: int, step: int) -> list[dict[str, Any]]:
@@ -165,17 +201,22 @@ class Progress:
                 unit_scale=False,
                 dynamic_ncols=True,
                 desc=desc,
-                leave=False,
+                leave=True,  # the epoch's last values stay on screen above its summary line
                 mininterval=0.5,
+                # no "<remaining" of tqdm's own (this epoch's): the run's one ETA comes with the values
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]",
             )
 
     def update(self, n: int) -> None:
         if self.bar is not None:
             self.bar.update(n)
 
-    def show(self, values: dict[str, float]) -> None:
+    def show(self, values: dict[str, float], eta_s: float | None = None) -> None:
         if self.bar is not None:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()}, refresh=False)
+            shown = {k: f"{v:.4g}" for k, v in values.items()}
+            if eta_s is not None:
+                shown["ETA"] = fmt_duration(eta_s)
+            self.bar.set_postfix(shown, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -183,10 +224,16 @@ class Progress:
             self.bar = None
 
 
+MIN_BAR_COLUMNS = 40
+"""A terminal narrower than this (a zero-width one: some CI consoles and IDE panes say 0) gets the plain progress
+lines instead of a bar it cannot draw."""
+
+
 def _is_terminal() -> bool:
+    """stderr is a terminal wide enough for the progress bar."""
     try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
+        return sys.stderr.isatty() and os.get_terminal_size(sys.stderr.fileno()).columns >= MIN_BAR_COLUMNS
+    except (AttributeError, ValueError, OSError):
         return False
 
 

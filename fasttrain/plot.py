@@ -116,6 +116,9 @@ def _figure(runs: list[RunCurves]):
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="best")
+            if len(runs) > 1:  # a line per run and series: beside the axes, never over the curves
+                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+            else:
+                ax.legend(fontsize=7, loc="best")
     fig.suptitle(" vs ".join(r.name for r in runs) if len(runs) > 1 else runs[0].name, fontsize=11)
     return fig

@@ -84,7 +84,7 @@ def prepare(
 
     if model is not None and cfg.model.name != CUSTOM:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=CUSTOM))
-    check_model(cfg.model.name, given=model is not None)
+    check_model(cfg.model.name, given=model is not None, dropout=cfg.model.dropout)
     if dataset is not None:
         cfg, source = dataset_source(cfg, dataset, val_dataset)
     elif val_dataset is not None:

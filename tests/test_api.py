@@ -82,3 +82,41 @@ def test_your_own_model_from_python_trains_resumes_and_predicts(shapes_root, tmp
         predict(run, [image], device="cpu")
     resumed = train(resume=run, overrides=["train.epochs=2"], model=Tiny, progress=False)
     assert [r["epoch"] for r in resumed.history] == [1, 2]
+
+
+def _visible(text: str) -> list[str]:
+    """What a terminal shows of ``text``: each line's part after its last carriage return (tqdm redraws a bar
+    with "\\r" and erases one by drawing blanks over it)."""
+    return [line.rpartition("\r")[2].strip() for line in text.split("\n")]
+
+
+def test_train_from_python_prints_the_epoch_summaries_and_keeps_the_last_bar(
+    shapes_root, tmp_path, capsys, monkeypatch
+):
+    import logging
+
+    from fasttrain import load_config, metrics, train
+
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # a plain Python session: nothing configured
+    monkeypatch.setattr(metrics, "_is_terminal", lambda: True)  # a terminal: the bar, not the step lines
+    cfg = load_config(
+        "quickstart",
+        [
+            f"data.root={shapes_root}",
+            f"train.runs_dir={tmp_path}",
+            "train.epochs=2",
+            "train.max_steps=2",
+            "train.log_every=1",
+            "data.workers=0",
+            "data.loader=torch",
+        ],
+    )
+    train(cfg)
+    seen = _visible(capsys.readouterr().err)
+    assert sum(" I epoch 1/2 | train_loss" in line for line in seen) == 1, seen
+    assert any(" I epoch 2/2 | train_loss" in line for line in seen), seen
+    assert any(line.startswith("epoch 2/2: 100%") and "loss=" in line for line in seen), seen  # the bar stays
+    assert not logging.getLogger("fasttrain").handlers  # nothing left behind
+
+    train(cfg, quiet=True)
+    assert "epoch" not in capsys.readouterr().err  # quiet: warnings only, no bar

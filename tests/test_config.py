@@ -206,3 +206,39 @@ def test_default_workers_are_shared_by_the_processes_of_a_node(monkeypatch):
     assert DataConfig(workers=4).num_workers == 4  # a set value is kept
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     assert default_workers() == 1  # never none
+
+
+@pytest.mark.parametrize(
+    "items, pattern",
+    [
+        (["task.name=regress", "task.mixup_alpha=0.2"], r"^task\.mixup_alpha: .*task\.name = 'regress'"),
+        (["task.name=pix2pix", "task.cutmix_alpha=1.0"], r"^task\.cutmix_alpha: .*task\.name = 'pix2pix'"),
+        (["task.name=regress", "train.label_smoothing=0.1"], r"^train\.label_smoothing: .*'regress'"),
+        (["data.mean=[0.5]"], r"^data\.mean: needs one value per channel \(3 for data\.channels = 3\), got 1"),
+        (["data.channels=1", "data.std=[0.5, 0.5]"], r"^data\.std: needs one value per channel \(1 for"),
+        (["model.reset_head=true"], r"^model\.reset_head: applies only with model\.init_from"),
+        (["data.target_columns=['x']"], r"^data\.target_columns: .*format = 'folder'"),
+    ],
+)
+def test_settings_a_task_or_shape_cannot_use_are_refused_naming_the_key(items, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        apply_overrides(Config(), items)
+
+
+def test_settings_a_task_or_shape_can_use_still_pass():
+    apply_overrides(Config(), ["task.mixup_alpha=0.2", "task.cutmix_alpha=1.0", "train.label_smoothing=0.1"])
+    apply_overrides(Config(), ["data.channels=1"])  # RGB statistics (the defaults) serve grayscale, averaged
+    apply_overrides(Config(), ["data.channels=1", "data.mean=[0.5]", "data.std=[0.5]", "task.name=regress"])
+    apply_overrides(Config(), ["data.format=manifest", "data.target_columns=['x']"])
+    apply_overrides(Config(), ["model.init_from=w.pt", "model.reset_head=true"])
+
+
+def test_dropout_on_a_model_built_without_it_is_refused():
+    from fasttrain.models import check_model
+
+    with pytest.raises(ValueError, match=r"^model\.dropout: .*torchvision's resnet18 is built without it"):
+        check_model("resnet18", dropout=0.2)
+    with pytest.raises(ValueError, match=r"^model\.dropout: a model passed from Python"):
+        check_model("custom", given=True, dropout=0.2)
+    check_model("smallcnn", dropout=0.2)
+    check_model("resnet18")

@@ -67,3 +67,17 @@ def test_one_run_draws_into_its_folder_and_several_into_a_new_file(tmp_path, mon
     assert (tmp_path / "runs-compare.png").read_text() == "the user's file"
     with pytest.raises(FileNotFoundError, match="metrics.jsonl"):
         plot_runs([tmp_path / "nothing"])
+
+
+def test_the_compare_plots_legends_sit_beside_the_curves_not_over_them(tmp_path):
+    from fasttrain.plot import _figure
+
+    runs = [read_curves(_run(tmp_path / name, acc=acc)) for name, acc in (("a", [0.5, 0.7]), ("b", [0.4, 0.8]))]
+    fig = _figure(runs)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    axes = [ax for ax in fig.axes if ax.get_legend() is not None]
+    assert len(axes) == 4
+    for ax in axes:
+        legend, area = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+        assert legend.x0 >= area.x1, ax.get_title()  # wholly to the right of the plotting area

@@ -176,15 +176,16 @@ def main(argv: list[str] | None = None) -> int:
                 size=args.size,
                 seed=args.seed,
             )
-    except FileExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # disk full, read-only, no permission: the partial dataset was removed
-        print(f"error: cannot write {args.out}: {os_reason(e)} (no partial dataset is left)", file=sys.stderr)
-        return 1
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    # The prefix and exit status of every other command (fasttrain.cli.main): 2 a usage or setting error (an
+    # existing OUT included), 1 a write that failed.
+    except (FileExistsError, ValueError) as e:
+        print(f"fasttrain: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, read-only, no permission: the partial dataset was removed
+        print(
+            f"fasttrain: error: cannot write {args.out}: {os_reason(e)} (no partial dataset is left)", file=sys.stderr
+        )
+        return 1
     print(f"wrote {out} in {time.perf_counter() - t0:.1f}s")
     return 0
 

@@ -39,13 +39,22 @@ def load_image(path: str, channels: int, max_pixels: int | None = None) -> Image
     ``Image.DecompressionBombError`` before anything is decoded (``data.max_image_pixels``; None: Pillow's own
     limit only). Raises the errors of :data:`DECODE_ERRORS`, naming nothing; callers add the file name.
     """
-    with open_regular(path) as f, Image.open(f) as im:
+    with open_regular(path) as f, _open_image(f) as im:
         if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
             raise Image.DecompressionBombError(
                 f"{im.size[0]}x{im.size[1]} pixels exceed data.max_image_pixels ({max_pixels:,})"
             )
         im.load()
         return convert_image(im, channels)
+
+
+def _open_image(f) -> Image.Image:
+    """Image.open on an open file; its "cannot identify image file <_io.BufferedReader name=3>" (the file object,
+    not a name) becomes what is wrong, for the caller to put beside the file's name."""
+    try:
+        return Image.open(f)
+    except Image.UnidentifiedImageError:
+        raise Image.UnidentifiedImageError("not an image file Pillow can identify") from None
 
 
 def convert_image(im: Image.Image, channels: int) -> Image.Image:

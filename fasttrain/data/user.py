@@ -4,7 +4,8 @@ A map-style ``torch.utils.data.Dataset`` whose ``dataset[i]`` is ``(image, label
 
 - the image a C x H x W tensor, every item the same shape: ``uint8`` (0..255; fasttrain normalizes it on the
   device with ``data.mean`` / ``data.std``, so only bytes cross to the GPU) or floating point (model-ready: your
-  own transforms already normalized it); ``data.channels`` and ``data.image_size`` are taken from the first item;
+  own transforms already normalized it); ``data.channels``, ``data.image_size`` and ``data.resize_size`` are
+  taken from the first item (so ``predict`` on image files resizes them to the size the items had);
 - the label an int class index; class names come from the dataset's ``classes`` attribute (torchvision's
   datasets have one), else from ``model.num_outputs``.
 
@@ -258,15 +259,18 @@ def dataset_source(cfg: Config, dataset: Any, val_dataset: Any = None) -> tuple[
         )
     if not 0 <= label < len(names):
         raise ValueError(f"dataset[{i}]: label {label} is outside 0..{len(names) - 1} ({len(names)} classes)")
-    if (c, side) != (cfg.data.channels, cfg.data.image_size):
+    if (c, side, side) != (cfg.data.channels, cfg.data.image_size, cfg.data.eval_resize):
         log.info(
-            "data.channels = %d, data.image_size = %d: taken from the dataset's items (%s)",
+            "data.channels = %d, data.image_size = data.resize_size = %d: taken from the dataset's items (%s)",
             c,
             side,
             "x".join(map(str, x.shape)),
         )
     name = type(dataset).__name__
-    data = dataclasses.replace(cfg.data, root=f"{DATASET_ROOT}{name}", channels=c, image_size=side)
+    # The model learns from the items whole, at their own size: every size derived from it follows, so that
+    # the run's config.toml (and predict on image files) resizes to the side the items had instead of
+    # resizing to a configured resize_size and centre-cropping a part of it.
+    data = dataclasses.replace(cfg.data, root=f"{DATASET_ROOT}{name}", channels=c, image_size=side, resize_size=side)
     cfg = dataclasses.replace(cfg, data=data, model=dataclasses.replace(cfg.model, num_outputs=len(names)))
     fixed = _is_fixed(dataset)
     item_nbytes = x.numel() * x.element_size() + 8

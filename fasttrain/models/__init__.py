@@ -47,15 +47,18 @@ CUSTOM = "custom"
 """model.name of a run whose model came from Python (``train(cfg, model=...)``)."""
 
 
-def check_model(name: str, *, given: bool = False) -> None:
+def check_model(name: str, *, given: bool = False, dropout: float = 0.0) -> None:
     """Raise a ValueError naming ``model.name`` when no model of that name can be built here (cheap: builds
-    nothing), so a run refuses it before it creates its folder. ``given``: a model was passed from Python."""
+    nothing), so a run refuses it before it creates its folder. ``given``: a model was passed from Python.
+    ``dropout``: model.dropout, which torchvision's models are built without (refused rather than ignored)."""
     if name == CUSTOM:
         if not given:
             raise ValueError(
                 "model.name: custom means this run's model was passed from Python; pass the same "
                 "model again (train(..., model=...), predict(..., model=...))"
             )
+        if dropout:
+            raise ValueError("model.dropout: a model passed from Python is used as given (set it to 0)")
         return
     if name in _SMALL:
         return
@@ -79,6 +82,11 @@ def check_model(name: str, *, given: bool = False) -> None:
         raise ValueError(
             f"model.name: unknown model {name!r}; known: {', '.join(sorted(_SMALL))}, torchvision "
             f"classification models (resnet18, resnet50, ...) and timm/<name> with timm installed{hint}"
+        )
+    if dropout:  # torchvision's builders differ (resnets take none): a setting that would do nothing
+        raise ValueError(
+            f"model.dropout: applies to fasttrain's small nets and timm/ models; torchvision's {name} is built "
+            f"without it (set it to 0, or use timm/{name})"
         )
 
 
@@ -114,20 +122,27 @@ def build_model(
             dropout=dropout,
             **kwargs,
         )
-    check_model(name)
-    if name.startswith(TIMM_PREFIX):
-        return _timm_model(name[len(TIMM_PREFIX) :], in_channels, num_outputs, dropout, pretrained, drop_path_rate)
-    from torchvision import models as tvm
+    check_model(name, dropout=dropout)
+    source = None
+    if pretrained:
+        from fasttrain.models.init import check_pretrained_reachable
 
+        source = check_pretrained_reachable(name)  # offline: one line now, not a minute of retries first
     depth = {"stochastic_depth_prob": drop_path_rate} if drop_path_rate > 0 else {}
     try:
-        if not pretrained:
-            model = tvm.get_model(name, weights=None, num_classes=num_outputs, **depth)
-        else:
-            from fasttrain.models.init import replace_head
+        if name.startswith(TIMM_PREFIX):
+            return _timm_model(name[len(TIMM_PREFIX) :], in_channels, num_outputs, dropout, pretrained, drop_path_rate)
+        from torchvision import models as tvm
 
-            weights = tvm.get_model_weights(name).DEFAULT
-            model = tvm.get_model(name, weights=weights, **depth)  # into torch's hub cache on first use
+        weights = tvm.get_model_weights(name).DEFAULT if pretrained else None
+        # pretrained: into torch's hub cache on first use
+        model = tvm.get_model(name, weights=weights, **({} if pretrained else {"num_classes": num_outputs}), **depth)
+    except _download_errors() as e:
+        if source is None:
+            raise
+        from fasttrain.models.init import pretrained_error
+
+        raise pretrained_error(name, source, f"{type(e).__name__}: {e}") from None
     except TypeError as e:
         if not depth:
             raise
@@ -143,12 +158,23 @@ def build_model(
                 f"model.drop_path_rate: torchvision's {name} has no stochastic depth; use a model that has it "
                 f"(efficientnet_*, convnext_*, timm/<name>) or set it to 0"
             )
-    if pretrained:
+    if weights is not None:
+        from fasttrain.models.init import replace_head
+
         if num_outputs != len(weights.meta["categories"]):
             replace_head(model, num_outputs)
     if in_channels != 3:
         _adapt_first_conv(model, in_channels, name, keep_weights=pretrained)
     return model
+
+
+def _download_errors() -> tuple[type[BaseException], ...]:
+    """What a failed download raises: OSError (urllib, requests), and huggingface_hub's HTTP errors."""
+    try:
+        from huggingface_hub.errors import HfHubHTTPError
+    except ImportError:
+        return (OSError,)
+    return (OSError, HfHubHTTPError)
 
 
 def _timm_model(

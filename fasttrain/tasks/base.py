@@ -217,9 +217,9 @@ class Task:
         path = self.cfg.model.init_from
         if not path or self.restoring:
             return
-        from fasttrain.models.init import load_initial_weights, read_state_dict
+        from fasttrain.models.init import init_from
 
-        load_initial_weights(model, read_state_dict(path, module), reset_head=self.cfg.model.reset_head, source=path)
+        init_from(model, self.cfg, module)
 
     def make_loader(
         self, split: Split, *, train: bool, batch_size: int, backend: str, num_shards: int = 1, shard_id: int = 0

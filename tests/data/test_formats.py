@@ -351,4 +351,4 @@ def test_make_data_cli(tmp_path):
     assert len(src.train) + len(src.val) == 4
     tool = [sys.executable, str(REPO / "tools" / "make_data.py")]  # the checkout wrapper, same parser
     again = subprocess.run(tool + ["paired", str(tmp_path / "d")], capture_output=True, text=True)
-    assert again.returncode == 1 and "already exists" in again.stderr
+    assert again.returncode == 2 and again.stderr.startswith("fasttrain: error: ") and "already exists" in again.stderr

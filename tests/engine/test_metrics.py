@@ -46,3 +46,43 @@ def test_csv_and_tensorboard_loggers(shapes_root, tmp_path):
 def test_unknown_logger_is_named():
     with pytest.raises(ConfigError, match="train.loggers: must be one of jsonl, csv, tensorboard, got 'wandb'"):
         load_config(None, ['train.loggers=["wandb"]'])
+
+
+# -- what the console shows ---------------------------------------------------------------------------------------
+def test_a_terminal_too_narrow_for_a_bar_gets_the_plain_lines(monkeypatch):
+    import io
+    import os
+    import sys
+
+    from fasttrain import metrics
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+        def fileno(self):
+            return 2
+
+    monkeypatch.setattr(sys, "stderr", Tty())
+    for columns, bar in ((0, False), (20, False), (120, True)):  # some CI consoles and IDE panes report 0
+        monkeypatch.setattr(os, "get_terminal_size", lambda fd=None, c=columns: os.terminal_size((c, 24)))
+        assert metrics._is_terminal() is bar
+        progress = metrics.Progress(10, 0, "epoch 1/1", enabled=True)
+        assert (progress.bar is not None) is bar
+        progress.close()
+        assert metrics.ConsoleFilter(bar_on_terminal=True).bar is bar  # no bar: the step lines are shown
+
+
+def test_the_bar_shows_the_runs_one_eta_the_step_lines_show(shapes_root, tmp_path, capsys, monkeypatch):
+    import re
+
+    from fasttrain import metrics
+
+    monkeypatch.setattr(metrics, "_is_terminal", lambda: True)
+    result = train(_cfg(shapes_root, tmp_path / "runs", "train.max_steps=3"))
+    screen = [line.rpartition("\r")[2] for line in capsys.readouterr().err.split("\n")]
+    bars = [line for line in screen if line.startswith("epoch 1/2: 100%")]
+    assert len(bars) == 1 and "<" not in bars[0], screen  # not tqdm's own time left in the epoch besides
+    shown = re.search(r"ETA=(\d+m\d\ds)", bars[0]).group(1)
+    logged = [ln for ln in (result.run_dir / "train.log").read_text().splitlines() if "epoch 1/2 step 3/3" in ln]
+    assert logged and logged[0].endswith(f"ETA {shown}")

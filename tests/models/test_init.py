@@ -66,12 +66,12 @@ def test_init_from_names_what_does_not_fit(tmp_path):
     torch.save({"0.0.weight": torch.zeros(4, 3, 3, 3), "extra.weight": torch.zeros(1)}, tmp_path / "partial.pt")
     with pytest.raises(
         ValueError,
-        match=r"partial\.pt does not fit model Sequential \(missing: .*unexpected: "
-        r"extra\.weight",
+        match=r"partial\.pt does not fit model smallcnn \(missing: .*unexpected: "
+        r"extra\.weight\); saved from another architecture",
     ):
         _model_state(_cfg(tmp_path, f"model.init_from={tmp_path / 'partial.pt'}"))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=r"model\.init_from: .*junk\.pt cannot be loaded"):
+    with pytest.raises(ValueError, match=r"model\.init_from: .*junk\.pt is not a checkpoint \(neither the zip"):
         read_state_dict(tmp_path / "junk.pt")
     with pytest.raises(FileNotFoundError, match="model.init_from: .*nope.pt not found"):
         read_state_dict(tmp_path / "nope.pt")
@@ -147,3 +147,97 @@ def test_resume_and_predict_take_the_checkpoint_not_the_starting_weights(tmp_pat
     image = next(root.rglob("*.png"))
     (record,) = predict(run / "checkpoints" / "last.pt", [str(image)], device="cpu")
     assert "error" not in record
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    """A machine without network: names do not resolve, and a download attempted anyway fails the test."""
+    import socket
+
+    import huggingface_hub
+    import torch.hub
+
+    def unresolvable(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    def download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr("timm.models._hub.hf_hub_download", download, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache
+
+
+def test_pretrained_weights_offline_name_the_setting_the_cache_folder_and_init_from(tmp_path, no_network):
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError) as e:
+        build_model("resnet18", in_channels=3, num_outputs=5, image_size=32, pretrained=True)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("model.pretrained: the weights of resnet18 cannot be downloaded")
+    assert "download.pytorch.org cannot be resolved" in msg
+    assert f"{tmp_path / 'torch' / 'hub' / 'checkpoints'}/ as resnet18-" in msg and "model.init_from" in msg
+    pytest.importorskip("timm")
+    from huggingface_hub import constants
+
+    with pytest.raises(ValueError) as e:
+        build_model("timm/resnet18", in_channels=3, num_outputs=5, image_size=32, pretrained=True)
+    msg = str(e.value)
+    assert msg.startswith("model.pretrained: the weights of timm/resnet18 cannot be downloaded (huggingface.co")
+    assert f"Hugging Face cache {constants.HF_HUB_CACHE}" in msg and "model.init_from" in msg
+    assert time.perf_counter() - t0 < 10  # at once, not after a minute of retries
+
+
+def test_pretrained_weights_with_hf_hub_offline_fail_at_once(monkeypatch):
+    pytest.importorskip("timm")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"^model\.pretrained: .*timm/resnet18 .*\(HF_HUB_OFFLINE is set\)"):
+        build_model("timm/resnet18", in_channels=3, num_outputs=5, image_size=32, pretrained=True)
+
+
+def _saved_run(tmp_path, name, *overrides):
+    from fasttrain.checkpoint import CheckpointManager
+
+    cfg = _cfg(tmp_path, *overrides)
+    task = make_task(cfg, runtime_for(cfg, device="cpu"), None)
+    state = task.build_state()
+    (tmp_path / name / "checkpoints").mkdir(parents=True)
+    m = CheckpointManager(tmp_path / name, cfg=cfg, task=task, state=state, best_metric="val_acc")
+    m.save_last()
+    return m.last
+
+
+def test_init_from_messages_say_in_one_line_what_the_file_is_and_what_differs(tmp_path):
+    from PIL import Image
+
+    def error(*overrides):
+        with pytest.raises(ValueError) as e:
+            _model_state(_cfg(tmp_path, *overrides))
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    # Another width: every conv differs, so leaving the head out cannot help and is not advised.
+    wide = _saved_run(tmp_path, "wide", "model.width=8")
+    msg = error(f"model.init_from={wide}")
+    assert msg.startswith(f"model.init_from: {wide} does not fit model smallcnn (shape mismatch: ")
+    assert "reset_head" not in msg and msg.endswith("the file was trained with model.width = 8 (this run: 4)")
+    # Only the class count differs: reset_head is what helps, and it is said.
+    ten = _saved_run(tmp_path, "ten", "model.num_outputs=10")
+    assert "only the classifier head differs" in error(f"model.init_from={ten}")
+    # An image is not a checkpoint (not torch's 7 lines of weights_only advice).
+    png = tmp_path / "cat.png"
+    Image.new("RGB", (8, 8)).save(png)
+    assert error(f"model.init_from={png}") == (
+        f"model.init_from: {png} is not a checkpoint (a PNG image); give a state dict or a fasttrain checkpoint "
+        f"(torch.save's .pt / .pth)"
+    )
+    # A checkpoint of another task: said as such, not as lists of keys.
+    drawing = _saved_run(
+        tmp_path, "drawing", "task.name=regress", "data.channels=1", "data.mean=[0.5]", "data.std=[0.5]"
+    )
+    msg = error(f"model.init_from={drawing}")
+    assert msg.startswith(f"model.init_from: {drawing} is a fasttrain checkpoint of task regress (model of smallcnn)")
+    assert "not of task classify" in msg

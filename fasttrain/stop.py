@@ -1,0 +1,61 @@
+"""Stopping a run on a signal: Ctrl-C (SIGINT), SIGTERM (what SLURM and Kubernetes send before they kill a job)
+and SIGUSR1 (SLURM's pre-emption warning with ``--signal``) all save the run and say how to resume it.
+
+The handler only records the signal; the training loop stops at the next optimizer step (a state it can save:
+no half-applied update), writes ``last.pt`` there and raises :class:`Stopped`. A second signal stops at once
+(a loader that hangs must not hold Ctrl-C hostage): the last checkpoint written before it is what resumes.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+__all__ = ["STOP_SIGNALS", "Stopped", "StopRequest", "stop_on_signals"]
+
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, n))
+"""Signals that stop a run with a checkpoint (SIGUSR1 does not exist on Windows)."""
+
+
+class Stopped(KeyboardInterrupt):
+    """The run stopped on a signal; ``signum`` names it (the exit status is 128 + signum, as a shell reports a
+    process a signal ended). A KeyboardInterrupt, so whatever handles Ctrl-C handles it."""
+
+    def __init__(self, signum: int, saved: bool):
+        self.signum, self.saved = signum, saved
+        super().__init__(signal.Signals(signum).name)
+
+
+class StopRequest:
+    """The signal received, if any; the loop asks ``pending`` at each optimizer step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    @property
+    def pending(self) -> bool:
+        return self.signum is not None
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None:  # the second signal: stop now
+            raise Stopped(signum, saved=False)
+        self.signum = signum
+
+
+@contextmanager
+def stop_on_signals(enabled: bool = True) -> Iterator[StopRequest]:
+    """Install :class:`StopRequest`'s handler for :data:`STOP_SIGNALS` for the block, then restore the previous
+    handlers. Off the main thread (where Python allows no handler) or when not ``enabled`` it only yields an
+    empty request: signals keep their own behaviour."""
+    request = StopRequest()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {s: signal.signal(s, request.handle) for s in STOP_SIGNALS}
+    try:
+        yield request
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
