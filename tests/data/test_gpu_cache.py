@@ -291,7 +291,7 @@ def test_pair_targets_are_normalized_like_the_inputs():
             a = torch.full((3, 8, 8), 10 * i, dtype=torch.uint8)
             return a, 255 - a
 
-    spec = spec_for(DataConfig(mean=[0.5], std=[0.5]))
+    spec = spec_for(DataConfig(mean=[0.5] * 3, std=[0.5] * 3))
     (b,) = list(GpuCacheLoader.from_dataset(Pairs(), spec, batch_size=4, train=False, targets_are_images=True))
     assert torch.allclose(b.targets, -b.inputs) and b.targets.shape == (4, 3, 8, 8)
 
