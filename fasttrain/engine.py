@@ -464,6 +464,8 @@ class Trainer:
             if prep.dist.enabled
             else "",
         )
+        if prep.runtime.reasons:
+            log.info("%s", prep.runtime.explain())
         if not source.val and self.best_metric.startswith("val_"):
             log.warning("no validation split: best.pt is not written (only last.pt)")
         self.ckpts = CheckpointManager(

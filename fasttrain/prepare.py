@@ -104,7 +104,7 @@ def prepare(
     device = {}
     if info.enabled and resolve_device(cfg.runtime.device).type == "cuda":
         device = {"device": f"cuda:{info.local_rank}"}  # one GPU per process: LOCAL_RANK's
-    runtime = runtime_for(cfg, **device)
+    runtime = runtime_for(cfg, train_samples=len(source.train), **device)
     task = make_task(cfg, runtime, source)
     task.custom_model = model
     task.check()

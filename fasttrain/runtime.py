@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import platform
@@ -38,6 +39,10 @@ __all__ = [
     "dali_version",
     "BackendFlags",
     "backend_flags",
+    "CpuJob",
+    "cpu_flags",
+    "cpu_bf16",
+    "decide_cpu_compile",
 ]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -57,7 +62,8 @@ class Precision:
 
 
 def decide_precision(requested: str, device_type: str, bf16_supported: bool) -> Precision:
-    """Pure policy. auto: bf16 where the GPU supports it, fp16 + scaler where it does not, fp32 on CPU.
+    """Pure policy. auto: bf16 where the GPU supports it, fp16 + scaler where it does not; on CPU bf16 where the
+    CPU has bf16 instructions (``bf16_supported``: :func:`cpu_bf16`; measured 1.96x on smallcnn), else fp32.
 
     An explicit bf16 on a GPU without it is an error; fp16 on CPU is refused (CPU autocast has no fp16 kernels
     worth using); bf16 on CPU is allowed when asked (it runs, on recent CPUs it is faster).
@@ -66,7 +72,7 @@ def decide_precision(requested: str, device_type: str, bf16_supported: bool) -> 
         if device_type == "cuda":
             requested = "bf16" if bf16_supported else "fp16"
         else:
-            requested = "fp32"
+            requested = "bf16" if bf16_supported else "fp32"
     if requested == "fp32":
         return Precision("fp32", None, False)
     if requested == "bf16":
@@ -78,6 +84,84 @@ def decide_precision(requested: str, device_type: str, bf16_supported: bool) -> 
             raise ValueError("runtime.precision: fp16 needs a CUDA device; use fp32 or bf16 on CPU")
         return Precision("fp16", torch.float16, True)
     raise ValueError(f"runtime.precision: unknown value {requested!r}")
+
+
+def cpu_flags(cpuinfo: str) -> frozenset[str]:
+    """The feature flags of the first processor in a ``/proc/cpuinfo`` text (``flags`` on x86, ``Features`` on
+    ARM); empty when there are none."""
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")  # AMX tiles; AVX-512 BF16 (Cooper Lake, Zen 4); ARM's BF16
+
+
+def cpu_bf16(flags: frozenset[str], mkldnn_bf16: bool) -> tuple[bool, str]:
+    """Pure policy: whether bf16 autocast pays on this CPU, and why. It needs bf16 arithmetic in hardware
+    (``flags`` from :func:`cpu_flags`) and oneDNN's bf16 kernels (``mkldnn_bf16``): oneDNN also runs bf16 on plain
+    AVX-512 by converting, which is slower than fp32."""
+    found = [f for f in _BF16_FLAGS if f in flags]
+    if not found:
+        return False, "the CPU has no bf16 instructions (no avx512_bf16 / amx_bf16 in /proc/cpuinfo)"
+    if not mkldnn_bf16:
+        return False, f"the CPU has {found[0]} but this torch has no oneDNN bf16 kernels"
+    return True, f"the CPU has {found[0]}"
+
+
+@functools.cache
+def _host_cpu_bf16() -> tuple[bool, str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return False, "/proc/cpuinfo is unreadable, so bf16 support is unknown"
+    mkldnn = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return cpu_bf16(cpu_flags(text), mkldnn)
+
+
+@dataclass(frozen=True)
+class CpuJob:
+    """How much training a CPU run does, for ``runtime.compile = auto``: whether a compile can repay itself."""
+
+    samples: int
+    """Training samples the run processes (epochs x training set, or max_steps x batch)."""
+    forward_flops: float | None
+    """Forward FLOPs of one sample (None: unknown, e.g. a model from Python)."""
+    threads: int
+    """CPU threads torch computes with."""
+
+
+CPU_EAGER_FLOPS_PER_THREAD = 50e9
+"""Eager training FLOP/s per thread assumed by the compile decision: set above what was measured (~43 GFLOP/s
+per thread, smallcnn fp32 on an EPYC), so a job's eager time is underestimated and compile chosen only when
+it surely repays."""
+CPU_COMPILE_COLD_S = 20.0
+"""What a cold torch.compile of a training step costs on 2 CPU cores (measured 20-37 s)."""
+CPU_COMPILE_GAIN = {"fp32": 0.35, "bf16": 0.0}
+"""Share of the eager step time compile saves on CPU (measured on smallcnn: 1.61x in fp32; nothing over
+bf16 + channels_last, 2.03x against 2.10x)."""
+
+
+def decide_cpu_compile(requested: str, precision: str, job: CpuJob | None) -> tuple[bool, str]:
+    """Pure policy for ``runtime.compile`` on CPU: on/off as asked; auto compiles only when the job's estimated
+    eager time times compile's gain repays the cold compile (evaluation then runs eagerly: no recompiles)."""
+    if requested != "auto":
+        return requested == "on", f"runtime.compile = {requested}"
+    gain = CPU_COMPILE_GAIN.get(precision, 0.0)
+    if gain <= 0:
+        return False, f"compile gains nothing measurable over {precision} + channels_last on CPU"
+    if job is None or job.forward_flops is None:
+        return False, "the job's length is unknown"
+    eager_s = 3 * job.forward_flops * job.samples / (CPU_EAGER_FLOPS_PER_THREAD * max(job.threads, 1))
+    saved = gain * eager_s
+    verdict = "repays" if saved > CPU_COMPILE_COLD_S else "does not repay"
+    return saved > CPU_COMPILE_COLD_S, (
+        f"the job's ~{eager_s:.0f} s of eager steps ({job.samples} samples) would save ~{saved:.0f} s, which "
+        f"{verdict} a ~{CPU_COMPILE_COLD_S:.0f} s cold compile"
+    )
 
 
 def decide_device(requested: str, cuda_count: int, current: int = 0) -> torch.device:
@@ -163,15 +247,33 @@ def seed_everything(seed: int) -> None:
 class Runtime:
     """Device, precision, memory format and compile policy for one run."""
 
-    def __init__(self, cfg: RuntimeConfig, *, conv_model: bool = True):
+    def __init__(self, cfg: RuntimeConfig, *, conv_model: bool = True, cpu_job: CpuJob | None = None):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         is_cuda = self.device.type == "cuda"
-        bf16_ok = is_cuda and torch.cuda.is_bf16_supported()
+        self.reasons: dict[str, str] = {}
+        """Why each ``auto`` setting was decided as it was (logged once by the run)."""
+        if is_cuda:
+            bf16_ok = torch.cuda.is_bf16_supported()
+        elif cfg.precision == "auto":
+            bf16_ok, self.reasons["precision"] = _host_cpu_bf16()
+        else:
+            bf16_ok = False
         self.precision = decide_precision(cfg.precision, self.device.type, bf16_ok)
-        # channels_last pays off for convolutions on tensor cores; on CPU it is neutral at best.
-        self.channels_last = _on_off(cfg.channels_last, is_cuda) and conv_model
-        self.compile = _on_off(cfg.compile, is_cuda)
+        # channels_last pays off for convolutions on tensor cores, and on CPU too: oneDNN's convolutions are
+        # NHWC-native (measured 1.33x on smallcnn fp32, 1.38x in bf16).
+        self.channels_last = _on_off(cfg.channels_last, True) and conv_model
+        if cfg.channels_last == "auto" and not is_cuda:
+            self.reasons["channels_last"] = "a conv model (oneDNN convolves NHWC)" if conv_model else "not a conv model"
+        if is_cuda:
+            self.compile = _on_off(cfg.compile, True)
+        else:
+            self.compile, why = decide_cpu_compile(cfg.compile, self.precision.name, cpu_job)
+            if cfg.compile == "auto":
+                self.reasons["compile"] = why
+        self.eager_eval = not is_cuda
+        """Evaluation calls the uncompiled module: on CPU a recompile for eval mode and the last partial batch
+        costs 4-7 s, more than a small job's evaluation; on CUDA the compiled evaluation pays."""
         self.non_blocking = is_cuda
         self.pin_memory = is_cuda
         # Decided here, applied only by flags() (constructing a Runtime changes nothing process-wide).
@@ -227,6 +329,11 @@ class Runtime:
         )
         return compiled  # type: ignore[return-value]  # an OptimizedModule: an nn.Module calling the graph
 
+    def for_eval(self, module: nn.Module, compiled: nn.Module) -> nn.Module:
+        """What evaluation calls: the uncompiled ``module`` where evaluation runs eagerly (CPU), else
+        ``compiled``."""
+        return module if self.eager_eval else compiled
+
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Fused optimizer kernels on CUDA (one launch for all parameters); foreach elsewhere."""
         return {"fused": True} if self.is_cuda else {"foreach": True}
@@ -234,6 +341,11 @@ class Runtime:
     def synchronize(self) -> None:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
+
+    def explain(self) -> str:
+        """The ``auto`` decisions and why, one clause each (empty when nothing was decided automatically)."""
+        values = {"precision": self.precision.name, "channels_last": self.channels_last, "compile": self.compile}
+        return "; ".join(f"runtime.{k} = auto -> {values[k]}: {why}" for k, why in self.reasons.items())
 
     def describe(self) -> str:
         tf32 = " tf32" if self.is_cuda and self.precision.name == "fp32" and self.backend_flags.tf32_matmul else ""
@@ -336,10 +448,53 @@ def _driver_version() -> str | None:
         return None
 
 
-def runtime_for(cfg: Config, **overrides: Any) -> Runtime:
+def runtime_for(cfg: Config, *, train_samples: int | None = None, **overrides: Any) -> Runtime:
     """The runtime of a config: channels_last only where its model convolves. ``overrides`` replace
-    ``runtime.*`` fields for this use (e.g. ``compile="off"`` for eager probes or prediction)."""
+    ``runtime.*`` fields for this use (e.g. ``compile="off"`` for eager probes or prediction).
+    ``train_samples``: the training set's size, from which ``runtime.compile = auto`` on CPU judges the job's
+    length (without it, auto stays eager there)."""
     from fasttrain.models import is_conv_model
 
     rcfg = dataclasses.replace(cfg.runtime, **overrides) if overrides else cfg.runtime
-    return Runtime(rcfg, conv_model=is_conv_model(cfg.model.name))
+    job = None
+    if train_samples is not None and rcfg.compile == "auto" and resolve_device(rcfg.device).type == "cpu":
+        job = cpu_job(cfg, train_samples)
+    return Runtime(rcfg, conv_model=is_conv_model(cfg.model.name), cpu_job=job)
+
+
+def cpu_job(cfg: Config, train_samples: int) -> CpuJob:
+    """The job's length: samples trained (``train.max_steps`` bounds it) and one sample's forward FLOPs, counted
+    on the meta device (nothing is allocated or computed)."""
+    tc = cfg.train
+    samples = tc.epochs * (train_samples // max(tc.batch_size, 1)) * tc.batch_size
+    if tc.max_steps:
+        samples = min(samples, tc.max_steps * tc.batch_size)
+    return CpuJob(samples, _forward_flops(cfg), torch.get_num_threads())
+
+
+def _forward_flops(cfg: Config) -> float | None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fasttrain.models import CUSTOM, build_model
+
+    if cfg.model.name == CUSTOM:
+        return None
+    c, s = cfg.data.channels, cfg.data.image_size
+    try:
+        with torch.device("meta"):
+            model = build_model(
+                cfg.model.name,
+                in_channels=c,
+                num_outputs=cfg.model.num_outputs or 2,
+                image_size=s,
+                width=cfg.model.width,
+                dropout=cfg.model.dropout,
+                pretrained=False,
+            )
+            counter = FlopCounterMode(display=False)
+            with counter, torch.no_grad():
+                model(torch.zeros(1, c, s, s))
+    except Exception as e:  # noqa: BLE001 - a model meta tensors cannot run: the job's length stays unknown
+        log.debug("forward FLOPs of %s not counted: %s", cfg.model.name, e)
+        return None
+    return float(counter.get_total_flops())
