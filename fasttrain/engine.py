@@ -129,6 +129,10 @@ def train(
         prep = prepare(cfg, model=model, dataset=dataset, val_dataset=val_dataset)
         _check_best_metric(prep.task, prep.cfg.train.best_metric, bool(prep.source.val))
         seed_everything(prep.cfg.runtime.seed)
+        if not prep.runtime.is_cuda:
+            kept = memory.keep_host_heap()
+            if kept:
+                log.debug("%s", kept)
         with prep.runtime.flags():
             # Loaders (they check the files), model and optimizers first: what cannot train is refused before
             # a new run folder exists.

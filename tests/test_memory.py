@@ -125,3 +125,31 @@ def test_process_device_bytes_reads_this_process_from_nvml(monkeypatch):
 
 def test_cublas_workspace_constant_is_the_hopper_default():
     assert M.CUBLAS_WORKSPACE_BYTES == 4096 * M.KIB * 8
+
+
+def test_the_host_heap_is_kept_at_train_start_never_on_import(shapes_root, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from fasttrain import memory
+    from fasttrain.engine import train
+    from tests.tinyrun import tiny_cfg
+
+    # Importing fasttrain (engine included) changes nothing in the allocator.
+    code = "import fasttrain.engine, fasttrain.memory as m; print(m._heap_kept)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "None"
+    # The user's own glibc settings win.
+    assert memory.keep_host_heap({"MALLOC_TRIM_THRESHOLD_": "0"}) is None
+    calls = []
+    monkeypatch.setattr(memory, "keep_host_heap", lambda: calls.append(1) or "kept")
+    train(tiny_cfg(shapes_root, tmp_path, epochs=1, max_steps=1), progress=False)
+    assert calls == [1]
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_host_heap_sets_the_thresholds_on_glibc(monkeypatch):
+    from fasttrain import memory
+
+    monkeypatch.setattr(memory, "_heap_kept", None)
+    done = memory.keep_host_heap({})
+    assert done is not None and "trim threshold 512" in done
