@@ -32,7 +32,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from fasttrain.config import DataConfig
-from fasttrain.data.checks import BadDataError, ImageInfo, _none_usable, precheck
+from fasttrain.config import PILLOW_BOMB_PIXELS
+from fasttrain.data.checks import BadDataError, ImageInfo, UnusableImage, _none_usable, load_checked, precheck
 from fasttrain.data.formats import SIDE_BY_SIDE
 from fasttrain.data.order import sample_seed, sample_seeds
 from fasttrain.data.sources import Split
@@ -90,9 +91,14 @@ class Skip(NamedTuple):
 
     path: str
     reason: str
+    refused: bool = False
+    """The validator refused the file (:func:`~fasttrain.data.checks.load_checked`): skipped as a pre-check
+    failure would be, not counted as a failure to decode."""
 
 
 def _skip(path: str, e: BaseException) -> Skip:
+    if isinstance(e, UnusableImage):  # the validator's own reason, as the pre-check words it
+        return Skip(path, str(e), refused=True)
     return Skip(path, f"cannot be decoded ({type(e).__name__}: {e})")
 
 
@@ -101,7 +107,8 @@ class ImageDataset(Dataset):
 
     ``random``: the transform draws from torch's global CPU generator, seeded per (seed, epoch, index) inside a
     fork that restores it. A deterministic transform needs no seeding (and the cache's decode threads must not
-    fork the global generator concurrently)."""
+    fork the global generator concurrently). ``checked``: each file is validated (:func:`check_header`'s rules)
+    and decoded from one read, for a split that was not pre-checked (the GPU cache decodes every file once)."""
 
     def __init__(
         self,
@@ -112,9 +119,10 @@ class ImageDataset(Dataset):
         target_fn: Callable[[Any], Any] = lambda t: t,
         max_pixels: int | None = None,
         random: bool = True,
+        checked: bool = False,
     ):
         self.split, self.transform, self.channels, self.seed = split, transform, channels, seed
-        self.target_fn, self.max_pixels, self.random = target_fn, max_pixels, random
+        self.target_fn, self.max_pixels, self.random, self.checked = target_fn, max_pixels, random, checked
 
     def __len__(self) -> int:
         return len(self.split)
@@ -123,7 +131,10 @@ class ImageDataset(Dataset):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         path = self.split.paths[index]
         try:
-            im = load_image(path, self.channels, self.max_pixels)
+            if self.checked:
+                im = load_checked(path, self.channels, self.max_pixels or PILLOW_BOMB_PIXELS)
+            else:
+                im = load_image(path, self.channels, self.max_pixels)
             if not self.random:
                 x = self.transform(im)
             else:
@@ -312,10 +323,13 @@ def precheck_samples(samples: Samples, data: DataConfig, threads: int) -> Checke
     return Checked(replace(samples, split=split.subset(keep)), infos, target_infos, bad)
 
 
-def dataset_for(samples: Samples, data: DataConfig, seed: int, *, train: bool, deterministic: bool = False) -> Dataset:
+def dataset_for(
+    samples: Samples, data: DataConfig, seed: int, *, train: bool, deterministic: bool = False, checked: bool = False
+) -> Dataset:
     """The map-style dataset of a request. ``deterministic``: what the GPU cache decodes once, the evaluation
     geometry, or for training the canvas its device augmentation draws from (class: the centre square resized
-    to image_size when random-resized-crop is on; pair: both images resized to the jitter size, uncropped)."""
+    to image_size when random-resized-crop is on; pair: both images resized to the jitter size, uncropped).
+    ``checked``: class images are validated as they are decoded (the split was not pre-checked)."""
     split, channels, size, px = samples.split, data.channels, data.image_size, data.max_image_pixels
     if samples.kind == "vector":
         return VectorDataset(split, size, channels, size_targets=samples.size_targets, max_pixels=px)
@@ -330,6 +344,6 @@ def dataset_for(samples: Samples, data: DataConfig, seed: int, *, train: bool, d
         )
     if deterministic:
         canvas = replace(data, resize_size=size) if train and data.random_resized_crop else data
-        return ImageDataset(split, eval_transform(canvas), channels, seed, max_pixels=px, random=False)
+        return ImageDataset(split, eval_transform(canvas), channels, seed, max_pixels=px, random=False, checked=checked)
     tf = train_transform(data) if train else eval_transform(data)
     return ImageDataset(split, tf, channels, seed, max_pixels=px, random=train)
