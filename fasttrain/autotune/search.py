@@ -33,6 +33,9 @@ __all__ = [
     "mark_usable",
     "choose_batch",
     "search_batch_size",
+    "counted_windows",
+    "measurement_reliable",
+    "MIN_WINDOW_STEPS",
     "plan_batches",
     "choose_loader",
     "loader_share",
@@ -106,9 +109,13 @@ class Candidate:
         self.samples_per_s = statistics.median(self.rates) if self.rates else None
         self.spread = spread_of(self.rates)
 
-    def add_rates(self, rates: Sequence[float]) -> None:
+    def add_rates(self, rates: Sequence[float], max_spread: float | None = None) -> None:
+        """Append a re-measurement's rates; with ``max_spread`` the reliability is judged again on all of them
+        (a measurement whose repeats disagree wildly is never left marked reliable)."""
         self.set_rates([*self.rates, *rates])
         self.remeasured += 1
+        if max_spread is not None:
+            self.reliable = measurement_reliable(self.rates, max_spread)
 
     @property
     def memory_failure(self) -> bool:
@@ -128,6 +135,30 @@ def spread_of(rates: Sequence[float]) -> float:
         return 0.0
     mid = statistics.median(rates)
     return (max(rates) - min(rates)) / mid if mid else 0.0
+
+
+MIN_WINDOW_STEPS = 2
+"""A timed window of fewer steps does not count: one step's time is one sample of the machine's noise (a step
+that ran alone between two other processes' slices measured 3.5x the model's speed)."""
+
+
+def counted_windows(
+    rates: Sequence[float], seconds: Sequence[float], batch_size: int
+) -> tuple[list[float], list[float]]:
+    """(the rates of the windows that count, those of the windows too short to count): a window counts when it
+    ran at least :data:`MIN_WINDOW_STEPS` steps of ``batch_size`` samples (a repeat cut short by a slow machine
+    may have run one)."""
+    counted, dropped = [], []
+    for r, sec in zip(rates, seconds):
+        steps = round(r * sec / batch_size) if batch_size else 0
+        (counted if steps >= MIN_WINDOW_STEPS else dropped).append(float(r))
+    return counted, dropped
+
+
+def measurement_reliable(rates: Sequence[float], max_spread: float) -> bool:
+    """A measurement is reliable when a window counts and the spread of those that count is within
+    ``max_spread`` (one window, with ``tune.repeats = 1``, has none to show)."""
+    return bool(rates) and spread_of(rates) <= max_spread
 
 
 @dataclass

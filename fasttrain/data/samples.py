@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from fasttrain.config import DataConfig
 from fasttrain.config import PILLOW_BOMB_PIXELS
@@ -105,8 +105,8 @@ def _skip(path: str, e: BaseException) -> Skip:
 class ImageDataset(Dataset):
     """(index, epoch) -> (uint8 C x H x W, target), or a :class:`Skip` when the file cannot be decoded.
 
-    ``random``: the transform draws from torch's global CPU generator, seeded per (seed, epoch, index) inside a
-    fork that restores it. A deterministic transform needs no seeding (and the cache's decode threads must not
+    ``random``: the transform draws from torch's global CPU generator, seeded per (seed, epoch, index); the
+    training process's generator is restored after each batch. A deterministic transform needs no seeding (and the cache's decode threads must not
     fork the global generator concurrently). ``checked``: each file is validated (:func:`check_header`'s rules)
     and decoded from one read, for a split that was not pre-checked (the GPU cache decodes every file once)."""
 
@@ -128,6 +128,19 @@ class ImageDataset(Dataset):
         return len(self.split)
 
     def __getitem__(self, key: tuple[int, int] | int):
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: Sequence[tuple[int, int] | int]) -> list:
+        """A batch of samples (the DataLoader asks for a batch at once). Each random sample seeds torch's CPU
+        generator from (seed, epoch, index): the same crops whatever the worker count or batch. In the training
+        process (``data.workers = 0``) the generator is saved and restored once per batch, not per sample
+        (dropout's stream must not move); a worker process owns its generator and needs neither."""
+        if not self.random or get_worker_info() is not None:
+            return [self._one(key) for key in keys]
+        with torch.random.fork_rng(devices=[]):
+            return [self._one(key) for key in keys]
+
+    def _one(self, key: tuple[int, int] | int):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         path = self.split.paths[index]
         try:
@@ -135,15 +148,11 @@ class ImageDataset(Dataset):
                 im = load_checked(path, self.channels, self.max_pixels or PILLOW_BOMB_PIXELS)
             else:
                 im = load_image(path, self.channels, self.max_pixels)
-            if not self.random:
-                x = self.transform(im)
-            else:
-                # torchvision's transforms draw from the global CPU generator: seed it for this sample inside a
-                # fork that restores it. Only the CPU generator: torch.manual_seed would also reseed every CUDA
-                # generator (with data.workers = 0 this runs in the training process: dropout's stream).
-                with torch.random.fork_rng(devices=[]):
-                    torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-                    x = self.transform(im)
+            if self.random:
+                # torchvision's transforms draw from the global CPU generator. Only the CPU generator:
+                # torch.manual_seed would also reseed every CUDA generator.
+                torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
+            x = self.transform(im)
         except DECODE_ERRORS as e:
             return _skip(path, e)
         return x, self.target_fn(self.split.targets[index])
