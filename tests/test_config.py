@@ -187,3 +187,15 @@ def test_task_names_come_from_the_task_table(monkeypatch):
         load_config(None, ["task.name=segment"])
     monkeypatch.setitem(tasks.TASKS, "segment", "fasttrain.tasks.classify:ClassifyTask")
     assert load_config(None, ["task.name=segment"]).task.name == "segment"
+
+
+def test_auto_workers_on_a_two_core_cpu_run_are_none(monkeypatch):
+    from fasttrain import config as C
+
+    monkeypatch.setattr(C.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    data = C.DataConfig()
+    assert data.workers_for("cpu") == 0  # a worker competes with the step's threads (measured 0.5x)
+    assert data.workers_for("cuda") == 1  # beside a GPU the cores are free: cores - 1
+    assert C.DataConfig(workers=2).workers_for("cpu") == 2  # what the user set
+    monkeypatch.setattr(C.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert data.workers_for("cpu") == 7
