@@ -170,7 +170,8 @@ def compare(args: argparse.Namespace) -> int:
         "cpu_count": os.cpu_count(),
     }
     (out / "cpu_target.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"fasttrain / seed-style wall time: median {speedup:.2f}x (target >= 2x): {'met' if speedup >= 2 else 'MISSED'}")
+    verdict = "met" if speedup >= 2 else "MISSED"
+    print(f"fasttrain / seed-style wall time: median {speedup:.2f}x (target >= 2x): {verdict}")
     print(f"details: {out}")
     return 0 if speedup >= 2.0 else 1
 

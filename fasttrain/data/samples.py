@@ -31,8 +31,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, get_worker_info
 
-from fasttrain.config import DataConfig
-from fasttrain.config import PILLOW_BOMB_PIXELS
+from fasttrain.config import PILLOW_BOMB_PIXELS, DataConfig
 from fasttrain.data.checks import BadDataError, ImageInfo, UnusableImage, _none_usable, load_checked, precheck
 from fasttrain.data.formats import SIDE_BY_SIDE
 from fasttrain.data.order import sample_seed, sample_seeds
@@ -106,9 +105,10 @@ class ImageDataset(Dataset):
     """(index, epoch) -> (uint8 C x H x W, target), or a :class:`Skip` when the file cannot be decoded.
 
     ``random``: the transform draws from torch's global CPU generator, seeded per (seed, epoch, index); the
-    training process's generator is restored after each batch. A deterministic transform needs no seeding (and the cache's decode threads must not
-    fork the global generator concurrently). ``checked``: each file is validated (:func:`check_header`'s rules)
-    and decoded from one read, for a split that was not pre-checked (the GPU cache decodes every file once)."""
+    training process's generator is restored after each batch. A deterministic transform needs no seeding (and
+    the cache's decode threads must not fork the global generator concurrently). ``checked``: each file is
+    validated (:func:`check_header`'s rules) and decoded from one read, for a split that was not pre-checked (the
+    GPU cache decodes every file once)."""
 
     def __init__(
         self,

@@ -438,3 +438,13 @@ def test_a_single_step_window_does_not_count():
     assert measurement_reliable(counted, 0.25)
     assert not measurement_reliable([], 0.25)  # no window counted
     assert not measurement_reliable(rates, 0.25)
+
+
+def test_cpu_autotune_takes_at_most_half_the_training_it_tunes():
+    from fasttrain.autotune.search import cpu_time_cap
+
+    # the quickstart: 8 epochs x 1,152 samples at 400 samples/s after 5 s of set-up: ~28 s of training
+    cap = cpu_time_cap(45.0, job_samples=9216, samples_per_s=400.0, setup_s=5.0)
+    assert cap == pytest.approx(0.5 * (5.0 + 9216 / 400.0))
+    assert cpu_time_cap(45.0, job_samples=10**7, samples_per_s=400.0, setup_s=5.0) == 45.0  # never above the budget
+    assert cpu_time_cap(45.0, job_samples=9216, samples_per_s=None, setup_s=5.0) == 45.0  # nothing measured
