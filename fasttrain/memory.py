@@ -47,6 +47,7 @@ __all__ = [
     "set_memory_fraction",
     "memory_fraction",
     "keep_host_heap",
+    "available_host_bytes",
 ]
 
 KIB, MIB, GIB = 2**10, 2**20, 2**30
@@ -345,3 +346,15 @@ def keep_host_heap(env: Mapping[str, str] | None = None) -> str | None:
         f"{format_bytes(HOST_MMAP_THRESHOLD)} (MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_ override)"
     )
     return _heap_kept
+
+
+def available_host_bytes() -> int | None:
+    """What the kernel says new allocations may take without swapping (``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * KIB
+    except (OSError, ValueError):
+        pass
+    return None

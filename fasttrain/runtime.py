@@ -43,6 +43,10 @@ __all__ = [
     "cpu_flags",
     "cpu_bf16",
     "decide_cpu_compile",
+    "ModelProfile",
+    "model_profile",
+    "host_step_bytes",
+    "host_batch_limit",
 ]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -472,29 +476,72 @@ def cpu_job(cfg: Config, train_samples: int) -> CpuJob:
     return CpuJob(samples, _forward_flops(cfg), torch.get_num_threads())
 
 
-def _forward_flops(cfg: Config) -> float | None:
+@dataclass(frozen=True)
+class ModelProfile:
+    """What one sample costs a model, counted on the meta device (nothing allocated, nothing computed)."""
+
+    forward_flops: float
+    """Forward FLOPs of one sample."""
+    saved_bytes: int
+    """Bytes autograd saves for the backward pass per sample, in float32 (distinct tensors)."""
+    param_bytes: int
+    """Bytes of the parameters (float32)."""
+
+
+def model_profile(cfg: Config) -> ModelProfile | None:
+    """The profile of ``model.name`` at the config's input size; None for a model from Python or one that
+    cannot run on meta tensors."""
+    from fasttrain.models import CUSTOM
+
+    m, d = cfg.model, cfg.data
+    if m.name == CUSTOM:
+        return None
+    return _profile(m.name, d.channels, d.image_size, m.width, m.dropout, m.num_outputs or 2)
+
+
+@functools.cache
+def _profile(name: str, c: int, s: int, width: int, dropout: float, outputs: int) -> ModelProfile | None:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fasttrain.models import CUSTOM, build_model
+    from fasttrain.models import build_model
 
-    if cfg.model.name == CUSTOM:
-        return None
-    c, s = cfg.data.channels, cfg.data.image_size
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        base = t._base if t._base is not None else t
+        saved[id(base)] = base.numel() * base.element_size()
+        return t
+
     try:
         with torch.device("meta"):
             model = build_model(
-                cfg.model.name,
-                in_channels=c,
-                num_outputs=cfg.model.num_outputs or 2,
-                image_size=s,
-                width=cfg.model.width,
-                dropout=cfg.model.dropout,
-                pretrained=False,
+                name, in_channels=c, num_outputs=outputs, image_size=s, width=width, dropout=dropout, pretrained=False
             )
             counter = FlopCounterMode(display=False)
-            with counter, torch.no_grad():
+            with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 model(torch.zeros(1, c, s, s))
-    except Exception as e:  # noqa: BLE001 - a model meta tensors cannot run: the job's length stays unknown
-        log.debug("forward FLOPs of %s not counted: %s", cfg.model.name, e)
+    except Exception as e:  # noqa: BLE001 - a model meta tensors cannot run: its cost stays unknown
+        log.debug("%s not profiled on the meta device: %s", name, e)
         return None
-    return float(counter.get_total_flops())
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return ModelProfile(float(counter.get_total_flops()), sum(saved.values()), params)
+
+
+def host_step_bytes(profile: ModelProfile, batch: int, precision: str) -> int:
+    """Pure estimate of the host memory a CPU training step at ``batch`` adds: the activations saved for the
+    backward pass (halved under bf16 autocast, whose convolutions and matrix products save bf16) plus weights,
+    gradients and two optimizer states."""
+    per_sample = profile.saved_bytes // 2 if precision == "bf16" else profile.saved_bytes
+    return batch * per_sample + 4 * profile.param_bytes
+
+
+def host_batch_limit(profile: ModelProfile, precision: str, available: int, share: float = 0.9) -> int:
+    """Pure: the largest batch whose :func:`host_step_bytes` fits ``share`` of ``available`` host bytes (0: none)."""
+    per_sample = profile.saved_bytes // 2 if precision == "bf16" else profile.saved_bytes
+    room = share * available - 4 * profile.param_bytes
+    return max(0, int(room // per_sample)) if per_sample else 1 << 30
+
+
+def _forward_flops(cfg: Config) -> float | None:
+    profile = model_profile(cfg)
+    return None if profile is None else profile.forward_flops

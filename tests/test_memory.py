@@ -153,3 +153,43 @@ def test_keep_host_heap_sets_the_thresholds_on_glibc(monkeypatch):
     monkeypatch.setattr(memory, "_heap_kept", None)
     done = memory.keep_host_heap({})
     assert done is not None and "trim threshold 512" in done
+
+
+def test_a_cpu_batch_that_cannot_fit_the_host_is_refused_in_one_line_before_the_first_step(
+    shapes_root, tmp_path, monkeypatch
+):
+    from fasttrain import memory
+    from fasttrain.config import ConfigError, load_config
+    from fasttrain.engine import train
+    from fasttrain.prepare import prepare
+
+    # The README's tour command on a small machine (stubbed: 2 GiB available); only meta tensors are built.
+    monkeypatch.setattr(memory, "available_host_bytes", lambda: 2 * memory.GIB)
+    cfg = load_config(
+        "resnet50-imagenet", [f"data.root={shapes_root}", "runtime.device=cpu", f"train.runs_dir={tmp_path}"]
+    )
+    with pytest.raises(
+        ConfigError, match=r"^train.batch_size: .* resnet50 at 224 px and micro-batch 256 needs about"
+    ) as e:
+        prepare(cfg)
+    assert (
+        "\n" not in str(e.value)
+        and "2.00 GiB available" in str(e.value)
+        and "fits: lower train.batch_size" in str(e.value)
+    )
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        train(cfg, progress=False)
+    assert not list(tmp_path.iterdir())  # refused before a run folder existed
+    small = load_config("resnet50-imagenet", [f"data.root={shapes_root}", "runtime.device=cpu", "train.batch_size=2"])
+    assert prepare(small).cfg.train.batch_size == 2  # a batch that fits is let through
+
+
+def test_the_host_step_estimate_grows_with_the_batch_and_bf16_halves_the_activations():
+    from fasttrain.runtime import ModelProfile, host_batch_limit, host_step_bytes
+
+    p = ModelProfile(forward_flops=1e9, saved_bytes=100 * 2**20, param_bytes=10 * 2**20)
+    assert host_step_bytes(p, 8, "fp32") == 8 * 100 * 2**20 + 40 * 2**20
+    assert host_step_bytes(p, 8, "bf16") == 8 * 50 * 2**20 + 40 * 2**20
+    limit = host_batch_limit(p, "fp32", 2**30)
+    assert host_step_bytes(p, limit, "fp32") <= 0.9 * 2**30 < host_step_bytes(p, limit + 1, "fp32")
+    assert host_batch_limit(p, "fp32", 2**20) == 0

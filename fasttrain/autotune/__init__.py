@@ -246,7 +246,7 @@ def _tune(
     from fasttrain.runtime import seed_everything
 
     # The GPU cache is chosen against the budget, not the whole (maybe larger) card.
-    prep = prepare(cfg, memory_limit=int(budget_gib * GIB), **(python_args or {}))
+    prep = prepare(cfg, memory_limit=int(budget_gib * GIB), host_check=False, **(python_args or {}))
     if prep.dist.enabled:
         # Under torchrun each process tunes its own GPU for its share of the global batch (prepare checked that it
         # divides); the answer is per GPU, and the tuned config multiplies it back.
@@ -264,12 +264,27 @@ def _tune(
         max_batch = max(min(n_train, max_batch), tune.min_batch)
         cap_reason = f"the training set's size, {n_train} images"
         notes.append(f"batch sizes capped at the training set's {n_train} images")
+    if device.type == "cpu":
+        # On CPU host memory is the budget: sizes whose step would not fit the memory available are not probed.
+        from fasttrain import memory
+        from fasttrain.runtime import host_batch_limit, model_profile
+
+        available, profile = memory.available_host_bytes(), model_profile(pcfg)
+        if available is not None and profile is not None:
+            fits = host_batch_limit(profile, runtime.precision.name, available)
+            if fits < max_batch:
+                max_batch = max(fits, 1)
+                cap_reason = f"the host's free memory ({memory.format_bytes(available, 'GiB')})"
+                notes.append(f"batch sizes capped at {max_batch}: the most that fits {cap_reason}")
     given: int | None = pcfg.train.micro_batch
     if pcfg.train.micro_batch > n_train:
         notes.append(
             f"the config's micro-batch {pcfg.train.micro_batch} is larger than the training set "
             f"({n_train} images): not measured"
         )
+        given = None
+    elif cap_reason.startswith("the host's") and pcfg.train.micro_batch > max_batch:
+        notes.append(f"the config's micro-batch {pcfg.train.micro_batch} would not fit {cap_reason}: not measured")
         given = None
     report = AutotuneReport(
         config_name=cfg.name,
