@@ -184,12 +184,12 @@ def test_a_cpu_batch_that_cannot_fit_the_host_is_refused_in_one_line_before_the_
     assert prepare(small).cfg.train.batch_size == 2  # a batch that fits is let through
 
 
-def test_the_host_step_estimate_grows_with_the_batch_and_bf16_halves_the_activations():
-    from fasttrain.runtime import ModelProfile, host_batch_limit, host_step_bytes
+def test_the_host_step_estimate_grows_with_the_batch_and_bf16_keeps_less():
+    from fasttrain.runtime import HOST_ACTIVATION_SHARE, ModelProfile, host_batch_limit, host_step_bytes
 
     p = ModelProfile(forward_flops=1e9, saved_bytes=100 * 2**20, param_bytes=10 * 2**20)
-    assert host_step_bytes(p, 8, "fp32") == 8 * 100 * 2**20 + 40 * 2**20
-    assert host_step_bytes(p, 8, "bf16") == 8 * 50 * 2**20 + 40 * 2**20
+    assert host_step_bytes(p, 8, "fp32") == int(8 * 100 * 2**20 * HOST_ACTIVATION_SHARE["fp32"]) + 40 * 2**20
+    assert host_step_bytes(p, 8, "bf16") < host_step_bytes(p, 8, "fp32") < host_step_bytes(p, 9, "fp32")
     limit = host_batch_limit(p, "fp32", 2**30)
     assert host_step_bytes(p, limit, "fp32") <= 0.9 * 2**30 < host_step_bytes(p, limit + 1, "fp32")
     assert host_batch_limit(p, "fp32", 2**20) == 0
