@@ -284,11 +284,13 @@ class RuntimeConfig:
     device: str = "auto"
     """auto (cuda when present, else cpu), cpu, cuda or cuda:N."""
     precision: str = "auto"
-    """auto (bf16 on GPUs that support it, fp16 + scaler on older ones, fp32 on CPU), bf16, fp16, fp32."""
+    """auto (bf16 on GPUs that support it, fp16 + scaler on older ones; on CPU bf16 where it has bf16
+    instructions, else fp32), bf16, fp16, fp32."""
     channels_last: str = "auto"
-    """auto (on for conv models on CUDA), on, off."""
+    """auto (on for conv models), on, off."""
     compile: str = "auto"
-    """torch.compile: auto (on for CUDA, off on CPU), on, off."""
+    """torch.compile: auto (on for CUDA; on CPU only when the job is long enough to repay the compile), on,
+    off."""
     compile_mode: str = "default"
     """torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs."""
     seed: int = 0
