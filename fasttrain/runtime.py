@@ -14,7 +14,7 @@ import os
 import platform
 import random
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -252,7 +252,7 @@ def seed_everything(seed: int) -> None:
 class Runtime:
     """Device, precision, memory format and compile policy for one run."""
 
-    def __init__(self, cfg: RuntimeConfig, *, conv_model: bool = True, cpu_job: CpuJob | None = None):
+    def __init__(self, cfg: RuntimeConfig, *, conv_model: bool = True, cpu_job: Callable[[], CpuJob] | None = None):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         is_cuda = self.device.type == "cuda"
@@ -273,7 +273,10 @@ class Runtime:
         if is_cuda:
             self.compile = _on_off(cfg.compile, True)
         else:
-            self.compile, why = decide_cpu_compile(cfg.compile, self.precision.name, cpu_job)
+            # The job's length is counted (a meta-device forward) only where compile could gain.
+            counted = cfg.compile == "auto" and CPU_COMPILE_GAIN.get(self.precision.name, 0.0) > 0
+            job = cpu_job() if cpu_job is not None and counted else None
+            self.compile, why = decide_cpu_compile(cfg.compile, self.precision.name, job)
             if cfg.compile == "auto":
                 self.reasons["compile"] = why
         self.eager_eval = not is_cuda
@@ -462,8 +465,9 @@ def runtime_for(cfg: Config, *, train_samples: int | None = None, **overrides: A
 
     rcfg = dataclasses.replace(cfg.runtime, **overrides) if overrides else cfg.runtime
     job = None
-    if train_samples is not None and rcfg.compile == "auto" and resolve_device(rcfg.device).type == "cpu":
-        job = cpu_job(cfg, train_samples)
+    if train_samples is not None:
+        n = train_samples
+        job = lambda: cpu_job(cfg, n)  # noqa: E731 - called only where compile = auto could gain on CPU
     return Runtime(rcfg, conv_model=is_conv_model(cfg.model.name), cpu_job=job)
 
 

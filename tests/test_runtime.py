@@ -224,3 +224,22 @@ def test_cuda_runtime_decides_cudnn_benchmark_and_tf32(monkeypatch):
         cudnn_benchmark=False, tf32_matmul=False, tf32_cudnn=False, deterministic=True
     )
     assert "tf32" not in exact.describe() and "fp32 tf32" in Runtime(RuntimeConfig(precision="fp32")).describe()
+
+
+def test_a_long_fp32_cpu_job_compiles_and_the_job_is_counted_only_where_compile_could_gain(monkeypatch):
+    from fasttrain import runtime as rtmod
+
+    calls = []
+
+    def job():
+        calls.append(1)
+        return CpuJob(samples=50_000 * 30, forward_flops=3.95e7, threads=2)
+
+    monkeypatch.setattr(rtmod, "_host_cpu_bf16", lambda: (True, "stub"))
+    bf16 = Runtime(RuntimeConfig(device="cpu"), cpu_job=job)
+    assert not bf16.compile and calls == []  # no gain over bf16: not even a meta-device forward
+    fp32 = Runtime(RuntimeConfig(device="cpu", precision="fp32"), cpu_job=job)
+    assert fp32.compile and calls == [1] and "repays" in fp32.explain()
+    assert fp32.eager_eval  # evaluation calls the uncompiled module: no recompiles on CPU
+    model = torch.nn.Linear(2, 2)
+    assert fp32.for_eval(model, fp32.compiled(model)) is model
