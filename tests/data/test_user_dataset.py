@@ -105,7 +105,7 @@ def test_items_reach_the_model_normalized_once_uint8_by_fasttrain_float_as_given
             x = torch.cat([b.inputs for b in loader])
             items = torch.stack([ds[i][0] for i in range(len(ds))])
             spec = prep.task.input_spec()
-            want = normalize_on_device(items, spec) if dtype == torch.uint8 else items
+            want = normalize_on_device(items, spec) if dtype == torch.uint8 else items.to(spec.dtype)  # as given
             torch.testing.assert_close(x, want, msg=f"{dtype} via {backend}")
             loader.close()
 
