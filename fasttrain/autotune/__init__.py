@@ -657,7 +657,9 @@ def _verify(
             stamp=clock.stamp,
         )
 
+    failed_sizes: set[int] = set()  # memory evidence against these: the config's own is not returned to
     for attempt in range(3):
+        own = None if given in failed_sizes else given
         seconds = max(min(tune.verify_s, clock.left()), min(1.0, tune.verify_s))
         v, state = run(plan, state, reference, loader, seconds)
         loader = None
@@ -676,15 +678,16 @@ def _verify(
                 "the verification disagrees with the probe beyond the noise (measured twice as long as well): "
                 "the answer stands, marked unreliable and not cached"
             )
-            _keep_given(report, prep, clock, plan, given, run, why="unconfirmed")
+            _keep_given(report, prep, clock, plan, own, run, why="unconfirmed")
             return
         if v.ok:
             report.error = ""
             if not runtime.is_cuda:
-                _keep_given(report, prep, clock, plan, given, run, why="compare")
+                _keep_given(report, prep, clock, plan, own, run, why="compare")
             return
         report.error = f"verification failed: {v.error}"
         failed = Candidate(plan.micro_batch, False, failure=v.failure, error=v.error, phase="verify")
+        failed_sizes.add(plan.micro_batch)
         smaller = [c for c in report.candidates if c.usable and c.batch_size < plan.micro_batch]
         if attempt == 2 or not smaller:
             return

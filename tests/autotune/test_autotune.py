@@ -286,6 +286,7 @@ def test_a_verification_out_of_memory_falls_back_to_a_smaller_measured_batch(tmp
             "tune.repeat_s=0.01",
             "tune.verify_s=0.1",
             "tune.time_budget_s=600",
+            "train.epochs=1000",  # a long job: the CPU cap (half the training tuned) stays above the budget
         ],
     )
     r = A.autotune(cfg, out_dir=tmp_path / "out")
