@@ -215,4 +215,4 @@ def wrap_state(state: Any, runtime: Any, *, sync_bn: bool = False) -> None:
         )
         state.ddp[name] = ddp
         state.callables[name] = runtime.compiled(ddp)
-        state.local[name] = runtime.compiled(module)
+        state.local[name] = runtime.for_eval(module, runtime.compiled(module))

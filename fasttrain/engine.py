@@ -149,6 +149,10 @@ def train(
                 prep.task, prep.cfg.train.early_stop_metric, bool(prep.source.val), "train.early_stop_metric", True
             )
         seed_everything(prep.cfg.runtime.seed)
+        if not prep.runtime.is_cuda:
+            kept = memory.keep_host_heap()
+            if kept:
+                log.debug("%s", kept)
         with prep.runtime.flags():
             # Loaders (they check the files), model and optimizers first: what cannot train is refused before
             # a new run folder exists.
@@ -571,6 +575,8 @@ class Trainer:
             if prep.dist.enabled
             else "",
         )
+        if prep.runtime.reasons:
+            log.info("%s", prep.runtime.explain())
         if not source.val and self.best_metric.startswith("val_"):
             log.warning("no validation split: best.pt is not written (only last.pt)")
         self.ckpts = CheckpointManager(

@@ -14,7 +14,7 @@ import logging
 import os
 import resource
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -47,6 +47,8 @@ __all__ = [
     "release_dali_pools",
     "set_memory_fraction",
     "memory_fraction",
+    "keep_host_heap",
+    "available_host_bytes",
 ]
 
 KIB, MIB, GIB = 2**10, 2**20, 2**30
@@ -333,3 +335,53 @@ def memory_fraction(device: torch.device | str, fraction: float) -> Iterator[flo
         yield fraction
     finally:
         set_memory_fraction(device, before)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+HOST_TRIM_THRESHOLD = 512 * MIB
+"""Free memory glibc keeps at the top of the heap before giving it back to the kernel."""
+HOST_MMAP_THRESHOLD = 32 * MIB
+"""Allocations from here up get their own mapping (glibc's largest allowed value on 64-bit)."""
+_heap_kept: str | None = None
+
+
+def keep_host_heap(env: Mapping[str, str] | None = None) -> str | None:
+    """Stop glibc from trimming the heap on every ``free`` of a CPU training step (measured: 8% of the step in
+    ``sbrk``; 1.06-1.36x steady state with the thresholds raised): ``mallopt`` of the trim and mmap thresholds,
+    once per process, called at the start of a CPU run (never on import). What was set, or None where nothing
+    was: not glibc, or the user set ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_MMAP_THRESHOLD_`` (theirs wins)."""
+    global _heap_kept
+    given: Mapping[str, str] = os.environ if env is None else env
+    if _heap_kept is not None:
+        return _heap_kept
+    if any(k in given for k in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")):
+        return None
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(M_TRIM_THRESHOLD, HOST_TRIM_THRESHOLD) and libc.mallopt(M_MMAP_THRESHOLD, HOST_MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        return None
+    if not ok:
+        return None
+    _heap_kept = (
+        f"glibc heap kept: trim threshold {format_bytes(HOST_TRIM_THRESHOLD)}, mmap threshold "
+        f"{format_bytes(HOST_MMAP_THRESHOLD)} (MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_ override)"
+    )
+    return _heap_kept
+
+
+def available_host_bytes() -> int | None:
+    """What the kernel says new allocations may take without swapping (``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * KIB
+    except (OSError, ValueError):
+        pass
+    return None

@@ -71,14 +71,22 @@ def resolve_data_root(cfg: Config) -> Config:
 
 
 def prepare(
-    cfg: Config, *, memory_limit: int | None = None, model: Any = None, dataset: Any = None, val_dataset: Any = None
+    cfg: Config,
+    *,
+    memory_limit: int | None = None,
+    model: Any = None,
+    dataset: Any = None,
+    val_dataset: Any = None,
+    host_check: bool = True,
 ) -> Prepared:
     """Resolve the data root, discover files, fix the output count, join a torchrun job, decide the runtime,
     the task and the backend, and check that a step can run. ``memory_limit``: device bytes the run may use
     when smaller than the card (the GPU cache must fit it). ``model``: an ``nn.Module`` (or a function returning
     one) from Python, used instead of ``model.name``'s (which becomes ``custom``). ``dataset`` /
     ``val_dataset``: map-style datasets from Python instead of ``data.root``'s files (:mod:`fasttrain.data.user`;
-    ``data.root`` then records ``python:<class name>``)."""
+    ``data.root`` then records ``python:<class name>``). ``host_check``: on CPU, refuse a micro-batch whose step
+    would not fit the host's memory (:func:`check_host_memory`; autotune, which looks for one that fits, turns it
+    off)."""
     from fasttrain.data.user import DATASET_ROOT, dataset_source, is_dataset_run
     from fasttrain.models import CUSTOM, check_model
 
@@ -104,14 +112,41 @@ def prepare(
     device = {}
     if info.enabled and resolve_device(cfg.runtime.device).type == "cuda":
         device = {"device": f"cuda:{info.local_rank}"}  # one GPU per process: LOCAL_RANK's
-    runtime = runtime_for(cfg, **device)
+    runtime = runtime_for(cfg, train_samples=len(source.train), **device)
     task = make_task(cfg, runtime, source)
     task.custom_model = model
     task.check()
+    if host_check and not runtime.is_cuda:
+        check_host_memory(
+            cfg, runtime.precision.name, distributed.per_rank_batch(cfg.train.micro_batch, info.world_size)
+        )
     backend, reason = _choose_backend(cfg, runtime, source, memory_limit, task)
     prep = Prepared(cfg, runtime, source, task, backend, reason, info)
     _ = prep.micro_batch  # the global batch divides over the processes
     return prep
+
+
+def check_host_memory(cfg: Config, precision: str, micro_batch: int) -> None:
+    """On CPU host memory is the budget: refuse, in one line and before the first step, a micro-batch whose
+    training step (activations saved for backward, weights, gradients, optimizer state: estimated on the meta
+    device) would not fit the memory available now; the kernel would kill the run without a word."""
+    from fasttrain import memory
+    from fasttrain.runtime import host_batch_limit, host_step_bytes, model_profile
+
+    available = memory.available_host_bytes()
+    profile = model_profile(cfg)
+    if available is None or profile is None:
+        return
+    need = host_step_bytes(profile, micro_batch, precision)
+    if need <= 0.9 * available:
+        return
+    fits = host_batch_limit(profile, precision, available)
+    advice = f"about {fits} fits: lower train.batch_size" if fits else "not even one sample fits: use a smaller model"
+    raise ConfigError(
+        f"train.batch_size: a {precision} step of {cfg.model.name} at {cfg.data.image_size} px and micro-batch "
+        f"{micro_batch} needs about {memory.format_bytes(need, 'GiB')} of host memory, more than 90% of the "
+        f"{memory.format_bytes(available, 'GiB')} available; {advice} (or raise train.accumulation)"
+    )
 
 
 def cache_request(source: DataSource, task: Task) -> dict[str, Any] | None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import platform
 import random
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,15 @@ __all__ = [
     "dali_version",
     "BackendFlags",
     "backend_flags",
+    "CpuJob",
+    "cpu_flags",
+    "cpu_bf16",
+    "decide_cpu_compile",
+    "ModelProfile",
+    "model_profile",
+    "host_step_bytes",
+    "host_batch_limit",
+    "HOST_ACTIVATION_SHARE",
 ]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -59,7 +69,8 @@ class Precision:
 
 
 def decide_precision(requested: str, device_type: str, bf16_supported: bool) -> Precision:
-    """Pure policy. auto: bf16 where the GPU supports it, fp16 + scaler where it does not, fp32 on CPU.
+    """Pure policy. auto: bf16 where the GPU supports it, fp16 + scaler where it does not; on CPU bf16 where the
+    CPU has bf16 instructions (``bf16_supported``: :func:`cpu_bf16`; measured 1.96x on smallcnn), else fp32.
 
     An explicit bf16 on a GPU without it is an error; fp16 on CPU is refused (CPU autocast has no fp16 kernels
     worth using); bf16 on CPU is allowed when asked (it runs, on recent CPUs it is faster).
@@ -68,7 +79,7 @@ def decide_precision(requested: str, device_type: str, bf16_supported: bool) -> 
         if device_type == "cuda":
             requested = "bf16" if bf16_supported else "fp16"
         else:
-            requested = "fp32"
+            requested = "bf16" if bf16_supported else "fp32"
     if requested == "fp32":
         return Precision("fp32", None, False)
     if requested == "bf16":
@@ -86,6 +97,84 @@ def native_bf16(capability: tuple[int, int]) -> bool:
     """Whether a GPU of this compute capability computes in bf16 natively (Ampere, 8.0, and later).
     ``torch.cuda.is_bf16_supported()`` also counts emulation (slow on a T4) and reads the current device."""
     return tuple(capability) >= (8, 0)
+
+
+def cpu_flags(cpuinfo: str) -> frozenset[str]:
+    """The feature flags of the first processor in a ``/proc/cpuinfo`` text (``flags`` on x86, ``Features`` on
+    ARM); empty when there are none."""
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")  # AMX tiles; AVX-512 BF16 (Cooper Lake, Zen 4); ARM's BF16
+
+
+def cpu_bf16(flags: frozenset[str], mkldnn_bf16: bool) -> tuple[bool, str]:
+    """Pure policy: whether bf16 autocast pays on this CPU, and why. It needs bf16 arithmetic in hardware
+    (``flags`` from :func:`cpu_flags`) and oneDNN's bf16 kernels (``mkldnn_bf16``): oneDNN also runs bf16 on plain
+    AVX-512 by converting, which is slower than fp32."""
+    found = [f for f in _BF16_FLAGS if f in flags]
+    if not found:
+        return False, "the CPU has no bf16 instructions (no avx512_bf16 / amx_bf16 in /proc/cpuinfo)"
+    if not mkldnn_bf16:
+        return False, f"the CPU has {found[0]} but this torch has no oneDNN bf16 kernels"
+    return True, f"the CPU has {found[0]}"
+
+
+@functools.cache
+def _host_cpu_bf16() -> tuple[bool, str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return False, "/proc/cpuinfo is unreadable, so bf16 support is unknown"
+    mkldnn = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return cpu_bf16(cpu_flags(text), mkldnn)
+
+
+@dataclass(frozen=True)
+class CpuJob:
+    """How much training a CPU run does, for ``runtime.compile = auto``: whether a compile can repay itself."""
+
+    samples: int
+    """Training samples the run processes (epochs x training set, or max_steps x batch)."""
+    forward_flops: float | None
+    """Forward FLOPs of one sample (None: unknown, e.g. a model from Python)."""
+    threads: int
+    """CPU threads torch computes with."""
+
+
+CPU_EAGER_FLOPS_PER_THREAD = 50e9
+"""Eager training FLOP/s per thread assumed by the compile decision: set above what was measured (~43 GFLOP/s
+per thread, smallcnn fp32 on an EPYC), so a job's eager time is underestimated and compile chosen only when
+it surely repays."""
+CPU_COMPILE_COLD_S = 20.0
+"""What a cold torch.compile of a training step costs on 2 CPU cores (measured 20-37 s)."""
+CPU_COMPILE_GAIN = {"fp32": 0.35, "bf16": 0.0}
+"""Share of the eager step time compile saves on CPU (measured on smallcnn: 1.61x in fp32; nothing over
+bf16 + channels_last, 2.03x against 2.10x)."""
+
+
+def decide_cpu_compile(requested: str, precision: str, job: CpuJob | None) -> tuple[bool, str]:
+    """Pure policy for ``runtime.compile`` on CPU: on/off as asked; auto compiles only when the job's estimated
+    eager time times compile's gain repays the cold compile (evaluation then runs eagerly: no recompiles)."""
+    if requested != "auto":
+        return requested == "on", f"runtime.compile = {requested}"
+    gain = CPU_COMPILE_GAIN.get(precision, 0.0)
+    if gain <= 0:
+        return False, f"compile gains nothing measurable over {precision} + channels_last on CPU"
+    if job is None or job.forward_flops is None:
+        return False, "the job's length is unknown"
+    eager_s = 3 * job.forward_flops * job.samples / (CPU_EAGER_FLOPS_PER_THREAD * max(job.threads, 1))
+    saved = gain * eager_s
+    verdict = "repays" if saved > CPU_COMPILE_COLD_S else "does not repay"
+    return saved > CPU_COMPILE_COLD_S, (
+        f"the job's ~{eager_s:.0f} s of eager steps ({job.samples} samples) would save ~{saved:.0f} s, which "
+        f"{verdict} a ~{CPU_COMPILE_COLD_S:.0f} s cold compile"
+    )
 
 
 def decide_device(requested: str, cuda_count: int, current: int = 0) -> torch.device:
@@ -171,19 +260,39 @@ def seed_everything(seed: int) -> None:
 class Runtime:
     """Device, precision, memory format and compile policy for one run."""
 
-    def __init__(self, cfg: RuntimeConfig, *, conv_model: bool = True):
+    def __init__(self, cfg: RuntimeConfig, *, conv_model: bool = True, cpu_job: Callable[[], CpuJob] | None = None):
         self.cfg = cfg
         self.device = resolve_device(cfg.device)
         is_cuda = self.device.type == "cuda"
+        self.reasons: dict[str, str] = {}
+        """Why each ``auto`` setting was decided as it was (logged once by the run)."""
         if is_cuda:
             # What torchrun's set-up does for each rank: pinned memory, streams, the environment record and every
             # call without an index then use the run's GPU, not GPU 0.
             torch.cuda.set_device(self.device)
-        bf16_ok = is_cuda and native_bf16(torch.cuda.get_device_capability(self.device))
+            bf16_ok = native_bf16(torch.cuda.get_device_capability(self.device))
+        elif cfg.precision == "auto":
+            bf16_ok, self.reasons["precision"] = _host_cpu_bf16()
+        else:
+            bf16_ok = False
         self.precision = decide_precision(cfg.precision, self.device.type, bf16_ok)
-        # channels_last pays off for convolutions on tensor cores; on CPU it is neutral at best.
-        self.channels_last = _on_off(cfg.channels_last, is_cuda) and conv_model
-        self.compile = _on_off(cfg.compile, is_cuda)
+        # channels_last pays off for convolutions on tensor cores, and on CPU too: oneDNN's convolutions are
+        # NHWC-native (measured 1.33x on smallcnn fp32, 1.38x in bf16).
+        self.channels_last = _on_off(cfg.channels_last, True) and conv_model
+        if cfg.channels_last == "auto" and not is_cuda:
+            self.reasons["channels_last"] = "a conv model (oneDNN convolves NHWC)" if conv_model else "not a conv model"
+        if is_cuda:
+            self.compile = _on_off(cfg.compile, True)
+        else:
+            # The job's length is counted (a meta-device forward) only where compile could gain.
+            counted = cfg.compile == "auto" and CPU_COMPILE_GAIN.get(self.precision.name, 0.0) > 0
+            job = cpu_job() if cpu_job is not None and counted else None
+            self.compile, why = decide_cpu_compile(cfg.compile, self.precision.name, job)
+            if cfg.compile == "auto":
+                self.reasons["compile"] = why
+        self.eager_eval = not is_cuda
+        """Evaluation calls the uncompiled module: on CPU a recompile for eval mode and the last partial batch
+        costs 4-7 s, more than a small job's evaluation; on CUDA the compiled evaluation pays."""
         self.non_blocking = is_cuda
         self.pin_memory = is_cuda
         # Decided here, applied only by flags() (constructing a Runtime changes nothing process-wide).
@@ -239,6 +348,11 @@ class Runtime:
         )
         return compiled  # type: ignore[return-value]  # an OptimizedModule: an nn.Module calling the graph
 
+    def for_eval(self, module: nn.Module, compiled: nn.Module) -> nn.Module:
+        """What evaluation calls: the uncompiled ``module`` where evaluation runs eagerly (CPU), else
+        ``compiled``."""
+        return module if self.eager_eval else compiled
+
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Fused optimizer kernels on CUDA (one launch for all parameters); foreach elsewhere."""
         return {"fused": True} if self.is_cuda else {"foreach": True}
@@ -246,6 +360,11 @@ class Runtime:
     def synchronize(self) -> None:
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
+
+    def explain(self) -> str:
+        """The ``auto`` decisions and why, one clause each (empty when nothing was decided automatically)."""
+        values = {"precision": self.precision.name, "channels_last": self.channels_last, "compile": self.compile}
+        return "; ".join(f"runtime.{k} = auto -> {values[k]}: {why}" for k, why in self.reasons.items())
 
     def describe(self) -> str:
         tf32 = " tf32" if self.is_cuda and self.precision.name == "fp32" and self.backend_flags.tf32_matmul else ""
@@ -351,10 +470,106 @@ def _driver_version() -> str | None:
         return None
 
 
-def runtime_for(cfg: Config, **overrides: Any) -> Runtime:
+def runtime_for(cfg: Config, *, train_samples: int | None = None, **overrides: Any) -> Runtime:
     """The runtime of a config: channels_last only where its model convolves. ``overrides`` replace
-    ``runtime.*`` fields for this use (e.g. ``compile="off"`` for eager probes or prediction)."""
+    ``runtime.*`` fields for this use (e.g. ``compile="off"`` for eager probes or prediction).
+    ``train_samples``: the training set's size, from which ``runtime.compile = auto`` on CPU judges the job's
+    length (without it, auto stays eager there)."""
     from fasttrain.models import is_conv_model
 
     rcfg = dataclasses.replace(cfg.runtime, **overrides) if overrides else cfg.runtime
-    return Runtime(rcfg, conv_model=is_conv_model(cfg.model.name))
+    job = None
+    if train_samples is not None:
+        n = train_samples
+        job = lambda: cpu_job(cfg, n)  # noqa: E731 - called only where compile = auto could gain on CPU
+    return Runtime(rcfg, conv_model=is_conv_model(cfg.model.name), cpu_job=job)
+
+
+def cpu_job(cfg: Config, train_samples: int) -> CpuJob:
+    """The job's length: samples trained (``train.max_steps`` bounds it) and one sample's forward FLOPs, counted
+    on the meta device (nothing is allocated or computed)."""
+    tc = cfg.train
+    samples = tc.epochs * (train_samples // max(tc.batch_size, 1)) * tc.batch_size
+    if tc.max_steps:
+        samples = min(samples, tc.max_steps * tc.batch_size)
+    return CpuJob(samples, _forward_flops(cfg), torch.get_num_threads())
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What one sample costs a model, counted on the meta device (nothing allocated, nothing computed)."""
+
+    forward_flops: float
+    """Forward FLOPs of one sample."""
+    saved_bytes: int
+    """Bytes autograd saves for the backward pass per sample, in float32 (distinct tensors)."""
+    param_bytes: int
+    """Bytes of the parameters (float32)."""
+
+
+def model_profile(cfg: Config) -> ModelProfile | None:
+    """The profile of ``model.name`` at the config's input size; None for a model from Python or one that
+    cannot run on meta tensors."""
+    from fasttrain.models import CUSTOM
+
+    m, d = cfg.model, cfg.data
+    if m.name == CUSTOM:
+        return None
+    return _profile(m.name, d.channels, d.image_size, m.width, m.dropout, m.num_outputs or 2)
+
+
+@functools.cache
+def _profile(name: str, c: int, s: int, width: int, dropout: float, outputs: int) -> ModelProfile | None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fasttrain.models import build_model
+
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        base = t._base if t._base is not None else t
+        saved[id(base)] = base.numel() * base.element_size()
+        return t
+
+    try:
+        with torch.device("meta"):
+            model = build_model(
+                name, in_channels=c, num_outputs=outputs, image_size=s, width=width, dropout=dropout, pretrained=False
+            )
+            counter = FlopCounterMode(display=False)
+            with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                model(torch.zeros(1, c, s, s))
+    except Exception as e:  # noqa: BLE001 - a model meta tensors cannot run: its cost stays unknown
+        log.debug("%s not profiled on the meta device: %s", name, e)
+        return None
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return ModelProfile(float(counter.get_total_flops()), sum(saved.values()), params)
+
+
+HOST_ACTIVATION_SHARE = {"fp32": 0.7, "bf16": 0.4}
+"""Resident bytes per sample of a CPU step over the float32 bytes counted as saved for backward (distinct
+tensors on the meta device also count what oneDNN never keeps). Measured on resnet50 at 224 px (peak RSS growth
+from batch 4 to 12, 2-core EPYC): fp32 111 MiB and bf16 + channels_last 57 MiB per sample against 180 MiB
+counted, i.e. 0.62 and 0.32; set a little above."""
+
+
+def _per_sample(profile: ModelProfile, precision: str) -> float:
+    return profile.saved_bytes * HOST_ACTIVATION_SHARE.get(precision, 1.0)
+
+
+def host_step_bytes(profile: ModelProfile, batch: int, precision: str) -> int:
+    """Pure estimate of the host memory a CPU training step at ``batch`` adds: the activations it keeps for
+    the backward pass (:data:`HOST_ACTIVATION_SHARE`) plus weights, gradients and two optimizer states."""
+    return int(batch * _per_sample(profile, precision)) + 4 * profile.param_bytes
+
+
+def host_batch_limit(profile: ModelProfile, precision: str, available: int, share: float = 0.9) -> int:
+    """Pure: the largest batch whose :func:`host_step_bytes` fits ``share`` of ``available`` host bytes (0: none)."""
+    per_sample = _per_sample(profile, precision)
+    room = share * available - 4 * profile.param_bytes
+    return max(0, int(room // per_sample)) if per_sample else 1 << 30
+
+
+def _forward_flops(cfg: Config) -> float | None:
+    profile = model_profile(cfg)
+    return None if profile is None else profile.forward_flops

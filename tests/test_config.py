@@ -242,3 +242,15 @@ def test_dropout_on_a_model_built_without_it_is_refused():
         check_model("custom", given=True, dropout=0.2)
     check_model("smallcnn", dropout=0.2)
     check_model("resnet18")
+
+
+def test_auto_workers_on_a_two_core_cpu_run_are_none(monkeypatch):
+    from fasttrain import config as C
+
+    monkeypatch.setattr(C.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    data = C.DataConfig()
+    assert data.workers_for("cpu") == 0  # a worker competes with the step's threads (measured 0.5x)
+    assert data.workers_for("cuda") == 1  # beside a GPU the cores are free: cores - 1
+    assert C.DataConfig(workers=2).workers_for("cpu") == 2  # what the user set
+    monkeypatch.setattr(C.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert data.workers_for("cpu") == 7

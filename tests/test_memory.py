@@ -142,3 +142,71 @@ def test_process_device_bytes_reads_this_process_from_nvml(monkeypatch):
 
 def test_cublas_workspace_constant_is_the_hopper_default():
     assert M.CUBLAS_WORKSPACE_BYTES == 4096 * M.KIB * 8
+
+
+def test_the_host_heap_is_kept_at_train_start_never_on_import(shapes_root, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from fasttrain import memory
+    from fasttrain.engine import train
+    from tests.tinyrun import tiny_cfg
+
+    # Importing fasttrain (engine included) changes nothing in the allocator.
+    code = "import fasttrain.engine, fasttrain.memory as m; print(m._heap_kept)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "None"
+    # The user's own glibc settings win.
+    assert memory.keep_host_heap({"MALLOC_TRIM_THRESHOLD_": "0"}) is None
+    calls = []
+    monkeypatch.setattr(memory, "keep_host_heap", lambda: calls.append(1) or "kept")
+    train(tiny_cfg(shapes_root, tmp_path, epochs=1, max_steps=1), progress=False)
+    assert calls == [1]
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_keep_host_heap_sets_the_thresholds_on_glibc(monkeypatch):
+    from fasttrain import memory
+
+    monkeypatch.setattr(memory, "_heap_kept", None)
+    done = memory.keep_host_heap({})
+    assert done is not None and "trim threshold 512" in done
+
+
+def test_a_cpu_batch_that_cannot_fit_the_host_is_refused_in_one_line_before_the_first_step(
+    shapes_root, tmp_path, monkeypatch
+):
+    from fasttrain import memory
+    from fasttrain.config import ConfigError, load_config
+    from fasttrain.engine import train
+    from fasttrain.prepare import prepare
+
+    # The README's tour command on a small machine (stubbed: 2 GiB available); only meta tensors are built.
+    monkeypatch.setattr(memory, "available_host_bytes", lambda: 2 * memory.GIB)
+    cfg = load_config(
+        "resnet50-imagenet", [f"data.root={shapes_root}", "runtime.device=cpu", f"train.runs_dir={tmp_path}"]
+    )
+    with pytest.raises(
+        ConfigError, match=r"^train.batch_size: .* resnet50 at 224 px and micro-batch 256 needs about"
+    ) as e:
+        prepare(cfg)
+    assert (
+        "\n" not in str(e.value)
+        and "2.00 GiB available" in str(e.value)
+        and "fits: lower train.batch_size" in str(e.value)
+    )
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        train(cfg, progress=False)
+    assert not list(tmp_path.iterdir())  # refused before a run folder existed
+    small = load_config("resnet50-imagenet", [f"data.root={shapes_root}", "runtime.device=cpu", "train.batch_size=2"])
+    assert prepare(small).cfg.train.batch_size == 2  # a batch that fits is let through
+
+
+def test_the_host_step_estimate_grows_with_the_batch_and_bf16_keeps_less():
+    from fasttrain.runtime import HOST_ACTIVATION_SHARE, ModelProfile, host_batch_limit, host_step_bytes
+
+    p = ModelProfile(forward_flops=1e9, saved_bytes=100 * 2**20, param_bytes=10 * 2**20)
+    assert host_step_bytes(p, 8, "fp32") == int(8 * 100 * 2**20 * HOST_ACTIVATION_SHARE["fp32"]) + 40 * 2**20
+    assert host_step_bytes(p, 8, "bf16") < host_step_bytes(p, 8, "fp32") < host_step_bytes(p, 9, "fp32")
+    limit = host_batch_limit(p, "fp32", 2**30)
+    assert host_step_bytes(p, limit, "fp32") <= 0.9 * 2**30 < host_step_bytes(p, limit + 1, "fp32")
+    assert host_batch_limit(p, "fp32", 2**20) == 0

@@ -11,8 +11,12 @@ import fasttrain
 from fasttrain.config import RuntimeConfig
 from fasttrain.runtime import (
     BackendFlags,
+    CpuJob,
     Runtime,
     backend_flags,
+    cpu_bf16,
+    cpu_flags,
+    decide_cpu_compile,
     decide_device,
     decide_precision,
     environment,
@@ -26,6 +30,8 @@ from fasttrain.runtime import (
         ("auto", "cuda", True, "bf16", torch.bfloat16, False),
         ("auto", "cuda", False, "fp16", torch.float16, True),
         ("auto", "cpu", False, "fp32", None, False),
+        ("auto", "cpu", True, "bf16", torch.bfloat16, False),
+        ("fp32", "cpu", True, "fp32", None, False),
         ("fp32", "cuda", True, "fp32", None, False),
         ("bf16", "cpu", False, "bf16", torch.bfloat16, False),
         ("fp16", "cuda", True, "fp16", torch.float16, True),
@@ -44,12 +50,70 @@ def test_precision_refusals_name_the_field():
         decide_precision("fp16", "cpu", False)
 
 
-def test_cpu_runtime_defaults():
-    rt = Runtime(RuntimeConfig(device="cpu"))
-    assert rt.device.type == "cpu"
-    assert rt.precision.name == "fp32"
-    assert rt.compile is False and rt.channels_last is False  # auto: off on CPU
-    assert not rt.grad_scaler().is_enabled()
+# /proc/cpuinfo as an AMD EPYC (Zen 4) and an older Xeon print it (shortened), and an ARM machine's.
+ZEN4 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC
+flags\t\t: fpu vme sse sse2 avx avx2 avx512f avx512bw avx512vl avx512_bf16 avx512_vnni
+bugs\t\t: sysret_ss_attrs
+
+processor\t: 1
+flags\t\t: fpu vme sse sse2 avx avx2 avx512f avx512bw avx512vl avx512_bf16 avx512_vnni
+"""
+SKYLAKE = "processor\t: 0\nflags\t\t: fpu sse sse2 avx avx2 avx512f avx512bw avx512vl\n"
+SAPPHIRE = "processor\t: 0\nflags\t\t: avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\nCPU implementer\t: 0x41\n"
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, mkldnn, fast, why",
+    [
+        (ZEN4, True, True, "avx512_bf16"),
+        (SAPPHIRE, True, True, "amx_bf16"),
+        (GRAVITON3, True, True, "bf16"),
+        (SKYLAKE, True, False, "no bf16 instructions"),  # oneDNN emulates bf16 on AVX-512: slower than fp32
+        ("", True, False, "no bf16 instructions"),
+        (ZEN4, False, False, "no oneDNN bf16 kernels"),
+    ],
+)
+def test_cpu_bf16_is_decided_from_the_cpu_flags(cpuinfo, mkldnn, fast, why):
+    ok, reason = cpu_bf16(cpu_flags(cpuinfo), mkldnn)
+    assert ok is fast and why in reason
+
+
+def test_cpu_flags_reads_the_first_processor():
+    assert "avx512_bf16" in cpu_flags(ZEN4) and "sysret_ss_attrs" not in cpu_flags(ZEN4)
+    assert cpu_flags("processor\t: 0\n") == frozenset()
+
+
+def test_cpu_compile_repays_only_on_a_long_fp32_job():
+    small = CpuJob(samples=18 * 64 * 8, forward_flops=3.95e7, threads=2)  # the quickstart's size
+    long = CpuJob(samples=50_000 * 30, forward_flops=3.95e7, threads=2)  # CIFAR-10, 30 epochs
+    assert decide_cpu_compile("auto", "fp32", small)[0] is False
+    on, why = decide_cpu_compile("auto", "fp32", long)
+    assert on and "repays" in why
+    assert decide_cpu_compile("auto", "bf16", long) == (False, decide_cpu_compile("auto", "bf16", None)[1])
+    assert decide_cpu_compile("auto", "fp32", None) == (False, "the job's length is unknown")
+    assert decide_cpu_compile("auto", "fp32", CpuJob(10**9, None, 2))[0] is False
+    assert decide_cpu_compile("on", "bf16", small)[0] is True
+    assert decide_cpu_compile("off", "fp32", long)[0] is False
+
+
+def test_cpu_runtime_defaults(monkeypatch):
+    from fasttrain import runtime as rtmod
+
+    for fast in (False, True):
+        monkeypatch.setattr(rtmod, "_host_cpu_bf16", lambda fast=fast: (fast, "stub"))
+        rt = Runtime(RuntimeConfig(device="cpu"))
+        assert rt.device.type == "cpu"
+        assert rt.precision.name == ("bf16" if fast else "fp32")
+        assert rt.compile is False and rt.channels_last is True  # a conv model; no job length: eager
+        assert rt.eager_eval
+        assert "runtime.precision = auto -> " in rt.explain() and "runtime.compile = auto -> False" in rt.explain()
+        assert not rt.grad_scaler().is_enabled()
+    assert not Runtime(RuntimeConfig(device="cpu"), conv_model=False).channels_last
+    explicit = Runtime(RuntimeConfig(device="cpu", precision="fp32", channels_last="off", compile="off"))
+    assert explicit.explain() == "" and not explicit.channels_last
     forced = Runtime(RuntimeConfig(device="cpu", channels_last="on", compile="on"))
     assert forced.channels_last and forced.compile
     assert not Runtime(RuntimeConfig(device="cpu", channels_last="on"), conv_model=False).channels_last
@@ -66,7 +130,7 @@ def test_bf16_autocast_on_cpu_changes_matmul_dtype():
     a = torch.randn(4, 4)
     with rt.autocast():
         assert (a @ a).dtype == torch.bfloat16
-    fp32 = Runtime(RuntimeConfig(device="cpu"))
+    fp32 = Runtime(RuntimeConfig(device="cpu", precision="fp32"))
     with fp32.autocast():
         assert (a @ a).dtype == torch.float32
 
@@ -235,3 +299,22 @@ def test_the_environment_record_never_writes_the_users_git_index(tmp_path):
     after = index.stat()
     assert commit is not None and len(commit) == 40  # clean: the content did not change
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_a_long_fp32_cpu_job_compiles_and_the_job_is_counted_only_where_compile_could_gain(monkeypatch):
+    from fasttrain import runtime as rtmod
+
+    calls = []
+
+    def job():
+        calls.append(1)
+        return CpuJob(samples=50_000 * 30, forward_flops=3.95e7, threads=2)
+
+    monkeypatch.setattr(rtmod, "_host_cpu_bf16", lambda: (True, "stub"))
+    bf16 = Runtime(RuntimeConfig(device="cpu"), cpu_job=job)
+    assert not bf16.compile and calls == []  # no gain over bf16: not even a meta-device forward
+    fp32 = Runtime(RuntimeConfig(device="cpu", precision="fp32"), cpu_job=job)
+    assert fp32.compile and calls == [1] and "repays" in fp32.explain()
+    assert fp32.eager_eval  # evaluation calls the uncompiled module: no recompiles on CPU
+    model = torch.nn.Linear(2, 2)
+    assert fp32.for_eval(model, fp32.compiled(model)) is model

@@ -251,7 +251,7 @@ def _tune(
     from fasttrain.runtime import seed_everything
 
     # The GPU cache is chosen against the budget, not the whole (maybe larger) card.
-    prep = prepare(cfg, memory_limit=int(budget_gib * GIB), **(python_args or {}))
+    prep = prepare(cfg, memory_limit=int(budget_gib * GIB), host_check=False, **(python_args or {}))
     if prep.dist.enabled:
         # Under torchrun each process tunes its own GPU for its share of the global batch (prepare checked that it
         # divides); the answer is per GPU, and the tuned config multiplies it back.
@@ -269,12 +269,27 @@ def _tune(
         max_batch = max(min(n_train, max_batch), tune.min_batch)
         cap_reason = f"the training set's size, {n_train} images"
         notes.append(f"batch sizes capped at the training set's {n_train} images")
+    if device.type == "cpu":
+        # On CPU host memory is the budget: sizes whose step would not fit the memory available are not probed.
+        from fasttrain import memory
+        from fasttrain.runtime import host_batch_limit, model_profile
+
+        available, profile = memory.available_host_bytes(), model_profile(pcfg)
+        if available is not None and profile is not None:
+            fits = host_batch_limit(profile, runtime.precision.name, available)
+            if fits < max_batch:
+                max_batch = max(fits, 1)
+                cap_reason = f"the host's free memory ({memory.format_bytes(available, 'GiB')})"
+                notes.append(f"batch sizes capped at {max_batch}: the most that fits {cap_reason}")
     given: int | None = pcfg.train.micro_batch
     if pcfg.train.micro_batch > n_train:
         notes.append(
             f"the config's micro-batch {pcfg.train.micro_batch} is larger than the training set "
             f"({n_train} images): not measured"
         )
+        given = None
+    elif cap_reason.startswith("the host's") and pcfg.train.micro_batch > max_batch:
+        notes.append(f"the config's micro-batch {pcfg.train.micro_batch} would not fit {cap_reason}: not measured")
         given = None
     report = AutotuneReport(
         config_name=cfg.name,
@@ -371,9 +386,12 @@ def _run(
     resident = _hold_resident_dataset(pcfg, prep, backend, device, budget, report.notes)
     state: Any = None
     loader_result: LoaderResult | None = None
+    measure: Callable[..., Candidate] = probe
+    if device.type == "cpu":
+        measure = _capped_on_cpu(probe, report, pcfg, len(source.train), clock)
     try:
         result = search_batch_size(
-            probe,
+            measure,
             min_batch=tune.min_batch,
             max_batch=max_batch,
             multiple=tune.multiple,
@@ -500,6 +518,37 @@ def _run(
         probe.close()
 
 
+def _capped_on_cpu(probe, report: AutotuneReport, cfg: Config, n_train: int, clock: TimeBudget):
+    """``probe``, which after its first measurement (the config's own batch) caps ``clock`` at half the training
+    run it tunes (:func:`~fasttrain.autotune.search.cpu_time_cap`)."""
+    from fasttrain.autotune.search import CPU_TUNE_SHARE, cpu_time_cap
+
+    tc = cfg.train
+    job = tc.epochs * (n_train // max(tc.batch_size, 1)) * tc.batch_size
+    if tc.max_steps:
+        job = min(job, tc.max_steps * tc.batch_size)
+    setup_s = clock.elapsed()
+    done = False
+
+    def measure(b: int, phase: str = "") -> Candidate:
+        nonlocal done
+        c = probe(b, phase)
+        if not done and c.samples_per_s:
+            done = True
+            cap = cpu_time_cap(clock.seconds, job_samples=job, samples_per_s=c.samples_per_s, setup_s=setup_s)
+            if cap < clock.seconds:
+                report.notes.append(
+                    f"time budget {cap:.0f} s on CPU: {CPU_TUNE_SHARE:.0%} of the training it tunes (about "
+                    f"{setup_s:.0f} s of set-up + {job} samples at {c.samples_per_s:,.0f} samples/s)"
+                )
+                log.info("autotune [%s] %s", clock.stamp(), report.notes[-1])
+                clock.seconds = cap
+                report.time_budget_s = cap
+        return c
+
+    return measure
+
+
 def _compile(
     report: AutotuneReport,
     prep,
@@ -578,7 +627,10 @@ def _verify(
     given: int | None,
 ) -> None:
     """The verification; after memory evidence against the micro-batch (out of memory, retries, over the
-    budget) the next smaller usable size, at most twice more."""
+    budget) the next smaller usable size, at most twice more. A disagreement with the probe without memory
+    evidence is measured again twice as long; if it stays, the answer stands marked unreliable, and a change
+    of the config's own batch gives way to it. On CPU a changed batch is run against the config's own end to
+    end and kept only when faster beyond the noise: a tuned config is never slower than the original."""
     from fasttrain.autotune.probe import verify
     from fasttrain.autotune.report import tuned_config
     from fasttrain.memory import free_device_memory
@@ -589,12 +641,11 @@ def _verify(
     assert lr is not None  # the loader trials ran before
     loader = lr.loader
     lr.loader = None
-    for attempt in range(3):
+
+    def run(plan: BatchPlan, state, reference: Candidate | None, loader, seconds: float):
         tuned, _ = tuned_config(pcfg, plan, lr.setting)
-        task = prep.new_task(tuned, runtime)
-        seconds = max(min(tune.verify_s, clock.left()), min(1.0, tune.verify_s))
-        v, state = verify(
-            task,
+        return verify(
+            prep.new_task(tuned, runtime),
             source,
             backend=lr.backend,
             state=state,
@@ -610,15 +661,38 @@ def _verify(
             eval_batch_size=tuned.train.eval_batch,
             stamp=clock.stamp,
         )
+
+    failed_sizes: set[int] = set()  # memory evidence against these: the config's own is not returned to
+    for attempt in range(3):
+        own = None if given in failed_sizes else given
+        seconds = max(min(tune.verify_s, clock.left()), min(1.0, tune.verify_s))
+        v, state = run(plan, state, reference, loader, seconds)
         loader = None
+        if not v.ok and not v.failure and clock.left() >= seconds:
+            # Unexplained disagreement, no memory evidence: noise until shown otherwise. Measure longer once.
+            log.info("autotune [%s] verification disagrees with the probe: measuring twice as long", clock.stamp())
+            v, state = run(plan, state, reference, None, 2 * seconds)
         report.verify, report.plan = v, plan
         if v.agreement is not None and not v.agreement.reliable:
             report.unreliable.append(v.agreement.text)
-        if v.ok or not v.failure:
-            report.error = "" if v.ok else v.error
+        if not v.ok and not v.failure:
+            # Still unexplained: the answer stands, marked less sure (and not cached); a change of batch it
+            # cannot confirm end to end gives way to the config's own.
+            v.ok, v.error = True, ""
+            report.notes.append(
+                "the verification disagrees with the probe beyond the noise (measured twice as long as well): "
+                "the answer stands, marked unreliable and not cached"
+            )
+            _keep_given(report, prep, clock, plan, own, run, why="unconfirmed")
+            return
+        if v.ok:
+            report.error = ""
+            if not runtime.is_cuda:
+                _keep_given(report, prep, clock, plan, own, run, why="compare")
             return
         report.error = f"verification failed: {v.error}"
         failed = Candidate(plan.micro_batch, False, failure=v.failure, error=v.error, phase="verify")
+        failed_sizes.add(plan.micro_batch)
         smaller = [c for c in report.candidates if c.usable and c.batch_size < plan.micro_batch]
         if attempt == 2 or not smaller:
             return
@@ -637,6 +711,50 @@ def _verify(
                 report.error = "the compiled step does not fit at any smaller usable batch size"
                 return
             reference = compiled if compiled.batch_size == plan.micro_batch else None
+
+
+def _keep_given(
+    report: AutotuneReport, prep, clock: TimeBudget, plan: BatchPlan, given: int | None, run, *, why: str
+) -> BatchPlan:
+    """Where the plan changes the config's own micro-batch: ``why = "compare"`` (CPU) runs the config's own end
+    to end as well and keeps the change only when it is faster beyond the noise; ``why = "unconfirmed"`` keeps
+    the config's own outright (the verification could not confirm the change). Returns the plan kept."""
+    from fasttrain.autotune.search import beats
+
+    pcfg, tune, device = prep.cfg, prep.cfg.tune, prep.runtime.device
+    by_size = {c.batch_size: c for c in report.candidates}
+    if given is None or plan.micro_batch == given:
+        return plan
+    own = by_size.get(given)
+    if own is None or not own.usable:
+        return plan
+    own_plan = _plan(pcfg, given, None, device)
+    if own_plan.micro_batch != given or own_plan.accumulation != pcfg.train.accumulation:
+        return plan
+    changed = report.verify
+    if why == "compare":
+        seconds = changed.window_s if changed is not None and changed.window_s else tune.verify_s
+        mine, _ = run(own_plan, None, own, None, seconds)
+        if mine.samples_per_s is None or changed is None or changed.samples_per_s is None:
+            return plan
+        if beats(changed, mine, tune.noise):
+            report.notes.append(
+                f"end to end, micro-batch {plan.micro_batch} ran at {changed.samples_per_s:,.1f} samples/s "
+                f"against the config's own {given} at {mine.samples_per_s:,.1f}: faster beyond the noise"
+            )
+            return plan
+        text = (
+            f"end to end, micro-batch {plan.micro_batch} ran at {changed.samples_per_s:,.1f} samples/s against "
+            f"the config's own {given} at {mine.samples_per_s:,.1f}: not faster beyond the noise"
+        )
+        mine.ok, mine.error = True, ""
+        report.verify = mine
+    else:
+        text = f"the verification could not confirm micro-batch {plan.micro_batch} end to end"
+    report.notes.append(f"{text}; keeping the config's own micro-batch {given}")
+    log.info("autotune [%s] %s; keeping the config's own micro-batch %s", clock.stamp(), text, given)
+    report.chosen_batch, report.plan = given, own_plan
+    return own_plan
 
 
 def _hold_resident_dataset(cfg: Config, prep, backend: str, device, budget: Budget, notes: list[str]):

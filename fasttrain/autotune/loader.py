@@ -116,22 +116,22 @@ class LoaderResult:
         return cls(**kw)
 
 
-def _resolved(backend: str, setting: dict[str, Any], data: DataConfig) -> tuple:
+def _resolved(backend: str, setting: dict[str, Any], data: DataConfig, device_type: str) -> tuple:
     d = dataclasses.replace(data, **setting)
     if backend == "torch":
-        return (d.num_workers,)
+        return (d.workers_for(device_type),)
     if backend == "dali":
         return (d.num_dali_threads, d.hw_decoder_load)
     return ()
 
 
-def loader_ladder(backend: str, data: DataConfig) -> list[dict[str, Any]]:
+def loader_ladder(backend: str, data: DataConfig, device_type: str = "cuda") -> list[dict[str, Any]]:
     """Settings to try: the config's own first, then the others cheapest first (at most 4 in all).
 
     torch: workers at a quarter, half and all of the machine's share. dali: threads likewise, at the configured
     hw_decoder_load; when that is below 0.9 a last try raises it to 0.9 (the hardware JPEG decoder is a
     separate engine: a lower load only moves decoding onto CPU threads). cache: no knobs."""
-    w = default_workers()
+    w = default_workers(device_type) if backend == "torch" else default_workers()  # processes vs threads
     counts = sorted({max(1, w // 4), max(1, w // 2), w})
     given: dict[str, Any]
     others: list[dict[str, Any]]
@@ -145,9 +145,9 @@ def loader_ladder(backend: str, data: DataConfig) -> list[dict[str, Any]]:
             others.append({"dali_threads": w, "hw_decoder_load": 0.9})
     else:
         return [{}]
-    ladder, seen = [given], {_resolved(backend, given, data)}
+    ladder, seen = [given], {_resolved(backend, given, data, device_type)}
     for s in others:
-        key = _resolved(backend, s, data)
+        key = _resolved(backend, s, data, device_type)
         if key not in seen:
             seen.add(key)
             ladder.append(s)
@@ -250,7 +250,7 @@ def tune_loader(
     device = runtime.device
     trials: list[LoaderTrial] = []
     open_loader, open_index = None, None
-    ladder = loader_ladder(backend, cfg.data)
+    ladder = loader_ladder(backend, cfg.data, runtime.device.type)
     try:
         for i, setting in enumerate(ladder):
             if i and time_left is not None and time_left() < trials[-1].seconds:

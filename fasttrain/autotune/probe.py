@@ -37,7 +37,16 @@ from typing import Any
 import torch
 
 from fasttrain import memory
-from fasttrain.autotune.search import Agreement, BatchPlan, Candidate, judge_verification, mark_usable
+from fasttrain.autotune.search import (
+    MIN_WINDOW_STEPS,
+    Agreement,
+    BatchPlan,
+    Candidate,
+    counted_windows,
+    judge_verification,
+    mark_usable,
+    measurement_reliable,
+)
 from fasttrain.memory import GIB, format_bytes, is_oom_error, oom_summary
 from fasttrain.timing import cycle_batches, synchronize, time_steps, time_window, train_step_fn
 
@@ -232,22 +241,25 @@ class StepProbe:
             self.task.eval_step(state, ebatch)
         state.train(True)
 
-    def _measure(self, step: Callable[[], int], warmup: int) -> tuple[list[float], float, bool, int]:
+    def _measure(self, step: Callable[[], int], warmup: int, batch: int) -> tuple[list[float], float, bool, int]:
         """(rates, timed seconds, reliable, steps per repeat): a time window, once more when too noisy and time
-        allows. A repeat is cut at 4 x tune.repeat_s (wall clock) if the machine slows down under it."""
+        allows. A repeat is cut at 4 x tune.repeat_s (wall clock) if the machine slows down under it; a repeat
+        cut to a single step does not count (:func:`~fasttrain.autotune.search.counted_windows`)."""
         s = self.s
         t = time_window(
             step,
             warmup=warmup,
             repeats=s.repeats,
             seconds=s.repeat_s,
-            min_steps=s.min_steps,
+            min_steps=max(s.min_steps, MIN_WINDOW_STEPS),
             device=self.device,
             reset_peak=False,
             max_repeat_s=4 * s.repeat_s,
         )
-        rates, timed = list(t.per_repeat_samples_per_s), t.timed_seconds
-        if t.spread <= s.max_spread:
+        rates, _ = counted_windows(t.per_repeat_samples_per_s, t.per_repeat_seconds, batch)
+        rates = rates or list(t.per_repeat_samples_per_s)  # none counts: kept for a figure, never reliable
+        timed = t.timed_seconds
+        if measurement_reliable(rates, s.max_spread):
             return rates, timed, True, t.steps
         if self.time_left is not None and self.time_left() < 2 * timed:
             return rates, timed, False, t.steps
@@ -261,9 +273,10 @@ class StepProbe:
             max_repeat_s=4 * s.repeat_s,
         )
         timed += again.timed_seconds
-        if again.spread <= s.max_spread:  # the first round caught a disturbance the second did not
-            return list(again.per_repeat_samples_per_s), timed, True, t.steps
-        return rates + list(again.per_repeat_samples_per_s), timed, False, t.steps
+        second, _ = counted_windows(again.per_repeat_samples_per_s, again.per_repeat_seconds, batch)
+        if measurement_reliable(second, s.max_spread):  # the first round caught a disturbance the second did not
+            return second, timed, True, t.steps
+        return rates + (second or list(again.per_repeat_samples_per_s)), timed, False, t.steps
 
     def _run(self, b: int, eb: int) -> tuple[list[float], float, bool, int, memory.MemoryPeak, memory.MemoryPeak, int]:
         """Warm-up (train steps; where a budget applies one eval step and one train step), then the timed train
@@ -291,7 +304,7 @@ class StepProbe:
             torch.cuda.empty_cache()
         memory.reset_peak_memory(device)
         retries0 = memory.alloc_retries(device)
-        rates, timed, reliable, steps = self._measure(step, warmup=warmup)
+        rates, timed, reliable, steps = self._measure(step, warmup=warmup, batch=b)
         if ebatch is not None:
             self._evaluate_once(state, ebatch)
             step()
@@ -370,7 +383,7 @@ class StepProbe:
                 if c.samples_per_s is None:
                     continue
                 batch = self.task.synthetic_batch(c.batch_size, spec, train=True)
-                steps = max(s.min_steps, math.ceil(s.repeat_s * c.samples_per_s / c.batch_size))
+                steps = max(s.min_steps, MIN_WINDOW_STEPS, math.ceil(s.repeat_s * c.samples_per_s / c.batch_size))
                 runs.append((c, self._step_fn(state, batch, c.batch_size), steps, []))
             for _ in range(s.repeats):
                 for _c, step, steps, rates in runs:
@@ -383,7 +396,8 @@ class StepProbe:
                         reset_peak=False,
                         max_repeat_s=4 * s.repeat_s,
                     )
-                    rates.append(t.samples_per_s)
+                    counted, _ = counted_windows(t.per_repeat_samples_per_s, t.per_repeat_seconds, _c.batch_size)
+                    rates.extend(counted)
         except Exception as e:
             if not is_oom_error(e):
                 raise
@@ -393,7 +407,7 @@ class StepProbe:
             memory.free_device_memory(self.device)
             return
         for c, _step, _steps, rates in runs:
-            c.add_rates(rates)
+            c.add_rates(rates, max_spread=s.max_spread)  # the flag follows the spread of all its rates
         log.info(
             "autotune [%s] re-measured together: %s",
             self.stamp(),

@@ -33,6 +33,11 @@ __all__ = [
     "mark_usable",
     "choose_batch",
     "search_batch_size",
+    "counted_windows",
+    "cpu_time_cap",
+    "CPU_TUNE_SHARE",
+    "measurement_reliable",
+    "MIN_WINDOW_STEPS",
     "plan_batches",
     "choose_loader",
     "loader_share",
@@ -106,9 +111,13 @@ class Candidate:
         self.samples_per_s = statistics.median(self.rates) if self.rates else None
         self.spread = spread_of(self.rates)
 
-    def add_rates(self, rates: Sequence[float]) -> None:
+    def add_rates(self, rates: Sequence[float], max_spread: float | None = None) -> None:
+        """Append a re-measurement's rates; with ``max_spread`` the reliability is judged again on all of them
+        (a measurement whose repeats disagree wildly is never left marked reliable)."""
         self.set_rates([*self.rates, *rates])
         self.remeasured += 1
+        if max_spread is not None:
+            self.reliable = measurement_reliable(self.rates, max_spread)
 
     @property
     def memory_failure(self) -> bool:
@@ -128,6 +137,46 @@ def spread_of(rates: Sequence[float]) -> float:
         return 0.0
     mid = statistics.median(rates)
     return (max(rates) - min(rates)) / mid if mid else 0.0
+
+
+CPU_TUNE_SHARE = 0.5
+"""On CPU autotune may take at most this share of the training run it tunes."""
+
+
+def cpu_time_cap(budget_s: float, *, job_samples: int, samples_per_s: float | None, setup_s: float) -> float:
+    """The time budget of a CPU autotune: at most :data:`CPU_TUNE_SHARE` of the training it tunes, estimated as
+    the set-up both pay (``setup_s``: data discovery, the cache build) plus the job's samples at the config's own
+    measured step (``samples_per_s``; the model-only step overestimates training's speed, so the estimate is
+    short and the cap errs tight); never more than ``budget_s``."""
+    if not samples_per_s or samples_per_s <= 0:
+        return budget_s
+    train_s = setup_s + job_samples / samples_per_s
+    return min(budget_s, CPU_TUNE_SHARE * train_s)
+
+
+MIN_WINDOW_STEPS = 2
+"""A timed window of fewer steps does not count: one step's time is one sample of the machine's noise (a step
+that ran alone between two other processes' slices measured 3.5x the model's speed)."""
+
+
+def counted_windows(
+    rates: Sequence[float], seconds: Sequence[float], batch_size: int
+) -> tuple[list[float], list[float]]:
+    """(the rates of the windows that count, those of the windows too short to count): a window counts when it
+    ran at least :data:`MIN_WINDOW_STEPS` steps of ``batch_size`` samples (a repeat cut short by a slow machine
+    may have run one)."""
+    counted: list[float] = []
+    dropped: list[float] = []
+    for r, sec in zip(rates, seconds):
+        steps = round(r * sec / batch_size) if batch_size else 0
+        (counted if steps >= MIN_WINDOW_STEPS else dropped).append(float(r))
+    return counted, dropped
+
+
+def measurement_reliable(rates: Sequence[float], max_spread: float) -> bool:
+    """A measurement is reliable when a window counts and the spread of those that count is within
+    ``max_spread`` (one window, with ``tune.repeats = 1``, has none to show)."""
+    return bool(rates) and spread_of(rates) <= max_spread
 
 
 @dataclass

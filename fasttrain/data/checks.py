@@ -38,7 +38,7 @@ from PIL import Image
 from fasttrain.config import PILLOW_BOMB_PIXELS, default_workers
 from fasttrain.data.files import NotRegularFileError, open_regular
 from fasttrain.data.sources import scan_images
-from fasttrain.data.transforms import DECODE_ERRORS, convert_image
+from fasttrain.data.transforms import DECODE_ERRORS, convert_image, decode_image
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,9 @@ __all__ = [
     "Precheck",
     "check_data",
     "check_header",
+    "check_stream",
+    "load_checked",
+    "UnusableImage",
     "check_image",
     "jpeg_scan_suspect",
     "pil_decode_error",
@@ -194,29 +197,39 @@ def check_header(path: str | os.PathLike, max_pixels: int = PILLOW_BOMB_PIXELS) 
 
     A JPEG or PNG whose last 64 bytes hold no end marker (a cut-off download) is decoded once with PIL to tell a
     truncated image from a valid one with trailing bytes."""
-    kind = None
     try:
         with open_regular(path) as f:
-            head = f.read(16)
-            if not head:
-                return None, "empty file"
-            kind = sniff_image_format(head)
-            if kind is None:
-                return None, f"not a JPEG/PNG/BMP/TIFF/WebP/PNM/JPEG 2000 file (starts with {head[:8].hex(' ')})"
-            parse = {"jpeg": _jpeg_header, "png": _png_header}.get(kind, _pil_header)
-            width, height, pil = parse(f)
-            if width * height > max_pixels:
-                return None, (
-                    f"{width}x{height} = {width * height:,} pixels, more than data.max_image_pixels "
-                    f"({max_pixels:,}): a decompression-bomb guard; raise it if the image is genuine"
-                )
-            if kind in ("jpeg", "png"):
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 64))
-                if (b"\xff\xd9" if kind == "jpeg" else b"IEND") not in f.read():
-                    f.seek(0)
-                    with Image.open(f) as im:
-                        im.load()
+            return check_stream(f, max_pixels)
+    except NotRegularFileError as e:
+        return None, e.strerror
+    except OSError as e:
+        return None, f"cannot be read ({e.strerror or e})"
+
+
+def check_stream(f: BinaryIO, max_pixels: int = PILLOW_BOMB_PIXELS) -> tuple[ImageInfo | None, str | None]:
+    """:func:`check_header` on an open, seekable binary file (a file, or the bytes of one already read)."""
+    kind = None
+    try:
+        head = f.read(16)
+        if not head:
+            return None, "empty file"
+        kind = sniff_image_format(head)
+        if kind is None:
+            return None, f"not a JPEG/PNG/BMP/TIFF/WebP/PNM/JPEG 2000 file (starts with {head[:8].hex(' ')})"
+        parse = {"jpeg": _jpeg_header, "png": _png_header}.get(kind, _pil_header)
+        width, height, pil = parse(f)
+        if width * height > max_pixels:
+            return None, (
+                f"{width}x{height} = {width * height:,} pixels, more than data.max_image_pixels "
+                f"({max_pixels:,}): a decompression-bomb guard; raise it if the image is genuine"
+            )
+        if kind in ("jpeg", "png"):
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64))
+            if (b"\xff\xd9" if kind == "jpeg" else b"IEND") not in f.read():
+                f.seek(0)
+                with Image.open(f) as im:
+                    im.load()
     except _Bad as e:
         return None, str(e)
     except NotRegularFileError as e:
@@ -265,6 +278,28 @@ def pil_decode_error(data: bytes) -> str | None:
     except DECODE_ERRORS as e:
         return f"cannot be decoded ({type(e).__name__}: {e})"
     return None
+
+
+class UnusableImage(ValueError):
+    """What :func:`load_checked` raises: the message is the validator's reason, as the pre-check gives it."""
+
+
+def load_checked(path: str, channels: int, max_pixels: int = PILLOW_BOMB_PIXELS) -> Image.Image:
+    """The pre-check and the decode from **one read** of the file (the GPU cache's build: each file opened once,
+    not once for its header and again for its pixels). Raises :class:`UnusableImage` with the reason
+    :func:`check_header` gives, or the decode's own error."""
+    try:
+        with open_regular(path) as f:
+            data = io.BytesIO(f.read())
+    except NotRegularFileError as e:
+        raise UnusableImage(e.strerror) from None
+    except OSError as e:
+        raise UnusableImage(f"cannot be read ({e.strerror or e})") from None
+    _, why = check_stream(data, max_pixels)
+    if why is not None:
+        raise UnusableImage(why)
+    data.seek(0)
+    return decode_image(data, channels, max_pixels)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -359,13 +394,17 @@ class BadFiles:
         if epoch != self._epoch:
             self._epoch, self._this_epoch = epoch, []
 
-    def add(self, path: str, reason: str) -> None:
+    def add(self, path: str, reason: str, counted: bool = True) -> None:
+        """Record a file that failed; ``counted=False`` for one the pre-check's rules refused (skipped like a
+        pre-check failure: only failures to decode count against the limit)."""
         if path in self._known:
             return
         self._known.add(path)
         self.skipped.append((path, reason))
-        self._this_epoch.append((path, reason))
         log.warning("skipping %s: %s", path, reason)
+        if not counted:
+            return
+        self._this_epoch.append((path, reason))
         if len(self._this_epoch) > self.limit:
             listed = "".join(f"\n  {p}: {why}" for p, why in self._this_epoch)
             raise BadDataError(
@@ -376,7 +415,10 @@ class BadFiles:
             )
 
     def none_decoded(self, split: str) -> BadDataError:
-        """The error for an epoch in which not one sample decoded."""
+        """The error for an epoch in which not one sample decoded (the pre-check's error when every file was
+        refused by its rules, as when they were checked on their own)."""
+        if self.skipped and not self._this_epoch:
+            return BadDataError(_none_usable(split, len(self.skipped), self.skipped))
         failed = self._this_epoch or self.skipped
         listed = "".join(f"\n  {p}: {why}" for p, why in failed[:10])
         more = f"\n  ... and {len(failed) - 10} more" if len(failed) > 10 else ""

@@ -480,10 +480,11 @@ def _usable(item: Any) -> bool:
     return item is not None and not isinstance(item, Skip)
 
 
-def _skip_reason(dataset: Dataset, row: int, item: Any) -> tuple[str, str]:
+def _skip_reason(dataset: Dataset, row: int, item: Any) -> tuple[str, str, bool]:
+    """(what, why, whether it counts against data.max_bad_per_epoch)."""
     if isinstance(item, Skip):
-        return item.path, item.reason
-    return f"{type(dataset).__name__}[{row}]", "the dataset returned None for it"
+        return item.path, item.reason, not item.refused
+    return f"{type(dataset).__name__}[{row}]", "the dataset returned None for it", True
 
 
 def _decode_rows(
@@ -511,7 +512,7 @@ def _decode_rows(
     as_tensor = isinstance(y0, torch.Tensor)
     targets: Any = torch.empty((n, *y0.shape), dtype=y0.dtype) if as_tensor else [None] * n
 
-    def put(k: int, item: Any) -> tuple[str, str] | None:
+    def put(k: int, item: Any) -> tuple[str, str, bool] | None:
         if not _usable(item):
             return _skip_reason(dataset, rows[k], item)
         x, y = item
@@ -578,9 +579,16 @@ def from_samples(
     num_shards: int = 1,
     shard_id: int = 0,
 ) -> GpuCacheLoader:
-    threads = max(1, data.num_workers)
-    checked = precheck_samples(samples, data, threads)
-    ds = dataset_for(checked.samples, data, seed, train=train, deterministic=True)
+    threads = cache_threads(data)
+    if samples.kind == "class":
+        # Each file opened once: validated and decoded from one read (the separate pre-check read every header
+        # first, then the decode opened every file again).
+        ds = dataset_for(samples, data, seed, train=train, deterministic=True, checked=True)
+        skipped: list[tuple[str, str]] = []
+    else:
+        checked = precheck_samples(samples, data, threads)
+        ds = dataset_for(checked.samples, data, seed, train=train, deterministic=True)
+        skipped = checked.bad
     return GpuCacheLoader.from_dataset(
         ds,
         spec,
@@ -592,10 +600,20 @@ def from_samples(
         num_shards=num_shards,
         shard_id=shard_id,
         threads=threads,
-        skipped=checked.bad,
+        skipped=skipped,
         max_bad=data.max_bad_per_epoch,
         name=samples.split.name,
     )
+
+
+def cache_threads(data: DataConfig) -> int:
+    """Threads decoding the cache: ``data.workers`` when set, else every core this process may use (at most 16).
+    Not ``data.workers``' auto (all cores but one, for worker *processes* beside the training process): the
+    build runs before training, and Pillow releases the GIL while it decodes."""
+    if data.workers >= 0:
+        return max(1, data.workers)
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, n))
 
 
 def from_split(

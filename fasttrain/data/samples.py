@@ -29,10 +29,10 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
-from fasttrain.config import DataConfig
-from fasttrain.data.checks import BadDataError, ImageInfo, _none_usable, precheck
+from fasttrain.config import PILLOW_BOMB_PIXELS, DataConfig
+from fasttrain.data.checks import BadDataError, ImageInfo, UnusableImage, _none_usable, load_checked, precheck
 from fasttrain.data.formats import SIDE_BY_SIDE
 from fasttrain.data.order import sample_seed, sample_seeds
 from fasttrain.data.sources import Split
@@ -90,18 +90,25 @@ class Skip(NamedTuple):
 
     path: str
     reason: str
+    refused: bool = False
+    """The validator refused the file (:func:`~fasttrain.data.checks.load_checked`): skipped as a pre-check
+    failure would be, not counted as a failure to decode."""
 
 
 def _skip(path: str, e: BaseException) -> Skip:
+    if isinstance(e, UnusableImage):  # the validator's own reason, as the pre-check words it
+        return Skip(path, str(e), refused=True)
     return Skip(path, f"cannot be decoded ({type(e).__name__}: {e})")
 
 
 class ImageDataset(Dataset):
     """(index, epoch) -> (uint8 C x H x W, target), or a :class:`Skip` when the file cannot be decoded.
 
-    ``random``: the transform draws from torch's global CPU generator, seeded per (seed, epoch, index) inside a
-    fork that restores it. A deterministic transform needs no seeding (and the cache's decode threads must not
-    fork the global generator concurrently)."""
+    ``random``: the transform draws from torch's global CPU generator, seeded per (seed, epoch, index); the
+    training process's generator is restored after each batch. A deterministic transform needs no seeding (and
+    the cache's decode threads must not fork the global generator concurrently). ``checked``: each file is
+    validated (:func:`check_header`'s rules) and decoded from one read, for a split that was not pre-checked (the
+    GPU cache decodes every file once)."""
 
     def __init__(
         self,
@@ -112,27 +119,40 @@ class ImageDataset(Dataset):
         target_fn: Callable[[Any], Any] = lambda t: t,
         max_pixels: int | None = None,
         random: bool = True,
+        checked: bool = False,
     ):
         self.split, self.transform, self.channels, self.seed = split, transform, channels, seed
-        self.target_fn, self.max_pixels, self.random = target_fn, max_pixels, random
+        self.target_fn, self.max_pixels, self.random, self.checked = target_fn, max_pixels, random, checked
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, key: tuple[int, int] | int):
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: Sequence[tuple[int, int] | int]) -> list:
+        """A batch of samples (the DataLoader asks for a batch at once). Each random sample seeds torch's CPU
+        generator from (seed, epoch, index): the same crops whatever the worker count or batch. In the training
+        process (``data.workers = 0``) the generator is saved and restored once per batch, not per sample
+        (dropout's stream must not move); a worker process owns its generator and needs neither."""
+        if not self.random or get_worker_info() is not None:
+            return [self._one(key) for key in keys]
+        with torch.random.fork_rng(devices=[]):
+            return [self._one(key) for key in keys]
+
+    def _one(self, key: tuple[int, int] | int):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         path = self.split.paths[index]
         try:
-            im = load_image(path, self.channels, self.max_pixels)
-            if not self.random:
-                x = self.transform(im)
+            if self.checked:
+                im = load_checked(path, self.channels, self.max_pixels or PILLOW_BOMB_PIXELS)
             else:
-                # torchvision's transforms draw from the global CPU generator: seed it for this sample inside a
-                # fork that restores it. Only the CPU generator: torch.manual_seed would also reseed every CUDA
-                # generator (with data.workers = 0 this runs in the training process: dropout's stream).
-                with torch.random.fork_rng(devices=[]):
-                    torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-                    x = self.transform(im)
+                im = load_image(path, self.channels, self.max_pixels)
+            if self.random:
+                # torchvision's transforms draw from the global CPU generator. Only the CPU generator:
+                # torch.manual_seed would also reseed every CUDA generator.
+                torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
+            x = self.transform(im)
         except DECODE_ERRORS as e:
             return _skip(path, e)
         return x, self.target_fn(self.split.targets[index])
@@ -312,10 +332,13 @@ def precheck_samples(samples: Samples, data: DataConfig, threads: int) -> Checke
     return Checked(replace(samples, split=split.subset(keep)), infos, target_infos, bad)
 
 
-def dataset_for(samples: Samples, data: DataConfig, seed: int, *, train: bool, deterministic: bool = False) -> Dataset:
+def dataset_for(
+    samples: Samples, data: DataConfig, seed: int, *, train: bool, deterministic: bool = False, checked: bool = False
+) -> Dataset:
     """The map-style dataset of a request. ``deterministic``: what the GPU cache decodes once, the evaluation
     geometry, or for training the canvas its device augmentation draws from (class: the centre square resized
-    to image_size when random-resized-crop is on; pair: both images resized to the jitter size, uncropped)."""
+    to image_size when random-resized-crop is on; pair: both images resized to the jitter size, uncropped).
+    ``checked``: class images are validated as they are decoded (the split was not pre-checked)."""
     split, channels, size, px = samples.split, data.channels, data.image_size, data.max_image_pixels
     if samples.kind == "vector":
         return VectorDataset(split, size, channels, size_targets=samples.size_targets, max_pixels=px)
@@ -330,6 +353,6 @@ def dataset_for(samples: Samples, data: DataConfig, seed: int, *, train: bool, d
         )
     if deterministic:
         canvas = replace(data, resize_size=size) if train and data.random_resized_crop else data
-        return ImageDataset(split, eval_transform(canvas), channels, seed, max_pixels=px, random=False)
+        return ImageDataset(split, eval_transform(canvas), channels, seed, max_pixels=px, random=False, checked=checked)
     tf = train_transform(data) if train else eval_transform(data)
     return ImageDataset(split, tf, channels, seed, max_pixels=px, random=train)

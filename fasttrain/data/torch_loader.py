@@ -258,7 +258,7 @@ def build(
         batch_size=batch_size,
         train=train,
         seed=cfg.runtime.seed,
-        workers=d.num_workers,
+        workers=d.workers_for(spec.device.type),
         prefetch=d.prefetch,
         prepare=prepare,
         num_shards=num_shards,

@@ -5,6 +5,7 @@ Images leave here as uint8 C x H x W tensors; normalization happens on the devic
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 
 import numpy as np
@@ -39,17 +40,24 @@ def load_image(path: str, channels: int, max_pixels: int | None = None) -> Image
     ``Image.DecompressionBombError`` before anything is decoded (``data.max_image_pixels``; None: Pillow's own
     limit only). Raises the errors of :data:`DECODE_ERRORS`, naming nothing; callers add the file name.
     """
-    with open_regular(path) as f, _open_image(f) as im:
-        if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
-            raise Image.DecompressionBombError(
-                f"{im.size[0]}x{im.size[1]} pixels exceed data.max_image_pixels ({max_pixels:,})"
-            )
-        im.load()
-        return convert_image(im, channels)
+    with open_regular(path) as f:
+        data = io.BytesIO(f.read())  # one read; the image then owns its pixels (no copy to outlive the file)
+    return decode_image(data, channels, max_pixels)
+
+
+def decode_image(data: io.BytesIO, channels: int, max_pixels: int | None = None) -> Image.Image:
+    """:func:`load_image` on a file's bytes already read."""
+    im = _open_image(data)
+    if max_pixels is not None and im.size[0] * im.size[1] > max_pixels:
+        raise Image.DecompressionBombError(
+            f"{im.size[0]}x{im.size[1]} pixels exceed data.max_image_pixels ({max_pixels:,})"
+        )
+    im.load()
+    return convert_image(im, channels, owned=True)
 
 
 def _open_image(f) -> Image.Image:
-    """Image.open on an open file; its "cannot identify image file <_io.BufferedReader name=3>" (the file object,
+    """Image.open on an open file; its "cannot identify image file <_io.BytesIO object at ...>" (the file object,
     not a name) becomes what is wrong, for the caller to put beside the file's name."""
     try:
         return Image.open(f)
@@ -57,12 +65,14 @@ def _open_image(f) -> Image.Image:
         raise Image.UnidentifiedImageError("not an image file Pillow can identify") from None
 
 
-def convert_image(im: Image.Image, channels: int) -> Image.Image:
+def convert_image(im: Image.Image, channels: int, *, owned: bool = False) -> Image.Image:
     """A decoded image in any mode -> RGB (``channels`` 3) or L (1), by the rules every backend follows: alpha
-    (RGBA, LA, PA, palette transparency) composited on white, 16-bit scaled to 8 bits."""
+    (RGBA, LA, PA, palette transparency) composited on white, 16-bit scaled to 8 bits. ``owned``: ``im`` is
+    the caller's to keep (not tied to a file about to close), so an image already in the target mode is
+    returned as it is instead of copied."""
     target = "RGB" if channels == 3 else "L"
     if im.mode == target:
-        return im.copy()
+        return im if owned else im.copy()
     if im.mode == "P" and "transparency" in im.info:
         im = im.convert("RGBA")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

@@ -367,7 +367,7 @@ def dataset_loader(
         batch_size=batch_size,
         train=train,
         seed=cfg.runtime.seed,
-        workers=cfg.data.num_workers,
+        workers=cfg.data.workers_for(spec.device.type),
         prefetch=cfg.data.prefetch,
         num_shards=num_shards,
         shard_id=shard_id,

@@ -198,7 +198,13 @@ class Task:
         self.load_initial_weights(model, "model")
         fn = self.runtime.prepare_model(model)
         opt = make_optimizer(model, c.optim, fused_kwargs=self.runtime.optimizer_kwargs())
-        return TrainState({"model": model}, {"model": fn}, {"model": opt}, {"model": self.runtime.grad_scaler()})
+        return TrainState(
+            {"model": model},
+            {"model": fn},
+            {"model": opt},
+            {"model": self.runtime.grad_scaler()},
+            local={"model": self.runtime.for_eval(model, fn)},
+        )
 
     def given_model(self) -> nn.Module | None:
         """The model passed from Python (a factory is called), or None."""

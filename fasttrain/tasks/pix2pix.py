@@ -106,11 +106,13 @@ class Pix2PixTask(Task):
         )
         fused = self.runtime.optimizer_kwargs()
         modules = {"generator": gen, "discriminator": disc}
+        callables = {k: self.runtime.prepare_model(m) for k, m in modules.items()}
         return TrainState(
             modules,
-            {k: self.runtime.prepare_model(m) for k, m in modules.items()},
+            callables,
             {k: make_optimizer(m, c.optim, fused_kwargs=fused) for k, m in modules.items()},
             {k: self.runtime.grad_scaler() for k in modules},
+            local={k: self.runtime.for_eval(m, callables[k]) for k, m in modules.items()},
         )
 
     def make_loader(

@@ -410,3 +410,41 @@ def test_candidates_round_trip_through_json():
     back = Candidate.from_dict(json.loads(json.dumps(c.to_dict())))
     assert back == c and back.remeasured == 1
     assert Candidate.from_dict({**c.to_dict(), "an_old_field": 1}) == c  # old cache entries still load
+
+
+def test_a_wild_remeasurement_is_never_left_marked_reliable():
+    from fasttrain.autotune.search import Candidate
+
+    c = Candidate(32, True)
+    c.set_rates([32.2, 31.0, 29.4])  # tight: reliable as first measured
+    assert c.reliable
+    c.add_rates([1737.0, 1020.4, 506.0], max_spread=0.25)  # issue 23's batch 32: ±317%
+    assert not c.reliable and c.spread > 3
+    steady = Candidate(64, True)
+    steady.set_rates([60.0, 58.0])
+    steady.reliable = False  # the first round was disturbed; the re-measure agrees with it
+    steady.add_rates([59.0, 60.5], max_spread=0.25)
+    assert steady.reliable
+
+
+def test_a_single_step_window_does_not_count():
+    from fasttrain.autotune.search import counted_windows, measurement_reliable
+
+    # batch 32: windows of 10 steps at ~31 samples/s, and one of a single step at 1,737 samples/s
+    rates = [31.0, 30.5, 1737.0]
+    seconds = [10 * 32 / 31.0, 10 * 32 / 30.5, 32 / 1737.0]
+    counted, dropped = counted_windows(rates, seconds, 32)
+    assert counted == [31.0, 30.5] and dropped == [1737.0]
+    assert measurement_reliable(counted, 0.25)
+    assert not measurement_reliable([], 0.25)  # no window counted
+    assert not measurement_reliable(rates, 0.25)
+
+
+def test_cpu_autotune_takes_at_most_half_the_training_it_tunes():
+    from fasttrain.autotune.search import cpu_time_cap
+
+    # the quickstart: 8 epochs x 1,152 samples at 400 samples/s after 5 s of set-up: ~28 s of training
+    cap = cpu_time_cap(45.0, job_samples=9216, samples_per_s=400.0, setup_s=5.0)
+    assert cap == pytest.approx(0.5 * (5.0 + 9216 / 400.0))
+    assert cpu_time_cap(45.0, job_samples=10**7, samples_per_s=400.0, setup_s=5.0) == 45.0  # never above the budget
+    assert cpu_time_cap(45.0, job_samples=9216, samples_per_s=None, setup_s=5.0) == 45.0  # nothing measured

@@ -338,3 +338,36 @@ def test_cuda_pair_cache_steps_never_sync_and_match_the_cpu_twin():
         assert g.inputs.is_cuda and g.inputs.is_contiguous(memory_format=torch.channels_last)
         assert torch.allclose(g.inputs.float().cpu(), c.inputs, atol=0.01)
         assert torch.allclose(g.targets.float().cpu(), c.targets, atol=0.01)
+
+
+def test_the_cache_opens_each_file_once_and_decodes_what_the_torch_loader_does(images, monkeypatch):
+    from fasttrain.data import checks, transforms
+
+    opened: list[str] = []
+    for module in (checks, transforms):
+        real = module.open_regular
+        monkeypatch.setattr(module, "open_regular", lambda p, real=real: opened.append(str(p)) or real(p))
+    data = DataConfig(image_size=32, resize_size=32, workers=2)
+    loader = make(images, data, train=False, batch_size=23)
+    assert sorted(opened) == sorted(images)  # validated and decoded from one read each (it was two)
+    monkeypatch.undo()
+    (x,) = [b.inputs for b in loader]
+    expected = torch.stack([eval_transform(data)(load_image(p, 3)) for p in images])
+    assert torch.equal(x, normalize_on_device(expected, spec_for(data)))
+
+
+def test_the_cache_decodes_on_every_core_when_workers_is_auto(monkeypatch):
+    monkeypatch.setattr(gpu_cache.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert gpu_cache.cache_threads(DataConfig()) == 2  # data.workers' auto is 1 on 2 cores: processes, not threads
+    assert gpu_cache.cache_threads(DataConfig(workers=0)) == 1
+    assert gpu_cache.cache_threads(DataConfig(workers=3)) == 3
+
+
+def test_an_image_already_in_the_target_mode_is_not_copied(images, monkeypatch):
+    copies = []
+    real = Image.Image.copy
+    monkeypatch.setattr(Image.Image, "copy", lambda self: copies.append(1) or real(self))
+    rgb = images[0]  # an RGB PNG
+    im = load_image(rgb, 3)
+    assert im.mode == "RGB" and copies == []
+    assert np.asarray(im).shape[2] == 3 and np.asarray(im).sum() > 0  # the pixels outlive the closed file

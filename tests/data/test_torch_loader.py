@@ -151,3 +151,28 @@ def test_a_training_batch_with_no_decodable_file_is_replaced_so_every_process_ta
     assert sorted(p for p, _ in train.skipped) == sorted(paths[k] for k in order[2:4] + order[6:8])
     val = TorchLoader(ds, SPEC, batch_size=2, train=False, seed=0, workers=0)
     assert sum(len(b) for b in val) == 4  # evaluation counts each decoded sample once
+
+
+def test_a_batch_saves_the_training_generator_once_and_each_sample_draws_its_own_crop(tmp_path, monkeypatch):
+    from fasttrain.data.transforms import train_transform
+
+    paths = []
+    for i in range(6):
+        p = tmp_path / f"{i}.png"
+        Image.effect_noise((40, 40), 60 + i).convert("RGB").save(p)
+        paths.append(str(p))
+    data = DataConfig(image_size=16, resize_size=20, random_resized_crop=True)
+    ds = ImageDataset(Split("train", paths, list(range(6))), train_transform(data), 3, seed=7)
+    keys = [(i, 2) for i in (4, 0, 5, 1)]
+    one_by_one = [ds[k][0] for k in keys]
+    forks = []
+    real = torch.random.fork_rng
+    monkeypatch.setattr(torch.random, "fork_rng", lambda *a, **k: forks.append(1) or real(*a, **k))
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    batch = ds.__getitems__(keys)
+    assert torch.equal(torch.rand(3), before)  # the training process's generator did not move
+    assert forks == [1]  # once per batch (it was once per sample)
+    assert all(torch.equal(a, b) for a, (b, _) in zip(one_by_one, batch))  # per (seed, epoch, index)
+    assert not torch.equal(batch[0][0], ds[(4, 3)][0])  # another epoch, another crop

@@ -105,7 +105,7 @@ def test_items_reach_the_model_normalized_once_uint8_by_fasttrain_float_as_given
             x = torch.cat([b.inputs for b in loader])
             items = torch.stack([ds[i][0] for i in range(len(ds))])
             spec = prep.task.input_spec()
-            want = normalize_on_device(items, spec) if dtype == torch.uint8 else items
+            want = normalize_on_device(items, spec) if dtype == torch.uint8 else items.to(spec.dtype)  # as given
             torch.testing.assert_close(x, want, msg=f"{dtype} via {backend}")
             loader.close()
 
@@ -156,8 +156,11 @@ def test_a_wrong_dataset_is_refused_with_what_is_wrong(tmp_path):
     assert not (tmp_path / "runs").exists()  # refused before a run folder was made
 
 
-def test_bench_and_autotune_take_the_dataset_and_model_too(tmp_path):
+def test_bench_and_autotune_take_the_dataset_and_model_too(tmp_path, monkeypatch):
     from torch import nn
+
+    from fasttrain.autotune import probe
+    from fasttrain.autotune.search import Agreement
 
     cfg = config(tmp_path, "bench.warmup_steps=1", "bench.steps=2", "bench.repeats=1")
     model = nn.Sequential(
@@ -166,9 +169,19 @@ def test_bench_and_autotune_take_the_dataset_and_model_too(tmp_path):
     report = bench(cfg, dataset=Bars(128), model=model)
     assert report.end_to_end.samples_per_s > 0
     tuned = autotune(cfg, dataset=Bars(128), model=model, time_budget_s=4, out_dir=tmp_path / "tune")
+    # What autotune guarantees on a machine of any load: an answer and a tuned config, never a failure on noise;
+    # when the figures disagree beyond the noise, the reason it is less sure, and no cache entry.
     assert tuned.ok and tuned.model == "custom" and tuned.input_shape == [3, 16, 16]
+    assert (tmp_path / "tune" / f"{cfg.name}.tuned.toml").is_file()
     assert not tuned.cached and tuned.cache_path in (None, "")
     assert any("not cached" in n for n in tuned.notes)
+    # A busy machine, made certain: every verification disagrees with its probe, unexplained.
+    busy = Agreement("disagrees", False, False, "neither", "verification -8% vs the probe: unexplained")
+    monkeypatch.setattr(probe, "judge_verification", lambda **kw: busy)
+    noisy = autotune(cfg, dataset=Bars(128), model=model, time_budget_s=4, out_dir=tmp_path / "busy")
+    assert noisy.ok and (tmp_path / "busy" / f"{cfg.name}.tuned.toml").is_file()
+    assert not noisy.reliable and busy.text in noisy.unreliable  # the reason it is less sure
+    assert noisy.chosen_batch == noisy.given_batch  # a change it could not confirm is not written
 
 
 class Edges(Dataset):

@@ -141,7 +141,7 @@ def test_unreadable_images_are_skipped_named_and_not_fatal(tmp_path, caplog, bac
     assert sorted(p for p, _ in loader.skipped) == sorted([cut, corrupt])  # named in loader.skipped (the run's list)
     assert cut in caplog.text and corrupt in caplog.text
     x, y = batches[0].inputs, batches[0].targets
-    assert x.shape[1:] == (3, 16, 16) and x.dtype == torch.float32
+    assert x.shape[1:] == (3, 16, 16) and x.dtype == task.runtime.precision.input_dtype  # the model's input dtype
     assert y.shape[1] == 5 + 2 and torch.all(y[:, 5:] == 16)  # targets, then the canvas width and height
 
 
