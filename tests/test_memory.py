@@ -155,7 +155,8 @@ def test_the_host_heap_is_kept_at_train_start_never_on_import(shapes_root, tmp_p
     # Importing fasttrain (engine included) changes nothing in the allocator.
     code = "import fasttrain.engine, fasttrain.memory as m; print(m._heap_kept)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "None"
-    # The user's own glibc settings win.
+    # The user's own glibc settings win (in a process where no run has kept the heap yet).
+    monkeypatch.setattr(memory, "_heap_kept", None)
     assert memory.keep_host_heap({"MALLOC_TRIM_THRESHOLD_": "0"}) is None
     calls = []
     monkeypatch.setattr(memory, "keep_host_heap", lambda: calls.append(1) or "kept")

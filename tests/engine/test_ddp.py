@@ -47,6 +47,9 @@ def _sets(root: Path, runs: Path, *extra: str) -> list[str]:
         "train.eval_batch_size=32",
         "train.log_every=2",
         "runtime.device=cpu",
+        # The ranks-match-one-process comparisons are to 5e-7: an fp32 property (bf16, the CPU's auto precision
+        # where it has bf16 instructions, rounds each rank's half-batch sums differently).
+        "runtime.precision=fp32",
         f"train.runs_dir={runs}",
         "name=ddp",
         *extra,

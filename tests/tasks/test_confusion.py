@@ -56,7 +56,8 @@ def test_the_confusion_matrix_uses_the_average_when_best_pt_holds_it(shapes_root
         return metrics
 
     monkeypatch.setattr(engine, "evaluate", raw_scores_nothing)
-    cfg = tiny_cfg(shapes_root, tmp_path, "train.ema_decay=0.9", epochs=3, max_steps=24)
+    # fp32: the set-up (raw and averaged weights that score differently) was found in fp32, not in the CPU's bf16.
+    cfg = tiny_cfg(shapes_root, tmp_path, "train.ema_decay=0.9", "runtime.precision=fp32", epochs=3, max_steps=24)
     result = train(cfg, progress=False)
     record = max(result.history, key=lambda r: r["val_ema_acc"])  # best.pt's epoch (raw scores 0 throughout)
     epoch = result.history.index(record)
