@@ -95,7 +95,20 @@ class DataConfig:
     image_size: int = 224
     """Side of the square training crop and evaluation crop, in pixels."""
     resize_size: int = 0
-    """Evaluation: shorter side resized to this before the centre crop; 0 means image_size / 0.875."""
+    """Evaluation: shorter side resized to this before the centre crop; 0 means the evaluation crop / 0.875."""
+    eval_size: int = 0
+    """Side of the evaluation centre crop, in pixels; 0 means image_size. Larger than the training size pays
+    (the train-test resolution effect: random-resized crops make objects look larger in training)."""
+    progressive: list[int] = field(default_factory=list)
+    """Progressive resizing (classification): [min, max] training image side in pixels, growing from min to
+    max over data.progressive_epochs (FFCV's ResNet recipes: [160, 192]); [] = off (image_size throughout).
+    Evaluation stays at eval_size (or image_size)."""
+    progressive_epochs: list[float] = field(default_factory=list)
+    """Progressive resizing: [start, end] epochs (0-based): min up to start, max from end on, linear between;
+    [] = the whole run (0 .. train.epochs - 1)."""
+    progressive_step: int = 32
+    """Progressive resizing: sizes are rounded to multiples of this many pixels (fewer distinct shapes, hence
+    fewer torch.compile recompiles; multiples of 32 suit GPU kernels)."""
     channels: int = 3
     """Image channels fed to the model: 3 (RGB) or 1 (grayscale). Other modes (RGBA, P, CMYK, L) are converted."""
     random_resized_crop: bool = True
@@ -140,10 +153,29 @@ class DataConfig:
         _check(self.channels in (1, 3), "data.channels", f"must be 1 or 3, got {self.channels}")
         _check(0.0 <= self.val_fraction <= 0.9, "data.val_fraction", f"must be in 0..0.9, got {self.val_fraction}")
         _check(self.image_size >= 8, "data.image_size", f"must be >= 8 pixels, got {self.image_size}")
+        _check(self.eval_size == 0 or self.eval_size >= 8, "data.eval_size", f"must be 0 or >= 8, got {self.eval_size}")
         _check(
-            self.resize_size == 0 or self.resize_size >= self.image_size,
+            self.resize_size == 0 or self.resize_size >= self.eval_crop,
             "data.resize_size",
-            f"must be 0 or >= data.image_size ({self.image_size}), got {self.resize_size}",
+            f"must be 0 or >= the evaluation crop (data.eval_size or data.image_size, {self.eval_crop}), "
+            f"got {self.resize_size}",
+        )
+        p, pe = self.progressive, self.progressive_epochs
+        _check(self.progressive_step >= 1, "data.progressive_step", f"must be >= 1 pixel, got {self.progressive_step}")
+        _check(
+            not p or (len(p) == 2 and 8 <= p[0] <= p[1]),
+            "data.progressive",
+            f"must be [] (off) or [min, max] pixels with 8 <= min <= max, got {p}",
+        )
+        _check(
+            not pe or (len(pe) == 2 and 0 <= pe[0] <= pe[1]),
+            "data.progressive_epochs",
+            f"must be [] (the whole run) or [start, end] epochs with 0 <= start <= end, got {pe}",
+        )
+        _check(
+            not pe or bool(p),
+            "data.progressive_epochs",
+            "does nothing without data.progressive = [min, max] (the sizes to grow between)",
         )
         _check(0.0 < self.crop_scale_min <= 1.0, "data.crop_scale_min", f"must be in (0, 1], got {self.crop_scale_min}")
         for name in ("mean", "std"):
@@ -170,8 +202,18 @@ class DataConfig:
         _check(self.max_bad_per_epoch >= 0, "data.max_bad_per_epoch", f"must be >= 0, got {self.max_bad_per_epoch}")
 
     @property
+    def eval_crop(self) -> int:
+        """Side of the evaluation centre crop: eval_size, else image_size."""
+        return self.eval_size or self.image_size
+
+    @property
     def eval_resize(self) -> int:
-        return self.resize_size or int(round(self.image_size / 0.875))
+        return self.resize_size or int(round(self.eval_crop / 0.875))
+
+    @property
+    def train_size_max(self) -> int:
+        """The largest training image side: progressive's max, else image_size."""
+        return self.progressive[1] if self.progressive else self.image_size
 
     @property
     def num_workers(self) -> int:
@@ -548,6 +590,12 @@ class Config:
             bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
             "name",
             f"must be a plain name (it prefixes run folders), got {self.name!r}",
+        )
+        _check(
+            not self.data.progressive or self.task.name == "classify",
+            "data.progressive",
+            f"resizes classification training crops (task.name = classify); task {self.task.name}'s targets are "
+            f"tied to the image size (set data.progressive = [])",
         )
 
 

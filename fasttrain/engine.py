@@ -33,6 +33,7 @@ from fasttrain.checkpoint import (
 )
 from fasttrain.config import Config, ConfigError, apply_overrides, dump_config
 from fasttrain.data.base import Loader
+from fasttrain.data.progressive import TrainSizes, train_sizes
 from fasttrain.data.sources import DataSource
 from fasttrain.io import WriteError, atomic_write_text, check_writable, os_reason
 from fasttrain.metrics import PROGRESS, MetricsLog, Progress, step_line, summary_line, trim_metrics
@@ -379,6 +380,26 @@ class Running:
         )
 
 
+def _announce_sizes(sizes: TrainSizes, prep: Prepared) -> None:
+    """Progressive resizing: the sizes the run trains at, and what torch.compile makes of them."""
+    distinct = sizes.distinct()
+    compiled = ""
+    if prep.runtime.compile:
+        # One static graph per size (dynamic=False), plus evaluation's shapes: bounded by the distinct sizes.
+        prep.runtime.allow_shapes(len(distinct) + 4)
+        compiled = f"; torch.compile: one recompile per new size ({len(distinct)} training graphs, dynamic=False)"
+    log.info(
+        "progressive resizing: training at %s px (epochs %g-%g of %d, step %d px), evaluation at %d px%s",
+        ", ".join(str(s) for s in distinct),
+        sizes.start + 1,
+        sizes.end + 1,
+        sizes.epochs,
+        sizes.step,
+        prep.cfg.data.eval_crop,
+        compiled,
+    )
+
+
 def _epoch_batches(loader: Loader, epoch: int, skip: int):
     """The epoch's batches, starting ``skip`` batches in (loaders that can skip without decoding do so)."""
     loader.set_epoch(epoch)
@@ -443,6 +464,9 @@ class Trainer:
                     f"({self.train_loader.num_samples} images): no full step fits in an epoch"
                 )
             self.steps_per_epoch = micro_per_epoch // self.tc.accumulation
+            self.sizes = train_sizes(cfg)
+            if self.sizes.progressive:
+                _announce_sizes(self.sizes, prep)
             if self.tc.max_steps:
                 self.steps_per_epoch = min(self.steps_per_epoch, self.tc.max_steps)
             total_steps = self.steps_per_epoch * self.tc.epochs
@@ -663,6 +687,9 @@ class Trainer:
         )
         run = self.running
         n_micro, samples = self.resume_micro, 0
+        size = self.sizes.size(epoch)
+        if self.sizes.progressive and (epoch == 0 or self.resume_micro or size != self.sizes.size(epoch - 1)):
+            log.info("epoch %d: training images at %d px", epoch + 1, size)
         warned_nonfinite = False
         runtime.synchronize()
         memory.reset_peak_memory(runtime.device)  # max_memory_gib: this epoch's training peak
@@ -721,6 +748,8 @@ class Trainer:
         record["lr"] = next(iter(state.optimizers.values())).param_groups[0]["lr"]
         record["samples_per_s"] = round(samples / elapsed, 3) if elapsed > 0 else None
         record["epoch_time_s"] = round(elapsed, 3)
+        if self.sizes.progressive:
+            record["image_size"] = size
         peak = memory.read_peak(runtime.device).peak_allocated_bytes
         if peak is not None:
             record["max_memory_gib"] = round(peak / memory.GIB, 3)

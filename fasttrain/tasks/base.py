@@ -248,9 +248,9 @@ class Task:
         """A batch of the largest shape the data produces, already on the device (autotune, benchmarks)."""
         raise NotImplementedError
 
-    def synthetic_inputs(self, batch_size: int, spec: InputSpec) -> torch.Tensor:
-        """Random model inputs at the configured size, dtype and memory format, on the device."""
-        s, c = self.cfg.data.image_size, self.cfg.data.channels
+    def synthetic_inputs(self, batch_size: int, spec: InputSpec, size: int = 0) -> torch.Tensor:
+        """Random model inputs at ``size`` (default the configured size), dtype and memory format, on the device."""
+        s, c = size or self.cfg.data.image_size, self.cfg.data.channels
         x = torch.randn(batch_size, c, s, s, device=spec.device).to(spec.dtype)
         return x.contiguous(memory_format=torch.channels_last) if spec.channels_last else x
 

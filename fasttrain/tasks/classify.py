@@ -129,8 +129,11 @@ class ClassifyTask(Task):
         log.info("per-class val accuracy (%s), lowest first: %s | %s, %s", weights, shown, js.name, png.name)
 
     def synthetic_batch(self, batch_size: int, spec: InputSpec, train: bool = True) -> Batch:
+        # Training at the largest training size (progressive resizing: memory is planned for the last epochs),
+        # evaluation at its own crop.
+        d = self.cfg.data
         y = torch.randint(0, self.num_outputs, (batch_size,), device=spec.device)
-        return Batch(self.synthetic_inputs(batch_size, spec), y)
+        return Batch(self.synthetic_inputs(batch_size, spec, d.train_size_max if train else d.eval_crop), y)
 
     def describe_prediction(self, output: torch.Tensor, meta: dict[str, Any]) -> dict[str, Any]:
         probs = output.softmax(0)
