@@ -15,7 +15,7 @@ from fasttrain.config import Config, ConfigError, DataConfig, RuntimeConfig, Tra
 from fasttrain.data.base import InputSpec
 from fasttrain.data.dali import dali_status
 from fasttrain.data.loaders import make_loader
-from fasttrain.data.progressive import progressive_size, train_sizes
+from fasttrain.data.progressive import TrainSizes, progressive_size, train_sizes
 from fasttrain.data.samples import Samples
 from fasttrain.data.sources import Split
 
@@ -241,3 +241,29 @@ def test_a_killed_progressive_run_resumes_at_its_size_with_the_same_weights(shap
     assert [r["image_size"] for r in resumed.history] == [16, 24, 32]
     wa, wb = _weights(straight.run_dir), _weights(run)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_compile_keeps_one_static_graph_per_size_beyond_dynamos_default_limit(monkeypatch):
+    """Nine sizes (dynamo's recompile limit is 8): each gets its own static graph, none falls back to eager. The
+    eager backend stands in for inductor (the graph count is dynamo's, whatever compiles the graphs)."""
+    import torch._dynamo
+    import torch._dynamo.config as dynamo_config
+    from torch._dynamo.utils import counters
+
+    from fasttrain.runtime import Runtime
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, backend="eager", dynamic=kw["dynamic"]))
+    monkeypatch.setattr(dynamo_config, "recompile_limit", 8)
+    torch._dynamo.reset()
+    counters.clear()
+    runtime = Runtime(RuntimeConfig(device="cpu", compile="on"))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1))
+    fn = runtime.compiled(model)
+    sizes = TrainSizes(16, 80, 0, 8, 8, 9).distinct()
+    assert len(sizes) == 9
+    runtime.allow_shapes(len(sizes))
+    for s in sizes + sizes:  # a size seen again reuses its graph
+        fn(torch.randn(2, 3, s, s))
+    assert counters["stats"]["unique_graphs"] == 9
+    torch._dynamo.reset()
