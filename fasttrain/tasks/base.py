@@ -161,6 +161,7 @@ class Task:
             dropout=c.model.dropout,
             pretrained=c.model.pretrained and not self.restoring,
             drop_path_rate=c.model.drop_path_rate,
+            blurpool=c.model.blurpool,
         )
         self.load_initial_weights(model, "model")
         fn = self.runtime.prepare_model(model)
@@ -296,10 +297,14 @@ class Task:
                 records.append({"image": path, "error": f"cannot read image: {e}"})
                 continue
             with torch.no_grad(), self.runtime.autocast():
-                out = model(normalize_on_device(self.preprocess(image)[None], spec, scale_shift))
+                out = self.infer(model, normalize_on_device(self.preprocess(image)[None], spec, scale_shift))
             info = {**meta, "image": path, "image_size": image.size, "out_dir": out_dir}
             records.append({"image": path, **self.describe_prediction(out[0].float().cpu(), info)})
         return records
+
+    def infer(self, model: Any, x: torch.Tensor) -> torch.Tensor:
+        """The model's output for an evaluation or prediction batch (a classifier adds test-time augmentation)."""
+        return model(x)
 
     def describe_prediction(self, output: torch.Tensor, meta: dict[str, Any]) -> dict[str, Any]:
         """One model output (no batch dim, float32 on the CPU) -> a printable record."""
