@@ -99,6 +99,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.nproc > 1:
         return _torchrun(args.nproc, sys.argv[1:] if args.argv is None else args.argv)
+    if args.time_budget:
+        from fasttrain.budget import parse_duration
+
+        try:
+            seconds = parse_duration(args.time_budget)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        args.overrides = [*(args.overrides or []), f"train.time_budget_s={seconds}"]
     if args.resume:
         if args.config:
             raise ConfigError("train: give either CONFIG or --resume RUN_DIR, not both")
@@ -337,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="train on N GPUs of this machine (starts torchrun's agent: one process per GPU)",
+    )
+    p.add_argument(
+        "--time-budget",
+        metavar="DURATION",
+        help="train for at most this long (90s, 10m, 1.5h): the epochs that fit, the schedule stretched to them "
+        "(train.time_budget_s)",
     )
     _add_common(p, "optim.lr=0.05")
     p.set_defaults(fn=cmd_train, argv=None)

@@ -320,7 +320,8 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     name: str = "cosine"
-    """Learning-rate schedule: constant, step (multiply by gamma every step_epochs), cosine (with warmup), onecycle."""
+    """Learning-rate schedule: constant, step (multiply by gamma every step_epochs), cosine (with warmup), linear
+    (warmup, then straight down to min_lr_ratio at the last step: FFCV's step-free schedule), onecycle."""
     warmup_epochs: float = 0.0
     """Linear warmup from 0, in epochs (fractions allowed); used by constant, step and cosine."""
     step_epochs: int = 10
@@ -328,12 +329,12 @@ class ScheduleConfig:
     gamma: float = 0.5
     """step: factor applied every step_epochs (0.5 halves the rate, as hand-written scripts do)."""
     min_lr_ratio: float = 0.0
-    """cosine: final learning rate as a share of the peak."""
+    """cosine, linear: final learning rate as a share of the peak."""
     pct_start: float = 0.25
     """onecycle: share of the run spent rising to the peak."""
 
     def __post_init__(self) -> None:
-        _choice(self.name, "schedule.name", ("constant", "step", "cosine", "onecycle"))
+        _choice(self.name, "schedule.name", ("constant", "step", "cosine", "linear", "onecycle"))
         _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
         _check(self.step_epochs >= 1, "schedule.step_epochs", "must be >= 1")
         _check(0 < self.gamma <= 1, "schedule.gamma", "must be in (0, 1]")
@@ -415,6 +416,10 @@ class TrainConfig:
     train.eval_every epochs; 0 = never stop early). The count is kept in checkpoints: a resume goes on counting."""
     early_stop_min_delta: float = 0.0
     """Smallest change of early_stop_metric, in its own units, that counts as an improvement."""
+    time_budget_s: float = 0.0
+    """Train for at most this many seconds, set-up included (0 = off; the CLI's --time-budget 10m): train.epochs
+    is replaced by the epochs that fit, chosen from a short measurement of training steps and re-planned once
+    after the first epoch, with the learning-rate schedule stretched to them (it ends complete, not cut off)."""
     log_every: int = 50
     """Read losses from the device (a sync point) every N steps, for the progress bar and logs."""
     max_steps: int = 0
@@ -458,6 +463,9 @@ class TrainConfig:
                 "does nothing without train.early_stop_patience (the evaluations to wait; 0 = never stop early)",
             )
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+        _check(
+            self.time_budget_s >= 0, "train.time_budget_s", f"must be >= 0 seconds (0 = off), got {self.time_budget_s}"
+        )
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
         _check(self.max_nonfinite_logs >= 0, "train.max_nonfinite_logs", "must be >= 0 (0 = never stop)")
         _check(
@@ -610,6 +618,12 @@ class Config:
             "data.progressive",
             f"resizes classification training crops (task.name = classify); task {self.task.name}'s targets are "
             f"tied to the image size (set data.progressive = [])",
+        )
+        _check(
+            not (self.data.progressive and not self.data.progressive_epochs and self.train.time_budget_s),
+            "data.progressive_epochs",
+            "give [start, end] epochs with train.time_budget_s: the run's length, which [] would span, is chosen "
+            "while it runs",
         )
 
 

@@ -380,6 +380,14 @@ class Running:
         )
 
 
+def _epoch_numbers(first: int, tc: Any):
+    """``first``, ``first + 1``, ... while below ``tc.epochs``, read afresh each time (a time budget re-plans it)."""
+    epoch = first
+    while epoch < tc.epochs:
+        yield epoch
+        epoch += 1
+
+
 def _announce_sizes(sizes: TrainSizes, prep: Prepared) -> None:
     """Progressive resizing: the sizes the run trains at, and what torch.compile makes of them."""
     distinct = sizes.distinct()
@@ -448,6 +456,7 @@ class Trainer:
         on_epoch_end: Callable[[TrainState, dict[str, Any]], None] | None = None,
     ):
         self.prep, self.ckpt, self.progress, self.on_epoch_end = prep, ckpt, progress, on_epoch_end
+        self._t_start = time.perf_counter()  # a time budget counts the set-up (loaders, a cache's decode) too
         cfg, task, source, info = prep.cfg, prep.task, prep.source, prep.dist
         self.cfg, self.task, self.source, self.tc = cfg, task, source, cfg.train
         self.is_main = info.is_main
@@ -551,6 +560,8 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------------------------------------
     def run(self, run_dir: Path) -> TrainResult:
+        if self.tc.time_budget_s and self.ckpt is None:
+            self._plan_budget()  # before the run folder's config.toml is written: it records the plan
         self._open(run_dir)
         tc, state = self.tc, self.state
         test_metrics, tested = None, ""
@@ -562,7 +573,8 @@ class Trainer:
                 log.info(
                     "%s; nothing left to train (a larger train.early_stop_patience goes on)", self.early_stop.reason
                 )
-            for epoch in range(state.epoch if not self.early_stop.stopped else tc.epochs, tc.epochs):
+            for epoch in _epoch_numbers(state.epoch if not self.early_stop.stopped else tc.epochs, tc):
+                t_epoch = time.perf_counter()
                 record = self.train_epoch(epoch)
                 self.resume_micro = 0
                 self.running = Running(nonfinite_logs=self.running.nonfinite_logs)
@@ -580,6 +592,8 @@ class Trainer:
                         skipped=len(_skipped_files(self.source, self.train_loader, self.val_loader)),
                     )
                 )
+                if self.tc.time_budget_s and self.ckpt is None and epoch == 0 and not stop and not last:
+                    self._replan_budget(time.perf_counter() - t_epoch)
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(state, record)
                 if stop:
@@ -623,6 +637,105 @@ class Trainer:
             tested,
             self.early_stop.reason,
         )
+
+    # -- a time budget -------------------------------------------------------------------------------------------
+    def _plan_budget(self) -> None:
+        """The epochs that fit ``train.time_budget_s``, from a short measurement of training steps (undone: the
+        weights, optimizer and random state are put back), broadcast from rank 0 so every process agrees."""
+        from fasttrain.budget import epoch_seconds, plan_epochs
+
+        rate = self._measure_rate()
+        val = len(self.source.val or [])
+        per_epoch = epoch_seconds(
+            self.steps_per_epoch * self.prep.micro_batch * self.tc.accumulation * self.prep.dist.world_size,
+            rate,
+            val,
+            eval_every=self.tc.eval_every,
+        )
+        elapsed = time.perf_counter() - self._t_start
+        epochs = int(distributed.broadcast_object(plan_epochs(self.tc.time_budget_s, elapsed, per_epoch)))
+        log.info(
+            "time budget %.0f s: %.1f samples/s measured, ~%.1f s per epoch, %.1f s spent setting up: %d epochs "
+            "(the schedule is stretched to them; re-planned once after the first epoch)",
+            self.tc.time_budget_s,
+            rate,
+            per_epoch,
+            elapsed,
+            epochs,
+        )
+        self._set_epochs(epochs)
+
+    def _replan_budget(self, epoch_s: float) -> None:
+        """After the first epoch: its measured time (training, evaluation, checkpoint) decides the rest."""
+        from fasttrain.budget import plan_epochs
+
+        elapsed = time.perf_counter() - self._t_start
+        epochs = int(distributed.broadcast_object(plan_epochs(self.tc.time_budget_s, elapsed, epoch_s, done=1)))
+        if epochs != self.tc.epochs:
+            log.info(
+                "time budget: the first epoch took %.1f s (%.1f s spent so far): %d epochs instead of %d",
+                epoch_s,
+                elapsed,
+                epochs,
+                self.tc.epochs,
+            )
+            self._set_epochs(epochs)
+            if self.is_main:
+                write_run_config(self.run_dir, dump_config(self.cfg))
+
+    def _set_epochs(self, epochs: int) -> None:
+        """The run's length becomes ``epochs``: the schedule is rebuilt for it (continuing at the current step),
+        so it ends complete at the last step rather than being cut off."""
+        import warnings
+
+        self.tc.epochs = epochs
+        total = self.steps_per_epoch * epochs
+        step = self.state.step
+        for k, opt in self.state.optimizers.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "scheduler.step() before optimizer.step()"
+                sched = make_scheduler(opt, self.cfg.schedule, self.steps_per_epoch, total)
+                if step:
+                    sched.last_epoch = step - 1
+                    sched.step()
+            self.state.schedulers[k] = sched
+
+    def _measure_rate(self, steps: int = 5) -> float:
+        """Training samples/s over a few steps of the first epoch's batches, after one warm-up step (compile,
+        allocator); the steps are undone: weights, optimizer, scalers, EMA and random state are put back."""
+        import copy
+
+        state, task, accum = self.state, self.task, self.tc.accumulation
+        saved = copy.deepcopy(state.state_dict())
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        runtime = self.prep.runtime
+        micro = max(1, min(len(self.train_loader), (steps + 1) * accum))
+        try:
+            times: list[tuple[float, int]] = []
+            n = window = 0
+            runtime.synchronize()
+            t = time.perf_counter()
+            for batch in _epoch_batches(self.train_loader, 0, 0):
+                task.train_step(state, batch, update=(n + 1) % accum == 0, loss_scale=1.0 / accum)
+                n += 1
+                window += len(batch)
+                if n % accum == 0 or n == micro:
+                    runtime.synchronize()
+                    now = time.perf_counter()
+                    times.append((now - t, window))
+                    t, window = now, 0
+                if n >= micro:
+                    break
+        finally:
+            state.load_state_dict(saved)
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+        timed = times[1:] or times  # the first step carries compile and warm-up
+        seconds = sum(t for t, _ in timed)
+        samples = sum(b for _, b in timed) * self.prep.dist.world_size
+        return samples / max(seconds, 1e-6)
 
     def _evaluate_into(self, record: dict[str, Any]) -> None:
         assert self.val_loader is not None
