@@ -380,6 +380,25 @@ class Running:
         )
 
 
+def _init_from_data(module: Any, loader: Loader, images: int = 5000) -> None:
+    """A model with ``init_from_data(x)`` (speednet's whitening layer) gets up to ``images`` of the first
+    epoch's training images, normalized as the model sees them, before training starts (under torchrun every
+    rank computes it from its shard; the data-parallel wrapper then gives every rank rank 0's weights)."""
+    init = getattr(module, "init_from_data", None)
+    if init is None:
+        return
+    got: list[torch.Tensor] = []
+    n = 0
+    for batch in _epoch_batches(loader, 0, 0):
+        got.append(batch.inputs.float())
+        n += len(batch)
+        if n >= images:
+            break
+    x = torch.cat(got)[:images]
+    init(x)
+    log.info("%s initialised from the patches of %d training images", type(module).__name__, len(x))
+
+
 def _epoch_numbers(first: int, tc: Any):
     """``first``, ``first + 1``, ... while below ``tc.epochs``, read afresh each time (a time budget re-plans it)."""
     epoch = first
@@ -481,6 +500,8 @@ class Trainer:
             total_steps = self.steps_per_epoch * self.tc.epochs
             task.restoring = ckpt is not None  # resume: the checkpoint's weights, not the starting ones
             self.state = state = task.build_state()
+            if ckpt is None and not cfg.model.init_from:
+                _init_from_data(state.modules.get(task.predict_module), self.train_loader)
             distributed.wrap_state(state, prep.runtime, sync_bn=prep.cfg.model.sync_bn)
             if self.tc.ema_decay > 0:
                 _add_ema(state, task.predict_module, self.tc.ema_decay)

@@ -23,6 +23,7 @@ _SMALL: dict[str, str] = {
     "smallcnn": "fasttrain.models.small:smallcnn",
     "mlp": "fasttrain.models.small:mlp",
     "convnet": "fasttrain.models.small:convnet",
+    "speednet": "fasttrain.models.small:speednet",
     "unet": "fasttrain.models.gan:unet",
     "patchgan": "fasttrain.models.gan:patchgan",
 }
