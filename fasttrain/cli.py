@@ -238,7 +238,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.config, args.overrides)
     if args.json:  # written at the end: ask now, not after the measurements
         check_writable(Path(args.json).expanduser().parent, "bench --json")
-    report = bench(cfg, json_path=args.json)
+    run = target = None
+    if args.run or args.target:
+        from fasttrain.bench import parse_target
+
+        if not (args.run and args.target):
+            raise ConfigError("bench: --run RUN_DIR and --target METRIC=VALUE go together")
+        try:
+            run, target = args.run, parse_target(args.target)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    try:
+        report = bench(cfg, json_path=args.json, run=run, target=target)
+    except (FileNotFoundError, ValueError) as e:
+        if run is None or not str(e).startswith("--"):
+            raise
+        raise ConfigError(str(e)) from None
     if _is_main_process():
         print(report.to_table())
         if report.json_path:
@@ -431,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="also write the report as JSON here (a new file; an existing one is kept)",
     )
+    p.add_argument("--run", metavar="RUN_DIR", help="a finished run: report its time to --target beside samples/s")
+    p.add_argument("--target", metavar="METRIC=VALUE", help="e.g. val_acc=0.9: when --run first reached it")
     _add_common(p, "bench.steps=50")
     p.set_defaults(fn=cmd_bench)
 
