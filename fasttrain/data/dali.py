@@ -20,6 +20,9 @@ reads files ahead with threads and plans across epoch boundaries (epoch e+1 afte
 the last), so the next epoch starts decoding while the current one ends. Asked for anything else (another
 epoch, a resumed position, a pass abandoned halfway) it drops what it decoded ahead and starts there.
 
+**Progressive resizing** (``data.progressive``): classification training batches carry their epoch's size as
+one more external_source column, the resize's argument input: the same pipeline serves every size.
+
 **Pixels every backend agrees on.** DALI decodes 8-bit grey or colour JPEG and 8-bit grey/RGB PNG without
 transparency itself. The files the pre-check flags (:attr:`~fasttrain.data.checks.ImageInfo.pil`: transparency,
 16-bit, palettes, CMYK, other formats) are decoded by Pillow with the torch loader's rules (alpha composited on

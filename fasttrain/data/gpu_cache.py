@@ -17,6 +17,10 @@ What is cached is a map-style dataset's deterministic path (:func:`fasttrain.dat
   windows as the torch backend, so its training batches are the torch backend's too, bit for bit.
 - any map-style dataset of (image, target) items of one shape: :meth:`GpuCacheLoader.from_dataset`.
 
+Progressive resizing (``data.progressive``): the training canvas is cached at the largest training size and each
+batch is sampled at its epoch's size (the crop's ``grid_sample`` writes that size directly; without a crop an
+antialiased resize follows), so one cache serves every size.
+
 Augmentation parameters are drawn per sample from (seed, epoch, index) on the CPU once per epoch, and copied to
 the device with the epoch's order: after construction that copy is the only host-to-device traffic, and an
 epoch's batches do not depend on what ran before (``skip_batches`` resumes mid-epoch exactly). On a CPU device
