@@ -326,6 +326,7 @@ def bench(
 def _measure_all(prep, b, tc) -> tuple[Timing, Timing | None, Timing, Timing]:
     """(model-only, model-only data-parallel (torchrun only), loader-only, end to end) for a prepared config."""
     from fasttrain import distributed
+    from fasttrain.data.progressive import train_sizes
 
     task, runtime, info = prep.task, prep.runtime, prep.dist
     micro = prep.micro_batch
@@ -338,6 +339,7 @@ def _measure_all(prep, b, tc) -> tuple[Timing, Timing | None, Timing, Timing]:
         num_shards=info.world_size,
         shard_id=info.rank,
     )
+    loader.set_epoch(train_sizes(prep.cfg).first_largest_epoch)  # progressive resizing: the largest size
     parallel_t = None
     try:
         # The ceiling first: its warm-up also absorbs compile and cuDNN autotuning, so end to end starts warm.

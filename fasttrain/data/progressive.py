@@ -62,6 +62,13 @@ class TrainSizes:
     def size(self, epoch: int) -> int:
         return progressive_size(epoch, self.low, self.high, self.start, self.end, self.step)
 
+    @property
+    def first_largest_epoch(self) -> int:
+        """The first epoch at the largest size: where a measurement (bench, autotune) starts its loader, so that
+        it times the size the run ends at (and its memory peak)."""
+        last = math.ceil(max(self.start, self.end))
+        return next(e for e in range(last + 1) if self.size(e) == self.high)  # rounding may get there earlier
+
     def distinct(self) -> list[int]:
         """The sizes the run's epochs train at, in order of first use (torch.compile compiles once for each)."""
         out: list[int] = []

@@ -267,3 +267,12 @@ def test_compile_keeps_one_static_graph_per_size_beyond_dynamos_default_limit(mo
         fn(torch.randn(2, 3, s, s))
     assert counters["stats"]["unique_graphs"] == 9
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("start, end", [(0, 4), (1, 2.5), (3, 3), (0, 0)])
+def test_measurements_start_at_the_first_epoch_of_the_largest_size(start, end):
+    """bench and autotune set their loader to this epoch: they time (and peak at) the size the run ends at."""
+    sizes = TrainSizes(64, 128, start, end, 32, 6)
+    first = sizes.first_largest_epoch
+    assert sizes.size(first) == 128
+    assert first == 0 or sizes.size(first - 1) < 128
