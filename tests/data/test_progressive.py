@@ -276,3 +276,25 @@ def test_measurements_start_at_the_first_epoch_of_the_largest_size(start, end):
     first = sizes.first_largest_epoch
     assert sizes.size(first) == 128
     assert first == 0 or sizes.size(first - 1) < 128
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cache", pytest.param("dali", marks=needs_dali)])
+def test_on_cuda_each_epoch_arrives_at_its_size_channels_last_in_one_pipeline(files, backend):
+    """The GPU paths: the cache resamples on the device, DALI's mixed decode gets the size per batch."""
+    cfg = _cfg()
+    mean, std = cfg.data.norm_mean_std()
+    spec = InputSpec(torch.device("cuda:0"), torch.bfloat16, True, tuple(mean), tuple(std))
+    split = Split("train", list(files), list(range(len(files))))
+    loader = make_loader(backend, Samples(split, "class"), cfg, spec, train=True, batch_size=4)
+    try:
+        for e, size in ((0, 16), (2, 32), (1, 24)):
+            loader.set_epoch(e)
+            for b in loader:
+                assert b.inputs.device.type == "cuda" and b.inputs.dtype == torch.bfloat16
+                assert b.inputs.shape[-2:] == (size, size)
+                assert b.inputs.is_contiguous(memory_format=torch.channels_last)
+        if backend == "dali":
+            assert loader.builds == 1
+    finally:
+        loader.close()
