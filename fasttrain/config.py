@@ -93,7 +93,8 @@ class DataConfig:
     split_seed: int = 0
     """Seed of the held-out validation split (independent of runtime.seed)."""
     image_size: int = 224
-    """Side of the square training crop and evaluation crop, in pixels."""
+    """Side of the square training crop and evaluation crop, in pixels (data.progressive and data.eval_size set
+    them apart)."""
     resize_size: int = 0
     """Evaluation: shorter side resized to this before the centre crop; 0 means the evaluation crop / 0.875."""
     eval_size: int = 0
