@@ -100,9 +100,10 @@ def test_a_real_budget_run_ends_with_its_schedule_complete(shapes_root, tmp_path
     epochs its config.toml records and its last learning rate is the schedule's end."""
     from fasttrain.engine import train
 
-    result = train(tiny_cfg(shapes_root, tmp_path, "train.time_budget_s=8", epochs=50), progress=False)
+    result = train(tiny_cfg(shapes_root, tmp_path, "train.time_budget_s=3", epochs=500), progress=False)
     planned = load_config(result.run_dir / "config.toml").train.epochs
-    assert 1 <= planned < 50 and len(result.history) == planned
+    assert planned >= 1 and len(result.history) == planned  # the plan, not the config's 500 (3 s cannot hold them)
+    assert planned != 500
     assert result.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
     records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["step"] == 1  # the measuring steps were not counted as training
