@@ -514,6 +514,9 @@ class Trainer:
             raise
         self.history: list[dict[str, Any]] = []
         self.resume_micro, self.running = 0, Running()
+        self._steady_rate: float | None = None
+        """Training samples/s of the last epoch after its first step (a time budget's re-plan)."""
+        self._global_batch = prep.micro_batch * self.tc.accumulation * prep.dist.world_size
 
     def close(self) -> None:
         for loader in (self.train_loader, self.val_loader):
@@ -614,7 +617,7 @@ class Trainer:
                     )
                 )
                 if self.tc.time_budget_s and self.ckpt is None and epoch == 0 and not stop and not last:
-                    self._replan_budget(time.perf_counter() - t_epoch)
+                    self._replan_budget(time.perf_counter() - t_epoch, record)
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(state, record)
                 if stop:
@@ -686,10 +689,16 @@ class Trainer:
         )
         self._set_epochs(epochs)
 
-    def _replan_budget(self, epoch_s: float) -> None:
-        """After the first epoch: its measured time (training, evaluation, checkpoint) decides the rest."""
+    def _replan_budget(self, wall_s: float, record: dict[str, Any]) -> None:
+        """After the first epoch: its measured time decides the rest. Its training is counted at the rate after
+        its first step (the first carries the loader's start and warm-up, which later epochs do not pay); its
+        evaluation and checkpoint as they took."""
         from fasttrain.budget import plan_epochs
 
+        train_s = float(record.get("epoch_time_s") or 0.0)
+        if self._steady_rate:
+            train_s = min(train_s, self.steps_per_epoch * self._global_batch / self._steady_rate)
+        epoch_s = max(train_s + wall_s - float(record.get("epoch_time_s") or 0.0), 1e-3)
         elapsed = time.perf_counter() - self._t_start
         epochs = int(distributed.broadcast_object(plan_epochs(self.tc.time_budget_s, elapsed, epoch_s, done=1)))
         if epochs != self.tc.epochs:
@@ -829,6 +838,7 @@ class Trainer:
         memory.reset_peak_memory(runtime.device)  # max_memory_gib: this epoch's training peak
         t0 = t_log = time.perf_counter()
         samples_log = 0
+        t_first = samples_first = None
         try:
             for batch in _epoch_batches(self.train_loader, epoch, self.resume_micro):
                 update = (n_micro + 1) % accum == 0
@@ -838,6 +848,8 @@ class Trainer:
                 samples += len(batch) * world
                 bar.update(len(batch) * world)
                 if update:
+                    if t_first is None:  # the first step done: the loader is started and the step warm
+                        t_first, samples_first = time.perf_counter(), samples
                     state.step += 1
                     for s in state.schedulers.values():
                         s.step()
@@ -875,6 +887,8 @@ class Trainer:
         finally:
             bar.close()
         elapsed = time.perf_counter() - t0
+        if t_first is not None and samples_first is not None and samples > samples_first:
+            self._steady_rate = (samples - samples_first) / max(t0 + elapsed - t_first, 1e-6)
         totals = _read(run.epoch_sums)
         count = max(run.n_summed, 1)
         record: dict[str, Any] = {"epoch": epoch + 1, "step": state.step}
