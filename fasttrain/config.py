@@ -621,6 +621,11 @@ class Config:
             f"tied to the image size (set data.progressive = [])",
         )
         _check(
+            not self.data.eval_size or self.task.name == "classify",
+            "data.eval_size",
+            f"sets a classifier's evaluation crop; task {self.task.name} evaluates at data.image_size (set it to 0)",
+        )
+        _check(
             not (self.data.progressive and not self.data.progressive_epochs and self.train.time_budget_s),
             "data.progressive_epochs",
             "give [start, end] epochs with train.time_budget_s: the run's length, which [] would span, is chosen "

@@ -78,6 +78,8 @@ def test_epochs_without_sizes_and_other_tasks_are_refused():
         apply_overrides(Config(), ["data.progressive_epochs=[1, 2]"])
     with pytest.raises(ConfigError, match=r"data\.progressive: resizes classification"):
         apply_overrides(Config(), ["data.progressive=[64, 128]", "task.name=regress"])
+    with pytest.raises(ConfigError, match=r"data\.eval_size: sets a classifier's evaluation crop"):
+        apply_overrides(Config(), ["data.eval_size=64", "task.name=pix2pix"])
 
 
 def test_a_resume_may_not_change_the_sizes(tmp_path):
