@@ -161,6 +161,9 @@ class BenchReport:
     """Under torchrun: the model-only step with gradients all-reduced over the processes (per GPU)."""
     time_to_target: TimeToTarget | None = None
     """``--run RUN --target METRIC=VALUE``: when that run reached the target, beside the samples/s above."""
+    per_size: dict[int, Timing] = field(default_factory=dict)
+    """Progressive resizing: the model-only step at each training size but the largest (which is measured above,
+    as the loader and end to end are)."""
 
     @property
     def scaling_efficiency(self) -> float | None:
@@ -198,6 +201,7 @@ class BenchReport:
             "global_samples_per_s": self.end_to_end.samples_per_s * self.world_size,
             "scaling_efficiency": self.scaling_efficiency,
             "time_to_target": dataclasses.asdict(self.time_to_target) if self.time_to_target else None,
+            "model_step_per_size": {str(k): t.to_dict() for k, t in self.per_size.items()},
         }
 
     def to_table(self) -> str:
@@ -213,6 +217,7 @@ class BenchReport:
                 (f"model only, {self.world_size} GPUs", self.model_step_parallel),
                 ("end to end", self.end_to_end),
             ]
+        rows += [(f"model only, {size} px", t) for size, t in sorted(self.per_size.items())]
         cuda = self.model_step.peak_allocated_bytes is not None
         mem_head = "alloc GiB" if cuda else "RSS GiB"  # CUDA: peak allocated; CPU: process peak RSS
         head = f"{'measurement':<22}{'samples/s':>12}{'min':>12}{'max':>12}{'ms/step':>10}{mem_head:>11}"
@@ -302,7 +307,7 @@ def bench(
     b, tc = cfg.bench, cfg.train
     log.info("bench %s: %s | loader %s (%s)", cfg.name, runtime.describe(), prep.backend, prep.backend_reason)
     with runtime.flags():
-        model_t, parallel_t, loader_t, e2e_t = _measure_all(prep, b, tc)
+        model_t, parallel_t, loader_t, e2e_t, per_size = _measure_all(prep, b, tc)
     report = BenchReport(
         config_name=cfg.name,
         backend=prep.backend,
@@ -316,6 +321,7 @@ def bench(
         world_size=prep.dist.world_size,
         model_step_parallel=parallel_t,
         time_to_target=reached,
+        per_size=per_size,
     )
     if json_path is not None and prep.dist.is_main:
         report.json_path = str(report.write_json(json_path))
@@ -323,9 +329,11 @@ def bench(
     return report
 
 
-def _measure_all(prep, b, tc) -> tuple[Timing, Timing | None, Timing, Timing]:
-    """(model-only, model-only data-parallel (torchrun only), loader-only, end to end) for a prepared config."""
+def _measure_all(prep, b, tc) -> tuple[Timing, Timing | None, Timing, Timing, dict[int, Timing]]:
+    """(model-only, model-only data-parallel (torchrun only), loader-only, end to end, model-only at the smaller
+    progressive sizes) for a prepared config. The first four are at the largest training size."""
     from fasttrain import distributed
+    from fasttrain.data.base import Batch
     from fasttrain.data.progressive import train_sizes
 
     task, runtime, info = prep.task, prep.runtime, prep.dist
@@ -359,6 +367,23 @@ def _measure_all(prep, b, tc) -> tuple[Timing, Timing | None, Timing, Timing]:
                 accumulation=tc.accumulation,
             )
         del batch
+        per_size = {}
+        sizes = train_sizes(prep.cfg)
+        runtime.allow_shapes(len(sizes.distinct()) + 4)  # compiled: one graph per size, as training keeps them
+        for size in sizes.distinct() if sizes.progressive else []:
+            if size == sizes.largest:
+                continue
+            spec = task.input_spec()  # classification only (progressive resizing is): targets are the labels
+            small = Batch(task.synthetic_inputs(micro, spec, size), task.synthetic_batch(micro, spec).targets)
+            per_size[size] = model_step_throughput(
+                task,
+                state,
+                small,
+                warmup=b.warmup_steps,
+                steps=b.steps,
+                repeats=b.repeats,
+                accumulation=tc.accumulation,
+            )
         loader_t = loader_throughput(
             loader, warmup_batches=b.warmup_steps, max_batches=b.steps, repeats=b.repeats, device=runtime.device
         )
@@ -367,7 +392,7 @@ def _measure_all(prep, b, tc) -> tuple[Timing, Timing | None, Timing, Timing]:
         )
     finally:
         loader.close()
-    return model_t, parallel_t, loader_t, e2e_t
+    return model_t, parallel_t, loader_t, e2e_t, per_size
 
 
 _callable_module(__name__, "bench")  # fasttrain.bench(...) is bench(...): see fasttrain/__init__.py

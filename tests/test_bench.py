@@ -180,3 +180,35 @@ def test_the_report_shows_time_to_target_beside_samples_per_s(tmp_path):
         report.to_table()
     )
     assert report.to_dict()["time_to_target"]["seconds"] == 42.0
+
+
+def test_bench_times_the_model_step_at_each_progressive_size(tmp_path):
+    from fasttrain.config import load_config
+    from fasttrain.data.synthetic import make_shapes_dataset
+
+    root = make_shapes_dataset(tmp_path / "shapes", train_per_class=8, val_per_class=2, size=32)
+    cfg = load_config(
+        None,
+        [
+            f"data.root={root}",
+            "data.loader=cache",
+            "data.workers=0",
+            "data.image_size=32",
+            "data.progressive=[16, 32]",
+            "data.progressive_step=8",
+            "train.epochs=3",
+            "model.name=smallcnn",
+            "model.width=4",
+            "runtime.device=cpu",
+            "train.batch_size=8",
+            "bench.warmup_steps=1",
+            "bench.steps=2",
+            "bench.repeats=1",
+        ],
+    )
+    report = B.bench(cfg)
+    assert sorted(report.per_size) == [16, 24]  # 32, the largest, is what the main rows measure
+    assert all(t.samples_per_s > 0 for t in report.per_size.values())
+    table = report.to_table()
+    assert "model only, 16 px" in table and "model only, 24 px" in table
+    assert set(report.to_dict()["model_step_per_size"]) == {"16", "24"}
