@@ -418,7 +418,8 @@ class TrainConfig:
     early_stop_min_delta: float = 0.0
     """Smallest change of early_stop_metric, in its own units, that counts as an improvement."""
     time_budget_s: float = 0.0
-    """Train for at most this many seconds, set-up included (0 = off; the CLI's --time-budget 10m): train.epochs
+    """Train for at most this many seconds, from building the loaders (a cache's decode included; Python's start
+    and file discovery before it are not) to the end of the run (0 = off; the CLI's --time-budget 10m): train.epochs
     is replaced by the epochs that fit, chosen from a short measurement of training steps and re-planned once
     after the first epoch, with the learning-rate schedule stretched to them (it ends complete, not cut off)."""
     log_every: int = 50
