@@ -8,6 +8,7 @@ are re-exported here so ``from fasttrain import bench`` keeps working.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -47,6 +48,9 @@ __all__ = [
     "model_step_throughput",
     "end_to_end_throughput",
     "BenchReport",
+    "TimeToTarget",
+    "time_to_target",
+    "parse_target",
     "bench",
     "verdict",
 ]
@@ -61,6 +65,78 @@ COMPUTE_BOUND = "compute-bound"
 def verdict(loader_sps: float, model_sps: float) -> str:
     """input-bound when the loader alone cannot keep up with the train step alone, else compute-bound."""
     return INPUT_BOUND if loader_sps < model_sps else COMPUTE_BOUND
+
+
+@dataclass(frozen=True)
+class TimeToTarget:
+    """When a run first reached a metric's target, from its metrics.jsonl epoch records."""
+
+    run: str
+    metric: str
+    target: float
+    seconds: float | None
+    """Training and evaluation time summed (epoch_time_s + eval_time_s) up to and including the first epoch at
+    the target (set-up and checkpoints left out); None when no epoch reached it."""
+    epoch: int | None
+    best: float | None
+    """The best value the run reached."""
+    samples_per_s: float | None
+    """The run's mean training samples/s over those epochs."""
+
+    def line(self) -> str:
+        rate = f", {self.samples_per_s:,.1f} samples/s in training" if self.samples_per_s else ""
+        if self.seconds is None:
+            best = "no value" if self.best is None else f"best {self.best:.4f}"
+            return f"time to {self.metric} {self.target:g}: not reached ({best}) in {self.run}"
+        return (
+            f"time to {self.metric} {self.target:g}: {self.seconds:,.1f} s of training + evaluation "
+            f"(epoch {self.epoch} of {self.run}{rate})"
+        )
+
+
+def parse_target(text: str) -> tuple[str, float]:
+    """``"val_acc=0.9"`` -> ("val_acc", 0.9); ValueError naming ``--target``."""
+    metric, sep, value = text.partition("=")
+    try:
+        if not sep or not metric.strip():
+            raise ValueError
+        return metric.strip(), float(value)
+    except ValueError:
+        raise ValueError(f"--target: expected METRIC=VALUE (for example val_acc=0.9), got {text!r}") from None
+
+
+def time_to_target(run_dir: str | os.PathLike, metric: str, target: float) -> TimeToTarget:
+    """The first epoch of the run in ``run_dir`` whose ``metric`` reached ``target`` (at least it for accuracies
+    and PSNR, at most for losses and errors), and the training + evaluation seconds up to it."""
+    records = []
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"--run: {run_dir} has no metrics.jsonl (not a run folder?)")
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line of a killed run
+        if "event" not in rec:
+            records.append(rec)
+    higher = any(k in metric for k in ("acc", "psnr"))
+    seconds, samples, best = 0.0, 0.0, None
+    for rec in records:
+        t = float(rec.get("epoch_time_s") or 0.0)
+        seconds += t + float(rec.get("eval_time_s") or 0.0)
+        samples += float(rec.get("samples_per_s") or 0.0) * t
+        value = rec.get(metric)
+        if value is None:
+            continue
+        best = value if best is None else (max(best, value) if higher else min(best, value))
+        if (value >= target) if higher else (value <= target):
+            train_s = sum(float(r.get("epoch_time_s") or 0.0) for r in records[: records.index(rec) + 1])
+            rate = samples / train_s if train_s else None
+            return TimeToTarget(str(run_dir), metric, target, round(seconds, 3), int(rec["epoch"]), value, rate)
+    if best is None and records and metric not in records[-1]:
+        known = ", ".join(k for k in records[-1] if k.startswith(("val_", "train_")))
+        raise ValueError(f"--target: the run in {run_dir} records no {metric} (it has {known})")
+    return TimeToTarget(str(run_dir), metric, target, None, None, best, None)
 
 
 @dataclass
@@ -83,6 +159,11 @@ class BenchReport:
     """Processes of a torchrun job: the timings above are then per GPU, end to end with DistributedDataParallel."""
     model_step_parallel: Timing | None = None
     """Under torchrun: the model-only step with gradients all-reduced over the processes (per GPU)."""
+    time_to_target: TimeToTarget | None = None
+    """``--run RUN --target METRIC=VALUE``: when that run reached the target, beside the samples/s above."""
+    per_size: dict[int, Timing] = field(default_factory=dict)
+    """Progressive resizing: the model-only step at each training size but the largest (which is measured above,
+    as the loader and end to end are)."""
 
     @property
     def scaling_efficiency(self) -> float | None:
@@ -119,6 +200,8 @@ class BenchReport:
             "model_step_parallel": self.model_step_parallel.to_dict() if self.model_step_parallel else None,
             "global_samples_per_s": self.end_to_end.samples_per_s * self.world_size,
             "scaling_efficiency": self.scaling_efficiency,
+            "time_to_target": dataclasses.asdict(self.time_to_target) if self.time_to_target else None,
+            "model_step_per_size": {str(k): t.to_dict() for k, t in self.per_size.items()},
         }
 
     def to_table(self) -> str:
@@ -134,6 +217,7 @@ class BenchReport:
                 (f"model only, {self.world_size} GPUs", self.model_step_parallel),
                 ("end to end", self.end_to_end),
             ]
+        rows += [(f"model only, {size} px", t) for size, t in sorted(self.per_size.items())]
         cuda = self.model_step.peak_allocated_bytes is not None
         mem_head = "alloc GiB" if cuda else "RSS GiB"  # CUDA: peak allocated; CPU: process peak RSS
         head = f"{'measurement':<22}{'samples/s':>12}{'min':>12}{'max':>12}{'ms/step':>10}{mem_head:>11}"
@@ -162,6 +246,8 @@ class BenchReport:
                 )
             )
         lines.append(f"verdict: {self.verdict}; end to end reaches {self.ceiling_share:.0%} of the model-only ceiling")
+        if self.time_to_target is not None:
+            lines.append(self.time_to_target.line())
         noisiest = max(t.spread for _, t in rows)
         if noisiest > NOISY_SPREAD:
             lines.append(
@@ -194,6 +280,8 @@ def bench(
     model: Any = None,
     dataset: Any = None,
     val_dataset: Any = None,
+    run: str | os.PathLike | None = None,
+    target: tuple[str, float] | None = None,
 ) -> BenchReport:
     """Loader-only, model-only and end-to-end samples/s for ``cfg``, with the verdict. Writes JSON when asked.
     ``model``, ``dataset``, ``val_dataset``: your own, as :func:`fasttrain.train` takes them.
@@ -202,7 +290,14 @@ def bench(
     ``cfg.bench`` (warmup_steps, steps, repeats) sets every measurement; batches are training micro-batches.
     Under torchrun each process measures its GPU: the model-only step alone and with gradients all-reduced (the
     scaling efficiency), the loader on its shard, and end to end as data-parallel training runs; rank 0 reports.
+    ``run`` and ``target`` (metric, value): the report adds when that run first reached the target
+    (:func:`time_to_target`), read before anything is measured.
     """
+    reached = None
+    if run is not None:
+        if target is None:
+            raise ValueError("--run needs --target METRIC=VALUE (for example val_acc=0.9)")
+        reached = time_to_target(run, *target)
     from fasttrain.prepare import prepare
     from fasttrain.runtime import environment, seed_everything
 
@@ -212,7 +307,7 @@ def bench(
     b, tc = cfg.bench, cfg.train
     log.info("bench %s: %s | loader %s (%s)", cfg.name, runtime.describe(), prep.backend, prep.backend_reason)
     with runtime.flags():
-        model_t, parallel_t, loader_t, e2e_t = _measure_all(prep, b, tc)
+        model_t, parallel_t, loader_t, e2e_t, per_size = _measure_all(prep, b, tc)
     report = BenchReport(
         config_name=cfg.name,
         backend=prep.backend,
@@ -225,6 +320,8 @@ def bench(
         environment=environment(runtime.device),
         world_size=prep.dist.world_size,
         model_step_parallel=parallel_t,
+        time_to_target=reached,
+        per_size=per_size,
     )
     if json_path is not None and prep.dist.is_main:
         report.json_path = str(report.write_json(json_path))
@@ -232,9 +329,12 @@ def bench(
     return report
 
 
-def _measure_all(prep, b, tc) -> tuple[Timing, Timing | None, Timing, Timing]:
-    """(model-only, model-only data-parallel (torchrun only), loader-only, end to end) for a prepared config."""
+def _measure_all(prep, b, tc) -> tuple[Timing, Timing | None, Timing, Timing, dict[int, Timing]]:
+    """(model-only, model-only data-parallel (torchrun only), loader-only, end to end, model-only at the smaller
+    progressive sizes) for a prepared config. The first four are at the largest training size."""
     from fasttrain import distributed
+    from fasttrain.data.base import Batch
+    from fasttrain.data.progressive import train_sizes
 
     task, runtime, info = prep.task, prep.runtime, prep.dist
     micro = prep.micro_batch
@@ -247,6 +347,7 @@ def _measure_all(prep, b, tc) -> tuple[Timing, Timing | None, Timing, Timing]:
         num_shards=info.world_size,
         shard_id=info.rank,
     )
+    loader.set_epoch(train_sizes(prep.cfg).first_largest_epoch)  # progressive resizing: the largest size
     parallel_t = None
     try:
         # The ceiling first: its warm-up also absorbs compile and cuDNN autotuning, so end to end starts warm.
@@ -266,6 +367,23 @@ def _measure_all(prep, b, tc) -> tuple[Timing, Timing | None, Timing, Timing]:
                 accumulation=tc.accumulation,
             )
         del batch
+        per_size = {}
+        sizes = train_sizes(prep.cfg)
+        runtime.allow_shapes(len(sizes.distinct()) + 4)  # compiled: one graph per size, as training keeps them
+        for size in sizes.distinct() if sizes.progressive else []:
+            if size == sizes.largest:
+                continue
+            spec = task.input_spec()  # classification only (progressive resizing is): targets are the labels
+            small = Batch(task.synthetic_inputs(micro, spec, size), task.synthetic_batch(micro, spec).targets)
+            per_size[size] = model_step_throughput(
+                task,
+                state,
+                small,
+                warmup=b.warmup_steps,
+                steps=b.steps,
+                repeats=b.repeats,
+                accumulation=tc.accumulation,
+            )
         loader_t = loader_throughput(
             loader, warmup_batches=b.warmup_steps, max_batches=b.steps, repeats=b.repeats, device=runtime.device
         )
@@ -274,7 +392,7 @@ def _measure_all(prep, b, tc) -> tuple[Timing, Timing | None, Timing, Timing]:
         )
     finally:
         loader.close()
-    return model_t, parallel_t, loader_t, e2e_t
+    return model_t, parallel_t, loader_t, e2e_t, per_size
 
 
 _callable_module(__name__, "bench")  # fasttrain.bench(...) is bench(...): see fasttrain/__init__.py

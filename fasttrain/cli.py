@@ -72,6 +72,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.nproc > 1:
         return _torchrun(args.nproc, sys.argv[1:] if args.argv is None else args.argv)
+    if args.time_budget:
+        from fasttrain.budget import parse_duration
+
+        try:
+            seconds = parse_duration(args.time_budget)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        args.overrides = [*(args.overrides or []), f"train.time_budget_s={seconds}"]
     if args.resume:
         if args.config:
             raise ConfigError("train: give either CONFIG or --resume RUN_DIR, not both")
@@ -203,7 +211,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.config, args.overrides)
     if args.json:  # written at the end: ask now, not after the measurements
         check_writable(Path(args.json).expanduser().parent, "bench --json")
-    report = bench(cfg, json_path=args.json)
+    run = target = None
+    if args.run or args.target:
+        from fasttrain.bench import parse_target
+
+        if not (args.run and args.target):
+            raise ConfigError("bench: --run RUN_DIR and --target METRIC=VALUE go together")
+        try:
+            run, target = args.run, parse_target(args.target)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    try:
+        report = bench(cfg, json_path=args.json, run=run, target=target)
+    except (FileNotFoundError, ValueError) as e:
+        if run is None or not str(e).startswith("--"):
+            raise
+        raise ConfigError(str(e)) from None
     if _is_main_process():
         print(report.to_table())
         if report.json_path:
@@ -312,6 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="train on N GPUs of this machine (starts torchrun's agent: one process per GPU)",
     )
+    p.add_argument(
+        "--time-budget",
+        metavar="DURATION",
+        help="train for at most this long (90s, 10m, 1.5h): the epochs that fit, the schedule stretched to them "
+        "(train.time_budget_s)",
+    )
     _add_common(p, "optim.lr=0.05")
     p.set_defaults(fn=cmd_train, argv=None)
 
@@ -397,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="also write the report as JSON here (a new file; an existing one is kept)",
     )
+    p.add_argument("--run", metavar="RUN_DIR", help="a finished run: report its time to --target beside samples/s")
+    p.add_argument("--target", metavar="METRIC=VALUE", help="e.g. val_acc=0.9: when --run first reached it")
     _add_common(p, "bench.steps=50")
     p.set_defaults(fn=cmd_bench)
 

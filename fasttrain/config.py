@@ -104,9 +104,23 @@ class DataConfig:
     split_seed: int = 0
     """Seed of the held-out validation split (independent of runtime.seed)."""
     image_size: int = 224
-    """Side of the square training crop and evaluation crop, in pixels."""
+    """Side of the square training crop and evaluation crop, in pixels (data.progressive and data.eval_size set
+    them apart)."""
     resize_size: int = 0
-    """Evaluation: shorter side resized to this before the centre crop; 0 means image_size / 0.875."""
+    """Evaluation: shorter side resized to this before the centre crop; 0 means the evaluation crop / 0.875."""
+    eval_size: int = 0
+    """Side of the evaluation centre crop, in pixels; 0 means image_size. Larger than the training size pays
+    (the train-test resolution effect: random-resized crops make objects look larger in training)."""
+    progressive: list[int] = field(default_factory=list)
+    """Progressive resizing (classification): [min, max] training image side in pixels, growing from min to
+    max over data.progressive_epochs (FFCV's ResNet recipes: [160, 192]); [] = off (image_size throughout).
+    Evaluation stays at eval_size (or image_size)."""
+    progressive_epochs: list[float] = field(default_factory=list)
+    """Progressive resizing: [start, end] epochs (0-based): min up to start, max from end on, linear between;
+    [] = the whole run (0 .. train.epochs - 1)."""
+    progressive_step: int = 32
+    """Progressive resizing: sizes are rounded to multiples of this many pixels (fewer distinct shapes, hence
+    fewer torch.compile recompiles; multiples of 32 suit GPU kernels)."""
     channels: int = 3
     """Image channels fed to the model: 3 (RGB) or 1 (grayscale). Other modes (RGBA, P, CMYK, L) are converted."""
     random_resized_crop: bool = True
@@ -154,10 +168,29 @@ class DataConfig:
         _check(self.channels in (1, 3), "data.channels", f"must be 1 or 3, got {self.channels}")
         _check(0.0 <= self.val_fraction <= 0.9, "data.val_fraction", f"must be in 0..0.9, got {self.val_fraction}")
         _check(self.image_size >= 8, "data.image_size", f"must be >= 8 pixels, got {self.image_size}")
+        _check(self.eval_size == 0 or self.eval_size >= 8, "data.eval_size", f"must be 0 or >= 8, got {self.eval_size}")
         _check(
-            self.resize_size == 0 or self.resize_size >= self.image_size,
+            self.resize_size == 0 or self.resize_size >= self.eval_crop,
             "data.resize_size",
-            f"must be 0 or >= data.image_size ({self.image_size}), got {self.resize_size}",
+            f"must be 0 or >= the evaluation crop (data.eval_size or data.image_size, {self.eval_crop}), "
+            f"got {self.resize_size}",
+        )
+        p, pe = self.progressive, self.progressive_epochs
+        _check(self.progressive_step >= 1, "data.progressive_step", f"must be >= 1 pixel, got {self.progressive_step}")
+        _check(
+            not p or (len(p) == 2 and 8 <= p[0] <= p[1]),
+            "data.progressive",
+            f"must be [] (off) or [min, max] pixels with 8 <= min <= max, got {p}",
+        )
+        _check(
+            not pe or (len(pe) == 2 and 0 <= pe[0] <= pe[1]),
+            "data.progressive_epochs",
+            f"must be [] (the whole run) or [start, end] epochs with 0 <= start <= end, got {pe}",
+        )
+        _check(
+            not pe or bool(p),
+            "data.progressive_epochs",
+            "does nothing without data.progressive = [min, max] (the sizes to grow between)",
         )
         _check(0.0 < self.crop_scale_min <= 1.0, "data.crop_scale_min", f"must be in (0, 1], got {self.crop_scale_min}")
         for name in ("mean", "std"):
@@ -195,8 +228,18 @@ class DataConfig:
         )
 
     @property
+    def eval_crop(self) -> int:
+        """Side of the evaluation centre crop: eval_size, else image_size."""
+        return self.eval_size or self.image_size
+
+    @property
     def eval_resize(self) -> int:
-        return self.resize_size or int(round(self.image_size / 0.875))
+        return self.resize_size or int(round(self.eval_crop / 0.875))
+
+    @property
+    def train_size_max(self) -> int:
+        """The largest training image side: progressive's max, else image_size."""
+        return self.progressive[1] if self.progressive else self.image_size
 
     @property
     def num_workers(self) -> int:
@@ -245,6 +288,10 @@ class ModelConfig:
     """Start from the weights in this file: a fasttrain checkpoint or a state dict (keys and shapes must match)."""
     reset_head: bool = False
     """With init_from: leave the file's classifier head out and start it fresh (a new class count)."""
+    blurpool: bool = False
+    """Anti-aliased downsampling (BlurPool) in torchvision ResNets, as FFCV's recipes: every strided convolution
+    with >= 16 input channels blurs its input with a fixed 3x3 binomial filter first (+0.5-1 % top-1 on
+    ImageNet for ~10 % more compute). Changes the checkpoint's layout (convN -> convN.conv)."""
     sync_bn: bool = False
     """Under torchrun: batch-norm statistics over all GPUs' samples (SyncBatchNorm), for small per-GPU batches.
     CUDA only (NCCL)."""
@@ -318,7 +365,8 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     name: str = "cosine"
-    """Learning-rate schedule: constant, step (multiply by gamma every step_epochs), cosine (with warmup), onecycle."""
+    """Learning-rate schedule: constant, step (multiply by gamma every step_epochs), cosine (with warmup), linear
+    (warmup, then straight down to min_lr_ratio at the last step: FFCV's step-free schedule), onecycle."""
     warmup_epochs: float = 0.0
     """Linear warmup from 0, in epochs (fractions allowed); used by constant, step and cosine."""
     step_epochs: int = 10
@@ -326,12 +374,12 @@ class ScheduleConfig:
     gamma: float = 0.5
     """step: factor applied every step_epochs (0.5 halves the rate, as hand-written scripts do)."""
     min_lr_ratio: float = 0.0
-    """cosine: final learning rate as a share of the peak."""
+    """cosine, linear: final learning rate as a share of the peak."""
     pct_start: float = 0.25
     """onecycle: share of the run spent rising to the peak."""
 
     def __post_init__(self) -> None:
-        _choice(self.name, "schedule.name", ("constant", "step", "cosine", "onecycle"))
+        _choice(self.name, "schedule.name", ("constant", "step", "cosine", "linear", "onecycle"))
         _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
         _check(self.step_epochs >= 1, "schedule.step_epochs", "must be >= 1")
         _check(0 < self.gamma <= 1, "schedule.gamma", "must be in (0, 1]")
@@ -415,6 +463,11 @@ class TrainConfig:
     train.eval_every epochs; 0 = never stop early). The count is kept in checkpoints: a resume goes on counting."""
     early_stop_min_delta: float = 0.0
     """Smallest change of early_stop_metric, in its own units, that counts as an improvement."""
+    time_budget_s: float = 0.0
+    """Train for at most this many seconds, from building the loaders (a cache's decode included; Python's start
+    and file discovery before it are not) to the end of the run (0 = off; the CLI's --time-budget 10m): train.epochs
+    is replaced by the epochs that fit, chosen from a short measurement of training steps and re-planned once
+    after the first epoch, with the learning-rate schedule stretched to them (it ends complete, not cut off)."""
     log_every: int = 50
     """Read losses from the device (a sync point) every N steps, for the progress bar and logs."""
     max_steps: int = 0
@@ -458,6 +511,9 @@ class TrainConfig:
                 "does nothing without train.early_stop_patience (the evaluations to wait; 0 = never stop early)",
             )
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+        _check(
+            self.time_budget_s >= 0, "train.time_budget_s", f"must be >= 0 seconds (0 = off), got {self.time_budget_s}"
+        )
         _check(self.eval_every >= 1, "train.eval_every", "must be >= 1")
         _check(self.max_nonfinite_logs >= 0, "train.max_nonfinite_logs", "must be >= 0 (0 = never stop)")
         _check(
@@ -488,6 +544,10 @@ class TaskConfig:
     cutmix_alpha: float = 0.0
     """classify: CutMix on the device, Beta(alpha, alpha) box area (0 = off; 1.0 is usual). With both on, each
     batch gets one of the two at random."""
+    tta: str = "none"
+    """classify: test-time augmentation in evaluation and predict: none, flip (the mean of the logits of the image
+    and its mirror), flip_translate (and of the image shifted by one pixel up-left and down-right, with their
+    mirrors: airbench's, for small images). Costs 2x / 6x the evaluation forward passes."""
     random_erasing: float = 0.0
     """classify: probability that timm's RandomErasing replaces a random box of a training image (2-33 % of its
     area) with noise, on the device after normalization (0 = off; 0.25 is timm's usual). Needs timm."""
@@ -498,6 +558,12 @@ class TaskConfig:
         _check(self.sample_every >= 0, "task.sample_every", "must be >= 0")
         _check(self.mixup_alpha >= 0, "task.mixup_alpha", f"must be >= 0, got {self.mixup_alpha}")
         _check(self.cutmix_alpha >= 0, "task.cutmix_alpha", f"must be >= 0, got {self.cutmix_alpha}")
+        _choice(self.tta, "task.tta", ("none", "flip", "flip_translate"))
+        _check(
+            self.tta == "none" or self.name == "classify",
+            "task.tta",
+            f"averages a classifier's logits; task {self.name} has none (set it to none)",
+        )
         _check(0 <= self.random_erasing <= 1, "task.random_erasing", f"must be in [0, 1], got {self.random_erasing}")
         _check(
             self.random_erasing == 0 or self.name == "classify",
@@ -607,6 +673,23 @@ class Config:
                     f"mixes or smooths class labels, which task.name = {self.task.name!r} does not have; "
                     f"got {value} (set it to 0)",
                 )
+        _check(
+            not self.data.progressive or self.task.name == "classify",
+            "data.progressive",
+            f"resizes classification training crops (task.name = classify); task {self.task.name}'s targets are "
+            f"tied to the image size (set data.progressive = [])",
+        )
+        _check(
+            not self.data.eval_size or self.task.name == "classify",
+            "data.eval_size",
+            f"sets a classifier's evaluation crop; task {self.task.name} evaluates at data.image_size (set it to 0)",
+        )
+        _check(
+            not (self.data.progressive and not self.data.progressive_epochs and self.train.time_budget_s),
+            "data.progressive_epochs",
+            "give [start, end] epochs with train.time_budget_s: the run's length, which [] would span, is chosen "
+            "while it runs",
+        )
 
 
 _SECTIONS: dict[str, type] = {

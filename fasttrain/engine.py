@@ -34,6 +34,7 @@ from fasttrain.checkpoint import (
 )
 from fasttrain.config import Config, ConfigError, apply_overrides, dump_config
 from fasttrain.data.base import Loader
+from fasttrain.data.progressive import TrainSizes, train_sizes
 from fasttrain.data.sources import DataSource
 from fasttrain.io import WriteError, atomic_write_text, check_writable, os_reason
 from fasttrain.metrics import PROGRESS, MetricsLog, Progress, step_line, summary_line, trim_metrics
@@ -459,6 +460,53 @@ class Running:
         )
 
 
+def _init_from_data(module: Any, loader: Loader, images: int = 5000) -> None:
+    """A model with ``init_from_data(x)`` (speednet's whitening layer) gets up to ``images`` of the first
+    epoch's training images, normalized as the model sees them, before training starts (under torchrun every
+    rank computes it from its shard; the data-parallel wrapper then gives every rank rank 0's weights)."""
+    init = getattr(module, "init_from_data", None)
+    if init is None:
+        return
+    got: list[torch.Tensor] = []
+    n = 0
+    for batch in _epoch_batches(loader, 0, 0):
+        got.append(batch.inputs.float())
+        n += len(batch)
+        if n >= images:
+            break
+    x = torch.cat(got)[:images]
+    init(x)
+    log.info("%s initialised from the patches of %d training images", type(module).__name__, len(x))
+
+
+def _epoch_numbers(first: int, tc: Any):
+    """``first``, ``first + 1``, ... while below ``tc.epochs``, read afresh each time (a time budget re-plans it)."""
+    epoch = first
+    while epoch < tc.epochs:
+        yield epoch
+        epoch += 1
+
+
+def _announce_sizes(sizes: TrainSizes, prep: Prepared) -> None:
+    """Progressive resizing: the sizes the run trains at, and what torch.compile makes of them."""
+    distinct = sizes.distinct()
+    compiled = ""
+    if prep.runtime.compile:
+        # One static graph per size (dynamic=False), plus evaluation's shapes: bounded by the distinct sizes.
+        prep.runtime.allow_shapes(len(distinct) + 4)
+        compiled = f"; torch.compile: one recompile per new size ({len(distinct)} training graphs, dynamic=False)"
+    log.info(
+        "progressive resizing: training at %s px (epochs %g-%g of %d, step %d px), evaluation at %d px%s",
+        ", ".join(str(s) for s in distinct),
+        sizes.start + 1,
+        sizes.end + 1,
+        sizes.epochs,
+        sizes.step,
+        prep.cfg.data.eval_crop,
+        compiled,
+    )
+
+
 def _epoch_batches(loader: Loader, epoch: int, skip: int):
     """The epoch's batches, starting ``skip`` batches in (loaders that can skip without decoding do so)."""
     loader.set_epoch(epoch)
@@ -508,6 +556,7 @@ class Trainer:
         on_epoch_end: Callable[[TrainState, dict[str, Any]], None] | None = None,
     ):
         self.prep, self.ckpt, self.progress, self.on_epoch_end = prep, ckpt, progress, on_epoch_end
+        self._t_start = time.perf_counter()  # a time budget counts the set-up (loaders, a cache's decode) too
         cfg, task, source, info = prep.cfg, prep.task, prep.source, prep.dist
         self.cfg, self.task, self.source, self.tc = cfg, task, source, cfg.train
         self.is_main = info.is_main
@@ -524,11 +573,16 @@ class Trainer:
                     f"({self.train_loader.num_samples} images): no full step fits in an epoch"
                 )
             self.steps_per_epoch = micro_per_epoch // self.tc.accumulation
+            self.sizes = train_sizes(cfg)
+            if self.sizes.progressive:
+                _announce_sizes(self.sizes, prep)
             if self.tc.max_steps:
                 self.steps_per_epoch = min(self.steps_per_epoch, self.tc.max_steps)
             total_steps = self.steps_per_epoch * self.tc.epochs
             task.restoring = ckpt is not None  # resume: the checkpoint's weights, not the starting ones
             self.state = state = task.build_state()
+            if ckpt is None and not cfg.model.init_from:
+                _init_from_data(state.modules.get(task.predict_module), self.train_loader)
             distributed.wrap_state(state, prep.runtime, sync_bn=prep.cfg.model.sync_bn)
             if self.tc.ema_decay > 0:
                 _add_ema(state, task.predict_module, self.tc.ema_decay)
@@ -543,6 +597,9 @@ class Trainer:
         self.resume_micro, self.running = 0, Running()
         self.stop = StopRequest()
         self.t_run, self.step_at_start = time.perf_counter(), 0  # set again when run() starts
+        self._steady_rate: float | None = None
+        """Training samples/s of the last epoch after its first step (a time budget's re-plan)."""
+        self._global_batch = prep.micro_batch * self.tc.accumulation * prep.dist.world_size
 
     def close(self) -> None:
         for loader in (self.train_loader, self.val_loader):
@@ -649,6 +706,8 @@ class Trainer:
 
     # -- the run ----------------------------------------------------------------------------------------------
     def run(self, run_dir: Path) -> TrainResult:
+        if self.tc.time_budget_s and self.ckpt is None:
+            self._plan_budget()  # before the run folder's config.toml is written: it records the plan
         self._open(run_dir)
         tc, state = self.tc, self.state
         test_metrics, tested = None, ""
@@ -660,7 +719,8 @@ class Trainer:
                 log.info(
                     "%s; nothing left to train (a larger train.early_stop_patience goes on)", self.early_stop.reason
                 )
-            for epoch in range(state.epoch if not self.early_stop.stopped else tc.epochs, tc.epochs):
+            for epoch in _epoch_numbers(state.epoch if not self.early_stop.stopped else tc.epochs, tc):
+                t_epoch = time.perf_counter()
                 record = self.train_epoch(epoch)
                 self.resume_micro = 0
                 self.running = Running(nonfinite_logs=self.running.nonfinite_logs)
@@ -677,6 +737,8 @@ class Trainer:
                         skipped=len(_skipped_files(self.source, self.train_loader, self.val_loader)),
                     )
                 )
+                if self.tc.time_budget_s and self.ckpt is None and epoch == 0 and not stop and not last:
+                    self._replan_budget(time.perf_counter() - t_epoch, record)
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(state, record)
                 if stop:
@@ -730,6 +792,111 @@ class Trainer:
             tested,
             self.early_stop.reason,
         )
+
+    # -- a time budget -------------------------------------------------------------------------------------------
+    def _plan_budget(self) -> None:
+        """The epochs that fit ``train.time_budget_s``, from a short measurement of training steps (undone: the
+        weights, optimizer and random state are put back), broadcast from rank 0 so every process agrees."""
+        from fasttrain.budget import epoch_seconds, plan_epochs
+
+        rate = self._measure_rate()
+        val = len(self.source.val or [])
+        per_epoch = epoch_seconds(
+            self.steps_per_epoch * self.prep.micro_batch * self.tc.accumulation * self.prep.dist.world_size,
+            rate,
+            val,
+            eval_every=self.tc.eval_every,
+        )
+        elapsed = time.perf_counter() - self._t_start
+        epochs = int(distributed.broadcast_object(plan_epochs(self.tc.time_budget_s, elapsed, per_epoch)))
+        log.info(
+            "time budget %.0f s: %.1f samples/s measured, ~%.1f s per epoch, %.1f s spent setting up: %d epochs "
+            "(the schedule is stretched to them; re-planned once after the first epoch)",
+            self.tc.time_budget_s,
+            rate,
+            per_epoch,
+            elapsed,
+            epochs,
+        )
+        self._set_epochs(epochs)
+
+    def _replan_budget(self, wall_s: float, record: dict[str, Any]) -> None:
+        """After the first epoch: its measured time decides the rest. Its training is counted at the rate after
+        its first step (the first carries the loader's start and warm-up, which later epochs do not pay); its
+        evaluation and checkpoint as they took."""
+        from fasttrain.budget import plan_epochs
+
+        train_s = float(record.get("epoch_time_s") or 0.0)
+        if self._steady_rate:
+            train_s = min(train_s, self.steps_per_epoch * self._global_batch / self._steady_rate)
+        epoch_s = max(train_s + wall_s - float(record.get("epoch_time_s") or 0.0), 1e-3)
+        elapsed = time.perf_counter() - self._t_start
+        epochs = int(distributed.broadcast_object(plan_epochs(self.tc.time_budget_s, elapsed, epoch_s, done=1)))
+        if epochs != self.tc.epochs:
+            log.info(
+                "time budget: the first epoch took %.1f s (%.1f s spent so far): %d epochs instead of %d",
+                epoch_s,
+                elapsed,
+                epochs,
+                self.tc.epochs,
+            )
+            self._set_epochs(epochs)
+            if self.is_main:
+                write_run_config(self.run_dir, dump_config(self.cfg))
+
+    def _set_epochs(self, epochs: int) -> None:
+        """The run's length becomes ``epochs``: the schedule is rebuilt for it (continuing at the current step),
+        so it ends complete at the last step rather than being cut off."""
+        import warnings
+
+        self.tc.epochs = epochs
+        total = self.steps_per_epoch * epochs
+        step = self.state.step
+        for k, opt in self.state.optimizers.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "scheduler.step() before optimizer.step()"
+                sched = make_scheduler(opt, self.cfg.schedule, self.steps_per_epoch, total)
+                if step:
+                    sched.last_epoch = step - 1
+                    sched.step()
+            self.state.schedulers[k] = sched
+
+    def _measure_rate(self, steps: int = 5) -> float:
+        """Training samples/s over a few steps of the first epoch's batches, after one warm-up step (compile,
+        allocator); the steps are undone: weights, optimizer, scalers, EMA and random state are put back."""
+        import copy
+
+        state, task, accum = self.state, self.task, self.tc.accumulation
+        saved = copy.deepcopy(state.state_dict())
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        runtime = self.prep.runtime
+        micro = max(1, min(len(self.train_loader), (steps + 1) * accum))
+        try:
+            times: list[tuple[float, int]] = []
+            n = window = 0
+            runtime.synchronize()
+            t = time.perf_counter()
+            for batch in _epoch_batches(self.train_loader, 0, 0):
+                task.train_step(state, batch, update=(n + 1) % accum == 0, loss_scale=1.0 / accum)
+                n += 1
+                window += len(batch)
+                if n % accum == 0 or n == micro:
+                    runtime.synchronize()
+                    now = time.perf_counter()
+                    times.append((now - t, window))
+                    t, window = now, 0
+                if n >= micro:
+                    break
+        finally:
+            state.load_state_dict(saved)
+            torch.set_rng_state(rng)
+            if cuda_rng is not None:
+                torch.cuda.set_rng_state_all(cuda_rng)
+        timed = times[1:] or times  # the first step carries compile and warm-up
+        seconds = sum(t for t, _ in timed)
+        samples = sum(b for _, b in timed) * self.prep.dist.world_size
+        return samples / max(seconds, 1e-6)
 
     def _evaluate_into(self, record: dict[str, Any]) -> None:
         assert self.val_loader is not None
@@ -826,11 +993,15 @@ class Trainer:
         )
         run = self.running
         n_micro, samples = self.resume_micro, 0
+        size = self.sizes.size(epoch)
+        if self.sizes.progressive and (epoch == 0 or self.resume_micro or size != self.sizes.size(epoch - 1)):
+            log.info("epoch %d: training images at %d px", epoch + 1, size)
         warned_nonfinite = False
         runtime.synchronize()
         memory.reset_peak_memory(runtime.device)  # max_memory_gib: this epoch's training peak
         t0 = t_log = time.perf_counter()
         samples_log = 0
+        t_first = samples_first = None
         try:
             for batch in _epoch_batches(self.train_loader, epoch, self.resume_micro):
                 update = (n_micro + 1) % accum == 0
@@ -840,6 +1011,8 @@ class Trainer:
                 samples += len(batch) * world
                 bar.update(len(batch) * world)
                 if update:
+                    if t_first is None:  # the first step done: the loader is started and the step warm
+                        t_first, samples_first = time.perf_counter(), samples
                     state.step += 1
                     for s in state.schedulers.values():
                         s.step()
@@ -880,6 +1053,8 @@ class Trainer:
         finally:
             bar.close()
         elapsed = time.perf_counter() - t0
+        if t_first is not None and samples_first is not None and samples > samples_first:
+            self._steady_rate = (samples - samples_first) / max(t0 + elapsed - t_first, 1e-6)
         totals = _read(run.epoch_sums)
         count = max(run.n_summed, 1)
         record: dict[str, Any] = {"epoch": epoch + 1, "step": state.step}
@@ -887,6 +1062,8 @@ class Trainer:
         record["lr"] = next(iter(state.optimizers.values())).param_groups[0]["lr"]
         record["samples_per_s"] = round(samples / elapsed, 3) if elapsed > 0 else None
         record["epoch_time_s"] = round(elapsed, 3)
+        if self.sizes.progressive:
+            record["image_size"] = size
         peak = memory.read_peak(runtime.device).peak_allocated_bytes
         if peak is not None:
             record["max_memory_gib"] = round(peak / memory.GIB, 3)

@@ -67,6 +67,9 @@ def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps:
     if cfg.name == "cosine":
         p = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * (1 + math.cos(math.pi * p)) / 2
+    if cfg.name == "linear":  # FFCV's step-free triangle: straight down from the peak to min_lr_ratio at the end
+        p = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 1.0 - (1.0 - cfg.min_lr_ratio) * p
     raise ValueError(f"schedule.name: unknown schedule {cfg.name!r}")
 
 

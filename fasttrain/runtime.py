@@ -353,6 +353,15 @@ class Runtime:
         ``compiled``."""
         return module if self.eager_eval else compiled
 
+    def allow_shapes(self, n: int) -> None:
+        """Let torch.compile keep ``n`` static graphs per compiled function (progressive resizing: one per training
+        size, plus evaluation's): dynamo's recompile limit (8) would otherwise fall back to eager beyond it."""
+        if not self.compile:
+            return
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, n)
+
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Fused optimizer kernels on CUDA (one launch for all parameters); foreach elsewhere."""
         return {"fused": True} if self.is_cuda else {"foreach": True}

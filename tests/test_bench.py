@@ -109,3 +109,106 @@ def test_the_benchmarks_names_stay_importable_from_bench():
     assert B.run_steps is timing.run_steps and B.cycle_batches is timing.cycle_batches
     assert B.time_steps is timing.time_steps and B.Timing is timing.Timing
     assert B.reset_peak_memory is memory.reset_peak_memory and B.peak_memory is memory.peak_memory
+
+
+def _run_with(tmp_path, records):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [json.dumps(r) for r in records] + ['{"torn']
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return run
+
+
+def test_time_to_target_sums_training_and_evaluation_up_to_the_first_epoch_there(tmp_path):
+    run = _run_with(
+        tmp_path,
+        [
+            {"epoch": 1, "step": 2, "event": "step", "train_loss": 2.0},
+            {
+                "epoch": 1,
+                "epoch_time_s": 10.0,
+                "eval_time_s": 1.0,
+                "samples_per_s": 100.0,
+                "val_acc": 0.5,
+                "val_loss": 1.5,
+            },
+            {
+                "epoch": 2,
+                "epoch_time_s": 30.0,
+                "eval_time_s": 1.0,
+                "samples_per_s": 200.0,
+                "val_acc": 0.91,
+                "val_loss": 0.4,
+            },
+            {
+                "epoch": 3,
+                "epoch_time_s": 10.0,
+                "eval_time_s": 1.0,
+                "samples_per_s": 300.0,
+                "val_acc": 0.95,
+                "val_loss": 0.3,
+            },
+        ],
+    )
+    got = B.time_to_target(run, "val_acc", 0.9)
+    assert (got.seconds, got.epoch, got.best) == (42.0, 2, 0.91)
+    assert got.samples_per_s == pytest.approx((100 * 10 + 200 * 30) / 40)  # time-weighted over those epochs
+    assert "time to val_acc 0.9: 42.0 s" in got.line()
+    assert B.time_to_target(run, "val_loss", 0.35).epoch == 3  # a loss reaches its target from above
+    missed = B.time_to_target(run, "val_acc", 0.99)
+    assert missed.seconds is None and missed.best == 0.95 and "not reached (best 0.9500)" in missed.line()
+    with pytest.raises(ValueError, match=r"--target: the run in .* records no val_psnr"):
+        B.time_to_target(run, "val_psnr", 30)
+    assert B.parse_target("val_acc=0.9") == ("val_acc", 0.9)
+    with pytest.raises(ValueError, match=r"--target: expected METRIC=VALUE"):
+        B.parse_target("val_acc")
+
+
+def test_the_report_shows_time_to_target_beside_samples_per_s(tmp_path):
+    report = B.BenchReport(
+        "c",
+        "torch",
+        "m",
+        32,
+        "cpu",
+        _timing(100.0),
+        _timing(200.0),
+        _timing(90.0),
+        time_to_target=B.TimeToTarget("runs/x", "val_acc", 0.9, 42.0, 2, 0.91, 185.0),
+    )
+    assert "time to val_acc 0.9: 42.0 s of training + evaluation (epoch 2 of runs/x, 185.0 samples/s" in (
+        report.to_table()
+    )
+    assert report.to_dict()["time_to_target"]["seconds"] == 42.0
+
+
+def test_bench_times_the_model_step_at_each_progressive_size(tmp_path):
+    from fasttrain.config import load_config
+    from fasttrain.data.synthetic import make_shapes_dataset
+
+    root = make_shapes_dataset(tmp_path / "shapes", train_per_class=8, val_per_class=2, size=32)
+    cfg = load_config(
+        None,
+        [
+            f"data.root={root}",
+            "data.loader=cache",
+            "data.workers=0",
+            "data.image_size=32",
+            "data.progressive=[16, 32]",
+            "data.progressive_step=8",
+            "train.epochs=3",
+            "model.name=smallcnn",
+            "model.width=4",
+            "runtime.device=cpu",
+            "train.batch_size=8",
+            "bench.warmup_steps=1",
+            "bench.steps=2",
+            "bench.repeats=1",
+        ],
+    )
+    report = B.bench(cfg)
+    assert sorted(report.per_size) == [16, 24]  # 32, the largest, is what the main rows measure
+    assert all(t.samples_per_s > 0 for t in report.per_size.values())
+    table = report.to_table()
+    assert "model only, 16 px" in table and "model only, 24 px" in table
+    assert set(report.to_dict()["model_step_per_size"]) == {"16", "24"}

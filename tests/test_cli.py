@@ -59,7 +59,7 @@ def test_help_of_every_command_and_of_make_data(capsys):
 
 def test_an_unknown_config_name_lists_the_packaged_ones(capsys):
     code, _, err = _run_cli(capsys, "train", "catfsh")
-    assert code == 2 and "packaged: catfish, convnet" in err and "did you mean catfish?" in err
+    assert code == 2 and "packaged: catfish, cifar10-speedrun, convnet" in err and "did you mean catfish?" in err
 
 
 def test_config_list_and_show(capsys):
@@ -121,3 +121,26 @@ def test_without_a_terminal_progress_is_plain_lines_not_bar_fragments(shapes_roo
     assert code == 0 and "\r" not in err  # no carriage-return fragments of a bar in a CI log
     steps = [ln for ln in err.splitlines() if "epoch 1/1 step" in ln]
     assert len(steps) == 2 and "img/s" in steps[0] and "lr " in steps[0] and "ETA" in steps[0]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--time-budget", "ten minutes"], "--time-budget: 'ten minutes' is not a duration"),
+        (["bench", "--run", "x"], "bench: --run RUN_DIR and --target METRIC=VALUE go together"),
+        (["bench", "--run", "x", "--target", "val_acc"], "--target: expected METRIC=VALUE"),
+        (["bench", "--run", "/nonexistent/run", "--target", "val_acc=0.9"], "has no metrics.jsonl"),
+    ],
+)
+def test_time_budget_and_target_mistakes_are_one_line(capsys, argv, message):
+    code, _, err = _run_cli(capsys, *argv)
+    assert code != 0 and message in err and "Traceback" not in err
+
+
+def test_time_budget_becomes_the_setting(capsys, shapes_root, tmp_path):
+    code, out, _ = _run_cli(capsys, "train", "--time-budget", "1m", *_quick(shapes_root, tmp_path), "-q")
+    assert code == 0
+    (run,) = tmp_path.iterdir()
+    from fasttrain.config import load_config
+
+    assert load_config(run / "config.toml").train.time_budget_s == 60.0

@@ -52,3 +52,12 @@ def test_scheduler_follows_factor_and_optimizers_split_decay():
     assert lrs == pytest.approx([0.2, 0.2, 0.1, 0.1, 0.05])
     adamw = make_optimizer(model, OptimConfig(name="adamw", lr=1e-3, betas=[0.5, 0.999]))
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["betas"] == (0.5, 0.999)
+
+
+def test_linear_warms_up_then_falls_straight_to_min_ratio():
+    cfg = ScheduleConfig(name="linear", warmup_epochs=2, min_lr_ratio=0.0)
+    f = factors(cfg)
+    assert f[0] == pytest.approx(0.05) and f[19] == pytest.approx(1.0) and f[20] == pytest.approx(1.0)
+    steps = [a - b for a, b in zip(f[20:], f[21:])]
+    assert all(d == pytest.approx(1 / 80) for d in steps)  # a straight line: no steps, no curve
+    assert lr_factor(cfg, 100, 10, 100) == pytest.approx(0.0)  # after the last step: the end of the line

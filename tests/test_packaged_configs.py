@@ -39,6 +39,19 @@ def _data(kind, root):
             "imagenet",
             ["train.batch_size=4", "data.image_size=64", "data.resize_size=72", "model.name=resnet18"],
         ),
+        (
+            "resnet50-imagenet-fast",
+            "imagenet",
+            [
+                "train.batch_size=4",
+                "data.image_size=64",
+                "data.progressive=[32, 64]",
+                "data.eval_size=64",
+                "data.resize_size=72",
+                "model.name=resnet18",
+            ],
+        ),
+        ("cifar10-speedrun", "shapes2", ["train.batch_size=4", "model.width=8", "train.ema_decay=0.9"]),
     ],
 )
 def test_packaged_config_trains_on_generated_data(name, kind, extra, tmp_path):

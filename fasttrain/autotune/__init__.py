@@ -297,7 +297,7 @@ def _tune(
         task=pcfg.task.name,
         device=str(device),
         runtime=runtime.describe(),
-        input_shape=[pcfg.data.channels, pcfg.data.image_size, pcfg.data.image_size],
+        input_shape=[pcfg.data.channels, pcfg.data.train_size_max, pcfg.data.train_size_max],  # the largest
         budget=budget,
         headroom=tune.headroom,
         noise=tune.noise,

@@ -31,6 +31,7 @@ from typing import Any
 from fasttrain import memory
 from fasttrain.autotune.search import choose_loader, loader_share, spread_of
 from fasttrain.config import Config, DataConfig, default_workers
+from fasttrain.data.progressive import train_sizes
 from fasttrain.timing import cycle_batches, time_steps, time_window, train_step_fn
 
 log = logging.getLogger("fasttrain.autotune")
@@ -266,6 +267,7 @@ def tune_loader(
             memory.release_dali_pools()  # what an earlier trial's pipeline left in DALI's pools is not this one's
             before = memory.outside_torch_bytes(device)
             loader = task.make_loader(source.train, train=True, batch_size=micro, backend=backend)
+            loader.set_epoch(train_sizes(task.cfg).first_largest_epoch)  # progressive: time the largest size
             open_loader, open_index = loader, i
             it = cycle_batches(loader)
             batch = task.synthetic_batch(micro, task.input_spec(), train=True)

@@ -47,6 +47,7 @@ from fasttrain.autotune.search import (
     mark_usable,
     measurement_reliable,
 )
+from fasttrain.data.progressive import train_sizes
 from fasttrain.memory import GIB, format_bytes, is_oom_error, oom_summary
 from fasttrain.timing import cycle_batches, synchronize, time_steps, time_window, train_step_fn
 
@@ -622,6 +623,7 @@ def verify(
             state = task.build_state()
         if loader is None:
             loader = task.make_loader(source.train, train=True, batch_size=plan.micro_batch, backend=backend)
+            loader.set_epoch(train_sizes(task.cfg).first_largest_epoch)  # progressive: time the largest size
         it = cycle_batches(loader)
         step = train_step_fn(task, state, lambda: next(it), accum)
         for _ in range(accum):  # one optimizer step with this loader before the steady state

@@ -21,6 +21,9 @@ reads files ahead with threads and plans across epoch boundaries (epoch e+1 afte
 the last), so the next epoch starts decoding while the current one ends. Asked for anything else (another
 epoch, a resumed position, a pass abandoned halfway) it drops what it decoded ahead and starts there.
 
+**Progressive resizing** (``data.progressive``): classification training batches carry their epoch's size as
+one more external_source column, the resize's argument input: the same pipeline serves every size.
+
 **Pixels every backend agrees on.** DALI decodes 8-bit grey or colour JPEG and 8-bit grey/RGB PNG without
 transparency itself. The files the pre-check flags (:attr:`~fasttrain.data.checks.ImageInfo.pil`: transparency,
 16-bit, palettes, CMYK, other formats) are decoded by Pillow with the torch loader's rules (alpha composited on
@@ -58,6 +61,7 @@ from fasttrain.data.base import Batch, InputSpec
 from fasttrain.data.checks import BadFiles, ImageInfo, jpeg_scan_suspect, pil_decode_error
 from fasttrain.data.files import open_regular
 from fasttrain.data.order import EpochSampler, check_shard, sample_seed
+from fasttrain.data.progressive import TrainSizes, train_sizes
 from fasttrain.data.samples import Samples, pair_jitter, pair_load_size, precheck_samples, targets_tensor
 from fasttrain.data.sources import Split
 from fasttrain.data.transforms import DECODE_ERRORS, load_image
@@ -347,7 +351,7 @@ class _Feeder:
             self._last_ok = ok
         planned.indices = [s.index for s in ok]
         self.in_flight.append(planned)
-        return L._outputs(ok)
+        return L._outputs(ok, planned.key)
 
     def close(self) -> None:
         self.reset(*self.pos)
@@ -395,6 +399,15 @@ class _Feeder:
             if good:
                 return good
         return []
+
+
+def _centre_geometry(data: DataConfig, train: bool) -> tuple[int, int]:
+    """(crop side, shorter side before it) of a centre crop: evaluation's (``eval_crop``, ``eval_resize``), or
+    training's without random-resized-crop (the largest training size, and size / 0.875 unless resize_size)."""
+    if not train:
+        return data.eval_crop, data.eval_resize
+    side = data.train_size_max
+    return side, data.resize_size if data.resize_size and side == data.image_size else int(round(side / 0.875))
 
 
 def _torchvision_eval_geometry(encoded, resize: int, crop: int):
@@ -454,6 +467,7 @@ class DaliLoader:
         num_shards: int = 1,
         device_id: int | None = None,
         copy_outputs: bool = False,
+        sizes: TrainSizes | None = None,
     ):
         ok, why = dali_status()
         if not ok:
@@ -478,6 +492,8 @@ class DaliLoader:
         self._flip = train and self.kind != "vector" and data.hflip
         self._side_by_side = samples.side_by_side
         self._load_size = pair_load_size(data.image_size, samples.jitter) if train else data.image_size
+        self._sizes = sizes if train and self.kind == "class" and sizes is not None and sizes.progressive else None
+        """Progressive resizing: each epoch's training size, fed per batch through external_source."""
 
         checked = precheck_samples(samples, data, threads=max(1, data.num_dali_threads))
         split = checked.samples.split
@@ -650,8 +666,12 @@ class DaliLoader:
                 sample.flip = bool(flipped)
         return sample
 
-    def _outputs(self, samples: list[_Sample]) -> tuple:
-        """The external source's outputs for one batch, in the order of :meth:`_output_names`."""
+    def _outputs(self, samples: list[_Sample], key: int | None = None) -> tuple:
+        """The external source's outputs for one batch, in the order of :meth:`_output_names`; ``key``: the
+        epoch it belongs to (progressive resizing: its size; None: the largest)."""
+        size = 0
+        if self._sizes is not None:
+            size = self._sizes.largest if key is None else self._sizes.size(key)
 
         def windows() -> list[tuple[int, int, int, int]]:  # drawn for every sample when the crop is random
             ws = [s.window for s in samples]
@@ -671,11 +691,13 @@ class DaliLoader:
             "origin": lambda: np.zeros((len(samples), 2), np.int32),
             "crop_x": lambda: np.array([s.crop[0] for s in samples], np.float32),
             "crop_y": lambda: np.array([s.crop[1] for s in samples], np.float32),
+            "size": lambda: np.full(len(samples), size, np.float32),
         }
         return tuple(columns[name]() for name in self._output_names())
 
     def _output_names(self) -> list[str]:
         names = ["encoded", "index"] + (["anchor", "shape"] if self._rrc else [])
+        names += ["size"] if self._sizes is not None else []
         if self.kind == "pair":
             names += ["half", "origin", "anchor_b"] if self._side_by_side else ["encoded_b"]
             names += ["crop_x", "crop_y"] if self.train else []
@@ -783,6 +805,7 @@ class DaliLoader:
             "anchor_b": (types.INT32, 1),
             "crop_x": (types.FLOAT, 0),
             "crop_y": (types.FLOAT, 0),
+            "size": (types.FLOAT, 0),
         }
         with pipe:
             nodes = dict(
@@ -835,16 +858,23 @@ class DaliLoader:
                 if self.kind == "vector":  # the whole image, squared: a target may be a position in it
                     images = fn.resize(fn.decoders.image(encoded, **decode), resize_x=size, resize_y=size, **linear)
                 elif self._rrc:
-                    # Only the window is decoded (ROI decode), then resized as torchvision's resized_crop does.
+                    # Only the window is decoded (ROI decode), then resized as torchvision's resized_crop does;
+                    # under progressive resizing to the size fed with the batch (no rebuild per size).
                     images = fn.decoders.image_slice(
                         encoded, nodes["anchor"], nodes["shape"], axis_names="WH", **decode
                     )
-                    images = fn.resize(images, resize_x=size, resize_y=size, **linear)
+                    out = nodes.get("size", size)
+                    images = fn.resize(images, resize_x=out, resize_y=out, **linear)
                 else:
                     images = fn.decoders.image(encoded, **decode)
-                    resize_hw, crop_pos_yx = _torchvision_eval_geometry(encoded, d.eval_resize, size)
+                    side, resize = _centre_geometry(d, self.train)
+                    resize_hw, crop_pos_yx = _torchvision_eval_geometry(encoded, resize, side)
                     images = fn.resize(images, resize_y=resize_hw[0], resize_x=resize_hw[1], **linear)
-                    crop = dict(crop=(size, size), crop_pos_y=crop_pos_yx[0], crop_pos_x=crop_pos_yx[1])
+                    crop = dict(crop=(side, side), crop_pos_y=crop_pos_yx[0], crop_pos_x=crop_pos_yx[1])
+                    if "size" in nodes:  # progressive: the centre crop at the largest size, resized to the batch's
+                        images = fn.crop(images, **crop, device=dev)
+                        images = fn.resize(images, resize_x=nodes["size"], resize_y=nodes["size"], **linear)
+                        crop = {}
                 pipe.set_outputs(fn.crop_mirror_normalize(images, **normalize, **crop), index)
         pipe.build()
         return pipe
@@ -913,4 +943,5 @@ def build(
         num_shards=num_shards,
         device_id=device_id,
         copy_outputs=graphs and device_id is not None,
+        sizes=train_sizes(cfg) if train else None,
     )

@@ -17,6 +17,10 @@ What is cached is a map-style dataset's deterministic path (:func:`fasttrain.dat
   windows as the torch backend, so its training batches are the torch backend's too, bit for bit.
 - any map-style dataset of (image, target) items of one shape: :meth:`GpuCacheLoader.from_dataset`.
 
+Progressive resizing (``data.progressive``): the training canvas is cached at the largest training size and each
+batch is sampled at its epoch's size (the crop's ``grid_sample`` writes that size directly; without a crop an
+antialiased resize follows), so one cache serves every size.
+
 Augmentation parameters are drawn per sample from (seed, epoch, index) on the CPU once per epoch, and copied to
 the device with the epoch's order: after construction that copy is the only host-to-device traffic, and an
 epoch's batches do not depend on what ran before (``skip_batches`` resumes mid-epoch exactly). On a CPU device
@@ -50,6 +54,7 @@ from fasttrain.config import Config, DataConfig
 from fasttrain.data.base import Batch, InputSpec, model_input
 from fasttrain.data.checks import BadFiles
 from fasttrain.data.order import EpochSampler, check_shard, sample_seeds
+from fasttrain.data.progressive import TrainSizes, train_sizes
 from fasttrain.data.samples import (
     Samples,
     Skip,
@@ -87,6 +92,8 @@ def sample_bytes(kind: str, data: DataConfig, *, train: bool = False, num_target
     """Bytes one cached sample takes: uint8 pixels plus its target (int64 label, float32 vector, or a second
     image: pairs at the training jitter size when ``train``)."""
     c, s = data.channels, data.image_size
+    if kind == "class":  # training: the canvas at the largest training size; evaluation: the evaluation crop
+        s = data.train_size_max if train else data.eval_crop
     if kind == "pair":
         side = pair_load_size(s) if train else s
         return 2 * c * side * side
@@ -225,6 +232,8 @@ class Take:
     rows_host: torch.Tensor
     params: torch.Tensor | None
     params_host: torch.Tensor | None
+    size: int = 0
+    """Side of the images to output (progressive resizing: the epoch's size); 0 = as cached."""
 
 
 class DeviceAugment:
@@ -256,6 +265,13 @@ class ResizedCropFlip(DeviceAugment):
         if self.flip:
             return torch.from_numpy(_uniforms(sample_seeds(seed, epoch, ids), 1)[:, 0] < 0.5)
         return None
+
+    def take(self, images, targets, t):
+        x, y = images[t.rows], targets[t.rows]
+        if self.rrc and t.size:  # sampled straight at the epoch's size: one grid_sample, no second resize
+            grid = F.affine_grid(t.params, [x.shape[0], x.shape[1], t.size, t.size], align_corners=False)
+            return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False), y
+        return self.apply(x, y, t.params)
 
     def apply(self, x, y, params):
         if self.rrc:
@@ -332,12 +348,15 @@ class GpuCacheLoader:
         shard_id: int = 0,
         skipped: list[tuple[str, str]] | None = None,
         name: str | None = None,
+        sizes: TrainSizes | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"GpuCacheLoader: batch_size must be >= 1, got {batch_size}")
         check_shard(num_shards, shard_id)
         self.spec, self.train, self.seed, self.batch_size = spec, train, seed, batch_size
         self.augment = augment or DeviceAugment()
+        self.sizes = sizes if sizes is not None and sizes.progressive else None
+        """Progressive resizing: the side of each epoch's images (resized on the device per batch)."""
         self.targets_are_images = targets_are_images
         self.images = inputs.to(spec.device)
         self.targets = targets.to(spec.device)
@@ -390,6 +409,7 @@ class GpuCacheLoader:
         skipped: list[tuple[str, str]] | None = None,
         max_bad: int = 10,
         name: str | None = None,
+        sizes: TrainSizes | None = None,
     ) -> GpuCacheLoader:
         """Decode a map-style dataset once and serve it from ``spec.device``.
 
@@ -424,6 +444,7 @@ class GpuCacheLoader:
             shard_id=shard_id if train else 0,
             skipped=skipped,
             name=name,
+            sizes=sizes,
         )
 
     # -- the loader contract -----------------------------------------------------------------------------------
@@ -433,6 +454,11 @@ class GpuCacheLoader:
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.epoch = epoch
+
+    @property
+    def image_size(self) -> int:
+        """Side of the images the current epoch yields (the cached side unless progressive resizing)."""
+        return self.sizes.size(self.sampler.epoch) if self.sizes is not None else int(self.images.shape[-1])
 
     def skip_batches(self, n: int) -> None:
         """Start the next iteration ``n`` batches into the epoch (resume mid-epoch): augmentation is drawn per
@@ -456,6 +482,7 @@ class GpuCacheLoader:
         # The only host-to-device traffic of the epoch: its order and parameters, once (pinned: no sync).
         order = to_device(order_cpu)
         params = None if params_cpu is None else to_device(params_cpu)
+        size = self.sizes.size(epoch) if self.sizes is not None else 0
         for at in range(0, order.numel(), self.batch_size):
             b = slice(at, at + self.batch_size)
             take = Take(
@@ -463,8 +490,11 @@ class GpuCacheLoader:
                 order_cpu[b],
                 None if params is None else params[b],
                 None if params_cpu is None else params_cpu[b],
+                size,
             )
             x, y = self.augment.take(self.images, self.targets, take)
+            if size and x.shape[-1] != size:  # progressive resizing without a crop to sample at the size
+                x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             yield Batch(
                 self._finish(x, self.images.dtype),
                 self._finish(y, self.targets.dtype) if self.targets_are_images else y,
@@ -565,6 +595,7 @@ def build(
         seed=cfg.runtime.seed,
         num_shards=num_shards,
         shard_id=shard_id,
+        sizes=train_sizes(cfg) if train else None,
     )
 
 
@@ -578,6 +609,7 @@ def from_samples(
     seed: int,
     num_shards: int = 1,
     shard_id: int = 0,
+    sizes: TrainSizes | None = None,
 ) -> GpuCacheLoader:
     threads = cache_threads(data)
     if samples.kind == "class":
@@ -603,6 +635,7 @@ def from_samples(
         skipped=skipped,
         max_bad=data.max_bad_per_epoch,
         name=samples.split.name,
+        sizes=sizes,
     )
 
 

@@ -35,6 +35,7 @@ from fasttrain.config import PILLOW_BOMB_PIXELS, DataConfig
 from fasttrain.data.checks import BadDataError, ImageInfo, UnusableImage, _none_usable, load_checked, precheck
 from fasttrain.data.formats import SIDE_BY_SIDE
 from fasttrain.data.order import sample_seed, sample_seeds
+from fasttrain.data.progressive import TrainSizes
 from fasttrain.data.sources import Split
 from fasttrain.data.transforms import DECODE_ERRORS, eval_transform, load_image, resize_square, train_transform
 
@@ -54,6 +55,7 @@ __all__ = [
     "pair_load_size",
     "precheck_samples",
     "dataset_for",
+    "EpochTransforms",
     "targets_tensor",
 ]
 
@@ -120,9 +122,12 @@ class ImageDataset(Dataset):
         max_pixels: int | None = None,
         random: bool = True,
         checked: bool = False,
+        epoch_transform: Callable[[int], Callable] | None = None,
     ):
         self.split, self.transform, self.channels, self.seed = split, transform, channels, seed
         self.target_fn, self.max_pixels, self.random, self.checked = target_fn, max_pixels, random, checked
+        self.epoch_transform = epoch_transform
+        """epoch -> the transform of that epoch (progressive resizing: the size follows the epoch of the key)."""
 
     def __len__(self) -> int:
         return len(self.split)
@@ -143,6 +148,7 @@ class ImageDataset(Dataset):
     def _one(self, key: tuple[int, int] | int):
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         path = self.split.paths[index]
+        transform = self.transform if self.epoch_transform is None else self.epoch_transform(epoch)
         try:
             if self.checked:
                 im = load_checked(path, self.channels, self.max_pixels or PILLOW_BOMB_PIXELS)
@@ -152,7 +158,7 @@ class ImageDataset(Dataset):
                 # torchvision's transforms draw from the global CPU generator. Only the CPU generator:
                 # torch.manual_seed would also reseed every CUDA generator.
                 torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
-            x = self.transform(im)
+            x = transform(im)
         except DECODE_ERRORS as e:
             return _skip(path, e)
         return x, self.target_fn(self.split.targets[index])
@@ -332,13 +338,37 @@ def precheck_samples(samples: Samples, data: DataConfig, threads: int) -> Checke
     return Checked(replace(samples, split=split.subset(keep)), infos, target_infos, bad)
 
 
+class EpochTransforms:
+    """epoch -> the training transform at that epoch's size (:class:`~fasttrain.data.progressive.TrainSizes`),
+    one transform built per size."""
+
+    def __init__(self, data: DataConfig, sizes: TrainSizes):
+        self.data, self.sizes = data, sizes
+        self._by_size: dict[int, Callable] = {}
+
+    def __call__(self, epoch: int) -> Callable:
+        size = self.sizes.size(epoch)
+        if size not in self._by_size:
+            self._by_size[size] = train_transform(self.data, size)
+        return self._by_size[size]
+
+
 def dataset_for(
-    samples: Samples, data: DataConfig, seed: int, *, train: bool, deterministic: bool = False, checked: bool = False
+    samples: Samples,
+    data: DataConfig,
+    seed: int,
+    *,
+    train: bool,
+    deterministic: bool = False,
+    sizes: TrainSizes | None = None,
+    checked: bool = False,
 ) -> Dataset:
     """The map-style dataset of a request. ``deterministic``: what the GPU cache decodes once, the evaluation
     geometry, or for training the canvas its device augmentation draws from (class: the centre square resized
-    to image_size when random-resized-crop is on; pair: both images resized to the jitter size, uncropped).
-    ``checked``: class images are validated as they are decoded (the split was not pre-checked)."""
+    to the largest training size when random-resized-crop is on, else the evaluation geometry at that size;
+    pair: both images resized to the jitter size, uncropped). ``sizes``: class training under progressive
+    resizing, the size of each epoch (the torch loader's transform follows the epoch of each key). ``checked``:
+    class images are validated as they are decoded (the split was not pre-checked)."""
     split, channels, size, px = samples.split, data.channels, data.image_size, data.max_image_pixels
     if samples.kind == "vector":
         return VectorDataset(split, size, channels, size_targets=samples.size_targets, max_pixels=px)
@@ -352,7 +382,15 @@ def dataset_for(
             split, size, channels, train=train, flip=data.hflip, seed=seed, jitter=samples.jitter, max_pixels=px
         )
     if deterministic:
-        canvas = replace(data, resize_size=size) if train and data.random_resized_crop else data
+        canvas = data
+        if train:  # the training canvas: at the largest training size, whatever the evaluation crop
+            big = data.train_size_max
+            resize = big if data.random_resized_crop else data.resize_size if big == size else 0
+            canvas = replace(data, image_size=big, eval_size=big, resize_size=resize)
         return ImageDataset(split, eval_transform(canvas), channels, seed, max_pixels=px, random=False, checked=checked)
+    if train and sizes is not None and sizes.progressive:
+        return ImageDataset(
+            split, train_transform(data), channels, seed, max_pixels=px, epoch_transform=EpochTransforms(data, sizes)
+        )
     tf = train_transform(data) if train else eval_transform(data)
     return ImageDataset(split, tf, channels, seed, max_pixels=px, random=train)

@@ -22,6 +22,7 @@ from fasttrain.config import Config
 from fasttrain.data.base import Batch, InputSpec, model_input, normalize_on_device
 from fasttrain.data.checks import BadDataError, BadFiles
 from fasttrain.data.order import EpochSampler, sample_seed
+from fasttrain.data.progressive import train_sizes
 from fasttrain.data.samples import ImageDataset, Samples, Skip, dataset_for, precheck_samples
 
 log = logging.getLogger(__name__)
@@ -243,7 +244,8 @@ def build(
     d = cfg.data
     # The same pre-check as DALI and the cache: every backend samples from the same files, in the same order.
     checked = precheck_samples(samples, d, threads=max(1, d.num_workers))
-    ds = dataset_for(checked.samples, d, cfg.runtime.seed, train=train)
+    sizes = train_sizes(cfg) if train else None  # progressive resizing: each key's epoch gives its size
+    ds = dataset_for(checked.samples, d, cfg.runtime.seed, train=train, sizes=sizes)
     prepare = None
     if samples.kind == "pair":
         scale_shift = spec.scale_shift()

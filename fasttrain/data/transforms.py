@@ -100,8 +100,9 @@ def resize_square(im: Image.Image, size: int) -> torch.Tensor:
 
 
 def eval_transform(cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize the shorter side to ``cfg.eval_resize`` (bilinear, antialiased), centre-crop ``cfg.image_size``."""
-    resize, crop = cfg.eval_resize, cfg.image_size
+    """Resize the shorter side to ``cfg.eval_resize`` (bilinear, antialiased), centre-crop ``cfg.eval_crop``
+    (``data.eval_size``, else ``data.image_size``)."""
+    resize, crop = cfg.eval_resize, cfg.eval_crop
 
     def apply(im: Image.Image) -> torch.Tensor:
         # Geometry on the PIL image (Pillow's resize is faster than torch's on the CPU), uint8 tensor last.
@@ -111,15 +112,17 @@ def eval_transform(cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
     return apply
 
 
-def train_transform(cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
-    """Random-resized-crop (scale crop_scale_min..1, ratio 3/4..4/3) or the eval transform, then optional flip,
-    then timm's RandAugment (``data.rand_augment``)."""
-    size = cfg.image_size
+def train_transform(cfg: DataConfig, size: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
+    """Random-resized-crop (scale crop_scale_min..1, ratio 3/4..4/3) to ``size`` (default ``image_size``; the
+    epoch's size under progressive resizing) or resize + centre crop (the shorter side to size / 0.875, or to
+    ``resize_size`` at the configured size), then optional flip, then timm's RandAugment (``data.rand_augment``)."""
+    size = size or cfg.image_size
     ops: list = []
     if cfg.random_resized_crop:
         ops.append(v2.RandomResizedCrop(size, scale=(cfg.crop_scale_min, 1.0), ratio=(3 / 4, 4 / 3), antialias=True))
     else:
-        ops += [v2.Resize(cfg.eval_resize, antialias=True), v2.CenterCrop(size)]
+        resize = cfg.resize_size if cfg.resize_size and size == cfg.image_size else int(round(size / 0.875))
+        ops += [v2.Resize(resize, antialias=True), v2.CenterCrop(size)]
     if cfg.hflip:
         ops.append(v2.RandomHorizontalFlip())
     if cfg.rand_augment:  # after crop and flip, on the PIL image, as timm's create_transform orders them

@@ -342,6 +342,9 @@ def dataset_loader(
     shard_id: int = 0,
 ) -> Loader:
     """The torch loader or the cache over a dataset from Python (see the module docstring)."""
+    if cfg.data.progressive or cfg.data.eval_size:
+        key = "data.progressive" if cfg.data.progressive else "data.eval_size"
+        raise ConfigError(f"{key}: resizes the images fasttrain decodes; a dataset from Python sets its own size")
     dataset = split.items()
     if backend == "cache":
         from fasttrain.data.gpu_cache import GpuCacheLoader

@@ -23,6 +23,7 @@ _SMALL: dict[str, str] = {
     "smallcnn": "fasttrain.models.small:smallcnn",
     "mlp": "fasttrain.models.small:mlp",
     "convnet": "fasttrain.models.small:convnet",
+    "speednet": "fasttrain.models.small:speednet",
     "unet": "fasttrain.models.gan:unet",
     "patchgan": "fasttrain.models.gan:patchgan",
 }
@@ -90,6 +91,10 @@ def check_model(name: str, *, given: bool = False, dropout: float = 0.0) -> None
         )
 
 
+BLURPOOL_FAMILIES = ("resnet", "resnext", "wide_resnet")
+"""torchvision model names model.blurpool applies to (FFCV's recipes use it on ResNet-50 and -18)."""
+
+
 def build_model(
     name: str,
     *,
@@ -100,8 +105,14 @@ def build_model(
     dropout: float = 0.0,
     pretrained: bool = False,
     drop_path_rate: float = 0.0,
+    blurpool: bool = False,
     **kwargs: Any,
 ) -> nn.Module:
+    if blurpool and not name.startswith(BLURPOOL_FAMILIES):
+        raise ValueError(
+            f"model.blurpool: anti-aliased downsampling is offered for torchvision's ResNets "
+            f"({', '.join(f'{f}*' for f in BLURPOOL_FAMILIES)}), not {name}"
+        )
     if name in _SMALL and drop_path_rate > 0:
         raise ValueError(
             f"model.drop_path_rate: {name} is one of fasttrain's small nets, which have no residual blocks"
@@ -165,6 +176,10 @@ def build_model(
             replace_head(model, num_outputs)
     if in_channels != 3:
         _adapt_first_conv(model, in_channels, name, keep_weights=pretrained)
+    if blurpool:
+        from fasttrain.models.blurpool import apply_blurpool
+
+        apply_blurpool(model)
     return model
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["smallcnn", "mlp", "ConvNet", "convnet"]
+__all__ = ["smallcnn", "mlp", "ConvNet", "convnet", "SpeedNet", "speednet"]
 
 
 def _conv_bn(cin: int, cout: int) -> nn.Sequential:
@@ -110,3 +110,81 @@ def convnet(
     50 px -> 6 x 6 after three blocks, 128 px -> 8 x 8 after four.
     """
     return ConvNet(in_channels, num_outputs, image_size, width=width, dropout=dropout)
+
+
+# -- speednet: airbench94's network ------------------------------------------------------------------------------
+
+
+class _Conv(nn.Conv2d):
+    """3x3 'same' conv without bias; the first in_channels filters start as identities (airbench's dirac init)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__(cin, cout, 3, padding="same", bias=False)
+        with torch.no_grad():
+            nn.init.dirac_(self.weight[: min(cin, cout)])
+
+
+class _BatchNorm(nn.BatchNorm2d):
+    """airbench's BN: running statistics with momentum 0.4 (its 0.6 in PyTorch's convention), eps 1e-12, the
+    scale frozen at 1 and only the shift learnt."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels, eps=1e-12, momentum=0.4)
+        self.weight.requires_grad = False
+
+
+class _ConvGroup(nn.Sequential):
+    def __init__(self, cin: int, cout: int):
+        super().__init__(
+            _Conv(cin, cout),
+            nn.MaxPool2d(2),
+            _BatchNorm(cout),
+            nn.GELU(),
+            _Conv(cout, cout),
+            _BatchNorm(cout),
+            nn.GELU(),
+        )
+
+
+class SpeedNet(nn.Module):
+    """airbench94's CIFAR-10 network (Keller Jordan, 2024): a 2x2 whitening conv (fixed: initialised from the
+    training data by :meth:`init_from_data`, its bias learnt), three conv groups (conv, max-pool, BN, GELU, conv,
+    BN, GELU) of ``width``, ``4 width``, ``4 width`` channels (airbench: 64, 256, 256), a global max-pool and a
+    bias-free linear head scaled by 1/9. Any input size divisible by 8."""
+
+    def __init__(self, in_channels: int, num_outputs: int, width: int = 64):
+        super().__init__()
+        whiten = 2 * in_channels * 2 * 2  # the whitening basis and its negation: GELU keeps both signs
+        self.whiten = nn.Conv2d(in_channels, whiten, 2, padding=0, bias=True)
+        self.whiten.weight.requires_grad = False
+        nn.init.zeros_(self.whiten.bias)  # type: ignore[arg-type]  # bias=True: a tensor
+        self.body = nn.Sequential(
+            nn.GELU(), _ConvGroup(whiten, width), _ConvGroup(width, 4 * width), _ConvGroup(4 * width, 4 * width)
+        )
+        self.head = nn.Linear(4 * width, num_outputs, bias=False)
+        self.scale = 1 / 9
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(self.whiten(x))
+        x = torch.amax(x, dim=(2, 3))  # airbench's final MaxPool2d(3) over a 3x3 map (32 px), for any size
+        return self.head(x) * self.scale
+
+    @torch.no_grad()
+    def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Whitening filters from the 2x2 patches of ``images`` (normalized training images): the eigenvectors of
+        the patch covariance scaled by 1 / sqrt(eigenvalue + eps), and their negations (airbench's)."""
+        c, (h, w) = images.shape[1], self.whiten.weight.shape[2:]
+        patches = images.float().unfold(2, h, 1).unfold(3, w, 1).transpose(1, 3).reshape(-1, c * h * w)
+        cov = patches.T @ patches / patches.shape[0]
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+        eigenvalues, eigenvectors = eigenvalues.flip(0), eigenvectors.T.flip(0)
+        filters = (eigenvectors / torch.sqrt(eigenvalues.clamp_min(0) + eps)[:, None]).reshape(-1, c, h, w)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]).to(self.whiten.weight))
+
+
+def speednet(*, in_channels: int, num_outputs: int, image_size: int, width: int = 64, **_: object) -> nn.Module:
+    if image_size % 8:
+        raise ValueError(
+            f"data.image_size: speednet pools three times by 2 and needs a multiple of 8, got {image_size}"
+        )
+    return SpeedNet(in_channels, num_outputs, width)

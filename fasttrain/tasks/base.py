@@ -194,6 +194,7 @@ class Task:
             dropout=c.model.dropout,
             pretrained=c.model.pretrained and not self.restoring,
             drop_path_rate=c.model.drop_path_rate,
+            blurpool=c.model.blurpool,
         )
         self.load_initial_weights(model, "model")
         fn = self.runtime.prepare_model(model)
@@ -287,9 +288,9 @@ class Task:
         """A batch of the largest shape the data produces, already on the device (autotune, benchmarks)."""
         raise NotImplementedError
 
-    def synthetic_inputs(self, batch_size: int, spec: InputSpec) -> torch.Tensor:
-        """Random model inputs at the configured size, dtype and memory format, on the device."""
-        s, c = self.cfg.data.image_size, self.cfg.data.channels
+    def synthetic_inputs(self, batch_size: int, spec: InputSpec, size: int = 0) -> torch.Tensor:
+        """Random model inputs at ``size`` (default the configured size), dtype and memory format, on the device."""
+        s, c = size or self.cfg.data.image_size, self.cfg.data.channels
         x = torch.randn(batch_size, c, s, s, device=spec.device).to(spec.dtype)
         return x.contiguous(memory_format=torch.channels_last) if spec.channels_last else x
 
@@ -338,10 +339,14 @@ class Task:
                 records.append({"image": path, "error": f"cannot read image: {e}"})
                 continue
             with torch.no_grad(), self.runtime.autocast():
-                out = model(normalize_on_device(self.preprocess(image)[None], spec, scale_shift))
+                out = self.infer(model, normalize_on_device(self.preprocess(image)[None], spec, scale_shift))
             info = {**meta, "image": path, "image_size": image.size, "out_dir": out_dir}
             records.append({"image": path, **self.describe_prediction(out[0].float().cpu(), info)})
         return records
+
+    def infer(self, model: Any, x: torch.Tensor) -> torch.Tensor:
+        """The model's output for an evaluation or prediction batch (a classifier adds test-time augmentation)."""
+        return model(x)
 
     def describe_prediction(self, output: torch.Tensor, meta: dict[str, Any]) -> dict[str, Any]:
         """One model output (no batch dim, float32 on the CPU) -> a printable record."""

@@ -15,7 +15,28 @@ from fasttrain.tasks.base import Task, TrainState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ClassifyTask"]
+__all__ = ["ClassifyTask", "tta_logits"]
+
+
+def tta_logits(model: Any, x: torch.Tensor, mode: str) -> torch.Tensor:
+    """Logits of ``x`` with test-time augmentation (``task.tta``): ``none``; ``flip``: the mean over the batch
+    and its mirror; ``flip_translate`` (airbench's): half that, half the flip mean over the batch shifted by one
+    pixel up-left and down-right (reflect padding), for small images where a pixel is a visible shift."""
+    if mode == "none":
+        return model(x)
+
+    def mirrored(t: torch.Tensor) -> torch.Tensor:
+        return 0.5 * model(t).float() + 0.5 * model(t.flip(-1)).float()
+
+    logits = mirrored(x)
+    if mode == "flip":
+        return logits
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+    # Laid out as x is (a compiled model's graph guards on strides too: no new graph for the shifted batches).
+    fmt = torch.channels_last if x.dim() == 4 and not x.is_contiguous() else torch.contiguous_format
+    shifted = [p.contiguous(memory_format=fmt) for p in (padded[..., 0:h, 0:w], padded[..., 2 : h + 2, 2 : w + 2])]
+    return 0.5 * logits + 0.25 * (mirrored(shifted[0]) + mirrored(shifted[1]))
 
 
 class ClassifyTask(Task):
@@ -95,9 +116,12 @@ class ClassifyTask(Task):
     def eval_metric_names(self) -> tuple[str, ...]:
         return ("loss", "acc", "acc5") if self.num_outputs > 5 else ("loss", "acc")  # top-5 of <= 5 says nothing
 
+    def infer(self, model: Any, x: torch.Tensor) -> torch.Tensor:
+        return tta_logits(model, x, self.cfg.task.tta)
+
     def eval_step(self, state: TrainState, batch: Batch) -> dict[str, torch.Tensor]:
         with self.runtime.autocast():
-            logits = state.local["model"](batch.inputs).float()
+            logits = self.infer(state.local["model"], batch.inputs).float()
         y = batch.targets
         out = {
             "loss": F.cross_entropy(logits, y, reduction="sum"),
@@ -118,7 +142,9 @@ class ClassifyTask(Task):
         state.train(False)
         try:
             model = state.ema["model"].module if ema and "model" in state.ema else state.local["model"]
-            matrix = confusion_matrix(model, val_loader, self.num_outputs, self.runtime.autocast)
+            matrix = confusion_matrix(
+                lambda x: self.infer(model, x), val_loader, self.num_outputs, self.runtime.autocast
+            )
         finally:
             state.train(True)
         names = list(self.source.class_names) if self.source and self.source.class_names else []
@@ -132,8 +158,11 @@ class ClassifyTask(Task):
         log.info("per-class val accuracy (%s), lowest first: %s | %s, %s", weights, shown, js.name, png.name)
 
     def synthetic_batch(self, batch_size: int, spec: InputSpec, train: bool = True) -> Batch:
+        # Training at the largest training size (progressive resizing: memory is planned for the last epochs),
+        # evaluation at its own crop.
+        d = self.cfg.data
         y = torch.randint(0, self.num_outputs, (batch_size,), device=spec.device)
-        return Batch(self.synthetic_inputs(batch_size, spec), y)
+        return Batch(self.synthetic_inputs(batch_size, spec, d.train_size_max if train else d.eval_crop), y)
 
     def describe_prediction(self, output: torch.Tensor, meta: dict[str, Any]) -> dict[str, Any]:
         probs = output.softmax(0)

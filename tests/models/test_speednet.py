@@ -1,0 +1,52 @@
+"""speednet: airbench94's network, its whitening layer initialised from data patches by the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fasttrain.models import build_model
+from fasttrain.models.small import SpeedNet
+
+
+def test_shapes_and_what_learns():
+    net = build_model("speednet", in_channels=3, num_outputs=10, image_size=32, width=8)
+    assert isinstance(net, SpeedNet)
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    assert net(torch.randn(2, 3, 64, 64)).shape == (2, 10)  # global max-pool: any multiple of 8
+    frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
+    assert "whiten.weight" in frozen and "whiten.bias" not in frozen
+    assert all(n.endswith(".weight") for n in frozen)  # the whitening filters and the BN scales (fixed at 1)
+    with pytest.raises(ValueError, match=r"data\.image_size: speednet .* multiple of 8, got 30"):
+        build_model("speednet", in_channels=3, num_outputs=10, image_size=30)
+
+
+def test_the_whitening_layer_decorrelates_the_patches_it_was_fitted_on():
+    torch.manual_seed(0)
+    mix = torch.randn(3, 3)
+    images = torch.einsum("dc,nchw->ndhw", mix, torch.randn(64, 3, 12, 12))  # correlated channels
+    images = images + 0.5 * images.roll(1, dims=3)  # and correlated neighbours
+    net = SpeedNet(3, 10, width=8)
+    net.init_from_data(images)
+    out = net.whiten(images)[:, :12]  # the first half: the whitening basis (the rest is its negation)
+    out = out - net.whiten.bias[:12, None, None]
+    flat = out.permute(1, 0, 2, 3).reshape(12, -1)
+    cov = flat @ flat.T / flat.shape[1]
+    assert torch.allclose(cov, torch.eye(12), atol=0.05)
+    assert torch.equal(net.whiten.weight[12:], -net.whiten.weight[:12])
+
+
+def test_the_engine_initialises_it_from_training_images(shapes_root, tmp_path, caplog):
+    from fasttrain.engine import train
+    from tests.tinyrun import tiny_cfg
+
+    caplog.set_level("INFO", logger="fasttrain")
+    cfg = tiny_cfg(shapes_root, tmp_path, "model.name=speednet", "optim.name=sgd", "optim.lr=0.05", epochs=1)
+    result = train(cfg, progress=False)
+    # every training image of the epoch (450, trimmed to whole batches of 32)
+    assert "SpeedNet initialised from the patches of 448 training images" in caplog.text
+    from fasttrain.checkpoint import load_checkpoint
+
+    w = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")["state"]["modules"]["model"]["whiten.weight"]
+    fresh = SpeedNet(3, 3, width=8).whiten.weight
+    assert not torch.allclose(w, fresh)
