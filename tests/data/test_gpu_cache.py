@@ -371,3 +371,36 @@ def test_an_image_already_in_the_target_mode_is_not_copied(images, monkeypatch):
     im = load_image(rgb, 3)
     assert im.mode == "RGB" and copies == []
     assert np.asarray(im).shape[2] == 3 and np.asarray(im).sum() > 0  # the pixels outlive the closed file
+
+
+class _Timed(torch.utils.data.Dataset):
+    """Items that take ``seconds`` each outside the GIL (a sleep, like Pillow's C decode of a large image), and
+    the threads that made them; item 5 cannot be given."""
+
+    def __init__(self, n: int, seconds: float):
+        self.n, self.seconds, self.threads = n, seconds, set()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        import threading
+        import time
+
+        self.threads.add(threading.get_ident())
+        time.sleep(self.seconds)
+        return None if i == 5 else (torch.full((1, 2, 2), i % 256, dtype=torch.uint8), i)
+
+
+@pytest.mark.parametrize("seconds, threaded", [(0.0, False), (0.003, True)])
+def test_the_cache_build_takes_threads_only_where_items_are_slow_enough_to_gain(seconds, threaded):
+    import threading
+
+    from fasttrain.data.checks import BadFiles
+
+    n = gpu_cache.PROBE_ITEMS + 40
+    ds = _Timed(n, seconds)
+    x, y, rows = gpu_cache._decode_rows(ds, list(range(n)), 2, BadFiles([], 10))
+    assert rows == [r for r in range(n) if r != 5] and y.tolist() == rows  # order kept, the bad item out
+    assert x[:, 0, 0, 0].tolist() == [r % 256 for r in rows]
+    assert (ds.threads != {threading.get_ident()}) == threaded
