@@ -352,12 +352,9 @@ def _measure_all(prep, b, tc) -> tuple[Timing, Timing | None, Timing, Timing, di
     try:
         # The ceiling first: its warm-up also absorbs compile and cuDNN autotuning, so end to end starts warm.
         batch = task.synthetic_batch(micro, task.input_spec(), train=True)
-        model_t = model_step_throughput(
-            task, state, batch, warmup=b.warmup_steps, steps=b.steps, repeats=b.repeats, accumulation=tc.accumulation
-        )
-        if info.enabled:  # the same step with DDP's all-reduce: one GPU's ceiling against N's
-            distributed.wrap_state(state, runtime, sync_bn=prep.cfg.model.sync_bn)
-            parallel_t = model_step_throughput(
+
+        def step_rate(batch: Batch) -> Timing:
+            return model_step_throughput(
                 task,
                 state,
                 batch,
@@ -366,6 +363,11 @@ def _measure_all(prep, b, tc) -> tuple[Timing, Timing | None, Timing, Timing, di
                 repeats=b.repeats,
                 accumulation=tc.accumulation,
             )
+
+        model_t = step_rate(batch)
+        if info.enabled:  # the same step with DDP's all-reduce: one GPU's ceiling against N's
+            distributed.wrap_state(state, runtime, sync_bn=prep.cfg.model.sync_bn)
+            parallel_t = step_rate(batch)
         del batch
         per_size = {}
         sizes = train_sizes(prep.cfg)
@@ -375,15 +377,7 @@ def _measure_all(prep, b, tc) -> tuple[Timing, Timing | None, Timing, Timing, di
                 continue
             spec = task.input_spec()  # classification only (progressive resizing is): targets are the labels
             small = Batch(task.synthetic_inputs(micro, spec, size), task.synthetic_batch(micro, spec).targets)
-            per_size[size] = model_step_throughput(
-                task,
-                state,
-                small,
-                warmup=b.warmup_steps,
-                steps=b.steps,
-                repeats=b.repeats,
-                accumulation=tc.accumulation,
-            )
+            per_size[size] = step_rate(small)
         loader_t = loader_throughput(
             loader, warmup_batches=b.warmup_steps, max_batches=b.steps, repeats=b.repeats, device=runtime.device
         )

@@ -30,3 +30,15 @@ def tiny_cfg(root, runs, *extra: str, epochs: int = 2, max_steps: int = 3) -> Co
             *extra,
         ],
     )
+
+
+def cli_args(cfg: Config) -> list[str]:
+    """``cfg``'s settings that differ from the defaults, as ``--set`` arguments for the command line."""
+    import json
+
+    out = []
+    for section in ("data", "model", "optim", "train", "runtime"):
+        for k, v in vars(getattr(cfg, section)).items():
+            if v != vars(getattr(Config(), section))[k]:
+                out += ["--set", f"{section}.{k}={json.dumps(v) if not isinstance(v, str) else v}"]
+    return out

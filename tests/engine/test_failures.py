@@ -14,24 +14,18 @@ import sys
 import pytest
 import torch
 from faultfs import FaultFS
-from tinyrun import tiny_cfg
+from tinyrun import cli_args, tiny_cfg
 
 from fasttrain.checkpoint import load_checkpoint
 from fasttrain.cli import main
-from fasttrain.config import Config, ConfigError
+from fasttrain.config import ConfigError
 from fasttrain.engine import train
 from fasttrain.io import WriteError
 
 
 def cli_set(root, runs, *extra):
     """The same tiny run as ``--set`` arguments for the command line."""
-    cfg = tiny_cfg(root, runs, *extra)
-    out = []
-    for section in ("data", "model", "optim", "train", "runtime"):
-        for k, v in vars(getattr(cfg, section)).items():
-            if v != vars(getattr(Config(), section))[k]:
-                out += ["--set", f"{section}.{k}={json.dumps(v) if not isinstance(v, str) else v}"]
-    return out
+    return cli_args(tiny_cfg(root, runs, *extra))
 
 
 class Stop(Exception):

@@ -10,19 +10,9 @@ import sys
 import time
 
 import pytest
-from tinyrun import tiny_cfg
+from tinyrun import cli_args, tiny_cfg
 
 from fasttrain.checkpoint import load_checkpoint
-from fasttrain.config import Config
-
-
-def _cli_set(cfg: Config) -> list[str]:
-    out = []
-    for section in ("data", "model", "optim", "train", "runtime"):
-        for k, v in vars(getattr(cfg, section)).items():
-            if v != vars(getattr(Config(), section))[k]:
-                out += ["--set", f"{section}.{k}={json.dumps(v) if not isinstance(v, str) else v}"]
-    return out
 
 
 def _step_records(metrics) -> list[dict]:
@@ -38,7 +28,7 @@ def test_a_signal_saves_the_run_mid_epoch_and_prints_the_resume_command(shapes_r
     # About 110 steps per epoch, 20 epochs: still in the first epoch when the signal comes.
     cfg = tiny_cfg(shapes_root, runs, "train.max_steps=0", "train.epochs=20", "train.batch_size=4")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fasttrain", "train", *_cli_set(cfg), "-q"],
+        [sys.executable, "-m", "fasttrain", "train", *cli_args(cfg), "-q"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
