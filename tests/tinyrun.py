@@ -1,4 +1,5 @@
-"""The small CPU run the engine tests share: smallcnn at 32 px on the torch loader, a few steps, logged each step."""
+"""The small CPU run the engine tests share: smallcnn at 32 px on the torch loader, a few steps, logged each step;
+and the small image files the loader tests share."""
 
 from __future__ import annotations
 
@@ -42,3 +43,18 @@ def cli_args(cfg: Config) -> list[str]:
             if v != vars(getattr(Config(), section))[k]:
                 out += ["--set", f"{section}.{k}={json.dumps(v) if not isinstance(v, str) else v}"]
     return out
+
+
+def mixed_images(folder, n: int, seed: int, sides: tuple[int, int]) -> list[str]:
+    """``n`` noise images of random sizes (each side in ``sides``), JPEG and PNG alternately, named by position."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        h, w = (int(v) for v in rng.integers(*sides, 2))
+        p = folder / f"{i:02d}.{'jpg' if i % 2 else 'png'}"
+        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(p)
+        paths.append(str(p))
+    return paths

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from tinyrun import mixed_images
 
 from fasttrain.config import Config, ConfigError, DataConfig, RuntimeConfig, apply_overrides
 from fasttrain.data import gpu_cache, loaders, registry
@@ -226,15 +226,7 @@ def test_prepare_gives_every_task_the_backend_choice(tmp_path, task, fmt):
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> list[str]:
     """23 small images of mixed sizes and kinds; a file's class index is its position (the sample's identity)."""
-    folder = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(1)
-    paths = []
-    for i in range(23):
-        h, w = (int(v) for v in rng.integers(18, 40, 2))
-        p = folder / f"{i:02d}.{'jpg' if i % 2 else 'png'}"
-        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(p)
-        paths.append(str(p))
-    return paths
+    return mixed_images(tmp_path_factory.mktemp("shards"), 23, seed=1, sides=(18, 40))
 
 
 def _cfg(seed: int = 4) -> Config:

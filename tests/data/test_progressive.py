@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
+from tinyrun import mixed_images
 
 from fasttrain.config import Config, ConfigError, DataConfig, RuntimeConfig, TrainConfig, apply_overrides
 from fasttrain.data.base import InputSpec
@@ -96,15 +95,7 @@ def test_a_resume_may_not_change_the_sizes(tmp_path):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> list[str]:
-    folder = tmp_path_factory.mktemp("progressive")
-    rng = np.random.default_rng(3)
-    paths = []
-    for i in range(12):
-        h, w = (int(v) for v in rng.integers(30, 60, 2))
-        p = folder / f"{i:02d}.{'jpg' if i % 2 else 'png'}"
-        Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(p)
-        paths.append(str(p))
-    return paths
+    return mixed_images(tmp_path_factory.mktemp("progressive"), 12, seed=3, sides=(30, 60))
 
 
 def _cfg(*extra: str) -> Config:
