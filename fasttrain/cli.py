@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from fasttrain import __version__
@@ -300,19 +301,7 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
     return _HelpFormatter(prog)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fasttrain",
-        description=__doc__.split("\n\n", 1)[1].strip(),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"fasttrain {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=description, formatter_class=_formatter)
-
+def _add_train(command: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     p = command(
         "train",
         "train a config (no config: the quickstart on demo data)",
@@ -344,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, "optim.lr=0.05")
     p.set_defaults(fn=cmd_train, argv=None)
 
+
+def _add_predict(command: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     p = command(
         "predict",
         "predict with a checkpoint or a run folder",
@@ -364,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbosity(p)
     p.set_defaults(fn=cmd_predict)
 
+
+def _add_autotune(command: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     p = command(
         "autotune",
         "find the batch size and loader settings with the best samples/s",
@@ -396,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, "tune.max_batch=512")
     p.set_defaults(fn=cmd_autotune)
 
+
+def _add_lr_find(command: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     p = command(
         "lr-find",
         "learning-rate range test: loss against an exponentially growing lr, with a suggestion",
@@ -413,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, "optim.name=adamw")
     p.set_defaults(fn=cmd_lr_find)
 
+
+def _add_bench(command: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     p = command(
         "bench",
         "loader-only, model-only and end-to-end samples/s for a config",
@@ -431,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, "bench.steps=50")
     p.set_defaults(fn=cmd_bench)
 
+
+def _add_check_data(command: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     p = command(
         "check-data",
         "report unreadable or odd images; never touches the files",
@@ -444,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_verbosity(p)
     p.set_defaults(fn=cmd_check_data)
 
+
+def _add_config(command: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     p = command(
         "config",
         "show every setting of a config, or list the packaged configs",
@@ -456,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, "optim.lr=0.05")
     p.set_defaults(fn=cmd_config)
 
+
+def _add_plot(command: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     p = command(
         "plot",
         "draw a run's curves (several runs overlaid) into a PNG",
@@ -470,6 +473,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_verbosity(p)
     p.set_defaults(fn=cmd_plot)
+
+
+_COMMANDS = (
+    _add_train,
+    _add_predict,
+    _add_autotune,
+    _add_lr_find,
+    _add_bench,
+    _add_check_data,
+    _add_config,
+    _add_plot,
+)
+"""The subcommands, in the order ``fasttrain --help`` lists them (make-data is added last, by name only)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fasttrain",
+        description=__doc__.split("\n\n", 1)[1].strip(),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"fasttrain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=description, formatter_class=_formatter)
+
+    for add in _COMMANDS:
+        add(command)
 
     sub.add_parser(
         "make-data",

@@ -18,8 +18,7 @@ from typing import Any
 
 import tomli_w
 
-from fasttrain.data import registry
-from fasttrain.tasks import task_names
+from fasttrain import registry
 
 __all__ = [
     "ConfigError",
@@ -163,8 +162,8 @@ class DataConfig:
     the pre-check already skipped do not count): a damaged dataset is not trained on silently."""
 
     def __post_init__(self) -> None:
-        _choice(self.format, "data.format", registry.format_choices())
-        _choice(self.loader, "data.loader", registry.loader_choices())
+        _choice(self.format, "data.format", registry.names("formats"))
+        _choice(self.loader, "data.loader", (registry.AUTO, *registry.names("backends")))
         _check(self.channels in (1, 3), "data.channels", f"must be 1 or 3, got {self.channels}")
         _check(0.0 <= self.val_fraction <= 0.9, "data.val_fraction", f"must be in 0..0.9, got {self.val_fraction}")
         _check(self.image_size >= 8, "data.image_size", f"must be >= 8 pixels, got {self.image_size}")
@@ -553,7 +552,7 @@ class TaskConfig:
     area) with noise, on the device after normalization (0 = off; 0.25 is timm's usual). Needs timm."""
 
     def __post_init__(self) -> None:
-        _choice(self.name, "task.name", task_names())
+        _choice(self.name, "task.name", registry.names("tasks"))
         _check(self.lambda_l1 >= 0, "task.lambda_l1", "must be >= 0")
         _check(self.sample_every >= 0, "task.sample_every", "must be >= 0")
         _check(self.mixup_alpha >= 0, "task.mixup_alpha", f"must be >= 0, got {self.mixup_alpha}")

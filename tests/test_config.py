@@ -183,12 +183,12 @@ def test_field_docs_reads_the_string_under_each_field():
 
 
 def test_task_names_come_from_the_task_table(monkeypatch):
-    """task.name accepts what fasttrain.tasks.TASKS lists: a new task is its module and one line there."""
-    import fasttrain.tasks as tasks
+    """task.name accepts what the registry's tasks table lists: a new task is its module and one line there."""
+    from fasttrain import registry
 
     with pytest.raises(ConfigError, match="task.name: must be one of classify, regress, pix2pix, got 'segment'"):
         load_config(None, ["task.name=segment"])
-    monkeypatch.setitem(tasks.TASKS, "segment", "fasttrain.tasks.classify:ClassifyTask")
+    monkeypatch.setitem(registry.TABLES["tasks"], "segment", "fasttrain.tasks.classify:ClassifyTask")
     assert load_config(None, ["task.name=segment"]).task.name == "segment"
 
 

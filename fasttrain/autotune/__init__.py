@@ -758,36 +758,26 @@ def _keep_given(
 
 
 def _hold_resident_dataset(cfg: Config, prep, backend: str, device, budget: Budget, notes: list[str]):
-    """With the GPU cache backend the decoded dataset lives on the device for the whole run: hold a placeholder
-    of its size during the probes so it counts against the budget as it will in training. Sized as the
-    backend choice sized it (:func:`~fasttrain.prepare.cache_request`: the task's sample kind, pairs' training
-    canvas, regression targets)."""
-    if backend != "cache" or device.type != "cuda":
+    """A backend that keeps the decoded dataset on the device for the whole run (the GPU cache): hold a
+    placeholder of its size during the probes so it counts against the budget as it will in training
+    (:func:`fasttrain.autotune.loader.resident_bytes`)."""
+    from fasttrain.autotune.loader import resident_bytes
+
+    if device.type != "cuda":
+        return None
+    nbytes = resident_bytes(backend, cfg, prep)
+    if nbytes <= 0:
         return None
     import torch
 
     from fasttrain.memory import format_bytes
 
-    nbytes = resident_cache_bytes(cfg, prep)
     if budget.budget_bytes and nbytes > 0.5 * budget.budget_bytes:
         notes.append(
             f"the GPU cache of the dataset takes {format_bytes(nbytes, 'GiB')}, over half the budget: "
             f"data.loader = dali or torch may allow larger batches"
         )
     return torch.empty(nbytes, dtype=torch.uint8, device=device)
-
-
-def resident_cache_bytes(cfg: Config, prep) -> int:
-    """Bytes the GPU cache takes for ``prep``'s dataset (training samples at their training size)."""
-    from fasttrain.data.gpu_cache import dataset_cache_bytes
-    from fasttrain.data.user import DatasetSplit
-    from fasttrain.prepare import cache_request
-
-    train = prep.source.train
-    if isinstance(train, DatasetSplit):  # a dataset from Python: its items' own size
-        return (len(train) + len(prep.source.val or [])) * train.item_nbytes
-    request = cache_request(prep.source, prep.task)
-    return 0 if request is None else dataset_cache_bytes(data=cfg.data, **request)
 
 
 _callable_module(__name__, "autotune")  # fasttrain.autotune(...) is autotune(...): see fasttrain/__init__.py

@@ -343,3 +343,20 @@ def tune_loader(
         kept.outside_torch_bytes,
         open_loader,
     )
+
+
+def resident_bytes(backend: str, cfg: Config, prep) -> int:
+    """Device bytes ``backend`` holds for the whole run, beside the batches: the GPU cache's decoded dataset
+    (training samples at their training size, sized as the backend choice sized it:
+    :func:`~fasttrain.prepare.cache_request`); 0 for a backend that streams."""
+    if backend != "cache":
+        return 0
+    from fasttrain.data.gpu_cache import dataset_cache_bytes
+    from fasttrain.data.user import DatasetSplit
+    from fasttrain.prepare import cache_request
+
+    train = prep.source.train
+    if isinstance(train, DatasetSplit):  # a dataset from Python: its items' own size
+        return (len(train) + len(prep.source.val or [])) * train.item_nbytes
+    request = cache_request(prep.source, prep.task)
+    return 0 if request is None else dataset_cache_bytes(data=cfg.data, **request)

@@ -1,7 +1,7 @@
 """Backend choice and construction, the same for every task: ``data.loader = auto | torch | dali | cache``.
 
 A task describes its samples (:class:`~fasttrain.data.samples.Samples`); :func:`make_loader` builds them on a
-backend of :data:`fasttrain.data.registry.BACKENDS`. ``auto`` (:func:`choose_backend`) picks the GPU-resident
+backend of the ``backends`` table of :mod:`fasttrain.registry`. ``auto`` (:func:`choose_backend`) picks the GPU-resident
 cache when the decoded dataset fits its budget (no per-step CPU work at all), else DALI where it imports (GPU
 decode on CUDA, its CPU-only mode without a GPU), else the torch loader, and says why.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 
+from fasttrain import registry
 from fasttrain.config import Config, ConfigError
-from fasttrain.data import registry
 from fasttrain.data.base import InputSpec, Loader
 from fasttrain.data.samples import Samples
 from fasttrain.data.sources import Split
@@ -111,7 +111,7 @@ def make_loader(
     num_shards: int = 1,
     shard_id: int = 0,
 ) -> Loader:
-    """A loader for ``samples`` on ``backend`` (a name of :data:`fasttrain.data.registry.BACKENDS`), this
+    """A loader for ``samples`` on ``backend`` (a name of the ``backends`` table of :mod:`fasttrain.registry`), this
     process's shard ``shard_id`` of ``num_shards``. A split backed by a dataset from Python
     (:class:`~fasttrain.data.user.DatasetSplit`) is served by :func:`~fasttrain.data.user.dataset_loader`."""
     from fasttrain.data.user import DatasetSplit, dataset_loader
@@ -128,7 +128,7 @@ def make_loader(
             shard_id=shard_id,
         )
     try:
-        build = registry.backend_builder(backend)
+        build = registry.resolve("backends", backend)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return build(samples, cfg, spec, train=train, batch_size=batch_size, num_shards=num_shards, shard_id=shard_id)

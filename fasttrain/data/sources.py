@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fasttrain import registry
 from fasttrain.config import ConfigError, DataConfig
-from fasttrain.data import registry
 from fasttrain.data.files import not_regular_reason
 
 log = logging.getLogger(__name__)
@@ -286,12 +286,12 @@ def discover_folder(cfg: DataConfig, root: Path) -> DataSource:
 
 def discover(cfg: DataConfig, root: str | os.PathLike | None = None) -> DataSource:
     """Find the dataset's files for ``cfg.format`` under ``root`` (default ``cfg.root``), with the format's
-    discovery function from :data:`fasttrain.data.registry.FORMATS`."""
+    discovery function from the ``formats`` table of :mod:`fasttrain.registry`."""
     root = Path(root if root is not None else cfg.root).expanduser()
     if not root.is_dir():
         raise ConfigError(f"data.root: {root} is not a folder")
     try:
-        find = registry.format_discoverer(cfg.format)
+        find = registry.resolve("formats", cfg.format)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     src = find(cfg, root)

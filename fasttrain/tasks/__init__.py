@@ -1,36 +1,24 @@
 """Tasks: what a batch means. ``make_task(cfg, runtime, source)`` picks one by ``task.name``.
 
-:data:`TASKS` is the one table of task names (``"module:Class"`` strings, imported only when used), so
+The task names live in the ``tasks`` table of :mod:`fasttrain.registry` (the ground floor, torch-free), so
 ``fasttrain.config`` reads the names ``task.name`` accepts without importing torch. Adding a task: its module
-and one line here.
+and one line there.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from fasttrain import registry
 
 if TYPE_CHECKING:
     from fasttrain.tasks.base import Task, TrainState
 
-__all__ = ["TASKS", "Task", "TrainState", "make_task", "task_class", "task_names"]
-
-TASKS: dict[str, str] = {
-    "classify": "fasttrain.tasks.classify:ClassifyTask",
-    "regress": "fasttrain.tasks.regress:RegressTask",
-    "pix2pix": "fasttrain.tasks.pix2pix:Pix2PixTask",
-}
-
-
-def task_names() -> tuple[str, ...]:
-    return tuple(TASKS)
+__all__ = ["Task", "TrainState", "make_task", "task_class"]
 
 
 def task_class(name: str) -> type[Task]:
-    if name not in TASKS:
-        raise ValueError(f"task.name: unknown task {name!r}; known: {', '.join(TASKS)}")
-    mod, cls = TASKS[name].split(":")
-    return getattr(importlib.import_module(mod), cls)
+    return registry.resolve("tasks", name)
 
 
 def make_task(cfg: Any, runtime: Any, source: Any) -> Task:

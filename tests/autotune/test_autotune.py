@@ -814,13 +814,13 @@ def test_resident_cache_is_sized_by_the_tasks_sample_kind(tmp_path):
     assert (n_train, n_val) == (8, 2)
     load = pair_load_size(32)
     assert load > 32
-    assert A.resident_cache_bytes(cfg, prep) == n_train * 2 * 3 * load * load + n_val * 2 * 3 * 32 * 32
+    assert L.resident_bytes("cache", cfg, prep) == n_train * 2 * 3 * load * load + n_val * 2 * 3 * 32 * 32
 
     shapes = synthetic.make_shapes_dataset(tmp_path / "shapes", train_per_class=3, val_per_class=1, size=16)
     ccfg = load_config("catfish", [f"data.root={shapes}", "data.image_size=16", "runtime.device=cpu"])
     cprep = prepare(ccfg)
     n = len(cprep.source.train) + len(cprep.source.val or [])
-    assert A.resident_cache_bytes(ccfg, cprep) == n * (3 * 16 * 16 + 8)
+    assert L.resident_bytes("cache", ccfg, cprep) == n * (3 * 16 * 16 + 8)
 
 
 def test_a_read_only_out_folder_is_refused_before_the_search(tmp_path, monkeypatch, capsys):

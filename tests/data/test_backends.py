@@ -15,8 +15,9 @@ import pytest
 import torch
 from tinyrun import mixed_images
 
+from fasttrain import registry
 from fasttrain.config import Config, ConfigError, DataConfig, RuntimeConfig, apply_overrides
-from fasttrain.data import gpu_cache, loaders, registry
+from fasttrain.data import gpu_cache, loaders
 from fasttrain.data.base import InputSpec
 from fasttrain.data.dali import dali_status
 from fasttrain.data.loaders import choose_backend, make_loader
@@ -34,16 +35,15 @@ GIB = 2**30
 
 
 def test_config_choices_are_the_registries():
-    assert registry.loader_choices() == ("auto", "torch", "dali", "cache")
-    assert registry.format_choices() == ("folder", "manifest", "drawing", "paired")
+    assert registry.names("backends") == ("torch", "dali", "cache")
+    assert registry.names("formats") == ("folder", "manifest", "drawing", "paired")
     with pytest.raises(ConfigError, match=r"data\.loader: must be one of auto, torch, dali, cache"):
         DataConfig(loader="gpu")
     with pytest.raises(ConfigError, match=r"data\.format: must be one of folder, manifest, drawing, paired"):
         DataConfig(format="csv")
-    for name in registry.BACKENDS:
-        assert callable(registry.backend_builder(name)), name
-    for name in registry.FORMATS:
-        assert callable(registry.format_discoverer(name)), name
+    for table in ("tasks", "backends", "formats"):
+        for name in registry.names(table):
+            assert callable(registry.resolve(table, name)), (table, name)
 
 
 def test_a_backend_is_added_by_its_module_and_one_registry_line(monkeypatch, tmp_path):
@@ -52,7 +52,7 @@ def test_a_backend_is_added_by_its_module_and_one_registry_line(monkeypatch, tmp
     module = types.ModuleType("my_backend")
     module.build = lambda samples, cfg, spec, **kw: built.append((samples.kind, kw)) or "a loader"
     monkeypatch.setitem(sys.modules, "my_backend", module)
-    monkeypatch.setitem(registry.BACKENDS, "mine", "my_backend:build")
+    monkeypatch.setitem(registry.TABLES["backends"], "mine", "my_backend:build")
     cfg = Config(data=DataConfig(loader="mine"))
     assert choose_backend("mine", device_type="cpu", num_images=10, cfg=cfg) == ("mine", "data.loader = mine")
     split = Split("train", ["a.png"], [[0.5]])
@@ -69,7 +69,7 @@ def test_a_format_is_added_by_its_function_and_one_registry_line(monkeypatch, tm
     module = types.ModuleType("my_format")
     module.discover = lambda cfg, root: DataSource(root, "mine", Split("train", ["x.png"], [0]), None)
     monkeypatch.setitem(sys.modules, "my_format", module)
-    monkeypatch.setitem(registry.FORMATS, "mine", "my_format:discover")
+    monkeypatch.setitem(registry.TABLES["formats"], "mine", "my_format:discover")
     src = discover(DataConfig(format="mine"), tmp_path)
     assert src.format == "mine" and src.train.paths == ["x.png"]
 
