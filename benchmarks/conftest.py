@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from benchutil import SIZES, BenchSize, cache_root, extract_imagenette, find_tar, generate_imagenet_like
-from fasttrain import bench
+from fasttrain import benchmark as bench
 from fasttrain.runtime import BackendFlags, backend_flags
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from benchutil import NaiveScript, bench_config, naive_loader, skip_on_oom, skip_unavailable_backend
-from fasttrain import bench
+from fasttrain import benchmark as bench
 from fasttrain.prepare import prepare
 from fasttrain.runtime import BackendFlags
 from fasttrain.timing import train_step_fn

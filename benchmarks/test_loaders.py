@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from benchutil import bench_config, cache_root, epoch_batch_times, naive_loader, skip_unavailable_backend
-from fasttrain import bench
+from fasttrain import benchmark as bench
 from fasttrain.prepare import prepare
 from fasttrain.runtime import BackendFlags
 

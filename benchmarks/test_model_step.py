@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchutil import NaiveScript, bench_config, skip_on_oom
-from fasttrain import bench
+from fasttrain import benchmark as bench
 from fasttrain.runtime import BackendFlags, runtime_for
 from fasttrain.tasks import make_task
 from fasttrain.timing import train_step_fn

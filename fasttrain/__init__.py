@@ -17,11 +17,14 @@ __version__ = "0.1.0"
 
 __all__ = ["__version__", "load_config", "train", "autotune", "bench", "predict"]
 
-_ENTRY_POINTS = {"load_config": "fasttrain.config", "train": "fasttrain.engine"}
-# bench, predict and autotune are modules that share their entry point's name: the module itself is callable
-# (``fasttrain.bench(cfg)`` is ``fasttrain.bench.bench(cfg)``), so ``from fasttrain import bench`` gives one object
-# that both runs and holds the module's helpers, whichever was imported first.
-_CALLABLE_MODULES = ("autotune", "bench", "predict")
+_ENTRY_POINTS = {
+    "load_config": "fasttrain.config",
+    "train": "fasttrain.engine",
+    "autotune": "fasttrain.tuning",
+    "bench": "fasttrain.benchmark",
+    "predict": "fasttrain.prediction",
+}
+"""Each verb of the API and the module (a noun) that implements it."""
 
 
 def __getattr__(name: str) -> Any:
@@ -32,21 +35,7 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_ENTRY_POINTS[name]), name)
         globals()[name] = value
         return value
-    if name in _CALLABLE_MODULES:
-        return importlib.import_module(f"fasttrain.{name}")
     raise AttributeError(f"module 'fasttrain' has no attribute {name!r}")
-
-
-def _callable_module(module_name: str, function: str) -> None:
-    """Let the module ``module_name`` be called as its function ``function`` (see ``_CALLABLE_MODULES``)."""
-    import sys
-    import types
-
-    class CallableModule(types.ModuleType):
-        def __call__(self, *args: Any, **kwargs: Any) -> Any:
-            return getattr(self, function)(*args, **kwargs)
-
-    sys.modules[module_name].__class__ = CallableModule
 
 
 def __dir__() -> list[str]:

@@ -132,7 +132,7 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     """Exit status 0 when every image got a prediction, 1 when any failed (listed on stderr)."""
     from fasttrain.io import check_writable
-    from fasttrain.predict import predict
+    from fasttrain.prediction import predict
 
     if args.out_dir:
         check_writable(args.out_dir, "predict --out-dir")
@@ -161,7 +161,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_autotune(args: argparse.Namespace) -> int:
     """Run, print the table; 0 when a verified choice was written, 1 otherwise."""
-    from fasttrain.autotune import autotune
+    from fasttrain.tuning import autotune
 
     report = autotune(
         resolve_config(args.config, args.overrides),
@@ -206,7 +206,7 @@ def _is_main_process() -> bool:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fasttrain.bench import bench
+    from fasttrain.benchmark import bench
     from fasttrain.io import check_writable
 
     cfg = resolve_config(args.config, args.overrides)
@@ -214,7 +214,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         check_writable(Path(args.json).expanduser().parent, "bench --json")
     run = target = None
     if args.run or args.target:
-        from fasttrain.bench import parse_target
+        from fasttrain.benchmark import parse_target
 
         if not (args.run and args.target):
             raise ConfigError("bench: --run RUN_DIR and --target METRIC=VALUE go together")

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from fasttrain import bench as B
+from fasttrain import benchmark as B
 
 
 def _timing(sps: float) -> B.Timing:

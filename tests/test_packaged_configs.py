@@ -5,7 +5,7 @@ import pytest
 from fasttrain.config import load_config, packaged_config
 from fasttrain.data import synthetic
 from fasttrain.engine import train
-from fasttrain.predict import predict
+from fasttrain.prediction import predict
 
 FAST = ["train.epochs=1", "train.max_steps=2", "data.workers=0", "train.eval_batch_size=4"]
 

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fasttrain.autotune import plot_report
+from fasttrain.tuning import plot_report
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -88,7 +88,7 @@ def fasttrain_run(config: str, root: Path, runs: Path, overrides: list[str]) -> 
 def wall_to_target(run: Path, wall: float, metric: str, target: float) -> dict:
     """When the run reached ``target``: its training + evaluation seconds up to that epoch and the wall-clock
     seconds (set-up included: the whole call less what ran after that epoch)."""
-    from fasttrain.bench import time_to_target
+    from fasttrain.benchmark import time_to_target
 
     got = time_to_target(run, metric, target)
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]

@@ -251,7 +251,7 @@ def test_load_image_names_a_fifo_instead_of_blocking(tmp_path):
 def test_predict_reports_a_fifo_and_goes_on(tmp_path):
     from fasttrain.data import synthetic
     from fasttrain.engine import train
-    from fasttrain.predict import predict
+    from fasttrain.prediction import predict
 
     root = synthetic.make_shapes_dataset(
         tmp_path / "data", train_per_class=4, val_per_class=1, size=16, shapes=("circle", "square")

@@ -131,8 +131,8 @@ def test_importing_the_package_has_no_side_effects():
     """Importing any module has no side effects: no DALI import, no CUDA initialisation, no cuDNN flag changed."""
     code = (
         "import sys, torch; flags = torch.backends.cudnn.benchmark; "
-        "import fasttrain, fasttrain.cli, fasttrain.engine, fasttrain.autotune, fasttrain.bench, "
-        "fasttrain.predict, fasttrain.data.dali, fasttrain.data.gpu_cache, fasttrain.data.loaders, "
+        "import fasttrain, fasttrain.cli, fasttrain.engine, fasttrain.tuning, fasttrain.benchmark, "
+        "fasttrain.prediction, fasttrain.data.dali, fasttrain.data.gpu_cache, fasttrain.data.loaders, "
         "fasttrain.tasks.classify, fasttrain.tasks.regress, fasttrain.tasks.pix2pix; "
         "sys.exit(1 if 'nvidia.dali' in sys.modules else 2 if torch.cuda.is_initialized() "
         "else 3 if torch.backends.cudnn.benchmark != flags else 0)"

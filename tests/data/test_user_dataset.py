@@ -159,8 +159,8 @@ def test_a_wrong_dataset_is_refused_with_what_is_wrong(tmp_path):
 def test_bench_and_autotune_take_the_dataset_and_model_too(tmp_path, monkeypatch):
     from torch import nn
 
-    from fasttrain.autotune import probe
-    from fasttrain.autotune.search import Agreement
+    from fasttrain.tuning import probe
+    from fasttrain.tuning.search import Agreement
 
     cfg = config(tmp_path, "bench.warmup_steps=1", "bench.steps=2", "bench.repeats=1")
     model = nn.Sequential(

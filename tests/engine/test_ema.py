@@ -9,7 +9,7 @@ from fasttrain.checkpoint import load_checkpoint
 from fasttrain.config import load_config
 from fasttrain.ema import ModelEma, ema_decay_at
 from fasttrain.engine import best_candidate, train
-from fasttrain.predict import predict
+from fasttrain.prediction import predict
 
 
 def test_ema_is_the_average_of_the_steps_weights(shapes_root, tmp_path):

@@ -115,17 +115,17 @@ def test_read_only_home_for_the_demo_dataset_is_one_line(tmp_path, monkeypatch, 
 @pytest.mark.parametrize("command", ["bench", "check-data", "predict"])
 def test_outputs_written_at_the_end_are_checked_at_the_start(command, shapes_root, tmp_path, monkeypatch, capsys):
     """An unwritable --json / --skip-list / --out-dir fails at once, before the work, in one line."""
-    import fasttrain.bench
+    import fasttrain.benchmark
     import fasttrain.data.checks
-    import fasttrain.predict
+    import fasttrain.prediction
 
     def never(*a, **k):
         raise AssertionError("the work started although its output cannot be written")
 
     for mod, name in (
-        (fasttrain.bench, "bench"),
+        (fasttrain.benchmark, "bench"),
         (fasttrain.data.checks, "check_data"),
-        (fasttrain.predict, "predict"),
+        (fasttrain.prediction, "predict"),
     ):
         monkeypatch.setattr(mod, name, never)
     ro = tmp_path / "ro"
@@ -397,12 +397,12 @@ def test_os_errors_from_any_command_are_one_line(monkeypatch, capsys):
     """The shared path (autotune --out uses it too): an OSError naming a file is what + why, exit 1."""
     import errno
 
-    import fasttrain.bench
+    import fasttrain.benchmark
 
     def denied(cfg, **kw):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/srv/shared/tuned")
 
-    monkeypatch.setattr(fasttrain.bench, "bench", denied)
+    monkeypatch.setattr(fasttrain.benchmark, "bench", denied)
     assert main(["bench"]) == 1
     assert one_line_error(capsys.readouterr().err) == (
         "fasttrain: error: cannot write /srv/shared/tuned: Permission denied"

@@ -123,7 +123,7 @@ def test_resume_and_predict_take_the_checkpoint_not_the_starting_weights(tmp_pat
     checkpoint), and the resumed weights are the checkpoint's."""
     from fasttrain.data.synthetic import make_shapes_dataset
     from fasttrain.engine import train
-    from fasttrain.predict import predict
+    from fasttrain.prediction import predict
 
     root = make_shapes_dataset(
         tmp_path / "data", train_per_class=4, val_per_class=1, size=16, shapes=("circle", "square")

@@ -12,7 +12,7 @@ from fasttrain.data.dali import dali_status
 from fasttrain.data.sources import Split, discover
 from fasttrain.data.synthetic import make_paired_dataset
 from fasttrain.engine import evaluate, train
-from fasttrain.predict import predict
+from fasttrain.prediction import predict
 from fasttrain.prepare import prepare
 from fasttrain.runtime import Runtime
 from fasttrain.tasks.pix2pix import PairDataset, Pix2PixTask

@@ -14,7 +14,7 @@ from fasttrain.data.dali import dali_status
 from fasttrain.data.sources import discover
 from fasttrain.data.synthetic import make_drawing_dataset
 from fasttrain.engine import train
-from fasttrain.predict import predict
+from fasttrain.prediction import predict
 from fasttrain.runtime import Runtime
 from fasttrain.tasks.regress import RegressTask, target_range
 

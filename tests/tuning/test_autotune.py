@@ -14,15 +14,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fasttrain import autotune as A
-from fasttrain.autotune import cache as C
-from fasttrain.autotune import loader as L
-from fasttrain.autotune import probe as P
-from fasttrain.autotune import report as R
-from fasttrain.autotune.search import Agreement, BatchPlan, Candidate, Skipped
+from fasttrain import tuning as A
 from fasttrain.cli import main
 from fasttrain.config import Config, apply_overrides, load_config
 from fasttrain.data.base import Batch
+from fasttrain.tuning import cache as C
+from fasttrain.tuning import loader as L
+from fasttrain.tuning import probe as P
+from fasttrain.tuning import report as R
+from fasttrain.tuning.search import Agreement, BatchPlan, Candidate, Skipped
 
 GIB = 2**30
 

@@ -3,12 +3,12 @@ to a new config.
 
 The layers, one module each:
 
-- :mod:`~fasttrain.autotune.search` (pure, no torch): noise-aware comparison, the batch-size search, the
+- :mod:`~fasttrain.tuning.search` (pure, no torch): noise-aware comparison, the batch-size search, the
   choice, batch plans, the loader choice, the verification verdict;
-- :mod:`~fasttrain.autotune.probe`: the budget, the step probe, the compiled check, the verification run;
-- :mod:`~fasttrain.autotune.loader`: loader settings judged end to end against the model-only step;
-- :mod:`~fasttrain.autotune.report`: the typed report, its table, JSON, PNG and the tuned TOML;
-- :mod:`~fasttrain.autotune.cache`: answers keyed by the whole resolved config minus an explicit ignore list;
+- :mod:`~fasttrain.tuning.probe`: the budget, the step probe, the compiled check, the verification run;
+- :mod:`~fasttrain.tuning.loader`: loader settings judged end to end against the model-only step;
+- :mod:`~fasttrain.tuning.report`: the typed report, its table, JSON, PNG and the tuned TOML;
+- :mod:`~fasttrain.tuning.cache`: answers keyed by the whole resolved config minus an explicit ignore list;
 - here, :func:`autotune`: the entry point that runs them in order inside ``runtime.flags()``.
 
 Order and time: the config's own micro-batch is probed first (the baseline every change must beat beyond the
@@ -39,8 +39,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fasttrain import _callable_module
-from fasttrain.autotune.search import (
+from fasttrain.config import Config
+from fasttrain.tuning.search import (
     Agreement,
     BatchPlan,
     Candidate,
@@ -52,15 +52,14 @@ from fasttrain.autotune.search import (
     plan_batches,
     search_batch_size,
 )
-from fasttrain.config import Config
 
 if TYPE_CHECKING:
-    from fasttrain.autotune.loader import LoaderResult
-    from fasttrain.autotune.probe import Budget, ProbeSettings
-    from fasttrain.autotune.report import AutotuneReport
     from fasttrain.timing import TimeBudget
+    from fasttrain.tuning.loader import LoaderResult
+    from fasttrain.tuning.probe import Budget, ProbeSettings
+    from fasttrain.tuning.report import AutotuneReport
 
-log = logging.getLogger("fasttrain.autotune")
+log = logging.getLogger("fasttrain.tuning")
 
 __all__ = [
     "autotune",
@@ -107,12 +106,12 @@ _LAZY = {
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(f"fasttrain.autotune.{_LAZY[name]}"), name)
+        return getattr(importlib.import_module(f"fasttrain.tuning.{_LAZY[name]}"), name)
     if name == "is_oom_error":
         from fasttrain.memory import is_oom_error
 
         return is_oom_error
-    raise AttributeError(f"module 'fasttrain.autotune' has no attribute {name!r}")
+    raise AttributeError(f"module 'fasttrain.tuning' has no attribute {name!r}")
 
 
 SEARCH_SHARE = 0.6
@@ -150,10 +149,10 @@ def autotune(
     the real data at the tuned settings, under the same budget. ``model``, ``dataset``, ``val_dataset``: your
     own, as :func:`fasttrain.train` takes them (answers for them are not cached: the config cannot name them).
     """
-    from fasttrain.autotune import cache
-    from fasttrain.autotune.report import write_outputs
     from fasttrain.runtime import environment, runtime_for
     from fasttrain.timing import TimeBudget
+    from fasttrain.tuning import cache
+    from fasttrain.tuning.report import write_outputs
 
     t_start = time.perf_counter()
     budget_gib = float(memory_budget_gib if memory_budget_gib is not None else cfg.tune.memory_budget_gib)
@@ -218,7 +217,7 @@ def _agree(report: AutotuneReport) -> AutotuneReport:
     """Under torchrun every process tuned its own GPU for its share of the global batch; all of them take rank 0's
     answer (sent as its JSON form: open loaders stay where they are)."""
     from fasttrain import distributed
-    from fasttrain.autotune.report import AutotuneReport
+    from fasttrain.tuning.report import AutotuneReport
 
     info = distributed.current()
     if not info.enabled:
@@ -243,12 +242,12 @@ def _out_dir(cfg: Config, out_dir: str | os.PathLike | None) -> Path:
 def _tune(
     cfg: Config, budget_gib: float, *, verify: bool, clock: TimeBudget, python_args: dict[str, Any] | None = None
 ) -> AutotuneReport:
-    from fasttrain.autotune.loader import reuse_file_checks
-    from fasttrain.autotune.probe import release_budget, setup_budget
-    from fasttrain.autotune.report import AutotuneReport
     from fasttrain.memory import GIB, free_device_memory
     from fasttrain.prepare import prepare
     from fasttrain.runtime import seed_everything
+    from fasttrain.tuning.loader import reuse_file_checks
+    from fasttrain.tuning.probe import release_budget, setup_budget
+    from fasttrain.tuning.report import AutotuneReport
 
     # The GPU cache is chosen against the budget, not the whole (maybe larger) card.
     prep = prepare(cfg, memory_limit=int(budget_gib * GIB), host_check=False, **(python_args or {}))
@@ -349,10 +348,10 @@ def _run(
     given: int | None,
 ) -> None:
     """The stages, in order; ``report`` is filled as they go (an exception leaves what was found so far)."""
-    from fasttrain.autotune.loader import tune_loader
-    from fasttrain.autotune.probe import ProbeSettings, StepProbe
     from fasttrain.memory import format_bytes, free_device_memory
     from fasttrain.runtime import runtime_for
+    from fasttrain.tuning.loader import tune_loader
+    from fasttrain.tuning.probe import ProbeSettings, StepProbe
 
     pcfg, source, runtime, backend = prep.cfg, prep.source, prep.runtime, prep.backend
     tune, device = pcfg.tune, runtime.device
@@ -520,8 +519,8 @@ def _run(
 
 def _capped_on_cpu(probe, report: AutotuneReport, cfg: Config, n_train: int, clock: TimeBudget):
     """``probe``, which after its first measurement (the config's own batch) caps ``clock`` at half the training
-    run it tunes (:func:`~fasttrain.autotune.search.cpu_time_cap`)."""
-    from fasttrain.autotune.search import CPU_TUNE_SHARE, cpu_time_cap
+    run it tunes (:func:`~fasttrain.tuning.search.cpu_time_cap`)."""
+    from fasttrain.tuning.search import CPU_TUNE_SHARE, cpu_time_cap
 
     tc = cfg.train
     job = tc.epochs * (n_train // max(tc.batch_size, 1)) * tc.batch_size
@@ -560,7 +559,7 @@ def _compile(
 ):
     """The compiled check at the plan's micro-batch, else the next usable sizes below; (state, compiled
     candidate or None, plan). The compile (the checks' warm-up) is not charged to the time budget."""
-    from fasttrain.autotune.probe import compiled_check
+    from fasttrain.tuning.probe import compiled_check
 
     pcfg, tune, device = prep.cfg, prep.cfg.tune, prep.runtime.device
     smaller = sorted((b for b, c in by_size.items() if c.usable and b < plan.micro_batch), reverse=True)
@@ -598,7 +597,7 @@ def _compile(
 def _charge_loader_memory(report: AutotuneReport, budget: Budget, device) -> bool:
     """Charge what the loader holds outside torch (measured with NVML while it ran) to the budget and mark every
     candidate again; True when the plan's micro-batch no longer leaves the headroom."""
-    from fasttrain.autotune.probe import charge_outside
+    from fasttrain.tuning.probe import charge_outside
 
     lr, plan = report.loader, report.plan
     if lr is None or plan is None or budget.budget_bytes is None or not lr.outside_torch_bytes:
@@ -631,9 +630,9 @@ def _verify(
     evidence is measured again twice as long; if it stays, the answer stands marked unreliable, and a change
     of the config's own batch gives way to it. On CPU a changed batch is run against the config's own end to
     end and kept only when faster beyond the noise: a tuned config is never slower than the original."""
-    from fasttrain.autotune.probe import verify
-    from fasttrain.autotune.report import tuned_config
     from fasttrain.memory import free_device_memory
+    from fasttrain.tuning.probe import verify
+    from fasttrain.tuning.report import tuned_config
 
     pcfg, source, runtime = prep.cfg, prep.source, prep.runtime
     tune, device = pcfg.tune, runtime.device
@@ -719,7 +718,7 @@ def _keep_given(
     """Where the plan changes the config's own micro-batch: ``why = "compare"`` (CPU) runs the config's own end
     to end as well and keeps the change only when it is faster beyond the noise; ``why = "unconfirmed"`` keeps
     the config's own outright (the verification could not confirm the change). Returns the plan kept."""
-    from fasttrain.autotune.search import beats
+    from fasttrain.tuning.search import beats
 
     pcfg, tune, device = prep.cfg, prep.cfg.tune, prep.runtime.device
     by_size = {c.batch_size: c for c in report.candidates}
@@ -760,8 +759,8 @@ def _keep_given(
 def _hold_resident_dataset(cfg: Config, prep, backend: str, device, budget: Budget, notes: list[str]):
     """A backend that keeps the decoded dataset on the device for the whole run (the GPU cache): hold a
     placeholder of its size during the probes so it counts against the budget as it will in training
-    (:func:`fasttrain.autotune.loader.resident_bytes`)."""
-    from fasttrain.autotune.loader import resident_bytes
+    (:func:`fasttrain.tuning.loader.resident_bytes`)."""
+    from fasttrain.tuning.loader import resident_bytes
 
     if device.type != "cuda":
         return None
@@ -778,6 +777,3 @@ def _hold_resident_dataset(cfg: Config, prep, backend: str, device, budget: Budg
             f"data.loader = dali or torch may allow larger batches"
         )
     return torch.empty(nbytes, dtype=torch.uint8, device=device)
-
-
-_callable_module(__name__, "autotune")  # fasttrain.autotune(...) is autotune(...): see fasttrain/__init__.py

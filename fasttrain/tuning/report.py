@@ -11,12 +11,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fasttrain.autotune.loader import LoaderResult
-from fasttrain.autotune.probe import Budget, Verification
-from fasttrain.autotune.search import BatchPlan, Candidate, Skipped
 from fasttrain.config import Config, dump_config
 from fasttrain.io import write_new, write_new_text
 from fasttrain.memory import GIB
+from fasttrain.tuning.loader import LoaderResult
+from fasttrain.tuning.probe import Budget, Verification
+from fasttrain.tuning.search import BatchPlan, Candidate, Skipped
 
 __all__ = ["AutotuneReport", "plot_report", "tuned_config", "tuned_toml", "write_outputs", "fits_label"]
 

@@ -16,11 +16,11 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from fasttrain.autotune.report import AutotuneReport
 from fasttrain.config import Config, config_to_dict, default_workers
 from fasttrain.io import atomic_write_text
+from fasttrain.tuning.report import AutotuneReport
 
-log = logging.getLogger("fasttrain.autotune")
+log = logging.getLogger("fasttrain.tuning")
 
 __all__ = [
     "CACHE_VERSION",

@@ -3,7 +3,7 @@ the device (the ceiling) and the two together as ``fasttrain train`` runs them, 
 
 The clock lives in :mod:`fasttrain.timing` and memory readings in :mod:`fasttrain.memory`; the names the
 benchmarks use (``run_steps``, ``cycle_batches``, ``time_steps``, ``reset_peak_memory``, ``peak_memory``, ...)
-are re-exported here so ``from fasttrain import bench`` keeps working.
+are re-exported here for them (``from fasttrain import benchmark``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fasttrain import _callable_module
 from fasttrain.config import Config
 from fasttrain.io import write_new_text
 from fasttrain.memory import format_bytes, peak_memory, peak_rss_bytes, reset_peak_memory
@@ -387,6 +386,3 @@ def _measure_all(prep, b, tc) -> tuple[Timing, Timing | None, Timing, Timing, di
     finally:
         loader.close()
     return model_t, parallel_t, loader_t, e2e_t, per_size
-
-
-_callable_module(__name__, "bench")  # fasttrain.bench(...) is bench(...): see fasttrain/__init__.py

@@ -21,7 +21,7 @@
   the next size to eager silently, and the reset releases a failed size's CUDA-graph pool).
 - **Verification** (:func:`verify`): the tuned settings end to end on the real data for about ``tune.verify_s``
   seconds, then evaluation batches for a bounded time, under the budget; its samples/s is compared with the
-  probe's (:func:`fasttrain.autotune.search.judge_verification`).
+  probe's (:func:`fasttrain.tuning.search.judge_verification`).
 """
 
 from __future__ import annotations
@@ -37,7 +37,10 @@ from typing import Any
 import torch
 
 from fasttrain import memory
-from fasttrain.autotune.search import (
+from fasttrain.data.progressive import train_sizes
+from fasttrain.memory import GIB, format_bytes, is_oom_error, oom_summary
+from fasttrain.timing import cycle_batches, synchronize, time_steps, time_window, train_step_fn
+from fasttrain.tuning.search import (
     MIN_WINDOW_STEPS,
     Agreement,
     BatchPlan,
@@ -47,11 +50,8 @@ from fasttrain.autotune.search import (
     mark_usable,
     measurement_reliable,
 )
-from fasttrain.data.progressive import train_sizes
-from fasttrain.memory import GIB, format_bytes, is_oom_error, oom_summary
-from fasttrain.timing import cycle_batches, synchronize, time_steps, time_window, train_step_fn
 
-log = logging.getLogger("fasttrain.autotune")
+log = logging.getLogger("fasttrain.tuning")
 
 __all__ = [
     "Budget",
@@ -245,7 +245,7 @@ class StepProbe:
     def _measure(self, step: Callable[[], int], warmup: int, batch: int) -> tuple[list[float], float, bool, int]:
         """(rates, timed seconds, reliable, steps per repeat): a time window, once more when too noisy and time
         allows. A repeat is cut at 4 x tune.repeat_s (wall clock) if the machine slows down under it; a repeat
-        cut to a single step does not count (:func:`~fasttrain.autotune.search.counted_windows`)."""
+        cut to a single step does not count (:func:`~fasttrain.tuning.search.counted_windows`)."""
         s = self.s
         t = time_window(
             step,

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fasttrain import _callable_module
 from fasttrain.checkpoint import CheckpointError, checkpoint_config, load_checkpoint
 from fasttrain.config import Config
 from fasttrain.io import check_writable
@@ -127,6 +126,3 @@ def predict(
             ) from None
     records = task.predict(state, paths, ckpt.get("meta") or {}, Path(out_dir) if out_dir else None)
     return records + errors
-
-
-_callable_module(__name__, "predict")  # fasttrain.predict(...) is predict(...): see fasttrain/__init__.py

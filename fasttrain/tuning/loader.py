@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fasttrain import memory
-from fasttrain.autotune.search import choose_loader, loader_share, spread_of
 from fasttrain.config import Config, DataConfig, default_workers
 from fasttrain.data.progressive import train_sizes
 from fasttrain.timing import cycle_batches, time_steps, time_window, train_step_fn
+from fasttrain.tuning.search import choose_loader, loader_share, spread_of
 
-log = logging.getLogger("fasttrain.autotune")
+log = logging.getLogger("fasttrain.tuning")
 
 __all__ = ["LoaderTrial", "LoaderResult", "loader_ladder", "queue_depth", "reuse_file_checks", "tune_loader"]
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fasttrain.autotune.search import (
+from fasttrain.tuning.search import (
     Candidate,
     beats,
     choose_batch,
@@ -54,7 +54,7 @@ def search(measure, **kw):
 
 
 def test_the_pure_core_imports_no_torch():
-    code = "import sys; import fasttrain.autotune.search; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys; import fasttrain.tuning.search; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
@@ -413,7 +413,7 @@ def test_candidates_round_trip_through_json():
 
 
 def test_a_wild_remeasurement_is_never_left_marked_reliable():
-    from fasttrain.autotune.search import Candidate
+    from fasttrain.tuning.search import Candidate
 
     c = Candidate(32, True)
     c.set_rates([32.2, 31.0, 29.4])  # tight: reliable as first measured
@@ -428,7 +428,7 @@ def test_a_wild_remeasurement_is_never_left_marked_reliable():
 
 
 def test_a_single_step_window_does_not_count():
-    from fasttrain.autotune.search import counted_windows, measurement_reliable
+    from fasttrain.tuning.search import counted_windows, measurement_reliable
 
     # batch 32: windows of 10 steps at ~31 samples/s, and one of a single step at 1,737 samples/s
     rates = [31.0, 30.5, 1737.0]
@@ -441,7 +441,7 @@ def test_a_single_step_window_does_not_count():
 
 
 def test_cpu_autotune_takes_at_most_half_the_training_it_tunes():
-    from fasttrain.autotune.search import cpu_time_cap
+    from fasttrain.tuning.search import cpu_time_cap
 
     # the quickstart: 8 epochs x 1,152 samples at 400 samples/s after 5 s of set-up: ~28 s of training
     cap = cpu_time_cap(45.0, job_samples=9216, samples_per_s=400.0, setup_s=5.0)
