@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
+from fasttrain.data.order import EpochSampler
+
 if TYPE_CHECKING:
     from fasttrain.config import Config, DataConfig
     from fasttrain.data.samples import Samples
@@ -32,7 +34,7 @@ __all__ = [
     "LoaderRequest",
     "RunSamples",
     "Backend",
-    "distinct_settings",
+    "epoch_order",
     "InputSpec",
     "normalize_on_device",
     "model_input",
@@ -134,6 +136,20 @@ class Backend:
         ``dataclasses.replace(data, ...)``); ``[{}]``: nothing to tune."""
         return [{}]
 
+    @staticmethod
+    def ladder(
+        given: dict[str, Any], others: list[dict[str, Any]], key: Callable[[dict[str, Any]], Hashable]
+    ) -> list[dict[str, Any]]:
+        """For :meth:`knobs`: ``given`` then those of ``others`` that resolve (``key``) to a setting not yet
+        listed, so no two entries run the same loader (``workers = -1`` is the machine's count, say)."""
+        ladder, seen = [given], {key(given)}
+        for s in others:
+            k = key(s)
+            if k not in seen:
+                seen.add(k)
+                ladder.append(s)
+        return ladder
+
     def queue_depth(self, data: DataConfig) -> int:
         """Batches a loader prepares ahead (autotune drains them before it times the loader)."""
         return 0
@@ -144,18 +160,37 @@ class Backend:
         return 0
 
 
-def distinct_settings(
-    given: dict[str, Any], others: list[dict[str, Any]], key: Callable[[dict[str, Any]], Hashable]
-) -> list[dict[str, Any]]:
-    """``given`` then those of ``others`` that resolve (``key``) to a setting not yet listed: a knob ladder
-    without two entries that would run the same loader (``workers = -1`` is the machine's count, say)."""
-    ladder, seen = [given], {key(given)}
-    for s in others:
-        k = key(s)
-        if k not in seen:
-            seen.add(k)
-            ladder.append(s)
-    return ladder
+def epoch_order(
+    num_samples: int,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    num_shards: int = 1,
+    shard_id: int = 0,
+    *,
+    refuse_empty: str = "",
+    split: str = "",
+) -> EpochSampler:
+    """The order every backend visits a split in (:class:`~fasttrain.data.order.EpochSampler`): training shuffled
+    per (seed, epoch) and trimmed to whole global batches, evaluation in order and whole; this process's shard.
+    ``refuse_empty``: the loader's name, to refuse (ValueError) a training split with not one batch in it (a
+    loader that decodes everything before its first step; the engine words it otherwise)."""
+    sampler = EpochSampler(
+        num_samples,
+        batch_size=batch_size,
+        shuffle=train,
+        seed=seed,
+        drop_last=train,
+        num_shards=num_shards,
+        shard_id=shard_id,
+    )
+    if refuse_empty and train and len(sampler) == 0:
+        shards = f" x {num_shards} processes" if num_shards > 1 else ""
+        raise ValueError(
+            f"{refuse_empty}: the {split or 'train'} split has {num_samples} usable images, fewer than one batch "
+            f"of {batch_size}{shards} (training drops partial batches); lower the batch size"
+        )
+    return sampler
 
 
 @dataclass(frozen=True)

@@ -58,10 +58,10 @@ import numpy as np
 import torch
 
 from fasttrain.config import Config, DataConfig, default_workers
-from fasttrain.data.base import Backend, Batch, InputSpec, LoaderRequest, RunSamples, distinct_settings
+from fasttrain.data.base import Backend, Batch, InputSpec, LoaderRequest, RunSamples, epoch_order
 from fasttrain.data.checks import BadFiles, ImageInfo, jpeg_scan_suspect, pil_decode_error
 from fasttrain.data.files import open_regular
-from fasttrain.data.order import EpochSampler, check_shard, sample_seed
+from fasttrain.data.order import check_shard, sample_seed
 from fasttrain.data.progressive import TrainSizes, train_sizes
 from fasttrain.data.samples import Samples, needs_pil, pair_jitter, pair_load_size, precheck_samples, targets_tensor
 from fasttrain.data.sources import Split
@@ -532,21 +532,9 @@ class DaliLoader:
                 targets = [list(t) + [info.width, info.height] for t, info in zip(targets, checked.infos)]
             self._targets = targets_tensor(targets).to(spec.device)
         self.num_samples = len(self._paths)
-        self.sampler = EpochSampler(
-            self.num_samples,
-            batch_size=batch_size,
-            shuffle=train,
-            seed=seed,
-            drop_last=train,
-            num_shards=num_shards,
-            shard_id=shard_id,
+        self.sampler = epoch_order(
+            self.num_samples, batch_size, train, seed, num_shards, shard_id, refuse_empty="DaliLoader", split=split.name
         )
-        if train and len(self.sampler) == 0:
-            shards = f" x {num_shards} processes" if num_shards > 1 else ""
-            raise ValueError(
-                f"DaliLoader: the {split.name} split has {self.num_samples} usable images, fewer than one "
-                f"batch of {batch_size}{shards} (training drops partial batches); lower the batch size"
-            )
         self._start = 0  # batches of the next epoch to skip (resume)
         self._passes = 0
         self._last_serial: int | None = None  # the serial of the last batch handed out
@@ -977,7 +965,7 @@ class DaliBackend(Backend):
             d = dataclasses.replace(data, **setting)
             return d.num_dali_threads, d.hw_decoder_load
 
-        return distinct_settings({"dali_threads": data.dali_threads, "hw_decoder_load": load}, others, resolved)
+        return self.ladder({"dali_threads": data.dali_threads, "hw_decoder_load": load}, others, resolved)
 
     def queue_depth(self, data: DataConfig) -> int:
         """The pipeline's prefetch queue."""

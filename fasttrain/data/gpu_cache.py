@@ -52,9 +52,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from fasttrain.config import Config, DataConfig
-from fasttrain.data.base import Backend, Batch, InputSpec, LoaderRequest, RunSamples, model_input
+from fasttrain.data.base import Backend, Batch, InputSpec, LoaderRequest, RunSamples, epoch_order, model_input
 from fasttrain.data.checks import BadFiles
-from fasttrain.data.order import EpochSampler, check_shard, sample_seeds
+from fasttrain.data.order import check_shard, sample_seeds
 from fasttrain.data.progressive import TrainSizes, train_sizes
 from fasttrain.data.samples import (
     Samples,
@@ -366,23 +366,10 @@ class GpuCacheLoader:
         self.ids = np.asarray(range(self.num_samples) if ids is None else ids, dtype=np.int64)
         self.skipped: list[tuple[str, str]] = list(skipped or [])
         """(path, reason) of the files the pre-check or the decode pass could not use."""
-        self.sampler = EpochSampler(
-            self.num_samples,
-            batch_size=batch_size,
-            shuffle=train,
-            seed=seed,
-            drop_last=train,
-            num_shards=num_shards,
-            shard_id=shard_id,
-        )
         name = name or ("train" if train else "evaluation")
-        if train and len(self.sampler) == 0:
-            shards = f" x {num_shards} processes" if num_shards > 1 else ""
-            raise ValueError(
-                f"GpuCacheLoader: the {name} split has {self.num_samples} usable images, fewer than "
-                f"one batch of {batch_size}{shards} (training drops partial batches); lower the batch "
-                f"size"
-            )
+        self.sampler = epoch_order(
+            self.num_samples, batch_size, train, seed, num_shards, shard_id, refuse_empty="GpuCacheLoader", split=name
+        )
         self._scale_shift = spec.scale_shift()
         self._start = 0
         log.info(

@@ -26,7 +26,7 @@ from fasttrain.data.base import (
     InputSpec,
     LoaderRequest,
     RunSamples,
-    distinct_settings,
+    epoch_order,
     model_input,
     normalize_on_device,
 )
@@ -134,15 +134,7 @@ class TorchLoader:
         self.skipped: list[tuple[str, str]] = list(skipped or [])
         self._bad = BadFiles(self.skipped, max_bad_per_epoch)
         self._split = split or ("train" if train else "evaluation")
-        self.sampler = EpochSampler(
-            len(cast(Sized, dataset)),
-            batch_size=batch_size,
-            shuffle=train,
-            seed=seed,
-            drop_last=train,
-            num_shards=num_shards,
-            shard_id=shard_id,
-        )
+        self.sampler = epoch_order(self.num_samples, batch_size, train, seed, num_shards, shard_id)
         self.prepare = prepare or _default_prepare(spec)
         cuda = spec.device.type == "cuda"
         if train and collate is collate_skip:
@@ -288,7 +280,7 @@ class TorchBackend(Backend):
         """Worker processes: the config's own, then a quarter, half and all of the machine's share."""
         w = default_workers(device_type)
         counts = sorted({max(1, w // 4), max(1, w // 2), w})
-        return distinct_settings(
+        return self.ladder(
             {"workers": data.workers},
             [{"workers": n} for n in counts],
             lambda s: dataclasses.replace(data, **s).workers_for(device_type),

@@ -186,6 +186,27 @@ def test_an_explicit_dali_that_cannot_run_names_the_setting(monkeypatch):
         choose_backend("dali", frames, Config(), "cpu")
 
 
+def test_a_dataset_from_python_is_a_kind_of_sample_under_the_one_policy(ram):
+    """The same policy as for files: the backends that take tensors serve it, DALI says why it does not, and a
+    setting no backend can honour for it is refused naming the setting."""
+    from fasttrain.data.user import DatasetSplit
+
+    def run(fixed: bool) -> RunSamples:
+        split = DatasetSplit("train", [f"dataset[{i}]" for i in range(10)], [], fixed=fixed, item_nbytes=100)
+        return RunSamples(Samples(split, "dataset"))
+
+    backend, why = choose_backend("auto", run(True), Config(), "cpu")
+    assert backend == "cache" and why.startswith("auto: the dataset's items are fixed and fit the cache (10 items")
+    backend, why = choose_backend("auto", run(False), Config(), "cpu")
+    assert backend == "torch" and "items change between reads" in why and "DALI cannot serve dataset samples" in why
+    assert choose_backend("torch", run(True), Config(), "cpu") == ("torch", "data.loader = torch")
+    with pytest.raises(ConfigError, match=r"loader = dali, but DALI cannot serve dataset .*torch or cache or auto"):
+        choose_backend("dali", run(True), Config(), "cpu")
+    timm = Config(data=DataConfig(rand_augment="rand-m9"))
+    with pytest.raises(ConfigError, match=r"no backend serves this run: data\.rand_augment: .*dataset.s transform"):
+        choose_backend("auto", run(True), timm, "cpu")
+
+
 @needs_dali
 def test_dali_serves_every_task_kind_here():
     for kind in dali.KINDS:
