@@ -508,21 +508,18 @@ def _announce_sizes(sizes: TrainSizes, prep: Prepared) -> None:
 
 
 def _epoch_batches(loader: Loader, epoch: int, skip: int):
-    """The epoch's batches, starting ``skip`` batches in (loaders that can skip without decoding do so)."""
+    """The epoch's batches, starting ``skip`` batches in: every loader skips without decoding, and yields from
+    there what a full pass yields (augmentation is drawn per sample)."""
     loader.set_epoch(epoch)
-    if skip and hasattr(loader, "skip_batches"):
+    if skip:
         loader.skip_batches(skip)
-        return iter(loader)
-    it = iter(loader)
-    for _ in range(skip):  # draw and drop: keeps a loader's own random stream where a full pass has it
-        next(it)
-    return it
+    return iter(loader)
 
 
 def _skipped_files(source: DataSource, *loaders: Loader | None) -> list[tuple[str, str]]:
     """Files and records left out: at discovery, and by the loaders (unreadable images), each named once."""
     seen: dict[str, str] = {}
-    for f, why in [*source.skipped, *(x for ld in loaders if ld is not None for x in getattr(ld, "skipped", []))]:
+    for f, why in [*source.skipped, *(x for ld in loaders if ld is not None for x in ld.skipped)]:
         seen.setdefault(str(f), str(why))
     return list(seen.items())
 
@@ -613,7 +610,7 @@ class Trainer:
         log.info("run folder %s", run_dir)
         # The images the loaders use: files their pre-check left out are counted apart, not as used.
         used = [
-            len(split or []) - len(getattr(loader, "skipped", []) if split else [])
+            len(split) - len(loader.skipped) if split and loader is not None else 0
             for split, loader in ((source.train, self.train_loader), (source.val, self.val_loader))
         ]
         skipped = len(_skipped_files(source, self.train_loader, self.val_loader))

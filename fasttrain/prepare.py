@@ -24,7 +24,7 @@ from fasttrain.tasks import Task, make_task
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Prepared", "prepare", "resolve_data_root", "cache_request"]
+__all__ = ["Prepared", "prepare", "resolve_data_root"]
 
 
 @dataclass
@@ -120,7 +120,7 @@ def prepare(
         check_host_memory(
             cfg, runtime.precision.name, distributed.per_rank_batch(cfg.train.micro_batch, info.world_size)
         )
-    backend, reason = _choose_backend(cfg, runtime, source, memory_limit, task)
+    backend, reason = _choose_backend(cfg, runtime, memory_limit, task)
     prep = Prepared(cfg, runtime, source, task, backend, reason, info)
     _ = prep.micro_batch  # the global batch divides over the processes
     return prep
@@ -149,48 +149,9 @@ def check_host_memory(cfg: Config, precision: str, micro_batch: int) -> None:
     )
 
 
-def cache_request(source: DataSource, task: Task) -> dict[str, Any] | None:
-    """What the GPU cache would hold for this run, as the keyword arguments of
-    :func:`~fasttrain.data.gpu_cache.cache_fits` (``num_images``, ``kind``, ``train_images``, ``num_targets``);
-    ``None`` when the task has no sample kind the cache serves. The backend choice and autotune's memory budget
-    size the cache from this one place."""
-    kind = task.sample_kind
-    if kind is None:
-        return None
-    # Regression vectors carry each image's width and height besides the targets.
-    num_targets = len(source.target_names) + 2 if kind == "vector" and source.target_names else 0
-    return dict(
-        num_images=len(source.train) + len(source.val or []),
-        kind=kind,
-        train_images=len(source.train),
-        num_targets=num_targets,
-    )
-
-
-def _choose_backend(
-    cfg: Config, runtime: Runtime, source: DataSource, memory_limit: int | None, task: Task
-) -> tuple[str, str]:
-    """The loader backend for every task alike (``data.loader``), and why."""
+def _choose_backend(cfg: Config, runtime: Runtime, memory_limit: int | None, task: Task) -> tuple[str, str]:
+    """The loader backend for every task and every kind of sample alike (``data.loader``), and why: the one
+    policy of :func:`fasttrain.data.loaders.choose_backend` over the samples the task reads."""
     from fasttrain.data.loaders import choose_backend
 
-    if source.format == "dataset":
-        from fasttrain.data.user import choose_dataset_backend
-
-        if cfg.data.rand_augment:
-            raise ConfigError(
-                "data.rand_augment: timm's RandAugment works on image files' PIL images, not on the tensors of a "
-                "dataset from Python; put it in your dataset's transform and leave data.rand_augment empty"
-            )
-
-        return choose_dataset_backend(cfg.data.loader, source, cfg, runtime.device, memory_limit)
-    request = cache_request(source, task)
-    if request is None:
-        return "torch", f"task {cfg.task.name} has no sample kind for the other backends"
-    return choose_backend(
-        cfg.data.loader,
-        device_type=runtime.device.type,
-        cfg=cfg,
-        device=runtime.device,
-        memory_limit=memory_limit,
-        **request,
-    )
+    return choose_backend(cfg.data.loader, task.run_samples(), cfg, runtime.device, memory_limit)

@@ -5,12 +5,16 @@ One table per kind of part. Entries are ``"module:attribute"`` strings, imported
 implementations, and no module imports another just to learn a name. This module imports nothing of fasttrain.
 
 - ``tasks``: ``task.name`` -> a :class:`~fasttrain.tasks.base.Task` subclass.
-- ``backends``: ``data.loader`` -> a loader backend (see :mod:`fasttrain.data.base`); ``auto`` is a policy over
-  them (:func:`fasttrain.data.loaders.choose_backend`).
+- ``backends``: ``data.loader`` -> a :class:`~fasttrain.data.base.Backend` object (its module's ``BACKEND``):
+  it builds loaders, says which samples it serves and where ``auto`` should take it (its ``rank`` and ``fits``),
+  and what autotune may try (its ``knobs``); ``auto`` is the one policy over them
+  (:func:`fasttrain.data.loaders.choose_backend`), and neither it nor autotune knows a backend by name.
 - ``formats``: ``data.format`` -> a function ``(DataConfig, root: Path) -> DataSource``.
 
 Adding a part: its module and one line in its table, or :func:`register` from outside the package (a test, a
-plugin) before the config is loaded.
+plugin) before the config is loaded. A new data backend touches at most 3 files: its module, one line here and
+the settings of its own it adds to ``DataConfig`` (if any); ``tests/data/test_backend_plugin.py`` shows one that
+trains, is chosen by ``auto`` and is tuned by autotune, registered from a test module.
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ TABLES: dict[str, dict[str, str]] = {
         "pix2pix": "fasttrain.tasks.pix2pix:Pix2PixTask",
     },
     "backends": {
-        "torch": "fasttrain.data.torch_loader:build",
-        "dali": "fasttrain.data.dali:build",
-        "cache": "fasttrain.data.gpu_cache:build",
+        "torch": "fasttrain.data.torch_loader:BACKEND",
+        "dali": "fasttrain.data.dali:BACKEND",
+        "cache": "fasttrain.data.gpu_cache:BACKEND",
     },
     "formats": {
         "folder": "fasttrain.data.sources:discover_folder",

@@ -101,13 +101,17 @@ def test_rand_augment_is_timms_seeded_per_sample(monkeypatch):
 
 
 def test_rand_augment_needs_the_torch_loader(shapes_root, tmp_path):
+    from fasttrain.data.base import RunSamples
     from fasttrain.data.loaders import choose_backend
+    from fasttrain.data.samples import Samples
+    from fasttrain.data.sources import Split
 
     cfg = tiny_cfg(shapes_root, tmp_path, "data.rand_augment=rand-m9")
-    backend, why = choose_backend("auto", device_type="cpu", num_images=10, cfg=cfg)
+    run = RunSamples(Samples(Split("train", ["a.png"] * 10, [0] * 10), "class"))
+    backend, why = choose_backend("auto", run, cfg, "cpu")
     assert backend == "torch" and "data.rand_augment" in why
     with pytest.raises(ConfigError, match=r"data\.rand_augment: .*only the torch loader.*now dali"):
-        choose_backend("dali", device_type="cpu", num_images=10, cfg=cfg)
+        choose_backend("dali", run, cfg, "cpu")
 
 
 def test_random_erasing_is_timms_on_the_device_batch(shapes_root, tmp_path):

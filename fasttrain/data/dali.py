@@ -40,6 +40,7 @@ loader does). More than ``data.max_bad_per_epoch`` such files in an epoch stop t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import logging
@@ -56,19 +57,21 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from fasttrain.config import Config, DataConfig
-from fasttrain.data.base import Batch, InputSpec
+from fasttrain.config import Config, DataConfig, default_workers
+from fasttrain.data.base import Backend, Batch, InputSpec, LoaderRequest, RunSamples, epoch_order
 from fasttrain.data.checks import BadFiles, ImageInfo, jpeg_scan_suspect, pil_decode_error
 from fasttrain.data.files import open_regular
-from fasttrain.data.order import EpochSampler, check_shard, sample_seed
+from fasttrain.data.order import check_shard, sample_seed
 from fasttrain.data.progressive import TrainSizes, train_sizes
-from fasttrain.data.samples import Samples, pair_jitter, pair_load_size, precheck_samples, targets_tensor
+from fasttrain.data.samples import Samples, needs_pil, pair_jitter, pair_load_size, precheck_samples, targets_tensor
 from fasttrain.data.sources import Split
 from fasttrain.data.transforms import DECODE_ERRORS, load_image
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "BACKEND",
+    "KINDS",
     "dali_status",
     "dali_padding_bytes",
     "decoder_args",
@@ -77,7 +80,6 @@ __all__ = [
     "rrc_window",
     "train_params",
     "targets_tensor",
-    "build",
 ]
 
 # nvJPEG's scratch buffers in NVIDIA's ResNet-50 example. DALI documents both as per decoder thread: each thread
@@ -89,6 +91,21 @@ _DEVICE_MEMORY_PADDING = 211_025_920
 _HOST_MEMORY_PADDING = 140_544_512
 _DECODE_FAILED = re.compile(r"[Ff]ailed to decode sample #(\d+)")
 _RATIO = (3 / 4, 4 / 3)
+_EXTERNAL_COLUMNS: dict[str, tuple[str, int]] = {
+    "encoded": ("UINT8", 1),
+    "index": ("INT64", 0),
+    "anchor": ("INT32", 1),
+    "shape": ("INT32", 1),
+    "mirror": ("INT32", 0),
+    "encoded_b": ("UINT8", 1),
+    "half": ("INT32", 1),
+    "origin": ("INT32", 1),
+    "anchor_b": ("INT32", 1),
+    "crop_x": ("FLOAT", 0),
+    "crop_y": ("FLOAT", 0),
+    "size": ("FLOAT", 0),
+}
+"""The external_source columns a batch may carry: DALI's type name (nvidia.dali.types) and ndim of each."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -515,21 +532,9 @@ class DaliLoader:
                 targets = [list(t) + [info.width, info.height] for t, info in zip(targets, checked.infos)]
             self._targets = targets_tensor(targets).to(spec.device)
         self.num_samples = len(self._paths)
-        self.sampler = EpochSampler(
-            self.num_samples,
-            batch_size=batch_size,
-            shuffle=train,
-            seed=seed,
-            drop_last=train,
-            num_shards=num_shards,
-            shard_id=shard_id,
+        self.sampler = epoch_order(
+            self.num_samples, batch_size, train, seed, num_shards, shard_id, refuse_empty="DaliLoader", split=split.name
         )
-        if train and len(self.sampler) == 0:
-            shards = f" x {num_shards} processes" if num_shards > 1 else ""
-            raise ValueError(
-                f"DaliLoader: the {split.name} split has {self.num_samples} usable images, fewer than one "
-                f"batch of {batch_size}{shards} (training drops partial batches); lower the batch size"
-            )
         self._start = 0  # batches of the next epoch to skip (resume)
         self._passes = 0
         self._last_serial: int | None = None  # the serial of the last batch handed out
@@ -781,7 +786,7 @@ class DaliLoader:
         from nvidia.dali import fn, types
         from nvidia.dali.pipeline import Pipeline
 
-        d, gpu, size = self.data, self.device_id is not None, self.data.image_size
+        gpu = self.device_id is not None
         dev = "gpu" if gpu else "cpu"
         # No random operator in the graph (augmentation arrives per sample): the seed only has to be valid.
         pipe = Pipeline(
@@ -793,91 +798,74 @@ class DaliLoader:
             exec_dynamic=True,
         )
         names = self._output_names()
-        kinds = {
-            "encoded": (types.UINT8, 1),
-            "index": (types.INT64, 0),
-            "anchor": (types.INT32, 1),
-            "shape": (types.INT32, 1),
-            "mirror": (types.INT32, 0),
-            "encoded_b": (types.UINT8, 1),
-            "half": (types.INT32, 1),
-            "origin": (types.INT32, 1),
-            "anchor_b": (types.INT32, 1),
-            "crop_x": (types.FLOAT, 0),
-            "crop_y": (types.FLOAT, 0),
-            "size": (types.FLOAT, 0),
-        }
+        kinds = {n: _EXTERNAL_COLUMNS[n] for n in names}
         with pipe:
-            nodes = dict(
-                zip(
-                    names,
-                    fn.external_source(
-                        source=source,
-                        num_outputs=len(names),
-                        batch=True,
-                        dtype=[kinds[n][0] for n in names],
-                        ndim=[kinds[n][1] for n in names],
-                    ),
-                )
+            columns = fn.external_source(
+                source=source,
+                num_outputs=len(names),
+                batch=True,
+                dtype=[getattr(types, k[0]) for k in kinds.values()],
+                ndim=[k[1] for k in kinds.values()],
             )
-            encoded = nodes["encoded"]
-            decode = decoder_args(d, types, gpu=gpu, padded=padded)
-            linear = dict(device=dev, interp_type=types.INTERP_LINEAR, antialias=True)
-            normalize = dict(
-                device=dev,
-                dtype=self._dali_dtype(types),
-                mirror=nodes.get("mirror", 0),
-                output_layout="HWC" if self.spec.channels_last else "CHW",
-                mean=[255.0 * m for m in self.spec.mean],
-                std=[255.0 * s for s in self.spec.std],
+            nodes = dict(zip(names, columns))
+            ops = dict(
+                decode=decoder_args(self.data, types, gpu=gpu, padded=padded),
+                linear=dict(device=dev, interp_type=types.INTERP_LINEAR, antialias=True),
+                normalize=dict(
+                    device=dev,
+                    dtype=self._dali_dtype(types),
+                    mirror=nodes.get("mirror", 0),
+                    output_layout="HWC" if self.spec.channels_last else "CHW",
+                    mean=[255.0 * m for m in self.spec.mean],
+                    std=[255.0 * s for s in self.spec.std],
+                ),
             )
-            index = nodes["index"]
-            index = index.gpu() if gpu else index
-            if self.kind == "pair":
-                a = fn.decoders.image(encoded, **decode)
-                if self._side_by_side:  # one decode, two slices: (0, 0) and (w, 0), each w x h
-                    b = fn.slice(a, nodes["anchor_b"], nodes["half"], axis_names="WH", device=dev)
-                    a = fn.slice(a, nodes["origin"], nodes["half"], axis_names="WH", device=dev)
-                else:
-                    b = fn.decoders.image(nodes["encoded_b"], **decode)
-                side = self._load_size
-                window = (
-                    dict(crop=(size, size), crop_pos_x=nodes["crop_x"], crop_pos_y=nodes["crop_y"])
-                    if self.train
-                    else {}
-                )
-                a, b = (
-                    fn.crop_mirror_normalize(
-                        fn.resize(t, resize_x=side, resize_y=side, **linear), **normalize, **window
-                    )
-                    for t in (a, b)
-                )
-                pipe.set_outputs(a, b, index)
-            else:
-                crop: dict[str, Any] = {}
-                if self.kind == "vector":  # the whole image, squared: a target may be a position in it
-                    images = fn.resize(fn.decoders.image(encoded, **decode), resize_x=size, resize_y=size, **linear)
-                elif self._rrc:
-                    # Only the window is decoded (ROI decode), then resized as torchvision's resized_crop does;
-                    # under progressive resizing to the size fed with the batch (no rebuild per size).
-                    images = fn.decoders.image_slice(
-                        encoded, nodes["anchor"], nodes["shape"], axis_names="WH", **decode
-                    )
-                    out = nodes.get("size", size)
-                    images = fn.resize(images, resize_x=out, resize_y=out, **linear)
-                else:
-                    images = fn.decoders.image(encoded, **decode)
-                    side, resize = _centre_geometry(d, self.train)
-                    resize_hw, crop_pos_yx = _torchvision_eval_geometry(encoded, resize, side)
-                    images = fn.resize(images, resize_y=resize_hw[0], resize_x=resize_hw[1], **linear)
-                    crop = dict(crop=(side, side), crop_pos_y=crop_pos_yx[0], crop_pos_x=crop_pos_yx[1])
-                    if "size" in nodes:  # progressive: the centre crop at the largest size, resized to the batch's
-                        images = fn.crop(images, **crop, device=dev)
-                        images = fn.resize(images, resize_x=nodes["size"], resize_y=nodes["size"], **linear)
-                        crop = {}
-                pipe.set_outputs(fn.crop_mirror_normalize(images, **normalize, **crop), index)
+            index = nodes["index"].gpu() if gpu else nodes["index"]
+            graph = self._pair_graph if self.kind == "pair" else self._image_graph
+            pipe.set_outputs(*graph(fn, nodes, dev, **ops), index)
         pipe.build()
         return pipe
+
+    def _pair_graph(self, fn, nodes: dict[str, Any], dev: str, *, decode, linear, normalize) -> tuple:
+        """Both images of a pair: two files, or one side-by-side file decoded once and sliced into halves; each
+        resized square (training: to the jitter size, then the same crop window and flip for both)."""
+        a = fn.decoders.image(nodes["encoded"], **decode)
+        if self._side_by_side:  # one decode, two slices: (0, 0) and (w, 0), each w x h
+            b = fn.slice(a, nodes["anchor_b"], nodes["half"], axis_names="WH", device=dev)
+            a = fn.slice(a, nodes["origin"], nodes["half"], axis_names="WH", device=dev)
+        else:
+            b = fn.decoders.image(nodes["encoded_b"], **decode)
+        side, size = self._load_size, self.data.image_size
+        window = dict(crop=(size, size), crop_pos_x=nodes["crop_x"], crop_pos_y=nodes["crop_y"]) if self.train else {}
+        return tuple(
+            fn.crop_mirror_normalize(fn.resize(t, resize_x=side, resize_y=side, **linear), **normalize, **window)
+            for t in (a, b)
+        )
+
+    def _image_graph(self, fn, nodes: dict[str, Any], dev: str, *, decode, linear, normalize) -> tuple:
+        """One image per sample: regression's whole image squared, classification's random-resized-crop window
+        (only the window decoded) or torchvision's evaluation geometry; progressive sizes from the batch."""
+        encoded, size = nodes["encoded"], self.data.image_size
+        crop: dict[str, Any] = {}
+        if self.kind == "vector":  # the whole image, squared: a target may be a position in it
+            images = fn.resize(fn.decoders.image(encoded, **decode), resize_x=size, resize_y=size, **linear)
+        elif self._rrc:
+            # Only the window is decoded (ROI decode), then resized as torchvision's resized_crop does; under
+            # progressive resizing to the size fed with the batch (no rebuild per size).
+            images = fn.decoders.image_slice(encoded, nodes["anchor"], nodes["shape"], axis_names="WH", **decode)
+            out = nodes.get("size", size)
+            images = fn.resize(images, resize_x=out, resize_y=out, **linear)
+        else:
+            images = fn.decoders.image(encoded, **decode)
+            side, resize = _centre_geometry(self.data, self.train)
+            resize_hw, crop_pos_yx = _torchvision_eval_geometry(encoded, resize, side)
+            images = fn.resize(images, resize_y=resize_hw[0], resize_x=resize_hw[1], **linear)
+            crop = dict(crop=(side, side), crop_pos_y=crop_pos_yx[0], crop_pos_x=crop_pos_yx[1])
+            if "size" in nodes:  # progressive: the centre crop at the largest size, resized to the batch's
+                images = fn.crop(images, **crop, device=dev)
+                images = fn.resize(images, resize_x=nodes["size"], resize_y=nodes["size"], **linear)
+                crop = {}
+        return (fn.crop_mirror_normalize(images, **normalize, **crop),)
 
     @property
     def decoders(self) -> int:
@@ -917,31 +905,71 @@ def _shutdown(pipe) -> None:
         shutdown()
 
 
-def build(
-    samples: Samples,
-    cfg: Config,
-    spec: InputSpec,
-    *,
-    train: bool,
-    batch_size: int,
-    num_shards: int = 1,
-    shard_id: int = 0,
-) -> DaliLoader:
-    """The DALI backend for any request: GPU decode on the inputs' CUDA device (the process's local rank under
-    torchrun), the CPU-only mode otherwise; ``shard_id`` is the global rank."""
-    device_id = (spec.device.index or 0) if spec.device.type == "cuda" else None
-    rt = cfg.runtime
-    graphs = rt.compile != "off" and rt.compile_mode in CUDA_GRAPH_COMPILE_MODES  # compile=auto is on for CUDA
-    return DaliLoader(
-        samples,
-        cfg.data,
-        spec,
-        batch_size=batch_size,
-        train=train,
-        seed=cfg.runtime.seed,
-        shard_id=shard_id,
-        num_shards=num_shards,
-        device_id=device_id,
-        copy_outputs=graphs and device_id is not None,
-        sizes=train_sizes(cfg) if train else None,
-    )
+KINDS = ("class", "vector", "pair")
+"""Sample kinds (:mod:`fasttrain.data.samples`) DALI serves: those read from image files."""
+_CPU_GAIN = "DALI's CPU-only mode decodes faster than the torch loader (2.6x on Imagenette photos, 2 cores)"
+
+
+class DaliBackend(Backend):
+    """``data.loader = dali``: GPU decode on the inputs' CUDA device (the process's local rank under torchrun),
+    the CPU-only mode otherwise. ``auto`` takes it after the cache, wherever it imports."""
+
+    name = "dali"
+    rank = 20
+
+    def build(self, request: LoaderRequest, cfg: Config, spec: InputSpec) -> DaliLoader:
+        device_id = (spec.device.index or 0) if spec.device.type == "cuda" else None
+        rt = cfg.runtime
+        graphs = rt.compile != "off" and rt.compile_mode in CUDA_GRAPH_COMPILE_MODES  # compile=auto is on for CUDA
+        return DaliLoader(
+            request.samples,
+            cfg.data,
+            spec,
+            batch_size=request.batch_size,
+            train=request.train,
+            seed=rt.seed,
+            shard_id=request.shard_id,
+            num_shards=request.num_shards,
+            device_id=device_id,
+            copy_outputs=graphs and device_id is not None,
+            sizes=train_sizes(cfg) if request.train else None,
+        )
+
+    def serves(self, run: RunSamples, cfg: Config, device: torch.device) -> tuple[bool, str]:
+        if run.kind not in KINDS:
+            return False, f"DALI cannot serve {run.kind} samples (it reads image files)"
+        refusal = needs_pil(cfg.data)
+        if refusal:
+            return False, refusal
+        ok, why = dali_status()
+        if not ok:
+            return False, f"DALI cannot run here ({why})"
+        return True, "" if device.type == "cuda" else "CPU-only mode"
+
+    def fits(
+        self, run: RunSamples, cfg: Config, device: torch.device, memory_limit: int | None = None
+    ) -> tuple[bool, str]:
+        return True, "DALI decodes on the GPU" if device.type == "cuda" else f"no CUDA device: {_CPU_GAIN}"
+
+    def knobs(self, data: DataConfig, device_type: str) -> list[dict[str, Any]]:
+        """Decode threads: the config's own, then a quarter, half and all of the machine's share, at the configured
+        hw_decoder_load; when that is below 0.9 a last try raises it to 0.9 (the hardware JPEG decoder is a
+        separate engine: a lower load only moves decoding onto CPU threads)."""
+        w, load = default_workers(), data.hw_decoder_load
+        counts = sorted({max(1, w // 4), max(1, w // 2), w})
+        others = [{"dali_threads": n, "hw_decoder_load": load} for n in counts]
+        if load < 0.9:
+            others.append({"dali_threads": w, "hw_decoder_load": 0.9})
+
+        def resolved(setting: dict[str, Any]) -> tuple:
+            d = dataclasses.replace(data, **setting)
+            return d.num_dali_threads, d.hw_decoder_load
+
+        return self.ladder({"dali_threads": data.dali_threads, "hw_decoder_load": load}, others, resolved)
+
+    def queue_depth(self, data: DataConfig) -> int:
+        """The pipeline's prefetch queue."""
+        return data.prefetch
+
+
+BACKEND = DaliBackend()

@@ -52,24 +52,26 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from fasttrain.config import Config, DataConfig
-from fasttrain.data.base import Batch, InputSpec, model_input
+from fasttrain.data.base import Backend, Batch, InputSpec, LoaderRequest, RunSamples, epoch_order, model_input
 from fasttrain.data.checks import BadFiles
-from fasttrain.data.order import EpochSampler, check_shard, sample_seeds
+from fasttrain.data.order import check_shard, sample_seeds
 from fasttrain.data.progressive import TrainSizes, train_sizes
 from fasttrain.data.samples import (
     Samples,
     Skip,
     dataset_for,
+    needs_pil,
     pair_jitter,
     pair_load_size,
     precheck_samples,
     targets_tensor,
 )
-from fasttrain.data.sources import Split
+from fasttrain.data.user import DatasetSplit, dataset_parts, dataset_refusal
 
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "BACKEND",
     "cache_bytes",
     "dataset_cache_bytes",
     "cache_fits",
@@ -80,7 +82,6 @@ __all__ = [
     "ResizedCropFlip",
     "PairCropFlip",
     "random_resized_crop_theta",
-    "build",
 ]
 
 _RRC_ATTEMPTS = 10  # as torchvision: the first of 10 sampled windows that fits the canvas is used
@@ -330,7 +331,7 @@ class GpuCacheLoader:
     from (the augmentation is drawn per id). The order is :class:`EpochSampler`'s over the rows, this process's
     shard of it; training drops partial global batches, evaluation yields every row once.
 
-    Build it with :meth:`from_dataset` (any map-style dataset) or :func:`build` (a task's request).
+    Build it with :meth:`from_dataset` (any map-style dataset) or ``BACKEND.build`` (a task's request).
     """
 
     def __init__(
@@ -365,23 +366,10 @@ class GpuCacheLoader:
         self.ids = np.asarray(range(self.num_samples) if ids is None else ids, dtype=np.int64)
         self.skipped: list[tuple[str, str]] = list(skipped or [])
         """(path, reason) of the files the pre-check or the decode pass could not use."""
-        self.sampler = EpochSampler(
-            self.num_samples,
-            batch_size=batch_size,
-            shuffle=train,
-            seed=seed,
-            drop_last=train,
-            num_shards=num_shards,
-            shard_id=shard_id,
-        )
         name = name or ("train" if train else "evaluation")
-        if train and len(self.sampler) == 0:
-            shards = f" x {num_shards} processes" if num_shards > 1 else ""
-            raise ValueError(
-                f"GpuCacheLoader: the {name} split has {self.num_samples} usable images, fewer than "
-                f"one batch of {batch_size}{shards} (training drops partial batches); lower the batch "
-                f"size"
-            )
+        self.sampler = epoch_order(
+            self.num_samples, batch_size, train, seed, num_shards, shard_id, refuse_empty="GpuCacheLoader", split=name
+        )
         self._scale_shift = spec.scale_shift()
         self._start = 0
         log.info(
@@ -599,69 +587,98 @@ def _decode_rows(
     return inputs, targets if as_tensor else targets_tensor(targets), [rows[k] for k in keep]
 
 
-def build(
-    samples: Samples,
-    cfg: Config,
-    spec: InputSpec,
-    *,
-    train: bool,
-    batch_size: int,
-    num_shards: int = 1,
-    shard_id: int = 0,
-) -> GpuCacheLoader:
-    """The cache backend for any request: the shared pre-check, the kind's deterministic dataset decoded once,
-    the kind's augmentation on the device."""
-    return from_samples(
-        samples,
-        cfg.data,
-        spec,
-        batch_size=batch_size,
-        train=train,
-        seed=cfg.runtime.seed,
-        num_shards=num_shards,
-        shard_id=shard_id,
-        sizes=train_sizes(cfg) if train else None,
-    )
+class CacheBackend(Backend):
+    """``data.loader = cache``: the dataset decoded once and kept on the device (RAM on a CPU); ``auto`` takes it
+    first when the decoded data fits ``data.cache_budget`` (no per-step host work at all)."""
+
+    name = "cache"
+    rank = 30
+
+    def build(self, request: LoaderRequest, cfg: Config, spec: InputSpec) -> GpuCacheLoader:
+        """The kind's deterministic dataset decoded once (files validated as they are read), the kind's
+        augmentation on the device; a dataset from Python is read once as it is, on one thread."""
+        samples, data, seed = request.samples, cfg.data, cfg.runtime.seed
+        common: dict[str, Any] = dict(
+            batch_size=request.batch_size,
+            train=request.train,
+            seed=seed,
+            num_shards=request.num_shards,
+            shard_id=request.shard_id,
+            max_bad=data.max_bad_per_epoch,
+            name=samples.split.name,
+        )
+        if samples.kind == "dataset":
+            return GpuCacheLoader.from_dataset(cast(DatasetSplit, samples.split).items(), spec, **common)
+        threads = cache_threads(data)
+        if samples.kind == "class":
+            # Each file opened once: validated and decoded from one read (the separate pre-check read every header
+            # first, then the decode opened every file again).
+            ds = dataset_for(samples, data, seed, train=request.train, deterministic=True, checked=True)
+            skipped: list[tuple[str, str]] = []
+        else:
+            checked = precheck_samples(samples, data, threads)
+            ds = dataset_for(checked.samples, data, seed, train=request.train, deterministic=True)
+            skipped = checked.bad
+        return GpuCacheLoader.from_dataset(
+            ds,
+            spec,
+            **common,
+            augment=_augment_for(samples, data, request.train),
+            targets_are_images=samples.kind == "pair",
+            threads=threads,
+            skipped=skipped,
+            sizes=train_sizes(cfg) if request.train else None,
+        )
+
+    def serves(self, run: RunSamples, cfg: Config, device: torch.device) -> tuple[bool, str]:
+        refusal = dataset_refusal(cfg.data) if run.kind == "dataset" else needs_pil(cfg.data)
+        return not refusal, refusal
+
+    def fits(
+        self, run: RunSamples, cfg: Config, device: torch.device, memory_limit: int | None = None
+    ) -> tuple[bool, str]:
+        """Whether the decoded dataset fits ``data.cache_budget`` (:func:`cache_fits`); a dataset from Python
+        only when its items are fixed (caching would keep one draw of a random transform per item)."""
+        if run.kind == "dataset":
+            parts, fixed = dataset_parts(run)
+            if not fixed:
+                return False, (
+                    "the dataset's items change between reads (its own random transforms), so the cache would "
+                    "keep one draw per item"
+                )
+            ok, why = cache_fits(
+                len(run), cfg.data, device, memory_limit=memory_limit, sample_nbytes=parts[0].item_nbytes
+            )
+            return (
+                ok,
+                f"the dataset's items are fixed and fit the cache ({why})"
+                if ok
+                else f"the dataset does not fit the cache ({why})",
+            )
+        ok, why = cache_fits(data=cfg.data, device=device, memory_limit=memory_limit, **_sizing(run))
+        return (
+            ok,
+            f"the decoded dataset fits the cache ({why})" if ok else f"the dataset is too large for the cache ({why})",
+        )
+
+    def resident_bytes(self, run: RunSamples, cfg: Config) -> int:
+        """The decoded dataset: training samples at their training size, as :meth:`fits` weighs it."""
+        if run.kind == "dataset":
+            return len(run) * dataset_parts(run)[0][0].item_nbytes
+        return dataset_cache_bytes(data=cfg.data, **_sizing(run))
 
 
-def from_samples(
-    samples: Samples,
-    data: DataConfig,
-    spec: InputSpec,
-    *,
-    batch_size: int,
-    train: bool,
-    seed: int,
-    num_shards: int = 1,
-    shard_id: int = 0,
-    sizes: TrainSizes | None = None,
-) -> GpuCacheLoader:
-    threads = cache_threads(data)
-    if samples.kind == "class":
-        # Each file opened once: validated and decoded from one read (the separate pre-check read every header
-        # first, then the decode opened every file again).
-        ds = dataset_for(samples, data, seed, train=train, deterministic=True, checked=True)
-        skipped: list[tuple[str, str]] = []
-    else:
-        checked = precheck_samples(samples, data, threads)
-        ds = dataset_for(checked.samples, data, seed, train=train, deterministic=True)
-        skipped = checked.bad
-    return GpuCacheLoader.from_dataset(
-        ds,
-        spec,
-        batch_size=batch_size,
-        train=train,
-        seed=seed,
-        augment=_augment_for(samples, data, train),
-        targets_are_images=samples.kind == "pair",
-        num_shards=num_shards,
-        shard_id=shard_id,
-        threads=threads,
-        skipped=skipped,
-        max_bad=data.max_bad_per_epoch,
-        name=samples.split.name,
-        sizes=sizes,
-    )
+def _sizing(run: RunSamples) -> dict[str, Any]:
+    """What the cache holds for a run's files, as keyword arguments of :func:`cache_fits`: every image, the
+    training ones at the training size; regression vectors carry each image's width and height too."""
+    train = run.train
+    num_targets = 0
+    if train.kind == "vector" and train.split.targets:
+        num_targets = len(train.split.targets[0]) + 2 * train.size_targets
+    return dict(num_images=len(run), kind=train.kind, train_images=len(train.split), num_targets=num_targets)
+
+
+BACKEND = CacheBackend()
 
 
 def cache_threads(data: DataConfig) -> int:
@@ -672,27 +689,3 @@ def cache_threads(data: DataConfig) -> int:
         return max(1, data.workers)
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(16, n))
-
-
-def from_split(
-    split: Split,
-    data: DataConfig,
-    spec: InputSpec,
-    *,
-    batch_size: int,
-    train: bool,
-    seed: int,
-    num_shards: int = 1,
-    shard_id: int = 0,
-) -> GpuCacheLoader:
-    """Classification over a split's files (``Samples(split, "class")``)."""
-    return from_samples(
-        Samples(split, "class"),
-        data,
-        spec,
-        batch_size=batch_size,
-        train=train,
-        seed=seed,
-        num_shards=num_shards,
-        shard_id=shard_id,
-    )

@@ -1,158 +1,87 @@
-"""Backend choice and construction, the same for every task: ``data.loader = auto | torch | dali | cache``.
+"""The one backend policy and the one way to build a loader, the same for every task and every kind of sample.
 
-A task describes its samples (:class:`~fasttrain.data.samples.Samples`); :func:`make_loader` builds them on a
-backend of the ``backends`` table of :mod:`fasttrain.registry`. ``auto`` (:func:`choose_backend`) picks the GPU-resident
-cache when the decoded dataset fits its budget (no per-step CPU work at all), else DALI where it imports (GPU
-decode on CUDA, its CPU-only mode without a GPU), else the torch loader, and says why.
+``data.loader`` names a :class:`~fasttrain.data.base.Backend` of the ``backends`` table of
+:mod:`fasttrain.registry` (its module's ``BACKEND`` object), or ``auto``. :func:`choose_backend` asks the backends
+themselves: an explicit name runs when that backend serves the run's samples here (else a ConfigError names the
+ones that do); ``auto`` tries them from the highest ``rank`` down and takes the first that serves the samples
+and fits them, and says why each one above it was passed over. Today that is the GPU-resident cache when the
+decoded dataset fits its budget (no per-step CPU work at all), else DALI where it imports (GPU decode on CUDA,
+its CPU-only mode without a GPU), else the torch loader. A dataset from Python is samples of the kind
+``dataset``, which only the backends that take tensors serve.
+
+:func:`make_loader` builds one :class:`~fasttrain.data.base.LoaderRequest` on the named backend.
 """
 
 from __future__ import annotations
 
 import logging
 
+import torch
+
 from fasttrain import registry
 from fasttrain.config import Config, ConfigError
-from fasttrain.data.base import InputSpec, Loader
-from fasttrain.data.samples import Samples
-from fasttrain.data.sources import Split
+from fasttrain.data.base import Backend, InputSpec, Loader, LoaderRequest, RunSamples
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DALI_KINDS", "choose_backend", "make_loader", "make_image_loader"]
+__all__ = ["backend", "backends", "choose_backend", "make_loader"]
 
 
-DALI_KINDS = ("class", "vector", "pair")
-"""Sample kinds (:mod:`fasttrain.data.samples`) DALI serves from files."""
-_DALI_CPU_GAIN = "DALI's CPU-only mode decodes faster than the torch loader (2.6x on Imagenette photos, 2 cores)"
+def backend(name: str) -> Backend:
+    """The backend ``data.loader = name`` stands for; a ConfigError names the setting and the known names."""
+    try:
+        return registry.resolve("backends", name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def backends() -> list[tuple[str, Backend]]:
+    """Every registered backend, in registration order."""
+    return [(name, backend(name)) for name in registry.names("backends")]
 
 
 def choose_backend(
     requested: str,
-    *,
-    device_type: str,
-    num_images: int,
+    run: RunSamples,
     cfg: Config,
-    device=None,
+    device: torch.device | str | None = None,
     memory_limit: int | None = None,
-    kind: str = "class",
-    train_images: int | None = None,
-    num_targets: int = 0,
 ) -> tuple[str, str]:
-    """(backend, reason) for ``data.loader = requested``. Raises ConfigError where an explicit choice cannot run
-    here. ``memory_limit``: bytes of device memory the run may use, when smaller than the card (autotune's
-    budget). ``kind``, ``train_images`` (of ``num_images``) and ``num_targets`` size the cache (see
-    :func:`~fasttrain.data.gpu_cache.cache_fits`).
-
-    auto: the cache when the decoded data fits its budget (no per-step CPU work at all); else DALI where it
-    imports and serves the kind: GPU decode on CUDA, its CPU-only mode without a GPU (faster than the torch
-    loader there); else the torch loader. Every reason says why."""
-    if requested == "torch":
-        return "torch", "data.loader = torch"
-    if cfg.data.rand_augment:  # timm's RandAugment works on PIL images: only the torch loader has them
-        if requested == registry.AUTO:
-            return "torch", "auto: data.rand_augment (timm's RandAugment) works on PIL images, in the torch loader"
-        raise ConfigError(
-            f"data.rand_augment: timm's RandAugment works on PIL images, which only the torch loader has; "
-            f"set data.loader = torch or auto (now {requested})"
-        )
-    fits, why = False, ""
-    if requested in ("cache", registry.AUTO):
-        from fasttrain.data.gpu_cache import cache_fits
-
-        fits, why = cache_fits(
-            num_images,
-            cfg.data,
-            device,
-            memory_limit=memory_limit,
-            kind=kind,
-            train_images=train_images,
-            num_targets=num_targets,
-        )
-        if requested == "cache":
-            if not fits:
-                log.warning("data.loader = cache although %s", why)
-            return "cache", "data.loader = cache"
-        if fits:
-            return "cache", f"auto: the decoded dataset fits the cache ({why})"
-    elif requested != "dali":  # a backend registered without a place in the auto policy: taken as asked
-        return requested, f"data.loader = {requested}"
-    cuda = device_type == "cuda"
-    dali_ok, dali_why = _dali_can_serve(kind)
-    if requested == "dali":
-        if not dali_ok:
-            raise ConfigError(f"data.loader = dali, but {dali_why}; set data.loader = torch or cache")
-        return "dali", "data.loader = dali" + ("" if cuda else " (CPU-only mode)")
-    too_large = f"the dataset is too large for the cache ({why})"
-    if dali_ok and cuda:
-        return "dali", f"auto: {too_large}; DALI decodes on the GPU"
-    if dali_ok:
-        return "dali", f"auto: no CUDA device and {too_large}; {_DALI_CPU_GAIN}"
-    return "torch", f"auto: {too_large}, and {dali_why}"
+    """(backend, reason) for ``data.loader = requested`` over the run's samples. ``device``: where the run
+    trains (None: CUDA when present, as ``runtime.device = auto``); ``memory_limit``: device bytes the run may
+    use when smaller than the card (autotune's budget). Raises ConfigError where an explicit choice cannot run
+    here, or where no backend can."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if requested != registry.AUTO:
+        return requested, _as_asked(requested, run, cfg, device, memory_limit)
+    passed: list[str] = []  # why each backend ranked above the one taken was passed over
+    ranked = sorted(((n, b) for n, b in backends() if b.rank is not None), key=lambda nb: -(nb[1].rank or 0))
+    for name, b in ranked:
+        ok, why = b.serves(run, cfg, device)
+        if ok:
+            ok, why = b.fits(run, cfg, device, memory_limit)
+        if ok:
+            return name, "auto: " + "; ".join(dict.fromkeys([*passed, why]))
+        passed.append(why)
+    raise ConfigError("data.loader = auto, but no backend serves this run: " + "; ".join(dict.fromkeys(passed)))
 
 
-def _dali_can_serve(kind: str) -> tuple[bool, str]:
-    """(True, version) or (False, why DALI cannot load ``kind`` here)."""
-    if kind not in DALI_KINDS:
-        return False, f"DALI cannot serve {kind} samples (it reads image files)"
-    from fasttrain.data.dali import dali_status
-
-    ok, why = dali_status()
-    return ok, why if ok else f"DALI cannot run here ({why})"
-
-
-def make_loader(
-    backend: str,
-    samples: Samples,
-    cfg: Config,
-    spec: InputSpec,
-    *,
-    train: bool,
-    batch_size: int,
-    num_shards: int = 1,
-    shard_id: int = 0,
-) -> Loader:
-    """A loader for ``samples`` on ``backend`` (a name of the ``backends`` table of :mod:`fasttrain.registry`), this
-    process's shard ``shard_id`` of ``num_shards``. A split backed by a dataset from Python
-    (:class:`~fasttrain.data.user.DatasetSplit`) is served by :func:`~fasttrain.data.user.dataset_loader`."""
-    from fasttrain.data.user import DatasetSplit, dataset_loader
-
-    if isinstance(samples.split, DatasetSplit):
-        return dataset_loader(
-            backend,
-            samples.split,
-            cfg,
-            spec,
-            train=train,
-            batch_size=batch_size,
-            num_shards=num_shards,
-            shard_id=shard_id,
-        )
-    try:
-        build = registry.resolve("backends", backend)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    return build(samples, cfg, spec, train=train, batch_size=batch_size, num_shards=num_shards, shard_id=shard_id)
+def _as_asked(name: str, run: RunSamples, cfg: Config, device: torch.device, memory_limit: int | None) -> str:
+    """The reason for an explicit ``data.loader = name``: refused (naming the backends that could) when it does
+    not serve the samples here; a warning when ``auto`` would not have taken it (the cache would not fit)."""
+    ok, note = backend(name).serves(run, cfg, device)
+    if not ok:
+        others = [n for n, b in backends() if n != name and b.serves(run, cfg, device)[0]]
+        instead = f"; set data.loader = {' or '.join([*others, registry.AUTO])} (now {name})" if others else ""
+        raise ConfigError(f"data.loader = {name}, but {note}{instead}")
+    fits, why = backend(name).fits(run, cfg, device, memory_limit)
+    if not fits:
+        log.warning("data.loader = %s although %s", name, why)
+    return f"data.loader = {name}" + (f" ({note})" if note else "")
 
 
-def make_image_loader(
-    backend: str,
-    split: Split,
-    cfg: Config,
-    spec: InputSpec,
-    *,
-    train: bool,
-    batch_size: int,
-    num_shards: int = 1,
-    shard_id: int = 0,
-) -> Loader:
-    """A classification loader over ``split`` on ``backend`` (see :func:`choose_backend`)."""
-    return make_loader(
-        backend,
-        Samples(split, "class"),
-        cfg,
-        spec,
-        train=train,
-        batch_size=batch_size,
-        num_shards=num_shards,
-        shard_id=shard_id,
-    )
+def make_loader(name: str, request: LoaderRequest, cfg: Config, spec: InputSpec) -> Loader:
+    """A loader for ``request`` on the backend ``data.loader = name`` (a name of the ``backends`` table)."""
+    return backend(name).build(request, cfg, spec)

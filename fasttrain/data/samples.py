@@ -14,6 +14,9 @@ for every task. Kinds:
   ``image_size``; training resizes both to ``image_size x jitter`` and crops one random ``image_size`` window
   from both, flipping both or neither. The window and flip come from :func:`pair_jitter`, a pure function of
   (seed, epoch, index), so every backend draws the same ones.
+- ``dataset``: the items of a map-style dataset given from Python (``train(cfg, dataset=...)``): the split is a
+  :class:`~fasttrain.data.user.DatasetSplit`, each item an image tensor and a class index. The backends that
+  take tensors serve it (torch, the cache); DALI, which reads files, does not.
 
 The datasets here are the torch backend's per-sample path, and (with ``deterministic=True``, the evaluation
 geometry or the training canvas) what the GPU cache decodes once.
@@ -44,6 +47,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "KINDS",
     "PAIR_JITTER",
+    "needs_pil",
     "Samples",
     "Checked",
     "Skip",
@@ -59,7 +63,7 @@ __all__ = [
     "targets_tensor",
 ]
 
-KINDS = ("class", "vector", "pair")
+KINDS = ("class", "vector", "pair", "dataset")
 PAIR_JITTER = 286 / 256
 """pix2pix's training resize before the random crop, relative to image_size (the reference: 286 -> 256)."""
 
@@ -85,6 +89,14 @@ class Samples:
     def side_by_side(self) -> bool:
         """Pairs stored as one file each (input left, target right)."""
         return self.kind == "pair" and bool(self.split.targets) and self.split.targets[0] == SIDE_BY_SIDE
+
+
+def needs_pil(data: DataConfig) -> str:
+    """Why a backend that does not augment PIL images (the cache, DALI) cannot serve this config; '' when it
+    can. timm's RandAugment (``data.rand_augment``) works on PIL images, which only the torch loader has."""
+    if data.rand_augment:
+        return "data.rand_augment: timm's RandAugment works on PIL images, which only the torch loader has"
+    return ""
 
 
 class Skip(NamedTuple):

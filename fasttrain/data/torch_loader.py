@@ -10,6 +10,7 @@ its shards under torchrun) is :class:`~fasttrain.data.order.EpochSampler`'s; the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence, Sized
@@ -18,16 +19,26 @@ from typing import Any, cast
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from fasttrain.config import Config
-from fasttrain.data.base import Batch, InputSpec, model_input, normalize_on_device
+from fasttrain.config import Config, DataConfig, default_workers
+from fasttrain.data.base import (
+    Backend,
+    Batch,
+    InputSpec,
+    LoaderRequest,
+    RunSamples,
+    epoch_order,
+    model_input,
+    normalize_on_device,
+)
 from fasttrain.data.checks import BadDataError, BadFiles
 from fasttrain.data.order import EpochSampler, sample_seed
 from fasttrain.data.progressive import train_sizes
-from fasttrain.data.samples import ImageDataset, Samples, Skip, dataset_for, precheck_samples
+from fasttrain.data.samples import ImageDataset, Skip, dataset_for, precheck_samples
+from fasttrain.data.user import DatasetSplit, dataset_refusal
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EpochSampler", "ImageDataset", "Skip", "collate_skip", "TorchLoader", "sample_seed", "build"]
+__all__ = ["BACKEND", "EpochSampler", "ImageDataset", "Skip", "collate_skip", "TorchLoader", "sample_seed"]
 
 
 def collate_skip(items: Sequence, fill_to: int = 0):
@@ -123,15 +134,7 @@ class TorchLoader:
         self.skipped: list[tuple[str, str]] = list(skipped or [])
         self._bad = BadFiles(self.skipped, max_bad_per_epoch)
         self._split = split or ("train" if train else "evaluation")
-        self.sampler = EpochSampler(
-            len(cast(Sized, dataset)),
-            batch_size=batch_size,
-            shuffle=train,
-            seed=seed,
-            drop_last=train,
-            num_shards=num_shards,
-            shard_id=shard_id,
-        )
+        self.sampler = epoch_order(self.num_samples, batch_size, train, seed, num_shards, shard_id)
         self.prepare = prepare or _default_prepare(spec)
         cuda = spec.device.type == "cuda"
         if train and collate is collate_skip:
@@ -229,43 +232,73 @@ class TorchLoader:
         self.loader = None  # type: ignore[assignment]
 
 
-def build(
-    samples: Samples,
-    cfg: Config,
-    spec: InputSpec,
-    *,
-    train: bool,
-    batch_size: int,
-    num_shards: int = 1,
-    shard_id: int = 0,
-) -> TorchLoader:
-    """The torch backend for any request (:mod:`fasttrain.data.samples`): the shared pre-check, then the kind's
-    dataset decoded by ``data.workers`` processes. Pairs are normalized on the device, both images alike."""
-    d = cfg.data
-    # The same pre-check as DALI and the cache: every backend samples from the same files, in the same order.
-    checked = precheck_samples(samples, d, threads=max(1, d.num_workers))
-    sizes = train_sizes(cfg) if train else None  # progressive resizing: each key's epoch gives its size
-    ds = dataset_for(checked.samples, d, cfg.runtime.seed, train=train, sizes=sizes)
-    prepare = None
-    if samples.kind == "pair":
-        scale_shift = spec.scale_shift()
+class TorchBackend(Backend):
+    """``data.loader = torch``: serves every kind of sample (files and datasets from Python); ``auto``'s fallback."""
 
-        def prepare(cpu_batch) -> Batch:
-            a, b = cpu_batch
-            return Batch(normalize_on_device(a, spec, scale_shift), normalize_on_device(b, spec, scale_shift))
+    name = "torch"
+    rank = 0
 
-    return TorchLoader(
-        ds,
-        spec,
-        batch_size=batch_size,
-        train=train,
-        seed=cfg.runtime.seed,
-        workers=d.workers_for(spec.device.type),
-        prefetch=d.prefetch,
-        prepare=prepare,
-        num_shards=num_shards,
-        shard_id=shard_id,
-        skipped=checked.bad,
-        max_bad_per_epoch=d.max_bad_per_epoch,
-        split=samples.split.name,
-    )
+    def build(self, request: LoaderRequest, cfg: Config, spec: InputSpec) -> TorchLoader:
+        """The shared pre-check, then the kind's dataset decoded by ``data.workers`` processes. Pairs are
+        normalized on the device, both images alike. A dataset from Python is read as it is, item by item."""
+        samples, d = request.samples, cfg.data
+        common: dict[str, Any] = dict(
+            batch_size=request.batch_size,
+            train=request.train,
+            seed=cfg.runtime.seed,
+            workers=d.workers_for(spec.device.type),
+            prefetch=d.prefetch,
+            num_shards=request.num_shards,
+            shard_id=request.shard_id,
+            max_bad_per_epoch=d.max_bad_per_epoch,
+            split=samples.split.name,
+        )
+        if samples.kind == "dataset":  # its own randomness: plain int keys
+            items = cast(DatasetSplit, samples.split).items()
+            return TorchLoader(items, spec, **common, epoch_keys=False)
+        # The same pre-check as DALI and the cache: every backend samples from the same files, in the same order.
+        checked = precheck_samples(samples, d, threads=max(1, d.num_workers))
+        sizes = train_sizes(cfg) if request.train else None  # progressive resizing: each key's epoch, its size
+        ds = dataset_for(checked.samples, d, cfg.runtime.seed, train=request.train, sizes=sizes)
+        prepare = _pair_prepare(spec) if samples.kind == "pair" else None
+        return TorchLoader(ds, spec, **common, prepare=prepare, skipped=checked.bad)
+
+    def serves(self, run: RunSamples, cfg: Config, device: torch.device) -> tuple[bool, str]:
+        refusal = dataset_refusal(cfg.data) if run.kind == "dataset" else ""
+        return not refusal, refusal
+
+    def fits(
+        self, run: RunSamples, cfg: Config, device: torch.device, memory_limit: int | None = None
+    ) -> tuple[bool, str]:
+        if run.kind == "dataset":
+            return True, "the torch loader reads the items every epoch"
+        if cfg.data.rand_augment:
+            return True, "the torch loader augments PIL images"
+        return True, "the torch loader decodes on the CPU"
+
+    def knobs(self, data: DataConfig, device_type: str) -> list[dict[str, Any]]:
+        """Worker processes: the config's own, then a quarter, half and all of the machine's share."""
+        w = default_workers(device_type)
+        counts = sorted({max(1, w // 4), max(1, w // 2), w})
+        return self.ladder(
+            {"workers": data.workers},
+            [{"workers": n} for n in counts],
+            lambda s: dataclasses.replace(data, **s).workers_for(device_type),
+        )
+
+    def queue_depth(self, data: DataConfig) -> int:
+        """Each worker process keeps ``data.prefetch`` batches ready; none without workers."""
+        return data.prefetch * max(1, data.num_workers) if data.num_workers > 0 else 0
+
+
+def _pair_prepare(spec: InputSpec) -> Callable[[Any], Batch]:
+    scale_shift = spec.scale_shift()
+
+    def prepare(cpu_batch) -> Batch:
+        a, b = cpu_batch
+        return Batch(normalize_on_device(a, spec, scale_shift), normalize_on_device(b, spec, scale_shift))
+
+    return prepare
+
+
+BACKEND = TorchBackend()

@@ -13,10 +13,12 @@ An item that cannot be read is reported and skipped, never fatal: ``__getitem__`
 and the loader lists it (``dataset[i]: why``) as it lists a bad file; more than ``data.max_bad_per_epoch`` in an
 epoch stop the run with the list, as for files.
 
-Backends: ``data.loader = auto`` keeps the dataset on the device (the GPU cache, RAM on a CPU) when it fits
-``data.cache_budget`` *and* its items are fixed (two reads of an item give the same tensor): read once, then no
-per-step host work at all. A dataset with random transforms of its own is read through the torch loader every
-epoch (caching would freeze one draw per item). DALI reads files, so it cannot serve a dataset from Python.
+Backends: its splits are samples of the kind ``dataset`` (:mod:`fasttrain.data.samples`), served by the
+backends that take tensors, chosen by the one policy of :mod:`fasttrain.data.loaders`: ``data.loader = auto``
+keeps the dataset on the device (the GPU cache, RAM on a CPU) when it fits ``data.cache_budget`` *and* its items
+are fixed (two reads of an item give the same tensor): read once, then no per-step host work at all. A dataset
+with random transforms of its own is read through the torch loader every epoch (caching would freeze one draw
+per item). DALI reads files, so it cannot serve a dataset from Python.
 Without ``val_dataset``, ``data.val_fraction`` of the items (seeded) are held out for validation.
 """
 
@@ -34,8 +36,8 @@ from typing import Any, cast
 import torch
 from torch.utils.data import Dataset, IterableDataset
 
-from fasttrain.config import Config, ConfigError
-from fasttrain.data.base import InputSpec, Loader
+from fasttrain.config import Config, ConfigError, DataConfig
+from fasttrain.data.base import RunSamples
 from fasttrain.data.samples import Skip
 from fasttrain.data.sources import DataSource, Split
 
@@ -45,8 +47,8 @@ __all__ = [
     "DATASET_ROOT",
     "DatasetSplit",
     "dataset_source",
-    "choose_dataset_backend",
-    "dataset_loader",
+    "dataset_refusal",
+    "dataset_parts",
     "is_dataset_run",
 ]
 
@@ -299,82 +301,21 @@ def dataset_source(cfg: Config, dataset: Any, val_dataset: Any = None) -> tuple[
     return cfg, source
 
 
-def choose_dataset_backend(
-    requested: str, source: DataSource, cfg: Config, device: torch.device, memory_limit: int | None = None
-) -> tuple[str, str]:
-    """(backend, reason) for a dataset from Python: the cache when its items are fixed and fit, else torch."""
-    from fasttrain.data.gpu_cache import cache_fits
-
-    train = cast(DatasetSplit, source.train)
-    n = len(train) + len(source.val or [])
-    if requested == "torch":
-        return "torch", "data.loader = torch"
-    fixed = train.fixed and (source.val is None or cast(DatasetSplit, source.val).fixed)
-    fits, why = cache_fits(n, cfg.data, device, memory_limit=memory_limit, sample_nbytes=train.item_nbytes)
-    if requested == "cache":
-        if not fixed:
-            log.warning(
-                "data.loader = cache although the dataset's items change between reads (random "
-                "transforms): the cache keeps one draw per item"
-            )
-        if not fits:
-            log.warning("data.loader = cache although %s", why)
-        return "cache", "data.loader = cache"
-    if not fixed:
-        return "torch", (
-            "auto: the dataset's items change between reads (its own random transforms), so the "
-            "torch loader reads them every epoch"
+def dataset_refusal(data: DataConfig) -> str:
+    """Why no backend can serve a dataset from Python under these settings ('' when they can): each of them
+    works on the images fasttrain decodes from files, and a dataset hands over finished tensors."""
+    if data.rand_augment:
+        return (
+            "data.rand_augment: timm's RandAugment works on image files' PIL images, not on the tensors of a "
+            "dataset from Python; put it in your dataset's transform and leave data.rand_augment empty"
         )
-    if fits:
-        return "cache", f"auto: the dataset's items are fixed and fit the cache ({why})"
-    return "torch", f"auto: the dataset does not fit the cache ({why})"
+    if data.progressive or data.eval_size:
+        key = "data.progressive" if data.progressive else "data.eval_size"
+        return f"{key}: resizes the images fasttrain decodes; a dataset from Python sets its own size"
+    return ""
 
 
-def dataset_loader(
-    backend: str,
-    split: DatasetSplit,
-    cfg: Config,
-    spec: InputSpec,
-    *,
-    train: bool,
-    batch_size: int,
-    num_shards: int = 1,
-    shard_id: int = 0,
-) -> Loader:
-    """The torch loader or the cache over a dataset from Python (see the module docstring)."""
-    if cfg.data.progressive or cfg.data.eval_size:
-        key = "data.progressive" if cfg.data.progressive else "data.eval_size"
-        raise ConfigError(f"{key}: resizes the images fasttrain decodes; a dataset from Python sets its own size")
-    dataset = split.items()
-    if backend == "cache":
-        from fasttrain.data.gpu_cache import GpuCacheLoader
-
-        return GpuCacheLoader.from_dataset(
-            dataset,
-            spec,
-            batch_size=batch_size,
-            train=train,
-            seed=cfg.runtime.seed,
-            num_shards=num_shards,
-            shard_id=shard_id,
-            max_bad=cfg.data.max_bad_per_epoch,
-            name=split.name,
-        )
-    if backend != "torch":
-        raise ConfigError(f"data.loader: {backend} cannot serve a dataset from Python (torch or cache can)")
-    from fasttrain.data.torch_loader import TorchLoader
-
-    return TorchLoader(
-        dataset,
-        spec,
-        batch_size=batch_size,
-        train=train,
-        seed=cfg.runtime.seed,
-        workers=cfg.data.workers_for(spec.device.type),
-        prefetch=cfg.data.prefetch,
-        num_shards=num_shards,
-        shard_id=shard_id,
-        max_bad_per_epoch=cfg.data.max_bad_per_epoch,
-        split=split.name,
-        epoch_keys=False,
-    )
+def dataset_parts(run: RunSamples) -> tuple[list[DatasetSplit], bool]:
+    """The splits of a run on a dataset from Python, and whether every item is fixed (may be cached)."""
+    parts = [cast(DatasetSplit, s.split) for s in (run.train, run.val) if s is not None]
+    return parts, all(p.fixed for p in parts)

@@ -18,8 +18,11 @@ from PIL import Image
 from torch import nn
 
 from fasttrain.config import Config
-from fasttrain.data.base import Batch, InputSpec, Loader
+from fasttrain.data.base import Batch, InputSpec, Loader, LoaderRequest, RunSamples
+from fasttrain.data.loaders import make_loader
+from fasttrain.data.samples import Samples
 from fasttrain.data.sources import DataSource, Split
+from fasttrain.data.user import DatasetSplit
 from fasttrain.runtime import Runtime
 
 __all__ = ["Task", "TrainState", "match_param_layout", "load_optimizer_state"]
@@ -150,9 +153,9 @@ class Task:
     """min or max: which direction is better for ``best_metric``."""
     predict_module: str = "model"
     """The module (key of ``TrainState.local``) whose output prediction describes."""
-    sample_kind: str | None = None
-    """What its loaders hold (:mod:`fasttrain.data.samples`: class, vector, pair): any backend can then serve it
-    (the cache is sized by it, DALI knows what to decode). None: the torch loader only."""
+    sample_kind: str = "class"
+    """What its loaders hold (:mod:`fasttrain.data.samples`: class, vector, pair): every backend serves it from
+    this (the cache is sized by it, DALI knows what to decode); :meth:`samples` adds what a kind needs more."""
     train_metric_names: tuple[str, ...] = ("loss",)
     """What ``train_step`` returns (epoch records hold them as ``train_<name>``)."""
     custom_model: Any = None
@@ -228,18 +231,35 @@ class Task:
 
         init_from(model, self.cfg, module)
 
+    def samples(self, split: Split) -> Samples:
+        """What a loader over ``split`` delivers (:mod:`fasttrain.data.samples`), the same on every backend: by
+        default ``sample_kind`` over the split's files; a task whose samples need more says so here (regress:
+        scaled targets and each image's size; pix2pix: the training jitter)."""
+        return Samples(split, self.sample_kind)
+
+    def _samples(self, split: Split) -> Samples:
+        # A split of a dataset given from Python holds its own items, whatever the task would make of files.
+        return Samples(split, "dataset") if isinstance(split, DatasetSplit) else self.samples(split)
+
+    def run_samples(self) -> RunSamples:
+        """Every sample the run reads (training and validation splits): what the backend choice weighs."""
+        src = self.source
+        if src is None:
+            raise ValueError(f"task {self.name}: no data source (a task built for prediction has no samples)")
+        return RunSamples(self._samples(src.train), self._samples(src.val) if src.val else None)
+
     def make_loader(
         self, split: Split, *, train: bool, batch_size: int, backend: str, num_shards: int = 1, shard_id: int = 0
     ) -> Loader:
         """A loader over ``split`` yielding device Batches of ``batch_size`` (this process's micro-batch).
 
-        ``backend`` (torch, dali, cache: ``data.loader``, or what auto chose) means the same for every task: a
-        task describes its samples (:class:`~fasttrain.data.samples.Samples`) and
-        :func:`fasttrain.data.loaders.make_loader` builds that backend. Under torchrun, ``num_shards`` is the
-        world size and ``shard_id`` the global rank: the epoch's global order stays a function of (seed, epoch),
-        each process reads an interleaved slice, and every process yields the same number of training batches
-        (see :mod:`fasttrain.data.order`)."""
-        raise NotImplementedError
+        ``backend`` (``data.loader``, or what auto chose) means the same for every task: the task says which
+        samples the split holds (:meth:`samples`) and the backend builds them (:mod:`fasttrain.data.loaders`).
+        Under torchrun, ``num_shards`` is the world size and ``shard_id`` the global rank: the epoch's global order
+        stays a function of (seed, epoch), each process reads an interleaved slice, and every process yields the
+        same number of training batches (see :mod:`fasttrain.data.order`)."""
+        request = LoaderRequest(self._samples(split), train, batch_size, num_shards, shard_id)
+        return make_loader(backend, request, self.cfg, self.input_spec())
 
     def input_spec(self) -> InputSpec:
         mean, std = self.cfg.data.norm_mean_std()

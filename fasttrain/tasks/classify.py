@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from fasttrain.data.base import Batch, InputSpec, Loader
-from fasttrain.data.sources import Split
 from fasttrain.tasks.base import Task, TrainState
 
 log = logging.getLogger(__name__)
@@ -74,23 +73,6 @@ class ClassifyTask(Task):
             )
             self._mix = mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes)
         return self._mix
-
-    def make_loader(
-        self, split: Split, *, train: bool, backend: str, batch_size: int, num_shards: int = 1, shard_id: int = 0
-    ) -> Loader:
-        from fasttrain.data.loaders import make_loader
-        from fasttrain.data.samples import Samples
-
-        return make_loader(
-            backend,
-            Samples(split, "class"),
-            self.cfg,
-            self.input_spec(),
-            train=train,
-            batch_size=batch_size,
-            num_shards=num_shards,
-            shard_id=shard_id,
-        )
 
     def train_phases(self, state: TrainState, batch: Batch):
         x, y = batch.inputs, batch.targets

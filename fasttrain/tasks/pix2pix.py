@@ -115,22 +115,9 @@ class Pix2PixTask(Task):
             local={k: self.runtime.for_eval(m, callables[k]) for k, m in modules.items()},
         )
 
-    def make_loader(
-        self, split: Split, *, train: bool, batch_size: int, backend: str, num_shards: int = 1, shard_id: int = 0
-    ) -> Loader:
-        """Any backend: pairs (A, B) with the same resize, crop and flip; both normalized to -1..1."""
-        from fasttrain.data.loaders import make_loader
-
-        return make_loader(
-            backend,
-            Samples(split, "pair", jitter=JITTER),
-            self.cfg,
-            self.input_spec(),
-            train=train,
-            batch_size=batch_size,
-            num_shards=num_shards,
-            shard_id=shard_id,
-        )
+    def samples(self, split: Split) -> Samples:
+        """Pairs (A, B) with the same resize, crop and flip, on any backend; both normalized to -1..1."""
+        return Samples(split, "pair", jitter=JITTER)
 
     # -- steps -----------------------------------------------------------------------------------------------
     @staticmethod

@@ -19,16 +19,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fasttrain.config import ConfigError
-from fasttrain.data.base import Batch, InputSpec, Loader
+from fasttrain.data.base import Batch, InputSpec
 from fasttrain.data.formats import DRAWING_TARGETS
-from fasttrain.data.samples import Samples, VectorDataset
+from fasttrain.data.samples import Samples
 from fasttrain.data.sources import Split
 from fasttrain.data.transforms import resize_square
 from fasttrain.tasks.base import Task, TrainState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RegressTask", "RegressDataset", "scale_targets", "target_range"]
+__all__ = ["RegressTask", "scale_targets", "target_range"]
 
 
 def target_range(targets: list[list[float]]) -> tuple[list[float], list[float]]:
@@ -49,24 +49,6 @@ def scale_targets(split: Split, low: list[float], high: list[float]) -> Split:
         return Split(split.name, [], [])
     scaled = (torch.tensor(split.targets, dtype=torch.float32) - lo) / span
     return Split(split.name, list(split.paths), scaled.tolist())
-
-
-class RegressDataset(VectorDataset):
-    """(index, epoch) -> (uint8 C x S x S, float32 [scaled targets..., width, height]), or a
-    :class:`~fasttrain.data.samples.Skip` naming the file that cannot be decoded (listed in ``loader.skipped``)."""
-
-    def __init__(
-        self,
-        split: Split,
-        image_size: int,
-        channels: int,
-        low: list[float],
-        high: list[float],
-        max_pixels: int | None = None,
-    ):
-        super().__init__(
-            scale_targets(split, low, high), image_size, channels, size_targets=True, max_pixels=max_pixels
-        )
 
 
 class RegressTask(Task):
@@ -106,23 +88,9 @@ class RegressTask(Task):
         return self.target_names == DRAWING_TARGETS
 
     # -- building ---------------------------------------------------------------------------------------------
-    def make_loader(
-        self, split: Split, *, train: bool, batch_size: int, backend: str, num_shards: int = 1, shard_id: int = 0
-    ) -> Loader:
+    def samples(self, split: Split) -> Samples:
         """Any backend: each image resized whole to image_size squared, targets scaled, then its width and height."""
-        from fasttrain.data.loaders import make_loader
-
-        samples = Samples(scale_targets(split, self.low, self.high), "vector", size_targets=True)
-        return make_loader(
-            backend,
-            samples,
-            self.cfg,
-            self.input_spec(),
-            train=train,
-            batch_size=batch_size,
-            num_shards=num_shards,
-            shard_id=shard_id,
-        )
+        return Samples(scale_targets(split, self.low, self.high), "vector", size_targets=True)
 
     def _span_on(self, device: torch.device) -> torch.Tensor:
         if self._span is None or self._span.device != device:

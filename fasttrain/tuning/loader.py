@@ -29,14 +29,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fasttrain import memory
-from fasttrain.config import Config, DataConfig, default_workers
+from fasttrain.config import Config, DataConfig
+from fasttrain.data import loaders
 from fasttrain.data.progressive import train_sizes
 from fasttrain.timing import cycle_batches, time_steps, time_window, train_step_fn
 from fasttrain.tuning.search import choose_loader, loader_share, spread_of
 
 log = logging.getLogger("fasttrain.tuning")
 
-__all__ = ["LoaderTrial", "LoaderResult", "loader_ladder", "queue_depth", "reuse_file_checks", "tune_loader"]
+__all__ = [
+    "LoaderTrial",
+    "LoaderResult",
+    "loader_ladder",
+    "queue_depth",
+    "resident_bytes",
+    "reuse_file_checks",
+    "tune_loader",
+]
 
 
 @dataclass
@@ -117,51 +126,15 @@ class LoaderResult:
         return cls(**kw)
 
 
-def _resolved(backend: str, setting: dict[str, Any], data: DataConfig, device_type: str) -> tuple:
-    d = dataclasses.replace(data, **setting)
-    if backend == "torch":
-        return (d.workers_for(device_type),)
-    if backend == "dali":
-        return (d.num_dali_threads, d.hw_decoder_load)
-    return ()
-
-
 def loader_ladder(backend: str, data: DataConfig, device_type: str = "cuda") -> list[dict[str, Any]]:
-    """Settings to try: the config's own first, then the others cheapest first (at most 4 in all).
-
-    torch: workers at a quarter, half and all of the machine's share. dali: threads likewise, at the configured
-    hw_decoder_load; when that is below 0.9 a last try raises it to 0.9 (the hardware JPEG decoder is a
-    separate engine: a lower load only moves decoding onto CPU threads). cache: no knobs."""
-    w = default_workers(device_type) if backend == "torch" else default_workers()  # processes vs threads
-    counts = sorted({max(1, w // 4), max(1, w // 2), w})
-    given: dict[str, Any]
-    others: list[dict[str, Any]]
-    if backend == "torch":
-        given, others = {"workers": data.workers}, [{"workers": n} for n in counts]
-    elif backend == "dali":
-        load = data.hw_decoder_load
-        given = {"dali_threads": data.dali_threads, "hw_decoder_load": load}
-        others = [{"dali_threads": n, "hw_decoder_load": load} for n in counts]
-        if load < 0.9:
-            others.append({"dali_threads": w, "hw_decoder_load": 0.9})
-    else:
-        return [{}]
-    ladder, seen = [given], {_resolved(backend, given, data, device_type)}
-    for s in others:
-        key = _resolved(backend, s, data, device_type)
-        if key not in seen:
-            seen.add(key)
-            ladder.append(s)
-    return ladder[:4]
+    """Settings to try: the backend's knobs (:meth:`~fasttrain.data.base.Backend.knobs`), the config's own first,
+    then the others cheapest first; at most 4 in all. ``[{}]``: nothing to tune, the one setting is measured."""
+    return loaders.backend(backend).knobs(data, device_type)[:4] or [{}]
 
 
 def queue_depth(backend: str, data: DataConfig) -> int:
-    """Batches a loader prepares ahead: torch workers x prefetch, DALI's pipeline depth, none for the cache."""
-    if backend == "torch":
-        return data.prefetch * max(1, data.num_workers) if data.num_workers > 0 else 0
-    if backend == "dali":
-        return data.prefetch
-    return 0
+    """Batches the backend's loader prepares ahead (:meth:`~fasttrain.data.base.Backend.queue_depth`)."""
+    return loaders.backend(backend).queue_depth(data)
 
 
 @contextlib.contextmanager
@@ -241,17 +214,17 @@ def tune_loader(
     make_task: Callable | None = None,
 ) -> LoaderResult:
     """Measure the config's own loader setting end to end at ``micro`` with ``state`` (the probe's or the
-    compiled check's), then the ladder's others, cheapest first, until one keeps up with the model-only step or
-    time runs out; keep the highest share of the model-only step (ties: the given setting, else the cheaper).
-    A trial whose spread exceeds ``max_spread`` is measured once more, then marked unreliable."""
+    compiled check's), then the ladder's others (the backend's knobs), cheapest first, until one keeps up with
+    the model-only step or time runs out; keep the highest share of the model-only step (ties: the given setting,
+    else the cheaper). A trial whose spread exceeds ``max_spread`` is measured once more, then marked unreliable."""
     if make_task is None:
         from fasttrain.tasks import make_task as make_task_
     else:
         make_task_ = make_task
-    device = runtime.device
     trials: list[LoaderTrial] = []
     open_loader, open_index = None, None
     ladder = loader_ladder(backend, cfg.data, runtime.device.type)
+    window = dict(repeats=repeats, repeat_s=repeat_s, accumulation=accumulation, device=runtime.device)
     try:
         for i, setting in enumerate(ladder):
             if i and time_left is not None and time_left() < trials[-1].seconds:
@@ -262,55 +235,17 @@ def tune_loader(
                 open_loader = open_index = None
             data = dataclasses.replace(cfg.data, **setting)
             task = make_task_(dataclasses.replace(cfg, data=data), runtime, source)
-            depth = queue_depth(backend, data)
             t0 = time.perf_counter()
             memory.release_dali_pools()  # what an earlier trial's pipeline left in DALI's pools is not this one's
-            before = memory.outside_torch_bytes(device)
+            before = memory.outside_torch_bytes(runtime.device)
             loader = task.make_loader(source.train, train=True, batch_size=micro, backend=backend)
-            loader.set_epoch(train_sizes(task.cfg).first_largest_epoch)  # progressive: time the largest size
             open_loader, open_index = loader, i
-            it = cycle_batches(loader)
-            batch = task.synthetic_batch(micro, task.input_spec(), train=True)
-            model_step = train_step_fn(task, state, functools.partial(_same, batch), accumulation)
-            e2e_step = train_step_fn(task, state, functools.partial(next, it), accumulation)
-            window = dict(depth=depth, repeats=repeats, repeat_s=repeat_s, accumulation=accumulation, device=device)
-            model_rates, e2e_rates, after = _measure_trial(model_step, e2e_step, **window)
-            outside = after - before if after is not None and before is not None else None
-            reliable = max(spread_of(model_rates), spread_of(e2e_rates)) <= max_spread
-            if not reliable and (time_left is None or time_left() > time.perf_counter() - t0):
-                # A burst of other load in one window: once more, kept when steady, else both and unreliable.
-                model_b, e2e_b, _ = _measure_trial(model_step, e2e_step, **window)
-                reliable = max(spread_of(model_b), spread_of(e2e_b)) <= max_spread
-                model_rates, e2e_rates = (model_b, e2e_b) if reliable else (model_rates + model_b, e2e_rates + e2e_b)
-            trial = LoaderTrial(
-                setting,
-                statistics.median(e2e_rates),
-                spread_of(e2e_rates),
-                e2e_rates,
-                given=i == 0,
-                seconds=time.perf_counter() - t0,
-                outside_torch_bytes=outside,
-                reliable=reliable,
-            )
-            trial.model_rates = model_rates
-            trial.model_samples_per_s = statistics.median(model_rates)
-            trial.model_spread = spread_of(model_rates)
-            trial.share = loader_share(trial)[0]
+            window["depth"] = queue_depth(backend, data)
+            trial = _trial(task, loader, state, setting, micro, window, max_spread, time_left, t0, before)
+            trial.given = i == 0
             _, trial.keeps_up = choose_loader([trial], noise)
             trials.append(trial)
-            log.info(
-                "autotune [%s] loader %s %s: %s samples/s end to end ±%.0f%%, %.0f%% of the model-only step "
-                "measured alongside (%s)%s%s",
-                stamp(),
-                backend,
-                setting or "(no knobs)",
-                f"{trial.samples_per_s:,.1f}",
-                100 * trial.spread / 2,
-                100 * trial.share,
-                f"{trial.model_samples_per_s:,.1f}",
-                ", keeps up" if trial.keeps_up else "",
-                "" if reliable else " UNRELIABLE",
-            )
+            _log_trial(stamp(), backend, trial)
             if trial.keeps_up:
                 break
         pick, keeps_up = choose_loader(trials, noise, given=0)
@@ -318,10 +253,76 @@ def tune_loader(
         if open_loader is not None:
             open_loader.close()
         raise
-    kept = trials[pick]
     if open_index != pick and open_loader is not None:
         open_loader.close()
         open_loader = None
+    return _result(backend, trials, pick, keeps_up, open_loader)
+
+
+def _trial(
+    task,
+    loader,
+    state,
+    setting: dict[str, Any],
+    micro: int,
+    window: dict[str, Any],
+    max_spread: float,
+    time_left: Callable[[], float] | None,
+    t0: float,
+    before: int | None,
+) -> LoaderTrial:
+    """One setting measured end to end (:func:`_measure_trial`), once more when its spread is over
+    ``max_spread`` and there is time; ``t0`` and ``before``: the clock and the memory outside torch before the
+    loader was built."""
+    loader.set_epoch(train_sizes(task.cfg).first_largest_epoch)  # progressive: time the largest size
+    it = cycle_batches(loader)
+    batch = task.synthetic_batch(micro, task.input_spec(), train=True)
+    accumulation = window["accumulation"]
+    model_step = train_step_fn(task, state, functools.partial(_same, batch), accumulation)
+    e2e_step = train_step_fn(task, state, functools.partial(next, it), accumulation)
+    model_rates, e2e_rates, after = _measure_trial(model_step, e2e_step, **window)
+    outside = after - before if after is not None and before is not None else None
+    reliable = max(spread_of(model_rates), spread_of(e2e_rates)) <= max_spread
+    if not reliable and (time_left is None or time_left() > time.perf_counter() - t0):
+        # A burst of other load in one window: once more, kept when steady, else both and unreliable.
+        model_b, e2e_b, _ = _measure_trial(model_step, e2e_step, **window)
+        reliable = max(spread_of(model_b), spread_of(e2e_b)) <= max_spread
+        model_rates, e2e_rates = (model_b, e2e_b) if reliable else (model_rates + model_b, e2e_rates + e2e_b)
+    trial = LoaderTrial(
+        setting,
+        statistics.median(e2e_rates),
+        spread_of(e2e_rates),
+        e2e_rates,
+        seconds=time.perf_counter() - t0,
+        outside_torch_bytes=outside,
+        reliable=reliable,
+    )
+    trial.model_rates = model_rates
+    trial.model_samples_per_s = statistics.median(model_rates)
+    trial.model_spread = spread_of(model_rates)
+    trial.share = loader_share(trial)[0]
+    return trial
+
+
+def _log_trial(stamp: str, backend: str, trial: LoaderTrial) -> None:
+    log.info(
+        "autotune [%s] loader %s %s: %s samples/s end to end ±%.0f%%, %.0f%% of the model-only step "
+        "measured alongside (%s)%s%s",
+        stamp,
+        backend,
+        trial.setting or "(no knobs)",
+        f"{trial.samples_per_s:,.1f}",
+        100 * trial.spread / 2,
+        100 * (trial.share or 0.0),
+        f"{trial.model_samples_per_s:,.1f}",
+        ", keeps up" if trial.keeps_up else "",
+        "" if trial.reliable else " UNRELIABLE",
+    )
+
+
+def _result(backend: str, trials: list[LoaderTrial], pick: int, keeps_up: bool, loader: Any) -> LoaderResult:
+    """The kept setting as the tuned config gets it, with its figures and a note in words."""
+    kept = trials[pick]
     name = kept.setting or "no knobs"
     fig = (
         f"{name} delivers {kept.samples_per_s:,.1f} samples/s end to end, {kept.share:.0%} of the model-only "
@@ -341,22 +342,12 @@ def tune_loader(
         keeps_up,
         note,
         kept.outside_torch_bytes,
-        open_loader,
+        loader,
     )
 
 
 def resident_bytes(backend: str, cfg: Config, prep) -> int:
-    """Device bytes ``backend`` holds for the whole run, beside the batches: the GPU cache's decoded dataset
-    (training samples at their training size, sized as the backend choice sized it:
-    :func:`~fasttrain.prepare.cache_request`); 0 for a backend that streams."""
-    if backend != "cache":
-        return 0
-    from fasttrain.data.gpu_cache import dataset_cache_bytes
-    from fasttrain.data.user import DatasetSplit
-    from fasttrain.prepare import cache_request
-
-    train = prep.source.train
-    if isinstance(train, DatasetSplit):  # a dataset from Python: its items' own size
-        return (len(train) + len(prep.source.val or [])) * train.item_nbytes
-    request = cache_request(prep.source, prep.task)
-    return 0 if request is None else dataset_cache_bytes(data=cfg.data, **request)
+    """Device bytes ``backend`` holds for the whole run, beside the batches, over the samples ``prep``'s task
+    reads (:meth:`~fasttrain.data.base.Backend.resident_bytes`: the GPU cache's decoded dataset, sized as the
+    backend choice sized it); 0 for a backend that streams."""
+    return loaders.backend(backend).resident_bytes(prep.task.run_samples(), cfg)

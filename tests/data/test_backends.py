@@ -17,8 +17,8 @@ from tinyrun import mixed_images
 
 from fasttrain import registry
 from fasttrain.config import Config, ConfigError, DataConfig, RuntimeConfig, apply_overrides
-from fasttrain.data import gpu_cache, loaders
-from fasttrain.data.base import InputSpec
+from fasttrain.data import dali, gpu_cache
+from fasttrain.data.base import Backend, InputSpec, LoaderRequest, RunSamples
 from fasttrain.data.dali import dali_status
 from fasttrain.data.loaders import choose_backend, make_loader
 from fasttrain.data.order import EpochSampler, sample_seed, sample_seeds
@@ -41,26 +41,42 @@ def test_config_choices_are_the_registries():
         DataConfig(loader="gpu")
     with pytest.raises(ConfigError, match=r"data\.format: must be one of folder, manifest, drawing, paired"):
         DataConfig(format="csv")
-    for table in ("tasks", "backends", "formats"):
+    for table in ("tasks", "formats"):
         for name in registry.names(table):
             assert callable(registry.resolve(table, name)), (table, name)
+    for name in registry.names("backends"):  # a backend is an object: build, serves, fits, knobs, ...
+        backend = registry.resolve("backends", name)
+        assert isinstance(backend, Backend) and backend.name == name, name
+
+
+def _run(n: int, kind: str = "class", num_targets: int = 0) -> RunSamples:
+    """A run's samples as the backend choice weighs them: ``n`` training files of ``kind``."""
+    targets = {"class": [0] * n, "vector": [[0.5] * num_targets] * n, "pair": ["b.png"] * n}[kind]
+    return RunSamples(Samples(Split("train", ["a.png"] * n, targets), kind))
 
 
 def test_a_backend_is_added_by_its_module_and_one_registry_line(monkeypatch, tmp_path):
     """One line in BACKENDS: the config accepts the name, auto leaves it alone, make_loader builds it."""
     built = []
+
+    class Mine(Backend):
+        name = "mine"
+
+        def build(self, request, cfg, spec):
+            built.append(request)
+            return "a loader"
+
     module = types.ModuleType("my_backend")
-    module.build = lambda samples, cfg, spec, **kw: built.append((samples.kind, kw)) or "a loader"
+    module.BACKEND = Mine()
     monkeypatch.setitem(sys.modules, "my_backend", module)
-    monkeypatch.setitem(registry.TABLES["backends"], "mine", "my_backend:build")
+    monkeypatch.setitem(registry.TABLES["backends"], "mine", "my_backend:BACKEND")
     cfg = Config(data=DataConfig(loader="mine"))
-    assert choose_backend("mine", device_type="cpu", num_images=10, cfg=cfg) == ("mine", "data.loader = mine")
+    assert choose_backend("mine", _run(10), cfg, "cpu") == ("mine", "data.loader = mine")
+    assert choose_backend("auto", _run(10), cfg, "cpu")[0] != "mine"  # no rank: auto leaves it alone
     split = Split("train", ["a.png"], [[0.5]])
-    assert (
-        make_loader("mine", Samples(split, "vector"), cfg, None, train=True, batch_size=4, num_shards=2, shard_id=1)
-        == "a loader"
-    )
-    assert built == [("vector", dict(train=True, batch_size=4, num_shards=2, shard_id=1))]
+    request = LoaderRequest(Samples(split, "vector"), train=True, batch_size=4, num_shards=2, shard_id=1)
+    assert make_loader("mine", request, cfg, None) == "a loader"
+    assert built == [request]
 
 
 def test_a_format_is_added_by_its_function_and_one_registry_line(monkeypatch, tmp_path):
@@ -127,28 +143,26 @@ def ram(monkeypatch):
 
 
 def _no_dali(monkeypatch, why="ImportError: no module named nvidia"):
-    monkeypatch.setattr(
-        loaders, "_dali_can_serve", lambda kind: (False, f"DALI cannot run here (nvidia.dali does not import: {why})")
-    )
+    monkeypatch.setattr(dali, "dali_status", lambda: (False, f"nvidia.dali does not import: {why}"))
 
 
 def _dali(monkeypatch):
-    monkeypatch.setattr(loaders, "_dali_can_serve", lambda kind: (True, "DALI 2.4"))
+    monkeypatch.setattr(dali, "dali_status", lambda: (True, "DALI 2.4"))
 
 
 @pytest.mark.parametrize("kind", ["class", "vector", "pair"])
 def test_auto_on_a_cpu_weighs_cache_then_dali_cpu_mode_then_torch(monkeypatch, ram, kind):
     cfg = Config(data=DataConfig(image_size=32, cache_budget=0.25))
-    pick = dict(device_type="cpu", cfg=cfg, device="cpu", kind=kind, num_targets=7 if kind == "vector" else 0)
-    backend, why = choose_backend("auto", num_images=1000, **pick)
+    run = _run(1000, kind, num_targets=7 if kind == "vector" else 0)
+    backend, why = choose_backend("auto", run, cfg, "cpu")
     assert backend == "cache" and why.startswith("auto: the decoded dataset fits the cache") and "available RAM" in why
     ram(GIB // 1000)  # the same data no longer fits
     _dali(monkeypatch)
-    backend, why = choose_backend("auto", num_images=1000, **pick)
+    backend, why = choose_backend("auto", run, cfg, "cpu")
     assert backend == "dali" and "no CUDA device" in why and "too large for the cache" in why
     assert "CPU-only mode decodes faster than the torch loader" in why
     _no_dali(monkeypatch)
-    backend, why = choose_backend("auto", num_images=1000, **pick)
+    backend, why = choose_backend("auto", run, cfg, "cpu")
     assert backend == "torch" and "too large for the cache" in why and "nvidia.dali does not import" in why
 
 
@@ -157,25 +171,46 @@ def test_auto_on_cuda_prefers_the_cache_then_gpu_decode(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
     _dali(monkeypatch)
     cfg = Config(data=DataConfig(image_size=128, channels=1))
-    pick = dict(device_type="cuda", cfg=cfg, device="cuda:0", kind="vector", num_targets=7)
-    assert choose_backend("auto", num_images=50_000, **pick)[0] == "cache"  # 128 px canvases: 0.76 GiB
-    backend, why = choose_backend("auto", num_images=2_000_000, **pick)
+    assert choose_backend("auto", _run(50_000, "vector", 7), cfg, "cuda:0")[0] == "cache"  # 128 px: 0.76 GiB
+    backend, why = choose_backend("auto", _run(2_000_000, "vector", 7), cfg, "cuda:0")
     assert backend == "dali" and "DALI decodes on the GPU" in why and "FakeGPU" in why
 
 
 def test_an_explicit_dali_that_cannot_run_names_the_setting(monkeypatch):
     _no_dali(monkeypatch)
     with pytest.raises(ConfigError, match=r"data\.loader = dali, but DALI cannot run here .*nvidia\.dali"):
-        choose_backend("dali", device_type="cpu", num_images=10, cfg=Config(), kind="pair")
+        choose_backend("dali", _run(10, "pair"), Config(), "cpu")
     monkeypatch.undo()
+    frames = types.SimpleNamespace(kind="frames")  # a kind no backend here knows
     with pytest.raises(ConfigError, match=r"data\.loader = dali, but DALI cannot serve frames samples"):
-        choose_backend("dali", device_type="cpu", num_images=10, cfg=Config(), kind="frames")
+        choose_backend("dali", frames, Config(), "cpu")
+
+
+def test_a_dataset_from_python_is_a_kind_of_sample_under_the_one_policy(ram):
+    """The same policy as for files: the backends that take tensors serve it, DALI says why it does not, and a
+    setting no backend can honour for it is refused naming the setting."""
+    from fasttrain.data.user import DatasetSplit
+
+    def run(fixed: bool) -> RunSamples:
+        split = DatasetSplit("train", [f"dataset[{i}]" for i in range(10)], [], fixed=fixed, item_nbytes=100)
+        return RunSamples(Samples(split, "dataset"))
+
+    backend, why = choose_backend("auto", run(True), Config(), "cpu")
+    assert backend == "cache" and why.startswith("auto: the dataset's items are fixed and fit the cache (10 items")
+    backend, why = choose_backend("auto", run(False), Config(), "cpu")
+    assert backend == "torch" and "items change between reads" in why and "DALI cannot serve dataset samples" in why
+    assert choose_backend("torch", run(True), Config(), "cpu") == ("torch", "data.loader = torch")
+    with pytest.raises(ConfigError, match=r"loader = dali, but DALI cannot serve dataset .*torch or cache or auto"):
+        choose_backend("dali", run(True), Config(), "cpu")
+    timm = Config(data=DataConfig(rand_augment="rand-m9"))
+    with pytest.raises(ConfigError, match=r"no backend serves this run: data\.rand_augment: .*dataset.s transform"):
+        choose_backend("auto", run(True), timm, "cpu")
 
 
 @needs_dali
 def test_dali_serves_every_task_kind_here():
-    for kind in loaders.DALI_KINDS:
-        assert choose_backend("dali", device_type="cpu", num_images=1, cfg=Config(), kind=kind) == (
+    for kind in dali.KINDS:
+        assert choose_backend("dali", _run(1, kind), Config(), "cpu") == (
             "dali",
             "data.loader = dali (CPU-only mode)",
         )
@@ -243,16 +278,8 @@ def _spec(cfg: Config) -> InputSpec:
 def _loader(backend, files, *, train, batch_size, num_shards=1, shard_id=0):
     cfg = _cfg()
     split = Split("train" if train else "val", list(files), list(range(len(files))))
-    return make_loader(
-        backend,
-        Samples(split, "class"),
-        cfg,
-        _spec(cfg),
-        train=train,
-        batch_size=batch_size,
-        num_shards=num_shards,
-        shard_id=shard_id,
-    )
+    request = LoaderRequest(Samples(split, "class"), train, batch_size, num_shards, shard_id)
+    return make_loader(backend, request, cfg, _spec(cfg))
 
 
 def _batches(loader, epoch: int, skip: int = 0) -> list[tuple[list[int], torch.Tensor]]:

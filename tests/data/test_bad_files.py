@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from fasttrain.config import Config, DataConfig
-from fasttrain.data.base import InputSpec
+from fasttrain.data.base import InputSpec, LoaderRequest
 from fasttrain.data.checks import BadDataError, check_data
 from fasttrain.data.files import NotRegularFileError
-from fasttrain.data.loaders import make_image_loader
+from fasttrain.data.loaders import make_loader
+from fasttrain.data.samples import Samples
 from fasttrain.data.sources import Split, discover
 from fasttrain.data.transforms import load_image
 
@@ -96,7 +97,8 @@ def spec(cfg: Config) -> InputSpec:
 def loader_for(backend: str, paths: list[str], *, train: bool, batch_size: int = 2, **data):
     cfg = config(backend, **data)
     split = Split("train" if train else "val", list(paths), list(range(len(paths))))
-    return make_image_loader(backend.split("-")[0], split, cfg, spec(cfg), train=train, batch_size=batch_size)
+    request = LoaderRequest(Samples(split, "class"), train, batch_size)
+    return make_loader(backend.split("-")[0], request, cfg, spec(cfg))
 
 
 def assert_skipped_with_reasons(loader, bad: list[str]) -> None:

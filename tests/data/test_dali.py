@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from fasttrain.config import DataConfig
-from fasttrain.data.base import InputSpec, normalize_on_device
+from fasttrain.data.base import InputSpec, LoaderRequest, normalize_on_device
 from fasttrain.data.checks import BadDataError, check_header, sniff_image_format
 from fasttrain.data.dali import (
     DaliLoader,
@@ -228,7 +228,7 @@ def test_cuda_graph_compile_modes_get_torch_owned_batches(monkeypatch, compile, 
     monkeypatch.setattr(dali_mod, "DaliLoader", lambda *a, **k: made.update(k))
     cfg = apply_overrides(Config(), [f"runtime.compile={compile}", f"runtime.compile_mode={mode}"])
     spec = InputSpec(torch.device(device, 0), torch.float16, True, (0.5,) * 3, (0.5,) * 3)
-    dali_mod.build(None, cfg, spec, train=True, batch_size=4)
+    dali_mod.BACKEND.build(LoaderRequest(None, train=True, batch_size=4), cfg, spec)
     assert made["copy_outputs"] is copies
 
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from fasttrain.config import DataConfig
+from fasttrain.config import Config, DataConfig, RuntimeConfig
 from fasttrain.data import gpu_cache
-from fasttrain.data.base import InputSpec, normalize_on_device
+from fasttrain.data.base import InputSpec, LoaderRequest, normalize_on_device
 from fasttrain.data.gpu_cache import GpuCacheLoader, cache_bytes, cache_fits, random_resized_crop_theta
+from fasttrain.data.samples import Samples
 from fasttrain.data.sources import Split
 from fasttrain.data.torch_loader import EpochSampler
 from fasttrain.data.transforms import eval_transform, load_image
@@ -45,7 +46,9 @@ def spec_for(data: DataConfig, *, dtype=torch.float32, channels_last=False, devi
 
 def make(paths, data, spec=None, *, train, seed=0, batch_size=5, name=None) -> GpuCacheLoader:
     split = Split(name or ("train" if train else "val"), list(paths), list(range(len(paths))))
-    return gpu_cache.from_split(split, data, spec or spec_for(data), batch_size=batch_size, train=train, seed=seed)
+    request = LoaderRequest(Samples(split, "class"), train, batch_size)
+    cfg = Config(data=data, runtime=RuntimeConfig(seed=seed))
+    return gpu_cache.BACKEND.build(request, cfg, spec or spec_for(data))
 
 
 def epoch(loader, e=None):

@@ -11,7 +11,7 @@ import torch
 from tinyrun import mixed_images
 
 from fasttrain.config import Config, ConfigError, DataConfig, RuntimeConfig, TrainConfig, apply_overrides
-from fasttrain.data.base import InputSpec
+from fasttrain.data.base import InputSpec, LoaderRequest
 from fasttrain.data.dali import dali_status
 from fasttrain.data.loaders import make_loader
 from fasttrain.data.progressive import TrainSizes, progressive_size, train_sizes
@@ -111,7 +111,7 @@ def _loader(backend: str, cfg: Config, files, *, train: bool):
     mean, std = cfg.data.norm_mean_std()
     spec = InputSpec(torch.device("cpu"), torch.float32, False, tuple(mean), tuple(std))
     split = Split("train" if train else "val", list(files), list(range(len(files))))
-    return make_loader(backend, Samples(split, "class"), cfg, spec, train=train, batch_size=4)
+    return make_loader(backend, LoaderRequest(Samples(split, "class"), train, 4), cfg, spec)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -279,7 +279,7 @@ def test_on_cuda_each_epoch_arrives_at_its_size_channels_last_in_one_pipeline(fi
     mean, std = cfg.data.norm_mean_std()
     spec = InputSpec(torch.device("cuda:0"), torch.bfloat16, True, tuple(mean), tuple(std))
     split = Split("train", list(files), list(range(len(files))))
-    loader = make_loader(backend, Samples(split, "class"), cfg, spec, train=True, batch_size=4)
+    loader = make_loader(backend, LoaderRequest(Samples(split, "class"), True, 4), cfg, spec)
     try:
         for e, size in ((0, 16), (2, 32), (1, 24)):
             loader.set_epoch(e)
