@@ -8,6 +8,10 @@ implementations, and no module imports another just to learn a name. This module
 - ``backends``: ``data.loader`` -> a loader backend (see :mod:`fasttrain.data.base`); ``auto`` is a policy over
   them (:func:`fasttrain.data.loaders.choose_backend`).
 - ``formats``: ``data.format`` -> a function ``(DataConfig, root: Path) -> DataSource``.
+- ``optimizers``: ``optim.name`` -> a builder ``(modules, OptimConfig, lr, fused_kwargs) -> Optimizer``
+  (:mod:`fasttrain.optim`; ``timm/<name>`` is any of timm's, outside the table).
+- ``schedules``: ``schedule.name`` -> a pure lr factor ``(ScheduleConfig, step, steps_per_epoch, total_steps)``.
+- ``loggers``: ``train.loggers`` -> a metric sink class ``(run_dir)`` (:mod:`fasttrain.metrics`).
 
 Adding a part: its module and one line in its table, or :func:`register` from outside the package (a test, a
 plugin) before the config is loaded.
@@ -40,9 +44,35 @@ TABLES: dict[str, dict[str, str]] = {
         "drawing": "fasttrain.data.formats:discover_drawing",
         "paired": "fasttrain.data.formats:discover_paired",
     },
+    "optimizers": {
+        "sgd": "fasttrain.optim:sgd",
+        "adamw": "fasttrain.optim:adamw",
+        "adam": "fasttrain.optim:adamw",
+        "lamb": "fasttrain.optim:timm",
+        "lion": "fasttrain.optim:timm",
+    },
+    "schedules": {
+        "constant": "fasttrain.optim:constant",
+        "step": "fasttrain.optim:step_decay",
+        "cosine": "fasttrain.optim:cosine",
+        "linear": "fasttrain.optim:linear",
+        "onecycle": "fasttrain.optim:onecycle",
+    },
+    "loggers": {
+        "jsonl": "fasttrain.metrics:JsonlSink",
+        "csv": "fasttrain.metrics:CsvSink",
+        "tensorboard": "fasttrain.metrics:TensorboardSink",
+    },
 }
 
-SETTINGS: dict[str, str] = {"tasks": "task.name", "backends": "data.loader", "formats": "data.format"}
+SETTINGS: dict[str, str] = {
+    "tasks": "task.name",
+    "backends": "data.loader",
+    "formats": "data.format",
+    "optimizers": "optim.name",
+    "schedules": "schedule.name",
+    "loggers": "train.loggers",
+}
 """The config setting each table's names are the values of (named in every error)."""
 
 
