@@ -146,8 +146,10 @@ class Task:
     name: str = ""
     best_metric: str = "val_loss"
     """Default validation metric that selects the best checkpoint."""
-    best_mode: str = "min"
-    """min or max: which direction is better for ``best_metric``."""
+    higher_is_better: frozenset[str] = frozenset()
+    """The metrics (by name, without ``train_`` / ``val_`` / ``val_ema_`` / ``test_``) that are better when
+    higher, such as an accuracy; every other one (a loss, an error) is better when lower. See
+    :meth:`metric_mode`."""
     predict_module: str = "model"
     """The module (key of ``TrainState.local``) whose output prediction describes."""
     sample_kind: str | None = None
@@ -166,6 +168,16 @@ class Task:
         self.cfg = cfg
         self.runtime = runtime
         self.source = source
+
+    @classmethod
+    def metric_mode(cls, metric: str) -> str:
+        """``max`` when ``metric`` (``val_acc``, ``test_ema_psnr``, ``acc``) is better higher, else ``min``."""
+        name = metric
+        for prefix in ("val_ema_", "test_ema_", "train_", "val_", "test_"):
+            if metric.startswith(prefix):
+                name = metric[len(prefix) :]
+                break
+        return "max" if name in cls.higher_is_better else "min"
 
     # -- building ---------------------------------------------------------------------------------------------
     def check(self) -> None:

@@ -42,7 +42,7 @@ def tta_logits(model: Any, x: torch.Tensor, mode: str) -> torch.Tensor:
 class ClassifyTask(Task):
     name = "classify"
     best_metric = "val_acc"
-    best_mode = "max"
+    higher_is_better = frozenset({"acc", "acc5"})
     sample_kind = "class"
     train_metric_names = ("loss", "acc")
 

@@ -60,7 +60,7 @@ class Pix2PixTask(Task):
     name = "pix2pix"
     predict_module = "generator"
     best_metric = "val_l1"
-    best_mode = "min"
+    higher_is_better = frozenset({"psnr"})
     sample_kind = "pair"
     train_metric_names = ("loss", "d_loss", "g_gan", "g_l1")
 

@@ -72,7 +72,6 @@ class RegressDataset(VectorDataset):
 class RegressTask(Task):
     name = "regress"
     best_metric = "val_loss"
-    best_mode = "min"
     sample_kind = "vector"
 
     def __init__(self, cfg, runtime, source):
