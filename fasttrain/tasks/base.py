@@ -21,6 +21,7 @@ from fasttrain.config import Config
 from fasttrain.data.base import Batch, InputSpec, Loader
 from fasttrain.data.sources import DataSource, Split
 from fasttrain.runtime import Runtime
+from fasttrain.step import run_step
 
 __all__ = ["Task", "TrainState", "match_param_layout", "load_optimizer_state"]
 
@@ -279,9 +280,9 @@ class Task:
         the batch), read by the engine only every ``train.log_every`` steps. The engine, autotune and the
         benchmarks all call this; what it does around the task's losses is :func:`fasttrain.step.run_step`.
         """
-        from fasttrain.step import run_step
-
-        return run_step(self, state, batch, update=update, loss_scale=loss_scale)
+        phases = self.train_phases(state, batch)  # a generator: nothing runs before run_step advances it
+        clip = self.cfg.optim.grad_clip
+        return run_step(state, phases, grad_clip=clip, update=update, loss_scale=loss_scale)
 
     def eval_step(self, state: TrainState, batch: Batch) -> dict[str, torch.Tensor]:
         """Sums over the batch (and ``count``) as detached tensors; the engine adds them up on the device."""
