@@ -140,7 +140,7 @@ def train(
                 check_writable(run_dir / "checkpoints", "--resume")  # read-only: fail now, not after an epoch
             cfg, ckpt = _resumed_config(run_dir, overrides, start)
         assert cfg is not None
-        prep = prepare(cfg, model=model, dataset=dataset, val_dataset=val_dataset)
+        prep = prepare(cfg, model=model, dataset=dataset, val_dataset=val_dataset, restoring=ckpt is not None)
         _check_best_metric(prep.task, prep.cfg.train.best_metric, bool(prep.source.val))
         if prep.cfg.train.save_top_k:
             _check_best_metric(prep.task, prep.cfg.train.best_metric, bool(prep.source.val), "train.save_top_k", True)
@@ -561,6 +561,8 @@ class Trainer:
         self.prep, self.ckpt, self.progress, self.on_epoch_end = prep, ckpt, progress, on_epoch_end
         self._t_start = time.perf_counter()  # a time budget counts the set-up (loaders, a cache's decode) too
         cfg, task, source, info = prep.cfg, prep.task, prep.source, prep.dist
+        if task.restoring != (ckpt is not None):  # resume: the checkpoint's weights, not the starting ones
+            task = prep.new_task(restoring=ckpt is not None)
         self.cfg, self.task, self.source, self.tc = cfg, task, source, cfg.train
         self.is_main = info.is_main
         self.best_metric = self.tc.best_metric or task.best_metric
@@ -582,7 +584,6 @@ class Trainer:
             if self.tc.max_steps:
                 self.steps_per_epoch = min(self.steps_per_epoch, self.tc.max_steps)
             total_steps = self.steps_per_epoch * self.tc.epochs
-            task.restoring = ckpt is not None  # resume: the checkpoint's weights, not the starting ones
             self.state = state = task.build_state()
             if ckpt is None and not cfg.model.init_from:
                 _init_from_data(state.modules.get(task.predict_module), self.train_loader)

@@ -158,17 +158,25 @@ class Task:
     (the cache is sized by it, DALI knows what to decode). None: the torch loader only."""
     train_metric_names: tuple[str, ...] = ("loss",)
     """What ``train_step`` returns (epoch records hold them as ``train_<name>``)."""
-    custom_model: Any = None
-    """A model passed from Python (an ``nn.Module``, or a function returning one), used instead of
-    ``model.name``'s (``model.name = custom``)."""
-    restoring: bool = False
-    """Set when a checkpoint will be loaded into the built state (resume, prediction): starting weights
-    (model.pretrained, model.init_from) are then neither downloaded nor read."""
 
-    def __init__(self, cfg: Config, runtime: Runtime, source: DataSource | None):
+    def __init__(
+        self,
+        cfg: Config,
+        runtime: Runtime,
+        source: DataSource | None,
+        *,
+        model: Any = None,
+        restoring: bool = False,
+    ):
         self.cfg = cfg
         self.runtime = runtime
         self.source = source
+        self.custom_model = model
+        """A model passed from Python (an ``nn.Module``, or a function returning one), used instead of
+        ``model.name``'s (``model.name = custom``)."""
+        self.restoring = restoring
+        """A checkpoint will be loaded into the built state (resume, prediction): starting weights
+        (model.pretrained, model.init_from) are then neither downloaded nor read."""
 
     @classmethod
     def metric_mode(cls, metric: str) -> str:

@@ -56,8 +56,8 @@ class ClassifyTask(Task):
             )
         return n
 
-    def __init__(self, cfg, runtime, source):
-        super().__init__(cfg, runtime, source)
+    def __init__(self, cfg, runtime, source, **settings):
+        super().__init__(cfg, runtime, source, **settings)
         self._mix: Any = None
         self._erase: Any = None
 

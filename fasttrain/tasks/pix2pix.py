@@ -64,8 +64,8 @@ class Pix2PixTask(Task):
     sample_kind = "pair"
     train_metric_names = ("loss", "d_loss", "g_gan", "g_l1")
 
-    def __init__(self, cfg, runtime, source):
-        super().__init__(cfg, runtime, source)
+    def __init__(self, cfg, runtime, source, **settings):
+        super().__init__(cfg, runtime, source, **settings)
         if cfg.model.name not in (*GENERATORS, "custom"):  # custom: a generator passed from Python
             raise ConfigError(
                 f"model.name: pix2pix needs an image-to-image generator ({', '.join(GENERATORS)}), "

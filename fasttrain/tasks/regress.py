@@ -74,8 +74,8 @@ class RegressTask(Task):
     best_metric = "val_loss"
     sample_kind = "vector"
 
-    def __init__(self, cfg, runtime, source):
-        super().__init__(cfg, runtime, source)
+    def __init__(self, cfg, runtime, source, **settings):
+        super().__init__(cfg, runtime, source, **settings)
         if source is not None:
             if not source.target_names:
                 raise ConfigError(
