@@ -1,9 +1,8 @@
 """``fasttrain bench``: what limits a run. The loader alone, the train step alone on a synthetic batch already on
 the device (the ceiling) and the two together as ``fasttrain train`` runs them, with the verdict.
 
-The clock lives in :mod:`fasttrain.timing` and memory readings in :mod:`fasttrain.memory`; the names the
-benchmarks use (``run_steps``, ``cycle_batches``, ``time_steps``, ``reset_peak_memory``, ``peak_memory``, ...)
-are re-exported here for them (``from fasttrain import benchmark``).
+The clock lives in :mod:`fasttrain.timing` and memory readings in :mod:`fasttrain.memory` (the benchmarks
+import them from there).
 """
 
 from __future__ import annotations

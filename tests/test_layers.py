@@ -17,6 +17,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         (
             "fasttrain",  # the front door: its verbs are imported by name when first used, never by an import line
             "fasttrain.registry",
+            "fasttrain.numbers",
             "fasttrain.config",
             "fasttrain.io",
             "fasttrain.budget",

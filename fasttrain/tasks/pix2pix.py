@@ -24,7 +24,7 @@ from torchvision.utils import make_grid
 
 from fasttrain.config import ConfigError
 from fasttrain.data.base import Batch, InputSpec, Loader
-from fasttrain.data.samples import PAIR_JITTER, PairDataset, Samples, load_pair
+from fasttrain.data.samples import PAIR_JITTER, Samples
 from fasttrain.data.sources import Split
 from fasttrain.data.transforms import resize_square
 from fasttrain.io import atomic_replace, write_new
@@ -34,12 +34,10 @@ from fasttrain.tasks.base import Task, TrainState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Pix2PixTask", "PairDataset", "load_pair", "GENERATORS", "JITTER"]
+__all__ = ["Pix2PixTask", "GENERATORS"]
 
 GENERATORS = ("unet",)
 """Registry names that map an image to an image of the same size (model.name for pix2pix)."""
-JITTER = PAIR_JITTER
-"""Training resize before the random crop, relative to image_size (the reference: 286 -> 256)."""
 SAMPLES = 4
 """Rows in a sample grid (input | output | target)."""
 
@@ -123,7 +121,7 @@ class Pix2PixTask(Task):
 
         return make_loader(
             backend,
-            Samples(split, "pair", jitter=JITTER),
+            Samples(split, "pair", jitter=PAIR_JITTER),
             self.cfg,
             self.input_spec(),
             train=train,
