@@ -25,7 +25,7 @@ __all__ = [
     "param_groups",
     "sgd",
     "adamw",
-    "timm",
+    "timm_factory",
     "constant",
     "step_decay",
     "cosine",
@@ -61,7 +61,7 @@ def adamw(modules: list[nn.Module], cfg: OptimConfig, lr: float, kw: dict) -> to
     return torch.optim.AdamW(_groups(modules, cfg), lr=lr, betas=(b1, b2), **kw)
 
 
-def timm(modules: list[nn.Module], cfg: OptimConfig, lr: float, kw: dict) -> torch.optim.Optimizer:
+def timm_factory(modules: list[nn.Module], cfg: OptimConfig, lr: float, kw: dict) -> torch.optim.Optimizer:
     """lamb, lion, ``timm/<name>``, and any optimizer under ``optim.layer_decay``: built by timm's factory (the
     fused kwargs are torch's, not timm's)."""
     return timm_optimizer(modules, cfg, lr, param_groups)
@@ -73,7 +73,8 @@ def make_optimizer(
     """``optim.name``'s builder from the ``optimizers`` table; ``timm/<name>`` and layer-wise decay go to timm."""
     modules = module if isinstance(module, list) else [module]
     lr = cfg.lr if lr is None else lr
-    build = timm if cfg.name.startswith("timm/") or cfg.layer_decay > 0 else registry.resolve("optimizers", cfg.name)
+    by_timm = cfg.name.startswith("timm/") or cfg.layer_decay > 0
+    build = timm_factory if by_timm else registry.resolve("optimizers", cfg.name)
     return build(modules, cfg, lr, dict(fused_kwargs or {}))
 
 

@@ -48,8 +48,8 @@ TABLES: dict[str, dict[str, str]] = {
         "sgd": "fasttrain.optim:sgd",
         "adamw": "fasttrain.optim:adamw",
         "adam": "fasttrain.optim:adamw",
-        "lamb": "fasttrain.optim:timm",
-        "lion": "fasttrain.optim:timm",
+        "lamb": "fasttrain.optim:timm_factory",
+        "lion": "fasttrain.optim:timm_factory",
     },
     "schedules": {
         "constant": "fasttrain.optim:constant",
