@@ -5,7 +5,7 @@ Run explicitly (the default test run only collects ``tests/``)::
     pytest benchmarks/ --bench-size=cpu                       # about 30-40 s on 2 cores
     pytest benchmarks/ --bench-size=gpu --benchmark-json=out.json
 
-Every benchmark round runs a fixed number of steps and ends with a device synchronize (``bench.run_steps``),
+Every benchmark round runs a fixed number of steps and ends with a device synchronize (``timing.run_steps``),
 so pytest-benchmark's clock reads finished work and "time per round" is "time per N steps". samples/s,
 peak memory and the environment go into ``benchmark.extra_info``; ``tools/bench_summary.py`` turns the JSON
 into a table and plots.
@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from benchutil import SIZES, BenchSize, cache_root, extract_imagenette, find_tar, generate_imagenet_like
-from fasttrain import benchmark as bench
+from fasttrain import memory
 from fasttrain.runtime import BackendFlags, backend_flags
 
 
@@ -115,7 +115,7 @@ def measure(benchmark, env, size, device) -> Callable[..., dict[str, Any]]:
     batch/model/precision/backend and the environment."""
 
     def run(round_fn: Callable[[], int], *, samples_per_round: int, flags: BackendFlags, **info: Any) -> dict[str, Any]:
-        bench.reset_peak_memory(device)
+        memory.reset_peak_memory(device)
         with backend_flags(flags):
             benchmark.pedantic(round_fn, rounds=size.rounds, iterations=1, warmup_rounds=size.warmup_rounds)
         stats = benchmark.stats.stats if benchmark.stats is not None else None  # None with --benchmark-disable
@@ -126,7 +126,7 @@ def measure(benchmark, env, size, device) -> Callable[..., dict[str, Any]]:
             steps_per_round=size.steps_per_round,
             bench_size=size.name,
             device=str(device),
-            **bench.peak_memory(device),
+            **memory.peak_memory(device),
             flags=dataclasses.asdict(flags),
             **info,
             env=env,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from benchutil import NaiveScript, bench_config, naive_loader, skip_on_oom, skip_unavailable_backend
-from fasttrain import benchmark as bench
+from fasttrain import timing
 from fasttrain.prepare import prepare
 from fasttrain.runtime import BackendFlags
 from fasttrain.timing import train_step_fn
@@ -26,13 +26,13 @@ def test_end_to_end(benchmark, measure, size, device, data_root, e2e_model, back
     task = prep.task
     state = task.build_state()
     loader = task.make_loader(prep.source.train, train=True, batch_size=batch_size, backend=prep.backend)
-    batches = bench.cycle_batches(loader)
+    batches = timing.cycle_batches(loader)
     step = train_step_fn(task, state, lambda: next(batches), accumulation=1)  # as fasttrain bench times it
 
     try:
         skip_on_oom(
             lambda: measure(
-                lambda: bench.run_steps(step, size.steps_per_round, device),
+                lambda: timing.run_steps(step, size.steps_per_round, device),
                 samples_per_round=batch_size * size.steps_per_round,
                 flags=prep.runtime.backend_flags,
                 kind="end_to_end",
@@ -63,7 +63,7 @@ def test_end_to_end_naive(benchmark, measure, size, device, data_root, e2e_model
         width=size.model_width,
         device=device,
     )
-    batches = bench.cycle_batches(loader)
+    batches = timing.cycle_batches(loader)
 
     def step() -> int:
         images, labels = next(batches)
@@ -71,7 +71,7 @@ def test_end_to_end_naive(benchmark, measure, size, device, data_root, e2e_model
 
     skip_on_oom(
         lambda: measure(
-            lambda: bench.run_steps(step, size.steps_per_round, device),
+            lambda: timing.run_steps(step, size.steps_per_round, device),
             samples_per_round=batch_size * size.steps_per_round,
             flags=BackendFlags.torch_defaults(),  # a script that sets nothing
             kind="end_to_end",

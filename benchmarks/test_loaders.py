@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from benchutil import bench_config, cache_root, epoch_batch_times, naive_loader, skip_unavailable_backend
-from fasttrain import benchmark as bench
+from fasttrain import timing
 from fasttrain.prepare import prepare
 from fasttrain.runtime import BackendFlags
 
@@ -24,9 +24,9 @@ def _measure_training_loader(measure, size, device, cfg, batch_size: int, *, wor
     prep = prepare(cfg)
     loader = prep.task.make_loader(prep.source.train, train=True, batch_size=batch_size, backend=prep.backend)
     try:
-        batches = bench.cycle_batches(loader)
+        batches = timing.cycle_batches(loader)
         measure(
-            lambda: bench.run_steps(lambda: len(next(batches)), size.steps_per_round, device),
+            lambda: timing.run_steps(lambda: len(next(batches)), size.steps_per_round, device),
             samples_per_round=batch_size * size.steps_per_round,
             flags=prep.runtime.backend_flags,
             kind="loader",
@@ -99,7 +99,7 @@ def test_loader_naive(benchmark, measure, size, device, data_root):
 
     batch_size, workers = size.loader_batch_size, default_workers()
     loader = naive_loader(data_root, image_size=size.image_size, batch_size=batch_size, workers=workers, device=device)
-    batches = bench.cycle_batches(loader)
+    batches = timing.cycle_batches(loader)
 
     def step() -> int:
         images, labels = next(batches)
@@ -107,7 +107,7 @@ def test_loader_naive(benchmark, measure, size, device, data_root):
         return images.shape[0]
 
     measure(
-        lambda: bench.run_steps(step, size.steps_per_round, device),
+        lambda: timing.run_steps(step, size.steps_per_round, device),
         samples_per_round=batch_size * size.steps_per_round,
         flags=BackendFlags.torch_defaults(),
         kind="loader",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchutil import NaiveScript, bench_config, skip_on_oom
-from fasttrain import benchmark as bench
+from fasttrain import timing
 from fasttrain.runtime import BackendFlags, runtime_for
 from fasttrain.tasks import make_task
 from fasttrain.timing import train_step_fn
@@ -33,7 +33,7 @@ def test_model_step(benchmark, measure, size, device, model_case):
 
     skip_on_oom(
         lambda: measure(
-            lambda: bench.run_steps(step, size.steps_per_round, device),
+            lambda: timing.run_steps(step, size.steps_per_round, device),
             samples_per_round=batch_size * size.steps_per_round,
             flags=runtime.backend_flags,
             kind="model_step",
@@ -59,7 +59,7 @@ def test_model_step_naive(benchmark, measure, size, device, naive_case):
 
     skip_on_oom(
         lambda: measure(
-            lambda: bench.run_steps(lambda: script.step(images, labels), size.steps_per_round, device),
+            lambda: timing.run_steps(lambda: script.step(images, labels), size.steps_per_round, device),
             samples_per_round=batch_size * size.steps_per_round,
             flags=BackendFlags.torch_defaults(),  # a script that sets nothing
             kind="model_step",

@@ -1,9 +1,8 @@
 """``fasttrain bench``: what limits a run. The loader alone, the train step alone on a synthetic batch already on
 the device (the ceiling) and the two together as ``fasttrain train`` runs them, with the verdict.
 
-The clock lives in :mod:`fasttrain.timing` and memory readings in :mod:`fasttrain.memory`; the names the
-benchmarks use (``run_steps``, ``cycle_batches``, ``time_steps``, ``reset_peak_memory``, ``peak_memory``, ...)
-are re-exported here for them (``from fasttrain import benchmark``).
+The clock lives in :mod:`fasttrain.timing` and memory readings in :mod:`fasttrain.memory` (the benchmarks
+import them from there).
 """
 
 from __future__ import annotations
@@ -12,40 +11,28 @@ import dataclasses
 import json
 import logging
 import os
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fasttrain.config import Config
+from fasttrain.config import Config, TaskConfig
 from fasttrain.io import write_new_text
-from fasttrain.memory import format_bytes, peak_memory, peak_rss_bytes, reset_peak_memory
+from fasttrain.memory import format_bytes
+from fasttrain.tasks import task_class
 from fasttrain.timing import (
-    StepTimer,
     Timing,
-    cycle_batches,
     end_to_end_throughput,
     loader_throughput,
     model_step_throughput,
-    run_steps,
-    synchronize,
-    time_steps,
 )
+
+if TYPE_CHECKING:
+    from fasttrain.tasks.base import Task
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Timing",
-    "StepTimer",
-    "time_steps",
-    "run_steps",
-    "cycle_batches",
-    "synchronize",
-    "reset_peak_memory",
-    "peak_memory",
-    "peak_rss_bytes",
-    "loader_throughput",
-    "model_step_throughput",
-    "end_to_end_throughput",
     "BenchReport",
     "TimeToTarget",
     "time_to_target",
@@ -104,9 +91,20 @@ def parse_target(text: str) -> tuple[str, float]:
         raise ValueError(f"--target: expected METRIC=VALUE (for example val_acc=0.9), got {text!r}") from None
 
 
+def _task_of(run_dir: Path) -> type[Task]:
+    """The class of the task the run trained (its config.toml's task.name; the default task without one)."""
+    name = TaskConfig().name
+    try:
+        name = tomllib.loads((run_dir / "config.toml").read_text(encoding="utf-8")).get("task", {}).get("name", name)
+    except (OSError, tomllib.TOMLDecodeError):
+        pass
+    return task_class(name)
+
+
 def time_to_target(run_dir: str | os.PathLike, metric: str, target: float) -> TimeToTarget:
-    """The first epoch of the run in ``run_dir`` whose ``metric`` reached ``target`` (at least it for accuracies
-    and PSNR, at most for losses and errors), and the training + evaluation seconds up to it."""
+    """The first epoch of the run in ``run_dir`` whose ``metric`` reached ``target`` (at least it where the run's
+    task says higher is better, such as an accuracy; at most for losses and errors), and the training +
+    evaluation seconds up to it."""
     records = []
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
@@ -118,7 +116,7 @@ def time_to_target(run_dir: str | os.PathLike, metric: str, target: float) -> Ti
             continue  # a torn last line of a killed run
         if "event" not in rec:
             records.append(rec)
-    higher = any(k in metric for k in ("acc", "psnr"))
+    higher = _task_of(Path(run_dir)).metric_mode(metric) == "max"
     seconds, samples, best = 0.0, 0.0, None
     for rec in records:
         t = float(rec.get("epoch_time_s") or 0.0)

@@ -343,7 +343,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if not self.name.startswith("timm/") or self.name == "timm/":
-            _choice(self.name, "optim.name", ("sgd", "adamw", "adam", "lamb", "lion", "timm/<name>"))
+            _choice(self.name, "optim.name", (*registry.names("optimizers"), "timm/<name>"))
         _check(
             0.0 <= self.layer_decay <= 1.0, "optim.layer_decay", f"must be in [0, 1] (0 = off), got {self.layer_decay}"
         )
@@ -378,7 +378,7 @@ class ScheduleConfig:
     """onecycle: share of the run spent rising to the peak."""
 
     def __post_init__(self) -> None:
-        _choice(self.name, "schedule.name", ("constant", "step", "cosine", "linear", "onecycle"))
+        _choice(self.name, "schedule.name", registry.names("schedules"))
         _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
         _check(self.step_epochs >= 1, "schedule.step_epochs", "must be >= 1")
         _check(0 < self.gamma <= 1, "schedule.gamma", "must be in (0, 1]")
@@ -486,7 +486,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", f"must be >= 1, got {self.epochs}")
         for name in self.loggers:
-            _choice(name, "train.loggers", ("jsonl", "csv", "tensorboard"))
+            _choice(name, "train.loggers", registry.names("loggers"))
         _check(0.0 <= self.ema_decay < 1.0, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _check(self.batch_size >= 1, "train.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.accumulation >= 1, "train.accumulation", "must be >= 1")

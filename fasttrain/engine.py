@@ -37,9 +37,8 @@ from fasttrain.data.base import Loader
 from fasttrain.data.progressive import TrainSizes, train_sizes
 from fasttrain.data.sources import DataSource
 from fasttrain.io import WriteError, atomic_write_text, check_writable, os_reason
-from fasttrain.metrics import PROGRESS, MetricsLog, Progress, step_line, summary_line, trim_metrics
+from fasttrain.metrics import PROGRESS, MetricsLog, Progress, fmt_metrics, step_line, summary_line, trim_metrics
 from fasttrain.monitor import monitors, use_best
-from fasttrain.monitor import test_metrics as test_metrics_of
 from fasttrain.optim import make_scheduler
 from fasttrain.prepare import Prepared, prepare
 from fasttrain.rundir import (
@@ -141,7 +140,7 @@ def train(
                 check_writable(run_dir / "checkpoints", "--resume")  # read-only: fail now, not after an epoch
             cfg, ckpt = _resumed_config(run_dir, overrides, start)
         assert cfg is not None
-        prep = prepare(cfg, model=model, dataset=dataset, val_dataset=val_dataset)
+        prep = prepare(cfg, model=model, dataset=dataset, val_dataset=val_dataset, restoring=ckpt is not None)
         _check_best_metric(prep.task, prep.cfg.train.best_metric, bool(prep.source.val))
         if prep.cfg.train.save_top_k:
             _check_best_metric(prep.task, prep.cfg.train.best_metric, bool(prep.source.val), "train.save_top_k", True)
@@ -385,6 +384,15 @@ def evaluate(task: Task, state: TrainState, loader: Loader, *, ema: bool = False
     return task.eval_metrics(_read(distributed.all_reduce_sums(sums, device=task.runtime.device)))
 
 
+def _test_metrics(task: Task, state: TrainState, loader: Loader, weights: str) -> dict[str, float]:
+    """The test split's metrics with the weights in ``state`` (``weights`` says which, in the log)."""
+    metrics = {f"test_{k}": v for k, v in evaluate(task, state, loader).items()}
+    if state.ema:
+        metrics.update({f"test_ema_{k}": v for k, v in evaluate(task, state, loader, ema=True).items()})
+    log.info("test (%s): %s", weights, fmt_metrics(metrics))
+    return metrics
+
+
 def best_candidate(record: dict[str, Any], metric: str, mode: str, ema: bool) -> tuple[float | None, str | None]:
     """The epoch's value of ``metric`` for best.pt and which weights it belongs to (``raw`` | ``ema``; None
     without an EMA). With an EMA, a ``val_<m>`` metric is the better of ``val_<m>`` and ``val_ema_<m>``: best.pt
@@ -409,11 +417,6 @@ def _better(mode: str, new: float, old: float | None) -> bool:
     if old is None or math.isnan(old):
         return not math.isnan(new)
     return new > old if mode == "max" else new < old
-
-
-def _direction(metric: str) -> str:
-    """Whether a higher (accuracy, PSNR) or lower (losses, errors) value of a metric is better."""
-    return "max" if any(k in metric for k in ("acc", "psnr")) else "min"
 
 
 @dataclass
@@ -555,10 +558,12 @@ class Trainer:
         self.prep, self.ckpt, self.progress, self.on_epoch_end = prep, ckpt, progress, on_epoch_end
         self._t_start = time.perf_counter()  # a time budget counts the set-up (loaders, a cache's decode) too
         cfg, task, source, info = prep.cfg, prep.task, prep.source, prep.dist
+        if task.restoring != (ckpt is not None):  # resume: the checkpoint's weights, not the starting ones
+            task = prep.new_task(restoring=ckpt is not None)
         self.cfg, self.task, self.source, self.tc = cfg, task, source, cfg.train
         self.is_main = info.is_main
         self.best_metric = self.tc.best_metric or task.best_metric
-        self.best_mode = task.best_mode if self.best_metric == task.best_metric else _direction(self.best_metric)
+        self.best_mode = task.metric_mode(self.best_metric)
         self.train_loader = self._loader(source.train, train=True)
         self.val_loader = None
         try:
@@ -576,7 +581,6 @@ class Trainer:
             if self.tc.max_steps:
                 self.steps_per_epoch = min(self.steps_per_epoch, self.tc.max_steps)
             total_steps = self.steps_per_epoch * self.tc.epochs
-            task.restoring = ckpt is not None  # resume: the checkpoint's weights, not the starting ones
             self.state = state = task.build_state()
             if ckpt is None and not cfg.model.init_from:
                 _init_from_data(state.modules.get(task.predict_module), self.train_loader)
@@ -636,7 +640,8 @@ class Trainer:
         self.ckpts = CheckpointManager(
             run_dir, cfg=cfg, task=task, state=state, best_metric=self.best_metric, enabled=self.is_main
         )
-        self.early_stop, self.top_k = monitors(self.tc, self.ckpts.dir, self.best_metric, self.best_mode, self.is_main)
+        mode_of, main = task.metric_mode, self.is_main
+        self.early_stop, self.top_k = monitors(self.tc, self.ckpts.dir, self.best_metric, mode_of, main)
         self.ckpts.monitors = {"early_stop": self.early_stop, "top_k": self.top_k}
         self.metrics = MetricsLog(run_dir, self.tc.loggers, enabled=self.is_main)
         if self.is_main:
@@ -757,7 +762,7 @@ class Trainer:
                 )
             if self.source.test:
                 test_loader = self._loader(self.source.test, train=False)
-                test_metrics = test_metrics_of(self.task, state, test_loader, tested)
+                test_metrics = _test_metrics(self.task, state, test_loader, tested)
                 self.metrics.event(
                     {"epoch": state.epoch, "step": state.step, "event": "test", "weights": tested, **test_metrics}
                 )

@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from fasttrain.numbers import GIB, KIB, MIB
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -50,8 +52,6 @@ __all__ = [
     "keep_host_heap",
     "available_host_bytes",
 ]
-
-KIB, MIB, GIB = 2**10, 2**20, 2**30
 
 CUBLAS_WORKSPACE_BYTES = 32 * MIB
 """cuBLAS workspace torch allocates per (cuBLAS handle, stream) on Hopper (``CUBLAS_WORKSPACE_CONFIG``'s

@@ -1,4 +1,5 @@
-"""What a run records and shows: metrics files (JSON lines always; CSV and TensorBoard on request), the progress
+"""What a run records and shows: metrics files through sinks (JSON lines always; CSV and TensorBoard on request;
+another is a class in the ``loggers`` table of :mod:`fasttrain.registry`), the progress
 bar on a terminal, plain progress lines elsewhere, and the epoch summary line.
 
 ``metrics.jsonl`` holds one record per epoch (no ``event`` key), one per ``train.log_every`` steps
@@ -16,15 +17,19 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+from fasttrain import registry
 from fasttrain.io import append_jsonl, atomic_write_text, read_jsonl
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "LOGGERS",
     "MetricsLog",
+    "MetricSink",
+    "JsonlSink",
+    "CsvSink",
+    "TensorboardSink",
     "Progress",
     "trim_metrics",
     "summary_line",
@@ -37,8 +42,6 @@ __all__ = [
     "console_handler",
 ]
 
-LOGGERS = ("jsonl", "csv", "tensorboard")
-"""Values of ``train.loggers``; metrics.jsonl is always written (resume and plot read it)."""
 PROGRESS = "progress"
 """``extra`` key marking progress lines in the log: a terminal that shows the bar can leave them out."""
 
@@ -101,58 +104,51 @@ def _json_line(record: dict[str, Any]) -> str:
     return json.dumps(record) + "\n"
 
 
-class MetricsLog:
-    """The run's metrics files: ``metrics.jsonl`` always, ``metrics.csv`` (epoch records) and TensorBoard event
-    files (``tensorboard/``) when ``train.loggers`` names them. ``enabled=False`` (ranks other than 0) writes
-    nothing."""
+class MetricSink(Protocol):
+    """One metrics file format (a ``loggers`` entry of :mod:`fasttrain.registry`, built with the run folder).
+    The sinks see the records in this order: :class:`JsonlSink` first, so a later sink may read it back."""
 
-    def __init__(self, run_dir: str | os.PathLike, loggers: Sequence[str] = ("jsonl",), *, enabled: bool = True):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "metrics.jsonl"
-        self.enabled = enabled
-        self.csv = "csv" in loggers and enabled
-        self._tb = None
-        if "tensorboard" in loggers and enabled:
-            self._tb = tensorboard_writer(self.run_dir / "tensorboard")
+    def step(self, record: dict[str, Any]) -> None: ...
+
+    def epoch(self, record: dict[str, Any]) -> None: ...
+
+    def event(self, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """``metrics.jsonl``: every record, one JSON line each (resume and ``fasttrain plot`` read it back)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / "metrics.jsonl"
 
     def step(self, record: dict[str, Any]) -> None:
-        """A step record: ``step``, ``epoch``, the training values, ``lr``, ``samples_per_s``."""
-        if not self.enabled:
-            return
         append_jsonl(self.path, {"event": "step", **record})
-        if self._tb is not None:
-            for k, v in record.items():
-                if k not in ("epoch", "step") and _is_number(v):
-                    self._tb.add_scalar(f"train/{k}" if k not in ("lr", "samples_per_s") else k, v, record["step"])
 
     def epoch(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
         append_jsonl(self.path, record)
-        if self.csv:
-            self._write_csv()
-        if self._tb is not None:
-            for k, v in record.items():
-                if k.startswith(("train_", "val_")) and _is_number(v):
-                    split, _, name = k.partition("_")
-                    self._tb.add_scalar(f"{split}/{name}" + ("_epoch" if split == "train" else ""), v, record["step"])
-            self._tb.flush()
 
     def event(self, record: dict[str, Any]) -> None:
-        """A one-off record (``"event": "test"``)."""
-        if not self.enabled:
-            return
         append_jsonl(self.path, record)
-        if self._tb is not None:
-            for k, v in record.items():
-                if k.startswith("test_") and _is_number(v):
-                    self._tb.add_scalar(f"test/{k[5:]}", v, record.get("step", 0))
-            self._tb.flush()
 
-    def _write_csv(self) -> None:
-        """metrics.csv: the epoch records as a table, rewritten whole (epochs are few), so a column that appears
-        later (validation every few epochs) gets its header."""
-        rows = [r for r in read_jsonl(self.path) if "event" not in r]
+    def close(self) -> None:
+        pass
+
+
+class CsvSink:
+    """``metrics.csv``: the epoch records as a table, rewritten whole from metrics.jsonl each epoch (epochs are
+    few; a resumed run's earlier epochs are there), so a column that appears later (validation every few epochs)
+    gets its header."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+
+    def step(self, record: dict[str, Any]) -> None:
+        pass
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        rows = [r for r in read_jsonl(self.run_dir / "metrics.jsonl") if "event" not in r]
         cols: list[str] = []
         for r in rows:
             cols += [k for k in r if k not in cols]
@@ -162,13 +158,74 @@ class MetricsLog:
         writer.writerows(rows)
         atomic_write_text(self.run_dir / "metrics.csv", buf.getvalue())
 
+    def event(self, record: dict[str, Any]) -> None:
+        pass
+
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        pass
 
 
-def tensorboard_writer(folder: Path):
+class TensorboardSink:
+    """TensorBoard event files in ``tensorboard/``: train/<m> per logged step, train/<m>_epoch and val/<m> per
+    epoch, test/<m> once (needs the tensorboard package)."""
+
+    def __init__(self, run_dir: Path):
+        self.writer: Any = tensorboard_writer(Path(run_dir) / "tensorboard")
+
+    def step(self, record: dict[str, Any]) -> None:
+        for k, v in record.items():
+            if k not in ("epoch", "step") and _is_number(v):
+                self.writer.add_scalar(f"train/{k}" if k not in ("lr", "samples_per_s") else k, v, record["step"])
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        for k, v in record.items():
+            if k.startswith(("train_", "val_")) and _is_number(v):
+                split, _, name = k.partition("_")
+                self.writer.add_scalar(f"{split}/{name}" + ("_epoch" if split == "train" else ""), v, record["step"])
+        self.writer.flush()
+
+    def event(self, record: dict[str, Any]) -> None:
+        for k, v in record.items():
+            if k.startswith("test_") and _is_number(v):
+                self.writer.add_scalar(f"test/{k[5:]}", v, record.get("step", 0))
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class MetricsLog:
+    """The run's metrics files: one sink per ``train.loggers`` name (the ``loggers`` table of
+    :mod:`fasttrain.registry`), ``jsonl`` always and first. ``enabled=False`` (ranks other than 0) writes
+    nothing."""
+
+    def __init__(self, run_dir: str | os.PathLike, loggers: Sequence[str] = ("jsonl",), *, enabled: bool = True):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        names = dict.fromkeys(["jsonl", *loggers])  # in order, once each
+        self.sinks: list[MetricSink] = [registry.resolve("loggers", n)(self.run_dir) for n in names] if enabled else []
+
+    def step(self, record: dict[str, Any]) -> None:
+        """A step record: ``step``, ``epoch``, the training values, ``lr``, ``samples_per_s``."""
+        for sink in self.sinks:
+            sink.step(record)
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.epoch(record)
+
+    def event(self, record: dict[str, Any]) -> None:
+        """A one-off record (``"event": "test"``)."""
+        for sink in self.sinks:
+            sink.event(record)
+
+    def close(self) -> None:
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
+            sink.close()
+
+
+def tensorboard_writer(folder: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:  # torch's writer needs the tensorboard package

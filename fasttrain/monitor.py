@@ -2,32 +2,25 @@
 
 Both see each epoch record (:meth:`update`) before ``last.pt`` is written, and both keep their state in every
 checkpoint (:meth:`state_dict`), so a resumed run counts on where it stopped and deletes only the top-k files
-it wrote itself. Which direction is better comes from the metric (accuracy and PSNR up, losses down).
+it wrote itself. Which direction is better the task says (:meth:`~fasttrain.tasks.base.Task.metric_mode`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from fasttrain.checkpoint import CheckpointManager
     from fasttrain.config import TrainConfig
-    from fasttrain.data.base import Loader
     from fasttrain.tasks import Task, TrainState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EarlyStopping", "TopK", "improved", "direction", "monitors", "use_best", "test_metrics"]
-
-
-def direction(metric: str, task_metric: str = "", task_mode: str = "min") -> str:
-    """max for accuracies and PSNR, min for losses and errors; the task's own mode for its default metric."""
-    if metric == task_metric:
-        return task_mode
-    return "max" if any(k in metric for k in ("acc", "psnr")) else "min"
+__all__ = ["EarlyStopping", "TopK", "improved", "monitors", "use_best"]
 
 
 def improved(mode: str, new: float, old: float | None, min_delta: float = 0.0) -> bool:
@@ -155,15 +148,15 @@ class TopK:
 
 
 def monitors(
-    tc: TrainConfig, folder: Path, best_metric: str, best_mode: str, is_main: bool
+    tc: TrainConfig, folder: Path, best_metric: str, mode_of: Callable[[str], str], is_main: bool
 ) -> tuple[EarlyStopping, TopK]:
     """Early stopping (on every process: they all see the same all-reduced values and stop together) and the
-    top-k keeper (on the process that writes files) a run's config asks for."""
+    top-k keeper (on the process that writes files) a run's config asks for. ``mode_of``: the task's
+    :meth:`~fasttrain.tasks.base.Task.metric_mode` (which direction is better)."""
     metric = tc.early_stop_metric or best_metric
-    mode = best_mode if metric == best_metric else direction(metric)
     return (
-        EarlyStopping(metric, mode, tc.early_stop_patience, tc.early_stop_min_delta),
-        TopK(folder, best_metric, best_mode, tc.save_top_k if is_main else 0),
+        EarlyStopping(metric, mode_of(metric), tc.early_stop_patience, tc.early_stop_min_delta),
+        TopK(folder, best_metric, mode_of(best_metric), tc.save_top_k if is_main else 0),
     )
 
 
@@ -184,15 +177,3 @@ def use_best(task: Task, state: TrainState, ckpts: CheckpointManager) -> str:
         if name in (saved.get("ema") or {}):
             ema.load_state_dict(saved["ema"][name])
     return f"best.pt, epoch {saved['epoch']}, {ckpts.best_metric} {ckpts.best_value:.4g}"
-
-
-def test_metrics(task: Task, state: TrainState, loader: Loader, weights: str) -> dict[str, float]:
-    """The test split's metrics with the weights in ``state`` (``weights`` says which, in the log)."""
-    from fasttrain.engine import evaluate
-    from fasttrain.metrics import fmt_metrics
-
-    metrics = {f"test_{k}": v for k, v in evaluate(task, state, loader).items()}
-    if state.ema:
-        metrics.update({f"test_ema_{k}": v for k, v in evaluate(task, state, loader, ema=True).items()})
-    log.info("test (%s): %s", weights, fmt_metrics(metrics))
-    return metrics

@@ -99,9 +99,8 @@ def predict(
     from fasttrain.models import check_model
 
     check_model(cfg.model.name, given=model is not None)  # a run trained on a model from Python needs it again
-    task = make_task(cfg, runtime, None)
-    task.custom_model = model
-    task.restoring = True  # the checkpoint holds the weights: no pretrained download, no init_from read
+    # restoring: the checkpoint holds the weights: no pretrained download, no init_from read
+    task = make_task(cfg, runtime, None, model=model, restoring=True)
     state = task.build_state()
     saved = dict(ckpt["state"]["modules"])
     for name, averaged in averages.items() if use_ema else ():  # ModelEma: "module." + the model's keys

@@ -49,12 +49,15 @@ class Prepared:
     def eval_batch(self) -> int:
         return max(1, self.cfg.train.eval_batch // self.dist.world_size)
 
-    def new_task(self, cfg: Config | None = None, runtime: Runtime | None = None) -> Task:
+    def new_task(
+        self, cfg: Config | None = None, runtime: Runtime | None = None, *, restoring: bool | None = None
+    ) -> Task:
         """A task like this one for another config or runtime (autotune's eager probes, loader trials and
-        verification), over the same data and with the same model given from Python, if any."""
-        task = make_task(cfg or self.cfg, runtime or self.runtime, self.source)
-        task.custom_model = self.task.custom_model
-        return task
+        verification), over the same data and with the same model given from Python, if any; ``restoring``
+        as this one's unless given."""
+        restoring = self.task.restoring if restoring is None else restoring
+        model = self.task.custom_model
+        return make_task(cfg or self.cfg, runtime or self.runtime, self.source, model=model, restoring=restoring)
 
 
 def resolve_data_root(cfg: Config) -> Config:
@@ -78,6 +81,7 @@ def prepare(
     dataset: Any = None,
     val_dataset: Any = None,
     host_check: bool = True,
+    restoring: bool = False,
 ) -> Prepared:
     """Resolve the data root, discover files, fix the output count, join a torchrun job, decide the runtime,
     the task and the backend, and check that a step can run. ``memory_limit``: device bytes the run may use
@@ -86,7 +90,7 @@ def prepare(
     ``val_dataset``: map-style datasets from Python instead of ``data.root``'s files (:mod:`fasttrain.data.user`;
     ``data.root`` then records ``python:<class name>``). ``host_check``: on CPU, refuse a micro-batch whose step
     would not fit the host's memory (:func:`check_host_memory`; autotune, which looks for one that fits, turns it
-    off)."""
+    off). ``restoring``: a checkpoint will be loaded into the task's state (a resume: no starting weights)."""
     from fasttrain.data.user import DATASET_ROOT, dataset_source, is_dataset_run
     from fasttrain.models import CUSTOM, check_model
 
@@ -113,8 +117,7 @@ def prepare(
     if info.enabled and resolve_device(cfg.runtime.device).type == "cuda":
         device = {"device": f"cuda:{info.local_rank}"}  # one GPU per process: LOCAL_RANK's
     runtime = runtime_for(cfg, train_samples=len(source.train), **device)
-    task = make_task(cfg, runtime, source)
-    task.custom_model = model
+    task = make_task(cfg, runtime, source, model=model, restoring=restoring)
     task.check()
     if host_check and not runtime.is_cuda:
         check_host_memory(

@@ -10,6 +10,10 @@ implementations, and no module imports another just to learn a name. This module
   and what autotune may try (its ``knobs``); ``auto`` is the one policy over them
   (:func:`fasttrain.data.loaders.choose_backend`), and neither it nor autotune knows a backend by name.
 - ``formats``: ``data.format`` -> a function ``(DataConfig, root: Path) -> DataSource``.
+- ``optimizers``: ``optim.name`` -> a builder ``(modules, OptimConfig, lr, fused_kwargs) -> Optimizer``
+  (:mod:`fasttrain.optim`; ``timm/<name>`` is any of timm's, outside the table).
+- ``schedules``: ``schedule.name`` -> a pure lr factor ``(ScheduleConfig, step, steps_per_epoch, total_steps)``.
+- ``loggers``: ``train.loggers`` -> a metric sink class ``(run_dir)`` (:mod:`fasttrain.metrics`).
 
 Adding a part: its module and one line in its table, or :func:`register` from outside the package (a test, a
 plugin) before the config is loaded. A new data backend touches at most 3 files: its module, one line here and
@@ -44,9 +48,35 @@ TABLES: dict[str, dict[str, str]] = {
         "drawing": "fasttrain.data.formats:discover_drawing",
         "paired": "fasttrain.data.formats:discover_paired",
     },
+    "optimizers": {
+        "sgd": "fasttrain.optim:sgd",
+        "adamw": "fasttrain.optim:adamw",
+        "adam": "fasttrain.optim:adamw",
+        "lamb": "fasttrain.optim:timm_factory",
+        "lion": "fasttrain.optim:timm_factory",
+    },
+    "schedules": {
+        "constant": "fasttrain.optim:constant",
+        "step": "fasttrain.optim:step_decay",
+        "cosine": "fasttrain.optim:cosine",
+        "linear": "fasttrain.optim:linear",
+        "onecycle": "fasttrain.optim:onecycle",
+    },
+    "loggers": {
+        "jsonl": "fasttrain.metrics:JsonlSink",
+        "csv": "fasttrain.metrics:CsvSink",
+        "tensorboard": "fasttrain.metrics:TensorboardSink",
+    },
 }
 
-SETTINGS: dict[str, str] = {"tasks": "task.name", "backends": "data.loader", "formats": "data.format"}
+SETTINGS: dict[str, str] = {
+    "tasks": "task.name",
+    "backends": "data.loader",
+    "formats": "data.format",
+    "optimizers": "optim.name",
+    "schedules": "schedule.name",
+    "loggers": "train.loggers",
+}
 """The config setting each table's names are the values of (named in every error)."""
 
 

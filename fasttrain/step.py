@@ -2,7 +2,9 @@
 
 A task says what a batch means by yielding its losses in the order its networks update
 (:meth:`~fasttrain.tasks.base.Task.train_phases`: a classifier yields one, pix2pix the discriminator's then the
-generator's). Everything around a loss lives here, once: the scaled backward pass, gradient synchronisation
+generator's), and :meth:`~fasttrain.tasks.base.Task.train_step` hands those phases to :func:`run_step`. This module
+sits below the tasks: it knows a train state only by the fields it uses (:class:`StepState`), never a task.
+Everything around a loss lives here, once: the scaled backward pass, gradient synchronisation
 across processes (skipped on accumulation micro-batches: DDP's ``require_backward_grad_sync``, the flag its
 ``no_sync()`` sets, for the forward and backward passes of the whole step), unscaling, clipping, the optimizer
 step, the scaler update and clearing the gradients.
@@ -11,19 +13,31 @@ step, the scaler update and clearing the gradients.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Generator, Iterator
+from typing import Any, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from fasttrain.tasks.base import Task, TrainState
+__all__ = ["StepState", "Phases", "run_step", "optimizer_step", "gradient_sync"]
 
-__all__ = ["run_step", "optimizer_step", "gradient_sync"]
+
+class StepState(Protocol):
+    """What a step uses of a :class:`~fasttrain.tasks.base.TrainState`: each network by name, its optimizer,
+    gradient scaler, weights' average (where kept) and DDP wrapper (under torchrun)."""
+
+    modules: dict[str, torch.nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    scalers: dict[str, Any]
+    ema: dict[str, Any]
+    ddp: dict[str, Any]
+
+
+Phases = Generator[tuple[str, torch.Tensor], None, dict[str, torch.Tensor]]
+"""A task's ``train_phases``: yields ``(module name, loss)`` per network update, returns detached metrics."""
 
 
 @contextlib.contextmanager
-def gradient_sync(state: TrainState, enabled: bool) -> Iterator[None]:
+def gradient_sync(state: StepState, enabled: bool) -> Iterator[None]:
     """Whether this step's backward passes all-reduce gradients across processes (a no-op for one process)."""
     wrapped = list(state.ddp.values())
     before = [m.require_backward_grad_sync for m in wrapped]
@@ -36,7 +50,7 @@ def gradient_sync(state: TrainState, enabled: bool) -> Iterator[None]:
             m.require_backward_grad_sync = flag
 
 
-def optimizer_step(state: TrainState, name: str, grad_clip: float) -> None:
+def optimizer_step(state: StepState, name: str, grad_clip: float) -> None:
     """Unscale, clip the global gradient norm (when ``grad_clip`` > 0), step, update the scaler, clear grads."""
     optimizer, scaler = state.optimizers[name], state.scalers[name]
     if grad_clip > 0:
@@ -53,20 +67,19 @@ def optimizer_step(state: TrainState, name: str, grad_clip: float) -> None:
 
 
 def run_step(
-    task: Task, state: TrainState, batch, *, update: bool = True, loss_scale: float = 1.0
+    state: StepState, phases: Phases, *, grad_clip: float = 0.0, update: bool = True, loss_scale: float = 1.0
 ) -> dict[str, torch.Tensor]:
-    """Forward and backward of one micro-batch; the optimizers step when ``update`` (the last micro-batch of an
-    accumulation). ``loss_scale`` (1 / accumulation) scales each backward pass. Returns the task's detached
-    metrics (read back by the caller only every so often)."""
-    clip = task.cfg.optim.grad_clip
+    """Backward of each loss ``phases`` yields (one micro-batch's forward passes, run as it is advanced); the
+    optimizers step when ``update`` (the last micro-batch of an accumulation), clipping at ``grad_clip`` (> 0).
+    ``loss_scale`` (1 / accumulation) scales each backward pass. Returns the task's detached metrics (read back
+    by the caller only every so often)."""
     with gradient_sync(state, update):
-        phases = task.train_phases(state, batch)
         try:
             name, loss = next(phases)
             while True:
                 state.scalers[name].scale(loss * loss_scale if loss_scale != 1.0 else loss).backward()
                 if update:
-                    optimizer_step(state, name, clip)
+                    optimizer_step(state, name, grad_clip)
                 name, loss = phases.send(None)
         except StopIteration as stop:
             return stop.value

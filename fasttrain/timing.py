@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from fasttrain.memory import format_bytes, peak_memory, reset_peak_memory
+from fasttrain.numbers import relative_range
 
 __all__ = [
     "Timing",
@@ -155,7 +156,7 @@ class Timing:
     @property
     def spread(self) -> float:
         """(max - min) / median of samples/s: the relative noise of this measurement."""
-        return (self.samples_per_s_max - self.samples_per_s_min) / self.samples_per_s if self.samples_per_s else 0.0
+        return relative_range(self.samples_per_s_min, self.samples_per_s_max, self.samples_per_s)
 
     @property
     def timed_seconds(self) -> float:

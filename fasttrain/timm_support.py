@@ -25,10 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["require_timm", "TIMM_OPTIMIZERS", "uses_timm_optimizer", "timm_optimizer", "rand_augment", "random_erasing"]
-
-TIMM_OPTIMIZERS = ("lamb", "lion")
-"""optim.name values that are timm optimizers by their plain name (any other is ``timm/<name>``)."""
+__all__ = ["require_timm", "timm_optimizer", "rand_augment", "random_erasing"]
 
 
 def require_timm(key: str, value: Any) -> Any:
@@ -40,13 +37,12 @@ def require_timm(key: str, value: Any) -> Any:
     return timm
 
 
-def uses_timm_optimizer(name: str, layer_decay: float) -> bool:
-    return name in TIMM_OPTIMIZERS or name.startswith("timm/") or layer_decay > 0
-
-
-def timm_optimizer(modules: list[nn.Module], cfg: Any, lr: float) -> torch.optim.Optimizer:
+def timm_optimizer(
+    modules: list[nn.Module], cfg: Any, lr: float, param_groups: Callable[[list[nn.Module], float], list[dict]]
+) -> torch.optim.Optimizer:
     """``cfg`` (OptimConfig)'s optimizer from ``timm.optim.create_optimizer_v2``. sgd / adamw / adam map to timm's
-    names of the same optimizers (used with optim.layer_decay)."""
+    names of the same optimizers (used with optim.layer_decay). Several networks' parameters are grouped by
+    ``param_groups`` (fasttrain.optim's, passed in: this module sits below it)."""
     key = "optim.layer_decay" if cfg.layer_decay > 0 and cfg.name in ("sgd", "adamw", "adam") else "optim.name"
     require_timm(key, cfg.layer_decay if key == "optim.layer_decay" else cfg.name)
     from timm.optim import create_optimizer_v2, list_optimizers
@@ -66,9 +62,7 @@ def timm_optimizer(modules: list[nn.Module], cfg: Any, lr: float) -> torch.optim
             "optim.layer_decay: layer-wise decay ranks the layers of one network; this task trains several"
         )
     else:
-        from fasttrain.optim import _param_groups
-
-        target = _param_groups(modules, weight_decay)
+        target = param_groups(modules, weight_decay)
     optimizer = create_optimizer_v2(
         target,
         opt=opt,

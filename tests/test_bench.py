@@ -1,5 +1,5 @@
 """``fasttrain bench``: the report (verdict, ceiling share, table, JSON) on fixed figures, a real tiny CPU run, and
-the names the benchmarks import from ``fasttrain.bench``."""
+time to a target."""
 
 from __future__ import annotations
 
@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from fasttrain import benchmark as B
+from fasttrain.timing import Timing
 
 
-def _timing(sps: float) -> B.Timing:
-    return B.Timing(
+def _timing(sps: float) -> Timing:
+    return Timing(
         samples_per_s=sps,
         samples_per_s_min=sps * 0.9,
         samples_per_s_max=sps * 1.1,
@@ -100,15 +101,6 @@ def test_bench_on_a_tiny_cpu_config(tmp_path):
     assert report.json_path == str(tmp_path / "bench-2.json")
     assert json.loads((tmp_path / "bench-2.json").read_text()) == json.loads(json.dumps(report.to_dict()))
     assert "end to end" in report.to_table()
-
-
-def test_the_benchmarks_names_stay_importable_from_bench():
-    # benchmarks/ import these from fasttrain.bench; they now live in fasttrain.timing and fasttrain.memory
-    from fasttrain import memory, timing
-
-    assert B.run_steps is timing.run_steps and B.cycle_batches is timing.cycle_batches
-    assert B.time_steps is timing.time_steps and B.Timing is timing.Timing
-    assert B.reset_peak_memory is memory.reset_peak_memory and B.peak_memory is memory.peak_memory
 
 
 def _run_with(tmp_path, records):

@@ -232,3 +232,15 @@ def test_time_budget_counts_from_creation_and_leaves_out_excluded_time(clock):
 def test_relative_spread():
     assert B.relative_spread([10.0]) == 0.0
     assert B.relative_spread([9.0, 10.0, 12.0]) == pytest.approx(0.3)
+
+
+def test_one_spread_serves_timings_and_autotunes_rules():
+    """fasttrain.numbers holds the one formula: a Timing's spread and autotune's spread_of agree on the same rates."""
+    from fasttrain.numbers import spread_of
+    from fasttrain.tuning import search
+
+    assert search.spread_of is spread_of
+    assert spread_of([100.0, 200.0, 400.0]) == pytest.approx(1.5)
+    assert spread_of([5.0]) == 0.0 and spread_of([0.0, 0.0]) == 0.0
+    t = B.time_steps(lambda: 1, warmup=0, steps=2, repeats=3)
+    assert t.spread == pytest.approx(spread_of(t.per_repeat_samples_per_s))

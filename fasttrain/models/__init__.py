@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["build_model", "check_model", "available_models", "is_conv_model", "CUSTOM"]
+__all__ = ["build_model", "check_model", "is_conv_model", "CUSTOM"]
 
 _SMALL: dict[str, str] = {
     "smallcnn": "fasttrain.models.small:smallcnn",
@@ -30,12 +30,6 @@ _SMALL: dict[str, str] = {
 _NOT_CONV = {"mlp"}
 _TRANSFORMER_PREFIXES = ("vit_", "swin_", "maxvit", "deit", "beit", "eva", "mixer", "cait", "xcit", "levit")
 TIMM_PREFIX = "timm/"
-
-
-def available_models() -> list[str]:
-    from torchvision import models as tvm
-
-    return sorted(_SMALL) + sorted(tvm.list_models(module=tvm))
 
 
 def is_conv_model(name: str) -> bool:

@@ -1,4 +1,4 @@
-"""Tasks: what a batch means. ``make_task(cfg, runtime, source)`` picks one by ``task.name``.
+"""Tasks: what a batch means. ``make_task(cfg, runtime, source, *, model, restoring)`` picks one by ``task.name``.
 
 The task names live in the ``tasks`` table of :mod:`fasttrain.registry` (the ground floor, torch-free), so
 ``fasttrain.config`` reads the names ``task.name`` accepts without importing torch. Adding a task: its module
@@ -21,8 +21,10 @@ def task_class(name: str) -> type[Task]:
     return registry.resolve("tasks", name)
 
 
-def make_task(cfg: Any, runtime: Any, source: Any) -> Task:
-    return task_class(cfg.task.name)(cfg, runtime, source)
+def make_task(cfg: Any, runtime: Any, source: Any, *, model: Any = None, restoring: bool = False) -> Task:
+    """``task.name``'s task. ``model``: one given from Python (or a function returning one); ``restoring``: a
+    checkpoint will be loaded into its state (no pretrained download, no init_from read)."""
+    return task_class(cfg.task.name)(cfg, runtime, source, model=model, restoring=restoring)
 
 
 def __getattr__(name: str) -> Any:

@@ -24,6 +24,7 @@ from fasttrain.data.samples import Samples
 from fasttrain.data.sources import DataSource, Split
 from fasttrain.data.user import DatasetSplit
 from fasttrain.runtime import Runtime
+from fasttrain.step import run_step
 
 __all__ = ["Task", "TrainState", "match_param_layout", "load_optimizer_state"]
 
@@ -149,8 +150,10 @@ class Task:
     name: str = ""
     best_metric: str = "val_loss"
     """Default validation metric that selects the best checkpoint."""
-    best_mode: str = "min"
-    """min or max: which direction is better for ``best_metric``."""
+    higher_is_better: frozenset[str] = frozenset()
+    """The metrics (by name, without ``train_`` / ``val_`` / ``val_ema_`` / ``test_``) that are better when
+    higher, such as an accuracy; every other one (a loss, an error) is better when lower. See
+    :meth:`metric_mode`."""
     predict_module: str = "model"
     """The module (key of ``TrainState.local``) whose output prediction describes."""
     sample_kind: str = "class"
@@ -158,17 +161,35 @@ class Task:
     this (the cache is sized by it, DALI knows what to decode); :meth:`samples` adds what a kind needs more."""
     train_metric_names: tuple[str, ...] = ("loss",)
     """What ``train_step`` returns (epoch records hold them as ``train_<name>``)."""
-    custom_model: Any = None
-    """A model passed from Python (an ``nn.Module``, or a function returning one), used instead of
-    ``model.name``'s (``model.name = custom``)."""
-    restoring: bool = False
-    """Set when a checkpoint will be loaded into the built state (resume, prediction): starting weights
-    (model.pretrained, model.init_from) are then neither downloaded nor read."""
 
-    def __init__(self, cfg: Config, runtime: Runtime, source: DataSource | None):
+    def __init__(
+        self,
+        cfg: Config,
+        runtime: Runtime,
+        source: DataSource | None,
+        *,
+        model: Any = None,
+        restoring: bool = False,
+    ):
         self.cfg = cfg
         self.runtime = runtime
         self.source = source
+        self.custom_model = model
+        """A model passed from Python (an ``nn.Module``, or a function returning one), used instead of
+        ``model.name``'s (``model.name = custom``)."""
+        self.restoring = restoring
+        """A checkpoint will be loaded into the built state (resume, prediction): starting weights
+        (model.pretrained, model.init_from) are then neither downloaded nor read."""
+
+    @classmethod
+    def metric_mode(cls, metric: str) -> str:
+        """``max`` when ``metric`` (``val_acc``, ``test_ema_psnr``, ``acc``) is better higher, else ``min``."""
+        name = metric
+        for prefix in ("val_ema_", "test_ema_", "train_", "val_", "test_"):
+            if metric.startswith(prefix):
+                name = metric[len(prefix) :]
+                break
+        return "max" if name in cls.higher_is_better else "min"
 
     # -- building ---------------------------------------------------------------------------------------------
     def check(self) -> None:
@@ -287,9 +308,9 @@ class Task:
         the batch), read by the engine only every ``train.log_every`` steps. The engine, autotune and the
         benchmarks all call this; what it does around the task's losses is :func:`fasttrain.step.run_step`.
         """
-        from fasttrain.step import run_step
-
-        return run_step(self, state, batch, update=update, loss_scale=loss_scale)
+        phases = self.train_phases(state, batch)  # a generator: nothing runs before run_step advances it
+        clip = self.cfg.optim.grad_clip
+        return run_step(state, phases, grad_clip=clip, update=update, loss_scale=loss_scale)
 
     def eval_step(self, state: TrainState, batch: Batch) -> dict[str, torch.Tensor]:
         """Sums over the batch (and ``count``) as detached tensors; the engine adds them up on the device."""

@@ -41,7 +41,7 @@ def tta_logits(model: Any, x: torch.Tensor, mode: str) -> torch.Tensor:
 class ClassifyTask(Task):
     name = "classify"
     best_metric = "val_acc"
-    best_mode = "max"
+    higher_is_better = frozenset({"acc", "acc5"})
     sample_kind = "class"
     train_metric_names = ("loss", "acc")
 
@@ -55,8 +55,8 @@ class ClassifyTask(Task):
             )
         return n
 
-    def __init__(self, cfg, runtime, source):
-        super().__init__(cfg, runtime, source)
+    def __init__(self, cfg, runtime, source, **settings):
+        super().__init__(cfg, runtime, source, **settings)
         self._mix: Any = None
         self._erase: Any = None
 

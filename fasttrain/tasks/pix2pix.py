@@ -24,7 +24,7 @@ from torchvision.utils import make_grid
 
 from fasttrain.config import ConfigError
 from fasttrain.data.base import Batch, InputSpec, Loader
-from fasttrain.data.samples import PAIR_JITTER, PairDataset, Samples, load_pair
+from fasttrain.data.samples import PAIR_JITTER, Samples
 from fasttrain.data.sources import Split
 from fasttrain.data.transforms import resize_square
 from fasttrain.io import atomic_replace, write_new
@@ -34,12 +34,10 @@ from fasttrain.tasks.base import Task, TrainState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Pix2PixTask", "PairDataset", "load_pair", "GENERATORS", "JITTER"]
+__all__ = ["Pix2PixTask", "GENERATORS"]
 
 GENERATORS = ("unet",)
 """Registry names that map an image to an image of the same size (model.name for pix2pix)."""
-JITTER = PAIR_JITTER
-"""Training resize before the random crop, relative to image_size (the reference: 286 -> 256)."""
 SAMPLES = 4
 """Rows in a sample grid (input | output | target)."""
 
@@ -60,12 +58,12 @@ class Pix2PixTask(Task):
     name = "pix2pix"
     predict_module = "generator"
     best_metric = "val_l1"
-    best_mode = "min"
+    higher_is_better = frozenset({"psnr"})
     sample_kind = "pair"
     train_metric_names = ("loss", "d_loss", "g_gan", "g_l1")
 
-    def __init__(self, cfg, runtime, source):
-        super().__init__(cfg, runtime, source)
+    def __init__(self, cfg, runtime, source, **settings):
+        super().__init__(cfg, runtime, source, **settings)
         if cfg.model.name not in (*GENERATORS, "custom"):  # custom: a generator passed from Python
             raise ConfigError(
                 f"model.name: pix2pix needs an image-to-image generator ({', '.join(GENERATORS)}), "
@@ -117,7 +115,7 @@ class Pix2PixTask(Task):
 
     def samples(self, split: Split) -> Samples:
         """Pairs (A, B) with the same resize, crop and flip, on any backend; both normalized to -1..1."""
-        return Samples(split, "pair", jitter=JITTER)
+        return Samples(split, "pair", jitter=PAIR_JITTER)
 
     # -- steps -----------------------------------------------------------------------------------------------
     @staticmethod

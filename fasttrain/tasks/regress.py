@@ -54,11 +54,10 @@ def scale_targets(split: Split, low: list[float], high: list[float]) -> Split:
 class RegressTask(Task):
     name = "regress"
     best_metric = "val_loss"
-    best_mode = "min"
     sample_kind = "vector"
 
-    def __init__(self, cfg, runtime, source):
-        super().__init__(cfg, runtime, source)
+    def __init__(self, cfg, runtime, source, **settings):
+        super().__init__(cfg, runtime, source, **settings)
         if source is not None:
             if not source.target_names:
                 raise ConfigError(

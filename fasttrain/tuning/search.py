@@ -22,6 +22,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from fasttrain.numbers import GIB, spread_of
+
 __all__ = [
     "Candidate",
     "Skipped",
@@ -44,7 +46,6 @@ __all__ = [
     "judge_verification",
 ]
 
-GIB = 2**30
 MEMORY_FAILURES = ("oom", "retries", "headroom", "budget")
 
 
@@ -129,14 +130,6 @@ class Candidate:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Candidate:
         return _from_dict(cls, d)
-
-
-def spread_of(rates: Sequence[float]) -> float:
-    """(max - min) / median; 0 for fewer than two rates."""
-    if len(rates) < 2:
-        return 0.0
-    mid = statistics.median(rates)
-    return (max(rates) - min(rates)) / mid if mid else 0.0
 
 
 CPU_TUNE_SHARE = 0.5

@@ -148,8 +148,7 @@ def test_resume_keeps_this_runs_fused_optimizer_and_its_scaler_works(run_dir, mo
     assert saved_group["foreach"] and not saved_group.get("fused")  # what a CPU run saves
     cfg = checkpoint_config(ckpt, last)
     monkeypatch.setattr(Runtime, "optimizer_kwargs", lambda self: {"fused": True})  # what CUDA builds
-    task = make_task(cfg, runtime_for(cfg), None)
-    task.restoring = True
+    task = make_task(cfg, runtime_for(cfg), None, restoring=True)
     state = task.build_state()
     state.scalers["model"] = torch.amp.GradScaler("cpu", init_scale=8.0)  # fp16's scaler, enabled
     state.load_state_dict({**ckpt["state"], "schedulers": {}})
@@ -175,8 +174,7 @@ def test_a_cpu_checkpoint_resumes_on_cuda_in_fp16(run_dir):
     last = run_dir / "checkpoints" / "last.pt"
     ckpt = load_checkpoint(last, resume=True)
     cfg = apply_overrides(checkpoint_config(ckpt, last), ["runtime.device=cuda", "runtime.precision=fp16"])
-    task = make_task(cfg, runtime_for(cfg, compile="off"), None)
-    task.restoring = True
+    task = make_task(cfg, runtime_for(cfg, compile="off"), None, restoring=True)
     state = task.build_state()
     state.load_state_dict({**ckpt["state"], "schedulers": {}})
     assert all(g["fused"] for g in state.optimizers["model"].param_groups)

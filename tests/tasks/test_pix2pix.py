@@ -9,13 +9,14 @@ from PIL import Image
 from fasttrain.checkpoint import load_checkpoint
 from fasttrain.config import Config, ConfigError, apply_overrides
 from fasttrain.data.dali import dali_status
+from fasttrain.data.samples import PairDataset
 from fasttrain.data.sources import Split, discover
 from fasttrain.data.synthetic import make_paired_dataset
 from fasttrain.engine import evaluate, train
 from fasttrain.prediction import predict
 from fasttrain.prepare import prepare
 from fasttrain.runtime import Runtime
-from fasttrain.tasks.pix2pix import PairDataset, Pix2PixTask
+from fasttrain.tasks.pix2pix import Pix2PixTask
 
 needs_dali = pytest.mark.skipif(not dali_status()[0], reason=dali_status()[1])
 BACKENDS = ["torch", "cache", pytest.param("dali", marks=needs_dali)]

@@ -67,9 +67,8 @@ def test_evaluation_and_predict_use_tta(shapes_root, tmp_path):
     tta_cfg = apply_overrides(cfg, ["task.tta=flip"])
     values = {}
     for name, c in (("none", cfg), ("flip", tta_cfg)):
-        prep = prepare(c)
+        prep = prepare(c, restoring=True)
         task = prep.task
-        task.restoring = True
         state = task.build_state()
         from fasttrain.checkpoint import load_checkpoint
 
