@@ -50,6 +50,7 @@ from fasttrain.data.files import (
     parse_index,
 )
 from fasttrain.data.sources import IMAGE_EXTENSIONS, DataSource, Split, hold_out
+from fasttrain.io import atomic_replace
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +131,18 @@ def _local_shard(shard: str) -> str:
     idx: ShardIndex | None = None
     if is_url(shard):
         try:
-            idx = parse_index(_fetch(shard + INDEX_SUFFIX, "shard index"), shard + INDEX_SUFFIX)
+            raw = _fetch(shard + INDEX_SUFFIX, "shard index")
         except ConfigError:
-            idx = None  # no index beside it: the tar headers are read once it is here
+            raw = None  # no index beside it: the tar headers are read once it is here
+        idx = parse_index(raw, shard + INDEX_SUFFIX) if raw is not None else None
         shard = _download(shard, idx.size if idx else None)
+        if raw is not None:  # beside the copy, for processes that start afresh (spawned workers)
+            data = raw
+
+            def write(p: Path) -> None:
+                p.write_bytes(data)
+
+            atomic_replace(shard + INDEX_SUFFIX, write)
     elif not os.path.isfile(shard):
         raise ConfigError(f"data.root: shard {shard} not found")
     try:
@@ -204,7 +213,7 @@ def _split_shards(root: str, manifest: dict[str, Any] | None, base: str) -> dict
 def _key_ext(name: str) -> tuple[str, str]:
     """WebDataset's rule: the key is the name up to the first dot of its last path part; the rest the type."""
     folder, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
+    stem, _, ext = base.partition(".")
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
@@ -248,8 +257,10 @@ def _sample(shard: str, idx: ShardIndex, key: str, parts: dict[str, str], kind: 
 
 
 def _check_target(target: Any, kind: str, width: int | None) -> str | None:
+    """Why a recorded target is unusable (``width``: the class count or the vector length, when known)."""
     if kind == "class":
-        return None if isinstance(target, int) and target >= 0 else f"class {target!r} is not an index >= 0"
+        if not isinstance(target, int) or target < 0 or (width is not None and target >= width):
+            return f"class {target!r} is not an index of the {width or 'known'} classes"
     if kind == "vector":
         ok = isinstance(target, list) and all(isinstance(v, (int, float)) for v in target)
         if not ok or (width is not None and len(target) != width):
@@ -257,9 +268,8 @@ def _check_target(target: Any, kind: str, width: int | None) -> str | None:
     return None
 
 
-def _read_split(
-    name: str, shards: list[str], kind: str, width: int | None, skipped: list[tuple[str, str]]
-) -> tuple[list[str], list[Any]]:
+def _read_split(name: str, shards: list[str], kind: str, width: int | None, skipped: list[tuple[str, str]]) -> Split:
+    """The samples of one split's shards, in shard order; unusable ones go to ``skipped``, named ``shard:key``."""
     split = Split(name, [], [])
     for given in shards:
         shard = _local_shard(given)
@@ -276,7 +286,7 @@ def _read_split(
                 continue
             split.paths.append(path)
             split.targets.append([float(v) for v in target] if kind == "vector" else target)
-    return split.paths, split.targets
+    return split
 
 
 def discover_shards(cfg: DataConfig, root: str | os.PathLike) -> DataSource:
@@ -289,13 +299,10 @@ def discover_shards(cfg: DataConfig, root: str | os.PathLike) -> DataSource:
     if not by_split.get("train"):
         raise ConfigError(f"data.root: no training shards in {text} (a folder of .tar, a pattern, or {MANIFEST})")
     kind = (manifest or {}).get("kind", "class")
-    names = (manifest or {}).get("target_names")
+    names, classes = (manifest or {}).get("target_names"), (manifest or {}).get("classes")
+    width = len(classes) if kind == "class" and classes else len(names) if kind == "vector" and names else None
     skipped: list[tuple[str, str]] = []
-    splits: dict[str, Split] = {}
-    for s in SPLITS:
-        if by_split.get(s):
-            paths, targets = _read_split(s, by_split[s], kind, len(names) if names else None, skipped)
-            splits[s] = Split(s, paths, targets)
+    splits = {s: _read_split(s, by_split[s], kind, width, skipped) for s in SPLITS if by_split.get(s)}
     train = splits["train"]
     if not len(train):
         first = f"; first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
@@ -303,7 +310,6 @@ def discover_shards(cfg: DataConfig, root: str | os.PathLike) -> DataSource:
     val = splits.get("val")
     if val is None:
         train, val = hold_out(train, cfg, stratify=kind == "class")
-    classes = (manifest or {}).get("classes")
     if kind == "class" and not classes:
         classes = [str(i) for i in range(max(train.targets) + 1)]
     if kind == "vector" and not names:

@@ -332,6 +332,9 @@ def test_shards_over_http_are_downloaded_whole_once_and_read_like_local_ones(pac
         assert open_regular(pa).read() == open_regular(pb).read()
     tars = [p for p in requests if p.endswith(".tar")]
     assert len(tars) == len(set(tars)) == len(list(shards.glob("*.tar")))  # each shard fetched whole, once
+    shard, _ = split_address(remote.train.paths[0])
+    assert Path(shard).is_relative_to(tmp_path / "cache" / "shards")
+    assert Path(shard + INDEX_SUFFIX).read_bytes() == (shards / (Path(shard).name + INDEX_SUFFIX)).read_bytes()
     requests.clear()
     discover(_data(url + "train-000000.tar"))  # cached: only the manifest and the index are fetched again
     assert not [p for p in requests if p.endswith(".tar")]
@@ -342,4 +345,6 @@ def test_an_unreachable_url_is_a_config_error_naming_it(served, tmp_path, monkey
     url, _ = served
     with pytest.raises(ConfigError, match="nothing-here/shards.json"):
         discover(_data(url + "nothing-here/"))
-    assert apply_overrides(Config(), [f"data.root={url}"]).data.root == url
+    from fasttrain.prepare import resolve_data_root
+
+    assert resolve_data_root(apply_overrides(Config(), [f"data.root={url}"])).data.root == url  # not a local path
