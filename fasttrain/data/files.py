@@ -116,7 +116,8 @@ MANIFEST = "shards.json"
 """The dataset-level manifest of a packed folder (sample kind, classes, splits with their shards and counts)."""
 BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 """A brace range in a shard pattern: ``train-{000000..000009}.tar``."""
-URL = re.compile(r"^https?://", re.IGNORECASE)
+URL = re.compile(r"^[a-z][a-z0-9+.-]+://", re.IGNORECASE)
+"""A URL root: ``http(s)://`` (urllib), or an object store's (``s3://``, ``gs://``... through fsspec)."""
 
 
 def address(shard: str | os.PathLike, member: str) -> str:
@@ -134,8 +135,8 @@ def split_address(path: str) -> tuple[str, str] | None:
 
 def is_shard_root(fmt: str, root: str | os.PathLike) -> bool:
     """Whether ``data.root`` names shards: ``data.format = shards``, or with the default ``folder`` format a
-    ``.tar`` file, a brace pattern, an ``http(s)://`` URL, or a folder holding ``shards.json`` (or ``.tar``
-    files and no sub-folder: a folder dataset with a stray archive stays a folder dataset)."""
+    ``.tar`` file, a brace pattern, a URL (``http(s)://``, ``s3://``...), or a folder holding ``shards.json``
+    (or ``.tar`` files and no sub-folder: a folder dataset with a stray archive stays a folder dataset)."""
     if fmt == "shards":
         return True
     if fmt != "folder":

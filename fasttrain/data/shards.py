@@ -17,10 +17,11 @@ size, and the samples' targets, so discovery reads no member), and in the folder
 manifest: sample kind, classes or target names, splits with their shards and counts).
 
 **Roots** ``data.root`` may name: a folder holding ``shards.json`` or ``.tar`` files, one ``.tar``, a brace
-pattern (``train-{000000..000009}.tar``), or ``http(s)://`` URLs of any of these. Shards without an index
-(WebDataset's own) are indexed by reading their tar headers once. Remote shards are downloaded whole, each in
-one sequential read, into ``$FASTTRAIN_CACHE/shards`` (a temporary file renamed into place, so processes
-sharing the cache never see half a shard), and then read by offset like local ones.
+pattern (``train-{000000..000009}.tar``), or URLs of any of these (``http(s)://``; an object store's, ``s3://``
+and the like, through fsspec, an optional extra). Shards without an index (WebDataset's own) are indexed by
+reading their tar headers once. Remote shards are downloaded whole, each in one sequential read, into
+``$FASTTRAIN_CACHE/shards`` (a temporary file renamed into place, so processes sharing the cache never see half a
+shard), and then read by offset like local ones.
 """
 
 from __future__ import annotations
@@ -90,11 +91,29 @@ def _cache_dir() -> Path:
     return default_cache_dir() / "shards"
 
 
+def _open_url(url: str) -> Any:
+    """A binary stream of ``url``: urllib for http(s), fsspec (the optional extra ``fasttrain[shards]``, with the
+    store's own package: s3fs, gcsfs, adlfs) for any other scheme."""
+    if url.lower().startswith(("http://", "https://")):
+        return urllib.request.urlopen(url, timeout=60)
+    try:
+        import fsspec
+    except ImportError:
+        raise ConfigError(
+            f"data.root: {url}: reading {url.split('://')[0]}:// needs fsspec and the store's package "
+            f"(pip install 'fasttrain[shards]' s3fs, or gcsfs, adlfs)"
+        ) from None
+    try:
+        return fsspec.open(url, "rb").open()
+    except (ImportError, ValueError) as e:  # the store's package is missing, or an unknown protocol
+        raise ConfigError(f"data.root: {url}: {e}") from None
+
+
 def _fetch(url: str, what: str) -> bytes:
     try:
-        with urllib.request.urlopen(url, timeout=60) as r:
+        with _open_url(url) as r:
             return r.read()
-    except OSError as e:  # URLError and HTTPError are OSErrors
+    except OSError as e:  # URLError and HTTPError are OSErrors, as are fsspec's FileNotFoundError
         raise ConfigError(f"data.root: cannot fetch {what} {url} ({e})") from None
 
 
@@ -110,7 +129,7 @@ def _download(url: str, size: int | None) -> str:
     local.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=local.parent)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as r:
+        with os.fdopen(fd, "wb") as out, _open_url(url) as r:
             shutil.copyfileobj(r, out, 1 << 20)
         got = os.path.getsize(tmp)
         if size is not None and got != size:

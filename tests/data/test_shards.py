@@ -348,3 +348,32 @@ def test_an_unreachable_url_is_a_config_error_naming_it(served, tmp_path, monkey
     from fasttrain.prepare import resolve_data_root
 
     assert resolve_data_root(apply_overrides(Config(), [f"data.root={url}"])).data.root == url  # not a local path
+
+
+# -- object stores (fsspec, an optional extra) --------------------------------------------------------------------
+
+
+def test_an_object_store_url_is_read_through_fsspec(packed, tmp_path, monkeypatch):
+    """fsspec's in-memory file system stands in for s3:// or gs://: the same samples as the local folder."""
+    fsspec = pytest.importorskip("fsspec")
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    _, shards = packed
+    fs = fsspec.filesystem("memory")
+    bucket = f"/bucket-{tmp_path.name}"
+    for f in shards.iterdir():
+        fs.pipe(f"{bucket}/{f.name}", f.read_bytes())
+    try:
+        local, remote = discover(_data(shards)), discover(_data(f"memory://{bucket}"))
+        assert remote.train.targets == local.train.targets and remote.class_names == local.class_names
+        assert open_regular(remote.val.paths[-1]).read() == open_regular(local.val.paths[-1]).read()
+    finally:
+        fs.rm(bucket, recursive=True)
+
+
+def test_an_object_store_without_fsspec_says_what_to_install(monkeypatch, tmp_path):
+    import sys
+
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, "fsspec", None)  # import fsspec -> ImportError
+    with pytest.raises(ConfigError, match=r"s3:// needs fsspec.*fasttrain\[shards\]"):
+        discover(_data("s3://bucket/train-{000000..000001}.tar"))
