@@ -284,18 +284,35 @@ def test_vector_and_pair_datasets_pack_and_read_back(tmp_path):
                 assert ".target." in tb and open_regular(tb).read() == Path(ta).read_bytes()
 
 
-def test_a_training_run_from_shards_ends_with_the_files_runs_weights(packed, tmp_path):
+class Stop(Exception):
+    pass
+
+
+def test_a_killed_run_on_shards_resumes_to_the_weights_of_the_same_run_on_files(packed, tmp_path):
     from fasttrain.checkpoint import load_checkpoint
     from fasttrain.engine import train
     from tests.tinyrun import tiny_cfg
 
     files, shards = packed
-    weights = []
-    for root in (files, shards):
-        run = train(tiny_cfg(root, tmp_path / "runs", "train.batch_size=8", "data.image_size=16", max_steps=4))
-        weights.append(load_checkpoint(run.run_dir / "checkpoints" / "last.pt")["state"]["modules"]["model"])
-    assert weights[0].keys() == weights[1].keys()
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+    def cfg(root, runs):
+        return tiny_cfg(root, runs, "train.batch_size=8", "data.image_size=16", "model.dropout=0.2", max_steps=0)
+
+    def weights(run: Path) -> dict[str, torch.Tensor]:
+        return load_checkpoint(run / "checkpoints" / "last.pt")["state"]["modules"]["model"]
+
+    def kill_after_one(state, record):
+        if record["epoch"] == 1:
+            raise Stop
+
+    straight = train(cfg(files, tmp_path / "a"), progress=False)
+    with pytest.raises(Stop):
+        train(cfg(shards, tmp_path / "b"), progress=False, on_epoch_end=kill_after_one)
+    (run,) = (tmp_path / "b").iterdir()
+    resumed = train(resume=run, progress=False)
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
+    wa, wb = weights(straight.run_dir), weights(run)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 # -- over HTTP ----------------------------------------------------------------------------------------------------
