@@ -112,6 +112,7 @@ class _ShardWriter:
         }
         (self.folder / (shard.name + INDEX_SUFFIX)).write_text(json.dumps(index, separators=(",", ":")))
         self._tar = None
+        log.info("pack: %s, %d members, %.1f MiB", shard.name, len(self._members), size / 2**20)
 
 
 def _read(path: str) -> bytes:

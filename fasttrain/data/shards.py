@@ -26,6 +26,7 @@ shard), and then read by offset like local ones.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -119,15 +120,31 @@ def _fetch(url: str, what: str) -> bytes:
 
 def _download(url: str, size: int | None) -> str:
     """The local copy of the shard at ``url``, downloaded whole (one sequential read) when it is missing or its
-    size differs from ``size``. Written to a temporary file and renamed: processes sharing the cache never read
-    half a shard."""
+    size differs from ``size``. One process downloads while the others sharing the cache wait on its lock (ranks
+    of a node fetch each shard once); the copy is written to a temporary file and renamed, so no process ever
+    reads half a shard."""
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
     name = urllib.parse.unquote(url.rsplit("/", 1)[-1]) or "shard.tar"
     local = _cache_dir() / key / name
-    if local.is_file() and (size is None or local.stat().st_size == size):
+
+    def ready() -> bool:
+        return local.is_file() and (size is None or local.stat().st_size == size)
+
+    if ready():
         return str(local)
-    local.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=local.parent)
+    try:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        with open(local.parent / f".{name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+            if not ready():
+                _download_into(url, local, size)
+    except OSError as e:
+        raise ConfigError(f"data.root: cannot download shard {url} into {local.parent} ({e})") from None
+    return str(local)
+
+
+def _download_into(url: str, local: Path, size: int | None) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", suffix=".tmp", dir=local.parent)
     try:
         with os.fdopen(fd, "wb") as out, _open_url(url) as r:
             shutil.copyfileobj(r, out, 1 << 20)
@@ -135,13 +152,10 @@ def _download(url: str, size: int | None) -> str:
         if size is not None and got != size:
             raise ConfigError(f"data.root: {url} is {got} bytes, its index says {size}")
         os.replace(tmp, local)
-    except OSError as e:
-        raise ConfigError(f"data.root: cannot download shard {url} ({e})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     log.info("downloaded shard %s -> %s", url, local)
-    return str(local)
 
 
 def _local_shard(shard: str) -> str:

@@ -394,3 +394,19 @@ def test_an_object_store_without_fsspec_says_what_to_install(monkeypatch, tmp_pa
     monkeypatch.setitem(sys.modules, "fsspec", None)  # import fsspec -> ImportError
     with pytest.raises(ConfigError, match=r"s3:// needs fsspec.*fasttrain\[shards\]"):
         discover(_data("s3://bucket/train-{000000..000001}.tar"))
+
+
+def test_processes_sharing_the_cache_download_each_shard_once(packed, served, tmp_path, monkeypatch):
+    """Four discoveries at once (the ranks of a node): one downloads each shard, the others wait and reuse it."""
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    _, shards = packed
+    url, requests = served
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(discover(_data(url)))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) == 4 and all(r.train.paths == results[0].train.paths for r in results)
+    tars = [p for p in requests if p.endswith(".tar")]
+    assert sorted(tars) == sorted(f"/{p.name}" for p in shards.glob("*.tar"))
