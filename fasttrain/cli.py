@@ -246,6 +246,16 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return 0 if not report.bad else 1
 
 
+def cmd_pack(args: argparse.Namespace) -> int:
+    from fasttrain.data.pack import DEFAULT_SHARD_BYTES, pack, parse_size
+
+    cfg = resolve_config(args.config, [*args.overrides, f"data.root={args.data}"])
+    size = parse_size(args.shard_size) if args.shard_size else DEFAULT_SHARD_BYTES
+    report = pack(cfg.data, args.out, shard_bytes=size)
+    print(report.to_text())
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from fasttrain.config import describe_config, packaged_configs
 
@@ -444,6 +454,23 @@ def _add_check_data(command: Callable[[str, str, str], argparse.ArgumentParser])
     p.set_defaults(fn=cmd_check_data)
 
 
+def _add_pack(command: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
+    p = command(
+        "pack",
+        "write a dataset as WebDataset-style tar shards (an index per shard) into a new folder",
+        "Copy every sample's files, undecoded, into tar shards whose members share a key (000123.jpg + "
+        "000123.cls / .json / .target.png), with an index beside each shard and shards.json (classes, splits, "
+        "counts). The splits are those training would use (the config's format and hold-out). OUT must not exist; "
+        "point data.root at it to train from the shards.",
+    )
+    p.add_argument("data", help="a dataset folder (any data.format)")
+    p.add_argument("out", help="the new folder for the shards")
+    p.add_argument("--config", default=None, help="TOML file or packaged config (data.format, hold-out settings)")
+    p.add_argument("--shard-size", default=None, metavar="SIZE", help="bytes per shard, e.g. 256MB (the default)")
+    _add_common(p, "data.format=manifest")
+    p.set_defaults(fn=cmd_pack)
+
+
 def _add_config(command: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     p = command(
         "config",
@@ -482,6 +509,7 @@ _COMMANDS = (
     _add_lr_find,
     _add_bench,
     _add_check_data,
+    _add_pack,
     _add_config,
     _add_plot,
 )

@@ -84,10 +84,11 @@ def _choice(value: str, name: str, choices: tuple[str, ...]) -> None:
 @dataclass
 class DataConfig:
     root: str = ""
-    """Dataset folder; empty means the built-in demo dataset (written on first use)."""
+    """Dataset folder; empty means the built-in demo dataset (written on first use). Tar shards (fasttrain pack):
+    their folder, one .tar, a brace pattern (train-{000000..000009}.tar) or http(s):// URLs of these."""
     format: str = "folder"
     """On-disk layout: folder (ImageFolder classes), manifest (CSV/JSONL image -> targets), drawing (canvas
-    steps), paired (A/B or side-by-side pix2pix)."""
+    steps), paired (A/B or side-by-side pix2pix), shards (tar shards; found by themselves under folder)."""
     train_dir: str = "train"
     """Sub-folder with the training split (relative to root); root itself is used when it does not exist."""
     val_dir: str = "val"

@@ -63,6 +63,8 @@ class Prepared:
 def resolve_data_root(cfg: Config) -> Config:
     """An empty data.root means the demo dataset, written on first use. The root is made absolute, so a run's
     saved config (and ``--resume``) works from any folder."""
+    if "://" in cfg.data.root:  # shards by URL (fasttrain.data.shards): no local path to resolve
+        return cfg
     if cfg.data.root:
         root = Path(cfg.data.root).expanduser().resolve()
     else:

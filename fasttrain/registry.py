@@ -47,6 +47,7 @@ TABLES: dict[str, dict[str, str]] = {
         "manifest": "fasttrain.data.formats:discover_manifest",
         "drawing": "fasttrain.data.formats:discover_drawing",
         "paired": "fasttrain.data.formats:discover_paired",
+        "shards": "fasttrain.data.shards:discover_shards",
     },
     "optimizers": {
         "sgd": "fasttrain.optim:sgd",

@@ -3,16 +3,43 @@
 A named pipe called ``x.png`` blocks a plain ``open()`` for ever (it waits for a writer); a device file streams
 without end. Discovery, the validators and ``transforms.load_image`` all go through :func:`open_regular`, which
 opens without blocking and checks what it opened before reading a byte.
+
+It is also the one place a member of a tar shard is read: a path ``<shard>.tar:<member>`` (a member address, see
+:mod:`fasttrain.data.shards`) opens as the member's bytes, read at the offset the shard's index gives, so every
+backend reads shards as it reads files.
 """
 
 from __future__ import annotations
 
 import errno
+import io
+import json
 import os
+import re
 import stat
-from typing import BinaryIO
+import tarfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
 
-__all__ = ["NotRegularFileError", "kind_of", "not_regular_reason", "open_regular"]
+__all__ = [
+    "INDEX_SUFFIX",
+    "MANIFEST",
+    "SEP",
+    "NotRegularFileError",
+    "ShardIndex",
+    "address",
+    "index_tar",
+    "is_shard_root",
+    "kind_of",
+    "load_index",
+    "not_regular_reason",
+    "open_member",
+    "open_regular",
+    "parse_index",
+    "split_address",
+]
 
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 
@@ -51,7 +78,12 @@ def open_regular(path: str | os.PathLike) -> BinaryIO:
     """``open(path, "rb")`` that raises :class:`NotRegularFileError` instead of blocking or reading a non-file.
 
     O_NONBLOCK makes opening a FIFO return at once (no writer needed); fstat then tells what was opened.
+    A member address of an existing shard opens as an in-memory file of the member's bytes.
     """
+    if SEP in os.fspath(path):
+        member = open_member(os.fspath(path))
+        if member is not None:
+            return member
     try:
         fd = os.open(path, _OPEN_FLAGS)
     except FileNotFoundError:
@@ -70,3 +102,165 @@ def open_regular(path: str | os.PathLike) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+# -- tar shard members --------------------------------------------------------------------------------------------
+# A member address is ``<shard>.tar:<member>`` (see fasttrain.data.shards, which finds a shard dataset's samples).
+
+SEP = ".tar:"
+"""What joins a shard and a member name in a member address (the shard's ``.tar`` and a colon)."""
+INDEX_SUFFIX = ".idx"
+"""``<shard>.tar`` + this: the shard's index (JSON: each member's name, data offset and size; the targets)."""
+INDEX_FORMAT = "fasttrain-shard-index"
+MANIFEST = "shards.json"
+"""The dataset-level manifest of a packed folder (sample kind, classes, splits with their shards and counts)."""
+BRACE = re.compile(r"\{(\d+)\.\.(\d+)\}")
+"""A brace range in a shard pattern: ``train-{000000..000009}.tar``."""
+URL = re.compile(r"^[a-z][a-z0-9+.-]+://", re.IGNORECASE)
+"""A URL root: ``http(s)://`` (urllib), or an object store's (``s3://``, ``gs://``... through fsspec)."""
+
+
+def address(shard: str | os.PathLike, member: str) -> str:
+    """The address of ``member`` of ``shard`` (a ``.tar`` path)."""
+    return f"{os.fspath(shard)}:{member}"
+
+
+def split_address(path: str) -> tuple[str, str] | None:
+    """(shard, member) of a member address; None for anything else (a plain file path)."""
+    i = path.rfind(SEP)
+    if i < 0:
+        return None
+    return path[: i + len(SEP) - 1], path[i + len(SEP) :]
+
+
+def is_shard_root(fmt: str, root: str | os.PathLike) -> bool:
+    """Whether ``data.root`` names shards: ``data.format = shards``, or with the default ``folder`` format a
+    ``.tar`` file, a brace pattern, a URL (``http(s)://``, ``s3://``...), or a folder holding ``shards.json``
+    (or ``.tar`` files and no sub-folder: a folder dataset with a stray archive stays a folder dataset)."""
+    if fmt == "shards":
+        return True
+    if fmt != "folder":
+        return False
+    text = os.fspath(root)
+    if URL.match(text) or BRACE.search(text) or text.endswith(".tar"):
+        return True
+    p = Path(text).expanduser()
+    if (p / MANIFEST).is_file():
+        return True
+    try:
+        with os.scandir(p) as it:
+            visible = [e for e in it if not e.name.startswith(".")]
+    except OSError:
+        return False
+    return any(e.name.endswith(".tar") for e in visible) and not any(e.is_dir() for e in visible)
+
+
+@dataclass
+class ShardIndex:
+    """Where each member's bytes lie in one shard."""
+
+    members: dict[str, tuple[int, int]]
+    """member name -> (data offset, size) in bytes."""
+    targets: dict[str, Any] = field(default_factory=dict)
+    """sample key -> its target as the index records it (class index or list of floats); may be empty."""
+    size: int | None = None
+    """The shard's size in bytes when the index was written (None: unknown)."""
+
+
+_INDEXES: dict[str, ShardIndex] = {}
+_FDS: dict[str, int] = {}
+_FD_PID = os.getpid()
+_LOCK = threading.Lock()
+_MAX_FDS = 256
+
+
+def index_tar(shard: str | os.PathLike) -> ShardIndex:
+    """Index a tar by reading its headers (a shard written without ``.idx``, as WebDataset's tools write them).
+    Only regular members are listed. ValueError names the shard when it is no tar."""
+    members: dict[str, tuple[int, int]] = {}
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            for m in tar:
+                if m.isfile():
+                    members[m.name] = (m.offset_data, m.size)
+    except tarfile.TarError as e:
+        raise ValueError(f"{os.fspath(shard)} is not a readable tar file ({e})") from None
+    return ShardIndex(members, size=os.path.getsize(shard))
+
+
+def parse_index(text: str | bytes, where: str) -> ShardIndex:
+    """A shard index from its JSON; ValueError naming ``where`` when it is damaged."""
+    try:
+        raw = json.loads(text)
+        if raw.get("format") != INDEX_FORMAT:
+            raise ValueError(f"format is {raw.get('format')!r}, not {INDEX_FORMAT!r}")
+        members = {str(n): (int(o), int(s)) for n, o, s in raw["members"]}
+        return ShardIndex(members, dict(raw.get("targets") or {}), raw.get("size"))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"shard index {where} is damaged ({type(e).__name__}: {e})") from None
+
+
+def load_index(shard: str, index: ShardIndex | None = None) -> ShardIndex:
+    """The index of a local shard (kept per process): ``index`` when given (a downloaded shard's), else its
+    ``.idx`` file, else its tar headers. ValueError names a damaged index or a file that is no tar."""
+    if index is not None:
+        _INDEXES[shard] = index
+    idx = _INDEXES.get(shard)
+    if idx is not None:
+        return idx
+    side = shard + INDEX_SUFFIX
+    if os.path.isfile(side):
+        with open(side, encoding="utf-8") as f:
+            idx = parse_index(f.read(), side)
+    else:
+        idx = index_tar(shard)
+    _INDEXES[shard] = idx
+    return idx
+
+
+def _shard_fd(shard: str) -> tuple[int, bool]:
+    """An open descriptor of ``shard`` and whether the caller must close it. Descriptors are kept per process
+    (``pread`` moves no shared position, so threads share them); a forked child opens its own."""
+    global _FD_PID
+    with _LOCK:
+        if _FD_PID != os.getpid():  # a forked worker: the parent's descriptors are not this process's to keep
+            _FDS.clear()
+            _FD_PID = os.getpid()
+        fd = _FDS.get(shard)
+        if fd is not None:
+            return fd, False
+    fd = os.open(shard, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    with _LOCK:
+        if len(_FDS) < _MAX_FDS and shard not in _FDS:
+            _FDS[shard] = fd
+            return fd, False
+    return fd, True
+
+
+def open_member(path: str) -> io.BytesIO | None:
+    """The bytes of the member at ``path`` (a member address) as a seekable in-memory file, read with one
+    ``pread`` at the offset the shard's index gives; None when ``path`` names no existing shard (it is then a
+    plain file path). A member the index lacks, a damaged index, or a shard cut short raise an OSError naming
+    the address."""
+    parts = split_address(path)
+    if parts is None:
+        return None
+    shard, member = parts
+    if shard not in _INDEXES and not os.path.isfile(shard):
+        return None
+    try:
+        where = load_index(shard).members.get(member)
+    except ValueError as e:
+        raise OSError(errno.EINVAL, str(e), path) from None
+    if where is None:
+        raise FileNotFoundError(errno.ENOENT, f"no member {member!r} in shard {shard}", path)
+    offset, size = where
+    fd, close = _shard_fd(shard)
+    try:
+        data = os.pread(fd, size, offset)
+    finally:
+        if close:
+            os.close(fd)
+    if len(data) != size:
+        raise OSError(errno.EIO, f"shard {shard} is cut short: member {member!r} runs past its end", path)
+    return io.BytesIO(data)

@@ -17,7 +17,7 @@ from typing import Any
 
 from fasttrain import registry
 from fasttrain.config import ConfigError, DataConfig
-from fasttrain.data.files import not_regular_reason
+from fasttrain.data.files import is_shard_root, not_regular_reason
 
 log = logging.getLogger(__name__)
 
@@ -287,14 +287,16 @@ def discover_folder(cfg: DataConfig, root: Path) -> DataSource:
 def discover(cfg: DataConfig, root: str | os.PathLike | None = None) -> DataSource:
     """Find the dataset's files for ``cfg.format`` under ``root`` (default ``cfg.root``), with the format's
     discovery function from the ``formats`` table of :mod:`fasttrain.registry`."""
-    root = Path(root if root is not None else cfg.root).expanduser()
-    if not root.is_dir():
+    given = root if root is not None else cfg.root
+    fmt = "shards" if is_shard_root(cfg.format, given) else cfg.format  # a .tar, brace pattern, URL or packed folder
+    root = Path(given).expanduser()
+    if fmt != "shards" and not root.is_dir():
         raise ConfigError(f"data.root: {root} is not a folder")
     try:
-        find = registry.resolve("formats", cfg.format)
+        find = registry.resolve("formats", fmt)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    src = find(cfg, root)
+    src = find(cfg, given if fmt == "shards" else root)  # shards: the root as given (a URL is no Path)
     if cfg.max_samples and len(src.train) > cfg.max_samples:
         rng = random.Random(cfg.split_seed)
         keep = sorted(rng.sample(range(len(src.train)), cfg.max_samples))

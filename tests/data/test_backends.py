@@ -36,10 +36,10 @@ GIB = 2**30
 
 def test_config_choices_are_the_registries():
     assert registry.names("backends") == ("torch", "dali", "cache")
-    assert registry.names("formats") == ("folder", "manifest", "drawing", "paired")
+    assert registry.names("formats") == ("folder", "manifest", "drawing", "paired", "shards")
     with pytest.raises(ConfigError, match=r"data\.loader: must be one of auto, torch, dali, cache"):
         DataConfig(loader="gpu")
-    with pytest.raises(ConfigError, match=r"data\.format: must be one of folder, manifest, drawing, paired"):
+    with pytest.raises(ConfigError, match=r"data\.format: must be one of folder, manifest, drawing, paired, shards"):
         DataConfig(format="csv")
     for table in ("tasks", "formats"):
         for name in registry.names(table):

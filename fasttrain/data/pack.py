@@ -1,0 +1,206 @@
+"""``fasttrain pack DATA OUT``: a dataset of files -> WebDataset-style tar shards, an index per shard, a manifest.
+
+The dataset is discovered as training would (``data.format``, its splits or its seeded hold-out), and every
+sample's files are copied byte for byte, never decoded: ``<key>.<ext>`` (the image), and ``<key>.cls`` (class
+index), ``<key>.json`` (regression targets) or ``<key>.target.<ext>`` (a pair's target image). Keys number the
+samples of a split in discovery order, so index i of a split is the same sample from files and from shards:
+training from either draws the same batches. Each shard is followed by ``<shard>.tar.idx`` and the folder by
+``shards.json`` (see :mod:`fasttrain.data.shards`). Everything is written into a temporary folder beside OUT and
+renamed to OUT at the end; an existing OUT is refused, never overwritten. A file that cannot be read is named
+and skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fasttrain.config import ConfigError, DataConfig
+from fasttrain.data.files import INDEX_FORMAT, INDEX_SUFFIX, MANIFEST
+from fasttrain.data.shards import MANIFEST_FORMAT, TARGET_TAG
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_SHARD_BYTES", "PackReport", "pack", "parse_size"]
+
+DEFAULT_SHARD_BYTES = 256 * 2**20
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"64MB"``, ``"1GiB"``, ``"500000"`` -> bytes; ValueError naming ``--shard-size`` otherwise."""
+    m = _SIZE.match(str(text))
+    unit = (m.group(2) or "").lower().rstrip("b") if m else ""
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"--shard-size: {text!r} is not a size (e.g. 256MB, 1GiB, 1000000)")
+    n = int(float(m.group(1)) * _UNITS[unit])
+    if n < 1024:
+        raise ValueError(f"--shard-size: {text!r} is under 1 KiB")
+    return n
+
+
+@dataclass
+class PackReport:
+    out: Path
+    counts: dict[str, int] = field(default_factory=dict)
+    shards: dict[str, int] = field(default_factory=dict)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def to_text(self) -> str:
+        parts = ", ".join(f"{s} {n} samples in {self.shards[s]} shards" for s, n in self.counts.items())
+        lines = [f"{self.out}: {parts}; {self.bytes / 2**20:.1f} MiB in {self.seconds:.1f} s"]
+        lines += [f"  SKIPPED  {f}: {why}" for f, why in self.skipped]
+        return "\n".join(lines)
+
+
+class _ShardWriter:
+    """Shards of one split: ``<split>-000000.tar``, ... each closed (with its index) past ``limit`` bytes."""
+
+    def __init__(self, folder: Path, split: str, limit: int):
+        self.folder, self.split, self.limit = folder, split, limit
+        self.names: list[str] = []
+        self.bytes = 0
+        self._tar: tarfile.TarFile | None = None
+
+    def _open(self) -> tarfile.TarFile:
+        name = f"{self.split}-{len(self.names):06d}.tar"
+        self.names.append(name)
+        self._members: list[list[Any]] = []
+        self._targets: dict[str, Any] = {}
+        self._tar = tarfile.open(self.folder / name, "w", format=tarfile.GNU_FORMAT)
+        return self._tar
+
+    def add(self, key: str, members: list[tuple[str, bytes]], target: Any) -> None:
+        """One sample's members, kept together in one shard (WebDataset readers need a key's files adjacent)."""
+        tar = self._tar or self._open()
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            tar.addfile(info, io.BytesIO(data))
+            padded = (len(data) + 511) // 512 * 512  # the data ends at tar.offset, padded to whole blocks
+            self._members.append([name, tar.offset - padded, len(data)])
+        if target is not None:
+            self._targets[key] = target
+        if tar.offset >= self.limit:
+            self.close()
+
+    def close(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        shard = self.folder / self.names[-1]
+        size = shard.stat().st_size
+        self.bytes += size
+        index = {
+            "format": INDEX_FORMAT,
+            "version": 1,
+            "shard": shard.name,
+            "size": size,
+            "members": self._members,
+            "targets": self._targets,
+        }
+        (self.folder / (shard.name + INDEX_SUFFIX)).write_text(json.dumps(index, separators=(",", ":")))
+        self._tar = None
+        log.info("pack: %s, %d members, %.1f MiB", shard.name, len(self._members), size / 2**20)
+
+
+def _read(path: str) -> bytes:
+    from fasttrain.data.files import open_regular
+
+    with open_regular(path) as f:
+        return f.read()
+
+
+def _sample_members(key: str, path: str, target: Any, kind: str) -> tuple[list[tuple[str, bytes]], Any]:
+    """The members of one sample and the target its index records (OSError: a file that cannot be read)."""
+    from fasttrain.data.formats import SIDE_BY_SIDE
+
+    ext = (Path(path).suffix or ".img").lower()
+    members = [(key + ext, _read(path))]
+    if kind == "class":
+        members.append((f"{key}.cls", str(int(target)).encode()))
+        return members, int(target)
+    if kind == "vector":
+        values = [float(v) for v in target]
+        members.append((f"{key}.json", json.dumps(values).encode()))
+        return members, values
+    if target != SIDE_BY_SIDE:
+        members.append((f"{key}{TARGET_TAG}{(Path(target).suffix or '.img').lower()}", _read(target)))
+    return members, None
+
+
+def _kind(source: Any) -> str:
+    from fasttrain.data.formats import SIDE_BY_SIDE
+
+    if source.class_names is not None:
+        return "class"
+    if source.target_names is not None:
+        return "vector"
+    first = source.train.targets[0] if len(source.train) else None
+    if first == SIDE_BY_SIDE or isinstance(first, str):
+        return "pair"
+    raise ConfigError(f"pack: cannot tell what the targets of {source.root} are (class, vector or pair)")
+
+
+def _pack_split(split: Any, kind: str, folder: Path, limit: int, report: PackReport) -> list[str]:
+    writer = _ShardWriter(folder, split.name, limit)
+    n = 0
+    try:
+        for path, target in zip(split.paths, split.targets):
+            key = f"{n:06d}"
+            try:
+                members, recorded = _sample_members(key, path, target, kind)
+            except OSError as e:
+                where = e.filename if isinstance(e.filename, str) else path
+                report.skipped.append((where, f"cannot be read ({e.strerror or e})"))
+                log.warning("skipped %s: %s", *report.skipped[-1])
+                continue
+            writer.add(key, members, recorded)
+            n += 1
+    finally:
+        writer.close()
+    report.counts[split.name], report.shards[split.name] = n, len(writer.names)
+    report.bytes += writer.bytes
+    return writer.names
+
+
+def pack(cfg: DataConfig, out: str | os.PathLike, *, shard_bytes: int = DEFAULT_SHARD_BYTES) -> PackReport:
+    """Write ``cfg.root``'s dataset as shards into the new folder ``out`` (see the module docstring)."""
+    from fasttrain.data.sources import discover
+    from fasttrain.data.synthetic import atomic_dir
+
+    start = time.perf_counter()
+    out = Path(out).expanduser()
+    if out.exists():
+        raise FileExistsError(f"pack: {out} already exists; fasttrain does not overwrite it (choose a new folder)")
+    source = discover(cfg)
+    if source.format == "shards":
+        raise ConfigError(f"pack: {cfg.root} is already shards")
+    kind = _kind(source)
+    report = PackReport(out.resolve(), skipped=list(source.skipped))
+    manifest: dict[str, Any] = {"format": MANIFEST_FORMAT, "version": 1, "kind": kind, "splits": {}}
+    manifest["classes"], manifest["target_names"] = source.class_names, source.target_names
+    manifest["source"], manifest["source_format"] = str(source.root), source.format
+    with atomic_dir(out) as tmp:
+        for split in (source.train, source.val, source.test):
+            if split is not None and len(split):
+                names = _pack_split(split, kind, tmp, shard_bytes, report)
+                manifest["splits"][split.name] = {"shards": names, "count": report.counts[split.name]}
+        manifest["skipped"] = [list(s) for s in report.skipped]
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 -> the usual folder mode
+    report.seconds = time.perf_counter() - start
+    return report
