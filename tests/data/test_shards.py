@@ -18,7 +18,7 @@ from PIL import Image
 
 from fasttrain.config import Config, ConfigError, DataConfig, RuntimeConfig, apply_overrides
 from fasttrain.data import files as files_mod
-from fasttrain.data.base import InputSpec
+from fasttrain.data.base import InputSpec, LoaderRequest
 from fasttrain.data.dali import dali_status
 from fasttrain.data.files import INDEX_SUFFIX, MANIFEST, open_regular, split_address
 from fasttrain.data.formats import SIDE_BY_SIDE
@@ -183,12 +183,12 @@ def _batches(backend: str, split, *, train: bool, epoch: int = 2, skip: int = 0)
     cfg = _cfg()
     mean, std = cfg.data.norm_mean_std()
     spec = InputSpec(torch.device("cpu"), torch.float32, False, tuple(mean), tuple(std))
-    loader = make_loader(backend, Samples(split, "class"), cfg, spec, train=train, batch_size=4)
+    loader = make_loader(backend, LoaderRequest(Samples(split, "class"), train=train, batch_size=4), cfg, spec)
     try:
         loader.set_epoch(epoch)
         if skip:
             loader.skip_batches(skip)
-        return [(b.targets.tolist(), b.inputs) for b in loader], list(getattr(loader, "skipped", []))
+        return [(b.targets.tolist(), b.inputs) for b in loader], list(loader.skipped)
     finally:
         loader.close()
 
