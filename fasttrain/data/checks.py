@@ -6,7 +6,8 @@ bytes), its header's width x height within ``data.max_image_pixels`` (Pillow's d
 default), a PNG's image data a zlib stream, a JPEG or PNG not cut short (a missing end marker is confirmed by a
 full decode). It also says how the file must be decoded so that every backend sees the same pixels
 (:attr:`ImageInfo.pil`). Every loader runs it on all its files once, at construction, with threads
-(:func:`precheck`), and skips what fails.
+(:func:`precheck`), and skips what fails; for a split from the dataset index (:mod:`fasttrain.data.index`,
+which ran it once per dataset version) the answers come from the index, no file opened.
 
 :func:`check_image` adds the full decode the torch loader does, and notes on odd files; ``check-data`` runs it and
 reports, never modifying, moving or deleting a file.

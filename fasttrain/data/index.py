@@ -35,6 +35,7 @@ MB at ImageNet size instead of a walk of 1.3 M files; rank 0's error (a bad layo
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -266,10 +267,17 @@ def listing(root: str | os.PathLike) -> Listing:
     return Listing(h.hexdigest(), files, folders, time.perf_counter() - t0)
 
 
+_BUILT_IN = ("folder", "manifest", "drawing", "paired")
+
+
 def index_key(data: DataConfig) -> str:
-    """The discovery settings' hash (with the index version): part of the index's file name."""
-    fields = {k: getattr(data, k) for k in _KEY_FIELDS}
-    text = json.dumps({"version": INDEX_VERSION, **fields}, sort_keys=True)
+    """The discovery settings' hash (with the index version): part of the index's file name. A format
+    registered from outside may read any data setting: all of them (but the root) key its index."""
+    if data.format in _BUILT_IN:
+        fields = {k: getattr(data, k) for k in _KEY_FIELDS}
+    else:
+        fields = {k: v for k, v in dataclasses.asdict(data).items() if k != "root"}
+    text = json.dumps({"version": INDEX_VERSION, **fields}, sort_keys=True, default=str)
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 

@@ -327,3 +327,38 @@ def test_rank_0_s_error_is_raised_on_every_rank(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as other:
         indexed_source(data)
     assert str(other.value) == str(first.value)
+
+
+# -- formats registered from outside ------------------------------------------------------------------------------
+
+
+def _register(monkeypatch, discover_fn) -> None:
+    import sys
+    import types
+
+    from fasttrain import registry
+
+    module = types.ModuleType("index_test_format")
+    module.discover = discover_fn
+    monkeypatch.setitem(sys.modules, "index_test_format", module)
+    monkeypatch.setitem(registry.TABLES["formats"], "mine", "index_test_format:discover")
+
+
+def test_a_registered_format_is_indexed_and_keyed_by_every_setting(shapes, monkeypatch):
+    from fasttrain.data.sources import DataSource, Split
+
+    files = sorted(str(p) for p in (shapes / "train" / "circle").iterdir())
+    _register(monkeypatch, lambda cfg, root: DataSource(root, "mine", Split("train", files, [0] * len(files)), None))
+    data = DataConfig(root=str(shapes), format="mine")
+    assert not load_or_build(data).reused and load_or_build(data).reused
+    same_source(load_or_build(data).index.source(), discover(data))
+    assert not load_or_build(DataConfig(root=str(shapes), format="mine", image_size=64)).reused  # it may read it
+
+
+def test_a_source_the_index_cannot_hold_is_discovered_at_every_start(tmp_path, monkeypatch):
+    from fasttrain.data.sources import DataSource, Split
+
+    _register(monkeypatch, lambda cfg, root: DataSource(root, "mine", Split("train", ["/elsewhere/x.png"], [0]), None))
+    (tmp_path / "d").mkdir()
+    src = indexed_source(DataConfig(root=str(tmp_path / "d"), format="mine"))
+    assert src.train.paths == ["/elsewhere/x.png"] and isinstance(src.train.paths, list)
