@@ -260,7 +260,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         print(f"  BAD  {path}: {why}")
     for path, why in result.index.source(root).skipped:
         print(f"  SKIPPED  {path}: {why}")
-    if result.path is not None and not result.path.is_relative_to(root):
+    if not result.reused and result.path is not None and not result.path.is_relative_to(root):
         print(f"{root} is not writable: the index went to the cache; other nodes build their own")
     return 0  # bad files are listed and skipped by training, as check-data reports them
 
