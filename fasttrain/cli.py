@@ -256,6 +256,25 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from fasttrain.data.index import describe, load_or_build
+
+    cfg = resolve_config(args.config, args.overrides)
+    root = Path(args.data).expanduser().resolve()
+    result = load_or_build(dataclasses.replace(cfg.data, root=str(root)), root, beside=True, rebuild=not args.reuse)
+    print(describe(result))
+    bad = result.index.bad
+    for path, why in bad:
+        print(f"  BAD  {path}: {why}")
+    for path, why in result.index.source(root).skipped:
+        print(f"  SKIPPED  {path}: {why}")
+    if not result.reused and result.path is not None and not result.path.is_relative_to(root):
+        print(f"{root} is not writable: the index went to the cache; other nodes build their own")
+    return 0  # bad files are listed and skipped by training, as check-data reports them
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from fasttrain.config import describe_config, packaged_configs
 
@@ -471,6 +490,21 @@ def _add_pack(command: Callable[[str, str, str], argparse.ArgumentParser]) -> No
     p.set_defaults(fn=cmd_pack)
 
 
+def _add_index(command: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
+    p = command(
+        "index",
+        "list and header-check a dataset once; every start and rank reuses the index",
+        "Discover the dataset (data.format's layout under DATA), check every image's header, and write the "
+        "dataset index to DATA/.fasttrain-index/ (the cache when DATA is read-only). Training reuses it while "
+        "no file under DATA was added, removed, resized or touched. Lists the bad files; nothing is modified.",
+    )
+    p.add_argument("data", help="the dataset folder (data.root)")
+    p.add_argument("--config", default=None, help="TOML file or packaged name whose data settings to use")
+    p.add_argument("--reuse", action="store_true", help="keep an index that is still current (default: rebuild)")
+    _add_common(p, "data.format=manifest")
+    p.set_defaults(fn=cmd_index)
+
+
 def _add_config(command: Callable[[str, str, str], argparse.ArgumentParser]) -> None:
     p = command(
         "config",
@@ -510,6 +544,7 @@ _COMMANDS = (
     _add_bench,
     _add_check_data,
     _add_pack,
+    _add_index,
     _add_config,
     _add_plot,
 )

@@ -17,7 +17,8 @@ from typing import Any
 
 from fasttrain import distributed
 from fasttrain.config import Config, ConfigError
-from fasttrain.data.sources import DataSource, discover
+from fasttrain.data.index import indexed_source
+from fasttrain.data.sources import DataSource
 from fasttrain.distributed import DistInfo
 from fasttrain.runtime import Runtime, resolve_device, runtime_for
 from fasttrain.tasks import Task, make_task
@@ -109,12 +110,12 @@ def prepare(
             f"again (dataset=...), or set data.root to a folder of images (a root may not start with "
             f"{DATASET_ROOT!r})"
         )
-    else:
+    info = distributed.init(resolve_device(cfg.runtime.device).type)  # before discovery: rank 0 lists for all
+    if dataset is None:
         cfg = resolve_data_root(cfg)
-        source = discover(cfg.data)
+        source = indexed_source(cfg.data)  # the dataset index: built once, reused while the files are unchanged
     if not cfg.model.num_outputs and source.num_outputs:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_outputs=source.num_outputs))
-    info = distributed.init(resolve_device(cfg.runtime.device).type)
     device = {}
     if info.enabled and resolve_device(cfg.runtime.device).type == "cuda":
         device = {"device": f"cuda:{info.local_rank}"}  # one GPU per process: LOCAL_RANK's

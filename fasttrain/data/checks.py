@@ -6,7 +6,8 @@ bytes), its header's width x height within ``data.max_image_pixels`` (Pillow's d
 default), a PNG's image data a zlib stream, a JPEG or PNG not cut short (a missing end marker is confirmed by a
 full decode). It also says how the file must be decoded so that every backend sees the same pixels
 (:attr:`ImageInfo.pil`). Every loader runs it on all its files once, at construction, with threads
-(:func:`precheck`), and skips what fails.
+(:func:`precheck`), and skips what fails; for a split from the dataset index (:mod:`fasttrain.data.index`,
+which ran it once per dataset version) the answers come from the index, no file opened.
 
 :func:`check_image` adds the full decode the torch loader does, and notes on odd files; ``check-data`` runs it and
 reports, never modifying, moving or deleting a file.
@@ -49,7 +50,9 @@ __all__ = [
     "ImageInfo",
     "Precheck",
     "check_data",
+    "check_file",
     "check_header",
+    "check_headers",
     "check_stream",
     "load_checked",
     "UnusableImage",
@@ -197,13 +200,48 @@ def check_header(path: str | os.PathLike, max_pixels: int = PILLOW_BOMB_PIXELS) 
 
     A JPEG or PNG whose last 64 bytes hold no end marker (a cut-off download) is decoded once with PIL to tell a
     truncated image from a valid one with trailing bytes."""
+    info, why, _ = check_file(path, max_pixels)
+    return info, why
+
+
+def check_file(
+    path: str | os.PathLike, max_pixels: int = PILLOW_BOMB_PIXELS
+) -> tuple[ImageInfo | None, str | None, int]:
+    """:func:`check_header` and the file's size in bytes (-1 when it could not be opened). A file shorter than
+    64 KiB is judged from one read (one open, one read: the common small JPEG); a longer one, or one whose
+    read fails, from the file itself, as :func:`check_stream` reads it."""
+    size = -1
     try:
         with open_regular(path) as f:
-            return check_stream(f, max_pixels)
+            try:
+                head: bytes | None = f.read(_HEAD)
+            except OSError:
+                head = None  # judged below from the file, which words the error as it always has
+            if head is not None and len(head) < _HEAD:
+                info, why = check_stream(io.BytesIO(head), max_pixels)
+                return info, why, len(head)
+            size = os.fstat(f.fileno()).st_size
+            f.seek(0)
+            info, why = check_stream(f, max_pixels)
+            return info, why, size
     except NotRegularFileError as e:
-        return None, e.strerror
+        return None, e.strerror, size
     except OSError as e:
-        return None, f"cannot be read ({e.strerror or e})"
+        return None, f"cannot be read ({e.strerror or e})", size
+
+
+def check_headers(
+    paths: Sequence[str], max_pixels: int = PILLOW_BOMB_PIXELS, threads: int = 1
+) -> list[tuple[ImageInfo | None, str | None, int]]:
+    """:func:`check_file` on every path, in order, on ``threads`` threads (it waits on the disk) that each take
+    a run of paths: one task per file cost more than the check of a small cached JPEG."""
+    check = functools.partial(check_file, max_pixels=max_pixels)
+    if len(paths) <= 64 or threads <= 1:
+        return [check(p) for p in paths]
+    step = max(16, min(512, len(paths) // (threads * 8)))
+    runs = [paths[i : i + step] for i in range(0, len(paths), step)]
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return [r for part in pool.map(lambda run: [check(p) for p in run], runs) for r in part]
 
 
 def check_stream(f: BinaryIO, max_pixels: int = PILLOW_BOMB_PIXELS) -> tuple[ImageInfo | None, str | None]:
@@ -334,7 +372,17 @@ def remembered_prechecks() -> Iterator[dict]:
 
 def precheck(paths: Sequence[str], *, max_pixels: int, threads: int, split: str = "train") -> Precheck:
     """:func:`check_header` on every path (threads: it is I/O bound); raises :class:`BadDataError` when none passes.
-    Inside :func:`remembered_prechecks` a file list checked before is answered from memory."""
+    Paths from the dataset index (:class:`~fasttrain.data.index.IndexedPaths`) are answered from its verdicts,
+    no file opened. Inside :func:`remembered_prechecks` a file list checked before is answered from memory."""
+    indexed = getattr(paths, "indexed_precheck", None)
+    answer = indexed(max_pixels) if indexed is not None else None
+    if answer is not None:
+        out = Precheck(*answer)
+        for path, why in out.bad:
+            log.warning("skipping %s: %s", path, why)
+        if not out.keep:
+            raise BadDataError(_none_usable(split, len(paths), out.bad))
+        return out
     memo = _REMEMBERED.get()
     key = (tuple(paths), max_pixels, split)
     if memo is not None and key in memo:
@@ -346,14 +394,9 @@ def precheck(paths: Sequence[str], *, max_pixels: int, threads: int, split: str 
 
 
 def _precheck(paths: Sequence[str], *, max_pixels: int, threads: int, split: str) -> Precheck:
-    check = functools.partial(check_header, max_pixels=max_pixels)
-    if len(paths) > 64 and threads > 1:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            results = list(pool.map(check, paths, chunksize=32))
-    else:
-        results = [check(p) for p in paths]
+    results = check_headers(paths, max_pixels, threads)
     out = Precheck([], [], [])
-    for i, (path, (info, why)) in enumerate(zip(paths, results)):
+    for i, (path, (info, why, _)) in enumerate(zip(paths, results)):
         if info is not None:
             out.keep.append(i)
             out.infos.append(info)

@@ -214,7 +214,7 @@ def discover_manifest(cfg: DataConfig, root: Path) -> DataSource:
                 f"data.target_columns: {path} has no numeric columns besides {path_col!r}; "
                 f"name the targets in data.target_columns"
             )
-    splits: dict[str, Split] = {}
+    rows_of: dict[str, tuple[list[str], list[Any]]] = {}
     for n, rec in rows:
         where = f"{path}:{n}"
         value = rec.get(path_col)
@@ -236,9 +236,10 @@ def discover_manifest(cfg: DataConfig, root: Path) -> DataSource:
         if split not in SPLIT_NAMES:
             skipped.append((where, f"split {split!r} is not one of {', '.join(SPLIT_NAMES)}"))
             continue
-        s = splits.setdefault(split, Split(split, [], []))
-        s.paths.append(str(image))
-        s.targets.append(vals)
+        paths, values = rows_of.setdefault(split, ([], []))
+        paths.append(str(image))
+        values.append(vals)
+    splits = {name: Split(name, paths, values) for name, (paths, values) in rows_of.items()}
     return _finish(root, "manifest", splits, cfg, skipped, target_names=targets)
 
 
@@ -283,7 +284,8 @@ def _session_dirs(folder: Path, reserved: set[str]) -> list[tuple[Path, list]]:
 def _drawing_split(
     name: str, folder: Path, reserved: set[str], skipped: list[tuple[str, str]], groups: list[str]
 ) -> Split:
-    split = Split(name, [], [])
+    paths: list[str] = []
+    values: list[Any] = []
     for session, entries in _session_dirs(folder, reserved):
         canvases: dict[int, Path] = {}
         strokes: dict[int, Path] = {}
@@ -320,13 +322,13 @@ def _drawing_split(
             except ValueError as e:
                 skipped.append((str(stroke), str(e)))
                 continue
-            split.paths.append(str(canvas))
-            split.targets.append(targets)
+            paths.append(str(canvas))
+            values.append(targets)
             groups.append(str(session))
         for n, stroke in sorted(strokes.items()):
             if n >= 1 and n - 1 not in canvases:
                 skipped.append((str(stroke), f"no canvas step_{n - 1:04d} before this stroke"))
-    return split
+    return Split(name, paths, values)
 
 
 def discover_drawing(cfg: DataConfig, root: Path) -> DataSource:
@@ -363,17 +365,18 @@ def _ab_folders(root: Path, split: str | None) -> tuple[Path, Path] | None:
 
 def _paired_split(name: str, a: Path, b: Path, skipped: list[tuple[str, str]]) -> Split:
     left, right = _by_stem(a), _by_stem(b)
-    split = Split(name, [], [])
+    paths: list[str] = []
+    values: list[str] = []
     for key, pa in sorted(left.items()):
         pb = right.get(key)
         if pb is None:
             skipped.append((str(pa), f"no matching target image {b / key}.*"))
             continue
-        split.paths.append(str(pa))
-        split.targets.append(str(pb))
+        paths.append(str(pa))
+        values.append(str(pb))
     for key in sorted(set(right) - set(left)):
         skipped.append((str(right[key]), f"no matching input image {a / key}.*"))
-    return split
+    return Split(name, paths, values)
 
 
 def _side_by_side_split(name: str, folder: Path, reserved: set[str]) -> Split:

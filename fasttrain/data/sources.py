@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ __all__ = [
     "entry_kind",
     "walk_folders",
     "discover",
+    "find_source",
     "list_images",
     "scan_images",
     "holdout_split",
@@ -44,16 +45,22 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", 
 class Split:
     name: str
     """train, val or test."""
-    paths: list[str]
-    """Absolute image paths."""
-    targets: list[Any]
+    paths: Sequence[str]
+    """Absolute image paths: a list, or from the dataset index an :class:`~fasttrain.data.index.IndexedPaths`
+    (indexable, iterable and sliced like a list; one ``str`` made per access)."""
+    targets: Sequence[Any]
     """Per path: an int class index (classify), a list of floats (regress) or a target image path (paired)."""
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, indices: list[int]) -> Split:
-        return Split(self.name, [self.paths[i] for i in indices], [self.targets[i] for i in indices])
+        return Split(self.name, _take(self.paths, indices), _take(self.targets, indices))
+
+
+def _take(seq: Sequence[Any], indices: Sequence[int]) -> Sequence[Any]:
+    take = getattr(seq, "take", None)  # an index's view picks ids, no str made
+    return take(indices) if take is not None else [seq[i] for i in indices]
 
 
 @dataclass
@@ -103,12 +110,14 @@ def entry_kind(e: os.DirEntry) -> tuple[str, str | None]:
     return "other", not_regular_reason(e.path) or "not a regular file"
 
 
-def walk_folders(folder: Path, *, skip: Callable[[Path, str], bool] | None = None) -> Iterator[tuple[Path, list]]:
+def walk_folders(
+    folder: Path, *, skip: Callable[[Path, str], bool] | None = None, warn: bool = True
+) -> Iterator[tuple[Path, list]]:
     """``(folder, its entries sorted by name)`` for ``folder`` and every sub-folder under it, depth first, hidden
     ones skipped and ``skip(parent, name)`` ones too. Linked folders are followed once, by resolved identity
     (device, inode), and a link to a folder that holds ``folder`` (``up -> ..``: a loop) not at all, so
     discovery ends and lists each file once, under the folder it really lies in. A folder that cannot be listed
-    is logged and left out."""
+    is logged and left out (``warn=False``: left out quietly, for a walk that repeats discovery's)."""
     seen: set[tuple[int, int]] = set()
     top = os.path.realpath(folder)
 
@@ -119,13 +128,15 @@ def walk_folders(folder: Path, *, skip: Callable[[Path, str], bool] | None = Non
                 return
             real = os.path.realpath(d)
             if d != Path(folder) and (real == top or Path(top).is_relative_to(real)):
-                log.warning("not following %s: it links to %s, which holds %s (a link loop)", d, real, folder)
+                if warn:
+                    log.warning("not following %s: it links to %s, which holds %s (a link loop)", d, real, folder)
                 return
             seen.add((st.st_dev, st.st_ino))
             with os.scandir(d) as it:
                 entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
         except OSError as err:
-            log.warning("cannot list %s: %s", d, err.strerror or err)
+            if warn:
+                log.warning("cannot list %s: %s", d, err.strerror or err)
             return
         yield d, entries
         for e in entries:
@@ -172,7 +183,7 @@ def list_images(folder: Path) -> list[Path]:
     return scan.files
 
 
-def holdout_split(targets: list[Any], fraction: float, seed: int, stratify: bool) -> tuple[list[int], list[int]]:
+def holdout_split(targets: Sequence[Any], fraction: float, seed: int, stratify: bool) -> tuple[list[int], list[int]]:
     """Seeded (train, val) index lists. Stratified by class when asked: each class gives its share."""
     if fraction <= 0:
         return list(range(len(targets))), []
@@ -284,9 +295,8 @@ def discover_folder(cfg: DataConfig, root: Path) -> DataSource:
     return DataSource(root, "folder", train, val if len(val) else None, test, class_names=class_names, skipped=skipped)
 
 
-def discover(cfg: DataConfig, root: str | os.PathLike | None = None) -> DataSource:
-    """Find the dataset's files for ``cfg.format`` under ``root`` (default ``cfg.root``), with the format's
-    discovery function from the ``formats`` table of :mod:`fasttrain.registry`."""
+def find_source(cfg: DataConfig, root: str | os.PathLike | None = None) -> DataSource:
+    """:func:`discover` without logging what it skipped (the dataset index logs it once, built or reused)."""
     given = root if root is not None else cfg.root
     fmt = "shards" if is_shard_root(cfg.format, given) else cfg.format  # a .tar, brace pattern, URL or packed folder
     root = Path(given).expanduser()
@@ -301,6 +311,14 @@ def discover(cfg: DataConfig, root: str | os.PathLike | None = None) -> DataSour
         rng = random.Random(cfg.split_seed)
         keep = sorted(rng.sample(range(len(src.train)), cfg.max_samples))
         src.train = src.train.subset(keep)
+    return src
+
+
+def discover(cfg: DataConfig, root: str | os.PathLike | None = None) -> DataSource:
+    """Find the dataset's files for ``cfg.format`` under ``root`` (default ``cfg.root``), with the format's
+    discovery function from the ``formats`` table of :mod:`fasttrain.registry`. Every call lists the files
+    anew; :func:`fasttrain.data.index.indexed_source` gives the same source from the dataset index."""
+    src = find_source(cfg, root)
     for f, why in src.skipped:
         log.warning("skipped %s: %s", f, why)
     return src

@@ -342,7 +342,7 @@ def test_loader_trials_end_to_end_on_the_torch_backend(shapes_root, monkeypatch,
     monkeypatch.setattr(L, "cycle_batches", slowed(virtual_time, 5.0))
     with L.reuse_file_checks():
         r = L.tune_loader(prep.cfg, prep.runtime, prep.source, "torch", **kw)
-    assert calls == [len(prep.source.train)]  # one pre-check for the whole ladder
+    assert calls == []  # the dataset index answers every setting's pre-check: no file is read again
     assert r.input_bound and len(r.trials) == len(ladder) and "input-bound" in r.note
     assert all(len(t.rates) == 2 and len(t.model_rates) == 2 for t in r.trials)
     assert all(t.share == pytest.approx(1 / 6, rel=0.05) for t in r.trials)  # measured against the step alongside
@@ -418,7 +418,7 @@ def test_dali_file_precheck_runs_once_for_the_whole_ladder(shapes_root, monkeypa
         if r.loader is not None:
             r.loader.close()
     assert len(r.trials) == len(ladder)  # every setting built its own pipeline ...
-    assert calls == [len(prep.source.train)]  # ... and the pre-check ran once
+    assert calls == []  # ... and the dataset index answered every pre-check (no file read again)
 
 
 def test_reuse_file_checks_answers_each_file_list_once_whoever_asks(shapes_root, monkeypatch):

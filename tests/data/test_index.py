@@ -1,0 +1,364 @@
+"""The dataset index: the same source as discovery for every format, reused while the files are unchanged and
+rebuilt when they change, verdicts equal to the pre-check's, compact, never written over a user's file, and
+shared from rank 0 under torchrun."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import badfiles
+import numpy as np
+import pytest
+from PIL import Image
+
+from fasttrain.config import ConfigError, DataConfig
+from fasttrain.data import checks, index
+from fasttrain.data.checks import precheck
+from fasttrain.data.index import INDEX_DIR, DatasetIndex, IndexedPaths, indexed_source, listing, load_or_build
+from fasttrain.data.sources import discover
+from fasttrain.data.synthetic import make_drawing_dataset, make_paired_dataset, make_shapes_dataset
+
+
+def tree(root: Path, classes: int = 3, per_class: int = 5, size: int = 8) -> Path:
+    for c in range(classes):
+        d = root / "train" / f"class_{c}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.new("RGB", (size + i, size), (40 * c, 10 * i, 90)).save(d / f"img_{i:03d}.jpg", quality=80)
+    return root
+
+
+def same_source(a, b) -> None:
+    assert (a.root, a.format, a.class_names, a.target_names, a.skipped) == (
+        b.root,
+        b.format,
+        b.class_names,
+        b.target_names,
+        b.skipped,
+    )
+    for x, y in ((a.train, b.train), (a.val, b.val), (a.test, b.test)):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert x.name == y.name and list(x.paths) == list(y.paths) and list(x.targets) == list(y.targets)
+
+
+def counting_checks(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    real = index.check_headers
+
+    def counted(paths, *a, **k):
+        calls.append(len(paths))
+        return real(paths, *a, **k)
+
+    monkeypatch.setattr(index, "check_headers", counted)
+    return calls
+
+
+@pytest.fixture
+def shapes(tmp_path) -> Path:
+    return make_shapes_dataset(tmp_path / "shapes", train_per_class=6, val_per_class=2, size=16)
+
+
+# -- the same source as discovery -------------------------------------------------------------------------------
+
+
+def _manifest_root(root: Path) -> Path:
+    for i in range(6):
+        (root / "img").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (10, 8), (i * 30, 0, 0)).save(root / "img" / f"{i}.png")
+    rows = "".join(f"img/{i}.png,{i * 1.5},{'val' if i == 5 else 'train'}\n" for i in range(6))
+    (root / "labels.csv").write_text("path,score,split\n" + rows + "img/missing.png,1,train\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    "fmt,make",
+    [
+        ("folder", lambda r: make_shapes_dataset(r, train_per_class=5, val_per_class=2, size=16)),
+        ("folder", lambda r: tree(r)),  # no val/: a seeded hold-out
+        ("manifest", _manifest_root),
+        ("drawing", lambda r: make_drawing_dataset(r, sessions=4, steps=3, size=(20, 16))),
+        ("paired", lambda r: make_paired_dataset(r, n=8, size=16)),
+        ("paired", lambda r: make_paired_dataset(r, n=8, size=16, layout="side_by_side")),
+    ],
+)
+def test_the_index_gives_the_source_discovery_gives_for_every_format(tmp_path, fmt, make):
+    root = make(tmp_path / "data")
+    data = DataConfig(root=str(root), format=fmt)
+    built = load_or_build(data)
+    assert not built.reused
+    same_source(built.index.source(), discover(data))
+    reused = load_or_build(data)
+    assert reused.reused and reused.path == built.path
+    same_source(reused.index.source(), discover(data))
+    assert isinstance(reused.index.source().train.paths, IndexedPaths)
+
+
+def test_indexed_paths_behave_like_the_list_they_stand_for(shapes):
+    data = DataConfig(root=str(shapes))
+    plain = discover(data).train.paths
+    paths = load_or_build(data).index.source().train.paths
+    assert len(paths) == len(plain) and paths == plain and list(paths) == plain
+    assert paths[0] == plain[0] and paths[-1] == plain[-1] and paths[3:7] == plain[3:7]
+    assert paths.take([5, 1, 1]) == [plain[5], plain[1], plain[1]]
+    assert pickle.loads(pickle.dumps(paths)) == plain  # DataLoader workers started by spawn get a copy
+    split = load_or_build(data).index.source().train
+    sub = split.subset([2, 0])
+    assert isinstance(sub.paths, IndexedPaths) and sub.paths == [plain[2], plain[0]]
+    assert sub.targets == [split.targets[2], split.targets[0]]
+
+
+# -- current or stale -------------------------------------------------------------------------------------------
+
+
+def test_a_current_index_is_reused_without_checking_a_file(shapes, monkeypatch):
+    data = DataConfig(root=str(shapes))
+    load_or_build(data)
+    calls = counting_checks(monkeypatch)
+    again = load_or_build(data)
+    assert again.reused and calls == []
+
+
+@pytest.mark.parametrize("change", ["add", "remove", "touch", "rewrite"])
+def test_any_change_under_the_root_makes_it_stale_and_it_is_rebuilt(shapes, change):
+    data = DataConfig(root=str(shapes))
+    first = load_or_build(data)
+    victim = Path(discover(data).train.paths[0])
+    if change == "add":
+        Image.new("RGB", (9, 9)).save(victim.parent / "new.png")
+    elif change == "remove":
+        victim.unlink()
+    elif change == "touch":
+        st = victim.stat()
+        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    else:
+        victim.write_bytes(b"not an image any more")
+    again = load_or_build(data)
+    assert not again.reused and again.index.fingerprint != first.index.fingerprint
+    same_source(again.index.source(), discover(data))
+    if change == "rewrite":
+        assert [p for p, _ in again.index.bad] == [str(victim)]
+    assert load_or_build(data).reused
+
+
+def test_the_fingerprint_is_the_relative_listing_so_a_copy_elsewhere_matches(tmp_path):
+    a = tree(tmp_path / "a")
+    b = tmp_path / "b"
+    os.system(f"cp -a {a} {b}")
+    assert listing(a).fingerprint == listing(b).fingerprint
+    (b / "train" / "class_0" / "img_000.jpg").unlink()
+    assert listing(a).fingerprint != listing(b).fingerprint
+
+
+def test_settings_that_change_discovery_get_their_own_index(shapes):
+    base = load_or_build(DataConfig(root=str(shapes)))
+    other = load_or_build(DataConfig(root=str(shapes), max_samples=4))
+    assert not other.reused and other.path != base.path and len(other.index.source().train) == 4
+    assert load_or_build(DataConfig(root=str(shapes), image_size=64)).reused  # not a discovery setting
+
+
+# -- verdicts -----------------------------------------------------------------------------------------------------
+
+
+def test_verdicts_from_the_index_equal_the_pre_checks_and_no_file_is_opened(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    badfiles.write_corpus(root / "train" / "a", bad={k: v for k, v in badfiles.BAD.items() if k != "bomb.png"})
+    badfiles.write_corpus(root / "train" / "b", bad={"truncated.jpg": badfiles.write_truncated_jpeg})
+    data = DataConfig(root=str(root), val_fraction=0.0)
+    plain = discover(data).train
+    expected = precheck(plain.paths, max_pixels=data.max_image_pixels, threads=2)
+    src = load_or_build(data).index.source()
+    opened: list[str] = []
+    monkeypatch.setattr(checks, "open_regular", lambda p: opened.append(str(p)))
+    got = precheck(src.train.paths, max_pixels=data.max_image_pixels, threads=2)
+    assert (got.keep, got.infos, got.bad) == (expected.keep, expected.infos, expected.bad) and opened == []
+    assert len(got.bad) == 7 and all(why for _, why in got.bad)
+    assert all(type(i.pil) is bool for i in got.infos)
+
+
+def test_another_pixel_limit_checks_the_files_again(shapes, monkeypatch):
+    data = DataConfig(root=str(shapes))
+    paths = load_or_build(data).index.source().train.paths
+    calls: list[int] = []
+    real = checks._precheck
+    monkeypatch.setattr(checks, "_precheck", lambda p, **k: calls.append(len(p)) or real(p, **k))
+    precheck(paths, max_pixels=data.max_image_pixels, threads=1)
+    assert calls == []
+    precheck(paths, max_pixels=10**6, threads=1)  # judged under another limit: the index cannot answer
+    assert calls == [len(paths)]
+
+
+def test_check_headers_gives_check_header_s_verdicts_in_order(tmp_path):
+    good, bad = badfiles.write_corpus(tmp_path / "c", bad={k: v for k, v in badfiles.BAD.items() if k != "bomb.png"})
+    paths = sorted(good + bad) * 20  # enough for the threads to share
+    got = checks.check_headers(paths, threads=3)
+    assert [(i, w) for i, w, _ in got] == [checks.check_header(p) for p in paths]
+    sizes = {p: s for p, (_, _, s) in zip(paths, got)}
+    assert sizes[good[0]] == os.path.getsize(good[0])
+
+
+def test_a_large_file_is_checked_from_the_file_as_before(tmp_path):
+    big = tmp_path / "big.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(big, quality=95)
+    assert big.stat().st_size > 64 * 1024
+    info, why, size = checks.check_file(big)
+    assert why is None and (info.width, info.height) == (300, 300) and size == big.stat().st_size
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(big.read_bytes()[:70_000])
+    assert checks.check_file(cut)[1].startswith("truncated or corrupt jpeg")
+
+
+# -- where it is written ----------------------------------------------------------------------------------------
+
+
+def test_training_writes_the_index_to_the_cache_and_the_command_beside_the_data(shapes, tmp_path, capsys):
+    from fasttrain.cli import main
+
+    data = DataConfig(root=str(shapes))
+    built = load_or_build(data)  # what prepare does: never into the user's data folder
+    assert not (shapes / INDEX_DIR).exists() and built.path is not None and not built.path.is_relative_to(shapes)
+    assert main(["index", str(shapes)]) == 0
+    out = capsys.readouterr().out
+    assert "dataset index built" in out and str(shapes / INDEX_DIR) in out
+    (beside,) = (shapes / INDEX_DIR).iterdir()
+    assert load_or_build(data).path == beside  # found first by every node that sees the data
+    assert main(["index", str(shapes), "--reuse", "-q"]) == 0
+    assert "dataset index reused" in capsys.readouterr().out
+
+
+def test_a_user_file_in_the_way_is_never_overwritten(shapes, capsys):
+    from fasttrain.cli import main
+
+    mine = shapes / INDEX_DIR
+    mine.write_text("my notes")
+    assert main(["index", str(shapes)]) == 0
+    assert mine.read_text() == "my notes"
+    assert "is not writable: the index went to the cache" in capsys.readouterr().out
+    assert load_or_build(DataConfig(root=str(shapes))).reused
+
+
+def test_a_damaged_index_file_is_rebuilt(shapes):
+    data = DataConfig(root=str(shapes))
+    path = load_or_build(data).path
+    path.write_bytes(b"PK\x03\x04 garbage")
+    with pytest.raises(ValueError, match="not a fasttrain dataset index"):
+        DatasetIndex.from_bytes(path)
+    again = load_or_build(data)
+    assert not again.reused and again.path == path and DatasetIndex.from_bytes(path).samples == again.index.samples
+
+
+def test_a_bad_layout_is_the_same_error_as_discovery(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no class folders"):
+        indexed_source(DataConfig(root=str(tmp_path / "empty")))
+    with pytest.raises(ConfigError, match="is not a folder"):
+        indexed_source(DataConfig(root=str(tmp_path / "nothing")))
+
+
+# -- compact ------------------------------------------------------------------------------------------------------
+
+
+def test_the_index_takes_under_150_bytes_per_sample(tmp_path):
+    import tracemalloc
+
+    root = tmp_path / "data"
+    blob = (Path(badfiles.write_jpeg(tmp_path / "one.jpg"))).read_bytes()
+    for c in range(20):
+        d = root / "train" / f"n{c:08d}"
+        d.mkdir(parents=True)
+        for i in range(100):
+            (d / f"n{c:08d}_{i:05d}.JPEG").write_bytes(blob)  # ImageNet's names
+    data = DataConfig(root=str(root))
+    path = load_or_build(data).path
+    tracemalloc.start()
+    idx = DatasetIndex.from_bytes(path)
+    src = idx.source()
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert idx.nbytes / idx.samples < 150
+    assert held / idx.samples < 150, held / idx.samples  # the arrays and the split's list of class indices
+    assert len(src.train) + len(src.val) == 2000
+
+
+# -- shared from rank 0 -------------------------------------------------------------------------------------------
+
+
+class FakeJob:
+    """distributed.current / broadcast_object for one rank of a two-process job; rank 0's broadcast is kept."""
+
+    sent: list = []
+
+    def __init__(self, monkeypatch, rank: int):
+        from fasttrain import distributed
+
+        info = distributed.DistInfo(rank=rank, world_size=2, local_rank=rank)
+        monkeypatch.setattr(distributed, "current", lambda: info)
+        monkeypatch.setattr(distributed, "broadcast_object", self.broadcast)
+        self.rank = rank
+
+    def broadcast(self, obj, src=0):
+        if self.rank == 0:
+            FakeJob.sent.append(obj)
+            return obj
+        return FakeJob.sent[-1]
+
+
+def test_rank_0_builds_and_the_other_ranks_receive_without_listing(shapes, monkeypatch):
+    data = DataConfig(root=str(shapes))
+    FakeJob.sent = []
+    FakeJob(monkeypatch, 0)
+    first = indexed_source(data)
+    FakeJob(monkeypatch, 1)
+    monkeypatch.setattr(index, "listing", lambda root: pytest.fail("rank 1 walked the data"))
+    monkeypatch.setattr(index, "find_source", lambda *a: pytest.fail("rank 1 discovered the data"))
+    same_source(indexed_source(data), first)
+
+
+def test_rank_0_s_error_is_raised_on_every_rank(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    data = DataConfig(root=str(tmp_path / "empty"))
+    FakeJob.sent = []
+    FakeJob(monkeypatch, 0)
+    with pytest.raises(ConfigError, match="holds no class folders") as first:
+        indexed_source(data)
+    FakeJob(monkeypatch, 1)
+    with pytest.raises(ConfigError) as other:
+        indexed_source(data)
+    assert str(other.value) == str(first.value)
+
+
+# -- formats registered from outside ------------------------------------------------------------------------------
+
+
+def _register(monkeypatch, discover_fn) -> None:
+    import sys
+    import types
+
+    from fasttrain import registry
+
+    module = types.ModuleType("index_test_format")
+    module.discover = discover_fn
+    monkeypatch.setitem(sys.modules, "index_test_format", module)
+    monkeypatch.setitem(registry.TABLES["formats"], "mine", "index_test_format:discover")
+
+
+def test_a_registered_format_is_indexed_and_keyed_by_every_setting(shapes, monkeypatch):
+    from fasttrain.data.sources import DataSource, Split
+
+    files = sorted(str(p) for p in (shapes / "train" / "circle").iterdir())
+    _register(monkeypatch, lambda cfg, root: DataSource(root, "mine", Split("train", files, [0] * len(files)), None))
+    data = DataConfig(root=str(shapes), format="mine")
+    assert not load_or_build(data).reused and load_or_build(data).reused
+    same_source(load_or_build(data).index.source(), discover(data))
+    assert not load_or_build(DataConfig(root=str(shapes), format="mine", image_size=64)).reused  # it may read it
+
+
+def test_a_source_the_index_cannot_hold_is_discovered_at_every_start(tmp_path, monkeypatch):
+    from fasttrain.data.sources import DataSource, Split
+
+    _register(monkeypatch, lambda cfg, root: DataSource(root, "mine", Split("train", ["/elsewhere/x.png"], [0]), None))
+    (tmp_path / "d").mkdir()
+    src = indexed_source(DataConfig(root=str(tmp_path / "d"), format="mine"))
+    assert src.train.paths == ["/elsewhere/x.png"] and isinstance(src.train.paths, list)
