@@ -303,7 +303,8 @@ def _check_target(target: Any, kind: str, width: int | None) -> str | None:
 
 def _read_split(name: str, shards: list[str], kind: str, width: int | None, skipped: list[tuple[str, str]]) -> Split:
     """The samples of one split's shards, in shard order; unusable ones go to ``skipped``, named ``shard:key``."""
-    split = Split(name, [], [])
+    paths: list[str] = []
+    targets: list[Any] = []
     for given in shards:
         shard = _local_shard(given)
         idx = load_index(shard)
@@ -317,9 +318,9 @@ def _read_split(name: str, shards: list[str], kind: str, width: int | None, skip
             if why is not None:
                 skipped.append((address(shard, key), why))
                 continue
-            split.paths.append(path)
-            split.targets.append([float(v) for v in target] if kind == "vector" else target)
-    return split
+            paths.append(path)
+            targets.append([float(v) for v in target] if kind == "vector" else target)
+    return Split(name, paths, targets)
 
 
 def discover_shards(cfg: DataConfig, root: str | os.PathLike) -> DataSource:
