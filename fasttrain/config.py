@@ -479,7 +479,8 @@ class TrainConfig:
     (every log_every steps); the last checkpoint with finite weights is kept. 0 = never stop."""
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])
     """Metrics files: jsonl (metrics.jsonl, always written: resume and plot read it), csv (metrics.csv, one row
-    per epoch), tensorboard (event files in tensorboard/, needs the tensorboard package)."""
+    per epoch), tensorboard (event files in tensorboard/, needs the tensorboard package), or a sink registered
+    in fasttrain.registry's loggers table."""
     ema_decay: float = 0.0
     """Exponential moving average of the weights, updated every optimizer step (0 = off; 0.999-0.9999 usual);
     evaluated beside the model (val_ema_*), saved in checkpoints and used by predict."""
