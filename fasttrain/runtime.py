@@ -25,6 +25,7 @@ from torch import nn
 
 from fasttrain.config import Config, RuntimeConfig
 from fasttrain.data.base import InputSpec
+from fasttrain.numbers import GIB
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +413,7 @@ def environment(device: torch.device | None = None) -> dict[str, Any]:
         index = device.index if device is not None and device.type == "cuda" else None
         props = torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index)
         env["gpu"] = props.name
-        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 2)
+        env["gpu_memory_gib"] = round(props.total_memory / GIB, 2)
         env["driver"] = _driver_version()
     return env
 

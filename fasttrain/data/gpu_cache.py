@@ -67,6 +67,7 @@ from fasttrain.data.samples import (
     targets_tensor,
 )
 from fasttrain.data.user import DatasetSplit, dataset_parts, dataset_refusal
+from fasttrain.numbers import GIB
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,6 @@ def cache_fits(
         total, where = _available_ram(), "available RAM"
     budget = int(data.cache_budget * total)
     fits = need <= budget
-    gib = 2**30
     c, s = data.channels, data.image_size
     if sample_nbytes is not None:
         what = f"{num_images} items x {sample_nbytes} bytes"
@@ -178,8 +178,8 @@ def cache_fits(
         what = f"{num_images} images x {c}x{s}x{s}"
     what += "" if sample_nbytes is not None else " uint8"
     why = (
-        f"{what} = {need / gib:.2f} GiB {'<=' if fits else '>'} data.cache_budget {data.cache_budget:g} x "
-        f"{total / gib:.1f} GiB {where} = {budget / gib:.2f} GiB"
+        f"{what} = {need / GIB:.2f} GiB {'<=' if fits else '>'} data.cache_budget {data.cache_budget:g} x "
+        f"{total / GIB:.1f} GiB {where} = {budget / GIB:.2f} GiB"
     )
     return fits, why
 

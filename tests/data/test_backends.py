@@ -24,11 +24,11 @@ from fasttrain.data.loaders import choose_backend, make_loader
 from fasttrain.data.order import EpochSampler, sample_seed, sample_seeds
 from fasttrain.data.samples import Samples, pair_jitter
 from fasttrain.data.sources import Split
+from fasttrain.numbers import GIB
 
 REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 needs_dali = pytest.mark.skipif(not dali_status()[0], reason=dali_status()[1])
 BACKENDS = ["torch", "cache", pytest.param("dali", marks=needs_dali)]
-GIB = 2**30
 
 
 # -- registries -------------------------------------------------------------------------------------------------

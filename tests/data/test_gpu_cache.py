@@ -19,8 +19,7 @@ from fasttrain.data.samples import Samples
 from fasttrain.data.sources import Split
 from fasttrain.data.torch_loader import EpochSampler
 from fasttrain.data.transforms import eval_transform, load_image
-
-GIB = 2**30
+from fasttrain.numbers import GIB
 
 
 @pytest.fixture(scope="module")
