@@ -221,6 +221,9 @@ class _Run:
     settings: ProbeSettings
     given: int | None
     verify: bool
+    resident: torch.Tensor | None = None
+    """A placeholder of the GPU cache's size, held from the probes to the compiled check (the loader trials and
+    the verification build the real cache)."""
 
     @property
     def cfg(self) -> Config:
@@ -463,7 +466,7 @@ def _search_and_plan(run: _Run, out: _Outcome, *, max_batch: int, cap_reason: st
         run.budget.describe(),
         clock.seconds,
     )
-    resident = _hold_resident_dataset(run, out.notes)
+    run.resident = _hold_resident_dataset(run, out.notes)
     measure = _capped_on_cpu(eager, run, out) if run.device.type == "cpu" else eager
     try:
         search = search_batch_size(
@@ -504,9 +507,6 @@ def _search_and_plan(run: _Run, out: _Outcome, *, max_batch: int, cap_reason: st
         if not reference.usable:
             out.error = f"the planned micro-batch {plan.micro_batch} is not usable: {reference.error}"
             return search
-        # The probe's state is handed over (or dropped): a failed stage must not leave it holding memory.
-        state, eager.state = (None if runtime.compile else eager.state), None
-        eager.close()
         out.probe_mode = (
             "eager search (a compile per candidate would cost a compile per size; a dynamic batch dimension is "
             "not the static program training runs); compiled once at the planned micro-batch, its state reused "
@@ -515,12 +515,20 @@ def _search_and_plan(run: _Run, out: _Outcome, *, max_batch: int, cap_reason: st
             else "runtime.compile is off: the eager probes are the step training runs"
         )
         if not _cpu_shortcut(run, out, search, plan):
-            resident = None  # the loader trials and the verification build the real cache
-            _plans(run, out, search, plan, state)
+            # The probe's state is handed over (or dropped), held by nothing here: a failed stage must not leave
+            # it holding memory.
+            _plans(run, out, search, plan, _take_state(eager, keep=not runtime.compile))
     finally:
-        resident = state = None  # noqa: F841 - drop the last references before handing memory back
+        run.resident = None
         eager.close()
     return search
+
+
+def _take_state(eager: StepProbe, *, keep: bool) -> Any:
+    """The probe's training state (None unless ``keep``), the probe closed."""
+    state, eager.state = (eager.state if keep else None), None
+    eager.close()
+    return state
 
 
 def _capped_on_cpu(probe_fn: StepProbe, run: _Run, out: _Outcome):
@@ -596,15 +604,14 @@ def _plans(run: _Run, out: _Outcome, search: SearchResult, plan: BatchPlan, stat
     trial_loader = None
     try:
         for _ in range(len(search.candidates) + 1):  # each turn moves to a strictly smaller micro-batch
-            out.plan = plan
             reference = search.by_size().get(plan.micro_batch)
             if run.runtime.compile:
                 state, reference, plan = _compile(run, out, search, plan)
                 if reference is None:
-                    smaller = "smaller " if failed or out.loader else ""
+                    smaller = "smaller " if failed else ""
                     out.error = f"the compiled step does not fit at any {smaller}usable batch size tried"
                     return
-                out.plan = plan
+            out.plan, run.resident = plan, None
             if reference is not None and reference.batch_size != plan.micro_batch:
                 reference = None  # the verification measures the model-only step at its micro-batch itself
             free_device_memory(run.device)
