@@ -34,6 +34,7 @@ from fasttrain.distributed import dist_info
 from fasttrain.io import check_writable
 from fasttrain.memory import GIB, format_bytes, free_device_memory
 from fasttrain.prepare import Prepared, prepare, resolve_data_root
+from fasttrain.rundir import new_run_dir, run_name
 from fasttrain.runtime import (
     CPU_EAGER_FLOPS_PER_THREAD,
     Runtime,
@@ -185,8 +186,6 @@ def _out_dir(cfg: Config, out_dir: str | os.PathLike | None) -> Path:
     """``out_dir``, else runs_dir/autotune-<config name>-<date>-<time>, created now (a suffix where it exists)."""
     if out_dir is not None:
         return Path(out_dir).expanduser()
-    from fasttrain.rundir import new_run_dir, run_name
-
     return new_run_dir(cfg.train.runs_dir, run_name(cfg.name, prefix="autotune-"))
 
 
