@@ -611,13 +611,72 @@ def verify(
     trial's end to end over model-only (with its spread), which explains a verification below the probe when
     the run is input-bound. Returns (verification, state or None after an out-of-memory error)."""
     device = task.runtime.device
-    accum = plan.accumulation
-    out = Verification(False, plan.micro_batch, accum, backend)
-    val_loader = None
+    out = Verification(False, plan.micro_batch, plan.accumulation, backend)
     memory.free_device_memory(device)
-    err = ""
     t0 = time.perf_counter()
-    timing = None
+    err = ""
+    try:
+        state, timing, retries, eval_retries = _run_verification(
+            task, source, out, state=state, plan=plan, backend=backend, loader=loader, seconds=seconds,
+            settings=settings, eval_batch_size=eval_batch_size,
+        )  # fmt: skip
+    except Exception as e:
+        if not is_oom_error(e):
+            raise
+        err = oom_summary(e)
+    out.seconds = round(time.perf_counter() - t0, 3)
+    if err:
+        state = None
+        memory.free_device_memory(device)
+        out.error, out.failure = err, "oom"
+        log.info("autotune [%s] verification at %d x %d: %s", stamp(), plan.micro_batch, plan.accumulation, err)
+        return out, None
+    peak = memory.read_peak(device)
+    out.peak_allocated_bytes, out.peak_reserved_bytes = peak.peak_allocated_bytes, peak.peak_reserved_bytes
+    out.peak_rss_bytes, out.alloc_retries = peak.peak_rss_bytes, retries
+    out.rates, out.steps, out.window_s = list(timing.per_repeat_samples_per_s), timing.steps, timing.timed_seconds
+    out.samples_per_s, out.spread = timing.samples_per_s, timing.spread
+    _judge_memory(out, budget, retries, eval_retries)
+    if out.error:
+        log.info("autotune [%s] verification at %d x %d: %s", stamp(), plan.micro_batch, plan.accumulation, out.error)
+        return out, state
+    if reference is not None and reference.samples_per_s is not None:
+        out.probe_samples_per_s, out.probe_spread = reference.samples_per_s, reference.spread
+    out.agreement = _agreement(task, state, out, settings, noise, loader_share, loader_spread)
+    out.ok = out.agreement.explained
+    if not out.ok:
+        out.error = f"verification disagrees with the probe: {out.agreement.text}"
+    log.info(
+        "autotune [%s] verification at %d x %d: %s samples/s end to end ±%.0f%% (%s); %s",
+        stamp(),
+        plan.micro_batch,
+        plan.accumulation,
+        f"{out.samples_per_s:,.1f}",
+        100 * out.spread / 2,
+        out.memory_text,
+        out.agreement.status,
+    )
+    return out, state
+
+
+def _run_verification(
+    task,
+    source,
+    out: Verification,
+    *,
+    state,
+    plan: BatchPlan,
+    backend: str,
+    loader,
+    seconds: float,
+    settings: ProbeSettings,
+    eval_batch_size: int,
+):
+    """The training window and the evaluation batches; (state, timing, retries while training, retries while
+    evaluating). Fills ``out``'s evaluation fields and the whole device's memory; closes the loaders."""
+    device = task.runtime.device
+    accum = plan.accumulation
+    val_loader = None
     try:
         if state is None:
             state = task.build_state()
@@ -662,28 +721,17 @@ def verify(
             # not cap: read the whole device while the loaders are still alive.
             out.device_used_bytes = memory.device_memory(device).used_bytes
         eval_retries = memory.alloc_retries(device) - retries0 - retries
-    except Exception as e:
-        if not is_oom_error(e):
-            raise
-        err = oom_summary(e)
     finally:
         for ld in (loader, val_loader):
             if ld is not None:
                 ld.close()
         loader = val_loader = None
-    out.seconds = round(time.perf_counter() - t0, 3)
-    if err:
-        state = None
-        memory.free_device_memory(device)
-        out.error, out.failure = err, "oom"
-        log.info("autotune [%s] verification at %d x %d: %s", stamp(), plan.micro_batch, accum, err)
-        return out, None
-    assert timing is not None  # no out-of-memory error: the window ran
-    peak = memory.read_peak(device)
-    out.peak_allocated_bytes, out.peak_reserved_bytes = peak.peak_allocated_bytes, peak.peak_reserved_bytes
-    out.peak_rss_bytes, out.alloc_retries = peak.peak_rss_bytes, retries
-    out.rates, out.steps, out.window_s = list(timing.per_repeat_samples_per_s), timing.steps, timing.timed_seconds
-    out.samples_per_s, out.spread = timing.samples_per_s, timing.spread
+    return state, timing, retries, eval_retries
+
+
+def _judge_memory(out: Verification, budget: Budget, retries: int, eval_retries: int) -> None:
+    """Memory evidence against the micro-batch: allocator retries while training, or (emulated budget) the
+    whole device over the budget; retries only while evaluating are a warning."""
     if retries:
         out.error, out.failure = f"needed {retries} allocator retries in the steady state (at the limit)", "retries"
     if eval_retries:
@@ -707,12 +755,19 @@ def verify(
             f"its allocator, e.g. DALI), more than the {format_bytes(budget.budget_bytes, 'GiB')} budget"
         )
         out.failure = "budget"
-    if out.error:
-        log.info("autotune [%s] verification at %d x %d: %s", stamp(), plan.micro_batch, accum, out.error)
-        return out, state
 
-    if reference is not None and reference.samples_per_s is not None:
-        out.probe_samples_per_s, out.probe_spread = reference.samples_per_s, reference.spread
+
+def _agreement(
+    task,
+    state,
+    out: Verification,
+    settings: ProbeSettings,
+    noise: float,
+    loader_share: float | None,
+    loader_spread: float,
+) -> Agreement:
+    """The verification against the probe (:func:`~fasttrain.tuning.search.judge_verification`); when they
+    disagree, or the micro-batch was not probed, the model-only step is measured again, now."""
 
     def judge(recheck_sps: float | None = None, recheck_spread: float = 0.0) -> Agreement:
         assert out.probe_samples_per_s is not None and out.samples_per_s is not None
@@ -729,29 +784,14 @@ def verify(
         )
 
     agreement = judge() if out.probe_samples_per_s is not None else None
-    if agreement is None or not agreement.explained:
-        # Not probed at this micro-batch, or the two disagree: measure the model-only step again, now.
-        out.recheck_samples_per_s, recheck_spread = _recheck(task, state, plan.micro_batch, settings)
-        if out.probe_samples_per_s is None:
-            out.probe_samples_per_s, out.probe_spread = out.recheck_samples_per_s, recheck_spread
-            out.note = (out.note + "; " if out.note else "") + (
-                f"micro-batch {plan.micro_batch} was not probed: compared with the model-only step measured now"
-            )
-            agreement = judge()
-        else:
-            agreement = judge(recheck_sps=out.recheck_samples_per_s, recheck_spread=recheck_spread)
-    out.agreement = agreement
-    out.ok = agreement.explained
-    if not out.ok:
-        out.error = f"verification disagrees with the probe: {agreement.text}"
-    log.info(
-        "autotune [%s] verification at %d x %d: %s samples/s end to end ±%.0f%% (%s); %s",
-        stamp(),
-        plan.micro_batch,
-        accum,
-        f"{out.samples_per_s:,.1f}",
-        100 * out.spread / 2,
-        out.memory_text,
-        agreement.status,
-    )
-    return out, state
+    if agreement is not None and agreement.explained:
+        return agreement
+    # Not probed at this micro-batch, or the two disagree: measure the model-only step again, now.
+    out.recheck_samples_per_s, recheck_spread = _recheck(task, state, out.micro_batch, settings)
+    if out.probe_samples_per_s is None:
+        out.probe_samples_per_s, out.probe_spread = out.recheck_samples_per_s, recheck_spread
+        out.note = (out.note + "; " if out.note else "") + (
+            f"micro-batch {out.micro_batch} was not probed: compared with the model-only step measured now"
+        )
+        return judge()
+    return judge(recheck_sps=out.recheck_samples_per_s, recheck_spread=recheck_spread)

@@ -74,6 +74,12 @@ class AutotuneReport:
     world_size: int = 1
     """Processes of the torchrun job the answer is for: every batch here is per GPU, the tuned config's
     train.batch_size is the global batch (per-GPU x world_size)."""
+    shortcut: str = ""
+    """What a short CPU job left out: too-short (not tuned at all: the job cannot repay tuning), cap-spent (the
+    time cap was spent with the config's own batch standing: no loader trials, no verification) or unconfirmed
+    (a change time no longer allowed to confirm end to end gave way to the config's own); empty otherwise."""
+    cpu_cap_s: float | None = None
+    """The time budget on CPU from the job's length, when it was below tune.time_budget_s."""
 
     @property
     def ok(self) -> bool:
@@ -85,6 +91,11 @@ class AutotuneReport:
     @property
     def reliable(self) -> bool:
         return not self.unreliable
+
+    @property
+    def job_bound(self) -> bool:
+        """The answer depends on the job's length (a CPU time cap or shortcut), which the cache key leaves out."""
+        return bool(self.shortcut) or self.cpu_cap_s is not None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {}
@@ -117,13 +128,34 @@ class AutotuneReport:
 
     # -- the table ------------------------------------------------------------------------------------------
     def to_table(self) -> str:
-        cuda = any(c.peak_reserved_bytes is not None for c in [*self.candidates, *self.compiled_tried])
         c_, h, w = self.input_shape
         lines = [
             f"fasttrain autotune {self.config_name}: {self.model} ({self.task}) {c_}x{h}x{w}, {self.runtime}"
             + (" [cached]" if self.cached else ""),
             f"budget: {self.budget.describe()}",
         ]
+        if self.candidates or self.compiled_tried or self.not_probed:
+            lines += self._candidate_lines()
+            lines.append(f"search: {self.stop_reason}")
+            lines.append(f"compile: {self.probe_mode}")
+        if self.error:
+            lines.append(f"error: {self.error}")
+        lines += self._choice_lines() + self._verify_lines()
+        lines += [f"note: {n}" for n in self.notes]
+        if self.unreliable:
+            lines.append("unreliable (not cached): " + "; ".join(self.unreliable))
+        if self.files:
+            lines.append("written: " + ", ".join(self.files[k] for k in ("config", "json", "plot") if k in self.files))
+        timing = f"{self.elapsed_s:.1f} s"
+        if self.compile_s:
+            timing += f" (of which compiling about {self.compile_s:.1f} s, not charged to the budget)"
+        budget = f" of tune.time_budget_s = {self.time_budget_s:g} s" if self.time_budget_s and not self.cached else ""
+        lines.append(f"took {timing}{budget}" + (f"; from the cache {self.cache_path}" if self.cached else ""))
+        return "\n".join(lines)
+
+    def _candidate_lines(self) -> list[str]:
+        """The table of probes: one row per size (not probed ones too), the compiled checks last."""
+        cuda = any(c.peak_reserved_bytes is not None for c in [*self.candidates, *self.compiled_tried])
         if cuda:
             head = (
                 f"{'batch':>7}{'samples/s':>13}{'±':>6}{'alloc GiB':>11}{'reserved':>10}{'warm-up':>9}"
@@ -131,7 +163,7 @@ class AutotuneReport:
             )
         else:
             head = f"{'batch':>7}{'samples/s':>13}{'±':>6}{'RSS GiB':>11}  {'fits':<18}phase"
-        lines += [head, "-" * max(len(head), 60)]
+        lines = [head, "-" * max(len(head), 60)]
         rows: list[Candidate | Skipped] = sorted([*self.candidates, *self.not_probed], key=lambda c: c.batch_size)
         rows += self.compiled_tried
         for c in rows:
@@ -149,27 +181,25 @@ class AutotuneReport:
             if not c.reliable:
                 marks.append("unreliable")
             mark = ("  " + " ".join(marks)) if marks else ""
-            fits = fits_label(c)
             if cuda:
-                lines.append(
-                    f"{c.batch_size:>7}{sps:>13}{pm:>6}{_gib(c.peak_allocated_bytes):>11}"
-                    f"{_gib(c.peak_reserved_bytes):>10}{_gib(c.warmup_reserved_bytes):>9}{c.alloc_retries:>9}"
-                    f"  {fits:<18}{c.phase}{mark}"
+                mem = (
+                    f"{_gib(c.peak_allocated_bytes):>11}{_gib(c.peak_reserved_bytes):>10}"
+                    f"{_gib(c.warmup_reserved_bytes):>9}{c.alloc_retries:>9}"
                 )
             else:
-                lines.append(
-                    f"{c.batch_size:>7}{sps:>13}{pm:>6}{_gib(c.peak_rss_bytes):>11}  {fits:<18}{c.phase}{mark}"
-                )
+                mem = f"{_gib(c.peak_rss_bytes):>11}"
+            lines.append(f"{c.batch_size:>7}{sps:>13}{pm:>6}{mem}  {fits_label(c):<18}{c.phase}{mark}")
         lines.append("")
         if cuda:
             lines.append(
                 "memory: steady-state peaks (statistics reset after the warm-up); 'warm-up' is the warm-up's "
                 "peak reserved, cuDNN's algorithm search included, shown but not charged"
             )
-        lines.append(f"search: {self.stop_reason}")
-        lines.append(f"compile: {self.probe_mode}")
-        if self.error:
-            lines.append(f"error: {self.error}")
+        return lines
+
+    def _choice_lines(self) -> list[str]:
+        """The chosen batch against the best, the plan, the loader."""
+        lines = []
         by = {c.batch_size: c for c in self.candidates}
         if self.chosen_batch is not None and self.chosen_batch in by:
             ch = by[self.chosen_batch]
@@ -190,36 +220,29 @@ class AutotuneReport:
                 )
         if self.loader:
             lines.append(f"loader ({self.loader.backend}): {self.loader.note}")
-        if self.verify:
-            v = self.verify
-            if v.samples_per_s is not None:
-                ev = ""
-                if v.eval_batches is not None:
-                    ev = f" + {v.eval_batches} of {v.eval_total_batches} evaluation batches"
-                lines.append(
-                    f"verify: {v.window_s:.1f} s of training{ev} at batch {v.micro_batch} x {v.accumulation}: "
-                    f"{v.samples_per_s:,.1f} samples/s end to end ±{100 * v.spread / 2:.0f}%, "
-                    f"{v.memory_text}"
-                )
-            if v.agreement is not None:
-                a = v.agreement
-                lines.append(f"verify vs probe: {a.status}: {a.text}; believe {a.believe}")
-            if not v.ok:
-                lines.append(f"verify: FAILED: {v.error}")
-            if v.warning:
-                lines.append(f"verify warning: {v.warning}")
-        for n in self.notes:
-            lines.append(f"note: {n}")
-        if self.unreliable:
-            lines.append("unreliable (not cached): " + "; ".join(self.unreliable))
-        if self.files:
-            lines.append("written: " + ", ".join(self.files[k] for k in ("config", "json", "plot") if k in self.files))
-        timing = f"{self.elapsed_s:.1f} s"
-        if self.compile_s:
-            timing += f" (of which compiling about {self.compile_s:.1f} s, not charged to the budget)"
-        budget = f" of tune.time_budget_s = {self.time_budget_s:g} s" if self.time_budget_s and not self.cached else ""
-        lines.append(f"took {timing}{budget}" + (f"; from the cache {self.cache_path}" if self.cached else ""))
-        return "\n".join(lines)
+        return lines
+
+    def _verify_lines(self) -> list[str]:
+        v = self.verify
+        if v is None:
+            return []
+        lines = []
+        if v.samples_per_s is not None:
+            ev = ""
+            if v.eval_batches is not None:
+                ev = f" + {v.eval_batches} of {v.eval_total_batches} evaluation batches"
+            lines.append(
+                f"verify: {v.window_s:.1f} s of training{ev} at batch {v.micro_batch} x {v.accumulation}: "
+                f"{v.samples_per_s:,.1f} samples/s end to end ±{100 * v.spread / 2:.0f}%, {v.memory_text}"
+            )
+        if v.agreement is not None:
+            a = v.agreement
+            lines.append(f"verify vs probe: {a.status}: {a.text}; believe {a.believe}")
+        if not v.ok:
+            lines.append(f"verify: FAILED: {v.error}")
+        if v.warning:
+            lines.append(f"verify warning: {v.warning}")
+        return lines
 
 
 def _gib(n: int | None) -> str:
@@ -250,6 +273,34 @@ def _figure(r: AutotuneReport):
     fig = Figure(figsize=(8.5, 5.6), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(111)
+    _plot_rates(ax, cands)
+    _plot_marks(ax, r)
+    ax.set_xscale("log", base=2)
+    sizes = sorted({c.batch_size for c in cands} | {s.batch_size for s in r.not_probed})
+    if sizes and len(sizes) <= 16:
+        ax.set_xticks(sizes, [str(b) for b in sizes], fontsize=7)
+        ax.minorticks_off()
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("samples/s", color="tab:blue")
+    ax.set_ylim(bottom=0)
+    ax2 = ax.twinx()
+    _plot_memory(ax2, r, cands, cuda)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    # The measured curves first; below the axes: a legend inside would cover the OOM markers on the x axis.
+    pairs = sorted(
+        zip(h1 + h2, l1 + l2),
+        key=lambda p: not p[1].startswith(("train step", "verification", "steady-state", "peak RSS")),
+    )
+    fig.legend([h for h, _ in pairs], [lb for _, lb in pairs], loc="lower center", ncol=2, fontsize=7, frameon=False)
+    ax.set_title(f"{r.config_name}: {r.model} {'x'.join(map(str, r.input_shape))}, {r.runtime}", fontsize=9)
+    rows = (len(l1) + len(l2) + 1) // 2
+    fig.subplots_adjust(bottom=0.14 + 0.035 * rows, top=0.92, left=0.1, right=0.88)
+    return fig
+
+
+def _plot_rates(ax, cands: list[Candidate]) -> None:
+    """The probes' samples/s with their spread, the unreliable ones ringed, the sizes that did not fit."""
     timed = [(c, c.samples_per_s) for c in cands if c.samples_per_s is not None]
     if timed:
         xs = [c.batch_size for c, _ in timed]
@@ -279,6 +330,10 @@ def _figure(r: AutotuneReport):
             clip_on=False,
             label="does not fit (OOM / retries / headroom)",
         )
+
+
+def _plot_marks(ax, r: AutotuneReport) -> None:
+    """The compiled checks, the verification, the chosen size, the cap and the sizes the time left unprobed."""
     ok_compiled = [(c.batch_size, c.samples_per_s) for c in r.compiled_tried if c.usable and c.samples_per_s]
     if ok_compiled:
         ax.plot(*zip(*ok_compiled), "*", color="tab:green", markersize=14, label="compiled step")
@@ -317,15 +372,10 @@ def _figure(r: AutotuneReport):
             clip_on=False,
             label="not probed (time budget)",
         )
-    ax.set_xscale("log", base=2)
-    sizes = sorted({c.batch_size for c in cands} | {s.batch_size for s in r.not_probed})
-    if sizes and len(sizes) <= 16:
-        ax.set_xticks(sizes, [str(b) for b in sizes], fontsize=7)
-        ax.minorticks_off()
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("samples/s", color="tab:blue")
-    ax.set_ylim(bottom=0)
-    ax2 = ax.twinx()
+
+
+def _plot_memory(ax2, r: AutotuneReport, cands: list[Candidate], cuda: bool) -> None:
+    """Peak memory (reserved on CUDA, RSS on CPU) and, on CUDA, the budget with its headroom."""
     if cuda:
         mem = [(c.batch_size, c.peak_reserved_bytes / GIB) for c in cands if c.peak_reserved_bytes is not None]
         label = "steady-state peak reserved (GiB)"
@@ -348,18 +398,6 @@ def _figure(r: AutotuneReport):
         top = max(top, budget / GIB)
     ax2.set_ylabel(label, color="tab:orange")
     ax2.set_ylim(0, top * 1.08 if top else 1.0)  # the budget lines and the memory curve on one scale
-    h1, l1 = ax.get_legend_handles_labels()
-    h2, l2 = ax2.get_legend_handles_labels()
-    # The measured curves first; below the axes: a legend inside would cover the OOM markers on the x axis.
-    pairs = sorted(
-        zip(h1 + h2, l1 + l2),
-        key=lambda p: not p[1].startswith(("train step", "verification", "steady-state", "peak RSS")),
-    )
-    fig.legend([h for h, _ in pairs], [lb for _, lb in pairs], loc="lower center", ncol=2, fontsize=7, frameon=False)
-    ax.set_title(f"{r.config_name}: {r.model} {'x'.join(map(str, r.input_shape))}, {r.runtime}", fontsize=9)
-    rows = (len(l1) + len(l2) + 1) // 2
-    fig.subplots_adjust(bottom=0.14 + 0.035 * rows, top=0.92, left=0.1, right=0.88)
-    return fig
 
 
 def plot_report(report: AutotuneReport | dict[str, Any], path: str | os.PathLike) -> Path:

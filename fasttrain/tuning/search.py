@@ -37,6 +37,9 @@ __all__ = [
     "search_batch_size",
     "counted_windows",
     "cpu_time_cap",
+    "cpu_tuning_pays",
+    "cpu_shortcut",
+    "least_cpu_tuning_s",
     "CPU_TUNE_SHARE",
     "measurement_reliable",
     "MIN_WINDOW_STEPS",
@@ -145,6 +148,38 @@ def cpu_time_cap(budget_s: float, *, job_samples: int, samples_per_s: float | No
         return budget_s
     train_s = setup_s + job_samples / samples_per_s
     return min(budget_s, CPU_TUNE_SHARE * train_s)
+
+
+def least_cpu_tuning_s(*, repeats: int, repeat_s: float, verify_s: float) -> float:
+    """The least a CPU autotune that could change the config costs: two probes (the config's own batch and one
+    other: one alone compares with nothing), each ``repeats`` windows of ``repeat_s``, and two end-to-end windows
+    of ``verify_s`` (on CPU a change is kept only when it beats the config's own end to end; 0 without
+    verification). Set-up, warm-up and loader trials come on top: the figure errs low."""
+    return 2 * repeats * repeat_s + 2 * verify_s
+
+
+def cpu_tuning_pays(job_s: float | None, least_s: float) -> bool:
+    """Whether a CPU job of about ``job_s`` seconds of training steps leaves room, within
+    :data:`CPU_TUNE_SHARE` of it, for the least tuning that could change its config (``least_s``,
+    :func:`least_cpu_tuning_s`). An unknown length (None) is tuned: the time cap measured after the first
+    probe bounds it."""
+    return job_s is None or CPU_TUNE_SHARE * job_s >= least_s
+
+
+def cpu_shortcut(
+    *, capped: bool, own_stands: bool, own_known: bool, loader_left_s: float, left_s: float, confirm_s: float
+) -> str:
+    """After the search on CPU, under the time cap from the job's length (``capped``): ``"cap-spent"`` when the
+    config's own batch stands and no time is left for loader trials (``loader_left_s <= 0``): the loader trials
+    and the verification are skipped, the config is written as it is; ``"unconfirmed"`` when the search chose
+    another batch but the time left (``left_s``) cannot pay the two end-to-end windows (``confirm_s``) that
+    would confirm it against the config's own (``own_known``: measured usable): the config's own is kept; ``""``
+    otherwise (go on). Never a change that was not confirmed end to end."""
+    if not capped or not own_known:
+        return ""
+    if own_stands:
+        return "cap-spent" if loader_left_s <= 0 else ""
+    return "unconfirmed" if left_s < confirm_s else ""
 
 
 MIN_WINDOW_STEPS = 2
@@ -319,138 +354,170 @@ def search_batch_size(
             f"tune.max_batch: no multiple of tune.multiple ({multiple}) lies between tune.min_batch "
             f"({min_batch}) and the largest batch tried ({max_batch})"
         )
-    results: dict[int, Candidate] = {}
-    order: list[Candidate] = []
-    skipped: list[Skipped] = []
+    s = _BatchSearch(measure, noise, budget_bytes, headroom, time_left, remeasure)
+    if given is not None:
+        s.run(given, "given")
+    s.grow(start, cap, cap_reason)
+    s.bisect(multiple)
+    return s.result(given)
 
-    def run(b: int, phase: str) -> Candidate:
-        c = mark_usable(measure(b, phase), budget_bytes, headroom)
+
+@dataclass
+class _BatchSearch:
+    """The search's state: every probe so far, what was skipped, why it stopped (see :func:`search_batch_size`)."""
+
+    measure: Callable[[int, str], Candidate]
+    noise: float
+    budget_bytes: int | None
+    headroom: float
+    time_left: Callable[[], float] | None
+    remeasure: Callable[[list[Candidate]], None] | None
+    results: dict[int, Candidate] = field(default_factory=dict)
+    order: list[Candidate] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    last_ok: int | None = None
+    first_bad: int | None = None
+    stop: str = ""
+    limit: str = ""
+
+    def run(self, b: int, phase: str) -> Candidate:
+        c = mark_usable(self.measure(b, phase), self.budget_bytes, self.headroom)
         c.phase = c.phase or phase
-        results[b] = c
-        order.append(c)
+        self.results[b] = c
+        self.order.append(c)
         return c
 
-    def cost(b: int) -> float:
+    def cost(self, b: int) -> float:
         """The next probe's seconds, from the timed probe nearest in size: its untimed part (warm-up, eval)
         grows with the batch; its timed part is a fixed window until one step per repeat outlasts it."""
-        timed = [(c, c.samples_per_s) for c in order if c.samples_per_s]
+        timed = [(c, c.samples_per_s) for c in self.order if c.samples_per_s]
         if not timed:
-            return max((c.seconds for c in order), default=0.0)
+            return max((c.seconds for c in self.order), default=0.0)
         ref, sps = min(timed, key=lambda t: abs(math.log(b / t[0].batch_size)))
         scale = max(1.0, b / ref.batch_size)
         step = b / sps
         return ref.untimed_s * scale + max(ref.timed_s, len(ref.rates) * step)
 
-    def affordable(b: int) -> bool:
-        return time_left is None or time_left() >= cost(b)
+    def affordable(self, b: int) -> bool:
+        return self.time_left is None or self.time_left() >= self.cost(b)
 
-    def confirm(cands: list[Candidate]) -> bool:
+    def confirm(self, cands: list[Candidate]) -> bool:
         """Re-measure ``cands`` together when time allows; True when it ran."""
-        if remeasure is None:
+        if self.remeasure is None:
             return False
         need = sum(c.timed_s + (c.seconds - c.timed_s) / 4 for c in cands)
-        if time_left is not None and time_left() < need:
+        if self.time_left is not None and self.time_left() < need:
             return False
-        remeasure(cands)
+        self.remeasure(cands)
         return True
 
-    def best_below(b: int) -> Candidate | None:
-        below = [c for c in results.values() if c.usable and c.batch_size < b]
+    def best_below(self, b: int) -> Candidate | None:
+        below = [c for c in self.results.values() if c.usable and c.batch_size < b]
         return max(below, key=lambda c: c.samples_per_s or 0.0) if below else None
 
-    if given is not None:
-        run(given, "given")
+    def probe_or_skip(self, b: int, phase: str) -> Candidate | None:
+        """The candidate at ``b`` (measured before, or now); None when time does not allow its probe."""
+        if b in self.results:
+            return self.results[b]
+        if not self.affordable(b):
+            self.skipped.append(Skipped(b, "time", f"the next probe would take about {self.cost(b):.0f} s"))
+            return None
+        return self.run(b, phase)
 
-    last_ok: int | None = None
-    first_bad: int | None = None
-    flat = 0
-    stop, limit = "", ""
-    b = start
-    while True:
-        known_bad = min((x for x, c in results.items() if not c.usable), default=None)
-        if known_bad is not None and b >= known_bad:
-            first_bad = known_bad
-            stop, limit = f"batch {known_bad} is not usable ({results[known_bad].error or 'does not fit'})", "memory"
-            break
-        if b in results:
-            c = results[b]
-        elif not affordable(b):
-            skipped.append(Skipped(b, "time", f"the next probe would take about {cost(b):.0f} s"))
-            stop, limit = f"time budget: batch {b} not probed (about {cost(b):.0f} s more)", "time"
-            break
-        else:
-            c = run(b, "grow")
-        if not c.usable:
-            first_bad = b
-            stop, limit = f"batch {b} is not usable ({c.error or 'does not fit'})", "memory"
-            break
-        last_ok = b
-        prev = best_below(b)
-        if prev is not None:
-            if beats(c, prev, noise):
+    def grow(self, b: int, cap: int, cap_reason: str) -> None:
+        """x2 from ``b`` until a stop (see :func:`search_batch_size`)."""
+        flat = 0
+        while True:
+            known_bad = min((x for x, c in self.results.items() if not c.usable), default=None)
+            if known_bad is not None and b >= known_bad:
+                self.first_bad = known_bad
+                self.stop = f"batch {known_bad} is not usable ({self.results[known_bad].error or 'does not fit'})"
+                self.limit = "memory"
+                return
+            c = self.probe_or_skip(b, "grow")
+            if c is None:
+                self.stop, self.limit = f"time budget: batch {b} not probed (about {self.cost(b):.0f} s more)", "time"
+                return
+            if not c.usable:
+                self.first_bad = b
+                self.stop, self.limit = f"batch {b} is not usable ({c.error or 'does not fit'})", "memory"
+                return
+            self.last_ok = b
+            flat, ended = self.judge_growth(c, flat)
+            if ended:
+                return
+            if b >= cap:
+                self.stop, self.limit = f"reached {cap_reason} ({cap}) while samples/s still rose or held", "cap"
+                self.skipped.append(Skipped(2 * cap, "cap", f"{cap_reason} = {cap}"))
+                return
+            b = min(cap, b * 2)
+
+    def judge_growth(self, c: Candidate, flat: int) -> tuple[int, bool]:
+        """(growths in a row within the noise, whether growth ends here: a confirmed drop or plateau)."""
+        prev = self.best_below(c.batch_size)
+        if prev is None:
+            return flat, False
+        if beats(c, prev, self.noise):
+            return 0, False
+        flat += 1
+        dropped = beats(prev, c, self.noise)
+        if (dropped or flat >= 2) and self.confirm([prev, c]):
+            dropped = beats(prev, c, self.noise)
+            if beats(c, prev, self.noise):
                 flat = 0
-            else:
-                flat += 1
-                dropped = beats(prev, c, noise)
-                if (dropped or flat >= 2) and confirm([prev, c]):
-                    dropped = beats(prev, c, noise)
-                    if beats(c, prev, noise):
-                        flat = 0
-                if dropped:
-                    stop = (
-                        f"throughput fell at batch {b} ({_fmt_sps(c)} vs {_fmt_sps(prev)} samples/s at "
-                        f"{prev.batch_size}, beyond the noise)"
-                    )
-                    limit = "drop"
-                    break
-                if flat >= 2:
-                    stop = f"throughput stopped rising (two growths within the noise) at batch {b}"
-                    limit = "plateau"
-                    break
-        if b >= cap:
-            stop, limit = f"reached {cap_reason} ({cap}) while samples/s still rose or held", "cap"
-            skipped.append(Skipped(2 * cap, "cap", f"{cap_reason} = {cap}"))
-            break
-        b = min(cap, b * 2)
+        if dropped:
+            self.stop = (
+                f"throughput fell at batch {c.batch_size} ({_fmt_sps(c)} vs {_fmt_sps(prev)} samples/s at "
+                f"{prev.batch_size}, beyond the noise)"
+            )
+            self.limit = "drop"
+            return flat, True
+        if flat >= 2:
+            self.stop = f"throughput stopped rising (two growths within the noise) at batch {c.batch_size}"
+            self.limit = "plateau"
+            return flat, True
+        return flat, False
 
-    if first_bad is not None and last_ok is not None:
-        lo, hi = last_ok, first_bad
+    def bisect(self, multiple: int) -> None:
+        """Between the largest usable size and the first unusable one, on multiples of ``multiple``."""
+        if self.first_bad is None or self.last_ok is None:
+            return
+        lo, hi = self.last_ok, self.first_bad
         while hi - lo > multiple:
             mid = _round_down((lo + hi) // 2, multiple)
             if mid <= lo:
                 mid = lo + multiple
-            if mid in results:
-                c = results[mid]
-            elif not affordable(mid):
-                skipped.append(Skipped(mid, "time", f"the next probe would take about {cost(mid):.0f} s"))
-                stop += f"; bisection stopped by the time budget before batch {mid}"
-                break
-            else:
-                c = run(mid, "bisect")
+            c = self.probe_or_skip(mid, "bisect")
+            if c is None:
+                self.stop += f"; bisection stopped by the time budget before batch {mid}"
+                return
             if c.usable:
-                gained = beats(c, results[lo], noise)
+                gained = beats(c, self.results[lo], self.noise)
                 lo = mid
                 if not gained:
-                    stop += f"; bisection stopped at {mid}: no gain beyond the noise"
-                    break
+                    self.stop += f"; bisection stopped at {mid}: no gain beyond the noise"
+                    return
             else:
                 hi = mid
-        else:
-            stop += f"; largest usable batch {lo}, first unusable {hi}"
+        self.stop += f"; largest usable batch {lo}, first unusable {hi}"
 
-    chosen, best = choose_batch(order, noise, prefer=given)
-    if given is not None and best is not None and chosen != given and given in results and results[given].usable:
-        if confirm([results[given], results[best]]):
-            chosen, best = choose_batch(order, noise, prefer=given)
-    if chosen is None:
-        first = order[0]
-        stop = (
-            f"no batch size is usable: the smallest tried ({min(c.batch_size for c in order)}) "
-            f"{first.error or 'does not fit'}"
-        )
-        limit = "none"
-    usable = [c.batch_size for c in order if c.usable]
-    return SearchResult(order, chosen, best, stop, max(usable) if usable else None, given, limit, skipped)
+    def result(self, given: int | None) -> SearchResult:
+        """The choice (the best against ``given`` re-measured together first) and the result."""
+        order, results = self.order, self.results
+        chosen, best = choose_batch(order, self.noise, prefer=given)
+        if given is not None and best is not None and chosen != given and given in results and results[given].usable:
+            if self.confirm([results[given], results[best]]):
+                chosen, best = choose_batch(order, self.noise, prefer=given)
+        stop, limit = self.stop, self.limit
+        if chosen is None:
+            first = order[0]
+            stop = (
+                f"no batch size is usable: the smallest tried ({min(c.batch_size for c in order)}) "
+                f"{first.error or 'does not fit'}"
+            )
+            limit = "none"
+        usable = [c.batch_size for c in order if c.usable]
+        return SearchResult(order, chosen, best, stop, max(usable) if usable else None, given, limit, self.skipped)
 
 
 # -- the plan ---------------------------------------------------------------------------------------------------

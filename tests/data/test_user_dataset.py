@@ -178,7 +178,9 @@ def test_bench_and_autotune_take_the_dataset_and_model_too(tmp_path, monkeypatch
     # A busy machine, made certain: every verification disagrees with its probe, unexplained.
     busy = Agreement("disagrees", False, False, "neither", "verification -8% vs the probe: unexplained")
     monkeypatch.setattr(probe, "judge_verification", lambda **kw: busy)
-    noisy = autotune(cfg, dataset=Bars(128), model=model, time_budget_s=4, out_dir=tmp_path / "busy")
+    # A long job: the CPU time cap (half the training tuned) would skip the verification of a short one.
+    long_job = config(tmp_path, "bench.warmup_steps=1", "bench.steps=2", "bench.repeats=1", "train.epochs=1000")
+    noisy = autotune(long_job, dataset=Bars(128), model=model, time_budget_s=4, out_dir=tmp_path / "busy")
     assert noisy.ok and (tmp_path / "busy" / f"{cfg.name}.tuned.toml").is_file()
     assert not noisy.reliable and busy.text in noisy.unreliable  # the reason it is less sure
     assert noisy.chosen_batch == noisy.given_batch  # a change it could not confirm is not written

@@ -7,6 +7,7 @@ are in test_search.py. CUDA-only tests carry ``gpu``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from types import SimpleNamespace
@@ -22,6 +23,7 @@ from fasttrain.tuning import cache as C
 from fasttrain.tuning import loader as L
 from fasttrain.tuning import probe as P
 from fasttrain.tuning import report as R
+from fasttrain.tuning import run as RUN
 from fasttrain.tuning.search import Agreement, BatchPlan, Candidate, Skipped
 
 GIB = 2**30
@@ -143,7 +145,7 @@ def test_cli_cpu_run_writes_a_config_that_trains_and_a_second_call_is_cached(
     def no_probe(*a, **k):
         raise AssertionError("the cache should have answered")
 
-    monkeypatch.setattr(A, "_tune", no_probe)
+    monkeypatch.setattr(RUN, "_tune", no_probe)
     t0 = time.monotonic()
     assert main(args) == 0
     assert time.monotonic() - t0 < 5.0  # target < 2 s; generous for a loaded 2-core CI box
@@ -155,6 +157,48 @@ def test_cli_cpu_run_writes_a_config_that_trains_and_a_second_call_is_cached(
     assert "[cached]" in capsys.readouterr().out
     with pytest.raises(AssertionError, match="cache should have answered"):  # a new question: probes would run
         main([*args, "--set", "data.image_size=24", "--set", "data.resize_size=24"])
+
+
+def test_on_cpu_a_job_too_short_to_repay_tuning_is_written_as_it_is_without_a_probe(tmp_path, monkeypatch, capsys):
+    # One epoch of the quickstart: ~0.4 s of steps by the model's FLOPs; half of it cannot pay two probes and two
+    # end-to-end windows (the defaults: ~5 s). Nothing is prepared or probed, and the answer is not cached (the
+    # cache key leaves the job's length out).
+    def no_probe(*a, **k):
+        raise AssertionError("a job this short must not be tuned")
+
+    monkeypatch.setattr(RUN, "_tune", no_probe)
+    out = tmp_path / "out"
+    args = ["autotune", "quickstart", "--set", "train.epochs=1", "--set", f"train.runs_dir={tmp_path / 'runs'}"]
+    assert main([*args, "--set", f"tune.cache_dir={tmp_path / 'cache'}", "--out", str(out), "-q"]) == 0
+    text = capsys.readouterr().out
+    assert "not tuned: the job is about" in text and "written as it is" in text and "phase" not in text
+    report = json.loads((out / "autotune.json").read_text())
+    assert report["ok"] and report["shortcut"] == "too-short" and not report["candidates"]
+    assert report["chosen_batch"] == report["given_batch"] == 64 and report["loader"] is None
+    assert not list((tmp_path / "cache").glob("*.json")) and not (out / "autotune.png").exists()
+    tuned, original = load_config(out / "quickstart.tuned.toml"), load_config("quickstart")
+    assert tuned.train == dataclasses.replace(original.train, epochs=1, runs_dir=str(tmp_path / "runs"))
+    assert tuned.data.loader == original.data.loader == "auto"  # not pinned: no loader was measured
+
+
+def test_on_cpu_a_spent_time_cap_with_the_configs_own_batch_standing_skips_loader_trials_and_verification(
+    tmp_path, monkeypatch, virtual_time
+):
+    # The cap from the job's length leaves no time after the config's own batch: it stands, unverified changes
+    # are not made, and neither the loader trials nor the verification run.
+    monkeypatch.setattr(RUN, "cpu_time_cap", lambda *a, **k: 1e-3)
+    monkeypatch.setattr(L, "tune_loader", lambda *a, **k: pytest.fail("no loader trials once the cap is spent"))
+    monkeypatch.setattr(P, "verify", lambda *a, **k: pytest.fail("no verification once the cap is spent"))
+    assert main(cli_args(tmp_path)) == 0
+    report = json.loads((tmp_path / "out" / "autotune.json").read_text())
+    assert report["ok"] and report["shortcut"] == "cap-spent" and report["cpu_cap_s"] == pytest.approx(1e-3)
+    assert [c["batch_size"] for c in report["candidates"]] == [64]  # the baseline only: no time for another
+    assert report["chosen_batch"] == 64 and report["loader"] is None and report["verify"] is None
+    assert any("spent" in n and "written as it is" in n for n in report["notes"])
+    assert any("depends on the job's length" in n for n in report["notes"])
+    assert not list((tmp_path / "cache").glob("*.json"))
+    tuned = load_config(tmp_path / "out" / "quickstart.tuned.toml")
+    assert tuned.train.batch_size == 64 and tuned.train.accumulation == 1 and tuned.data.loader == "auto"
 
 
 def test_probe_oom_is_recovered_and_reported_other_errors_propagate(tmp_path, monkeypatch, capsys, virtual_time):
@@ -550,25 +594,11 @@ def test_charging_the_loaders_memory_moves_the_plan_off_a_tight_batch():
     budget = P.Budget("card", 10.0, budget_bytes=10 * GIB, card_total_bytes=10 * GIB, in_use_before_bytes=0)
     big = Candidate(64, True, samples_per_s=1000.0, usage_bytes=8 * GIB, usable=True)
     small = Candidate(32, True, samples_per_s=900.0, usage_bytes=4 * GIB, usable=True)
-    report = R.AutotuneReport(
-        "x",
-        "m",
-        "classify",
-        "cuda:0",
-        "rt",
-        [3, 8, 8],
-        budget,
-        0.1,
-        0.03,
-        8,
-        candidates=[small, big],
-        chosen_batch=64,
-        plan=BatchPlan(64, 1, 64, 64, ""),
-    )
-    report.loader = L.LoaderResult("dali", [], {}, 990.0, 0.0, 1000.0, 0.0, True, "", outside_torch_bytes=GIB)
-    assert not A._charge_loader_memory(report, budget, torch.device("cuda", 0))  # 8 + 1 GiB <= 9 GiB
-    report.loader.outside_torch_bytes = int(1.5 * GIB)
-    assert A._charge_loader_memory(report, budget, torch.device("cuda", 0))
+    loader = L.LoaderResult("dali", [], {}, 990.0, 0.0, 1000.0, 0.0, True, "", outside_torch_bytes=GIB)
+    dev = torch.device("cuda", 0)
+    assert not RUN._charge_loader_memory(loader, budget, dev, 0.1, [small, big], big)  # 8 + 1 GiB <= 9 GiB
+    loader.outside_torch_bytes = int(1.5 * GIB)
+    assert RUN._charge_loader_memory(loader, budget, dev, 0.1, [small, big], big)
     assert not big.usable and big.failure == "headroom" and "outside torch" in big.error and small.usable
 
 
@@ -830,7 +860,7 @@ def test_a_read_only_out_folder_is_refused_before_the_search(tmp_path, monkeypat
     def searched(*a, **k):
         raise AssertionError("the search ran before the output folder was checked")
 
-    monkeypatch.setattr(A, "_tune", searched)
+    monkeypatch.setattr(RUN, "_tune", searched)
     (tmp_path / "out").mkdir()
     FaultFS(monkeypatch).read_only(tmp_path / "out")
     code = main(cli_args(tmp_path, "--no-cache"))

@@ -58,6 +58,14 @@ def test_the_pure_core_imports_no_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
+def test_the_tuning_package_imports_no_torch_until_autotune_is_asked_for():
+    code = (
+        "import sys, fasttrain.tuning as t; assert 'torch' not in sys.modules, 'package'; "
+        "f = t.autotune; assert 'torch' in sys.modules and f.__module__ == 'fasttrain.tuning.run'"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
 # -- the search ------------------------------------------------------------------------------------------------
 def test_monotone_rising_grows_to_the_cap_and_reports_what_was_not_probed():
     measure, calls = fake_measure(fit_max=10**6, sps=lambda b: 10 * b)
@@ -448,3 +456,30 @@ def test_cpu_autotune_takes_at_most_half_the_training_it_tunes():
     assert cap == pytest.approx(0.5 * (5.0 + 9216 / 400.0))
     assert cpu_time_cap(45.0, job_samples=10**7, samples_per_s=400.0, setup_s=5.0) == 45.0  # never above the budget
     assert cpu_time_cap(45.0, job_samples=9216, samples_per_s=None, setup_s=5.0) == 45.0  # nothing measured
+
+
+def test_a_cpu_job_too_short_to_repay_the_least_tuning_is_not_tuned():
+    from fasttrain.tuning.search import cpu_tuning_pays, least_cpu_tuning_s
+
+    # two probes of 3 x 0.2 s and two end-to-end windows of 2 s: the least a tuning that could change a CPU config
+    least = least_cpu_tuning_s(repeats=3, repeat_s=0.2, verify_s=2.0)
+    assert least == pytest.approx(5.2)
+    assert least_cpu_tuning_s(repeats=3, repeat_s=0.2, verify_s=0.0) == pytest.approx(1.2)  # --no-verify
+    assert not cpu_tuning_pays(2.85, least)  # the quickstart: ~2.9 s of steps, half of it is 1.4 s < 5.2 s
+    assert cpu_tuning_pays(10.4, least) and not cpu_tuning_pays(10.3, least)  # half the job against the least
+    assert cpu_tuning_pays(None, least)  # an unknown length is tuned (the time cap bounds it)
+
+
+def test_under_the_cpu_cap_a_spent_budget_keeps_the_configs_own_and_never_an_unconfirmed_change():
+    from fasttrain.tuning.search import cpu_shortcut
+
+    def at(**kw):
+        args = dict(capped=True, own_stands=True, own_known=True, loader_left_s=-0.5, left_s=0.2, confirm_s=2.0)
+        return cpu_shortcut(**{**args, **kw})
+
+    assert at() == "cap-spent"  # the config's own stands, no time for loader trials: written as it is
+    assert at(loader_left_s=0.5) == ""  # time left for the loader trials: they run, and the verification
+    assert at(capped=False) == ""  # a budget the user gave, not the job's length: as before
+    assert at(own_stands=False) == "unconfirmed"  # a change that two end-to-end windows cannot confirm now
+    assert at(own_stands=False, left_s=2.5) == ""  # ... or that they can: verified against the config's own
+    assert at(own_stands=False, own_known=False) == ""  # nothing of the config's own to fall back to
