@@ -108,7 +108,7 @@ def prepare(
         source = discover(cfg.data)
     if not cfg.model.num_outputs and source.num_outputs:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_outputs=source.num_outputs))
-    info = distributed.init(resolve_device(cfg.runtime.device).type)
+    info = distributed.init(resolve_device(cfg.runtime.device).type, timeout_s=cfg.dist.timeout_s)
     device = {}
     if info.enabled and resolve_device(cfg.runtime.device).type == "cuda":
         device = {"device": f"cuda:{info.local_rank}"}  # one GPU per process: LOCAL_RANK's
