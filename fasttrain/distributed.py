@@ -9,9 +9,13 @@ and nothing here does anything. NCCL on CUDA, gloo on CPU.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
-from collections.abc import Mapping
+import pickle
+import time
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +27,13 @@ __all__ = [
     "DistInfo",
     "dist_info",
     "init",
+    "join",
+    "decide",
+    "generation",
+    "job_token",
+    "agree_generation",
+    "record_failure",
+    "failure_report",
     "shutdown",
     "per_rank_batch",
     "all_reduce_sums",
@@ -99,7 +110,8 @@ def current() -> DistInfo:
 
 def init(device_type: str, *, timeout_s: float = 1800.0) -> DistInfo:
     """Join torchrun's process group (no-op for one process). On CUDA the process takes GPU ``LOCAL_RANK``
-    first (NCCL binds to the current device), so ``runtime.device = auto`` resolves to it."""
+    first (NCCL binds to the current device), so ``runtime.device = auto`` resolves to it. ``timeout_s``
+    (``dist.timeout_s``): how long a rank waits on the others, to join and in every collective."""
     global _CURRENT
     info = dist_info()
     if not info.enabled:
@@ -121,11 +133,14 @@ def init(device_type: str, *, timeout_s: float = 1800.0) -> DistInfo:
         torch.cuda.set_device(info.local_rank)
         kwargs["device_id"] = torch.device("cuda", info.local_rank)
     # torchrun's store outlives a restart of the worker group: the ranks of a new attempt would read the dead
-    # attempt's addresses under the default keys and fail to connect. Each attempt gets its own key prefix.
+    # attempt's addresses under the default keys and fail to connect. Each attempt gets its own key prefix, the
+    # attempt's number agreed through the store (each node's agent counts its own restarts: they differ).
+    store = join(timeout_s)
+    pg_store = dist.PrefixStore(f"fasttrain/attempt-{_JOINED.generation}", store)
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
-    store = dist.PrefixStore(f"fasttrain/attempt-{info.restart}", store)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs)
+    dist.init_process_group(
+        backend, store=pg_store, rank=info.rank, world_size=info.world_size, timeout=timeout, **kwargs
+    )
     _CURRENT = info
     log.info(
         "rank %d of %d (local %d) joined the %s process group", info.rank, info.world_size, info.local_rank, backend
@@ -133,13 +148,146 @@ def init(device_type: str, *, timeout_s: float = 1800.0) -> DistInfo:
     return info
 
 
+@dataclass
+class _Joined:
+    store: Any = None
+    generation: int = 0
+    """This attempt's number, the same on every rank: 1 for the job's first start, then one more per restart."""
+    job: str = ""
+    """A token of this torchrun job (its store), the same on every rank and every restart of the job, another
+    for a later job that reuses the rendezvous id."""
+
+
+_JOINED = _Joined()
+
+_GEN, _JOB = "fasttrain/generation", "fasttrain/job"
+
+
+def join(timeout_s: float = 1800.0) -> Any:
+    """torchrun's store, and this attempt's :func:`generation` and :func:`job_token` (agreed by every rank),
+    before the process group exists: what rank 0 decides then (:func:`decide`) goes through it."""
+    global _JOINED
+    if _JOINED.store is not None:
+        return _JOINED.store
+    import torch.distributed as dist
+
+    info = dist_info()
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    gen = agree_generation(store, info.rank, info.world_size, timeout_s)
+    if info.rank == 0 and gen == 1:
+        store.set(_JOB, uuid.uuid4().hex)
+    _JOINED = _Joined(store, gen, _store_get(store, _JOB, timeout_s).decode())
+    return store
+
+
+def generation() -> int:
+    """This attempt's number (1: the job's first start); 0 outside torchrun or before :func:`join`."""
+    return _JOINED.generation
+
+
+def job_token() -> str:
+    """This torchrun job's token (see :class:`_Joined`); empty outside torchrun or before :func:`join`."""
+    return _JOINED.job
+
+
+def _store_get(store: Any, key: str, timeout_s: float) -> bytes:
+    """``store[key]``, waiting for it at most ``timeout_s`` (an error naming dist.timeout_s)."""
+    deadline = time.monotonic() + timeout_s
+    while not store.check([key]):
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"rank {dist_info().rank}: waited {timeout_s:g} s (dist.timeout_s) for rank 0 of the job, which "
+                f"did not answer (ended, or stuck before it joined); see its node's output"
+            )
+        time.sleep(0.02)
+    return bytes(store.get(key))
+
+
+def agree_generation(store: Any, rank: int, world_size: int, timeout_s: float) -> int:
+    """The attempt's number, the same on every rank, from a store that keeps the keys of earlier attempts.
+
+    Rank 0 takes the next number; every other rank posts a fresh nonce and waits for rank 0 to answer that
+    nonce with the number (an answer to an older nonce is a dead attempt's, ignored); rank 0 answers whatever
+    nonce it finds until the rank confirms the new number, which no earlier attempt used. Nothing here depends
+    on torchrun's restart counter, which each node's agent keeps for itself."""
+    deadline = time.monotonic() + timeout_s
+    if rank == 0:
+        gen = int(store.add(_GEN, 1))
+        waiting = set(range(1, world_size))
+        while waiting:
+            for r in sorted(waiting):
+                if store.check([f"fasttrain/confirm/{r}"]) and _tail(store.get(f"fasttrain/confirm/{r}")) == gen:
+                    waiting.discard(r)
+                elif store.check([f"fasttrain/hello/{r}"]):
+                    nonce = bytes(store.get(f"fasttrain/hello/{r}")).decode()
+                    store.set(f"fasttrain/ack/{r}", f"{nonce}|{gen}")
+            if waiting:
+                _wait_or_fail(deadline, timeout_s, f"ranks {sorted(waiting)} did not join")
+        return gen
+    nonce = uuid.uuid4().hex
+    store.set(f"fasttrain/hello/{rank}", nonce)
+    while True:
+        if store.check([f"fasttrain/ack/{rank}"]):
+            got, _, gen_text = bytes(store.get(f"fasttrain/ack/{rank}")).decode().partition("|")
+            if got == nonce:
+                store.set(f"fasttrain/confirm/{rank}", f"{nonce}|{gen_text}")
+                return int(gen_text)
+        _wait_or_fail(deadline, timeout_s, "rank 0 did not answer")
+
+
+def _tail(value: Any) -> int:
+    try:
+        return int(bytes(value).decode().rpartition("|")[2])
+    except ValueError:
+        return -1
+
+
+def _wait_or_fail(deadline: float, timeout_s: float, what: str) -> None:
+    if time.monotonic() > deadline:
+        raise TimeoutError(
+            f"rank {dist_info().rank}: {what} within {timeout_s:g} s (dist.timeout_s): a process of the job ended "
+            f"or is stuck before it joined; see its node's output"
+        )
+    time.sleep(0.02)
+
+
+def decide(name: str, fn: Callable[[], Any], timeout_s: float = 1800.0) -> Any:
+    """``fn()`` run by rank 0 alone, its result (a picklable value) on every rank, before the process group
+    exists (through torchrun's store, once per attempt). An error raised by ``fn`` is raised on every rank, the
+    same type with the same message (one clear message everywhere, instead of ranks that wait)."""
+    info = dist_info()
+    if not info.enabled:
+        return fn()
+    store = join(timeout_s)
+    key = f"fasttrain/attempt-{_JOINED.generation}/decide/{name}"
+    if info.rank == 0:
+        try:
+            box: tuple[str, Any] = ("ok", fn())
+        except Exception as e:
+            store.set(key, pickle.dumps(("error", (type(e), str(e)))))
+            raise
+        store.set(key, pickle.dumps(box))
+        return box[1]
+    kind, value = pickle.loads(_store_get(store, key, timeout_s))
+    if kind == "error":
+        typ, text = value
+        try:
+            err = typ(text)
+        except Exception:  # noqa: BLE001 - an exception type that takes other arguments
+            err = RuntimeError(text)
+        raise err
+    return value
+
+
 def shutdown() -> None:
-    global _CURRENT
+    global _CURRENT, _JOINED
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _CURRENT = DistInfo()
+    _JOINED = _Joined()
 
 
 def per_rank_batch(global_batch: int, world_size: int, name: str = "train.batch_size") -> int:
@@ -216,3 +364,75 @@ def wrap_state(state: Any, runtime: Any, *, sync_bn: bool = False) -> None:
         state.ddp[name] = ddp
         state.callables[name] = runtime.compiled(ddp)
         state.local[name] = runtime.for_eval(module, runtime.compiled(module))
+
+
+_SECONDARY = ("closed by peer", "reset by peer", "Connection refused", "connectFullMesh", "Broken pipe")
+"""A rank's error that follows another rank's end (its peer's connection went away): not the cause."""
+
+
+def record_failure(message: str, run_dir: Any = None, env: Mapping[str, str] | None = None) -> None:
+    """Under torchrun: this worker's last error line (and its run folder, when it has one) in the error file
+    torchrun reads back (``TORCHELASTIC_ERROR_FILE``), so that ``fasttrain train --nproc`` can say which rank
+    failed and why. Does nothing elsewhere; never raises."""
+    env = os.environ if env is None else env
+    path = env.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": message, "timestamp": int(time.time()), "fasttrain_run_dir": str(run_dir or "")}
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+    except OSError:
+        pass
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    rank: int
+    exitcode: int
+    message: str
+    """The worker's last error line (recorded by :func:`record_failure`), or torchrun's account of it."""
+    timestamp: float = 0.0
+    run_dir: str = ""
+
+
+def failure_report(failures: list[WorkerFailure], nproc: int, checkpoint: Callable[[str], bool]) -> str:
+    """What ``fasttrain train --nproc N`` says when a worker failed: which rank, why (its last error line), the
+    other ranks that ended with it, and how to go on: the resume command when the run folder has a checkpoint
+    (``checkpoint(run_dir)``), else that the run must start again. Pure."""
+    if not failures:
+        return "fasttrain: error: a worker failed without saying why (see the output above)"
+    first = min(failures, key=lambda f: (any(s in f.message for s in _SECONDARY), f.timestamp, f.rank))
+    why = _why(first)
+    lines = [f"fasttrain: error: rank {first.rank} failed ({_exit(first.exitcode)}): {why}"]
+    others = sorted(f.rank for f in failures if f is not first)
+    if others:
+        lines.append(f"  (rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} ended with it)")
+    run_dir = first.run_dir or next((f.run_dir for f in failures if f.run_dir), "")
+    if run_dir and checkpoint(run_dir):
+        lines.append(
+            f"continue the run from its last checkpoint with\n  fasttrain train --resume {run_dir} --nproc {nproc}"
+        )
+    elif run_dir:
+        lines.append(f"{run_dir} has no checkpoint yet: start the run again")
+    else:
+        lines.append("no run folder was written: start the run again once that is fixed")
+    return "\n".join(lines)
+
+
+def _exit(code: int) -> str:
+    if code < 0:
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def _why(f: WorkerFailure) -> str:
+    text = f.message.strip()
+    if not text or text.startswith("To enable traceback") or text.startswith("Signal "):
+        return "no error recorded (see the output above)" if f.exitcode >= 0 else "the process was killed"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()).removeprefix("fasttrain: error: ")

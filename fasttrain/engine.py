@@ -167,8 +167,11 @@ def train(
                     # to agree on that step, so a job keeps each signal's own behaviour)
                     with stop_on_signals(enabled=not prep.dist.enabled) as trainer.stop:
                         return trainer.run(run_dir)
-                except KeyboardInterrupt as e:
-                    e.run_dir = run_dir  # type: ignore[attr-defined]  # the CLI says how to resume it
+                except BaseException as e:
+                    try:
+                        e.run_dir = run_dir  # type: ignore[attr-defined]  # the CLI says how to resume it
+                    except AttributeError:
+                        pass
                     raise
                 finally:
                     _detach_run_log(handler)
