@@ -38,6 +38,7 @@ __all__ = [
     "per_rank_batch",
     "all_reduce_sums",
     "broadcast_object",
+    "all_gather_object",
     "barrier",
     "current",
     "wrap_state",
@@ -333,6 +334,18 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` for one process)."""
+    info = current()
+    if not info.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:
