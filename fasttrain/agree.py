@@ -36,7 +36,8 @@ class Fingerprint:
     counts: dict[str, int]
     """Samples per split (train, val, test)."""
     folders: dict[str, tuple[int, str]] = field(default_factory=dict, compare=False)
-    """``split/folder`` -> (samples, digest): where two fingerprints differ."""
+    """Folder under the root (and the split, where the folder does not name it) -> (samples, digest): where two
+    fingerprints differ."""
 
     def describe(self) -> str:
         return " / ".join(f"{n} {split}" for split, n in self.counts.items())
@@ -69,7 +70,8 @@ def dataset_fingerprint(source: Any) -> Fingerprint:
             rel = path[len(root) :] if path.startswith(root) else path
             line = f"{split.name}\t{rel}\t{_target(target, root)}\n".encode()
             whole.update(line)
-            key = f"{split.name}:{os.path.dirname(rel) or '.'}"
+            folder = os.path.dirname(rel) or "."
+            key = folder if folder.split("/")[0] == split.name else f"{folder} ({split.name})"
             if key not in folders:
                 folders[key], sizes[key] = hashlib.sha256(), 0
             folders[key].update(line)
@@ -123,7 +125,7 @@ def node_facts(source: Any, cfg: Any, rank: int, env: Mapping[str, str] | None =
 
 
 def _folders(a: Fingerprint, b: Fingerprint, show: int = 3) -> str:
-    """Where two fingerprints differ, by folder: ``train:cat (143 samples here, 150 on rank 0)``."""
+    """Where two fingerprints differ, by folder: ``train/cat (143 samples there, 150 on rank 0)``."""
     diff = []
     for key in sorted(set(a.folders) | set(b.folders)):
         x, y = a.folders.get(key, (0, "")), b.folders.get(key, (0, ""))

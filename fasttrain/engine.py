@@ -126,8 +126,8 @@ def train(
     run_dir: Path | None = None
     console = _api_console(quiet)
     progress = progress and not quiet
+    held: dict[str, Any] = {}  # rank 0's lock and checkpoint, from the decision below
     try:
-        held: dict[str, Any] = {}  # rank 0's lock and checkpoint, from the decision below
         timeout = cfg.dist.timeout_s if cfg is not None else 1800.0
         # Rank 0 decides which run folder this is (a resume, a torchrun restart, a new run) and reads the
         # checkpoint; every rank takes its decision (the others may not see the runs folder at all).
@@ -167,8 +167,9 @@ def train(
             finally:
                 trainer.close()
     finally:
-        if lock is not None and run_dir is not None:
-            clean_temp_files(run_dir)
+        lock = lock or held.get("lock")
+        if lock is not None:
+            clean_temp_files(lock.path.parent)
             lock.release()
         _detach_run_log(console)
 
@@ -551,11 +552,15 @@ def _direction(metric: str) -> str:
 class Running:
     """The epoch in progress: its summed training values (over all processes, on the device) and counts, the
     window since the last read, and the run of consecutive non-finite logged steps. Mid-epoch checkpoints hold
-    it, so that a resumed epoch's record averages all the epoch's steps exactly as an uninterrupted run's."""
+    it, so that a resumed epoch's record averages all the epoch's steps exactly as an uninterrupted run's.
+
+    The epoch's sums are kept per global micro-batch (each process's values summed, divided by the number of
+    processes), so an epoch that straddles a resume on another number of processes weighs every step alike."""
 
     epoch_sums: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     window: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     n_summed: int = 0
+    """Global micro-batches in epoch_sums."""
     n_window: int = 0
     nonfinite_logs: int = 0
 
@@ -564,8 +569,8 @@ class Running:
         window = distributed.all_reduce_sums(self.window)
         world = distributed.current().world_size
         means = {k: v / (self.n_window * world) for k, v in _read(window).items()} if self.n_window else {}
-        _add_sums(self.epoch_sums, window)
-        self.n_summed += self.n_window * world
+        _add_sums(self.epoch_sums, {k: v / world for k, v in window.items()} if world > 1 else window)
+        self.n_summed += self.n_window
         self.window, self.n_window = {}, 0
         return means
 
@@ -576,16 +581,24 @@ class Running:
             "n_summed": self.n_summed,
             "n_window": self.n_window,
             "nonfinite_logs": self.nonfinite_logs,
+            "per_global_micro_batch": True,
         }
 
     @classmethod
-    def from_checkpoint(cls, d: dict[str, Any] | None, device: torch.device) -> Running:
+    def from_checkpoint(cls, d: dict[str, Any] | None, device: torch.device, micro: int = 0) -> Running:
+        """``micro``: the micro-batches of the epoch done, which tells the processes an older checkpoint (sums
+        over every process's micro-batches) was written with."""
         if not d:
             return cls()
+        sums = {k: v.to(device) for k, v in d.get("epoch_sums", {}).items()}
+        n_summed = int(d.get("n_summed", 0))
+        if not d.get("per_global_micro_batch") and micro > 0 and n_summed > micro:
+            world = max(round(n_summed / micro), 1)
+            sums, n_summed = {k: v / world for k, v in sums.items()}, n_summed // world
         return cls(
-            {k: v.to(device) for k, v in d.get("epoch_sums", {}).items()},
+            sums,
             {k: v.to(device) for k, v in d.get("window", {}).items()},
-            int(d.get("n_summed", 0)),
+            n_summed,
             int(d.get("n_window", 0)),
             int(d.get("nonfinite_logs", 0)),
         )
@@ -650,11 +663,23 @@ def _epoch_batches(loader: Loader, epoch: int, skip: int):
     return it
 
 
+@dataclass
+class _NoSource:
+    skipped: tuple = ()
+
+
+_NO_SOURCE: Any = _NoSource()
+
+
 def _skipped_files(source: DataSource, *loaders: Loader | None) -> list[tuple[str, str]]:
-    """Files and records left out: at discovery, and by the loaders (unreadable images), each named once."""
+    """Files and records left out: at discovery, and by the loaders (unreadable images), each named once; under
+    torchrun those of every rank (each loader meets the bad files of its own shard). A collective: every rank
+    calls it at the same points."""
+    mine = [*source.skipped, *(x for ld in loaders if ld is not None for x in getattr(ld, "skipped", []))]
     seen: dict[str, str] = {}
-    for f, why in [*source.skipped, *(x for ld in loaders if ld is not None for x in getattr(ld, "skipped", []))]:
-        seen.setdefault(str(f), str(why))
+    for part in distributed.all_gather_object([(str(f), str(why)) for f, why in mine]):
+        for f, why in part:
+            seen.setdefault(f, why)
     return list(seen.items())
 
 
@@ -744,7 +769,7 @@ class Trainer:
         log.info("run folder %s", run_dir)
         # The images the loaders use: files their pre-check left out are counted apart, not as used.
         used = [
-            len(split or []) - len(getattr(loader, "skipped", []) if split else [])
+            len(split or []) - len(_skipped_files(_NO_SOURCE, loader) if split else [])
             for split, loader in ((source.train, self.train_loader), (source.val, self.val_loader))
         ]
         skipped = len(_skipped_files(source, self.train_loader, self.val_loader))
@@ -782,7 +807,7 @@ class Trainer:
         _check_same_outputs(task, ckpt, run_dir)
         point = self.ckpts.restore(ckpt)
         self.resume_micro = point.micro
-        self.running = Running.from_checkpoint(point.running, prep.runtime.device)
+        self.running = Running.from_checkpoint(point.running, prep.runtime.device, point.micro)
         records = trim_metrics(run_dir / "metrics.jsonl", state.epoch, state.step) if self.is_main else []
         self.history = [r for r in records if "event" not in r]  # the test event stays in the file only
         log.info(
