@@ -160,6 +160,7 @@ class _Joined:
 
 
 _JOINED = _Joined()
+_DECIDED: dict[str, int] = {}
 
 _GEN, _JOB = "fasttrain/generation", "fasttrain/job"
 
@@ -261,7 +262,8 @@ def decide(name: str, fn: Callable[[], Any], timeout_s: float = 1800.0) -> Any:
     if not info.enabled:
         return fn()
     store = join(timeout_s)
-    key = f"fasttrain/attempt-{_JOINED.generation}/decide/{name}"
+    _DECIDED[name] = _DECIDED.get(name, 0) + 1  # every rank makes the same calls: the n-th has the same key
+    key = f"fasttrain/attempt-{_JOINED.generation}/decide/{name}/{_DECIDED[name]}"
     if info.rank == 0:
         try:
             box: tuple[str, Any] = ("ok", fn())
@@ -288,7 +290,7 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _CURRENT = DistInfo()
-    _JOINED = _Joined()
+    _JOINED = _Joined()  # a later process group in this process agrees on a new attempt number (fresh keys)
 
 
 def per_rank_batch(global_batch: int, world_size: int, name: str = "train.batch_size") -> int:

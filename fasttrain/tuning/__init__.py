@@ -174,7 +174,7 @@ def autotune(
     fields = cache.key_fields(cfg, budget_gib=budget_gib, machine_info=cache.machine(runtime))
     cache_path = cache.cache_dir_for(cfg) / f"{cache.cache_key(fields)}.json"
     if use_cache:
-        report = cache.load(cache_path, fields)
+        report = _cached(cache, cache_path, fields, cfg.dist.timeout_s)
         if report is not None:
             from fasttrain.distributed import dist_info
 
@@ -211,6 +211,20 @@ def autotune(
         except OSError as e:
             report.notes.append(f"cache not written ({cache_path}: {e})")
     return report
+
+
+def _cached(cache: Any, path: Path, fields: dict[str, Any], timeout_s: float) -> AutotuneReport | None:
+    """The cached answer, rank 0's under torchrun (sent to all): a rank that found one and left while another,
+    whose node keeps no cache, searched alone used to hang the job."""
+    from fasttrain import distributed
+    from fasttrain.tuning.report import AutotuneReport
+
+    def rank0() -> dict[str, Any] | None:
+        found = cache.load(path, fields)
+        return found.to_dict() if found is not None else None
+
+    found = distributed.decide("autotune-cache", rank0, timeout_s)
+    return AutotuneReport.from_dict(found) if found is not None else None
 
 
 def _agree(report: AutotuneReport) -> AutotuneReport:
