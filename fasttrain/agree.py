@@ -176,15 +176,14 @@ def check_nodes(source: Any, cfg: Any) -> None:
     info = distributed.current()
     if not info.enabled:
         return
-    import torch.distributed as dist
-
+    timeout = float(getattr(getattr(cfg, "dist", None), "timeout_s", 1800.0))
     mine = node_facts(source, cfg, info.rank)
     small = dataclasses.replace(mine, dataset=Fingerprint(mine.dataset.digest, mine.dataset.counts))
-    gathered: list[Any] = [None] * info.world_size
-    dist.all_gather_object(gathered, small)
+    # Through the store, not the process group: a rank that stopped with an error on the way here is named at
+    # once (whatever the backend), instead of the others waiting in a collective.
+    gathered = distributed.gather("facts", small, timeout)
     if len({f.dataset.digest for f in gathered}) > 1:  # every rank knows: the folders go round too
-        folders: list[Any] = [None] * info.world_size
-        dist.all_gather_object(folders, mine.dataset.folders)
+        folders = distributed.gather("folders", mine.dataset.folders, timeout)
         gathered = [
             dataclasses.replace(f, dataset=Fingerprint(f.dataset.digest, f.dataset.counts, d))
             for f, d in zip(gathered, folders)

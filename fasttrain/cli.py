@@ -12,7 +12,6 @@ import argparse
 import errno
 import json
 import logging
-import os
 import re
 import sys
 from collections.abc import Callable
@@ -645,11 +644,16 @@ def _error(e: BaseException, text: str) -> None:
 
 
 def _record_for_torchrun(e: BaseException, text: str) -> None:
-    """Under torchrun, the worker's error line (and run folder) where ``fasttrain train --nproc`` reads it."""
-    if "TORCHELASTIC_ERROR_FILE" in os.environ:
-        from fasttrain.distributed import record_failure
+    """Under torchrun: the worker's error line (and run folder) where ``fasttrain train --nproc`` reads it, and
+    told to the other ranks, which stop at once instead of waiting for this one."""
+    if "torch.distributed" not in sys.modules:
+        return
+    from fasttrain.agree import NodesDisagree
+    from fasttrain.distributed import PeerFailed, record_failure, tell_peers
 
-        record_failure(text, getattr(e, "run_dir", None))
+    record_failure(text, getattr(e, "run_dir", None))
+    if not isinstance(e, (PeerFailed, NodesDisagree)):  # those every rank knows already
+        tell_peers(text)
 
 
 if __name__ == "__main__":

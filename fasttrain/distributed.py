@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from fasttrain.rundir import RunError
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -33,6 +35,11 @@ __all__ = [
     "job_token",
     "agree_generation",
     "record_failure",
+    "tell_peers",
+    "gather",
+    "store_gather",
+    "post_failure",
+    "PeerFailed",
     "failure_report",
     "shutdown",
     "per_rank_batch",
@@ -137,6 +144,7 @@ def init(device_type: str, *, timeout_s: float = 1800.0) -> DistInfo:
     # attempt's addresses under the default keys and fail to connect. Each attempt gets its own key prefix, the
     # attempt's number agreed through the store (each node's agent counts its own restarts: they differ).
     store = join(timeout_s)
+    gather("ready", None, timeout_s)  # a rank that failed before joining is named, not waited for
     pg_store = dist.PrefixStore(f"fasttrain/attempt-{_JOINED.generation}", store)
     timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(
@@ -252,6 +260,69 @@ def _wait_or_fail(deadline: float, timeout_s: float, what: str) -> None:
             f"or is stuck before it joined; see its node's output"
         )
     time.sleep(0.02)
+
+
+class PeerFailed(RunError):
+    """Another rank of the job stopped with an error before this one could go on; the message names it."""
+
+
+def _where(env: Mapping[str, str] | None = None) -> str:
+    import socket
+
+    env = os.environ if env is None else env
+    return f"rank {env.get('RANK', '0')} (node {env.get('GROUP_RANK', '0')}, host {socket.gethostname()})"
+
+
+def tell_peers(text: str) -> None:
+    """This rank stops with ``text``: said through the store, so that ranks waiting in :func:`gather` (or to
+    join the process group) stop at once with it instead of waiting dist.timeout_s. Never raises."""
+    if _JOINED.store is None:
+        return
+    try:
+        post_failure(_JOINED.store, f"fasttrain/attempt-{_JOINED.generation}", dist_info().rank, text)
+    except Exception:  # noqa: BLE001 - the store may be gone with the job: the error itself is what matters
+        pass
+
+
+def post_failure(store: Any, prefix: str, rank: int, text: str, where: str = "") -> None:
+    store.set(f"{prefix}/failed/{rank}", f"{where or _where()} stopped: {text}")
+    store.add(f"{prefix}/failed", 1)
+
+
+def gather(name: str, obj: Any, timeout_s: float = 1800.0) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, through torchrun's store: usable before the process
+    group exists and whatever its backend, and a rank that stopped with an error (:func:`tell_peers`) ends the
+    wait on every rank at once with :class:`PeerFailed` naming it. ``[obj]`` outside torchrun."""
+    info = dist_info()
+    if not info.enabled:
+        return [obj]
+    store = join(timeout_s)
+    _DECIDED[name] = _DECIDED.get(name, 0) + 1
+    prefix = f"fasttrain/attempt-{_JOINED.generation}"
+    return store_gather(store, prefix, f"{name}/{_DECIDED[name]}", info.rank, info.world_size, obj, timeout_s)
+
+
+def store_gather(store: Any, prefix: str, name: str, rank: int, world_size: int, obj: Any, timeout_s: float) -> list:
+    """:func:`gather` on a given store: each rank's value under ``prefix/gather/name/<rank>``, an arrival count,
+    and ``prefix/failed`` watched while waiting."""
+    key = f"{prefix}/gather/{name}"
+    store.set(f"{key}/{rank}", pickle.dumps(obj))
+    store.add(f"{key}/count", 1)
+    deadline = time.monotonic() + timeout_s
+    while int(store.add(f"{key}/count", 0)) < world_size:
+        if int(store.add(f"{prefix}/failed", 0)):
+            raise PeerFailed(_failure_text(store, prefix, world_size))
+        _wait_or_fail(deadline, timeout_s, f"not every rank reached {name.rpartition('/')[0] or name!r}")
+    return [pickle.loads(bytes(store.get(f"{key}/{r}"))) for r in range(world_size)]
+
+
+def _failure_text(store: Any, prefix: str, world_size: int) -> str:
+    said = [
+        bytes(store.get(f"{prefix}/failed/{r}")).decode()
+        for r in range(world_size)
+        if store.check([f"{prefix}/failed/{r}"])
+    ]
+    return "; ".join(said) + f"; {_where()} stops with it" if said else "another rank stopped"
 
 
 def decide(name: str, fn: Callable[[], Any], timeout_s: float = 1800.0) -> Any:

@@ -68,6 +68,38 @@ def test_a_rank_whose_rank_0_never_comes_fails_naming_the_timeout():
         D.agree_generation(store, 1, 2, timeout_s=0.3)
 
 
+def _gathering(store, world: int, failing: int | None = None) -> dict[int, object]:
+    """Each rank's result of one store gather (its list, or the exception it raised); ``failing`` stops first."""
+    got: dict[int, object] = {}
+
+    def rank(r):
+        if r == failing:
+            D.post_failure(store, "p", r, "data.root: no images under /data", where=f"rank {r} (node {r}, host h)")
+            return
+        try:
+            got[r] = D.store_gather(store, "p", "facts/1", r, world, {"rank": r}, timeout_s=20)
+        except BaseException as e:  # noqa: BLE001 - asserted below
+            got[r] = e
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return got
+
+
+def test_ranks_gather_through_the_store_and_a_rank_that_stopped_ends_the_wait_naming_it():
+    got = _gathering(torch.distributed.HashStore(), 3)
+    assert got == {r: [{"rank": 0}, {"rank": 1}, {"rank": 2}] for r in range(3)}
+    t0 = time.monotonic()
+    got = _gathering(torch.distributed.HashStore(), 3, failing=2)
+    assert time.monotonic() - t0 < 10  # not the 20 s timeout
+    for r in (0, 1):
+        assert isinstance(got[r], D.PeerFailed)
+        assert str(got[r]).startswith("rank 2 (node 2, host h) stopped: data.root: no images under /data; ")
+
+
 def test_decide_outside_torchrun_just_runs_the_function():
     assert D.decide("x", lambda: 42) == 42
 
@@ -324,12 +356,30 @@ def test_a_node_missing_files_is_refused_by_name_on_every_node(shapes_root, tmp_
     for f in missing:
         f.unlink()
     t0 = time.monotonic()
-    done = _two_nodes(nodes, ["train", "-q", *_sets("data", tmp_path / "runs")], job="missing", limit=90)
-    assert time.monotonic() - t0 < 90
+    done = _two_nodes(nodes, ["train", "-q", *_sets("data", tmp_path / "runs")], job="missing", limit=150)
+    assert time.monotonic() - t0 < 150  # a hang would wait dist.timeout_s, and then fail without naming the files
     for code, err in done:
         assert code != 0
         assert "the nodes of this job do not agree" in err and "train/circle (143 samples there, 150 on rank 0)" in err
     assert not _runs(tmp_path / "runs")  # nothing written
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_a_node_without_the_data_stops_every_node_at_once_naming_it(shapes_root, tmp_path):
+    """Its rank fails before the process group exists; the other used to wait for it dist.timeout_s (30 min)."""
+    nodes = [tmp_path / "n0", tmp_path / "n1"]
+    shutil.copytree(shapes_root, nodes[0] / "data")
+    nodes[1].mkdir()
+    t0 = time.monotonic()
+    args = ["train", "-q", *_sets("data", tmp_path / "runs", "dist.timeout_s=600")]
+    done = _two_nodes(nodes, args, job="nodata", limit=150)
+    assert time.monotonic() - t0 < 150  # not the 600 s of dist.timeout_s (it was 1800 s: 30 minutes)
+    assert all(code != 0 for code, _ in done)
+    lines = [line for _, err in done for line in err.splitlines() if line.startswith("fasttrain: error:")]
+    assert len(lines) == 2 and all("data.root" in line for line in lines), lines
+    assert any("stopped: data.root" in line and "stops with it" in line for line in lines), lines
+    assert not _runs(tmp_path / "runs")
 
 
 @pytest.mark.slow
