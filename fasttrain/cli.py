@@ -605,6 +605,10 @@ def main(argv: list[str] | None = None) -> int:
         _error(e, _one_line(e))
         return 1
     except (RuntimeError, MemoryError) as e:
+        waited = _timed_out(e)
+        if waited:
+            _error(e, waited)
+            return 1
         if not _out_of_memory(e):
             _record_for_torchrun(e, f"{type(e).__name__}: {_one_line(e)}")
             raise
@@ -636,6 +640,14 @@ def main(argv: list[str] | None = None) -> int:
             from fasttrain.distributed import shutdown
 
             shutdown()
+
+
+def _timed_out(e: BaseException) -> str | None:
+    if "torch.distributed" not in sys.modules:
+        return None
+    from fasttrain.distributed import timed_out
+
+    return timed_out(e)
 
 
 def _error(e: BaseException, text: str) -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "job_token",
     "agree_generation",
     "record_failure",
+    "timed_out",
     "tell_peers",
     "gather",
     "store_gather",
@@ -151,6 +152,7 @@ def init(device_type: str, *, timeout_s: float = 1800.0) -> DistInfo:
         backend, store=pg_store, rank=info.rank, world_size=info.world_size, timeout=timeout, **kwargs
     )
     _CURRENT = info
+    _JOINED.timeout_s = timeout_s
     log.info(
         "rank %d of %d (local %d) joined the %s process group", info.rank, info.world_size, info.local_rank, backend
     )
@@ -162,6 +164,8 @@ class _Joined:
     store: Any = None
     generation: int = 0
     """This attempt's number, the same on every rank: 1 for the job's first start, then one more per restart."""
+    timeout_s: float = 0.0
+    """The process group's timeout (dist.timeout_s), once it exists."""
     job: str = ""
     """A token of this torchrun job (its store), the same on every rank and every restart of the job, another
     for a later job that reuses the rendezvous id."""
@@ -187,7 +191,7 @@ def join(timeout_s: float = 1800.0) -> Any:
     gen = agree_generation(store, info.rank, info.world_size, timeout_s)
     if info.rank == 0 and gen == 1:
         store.set(_JOB, uuid.uuid4().hex)
-    _JOINED = _Joined(store, gen, _store_get(store, _JOB, timeout_s).decode())
+    _JOINED = _Joined(store, gen, job=_store_get(store, _JOB, timeout_s).decode())
     return store
 
 
@@ -454,6 +458,18 @@ def wrap_state(state: Any, runtime: Any, *, sync_bn: bool = False) -> None:
 
 _SECONDARY = ("closed by peer", "reset by peer", "Connection refused", "connectFullMesh", "Broken pipe")
 """A rank's error that follows another rank's end (its peer's connection went away): not the cause."""
+
+
+def timed_out(e: BaseException) -> str | None:
+    """A collective that ran out of dist.timeout_s, as one line naming the setting; None for other errors."""
+    text = str(e)
+    if not _JOINED.timeout_s or not ("Timed out" in text or "timed out" in text or "Timeout" in text):
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return (
+        f"{_where()}: waited dist.timeout_s = {_JOINED.timeout_s:g} s for the other ranks (one frozen, or lost "
+        f"without its process ending?) and gave up ({first})"
+    )
 
 
 def record_failure(message: str, run_dir: Any = None, env: Mapping[str, str] | None = None) -> None:

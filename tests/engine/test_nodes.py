@@ -164,6 +164,20 @@ def test_a_failed_worker_is_named_with_its_reason_and_the_resume_command():
     assert "has no checkpoint yet" in D.failure_report([D.WorkerFailure(0, 2, "x", 1, "/r/run")], 2, lambda r: False)
 
 
+def test_a_collective_that_ran_out_of_time_names_dist_timeout_s(monkeypatch):
+    monkeypatch.setattr(D, "_JOINED", D._Joined(timeout_s=60.0))
+    err = RuntimeError("[gloo/unbound_buffer.cc:81] Timed out waiting 60000ms for recv operation to complete")
+    text = D.timed_out(err)
+    assert text is not None and "waited dist.timeout_s = 60 s for the other ranks" in text
+    assert text.endswith(
+        "(one frozen, or lost without its process ending?) and gave up ([gloo/unbound_buffer.cc:81] "
+        "Timed out waiting 60000ms for recv operation to complete)"
+    )
+    assert D.timed_out(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    monkeypatch.setattr(D, "_JOINED", D._Joined())
+    assert D.timed_out(err) is None  # no process group: not ours to explain
+
+
 def test_a_worker_records_its_error_where_torchrun_reads_it(tmp_path):
     from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
