@@ -206,6 +206,46 @@ def test_a_marker_is_this_jobs_only_and_goes_when_the_job_ends(tmp_path):
     assert elastic_run_dir(tmp_path, "job1") is None and not list(tmp_path.glob(".torchrun-*"))
 
 
+def test_a_restart_resumes_only_its_jobs_run_with_its_config_and_reuses_a_folder_left_empty(
+    shapes_root, tmp_path, monkeypatch, caplog
+):
+    """What rank 0 decides after a restart, from the marker: the job's own run with the same config is resumed;
+    another config or another job (a reused rendezvous id) is a new run, said with the old folder's name; a
+    start that died before its first checkpoint is trained again in its folder, not left behind empty."""
+    import logging
+
+    from tinyrun import tiny_cfg
+
+    from fasttrain.engine import _elastic_plan, train
+
+    runs = tmp_path / "runs"
+    cfg = tiny_cfg(shapes_root, runs, epochs=1, max_steps=2)
+    run = train(cfg, progress=False).run_dir
+    info = D.DistInfo(rank=0, world_size=2, run_id="job1")
+    remember_elastic_run(runs, "job1", run, "token-a")
+    monkeypatch.setattr(D, "generation", lambda: 2)
+    monkeypatch.setattr(D, "job_token", lambda: "token-a")
+    more = tiny_cfg(shapes_root, runs, epochs=3, max_steps=2)
+    with caplog.at_level(logging.WARNING, logger="fasttrain"):
+        assert _elastic_plan(more, info) == (run, ["train.epochs=3"], None)
+        assert "torchrun restart 1 of job job1: resuming" in caplog.text
+        caplog.clear()
+        assert _elastic_plan(tiny_cfg(shapes_root, runs, "optim.lr=0.5", epochs=1, max_steps=2), info) == (
+            None,
+            None,
+            None,
+        )
+        assert f"run {run} was trained with another config (optim.lr (0.005 -> 0.5))" in caplog.text
+        caplog.clear()
+        monkeypatch.setattr(D, "job_token", lambda: "token-b")  # a later job, the same rendezvous id
+        assert _elastic_plan(cfg, info) == (None, None, None)
+        assert f"job id job1 named run {run} of an earlier job: this job starts a new run" in caplog.text
+    empty = runs / "t-died-early"
+    empty.mkdir()
+    remember_elastic_run(runs, "job1", empty, "token-b")
+    assert _elastic_plan(cfg, info) == (None, None, empty)
+
+
 # -- the epoch record that straddles a resume ------------------------------------------------------------------------
 def test_an_epoch_straddling_a_resume_on_fewer_processes_weighs_every_step_alike(monkeypatch):
     """Two processes, then one after a resume: the epoch's training loss is the mean of its steps' losses (it
