@@ -251,7 +251,11 @@ def _elastic_plan(cfg: Config, info: Any) -> tuple[Path | None, list[str] | None
             "torchrun job %s: its start ended before the first checkpoint; training afresh in %s", info.run_id, found
         )
         return None, None, found
-    differ = _job_config_differs(cfg, found)
+    try:
+        saved = checkpoint_config(load_checkpoint(found / "checkpoints" / "last.pt"), found)
+    except (OSError, ValueError):  # the resume names the damage (and the checkpoints that remain)
+        return found, None, None
+    differ = _job_config_differs(cfg, saved, found)
     if differ:
         log.warning(
             "torchrun job %s: run %s was trained with another config (%s): this job starts a new run",
@@ -262,16 +266,12 @@ def _elastic_plan(cfg: Config, info: Any) -> tuple[Path | None, list[str] | None
         return None, None, None
     restart = distributed.generation() - 1
     log.warning("torchrun restart %d of job %s: resuming %s from its last checkpoint", restart, info.run_id, found)
-    return found, _overrides_of(cfg, found), None
+    return found, _overrides_of(cfg, saved), None
 
 
-def _job_config_differs(cfg: Config, run_dir: Path) -> str:
+def _job_config_differs(cfg: Config, saved: Config, run_dir: Path) -> str:
     """The settings in which the job's config differs from the run's saved one, beyond what a resume may change
-    (empty: the same run). An unreadable checkpoint counts as the same (the resume then names its damage)."""
-    try:
-        saved = checkpoint_config(load_checkpoint(run_dir / "checkpoints" / "last.pt"), run_dir)
-    except (OSError, ValueError):
-        return ""
+    (empty: the same run)."""
     root = str(Path(cfg.data.root).expanduser().resolve()) if cfg.data.root else saved.data.root
     outputs = cfg.model.num_outputs or saved.model.num_outputs
     job = dataclasses.replace(
@@ -332,16 +332,9 @@ def _resumed_config(run_dir: Path, overrides: list[str] | None, last: Path | Non
     return cfg, ckpt
 
 
-def _overrides_of(cfg: Config, run_dir: Path) -> list[str]:
+def _overrides_of(cfg: Config, saved: Config) -> list[str]:
     """A torchrun restart resumes with the settings the job was started with (those a resume may change)."""
-    from fasttrain.config import config_to_dict
-
-    try:
-        saved = checkpoint_config(load_checkpoint(run_dir / "checkpoints" / "last.pt"), run_dir)
-    except (OSError, ValueError):
-        return []
-    a, b = config_to_dict(saved), config_to_dict(cfg)
-    return [f"train.epochs={b['train']['epochs']}"] if a["train"]["epochs"] != b["train"]["epochs"] else []
+    return [f"train.epochs={cfg.train.epochs}"] if saved.train.epochs != cfg.train.epochs else []
 
 
 def _new_run(prep: Prepared, reuse: Path | None = None) -> tuple[Path, RunLock | None]:
