@@ -189,7 +189,7 @@ def join(timeout_s: float = 1800.0) -> Any:
     timeout = datetime.timedelta(seconds=timeout_s)
     store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
     gen = agree_generation(store, info.rank, info.world_size, timeout_s)
-    if info.rank == 0 and gen == 1:
+    if info.rank == 0 and not store.check([_JOB]):  # the first attempt (or one whose rank 0 died before this)
         store.set(_JOB, uuid.uuid4().hex)
     _JOINED = _Joined(store, gen, job=_store_get(store, _JOB, timeout_s).decode())
     return store
@@ -353,7 +353,7 @@ def decide(name: str, fn: Callable[[], Any], timeout_s: float = 1800.0) -> Any:
         try:
             err = typ(text)
         except Exception:  # noqa: BLE001 - an exception type that takes other arguments
-            err = RuntimeError(text)
+            err = RunError(text)
         raise err
     return value
 

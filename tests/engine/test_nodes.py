@@ -100,6 +100,31 @@ def test_ranks_gather_through_the_store_and_a_rank_that_stopped_ends_the_wait_na
         assert str(got[r]).startswith("rank 2 (node 2, host h) stopped: data.root: no images under /data; ")
 
 
+def test_rank_0s_decision_or_its_error_reaches_every_rank(monkeypatch):
+    """Decided before the process group exists (through the store): what rank 0 found, or the error it met,
+    the same type with the same message on every rank (not ranks that wait for an answer that never comes)."""
+    me = {"rank": 0}
+    monkeypatch.setattr(D, "dist_info", lambda env=None: D.DistInfo(rank=me["rank"], world_size=2))
+    monkeypatch.setattr(D, "_JOINED", D._Joined(torch.distributed.HashStore(), 1, job="j"))
+    monkeypatch.setattr(D, "_DECIDED", {})
+
+    def on_rank(rank, fn):
+        me["rank"] = rank
+        D._DECIDED.clear()  # each rank counts its own calls
+        return D.decide("run", fn, timeout_s=5)
+
+    assert on_rank(0, lambda: {"run_dir": "/runs/a"}) == {"run_dir": "/runs/a"}
+    assert on_rank(1, lambda: pytest.fail("only rank 0 decides")) == {"run_dir": "/runs/a"}
+
+    def missing():
+        raise FileNotFoundError("--resume: /runs/b is not a run folder")
+
+    D._JOINED.generation = 2  # the next attempt
+    for rank in (0, 1):
+        with pytest.raises(FileNotFoundError, match=r"^--resume: /runs/b is not a run folder$"):
+            on_rank(rank, missing)
+
+
 def test_decide_outside_torchrun_just_runs_the_function():
     assert D.decide("x", lambda: 42) == 42
 
