@@ -406,15 +406,22 @@ def straight(shapes_root, tmp_path_factory) -> Path:
 
 @pytest.mark.slow  # each case starts two torchrun agents and their workers
 @needs_gloo
-@pytest.mark.parametrize("shared", [True, False], ids=["shared-runs", "runs-per-node"])
-def test_a_killed_rank_restarts_once_and_ends_bit_identical(shapes_root, tmp_path, straight, shared):
+@pytest.mark.parametrize(
+    "shared, step",
+    [(True, 9), (False, 9), (True, 1)],
+    ids=["shared-runs", "runs-per-node", "before-the-first-checkpoint"],
+)
+def test_a_killed_rank_restarts_once_and_ends_bit_identical(shapes_root, tmp_path, straight, shared, step):
     nodes = [tmp_path / "n0", tmp_path / "n1"]
     runs = tmp_path / "runs" if shared else "runs"  # relative: each node's own folder, not shared
-    args = ["--kill-rank", "1", "--kill-step", "9", "train", "-q", *_sets(shapes_root, runs)]
-    done = _two_nodes(nodes, args, job=f"kill-{shared}", restarts=1)
+    args = ["--kill-rank", "1", "--kill-step", str(step), "train", "-q", *_sets(shapes_root, runs)]
+    done = _two_nodes(nodes, args, job=f"kill-{shared}-{step}", restarts=1)
     err = "".join(e for _, e in done)
     assert all(code == 0 for code, _ in done), err[-4000:]
-    assert "torchrun restart 1" in err and "resuming" in err
+    if step > 2:  # a checkpoint was written every 2 steps
+        assert "torchrun restart 1" in err and "resuming" in err
+    else:  # its folder is trained in again, not left behind empty beside a second one
+        assert "its start ended before the first checkpoint; training afresh in" in err
     found = _runs(tmp_path / "runs", *(n / "runs" for n in nodes))
     assert len(found) == 1, found  # found again after the restart, not a second folder; none on the other node
     _identical(_weights(found[0]), _weights(straight))
