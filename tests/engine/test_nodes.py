@@ -299,6 +299,23 @@ def test_an_epoch_straddling_a_resume_on_fewer_processes_weighs_every_step_alike
     assert (again.epoch_sums["loss"].item(), again.n_summed) == (3.0, 2)
 
 
+def test_skipped_files_are_counted_over_every_rank(monkeypatch):
+    """Each rank's loader meets the bad files of its own shard: rank 0 used to list only its own (4 of 6)."""
+    from types import SimpleNamespace
+
+    from fasttrain.engine import _skipped_files
+
+    source = SimpleNamespace(skipped=[("/d/rows.csv:3", "no label")])
+    loader = SimpleNamespace(skipped=[("/d/a.jpg", "truncated")])
+    other_rank = [("/d/rows.csv:3", "no label"), ("/d/b.jpg", "not an image")]
+    monkeypatch.setattr(D, "all_gather_object", lambda mine: [mine, other_rank])
+    assert _skipped_files(source, loader, None) == [
+        ("/d/rows.csv:3", "no label"),
+        ("/d/a.jpg", "truncated"),
+        ("/d/b.jpg", "not an image"),
+    ]
+
+
 # -- two agents on one host ------------------------------------------------------------------------------------------
 needs_gloo = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
