@@ -66,6 +66,7 @@ def dataset_fingerprint(source: Any) -> Fingerprint:
         if split is None:
             continue
         counts[split.name] = len(split)
+        whole.update(f"{split.name}:{len(split)}\n".encode())  # a dataset from Python lists no targets here
         for path, target in zip(split.paths, split.targets):
             rel = path[len(root) :] if path.startswith(root) else path
             line = f"{split.name}\t{rel}\t{_target(target, root)}\n".encode()
