@@ -504,7 +504,11 @@ def failure_report(failures: list[WorkerFailure], nproc: int, checkpoint: Callab
     (``checkpoint(run_dir)``), else that the run must start again. Pure."""
     if not failures:
         return "fasttrain: error: a worker failed without saying why (see the output above)"
-    first = min(failures, key=lambda f: (any(s in f.message for s in _SECONDARY), f.timestamp, f.rank))
+    # The cause first: not a rank whose peer's connection went away, nor one the agent stopped (SIGTERM: 15)
+    # after another failed.
+    first = min(
+        failures, key=lambda f: (any(s in f.message for s in _SECONDARY), f.exitcode == -15, f.timestamp, f.rank)
+    )
     why = _why(first)
     lines = [f"fasttrain: error: rank {first.rank} failed ({_exit(first.exitcode)}): {why}"]
     others = sorted(f.rank for f in failures if f is not first)

@@ -187,6 +187,10 @@ def test_a_failed_worker_is_named_with_its_reason_and_the_resume_command():
     assert killed.splitlines()[0] == "fasttrain: error: rank 3 failed (killed by SIGKILL): the process was killed"
     assert "no run folder was written" in killed
     assert "has no checkpoint yet" in D.failure_report([D.WorkerFailure(0, 2, "x", 1, "/r/run")], 2, lambda r: False)
+    stopped = [D.WorkerFailure(0, -15, "data.root: x", 5), D.WorkerFailure(1, 2, "data.root: y", 5)]
+    assert D.failure_report(stopped, 2, bool).startswith(
+        "fasttrain: error: rank 1 failed (exit status 2): data.root: y"
+    )
 
 
 def test_a_collective_that_ran_out_of_time_names_dist_timeout_s(monkeypatch):
