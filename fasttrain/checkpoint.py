@@ -269,6 +269,7 @@ RESUME_MAY_CHANGE = (
     "runtime.*",
     "tune.*",
     "bench.*",
+    "dist.*",
     "name",
     "data.root",
     "data.loader",

@@ -123,10 +123,36 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
         torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "fasttrain", *rest])
     except SystemExit as e:  # torchrun exits with the workers' status
         return int(e.code or 0)
-    except Exception as e:  # noqa: BLE001 - torchrun's ChildFailedError: a worker failed; its own output says why
-        print(f"fasttrain: error: a worker failed: {str(e).splitlines()[0]}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - torchrun's ChildFailedError: a worker failed
+        print(_worker_failure(e, nproc), file=sys.stderr)
         return 1
     return 0
+
+
+def _worker_failure(e: BaseException, nproc: int) -> str:
+    """Which rank failed, why (its last error line, from the error file each worker writes) and how to go on."""
+    from fasttrain.distributed import WorkerFailure, failure_report
+
+    failures = []
+    for rank, f in (getattr(e, "failures", None) or {}).items():
+        data = getattr(f, "error_file_data", None) or {}
+        failures.append(
+            WorkerFailure(
+                int(rank),
+                int(getattr(f, "exitcode", 1)),
+                str(getattr(f, "message", "") or ""),
+                float(getattr(f, "timestamp", 0) or 0),
+                str(data.get("fasttrain_run_dir", "") if isinstance(data, dict) else ""),
+            )
+        )
+    if not failures:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"fasttrain: error: a worker failed: {first}"
+
+    def has_checkpoint(run: str) -> bool:
+        return (Path(run) / "checkpoints" / "last.pt").is_file()
+
+    return failure_report(failures, nproc, has_checkpoint)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -633,19 +659,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except ConfigError as e:
-        print(f"fasttrain: error: {e}", file=sys.stderr)
+        _error(e, str(e))
         return 2
     except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"fasttrain: error: {_one_line(e)}", file=sys.stderr)
+        _error(e, _one_line(e))
         return 2
     except (OSError, RunError) as e:  # a write failed (disk full, read-only, permissions), a run had to stop
-        print(f"fasttrain: error: {_one_line(e)}", file=sys.stderr)
+        _error(e, _one_line(e))
         return 1
     except (RuntimeError, MemoryError) as e:
+        waited = _timed_out(e)
+        if waited:
+            _error(e, waited)
+            return 1
         if not _out_of_memory(e):
+            _record_for_torchrun(e, f"{type(e).__name__}: {_one_line(e)}")
             raise
-        print(f"fasttrain: error: {_oom_line(e)}", file=sys.stderr)
+        _error(e, _oom_line(e))
         return 1
+    except Exception as e:  # a bug: its traceback follows; under torchrun its last line is recorded too
+        _record_for_torchrun(e, f"{type(e).__name__}: {_one_line(e)}")
+        raise
     except KeyboardInterrupt as e:  # Ctrl-C, or a run stopped by SIGINT / SIGTERM / SIGUSR1 (fasttrain.stop)
         from fasttrain.stop import Stopped
 
@@ -669,6 +703,32 @@ def main(argv: list[str] | None = None) -> int:
             from fasttrain.distributed import shutdown
 
             shutdown()
+
+
+def _timed_out(e: BaseException) -> str | None:
+    if "torch.distributed" not in sys.modules:
+        return None
+    from fasttrain.distributed import timed_out
+
+    return timed_out(e)
+
+
+def _error(e: BaseException, text: str) -> None:
+    print(f"fasttrain: error: {text}", file=sys.stderr)
+    _record_for_torchrun(e, text)
+
+
+def _record_for_torchrun(e: BaseException, text: str) -> None:
+    """Under torchrun: the worker's error line (and run folder) where ``fasttrain train --nproc`` reads it, and
+    told to the other ranks, which stop at once instead of waiting for this one."""
+    if "torch.distributed" not in sys.modules:
+        return
+    from fasttrain.agree import NodesDisagree
+    from fasttrain.distributed import PeerFailed, record_failure, tell_peers
+
+    record_failure(text, getattr(e, "run_dir", None))
+    if not isinstance(e, (PeerFailed, NodesDisagree)):  # those every rank knows already
+        tell_peers(text)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ __all__ = [
     "TaskConfig",
     "TuneConfig",
     "BenchConfig",
+    "DistConfig",
     "load_config",
     "packaged_config",
     "packaged_configs",
@@ -643,6 +644,18 @@ class BenchConfig:
 
 
 @dataclass
+class DistConfig:
+    timeout_s: float = 1800.0
+    """Seconds a process of a multi-process job (torchrun) waits on the others, at the start and in every
+    collective, before it fails with an error naming this setting. The 1800 s default is torch's: a rank that
+    lists a large dataset, compiles the first step or writes a large checkpoint on a slow filesystem keeps the
+    others waiting for minutes; lower it where steps are short and a frozen rank should end the job sooner."""
+
+    def __post_init__(self) -> None:
+        _check(self.timeout_s > 0, "dist.timeout_s", f"must be > 0 seconds, got {self.timeout_s}")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -653,6 +666,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     name: str = "run"
     """Config name (the TOML file's stem unless set); prefixes run folders."""
 

@@ -9,13 +9,19 @@ and nothing here does anything. NCCL on CUDA, gloo on CPU.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
-from collections.abc import Mapping
+import pickle
+import time
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from fasttrain.rundir import RunError
 
 log = logging.getLogger(__name__)
 
@@ -23,10 +29,24 @@ __all__ = [
     "DistInfo",
     "dist_info",
     "init",
+    "join",
+    "decide",
+    "generation",
+    "job_token",
+    "agree_generation",
+    "record_failure",
+    "timed_out",
+    "tell_peers",
+    "gather",
+    "store_gather",
+    "post_failure",
+    "PeerFailed",
+    "failure_report",
     "shutdown",
     "per_rank_batch",
     "all_reduce_sums",
     "broadcast_object",
+    "all_gather_object",
     "barrier",
     "current",
     "wrap_state",
@@ -99,7 +119,8 @@ def current() -> DistInfo:
 
 def init(device_type: str, *, timeout_s: float = 1800.0) -> DistInfo:
     """Join torchrun's process group (no-op for one process). On CUDA the process takes GPU ``LOCAL_RANK``
-    first (NCCL binds to the current device), so ``runtime.device = auto`` resolves to it."""
+    first (NCCL binds to the current device), so ``runtime.device = auto`` resolves to it. ``timeout_s``
+    (``dist.timeout_s``): how long a rank waits on the others, to join and in every collective."""
     global _CURRENT
     info = dist_info()
     if not info.enabled:
@@ -121,25 +142,230 @@ def init(device_type: str, *, timeout_s: float = 1800.0) -> DistInfo:
         torch.cuda.set_device(info.local_rank)
         kwargs["device_id"] = torch.device("cuda", info.local_rank)
     # torchrun's store outlives a restart of the worker group: the ranks of a new attempt would read the dead
-    # attempt's addresses under the default keys and fail to connect. Each attempt gets its own key prefix.
+    # attempt's addresses under the default keys and fail to connect. Each attempt gets its own key prefix, the
+    # attempt's number agreed through the store (each node's agent counts its own restarts: they differ).
+    store = join(timeout_s)
+    gather("ready", None, timeout_s)  # a rank that failed before joining is named, not waited for
+    pg_store = dist.PrefixStore(f"fasttrain/attempt-{_JOINED.generation}", store)
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, rank, world = next(dist.rendezvous("env://", timeout=timeout))
-    store = dist.PrefixStore(f"fasttrain/attempt-{info.restart}", store)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs)
+    dist.init_process_group(
+        backend, store=pg_store, rank=info.rank, world_size=info.world_size, timeout=timeout, **kwargs
+    )
     _CURRENT = info
+    _JOINED.timeout_s = timeout_s
     log.info(
         "rank %d of %d (local %d) joined the %s process group", info.rank, info.world_size, info.local_rank, backend
     )
     return info
 
 
+@dataclass
+class _Joined:
+    store: Any = None
+    generation: int = 0
+    """This attempt's number, the same on every rank: 1 for the job's first start, then one more per restart."""
+    timeout_s: float = 0.0
+    """The process group's timeout (dist.timeout_s), once it exists."""
+    job: str = ""
+    """A token of this torchrun job (its store), the same on every rank and every restart of the job, another
+    for a later job that reuses the rendezvous id."""
+
+
+_JOINED = _Joined()
+_DECIDED: dict[str, int] = {}
+
+_GEN, _JOB = "fasttrain/generation", "fasttrain/job"
+
+
+def join(timeout_s: float = 1800.0) -> Any:
+    """torchrun's store, and this attempt's :func:`generation` and :func:`job_token` (agreed by every rank),
+    before the process group exists: what rank 0 decides then (:func:`decide`) goes through it."""
+    global _JOINED
+    if _JOINED.store is not None:
+        return _JOINED.store
+    import torch.distributed as dist
+
+    info = dist_info()
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
+    gen = agree_generation(store, info.rank, info.world_size, timeout_s)
+    if info.rank == 0 and not store.check([_JOB]):  # the first attempt (or one whose rank 0 died before this)
+        store.set(_JOB, uuid.uuid4().hex)
+    _JOINED = _Joined(store, gen, job=_store_get(store, _JOB, timeout_s).decode())
+    return store
+
+
+def generation() -> int:
+    """This attempt's number (1: the job's first start); 0 outside torchrun or before :func:`join`."""
+    return _JOINED.generation
+
+
+def job_token() -> str:
+    """This torchrun job's token (see :class:`_Joined`); empty outside torchrun or before :func:`join`."""
+    return _JOINED.job
+
+
+def _store_get(store: Any, key: str, timeout_s: float) -> bytes:
+    """``store[key]``, waiting for it at most ``timeout_s`` (an error naming dist.timeout_s)."""
+    deadline = time.monotonic() + timeout_s
+    while not store.check([key]):
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"rank {dist_info().rank}: waited {timeout_s:g} s (dist.timeout_s) for rank 0 of the job, which "
+                f"did not answer (ended, or stuck before it joined); see its node's output"
+            )
+        time.sleep(0.02)
+    return bytes(store.get(key))
+
+
+def agree_generation(store: Any, rank: int, world_size: int, timeout_s: float) -> int:
+    """The attempt's number, the same on every rank, from a store that keeps the keys of earlier attempts.
+
+    Rank 0 takes the next number; every other rank posts a fresh nonce and waits for rank 0 to answer that
+    nonce with the number (an answer to an older nonce is a dead attempt's, ignored); rank 0 answers whatever
+    nonce it finds until the rank confirms the new number, which no earlier attempt used. Nothing here depends
+    on torchrun's restart counter, which each node's agent keeps for itself."""
+    deadline = time.monotonic() + timeout_s
+    if rank == 0:
+        gen = int(store.add(_GEN, 1))
+        waiting = set(range(1, world_size))
+        while waiting:
+            for r in sorted(waiting):
+                if store.check([f"fasttrain/confirm/{r}"]) and _tail(store.get(f"fasttrain/confirm/{r}")) == gen:
+                    waiting.discard(r)
+                elif store.check([f"fasttrain/hello/{r}"]):
+                    nonce = bytes(store.get(f"fasttrain/hello/{r}")).decode()
+                    store.set(f"fasttrain/ack/{r}", f"{nonce}|{gen}")
+            if waiting:
+                _wait_or_fail(deadline, timeout_s, f"ranks {sorted(waiting)} did not join")
+        return gen
+    nonce = uuid.uuid4().hex
+    store.set(f"fasttrain/hello/{rank}", nonce)
+    while True:
+        if store.check([f"fasttrain/ack/{rank}"]):
+            got, _, gen_text = bytes(store.get(f"fasttrain/ack/{rank}")).decode().partition("|")
+            if got == nonce:
+                store.set(f"fasttrain/confirm/{rank}", f"{nonce}|{gen_text}")
+                return int(gen_text)
+        _wait_or_fail(deadline, timeout_s, "rank 0 did not answer")
+
+
+def _tail(value: Any) -> int:
+    try:
+        return int(bytes(value).decode().rpartition("|")[2])
+    except ValueError:
+        return -1
+
+
+def _wait_or_fail(deadline: float, timeout_s: float, what: str) -> None:
+    if time.monotonic() > deadline:
+        raise TimeoutError(
+            f"rank {dist_info().rank}: {what} within {timeout_s:g} s (dist.timeout_s): a process of the job ended "
+            f"or is stuck before it joined; see its node's output"
+        )
+    time.sleep(0.02)
+
+
+class PeerFailed(RunError):
+    """Another rank of the job stopped with an error before this one could go on; the message names it."""
+
+
+def _where(env: Mapping[str, str] | None = None) -> str:
+    import socket
+
+    env = os.environ if env is None else env
+    return f"rank {env.get('RANK', '0')} (node {env.get('GROUP_RANK', '0')}, host {socket.gethostname()})"
+
+
+def tell_peers(text: str) -> None:
+    """This rank stops with ``text``: said through the store, so that ranks waiting in :func:`gather` (or to
+    join the process group) stop at once with it instead of waiting dist.timeout_s. Never raises."""
+    if _JOINED.store is None:
+        return
+    try:
+        post_failure(_JOINED.store, f"fasttrain/attempt-{_JOINED.generation}", dist_info().rank, text)
+    except Exception:  # noqa: BLE001 - the store may be gone with the job: the error itself is what matters
+        pass
+
+
+def post_failure(store: Any, prefix: str, rank: int, text: str, where: str = "") -> None:
+    store.set(f"{prefix}/failed/{rank}", f"{where or _where()} stopped: {text}")
+    store.add(f"{prefix}/failed", 1)
+
+
+def gather(name: str, obj: Any, timeout_s: float = 1800.0) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, through torchrun's store: usable before the process
+    group exists and whatever its backend, and a rank that stopped with an error (:func:`tell_peers`) ends the
+    wait on every rank at once with :class:`PeerFailed` naming it. ``[obj]`` outside torchrun."""
+    info = dist_info()
+    if not info.enabled:
+        return [obj]
+    store = join(timeout_s)
+    _DECIDED[name] = _DECIDED.get(name, 0) + 1
+    prefix = f"fasttrain/attempt-{_JOINED.generation}"
+    return store_gather(store, prefix, f"{name}/{_DECIDED[name]}", info.rank, info.world_size, obj, timeout_s)
+
+
+def store_gather(store: Any, prefix: str, name: str, rank: int, world_size: int, obj: Any, timeout_s: float) -> list:
+    """:func:`gather` on a given store: each rank's value under ``prefix/gather/name/<rank>``, an arrival count,
+    and ``prefix/failed`` watched while waiting."""
+    key = f"{prefix}/gather/{name}"
+    store.set(f"{key}/{rank}", pickle.dumps(obj))
+    store.add(f"{key}/count", 1)
+    deadline = time.monotonic() + timeout_s
+    while int(store.add(f"{key}/count", 0)) < world_size:
+        if int(store.add(f"{prefix}/failed", 0)):
+            raise PeerFailed(_failure_text(store, prefix, world_size))
+        _wait_or_fail(deadline, timeout_s, f"not every rank reached {name.rpartition('/')[0] or name!r}")
+    return [pickle.loads(bytes(store.get(f"{key}/{r}"))) for r in range(world_size)]
+
+
+def _failure_text(store: Any, prefix: str, world_size: int) -> str:
+    said = [
+        bytes(store.get(f"{prefix}/failed/{r}")).decode()
+        for r in range(world_size)
+        if store.check([f"{prefix}/failed/{r}"])
+    ]
+    return "; ".join(said) + f"; {_where()} stops with it" if said else "another rank stopped"
+
+
+def decide(name: str, fn: Callable[[], Any], timeout_s: float = 1800.0) -> Any:
+    """``fn()`` run by rank 0 alone, its result (a picklable value) on every rank, before the process group
+    exists (through torchrun's store, once per attempt). An error raised by ``fn`` is raised on every rank, the
+    same type with the same message (one clear message everywhere, instead of ranks that wait)."""
+    info = dist_info()
+    if not info.enabled:
+        return fn()
+    store = join(timeout_s)
+    _DECIDED[name] = _DECIDED.get(name, 0) + 1  # every rank makes the same calls: the n-th has the same key
+    key = f"fasttrain/attempt-{_JOINED.generation}/decide/{name}/{_DECIDED[name]}"
+    if info.rank == 0:
+        try:
+            box: tuple[str, Any] = ("ok", fn())
+        except Exception as e:
+            store.set(key, pickle.dumps(("error", (type(e), str(e)))))
+            raise
+        store.set(key, pickle.dumps(box))
+        return box[1]
+    kind, value = pickle.loads(_store_get(store, key, timeout_s))
+    if kind == "error":
+        typ, text = value
+        try:
+            err = typ(text)
+        except Exception:  # noqa: BLE001 - an exception type that takes other arguments
+            err = RunError(text)
+        raise err
+    return value
+
+
 def shutdown() -> None:
-    global _CURRENT
+    global _CURRENT, _JOINED
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _CURRENT = DistInfo()
+    _JOINED = _Joined()  # a later process group in this process agrees on a new attempt number (fresh keys)
 
 
 def per_rank_batch(global_batch: int, world_size: int, name: str = "train.batch_size") -> int:
@@ -187,6 +413,18 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` for one process)."""
+    info = current()
+    if not info.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if current().enabled:
         import torch.distributed as dist
@@ -216,3 +454,91 @@ def wrap_state(state: Any, runtime: Any, *, sync_bn: bool = False) -> None:
         state.ddp[name] = ddp
         state.callables[name] = runtime.compiled(ddp)
         state.local[name] = runtime.for_eval(module, runtime.compiled(module))
+
+
+_SECONDARY = ("closed by peer", "reset by peer", "Connection refused", "connectFullMesh", "Broken pipe")
+"""A rank's error that follows another rank's end (its peer's connection went away): not the cause."""
+
+
+def timed_out(e: BaseException) -> str | None:
+    """A collective that ran out of dist.timeout_s, as one line naming the setting; None for other errors."""
+    text = str(e)
+    if not _JOINED.timeout_s or not ("Timed out" in text or "timed out" in text or "Timeout" in text):
+        return None
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    return (
+        f"{_where()}: waited dist.timeout_s = {_JOINED.timeout_s:g} s for the other ranks (one frozen, or lost "
+        f"without its process ending?) and gave up ({first})"
+    )
+
+
+def record_failure(message: str, run_dir: Any = None, env: Mapping[str, str] | None = None) -> None:
+    """Under torchrun: this worker's last error line (and its run folder, when it has one) in the error file
+    torchrun reads back (``TORCHELASTIC_ERROR_FILE``), so that ``fasttrain train --nproc`` can say which rank
+    failed and why. Does nothing elsewhere; never raises."""
+    env = os.environ if env is None else env
+    path = env.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": message, "timestamp": int(time.time()), "fasttrain_run_dir": str(run_dir or "")}
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+    except OSError:
+        pass
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    rank: int
+    exitcode: int
+    message: str
+    """The worker's last error line (recorded by :func:`record_failure`), or torchrun's account of it."""
+    timestamp: float = 0.0
+    run_dir: str = ""
+
+
+def failure_report(failures: list[WorkerFailure], nproc: int, checkpoint: Callable[[str], bool]) -> str:
+    """What ``fasttrain train --nproc N`` says when a worker failed: which rank, why (its last error line), the
+    other ranks that ended with it, and how to go on: the resume command when the run folder has a checkpoint
+    (``checkpoint(run_dir)``), else that the run must start again. Pure."""
+    if not failures:
+        return "fasttrain: error: a worker failed without saying why (see the output above)"
+    # The cause first: not a rank whose peer's connection went away, nor one the agent stopped (SIGTERM: 15)
+    # after another failed.
+    first = min(
+        failures, key=lambda f: (any(s in f.message for s in _SECONDARY), f.exitcode == -15, f.timestamp, f.rank)
+    )
+    why = _why(first)
+    lines = [f"fasttrain: error: rank {first.rank} failed ({_exit(first.exitcode)}): {why}"]
+    others = sorted(f.rank for f in failures if f is not first)
+    if others:
+        lines.append(f"  (rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} ended with it)")
+    run_dir = first.run_dir or next((f.run_dir for f in failures if f.run_dir), "")
+    if run_dir and checkpoint(run_dir):
+        lines.append(
+            f"continue the run from its last checkpoint with\n  fasttrain train --resume {run_dir} --nproc {nproc}"
+        )
+    elif run_dir:
+        lines.append(f"{run_dir} has no checkpoint yet: start the run again")
+    else:
+        lines.append("no run folder was written: start the run again once that is fixed")
+    return "\n".join(lines)
+
+
+def _exit(code: int) -> str:
+    if code < 0:
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+def _why(f: WorkerFailure) -> str:
+    text = f.message.strip()
+    if not text or text.startswith("To enable traceback") or text.startswith("Signal "):
+        return "no error recorded (see the output above)" if f.exitcode >= 0 else "the process was killed"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip()).removeprefix("fasttrain: error: ")

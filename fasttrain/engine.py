@@ -46,6 +46,8 @@ from fasttrain.rundir import (
     RunLock,
     clean_temp_files,
     elastic_run_dir,
+    forget_elastic_run,
+    holds_checkpoints,
     new_run_dir,
     remember_elastic_run,
     run_name,
@@ -119,65 +121,193 @@ def train(
     if resume is None and cfg is None:
         raise ValueError("train() needs a config or resume=RUN_DIR")
     info = distributed.dist_info()
-    if resume is None and info.enabled and info.run_id and cfg is not None:
-        found = elastic_run_dir(cfg.train.runs_dir, info.run_id)
-        if found is not None and (found / "checkpoints" / "last.pt").is_file():
-            log.warning(
-                "torchrun restart %d of job %s: resuming %s from its last checkpoint", info.restart, info.run_id, found
-            )
-            resume, overrides = found, _overrides_of(cfg, found)
     lock: RunLock | None = None
     run_dir: Path | None = None
     console = _api_console(quiet)
     progress = progress and not quiet
+    held: dict[str, Any] = {}  # rank 0's lock and checkpoint, from the decision below
     try:
-        ckpt = None
-        if resume is not None:
-            run_dir, start = _resume_target(Path(resume))
-            if info.is_main:
-                lock = RunLock(run_dir).acquire()  # before reading anything a running process may be rewriting
-                clean_temp_files(run_dir)
-                check_writable(run_dir / "checkpoints", "--resume")  # read-only: fail now, not after an epoch
-            cfg, ckpt = _resumed_config(run_dir, overrides, start)
+        timeout = cfg.dist.timeout_s if cfg is not None else 1800.0
+        # Rank 0 decides which run folder this is (a resume, a torchrun restart, a new run) and reads the
+        # checkpoint; every rank takes its decision (the others may not see the runs folder at all).
+        plan = distributed.decide("run", lambda: _plan_run(cfg, resume, overrides, info, held), timeout)
+        lock, ckpt = held.get("lock"), held.get("ckpt")
+        run_dir = Path(plan.run_dir) if plan.run_dir else None
+        cfg = plan.cfg or cfg
         assert cfg is not None
-        prep = prepare(cfg, model=model, dataset=dataset, val_dataset=val_dataset, restoring=ckpt is not None)
-        _check_best_metric(prep.task, prep.cfg.train.best_metric, bool(prep.source.val))
-        if prep.cfg.train.save_top_k:
-            _check_best_metric(prep.task, prep.cfg.train.best_metric, bool(prep.source.val), "train.save_top_k", True)
-        if prep.cfg.train.early_stop_patience:
-            _check_best_metric(
-                prep.task, prep.cfg.train.early_stop_metric, bool(prep.source.val), "train.early_stop_metric", True
-            )
-        seed_everything(prep.cfg.runtime.seed)
-        if not prep.runtime.is_cuda:
-            kept = memory.keep_host_heap()
-            if kept:
-                log.debug("%s", kept)
+        prep = prepare(
+            cfg,
+            model=model,
+            dataset=dataset,
+            val_dataset=val_dataset,
+            restoring=bool(plan.start) or ckpt is not None,
+        )
+        if plan.start:
+            ckpt = _share_checkpoint(ckpt, Path(plan.start), plan.start_size)
+        _check_prepared(prep)
         with prep.runtime.flags():
             # Loaders (they check the files), model and optimizers first: what cannot train is refused before
             # a new run folder exists.
             trainer = Trainer(prep, ckpt, progress=progress, on_epoch_end=on_epoch_end)
             try:
                 if run_dir is None:
-                    run_dir, lock = _new_run(prep)
+                    run_dir, lock = _new_run(prep, Path(plan.reuse) if plan.reuse else None)
                 handler = _attach_run_log(run_dir / "train.log") if prep.dist.is_main else None
                 try:
                     # SIGINT, SIGTERM, SIGUSR1: saved at the next step (one process; torchrun's ranks would need
                     # to agree on that step, so a job keeps each signal's own behaviour)
                     with stop_on_signals(enabled=not prep.dist.enabled) as trainer.stop:
-                        return trainer.run(run_dir)
-                except KeyboardInterrupt as e:
-                    e.run_dir = run_dir  # type: ignore[attr-defined]  # the CLI says how to resume it
+                        result = trainer.run(run_dir)
+                    if prep.dist.is_main and info.run_id:  # the job is done: a restart has nothing to find
+                        forget_elastic_run(prep.cfg.train.runs_dir, info.run_id, run_dir)
+                    return result
+                except BaseException as e:
+                    try:
+                        e.run_dir = run_dir  # type: ignore[attr-defined]  # the CLI says how to resume it
+                    except AttributeError:
+                        pass
                     raise
                 finally:
                     _detach_run_log(handler)
             finally:
                 trainer.close()
     finally:
-        if lock is not None and run_dir is not None:
-            clean_temp_files(run_dir)
+        lock = lock or held.get("lock")
+        if lock is not None:
+            clean_temp_files(lock.path.parent)
             lock.release()
         _detach_run_log(console)
+
+
+def _check_prepared(prep: Prepared) -> None:
+    """What is refused after preparing, before the loaders: metrics that do not exist, and ranks that would not
+    train on the same data and config (:mod:`fasttrain.agree`). Then the seed and, on CPU, the heap setting."""
+    from fasttrain.agree import check_nodes
+
+    _check_best_metric(prep.task, prep.cfg.train.best_metric, bool(prep.source.val))
+    if prep.cfg.train.save_top_k:
+        _check_best_metric(prep.task, prep.cfg.train.best_metric, bool(prep.source.val), "train.save_top_k", True)
+    if prep.cfg.train.early_stop_patience:
+        _check_best_metric(
+            prep.task, prep.cfg.train.early_stop_metric, bool(prep.source.val), "train.early_stop_metric", True
+        )
+    check_nodes(prep.source, prep.cfg)
+    seed_everything(prep.cfg.runtime.seed)
+    if not prep.runtime.is_cuda:
+        kept = memory.keep_host_heap()
+        if kept:
+            log.debug("%s", kept)
+
+
+@dataclass
+class _RunPlan:
+    """Rank 0's decision, taken by every rank: the run folder to resume (and its config and checkpoint), or a
+    folder of this job's earlier start to train in afresh, or a new folder (all empty)."""
+
+    run_dir: str = ""
+    cfg: Config | None = None
+    start: str = ""
+    """The checkpoint resumed from."""
+    start_size: int = 0
+    reuse: str = ""
+
+
+def _plan_run(
+    cfg: Config | None, resume: str | Path | None, overrides: list[str] | None, info: Any, held: dict[str, Any]
+) -> _RunPlan:
+    """On rank 0 (or the only process): which run this is. A torchrun restart finds its job's folder by the
+    job's token and config (:func:`_elastic_plan`); a resume takes the folder's lock and reads the checkpoint
+    (kept in ``held`` with the lock)."""
+    reuse = None
+    if resume is None and info.enabled and info.run_id and cfg is not None:
+        resume, overrides, reuse = _elastic_plan(cfg, info)
+    if resume is None:
+        return _RunPlan(reuse=str(reuse or ""))
+    run_dir, start = _resume_target(Path(resume))
+    if info.is_main:
+        held["lock"] = RunLock(run_dir).acquire()  # before reading anything a running process may be rewriting
+        clean_temp_files(run_dir)
+        check_writable(run_dir / "checkpoints", "--resume")  # read-only: fail now, not after an epoch
+    cfg, held["ckpt"] = _resumed_config(run_dir, overrides, start)
+    return _RunPlan(str(run_dir), cfg, str(start), start.stat().st_size)
+
+
+def _elastic_plan(cfg: Config, info: Any) -> tuple[Path | None, list[str] | None, Path | None]:
+    """(run folder to resume, its overrides, folder to train in afresh) for a torchrun job: the folder this job
+    (its token: not an earlier job that used the same rendezvous id) created, resumed when it has a checkpoint
+    and the config is the run's; trained in afresh when the start died before its first checkpoint."""
+    token = distributed.job_token()
+    found = elastic_run_dir(cfg.train.runs_dir, info.run_id, job=token)
+    if found is None:
+        other = elastic_run_dir(cfg.train.runs_dir, info.run_id)
+        if other is not None:
+            log.warning(
+                "torchrun job id %s named run %s of an earlier job: this job starts a new run (continue that one "
+                "with fasttrain train --resume %s)",
+                info.run_id,
+                other,
+                other,
+            )
+        return None, None, None
+    if not (found / "checkpoints" / "last.pt").is_file():
+        if holds_checkpoints(found):
+            return None, None, None
+        log.warning(
+            "torchrun job %s: its start ended before the first checkpoint; training afresh in %s", info.run_id, found
+        )
+        return None, None, found
+    try:
+        saved = checkpoint_config(load_checkpoint(found / "checkpoints" / "last.pt"), found)
+    except (OSError, ValueError):  # the resume names the damage (and the checkpoints that remain)
+        return found, None, None
+    differ = _job_config_differs(cfg, saved, found)
+    if differ:
+        log.warning(
+            "torchrun job %s: run %s was trained with another config (%s): this job starts a new run",
+            info.run_id,
+            found,
+            differ,
+        )
+        return None, None, None
+    restart = distributed.generation() - 1
+    log.warning("torchrun restart %d of job %s: resuming %s from its last checkpoint", restart, info.run_id, found)
+    return found, _overrides_of(cfg, saved), None
+
+
+def _job_config_differs(cfg: Config, saved: Config, run_dir: Path) -> str:
+    """The settings in which the job's config differs from the run's saved one, beyond what a resume may change
+    (empty: the same run)."""
+    root = str(Path(cfg.data.root).expanduser().resolve()) if cfg.data.root else saved.data.root
+    outputs = cfg.model.num_outputs or saved.model.num_outputs
+    job = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, root=root),
+        model=dataclasses.replace(cfg.model, num_outputs=outputs),
+    )
+    try:
+        check_resume_config(saved, job, run_dir)
+    except ConfigError as e:
+        return str(e).removeprefix("--resume: ").split(" cannot change on resume")[0]
+    return ""
+
+
+def _share_checkpoint(ckpt: dict[str, Any] | None, start: Path, size: int) -> dict[str, Any] | None:
+    """The resumed checkpoint on every rank: read from the shared runs folder, or, where a rank does not see
+    rank 0's (a runs folder each node has for itself), sent by rank 0 to all."""
+    info = distributed.current()
+    if not info.enabled:
+        return ckpt
+    sees = info.is_main or (start.is_file() and start.stat().st_size == size)
+    blind = [r for r, ok in enumerate(distributed.all_gather_object(sees)) if not ok]
+    if not blind:
+        return ckpt if info.is_main else load_checkpoint(start, resume=True)
+    log.warning(
+        "train.runs_dir is not shared with rank%s %s (no %s there): rank 0 sends the checkpoint to every rank",
+        "s" if len(blind) > 1 else "",
+        ", ".join(map(str, blind)),
+        start,
+    )
+    return distributed.broadcast_object(ckpt if info.is_main else None)
 
 
 def _resume_target(resume: Path) -> tuple[Path, Path]:
@@ -207,27 +337,28 @@ def _resumed_config(run_dir: Path, overrides: list[str] | None, last: Path | Non
     return cfg, ckpt
 
 
-def _overrides_of(cfg: Config, run_dir: Path) -> list[str]:
+def _overrides_of(cfg: Config, saved: Config) -> list[str]:
     """A torchrun restart resumes with the settings the job was started with (those a resume may change)."""
-    from fasttrain.config import config_to_dict
-
-    try:
-        saved = checkpoint_config(load_checkpoint(run_dir / "checkpoints" / "last.pt"), run_dir)
-    except (OSError, ValueError):
-        return []
-    a, b = config_to_dict(saved), config_to_dict(cfg)
-    return [f"train.epochs={b['train']['epochs']}"] if a["train"]["epochs"] != b["train"]["epochs"] else []
+    return [f"train.epochs={cfg.train.epochs}"] if saved.train.epochs != cfg.train.epochs else []
 
 
-def _new_run(prep: Prepared) -> tuple[Path, RunLock | None]:
-    """Rank 0 creates the run folder and takes its lock; the other ranks learn its name."""
+def _new_run(prep: Prepared, reuse: Path | None = None) -> tuple[Path, RunLock | None]:
+    """Rank 0 creates the run folder and takes its lock (or trains in ``reuse``, the folder of this torchrun
+    job's start that ended before its first checkpoint: no empty folder is left behind); the other ranks
+    learn its name."""
     cfg, info = prep.cfg, prep.dist
     run_dir = lock = None
     if info.is_main:
-        run_dir = new_run_dir(cfg.train.runs_dir, run_name(cfg.name, cfg.train.run_name))
-        lock = RunLock(run_dir).acquire()
+        if reuse is not None:
+            run_dir = reuse
+            lock = RunLock(run_dir).acquire()
+            clean_temp_files(run_dir)
+            trim_metrics(run_dir / "metrics.jsonl", 0, 0)  # the dead start's step records: trained again
+        else:
+            run_dir = new_run_dir(cfg.train.runs_dir, run_name(cfg.name, cfg.train.run_name))
+            lock = RunLock(run_dir).acquire()
         if info.enabled and info.run_id:
-            remember_elastic_run(cfg.train.runs_dir, info.run_id, run_dir)
+            remember_elastic_run(cfg.train.runs_dir, info.run_id, run_dir, distributed.job_token())
     run_dir = Path(distributed.broadcast_object(str(run_dir) if run_dir else None))
     return run_dir, lock
 
@@ -423,11 +554,15 @@ def _better(mode: str, new: float, old: float | None) -> bool:
 class Running:
     """The epoch in progress: its summed training values (over all processes, on the device) and counts, the
     window since the last read, and the run of consecutive non-finite logged steps. Mid-epoch checkpoints hold
-    it, so that a resumed epoch's record averages all the epoch's steps exactly as an uninterrupted run's."""
+    it, so that a resumed epoch's record averages all the epoch's steps exactly as an uninterrupted run's.
+
+    The epoch's sums are kept per global micro-batch (each process's values summed, divided by the number of
+    processes), so an epoch that straddles a resume on another number of processes weighs every step alike."""
 
     epoch_sums: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     window: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     n_summed: int = 0
+    """Global micro-batches in epoch_sums."""
     n_window: int = 0
     nonfinite_logs: int = 0
 
@@ -436,8 +571,8 @@ class Running:
         window = distributed.all_reduce_sums(self.window)
         world = distributed.current().world_size
         means = {k: v / (self.n_window * world) for k, v in _read(window).items()} if self.n_window else {}
-        _add_sums(self.epoch_sums, window)
-        self.n_summed += self.n_window * world
+        _add_sums(self.epoch_sums, {k: v / world for k, v in window.items()} if world > 1 else window)
+        self.n_summed += self.n_window
         self.window, self.n_window = {}, 0
         return means
 
@@ -448,16 +583,24 @@ class Running:
             "n_summed": self.n_summed,
             "n_window": self.n_window,
             "nonfinite_logs": self.nonfinite_logs,
+            "per_global_micro_batch": True,
         }
 
     @classmethod
-    def from_checkpoint(cls, d: dict[str, Any] | None, device: torch.device) -> Running:
+    def from_checkpoint(cls, d: dict[str, Any] | None, device: torch.device, micro: int = 0) -> Running:
+        """``micro``: the micro-batches of the epoch done, which tells the processes an older checkpoint (sums
+        over every process's micro-batches) was written with."""
         if not d:
             return cls()
+        sums = {k: v.to(device) for k, v in d.get("epoch_sums", {}).items()}
+        n_summed = int(d.get("n_summed", 0))
+        if not d.get("per_global_micro_batch") and micro > 0 and n_summed > micro:
+            world = max(round(n_summed / micro), 1)
+            sums, n_summed = {k: v / world for k, v in sums.items()}, n_summed // world
         return cls(
-            {k: v.to(device) for k, v in d.get("epoch_sums", {}).items()},
+            sums,
             {k: v.to(device) for k, v in d.get("window", {}).items()},
-            int(d.get("n_summed", 0)),
+            n_summed,
             int(d.get("n_window", 0)),
             int(d.get("nonfinite_logs", 0)),
         )
@@ -519,11 +662,23 @@ def _epoch_batches(loader: Loader, epoch: int, skip: int):
     return iter(loader)
 
 
+@dataclass
+class _NoSource:
+    skipped: tuple = ()
+
+
+_NO_SOURCE: Any = _NoSource()
+
+
 def _skipped_files(source: DataSource, *loaders: Loader | None) -> list[tuple[str, str]]:
-    """Files and records left out: at discovery, and by the loaders (unreadable images), each named once."""
+    """Files and records left out: at discovery, and by the loaders (unreadable images), each named once; under
+    torchrun those of every rank (each loader meets the bad files of its own shard). A collective: every rank
+    calls it at the same points."""
+    mine = [*source.skipped, *(x for ld in loaders if ld is not None for x in ld.skipped)]
     seen: dict[str, str] = {}
-    for f, why in [*source.skipped, *(x for ld in loaders if ld is not None for x in ld.skipped)]:
-        seen.setdefault(str(f), str(why))
+    for part in distributed.all_gather_object([(str(f), str(why)) for f, why in mine]):
+        for f, why in part:
+            seen.setdefault(f, why)
     return list(seen.items())
 
 
@@ -614,7 +769,7 @@ class Trainer:
         log.info("run folder %s", run_dir)
         # The images the loaders use: files their pre-check left out are counted apart, not as used.
         used = [
-            len(split) - len(loader.skipped) if split and loader is not None else 0
+            len(split or []) - len(_skipped_files(_NO_SOURCE, loader) if split else [])
             for split, loader in ((source.train, self.train_loader), (source.val, self.val_loader))
         ]
         skipped = len(_skipped_files(source, self.train_loader, self.val_loader))
@@ -653,7 +808,7 @@ class Trainer:
         _check_same_outputs(task, ckpt, run_dir)
         point = self.ckpts.restore(ckpt)
         self.resume_micro = point.micro
-        self.running = Running.from_checkpoint(point.running, prep.runtime.device)
+        self.running = Running.from_checkpoint(point.running, prep.runtime.device, point.micro)
         records = trim_metrics(run_dir / "metrics.jsonl", state.epoch, state.step) if self.is_main else []
         self.history = [r for r in records if "event" not in r]  # the test event stays in the file only
         log.info(

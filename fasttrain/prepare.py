@@ -110,7 +110,8 @@ def prepare(
             f"again (dataset=...), or set data.root to a folder of images (a root may not start with "
             f"{DATASET_ROOT!r})"
         )
-    info = distributed.init(resolve_device(cfg.runtime.device).type)  # before discovery: rank 0 lists for all
+    # before discovery: rank 0 lists (or reads the dataset index) for all
+    info = distributed.init(resolve_device(cfg.runtime.device).type, timeout_s=cfg.dist.timeout_s)
     if dataset is None:
         cfg = resolve_data_root(cfg)
         source = indexed_source(cfg.data)  # the dataset index: built once, reused while the files are unchanged

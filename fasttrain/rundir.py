@@ -25,6 +25,8 @@ __all__ = [
     "new_run_dir",
     "elastic_run_dir",
     "remember_elastic_run",
+    "forget_elastic_run",
+    "holds_checkpoints",
     "LOCK_NAME",
 ]
 
@@ -224,18 +226,41 @@ def _elastic_marker(runs_dir: str | os.PathLike, run_id: str) -> Path:
     return Path(runs_dir).expanduser() / f".torchrun-{safe}"
 
 
-def elastic_run_dir(runs_dir: str | os.PathLike, run_id: str) -> Path | None:
+def elastic_run_dir(runs_dir: str | os.PathLike, run_id: str, job: str | None = None) -> Path | None:
     """The run folder an earlier start of this torchrun job (same rendezvous id) created, if any: a job that
-    torchrun restarts after a lost worker continues there instead of starting a second folder."""
+    torchrun restarts after a lost worker continues there instead of starting a second folder. ``job``: the
+    job's token (:func:`fasttrain.distributed.job_token`); a marker another job left under the same rendezvous
+    id (a later job reusing it) names another token and is not this job's."""
     marker = _elastic_marker(runs_dir, run_id)
     try:
-        name = marker.read_text(encoding="utf-8").strip()
+        name, _, token = marker.read_text(encoding="utf-8").strip().partition("\n")
     except OSError:
         return None
+    if job is not None and token.strip() != job:
+        return None
     folder = marker.parent / name
-    return folder if name and folder.is_dir() else None
+    return folder if name and "/" not in name and folder.is_dir() else None
 
 
-def remember_elastic_run(runs_dir: str | os.PathLike, run_id: str, run_dir: Path) -> None:
+def remember_elastic_run(runs_dir: str | os.PathLike, run_id: str, run_dir: Path, job: str = "") -> None:
     """Note which folder this torchrun job trains in (read by :func:`elastic_run_dir` after a restart)."""
-    atomic_write_text(_elastic_marker(runs_dir, run_id), run_dir.name + "\n")
+    atomic_write_text(_elastic_marker(runs_dir, run_id), f"{run_dir.name}\n{job}\n")
+
+
+def forget_elastic_run(runs_dir: str | os.PathLike, run_id: str, run_dir: Path) -> None:
+    """The job ended: its marker goes (only when it still names ``run_dir``: a later job's is left alone)."""
+    marker = _elastic_marker(runs_dir, run_id)
+    try:
+        if marker.read_text(encoding="utf-8").partition("\n")[0].strip() == run_dir.name:
+            marker.unlink()
+    except OSError:
+        pass
+
+
+def holds_checkpoints(run_dir: str | os.PathLike) -> bool:
+    """Whether a run folder has any file under checkpoints/ (a start that died before its first checkpoint
+    has none: its restart trains in the same folder instead of leaving it empty behind)."""
+    try:
+        return any(p.is_file() for p in (Path(run_dir) / "checkpoints").iterdir())
+    except OSError:
+        return False

@@ -53,6 +53,7 @@ IGNORED: dict[str, str] = {
     "runtime.seed": "which random numbers, not how many",
     "task.sample_every": "pix2pix sample images are written between steps",
     "tune.cache_dir": "where answers are kept",
+    "dist.*": "how long processes wait on each other, not what a step costs",
 }
 
 

@@ -122,7 +122,7 @@ def autotune(
     fields = cache.key_fields(cfg, budget_gib=budget_gib, machine_info=cache.machine(runtime))
     cache_path = cache.cache_dir_for(cfg) / f"{cache.cache_key(fields)}.json"
     if use_cache and not from_python:
-        cached = cache.load(cache_path, fields)
+        cached = _cached(cache_path, fields, cfg.dist.timeout_s)
         if cached is not None:
             return _answer_from_cache(cfg, cached, cache_path, out_dir, t_start)
     report = None
@@ -166,6 +166,18 @@ def _answer_from_cache(
     report.elapsed_s = time.perf_counter() - t_start
     log.info("autotune: answered from the cache %s", cache_path)
     return report
+
+
+def _cached(path: Path, fields: dict[str, Any], timeout_s: float) -> AutotuneReport | None:
+    """The cached answer, rank 0's under torchrun (sent to all): a rank that found one and left while another,
+    whose node keeps no cache, searched alone used to hang the job."""
+
+    def rank0() -> dict[str, Any] | None:
+        found = cache.load(path, fields)
+        return found.to_dict() if found is not None else None
+
+    found = distributed.decide("autotune-cache", rank0, timeout_s)
+    return AutotuneReport.from_dict(found) if found is not None else None
 
 
 def _agree(report: AutotuneReport) -> AutotuneReport:

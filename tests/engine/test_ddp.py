@@ -256,3 +256,20 @@ def test_bench_and_autotune_under_two_ranks(shapes_root, tmp_path):
     assert tuned["world_size"] == 2 and len(list((tmp_path / "tune").glob("autotune*.json"))) == 1  # rank 0 wrote
     if tuned["ok"]:
         assert tuned["tuned_values"]["train.batch_size"] == 2 * tuned["plan"]["global_batch"]
+
+
+def test_a_failed_worker_under_nproc_is_named_with_its_reason(shapes_root, tmp_path):
+    """``fasttrain train --nproc``: which rank failed and why, not ``a worker failed:`` with nothing after it."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    args = ["train", "-q", "--nproc", "2", *_sets(shapes_root, tmp_path / "x", "train.batch_size=33")]
+    done = subprocess.run(
+        [sys.executable, "-m", "fasttrain", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 1
+    report = done.stderr[done.stderr.rindex("fasttrain: error: rank ") :].splitlines()  # after the workers' own
+    assert report[0].startswith("fasttrain: error: rank "), done.stderr
+    assert report[0].endswith(
+        "failed (exit status 2): train.batch_size: 33 is not divisible by the 2 processes "
+        "(WORLD_SIZE); choose a multiple of 2"
+    ), done.stderr
+    assert report[-1] == "no run folder was written: start the run again once that is fixed"

@@ -1,0 +1,512 @@
+"""Several nodes: attempt numbers every rank derives alike, nodes that agree or refuse, restarts found by the
+job and its config, a failed worker's report. The slow cases start two torchrun agents on 127.0.0.1 (c10d
+rendezvous, one worker each, gloo on CPU), each in its own working folder standing in for another machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fasttrain import distributed as D
+from fasttrain.agree import NodeFacts, dataset_fingerprint, differences, message
+from fasttrain.data.sources import DataSource, Split
+from fasttrain.rundir import elastic_run_dir, forget_elastic_run, holds_checkpoints, remember_elastic_run
+
+REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
+WORKER = REPO / "tests" / "ddp_worker.py"
+
+
+# -- attempt numbers -------------------------------------------------------------------------------------------
+def _attempt(store, ranks, order=None) -> dict[int, int]:
+    """One attempt of a job: its ranks join (started in ``order``), each one's attempt number."""
+    got: dict[int, int] = {}
+    errors: list[BaseException] = []
+
+    def rank(r):
+        try:
+            got[r] = D.agree_generation(store, r, len(ranks), timeout_s=20)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (order or ranks)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)  # the later ones find the earlier attempt's keys still there
+    for t in threads:
+        t.join(30)
+    assert not errors, errors
+    return got
+
+
+def test_every_rank_derives_the_same_attempt_number_from_a_store_that_keeps_old_keys():
+    """torchrun's store outlives a restart, and each node's agent counts its own restarts (a node restarted for
+    another node's failure counts none): the number must come from the store, the same on every rank."""
+    store = torch.distributed.HashStore()
+    assert set(_attempt(store, [0, 1, 2]).values()) == {1}
+    # a restart: ranks 1 and 2 start first and read the dead attempt's answers, which are not theirs
+    assert set(_attempt(store, [0, 1, 2], order=[2, 1, 0]).values()) == {2}
+    # an attempt that died after rank 0 took its number, before the others came: the next one is new to all
+    store.add("fasttrain/generation", 1)
+    store.set("fasttrain/hello/1", "a-nonce-of-a-dead-rank")
+    assert set(_attempt(store, [0, 1, 2], order=[1, 0, 2]).values()) == {4}
+
+
+def test_a_rank_whose_rank_0_never_comes_fails_naming_the_timeout():
+    store = torch.distributed.HashStore()
+    with pytest.raises(TimeoutError, match=r"rank 0 did not answer within 0.3 s \(dist.timeout_s\)"):
+        D.agree_generation(store, 1, 2, timeout_s=0.3)
+
+
+def _gathering(store, world: int, failing: int | None = None) -> dict[int, object]:
+    """Each rank's result of one store gather (its list, or the exception it raised); ``failing`` stops first."""
+    got: dict[int, object] = {}
+
+    def rank(r):
+        if r == failing:
+            D.post_failure(store, "p", r, "data.root: no images under /data", where=f"rank {r} (node {r}, host h)")
+            return
+        try:
+            got[r] = D.store_gather(store, "p", "facts/1", r, world, {"rank": r}, timeout_s=20)
+        except BaseException as e:  # noqa: BLE001 - asserted below
+            got[r] = e
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    return got
+
+
+def test_ranks_gather_through_the_store_and_a_rank_that_stopped_ends_the_wait_naming_it():
+    got = _gathering(torch.distributed.HashStore(), 3)
+    assert got == {r: [{"rank": 0}, {"rank": 1}, {"rank": 2}] for r in range(3)}
+    t0 = time.monotonic()
+    got = _gathering(torch.distributed.HashStore(), 3, failing=2)
+    assert time.monotonic() - t0 < 10  # not the 20 s timeout
+    for r in (0, 1):
+        assert isinstance(got[r], D.PeerFailed)
+        assert str(got[r]).startswith("rank 2 (node 2, host h) stopped: data.root: no images under /data; ")
+
+
+def test_rank_0s_decision_or_its_error_reaches_every_rank(monkeypatch):
+    """Decided before the process group exists (through the store): what rank 0 found, or the error it met,
+    the same type with the same message on every rank (not ranks that wait for an answer that never comes)."""
+    me = {"rank": 0}
+    monkeypatch.setattr(D, "dist_info", lambda env=None: D.DistInfo(rank=me["rank"], world_size=2))
+    monkeypatch.setattr(D, "_JOINED", D._Joined(torch.distributed.HashStore(), 1, job="j"))
+    monkeypatch.setattr(D, "_DECIDED", {})
+
+    def on_rank(rank, fn):
+        me["rank"] = rank
+        D._DECIDED.clear()  # each rank counts its own calls
+        return D.decide("run", fn, timeout_s=5)
+
+    assert on_rank(0, lambda: {"run_dir": "/runs/a"}) == {"run_dir": "/runs/a"}
+    assert on_rank(1, lambda: pytest.fail("only rank 0 decides")) == {"run_dir": "/runs/a"}
+
+    def missing():
+        raise FileNotFoundError("--resume: /runs/b is not a run folder")
+
+    D._JOINED.generation = 2  # the next attempt
+    for rank in (0, 1):
+        with pytest.raises(FileNotFoundError, match=r"^--resume: /runs/b is not a run folder$"):
+            on_rank(rank, missing)
+
+
+def test_decide_outside_torchrun_just_runs_the_function():
+    assert D.decide("x", lambda: 42) == 42
+
+
+# -- the dataset fingerprint and the comparison ------------------------------------------------------------------
+def _source(root: str, names: list[str], *, labels=None, val: int = 2) -> DataSource:
+    paths = [f"{root}/train/{n}" for n in names]
+    targets = labels or [0 if n.startswith("cat") else 1 for n in names]
+    vals = Split("val", [f"{root}/val/cat/v{i}.jpg" for i in range(val)], [0] * val)
+    return DataSource(Path(root), "folder", Split("train", paths, targets), vals, class_names=["cat", "dog"])
+
+
+FILES = [f"cat/{i}.jpg" for i in range(5)] + [f"dog/{i}.jpg" for i in range(5)]
+
+
+def test_the_fingerprint_is_the_data_under_the_root_wherever_it_is_mounted():
+    a = dataset_fingerprint(_source("/mnt/a", FILES))
+    assert a == dataset_fingerprint(_source("/data/b", FILES))  # another mount point, the same data
+    assert a.counts == {"train": 10, "val": 2}
+    assert a != dataset_fingerprint(_source("/mnt/a", FILES[1:]))  # a file missing
+    assert a != dataset_fingerprint(_source("/mnt/a", FILES, labels=[1] * 10))  # other targets
+    assert a != dataset_fingerprint(_source("/mnt/a", FILES, val=3))  # another validation split
+
+
+def _facts(rank: int, source: DataSource, **config) -> NodeFacts:
+    return NodeFacts(rank, rank, f"host{rank}", dataset_fingerprint(source), {"optim.lr": 0.1, **config}, "v1")
+
+
+def test_a_node_missing_files_is_named_with_its_folder_and_counts():
+    facts = [_facts(0, _source("/a", FILES)), _facts(1, _source("/b", FILES[:3] + FILES[5:]))]
+    (diff,) = differences(facts)
+    assert diff.startswith("dataset: rank 1 (node 1, host host1) sees 8 train / 2 val samples")
+    assert "rank 0 (node 0, host host0) 10 train / 2 val" in diff
+    assert "differing folders: train/cat (3 samples there, 5 on rank 0)" in diff and "train/dog" not in diff
+    text = message([diff])
+    assert text.startswith("the nodes of this job do not agree, so it stops before training (nothing was written)")
+
+
+def test_config_differences_name_each_setting_and_agreeing_nodes_have_none():
+    same = [_facts(0, _source("/a", FILES)), _facts(1, _source("/a", FILES))]
+    assert differences(same) == []
+    other = [_facts(0, _source("/a", FILES)), _facts(1, _source("/a", FILES), **{"optim.lr": 0.2})]
+    assert differences(other) == ["config: rank 1 (node 1, host host1) has optim.lr=0.2 (rank 0: 0.1)"]
+
+
+# -- a failed worker's report ----------------------------------------------------------------------------------------
+def test_a_failed_worker_is_named_with_its_reason_and_the_resume_command():
+    failures = [
+        D.WorkerFailure(0, 1, "RuntimeError: [gloo] Connection closed by peer [127.0.0.1]:1234", 10, "/r/run"),
+        D.WorkerFailure(1, 1, "fasttrain: error: cannot write /r/run/x: No space left on device", 10, "/r/run"),
+    ]
+    text = D.failure_report(failures, 2, lambda run: True)
+    assert text.splitlines() == [
+        "fasttrain: error: rank 1 failed (exit status 1): cannot write /r/run/x: No space left on device",
+        "  (rank 0 ended with it)",
+        "continue the run from its last checkpoint with",
+        "  fasttrain train --resume /r/run --nproc 2",
+    ]
+    killed = D.failure_report([D.WorkerFailure(3, -9, "Signal 9 (SIGKILL) received by PID 7", 1)], 4, bool)
+    assert killed.splitlines()[0] == "fasttrain: error: rank 3 failed (killed by SIGKILL): the process was killed"
+    assert "no run folder was written" in killed
+    assert "has no checkpoint yet" in D.failure_report([D.WorkerFailure(0, 2, "x", 1, "/r/run")], 2, lambda r: False)
+    stopped = [D.WorkerFailure(0, -15, "data.root: x", 5), D.WorkerFailure(1, 2, "data.root: y", 5)]
+    assert D.failure_report(stopped, 2, bool).startswith(
+        "fasttrain: error: rank 1 failed (exit status 2): data.root: y"
+    )
+
+
+def test_a_collective_that_ran_out_of_time_names_dist_timeout_s(monkeypatch):
+    monkeypatch.setattr(D, "_JOINED", D._Joined(timeout_s=60.0))
+    err = RuntimeError("[gloo/unbound_buffer.cc:81] Timed out waiting 60000ms for recv operation to complete")
+    text = D.timed_out(err)
+    assert text is not None and "waited dist.timeout_s = 60 s for the other ranks" in text
+    assert text.endswith(
+        "(one frozen, or lost without its process ending?) and gave up ([gloo/unbound_buffer.cc:81] "
+        "Timed out waiting 60000ms for recv operation to complete)"
+    )
+    assert D.timed_out(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    monkeypatch.setattr(D, "_JOINED", D._Joined())
+    assert D.timed_out(err) is None  # no process group: not ours to explain
+
+
+def test_a_worker_records_its_error_where_torchrun_reads_it(tmp_path):
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    path = tmp_path / "error.json"
+    D.record_failure("train.batch_size: 33 is not divisible", "/r/run", env={"TORCHELASTIC_ERROR_FILE": str(path)})
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(path))
+    assert failure.message == "train.batch_size: 33 is not divisible"
+    assert failure.error_file_data["fasttrain_run_dir"] == "/r/run"
+    D.record_failure("ignored", env={})  # outside torchrun: nothing
+
+
+# -- restart markers -------------------------------------------------------------------------------------------------
+def test_a_marker_is_this_jobs_only_and_goes_when_the_job_ends(tmp_path):
+    run = tmp_path / "run-1"
+    (run / "checkpoints").mkdir(parents=True)
+    remember_elastic_run(tmp_path, "job1", run, "token-a")
+    assert elastic_run_dir(tmp_path, "job1", job="token-a") == run
+    assert elastic_run_dir(tmp_path, "job1", job="token-b") is None  # a later job reusing the id
+    assert elastic_run_dir(tmp_path, "job1") == run
+    assert not holds_checkpoints(run)
+    (run / "checkpoints" / "last.pt").write_bytes(b"x")
+    assert holds_checkpoints(run)
+    forget_elastic_run(tmp_path, "job1", tmp_path / "another-run")  # names another run: kept
+    assert elastic_run_dir(tmp_path, "job1") == run
+    forget_elastic_run(tmp_path, "job1", run)
+    assert elastic_run_dir(tmp_path, "job1") is None and not list(tmp_path.glob(".torchrun-*"))
+
+
+def test_a_restart_resumes_only_its_jobs_run_with_its_config_and_reuses_a_folder_left_empty(
+    shapes_root, tmp_path, monkeypatch, caplog
+):
+    """What rank 0 decides after a restart, from the marker: the job's own run with the same config is resumed;
+    another config or another job (a reused rendezvous id) is a new run, said with the old folder's name; a
+    start that died before its first checkpoint is trained again in its folder, not left behind empty."""
+    import logging
+
+    from tinyrun import tiny_cfg
+
+    from fasttrain.engine import _elastic_plan, train
+
+    runs = tmp_path / "runs"
+    cfg = tiny_cfg(shapes_root, runs, epochs=1, max_steps=2)
+    run = train(cfg, progress=False).run_dir
+    info = D.DistInfo(rank=0, world_size=2, run_id="job1")
+    remember_elastic_run(runs, "job1", run, "token-a")
+    monkeypatch.setattr(D, "generation", lambda: 2)
+    monkeypatch.setattr(D, "job_token", lambda: "token-a")
+    more = tiny_cfg(shapes_root, runs, epochs=3, max_steps=2)
+    with caplog.at_level(logging.WARNING, logger="fasttrain"):
+        assert _elastic_plan(more, info) == (run, ["train.epochs=3"], None)
+        assert "torchrun restart 1 of job job1: resuming" in caplog.text
+        caplog.clear()
+        assert _elastic_plan(tiny_cfg(shapes_root, runs, "optim.lr=0.5", epochs=1, max_steps=2), info) == (
+            None,
+            None,
+            None,
+        )
+        assert f"run {run} was trained with another config (optim.lr (0.005 -> 0.5))" in caplog.text
+        caplog.clear()
+        monkeypatch.setattr(D, "job_token", lambda: "token-b")  # a later job, the same rendezvous id
+        assert _elastic_plan(cfg, info) == (None, None, None)
+        assert f"job id job1 named run {run} of an earlier job: this job starts a new run" in caplog.text
+    empty = runs / "t-died-early"
+    empty.mkdir()
+    remember_elastic_run(runs, "job1", empty, "token-b")
+    assert _elastic_plan(cfg, info) == (None, None, empty)
+
+
+# -- the epoch record that straddles a resume ------------------------------------------------------------------------
+def test_an_epoch_straddling_a_resume_on_fewer_processes_weighs_every_step_alike(monkeypatch):
+    """Two processes, then one after a resume: the epoch's training loss is the mean of its steps' losses (it
+    used to count each two-process step twice: 1.636 against 1.549 in the issue)."""
+    from fasttrain.engine import Running
+
+    losses = [1.0, 2.0, 4.0, 8.0]  # per step, the global micro-batch's mean loss
+    run = Running()
+    monkeypatch.setattr(D, "current", lambda: D.DistInfo(world_size=2))
+    monkeypatch.setattr(D, "all_reduce_sums", lambda v, **k: {n: 2 * x for n, x in v.items()})  # equal halves
+    for loss in losses[:2]:
+        run.window = {"loss": torch.tensor(loss)}
+        run.n_window = 1
+        run.flush()
+    saved = run.to_checkpoint()
+    monkeypatch.undo()
+    resumed = Running.from_checkpoint(saved, torch.device("cpu"), micro=2)
+    for loss in losses[2:]:
+        resumed.window = {"loss": torch.tensor(loss)}
+        resumed.n_window = 1
+        resumed.flush()
+    assert resumed.epoch_sums["loss"].item() / resumed.n_summed == pytest.approx(sum(losses) / 4)
+    # a checkpoint written before (sums over both processes' micro-batches) is read the same way
+    old = {"epoch_sums": {"loss": torch.tensor(6.0)}, "n_summed": 4}
+    again = Running.from_checkpoint(old, torch.device("cpu"), micro=2)
+    assert (again.epoch_sums["loss"].item(), again.n_summed) == (3.0, 2)
+
+
+def test_skipped_files_are_counted_over_every_rank(monkeypatch):
+    """Each rank's loader meets the bad files of its own shard: rank 0 used to list only its own (4 of 6)."""
+    from types import SimpleNamespace
+
+    from fasttrain.engine import _skipped_files
+
+    source = SimpleNamespace(skipped=[("/d/rows.csv:3", "no label")])
+    loader = SimpleNamespace(skipped=[("/d/a.jpg", "truncated")])
+    other_rank = [("/d/rows.csv:3", "no label"), ("/d/b.jpg", "not an image")]
+    monkeypatch.setattr(D, "all_gather_object", lambda mine: [mine, other_rank])
+    assert _skipped_files(source, loader, None) == [
+        ("/d/rows.csv:3", "no label"),
+        ("/d/a.jpg", "truncated"),
+        ("/d/b.jpg", "not an image"),
+    ]
+
+
+# -- two agents on one host ------------------------------------------------------------------------------------------
+needs_gloo = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="needs torch.distributed with gloo",
+)
+
+
+def _sets(root, runs, *extra: str) -> list[str]:
+    sets = [
+        f"data.root={root}",
+        "data.image_size=16",
+        "data.resize_size=16",
+        "data.random_resized_crop=false",
+        "data.loader=torch",
+        "data.workers=0",
+        "model.name=mlp",
+        "model.width=8",
+        "optim.name=sgd",
+        "optim.lr=0.05",
+        "schedule.name=constant",
+        "train.batch_size=32",
+        "train.log_every=2",
+        "train.epochs=2",
+        "train.max_steps=6",
+        "train.checkpoint_every_steps=2",
+        "runtime.device=cpu",
+        "runtime.precision=fp32",
+        "dist.timeout_s=60",
+        f"train.runs_dir={runs}",
+        "name=nodes",
+        *extra,
+    ]
+    return [a for s in sets for a in ("--set", s)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(folders: list[Path], args: list[str], *, job: str, restarts: int = 0, limit: float = 150):
+    """Two torchrun agents (one worker each) in their own working folders, one job; (exit status, stderr) of
+    each. A job still running after ``limit`` seconds is a hang: killed, and the test fails."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    port = _free_port()
+    procs = []
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc-per-node=1",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            f"--rdzv-id={job}",
+            f"--max-restarts={restarts}",
+            str(WORKER),
+            *args,
+        ]
+        err = open(folder / f"agent-{job}.err", "w+")
+        procs.append((subprocess.Popen(cmd, cwd=folder, env=env, stdout=subprocess.DEVNULL, stderr=err), err))
+    deadline = time.monotonic() + limit
+    out = []
+    for p, err in procs:
+        try:
+            p.wait(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            for q, _ in procs:
+                q.kill()
+            pytest.fail(f"the job hung: still running after {limit:.0f} s")
+        err.seek(0)
+        out.append((p.returncode, err.read()))
+        err.close()
+    return out
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    from fasttrain.checkpoint import load_checkpoint
+
+    return load_checkpoint(run / "checkpoints" / "last.pt")["state"]["modules"]["model"]
+
+
+def _runs(*folders: Path) -> list[Path]:
+    return [p for f in folders if f.is_dir() for p in f.iterdir() if p.is_dir()]
+
+
+def _identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def straight(shapes_root, tmp_path_factory) -> Path:
+    """An uninterrupted two-node run: the reference the restarted ones must equal bit for bit."""
+    base = tmp_path_factory.mktemp("straight")
+    done = _two_nodes([base / "n0", base / "n1"], ["train", "-q", *_sets(shapes_root, base / "runs")], job="ref")
+    assert all(code == 0 for code, _ in done), done[0][1][-3000:] + done[1][1][-3000:]
+    (run,) = _runs(base / "runs")
+    return run
+
+
+@pytest.mark.slow  # each case starts two torchrun agents and their workers
+@needs_gloo
+@pytest.mark.parametrize(
+    "shared, step",
+    [(True, 9), (False, 9), (True, 1)],
+    ids=["shared-runs", "runs-per-node", "before-the-first-checkpoint"],
+)
+def test_a_killed_rank_restarts_once_and_ends_bit_identical(shapes_root, tmp_path, straight, shared, step):
+    nodes = [tmp_path / "n0", tmp_path / "n1"]
+    runs = tmp_path / "runs" if shared else "runs"  # relative: each node's own folder, not shared
+    args = ["--kill-rank", "1", "--kill-step", str(step), "train", "-q", *_sets(shapes_root, runs)]
+    done = _two_nodes(nodes, args, job=f"kill-{shared}-{step}", restarts=1)
+    err = "".join(e for _, e in done)
+    assert all(code == 0 for code, _ in done), err[-4000:]
+    if step > 2:  # a checkpoint was written every 2 steps
+        assert "torchrun restart 1" in err and "resuming" in err
+    else:  # its folder is trained in again, not left behind empty beside a second one
+        assert "its start ended before the first checkpoint; training afresh in" in err
+    found = _runs(tmp_path / "runs", *(n / "runs" for n in nodes))
+    assert len(found) == 1, found  # found again after the restart, not a second folder; none on the other node
+    _identical(_weights(found[0]), _weights(straight))
+    records = [json.loads(x) for x in (found[0] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "event" not in r] == [1, 2]
+    assert not list(found[0].parent.glob(".torchrun-*"))  # the job ended: its marker went
+    if not shared:
+        assert "train.runs_dir is not shared with rank 1" in err
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_a_node_missing_files_is_refused_by_name_on_every_node(shapes_root, tmp_path):
+    nodes = [tmp_path / "n0", tmp_path / "n1"]
+    for n in nodes:
+        shutil.copytree(shapes_root, n / "data")
+    missing = sorted((nodes[1] / "data" / "train" / "circle").iterdir())[:7]
+    for f in missing:
+        f.unlink()
+    t0 = time.monotonic()
+    done = _two_nodes(nodes, ["train", "-q", *_sets("data", tmp_path / "runs")], job="missing", limit=150)
+    assert time.monotonic() - t0 < 150  # a hang would wait dist.timeout_s, and then fail without naming the files
+    for code, err in done:
+        assert code != 0
+        assert "the nodes of this job do not agree" in err and "train/circle (143 samples there, 150 on rank 0)" in err
+    assert not _runs(tmp_path / "runs")  # nothing written
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_a_node_without_the_data_stops_every_node_at_once_naming_it(shapes_root, tmp_path):
+    """Its rank fails before the process group exists; the other used to wait for it dist.timeout_s (30 min)."""
+    nodes = [tmp_path / "n0", tmp_path / "n1"]
+    shutil.copytree(shapes_root, nodes[0] / "data")
+    nodes[1].mkdir()
+    t0 = time.monotonic()
+    args = ["train", "-q", *_sets("data", tmp_path / "runs", "dist.timeout_s=600")]
+    done = _two_nodes(nodes, args, job="nodata", limit=150)
+    assert time.monotonic() - t0 < 150  # not the 600 s of dist.timeout_s (it was 1800 s: 30 minutes)
+    assert all(code != 0 for code, _ in done)
+    lines = [line for _, err in done for line in err.splitlines() if line.startswith("fasttrain: error:")]
+    assert len(lines) == 2 and all("data.root" in line for line in lines), lines
+    assert any("stopped: data.root" in line and "stops with it" in line for line in lines), lines
+    assert not _runs(tmp_path / "runs")
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_a_reused_rendezvous_id_with_another_config_is_a_new_run_never_the_old_one(shapes_root, tmp_path):
+    """The first job dies for good (no restarts) and leaves its marker; a later job under the same rendezvous id
+    and another learning rate starts its own run; the old one is left as it was."""
+    runs = tmp_path / "runs"
+    first = _two_nodes(
+        [tmp_path / "a0", tmp_path / "a1"],
+        ["--kill-rank", "1", "--kill-step", "9", "train", "-q", *_sets(shapes_root, runs)],
+        job="job1",
+    )
+    assert any(code != 0 for code, _ in first)
+    (old,) = _runs(runs)
+    before = (old / "checkpoints" / "last.pt").read_bytes()
+    second = _two_nodes(
+        [tmp_path / "b0", tmp_path / "b1"], ["train", "-q", *_sets(shapes_root, runs, "optim.lr=0.02")], job="job1"
+    )
+    err = "".join(e for _, e in second)
+    assert all(code == 0 for code, _ in second), err[-4000:]
+    assert "this job starts a new run" in err and "resuming" not in err
+    assert len(_runs(runs)) == 2 and (old / "checkpoints" / "last.pt").read_bytes() == before
