@@ -681,8 +681,41 @@ def indexed_source(data: DataConfig, root: str | os.PathLike | None = None) -> D
         if got[0] == "error":
             cls = ConfigError if got[1] == "ConfigError" else RuntimeError
             raise cls(got[2] if cls is ConfigError else f"rank 0 could not list the data: {got[1]}: {got[2]}")
-        src = find_source(data, where) if got[1] is None else DatasetIndex.from_bytes(got[1]).source(where)
+        if got[1] is None:
+            src = find_source(data, where)
+        else:
+            if not where.is_dir():  # rank 0 has the data, this node does not: say so here (agree names the node)
+                raise ConfigError(f"data.root: {where} is not a folder on this node")
+            src = DatasetIndex.from_bytes(got[1]).source(where)
+            if info.local_rank == 0:  # one process per node looks: a node missing files then disagrees by name
+                src = _on_this_node(src)
     _log_skipped(src)
+    return src
+
+
+def _on_this_node(src: DataSource) -> DataSource:
+    """Rank 0's source less the files this node does not hold, from one directory listing per folder (nothing
+    opened, no stat per file). A node missing files then disagrees with rank 0 folder by folder
+    (:func:`fasttrain.agree.check_nodes`), instead of training on data the other nodes do not see."""
+    listed: dict[str, set[str]] = {}
+
+    def here(path: str) -> bool:
+        folder, name = os.path.split(path)
+        if folder not in listed:
+            try:
+                with os.scandir(folder) as it:
+                    listed[folder] = {e.name for e in it}
+            except OSError:
+                listed[folder] = set()
+        return name in listed[folder]
+
+    for attr in ("train", "val", "test"):
+        split = getattr(src, attr)
+        if split is None:
+            continue
+        keep = [i for i, p in enumerate(split.paths) if here(p)]
+        if len(keep) < len(split):
+            setattr(src, attr, split.subset(keep))
     return src
 
 

@@ -121,6 +121,19 @@ def test_a_current_index_is_reused_without_checking_a_file(shapes, monkeypatch):
     assert again.reused and calls == []
 
 
+def test_a_node_keeps_only_the_files_it_holds_of_rank_0s_index(shapes):
+    """Another node's copy of the data, missing two files of one class: the source it trains on leaves them out
+    (one listing per folder), so its fingerprint differs from rank 0's where the files are missing."""
+    idx = load_or_build(DataConfig(root=str(shapes))).index
+    full = idx.source(shapes)
+    gone = sorted(p for p in full.train.paths if "/circle/" in p)[:2]
+    for p in gone:
+        os.unlink(p)
+    here = index._on_this_node(idx.source(shapes))
+    assert sorted(set(full.train.paths) - set(here.train.paths)) == gone
+    assert len(here.train) == len(full.train) - 2 and list(here.val.paths) == list(full.val.paths)
+
+
 @pytest.mark.parametrize("change", ["add", "remove", "touch", "rewrite"])
 def test_any_change_under_the_root_makes_it_stale_and_it_is_rebuilt(shapes, change):
     data = DataConfig(root=str(shapes))
