@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from benchutil import bench_config, cache_root, find_tar, skip_unavailable_backend
-from fasttrain import benchmark as bench
+from fasttrain import timing
 from fasttrain.prepare import prepare
 
 pytestmark = pytest.mark.benchmark(group="shards")
@@ -67,9 +67,9 @@ def test_shard_loader(benchmark, measure, size, device, cifar_files, cifar_shard
     steps = SHARD_STEPS[size.name]
     loader = prep.task.make_loader(prep.source.train, train=True, batch_size=SHARD_BATCH, backend=prep.backend)
     try:
-        batches = bench.cycle_batches(loader)
+        batches = timing.cycle_batches(loader)
         measure(
-            lambda: bench.run_steps(lambda: len(next(batches)), steps, device),
+            lambda: timing.run_steps(lambda: len(next(batches)), steps, device),
             samples_per_round=SHARD_BATCH * steps,
             flags=prep.runtime.backend_flags,
             kind="loader",

@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "fasttrain.rundir",
             "fasttrain.plot",
             "fasttrain.distributed",
+            "fasttrain.agree",
             "fasttrain.timing",
             "fasttrain.ema",
             "fasttrain.step",
