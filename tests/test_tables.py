@@ -144,6 +144,15 @@ def test_a_task_declaring_its_own_metric_is_asked_not_the_name(tmp_path):
     assert (stop.metric, stop.mode) == ("val_accuracy_gap", "min")
 
 
+def test_a_task_still_saying_best_mode_is_refused_by_name():
+    """best_mode was how a task named its direction before higher_is_better; read by nothing now, it would make
+    best.pt keep the worst checkpoint of a task whose metric is better higher."""
+    with pytest.raises(TypeError, match=r"OldTask\.best_mode is no longer read: .*higher_is_better"):
+
+        class OldTask(task_class("classify")):
+            best_mode = "max"
+
+
 def test_time_to_target_asks_the_runs_task(tmp_path):
     from fasttrain.benchmark import time_to_target
 

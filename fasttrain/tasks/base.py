@@ -162,6 +162,16 @@ class Task:
     train_metric_names: tuple[str, ...] = ("loss",)
     """What ``train_step`` returns (epoch records hold them as ``train_<name>``)."""
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A task written for the 0.1 interface said ``best_mode = "max"``; ignored, best.pt would keep its worst
+        checkpoint, so it is refused by name when the class is defined."""
+        super().__init_subclass__(**kwargs)
+        if "best_mode" in vars(cls):
+            raise TypeError(
+                f"{cls.__qualname__}.best_mode is no longer read: list the metrics that are better when higher in "
+                f"higher_is_better (e.g. higher_is_better = frozenset({{'acc'}})); every other one is better lower"
+            )
+
     def __init__(
         self,
         cfg: Config,
