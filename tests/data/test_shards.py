@@ -251,6 +251,30 @@ def test_a_member_the_index_lacks_or_a_shard_cut_short_is_an_error_naming_it(pac
         open_regular(f"{shard}:{last[0]}")
 
 
+def test_members_of_64_kib_or_more_pass_the_precheck(tmp_path):
+    """A member opens as an in-memory file (no file number): its size is taken without one, so ImageNet-size
+    JPEGs (over the 64 KiB read at once) are kept, not skipped as unreadable."""
+    from fasttrain.data.checks import check_file, precheck
+
+    rng = np.random.default_rng(11)
+    for i in range(6):
+        d = tmp_path / "files" / ("a" if i % 2 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((400, 400, 3)) * 255).astype(np.uint8)).save(d / f"{i}.jpg", quality=95)
+    assert min(p.stat().st_size for p in (tmp_path / "files").rglob("*.jpg")) > 64 * 1024
+    pack(_data(tmp_path / "files", val_fraction=0), tmp_path / "shards")
+    src = discover(_data(tmp_path / "shards", val_fraction=0))
+    paths = list(src.train.paths)
+    assert len(paths) == 6 and all(split_address(p) for p in paths)
+    for p in paths:
+        info, why, size = check_file(p)
+        assert why is None and info is not None and info.width == 400
+        with open_regular(p) as f:
+            assert size == len(f.read())
+    out = precheck(src.train.paths, max_pixels=10**8, threads=1)
+    assert out.bad == [] and out.keep == list(range(6))
+
+
 def test_a_damaged_index_is_a_config_error_naming_it(packed, tmp_path):
     import shutil
 
