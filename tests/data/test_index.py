@@ -299,28 +299,47 @@ def test_the_index_takes_under_150_bytes_per_sample(tmp_path):
 
 
 class FakeJob:
-    """distributed.current / broadcast_object for one rank of a two-process job; rank 0's broadcast is kept."""
+    """distributed.current / decide / broadcast_object for one rank of a two-process job; rank 0's decision and
+    broadcast are kept (the store's answer and the process group's bytes)."""
 
     sent: list = []
+    decided: list = []
+    waits: list = []
 
     def __init__(self, monkeypatch, rank: int):
         from fasttrain import distributed
 
         info = distributed.DistInfo(rank=rank, world_size=2, local_rank=rank)
         monkeypatch.setattr(distributed, "current", lambda: info)
+        monkeypatch.setattr(distributed, "decide", self.decide)
         monkeypatch.setattr(distributed, "broadcast_object", self.broadcast)
         self.rank = rank
+
+    def decide(self, name, fn, timeout_s=1800.0):
+        if self.rank == 0:
+            FakeJob.decided.append(fn())
+            return FakeJob.decided[-1]
+        FakeJob.waits.append(timeout_s)
+        if not FakeJob.decided:
+            pytest.fail("rank 1 waits for a decision rank 0 never makes")
+        return FakeJob.decided[-1]
 
     def broadcast(self, obj, src=0):
         if self.rank == 0:
             FakeJob.sent.append(obj)
             return obj
+        if not FakeJob.sent:
+            pytest.fail("rank 1 waits for a broadcast rank 0 never sends (a hang until dist.timeout_s)")
         return FakeJob.sent[-1]
+
+    @staticmethod
+    def reset() -> None:
+        FakeJob.sent, FakeJob.decided, FakeJob.waits = [], [], []
 
 
 def test_rank_0_builds_and_the_other_ranks_receive_without_listing(shapes, monkeypatch):
     data = DataConfig(root=str(shapes))
-    FakeJob.sent = []
+    FakeJob.reset()
     FakeJob(monkeypatch, 0)
     first = indexed_source(data)
     FakeJob(monkeypatch, 1)
@@ -332,7 +351,7 @@ def test_rank_0_builds_and_the_other_ranks_receive_without_listing(shapes, monke
 def test_rank_0_s_error_is_raised_on_every_rank(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     data = DataConfig(root=str(tmp_path / "empty"))
-    FakeJob.sent = []
+    FakeJob.reset()
     FakeJob(monkeypatch, 0)
     with pytest.raises(ConfigError, match="holds no class folders") as first:
         indexed_source(data)
@@ -340,6 +359,24 @@ def test_rank_0_s_error_is_raised_on_every_rank(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as other:
         indexed_source(data)
     assert str(other.value) == str(first.value)
+
+
+def test_rank_0_decides_shards_for_every_rank_and_a_node_without_them_says_so(tmp_path, monkeypatch):
+    """Each rank decided "shards or not" by itself: a node without the shard folder took the index path and waited
+    for a broadcast rank 0 (on the shard path) never sent, until dist.timeout_s. Now rank 0's decision holds."""
+    from fasttrain.data.pack import pack
+
+    tree(tmp_path / "files")
+    pack(DataConfig(root=str(tmp_path / "files")), tmp_path / "shards", shard_bytes=4096)
+    data = DataConfig(root=str(tmp_path / "shards"))
+    FakeJob.reset()
+    FakeJob(monkeypatch, 0)
+    assert indexed_source(data).format == "shards"
+    (tmp_path / "shards").rename(tmp_path / "elsewhere")  # node 1 has no copy
+    FakeJob(monkeypatch, 1)
+    with pytest.raises(ConfigError, match=r"^data.root: .*shards is not a folder on this node$"):
+        indexed_source(data)
+    assert FakeJob.sent == []
 
 
 # -- formats registered from outside ------------------------------------------------------------------------------
