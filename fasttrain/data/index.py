@@ -661,8 +661,11 @@ def indexed_source(data: DataConfig, root: str | os.PathLike | None = None) -> D
 
     Rank 0 alone also decides whether ``data.root`` names tar shards (they carry their own index: every rank
     then discovers them itself): a node whose copy differs or is missing takes rank 0's way, never another
-    collective than rank 0's (the decision, or rank 0's error, comes through torchrun's store; the index itself
-    through the process group's broadcast)."""
+    collective than rank 0's. The other ranks wait for rank 0's answer (ready, or its error) through torchrun's
+    store, without dist.timeout_s: a cold listing of a large dataset may take longer than that; only then does
+    the index itself come through the process group's broadcast, which rank 0 is ready to send."""
+    import math
+
     from fasttrain import distributed
 
     given = root if root is not None else data.root
@@ -686,7 +689,9 @@ def indexed_source(data: DataConfig, root: str | os.PathLike | None = None) -> D
             return ("error", type(e).__name__, str(e))
         return ("index",) if made["payload"] is not None else ("discover",)
 
-    got = distributed.decide("dataset-index", rank_0)  # a small status through the store; the index bytes follow
+    # A small status through the store, no time bound (the store's wait watches nothing else: rank 0's error
+    # comes as the answer, a rank 0 that died ends the job through torchrun); the index bytes then follow.
+    got = distributed.decide("dataset-index", rank_0, timeout_s=math.inf)
     if got[0] == "error":
         if info.is_main:
             raise made["error"]
