@@ -220,7 +220,7 @@ def check_file(
             if head is not None and len(head) < _HEAD:
                 info, why = check_stream(io.BytesIO(head), max_pixels)
                 return info, why, len(head)
-            size = os.fstat(f.fileno()).st_size
+            size = f.seek(0, os.SEEK_END)  # not fstat: a shard member opens as a BytesIO, which has no fileno
             f.seek(0)
             info, why = check_stream(f, max_pixels)
             return info, why, size

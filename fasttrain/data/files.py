@@ -169,9 +169,21 @@ class ShardIndex:
 
 _INDEXES: dict[str, ShardIndex] = {}
 _FDS: dict[str, int] = {}
-_FD_PID = os.getpid()
 _LOCK = threading.Lock()
 _MAX_FDS = 256
+
+
+def _after_fork_in_child() -> None:
+    """A forked process (a DataLoader worker) keeps the parent's shard descriptors: they are its own copies of
+    open descriptors of the same files, and ``pread`` moves no shared file position, so parent and children read
+    through them at once without clashing (dropping them leaked up to 256 per worker, which then opened them all
+    again). Only the lock is new: a thread of the parent may have held it at the fork, and none is left to free it."""
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def index_tar(shard: str | os.PathLike) -> ShardIndex:
@@ -220,12 +232,9 @@ def load_index(shard: str, index: ShardIndex | None = None) -> ShardIndex:
 
 def _shard_fd(shard: str) -> tuple[int, bool]:
     """An open descriptor of ``shard`` and whether the caller must close it. Descriptors are kept per process
-    (``pread`` moves no shared position, so threads share them); a forked child opens its own."""
-    global _FD_PID
+    (``pread`` moves no shared position, so threads share them); a forked child keeps its parent's (see
+    :func:`_after_fork_in_child`)."""
     with _LOCK:
-        if _FD_PID != os.getpid():  # a forked worker: the parent's descriptors are not this process's to keep
-            _FDS.clear()
-            _FD_PID = os.getpid()
         fd = _FDS.get(shard)
         if fd is not None:
             return fd, False

@@ -53,7 +53,7 @@ import numpy as np
 
 from fasttrain.config import ConfigError, DataConfig, default_workers
 from fasttrain.data.checks import ImageInfo, check_headers
-from fasttrain.data.files import is_shard_root
+from fasttrain.data.files import BRACE, URL, is_shard_root
 from fasttrain.data.sources import DataSource, Split, discover, find_source, walk_folders
 
 log = logging.getLogger(__name__)
@@ -657,38 +657,66 @@ def _sourced(data: DataConfig, root: Path) -> tuple[DataSource, bytes | None]:
 
 def indexed_source(data: DataConfig, root: str | os.PathLike | None = None) -> DataSource:
     """What :func:`~fasttrain.data.sources.discover` finds, from the dataset index (built when missing or
-    stale). Under torchrun rank 0 alone walks and builds; the others receive its index (or its error)."""
+    stale). Under torchrun rank 0 alone walks and builds; the others receive its index (or its error).
+
+    Rank 0 alone also decides whether ``data.root`` names tar shards (they carry their own index: every rank
+    then discovers them itself): a node whose copy differs or is missing takes rank 0's way, never another
+    collective than rank 0's. The other ranks wait for rank 0's answer (ready, or its error) through torchrun's
+    store, without dist.timeout_s: a cold listing of a large dataset may take longer than that; only then does
+    the index itself come through the process group's broadcast, which rank 0 is ready to send."""
+    import math
+
     from fasttrain import distributed
 
     given = root if root is not None else data.root
-    if is_shard_root(data.format, given):  # tar shards carry their own index (one per shard): nothing to list
-        return discover(data, given)
     where = Path(given).expanduser()
     info = distributed.current()
     if not info.enabled:
+        if is_shard_root(data.format, given):  # tar shards carry their own index (one per shard): nothing to list
+            return discover(data, given)
         src, _ = _sourced(data, where)
         _log_skipped(src)
         return src
-    if info.is_main:
+    made: dict[str, Any] = {}
+
+    def rank_0() -> tuple:
         try:
-            src, payload = _sourced(data, where)
-        except Exception as e:
-            distributed.broadcast_object(("error", type(e).__name__, str(e)))
-            raise
-        distributed.broadcast_object(("ok", payload))
+            if is_shard_root(data.format, given):
+                return ("shards",)
+            made["src"], made["payload"] = _sourced(data, where)
+        except BaseException as e:  # noqa: BLE001 - raised again on rank 0, said to the others
+            made["error"] = e
+            return ("error", type(e).__name__, str(e))
+        return ("index",) if made["payload"] is not None else ("discover",)
+
+    # A small status through the store, no time bound (the store's wait watches nothing else: rank 0's error
+    # comes as the answer, a rank 0 that died ends the job through torchrun); the index bytes then follow.
+    got = distributed.decide("dataset-index", rank_0, timeout_s=math.inf)
+    if got[0] == "error":
+        if info.is_main:
+            raise made["error"]
+        cls = ConfigError if got[1] == "ConfigError" else RuntimeError
+        raise cls(got[2] if cls is ConfigError else f"rank 0 could not list the data: {got[1]}: {got[2]}")
+    if got[0] == "shards":
+        if not info.is_main and not URL.match(os.fspath(given)) and not BRACE.search(os.fspath(given)):
+            if not where.exists():  # rank 0 has the shards, this node does not: say so here (agree names the node)
+                raise ConfigError(
+                    f"data.root: {where} is not a {'file' if where.suffix == '.tar' else 'folder'} on this node"
+                )
+        return discover(data, given)
+    if info.is_main:
+        src = made["src"]
+        if got[0] == "index":
+            distributed.broadcast_object(made["payload"])
+    elif got[0] == "discover":
+        src = find_source(data, where)
     else:
-        got = distributed.broadcast_object(None)
-        if got[0] == "error":
-            cls = ConfigError if got[1] == "ConfigError" else RuntimeError
-            raise cls(got[2] if cls is ConfigError else f"rank 0 could not list the data: {got[1]}: {got[2]}")
-        if got[1] is None:
-            src = find_source(data, where)
-        else:
-            if not where.is_dir():  # rank 0 has the data, this node does not: say so here (agree names the node)
-                raise ConfigError(f"data.root: {where} is not a folder on this node")
-            src = DatasetIndex.from_bytes(got[1]).source(where)
-            if info.local_rank == 0:  # one process per node looks: a node missing files then disagrees by name
-                src = _on_this_node(src)
+        payload = distributed.broadcast_object(None)
+        if not where.is_dir():  # rank 0 has the data, this node does not: say so here (agree names the node)
+            raise ConfigError(f"data.root: {where} is not a folder on this node")
+        src = DatasetIndex.from_bytes(payload).source(where)
+        if info.local_rank == 0:  # one process per node looks: a node missing files then disagrees by name
+            src = _on_this_node(src)
     _log_skipped(src)
     return src
 

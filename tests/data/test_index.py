@@ -11,6 +11,7 @@ from pathlib import Path
 import badfiles
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fasttrain.config import ConfigError, DataConfig
@@ -299,28 +300,47 @@ def test_the_index_takes_under_150_bytes_per_sample(tmp_path):
 
 
 class FakeJob:
-    """distributed.current / broadcast_object for one rank of a two-process job; rank 0's broadcast is kept."""
+    """distributed.current / decide / broadcast_object for one rank of a two-process job; rank 0's decision and
+    broadcast are kept (the store's answer and the process group's bytes)."""
 
     sent: list = []
+    decided: list = []
+    waits: list = []
 
     def __init__(self, monkeypatch, rank: int):
         from fasttrain import distributed
 
         info = distributed.DistInfo(rank=rank, world_size=2, local_rank=rank)
         monkeypatch.setattr(distributed, "current", lambda: info)
+        monkeypatch.setattr(distributed, "decide", self.decide)
         monkeypatch.setattr(distributed, "broadcast_object", self.broadcast)
         self.rank = rank
+
+    def decide(self, name, fn, timeout_s=1800.0):
+        if self.rank == 0:
+            FakeJob.decided.append(fn())
+            return FakeJob.decided[-1]
+        FakeJob.waits.append(timeout_s)
+        if not FakeJob.decided:
+            pytest.fail("rank 1 waits for a decision rank 0 never makes")
+        return FakeJob.decided[-1]
 
     def broadcast(self, obj, src=0):
         if self.rank == 0:
             FakeJob.sent.append(obj)
             return obj
+        if not FakeJob.sent:
+            pytest.fail("rank 1 waits for a broadcast rank 0 never sends (a hang until dist.timeout_s)")
         return FakeJob.sent[-1]
+
+    @staticmethod
+    def reset() -> None:
+        FakeJob.sent, FakeJob.decided, FakeJob.waits = [], [], []
 
 
 def test_rank_0_builds_and_the_other_ranks_receive_without_listing(shapes, monkeypatch):
     data = DataConfig(root=str(shapes))
-    FakeJob.sent = []
+    FakeJob.reset()
     FakeJob(monkeypatch, 0)
     first = indexed_source(data)
     FakeJob(monkeypatch, 1)
@@ -332,7 +352,7 @@ def test_rank_0_builds_and_the_other_ranks_receive_without_listing(shapes, monke
 def test_rank_0_s_error_is_raised_on_every_rank(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     data = DataConfig(root=str(tmp_path / "empty"))
-    FakeJob.sent = []
+    FakeJob.reset()
     FakeJob(monkeypatch, 0)
     with pytest.raises(ConfigError, match="holds no class folders") as first:
         indexed_source(data)
@@ -340,6 +360,81 @@ def test_rank_0_s_error_is_raised_on_every_rank(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as other:
         indexed_source(data)
     assert str(other.value) == str(first.value)
+
+
+def test_rank_1_waits_for_rank_0_through_the_store_without_dist_timeout_s(shapes, monkeypatch):
+    """A cold listing may outlast dist.timeout_s: the other ranks wait for rank 0's word without that bound, and
+    only then take the index from the broadcast (rank 0 is ready to send it)."""
+    data = DataConfig(root=str(shapes))
+    FakeJob.reset()
+    FakeJob(monkeypatch, 0)
+    indexed_source(data)
+    FakeJob(monkeypatch, 1)
+    indexed_source(data)
+    assert FakeJob.waits == [float("inf")]
+
+
+_SLOW_RANK_0 = """
+import sys, time
+from fasttrain import distributed
+from fasttrain.config import DataConfig
+from fasttrain.data import index
+distributed.init("cpu", timeout_s=2.0)
+if distributed.current().is_main:
+    build = index.load_or_build
+    index.load_or_build = lambda *a, **k: (time.sleep(5), build(*a, **k))[1]  # a cold listing, past the timeout
+print("samples", len(index.indexed_source(DataConfig(root=sys.argv[1])).train), flush=True)
+distributed.shutdown()
+"""
+
+
+@pytest.mark.slow  # two processes: seconds of imports each
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
+def test_a_listing_longer_than_dist_timeout_s_is_waited_for(tmp_path):
+    """Two real ranks (gloo, dist.timeout_s = 2 s), rank 0's listing 5 s: rank 1 waited in the broadcast and
+    timed out ("Timed out waiting 2000ms"); it now waits through the store and both get the index."""
+    import socket
+    import subprocess
+    import sys
+
+    make_shapes_dataset(tmp_path / "d", train_per_class=3, val_per_class=1, size=16)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+    env.update(MASTER_PORT=str(port), OMP_NUM_THREADS="1", FASTTRAIN_CACHE=str(tmp_path / "cache"))
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SLOW_RANK_0, str(tmp_path / "d")],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], outs
+    assert all(out.strip().endswith("samples 12") for out in outs), outs
+
+
+def test_rank_0_decides_shards_for_every_rank_and_a_node_without_them_says_so(tmp_path, monkeypatch):
+    """Each rank decided "shards or not" by itself: a node without the shard folder took the index path and waited
+    for a broadcast rank 0 (on the shard path) never sent, until dist.timeout_s. Now rank 0's decision holds."""
+    from fasttrain.data.pack import pack
+
+    tree(tmp_path / "files")
+    pack(DataConfig(root=str(tmp_path / "files")), tmp_path / "shards", shard_bytes=4096)
+    data = DataConfig(root=str(tmp_path / "shards"))
+    FakeJob.reset()
+    FakeJob(monkeypatch, 0)
+    assert indexed_source(data).format == "shards"
+    (tmp_path / "shards").rename(tmp_path / "elsewhere")  # node 1 has no copy
+    FakeJob(monkeypatch, 1)
+    with pytest.raises(ConfigError, match=r"^data.root: .*shards is not a folder on this node$"):
+        indexed_source(data)
+    assert FakeJob.sent == []
 
 
 # -- formats registered from outside ------------------------------------------------------------------------------

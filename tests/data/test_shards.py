@@ -4,9 +4,12 @@ with the files' samples, order and augmentation, and a bad member is named ``sha
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import json
+import os
+import signal
 import tarfile
 import threading
 from pathlib import Path
@@ -249,6 +252,69 @@ def test_a_member_the_index_lacks_or_a_shard_cut_short_is_an_error_naming_it(pac
         f.truncate(last[1] + last[2] - 1)  # the last member loses its last byte
     with pytest.raises(OSError, match="cut short"):
         open_regular(f"{shard}:{last[0]}")
+
+
+def test_members_of_64_kib_or_more_pass_the_precheck(tmp_path):
+    """A member opens as an in-memory file (no file number): its size is taken without one, so ImageNet-size
+    JPEGs (over the 64 KiB read at once) are kept, not skipped as unreadable."""
+    from fasttrain.data.checks import check_file, precheck
+
+    rng = np.random.default_rng(11)
+    for i in range(6):
+        d = tmp_path / "files" / ("a" if i % 2 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((rng.random((400, 400, 3)) * 255).astype(np.uint8)).save(d / f"{i}.jpg", quality=95)
+    assert min(p.stat().st_size for p in (tmp_path / "files").rglob("*.jpg")) > 64 * 1024
+    pack(_data(tmp_path / "files", val_fraction=0), tmp_path / "shards")
+    src = discover(_data(tmp_path / "shards", val_fraction=0))
+    paths = list(src.train.paths)
+    assert len(paths) == 6 and all(split_address(p) for p in paths)
+    for p in paths:
+        info, why, size = check_file(p)
+        assert why is None and info is not None and info.width == 400
+        with open_regular(p) as f:
+            assert size == len(f.read())
+    out = precheck(src.train.paths, max_pixels=10**8, threads=1)
+    assert out.bad == [] and out.keep == list(range(6))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not os.path.isdir("/proc/self/fd"), reason="needs fork and /proc")
+def test_a_forked_worker_reads_through_its_parents_shard_descriptors(packed):
+    """A forked DataLoader worker dropped the inherited descriptors without closing them (up to 256 leaked per
+    worker) and opened each shard again; it now reads through them (pread: no shared position). The parent's lock,
+    held by one of its threads at the fork, is a new one in the child (it would wait for ever)."""
+    _, shards = packed
+    path = discover(_data(shards)).train.paths[0]
+    shard = split_address(path)[0]
+    with open_regular(path) as f:
+        want = f.read()
+
+    def held(where: str) -> int:
+        fds = os.listdir("/proc/self/fd")
+        return sum(os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(where) for fd in fds)
+
+    def in_child(hold_lock: bool) -> str:
+        r, w = os.pipe()
+        with files_mod._LOCK if hold_lock else contextlib.nullcontext():  # as another thread of the parent may
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                try:
+                    signal.alarm(5)
+                    with open_regular(path) as f:
+                        same = f.read() == want
+                    os.write(w, f"{int(same)} {held(shard)}".encode())
+                finally:
+                    os._exit(0)
+        os.close(w)
+        with os.fdopen(r) as out:
+            said = out.read()
+        os.waitpid(pid, 0)
+        return said
+
+    before = held(shard)
+    assert before >= 1
+    assert in_child(hold_lock=False) == f"1 {before}"  # the right bytes, through the inherited descriptor
+    assert in_child(hold_lock=True) == f"1 {before}"  # not stuck on a lock no thread of the child will free
 
 
 def test_a_damaged_index_is_a_config_error_naming_it(packed, tmp_path):
