@@ -130,7 +130,8 @@ def train(
         timeout = cfg.dist.timeout_s if cfg is not None else 1800.0
         # Rank 0 decides which run folder this is (a resume, a torchrun restart, a new run) and reads the
         # checkpoint; every rank takes its decision (the others may not see the runs folder at all).
-        plan = distributed.decide("run", lambda: _plan_run(cfg, resume, overrides, info, held), timeout)
+        given = {"model": model is not None, "dataset": dataset is not None}
+        plan = distributed.decide("run", lambda: _plan_run(cfg, resume, overrides, info, held, **given), timeout)
         lock, ckpt = held.get("lock"), held.get("ckpt")
         run_dir = Path(plan.run_dir) if plan.run_dir else None
         cfg = plan.cfg or cfg
@@ -213,14 +214,22 @@ class _RunPlan:
 
 
 def _plan_run(
-    cfg: Config | None, resume: str | Path | None, overrides: list[str] | None, info: Any, held: dict[str, Any]
+    cfg: Config | None,
+    resume: str | Path | None,
+    overrides: list[str] | None,
+    info: Any,
+    held: dict[str, Any],
+    *,
+    model: bool = False,
+    dataset: bool = False,
 ) -> _RunPlan:
     """On rank 0 (or the only process): which run this is. A torchrun restart finds its job's folder by the
     job's token and config (:func:`_elastic_plan`); a resume takes the folder's lock and reads the checkpoint
-    (kept in ``held`` with the lock)."""
+    (kept in ``held`` with the lock). ``model`` / ``dataset``: given from Python (what :func:`prepare` then
+    fills into the config is not the job's config differing)."""
     reuse = None
     if resume is None and info.enabled and info.run_id and cfg is not None:
-        resume, overrides, reuse = _elastic_plan(cfg, info)
+        resume, overrides, reuse = _elastic_plan(cfg, info, model=model, dataset=dataset)
     if resume is None:
         return _RunPlan(reuse=str(reuse or ""))
     run_dir, start = _resume_target(Path(resume))
@@ -232,7 +241,9 @@ def _plan_run(
     return _RunPlan(str(run_dir), cfg, str(start), start.stat().st_size)
 
 
-def _elastic_plan(cfg: Config, info: Any) -> tuple[Path | None, list[str] | None, Path | None]:
+def _elastic_plan(
+    cfg: Config, info: Any, *, model: bool = False, dataset: bool = False
+) -> tuple[Path | None, list[str] | None, Path | None]:
     """(run folder to resume, its overrides, folder to train in afresh) for a torchrun job: the folder this job
     (its token: not an earlier job that used the same rendezvous id) created, resumed when it has a checkpoint
     and the config is the run's; trained in afresh when the start died before its first checkpoint."""
@@ -260,7 +271,7 @@ def _elastic_plan(cfg: Config, info: Any) -> tuple[Path | None, list[str] | None
         saved = checkpoint_config(load_checkpoint(found / "checkpoints" / "last.pt"), found)
     except (OSError, ValueError):  # the resume names the damage (and the checkpoints that remain)
         return found, None, None
-    differ = _job_config_differs(cfg, saved, found)
+    differ = _job_config_differs(cfg, saved, found, model=model, dataset=dataset)
     if differ:
         log.warning(
             "torchrun job %s: run %s was trained with another config (%s): this job starts a new run",
@@ -274,16 +285,28 @@ def _elastic_plan(cfg: Config, info: Any) -> tuple[Path | None, list[str] | None
     return found, _overrides_of(cfg, saved), None
 
 
-def _job_config_differs(cfg: Config, saved: Config, run_dir: Path) -> str:
+def _job_config_differs(
+    cfg: Config, saved: Config, run_dir: Path, *, model: bool = False, dataset: bool = False
+) -> str:
     """The settings in which the job's config differs from the run's saved one, beyond what a resume may change
-    (empty: the same run)."""
+    (empty: the same run). The job's config is raw and the saved one went through :func:`prepare`: what prepare
+    fills in is compared as prepare fills it (a ``model`` from Python: ``model.name = custom``; a ``dataset``:
+    channels and sizes from its items, which the dataset's own check on resume compares)."""
+    from fasttrain.models import CUSTOM
+
     root = str(Path(cfg.data.root).expanduser().resolve()) if cfg.data.root else saved.data.root
+    data = dataclasses.replace(cfg.data, root=root)
+    if dataset:
+        data = dataclasses.replace(
+            data,
+            root=saved.data.root,
+            channels=saved.data.channels,
+            image_size=saved.data.image_size,
+            resize_size=saved.data.resize_size,
+        )
     outputs = cfg.model.num_outputs or saved.model.num_outputs
-    job = dataclasses.replace(
-        cfg,
-        data=dataclasses.replace(cfg.data, root=root),
-        model=dataclasses.replace(cfg.model, num_outputs=outputs),
-    )
+    name = CUSTOM if model else cfg.model.name
+    job = dataclasses.replace(cfg, data=data, model=dataclasses.replace(cfg.model, name=name, num_outputs=outputs))
     try:
         check_resume_config(saved, job, run_dir)
     except ConfigError as e:

@@ -275,6 +275,25 @@ def test_a_restart_resumes_only_its_jobs_run_with_its_config_and_reuses_a_folder
     assert _elastic_plan(cfg, info) == (None, None, empty)
 
 
+def test_a_restart_of_a_job_given_a_model_and_dataset_from_python_is_the_same_run(tmp_path):
+    """The saved config went through prepare (model.name = custom; channels and sizes from the dataset's items),
+    the job's did not: compared as prepare fills it, a restart resumes instead of starting a new run."""
+    import dataclasses
+
+    from tinyrun import tiny_cfg
+
+    from fasttrain.engine import _job_config_differs
+
+    cfg = tiny_cfg("", tmp_path, "data.root=", "model.num_outputs=0")
+    data = dataclasses.replace(cfg.data, root="python:Toy", channels=1, image_size=28, resize_size=28)
+    saved = dataclasses.replace(cfg, data=data, model=dataclasses.replace(cfg.model, name="custom", num_outputs=10))
+    assert _job_config_differs(cfg, saved, tmp_path, model=True, dataset=True) == ""
+    assert "model.name" in _job_config_differs(cfg, saved, tmp_path, dataset=True)
+    assert "data.image_size" in _job_config_differs(cfg, saved, tmp_path, model=True)
+    lr = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=0.5))
+    assert "optim.lr" in _job_config_differs(lr, saved, tmp_path, model=True, dataset=True)
+
+
 # -- the epoch record that straddles a resume ------------------------------------------------------------------------
 def test_an_epoch_straddling_a_resume_on_fewer_processes_weighs_every_step_alike(monkeypatch):
     """Two processes, then one after a resume: the epoch's training loss is the mean of its steps' losses (it
