@@ -472,15 +472,27 @@ def timed_out(e: BaseException) -> str | None:
     )
 
 
-def record_failure(message: str, run_dir: Any = None, env: Mapping[str, str] | None = None) -> None:
+def record_failure(
+    message: str, run_dir: Any = None, env: Mapping[str, str] | None = None, *, secondary: bool = False
+) -> None:
     """Under torchrun: this worker's last error line (and its run folder, when it has one) in the error file
     torchrun reads back (``TORCHELASTIC_ERROR_FILE``), so that ``fasttrain train --nproc`` can say which rank
-    failed and why. Does nothing elsewhere; never raises."""
+    failed and why. The time is kept to the microsecond (``fasttrain_time``: torchrun's own ``timestamp`` is
+    whole seconds, and a rank that stops with another's error records it within milliseconds); ``secondary``:
+    this rank stops with another's error (:class:`PeerFailed`, the nodes' disagreement), never the cause to
+    report. Does nothing elsewhere; never raises."""
     env = os.environ if env is None else env
     path = env.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    data = {"message": message, "timestamp": int(time.time()), "fasttrain_run_dir": str(run_dir or "")}
+    now = time.time()
+    data = {
+        "message": message,
+        "timestamp": int(now),
+        "fasttrain_time": now,
+        "fasttrain_secondary": secondary,
+        "fasttrain_run_dir": str(run_dir or ""),
+    }
     try:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(data, f)
@@ -496,6 +508,8 @@ class WorkerFailure:
     """The worker's last error line (recorded by :func:`record_failure`), or torchrun's account of it."""
     timestamp: float = 0.0
     run_dir: str = ""
+    secondary: bool = False
+    """It stopped with another rank's error (recorded so by :func:`record_failure`): not the cause."""
 
 
 def failure_report(failures: list[WorkerFailure], nproc: int, checkpoint: Callable[[str], bool]) -> str:
@@ -507,7 +521,13 @@ def failure_report(failures: list[WorkerFailure], nproc: int, checkpoint: Callab
     # The cause first: not a rank whose peer's connection went away, nor one the agent stopped (SIGTERM: 15)
     # after another failed.
     first = min(
-        failures, key=lambda f: (any(s in f.message for s in _SECONDARY), f.exitcode == -15, f.timestamp, f.rank)
+        failures,
+        key=lambda f: (
+            f.secondary or any(s in f.message for s in _SECONDARY),
+            f.exitcode == -15,
+            f.timestamp,
+            f.rank,
+        ),
     )
     why = _why(first)
     lines = [f"fasttrain: error: rank {first.rank} failed ({_exit(first.exitcode)}): {why}"]

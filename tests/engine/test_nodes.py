@@ -218,6 +218,35 @@ def test_a_worker_records_its_error_where_torchrun_reads_it(tmp_path):
     D.record_failure("ignored", env={})  # outside torchrun: nothing
 
 
+def test_the_report_names_the_rank_that_failed_not_one_that_stopped_with_it_in_the_same_second(tmp_path, monkeypatch):
+    """Rank 0 stops with rank 1's error (PeerFailed) some milliseconds later, in the same second: torchrun's
+    whole-second timestamps tied and the lower rank was blamed. Recorded to the microsecond, and a rank that
+    stops with another's error is never the cause."""
+    from types import SimpleNamespace
+
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from fasttrain.cli import _worker_failure
+
+    def failed(records):
+        failures = {}
+        for rank, (when, text, secondary) in records.items():
+            path = tmp_path / f"error-{rank}-{when}.json"
+            monkeypatch.setattr(D.time, "time", lambda when=when: when)
+            D.record_failure(text, env={"TORCHELASTIC_ERROR_FILE": str(path)}, secondary=secondary)
+            failures[rank] = ProcessFailure(local_rank=rank, pid=1, exitcode=1, error_file=str(path))
+        monkeypatch.undo()
+        return _worker_failure(SimpleNamespace(failures=failures), 2).splitlines()[0]
+
+    peer = "rank 1 (node 1, host h) stopped: data.root: y; rank 0 (node 0, host h) stops with it"
+    assert failed({0: (100.52, peer, True), 1: (100.5, "data.root: y", False)}) == (
+        "fasttrain: error: rank 1 failed (exit status 1): data.root: y"
+    )
+    assert failed({0: (100.9, "later", False), 1: (100.1, "first", False)}) == (
+        "fasttrain: error: rank 1 failed (exit status 1): first"
+    )
+
+
 # -- restart markers -------------------------------------------------------------------------------------------------
 def test_a_marker_is_this_jobs_only_and_goes_when_the_job_ends(tmp_path):
     run = tmp_path / "run-1"
