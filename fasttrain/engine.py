@@ -144,7 +144,7 @@ def train(
             restoring=bool(plan.start) or ckpt is not None,
         )
         if plan.start:
-            ckpt = _share_checkpoint(ckpt, Path(plan.start), plan.start_size)
+            ckpt = _share_checkpoint(ckpt, Path(plan.start), plan.start_size, plan.start_mark)
         _check_prepared(prep)
         with prep.runtime.flags():
             # Loaders (they check the files), model and optimizers first: what cannot train is refused before
@@ -210,6 +210,8 @@ class _RunPlan:
     start: str = ""
     """The checkpoint resumed from."""
     start_size: int = 0
+    start_mark: tuple[int, int] = (0, 0)
+    """The checkpoint's epoch and step: a rank that reads its own copy checks that it is rank 0's."""
     reuse: str = ""
 
 
@@ -238,7 +240,13 @@ def _plan_run(
         clean_temp_files(run_dir)
         check_writable(run_dir / "checkpoints", "--resume")  # read-only: fail now, not after an epoch
     cfg, held["ckpt"] = _resumed_config(run_dir, overrides, start)
-    return _RunPlan(str(run_dir), cfg, str(start), start.stat().st_size)
+    return _RunPlan(str(run_dir), cfg, str(start), start.stat().st_size, _mark(held["ckpt"]))
+
+
+def _mark(ckpt: dict[str, Any] | None) -> tuple[int, int]:
+    """A checkpoint's (epoch, step)."""
+    state = (ckpt or {}).get("state") or {}
+    return int(state.get("epoch", -1)), int(state.get("step", -1))
 
 
 def _elastic_plan(
@@ -314,23 +322,38 @@ def _job_config_differs(
     return ""
 
 
-def _share_checkpoint(ckpt: dict[str, Any] | None, start: Path, size: int) -> dict[str, Any] | None:
+def _share_checkpoint(
+    ckpt: dict[str, Any] | None, start: Path, size: int, mark: tuple[int, int]
+) -> dict[str, Any] | None:
     """The resumed checkpoint on every rank: read from the shared runs folder, or, where a rank does not see
-    rank 0's (a runs folder each node has for itself), sent by rank 0 to all."""
+    rank 0's (a runs folder each node has for itself, or an older checkpoint there: its size is rank 0's, its
+    epoch and step, ``mark``, are not), sent by rank 0 to all."""
     info = distributed.current()
     if not info.enabled:
         return ckpt
-    sees = info.is_main or (start.is_file() and start.stat().st_size == size)
-    blind = [r for r, ok in enumerate(distributed.all_gather_object(sees)) if not ok]
+    mine = ckpt if info.is_main else _own_copy(start, size, mark)
+    blind = [r for r, ok in enumerate(distributed.all_gather_object(mine is not None)) if not ok]
     if not blind:
-        return ckpt if info.is_main else load_checkpoint(start, resume=True)
+        return mine
     log.warning(
-        "train.runs_dir is not shared with rank%s %s (no %s there): rank 0 sends the checkpoint to every rank",
+        "train.runs_dir is not shared with rank%s %s (no %s there, or another one): rank 0 sends the checkpoint "
+        "to every rank",
         "s" if len(blind) > 1 else "",
         ", ".join(map(str, blind)),
         start,
     )
     return distributed.broadcast_object(ckpt if info.is_main else None)
+
+
+def _own_copy(start: Path, size: int, mark: tuple[int, int]) -> dict[str, Any] | None:
+    """``start`` as this rank reads it, where it is rank 0's checkpoint (its size, epoch and step); else None."""
+    if not start.is_file() or start.stat().st_size != size:
+        return None
+    try:
+        ckpt = load_checkpoint(start, resume=True)
+    except Exception:  # noqa: BLE001 - damaged or another kind of file here: rank 0 sends its own
+        return None
+    return ckpt if _mark(ckpt) == tuple(mark) else None
 
 
 def _resume_target(resume: Path) -> tuple[Path, Path]:

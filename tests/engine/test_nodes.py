@@ -323,6 +323,26 @@ def test_a_restart_of_a_job_given_a_model_and_dataset_from_python_is_the_same_ru
     assert "optim.lr" in _job_config_differs(lr, saved, tmp_path, model=True, dataset=True)
 
 
+def test_an_older_checkpoint_of_the_same_size_on_another_node_is_not_taken_for_rank_0s(tmp_path, monkeypatch):
+    """A runs folder per node: rank 1's last.pt has the size of rank 0's but another epoch and step (an older
+    one): rank 1 takes rank 0's checkpoint, sent to it, instead of resuming another state."""
+    from fasttrain import engine
+
+    start = tmp_path / "last.pt"
+    torch.save({"state": {"epoch": 1, "step": 4}}, start)
+    size = start.stat().st_size
+    ours = {"state": {"epoch": 2, "step": 8}}
+    monkeypatch.setattr(engine, "load_checkpoint", lambda path, resume=False: torch.load(path))
+    monkeypatch.setattr(D, "current", lambda: D.DistInfo(rank=1, world_size=2))
+    monkeypatch.setattr(D, "all_gather_object", lambda ok: [True, ok])
+    monkeypatch.setattr(D, "broadcast_object", lambda obj, src=0: ours)
+    assert engine._share_checkpoint(None, start, size, (2, 8)) is ours
+    torch.save(ours, start)  # rank 0's, read from the shared folder
+    assert start.stat().st_size == size
+    monkeypatch.setattr(D, "broadcast_object", lambda obj, src=0: pytest.fail("nothing to send"))
+    assert engine._share_checkpoint(None, start, size, (2, 8)) == ours
+
+
 # -- the epoch record that straddles a resume ------------------------------------------------------------------------
 def test_an_epoch_straddling_a_resume_on_fewer_processes_weighs_every_step_alike(monkeypatch):
     """Two processes, then one after a resume: the epoch's training loss is the mean of its steps' losses (it
