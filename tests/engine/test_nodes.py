@@ -170,6 +170,49 @@ def test_config_differences_name_each_setting_and_agreeing_nodes_have_none():
     assert differences(other) == ["config: rank 1 (node 1, host host1) has optim.lr=0.2 (rank 0: 0.1)"]
 
 
+def test_many_folders_go_round_bounded_and_the_message_still_says_where(monkeypatch):
+    """The per-folder fingerprints go through the store (a value holds 8 MiB): past agree.MAX_FOLDERS folders
+    they are grouped by their upper folders, the same on every rank, and the message names the group."""
+    import dataclasses
+
+    from fasttrain import agree
+    from fasttrain.config import Config
+
+    monkeypatch.setattr(agree, "MAX_FOLDERS", 50)
+    files = [f"c{i}/s{k}/{j}.jpg" for i in range(20) for k in range(5) for j in range(3)]  # 100 folders
+    ranks = [_source("/a", files, labels=[0] * 300), _source("/b", files[1:], labels=[0] * 299)]
+    sent: list[object] = []
+
+    def gather(name, obj, timeout_s=0.0):
+        ref = agree.node_facts(ranks[0], Config(), 0)
+        if name == "facts":
+            ref = dataclasses.replace(ref, dataset=agree.Fingerprint(ref.dataset.digest, ref.dataset.counts))
+        elif name == "folder-sizes":
+            ref = agree.folder_sizes(ref.dataset.folders)
+        else:
+            sent.append(obj)
+            ref = agree.coarse_folders(
+                ref.dataset.folders,
+                agree.choose_depth(
+                    [
+                        agree.folder_sizes(ref.dataset.folders),
+                        agree.folder_sizes(agree.dataset_fingerprint(ranks[1]).folders),
+                    ]
+                ),
+            )
+        return [ref, obj]
+
+    monkeypatch.setattr(D, "current", lambda: D.DistInfo(rank=1, world_size=2))
+    monkeypatch.setattr(D, "gather", gather)
+    with pytest.raises(agree.NodesDisagree, match=r"differing folders: train/c0/\.\.\. \(14 samples there, 15 on"):
+        agree.check_nodes(ranks[1], Config())
+    (folders,) = sent
+    assert 0 < len(folders) <= 50  # type: ignore[arg-type]
+    whole = agree.dataset_fingerprint(ranks[0]).folders
+    assert len(agree.coarse_folders(whole, 0)) <= 50  # even the top folders too many: groups by name hash
+    assert agree.coarse_folders(whole, 3) == whole
+
+
 # -- a failed worker's report ----------------------------------------------------------------------------------------
 def test_a_failed_worker_is_named_with_its_reason_and_the_resume_command():
     failures = [
