@@ -125,6 +125,41 @@ def test_rank_0s_decision_or_its_error_reaches_every_rank(monkeypatch):
             on_rank(rank, missing)
 
 
+def test_rank_0s_error_that_cannot_be_pickled_and_a_failed_rank_end_the_wait_at_once(monkeypatch):
+    """An exception type pickle cannot name (defined in a function) still reaches the others, as a RunError with
+    its type's name and text; a rank that stopped with an error (told through the store) ends the wait for rank
+    0's decision at once, naming it, instead of after dist.timeout_s."""
+    from fasttrain.rundir import RunError
+
+    me = {"rank": 0}
+    monkeypatch.setattr(D, "dist_info", lambda env=None: D.DistInfo(rank=me["rank"], world_size=3))
+    store = torch.distributed.HashStore()
+    monkeypatch.setattr(D, "_JOINED", D._Joined(store, 1, job="j"))
+    monkeypatch.setattr(D, "_DECIDED", {})
+
+    def on_rank(rank, fn):
+        me["rank"] = rank
+        D._DECIDED.clear()
+        return D.decide("run", fn, timeout_s=30)
+
+    class LocalError(Exception):
+        pass
+
+    def fails():
+        raise LocalError("the runs folder is read-only")
+
+    with pytest.raises(LocalError):
+        on_rank(0, fails)
+    t0 = time.monotonic()
+    with pytest.raises(RunError, match=r"^LocalError: the runs folder is read-only$"):
+        on_rank(1, fails)
+    D._JOINED.generation = 2  # the next attempt: rank 2 stops before rank 0 decides
+    D.post_failure(store, "fasttrain/attempt-2", 2, "data.root: gone", where="rank 2 (node 1, host h)")
+    with pytest.raises(D.PeerFailed, match=r"^rank 2 \(node 1, host h\) stopped: data.root: gone"):
+        on_rank(1, lambda: pytest.fail("only rank 0 decides"))
+    assert time.monotonic() - t0 < 10  # not the 30 s timeout
+
+
 def test_decide_outside_torchrun_just_runs_the_function():
     assert D.decide("x", lambda: 42) == 42
 
