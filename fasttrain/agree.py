@@ -169,6 +169,64 @@ def message(diffs: list[str]) -> str:
     )
 
 
+MAX_FOLDERS = 10_000
+"""Folder entries one rank sends at most to say where the nodes' data differ (a store value holds 8 MiB)."""
+MAX_FOLDER_BYTES = 2 << 20
+"""And their names' bytes at most."""
+
+
+def _split_key(key: str) -> tuple[list[str], str]:
+    folder, sep, split = key.partition(" (")
+    return folder.split("/"), sep + split
+
+
+def folder_sizes(folders: dict[str, Any]) -> list[tuple[int, int]]:
+    """(entries, bytes of their names) the folders make when cut to depth 1, 2, ... (the last: uncut)."""
+    deepest = max((len(_split_key(k)[0]) for k in folders), default=1)
+    out = []
+    for depth in range(1, deepest + 1):
+        keys = {_cut(k, depth) for k in folders}
+        out.append((len(keys), sum(len(k) for k in keys)))
+    return out
+
+
+def choose_depth(sizes: list[list[tuple[int, int]]]) -> int:
+    """The deepest cut every rank's folders fit :data:`MAX_FOLDERS` and :data:`MAX_FOLDER_BYTES` at (given every
+    rank's :func:`folder_sizes`): 0 for groups by hash where even the top folders are too many."""
+    depth = 0
+    for d in range(1, max(len(s) for s in sizes) + 1):
+        at = [s[min(d, len(s)) - 1] for s in sizes if s]
+        if all(n <= MAX_FOLDERS and b <= MAX_FOLDER_BYTES for n, b in at):
+            depth = d
+        else:
+            break
+    return depth
+
+
+def _cut(key: str, depth: int) -> str:
+    parts, split = _split_key(key)
+    if depth <= 0:
+        group = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % MAX_FOLDERS
+        return f"folder group {group} (of {MAX_FOLDERS} by name hash)"
+    return "/".join(parts[:depth]) + ("/..." if len(parts) > depth else "") + split
+
+
+def coarse_folders(folders: dict[str, tuple[int, str]], depth: int) -> dict[str, tuple[int, str]]:
+    """``folders`` grouped by their first ``depth`` levels (see :func:`choose_depth`): samples summed, digests
+    combined; unchanged where the cut leaves every folder whole."""
+    groups: dict[str, list[tuple[str, int, str]]] = {}
+    for key in sorted(folders):
+        groups.setdefault(_cut(key, depth), []).append((key, *folders[key]))
+    out = {}
+    for group, members in groups.items():
+        if len(members) == 1 and members[0][0] == group:
+            out[group] = folders[group]
+            continue
+        digest = hashlib.sha256(repr(members).encode()).hexdigest()[:16]
+        out[group] = (sum(n for _, n, _ in members), digest)
+    return out
+
+
 def check_nodes(source: Any, cfg: Any) -> None:
     """Under torchrun: every rank's facts gathered on every rank; :class:`NodesDisagree` (the same message on
     every rank) when any differs from rank 0's. One process: nothing to compare."""
@@ -184,7 +242,9 @@ def check_nodes(source: Any, cfg: Any) -> None:
     # once (whatever the backend), instead of the others waiting in a collective.
     gathered = distributed.gather("facts", small, timeout)
     if len({f.dataset.digest for f in gathered}) > 1:  # every rank knows: the folders go round too
-        folders = distributed.gather("folders", mine.dataset.folders, timeout)
+        # bounded (a store value holds 8 MiB): by coarser folders, the same on every rank, where there are many
+        depth = choose_depth(distributed.gather("folder-sizes", folder_sizes(mine.dataset.folders), timeout))
+        folders = distributed.gather("folders", coarse_folders(mine.dataset.folders, depth), timeout)
         gathered = [
             dataclasses.replace(f, dataset=Fingerprint(f.dataset.digest, f.dataset.counts, d))
             for f, d in zip(gathered, folders)

@@ -136,13 +136,16 @@ def _worker_failure(e: BaseException, nproc: int) -> str:
     failures = []
     for rank, f in (getattr(e, "failures", None) or {}).items():
         data = getattr(f, "error_file_data", None) or {}
+        data = data if isinstance(data, dict) else {}
+        when = data.get("fasttrain_time")  # torchrun's timestamp is whole seconds: ranks would tie
         failures.append(
             WorkerFailure(
                 int(rank),
                 int(getattr(f, "exitcode", 1)),
                 str(getattr(f, "message", "") or ""),
-                float(getattr(f, "timestamp", 0) or 0),
-                str(data.get("fasttrain_run_dir", "") if isinstance(data, dict) else ""),
+                float(when if isinstance(when, int | float) else getattr(f, "timestamp", 0) or 0),
+                str(data.get("fasttrain_run_dir", "")),
+                bool(data.get("fasttrain_secondary", False)),
             )
         )
     if not failures:
@@ -726,8 +729,9 @@ def _record_for_torchrun(e: BaseException, text: str) -> None:
     from fasttrain.agree import NodesDisagree
     from fasttrain.distributed import PeerFailed, record_failure, tell_peers
 
-    record_failure(text, getattr(e, "run_dir", None))
-    if not isinstance(e, (PeerFailed, NodesDisagree)):  # those every rank knows already
+    known = isinstance(e, (PeerFailed, NodesDisagree))  # every rank knows those already: not this rank's cause
+    record_failure(text, getattr(e, "run_dir", None), secondary=known)
+    if not known:
         tell_peers(text)
 
 

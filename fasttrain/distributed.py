@@ -205,10 +205,14 @@ def job_token() -> str:
     return _JOINED.job
 
 
-def _store_get(store: Any, key: str, timeout_s: float) -> bytes:
-    """``store[key]``, waiting for it at most ``timeout_s`` (an error naming dist.timeout_s)."""
+def _store_get(store: Any, key: str, timeout_s: float, prefix: str = "", world_size: int = 0) -> bytes:
+    """``store[key]``, waiting for it at most ``timeout_s`` (an error naming dist.timeout_s). With ``prefix``
+    (an attempt's): a rank that stopped with an error (:func:`tell_peers`) ends the wait with :class:`PeerFailed`
+    naming it, as in :func:`store_gather`."""
     deadline = time.monotonic() + timeout_s
     while not store.check([key]):
+        if prefix and int(store.add(f"{prefix}/failed", 0)) and not store.check([key]):
+            raise PeerFailed(_failure_text(store, prefix, world_size))
         if time.monotonic() > deadline:
             raise TimeoutError(
                 f"rank {dist_info().rank}: waited {timeout_s:g} s (dist.timeout_s) for rank 0 of the job, which "
@@ -329,6 +333,19 @@ def _failure_text(store: Any, prefix: str, world_size: int) -> str:
     return "; ".join(said) + f"; {_where()} stops with it" if said else "another rank stopped"
 
 
+def _error_box(e: BaseException) -> bytes:
+    """Rank 0's error for the others: its type and text, or a :class:`RunError` with the type's name and the
+    text where the type cannot be pickled (the others would otherwise wait dist.timeout_s for an answer)."""
+    try:
+        text = str(e)
+    except Exception:  # noqa: BLE001 - an exception whose str() fails still has a type
+        text = ""
+    try:
+        return pickle.dumps(("error", (type(e), text)))
+    except Exception:  # noqa: BLE001 - a local or otherwise unpicklable exception type
+        return pickle.dumps(("error", (RunError, f"{type(e).__name__}: {text}" if text else type(e).__name__)))
+
+
 def decide(name: str, fn: Callable[[], Any], timeout_s: float = 1800.0) -> Any:
     """``fn()`` run by rank 0 alone, its result (a picklable value) on every rank, before the process group
     exists (through torchrun's store, once per attempt). An error raised by ``fn`` is raised on every rank, the
@@ -338,16 +355,22 @@ def decide(name: str, fn: Callable[[], Any], timeout_s: float = 1800.0) -> Any:
         return fn()
     store = join(timeout_s)
     _DECIDED[name] = _DECIDED.get(name, 0) + 1  # every rank makes the same calls: the n-th has the same key
-    key = f"fasttrain/attempt-{_JOINED.generation}/decide/{name}/{_DECIDED[name]}"
+    prefix = f"fasttrain/attempt-{_JOINED.generation}"
+    key = f"{prefix}/decide/{name}/{_DECIDED[name]}"
     if info.rank == 0:
         try:
             box: tuple[str, Any] = ("ok", fn())
         except Exception as e:
-            store.set(key, pickle.dumps(("error", (type(e), str(e)))))
+            store.set(key, _error_box(e))
             raise
-        store.set(key, pickle.dumps(box))
+        try:
+            answer = pickle.dumps(box)
+        except Exception as e:  # said to every rank (they would wait for it), then raised here
+            store.set(key, _error_box(e))
+            raise
+        store.set(key, answer)
         return box[1]
-    kind, value = pickle.loads(_store_get(store, key, timeout_s))
+    kind, value = pickle.loads(_store_get(store, key, timeout_s, prefix, info.world_size))
     if kind == "error":
         typ, text = value
         try:
@@ -472,15 +495,27 @@ def timed_out(e: BaseException) -> str | None:
     )
 
 
-def record_failure(message: str, run_dir: Any = None, env: Mapping[str, str] | None = None) -> None:
+def record_failure(
+    message: str, run_dir: Any = None, env: Mapping[str, str] | None = None, *, secondary: bool = False
+) -> None:
     """Under torchrun: this worker's last error line (and its run folder, when it has one) in the error file
     torchrun reads back (``TORCHELASTIC_ERROR_FILE``), so that ``fasttrain train --nproc`` can say which rank
-    failed and why. Does nothing elsewhere; never raises."""
+    failed and why. The time is kept to the microsecond (``fasttrain_time``: torchrun's own ``timestamp`` is
+    whole seconds, and a rank that stops with another's error records it within milliseconds); ``secondary``:
+    this rank stops with another's error (:class:`PeerFailed`, the nodes' disagreement), never the cause to
+    report. Does nothing elsewhere; never raises."""
     env = os.environ if env is None else env
     path = env.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    data = {"message": message, "timestamp": int(time.time()), "fasttrain_run_dir": str(run_dir or "")}
+    now = time.time()
+    data = {
+        "message": message,
+        "timestamp": int(now),
+        "fasttrain_time": now,
+        "fasttrain_secondary": secondary,
+        "fasttrain_run_dir": str(run_dir or ""),
+    }
     try:
         with open(path, "w", encoding="utf-8") as f:
             json.dump(data, f)
@@ -496,6 +531,8 @@ class WorkerFailure:
     """The worker's last error line (recorded by :func:`record_failure`), or torchrun's account of it."""
     timestamp: float = 0.0
     run_dir: str = ""
+    secondary: bool = False
+    """It stopped with another rank's error (recorded so by :func:`record_failure`): not the cause."""
 
 
 def failure_report(failures: list[WorkerFailure], nproc: int, checkpoint: Callable[[str], bool]) -> str:
@@ -507,7 +544,13 @@ def failure_report(failures: list[WorkerFailure], nproc: int, checkpoint: Callab
     # The cause first: not a rank whose peer's connection went away, nor one the agent stopped (SIGTERM: 15)
     # after another failed.
     first = min(
-        failures, key=lambda f: (any(s in f.message for s in _SECONDARY), f.exitcode == -15, f.timestamp, f.rank)
+        failures,
+        key=lambda f: (
+            f.secondary or any(s in f.message for s in _SECONDARY),
+            f.exitcode == -15,
+            f.timestamp,
+            f.rank,
+        ),
     )
     why = _why(first)
     lines = [f"fasttrain: error: rank {first.rank} failed ({_exit(first.exitcode)}): {why}"]

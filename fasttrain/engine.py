@@ -130,7 +130,8 @@ def train(
         timeout = cfg.dist.timeout_s if cfg is not None else 1800.0
         # Rank 0 decides which run folder this is (a resume, a torchrun restart, a new run) and reads the
         # checkpoint; every rank takes its decision (the others may not see the runs folder at all).
-        plan = distributed.decide("run", lambda: _plan_run(cfg, resume, overrides, info, held), timeout)
+        given = {"model": model is not None, "dataset": dataset is not None}
+        plan = distributed.decide("run", lambda: _plan_run(cfg, resume, overrides, info, held, **given), timeout)
         lock, ckpt = held.get("lock"), held.get("ckpt")
         run_dir = Path(plan.run_dir) if plan.run_dir else None
         cfg = plan.cfg or cfg
@@ -143,7 +144,7 @@ def train(
             restoring=bool(plan.start) or ckpt is not None,
         )
         if plan.start:
-            ckpt = _share_checkpoint(ckpt, Path(plan.start), plan.start_size)
+            ckpt = _share_checkpoint(ckpt, Path(plan.start), plan.start_size, plan.start_mark)
         _check_prepared(prep)
         with prep.runtime.flags():
             # Loaders (they check the files), model and optimizers first: what cannot train is refused before
@@ -209,18 +210,28 @@ class _RunPlan:
     start: str = ""
     """The checkpoint resumed from."""
     start_size: int = 0
+    start_mark: tuple[int, int] = (0, 0)
+    """The checkpoint's epoch and step: a rank that reads its own copy checks that it is rank 0's."""
     reuse: str = ""
 
 
 def _plan_run(
-    cfg: Config | None, resume: str | Path | None, overrides: list[str] | None, info: Any, held: dict[str, Any]
+    cfg: Config | None,
+    resume: str | Path | None,
+    overrides: list[str] | None,
+    info: Any,
+    held: dict[str, Any],
+    *,
+    model: bool = False,
+    dataset: bool = False,
 ) -> _RunPlan:
     """On rank 0 (or the only process): which run this is. A torchrun restart finds its job's folder by the
     job's token and config (:func:`_elastic_plan`); a resume takes the folder's lock and reads the checkpoint
-    (kept in ``held`` with the lock)."""
+    (kept in ``held`` with the lock). ``model`` / ``dataset``: given from Python (what :func:`prepare` then
+    fills into the config is not the job's config differing)."""
     reuse = None
     if resume is None and info.enabled and info.run_id and cfg is not None:
-        resume, overrides, reuse = _elastic_plan(cfg, info)
+        resume, overrides, reuse = _elastic_plan(cfg, info, model=model, dataset=dataset)
     if resume is None:
         return _RunPlan(reuse=str(reuse or ""))
     run_dir, start = _resume_target(Path(resume))
@@ -229,10 +240,18 @@ def _plan_run(
         clean_temp_files(run_dir)
         check_writable(run_dir / "checkpoints", "--resume")  # read-only: fail now, not after an epoch
     cfg, held["ckpt"] = _resumed_config(run_dir, overrides, start)
-    return _RunPlan(str(run_dir), cfg, str(start), start.stat().st_size)
+    return _RunPlan(str(run_dir), cfg, str(start), start.stat().st_size, _mark(held["ckpt"]))
 
 
-def _elastic_plan(cfg: Config, info: Any) -> tuple[Path | None, list[str] | None, Path | None]:
+def _mark(ckpt: dict[str, Any] | None) -> tuple[int, int]:
+    """A checkpoint's (epoch, step)."""
+    state = (ckpt or {}).get("state") or {}
+    return int(state.get("epoch", -1)), int(state.get("step", -1))
+
+
+def _elastic_plan(
+    cfg: Config, info: Any, *, model: bool = False, dataset: bool = False
+) -> tuple[Path | None, list[str] | None, Path | None]:
     """(run folder to resume, its overrides, folder to train in afresh) for a torchrun job: the folder this job
     (its token: not an earlier job that used the same rendezvous id) created, resumed when it has a checkpoint
     and the config is the run's; trained in afresh when the start died before its first checkpoint."""
@@ -260,7 +279,7 @@ def _elastic_plan(cfg: Config, info: Any) -> tuple[Path | None, list[str] | None
         saved = checkpoint_config(load_checkpoint(found / "checkpoints" / "last.pt"), found)
     except (OSError, ValueError):  # the resume names the damage (and the checkpoints that remain)
         return found, None, None
-    differ = _job_config_differs(cfg, saved, found)
+    differ = _job_config_differs(cfg, saved, found, model=model, dataset=dataset)
     if differ:
         log.warning(
             "torchrun job %s: run %s was trained with another config (%s): this job starts a new run",
@@ -274,16 +293,28 @@ def _elastic_plan(cfg: Config, info: Any) -> tuple[Path | None, list[str] | None
     return found, _overrides_of(cfg, saved), None
 
 
-def _job_config_differs(cfg: Config, saved: Config, run_dir: Path) -> str:
+def _job_config_differs(
+    cfg: Config, saved: Config, run_dir: Path, *, model: bool = False, dataset: bool = False
+) -> str:
     """The settings in which the job's config differs from the run's saved one, beyond what a resume may change
-    (empty: the same run)."""
+    (empty: the same run). The job's config is raw and the saved one went through :func:`prepare`: what prepare
+    fills in is compared as prepare fills it (a ``model`` from Python: ``model.name = custom``; a ``dataset``:
+    channels and sizes from its items, which the dataset's own check on resume compares)."""
+    from fasttrain.models import CUSTOM
+
     root = str(Path(cfg.data.root).expanduser().resolve()) if cfg.data.root else saved.data.root
+    data = dataclasses.replace(cfg.data, root=root)
+    if dataset:
+        data = dataclasses.replace(
+            data,
+            root=saved.data.root,
+            channels=saved.data.channels,
+            image_size=saved.data.image_size,
+            resize_size=saved.data.resize_size,
+        )
     outputs = cfg.model.num_outputs or saved.model.num_outputs
-    job = dataclasses.replace(
-        cfg,
-        data=dataclasses.replace(cfg.data, root=root),
-        model=dataclasses.replace(cfg.model, num_outputs=outputs),
-    )
+    name = CUSTOM if model else cfg.model.name
+    job = dataclasses.replace(cfg, data=data, model=dataclasses.replace(cfg.model, name=name, num_outputs=outputs))
     try:
         check_resume_config(saved, job, run_dir)
     except ConfigError as e:
@@ -291,23 +322,38 @@ def _job_config_differs(cfg: Config, saved: Config, run_dir: Path) -> str:
     return ""
 
 
-def _share_checkpoint(ckpt: dict[str, Any] | None, start: Path, size: int) -> dict[str, Any] | None:
+def _share_checkpoint(
+    ckpt: dict[str, Any] | None, start: Path, size: int, mark: tuple[int, int]
+) -> dict[str, Any] | None:
     """The resumed checkpoint on every rank: read from the shared runs folder, or, where a rank does not see
-    rank 0's (a runs folder each node has for itself), sent by rank 0 to all."""
+    rank 0's (a runs folder each node has for itself, or an older checkpoint there: its size is rank 0's, its
+    epoch and step, ``mark``, are not), sent by rank 0 to all."""
     info = distributed.current()
     if not info.enabled:
         return ckpt
-    sees = info.is_main or (start.is_file() and start.stat().st_size == size)
-    blind = [r for r, ok in enumerate(distributed.all_gather_object(sees)) if not ok]
+    mine = ckpt if info.is_main else _own_copy(start, size, mark)
+    blind = [r for r, ok in enumerate(distributed.all_gather_object(mine is not None)) if not ok]
     if not blind:
-        return ckpt if info.is_main else load_checkpoint(start, resume=True)
+        return mine
     log.warning(
-        "train.runs_dir is not shared with rank%s %s (no %s there): rank 0 sends the checkpoint to every rank",
+        "train.runs_dir is not shared with rank%s %s (no %s there, or another one): rank 0 sends the checkpoint "
+        "to every rank",
         "s" if len(blind) > 1 else "",
         ", ".join(map(str, blind)),
         start,
     )
     return distributed.broadcast_object(ckpt if info.is_main else None)
+
+
+def _own_copy(start: Path, size: int, mark: tuple[int, int]) -> dict[str, Any] | None:
+    """``start`` as this rank reads it, where it is rank 0's checkpoint (its size, epoch and step); else None."""
+    if not start.is_file() or start.stat().st_size != size:
+        return None
+    try:
+        ckpt = load_checkpoint(start, resume=True)
+    except Exception:  # noqa: BLE001 - damaged or another kind of file here: rank 0 sends its own
+        return None
+    return ckpt if _mark(ckpt) == tuple(mark) else None
 
 
 def _resume_target(resume: Path) -> tuple[Path, Path]:

@@ -162,18 +162,77 @@ def monitors(
 
 def use_best(task: Task, state: TrainState, ckpts: CheckpointManager) -> str:
     """Load best.pt's weights (and averages) into ``state`` where the run has one; returns which weights
-    ``state`` now holds, for the log and the reports (best.pt and its epoch, or the final weights)."""
+    ``state`` now holds, for the log and the reports (best.pt and its epoch, or the final weights).
+
+    Under torchrun rank 0 decides, and every rank evaluates rank 0's best.pt: a rank that does not see that
+    file (a runs folder each node has for itself, or another run's best.pt there) gets its weights from rank 0,
+    so the test evaluation and its all-reduce never mix best and final weights."""
     from fasttrain import distributed
     from fasttrain.checkpoint import load_checkpoint
 
     best = ckpts.dir / "best.pt"
     distributed.barrier()  # rank 0 wrote best.pt: every process reads the finished file
-    if ckpts.best_value is None or not best.is_file():
+    main = distributed.current().is_main
+    saved: dict[str, Any] | None = None
+    mark = None
+    if main and ckpts.best_value is not None and best.is_file():
+        saved = load_checkpoint(best, map_location=task.runtime.device)["state"]
+        mark = (int(saved["epoch"]), int(saved["step"]), f"{ckpts.best_metric} {ckpts.best_value:.4g}")
+    mark = distributed.broadcast_object(mark)
+    if mark is None:
         return f"final weights, epoch {state.epoch}"
-    saved = load_checkpoint(best, map_location=task.runtime.device)["state"]
+    if not main:
+        saved = _same_best(best, mark[:2], task.runtime.device)
+    blind = [r for r, ok in enumerate(distributed.all_gather_object(saved is not None)) if not ok]
+    if blind:
+        log.warning(
+            "rank%s %s do%s not see rank 0's %s: rank 0 sends its weights",
+            "s" if len(blind) > 1 else "",
+            ", ".join(map(str, blind)),
+            "" if len(blind) > 1 else "es",
+            best,
+        )
+        sent = distributed.broadcast_object(
+            _to_cpu({"modules": saved["modules"], "ema": saved.get("ema")}) if main and saved else None
+        )
+        saved = saved if saved is not None else sent
+    assert saved is not None
     for name, module in state.modules.items():
         module.load_state_dict(saved["modules"][name])
     for name, ema in state.ema.items():
         if name in (saved.get("ema") or {}):
             ema.load_state_dict(saved["ema"][name])
-    return f"best.pt, epoch {saved['epoch']}, {ckpts.best_metric} {ckpts.best_value:.4g}"
+    return f"best.pt, epoch {mark[0]}, {mark[2]}"
+
+
+def _same_best(path: Path, mark: tuple[int, int], device: Any) -> dict[str, Any] | None:
+    """``path``'s state where it is rank 0's best.pt (its epoch and step), else None."""
+    from fasttrain.checkpoint import load_checkpoint
+
+    if not path.is_file():
+        return None
+    try:
+        saved = load_checkpoint(path, map_location=device)["state"]
+    except (OSError, ValueError, RuntimeError, KeyError):
+        return None
+    return saved if (saved.get("epoch"), saved.get("step")) == mark else None
+
+
+def _to_cpu(obj: Any) -> Any:
+    """Tensors moved to the CPU (sent between ranks: a CUDA tensor would arrive on the sender's device)."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        out = {k: _to_cpu(v) for k, v in obj.items()}
+        if hasattr(obj, "_metadata"):  # a module's state dict: its versions, which loading reads
+            from collections import OrderedDict
+
+            ordered = OrderedDict(out)
+            ordered._metadata = obj._metadata  # type: ignore[attr-defined]
+            return ordered
+        return out
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj

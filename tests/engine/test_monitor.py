@@ -144,3 +144,30 @@ def test_settings_that_would_do_nothing_are_refused(shapes_root, tmp_path):
         with pytest.raises(ConfigError, match=rf"{key}: val_acc needs a validation split, and the data has none"):
             train(tiny_cfg(shapes_root, tmp_path, *no_val, setting), progress=False)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("stale", [False, True])
+def test_a_rank_that_does_not_see_rank_0s_best_pt_evaluates_rank_0s_weights(tmp_path, monkeypatch, stale):
+    """A runs folder each node has for itself: rank 1 has no best.pt (or an older one, another epoch); rank 0
+    decides and sends its weights, so the ranks never evaluate different weights."""
+    from types import SimpleNamespace
+
+    from fasttrain import distributed as D
+    from fasttrain.monitor import use_best
+
+    module = torch.nn.Linear(2, 2)
+    best = {"modules": {"model": {k: torch.full_like(v, 7.0) for k, v in module.state_dict().items()}}}
+    if stale:
+        old = {"epoch": 1, "step": 4, "modules": {"model": module.state_dict()}}
+        torch.save({"state": old}, tmp_path / "best.pt")
+    monkeypatch.setattr(D, "current", lambda: D.DistInfo(rank=1, world_size=2))
+    monkeypatch.setattr(D, "barrier", lambda: None)
+    sent = iter([(3, 12, "val_loss 0.5"), best])
+    monkeypatch.setattr(D, "broadcast_object", lambda obj, src=0: next(sent))
+    monkeypatch.setattr(D, "all_gather_object", lambda ok: [True, ok])
+    monkeypatch.setattr("fasttrain.checkpoint.load_checkpoint", lambda p, map_location=None: torch.load(p))
+    task = SimpleNamespace(runtime=SimpleNamespace(device="cpu"))
+    state = SimpleNamespace(modules={"model": module}, ema={}, epoch=5)
+    ckpts = SimpleNamespace(dir=tmp_path, best_value=None, best_metric="val_loss")  # rank 1 keeps no best value
+    assert use_best(task, state, ckpts) == "best.pt, epoch 3, val_loss 0.5"  # type: ignore[arg-type]
+    assert torch.equal(module.weight, torch.full((2, 2), 7.0))

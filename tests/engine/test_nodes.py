@@ -125,6 +125,41 @@ def test_rank_0s_decision_or_its_error_reaches_every_rank(monkeypatch):
             on_rank(rank, missing)
 
 
+def test_rank_0s_error_that_cannot_be_pickled_and_a_failed_rank_end_the_wait_at_once(monkeypatch):
+    """An exception type pickle cannot name (defined in a function) still reaches the others, as a RunError with
+    its type's name and text; a rank that stopped with an error (told through the store) ends the wait for rank
+    0's decision at once, naming it, instead of after dist.timeout_s."""
+    from fasttrain.rundir import RunError
+
+    me = {"rank": 0}
+    monkeypatch.setattr(D, "dist_info", lambda env=None: D.DistInfo(rank=me["rank"], world_size=3))
+    store = torch.distributed.HashStore()
+    monkeypatch.setattr(D, "_JOINED", D._Joined(store, 1, job="j"))
+    monkeypatch.setattr(D, "_DECIDED", {})
+
+    def on_rank(rank, fn):
+        me["rank"] = rank
+        D._DECIDED.clear()
+        return D.decide("run", fn, timeout_s=30)
+
+    class LocalError(Exception):
+        pass
+
+    def fails():
+        raise LocalError("the runs folder is read-only")
+
+    with pytest.raises(LocalError):
+        on_rank(0, fails)
+    t0 = time.monotonic()
+    with pytest.raises(RunError, match=r"^LocalError: the runs folder is read-only$"):
+        on_rank(1, fails)
+    D._JOINED.generation = 2  # the next attempt: rank 2 stops before rank 0 decides
+    D.post_failure(store, "fasttrain/attempt-2", 2, "data.root: gone", where="rank 2 (node 1, host h)")
+    with pytest.raises(D.PeerFailed, match=r"^rank 2 \(node 1, host h\) stopped: data.root: gone"):
+        on_rank(1, lambda: pytest.fail("only rank 0 decides"))
+    assert time.monotonic() - t0 < 10  # not the 30 s timeout
+
+
 def test_decide_outside_torchrun_just_runs_the_function():
     assert D.decide("x", lambda: 42) == 42
 
@@ -168,6 +203,49 @@ def test_config_differences_name_each_setting_and_agreeing_nodes_have_none():
     assert differences(same) == []
     other = [_facts(0, _source("/a", FILES)), _facts(1, _source("/a", FILES), **{"optim.lr": 0.2})]
     assert differences(other) == ["config: rank 1 (node 1, host host1) has optim.lr=0.2 (rank 0: 0.1)"]
+
+
+def test_many_folders_go_round_bounded_and_the_message_still_says_where(monkeypatch):
+    """The per-folder fingerprints go through the store (a value holds 8 MiB): past agree.MAX_FOLDERS folders
+    they are grouped by their upper folders, the same on every rank, and the message names the group."""
+    import dataclasses
+
+    from fasttrain import agree
+    from fasttrain.config import Config
+
+    monkeypatch.setattr(agree, "MAX_FOLDERS", 50)
+    files = [f"c{i}/s{k}/{j}.jpg" for i in range(20) for k in range(5) for j in range(3)]  # 100 folders
+    ranks = [_source("/a", files, labels=[0] * 300), _source("/b", files[1:], labels=[0] * 299)]
+    sent: list[object] = []
+
+    def gather(name, obj, timeout_s=0.0):
+        ref = agree.node_facts(ranks[0], Config(), 0)
+        if name == "facts":
+            ref = dataclasses.replace(ref, dataset=agree.Fingerprint(ref.dataset.digest, ref.dataset.counts))
+        elif name == "folder-sizes":
+            ref = agree.folder_sizes(ref.dataset.folders)
+        else:
+            sent.append(obj)
+            ref = agree.coarse_folders(
+                ref.dataset.folders,
+                agree.choose_depth(
+                    [
+                        agree.folder_sizes(ref.dataset.folders),
+                        agree.folder_sizes(agree.dataset_fingerprint(ranks[1]).folders),
+                    ]
+                ),
+            )
+        return [ref, obj]
+
+    monkeypatch.setattr(D, "current", lambda: D.DistInfo(rank=1, world_size=2))
+    monkeypatch.setattr(D, "gather", gather)
+    with pytest.raises(agree.NodesDisagree, match=r"differing folders: train/c0/\.\.\. \(14 samples there, 15 on"):
+        agree.check_nodes(ranks[1], Config())
+    (folders,) = sent
+    assert 0 < len(folders) <= 50  # type: ignore[arg-type]
+    whole = agree.dataset_fingerprint(ranks[0]).folders
+    assert len(agree.coarse_folders(whole, 0)) <= 50  # even the top folders too many: groups by name hash
+    assert agree.coarse_folders(whole, 3) == whole
 
 
 # -- a failed worker's report ----------------------------------------------------------------------------------------
@@ -216,6 +294,35 @@ def test_a_worker_records_its_error_where_torchrun_reads_it(tmp_path):
     assert failure.message == "train.batch_size: 33 is not divisible"
     assert failure.error_file_data["fasttrain_run_dir"] == "/r/run"
     D.record_failure("ignored", env={})  # outside torchrun: nothing
+
+
+def test_the_report_names_the_rank_that_failed_not_one_that_stopped_with_it_in_the_same_second(tmp_path, monkeypatch):
+    """Rank 0 stops with rank 1's error (PeerFailed) some milliseconds later, in the same second: torchrun's
+    whole-second timestamps tied and the lower rank was blamed. Recorded to the microsecond, and a rank that
+    stops with another's error is never the cause."""
+    from types import SimpleNamespace
+
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from fasttrain.cli import _worker_failure
+
+    def failed(records):
+        failures = {}
+        for rank, (when, text, secondary) in records.items():
+            path = tmp_path / f"error-{rank}-{when}.json"
+            monkeypatch.setattr(D.time, "time", lambda when=when: when)
+            D.record_failure(text, env={"TORCHELASTIC_ERROR_FILE": str(path)}, secondary=secondary)
+            failures[rank] = ProcessFailure(local_rank=rank, pid=1, exitcode=1, error_file=str(path))
+        monkeypatch.undo()
+        return _worker_failure(SimpleNamespace(failures=failures), 2).splitlines()[0]
+
+    peer = "rank 1 (node 1, host h) stopped: data.root: y; rank 0 (node 0, host h) stops with it"
+    assert failed({0: (100.52, peer, True), 1: (100.5, "data.root: y", False)}) == (
+        "fasttrain: error: rank 1 failed (exit status 1): data.root: y"
+    )
+    assert failed({0: (100.9, "later", False), 1: (100.1, "first", False)}) == (
+        "fasttrain: error: rank 1 failed (exit status 1): first"
+    )
 
 
 # -- restart markers -------------------------------------------------------------------------------------------------
@@ -273,6 +380,45 @@ def test_a_restart_resumes_only_its_jobs_run_with_its_config_and_reuses_a_folder
     empty.mkdir()
     remember_elastic_run(runs, "job1", empty, "token-b")
     assert _elastic_plan(cfg, info) == (None, None, empty)
+
+
+def test_a_restart_of_a_job_given_a_model_and_dataset_from_python_is_the_same_run(tmp_path):
+    """The saved config went through prepare (model.name = custom; channels and sizes from the dataset's items),
+    the job's did not: compared as prepare fills it, a restart resumes instead of starting a new run."""
+    import dataclasses
+
+    from tinyrun import tiny_cfg
+
+    from fasttrain.engine import _job_config_differs
+
+    cfg = tiny_cfg("", tmp_path, "data.root=", "model.num_outputs=0")
+    data = dataclasses.replace(cfg.data, root="python:Toy", channels=1, image_size=28, resize_size=28)
+    saved = dataclasses.replace(cfg, data=data, model=dataclasses.replace(cfg.model, name="custom", num_outputs=10))
+    assert _job_config_differs(cfg, saved, tmp_path, model=True, dataset=True) == ""
+    assert "model.name" in _job_config_differs(cfg, saved, tmp_path, dataset=True)
+    assert "data.image_size" in _job_config_differs(cfg, saved, tmp_path, model=True)
+    lr = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=0.5))
+    assert "optim.lr" in _job_config_differs(lr, saved, tmp_path, model=True, dataset=True)
+
+
+def test_an_older_checkpoint_of_the_same_size_on_another_node_is_not_taken_for_rank_0s(tmp_path, monkeypatch):
+    """A runs folder per node: rank 1's last.pt has the size of rank 0's but another epoch and step (an older
+    one): rank 1 takes rank 0's checkpoint, sent to it, instead of resuming another state."""
+    from fasttrain import engine
+
+    start = tmp_path / "last.pt"
+    torch.save({"state": {"epoch": 1, "step": 4}}, start)
+    size = start.stat().st_size
+    ours = {"state": {"epoch": 2, "step": 8}}
+    monkeypatch.setattr(engine, "load_checkpoint", lambda path, resume=False: torch.load(path))
+    monkeypatch.setattr(D, "current", lambda: D.DistInfo(rank=1, world_size=2))
+    monkeypatch.setattr(D, "all_gather_object", lambda ok: [True, ok])
+    monkeypatch.setattr(D, "broadcast_object", lambda obj, src=0: ours)
+    assert engine._share_checkpoint(None, start, size, (2, 8)) is ours
+    torch.save(ours, start)  # rank 0's, read from the shared folder
+    assert start.stat().st_size == size
+    monkeypatch.setattr(D, "broadcast_object", lambda obj, src=0: pytest.fail("nothing to send"))
+    assert engine._share_checkpoint(None, start, size, (2, 8)) == ours
 
 
 # -- the epoch record that straddles a resume ------------------------------------------------------------------------
