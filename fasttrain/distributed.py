@@ -186,7 +186,7 @@ def join(timeout_s: float = 1800.0) -> Any:
     import torch.distributed as dist
 
     info = dist_info()
-    timeout = datetime.timedelta(seconds=timeout_s)
+    timeout = datetime.timedelta(seconds=min(timeout_s, 10**9))  # decide(..., math.inf) may be the first to join
     store, _, _ = next(dist.rendezvous("env://", timeout=timeout))
     gen = agree_generation(store, info.rank, info.world_size, timeout_s)
     if info.rank == 0 and not store.check([_JOB]):  # the first attempt (or one whose rank 0 died before this)
