@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,6 @@ from fasttrain.checkpoint import (
 from fasttrain.config import Config, ConfigError, apply_overrides, dump_config
 from fasttrain.data.base import Loader
 from fasttrain.data.progressive import TrainSizes, train_sizes
-from fasttrain.data.sources import DataSource
 from fasttrain.io import WriteError, atomic_write_text, check_writable, os_reason
 from fasttrain.metrics import PROGRESS, MetricsLog, Progress, fmt_metrics, step_line, summary_line, trim_metrics
 from fasttrain.monitor import monitors, use_best
@@ -708,19 +707,11 @@ def _epoch_batches(loader: Loader, epoch: int, skip: int):
     return iter(loader)
 
 
-@dataclass
-class _NoSource:
-    skipped: tuple = ()
-
-
-_NO_SOURCE: Any = _NoSource()
-
-
-def _skipped_files(source: DataSource, *loaders: Loader | None) -> list[tuple[str, str]]:
-    """Files and records left out: at discovery, and by the loaders (unreadable images), each named once; under
-    torchrun those of every rank (each loader meets the bad files of its own shard). A collective: every rank
-    calls it at the same points."""
-    mine = [*source.skipped, *(x for ld in loaders if ld is not None for x in ld.skipped)]
+def _skipped_files(discovered: Sequence[tuple[Any, Any]], *loaders: Loader | None) -> list[tuple[str, str]]:
+    """Files and records left out: at discovery (``discovered``: a source's ``skipped``), and by the loaders
+    (unreadable images), each named once; under torchrun those of every rank (each loader meets the bad files of
+    its own shard). A collective: every rank calls it at the same points."""
+    mine = [*discovered, *(x for ld in loaders if ld is not None for x in ld.skipped)]
     seen: dict[str, str] = {}
     for part in distributed.all_gather_object([(str(f), str(why)) for f, why in mine]):
         for f, why in part:
@@ -815,10 +806,10 @@ class Trainer:
         log.info("run folder %s", run_dir)
         # The images the loaders use: files their pre-check left out are counted apart, not as used.
         used = [
-            len(split or []) - len(_skipped_files(_NO_SOURCE, loader) if split else [])
+            len(split or []) - len(_skipped_files((), loader) if split else [])
             for split, loader in ((source.train, self.train_loader), (source.val, self.val_loader))
         ]
-        skipped = len(_skipped_files(source, self.train_loader, self.val_loader))
+        skipped = len(_skipped_files(source.skipped, self.train_loader, self.val_loader))
         log.info(
             "%s | data %s: %d train, %d val%s images%s, %s | loader %s (%s)%s",
             prep.runtime.describe(),
@@ -937,7 +928,7 @@ class Trainer:
                         record,
                         tc.epochs,
                         eta_s=self._eta(),
-                        skipped=len(_skipped_files(self.source, self.train_loader, self.val_loader)),
+                        skipped=len(_skipped_files(self.source.skipped, self.train_loader, self.val_loader)),
                     )
                 )
                 if self.tc.time_budget_s and self.ckpt is None and epoch == 0 and not stop and not last:
@@ -967,7 +958,7 @@ class Trainer:
                 self.metrics.event(
                     {"epoch": state.epoch, "step": state.step, "event": "test", "weights": tested, **test_metrics}
                 )
-            skipped = _skipped_files(self.source, self.train_loader, self.val_loader, test_loader)
+            skipped = _skipped_files(self.source.skipped, self.train_loader, self.val_loader, test_loader)
             _log_skipped(skipped)
             best = self.ckpts.best_value
             log.info(

@@ -459,7 +459,7 @@ def test_skipped_files_are_counted_over_every_rank(monkeypatch):
     loader = SimpleNamespace(skipped=[("/d/a.jpg", "truncated")])
     other_rank = [("/d/rows.csv:3", "no label"), ("/d/b.jpg", "not an image")]
     monkeypatch.setattr(D, "all_gather_object", lambda mine: [mine, other_rank])
-    assert _skipped_files(source, loader, None) == [
+    assert _skipped_files(source.skipped, loader, None) == [
         ("/d/rows.csv:3", "no label"),
         ("/d/a.jpg", "truncated"),
         ("/d/b.jpg", "not an image"),
