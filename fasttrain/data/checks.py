@@ -384,13 +384,12 @@ def precheck(paths: Sequence[str], *, max_pixels: int, threads: int, split: str 
             raise BadDataError(_none_usable(split, len(paths), out.bad))
         return out
     memo = _REMEMBERED.get()
+    if memo is None:  # no tuple of every path unless it is remembered
+        return _precheck(paths, max_pixels=max_pixels, threads=threads, split=split)
     key = (tuple(paths), max_pixels, split)
-    if memo is not None and key in memo:
-        return memo[key]
-    out = _precheck(paths, max_pixels=max_pixels, threads=threads, split=split)
-    if memo is not None:
-        memo[key] = out
-    return out
+    if key not in memo:
+        memo[key] = _precheck(paths, max_pixels=max_pixels, threads=threads, split=split)
+    return memo[key]
 
 
 def _precheck(paths: Sequence[str], *, max_pixels: int, threads: int, split: str) -> Precheck:
