@@ -270,8 +270,8 @@ class _Headers:
                 code[info.format] = len(self.formats)
                 self.formats.append(info.format)
         self.format = np.fromiter((code[i.format] for i in infos), np.uint8, n)
-        self.width = np.fromiter((i.width for i in infos), np.int64, n)
-        self.height = np.fromiter((i.height for i in infos), np.int64, n)
+        self.width = np.fromiter((i.width for i in infos), np.int32, n)
+        self.height = np.fromiter((i.height for i in infos), np.int32, n)
         self.pil = np.fromiter((i.pil for i in infos), np.bool_, n)
 
     def __len__(self) -> int:
