@@ -492,9 +492,10 @@ def _add_check_data(command: Callable[[str, str, str], argparse.ArgumentParser])
         "check-data",
         "report unreadable or odd images; never touches the files",
         "Decode every image once and report unreadable files, files that are not images, empty class "
-        "folders and odd ones (converted modes, misnamed formats). Nothing is modified.",
+        "folders and odd ones (converted modes, misnamed formats); in tar shards every image member, a bad one "
+        "named <shard>.tar:<member>. Nothing is modified.",
     )
-    p.add_argument("data", help="a dataset folder")
+    p.add_argument("data", help="a dataset folder, or tar shards (a packed folder, one .tar, a brace pattern)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=3, help="channels the model reads")
     p.add_argument("--workers", type=int, default=0, help="decoding threads (0: from the machine)")
     p.add_argument("--skip-list", default=None, metavar="PATH", help="write the bad files' paths to this new file")

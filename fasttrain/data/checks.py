@@ -37,7 +37,7 @@ from typing import BinaryIO
 from PIL import Image
 
 from fasttrain.config import PILLOW_BOMB_PIXELS, default_workers
-from fasttrain.data.files import NotRegularFileError, open_regular
+from fasttrain.data.files import NotRegularFileError, is_shard_root, open_regular, split_address
 from fasttrain.data.sources import scan_images
 from fasttrain.data.transforms import DECODE_ERRORS, convert_image, decode_image
 
@@ -384,13 +384,12 @@ def precheck(paths: Sequence[str], *, max_pixels: int, threads: int, split: str 
             raise BadDataError(_none_usable(split, len(paths), out.bad))
         return out
     memo = _REMEMBERED.get()
+    if memo is None:  # no tuple of every path unless it is remembered
+        return _precheck(paths, max_pixels=max_pixels, threads=threads, split=split)
     key = (tuple(paths), max_pixels, split)
-    if memo is not None and key in memo:
-        return memo[key]
-    out = _precheck(paths, max_pixels=max_pixels, threads=threads, split=split)
-    if memo is not None:
-        memo[key] = out
-    return out
+    if key not in memo:
+        memo[key] = _precheck(paths, max_pixels=max_pixels, threads=threads, split=split)
+    return memo[key]
 
 
 def _precheck(paths: Sequence[str], *, max_pixels: int, threads: int, split: str) -> Precheck:
@@ -540,25 +539,60 @@ def check_data(
     skip_list: str | os.PathLike | None = None,
     max_pixels: int = PILLOW_BOMB_PIXELS,
 ) -> CheckReport:
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"check-data: {root} is not a folder")
+    """Every image under the folder ``root`` decoded once (:func:`check_image`); for tar shards (a packed folder,
+    one ``.tar``, a brace pattern, a URL: what ``data.root`` takes) every image member, see :func:`_check_shards`.
+    ``skip_list``: a new file to write the bad paths (or member addresses) into."""
     if skip_list is not None and Path(skip_list).exists():  # fail before decoding a large tree, not after
         raise FileExistsError(f"check-data --skip-list: {skip_list} already exists; it is not overwritten")
-    scan = scan_images(root)
-    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
-        results = list(pool.map(lambda f: check_image(f, channels, max_pixels), scan.files))
-    report = CheckReport(root, len(scan.files) + len(scan.others), empty=[str(d) for d in scan.empty_dirs])
-    report.bad.extend(scan.others)
-    for f, (bad, odd) in zip(scan.files, results):
-        if bad:
-            report.bad.append((str(f), bad))
-        elif odd:
-            report.odd.append((str(f), odd))
+    if is_shard_root("folder", root):
+        report = _check_shards(root, channels, workers, max_pixels)
+    else:
+        report = _check_folder(Path(root), channels, workers, max_pixels)
     report.bad.sort()
     if skip_list is not None:
         out = Path(skip_list)
         with open(out, "x", encoding="utf-8") as fh:  # "x": an existing file is never overwritten
             fh.writelines(f"{f}\n" for f, _ in report.bad)
         report.skip_list = out
+    return report
+
+
+def _checked(report: CheckReport, paths: Sequence[str], channels: int, workers: int, max_pixels: int) -> None:
+    """:func:`check_image` on every path (threads), each verdict into ``report``."""
+    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+        results = list(pool.map(lambda f: check_image(f, channels, max_pixels), paths))
+    for f, (bad, odd) in zip(paths, results):
+        if bad:
+            report.bad.append((f, bad))
+        elif odd:
+            report.odd.append((f, odd))
+
+
+def _check_folder(root: Path, channels: int, workers: int, max_pixels: int) -> CheckReport:
+    if not root.is_dir():
+        raise FileNotFoundError(f"check-data: {root} is not a folder")
+    scan = scan_images(root)
+    report = CheckReport(root, len(scan.files) + len(scan.others), empty=[str(d) for d in scan.empty_dirs])
+    report.bad.extend(scan.others)
+    _checked(report, [str(f) for f in scan.files], channels, workers, max_pixels)
+    return report
+
+
+def _check_shards(root: str | os.PathLike, channels: int, workers: int, max_pixels: int) -> CheckReport:
+    """Tar shards: every image member training would read (each split's inputs, pairs' target images), checked
+    as a file is and named by its address ``<shard>.tar:<member>``; a sample discovery cannot use (no label, no
+    or two input images) is bad too, named ``<shard>.tar:<key>``. A shard that cannot be read at all is an error
+    naming it, as training's."""
+    from fasttrain.config import DataConfig
+    from fasttrain.data.sources import find_source
+
+    src = find_source(DataConfig(root=os.fspath(root), val_fraction=0.0), root)  # no hold-out: every sample
+    members: dict[str, None] = {}
+    for split in (src.train, src.val, src.test):
+        if split is None:
+            continue
+        members.update(dict.fromkeys(split.paths))
+        members.update(dict.fromkeys(t for t in split.targets if isinstance(t, str) and split_address(t)))
+    report = CheckReport(Path(root), len(members) + len(src.skipped), bad=list(src.skipped))
+    _checked(report, list(members), channels, workers, max_pixels)
     return report

@@ -49,7 +49,7 @@ import re
 import threading
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
@@ -255,6 +255,30 @@ def _pnm(im) -> bytes:
 
 class _Refused(Exception):
     """A file Pillow's full decode refuses; the message is the reason every backend gives."""
+
+
+class _Headers:
+    """Per sample what the pre-check read from its file's header, as arrays (~10 bytes a sample, where a list of
+    :class:`ImageInfo` takes ~180); an ImageInfo is made on access."""
+
+    def __init__(self, infos: Sequence[ImageInfo]):
+        n = len(infos)
+        self.formats: list[str] = []
+        code: dict[str, int] = {}
+        for info in infos:  # few formats: one code each
+            if info.format not in code:
+                code[info.format] = len(self.formats)
+                self.formats.append(info.format)
+        self.format = np.fromiter((code[i.format] for i in infos), np.uint8, n)
+        self.width = np.fromiter((i.width for i in infos), np.int32, n)
+        self.height = np.fromiter((i.height for i in infos), np.int32, n)
+        self.pil = np.fromiter((i.pil for i in infos), np.bool_, n)
+
+    def __len__(self) -> int:
+        return len(self.format)
+
+    def __getitem__(self, i: int) -> ImageInfo:
+        return ImageInfo(self.formats[self.format[i]], int(self.width[i]), int(self.height[i]), bool(self.pil[i]))
 
 
 @dataclass
@@ -518,19 +542,22 @@ class DaliLoader:
         """(path, reason) of every file left out: by the pre-check, and any that failed inside DALI since."""
         self._bad = BadFiles(self.skipped, data.max_bad_per_epoch)
         self._split_name = split.name
-        self._paths = list(split.paths)
-        self._infos: list[ImageInfo] = checked.infos
-        self._paths_b: list[str] | None = None
-        self._infos_b: list[ImageInfo] | None = checked.target_infos
+        # The split's own sequences, never a list per sample: from the dataset index they are views (a str made
+        # on access), so a loader over ImageNet holds arrays, not 1.3 M Python objects.
+        self._paths: Sequence[str] = split.paths
+        self._infos = _Headers(checked.infos)
+        self._paths_b: Sequence[str] | None = None
+        self._infos_b = None if checked.target_infos is None else _Headers(checked.target_infos)
         if self.kind == "pair":
             self._targets = None
             if not self._side_by_side:
-                self._paths_b = list(split.targets)
+                self._paths_b = split.targets
         else:
-            targets = split.targets
+            targets = targets_tensor(split.targets)
             if samples.size_targets:  # the width and height the pre-check read from each header
-                targets = [list(t) + [info.width, info.height] for t, info in zip(targets, checked.infos)]
-            self._targets = targets_tensor(targets).to(spec.device)
+                wh = torch.from_numpy(np.stack([self._infos.width, self._infos.height], 1))
+                targets = torch.cat([targets.float(), wh.float()], 1)
+            self._targets = targets.to(spec.device)
         self.num_samples = len(self._paths)
         self.sampler = epoch_order(
             self.num_samples, batch_size, train, seed, num_shards, shard_id, refuse_empty="DaliLoader", split=split.name

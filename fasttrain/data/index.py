@@ -55,6 +55,7 @@ from fasttrain.config import ConfigError, DataConfig, default_workers
 from fasttrain.data.checks import ImageInfo, check_headers
 from fasttrain.data.files import BRACE, URL, is_shard_root
 from fasttrain.data.sources import DataSource, Split, discover, find_source, walk_folders
+from fasttrain.data.vectors import Vectors
 
 log = logging.getLogger(__name__)
 
@@ -445,7 +446,7 @@ def _targets_list(table: PathTable, kind: str, targets: Any, n: int) -> Sequence
         shared = list(range(int(targets.max()) + 1 if len(targets) else 0))  # one int object per class
         return list(map(shared.__getitem__, targets.tolist()))
     if kind == "vector":
-        return targets.tolist()
+        return Vectors(targets)  # one array, not a list of float lists per sample
     if kind == "path":
         return IndexedPaths(table, targets)
     return [targets] * n  # const: one str for every sample (paired side-by-side images)

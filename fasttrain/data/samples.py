@@ -41,6 +41,7 @@ from fasttrain.data.order import sample_seed, sample_seeds
 from fasttrain.data.progressive import TrainSizes
 from fasttrain.data.sources import Split
 from fasttrain.data.transforms import DECODE_ERRORS, eval_transform, load_image, resize_square, train_transform
+from fasttrain.data.vectors import Vectors
 
 log = logging.getLogger(__name__)
 
@@ -292,9 +293,10 @@ class PairDataset(Dataset):
 
 
 def targets_tensor(targets: Sequence[Any]) -> torch.Tensor:
-    """Class indices -> int64 (N); float vectors -> float32 (N x K); image targets (paths) -> ValueError."""
+    """Class indices -> int64 (N); float vectors -> float32 (N x K); image targets (paths) -> ValueError. An array
+    stand-in (:class:`~fasttrain.data.vectors.Vectors`) is read as its array, not row by row."""
     try:
-        t = torch.as_tensor(targets)
+        t = torch.as_tensor(targets.array if isinstance(targets, Vectors) else targets)
     except (TypeError, ValueError, RuntimeError) as e:
         raise ValueError(
             "targets must be class indices or numeric vectors (paired image targets are a kind of their own)"
@@ -340,7 +342,7 @@ def precheck_samples(samples: Samples, data: DataConfig, threads: int) -> Checke
             ok = [k for k, info in enumerate(infos) if info.width >= 2]
             keep, infos = [keep[k] for k in ok], [infos[k] for k in ok]
         else:
-            targets = [split.targets[i] for i in keep]
+            targets = split.subset(keep).targets  # an index's view stays a view
             pre_b = precheck(targets, max_pixels=data.max_image_pixels, threads=threads, split=split.name)
             bad += pre_b.bad
             keep, infos = [keep[k] for k in pre_b.keep], [infos[k] for k in pre_b.keep]

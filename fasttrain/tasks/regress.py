@@ -12,8 +12,10 @@ the drawing metrics measure point error in pixels of each canvas's own size.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -24,6 +26,7 @@ from fasttrain.data.formats import DRAWING_TARGETS
 from fasttrain.data.samples import Samples
 from fasttrain.data.sources import Split
 from fasttrain.data.transforms import resize_square
+from fasttrain.data.vectors import Vectors
 from fasttrain.tasks.base import Task, TrainState
 
 log = logging.getLogger(__name__)
@@ -31,24 +34,28 @@ log = logging.getLogger(__name__)
 __all__ = ["RegressTask", "scale_targets", "target_range"]
 
 
-def target_range(targets: list[list[float]]) -> tuple[list[float], list[float]]:
-    """(low, high) per target: (0, 1) when every value already lies in 0..1, else the observed min and max."""
-    cols = list(zip(*targets))
-    if all(0.0 <= v <= 1.0 for col in cols for v in col):
-        return [0.0] * len(cols), [1.0] * len(cols)
-    low = [min(col) for col in cols]
-    high = [max(col) if max(col) > min(col) else min(col) + 1.0 for col in cols]
-    return low, high
+def target_range(targets: Sequence[Sequence[float]]) -> tuple[list[float], list[float]]:
+    """(low, high) per target: (0, 1) when every value already lies in 0..1, else the observed min and max.
+    One array pass (a :class:`~fasttrain.data.vectors.Vectors` is read as its array, no list per sample)."""
+    if not len(targets):
+        return [], []
+    arr = np.asarray(targets, dtype=np.float64)
+    if ((arr >= 0.0) & (arr <= 1.0)).all():
+        return [0.0] * arr.shape[1], [1.0] * arr.shape[1]
+    low, top = arr.min(0), arr.max(0)
+    high = np.where(top > low, top, low + 1.0)
+    return low.tolist(), high.tolist()
 
 
 def scale_targets(split: Split, low: list[float], high: list[float]) -> Split:
-    """The split with each target vector min-max scaled to 0..1 by the training range (float32 arithmetic)."""
-    lo = torch.tensor(low, dtype=torch.float32)
-    span = torch.tensor(high, dtype=torch.float32) - lo
-    if not split.targets:
-        return Split(split.name, [], [])
-    scaled = (torch.tensor(split.targets, dtype=torch.float32) - lo) / span
-    return Split(split.name, list(split.paths), scaled.tolist())
+    """The split with each target vector min-max scaled to 0..1 by the training range (float32 arithmetic), as
+    one N x K float32 array; the paths are the split's own (an index's view stays a view)."""
+    lo = np.asarray(low, dtype=np.float32)
+    span = np.asarray(high, dtype=np.float32) - lo
+    if not len(split.targets):
+        return Split(split.name, split.paths, [])
+    scaled = (np.asarray(split.targets, dtype=np.float32) - lo) / span
+    return Split(split.name, split.paths, Vectors(scaled))
 
 
 class RegressTask(Task):

@@ -32,6 +32,7 @@ from fasttrain.data.dali import (
     rrc_window,
     train_params,
 )
+from fasttrain.data.index import IndexedPaths, load_or_build
 from fasttrain.data.sources import Split
 from fasttrain.data.torch_loader import EpochSampler, ImageDataset, TorchLoader
 from fasttrain.data.transforms import eval_transform, load_image, train_transform
@@ -552,6 +553,51 @@ def test_bad_files_are_skipped_with_a_warning(tmp_path, mixed, caplog):
         assert any(str(bad) in r.getMessage() for r in caplog.records), bad
     assert loader.num_samples == 3 and [p for p, _ in loader.skipped] == [str(empty), str(text), str(cut)]
     assert epoch(loader)[1].tolist() == [0, 2, 4]  # the surviving files keep their own labels
+
+
+class UnlistedPaths(IndexedPaths):
+    """The dataset index's view of a split's paths that refuses to be listed: a loader that builds a ``str`` per
+    sample up front (``list(paths)``, a comprehension, ``zip``) fails; indexing one path at a time works."""
+
+    def __iter__(self):
+        raise AssertionError("a list of every path was built from the dataset index's view")
+
+    def __getitem__(self, i):
+        got = super().__getitem__(i)
+        return UnlistedPaths(got.table, got.ids) if isinstance(got, IndexedPaths) else got
+
+    def take(self, indices):
+        return UnlistedPaths(self.table, super().take(indices).ids)
+
+    def __repr__(self) -> str:
+        return f"UnlistedPaths({len(self)} paths)"
+
+
+@needs_dali
+@pytest.mark.parametrize("train", [True, False])
+def test_a_loader_over_the_dataset_index_reads_its_view_without_listing_it(tmp_path, mixed, train):
+    """DALI serves the index's compact view as it is (a path made per sample read), with the same batches and
+    skipped files as from a list: one the index's verdicts refuse, one that fails to decode while feeding."""
+    root = tmp_path / "data"
+    for k, path in enumerate(mixed[:12]):
+        folder = root / "train" / f"c{k % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / Path(path).name).write_bytes(Path(path).read_bytes())
+    badfiles.write_text(root / "train" / "c0" / "text.jpg")  # refused by the index's header verdict
+    badfiles.write_corrupt_mid_stream_jpeg(root / "train" / "c1" / "cut.jpg")  # passes it, refused when read
+    data = DataConfig(root=str(root), image_size=16, crop_scale_min=0.3, val_fraction=0.0)
+    split = load_or_build(data).index.source().train
+    assert isinstance(split.paths, IndexedPaths) and len(split) == 14
+    view = Split(split.name, UnlistedPaths(split.paths.table, split.paths.ids), split.targets)
+    listed = Split(split.name, [split.paths[i] for i in range(len(split))], split.targets)
+    runs = []
+    for s in (view, listed):
+        loader = DaliLoader(s, data, spec_for(data), batch_size=4, train=train, seed=3)
+        runs.append((epoch(loader, 1), loader.skipped))
+        loader.close()
+    (got, got_skipped), (want, want_skipped) = runs
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    assert got_skipped == want_skipped and sorted(Path(p).name for p, _ in got_skipped) == ["cut.jpg", "text.jpg"]
 
 
 @pytest.fixture(scope="module")

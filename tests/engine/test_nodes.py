@@ -507,13 +507,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_nodes(folders: list[Path], args: list[str], *, job: str, restarts: int = 0, limit: float = 150):
+def _two_nodes(
+    folders: list[Path],
+    args: list[str],
+    *,
+    job: str,
+    restarts: int = 0,
+    limit: float = 150,
+    node_env: list[dict[str, str]] | None = None,
+):
     """Two torchrun agents (one worker each) in their own working folders, one job; (exit status, stderr) of
-    each. A job still running after ``limit`` seconds is a hang: killed, and the test fails."""
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
+    each. A job still running after ``limit`` seconds is a hang: killed, and the test fails. ``node_env``: each
+    node's own environment variables (over the test's)."""
+    base = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
     port = _free_port()
     procs = []
-    for folder in folders:
+    for k, folder in enumerate(folders):
+        env = {**base, **(node_env[k] if node_env else {})}
         folder.mkdir(parents=True, exist_ok=True)
         cmd = [
             sys.executable,
@@ -656,3 +666,39 @@ def test_a_reused_rendezvous_id_with_another_config_is_a_new_run_never_the_old_o
     assert all(code == 0 for code, _ in second), err[-4000:]
     assert "this job starts a new run" in err and "resuming" not in err
     assert len(_runs(runs)) == 2 and (old / "checkpoints" / "last.pt").read_bytes() == before
+
+
+@pytest.mark.slow
+@needs_gloo
+@pytest.mark.parametrize("holder", [0, 1], ids=["answer-on-the-first-node", "answer-on-the-second-node"])
+def test_autotune_with_an_answer_cached_on_one_node_only_takes_rank_0s_way_on_every_rank(shapes_root, tmp_path, holder):
+    """Each node keeps its own autotune cache ($FASTTRAIN_CACHE), one of them an answer for this very job.
+    Rank 0 decides whether there is one and every rank follows: all answer from rank 0's cache, or all search
+    together. A rank that answered from its own cache used to leave while the other searched, alone, in
+    collectives nobody else joined (a dead peer, or a wait of dist.timeout_s)."""
+    from fasttrain.cli import resolve_config
+    from fasttrain.runtime import runtime_for
+    from fasttrain.tuning import autotune, cache
+
+    nodes = [tmp_path / "n0", tmp_path / "n1"]
+    sets = _sets(shapes_root, tmp_path / "runs")
+    cfg = resolve_config(None, sets[1::2])
+    # The answer a node kept from an earlier call: filed under the key of this two-process job on this machine
+    # (any stored answer serves; this one is the config's own batch, from a one-process call).
+    answer = autotune(cfg, out_dir=tmp_path / "earlier", verify=False, use_cache=False)
+    machine = {**cache.machine(runtime_for(cfg)), "world_size": 2}
+    fields = cache.key_fields(cfg, budget_gib=cfg.tune.memory_budget_gib, machine_info=machine)
+    cache.store(nodes[holder] / "cache" / "autotune" / f"{cache.cache_key(fields)}.json", fields, answer)
+    done = _two_nodes(
+        nodes,
+        ["autotune", "--out", "out", "--no-verify", "--time-budget", "6", "-q", *sets],  # out: rank 0's folder
+        job=f"tune-{holder}",
+        limit=120,  # ~40 s here (two start-ups, a 6 s search); no rank waits for another over dist.timeout_s = 60
+        node_env=[{"FASTTRAIN_CACHE": str(n / "cache")} for n in nodes],
+    )
+    err = "".join(e for _, e in done)
+    assert all(code == 0 for code, _ in done), err[-4000:]
+    (rank_0,) = [n for n in nodes if (n / "out" / "autotune.json").is_file()]
+    report = json.loads((rank_0 / "out" / "autotune.json").read_text())
+    assert report["ok"] and report["world_size"] == 2
+    assert report["cached"] == (rank_0 == nodes[holder])  # rank 0's cache decides, whichever node rank 0 is on

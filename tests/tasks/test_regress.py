@@ -1,5 +1,7 @@
+import dataclasses
 import logging
 import math
+import tracemalloc
 from pathlib import Path
 
 import badfiles
@@ -11,12 +13,14 @@ from PIL import Image
 from fasttrain.checkpoint import load_checkpoint
 from fasttrain.config import Config, ConfigError, apply_overrides
 from fasttrain.data.dali import dali_status
-from fasttrain.data.sources import discover
+from fasttrain.data.index import IndexedPaths, load_or_build
+from fasttrain.data.sources import Split, discover
 from fasttrain.data.synthetic import make_drawing_dataset
+from fasttrain.data.vectors import Vectors
 from fasttrain.engine import train
 from fasttrain.prediction import predict
 from fasttrain.runtime import Runtime
-from fasttrain.tasks.regress import RegressTask, target_range
+from fasttrain.tasks.regress import RegressTask, scale_targets, target_range
 
 needs_dali = pytest.mark.skipif(not dali_status()[0], reason=dali_status()[1])
 BACKENDS = ["torch", "cache", pytest.param("dali", marks=needs_dali)]
@@ -216,6 +220,63 @@ def test_every_backend_gives_the_torch_loaders_batches(parity_data, backend, tra
     else:
         err = (x - x_ref).abs()
         assert err.flatten(1).mean(1).max() < PARITY_MEAN_ABS and err.max() < PARITY_MAX_ABS
+
+
+class UnlistedPaths(IndexedPaths):
+    """The dataset index's view of a split's paths that refuses to be listed: code that builds a ``str`` per
+    sample up front (``list(paths)``, a comprehension, ``zip``) fails; indexing one path at a time works."""
+
+    def __iter__(self):
+        raise AssertionError("a list of every path was built from the dataset index's view")
+
+    def __getitem__(self, i):
+        got = super().__getitem__(i)
+        return UnlistedPaths(got.table, got.ids) if isinstance(got, IndexedPaths) else got
+
+    def take(self, indices):
+        return UnlistedPaths(self.table, super().take(indices).ids)
+
+    def __repr__(self) -> str:
+        return f"UnlistedPaths({len(self)} paths)"
+
+
+def indexed_train(task: RegressTask) -> Split:
+    """The training split from the dataset index, its paths a view that cannot be listed."""
+    split = load_or_build(task.cfg.data).index.source().train
+    assert isinstance(split.paths, IndexedPaths) and isinstance(split.targets, Vectors)
+    return Split(split.name, UnlistedPaths(split.paths.table, split.paths.ids), split.targets)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cache", pytest.param("dali", marks=needs_dali)])
+def test_the_dataset_index_s_view_is_served_as_it_is_on_every_backend(parity_data, backend):
+    """From the dataset index a split is a view (a path made per access, the targets one array): the task scales
+    the targets as one array and keeps the view, and each backend gives the batches of the listed split."""
+    listed_task, listed = regress_task(parity_data["manifest"], "manifest", 3)
+    split = indexed_train(listed_task)
+    src = dataclasses.replace(listed, train=split)
+    task = RegressTask(listed_task.cfg, Runtime(listed_task.cfg.runtime), src)
+    assert (task.low, task.high) == (listed_task.low, listed_task.high)
+    samples = task.samples(split)
+    assert samples.split.paths is split.paths and isinstance(samples.split.targets, Vectors)
+    want = whole_epoch(listed_task.make_loader(listed.train, train=True, batch_size=4, backend=backend), 1)
+    got = whole_epoch(task.make_loader(split, train=True, batch_size=4, backend=backend), 1)
+    assert got[0] == want[0] and torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+def test_scaling_an_indexed_split_adds_its_float32_targets_not_a_list_per_sample(parity_data):
+    task, _ = regress_task(parity_data["manifest"], "manifest", 3)
+    small = indexed_train(task)
+    rows = np.tile(np.arange(len(small)), 300)  # ~4,000 samples over the same files
+    split = small.subset(rows.tolist())
+    tracemalloc.start()
+    low, high = target_range(split.targets)
+    scaled = scale_targets(split, low, high)
+    held, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert scaled.paths is split.paths and np.asarray(scaled.targets).dtype == np.float32
+    assert held / len(split) < 2 * 4 + 4, held / len(split)  # the scaled array (2 float32 a sample) and change
+    expect = (np.asarray(split.targets) - low) / (np.asarray(high) - low)
+    np.testing.assert_allclose(np.asarray(scaled.targets), expect, rtol=1e-6)
 
 
 def test_manifest_targets_outside_0_1_are_scaled_and_come_back_in_their_units(tmp_path):
