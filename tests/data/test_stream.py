@@ -297,3 +297,17 @@ def test_a_run_killed_mid_epoch_on_a_streamed_root_resumes_to_the_uninterrupted_
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
     wa, wb = weights(straight.run_dir), weights(run)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_auto_passes_dali_over_for_a_streamed_root(served):
+    """DALI reads members by offset: on a streamed root ``auto`` does not take it (it would download every shard
+    before its first step); asked by name it runs, downloading each shard on first read."""
+    from fasttrain.data.base import RunSamples
+    from fasttrain.data.loaders import backend
+
+    url, _ = served
+    run = RunSamples(Samples(discover(DataConfig(root=url, val_fraction=0)).train, "class"))
+    ok, why = backend("dali").fits(run, _cfg(), torch.device("cuda"))
+    assert not ok and "stream on the torch loader" in why
+    local = RunSamples(Samples(discover(DataConfig(root=url, stream="off", val_fraction=0)).train, "class"))
+    assert backend("dali").fits(local, _cfg(), torch.device("cuda"))[0]
