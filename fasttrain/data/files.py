@@ -34,6 +34,7 @@ __all__ = [
     "index_tar",
     "is_remote_address",
     "is_shard_root",
+    "known_index",
     "kind_of",
     "load_index",
     "not_regular_reason",
@@ -248,6 +249,11 @@ def load_index(shard: str, index: ShardIndex | None = None) -> ShardIndex:
         idx = index_tar(shard)
     _INDEXES[shard] = idx
     return idx
+
+
+def known_index(shard: str) -> ShardIndex | None:
+    """The index this process holds for ``shard`` (a path or a URL), without reading anything; None if none."""
+    return _INDEXES.get(shard)
 
 
 def _shard_fd(shard: str) -> tuple[int, bool]:

@@ -27,17 +27,18 @@ the epoch's length and resumes (see :func:`pass_batches` and :func:`ghost_batche
 
 from __future__ import annotations
 
-import io
+import http.client
 import logging
 import random
 import tarfile
-from collections.abc import Callable, Iterator, Sequence
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from fasttrain.data.files import IN_HAND, address, is_remote_address, split_address
+from fasttrain.data.files import IN_HAND, address, is_remote_address, known_index, split_address
 from fasttrain.data.samples import Skip
 from fasttrain.data.sources import Split
 
@@ -118,36 +119,99 @@ _Item = tuple[int, str, "dict[str, bytes] | str"]
 """(index in the split, input member address, the sample's members {address: bytes} or why it is missing)."""
 
 
-def read_shard(url: str, wanted: dict[str, tuple[int, str]], opener: Callable[[str], Any]) -> Iterator[_Item]:
-    """The wanted samples of the shard at ``url``, in the shard's order, read in one sequential pass; samples the
-    stream lacks (or lost when it broke off) follow, each with the reason."""
+RETRIES = 2
+"""Times a shard whose stream broke off is opened again (its samples already read are passed over)."""
+_BROKEN = (OSError, EOFError, tarfile.TarError, http.client.HTTPException)
+"""A stream that broke: URLError and HTTPError (OSErrors), a cut connection (IncompleteRead), a damaged tar."""
+
+
+def read_shard(
+    url: str, wanted: dict[str, tuple[int, str]], opener: Callable[[str], Any], retries: int | None = None
+) -> Iterator[_Item]:
+    """The wanted samples of the shard at ``url``, in the shard's order, read in one sequential pass. A stream
+    that breaks off is opened again (``retries`` times) and read on past the samples already yielded, so the
+    order is the same; samples still missing then follow, each with the reason."""
+    retries = RETRIES if retries is None else retries
     seen: set[str] = set()
     why = "not in the shard's stream"
-    group: dict[str, bytes] = {}
-    current: str | None = None
-    try:
-        with opener(url) as raw, tarfile.open(fileobj=io.BufferedReader(raw, _READ_BLOCK), mode="r|") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                key = _key(m.name)
-                if key != current:
-                    if current in wanted and current not in seen:
-                        seen.add(current)
-                        yield _item(url, wanted[current], group)
-                    current, group = key, {}
-                if key in wanted and key not in seen:
-                    f = tar.extractfile(m)
-                    group[address(url, m.name)] = f.read() if f is not None else b""
-            if current in wanted and current not in seen:
-                seen.add(current)
-                yield _item(url, wanted[current], group)
-    except (OSError, tarfile.TarError, EOFError) as e:  # URLError, HTTPError, a cut connection, a damaged tar
-        why = f"the shard's stream broke off ({type(e).__name__}: {e})"
-        log.warning("shard %s: %s", url, why)
+    for attempt in range(retries + 1):
+        try:
+            yield from _read_once(url, wanted, opener, seen)
+            why = "not in the shard's stream"
+            break
+        except _BROKEN as e:
+            why = f"the shard's stream broke off ({type(e).__name__}: {e})"
+            again = attempt < retries
+            log.warning("shard %s: %s%s", url, why, f"; reading it again past {len(seen)} samples" if again else "")
+            if again:
+                time.sleep(0.2 * (attempt + 1))
     for key in sorted(set(wanted) - seen, key=lambda k: wanted[k][0]):
         index, member = wanted[key]
         yield index, address(url, member), why
+
+
+class _Counted:
+    """A binary stream that counts the bytes read through it."""
+
+    def __init__(self, raw: Any):
+        self.raw, self.n = raw, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.n += len(data)
+        return data
+
+    def drain(self) -> int:
+        """Read to the end (the tar's padding after its end blocks); the bytes read in all."""
+        while self.read(_READ_BLOCK):
+            pass
+        return self.n
+
+
+def _expected_size(url: str, raw: Any) -> int | None:
+    """The shard's size: its index's, else the server's Content-Length, else unknown."""
+    idx = known_index(url)
+    if idx is not None and idx.size is not None:
+        return idx.size
+    length = getattr(raw, "headers", {}).get("Content-Length")
+    return int(length) if length and length.isdigit() else None
+
+
+def _read_once(url: str, wanted: dict[str, tuple[int, str]], opener: Callable[[str], Any], seen: set[str]):
+    """One sequential read of the shard: its wanted samples not in ``seen`` (added as they are yielded). A
+    stream that ends short of the shard's size raises EOFError (a closed connection can end a tar cleanly at a
+    member's boundary: urllib does not tell)."""
+    with opener(url) as raw:
+        counted = _Counted(raw)
+        last = yield from _members(url, wanted, seen, counted)
+        size, got = _expected_size(url, raw), counted.drain()
+        if size is not None and got < size:
+            raise EOFError(f"the stream ended after {got} of its {size} bytes")
+    if last is not None:  # only now: a cut stream may have lost the end of the last sample
+        seen.add(last[0])
+        yield _item(url, wanted[last[0]], last[1])
+
+
+def _members(
+    url: str, wanted: dict[str, tuple[int, str]], seen: set[str], raw: _Counted
+) -> Generator[_Item, None, tuple[str, dict[str, bytes]] | None]:
+    """The wanted samples not in ``seen`` but the last, which is returned as (key, its members)."""
+    group: dict[str, bytes] = {}
+    current: str | None = None
+    with tarfile.open(fileobj=cast(Any, raw), mode="r|", bufsize=_READ_BLOCK) as tar:
+        for m in tar:
+            if not m.isfile():
+                continue
+            key = _key(m.name)
+            if key != current:
+                if current is not None and current in wanted and current not in seen:
+                    seen.add(current)
+                    yield _item(url, wanted[current], group)
+                current, group = key, {}
+            if key in wanted and key not in seen:
+                f = tar.extractfile(m)
+                group[address(url, m.name)] = f.read() if f is not None else b""
+    return (current, group) if current is not None and current in wanted and current not in seen else None
 
 
 def _item(url: str, want: tuple[int, str], group: dict[str, bytes]) -> _Item:

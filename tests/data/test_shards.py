@@ -385,13 +385,23 @@ def test_a_killed_run_on_shards_resumes_to_the_weights_of_the_same_run_on_files(
 
 
 @contextlib.contextmanager
-def serve(folder: Path):
-    """``folder`` served by http.server on 127.0.0.1 (a thread): its URL, and the paths requested so far."""
+def serve(folder: Path, cut: int = 0):
+    """``folder`` served by http.server on 127.0.0.1 (a thread): its URL, and the paths requested so far.
+    ``cut``: the first ``cut`` requests of each ``.tar`` get half its bytes, then the connection closes."""
     paths: list[str] = []
+    cuts: dict[str, int] = {}
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             paths.append(self.path)
+
+        def copyfile(self, source, outputfile):
+            if self.path.endswith(".tar") and cuts.get(self.path, 0) < cut:
+                cuts[self.path] = cuts.get(self.path, 0) + 1
+                data = source.read()
+                outputfile.write(data[: len(data) // 2])
+                return
+            super().copyfile(source, outputfile)
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)

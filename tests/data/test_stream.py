@@ -311,3 +311,28 @@ def test_auto_passes_dali_over_for_a_streamed_root(served):
     assert not ok and "stream on the torch loader" in why
     local = RunSamples(Samples(discover(DataConfig(root=url, stream="off", val_fraction=0)).train, "class"))
     assert backend("dali").fits(local, _cfg(), torch.device("cuda"))[0]
+
+
+def test_a_stream_that_breaks_off_is_read_again_past_what_it_gave(shards, tmp_path, monkeypatch):
+    """Each shard's first GET is cut halfway: it is opened again and read on past the samples already given,
+    so the epoch is whole and in the same order; with no retry left, the rest is named and skipped."""
+    from fasttrain.data.stream import StreamPlan, read_shard
+
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    with serve(shards) as (url, _):
+        split = discover(DataConfig(root=url, val_fraction=0)).train
+        want = _drawn(_identity_loader(split, train=True))
+    with serve(shards, cut=1) as (url2, requests):
+        split2 = discover(DataConfig(root=url2, val_fraction=0)).train
+        loader = _identity_loader(split2, train=True)
+        assert _drawn(loader) == want and loader.skipped == []
+        tars = [p for p in requests if p.endswith(".tar")]
+        assert len(tars) == 2 * len(set(tars))
+    with serve(shards, cut=1) as (url3, _):
+        split3 = discover(DataConfig(root=url3, val_fraction=0)).train
+        plan = StreamPlan.of(split3)
+        shard = max(plan.shards, key=plan.count)
+        items = list(read_shard(shard, plan.wanted[shard], open_url, retries=0))
+    assert sorted(i for i, _, _ in items) == sorted(i for i, _ in plan.wanted[shard].values())
+    lost = [(where, why) for _, where, why in items if isinstance(why, str)]
+    assert lost and all(where.startswith(shard + ":") and "broke off" in why for where, why in lost)
