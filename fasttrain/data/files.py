@@ -11,6 +11,7 @@ backend reads shards as it reads files.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -19,7 +20,7 @@ import re
 import stat
 import tarfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -31,6 +32,7 @@ __all__ = [
     "NotRegularFileError",
     "ShardIndex",
     "address",
+    "holding",
     "index_tar",
     "is_remote_address",
     "is_shard_root",
@@ -178,7 +180,24 @@ _MAX_FDS = 256
 IN_HAND: dict[str, bytes] = {}
 """Member address -> its bytes, for members a streaming reader holds (:mod:`fasttrain.data.stream`: a sample's
 members read off a remote shard's stream); :func:`open_member` serves these first, so the datasets decode a
-streamed sample as they decode any member."""
+streamed sample as they decode any member. Filled by :func:`holding`."""
+_HOLDING = threading.local()
+
+
+@contextlib.contextmanager
+def holding(members: dict[str, bytes]) -> Iterator[None]:
+    """Serve ``members`` (address -> bytes) from memory inside the block; a remote member that is not among them
+    is then missing (FileNotFoundError), never downloaded: a streamed sample is decoded from its stream alone."""
+    IN_HAND.update(members)
+    _HOLDING.on = True
+    try:
+        yield
+    finally:
+        _HOLDING.on = False
+        for a in members:
+            IN_HAND.pop(a, None)
+
+
 _REMOTE: list[Callable[[str], str]] = []
 """How a remote shard becomes a local file, for readers that need its members by offset (the GPU cache, DALI,
 the pre-check): set by :mod:`fasttrain.data.shards`, which downloads it whole into the cache once."""
@@ -274,6 +293,8 @@ def _shard_fd(shard: str) -> tuple[int, bool]:
 
 def _local_copy(url: str, path: str) -> str:
     """The local copy of the remote shard ``url`` (downloaded on first use); OSError naming ``path``."""
+    if getattr(_HOLDING, "on", False):
+        raise FileNotFoundError(errno.ENOENT, "not among the sample's members in the shard's stream", path)
     if not _REMOTE:
         raise OSError(errno.ENOENT, f"shard {url} is remote and no reader for it is set", path)
     try:

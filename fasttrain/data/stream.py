@@ -14,7 +14,7 @@ semantics:
 - **Shuffle buffer** (training): ``data.shuffle_buffer`` undecoded samples per worker, filled before the first
   one leaves (DALI's ``initial_fill``), then each new sample takes the place of a random one, which leaves; the
   rest leave in random order when the stream ends. Seeded by (seed, epoch, rank, worker).
-- **Decode.** A sample's members are handed to the split's map-style dataset (:data:`fasttrain.data.files.IN_HAND`)
+- **Decode.** A sample's members are handed to the split's map-style dataset (:func:`fasttrain.data.files.holding`)
   under their index in the split: the same decode, validation and per-(seed, epoch, index) augmentation as a
   local shard's, and a member that cannot be decoded is named ``url:member`` and skipped the same way. A sample
   the stream lacks, or that a broken stream cut off, is named and skipped too, never fatal on its own.
@@ -38,7 +38,7 @@ from typing import Any, cast
 
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from fasttrain.data.files import IN_HAND, address, is_remote_address, known_index, split_address
+from fasttrain.data.files import address, holding, is_remote_address, known_index, split_address
 from fasttrain.data.samples import Skip
 from fasttrain.data.sources import Split
 
@@ -294,12 +294,8 @@ class ShardStream(IterableDataset):
         index, where, members = item
         if isinstance(members, str):
             return Skip(where, members)
-        IN_HAND.update(members)
-        try:
+        with holding(members):
             return self.dataset[(index, epoch)]
-        finally:
-            for a in members:
-                IN_HAND.pop(a, None)
 
 
 def ghost_batches(per_worker: Sequence[int], n: int) -> list[int]:

@@ -4,9 +4,11 @@ missing member is named ``url:member`` and skipped; a resumed epoch replays the 
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import shutil
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -122,7 +124,12 @@ def test_two_ranks_read_disjoint_shards_and_evaluate_every_sample_once(served, w
     url, _ = served
     split = discover(DataConfig(root=url, val_fraction=0)).train
     n = len(split)
-    evals = [sum(_drawn(_identity_loader(split, train=False, world=2, rank=r, workers=workers)), []) for r in (0, 1)]
+    evals = []
+    for r in (0, 1):
+        loader = _identity_loader(split, train=False, world=2, rank=r, workers=workers)
+        batches = _drawn(loader)
+        assert len(batches) == len(loader)
+        evals.append(sum(batches, []))
     assert sorted(evals[0] + evals[1]) == list(range(n))
     for epoch in (0, 1):
         loaders = [_identity_loader(split, train=True, world=2, rank=r, workers=workers) for r in (0, 1)]
@@ -336,3 +343,42 @@ def test_a_stream_that_breaks_off_is_read_again_past_what_it_gave(shards, tmp_pa
     assert sorted(i for i, _, _ in items) == sorted(i for i, _ in plan.wanted[shard].values())
     lost = [(where, why) for _, where, why in items if isinstance(why, str)]
     assert lost and all(where.startswith(shard + ":") and "broke off" in why for where, why in lost)
+
+
+def test_pairs_stream_with_their_target_member_and_a_lost_target_is_named_not_downloaded(tmp_path, monkeypatch):
+    """A pair's sample is two members (``.png`` + ``.target.png``) of one key: streamed evaluation gives the
+    local shards' pixels; a target the stream lacks is named and skipped, and nothing is downloaded for it."""
+    from fasttrain.data.synthetic import make_paired_dataset
+
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    paired = make_paired_dataset(tmp_path / "p", n=10, size=16, layout="folders", seed=3)
+    pack(DataConfig(root=str(paired), format="paired", val_fraction=0), tmp_path / "s", shard_bytes=6000)
+    index_path = next((tmp_path / "s").glob("train-*.tar" + INDEX_SUFFIX))
+    with serve(tmp_path / "s") as (url, _):
+        split = discover(DataConfig(root=url, val_fraction=0)).train
+        local = discover(DataConfig(root=str(tmp_path / "s"), val_fraction=0)).train
+        got = []
+        for s in (split, local):
+            loader = make_loader("torch", LoaderRequest(Samples(s, "pair"), train=False, batch_size=4), _cfg(), SPEC)
+            got.append([(b.inputs, b.targets) for b in loader])
+        assert is_streamed(split) and len(got[0]) == len(got[1]) > 0
+        assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(*got))
+    # the stream lacks one target member: rewrite a shard without it (its index, fetched at discovery, lists it)
+    shard = index_path.with_suffix("")
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar if m.isfile()]
+    lost = next(m.name for m, _ in members if ".target." in m.name)
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members:
+            if m.name != lost:
+                tar.addfile(m, io.BytesIO(data))
+    index = json.loads(index_path.read_text())
+    index["size"] = shard.stat().st_size
+    index_path.write_text(json.dumps(index))
+    with serve(tmp_path / "s") as (url, _):
+        split = discover(DataConfig(root=url, val_fraction=0)).train
+        loader = make_loader("torch", LoaderRequest(Samples(split, "pair"), train=False, batch_size=4), _cfg(), SPEC)
+        n = sum(len(b) for b in loader)
+    assert n == len(split) - 1
+    assert [p for p, _ in loader.skipped] == [f"{url}{shard.name}:{lost}"]
+    assert not (tmp_path / "cache" / "shards").exists()
