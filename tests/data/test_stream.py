@@ -382,3 +382,26 @@ def test_pairs_stream_with_their_target_member_and_a_lost_target_is_named_not_do
     assert n == len(split) - 1
     assert [p for p, _ in loader.skipped] == [f"{url}{shard.name}:{lost}"]
     assert not (tmp_path / "cache" / "shards").exists()
+
+
+@pytest.mark.slow  # two torchrun jobs of two processes each
+def test_two_ranks_stream_and_a_killed_rank_resumes_to_the_same_weights(served, tmp_path):
+    """Under torchrun (gloo, 2 processes) each rank streams its own shards and both take the same steps (no
+    hang); a job whose rank 1 is killed mid-epoch restarts, resumes and ends with the uninterrupted job's
+    weights."""
+    from tests.engine.test_ddp import _only_run, _sets, _torchrun, _weights
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    url, _ = served
+    common = ("train.epochs=2", "train.batch_size=4", "data.val_fraction=0.25", "train.checkpoint_every_steps=2")
+    straight = _torchrun(2, ["train", "-q", *_sets(url, tmp_path / "a", *common)])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = _torchrun(
+        2, ["--kill-rank", "1", "--kill-step", "7", "train", "-q", *_sets(url, tmp_path / "b", *common)], restarts=1
+    )
+    assert killed.returncode == 0, killed.stderr[-3000:]
+    assert "resuming" in killed.stderr
+    a, b = _weights(_only_run(tmp_path / "a")), _weights(_only_run(tmp_path / "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "cache" / "shards").exists()
