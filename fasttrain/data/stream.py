@@ -251,14 +251,22 @@ class ShardStream(IterableDataset):
 
     def samples_per_worker(self, epoch: int, workers: int, rank: int | None = None) -> list[int]:
         """Samples each worker of process ``rank`` (default: this one) reads in ``epoch``."""
-        rank = self.shard_id if rank is None else rank
-        return [sum(self.plan.count(s) for s in self._shards(epoch, rank, w, workers)) for w in range(max(1, workers))]
+        return self.samples_per_rank_and_worker(epoch, workers)[self.shard_id if rank is None else rank]
+
+    def samples_per_rank_and_worker(self, epoch: int, workers: int) -> list[list[int]]:
+        """Per process, the samples each of its workers reads in ``epoch`` (the shard order drawn once)."""
+        order, w = self.plan.epoch_shards(self.seed, epoch, self.train), max(1, workers)
+        ranks = [order[r :: self.num_shards] for r in range(self.num_shards)]
+        return [[sum(self.plan.count(s) for s in mine[k::w]) for k in range(w)] for mine in ranks]
 
     def batches_per_worker(self, epoch: int, workers: int, rank: int | None = None) -> list[int]:
         """Batches each worker yields in one pass: full ones only for training, the partial last one too else."""
+        return self.batches_of(self.samples_per_worker(epoch, workers, rank))
+
+    def batches_of(self, samples: list[int]) -> list[int]:
+        """Per worker holding ``samples``, the batches it yields (see :meth:`batches_per_worker`)."""
         b = self.batch_size
-        n = self.samples_per_worker(epoch, workers, rank)
-        return [c // b for c in n] if self.train else [-(-c // b) for c in n]
+        return [c // b for c in samples] if self.train else [-(-c // b) for c in samples]
 
     def _shards(self, epoch: int, rank: int, worker: int, workers: int) -> list[str]:
         return self.plan.worker_shards(self.seed, epoch, self.train, rank, self.num_shards, worker, max(1, workers))

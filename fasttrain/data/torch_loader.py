@@ -330,16 +330,16 @@ class StreamTorchLoader(TorchLoader):
         """This process's batches per worker in one pass of ``epoch``; ValueError (on every process alike) when
         some process's pass holds not one full batch."""
         st = self.stream
-        per = st.batches_per_worker(epoch, self.workers)
+        every = [st.batches_of(n) for n in st.samples_per_rank_and_worker(epoch, self.workers)]
         if self.train:
-            for rank in range(st.num_shards):
-                if sum(st.batches_per_worker(epoch, self.workers, rank)) == 0:
+            for rank, per in enumerate(every):
+                if sum(per) == 0:
                     raise ValueError(
                         f"epoch {epoch}: no DataLoader worker of process {rank} reads a full batch of "
                         f"{self.batch_size} from its shards; lower data.workers or the batch size, or pack "
                         f"smaller shards"
                     )
-        return per
+        return every[st.shard_id]
 
     def _outputs(self) -> Iterator[dict[str, Any]]:
         epoch, taken, self._skip = self._epoch_no, self._skip, 0
