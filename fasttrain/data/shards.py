@@ -19,9 +19,12 @@ manifest: sample kind, classes or target names, splits with their shards and cou
 **Roots** ``data.root`` may name: a folder holding ``shards.json`` or ``.tar`` files, one ``.tar``, a brace
 pattern (``train-{000000..000009}.tar``), or URLs of any of these (``http(s)://``; an object store's, ``s3://``
 and the like, through fsspec, an optional extra). Shards without an index (WebDataset's own) are indexed by
-reading their tar headers once. Remote shards are downloaded whole, each in one sequential read, into
-``$FASTTRAIN_CACHE/shards`` (a temporary file renamed into place, so processes sharing the cache never see half a
-shard), and then read by offset like local ones.
+reading their tar headers once. Remote shards with an index are **streamed** when ``data.stream`` allows
+(``auto``, ``on``): discovery fetches only the manifest and the indexes, the split's paths stay member addresses
+of the URLs, and the torch loader reads each shard in one pass (:mod:`fasttrain.data.stream`). Otherwise (or for a
+reader that needs members by offset: the GPU cache, DALI) a remote shard is downloaded whole, in one sequential
+read, into ``$FASTTRAIN_CACHE/shards`` (a temporary file renamed into place, so processes sharing the cache never
+see half a shard), and then read by offset like a local one.
 """
 
 from __future__ import annotations

@@ -17,12 +17,13 @@ semantics:
 - **Decode.** A sample's members are handed to the split's map-style dataset (:func:`fasttrain.data.files.holding`)
   under their index in the split: the same decode, validation and per-(seed, epoch, index) augmentation as a
   local shard's, and a member that cannot be decoded is named ``url:member`` and skipped the same way. A sample
-  the stream lacks, or that a broken stream cut off, is named and skipped too, never fatal on its own.
+  the stream lacks is named and skipped too, never fatal on its own. A stream that breaks off (or ends short of
+  the shard's indexed size) is opened again, :data:`RETRIES` times, and read on past the samples it gave.
 - **Batches.** A worker batches its own samples. Training keeps full batches only (a worker's last < batch
   samples are dropped, WebDataset's ``batched(partial=False)``); evaluation yields the last partial one.
 
 :class:`ShardStream` is the ``IterableDataset``; the torch loader (:mod:`fasttrain.data.torch_loader`) fixes
-the epoch's length and resumes (see :func:`pass_batches` and :func:`ghost_batches`).
+the epoch's length and resumes (:class:`~fasttrain.data.torch_loader.StreamTorchLoader`, :func:`ghost_batches`).
 """
 
 from __future__ import annotations
