@@ -405,3 +405,29 @@ def test_two_ranks_stream_and_a_killed_rank_resumes_to_the_same_weights(served, 
     a, b = _weights(_only_run(tmp_path / "a")), _weights(_only_run(tmp_path / "b"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "cache" / "shards").exists()
+
+
+def test_an_object_store_root_streams_through_fsspec(shards, tmp_path, monkeypatch):
+    """fsspec's in-memory file system stands in for s3:// or gs://: streamed through the store's client, nothing
+    downloaded, every sample once, with the local shards' pixels."""
+    fsspec = pytest.importorskip("fsspec")
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    fs = fsspec.filesystem("memory")
+    bucket = f"/bucket-{tmp_path.name}"
+    for f in shards.iterdir():
+        fs.pipe(f"{bucket}/{f.name}", f.read_bytes())
+    try:
+        remote = discover(DataConfig(root=f"memory://{bucket}", val_fraction=0)).train
+        local = discover(DataConfig(root=str(shards), val_fraction=0)).train
+        assert is_streamed(remote)
+        got = []
+        for split in (remote, local):
+            loader = make_loader(
+                "torch", LoaderRequest(Samples(split, "class"), train=False, batch_size=4), _cfg(), SPEC
+            )
+            got.append([(b.inputs, b.targets) for b in loader])
+        assert len(got[0]) == len(got[1]) > 0
+        assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(*got))
+        assert not (tmp_path / "cache" / "shards").exists()
+    finally:
+        fs.rm(bucket, recursive=True)
