@@ -396,12 +396,15 @@ def serve(folder: Path, cut: int = 0):
             paths.append(self.path)
 
         def copyfile(self, source, outputfile):
-            if self.path.endswith(".tar") and cuts.get(self.path, 0) < cut:
-                cuts[self.path] = cuts.get(self.path, 0) + 1
-                data = source.read()
-                outputfile.write(data[: len(data) // 2])
-                return
-            super().copyfile(source, outputfile)
+            try:
+                if self.path.endswith(".tar") and cuts.get(self.path, 0) < cut:
+                    cuts[self.path] = cuts.get(self.path, 0) + 1
+                    data = source.read()
+                    outputfile.write(data[: len(data) // 2])
+                    return
+                super().copyfile(source, outputfile)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a streaming reader that stopped mid-shard (a training epoch's end) closed the connection
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
