@@ -408,6 +408,8 @@ class TorchBackend(Backend):
     ) -> tuple[bool, str]:
         if run.kind == "dataset":
             return True, "the torch loader reads the items every epoch"
+        if is_streamed(run.train.split):
+            return True, "the torch loader streams the remote shards"
         if cfg.data.rand_augment:
             return True, "the torch loader augments PIL images"
         return True, "the torch loader decodes on the CPU"

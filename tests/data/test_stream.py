@@ -318,6 +318,10 @@ def test_auto_passes_dali_over_for_a_streamed_root(served):
     assert not ok and "stream on the torch loader" in why
     local = RunSamples(Samples(discover(DataConfig(root=url, stream="off", val_fraction=0)).train, "class"))
     assert backend("dali").fits(local, _cfg(), torch.device("cuda"))[0]
+    assert backend("torch").fits(run, _cfg(), torch.device("cuda")) == (
+        True,
+        "the torch loader streams the remote shards",
+    )
 
 
 def test_a_stream_that_breaks_off_is_read_again_past_what_it_gave(shards, tmp_path, monkeypatch):
