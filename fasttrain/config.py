@@ -162,6 +162,15 @@ class DataConfig:
     max_bad_per_epoch: int = 10
     """A run stops, listing the files, when more than this many files fail to decode within one epoch (files
     the pre-check already skipped do not count): a damaged dataset is not trained on silently."""
+    stream: str = "auto"
+    """Remote tar shards (http(s)://, s3://...): auto streams those with an index (.idx, as fasttrain pack writes)
+    on the torch loader, read in one pass each, never stored, and downloads the others whole into the cache; on
+    streams (a shard without an index is an error); off downloads every shard first. The cache and DALI read
+    members by offset: they download a streamed shard whole on its first read."""
+    shuffle_buffer: int = 1000
+    """Streamed training shards: samples (undecoded bytes, per DataLoader worker) the shuffle buffer holds; it is
+    filled before the first sample leaves. 0 = no buffer (shard order only). The order is shard-level plus this
+    buffer, not the per-sample (seed, epoch) permutation local shards keep."""
 
     def __post_init__(self) -> None:
         _choice(self.format, "data.format", registry.names("formats"))
@@ -222,6 +231,12 @@ class DataConfig:
             f"must be a timm RandAugment string such as rand-m9-mstd0.5-inc1, or empty, got {self.rand_augment!r}",
         )
         _check(self.max_bad_per_epoch >= 0, "data.max_bad_per_epoch", f"must be >= 0, got {self.max_bad_per_epoch}")
+        _choice(self.stream, "data.stream", ("auto", "on", "off"))
+        _check(
+            0 <= self.shuffle_buffer <= 1_000_000,
+            "data.shuffle_buffer",
+            f"must be in 0..1000000 samples (0 = no buffer), got {self.shuffle_buffer}",
+        )
         _check(
             not self.target_columns or self.format == "manifest",
             "data.target_columns",

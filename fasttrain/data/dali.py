@@ -65,6 +65,7 @@ from fasttrain.data.order import check_shard, sample_seed
 from fasttrain.data.progressive import TrainSizes, train_sizes
 from fasttrain.data.samples import Samples, needs_pil, pair_jitter, pair_load_size, precheck_samples, targets_tensor
 from fasttrain.data.sources import Split
+from fasttrain.data.stream import is_streamed
 from fasttrain.data.transforms import DECODE_ERRORS, load_image
 
 log = logging.getLogger(__name__)
@@ -976,6 +977,8 @@ class DaliBackend(Backend):
     def fits(
         self, run: RunSamples, cfg: Config, device: torch.device, memory_limit: int | None = None
     ) -> tuple[bool, str]:
+        if is_streamed(run.train.split):  # DALI reads members by offset: every shard would be downloaded first
+            return False, "remote shards stream on the torch loader (DALI would download each whole; data.stream=off)"
         return True, "DALI decodes on the GPU" if device.type == "cuda" else f"no CUDA device: {_CPU_GAIN}"
 
     def knobs(self, data: DataConfig, device_type: str) -> list[dict[str, Any]]:

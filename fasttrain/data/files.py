@@ -11,6 +11,7 @@ backend reads shards as it reads files.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -19,6 +20,7 @@ import re
 import stat
 import tarfile
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -30,14 +32,18 @@ __all__ = [
     "NotRegularFileError",
     "ShardIndex",
     "address",
+    "holding",
     "index_tar",
+    "is_remote_address",
     "is_shard_root",
+    "known_index",
     "kind_of",
     "load_index",
     "not_regular_reason",
     "open_member",
     "open_regular",
     "parse_index",
+    "set_remote_reader",
     "split_address",
 ]
 
@@ -171,6 +177,40 @@ _INDEXES: dict[str, ShardIndex] = {}
 _FDS: dict[str, int] = {}
 _LOCK = threading.Lock()
 _MAX_FDS = 256
+IN_HAND: dict[str, bytes] = {}
+"""Member address -> its bytes, for members a streaming reader holds (:mod:`fasttrain.data.stream`: a sample's
+members read off a remote shard's stream); :func:`open_member` serves these first, so the datasets decode a
+streamed sample as they decode any member. Filled by :func:`holding`."""
+_HOLDING = threading.local()
+
+
+@contextlib.contextmanager
+def holding(members: dict[str, bytes]) -> Iterator[None]:
+    """Serve ``members`` (address -> bytes) from memory inside the block; a remote member that is not among them
+    is then missing (FileNotFoundError), never downloaded: a streamed sample is decoded from its stream alone."""
+    IN_HAND.update(members)
+    _HOLDING.on = True
+    try:
+        yield
+    finally:
+        _HOLDING.on = False
+        for a in members:
+            IN_HAND.pop(a, None)
+
+
+_REMOTE: list[Callable[[str], str]] = []
+"""How a remote shard becomes a local file, for readers that need its members by offset (the GPU cache, DALI,
+the pre-check): set by :mod:`fasttrain.data.shards`, which downloads it whole into the cache once."""
+
+
+def is_remote_address(path: str) -> bool:
+    """Whether ``path`` is a member address of a shard given by URL (a streamed shard)."""
+    return SEP in path and bool(URL.match(path))
+
+
+def set_remote_reader(fetch: Callable[[str], str]) -> None:
+    """``fetch(url) -> local path`` of a remote shard (see :data:`_REMOTE`)."""
+    _REMOTE[:] = [fetch]
 
 
 def _after_fork_in_child() -> None:
@@ -230,6 +270,11 @@ def load_index(shard: str, index: ShardIndex | None = None) -> ShardIndex:
     return idx
 
 
+def known_index(shard: str) -> ShardIndex | None:
+    """The index this process holds for ``shard`` (a path or a URL), without reading anything; None if none."""
+    return _INDEXES.get(shard)
+
+
 def _shard_fd(shard: str) -> tuple[int, bool]:
     """An open descriptor of ``shard`` and whether the caller must close it. Descriptors are kept per process
     (``pread`` moves no shared position, so threads share them); a forked child keeps its parent's (see
@@ -246,6 +291,18 @@ def _shard_fd(shard: str) -> tuple[int, bool]:
     return fd, True
 
 
+def _local_copy(url: str, path: str) -> str:
+    """The local copy of the remote shard ``url`` (downloaded on first use); OSError naming ``path``."""
+    if getattr(_HOLDING, "on", False):
+        raise FileNotFoundError(errno.ENOENT, "not among the sample's members in the shard's stream", path)
+    if not _REMOTE:
+        raise OSError(errno.ENOENT, f"shard {url} is remote and no reader for it is set", path)
+    try:
+        return _REMOTE[0](url)
+    except (ValueError, OSError) as e:  # ConfigError (unreachable, wrong size) or OSError: the member is lost
+        raise OSError(errno.EIO, f"cannot download shard {url} ({e})", path) from None
+
+
 def open_member(path: str) -> io.BytesIO | None:
     """The bytes of the member at ``path`` (a member address) as a seekable in-memory file, read with one
     ``pread`` at the offset the shard's index gives; None when ``path`` names no existing shard (it is then a
@@ -254,8 +311,13 @@ def open_member(path: str) -> io.BytesIO | None:
     parts = split_address(path)
     if parts is None:
         return None
+    held = IN_HAND.get(path)
+    if held is not None:
+        return io.BytesIO(held)
     shard, member = parts
-    if shard not in _INDEXES and not os.path.isfile(shard):
+    if URL.match(shard):
+        shard = _local_copy(shard, path)
+    elif shard not in _INDEXES and not os.path.isfile(shard):
         return None
     try:
         where = load_index(shard).members.get(member)

@@ -19,9 +19,12 @@ manifest: sample kind, classes or target names, splits with their shards and cou
 **Roots** ``data.root`` may name: a folder holding ``shards.json`` or ``.tar`` files, one ``.tar``, a brace
 pattern (``train-{000000..000009}.tar``), or URLs of any of these (``http(s)://``; an object store's, ``s3://``
 and the like, through fsspec, an optional extra). Shards without an index (WebDataset's own) are indexed by
-reading their tar headers once. Remote shards are downloaded whole, each in one sequential read, into
-``$FASTTRAIN_CACHE/shards`` (a temporary file renamed into place, so processes sharing the cache never see half a
-shard), and then read by offset like local ones.
+reading their tar headers once. Remote shards with an index are **streamed** when ``data.stream`` allows
+(``auto``, ``on``): discovery fetches only the manifest and the indexes, the split's paths stay member addresses
+of the URLs, and the torch loader reads each shard in one pass (:mod:`fasttrain.data.stream`). Otherwise (or for a
+reader that needs members by offset: the GPU cache, DALI) a remote shard is downloaded whole, in one sequential
+read, into ``$FASTTRAIN_CACHE/shards`` (a temporary file renamed into place, so processes sharing the cache never
+see half a shard), and then read by offset like a local one.
 """
 
 from __future__ import annotations
@@ -50,13 +53,14 @@ from fasttrain.data.files import (
     load_index,
     open_member,
     parse_index,
+    set_remote_reader,
 )
 from fasttrain.data.sources import IMAGE_EXTENSIONS, DataSource, Split, hold_out
 from fasttrain.io import atomic_replace
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MANIFEST_FORMAT", "TARGET_TAG", "discover_shards", "expand_braces", "is_url"]
+__all__ = ["MANIFEST_FORMAT", "TARGET_TAG", "discover_shards", "expand_braces", "is_url", "open_url"]
 
 MANIFEST_FORMAT = "fasttrain-shards"
 SPLITS = ("train", "val", "test")
@@ -92,7 +96,7 @@ def _cache_dir() -> Path:
     return default_cache_dir() / "shards"
 
 
-def _open_url(url: str) -> Any:
+def open_url(url: str) -> Any:
     """A binary stream of ``url``: urllib for http(s), fsspec (the optional extra ``fasttrain[shards]``, with the
     store's own package: s3fs, gcsfs, adlfs) for any other scheme."""
     if url.lower().startswith(("http://", "https://")):
@@ -112,7 +116,7 @@ def _open_url(url: str) -> Any:
 
 def _fetch(url: str, what: str) -> bytes:
     try:
-        with _open_url(url) as r:
+        with open_url(url) as r:
             return r.read()
     except OSError as e:  # URLError and HTTPError are OSErrors, as are fsspec's FileNotFoundError
         raise ConfigError(f"data.root: cannot fetch {what} {url} ({e})") from None
@@ -146,7 +150,7 @@ def _download(url: str, size: int | None) -> str:
 def _download_into(url: str, local: Path, size: int | None) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{local.name}.", suffix=".tmp", dir=local.parent)
     try:
-        with os.fdopen(fd, "wb") as out, _open_url(url) as r:
+        with os.fdopen(fd, "wb") as out, open_url(url) as r:
             shutil.copyfileobj(r, out, 1 << 20)
         got = os.path.getsize(tmp)
         if size is not None and got != size:
@@ -158,16 +162,57 @@ def _download_into(url: str, local: Path, size: int | None) -> None:
     log.info("downloaded shard %s -> %s", url, local)
 
 
+def _remote_index(url: str) -> tuple[ShardIndex | None, bytes | None]:
+    """(the index beside the remote shard ``url``, its JSON); (None, None) when there is none."""
+    try:
+        raw = _fetch(url + INDEX_SUFFIX, "shard index")
+    except ConfigError:
+        return None, None  # no index beside it: the tar headers are read once it is here
+    try:
+        return parse_index(raw, url + INDEX_SUFFIX), raw
+    except ValueError as e:
+        raise ConfigError(f"data.root: {e}") from None
+
+
+def _shard_to_read(shard: str, stream: str) -> str:
+    """What discovery reads a shard as: a URL left remote when ``data.stream`` lets it stream (its index fetched
+    and kept under the URL, nothing downloaded), else a local path (:func:`_local_shard`)."""
+    if not is_url(shard) or stream == "off":
+        return _local_shard(shard)
+    idx, _ = _remote_index(shard)
+    if idx is None:
+        if stream == "on":
+            raise ConfigError(
+                f"data.stream = on, but shard {shard} has no index ({shard}{INDEX_SUFFIX}), which streaming needs "
+                f"for its sample counts and targets (fasttrain pack writes one beside each shard); set "
+                f"data.stream = auto or off to download it whole"
+            )
+        return _local_shard(shard)
+    load_index(shard, idx)
+    return shard
+
+
+_LOCAL: dict[str, str] = {}
+
+
+def _download_for_reader(url: str) -> str:
+    """A streamed shard's local copy, for a reader that needs its members by offset (the GPU cache, DALI): the
+    shard downloaded whole, once per process (see :func:`fasttrain.data.files.set_remote_reader`)."""
+    local = _LOCAL.get(url)
+    if local is None:
+        local = _LOCAL[url] = _local_shard(url)
+    return local
+
+
+set_remote_reader(_download_for_reader)
+
+
 def _local_shard(shard: str) -> str:
     """A shard given locally or by URL -> a local path whose index is loaded (URL: its index fetched, the shard
     downloaded into the cache)."""
     idx: ShardIndex | None = None
     if is_url(shard):
-        try:
-            raw = _fetch(shard + INDEX_SUFFIX, "shard index")
-        except ConfigError:
-            raw = None  # no index beside it: the tar headers are read once it is here
-        idx = parse_index(raw, shard + INDEX_SUFFIX) if raw is not None else None
+        idx, raw = _remote_index(shard)
         shard = _download(shard, idx.size if idx else None)
         if raw is not None:  # beside the copy, for processes that start afresh (spawned workers)
             data = raw
@@ -301,12 +346,15 @@ def _check_target(target: Any, kind: str, width: int | None) -> str | None:
     return None
 
 
-def _read_split(name: str, shards: list[str], kind: str, width: int | None, skipped: list[tuple[str, str]]) -> Split:
-    """The samples of one split's shards, in shard order; unusable ones go to ``skipped``, named ``shard:key``."""
+def _read_split(
+    name: str, shards: list[str], kind: str, width: int | None, skipped: list[tuple[str, str]], stream: str = "off"
+) -> Split:
+    """The samples of one split's shards, in shard order; unusable ones go to ``skipped``, named ``shard:key``.
+    ``stream``: ``data.stream`` (remote shards with an index stay URLs: their samples are streamed)."""
     paths: list[str] = []
     targets: list[Any] = []
     for given in shards:
-        shard = _local_shard(given)
+        shard = _shard_to_read(given, stream)
         idx = load_index(shard)
         for key, parts in _samples(idx):
             try:
@@ -336,7 +384,7 @@ def discover_shards(cfg: DataConfig, root: str | os.PathLike) -> DataSource:
     names, classes = (manifest or {}).get("target_names"), (manifest or {}).get("classes")
     width = len(classes) if kind == "class" and classes else len(names) if kind == "vector" and names else None
     skipped: list[tuple[str, str]] = []
-    splits = {s: _read_split(s, by_split[s], kind, width, skipped) for s in SPLITS if by_split.get(s)}
+    splits = {s: _read_split(s, by_split[s], kind, width, skipped, cfg.stream) for s in SPLITS if by_split.get(s)}
     train = splits["train"]
     if not len(train):
         first = f"; first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""

@@ -34,11 +34,21 @@ from fasttrain.data.checks import BadDataError, BadFiles
 from fasttrain.data.order import EpochSampler, sample_seed
 from fasttrain.data.progressive import train_sizes
 from fasttrain.data.samples import ImageDataset, Skip, dataset_for, precheck_samples
+from fasttrain.data.stream import ShardStream, ghost_batches, is_streamed
 from fasttrain.data.user import DatasetSplit, dataset_refusal
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BACKEND", "EpochSampler", "ImageDataset", "Skip", "collate_skip", "TorchLoader", "sample_seed"]
+__all__ = [
+    "BACKEND",
+    "EpochSampler",
+    "ImageDataset",
+    "Skip",
+    "StreamTorchLoader",
+    "collate_skip",
+    "TorchLoader",
+    "sample_seed",
+]
 
 
 def collate_skip(items: Sequence, fill_to: int = 0):
@@ -167,6 +177,13 @@ class TorchLoader:
         Augmentation is seeded per sample, so the batches after the skip are the ones a full pass yields."""
         self.sampler.start = n * self.batch_size
 
+    def _epoch(self) -> int:
+        return self.sampler.epoch
+
+    def _outputs(self) -> Iterator[dict[str, Any]]:
+        """The DataLoader's batches of one epoch, each with the files it skipped."""
+        return iter(self.loader)
+
     def _decoded(self) -> Iterator[Any]:
         """The DataLoader's CPU batches; files that failed are recorded (and may stop the run).
 
@@ -174,11 +191,11 @@ class TorchLoader:
         yielded once more in its place: every process of a torchrun job must take the same number of steps
         (each step all-reduces gradients), and each reads its own shard, so one process dropping a batch
         would leave the others waiting for ever."""
-        self._bad.start_epoch(self.sampler.epoch)
+        self._bad.start_epoch(self._epoch())
         drawn = decoded = owed = 0
         last: Any = None
         try:
-            for out in self.loader:
+            for out in self._outputs():
                 drawn += 1
                 for path, reason in out["skipped"]:
                     self._bad.add(path, reason)
@@ -232,6 +249,123 @@ class TorchLoader:
         self.loader = None  # type: ignore[assignment]
 
 
+def _as_is(out: Any) -> Any:
+    """The DataLoader's collate for a stream whose workers already batch (module-level: workers may pickle it)."""
+    return out
+
+
+class StreamTorchLoader(TorchLoader):
+    """The torch loader over a streamed split (remote shards, :class:`~fasttrain.data.stream.ShardStream`).
+
+    **Epoch length.** Training takes ``samples // (batch x processes)`` batches on every process, as from local
+    data, whatever its shards hold (data-parallel processes must take the same number of steps): a process whose
+    shards hold more drops the rest of its stream; one whose shards hold fewer starts its stream over and takes
+    the batches it lacks from its beginning (a few samples are seen twice). Evaluation reads every sample once;
+    processes may take different numbers of batches (its sums are all-reduced).
+
+    **Resume.** ``skip_batches(n)`` restarts the epoch's stream at its start and reads, without decoding, the
+    batches already trained: the batches after it are those of the uninterrupted epoch, bit for bit, given the
+    same seed, number of processes and ``data.workers`` (each worker reads its own shards and buffer)."""
+
+    def __init__(
+        self,
+        stream: ShardStream,
+        spec: InputSpec,
+        *,
+        workers: int,
+        prefetch: int = 2,
+        seed: int = 0,
+        prepare: Callable[[Any], Batch] | None = None,
+        max_bad_per_epoch: int = 10,
+        split: str | None = None,
+    ):
+        self.stream, self.spec = stream, spec
+        self.batch_size, self.train = stream.batch_size, stream.train
+        self.num_samples = sum(stream.plan.count(s) for s in stream.plan.shards)
+        self.skipped: list[tuple[str, str]] = []
+        self._bad = BadFiles(self.skipped, max_bad_per_epoch)
+        self._split = split or ("train" if self.train else "evaluation")
+        self.prepare = prepare or _default_prepare(spec)
+        per_process = -(-len(stream.plan.shards) // stream.num_shards)
+        self.workers = min(workers, per_process)  # a worker without a shard would only take a process
+        self._epoch_no = self._skip = 0
+        if self.train and len(stream.plan.shards) < stream.num_shards:
+            raise ValueError(
+                f"the {self._split} split streams {len(stream.plan.shards)} shard(s) to {stream.num_shards} "
+                f"processes: each needs at least one (pack smaller shards, or set data.stream = off)"
+            )
+        if self.train and len(self) == 0:
+            raise ValueError(
+                f"the {self._split} split has {self.num_samples} samples, fewer than one batch of "
+                f"{self.batch_size} x {stream.num_shards} processes; lower the batch size"
+            )
+        cuda = spec.device.type == "cuda"
+        self.loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.workers,
+            collate_fn=_as_is,
+            pin_memory=cuda,
+            persistent_workers=False,  # each pass starts workers that copy the stream's epoch and skips
+            prefetch_factor=prefetch if self.workers > 0 else None,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        self._stream = torch.cuda.Stream(spec.device) if cuda else None
+
+    def __len__(self) -> int:
+        if self.train:
+            return self.num_samples // (self.batch_size * self.stream.num_shards)
+        return sum(self.stream.batches_per_worker(self._epoch_no, self.workers))
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch_no = epoch
+
+    def skip_batches(self, n: int) -> None:
+        self._skip = n
+
+    def _epoch(self) -> int:
+        return self._epoch_no
+
+    def _pass_batches(self, epoch: int) -> list[int]:
+        """This process's batches per worker in one pass of ``epoch``; ValueError (on every process alike) when
+        some process's pass holds not one full batch."""
+        st = self.stream
+        every = [st.batches_of(n) for n in st.samples_per_rank_and_worker(epoch, self.workers)]
+        if self.train:
+            for rank, per in enumerate(every):
+                if sum(per) == 0:
+                    raise ValueError(
+                        f"epoch {epoch}: no DataLoader worker of process {rank} reads a full batch of "
+                        f"{self.batch_size} from its shards; lower data.workers or the batch size, or pack "
+                        f"smaller shards"
+                    )
+        return every[st.shard_id]
+
+    def _outputs(self) -> Iterator[dict[str, Any]]:
+        epoch, taken, self._skip = self._epoch_no, self._skip, 0
+        self.stream.epoch = epoch
+        per = self._pass_batches(epoch)
+        total, passes = sum(per), 0
+        want = len(self) if self.train else total
+        while taken < want:
+            if passes == 1:
+                log.info(
+                    "epoch %d: this process's shards hold %d of its %d batches; its stream starts over",
+                    epoch,
+                    total,
+                    want,
+                )
+            self.stream.ghosts = ghost_batches(per, taken % total)
+            passes += 1
+            for out in self.loader:
+                if out.get("ghost"):
+                    continue
+                yield out
+                taken += 1
+                if taken >= want:
+                    break
+
+
 class TorchBackend(Backend):
     """``data.loader = torch``: serves every kind of sample (files and datasets from Python); ``auto``'s fallback."""
 
@@ -256,6 +390,8 @@ class TorchBackend(Backend):
         if samples.kind == "dataset":  # its own randomness: plain int keys
             items = cast(DatasetSplit, samples.split).items()
             return TorchLoader(items, spec, **common, epoch_keys=False)
+        if is_streamed(samples.split):
+            return _stream_loader(request, cfg, spec)
         # The same pre-check as DALI and the cache: every backend samples from the same files, in the same order.
         checked = precheck_samples(samples, d, threads=max(1, d.num_workers))
         sizes = train_sizes(cfg) if request.train else None  # progressive resizing: each key's epoch, its size
@@ -272,6 +408,8 @@ class TorchBackend(Backend):
     ) -> tuple[bool, str]:
         if run.kind == "dataset":
             return True, "the torch loader reads the items every epoch"
+        if is_streamed(run.train.split):
+            return True, "the torch loader streams the remote shards"
         if cfg.data.rand_augment:
             return True, "the torch loader augments PIL images"
         return True, "the torch loader decodes on the CPU"
@@ -289,6 +427,39 @@ class TorchBackend(Backend):
     def queue_depth(self, data: DataConfig) -> int:
         """Each worker process keeps ``data.prefetch`` batches ready; none without workers."""
         return data.prefetch * max(1, data.num_workers) if data.num_workers > 0 else 0
+
+
+def _stream_loader(request: LoaderRequest, cfg: Config, spec: InputSpec) -> StreamTorchLoader:
+    """A streamed split (remote shards): no pre-check (it would read every member); each sample is validated as
+    it is decoded, by the dataset every split of its kind uses."""
+    from fasttrain.data.shards import open_url
+
+    samples, d, seed = request.samples, cfg.data, cfg.runtime.seed
+    sizes = train_sizes(cfg) if request.train else None
+    ds = dataset_for(samples, d, seed, train=request.train, sizes=sizes, checked=True)
+    collate = functools.partial(collate_skip, fill_to=request.batch_size) if request.train else collate_skip
+    stream = ShardStream(
+        samples.split,
+        ds,
+        open_url,
+        batch_size=request.batch_size,
+        train=request.train,
+        seed=seed,
+        buffer=d.shuffle_buffer,
+        num_shards=request.num_shards,
+        shard_id=request.shard_id,
+        collate=_NamedSkips(collate),
+    )
+    return StreamTorchLoader(
+        stream,
+        spec,
+        workers=d.workers_for(spec.device.type),
+        prefetch=d.prefetch,
+        seed=seed,
+        prepare=_pair_prepare(spec) if samples.kind == "pair" else None,
+        max_bad_per_epoch=d.max_bad_per_epoch,
+        split=samples.split.name,
+    )
 
 
 def _pair_prepare(spec: InputSpec) -> Callable[[Any], Batch]:

@@ -384,17 +384,29 @@ def test_a_killed_run_on_shards_resumes_to_the_weights_of_the_same_run_on_files(
 # -- over HTTP ----------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def served(packed):
-    """The packed folder served by http.server on 127.0.0.1 (a thread), its URL; requests are counted."""
-    _, shards = packed
+@contextlib.contextmanager
+def serve(folder: Path, cut: int = 0):
+    """``folder`` served by http.server on 127.0.0.1 (a thread): its URL, and the paths requested so far.
+    ``cut``: the first ``cut`` requests of each ``.tar`` get half its bytes, then the connection closes."""
     paths: list[str] = []
+    cuts: dict[str, int] = {}
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):
             paths.append(self.path)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(shards)))
+        def copyfile(self, source, outputfile):
+            try:
+                if self.path.endswith(".tar") and cuts.get(self.path, 0) < cut:
+                    cuts[self.path] = cuts.get(self.path, 0) + 1
+                    data = source.read()
+                    outputfile.write(data[: len(data) // 2])
+                    return
+                super().copyfile(source, outputfile)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # a streaming reader that stopped mid-shard (a training epoch's end) closed the connection
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(folder)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -404,12 +416,19 @@ def served(packed):
         server.server_close()
 
 
+@pytest.fixture
+def served(packed):
+    """The packed folder served over HTTP on 127.0.0.1, its URL; requests are counted."""
+    with serve(packed[1]) as got:
+        yield got
+
+
 def test_shards_over_http_are_downloaded_whole_once_and_read_like_local_ones(packed, served, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
     files, shards = packed
     url, requests = served
     local = discover(_data(shards))
-    remote = discover(_data(url))
+    remote = discover(_data(url, stream="off"))
     assert remote.class_names == local.class_names and remote.train.targets == local.train.targets
     for pa, pb in zip(local.train.paths, remote.train.paths):
         assert open_regular(pa).read() == open_regular(pb).read()
@@ -419,7 +438,7 @@ def test_shards_over_http_are_downloaded_whole_once_and_read_like_local_ones(pac
     assert Path(shard).is_relative_to(tmp_path / "cache" / "shards")
     assert Path(shard + INDEX_SUFFIX).read_bytes() == (shards / (Path(shard).name + INDEX_SUFFIX)).read_bytes()
     requests.clear()
-    discover(_data(url + "train-000000.tar"))  # cached: only the manifest and the index are fetched again
+    discover(_data(url + "train-000000.tar", stream="off"))  # cached: only the manifest and the index are fetched again
     assert not [p for p in requests if p.endswith(".tar")]
 
 
@@ -468,7 +487,7 @@ def test_processes_sharing_the_cache_download_each_shard_once(packed, served, tm
     _, shards = packed
     url, requests = served
     results: list = []
-    threads = [threading.Thread(target=lambda: results.append(discover(_data(url)))) for _ in range(4)]
+    threads = [threading.Thread(target=lambda: results.append(discover(_data(url, stream="off")))) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
