@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import os
 import platform
 import random
@@ -48,6 +49,8 @@ __all__ = [
     "decide_cpu_compile",
     "ModelProfile",
     "model_profile",
+    "matmul_flops",
+    "PROFILE_CPU_BYTES",
     "host_step_bytes",
     "host_batch_limit",
     "HOST_ACTIVATION_SHARE",
@@ -285,7 +288,7 @@ class Runtime:
         if is_cuda:
             self.compile = _on_off(cfg.compile, True)
         else:
-            # The job's length is counted (a meta-device forward) only where compile could gain.
+            # The job's length is counted (one sample through the model) only where compile could gain.
             counted = cfg.compile == "auto" and CPU_COMPILE_GAIN.get(self.precision.name, 0.0) > 0
             job = cpu_job() if cpu_job is not None and counted else None
             self.compile, why = decide_cpu_compile(cfg.compile, self.precision.name, job)
@@ -496,8 +499,8 @@ def runtime_for(cfg: Config, *, train_samples: int | None = None, **overrides: A
 
 
 def cpu_job(cfg: Config, train_samples: int) -> CpuJob:
-    """The job's length: samples trained (``train.max_steps`` bounds it) and one sample's forward FLOPs, counted
-    on the meta device (nothing is allocated or computed)."""
+    """The job's length: samples trained (``train.max_steps`` bounds it) and one sample's forward FLOPs
+    (:func:`model_profile`)."""
     tc = cfg.train
     samples = tc.epochs * (train_samples // max(tc.batch_size, 1)) * tc.batch_size
     if tc.max_steps:
@@ -507,19 +510,32 @@ def cpu_job(cfg: Config, train_samples: int) -> CpuJob:
 
 @dataclass(frozen=True)
 class ModelProfile:
-    """What one sample costs a model, counted on the meta device (nothing allocated, nothing computed)."""
+    """What one sample costs a model: one float32 forward pass, its FLOPs counted from the shapes its layers
+    see (:func:`matmul_flops`)."""
 
     forward_flops: float
-    """Forward FLOPs of one sample."""
+    """Forward FLOPs of one sample (the matrix products: convolutions, linear layers, attention)."""
     saved_bytes: int
     """Bytes autograd saves for the backward pass per sample, in float32 (distinct tensors)."""
     param_bytes: int
     """Bytes of the parameters (float32)."""
 
 
+PROFILE_CPU_BYTES = 256 << 20
+"""A model is profiled on the meta device (nothing allocated, nothing computed) where ``torch._dynamo`` is
+imported already (torchvision's models import it). Elsewhere, the meta device would import it (its kernels are
+Python decompositions that ask for it): 1.5 s of start-up, which a small CPU job's quick answers, such as
+autotune's "too short to tune", would pay; one real sample through a small net on the CPU costs some 0.05 s
+instead. It is tried while the parameters and the activations saved stay under this many bytes
+and the FLOPs under :data:`PROFILE_CPU_FLOPS`; the meta device takes over beyond. Both count the same FLOPs and,
+for convolutional nets, the same bytes (attention may save other tensors on the CPU than its meta kernels)."""
+PROFILE_CPU_FLOPS = 2e9
+"""See :data:`PROFILE_CPU_BYTES`."""
+
+
 def model_profile(cfg: Config) -> ModelProfile | None:
     """The profile of ``model.name`` at the config's input size; None for a model from Python or one that
-    cannot run on meta tensors."""
+    cannot run one sample (on the CPU, nor on the meta device)."""
     from fasttrain.models import CUSTOM
 
     m, d = cfg.model, cfg.data
@@ -528,32 +544,125 @@ def model_profile(cfg: Config) -> ModelProfile | None:
     return _profile(m.name, d.channels, d.image_size, m.width, m.dropout, m.num_outputs or 2)
 
 
+def _meta_costs_nothing() -> bool:
+    return "torch._dynamo" in sys.modules
+
+
+class _TooLarge(Exception):
+    """Not on the CPU: see :data:`PROFILE_CPU_BYTES`."""
+
+
 @functools.cache
 def _profile(name: str, c: int, s: int, width: int, dropout: float, outputs: int) -> ModelProfile | None:
-    from torch.utils.flop_counter import FlopCounterMode
-
     from fasttrain.models import build_model
 
+    def build(device: str) -> nn.Module:
+        with torch.device(device):
+            return build_model(
+                name, in_channels=c, num_outputs=outputs, image_size=s, width=width, dropout=dropout, pretrained=False
+            )
+
+    # fork_rng: the CPU model's initial weights and dropout draw from the CPU generator, which a seeded run must
+    # find as it left it.
+    with torch.random.fork_rng(devices=[]):
+        try:
+            model = build("meta")  # nothing allocated: the parameters are counted before any is made
+            params = sum(p.numel() * p.element_size() for p in model.parameters())
+            try:
+                if params > PROFILE_CPU_BYTES or _meta_costs_nothing():
+                    raise _TooLarge
+                with _one_thread():
+                    flops, saved = _one_sample(build("cpu"), c, s, PROFILE_CPU_BYTES - params, PROFILE_CPU_FLOPS)
+            except Exception as e:  # noqa: BLE001 - meta's import paid, too large, or a model the CPU cannot run
+                log.debug("%s profiled on the meta device (%s)", name, type(e).__name__)
+                flops, saved = _one_sample(model, c, s)
+        except Exception as e:  # noqa: BLE001 - a model that cannot run one sample: its cost stays unknown
+            log.debug("%s not profiled: %s", name, e)
+            return None
+    return ModelProfile(flops, saved, params)
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """One sample of a small net gains nothing from threads, and the first parallel kernel spends 0.5 s starting
+    them on a loaded 2-core machine (measured: 0.05 s in one thread): a job that stops after its profile, such as
+    autotune's "too short to tune", would pay it for nothing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _one_sample(
+    model: nn.Module, c: int, s: int, max_bytes: float = math.inf, max_flops: float = math.inf
+) -> tuple[float, int]:
+    """(forward FLOPs, bytes saved for backward) of one float32 sample through ``model`` on its device, in
+    training mode; raises :class:`_TooLarge` as soon as more than ``max_bytes`` are saved or ``max_flops`` run."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     saved: dict[int, int] = {}
+    total = [0, 0.0]  # saved bytes, FLOPs
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         base = t._base if t._base is not None else t
-        saved[id(base)] = base.numel() * base.element_size()
+        if id(base) not in saved:  # each is kept alive until the end: an id is never reused meanwhile
+            saved[id(base)] = base.numel() * base.element_size()
+            total[0] += saved[id(base)]
+            if total[0] > max_bytes:
+                raise _TooLarge
         return t
 
+    def count(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        total[1] += matmul_flops(module, args, kwargs, output)
+        if total[1] > max_flops:
+            raise _TooLarge
+
+    hooks = [m.register_forward_hook(count, with_kwargs=True) for m in model.modules()]
     try:
-        with torch.device("meta"):
-            model = build_model(
-                name, in_channels=c, num_outputs=outputs, image_size=s, width=width, dropout=dropout, pretrained=False
-            )
-            counter = FlopCounterMode(display=False)
-            with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                model(torch.zeros(1, c, s, s))
-    except Exception as e:  # noqa: BLE001 - a model meta tensors cannot run: its cost stays unknown
-        log.debug("%s not profiled on the meta device: %s", name, e)
-        return None
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
-    return ModelProfile(float(counter.get_total_flops()), sum(saved.values()), params)
+        with (
+            torch.enable_grad(),
+            torch.autocast("cpu", enabled=False),  # float32, as the meta device counts
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
+            model.train()(torch.zeros(1, c, s, s, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[1], int(total[0])
+
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_T = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def matmul_flops(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> float:
+    """Pure: the FLOPs (2 per multiply-add) of one call of a convolution, linear or multi-head attention layer,
+    from the shapes it saw, as ``torch.utils.flop_counter`` counts them (biases and everything else: 0). Matrix
+    products a model makes outside these layers (``F.linear``, ``torch.matmul``, ``F.scaled_dot_product_attention``
+    in its own forward) are not seen: the count is then low by their share."""
+    if isinstance(module, _CONV_T):  # weight: in x out/groups x kernel, applied at every input position
+        return 2.0 * _input(args, kwargs).numel() * (module.weight.numel() // module.weight.shape[0])
+    if isinstance(module, _CONV):  # weight: out x in/groups x kernel, applied at every output position
+        return 2.0 * output.numel() * (module.weight.numel() // module.weight.shape[0])
+    if isinstance(module, nn.Linear):
+        return 2.0 * _input(args, kwargs).numel() * module.out_features
+    if isinstance(module, nn.MultiheadAttention):
+        return _attention_flops(module, args, kwargs)
+    return 0.0
+
+
+def _input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["input"]
+
+
+def _attention_flops(m: nn.MultiheadAttention, args: tuple, kwargs: dict) -> float:
+    """Projections of query, key, value and output, then query x key and weights x value (2 x L x S x E)."""
+    q, k = (args[i] if len(args) > i else kwargs[n] for i, n in enumerate(("query", "key")))
+    seq = 1 if m.batch_first and q.dim() == 3 else 0
+    n_q, n_k, e = q.shape[seq], k.shape[seq], m.embed_dim
+    batch = q.numel() // (n_q * q.shape[-1])
+    return 2.0 * batch * (2 * n_q * e * e + n_k * (m.kdim + m.vdim) * e + 2 * n_q * n_k * e)
 
 
 HOST_ACTIVATION_SHARE = {"fp32": 0.7, "bf16": 0.4}

@@ -318,3 +318,129 @@ def test_a_long_fp32_cpu_job_compiles_and_the_job_is_counted_only_where_compile_
     assert fp32.eager_eval  # evaluation calls the uncompiled module: no recompiles on CPU
     model = torch.nn.Linear(2, 2)
     assert fp32.for_eval(model, fp32.compiled(model)) is model
+
+
+# -- the model profile: FLOPs from the shapes the layers see, compared with torch's FlopCounterMode ---------------
+FLOP_TOLERANCE = 0.02
+"""The profile counts the products of convolution, linear and attention layers, as FlopCounterMode does
+(both leave biases and element-wise work out): on the packaged models they agree to this share."""
+
+
+@pytest.fixture
+def fresh_profiles():
+    from fasttrain import runtime as rtmod
+
+    rtmod._profile.cache_clear()  # profiles are cached per process: each test counts its own
+    yield rtmod
+    rtmod._profile.cache_clear()
+
+
+def _flop_counter(model: torch.nn.Module, x: torch.Tensor) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x)
+    return float(counter.get_total_flops())
+
+
+@pytest.mark.parametrize(
+    "config, overrides",
+    [
+        ("quickstart", []),  # smallcnn
+        ("quickstart", ["model.name=mlp"]),
+        ("cifar10-speedrun", []),  # speednet
+        ("convnet", []),
+        ("drawing", []),  # convnet at 128 px
+        ("pix2pix", ["data.image_size=64"]),  # unet: transposed convolutions
+        ("resnet50-imagenet", ["model.name=resnet18"]),
+        ("resnet50-imagenet", []),
+    ],
+)
+def test_the_profiles_flops_agree_with_torchs_flop_counter_on_the_packaged_models(config, overrides, fresh_profiles):
+    from fasttrain.config import load_config
+    from fasttrain.models import build_model
+
+    cfg = load_config(config, overrides)
+    m, d = cfg.model, cfg.data
+    profile = fresh_profiles.model_profile(cfg)
+    assert profile is not None
+    with torch.device("meta"):
+        model = build_model(
+            m.name,
+            in_channels=d.channels,
+            num_outputs=m.num_outputs or 2,
+            image_size=d.image_size,
+            width=m.width,
+            dropout=m.dropout,
+            pretrained=False,
+        )
+        expected = _flop_counter(model, torch.zeros(1, d.channels, d.image_size, d.image_size))
+    assert profile.forward_flops == pytest.approx(expected, rel=FLOP_TOLERANCE)
+    assert profile.param_bytes == sum(p.numel() * 4 for p in model.parameters())
+
+
+class _Mixed(torch.nn.Module):
+    """Layers whose counts are not a plain (out x in) product: attention both ways round, transposed and
+    grouped convolutions, a linear layer over a sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.ConvTranspose2d(3, 8, 4, stride=2, padding=1)
+        self.grouped = torch.nn.Conv2d(8, 16, 3, groups=4, stride=2)
+        self.seq_first = torch.nn.MultiheadAttention(16, 4)
+        self.batch_first = torch.nn.MultiheadAttention(16, 2, batch_first=True, kdim=8, vdim=12)
+        self.head = torch.nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.grouped(self.up(x)).flatten(2)  # N x 16 x L
+        t = self.seq_first(t.permute(2, 0, 1), t.permute(2, 0, 1), t.permute(2, 0, 1))[0].transpose(0, 1)
+        memory = torch.ones(t.shape[0], 3, 8)
+        t = self.batch_first(t, key=memory, value=torch.ones(t.shape[0], 3, 12), need_weights=False)[0]
+        return self.head(t)
+
+
+def test_the_count_of_attention_and_transposed_or_grouped_convolutions_agrees_with_the_flop_counter():
+    from fasttrain.runtime import _one_sample
+
+    model, x = _Mixed(), torch.zeros(1, 3, 10, 10)
+    expected = _flop_counter(model, x)
+    flops, saved = _one_sample(model, 3, 10)
+    assert expected > 0 and flops == pytest.approx(expected, rel=FLOP_TOLERANCE)
+    assert saved > 0
+
+
+def test_the_cpu_and_meta_profiles_agree_and_leave_the_generator_and_threads_as_they_were(fresh_profiles, monkeypatch):
+    from fasttrain.config import load_config
+
+    rtmod = fresh_profiles
+    real = rtmod._one_sample
+    devices: list[str] = []
+
+    def spy(model, *args):
+        devices.append(next(model.parameters()).device.type)
+        return real(model, *args)
+
+    monkeypatch.setattr(rtmod, "_one_sample", spy)
+    monkeypatch.setattr(rtmod, "_meta_costs_nothing", lambda: False)  # as in a process without torch._dynamo
+    cfg = load_config("quickstart", ["model.dropout=0.5"])  # dropout draws from the CPU generator
+    state, threads = torch.get_rng_state(), torch.get_num_threads()
+    on_cpu = rtmod.model_profile(cfg)
+    assert devices == ["cpu"] and torch.equal(torch.get_rng_state(), state)
+    assert torch.get_num_threads() == threads  # one thread for the sample, the run's count restored
+
+    def meta_profile(**patches):
+        rtmod._profile.cache_clear()
+        devices.clear()
+        with monkeypatch.context() as mp:
+            for name, value in patches.items():
+                mp.setattr(rtmod, name, value)
+            return rtmod.model_profile(cfg)
+
+    assert meta_profile(_meta_costs_nothing=lambda: True) == on_cpu and devices == ["meta"]
+    # Beyond the bounds, the CPU pass stops and the meta device counts (smallcnn: 10 MFLOPs, 0.25 MB of
+    # weights, 0.6 MB saved).
+    assert meta_profile(PROFILE_CPU_FLOPS=1e6) == on_cpu and devices == ["cpu", "meta"]
+    assert meta_profile(PROFILE_CPU_BYTES=400_000) == on_cpu and devices == ["cpu", "meta"]
+    assert meta_profile(PROFILE_CPU_BYTES=100_000) == on_cpu and devices == ["meta"]  # the weights alone: no try
+    assert on_cpu is not None and on_cpu.forward_flops > 0 and on_cpu.saved_bytes > on_cpu.param_bytes > 0

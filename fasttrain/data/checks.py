@@ -37,9 +37,9 @@ from typing import BinaryIO
 from PIL import Image
 
 from fasttrain.config import PILLOW_BOMB_PIXELS, default_workers
+from fasttrain.data.decode import DECODE_ERRORS, convert_image, decode_image
 from fasttrain.data.files import NotRegularFileError, is_shard_root, open_regular, split_address
 from fasttrain.data.sources import scan_images
-from fasttrain.data.transforms import DECODE_ERRORS, convert_image, decode_image
 
 log = logging.getLogger(__name__)
 

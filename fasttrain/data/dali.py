@@ -60,13 +60,13 @@ import torch
 from fasttrain.config import Config, DataConfig, default_workers
 from fasttrain.data.base import Backend, Batch, InputSpec, LoaderRequest, RunSamples, epoch_order
 from fasttrain.data.checks import BadFiles, ImageInfo, jpeg_scan_suspect, pil_decode_error
+from fasttrain.data.decode import DECODE_ERRORS, load_image
 from fasttrain.data.files import open_regular
 from fasttrain.data.order import check_shard, sample_seed
 from fasttrain.data.progressive import TrainSizes, train_sizes
 from fasttrain.data.samples import Samples, needs_pil, pair_jitter, pair_load_size, precheck_samples, targets_tensor
 from fasttrain.data.sources import Split
 from fasttrain.data.stream import is_streamed
-from fasttrain.data.transforms import DECODE_ERRORS, load_image
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Opening files that should be images without ever blocking: only regular files (or links to them) are images.
 
 A named pipe called ``x.png`` blocks a plain ``open()`` for ever (it waits for a writer); a device file streams
-without end. Discovery, the validators and ``transforms.load_image`` all go through :func:`open_regular`, which
+without end. Discovery, the validators and ``decode.load_image`` all go through :func:`open_regular`, which
 opens without blocking and checks what it opened before reading a byte.
 
 It is also the one place a member of a tar shard is read: a path ``<shard>.tar:<member>`` (a member address, see

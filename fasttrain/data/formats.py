@@ -37,6 +37,7 @@ from typing import Any
 from PIL import Image
 
 from fasttrain.config import ConfigError, DataConfig
+from fasttrain.data.decode import DECODE_ERRORS
 from fasttrain.data.sources import (
     IMAGE_EXTENSIONS,
     DataSource,
@@ -47,7 +48,6 @@ from fasttrain.data.sources import (
     split_folders,
     walk_folders,
 )
-from fasttrain.data.transforms import DECODE_ERRORS
 
 log = logging.getLogger(__name__)
 

@@ -36,11 +36,11 @@ from torch.utils.data import Dataset, get_worker_info
 
 from fasttrain.config import PILLOW_BOMB_PIXELS, DataConfig
 from fasttrain.data.checks import BadDataError, ImageInfo, UnusableImage, _none_usable, load_checked, precheck
+from fasttrain.data.decode import DECODE_ERRORS, load_image
 from fasttrain.data.formats import SIDE_BY_SIDE
 from fasttrain.data.order import sample_seed, sample_seeds
 from fasttrain.data.progressive import TrainSizes
 from fasttrain.data.sources import Split
-from fasttrain.data.transforms import DECODE_ERRORS, eval_transform, load_image, resize_square, train_transform
 from fasttrain.data.vectors import Vectors
 
 log = logging.getLogger(__name__)
@@ -200,6 +200,8 @@ class VectorDataset(Dataset):
         t = torch.tensor(self.split.targets[index], dtype=torch.float32)
         if self.size_targets:
             t = torch.cat([t, torch.tensor(im.size, dtype=torch.float32)])
+        from fasttrain.data.transforms import resize_square  # torchvision: imported where images are transformed
+
         return resize_square(im, self.size), t
 
 
@@ -212,7 +214,7 @@ def _halves(im: Image.Image) -> tuple[Image.Image, Image.Image]:
 
 def load_pair(path: str, target: str, channels: int, max_pixels: int | None = None) -> tuple[Image.Image, Image.Image]:
     """(A, B): two files, or the left and right halves of one (target == SIDE_BY_SIDE). Raises the errors of
-    :data:`~fasttrain.data.transforms.DECODE_ERRORS`."""
+    :data:`~fasttrain.data.decode.DECODE_ERRORS`."""
     a = load_image(path, channels, max_pixels)
     if target == SIDE_BY_SIDE:
         return _halves(a)
@@ -280,6 +282,8 @@ class PairDataset(Dataset):
                 b = load_image(target, self.channels, self.max_pixels)
             except DECODE_ERRORS as e:
                 return _skip(target, e)
+        from fasttrain.data.transforms import resize_square
+
         xa, xb = resize_square(a, self.load_size), resize_square(b, self.load_size)
         if self.crop:
             s = self.size
@@ -363,6 +367,8 @@ class EpochTransforms:
     def __call__(self, epoch: int) -> Callable:
         size = self.sizes.size(epoch)
         if size not in self._by_size:
+            from fasttrain.data.transforms import train_transform
+
             self._by_size[size] = train_transform(self.data, size)
         return self._by_size[size]
 
@@ -383,6 +389,10 @@ def dataset_for(
     pair: both images resized to the jitter size, uncropped). ``sizes``: class training under progressive
     resizing, the size of each epoch (the torch loader's transform follows the epoch of each key). ``checked``:
     class images are validated as they are decoded (the split was not pre-checked)."""
+    # torchvision (whose import pulls torch._dynamo, seconds on a CPU) only once a dataset is built: the run's
+    # other paths (discovery, checks, autotune's short-job answer) never need it.
+    from fasttrain.data.transforms import eval_transform, train_transform
+
     split, channels, size, px = samples.split, data.channels, data.image_size, data.max_image_pixels
     if samples.kind == "vector":
         return VectorDataset(split, size, channels, size_targets=samples.size_targets, max_pixels=px)

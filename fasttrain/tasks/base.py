@@ -376,7 +376,7 @@ class Task:
         ``image_size`` (its width, height) and ``out_dir``.
         """
         from fasttrain.data.base import normalize_on_device
-        from fasttrain.data.transforms import DECODE_ERRORS, load_image
+        from fasttrain.data.decode import DECODE_ERRORS, load_image
 
         spec = self.input_spec()
         scale_shift = spec.scale_shift()  # once, not per image

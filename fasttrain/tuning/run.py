@@ -340,8 +340,8 @@ def _untuned_if_short(
     cfg: Config, runtime: Runtime, budget_gib: float, clock: TimeBudget, *, verify: bool
 ) -> AutotuneReport | None:
     """On CPU, before anything is prepared: the report "not tuned" when the job's estimated training time
-    (its samples at the model's forward FLOPs, counted on the meta device) cannot repay the least tuning that
-    could change its config (:func:`~fasttrain.tuning.search.cpu_tuning_pays`); None otherwise."""
+    (its samples at the model's forward FLOPs, :func:`~fasttrain.runtime.model_profile`) cannot repay the least
+    tuning that could change its config (:func:`~fasttrain.tuning.search.cpu_tuning_pays`); None otherwise."""
     tune = cfg.tune
     rcfg = resolve_data_root(cfg)
     job = cpu_job(rcfg, len(discover(rcfg.data).train))

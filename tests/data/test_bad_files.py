@@ -17,11 +17,11 @@ import torch
 from fasttrain.config import Config, DataConfig
 from fasttrain.data.base import InputSpec, LoaderRequest
 from fasttrain.data.checks import BadDataError, check_data
+from fasttrain.data.decode import load_image
 from fasttrain.data.files import NotRegularFileError
 from fasttrain.data.loaders import make_loader
 from fasttrain.data.samples import Samples
 from fasttrain.data.sources import Split, discover
-from fasttrain.data.transforms import load_image
 
 # What each bad entry's reason says (the path names the file; the reason says why).
 REASONS = {

@@ -112,7 +112,7 @@ def test_pixel_limit_default_is_pillows_bomb_error_threshold():
 
 
 def test_load_image_refuses_more_pixels_than_the_limit_before_decoding(tmp_path):
-    from fasttrain.data.transforms import load_image
+    from fasttrain.data.decode import load_image
 
     Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
     assert load_image(str(tmp_path / "a.png"), 3, max_pixels=1200).size == (40, 30)

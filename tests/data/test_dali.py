@@ -32,10 +32,11 @@ from fasttrain.data.dali import (
     rrc_window,
     train_params,
 )
+from fasttrain.data.decode import load_image
 from fasttrain.data.index import IndexedPaths, load_or_build
 from fasttrain.data.sources import Split
 from fasttrain.data.torch_loader import EpochSampler, ImageDataset, TorchLoader
-from fasttrain.data.transforms import eval_transform, load_image, train_transform
+from fasttrain.data.transforms import eval_transform, train_transform
 
 needs_dali = pytest.mark.skipif(not dali_status()[0], reason=dali_status()[1])
 

@@ -14,11 +14,12 @@ from PIL import Image
 from fasttrain.config import Config, DataConfig, RuntimeConfig
 from fasttrain.data import gpu_cache
 from fasttrain.data.base import InputSpec, LoaderRequest, normalize_on_device
+from fasttrain.data.decode import load_image
 from fasttrain.data.gpu_cache import GpuCacheLoader, cache_bytes, cache_fits, random_resized_crop_theta
 from fasttrain.data.samples import Samples
 from fasttrain.data.sources import Split
 from fasttrain.data.torch_loader import EpochSampler
-from fasttrain.data.transforms import eval_transform, load_image
+from fasttrain.data.transforms import eval_transform
 from fasttrain.numbers import GIB
 
 
@@ -343,10 +344,10 @@ def test_cuda_pair_cache_steps_never_sync_and_match_the_cpu_twin():
 
 
 def test_the_cache_opens_each_file_once_and_decodes_what_the_torch_loader_does(images, monkeypatch):
-    from fasttrain.data import checks, transforms
+    from fasttrain.data import checks, decode
 
     opened: list[str] = []
-    for module in (checks, transforms):
+    for module in (checks, decode):
         real = module.open_regular
         monkeypatch.setattr(module, "open_regular", lambda p, real=real: opened.append(str(p)) or real(p))
     data = DataConfig(image_size=32, resize_size=32, workers=2)

@@ -153,7 +153,7 @@ def _odd_modes(folder):
 
 @pytest.mark.parametrize("channels", [3, 1])
 def test_odd_image_modes_are_converted_and_bad_files_skipped(tmp_path, channels, caplog):
-    from fasttrain.data.transforms import load_image
+    from fasttrain.data.decode import load_image
 
     _odd_modes(tmp_path / "train" / "a")
     _odd_modes(tmp_path / "train" / "b")
