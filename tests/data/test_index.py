@@ -47,13 +47,13 @@ def same_source(a, b) -> None:
 
 def counting_checks(monkeypatch) -> list[int]:
     calls: list[int] = []
-    real = index.check_headers
+    real = index.check_files_stat
 
     def counted(paths, *a, **k):
         calls.append(len(paths))
         return real(paths, *a, **k)
 
-    monkeypatch.setattr(index, "check_headers", counted)
+    monkeypatch.setattr(index, "check_files_stat", counted)
     return calls
 
 
