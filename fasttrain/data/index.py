@@ -230,10 +230,7 @@ class IndexedPaths(Sequence[str]):
             return None
         good = np.flatnonzero(fmt != _BAD)
         g = self.ids[good]
-        infos = [
-            image_info(FORMATS[f], w, h, p == 1)
-            for f, w, h, p in zip(fmt[good].tolist(), t.width[g].tolist(), t.height[g].tolist(), t.pil[g].tolist())
-        ]
+        infos = _infos(fmt[good], t.width[g], t.height[g], t.pil[g])
         bad = [(self[i], t.reasons.get(int(self.ids[i]), "unreadable")) for i in np.flatnonzero(fmt == _BAD).tolist()]
         return good.tolist(), infos, bad
 
@@ -289,27 +286,29 @@ class _Walk:
         self.order: list[tuple[str, list[str], array]] = []  # (folder, file names, their stats; -2: later)
         for d, entries in walk_folders(Path(root), warn=False):
             got = self.listed[str(d)] = Listed.of(entries)
-            names, stats = [], array("q")
-            for e, kind in zip(entries, got.kinds):
-                if kind == "d":
-                    continue
-                names.append(e.name)
-                stats.extend((-2, -2) if kind == "i" else _stat(e))
-            self.order.append((str(d), names, stats))
+            files = [(e, k) for e, k in zip(entries, got.kinds) if k != "d"]
+            stats = array("q", [-2]) * (2 * len(files))
+            if "f" in got.kinds or "o" in got.kinds:
+                for j, (e, k) in enumerate(files):
+                    if k != "i":
+                        stats[2 * j : 2 * j + 2] = array("q", _stat(e))
+            self.order.append((str(d), [e.name for e, _ in files], stats))
 
-    def listing(self, ids: dict[str, int], checked: list[tuple[int, int] | None]) -> Listing:
+    def listing(self, ids: dict[str, int], checked: np.ndarray) -> Listing:
         """The fingerprint :func:`listing` gives of the tree as walked, the stats of checked files taken from
-        the checks (``checked[ids[path]]``), the others' taken now."""
+        the checks (``checked[ids[path]]``: (st_size, st_mtime_ns), -2 where not taken), the others' taken now."""
         h = hashlib.blake2b(digest_size=16)
         files = 0
         for d, names, stats in self.order:
-            base = os.path.join(d, "")
-            for i in range(0, len(stats), 2):
-                if stats[i] == -2:
-                    path = base + names[i // 2]
-                    got = ids.get(path)
-                    stats[i : i + 2] = array("q", (got is not None and checked[got]) or _stat(path))
             files += len(names)
+            base = os.path.join(d, "")
+            st = np.frombuffer(stats, dtype=np.int64).reshape(-1, 2)
+            later = np.flatnonzero(st[:, 0] == -2)
+            if len(later) and len(checked):
+                got = np.array([ids.get(base + names[j], -1) for j in later.tolist()], dtype=np.int64)
+                st[later] = np.where(got[:, None] >= 0, checked[got], -2)
+                for j in np.flatnonzero(st[:, 0] == -2).tolist():
+                    st[j] = _stat(base + names[j])
             _hash_folder(h, self.root, d, names, stats)
         return Listing(h.hexdigest(), files, len(self.order), time.perf_counter() - self.t0)
 
@@ -495,6 +494,17 @@ class DatasetIndex:
         )
 
 
+def _infos(fmt: np.ndarray, width: np.ndarray, height: np.ndarray, pil: np.ndarray) -> list[ImageInfo]:
+    """ImageInfo per file, one object per distinct header (a dataset holds few sizes: made once each)."""
+    w, h = width.astype(np.int64), height.astype(np.int64)
+    if len(w) and max(int(w.max()), int(h.max())) >= 2**28:
+        return [image_info(FORMATS[f], a, b, p == 1) for f, a, b, p in zip(*(x.tolist() for x in (fmt, w, h, pil)))]
+    key = ((w << 28 | h) << 4 | fmt.astype(np.int64)) << 1 | pil.astype(np.int64)
+    distinct, inverse = np.unique(key, return_inverse=True)
+    made = [image_info(FORMATS[k >> 1 & 15], k >> 33, k >> 5 & (2**28 - 1), bool(k & 1)) for k in distinct.tolist()]
+    return list(map(made.__getitem__, inverse.ravel().tolist()))
+
+
 def _targets_list(table: PathTable, kind: str, targets: Any, n: int) -> Sequence[Any]:
     if kind == "class":
         shared = list(range(int(targets.max()) + 1 if len(targets) else 0))  # one int object per class
@@ -546,7 +556,9 @@ class _TableBuilder:
         return self.folders.setdefault(rel, len(self.folders))
 
     def ids_of(self, paths: Sequence[str]) -> np.ndarray:
-        return np.fromiter(map(self.add, paths), dtype=np.int64, count=len(paths))
+        ids, add = self.ids, self.add
+        out = array("q", [got if (got := ids.get(p)) is not None else add(p) for p in paths])
+        return np.frombuffer(out, dtype=np.int64).copy()
 
     def packed_names(self) -> tuple[bytes, np.ndarray]:
         """(the names' bytes, one after another; offsets, one more than names)."""
@@ -612,9 +624,10 @@ def _build(data: DataConfig, root: str, threads: int) -> tuple[DatasetIndex, Lis
     todo_paths = [paths[i] for i in todo.tolist()]
     verdicts = check_files_stat(todo_paths, data.max_image_pixels, threads or _threads())
     table = _table(tb, todo, verdicts, data.max_image_pixels)
-    checked: list[tuple[int, int] | None] = [None] * len(paths)
-    for i, v in zip(todo.tolist(), verdicts):
-        checked[i] = v[3]
+    checked = np.full((len(paths), 2), -2, dtype=np.int64)
+    took = [(i, v[3]) for i, v in zip(todo.tolist(), verdicts) if v[3] is not None]
+    if took:
+        checked[[i for i, _ in took]] = [st for _, st in took]
     seen = walk.listing(tb.ids, checked)
     skipped = [(_relative(root, f), why) for f, why in src.skipped]
     idx = DatasetIndex(

@@ -123,20 +123,24 @@ class Listed:
 
     @classmethod
     def of(cls, entries: list) -> Listed:
-        names: list[str] = []
+        names = [e.name for e in entries]
         kinds: list[str] = []
         whys: dict[int, str] = {}
-        for e in entries:
-            kind, why = entry_kind(e)
-            name = e.name
-            if why is not None:
-                whys[len(names)] = why
-            names.append(name)
-            if kind == "file":
-                dot = name.rfind(".")  # image_named(), inline: once per file of a million-file tree
-                kinds.append("i" if 0 < dot < len(name) - 1 and name[dot:].lower() in IMAGE_EXTENSIONS else "f")
-            else:
-                kinds.append(kind[0])
+        exts = IMAGE_EXTENSIONS
+        for i, e in enumerate(entries):
+            try:  # entry_kind(), inline: once per entry of a million-file tree
+                if e.is_dir():
+                    kinds.append("d")
+                    continue
+                if e.is_file():
+                    name = names[i]
+                    dot = name.rfind(".")  # image_named(), inline
+                    kinds.append("i" if 0 < dot < len(name) - 1 and name[dot:].lower() in exts else "f")
+                    continue
+            except OSError:
+                pass
+            kinds.append("o")
+            whys[i] = entry_kind(e)[1] or "not a regular file"
         return cls(names, "".join(kinds), whys)
 
 

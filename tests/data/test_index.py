@@ -166,6 +166,29 @@ def test_the_fingerprint_is_the_relative_listing_so_a_copy_elsewhere_matches(tmp
     assert listing(a).fingerprint != listing(b).fingerprint
 
 
+def test_the_builds_one_walk_gives_the_listings_fingerprint_on_an_awkward_tree(tmp_path):
+    """The build takes each file's stat from its header check (or from the walk, or after the checks) instead of
+    a listing of its own: the fingerprint must still be the one a later start's listing computes, on a tree with
+    every kind of entry (bad files, a FIFO, links, loops, a linked folder, non-image files, image files that
+    discovery does not take), and the same source as discovery must come out."""
+    root = tmp_path / "data"
+    badfiles.write_corpus(root / "train" / "a", bad={k: v for k, v in badfiles.BAD.items() if k != "bomb.png"})
+    badfiles.write_link_loop(root / "train" / "a" / "loop.jpg")
+    badfiles.write_folder_loop(root / "train" / "a" / "up")
+    tree(root, classes=2, per_class=3)
+    (root / "train" / "b").symlink_to(root / "train" / "class_0", target_is_directory=True)
+    (root / "train" / "class_1" / "notes.txt").write_text("not an image")
+    (root / "stray.png").write_bytes(b"")  # outside every split: listed, never checked
+    (root / "extra").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "extra" / "unused.jpg")
+    data = DataConfig(root=str(root), val_fraction=0.25)
+    built = load_or_build(data)
+    assert not built.reused and built.index.fingerprint == listing(root).fingerprint
+    assert built.listing.files == listing(root).files and built.listing.folders == listing(root).folders
+    same_source(built.index.source(), discover(data))
+    assert load_or_build(data).reused
+
+
 def test_settings_that_change_discovery_get_their_own_index(shapes):
     base = load_or_build(DataConfig(root=str(shapes)))
     other = load_or_build(DataConfig(root=str(shapes), max_samples=4))
