@@ -755,15 +755,15 @@ def describe(result: IndexResult) -> str:
     )
 
 
-def _sourced(data: DataConfig, root: Path) -> tuple[DataSource, bytes | None]:
-    """Rank 0's (or one process's) source, and the index bytes to share (None: the source is not indexed)."""
+def _sourced(data: DataConfig, root: Path) -> tuple[DataSource, DatasetIndex | None]:
+    """Rank 0's (or one process's) source, and the index to share (None: the source is not indexed)."""
     try:
         result = load_or_build(data, root)
     except IndexUnsupported as e:
         log.info("dataset not indexed (%s): every start discovers it", e)
         return find_source(data, root), None
     log.info("%s", describe(result))
-    return result.index.source(root), result.index.to_bytes()
+    return result.index.source(root), result.index
 
 
 def indexed_source(data: DataConfig, root: str | os.PathLike | None = None) -> DataSource:
@@ -818,7 +818,7 @@ def indexed_source(data: DataConfig, root: str | os.PathLike | None = None) -> D
     if info.is_main:
         src = made["src"]
         if got[0] == "index":
-            distributed.broadcast_object(made["payload"])
+            distributed.broadcast_object(made["payload"].to_bytes())  # packed only here: one process never needs it
     elif got[0] == "discover":
         src = find_source(data, where)
     else:
