@@ -381,15 +381,40 @@ def check_headers(
 
 
 def check_files_stat(paths: Sequence[str], max_pixels: int = PILLOW_BOMB_PIXELS, threads: int = 1) -> list[FileVerdict]:
-    """:func:`check_file_stat` on every path, in order, on ``threads`` threads (it waits on the disk) that each
-    take a run of paths: one task per file cost more than the check of a small cached JPEG."""
+    """:func:`check_file_stat` on every path, in order, on up to ``threads`` threads that each take a run of paths
+    (one task per file cost more than the check of a small cached JPEG). Threads pay only where the checks wait on
+    the disk (a cold disk, a network file system): the first files are checked on this thread, and when that made
+    (almost) no blocking wait (the files are in the page cache) the rest are too: threads would then only trade
+    the interpreter's lock (measured on 2 cores, 200,000 cached JPEGs: 4 threads took 1.2-1.8x the CPU time of
+    one for the same wall time)."""
     check = functools.partial(check_file_stat, max_pixels=max_pixels)
     if len(paths) <= 64 or threads <= 1:
         return [check(p) for p in paths]
+    done: list[FileVerdict] = []
+    waits = _waits() if len(paths) >= 4 * _PROBE else None
+    if waits is not None:
+        done = [check(p) for p in paths[:_PROBE]]
+        if (_waits() or 0) - waits < _PROBE // 20:
+            return done + [check(p) for p in paths[_PROBE:]]
+        paths = paths[_PROBE:]
     step = max(16, min(512, len(paths) // (threads * 8)))
     runs = [paths[i : i + step] for i in range(0, len(paths), step)]
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        return [r for part in pool.map(lambda run: [check(p) for p in run], runs) for r in part]
+        return done + [r for part in pool.map(lambda run: [check(p) for p in run], runs) for r in part]
+
+
+_PROBE = 1000
+"""Files checked on the calling thread before choosing threads or not."""
+
+
+def _waits() -> int | None:
+    """This thread's voluntary context switches so far (Linux: its waits on the disk); None where unknown."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+    except (ImportError, AttributeError, OSError):
+        return None
 
 
 def check_stream(f: BinaryIO, max_pixels: int = PILLOW_BOMB_PIXELS) -> tuple[ImageInfo | None, str | None]:

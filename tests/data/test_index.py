@@ -236,6 +236,25 @@ def test_check_headers_gives_check_header_s_verdicts_in_order(tmp_path):
     assert sizes[good[0]] == os.path.getsize(good[0])
 
 
+@pytest.mark.parametrize("waiting", [False, True])
+def test_threads_check_only_files_that_make_the_checks_wait(tmp_path, monkeypatch, waiting):
+    """The first files are checked on the calling thread; threads take the rest only when those made it wait
+    (voluntary context switches: a cold disk), and the verdicts come in order either way."""
+    good, bad = badfiles.write_corpus(tmp_path / "c", bad={k: v for k, v in badfiles.BAD.items() if k != "bomb.png"})
+    paths = sorted(good + bad) * 10
+    monkeypatch.setattr(checks, "_PROBE", 20)
+    switches = iter([0, 1000] if waiting else [5, 5])  # before and after the first files
+    monkeypatch.setattr(checks, "_waits", lambda: next(switches))
+    pools: list[int] = []
+    real_pool = checks.ThreadPoolExecutor
+    monkeypatch.setattr(
+        checks, "ThreadPoolExecutor", lambda max_workers: pools.append(max_workers) or real_pool(max_workers)
+    )
+    got = checks.check_files_stat(paths, threads=3)
+    assert [v[:3] for v in got] == [checks.check_file(p) for p in paths]
+    assert pools == ([3] if waiting else [])
+
+
 def test_a_large_file_is_checked_from_the_file_as_before(tmp_path):
     big = tmp_path / "big.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)).save(big, quality=95)
