@@ -270,7 +270,7 @@ def image_info(kind: str, width: int, height: int, pil: bool) -> ImageInfo:
     key = (kind, width, height, pil)
     got = _INFOS.get(key)
     if got is None:
-        if len(_INFOS) > 100_000:
+        if len(_INFOS) > 4096:  # many sizes (a photo collection): shared within a run of 4096
             _INFOS.clear()
         got = _INFOS[key] = ImageInfo(kind, width, height, pil)
     return got

@@ -173,10 +173,22 @@ class _Entry:
         return os.path.join(self.folder, self.name)
 
     def is_dir(self) -> bool:
+        self._raise()
         return self.kind == "d"
 
     def is_file(self) -> bool:
+        self._raise()
         return self.kind in "if"
+
+    def _raise(self) -> None:
+        if self.why is not None and self.why.startswith("cannot be read"):  # as os.DirEntry: its stat failed
+            raise OSError(self.why)
+
+    def is_symlink(self) -> bool:  # the rest of os.DirEntry, for a registered format's discovery
+        return os.path.islink(self.path)
+
+    def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
+        return os.stat(self.path, follow_symlinks=follow_symlinks)
 
 
 _LISTED: contextvars.ContextVar[dict[str, Listed] | None] = contextvars.ContextVar("fasttrain_listed", default=None)

@@ -166,12 +166,9 @@ def test_the_fingerprint_is_the_relative_listing_so_a_copy_elsewhere_matches(tmp
     assert listing(a).fingerprint != listing(b).fingerprint
 
 
-def test_the_builds_one_walk_gives_the_listings_fingerprint_on_an_awkward_tree(tmp_path):
-    """The build takes each file's stat from its header check (or from the walk, or after the checks) instead of
-    a listing of its own: the fingerprint must still be the one a later start's listing computes, on a tree with
-    every kind of entry (bad files, a FIFO, links, loops, a linked folder, non-image files, image files that
-    discovery does not take), and the same source as discovery must come out."""
-    root = tmp_path / "data"
+def awkward_tree(root: Path) -> Path:
+    """Class folders with every kind of entry: bad files, a FIFO, links, loops, a linked folder, non-image files,
+    image files that discovery does not take."""
     badfiles.write_corpus(root / "train" / "a", bad={k: v for k, v in badfiles.BAD.items() if k != "bomb.png"})
     badfiles.write_link_loop(root / "train" / "a" / "loop.jpg")
     badfiles.write_folder_loop(root / "train" / "a" / "up")
@@ -181,6 +178,49 @@ def test_the_builds_one_walk_gives_the_listings_fingerprint_on_an_awkward_tree(t
     (root / "stray.png").write_bytes(b"")  # outside every split: listed, never checked
     (root / "extra").mkdir()
     Image.new("RGB", (8, 8)).save(root / "extra" / "unused.jpg")
+    return root
+
+
+def test_a_walk_from_the_builds_record_is_the_walk_of_the_folders(tmp_path):
+    """Inside listed_once, walk_folders (what every format's discovery walks with) gives the same folders and
+    entries (name, path, kind, reason, what stat says) as reading the folders, without reading them again."""
+    from fasttrain.data.sources import entry_kind, listed_once, walk_folders
+
+    root = awkward_tree(tmp_path / "data")
+
+    def asked(call):
+        try:
+            return call()
+        except OSError as e:  # a link loop: DirEntry raises, and so must a recorded entry
+            return type(e).__name__
+
+    def seen() -> list:
+        out = []
+        for d, entries in walk_folders(root):
+            for e in entries:
+                calls = (e.is_dir, e.is_file, e.is_symlink, lambda e=e: e.stat().st_mtime_ns)
+                out.append((str(d), e.name, e.path, entry_kind(e), *(asked(c) for c in calls)))
+        return out
+
+    plain = seen()
+    walk = index._Walk(str(root))
+    scans: list[str] = []
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(os, "scandir", lambda *a: scans.append(a) or pytest.fail("a folder was read again"))
+    try:
+        with listed_once(walk.listed):
+            again = seen()
+    finally:
+        monkey.undo()
+    assert again == plain and scans == [] and len(plain) > 30
+
+
+def test_the_builds_one_walk_gives_the_listings_fingerprint_on_an_awkward_tree(tmp_path):
+    """The build takes each file's stat from its header check (or from the walk, or after the checks) instead of
+    a listing of its own: the fingerprint must still be the one a later start's listing computes, on a tree with
+    every kind of entry (bad files, a FIFO, links, loops, a linked folder, non-image files, image files that
+    discovery does not take), and the same source as discovery must come out."""
+    root = awkward_tree(tmp_path / "data")
     data = DataConfig(root=str(root), val_fraction=0.25)
     built = load_or_build(data)
     assert not built.reused and built.index.fingerprint == listing(root).fingerprint
