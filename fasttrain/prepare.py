@@ -135,8 +135,9 @@ def prepare(
 
 def check_host_memory(cfg: Config, precision: str, micro_batch: int) -> None:
     """On CPU host memory is the budget: refuse, in one line and before the first step, a micro-batch whose
-    training step (activations saved for backward, weights, gradients, optimizer state: estimated on the meta
-    device) would not fit the memory available now; the kernel would kill the run without a word."""
+    training step (activations saved for backward, weights, gradients, optimizer state: estimated by
+    ``runtime.model_profile``, from one small sample on the CPU or on the meta device) would not fit the memory
+    available now; the kernel would kill the run without a word."""
     from fasttrain import memory
     from fasttrain.runtime import host_batch_limit, host_step_bytes, model_profile
 

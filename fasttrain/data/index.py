@@ -52,9 +52,17 @@ from typing import Any, overload
 import numpy as np
 
 from fasttrain.config import ConfigError, DataConfig, default_workers
-from fasttrain.data.checks import ImageInfo, check_headers
+from fasttrain.data.checks import FileVerdict, ImageInfo, check_files_stat, image_info
 from fasttrain.data.files import BRACE, URL, is_shard_root
-from fasttrain.data.sources import DataSource, Split, discover, find_source, walk_folders
+from fasttrain.data.sources import (
+    DataSource,
+    Listed,
+    Split,
+    discover,
+    find_source,
+    listed_once,
+    walk_folders,
+)
 from fasttrain.data.vectors import Vectors
 
 log = logging.getLogger(__name__)
@@ -223,10 +231,7 @@ class IndexedPaths(Sequence[str]):
             return None
         good = np.flatnonzero(fmt != _BAD)
         g = self.ids[good]
-        infos = [
-            ImageInfo(FORMATS[f], w, h, p == 1)
-            for f, w, h, p in zip(fmt[good].tolist(), t.width[g].tolist(), t.height[g].tolist(), t.pil[g].tolist())
-        ]
+        infos = _infos(fmt[good], t.width[g], t.height[g], t.pil[g])
         bad = [(self[i], t.reasons.get(int(self.ids[i]), "unreadable")) for i in np.flatnonzero(fmt == _BAD).tolist()]
         return good.tolist(), infos, bad
 
@@ -246,12 +251,10 @@ class Listing:
 def listing(root: str | os.PathLike) -> Listing:
     """The root's listing fingerprint (see the module docstring): one readdir per folder, one stat per file."""
     t0 = time.perf_counter()
-    root = Path(root)
     h = hashlib.blake2b(digest_size=16)
     files = folders = 0
-    for d, entries in walk_folders(root, warn=False):
+    for d, entries in walk_folders(Path(root), warn=False):
         folders += 1
-        rel = os.fsencode(os.path.relpath(d, root))
         names, stats = [], array("q")
         for e in entries:
             try:
@@ -261,11 +264,62 @@ def listing(root: str | os.PathLike) -> Listing:
                 stats.extend((st.st_size, st.st_mtime_ns))
             except OSError:  # a broken link, a link loop: listed by name, without a size
                 stats.extend((-1, -1))
-            names.append(os.fsencode(e.name))
+            names.append(e.name)
         files += len(names)
-        h.update(rel + b"\0" + b"\0".join(names) + b"\1")
-        h.update(stats.tobytes())
+        _hash_folder(h, root, d, names, stats)
     return Listing(h.hexdigest(), files, folders, time.perf_counter() - t0)
+
+
+def _hash_folder(h: Any, root: str | os.PathLike, d: str | os.PathLike, names: list[str], stats: array) -> None:
+    h.update(os.fsencode(os.path.relpath(d, root)) + b"\0" + os.fsencode("\0".join(names)) + b"\1")
+    h.update(stats.tobytes())
+
+
+class _Walk:
+    """The one walk of a build: each folder's entries (what discovery is then given, :func:`listed_once`) and
+    each file's (size, mtime_ns) for the fingerprint, as :func:`listing` takes them. A file that is not image-named
+    is stat'ed during the walk, before discovery reads any (a manifest); an image file is stat'ed when its header
+    is checked (the fstat before its first byte is read), or after the checks when discovery did not take it."""
+
+    def __init__(self, root: str):
+        self.root, self.t0 = root, time.perf_counter()
+        self.listed: dict[str, Listed] = {}
+        self.order: list[tuple[str, list[str], array]] = []  # (folder, file names, their stats; -2: later)
+        for d, entries in walk_folders(Path(root), warn=False):
+            got = self.listed[str(d)] = Listed.of(entries)
+            files = [(e, k) for e, k in zip(entries, got.kinds) if k != "d"]
+            stats = array("q", [-2]) * (2 * len(files))
+            if "f" in got.kinds or "o" in got.kinds:
+                for j, (e, k) in enumerate(files):
+                    if k != "i":
+                        stats[2 * j : 2 * j + 2] = array("q", _stat(e))
+            self.order.append((str(d), [e.name for e, _ in files], stats))
+
+    def listing(self, ids: dict[str, int], checked: np.ndarray) -> Listing:
+        """The fingerprint :func:`listing` gives of the tree as walked, the stats of checked files taken from
+        the checks (``checked[ids[path]]``: (st_size, st_mtime_ns), -2 where not taken), the others' taken now."""
+        h = hashlib.blake2b(digest_size=16)
+        files = 0
+        for d, names, stats in self.order:
+            files += len(names)
+            base = os.path.join(d, "")
+            st = np.frombuffer(stats, dtype=np.int64).reshape(-1, 2)
+            later = np.flatnonzero(st[:, 0] == -2)
+            if len(later) and len(checked):
+                got = np.array([ids.get(base + names[j], -1) for j in later.tolist()], dtype=np.int64)
+                st[later] = np.where(got[:, None] >= 0, checked[got], -2)
+                for j in np.flatnonzero(st[:, 0] == -2).tolist():
+                    st[j] = _stat(base + names[j])
+            _hash_folder(h, self.root, d, names, stats)
+        return Listing(h.hexdigest(), files, len(self.order), time.perf_counter() - self.t0)
+
+
+def _stat(e: os.DirEntry | str) -> tuple[int, int]:
+    try:
+        st = e.stat() if isinstance(e, os.DirEntry) else os.stat(e)
+    except OSError:  # a broken link, a link loop: listed by name, without a size
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
 
 
 _BUILT_IN = ("folder", "manifest", "drawing", "paired")
@@ -441,6 +495,17 @@ class DatasetIndex:
         )
 
 
+def _infos(fmt: np.ndarray, width: np.ndarray, height: np.ndarray, pil: np.ndarray) -> list[ImageInfo]:
+    """ImageInfo per file, one object per distinct header (a dataset holds few sizes: made once each)."""
+    w, h = width.astype(np.int64), height.astype(np.int64)
+    if len(w) and max(int(w.max()), int(h.max())) >= 2**28:
+        return [image_info(FORMATS[f], a, b, p == 1) for f, a, b, p in zip(*(x.tolist() for x in (fmt, w, h, pil)))]
+    key = ((w << 28 | h) << 4 | fmt.astype(np.int64)) << 1 | pil.astype(np.int64)
+    distinct, inverse = np.unique(key, return_inverse=True)
+    made = [image_info(FORMATS[k >> 1 & 15], k >> 33, k >> 5 & (2**28 - 1), bool(k & 1)) for k in distinct.tolist()]
+    return list(map(made.__getitem__, inverse.ravel().tolist()))
+
+
 def _targets_list(table: PathTable, kind: str, targets: Any, n: int) -> Sequence[Any]:
     if kind == "class":
         shared = list(range(int(targets.max()) + 1 if len(targets) else 0))  # one int object per class
@@ -459,32 +524,53 @@ class _TableBuilder:
     """Paths (absolute, under ``root``) -> ids, folders and names collected once each."""
 
     def __init__(self, root: str):
-        self.root = root
+        self.root, self.base = root, os.path.join(root, "")
         self.folders: dict[str, int] = {}
         self.ids: dict[str, int] = {}
         self.folder_of = array("i")
-        self.names: list[bytes] = []
+        self.names: list[str] = []
+        self._of_dir: dict[str, int] = {}
 
     def add(self, path: str) -> int:
         got = self.ids.get(path)
         if got is not None:
             return got
-        d, name = os.path.split(path)
+        cut = path.rfind(os.sep)
+        d, name = path[:cut], path[cut + 1 :]
+        folder = self._of_dir.get(d)
+        if folder is None:
+            folder = self._of_dir[d] = self._folder(d, path)
+        self.folder_of.append(folder)
+        self.names.append(name)
+        got = self.ids[path] = len(self.names) - 1
+        return got
+
+    def _folder(self, d: str, path: str) -> int:
         if d == self.root:
             rel = ""
-        elif d.startswith(os.path.join(self.root, "")):
-            rel = d[len(self.root) + 1 :]
+        elif d.startswith(self.base):
+            rel = d[len(self.base) :]
         else:
             raise IndexUnsupported(f"{path} lies outside data.root {self.root}")
-        if os.path.join(self.root, rel, name) != path and os.path.join(self.root, name) != path:
+        if os.path.join(self.root, rel, "x") != d + os.sep + "x":  # "a//b", "a/./b": not how discovery spells it
             raise IndexUnsupported(f"{path} is not a plain path under {self.root}")
-        self.folder_of.append(self.folders.setdefault(rel, len(self.folders)))
-        self.names.append(os.fsencode(name))
-        self.ids[path] = len(self.names) - 1
-        return self.ids[path]
+        return self.folders.setdefault(rel, len(self.folders))
 
     def ids_of(self, paths: Sequence[str]) -> np.ndarray:
-        return np.fromiter((self.add(p) for p in paths), dtype=np.int64, count=len(paths))
+        ids, add = self.ids, self.add
+        out = array("q", [got if (got := ids.get(p)) is not None else add(p) for p in paths])
+        return np.frombuffer(out, dtype=np.int64).copy()
+
+    def packed_names(self) -> tuple[bytes, np.ndarray]:
+        """(the names' bytes, one after another; offsets, one more than names)."""
+        joined = os.fsencode("".join(self.names))
+        lengths = [len(n) for n in self.names]
+        if len(joined) != sum(lengths):  # names beyond ASCII: one encoding each
+            encoded = [os.fsencode(n) for n in self.names]
+            joined, lengths = b"".join(encoded), [len(b) for b in encoded]
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        return joined, offsets
 
 
 def _encode_targets(targets: Sequence[Any], tb: _TableBuilder) -> tuple[str, Any]:
@@ -509,15 +595,19 @@ def _relative(root: str, path: str) -> str:
     return path[len(base) :] if path.startswith(base) else path
 
 
-def build_index(
-    data: DataConfig, root: str | os.PathLike, *, threads: int = 0, seen: Listing | None = None
-) -> DatasetIndex:
+def build_index(data: DataConfig, root: str | os.PathLike, *, threads: int = 0) -> DatasetIndex:
+    """Discover the source, check every input file's header, pack it all (see :func:`_build`)."""
+    return _build(data, str(root), threads)[0]
+
+
+def _build(data: DataConfig, root: str, threads: int) -> tuple[DatasetIndex, Listing]:
     """Discover the source (``data.format``'s own discovery), check every input file's header, and pack it all
-    into a :class:`DatasetIndex`. The listing is taken first, so a change during the build makes the index
-    stale at the next start rather than wrongly current."""
-    root = str(root)
-    seen = seen or listing(root)
-    src = find_source(data, root)
+    into a :class:`DatasetIndex`. One walk of the tree serves the fingerprint and the discovery (:class:`_Walk`);
+    it is taken first, and each checked file's stat before its bytes are read, so a change during the build
+    makes the index stale at the next start rather than wrongly current."""
+    walk = _Walk(root)
+    with listed_once(walk.listed):
+        src = find_source(data, root)
     tb = _TableBuilder(root)
     splits: dict[str, tuple[np.ndarray, str, Any]] = {}
     inputs: list[np.ndarray] = []
@@ -527,30 +617,50 @@ def build_index(
         ids = tb.ids_of(split.paths)
         inputs.append(ids)
         splits[split.name] = (ids, *_encode_targets(split.targets, tb))
-    n = len(tb.names)
-    todo = np.unique(np.concatenate(inputs)) if inputs else np.zeros(0, dtype=np.int64)
+    inputs_mask = np.zeros(len(tb.names), dtype=bool)
+    for ids in inputs:
+        inputs_mask[ids] = True
+    todo = np.flatnonzero(inputs_mask)
     paths = list(tb.ids)  # insertion order: id -> path
-    verdicts = check_headers([paths[i] for i in todo.tolist()], data.max_image_pixels, threads or _threads())
+    todo_paths = [paths[i] for i in todo.tolist()]
+    verdicts = check_files_stat(todo_paths, data.max_image_pixels, threads or _threads())
+    table = _table(tb, todo, verdicts, data.max_image_pixels)
+    checked = np.full((len(paths), 2), -2, dtype=np.int64)
+    took = [(i, v[3]) for i, v in zip(todo.tolist(), verdicts) if v[3] is not None]
+    if took:
+        checked[[i for i, _ in took]] = [st for _, st in took]
+    seen = walk.listing(tb.ids, checked)
+    skipped = [(_relative(root, f), why) for f, why in src.skipped]
+    idx = DatasetIndex(
+        src.format, index_key(data), seen.fingerprint, seen.files, table, splits,
+        src.class_names, src.target_names, skipped,
+    )  # fmt: skip
+    return idx, seen
+
+
+def _table(tb: _TableBuilder, todo: np.ndarray, verdicts: list[FileVerdict], max_pixels: int) -> PathTable:
+    n = len(tb.names)
     fmt = np.full(n, _UNCHECKED, dtype=np.uint8)
     width, height = np.zeros(n, dtype=np.uint32), np.zeros(n, dtype=np.uint32)
     pil, sizes = np.zeros(n, dtype=np.uint8), np.zeros(n, dtype=np.int64)
     reasons: dict[int, str] = {}
-    for i, (info, why, size) in zip(todo.tolist(), verdicts):
+    code = {f: i for i, f in enumerate(FORMATS)}
+    good: list[int] = []
+    rows: list[tuple[int, int, int, int]] = []
+    for i, (info, why, size, _) in zip(todo.tolist(), verdicts):
         sizes[i] = size
         if info is None:
             fmt[i], reasons[i] = _BAD, why or "unreadable"
         else:
-            fmt[i], width[i], height[i], pil[i] = FORMATS.index(info.format), info.width, info.height, info.pil
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum([len(b) for b in tb.names], out=offsets[1:])
-    table = PathTable(
-        root, list(tb.folders), np.frombuffer(tb.folder_of.tobytes(), dtype=np.int32), b"".join(tb.names),
-        offsets, sizes, fmt, width, height, pil, reasons, data.max_image_pixels,
-    )  # fmt: skip
-    skipped = [(_relative(root, f), why) for f, why in src.skipped]
-    return DatasetIndex(
-        src.format, index_key(data), seen.fingerprint, seen.files, table, splits,
-        src.class_names, src.target_names, skipped,
+            good.append(i)
+            rows.append((code[info.format], info.width, info.height, info.pil))
+    if good:
+        cols = np.array(rows, dtype=np.int64).reshape(-1, 4)
+        fmt[good], width[good], height[good], pil[good] = cols[:, 0], cols[:, 1], cols[:, 2], cols[:, 3]
+    names, offsets = tb.packed_names()
+    return PathTable(
+        tb.root, list(tb.folders), np.frombuffer(tb.folder_of.tobytes(), dtype=np.int32), names,
+        offsets, sizes, fmt, width, height, pil, reasons, max_pixels,
     )  # fmt: skip
 
 
@@ -620,14 +730,15 @@ def load_or_build(
     root = Path(root if root is not None else data.root).expanduser()
     if not root.is_dir():
         raise ConfigError(f"data.root: {root} is not a folder")
-    seen = listing(root)
     here, cached = index_paths(data, root)
-    found = None if rebuild else _load_current((here, cached), index_key(data), seen)
-    if found is not None:
-        idx, path = found
-        idx.table.set_root(str(root))
-        return IndexResult(idx, True, path, seen, time.perf_counter() - t0)
-    idx = build_index(data, root, seen=seen)
+    if not rebuild and (here.is_file() or cached.is_file()):  # else nothing to compare: the build's walk lists
+        seen = listing(root)
+        found = _load_current((here, cached), index_key(data), seen)
+        if found is not None:
+            idx, path = found
+            idx.table.set_root(str(root))
+            return IndexResult(idx, True, path, seen, time.perf_counter() - t0)
+    idx, seen = _build(data, str(root), 0)
     saved = _save(idx, (here, cached) if beside else (cached,))
     return IndexResult(idx, False, saved, seen, time.perf_counter() - t0)
 
@@ -645,15 +756,15 @@ def describe(result: IndexResult) -> str:
     )
 
 
-def _sourced(data: DataConfig, root: Path) -> tuple[DataSource, bytes | None]:
-    """Rank 0's (or one process's) source, and the index bytes to share (None: the source is not indexed)."""
+def _sourced(data: DataConfig, root: Path) -> tuple[DataSource, DatasetIndex | None]:
+    """Rank 0's (or one process's) source, and the index to share (None: the source is not indexed)."""
     try:
         result = load_or_build(data, root)
     except IndexUnsupported as e:
         log.info("dataset not indexed (%s): every start discovers it", e)
         return find_source(data, root), None
     log.info("%s", describe(result))
-    return result.index.source(root), result.index.to_bytes()
+    return result.index.source(root), result.index
 
 
 def indexed_source(data: DataConfig, root: str | os.PathLike | None = None) -> DataSource:
@@ -708,7 +819,7 @@ def indexed_source(data: DataConfig, root: str | os.PathLike | None = None) -> D
     if info.is_main:
         src = made["src"]
         if got[0] == "index":
-            distributed.broadcast_object(made["payload"])
+            distributed.broadcast_object(made["payload"].to_bytes())  # packed only here: one process never needs it
     elif got[0] == "discover":
         src = find_source(data, where)
     else:

@@ -7,7 +7,10 @@ labels in the same order.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+import operator
 import os
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -26,7 +29,10 @@ __all__ = [
     "Split",
     "DataSource",
     "ImageScan",
+    "Listed",
     "entry_kind",
+    "image_named",
+    "listed_once",
     "walk_folders",
     "discover",
     "find_source",
@@ -97,9 +103,114 @@ class ImageScan:
     """Sub-folders (topmost ones) holding no image file at all."""
 
 
-def entry_kind(e: os.DirEntry) -> tuple[str, str | None]:
+def image_named(name: str) -> bool:
+    """Whether a file name has an image extension (``Path(name).suffix.lower()`` in :data:`IMAGE_EXTENSIONS`,
+    without making a Path)."""
+    dot = name.rfind(".")
+    return 0 < dot < len(name) - 1 and name[dot:].lower() in IMAGE_EXTENSIONS
+
+
+@dataclass
+class Listed:
+    """One folder as one walk listed it: its visible entries, sorted by name, and what each is."""
+
+    names: list[str]
+    kinds: str
+    """Per entry: "d" a folder (or a link to one), "i" a regular file (or a link to one) with an image extension,
+    "f" another regular file, "o" anything else (:func:`entry_kind`'s kinds, image files told apart)."""
+    whys: dict[int, str]
+    """Position -> why an "o" entry is no usable file (:func:`entry_kind`'s reason)."""
+
+    @classmethod
+    def of(cls, entries: list) -> Listed:
+        names = [e.name for e in entries]
+        kinds: list[str] = []
+        whys: dict[int, str] = {}
+        exts = IMAGE_EXTENSIONS
+        for i, e in enumerate(entries):
+            try:  # entry_kind(), inline: once per entry of a million-file tree
+                if e.is_dir():
+                    kinds.append("d")
+                    continue
+                if e.is_file():
+                    name = names[i]
+                    dot = name.rfind(".")  # image_named(), inline
+                    kinds.append("i" if 0 < dot < len(name) - 1 and name[dot:].lower() in exts else "f")
+                    continue
+            except OSError:
+                pass
+            kinds.append("o")
+            whys[i] = entry_kind(e)[1] or "not a regular file"
+        return cls(names, "".join(kinds), whys)
+
+
+class _Listing(Sequence):
+    """A :class:`Listed` folder's entries as :func:`walk_folders` yields them (an ``_Entry`` made per access)."""
+
+    def __init__(self, folder: str, listed: Listed):
+        self.folder, self.listed = folder, listed
+
+    def __len__(self) -> int:
+        return len(self.listed.names)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        got = self.listed
+        return _Entry(self.folder, got.names[i], got.kinds[i], got.whys.get(i if i >= 0 else i + len(self)))
+
+
+class _Entry:
+    """A directory entry from a :class:`Listed` folder: the ``os.DirEntry`` calls discovery makes."""
+
+    __slots__ = ("folder", "name", "kind", "why")
+
+    def __init__(self, folder: str, name: str, kind: str, why: str | None):
+        self.folder, self.name, self.kind, self.why = folder, name, kind, why
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.folder, self.name)
+
+    def is_dir(self) -> bool:
+        self._raise()
+        return self.kind == "d"
+
+    def is_file(self) -> bool:
+        self._raise()
+        return self.kind in "if"
+
+    def _raise(self) -> None:
+        if self.why is not None and self.why.startswith("cannot be read"):  # as os.DirEntry: its stat failed
+            raise OSError(self.why)
+
+    def is_symlink(self) -> bool:  # the rest of os.DirEntry, for a registered format's discovery
+        return os.path.islink(self.path)
+
+    def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
+        return os.stat(self.path, follow_symlinks=follow_symlinks)
+
+
+_LISTED: contextvars.ContextVar[dict[str, Listed] | None] = contextvars.ContextVar("fasttrain_listed", default=None)
+
+
+@contextlib.contextmanager
+def listed_once(listed: dict[str, Listed]) -> Iterator[None]:
+    """Within the block :func:`walk_folders` takes a folder's entries from ``listed`` (folder path as walked ->
+    :class:`Listed`) instead of reading the folder again: the dataset index's build walks the tree once for its
+    fingerprint and the format's discovery (whatever it walks) sees that same walk. Folders not there are read."""
+    token = _LISTED.set(listed)
+    try:
+        yield
+    finally:
+        _LISTED.reset(token)
+
+
+def entry_kind(e: os.DirEntry | _Entry) -> tuple[str, str | None]:
     """("dir" | "file" | "other", why it is no usable file): links followed; an entry whose stat fails (a link
     loop ``a.jpg -> b.jpg -> a.jpg``: ELOOP, a permission error) is "other" with the reason, never an error."""
+    if isinstance(e, _Entry):
+        return _KINDS[e.kind], e.why
     try:
         if e.is_dir():
             return "dir", None
@@ -110,6 +221,9 @@ def entry_kind(e: os.DirEntry) -> tuple[str, str | None]:
     return "other", not_regular_reason(e.path) or "not a regular file"
 
 
+_KINDS = {"d": "dir", "f": "file", "i": "file", "o": "other"}
+
+
 def walk_folders(
     folder: Path, *, skip: Callable[[Path, str], bool] | None = None, warn: bool = True
 ) -> Iterator[tuple[Path, list]]:
@@ -117,9 +231,11 @@ def walk_folders(
     ones skipped and ``skip(parent, name)`` ones too. Linked folders are followed once, by resolved identity
     (device, inode), and a link to a folder that holds ``folder`` (``up -> ..``: a loop) not at all, so
     discovery ends and lists each file once, under the folder it really lies in. A folder that cannot be listed
-    is logged and left out (``warn=False``: left out quietly, for a walk that repeats discovery's)."""
+    is logged and left out (``warn=False``: left out quietly, for a walk that repeats discovery's). Inside
+    :func:`listed_once`, a folder listed there is not read again (its entries are :class:`Listed` ones)."""
     seen: set[tuple[int, int]] = set()
     top = os.path.realpath(folder)
+    listed = _LISTED.get()
 
     def walk(d: Path) -> Iterator[tuple[Path, list]]:
         try:
@@ -132,46 +248,74 @@ def walk_folders(
                     log.warning("not following %s: it links to %s, which holds %s (a link loop)", d, real, folder)
                 return
             seen.add((st.st_dev, st.st_ino))
-            with os.scandir(d) as it:
-                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+            known = listed.get(str(d)) if listed is not None else None
+            if known is not None:
+                entries: Sequence = _Listing(str(d), known)
+                dirs = [n for n, k in zip(known.names, known.kinds) if k == "d"]
+            else:
+                with os.scandir(d) as it:
+                    entries = [e for e in it if e.name[:1] != "."]
+                entries.sort(key=_name)
+                dirs = [e.name for e in entries if entry_kind(e)[0] == "dir"]
         except OSError as err:
             if warn:
                 log.warning("cannot list %s: %s", d, err.strerror or err)
             return
-        yield d, entries
-        for e in entries:
-            if entry_kind(e)[0] == "dir" and not (skip and skip(d, e.name)):
-                yield from walk(Path(e.path))
+        yield d, entries  # type: ignore[misc]
+        for name in dirs:
+            if not (skip and skip(d, name)):
+                yield from walk(Path(os.path.join(d, name)))
 
     yield from walk(Path(folder))
+
+
+_name = operator.attrgetter("name")
 
 
 def scan_images(folder: Path) -> ImageScan:
     """Image files under ``folder`` (recursively, sorted, hidden files and folders skipped; linked folders followed
     once, see :func:`walk_folders`), and the image-named entries that are not regular files. An entry that cannot
     even be stat'ed (a file link loop, ELOOP) is one of those, whatever its name: named, skipped, counted."""
-    files: list[Path] = []
+    files, others, found, walked = _scan(folder)
+    # A folder is empty when no folder at or under it (by path, as walked) holds an image; report the topmost
+    # ones only (an empty class folder, not each of its empty sub-folders).
+    root = Path(folder)
+    found_paths = {Path(d) for d in found}
+    empty = [d for d in walked if d != root and not any(f == d or f.is_relative_to(d) for f in found_paths)]
+    empty = sorted(d for d in empty if not any(o != d and d.is_relative_to(o) for o in empty))
+    return ImageScan([Path(f) for f in files], others, empty)
+
+
+def _scan(folder: Path) -> tuple[list[str], list[tuple[str, str]], set[str], list[Path]]:
+    """:func:`scan_images`' walk: (image files as str, the others, folders holding an image, folders walked)."""
+    files: list[str] = []
     others: list[tuple[str, str]] = []
-    found: set[Path] = set()  # folders holding an image file directly
+    found: set[str] = set()  # folders holding an image file directly
     walked: list[Path] = []
     for d, entries in walk_folders(folder):
         walked.append(d)
+        base = os.path.join(d, "")
+        if isinstance(entries, _Listing):  # from one walk's record: the kinds are known, image files marked
+            got = entries.listed
+            n = len(files)
+            files.extend([base + name for name, k in zip(got.names, got.kinds) if k == "i"])
+            if len(files) > n:
+                found.add(str(d))
+            for i in got.whys:
+                if image_named(got.names[i]) or got.whys[i].startswith("cannot be read"):
+                    others.append((base + got.names[i], got.whys[i]))
+            continue
         for e in entries:
             kind, why = entry_kind(e)
             if kind == "dir":
                 continue
-            image_named = Path(e.name).suffix.lower() in IMAGE_EXTENSIONS
-            if kind == "file" and image_named:
-                files.append(Path(e.path))
-                found.add(d)
-            elif kind == "other" and (image_named or why and why.startswith("cannot be read")):
-                others.append((e.path, why or "not a regular file"))
-    # A folder is empty when no folder at or under it (by path, as walked) holds an image; report the topmost
-    # ones only (an empty class folder, not each of its empty sub-folders).
-    root = Path(folder)
-    empty = [d for d in walked if d != root and not any(f == d or f.is_relative_to(d) for f in found)]
-    empty = sorted(d for d in empty if not any(o != d and d.is_relative_to(o) for o in empty))
-    return ImageScan(files, others, empty)
+            if kind == "file":
+                if image_named(e.name):
+                    files.append(base + e.name)
+                    found.add(str(d))
+            elif image_named(e.name) or why and why.startswith("cannot be read"):
+                others.append((base + e.name, why or "not a regular file"))
+    return files, others, found, walked
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -263,12 +407,11 @@ def _class_folder_split(
                 f"data.root: {name} split {folder} has class folder {sub.name!r} that the training "
                 f"split lacks (training classes: {', '.join(class_names)})"
             )
-        scan = scan_images(sub)
-        for f in scan.files:
-            paths.append(str(f))
-            targets.append(index[sub.name])
+        files, others, _, _ = _scan(sub)
+        paths.extend(files)
+        targets.extend([index[sub.name]] * len(files))
         if skipped is not None:
-            skipped.extend(scan.others)
+            skipped.extend(others)
     return Split(name, paths, targets)
 
 

@@ -1,4 +1,6 @@
 import hashlib
+import os
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -118,3 +120,88 @@ def test_load_image_refuses_more_pixels_than_the_limit_before_decoding(tmp_path)
     assert load_image(str(tmp_path / "a.png"), 3, max_pixels=1200).size == (40, 30)
     with pytest.raises(Image.DecompressionBombError, match="data.max_image_pixels"):
         load_image(str(tmp_path / "a.png"), 3, max_pixels=1199)
+
+
+# -- the quick header check: the same verdicts as the full one ----------------------------------------------------
+
+
+def _variants(good: list[str], out) -> list[str]:
+    """Cut and damaged copies of good files: cut inside the header, the image data and the end marker; a header
+    byte flipped; a frame header past the first 64 KiB; trailing bytes after the end marker."""
+    import random
+
+    rng = random.Random(0)
+    made = []
+    for n, p in enumerate(good):
+        data = Path(p).read_bytes()
+        if not data.startswith((b"\xff\xd8", b"\x89PNG")):
+            continue
+        cuts = {20, 40, 100, len(data) // 2, len(data) - 70, len(data) - 2, len(data) - 1}
+        flips = rng.sample(range(2, min(300, len(data))), 12)
+        for k, blob in [*((f"cut{c}", data[:c]) for c in sorted(cuts) if 0 < c < len(data))]:
+            made.append(out(f"{n}-{k}{Path(p).suffix}", blob))
+        for i in flips:
+            made.append(out(f"{n}-flip{i}{Path(p).suffix}", data[:i] + bytes([data[i] ^ 0x5A]) + data[i + 1 :]))
+        made.append(out(f"{n}-trailing{Path(p).suffix}", data + b"\0" * 100))
+    return made
+
+
+@pytest.fixture
+def header_corpus(tmp_path, shared_extractor, tmp_path_factory):
+    """badfiles' bad and good files, a set of plain and awkward JPEG/PNG files, a few hundred real JPEGs (from
+    ../shared/data's imagenette224 when present), and damaged copies of them all."""
+    import badfiles
+
+    no_bomb = {k: v for k, v in badfiles.BAD.items() if k != "bomb.png"}  # its own test covers it (110 MB)
+    good, bad = badfiles.write_corpus(tmp_path / "corpus", bad=no_bomb)
+    kinds = {
+        "rgb.png": (Image.new("RGB", (30, 20)), {}),
+        "palette.png": (Image.new("P", (30, 20)), {}),
+        "gray-trns.png": (Image.new("L", (30, 20)), {"transparency": 0}),
+        "gray.jpg": (Image.new("L", (30, 20)), {}),
+        "progressive.jpg": (Image.new("RGB", (31, 17)), {"progressive": True}),
+        "optimized.jpg": (Image.new("RGB", (17, 31)), {"optimize": True}),
+    }
+    for name, (im, kw) in kinds.items():
+        im.save(tmp_path / "corpus" / name, **kw)
+        good.append(str(tmp_path / "corpus" / name))
+    (tmp_path / "corpus" / "big-exif.jpg").write_bytes(_jpeg_with_segment(65000))
+    good.append(str(tmp_path / "corpus" / "big-exif.jpg"))
+    try:
+        real_root = shared_extractor(
+            "imagenette224", tmp_path_factory.getbasetemp(), lambda n: n.count("/") < 3 or n.endswith("00.JPEG")
+        )
+        real = sorted(str(p) for p in real_root.rglob("*.JPEG"))[:200]
+    except pytest.skip.Exception:
+        real = []
+    var = tmp_path / "variants"
+    var.mkdir()
+
+    def out(name: str, blob: bytes) -> str:
+        (var / name).write_bytes(blob)
+        return str(var / name)
+
+    return good, bad, real, _variants(good + real[:40], out)
+
+
+def test_the_quick_check_gives_the_full_checks_verdicts_and_pillows_sizes(header_corpus):
+    from fasttrain.data import checks
+
+    good, bad, real, variants = header_corpus
+    quick = 0
+    for p in good + bad + real + variants:
+        for limit in (checks.PILLOW_BOMB_PIXELS, 600):
+            got = checks.check_file_stat(p, limit)
+            assert got[:3] == checks._check_file_slow(p, limit), (p, limit)
+            if got[3] is not None:
+                st = os.stat(p)
+                assert got[3] == (st.st_size, st.st_mtime_ns)
+    assert all(checks.check_file(p)[0] is not None for p in good + real)
+    refused = [Path(p).name for p in bad if checks.check_file(p)[0] is None]
+    assert refused == [Path(p).name for p in bad if "deflate" not in p]  # a bad deflate stream needs the decode
+    for p in good + real:
+        with Image.open(p) as im:
+            assert (checks.check_file(p)[0].width, checks.check_file(p)[0].height) == im.size, p
+        data = Path(p).read_bytes()
+        quick += checks._quick_header(data[:65536], data[-64:], checks.PILLOW_BOMB_PIXELS) is not None
+    assert quick == len(good + real) - 1  # all but big-exif.jpg, whose frame header lies past the first 64 KiB

@@ -47,13 +47,13 @@ def same_source(a, b) -> None:
 
 def counting_checks(monkeypatch) -> list[int]:
     calls: list[int] = []
-    real = index.check_headers
+    real = index.check_files_stat
 
     def counted(paths, *a, **k):
         calls.append(len(paths))
         return real(paths, *a, **k)
 
-    monkeypatch.setattr(index, "check_headers", counted)
+    monkeypatch.setattr(index, "check_files_stat", counted)
     return calls
 
 
@@ -166,6 +166,69 @@ def test_the_fingerprint_is_the_relative_listing_so_a_copy_elsewhere_matches(tmp
     assert listing(a).fingerprint != listing(b).fingerprint
 
 
+def awkward_tree(root: Path) -> Path:
+    """Class folders with every kind of entry: bad files, a FIFO, links, loops, a linked folder, non-image files,
+    image files that discovery does not take."""
+    badfiles.write_corpus(root / "train" / "a", bad={k: v for k, v in badfiles.BAD.items() if k != "bomb.png"})
+    badfiles.write_link_loop(root / "train" / "a" / "loop.jpg")
+    badfiles.write_folder_loop(root / "train" / "a" / "up")
+    tree(root, classes=2, per_class=3)
+    (root / "train" / "b").symlink_to(root / "train" / "class_0", target_is_directory=True)
+    (root / "train" / "class_1" / "notes.txt").write_text("not an image")
+    (root / "stray.png").write_bytes(b"")  # outside every split: listed, never checked
+    (root / "extra").mkdir()
+    Image.new("RGB", (8, 8)).save(root / "extra" / "unused.jpg")
+    return root
+
+
+def test_a_walk_from_the_builds_record_is_the_walk_of_the_folders(tmp_path):
+    """Inside listed_once, walk_folders (what every format's discovery walks with) gives the same folders and
+    entries (name, path, kind, reason, what stat says) as reading the folders, without reading them again."""
+    from fasttrain.data.sources import entry_kind, listed_once, walk_folders
+
+    root = awkward_tree(tmp_path / "data")
+
+    def asked(call):
+        try:
+            return call()
+        except OSError as e:  # a link loop: DirEntry raises, and so must a recorded entry
+            return type(e).__name__
+
+    def seen() -> list:
+        out = []
+        for d, entries in walk_folders(root):
+            for e in entries:
+                calls = (e.is_dir, e.is_file, e.is_symlink, lambda e=e: e.stat().st_mtime_ns)
+                out.append((str(d), e.name, e.path, entry_kind(e), *(asked(c) for c in calls)))
+        return out
+
+    plain = seen()
+    walk = index._Walk(str(root))
+    scans: list[str] = []
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(os, "scandir", lambda *a: scans.append(a) or pytest.fail("a folder was read again"))
+    try:
+        with listed_once(walk.listed):
+            again = seen()
+    finally:
+        monkey.undo()
+    assert again == plain and scans == [] and len(plain) > 30
+
+
+def test_the_builds_one_walk_gives_the_listings_fingerprint_on_an_awkward_tree(tmp_path):
+    """The build takes each file's stat from its header check (or from the walk, or after the checks) instead of
+    a listing of its own: the fingerprint must still be the one a later start's listing computes, on a tree with
+    every kind of entry (bad files, a FIFO, links, loops, a linked folder, non-image files, image files that
+    discovery does not take), and the same source as discovery must come out."""
+    root = awkward_tree(tmp_path / "data")
+    data = DataConfig(root=str(root), val_fraction=0.25)
+    built = load_or_build(data)
+    assert not built.reused and built.index.fingerprint == listing(root).fingerprint
+    assert built.listing.files == listing(root).files and built.listing.folders == listing(root).folders
+    same_source(built.index.source(), discover(data))
+    assert load_or_build(data).reused
+
+
 def test_settings_that_change_discovery_get_their_own_index(shapes):
     base = load_or_build(DataConfig(root=str(shapes)))
     other = load_or_build(DataConfig(root=str(shapes), max_samples=4))
@@ -211,6 +274,25 @@ def test_check_headers_gives_check_header_s_verdicts_in_order(tmp_path):
     assert [(i, w) for i, w, _ in got] == [checks.check_header(p) for p in paths]
     sizes = {p: s for p, (_, _, s) in zip(paths, got)}
     assert sizes[good[0]] == os.path.getsize(good[0])
+
+
+@pytest.mark.parametrize("waiting", [False, True])
+def test_threads_check_only_files_that_make_the_checks_wait(tmp_path, monkeypatch, waiting):
+    """The first files are checked on the calling thread; threads take the rest only when those made it wait
+    (voluntary context switches: a cold disk), and the verdicts come in order either way."""
+    good, bad = badfiles.write_corpus(tmp_path / "c", bad={k: v for k, v in badfiles.BAD.items() if k != "bomb.png"})
+    paths = sorted(good + bad) * 10
+    monkeypatch.setattr(checks, "_PROBE", 20)
+    switches = iter([0, 1000] if waiting else [5, 5])  # before and after the first files
+    monkeypatch.setattr(checks, "_waits", lambda: next(switches))
+    pools: list[int] = []
+    real_pool = checks.ThreadPoolExecutor
+    monkeypatch.setattr(
+        checks, "ThreadPoolExecutor", lambda max_workers: pools.append(max_workers) or real_pool(max_workers)
+    )
+    got = checks.check_files_stat(paths, threads=3)
+    assert [v[:3] for v in got] == [checks.check_file(p) for p in paths]
+    assert pools == ([3] if waiting else [])
 
 
 def test_a_large_file_is_checked_from_the_file_as_before(tmp_path):
