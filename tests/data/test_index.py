@@ -457,10 +457,15 @@ def test_rank_1_waits_for_rank_0_through_the_store_without_dist_timeout_s(shapes
 
 
 _SLOW_RANK_0 = """
-import sys, time
+import os, pathlib, sys, time
 from fasttrain import distributed
 from fasttrain.config import DataConfig
 from fasttrain.data import index
+# both ranks start their 2 s rendezvous together: imports under load may differ by more than 2 s
+flags = pathlib.Path(sys.argv[2])
+(flags / os.environ["RANK"]).touch()
+while len(list(flags.iterdir())) < 2:
+    time.sleep(0.01)
 distributed.init("cpu", timeout_s=2.0)
 if distributed.current().is_main:
     build = index.load_or_build
@@ -480,6 +485,7 @@ def test_a_listing_longer_than_dist_timeout_s_is_waited_for(tmp_path):
     import sys
 
     make_shapes_dataset(tmp_path / "d", train_per_class=3, val_per_class=1, size=16)
+    (tmp_path / "started").mkdir()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -488,7 +494,7 @@ def test_a_listing_longer_than_dist_timeout_s_is_waited_for(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     ranks = [
         subprocess.Popen(
-            [sys.executable, "-c", _SLOW_RANK_0, str(tmp_path / "d")],
+            [sys.executable, "-c", _SLOW_RANK_0, str(tmp_path / "d"), str(tmp_path / "started")],
             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
