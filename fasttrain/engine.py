@@ -99,6 +99,7 @@ def train(
     dataset: Any = None,
     val_dataset: Any = None,
     quiet: bool = False,
+    started: float | None = None,
 ) -> TrainResult:
     """Train ``cfg`` in a new run folder, or continue the run in ``resume`` from its last checkpoint.
 
@@ -113,12 +114,16 @@ def train(
     interrupted checkpoint writes are removed when a run resumes and when it ends. Under torchrun a restarted
     job (``--max-restarts``) finds its run folder again and resumes from its last checkpoint.
 
+    ``started``: the ``time.perf_counter()`` reading ``train.time_budget_s`` counts from (the command line gives
+    its process's start); default: this call.
+
     Called from Python with no logging configured, the console shows what ``fasttrain train`` shows (the run's
     lines and epoch summaries on stderr; ``quiet=True``: warnings only and no progress bar); configure logging
     (the ``fasttrain`` logger) to decide yourself.
     """
     if resume is None and cfg is None:
         raise ValueError("train() needs a config or resume=RUN_DIR")
+    started = time.perf_counter() if started is None else started
     info = distributed.dist_info()
     lock: RunLock | None = None
     run_dir: Path | None = None
@@ -148,7 +153,7 @@ def train(
         with prep.runtime.flags():
             # Loaders (they check the files), model and optimizers first: what cannot train is refused before
             # a new run folder exists.
-            trainer = Trainer(prep, ckpt, progress=progress, on_epoch_end=on_epoch_end)
+            trainer = Trainer(prep, ckpt, progress=progress, on_epoch_end=on_epoch_end, started=started)
             try:
                 if run_dir is None:
                     run_dir, lock = _new_run(prep, Path(plan.reuse) if plan.reuse else None)
@@ -678,6 +683,17 @@ def _epoch_numbers(first: int, tc: Any):
         epoch += 1
 
 
+def _plan_words(total: int, per_epoch: int) -> str:
+    """A run's length for the log: ``120 steps = 6 epochs of 20`` or ``130 steps = 7 epochs (6 of 20, the last
+    of 10)``."""
+    whole, rest = divmod(total, max(per_epoch, 1))
+    if not rest:
+        return f"{total} steps = {whole} epoch{'s' if whole != 1 else ''} of {per_epoch}"
+    if not whole:
+        return f"{total} steps = 1 partial epoch (of {per_epoch})"
+    return f"{total} steps = {whole + 1} epochs ({whole} of {per_epoch}, the last of {rest})"
+
+
 def _announce_sizes(sizes: TrainSizes, prep: Prepared) -> None:
     """Progressive resizing: the sizes the run trains at, and what torch.compile makes of them."""
     distinct = sizes.distinct()
@@ -746,7 +762,9 @@ class Trainer:
         *,
         progress: bool = True,
         on_epoch_end: Callable[[TrainState, dict[str, Any]], None] | None = None,
+        started: float | None = None,
     ):
+        """``started``: the ``time.perf_counter()`` reading a time budget counts from (default: now)."""
         self.prep, self.ckpt, self.progress, self.on_epoch_end = prep, ckpt, progress, on_epoch_end
         self._t_start = time.perf_counter()  # a time budget counts the set-up (loaders, a cache's decode) too
         cfg, task, source, info = prep.cfg, prep.task, prep.source, prep.dist
@@ -767,12 +785,12 @@ class Trainer:
                     f"({self.train_loader.num_samples} images): no full step fits in an epoch"
                 )
             self.steps_per_epoch = micro_per_epoch // self.tc.accumulation
+            if self.tc.max_steps:
+                self.steps_per_epoch = min(self.steps_per_epoch, self.tc.max_steps)
+            self.total_steps = total_steps = self._run_length()
             self.sizes = train_sizes(cfg)
             if self.sizes.progressive:
                 _announce_sizes(self.sizes, prep)
-            if self.tc.max_steps:
-                self.steps_per_epoch = min(self.steps_per_epoch, self.tc.max_steps)
-            total_steps = self.steps_per_epoch * self.tc.epochs
             self.state = state = task.build_state()
             if ckpt is None and not cfg.model.init_from:
                 _init_from_data(state.modules.get(task.predict_module), self.train_loader)
@@ -793,6 +811,34 @@ class Trainer:
         self._steady_rate: float | None = None
         """Training samples/s of the last epoch after its first step (a time budget's re-plan)."""
         self._global_batch = prep.micro_batch * self.tc.accumulation * prep.dist.world_size
+        self._t_budget = self._t_start if started is None else started
+        """When the time budget's clock started (perf_counter)."""
+        self._eval_sample_s = 0.0
+        """Seconds one validation sample's evaluation took in the budget's measurement (EMA included)."""
+
+    def _run_length(self) -> int:
+        """The run's optimizer steps: ``train.total_steps`` when set (a time budget's plan; train.epochs becomes
+        the epochs they start, the last one partial), else ``train.epochs`` whole epochs."""
+        from fasttrain.budget import epochs_of
+
+        tc, per_epoch = self.tc, self.steps_per_epoch
+        if not tc.total_steps:
+            return per_epoch * tc.epochs
+        epochs = epochs_of(tc.total_steps, per_epoch)
+        if epochs != tc.epochs:
+            log.info(
+                "train.total_steps = %d decides the run's length: %s (train.epochs = %d is replaced; "
+                "train.total_steps = 0 trains whole epochs)",
+                tc.total_steps,
+                _plan_words(tc.total_steps, per_epoch),
+                tc.epochs,
+            )
+            tc.epochs = epochs
+        return tc.total_steps
+
+    def _epoch_steps(self, epoch: int) -> int:
+        """Optimizer steps of epoch ``epoch`` (0-based): whole epochs, and the rest of the run's steps in its last."""
+        return max(0, min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch))
 
     def close(self) -> None:
         for loader in (self.train_loader, self.val_loader):
@@ -858,29 +904,33 @@ class Trainer:
         self._say_replanned(ckpt)
 
     def _say_replanned(self, ckpt: dict[str, Any]) -> None:
-        """A resume with another train.epochs re-plans a schedule that depends on the run's length (onecycle,
-        cosine): the learning rate at this step changes, which is said with both values."""
+        """A resume with another length (train.epochs, train.total_steps) re-plans a schedule that depends on the
+        run's length (onecycle, cosine): the learning rate at this step changes, which is said with both values."""
         from fasttrain.optim import lr_factor
 
-        saved = ((ckpt.get("config") or {}).get("train") or {}).get("epochs")
+        saved = (ckpt.get("config") or {}).get("train") or {}
         sched, step, per_epoch = self.cfg.schedule, self.state.step, self.steps_per_epoch
+        saved_total = int(saved.get("total_steps") or 0) or int(saved.get("epochs") or 0) * per_epoch
         if (
-            not saved
-            or saved == self.tc.epochs
+            not saved_total
+            or saved_total == self.total_steps
             or sched.name not in ("onecycle", "cosine")
             or not self.state.schedulers
         ):
             return
         peak = next(iter(self.state.schedulers.values())).base_lrs[0]
-        before = peak * lr_factor(sched, step, per_epoch, per_epoch * saved)
-        after = peak * lr_factor(sched, step, per_epoch, per_epoch * self.tc.epochs)
+        before = peak * lr_factor(sched, step, per_epoch, saved_total)
+        after = peak * lr_factor(sched, step, per_epoch, self.total_steps)
+        if saved.get("total_steps") or self.tc.total_steps:
+            change = f"the run's length {saved_total} -> {self.total_steps} steps"
+            over = _plan_words(self.total_steps, per_epoch)
+        else:
+            change, over = f"train.epochs {saved.get('epochs')} -> {self.tc.epochs}", f"{self.tc.epochs} epochs"
         log.warning(
-            "train.epochs %d -> %d: the %s schedule is re-planned over %d epochs; the learning rate at step %d "
-            "goes from %.3g to %.3g",
-            saved,
-            self.tc.epochs,
+            "%s: the %s schedule is re-planned over %s; the learning rate at step %d goes from %.3g to %.3g",
+            change,
             sched.name,
-            self.tc.epochs,
+            over,
             step,
             before,
             after,
@@ -989,62 +1039,103 @@ class Trainer:
 
     # -- a time budget -------------------------------------------------------------------------------------------
     def _plan_budget(self) -> None:
-        """The epochs that fit ``train.time_budget_s``, from a short measurement of training steps (undone: the
-        weights, optimizer and random state are put back), broadcast from rank 0 so every process agrees."""
-        from fasttrain.budget import epoch_seconds, plan_epochs
+        """The optimizer steps that fit ``train.time_budget_s``, from a short measurement of training steps and of
+        evaluation (undone: the weights, optimizer and random state are put back), broadcast from rank 0 so every
+        process agrees. The last epoch may be partial: the schedule ends exactly at the last step."""
+        from fasttrain.budget import StepCosts, plan_steps
 
         rate = self._measure_rate()
-        val = len(self.source.val or [])
-        per_epoch = epoch_seconds(
-            self.steps_per_epoch * self.prep.micro_batch * self.tc.accumulation * self.prep.dist.world_size,
-            rate,
-            val,
+        self._eval_sample_s = self._measure_eval()
+        eval_s = self._eval_sample_s * len(self.source.val or [])
+        costs = StepCosts(
+            self._global_batch / rate,
+            self.steps_per_epoch,
+            eval_s=eval_s,
+            final_s=self._final_s(),
             eval_every=self.tc.eval_every,
+            scale=self._size_scale,
         )
-        elapsed = time.perf_counter() - self._t_start
-        epochs = int(distributed.broadcast_object(plan_epochs(self.tc.time_budget_s, elapsed, per_epoch)))
+        elapsed = time.perf_counter() - self._t_budget
+        total = int(distributed.broadcast_object(plan_steps(self.tc.time_budget_s, elapsed, costs)))
+        self._set_plan(total)
         log.info(
-            "time budget %.0f s: %.1f samples/s measured, ~%.1f s per epoch, %.1f s spent setting up: %d epochs "
-            "(the schedule is stretched to them; re-planned once after the first epoch)",
+            "time budget %.0f s: %.1f samples/s measured (%.3f s per step), ~%.1f s per evaluation, %.1f s spent "
+            "before training: %s (the schedule is stretched to them; re-planned once after the first epoch)",
             self.tc.time_budget_s,
             rate,
-            per_epoch,
+            costs.step_s,
+            eval_s,
             elapsed,
-            epochs,
+            _plan_words(total, self.steps_per_epoch),
         )
-        self._set_epochs(epochs)
 
     def _replan_budget(self, wall_s: float, record: dict[str, Any]) -> None:
-        """After the first epoch: its measured time decides the rest. Its training is counted at the rate after
+        """After the first epoch: its measured times decide the rest. Its training is counted at the rate after
         its first step (the first carries the loader's start and warm-up, which later epochs do not pay); its
-        evaluation and checkpoint as they took."""
-        from fasttrain.budget import plan_epochs
+        evaluation and the rest of its end (checkpoint, record) as they took. A changed plan rewrites
+        config.toml and the epoch's last.pt, so that a resume from it follows the plan."""
+        from fasttrain.budget import StepCosts, plan_steps
 
         train_s = float(record.get("epoch_time_s") or 0.0)
+        steps = max(self._epoch_steps(0), 1)
         if self._steady_rate:
-            train_s = min(train_s, self.steps_per_epoch * self._global_batch / self._steady_rate)
-        epoch_s = max(train_s + wall_s - float(record.get("epoch_time_s") or 0.0), 1e-3)
-        elapsed = time.perf_counter() - self._t_start
-        epochs = int(distributed.broadcast_object(plan_epochs(self.tc.time_budget_s, elapsed, epoch_s, done=1)))
-        if epochs != self.tc.epochs:
-            log.info(
-                "time budget: the first epoch took %.1f s (%.1f s spent so far): %d epochs instead of %d",
-                epoch_s,
-                elapsed,
-                epochs,
-                self.tc.epochs,
-            )
-            self._set_epochs(epochs)
-            if self.is_main:
-                write_run_config(self.run_dir, dump_config(self.cfg))
+            train_s = min(train_s, steps * self._global_batch / self._steady_rate)
+        evaluated = record.get("eval_time_s")
+        eval_s = float(evaluated) if evaluated is not None else self._eval_sample_s * len(self.source.val or [])
+        end_s = max(wall_s - float(record.get("epoch_time_s") or 0.0) - float(evaluated or 0.0), 0.0)
+        costs = StepCosts(
+            max(train_s / steps, 1e-6),
+            self.steps_per_epoch,
+            eval_s=eval_s,
+            end_s=end_s,
+            final_s=self._final_s(eval_s),
+            eval_every=self.tc.eval_every,
+            scale=self._size_scale,
+        )
+        elapsed = time.perf_counter() - self._t_budget
+        done = self.state.step
+        total = int(distributed.broadcast_object(plan_steps(self.tc.time_budget_s, elapsed, costs, done=done)))
+        if total == self.total_steps:
+            return
+        log.info(
+            "time budget: the first epoch took %.1f s to train, %.1f s to evaluate and %.1f s more (%.1f s spent "
+            "so far): %s instead of %s",
+            train_s,
+            eval_s if evaluated is not None else 0.0,
+            end_s,
+            elapsed,
+            _plan_words(total, self.steps_per_epoch),
+            _plan_words(self.total_steps, self.steps_per_epoch),
+        )
+        self._set_plan(total)
+        if self.is_main:
+            write_run_config(self.run_dir, dump_config(self.cfg))
+        self.ckpts.save_last()  # the epoch's checkpoint, written before the re-plan, with the plan's config
 
-    def _set_epochs(self, epochs: int) -> None:
-        """The run's length becomes ``epochs``: the schedule is rebuilt for it (continuing at the current step),
-        so it ends complete at the last step rather than being cut off."""
+    def _size_scale(self, epoch: int) -> float:
+        """A training step's cost at ``epoch`` relative to the first epoch's: the pixels per image (progressive
+        resizing), which is what a convolutional step's work grows with."""
+        return (self.sizes.size(epoch) / self.sizes.size(0)) ** 2
+
+    def _final_s(self, eval_s: float | None = None) -> float:
+        """The run's end after its last epoch, estimated: the task's report over the validation split (one
+        pass, ``eval_s`` of it without the EMA's) and the test split's evaluation."""
+        per_sample = self._eval_sample_s
+        if eval_s is not None and self.source.val:
+            per_sample = eval_s / len(self.source.val)
+        one_pass = per_sample / (2 if self.state.ema else 1)
+        return one_pass * len(self.source.val or []) + per_sample * len(self.source.test or [])
+
+    def _set_plan(self, total: int) -> None:
+        """The run's length becomes ``total`` optimizer steps (``train.total_steps``; train.epochs the epochs they
+        start): the schedule is rebuilt for it (continuing at the current step), so it ends complete at the last
+        step rather than being cut off."""
         import warnings
 
-        self.tc.epochs = epochs
-        total = self.steps_per_epoch * epochs
+        from fasttrain.budget import epochs_of
+
+        self.tc.total_steps = self.total_steps = total
+        self.tc.epochs = epochs_of(total, self.steps_per_epoch)
         step = self.state.step
         for k, opt in self.state.optimizers.items():
             with warnings.catch_warnings():
@@ -1054,6 +1145,32 @@ class Trainer:
                     sched.last_epoch = step - 1
                     sched.step()
             self.state.schedulers[k] = sched
+
+    def _measure_eval(self, samples: int = 32) -> float:
+        """Seconds per validation sample of an evaluation (the EMA's included), timed on up to ``samples`` of the
+        first validation batch after a warm-up on a few of them: cheap, and it sees test-time augmentation and
+        the model's real cost. 0 without a validation split."""
+        if self.val_loader is None:
+            return 0.0
+        task, state, runtime = self.task, self.state, self.prep.runtime
+        rng = torch.get_rng_state()
+        batch = next(iter(self.val_loader))
+        n = min(len(batch), samples)
+        part = dataclasses.replace(batch, inputs=batch.inputs[:n], targets=batch.targets[:n])
+        warm = dataclasses.replace(batch, inputs=batch.inputs[:2], targets=batch.targets[:2])
+        state.train(False)
+        try:
+            with torch.no_grad():
+                task.eval_step(state, warm)
+                runtime.synchronize()
+                t = time.perf_counter()
+                task.eval_step(state, part)
+                runtime.synchronize()
+                seconds = time.perf_counter() - t
+        finally:
+            state.train(True)
+            torch.set_rng_state(rng)  # the run's random numbers are those of a run without a budget
+        return seconds / n * (2 if state.ema else 1)
 
     def _measure_rate(self, steps: int = 5) -> float:
         """Training samples/s over a few steps of the first epoch's batches, after one warm-up step (compile,
@@ -1177,7 +1294,7 @@ class Trainer:
         """One epoch from micro-batch ``resume_micro`` on, continuing ``running`` (a resumed epoch's sums)."""
         task, state, runtime, tc = self.task, self.state, self.prep.runtime, self.tc
         accum, world = tc.accumulation, self.prep.dist.world_size
-        micro_total = self.steps_per_epoch * accum
+        micro_total = self._epoch_steps(epoch) * accum
         global_micro = self.prep.micro_batch * world
         bar = Progress(
             micro_total * global_micro,
@@ -1267,7 +1384,7 @@ class Trainer:
         """Seconds left in the run, the one estimate every line and the bar show: the time per optimizer step
         since this process started the run (evaluations included), times the steps left."""
         done = self.state.step - self.step_at_start
-        left = self.steps_per_epoch * self.tc.epochs - self.state.step
+        left = self.total_steps - self.state.step
         return (time.perf_counter() - self.t_run) / done * left if done > 0 else None
 
     def _log_step(
@@ -1296,7 +1413,7 @@ class Trainer:
             }
         )
         log.info(
-            step_line(epoch + 1, tc.epochs, step_in_epoch, self.steps_per_epoch, means, lr, rate, eta),
+            step_line(epoch + 1, tc.epochs, step_in_epoch, self._epoch_steps(epoch), means, lr, rate, eta),
             extra={PROGRESS: True},
         )
 
