@@ -683,6 +683,13 @@ def _epoch_numbers(first: int, tc: Any):
         epoch += 1
 
 
+_MEASURE_SHARE = 0.03
+"""A time budget's first measurement ends once it has spent this share of the budget (and timed one step)."""
+_FINISH_S = 1.0
+"""A time budget's allowance for the end of a run beyond its evaluations: the report files (the confusion
+matrix's PNG) and the process's exit, which took 0.5-2 s on a 2-core machine under load."""
+
+
 def _plan_words(total: int, per_epoch: int) -> str:
     """A run's length for the log: ``120 steps = 6 epochs of 20`` or ``130 steps = 7 epochs (6 of 20, the last
     of 10)``."""
@@ -1044,7 +1051,7 @@ class Trainer:
         process agrees. The last epoch may be partial: the schedule ends exactly at the last step."""
         from fasttrain.budget import StepCosts, plan_steps
 
-        rate = self._measure_rate()
+        rate = self._measure_rate(max_s=_MEASURE_SHARE * self.tc.time_budget_s)
         self._eval_sample_s = self._measure_eval()
         eval_s = self._eval_sample_s * len(self.source.val or [])
         costs = StepCosts(
@@ -1119,12 +1126,14 @@ class Trainer:
 
     def _final_s(self, eval_s: float | None = None) -> float:
         """The run's end after its last epoch, estimated: the task's report over the validation split (one
-        pass, ``eval_s`` of it without the EMA's) and the test split's evaluation."""
+        pass, ``eval_s`` of it without the EMA's), the test split's evaluation, and the report files and the
+        process's exit (:data:`_FINISH_S`)."""
         per_sample = self._eval_sample_s
         if eval_s is not None and self.source.val:
             per_sample = eval_s / len(self.source.val)
         one_pass = per_sample / (2 if self.state.ema else 1)
-        return one_pass * len(self.source.val or []) + per_sample * len(self.source.test or [])
+        reports = one_pass * len(self.source.val or []) + per_sample * len(self.source.test or [])
+        return reports + _FINISH_S
 
     def _set_plan(self, total: int) -> None:
         """The run's length becomes ``total`` optimizer steps (``train.total_steps``; train.epochs the epochs they
@@ -1172,9 +1181,10 @@ class Trainer:
             torch.set_rng_state(rng)  # the run's random numbers are those of a run without a budget
         return seconds / n * (2 if state.ema else 1)
 
-    def _measure_rate(self, steps: int = 5) -> float:
+    def _measure_rate(self, steps: int = 5, max_s: float = math.inf) -> float:
         """Training samples/s over a few steps of the first epoch's batches, after one warm-up step (compile,
-        allocator); the steps are undone: weights, optimizer, scalers, EMA and random state are put back."""
+        allocator), ending early once ``max_s`` seconds are spent and one step is timed; the steps are undone:
+        weights, optimizer, scalers, EMA and random state are put back."""
         import copy
 
         state, task, accum = self.state, self.task, self.tc.accumulation
@@ -1187,7 +1197,7 @@ class Trainer:
             times: list[tuple[float, int]] = []
             n = window = 0
             runtime.synchronize()
-            t = time.perf_counter()
+            t = t_start = time.perf_counter()
             for batch in _epoch_batches(self.train_loader, 0, 0):
                 task.train_step(state, batch, update=(n + 1) % accum == 0, loss_scale=1.0 / accum)
                 n += 1
@@ -1197,7 +1207,7 @@ class Trainer:
                     now = time.perf_counter()
                     times.append((now - t, window))
                     t, window = now, 0
-                if n >= micro:
+                if n >= micro or (len(times) >= 2 and n % accum == 0 and t - t_start > max_s):
                     break
         finally:
             state.load_state_dict(saved)
