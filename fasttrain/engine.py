@@ -822,6 +822,9 @@ class Trainer:
         """When the time budget's clock started (perf_counter)."""
         self._eval_sample_s = 0.0
         """Seconds one validation sample's evaluation took in the budget's measurement (EMA included)."""
+        self._replan_step = 0
+        """A time budget whose first plan ends inside the first epoch re-plans at this step (0: after the first
+        epoch, as a longer plan does; -1: done)."""
 
     def _run_length(self) -> int:
         """The run's optimizer steps: ``train.total_steps`` when set (a time budget's plan; train.epochs becomes
@@ -988,7 +991,8 @@ class Trainer:
                         skipped=len(_skipped_files(self.source.skipped, self.train_loader, self.val_loader)),
                     )
                 )
-                if self.tc.time_budget_s and self.ckpt is None and epoch == 0 and not stop and not last:
+                budgeted = self.tc.time_budget_s and self.ckpt is None and not self._replan_step
+                if budgeted and epoch == 0 and not stop and not last:
                     self._replan_budget(time.perf_counter() - t_epoch, record)
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(state, record)
@@ -1065,6 +1069,9 @@ class Trainer:
         elapsed = time.perf_counter() - self._t_budget
         total = int(distributed.broadcast_object(plan_steps(self.tc.time_budget_s, elapsed, costs)))
         self._set_plan(total)
+        # A plan inside the first epoch has no epoch's end to re-plan at: halfway through its steps instead, from
+        # the steps' own time (a few measured steps are a rough guide to a whole run).
+        self._replan_step = total // 2 if total <= self.steps_per_epoch and total >= 4 else 0
         log.info(
             "time budget %.0f s: %.1f samples/s measured (%.3f s per step), ~%.1f s per evaluation, %.1f s spent "
             "before training: %s (the schedule is stretched to them; re-planned once after the first epoch)",
@@ -1117,7 +1124,47 @@ class Trainer:
         self._set_plan(total)
         if self.is_main:
             write_run_config(self.run_dir, dump_config(self.cfg))
-        self.ckpts.save_last()  # the epoch's checkpoint, written before the re-plan, with the plan's config
+        if self.state.epoch % self.tc.checkpoint_every == 0:  # the epoch's last.pt, written before the re-plan
+            self.ckpts.save_last()
+
+    def _replan_inside(self, epoch: int, n_micro: int, rate: float) -> int:
+        """The one re-plan of a budget whose first plan ends inside the first epoch, halfway through it: from
+        the training rate of its steps since the first (``rate``, samples/s) and the first measurement's
+        evaluation. Returns this epoch's steps under the new plan. A changed plan rewrites config.toml and, with
+        step checkpoints, writes one here, so that a resume follows the new plan."""
+        from fasttrain.budget import StepCosts, plan_steps
+
+        self._replan_step = -1  # done: no second re-plan after the first epoch
+        if rate <= 0:
+            return self._epoch_steps(epoch)
+        eval_s = self._eval_sample_s * len(self.source.val or [])
+        costs = StepCosts(
+            self._global_batch / rate,
+            self.steps_per_epoch,
+            eval_s=eval_s,
+            final_s=self._final_s(),
+            eval_every=self.tc.eval_every,
+            scale=self._size_scale,
+        )
+        elapsed = time.perf_counter() - self._t_budget
+        done = self.state.step
+        total = int(distributed.broadcast_object(plan_steps(self.tc.time_budget_s, elapsed, costs, done=done)))
+        if total != self.total_steps:
+            log.info(
+                "time budget: %d steps trained at %.1f samples/s (%.1f s spent so far): %s instead of %s",
+                done,
+                rate,
+                elapsed,
+                _plan_words(total, self.steps_per_epoch),
+                _plan_words(self.total_steps, self.steps_per_epoch),
+            )
+            self._set_plan(total)
+            if self.is_main:
+                write_run_config(self.run_dir, dump_config(self.cfg))
+            if self.tc.checkpoint_every_steps:  # an earlier step checkpoint of this epoch holds the old plan
+                self.running.flush()
+                self.ckpts.save_last({"epoch": epoch, "micro": n_micro}, self.running.to_checkpoint())
+        return self._epoch_steps(epoch)
 
     def _size_scale(self, epoch: int) -> float:
         """A training step's cost at ``epoch`` relative to the first epoch's: the pixels per image (progressive
@@ -1157,8 +1204,8 @@ class Trainer:
 
     def _measure_eval(self, samples: int = 32) -> float:
         """Seconds per validation sample of an evaluation (the EMA's included), timed on up to ``samples`` of the
-        first validation batch after a warm-up on a few of them: cheap, and it sees test-time augmentation and
-        the model's real cost. 0 without a validation split."""
+        first validation batch after a warm-up on the same: cheap, and it sees test-time augmentation and the
+        model's real cost. 0 without a validation split."""
         if self.val_loader is None:
             return 0.0
         task, state, runtime = self.task, self.state, self.prep.runtime
@@ -1166,11 +1213,10 @@ class Trainer:
         batch = next(iter(self.val_loader))
         n = min(len(batch), samples)
         part = dataclasses.replace(batch, inputs=batch.inputs[:n], targets=batch.targets[:n])
-        warm = dataclasses.replace(batch, inputs=batch.inputs[:2], targets=batch.targets[:2])
         state.train(False)
         try:
             with torch.no_grad():
-                task.eval_step(state, warm)
+                task.eval_step(state, part)  # warm-up: the first call of a shape sets up its kernels
                 runtime.synchronize()
                 t = time.perf_counter()
                 task.eval_step(state, part)
@@ -1339,6 +1385,9 @@ class Trainer:
                         s.step()
                     if self.is_main:
                         task.on_step_end(state, batch, self.run_dir)
+                    if state.step == self._replan_step and t_first is not None:
+                        steady = (samples - (samples_first or 0)) / max(time.perf_counter() - t_first, 1e-6)
+                        micro_total = self._replan_inside(epoch, n_micro, steady) * accum
                     if state.step % tc.log_every == 0:
                         means = run.flush()  # a sync point, on purpose only every log_every steps
                         now = time.perf_counter()

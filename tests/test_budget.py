@@ -111,12 +111,12 @@ def _weights(run):
     return load_checkpoint(run / "checkpoints" / "last.pt")["state"]["modules"]["model"]
 
 
-def _fake_plan(monkeypatch, *totals):
+def _fake_plan(monkeypatch, *totals, per_epoch=3):
     """plan_steps answers ``totals`` in turn (the plan, then the re-plan); returns the ``done`` it was asked with."""
     asked = []
 
     def plan(budget_s, elapsed_s, costs, *, done=0, margin=0.02):
-        assert budget_s == 30.0 and costs.step_s > 0 and costs.steps_per_epoch == 3
+        assert budget_s == 30.0 and costs.step_s > 0 and costs.steps_per_epoch == per_epoch
         asked.append(done)
         return totals[min(len(asked), len(totals)) - 1]
 
@@ -209,6 +209,41 @@ def test_a_budget_run_killed_after_the_replan_resumes_exactly(shapes_root, tmp_p
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert [r["step"] for r in resumed.history] == [3, 6, 8]
     for a, b in zip(straight.history, resumed.history):
+        assert (a["train_loss"], a["val_loss"], a["lr"]) == (b["train_loss"], b["val_loss"], b["lr"])
+
+
+def test_a_plan_inside_the_first_epoch_is_replanned_halfway_and_resumes_exactly(shapes_root, tmp_path, monkeypatch):
+    """The first plan (4 steps) ends inside the 6-step first epoch: the one re-plan comes at step 2, from the steps'
+    own time (8 steps: the first epoch whole, 2 more), not after the epoch; a run killed after it resumes along
+    the new plan from the step checkpoint written at the re-plan."""
+    from fasttrain.engine import train
+    from fasttrain.tasks.classify import ClassifyTask
+
+    extra = (*EXTRA, "train.checkpoint_every_steps=7", "runtime.precision=fp32", "schedule.name=linear")
+    asked = _fake_plan(monkeypatch, 4, 8, 99, per_epoch=6)
+    straight = train(tiny_cfg(shapes_root, tmp_path / "a", *extra, epochs=9, max_steps=6), progress=False)
+    assert asked == [0, 2]  # the plan, the re-plan at step 2, and none after the first epoch
+    assert [r["step"] for r in straight.history] == [6, 8]
+    assert straight.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    log = (straight.run_dir / "train.log").read_text()
+    assert "2 steps trained at" in log and "8 steps = 2 epochs (1 of 6, the last of 2) instead of 4 steps" in log
+
+    def die(self, state, batch, run_dir):
+        if state.step == 5:
+            raise _Stop
+
+    _fake_plan(monkeypatch, 4, 8, 99, per_epoch=6)
+    with monkeypatch.context() as m:
+        m.setattr(ClassifyTask, "on_step_end", die)
+        with pytest.raises(_Stop):
+            train(tiny_cfg(shapes_root, tmp_path / "b", *extra, epochs=9, max_steps=6), progress=False)
+    (run,) = (tmp_path / "b").iterdir()
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == 2  # written at the re-plan
+    monkeypatch.setattr(budget, "plan_steps", None)
+    resumed = train(resume=run, progress=False)
+    wa, wb = _weights(straight.run_dir), _weights(run)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    for a, b in zip(straight.history, resumed.history, strict=True):
         assert (a["train_loss"], a["val_loss"], a["lr"]) == (b["train_loss"], b["val_loss"], b["lr"])
 
 
