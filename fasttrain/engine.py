@@ -820,8 +820,8 @@ class Trainer:
         self._global_batch = prep.micro_batch * self.tc.accumulation * prep.dist.world_size
         self._t_budget = self._t_start if started is None else started
         """When the time budget's clock started (perf_counter)."""
-        self._eval_sample_s = 0.0
-        """Seconds one validation sample's evaluation took in the budget's measurement (EMA included)."""
+        self._eval_cost = (0.0, 0.0)
+        """A time budget's measured evaluation: seconds per batch and per sample (the EMA's included)."""
         self._replan_step = 0
         """A time budget whose first plan ends inside the first epoch re-plans at this step (0: after the first
         epoch, as a longer plan does; -1: done)."""
@@ -1056,8 +1056,8 @@ class Trainer:
         from fasttrain.budget import StepCosts, plan_steps
 
         rate = self._measure_rate(max_s=_MEASURE_SHARE * self.tc.time_budget_s)
-        self._eval_sample_s = self._measure_eval()
-        eval_s = self._eval_sample_s * len(self.source.val or [])
+        self._eval_cost = self._measure_eval(max_s=_MEASURE_SHARE * self.tc.time_budget_s)
+        eval_s = self._eval_s(len(self.source.val or []))
         costs = StepCosts(
             self._global_batch / rate,
             self.steps_per_epoch,
@@ -1095,7 +1095,7 @@ class Trainer:
         if self._steady_rate:
             train_s = min(train_s, steps * self._global_batch / self._steady_rate)
         evaluated = record.get("eval_time_s")
-        eval_s = float(evaluated) if evaluated is not None else self._eval_sample_s * len(self.source.val or [])
+        eval_s = float(evaluated) if evaluated is not None else self._eval_s(len(self.source.val or []))
         end_s = max(wall_s - float(record.get("epoch_time_s") or 0.0) - float(evaluated or 0.0), 0.0)
         costs = StepCosts(
             max(train_s / steps, 1e-6),
@@ -1137,7 +1137,7 @@ class Trainer:
         self._replan_step = -1  # done: no second re-plan after the first epoch
         if rate <= 0:
             return self._epoch_steps(epoch)
-        eval_s = self._eval_sample_s * len(self.source.val or [])
+        eval_s = self._eval_s(len(self.source.val or []))
         costs = StepCosts(
             self._global_batch / rate,
             self.steps_per_epoch,
@@ -1173,14 +1173,19 @@ class Trainer:
 
     def _final_s(self, eval_s: float | None = None) -> float:
         """The run's end after its last epoch, estimated: the task's report over the validation split (one
-        pass, ``eval_s`` of it without the EMA's), the test split's evaluation, and the report files and the
-        process's exit (:data:`_FINISH_S`)."""
-        per_sample = self._eval_sample_s
-        if eval_s is not None and self.source.val:
-            per_sample = eval_s / len(self.source.val)
-        one_pass = per_sample / (2 if self.state.ema else 1)
-        reports = one_pass * len(self.source.val or []) + per_sample * len(self.source.test or [])
-        return reports + _FINISH_S
+        pass, without the EMA's), the test split's evaluation, and the report files and the process's exit
+        (:data:`_FINISH_S`). ``eval_s``: a measured evaluation of the validation split, scaling the estimate."""
+        n_val, n_test = len(self.source.val or []), len(self.source.test or [])
+        scale = eval_s / self._eval_s(n_val) if eval_s and n_val and self._eval_s(n_val) > 0 else 1.0
+        one_pass = self._eval_s(n_val) / (2 if self.state.ema else 1)
+        return scale * (one_pass + self._eval_s(n_test)) + _FINISH_S
+
+    def _eval_s(self, samples: int) -> float:
+        """Seconds an evaluation of ``samples`` takes by the measured cost (the EMA's included; under torchrun each
+        process evaluates its share)."""
+        per_batch, per_sample = self._eval_cost
+        samples = math.ceil(samples / self.prep.dist.world_size)
+        return math.ceil(samples / max(self.prep.eval_batch, 1)) * per_batch + samples * per_sample
 
     def _set_plan(self, total: int) -> None:
         """The run's length becomes ``total`` optimizer steps (``train.total_steps``; train.epochs the epochs they
@@ -1202,30 +1207,42 @@ class Trainer:
                     sched.step()
             self.state.schedulers[k] = sched
 
-    def _measure_eval(self, samples: int = 32) -> float:
-        """Seconds per validation sample of an evaluation (the EMA's included), timed on up to ``samples`` of the
-        first validation batch after a warm-up on the same: cheap, and it sees test-time augmentation and the
-        model's real cost. 0 without a validation split."""
+    def _measure_eval(self, small: int = 4, large: int = 32, max_s: float = math.inf) -> tuple[float, float]:
+        """(seconds per batch, seconds per sample) of an evaluation (the EMA's included), from ``large`` samples of
+        the first validation batch (after a warm-up call: a shape's first call sets up its kernels) and ``small``
+        ones: a call's own cost (test-time augmentation's passes, a small model's overheads) apart from the
+        samples'. A warm-up longer than ``max_s`` is taken as the cost of a batch, with no more calls. Zero
+        without a validation split."""
         if self.val_loader is None:
-            return 0.0
+            return 0.0, 0.0
         task, state, runtime = self.task, self.state, self.prep.runtime
         rng = torch.get_rng_state()
         batch = next(iter(self.val_loader))
-        n = min(len(batch), samples)
-        part = dataclasses.replace(batch, inputs=batch.inputs[:n], targets=batch.targets[:n])
+        sizes = sorted({min(len(batch), small), min(len(batch), large)}, reverse=True)
+        seconds: list[float] = []
         state.train(False)
         try:
             with torch.no_grad():
-                task.eval_step(state, part)  # warm-up: the first call of a shape sets up its kernels
-                runtime.synchronize()
-                t = time.perf_counter()
-                task.eval_step(state, part)
-                runtime.synchronize()
-                seconds = time.perf_counter() - t
+                for i, n in enumerate([sizes[0], *sizes]):
+                    part = dataclasses.replace(batch, inputs=batch.inputs[:n], targets=batch.targets[:n])
+                    runtime.synchronize()
+                    t = time.perf_counter()
+                    task.eval_step(state, part)
+                    runtime.synchronize()
+                    seconds.append(time.perf_counter() - t)
+                    if i == 0 and seconds[0] > max_s:
+                        break
         finally:
             state.train(True)
             torch.set_rng_state(rng)  # the run's random numbers are those of a run without a budget
-        return seconds / n * (2 if state.ema else 1)
+        ema = 2 if state.ema else 1
+        if len(seconds) == 1:
+            return seconds[0] * ema, 0.0
+        per_sample = seconds[1] / sizes[0]
+        if len(sizes) == 2:
+            per_sample = max((seconds[1] - seconds[2]) / (sizes[0] - sizes[1]), 0.0)
+        per_batch = max(seconds[1] - per_sample * sizes[0], 0.0)
+        return per_batch * ema, per_sample * ema
 
     def _measure_rate(self, steps: int = 5, max_s: float = math.inf) -> float:
         """Training samples/s over a few steps of the first epoch's batches, after one warm-up step (compile,
