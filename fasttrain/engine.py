@@ -1207,7 +1207,7 @@ class Trainer:
                     sched.step()
             self.state.schedulers[k] = sched
 
-    def _measure_eval(self, small: int = 4, large: int = 32, max_s: float = math.inf) -> tuple[float, float]:
+    def _measure_eval(self, small: int = 16, large: int = 128, max_s: float = math.inf) -> tuple[float, float]:
         """(seconds per batch, seconds per sample) of an evaluation (the EMA's included), from ``large`` samples of
         the first validation batch (after a warm-up call: a shape's first call sets up its kernels) and ``small``
         ones: a call's own cost (test-time augmentation's passes, a small model's overheads) apart from the
