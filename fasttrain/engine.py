@@ -1197,6 +1197,15 @@ class Trainer:
 
         self.tc.total_steps = self.total_steps = total
         self.tc.epochs = epochs_of(total, self.steps_per_epoch)
+        warmup = round(self.cfg.schedule.warmup_epochs * self.steps_per_epoch)
+        if warmup >= total and self.cfg.schedule.name != "onecycle":  # onecycle's rise is a share of the run
+            log.warning(
+                "time budget: the plan's %d steps end inside schedule.warmup_epochs = %g (%d steps): the learning "
+                "rate never decays; shorten the warm-up or give a longer budget",
+                total,
+                self.cfg.schedule.warmup_epochs,
+                warmup,
+            )
         step = self.state.step
         for k, opt in self.state.optimizers.items():
             with warnings.catch_warnings():
