@@ -255,6 +255,7 @@ def checkpoint_config(ckpt: dict[str, Any], path: str | os.PathLike) -> Config:
 
 RESUME_MAY_CHANGE = (
     "train.epochs",
+    "train.total_steps",
     "train.log_every",
     "train.eval_every",
     "train.eval_batch_size",

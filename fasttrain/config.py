@@ -480,10 +480,14 @@ class TrainConfig:
     early_stop_min_delta: float = 0.0
     """Smallest change of early_stop_metric, in its own units, that counts as an improvement."""
     time_budget_s: float = 0.0
-    """Train for at most this many seconds, from building the loaders (a cache's decode included; Python's start
-    and file discovery before it are not) to the end of the run (0 = off; the CLI's --time-budget 10m): train.epochs
-    is replaced by the epochs that fit, chosen from a short measurement of training steps and re-planned once
-    after the first epoch, with the learning-rate schedule stretched to them (it ends complete, not cut off)."""
+    """Train for at most this many seconds, from the command's start (from Python: the train() call) to the end of
+    the run (0 = off; the CLI's --time-budget 10m): train.total_steps is set to the optimizer steps that fit,
+    chosen from a short measurement of training and evaluation and re-planned once after the first epoch, with
+    the learning-rate schedule stretched to them (it ends complete, not cut off; the last epoch may be partial)."""
+    total_steps: int = 0
+    """The run's length in optimizer steps (0 = train.epochs whole epochs). When set, train.epochs becomes the
+    epochs these steps start, the last one partial where they do not divide, and the learning-rate schedule
+    spans exactly them; train.time_budget_s sets it to its plan."""
     log_every: int = 50
     """Read losses from the device (a sync point) every N steps, for the progress bar and logs."""
     max_steps: int = 0
@@ -528,6 +532,7 @@ class TrainConfig:
                 "does nothing without train.early_stop_patience (the evaluations to wait; 0 = never stop early)",
             )
         _check(self.max_steps >= 0, "train.max_steps", "must be >= 0")
+        _check(self.total_steps >= 0, "train.total_steps", f"must be >= 0 (0 = whole epochs), got {self.total_steps}")
         _check(
             self.time_budget_s >= 0, "train.time_budget_s", f"must be >= 0 seconds (0 = off), got {self.time_budget_s}"
         )

@@ -99,6 +99,7 @@ def train(
     dataset: Any = None,
     val_dataset: Any = None,
     quiet: bool = False,
+    started: float | None = None,
 ) -> TrainResult:
     """Train ``cfg`` in a new run folder, or continue the run in ``resume`` from its last checkpoint.
 
@@ -113,12 +114,16 @@ def train(
     interrupted checkpoint writes are removed when a run resumes and when it ends. Under torchrun a restarted
     job (``--max-restarts``) finds its run folder again and resumes from its last checkpoint.
 
+    ``started``: the ``time.perf_counter()`` reading ``train.time_budget_s`` counts from (the command line gives
+    its process's start); default: this call.
+
     Called from Python with no logging configured, the console shows what ``fasttrain train`` shows (the run's
     lines and epoch summaries on stderr; ``quiet=True``: warnings only and no progress bar); configure logging
     (the ``fasttrain`` logger) to decide yourself.
     """
     if resume is None and cfg is None:
         raise ValueError("train() needs a config or resume=RUN_DIR")
+    started = time.perf_counter() if started is None else started
     info = distributed.dist_info()
     lock: RunLock | None = None
     run_dir: Path | None = None
@@ -148,7 +153,7 @@ def train(
         with prep.runtime.flags():
             # Loaders (they check the files), model and optimizers first: what cannot train is refused before
             # a new run folder exists.
-            trainer = Trainer(prep, ckpt, progress=progress, on_epoch_end=on_epoch_end)
+            trainer = Trainer(prep, ckpt, progress=progress, on_epoch_end=on_epoch_end, started=started)
             try:
                 if run_dir is None:
                     run_dir, lock = _new_run(prep, Path(plan.reuse) if plan.reuse else None)
@@ -678,6 +683,24 @@ def _epoch_numbers(first: int, tc: Any):
         epoch += 1
 
 
+_MEASURE_SHARE = 0.03
+"""A time budget's first measurement ends once it has spent this share of the budget (and timed one step)."""
+_FINISH_S = 1.0
+"""A time budget's allowance for the end of a run beyond its evaluations: the report files (the confusion
+matrix's PNG) and the process's exit, which took 0.5-2 s on a 2-core machine under load."""
+
+
+def _plan_words(total: int, per_epoch: int) -> str:
+    """A run's length for the log: ``120 steps = 6 epochs of 20`` or ``130 steps = 7 epochs (6 of 20, the last
+    of 10)``."""
+    whole, rest = divmod(total, max(per_epoch, 1))
+    if not rest:
+        return f"{total} steps = {whole} epoch{'s' if whole != 1 else ''} of {per_epoch}"
+    if not whole:
+        return f"{total} steps = 1 partial epoch (of {per_epoch})"
+    return f"{total} steps = {whole + 1} epochs ({whole} of {per_epoch}, the last of {rest})"
+
+
 def _announce_sizes(sizes: TrainSizes, prep: Prepared) -> None:
     """Progressive resizing: the sizes the run trains at, and what torch.compile makes of them."""
     distinct = sizes.distinct()
@@ -746,7 +769,9 @@ class Trainer:
         *,
         progress: bool = True,
         on_epoch_end: Callable[[TrainState, dict[str, Any]], None] | None = None,
+        started: float | None = None,
     ):
+        """``started``: the ``time.perf_counter()`` reading a time budget counts from (default: now)."""
         self.prep, self.ckpt, self.progress, self.on_epoch_end = prep, ckpt, progress, on_epoch_end
         self._t_start = time.perf_counter()  # a time budget counts the set-up (loaders, a cache's decode) too
         cfg, task, source, info = prep.cfg, prep.task, prep.source, prep.dist
@@ -767,12 +792,12 @@ class Trainer:
                     f"({self.train_loader.num_samples} images): no full step fits in an epoch"
                 )
             self.steps_per_epoch = micro_per_epoch // self.tc.accumulation
+            if self.tc.max_steps:
+                self.steps_per_epoch = min(self.steps_per_epoch, self.tc.max_steps)
+            self.total_steps = total_steps = self._run_length()
             self.sizes = train_sizes(cfg)
             if self.sizes.progressive:
                 _announce_sizes(self.sizes, prep)
-            if self.tc.max_steps:
-                self.steps_per_epoch = min(self.steps_per_epoch, self.tc.max_steps)
-            total_steps = self.steps_per_epoch * self.tc.epochs
             self.state = state = task.build_state()
             if ckpt is None and not cfg.model.init_from:
                 _init_from_data(state.modules.get(task.predict_module), self.train_loader)
@@ -793,6 +818,37 @@ class Trainer:
         self._steady_rate: float | None = None
         """Training samples/s of the last epoch after its first step (a time budget's re-plan)."""
         self._global_batch = prep.micro_batch * self.tc.accumulation * prep.dist.world_size
+        self._t_budget = self._t_start if started is None else started
+        """When the time budget's clock started (perf_counter)."""
+        self._eval_cost = (0.0, 0.0)
+        """A time budget's measured evaluation: seconds per batch and per sample (the EMA's included)."""
+        self._replan_step = 0
+        """A time budget whose first plan ends inside the first epoch re-plans at this step (0: after the first
+        epoch, as a longer plan does; -1: done)."""
+
+    def _run_length(self) -> int:
+        """The run's optimizer steps: ``train.total_steps`` when set (a time budget's plan; train.epochs becomes
+        the epochs they start, the last one partial), else ``train.epochs`` whole epochs."""
+        from fasttrain.budget import epochs_of
+
+        tc, per_epoch = self.tc, self.steps_per_epoch
+        if not tc.total_steps:
+            return per_epoch * tc.epochs
+        epochs = epochs_of(tc.total_steps, per_epoch)
+        if epochs != tc.epochs:
+            log.info(
+                "train.total_steps = %d decides the run's length: %s (train.epochs = %d is replaced; "
+                "train.total_steps = 0 trains whole epochs)",
+                tc.total_steps,
+                _plan_words(tc.total_steps, per_epoch),
+                tc.epochs,
+            )
+            tc.epochs = epochs
+        return tc.total_steps
+
+    def _epoch_steps(self, epoch: int) -> int:
+        """Optimizer steps of epoch ``epoch`` (0-based): whole epochs, and the rest of the run's steps in its last."""
+        return max(0, min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch))
 
     def close(self) -> None:
         for loader in (self.train_loader, self.val_loader):
@@ -858,29 +914,33 @@ class Trainer:
         self._say_replanned(ckpt)
 
     def _say_replanned(self, ckpt: dict[str, Any]) -> None:
-        """A resume with another train.epochs re-plans a schedule that depends on the run's length (onecycle,
-        cosine): the learning rate at this step changes, which is said with both values."""
+        """A resume with another length (train.epochs, train.total_steps) re-plans a schedule that depends on the
+        run's length (onecycle, cosine): the learning rate at this step changes, which is said with both values."""
         from fasttrain.optim import lr_factor
 
-        saved = ((ckpt.get("config") or {}).get("train") or {}).get("epochs")
+        saved = (ckpt.get("config") or {}).get("train") or {}
         sched, step, per_epoch = self.cfg.schedule, self.state.step, self.steps_per_epoch
+        saved_total = int(saved.get("total_steps") or 0) or int(saved.get("epochs") or 0) * per_epoch
         if (
-            not saved
-            or saved == self.tc.epochs
+            not saved_total
+            or saved_total == self.total_steps
             or sched.name not in ("onecycle", "cosine")
             or not self.state.schedulers
         ):
             return
         peak = next(iter(self.state.schedulers.values())).base_lrs[0]
-        before = peak * lr_factor(sched, step, per_epoch, per_epoch * saved)
-        after = peak * lr_factor(sched, step, per_epoch, per_epoch * self.tc.epochs)
+        before = peak * lr_factor(sched, step, per_epoch, saved_total)
+        after = peak * lr_factor(sched, step, per_epoch, self.total_steps)
+        if saved.get("total_steps") or self.tc.total_steps:
+            change = f"the run's length {saved_total} -> {self.total_steps} steps"
+            over = _plan_words(self.total_steps, per_epoch)
+        else:
+            change, over = f"train.epochs {saved.get('epochs')} -> {self.tc.epochs}", f"{self.tc.epochs} epochs"
         log.warning(
-            "train.epochs %d -> %d: the %s schedule is re-planned over %d epochs; the learning rate at step %d "
-            "goes from %.3g to %.3g",
-            saved,
-            self.tc.epochs,
+            "%s: the %s schedule is re-planned over %s; the learning rate at step %d goes from %.3g to %.3g",
+            change,
             sched.name,
-            self.tc.epochs,
+            over,
             step,
             before,
             after,
@@ -931,7 +991,8 @@ class Trainer:
                         skipped=len(_skipped_files(self.source.skipped, self.train_loader, self.val_loader)),
                     )
                 )
-                if self.tc.time_budget_s and self.ckpt is None and epoch == 0 and not stop and not last:
+                budgeted = self.tc.time_budget_s and self.ckpt is None and not self._replan_step
+                if budgeted and epoch == 0 and not stop and not last:
                     self._replan_budget(time.perf_counter() - t_epoch, record)
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(state, record)
@@ -989,62 +1050,162 @@ class Trainer:
 
     # -- a time budget -------------------------------------------------------------------------------------------
     def _plan_budget(self) -> None:
-        """The epochs that fit ``train.time_budget_s``, from a short measurement of training steps (undone: the
-        weights, optimizer and random state are put back), broadcast from rank 0 so every process agrees."""
-        from fasttrain.budget import epoch_seconds, plan_epochs
+        """The optimizer steps that fit ``train.time_budget_s``, from a short measurement of training steps and of
+        evaluation (undone: the weights, optimizer and random state are put back), broadcast from rank 0 so every
+        process agrees. The last epoch may be partial: the schedule ends exactly at the last step."""
+        from fasttrain.budget import StepCosts, plan_steps
 
-        rate = self._measure_rate()
-        val = len(self.source.val or [])
-        per_epoch = epoch_seconds(
-            self.steps_per_epoch * self.prep.micro_batch * self.tc.accumulation * self.prep.dist.world_size,
-            rate,
-            val,
+        rate = self._measure_rate(max_s=_MEASURE_SHARE * self.tc.time_budget_s)
+        self._eval_cost = self._measure_eval(max_s=_MEASURE_SHARE * self.tc.time_budget_s)
+        eval_s = self._eval_s(len(self.source.val or []))
+        costs = StepCosts(
+            self._global_batch / rate,
+            self.steps_per_epoch,
+            eval_s=eval_s,
+            final_s=self._final_s(),
             eval_every=self.tc.eval_every,
+            scale=self._size_scale,
         )
-        elapsed = time.perf_counter() - self._t_start
-        epochs = int(distributed.broadcast_object(plan_epochs(self.tc.time_budget_s, elapsed, per_epoch)))
+        elapsed = time.perf_counter() - self._t_budget
+        total = int(distributed.broadcast_object(plan_steps(self.tc.time_budget_s, elapsed, costs)))
+        self._set_plan(total)
+        # A plan inside the first epoch has no epoch's end to re-plan at: halfway through its steps instead, from
+        # the steps' own time (a few measured steps are a rough guide to a whole run).
+        self._replan_step = total // 2 if total <= self.steps_per_epoch and total >= 4 else 0
         log.info(
-            "time budget %.0f s: %.1f samples/s measured, ~%.1f s per epoch, %.1f s spent setting up: %d epochs "
-            "(the schedule is stretched to them; re-planned once after the first epoch)",
+            "time budget %.0f s: %.1f samples/s measured (%.3f s per step), ~%.1f s per evaluation, %.1f s spent "
+            "before training: %s (the schedule is stretched to them; re-planned once after the first epoch)",
             self.tc.time_budget_s,
             rate,
-            per_epoch,
+            costs.step_s,
+            eval_s,
             elapsed,
-            epochs,
+            _plan_words(total, self.steps_per_epoch),
         )
-        self._set_epochs(epochs)
 
     def _replan_budget(self, wall_s: float, record: dict[str, Any]) -> None:
-        """After the first epoch: its measured time decides the rest. Its training is counted at the rate after
+        """After the first epoch: its measured times decide the rest. Its training is counted at the rate after
         its first step (the first carries the loader's start and warm-up, which later epochs do not pay); its
-        evaluation and checkpoint as they took."""
-        from fasttrain.budget import plan_epochs
+        evaluation and the rest of its end (checkpoint, record) as they took. A changed plan rewrites
+        config.toml and the epoch's last.pt, so that a resume from it follows the plan."""
+        from fasttrain.budget import StepCosts, plan_steps
 
         train_s = float(record.get("epoch_time_s") or 0.0)
+        steps = max(self._epoch_steps(0), 1)
         if self._steady_rate:
-            train_s = min(train_s, self.steps_per_epoch * self._global_batch / self._steady_rate)
-        epoch_s = max(train_s + wall_s - float(record.get("epoch_time_s") or 0.0), 1e-3)
-        elapsed = time.perf_counter() - self._t_start
-        epochs = int(distributed.broadcast_object(plan_epochs(self.tc.time_budget_s, elapsed, epoch_s, done=1)))
-        if epochs != self.tc.epochs:
+            train_s = min(train_s, steps * self._global_batch / self._steady_rate)
+        evaluated = record.get("eval_time_s")
+        eval_s = float(evaluated) if evaluated is not None else self._eval_s(len(self.source.val or []))
+        end_s = max(wall_s - float(record.get("epoch_time_s") or 0.0) - float(evaluated or 0.0), 0.0)
+        costs = StepCosts(
+            max(train_s / steps, 1e-6),
+            self.steps_per_epoch,
+            eval_s=eval_s,
+            end_s=end_s,
+            final_s=self._final_s(eval_s),
+            eval_every=self.tc.eval_every,
+            scale=self._size_scale,
+        )
+        elapsed = time.perf_counter() - self._t_budget
+        done = self.state.step
+        total = int(distributed.broadcast_object(plan_steps(self.tc.time_budget_s, elapsed, costs, done=done)))
+        if total == self.total_steps:
+            return
+        log.info(
+            "time budget: the first epoch took %.1f s to train, %.1f s to evaluate and %.1f s more (%.1f s spent "
+            "so far): %s instead of %s",
+            train_s,
+            eval_s if evaluated is not None else 0.0,
+            end_s,
+            elapsed,
+            _plan_words(total, self.steps_per_epoch),
+            _plan_words(self.total_steps, self.steps_per_epoch),
+        )
+        self._set_plan(total)
+        if self.is_main:
+            write_run_config(self.run_dir, dump_config(self.cfg))
+        if self.state.epoch % self.tc.checkpoint_every == 0:  # the epoch's last.pt, written before the re-plan
+            self.ckpts.save_last()
+
+    def _replan_inside(self, epoch: int, n_micro: int, rate: float) -> int:
+        """The one re-plan of a budget whose first plan ends inside the first epoch, halfway through it: from
+        the training rate of its steps since the first (``rate``, samples/s) and the first measurement's
+        evaluation. Returns this epoch's steps under the new plan. A changed plan rewrites config.toml and, with
+        step checkpoints, writes one here, so that a resume follows the new plan."""
+        from fasttrain.budget import StepCosts, plan_steps
+
+        self._replan_step = -1  # done: no second re-plan after the first epoch
+        if rate <= 0:
+            return self._epoch_steps(epoch)
+        eval_s = self._eval_s(len(self.source.val or []))
+        costs = StepCosts(
+            self._global_batch / rate,
+            self.steps_per_epoch,
+            eval_s=eval_s,
+            final_s=self._final_s(),
+            eval_every=self.tc.eval_every,
+            scale=self._size_scale,
+        )
+        elapsed = time.perf_counter() - self._t_budget
+        done = self.state.step
+        total = int(distributed.broadcast_object(plan_steps(self.tc.time_budget_s, elapsed, costs, done=done)))
+        if total != self.total_steps:
             log.info(
-                "time budget: the first epoch took %.1f s (%.1f s spent so far): %d epochs instead of %d",
-                epoch_s,
+                "time budget: %d steps trained at %.1f samples/s (%.1f s spent so far): %s instead of %s",
+                done,
+                rate,
                 elapsed,
-                epochs,
-                self.tc.epochs,
+                _plan_words(total, self.steps_per_epoch),
+                _plan_words(self.total_steps, self.steps_per_epoch),
             )
-            self._set_epochs(epochs)
+            self._set_plan(total)
             if self.is_main:
                 write_run_config(self.run_dir, dump_config(self.cfg))
+            if self.tc.checkpoint_every_steps:  # an earlier step checkpoint of this epoch holds the old plan
+                self.running.flush()
+                self.ckpts.save_last({"epoch": epoch, "micro": n_micro}, self.running.to_checkpoint())
+        return self._epoch_steps(epoch)
 
-    def _set_epochs(self, epochs: int) -> None:
-        """The run's length becomes ``epochs``: the schedule is rebuilt for it (continuing at the current step),
-        so it ends complete at the last step rather than being cut off."""
+    def _size_scale(self, epoch: int) -> float:
+        """A training step's cost at ``epoch`` relative to the first epoch's: the pixels per image (progressive
+        resizing), which is what a convolutional step's work grows with."""
+        return (self.sizes.size(epoch) / self.sizes.size(0)) ** 2
+
+    def _final_s(self, eval_s: float | None = None) -> float:
+        """The run's end after its last epoch, estimated: the task's report over the validation split (one
+        pass, without the EMA's), the test split's evaluation, and the report files and the process's exit
+        (:data:`_FINISH_S`). ``eval_s``: a measured evaluation of the validation split, scaling the estimate."""
+        n_val, n_test = len(self.source.val or []), len(self.source.test or [])
+        scale = eval_s / self._eval_s(n_val) if eval_s and n_val and self._eval_s(n_val) > 0 else 1.0
+        one_pass = self._eval_s(n_val) / (2 if self.state.ema else 1)
+        return scale * (one_pass + self._eval_s(n_test)) + _FINISH_S
+
+    def _eval_s(self, samples: int) -> float:
+        """Seconds an evaluation of ``samples`` takes by the measured cost (the EMA's included; under torchrun each
+        process evaluates its share)."""
+        per_batch, per_sample = self._eval_cost
+        samples = math.ceil(samples / self.prep.dist.world_size)
+        return math.ceil(samples / max(self.prep.eval_batch, 1)) * per_batch + samples * per_sample
+
+    def _set_plan(self, total: int) -> None:
+        """The run's length becomes ``total`` optimizer steps (``train.total_steps``; train.epochs the epochs they
+        start): the schedule is rebuilt for it (continuing at the current step), so it ends complete at the last
+        step rather than being cut off."""
         import warnings
 
-        self.tc.epochs = epochs
-        total = self.steps_per_epoch * epochs
+        from fasttrain.budget import epochs_of
+
+        self.tc.total_steps = self.total_steps = total
+        self.tc.epochs = epochs_of(total, self.steps_per_epoch)
+        warmup = round(self.cfg.schedule.warmup_epochs * self.steps_per_epoch)
+        if warmup >= total and self.cfg.schedule.name != "onecycle":  # onecycle's rise is a share of the run
+            log.warning(
+                "time budget: the plan's %d steps end inside schedule.warmup_epochs = %g (%d steps): the learning "
+                "rate never decays; shorten the warm-up or give a longer budget",
+                total,
+                self.cfg.schedule.warmup_epochs,
+                warmup,
+            )
         step = self.state.step
         for k, opt in self.state.optimizers.items():
             with warnings.catch_warnings():
@@ -1055,9 +1216,47 @@ class Trainer:
                     sched.step()
             self.state.schedulers[k] = sched
 
-    def _measure_rate(self, steps: int = 5) -> float:
+    def _measure_eval(self, small: int = 16, large: int = 128, max_s: float = math.inf) -> tuple[float, float]:
+        """(seconds per batch, seconds per sample) of an evaluation (the EMA's included), from ``large`` samples of
+        the first validation batch (after a warm-up call: a shape's first call sets up its kernels) and ``small``
+        ones: a call's own cost (test-time augmentation's passes, a small model's overheads) apart from the
+        samples'. A warm-up longer than ``max_s`` is taken as the cost of a batch, with no more calls. Zero
+        without a validation split."""
+        if self.val_loader is None:
+            return 0.0, 0.0
+        task, state, runtime = self.task, self.state, self.prep.runtime
+        rng = torch.get_rng_state()
+        batch = next(iter(self.val_loader))
+        sizes = sorted({min(len(batch), small), min(len(batch), large)}, reverse=True)
+        seconds: list[float] = []
+        state.train(False)
+        try:
+            with torch.no_grad():
+                for i, n in enumerate([sizes[0], *sizes]):
+                    part = dataclasses.replace(batch, inputs=batch.inputs[:n], targets=batch.targets[:n])
+                    runtime.synchronize()
+                    t = time.perf_counter()
+                    task.eval_step(state, part)
+                    runtime.synchronize()
+                    seconds.append(time.perf_counter() - t)
+                    if i == 0 and seconds[0] > max_s:
+                        break
+        finally:
+            state.train(True)
+            torch.set_rng_state(rng)  # the run's random numbers are those of a run without a budget
+        ema = 2 if state.ema else 1
+        if len(seconds) == 1:
+            return seconds[0] * ema, 0.0
+        per_sample = seconds[1] / sizes[0]
+        if len(sizes) == 2:
+            per_sample = max((seconds[1] - seconds[2]) / (sizes[0] - sizes[1]), 0.0)
+        per_batch = max(seconds[1] - per_sample * sizes[0], 0.0)
+        return per_batch * ema, per_sample * ema
+
+    def _measure_rate(self, steps: int = 5, max_s: float = math.inf) -> float:
         """Training samples/s over a few steps of the first epoch's batches, after one warm-up step (compile,
-        allocator); the steps are undone: weights, optimizer, scalers, EMA and random state are put back."""
+        allocator), ending early once ``max_s`` seconds are spent and one step is timed; the steps are undone:
+        weights, optimizer, scalers, EMA and random state are put back."""
         import copy
 
         state, task, accum = self.state, self.task, self.tc.accumulation
@@ -1070,7 +1269,7 @@ class Trainer:
             times: list[tuple[float, int]] = []
             n = window = 0
             runtime.synchronize()
-            t = time.perf_counter()
+            t = t_start = time.perf_counter()
             for batch in _epoch_batches(self.train_loader, 0, 0):
                 task.train_step(state, batch, update=(n + 1) % accum == 0, loss_scale=1.0 / accum)
                 n += 1
@@ -1080,7 +1279,7 @@ class Trainer:
                     now = time.perf_counter()
                     times.append((now - t, window))
                     t, window = now, 0
-                if n >= micro:
+                if n >= micro or (len(times) >= 2 and n % accum == 0 and t - t_start > max_s):
                     break
         finally:
             state.load_state_dict(saved)
@@ -1177,7 +1376,7 @@ class Trainer:
         """One epoch from micro-batch ``resume_micro`` on, continuing ``running`` (a resumed epoch's sums)."""
         task, state, runtime, tc = self.task, self.state, self.prep.runtime, self.tc
         accum, world = tc.accumulation, self.prep.dist.world_size
-        micro_total = self.steps_per_epoch * accum
+        micro_total = self._epoch_steps(epoch) * accum
         global_micro = self.prep.micro_batch * world
         bar = Progress(
             micro_total * global_micro,
@@ -1212,6 +1411,9 @@ class Trainer:
                         s.step()
                     if self.is_main:
                         task.on_step_end(state, batch, self.run_dir)
+                    if state.step == self._replan_step and t_first is not None:
+                        steady = (samples - (samples_first or 0)) / max(time.perf_counter() - t_first, 1e-6)
+                        micro_total = self._replan_inside(epoch, n_micro, steady) * accum
                     if state.step % tc.log_every == 0:
                         means = run.flush()  # a sync point, on purpose only every log_every steps
                         now = time.perf_counter()
@@ -1267,7 +1469,7 @@ class Trainer:
         """Seconds left in the run, the one estimate every line and the bar show: the time per optimizer step
         since this process started the run (evaluations included), times the steps left."""
         done = self.state.step - self.step_at_start
-        left = self.steps_per_epoch * self.tc.epochs - self.state.step
+        left = self.total_steps - self.state.step
         return (time.perf_counter() - self.t_run) / done * left if done > 0 else None
 
     def _log_step(
@@ -1296,7 +1498,7 @@ class Trainer:
             }
         )
         log.info(
-            step_line(epoch + 1, tc.epochs, step_in_epoch, self.steps_per_epoch, means, lr, rate, eta),
+            step_line(epoch + 1, tc.epochs, step_in_epoch, self._epoch_steps(epoch), means, lr, rate, eta),
             extra={PROGRESS: True},
         )
 

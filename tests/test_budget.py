@@ -1,5 +1,5 @@
-"""A time budget: the planning rules (pure), the CLI's duration, and runs whose epochs the plan chooses, with the
-schedule stretched to them and ending complete."""
+"""A time budget: the planning rules (pure), the CLI's duration, and runs whose optimizer steps the plan chooses
+(the last epoch partial), with the schedule stretched to them and ending complete; such a run resumes exactly."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fasttrain import budget
-from fasttrain.budget import epoch_seconds, parse_duration, plan_epochs
+from fasttrain.budget import StepCosts, epoch_seconds, epochs_of, parse_duration, plan_steps
 from fasttrain.checkpoint import load_checkpoint
 from fasttrain.config import Config, ConfigError, apply_overrides, load_config
 from tests.tinyrun import tiny_cfg
@@ -34,13 +34,70 @@ def test_epoch_seconds_adds_evaluation_at_three_times_the_training_rate():
     assert epoch_seconds(1000, 100.0, 300, eval_rate=60.0, eval_every=5) == pytest.approx(11.0)
 
 
-def test_plan_fills_what_is_left_and_never_goes_below_what_is_done():
-    assert plan_epochs(100.0, 0.0, 10.0, margin=0.0) == 10
-    assert plan_epochs(100.0, 5.0, 10.0, margin=0.0) == 9  # set-up time counts
-    assert plan_epochs(100.0, 0.0, 10.0) == 9  # the default keeps 3 % for the end-of-run reports
-    assert plan_epochs(100.0, 40.0, 20.0, done=1, margin=0.0) == 4  # 1 done, 60 s left: 3 more
-    assert plan_epochs(10.0, 0.0, 60.0) == 1  # one epoch at least
-    assert plan_epochs(10.0, 30.0, 5.0, done=1) == 1  # already over: end with what is done
+def _cost(total: int, costs: StepCosts, done: int = 0) -> float:
+    """What ``total`` steps from ``done`` cost, counted step by step (the plan's rule, written out plainly)."""
+    spe, seconds = costs.steps_per_epoch, costs.final_s
+    for step in range(done, total):
+        seconds += costs.per_step(step // spe)
+        if (step + 1) % spe == 0 or step + 1 == total:
+            seconds += costs.epoch_end(step // spe, last=step + 1 == total)
+    return seconds
+
+
+def test_the_plan_is_in_steps_and_the_last_epoch_may_be_partial():
+    costs = StepCosts(1.0, 10)
+    assert plan_steps(100.0, 0.0, costs, margin=0.0) == 100
+    assert plan_steps(25.0, 0.0, costs, margin=0.0) == 25  # 2.5 epochs: no epoch's worth lost
+    assert plan_steps(25.0, 5.0, costs, margin=0.0) == 20  # time spent before counts
+    assert plan_steps(100.0, 0.0, costs) == 98  # the default keeps 2 % back
+    assert epochs_of(25, 10) == 3 and epochs_of(20, 10) == 2 and epochs_of(3, 10) == 1
+
+
+@pytest.mark.parametrize("budget_s", [7.0, 12.0, 21.0, 33.5, 50.0, 97.0])
+@pytest.mark.parametrize("eval_every", [1, 3])
+def test_the_plan_counts_evaluations_epoch_ends_and_the_reports(budget_s, eval_every):
+    """The planned steps fit (with the last epoch's evaluation, whatever eval_every), and one more would not."""
+    costs = StepCosts(0.5, 8, eval_s=2.0, end_s=0.25, final_s=1.5, eval_every=eval_every)
+    total = plan_steps(budget_s, 1.0, costs, margin=0.0)
+    assert _cost(total, costs) <= budget_s - 1.0 + 1e-9
+    assert _cost(total + 1, costs) > budget_s - 1.0
+
+
+def test_the_plan_grows_the_step_with_the_image_under_progressive_resizing():
+    flat = StepCosts(1.0, 10)
+    growing = StepCosts(1.0, 10, scale=lambda e: 1.0 if e == 0 else 4.0)  # twice the side from epoch 2 on
+    assert plan_steps(30.0, 0.0, flat, margin=0.0) == 30
+    assert plan_steps(30.0, 0.0, growing, margin=0.0) == 15  # 10 steps of 1 s, then 5 of 4 s
+
+
+def test_a_replan_counts_from_the_steps_done_and_always_ends_with_one_more():
+    costs = StepCosts(1.0, 10, eval_s=1.0)
+    assert plan_steps(40.0, 12.0, costs, done=10, margin=0.0) == 35  # 28 s left: 25 steps, 2 evaluations
+    assert plan_steps(10.0, 30.0, costs, done=10, margin=0.0) == 11  # already over: the schedule's last step
+    assert plan_steps(1.0, 5.0, costs, margin=0.0) == 1  # a run trains one step at least
+    assert plan_steps(11.5, 0.0, costs, done=10, margin=0.0) == 20  # ends where epoch 2 ends: 0.5 s holds no step
+
+
+def test_step_costs_are_checked():
+    with pytest.raises(ValueError, match="step_s"):
+        StepCosts(0.0, 10)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        StepCosts(1.0, 0)
+
+
+def test_the_process_age_is_known_here_and_small_after_start():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", "from fasttrain.budget import process_age_s; print(process_age_s())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    if out == "None":
+        pytest.skip("no /proc here")
+    assert 0.0 <= float(out) < 30.0
 
 
 def test_the_setting_is_checked_and_progressive_needs_its_epochs_with_a_budget():
@@ -54,56 +111,151 @@ def _weights(run):
     return load_checkpoint(run / "checkpoints" / "last.pt")["state"]["modules"]["model"]
 
 
-def test_a_budget_run_trains_the_planned_epochs_with_the_measurement_undone(shapes_root, tmp_path, monkeypatch):
-    """Plan 3 epochs, re-plan keeps 3: the same weights as a plain 3-epoch run (the measuring steps are put back,
-    random state included); the schedule ends at its last value; config.toml records the plan."""
-    plans = []
+def _fake_plan(monkeypatch, *totals, per_epoch=3):
+    """plan_steps answers ``totals`` in turn (the plan, then the re-plan); returns the ``done`` it was asked with."""
+    asked = []
 
-    def fake_plan(budget_s, elapsed_s, epoch_s, *, done=0, margin=0.03):
-        plans.append(done)
-        assert budget_s == 30.0 and epoch_s > 0
-        return 3
+    def plan(budget_s, elapsed_s, costs, *, done=0, margin=0.02):
+        assert budget_s == 30.0 and costs.step_s > 0 and costs.steps_per_epoch == per_epoch
+        asked.append(done)
+        return totals[min(len(asked), len(totals)) - 1]
 
-    monkeypatch.setattr(budget, "plan_epochs", fake_plan)
+    monkeypatch.setattr(budget, "plan_steps", plan)
+    return asked
+
+
+EXTRA = ("model.dropout=0.2", "schedule.name=cosine", "train.time_budget_s=30")
+
+
+def test_total_steps_end_the_run_in_a_partial_epoch_that_evaluates(shapes_root, tmp_path):
     from fasttrain.engine import train
 
-    extra = ("model.dropout=0.2", "schedule.name=cosine")
-    plain = train(tiny_cfg(shapes_root, tmp_path / "a", *extra, epochs=3), progress=False)
-    timed = train(tiny_cfg(shapes_root, tmp_path / "b", *extra, "train.time_budget_s=30", epochs=7), progress=False)
-    assert plans == [0, 1]
-    assert len(timed.history) == 3
+    result = train(tiny_cfg(shapes_root, tmp_path, "train.total_steps=7", "schedule.name=linear"), progress=False)
+    assert [r["step"] for r in result.history] == [3, 6, 7]  # 3 steps per epoch (max_steps), the last 1
+    assert all("val_acc" in r for r in result.history)
+    assert result.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the schedule ends at step 7
+    assert load_config(result.run_dir / "config.toml").train.epochs == 3
+
+
+def test_a_budget_run_trains_the_planned_steps_with_the_measurement_undone(shapes_root, tmp_path, monkeypatch):
+    """Plan 7 steps (3 + 3 + 1), re-plan keeps 7: the same weights as a plain 7-step run (the measuring steps and
+    evaluation are put back, random state included); config.toml records the plan."""
+    asked = _fake_plan(monkeypatch, 7)
+    from fasttrain.engine import train
+
+    plain = train(tiny_cfg(shapes_root, tmp_path / "a", *EXTRA[:2], "train.total_steps=7"), progress=False)
+    timed = train(tiny_cfg(shapes_root, tmp_path / "b", *EXTRA, epochs=9), progress=False)
+    assert asked == [0, 3]
+    assert [r["step"] for r in timed.history] == [3, 6, 7]
     wa, wb = _weights(plain.run_dir), _weights(timed.run_dir)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert timed.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine to 0: the schedule completed
-    assert load_config(timed.run_dir / "config.toml").train.epochs == 3
+    saved = load_config(timed.run_dir / "config.toml").train
+    assert (saved.epochs, saved.total_steps) == (3, 7)
+    log = (timed.run_dir / "train.log").read_text()
+    assert "time budget 30 s" in log and "7 steps = 3 epochs (2 of 3, the last of 1)" in log
 
 
 def test_the_replan_after_the_first_epoch_stretches_the_schedule(shapes_root, tmp_path, monkeypatch):
+    _fake_plan(monkeypatch, 4, 11)
     from fasttrain.engine import train
 
-    monkeypatch.setattr(budget, "plan_epochs", lambda b, e, s, *, done=0, margin=0.03: 2 if done == 0 else 4)
     result = train(
         tiny_cfg(shapes_root, tmp_path, "train.time_budget_s=30", "schedule.name=linear", epochs=9), progress=False
     )
     lrs = [r["lr"] for r in result.history]
-    assert len(lrs) == 4
+    assert [r["step"] for r in result.history] == [3, 6, 9, 11]
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)  # ends complete at the new length
-    # after the re-plan the line falls by the same amount per epoch, towards epoch 4
-    assert lrs[1] - lrs[2] == pytest.approx(lrs[2] - lrs[3])
-    assert load_config(result.run_dir / "config.toml").train.epochs == 4
+    # after the re-plan the line falls by the same amount per step, towards step 11
+    assert (lrs[1] - lrs[2]) / 3 == pytest.approx((lrs[2] - lrs[3]) / 2)
+    saved = load_config(result.run_dir / "config.toml").train
+    assert (saved.epochs, saved.total_steps) == (4, 11)
     log = (result.run_dir / "train.log").read_text()
-    assert "time budget 30 s" in log and "4 epochs instead of 2" in log
+    assert "11 steps = 4 epochs (3 of 3, the last of 2) instead of 4 steps = 2 epochs (1 of 3, the last of 1)" in log
+    ckpt = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")
+    assert ckpt["config"]["train"]["total_steps"] == 11
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kill_at", [4, 8])
+def test_a_budget_run_killed_after_the_replan_resumes_exactly(shapes_root, tmp_path, monkeypatch, kill_at):
+    """Killed after epoch 1's re-plan (step 4: its last.pt was written before the re-plan and again after) or
+    inside the partial last epoch (step 8, from the step checkpoint at 7): resumed, it follows the plan and ends
+    with the uninterrupted run's weights and records."""
+    from fasttrain.engine import train
+    from fasttrain.tasks.classify import ClassifyTask
+
+    extra = (*EXTRA, "train.checkpoint_every_steps=7", "runtime.precision=fp32")
+    _fake_plan(monkeypatch, 4, 8)
+    straight = train(tiny_cfg(shapes_root, tmp_path / "a", *extra, epochs=9), progress=False)
+    assert [r["step"] for r in straight.history] == [3, 6, 8]
+
+    def die(self, state, batch, run_dir):
+        if state.step == kill_at:
+            raise _Stop
+
+    _fake_plan(monkeypatch, 4, 8)  # the same plans again
+    with monkeypatch.context() as m:
+        m.setattr(ClassifyTask, "on_step_end", die)
+        with pytest.raises(_Stop):
+            train(tiny_cfg(shapes_root, tmp_path / "b", *extra, epochs=9), progress=False)
+    (run,) = (tmp_path / "b").iterdir()
+    monkeypatch.setattr(budget, "plan_steps", None)  # a resume does not plan again
+    resumed = train(resume=run, progress=False)
+    wa, wb = _weights(straight.run_dir), _weights(run)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [r["step"] for r in resumed.history] == [3, 6, 8]
+    for a, b in zip(straight.history, resumed.history):
+        assert (a["train_loss"], a["val_loss"], a["lr"]) == (b["train_loss"], b["val_loss"], b["lr"])
+
+
+def test_a_plan_inside_the_first_epoch_is_replanned_halfway_and_resumes_exactly(shapes_root, tmp_path, monkeypatch):
+    """The first plan (4 steps) ends inside the 6-step first epoch: the one re-plan comes at step 2, from the steps'
+    own time (8 steps: the first epoch whole, 2 more), not after the epoch; a run killed after it resumes along
+    the new plan from the step checkpoint written at the re-plan."""
+    from fasttrain.engine import train
+    from fasttrain.tasks.classify import ClassifyTask
+
+    extra = (*EXTRA, "train.checkpoint_every_steps=7", "runtime.precision=fp32", "schedule.name=linear")
+    asked = _fake_plan(monkeypatch, 4, 8, 99, per_epoch=6)
+    straight = train(tiny_cfg(shapes_root, tmp_path / "a", *extra, epochs=9, max_steps=6), progress=False)
+    assert asked == [0, 2]  # the plan, the re-plan at step 2, and none after the first epoch
+    assert [r["step"] for r in straight.history] == [6, 8]
+    assert straight.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
+    log = (straight.run_dir / "train.log").read_text()
+    assert "2 steps trained at" in log and "8 steps = 2 epochs (1 of 6, the last of 2) instead of 4 steps" in log
+
+    def die(self, state, batch, run_dir):
+        if state.step == 5:
+            raise _Stop
+
+    _fake_plan(monkeypatch, 4, 8, 99, per_epoch=6)
+    with monkeypatch.context() as m:
+        m.setattr(ClassifyTask, "on_step_end", die)
+        with pytest.raises(_Stop):
+            train(tiny_cfg(shapes_root, tmp_path / "b", *extra, epochs=9, max_steps=6), progress=False)
+    (run,) = (tmp_path / "b").iterdir()
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == 2  # written at the re-plan
+    monkeypatch.setattr(budget, "plan_steps", None)
+    resumed = train(resume=run, progress=False)
+    wa, wb = _weights(straight.run_dir), _weights(run)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    for a, b in zip(straight.history, resumed.history, strict=True):
+        assert (a["train_loss"], a["val_loss"], a["lr"]) == (b["train_loss"], b["val_loss"], b["lr"])
 
 
 def test_a_real_budget_run_ends_with_its_schedule_complete(shapes_root, tmp_path):
     """No stand-ins: a short measurement, a plan, a re-plan; whatever the machine's speed, the run trains the
-    epochs its config.toml records and its last learning rate is the schedule's end."""
+    steps its config.toml records and its last learning rate is the schedule's end."""
     from fasttrain.engine import train
 
     result = train(tiny_cfg(shapes_root, tmp_path, "train.time_budget_s=3", epochs=500), progress=False)
-    planned = load_config(result.run_dir / "config.toml").train.epochs
-    assert planned >= 1 and len(result.history) == planned  # the plan, not the config's 500 (3 s cannot hold them)
-    assert planned != 500
+    saved = load_config(result.run_dir / "config.toml").train
+    assert saved.total_steps >= 1 and result.history[-1]["step"] == saved.total_steps
+    assert len(result.history) == saved.epochs != 500  # the plan, not the config's 500 (3 s cannot hold them)
     assert result.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
     records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["step"] == 1  # the measuring steps were not counted as training

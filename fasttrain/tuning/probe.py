@@ -60,6 +60,7 @@ __all__ = [
     "charge_outside",
     "ProbeSettings",
     "StepProbe",
+    "SizeRate",
     "compiled_check",
     "reset_compiler",
     "Verification",
@@ -186,6 +187,16 @@ class ProbeSettings:
 
 def _default_stamp() -> str:
     return ""
+
+
+@dataclass
+class SizeRate:
+    """Progressive resizing: the training step's samples/s at one of the run's training sizes."""
+
+    size: int
+    """Side of the training crop, in pixels."""
+    samples_per_s: float
+    batch_size: int
 
 
 class StepProbe:
@@ -414,6 +425,34 @@ class StepProbe:
             self.stamp(),
             ", ".join(f"batch {c.batch_size} {c.samples_per_s:,.1f} ±{100 * c.spread / 2:.0f}%" for c, *_ in runs),
         )
+
+    def size_rates(self, b: int, sizes: list[int], *, steps: int = 2, rounds: int = 2) -> list[SizeRate]:
+        """Progressive resizing: the training step's samples/s at batch ``b`` for each of ``sizes`` (no larger
+        than the largest, which the probes fitted), on synthetic inputs of that size: ``rounds`` rounds over the
+        sizes in turn (a machine whose speed changes meanwhile hits every size alike), ``steps`` timed steps each
+        after one warm-up step. Cheap, and what a run's epochs at each size cost."""
+        task = self.task
+        state = self._ensure_state()
+        spec = task.input_spec()
+        labels = task.synthetic_batch(b, spec, train=True)  # classification (progressive resizing is): targets
+        steppers = {
+            size: self._step_fn(state, dataclasses.replace(labels, inputs=task.synthetic_inputs(b, spec, size)), b)
+            for size in sizes
+        }
+        done = {size: [0, 0.0] for size in sizes}  # samples, seconds
+        for r in range(rounds):
+            for size, step in steppers.items():
+                t = time_steps(step, warmup=int(r == 0), steps=steps, repeats=1, device=self.device, reset_peak=False)
+                done[size][0] += t.samples
+                done[size][1] += t.samples / t.samples_per_s
+        rates = [SizeRate(size, n / max(sec, 1e-9), b) for size, (n, sec) in done.items()]
+        log.info(
+            "autotune [%s] samples/s per training size at batch %d: %s",
+            self.stamp(),
+            b,
+            ", ".join(f"{r.size} px {r.samples_per_s:,.1f}" for r in rates),
+        )
+        return rates
 
     def close(self) -> None:
         self.state = None

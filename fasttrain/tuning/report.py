@@ -15,7 +15,7 @@ from fasttrain.config import Config, dump_config
 from fasttrain.io import write_new, write_new_text
 from fasttrain.memory import GIB
 from fasttrain.tuning.loader import LoaderResult
-from fasttrain.tuning.probe import Budget, Verification
+from fasttrain.tuning.probe import Budget, SizeRate, Verification
 from fasttrain.tuning.search import BatchPlan, Candidate, Skipped
 
 __all__ = ["AutotuneReport", "plot_report", "tuned_config", "tuned_toml", "write_outputs", "fits_label"]
@@ -80,6 +80,9 @@ class AutotuneReport:
     (a change time no longer allowed to confirm end to end gave way to the config's own); empty otherwise."""
     cpu_cap_s: float | None = None
     """The time budget on CPU from the job's length, when it was below tune.time_budget_s."""
+    size_rates: list[SizeRate] = field(default_factory=list)
+    """Progressive resizing: the training step's samples/s at each training size, at the chosen micro-batch
+    (memory is planned at the largest, which the candidates above were probed at)."""
 
     @property
     def ok(self) -> bool:
@@ -101,7 +104,7 @@ class AutotuneReport:
         d: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if f.name in ("candidates", "compiled_tried", "not_probed"):
+            if f.name in ("candidates", "compiled_tried", "not_probed", "size_rates"):
                 v = [dataclasses.asdict(x) for x in v]
             elif f.name == "loader":
                 v = v.to_dict() if v is not None else None
@@ -120,6 +123,7 @@ class AutotuneReport:
         kw["candidates"] = [Candidate.from_dict(c) for c in d.get("candidates", [])]
         kw["compiled_tried"] = [Candidate.from_dict(c) for c in d.get("compiled_tried", [])]
         kw["not_probed"] = [Skipped(**s) for s in d.get("not_probed", [])]
+        kw["size_rates"] = [SizeRate(**s) for s in d.get("size_rates", [])]
         kw["compiled"] = Candidate.from_dict(d["compiled"]) if d.get("compiled") else None
         kw["plan"] = BatchPlan.from_dict(d["plan"]) if d.get("plan") else None
         kw["loader"] = LoaderResult.from_dict(d["loader"]) if d.get("loader") else None
@@ -220,6 +224,13 @@ class AutotuneReport:
                 )
         if self.loader:
             lines.append(f"loader ({self.loader.backend}): {self.loader.note}")
+        if self.size_rates:
+            largest = max(r.size for r in self.size_rates)
+            lines.append(
+                f"progressive resizing: memory planned at the largest size ({largest} px); samples/s per training "
+                f"size at batch {self.size_rates[0].batch_size} (a few eager steps each): "
+                + ", ".join(f"{r.size} px {r.samples_per_s:,.1f}" for r in self.size_rates)
+            )
         return lines
 
     def _verify_lines(self) -> list[str]:

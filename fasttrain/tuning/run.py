@@ -29,6 +29,7 @@ import torch
 
 from fasttrain import distributed, memory
 from fasttrain.config import Config
+from fasttrain.data.progressive import train_sizes
 from fasttrain.data.sources import discover
 from fasttrain.distributed import dist_info
 from fasttrain.io import check_writable
@@ -49,7 +50,7 @@ from fasttrain.timing import TimeBudget
 from fasttrain.tuning import cache, probe
 from fasttrain.tuning import loader as tuning_loader
 from fasttrain.tuning.loader import LoaderResult
-from fasttrain.tuning.probe import Budget, ProbeSettings, StepProbe, Verification
+from fasttrain.tuning.probe import Budget, ProbeSettings, SizeRate, StepProbe, Verification
 from fasttrain.tuning.report import AutotuneReport, tuned_config, write_outputs
 from fasttrain.tuning.search import (
     CPU_TUNE_SHARE,
@@ -219,6 +220,7 @@ class _Outcome:
     notes: list[str] = field(default_factory=list)
     unreliable: list[str] = field(default_factory=list)
     cpu_cap_s: float | None = None
+    size_rates: list[SizeRate] = field(default_factory=list)
 
 
 @dataclass
@@ -332,6 +334,7 @@ def _report(
         unreliable=[*unreliable, *out.unreliable],
         shortcut=out.shortcut,
         cpu_cap_s=out.cpu_cap_s,
+        size_rates=out.size_rates,
     )
 
 
@@ -525,6 +528,7 @@ def _search_and_plan(run: _Run, out: _Outcome, *, max_batch: int, cap_reason: st
             if runtime.compile
             else "runtime.compile is off: the eager probes are the step training runs"
         )
+        out.size_rates = _size_rates(run, eager, plan.micro_batch)
         if not _cpu_shortcut(run, out, search, plan):
             # The probe's state is handed over (or dropped), held by nothing here: a failed stage must not leave
             # it holding memory.
@@ -533,6 +537,15 @@ def _search_and_plan(run: _Run, out: _Outcome, *, max_batch: int, cap_reason: st
         run.resident = None
         eager.close()
     return search
+
+
+def _size_rates(run: _Run, eager: StepProbe, micro: int) -> list[SizeRate]:
+    """Progressive resizing: samples/s at each training size at the planned micro-batch (eager, a few steps
+    each, one on CPU where a step is slow); nothing without progressive resizing."""
+    sizes = train_sizes(run.cfg)
+    if not sizes.progressive:
+        return []
+    return eager.size_rates(micro, sizes.distinct(), steps=1 if run.device.type == "cpu" else 5)
 
 
 def _take_state(eager: StepProbe, *, keep: bool) -> Any:

@@ -705,6 +705,7 @@ def full_report() -> R.AutotuneReport:
         plan=BatchPlan(128, 1, 128, 64, "raised"),
         loader=lr,
         verify=v,
+        size_rates=[P.SizeRate(160, 2500.0, 128), P.SizeRate(192, 1800.0, 128)],
         notes=["n"],
         unreliable=["batch 8: noisy"],
     )
@@ -722,6 +723,7 @@ def test_the_report_round_trips_through_json_as_dataclasses():
     assert {"usable", "samples_per_s", "batch_size"} <= set(d["candidates"][0])
     table = r.to_table()
     assert "not probed (time)" in table and "unreliable" in table and "verify vs probe: agrees" in table
+    assert isinstance(back.size_rates[0], P.SizeRate) and "160 px 2,500.0, 192 px 1,800.0" in table
 
 
 def test_the_plot_shows_spread_verification_and_cap_and_its_legend_leaves_the_oom_markers_free():

@@ -1,0 +1,67 @@
+"""Autotune under progressive resizing: memory is planned at the largest training size (every candidate is probed
+there) and the report gives the training step's samples/s at each size, at the chosen batch. Timed on a virtual
+clock whose step cost grows with the pixels of the batch, so the figures are exact whatever the machine's load."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from fasttrain.cli import main
+
+
+@pytest.fixture
+def pixel_time(monkeypatch):
+    """``time.perf_counter`` that moves only in a train step: 1 virtual second per million pixels trained."""
+    from fasttrain.tasks.classify import ClassifyTask
+
+    now = [0.0]
+    real_step = ClassifyTask.train_step
+    sides: list[int] = []
+
+    def step(self, state, batch, **kw):
+        out = real_step(self, state, batch, **kw)
+        side = batch.inputs.shape[-1]
+        sides.append(side)
+        now[0] += len(batch) * side * side * 1e-6
+        return out
+
+    monkeypatch.setattr(ClassifyTask, "train_step", step)
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    return sides
+
+
+def test_autotune_probes_at_the_largest_size_and_reports_samples_per_s_per_size(tmp_path, capsys, pixel_time):
+    out = tmp_path / "out"
+    args = ["autotune", "quickstart", "--no-verify", "--out", str(out), "-q"]
+    for s in (
+        "tune.max_batch=32",
+        "tune.min_batch=16",
+        "tune.warmup_steps=1",
+        "tune.repeats=2",
+        "tune.repeat_s=0.01",
+        "tune.time_budget_s=600",
+        "train.epochs=1000",  # a long job: the CPU cap stays above the budget
+        "train.batch_size=16",
+        "data.progressive=[16, 32]",
+        "data.progressive_step=8",
+        f"train.runs_dir={tmp_path / 'runs'}",
+        f"tune.cache_dir={tmp_path / 'cache'}",
+    ):
+        args += ["--set", s]
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    report = json.loads((out / "autotune.json").read_text())
+    assert report["input_shape"] == [3, 32, 32]  # memory planned at the largest
+    chosen = report["chosen_batch"]
+    rates = report["size_rates"]
+    assert [r["size"] for r in rates] == [16, 24, 32]
+    assert all(r["batch_size"] == chosen for r in rates)
+    for r in rates:  # the virtual clock: 1e6 / side^2 samples/s, so each size was timed at its own side
+        assert r["samples_per_s"] == pytest.approx(1e6 / r["size"] ** 2, rel=1e-6)
+    assert f"samples/s per training size at batch {chosen}" in table and "16 px 3,906" in table, table
+    # every probe and loader trial trained at 32 px; the smaller sizes only in the per-size figures, cheaply (on
+    # CPU one warm-up step and one timed step per round, two rounds)
+    assert sorted(s for s in pixel_time if s != 32) == [16, 16, 16, 24, 24, 24]
