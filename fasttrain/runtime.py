@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fasttrain.config import Config, RuntimeConfig
+from fasttrain.config import Config, RuntimeConfig, TrainConfig
 from fasttrain.data.base import InputSpec
 from fasttrain.numbers import GIB
 
@@ -144,7 +144,7 @@ class CpuJob:
     """How much training a CPU run does, for ``runtime.compile = auto``: whether a compile can repay itself."""
 
     samples: int
-    """Training samples the run processes (epochs x training set, or max_steps x batch)."""
+    """Training samples the run processes (:func:`trained_samples`)."""
     forward_flops: float | None
     """Forward FLOPs of one sample (None: unknown, e.g. a model from Python)."""
     threads: int
@@ -499,13 +499,22 @@ def runtime_for(cfg: Config, *, train_samples: int | None = None, **overrides: A
 
 
 def cpu_job(cfg: Config, train_samples: int) -> CpuJob:
-    """The job's length: samples trained (``train.max_steps`` bounds it) and one sample's forward FLOPs
+    """The job's length: samples trained (:func:`trained_samples`) and one sample's forward FLOPs
     (:func:`model_profile`)."""
-    tc = cfg.train
-    samples = tc.epochs * (train_samples // max(tc.batch_size, 1)) * tc.batch_size
+    return CpuJob(trained_samples(cfg.train, train_samples), _forward_flops(cfg), torch.get_num_threads())
+
+
+def trained_samples(tc: TrainConfig, train_samples: int) -> int:
+    """Samples a run trains: ``train.epochs`` epochs of whole batches, each epoch cut at ``train.max_steps``
+    optimizer steps (a cap per epoch, not per run), the run at ``train.total_steps`` when set."""
+    batch = max(tc.batch_size, 1)
+    per_epoch = train_samples // batch
     if tc.max_steps:
-        samples = min(samples, tc.max_steps * tc.batch_size)
-    return CpuJob(samples, _forward_flops(cfg), torch.get_num_threads())
+        per_epoch = min(per_epoch, tc.max_steps)
+    steps = tc.epochs * per_epoch
+    if tc.total_steps:
+        steps = min(steps, tc.total_steps)
+    return steps * batch
 
 
 @dataclass(frozen=True)

@@ -444,3 +444,15 @@ def test_the_cpu_and_meta_profiles_agree_and_leave_the_generator_and_threads_as_
     assert meta_profile(PROFILE_CPU_BYTES=400_000) == on_cpu and devices == ["cpu", "meta"]
     assert meta_profile(PROFILE_CPU_BYTES=100_000) == on_cpu and devices == ["meta"]  # the weights alone: no try
     assert on_cpu is not None and on_cpu.forward_flops > 0 and on_cpu.saved_bytes > on_cpu.param_bytes > 0
+
+
+def test_trained_samples_caps_each_epoch_at_max_steps_and_the_run_at_total_steps():
+    """train.max_steps cuts every epoch, not the run: 3 epochs of 10 batches capped at 4 steps train 12 batches
+    (the old count said 4, and autotune's CPU shortcut took a 3-epoch smoke job for a third of its length)."""
+    from fasttrain.config import TrainConfig
+    from fasttrain.runtime import trained_samples
+
+    assert trained_samples(TrainConfig(epochs=3, batch_size=8), 85) == 3 * 10 * 8  # whole batches only
+    assert trained_samples(TrainConfig(epochs=3, batch_size=8, max_steps=4), 85) == 3 * 4 * 8
+    assert trained_samples(TrainConfig(epochs=3, batch_size=8, total_steps=25), 85) == 25 * 8
+    assert trained_samples(TrainConfig(epochs=3, batch_size=8, max_steps=4, total_steps=25), 85) == 12 * 8

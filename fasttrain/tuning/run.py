@@ -45,6 +45,7 @@ from fasttrain.runtime import (
     model_profile,
     runtime_for,
     seed_everything,
+    trained_samples,
 )
 from fasttrain.timing import TimeBudget
 from fasttrain.tuning import cache, probe
@@ -560,10 +561,7 @@ def _capped_on_cpu(probe_fn: StepProbe, run: _Run, out: _Outcome):
     :data:`~fasttrain.tuning.search.CPU_TUNE_SHARE` of the training run it tunes
     (:func:`~fasttrain.tuning.search.cpu_time_cap`)."""
     tc, clock = run.cfg.train, run.clock
-    n_train = len(run.prep.source.train)
-    job = tc.epochs * (n_train // max(tc.batch_size, 1)) * tc.batch_size
-    if tc.max_steps:
-        job = min(job, tc.max_steps * tc.batch_size)
+    job = trained_samples(tc, len(run.prep.source.train))
     setup_s = clock.elapsed()
     done = False
 
