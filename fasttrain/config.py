@@ -384,7 +384,8 @@ class ScheduleConfig:
     """Learning-rate schedule: constant, step (multiply by gamma every step_epochs), cosine (with warmup), linear
     (warmup, then straight down to min_lr_ratio at the last step: FFCV's step-free schedule), onecycle."""
     warmup_epochs: float = 0.0
-    """Linear warmup from 0, in epochs (fractions allowed); used by constant, step and cosine."""
+    """Linear warmup from 0, in epochs (fractions allowed; at most half of the run's steps); used by constant,
+    step, cosine and linear."""
     step_epochs: int = 10
     """step: epochs between decays."""
     gamma: float = 0.5

@@ -1198,13 +1198,14 @@ class Trainer:
         self.tc.total_steps = self.total_steps = total
         self.tc.epochs = epochs_of(total, self.steps_per_epoch)
         warmup = round(self.cfg.schedule.warmup_epochs * self.steps_per_epoch)
-        if warmup >= total and self.cfg.schedule.name != "onecycle":  # onecycle's rise is a share of the run
-            log.warning(
-                "time budget: the plan's %d steps end inside schedule.warmup_epochs = %g (%d steps): the learning "
-                "rate never decays; shorten the warm-up or give a longer budget",
-                total,
+        if warmup > total // 2 and self.cfg.schedule.name != "onecycle":  # onecycle's rise is a share of the run
+            log.info(
+                "time budget: schedule.warmup_epochs = %g (%d steps) is more than half the plan's %d steps: the "
+                "warm-up takes %d steps, so the rate still decays to its end",
                 self.cfg.schedule.warmup_epochs,
                 warmup,
+                total,
+                total // 2,
             )
         step = self.state.step
         for k, opt in self.state.optimizers.items():

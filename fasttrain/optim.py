@@ -79,25 +79,27 @@ def make_optimizer(
 
 
 # -- schedules: (cfg, step, steps_per_epoch, total_steps) -> multiplier of the peak rate -----------------------------
-def _warmup(cfg: ScheduleConfig, step: int, steps_per_epoch: int) -> tuple[int, float | None]:
-    """Warmup's length in steps, and the factor while in it (None after it)."""
-    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+def _warmup(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps: int) -> tuple[int, float | None]:
+    """Warmup's length in steps, and the factor while in it (None after it). The warm-up takes at most half of
+    the run's steps: a run shorter than its warm-up (a time budget's plan, a short smoke run) would otherwise end
+    before its rate ever decays."""
+    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total_steps // 2)
     return warmup, ((step + 1) / warmup if step < warmup else None)
 
 
 def constant(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
-    _, w = _warmup(cfg, step, steps_per_epoch)
+    _, w = _warmup(cfg, step, steps_per_epoch, total_steps)
     return 1.0 if w is None else w
 
 
 def step_decay(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
     """Multiply by ``gamma`` every ``step_epochs``."""
-    _, w = _warmup(cfg, step, steps_per_epoch)
+    _, w = _warmup(cfg, step, steps_per_epoch, total_steps)
     return cfg.gamma ** (step // (cfg.step_epochs * steps_per_epoch)) if w is None else w
 
 
 def cosine(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
-    warmup, w = _warmup(cfg, step, steps_per_epoch)
+    warmup, w = _warmup(cfg, step, steps_per_epoch, total_steps)
     if w is not None:
         return w
     p = min(1.0, (step - warmup) / max(1, total_steps - warmup))
@@ -106,7 +108,7 @@ def cosine(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps: in
 
 def linear(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
     """FFCV's step-free triangle: straight down from the peak to min_lr_ratio at the end."""
-    warmup, w = _warmup(cfg, step, steps_per_epoch)
+    warmup, w = _warmup(cfg, step, steps_per_epoch, total_steps)
     if w is not None:
         return w
     p = min(1.0, (step - warmup) / max(1, total_steps - warmup))

@@ -18,6 +18,16 @@ def test_constant_with_warmup():
     assert all(v == 1.0 for v in f[10:])
 
 
+@pytest.mark.parametrize("name", ["constant", "cosine", "linear"])
+def test_a_warmup_longer_than_the_run_takes_half_of_it_and_the_rate_still_decays(name):
+    """A time budget's plan (or a smoke run) may be shorter than schedule.warmup_epochs: the warm-up was the whole
+    run and the rate never decayed; it now takes at most half of the steps."""
+    f = factors(ScheduleConfig(name=name, warmup_epochs=5, min_lr_ratio=0.0), spe=10, epochs=3)  # 50 of 30 steps
+    assert f[14] == pytest.approx(1.0) and f[13] == pytest.approx(14 / 15)  # 15 warm-up steps: half of 30
+    if name != "constant":
+        assert f[-1] < 0.1 and all(a >= b for a, b in zip(f[15:], f[16:]))  # decays to (about) its end
+
+
 def test_step_halves_every_n_epochs():
     f = factors(ScheduleConfig(name="step", step_epochs=3, gamma=0.5))
     assert f[29] == 1.0 and f[30] == 0.5 and f[60] == 0.25 and f[99] == 0.125
