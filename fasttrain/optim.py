@@ -144,13 +144,15 @@ class Lookahead:
         total = self.total_steps
         if not total or (step % self.every and step != total):
             return
-        params = self._params(optimizer)
-        slow = []
-        for i, p in enumerate(params):
-            state = optimizer.state[p]  # filled by the step that just ran: an empty one is not Adam's "first"
+        params, slow = [], []
+        for i, p in enumerate(self._params(optimizer)):
+            if p.grad is None:  # not stepped (its state may be empty: Adam would take a slow copy for its "first")
+                continue
+            state = optimizer.state[p]
             if "lookahead_slow" not in state:
                 start = self._start[i] if self._start is not None else p
                 state["lookahead_slow"] = start.detach().clone()
+            params.append(p)
             slow.append(state["lookahead_slow"])
         self._start = None
         if step % self.every == 0:

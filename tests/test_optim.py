@@ -142,3 +142,15 @@ def test_lookahead_resumes_from_a_checkpointed_optimizer_exactly():
     s = torch.nn.Parameter(torch.arange(4.0))
     _constant_grad_run(torch.optim.AdamW([s], lr=0.1, weight_decay=0.0), s, 10)
     assert not torch.allclose(s, p)  # without lookahead the run ends elsewhere
+
+
+def test_lookahead_leaves_parameters_without_gradients_to_the_optimizer():
+    used, unused = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    cfg = OptimConfig(name="adamw", lr=0.1, weight_decay=0.0, lookahead_every=1)
+    opt = make_optimizer(torch.nn.ParameterList([used, unused]), cfg)
+    make_scheduler(opt, ScheduleConfig(name="constant"), 4, 4)
+    _constant_grad_run(opt, used, 2)  # pulls with ``unused`` never stepped
+    assert "lookahead_slow" not in opt.state[unused]
+    unused.grad = torch.ones(2)
+    opt.step()  # Adam's first step for it (an empty state), not a KeyError
+    assert opt.state[unused]["step"] == 1 and not torch.equal(unused, torch.ones(2))
