@@ -357,6 +357,15 @@ class OptimConfig:
     layer_decay: float = 0.0
     """Layer-wise learning-rate decay (timm's, needs timm): the head trains at optim.lr, each layer below at
     layer_decay times the one above (0 = off; 0.65-0.75 are usual for fine-tuning ViTs)."""
+    norm_bias_lr_scale: float = 1.0
+    """Learning-rate multiplier for the biases of normalization layers (airbench's bias_scaler, 64); their weight
+    decay is divided by it, so each step decays them as much as the weights (1 = off: no decay on them)."""
+    lookahead_every: int = 0
+    """Lookahead as airbench does it: every N optimizer steps a slow copy of the weights moves towards them,
+    slow += (1 - d) (weights - slow), and the weights are set to it, with d = lookahead_decay^N (step / steps)^3:
+    nothing early, strong at the end; after the last step the weights are the slow copy (0 = off; airbench: 5)."""
+    lookahead_decay: float = 0.95
+    """Lookahead: the per-step decay whose N-th power, times (step / steps)^3, gives d (airbench: 0.95)."""
 
     def __post_init__(self) -> None:
         if not self.name.startswith("timm/") or self.name == "timm/":
@@ -376,6 +385,9 @@ class OptimConfig:
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", "needs two values in [0, 1)"
         )
         _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        _check(self.norm_bias_lr_scale > 0, "optim.norm_bias_lr_scale", f"must be > 0, got {self.norm_bias_lr_scale}")
+        _check(self.lookahead_every >= 0, "optim.lookahead_every", "must be >= 0 (0 = off)")
+        _check(0 < self.lookahead_decay <= 1, "optim.lookahead_decay", f"must be in (0, 1], got {self.lookahead_decay}")
 
 
 @dataclass

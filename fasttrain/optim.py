@@ -23,6 +23,7 @@ __all__ = [
     "lr_factor",
     "make_scheduler",
     "param_groups",
+    "Lookahead",
     "sgd",
     "adamw",
     "timm_factory",
@@ -34,31 +35,53 @@ __all__ = [
 ]
 
 
-def _groups(modules: list[nn.Module], cfg: OptimConfig) -> list[dict]:
-    return param_groups(modules, 0.0 if cfg.name == "adam" else cfg.weight_decay)
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
-def param_groups(modules: Iterable[nn.Module], weight_decay: float) -> list[dict]:
-    """No weight decay on biases and normalization parameters (1-d tensors), as the reference recipes do."""
+def _groups(modules: list[nn.Module], cfg: OptimConfig, lr: float) -> list[dict]:
+    wd = 0.0 if cfg.name == "adam" else cfg.weight_decay
+    groups = param_groups(modules, wd, norm_bias_lr_scale=cfg.norm_bias_lr_scale)
+    for g in groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    return groups
+
+
+def param_groups(modules: Iterable[nn.Module], weight_decay: float, *, norm_bias_lr_scale: float = 1.0) -> list[dict]:
+    """No weight decay on biases and normalization parameters (1-d tensors), as the reference recipes do.
+
+    ``norm_bias_lr_scale`` != 1 puts the biases of normalization layers in a third group, airbench's: its rate is
+    the others' times the scale (``lr_scale``, which the schedule keeps) and its weight decay ``weight_decay /
+    scale``, so that ``lr * weight_decay``, the decay each step applies, is the weights'."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
+    norm_biases: list[nn.Parameter] = []
+    scaled = norm_bias_lr_scale != 1
     for m in modules:
-        for p in m.parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        for sub in m.modules():
+            for name, p in sub.named_parameters(recurse=False):
+                if not p.requires_grad:
+                    continue
+                if scaled and name == "bias" and isinstance(sub, _NORMS):
+                    norm_biases.append(p)
+                else:
+                    (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if scaled:
+        wd = weight_decay / norm_bias_lr_scale
+        groups.append({"params": norm_biases, "weight_decay": wd, "lr_scale": norm_bias_lr_scale})
+    return groups
 
 
 # -- optimizers: (modules, cfg, lr, fused kwargs) -> torch.optim.Optimizer -------------------------------------------
 def sgd(modules: list[nn.Module], cfg: OptimConfig, lr: float, kw: dict) -> torch.optim.Optimizer:
     nesterov = cfg.nesterov and cfg.momentum > 0
-    return torch.optim.SGD(_groups(modules, cfg), lr=lr, momentum=cfg.momentum, nesterov=nesterov, **kw)
+    return torch.optim.SGD(_groups(modules, cfg, lr), lr=lr, momentum=cfg.momentum, nesterov=nesterov, **kw)
 
 
 def adamw(modules: list[nn.Module], cfg: OptimConfig, lr: float, kw: dict) -> torch.optim.Optimizer:
     """AdamW; ``adam`` is the same with no weight decay."""
     b1, b2 = cfg.betas
-    return torch.optim.AdamW(_groups(modules, cfg), lr=lr, betas=(b1, b2), **kw)
+    return torch.optim.AdamW(_groups(modules, cfg, lr), lr=lr, betas=(b1, b2), **kw)
 
 
 def timm_factory(modules: list[nn.Module], cfg: OptimConfig, lr: float, kw: dict) -> torch.optim.Optimizer:
@@ -75,7 +98,66 @@ def make_optimizer(
     lr = cfg.lr if lr is None else lr
     by_timm = cfg.name.startswith("timm/") or cfg.layer_decay > 0
     build = timm_factory if by_timm else registry.resolve("optimizers", cfg.name)
-    return build(modules, cfg, lr, dict(fused_kwargs or {}))
+    if build is timm_factory and cfg.norm_bias_lr_scale != 1:
+        raise ValueError(
+            f"optim.norm_bias_lr_scale: {cfg.norm_bias_lr_scale:g} is not applied to an optimizer built by timm "
+            f"(optim.name {cfg.name!r}{', optim.layer_decay' if cfg.layer_decay > 0 else ''}); leave it at 1"
+        )
+    optimizer = build(modules, cfg, lr, dict(fused_kwargs or {}))
+    if cfg.lookahead_every:
+        Lookahead(cfg.lookahead_every, cfg.lookahead_decay).attach(optimizer)
+    return optimizer
+
+
+# -- lookahead: airbench's, as hooks around optimizer.step -----------------------------------------------------------
+class Lookahead:
+    """Every ``every`` optimizer steps: ``slow.lerp_(weights, 1 - d)``, then ``weights.copy_(slow)``, with
+    ``d = decay**every * (step / total)**3``; after the last step (``total``, which :func:`make_scheduler` sets)
+    the weights become the slow copy. The slow copies live in the optimizer's per-parameter state
+    (``lookahead_slow``) and the step count in its first group (``lookahead_step``), so checkpoints carry them
+    and a resumed run continues exactly. They start as the weights before the first step (airbench's start)."""
+
+    def __init__(self, every: int, decay: float):
+        self.every, self.decay = every, decay
+        self.total_steps = 0
+        """The run's optimizer steps (0 until a schedule says: no pulls before then)."""
+        self._start: list[torch.Tensor] | None = None
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.register_step_pre_hook(self._before)
+        optimizer.register_step_post_hook(self._after)
+        optimizer.fasttrain_lookahead = self  # type: ignore[attr-defined]  # found by make_scheduler
+
+    @staticmethod
+    def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+        return [p for g in optimizer.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def _before(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        if optimizer.param_groups[0].get("lookahead_step", 0) == 0 and self._start is None:
+            self._start = [p.detach().clone() for p in self._params(optimizer)]
+
+    @torch.no_grad()
+    def _after(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        group = optimizer.param_groups[0]
+        step = group["lookahead_step"] = group.get("lookahead_step", 0) + 1
+        total = self.total_steps
+        if not total or (step % self.every and step != total):
+            return
+        params, slow = [], []
+        for i, p in enumerate(self._params(optimizer)):
+            if p.grad is None:  # not stepped (its state may be empty: Adam would take a slow copy for its "first")
+                continue
+            state = optimizer.state[p]
+            if "lookahead_slow" not in state:
+                start = self._start[i] if self._start is not None else p
+                state["lookahead_slow"] = start.detach().clone()
+            params.append(p)
+            slow.append(state["lookahead_slow"])
+        self._start = None
+        if step % self.every == 0:
+            torch._foreach_lerp_(slow, params, 1.0 - self.decay**self.every * min(1.0, step / total) ** 3)
+        torch._foreach_copy_(params, slow)
 
 
 # -- schedules: (cfg, step, steps_per_epoch, total_steps) -> multiplier of the peak rate -----------------------------
@@ -137,4 +219,7 @@ def make_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     schedule = registry.resolve("schedules", cfg.name)
     spe, total = max(1, steps_per_epoch), max(1, total_steps)
+    lookahead = getattr(optimizer, "fasttrain_lookahead", None)
+    if lookahead is not None:  # the run's length, which its pulls grow with (a time budget may change it)
+        lookahead.total_steps = total
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: schedule(cfg, i, spe, total))

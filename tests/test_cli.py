@@ -59,7 +59,11 @@ def test_help_of_every_command_and_of_make_data(capsys):
 
 def test_an_unknown_config_name_lists_the_packaged_ones(capsys):
     code, _, err = _run_cli(capsys, "train", "catfsh")
-    assert code == 2 and "packaged: catfish, cifar10-speedrun, convnet" in err and "did you mean catfish?" in err
+    assert (
+        code == 2
+        and "packaged: catfish, cifar10-speedrun-cpu, cifar10-speedrun, convnet" in err
+        and "did you mean catfish?" in err
+    )
 
 
 def test_config_list_and_show(capsys):

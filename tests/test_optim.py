@@ -71,3 +71,96 @@ def test_linear_warms_up_then_falls_straight_to_min_ratio():
     steps = [a - b for a, b in zip(f[20:], f[21:])]
     assert all(d == pytest.approx(1 / 80) for d in steps)  # a straight line: no steps, no curve
     assert lr_factor(cfg, 100, 10, 100) == pytest.approx(0.0)  # after the last step: the end of the line
+
+
+def test_norm_biases_get_a_scaled_rate_and_the_weights_decay_per_step():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=True), torch.nn.BatchNorm2d(4), torch.nn.LayerNorm(4))
+    opt = make_optimizer(net, OptimConfig(name="sgd", lr=0.1, weight_decay=0.01, norm_bias_lr_scale=64))
+    decay, no_decay, norm_biases = opt.param_groups
+    assert decay["params"] == [net[0].weight] and (decay["lr"], decay["weight_decay"]) == (0.1, 0.01)
+    # the conv's bias and the norms' weights: 1-d, no decay, the plain rate
+    assert {id(p) for p in no_decay["params"]} == {id(net[0].bias), id(net[1].weight), id(net[2].weight)}
+    assert (no_decay["lr"], no_decay["weight_decay"]) == (0.1, 0.0)
+    assert {id(p) for p in norm_biases["params"]} == {id(net[1].bias), id(net[2].bias)}
+    assert norm_biases["lr"] == pytest.approx(6.4)
+    assert norm_biases["lr"] * norm_biases["weight_decay"] == pytest.approx(0.1 * 0.01)  # airbench's decay per step
+    linear = ScheduleConfig(name="linear", min_lr_ratio=0.5)
+    sched = make_scheduler(opt, linear, 1, 2)
+    opt.step()
+    sched.step()  # the schedule scales every group alike: the ratio stays
+    assert decay["lr"] == pytest.approx(0.1 * lr_factor(linear, 1, 1, 2)) and decay["lr"] < 0.1
+    assert norm_biases["lr"] / decay["lr"] == pytest.approx(64)
+    plain = make_optimizer(net, OptimConfig(name="adamw", lr=0.1, weight_decay=0.01))
+    assert len(plain.param_groups) == 2 and plain.param_groups[1]["lr"] == 0.1  # off at its default, 1
+
+
+def test_norm_bias_scale_is_refused_for_timm_built_optimizers():
+    with pytest.raises(ValueError, match=r"optim\.norm_bias_lr_scale: 64 is not applied .* timm"):
+        make_optimizer(torch.nn.Linear(2, 2), OptimConfig(name="sgd", layer_decay=0.7, norm_bias_lr_scale=64))
+    with pytest.raises(ValueError, match=r"optim\.lookahead_every: must be >= 0"):
+        OptimConfig(lookahead_every=-1)
+
+
+def _constant_grad_run(opt, p, steps):
+    for _ in range(steps):
+        p.grad = torch.ones_like(p)
+        opt.step()
+
+
+def test_lookahead_pulls_the_weights_back_to_a_slow_copy_as_airbench_does():
+    p = torch.nn.Parameter(torch.zeros(3))
+    cfg = OptimConfig(name="sgd", lr=1.0, momentum=0.0, weight_decay=0.0, lookahead_every=2, lookahead_decay=0.5)
+    opt = make_optimizer(torch.nn.ParameterList([p]), cfg)
+    make_scheduler(opt, ScheduleConfig(name="constant"), 5, 5)  # the run's length: 5 steps
+    # airbench's LookaheadState by hand: slow starts as the initial weights; every 2 steps
+    # slow = lerp(slow, w, 1 - 0.5**2 * (step / 5)**3), w = slow; after the last step w = slow
+    w, slow = 0.0, 0.0
+    for step in range(1, 6):
+        w -= 1.0
+        if step % 2 == 0:
+            d = 0.25 * (step / 5) ** 3
+            slow += (1 - d) * (w - slow)
+            w = slow
+        if step == 5:
+            w = slow
+        _constant_grad_run(opt, p, 1)
+        assert p.tolist() == pytest.approx([w] * 3), step
+    assert w != pytest.approx(-5.0)  # it did move the weights: plain SGD ends at -5
+
+
+def test_lookahead_resumes_from_a_checkpointed_optimizer_exactly():
+    cfg = OptimConfig(name="adamw", lr=0.1, weight_decay=0.0, lookahead_every=3, lookahead_decay=0.9)
+
+    def fresh():
+        p = torch.nn.Parameter(torch.arange(4.0))
+        opt = make_optimizer(torch.nn.ParameterList([p]), cfg)
+        make_scheduler(opt, ScheduleConfig(name="constant"), 10, 10)
+        return p, opt
+
+    p, opt = fresh()
+    _constant_grad_run(opt, p, 10)
+    q, half = fresh()
+    _constant_grad_run(half, q, 4)  # one pull behind it: the slow copy and the count are in the state
+    saved = half.state_dict()
+    assert saved["param_groups"][0]["lookahead_step"] == 4
+    r, resumed = fresh()
+    with torch.no_grad():
+        r.copy_(q)
+    resumed.load_state_dict(saved)
+    _constant_grad_run(resumed, r, 6)
+    assert torch.equal(r, p)
+    s = torch.nn.Parameter(torch.arange(4.0))
+    _constant_grad_run(torch.optim.AdamW([s], lr=0.1, weight_decay=0.0), s, 10)
+    assert not torch.allclose(s, p)  # without lookahead the run ends elsewhere
+
+
+def test_lookahead_leaves_parameters_without_gradients_to_the_optimizer():
+    used, unused = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(2))
+    cfg = OptimConfig(name="adamw", lr=0.1, weight_decay=0.0, lookahead_every=1)
+    opt = make_optimizer(torch.nn.ParameterList([used, unused]), cfg)
+    make_scheduler(opt, ScheduleConfig(name="constant"), 4, 4)
+    _constant_grad_run(opt, used, 2)  # pulls with ``unused`` never stepped
+    assert "lookahead_slow" not in opt.state[unused]
+    unused.grad = torch.ones(2)
+    opt.step()  # Adam's first step for it (an empty state), not a KeyError
+    assert opt.state[unused]["step"] == 1 and not torch.equal(unused, torch.ones(2))

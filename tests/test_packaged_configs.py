@@ -52,6 +52,7 @@ def _data(kind, root):
             ],
         ),
         ("cifar10-speedrun", "shapes2", ["train.batch_size=4", "model.width=8", "train.ema_decay=0.9"]),
+        ("cifar10-speedrun-cpu", "shapes2", ["train.batch_size=4", "model.width=8"]),
     ],
 )
 def test_packaged_config_trains_on_generated_data(name, kind, extra, tmp_path):

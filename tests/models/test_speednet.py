@@ -50,3 +50,16 @@ def test_the_engine_initialises_it_from_training_images(shapes_root, tmp_path, c
     w = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")["state"]["modules"]["model"]["whiten.weight"]
     fresh = SpeedNet(3, 3, width=8).whiten.weight
     assert not torch.allclose(w, fresh)
+
+
+def test_airbench_param_groups_scale_exactly_the_batchnorm_biases():
+    from fasttrain.config import OptimConfig
+    from fasttrain.optim import make_optimizer
+
+    net = SpeedNet(3, 10, width=8)
+    opt = make_optimizer(net, OptimConfig(name="sgd", lr=1.5, weight_decay=0.00133, norm_bias_lr_scale=64))
+    scaled = {id(p) for p in opt.param_groups[2]["params"]}
+    bn_biases = {id(m.bias) for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert scaled == bn_biases and len(bn_biases) == 6  # two per conv group; not the whitening layer's bias
+    assert id(net.whiten.bias) in {id(p) for p in opt.param_groups[1]["params"]}
+    assert opt.param_groups[2]["lr"] == pytest.approx(96.0)
