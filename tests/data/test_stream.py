@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import shutil
 import tarfile
 from collections import Counter
@@ -326,7 +327,8 @@ def test_auto_passes_dali_over_for_a_streamed_root(served):
 
 def test_a_stream_that_breaks_off_is_read_again_past_what_it_gave(shards, tmp_path, monkeypatch):
     """Each shard's first GET is cut halfway: it is opened again and read on past the samples already given,
-    so the epoch is whole and in the same order; with no retry left, the rest is named and skipped."""
+    so the epoch is whole and in the same order; a stream that gives nothing for RETRY_S stops, naming it."""
+    from fasttrain.data import stream
     from fasttrain.data.stream import StreamPlan, read_shard
 
     monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
@@ -343,10 +345,50 @@ def test_a_stream_that_breaks_off_is_read_again_past_what_it_gave(shards, tmp_pa
         split3 = discover(DataConfig(root=url3, val_fraction=0)).train
         plan = StreamPlan.of(split3)
         shard = max(plan.shards, key=plan.count)
-        items = list(read_shard(shard, plan.wanted[shard], open_url, retries=0))
-    assert sorted(i for i, _, _ in items) == sorted(i for i, _ in plan.wanted[shard].values())
-    lost = [(where, why) for _, where, why in items if isinstance(why, str)]
-    assert lost and all(where.startswith(shard + ":") and "broke off" in why for where, why in lost)
+        monkeypatch.setattr(stream, "RETRY_S", 0.0)  # no patience: the cut stream is the end of it
+        with pytest.raises(stream.StreamUnavailable, match=rf"^shard {re.escape(shard)}: no sample for .*broke off"):
+            list(read_shard(shard, plan.wanted[shard], open_url))
+
+
+def test_a_shard_that_fails_for_a_while_is_read_whole_and_one_that_is_gone_is_named_not_retried(
+    shards, tmp_path, monkeypatch
+):
+    """An outage of a few seconds (an object store's 503 SlowDown, a refused connection) costs no sample: the
+    shard is opened again with a growing pause (it used to give up after 0.6 s and name every sample missing,
+    which stopped the run at max_bad_per_epoch); a 404 is not retried: its samples are named and skipped."""
+    import urllib.error
+
+    from fasttrain.data import stream
+    from fasttrain.data.stream import StreamPlan, read_shard
+
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    pauses: list[float] = []
+    monkeypatch.setattr(stream.time, "sleep", pauses.append)
+    with serve(shards) as (url, _):
+        split = discover(DataConfig(root=url, val_fraction=0)).train
+        plan = StreamPlan.of(split)
+        shard = max(plan.shards, key=plan.count)
+        calls = []
+
+        def flaky(u):
+            calls.append(u)
+            if len(calls) <= 4:
+                raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+            return open_url(u)
+
+        items = list(read_shard(shard, plan.wanted[shard], flaky))
+        assert len(calls) == 5 and pauses == [0.5, 1.0, 2.0, 4.0]
+        assert not [why for _, _, why in items if isinstance(why, str)]
+        assert sorted(i for i, _, _ in items) == sorted(i for i, _ in plan.wanted[shard].values())
+
+        def gone(u):
+            calls.append(u)
+            raise urllib.error.HTTPError(u, 404, "Not Found", {}, None)  # type: ignore[arg-type]
+
+        calls.clear()
+        items = list(read_shard(shard, plan.wanted[shard], gone))
+        assert len(calls) == 1 and len(items) == plan.count(shard)
+        assert all(where.startswith(shard + ":") and "404" in why for _, where, why in items)
 
 
 def test_pairs_stream_with_their_target_member_and_a_lost_target_is_named_not_downloaded(tmp_path, monkeypatch):
