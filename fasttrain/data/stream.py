@@ -52,8 +52,10 @@ _READ_BLOCK = 1 << 20
 
 
 def is_streamed(split: Split) -> bool:
-    """Whether ``split``'s samples are members of remote shards (read by streaming on the torch loader)."""
-    return len(split) > 0 and is_remote_address(split.paths[0])
+    """Whether ``split``'s samples include members of remote shards (read by streaming on the torch loader). Any
+    one decides: a root whose remote shards lack an index has those downloaded (``data.stream = auto``), and the
+    split then mixes local and remote shards; the stream reads the local ones from disk, in the same order."""
+    return any(is_remote_address(p) for p in split.paths)
 
 
 def _key(member: str) -> str:

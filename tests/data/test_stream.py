@@ -111,6 +111,29 @@ def test_a_remote_root_with_indexes_streams_and_downloads_nothing(served, tmp_pa
     assert not (tmp_path / "cache" / "shards").exists()  # nothing stored
 
 
+def test_a_root_whose_first_shards_lack_an_index_streams_the_rest_and_reads_those_from_disk(
+    shards, tmp_path, monkeypatch
+):
+    """data.stream = auto downloads a remote shard without an index and streams the others: the split mixes local
+    and remote shards. Streaming was decided by the first path alone (a local first shard: every shard silently
+    downloaded), and a local shard behind a remote first one was opened as a URL (a worker crash)."""
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    mixed = tmp_path / "mixed"
+    shutil.copytree(shards, mixed)
+    tars = sorted(p.name for p in mixed.glob("*.tar"))
+    for name in (tars[0], tars[len(tars) // 2]):  # the first and a middle one: unindexed, so downloaded
+        (mixed / (name + INDEX_SUFFIX)).unlink()
+    with serve(mixed) as (url, requests):
+        split = discover(DataConfig(root=url, val_fraction=0)).train
+        local = [p for p in split.paths if not is_remote_address(p)]
+        assert local and is_remote_address(split.paths[-1]) and not is_remote_address(split.paths[0])
+        assert is_streamed(split)
+        drawn = sorted(i for b in _drawn(_identity_loader(split, train=False)) for i in b)
+        assert drawn == list(range(len(split)))
+        fetched = {p.rsplit("/", 1)[-1] for p in requests if p.endswith(".tar")}
+        assert fetched == set(tars)  # every shard read once: two downloaded, the others streamed
+
+
 def test_the_first_batch_comes_before_the_last_shard_is_read(served):
     url, requests = served
     src = discover(DataConfig(root=url, val_fraction=0))
