@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import random
 import re
 import shutil
@@ -291,7 +292,7 @@ class Stop(Exception):
 
 
 def test_a_run_killed_mid_epoch_on_a_streamed_root_resumes_to_the_uninterrupted_runs_weights(
-    served, tmp_path, monkeypatch
+    served, tmp_path, monkeypatch, caplog
 ):
     """The engine end to end: train from URLs on the torch loader (streamed), kill it inside the second epoch,
     resume from the step checkpoint; the weights equal those of the run that was never interrupted."""
@@ -323,11 +324,20 @@ def test_a_run_killed_mid_epoch_on_a_streamed_root_resumes_to_the_uninterrupted_
             train(cfg(tmp_path / "b"), progress=False)
     (run,) = (tmp_path / "b").iterdir()
     saved = (per_epoch + 4) // 2 * 2  # the last step checkpoint (every 2 steps) before the kill
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["position"] == {"epoch": 1, "micro": saved - per_epoch}
-    resumed = train(resume=run, progress=False)
+    position = load_checkpoint(run / "checkpoints" / "last.pt")["position"]
+    assert position["epoch"] == 1 and position["micro"] == saved - per_epoch
+    assert "data.shuffle_buffer = 5" in position["order"]
+    shutil.copytree(run, tmp_path / "c")
+    with caplog.at_level(logging.WARNING, logger="fasttrain"):
+        resumed = train(resume=run, progress=False)
+    assert "draws another order" not in caplog.text
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
     wa, wb = weights(straight.run_dir), weights(run)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # another shuffle buffer (or process or worker count) draws the rest of that epoch in another order: said
+    with caplog.at_level(logging.WARNING, logger="fasttrain"):
+        train(resume=tmp_path / "c", progress=False, overrides=["data.shuffle_buffer=3", "train.epochs=2"])
+    assert "draws another order" in caplog.text and "data.shuffle_buffer = 3" in caplog.text
 
 
 def test_auto_passes_dali_over_for_a_streamed_root(served):
