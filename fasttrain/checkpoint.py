@@ -352,6 +352,8 @@ class ResumePoint:
     best_value: float | None = None
     micro: int = 0
     running: dict[str, Any] | None = None
+    order: str = ""
+    """The training loader's :attr:`~fasttrain.data.base.Loader.order` when the checkpoint was taken."""
 
 
 class CheckpointManager:
@@ -387,8 +389,9 @@ class CheckpointManager:
     def last(self) -> Path:
         return self.dir / "last.pt"
 
-    def payload(self, position: dict[str, int] | None = None, running: dict[str, Any] | None = None) -> dict[str, Any]:
-        """``position``: ``{"epoch", "micro"}`` inside an unfinished epoch; ``running``: that epoch's sums."""
+    def payload(self, position: dict[str, Any] | None = None, running: dict[str, Any] | None = None) -> dict[str, Any]:
+        """``position``: ``{"epoch", "micro", "order"}`` inside an unfinished epoch; ``running``: that epoch's
+        sums."""
         return {
             "state": self.state.state_dict(),
             "rng": rng_state(),
@@ -403,7 +406,7 @@ class CheckpointManager:
             "monitors": {k: m.state_dict() for k, m in self.monitors.items()},
         }
 
-    def save_last(self, position: dict[str, int] | None = None, running: dict[str, Any] | None = None) -> bool:
+    def save_last(self, position: dict[str, Any] | None = None, running: dict[str, Any] | None = None) -> bool:
         """Write last.pt unless the weights went non-finite; returns whether it was written."""
         if not finite_weights(self.state.modules):
             log.warning(
@@ -448,5 +451,5 @@ class CheckpointManager:
         self.saved_at = f"epoch {self.state.epoch}, step {self.state.step}"
         position = ckpt.get("position")
         if position and position["epoch"] == self.state.epoch:
-            return ResumePoint(self.best_value, int(position["micro"]), ckpt.get("running"))
+            return ResumePoint(self.best_value, int(position["micro"]), ckpt.get("running"), position.get("order", ""))
         return ResumePoint(self.best_value)

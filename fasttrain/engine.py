@@ -901,6 +901,16 @@ class Trainer:
         _check_same_outputs(task, ckpt, run_dir)
         point = self.ckpts.restore(ckpt)
         self.resume_micro = point.micro
+        if point.micro and point.order != self.train_loader.order:
+            log.warning(
+                "resuming %d batches into epoch %d, but its order depended on %s and now on %s: the rest of this "
+                "epoch draws another order (some of its samples twice, some not at all); the next epochs are "
+                "whole. Resume with the same processes and data.workers to continue the same order",
+                point.micro,
+                state.epoch + 1,
+                point.order or "(seed, epoch) alone",
+                self.train_loader.order or "(seed, epoch) alone",
+            )
         self.running = Running.from_checkpoint(point.running, prep.runtime.device, point.micro)
         records = trim_metrics(run_dir / "metrics.jsonl", state.epoch, state.step) if self.is_main else []
         self.history = [r for r in records if "event" not in r]  # the test event stays in the file only
@@ -1163,7 +1173,9 @@ class Trainer:
                 write_run_config(self.run_dir, dump_config(self.cfg))
             if self.tc.checkpoint_every_steps:  # an earlier step checkpoint of this epoch holds the old plan
                 self.running.flush()
-                self.ckpts.save_last({"epoch": epoch, "micro": n_micro}, self.running.to_checkpoint())
+                self.ckpts.save_last(
+                    {"epoch": epoch, "micro": n_micro, "order": self.train_loader.order}, self.running.to_checkpoint()
+                )
         return self._epoch_steps(epoch)
 
     def _size_scale(self, epoch: int) -> float:
@@ -1440,7 +1452,9 @@ class Trainer:
                     saved = bool(every and state.step % every == 0 and n_micro < micro_total)
                     if saved or (self.stop.pending and n_micro < micro_total):
                         run.flush()  # the checkpoint holds sums over every process
-                        self.ckpts.save_last({"epoch": epoch, "micro": n_micro}, run.to_checkpoint())
+                        self.ckpts.save_last(
+                            {"epoch": epoch, "micro": n_micro, "order": self.train_loader.order}, run.to_checkpoint()
+                        )
                     if self.stop.pending and n_micro < micro_total:  # else the epoch's end saves, then stops
                         raise self._stopped(epoch + 1, saved=True)
                 if n_micro >= micro_total:

@@ -58,6 +58,10 @@ class Loader(Protocol):
     num_samples: int
     skipped: list[tuple[str, str]]
     """(path or item, reason) of every sample left out so far: by the pre-check, and any that failed since."""
+    order: str
+    """What the epoch's order depends on beyond (seed, epoch) and the processes' shards, in words ("" for none):
+    a checkpoint taken mid-epoch keeps it, and a resume whose loader says otherwise is warned that the rest of
+    that epoch draws another order (a streamed root's: the workers and the shuffle buffer)."""
 
     def __iter__(self) -> Iterator[Batch]: ...
 

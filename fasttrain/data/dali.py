@@ -496,6 +496,9 @@ class DaliLoader:
     ``device_id``: the GPU of this process (its local rank), None for the CPU-only mode.
     """
 
+    order = ""
+    """Nothing beyond (seed, epoch): see :attr:`fasttrain.data.base.Loader.order`."""
+
     def __init__(
         self,
         split: Split | Samples,

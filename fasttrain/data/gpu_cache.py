@@ -334,6 +334,9 @@ class GpuCacheLoader:
     Build it with :meth:`from_dataset` (any map-style dataset) or ``BACKEND.build`` (a task's request).
     """
 
+    order = ""
+    """Nothing beyond (seed, epoch): see :attr:`fasttrain.data.base.Loader.order`."""
+
     def __init__(
         self,
         inputs: torch.Tensor,

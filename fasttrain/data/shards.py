@@ -98,7 +98,10 @@ def _cache_dir() -> Path:
 
 def open_url(url: str) -> Any:
     """A binary stream of ``url``: urllib for http(s), fsspec (the optional extra ``fasttrain[shards]``, with the
-    store's own package: s3fs, gcsfs, adlfs) for any other scheme."""
+    store's own package: s3fs, gcsfs, adlfs) for any other scheme; a local path (a shard downloaded beside
+    streamed ones) is opened as a file."""
+    if not is_url(url):
+        return open(url, "rb")
     if url.lower().startswith(("http://", "https://")):
         return urllib.request.urlopen(url, timeout=60)
     try:

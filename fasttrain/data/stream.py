@@ -18,7 +18,8 @@ semantics:
   under their index in the split: the same decode, validation and per-(seed, epoch, index) augmentation as a
   local shard's, and a member that cannot be decoded is named ``url:member`` and skipped the same way. A sample
   the stream lacks is named and skipped too, never fatal on its own. A stream that breaks off (or ends short of
-  the shard's indexed size) is opened again, :data:`RETRIES` times, and read on past the samples it gave.
+  the shard's indexed size) is opened again, with a growing pause, and read on past the samples it gave; one that
+  gives nothing for :data:`RETRY_S` stops the run with an error naming it (the network or server is down).
 - **Batches.** A worker batches its own samples. Training keeps full batches only (a worker's last < batch
   samples are dropped, WebDataset's ``batched(partial=False)``); evaluation yields the last partial one.
 
@@ -51,8 +52,10 @@ _READ_BLOCK = 1 << 20
 
 
 def is_streamed(split: Split) -> bool:
-    """Whether ``split``'s samples are members of remote shards (read by streaming on the torch loader)."""
-    return len(split) > 0 and is_remote_address(split.paths[0])
+    """Whether ``split``'s samples include members of remote shards (read by streaming on the torch loader). Any
+    one decides: a root whose remote shards lack an index has those downloaded (``data.stream = auto``), and the
+    split then mixes local and remote shards; the stream reads the local ones from disk, in the same order."""
+    return any(is_remote_address(p) for p in split.paths)
 
 
 def _key(member: str) -> str:
@@ -120,32 +123,68 @@ _Item = tuple[int, str, "dict[str, bytes] | str"]
 """(index in the split, input member address, the sample's members {address: bytes} or why it is missing)."""
 
 
-RETRIES = 2
-"""Times a shard whose stream broke off is opened again (its samples already read are passed over)."""
+RETRY_S = 120.0
+"""How long a shard's stream may keep failing without giving a sample before the run stops with an error that
+names it (a network or server down): retried meanwhile with a backoff of 0.5 s doubling to 10 s. An object
+store's throttling (503 SlowDown) or a refused connection lasts seconds, not minutes."""
 _BROKEN = (OSError, EOFError, tarfile.TarError, http.client.HTTPException)
 """A stream that broke: URLError and HTTPError (OSErrors), a cut connection (IncompleteRead), a damaged tar."""
 
 
-def read_shard(
-    url: str, wanted: dict[str, tuple[int, str]], opener: Callable[[str], Any], retries: int | None = None
-) -> Iterator[_Item]:
+class StreamUnavailable(RuntimeError):
+    """A shard's stream failed for :data:`RETRY_S` without giving a sample: not a bad sample, the source is
+    down; the run stops (it resumes from its last checkpoint)."""
+
+
+_TAR_TRIES = 3
+"""Reads of a shard that fail as a damaged tar, one after another with no sample between, before it is taken
+as damaged: a cut connection also ends a tar early (ReadError), so the first few are read again."""
+
+
+def _lasting(e: BaseException, tar_fails: int) -> bool:
+    """Whether reading the shard again cannot help: a tar that failed :data:`_TAR_TRIES` times in a row at the
+    same place, or an HTTP client error (404 Not Found, 403 Forbidden; not 408 Request Timeout or 429 Too Many
+    Requests, which are the server asking for patience)."""
+    import urllib.error
+
+    if isinstance(e, tarfile.TarError):
+        return tar_fails >= _TAR_TRIES
+    return isinstance(e, urllib.error.HTTPError) and 400 <= e.code < 500 and e.code not in (408, 429)
+
+
+def read_shard(url: str, wanted: dict[str, tuple[int, str]], opener: Callable[[str], Any]) -> Iterator[_Item]:
     """The wanted samples of the shard at ``url``, in the shard's order, read in one sequential pass. A stream
-    that breaks off is opened again (``retries`` times) and read on past the samples already yielded, so the
-    order is the same; samples still missing then follow, each with the reason."""
-    retries = RETRIES if retries is None else retries
+    that breaks off is opened again, with a growing pause, and read on past the samples already yielded, so the
+    order is the same; one that keeps failing for :data:`RETRY_S` without a new sample raises
+    :class:`StreamUnavailable`. A damaged shard (a tar that fails again where it failed) or a client error
+    (404) is not retried further: its samples still missing follow, each with the reason (named and skipped
+    like bad files)."""
     seen: set[str] = set()
     why = "not in the shard's stream"
-    for attempt in range(retries + 1):
+    pause, since, tar_fails = 0.5, time.monotonic(), 0
+    while True:
+        had = len(seen)
         try:
             yield from _read_once(url, wanted, opener, seen)
             why = "not in the shard's stream"
             break
         except _BROKEN as e:
             why = f"the shard's stream broke off ({type(e).__name__}: {e})"
-            again = attempt < retries
-            log.warning("shard %s: %s%s", url, why, f"; reading it again past {len(seen)} samples" if again else "")
-            if again:
-                time.sleep(0.2 * (attempt + 1))
+            if len(seen) > had:  # it gave samples: a new outage starts its own clock
+                pause, since, tar_fails = 0.5, time.monotonic(), 0
+            tar_fails = tar_fails + 1 if isinstance(e, tarfile.TarError) else 0
+            if _lasting(e, tar_fails):
+                log.warning("shard %s: %s", url, why)
+                break
+            waited = time.monotonic() - since
+            if waited + pause > RETRY_S:
+                raise StreamUnavailable(
+                    f"shard {url}: no sample for {waited:.0f} s ({why}); the network or the server is down, "
+                    f"{len(seen)} of its {len(wanted)} samples read; the run resumes from its last checkpoint"
+                ) from e
+            log.warning("shard %s: %s; reading it again past %d samples in %.1f s", url, why, len(seen), pause)
+            time.sleep(pause)
+            pause = min(2 * pause, 10.0)
     for key in sorted(set(wanted) - seen, key=lambda k: wanted[k][0]):
         index, member = wanted[key]
         yield index, address(url, member), why

@@ -115,6 +115,9 @@ class TorchLoader:
     False for a plain map-style dataset indexed by int.
     """
 
+    order = ""
+    """Nothing beyond (seed, epoch): see :attr:`fasttrain.data.base.Loader.order`."""
+
     def __init__(
         self,
         dataset: Dataset,
@@ -288,6 +291,10 @@ class StreamTorchLoader(TorchLoader):
         self.prepare = prepare or _default_prepare(spec)
         per_process = -(-len(stream.plan.shards) // stream.num_shards)
         self.workers = min(workers, per_process)  # a worker without a shard would only take a process
+        self.order = (
+            f"a streamed root read by {stream.num_shards} process(es) of {self.workers} worker(s), "
+            f"data.shuffle_buffer = {stream.buffer}"
+        )
         self._epoch_no = self._skip = 0
         if self.train and len(stream.plan.shards) < stream.num_shards:
             raise ValueError(

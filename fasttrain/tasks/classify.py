@@ -125,7 +125,7 @@ class ClassifyTask(Task):
         try:
             model = state.ema["model"].module if ema and "model" in state.ema else state.local["model"]
             matrix = confusion_matrix(
-                lambda x: self.infer(model, x), val_loader, self.num_outputs, self.runtime.autocast
+                lambda x: self.infer(model, x), val_loader, self.num_outputs, self.runtime.autocast, self.runtime.device
             )
         finally:
             state.train(True)

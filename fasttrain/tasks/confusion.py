@@ -23,8 +23,13 @@ log = logging.getLogger(__name__)
 __all__ = ["confusion_matrix", "confusion_report", "write_confusion"]
 
 
-def confusion_matrix(model: Any, loader: Loader, num_classes: int, autocast: Any) -> torch.Tensor:
-    """``[true, predicted]`` counts of ``model`` over ``loader`` (int64, on the CPU, summed over processes)."""
+def confusion_matrix(
+    model: Any, loader: Loader, num_classes: int, autocast: Any, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """``[true, predicted]`` counts of ``model`` over ``loader`` (int64, on the CPU, summed over processes). A
+    rank without validation batches (a streamed split with fewer shards than ranks) adds zeros on ``device``, the
+    device the others' counts are on: a CPU tensor in an NCCL all-reduce raised there, and the others waited
+    ``dist.timeout_s``."""
     from fasttrain import distributed
 
     counts: torch.Tensor | None = None
@@ -36,7 +41,7 @@ def confusion_matrix(model: Any, loader: Loader, num_classes: int, autocast: Any
             c = torch.bincount(idx, minlength=num_classes * num_classes)
             counts = c if counts is None else counts + c
     if counts is None:
-        counts = torch.zeros(num_classes * num_classes, dtype=torch.long)
+        counts = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
     if distributed.current().enabled:
         import torch.distributed as dist
 

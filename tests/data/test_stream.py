@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import random
+import re
 import shutil
 import tarfile
 from collections import Counter
@@ -108,6 +110,29 @@ def test_a_remote_root_with_indexes_streams_and_downloads_nothing(served, tmp_pa
     tars = [p for p in requests if p.endswith(".tar")]
     assert sorted(tars) == sorted(set(tars)) and len(tars) == len(set(p.split(".tar:")[0] for p in src.train.paths))
     assert not (tmp_path / "cache" / "shards").exists()  # nothing stored
+
+
+def test_a_root_whose_first_shards_lack_an_index_streams_the_rest_and_reads_those_from_disk(
+    shards, tmp_path, monkeypatch
+):
+    """data.stream = auto downloads a remote shard without an index and streams the others: the split mixes local
+    and remote shards. Streaming was decided by the first path alone (a local first shard: every shard silently
+    downloaded), and a local shard behind a remote first one was opened as a URL (a worker crash)."""
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    mixed = tmp_path / "mixed"
+    shutil.copytree(shards, mixed)
+    tars = sorted(p.name for p in mixed.glob("*.tar"))
+    for name in (tars[0], tars[len(tars) // 2]):  # the first and a middle one: unindexed, so downloaded
+        (mixed / (name + INDEX_SUFFIX)).unlink()
+    with serve(mixed) as (url, requests):
+        split = discover(DataConfig(root=url, val_fraction=0)).train
+        local = [p for p in split.paths if not is_remote_address(p)]
+        assert local and is_remote_address(split.paths[-1]) and not is_remote_address(split.paths[0])
+        assert is_streamed(split)
+        drawn = sorted(i for b in _drawn(_identity_loader(split, train=False)) for i in b)
+        assert drawn == list(range(len(split)))
+        fetched = {p.rsplit("/", 1)[-1] for p in requests if p.endswith(".tar")}
+        assert fetched == set(tars)  # every shard read once: two downloaded, the others streamed
 
 
 def test_the_first_batch_comes_before_the_last_shard_is_read(served):
@@ -267,7 +292,7 @@ class Stop(Exception):
 
 
 def test_a_run_killed_mid_epoch_on_a_streamed_root_resumes_to_the_uninterrupted_runs_weights(
-    served, tmp_path, monkeypatch
+    served, tmp_path, monkeypatch, caplog
 ):
     """The engine end to end: train from URLs on the torch loader (streamed), kill it inside the second epoch,
     resume from the step checkpoint; the weights equal those of the run that was never interrupted."""
@@ -299,11 +324,20 @@ def test_a_run_killed_mid_epoch_on_a_streamed_root_resumes_to_the_uninterrupted_
             train(cfg(tmp_path / "b"), progress=False)
     (run,) = (tmp_path / "b").iterdir()
     saved = (per_epoch + 4) // 2 * 2  # the last step checkpoint (every 2 steps) before the kill
-    assert load_checkpoint(run / "checkpoints" / "last.pt")["position"] == {"epoch": 1, "micro": saved - per_epoch}
-    resumed = train(resume=run, progress=False)
+    position = load_checkpoint(run / "checkpoints" / "last.pt")["position"]
+    assert position["epoch"] == 1 and position["micro"] == saved - per_epoch
+    assert "data.shuffle_buffer = 5" in position["order"]
+    shutil.copytree(run, tmp_path / "c")
+    with caplog.at_level(logging.WARNING, logger="fasttrain"):
+        resumed = train(resume=run, progress=False)
+    assert "draws another order" not in caplog.text
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in straight.history]
     wa, wb = weights(straight.run_dir), weights(run)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    # another shuffle buffer (or process or worker count) draws the rest of that epoch in another order: said
+    with caplog.at_level(logging.WARNING, logger="fasttrain"):
+        train(resume=tmp_path / "c", progress=False, overrides=["data.shuffle_buffer=3", "train.epochs=2"])
+    assert "draws another order" in caplog.text and "data.shuffle_buffer = 3" in caplog.text
 
 
 def test_auto_passes_dali_over_for_a_streamed_root(served):
@@ -326,7 +360,8 @@ def test_auto_passes_dali_over_for_a_streamed_root(served):
 
 def test_a_stream_that_breaks_off_is_read_again_past_what_it_gave(shards, tmp_path, monkeypatch):
     """Each shard's first GET is cut halfway: it is opened again and read on past the samples already given,
-    so the epoch is whole and in the same order; with no retry left, the rest is named and skipped."""
+    so the epoch is whole and in the same order; a stream that gives nothing for RETRY_S stops, naming it."""
+    from fasttrain.data import stream
     from fasttrain.data.stream import StreamPlan, read_shard
 
     monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
@@ -343,10 +378,50 @@ def test_a_stream_that_breaks_off_is_read_again_past_what_it_gave(shards, tmp_pa
         split3 = discover(DataConfig(root=url3, val_fraction=0)).train
         plan = StreamPlan.of(split3)
         shard = max(plan.shards, key=plan.count)
-        items = list(read_shard(shard, plan.wanted[shard], open_url, retries=0))
-    assert sorted(i for i, _, _ in items) == sorted(i for i, _ in plan.wanted[shard].values())
-    lost = [(where, why) for _, where, why in items if isinstance(why, str)]
-    assert lost and all(where.startswith(shard + ":") and "broke off" in why for where, why in lost)
+        monkeypatch.setattr(stream, "RETRY_S", 0.0)  # no patience: the cut stream is the end of it
+        with pytest.raises(stream.StreamUnavailable, match=rf"^shard {re.escape(shard)}: no sample for .*broke off"):
+            list(read_shard(shard, plan.wanted[shard], open_url))
+
+
+def test_a_shard_that_fails_for_a_while_is_read_whole_and_one_that_is_gone_is_named_not_retried(
+    shards, tmp_path, monkeypatch
+):
+    """An outage of a few seconds (an object store's 503 SlowDown, a refused connection) costs no sample: the
+    shard is opened again with a growing pause (it used to give up after 0.6 s and name every sample missing,
+    which stopped the run at max_bad_per_epoch); a 404 is not retried: its samples are named and skipped."""
+    import urllib.error
+
+    from fasttrain.data import stream
+    from fasttrain.data.stream import StreamPlan, read_shard
+
+    monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
+    pauses: list[float] = []
+    monkeypatch.setattr(stream.time, "sleep", pauses.append)
+    with serve(shards) as (url, _):
+        split = discover(DataConfig(root=url, val_fraction=0)).train
+        plan = StreamPlan.of(split)
+        shard = max(plan.shards, key=plan.count)
+        calls = []
+
+        def flaky(u):
+            calls.append(u)
+            if len(calls) <= 4:
+                raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+            return open_url(u)
+
+        items = list(read_shard(shard, plan.wanted[shard], flaky))
+        assert len(calls) == 5 and pauses == [0.5, 1.0, 2.0, 4.0]
+        assert not [why for _, _, why in items if isinstance(why, str)]
+        assert sorted(i for i, _, _ in items) == sorted(i for i, _ in plan.wanted[shard].values())
+
+        def gone(u):
+            calls.append(u)
+            raise urllib.error.HTTPError(u, 404, "Not Found", {}, None)  # type: ignore[arg-type]
+
+        calls.clear()
+        items = list(read_shard(shard, plan.wanted[shard], gone))
+        assert len(calls) == 1 and len(items) == plan.count(shard)
+        assert all(where.startswith(shard + ":") and "404" in why for _, where, why in items)
 
 
 def test_pairs_stream_with_their_target_member_and_a_lost_target_is_named_not_downloaded(tmp_path, monkeypatch):

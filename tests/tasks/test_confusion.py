@@ -65,3 +65,21 @@ def test_the_confusion_matrix_uses_the_average_when_best_pt_holds_it(shapes_root
     report = json.loads((result.run_dir / "confusion.json").read_text())
     assert report["weights"].endswith(", EMA")
     assert report["accuracy"] == pytest.approx(record["val_ema_acc"], abs=1e-6)
+
+
+def test_a_rank_without_validation_batches_reduces_zeros_on_the_others_device(monkeypatch):
+    """A streamed val split with fewer shards than ranks leaves some ranks no batches: their zeros must sit on
+    the device the other ranks' counts are on (a CPU tensor in an NCCL all-reduce raises, and the others wait)."""
+    import contextlib
+
+    import torch.distributed as dist
+
+    from fasttrain import distributed
+    from fasttrain.tasks.confusion import confusion_matrix
+
+    monkeypatch.setattr(distributed, "current", lambda: distributed.DistInfo(rank=1, world_size=2))
+    seen = []
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: seen.append(t.device))
+    with contextlib.suppress(NotImplementedError, RuntimeError):  # a meta tensor cannot come back to the CPU
+        confusion_matrix(lambda x: x, [], 3, contextlib.nullcontext, device="meta")
+    assert seen == [torch.device("meta")]
