@@ -1105,6 +1105,12 @@ class Trainer:
             _plan_words(total, self.steps_per_epoch),
         )
 
+    def _position(self, epoch: int, n_micro: int) -> dict[str, Any]:
+        """A mid-epoch checkpoint's place: the epoch, the micro-batches done, and what the training loader's order
+        depends on beyond (seed, epoch) where it says (:attr:`~fasttrain.data.base.Loader.order`)."""
+        order = self.train_loader.order
+        return {"epoch": epoch, "micro": n_micro, **({"order": order} if order else {})}
+
     def _replan_budget(self, wall_s: float, record: dict[str, Any]) -> None:
         """After the first epoch: its measured times decide the rest. Its training is counted at the rate after
         its first step (the first carries the loader's start and warm-up, which later epochs do not pay); its
@@ -1185,9 +1191,7 @@ class Trainer:
                 write_run_config(self.run_dir, dump_config(self.cfg))
             if self.tc.checkpoint_every_steps:  # an earlier step checkpoint of this epoch holds the old plan
                 self.running.flush()
-                self.ckpts.save_last(
-                    {"epoch": epoch, "micro": n_micro, "order": self.train_loader.order}, self.running.to_checkpoint()
-                )
+                self.ckpts.save_last(self._position(epoch, n_micro), self.running.to_checkpoint())
         return self._epoch_steps(epoch)
 
     def _size_scale(self, epoch: int) -> float:
@@ -1467,9 +1471,7 @@ class Trainer:
                     saved = bool(every and state.step % every == 0 and n_micro < micro_total)
                     if saved or (self.stop.pending and n_micro < micro_total):
                         run.flush()  # the checkpoint holds sums over every process
-                        self.ckpts.save_last(
-                            {"epoch": epoch, "micro": n_micro, "order": self.train_loader.order}, run.to_checkpoint()
-                        )
+                        self.ckpts.save_last(self._position(epoch, n_micro), run.to_checkpoint())
                     if self.stop.pending and n_micro < micro_total:  # else the epoch's end saves, then stops
                         raise self._stopped(epoch + 1, saved=True)
                 if n_micro >= micro_total:

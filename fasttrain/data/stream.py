@@ -40,7 +40,7 @@ from typing import Any, cast
 
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from fasttrain.data.files import address, holding, is_remote_address, known_index, split_address
+from fasttrain.data.files import SEP, address, holding, is_remote_address, known_index, split_address
 from fasttrain.data.samples import Skip
 from fasttrain.data.sources import Split
 
@@ -55,6 +55,8 @@ def is_streamed(split: Split) -> bool:
     """Whether ``split``'s samples include members of remote shards (read by streaming on the torch loader). Any
     one decides: a root whose remote shards lack an index has those downloaded (``data.stream = auto``), and the
     split then mixes local and remote shards; the stream reads the local ones from disk, in the same order."""
+    if not len(split) or SEP not in split.paths[0]:
+        return False  # files, or a dataset index's view: not shard members (and not to be listed whole)
     return any(is_remote_address(p) for p in split.paths)
 
 
