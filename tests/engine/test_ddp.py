@@ -252,7 +252,9 @@ def test_bench_and_autotune_under_two_ranks(shapes_root, tmp_path):
     assert 0 < report["scaling_efficiency"] < 5 and report["model_step_parallel"]["samples_per_s"] > 0
     done = _torchrun(2, ["autotune", *sets, "--out", str(tmp_path / "tune")])
     assert done.returncode in (0, 1), done.stderr[-3000:]  # 1: a noisy shared machine may refuse to advise
-    tuned = json.loads(next((tmp_path / "tune").glob("autotune*.json")).read_text())
+    written = list((tmp_path / "tune").glob("autotune*.json"))
+    assert written, f"no autotune JSON (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    tuned = json.loads(written[0].read_text())
     assert tuned["world_size"] == 2 and len(list((tmp_path / "tune").glob("autotune*.json"))) == 1  # rank 0 wrote
     if tuned["ok"]:
         assert tuned["tuned_values"]["train.batch_size"] == 2 * tuned["plan"]["global_batch"]
