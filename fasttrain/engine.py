@@ -881,7 +881,7 @@ class Trainer:
         log.info(
             "%s | data %s: %d train, %d val%s images%s, %s | loader %s (%s)%s",
             prep.runtime.describe(),
-            source.root,
+            cfg.data.root or source.root,  # a URL root as given (a Path keeps one slash of its "//")
             used[0],
             used[1],
             f", {len(source.test)} test" if source.test else "",

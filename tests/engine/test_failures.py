@@ -197,7 +197,7 @@ def test_a_second_process_on_the_same_run_folder_is_refused(shapes_root, tmp_pat
             "-c",
             "import fcntl, os, sys, time\n"
             f"fd = os.open({str(run / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
-            "fcntl.flock(fd, fcntl.LOCK_EX)\nos.write(fd, str(os.getpid()).encode())\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\nos.ftruncate(fd, 0)\nos.write(fd, str(os.getpid()).encode())\n"
             "print('locked', flush=True)\ntime.sleep(120)\n",
         ],
         stdout=subprocess.PIPE,
