@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from fasttrain import distributed, memory
+from fasttrain.budget import StepCosts
 from fasttrain.checkpoint import (
     CheckpointManager,
     alternatives,
@@ -1075,21 +1076,10 @@ class Trainer:
         """The optimizer steps that fit ``train.time_budget_s``, from a short measurement of training steps and of
         evaluation (undone: the weights, optimizer and random state are put back), broadcast from rank 0 so every
         process agrees. The last epoch may be partial: the schedule ends exactly at the last step."""
-        from fasttrain.budget import StepCosts, plan_steps
-
         rate = self._measure_rate(max_s=_MEASURE_SHARE * self.tc.time_budget_s)
         self._eval_cost = self._measure_eval(max_s=_MEASURE_SHARE * self.tc.time_budget_s)
         eval_s = self._eval_s(len(self.source.val or []))
-        costs = StepCosts(
-            self._global_batch / rate,
-            self.steps_per_epoch,
-            eval_s=eval_s,
-            final_s=self._final_s(),
-            eval_every=self.tc.eval_every,
-            scale=self._size_scale,
-        )
-        elapsed = time.perf_counter() - self._t_budget
-        total = int(distributed.broadcast_object(plan_steps(self.tc.time_budget_s, elapsed, costs)))
+        total, elapsed, costs = self._planned(self._global_batch / rate, eval_s, final_s=self._final_s())
         self._set_plan(total)
         # A plan inside the first epoch has no epoch's end to re-plan at: halfway through its steps instead, from
         # the steps' own time (a few measured steps are a rough guide to a whole run).
@@ -1105,6 +1095,26 @@ class Trainer:
             _plan_words(total, self.steps_per_epoch),
         )
 
+    def _planned(
+        self, step_s: float, eval_s: float, *, final_s: float, end_s: float = 0.0, done: int = 0
+    ) -> tuple[int, float, StepCosts]:
+        """The run's steps that fit what is left of the budget at these costs (rank 0's plan, sent to every rank),
+        the seconds spent so far, and the costs."""
+        from fasttrain.budget import plan_steps
+
+        costs = StepCosts(
+            step_s,
+            self.steps_per_epoch,
+            eval_s=eval_s,
+            end_s=end_s,
+            final_s=final_s,
+            eval_every=self.tc.eval_every,
+            scale=self._size_scale,
+        )
+        elapsed = time.perf_counter() - self._t_budget
+        total = int(distributed.broadcast_object(plan_steps(self.tc.time_budget_s, elapsed, costs, done=done)))
+        return total, elapsed, costs
+
     def _position(self, epoch: int, n_micro: int) -> dict[str, Any]:
         """A mid-epoch checkpoint's place: the epoch, the micro-batches done, and what the training loader's order
         depends on beyond (seed, epoch) where it says (:attr:`~fasttrain.data.base.Loader.order`)."""
@@ -1116,8 +1126,6 @@ class Trainer:
         its first step (the first carries the loader's start and warm-up, which later epochs do not pay); its
         evaluation and the rest of its end (checkpoint, record) as they took. A changed plan rewrites
         config.toml and the epoch's last.pt, so that a resume from it follows the plan."""
-        from fasttrain.budget import StepCosts, plan_steps
-
         train_s = float(record.get("epoch_time_s") or 0.0)
         steps = max(self._epoch_steps(0), 1)
         if self._steady_rate:
@@ -1125,18 +1133,9 @@ class Trainer:
         evaluated = record.get("eval_time_s")
         eval_s = float(evaluated) if evaluated is not None else self._eval_s(len(self.source.val or []))
         end_s = max(wall_s - float(record.get("epoch_time_s") or 0.0) - float(evaluated or 0.0), 0.0)
-        costs = StepCosts(
-            max(train_s / steps, 1e-6),
-            self.steps_per_epoch,
-            eval_s=eval_s,
-            end_s=end_s,
-            final_s=self._final_s(eval_s),
-            eval_every=self.tc.eval_every,
-            scale=self._size_scale,
+        total, elapsed, _ = self._planned(
+            max(train_s / steps, 1e-6), eval_s, final_s=self._final_s(eval_s), end_s=end_s, done=self.state.step
         )
-        elapsed = time.perf_counter() - self._t_budget
-        done = self.state.step
-        total = int(distributed.broadcast_object(plan_steps(self.tc.time_budget_s, elapsed, costs, done=done)))
         if total == self.total_steps:
             return
         log.info(
@@ -1160,23 +1159,12 @@ class Trainer:
         the training rate of its steps since the first (``rate``, samples/s) and the first measurement's
         evaluation. Returns this epoch's steps under the new plan. A changed plan rewrites config.toml and, with
         step checkpoints, writes one here, so that a resume follows the new plan."""
-        from fasttrain.budget import StepCosts, plan_steps
-
         self._replan_step = -1  # done: no second re-plan after the first epoch
         if rate <= 0:
             return self._epoch_steps(epoch)
         eval_s = self._eval_s(len(self.source.val or []))
-        costs = StepCosts(
-            self._global_batch / rate,
-            self.steps_per_epoch,
-            eval_s=eval_s,
-            final_s=self._final_s(),
-            eval_every=self.tc.eval_every,
-            scale=self._size_scale,
-        )
-        elapsed = time.perf_counter() - self._t_budget
         done = self.state.step
-        total = int(distributed.broadcast_object(plan_steps(self.tc.time_budget_s, elapsed, costs, done=done)))
+        total, elapsed, _ = self._planned(self._global_batch / rate, eval_s, final_s=self._final_s(), done=done)
         if total != self.total_steps:
             log.info(
                 "time budget: %d steps trained at %.1f samples/s (%.1f s spent so far): %s instead of %s",
