@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from unlisted import UnlistedPaths
 
 from fasttrain.config import DataConfig
 from fasttrain.data.base import InputSpec, LoaderRequest, normalize_on_device
@@ -554,24 +555,6 @@ def test_bad_files_are_skipped_with_a_warning(tmp_path, mixed, caplog):
         assert any(str(bad) in r.getMessage() for r in caplog.records), bad
     assert loader.num_samples == 3 and [p for p, _ in loader.skipped] == [str(empty), str(text), str(cut)]
     assert epoch(loader)[1].tolist() == [0, 2, 4]  # the surviving files keep their own labels
-
-
-class UnlistedPaths(IndexedPaths):
-    """The dataset index's view of a split's paths that refuses to be listed: a loader that builds a ``str`` per
-    sample up front (``list(paths)``, a comprehension, ``zip``) fails; indexing one path at a time works."""
-
-    def __iter__(self):
-        raise AssertionError("a list of every path was built from the dataset index's view")
-
-    def __getitem__(self, i):
-        got = super().__getitem__(i)
-        return UnlistedPaths(got.table, got.ids) if isinstance(got, IndexedPaths) else got
-
-    def take(self, indices):
-        return UnlistedPaths(self.table, super().take(indices).ids)
-
-    def __repr__(self) -> str:
-        return f"UnlistedPaths({len(self)} paths)"
 
 
 @needs_dali

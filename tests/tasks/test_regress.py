@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from unlisted import UnlistedPaths
 
 from fasttrain.checkpoint import load_checkpoint
 from fasttrain.config import Config, ConfigError, apply_overrides
@@ -220,24 +221,6 @@ def test_every_backend_gives_the_torch_loaders_batches(parity_data, backend, tra
     else:
         err = (x - x_ref).abs()
         assert err.flatten(1).mean(1).max() < PARITY_MEAN_ABS and err.max() < PARITY_MAX_ABS
-
-
-class UnlistedPaths(IndexedPaths):
-    """The dataset index's view of a split's paths that refuses to be listed: code that builds a ``str`` per
-    sample up front (``list(paths)``, a comprehension, ``zip``) fails; indexing one path at a time works."""
-
-    def __iter__(self):
-        raise AssertionError("a list of every path was built from the dataset index's view")
-
-    def __getitem__(self, i):
-        got = super().__getitem__(i)
-        return UnlistedPaths(got.table, got.ids) if isinstance(got, IndexedPaths) else got
-
-    def take(self, indices):
-        return UnlistedPaths(self.table, super().take(indices).ids)
-
-    def __repr__(self) -> str:
-        return f"UnlistedPaths({len(self)} paths)"
 
 
 def indexed_train(task: RegressTask) -> Split:
