@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,25 +135,34 @@ def autotune(
         with runtime.flags():
             report = _tune(cfg, budget_gib, verify=verify, clock=clock, python_args=python_args)
         report = _agree(report)
-    if not distributed.current().is_main:
-        return report  # rank 0 writes the files and the cache
-    report.environment = environment(runtime.device)
-    report.elapsed_s = time.perf_counter() - t_start
-    if report.ok and not report.reliable:
-        report.notes.append("not cached: the answer is unreliable (see below); ask again on a quieter machine")
-    elif report.ok and report.job_bound:
-        report.notes.append("not cached: the answer depends on the job's length, which the cache key leaves out")
-    write_outputs(cfg, report, _out_dir(cfg, out_dir))
-    report.elapsed_s = time.perf_counter() - t_start
-    if from_python:
-        report.notes.append("not cached: the model or dataset came from Python, which the config cannot name")
-    elif report.ok and report.reliable and not report.job_bound:
-        try:
-            cache.store(cache_path, fields, report)
-            report.cache_path = str(cache_path)
-        except OSError as e:
-            report.notes.append(f"cache not written ({cache_path}: {e})")
+
+    def write() -> None:
+        report.environment = environment(runtime.device)
+        report.elapsed_s = time.perf_counter() - t_start
+        if report.ok and not report.reliable:
+            report.notes.append("not cached: the answer is unreliable (see below); ask again on a quieter machine")
+        elif report.ok and report.job_bound:
+            report.notes.append("not cached: the answer depends on the job's length, which the cache key leaves out")
+        write_outputs(cfg, report, _out_dir(cfg, out_dir))
+        report.elapsed_s = time.perf_counter() - t_start
+        if from_python:
+            report.notes.append("not cached: the model or dataset came from Python, which the config cannot name")
+        elif report.ok and report.reliable and not report.job_bound:
+            try:
+                cache.store(cache_path, fields, report)
+                report.cache_path = str(cache_path)
+            except OSError as e:
+                report.notes.append(f"cache not written ({cache_path}: {e})")
+
+    _on_rank_0(write, cfg.dist.timeout_s)
     return report
+
+
+def _on_rank_0(write: Callable[[], None], timeout_s: float) -> None:
+    """``write()`` (the files and the cache) on rank 0 alone; under torchrun the other ranks wait for it and end
+    with its error if it fails. A rank that returned at once used to leave its node's agent in torchrun's exit
+    barrier for 300 s while rank 0's node failed, instead of the job ending with rank 0's error."""
+    distributed.decide("autotune-written", write, timeout_s)
 
 
 def _answer_from_cache(
@@ -161,12 +171,14 @@ def _answer_from_cache(
     report.cached, report.cache_path, report.files = True, str(cache_path), {}
     report.config_name = cfg.name
     report.world_size = dist_info().world_size
-    if not dist_info().is_main:
-        return report  # every rank read the same answer; rank 0 writes the files
-    report.elapsed_s = time.perf_counter() - t_start  # before the files, so the JSON holds it
-    write_outputs(cfg, report, _out_dir(cfg, out_dir))
-    report.elapsed_s = time.perf_counter() - t_start
-    log.info("autotune: answered from the cache %s", cache_path)
+
+    def write() -> None:  # every rank read the same answer; rank 0 writes the files
+        report.elapsed_s = time.perf_counter() - t_start  # before the files, so the JSON holds it
+        write_outputs(cfg, report, _out_dir(cfg, out_dir))
+        report.elapsed_s = time.perf_counter() - t_start
+        log.info("autotune: answered from the cache %s", cache_path)
+
+    _on_rank_0(write, cfg.dist.timeout_s)
     return report
 
 

@@ -869,3 +869,39 @@ def test_a_read_only_out_folder_is_refused_before_the_search(tmp_path, monkeypat
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1, err
     assert "autotune --out" in err and "Read-only file system" in err and str(tmp_path / "out") in err
+
+
+def test_under_torchrun_every_rank_waits_for_rank_0s_files_and_ends_with_its_error(tmp_path, monkeypatch):
+    """Rank 0 writes the answer's files; the other ranks wait for it and end with its error when the writing
+    fails. They used to return at once, and their node's torchrun agent then sat in the exit barrier for 300 s
+    while rank 0's node failed."""
+    from fasttrain import distributed as D
+
+    me = {"rank": 0}
+    monkeypatch.setattr(D, "dist_info", lambda env=None: D.DistInfo(rank=me["rank"], world_size=2))
+    monkeypatch.setattr(RUN, "dist_info", lambda env=None: D.DistInfo(rank=me["rank"], world_size=2))
+    monkeypatch.setattr(D, "_JOINED", D._Joined(torch.distributed.HashStore(), 1, job="j"))
+    monkeypatch.setattr(D, "_DECIDED", {})
+    cfg = load_config("quickstart", ["dist.timeout_s=5"])
+    written = []
+
+    def writes(cfg, report, out):
+        if len(written) == 1:
+            raise OSError(28, "No space left on device", str(out / "autotune.json"))
+        written.append(out)
+
+    monkeypatch.setattr(RUN, "write_outputs", writes)
+
+    def on_rank(rank):
+        me["rank"] = rank
+        D._DECIDED.clear()  # each rank counts its own calls
+        return RUN._answer_from_cache(cfg, full_report(), tmp_path / "cache.json", tmp_path / "out", 0.0)
+
+    t0 = time.monotonic()
+    assert on_rank(0).config_name == "quickstart" and written == [tmp_path / "out"]
+    assert on_rank(1).files == {} and len(written) == 1  # rank 0 wrote: rank 1 returns, writing nothing
+    D._JOINED.generation = 2  # the next job's attempt: rank 0's disk is full now
+    for rank in (0, 1):  # rank 0 first (one thread): rank 1's wait ends with rank 0's word
+        with pytest.raises(OSError, match=r"No space left on device"):
+            on_rank(rank)
+    assert time.monotonic() - t0 < 4  # answered, not the 5 s dist.timeout_s
