@@ -8,14 +8,16 @@ and nothing here does anything. NCCL on CUDA, gloo on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
 import os
 import pickle
+import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,21 +207,54 @@ def job_token() -> str:
     return _JOINED.job
 
 
-def _store_get(store: Any, key: str, timeout_s: float, prefix: str = "", world_size: int = 0) -> bytes:
+def _store_get(store: Any, key: str, timeout_s: float, prefix: str = "", world_size: int = 0, beats: str = "") -> bytes:
     """``store[key]``, waiting for it at most ``timeout_s`` (an error naming dist.timeout_s). With ``prefix``
     (an attempt's): a rank that stopped with an error (:func:`tell_peers`) ends the wait with :class:`PeerFailed`
-    naming it, as in :func:`store_gather`."""
+    naming it, as in :func:`store_gather`. With ``beats`` (a counter rank 0 raises while it works, see
+    :func:`_beating`): the wait lasts as long as it needs, and ``timeout_s`` counts from the last beat."""
     deadline = time.monotonic() + timeout_s
+    last = -1
     while not store.check([key]):
         if prefix and int(store.add(f"{prefix}/failed", 0)) and not store.check([key]):
             raise PeerFailed(_failure_text(store, prefix, world_size))
+        if beats:
+            beat = int(store.add(beats, 0))
+            if beat != last:
+                last, deadline = beat, time.monotonic() + timeout_s
         if time.monotonic() > deadline:
+            said = "gave no sign of life for" if beats else "did not answer within"
             raise TimeoutError(
-                f"rank {dist_info().rank}: waited {timeout_s:g} s (dist.timeout_s) for rank 0 of the job, which "
-                f"did not answer (ended, or stuck before it joined); see its node's output"
+                f"rank {dist_info().rank}: rank 0 of the job {said} {timeout_s:g} s (dist.timeout_s): it ended, or "
+                f"is stuck{'' if beats else ' before it joined'}; see its node's output"
             )
-        time.sleep(0.02)
+        time.sleep(0.02 if not beats else 0.1)
     return bytes(store.get(key))
+
+
+@contextlib.contextmanager
+def _beating(store: Any, key: str, period_s: float) -> Iterator[None]:
+    """While the block runs, a thread raises the counter ``key`` every ``period_s`` (on a clone of the store: the
+    way to use one from two threads): ranks waiting for a long decision (a dataset index built over minutes)
+    know rank 0 is still alive, and end their wait dist.timeout_s after the beats stop (a rank 0 that died
+    without a word, whose node's agent may have given up without ending the others)."""
+    done = threading.Event()
+    beats = store.clone()
+
+    def beat() -> None:
+        while not done.wait(period_s):
+            try:
+                beats.add(key, 1)
+            except Exception:  # noqa: BLE001 - the store went with the job: nothing left to tell
+                return
+
+    beats.add(key, 1)
+    thread = threading.Thread(target=beat, name="fasttrain-beat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def agree_generation(store: Any, rank: int, world_size: int, timeout_s: float) -> int:
@@ -346,10 +381,13 @@ def _error_box(e: BaseException) -> bytes:
         return pickle.dumps(("error", (RunError, f"{type(e).__name__}: {text}" if text else type(e).__name__)))
 
 
-def decide(name: str, fn: Callable[[], Any], timeout_s: float = 1800.0) -> Any:
+def decide(name: str, fn: Callable[[], Any], timeout_s: float = 1800.0, *, long: bool = False) -> Any:
     """``fn()`` run by rank 0 alone, its result (a picklable value) on every rank, before the process group
     exists (through torchrun's store, once per attempt). An error raised by ``fn`` is raised on every rank, the
-    same type with the same message (one clear message everywhere, instead of ranks that wait)."""
+    same type with the same message (one clear message everywhere, instead of ranks that wait).
+
+    ``long``: ``fn`` may take longer than ``timeout_s`` (indexing a dataset): rank 0 beats while it runs, and
+    the others wait as long as the beats go on, ``timeout_s`` from the last one."""
     info = dist_info()
     if not info.enabled:
         return fn()
@@ -357,9 +395,11 @@ def decide(name: str, fn: Callable[[], Any], timeout_s: float = 1800.0) -> Any:
     _DECIDED[name] = _DECIDED.get(name, 0) + 1  # every rank makes the same calls: the n-th has the same key
     prefix = f"fasttrain/attempt-{_JOINED.generation}"
     key = f"{prefix}/decide/{name}/{_DECIDED[name]}"
+    beats = f"{key}/beats" if long else ""
     if info.rank == 0:
         try:
-            box: tuple[str, Any] = ("ok", fn())
+            with _beating(store, beats, min(timeout_s / 4, 10.0)) if long else contextlib.nullcontext():
+                box: tuple[str, Any] = ("ok", fn())
         except Exception as e:
             store.set(key, _error_box(e))
             raise
@@ -370,7 +410,7 @@ def decide(name: str, fn: Callable[[], Any], timeout_s: float = 1800.0) -> Any:
             raise
         store.set(key, answer)
         return box[1]
-    kind, value = pickle.loads(_store_get(store, key, timeout_s, prefix, info.world_size))
+    kind, value = pickle.loads(_store_get(store, key, timeout_s, prefix, info.world_size, beats))
     if kind == "error":
         typ, text = value
         try:

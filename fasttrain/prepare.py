@@ -114,7 +114,9 @@ def prepare(
     info = distributed.init(resolve_device(cfg.runtime.device).type, timeout_s=cfg.dist.timeout_s)
     if dataset is None:
         cfg = resolve_data_root(cfg)
-        source = indexed_source(cfg.data)  # the dataset index: built once, reused while the files are unchanged
+        source = indexed_source(
+            cfg.data, timeout_s=cfg.dist.timeout_s
+        )  # the dataset index: built once, reused while the files are unchanged
     if not cfg.model.num_outputs and source.num_outputs:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_outputs=source.num_outputs))
     device = {}

@@ -767,17 +767,16 @@ def _sourced(data: DataConfig, root: Path) -> tuple[DataSource, DatasetIndex | N
     return result.index.source(root), result.index
 
 
-def indexed_source(data: DataConfig, root: str | os.PathLike | None = None) -> DataSource:
+def indexed_source(data: DataConfig, root: str | os.PathLike | None = None, *, timeout_s: float = 1800.0) -> DataSource:
     """What :func:`~fasttrain.data.sources.discover` finds, from the dataset index (built when missing or
     stale). Under torchrun rank 0 alone walks and builds; the others receive its index (or its error).
 
     Rank 0 alone also decides whether ``data.root`` names tar shards (they carry their own index: every rank
     then discovers them itself): a node whose copy differs or is missing takes rank 0's way, never another
     collective than rank 0's. The other ranks wait for rank 0's answer (ready, or its error) through torchrun's
-    store, without dist.timeout_s: a cold listing of a large dataset may take longer than that; only then does
-    the index itself come through the process group's broadcast, which rank 0 is ready to send."""
-    import math
-
+    store as long as rank 0 beats (a cold listing of a large dataset may take longer than ``timeout_s``,
+    dist.timeout_s), and ``timeout_s`` after its beats stop (a rank 0 that died or froze); only then does the
+    index itself come through the process group's broadcast, which rank 0 is ready to send."""
     from fasttrain import distributed
 
     given = root if root is not None else data.root
@@ -801,9 +800,9 @@ def indexed_source(data: DataConfig, root: str | os.PathLike | None = None) -> D
             return ("error", type(e).__name__, str(e))
         return ("index",) if made["payload"] is not None else ("discover",)
 
-    # A small status through the store, no time bound (the store's wait watches nothing else: rank 0's error
-    # comes as the answer, a rank 0 that died ends the job through torchrun); the index bytes then follow.
-    got = distributed.decide("dataset-index", rank_0, timeout_s=math.inf)
+    # A small status through the store while rank 0 beats (rank 0's error comes as the answer); the index bytes
+    # then follow.
+    got = distributed.decide("dataset-index", rank_0, timeout_s, long=True)
     if got[0] == "error":
         if info.is_main:
             raise made["error"]

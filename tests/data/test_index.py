@@ -398,11 +398,11 @@ class FakeJob:
         monkeypatch.setattr(distributed, "broadcast_object", self.broadcast)
         self.rank = rank
 
-    def decide(self, name, fn, timeout_s=1800.0):
+    def decide(self, name, fn, timeout_s=1800.0, *, long=False):
         if self.rank == 0:
             FakeJob.decided.append(fn())
             return FakeJob.decided[-1]
-        FakeJob.waits.append(timeout_s)
+        FakeJob.waits.append((timeout_s, long))
         if not FakeJob.decided:
             pytest.fail("rank 1 waits for a decision rank 0 never makes")
         return FakeJob.decided[-1]
@@ -444,16 +444,17 @@ def test_rank_0_s_error_is_raised_on_every_rank(tmp_path, monkeypatch):
     assert str(other.value) == str(first.value)
 
 
-def test_rank_1_waits_for_rank_0_through_the_store_without_dist_timeout_s(shapes, monkeypatch):
-    """A cold listing may outlast dist.timeout_s: the other ranks wait for rank 0's word without that bound, and
-    only then take the index from the broadcast (rank 0 is ready to send it)."""
+def test_rank_1_waits_for_rank_0_through_the_store_while_rank_0_beats(shapes, monkeypatch):
+    """A cold listing may outlast dist.timeout_s: the other ranks wait for rank 0's word as long as rank 0 beats
+    (dist.timeout_s after its last beat), and only then take the index from the broadcast (rank 0 is ready to
+    send it)."""
     data = DataConfig(root=str(shapes))
     FakeJob.reset()
     FakeJob(monkeypatch, 0)
-    indexed_source(data)
+    indexed_source(data, timeout_s=7.0)
     FakeJob(monkeypatch, 1)
-    indexed_source(data)
-    assert FakeJob.waits == [float("inf")]
+    indexed_source(data, timeout_s=7.0)
+    assert FakeJob.waits == [(7.0, True)]
 
 
 _SLOW_RANK_0 = """
@@ -470,7 +471,7 @@ distributed.init("cpu", timeout_s=2.0)
 if distributed.current().is_main:
     build = index.load_or_build
     index.load_or_build = lambda *a, **k: (time.sleep(5), build(*a, **k))[1]  # a cold listing, past the timeout
-print("samples", len(index.indexed_source(DataConfig(root=sys.argv[1])).train), flush=True)
+print("samples", len(index.indexed_source(DataConfig(root=sys.argv[1]), timeout_s=2.0).train), flush=True)
 distributed.shutdown()
 """
 
@@ -479,7 +480,8 @@ distributed.shutdown()
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
 def test_a_listing_longer_than_dist_timeout_s_is_waited_for(tmp_path):
     """Two real ranks (gloo, dist.timeout_s = 2 s), rank 0's listing 5 s: rank 1 waited in the broadcast and
-    timed out ("Timed out waiting 2000ms"); it now waits through the store and both get the index."""
+    timed out ("Timed out waiting 2000ms"); it now waits through the store while rank 0 beats, and both get the
+    index."""
     import socket
     import subprocess
     import sys

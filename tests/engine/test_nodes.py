@@ -160,6 +160,59 @@ def test_rank_0s_error_that_cannot_be_pickled_and_a_failed_rank_end_the_wait_at_
     assert time.monotonic() - t0 < 10  # not the 30 s timeout
 
 
+def test_a_long_decision_is_waited_for_while_rank_0_beats_and_not_once_the_beats_stop(monkeypatch):
+    """``decide(..., long=True)`` (the dataset index): rank 0's work may outlast dist.timeout_s while it beats;
+    a rank 0 that stops beating (died without a word, its node's agent gone) ends the wait dist.timeout_s after
+    the last beat, instead of never."""
+
+    class PerRank(threading.local):  # each rank (thread) its own rank and its own count of decisions
+        rank = 0
+
+        def __init__(self):
+            self.counts = {}
+
+        def get(self, key, default=None):
+            return self.counts.get(key, default)
+
+        def __getitem__(self, key):
+            return self.counts[key]
+
+        def __setitem__(self, key, value):
+            self.counts[key] = value
+
+    me = PerRank()
+    monkeypatch.setattr(D, "dist_info", lambda env=None: D.DistInfo(rank=me.rank, world_size=2))
+    monkeypatch.setattr(D, "_DECIDED", me)
+    store = torch.distributed.HashStore()
+    monkeypatch.setattr(D, "_JOINED", D._Joined(store, 1, job="j"))
+    got: dict[int, object] = {}
+
+    def rank(r, fn):
+        me.rank = r
+        me.counts.clear()
+        try:
+            got[r] = D.decide("index", fn, timeout_s=0.4, long=True)
+        except BaseException as e:  # noqa: BLE001 - asserted below
+            got[r] = e
+
+    def slow():
+        time.sleep(1.5)  # past the 0.4 s timeout: only the beats (every 0.1 s) keep rank 1 waiting
+        return "index"
+
+    threads = [threading.Thread(target=rank, args=(r, slow)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert got == {0: "index", 1: "index"}
+    D._JOINED.generation = 2  # the next attempt: rank 0 beat twice, then died
+    store.add("fasttrain/attempt-2/decide/index/1/beats", 2)
+    t0 = time.monotonic()
+    rank(1, lambda: pytest.fail("only rank 0 decides"))
+    assert isinstance(got[1], TimeoutError) and "rank 0 of the job gave no sign of life for 0.4 s" in str(got[1])
+    assert time.monotonic() - t0 < 5
+
+
 def test_decide_outside_torchrun_just_runs_the_function():
     assert D.decide("x", lambda: 42) == 42
 
@@ -600,7 +653,10 @@ def test_a_killed_rank_restarts_once_and_ends_bit_identical(shapes_root, tmp_pat
     else:  # its folder is trained in again, not left behind empty beside a second one
         assert "its start ended before the first checkpoint; training afresh in" in err
     found = _runs(tmp_path / "runs", *(n / "runs" for n in nodes))
-    assert len(found) == 1, found  # found again after the restart, not a second folder; none on the other node
+    assert len(found) == 1, (
+        found,
+        err[-6000:],
+    )  # found again after the restart, not a second folder; none on the other node
     _identical(_weights(found[0]), _weights(straight))
     records = [json.loads(x) for x in (found[0] / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if "event" not in r] == [1, 2]
