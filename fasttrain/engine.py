@@ -1125,7 +1125,8 @@ class Trainer:
         """After the first epoch: its measured times decide the rest. Its training is counted at the rate after
         its first step (the first carries the loader's start and warm-up, which later epochs do not pay); its
         evaluation and the rest of its end (checkpoint, record) as they took. A changed plan rewrites
-        config.toml and the epoch's last.pt, so that a resume from it follows the plan."""
+        config.toml and writes the epoch's last.pt (whatever train.checkpoint_every says), so that a resume
+        follows the plan."""
         train_s = float(record.get("epoch_time_s") or 0.0)
         steps = max(self._epoch_steps(0), 1)
         if self._steady_rate:
@@ -1151,8 +1152,9 @@ class Trainer:
         self._set_plan(total)
         if self.is_main:
             write_run_config(self.run_dir, dump_config(self.cfg))
-        if self.state.epoch % self.tc.checkpoint_every == 0:  # the epoch's last.pt, written before the re-plan
-            self.ckpts.save_last()
+        # The epoch's last.pt, written before the re-plan, again; or, on an epoch train.checkpoint_every skips, a
+        # first one: the newest may be a step checkpoint of this epoch, which holds the old plan.
+        self.ckpts.save_last()
 
     def _replan_inside(self, epoch: int, n_micro: int, rate: float) -> int:
         """The one re-plan of a budget whose first plan ends inside the first epoch, halfway through it: from

@@ -229,6 +229,39 @@ def test_a_budget_run_killed_after_the_replan_resumes_exactly(shapes_root, tmp_p
         assert (a["train_loss"], a["val_loss"], a["lr"]) == (b["train_loss"], b["val_loss"], b["lr"])
 
 
+def test_a_replan_on_an_epoch_without_its_checkpoint_writes_one_so_a_resume_follows_it(
+    shapes_root, tmp_path, monkeypatch
+):
+    """train.checkpoint_every = 2 and a step checkpoint at step 2: after the first epoch's re-plan (4 -> 8 steps)
+    the newest last.pt was that step checkpoint, which holds the first plan, and a run killed at step 4 resumed
+    along it (4 steps instead of 8). The re-plan now writes the epoch's last.pt whatever the interval."""
+    from fasttrain.engine import train
+    from fasttrain.tasks.classify import ClassifyTask
+
+    extra = (*EXTRA, "train.checkpoint_every=2", "train.checkpoint_every_steps=2", "runtime.precision=fp32")
+    _fake_plan(monkeypatch, 4, 8)
+    straight = train(tiny_cfg(shapes_root, tmp_path / "a", *extra, epochs=9), progress=False)
+    assert [r["step"] for r in straight.history] == [3, 6, 8]
+
+    def die(self, state, batch, run_dir):
+        if state.step == 4:
+            raise _Stop
+
+    _fake_plan(monkeypatch, 4, 8)
+    with monkeypatch.context() as m:
+        m.setattr(ClassifyTask, "on_step_end", die)
+        with pytest.raises(_Stop):
+            train(tiny_cfg(shapes_root, tmp_path / "b", *extra, epochs=9), progress=False)
+    (run,) = (tmp_path / "b").iterdir()
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (ckpt["state"]["step"], ckpt["config"]["train"]["total_steps"]) == (3, 8)  # the re-plan's, not step 2's
+    monkeypatch.setattr(budget, "plan_steps", None)
+    resumed = train(resume=run, progress=False)
+    wa, wb = _weights(straight.run_dir), _weights(run)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [r["step"] for r in resumed.history] == [3, 6, 8]
+
+
 def test_a_plan_inside_the_first_epoch_is_replanned_halfway_and_resumes_exactly(shapes_root, tmp_path, monkeypatch):
     """The first plan (4 steps) ends inside the 6-step first epoch: the one re-plan comes at step 2, from the steps'
     own time (8 steps: the first epoch whole, 2 more), not after the epoch; a run killed after it resumes along
