@@ -1212,11 +1212,22 @@ class Trainer:
         import warnings
 
         from fasttrain.budget import epochs_of
+        from fasttrain.optim import held_warmup, warmup_steps
 
+        step = self.state.step
+        # A re-plan during the run keeps the warm-up the run has been following (its cap at half the run would
+        # otherwise move with the run's length: a longer plan inside the warm-up cut the rate back, one after it
+        # sent the rate back into a warm-up). Before the first step the plan sets it.
+        first = next(iter(self.state.schedulers.values()), None)
+        held = (
+            warmup_steps(self.cfg.schedule, self.steps_per_epoch, self.total_steps, held_warmup(first))
+            if step
+            else None
+        )
         self.tc.total_steps = self.total_steps = total
         self.tc.epochs = epochs_of(total, self.steps_per_epoch)
         warmup = round(self.cfg.schedule.warmup_epochs * self.steps_per_epoch)
-        if warmup > total // 2 and self.cfg.schedule.name != "onecycle":  # onecycle's rise is a share of the run
+        if step == 0 and warmup > total // 2 and self.cfg.schedule.name != "onecycle":  # onecycle's: a share
             log.info(
                 "time budget: schedule.warmup_epochs = %g (%d steps) is more than half the plan's %d steps: the "
                 "warm-up takes %d steps, so the rate still decays to its end",
@@ -1225,11 +1236,10 @@ class Trainer:
                 total,
                 total // 2,
             )
-        step = self.state.step
         for k, opt in self.state.optimizers.items():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "scheduler.step() before optimizer.step()"
-                sched = make_scheduler(opt, self.cfg.schedule, self.steps_per_epoch, total)
+                sched = make_scheduler(opt, self.cfg.schedule, self.steps_per_epoch, total, warmup=held)
                 if step:
                     sched.last_epoch = step - 1
                     sched.step()

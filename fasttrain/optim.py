@@ -8,6 +8,7 @@ wrapped in ``LambdaLR``, so they are tested without training and resume exactly 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 
@@ -21,7 +22,9 @@ from fasttrain.timm_support import timm_optimizer
 __all__ = [
     "make_optimizer",
     "lr_factor",
+    "held_warmup",
     "make_scheduler",
+    "warmup_steps",
     "param_groups",
     "Lookahead",
     "sgd",
@@ -165,7 +168,7 @@ def _warmup(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps: i
     """Warmup's length in steps, and the factor while in it (None after it). The warm-up takes at most half of
     the run's steps: a run shorter than its warm-up (a time budget's plan, a short smoke run) would otherwise end
     before its rate ever decays."""
-    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total_steps // 2)
+    warmup = warmup_steps(cfg, steps_per_epoch, total_steps)
     return warmup, ((step + 1) / warmup if step < warmup else None)
 
 
@@ -214,12 +217,55 @@ def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps:
     return schedule(cfg, step, max(1, steps_per_epoch), max(1, total_steps))
 
 
+class _Rate:
+    """The scheduler's function of the step: ``schedule.name``'s, with the warm-up's length held at
+    ``warmup_steps`` once a run has set it (see :func:`held_warmup`). ``warmup_steps`` is the one attribute in
+    ``__dict__`` (the others are slots): LambdaLR's state_dict saves a callable object's ``__dict__``, so the held
+    length travels in the checkpoint and a resume restores it."""
+
+    __slots__ = ("schedule", "cfg", "spe", "total", "_held", "__dict__")
+
+    def __init__(self, cfg: ScheduleConfig, spe: int, total: int, warmup_steps: int | None = None):
+        self.schedule = registry.resolve("schedules", cfg.name)
+        self.cfg, self.spe, self.total = cfg, spe, total
+        self._held: tuple[int | None, ScheduleConfig] | None = None
+        self.warmup_steps = warmup_steps
+
+    def __call__(self, step: int) -> float:
+        cfg = self.cfg
+        if self.warmup_steps is not None:
+            if self._held is None or self._held[0] != self.warmup_steps:
+                held = dataclasses.replace(self.cfg, warmup_epochs=self.warmup_steps / self.spe)
+                self._held = (self.warmup_steps, held)
+            cfg = self._held[1]
+        return self.schedule(cfg, step, self.spe, self.total)
+
+
+def warmup_steps(cfg: ScheduleConfig, steps_per_epoch: int, total_steps: int, held: int | None = None) -> int:
+    """The warm-up's length in steps: ``schedule.warmup_epochs`` (or a ``held`` length) at most half the run."""
+    want = held if held is not None else int(round(cfg.warmup_epochs * max(1, steps_per_epoch)))
+    return min(want, max(1, total_steps) // 2)
+
+
+def held_warmup(scheduler: torch.optim.lr_scheduler.LRScheduler | None) -> int | None:
+    """The warm-up length a scheduler holds (None: it follows the config)."""
+    fns = getattr(scheduler, "lr_lambdas", None) or [None]
+    return getattr(fns[0], "warmup_steps", None) if isinstance(fns[0], _Rate) else None
+
+
 def make_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, steps_per_epoch: int, total_steps: int
+    optimizer: torch.optim.Optimizer,
+    cfg: ScheduleConfig,
+    steps_per_epoch: int,
+    total_steps: int,
+    *,
+    warmup: int | None = None,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    schedule = registry.resolve("schedules", cfg.name)
+    """LambdaLR over ``schedule.name``'s function. ``warmup``: the warm-up's length held in steps, whatever the
+    run's length (a time budget's re-plan during a run keeps the warm-up it started with; its cap at half the
+    run then moved it, and the rate jumped)."""
     spe, total = max(1, steps_per_epoch), max(1, total_steps)
     lookahead = getattr(optimizer, "fasttrain_lookahead", None)
     if lookahead is not None:  # the run's length, which its pulls grow with (a time budget may change it)
         lookahead.total_steps = total
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: schedule(cfg, i, spe, total))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Rate(cfg, spe, total, warmup))

@@ -262,6 +262,40 @@ def test_a_replan_on_an_epoch_without_its_checkpoint_writes_one_so_a_resume_foll
     assert [r["step"] for r in resumed.history] == [3, 6, 8]
 
 
+def test_a_replan_keeps_the_warm_up_the_run_started_with_and_a_resume_keeps_it_too(shapes_root, tmp_path, monkeypatch):
+    """schedule.warmup_epochs = 2 (6 steps) is capped at half the first plan's 4 steps: 2. The re-plan to 11
+    steps after the first epoch used to move the cap to 5, sending the rate at step 3 (past its warm-up, decaying)
+    back into a warm-up; the run now keeps 2, and a run killed after the re-plan resumes with it."""
+    from fasttrain.engine import train
+    from fasttrain.tasks.classify import ClassifyTask
+
+    extra = ("train.time_budget_s=30", "schedule.name=linear", "schedule.warmup_epochs=2", "runtime.precision=fp32")
+    _fake_plan(monkeypatch, 4, 11)
+    straight = train(tiny_cfg(shapes_root, tmp_path / "a", *extra, epochs=9), progress=False)
+    lrs = [r["lr"] for r in straight.history]
+    assert [r["step"] for r in straight.history] == [3, 6, 9, 11]
+    peak = 0.005
+    assert lrs[0] == pytest.approx(peak * (1 - 1 / 2))  # the first plan: warm-up 2, falling over 2 more steps
+    # the re-plan: still warm-up 2, then a straight line down to step 11 (a warm-up of 5 gave 5/6 and 2/6)
+    assert lrs[1:] == pytest.approx([peak * (1 - 4 / 9), peak * (1 - 7 / 9), 0.0], abs=1e-12)
+
+    def die(self, state, batch, run_dir):
+        if state.step == 7:
+            raise _Stop
+
+    _fake_plan(monkeypatch, 4, 11)
+    with monkeypatch.context() as m:
+        m.setattr(ClassifyTask, "on_step_end", die)
+        with pytest.raises(_Stop):
+            train(tiny_cfg(shapes_root, tmp_path / "b", *extra, epochs=9), progress=False)
+    (run,) = (tmp_path / "b").iterdir()
+    monkeypatch.setattr(budget, "plan_steps", None)
+    resumed = train(resume=run, progress=False)
+    assert [r["lr"] for r in resumed.history] == lrs
+    wa, wb = _weights(straight.run_dir), _weights(run)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_a_plan_inside_the_first_epoch_is_replanned_halfway_and_resumes_exactly(shapes_root, tmp_path, monkeypatch):
     """The first plan (4 steps) ends inside the 6-step first epoch: the one re-plan comes at step 2, from the steps'
     own time (8 steps: the first epoch whole, 2 more), not after the epoch; a run killed after it resumes along
