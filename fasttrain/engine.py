@@ -397,6 +397,15 @@ def _resumed_config(run_dir: Path, overrides: list[str] | None, last: Path | Non
     return cfg, ckpt
 
 
+def _late_replan_epoch(total: int, steps_per_epoch: int) -> int:
+    """After how many epochs a plan of ``total`` steps re-plans a second time: the epoch that passes half its
+    steps, when at least 3 epochs since the first re-plan and 3 after it are left to measure and to correct
+    (0: no second re-plan). Derived from the plan alone, so every rank agrees."""
+    epochs = -(-total // max(1, steps_per_epoch))
+    late = (total // 2) // max(1, steps_per_epoch)
+    return late if late >= 4 and epochs - late >= 3 else 0
+
+
 def _overrides_of(cfg: Config, saved: Config) -> list[str]:
     """A torchrun restart resumes with the settings the job was started with (those a resume may change); a run
     whose length is a step plan (``train.total_steps``, a time budget's) keeps its plan."""
@@ -838,6 +847,10 @@ class Trainer:
         self._replan_step = 0
         """A time budget whose first plan ends inside the first epoch re-plans at this step (0: after the first
         epoch, as a longer plan does; -1: done)."""
+        self._late_epoch = 0
+        """A plan of many epochs re-plans once more after this many epochs (about half of them; 0: none)."""
+        self._epoch_walls: list[tuple[int, float, float | None, float]] = []
+        """(epoch, training s, evaluation s or None, wall s) of the epochs since the first re-plan."""
 
     def _run_length(self) -> int:
         """The run's optimizer steps: ``train.total_steps`` when set (a time budget's plan; train.epochs becomes
@@ -1015,8 +1028,16 @@ class Trainer:
                     )
                 )
                 budgeted = self.tc.time_budget_s and self.ckpt is None and not self._replan_step
-                if budgeted and epoch == 0 and not stop and not last:
-                    self._replan_budget(time.perf_counter() - t_epoch, record)
+                if budgeted and not stop and not last:
+                    wall = time.perf_counter() - t_epoch
+                    if epoch == 0:
+                        self._replan_budget(wall, record)
+                    elif self._late_epoch:
+                        self._epoch_walls.append(
+                            (epoch, float(record.get("epoch_time_s") or 0.0), record.get("eval_time_s"), wall)
+                        )
+                        if epoch + 1 == self._late_epoch:
+                            self._replan_late()
                 if self.on_epoch_end is not None:
                     self.on_epoch_end(state, record)
                 if stop:
@@ -1137,6 +1158,7 @@ class Trainer:
         total, elapsed, _ = self._planned(
             max(train_s / steps, 1e-6), eval_s, final_s=self._final_s(eval_s), end_s=end_s, done=self.state.step
         )
+        self._late_epoch = _late_replan_epoch(total, self.steps_per_epoch)
         if total == self.total_steps:
             return
         log.info(
@@ -1149,12 +1171,50 @@ class Trainer:
             _plan_words(total, self.steps_per_epoch),
             _plan_words(self.total_steps, self.steps_per_epoch),
         )
+        self._take_plan(total)
+
+    def _take_plan(self, total: int) -> None:
+        """A re-plan at an epoch's end: the schedule stretched to ``total`` steps, config.toml rewritten, and the
+        epoch's last.pt written (again, or, on an epoch train.checkpoint_every skips, a first one: the newest may
+        be a step checkpoint of this epoch, which holds the old plan), so that a resume follows the new plan."""
         self._set_plan(total)
         if self.is_main:
             write_run_config(self.run_dir, dump_config(self.cfg))
-        # The epoch's last.pt, written before the re-plan, again; or, on an epoch train.checkpoint_every skips, a
-        # first one: the newest may be a step checkpoint of this epoch, which holds the old plan.
         self.ckpts.save_last()
+
+    def _replan_late(self) -> None:
+        """The second and last re-plan of a plan of many epochs, about halfway: from the epochs trained since the
+        first (their steps, evaluations and ends as they took). The first epoch's end carries what only it pays
+        (the first checkpoint, a loader's start), and priced at that cost over every later epoch's end it left
+        a tenth of a short budget unused (60 s of ~160 small epochs)."""
+        seen = self._epoch_walls
+        steps = sum(self._epoch_steps(e) for e, *_ in seen)
+        train_s = sum(t / self._size_scale(e) for e, t, _, _ in seen)  # at the first epoch's image size
+        evals = [float(v) for _, _, v, _ in seen if v is not None]
+        eval_s = sum(evals) / len(evals) if evals else self._eval_s(len(self.source.val or []))
+        end_s = sum(max(w - t - float(v or 0.0), 0.0) for _, t, v, w in seen) / len(seen)
+        total, elapsed, _ = self._planned(
+            max(train_s / max(steps, 1), 1e-6),
+            eval_s,
+            final_s=self._final_s(eval_s if evals else None),
+            end_s=end_s,
+            done=self.state.step,
+        )
+        self._late_epoch = 0
+        if total == self.total_steps:
+            return
+        log.info(
+            "time budget: the last %d epochs took %.2f s per step, %.1f s per evaluation and %.2f s more each "
+            "(%.1f s spent so far): %s instead of %s",
+            len(seen),
+            train_s / max(steps, 1),
+            eval_s if evals else 0.0,
+            end_s,
+            elapsed,
+            _plan_words(total, self.steps_per_epoch),
+            _plan_words(self.total_steps, self.steps_per_epoch),
+        )
+        self._take_plan(total)
 
     def _replan_inside(self, epoch: int, n_micro: int, rate: float) -> int:
         """The one re-plan of a budget whose first plan ends inside the first epoch, halfway through it: from

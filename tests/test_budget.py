@@ -296,6 +296,42 @@ def test_a_replan_keeps_the_warm_up_the_run_started_with_and_a_resume_keeps_it_t
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_a_plan_of_many_epochs_replans_once_more_halfway_and_resumes_along_it(shapes_root, tmp_path, monkeypatch):
+    """Plan 4 steps, re-plan 30 after the first epoch (10 epochs of 3), then once more after the epoch that passes
+    half of them (step 15), from the epochs trained since: 24 steps. Every rank derives that epoch from the plan;
+    a run killed after the second re-plan resumes along it."""
+    from fasttrain.engine import _late_replan_epoch, train
+    from fasttrain.tasks.classify import ClassifyTask
+
+    assert [_late_replan_epoch(t, 3) for t in (4, 18, 21, 30, 300)] == [0, 0, 0, 5, 50]
+    extra = (*EXTRA, "runtime.precision=fp32", "schedule.name=linear")
+    asked = _fake_plan(monkeypatch, 4, 30, 24)
+    straight = train(tiny_cfg(shapes_root, tmp_path / "a", *extra, epochs=99), progress=False)
+    assert asked == [0, 3, 15]
+    assert [r["step"] for r in straight.history] == list(range(3, 25, 3))
+    assert straight.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the schedule ends complete at 24
+    assert load_config(straight.run_dir / "config.toml").train.total_steps == 24
+    log = (straight.run_dir / "train.log").read_text()
+    assert "time budget: the last 4 epochs took" in log and "24 steps = 8 epochs" in log
+
+    def die(self, state, batch, run_dir):
+        if state.step == 17:
+            raise _Stop
+
+    _fake_plan(monkeypatch, 4, 30, 24)
+    with monkeypatch.context() as m:
+        m.setattr(ClassifyTask, "on_step_end", die)
+        with pytest.raises(_Stop):
+            train(tiny_cfg(shapes_root, tmp_path / "b", *extra, epochs=99), progress=False)
+    (run,) = (tmp_path / "b").iterdir()
+    monkeypatch.setattr(budget, "plan_steps", None)
+    resumed = train(resume=run, progress=False)
+    wa, wb = _weights(straight.run_dir), _weights(run)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    for a, b in zip(straight.history, resumed.history, strict=True):
+        assert (a["train_loss"], a["val_loss"], a["lr"]) == (b["train_loss"], b["val_loss"], b["lr"])
+
+
 def test_a_plan_inside_the_first_epoch_is_replanned_halfway_and_resumes_exactly(shapes_root, tmp_path, monkeypatch):
     """The first plan (4 steps) ends inside the 6-step first epoch: the one re-plan comes at step 2, from the steps'
     own time (8 steps: the first epoch whole, 2 more), not after the epoch; a run killed after it resumes along
