@@ -238,7 +238,8 @@ def _beating(store: Any, key: str, period_s: float) -> Iterator[None]:
     know rank 0 is still alive, and end their wait dist.timeout_s after the beats stop (a rank 0 that died
     without a word, whose node's agent may have given up without ending the others)."""
     done = threading.Event()
-    beats = store.clone()
+    clone = getattr(store, "clone", None)  # torch >= 2.8; the TCPStore client serialises its own calls before
+    beats = clone() if clone is not None else store
 
     def beat() -> None:
         while not done.wait(period_s):
