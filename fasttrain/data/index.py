@@ -9,6 +9,13 @@ class and target names and what discovery skipped. About 70 bytes per sample at 
 view: indexable, iterable and sliced like a list, a ``str`` made on access; the loaders' pre-check
 (:func:`~fasttrain.data.checks.precheck`) answers from its verdicts without opening a file.
 
+**Unchecked files.** With ``data.header_checks = read`` (``auto`` at 50,000 input files or more) the build opens no
+file: each input is stat'ed (the stat the fingerprint needs anyway) and stored *unchecked* (verdict code 254).
+The pre-check keeps such a file with no header, and the loader judges it by the same rules from the bytes it
+reads (:func:`~fasttrain.data.checks.read_checked`), skipping it as the pre-check would. A fully checked index
+serves every setting; an index with unchecked files serves ``read`` and is built again, checked, for a start that
+resolves to ``start``.
+
 **When it is current.** An index is keyed by the discovery settings (``data.format``, the split folders,
 ``manifest``, ``target_columns``, ``val_fraction``, ``split_seed``, ``max_samples``, ``max_image_pixels``)
 and holds the *listing fingerprint* of the data root: a hash over every visible entry under ``data.root``
@@ -51,7 +58,7 @@ from typing import Any, overload
 
 import numpy as np
 
-from fasttrain.config import ConfigError, DataConfig, default_workers
+from fasttrain.config import ConfigError, DataConfig, default_workers, resolve_header_checks
 from fasttrain.data.checks import FileVerdict, ImageInfo, check_files_stat, image_info
 from fasttrain.data.files import BRACE, URL, is_shard_root
 from fasttrain.data.sources import (
@@ -222,16 +229,24 @@ class IndexedPaths(Sequence[str]):
         """The paths at ``indices`` (what ``Split.subset`` asks for), without making a ``str``."""
         return IndexedPaths(self.table, self.ids[np.asarray(indices, dtype=np.int64)])
 
-    def indexed_precheck(self, max_pixels: int) -> tuple[list[int], list[ImageInfo], list[tuple[str, str]]] | None:
+    def indexed_precheck(
+        self, max_pixels: int, unchecked: bool = False
+    ) -> tuple[list[int], list[ImageInfo | None], list[tuple[str, str]]] | None:
         """(kept positions, their headers, (path, reason) of the others) from the index's verdicts; None when the
-        verdicts were made under another pixel limit or some file was never checked (the caller checks)."""
+        verdicts were made under another pixel limit, or some file was never checked (an index built with
+        ``data.header_checks = read``) and ``unchecked`` is False (the caller checks). With ``unchecked`` such
+        files are kept, their header None: the loader checks each when it reads it."""
         t = self.table
         fmt = t.fmt[self.ids]
-        if max_pixels != t.max_pixels or bool((fmt == _UNCHECKED).any()):
+        todo = fmt == _UNCHECKED
+        if max_pixels != t.max_pixels or (not unchecked and bool(todo.any())):
             return None
         good = np.flatnonzero(fmt != _BAD)
-        g = self.ids[good]
-        infos = _infos(fmt[good], t.width[g], t.height[g], t.pil[g])
+        known = np.flatnonzero(fmt[good] != _UNCHECKED)
+        g = self.ids[good[known]]
+        infos: list[ImageInfo | None] = [None] * len(good)
+        for k, info in zip(known.tolist(), _infos(fmt[good[known]], t.width[g], t.height[g], t.pil[g])):
+            infos[k] = info
         bad = [(self[i], t.reasons.get(int(self.ids[i]), "unreadable")) for i in np.flatnonzero(fmt == _BAD).tolist()]
         return good.tolist(), infos, bad
 
@@ -331,7 +346,7 @@ def index_key(data: DataConfig) -> str:
     if data.format in _BUILT_IN:
         fields = {k: getattr(data, k) for k in _KEY_FIELDS}
     else:
-        fields = {k: v for k, v in dataclasses.asdict(data).items() if k != "root"}
+        fields = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("root", "header_checks")}
     text = json.dumps({"version": INDEX_VERSION, **fields}, sort_keys=True, default=str)
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
@@ -372,6 +387,18 @@ class DatasetIndex:
     @property
     def samples(self) -> int:
         return sum(len(ids) for ids, _, _ in self.splits.values())
+
+    @property
+    def inputs(self) -> int:
+        """Distinct input files (what the header checks read; a file in two splits counts once)."""
+        ids = [ids for ids, _, _ in self.splits.values()]
+        return len(np.unique(np.concatenate(ids))) if ids else 0
+
+    @property
+    def unchecked(self) -> int:
+        """Input files whose header was not checked when the index was built (``data.header_checks = read``)."""
+        ids = [ids for ids, _, _ in self.splits.values()]
+        return int((self.table.fmt[np.unique(np.concatenate(ids))] == _UNCHECKED).sum()) if ids else 0
 
     @property
     def bad(self) -> list[tuple[str, str]]:
@@ -595,16 +622,23 @@ def _relative(root: str, path: str) -> str:
     return path[len(base) :] if path.startswith(base) else path
 
 
-def build_index(data: DataConfig, root: str | os.PathLike, *, threads: int = 0) -> DatasetIndex:
-    """Discover the source, check every input file's header, pack it all (see :func:`_build`)."""
-    return _build(data, str(root), threads)[0]
+def build_index(
+    data: DataConfig, root: str | os.PathLike, *, threads: int = 0, header_checks: str | None = None
+) -> DatasetIndex:
+    """Discover the source, check every input file's header (see ``header_checks``), pack it all (see
+    :func:`_build`)."""
+    return _build(data, str(root), threads, header_checks)[0]
 
 
-def _build(data: DataConfig, root: str, threads: int) -> tuple[DatasetIndex, Listing]:
+def _build(data: DataConfig, root: str, threads: int, header_checks: str | None = None) -> tuple[DatasetIndex, Listing]:
     """Discover the source (``data.format``'s own discovery), check every input file's header, and pack it all
     into a :class:`DatasetIndex`. One walk of the tree serves the fingerprint and the discovery (:class:`_Walk`);
     it is taken first, and each checked file's stat before its bytes are read, so a change during the build
-    makes the index stale at the next start rather than wrongly current."""
+    makes the index stale at the next start rather than wrongly current.
+
+    ``header_checks`` (default ``data.header_checks``; auto: by the number of input files, see
+    :func:`~fasttrain.config.resolve_header_checks`): ``read`` opens no file, each input is only stat'ed (the stat
+    the fingerprint takes anyway) and stored unchecked, for the loaders to check as they read it."""
     walk = _Walk(root)
     with listed_once(walk.listed):
         src = find_source(data, root)
@@ -623,7 +657,10 @@ def _build(data: DataConfig, root: str, threads: int) -> tuple[DatasetIndex, Lis
     todo = np.flatnonzero(inputs_mask)
     paths = list(tb.ids)  # insertion order: id -> path
     todo_paths = [paths[i] for i in todo.tolist()]
-    verdicts = check_files_stat(todo_paths, data.max_image_pixels, threads or _threads())
+    if resolve_header_checks(header_checks or data.header_checks, len(todo_paths)) == "start":
+        verdicts = check_files_stat(todo_paths, data.max_image_pixels, threads or _threads())
+    else:  # no file opened: the stat alone (size, and the fingerprint's (size, mtime))
+        verdicts = [(None, None, st[0], st) for st in map(_stat, todo_paths)]
     table = _table(tb, todo, verdicts, data.max_image_pixels)
     checked = np.full((len(paths), 2), -2, dtype=np.int64)
     took = [(i, v[3]) for i, v in zip(todo.tolist(), verdicts) if v[3] is not None]
@@ -649,6 +686,8 @@ def _table(tb: _TableBuilder, todo: np.ndarray, verdicts: list[FileVerdict], max
     rows: list[tuple[int, int, int, int]] = []
     for i, (info, why, size, _) in zip(todo.tolist(), verdicts):
         sizes[i] = size
+        if info is None and why is None:  # not checked (data.header_checks = read)
+            continue
         if info is None:
             fmt[i], reasons[i] = _BAD, why or "unreadable"
         else:
@@ -721,11 +760,20 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def load_or_build(
-    data: DataConfig, root: str | os.PathLike | None = None, *, beside: bool = False, rebuild: bool = False
+    data: DataConfig,
+    root: str | os.PathLike | None = None,
+    *,
+    beside: bool = False,
+    rebuild: bool = False,
+    header_checks: str | None = None,
 ) -> IndexResult:
     """The current index of ``root`` (default ``data.root``) for these settings: read from beside the data or
     the cache when its listing fingerprint matches, else built and written (``beside``: into
-    ``DATA/.fasttrain-index`` first, else the cache only). ``rebuild``: build even when one is current."""
+    ``DATA/.fasttrain-index`` first, else the cache only). ``rebuild``: build even when one is current.
+    ``header_checks`` (default ``data.header_checks``): an index with every header checked serves any setting;
+    one built without the checks (``read``) serves ``read``, and is built again, checked, where the setting
+    resolves to ``start``."""
+    checks = header_checks or data.header_checks
     t0 = time.perf_counter()
     root = Path(root if root is not None else data.root).expanduser()
     if not root.is_dir():
@@ -737,8 +785,11 @@ def load_or_build(
         if found is not None:
             idx, path = found
             idx.table.set_root(str(root))
-            return IndexResult(idx, True, path, seen, time.perf_counter() - t0)
-    idx, seen = _build(data, str(root), 0)
+            unchecked = idx.unchecked
+            if not unchecked or resolve_header_checks(checks, idx.inputs) == "read":
+                return IndexResult(idx, True, path, seen, time.perf_counter() - t0)
+            log.info("dataset index %s: %d files unchecked, header_checks = %s: rebuilding", path, unchecked, checks)
+    idx, seen = _build(data, str(root), 0, checks)
     saved = _save(idx, (here, cached) if beside else (cached,))
     return IndexResult(idx, False, saved, seen, time.perf_counter() - t0)
 
