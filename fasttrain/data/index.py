@@ -388,17 +388,21 @@ class DatasetIndex:
     def samples(self) -> int:
         return sum(len(ids) for ids, _, _ in self.splits.values())
 
+    def _inputs(self) -> np.ndarray:
+        mask = np.zeros(len(self.table), dtype=bool)
+        for ids, _, _ in self.splits.values():
+            mask[ids] = True
+        return mask
+
     @property
     def inputs(self) -> int:
         """Distinct input files (what the header checks read; a file in two splits counts once)."""
-        ids = [ids for ids, _, _ in self.splits.values()]
-        return len(np.unique(np.concatenate(ids))) if ids else 0
+        return int(self._inputs().sum())
 
     @property
     def unchecked(self) -> int:
         """Input files whose header was not checked when the index was built (``data.header_checks = read``)."""
-        ids = [ids for ids, _, _ in self.splits.values()]
-        return int((self.table.fmt[np.unique(np.concatenate(ids))] == _UNCHECKED).sum()) if ids else 0
+        return int((self._inputs() & (self.table.fmt == _UNCHECKED)).sum())
 
     @property
     def bad(self) -> list[tuple[str, str]]:
@@ -802,7 +806,8 @@ def describe(result: IndexResult) -> str:
     per = idx.nbytes / max(1, idx.samples)
     return (
         f"dataset index {how}{where}: {idx.samples} samples in {', '.join(idx.splits)}, "
-        f"{len(idx.table.reasons)} bad, {len(idx.skipped)} skipped at discovery, {idx.files} files listed, "
+        f"{len(idx.table.reasons)} bad, {f'{n} unchecked (checked as read), ' if (n := idx.unchecked) else ''}"
+        f"{len(idx.skipped)} skipped at discovery, {idx.files} files listed, "
         f"{result.seconds:.2f} s, {per:.0f} B/sample in memory"
     )
 

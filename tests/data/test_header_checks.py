@@ -100,8 +100,20 @@ def test_auto_checks_at_start_below_the_threshold_and_at_read_at_or_above(
     root = tree(tmp_path / "data")  # 15 files
     got = load_or_build(DataConfig(root=str(root))).index
     assert got.unchecked == (15 if expected == "read" else 0)
-    # `fasttrain index` checks every header whatever the size (unless told data.header_checks = read)
-    assert load_or_build(DataConfig(root=str(root)), rebuild=True, header_checks="start").index.unchecked == 0
+
+
+def test_the_index_command_checks_every_header_unless_told_read(tmp_path, cache, monkeypatch, capsys):
+    from fasttrain.cli import main
+
+    monkeypatch.setattr(config_module, "HEADER_CHECKS_AT_START_BELOW", 10)  # auto would say read
+    root = tree(tmp_path / "data")
+    (root / "train" / "class_0" / "img_000.jpg").write_bytes(b"not an image")
+    assert main(["index", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "1 bad," in out and "unchecked" not in out and "BAD" in out
+    assert load_or_build(DataConfig(root=str(root))).index.unchecked == 0
+    assert main(["index", str(root), "--set", "data.header_checks=read"]) == 0
+    assert "15 unchecked" in capsys.readouterr().out
 
 
 def test_a_start_index_serves_a_read_start_and_a_read_index_is_checked_for_a_start_start(tmp_path, cache, monkeypatch):
