@@ -76,12 +76,12 @@ def default_workers(device_type: str = "cuda", local_world_size: int | None = No
 HEADER_CHECKS = ("auto", "start", "read")
 """data.header_checks' values (see DataConfig)."""
 HEADER_CHECKS_AT_START_BELOW = 50_000
-"""data.header_checks = auto: datasets of fewer input files are checked when the index is built."""
+"""data.header_checks = auto: datasets of fewer files (listed under data.root) are checked when the index is built."""
 
 
 def resolve_header_checks(value: str, files: int) -> str:
-    """data.header_checks for a dataset of ``files`` input files: start or read (auto: start below
-    :data:`HEADER_CHECKS_AT_START_BELOW`)."""
+    """data.header_checks for a dataset of ``files`` files (listed under data.root): start or read (auto: start
+    below :data:`HEADER_CHECKS_AT_START_BELOW`)."""
     if value == "auto":
         return "start" if files < HEADER_CHECKS_AT_START_BELOW else "read"
     return value
@@ -181,8 +181,8 @@ class DataConfig:
     the dataset index is built, before the first step: bad files are reported at once), read (the index is built
     from the listing alone, no file opened; each file is checked by the loader when it first reads its bytes,
     and a file refused then is skipped as the pre-check skips it, not counted by max_bad_per_epoch), auto (start
-    below 50,000 files, read at or above: a cold start of a large dataset opens no file). Tasks that need each
-    image's size before training (regression size targets, paired images) check unchecked files at
+    below 50,000 files under data.root, read at or above: a cold start of a large dataset opens no file). Tasks
+    that need each image's size before training (regression size targets, paired images) check unchecked files at
     construction."""
     stream: str = "auto"
     """Remote tar shards (http(s)://, s3://...): auto streams those with an index (.idx, as fasttrain pack writes)

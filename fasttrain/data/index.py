@@ -58,6 +58,7 @@ from typing import Any, overload
 
 import numpy as np
 
+from fasttrain import config as _config
 from fasttrain.config import ConfigError, DataConfig, default_workers, resolve_header_checks
 from fasttrain.data.checks import FileVerdict, ImageInfo, check_files_stat, image_info
 from fasttrain.data.files import BRACE, URL, is_shard_root
@@ -294,21 +295,43 @@ class _Walk:
     """The one walk of a build: each folder's entries (what discovery is then given, :func:`listed_once`) and
     each file's (size, mtime_ns) for the fingerprint, as :func:`listing` takes them. A file that is not image-named
     is stat'ed during the walk, before discovery reads any (a manifest); an image file is stat'ed when its header
-    is checked (the fstat before its first byte is read), or after the checks when discovery did not take it."""
+    is checked (the fstat before its first byte is read), or after the checks when discovery did not take it.
+    When the build will not check headers (``data.header_checks = read``; auto: once ``stat_images_from`` files
+    were listed, the walk's count deciding) the image files are stat'ed during the walk too, from their entries."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, stat_images_from: int | None = None):
         self.root, self.t0 = root, time.perf_counter()
         self.listed: dict[str, Listed] = {}
         self.order: list[tuple[str, list[str], array]] = []  # (folder, file names, their stats; -2: later)
+        self.files = 0
+        early: list[tuple[array, list]] = []  # auto: the folders listed before the count decided, entries kept
         for d, entries in walk_folders(Path(root), warn=False):
             got = self.listed[str(d)] = Listed.of(entries)
-            files = [(e, k) for e, k in zip(entries, got.kinds) if k != "d"]
-            stats = array("q", [-2]) * (2 * len(files))
-            if "f" in got.kinds or "o" in got.kinds:
-                for j, (e, k) in enumerate(files):
-                    if k != "i":
-                        stats[2 * j : 2 * j + 2] = array("q", _stat(e))
-            self.order.append((str(d), [e.name for e, _ in files], stats))
+            files = [e for e, k in zip(entries, got.kinds) if k != "d"]
+            self.files += len(files)
+            if stat_images_from is not None and self.files >= stat_images_from:
+                stats = _stats(files)
+                for held, those in early:  # the count decided: the folders before it too, from their entries
+                    held[:] = _stats(those)
+                early.clear()
+            else:
+                stats = array("q", [-2]) * (2 * len(files))
+                kinds = [k for k in got.kinds if k != "d"]
+                if "f" in got.kinds or "o" in got.kinds:
+                    for j, (e, k) in enumerate(zip(files, kinds)):
+                        if k != "i":
+                            stats[2 * j : 2 * j + 2] = array("q", _stat(e))
+                if stat_images_from is not None:
+                    early.append((stats, files))
+            self.order.append((str(d), [e.name for e in files], stats))
+
+    def sizes(self, ids: dict[str, int], out: np.ndarray) -> None:
+        """``out[ids[path]]`` = each listed file's size, from the stats :meth:`listing` completed."""
+        for d, names, stats in self.order:
+            base = os.path.join(d, "")
+            at = np.array([ids.get(base + name, -1) for name in names], dtype=np.int64)
+            listed = at >= 0
+            out[at[listed]] = np.frombuffer(stats, dtype=np.int64)[::2][listed]
 
     def listing(self, ids: dict[str, int], checked: np.ndarray) -> Listing:
         """The fingerprint :func:`listing` gives of the tree as walked, the stats of checked files taken from
@@ -327,6 +350,19 @@ class _Walk:
                     st[j] = _stat(base + names[j])
             _hash_folder(h, self.root, d, names, stats)
         return Listing(h.hexdigest(), files, len(self.order), time.perf_counter() - self.t0)
+
+
+def _stats(entries: list) -> array:
+    """(st_size, st_mtime_ns) of each entry, one after another (as :func:`_stat` gives them)."""
+    out = array("q")
+    try:
+        for e in entries:
+            st = e.stat()
+            out.append(st.st_size)
+            out.append(st.st_mtime_ns)
+    except OSError:  # one that cannot be stat'ed (a broken link): entry by entry
+        return array("q", [v for e in entries for v in _stat(e)])
+    return out
 
 
 def _stat(e: os.DirEntry | str) -> tuple[int, int]:
@@ -388,21 +424,13 @@ class DatasetIndex:
     def samples(self) -> int:
         return sum(len(ids) for ids, _, _ in self.splits.values())
 
-    def _inputs(self) -> np.ndarray:
-        mask = np.zeros(len(self.table), dtype=bool)
-        for ids, _, _ in self.splits.values():
-            mask[ids] = True
-        return mask
-
-    @property
-    def inputs(self) -> int:
-        """Distinct input files (what the header checks read; a file in two splits counts once)."""
-        return int(self._inputs().sum())
-
     @property
     def unchecked(self) -> int:
         """Input files whose header was not checked when the index was built (``data.header_checks = read``)."""
-        return int((self._inputs() & (self.table.fmt == _UNCHECKED)).sum())
+        mask = np.zeros(len(self.table), dtype=bool)
+        for ids, _, _ in self.splits.values():
+            mask[ids] = True
+        return int((mask & (self.table.fmt == _UNCHECKED)).sum())
 
     @property
     def bad(self) -> list[tuple[str, str]]:
@@ -640,10 +668,12 @@ def _build(data: DataConfig, root: str, threads: int, header_checks: str | None 
     it is taken first, and each checked file's stat before its bytes are read, so a change during the build
     makes the index stale at the next start rather than wrongly current.
 
-    ``header_checks`` (default ``data.header_checks``; auto: by the number of input files, see
-    :func:`~fasttrain.config.resolve_header_checks`): ``read`` opens no file, each input is only stat'ed (the stat
-    the fingerprint takes anyway) and stored unchecked, for the loaders to check as they read it."""
-    walk = _Walk(root)
+    ``header_checks`` (default ``data.header_checks``; auto: by the number of files listed under the root, see
+    :func:`~fasttrain.config.resolve_header_checks`): ``read`` opens no file, each file is only stat'ed in the
+    walk (the stat the fingerprint takes anyway) and every input stored unchecked, for the loaders to check as
+    they read it."""
+    checks = header_checks or data.header_checks
+    walk = _Walk(root, {"start": None, "read": 0}.get(checks, _auto_threshold()))
     with listed_once(walk.listed):
         src = find_source(data, root)
     tb = _TableBuilder(root)
@@ -660,17 +690,19 @@ def _build(data: DataConfig, root: str, threads: int, header_checks: str | None 
         inputs_mask[ids] = True
     todo = np.flatnonzero(inputs_mask)
     paths = list(tb.ids)  # insertion order: id -> path
-    todo_paths = [paths[i] for i in todo.tolist()]
-    if resolve_header_checks(header_checks or data.header_checks, len(todo_paths)) == "start":
+    if resolve_header_checks(checks, walk.files) == "read":  # no file opened: the walk's stats, every input unchecked
+        table = _table(tb, todo, [], data.max_image_pixels)
+        seen = walk.listing(tb.ids, np.full((len(paths), 2), -2, dtype=np.int64))  # what the walk did not stat
+        walk.sizes(tb.ids, table.sizes)
+    else:
+        todo_paths = [paths[i] for i in todo.tolist()]
         verdicts = check_files_stat(todo_paths, data.max_image_pixels, threads or _threads())
-    else:  # no file opened: the stat alone (size, and the fingerprint's (size, mtime))
-        verdicts = [(None, None, st[0], st) for st in map(_stat, todo_paths)]
-    table = _table(tb, todo, verdicts, data.max_image_pixels)
-    checked = np.full((len(paths), 2), -2, dtype=np.int64)
-    took = [(i, v[3]) for i, v in zip(todo.tolist(), verdicts) if v[3] is not None]
-    if took:
-        checked[[i for i, _ in took]] = [st for _, st in took]
-    seen = walk.listing(tb.ids, checked)
+        table = _table(tb, todo, verdicts, data.max_image_pixels)
+        checked = np.full((len(paths), 2), -2, dtype=np.int64)
+        took = [(i, v[3]) for i, v in zip(todo.tolist(), verdicts) if v[3] is not None]
+        if took:
+            checked[[i for i, _ in took]] = [st for _, st in took]
+        seen = walk.listing(tb.ids, checked)
     skipped = [(_relative(root, f), why) for f, why in src.skipped]
     idx = DatasetIndex(
         src.format, index_key(data), seen.fingerprint, seen.files, table, splits,
@@ -690,8 +722,6 @@ def _table(tb: _TableBuilder, todo: np.ndarray, verdicts: list[FileVerdict], max
     rows: list[tuple[int, int, int, int]] = []
     for i, (info, why, size, _) in zip(todo.tolist(), verdicts):
         sizes[i] = size
-        if info is None and why is None:  # not checked (data.header_checks = read)
-            continue
         if info is None:
             fmt[i], reasons[i] = _BAD, why or "unreadable"
         else:
@@ -705,6 +735,11 @@ def _table(tb: _TableBuilder, todo: np.ndarray, verdicts: list[FileVerdict], max
         tb.root, list(tb.folders), np.frombuffer(tb.folder_of.tobytes(), dtype=np.int32), names,
         offsets, sizes, fmt, width, height, pil, reasons, max_pixels,
     )  # fmt: skip
+
+
+def _auto_threshold() -> int:
+    """data.header_checks = auto: the files listed from which a build does not check (read when asked)."""
+    return _config.HEADER_CHECKS_AT_START_BELOW
 
 
 def _threads() -> int:
@@ -790,7 +825,7 @@ def load_or_build(
             idx, path = found
             idx.table.set_root(str(root))
             unchecked = idx.unchecked
-            if not unchecked or resolve_header_checks(checks, idx.inputs) == "read":
+            if not unchecked or resolve_header_checks(checks, idx.files) == "read":
                 return IndexResult(idx, True, path, seen, time.perf_counter() - t0)
             log.info("dataset index %s: %d files unchecked, header_checks = %s: rebuilding", path, unchecked, checks)
     idx, seen = _build(data, str(root), 0, checks)

@@ -81,7 +81,7 @@ def test_read_builds_a_cold_index_without_opening_a_file_and_it_is_warm_next(tmp
     opened = opened_images(monkeypatch)
     built = load_or_build(data)
     assert not built.reused and opened == []
-    assert built.index.unchecked == built.index.inputs == 15 and built.index.bad == []
+    assert built.index.unchecked == built.index.files == 15 and built.index.bad == []
     src = built.index.source()
     pre = precheck(src.train.paths, max_pixels=data.max_image_pixels, threads=1, unchecked=True)
     assert pre.keep == list(range(len(src.train))) and set(pre.infos) == {None} and opened == []
@@ -100,6 +100,7 @@ def test_auto_checks_at_start_below_the_threshold_and_at_read_at_or_above(
     root = tree(tmp_path / "data")  # 15 files
     got = load_or_build(DataConfig(root=str(root))).index
     assert got.unchecked == (15 if expected == "read" else 0)
+    assert got.fingerprint == index.listing(root).fingerprint and load_or_build(DataConfig(root=str(root))).reused
 
 
 def test_the_index_command_checks_every_header_unless_told_read(tmp_path, cache, monkeypatch, capsys):
