@@ -34,7 +34,11 @@ on every backend and in ``predict``.
 construction. A file that still fails inside DALI is identified (DALI names the sample's place in the batch;
 otherwise the batch's samples are decoded one by one), added to ``skipped``, and the pipeline rebuilt; the epoch
 continues with the batch fed again without it (training tops the batch up by repeating samples, as the torch
-loader does). More than ``data.max_bad_per_epoch`` such files in an epoch stop the run with a list.
+loader does). More than ``data.max_bad_per_epoch`` such files in an epoch stop the run with a list. A file the
+dataset index left unchecked (``data.header_checks = read``) is judged by the pre-check's rules from the bytes the
+reader threads read (:func:`~fasttrain.data.checks.read_checked`), then routed and cropped from what its header
+says as a pre-checked file is; one the rules refuse is skipped as above but not counted: the pre-check would have
+skipped it.
 """
 
 from __future__ import annotations

@@ -120,7 +120,8 @@ class IndexUnsupported(ValueError):
 class PathTable:
     """Many file paths in a few arrays: ``folders`` (relative to the root, "" for the root itself),
     ``folder_of`` (int32 per file), the UTF-8 / surrogate-escaped names in one buffer with int64 offsets, and
-    per file its size and check verdict (``fmt``: index into :data:`FORMATS`, 254 unchecked, 255 bad)."""
+    per file its size and check verdict (``fmt``: index into :data:`FORMATS`, 254 unchecked, 255 bad; ``sizes``:
+    bytes, as the check found them, -1 for a file not opened: unchecked)."""
 
     def __init__(
         self,
@@ -324,14 +325,6 @@ class _Walk:
                 if stat_images_from is not None:
                     early.append((stats, files))
             self.order.append((str(d), [e.name for e in files], stats))
-
-    def sizes(self, ids: dict[str, int], out: np.ndarray) -> None:
-        """``out[ids[path]]`` = each listed file's size, from the stats :meth:`listing` completed."""
-        for d, names, stats in self.order:
-            base = os.path.join(d, "")
-            at = np.array([ids.get(base + name, -1) for name in names], dtype=np.int64)
-            listed = at >= 0
-            out[at[listed]] = np.frombuffer(stats, dtype=np.int64)[::2][listed]
 
     def listing(self, ids: dict[str, int], checked: np.ndarray) -> Listing:
         """The fingerprint :func:`listing` gives of the tree as walked, the stats of checked files taken from
@@ -693,7 +686,6 @@ def _build(data: DataConfig, root: str, threads: int, header_checks: str | None 
     if resolve_header_checks(checks, walk.files) == "read":  # no file opened: the walk's stats, every input unchecked
         table = _table(tb, todo, [], data.max_image_pixels)
         seen = walk.listing(tb.ids, np.full((len(paths), 2), -2, dtype=np.int64))  # what the walk did not stat
-        walk.sizes(tb.ids, table.sizes)
     else:
         todo_paths = [paths[i] for i in todo.tolist()]
         verdicts = check_files_stat(todo_paths, data.max_image_pixels, threads or _threads())
@@ -715,7 +707,7 @@ def _table(tb: _TableBuilder, todo: np.ndarray, verdicts: list[FileVerdict], max
     n = len(tb.names)
     fmt = np.full(n, _UNCHECKED, dtype=np.uint8)
     width, height = np.zeros(n, dtype=np.uint32), np.zeros(n, dtype=np.uint32)
-    pil, sizes = np.zeros(n, dtype=np.uint8), np.zeros(n, dtype=np.int64)
+    pil, sizes = np.zeros(n, dtype=np.uint8), np.full(n, -1, dtype=np.int64)  # -1: not opened (as FileVerdict)
     reasons: dict[int, str] = {}
     code = {f: i for i, f in enumerate(FORMATS)}
     good: list[int] = []
