@@ -218,3 +218,27 @@ def test_files_that_fail_to_decode_still_count_when_unchecked(tmp_path, cache, b
     with pytest.raises(BadDataError, match=r"data.max_bad_per_epoch = 1"):
         list(loader)
     loader.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_without_bad_files_read_gives_the_batches_of_start_bit_for_bit(tmp_path, cache, backend):
+    """Same order, same crops and flips, same pixels (awkward files routed through Pillow alike), every epoch."""
+    root = tree(tmp_path / "data", classes=2, per_class=4)
+    badfiles.write_corpus(root / "train" / "class_1", bad={})  # transparent, CMYK, 16-bit: the Pillow route
+    got = {}
+    for checks in ("start", "read"):
+        shutil.rmtree(tmp_path / "cache" / "index", ignore_errors=True)
+        for train in (True, False):
+            loader, src = _loader(backend, root, checks, train=train)
+            assert load_or_build(DataConfig(root=str(root), header_checks=checks)).index.unchecked == (
+                0 if checks == "start" else len(src.train)
+            )
+            for epoch in range(2):
+                loader.set_epoch(epoch)
+                got[checks, train, epoch] = [(b.inputs.clone(), b.targets.clone()) for b in loader]
+            assert loader.skipped == []
+            loader.close()
+    for key in [k for k in got if k[0] == "start"]:
+        a, b = got[key], got[("read", *key[1:])]
+        assert len(a) == len(b) > 0
+        assert all(torch.equal(x, y) and torch.equal(s, t) for (x, s), (y, t) in zip(a, b)), key
