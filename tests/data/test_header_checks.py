@@ -23,6 +23,7 @@ from fasttrain.data.decode import load_image
 from fasttrain.data.index import load_or_build
 from fasttrain.data.loaders import make_loader
 from fasttrain.data.samples import Samples, precheck_samples
+from fasttrain.data.sources import Split
 
 NO_BOMB = {k: v for k, v in badfiles.BAD.items() if k != "bomb.png"}  # huge-header.jpg: the pixel limit, cheaply
 
@@ -242,3 +243,27 @@ def test_without_bad_files_read_gives_the_batches_of_start_bit_for_bit(tmp_path,
         a, b = got[key], got[("read", *key[1:])]
         assert len(a) == len(b) > 0
         assert all(torch.equal(x, y) and torch.equal(s, t) for (x, s), (y, t) in zip(a, b)), key
+
+
+@pytest.mark.parametrize("backend", ["torch", "cache", *BACKENDS[2:]])
+def test_regression_vectors_skip_unchecked_bad_files_when_read_too(tmp_path, cache, backend):
+    root = bad_tree(tmp_path / "data")
+    skipped = {}
+    for checks in ("start", "read"):
+        shutil.rmtree(tmp_path / "cache" / "index", ignore_errors=True)
+        cfg = Config(
+            data=DataConfig(
+                root=str(root), image_size=16, val_fraction=0.0, workers=0, dali_threads=1, loader=backend,
+                header_checks=checks, max_bad_per_epoch=1,
+            )
+        )  # fmt: skip
+        split = index.indexed_source(cfg.data).train
+        vectors = Split(split.name, split.paths, [[float(t), 0.5] for t in split.targets])
+        mean, std = cfg.data.norm_mean_std()
+        spec = InputSpec(torch.device("cpu"), torch.float32, False, tuple(mean), tuple(std))
+        loader = make_loader(backend, LoaderRequest(Samples(vectors, "vector"), False, 2), cfg, spec)
+        targets = torch.cat([b.targets for b in loader])
+        assert targets.shape[1] == 2 and len(targets) == 13  # 2 x 4 plain and 5 awkward good files
+        skipped[checks] = sorted(loader.skipped)
+        loader.close()
+    assert skipped["read"] == skipped["start"] and len(skipped["start"]) >= 7
