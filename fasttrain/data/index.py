@@ -9,8 +9,9 @@ class and target names and what discovery skipped. About 70 bytes per sample at 
 view: indexable, iterable and sliced like a list, a ``str`` made on access; the loaders' pre-check
 (:func:`~fasttrain.data.checks.precheck`) answers from its verdicts without opening a file.
 
-**Unchecked files.** With ``data.header_checks = read`` (``auto`` at 50,000 input files or more) the build opens no
-file: each input is stat'ed (the stat the fingerprint needs anyway) and stored *unchecked* (verdict code 254).
+**Unchecked files.** With ``data.header_checks = read`` (``auto`` at 50,000 files listed under the root or more) the
+build opens no file: each is stat'ed in the walk (the stat the fingerprint needs anyway) and every input stored
+*unchecked* (verdict code 254, size -1).
 The pre-check keeps such a file with no header, and the loader judges it by the same rules from the bytes it
 reads (:func:`~fasttrain.data.checks.read_checked`), skipping it as the pre-check would. A fully checked index
 serves every setting; an index with unchecked files serves ``read`` and is built again, checked, for a start that
