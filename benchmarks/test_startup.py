@@ -5,10 +5,14 @@ round does what ``prepare()`` and the two loaders' constructors do with the file
 
 - ``discover``: no index: list the tree (``discover``) and pre-check the training and validation files' headers
   (every process, every start, as before issue 21);
-- ``cold``: the index does not exist yet: one walk of the tree (a readdir per folder) serves the fingerprint and
-  the discovery, every header is checked once (the fstat of that check is the file's fingerprint stat: no
-  separate stat walk), the index is written (rank 0 or ``fasttrain index``, once per dataset version), then both
-  pre-checks are answered from it;
+- ``cold``: the index does not exist yet, ``data.header_checks`` at its default (auto: ``read`` at 50,000 files
+  or more, so at the gpu size): one walk of the tree (a readdir per folder) serves the fingerprint and the
+  discovery, each input file is stat'ed and none opened (its header is checked by the loader as it reads it), the
+  index is written (rank 0, once per dataset version), then both pre-checks are answered from it; below 50,000
+  files (the cpu size) auto checks every header, as ``cold-checked``;
+- ``cold-checked``: ``cold`` with ``data.header_checks = start``: every header is checked once while the index is
+  built (the fstat of that check is the file's fingerprint stat: no separate stat walk), as ``fasttrain index``
+  does;
 - ``warm``: the index exists and is current: walk the listing (a stat per file, no file opened), read the index,
   both pre-checks answered from it (every later start and restart).
 
@@ -37,6 +41,7 @@ from benchutil import cache_root
 from fasttrain.config import DataConfig
 from fasttrain.data.checks import precheck
 from fasttrain.data.index import load_or_build
+from fasttrain.data.samples import Samples, reads_unchecked
 from fasttrain.data.sources import discover
 
 pytestmark = pytest.mark.benchmark(group="startup")
@@ -81,21 +86,25 @@ def _prechecks(data: DataConfig, src) -> int:
     threads = max(1, data.num_workers)  # as the torch loader asks
     kept = 0
     for split in (src.train, src.val):
-        kept += len(precheck(split.paths, max_pixels=data.max_image_pixels, threads=threads, split=split.name).keep)
+        unchecked = reads_unchecked(Samples(split, "class"), data)  # as the loaders ask for a classification split
+        pre = precheck(
+            split.paths, max_pixels=data.max_image_pixels, threads=threads, split=split.name, unchecked=unchecked
+        )
+        kept += len(pre.keep)
     return kept
 
 
-@pytest.mark.parametrize("mode", ["discover", "cold", "warm"])
+@pytest.mark.parametrize("mode", ["discover", "cold", "cold-checked", "warm"])
 def test_data_startup(benchmark, startup_tree, size, env, mode, tmp_path, monkeypatch):
     root, files, folders = startup_tree
     monkeypatch.setenv("FASTTRAIN_CACHE", str(tmp_path / "cache"))
-    data = DataConfig(root=str(root))
+    data = DataConfig(root=str(root), header_checks="start" if mode == "cold-checked" else "auto")
     index_dir = tmp_path / "cache" / "index"
     held: dict[str, float] = {}
     cpu: list[float] = []
 
     def setup():
-        if mode == "cold":
+        if mode.startswith("cold"):
             shutil.rmtree(index_dir, ignore_errors=True)
         return (), {}
 

@@ -303,7 +303,11 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     cfg = resolve_config(args.config, args.overrides)
     root = Path(args.data).expanduser().resolve()
-    result = load_or_build(dataclasses.replace(cfg.data, root=str(root)), root, beside=True, rebuild=not args.reuse)
+    # The explicit "check once, ahead" command: every header is checked whatever the dataset's size (auto), unless
+    # the config says data.header_checks = read.
+    checks = "read" if cfg.data.header_checks == "read" else "start"
+    data = dataclasses.replace(cfg.data, root=str(root))
+    result = load_or_build(data, root, beside=True, rebuild=not args.reuse, header_checks=checks)
     print(describe(result))
     bad = result.index.bad
     for path, why in bad:
@@ -537,7 +541,8 @@ def _add_index(command: Callable[[str, str, str], argparse.ArgumentParser]) -> N
         "list and header-check a dataset once; every start and rank reuses the index",
         "Discover the dataset (data.format's layout under DATA), check every image's header, and write the "
         "dataset index to DATA/.fasttrain-index/ (the cache when DATA is read-only). Training reuses it while "
-        "no file under DATA was added, removed, resized or touched. Lists the bad files; nothing is modified.",
+        "no file under DATA was added, removed, resized or touched. Lists the bad files; nothing is modified. "
+        "Every header is checked whatever the dataset's size, unless data.header_checks=read is given.",
     )
     p.add_argument("data", help="the dataset folder (data.root)")
     p.add_argument("--config", default=None, help="TOML file or packaged name whose data settings to use")

@@ -73,6 +73,20 @@ def default_workers(device_type: str = "cuda", local_world_size: int | None = No
     return max(1, min(16, (n - 1) // max(1, local_world_size)))
 
 
+HEADER_CHECKS = ("auto", "start", "read")
+"""data.header_checks' values (see DataConfig)."""
+HEADER_CHECKS_AT_START_BELOW = 50_000
+"""data.header_checks = auto: datasets of fewer files (listed under data.root) are checked when the index is built."""
+
+
+def resolve_header_checks(value: str, files: int) -> str:
+    """data.header_checks for a dataset of ``files`` files (listed under data.root): start or read (auto: start
+    below :data:`HEADER_CHECKS_AT_START_BELOW`)."""
+    if value == "auto":
+        return "start" if files < HEADER_CHECKS_AT_START_BELOW else "read"
+    return value
+
+
 def _check(cond: bool, name: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{name}: {msg}")
@@ -162,6 +176,14 @@ class DataConfig:
     max_bad_per_epoch: int = 10
     """A run stops, listing the files, when more than this many files fail to decode within one epoch (files
     the pre-check already skipped do not count): a damaged dataset is not trained on silently."""
+    header_checks: str = "auto"
+    """When each image file's header is checked (format, size, pixel limit, cut short): start (every file when
+    the dataset index is built, before the first step: bad files are reported at once), read (the index is built
+    from the listing alone, no file opened; each file is checked by the loader when it first reads its bytes,
+    and a file refused then is skipped as the pre-check skips it, not counted by max_bad_per_epoch), auto (start
+    below 50,000 files under data.root, read at or above: a cold start of a large dataset opens no file). Tasks
+    that need each image's size before training (regression size targets, paired images) check unchecked files at
+    construction."""
     stream: str = "auto"
     """Remote tar shards (http(s)://, s3://...): auto streams those with an index (.idx, as fasttrain pack writes)
     on the torch loader, read in one pass each, never stored, and downloads the others whole into the cache; on
@@ -231,6 +253,7 @@ class DataConfig:
             f"must be a timm RandAugment string such as rand-m9-mstd0.5-inc1, or empty, got {self.rand_augment!r}",
         )
         _check(self.max_bad_per_epoch >= 0, "data.max_bad_per_epoch", f"must be >= 0, got {self.max_bad_per_epoch}")
+        _choice(self.header_checks, "data.header_checks", HEADER_CHECKS)
         _choice(self.stream, "data.stream", ("auto", "on", "off"))
         _check(
             0 <= self.shuffle_buffer <= 1_000_000,

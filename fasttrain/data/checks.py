@@ -7,7 +7,10 @@ default), a PNG's image data a zlib stream, a JPEG or PNG not cut short (a missi
 full decode). It also says how the file must be decoded so that every backend sees the same pixels
 (:attr:`ImageInfo.pil`). Every loader runs it on all its files once, at construction, with threads
 (:func:`precheck`), and skips what fails; for a split from the dataset index (:mod:`fasttrain.data.index`,
-which ran it once per dataset version) the answers come from the index, no file opened.
+which ran it once per dataset version) the answers come from the index, no file opened. A file the index left
+unchecked (``data.header_checks = read``) is judged by the same rules when a loader reads its bytes
+(:func:`read_checked`, :func:`check_bytes`) and skipped as the pre-check skips: not counted by
+``data.max_bad_per_epoch``.
 
 :func:`check_image` adds the full decode the torch loader does, and notes on odd files; ``check-data`` runs it and
 reports, never modifying, moving or deleting a file.
@@ -57,8 +60,10 @@ __all__ = [
     "check_files_stat",
     "check_header",
     "check_headers",
+    "check_bytes",
     "check_stream",
     "load_checked",
+    "read_checked",
     "UnusableImage",
     "check_image",
     "jpeg_scan_suspect",
@@ -495,22 +500,37 @@ class UnusableImage(ValueError):
     """What :func:`load_checked` raises: the message is the validator's reason, as the pre-check gives it."""
 
 
-def load_checked(path: str, channels: int, max_pixels: int = PILLOW_BOMB_PIXELS) -> Image.Image:
-    """The pre-check and the decode from **one read** of the file (the GPU cache's build: each file opened once,
-    not once for its header and again for its pixels). Raises :class:`UnusableImage` with the reason
-    :func:`check_header` gives, or the decode's own error."""
+def check_bytes(data: bytes, max_pixels: int = PILLOW_BOMB_PIXELS) -> tuple[ImageInfo | None, str | None]:
+    """:func:`check_header`'s verdict on a whole file's bytes already read: :func:`_quick_header` on its first
+    64 KiB and last 64 bytes, as :func:`check_file_stat` judges a file, and on any doubt :func:`check_stream`."""
+    info = _quick_header(data[:_HEAD], data[-64:], max_pixels) if data else None
+    if info is not None:
+        return info, None
+    return check_stream(io.BytesIO(data), max_pixels)
+
+
+def read_checked(path: str, max_pixels: int = PILLOW_BOMB_PIXELS) -> tuple[bytes, ImageInfo]:
+    """A file's bytes, read once, and its header judged from them by the pre-check's rules (a file the index left
+    unchecked, read by a loader). Raises :class:`UnusableImage` with the reason :func:`check_header` gives."""
     try:
         with open_regular(path) as f:
-            data = io.BytesIO(f.read())
+            data = f.read()
     except NotRegularFileError as e:
         raise UnusableImage(e.strerror) from None
     except OSError as e:
         raise UnusableImage(f"cannot be read ({e.strerror or e})") from None
-    _, why = check_stream(data, max_pixels)
-    if why is not None:
-        raise UnusableImage(why)
-    data.seek(0)
-    return decode_image(data, channels, max_pixels)
+    info, why = check_bytes(data, max_pixels)
+    if info is None:
+        raise UnusableImage(why or "unreadable")
+    return data, info
+
+
+def load_checked(path: str, channels: int, max_pixels: int = PILLOW_BOMB_PIXELS) -> Image.Image:
+    """The pre-check and the decode from **one read** of the file (the GPU cache's build: each file opened once,
+    not once for its header and again for its pixels). Raises :class:`UnusableImage` with the reason
+    :func:`check_header` gives, or the decode's own error."""
+    data, _ = read_checked(path, max_pixels)
+    return decode_image(io.BytesIO(data), channels, max_pixels)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -521,8 +541,9 @@ def load_checked(path: str, channels: int, max_pixels: int = PILLOW_BOMB_PIXELS)
 class Precheck:
     keep: list[int]
     """Indices of the paths that passed."""
-    infos: list[ImageInfo]
-    """Per kept path, what its header says."""
+    infos: list[ImageInfo | None]
+    """Per kept path, what its header says (None: not checked yet, only where :func:`precheck` was asked to
+    keep unchecked files)."""
     bad: list[tuple[str, str]]
     """(path, reason) of those that did not, each logged."""
 
@@ -543,12 +564,16 @@ def remembered_prechecks() -> Iterator[dict]:
         _REMEMBERED.reset(token)
 
 
-def precheck(paths: Sequence[str], *, max_pixels: int, threads: int, split: str = "train") -> Precheck:
+def precheck(
+    paths: Sequence[str], *, max_pixels: int, threads: int, split: str = "train", unchecked: bool = False
+) -> Precheck:
     """:func:`check_header` on every path (threads: it is I/O bound); raises :class:`BadDataError` when none passes.
     Paths from the dataset index (:class:`~fasttrain.data.index.IndexedPaths`) are answered from its verdicts,
-    no file opened. Inside :func:`remembered_prechecks` a file list checked before is answered from memory."""
+    no file opened. Inside :func:`remembered_prechecks` a file list checked before is answered from memory.
+    ``unchecked``: files the index holds unchecked (``data.header_checks = read``) are kept with no header (the
+    loader checks each as it reads it); otherwise every file is checked here."""
     indexed = getattr(paths, "indexed_precheck", None)
-    answer = indexed(max_pixels) if indexed is not None else None
+    answer = indexed(max_pixels, unchecked) if indexed is not None else None
     if answer is not None:
         out = Precheck(*answer)
         for path, why in out.bad:

@@ -34,7 +34,11 @@ on every backend and in ``predict``.
 construction. A file that still fails inside DALI is identified (DALI names the sample's place in the batch;
 otherwise the batch's samples are decoded one by one), added to ``skipped``, and the pipeline rebuilt; the epoch
 continues with the batch fed again without it (training tops the batch up by repeating samples, as the torch
-loader does). More than ``data.max_bad_per_epoch`` such files in an epoch stop the run with a list.
+loader does). More than ``data.max_bad_per_epoch`` such files in an epoch stop the run with a list. A file the
+dataset index left unchecked (``data.header_checks = read``) is judged by the pre-check's rules from the bytes the
+reader threads read (:func:`~fasttrain.data.checks.read_checked`), then routed and cropped from what its header
+says as a pre-checked file is; one the rules refuse is skipped as above but not counted: the pre-check would have
+skipped it.
 """
 
 from __future__ import annotations
@@ -59,8 +63,15 @@ import torch
 
 from fasttrain.config import Config, DataConfig, default_workers
 from fasttrain.data.base import Backend, Batch, InputSpec, LoaderRequest, RunSamples, epoch_order
-from fasttrain.data.checks import BadFiles, ImageInfo, jpeg_scan_suspect, pil_decode_error
-from fasttrain.data.decode import DECODE_ERRORS, load_image
+from fasttrain.data.checks import (
+    BadFiles,
+    ImageInfo,
+    UnusableImage,
+    jpeg_scan_suspect,
+    pil_decode_error,
+    read_checked,
+)
+from fasttrain.data.decode import DECODE_ERRORS, decode_image, load_image
 from fasttrain.data.files import open_regular
 from fasttrain.data.order import check_shard, sample_seed
 from fasttrain.data.progressive import TrainSizes, train_sizes
@@ -260,26 +271,32 @@ class _Refused(Exception):
 
 class _Headers:
     """Per sample what the pre-check read from its file's header, as arrays (~10 bytes a sample, where a list of
-    :class:`ImageInfo` takes ~180); an ImageInfo is made on access."""
+    :class:`ImageInfo` takes ~180); an ImageInfo is made on access, None for a file the pre-check left unchecked
+    (``data.header_checks = read``: format code :data:`UNKNOWN`, judged when its bytes are read)."""
 
-    def __init__(self, infos: Sequence[ImageInfo]):
+    UNKNOWN = 255
+
+    def __init__(self, infos: Sequence[ImageInfo | None]):
         n = len(infos)
         self.formats: list[str] = []
         code: dict[str, int] = {}
         for info in infos:  # few formats: one code each
-            if info.format not in code:
+            if info is not None and info.format not in code:
                 code[info.format] = len(self.formats)
                 self.formats.append(info.format)
-        self.format = np.fromiter((code[i.format] for i in infos), np.uint8, n)
-        self.width = np.fromiter((i.width for i in infos), np.int32, n)
-        self.height = np.fromiter((i.height for i in infos), np.int32, n)
-        self.pil = np.fromiter((i.pil for i in infos), np.bool_, n)
+        self.format = np.fromiter((self.UNKNOWN if i is None else code[i.format] for i in infos), np.uint8, n)
+        self.width = np.fromiter((0 if i is None else i.width for i in infos), np.int32, n)
+        self.height = np.fromiter((0 if i is None else i.height for i in infos), np.int32, n)
+        self.pil = np.fromiter((i is not None and i.pil for i in infos), np.bool_, n)
 
     def __len__(self) -> int:
         return len(self.format)
 
-    def __getitem__(self, i: int) -> ImageInfo:
-        return ImageInfo(self.formats[self.format[i]], int(self.width[i]), int(self.height[i]), bool(self.pil[i]))
+    def __getitem__(self, i: int) -> ImageInfo | None:
+        f = int(self.format[i])
+        if f == self.UNKNOWN:
+            return None
+        return ImageInfo(self.formats[f], int(self.width[i]), int(self.height[i]), bool(self.pil[i]))
 
 
 @dataclass
@@ -304,6 +321,9 @@ class _Sample:
     flip: bool = False
     error: tuple[str, str] | None = None
     """(file, reason) when a file of the sample could not be read."""
+    refused: bool = False
+    """The error is the header rules' verdict on a file the pre-check left unchecked: skipped as the pre-check
+    skips, not counted against ``data.max_bad_per_epoch``."""
     data_b: np.ndarray | None = None
     """Pairs of two files: the target file."""
     crop: tuple[float, float] = (0.0, 0.0)
@@ -380,7 +400,9 @@ class _Feeder:
             samples = fut.result()
             for s in samples:
                 if s.error is not None:
-                    L._bad.add(*s.error)  # may stop the run (BadDataError out of pipe.run)
+                    L._bad.add(
+                        s.error[0], s.error[1], counted=not s.refused
+                    )  # may stop the run (BadDataError out of pipe.run)
             ok = [s for s in samples if s.error is None]
             if ok:
                 break
@@ -659,11 +681,15 @@ class DaliLoader:
         """Sample ``i`` has no file known to be bad."""
         return self._paths[i] not in self._bad and (self._paths_b is None or self._paths_b[i] not in self._bad)
 
-    def _encoded(self, path: str, info: ImageInfo) -> bytes:
+    def _encoded(self, path: str, info: ImageInfo, data: bytes | None = None) -> bytes:
+        """The bytes DALI decodes (``data``: the file's, already read)."""
         if info.pil:  # Pillow's pixels with the shared rules (alpha on white), as an uncompressed image
+            if data is not None:
+                return _pnm(decode_image(io.BytesIO(data), self.data.channels, self.data.max_image_pixels))
             return _pnm(load_image(path, self.data.channels, self.data.max_image_pixels))
-        with open_regular(path) as f:
-            data = f.read()
+        if data is None:
+            with open_regular(path) as f:
+                data = f.read()
         # One rule for every backend: Pillow's decode judges a JPEG whose scan data is corrupt mid-stream (DALI
         # would decode it anyway, naming nothing); a cheap byte scan finds the few files that need it.
         if info.format == "jpeg" and jpeg_scan_suspect(data):
@@ -677,9 +703,17 @@ class DaliLoader:
         if self._paths_b is not None and self._infos_b is not None:
             files.append((self._paths_b[i], self._infos_b[i]))
         encoded = []
+        first: ImageInfo | None = None
         for path, info in files:
+            read = None
+            if info is None:  # left unchecked at start: judged now from the bytes read, by the pre-check's rules
+                try:
+                    read, info = read_checked(path, self.data.max_image_pixels)
+                except UnusableImage as e:
+                    return _Sample(i, None, error=(path, str(e)), refused=True)
+            first = first or info
             try:
-                data = self._encoded(path, info)
+                data = self._encoded(path, info, read)
             except _Refused as e:
                 return _Sample(i, None, error=(path, str(e)))
             except DECODE_ERRORS as e:
@@ -688,7 +722,7 @@ class DaliLoader:
                 return _Sample(i, None, error=(path, "empty file"))
             encoded.append(np.frombuffer(data, np.uint8))
         sample = _Sample(i, encoded[0], data_b=encoded[1] if len(encoded) > 1 else None)
-        info = self._infos[i]
+        info = cast(ImageInfo, first)
         if self.kind == "class" and self.train:
             sample.window, sample.flip = train_params(self.data, self.seed, key, i, info.height, info.width)
         elif self.kind == "pair":

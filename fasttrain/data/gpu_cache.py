@@ -620,7 +620,9 @@ class CacheBackend(Backend):
             skipped: list[tuple[str, str]] = []
         else:
             checked = precheck_samples(samples, data, threads)
-            ds = dataset_for(checked.samples, data, seed, train=request.train, deterministic=True)
+            ds = dataset_for(
+                checked.samples, data, seed, train=request.train, deterministic=True, unchecked=checked.unchecked
+            )
             skipped = checked.bad
         return GpuCacheLoader.from_dataset(
             ds,

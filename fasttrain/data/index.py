@@ -9,6 +9,14 @@ class and target names and what discovery skipped. About 70 bytes per sample at 
 view: indexable, iterable and sliced like a list, a ``str`` made on access; the loaders' pre-check
 (:func:`~fasttrain.data.checks.precheck`) answers from its verdicts without opening a file.
 
+**Unchecked files.** With ``data.header_checks = read`` (``auto`` at 50,000 files listed under the root or more) the
+build opens no file: each is stat'ed in the walk (the stat the fingerprint needs anyway) and every input stored
+*unchecked* (verdict code 254, size -1).
+The pre-check keeps such a file with no header, and the loader judges it by the same rules from the bytes it
+reads (:func:`~fasttrain.data.checks.read_checked`), skipping it as the pre-check would. A fully checked index
+serves every setting; an index with unchecked files serves ``read`` and is built again, checked, for a start that
+resolves to ``start``.
+
 **When it is current.** An index is keyed by the discovery settings (``data.format``, the split folders,
 ``manifest``, ``target_columns``, ``val_fraction``, ``split_seed``, ``max_samples``, ``max_image_pixels``)
 and holds the *listing fingerprint* of the data root: a hash over every visible entry under ``data.root``
@@ -51,7 +59,8 @@ from typing import Any, overload
 
 import numpy as np
 
-from fasttrain.config import ConfigError, DataConfig, default_workers
+from fasttrain import config as _config
+from fasttrain.config import ConfigError, DataConfig, default_workers, resolve_header_checks
 from fasttrain.data.checks import FileVerdict, ImageInfo, check_files_stat, image_info
 from fasttrain.data.files import BRACE, URL, is_shard_root
 from fasttrain.data.sources import (
@@ -112,7 +121,8 @@ class IndexUnsupported(ValueError):
 class PathTable:
     """Many file paths in a few arrays: ``folders`` (relative to the root, "" for the root itself),
     ``folder_of`` (int32 per file), the UTF-8 / surrogate-escaped names in one buffer with int64 offsets, and
-    per file its size and check verdict (``fmt``: index into :data:`FORMATS`, 254 unchecked, 255 bad)."""
+    per file its size and check verdict (``fmt``: index into :data:`FORMATS`, 254 unchecked, 255 bad; ``sizes``:
+    bytes, as the check found them, -1 for a file not opened: unchecked)."""
 
     def __init__(
         self,
@@ -222,16 +232,24 @@ class IndexedPaths(Sequence[str]):
         """The paths at ``indices`` (what ``Split.subset`` asks for), without making a ``str``."""
         return IndexedPaths(self.table, self.ids[np.asarray(indices, dtype=np.int64)])
 
-    def indexed_precheck(self, max_pixels: int) -> tuple[list[int], list[ImageInfo], list[tuple[str, str]]] | None:
+    def indexed_precheck(
+        self, max_pixels: int, unchecked: bool = False
+    ) -> tuple[list[int], list[ImageInfo | None], list[tuple[str, str]]] | None:
         """(kept positions, their headers, (path, reason) of the others) from the index's verdicts; None when the
-        verdicts were made under another pixel limit or some file was never checked (the caller checks)."""
+        verdicts were made under another pixel limit, or some file was never checked (an index built with
+        ``data.header_checks = read``) and ``unchecked`` is False (the caller checks). With ``unchecked`` such
+        files are kept, their header None: the loader checks each when it reads it."""
         t = self.table
         fmt = t.fmt[self.ids]
-        if max_pixels != t.max_pixels or bool((fmt == _UNCHECKED).any()):
+        todo = fmt == _UNCHECKED
+        if max_pixels != t.max_pixels or (not unchecked and bool(todo.any())):
             return None
         good = np.flatnonzero(fmt != _BAD)
-        g = self.ids[good]
-        infos = _infos(fmt[good], t.width[g], t.height[g], t.pil[g])
+        known = np.flatnonzero(fmt[good] != _UNCHECKED)
+        g = self.ids[good[known]]
+        infos: list[ImageInfo | None] = [None] * len(good)
+        for k, info in zip(known.tolist(), _infos(fmt[good[known]], t.width[g], t.height[g], t.pil[g])):
+            infos[k] = info
         bad = [(self[i], t.reasons.get(int(self.ids[i]), "unreadable")) for i in np.flatnonzero(fmt == _BAD).tolist()]
         return good.tolist(), infos, bad
 
@@ -279,21 +297,35 @@ class _Walk:
     """The one walk of a build: each folder's entries (what discovery is then given, :func:`listed_once`) and
     each file's (size, mtime_ns) for the fingerprint, as :func:`listing` takes them. A file that is not image-named
     is stat'ed during the walk, before discovery reads any (a manifest); an image file is stat'ed when its header
-    is checked (the fstat before its first byte is read), or after the checks when discovery did not take it."""
+    is checked (the fstat before its first byte is read), or after the checks when discovery did not take it.
+    When the build will not check headers (``data.header_checks = read``; auto: once ``stat_images_from`` files
+    were listed, the walk's count deciding) the image files are stat'ed during the walk too, from their entries."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, stat_images_from: int | None = None):
         self.root, self.t0 = root, time.perf_counter()
         self.listed: dict[str, Listed] = {}
         self.order: list[tuple[str, list[str], array]] = []  # (folder, file names, their stats; -2: later)
+        self.files = 0
+        early: list[tuple[array, list]] = []  # auto: the folders listed before the count decided, entries kept
         for d, entries in walk_folders(Path(root), warn=False):
             got = self.listed[str(d)] = Listed.of(entries)
-            files = [(e, k) for e, k in zip(entries, got.kinds) if k != "d"]
-            stats = array("q", [-2]) * (2 * len(files))
-            if "f" in got.kinds or "o" in got.kinds:
-                for j, (e, k) in enumerate(files):
-                    if k != "i":
-                        stats[2 * j : 2 * j + 2] = array("q", _stat(e))
-            self.order.append((str(d), [e.name for e, _ in files], stats))
+            files = [e for e, k in zip(entries, got.kinds) if k != "d"]
+            self.files += len(files)
+            if stat_images_from is not None and self.files >= stat_images_from:
+                stats = _stats(files)
+                for held, those in early:  # the count decided: the folders before it too, from their entries
+                    held[:] = _stats(those)
+                early.clear()
+            else:
+                stats = array("q", [-2]) * (2 * len(files))
+                kinds = [k for k in got.kinds if k != "d"]
+                if "f" in got.kinds or "o" in got.kinds:
+                    for j, (e, k) in enumerate(zip(files, kinds)):
+                        if k != "i":
+                            stats[2 * j : 2 * j + 2] = array("q", _stat(e))
+                if stat_images_from is not None:
+                    early.append((stats, files))
+            self.order.append((str(d), [e.name for e in files], stats))
 
     def listing(self, ids: dict[str, int], checked: np.ndarray) -> Listing:
         """The fingerprint :func:`listing` gives of the tree as walked, the stats of checked files taken from
@@ -314,6 +346,19 @@ class _Walk:
         return Listing(h.hexdigest(), files, len(self.order), time.perf_counter() - self.t0)
 
 
+def _stats(entries: list) -> array:
+    """(st_size, st_mtime_ns) of each entry, one after another (as :func:`_stat` gives them)."""
+    out = array("q")
+    try:
+        for e in entries:
+            st = e.stat()
+            out.append(st.st_size)
+            out.append(st.st_mtime_ns)
+    except OSError:  # one that cannot be stat'ed (a broken link): entry by entry
+        return array("q", [v for e in entries for v in _stat(e)])
+    return out
+
+
 def _stat(e: os.DirEntry | str) -> tuple[int, int]:
     try:
         st = e.stat() if isinstance(e, os.DirEntry) else os.stat(e)
@@ -331,7 +376,7 @@ def index_key(data: DataConfig) -> str:
     if data.format in _BUILT_IN:
         fields = {k: getattr(data, k) for k in _KEY_FIELDS}
     else:
-        fields = {k: v for k, v in dataclasses.asdict(data).items() if k != "root"}
+        fields = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("root", "header_checks")}
     text = json.dumps({"version": INDEX_VERSION, **fields}, sort_keys=True, default=str)
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
@@ -372,6 +417,14 @@ class DatasetIndex:
     @property
     def samples(self) -> int:
         return sum(len(ids) for ids, _, _ in self.splits.values())
+
+    @property
+    def unchecked(self) -> int:
+        """Input files whose header was not checked when the index was built (``data.header_checks = read``)."""
+        mask = np.zeros(len(self.table), dtype=bool)
+        for ids, _, _ in self.splits.values():
+            mask[ids] = True
+        return int((mask & (self.table.fmt == _UNCHECKED)).sum())
 
     @property
     def bad(self) -> list[tuple[str, str]]:
@@ -595,17 +648,26 @@ def _relative(root: str, path: str) -> str:
     return path[len(base) :] if path.startswith(base) else path
 
 
-def build_index(data: DataConfig, root: str | os.PathLike, *, threads: int = 0) -> DatasetIndex:
-    """Discover the source, check every input file's header, pack it all (see :func:`_build`)."""
-    return _build(data, str(root), threads)[0]
+def build_index(
+    data: DataConfig, root: str | os.PathLike, *, threads: int = 0, header_checks: str | None = None
+) -> DatasetIndex:
+    """Discover the source, check every input file's header (see ``header_checks``), pack it all (see
+    :func:`_build`)."""
+    return _build(data, str(root), threads, header_checks)[0]
 
 
-def _build(data: DataConfig, root: str, threads: int) -> tuple[DatasetIndex, Listing]:
+def _build(data: DataConfig, root: str, threads: int, header_checks: str | None = None) -> tuple[DatasetIndex, Listing]:
     """Discover the source (``data.format``'s own discovery), check every input file's header, and pack it all
     into a :class:`DatasetIndex`. One walk of the tree serves the fingerprint and the discovery (:class:`_Walk`);
     it is taken first, and each checked file's stat before its bytes are read, so a change during the build
-    makes the index stale at the next start rather than wrongly current."""
-    walk = _Walk(root)
+    makes the index stale at the next start rather than wrongly current.
+
+    ``header_checks`` (default ``data.header_checks``; auto: by the number of files listed under the root, see
+    :func:`~fasttrain.config.resolve_header_checks`): ``read`` opens no file, each file is only stat'ed in the
+    walk (the stat the fingerprint takes anyway) and every input stored unchecked, for the loaders to check as
+    they read it."""
+    checks = header_checks or data.header_checks
+    walk = _Walk(root, {"start": None, "read": 0}.get(checks, _auto_threshold()))
     with listed_once(walk.listed):
         src = find_source(data, root)
     tb = _TableBuilder(root)
@@ -622,14 +684,18 @@ def _build(data: DataConfig, root: str, threads: int) -> tuple[DatasetIndex, Lis
         inputs_mask[ids] = True
     todo = np.flatnonzero(inputs_mask)
     paths = list(tb.ids)  # insertion order: id -> path
-    todo_paths = [paths[i] for i in todo.tolist()]
-    verdicts = check_files_stat(todo_paths, data.max_image_pixels, threads or _threads())
-    table = _table(tb, todo, verdicts, data.max_image_pixels)
-    checked = np.full((len(paths), 2), -2, dtype=np.int64)
-    took = [(i, v[3]) for i, v in zip(todo.tolist(), verdicts) if v[3] is not None]
-    if took:
-        checked[[i for i, _ in took]] = [st for _, st in took]
-    seen = walk.listing(tb.ids, checked)
+    if resolve_header_checks(checks, walk.files) == "read":  # no file opened: the walk's stats, every input unchecked
+        table = _table(tb, todo, [], data.max_image_pixels)
+        seen = walk.listing(tb.ids, np.full((len(paths), 2), -2, dtype=np.int64))  # what the walk did not stat
+    else:
+        todo_paths = [paths[i] for i in todo.tolist()]
+        verdicts = check_files_stat(todo_paths, data.max_image_pixels, threads or _threads())
+        table = _table(tb, todo, verdicts, data.max_image_pixels)
+        checked = np.full((len(paths), 2), -2, dtype=np.int64)
+        took = [(i, v[3]) for i, v in zip(todo.tolist(), verdicts) if v[3] is not None]
+        if took:
+            checked[[i for i, _ in took]] = [st for _, st in took]
+        seen = walk.listing(tb.ids, checked)
     skipped = [(_relative(root, f), why) for f, why in src.skipped]
     idx = DatasetIndex(
         src.format, index_key(data), seen.fingerprint, seen.files, table, splits,
@@ -642,7 +708,7 @@ def _table(tb: _TableBuilder, todo: np.ndarray, verdicts: list[FileVerdict], max
     n = len(tb.names)
     fmt = np.full(n, _UNCHECKED, dtype=np.uint8)
     width, height = np.zeros(n, dtype=np.uint32), np.zeros(n, dtype=np.uint32)
-    pil, sizes = np.zeros(n, dtype=np.uint8), np.zeros(n, dtype=np.int64)
+    pil, sizes = np.zeros(n, dtype=np.uint8), np.full(n, -1, dtype=np.int64)  # -1: not opened (as FileVerdict)
     reasons: dict[int, str] = {}
     code = {f: i for i, f in enumerate(FORMATS)}
     good: list[int] = []
@@ -662,6 +728,11 @@ def _table(tb: _TableBuilder, todo: np.ndarray, verdicts: list[FileVerdict], max
         tb.root, list(tb.folders), np.frombuffer(tb.folder_of.tobytes(), dtype=np.int32), names,
         offsets, sizes, fmt, width, height, pil, reasons, max_pixels,
     )  # fmt: skip
+
+
+def _auto_threshold() -> int:
+    """data.header_checks = auto: the files listed from which a build does not check (read when asked)."""
+    return _config.HEADER_CHECKS_AT_START_BELOW
 
 
 def _threads() -> int:
@@ -721,11 +792,20 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def load_or_build(
-    data: DataConfig, root: str | os.PathLike | None = None, *, beside: bool = False, rebuild: bool = False
+    data: DataConfig,
+    root: str | os.PathLike | None = None,
+    *,
+    beside: bool = False,
+    rebuild: bool = False,
+    header_checks: str | None = None,
 ) -> IndexResult:
     """The current index of ``root`` (default ``data.root``) for these settings: read from beside the data or
     the cache when its listing fingerprint matches, else built and written (``beside``: into
-    ``DATA/.fasttrain-index`` first, else the cache only). ``rebuild``: build even when one is current."""
+    ``DATA/.fasttrain-index`` first, else the cache only). ``rebuild``: build even when one is current.
+    ``header_checks`` (default ``data.header_checks``): an index with every header checked serves any setting;
+    one built without the checks (``read``) serves ``read``, and is built again, checked, where the setting
+    resolves to ``start``."""
+    checks = header_checks or data.header_checks
     t0 = time.perf_counter()
     root = Path(root if root is not None else data.root).expanduser()
     if not root.is_dir():
@@ -737,8 +817,11 @@ def load_or_build(
         if found is not None:
             idx, path = found
             idx.table.set_root(str(root))
-            return IndexResult(idx, True, path, seen, time.perf_counter() - t0)
-    idx, seen = _build(data, str(root), 0)
+            unchecked = idx.unchecked
+            if not unchecked or resolve_header_checks(checks, idx.files) == "read":
+                return IndexResult(idx, True, path, seen, time.perf_counter() - t0)
+            log.info("dataset index %s: %d files unchecked, header_checks = %s: rebuilding", path, unchecked, checks)
+    idx, seen = _build(data, str(root), 0, checks)
     saved = _save(idx, (here, cached) if beside else (cached,))
     return IndexResult(idx, False, saved, seen, time.perf_counter() - t0)
 
@@ -751,7 +834,8 @@ def describe(result: IndexResult) -> str:
     per = idx.nbytes / max(1, idx.samples)
     return (
         f"dataset index {how}{where}: {idx.samples} samples in {', '.join(idx.splits)}, "
-        f"{len(idx.table.reasons)} bad, {len(idx.skipped)} skipped at discovery, {idx.files} files listed, "
+        f"{len(idx.table.reasons)} bad, {f'{n} unchecked (checked as read), ' if (n := idx.unchecked) else ''}"
+        f"{len(idx.skipped)} skipped at discovery, {idx.files} files listed, "
         f"{result.seconds:.2f} s, {per:.0f} B/sample in memory"
     )
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -59,6 +59,7 @@ __all__ = [
     "pair_jitter",
     "pair_load_size",
     "precheck_samples",
+    "reads_unchecked",
     "dataset_for",
     "EpochTransforms",
     "targets_tensor",
@@ -123,7 +124,8 @@ class ImageDataset(Dataset):
     training process's generator is restored after each batch. A deterministic transform needs no seeding (and
     the cache's decode threads must not fork the global generator concurrently). ``checked``: each file is
     validated (:func:`check_header`'s rules) and decoded from one read, for a split that was not pre-checked (the
-    GPU cache decodes every file once)."""
+    GPU cache decodes every file once). ``unchecked``: per sample, whether its file was left unchecked by the
+    pre-check (``data.header_checks = read``): those are validated so as they are read."""
 
     def __init__(
         self,
@@ -136,9 +138,11 @@ class ImageDataset(Dataset):
         random: bool = True,
         checked: bool = False,
         epoch_transform: Callable[[int], Callable] | None = None,
+        unchecked: np.ndarray | None = None,
     ):
         self.split, self.transform, self.channels, self.seed = split, transform, channels, seed
         self.target_fn, self.max_pixels, self.random, self.checked = target_fn, max_pixels, random, checked
+        self.unchecked = unchecked
         self.epoch_transform = epoch_transform
         """epoch -> the transform of that epoch (progressive resizing: the size follows the epoch of the key)."""
 
@@ -163,7 +167,7 @@ class ImageDataset(Dataset):
         path = self.split.paths[index]
         transform = self.transform if self.epoch_transform is None else self.epoch_transform(epoch)
         try:
-            if self.checked:
+            if self.checked or (self.unchecked is not None and self.unchecked[index]):
                 im = load_checked(path, self.channels, self.max_pixels or PILLOW_BOMB_PIXELS)
             else:
                 im = load_image(path, self.channels, self.max_pixels)
@@ -182,10 +186,17 @@ class VectorDataset(Dataset):
     :class:`Skip`. No randomness: the epoch is ignored."""
 
     def __init__(
-        self, split: Split, image_size: int, channels: int, *, size_targets: bool = False, max_pixels: int | None = None
+        self,
+        split: Split,
+        image_size: int,
+        channels: int,
+        *,
+        size_targets: bool = False,
+        max_pixels: int | None = None,
+        unchecked: np.ndarray | None = None,
     ):
         self.split, self.size, self.channels = split, image_size, channels
-        self.size_targets, self.max_pixels = size_targets, max_pixels
+        self.size_targets, self.max_pixels, self.unchecked = size_targets, max_pixels, unchecked
 
     def __len__(self) -> int:
         return len(self.split)
@@ -194,7 +205,10 @@ class VectorDataset(Dataset):
         index = key[0] if isinstance(key, tuple) else key
         path = self.split.paths[index]
         try:
-            im = load_image(path, self.channels, self.max_pixels)
+            if self.unchecked is not None and self.unchecked[index]:  # validated as it is read (see ImageDataset)
+                im = load_checked(path, self.channels, self.max_pixels or PILLOW_BOMB_PIXELS)
+            else:
+                im = load_image(path, self.channels, self.max_pixels)
         except DECODE_ERRORS as e:
             return _skip(path, e)
         t = torch.tensor(self.split.targets[index], dtype=torch.float32)
@@ -321,39 +335,65 @@ class Checked:
 
     samples: Samples
     """The request, its split cut down to the usable samples (in order)."""
-    infos: list[ImageInfo]
-    """Per usable sample: its (input) file's header."""
+    infos: list[ImageInfo | None]
+    """Per usable sample: its (input) file's header; None for a file left unchecked (see :func:`precheck_samples`)."""
     target_infos: list[ImageInfo] | None
     """Pairs of two files: per usable sample, the target file's header."""
     bad: list[tuple[str, str]]
     """(path, reason) of every file left out."""
 
+    @property
+    def unchecked(self) -> np.ndarray | None:
+        """Per usable sample, whether its file is still to be checked as it is read; None when none is."""
+        mask = np.fromiter((info is None for info in self.infos), np.bool_, len(self.infos))
+        return mask if mask.any() else None
+
+
+def reads_unchecked(samples: Samples, data: DataConfig) -> bool:
+    """Whether the loaders may take files the dataset index left unchecked (``data.header_checks`` is not start)
+    and check each as they read it: classes and vectors; not a task that needs every header at construction
+    (``size_targets``: each image's width and height), nor pairs (two files, a side-by-side file's width)."""
+    return data.header_checks != "start" and samples.kind in ("class", "vector") and not samples.size_targets
+
 
 def precheck_samples(samples: Samples, data: DataConfig, threads: int) -> Checked:
     """:func:`~fasttrain.data.checks.precheck` on every file of the request (inputs, and the target files of
-    pairs); a sample is kept when all its files pass. Raises BadDataError when none does."""
+    pairs); a sample is kept when all its files pass. Raises BadDataError when none does. Files the dataset index
+    left unchecked are kept with no header where :func:`reads_unchecked` allows it, else checked now."""
     split = samples.split
-    pre = precheck(split.paths, max_pixels=data.max_image_pixels, threads=threads, split=split.name)
+    pre = precheck(
+        split.paths,
+        max_pixels=data.max_image_pixels,
+        threads=threads,
+        split=split.name,
+        unchecked=reads_unchecked(samples, data),
+    )
     bad = list(pre.bad)
     keep, infos = list(pre.keep), list(pre.infos)
     target_infos = None
     if samples.kind == "pair":
         if samples.side_by_side:
-            for i, info in zip(keep, infos):
+            for i, info in zip(keep, _all_checked(infos)):
                 if info.width < 2:
                     bad.append((split.paths[i], f"side-by-side image is {info.width} px wide, too narrow to split"))
                     log.warning("skipping %s: %s", *bad[-1])
-            ok = [k for k, info in enumerate(infos) if info.width >= 2]
+            ok = [k for k, info in enumerate(_all_checked(infos)) if info.width >= 2]
             keep, infos = [keep[k] for k in ok], [infos[k] for k in ok]
         else:
             targets = split.subset(keep).targets  # an index's view stays a view
             pre_b = precheck(targets, max_pixels=data.max_image_pixels, threads=threads, split=split.name)
             bad += pre_b.bad
             keep, infos = [keep[k] for k in pre_b.keep], [infos[k] for k in pre_b.keep]
-            target_infos = pre_b.infos
+            target_infos = _all_checked(pre_b.infos)  # checked here: never unchecked (no `unchecked=True`)
     if not keep:
         raise BadDataError(_none_usable(split.name, len(split), bad))
     return Checked(replace(samples, split=split.subset(keep)), infos, target_infos, bad)
+
+
+def _all_checked(infos: list[ImageInfo | None]) -> list[ImageInfo]:
+    if any(info is None for info in infos):
+        raise RuntimeError("precheck_samples: a file left unchecked where every header is needed")
+    return cast("list[ImageInfo]", infos)
 
 
 class EpochTransforms:
@@ -382,20 +422,24 @@ def dataset_for(
     deterministic: bool = False,
     sizes: TrainSizes | None = None,
     checked: bool = False,
+    unchecked: np.ndarray | None = None,
 ) -> Dataset:
     """The map-style dataset of a request. ``deterministic``: what the GPU cache decodes once, the evaluation
     geometry, or for training the canvas its device augmentation draws from (class: the centre square resized
     to the largest training size when random-resized-crop is on, else the evaluation geometry at that size;
     pair: both images resized to the jitter size, uncropped). ``sizes``: class training under progressive
     resizing, the size of each epoch (the torch loader's transform follows the epoch of each key). ``checked``:
-    class images are validated as they are decoded (the split was not pre-checked)."""
+    class images are validated as they are decoded (the split was not pre-checked). ``unchecked``: per sample,
+    whether its file is validated as it is read (:attr:`Checked.unchecked`; classes and vectors)."""
     # torchvision (whose import pulls torch._dynamo, seconds on a CPU) only once a dataset is built: the run's
     # other paths (discovery, checks, autotune's short-job answer) never need it.
     from fasttrain.data.transforms import eval_transform, train_transform
 
     split, channels, size, px = samples.split, data.channels, data.image_size, data.max_image_pixels
     if samples.kind == "vector":
-        return VectorDataset(split, size, channels, size_targets=samples.size_targets, max_pixels=px)
+        return VectorDataset(
+            split, size, channels, size_targets=samples.size_targets, max_pixels=px, unchecked=unchecked
+        )
     if samples.kind == "pair":
         if deterministic:
             load = pair_load_size(size, samples.jitter) if train else size
@@ -411,10 +455,19 @@ def dataset_for(
             big = data.train_size_max
             resize = big if data.random_resized_crop else data.resize_size if big == size else 0
             canvas = replace(data, image_size=big, eval_size=big, resize_size=resize)
-        return ImageDataset(split, eval_transform(canvas), channels, seed, max_pixels=px, random=False, checked=checked)
+        tf = eval_transform(canvas)
+        return ImageDataset(
+            split, tf, channels, seed, max_pixels=px, random=False, checked=checked, unchecked=unchecked
+        )
     if train and sizes is not None and sizes.progressive:
         return ImageDataset(
-            split, train_transform(data), channels, seed, max_pixels=px, epoch_transform=EpochTransforms(data, sizes)
+            split,
+            train_transform(data),
+            channels,
+            seed,
+            max_pixels=px,
+            epoch_transform=EpochTransforms(data, sizes),
+            unchecked=unchecked,
         )
     tf = train_transform(data) if train else eval_transform(data)
-    return ImageDataset(split, tf, channels, seed, max_pixels=px, random=train)
+    return ImageDataset(split, tf, channels, seed, max_pixels=px, random=train, unchecked=unchecked)

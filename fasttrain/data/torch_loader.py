@@ -71,13 +71,15 @@ def collate_skip(items: Sequence, fill_to: int = 0):
 
 class _NamedSkips:
     """Wraps a collate function: the :class:`Skip` items of a batch travel beside it (from the worker processes
-    to the loader, which records them); the wrapped function sees None in their place."""
+    to the loader, which records them); the wrapped function sees None in their place. ``refusals``: a file the
+    header rules refused (:attr:`Skip.refused`, one the pre-check left unchecked) is not counted against
+    ``data.max_bad_per_epoch``; False (a stream, which has no pre-check) counts every skip."""
 
-    def __init__(self, collate: Callable):
-        self.collate = collate
+    def __init__(self, collate: Callable, refusals: bool = True):
+        self.collate, self.refusals = collate, refusals
 
     def __call__(self, items: Sequence) -> dict[str, Any]:
-        skips = [(it.path, it.reason) for it in items if isinstance(it, Skip)]
+        skips = [(it.path, it.reason, it.refused and self.refusals) for it in items if isinstance(it, Skip)]
         return {"batch": self.collate([None if isinstance(it, Skip) else it for it in items]), "skipped": skips}
 
 
@@ -200,8 +202,10 @@ class TorchLoader:
         try:
             for out in self._outputs():
                 drawn += 1
-                for path, reason in out["skipped"]:
-                    self._bad.add(path, reason)
+                for path, reason, refused in out["skipped"]:
+                    # refused by the header rules: a file left unchecked at start, skipped as the pre-check
+                    # would have skipped it, not counted against max_bad_per_epoch
+                    self._bad.add(path, reason, counted=not refused)
                 if out["batch"] is None:
                     owed += self.train
                     continue
@@ -402,7 +406,9 @@ class TorchBackend(Backend):
         # The same pre-check as DALI and the cache: every backend samples from the same files, in the same order.
         checked = precheck_samples(samples, d, threads=max(1, d.num_workers))
         sizes = train_sizes(cfg) if request.train else None  # progressive resizing: each key's epoch, its size
-        ds = dataset_for(checked.samples, d, cfg.runtime.seed, train=request.train, sizes=sizes)
+        ds = dataset_for(
+            checked.samples, d, cfg.runtime.seed, train=request.train, sizes=sizes, unchecked=checked.unchecked
+        )
         prepare = _pair_prepare(spec) if samples.kind == "pair" else None
         return TorchLoader(ds, spec, **common, prepare=prepare, skipped=checked.bad)
 
@@ -455,7 +461,7 @@ def _stream_loader(request: LoaderRequest, cfg: Config, spec: InputSpec) -> Stre
         buffer=d.shuffle_buffer,
         num_shards=request.num_shards,
         shard_id=request.shard_id,
-        collate=_NamedSkips(collate),
+        collate=_NamedSkips(collate, refusals=False),
     )
     return StreamTorchLoader(
         stream,
