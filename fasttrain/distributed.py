@@ -245,8 +245,8 @@ def _beating(store: Any, key: str, period_s: float) -> Iterator[None]:
         while not done.wait(period_s):
             try:
                 beats.add(key, 1)
-            except Exception:  # noqa: BLE001 - the store went with the job: nothing left to tell
-                return
+            except Exception:  # noqa: BLE001 - a passing store error: the next beat tries again (one failure used
+                pass  # to end the beats, and the others gave up dist.timeout_s later while rank 0 still worked)
 
     beats.add(key, 1)
     thread = threading.Thread(target=beat, name="fasttrain-beat", daemon=True)
