@@ -191,12 +191,12 @@ def test_a_long_decision_is_waited_for_while_rank_0_beats_and_not_once_the_beats
         me.rank = r
         me.counts.clear()
         try:
-            got[r] = D.decide("index", fn, timeout_s=0.4, long=True)
+            got[r] = D.decide("index", fn, timeout_s=1.2, long=True)
         except BaseException as e:  # noqa: BLE001 - asserted below
             got[r] = e
 
     def slow():
-        time.sleep(1.5)  # past the 0.4 s timeout: only the beats (every 0.1 s) keep rank 1 waiting
+        time.sleep(3.0)  # past the 1.2 s timeout: only the beats (every 0.3 s) keep rank 1 waiting
         return "index"
 
     threads = [threading.Thread(target=rank, args=(r, slow)) for r in (0, 1)]
@@ -209,7 +209,7 @@ def test_a_long_decision_is_waited_for_while_rank_0_beats_and_not_once_the_beats
     store.add("fasttrain/attempt-2/decide/index/1/beats", 2)
     t0 = time.monotonic()
     rank(1, lambda: pytest.fail("only rank 0 decides"))
-    assert isinstance(got[1], TimeoutError) and "rank 0 of the job gave no sign of life for 0.4 s" in str(got[1])
+    assert isinstance(got[1], TimeoutError) and "rank 0 of the job gave no sign of life for 1.2 s" in str(got[1])
     assert time.monotonic() - t0 < 5
 
 
