@@ -97,11 +97,11 @@ SIZES = {
 def cache_root(config: pytest.Config) -> Path:
     """$FASTTRAIN_BENCH_CACHE, else pytest's cache folder (.pytest_cache), else the system temp folder."""
     override = os.environ.get("FASTTRAIN_BENCH_CACHE")
-    if override:
-        return Path(override)
-    if getattr(config, "cache", None) is not None:  # absent with -p no:cacheprovider
+    if getattr(config, "cache", None) is not None and not override:  # absent with -p no:cacheprovider
         return Path(config.cache.mkdir("fasttrain-bench"))
-    return Path(tempfile.gettempdir()) / "fasttrain-bench"
+    root = Path(override) if override else Path(tempfile.gettempdir()) / "fasttrain-bench"
+    root.mkdir(parents=True, exist_ok=True)  # callers make temporary folders inside it
+    return root
 
 
 def find_tar(name: str) -> Path | None:
