@@ -117,8 +117,10 @@ def autotune(
     if seconds <= 0:
         raise ValueError(f"--time-budget / tune.time_budget_s: must be > 0 seconds, got {seconds:g}")
     clock = TimeBudget(seconds)
-    if dist_info().is_main:  # the outputs are written after a search of minutes: a read-only folder fails now
-        check_writable(out_dir if out_dir is not None else cfg.train.runs_dir, "autotune --out")
+    # The outputs are written after a search of minutes: a read-only folder fails now, on every rank (rank 0
+    # checks, the others raise its error instead of waiting dist.timeout_s for an answer it never sends).
+    target = out_dir if out_dir is not None else cfg.train.runs_dir
+    distributed.decide("autotune-writable", lambda: check_writable(target, "autotune --out"), cfg.dist.timeout_s)
     python_args = dict(model=model, dataset=dataset, val_dataset=val_dataset)
     from_python = any(v is not None for v in python_args.values())
     runtime = runtime_for(cfg)

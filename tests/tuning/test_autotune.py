@@ -905,3 +905,32 @@ def test_under_torchrun_every_rank_waits_for_rank_0s_files_and_ends_with_its_err
         with pytest.raises(OSError, match=r"No space left on device"):
             on_rank(rank)
     assert time.monotonic() - t0 < 4  # answered, not the 5 s dist.timeout_s
+
+
+def test_under_torchrun_a_read_only_out_folder_stops_every_rank_at_once(tmp_path, monkeypatch):
+    """Rank 0 checks the output folder before the search; the other ranks end with its error instead of
+    waiting dist.timeout_s for a cached answer it never sends (they used to: the check was rank 0's alone)."""
+    from faultfs import FaultFS
+
+    from fasttrain import distributed as D
+
+    me = {"rank": 0}
+    monkeypatch.setattr(D, "dist_info", lambda env=None: D.DistInfo(rank=me["rank"], world_size=2))
+    monkeypatch.setattr(RUN, "dist_info", lambda env=None: D.DistInfo(rank=me["rank"], world_size=2))
+    monkeypatch.setattr(D, "_JOINED", D._Joined(torch.distributed.HashStore(), 1, job="j"))
+    monkeypatch.setattr(D, "_DECIDED", {})
+
+    def searched(*a, **k):
+        raise AssertionError("the search ran before the output folder was checked")
+
+    monkeypatch.setattr(RUN, "_tune", searched)
+    (tmp_path / "out").mkdir()
+    FaultFS(monkeypatch).read_only(tmp_path / "out")
+    cfg = load_config("quickstart", ["dist.timeout_s=5", f"tune.cache_dir={tmp_path / 'cache'}"])
+    t0 = time.monotonic()
+    for rank in (0, 1):  # rank 0 first (one thread): rank 1's wait ends with rank 0's word
+        me["rank"] = rank
+        D._DECIDED.clear()  # each rank counts its own calls
+        with pytest.raises(OSError, match=r"autotune --out.*Read-only file system"):
+            RUN.autotune(cfg, out_dir=tmp_path / "out")
+    assert time.monotonic() - t0 < 4  # answered, not the 5 s dist.timeout_s
