@@ -952,7 +952,7 @@ class Trainer:
     def _say_replanned(self, ckpt: dict[str, Any]) -> None:
         """A resume with another length (train.epochs, train.total_steps) re-plans a schedule that depends on the
         run's length (onecycle, cosine): the learning rate at this step changes, which is said with both values."""
-        from fasttrain.optim import lr_factor
+        from fasttrain.optim import held_warmup, lr_factor
 
         saved = (ckpt.get("config") or {}).get("train") or {}
         sched, step, per_epoch = self.cfg.schedule, self.state.step, self.steps_per_epoch
@@ -964,9 +964,10 @@ class Trainer:
             or not self.state.schedulers
         ):
             return
-        peak = next(iter(self.state.schedulers.values())).base_lrs[0]
-        before = peak * lr_factor(sched, step, per_epoch, saved_total)
-        after = peak * lr_factor(sched, step, per_epoch, self.total_steps)
+        first = next(iter(self.state.schedulers.values()))
+        peak, held = first.base_lrs[0], held_warmup(first)  # a warm-up a time budget held travels in the checkpoint
+        before = peak * lr_factor(sched, step, per_epoch, saved_total, warmup=held)
+        after = peak * lr_factor(sched, step, per_epoch, self.total_steps, warmup=held)
         if saved.get("total_steps") or self.tc.total_steps:
             change = f"the run's length {saved_total} -> {self.total_steps} steps"
             over = _plan_words(self.total_steps, per_epoch)

@@ -211,10 +211,12 @@ def onecycle(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps: 
     return end + (1 - end) * (1 + math.cos(math.pi * p)) / 2
 
 
-def lr_factor(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
-    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based): ``schedule.name``'s function."""
-    schedule = registry.resolve("schedules", cfg.name)
-    return schedule(cfg, step, max(1, steps_per_epoch), max(1, total_steps))
+def lr_factor(
+    cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps: int, *, warmup: int | None = None
+) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based): ``schedule.name``'s function
+    (``warmup``: a warm-up length held in steps, as :func:`make_scheduler` takes it)."""
+    return _Rate(cfg, max(1, steps_per_epoch), max(1, total_steps), warmup)(step)
 
 
 class _Rate:

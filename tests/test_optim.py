@@ -164,3 +164,19 @@ def test_lookahead_leaves_parameters_without_gradients_to_the_optimizer():
     unused.grad = torch.ones(2)
     opt.step()  # Adam's first step for it (an empty state), not a KeyError
     assert opt.state[unused]["step"] == 1 and not torch.equal(unused, torch.ones(2))
+
+
+def test_lr_factor_with_a_held_warmup_is_the_schedulers_rate_after_a_checkpoint_round_trip():
+    """A warm-up held in steps travels in the scheduler's state_dict; lr_factor(..., warmup=) gives the rate the
+    restored scheduler follows (the resume's re-planned-length message quotes it), not the config's warm-up."""
+    cfg = ScheduleConfig(name="cosine", warmup_epochs=3)
+    spe, total, held = 10, 40, 7  # the config's warm-up: min(30, 40 // 2) = 20 steps; held: 7
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    saved = make_scheduler(opt, cfg, spe, total, warmup=held).state_dict()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    restored = make_scheduler(opt, cfg, spe, total)  # built from the config, then loaded: the held length wins
+    restored.load_state_dict(saved)
+    rates = [restored.lr_lambdas[0](s) for s in range(total)]
+    assert rates == pytest.approx([lr_factor(cfg, s, spe, total, warmup=held) for s in range(total)])
+    assert rates[7] == pytest.approx(1.0) and lr_factor(cfg, 7, spe, total) < 0.5  # held 7 steps, not 20
