@@ -448,10 +448,17 @@ def decide(name: str, fn: Callable[[], Any], timeout_s: float = 1800.0, *, long:
 
 
 def shutdown() -> None:
+    """Leave the process group, and end it: its last reference goes here, and with it (gloo) its threads,
+    which must not outlive the interpreter (see :data:`_WORLD_DEFAULTS`). A DistributedDataParallel holds the
+    group: the run's objects that hold one in a reference cycle (its TrainState, on rank 0) are collected
+    first, not left to a later collection."""
     global _CURRENT, _JOINED
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()
     _CURRENT = DistInfo()
     _JOINED = _Joined()  # a later process group in this process agrees on a new attempt number (fresh keys)

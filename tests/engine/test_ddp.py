@@ -109,8 +109,11 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 def test_two_ranks_match_one_process_and_write_one_run_folder(shapes_root, tmp_path):
     args = ["train", "-q", *_sets(shapes_root, tmp_path / "two", "train.epochs=2", "train.max_steps=4")]
-    done = _torchrun(2, args)
+    done = _torchrun(2, args, env_extra={"DDP_WORKER_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-9000:]
+    # main()'s shutdown() destroyed the process group and its gloo threads (see gloo_exit_worker.py)
+    left = [line for line in done.stderr.splitlines() if " threads after main: " in line]
+    assert len(left) == 2 and not any("gloo" in line for line in left), left
     run = _only_run(tmp_path / "two")  # rank 1 wrote nothing of its own
     _one_process(["train", "-q", *_sets(shapes_root, tmp_path / "one", "train.epochs=2", "train.max_steps=4")])
     single = _only_run(tmp_path / "one")
