@@ -149,6 +149,7 @@ def init(device_type: str, *, timeout_s: float = 1800.0) -> DistInfo:
     store = join(timeout_s)
     gather("ready", None, timeout_s)  # a rank that failed before joining is named, not waited for
     pg_store = dist.PrefixStore(f"fasttrain/attempt-{_JOINED.generation}", store)
+    _import_world_defaults()
     timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(
         backend, store=pg_store, rank=info.rank, world_size=info.world_size, timeout=timeout, **kwargs
@@ -159,6 +160,30 @@ def init(device_type: str, *, timeout_s: float = 1800.0) -> DistInfo:
         "rank %d of %d (local %d) joined the %s process group", info.rank, info.world_size, info.local_rank, backend
     )
     return info
+
+
+_WORLD_DEFAULTS = (
+    "torch.distributed.nn.functional",
+    "torch.distributed.optim.zero_redundancy_optimizer",
+    "torch.distributed.fsdp.sharded_grad_scaler",
+)
+"""torch modules whose functions take ``group=dist.group.WORLD`` as a default argument, evaluated when the
+module is imported. Imported after ``init_process_group`` (DistributedDataParallel's constructor imports
+torch._dynamo, which imports the first), they keep the default process group for good: ``destroy_process_group``
+then leaves gloo's threads running into the interpreter's end, and a gloo thread that drops a collective's
+last tensors then needs the GIL of a finalizing interpreter, which ends the thread inside a C++ destructor:
+``terminate called without an active exception``, SIGABRT (tests/gloo_exit_worker.py shows it)."""
+
+
+def _import_world_defaults() -> None:
+    """Import :data:`_WORLD_DEFAULTS` while there is no process group (their defaults are then ``None``)."""
+    import importlib
+
+    for name in _WORLD_DEFAULTS:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # a torch without it: nothing to capture the group either
+            pass
 
 
 @dataclass
@@ -423,10 +448,17 @@ def decide(name: str, fn: Callable[[], Any], timeout_s: float = 1800.0, *, long:
 
 
 def shutdown() -> None:
+    """Leave the process group, and end it: its last reference goes here, and with it (gloo) its threads,
+    which must not outlive the interpreter (see :data:`_WORLD_DEFAULTS`). A DistributedDataParallel holds the
+    group: the run's objects that hold one in a reference cycle (its TrainState, on rank 0) are collected
+    first, not left to a later collection."""
     global _CURRENT, _JOINED
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()
     _CURRENT = DistInfo()
     _JOINED = _Joined()  # a later process group in this process agrees on a new attempt number (fresh keys)

@@ -4,6 +4,7 @@
 
 With ``--kill-rank``, rank R of the first attempt (TORCHELASTIC_RESTART_COUNT = 0) kills itself with SIGKILL
 once S optimizer steps are done, as a lost machine would: torchrun restarts the group and the run must resume.
+With DDP_WORKER_THREADS=1 in the environment, each rank names the threads it still has once main() returned.
 """
 
 from __future__ import annotations
@@ -29,7 +30,20 @@ def main(argv: list[str]) -> int:
             Task.train_step = die
     from fasttrain.cli import main as cli
 
-    return cli(argv)
+    rc = cli(argv)
+    if os.environ.get("DDP_WORKER_THREADS"):  # what is left running once main() ended (shutdown() included)
+        tasks = f"/proc/{os.getpid()}/task"
+        names = sorted(_comm(f"{tasks}/{tid}/comm") for tid in os.listdir(tasks))
+        print(f"rank {os.environ.get('RANK')} threads after main: {names}", file=sys.stderr, flush=True)
+    return rc
+
+
+def _comm(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:  # the thread ended meanwhile
+        return ""
 
 
 if __name__ == "__main__":

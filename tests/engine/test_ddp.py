@@ -57,9 +57,18 @@ def _sets(root: Path, runs: Path, *extra: str) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
 
-def _torchrun(nproc: int, args: list[str], *, restarts: int = 0, timeout: float = 300) -> subprocess.CompletedProcess:
+def _torchrun(
+    nproc: int,
+    args: list[str],
+    *,
+    restarts: int = 0,
+    timeout: float = 300,
+    worker: Path = WORKER,
+    env_extra: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
+        **(env_extra or {}),
         "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         "OMP_NUM_THREADS": "1",
         "PYTHONFAULTHANDLER": "1",
@@ -71,7 +80,7 @@ def _torchrun(nproc: int, args: list[str], *, restarts: int = 0, timeout: float 
         "--standalone",
         f"--nproc-per-node={nproc}",
         f"--max-restarts={restarts}",
-        str(WORKER),
+        str(worker),
         *args,
     ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -100,8 +109,11 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 def test_two_ranks_match_one_process_and_write_one_run_folder(shapes_root, tmp_path):
     args = ["train", "-q", *_sets(shapes_root, tmp_path / "two", "train.epochs=2", "train.max_steps=4")]
-    done = _torchrun(2, args)
+    done = _torchrun(2, args, env_extra={"DDP_WORKER_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-9000:]
+    # main()'s shutdown() destroyed the process group and its gloo threads (see gloo_exit_worker.py)
+    left = [line for line in done.stderr.splitlines() if " threads after main: " in line]
+    assert len(left) == 2 and not any("gloo" in line for line in left), left
     run = _only_run(tmp_path / "two")  # rank 1 wrote nothing of its own
     _one_process(["train", "-q", *_sets(shapes_root, tmp_path / "one", "train.epochs=2", "train.max_steps=4")])
     single = _only_run(tmp_path / "one")
@@ -134,6 +146,20 @@ def test_a_killed_rank_restarts_the_job_which_resumes_to_the_same_weights(shapes
         json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines() if "event" not in json.loads(x)
     ]
     assert epochs == [1, 2]
+
+
+def test_a_worker_exits_cleanly_while_a_gloo_thread_ends_a_collective(tmp_path):
+    """CI's rare SIGABRT at a worker's end ('terminate called without an active exception'), made deterministic
+    by tests/gloo_exit_worker.py: the process group must really be destroyed by distributed.shutdown(), its gloo
+    threads with it, even after a DistributedDataParallel was built (whose import of torch._dynamo used to keep
+    the group alive)."""
+    flags = tmp_path / "flags"
+    flags.write_bytes(b"\0\0")
+    done = _torchrun(2, [], worker=REPO / "tests" / "gloo_exit_worker.py", env_extra={"FLAGS": str(flags)}, timeout=120)
+    assert "terminate called" not in done.stderr, done.stderr[-9000:]
+    assert done.returncode == 0, done.stderr[-9000:]
+    threads = [line for line in done.stderr.splitlines() if line.startswith("rank 0 threads after shutdown:")]
+    assert len(threads) == 1 and "gloo" not in threads[0], done.stderr[-9000:]
 
 
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
