@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,6 +130,43 @@ def _fake_plan(monkeypatch, *totals, per_epoch=3):
 EXTRA = ("model.dropout=0.2", "schedule.name=cosine", "train.time_budget_s=30")
 
 
+def _killed_at(monkeypatch, step, cfg, *plans, per_epoch=3):
+    """``cfg`` trained under the fake ``plans`` (:func:`_fake_plan`) until the end of optimizer step ``step``, where
+    it stops as a killed run would (what it wrote stays): its run folder."""
+    from fasttrain.engine import train
+    from fasttrain.tasks.classify import ClassifyTask
+
+    def die(self, state, batch, run_dir):
+        if state.step == step:
+            raise _Stop
+
+    _fake_plan(monkeypatch, *plans, per_epoch=per_epoch)
+    with monkeypatch.context() as m:
+        m.setattr(ClassifyTask, "on_step_end", die)
+        with pytest.raises(_Stop):
+            train(cfg, progress=False)
+    (run,) = Path(cfg.train.runs_dir).iterdir()
+    return run
+
+
+def _resumed(monkeypatch, run):
+    """``run`` resumed to its end: the result (a resume does not plan again)."""
+    from fasttrain.engine import train
+
+    monkeypatch.setattr(budget, "plan_steps", None)
+    return train(resume=run, progress=False)
+
+
+def _same_weights(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _same_records(a, b):
+    for x, y in zip(a, b, strict=True):
+        assert (x["train_loss"], x["val_loss"], x["lr"]) == (y["train_loss"], y["val_loss"], y["lr"])
+
+
 def test_total_steps_end_the_run_in_a_partial_epoch_that_evaluates(shapes_root, tmp_path):
     from fasttrain.engine import train
 
@@ -203,30 +241,17 @@ def test_a_budget_run_killed_after_the_replan_resumes_exactly(shapes_root, tmp_p
     inside the partial last epoch (step 8, from the step checkpoint at 7): resumed, it follows the plan and ends
     with the uninterrupted run's weights and records."""
     from fasttrain.engine import train
-    from fasttrain.tasks.classify import ClassifyTask
 
     extra = (*EXTRA, "train.checkpoint_every_steps=7", "runtime.precision=fp32")
     _fake_plan(monkeypatch, 4, 8)
     straight = train(tiny_cfg(shapes_root, tmp_path / "a", *extra, epochs=9), progress=False)
     assert [r["step"] for r in straight.history] == [3, 6, 8]
 
-    def die(self, state, batch, run_dir):
-        if state.step == kill_at:
-            raise _Stop
-
-    _fake_plan(monkeypatch, 4, 8)  # the same plans again
-    with monkeypatch.context() as m:
-        m.setattr(ClassifyTask, "on_step_end", die)
-        with pytest.raises(_Stop):
-            train(tiny_cfg(shapes_root, tmp_path / "b", *extra, epochs=9), progress=False)
-    (run,) = (tmp_path / "b").iterdir()
-    monkeypatch.setattr(budget, "plan_steps", None)  # a resume does not plan again
-    resumed = train(resume=run, progress=False)
-    wa, wb = _weights(straight.run_dir), _weights(run)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    run = _killed_at(monkeypatch, kill_at, tiny_cfg(shapes_root, tmp_path / "b", *extra, epochs=9), 4, 8)
+    resumed = _resumed(monkeypatch, run)
+    _same_weights(straight.run_dir, run)
     assert [r["step"] for r in resumed.history] == [3, 6, 8]
-    for a, b in zip(straight.history, resumed.history):
-        assert (a["train_loss"], a["val_loss"], a["lr"]) == (b["train_loss"], b["val_loss"], b["lr"])
+    _same_records(straight.history, resumed.history)
 
 
 def test_a_replan_on_an_epoch_without_its_checkpoint_writes_one_so_a_resume_follows_it(
@@ -236,29 +261,17 @@ def test_a_replan_on_an_epoch_without_its_checkpoint_writes_one_so_a_resume_foll
     the newest last.pt was that step checkpoint, which holds the first plan, and a run killed at step 4 resumed
     along it (4 steps instead of 8). The re-plan now writes the epoch's last.pt whatever the interval."""
     from fasttrain.engine import train
-    from fasttrain.tasks.classify import ClassifyTask
 
     extra = (*EXTRA, "train.checkpoint_every=2", "train.checkpoint_every_steps=2", "runtime.precision=fp32")
     _fake_plan(monkeypatch, 4, 8)
     straight = train(tiny_cfg(shapes_root, tmp_path / "a", *extra, epochs=9), progress=False)
     assert [r["step"] for r in straight.history] == [3, 6, 8]
 
-    def die(self, state, batch, run_dir):
-        if state.step == 4:
-            raise _Stop
-
-    _fake_plan(monkeypatch, 4, 8)
-    with monkeypatch.context() as m:
-        m.setattr(ClassifyTask, "on_step_end", die)
-        with pytest.raises(_Stop):
-            train(tiny_cfg(shapes_root, tmp_path / "b", *extra, epochs=9), progress=False)
-    (run,) = (tmp_path / "b").iterdir()
+    run = _killed_at(monkeypatch, 4, tiny_cfg(shapes_root, tmp_path / "b", *extra, epochs=9), 4, 8)
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert (ckpt["state"]["step"], ckpt["config"]["train"]["total_steps"]) == (3, 8)  # the re-plan's, not step 2's
-    monkeypatch.setattr(budget, "plan_steps", None)
-    resumed = train(resume=run, progress=False)
-    wa, wb = _weights(straight.run_dir), _weights(run)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    resumed = _resumed(monkeypatch, run)
+    _same_weights(straight.run_dir, run)
     assert [r["step"] for r in resumed.history] == [3, 6, 8]
 
 
@@ -267,7 +280,6 @@ def test_a_replan_keeps_the_warm_up_the_run_started_with_and_a_resume_keeps_it_t
     steps after the first epoch used to move the cap to 5, sending the rate at step 3 (past its warm-up, decaying)
     back into a warm-up; the run now keeps 2, and a run killed after the re-plan resumes with it."""
     from fasttrain.engine import train
-    from fasttrain.tasks.classify import ClassifyTask
 
     extra = ("train.time_budget_s=30", "schedule.name=linear", "schedule.warmup_epochs=2", "runtime.precision=fp32")
     _fake_plan(monkeypatch, 4, 11)
@@ -279,21 +291,10 @@ def test_a_replan_keeps_the_warm_up_the_run_started_with_and_a_resume_keeps_it_t
     # the re-plan: still warm-up 2, then a straight line down to step 11 (a warm-up of 5 gave 5/6 and 2/6)
     assert lrs[1:] == pytest.approx([peak * (1 - 4 / 9), peak * (1 - 7 / 9), 0.0], abs=1e-12)
 
-    def die(self, state, batch, run_dir):
-        if state.step == 7:
-            raise _Stop
-
-    _fake_plan(monkeypatch, 4, 11)
-    with monkeypatch.context() as m:
-        m.setattr(ClassifyTask, "on_step_end", die)
-        with pytest.raises(_Stop):
-            train(tiny_cfg(shapes_root, tmp_path / "b", *extra, epochs=9), progress=False)
-    (run,) = (tmp_path / "b").iterdir()
-    monkeypatch.setattr(budget, "plan_steps", None)
-    resumed = train(resume=run, progress=False)
+    run = _killed_at(monkeypatch, 7, tiny_cfg(shapes_root, tmp_path / "b", *extra, epochs=9), 4, 11)
+    resumed = _resumed(monkeypatch, run)
     assert [r["lr"] for r in resumed.history] == lrs
-    wa, wb = _weights(straight.run_dir), _weights(run)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    _same_weights(straight.run_dir, run)
 
 
 def test_a_plan_of_many_epochs_replans_once_more_halfway_and_resumes_along_it(shapes_root, tmp_path, monkeypatch):
@@ -301,7 +302,6 @@ def test_a_plan_of_many_epochs_replans_once_more_halfway_and_resumes_along_it(sh
     half of them (step 15), from the epochs trained since: 24 steps. Every rank derives that epoch from the plan;
     a run killed after the second re-plan resumes along it."""
     from fasttrain.engine import _late_replan_epoch, train
-    from fasttrain.tasks.classify import ClassifyTask
 
     assert [_late_replan_epoch(t, 3) for t in (4, 18, 21, 30, 300)] == [0, 0, 0, 5, 50]
     extra = (*EXTRA, "runtime.precision=fp32", "schedule.name=linear")
@@ -314,22 +314,10 @@ def test_a_plan_of_many_epochs_replans_once_more_halfway_and_resumes_along_it(sh
     log = (straight.run_dir / "train.log").read_text()
     assert "time budget: the last 4 epochs took" in log and "24 steps = 8 epochs" in log
 
-    def die(self, state, batch, run_dir):
-        if state.step == 17:
-            raise _Stop
-
-    _fake_plan(monkeypatch, 4, 30, 24)
-    with monkeypatch.context() as m:
-        m.setattr(ClassifyTask, "on_step_end", die)
-        with pytest.raises(_Stop):
-            train(tiny_cfg(shapes_root, tmp_path / "b", *extra, epochs=99), progress=False)
-    (run,) = (tmp_path / "b").iterdir()
-    monkeypatch.setattr(budget, "plan_steps", None)
-    resumed = train(resume=run, progress=False)
-    wa, wb = _weights(straight.run_dir), _weights(run)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    for a, b in zip(straight.history, resumed.history, strict=True):
-        assert (a["train_loss"], a["val_loss"], a["lr"]) == (b["train_loss"], b["val_loss"], b["lr"])
+    run = _killed_at(monkeypatch, 17, tiny_cfg(shapes_root, tmp_path / "b", *extra, epochs=99), 4, 30, 24)
+    resumed = _resumed(monkeypatch, run)
+    _same_weights(straight.run_dir, run)
+    _same_records(straight.history, resumed.history)
 
 
 def test_a_plan_inside_the_first_epoch_is_replanned_halfway_and_resumes_exactly(shapes_root, tmp_path, monkeypatch):
@@ -337,7 +325,6 @@ def test_a_plan_inside_the_first_epoch_is_replanned_halfway_and_resumes_exactly(
     own time (8 steps: the first epoch whole, 2 more), not after the epoch; a run killed after it resumes along
     the new plan from the step checkpoint written at the re-plan."""
     from fasttrain.engine import train
-    from fasttrain.tasks.classify import ClassifyTask
 
     extra = (*EXTRA, "train.checkpoint_every_steps=7", "runtime.precision=fp32", "schedule.name=linear")
     asked = _fake_plan(monkeypatch, 4, 8, 99, per_epoch=6)
@@ -348,23 +335,12 @@ def test_a_plan_inside_the_first_epoch_is_replanned_halfway_and_resumes_exactly(
     log = (straight.run_dir / "train.log").read_text()
     assert "2 steps trained at" in log and "8 steps = 2 epochs (1 of 6, the last of 2) instead of 4 steps" in log
 
-    def die(self, state, batch, run_dir):
-        if state.step == 5:
-            raise _Stop
-
-    _fake_plan(monkeypatch, 4, 8, 99, per_epoch=6)
-    with monkeypatch.context() as m:
-        m.setattr(ClassifyTask, "on_step_end", die)
-        with pytest.raises(_Stop):
-            train(tiny_cfg(shapes_root, tmp_path / "b", *extra, epochs=9, max_steps=6), progress=False)
-    (run,) = (tmp_path / "b").iterdir()
+    cfg = tiny_cfg(shapes_root, tmp_path / "b", *extra, epochs=9, max_steps=6)
+    run = _killed_at(monkeypatch, 5, cfg, 4, 8, 99, per_epoch=6)
     assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == 2  # written at the re-plan
-    monkeypatch.setattr(budget, "plan_steps", None)
-    resumed = train(resume=run, progress=False)
-    wa, wb = _weights(straight.run_dir), _weights(run)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    for a, b in zip(straight.history, resumed.history, strict=True):
-        assert (a["train_loss"], a["val_loss"], a["lr"]) == (b["train_loss"], b["val_loss"], b["lr"])
+    resumed = _resumed(monkeypatch, run)
+    _same_weights(straight.run_dir, run)
+    _same_records(straight.history, resumed.history)
 
 
 def test_a_real_budget_run_ends_with_its_schedule_complete(shapes_root, tmp_path):
