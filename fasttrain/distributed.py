@@ -263,7 +263,7 @@ def _beating(store: Any, key: str, period_s: float) -> Iterator[None]:
     know rank 0 is still alive, and end their wait dist.timeout_s after the beats stop (a rank 0 that died
     without a word, whose node's agent may have given up without ending the others)."""
     done = threading.Event()
-    clone = getattr(store, "clone", None)  # torch >= 2.8; the TCPStore client serialises its own calls before
+    clone = getattr(store, "clone", None)  # torch >= 2.8 has it; before, the one client serialises the calls
     beats = clone() if clone is not None else store
 
     def beat() -> None:

@@ -57,6 +57,18 @@ def _sets(root: Path, runs: Path, *extra: str) -> list[str]:
     return [a for s in sets for a in ("--set", s)]
 
 
+def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a torchrun job under test: this checkout first on the path, one thread per process,
+    and Python's fault handler on (a worker that aborts shows where)."""
+    return {
+        **os.environ,
+        **(extra or {}),
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONFAULTHANDLER": "1",
+    }
+
+
 def _torchrun(
     nproc: int,
     args: list[str],
@@ -66,13 +78,7 @@ def _torchrun(
     worker: Path = WORKER,
     env_extra: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    env = {
-        **os.environ,
-        **(env_extra or {}),
-        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONFAULTHANDLER": "1",
-    }
+    env = worker_env(env_extra)
     cmd = [
         sys.executable,
         "-m",
@@ -293,12 +299,7 @@ def test_bench_and_autotune_under_two_ranks(shapes_root, tmp_path):
 
 def test_a_failed_worker_under_nproc_is_named_with_its_reason(shapes_root, tmp_path):
     """``fasttrain train --nproc``: which rank failed and why, not ``a worker failed:`` with nothing after it."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONFAULTHANDLER": "1",
-    }
+    env = worker_env()
     args = ["train", "-q", "--nproc", "2", *_sets(shapes_root, tmp_path / "x", "train.batch_size=33")]
     done = subprocess.run(
         [sys.executable, "-m", "fasttrain", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300

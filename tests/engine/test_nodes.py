@@ -6,7 +6,6 @@ rendezvous, one worker each, gloo on CPU), each in its own working folder standi
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -572,12 +571,9 @@ def _two_nodes(
     """Two torchrun agents (one worker each) in their own working folders, one job; (exit status, stderr) of
     each. A job still running after ``limit`` seconds is a hang: killed, and the test fails. ``node_env``: each
     node's own environment variables (over the test's)."""
-    base = {
-        **os.environ,
-        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-        "OMP_NUM_THREADS": "1",
-        "PYTHONFAULTHANDLER": "1",
-    }
+    from tests.engine.test_ddp import worker_env
+
+    base = worker_env()
     port = _free_port()
     procs = []
     for k, folder in enumerate(folders):
