@@ -34,7 +34,9 @@ def main(argv: list[str]) -> int:
     if os.environ.get("DDP_WORKER_THREADS"):  # what is left running once main() ended (shutdown() included)
         tasks = f"/proc/{os.getpid()}/task"
         names = sorted(_comm(f"{tasks}/{tid}/comm") for tid in os.listdir(tasks))
-        print(f"rank {os.environ.get('RANK')} threads after main: {names}", file=sys.stderr, flush=True)
+        # one write(2) under PIPE_BUF is atomic: both ranks share the agent's stderr pipe, and print()'s
+        # separate writes of text and newline let the two lines interleave into one
+        os.write(2, f"rank {os.environ.get('RANK')} threads after main: {names}\n".encode())
     return rc
 
 

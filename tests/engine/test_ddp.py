@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,8 +119,8 @@ def test_two_ranks_match_one_process_and_write_one_run_folder(shapes_root, tmp_p
     done = _torchrun(2, args, env_extra={"DDP_WORKER_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-9000:]
     # main()'s shutdown() destroyed the process group and its gloo threads (see gloo_exit_worker.py)
-    left = [line for line in done.stderr.splitlines() if " threads after main: " in line]
-    assert len(left) == 2 and not any("gloo" in line for line in left), left
+    left = dict(re.findall(r"rank (\d) threads after main: (\[[^\]]*\])", done.stderr))
+    assert sorted(left) == ["0", "1"] and not any("gloo" in names for names in left.values()), left
     run = _only_run(tmp_path / "two")  # rank 1 wrote nothing of its own
     _one_process(["train", "-q", *_sets(shapes_root, tmp_path / "one", "train.epochs=2", "train.max_steps=4")])
     single = _only_run(tmp_path / "one")
