@@ -745,7 +745,10 @@ def _timed_out(e: BaseException) -> str | None:
 
 
 def _error(e: BaseException, text: str) -> None:
-    print(f"fasttrain: error: {text}", file=sys.stderr)
+    # one write, not print()'s two (text, then newline): the ranks of a torchrun job share a stderr, and two
+    # ranks failing at once would otherwise run their lines together
+    sys.stderr.write(f"fasttrain: error: {text}\n")
+    sys.stderr.flush()
     _record_for_torchrun(e, text)
 
 
