@@ -257,17 +257,24 @@ def _store_get(store: Any, key: str, timeout_s: float, prefix: str = "", world_s
 
 
 @contextlib.contextmanager
-def _beating(store: Any, key: str, period_s: float) -> Iterator[None]:
+def _beating(store: Any, key: str, period_s: float, progress: Callable[[], int] | None = None) -> Iterator[None]:
     """While the block runs, a thread raises the counter ``key`` every ``period_s`` (on a clone of the store: the
     way to use one from two threads): ranks waiting for a long decision (a dataset index built over minutes)
     know rank 0 is still alive, and end their wait dist.timeout_s after the beats stop (a rank 0 that died
-    without a word, whose node's agent may have given up without ending the others)."""
+    without a word, whose node's agent may have given up without ending the others). ``progress`` given: a beat
+    is skipped when its count has not moved since the last one (rank 0 alive but stuck)."""
     done = threading.Event()
     clone = getattr(store, "clone", None)  # torch >= 2.8 has it; before, the one client serialises the calls
     beats = clone() if clone is not None else store
+    seen = [progress() if progress is not None else 0]
 
     def beat() -> None:
         while not done.wait(period_s):
+            if progress is not None:
+                now = progress()
+                if now == seen[0]:
+                    continue
+                seen[0] = now
             try:
                 beats.add(key, 1)
             except Exception:  # noqa: BLE001 - a passing store error: the next beat tries again (one failure used
@@ -407,13 +414,22 @@ def _error_box(e: BaseException) -> bytes:
         return pickle.dumps(("error", (RunError, f"{type(e).__name__}: {text}" if text else type(e).__name__)))
 
 
-def decide(name: str, fn: Callable[[], Any], timeout_s: float = 1800.0, *, long: bool = False) -> Any:
+def decide(
+    name: str,
+    fn: Callable[[], Any],
+    timeout_s: float = 1800.0,
+    *,
+    long: bool = False,
+    progress: Callable[[], int] | None = None,
+) -> Any:
     """``fn()`` run by rank 0 alone, its result (a picklable value) on every rank, before the process group
     exists (through torchrun's store, once per attempt). An error raised by ``fn`` is raised on every rank, the
     same type with the same message (one clear message everywhere, instead of ranks that wait).
 
     ``long``: ``fn`` may take longer than ``timeout_s`` (indexing a dataset): rank 0 beats while it runs, and
-    the others wait as long as the beats go on, ``timeout_s`` from the last one."""
+    the others wait as long as the beats go on, ``timeout_s`` from the last one. ``progress``: a count that
+    ``fn``'s work raises as it goes (folders listed, files checked); rank 0 beats only while it moves, so a rank 0
+    frozen in one blocking call (a hung network mount), whose beat thread would go on, ends the wait too."""
     info = dist_info()
     if not info.enabled:
         return fn()
@@ -424,7 +440,7 @@ def decide(name: str, fn: Callable[[], Any], timeout_s: float = 1800.0, *, long:
     beats = f"{key}/beats" if long else ""
     if info.rank == 0:
         try:
-            with _beating(store, beats, min(timeout_s / 4, 10.0)) if long else contextlib.nullcontext():
+            with _beating(store, beats, min(timeout_s / 4, 10.0), progress) if long else contextlib.nullcontext():
                 box: tuple[str, Any] = ("ok", fn())
         except Exception as e:
             store.set(key, _error_box(e))

@@ -70,6 +70,7 @@ from fasttrain.data.sources import (
     discover,
     find_source,
     listed_once,
+    progress,
     walk_folders,
 )
 from fasttrain.data.vectors import Vectors
@@ -859,7 +860,8 @@ def indexed_source(data: DataConfig, root: str | os.PathLike | None = None, *, t
     then discovers them itself): a node whose copy differs or is missing takes rank 0's way, never another
     collective than rank 0's. The other ranks wait for rank 0's answer (ready, or its error) through torchrun's
     store as long as rank 0 beats (a cold listing of a large dataset may take longer than ``timeout_s``,
-    dist.timeout_s), and ``timeout_s`` after its beats stop (a rank 0 that died or froze); only then does the
+    dist.timeout_s), and ``timeout_s`` after its beats stop (a rank 0 that died, or whose listing and checks
+    stopped moving: frozen in a hung mount, see :func:`~fasttrain.data.sources.note_progress`); only then does the
     index itself come through the process group's broadcast, which rank 0 is ready to send."""
     from fasttrain import distributed
 
@@ -886,7 +888,7 @@ def indexed_source(data: DataConfig, root: str | os.PathLike | None = None, *, t
 
     # A small status through the store while rank 0 beats (rank 0's error comes as the answer); the index bytes
     # then follow.
-    got = distributed.decide("dataset-index", rank_0, timeout_s, long=True)
+    got = distributed.decide("dataset-index", rank_0, timeout_s, long=True, progress=progress)
     if got[0] == "error":
         if info.is_main:
             raise made["error"]

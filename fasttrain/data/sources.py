@@ -223,6 +223,21 @@ def entry_kind(e: os.DirEntry | _Entry) -> tuple[str, str | None]:
 
 _KINDS = {"d": "dir", "f": "file", "i": "file", "o": "other"}
 
+_PROGRESS = [0]
+
+
+def note_progress() -> None:
+    """A step of the work that lists and checks a dataset (a folder listed, a file's header checked) is done.
+    Under torchrun, rank 0 indexes the data while the other ranks wait: they wait as long as this moves on (see
+    :func:`fasttrain.distributed.decide`), so a rank 0 frozen in one blocking call (a hung network mount) ends
+    their wait after dist.timeout_s, as a dead one does. Threads may call it (a lost increment changes nothing)."""
+    _PROGRESS[0] += 1
+
+
+def progress() -> int:
+    """How many steps :func:`note_progress` has counted in this process."""
+    return _PROGRESS[0]
+
 
 def walk_folders(
     folder: Path, *, skip: Callable[[Path, str], bool] | None = None, warn: bool = True
@@ -261,6 +276,7 @@ def walk_folders(
             if warn:
                 log.warning("cannot list %s: %s", d, err.strerror or err)
             return
+        note_progress()
         yield d, entries  # type: ignore[misc]
         for name in dirs:
             if not (skip and skip(d, name)):

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from fasttrain.config import ConfigError, DataConfig
-from fasttrain.data import checks, index
+from fasttrain.data import checks, index, sources
 from fasttrain.data.checks import precheck
 from fasttrain.data.index import INDEX_DIR, DatasetIndex, IndexedPaths, indexed_source, listing, load_or_build
 from fasttrain.data.sources import discover
@@ -398,11 +398,11 @@ class FakeJob:
         monkeypatch.setattr(distributed, "broadcast_object", self.broadcast)
         self.rank = rank
 
-    def decide(self, name, fn, timeout_s=1800.0, *, long=False):
+    def decide(self, name, fn, timeout_s=1800.0, *, long=False, progress=None):
         if self.rank == 0:
             FakeJob.decided.append(fn())
             return FakeJob.decided[-1]
-        FakeJob.waits.append((timeout_s, long))
+        FakeJob.waits.append((timeout_s, long, progress))
         if not FakeJob.decided:
             pytest.fail("rank 1 waits for a decision rank 0 never makes")
         return FakeJob.decided[-1]
@@ -454,23 +454,29 @@ def test_rank_1_waits_for_rank_0_through_the_store_while_rank_0_beats(shapes, mo
     indexed_source(data, timeout_s=7.0)
     FakeJob(monkeypatch, 1)
     indexed_source(data, timeout_s=7.0)
-    assert FakeJob.waits == [(7.0, True)]
+    assert FakeJob.waits == [(7.0, True, sources.progress)]  # while the listing and the checks move on
 
 
 _SLOW_RANK_0 = """
 import os, pathlib, sys, time
 from fasttrain import distributed
 from fasttrain.config import DataConfig
-from fasttrain.data import index
+from fasttrain.data import index, sources
 # both ranks start their 2 s rendezvous together: imports under load may differ by more than 2 s
 flags = pathlib.Path(sys.argv[2])
 (flags / os.environ["RANK"]).touch()
 while len(list(flags.iterdir())) < 2:
     time.sleep(0.01)
 distributed.init("cpu", timeout_s=2.0)
+def slow_listing():  # a cold listing, past the timeout: 5 s of folders listed one by one
+    for _ in range(20):
+        time.sleep(0.25)
+        sources.note_progress()
+def frozen():  # rank 0 alive (its beat thread too) but stuck in one blocking call: a hung mount
+    time.sleep(6)
 if distributed.current().is_main:
-    build = index.load_or_build
-    index.load_or_build = lambda *a, **k: (time.sleep(5), build(*a, **k))[1]  # a cold listing, past the timeout
+    build, stall = index.load_or_build, {"walking": slow_listing, "frozen": frozen}[sys.argv[3]]
+    index.load_or_build = lambda *a, **k: (stall(), build(*a, **k))[1]
 print("samples", len(index.indexed_source(DataConfig(root=sys.argv[1]), timeout_s=2.0).train), flush=True)
 distributed.shutdown()
 """
@@ -478,10 +484,12 @@ distributed.shutdown()
 
 @pytest.mark.slow  # two processes: seconds of imports each
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs torch.distributed with gloo")
-def test_a_listing_longer_than_dist_timeout_s_is_waited_for(tmp_path):
+@pytest.mark.parametrize("rank_0", ["walking", "frozen"])
+def test_a_listing_longer_than_dist_timeout_s_is_waited_for_while_it_moves(tmp_path, rank_0):
     """Two real ranks (gloo, dist.timeout_s = 2 s), rank 0's listing 5 s: rank 1 waited in the broadcast and
     timed out ("Timed out waiting 2000ms"); it now waits through the store while rank 0 beats, and both get the
-    index."""
+    index. A rank 0 frozen for 6 s (its beat thread alive, its listing not moving) ends rank 1's wait after
+    about 2 s, naming rank 0."""
     import socket
     import subprocess
     import sys
@@ -496,7 +504,7 @@ def test_a_listing_longer_than_dist_timeout_s_is_waited_for(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     ranks = [
         subprocess.Popen(
-            [sys.executable, "-c", _SLOW_RANK_0, str(tmp_path / "d"), str(tmp_path / "started")],
+            [sys.executable, "-c", _SLOW_RANK_0, str(tmp_path / "d"), str(tmp_path / "started"), rank_0],
             env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -505,8 +513,12 @@ def test_a_listing_longer_than_dist_timeout_s_is_waited_for(tmp_path):
         for r in range(2)
     ]
     outs = [p.communicate(timeout=120)[0] for p in ranks]
-    assert [p.returncode for p in ranks] == [0, 0], outs
-    assert all(out.strip().endswith("samples 12") for out in outs), outs
+    if rank_0 == "walking":
+        assert [p.returncode for p in ranks] == [0, 0], outs
+        assert all(out.strip().endswith("samples 12") for out in outs), outs
+    else:
+        assert ranks[1].returncode != 0 and "samples" not in outs[1], outs
+        assert "TimeoutError: rank 1: rank 0 of the job gave no sign of life for 2 s (dist.timeout_s)" in outs[1]
 
 
 def test_rank_0_decides_shards_for_every_rank_and_a_node_without_them_says_so(tmp_path, monkeypatch):

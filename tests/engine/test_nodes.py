@@ -212,6 +212,27 @@ def test_a_long_decision_is_waited_for_while_rank_0_beats_and_not_once_the_beats
     assert time.monotonic() - t0 < 5
 
 
+def test_beats_given_a_progress_count_go_on_only_while_it_moves():
+    """A rank 0 alive but frozen (one blocking call on a hung mount) must not keep the others waiting for good:
+    its beat thread beats only when the work's count moved since the last beat."""
+    store, count = torch.distributed.HashStore(), [0]
+    with D._beating(store, "beats", 0.05, lambda: count[0]):
+        time.sleep(0.4)  # eight periods without progress: only the opening beat
+        assert int(store.add("beats", 0)) == 1
+        count[0] += 1
+        deadline = time.monotonic() + 30
+        while int(store.add("beats", 0)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert int(store.add("beats", 0)) == 2
+        time.sleep(0.4)
+        assert int(store.add("beats", 0)) == 2  # moved once: one beat
+    with D._beating(store, "plain", 0.05):  # no count: a beat every period (rank 0 alive)
+        deadline = time.monotonic() + 30
+        while int(store.add("plain", 0)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert int(store.add("plain", 0)) >= 3
+
+
 def test_decide_outside_torchrun_just_runs_the_function():
     assert D.decide("x", lambda: 42) == 42
 
