@@ -391,7 +391,7 @@ def discover_paired(cfg: DataConfig, root: Path) -> DataSource:
     names = {"train": cfg.train_dir, "val": cfg.val_dir, "test": cfg.test_dir}
     for split, sub in names.items():
         ab = _ab_folders(root, sub)
-        if ab is not None:
+        if ab is not None and sub not in {names[s] for s in splits}:  # a folder is one split (see split_folders)
             splits[split] = _paired_split(split, *ab, skipped)
     if "train" not in splits:
         ab = _ab_folders(root, None)

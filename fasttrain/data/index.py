@@ -93,7 +93,9 @@ __all__ = [
     "load_or_build",
 ]
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+"""Raised whenever what discovery finds for the same settings changes (2: a folder is one split, so
+``val_dir = test_dir`` has no test split): an index of an older version is built again, not trusted."""
 INDEX_DIR = ".fasttrain-index"
 FORMATS = ("jpeg", "png", "bmp", "tiff", "webp", "pnm", "jpeg2000")
 _BAD, _UNCHECKED = 255, 254

@@ -365,12 +365,14 @@ def holdout_split(targets: Sequence[Any], fraction: float, seed: int, stratify: 
 
 def split_folders(cfg: DataConfig, root: Path) -> tuple[dict[str, Path], set[str]]:
     """The split folders that exist ({"train": ..., "val"?: ..., "test"?: ...}; the root itself is the training
-    split when it has no train_dir), and the names that are splits, not data, when the root is that split."""
+    split when it has no train_dir), and the names that are splits, not data, when the root is that split. A
+    folder is one split only: ``val_dir = "test"`` (CIFAR-10's layout) validates on test/ and leaves no test split
+    (the same images were evaluated, decoded and cached again after training)."""
     dirs = {"train": root / cfg.train_dir, "val": root / cfg.val_dir, "test": root / cfg.test_dir}
     train = dirs["train"] if dirs["train"].is_dir() and dirs["train"] != root else root
     found = {"train": train}
     for name in ("val", "test"):
-        if dirs[name].is_dir() and dirs[name] not in (root, train):
+        if dirs[name].is_dir() and dirs[name] not in (root, *found.values()):
             found[name] = dirs[name]
     reserved = {cfg.train_dir, cfg.val_dir, cfg.test_dir} if train == root else set()
     return found, reserved

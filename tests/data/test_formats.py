@@ -329,6 +329,29 @@ def test_paired_root_ab_with_val_folder(tmp_path):
     assert len(src.train) == 4 and [Path(p).name for p in src.val.paths] == ["v.png"]
 
 
+def test_a_folder_named_by_val_dir_and_test_dir_is_one_split_the_validation_one(tmp_path):
+    """CIFAR-10's layout (train/, test/) with ``val_dir = "test"``: test/ was also the test split, evaluated (and
+    cached) a second time after training; a folder is now one split."""
+    for split, n in (("train", 3), ("test", 2)):
+        for cls in ("cat", "dog"):
+            for i in range(n):
+                png(tmp_path / "classes" / split / cls / f"{i}.png")
+        for side in ("A", "B"):
+            for i in range(n):
+                png(tmp_path / "pairs" / side / split / f"{i}.png")
+    for fmt, root in (("folder", "classes"), ("paired", "pairs")):
+        src = discover(DataConfig(format=fmt, val_dir="test"), tmp_path / root)
+        assert (len(src.train), len(src.val), src.test) == (
+            6 if fmt == "folder" else 3,
+            4 if fmt == "folder" else 2,
+            None,
+        )
+        both = discover(DataConfig(format=fmt, val_dir="test", test_dir="test"), tmp_path / root)
+        assert both.test is None and len(both.val) == len(src.val)
+        kept = discover(DataConfig(format=fmt), tmp_path / root)  # the defaults: test/ is the test split
+        assert kept.test is not None and len(kept.test) == len(src.val)
+
+
 # -- benchmarks' JPEGs and the CLI ---------------------------------------------------------------------------
 def test_imagenet_like_jpegs(tmp_path):
     root = make_imagenet_like(tmp_path / "inet", n=6, classes=3, size=(100, 75), val=3)
