@@ -15,6 +15,13 @@
 #   loaders       benchmarks/test_loaders.py (torch, dali, cache, naive)
 #   e2e           benchmarks/test_end_to_end.py (resnet50 and resnet18: torch, dali, cache, naive)
 #   autotune      fasttrain autotune on ResNet-50 twice, then one epoch of the tuned config (no OOM allowed)
+#   speedrun      configs/cifar10-speedrun.toml on CIFAR-10 JPEGs, twice (the second with the compile caches
+#                 warm): time to 90.7% test accuracy and the whole run's wall time (issue 22); needs no DALI.
+#                 The data: ../shared/data/cifar10.tar (FASTTRAIN_SUITE_SHARED), FASTTRAIN_SUITE_CIFAR, or
+#                 .xfer/cifar10.tar.gz, which tools/device_cifar.sh makes small enough (20 MB) to carry;
+#                 FASTTRAIN_SUITE_SET="key=value ...": extra --set for its runs (a dry run on a small subset)
+#   recipe        fasttrain autotune on configs/resnet50-imagenet-fast.toml: the step's samples/s at each
+#                 progressive training size (160, 192 px), on the benchmark data
 #   summary       tools/bench_summary.py over every bench-*.json present, and tools/gpu_targets.py
 #
 # Data: Imagenette from ../shared/data (FASTTRAIN_SUITE_SHARED) when present, else ImageNet-size JPEGs generated
@@ -25,7 +32,7 @@
 # On a lent machine: FASTTRAIN_SUITE_BUNDLE=$OUT/quick.tar.gz tools/gpu_suite.sh /tmp/suite quick
 # Commit what it writes under benchmarks/results/<date>-<gpu>/ (checkpoints are left out of the bundle).
 set -uo pipefail
-out=${1:?usage: tools/gpu_suite.sh OUT_DIR [quick|data|tests|model-MODEL|loaders|e2e|autotune|summary]...}
+out=${1:?usage: tools/gpu_suite.sh OUT_DIR [quick|data|tests|model-MODEL|loaders|e2e|autotune|speedrun|recipe|summary]...}
 shift
 stages=${*:-quick}
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -50,10 +57,15 @@ note() {  # log a line; with FASTTRAIN_SUITE_BUNDLE set, re-pack OUT_DIR into th
   fi
 }
 
-python3 - <<'EOF' || exit 2
+needs_dali=0
+for stage in $stages; do
+  case $stage in speedrun|summary|data) ;; *) needs_dali=1 ;; esac
+done
+SUITE_NEEDS_DALI=$needs_dali python3 - <<'EOF' || exit 2
 import importlib.util, os, sys
 import torch
-missing = [m for m in ("tomli_w", "nvidia.dali", "pynvml") if importlib.util.find_spec(m) is None]
+needed = ("tomli_w", "pynvml") + (("nvidia.dali",) if os.environ["SUITE_NEEDS_DALI"] == "1" else ())
+missing = [m for m in needed if importlib.util.find_spec(m) is None]
 if not torch.cuda.is_available() and not os.environ.get("FASTTRAIN_SUITE_CPU"):  # set: a dry run of the script
     sys.exit("no CUDA device: nothing to do")
 if missing:
@@ -94,6 +106,20 @@ data_root() {  # an ImageFolder root with train/ and val/, made once per machine
   echo "$root"
 }
 
+cifar_root() {  # CIFAR-10 JPEG class folders (train/, test/), extracted once per machine
+  local cache=${FASTTRAIN_BENCH_CACHE:-/tmp/fasttrain-bench} src=""
+  for src in "${FASTTRAIN_SUITE_CIFAR:-}" "$shared/cifar10.tar" "$here/.xfer/cifar10.tar.gz" ""; do
+    [ -n "$src" ] && [ -f "$src" ] && break
+  done
+  if [ -z "$src" ]; then
+    note "no CIFAR-10 tar: set FASTTRAIN_SUITE_CIFAR, or carry .xfer/cifar10.tar.gz (tools/device_cifar.sh)"
+    return 1
+  fi
+  mkdir -p "$cache"
+  [ -d "$cache/cifar10/train" ] || tar xf "$src" -C "$cache" || return 1  # tar finds the compression itself
+  echo "$cache/cifar10"
+}
+
 pytest_bench() {  # pytest_bench NAME ARGS...: one benchmark file or selection, results as they come
   local name=$1; shift
   FASTTRAIN_BENCH_DATA=$(data_root) FASTTRAIN_BENCH_LOG="$out/bench-$name.jsonl" \
@@ -101,14 +127,16 @@ pytest_bench() {  # pytest_bench NAME ARGS...: one benchmark file or selection, 
     --benchmark-json="$out/bench-$name.json" 2>&1 | tee "$out/bench-$name.txt" || status=1
 }
 
-timed() {  # timed NAME CMD...: run, keep its output and wall time
+timed() {  # timed NAME CMD...: run, keep its output and wall time (to 0.01 s: a speed run takes seconds)
   local name=$1; shift
-  local t0=$SECONDS
+  local t0 wall
+  t0=$(date +%s.%N)
   "$@" 2>&1 | tee "$out/$name.txt"
   local rc=${PIPESTATUS[0]}
-  echo "wall_s=$((SECONDS - t0)) rc=$rc" >> "$out/$name.txt"
+  wall=$(awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN { printf "%.2f", b - a }')
+  echo "wall_s=$wall rc=$rc" >> "$out/$name.txt"
   [ "$rc" -eq 0 ] || status=1
-  note "$name: rc=$rc in $((SECONDS - t0)) s"
+  note "$name: rc=$rc in $wall s"
 }
 
 for stage in $stages; do
@@ -146,6 +174,22 @@ for stage in $stages; do
       tuned=$(ls "$out"/autotune-1/*.tuned.toml 2>/dev/null | head -1)
       [ -n "$tuned" ] && timed tuned-epoch "${ft[@]}" train "$tuned" --set train.epochs=1 \
         --set "train.runs_dir=$out/runs" -q ;;
+    speedrun)
+      if cifar=$(cifar_root); then
+        extra=()
+        for kv in ${FASTTRAIN_SUITE_SET:-}; do extra+=(--set "$kv"); done
+        for run in 1 2; do  # the second run finds the compile caches warm (airbench leaves compiling out)
+          timed "speedrun-$run" "${ft[@]}" train cifar10-speedrun --set "data.root=$cifar" \
+            --set "train.runs_dir=$out/speedrun-$run" "${extra[@]}" -q
+        done
+      else
+        status=1
+      fi
+      python3 tools/gpu_targets.py "$out" -o "$out/targets.md" || status=1 ;;
+    recipe)
+      timed recipe-autotune "${ft[@]}" autotune resnet50-imagenet-fast --set "data.root=$(data_root)" \
+        --set "train.runs_dir=$out/runs" --out "$out/recipe-autotune"
+      python3 tools/gpu_targets.py "$out" -o "$out/targets.md" || status=1 ;;
     summary)
       for f in "$out"/bench-*.json; do
         [ -f "$f" ] && { python3 tools/bench_summary.py "$f" -o "${f%.json}.md" --plot "${f%.json}.png" || status=1; }

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
 
 
@@ -111,3 +113,56 @@ def test_what_a_cut_off_stage_did_not_measure_says_so(tmp_path):
     assert v["autotune wall time, one compile excluded"] is False
     assert v["autotune answered from its cache"] is None
     assert T.main([str(tmp_path / "missing")]) == 2
+
+
+def _speedrun(
+    folder: Path, n: int, accs: list[float], times: list[float], wall: float | None, ema: list[float] | None = None
+) -> None:
+    run = folder / f"speedrun-{n}" / "cifar10-speedrun-20261203-080000"
+    run.mkdir(parents=True)
+    lines = [json.dumps({"event": "step", "epoch": 1, "step": 10, "loss": 2.0})]
+    lines += [
+        json.dumps({"epoch": e, "epoch_time_s": t, "val_acc": a, "eval_time_s": 0.2, "val_ema_acc": m})
+        for e, (a, t, m) in enumerate(zip(accs, times, ema or [None] * len(accs)), start=1)
+    ]
+    lines.append(json.dumps({"epoch": len(accs), "event": "test", "test_acc": 0.1}))
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if wall is not None:
+        (folder / f"speedrun-{n}.txt").write_text(f"progress...\nwall_s={wall} rc=0\n")
+
+
+def test_the_speed_run_is_judged_on_its_last_run_with_the_first_epochs_compile_left_out(tmp_path):
+    # run 1: a cold compile (30 s in epoch 1), never at 90.7%; run 2: warm, at 90.7% in its fourth epoch
+    _speedrun(tmp_path, 1, [0.5, 0.8, 0.9, 0.905], [30.4, 0.5, 0.5, 0.5], 48.0)
+    ema = [0.4, 0.7, 0.9, 0.908, 0.915]  # the EMA's accuracy, when higher, is the epoch's (the run's best rates it so)
+    _speedrun(tmp_path, 2, [0.5, 0.8, 0.9, 0.906, 0.912], [3.0, 0.5, 0.6, 0.4, 0.5], 12.5, ema)
+    runs = T.speed_runs(tmp_path)
+    assert [(r.n, r.epoch_at_target) for r in runs] == [(1, None), (2, 4)]
+    assert runs[1].train_s == pytest.approx(0.5 + 0.5 + 0.6 + 0.4)  # epoch 1 counted at the later epochs' median, 0.5
+    assert runs[1].train_s_raw == pytest.approx(3.0 + 0.5 + 0.6 + 0.4)
+    v = _verdicts(tmp_path)
+    assert v["cifar10-speedrun test accuracy (last run)"] is True  # 0.915 (EMA)
+    assert v["cifar10-speedrun training time to it, compile left out"] is True  # 2.0 s
+    assert v["cifar10-speedrun whole run, decode included"] is True  # 12.5 s
+    assert v["ResNet-50 fast recipe: the step's samples/s per training size"] is None
+    md = T.to_markdown(tmp_path, T.evaluate(tmp_path))
+    assert "run 1: final 0.9050, 90.7% not reached, whole run 48.0 s" in md
+    assert "run 2: final 0.9150, 90.7% at epoch 4 after 2.00 s of training (4.50 s with the first epoch's" in md
+
+
+def test_a_slow_or_short_speed_run_and_the_recipe_sizes(tmp_path):
+    _speedrun(tmp_path, 1, [0.6, 0.91], [2.0, 2.6], None)  # at 90.7% after 2.0 + 2.6 s; no wall time written
+    recipe = tmp_path / "recipe-autotune"
+    recipe.mkdir()
+    rates = [
+        {"size": 160, "samples_per_s": 3100.0, "batch_size": 256},
+        {"size": 192, "samples_per_s": 2200.0, "batch_size": 256},
+    ]
+    (recipe / "resnet50-imagenet-fast.json").write_text(json.dumps({"candidates": [], "size_rates": rates}))
+    v = _verdicts(tmp_path)
+    assert v["cifar10-speedrun test accuracy (last run)"] is True
+    assert v["cifar10-speedrun training time to it, compile left out"] is False  # 2.0 (2.0 < 2.6) + 2.6 = 4.6 s
+    assert v["cifar10-speedrun whole run, decode included"] is None
+    assert v["ResNet-50 fast recipe: the step's samples/s per training size"] is True
+    md = T.to_markdown(tmp_path, T.evaluate(tmp_path))
+    assert "160 px 3,100 img/s (batch 256), 192 px 2,200 img/s (batch 256)" in md
