@@ -36,6 +36,7 @@ __all__ = [
     "check_writable",
     "os_reason",
     "remove_temp_files",
+    "is_temp_file",
     "append_jsonl",
     "read_jsonl",
 ]
@@ -209,6 +210,12 @@ def check_writable(folder: str | os.PathLike, what: str) -> Path:
 _TEMP = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")
 
 
+def is_temp_file(name: str) -> bool:
+    """Whether ``name`` is the temp file of an :func:`atomic_replace` / :func:`write_new` call
+    (``.last.pt.ab12cd34.tmp``): a write under way or interrupted, not a file yet."""
+    return bool(_TEMP.match(name))
+
+
 def remove_temp_files(folder: str | os.PathLike) -> list[Path]:
     """Remove the temp files that interrupted :func:`atomic_replace` / :func:`write_new` calls left in
     ``folder`` (``.last.pt.ab12cd34.tmp``: killed mid-write). Only for folders fasttrain owns, while no other
@@ -218,7 +225,7 @@ def remove_temp_files(folder: str | os.PathLike) -> list[Path]:
     if not folder.is_dir():
         return removed
     for p in folder.iterdir():
-        if _TEMP.match(p.name) and p.is_file() and not p.is_symlink():
+        if is_temp_file(p.name) and p.is_file() and not p.is_symlink():
             try:
                 p.unlink()
                 removed.append(p)

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fasttrain.io import WriteError, atomic_write_text, os_reason, remove_temp_files
+from fasttrain.io import WriteError, atomic_write_text, is_temp_file, os_reason, remove_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,15 @@ __all__ = [
     "forget_elastic_run",
     "holds_checkpoints",
     "LOCK_NAME",
+    "JOB_NAME",
 ]
 
 LOCK_NAME = ".lock"
 """The lock file in a run folder (held with ``flock`` while a process trains there)."""
+
+JOB_NAME = ".torchrun-job"
+"""The file in a run folder that names the torchrun job training there (its token): found again after the job's
+marker went (see :func:`elastic_run_dir`)."""
 
 
 class RunError(RuntimeError):
@@ -230,20 +235,43 @@ def elastic_run_dir(runs_dir: str | os.PathLike, run_id: str, job: str | None = 
     """The run folder an earlier start of this torchrun job (same rendezvous id) created, if any: a job that
     torchrun restarts after a lost worker continues there instead of starting a second folder. ``job``: the
     job's token (:func:`fasttrain.distributed.job_token`); a marker another job left under the same rendezvous
-    id (a later job reusing it) names another token and is not this job's."""
+    id (a later job reusing it) names another token and is not this job's.
+
+    With ``job``, a folder whose :data:`JOB_NAME` file names the token is this job's too, marker or not: rank 0
+    takes the marker away once the run is finished, but its process can still end with an error after that (an
+    abort at the interpreter's exit), and its node's agent then restarts the job, which must find the finished
+    run (and resume it, with nothing left to train) instead of training a second one in a new folder."""
     marker = _elastic_marker(runs_dir, run_id)
     try:
         name, _, token = marker.read_text(encoding="utf-8").strip().partition("\n")
     except OSError:
-        return None
+        name = token = ""
     if job is not None and token.strip() != job:
-        return None
+        return _run_of_job(marker.parent, job) if job else None
     folder = marker.parent / name
     return folder if name and "/" not in name and folder.is_dir() else None
 
 
+def _run_of_job(runs_dir: Path, job: str) -> Path | None:
+    """The folder in ``runs_dir`` whose :data:`JOB_NAME` file names the torchrun job ``job`` (its token)."""
+    try:
+        folders = [p for p in runs_dir.iterdir() if p.is_dir()]
+    except OSError:
+        return None
+    for folder in sorted(folders):
+        try:
+            if (folder / JOB_NAME).read_text(encoding="utf-8").strip() == job:
+                return folder
+        except OSError:
+            continue
+    return None
+
+
 def remember_elastic_run(runs_dir: str | os.PathLike, run_id: str, run_dir: Path, job: str = "") -> None:
-    """Note which folder this torchrun job trains in (read by :func:`elastic_run_dir` after a restart)."""
+    """Note which folder this torchrun job trains in (read by :func:`elastic_run_dir` after a restart): the
+    marker in ``runs_dir``, and the job's token in the run folder (it stays when the marker goes)."""
+    if job:
+        atomic_write_text(run_dir / JOB_NAME, f"{job}\n")
     atomic_write_text(_elastic_marker(runs_dir, run_id), f"{run_dir.name}\n{job}\n")
 
 
@@ -258,9 +286,10 @@ def forget_elastic_run(runs_dir: str | os.PathLike, run_id: str, run_dir: Path) 
 
 
 def holds_checkpoints(run_dir: str | os.PathLike) -> bool:
-    """Whether a run folder has any file under checkpoints/ (a start that died before its first checkpoint
-    has none: its restart trains in the same folder instead of leaving it empty behind)."""
+    """Whether a run folder has any checkpoint file under checkpoints/ (a start that died before its first
+    checkpoint has none: its restart trains in the same folder instead of leaving it empty behind). The temp file
+    of a checkpoint write that the death interrupted is no checkpoint (the restart removes it)."""
     try:
-        return any(p.is_file() for p in (Path(run_dir) / "checkpoints").iterdir())
+        return any(p.is_file() and not is_temp_file(p.name) for p in (Path(run_dir) / "checkpoints").iterdir())
     except OSError:
         return False

@@ -5,6 +5,10 @@
 With ``--kill-rank``, rank R of the first attempt (TORCHELASTIC_RESTART_COUNT = 0) kills itself with SIGKILL
 once S optimizer steps are done, as a lost machine would: torchrun restarts the group and the run must resume.
 With DDP_WORKER_THREADS=1 in the environment, each rank names the threads it still has once main() returned.
+With DDP_WORKER_FAIL_ONCE=PATH, the first rank 0 whose main() succeeds (the one that creates PATH) still ends with
+exit status 1, as a rank that aborts at the interpreter's exit does (gloo's SIGABRT in CI); the other ranks of
+that attempt (started while PATH did not exist) wait once they are done until their agent ends them (at most
+120 s), so that the job is still running when rank 0's agent restarts it.
 """
 
 from __future__ import annotations
@@ -12,9 +16,12 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 
 
 def main(argv: list[str]) -> int:
+    once = os.environ.get("DDP_WORKER_FAIL_ONCE")
+    hold = bool(once) and os.environ.get("RANK") != "0" and not os.path.exists(once)  # the attempt rank 0 fails
     if argv[:1] == ["--kill-rank"]:
         rank, step, argv = int(argv[1]), int(argv[3]), argv[4:]
         if os.environ.get("RANK") == str(rank) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
@@ -37,7 +44,21 @@ def main(argv: list[str]) -> int:
         # one write(2) under PIPE_BUF is atomic: both ranks share the agent's stderr pipe, and print()'s
         # separate writes of text and newline let the two lines interleave into one
         os.write(2, f"rank {os.environ.get('RANK')} threads after main: {names}\n".encode())
+    if once and rc == 0 and os.environ.get("RANK") == "0" and _first(once):
+        os.write(2, b"rank 0 ends with exit status 1 after its run (DDP_WORKER_FAIL_ONCE)\n")
+        return 1
+    if hold and rc == 0:
+        threading.Event().wait(120)  # the restart's SIGTERM ends this process (its default action)
     return rc
+
+
+def _first(path: str) -> bool:
+    """Whether this process is the first to get here: it created ``path``."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 def _comm(path: str) -> str:

@@ -413,6 +413,22 @@ def test_a_marker_is_this_jobs_only_and_goes_when_the_job_ends(tmp_path):
     assert elastic_run_dir(tmp_path, "job1") == run
     forget_elastic_run(tmp_path, "job1", run)
     assert elastic_run_dir(tmp_path, "job1") is None and not list(tmp_path.glob(".torchrun-*"))
+    # the job's restart after its run finished (the marker went): found by the token the folder keeps
+    assert elastic_run_dir(tmp_path, "job1", job="token-a") == run
+    assert elastic_run_dir(tmp_path, "job1", job="token-b") is None
+
+
+def test_a_checkpoint_write_that_a_death_interrupted_is_no_checkpoint(tmp_path):
+    """A start killed while writing its first last.pt leaves the write's temp file: its restart trains again in
+    the same folder (the temp file is removed there), not in a second one beside it."""
+    from fasttrain.checkpoint import save_checkpoint
+
+    run = tmp_path / "run-1"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / ".last.pt.ab12cd34.tmp").write_bytes(b"half a checkpoint")
+    assert not holds_checkpoints(run)
+    save_checkpoint(run / "checkpoints" / "last.pt", {"state": {}})
+    assert holds_checkpoints(run)
 
 
 def test_a_restart_resumes_only_its_jobs_run_with_its_config_and_reuses_a_folder_left_empty(
@@ -646,6 +662,24 @@ def _identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
+def _folders_report(found: list[Path], runs: Path, done: list[tuple[int, str]]) -> str:
+    """What a job left that has other than one run folder: each folder's files (sizes), the heads of its
+    metrics.jsonl and train.log, the restart markers, and each agent's output."""
+    lines = []
+    for run in found:
+        lines.append(f"== {run}")
+        for p in sorted(run.rglob("*")):
+            lines.append(f"  {p.relative_to(run)}{'/' if p.is_dir() else f' {p.stat().st_size} B'}")
+        for name in ("metrics.jsonl", "train.log"):
+            if (run / name).is_file():
+                lines += [f"  -- {name}:", *(f"  {x}" for x in (run / name).read_text().splitlines()[:15])]
+    for marker in sorted(m for d in {runs, *(f.parent for f in found)} if d.is_dir() for m in d.glob(".torchrun-*")):
+        lines.append(f"== marker {marker.name}: {marker.read_text()!r}")
+    for k, (code, err) in enumerate(done):
+        lines += [f"== agent {k}: exit status {code}", err[-6000:]]
+    return "\n".join(lines)
+
+
 @pytest.fixture(scope="module")
 def straight(shapes_root, tmp_path_factory) -> Path:
     """An uninterrupted two-node run: the reference the restarted ones must equal bit for bit."""
@@ -675,16 +709,38 @@ def test_a_killed_rank_restarts_once_and_ends_bit_identical(shapes_root, tmp_pat
     else:  # its folder is trained in again, not left behind empty beside a second one
         assert "its start ended before the first checkpoint; training afresh in" in err
     found = _runs(tmp_path / "runs", *(n / "runs" for n in nodes))
-    assert len(found) == 1, (
-        found,
-        err[-6000:],
-    )  # found again after the restart, not a second folder; none on the other node
+    # found again after the restart, not a second folder; none on the other node
+    assert len(found) == 1, _folders_report(found, tmp_path / "runs", done)
     _identical(_weights(found[0]), _weights(straight))
     records = [json.loads(x) for x in (found[0] / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records if "event" not in r] == [1, 2]
     assert not list(found[0].parent.glob(".torchrun-*"))  # the job ended: its marker went
     if not shared:
         assert "train.runs_dir is not shared with rank 1" in err
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_a_restart_after_the_run_finished_finds_the_run_and_trains_no_second_one(shapes_root, tmp_path, straight):
+    """Rank 0 finished the run (and took the job's marker away), then its process still ended with an error, as
+    one aborting at the interpreter's exit does (gloo's SIGABRT in CI); its node's agent had a restart left and
+    restarted the job while rank 1 still ran. The restart found no marker and trained a second run from scratch
+    in a new folder (CI: two run folders, every agent ended 0). It now finds the finished run by the job's token
+    and resumes it, with nothing left to train."""
+    nodes = [tmp_path / "n0", tmp_path / "n1"]
+    once = {"DDP_WORKER_FAIL_ONCE": str(tmp_path / "failed-once")}
+    args = ["train", "-q", *_sets(shapes_root, tmp_path / "runs")]
+    done = _two_nodes(nodes, args, job="ends-failed", restarts=1, node_env=[once, once])
+    err = "".join(e for _, e in done)
+    assert all(code == 0 for code, _ in done), err[-4000:]
+    assert "rank 0 ends with exit status 1 after its run" in err  # the job was restarted after the run finished
+    found = _runs(tmp_path / "runs")
+    assert len(found) == 1, _folders_report(found, tmp_path / "runs", done)
+    assert "torchrun restart 1 of job ends-failed: resuming" in err
+    _identical(_weights(found[0]), _weights(straight))
+    records = [json.loads(x) for x in (found[0] / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records if "event" not in r] == [1, 2]  # nothing trained twice
+    assert not list(found[0].parent.glob(".torchrun-*"))
 
 
 @pytest.mark.slow
