@@ -261,7 +261,7 @@ def _elastic_plan(
     (its token: not an earlier job that used the same rendezvous id) created, resumed when it has a checkpoint
     and the config is the run's; trained in afresh when the start died before its first checkpoint."""
     token = distributed.job_token()
-    found = elastic_run_dir(cfg.train.runs_dir, info.run_id, job=token)
+    found = elastic_run_dir(cfg.train.runs_dir, info.run_id, job=token, search=distributed.generation() > 1)
     if found is None:
         other = elastic_run_dir(cfg.train.runs_dir, info.run_id)
         if other is not None:

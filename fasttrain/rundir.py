@@ -231,7 +231,9 @@ def _elastic_marker(runs_dir: str | os.PathLike, run_id: str) -> Path:
     return Path(runs_dir).expanduser() / f".torchrun-{safe}"
 
 
-def elastic_run_dir(runs_dir: str | os.PathLike, run_id: str, job: str | None = None) -> Path | None:
+def elastic_run_dir(
+    runs_dir: str | os.PathLike, run_id: str, job: str | None = None, *, search: bool = True
+) -> Path | None:
     """The run folder an earlier start of this torchrun job (same rendezvous id) created, if any: a job that
     torchrun restarts after a lost worker continues there instead of starting a second folder. ``job``: the
     job's token (:func:`fasttrain.distributed.job_token`); a marker another job left under the same rendezvous
@@ -240,31 +242,37 @@ def elastic_run_dir(runs_dir: str | os.PathLike, run_id: str, job: str | None = 
     With ``job``, a folder whose :data:`JOB_NAME` file names the token is this job's too, marker or not: rank 0
     takes the marker away once the run is finished, but its process can still end with an error after that (an
     abort at the interpreter's exit), and its node's agent then restarts the job, which must find the finished
-    run (and resume it, with nothing left to train) instead of training a second one in a new folder."""
+    run (and resume it, with nothing left to train) instead of training a second one in a new folder.
+    ``search=False``: not that way (a job's first attempt: no folder can hold its new token, and the search
+    reads a file in every folder of ``runs_dir``)."""
     marker = _elastic_marker(runs_dir, run_id)
     try:
         name, _, token = marker.read_text(encoding="utf-8").strip().partition("\n")
     except OSError:
         name = token = ""
     if job is not None and token.strip() != job:
-        return _run_of_job(marker.parent, job) if job else None
+        return _run_of_job(marker.parent, job) if job and search else None
     folder = marker.parent / name
     return folder if name and "/" not in name and folder.is_dir() else None
 
 
 def _run_of_job(runs_dir: Path, job: str) -> Path | None:
-    """The folder in ``runs_dir`` whose :data:`JOB_NAME` file names the torchrun job ``job`` (its token)."""
+    """The folder in ``runs_dir`` whose :data:`JOB_NAME` file names the torchrun job ``job`` (its token); the
+    newest such file's where there are several (a restart that left a folder behind, its checkpoints broken, and
+    trained in a new one: the new one is the run)."""
     try:
         folders = [p for p in runs_dir.iterdir() if p.is_dir()]
     except OSError:
         return None
-    for folder in sorted(folders):
+    found = []
+    for folder in folders:
         try:
-            if (folder / JOB_NAME).read_text(encoding="utf-8").strip() == job:
-                return folder
+            path = folder / JOB_NAME
+            if path.read_text(encoding="utf-8").strip() == job:
+                found.append((path.stat().st_mtime_ns, folder.name, folder))
         except OSError:
             continue
-    return None
+    return max(found)[2] if found else None
 
 
 def remember_elastic_run(runs_dir: str | os.PathLike, run_id: str, run_dir: Path, job: str = "") -> None:

@@ -43,6 +43,7 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 [ -n "${FASTTRAIN_BENCH_CACHE:-}" ] && FASTTRAIN_BENCH_CACHE=$(absolute "$FASTTRAIN_BENCH_CACHE")
 [ -n "${FASTTRAIN_BENCH_DATA:-}" ] && FASTTRAIN_BENCH_DATA=$(absolute "$FASTTRAIN_BENCH_DATA")
+[ -n "${FASTTRAIN_SUITE_CIFAR:-}" ] && FASTTRAIN_SUITE_CIFAR=$(absolute "$FASTTRAIN_SUITE_CIFAR")
 shared=$(absolute "${FASTTRAIN_SUITE_SHARED:-$here/../shared/data}")
 cd "$here"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
@@ -59,7 +60,7 @@ note() {  # log a line; with FASTTRAIN_SUITE_BUNDLE set, re-pack OUT_DIR into th
 
 needs_dali=0
 for stage in $stages; do
-  case $stage in speedrun|summary|data) ;; *) needs_dali=1 ;; esac
+  case $stage in quick|tests|model-*|loaders|e2e|autotune|recipe) needs_dali=1 ;; esac
 done
 SUITE_NEEDS_DALI=$needs_dali python3 - <<'EOF' || exit 2
 import importlib.util, os, sys
@@ -107,16 +108,25 @@ data_root() {  # an ImageFolder root with train/ and val/, made once per machine
 }
 
 cifar_root() {  # CIFAR-10 JPEG class folders (train/, test/), extracted once per machine
-  local cache=${FASTTRAIN_BENCH_CACHE:-/tmp/fasttrain-bench} src=""
-  for src in "${FASTTRAIN_SUITE_CIFAR:-}" "$shared/cifar10.tar" "$here/.xfer/cifar10.tar.gz" ""; do
-    [ -n "$src" ] && [ -f "$src" ] && break
-  done
+  local cache=${FASTTRAIN_BENCH_CACHE:-/tmp/fasttrain-bench} src="" tmp
+  if [ -n "${FASTTRAIN_SUITE_CIFAR:-}" ]; then
+    src=$FASTTRAIN_SUITE_CIFAR
+    [ -f "$src" ] || { note "FASTTRAIN_SUITE_CIFAR: $src is not a file"; return 1; }
+  else
+    for src in "$shared/cifar10.tar" "$here/.xfer/cifar10.tar.gz" ""; do
+      [ -n "$src" ] && [ -f "$src" ] && break
+    done
+  fi
   if [ -z "$src" ]; then
     note "no CIFAR-10 tar: set FASTTRAIN_SUITE_CIFAR, or carry .xfer/cifar10.tar.gz (tools/device_cifar.sh)"
     return 1
   fi
   mkdir -p "$cache"
-  [ -d "$cache/cifar10/train" ] || tar xf "$src" -C "$cache" || return 1  # tar finds the compression itself
+  if [ ! -d "$cache/cifar10" ]; then  # extracted aside, then renamed: a call cut off mid-way leaves no half tree
+    tmp=$(mktemp -d "$cache/.cifar10.XXXXXX")
+    tar xf "$src" -C "$tmp" && mv "$tmp/cifar10" "$cache/cifar10" || { rm -rf "$tmp"; return 1; }  # any compression
+    rm -rf "$tmp"
+  fi
   echo "$cache/cifar10"
 }
 
@@ -177,10 +187,11 @@ for stage in $stages; do
     speedrun)
       if cifar=$(cifar_root); then
         extra=()
-        for kv in ${FASTTRAIN_SUITE_SET:-}; do extra+=(--set "$kv"); done
+        read -ra sets <<< "${FASTTRAIN_SUITE_SET:-}"  # words, never glob patterns ([160,192] stays as it is)
+        for kv in ${sets[@]+"${sets[@]}"}; do extra+=(--set "$kv"); done
         for run in 1 2; do  # the second run finds the compile caches warm (airbench leaves compiling out)
           timed "speedrun-$run" "${ft[@]}" train cifar10-speedrun --set "data.root=$cifar" \
-            --set "train.runs_dir=$out/speedrun-$run" "${extra[@]}" -q
+            --set "train.runs_dir=$out/speedrun-$run" ${extra[@]+"${extra[@]}"} -q
         done
       else
         status=1

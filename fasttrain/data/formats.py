@@ -45,6 +45,7 @@ from fasttrain.data.sources import (
     entry_kind,
     hold_out,
     list_images,
+    note_progress,
     split_folders,
     walk_folders,
 )
@@ -216,6 +217,7 @@ def discover_manifest(cfg: DataConfig, root: Path) -> DataSource:
             )
     rows_of: dict[str, tuple[list[str], list[Any]]] = {}
     for n, rec in rows:
+        note_progress()  # a stat per row (see sources.note_progress)
         where = f"{path}:{n}"
         value = rec.get(path_col)
         if not isinstance(value, str) or not value.strip():
@@ -306,6 +308,7 @@ def _drawing_split(
                 canvases[n] = f
         last = max(strokes, default=-1)
         for n, canvas in sorted(canvases.items()):
+            note_progress()  # a header and a JSON file per step (see sources.note_progress)
             stroke = strokes.get(n + 1)
             if stroke is None:
                 if n < last:  # a gap inside the session; the final canvas has no next stroke by nature

@@ -70,6 +70,7 @@ from fasttrain.data.sources import (
     discover,
     find_source,
     listed_once,
+    note_progress,
     progress,
     walk_folders,
 )
@@ -278,6 +279,7 @@ def listing(root: str | os.PathLike) -> Listing:
         folders += 1
         names, stats = [], array("q")
         for e in entries:
+            note_progress()
             try:
                 if e.is_dir():
                     continue
@@ -354,6 +356,7 @@ def _stats(entries: list) -> array:
     out = array("q")
     try:
         for e in entries:
+            note_progress()
             st = e.stat()
             out.append(st.st_size)
             out.append(st.st_mtime_ns)
@@ -363,6 +366,7 @@ def _stats(entries: list) -> array:
 
 
 def _stat(e: os.DirEntry | str) -> tuple[int, int]:
+    note_progress()
     try:
         st = e.stat() if isinstance(e, os.DirEntry) else os.stat(e)
     except OSError:  # a broken link, a link loop: listed by name, without a size
@@ -890,7 +894,9 @@ def indexed_source(data: DataConfig, root: str | os.PathLike | None = None, *, t
 
     # A small status through the store while rank 0 beats (rank 0's error comes as the answer); the index bytes
     # then follow.
-    got = distributed.decide("dataset-index", rank_0, timeout_s, long=True, progress=progress)
+    # A format registered from outside may list without marking progress: rank 0 then beats unconditionally.
+    moving = progress if data.format in _BUILT_IN else None
+    got = distributed.decide("dataset-index", rank_0, timeout_s, long=True, progress=moving)
     if got[0] == "error":
         if info.is_main:
             raise made["error"]

@@ -178,10 +178,14 @@ def test_bench_and_autotune_take_the_dataset_and_model_too(tmp_path, monkeypatch
     # A busy machine, made certain: every verification disagrees with its probe, unexplained.
     busy = Agreement("disagrees", False, False, "neither", "verification -8% vs the probe: unexplained")
     monkeypatch.setattr(probe, "judge_verification", lambda **kw: busy)
-    # A long job: the CPU time cap (half the training tuned) would skip the verification of a short one.
-    long_job = config(tmp_path, "bench.warmup_steps=1", "bench.steps=2", "bench.repeats=1", "train.epochs=1000")
+    # A long job: the CPU time cap (half the training tuned) would skip the verification of a short one. This
+    # net steps at ~24,000 samples/s here: 1,000 epochs of its 96 training samples made a cap of ~2.3 s, under
+    # the 4 s budget, spent before the verification ('cap-spent', reliable: failed in a full run); 100,000
+    # epochs cap at minutes.
+    long_job = config(tmp_path, "bench.warmup_steps=1", "bench.steps=2", "bench.repeats=1", "train.epochs=100000")
     noisy = autotune(long_job, dataset=Bars(128), model=model, time_budget_s=4, out_dir=tmp_path / "busy")
     assert noisy.ok and (tmp_path / "busy" / f"{cfg.name}.tuned.toml").is_file()
+    assert noisy.cpu_cap_s is None and not noisy.shortcut, noisy.notes  # the verification ran
     assert not noisy.reliable and busy.text in noisy.unreliable  # the reason it is less sure
     assert noisy.chosen_batch == noisy.given_batch  # a change it could not confirm is not written
 

@@ -6,6 +6,7 @@ rendezvous, one worker each, gloo on CPU), each in its own working folder standi
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -416,6 +417,14 @@ def test_a_marker_is_this_jobs_only_and_goes_when_the_job_ends(tmp_path):
     # the job's restart after its run finished (the marker went): found by the token the folder keeps
     assert elastic_run_dir(tmp_path, "job1", job="token-a") == run
     assert elastic_run_dir(tmp_path, "job1", job="token-b") is None
+    assert elastic_run_dir(tmp_path, "job1", job="token-a", search=False) is None  # a first attempt does not look
+    # a restart that left a folder behind (its checkpoints broken) and trained in a new one: the new one is the run
+    newer = tmp_path / "run-0"  # sorts first by name: the token file's age decides, not the name
+    newer.mkdir()
+    remember_elastic_run(tmp_path, "job1", newer, "token-a")
+    forget_elastic_run(tmp_path, "job1", newer)
+    os.utime(run / ".torchrun-job", ns=(1, 1))
+    assert elastic_run_dir(tmp_path, "job1", job="token-a") == newer
 
 
 def test_a_checkpoint_write_that_a_death_interrupted_is_no_checkpoint(tmp_path):

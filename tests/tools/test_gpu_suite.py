@@ -44,6 +44,7 @@ def test_the_speedrun_stage_extracts_a_gzipped_cifar_tar_trains_twice_and_judges
     """The stage a lent GPU runs for issue 22 (dry run on the CPU, a small class-folder tree in CIFAR's layout,
     gzipped as tools/device_cifar.sh packs it): extracted once, two runs, their figures in targets.md."""
     import tarfile
+    import tomllib
 
     from fasttrain.data.synthetic import make_shapes_dataset
 
@@ -56,8 +57,8 @@ def test_the_speedrun_stage_extracts_a_gzipped_cifar_tar_trains_twice_and_judges
         "FASTTRAIN_SUITE_CPU": "1",
         "FASTTRAIN_BENCH_CACHE": str(tmp_path / "cache"),
         "FASTTRAIN_SUITE_SHARED": str(tmp_path / "no-shared-data"),
-        "FASTTRAIN_SUITE_CIFAR": str(tmp_path / "cifar10.tar.gz"),
-        "FASTTRAIN_SUITE_SET": "train.batch_size=8 train.epochs=2 train.eval_batch_size=8",
+        "FASTTRAIN_SUITE_CIFAR": "cifar10.tar.gz",  # relative: the caller's folder, not the repository's
+        "FASTTRAIN_SUITE_SET": "train.batch_size=8 train.epochs=2 train.eval_batch_size=8 data.std=[0.25,0.25,0.25]",
         "PYTHONPATH": str(ROOT),
     }
     done = subprocess.run(
@@ -72,9 +73,11 @@ def test_the_speedrun_stage_extracts_a_gzipped_cifar_tar_trains_twice_and_judges
     assert done.returncode == 0, log + done.stderr[-3000:]
     assert "speedrun-1: rc=0" in log and "speedrun-2: rc=0" in log
     assert len(list((tmp_path / "cache" / "cifar10" / "train").rglob("*.png"))) == 4 * 12  # this tar's tree
+    assert not list((tmp_path / "cache").glob(".cifar10.*"))  # extracted aside, then renamed
     targets = (tmp_path / "out" / "targets.md").read_text()
     for n in (1, 2):
         (run,) = (tmp_path / "out" / f"speedrun-{n}").iterdir()
         assert (run / "metrics.jsonl").is_file()
+        assert tomllib.loads((run / "config.toml").read_text())["data"]["std"] == [0.25, 0.25, 0.25]
         assert f"run {n}: final " in targets
     assert "| cifar10-speedrun whole run, decode included | <= 15 s | run 1: final" in targets
