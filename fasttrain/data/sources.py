@@ -227,7 +227,7 @@ _PROGRESS = [0]
 
 
 def note_progress() -> None:
-    """A step of the work that lists and checks a dataset (an entry listed or stat'ed, a header checked, a
+    """A step of the work that lists and checks a dataset (a folder listed, a file stat'ed, a header checked, a
     manifest row or a drawing step read) is done: every loop over files of a built-in format's discovery and of
     the dataset index calls it. Under torchrun, rank 0 indexes the data while the other ranks wait: they wait as
     long as this moves on (see :func:`fasttrain.distributed.decide`), so a rank 0 frozen in one blocking call (a
@@ -270,12 +270,9 @@ def walk_folders(
                 entries: Sequence = _Listing(str(d), known)
                 dirs = [n for n, k in zip(known.names, known.kinds) if k == "d"]
             else:
-                entries = []
                 with os.scandir(d) as it:
-                    for e in it:  # one huge folder on a network mount may take minutes: progress per entry
-                        note_progress()
-                        if e.name[:1] != ".":
-                            entries.append(e)
+                    entries = [e for e in it if e.name[:1] != "."]
+                note_progress()  # per folder: a readdir returns hundreds of names a call (the stats are per file)
                 entries.sort(key=_name)
                 dirs = [e.name for e in entries if entry_kind(e)[0] == "dir"]
         except OSError as err:
