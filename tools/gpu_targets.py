@@ -59,15 +59,22 @@ def _load(path: Path) -> Any:
         return None
 
 
+def _records(path: Path) -> list[Any]:
+    """The JSON lines of ``path``, a line cut off mid-write (a stage stopped by its time limit) left out."""
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
 def bench_cases(folder: Path) -> list[dict[str, Any]]:
     """Every benchmark case's extra_info: from the JSON lines written as cases finish, else the final JSON."""
     cases: list[dict[str, Any]] = []
     for jsonl in sorted(folder.glob("bench-*.jsonl")):
-        for line in jsonl.read_text(encoding="utf-8").splitlines():
-            try:
-                cases.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut off mid-write
+        cases += _records(jsonl)
     for js in sorted(folder.glob("bench-*.json")):
         if js.with_suffix(".jsonl").exists():
             continue
@@ -126,14 +133,9 @@ def speed_runs(folder: Path) -> list[SpeedRun]:
         found = sorted((folder / f"speedrun-{n}").glob("*/metrics.jsonl"))
         if not found:
             continue
-        epochs = []
-        for line in found[-1].read_text(encoding="utf-8").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if "event" not in rec and rec.get("epoch_time_s") is not None and "val_acc" in rec:
-                epochs.append(rec)
+        epochs = [
+            r for r in _records(found[-1]) if "event" not in r and r.get("epoch_time_s") is not None and "val_acc" in r
+        ]
         if not epochs:
             continue
         times = [float(r["epoch_time_s"]) for r in epochs]

@@ -232,7 +232,7 @@ def note_progress() -> None:
     the dataset index calls it. Under torchrun, rank 0 indexes the data while the other ranks wait: they wait as
     long as this moves on (see :func:`fasttrain.distributed.decide`), so a rank 0 frozen in one blocking call (a
     hung network mount) ends their wait after dist.timeout_s, as a dead one does. Threads may call it (a lost
-    increment changes nothing). About 50 ns a call."""
+    increment changes nothing). About 70 ns a call (66 ns measured with timeit)."""
     _PROGRESS[0] += 1
 
 
