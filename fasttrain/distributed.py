@@ -19,11 +19,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fasttrain.rundir import RunError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the command line reads dist_info() before importing torch
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,8 @@ def init(device_type: str, *, timeout_s: float = 1800.0) -> DistInfo:
     backend = "nccl" if device_type == "cuda" else "gloo"
     kwargs: dict[str, Any] = {}
     if device_type == "cuda":
+        import torch
+
         if info.local_rank >= torch.cuda.device_count():
             raise ValueError(
                 f"environment: LOCAL_RANK={info.local_rank} but this node has "
@@ -499,6 +502,7 @@ def all_reduce_sums(values: dict[str, torch.Tensor], *, device: torch.device | N
     info = current()
     if not info.enabled:
         return values
+    import torch
     import torch.distributed as dist
 
     if device is not None:
@@ -550,6 +554,7 @@ def wrap_state(state: Any, runtime: Any, *, sync_bn: bool = False) -> None:
     One process: nothing changes. ``sync_bn`` (``model.sync_bn``): SyncBatchNorm, CUDA only."""
     if not current().enabled:
         return
+    import torch
     from torch.nn.parallel import DistributedDataParallel
 
     from fasttrain.config import ConfigError

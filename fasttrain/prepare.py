@@ -17,6 +17,7 @@ from typing import Any
 
 from fasttrain import distributed
 from fasttrain.config import Config, ConfigError
+from fasttrain.data import prebuild
 from fasttrain.data.index import indexed_source
 from fasttrain.data.sources import DataSource
 from fasttrain.distributed import DistInfo
@@ -114,6 +115,8 @@ def prepare(
     info = distributed.init(resolve_device(cfg.runtime.device).type, timeout_s=cfg.dist.timeout_s)
     if dataset is None:
         cfg = resolve_data_root(cfg)
+        if prebuild.pending():  # another process reads or builds the index: import what the first step needs
+            _import_for_first_step(cfg)
         source = indexed_source(
             cfg.data, timeout_s=cfg.dist.timeout_s
         )  # the dataset index: built once, reused while the files are unchanged
@@ -133,6 +136,16 @@ def prepare(
     prep = Prepared(cfg, runtime, source, task, backend, reason, info)
     _ = prep.micro_batch  # the global batch divides over the processes
     return prep
+
+
+def _import_for_first_step(cfg: Config) -> None:
+    """Import the slow modules the first step imports anyway, while the dataset index is built in another
+    process (:mod:`fasttrain.data.prebuild`): ``torch._dynamo`` (about 1.3 s; torch's optimizers import it when
+    they are built) and, unless the loader is DALI, ``torchvision`` (the torch loader's transforms)."""
+    import torch._dynamo  # noqa: F401
+
+    if cfg.data.loader != "dali":
+        import torchvision  # noqa: F401
 
 
 def check_host_memory(cfg: Config, precision: str, micro_batch: int) -> None:

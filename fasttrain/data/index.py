@@ -849,8 +849,10 @@ def describe(result: IndexResult) -> str:
 
 def _sourced(data: DataConfig, root: Path) -> tuple[DataSource, DatasetIndex | None]:
     """Rank 0's (or one process's) source, and the index to share (None: the source is not indexed)."""
+    from fasttrain.data import prebuild
+
     try:
-        result = load_or_build(data, root)
+        result = prebuild.take(data, root) or load_or_build(data, root)  # the command line's early build, if any
     except IndexUnsupported as e:
         log.info("dataset not indexed (%s): every start discovers it", e)
         return find_source(data, root), None

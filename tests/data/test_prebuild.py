@@ -1,0 +1,150 @@
+"""The dataset index read or built in a forked process while the command imports torch
+(:mod:`fasttrain.data.prebuild`). The fork is only safe in a process with one thread, which a pytest process is
+not (numpy's BLAS pool): each case runs in a fresh interpreter that imports neither numpy nor torch before it
+forks, as the command line does."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the early build forks (Linux only)")
+
+SCRIPT = r"""
+import json, os, sys
+from dataclasses import replace
+from fasttrain.config import DataConfig, ConfigError
+from fasttrain.data import prebuild
+
+root, case = sys.argv[1], sys.argv[2]
+data = DataConfig(root=root)
+out = {}
+if case == "numpy-first":
+    import numpy
+out["started"] = prebuild.start(data)
+out["pid"] = prebuild._child.pid if prebuild._child else None
+if case == "same":
+    got = prebuild.take(data, root)
+    from fasttrain.data.index import load_or_build
+    here = load_or_build(data, root)  # the cache the child wrote: read, not built
+    out.update(
+        reused=got.reused, here_reused=here.reused, same_fingerprint=got.index.fingerprint == here.index.fingerprint,
+        samples=got.index.samples, splits=sorted(got.index.splits),
+        same_splits=all((got.index.splits[k][0] == here.index.splits[k][0]).all() for k in here.index.splits),
+        again=prebuild.take(data, root),
+    )
+elif case == "other":
+    out["taken"] = prebuild.take(replace(data, val_fraction=0.25), root)
+elif case == "error":
+    try:
+        prebuild.take(data, root)
+        out["error"] = None
+    except ConfigError as e:
+        out["error"] = str(e)
+    from fasttrain.data.index import load_or_build
+    try:
+        load_or_build(data, root)
+    except ConfigError as e:
+        out["here"] = str(e)
+if out["pid"]:
+    try:
+        os.kill(out["pid"], 0)
+        out["child_left"] = True
+    except ProcessLookupError:
+        out["child_left"] = False
+print(json.dumps(out))
+"""
+
+
+def image_tree(root: Path, classes: int = 3, per_class: int = 6) -> Path:
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        d = root / "train" / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def run_case(root: Path, case: str, cache: Path, **env: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(root), case],
+        env={**os.environ, "FASTTRAIN_CACHE": str(cache), **env}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_the_child_builds_the_index_the_process_then_takes(tmp_path):
+    got = run_case(image_tree(tmp_path / "data"), "same", tmp_path / "cache")
+    assert got["started"] and got["pid"] != os.getpid()
+    assert got["reused"] is False  # the child built it (no index existed) ...
+    assert got["here_reused"] is True  # ... and wrote it where this process then finds it current
+    assert got["same_fingerprint"] and got["same_splits"]
+    assert got["samples"] == 18 and got["splits"] == ["train", "val"]
+    assert got["again"] is None  # taken once
+    assert got["child_left"] is False  # reaped
+
+
+def test_other_settings_stop_the_child_and_leave_the_build_to_the_process(tmp_path):
+    cache = tmp_path / "cache"
+    got = run_case(image_tree(tmp_path / "data"), "other", cache)
+    assert got["started"] and got["taken"] is None
+    assert got["child_left"] is False
+    leftovers = [p.name for p in (cache / "index").glob("*")] if (cache / "index").is_dir() else []
+    assert all(name.endswith(".npz") for name in leftovers), leftovers  # stopped: no temp file behind
+
+
+def test_a_refused_root_is_the_error_the_process_would_raise_itself(tmp_path):
+    root = tmp_path / "data"
+    (root / "train" / "a").mkdir(parents=True)
+    (root / "train" / "a" / "notes.txt").write_text("no image here")
+    got = run_case(root, "error", tmp_path / "cache")
+    assert got["started"]
+    assert got["error"] and got["error"] == got["here"]
+    assert got["child_left"] is False
+
+
+def test_a_command_that_ends_without_taking_it_stops_the_child(tmp_path):
+    # 1,500 files: the child is still checking them when the command exits (about 0.1 s after the fork)
+    got = run_case(image_tree(tmp_path / "data", classes=2, per_class=750), "exit", tmp_path / "cache")
+    assert got["started"] and got["child_left"] is True  # still running when the command's work ended
+    time.sleep(0.2)  # the command has exited: its exit handler stopped and reaped the child
+    with pytest.raises(ProcessLookupError):
+        os.kill(got["pid"], 0)
+
+
+@pytest.mark.parametrize("case", ["numpy-first", "torchrun", "relative"])
+def test_no_fork_where_it_would_not_be_safe_or_would_not_be_taken(tmp_path, case):
+    root = image_tree(tmp_path / "data")
+    env = {"TORCHELASTIC_RUN_ID": "job", "WORLD_SIZE": "2"} if case == "torchrun" else {}
+    if case == "relative":
+        root = Path(os.path.relpath(root))
+    got = run_case(root, case, tmp_path / "cache", **env)
+    assert got["started"] is False and got["pid"] is None
+
+
+def test_fasttrain_train_takes_the_index_its_child_built(tmp_path):
+    root = image_tree(tmp_path / "data", per_class=10)
+    sets = [
+        f"data.root={root}", f"train.runs_dir={tmp_path / 'runs'}", "data.loader=torch", "data.workers=0",
+        "runtime.compile=off", "train.epochs=1", "train.max_steps=1", "train.batch_size=8",
+    ]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "fasttrain", "train", "quickstart", "-v", *[a for s in sets for a in ("--set", s)]],
+        env={**os.environ, "FASTTRAIN_CACHE": str(tmp_path / "cache")}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    started = [line for line in done.stderr.splitlines() if "built or read in process" in line]
+    taken = [line for line in done.stderr.splitlines() if "dataset index: taken from process" in line]
+    assert len(started) == 1 and len(taken) == 1, done.stderr[-3000:]
+    assert started[0].split("process ")[1].split()[0] == taken[0].rsplit(" ", 1)[1]  # the same child
+    assert list((tmp_path / "cache" / "index").glob("index-*.npz"))  # it wrote the index as the run would
