@@ -83,3 +83,29 @@ def test_a_rank_without_validation_batches_reduces_zeros_on_the_others_device(mo
     with contextlib.suppress(NotImplementedError, RuntimeError):  # a meta tensor cannot come back to the CPU
         confusion_matrix(lambda x: x, [], 3, contextlib.nullcontext, device="meta")
     assert seen == [torch.device("meta")]
+
+
+@pytest.mark.parametrize("n", [2, 120])
+def test_confusion_json_reads_back_as_the_report_with_a_line_per_matrix_row(tmp_path, n):
+    from fasttrain.tasks.confusion import write_confusion
+
+    g = torch.Generator().manual_seed(n)
+    m = torch.randint(0, 50, (n, n), generator=g)
+    report = confusion_report(m, [f'class {i}, "quoted"' for i in range(n)], split="val", weights="best.pt")
+    js, png = write_confusion(tmp_path, report)
+    text = js.read_text()
+    assert json.loads(text) == report
+    assert len(text.splitlines()) < 3 * n + 40  # rows on one line each (indented whole: n * n lines)
+    with Image.open(png) as im:
+        assert im.width > 100 and im.height > 100
+
+
+def test_a_confusion_figure_of_many_classes_has_no_per_class_ticks():
+    from fasttrain.tasks.confusion import _figure
+
+    n = 60
+    report = confusion_report(torch.eye(n, dtype=torch.long) * 3, [str(i) for i in range(n)], split="val", weights="w")
+    ax = _figure(report).axes[0]
+    assert len(ax.get_xticks()) == 0 and len(ax.get_yticks()) == 0
+    few = _figure(confusion_report(torch.eye(4, dtype=torch.long), list("abcd"), split="val", weights="w")).axes[0]
+    assert [t.get_text() for t in few.get_xticklabels()] == list("abcd")
