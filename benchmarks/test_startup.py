@@ -160,24 +160,27 @@ def _first_step(source: Path, root: Path, work: Path, *, cold: bool) -> float:
     """Seconds from spawning ``fasttrain train`` from ``source`` to its run log's first line (see the module's
     docstring); ``cold``: with no index (a fresh cache under ``work``)."""
     cache, runs = work / "cache", work / "runs"
+    work.mkdir(parents=True, exist_ok=True)
     if cold:
         shutil.rmtree(cache, ignore_errors=True)
     shutil.rmtree(runs, ignore_errors=True)
     sets = [a for s in (f"data.root={root}", f"train.runs_dir={runs}", *_FIRST_STEP_SETTINGS) for a in ("--set", s)]
     env = {**os.environ, "FASTTRAIN_CACHE": str(cache), "PYTHONPATH": str(source)}
-    t0 = time.time()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fasttrain", "train", "quickstart", "-q", *sets],
-        cwd=source, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:  # the first line is the figure: the command is stopped there (its step and evaluation are not timed)
-        while (first := _first_line(runs)) is None and proc.poll() is None and time.time() - t0 < 900:
-            time.sleep(0.02)
-        first = first or _first_line(runs)
-    finally:
-        proc.kill()
-        _, err = proc.communicate()
-    assert first is not None, f"no run log line from {source} (exit {proc.returncode}): {err[-3000:]}"
+    err = work / "stderr.txt"  # a file, not a pipe: a pipe nobody reads while polling could fill and block it
+    with err.open("w") as stderr:
+        t0 = time.time()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fasttrain", "train", "quickstart", "-q", *sets],
+            cwd=source, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
+        )  # fmt: skip
+        try:  # the first line is the figure: the command is stopped there (its step and evaluation are not timed)
+            while (first := _first_line(runs)) is None and proc.poll() is None and time.time() - t0 < 900:
+                time.sleep(0.02)
+            first = first or _first_line(runs)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert first is not None, f"no run log line from {source} (exit {proc.returncode}): {err.read_text()[-3000:]}"
     return datetime.strptime(first[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp() - t0
 
 

@@ -117,9 +117,8 @@ def prepare(
         cfg = resolve_data_root(cfg)
         if prebuild.pending():  # another process reads or builds the index: import what the first step needs
             _import_for_first_step(cfg)
-        source = indexed_source(
-            cfg.data, timeout_s=cfg.dist.timeout_s
-        )  # the dataset index: built once, reused while the files are unchanged
+        # the dataset index: built once, reused while the files are unchanged (the command line's child's, if any)
+        source = indexed_source(cfg.data, timeout_s=cfg.dist.timeout_s, prebuilt=prebuild.take)
     if not cfg.model.num_outputs and source.num_outputs:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_outputs=source.num_outputs))
     device = {}

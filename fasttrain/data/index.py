@@ -52,7 +52,7 @@ import os
 import time
 import zipfile
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
@@ -847,12 +847,14 @@ def describe(result: IndexResult) -> str:
     )
 
 
-def _sourced(data: DataConfig, root: Path) -> tuple[DataSource, DatasetIndex | None]:
-    """Rank 0's (or one process's) source, and the index to share (None: the source is not indexed)."""
-    from fasttrain.data import prebuild
-
+def _sourced(
+    data: DataConfig, root: Path, prebuilt: Callable[[DataConfig, Path], IndexResult | None] | None = None
+) -> tuple[DataSource, DatasetIndex | None]:
+    """Rank 0's (or one process's) source, and the index to share (None: the source is not indexed).
+    ``prebuilt(data, root)``: what :func:`load_or_build` would give, built elsewhere, or None (see
+    :func:`indexed_source`)."""
     try:
-        result = prebuild.take(data, root) or load_or_build(data, root)  # the command line's early build, if any
+        result = (prebuilt and prebuilt(data, root)) or load_or_build(data, root)
     except IndexUnsupported as e:
         log.info("dataset not indexed (%s): every start discovers it", e)
         return find_source(data, root), None
@@ -860,7 +862,13 @@ def _sourced(data: DataConfig, root: Path) -> tuple[DataSource, DatasetIndex | N
     return result.index.source(root), result.index
 
 
-def indexed_source(data: DataConfig, root: str | os.PathLike | None = None, *, timeout_s: float = 1800.0) -> DataSource:
+def indexed_source(
+    data: DataConfig,
+    root: str | os.PathLike | None = None,
+    *,
+    timeout_s: float = 1800.0,
+    prebuilt: Callable[[DataConfig, Path], IndexResult | None] | None = None,
+) -> DataSource:
     """What :func:`~fasttrain.data.sources.discover` finds, from the dataset index (built when missing or
     stale). Under torchrun rank 0 alone walks and builds; the others receive its index (or its error).
 
@@ -870,7 +878,11 @@ def indexed_source(data: DataConfig, root: str | os.PathLike | None = None, *, t
     store as long as rank 0 beats (a cold listing of a large dataset may take longer than ``timeout_s``,
     dist.timeout_s), and ``timeout_s`` after its beats stop (a rank 0 that died, or whose listing and checks
     stopped moving: frozen in a hung mount, see :func:`~fasttrain.data.sources.note_progress`); only then does the
-    index itself come through the process group's broadcast, which rank 0 is ready to send."""
+    index itself come through the process group's broadcast, which rank 0 is ready to send.
+
+    ``prebuilt(data, root)``: one process only: the index as :func:`load_or_build` would give it, read or built
+    elsewhere (:func:`fasttrain.data.prebuild.take`: by the command line's child process), or None to build it
+    here."""
     from fasttrain import distributed
 
     given = root if root is not None else data.root
@@ -879,7 +891,7 @@ def indexed_source(data: DataConfig, root: str | os.PathLike | None = None, *, t
     if not info.enabled:
         if is_shard_root(data.format, given):  # tar shards carry their own index (one per shard): nothing to list
             return discover(data, given)
-        src, _ = _sourced(data, where)
+        src, _ = _sourced(data, where, prebuilt)
         _log_skipped(src)
         return src
     made: dict[str, Any] = {}

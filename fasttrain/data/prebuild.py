@@ -8,7 +8,13 @@ process can. :func:`start`, called by the command line before anything has impor
 has one thread, so a fork is safe), forks a child that does exactly what
 :func:`~fasttrain.data.index.load_or_build` would do here, and the command goes on importing. :func:`take`, where
 the index is needed, returns the child's result when it was asked with the same settings; otherwise it stops the
-child and returns None, and the caller builds the index itself.
+child and returns None, and the caller builds the index itself (:func:`~fasttrain.prepare.prepare` hands it to
+:func:`~fasttrain.data.index.indexed_source`, which calls it where it would build).
+
+The child never outlives its use: it ends with its parent (``PR_SET_PDEATHSIG``: a parent killed outright), an
+interrupted :func:`take` stops it, and one never taken is stopped when the command exits. No fork where it could
+go wrong: SIGCHLD not at its default (a launcher that ignores it: the system would reap the child and its pid
+could be reused), no descriptor or process left (the run builds the index itself).
 
 One process only: under torchrun, rank 0's listing moves the progress the other ranks' wait watches
 (:func:`~fasttrain.data.sources.note_progress`), which a child's would not. Linux only (a fork, and the thread
@@ -70,13 +76,29 @@ def start(data: DataConfig) -> bool:
     if _child is not None or not _eligible(data, root):
         return False
     for stream in (sys.stdout, sys.stderr):  # what this process buffered is written once, by this process
-        stream.flush()
-    read_end, write_end = os.pipe()
-    pid = os.fork()
+        try:
+            if stream is not None:  # None: a command started with that descriptor closed
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    parent = os.getpid()
+    try:
+        read_end, write_end = os.pipe()
+    except OSError as e:  # out of descriptors: the run builds the index itself
+        log.debug("dataset index: no early build (%s)", e)
+        return False
+    try:
+        pid = os.fork()
+    except OSError as e:  # out of processes or memory (a cgroup's limit)
+        os.close(read_end)
+        os.close(write_end)
+        log.debug("dataset index: no early build (%s)", e)
+        return False
     if pid == 0:  # the child: build, send the result, leave without this process's exit handlers
         code = 1
         try:
             os.close(read_end)
+            _end_with(parent)
             code = _build_and_send(data, root, write_end)
         finally:
             os._exit(code)
@@ -99,11 +121,16 @@ def take(data: DataConfig, root: str | os.PathLike) -> Any:
         log.debug("dataset index: the early build was for other settings; building here")
         _stop(child)
         return None
-    with os.fdopen(child.fd, "rb") as f:
-        payload = f.read()
-    _, status = os.waitpid(child.pid, 0)
-    if status != 0 or not payload:
-        log.debug("dataset index: the early build ended with status %d; building here", status)
+    try:  # interrupted here (Ctrl-C, a signal's exception): the child is stopped, not left walking the data
+        with os.fdopen(child.fd, "rb") as f:
+            child.fd = -1  # the file owns it now
+            payload = f.read()
+        code = _reap(child.pid)
+    except BaseException:
+        _stop(child)
+        raise
+    if code != 0 or not payload:
+        log.debug("dataset index: the early build ended with exit code %s; building here", code)
         return None
     try:
         kind, value = pickle.loads(payload)
@@ -124,6 +151,10 @@ def _eligible(data: DataConfig, root: Path) -> bool:
         return False
     if is_shard_root(data.format, root):
         return False
+    # SIGCHLD ignored (inherited from a launcher that ignores it): the system reaps the child itself, its exit
+    # code is lost and its pid may be reused; a handler of its own may reap it too.
+    if signal.getsignal(signal.SIGCHLD) != signal.SIG_DFL:
+        return False
     return _one_thread()
 
 
@@ -136,6 +167,23 @@ def _one_thread() -> bool:
         return len(os.listdir("/proc/self/task")) == 1
     except OSError:
         return False
+
+
+def _end_with(parent: int) -> None:
+    """In the child: end (SIGTERM) when the parent does, whatever ends it (SIGKILL, the OOM killer, a crash
+    before its exit handlers run): a child left alone would walk the whole dataset for nothing."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # no prctl: the closed pipe ends it when it sends its result
+        pass
+    if os.getppid() != parent:  # the parent ended before the prctl
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1
+"""prctl option (linux/prctl.h): the signal the calling process gets when its parent ends."""
 
 
 def _build_and_send(data: DataConfig, root: Path, fd: int) -> int:
@@ -161,19 +209,25 @@ def _build_and_send(data: DataConfig, root: Path, fd: int) -> int:
     return 0
 
 
+def _reap(pid: int) -> int | None:
+    """The child's exit code (negative: the signal that ended it); None when it is not this process's to wait
+    for any more."""
+    try:
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    except ChildProcessError:
+        return None
+
+
 def _stop(child: _Child) -> None:
+    """SIGTERM (the child unwinds: no temp file left), then reaped. Its pid is still ours until reaped."""
     try:
         os.kill(child.pid, signal.SIGTERM)
     except ProcessLookupError:
         pass
-    try:
+    if child.fd >= 0:
         os.close(child.fd)
-    except OSError:
-        pass
-    try:
-        os.waitpid(child.pid, 0)
-    except ChildProcessError:
-        pass
+        child.fd = -1
+    _reap(child.pid)
 
 
 def _stop_pending() -> None:
