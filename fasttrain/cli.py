@@ -85,6 +85,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config:
             raise ConfigError("train: give either CONFIG or --resume RUN_DIR, not both")
+        if getattr(args, "command_line", False):
+            _index_meanwhile_resumed(Path(args.resume), args.overrides)
         from fasttrain.engine import train
 
         result = train(resume=args.resume, overrides=args.overrides, progress=not args.quiet, started=started)
@@ -122,6 +124,18 @@ def _index_meanwhile(cfg: Config) -> None:
     root = cfg.data.root
     if root and "://" not in root:
         prebuild.start(dataclasses.replace(cfg.data, root=str(Path(root).expanduser().resolve())))
+
+
+def _index_meanwhile_resumed(resume: Path, overrides: list[str] | None) -> None:
+    """:func:`_index_meanwhile` for ``--resume RUN`` (a run folder, or a checkpoint in its checkpoints/), from
+    the run's ``config.toml`` and the overrides: a guess, which the run takes only if its checkpoint's data
+    settings are the same; a folder that is no run (or a config it cannot read) is left to the run to refuse."""
+    run = resume.parent.parent if resume.parent.name == "checkpoints" else resume
+    try:
+        cfg = load_config(run / "config.toml", overrides)
+    except (ConfigError, OSError, ValueError):
+        return
+    _index_meanwhile(cfg)
 
 
 def _process_start() -> float:

@@ -149,14 +149,9 @@ def test_no_fork_where_it_would_not_be_safe_or_would_not_be_taken(tmp_path, case
     assert got["started"] is False and got["pid"] is None
 
 
-def test_fasttrain_train_takes_the_index_its_child_built(tmp_path):
-    root = image_tree(tmp_path / "data", per_class=10)
-    sets = [
-        f"data.root={root}", f"train.runs_dir={tmp_path / 'runs'}", "data.loader=torch", "data.workers=0",
-        "runtime.compile=off", "train.epochs=1", "train.max_steps=1", "train.batch_size=8",
-    ]  # fmt: skip
+def _cli(tmp_path: Path, *args: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-m", "fasttrain", "train", "quickstart", "-v", *[a for s in sets for a in ("--set", s)]],
+        [sys.executable, "-m", "fasttrain", "train", "-v", *args],
         env={**os.environ, "FASTTRAIN_CACHE": str(tmp_path / "cache")}, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -164,7 +159,21 @@ def test_fasttrain_train_takes_the_index_its_child_built(tmp_path):
     taken = [line for line in done.stderr.splitlines() if "dataset index: taken from process" in line]
     assert len(started) == 1 and len(taken) == 1, done.stderr[-3000:]
     assert started[0].split("process ")[1].split()[0] == taken[0].rsplit(" ", 1)[1]  # the same child
+    return done.stderr
+
+
+def test_fasttrain_train_and_its_resume_take_the_index_their_child_read_or_built(tmp_path):
+    root = image_tree(tmp_path / "data", per_class=10)
+    sets = [
+        f"data.root={root}", f"train.runs_dir={tmp_path / 'runs'}", "data.loader=torch", "data.workers=0",
+        "runtime.compile=off", "train.epochs=1", "train.max_steps=1", "train.batch_size=8",
+    ]  # fmt: skip
+    first = _cli(tmp_path, "quickstart", *[a for s in sets for a in ("--set", s)])
+    assert "dataset index built" in first
     assert list((tmp_path / "cache" / "index").glob("index-*.npz"))  # it wrote the index as the run would
+    (run,) = (tmp_path / "runs").iterdir()
+    again = _cli(tmp_path, "--resume", str(run), "--set", "train.epochs=2")  # the run's config.toml, its data
+    assert "dataset index reused" in again and "epoch 2/2" in again
 
 
 ORPHAN = r"""
