@@ -118,22 +118,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _index_meanwhile(cfg: Config) -> None:
     """Start reading or building the dataset index in a forked process before this one imports torch
     (:mod:`fasttrain.data.prebuild`); the run takes it where it needs it. Only for a local data.root (an empty
-    one is the demo data, written on first use), made absolute as the run makes it."""
+    one is the demo data, written on first use), made absolute as the run makes it. Best effort: a root this
+    cannot read is left to the run to refuse."""
     from fasttrain.data import prebuild
 
     root = cfg.data.root
     if root and "://" not in root:
-        prebuild.start(dataclasses.replace(cfg.data, root=str(Path(root).expanduser().resolve())))
+        try:
+            data = dataclasses.replace(cfg.data, root=str(Path(root).expanduser().resolve()))
+        except (OSError, ValueError, RuntimeError):  # a NUL in the path, a link loop
+            return
+        prebuild.start(data)
 
 
 def _index_meanwhile_resumed(resume: Path, overrides: list[str] | None) -> None:
-    """:func:`_index_meanwhile` for ``--resume RUN`` (a run folder, or a checkpoint in its checkpoints/), from
-    the run's ``config.toml`` and the overrides: a guess, which the run takes only if its checkpoint's data
-    settings are the same; a folder that is no run (or a config it cannot read) is left to the run to refuse."""
-    run = resume.parent.parent if resume.parent.name == "checkpoints" else resume
+    """:func:`_index_meanwhile` for ``--resume RUN`` (the run folder found as the run finds it), from the run's
+    ``config.toml`` and the overrides: a guess, which the run takes only if its checkpoint's data settings are
+    the same; a folder that is no run (or a config it cannot read) is left to the run to refuse."""
+    from fasttrain.rundir import resume_target
+
     try:
+        run, _ = resume_target(resume)
         cfg = load_config(run / "config.toml", overrides)
-    except (ConfigError, OSError, ValueError):
+    except Exception:  # noqa: BLE001 - a guess: whatever is wrong, the run itself says it
         return
     _index_meanwhile(cfg)
 

@@ -50,6 +50,7 @@ from fasttrain.rundir import (
     holds_checkpoints,
     new_run_dir,
     remember_elastic_run,
+    resume_target,
     run_name,
     write_run_config,
 )
@@ -239,7 +240,7 @@ def _plan_run(
         resume, overrides, reuse = _elastic_plan(cfg, info, model=model, dataset=dataset)
     if resume is None:
         return _RunPlan(reuse=str(reuse or ""))
-    run_dir, start = _resume_target(Path(resume))
+    run_dir, start = resume_target(Path(resume))
     if info.is_main:
         held["lock"] = RunLock(run_dir).acquire()  # before reading anything a running process may be rewriting
         clean_temp_files(run_dir)
@@ -359,16 +360,6 @@ def _own_copy(start: Path, size: int, mark: tuple[int, int]) -> dict[str, Any] |
     except Exception:  # noqa: BLE001 - damaged or another kind of file here: rank 0 sends its own
         return None
     return ckpt if _mark(ckpt) == tuple(mark) else None
-
-
-def _resume_target(resume: Path) -> tuple[Path, Path]:
-    """(run folder, checkpoint to resume from): a run folder resumes from its last.pt; a checkpoint file of a
-    run (``RUN/checkpoints/best.pt``, when last.pt is damaged or missing) from that file."""
-    if resume.is_file() and resume.parent.name == "checkpoints" and (resume.parent.parent / "config.toml").is_file():
-        return resume.parent.parent, resume
-    if not resume.is_dir():
-        raise FileNotFoundError(f"--resume: {resume} is not a run folder (nor a checkpoint in one's checkpoints/)")
-    return resume, resume / "checkpoints" / "last.pt"
 
 
 def _resumed_config(run_dir: Path, overrides: list[str] | None, last: Path | None = None) -> tuple[Config, dict]:

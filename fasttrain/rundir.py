@@ -27,6 +27,7 @@ __all__ = [
     "remember_elastic_run",
     "forget_elastic_run",
     "holds_checkpoints",
+    "resume_target",
     "LOCK_NAME",
     "JOB_NAME",
 ]
@@ -301,3 +302,13 @@ def holds_checkpoints(run_dir: str | os.PathLike) -> bool:
         return any(p.is_file() and not is_temp_file(p.name) for p in (Path(run_dir) / "checkpoints").iterdir())
     except OSError:
         return False
+
+
+def resume_target(resume: Path) -> tuple[Path, Path]:
+    """(run folder, checkpoint to resume from): a run folder resumes from its last.pt; a checkpoint file of a
+    run (``RUN/checkpoints/best.pt``, when last.pt is damaged or missing) from that file."""
+    if resume.is_file() and resume.parent.name == "checkpoints" and (resume.parent.parent / "config.toml").is_file():
+        return resume.parent.parent, resume
+    if not resume.is_dir():
+        raise FileNotFoundError(f"--resume: {resume} is not a run folder (nor a checkpoint in one's checkpoints/)")
+    return resume, resume / "checkpoints" / "last.pt"

@@ -101,6 +101,8 @@ def start(data: DataConfig) -> bool:
             _end_with(parent)
             code = _build_and_send(data, root, write_end)
         finally:
+            # Ctrl-C or SIGTERM now would raise past the exit, into the command's own handlers
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             os._exit(code)
     os.close(write_end)
     _child = _Child(pid, read_end, data, root)

@@ -90,13 +90,14 @@ def _figure(report: dict[str, Any]) -> Any:
     from matplotlib.figure import Figure
 
     names, m = report["classes"], report["matrix"]
-    n = len(names)
+    n = len(m)
+    names = names if len(names) == n else [str(i) for i in range(n)]
     side = min(4 + 0.45 * n, 24)
     fig = Figure(figsize=(side + 1.5, side))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     # rows normalised: each true class's share per prediction (the diagonal is its accuracy)
-    counts = np.asarray(m, dtype=np.float64).reshape(n, n)
+    counts = np.asarray(m, dtype=np.float64).reshape(n, n)  # square: rows true, columns predicted classes
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
     im = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")  # cells, not a blur
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")

@@ -174,6 +174,8 @@ def test_fasttrain_train_and_its_resume_take_the_index_their_child_read_or_built
     (run,) = (tmp_path / "runs").iterdir()
     again = _cli(tmp_path, "--resume", str(run), "--set", "train.epochs=2")  # the run's config.toml, its data
     assert "dataset index reused" in again and "epoch 2/2" in again
+    last = _cli(tmp_path, "--resume", str(run / "checkpoints" / "last.pt"), "--set", "train.epochs=3")  # a file
+    assert "dataset index reused" in last and "epoch 3/3" in last
 
 
 ORPHAN = r"""

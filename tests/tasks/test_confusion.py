@@ -109,3 +109,12 @@ def test_a_confusion_figure_of_many_classes_has_no_per_class_ticks():
     assert len(ax.get_xticks()) == 0 and len(ax.get_yticks()) == 0
     few = _figure(confusion_report(torch.eye(4, dtype=torch.long), list("abcd"), split="val", weights="w")).axes[0]
     assert [t.get_text() for t in few.get_xticklabels()] == list("abcd")
+
+
+def test_a_confusion_figure_without_a_name_per_class_numbers_them():
+    from fasttrain.tasks.confusion import _figure
+
+    report = confusion_report(torch.eye(3, dtype=torch.long), ["a", "b", "c"], split="val", weights="w")
+    report["classes"] = ["a"]  # a caller's report with fewer names than classes
+    ax = _figure(report).axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2"]
