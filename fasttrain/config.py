@@ -24,6 +24,7 @@ __all__ = [
     "ConfigError",
     "Config",
     "DataConfig",
+    "trained_samples",
     "ModelConfig",
     "OptimConfig",
     "ScheduleConfig",
@@ -927,6 +928,17 @@ def config_path(name_or_path: str | os.PathLike) -> Path:
     raise ConfigError(
         f"config {name_or_path}: no such file, and no packaged config of that name (packaged: {', '.join(names)}){hint}"
     )
+
+
+def trained_samples(tc: TrainConfig, train_samples: int) -> int:
+    """Samples a run trains: ``train.epochs`` epochs of whole batches, each epoch cut at ``train.max_steps``
+    optimizer steps (a cap per epoch, not per run); or ``train.total_steps`` when set (the run trains exactly
+    those, its epochs made to fit)."""
+    batch = max(tc.batch_size, 1)
+    per_epoch = train_samples // batch
+    if tc.max_steps:
+        per_epoch = min(per_epoch, tc.max_steps)
+    return (tc.total_steps or tc.epochs * per_epoch) * batch
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fasttrain.config import Config, RuntimeConfig, TrainConfig
+from fasttrain.config import Config, RuntimeConfig, trained_samples
 from fasttrain.data.base import InputSpec
 from fasttrain.numbers import GIB
 
@@ -502,17 +502,6 @@ def cpu_job(cfg: Config, train_samples: int) -> CpuJob:
     """The job's length: samples trained (:func:`trained_samples`) and one sample's forward FLOPs
     (:func:`model_profile`)."""
     return CpuJob(trained_samples(cfg.train, train_samples), _forward_flops(cfg), torch.get_num_threads())
-
-
-def trained_samples(tc: TrainConfig, train_samples: int) -> int:
-    """Samples a run trains: ``train.epochs`` epochs of whole batches, each epoch cut at ``train.max_steps``
-    optimizer steps (a cap per epoch, not per run); or ``train.total_steps`` when set (the run trains exactly
-    those, its epochs made to fit)."""
-    batch = max(tc.batch_size, 1)
-    per_epoch = train_samples // batch
-    if tc.max_steps:
-        per_epoch = min(per_epoch, tc.max_steps)
-    return (tc.total_steps or tc.epochs * per_epoch) * batch
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from fasttrain.config import Config, DataConfig
+from fasttrain.config import Config, DataConfig, TrainConfig, trained_samples
 from fasttrain.data.base import Backend, Batch, InputSpec, LoaderRequest, RunSamples, epoch_order, model_input
 from fasttrain.data.checks import BadFiles
 from fasttrain.data.order import check_shard, sample_seeds
@@ -643,7 +643,19 @@ class CacheBackend(Backend):
         self, run: RunSamples, cfg: Config, device: torch.device, memory_limit: int | None = None
     ) -> tuple[bool, str]:
         """Whether the decoded dataset fits ``data.cache_budget`` (:func:`cache_fits`); a dataset from Python
-        only when its items are fixed (caching would keep one draw of a random transform per item)."""
+        only when its items are fixed (caching would keep one draw of a random transform per item); then whether
+        the run reads its images at least once each (:func:`run_reads`): the cache decodes every image before
+        the first step, which a short run (``train.max_steps`` to try a config) would not repay."""
+        ok, why = self._fits(run, cfg, device, memory_limit)
+        reads = run_reads(run, cfg.train)
+        if ok and reads is not None and reads < len(run):
+            return False, (
+                f"the run reads {reads:,} images, fewer than the {len(run):,} the cache would decode before its "
+                f"first step"
+            )
+        return ok, why
+
+    def _fits(self, run: RunSamples, cfg: Config, device: torch.device, memory_limit: int | None) -> tuple[bool, str]:
         if run.kind == "dataset":
             parts, fixed = dataset_parts(run)
             if not fixed:
@@ -671,6 +683,20 @@ class CacheBackend(Backend):
         if run.kind == "dataset":
             return len(run) * dataset_parts(run)[0][0].item_nbytes
         return dataset_cache_bytes(data=cfg.data, **_sizing(run))
+
+
+def run_reads(run: RunSamples, tc: TrainConfig) -> int | None:
+    """Images the configured run reads: its training draws (:func:`~fasttrain.config.trained_samples`) and a
+    pass over the validation split every ``train.eval_every`` epochs and once more at the end (the per-class
+    report). None under ``train.time_budget_s``: the run plans its length after the loaders are built (a resumed
+    one holds its plan in ``train.total_steps``, but is weighed as its start was)."""
+    if tc.time_budget_s:
+        return None
+    n_train = len(run.train.split)
+    trained = trained_samples(tc, n_train)
+    n_val = len(run.val.split) if run.val is not None else 0
+    epochs = -(-trained // max(1, n_train)) if tc.total_steps else tc.epochs
+    return trained + (epochs // max(1, tc.eval_every) + 1) * n_val
 
 
 def _sizing(run: RunSamples) -> dict[str, Any]:

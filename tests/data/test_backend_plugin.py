@@ -114,11 +114,13 @@ def test_auto_chooses_the_new_backend_when_it_serves_and_fits(ram, shapes_root, 
     prep = prepare(tiny_cfg(shapes_root, tmp_path, "data.loader=auto"))
     assert prep.backend == "ram" and prep.backend_reason == "auto: 510 images within the ram backend's 1000"
     monkeypatch.setattr(ram, "limit", 100)  # the same data, too much for it: the cache, with the reason it passed
-    prep = prepare(tiny_cfg(shapes_root, tmp_path, "data.loader=auto"))
+    whole = "train.max_steps=0"  # whole epochs: a run that reads each image more than once, as the cache needs
+    prep = prepare(tiny_cfg(shapes_root, tmp_path, "data.loader=auto", whole))
     assert prep.backend == "cache"
     assert prep.backend_reason.startswith("auto: 510 images over the ram backend's 100; the decoded dataset fits")
     drawings = make_drawing_dataset(tmp_path / "d", sessions=2, steps=3, size=16)
-    extra = ["data.format=drawing", "task.name=regress", "model.name=convnet", "data.loader=auto"]
+    extra = ["data.format=drawing", "task.name=regress", "model.name=convnet", "data.loader=auto", whole]
+    extra.append("train.batch_size=2")
     prep = prepare(tiny_cfg(drawings, tmp_path, *extra))  # vectors: not its kind
     assert prep.backend == "cache" and "the ram backend serves class samples, not vector" in prep.backend_reason
 

@@ -5,6 +5,7 @@ world size) on the torch loader, the GPU cache and DALI's CPU-only mode."""
 from __future__ import annotations
 
 import ast
+import dataclasses
 import subprocess
 import sys
 import types
@@ -16,7 +17,7 @@ import torch
 from tinyrun import mixed_images
 
 from fasttrain import registry
-from fasttrain.config import Config, ConfigError, DataConfig, RuntimeConfig, apply_overrides
+from fasttrain.config import Config, ConfigError, DataConfig, RuntimeConfig, TrainConfig, apply_overrides
 from fasttrain.data import dali, gpu_cache
 from fasttrain.data.base import Backend, InputSpec, LoaderRequest, RunSamples
 from fasttrain.data.dali import dali_status
@@ -150,6 +151,32 @@ def _dali(monkeypatch):
     monkeypatch.setattr(dali, "dali_status", lambda: (True, "DALI 2.4"))
 
 
+def test_auto_passes_the_cache_over_for_a_run_that_reads_each_image_less_than_once(monkeypatch, ram, caplog):
+    """The cache decodes every image before the first step: a short run (train.max_steps to try a config) would
+    wait for all of them and read a few; the count is the run's draws and its validation passes."""
+    from fasttrain.data.gpu_cache import run_reads
+
+    _no_dali(monkeypatch)
+    train, val = Split("train", ["a.png"] * 1000, [0] * 1000), Split("val", ["v.png"] * 100, [0] * 100)
+    run = RunSamples(Samples(train, "class"), Samples(val, "class"))
+    short = Config(data=DataConfig(image_size=32), train=TrainConfig(epochs=2, batch_size=10, max_steps=5))
+    assert run_reads(run, short.train) == 2 * 5 * 10 + 3 * 100  # two validations and the end-of-run report
+    backend, why = choose_backend("auto", run, short, "cpu")
+    assert backend == "torch" and "the run reads 400 images, fewer than the 1,100 the cache would decode" in why
+    whole = dataclasses.replace(short, train=TrainConfig(epochs=1, batch_size=10))  # one epoch: each read once
+    assert choose_backend("auto", run, whole, "cpu")[0] == "cache"
+    steps = dataclasses.replace(short, train=TrainConfig(batch_size=10, total_steps=250))  # 2.5 epochs' steps
+    assert run_reads(run, steps.train) == 2500 + (3 // 1 + 1) * 100
+    budget = dataclasses.replace(short, train=TrainConfig(batch_size=10, max_steps=5, time_budget_s=60))
+    assert run_reads(run, budget.train) is None  # the length is planned later: the cache is weighed as before
+    planned = dataclasses.replace(budget, train=dataclasses.replace(budget.train, total_steps=5))
+    assert run_reads(run, planned.train) is None  # its resume holds the plan, and is weighed as its start was
+    assert choose_backend("auto", run, budget, "cpu")[0] == "cache"
+    with caplog.at_level("WARNING", logger="fasttrain"):  # asked by name: taken, saying why auto would not
+        assert choose_backend("cache", run, short, "cpu")[0] == "cache"
+    assert "data.loader = cache although the run reads 400 images" in caplog.text
+
+
 @pytest.mark.parametrize("kind", ["class", "vector", "pair"])
 def test_auto_on_a_cpu_weighs_cache_then_dali_cpu_mode_then_torch(monkeypatch, ram, kind):
     cfg = Config(data=DataConfig(image_size=32, cache_budget=0.25))
@@ -195,9 +222,10 @@ def test_a_dataset_from_python_is_a_kind_of_sample_under_the_one_policy(ram):
         split = DatasetSplit("train", [f"dataset[{i}]" for i in range(10)], [], fixed=fixed, item_nbytes=100)
         return RunSamples(Samples(split, "dataset"))
 
-    backend, why = choose_backend("auto", run(True), Config(), "cpu")
+    epochs = Config(train=TrainConfig(batch_size=2))  # 10 epochs of 5 steps: each item read 10 times
+    backend, why = choose_backend("auto", run(True), epochs, "cpu")
     assert backend == "cache" and why.startswith("auto: the dataset's items are fixed and fit the cache (10 items")
-    backend, why = choose_backend("auto", run(False), Config(), "cpu")
+    backend, why = choose_backend("auto", run(False), epochs, "cpu")
     assert backend == "torch" and "items change between reads" in why and "DALI cannot serve dataset samples" in why
     assert choose_backend("torch", run(True), Config(), "cpu") == ("torch", "data.loader = torch")
     with pytest.raises(ConfigError, match=r"loader = dali, but DALI cannot serve dataset .*torch or cache or auto"):
