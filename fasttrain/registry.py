@@ -26,7 +26,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["AUTO", "TABLES", "SETTINGS", "names", "register", "resolve"]
+__all__ = ["AUTO", "INDEXED_FORMATS", "TABLES", "SETTINGS", "names", "register", "resolve"]
 
 AUTO = "auto"
 """``data.loader = auto``: the backend is chosen per run (the choice and its reason are logged)."""
@@ -79,6 +79,10 @@ SETTINGS: dict[str, str] = {
     "loggers": "train.loggers",
 }
 """The config setting each table's names are the values of (named in every error)."""
+
+INDEXED_FORMATS = ("folder", "manifest", "drawing", "paired")
+"""The built-in formats the dataset index holds (:mod:`fasttrain.data.index`; tar shards carry their own index,
+and a format registered from outside is indexed keyed by every data setting)."""
 
 
 def names(table: str) -> tuple[str, ...]:

@@ -75,6 +75,7 @@ from fasttrain.data.sources import (
     walk_folders,
 )
 from fasttrain.data.vectors import Vectors
+from fasttrain.registry import INDEXED_FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -374,13 +375,10 @@ def _stat(e: os.DirEntry | str) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-_BUILT_IN = ("folder", "manifest", "drawing", "paired")
-
-
 def index_key(data: DataConfig) -> str:
     """The discovery settings' hash (with the index version): part of the index's file name. A format
     registered from outside may read any data setting: all of them (but the root) key its index."""
-    if data.format in _BUILT_IN:
+    if data.format in INDEXED_FORMATS:
         fields = {k: getattr(data, k) for k in _KEY_FIELDS}
     else:
         fields = {k: v for k, v in dataclasses.asdict(data).items() if k not in ("root", "header_checks")}
@@ -909,7 +907,7 @@ def indexed_source(
     # A small status through the store while rank 0 beats (rank 0's error comes as the answer); the index bytes
     # then follow.
     # A format registered from outside may list without marking progress: rank 0 then beats unconditionally.
-    moving = progress if data.format in _BUILT_IN else None
+    moving = progress if data.format in INDEXED_FORMATS else None
     got = distributed.decide("dataset-index", rank_0, timeout_s, long=True, progress=moving)
     if got[0] == "error":
         if info.is_main:

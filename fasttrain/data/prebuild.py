@@ -40,13 +40,11 @@ from typing import Any
 
 from fasttrain.config import DataConfig
 from fasttrain.data.files import is_shard_root
+from fasttrain.registry import INDEXED_FORMATS
 
 log = logging.getLogger(__name__)
 
 __all__ = ["pending", "start", "take"]
-
-_INDEXED = ("folder", "manifest", "drawing", "paired")
-"""The formats whose index :func:`~fasttrain.data.index.load_or_build` builds (its ``_BUILT_IN``)."""
 
 
 @dataclass
@@ -149,7 +147,7 @@ def _eligible(data: DataConfig, root: Path) -> bool:
         return False
     if os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("WORLD_SIZE", "1") != "1":
         return False
-    if data.format not in _INDEXED or not root.is_absolute() or not root.is_dir():
+    if data.format not in INDEXED_FORMATS or not root.is_absolute() or not root.is_dir():
         return False
     if is_shard_root(data.format, root):
         return False

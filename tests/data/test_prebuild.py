@@ -216,9 +216,3 @@ def test_the_child_ends_when_its_parent_is_killed(tmp_path):
     if _running(pid):  # do not leave it behind
         os.kill(pid, 9)
         pytest.fail("the child kept running after its parent was killed")
-
-
-def test_the_formats_forked_for_are_the_ones_the_index_builds():
-    from fasttrain.data import index, prebuild
-
-    assert prebuild._INDEXED == index._BUILT_IN
