@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fasttrain import __version__
-from fasttrain.config import Config, ConfigError, load_config
+from fasttrain.config import Config, ConfigError, load_config, local_data_root
 
 log = logging.getLogger("fasttrain")
 
@@ -122,13 +122,12 @@ def _index_meanwhile(cfg: Config) -> None:
     cannot read is left to the run to refuse."""
     from fasttrain.data import prebuild
 
-    root = cfg.data.root
-    if root and "://" not in root:
-        try:
-            data = dataclasses.replace(cfg.data, root=str(Path(root).expanduser().resolve()))
-        except (OSError, ValueError, RuntimeError):  # a NUL in the path, a link loop
-            return
-        prebuild.start(data)
+    try:
+        root = local_data_root(cfg.data.root)  # as the run resolves it (prepare.resolve_data_root)
+    except (OSError, ValueError, RuntimeError):  # a NUL in the path, a link loop
+        return
+    if root is not None:
+        prebuild.start(dataclasses.replace(cfg.data, root=root))
 
 
 def _index_meanwhile_resumed(resume: Path, overrides: list[str] | None) -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "ConfigError",
     "Config",
     "DataConfig",
+    "local_data_root",
     "trained_samples",
     "ModelConfig",
     "OptimConfig",
@@ -928,6 +929,15 @@ def config_path(name_or_path: str | os.PathLike) -> Path:
     raise ConfigError(
         f"config {name_or_path}: no such file, and no packaged config of that name (packaged: {', '.join(names)}){hint}"
     )
+
+
+def local_data_root(root: str) -> str | None:
+    """``data.root`` as a run records it: absolute, so its saved config (and ``--resume``) works from any folder.
+    None for a root that names no local path: a URL (shards over the network) or empty (the demo dataset, whose
+    place is decided where it is written)."""
+    if not root or "://" in root:
+        return None
+    return str(Path(root).expanduser().resolve())
 
 
 def trained_samples(tc: TrainConfig, train_samples: int) -> int:

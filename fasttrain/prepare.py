@@ -12,11 +12,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from fasttrain import distributed
-from fasttrain.config import Config, ConfigError
+from fasttrain.config import Config, ConfigError, local_data_root
 from fasttrain.data import prebuild
 from fasttrain.data.index import indexed_source
 from fasttrain.data.sources import DataSource
@@ -67,14 +66,13 @@ def resolve_data_root(cfg: Config) -> Config:
     saved config (and ``--resume``) works from any folder."""
     if "://" in cfg.data.root:  # shards by URL (fasttrain.data.shards): no local path to resolve
         return cfg
-    if cfg.data.root:
-        root = Path(cfg.data.root).expanduser().resolve()
-    else:
+    root = local_data_root(cfg.data.root)
+    if root is None:
         from fasttrain.data.synthetic import demo_dataset
 
-        root = demo_dataset()
+        root = str(demo_dataset())
         log.info("data.root is empty: using the demo dataset in %s", root)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=root))
 
 
 def prepare(
