@@ -80,6 +80,9 @@ class AutotuneReport:
     (a change time no longer allowed to confirm end to end gave way to the config's own); empty otherwise."""
     cpu_cap_s: float | None = None
     """The time budget on CPU from the job's length, when it was below tune.time_budget_s."""
+    loader_by_length: bool = False
+    """``data.loader = auto`` took another backend than a job of unbounded length would: the GPU cache was
+    passed over because this job reads fewer images than the cache decodes before its first step."""
     size_rates: list[SizeRate] = field(default_factory=list)
     """Progressive resizing: the training step's samples/s at each training size, at the chosen micro-batch
     (memory is planned at the largest, which the candidates above were probed at)."""
@@ -97,8 +100,9 @@ class AutotuneReport:
 
     @property
     def job_bound(self) -> bool:
-        """The answer depends on the job's length (a CPU time cap or shortcut), which the cache key leaves out."""
-        return bool(self.shortcut) or self.cpu_cap_s is not None
+        """The answer depends on the job's length (a CPU time cap or shortcut, or the loader ``auto`` chose for
+        it), which the cache key leaves out."""
+        return bool(self.shortcut) or self.cpu_cap_s is not None or self.loader_by_length
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {}

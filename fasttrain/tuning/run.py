@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from fasttrain import distributed, memory
+from fasttrain import distributed, memory, registry
 from fasttrain.config import Config
 from fasttrain.data.progressive import train_sizes
 from fasttrain.data.sources import discover
@@ -428,7 +428,7 @@ def _tune(
     finally:
         free_device_memory(device)
         probe.release_budget(budget, device)
-    return _report(
+    report = _report(
         cfg,
         pcfg,
         prep.runtime,
@@ -440,6 +440,24 @@ def _tune(
         out=out,
         notes=notes,
     )
+    report.loader_by_length = _loader_by_length(prep, int(budget_gib * GIB))
+    return report
+
+
+def _loader_by_length(prep: Prepared, memory_limit: int) -> bool:
+    """Whether ``data.loader = auto`` chose by the job's length: the backend a job of unbounded length would get
+    differs (the GPU cache passed over for a job that reads fewer images than it decodes,
+    :meth:`~fasttrain.data.gpu_cache.CacheBackend.fits`). Such an answer is not cached: its key leaves the
+    length out, and a long run of the same config would be handed the short job's loader."""
+    from fasttrain.data.loaders import choose_backend
+
+    cfg = prep.cfg
+    if cfg.data.loader != registry.AUTO:
+        return False
+    unbounded = dataclasses.replace(cfg.train, epochs=10**9, max_steps=0, total_steps=0, time_budget_s=0.0)
+    long_cfg = dataclasses.replace(cfg, train=unbounded)
+    other, _ = choose_backend(registry.AUTO, prep.task.run_samples(), long_cfg, prep.runtime.device, memory_limit)
+    return other != prep.backend
 
 
 def _batch_limits(prep: Prepared) -> tuple[int, str, int | None, list[str]]:

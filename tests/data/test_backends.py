@@ -177,6 +177,35 @@ def test_auto_passes_the_cache_over_for_a_run_that_reads_each_image_less_than_on
     assert "data.loader = cache although the run reads 400 images" in caplog.text
 
 
+def test_autotune_does_not_cache_a_loader_that_auto_chose_by_the_jobs_length(monkeypatch, ram):
+    """Autotune's cache key leaves the job's length out; an answer whose loader auto chose by it (the cache passed
+    over for a short job) would hand a long run of the same config the short job's loader from the cache."""
+    from types import SimpleNamespace
+
+    from fasttrain.tuning import run as tuning_run
+    from fasttrain.tuning.report import AutotuneReport
+
+    _no_dali(monkeypatch)
+    train, val = Split("train", ["a.png"] * 1000, [0] * 1000), Split("val", ["v.png"] * 100, [0] * 100)
+    run = RunSamples(Samples(train, "class"), Samples(val, "class"))
+
+    def prep(cfg: Config):
+        backend = choose_backend(cfg.data.loader, run, cfg, "cpu")[0]
+        task = SimpleNamespace(run_samples=lambda: run)
+        return SimpleNamespace(cfg=cfg, task=task, runtime=SimpleNamespace(device=torch.device("cpu")), backend=backend)
+
+    short = Config(data=DataConfig(image_size=32), train=TrainConfig(epochs=2, batch_size=10, max_steps=5))
+    assert prep(short).backend == "torch"
+    assert tuning_run._loader_by_length(prep(short), 4 * GIB)
+    whole = dataclasses.replace(short, train=TrainConfig(epochs=3, batch_size=10))
+    assert prep(whole).backend == "cache" and not tuning_run._loader_by_length(prep(whole), 4 * GIB)
+    named = dataclasses.replace(short, data=dataclasses.replace(short.data, loader="torch"))
+    assert not tuning_run._loader_by_length(prep(named), 4 * GIB)  # asked by name: the length chose nothing
+    bound = AutotuneReport.job_bound.fget  # the property autotune's write() reads before it caches
+    assert bound(SimpleNamespace(shortcut="", cpu_cap_s=None, loader_by_length=True))
+    assert not bound(SimpleNamespace(shortcut="", cpu_cap_s=None, loader_by_length=False))
+
+
 @pytest.mark.parametrize("kind", ["class", "vector", "pair"])
 def test_auto_on_a_cpu_weighs_cache_then_dali_cpu_mode_then_torch(monkeypatch, ram, kind):
     cfg = Config(data=DataConfig(image_size=32, cache_budget=0.25))
