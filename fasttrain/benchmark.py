@@ -344,7 +344,8 @@ def _measure_all(prep, b, tc) -> tuple[Timing, Timing | None, Timing, Timing, di
         num_shards=info.world_size,
         shard_id=info.rank,
     )
-    loader.set_epoch(train_sizes(prep.cfg).first_largest_epoch)  # progressive resizing: the largest size
+    first = train_sizes(prep.cfg).first_largest_epoch  # progressive resizing: the largest size
+    loader.set_epoch(first)
     parallel_t = None
     try:
         # The ceiling first: its warm-up also absorbs compile and cuDNN autotuning, so end to end starts warm.
@@ -375,11 +376,24 @@ def _measure_all(prep, b, tc) -> tuple[Timing, Timing | None, Timing, Timing, di
             spec = task.input_spec()  # classification only (progressive resizing is): targets are the labels
             small = Batch(task.synthetic_inputs(micro, spec, size), task.synthetic_batch(micro, spec).targets)
             per_size[size] = step_rate(small)
+        # Both keep to the largest size past the epoch's end (epochs after ``first`` are at it too).
         loader_t = loader_throughput(
-            loader, warmup_batches=b.warmup_steps, max_batches=b.steps, repeats=b.repeats, device=runtime.device
+            loader,
+            warmup_batches=b.warmup_steps,
+            max_batches=b.steps,
+            repeats=b.repeats,
+            device=runtime.device,
+            epoch=first,
         )
         e2e_t = end_to_end_throughput(
-            task, state, loader, warmup=b.warmup_steps, steps=b.steps, repeats=b.repeats, accumulation=tc.accumulation
+            task,
+            state,
+            loader,
+            warmup=b.warmup_steps,
+            steps=b.steps,
+            repeats=b.repeats,
+            accumulation=tc.accumulation,
+            epoch=first,
         )
     finally:
         loader.close()

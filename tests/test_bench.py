@@ -174,7 +174,8 @@ def test_the_report_shows_time_to_target_beside_samples_per_s(tmp_path):
     assert report.to_dict()["time_to_target"]["seconds"] == 42.0
 
 
-def test_bench_times_the_model_step_at_each_progressive_size(tmp_path):
+def test_bench_times_the_model_step_at_each_progressive_size(tmp_path, monkeypatch):
+    from fasttrain import timing
     from fasttrain.config import load_config
     from fasttrain.data.synthetic import make_shapes_dataset
 
@@ -194,11 +195,23 @@ def test_bench_times_the_model_step_at_each_progressive_size(tmp_path):
             "runtime.device=cpu",
             "train.batch_size=8",
             "bench.warmup_steps=1",
-            "bench.steps=2",
+            "bench.steps=5",
             "bench.repeats=1",
         ],
     )
+    passes: list[list[int]] = []  # the sizes each of the loader and end-to-end measurements drew
+    real = timing.cycle_batches
+
+    def watched(loader, epoch=0):
+        passes.append([])
+        for batch in real(loader, epoch):
+            passes[-1].append(batch.inputs.shape[-1])
+            yield batch
+
+    monkeypatch.setattr(timing, "cycle_batches", watched)
     report = B.bench(cfg)
+    # Both run past the epoch's end (32 images, 4 batches of 8) and stay at the largest size, 32 px.
+    assert len(passes) == 2 and all(len(p) > 4 and set(p) == {32} for p in passes), passes
     assert sorted(report.per_size) == [16, 24]  # 32, the largest, is what the main rows measure
     assert all(t.samples_per_s > 0 for t in report.per_size.values())
     table = report.to_table()

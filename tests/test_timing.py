@@ -143,6 +143,22 @@ def test_loader_throughput_excludes_worker_start_and_wraps_epochs(clock):
     assert loader.epochs == [1, 2]  # 2 + 12 batches over epochs of 5: restarted twice, with the epoch number
 
 
+def test_the_loader_clocks_go_on_from_the_epoch_the_loader_was_set_to(clock):
+    """bench and autotune set the loader to the first epoch at the largest progressive size: a second pass that
+    fell back to epoch 1 timed a smaller size (and, compiled, a recompile) in the same measurement."""
+    loader = FakeLoader(n=5, clock=clock)
+    B.loader_throughput(loader, warmup_batches=2, max_batches=4, repeats=3, epoch=7)
+    assert loader.epochs == [8, 9]
+    loader = FakeLoader(n=5, clock=clock)
+    B.end_to_end_throughput(FakeTask(clock), FakeState(), loader, warmup=1, steps=5, repeats=2, epoch=7)
+    assert loader.epochs == [8, 9]
+    loader = FakeLoader(n=2, clock=clock)
+    it = B.cycle_batches(loader, 3)
+    for _ in range(5):
+        next(it)
+    assert loader.epochs == [4, 5]
+
+
 def test_cycle_batches_refuses_an_empty_loader(clock):
     with pytest.raises(ValueError, match="no batches"):
         next(B.cycle_batches(FakeLoader(n=0, clock=clock)))

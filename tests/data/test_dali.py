@@ -210,6 +210,59 @@ def test_decoder_padding_is_per_thread_and_outputs_follow_torchs_stream(monkeypa
     assert output_stream(0, torch.device("cuda", 0)) == "torch-stream" and asked == [torch.device("cuda", 0)]
 
 
+GPU_GRAPHS = {
+    "class train": dict(train=True),
+    "class train progressive": dict(train=True, progressive=True),
+    "class train centre crop progressive": dict(train=True, progressive=True, rrc=False),
+    "class eval gray": dict(train=False, channels=1),
+    "vector": dict(train=True, kind="vector"),
+    "pair files": dict(train=True, kind="pair"),
+    "pair side by side": dict(train=True, kind="pair", side_by_side=True),
+    "pair side by side eval": dict(train=False, kind="pair", side_by_side=True),
+}
+
+
+@needs_dali
+@pytest.mark.parametrize("graph", list(GPU_GRAPHS))
+def test_the_gpu_graph_passes_dalis_own_graph_checks(mixed, monkeypatch, graph):
+    """No GPU line has run in CI. DALI checks a graph when it adds its operators, before any needs CUDA: argument
+    names against each operator's schema, each input on a device its operator takes (a mixed decoder's input on
+    the CPU, a GPU operator's argument inputs on the CPU). The graph the GPU loader defines (mixed decode, GPU
+    resize, slice, crop, normalize) goes through those checks here, short of instantiating the operators."""
+    import nvidia.dali.pipeline as dali_pipeline
+    from nvidia.dali.pipeline import Pipeline
+
+    from fasttrain.data.formats import SIDE_BY_SIDE
+    from fasttrain.data.progressive import TrainSizes
+    from fasttrain.data.samples import Samples
+
+    g = GPU_GRAPHS[graph]
+    data = DataConfig(image_size=32, channels=g.get("channels", 3), random_resized_crop=g.get("rrc", True))
+    kind = g.get("kind", "class")
+    if kind == "pair":
+        targets = [SIDE_BY_SIDE] * 4 if g.get("side_by_side") else mixed[4:8]
+        samples = Samples(Split("train", mixed[:4], targets), "pair")
+    elif kind == "vector":
+        samples = Samples(Split("train", mixed[:4], [[0.5, 0.5]] * 4), "vector", size_targets=True)
+    else:
+        samples = Samples(split_of(mixed[:4], name="train"), "class")
+    sizes = TrainSizes(16, 32, 0.0, 3.0, 8, 4) if g.get("progressive") else None
+    spec = spec_for(data, dtype=torch.bfloat16, channels_last=True)
+    loader = DaliLoader(samples, data, spec, batch_size=2, train=g["train"], seed=0, sizes=sizes)
+    try:
+        assert loader._sizes is not None or not sizes
+        loader.device_id = 0  # the graph of a GPU loader; the backend object is made without a device
+        real_init = Pipeline.__init__
+        monkeypatch.setattr(Pipeline, "__init__", lambda self, *a, **k: real_init(self, *a, **{**k, "device_id": None}))
+        monkeypatch.setattr(dali_pipeline.b, "check_cuda_runtime", lambda: None)
+        monkeypatch.setattr(Pipeline, "build", lambda self: self.serialize())  # adds the operators: the checks
+        checked = loader._define(loader._feeder, batch_size=2, threads=1, prefetch=1, padded=True)
+        assert b"mixed" in checked.serialize() and b"jpeg_fancy_upsampling" in checked.serialize()
+    finally:
+        loader.device_id = None
+        loader.close()
+
+
 @pytest.mark.parametrize(
     "compile, mode, device, copies",
     [
