@@ -551,6 +551,36 @@ def test_compiled_check_resets_the_compiler_between_sizes_and_a_failed_size_is_n
     assert rows and "OOM" in rows[0] and "yes" not in rows[0]
 
 
+def test_each_later_plans_compiled_check_starts_from_a_reset_compiler(monkeypatch):
+    """A verification that fails (or the loader's memory) sends the plan loop to a smaller micro-batch and a new
+    compiled check. The earlier plans' graphs stay in dynamo's cache after their models are dropped (an entry per
+    shape on the model's forward): without a reset between plans, a fourth plan's shapes passed dynamo's
+    recompile_limit (8) and ran eager while reported as compiled."""
+    events: list[str] = []
+
+    def check(task, *, sizes, **kw):
+        events.append(f"check {sizes[0]}")
+        got = Candidate(sizes[0], True, samples_per_s=1.0, usable=True, phase="compiled")
+        return SimpleNamespace(), got, [got]
+
+    monkeypatch.setattr(P, "compiled_check", check)
+    monkeypatch.setattr(P, "reset_compiler", lambda dev: events.append("reset"))
+    run = SimpleNamespace(
+        prep=SimpleNamespace(task=None),
+        budget=P.Budget("cpu", 16.0),
+        settings=SETTINGS,
+        eval_batch=lambda b: 2 * b,
+        cfg=SimpleNamespace(tune=SimpleNamespace(headroom=0.1)),
+        clock=SimpleNamespace(stamp=lambda: "", exclude=lambda s: None),
+        device=torch.device("cpu"),
+    )
+    search = A.SearchResult([Candidate(b, True, samples_per_s=1.0, usable=True) for b in (16, 32, 64)], 64, 64, "")
+    out = RUN._Outcome()
+    for micro in (64, 32, 16):
+        RUN._compile(run, out, search, BatchPlan(micro, 1, micro, 64, ""))
+    assert events == ["check 64", "reset", "check 32", "reset", "check 16"]
+
+
 def test_remeasure_appends_interleaved_repeats():
     probe = P.StepProbe(
         FakeTask(oom_above=10**6), budget=P.Budget("cpu", 16.0), settings=SETTINGS, eval_batch=lambda b: b
