@@ -344,7 +344,8 @@ def _measure_all(prep, b, tc) -> tuple[Timing, Timing | None, Timing, Timing, di
         num_shards=info.world_size,
         shard_id=info.rank,
     )
-    loader.set_epoch(train_sizes(prep.cfg).first_largest_epoch)  # progressive resizing: the largest size
+    first = train_sizes(prep.cfg).first_largest_epoch  # progressive resizing: the largest size
+    loader.set_epoch(first)
     parallel_t = None
     try:
         # The ceiling first: its warm-up also absorbs compile and cuDNN autotuning, so end to end starts warm.
@@ -376,10 +377,22 @@ def _measure_all(prep, b, tc) -> tuple[Timing, Timing | None, Timing, Timing, di
             small = Batch(task.synthetic_inputs(micro, spec, size), task.synthetic_batch(micro, spec).targets)
             per_size[size] = step_rate(small)
         loader_t = loader_throughput(
-            loader, warmup_batches=b.warmup_steps, max_batches=b.steps, repeats=b.repeats, device=runtime.device
+            loader,
+            warmup_batches=b.warmup_steps,
+            max_batches=b.steps,
+            repeats=b.repeats,
+            device=runtime.device,
+            epoch=first,
         )
         e2e_t = end_to_end_throughput(
-            task, state, loader, warmup=b.warmup_steps, steps=b.steps, repeats=b.repeats, accumulation=tc.accumulation
+            task,
+            state,
+            loader,
+            warmup=b.warmup_steps,
+            steps=b.steps,
+            repeats=b.repeats,
+            accumulation=tc.accumulation,
+            epoch=first,
         )
     finally:
         loader.close()

@@ -359,9 +359,10 @@ def _check_batch_size(n: Any) -> int:
     return n
 
 
-def cycle_batches(loader: Any) -> Iterator[Any]:
-    """Endless batches: restarts the loader (with the next epoch number) when an epoch ends, as training does."""
-    epoch = 0
+def cycle_batches(loader: Any, epoch: int = 0) -> Iterator[Any]:
+    """Endless batches: restarts the loader (with the next epoch number) when an epoch ends, as training does.
+    ``epoch``: the epoch the loader was set to; the restarts count on from it. bench and autotune set a progressive
+    loader to its first epoch at the largest size: counting from 0 sent the second pass to epoch 1, the smallest."""
     while True:
         got = False
         for batch in loader:
@@ -386,13 +387,15 @@ def loader_throughput(
     max_batches: int,
     repeats: int = 1,
     device: torch.device | str | None = None,
+    epoch: int = 0,
 ) -> Timing:
     """The loader alone: batches drawn and the device synchronized before the clock is read.
 
     The first ``warmup_batches`` (at least one: it carries worker start) are untimed. ``device`` defaults to
-    the device of the first batch. The loader restarts (next epoch) when it runs out.
+    the device of the first batch. The loader restarts (next epoch) when it runs out; ``epoch``: the one it was
+    set to (:func:`cycle_batches`).
     """
-    it = cycle_batches(loader)
+    it = cycle_batches(loader, epoch)
     first = next(it)  # always warm-up: it carries worker / pipeline start
     dev = _as_device(device) if device is not None else _batch_device(first)
 
@@ -432,11 +435,20 @@ def model_step_throughput(
 
 
 def end_to_end_throughput(
-    task: Any, state: Any, loader: Iterable, *, warmup: int, steps: int, repeats: int, accumulation: int = 1
+    task: Any,
+    state: Any,
+    loader: Iterable,
+    *,
+    warmup: int,
+    steps: int,
+    repeats: int,
+    accumulation: int = 1,
+    epoch: int = 0,
 ) -> Timing:
     """Loader and train step together, as ``fasttrain train`` runs them (micro-batches, update every
     ``accumulation``). ``steps`` counts micro-batches. Timed by the wall clock: the loader works on the CPU and
-    on side streams that CUDA events on the current stream would not see."""
-    it = cycle_batches(loader)
+    on side streams that CUDA events on the current stream would not see. ``epoch``: the one the loader was set
+    to (:func:`cycle_batches`)."""
+    it = cycle_batches(loader, epoch)
     step = train_step_fn(task, state, lambda: next(it), accumulation)
     return time_steps(step, warmup=warmup, steps=steps, repeats=repeats, device=task.runtime.device, clock="wall")

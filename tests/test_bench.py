@@ -174,6 +174,59 @@ def test_the_report_shows_time_to_target_beside_samples_per_s(tmp_path):
     assert report.to_dict()["time_to_target"]["seconds"] == 42.0
 
 
+def test_bench_keeps_a_progressive_loader_at_the_largest_size_when_it_wraps_an_epoch(tmp_path, monkeypatch):
+    """bench sets the loader to the first epoch at the largest size; the loader-only and end-to-end figures run
+    over several epochs of a small set. A restart used to set epoch 1, whose size is the smallest: the figures
+    mixed in small images (on CUDA with a recompile inside the clock) against a model-only step at the largest."""
+    from fasttrain.config import load_config
+    from fasttrain.data.progressive import train_sizes
+    from fasttrain.data.synthetic import make_shapes_dataset
+    from fasttrain.data.torch_loader import TorchLoader
+    from fasttrain.tasks.classify import ClassifyTask
+
+    root = make_shapes_dataset(tmp_path / "shapes", train_per_class=4, val_per_class=1, size=32)
+    cfg = load_config(
+        None,
+        [
+            f"data.root={root}",
+            "data.loader=torch",
+            "data.workers=0",
+            "data.image_size=32",
+            "data.progressive=[16, 32]",
+            "data.progressive_step=8",
+            "train.epochs=5",
+            "model.name=smallcnn",
+            "model.width=4",
+            "runtime.device=cpu",
+            "train.batch_size=8",
+            "bench.warmup_steps=1",
+            "bench.steps=4",
+            "bench.repeats=2",
+        ],
+    )
+    sides: list[int] = []
+    epochs: list[int] = []
+    real_step, real_set_epoch = ClassifyTask.train_step, TorchLoader.set_epoch
+
+    def step(self, state, batch, **kw):
+        sides.append(batch.inputs.shape[-1])
+        return real_step(self, state, batch, **kw)
+
+    def set_epoch(self, epoch):
+        epochs.append(epoch)
+        real_set_epoch(self, epoch)
+
+    monkeypatch.setattr(ClassifyTask, "train_step", step)
+    monkeypatch.setattr(TorchLoader, "set_epoch", set_epoch)
+    report = B.bench(cfg)
+    sizes = train_sizes(cfg)
+    assert sizes.first_largest_epoch > 1 and sizes.size(1) < 32  # epoch 1 trains smaller images
+    assert report.loader.samples == report.end_to_end.samples == 32  # 4 steps of 8, over epochs of 2 batches
+    assert len(epochs) > 4 and {sizes.size(e) for e in epochs} == {32}  # every pass, restarts too: the largest
+    e2e = report.end_to_end
+    assert sides[-(e2e.warmup + e2e.repeats * e2e.steps) :] == [32] * (e2e.warmup + e2e.repeats * e2e.steps)
+
+
 def test_bench_times_the_model_step_at_each_progressive_size(tmp_path):
     from fasttrain.config import load_config
     from fasttrain.data.synthetic import make_shapes_dataset

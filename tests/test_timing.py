@@ -143,6 +143,19 @@ def test_loader_throughput_excludes_worker_start_and_wraps_epochs(clock):
     assert loader.epochs == [1, 2]  # 2 + 12 batches over epochs of 5: restarted twice, with the epoch number
 
 
+def test_restarts_count_on_from_the_epoch_the_loader_was_set_to(clock):
+    """bench and autotune set a progressive loader to its first epoch at the largest size: a restart used to set
+    epoch 1 whatever the loader was set to, and with it the smallest size."""
+    loader = FakeLoader(n=5, clock=clock)
+    loader.set_epoch(8)
+    B.loader_throughput(loader, warmup_batches=2, max_batches=4, repeats=3, epoch=8)
+    assert loader.epochs == [8, 9, 10]
+    task, state = FakeTask(clock), FakeState()
+    loader = FakeLoader(n=3, clock=clock)
+    B.end_to_end_throughput(task, state, loader, warmup=1, steps=2, repeats=2, epoch=5)
+    assert loader.epochs == [6]
+
+
 def test_cycle_batches_refuses_an_empty_loader(clock):
     with pytest.raises(ValueError, match="no batches"):
         next(B.cycle_batches(FakeLoader(n=0, clock=clock)))
