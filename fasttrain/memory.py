@@ -76,7 +76,16 @@ def format_bytes(n: int | float | None, unit: str | None = None) -> str:
 
 
 # -- out of memory --------------------------------------------------------------------------------------------
-_OOM_MARKERS = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed", "can't allocate memory")
+_OOM_MARKERS = (
+    "out of memory",
+    "cublas_status_alloc_failed",
+    "cudnn_status_alloc_failed",  # cuDNN 8
+    # cuDNN 9 (torch's CUDA 13 wheels) names its allocation failures so; CUDNN_STATUS_ALLOC_FAILED is only an alias
+    # of the host one there, and cudnnGetErrorString spells the new names (cudnn_graph.h)
+    "cudnn_status_internal_error_device_allocation_failed",
+    "cudnn_status_internal_error_host_allocation_failed",
+    "can't allocate memory",
+)
 
 
 def is_oom_error(exc: BaseException | None) -> bool:

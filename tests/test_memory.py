@@ -28,6 +28,13 @@ def test_oom_classifier_accepts_only_out_of_memory():
     assert M.is_oom_error(RuntimeError("CUDA error: out of memory"))
     assert M.is_oom_error(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
     assert M.is_oom_error(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB"))
+    # cuDNN 9 (torch's CUDA 13 wheels): cudnnGetErrorString(4004), cudnn_frontend's text, and the host one (4003)
+    assert M.is_oom_error(RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED"))
+    assert M.is_oom_error(
+        RuntimeError("cudnnFinalize failed cudnn_status: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED")
+    )
+    assert M.is_oom_error(RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_HOST_ALLOCATION_FAILED"))
+    assert not M.is_oom_error(RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"))  # not memory
     assert M.is_oom_error(MemoryError())
     wrapped = RuntimeError("backend compiler failed")
     wrapped.__cause__ = torch.OutOfMemoryError("CUDA out of memory")

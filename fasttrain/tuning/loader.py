@@ -274,8 +274,9 @@ def _trial(
     """One setting measured end to end (:func:`_measure_trial`), once more when its spread is over
     ``max_spread`` and there is time; ``t0`` and ``before``: the clock and the memory outside torch before the
     loader was built."""
-    loader.set_epoch(train_sizes(task.cfg).first_largest_epoch)  # progressive: time the largest size
-    it = cycle_batches(loader)
+    first = train_sizes(task.cfg).first_largest_epoch  # progressive: time the largest size
+    loader.set_epoch(first)
+    it = cycle_batches(loader, first)
     batch = task.synthetic_batch(micro, task.input_spec(), train=True)
     accumulation = window["accumulation"]
     model_step = train_step_fn(task, state, functools.partial(_same, batch), accumulation)

@@ -719,10 +719,11 @@ def _run_verification(
     try:
         if state is None:
             state = task.build_state()
+        first = train_sizes(task.cfg).first_largest_epoch  # progressive: time the largest size
         if loader is None:
             loader = task.make_loader(source.train, train=True, batch_size=plan.micro_batch, backend=backend)
-            loader.set_epoch(train_sizes(task.cfg).first_largest_epoch)  # progressive: time the largest size
-        it = cycle_batches(loader)
+            loader.set_epoch(first)  # (the loader trial's is at its first epoch there or a later one)
+        it = cycle_batches(loader, first)
         step = train_step_fn(task, state, lambda: next(it), accum)
         for _ in range(accum):  # one optimizer step with this loader before the steady state
             step()

@@ -737,6 +737,10 @@ def _compile(
 ) -> tuple[Any, Candidate | None, BatchPlan]:
     """The compiled check at the plan's micro-batch, else the next usable sizes below; (state, compiled
     candidate or None, plan). The compile (the checks' warm-up) is not charged to the time budget."""
+    if out.compiled_tried:
+        # A later plan: the earlier plans' graphs outlive their models in dynamo's cache (an entry per shape on the
+        # model's forward; at recompile_limit, 8, new shapes run eager without a word) with any CUDA-graph pool.
+        probe.reset_compiler(run.device)
     by_size = search.by_size()
     smaller = sorted((b for b, c in by_size.items() if c.usable and b < plan.micro_batch), reverse=True)
     state, got, tried = probe.compiled_check(

@@ -237,8 +237,8 @@ def slowed(clock: VirtualClock, factor: float):
     runs at 1 / (1 + factor) of the model-only step."""
     from fasttrain.timing import cycle_batches
 
-    def cycle(loader):
-        for batch in cycle_batches(loader):
+    def cycle(loader, epoch=0):
+        for batch in cycle_batches(loader, epoch):
             b = len(batch)
             clock.now += factor * b / clock.rate(b)
             yield batch
@@ -271,10 +271,10 @@ def test_a_verification_far_below_the_probe_is_measured_longer_then_written_as_l
 def test_on_cpu_a_batch_not_faster_end_to_end_gives_way_to_the_configs_own(tmp_path, monkeypatch, virtual_time):
     # The model-only step is faster at 64 than at the config's 32 (by 20%), but a loader costing the same per
     # sample whatever the batch makes both run at the loader's pace end to end: the tuned config keeps 32.
-    def per_sample(loader):
+    def per_sample(loader, epoch=0):
         from fasttrain.timing import cycle_batches
 
-        for batch in cycle_batches(loader):
+        for batch in cycle_batches(loader, epoch):
             virtual_time.now += 0.05 * len(batch)
             yield batch
 
@@ -406,8 +406,8 @@ def test_loader_trials_end_to_end_on_the_torch_backend(shapes_root, monkeypatch,
 def test_a_noisy_loader_trial_is_measured_again_then_marked_unreliable(shapes_root, monkeypatch, virtual_time):
     from fasttrain.timing import cycle_batches
 
-    def bursts(loader):  # every third batch waits 20 steps' time: another job took the cores for a moment
-        for n, batch in enumerate(cycle_batches(loader)):
+    def bursts(loader, epoch=0):  # every third batch waits 20 steps' time: another job took the cores for a moment
+        for n, batch in enumerate(cycle_batches(loader, epoch)):
             virtual_time.now += (20.0 if n % 3 == 2 else 0.0) * len(batch) / virtual_time.rate(len(batch))
             yield batch
 
@@ -549,6 +549,36 @@ def test_compiled_check_resets_the_compiler_between_sizes_and_a_failed_size_is_n
     )
     rows = [ln for ln in report.to_table().splitlines() if ln.strip().startswith("64")]
     assert rows and "OOM" in rows[0] and "yes" not in rows[0]
+
+
+def test_each_later_plans_compiled_check_starts_from_a_reset_compiler(monkeypatch):
+    """A verification that fails (or the loader's memory) sends the plan loop to a smaller micro-batch and a new
+    compiled check. The earlier plans' graphs stay in dynamo's cache after their models are dropped (an entry per
+    shape on the model's forward): without a reset between plans, a fourth plan's shapes passed dynamo's
+    recompile_limit (8) and ran eager while reported as compiled."""
+    events: list[str] = []
+
+    def check(task, *, sizes, **kw):
+        events.append(f"check {sizes[0]}")
+        got = Candidate(sizes[0], True, samples_per_s=1.0, usable=True, phase="compiled")
+        return SimpleNamespace(), got, [got]
+
+    monkeypatch.setattr(P, "compiled_check", check)
+    monkeypatch.setattr(P, "reset_compiler", lambda dev: events.append("reset"))
+    run = SimpleNamespace(
+        prep=SimpleNamespace(task=None),
+        budget=P.Budget("cpu", 16.0),
+        settings=SETTINGS,
+        eval_batch=lambda b: 2 * b,
+        cfg=SimpleNamespace(tune=SimpleNamespace(headroom=0.1)),
+        clock=SimpleNamespace(stamp=lambda: "", exclude=lambda s: None),
+        device=torch.device("cpu"),
+    )
+    search = A.SearchResult([Candidate(b, True, samples_per_s=1.0, usable=True) for b in (16, 32, 64)], 64, 64, "")
+    out = RUN._Outcome()
+    for micro in (64, 32, 16):
+        RUN._compile(run, out, search, BatchPlan(micro, 1, micro, 64, ""))
+    assert events == ["check 64", "reset", "check 32", "reset", "check 16"]
 
 
 def test_remeasure_appends_interleaved_repeats():

@@ -65,3 +65,38 @@ def test_autotune_probes_at_the_largest_size_and_reports_samples_per_s_per_size(
     # every probe and loader trial trained at 32 px; the smaller sizes only in the per-size figures, cheaply (on
     # CPU one warm-up step and one timed step per round, two rounds)
     assert sorted(s for s in pixel_time if s != 32) == [16, 16, 16, 24, 24, 24]
+
+
+def test_loader_trials_and_the_verification_stay_at_the_largest_size_when_the_loader_wraps(tmp_path, pixel_time):
+    """Autotune sets each loader to the first epoch at the largest size; on a set of a few batches the loader trials
+    and the verification run over several epochs. A restart used to set epoch 1: smaller images, end to end
+    against a model-only step at the largest (and on CUDA a recompile inside the clock)."""
+    from fasttrain.data.synthetic import make_shapes_dataset
+
+    root = make_shapes_dataset(tmp_path / "shapes", train_per_class=8, val_per_class=2, size=32)  # 2 batches of 16
+    out = tmp_path / "out"
+    args = ["autotune", "quickstart", "--out", str(out), "-q"]
+    for s in (
+        f"data.root={root}",
+        "data.loader=torch",
+        "data.workers=0",
+        "tune.max_batch=16",
+        "tune.min_batch=16",
+        "tune.warmup_steps=1",
+        "tune.repeats=2",
+        "tune.repeat_s=0.01",
+        "tune.verify_s=0.1",
+        "tune.time_budget_s=600",
+        "train.epochs=1000",  # a long job: the CPU cap stays above the budget
+        "train.batch_size=16",
+        "data.progressive=[16, 32]",
+        "data.progressive_step=8",
+        f"train.runs_dir={tmp_path / 'runs'}",
+        f"tune.cache_dir={tmp_path / 'cache'}",
+    ):
+        args += ["--set", s]
+    assert main(args) in (0, 1)  # the figures, not the verdict, are what this is about
+    report = json.loads((out / "autotune.json").read_text())
+    assert report["loader"]["trials"] and report["verify"]["steps"] > 2  # both ran, over more than one epoch
+    # 32 px everywhere but the per-size figures (one warm-up and one timed step per round, two rounds, on CPU)
+    assert sorted(s for s in pixel_time if s != 32) == [16, 16, 16, 24, 24, 24]
