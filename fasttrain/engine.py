@@ -1544,9 +1544,11 @@ class Trainer:
         record["epoch_time_s"] = round(elapsed, 3)
         if self.sizes.progressive:
             record["image_size"] = size
-        peak = memory.read_peak(runtime.device).peak_allocated_bytes
-        if peak is not None:
-            record["max_memory_gib"] = round(peak / memory.GIB, 3)
+        peak = memory.read_peak(runtime.device)
+        if peak.peak_allocated_bytes is not None:
+            record["max_memory_gib"] = round(peak.peak_allocated_bytes / memory.GIB, 3)
+        if peak.peak_reserved_bytes is not None:  # what the card gave torch: autotune's budget counts this
+            record["max_reserved_gib"] = round(peak.peak_reserved_bytes / memory.GIB, 3)
         return record
 
     def _eta(self) -> float | None:

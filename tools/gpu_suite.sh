@@ -14,7 +14,8 @@
 #                 benchmarks/test_model_step.py for one model (fasttrain per precision and batch, naive)
 #   loaders       benchmarks/test_loaders.py (torch, dali, cache, naive)
 #   e2e           benchmarks/test_end_to_end.py (resnet50 and resnet18: torch, dali, cache, naive)
-#   autotune      fasttrain autotune on ResNet-50 twice, then one epoch of the tuned config (no OOM allowed)
+#   autotune      fasttrain autotune on ResNet-50 twice, then one epoch of the tuned config (no OOM allowed; its peak
+#                 against the budget it was tuned for, in targets.md)
 #   speedrun      configs/cifar10-speedrun.toml on CIFAR-10 JPEGs, twice (the second with the compile caches
 #                 warm): time to 90.7% test accuracy and the whole run's wall time (issue 22); needs no DALI.
 #                 The data: ../shared/data/cifar10.tar (FASTTRAIN_SUITE_SHARED), FASTTRAIN_SUITE_CIFAR, or
@@ -183,7 +184,8 @@ for stage in $stages; do
       done
       tuned=$(ls "$out"/autotune-1/*.tuned.toml 2>/dev/null | head -1)
       [ -n "$tuned" ] && timed tuned-epoch "${ft[@]}" train "$tuned" --set train.epochs=1 \
-        --set "train.runs_dir=$out/runs" -q ;;
+        --set "train.runs_dir=$out/tuned-epoch" -q  # gpu_targets: its peak against the budget
+      python3 tools/gpu_targets.py "$out" -o "$out/targets.md" || status=1 ;;
     speedrun)
       if cifar=$(cifar_root); then
         extra=()

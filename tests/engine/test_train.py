@@ -322,7 +322,7 @@ def test_cuda_run_with_amp_channels_last_compile(shapes_root, tmp_path, loader):
     env = json.loads((result.run_dir / "environment.json").read_text())
     assert env["gpu"] and env["cuda"]
     rec = result.history[-1]
-    assert rec["max_memory_gib"] > 0 and rec["samples_per_s"] > 0
+    assert 0 < rec["max_memory_gib"] <= rec["max_reserved_gib"] and rec["samples_per_s"] > 0
     assert math.isfinite(rec["train_loss"]) and rec["train_loss"] < result.history[0]["train_loss"] * 1.5
     state = load_checkpoint(result.run_dir / "checkpoints" / "last.pt")["state"]["modules"]["model"]
     assert not any(k.startswith("_orig_mod.") for k in state)  # the uncompiled module is what is saved

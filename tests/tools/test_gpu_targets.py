@@ -115,6 +115,28 @@ def test_what_a_cut_off_stage_did_not_measure_says_so(tmp_path):
     assert T.main([str(tmp_path / "missing")]) == 2
 
 
+def test_the_tuned_configs_epoch_is_judged_against_the_budget_autotune_tuned_it_for(tmp_path):
+    # The tuned epoch runs uncapped on a larger card: an answer too large for the budget shows here, not as an OOM.
+    gib = 2**30
+    _autotune(tmp_path / "autotune-1", chosen=192, rates={192: 3900}, elapsed=60.0, compile_s=30.0, cached=False)
+    report = json.loads((tmp_path / "autotune-1" / "resnet50.json").read_text())
+    report["budget"] = {"budget_bytes": 16 * gib, "in_use_before_bytes": gib // 2, "counted_in_use": True}
+    (tmp_path / "autotune-1" / "resnet50.json").write_text(json.dumps(report))
+    name = "the tuned config's epoch inside autotune's memory budget"
+    assert _verdicts(tmp_path)[name] is None  # no tuned epoch: not measured
+    run = tmp_path / "tuned-epoch" / "resnet50-imagenet-20261203-080000"
+    run.mkdir(parents=True)
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(json.dumps({"epoch": 1, "max_memory_gib": 14.0, "max_reserved_gib": 15.4}) + "\n")
+    assert _verdicts(tmp_path)[name] is True  # 15.4 + 0.5 <= 16
+    metrics.write_text(json.dumps({"epoch": 1, "max_memory_gib": 14.0, "max_reserved_gib": 15.7}) + "\n")
+    target = next(t for t in T.evaluate(tmp_path) if t.name == name)
+    assert target.met is False and target.figure.startswith("16.20 GiB (15.70 reserved by torch + 0.50 in use")
+    report["budget"]["counted_in_use"] = False  # a smaller card: what was in use is already off its budget
+    (tmp_path / "autotune-1" / "resnet50.json").write_text(json.dumps(report))
+    assert _verdicts(tmp_path)[name] is True
+
+
 def _speedrun(
     folder: Path, n: int, accs: list[float], times: list[float], wall: float | None, ema: list[float] | None = None
 ) -> None:
