@@ -1302,13 +1302,18 @@ class Trainer:
         the first validation batch (after a warm-up call: a shape's first call sets up its kernels) and ``small``
         ones: a call's own cost (test-time augmentation's passes, a small model's overheads) apart from the
         samples'. A warm-up longer than ``max_s`` is taken as the cost of a batch, with no more calls. Zero
-        without a validation split."""
+        without a validation split.
+
+        A compiled evaluation (CUDA) compiles a graph at each new batch shape: its warm-up is a compile, never a
+        batch's cost, and a second shape would compile inside the timed calls. It is measured at the whole first
+        batch alone (the shape the run evaluates at, so that compile is not wasted), as a cost per sample."""
         if self.val_loader is None:
             return 0.0, 0.0
         task, state, runtime = self.task, self.state, self.prep.runtime
         rng = torch.get_rng_state()
         batch = next(iter(self.val_loader))
-        sizes = sorted({min(len(batch), small), min(len(batch), large)}, reverse=True)
+        compiled = runtime.compile and not runtime.eager_eval
+        sizes = [len(batch)] if compiled else sorted({min(len(batch), small), min(len(batch), large)}, reverse=True)
         seconds: list[float] = []
         state.train(False)
         try:
@@ -1320,7 +1325,7 @@ class Trainer:
                     task.eval_step(state, part)
                     runtime.synchronize()
                     seconds.append(time.perf_counter() - t)
-                    if i == 0 and seconds[0] > max_s:
+                    if i == 0 and seconds[0] > max_s and not compiled:
                         break
         finally:
             state.train(True)

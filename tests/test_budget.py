@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -355,3 +356,34 @@ def test_a_real_budget_run_ends_with_its_schedule_complete(shapes_root, tmp_path
     assert result.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
     records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["step"] == 1  # the measuring steps were not counted as training
+
+
+@pytest.mark.parametrize("max_s", [math.inf, 1.0])
+def test_a_compiled_evaluation_is_measured_without_its_compile(shapes_root, tmp_path, monkeypatch, max_s):
+    """On CUDA the evaluation is compiled, and each new batch shape's first call compiles a graph: the warm-up
+    (longer than the measurement's share of the budget) was taken as the cost of every evaluation batch, and a
+    second shape compiled inside the timed calls. A 90 s budget planned 1 step. Here a fake clock charges 100 s
+    for a shape's first call and 1 ms per sample."""
+    from types import SimpleNamespace
+
+    from fasttrain import engine
+    from fasttrain.prepare import prepare
+
+    prep = prepare(tiny_cfg(shapes_root, tmp_path, "train.eval_batch_size=40"))
+    trainer = engine.Trainer(prep, None, progress=False)
+    try:
+        prep.runtime.compile, prep.runtime.eager_eval = True, False
+        now, seen = [0.0], []
+
+        def eval_step(state, batch):
+            now[0] += (100.0 if len(batch) not in seen else 0.0) + 0.001 * len(batch)
+            seen.append(len(batch))
+            return {}
+
+        monkeypatch.setattr(trainer.task, "eval_step", eval_step)
+        monkeypatch.setattr(engine, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+        per_batch, per_sample = trainer._measure_eval(max_s=max_s)
+    finally:
+        trainer.close()
+    assert set(seen) == {40}  # the shape the run evaluates at, compiled once
+    assert per_batch + 40 * per_sample == pytest.approx(0.04)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["smallcnn", "mlp", "ConvNet", "convnet", "SpeedNet", "speednet"]
@@ -166,7 +167,12 @@ class SpeedNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.body(self.whiten(x))
-        x = torch.amax(x, dim=(2, 3))  # airbench's final MaxPool2d(3) over a 3x3 map (32 px), for any size
+        # airbench's final MaxPool2d(3) over a 3x3 map (32 px), for any size. A max-pool, not torch.amax: amax's
+        # backward finds the maximum again by equality with its saved output, and torch.compile under bf16
+        # recomputes the GELU before it in float32 (its bf16 rounding elided) while the saved maximum was rounded,
+        # so no element matched: 0 / 0 = NaN gradients from the first step. A max-pool's backward reads the index
+        # it saved.
+        x = F.adaptive_max_pool2d(x, 1).flatten(1)
         return self.head(x) * self.scale
 
     @torch.no_grad()

@@ -63,3 +63,30 @@ def test_airbench_param_groups_scale_exactly_the_batchnorm_biases():
     assert scaled == bn_biases and len(bn_biases) == 6  # two per conv group; not the whitening layer's bias
     assert id(net.whiten.bias) in {id(p) for p in opt.param_groups[1]["params"]}
     assert opt.param_groups[2]["lr"] == pytest.approx(96.0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_compiled_bf16_step_has_the_eager_step_gradients(device):
+    """torch.compile under bf16 autocast, as a GPU run trains it: a global max taken with torch.amax after the last
+    GELU gave NaN gradients to every layer below the head from the first step (the compiled backward recomputes
+    the GELU in float32 and finds no element equal to the bf16-rounded maximum it saved)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    net = SpeedNet(3, 10, width=8).to(device).to(memory_format=torch.channels_last)
+    x = torch.randn(16, 3, 32, 32, device=device)
+    net.init_from_data(x)
+    x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (16,), device=device)
+    grads = []
+    for fn in (net, torch.compile(net, dynamic=False)):
+        net.zero_grad(set_to_none=True)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            out = fn(x)
+        F.cross_entropy(out.float(), y).backward()
+        grads.append({n: p.grad.float() for n, p in net.named_parameters() if p.grad is not None})
+    eager, compiled = grads
+    assert eager.keys() == compiled.keys() and "body.1.0.weight" in compiled
+    for name, g in compiled.items():
+        assert torch.isfinite(g).all(), name
+        assert (g - eager[name]).norm() <= 0.1 * eager[name].norm(), name  # bf16's rounding apart
