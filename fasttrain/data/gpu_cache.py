@@ -1,7 +1,8 @@
 """GPU-resident cache: a dataset decoded once into tensors on the device, every batch gathered and augmented there.
 
 What is cached is a map-style dataset's deterministic path (:func:`fasttrain.data.samples.dataset_for` with
-``deterministic=True``), decoded once by threads; a task's augmentation then runs on the device per batch:
+``deterministic=True``), decoded once by threads (small images, whose decode holds the GIL: by worker processes);
+a task's augmentation then runs on the device per batch:
 
 - ``class``: evaluation (and training without random-resized-crop) stores exactly the torch backend's
   evaluation pixels (shorter side to ``eval_resize``, centre crop ``image_size``), so validation numbers match
@@ -40,6 +41,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence, Sized
 from concurrent.futures import ThreadPoolExecutor
@@ -398,6 +400,7 @@ class GpuCacheLoader:
         num_shards: int = 1,
         shard_id: int = 0,
         threads: int = 1,
+        processes: int = 0,
         skipped: list[tuple[str, str]] | None = None,
         max_bad: int = 10,
         name: str | None = None,
@@ -409,7 +412,9 @@ class GpuCacheLoader:
         float (model-ready), every item the same shape; the target a number, a tensor (all of one shape), or an
         image when ``targets_are_images``. An item that is None or a :class:`~fasttrain.data.samples.Skip` is left
         out and listed in ``skipped``; more than ``max_bad`` of them refuse the dataset. ``threads`` decode items
-        concurrently (Pillow releases the GIL; keep 1 for a dataset that is not thread-safe). The items must not
+        concurrently (Pillow releases the GIL; keep 1 for a dataset that is not thread-safe); items whose decode
+        holds the GIL (small images) go to ``processes`` forked workers when there are enough of them (with
+        ``threads > 1``: :func:`_decode_rows`). The items must not
         be random: augmentation is ``augment``'s, on the device. Training caches every item (the order needs
         them all, see the module docstring); evaluation only the items of shard ``shard_id``.
         """
@@ -418,7 +423,7 @@ class GpuCacheLoader:
         rows = list(range(n)) if train else list(range(shard_id, n, num_shards))
         skipped = list(skipped or [])
         bad = BadFiles(skipped, max_bad, unit="decode pass of the cache")
-        inputs, targets, ids = _decode_rows(dataset, rows, threads, bad)
+        inputs, targets, ids = _decode_rows(dataset, rows, threads, bad, processes)
         if rows and not ids:
             raise bad.none_decoded(name or ("train" if train else "evaluation"))
         # Evaluation rows are this shard's already; training rows are sharded by the sampler.
@@ -513,13 +518,21 @@ PROBE_ITEMS = 64
 """Items a threaded cache build decodes on its own thread first, to time them."""
 THREADED_ITEM_S = 1e-3
 """Below this many seconds per item the build stays on one thread (GIL-bound Python work dominates)."""
+PROCESSES_FROM_S = 1.0
+"""GIL-bound items go to worker processes when one thread would take longer than this for the rest (forking and
+starting the workers costs about a tenth of a second)."""
+CHUNK_ITEMS = 256
+"""Rows per task of a threaded or multi-process build."""
 
 
 def _decode_rows(
-    dataset: Dataset, rows: list[int], threads: int, bad: BadFiles
+    dataset: Dataset, rows: list[int], threads: int, bad: BadFiles, processes: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Decode ``dataset[row]`` for every row into preallocated tensors (threads fill them in place): (inputs,
-    targets, the rows that decoded). Items that cannot be used are added to ``bad``."""
+    targets, the rows that decoded). Items that cannot be used are added to ``bad``. With ``threads > 1`` a first
+    chunk is timed: items that decode in Pillow's C code go to threads, GIL-bound ones (small images) stay on
+    this thread, or go to ``processes`` forked worker processes when that would take over
+    :data:`PROCESSES_FROM_S`."""
     k0, first = 0, cast(Any, None)
     while k0 < len(rows):  # the first usable item fixes the shapes
         first = dataset[rows[k0]]
@@ -556,38 +569,111 @@ def _decode_rows(
 
     put(k0, (x0, y0))
     rest = range(k0 + 1, n)
-    failed_first: list[tuple[str, str, bool] | None] = []
+    failed: dict[int, tuple[str, str, bool] | None] = {}
+    use_processes = False
     if threads > 1 and len(rest) > PROBE_ITEMS:
         # Time a first chunk on this thread: small images decode in a few hundred microseconds of mostly Python
         # work under the GIL, where threads only contend (6,000 CIFAR JPEGs on 2 cores: 1.5 s on one thread,
         # 2.1 s on two); large ones spend their time in Pillow's C code, which releases the GIL, so threads scale.
         t0 = time.perf_counter()
-        failed_first = [put(k, dataset[rows[k]]) for k in rest[:PROBE_ITEMS]]
-        if (time.perf_counter() - t0) / PROBE_ITEMS < THREADED_ITEM_S:
-            threads = 1
+        failed.update((k, put(k, dataset[rows[k]])) for k in rest[:PROBE_ITEMS])
+        per_item = (time.perf_counter() - t0) / PROBE_ITEMS
         rest = rest[PROBE_ITEMS:]
-    if threads > 1 and len(rest) > 1:
+        if per_item < THREADED_ITEM_S:
+            use_processes = processes > 1 and len(rest) * per_item > PROCESSES_FROM_S and _can_fork()
+            threads = 1
+    chunks = [range(a, min(a + CHUNK_ITEMS, rest.stop)) for a in range(rest.start, rest.stop, CHUNK_ITEMS)]
+    if use_processes:
+        shapes = (tuple(x0.shape), tuple(y0.shape) if as_tensor else None)
+        for ks, xs, ys, odd in _chunks_in_processes(dataset, rows, chunks, shapes, min(processes, len(chunks))):
+            if ks:
+                inputs[ks] = xs
+                if as_tensor:
+                    targets[ks] = ys
+                else:
+                    for k, y in zip(ks, ys):
+                        targets[k] = y
+            failed.update((k, None) for k in ks)
+            failed.update((k, put(k, item)) for k, item in odd)  # a skip's reason, or the shape error
+    elif threads > 1 and len(rest) > 1:
         # Pillow releases the GIL while it decodes and resizes, so threads scale.
         # One task per chunk of rows, not a future per row: small images decode in tens of microseconds, where
         # a future's hand-off per item costs more than the decode (ThreadPoolExecutor.map ignores chunksize).
-        step = max(1, min(256, -(-len(rest) // threads)))
+        step = max(1, min(CHUNK_ITEMS, -(-len(rest) // threads)))
         chunks = [range(a, min(a + step, rest.stop)) for a in range(rest.start, rest.stop, step)]
         with ThreadPoolExecutor(max_workers=min(threads, len(chunks))) as pool:
-            failed = [
-                why for part in pool.map(lambda ks: [put(k, dataset[rows[k]]) for k in ks], chunks) for why in part
-            ]
+            for part in pool.map(lambda ks: [(k, put(k, dataset[rows[k]])) for k in ks], chunks):
+                failed.update(part)
     else:
-        failed = [put(k, dataset[rows[k]]) for k in rest]
-    failed = failed_first + failed
-    rest = range(k0 + 1, n)
-    keep = [k0] + [k for k, why in zip(rest, failed) if why is None]
-    for why in failed:
+        failed.update((k, put(k, dataset[rows[k]])) for k in rest)
+    keep = [k0] + [k for k in range(k0 + 1, n) if failed[k] is None]
+    for k in range(k0 + 1, n):
+        why = failed[k]
         if why is not None:
             bad.add(*why)
     if len(keep) < n:
         inputs = inputs[keep]
         targets = targets[keep] if as_tensor else [targets[k] for k in keep]
     return inputs, targets if as_tensor else targets_tensor(targets), [rows[k] for k in keep]
+
+
+def _can_fork() -> bool:
+    """Worker processes by fork only (the dataset and its file list are inherited, not pickled): on Linux."""
+    return sys.platform.startswith("linux")
+
+
+class _ChunkDecoder(Dataset):
+    """One item per chunk of rows, decoded in a worker process: (rows' positions that decoded to the first item's
+    shapes, their images stacked, their targets stacked or listed, the other (position, item) pairs). Stacked,
+    a chunk crosses to the training process as one shared-memory tensor, not one per image."""
+
+    def __init__(self, dataset: Dataset, rows: list[int], chunks: list[range], shapes: tuple[tuple, tuple | None]):
+        self.dataset, self.rows, self.chunks, self.shapes = dataset, rows, chunks, shapes
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> tuple[list[int], torch.Tensor | None, Any, list[tuple[int, Any]]]:
+        x_shape, y_shape = self.shapes
+        ks: list[int] = []
+        xs: list[torch.Tensor] = []
+        ys: list[Any] = []
+        odd: list[tuple[int, Any]] = []
+        for k in self.chunks[i]:
+            item = self.dataset[self.rows[k]]
+            if (
+                _usable(item)
+                and tuple(item[0].shape) == x_shape
+                and (y_shape is None or tuple(getattr(item[1], "shape", ())) == y_shape)
+            ):
+                ks.append(k)
+                xs.append(item[0])
+                ys.append(item[1])
+            else:
+                odd.append((k, item))
+        stacked = torch.stack(xs) if xs else None
+        return ks, stacked, (torch.stack(ys) if y_shape is not None and ys else ys), odd
+
+
+def _unbatched(item: Any) -> Any:
+    return item
+
+
+def _chunks_in_processes(
+    dataset: Dataset, rows: list[int], chunks: list[range], shapes: tuple[tuple, tuple | None], processes: int
+) -> Iterator[tuple[list[int], Any, Any, list[tuple[int, Any]]]]:
+    """:class:`_ChunkDecoder`'s chunks from ``processes`` forked workers (torch's DataLoader: its workers end with
+    the iteration, an error in one is raised here)."""
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(
+        _ChunkDecoder(dataset, rows, chunks, shapes),
+        batch_size=None,
+        num_workers=processes,
+        collate_fn=_unbatched,
+        multiprocessing_context="fork",
+    )
+    yield from loader
 
 
 class CacheBackend(Backend):
@@ -631,6 +717,7 @@ class CacheBackend(Backend):
             augment=_augment_for(samples, data, request.train),
             targets_are_images=samples.kind == "pair",
             threads=threads,
+            processes=cache_processes(data),
             skipped=skipped,
             sizes=train_sizes(cfg) if request.train else None,
         )
@@ -718,5 +805,21 @@ def cache_threads(data: DataConfig) -> int:
     build runs before training, and Pillow releases the GIL while it decodes."""
     if data.workers >= 0:
         return max(1, data.workers)
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(16, n))
+    return max(1, min(16, _cores()))
+
+
+def cache_processes(data: DataConfig) -> int:
+    """Worker processes decoding a cache whose items hold the GIL (small images, :func:`_decode_rows`):
+    ``data.workers`` when set, else the cores this process may use shared by the processes of this node
+    (torchrun's ``LOCAL_WORLD_SIZE``: every rank decodes its cache at the same time), at most 16."""
+    if data.workers >= 0:
+        return data.workers
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return max(1, min(16, _cores() // local))
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

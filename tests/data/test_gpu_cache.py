@@ -407,3 +407,85 @@ def test_the_cache_build_takes_threads_only_where_items_are_slow_enough_to_gain(
     assert rows == [r for r in range(n) if r != 5] and y.tolist() == rows  # order kept, the bad item out
     assert x[:, 0, 0, 0].tolist() == [r % 256 for r in rows]
     assert (ds.threads != {threading.get_ident()}) == threaded
+
+
+class _Small(torch.utils.data.Dataset):
+    """Quick items (GIL-bound, like a CIFAR JPEG's decode) naming the process that made them in their target;
+    item 5 cannot be given, item 9 is a file the dataset skips, item ``odd`` (if any) has another shape."""
+
+    def __init__(self, n: int, odd: int = -1, tensor_targets: bool = True):
+        self.n, self.odd, self.tensor_targets = n, odd, tensor_targets
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        import os
+
+        from fasttrain.data.samples import Skip
+
+        if i == 5:
+            return None
+        if i == 9:
+            return Skip(f"img{i}.jpg", "truncated JPEG")
+        x = torch.full((1, 2, 3 if i == self.odd else 2), i % 256, dtype=torch.uint8)
+        return x, (torch.tensor([i, os.getpid()]) if self.tensor_targets else i)
+
+
+@pytest.mark.parametrize("tensor_targets", [True, False])
+def test_a_cache_build_of_quick_items_goes_to_worker_processes_with_the_one_thread_result(monkeypatch, tensor_targets):
+    """Small images decode in a few hundred microseconds of GIL-bound Python: threads only contend, so a build that
+    would take one thread over PROCESSES_FROM_S forks workers (60,000 CIFAR JPEGs: ~15 s on one thread). The result
+    is the one thread's: the same rows in order, the same skips with their reasons."""
+    import os
+
+    from fasttrain.data.checks import BadFiles
+
+    n = gpu_cache.PROBE_ITEMS + 3 * gpu_cache.CHUNK_ITEMS + 7
+    ds = _Small(n, tensor_targets=tensor_targets)
+    alone = BadFiles([], 10)
+    x1, y1, rows1 = gpu_cache._decode_rows(ds, list(range(n)), 2, alone)  # below PROCESSES_FROM_S: in process
+    monkeypatch.setattr(gpu_cache, "PROCESSES_FROM_S", 0.0)
+    forked = BadFiles([], 10)
+    x2, y2, rows2 = gpu_cache._decode_rows(ds, list(range(n)), 2, forked, processes=2)
+    assert rows1 == rows2 == [r for r in range(n) if r not in (5, 9)]
+    assert torch.equal(x1, x2) and x2[:, 0, 0, 0].tolist() == [r % 256 for r in rows2]
+    assert (
+        alone.skipped
+        == forked.skipped
+        == [("_Small[5]", "the dataset returned None for it"), ("img9.jpg", "truncated JPEG")]
+    )
+    if tensor_targets:
+        assert torch.equal(y1[:, 0], y2[:, 0]) and y2[:, 0].tolist() == rows2
+        assert set(y1[:, 1].tolist()) == {os.getpid()}
+        workers = set(y2[gpu_cache.PROBE_ITEMS + 2 :, 1].tolist())  # past the timed first chunk: in the workers
+        assert len(workers) == 2 and os.getpid() not in workers
+    else:
+        assert torch.equal(y1, y2) and y2.tolist() == rows2
+    # One process asked for, or a platform without fork: in process, as before.
+    ds_one = _Small(n)
+    _, y3, _ = gpu_cache._decode_rows(ds_one, list(range(n)), 2, BadFiles([], 10), processes=1)
+    assert set(y3[:, 1].tolist()) == {os.getpid()}
+    monkeypatch.setattr(gpu_cache, "_can_fork", lambda: False)
+    _, y4, _ = gpu_cache._decode_rows(ds_one, list(range(n)), 2, BadFiles([], 10), processes=2)
+    assert set(y4[:, 1].tolist()) == {os.getpid()}
+
+
+def test_an_item_of_another_shape_in_a_worker_process_is_named_as_in_process(monkeypatch):
+    from fasttrain.data.checks import BadFiles
+
+    monkeypatch.setattr(gpu_cache, "PROCESSES_FROM_S", 0.0)
+    n = gpu_cache.PROBE_ITEMS + 2 * gpu_cache.CHUNK_ITEMS
+    odd = n - 10  # decoded by a worker
+    with pytest.raises(ValueError, match=rf"_Small\[{odd}\]: shape \(1, 2, 3\).*one shape"):
+        gpu_cache._decode_rows(_Small(n, odd=odd), list(range(n)), 2, BadFiles([], 10), processes=2)
+
+
+def test_the_cache_build_shares_the_cores_between_the_ranks_of_a_node(monkeypatch):
+    monkeypatch.setattr(gpu_cache.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert gpu_cache.cache_processes(DataConfig()) == 16  # at most 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert gpu_cache.cache_processes(DataConfig()) == 4  # 8 ranks decode at once: 4 cores each
+    assert gpu_cache.cache_processes(DataConfig(workers=0)) == 0  # asked for none: the build stays in process
+    assert gpu_cache.cache_processes(DataConfig(workers=3)) == 3
