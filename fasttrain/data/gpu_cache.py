@@ -672,6 +672,9 @@ def _chunks_in_processes(
         num_workers=processes,
         collate_fn=_unbatched,
         multiprocessing_context="fork",
+        # Its own generator: an iterator otherwise draws its workers' base seed from torch's global one, and
+        # whether the build forks is a timing decision taken before the model is initialized from that generator.
+        generator=torch.Generator().manual_seed(0),
     )
     yield from loader
 

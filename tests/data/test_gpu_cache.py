@@ -489,3 +489,19 @@ def test_the_cache_build_shares_the_cores_between_the_ranks_of_a_node(monkeypatc
     assert gpu_cache.cache_processes(DataConfig()) == 4  # 8 ranks decode at once: 4 cores each
     assert gpu_cache.cache_processes(DataConfig(workers=0)) == 0  # asked for none: the build stays in process
     assert gpu_cache.cache_processes(DataConfig(workers=3)) == 3
+
+
+def test_worker_processes_leave_the_global_generator_as_a_build_in_process_does(monkeypatch):
+    """Whether the build forks is a timing decision (the probe's seconds per item); the model is initialized from
+    torch's global generator after the loaders are built, so forking must not draw from it (a DataLoader's
+    iterator draws its workers' base seed from it unless the loader has its own generator)."""
+    from fasttrain.data.checks import BadFiles
+
+    n = gpu_cache.PROBE_ITEMS + 2 * gpu_cache.CHUNK_ITEMS
+    monkeypatch.setattr(gpu_cache, "PROCESSES_FROM_S", 0.0)
+    after = []
+    for processes in (1, 2):  # one: in process; two: forked workers (the test above checks which)
+        torch.manual_seed(0)
+        gpu_cache._decode_rows(_Small(n), list(range(n)), 2, BadFiles([], 10), processes=processes)
+        after.append(torch.rand(4))
+    assert torch.equal(after[0], after[1])
