@@ -505,3 +505,31 @@ def test_worker_processes_leave_the_global_generator_as_a_build_in_process_does(
         gpu_cache._decode_rows(_Small(n), list(range(n)), 2, BadFiles([], 10), processes=processes)
         after.append(torch.rand(4))
     assert torch.equal(after[0], after[1])
+
+
+def test_the_cache_build_forks_only_as_many_workers_as_shared_memory_holds_chunks_for(monkeypatch):
+    """Each worker's stacked chunks wait in /dev/shm (64 MiB in a container by default): workers whose chunks do
+    not fit failed the whole build (``unable to allocate shared memory``) that one thread decodes."""
+    import os
+    from types import SimpleNamespace
+
+    from fasttrain.data.checks import BadFiles
+
+    monkeypatch.setattr(gpu_cache, "PROCESSES_FROM_S", 0.0)
+    n = gpu_cache.PROBE_ITEMS + 3 * gpu_cache.CHUNK_ITEMS
+    chunk = gpu_cache.CHUNK_ITEMS * (4 + 2 * 8)  # _Small's 1x2x2 uint8 image and two int64 targets
+    real = os.statvfs
+
+    def shm(free: int):
+        return lambda path: SimpleNamespace(f_bavail=free, f_frsize=1) if path == gpu_cache.SHM_DIR else real(path)
+
+    monkeypatch.setattr(gpu_cache.os, "statvfs", shm(4 * chunk))  # not 2 x 2 chunks queued + 1 being copied
+    _, y, _ = gpu_cache._decode_rows(_Small(n), list(range(n)), 2, BadFiles([], 10), processes=2)
+    assert set(y[:, 1].tolist()) == {os.getpid()}  # in process
+    monkeypatch.setattr(gpu_cache.os, "statvfs", shm(5 * chunk))
+    _, y, _ = gpu_cache._decode_rows(_Small(n), list(range(n)), 2, BadFiles([], 10), processes=2)
+    assert len(set(y[gpu_cache.PROBE_ITEMS + 2 :, 1].tolist()) - {os.getpid()}) == 2  # two workers
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks building at once share it
+    _, y, _ = gpu_cache._decode_rows(_Small(n), list(range(n)), 2, BadFiles([], 10), processes=2)
+    assert set(y[:, 1].tolist()) == {os.getpid()}
+    assert gpu_cache._shm_processes(16, chunk) == 0 and gpu_cache._shm_processes(1, 1) == 1
