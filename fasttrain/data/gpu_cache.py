@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
 import sys
 import time
@@ -641,8 +642,9 @@ def _shm_processes(processes: int, chunk_bytes: int) -> int:
 
 
 def _can_fork() -> bool:
-    """Worker processes by fork only (the dataset and its file list are inherited, not pickled): on Linux."""
-    return sys.platform.startswith("linux")
+    """Worker processes by fork only (the dataset and its file list are inherited, not pickled): on Linux, and not
+    from a daemonic process (a training run inside a multiprocessing pool's worker), which may start none."""
+    return sys.platform.startswith("linux") and not multiprocessing.current_process().daemon
 
 
 class _ChunkDecoder(Dataset):

@@ -533,3 +533,18 @@ def test_the_cache_build_forks_only_as_many_workers_as_shared_memory_holds_chunk
     _, y, _ = gpu_cache._decode_rows(_Small(n), list(range(n)), 2, BadFiles([], 10), processes=2)
     assert set(y[:, 1].tolist()) == {os.getpid()}
     assert gpu_cache._shm_processes(16, chunk) == 0 and gpu_cache._shm_processes(1, 1) == 1
+
+
+def test_a_cache_build_in_a_daemonic_process_stays_in_process(monkeypatch):
+    """A daemonic process (a multiprocessing pool's worker training a config) may start no children: the DataLoader
+    raised 'daemonic processes are not allowed to have children' where one thread decodes the cache."""
+    import multiprocessing
+    import os
+
+    from fasttrain.data.checks import BadFiles
+
+    monkeypatch.setattr(gpu_cache, "PROCESSES_FROM_S", 0.0)
+    monkeypatch.setattr(multiprocessing.current_process(), "daemon", True)
+    n = gpu_cache.PROBE_ITEMS + 2 * gpu_cache.CHUNK_ITEMS
+    _, y, rows = gpu_cache._decode_rows(_Small(n), list(range(n)), 2, BadFiles([], 10), processes=2)
+    assert set(y[:, 1].tolist()) == {os.getpid()} and rows == [r for r in range(n) if r not in (5, 9)]
