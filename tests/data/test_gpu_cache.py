@@ -548,3 +548,37 @@ def test_a_cache_build_in_a_daemonic_process_stays_in_process(monkeypatch):
     n = gpu_cache.PROBE_ITEMS + 2 * gpu_cache.CHUNK_ITEMS
     _, y, rows = gpu_cache._decode_rows(_Small(n), list(range(n)), 2, BadFiles([], 10), processes=2)
     assert set(y[:, 1].tolist()) == {os.getpid()} and rows == [r for r in range(n) if r not in (5, 9)]
+
+
+class _SkipsLate(_Small):
+    """_Small with a None and a skipped file among the rows the workers decode (past the timed first chunk)."""
+
+    late = (gpu_cache.PROBE_ITEMS + 40, gpu_cache.PROBE_ITEMS + gpu_cache.CHUNK_ITEMS + 3)
+
+    def __getitem__(self, i: int):
+        from fasttrain.data.samples import Skip
+
+        if i == self.late[0]:
+            return None
+        if i == self.late[1]:
+            return Skip(f"img{i}.jpg", "cannot be decoded", refused=True)
+        return super().__getitem__(i)
+
+
+def test_skips_met_in_a_worker_process_are_listed_in_order_as_in_process(monkeypatch):
+    from fasttrain.data.checks import BadFiles
+
+    n = gpu_cache.PROBE_ITEMS + 3 * gpu_cache.CHUNK_ITEMS
+    ds = _SkipsLate(n, tensor_targets=False)
+    alone = BadFiles([], 10)
+    x1, y1, rows1 = gpu_cache._decode_rows(ds, list(range(n)), 2, alone)
+    monkeypatch.setattr(gpu_cache, "PROCESSES_FROM_S", 0.0)
+    forked = BadFiles([], 10)
+    x2, y2, rows2 = gpu_cache._decode_rows(ds, list(range(n)), 2, forked, processes=2)
+    gone = (5, 9, *_SkipsLate.late)
+    assert rows1 == rows2 == [r for r in range(n) if r not in gone] and y2.tolist() == rows2
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert alone.skipped == forked.skipped and [p for p, _ in forked.skipped][2:] == [
+        f"_SkipsLate[{_SkipsLate.late[0]}]",
+        f"img{_SkipsLate.late[1]}.jpg",
+    ]
