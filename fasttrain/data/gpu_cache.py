@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
 import sys
 import time
@@ -580,6 +581,8 @@ def _decode_rows(
         per_item = (time.perf_counter() - t0) / PROBE_ITEMS
         rest = rest[PROBE_ITEMS:]
         if per_item < THREADED_ITEM_S:
+            chunk_bytes = CHUNK_ITEMS * (_nbytes(x0) + (_nbytes(y0) if as_tensor else 0))
+            processes = _shm_processes(processes, chunk_bytes)
             use_processes = processes > 1 and len(rest) * per_item > PROCESSES_FROM_S and _can_fork()
             threads = 1
     chunks = [range(a, min(a + CHUNK_ITEMS, rest.stop)) for a in range(rest.start, rest.stop, CHUNK_ITEMS)]
@@ -617,9 +620,31 @@ def _decode_rows(
     return inputs, targets if as_tensor else targets_tensor(targets), [rows[k] for k in keep]
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+SHM_DIR = "/dev/shm"
+"""Where a worker's stacked chunk waits for the build (torch's shared memory): 64 MiB in a container by default."""
+
+
+def _shm_processes(processes: int, chunk_bytes: int) -> int:
+    """Worker processes whose chunks in flight fit the free shared memory, shared by the ranks of this node: the
+    DataLoader keeps two chunks per worker queued and the build holds one more while it copies it. More workers
+    than that fail the build outright (``unable to allocate shared memory``: 2 workers and 12 MiB chunks of
+    3 x 64 x 64 images in an 8 MiB /dev/shm), where one thread would decode it."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:  # no such folder: nothing known to limit
+        return processes
+    free = st.f_bavail * st.f_frsize // _local_ranks()
+    return min(processes, max(0, (free // max(1, chunk_bytes) - 1) // 2))
+
+
 def _can_fork() -> bool:
-    """Worker processes by fork only (the dataset and its file list are inherited, not pickled): on Linux."""
-    return sys.platform.startswith("linux")
+    """Worker processes by fork only (the dataset and its file list are inherited, not pickled): on Linux, and not
+    from a daemonic process (a training run inside a multiprocessing pool's worker), which may start none."""
+    return sys.platform.startswith("linux") and not multiprocessing.current_process().daemon
 
 
 class _ChunkDecoder(Dataset):
@@ -672,6 +697,9 @@ def _chunks_in_processes(
         num_workers=processes,
         collate_fn=_unbatched,
         multiprocessing_context="fork",
+        # Its own generator: an iterator otherwise draws its workers' base seed from torch's global one, and
+        # whether the build forks is a timing decision taken before the model is initialized from that generator.
+        generator=torch.Generator().manual_seed(0),
     )
     yield from loader
 
@@ -814,11 +842,15 @@ def cache_processes(data: DataConfig) -> int:
     (torchrun's ``LOCAL_WORLD_SIZE``: every rank decodes its cache at the same time), at most 16."""
     if data.workers >= 0:
         return data.workers
+    return max(1, min(16, _cores() // _local_ranks()))
+
+
+def _local_ranks() -> int:
+    """The processes of this node (torchrun's ``LOCAL_WORLD_SIZE``; 1 outside torchrun)."""
     try:
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     except ValueError:
-        local = 1
-    return max(1, min(16, _cores() // local))
+        return 1
 
 
 def _cores() -> int:

@@ -489,3 +489,96 @@ def test_the_cache_build_shares_the_cores_between_the_ranks_of_a_node(monkeypatc
     assert gpu_cache.cache_processes(DataConfig()) == 4  # 8 ranks decode at once: 4 cores each
     assert gpu_cache.cache_processes(DataConfig(workers=0)) == 0  # asked for none: the build stays in process
     assert gpu_cache.cache_processes(DataConfig(workers=3)) == 3
+
+
+def test_worker_processes_leave_the_global_generator_as_a_build_in_process_does(monkeypatch):
+    """Whether the build forks is a timing decision (the probe's seconds per item); the model is initialized from
+    torch's global generator after the loaders are built, so forking must not draw from it (a DataLoader's
+    iterator draws its workers' base seed from it unless the loader has its own generator)."""
+    from fasttrain.data.checks import BadFiles
+
+    n = gpu_cache.PROBE_ITEMS + 2 * gpu_cache.CHUNK_ITEMS
+    monkeypatch.setattr(gpu_cache, "PROCESSES_FROM_S", 0.0)
+    after = []
+    for processes in (1, 2):  # one: in process; two: forked workers (the test above checks which)
+        torch.manual_seed(0)
+        gpu_cache._decode_rows(_Small(n), list(range(n)), 2, BadFiles([], 10), processes=processes)
+        after.append(torch.rand(4))
+    assert torch.equal(after[0], after[1])
+
+
+def test_the_cache_build_forks_only_as_many_workers_as_shared_memory_holds_chunks_for(monkeypatch):
+    """Each worker's stacked chunks wait in /dev/shm (64 MiB in a container by default): workers whose chunks do
+    not fit failed the whole build (``unable to allocate shared memory``) that one thread decodes."""
+    import os
+    from types import SimpleNamespace
+
+    from fasttrain.data.checks import BadFiles
+
+    monkeypatch.setattr(gpu_cache, "PROCESSES_FROM_S", 0.0)
+    n = gpu_cache.PROBE_ITEMS + 3 * gpu_cache.CHUNK_ITEMS
+    chunk = gpu_cache.CHUNK_ITEMS * (4 + 2 * 8)  # _Small's 1x2x2 uint8 image and two int64 targets
+    real = os.statvfs
+
+    def shm(free: int):
+        return lambda path: SimpleNamespace(f_bavail=free, f_frsize=1) if path == gpu_cache.SHM_DIR else real(path)
+
+    monkeypatch.setattr(gpu_cache.os, "statvfs", shm(4 * chunk))  # not 2 x 2 chunks queued + 1 being copied
+    _, y, _ = gpu_cache._decode_rows(_Small(n), list(range(n)), 2, BadFiles([], 10), processes=2)
+    assert set(y[:, 1].tolist()) == {os.getpid()}  # in process
+    monkeypatch.setattr(gpu_cache.os, "statvfs", shm(5 * chunk))
+    _, y, _ = gpu_cache._decode_rows(_Small(n), list(range(n)), 2, BadFiles([], 10), processes=2)
+    assert len(set(y[gpu_cache.PROBE_ITEMS + 2 :, 1].tolist()) - {os.getpid()}) == 2  # two workers
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks building at once share it
+    _, y, _ = gpu_cache._decode_rows(_Small(n), list(range(n)), 2, BadFiles([], 10), processes=2)
+    assert set(y[:, 1].tolist()) == {os.getpid()}
+    assert gpu_cache._shm_processes(16, chunk) == 0 and gpu_cache._shm_processes(1, 1) == 1
+
+
+def test_a_cache_build_in_a_daemonic_process_stays_in_process(monkeypatch):
+    """A daemonic process (a multiprocessing pool's worker training a config) may start no children: the DataLoader
+    raised 'daemonic processes are not allowed to have children' where one thread decodes the cache."""
+    import multiprocessing
+    import os
+
+    from fasttrain.data.checks import BadFiles
+
+    monkeypatch.setattr(gpu_cache, "PROCESSES_FROM_S", 0.0)
+    monkeypatch.setattr(multiprocessing.current_process(), "daemon", True)
+    n = gpu_cache.PROBE_ITEMS + 2 * gpu_cache.CHUNK_ITEMS
+    _, y, rows = gpu_cache._decode_rows(_Small(n), list(range(n)), 2, BadFiles([], 10), processes=2)
+    assert set(y[:, 1].tolist()) == {os.getpid()} and rows == [r for r in range(n) if r not in (5, 9)]
+
+
+class _SkipsLate(_Small):
+    """_Small with a None and a skipped file among the rows the workers decode (past the timed first chunk)."""
+
+    late = (gpu_cache.PROBE_ITEMS + 40, gpu_cache.PROBE_ITEMS + gpu_cache.CHUNK_ITEMS + 3)
+
+    def __getitem__(self, i: int):
+        from fasttrain.data.samples import Skip
+
+        if i == self.late[0]:
+            return None
+        if i == self.late[1]:
+            return Skip(f"img{i}.jpg", "cannot be decoded", refused=True)
+        return super().__getitem__(i)
+
+
+def test_skips_met_in_a_worker_process_are_listed_in_order_as_in_process(monkeypatch):
+    from fasttrain.data.checks import BadFiles
+
+    n = gpu_cache.PROBE_ITEMS + 3 * gpu_cache.CHUNK_ITEMS
+    ds = _SkipsLate(n, tensor_targets=False)
+    alone = BadFiles([], 10)
+    x1, y1, rows1 = gpu_cache._decode_rows(ds, list(range(n)), 2, alone)
+    monkeypatch.setattr(gpu_cache, "PROCESSES_FROM_S", 0.0)
+    forked = BadFiles([], 10)
+    x2, y2, rows2 = gpu_cache._decode_rows(ds, list(range(n)), 2, forked, processes=2)
+    gone = (5, 9, *_SkipsLate.late)
+    assert rows1 == rows2 == [r for r in range(n) if r not in gone] and y2.tolist() == rows2
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert alone.skipped == forked.skipped and [p for p, _ in forked.skipped][2:] == [
+        f"_SkipsLate[{_SkipsLate.late[0]}]",
+        f"img{_SkipsLate.late[1]}.jpg",
+    ]

@@ -135,6 +135,17 @@ def test_the_tuned_configs_epoch_is_judged_against_the_budget_autotune_tuned_it_
     report["budget"]["counted_in_use"] = False  # a smaller card: what was in use is already off its budget
     (tmp_path / "autotune-1" / "resnet50.json").write_text(json.dumps(report))
     assert _verdicts(tmp_path)[name] is True
+    # The loader's device memory outside torch (DALI's), which autotune charged to the budget, counts too.
+    report["budget"]["outside_torch_bytes"] = gib // 2
+    (tmp_path / "autotune-1" / "resnet50.json").write_text(json.dumps(report))
+    target = next(t for t in T.evaluate(tmp_path) if t.name == name)
+    assert target.met is False and "+ 0.50 outside torch" in target.figure
+    # The quick stage's report (another budget) in the same folder: the tuned epoch is autotune-1's.
+    _autotune(tmp_path / "quick-autotune-1", chosen=192, rates={192: 3900}, elapsed=60.0, compile_s=30.0, cached=False)
+    quick = json.loads((tmp_path / "quick-autotune-1" / "resnet50.json").read_text())
+    quick["budget"] = {"budget_bytes": 80 * gib, "in_use_before_bytes": 0, "counted_in_use": True}
+    (tmp_path / "quick-autotune-1" / "resnet50.json").write_text(json.dumps(quick))
+    assert _verdicts(tmp_path)[name] is False
 
 
 def _speedrun(

@@ -964,3 +964,18 @@ def test_under_torchrun_a_read_only_out_folder_stops_every_rank_at_once(tmp_path
         with pytest.raises(OSError, match=r"autotune --out.*Read-only file system"):
             RUN.autotune(cfg, out_dir=tmp_path / "out")
     assert time.monotonic() - t0 < 4  # answered, not the 5 s dist.timeout_s
+
+
+def test_an_answer_whose_loader_auto_chose_by_the_jobs_length_is_written_but_not_cached(
+    tmp_path, monkeypatch, capsys, virtual_time
+):
+    """The tuning run asks whether ``data.loader = auto`` chose by the job's length (tested in
+    tests/data/test_backends.py) and the answer then stays out of the cache, whose key leaves the length out."""
+    asked = []
+    monkeypatch.setattr(RUN, "_loader_by_length", lambda prep, limit: asked.append(prep.backend) or True)
+    assert main(cli_args(tmp_path)) == 0
+    assert "the answer depends on the job's length" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "autotune.json").read_text())
+    assert report["ok"] and report["reliable"] and report["loader_by_length"] and len(asked) == 1
+    assert (tmp_path / "out" / "quickstart.tuned.toml").is_file()
+    assert not list((tmp_path / "cache").glob("*.json"))
