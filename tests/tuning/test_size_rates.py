@@ -33,11 +33,12 @@ def pixel_time(monkeypatch):
     return sides
 
 
-def test_autotune_probes_at_the_largest_size_and_reports_samples_per_s_per_size(tmp_path, capsys, pixel_time):
-    out = tmp_path / "out"
-    args = ["autotune", "quickstart", "--no-verify", "--out", str(out), "-q"]
+def _progressive_autotune(tmp_path, *extra: str) -> list[str]:
+    """``fasttrain autotune quickstart`` at progressive sizes 16 -> 32 px, batch 16, with quick probes into
+    ``tmp_path / "out"``; ``extra``: flags (``--no-verify``) and more settings."""
+    args = ["autotune", "quickstart", "--out", str(tmp_path / "out"), "-q"]
+    args += [e for e in extra if e.startswith("--")]
     for s in (
-        "tune.max_batch=32",
         "tune.min_batch=16",
         "tune.warmup_steps=1",
         "tune.repeats=2",
@@ -49,9 +50,15 @@ def test_autotune_probes_at_the_largest_size_and_reports_samples_per_s_per_size(
         "data.progressive_step=8",
         f"train.runs_dir={tmp_path / 'runs'}",
         f"tune.cache_dir={tmp_path / 'cache'}",
+        *(e for e in extra if not e.startswith("--")),
     ):
         args += ["--set", s]
-    assert main(args) == 0
+    return args
+
+
+def test_autotune_probes_at_the_largest_size_and_reports_samples_per_s_per_size(tmp_path, capsys, pixel_time):
+    out = tmp_path / "out"
+    assert main(_progressive_autotune(tmp_path, "--no-verify", "tune.max_batch=32")) == 0
     table = capsys.readouterr().out
     report = json.loads((out / "autotune.json").read_text())
     assert report["input_shape"] == [3, 32, 32]  # memory planned at the largest
@@ -75,26 +82,9 @@ def test_loader_trials_and_the_verification_stay_at_the_largest_size_when_the_lo
 
     root = make_shapes_dataset(tmp_path / "shapes", train_per_class=8, val_per_class=2, size=32)  # 2 batches of 16
     out = tmp_path / "out"
-    args = ["autotune", "quickstart", "--out", str(out), "-q"]
-    for s in (
-        f"data.root={root}",
-        "data.loader=torch",
-        "data.workers=0",
-        "tune.max_batch=16",
-        "tune.min_batch=16",
-        "tune.warmup_steps=1",
-        "tune.repeats=2",
-        "tune.repeat_s=0.01",
-        "tune.verify_s=0.1",
-        "tune.time_budget_s=600",
-        "train.epochs=1000",  # a long job: the CPU cap stays above the budget
-        "train.batch_size=16",
-        "data.progressive=[16, 32]",
-        "data.progressive_step=8",
-        f"train.runs_dir={tmp_path / 'runs'}",
-        f"tune.cache_dir={tmp_path / 'cache'}",
-    ):
-        args += ["--set", s]
+    args = _progressive_autotune(
+        tmp_path, f"data.root={root}", "data.loader=torch", "data.workers=0", "tune.max_batch=16", "tune.verify_s=0.1"
+    )
     assert main(args) in (0, 1)  # the figures, not the verdict, are what this is about
     report = json.loads((out / "autotune.json").read_text())
     assert report["loader"]["trials"] and report["verify"]["steps"] > 2  # both ran, over more than one epoch
