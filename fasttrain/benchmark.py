@@ -344,7 +344,8 @@ def _measure_all(prep, b, tc) -> tuple[Timing, Timing | None, Timing, Timing, di
         num_shards=info.world_size,
         shard_id=info.rank,
     )
-    first = train_sizes(prep.cfg).first_largest_epoch  # progressive resizing: the largest size
+    sizes = train_sizes(prep.cfg)
+    first = sizes.first_largest_epoch  # progressive resizing: the largest size
     loader.set_epoch(first)
     parallel_t = None
     try:
@@ -368,7 +369,6 @@ def _measure_all(prep, b, tc) -> tuple[Timing, Timing | None, Timing, Timing, di
             parallel_t = step_rate(batch)
         del batch
         per_size = {}
-        sizes = train_sizes(prep.cfg)
         runtime.allow_shapes(len(sizes.distinct()) + 4)  # compiled: one graph per size, as training keeps them
         for size in sizes.distinct() if sizes.progressive else []:
             if size == sizes.largest:
