@@ -1006,6 +1006,8 @@ class DaliBackend(Backend):
         refusal = needs_pil(cfg.data)
         if refusal:
             return False, refusal
+        if cfg.data.translate:
+            return False, "data.translate: DALI has no reflected border to shift images into (the cache and torch do)"
         ok, why = dali_status()
         if not ok:
             return False, f"DALI cannot run here ({why})"

@@ -86,6 +86,8 @@ __all__ = [
     "ResizedCropFlip",
     "PairCropFlip",
     "random_resized_crop_theta",
+    "translate_flip",
+    "translate_plan",
 ]
 
 _RRC_ATTEMPTS = 10  # as torchvision: the first of 10 sampled windows that fits the canvas is used
@@ -257,16 +259,48 @@ class DeviceAugment:
         return x, y
 
 
-class ResizedCropFlip(DeviceAugment):
-    """Classification training: random-resized-crop of the cached canvas (:func:`random_resized_crop_theta`) and/or
-    a horizontal flip."""
+def translate_plan(seed: int, epoch: int, ids, pad: int, flip: bool) -> torch.Tensor:
+    """n x 3 int64 per sample id: (flip 0/1, row offset, column offset), the offsets in 0..2 pad of the
+    reflect-padded image (pad: no shift), drawn from (seed, epoch, id) alone."""
+    u = _uniforms(sample_seeds(seed, epoch, ids), 3)
+    flipped = (u[:, 0] < 0.5) & flip
+    offsets = np.minimum((u[:, 1:] * (2 * pad + 1)).astype(np.int64), 2 * pad)
+    return torch.from_numpy(np.concatenate([flipped[:, None].astype(np.int64), offsets], 1))
 
-    def __init__(self, *, rrc: bool, flip: bool, scale_min: float):
-        self.rrc, self.flip, self.scale_min = rrc, flip, scale_min
+
+def translate_flip(x: torch.Tensor, params: torch.Tensor, pad: int) -> torch.Tensor:
+    """Each image of the N x C x H x W batch ``x`` shifted by its (row, column) offset of :func:`translate_plan`
+    inside its reflect-padded self (``F.pad(mode='reflect')``: the edge pixel is not repeated), then mirrored
+    where its flip says: torchvision's RandomCrop(padding=pad, padding_mode='reflect') then a flip. One gather
+    of reflected indices, on any device and dtype (no padded copy); the result is channels_last."""
+    n, _, h, w = x.shape
+    flipped, dy, dx = params[:, 0].bool(), params[:, 1:2] - pad, params[:, 2:3] - pad
+
+    def reflect(i: torch.Tensor, side: int) -> torch.Tensor:
+        i = i.abs()
+        return torch.where(i > side - 1, 2 * (side - 1) - i, i)
+
+    cols = torch.arange(w, device=x.device).expand(n, w)
+    cols = torch.where(flipped[:, None], w - 1 - cols, cols)  # pixel j of the mirror is w - 1 - j of the shifted
+    rows = reflect(torch.arange(h, device=x.device)[None, :] + dy, h)
+    cols = reflect(cols + dx, w)
+    picked = x[torch.arange(n, device=x.device)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # N H W C
+    return picked.permute(0, 3, 1, 2)
+
+
+class ResizedCropFlip(DeviceAugment):
+    """Classification training: random-resized-crop of the cached canvas (:func:`random_resized_crop_theta`), or a
+    random shift of up to ``translate`` pixels with the border reflected (:func:`translate_flip`), and/or a
+    horizontal flip."""
+
+    def __init__(self, *, rrc: bool, flip: bool, scale_min: float, translate: int = 0):
+        self.rrc, self.flip, self.scale_min, self.translate = rrc, flip, scale_min, translate
 
     def plan(self, seed, epoch, ids):
         if self.rrc:
             return random_resized_crop_theta(seed, epoch, ids, self.scale_min, self.flip)
+        if self.translate:
+            return translate_plan(seed, epoch, ids, self.translate, self.flip)
         if self.flip:
             return torch.from_numpy(_uniforms(sample_seeds(seed, epoch, ids), 1)[:, 0] < 0.5)
         return None
@@ -276,9 +310,13 @@ class ResizedCropFlip(DeviceAugment):
         if self.rrc and t.size:  # sampled straight at the epoch's size: one grid_sample, no second resize
             grid = F.affine_grid(t.params, [x.shape[0], x.shape[1], t.size, t.size], align_corners=False)
             return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False), y
+        if self.translate and t.size and x.shape[-1] != t.size:  # shifted by whole pixels at the epoch's size
+            x = F.interpolate(x.float(), size=(t.size, t.size), mode="bilinear", antialias=True, align_corners=False)
         return self.apply(x, y, t.params)
 
     def apply(self, x, y, params):
+        if self.translate:
+            return translate_flip(x, params, self.translate), y
         if self.rrc:
             grid = F.affine_grid(params, list(x.shape), align_corners=False)
             # Crops are at most the canvas, so this only upsamples: bilinear needs no antialiasing here.
@@ -313,8 +351,10 @@ class PairCropFlip(DeviceAugment):
 def _augment_for(samples: Samples, data: DataConfig, train: bool) -> DeviceAugment | None:
     if not train:
         return None
-    if samples.kind == "class" and (data.random_resized_crop or data.hflip):
-        return ResizedCropFlip(rrc=data.random_resized_crop, flip=data.hflip, scale_min=data.crop_scale_min)
+    if samples.kind == "class" and (data.random_resized_crop or data.hflip or data.translate):
+        return ResizedCropFlip(
+            rrc=data.random_resized_crop, flip=data.hflip, scale_min=data.crop_scale_min, translate=data.translate
+        )
     if samples.kind == "pair":
         return PairCropFlip(
             size=data.image_size, load_size=pair_load_size(data.image_size, samples.jitter), flip=data.hflip

@@ -50,7 +50,8 @@ def eval_transform(cfg: DataConfig) -> Callable[[Image.Image], torch.Tensor]:
 def train_transform(cfg: DataConfig, size: int | None = None) -> Callable[[Image.Image], torch.Tensor]:
     """Random-resized-crop (scale crop_scale_min..1, ratio 3/4..4/3) to ``size`` (default ``image_size``; the
     epoch's size under progressive resizing) or resize + centre crop (the shorter side to size / 0.875, or to
-    ``resize_size`` at the configured size), then optional flip, then timm's RandAugment (``data.rand_augment``)."""
+    ``resize_size`` at the configured size; then a random shift of up to ``translate`` pixels, the border reflected),
+    then optional flip, then timm's RandAugment (``data.rand_augment``)."""
     size = size or cfg.image_size
     ops: list = []
     if cfg.random_resized_crop:
@@ -58,6 +59,8 @@ def train_transform(cfg: DataConfig, size: int | None = None) -> Callable[[Image
     else:
         resize = cfg.resize_size if cfg.resize_size and size == cfg.image_size else int(round(size / 0.875))
         ops += [v2.Resize(resize, antialias=True), v2.CenterCrop(size)]
+        if cfg.translate:  # the classic small-image shift: reflect-pad, then cut the size back out at random
+            ops.append(v2.RandomCrop(size, padding=cfg.translate, padding_mode="reflect"))
     if cfg.hflip:
         ops.append(v2.RandomHorizontalFlip())
     if cfg.rand_augment:  # after crop and flip, on the PIL image, as timm's create_transform orders them

@@ -170,6 +170,27 @@ def test_full_scale_crop_is_the_canvas_and_flip_mirrors_it(images):
     assert (mirrored | same).all() and mirrored.any() and same.any()
 
 
+def test_translate_flip_is_torchvisions_reflect_padded_crop_then_flip():
+    """The cache's shift (one gather of reflected indices) against torchvision's RandomCrop(padding, 'reflect')
+    geometry, the torch loader's: pad, cut at the drawn offsets, then mirror; every offset in 0..2 pad is drawn."""
+    from torchvision.transforms.v2 import functional as TF
+
+    x = torch.randint(0, 256, (64, 3, 9, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for pad in (1, 2, 4):
+        params = gpu_cache.translate_plan(3, 1, np.arange(64), pad, True)
+        out = gpu_cache.translate_flip(x, params, pad)
+        assert out.dtype == torch.uint8 and out.is_contiguous(memory_format=torch.channels_last)
+        for i in range(64):
+            flip, top, left = params[i].tolist()
+            cut = TF.crop(TF.pad(x[i], [pad], padding_mode="reflect"), top, left, 9, 7)
+            assert torch.equal(out[i], TF.horizontal_flip(cut) if flip else cut)
+        assert params[:, 1:].min() == 0 and params[:, 1:].max() == 2 * pad
+        assert 0.3 < params[:, 0].float().mean() < 0.7
+    unflipped = gpu_cache.translate_plan(3, 1, np.arange(64), 2, False)
+    flippable = gpu_cache.translate_plan(3, 1, np.arange(64), 2, True)
+    assert not unflipped[:, 0].any() and torch.equal(unflipped[:, 1:], flippable[:, 1:])  # no flips, same shifts
+
+
 def test_unreadable_files_are_skipped_with_a_warning(images, tmp_path, caplog):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff garbage")
@@ -190,8 +211,11 @@ def test_batch_larger_than_the_training_split_is_refused(images):
 
 
 @pytest.mark.gpu
-def test_cuda_cache_steps_never_sync_with_the_host(images):
+@pytest.mark.parametrize("aug", ["rrc", "translate"])
+def test_cuda_cache_steps_never_sync_with_the_host(images, aug):
     data = DataConfig(image_size=32, crop_scale_min=0.25)
+    if aug == "translate":
+        data = DataConfig(image_size=32, random_resized_crop=False, translate=2)
     spec = spec_for(data, dtype=torch.bfloat16, channels_last=True, device="cuda")
     loader = make(images, data, spec, train=True, seed=3)
     assert loader.images.device.type == "cuda" and loader.images.dtype == torch.uint8

@@ -137,6 +137,37 @@ def test_each_epoch_trains_at_its_size_and_evaluation_at_its_own(files, backend,
         val.close()
 
 
+@pytest.mark.parametrize("backend", ["torch", "cache"])
+def test_a_shifted_epoch_is_shifted_at_its_own_size(files, backend):
+    """data.translate under progressive resizing: each epoch's images at its size, shifted by whole pixels there
+    (the cache resizes its canvas first), so an epoch at the largest size is the fixed-size shift."""
+    cfg = _cfg("data.random_resized_crop=false", "data.translate=3")
+    loader = _loader(backend, cfg, files, train=True)
+    still = _loader(backend, apply_overrides(cfg, ["data.translate=0", "data.hflip=false"]), files, train=True)
+    try:
+        for e, side in ((0, 16), (2, 32), (1, 24)):
+            loader.set_epoch(e)
+            still.set_epoch(e)
+            shifted, plain = torch.cat([b.inputs for b in loader]), torch.cat([b.inputs for b in still])
+            assert shifted.shape[1:] == (3, side, side)
+            for x, p in zip(shifted, plain):  # a whole-pixel shift (perhaps mirrored) of the unshifted image
+                padded = torch.nn.functional.pad(p[None], (3,) * 4, mode="reflect")[0]
+                cuts = [padded[:, t : t + side, u : u + side] for t in range(7) for u in range(7)]
+                assert any(torch.allclose(x, c, atol=1e-5) or torch.allclose(x, c.flip(-1), atol=1e-5) for c in cuts)
+        loader.set_epoch(2)
+        big = torch.cat([b.inputs for b in loader])
+    finally:
+        loader.close()
+        still.close()
+    fixed = apply_overrides(cfg, ["data.progressive=[]", "data.image_size=32"])
+    ref = _loader(backend, fixed, files, train=True)
+    try:
+        ref.set_epoch(2)
+        assert torch.allclose(torch.cat([b.inputs for b in ref]), big, atol=1e-5)
+    finally:
+        ref.close()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_epoch_at_a_size_is_the_same_whatever_ran_before(files, backend):
     """A resumed run builds fresh loaders and starts at its epoch: its batches are those of a straight run."""
