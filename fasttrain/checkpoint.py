@@ -307,6 +307,7 @@ _RESUME_FIXED_DATA = {
     "random_resized_crop",
     "crop_scale_min",
     "hflip",
+    "flip_alternate",
     "translate",
     "rand_augment",
     "mean",

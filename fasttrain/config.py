@@ -146,6 +146,10 @@ class DataConfig:
     """Smallest area share of a random-resized-crop (0..1]."""
     hflip: bool = True
     """Training augmentation: random horizontal flip."""
+    flip_alternate: bool = False
+    """With data.hflip: each image flipped at random in the first epoch, then the other way in each epoch after
+    (airbench's alternating flip: every image is seen both ways in any two epochs in a row, where random flips
+    repeat a side half the time). Classification, on every backend."""
     translate: int = 0
     """Training augmentation for small images, with data.random_resized_crop = false: a random shift of up to this
     many pixels each way, the border reflected (torchvision's RandomCrop(size, padding=N, padding_mode='reflect');
@@ -232,6 +236,11 @@ class DataConfig:
             "does nothing without data.progressive = [min, max] (the sizes to grow between)",
         )
         _check(0.0 < self.crop_scale_min <= 1.0, "data.crop_scale_min", f"must be in (0, 1], got {self.crop_scale_min}")
+        _check(
+            self.hflip or not self.flip_alternate,
+            "data.flip_alternate",
+            "alternates the flips data.hflip draws; with data.hflip = false there are none (set data.hflip = true)",
+        )
         _check(self.translate >= 0, "data.translate", f"must be >= 0 pixels (0 = off), got {self.translate}")
         _check(
             not (self.translate and self.random_resized_crop),
@@ -440,8 +449,11 @@ class ScheduleConfig:
     """Learning-rate schedule: constant, step (multiply by gamma every step_epochs), cosine (with warmup), linear
     (warmup, then straight down to min_lr_ratio at the last step: FFCV's step-free schedule), onecycle."""
     warmup_epochs: float = 0.0
-    """Linear warmup from 0, in epochs (fractions allowed; at most half of the run's steps); used by constant,
-    step, cosine and linear."""
+    """Linear warmup from schedule.warmup_start, in epochs (fractions allowed; at most half of the run's steps);
+    used by constant, step, cosine and linear."""
+    warmup_start: float = 0.0
+    """The warm-up's first rate as a share of the peak (torch's LinearLR start_factor; airbench: 0.2); 0 = from
+    zero."""
     step_epochs: int = 10
     """step: epochs between decays."""
     gamma: float = 0.5
@@ -454,6 +466,13 @@ class ScheduleConfig:
     def __post_init__(self) -> None:
         _choice(self.name, "schedule.name", registry.names("schedules"))
         _check(self.warmup_epochs >= 0, "schedule.warmup_epochs", "must be >= 0")
+        _check(0 <= self.warmup_start < 1, "schedule.warmup_start", f"must be in [0, 1), got {self.warmup_start}")
+        _check(
+            not self.warmup_start or (self.warmup_epochs > 0 and self.name != "onecycle"),
+            "schedule.warmup_start",
+            "starts a warm-up: give schedule.warmup_epochs > 0 with constant, step, cosine or linear (onecycle "
+            "rises from lr / 25 by itself)",
+        )
         _check(self.step_epochs >= 1, "schedule.step_epochs", "must be >= 1")
         _check(0 < self.gamma <= 1, "schedule.gamma", "must be in (0, 1]")
         _check(0 <= self.min_lr_ratio <= 1, "schedule.min_lr_ratio", "must be in [0, 1]")
@@ -770,6 +789,12 @@ class Config:
             "data.progressive",
             f"resizes classification training crops (task.name = classify); task {self.task.name}'s targets are "
             f"tied to the image size (set data.progressive = [])",
+        )
+        _check(
+            not self.data.flip_alternate or self.task.name == "classify",
+            "data.flip_alternate",
+            f"alternates classification training flips (task.name = classify); task {self.task.name} flips at "
+            f"random (set data.flip_alternate = false)",
         )
         _check(
             not self.data.translate or self.task.name == "classify",

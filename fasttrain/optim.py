@@ -169,7 +169,8 @@ def _warmup(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps: i
     the run's steps: a run shorter than its warm-up (a time budget's plan, a short smoke run) would otherwise end
     before its rate ever decays."""
     warmup = warmup_steps(cfg, steps_per_epoch, total_steps)
-    return warmup, ((step + 1) / warmup if step < warmup else None)
+    start = cfg.warmup_start
+    return warmup, (start + (1 - start) * (step + 1) / warmup if step < warmup else None)
 
 
 def constant(cfg: ScheduleConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:

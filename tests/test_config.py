@@ -218,6 +218,8 @@ def test_default_workers_are_shared_by_the_processes_of_a_node(monkeypatch):
         (["data.channels=1", "data.std=[0.5, 0.5]"], r"^data\.std: needs one value per channel \(1 for"),
         (["model.reset_head=true"], r"^model\.reset_head: applies only with model\.init_from"),
         (["data.target_columns=['x']"], r"^data\.target_columns: .*format = 'folder'"),
+        (["data.flip_alternate=true", "task.name=regress"], r"^data\.flip_alternate: .*task regress flips at random"),
+        (["data.hflip=false", "data.flip_alternate=true"], r"^data\.flip_alternate: .*set data\.hflip = true"),
     ],
 )
 def test_settings_a_task_or_shape_cannot_use_are_refused_naming_the_key(items, pattern):

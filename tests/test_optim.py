@@ -73,6 +73,32 @@ def test_linear_warms_up_then_falls_straight_to_min_ratio():
     assert lr_factor(cfg, 100, 10, 100) == pytest.approx(0.0)  # after the last step: the end of the line
 
 
+@pytest.mark.parametrize("name", ["constant", "step", "cosine", "linear"])
+def test_a_warmup_may_start_above_zero(name):
+    """schedule.warmup_start (airbench's triangle starts at 0.2 of the peak): the warm-up rises in a straight line
+    from that share to the peak at its last step, and the schedule after it is unchanged."""
+    cfg = ScheduleConfig(name=name, warmup_epochs=2, warmup_start=0.2, min_lr_ratio=0.1)
+    f, zero = factors(cfg), factors(ScheduleConfig(name=name, warmup_epochs=2, min_lr_ratio=0.1))
+    assert f[0] == pytest.approx(0.2 + 0.8 / 20) and f[19] == pytest.approx(1.0)
+    assert [b - a for a, b in zip(f[:19], f[1:20])] == pytest.approx([0.8 / 20] * 19)
+    assert f[20:] == zero[20:] and f[0] > zero[0]
+
+
+@pytest.mark.parametrize(
+    "settings, pattern",
+    [
+        ({"warmup_start": 0.2}, r"schedule\.warmup_start: starts a warm-up: give schedule\.warmup_epochs > 0"),
+        ({"warmup_start": 0.2, "warmup_epochs": 1, "name": "onecycle"}, r"onecycle rises from lr / 25"),
+        ({"warmup_start": 1.0, "warmup_epochs": 1}, r"schedule\.warmup_start: must be in \[0, 1\), got 1\.0"),
+    ],
+)
+def test_a_warmup_start_that_does_nothing_is_refused(settings, pattern):
+    from fasttrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match=pattern):
+        ScheduleConfig(**settings)
+
+
 def test_norm_biases_get_a_scaled_rate_and_the_weights_decay_per_step():
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=True), torch.nn.BatchNorm2d(4), torch.nn.LayerNorm(4))
     opt = make_optimizer(net, OptimConfig(name="sgd", lr=0.1, weight_decay=0.01, norm_bias_lr_scale=64))

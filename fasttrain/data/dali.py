@@ -73,7 +73,7 @@ from fasttrain.data.checks import (
 )
 from fasttrain.data.decode import DECODE_ERRORS, decode_image, load_image
 from fasttrain.data.files import open_regular
-from fasttrain.data.order import check_shard, sample_seed
+from fasttrain.data.order import alternate_flips, check_shard, sample_seed
 from fasttrain.data.progressive import TrainSizes, train_sizes
 from fasttrain.data.samples import Samples, needs_pil, pair_jitter, pair_load_size, precheck_samples, targets_tensor
 from fasttrain.data.sources import Split
@@ -254,6 +254,8 @@ def train_params(
     makes from the generator the torch loader seeds with ``sample_seed(seed, epoch, index)``."""
     draws = _draws_here().seed(sample_seed(seed, epoch, index))
     window = rrc_window(draws, height, width, (data.crop_scale_min, 1.0)) if data.random_resized_crop else None
+    if data.flip_alternate:  # the torch loader's dataset flips these, its transform draws no flip
+        return window, bool(data.hflip and alternate_flips(seed, epoch, [index])[0])
     flip = bool(data.hflip and draws.uniform(0.0, 1.0) < 0.5)  # v2 flips unless torch.rand(1) >= p
     return window, flip
 

@@ -57,7 +57,7 @@ from torch.utils.data import Dataset
 from fasttrain.config import Config, DataConfig, TrainConfig, trained_samples
 from fasttrain.data.base import Backend, Batch, InputSpec, LoaderRequest, RunSamples, epoch_order, model_input
 from fasttrain.data.checks import BadFiles
-from fasttrain.data.order import check_shard, sample_seeds
+from fasttrain.data.order import alternate_flips, check_shard, sample_seeds
 from fasttrain.data.progressive import TrainSizes, train_sizes
 from fasttrain.data.samples import (
     Samples,
@@ -204,11 +204,14 @@ def _uniforms(seeds: np.ndarray, k: int) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def random_resized_crop_theta(seed: int, epoch: int, ids, scale_min: float, flip: bool) -> torch.Tensor:
+def random_resized_crop_theta(
+    seed: int, epoch: int, ids, scale_min: float, flip: bool, flips: np.ndarray | None = None
+) -> torch.Tensor:
     """n x 2 x 3 float32 ``affine_grid`` matrices, one per sample id: torchvision's random-resized-crop (area
     scale_min..1, log-uniform aspect 3/4..4/3, first of 10 attempts that fits, else the whole canvas) on a square
-    canvas, in continuous coordinates, with a random horizontal flip as a negative x scale when ``flip``. Drawn
-    from (seed, epoch, id) alone: a sample's window does not depend on the batch it is in."""
+    canvas, in continuous coordinates, with a random horizontal flip as a negative x scale when ``flip`` (where
+    ``flips`` says, when given: alternating flips). Drawn from (seed, epoch, id) alone: a sample's window does not
+    depend on the batch it is in."""
     u = _uniforms(sample_seeds(seed, epoch, ids), 2 * _RRC_ATTEMPTS + 3)
     n = u.shape[0]
     area = scale_min + (1.0 - scale_min) * u[:, :_RRC_ATTEMPTS]
@@ -224,7 +227,8 @@ def random_resized_crop_theta(seed: int, epoch: int, ids, scale_min: float, flip
     # Window centre in affine_grid's [-1, 1] coordinates, kept inside the canvas.
     cx = (2 * u[:, -3] - 1) * (1 - w)
     cy = (2 * u[:, -2] - 1) * (1 - h)
-    sx = np.where(u[:, -1] < 0.5, -w, w) if flip else w
+    mirrored = (u[:, -1] < 0.5) if flips is None else flips
+    sx = np.where(mirrored, -w, w) if flip else w
     zero = np.zeros(n)
     theta = np.stack([np.stack([sx, zero, cx], 1), np.stack([zero, h, cy], 1)], 1)
     return torch.from_numpy(theta.astype(np.float32))
@@ -259,11 +263,12 @@ class DeviceAugment:
         return x, y
 
 
-def translate_plan(seed: int, epoch: int, ids, pad: int, flip: bool) -> torch.Tensor:
+def translate_plan(seed: int, epoch: int, ids, pad: int, flip: bool, flips: np.ndarray | None = None) -> torch.Tensor:
     """n x 3 int64 per sample id: (flip 0/1, row offset, column offset), the offsets in 0..2 pad of the
-    reflect-padded image (pad: no shift), drawn from (seed, epoch, id) alone."""
+    reflect-padded image (pad: no shift), drawn from (seed, epoch, id) alone; the flips ``flips`` when given
+    (alternating flips)."""
     u = _uniforms(sample_seeds(seed, epoch, ids), 3)
-    flipped = (u[:, 0] < 0.5) & flip
+    flipped = ((u[:, 0] < 0.5) if flips is None else flips) & flip
     offsets = np.minimum((u[:, 1:] * (2 * pad + 1)).astype(np.int64), 2 * pad)
     return torch.from_numpy(np.concatenate([flipped[:, None].astype(np.int64), offsets], 1))
 
@@ -293,16 +298,20 @@ class ResizedCropFlip(DeviceAugment):
     random shift of up to ``translate`` pixels with the border reflected (:func:`translate_flip`), and/or a
     horizontal flip."""
 
-    def __init__(self, *, rrc: bool, flip: bool, scale_min: float, translate: int = 0):
+    def __init__(self, *, rrc: bool, flip: bool, scale_min: float, translate: int = 0, alternate: bool = False):
         self.rrc, self.flip, self.scale_min, self.translate = rrc, flip, scale_min, translate
+        self.alternate = alternate
+        """Flips by :func:`~fasttrain.data.order.alternate_flips` (data.flip_alternate), not drawn per epoch."""
 
     def plan(self, seed, epoch, ids):
+        flips = alternate_flips(seed, epoch, ids) if self.flip and self.alternate else None
         if self.rrc:
-            return random_resized_crop_theta(seed, epoch, ids, self.scale_min, self.flip)
+            return random_resized_crop_theta(seed, epoch, ids, self.scale_min, self.flip, flips)
         if self.translate:
-            return translate_plan(seed, epoch, ids, self.translate, self.flip)
+            return translate_plan(seed, epoch, ids, self.translate, self.flip, flips)
         if self.flip:
-            return torch.from_numpy(_uniforms(sample_seeds(seed, epoch, ids), 1)[:, 0] < 0.5)
+            drawn = _uniforms(sample_seeds(seed, epoch, ids), 1)[:, 0] < 0.5 if flips is None else flips
+            return torch.from_numpy(drawn)
         return None
 
     def take(self, images, targets, t):
@@ -353,7 +362,11 @@ def _augment_for(samples: Samples, data: DataConfig, train: bool) -> DeviceAugme
         return None
     if samples.kind == "class" and (data.random_resized_crop or data.hflip or data.translate):
         return ResizedCropFlip(
-            rrc=data.random_resized_crop, flip=data.hflip, scale_min=data.crop_scale_min, translate=data.translate
+            rrc=data.random_resized_crop,
+            flip=data.hflip,
+            scale_min=data.crop_scale_min,
+            translate=data.translate,
+            alternate=data.flip_alternate,
         )
     if samples.kind == "pair":
         return PairCropFlip(

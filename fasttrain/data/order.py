@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-__all__ = ["EpochSampler", "sample_seed", "sample_seeds", "check_shard"]
+__all__ = ["EpochSampler", "sample_seed", "sample_seeds", "alternate_flips", "check_shard"]
 
 _M64 = 2**64 - 1
 
@@ -41,6 +41,14 @@ def sample_seeds(seed: int, epoch: int, indices) -> np.ndarray:
         x *= np.uint64(0xD6E8FEB86659FD93)
         x ^= x >> np.uint64(29)
     return x & np.uint64(2**63 - 1)
+
+
+def alternate_flips(seed: int, epoch: int, indices) -> np.ndarray:
+    """airbench's alternating flip per sample index (``data.flip_alternate``): a fair coin from (seed, index) alone
+    says whether the image is mirrored in epoch 0 and every even epoch; every odd epoch shows the other side. A
+    stream of its own: epoch key -2, which no epoch has."""
+    first = (sample_seeds(seed, -2, indices) >> np.uint64(62)).astype(bool)  # the top of 63 mixed bits
+    return first ^ bool(epoch % 2)
 
 
 def check_shard(num_shards: int, shard_id: int) -> None:

@@ -38,7 +38,7 @@ from fasttrain.config import PILLOW_BOMB_PIXELS, DataConfig
 from fasttrain.data.checks import BadDataError, ImageInfo, UnusableImage, _none_usable, load_checked, precheck
 from fasttrain.data.decode import DECODE_ERRORS, load_image
 from fasttrain.data.formats import SIDE_BY_SIDE
-from fasttrain.data.order import sample_seed, sample_seeds
+from fasttrain.data.order import alternate_flips, sample_seed, sample_seeds
 from fasttrain.data.progressive import TrainSizes
 from fasttrain.data.sources import Split
 from fasttrain.data.vectors import Vectors
@@ -139,8 +139,12 @@ class ImageDataset(Dataset):
         checked: bool = False,
         epoch_transform: Callable[[int], Callable] | None = None,
         unchecked: np.ndarray | None = None,
+        alternate_flip: bool = False,
     ):
         self.split, self.transform, self.channels, self.seed = split, transform, channels, seed
+        self.alternate_flip = alternate_flip
+        """Mirror the transform's output as :func:`~fasttrain.data.order.alternate_flips` says (data.flip_alternate;
+        the transform then has no flip of its own)."""
         self.target_fn, self.max_pixels, self.random, self.checked = target_fn, max_pixels, random, checked
         self.unchecked = unchecked
         self.epoch_transform = epoch_transform
@@ -178,6 +182,8 @@ class ImageDataset(Dataset):
             x = transform(im)
         except DECODE_ERRORS as e:
             return _skip(path, e)
+        if self.alternate_flip and alternate_flips(self.seed, epoch, [index])[0]:
+            x = x.flip(-1)
         return x, self.target_fn(self.split.targets[index])
 
 
@@ -459,6 +465,7 @@ def dataset_for(
         return ImageDataset(
             split, tf, channels, seed, max_pixels=px, random=False, checked=checked, unchecked=unchecked
         )
+    alternate = train and data.hflip and data.flip_alternate
     if train and sizes is not None and sizes.progressive:
         return ImageDataset(
             split,
@@ -468,6 +475,9 @@ def dataset_for(
             max_pixels=px,
             epoch_transform=EpochTransforms(data, sizes),
             unchecked=unchecked,
+            alternate_flip=alternate,
         )
     tf = train_transform(data) if train else eval_transform(data)
-    return ImageDataset(split, tf, channels, seed, max_pixels=px, random=train, unchecked=unchecked)
+    return ImageDataset(
+        split, tf, channels, seed, max_pixels=px, random=train, unchecked=unchecked, alternate_flip=alternate
+    )

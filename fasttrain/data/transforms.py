@@ -61,7 +61,7 @@ def train_transform(cfg: DataConfig, size: int | None = None) -> Callable[[Image
         ops += [v2.Resize(resize, antialias=True), v2.CenterCrop(size)]
         if cfg.translate:  # the classic small-image shift: reflect-pad, then cut the size back out at random
             ops.append(v2.RandomCrop(size, padding=cfg.translate, padding_mode="reflect"))
-    if cfg.hflip:
+    if cfg.hflip and not cfg.flip_alternate:  # alternating flips are the dataset's (they need the epoch)
         ops.append(v2.RandomHorizontalFlip())
     if cfg.rand_augment:  # after crop and flip, on the PIL image, as timm's create_transform orders them
         from fasttrain.timm_support import rand_augment

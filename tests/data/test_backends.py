@@ -556,3 +556,30 @@ def test_translate_is_refused_where_it_cannot_apply(monkeypatch, ram):
     ):
         with pytest.raises(ConfigError, match=pattern):
             apply_overrides(Config(), items)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_alternating_flips_show_each_image_the_other_way_in_the_next_epoch(files, backend):
+    """data.flip_alternate on every backend: an image mirrored in one epoch is shown unmirrored in the next and
+    mirrored again in the one after (airbench's alternating flip), about half of them mirrored in any epoch."""
+
+    def epoch_of(extra: list[str], epoch: int) -> dict[int, torch.Tensor]:
+        cfg = apply_overrides(_cfg(), ["data.random_resized_crop=false", "data.resize_size=16", *extra])
+        split = Split("train", list(files), list(range(len(files))))
+        loader = make_loader(backend, LoaderRequest(Samples(split, "class"), True, 4), cfg, _spec(cfg))
+        try:
+            loader.set_epoch(epoch)
+            return {int(t): x for b in loader for t, x in zip(b.targets, b.inputs)}  # by image: its class is its place
+        finally:
+            loader.close()
+
+    plain = {**epoch_of(["data.hflip=false"], 0), **epoch_of(["data.hflip=false"], 1)}
+    mirrored = []
+    for e in range(4):
+        seen = epoch_of(["data.flip_alternate=true"], e)
+        for i, x in seen.items():
+            assert torch.allclose(x, plain[i], atol=1e-5) or torch.allclose(x, plain[i].flip(-1), atol=1e-5)
+        mirrored.append({i: not torch.allclose(x, plain[i], atol=1e-5) for i, x in seen.items()})
+    for now, later in zip(mirrored, mirrored[1:]):
+        assert all(now[i] != later[i] for i in now.keys() & later.keys())
+    assert all(0.2 < sum(m.values()) / len(m) < 0.8 for m in mirrored)

@@ -68,8 +68,8 @@ def test_resume_may_change_length_and_how_it_runs():
     with pytest.raises(ConfigError, match=r"schedule\.name .*, train\.max_steps"):
         check_resume_config(saved, apply_overrides(saved, ["schedule.name=step", "train.max_steps=3"]), "run")
     crops = apply_overrides(saved, ["data.random_resized_crop=false"])  # the augmentation is what was trained on
-    with pytest.raises(ConfigError, match=r"data\.translate"):
-        check_resume_config(crops, apply_overrides(crops, ["data.translate=2"]), "run")
+    with pytest.raises(ConfigError, match=r"data\.flip_alternate \(False -> True\), data\.translate \(0 -> 2\)"):
+        check_resume_config(crops, apply_overrides(crops, ["data.translate=2", "data.flip_alternate=true"]), "run")
 
 
 def test_resume_with_more_epochs_updates_config_toml(run_dir, tmp_path):
