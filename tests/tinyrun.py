@@ -58,3 +58,21 @@ def mixed_images(folder, n: int, seed: int, sides: tuple[int, int]) -> list[str]
         Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)).save(p)
         paths.append(str(p))
     return paths
+
+
+def reflect_shifts(shifted, plain, pad: int) -> set[tuple[int, int, int]]:
+    """Every (flip, top, left) for which the C x H x W image ``shifted`` is ``plain`` reflect-padded by ``pad``, cut
+    at (top, left) and perhaps mirrored (torchvision's RandomCrop(padding=pad, padding_mode='reflect'), then a
+    flip): empty when it is no such shift."""
+    import torch
+
+    padded = torch.nn.functional.pad(plain[None], (pad,) * 4, mode="reflect")[0]
+    h, w = plain.shape[-2:]
+    found = set()
+    for top in range(2 * pad + 1):
+        for left in range(2 * pad + 1):
+            cut = padded[:, top : top + h, left : left + w]
+            for flip, candidate in ((0, cut), (1, cut.flip(-1))):
+                if torch.allclose(shifted, candidate, atol=1e-5):
+                    found.add((flip, top, left))
+    return found

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tinyrun import mixed_images
+from tinyrun import mixed_images, reflect_shifts
 
 from fasttrain import registry
 from fasttrain.config import Config, ConfigError, DataConfig, RuntimeConfig, TrainConfig, apply_overrides
@@ -494,21 +494,6 @@ def test_a_request_names_its_kind_and_a_pair_split_has_one_layout():
 # -- data.translate: the small-image shift ---------------------------------------------------------------------
 
 
-def _shift_of(shifted: torch.Tensor, plain: torch.Tensor, pad: int) -> set[tuple[int, int, int]]:
-    """Every (flip, top, left) for which ``shifted`` is ``plain`` reflect-padded by ``pad``, cut at (top, left) and
-    perhaps mirrored (torchvision's RandomCrop(padding=pad, padding_mode='reflect'), then a flip)."""
-    padded = torch.nn.functional.pad(plain[None], (pad,) * 4, mode="reflect")[0]
-    h, w = plain.shape[-2:]
-    found = set()
-    for top in range(2 * pad + 1):
-        for left in range(2 * pad + 1):
-            cut = padded[:, top : top + h, left : left + w]
-            for flip, candidate in ((0, cut), (1, cut.flip(-1))):
-                if torch.allclose(shifted, candidate, atol=1e-5):
-                    found.add((flip, top, left))
-    return found
-
-
 @pytest.mark.parametrize("backend", ["torch", "cache"])
 def test_translate_shifts_each_training_image_by_whole_pixels_with_a_reflected_border(files, backend):
     """data.translate on each backend that serves it: every training image is its unshifted self moved by at most
@@ -528,7 +513,7 @@ def test_translate_shifts_each_training_image_by_whole_pixels_with_a_reflected_b
 
     plain = epoch_of(0, 2)  # the same order: it is (seed, epoch)'s, whatever the augmentation
     shifted = epoch_of(2, 2)
-    shifts = [_shift_of(s, p, 2) for s, p in zip(shifted, plain)]
+    shifts = [reflect_shifts(s, p, 2) for s, p in zip(shifted, plain)]
     assert all(shifts), "an image that is no shift of its unshifted self"
     drawn = {min(s) for s in shifts}
     assert len({(top, left) for _, top, left in drawn}) >= 6 and {f for f, _, _ in drawn} == {0, 1}
