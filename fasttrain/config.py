@@ -416,7 +416,8 @@ class OptimConfig:
     lookahead_every: int = 0
     """Lookahead as airbench does it: every N optimizer steps a slow copy of the weights moves towards them,
     slow += (1 - d) (weights - slow), and the weights are set to it, with d = lookahead_decay^N (step / steps)^3:
-    nothing early, strong at the end; after the last step the weights are the slow copy (0 = off; airbench: 5)."""
+    nothing early, strong at the end; after the last step the weights are the slow copy (0 = off; airbench: 5).
+    BatchNorm's running statistics are pulled alike, as airbench pulls its whole state."""
     lookahead_decay: float = 0.95
     """Lookahead: the per-step decay whose N-th power, times (step / steps)^3, gives d (airbench: 0.95)."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -49,29 +49,50 @@ def _groups(modules: list[nn.Module], cfg: OptimConfig, lr: float) -> list[dict]
     return groups
 
 
+TRAIN_EPOCHS = "fasttrain_train_epochs"
+"""A parameter with this attribute (an int N) is trained in the first N epochs only, then held: its group's rate
+is 0 from then on (:func:`make_scheduler`). speednet's whitening bias: airbench trains it for 3 epochs."""
+WEIGHT_DECAY = "fasttrain_weight_decay"
+"""A parameter with this attribute (a bool) is decayed, or not, whatever its number of dimensions."""
+
+
+def _decays(p: nn.Parameter) -> bool:
+    return bool(getattr(p, WEIGHT_DECAY, p.ndim > 1))
+
+
 def param_groups(modules: Iterable[nn.Module], weight_decay: float, *, norm_bias_lr_scale: float = 1.0) -> list[dict]:
     """No weight decay on biases and normalization parameters (1-d tensors), as the reference recipes do.
 
     ``norm_bias_lr_scale`` != 1 puts the biases of normalization layers in a third group, airbench's: its rate is
     the others' times the scale (``lr_scale``, which the schedule keeps) and its weight decay ``weight_decay /
-    scale``, so that ``lr * weight_decay``, the decay each step applies, is the weights'."""
+    scale``, so that ``lr * weight_decay``, the decay each step applies, is the weights'.
+
+    A model may mark parameters: :data:`WEIGHT_DECAY` overrides the 1-d rule, and :data:`TRAIN_EPOCHS` puts a
+    parameter in a group of its own (``train_epochs``) whose rate the schedule holds at 0 after that many epochs.
+    Optimizers that timm groups (``timm/<name>``, ``optim.layer_decay``) do not read these marks."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     norm_biases: list[nn.Parameter] = []
+    limited: dict[tuple[int, bool], list[nn.Parameter]] = {}
     scaled = norm_bias_lr_scale != 1
     for m in modules:
         for sub in m.modules():
             for name, p in sub.named_parameters(recurse=False):
                 if not p.requires_grad:
                     continue
-                if scaled and name == "bias" and isinstance(sub, _NORMS):
+                epochs = getattr(p, TRAIN_EPOCHS, None)
+                if epochs is not None:
+                    limited.setdefault((int(epochs), _decays(p)), []).append(p)
+                elif scaled and name == "bias" and isinstance(sub, _NORMS):
                     norm_biases.append(p)
                 else:
-                    (no_decay if p.ndim <= 1 else decay).append(p)
+                    (decay if _decays(p) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if scaled:
         wd = weight_decay / norm_bias_lr_scale
         groups.append({"params": norm_biases, "weight_decay": wd, "lr_scale": norm_bias_lr_scale})
+    for (epochs, decays), params in limited.items():
+        groups.append({"params": params, "weight_decay": weight_decay if decays else 0.0, "train_epochs": epochs})
     return groups
 
 
@@ -108,7 +129,7 @@ def make_optimizer(
         )
     optimizer = build(modules, cfg, lr, dict(fused_kwargs or {}))
     if cfg.lookahead_every:
-        Lookahead(cfg.lookahead_every, cfg.lookahead_decay).attach(optimizer)
+        Lookahead(cfg.lookahead_every, cfg.lookahead_decay, modules).attach(optimizer)
     return optimizer
 
 
@@ -118,22 +139,58 @@ class Lookahead:
     ``d = decay**every * (step / total)**3``; after the last step (``total``, which :func:`make_scheduler` sets)
     the weights become the slow copy. The slow copies live in the optimizer's per-parameter state
     (``lookahead_slow``) and the step count in its first group (``lookahead_step``), so checkpoints carry them
-    and a resumed run continues exactly. They start as the weights before the first step (airbench's start)."""
+    and a resumed run continues exactly. They start as the weights before the first step (airbench's start).
 
-    def __init__(self, every: int, decay: float):
+    The floating-point buffers of ``modules`` (BatchNorm's running statistics) are pulled alike, as airbench
+    pulls its whole state_dict: the final weights are then evaluated with statistics averaged as they were, not
+    with the last fast weights'. Their slow copies travel in the optimizer's state_dict (``lookahead_buffers``)."""
+
+    STATE_KEY = "lookahead_buffers"
+
+    def __init__(self, every: int, decay: float, modules: Iterable[nn.Module] = ()):
         self.every, self.decay = every, decay
+        self.modules = list(modules)
         self.total_steps = 0
         """The run's optimizer steps (0 until a schedule says: no pulls before then)."""
         self._start: list[torch.Tensor] | None = None
+        self._start_buffers: list[torch.Tensor] | None = None
+        self.slow_buffers: list[torch.Tensor] | None = None
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer.register_step_pre_hook(self._before)
         optimizer.register_step_post_hook(self._after)
+        optimizer.register_state_dict_post_hook(self._save_buffers)
+        optimizer.register_load_state_dict_pre_hook(self._load_buffers)
+        # airbench's start for the statistics: as they are before any forward pass (the weights' start is taken
+        # before the first step, which leaves them as they were)
+        self._start_buffers = [b.detach().clone() for b in self.buffers()]
         optimizer.fasttrain_lookahead = self  # type: ignore[attr-defined]  # found by make_scheduler
 
     @staticmethod
     def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         return [p for g in optimizer.param_groups for p in g["params"]]
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The modules' floating-point buffers, read at each pull (moving a module to a device or converting its
+        BatchNorms replaces the tensors)."""
+        return [b for m in self.modules for b in m.buffers() if b.is_floating_point()]
+
+    def _save_buffers(self, optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+        if self.slow_buffers is not None:
+            state_dict[self.STATE_KEY] = list(self.slow_buffers)
+
+    def _load_buffers(self, optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+        saved = state_dict.pop(self.STATE_KEY, None)  # a shallow copy: the caller's dict keeps it
+        # none saved (no pull yet, or an older checkpoint): they start from the live ones at the next pull
+        self.slow_buffers, self._start_buffers = None, None
+        if saved is not None:
+            live = self.buffers()
+            if len(saved) != len(live) or any(s.shape != b.shape for s, b in zip(saved, live, strict=False)):
+                raise ValueError(
+                    f"optimizer state: the checkpoint's lookahead holds {len(saved)} buffers that do not match the "
+                    f"model's {len(live)} floating-point buffers"
+                )
+            self.slow_buffers = [s.detach().to(b.device, b.dtype, copy=True) for s, b in zip(saved, live, strict=True)]
 
     @torch.no_grad()
     def _before(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
@@ -158,6 +215,16 @@ class Lookahead:
             params.append(p)
             slow.append(state["lookahead_slow"])
         self._start = None
+        buffers = self.buffers()
+        if buffers:
+            if self.slow_buffers is None:
+                first = self._start_buffers
+                if first is None or [t.shape for t in first] != [b.shape for b in buffers]:
+                    first = buffers
+                self.slow_buffers = [t.detach().to(b.device, b.dtype, copy=True) for t, b in zip(first, buffers)]
+            params += buffers
+            slow += self.slow_buffers
+        self._start_buffers = None
         if step % self.every == 0:
             torch._foreach_lerp_(slow, params, 1.0 - self.decay**self.every * min(1.0, step / total) ** 3)
         torch._foreach_copy_(params, slow)
@@ -226,15 +293,21 @@ class _Rate:
     ``__dict__`` (the others are slots): LambdaLR's state_dict saves a callable object's ``__dict__``, so the held
     length travels in the checkpoint and a resume restores it."""
 
-    __slots__ = ("schedule", "cfg", "spe", "total", "_held", "__dict__")
+    __slots__ = ("schedule", "cfg", "spe", "total", "until", "_held", "__dict__")
 
-    def __init__(self, cfg: ScheduleConfig, spe: int, total: int, warmup_steps: int | None = None):
+    def __init__(
+        self, cfg: ScheduleConfig, spe: int, total: int, warmup_steps: int | None = None, until: int | None = None
+    ):
         self.schedule = registry.resolve("schedules", cfg.name)
         self.cfg, self.spe, self.total = cfg, spe, total
+        self.until = until
+        """The step from which the rate is 0 (a group of parameters trained for its first epochs), or None."""
         self._held: tuple[int | None, ScheduleConfig] | None = None
         self.warmup_steps = warmup_steps
 
     def __call__(self, step: int) -> float:
+        if self.until is not None and step >= self.until:
+            return 0.0
         cfg = self.cfg
         if self.warmup_steps is not None:
             if self._held is None or self._held[0] != self.warmup_steps:
@@ -266,9 +339,14 @@ def make_scheduler(
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR over ``schedule.name``'s function. ``warmup``: the warm-up's length held in steps, whatever the
     run's length (a time budget's re-plan during a run keeps the warm-up it started with; its cap at half the
-    run then moved it, and the rate jumped)."""
+    run then moved it, and the rate jumped). A group with ``train_epochs`` (:func:`param_groups`) follows the
+    same rate until then, and 0 after: its parameters stay as they are (no step, no weight decay)."""
     spe, total = max(1, steps_per_epoch), max(1, total_steps)
     lookahead = getattr(optimizer, "fasttrain_lookahead", None)
     if lookahead is not None:  # the run's length, which its pulls grow with (a time budget may change it)
         lookahead.total_steps = total
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _Rate(cfg, spe, total, warmup))
+    rates: list[Callable[[int], float]] = []
+    for group in optimizer.param_groups:
+        epochs = group.get("train_epochs")
+        rates.append(_Rate(cfg, spe, total, warmup, None if epochs is None else int(epochs) * spe))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, rates)

@@ -192,6 +192,111 @@ def test_lookahead_leaves_parameters_without_gradients_to_the_optimizer():
     assert opt.state[unused]["step"] == 1 and not torch.equal(unused, torch.ones(2))
 
 
+class _AirbenchLookahead:
+    """airbench94's LookaheadState (legacy/airbench94.py), as the reference: every float entry of the
+    state_dict, buffers included, is pulled."""
+
+    def __init__(self, net):
+        self.net_ema = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def update(self, net, decay):
+        for ema, live in zip(self.net_ema.values(), net.state_dict().values(), strict=True):
+            if live.dtype in (torch.half, torch.float):
+                ema.lerp_(live, 1 - decay)
+                live.copy_(ema)
+
+
+def _bn_net(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6, momentum=0.4), torch.nn.Linear(6, 2))
+
+
+def _bn_steps(net, opt, sched, batches, pull=None, every=2, total=7):
+    for i, (x, y) in enumerate(batches, start=1):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        if pull is not None:
+            if i % every == 0:
+                pull.update(net, decay=0.9**every * (i / total) ** 3)
+            if i == total:
+                pull.update(net, decay=1.0)
+
+
+def test_lookahead_pulls_batchnorm_statistics_as_airbench_pulls_its_state_dict():
+    """The run's final weights meet statistics averaged as they were: airbench pulls its whole state_dict."""
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 4, generator=g) * 3 + 1, torch.randint(0, 2, (16,), generator=g)) for _ in range(7)]
+    ours, ref = _bn_net(), _bn_net()
+    cfg = OptimConfig(name="sgd", lr=0.3, momentum=0.5, weight_decay=0.0, lookahead_every=2, lookahead_decay=0.9)
+    opt = make_optimizer(ours, cfg)
+    make_scheduler(opt, ScheduleConfig(name="constant"), 7, 7)
+    _bn_steps(ours, opt, None, batches)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.3, momentum=0.5, nesterov=True)
+    _bn_steps(ref, ref_opt, None, batches, pull=_AirbenchLookahead(ref), every=2, total=7)
+    for (k, a), b in zip(ours.state_dict().items(), ref.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=k)
+    plain = _bn_net()
+    _bn_steps(plain, torch.optim.SGD(plain.parameters(), lr=0.3, momentum=0.5, nesterov=True), None, batches)
+    assert not torch.allclose(ours[1].running_mean, plain[1].running_mean)  # the pulls moved the statistics
+
+
+def test_lookahead_buffers_travel_in_the_optimizer_state_and_resume_exactly():
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g)) for _ in range(9)]
+    cfg = OptimConfig(name="sgd", lr=0.2, momentum=0.9, weight_decay=0.0, lookahead_every=3, lookahead_decay=0.9)
+
+    def fresh():
+        net = _bn_net()
+        opt = make_optimizer(net, cfg)
+        return net, opt, make_scheduler(opt, ScheduleConfig(name="constant"), 9, 9)
+
+    whole, opt, sched = fresh()
+    _bn_steps(whole, opt, sched, batches)
+    half, h_opt, h_sched = fresh()
+    _bn_steps(half, h_opt, h_sched, batches[:4])  # one pull made (step 3), the next at 6
+    saved = {"model": half.state_dict(), "opt": h_opt.state_dict(), "sched": h_sched.state_dict()}
+    assert len(saved["opt"]["lookahead_buffers"]) == 2  # running_mean and running_var
+    resumed, r_opt, r_sched = fresh()
+    resumed.load_state_dict(saved["model"])
+    r_opt.load_state_dict(saved["opt"])
+    r_sched.load_state_dict(saved["sched"])
+    assert "lookahead_buffers" in saved["opt"]  # loading did not take it out of the caller's dict
+    _bn_steps(resumed, r_opt, r_sched, batches[4:])
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match=r"lookahead holds 2 buffers .* the model's 0"):
+        other = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Linear(6, 2))
+        make_optimizer(other, cfg).load_state_dict(saved["opt"])
+
+
+def test_a_parameter_marked_for_its_first_epochs_is_held_after_them_with_its_decay_until_then():
+    from fasttrain.optim import TRAIN_EPOCHS, WEIGHT_DECAY
+
+    net = torch.nn.Linear(3, 2)
+    setattr(net.bias, TRAIN_EPOCHS, 2)
+    setattr(net.bias, WEIGHT_DECAY, True)
+    opt = make_optimizer(net, OptimConfig(name="sgd", lr=0.1, momentum=0.9, weight_decay=0.5))
+    limited = opt.param_groups[-1]
+    assert limited["params"] == [net.bias] and limited["train_epochs"] == 2 and limited["weight_decay"] == 0.5
+    sched = make_scheduler(opt, ScheduleConfig(name="linear", min_lr_ratio=0.5), 3, 12)
+    seen = []
+    for step in range(12):
+        net.weight.grad, net.bias.grad = torch.ones_like(net.weight), torch.ones_like(net.bias)
+        before = net.bias.detach().clone()
+        opt.step()
+        sched.step()
+        seen.append(not torch.equal(net.bias, before))
+        if step + 1 < 6:  # the same rate as the others while it trains
+            assert limited["lr"] == opt.param_groups[0]["lr"]
+    assert seen == [True] * 6 + [False] * 6  # 2 epochs of 3 steps, then held (no step, no decay)
+    assert opt.param_groups[0]["lr"] > 0  # the others train on
+    plain = make_optimizer(torch.nn.Linear(3, 2), OptimConfig(name="sgd", weight_decay=0.5))
+    assert [g["weight_decay"] for g in plain.param_groups] == [0.5, 0.0]  # unmarked: a 1-d bias, no decay
+
+
 def test_lr_factor_with_a_held_warmup_is_the_schedulers_rate_after_a_checkpoint_round_trip():
     """A warm-up held in steps travels in the scheduler's state_dict; lr_factor(..., warmup=) gives the rate the
     restored scheduler follows (the resume's re-planned-length message quotes it), not the config's warm-up."""

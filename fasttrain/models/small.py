@@ -149,16 +149,22 @@ class _ConvGroup(nn.Sequential):
 
 class SpeedNet(nn.Module):
     """airbench94's CIFAR-10 network (Keller Jordan, 2024): a 2x2 whitening conv (fixed: initialised from the
-    training data by :meth:`init_from_data`, its bias learnt), three conv groups (conv, max-pool, BN, GELU, conv,
+    training data by :meth:`init_from_data`; its bias learnt, with weight decay, in the first
+    ``whiten_bias_epochs`` epochs only, as airbench's), three conv groups (conv, max-pool, BN, GELU, conv,
     BN, GELU) of ``width``, ``4 width``, ``4 width`` channels (airbench: 64, 256, 256), a global max-pool and a
     bias-free linear head scaled by 1/9. Any input size divisible by 8."""
 
-    def __init__(self, in_channels: int, num_outputs: int, width: int = 64):
+    def __init__(self, in_channels: int, num_outputs: int, width: int = 64, whiten_bias_epochs: int = 3):
         super().__init__()
         whiten = 2 * in_channels * 2 * 2  # the whitening basis and its negation: GELU keeps both signs
         self.whiten = nn.Conv2d(in_channels, whiten, 2, padding=0, bias=True)
         self.whiten.weight.requires_grad = False
-        nn.init.zeros_(self.whiten.bias)  # type: ignore[arg-type]  # bias=True: a tensor
+        bias = self.whiten.bias
+        assert bias is not None  # bias=True
+        nn.init.zeros_(bias)
+        # Marks that fasttrain.optim reads (plain attributes: the model needs nothing from the trainer).
+        setattr(bias, "fasttrain_train_epochs", whiten_bias_epochs)  # noqa: B010
+        setattr(bias, "fasttrain_weight_decay", True)  # noqa: B010
         self.body = nn.Sequential(
             nn.GELU(), _ConvGroup(whiten, width), _ConvGroup(width, 4 * width), _ConvGroup(4 * width, 4 * width)
         )

@@ -61,8 +61,11 @@ def test_airbench_param_groups_scale_exactly_the_batchnorm_biases():
     scaled = {id(p) for p in opt.param_groups[2]["params"]}
     bn_biases = {id(m.bias) for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert scaled == bn_biases and len(bn_biases) == 6  # two per conv group; not the whitening layer's bias
-    assert id(net.whiten.bias) in {id(p) for p in opt.param_groups[1]["params"]}
     assert opt.param_groups[2]["lr"] == pytest.approx(96.0)
+    # the whitening bias as airbench trains it: the first 3 epochs only, decayed as the weights are
+    (limited,) = [g for g in opt.param_groups if "train_epochs" in g]
+    assert limited["params"] == [net.whiten.bias] and limited["train_epochs"] == 3
+    assert (limited["lr"], limited["weight_decay"]) == (1.5, 0.00133)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
