@@ -51,7 +51,8 @@ def _groups(modules: list[nn.Module], cfg: OptimConfig, lr: float) -> list[dict]
 
 TRAIN_EPOCHS = "fasttrain_train_epochs"
 """A parameter with this attribute (an int N) is trained in the first N epochs only, then held: its group's rate
-is 0 from then on (:func:`make_scheduler`). speednet's whitening bias: airbench trains it for 3 epochs."""
+is 0 from then on (:func:`make_scheduler`). speednet's whitening bias: airbench trains it for 3 epochs. A lookahead
+pull after the hold begins still moves it once, to its slow copy, as airbench's does."""
 WEIGHT_DECAY = "fasttrain_weight_decay"
 """A parameter with this attribute (a bool) is decayed, or not, whatever its number of dimensions."""
 
