@@ -193,8 +193,8 @@ def test_lookahead_leaves_parameters_without_gradients_to_the_optimizer():
 
 
 class _AirbenchLookahead:
-    """airbench94's LookaheadState (legacy/airbench94.py), as the reference: every float entry of the
-    state_dict, buffers included, is pulled."""
+    """The reference, restated from airbench94's description of its lookahead: every float entry of the
+    state_dict, buffers included, is pulled towards the live one, and the live one set to it."""
 
     def __init__(self, net):
         self.net_ema = {k: v.clone() for k, v in net.state_dict().items()}
