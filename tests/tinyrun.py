@@ -76,3 +76,28 @@ def reflect_shifts(shifted, plain, pad: int) -> set[tuple[int, int, int]]:
                 if torch.allclose(shifted, candidate, atol=1e-5):
                     found.add((flip, top, left))
     return found
+
+
+class Killed(Exception):
+    """Raised from ``on_epoch_end`` by :func:`killed_and_resumed`: the run stops after that epoch's checkpoint."""
+
+
+def killed_and_resumed(cfg: Config, after_epoch: int):
+    """Train ``cfg`` (its runs_dir empty), kill it after epoch ``after_epoch``, resume its run folder: the resumed
+    run's result."""
+    from pathlib import Path
+
+    from fasttrain.engine import train
+
+    def kill(state, record):
+        if record["epoch"] == after_epoch:
+            raise Killed
+
+    try:
+        train(cfg, progress=False, on_epoch_end=kill)
+    except Killed:
+        pass
+    else:
+        raise AssertionError(f"the run ended before epoch {after_epoch} killed it")
+    (run,) = Path(cfg.train.runs_dir).iterdir()
+    return train(resume=run, progress=False)

@@ -224,14 +224,10 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(run / "checkpoints" / "last.pt")["state"]["modules"]["model"]
 
 
-class Stop(Exception):
-    pass
-
-
 @pytest.mark.parametrize("loader", ["torch", "cache"])
 def test_a_killed_progressive_run_resumes_at_its_size_with_the_same_weights(shapes_root, tmp_path, loader):
     from fasttrain.engine import train
-    from tests.tinyrun import tiny_cfg
+    from tests.tinyrun import killed_and_resumed, tiny_cfg
 
     extra = (
         "data.progressive=[16, 32]",
@@ -251,16 +247,9 @@ def test_a_killed_progressive_run_resumes_at_its_size_with_the_same_weights(shap
     assert shapes == [16, 24, 32]
     assert [r["image_size"] for r in straight.history] == [16, 24, 32]
 
-    def kill_after_one(state, record):
-        if record["epoch"] == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(tiny_cfg(shapes_root, tmp_path / "b", *extra, epochs=3), progress=False, on_epoch_end=kill_after_one)
-    (run,) = (tmp_path / "b").iterdir()
-    resumed = train(resume=run, progress=False)
+    resumed = killed_and_resumed(tiny_cfg(shapes_root, tmp_path / "b", *extra, epochs=3), after_epoch=1)
     assert [r["image_size"] for r in resumed.history] == [16, 24, 32]
-    wa, wb = _weights(straight.run_dir), _weights(run)
+    wa, wb = _weights(straight.run_dir), _weights(resumed.run_dir)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 

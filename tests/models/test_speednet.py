@@ -101,7 +101,7 @@ def test_a_run_killed_after_its_second_epoch_resumes_to_the_same_weights_buffers
     does, and the bias did not move in the 4th epoch."""
     from fasttrain.checkpoint import load_checkpoint
     from fasttrain.engine import train
-    from tests.tinyrun import tiny_cfg
+    from tests.tinyrun import killed_and_resumed, tiny_cfg
 
     # A pull every 3 steps: one ends epoch 3 (3 steps each), so the held bias is its slow copy and no later pull
     # moves it (a pull after the hold starts moves a held parameter once towards its slow copy, as airbench's does).
@@ -118,18 +118,8 @@ def test_a_run_killed_after_its_second_epoch_resumes_to_the_same_weights_buffers
     )
     assert not torch.equal(biases[1], biases[2]) and torch.equal(biases[2], biases[3])  # held after epoch 3
 
-    class Stop(Exception):
-        pass
-
-    def kill_after_two(state, record):
-        if record["epoch"] == 2:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(tiny_cfg(shapes_root, tmp_path / "b", *extra, epochs=4), progress=False, on_epoch_end=kill_after_two)
-    (run_b,) = (tmp_path / "b").iterdir()
-    train(resume=run_b, progress=False)
-    wa, wb = last(straight.run_dir), last(run_b)
+    resumed = killed_and_resumed(tiny_cfg(shapes_root, tmp_path / "b", *extra, epochs=4), after_epoch=2)
+    wa, wb = last(straight.run_dir), last(resumed.run_dir)
     assert set(wa) == set(wb) and all(torch.equal(wa[k], wb[k]) for k in wa), [
         k for k in wa if not torch.equal(wa[k], wb[k])
     ]
