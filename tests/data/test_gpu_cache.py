@@ -340,9 +340,9 @@ def test_cuda_pair_cache_steps_never_sync_and_match_the_cpu_twin():
         def __getitem__(self, i):
             return self.a[i], 255 - self.a[i]
 
-    def run(device, dtype):
-        spec = spec_for(DataConfig(mean=[0.5], std=[0.5]), dtype=dtype, channels_last=True, device=device)
-        loader = GpuCacheLoader.from_dataset(
+    def loader(device, dtype):
+        spec = spec_for(DataConfig(mean=[0.5] * 3, std=[0.5] * 3), dtype=dtype, channels_last=True, device=device)
+        built = GpuCacheLoader.from_dataset(
             Pairs(),
             spec,
             batch_size=4,
@@ -351,16 +351,18 @@ def test_cuda_pair_cache_steps_never_sync_and_match_the_cpu_twin():
             targets_are_images=True,
             augment=PairCropFlip(size=16, load_size=20, flip=True),
         )
-        loader.set_epoch(2)
-        return list(loader)
+        built.set_epoch(2)
+        return built
 
-    cpu = run("cpu", torch.float32)
+    cpu = list(loader("cpu", torch.float32))
+    on_cuda = loader("cuda", torch.bfloat16)  # the build's one copy to the device waits, as it must
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error")  # the steps: any hidden .item() / pageable copy / sync raises
     try:
-        gpu = run("cuda", torch.bfloat16)
+        gpu = list(on_cuda)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert len(gpu) == len(cpu) == 3
     for g, c in zip(gpu, cpu):
         assert g.inputs.is_cuda and g.inputs.is_contiguous(memory_format=torch.channels_last)
         assert torch.allclose(g.inputs.float().cpu(), c.inputs, atol=0.01)
