@@ -22,7 +22,8 @@
 #                 .xfer/cifar10.tar.gz, which tools/device_cifar.sh makes small enough (20 MB) to carry;
 #                 FASTTRAIN_SUITE_SET="key=value ...": extra --set for its runs (a dry run on a small subset)
 #   recipe        fasttrain autotune on configs/resnet50-imagenet-fast.toml: the step's samples/s at each
-#                 progressive training size (160, 192 px), on the benchmark data
+#                 progressive training size (160, 192 px), on the benchmark data; needs no DALI (its loader is
+#                 auto, and the figures are the step's)
 #   summary       tools/bench_summary.py over every bench-*.json present, and tools/gpu_targets.py
 #
 # Data: Imagenette from ../shared/data (FASTTRAIN_SUITE_SHARED) when present, else ImageNet-size JPEGs generated
@@ -48,6 +49,12 @@ out=$(cd "$out" && pwd)
 shared=$(absolute "${FASTTRAIN_SUITE_SHARED:-$here/../shared/data}")
 cd "$here"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+# A read-only site-packages (the lent machine's image) has no .pyc files for torch, so every process byte-compiled
+# its ~2,300 modules again: 9 s of each run's start on an H200's host. A writable prefix keeps them, as an install's
+# own .pyc files would (the first process still compiles them).
+if [ -z "${PYTHONPYCACHEPREFIX:-}" ] && ! python3 -c "import importlib.util as u, os, sys; d = u.find_spec('torch').submodule_search_locations[0]; sys.exit(not os.access(os.path.join(d, '__pycache__'), os.W_OK))" 2>/dev/null; then
+  export PYTHONPYCACHEPREFIX=${FASTTRAIN_BENCH_CACHE:-/tmp/fasttrain-bench}/pycache
+fi
 ft=(python3 -m fasttrain)
 status=0
 
@@ -61,7 +68,7 @@ note() {  # log a line; with FASTTRAIN_SUITE_BUNDLE set, re-pack OUT_DIR into th
 
 needs_dali=0
 for stage in $stages; do
-  case $stage in quick|tests|model-*|loaders|e2e|autotune|recipe) needs_dali=1 ;; esac
+  case $stage in quick|tests|model-*|loaders|e2e|autotune) needs_dali=1 ;; esac  # recipe: its step, any loader
 done
 SUITE_NEEDS_DALI=$needs_dali python3 - <<'EOF' || exit 2
 import importlib.util, os, sys
