@@ -227,6 +227,8 @@ class StepProbe:
         self.state = state
         self.stamp = stamp
         self.time_left = time_left
+        self._setup_s = 0.0
+        """Seconds spent building the state since the current probe began."""
 
     @property
     def device(self) -> torch.device:
@@ -234,7 +236,9 @@ class StepProbe:
 
     def _ensure_state(self):
         if self.state is None:
+            t0 = time.perf_counter()
             self.state = self.task.build_state()
+            self._setup_s += time.perf_counter() - t0
         self.state.train(True)
         return self.state
 
@@ -330,6 +334,7 @@ class StepProbe:
         memory.free_device_memory(device)  # each size starts from an empty cache: retries are its own
         memory.reset_peak_memory(device)
         t0 = time.perf_counter()
+        self._setup_s = 0.0
         oom = ""
         result = None
         try:
@@ -365,11 +370,13 @@ class StepProbe:
             error="" if retries == 0 else f"needed {retries} allocator retries in the steady state (at the limit)",
             seconds=time.perf_counter() - t0,
             timed_s=timed,
+            setup_s=self._setup_s,
         )
         c.set_rates(rates)
-        c.untimed_s = max(0.0, c.seconds - timed)
+        c.untimed_s = max(0.0, c.seconds - timed - c.setup_s)
         log.info(
-            "autotune [%s] batch %d (%s): %s samples/s ±%.0f%% (%dx%d steps)%s, %s%s",
+            "autotune [%s] batch %d (%s): %s samples/s ±%.0f%% (%dx%d steps)%s, %s%s; %.1f s: %s%.1f s warm-up and "
+            "eval, %.1f s timed",
             self.stamp(),
             b,
             phase,
@@ -380,6 +387,10 @@ class StepProbe:
             "" if reliable else " UNRELIABLE",
             _mem_text(c),
             f", {c.error}" if c.error else "",
+            c.seconds,
+            f"{c.setup_s:.1f} s set-up (model, optimizer), " if c.setup_s >= 0.05 else "",
+            c.untimed_s,
+            c.timed_s,
         )
         return c
 

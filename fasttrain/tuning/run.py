@@ -752,9 +752,9 @@ def _compile(
         headroom=run.cfg.tune.headroom,
         stamp=run.clock.stamp,
     )
-    for c in tried:
-        run.clock.exclude(c.untimed_s)
-        out.compile_s += c.untimed_s
+    for c in tried:  # each compiled size builds its state afresh: set-up excluded with the compile, as before
+        run.clock.exclude(c.untimed_s + c.setup_s)
+        out.compile_s += c.untimed_s + c.setup_s
     out.compiled_tried += tried
     out.compiled = got
     if got is None:

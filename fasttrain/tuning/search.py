@@ -106,7 +106,11 @@ class Candidate:
     timed_s: float = 0.0
     """Of ``seconds``, the time on the clock (all repeats)."""
     untimed_s: float = 0.0
-    """Of ``seconds``, the part outside the timed steps: warm-up (compile, cuDNN autotuning) and eval steps."""
+    """Of ``seconds``, the part outside the timed steps and the set-up: warm-up (compile, cuDNN autotuning) and
+    eval steps, what grows with the batch."""
+    setup_s: float = 0.0
+    """Of ``seconds``, building the training state (model, optimizer): once per state, which the probes share
+    until an out-of-memory error drops it, so not a cost of the batch size."""
     remeasured: int = 0
     """Times more repeats were added (a second round, or an interleaved comparison)."""
 

@@ -581,6 +581,29 @@ def test_each_later_plans_compiled_check_starts_from_a_reset_compiler(monkeypatc
     assert events == ["check 64", "reset", "check 32", "reset", "check 16"]
 
 
+def test_a_probe_counts_building_the_state_apart_from_the_warm_up_the_next_size_is_priced_by(monkeypatch):
+    """On an H200 the first probe after an out-of-memory error took 20 s and the search priced the next size at
+    twice that: building the model again had counted as warm-up, which grows with the batch. Building is now
+    ``setup_s``, paid by the probe that builds the state (the first, and the first after an OOM dropped it)."""
+    task = FakeTask(oom_above=32)
+    real = task.build_state
+
+    def slow_build():
+        time.sleep(0.3)
+        return real()
+
+    monkeypatch.setattr(task, "build_state", slow_build)
+    probe = P.StepProbe(task, budget=P.Budget("cpu", 16.0), settings=SETTINGS, eval_batch=lambda b: b)
+    first = probe(8, "grow")
+    assert first.setup_s >= 0.3 and first.untimed_s < 0.3
+    assert first.seconds == pytest.approx(first.setup_s + first.untimed_s + first.timed_s, abs=1e-6)
+    again = probe(16, "grow")
+    assert again.setup_s == 0.0 and task.built == 1  # the state is shared
+    assert not probe(64, "grow").fits  # an OOM drops the state ...
+    rebuilt = probe(16, "bisect")
+    assert rebuilt.setup_s >= 0.3 and task.built == 2 and rebuilt.untimed_s < 0.3  # ... and the next builds it
+
+
 def test_remeasure_appends_interleaved_repeats():
     probe = P.StepProbe(
         FakeTask(oom_above=10**6), budget=P.Budget("cpu", 16.0), settings=SETTINGS, eval_batch=lambda b: b
