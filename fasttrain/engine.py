@@ -787,6 +787,10 @@ class Trainer:
         """``started``: the ``time.perf_counter()`` reading a time budget counts from (default: now)."""
         self.prep, self.ckpt, self.progress, self.on_epoch_end = prep, ckpt, progress, on_epoch_end
         self._t_start = time.perf_counter()  # a time budget counts the set-up (loaders, a cache's decode) too
+        began = self._t_start if started is None else started
+        self._startup: list[tuple[str, float]] = [("start", began), ("prepare", self._t_start)]
+        """Where the start-up went: (phase, perf_counter at its end), from the process's start (the command line)
+        or the train() call; logged and recorded once the run folder is open."""
         cfg, task, source, info = prep.cfg, prep.task, prep.source, prep.dist
         if task.restoring != (ckpt is not None):  # resume: the checkpoint's weights, not the starting ones
             task = prep.new_task(restoring=ckpt is not None)
@@ -798,6 +802,7 @@ class Trainer:
         self.val_loader = None
         try:
             self.val_loader = self._loader(source.val, train=False) if source.val else None
+            self._startup.append(("loaders", time.perf_counter()))
             micro_per_epoch = len(self.train_loader)
             if micro_per_epoch < self.tc.accumulation:
                 raise ConfigError(
@@ -821,6 +826,7 @@ class Trainer:
                 k: make_scheduler(o, cfg.schedule, self.steps_per_epoch, total_steps)
                 for k, o in state.optimizers.items()
             }
+            self._startup.append(("model", time.perf_counter()))
         except BaseException:
             self.close()
             raise
@@ -940,6 +946,24 @@ class Trainer:
         )
         self._say_replanned(ckpt)
 
+    def _record_startup(self) -> None:
+        """The start-up's phases in the log and as a ``startup`` event in metrics.jsonl: ``prepare_s`` (Python's
+        and torch's imports, the config, the dataset's index, the device; from the process's start when the
+        command line started the run), ``loaders_s`` (building the loaders: the cache's decode), ``model_s``
+        (model, optimizer, a data-fitted first layer, EMA, schedules), ``open_s`` (a time budget's plan, the run
+        folder, a resumed checkpoint)."""
+        self._startup.append(("open", time.perf_counter()))
+        marks = self._startup
+        phases = {f"{name}_s": round(t - t_before, 3) for (_, t_before), (name, t) in zip(marks, marks[1:])}
+        total = round(marks[-1][1] - marks[0][1], 3)
+        log.info(
+            "start-up %.1f s: %s",
+            total,
+            ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in phases.items()),
+        )
+        state = self.state
+        self.metrics.event({"epoch": state.epoch, "step": state.step, "event": "startup", "startup_s": total, **phases})
+
     def _say_replanned(self, ckpt: dict[str, Any]) -> None:
         """A resume with another length (train.epochs, train.total_steps) re-plans a schedule that depends on the
         run's length (onecycle, cosine): the learning rate at this step changes, which is said with both values."""
@@ -991,6 +1015,7 @@ class Trainer:
         if self.tc.time_budget_s and self.ckpt is None:
             self._plan_budget()  # before the run folder's config.toml is written: it records the plan
         self._open(run_dir)
+        self._record_startup()
         tc, state = self.tc, self.state
         test_metrics, tested = None, ""
         test_loader = None

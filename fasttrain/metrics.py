@@ -3,7 +3,8 @@ another is a class in the ``loggers`` table of :mod:`fasttrain.registry`), the p
 bar on a terminal, plain progress lines elsewhere, and the epoch summary line.
 
 ``metrics.jsonl`` holds one record per epoch (no ``event`` key), one per ``train.log_every`` steps
-(``"event": "step"``) and the final test (``"event": "test"``); resume and ``fasttrain plot`` read it back.
+(``"event": "step"``), the start-up's phases at each start (``"event": "startup"``) and the final test
+(``"event": "test"``); resume and ``fasttrain plot`` read it back.
 Only the main process writes (under torchrun, rank 0).
 """
 

@@ -355,7 +355,8 @@ def test_a_real_budget_run_ends_with_its_schedule_complete(shapes_root, tmp_path
     assert len(result.history) == saved.epochs != 500  # the plan, not the config's 500 (3 s cannot hold them)
     assert result.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)
     records = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert records[0]["step"] == 1  # the measuring steps were not counted as training
+    assert records[0]["event"] == "startup" and records[0]["step"] == 0
+    assert records[1]["step"] == 1  # the measuring steps were not counted as training
 
 
 @pytest.mark.parametrize("max_s", [math.inf, 1.0])

@@ -85,7 +85,8 @@ def test_torn_metrics_line_from_a_full_disk_is_dropped_on_resume(shapes_root, tm
     monkeypatch.undo()
     run = one_run(runs)
     lines = (run / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["epoch"] for x in lines[:-1]] == [1] * (len(lines) - 1)  # epoch 1's step + epoch records
+    assert json.loads(lines[0])["event"] == "startup"
+    assert [json.loads(x)["epoch"] for x in lines[1:-1]] == [1] * (len(lines) - 2)  # epoch 1's step + epoch records
     assert lines[-1] == '{"event": "s'  # epoch 2's first record, torn: 12 bytes made it to disk
     with caplog.at_level(logging.WARNING, logger="fasttrain"):
         result = train(resume=run, progress=False)
