@@ -118,6 +118,8 @@ class SpeedRun:
     ones (its compile left out, as airbench leaves it out); evaluation and start-up are not in it."""
     train_s_raw: float | None
     wall_s: float | None
+    startup: dict[str, float] | None = None
+    """The run's ``startup`` event: its phases' seconds (prepare, loaders, model, open)."""
 
     def line(self) -> str:
         where = (
@@ -127,7 +129,11 @@ class SpeedRun:
             else f"{SPEEDRUN_ACC:.1%} not reached"
         )
         wall = f"{self.wall_s:.1f} s" if self.wall_s is not None else "?"
-        return f"run {self.n}: final {self.final_acc:.4f}, {where}, whole run {wall}"
+        start = ""
+        if self.startup:
+            parts = ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in self.startup.items())
+            start = f" (start-up {sum(self.startup.values()):.1f} s: {parts})"
+        return f"run {self.n}: final {self.final_acc:.4f}, {where}, whole run {wall}{start}"
 
 
 def speed_runs(folder: Path) -> list[SpeedRun]:
@@ -136,9 +142,12 @@ def speed_runs(folder: Path) -> list[SpeedRun]:
         found = sorted((folder / f"speedrun-{n}").glob("*/metrics.jsonl"))
         if not found:
             continue
-        epochs = [
-            r for r in _records(found[-1]) if "event" not in r and r.get("epoch_time_s") is not None and "val_acc" in r
-        ]
+        records = _records(found[-1])
+        epochs = [r for r in records if "event" not in r and r.get("epoch_time_s") is not None and "val_acc" in r]
+        starts = [r for r in records if r.get("event") == "startup"]
+        startup = (
+            {k: float(v) for k, v in starts[0].items() if k.endswith("_s") and k != "startup_s"} if starts else None
+        )
         if not epochs:
             continue
         times = [float(r["epoch_time_s"]) for r in epochs]
@@ -155,7 +164,7 @@ def speed_runs(folder: Path) -> list[SpeedRun]:
         if hit is not None:
             raw = sum(times[: hit + 1])
             train = raw - times[0] + min(first, times[0])
-        runs.append(SpeedRun(n, accs[-1], hit + 1 if hit is not None else None, train, raw, wall))
+        runs.append(SpeedRun(n, accs[-1], hit + 1 if hit is not None else None, train, raw, wall, startup))
     return runs
 
 

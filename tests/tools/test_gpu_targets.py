@@ -153,7 +153,8 @@ def _speedrun(
 ) -> None:
     run = folder / f"speedrun-{n}" / "cifar10-speedrun-20261203-080000"
     run.mkdir(parents=True)
-    lines = [json.dumps({"event": "step", "epoch": 1, "step": 10, "loss": 2.0})]
+    lines = [json.dumps({"event": "startup", "epoch": 0, "step": 0, "startup_s": 15.0, "prepare_s": 10.0})]
+    lines += [json.dumps({"event": "step", "epoch": 1, "step": 10, "loss": 2.0})]
     lines += [
         json.dumps({"epoch": e, "epoch_time_s": t, "val_acc": a, "eval_time_s": 0.2, "val_ema_acc": m})
         for e, (a, t, m) in enumerate(zip(accs, times, ema or [None] * len(accs)), start=1)
@@ -179,7 +180,7 @@ def test_the_speed_run_is_judged_on_its_last_run_with_the_first_epochs_compile_l
     assert v["cifar10-speedrun whole run, decode included"] is True  # 12.5 s
     assert v["ResNet-50 fast recipe: the step's samples/s per training size"] is None
     md = T.to_markdown(tmp_path, T.evaluate(tmp_path))
-    assert "run 1: final 0.9050, 90.7% not reached, whole run 48.0 s" in md
+    assert "run 1: final 0.9050, 90.7% not reached, whole run 48.0 s (start-up 10.0 s: prepare 10.0)" in md
     assert "run 2: final 0.9150, 90.7% at epoch 4 after 2.00 s of training (4.50 s with the first epoch's" in md
 
 
