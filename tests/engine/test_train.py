@@ -327,9 +327,11 @@ def test_killed_mid_epoch_resumes_from_the_step_checkpoint(shapes_root, tmp_path
     # step 9 is between two logged steps (log_every 2): one step's values are not yet in the logged sums
     assert ckpt["state"]["step"] == 9 and ckpt["position"] == {"epoch": 0, "micro": 9}
     before = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["event"] for r in before] == ["step"] * 5  # steps 2..10 logged, no epoch finished
+    assert [r["event"] for r in before] == ["startup"] + ["step"] * 5  # steps 2..10 logged, no epoch finished
     resumed = train(resume=run, progress=False)
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    starts = [(r["epoch"], r["step"]) for r in records if r.get("event") == "startup"]
+    assert starts == [(0, 0), (0, 9)]  # each start records its own, the resumed one at its checkpoint
     steps = [r["step"] for r in records if r.get("event") == "step"]
     assert steps == sorted(set(steps)) and 10 in steps  # step 10 was trained again, recorded once
     wa, wb = weights(straight.run_dir), weights(run)
