@@ -1324,9 +1324,9 @@ class Trainer:
 
     def _measure_eval(self, small: int = 16, large: int = 128, max_s: float = math.inf) -> tuple[float, float]:
         """(seconds per batch, seconds per sample) of an evaluation (the EMA's included), from ``large`` samples of
-        the first validation batch (after a warm-up call: a shape's first call sets up its kernels) and ``small``
-        ones: a call's own cost (test-time augmentation's passes, a small model's overheads) apart from the
-        samples'. A warm-up longer than ``max_s`` is taken as the cost of a batch, with no more calls. Zero
+        the first validation batch (after a warm-up call: a shape's first call sets up its kernels; with CUDA
+        graphs a second, which records them) and ``small`` ones: a call's own cost (test-time augmentation's
+        passes, a small model's overheads) apart from the samples'. A warm-up longer than ``max_s`` is taken as the cost of a batch, with no more calls. Zero
         without a validation split.
 
         A compiled evaluation (CUDA) compiles a graph at each new batch shape: its warm-up is a compile, never a
@@ -1339,11 +1339,12 @@ class Trainer:
         batch = next(iter(self.val_loader))
         compiled = runtime.compile and not runtime.eager_eval
         sizes = [len(batch)] if compiled else sorted({min(len(batch), small), min(len(batch), large)}, reverse=True)
+        warm = runtime.warmup_calls if compiled else 1  # CUDA graphs: a warm-up run, then the recording
         seconds: list[float] = []
         state.train(False)
         try:
             with torch.no_grad():
-                for i, n in enumerate([sizes[0], *sizes]):
+                for i, n in enumerate([sizes[0]] * warm + sizes):
                     part = dataclasses.replace(batch, inputs=batch.inputs[:n], targets=batch.targets[:n])
                     runtime.synchronize()
                     t = time.perf_counter()
@@ -1356,17 +1357,18 @@ class Trainer:
             state.train(True)
             torch.set_rng_state(rng)  # the run's random numbers are those of a run without a budget
         ema = 2 if state.ema else 1
-        if len(seconds) == 1:
+        timed = seconds[warm:]
+        if not timed:
             return seconds[0] * ema, 0.0
-        per_sample = seconds[1] / sizes[0]
+        per_sample = timed[0] / sizes[0]
         if len(sizes) == 2:
-            per_sample = max((seconds[1] - seconds[2]) / (sizes[0] - sizes[1]), 0.0)
-        per_batch = max(seconds[1] - per_sample * sizes[0], 0.0)
+            per_sample = max((timed[0] - timed[1]) / (sizes[0] - sizes[1]), 0.0)
+        per_batch = max(timed[0] - per_sample * sizes[0], 0.0)
         return per_batch * ema, per_sample * ema
 
     def _measure_rate(self, steps: int = 5, max_s: float = math.inf) -> float:
         """Training samples/s over a few steps of the first epoch's batches, after one warm-up step (compile,
-        allocator), ending early once ``max_s`` seconds are spent and one step is timed (one process only: under
+        allocator; two with CUDA graphs, whose second step records them), ending early once ``max_s`` seconds are spent and one step is timed (one process only: under
         torchrun every rank takes the same steps); the steps are undone: weights, optimizer, scalers, EMA and
         random state are put back."""
         import copy
@@ -1376,7 +1378,8 @@ class Trainer:
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         runtime = self.prep.runtime
-        micro = max(1, min(len(self.train_loader), (steps + 1) * accum))
+        warm = runtime.warmup_calls  # steps before the steady state: the compile; with CUDA graphs, the recording
+        micro = max(1, min(len(self.train_loader), (steps + warm) * accum))
         if self.prep.dist.enabled:  # each rank's clock would stop it at its own step: one more DDP all-reduce on
             max_s = math.inf  # some ranks than on others, and the job hangs; every rank times all the steps
         try:
@@ -1393,14 +1396,14 @@ class Trainer:
                     now = time.perf_counter()
                     times.append((now - t, window))
                     t, window = now, 0
-                if n >= micro or (len(times) >= 2 and n % accum == 0 and t - t_start > max_s):
+                if n >= micro or (len(times) > warm and n % accum == 0 and t - t_start > max_s):
                     break
         finally:
             state.load_state_dict(saved)
             torch.set_rng_state(rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
-        timed = times[1:] or times  # the first step carries compile and warm-up
+        timed = times[warm:] or times[-1:]  # the first steps carry compile and warm-up
         seconds = sum(t for t, _ in timed)
         samples = sum(b for _, b in timed) * self.prep.dist.world_size
         return samples / max(seconds, 1e-6)

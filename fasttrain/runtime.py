@@ -317,6 +317,14 @@ class Runtime:
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
 
+    @property
+    def warmup_calls(self) -> int:
+        """Calls of a compiled function at a new shape before its time is the steady state's: 1 (the compile),
+        2 with CUDA graphs (torch.compile's reduce-overhead and max-autotune modes on CUDA run a new function
+        once to warm it up and record its graph at the second call; replays start at the third)."""
+        graphs = self.is_cuda and self.compile and self.cfg.compile_mode in ("reduce-overhead", "max-autotune")
+        return 2 if graphs else 1
+
     def autocast(self) -> contextlib.AbstractContextManager:
         p = self.precision
         if p.autocast_dtype is None:

@@ -359,6 +359,38 @@ def test_a_real_budget_run_ends_with_its_schedule_complete(shapes_root, tmp_path
     assert records[1]["step"] == 1  # the measuring steps were not counted as training
 
 
+def test_with_cuda_graphs_the_recording_call_is_warm_up_too(shapes_root, tmp_path, monkeypatch):
+    """torch.compile's reduce-overhead mode (the CIFAR speed run's) runs a new function once to warm it up and
+    records its CUDA graph at the second call: both are warm-up, for the step's rate and the evaluation's cost.
+    A fake clock charges 100 s for a function's first call, 50 s for its second, then 1 ms per sample."""
+    from types import SimpleNamespace
+
+    from fasttrain import engine
+    from fasttrain.prepare import prepare
+    from fasttrain.runtime import Runtime
+
+    monkeypatch.setattr(Runtime, "warmup_calls", property(lambda self: 2))
+    prep = prepare(tiny_cfg(shapes_root, tmp_path, "train.eval_batch_size=40", max_steps=0))
+    trainer = engine.Trainer(prep, None, progress=False)
+    try:
+        prep.runtime.compile, prep.runtime.eager_eval = True, False
+        now, calls = [0.0], {"train": 0, "eval": 0}
+
+        def charge(kind, n):
+            calls[kind] += 1
+            now[0] += {1: 100.0, 2: 50.0}.get(calls[kind], 0.0) + 0.001 * n
+
+        monkeypatch.setattr(trainer.task, "eval_step", lambda state, batch: charge("eval", len(batch)) or {})
+        monkeypatch.setattr(trainer.task, "train_step", lambda state, batch, **kw: charge("train", len(batch)) or {})
+        monkeypatch.setattr(engine, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+        per_batch, per_sample = trainer._measure_eval()
+        rate = trainer._measure_rate(steps=3)
+    finally:
+        trainer.close()
+    assert calls["eval"] == 3 and per_batch + 40 * per_sample == pytest.approx(0.04)
+    assert calls["train"] == 5 and rate == pytest.approx(1000.0)  # 3 timed steps at 1 ms a sample
+
+
 @pytest.mark.parametrize("max_s", [math.inf, 1.0])
 def test_a_compiled_evaluation_is_measured_without_its_compile(shapes_root, tmp_path, monkeypatch, max_s):
     """On CUDA the evaluation is compiled, and each new batch shape's first call compiles a graph: the warm-up

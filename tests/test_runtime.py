@@ -226,6 +226,16 @@ def test_cuda_runtime_decides_cudnn_benchmark_and_tf32(monkeypatch):
     assert "tf32" not in exact.describe() and "fp32 tf32" in Runtime(RuntimeConfig(precision="fp32")).describe()
 
 
+def test_only_cuda_graph_modes_on_cuda_warm_up_for_two_calls(monkeypatch):
+    """reduce-overhead and max-autotune record a CUDA graph at a function's second call (the CIFAR speed run's
+    mode): a measurement that times the second call times the recording."""
+    _stub_gpus(monkeypatch, [(9, 0)])
+    for mode, calls in (("default", 1), ("reduce-overhead", 2), ("max-autotune", 2), ("max-autotune-no-cudagraphs", 1)):
+        assert Runtime(RuntimeConfig(compile="on", compile_mode=mode)).warmup_calls == calls, mode
+    assert Runtime(RuntimeConfig(compile="off", compile_mode="reduce-overhead")).warmup_calls == 1
+    assert Runtime(RuntimeConfig(device="cpu", compile="on", compile_mode="reduce-overhead")).warmup_calls == 1
+
+
 def _stub_gpus(monkeypatch, capabilities, current=0):
     """A machine with GPUs of these compute capabilities (nothing touches a device); returns set_device's calls."""
     state = {"current": current, "set": []}
