@@ -1326,8 +1326,8 @@ class Trainer:
         """(seconds per batch, seconds per sample) of an evaluation (the EMA's included), from ``large`` samples of
         the first validation batch (after a warm-up call: a shape's first call sets up its kernels; with CUDA
         graphs a second, which records them) and ``small`` ones: a call's own cost (test-time augmentation's
-        passes, a small model's overheads) apart from the samples'. A warm-up longer than ``max_s`` is taken as the cost of a batch, with no more calls. Zero
-        without a validation split.
+        passes, a small model's overheads) apart from the samples'. A warm-up longer than ``max_s`` is taken as
+        the cost of a batch, with no more calls. Zero without a validation split.
 
         A compiled evaluation (CUDA) compiles a graph at each new batch shape: its warm-up is a compile, never a
         batch's cost, and a second shape would compile inside the timed calls. It is measured at the whole first
@@ -1368,9 +1368,9 @@ class Trainer:
 
     def _measure_rate(self, steps: int = 5, max_s: float = math.inf) -> float:
         """Training samples/s over a few steps of the first epoch's batches, after one warm-up step (compile,
-        allocator; two with CUDA graphs, whose second step records them), ending early once ``max_s`` seconds are spent and one step is timed (one process only: under
-        torchrun every rank takes the same steps); the steps are undone: weights, optimizer, scalers, EMA and
-        random state are put back."""
+        allocator; two with CUDA graphs, whose second step records them), ending early once ``max_s`` seconds are
+        spent and one step is timed (one process only: under torchrun every rank takes the same steps); the steps
+        are undone: weights, optimizer, scalers, EMA and random state are put back."""
         import copy
 
         state, task, accum = self.state, self.task, self.tc.accumulation
