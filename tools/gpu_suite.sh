@@ -53,7 +53,10 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
 # profiled speed run there spent 9 s byte-compiling ~2,300 modules. A writable prefix keeps them, as an install's
 # own .pyc files would (the first process still compiles them). Measured with it, a warm run reached its run folder
 # about 2 s sooner (16.4 s against 18.2 s); the 10 s before the dataset index stayed, so they are not this.
-if [ -z "${PYTHONPYCACHEPREFIX:-}" ] && ! python3 -c "import importlib.util as u, os, sys; d = u.find_spec('torch').submodule_search_locations[0]; sys.exit(not os.access(os.path.join(d, '__pycache__'), os.W_OK))" 2>/dev/null; then
+torch_pyc_writable='import importlib.util as u, os, sys
+d = u.find_spec("torch").submodule_search_locations[0]
+sys.exit(not os.access(os.path.join(d, "__pycache__"), os.W_OK))'
+if [ -z "${PYTHONPYCACHEPREFIX:-}" ] && ! python3 -c "$torch_pyc_writable" 2>/dev/null; then
   export PYTHONPYCACHEPREFIX=${FASTTRAIN_BENCH_CACHE:-/tmp/fasttrain-bench}/pycache
 fi
 ft=(python3 -m fasttrain)
