@@ -28,6 +28,10 @@ from fasttrain.config import Config, RuntimeConfig, trained_samples
 from fasttrain.data.base import InputSpec
 from fasttrain.numbers import GIB
 
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+"""torch.compile modes that capture CUDA graphs (runtime.compile_mode): a function's second call records its graph,
+and the DALI loader copies its batches out of DALI's memory (:mod:`fasttrain.data.dali` says why)."""
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -322,7 +326,7 @@ class Runtime:
         """Calls of a compiled function at a new shape before its time is the steady state's: 1 (the compile),
         2 with CUDA graphs (torch.compile's reduce-overhead and max-autotune modes on CUDA run a new function
         once to warm it up and record its graph at the second call; replays start at the third)."""
-        graphs = self.is_cuda and self.compile and self.cfg.compile_mode in ("reduce-overhead", "max-autotune")
+        graphs = self.is_cuda and self.compile and self.cfg.compile_mode in CUDA_GRAPH_COMPILE_MODES
         return 2 if graphs else 1
 
     def autocast(self) -> contextlib.AbstractContextManager:
