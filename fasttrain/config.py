@@ -480,6 +480,12 @@ class ScheduleConfig:
         _check(0 < self.pct_start < 1, "schedule.pct_start", "must be in (0, 1)")
 
 
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+"""torch.compile modes that capture CUDA graphs (runtime.compile_mode): a function's second call records its graph,
+and the DALI loader copies its batches out of DALI's memory (:mod:`fasttrain.data.dali` says why). Here, beside the
+setting, so that the data floor can read it without importing the runtime's."""
+
+
 @dataclass
 class RuntimeConfig:
     device: str = "auto"

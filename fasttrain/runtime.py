@@ -24,13 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fasttrain.config import Config, RuntimeConfig, trained_samples
+from fasttrain.config import CUDA_GRAPH_COMPILE_MODES, Config, RuntimeConfig, trained_samples
 from fasttrain.data.base import InputSpec
 from fasttrain.numbers import GIB
-
-CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
-"""torch.compile modes that capture CUDA graphs (runtime.compile_mode): a function's second call records its graph,
-and the DALI loader copies its batches out of DALI's memory (:mod:`fasttrain.data.dali` says why)."""
 
 log = logging.getLogger(__name__)
 

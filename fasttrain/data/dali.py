@@ -61,7 +61,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from fasttrain.config import Config, DataConfig, default_workers
+from fasttrain.config import CUDA_GRAPH_COMPILE_MODES, Config, DataConfig, default_workers
 from fasttrain.data.base import Backend, Batch, InputSpec, LoaderRequest, RunSamples, epoch_order
 from fasttrain.data.checks import (
     BadFiles,
@@ -78,7 +78,6 @@ from fasttrain.data.progressive import TrainSizes, train_sizes
 from fasttrain.data.samples import Samples, needs_pil, pair_jitter, pair_load_size, precheck_samples, targets_tensor
 from fasttrain.data.sources import Split
 from fasttrain.data.stream import is_streamed
-from fasttrain.runtime import CUDA_GRAPH_COMPILE_MODES
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +158,7 @@ def dali_padding_bytes(data: DataConfig, decoders: int = 1) -> tuple[int, int]:
     return decoders * threads * _DEVICE_MEMORY_PADDING, decoders * threads * 2 * _HOST_MEMORY_PADDING
 
 
-# In torch.compile's CUDA_GRAPH_COMPILE_MODES (fasttrain.runtime) a DALI batch shared through DLPack is freed by
+# In torch.compile's CUDA_GRAPH_COMPILE_MODES (fasttrain.config) a DALI batch shared through DLPack is freed by
 # DALI's background thread, which calls ``cudaDeviceSynchronize()``; while torch captures a graph on that device
 # this is an invalid operation, raised inside a ``std::thread`` -> ``std::terminate`` (NVIDIA/DALI#3703's class;
 # DALI later retries such frees, NVIDIA/DALI#6259, but which releases have it is not checked here). In these modes
@@ -555,7 +554,7 @@ class DaliLoader:
         self.device_id = device_id
         self.copy_outputs = copy_outputs
         """Copy each GPU batch into a torch-owned tensor instead of sharing DALI's through DLPack (see
-        :data:`fasttrain.runtime.CUDA_GRAPH_COMPILE_MODES`)."""
+        :data:`fasttrain.config.CUDA_GRAPH_COMPILE_MODES`)."""
         self.shard_id, self.num_shards = shard_id, num_shards
         self._rrc = train and self.kind == "class" and data.random_resized_crop
         self._flip = train and self.kind != "vector" and data.hflip
