@@ -125,7 +125,8 @@ def train(
     """
     if resume is None and cfg is None:
         raise ValueError("train() needs a config or resume=RUN_DIR")
-    started = time.perf_counter() if started is None else started
+    entered = time.perf_counter()  # the start-up's first phase ends here: the process's start, imports, config
+    started = entered if started is None else started
     info = distributed.dist_info()
     lock: RunLock | None = None
     run_dir: Path | None = None
@@ -155,7 +156,14 @@ def train(
         with prep.runtime.flags():
             # Loaders (they check the files), model and optimizers first: what cannot train is refused before
             # a new run folder exists.
-            trainer = Trainer(prep, ckpt, progress=progress, on_epoch_end=on_epoch_end, started=started)
+            trainer = Trainer(
+                prep,
+                ckpt,
+                progress=progress,
+                on_epoch_end=on_epoch_end,
+                started=started,
+                marks=[("imports", entered), *prep.marks],
+            )
             try:
                 if run_dir is None:
                     run_dir, lock = _new_run(prep, Path(plan.reuse) if plan.reuse else None)
@@ -783,12 +791,15 @@ class Trainer:
         progress: bool = True,
         on_epoch_end: Callable[[TrainState, dict[str, Any]], None] | None = None,
         started: float | None = None,
+        marks: Sequence[tuple[str, float]] = (),
     ):
-        """``started``: the ``time.perf_counter()`` reading a time budget counts from (default: now)."""
+        """``started``: the ``time.perf_counter()`` reading a time budget counts from (default: now).
+        ``marks``: the start-up's phases before this (name, ``time.perf_counter()`` at its end), in order, for its
+        record; what is left up to now is ``prepare``."""
         self.prep, self.ckpt, self.progress, self.on_epoch_end = prep, ckpt, progress, on_epoch_end
         self._t_start = time.perf_counter()  # a time budget counts the set-up (loaders, a cache's decode) too
         began = self._t_start if started is None else started
-        self._startup: list[tuple[str, float]] = [("start", began), ("prepare", self._t_start)]
+        self._startup: list[tuple[str, float]] = [("start", began), *marks, ("prepare", self._t_start)]
         """Where the start-up went: (phase, perf_counter at its end), from the process's start (the command line)
         or the train() call; logged and recorded once the run folder is open."""
         cfg, task, source, info = prep.cfg, prep.task, prep.source, prep.dist
@@ -947,11 +958,15 @@ class Trainer:
         self._say_replanned(ckpt)
 
     def _record_startup(self) -> None:
-        """The start-up's phases in the log and as a ``startup`` event in metrics.jsonl: ``prepare_s`` (Python's
-        and torch's imports, the config, the dataset's index, the device; from the process's start when the
-        command line started the run), ``loaders_s`` (building the loaders: the cache's decode), ``model_s``
-        (model, optimizer, a data-fitted first layer, EMA, schedules), ``open_s`` (a time budget's plan, the run
-        folder, a resumed checkpoint)."""
+        """The start-up's phases in the log and as a ``startup`` event in metrics.jsonl. From :func:`train`:
+        ``imports_s`` (from the process's start when the command line started the run: Python's start, the
+        command line's imports and config; 0 for a call from Python), ``index_s`` (the run folder's decision,
+        joining a torchrun job, the dataset's index, read, built or waited for; torch's imports go on meanwhile
+        where another process builds it), ``device_s`` (the runtime's decisions, the device's first use);
+        always: ``prepare_s`` (what is left before the loaders: the task, the backend's choice, the checks),
+        ``loaders_s`` (building the loaders: the cache's decode), ``model_s`` (model, optimizer, a data-fitted
+        first layer, EMA, schedules), ``open_s`` (a time budget's plan, the run folder, a resumed
+        checkpoint)."""
         self._startup.append(("open", time.perf_counter()))
         marks = self._startup
         phases = {f"{name}_s": round(t - t_before, 3) for (_, t_before), (name, t) in zip(marks, marks[1:])}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,10 @@ class Prepared:
     backend_reason: str
     dist: DistInfo = dataclasses.field(default_factory=DistInfo)
     """This process's place in a torchrun job (one process: rank 0 of 1)."""
+    marks: list[tuple[str, float]] = dataclasses.field(default_factory=list)
+    """Where preparing went, for the run's start-up record: (phase, ``time.perf_counter()`` at its end), ``index``
+    (joining a torchrun job, the dataset's index: read, built, or waited for while another process builds it)
+    and ``device`` (the runtime's decisions, the device's first use)."""
 
     @property
     def micro_batch(self) -> int:
@@ -117,12 +122,14 @@ def prepare(
             _import_for_first_step(cfg)
         # the dataset index: built once, reused while the files are unchanged (the command line's child's, if any)
         source = indexed_source(cfg.data, timeout_s=cfg.dist.timeout_s, prebuilt=prebuild.take)
+    marks = [("index", time.perf_counter())]
     if not cfg.model.num_outputs and source.num_outputs:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_outputs=source.num_outputs))
     device = {}
     if info.enabled and resolve_device(cfg.runtime.device).type == "cuda":
         device = {"device": f"cuda:{info.local_rank}"}  # one GPU per process: LOCAL_RANK's
     runtime = runtime_for(cfg, train_samples=len(source.train), **device)
+    marks.append(("device", time.perf_counter()))
     task = make_task(cfg, runtime, source, model=model, restoring=restoring)
     task.check()
     if host_check and not runtime.is_cuda:
@@ -130,7 +137,7 @@ def prepare(
             cfg, runtime.precision.name, distributed.per_rank_batch(cfg.train.micro_batch, info.world_size)
         )
     backend, reason = _choose_backend(cfg, runtime, memory_limit, task)
-    prep = Prepared(cfg, runtime, source, task, backend, reason, info)
+    prep = Prepared(cfg, runtime, source, task, backend, reason, info, marks)
     _ = prep.micro_batch  # the global batch divides over the processes
     return prep
 

@@ -119,7 +119,7 @@ class SpeedRun:
     train_s_raw: float | None
     wall_s: float | None
     startup: dict[str, float] | None = None
-    """The run's ``startup`` event: its phases' seconds (prepare, loaders, model, open)."""
+    """The run's ``startup`` event: its phases' seconds (imports, index, device, prepare, loaders, model, open)."""
 
     def line(self) -> str:
         where = (

@@ -91,11 +91,13 @@ def test_run_folders_are_never_reused(shapes_root, tmp_path):
 
 
 def test_the_start_up_is_split_into_its_phases_in_the_log_and_the_metrics(shapes_root, tmp_path, monkeypatch):
-    """Where a run's start went (on an H200 the CIFAR speed run's 29 s were mostly start-up): preparing (imports,
-    index, device), the loaders (a cache's decode), the model (a data-fitted first layer among it), the run
-    folder. Each phase is timed by its own marks: a slow loader counts as loaders, a slow fit as model. Measured
-    against a run after a first one in the same process, which pays the imports a phase's first use brings."""
-    from fasttrain import engine
+    """Where a run's start went (on an H200 the CIFAR speed run's 29 s were mostly start-up): the process's start
+    and imports, the index, the device, the rest of preparing, the loaders (a cache's decode), the model (a
+    data-fitted first layer among it), the run folder. Each phase is timed by its own marks: a process started
+    before train() counts as imports, a slow index as index, a slow loader as loaders, a slow fit as model.
+    Measured against a run after a first one in the same process, which pays the imports a phase's first use
+    brings."""
+    from fasttrain import engine, prepare
 
     def startup(runs, started=None):
         cfg = small_cfg(shapes_root, tmp_path / runs, "train.epochs=1", "train.max_steps=1")
@@ -107,7 +109,11 @@ def test_the_start_up_is_split_into_its_phases_in_the_log_and_the_metrics(shapes
 
     startup("first")  # pays the imports
     warm = startup("warm")
-    real_loader, real_fit = engine.Trainer._loader, engine._init_from_data
+    real_index, real_loader, real_fit = prepare.indexed_source, engine.Trainer._loader, engine._init_from_data
+
+    def slow_index(*a, **kw):
+        time.sleep(0.5)
+        return real_index(*a, **kw)
 
     def slow_loader(self, *a, **kw):
         time.sleep(0.25)
@@ -117,12 +123,15 @@ def test_the_start_up_is_split_into_its_phases_in_the_log_and_the_metrics(shapes
         time.sleep(1.0)
         return real_fit(*a, **kw)
 
+    monkeypatch.setattr(prepare, "indexed_source", slow_index)
     monkeypatch.setattr(engine.Trainer, "_loader", slow_loader)
     monkeypatch.setattr(engine, "_init_from_data", slow_fit)
     started = time.perf_counter() - 0.5  # as if the process had started half a second before train()
     slow = startup("slow", started)
-    phases = ("prepare_s", "loaders_s", "model_s", "open_s")
-    assert slow["prepare_s"] >= 0.5
+    phases = ("imports_s", "index_s", "device_s", "prepare_s", "loaders_s", "model_s", "open_s")
+    assert warm["imports_s"] == 0  # train() called from Python: its start-up begins at the call
+    assert 0.5 <= slow["imports_s"] < 1.5
+    assert 0.45 <= slow["index_s"] - warm["index_s"] < 0.95
     assert 0.45 <= slow["loaders_s"] - warm["loaders_s"] < 0.95  # two loaders (train, val), 0.25 s each
     assert 0.9 <= slow["model_s"] - warm["model_s"] < 1.4
     assert slow["startup_s"] == pytest.approx(sum(slow[k] for k in phases), abs=0.01)
