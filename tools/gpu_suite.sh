@@ -60,6 +60,16 @@ if [ -z "${PYTHONPYCACHEPREFIX:-}" ] && ! python3 -c "$torch_pyc_writable" 2>/de
   export PYTHONPYCACHEPREFIX=${FASTTRAIN_BENCH_CACHE:-/tmp/fasttrain-bench}/pycache
 fi
 ft=(python3 -m fasttrain)
+startup_probe='import time
+t0 = time.perf_counter()
+import fasttrain.cli, fasttrain.engine, fasttrain.prepare, torch._dynamo, torchvision
+t1 = time.perf_counter()
+import torch
+cuda = torch.cuda.is_available()  # not in a dry run on the CPU
+if cuda:
+    torch.zeros(1, device="cuda").sum().item()
+t2 = time.perf_counter()
+print(f"startup probe: imports {t1 - t0:.2f} s, CUDA start and first kernel {t2 - t1:.2f} s (cuda={cuda})")'
 status=0
 
 note() {  # log a line; with FASTTRAIN_SUITE_BUNDLE set, re-pack OUT_DIR into that one file (a lent machine
@@ -206,6 +216,9 @@ for stage in $stages; do
           timed "speedrun-$run" "${ft[@]}" train cifar10-speedrun --set "data.root=$cifar" \
             --set "train.runs_dir=$out/speedrun-$run" ${extra[@]+"${extra[@]}"} -q
         done
+        # The run's start-up record splits off its imports; this says which (warm, as run 2 found them) and what
+        # CUDA's first use costs: `sort -t'|' -k2 -n speedrun-imports.txt | tail` lists the slowest.
+        python3 -X importtime -c "$startup_probe" > "$out/speedrun-imports.txt" 2>&1 || status=1
       else
         status=1
       fi

@@ -81,3 +81,5 @@ def test_the_speedrun_stage_extracts_a_gzipped_cifar_tar_trains_twice_and_judges
         assert tomllib.loads((run / "config.toml").read_text())["data"]["std"] == [0.25, 0.25, 0.25]
         assert f"run {n}: final " in targets
     assert "| cifar10-speedrun whole run, decode included | <= 15 s | run 1: final" in targets
+    probe = (tmp_path / "out" / "speedrun-imports.txt").read_text()
+    assert "startup probe: imports" in probe and "| fasttrain.engine" in probe  # and -X importtime's table
