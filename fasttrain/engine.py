@@ -156,13 +156,9 @@ def train(
         with prep.runtime.flags():
             # Loaders (they check the files), model and optimizers first: what cannot train is refused before
             # a new run folder exists.
+            prep.marks.insert(0, ("imports", entered))  # the start-up's phases before the Trainer, in order
             trainer = Trainer(
-                prep,
-                ckpt,
-                progress=progress,
-                on_epoch_end=on_epoch_end,
-                started=started,
-                marks=[("imports", entered), *prep.marks],
+                prep, ckpt, progress=progress, on_epoch_end=on_epoch_end, started=started, marks=prep.marks
             )
             try:
                 if run_dir is None:
