@@ -499,7 +499,8 @@ class RuntimeConfig:
     """torch.compile: auto (on for CUDA; on CPU only when the job is long enough to repay the compile), on,
     off."""
     compile_mode: str = "default"
-    """torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs."""
+    """torch.compile mode: default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs. The two that capture
+    CUDA graphs on CUDA (reduce-overhead, max-autotune) refuse train.accumulation > 1 and pix2pix."""
     seed: int = 0
     """Seed of weights, data order and augmentation."""
     deterministic: bool = False

@@ -26,7 +26,7 @@ from fasttrain.tasks import Task, make_task
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Prepared", "prepare", "resolve_data_root"]
+__all__ = ["Prepared", "check_cuda_graphs", "prepare", "resolve_data_root"]
 
 
 @dataclass
@@ -132,6 +132,8 @@ def prepare(
     marks.append(("device", time.perf_counter()))
     task = make_task(cfg, runtime, source, model=model, restoring=restoring)
     task.check()
+    if runtime.cuda_graphs:
+        check_cuda_graphs(cfg, task)
     if host_check and not runtime.is_cuda:
         check_host_memory(
             cfg, runtime.precision.name, distributed.per_rank_batch(cfg.train.micro_batch, info.world_size)
@@ -140,6 +142,24 @@ def prepare(
     prep = Prepared(cfg, runtime, source, task, backend, reason, info, marks)
     _ = prep.micro_batch  # the global batch divides over the processes
     return prep
+
+
+def check_cuda_graphs(cfg: Config, task: Task) -> None:
+    """Refuse what CUDA graphs (runtime.compile_mode reduce-overhead or max-autotune on CUDA) would get wrong.
+    torch's CUDA-graph trees start a new generation at a compiled call made with no backward pending, and hand
+    the previous calls' memory to it: gradients kept across micro-batches (accumulation) would be overwritten
+    (torch's own error for this case names gradient accumulation), as would a task's activations saved for a
+    backward that runs after another network's."""
+    mode = f"runtime.compile_mode = {cfg.runtime.compile_mode}"
+    fix = "use runtime.compile_mode = default or max-autotune-no-cudagraphs"
+    if cfg.train.accumulation > 1:
+        raise ConfigError(
+            f"train.accumulation = {cfg.train.accumulation} with {mode}: CUDA graphs reuse the memory of a "
+            f"micro-batch's gradients at the next one, so accumulated gradients would be overwritten; {fix}, "
+            f"or train.accumulation = 1"
+        )
+    if task.cuda_graphs:
+        raise ConfigError(f"{mode}: the {task.name} task cannot run as CUDA graphs ({task.cuda_graphs}); {fix}")
 
 
 def _import_for_first_step(cfg: Config) -> None:

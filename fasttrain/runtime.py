@@ -318,12 +318,17 @@ class Runtime:
         return self.device.type == "cuda"
 
     @property
+    def cuda_graphs(self) -> bool:
+        """Whether compiled functions run as CUDA graphs: torch.compile's reduce-overhead and max-autotune modes
+        on CUDA (:data:`~fasttrain.config.CUDA_GRAPH_COMPILE_MODES`; on the CPU the modes capture nothing)."""
+        return self.is_cuda and self.compile and self.cfg.compile_mode in CUDA_GRAPH_COMPILE_MODES
+
+    @property
     def warmup_calls(self) -> int:
         """Calls of a compiled function at a new shape before its time is the steady state's: 1 (the compile),
         2 with CUDA graphs (torch.compile's reduce-overhead and max-autotune modes on CUDA run a new function
         once to warm it up and record its graph at the second call; replays start at the third)."""
-        graphs = self.is_cuda and self.compile and self.cfg.compile_mode in CUDA_GRAPH_COMPILE_MODES
-        return 2 if graphs else 1
+        return 2 if self.cuda_graphs else 1
 
     def autocast(self) -> contextlib.AbstractContextManager:
         p = self.precision

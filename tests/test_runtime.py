@@ -234,6 +234,34 @@ def test_only_cuda_graph_modes_on_cuda_warm_up_for_two_calls(monkeypatch):
         assert Runtime(RuntimeConfig(compile="on", compile_mode=mode)).warmup_calls == calls, mode
     assert Runtime(RuntimeConfig(compile="off", compile_mode="reduce-overhead")).warmup_calls == 1
     assert Runtime(RuntimeConfig(device="cpu", compile="on", compile_mode="reduce-overhead")).warmup_calls == 1
+    assert Runtime(RuntimeConfig(compile="on", compile_mode="max-autotune")).cuda_graphs
+    assert not Runtime(RuntimeConfig(compile="on", compile_mode="max-autotune-no-cudagraphs")).cuda_graphs
+    assert not Runtime(RuntimeConfig(device="cpu", compile="on", compile_mode="reduce-overhead")).cuda_graphs
+
+
+def test_what_cuda_graphs_would_overwrite_is_refused_before_a_run(shapes_root, tmp_path, monkeypatch):
+    """CUDA graphs hand a call's memory to the next compiled call once no backward is pending: gradients kept
+    across micro-batches and a second network's pending backward would read overwritten memory (wrong gradients
+    or torch's "accessing tensor output of CUDAGraphs that has been overwritten"). prepare refuses both, naming
+    the settings; one network without accumulation (the CIFAR speed run) passes. The CPU twin: the runtime says
+    it runs CUDA graphs."""
+    from fasttrain.config import Config, ConfigError, apply_overrides
+    from fasttrain.data.synthetic import make_paired_dataset
+    from fasttrain.prepare import prepare
+
+    monkeypatch.setattr(Runtime, "cuda_graphs", property(lambda self: True))
+    base = [f"data.root={shapes_root}", "data.image_size=32", "model.name=smallcnn", "runtime.compile=off"]
+    base += ["runtime.compile_mode=reduce-overhead", "train.batch_size=8"]
+    assert prepare(apply_overrides(Config(), base)).runtime.cuda_graphs
+    with pytest.raises(ConfigError, match=r"train\.accumulation = 2 with runtime\.compile_mode = reduce-overhead"):
+        prepare(apply_overrides(Config(), [*base, "train.accumulation=2"]))
+    paired = make_paired_dataset(tmp_path / "paired", n=8, size=32)
+    p2p = [f"data.root={paired}", "data.format=paired", "data.image_size=32", "model.name=unet", "model.width=8"]
+    p2p += ["task.name=pix2pix", "optim.name=adam", "runtime.compile_mode=max-autotune"]
+    with pytest.raises(ConfigError, match=r"max-autotune: the pix2pix task cannot run as CUDA graphs"):
+        prepare(apply_overrides(Config(), p2p))
+    monkeypatch.undo()
+    assert prepare(apply_overrides(Config(), p2p)).task.name == "pix2pix"  # no CUDA graphs: nothing to refuse
 
 
 def _stub_gpus(monkeypatch, capabilities, current=0):

@@ -279,7 +279,8 @@ class _Run:
             accumulation=self.cfg.train.accumulation,
             fails_at=fails.batch_size if fails else None,
             fail_reason=_FAILURE_TEXT.get(fails.failure, "") if fails else "",
-            allow_accumulation=self.device.type == "cuda",
+            # CUDA graphs overwrite gradients kept across micro-batches (prepare.check_cuda_graphs)
+            allow_accumulation=self.device.type == "cuda" and not self.prep.runtime.cuda_graphs,
         )
 
     def own_plan(self, candidates: list[Candidate], given: int | None) -> BatchPlan | None:
