@@ -85,6 +85,7 @@ _OOM_MARKERS = (
     "cudnn_status_internal_error_device_allocation_failed",
     "cudnn_status_internal_error_host_allocation_failed",
     "can't allocate memory",
+    "cuda allocation failed",  # DALI's own allocator
 )
 
 

@@ -102,6 +102,12 @@ __all__ = [
 _DEVICE_MEMORY_PADDING = 211_025_920
 _HOST_MEMORY_PADDING = 140_544_512
 _DECODE_FAILED = re.compile(r"[Ff]ailed to decode sample #(\d+)")
+_DEVICE_FAILED = re.compile(
+    r"out of memory|CUDA allocation failed|CUDA (runtime|driver) API error|CUDA call has failed|cudaError|bad_alloc",
+    re.IGNORECASE,
+)
+"""DALI's messages for a failure of the device or its memory (libdali's strings), never a file's fault: such a
+failure is raised as it is, not probed file by file (a batch of one could fail too, and blame a good file)."""
 _RATIO = (3 / 4, 4 / 3)
 _EXTERNAL_COLUMNS: dict[str, tuple[str, int]] = {
     "encoded": ("UINT8", 1),
@@ -785,6 +791,9 @@ class DaliLoader:
         try:
             outs = self._pipe.run() if stream is None else self._pipe.run(stream)
         except RuntimeError as e:
+            if _DEVICE_FAILED.search(str(e)):
+                self._drop_pipeline()  # its memory back before the error reaches the caller (autotune goes on)
+                raise
             failed = self._feeder.in_flight[0] if self._feeder.in_flight else None
             bad = self._identify(failed, str(e)) if failed is not None else []
             self._drop_pipeline()
@@ -826,6 +835,8 @@ class DaliLoader:
                 try:
                     pipe.run()
                 except RuntimeError as e:
+                    if _DEVICE_FAILED.search(str(e)):
+                        raise
                     lines = [ln.strip(" :") for ln in str(e).splitlines() if ln.strip(" :")]
                     detail = "" if _DECODE_FAILED.search(str(e)) or not lines else f" ({lines[-1]})"
                     bad.append((s.index, f"DALI failed to decode it{detail}"))

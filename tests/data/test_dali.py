@@ -759,6 +759,41 @@ def test_a_file_failing_inside_dali_is_skipped_and_the_epoch_goes_on(mixed, tmp_
 
 
 @needs_dali
+@pytest.mark.parametrize("message", ["CUDA allocation failed", "CUDA runtime API error 2: out of memory"])
+def test_a_device_failure_inside_dali_is_raised_and_blames_no_file(mixed, monkeypatch, message):
+    """DALI's own allocator failing (its memory is outside torch's) is the device's fault: raised as it is, for
+    autotune to read as out of memory, with no file probed (a batch-of-one pipeline would fail too, and blame a
+    good file), skipped or counted against data.max_bad_per_epoch; the next pass builds a new pipeline. The CPU
+    twin: every pipeline's run raises DALI's message while the device is "full"."""
+    from fasttrain.memory import is_oom_error
+
+    data = DataConfig(image_size=16)
+    loader = DaliLoader(split_of(mixed[:8]), data, spec_for(data), batch_size=4, train=False, seed=0)
+    assert loader.builds == 1  # built at construction
+    real_define = DaliLoader._define
+
+    def failing(run):
+        def fail(*args, **kwargs):
+            run(*args, **kwargs)  # the files are fed, as when DALI fails inside its operators
+            raise RuntimeError(f"[DALI] {message}")
+
+        return fail
+
+    def full_define(self, *args, **kwargs):
+        pipe = real_define(self, *args, **kwargs)
+        pipe.run = failing(pipe.run)
+        return pipe
+
+    with monkeypatch.context() as full:
+        full.setattr(loader._pipe, "run", failing(loader._pipe.run))
+        full.setattr(DaliLoader, "_define", full_define)
+        with pytest.raises(RuntimeError, match=message) as raised:
+            epoch(loader, 0)
+    assert is_oom_error(raised.value) and loader.skipped == []
+    assert epoch(loader, 0)[1].tolist() == list(range(8)) and loader.builds == 2
+
+
+@needs_dali
 def test_a_training_batch_whose_files_all_fail_is_stood_in_for_so_every_process_takes_the_same_steps(mixed, tmp_path):
     """Under torchrun every process feeds its own shard and every step all-reduces: a process that dropped a batch
     (every file failing inside DALI) would leave the others waiting. Training keeps len(loader) batches."""
