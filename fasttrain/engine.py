@@ -1390,7 +1390,8 @@ class Trainer:
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         runtime = self.prep.runtime
         warm = runtime.warmup_calls  # steps before the steady state: the compile; with CUDA graphs, the recording
-        micro = max(1, min(len(self.train_loader), (steps + warm) * accum))
+        # whole optimizer steps only: a measurement ending inside an accumulation left its gradients behind
+        micro = max(accum, min(len(self.train_loader) // accum * accum, (steps + warm) * accum))
         if self.prep.dist.enabled:  # each rank's clock would stop it at its own step: one more DDP all-reduce on
             max_s = math.inf  # some ranks than on others, and the job hangs; every rank times all the steps
         try:
@@ -1411,6 +1412,8 @@ class Trainer:
                     break
         finally:
             state.load_state_dict(saved)
+            for name, optimizer in state.optimizers.items():  # a step cut short (an error) leaves none either
+                optimizer.zero_grad(set_to_none=name not in state.ddp)  # as optimizer_step clears them
             torch.set_rng_state(rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)

@@ -420,3 +420,25 @@ def test_a_compiled_evaluation_is_measured_without_its_compile(shapes_root, tmp_
         trainer.close()
     assert set(seen) == {40}  # the shape the run evaluates at, compiled once
     assert per_batch + 40 * per_sample == pytest.approx(0.04)
+
+
+def test_the_rate_measurement_leaves_no_gradient_behind(tmp_path):
+    """The measurement's steps are undone, their gradients too: 45 images in micro-batches of 4 (batch 8,
+    accumulation 2) are 11 micro-batches, fewer than the measurement's 6 steps of 2; it stopped after the 11th,
+    inside an accumulation, and the run's first step added that micro-batch's gradients to its own."""
+    from fasttrain import engine
+    from fasttrain.data.synthetic import make_shapes_dataset
+    from fasttrain.prepare import prepare
+
+    root = make_shapes_dataset(
+        tmp_path / "shapes", train_per_class=15, val_per_class=4, size=32, shapes=("circle", "square", "triangle")
+    )
+    cfg = tiny_cfg(root, tmp_path / "runs", "train.batch_size=8", "train.accumulation=2", max_steps=0, epochs=2)
+    trainer = engine.Trainer(prepare(cfg), None, progress=False)
+    try:
+        assert len(trainer.train_loader) == 11
+        params = list(trainer.state.modules["model"].parameters())
+        assert trainer._measure_rate() > 0
+        assert [p for p in params if p.grad is not None] == []
+    finally:
+        trainer.close()
