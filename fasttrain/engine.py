@@ -34,7 +34,7 @@ from fasttrain.checkpoint import (
     load_checkpoint,
 )
 from fasttrain.config import Config, ConfigError, apply_overrides, dump_config
-from fasttrain.data.base import Loader
+from fasttrain.data.base import Batch, Loader
 from fasttrain.data.progressive import TrainSizes, train_sizes
 from fasttrain.io import WriteError, atomic_write_text, check_writable, os_reason
 from fasttrain.metrics import PROGRESS, MetricsLog, Progress, fmt_metrics, step_line, summary_line, trim_metrics
@@ -1342,40 +1342,63 @@ class Trainer:
 
         A compiled evaluation (CUDA) compiles a graph at each new batch shape: its warm-up is a compile, never a
         batch's cost, and a second shape would compile inside the timed calls. It is measured at the whole first
-        batch alone (the shape the run evaluates at, so that compile is not wasted), as a cost per sample."""
+        batch alone (the shape the run evaluates at, so that compile is not wasted), as a cost per sample, and
+        the split's last, smaller batch is compiled here too, untimed (in the first epoch's evaluation, its
+        compile was charged by the re-plan to every evaluation after). The EMA's weights are evaluated eagerly
+        (:func:`evaluate`): where the model's evaluation is compiled, the EMA's is measured on its own, else it
+        costs as much again."""
         if self.val_loader is None:
             return 0.0, 0.0
         task, state, runtime = self.task, self.state, self.prep.runtime
         rng = torch.get_rng_state()
         batch = next(iter(self.val_loader))
         compiled = runtime.compile and not runtime.eager_eval
-        sizes = [len(batch)] if compiled else sorted({min(len(batch), small), min(len(batch), large)}, reverse=True)
-        warm = runtime.warmup_calls if compiled else 1  # CUDA graphs: a warm-up run, then the recording
-        seconds: list[float] = []
+        name = task.predict_module
         state.train(False)
         try:
             with torch.no_grad():
-                for i, n in enumerate([sizes[0]] * warm + sizes):
-                    part = dataclasses.replace(batch, inputs=batch.inputs[:n], targets=batch.targets[:n])
-                    runtime.synchronize()
-                    t = time.perf_counter()
-                    task.eval_step(state, part)
-                    runtime.synchronize()
-                    seconds.append(time.perf_counter() - t)
-                    if i == 0 and seconds[0] > max_s and not compiled:
-                        break
+                cost = self._time_eval(batch, small, large, max_s, compiled)
+                last = self.val_loader.num_samples % max(self.val_loader.batch_size, 1)
+                if compiled and 0 < last < len(batch):  # the last batch's shape: compiled now, not in epoch 1
+                    for _ in range(runtime.warmup_calls):
+                        task.eval_step(
+                            state, dataclasses.replace(batch, inputs=batch.inputs[:last], targets=batch.targets[:last])
+                        )
+                if state.ema and compiled:
+                    swapped, state.local[name] = state.local[name], state.ema[name].module
+                    try:
+                        ema = self._time_eval(batch, small, large, max_s, compiled=False)
+                    finally:
+                        state.local[name] = swapped
+                    return cost[0] + ema[0], cost[1] + ema[1]
         finally:
             state.train(True)
             torch.set_rng_state(rng)  # the run's random numbers are those of a run without a budget
-        ema = 2 if state.ema else 1
+        twice = 2 if state.ema else 1
+        return cost[0] * twice, cost[1] * twice
+
+    def _time_eval(self, batch: Batch, small: int, large: int, max_s: float, compiled: bool) -> tuple[float, float]:
+        """:meth:`_measure_eval`'s timing of one set of weights: (seconds per batch, seconds per sample)."""
+        task, state, runtime = self.task, self.state, self.prep.runtime
+        sizes = [len(batch)] if compiled else sorted({min(len(batch), small), min(len(batch), large)}, reverse=True)
+        warm = runtime.warmup_calls if compiled else 1  # CUDA graphs: a warm-up run, then the recording
+        seconds: list[float] = []
+        for i, n in enumerate([sizes[0]] * warm + sizes):
+            part = dataclasses.replace(batch, inputs=batch.inputs[:n], targets=batch.targets[:n])
+            runtime.synchronize()
+            t = time.perf_counter()
+            task.eval_step(state, part)
+            runtime.synchronize()
+            seconds.append(time.perf_counter() - t)
+            if i == 0 and seconds[0] > max_s and not compiled:
+                break
         timed = seconds[warm:]
         if not timed:
-            return seconds[0] * ema, 0.0
+            return seconds[0], 0.0
         per_sample = timed[0] / sizes[0]
         if len(sizes) == 2:
             per_sample = max((timed[0] - timed[1]) / (sizes[0] - sizes[1]), 0.0)
-        per_batch = max(timed[0] - per_sample * sizes[0], 0.0)
-        return per_batch * ema, per_sample * ema
+        return max(timed[0] - per_sample * sizes[0], 0.0), per_sample
 
     def _measure_rate(self, steps: int = 5, max_s: float = math.inf) -> float:
         """Training samples/s over a few steps of the first epoch's batches, after one warm-up step (compile,

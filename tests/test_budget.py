@@ -387,7 +387,7 @@ def test_with_cuda_graphs_the_recording_call_is_warm_up_too(shapes_root, tmp_pat
         rate = trainer._measure_rate(steps=3)
     finally:
         trainer.close()
-    assert calls["eval"] == 3 and per_batch + 40 * per_sample == pytest.approx(0.04)
+    assert calls["eval"] == 5 and per_batch + 40 * per_sample == pytest.approx(0.04)  # and 2 at the last batch's 20
     assert calls["train"] == 5 and rate == pytest.approx(1000.0)  # 3 timed steps at 1 ms a sample
 
 
@@ -395,8 +395,10 @@ def test_with_cuda_graphs_the_recording_call_is_warm_up_too(shapes_root, tmp_pat
 def test_a_compiled_evaluation_is_measured_without_its_compile(shapes_root, tmp_path, monkeypatch, max_s):
     """On CUDA the evaluation is compiled, and each new batch shape's first call compiles a graph: the warm-up
     (longer than the measurement's share of the budget) was taken as the cost of every evaluation batch, and a
-    second shape compiled inside the timed calls. A 90 s budget planned 1 step. Here a fake clock charges 100 s
-    for a shape's first call and 1 ms per sample."""
+    second shape compiled inside the timed calls. A 90 s budget planned 1 step. The split's last, smaller batch
+    is compiled too, after the timed calls: in the first epoch, its compile was charged to every evaluation
+    after. Here a fake clock charges 100 s for a shape's first call and 1 ms per sample; the validation split's
+    60 images evaluate in batches of 40 and 20."""
     from types import SimpleNamespace
 
     from fasttrain import engine
@@ -418,8 +420,41 @@ def test_a_compiled_evaluation_is_measured_without_its_compile(shapes_root, tmp_
         per_batch, per_sample = trainer._measure_eval(max_s=max_s)
     finally:
         trainer.close()
-    assert set(seen) == {40}  # the shape the run evaluates at, compiled once
+    assert trainer.val_loader.num_samples == 60
+    assert seen[0] == 40 and seen[-1] == 20 and seen.count(20) == 1  # each shape the run evaluates at, once
     assert per_batch + 40 * per_sample == pytest.approx(0.04)
+
+
+def test_a_compiled_evaluation_measures_the_eager_ema_on_its_own(shapes_root, tmp_path, monkeypatch):
+    """The EMA's weights evaluate eagerly (evaluate swaps in the average's own module) while the model's
+    evaluation is compiled on CUDA: its cost is measured, not taken as the compiled one's again. A fake clock
+    charges 1 ms per sample to the model, 5 ms to the EMA."""
+    from types import SimpleNamespace
+
+    from fasttrain import engine
+    from fasttrain.prepare import prepare
+
+    prep = prepare(tiny_cfg(shapes_root, tmp_path, "train.eval_batch_size=40", "train.ema_decay=0.9"))
+    trainer = engine.Trainer(prep, None, progress=False)
+    try:
+        prep.runtime.compile, prep.runtime.eager_eval = True, False
+        now, name = [0.0], trainer.task.predict_module
+
+        def eval_step(state, batch):
+            ema = state.local[name] is state.ema[name].module
+            now[0] += (0.005 if ema else 0.001) * len(batch)
+            return {}
+
+        monkeypatch.setattr(trainer.task, "eval_step", eval_step)
+        monkeypatch.setattr(engine, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+        per_batch, per_sample = trainer._measure_eval()
+        assert trainer.state.local[name] is not trainer.state.ema[name].module  # put back
+        prep.runtime.compile = False  # eager: the EMA costs as much as the model
+        eager = trainer._measure_eval()
+    finally:
+        trainer.close()
+    assert per_batch + 40 * per_sample == pytest.approx(0.04 + 0.2)
+    assert eager[0] + 40 * eager[1] == pytest.approx(2 * 0.04)
 
 
 def test_the_rate_measurement_leaves_no_gradient_behind(tmp_path):
