@@ -62,6 +62,10 @@ class StepCosts:
     eval_every: int = 1
     scale: Callable[[int], float] | None = None
     """A step's cost at epoch ``e`` relative to the first epoch's (progressive resizing: the pixels per image)."""
+    size_change_s: float = 0.0
+    """What a new training size costs once, at the first step of the first epoch at it (progressive resizing: a
+    compiled step is compiled again, and with CUDA graphs recorded): the measured first steps' time beyond the
+    steady steps'. A new size is an epoch whose ``scale`` differs from the one before."""
 
     def __post_init__(self) -> None:
         if not self.step_s > 0:
@@ -71,6 +75,11 @@ class StepCosts:
 
     def per_step(self, epoch: int) -> float:
         return self.step_s * (self.scale(epoch) if self.scale else 1.0)
+
+    def epoch_start(self, epoch: int) -> float:
+        """Epoch ``epoch``'s (0-based) cost before its steps: :attr:`size_change_s` where its size is new."""
+        new_size = epoch > 0 and self.scale is not None and self.scale(epoch) != self.scale(epoch - 1)
+        return self.size_change_s if new_size else 0.0
 
     def epoch_end(self, epoch: int, last: bool) -> float:
         """Epoch ``epoch``'s (0-based) end: evaluated when it is the last or every ``eval_every`` epochs."""
@@ -88,6 +97,8 @@ def plan_steps(budget_s: float, elapsed_s: float, costs: StepCosts, *, done: int
     step = done
     while True:
         epoch = step // spe
+        if step % spe == 0:  # an epoch ahead, not started yet: its new size's compile is ahead too
+            left -= costs.epoch_start(epoch)
         per = costs.per_step(epoch)
         closing = left - costs.epoch_end(epoch, last=True)  # for this epoch's steps, when the run ends in it
         fit = math.floor(closing / per + 1e-9) if closing > 0 else 0

@@ -847,6 +847,8 @@ class Trainer:
         self._t_budget = self._t_start if started is None else started
         """When the time budget's clock started (perf_counter)."""
         self._eval_cost = (0.0, 0.0)
+        self._size_change_s = 0.0
+        """A compiled step's first calls beyond the steady ones' (:attr:`fasttrain.budget.StepCosts.size_change_s`)."""
         """A time budget's measured evaluation: seconds per batch and per sample (the EMA's included)."""
         self._replan_step = 0
         """A time budget whose first plan ends inside the first epoch re-plans at this step (0: after the first
@@ -1159,6 +1161,7 @@ class Trainer:
             final_s=final_s,
             eval_every=self.tc.eval_every,
             scale=self._size_scale,
+            size_change_s=self._size_change_s,
         )
         elapsed = time.perf_counter() - self._t_budget
         total = int(distributed.broadcast_object(plan_steps(self.tc.time_budget_s, elapsed, costs, done=done)))
@@ -1217,7 +1220,9 @@ class Trainer:
         a tenth of a short budget unused (60 s of ~160 small epochs)."""
         seen = self._epoch_walls
         steps = sum(self._epoch_steps(e) for e, *_ in seen)
-        train_s = sum(t / self._size_scale(e) for e, t, _, _ in seen)  # at the first epoch's image size
+        costs = StepCosts(1.0, self.steps_per_epoch, scale=self._size_scale, size_change_s=self._size_change_s)
+        # at the first epoch's image size, without the compiles of new sizes (the plan counts those apart)
+        train_s = sum(max(t - costs.epoch_start(e), 0.0) / self._size_scale(e) for e, t, _, _ in seen)
         evals = [float(v) for _, _, v, _ in seen if v is not None]
         eval_s = sum(evals) / len(evals) if evals else self._eval_s(len(self.source.val or []))
         end_s = sum(max(w - t - float(v or 0.0), 0.0) for _, t, v, w in seen) / len(seen)
@@ -1442,6 +1447,8 @@ class Trainer:
                 torch.cuda.set_rng_state_all(cuda_rng)
         timed = times[warm:] or times[-1:]  # the first steps carry compile and warm-up
         seconds = sum(t for t, _ in timed)
+        if runtime.compile and len(times) > warm:  # what each new size of progressive resizing compiles again
+            self._size_change_s = max(sum(t for t, _ in times[:warm]) - warm * seconds / len(timed), 0.0)
         samples = sum(b for _, b in timed) * self.prep.dist.world_size
         return samples / max(seconds, 1e-6)
 

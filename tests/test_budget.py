@@ -72,6 +72,18 @@ def test_the_plan_grows_the_step_with_the_image_under_progressive_resizing():
     assert plan_steps(30.0, 0.0, growing, margin=0.0) == 15  # 10 steps of 1 s, then 5 of 4 s
 
 
+def test_the_plan_charges_each_new_size_its_compile_once():
+    """A compiled step compiles again at each new size of progressive resizing (and records its CUDA graph): 5 s
+    here, charged once at the first epoch of a size, never again at that size, nor to an epoch already begun."""
+    sizes = {0: 1.0, 1: 4.0, 2: 4.0, 3: 9.0}
+    costs = StepCosts(1.0, 10, scale=lambda e: sizes[min(e, 3)], size_change_s=5.0)
+    assert plan_steps(30.0, 0.0, costs, margin=0.0) == 13  # 10 s, 5 s to compile, 3 steps of 4 s
+    assert plan_steps(110.0, 0.0, costs, margin=0.0) == 31  # 10 + 5 + 40 + 40 (no compile) + 5 + 9 = 109 s
+    assert plan_steps(110.0, 0.0, StepCosts(1.0, 10, scale=costs.scale), margin=0.0) == 32  # 10 + 80 + 2 x 9
+    assert plan_steps(30.0, 18.0, costs, done=12, margin=0.0) == 15  # epoch 1 begun: 12 s left, 3 steps
+    assert plan_steps(30.0, 10.0, costs, done=10, margin=0.0) == 13  # a re-plan before epoch 1: its compile ahead
+
+
 def test_a_replan_counts_from_the_steps_done_and_always_ends_with_one_more():
     costs = StepCosts(1.0, 10, eval_s=1.0)
     assert plan_steps(40.0, 12.0, costs, done=10, margin=0.0) == 35  # 28 s left: 25 steps, 2 evaluations
@@ -389,6 +401,7 @@ def test_with_cuda_graphs_the_recording_call_is_warm_up_too(shapes_root, tmp_pat
         trainer.close()
     assert calls["eval"] == 5 and per_batch + 40 * per_sample == pytest.approx(0.04)  # and 2 at the last batch's 20
     assert calls["train"] == 5 and rate == pytest.approx(1000.0)  # 3 timed steps at 1 ms a sample
+    assert trainer._size_change_s == pytest.approx(150.0)  # what a new size would compile and record again
 
 
 @pytest.mark.parametrize("max_s", [math.inf, 1.0])
