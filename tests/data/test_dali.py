@@ -316,18 +316,24 @@ def test_closing_a_loader_hands_dalis_pooled_memory_back(mixed, monkeypatch):
 @pytest.mark.gpu
 @needs_dali
 def test_a_closed_gpu_loader_leaves_its_decoder_memory_with_the_driver(mixed):
-    """Four decoder threads pad ~800 MiB of device memory; once the loader is closed it must be gone."""
+    """Four decoder threads pad ~800 MiB of device memory; once the loader is closed it must be gone. Measured
+    from after a first loader: what a process's first GPU pipeline loads once (DALI's and nvJPEG's kernels, which
+    CUDA's lazy loading keeps on the device) is no loader's leak."""
     from fasttrain import memory
 
     dev = torch.device("cuda", 0)
-    torch.cuda.synchronize(dev)
-    before = memory.device_memory(dev).used_bytes
     data = DataConfig(image_size=32, dali_threads=4)
     spec = spec_for(data, dtype=torch.float16, device="cuda:0")
-    loader = DaliLoader(split_of(mixed), data, spec, batch_size=4, train=True, seed=0, device_id=0)
-    list(loader)
-    loader.close()
-    memory.free_device_memory(dev)
+
+    def one_loader():
+        loader = DaliLoader(split_of(mixed), data, spec, batch_size=4, train=True, seed=0, device_id=0)
+        list(loader)
+        loader.close()
+        memory.free_device_memory(dev)
+
+    one_loader()
+    before = memory.device_memory(dev).used_bytes
+    one_loader()
     assert memory.device_memory(dev).used_bytes - before < 256 * memory.MIB
 
 
