@@ -200,3 +200,39 @@ def test_a_slow_or_short_speed_run_and_the_recipe_sizes(tmp_path):
     assert v["ResNet-50 fast recipe: the step's samples/s per training size"] is True
     md = T.to_markdown(tmp_path, T.evaluate(tmp_path))
     assert "160 px 3,100 img/s (batch 256), 192 px 2,200 img/s (batch 256)" in md
+
+
+def _budget_run(folder: Path, wall: float, steps: list[int], total: int) -> None:
+    run = folder / "speedrun-budget" / "cifar10-speedrun-20261205-080000"
+    run.mkdir(parents=True)
+    (run / "config.toml").write_text(f"[train]\ntime_budget_s = 40.0\ntotal_steps = {total}\nepochs = 11\n")
+    records = [{"event": "startup", "epoch": 0, "step": 0}] + [{"epoch": i + 1, "step": s} for i, s in enumerate(steps)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "speedrun-budget.txt").write_text(f"...\nwall_s={wall} rc=0\n")
+
+
+@pytest.mark.parametrize(
+    ("quick_wall", "speed_wall", "steps", "met"),
+    [
+        (62.4, 43.5, [48, 96, 100], (True, True)),
+        (70.0, 43.5, [48, 96], (False, False)),
+        (58.0, 35.0, [100], (True, False)),
+    ],
+)
+def test_a_time_budget_is_met_within_ten_percent_with_its_schedule_complete(
+    tmp_path, quick_wall, speed_wall, steps, met
+):
+    """The budget stage: the quickstart's benchmark case (its wall time against its budget) and the speed run's
+    budgeted run (its wall time from the suite, its plan from config.toml, its last step from metrics.jsonl)."""
+    case = {"kind": "budget", "budget_s": 60.0, "wall_s": quick_wall, "total_steps": 900, "epochs": 15}
+    (tmp_path / "bench-budget.json").write_text(json.dumps({"benchmarks": [{"fullname": "b", "extra_info": case}]}))
+    _budget_run(tmp_path, speed_wall, steps, total=100)
+    v = _verdicts(tmp_path)
+    assert (v["time budget: quickstart"], v["time budget: cifar10-speedrun"]) == met
+    md = T.to_markdown(tmp_path, T.evaluate(tmp_path))
+    assert f"{quick_wall:.1f} s of 60 s" in md and f"{speed_wall:.1f} s of 40 s" in md
+
+
+def test_an_unmeasured_time_budget_says_so(tmp_path):
+    v = _verdicts(tmp_path)
+    assert v["time budget: quickstart"] is None and v["time budget: cifar10-speedrun"] is None
