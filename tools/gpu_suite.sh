@@ -25,7 +25,8 @@
 #                 progressive training size (160, 192 px), on the benchmark data; needs no DALI (its loader is
 #                 auto, and the figures are the step's)
 #   budget        the time budget on CUDA (issue 22: within +-10 %, the schedule complete): the quickstart at 60 s
-#                 (benchmarks/test_time_budget.py) and cifar10-speedrun at 40 s (its data as for speedrun);
+#                 (benchmarks/test_time_budget.py) and cifar10-speedrun at 40 s (its data and FASTTRAIN_SUITE_SET
+#                 as for speedrun);
 #                 needs no DALI. Each run's train.log says its plan and re-plans; the wall time is in its .txt
 #   summary       tools/bench_summary.py over every bench-*.json present, and tools/gpu_targets.py
 #
@@ -63,6 +64,9 @@ if [ -z "${PYTHONPYCACHEPREFIX:-}" ] && ! python3 -c "$torch_pyc_writable" 2>/de
   export PYTHONPYCACHEPREFIX=${FASTTRAIN_BENCH_CACHE:-/tmp/fasttrain-bench}/pycache
 fi
 ft=(python3 -m fasttrain)
+extra=()  # FASTTRAIN_SUITE_SET's words, never glob patterns ([160,192] stays as it is): --set for the speed runs
+read -ra sets <<< "${FASTTRAIN_SUITE_SET:-}"
+for kv in ${sets[@]+"${sets[@]}"}; do extra+=(--set "$kv"); done
 startup_probe='import time
 t0 = time.perf_counter()
 import fasttrain.cli, fasttrain.engine, fasttrain.prepare, torch._dynamo, torchvision
@@ -212,9 +216,6 @@ for stage in $stages; do
       python3 tools/gpu_targets.py "$out" -o "$out/targets.md" || status=1 ;;
     speedrun)
       if cifar=$(cifar_root); then
-        extra=()
-        read -ra sets <<< "${FASTTRAIN_SUITE_SET:-}"  # words, never glob patterns ([160,192] stays as it is)
-        for kv in ${sets[@]+"${sets[@]}"}; do extra+=(--set "$kv"); done
         for run in 1 2; do  # the second run finds the compile caches warm (airbench leaves compiling out)
           timed "speedrun-$run" "${ft[@]}" train cifar10-speedrun --set "data.root=$cifar" \
             --set "train.runs_dir=$out/speedrun-$run" ${extra[@]+"${extra[@]}"} -q
@@ -231,7 +232,7 @@ for stage in $stages; do
         --benchmark-json="$out/bench-budget.json" 2>&1 | tee "$out/bench-budget.txt" || status=1
       if cifar=$(cifar_root); then
         timed speedrun-budget "${ft[@]}" train cifar10-speedrun --set "data.root=$cifar" --time-budget 40s \
-          --set "train.runs_dir=$out/speedrun-budget" -q
+          --set "train.runs_dir=$out/speedrun-budget" ${extra[@]+"${extra[@]}"} -q
       else
         status=1
       fi ;;
