@@ -847,9 +847,9 @@ class Trainer:
         self._t_budget = self._t_start if started is None else started
         """When the time budget's clock started (perf_counter)."""
         self._eval_cost = (0.0, 0.0)
+        """A time budget's measured evaluation: seconds per batch and per sample (the EMA's included)."""
         self._size_change_s = 0.0
         """A compiled step's first calls beyond the steady ones' (:attr:`fasttrain.budget.StepCosts.size_change_s`)."""
-        """A time budget's measured evaluation: seconds per batch and per sample (the EMA's included)."""
         self._replan_step = 0
         """A time budget whose first plan ends inside the first epoch re-plans at this step (0: after the first
         epoch, as a longer plan does; -1: done)."""
@@ -1363,7 +1363,9 @@ class Trainer:
         try:
             with torch.no_grad():
                 cost = self._time_eval(batch, small, large, max_s, compiled)
-                last = self.val_loader.num_samples % max(self.val_loader.batch_size, 1)
+                dist = self.prep.dist  # this process's shard of the split (every backend's epoch_order)
+                shard = len(range(dist.rank, self.val_loader.num_samples, dist.world_size))
+                last = shard % max(self.val_loader.batch_size, 1)
                 if compiled and 0 < last < len(batch):  # the last batch's shape: compiled now, not in epoch 1
                     for _ in range(runtime.warmup_calls):
                         task.eval_step(

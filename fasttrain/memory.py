@@ -84,7 +84,7 @@ _OOM_MARKERS = (
     # of the host one there, and cudnnGetErrorString spells the new names (cudnn_graph.h)
     "cudnn_status_internal_error_device_allocation_failed",
     "cudnn_status_internal_error_host_allocation_failed",
-    "can't allocate memory",
+    "can't allocate",  # the CPU allocator's "can't allocate memory", DALI's pool's "Can't allocate N bytes on ..."
     "cuda allocation failed",  # DALI's own allocator
 )
 

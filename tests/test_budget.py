@@ -438,6 +438,26 @@ def test_a_compiled_evaluation_is_measured_without_its_compile(shapes_root, tmp_
     assert per_batch + 40 * per_sample == pytest.approx(0.04)
 
 
+def test_under_torchrun_the_last_batch_compiled_is_this_processs(shapes_root, tmp_path, monkeypatch):
+    """Each process evaluates its shard (every backend's epoch_order: samples rank, rank + world, ...): 60 images
+    on 2 processes are 30 each, whose last batch of 40 holds 30, not the whole split's 60 % 40 = 20."""
+    from fasttrain import engine
+    from fasttrain.distributed import DistInfo
+    from fasttrain.prepare import prepare
+
+    prep = prepare(tiny_cfg(shapes_root, tmp_path, "train.eval_batch_size=40"))
+    trainer = engine.Trainer(prep, None, progress=False)
+    try:
+        prep.runtime.compile, prep.runtime.eager_eval = True, False
+        prep.dist = DistInfo(rank=1, world_size=2)
+        seen: list[int] = []
+        monkeypatch.setattr(trainer.task, "eval_step", lambda state, batch: seen.append(len(batch)) or {})
+        trainer._measure_eval()
+    finally:
+        trainer.close()
+    assert seen[-1] == 30 and 20 not in seen
+
+
 def test_a_compiled_evaluation_measures_the_eager_ema_on_its_own(shapes_root, tmp_path, monkeypatch):
     """The EMA's weights evaluate eagerly (evaluate swaps in the average's own module) while the model's
     evaluation is compiled on CUDA: its cost is measured, not taken as the compiled one's again. A fake clock

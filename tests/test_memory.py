@@ -28,6 +28,7 @@ def test_oom_classifier_accepts_only_out_of_memory():
     assert M.is_oom_error(RuntimeError("CUDA error: out of memory"))
     assert M.is_oom_error(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
     assert M.is_oom_error(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB"))
+    assert M.is_oom_error(RuntimeError("[DALI] Can't allocate 1048576 bytes on device 0."))  # DALI's memory pool
     # cuDNN 9 (torch's CUDA 13 wheels): cudnnGetErrorString(4004), cudnn_frontend's text, and the host one (4003)
     assert M.is_oom_error(RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED"))
     assert M.is_oom_error(

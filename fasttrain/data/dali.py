@@ -103,7 +103,8 @@ _DEVICE_MEMORY_PADDING = 211_025_920
 _HOST_MEMORY_PADDING = 140_544_512
 _DECODE_FAILED = re.compile(r"[Ff]ailed to decode sample #(\d+)")
 _DEVICE_FAILED = re.compile(
-    r"out of memory|CUDA allocation failed|CUDA (runtime|driver) API error|CUDA call has failed|cudaError|bad_alloc",
+    r"out of memory|CUDA allocation failed|can't allocate \d+ bytes on device|CUDA (runtime|driver) API error"
+    r"|CUDA call has failed|cudaError|bad_alloc",
     re.IGNORECASE,
 )
 """DALI's messages for a failure of the device or its memory (libdali's strings), never a file's fault: such a
@@ -791,13 +792,14 @@ class DaliLoader:
         try:
             outs = self._pipe.run() if stream is None else self._pipe.run(stream)
         except RuntimeError as e:
-            if _DEVICE_FAILED.search(str(e)):
-                self._drop_pipeline()  # its memory back before the error reaches the caller (autotune goes on)
-                raise
             failed = self._feeder.in_flight[0] if self._feeder.in_flight else None
-            bad = self._identify(failed, str(e)) if failed is not None else []
-            self._drop_pipeline()
-            self._feeder.rewind(serial)
+            try:
+                if _DEVICE_FAILED.search(str(e)):  # no file's fault: raised as it is (autotune reads an OOM)
+                    raise
+                bad = self._identify(failed, str(e)) if failed is not None else []  # may meet the device's too
+            finally:  # the pipeline's memory back, and the next pass fed from this batch on
+                self._drop_pipeline()
+                self._feeder.rewind(serial)
             if not bad:
                 raise RuntimeError(f"DALI pipeline failed, and no single file of the batch fails alone: {e}") from e
             for i, why in bad:

@@ -765,38 +765,57 @@ def test_a_file_failing_inside_dali_is_skipped_and_the_epoch_goes_on(mixed, tmp_
 
 
 @needs_dali
-@pytest.mark.parametrize("message", ["CUDA allocation failed", "CUDA runtime API error 2: out of memory"])
-def test_a_device_failure_inside_dali_is_raised_and_blames_no_file(mixed, monkeypatch, message):
+@pytest.mark.parametrize(
+    "message",
+    ["CUDA allocation failed", "Can't allocate 1048576 bytes on device 0.", "CUDA runtime API error 2: out of memory"],
+)
+@pytest.mark.parametrize("where", ["batch", "probe"])
+def test_a_device_failure_inside_dali_is_raised_and_blames_no_file(mixed, monkeypatch, message, where):
     """DALI's own allocator failing (its memory is outside torch's) is the device's fault: raised as it is, for
     autotune to read as out of memory, with no file probed (a batch-of-one pipeline would fail too, and blame a
-    good file), skipped or counted against data.max_bad_per_epoch; the next pass builds a new pipeline. The CPU
-    twin: every pipeline's run raises DALI's message while the device is "full"."""
+    good file), skipped or counted against data.max_bad_per_epoch. ``probe``: the batch failed otherwise, and the
+    device failed while its files were probed one by one. Either way the next passes are those of a loader that
+    never failed (the pipeline rebuilt, its feeder rewound). The CPU twin: a pipeline's run feeds its files, then
+    raises DALI's message from the second batch on, and every probe's does."""
     from fasttrain.memory import is_oom_error
 
-    data = DataConfig(image_size=16)
-    loader = DaliLoader(split_of(mixed[:8]), data, spec_for(data), batch_size=4, train=False, seed=0)
+    data = DataConfig(image_size=16, crop_scale_min=0.3)
+
+    def make():
+        return DaliLoader(split_of(mixed[:16], name="train"), data, spec_for(data), batch_size=4, train=True, seed=3)
+
+    loader, fresh = make(), make()
     assert loader.builds == 1  # built at construction
     real_define = DaliLoader._define
 
-    def failing(run):
+    def failing(run, text, after=0):
+        calls = [0]
+
         def fail(*args, **kwargs):
-            run(*args, **kwargs)  # the files are fed, as when DALI fails inside its operators
-            raise RuntimeError(f"[DALI] {message}")
+            out = run(*args, **kwargs)  # the files are fed, as when DALI fails inside its operators
+            calls[0] += 1
+            if calls[0] > after:
+                raise RuntimeError(f"[DALI] Error in thread 0: {text}")
+            return out
 
         return fail
 
     def full_define(self, *args, **kwargs):
         pipe = real_define(self, *args, **kwargs)
-        pipe.run = failing(pipe.run)
+        pipe.run = failing(pipe.run, message)
         return pipe
 
+    first = message if where == "batch" else "an operator failed"
     with monkeypatch.context() as full:
-        full.setattr(loader._pipe, "run", failing(loader._pipe.run))
+        full.setattr(loader._pipe, "run", failing(loader._pipe.run, first, after=1))
         full.setattr(DaliLoader, "_define", full_define)
         with pytest.raises(RuntimeError, match=message) as raised:
             epoch(loader, 0)
     assert is_oom_error(raised.value) and loader.skipped == []
-    assert epoch(loader, 0)[1].tolist() == list(range(8)) and loader.builds == 2
+    for e in (1, 2):
+        got, want = epoch(loader, e), epoch(fresh, e)
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]), e
+    assert loader.builds == 2
 
 
 @needs_dali
