@@ -55,17 +55,19 @@ def test_quickstart_time_budget(benchmark, pytestconfig, size, env, tmp_path):
     planned = load_config(run / "config.toml").train
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if "event" not in r][-1]
-    assert last["step"] == planned.total_steps  # the run ended where its plan (and schedule) ends
-    benchmark.extra_info.update(
+    benchmark.extra_info.update(  # recorded before the check, so that a failed one is reported too
         kind="budget",
         config="quickstart",
         budget_s=budget,
         wall_s=held["wall_s"],
         ratio=held["wall_s"] / budget,
         total_steps=planned.total_steps,
+        last_step=last["step"],
+        complete=last["step"] == planned.total_steps,
         epochs=planned.epochs,
         final_lr=last["lr"],
         load_before=load_before,
         load_after=os.getloadavg()[0],
         env=env,
     )
+    assert last["step"] == planned.total_steps  # the run ended where its plan (and schedule) ends

@@ -680,13 +680,14 @@ def _out_of_memory(e: BaseException) -> bool:
 def _oom_line(e: BaseException) -> str:
     """Out of memory, host or GPU, as one line: what ran out and what to lower (torch's text is a traceback)."""
     text = " ".join(str(e).split())
-    gpu = "cuda" in text.lower() or "cublas" in text.lower() or "cudnn" in text.lower()
+    gpu = any(m in text.lower() for m in ("cuda", "cublas", "cudnn", "bytes on device"))  # the last: DALI's pool
     wanted = re.search(r"(?:tried to allocate|allocate) ([\d.]+ ?[KMGT]?i?B|\d+ bytes)", text)
     size = f" (an allocation of {wanted.group(1)} failed)" if wanted else ""
     if gpu:
         return (
             f"out of GPU memory{size}: lower train.batch_size (with train.accumulation to keep the effective "
-            f"batch), or let `fasttrain autotune` find what fits"
+            f"batch, which runtime.compile_mode reduce-overhead and max-autotune refuse), or let `fasttrain "
+            f"autotune` find what fits"
         )
     return (
         f"out of host memory{size}: lower train.batch_size, data.workers or data.cache_budget "

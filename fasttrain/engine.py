@@ -1284,11 +1284,12 @@ class Trainer:
 
     def _final_s(self, eval_s: float | None = None) -> float:
         """The run's end after its last epoch, estimated: the task's report over the validation split (one
-        pass, without the EMA's), the test split's evaluation, and the report files and the process's exit
-        (:data:`_FINISH_S`). ``eval_s``: a measured evaluation of the validation split, scaling the estimate."""
+        pass, of the best weights: with an EMA, the mean of its and the model's), the test split's evaluation,
+        and the report files and the process's exit (:data:`_FINISH_S`). ``eval_s``: a measured evaluation of
+        the validation split, scaling the estimate."""
         n_val, n_test = len(self.source.val or []), len(self.source.test or [])
         scale = eval_s / self._eval_s(n_val) if eval_s and n_val and self._eval_s(n_val) > 0 else 1.0
-        one_pass = self._eval_s(n_val) / (2 if self.state.ema else 1)
+        one_pass = self._eval_s(n_val) / (2 if self.state.ema else 1)  # with an EMA, the mean of the two passes
         return scale * (one_pass + self._eval_s(n_test)) + _FINISH_S
 
     def _eval_s(self, samples: int) -> float:
@@ -1388,9 +1389,12 @@ class Trainer:
         """:meth:`_measure_eval`'s timing of one set of weights: (seconds per batch, seconds per sample)."""
         task, state, runtime = self.task, self.state, self.prep.runtime
         sizes = [len(batch)] if compiled else sorted({min(len(batch), small), min(len(batch), large)}, reverse=True)
-        warm = runtime.warmup_calls if compiled else 1  # CUDA graphs: a warm-up run, then the recording
+        # compiled: the compile (with CUDA graphs a warm-up run, then the recording); eager: each size once, as
+        # cudnn.benchmark searches its algorithms at each new shape
+        warmups = [sizes[0]] * runtime.warmup_calls if compiled else sizes
+        warm = len(warmups)
         seconds: list[float] = []
-        for i, n in enumerate([sizes[0]] * warm + sizes):
+        for i, n in enumerate(warmups + sizes):
             part = dataclasses.replace(batch, inputs=batch.inputs[:n], targets=batch.targets[:n])
             runtime.synchronize()
             t = time.perf_counter()
@@ -1411,7 +1415,9 @@ class Trainer:
         """Training samples/s over a few steps of the first epoch's batches, after one warm-up step (compile,
         allocator; two with CUDA graphs, whose second step records them), ending early once ``max_s`` seconds are
         spent and one step is timed (one process only: under torchrun every rank takes the same steps); the steps
-        are undone: weights, optimizer, scalers, EMA and random state are put back."""
+        are undone: weights, optimizer, scalers, EMA and random state are put back. A compiled step's warm-up
+        beyond the steady steps' (the loader's first batch left out) is kept as what each new size of progressive
+        resizing costs again (``_size_change_s``)."""
         import copy
 
         state, task, accum = self.state, self.task, self.tc.accumulation
@@ -1427,9 +1433,12 @@ class Trainer:
         try:
             times: list[tuple[float, int]] = []
             n = window = 0
+            first_wait = 0.0
             runtime.synchronize()
             t = t_start = time.perf_counter()
             for batch in _epoch_batches(self.train_loader, 0, 0):
+                if n == 0:  # the loader's start and first batch: no step's cost
+                    first_wait = time.perf_counter() - t
                 task.train_step(state, batch, update=(n + 1) % accum == 0, loss_scale=1.0 / accum)
                 n += 1
                 window += len(batch)
@@ -1450,7 +1459,8 @@ class Trainer:
         timed = times[warm:] or times[-1:]  # the first steps carry compile and warm-up
         seconds = sum(t for t, _ in timed)
         if runtime.compile and len(times) > warm:  # what each new size of progressive resizing compiles again
-            self._size_change_s = max(sum(t for t, _ in times[:warm]) - warm * seconds / len(timed), 0.0)
+            warm_s = sum(t for t, _ in times[:warm]) - first_wait
+            self._size_change_s = max(warm_s - warm * seconds / len(timed), 0.0)
         samples = sum(b for _, b in timed) * self.prep.dist.world_size
         return samples / max(seconds, 1e-6)
 

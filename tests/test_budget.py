@@ -510,3 +510,60 @@ def test_the_rate_measurement_leaves_no_gradient_behind(tmp_path):
         assert [p for p in params if p.grad is not None] == []
     finally:
         trainer.close()
+
+
+def test_a_rate_measurement_cut_short_by_an_error_leaves_no_gradient_either(tmp_path, monkeypatch):
+    """An error inside an accumulation (at the fourth micro-batch of two-batch steps) leaves the third's gradients
+    on the parameters unless the measurement clears them as it puts the state back."""
+    from fasttrain import engine
+    from fasttrain.data.synthetic import make_shapes_dataset
+    from fasttrain.prepare import prepare
+
+    root = make_shapes_dataset(
+        tmp_path / "shapes", train_per_class=15, val_per_class=4, size=32, shapes=("circle", "square", "triangle")
+    )
+    cfg = tiny_cfg(root, tmp_path / "runs", "train.batch_size=8", "train.accumulation=2", max_steps=0, epochs=2)
+    trainer = engine.Trainer(prepare(cfg), None, progress=False)
+    try:
+        real, calls = trainer.task.train_step, [0]
+
+        def failing_step(state, batch, **kw):
+            calls[0] += 1
+            if calls[0] == 4:
+                raise RuntimeError("a step failed")
+            return real(state, batch, **kw)
+
+        monkeypatch.setattr(trainer.task, "train_step", failing_step)
+        with pytest.raises(RuntimeError, match="a step failed"):
+            trainer._measure_rate()
+        assert [p for p in trainer.state.modules["model"].parameters() if p.grad is not None] == []
+    finally:
+        trainer.close()
+
+
+def test_an_eager_evaluation_warms_each_size_it_times(shapes_root, tmp_path, monkeypatch):
+    """An eager evaluation is timed at two sizes (a call's own cost apart from the samples'); on CUDA
+    cudnn.benchmark searches its algorithms at each new shape, so each size is warmed once before it is timed.
+    A fake clock charges 100 s for a shape's first call, 10 ms a call and 1 ms a sample."""
+    from types import SimpleNamespace
+
+    from fasttrain import engine
+    from fasttrain.prepare import prepare
+
+    prep = prepare(tiny_cfg(shapes_root, tmp_path, "train.eval_batch_size=40"))
+    trainer = engine.Trainer(prep, None, progress=False)
+    try:
+        prep.runtime.compile = False
+        now, seen = [0.0], set()
+
+        def eval_step(state, batch):
+            now[0] += (100.0 if len(batch) not in seen else 0.0) + 0.01 + 0.001 * len(batch)
+            seen.add(len(batch))
+            return {}
+
+        monkeypatch.setattr(trainer.task, "eval_step", eval_step)
+        monkeypatch.setattr(engine, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+        per_batch, per_sample = trainer._measure_eval()
+    finally:
+        trainer.close()
+    assert (per_batch, per_sample) == (pytest.approx(0.01), pytest.approx(0.001))

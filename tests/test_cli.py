@@ -148,3 +148,14 @@ def test_time_budget_becomes_the_setting(capsys, shapes_root, tmp_path):
     from fasttrain.config import load_config
 
     assert load_config(run / "config.toml").train.time_budget_s == 60.0
+
+
+def test_out_of_memory_is_one_line_saying_which_memory_ran_out():
+    from fasttrain.cli import _oom_line
+
+    gpu = _oom_line(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 15.7 GiB total)"))
+    assert gpu.startswith("out of GPU memory (an allocation of 2.00 GiB failed)") and "train.batch_size" in gpu
+    dali = _oom_line(RuntimeError("[DALI] Can't allocate 1048576 bytes on device 0."))  # DALI's memory pool
+    assert dali.startswith("out of GPU memory (an allocation of 1048576 bytes failed)")
+    host = _oom_line(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB"))
+    assert host.startswith("out of host memory")

@@ -235,7 +235,8 @@ for stage in $stages; do
           --set "train.runs_dir=$out/speedrun-budget" ${extra[@]+"${extra[@]}"} -q
       else
         status=1
-      fi ;;
+      fi
+      python3 tools/gpu_targets.py "$out" -o "$out/targets.md" || status=1 ;;
     recipe)
       timed recipe-autotune "${ft[@]}" autotune resnet50-imagenet-fast --set "data.root=$(data_root)" \
         --set "train.runs_dir=$out/runs" --out "$out/recipe-autotune"

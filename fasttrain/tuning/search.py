@@ -604,8 +604,9 @@ def plan_batches(
     - the chosen batch is the config's own micro-batch: nothing changes;
     - the global batch is kept through accumulation when memory evidence says it does not fit as one batch
       (``fails_at <= requested_global``; never where ``allow_accumulation`` is False: a CPU has no memory
-      budget), or when the config already accumulates (its own choice is kept, with the faster micro-batch);
-      a chosen batch at least as large as the global one means the global batch fits as one micro-batch;
+      budget, and CUDA graphs overwrite gradients kept across micro-batches), or when the config already
+      accumulates (its own choice is kept, with the faster micro-batch); a chosen batch at least as large as the
+      global one means the global batch fits as one micro-batch;
     - otherwise the global batch becomes the chosen batch (raised or lowered) and the note says that optim.lr
       was left as it is.
     """

@@ -212,25 +212,28 @@ def _budget_run(folder: Path, wall: float, steps: list[int], total: int) -> None
 
 
 @pytest.mark.parametrize(
-    ("quick_wall", "speed_wall", "steps", "met"),
+    ("quick_wall", "quick_complete", "speed_wall", "steps", "met"),
     [
-        (62.4, 43.5, [48, 96, 100], (True, True)),
-        (70.0, 43.5, [48, 96], (False, False)),
-        (58.0, 35.0, [100], (True, False)),
+        (62.4, True, 43.5, [48, 96, 100], (True, True)),
+        (70.0, True, 43.5, [48, 96], (False, False)),  # 17% over; the speed run ended at step 96 of 100
+        (58.0, False, 35.0, [100], (False, False)),  # the quickstart's schedule cut off; the speed run 12.5% under
     ],
 )
 def test_a_time_budget_is_met_within_ten_percent_with_its_schedule_complete(
-    tmp_path, quick_wall, speed_wall, steps, met
+    tmp_path, quick_wall, quick_complete, speed_wall, steps, met
 ):
-    """The budget stage: the quickstart's benchmark case (its wall time against its budget) and the speed run's
-    budgeted run (its wall time from the suite, its plan from config.toml, its last step from metrics.jsonl)."""
+    """The budget stage: the quickstart's benchmark case (its wall time against its budget, whether its run
+    ended at its plan's last step) and the speed run's budgeted run (its wall time from the suite, its plan
+    from config.toml, its last step from metrics.jsonl)."""
     case = {"kind": "budget", "budget_s": 60.0, "wall_s": quick_wall, "total_steps": 900, "epochs": 15}
+    case |= {"last_step": 900 if quick_complete else 850, "complete": quick_complete}
     (tmp_path / "bench-budget.json").write_text(json.dumps({"benchmarks": [{"fullname": "b", "extra_info": case}]}))
     _budget_run(tmp_path, speed_wall, steps, total=100)
     v = _verdicts(tmp_path)
     assert (v["time budget: quickstart"], v["time budget: cifar10-speedrun"]) == met
     md = T.to_markdown(tmp_path, T.evaluate(tmp_path))
     assert f"{quick_wall:.1f} s of 60 s" in md and f"{speed_wall:.1f} s of 40 s" in md
+    assert ("ended at step 850" in md) == (not quick_complete)
 
 
 def test_an_unmeasured_time_budget_says_so(tmp_path):
