@@ -158,8 +158,8 @@ def check_cuda_graphs(cfg: Config, task: Task) -> None:
             f"micro-batch's gradients at the next one, so accumulated gradients would be overwritten; {fix}, "
             f"or train.accumulation = 1"
         )
-    if task.cuda_graphs:
-        raise ConfigError(f"{mode}: the {task.name} task cannot run as CUDA graphs ({task.cuda_graphs}); {fix}")
+    if task.cuda_graphs_refused:
+        raise ConfigError(f"{mode}: the {task.name} task cannot run as CUDA graphs ({task.cuda_graphs_refused}); {fix}")
 
 
 def _import_for_first_step(cfg: Config) -> None:

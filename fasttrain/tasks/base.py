@@ -161,7 +161,7 @@ class Task:
     this (the cache is sized by it, DALI knows what to decode); :meth:`samples` adds what a kind needs more."""
     train_metric_names: tuple[str, ...] = ("loss",)
     """What ``train_step`` returns (epoch records hold them as ``train_<name>``)."""
-    cuda_graphs: str = ""
+    cuda_graphs_refused: str = ""
     """Why its step cannot run as CUDA graphs (runtime.compile_mode reduce-overhead or max-autotune on CUDA), or
     "" where it can: one network's forward and backward per micro-batch, its outputs read before the next
     compiled call. CUDA graphs hand each call's memory to the next call once no backward is pending."""

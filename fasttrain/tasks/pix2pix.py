@@ -61,7 +61,7 @@ class Pix2PixTask(Task):
     higher_is_better = frozenset({"psnr"})
     sample_kind = "pair"
     train_metric_names = ("loss", "d_loss", "g_gan", "g_l1")
-    cuda_graphs = (
+    cuda_graphs_refused = (
         "its step runs the discriminator's backward while the generator's is pending, and CUDA graphs free the "
         "generator's saved activations at the next compiled call"
     )
