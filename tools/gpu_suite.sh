@@ -26,8 +26,7 @@
 #                 auto, and the figures are the step's)
 #   budget        the time budget on CUDA (issue 22: within +-10 %, the schedule complete): the quickstart at 60 s
 #                 (benchmarks/test_time_budget.py) and cifar10-speedrun at 40 s (its data and FASTTRAIN_SUITE_SET
-#                 as for speedrun);
-#                 needs no DALI. Each run's train.log says its plan and re-plans; the wall time is in its .txt
+#                 as for speedrun); needs no DALI. Each run's train.log says its plan and re-plans
 #   summary       tools/bench_summary.py over every bench-*.json present, and tools/gpu_targets.py
 #
 # Data: Imagenette from ../shared/data (FASTTRAIN_SUITE_SHARED) when present, else ImageNet-size JPEGs generated
