@@ -552,6 +552,8 @@ class DaliLoader:
         check_shard(num_shards, shard_id)
         if device_id is not None and spec.device.type != "cuda":
             raise ValueError(f"DaliLoader: device_id={device_id} (GPU decode) but the inputs go to {spec.device}")
+        if device_id is not None and spec.device.index not in (None, device_id):  # one GPU decodes and trains
+            raise ValueError(f"DaliLoader: device_id={device_id} (GPU decode) but the inputs go to {spec.device}")
         if len(spec.mean) != data.channels:
             raise ValueError(f"DaliLoader: spec has {len(spec.mean)} mean values for {data.channels} channels")
         samples = split if isinstance(split, Samples) else Samples(split, "class")

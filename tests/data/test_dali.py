@@ -1032,3 +1032,15 @@ def test_mixed_decode_training_batches_bf16(mixed):
     assert batches[0].inputs.is_contiguous(memory_format=torch.channels_last)
     assert x.float().abs().max() < 3.0  # normalized ImageNet statistics stay within about +-2.7
     assert run(3)[1].tolist() == targets.tolist()
+
+
+@needs_dali
+@pytest.mark.parametrize("device", ["cpu", "cuda:1"])
+def test_gpu_decode_refuses_inputs_bound_for_another_device(mixed, device):
+    """The GPU that decodes (device_id) is the one the batches are for: DALI's outputs are handed over on that
+    device's stream, so inputs bound for the CPU or another GPU are refused before anything is built."""
+    data = DataConfig(image_size=16)
+    with pytest.raises(ValueError, match=rf"device_id=0 \(GPU decode\) but the inputs go to {device}"):
+        DaliLoader(
+            split_of(mixed[:4]), data, spec_for(data, device=device), batch_size=2, train=False, seed=0, device_id=0
+        )
