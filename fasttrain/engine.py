@@ -582,6 +582,11 @@ def evaluate(task: Task, state: TrainState, loader: Loader, *, ema: bool = False
     return task.eval_metrics(_read(distributed.all_reduce_sums(sums, device=task.runtime.device)))
 
 
+def _head(batch: Batch, n: int) -> Batch:
+    """The first ``n`` samples of ``batch`` (views, no copy)."""
+    return dataclasses.replace(batch, inputs=batch.inputs[:n], targets=batch.targets[:n])
+
+
 def _test_metrics(task: Task, state: TrainState, loader: Loader, weights: str) -> dict[str, float]:
     """The test split's metrics with the weights in ``state`` (``weights`` says which, in the log)."""
     metrics = {f"test_{k}": v for k, v in evaluate(task, state, loader).items()}
@@ -1369,9 +1374,7 @@ class Trainer:
                 last = shard % max(self.val_loader.batch_size, 1)
                 if compiled and 0 < last < len(batch):  # the last batch's shape: compiled now, not in epoch 1
                     for _ in range(runtime.warmup_calls):
-                        task.eval_step(
-                            state, dataclasses.replace(batch, inputs=batch.inputs[:last], targets=batch.targets[:last])
-                        )
+                        task.eval_step(state, _head(batch, last))
                 if state.ema and compiled:
                     swapped, state.local[name] = state.local[name], state.ema[name].module
                     try:
@@ -1395,7 +1398,7 @@ class Trainer:
         warm = len(warmups)
         seconds: list[float] = []
         for i, n in enumerate(warmups + sizes):
-            part = dataclasses.replace(batch, inputs=batch.inputs[:n], targets=batch.targets[:n])
+            part = _head(batch, n)
             runtime.synchronize()
             t = time.perf_counter()
             task.eval_step(state, part)
