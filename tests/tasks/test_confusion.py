@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -100,21 +101,40 @@ def test_confusion_json_reads_back_as_the_report_with_a_line_per_matrix_row(tmp_
         assert im.width > 100 and im.height > 100
 
 
-def test_a_confusion_figure_of_many_classes_has_no_per_class_ticks():
-    from fasttrain.tasks.confusion import _figure
+def test_a_confusion_figure_of_many_classes_names_none():
+    from fasttrain.tasks.confusion import NAMED_UP_TO, _render
 
-    n = 60
+    n = NAMED_UP_TO + 10
     report = confusion_report(torch.eye(n, dtype=torch.long) * 3, [str(i) for i in range(n)], split="val", weights="w")
-    ax = _figure(report).axes[0]
-    assert len(ax.get_xticks()) == 0 and len(ax.get_yticks()) == 0
-    few = _figure(confusion_report(torch.eye(4, dtype=torch.long), list("abcd"), split="val", weights="w")).axes[0]
-    assert [t.get_text() for t in few.get_xticklabels()] == list("abcd")
+    image, layout = _render(report)
+    assert layout.labels == [] and layout.cell * n <= image.width
+    few = confusion_report(torch.eye(4, dtype=torch.long), list("abcd"), split="val", weights="w")
+    assert _render(few)[1].labels == list("abcd")
 
 
 def test_a_confusion_figure_without_a_name_per_class_numbers_them():
-    from fasttrain.tasks.confusion import _figure
+    from fasttrain.tasks.confusion import axis_labels
 
     report = confusion_report(torch.eye(3, dtype=torch.long), ["a", "b", "c"], split="val", weights="w")
     report["classes"] = ["a"]  # a caller's report with fewer names than classes
-    ax = _figure(report).axes[0]
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2"]
+    assert axis_labels(report) == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("n", [3, 12, 80])
+def test_each_cell_of_the_figure_is_its_share_of_the_true_class_on_the_blues_ramp(n):
+    """Rows normalised: a cell's colour is its count over its row's sum (an empty row white), darker for more."""
+    from fasttrain.tasks.confusion import _render, blues
+
+    g = torch.Generator().manual_seed(n)
+    m = torch.randint(0, 40, (n, n), generator=g) + torch.eye(n, dtype=torch.long) * 200
+    m[1] = 0  # a class with no samples
+    image, layout = _render(confusion_report(m, [f"c{i}" for i in range(n)], split="val", weights="w"))
+    rgb = np.asarray(image.convert("RGB"))
+    shares = m.double() / m.sum(1, keepdim=True).clamp(min=1).double()
+    for i, j in [(0, 0), (0, n - 1), (1, 0), (n - 1, n - 1), (n // 2, 0)]:
+        y, x = layout.top + i * layout.cell, layout.left + j * layout.cell  # a corner: the counts are centred
+        assert tuple(rgb[y, x]) == tuple(blues(np.array(shares[i, j].item()))), (i, j)
+    assert tuple(blues(np.array(0.0))) == (247, 251, 255) and tuple(blues(np.array(1.0))) == (8, 48, 107)
+    assert tuple(rgb[layout.top + layout.cell, layout.left]) == (247, 251, 255)  # the empty row
+    darker = blues(np.linspace(0, 1, 11)).astype(int).sum(1)
+    assert (np.diff(darker) < 0).all()
