@@ -18,6 +18,7 @@
 #                 against the budget it was tuned for, in targets.md)
 #   speedrun      configs/cifar10-speedrun.toml on CIFAR-10 JPEGs, twice (the second with the compile caches
 #                 warm): time to 90.7% test accuracy and the whole run's wall time (issue 22); needs no DALI.
+#                 A third warm run without inductor's compile-worker pool started ahead (TORCH_WARM_POOL=0)
 #                 The data: ../shared/data/cifar10.tar (FASTTRAIN_SUITE_SHARED), FASTTRAIN_SUITE_CIFAR, or
 #                 .xfer/cifar10.tar.gz, which tools/device_cifar.sh makes small enough (20 MB) to carry;
 #                 FASTTRAIN_SUITE_SET="key=value ...": extra --set for its runs (a dry run on a small subset)
@@ -219,6 +220,12 @@ for stage in $stages; do
           timed "speedrun-$run" "${ft[@]}" train cifar10-speedrun --set "data.root=$cifar" \
             --set "train.runs_dir=$out/speedrun-$run" ${extra[@]+"${extra[@]}"} -q
         done
+        # A third, warm, without inductor's compile-worker pool started ahead (TORCH_WARM_POOL=0: torch starts it at
+        # the first kernel it must compile, and a warm run compiles none): the pool is a sidecar process and one
+        # worker per core (16), each importing torch beside the run, and shut down at exit; an H200 warm run spent
+        # 2 s between its last log line and its exit. speedrun-2 against speedrun-3 says what the pool costs.
+        TORCH_WARM_POOL=0 timed speedrun-3 "${ft[@]}" train cifar10-speedrun --set "data.root=$cifar" \
+          --set "train.runs_dir=$out/speedrun-3" ${extra[@]+"${extra[@]}"} -q
         # The run's start-up record splits off its imports; this says which (warm, as run 2 found them) and what
         # CUDA's first use costs: `sort -t'|' -k2 -n speedrun-imports.txt | tail` lists the slowest.
         python3 -X importtime -c "$startup_probe" > "$out/speedrun-imports.txt" 2>&1 || status=1

@@ -184,6 +184,17 @@ def test_the_speed_run_is_judged_on_its_last_run_with_the_first_epochs_compile_l
     assert "run 2: final 0.9150, 90.7% at epoch 4 after 2.00 s of training (4.50 s with the first epoch's" in md
 
 
+def test_the_third_speed_run_without_the_compile_pool_is_shown_but_not_judged(tmp_path):
+    _speedrun(tmp_path, 1, [0.5, 0.905], [30.4, 0.5], 48.0)
+    _speedrun(tmp_path, 2, [0.5, 0.91], [3.0, 0.5], 29.0)
+    _speedrun(tmp_path, 3, [0.5, 0.80], [3.0, 0.5], 14.0)  # faster, and short of the accuracy: not the verdict
+    v = _verdicts(tmp_path)
+    assert v["cifar10-speedrun test accuracy (last run)"] is True  # run 2's 0.91
+    assert v["cifar10-speedrun whole run, decode included"] is False  # run 2's 29 s
+    md = T.to_markdown(tmp_path, T.evaluate(tmp_path))
+    assert "run 3 (TORCH_WARM_POOL=0): final 0.8000, 90.7% not reached, whole run 14.0 s" in md
+
+
 def test_a_slow_or_short_speed_run_and_the_recipe_sizes(tmp_path):
     _speedrun(tmp_path, 1, [0.6, 0.91], [2.0, 2.6], None)  # at 90.7% after 2.0 + 2.6 s; no wall time written
     recipe = tmp_path / "recipe-autotune"
