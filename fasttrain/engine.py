@@ -1480,20 +1480,29 @@ class Trainer:
         if self.is_main:
             self.task.on_epoch_end(self.state, self.run_dir, self.val_loader)
 
+    def _finite_everywhere(self) -> bool:
+        """Whether the weights are finite in every process. Under torchrun the BatchNorm statistics differ between
+        ranks at an epoch's end (DDP syncs buffers at the start of a forward; each rank's last forward updates its
+        own), so one rank's may overflow alone: decided per rank, that rank raised Diverged while the others waited
+        in their next collective until torchrun's timeout."""
+        from fasttrain import distributed
+        from fasttrain.checkpoint import finite_weights
+
+        finite = finite_weights(self.state.modules)
+        if distributed.current().enabled:
+            bad = torch.tensor(0.0 if finite else 1.0, device=self.prep.runtime.device)
+            finite = float(distributed.all_reduce_sums({"bad": bad})["bad"]) == 0.0
+        return finite
+
     def _finish_epoch(self, record: dict[str, Any], last: bool) -> bool:
         """The epoch's record and checkpoints: best.pt when the metric improved (and the weights are finite),
         a top-k checkpoint, early stopping's count. Returns whether early stopping ends the run here."""
-        from fasttrain.checkpoint import finite_weights
-
         value, weights = best_candidate(record, self.best_metric, self.best_mode, bool(self.state.ema))
+        finite = self._finite_everywhere()
         if weights is not None:
             record["weights"] = weights
             self.ckpts.weights = weights  # what predict uses from this epoch's checkpoints
-        is_best = (
-            value is not None
-            and _better(self.best_mode, value, self.ckpts.best_value)
-            and finite_weights(self.state.modules)
-        )
+        is_best = value is not None and _better(self.best_mode, value, self.ckpts.best_value) and finite
         if is_best:
             self.ckpts.best_value = value
         record["best"] = is_best
@@ -1511,7 +1520,7 @@ class Trainer:
                     _fmt(record.get(f"val_ema_{m}")),
                 )
             self.ckpts.save_best()
-        if self.top_k.wants(value) and finite_weights(self.state.modules):
+        if self.top_k.wants(value) and finite:
             assert value is not None
             name = self.top_k.name_for(record["epoch"], value)
             self.ckpts.save_best(name)
@@ -1519,7 +1528,7 @@ class Trainer:
         stop = self.early_stop.update(record)
         if (record["epoch"]) % self.tc.checkpoint_every == 0 or last or stop:
             self.ckpts.save_last()
-        if self.tc.max_nonfinite_logs and not finite_weights(self.state.modules):
+        if self.tc.max_nonfinite_logs and not finite:
             # Short epochs end before max_nonfinite_logs bad steps in a row: a run whose weights went inf / nan
             # used to exit 0 with NaN losses and no checkpoint at all.
             raise Diverged(

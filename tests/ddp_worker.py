@@ -4,6 +4,7 @@
 
 With ``--kill-rank``, rank R of the first attempt (TORCHELASTIC_RESTART_COUNT = 0) kills itself with SIGKILL
 once S optimizer steps are done, as a lost machine would: torchrun restarts the group and the run must resume.
+With DDP_WORKER_POISON=R:S, rank R's weights become infinite after the optimizer step taken at step S.
 With DDP_WORKER_THREADS=1 in the environment, each rank names the threads it still has once main() returned.
 With DDP_WORKER_FAIL_ONCE=PATH, the first rank 0 whose main() succeeds (the one that creates PATH) still ends with
 exit status 1, as a rank that aborts at the interpreter's exit does (gloo's SIGABRT in CI); the other ranks of
@@ -35,6 +36,9 @@ def main(argv: list[str]) -> int:
                 return train_step(self, state, batch, **kw)
 
             Task.train_step = die
+    poison = os.environ.get("DDP_WORKER_POISON")
+    if poison and os.environ.get("RANK") == poison.split(":")[0]:
+        _poison_after(int(poison.split(":")[1]))
     from fasttrain.cli import main as cli
 
     rc = cli(argv)
@@ -50,6 +54,25 @@ def main(argv: list[str]) -> int:
     if hold and rc == 0:
         threading.Event().wait(120)  # the restart's SIGTERM ends this process (its default action)
     return rc
+
+
+def _poison_after(step: int) -> None:
+    """This rank's weights made infinite after the optimizer step taken at ``state.step == step`` (the ranks'
+    weights then differ at that epoch's end, as one rank's BatchNorm statistics can)."""
+    import torch
+
+    from fasttrain.tasks.base import Task
+
+    train_step = Task.train_step
+
+    def poisoned(self, state, batch, **kw):
+        out = train_step(self, state, batch, **kw)
+        if state.step == step:
+            with torch.no_grad():
+                next(iter(state.modules["model"].parameters())).fill_(float("inf"))
+        return out
+
+    Task.train_step = poisoned
 
 
 def _first(path: str) -> bool:

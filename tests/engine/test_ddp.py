@@ -189,6 +189,19 @@ def test_a_checkpoint_resumes_on_another_world_size(shapes_root, tmp_path, first
     _close(_weights(run), _weights(_only_run(tmp_path / "ref")))
 
 
+def test_weights_gone_infinite_on_one_rank_stop_every_rank(shapes_root, tmp_path):
+    """Ranks' weights can differ at an epoch's end (each rank's last forward updates its own BatchNorm statistics):
+    the divergence check is the ranks' joint decision. Decided per rank, rank 1 raised while rank 0 went on into
+    its next collective and waited there until dist.timeout_s."""
+    sets = _sets(shapes_root, tmp_path / "x", "train.epochs=2", "train.max_steps=4", "dist.timeout_s=90")
+    done = _torchrun(2, ["train", "-q", *sets], env_extra={"DDP_WORKER_POISON": "1:3"}, timeout=240)
+    assert done.returncode != 0
+    stopped = re.findall(r"fasttrain: error: training stopped after epoch 1, step 4: the weights are not", done.stderr)
+    assert len(stopped) == 2, done.stderr[-9000:]  # both ranks, not rank 1 alone
+    # rank 0 did not go on into the next collective (gloo then fails at once; NCCL waits for dist.timeout_s)
+    assert "Connection closed by peer" not in done.stderr, done.stderr[-9000:]
+
+
 def test_a_batch_that_does_not_divide_over_the_processes_is_refused(shapes_root, tmp_path):
     done = _torchrun(2, ["train", "-q", *_sets(shapes_root, tmp_path / "x", "train.batch_size=33")])
     assert done.returncode != 0
