@@ -1362,8 +1362,10 @@ class Trainer:
         if self.val_loader is None:
             return 0.0, 0.0
         task, state, runtime = self.task, self.state, self.prep.runtime
+        batch = next(iter(self.val_loader), None)
+        if batch is None:  # this process's shard is empty (a split smaller than the processes): rank 0 plans
+            return 0.0, 0.0
         rng = torch.get_rng_state()
-        batch = next(iter(self.val_loader))
         compiled = runtime.compile and not runtime.eager_eval
         name = task.predict_module
         state.train(False)

@@ -458,6 +458,23 @@ def test_under_torchrun_the_last_batch_compiled_is_this_processs(shapes_root, tm
     assert seen[-1] == 30 and 20 not in seen
 
 
+def test_a_process_without_validation_batches_measures_no_evaluation(shapes_root, tmp_path):
+    """Under torchrun a validation split smaller than the processes leaves some shards empty: the measurement
+    raised StopIteration there, and the other ranks waited for the plan's broadcast."""
+    from fasttrain import engine
+    from fasttrain.prepare import prepare
+
+    prep = prepare(tiny_cfg(shapes_root, tmp_path, "train.eval_batch_size=40"))
+    trainer = engine.Trainer(prep, None, progress=False)
+    real = trainer.val_loader
+    try:
+        trainer.val_loader = []  # type: ignore[assignment]  # this process's shard: no batch
+        assert trainer._measure_eval() == (0.0, 0.0)
+    finally:
+        trainer.val_loader = real
+        trainer.close()
+
+
 def test_a_compiled_evaluation_measures_the_eager_ema_on_its_own(shapes_root, tmp_path, monkeypatch):
     """The EMA's weights evaluate eagerly (evaluate swaps in the average's own module) while the model's
     evaluation is compiled on CUDA: its cost is measured, not taken as the compiled one's again. A fake clock
