@@ -53,6 +53,7 @@ __all__ = [
     "barrier",
     "current",
     "wrap_state",
+    "sync_batchnorm",
 ]
 
 
@@ -554,7 +555,6 @@ def wrap_state(state: Any, runtime: Any, *, sync_bn: bool = False) -> None:
     One process: nothing changes. ``sync_bn`` (``model.sync_bn``): SyncBatchNorm, CUDA only."""
     if not current().enabled:
         return
-    import torch
     from torch.nn.parallel import DistributedDataParallel
 
     from fasttrain.config import ConfigError
@@ -563,7 +563,7 @@ def wrap_state(state: Any, runtime: Any, *, sync_bn: bool = False) -> None:
         if sync_bn:
             if not runtime.is_cuda:
                 raise ConfigError("model.sync_bn: SyncBatchNorm needs CUDA devices (NCCL); turn it off on CPU")
-            module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)  # keeps the parameter objects
+            module = sync_batchnorm(module)  # keeps the parameter objects
             state.modules[name] = module
         ddp = DistributedDataParallel(
             module, device_ids=[runtime.device.index] if runtime.is_cuda else None, gradient_as_bucket_view=True
@@ -571,6 +571,35 @@ def wrap_state(state: Any, runtime: Any, *, sync_bn: bool = False) -> None:
         state.ddp[name] = ddp
         state.callables[name] = runtime.compiled(ddp)
         state.local[name] = runtime.for_eval(module, runtime.compiled(module))
+
+
+def sync_batchnorm(module: Any) -> Any:
+    """``module`` with its BatchNorm layers made SyncBatchNorm (``model.sync_bn``), parameters and statistics
+    kept. torch's converter turns any BatchNorm subclass into a plain SyncBatchNorm, whose forward never calls
+    what the subclass added: timm's BatchNormAct2d (its activation and drop-out, run inside its own forward)
+    lost them, and an EfficientNet trained without activations. Where the model has timm's layers, timm's
+    converter makes them SyncBatchNormAct; a BatchNorm subclass neither knows is refused, naming it."""
+    import torch
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    from fasttrain.config import ConfigError
+
+    plain = {torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm}
+    odd = {type(m) for m in module.modules() if isinstance(m, _BatchNorm)} - plain
+    timm_layers = any(t.__module__.split(".")[0] == "timm" for t in odd)
+    if timm_layers:
+        from timm.layers import BatchNormAct2d, convert_sync_batchnorm
+
+        odd.discard(BatchNormAct2d)  # exactly it: a subclass of it may add to its forward too
+    unknown = sorted(f"{t.__module__}.{t.__qualname__}" for t in odd)
+    if unknown:
+        raise ConfigError(
+            f"model.sync_bn: {', '.join(unknown)} is a BatchNorm layer with a forward of its own, which "
+            f"SyncBatchNorm would replace (dropping what it adds); turn model.sync_bn off for this model"
+        )
+    if timm_layers:
+        return convert_sync_batchnorm(module)
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
 
 
 _SECONDARY = ("closed by peer", "reset by peer", "Connection refused", "connectFullMesh", "Broken pipe")

@@ -103,3 +103,36 @@ def test_an_evaluation_shard_with_no_samples_still_joins_the_all_reduce(monkeypa
     assert {k: v.item() for k, v in out.items()} == {"correct": 3.0, "count": 2.0, "loss": 0.5}
     out = D.all_reduce_sums({"loss": torch.tensor(1.0)}, device=torch.device("cpu"))  # some keys missing
     assert reduced[1].tolist() == [0.0, 0.0, 1.0] and out["loss"].item() == 1.5
+
+
+def test_sync_batchnorm_keeps_timms_activations_inside_its_norm_layers():
+    """timm's BatchNormAct2d is a BatchNorm2d that applies its activation in its own forward: torch's converter
+    made it a plain SyncBatchNorm (the activation still attached, never called). Evaluation output (eval mode
+    runs on the CPU) must not change, and the optimizer's parameter objects must stay."""
+    timm_layers = pytest.importorskip("timm.layers")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        timm_layers.BatchNormAct2d(8, act_layer=torch.nn.ReLU),
+        torch.nn.Conv2d(8, 4, 3),
+        torch.nn.BatchNorm2d(4),
+    ).eval()
+    x = torch.randn(2, 3, 12, 12)
+    before, params = model(x), [id(p) for p in model.parameters()]
+    synced = D.sync_batchnorm(model).eval()
+    assert [type(m).__name__ for m in synced] == ["Conv2d", "SyncBatchNormAct", "Conv2d", "SyncBatchNorm"]
+    assert [id(p) for p in synced.parameters()] == params
+    torch.testing.assert_close(synced(x), before)
+
+
+def test_sync_batchnorm_refuses_a_batchnorm_with_a_forward_of_its_own():
+    from fasttrain.config import ConfigError
+
+    class ScaledBN(torch.nn.BatchNorm2d):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    with pytest.raises(ConfigError, match=r"model\.sync_bn: .*ScaledBN is a BatchNorm layer with a forward"):
+        D.sync_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), ScaledBN(4)))
+    plain = D.sync_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)))
+    assert isinstance(plain[1], torch.nn.SyncBatchNorm)
