@@ -125,10 +125,7 @@ def prepare(
     marks = [("index", time.perf_counter())]
     if not cfg.model.num_outputs and source.num_outputs:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, num_outputs=source.num_outputs))
-    device = {}
-    if info.enabled and resolve_device(cfg.runtime.device).type == "cuda":
-        device = {"device": f"cuda:{info.local_rank}"}  # one GPU per process: LOCAL_RANK's
-    runtime = runtime_for(cfg, train_samples=len(source.train), **device)
+    runtime = runtime_for(cfg, train_samples=len(source.train))  # under torchrun: LOCAL_RANK's GPU
     marks.append(("device", time.perf_counter()))
     task = make_task(cfg, runtime, source, model=model, restoring=restoring)
     task.check()

@@ -496,14 +496,28 @@ def _driver_version() -> str | None:
         return None
 
 
+def process_device(requested: str, local_rank: int, cuda_count: int) -> str:
+    """``runtime.device`` for one process of a torchrun job: a CUDA device is GPU ``LOCAL_RANK`` whatever index
+    is asked for (one GPU per process), anything else as asked. A rank built on the config's ``cuda:0`` moved
+    its current device there: its object collectives ran on another rank's GPU, and it left a CUDA context on
+    GPU 0 that rank 0's memory readings counted."""
+    return f"cuda:{local_rank}" if decide_device(requested, cuda_count).type == "cuda" else requested
+
+
 def runtime_for(cfg: Config, *, train_samples: int | None = None, **overrides: Any) -> Runtime:
-    """The runtime of a config: channels_last only where its model convolves. ``overrides`` replace
+    """The runtime of a config: channels_last only where its model convolves, under torchrun on this process's
+    GPU (:func:`process_device`). ``overrides`` replace
     ``runtime.*`` fields for this use (e.g. ``compile="off"`` for eager probes or prediction).
     ``train_samples``: the training set's size, from which ``runtime.compile = auto`` on CPU judges the job's
     length (without it, auto stays eager there)."""
+    from fasttrain.distributed import dist_info
     from fasttrain.models import is_conv_model
 
     rcfg = dataclasses.replace(cfg.runtime, **overrides) if overrides else cfg.runtime
+    info = dist_info()
+    if info.world_size > 1:  # under torchrun, from its environment: before the process group is joined too
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        rcfg = dataclasses.replace(rcfg, device=process_device(rcfg.device, info.local_rank, count))
     job = None
     if train_samples is not None:
         n = train_samples

@@ -494,3 +494,29 @@ def test_trained_samples_caps_each_epoch_at_max_steps_and_the_run_at_total_steps
     assert trained_samples(TrainConfig(epochs=3, batch_size=8, max_steps=4), 85) == 3 * 4 * 8
     assert trained_samples(TrainConfig(epochs=3, batch_size=8, total_steps=25), 85) == 25 * 8
     assert trained_samples(TrainConfig(epochs=1, batch_size=8, total_steps=25), 85) == 25 * 8  # epochs fit the plan
+
+
+@pytest.mark.parametrize(
+    "requested, count, expected",
+    [("cuda:0", 2, "cuda:1"), ("auto", 2, "cuda:1"), ("cuda", 2, "cuda:1"), ("cpu", 2, "cpu"), ("auto", 0, "auto")],
+)
+def test_under_torchrun_a_cuda_device_is_the_processs_local_rank(requested, count, expected):
+    """Rank 1 of a config naming cuda:0 (autotune built its runtimes from the config) sat on rank 0's GPU."""
+    from fasttrain.runtime import process_device
+
+    assert process_device(requested, 1, count) == expected
+
+
+def test_runtime_for_under_torchrun_takes_local_ranks_device(monkeypatch):
+    from fasttrain import runtime as R
+    from fasttrain.config import load_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    seen = []
+    monkeypatch.setattr(R, "Runtime", lambda rcfg, **kw: seen.append(rcfg.device))
+    asked = []
+    monkeypatch.setattr(R, "process_device", lambda requested, rank, count: asked.append((requested, rank)) or "cpu")
+    R.runtime_for(load_config(None, ["runtime.device=cuda:0"]))
+    assert asked == [("cuda:0", 1)] and seen == ["cpu"]  # the process's device, not the config's
