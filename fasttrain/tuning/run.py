@@ -673,7 +673,18 @@ def _plans(run: _Run, out: _Outcome, search: SearchResult, plan: BatchPlan, stat
             if state is None:
                 state = run.prep.task.build_state()
             if out.loader is None:
-                out.loader = _trial_loaders(run, out, plan, state)
+                oom = _trial_loaders_or_oom(run, out, plan, state)
+                if oom:  # the real loader beside the step (a GPU cache's whole set, DALI's buffers): no probe's
+                    state = None
+                    failed.append(Candidate(plan.micro_batch, False, failure="oom", error=oom, phase="loader"))
+                    why = f"the loader trials at micro-batch {plan.micro_batch} ran out of memory ({oom})"
+                    smaller_plan = None if len(failed) == 3 else _smaller(run, out, search, plan, failed, why)
+                    if smaller_plan is None:
+                        out.error = why
+                        return
+                    plan = smaller_plan
+                    continue
+                assert out.loader is not None
                 trial_loader, out.loader.loader = out.loader.loader, None
                 if _over_headroom_with_loader(run, out, search, out.compiled or reference):
                     _close(trial_loader)
@@ -773,6 +784,19 @@ def _compile(
                 f"and the verification compile it once more"
             )
     return state, got, plan
+
+
+def _trial_loaders_or_oom(run: _Run, out: _Outcome, plan: BatchPlan, state: Any) -> str:
+    """:func:`_trial_loaders` into ``out.loader``; an out-of-memory error's summary instead of raising it ('' when
+    they ran). The trials run the real loader beside the compiled step, which no probe measured: the whole GPU
+    cache, DALI's buffers, batches in flight. Raised, it ended autotune with a traceback."""
+    try:
+        out.loader = _trial_loaders(run, out, plan, state)
+    except Exception as e:
+        if not memory.is_oom_error(e):
+            raise
+        return memory.oom_summary(e)
+    return ""
 
 
 def _trial_loaders(run: _Run, out: _Outcome, plan: BatchPlan, state: Any) -> LoaderResult:

@@ -98,7 +98,8 @@ class Candidate:
     """oom, retries, headroom (a probe) or budget (the whole device over it in the verification): the memory
     evidence against this size; empty when usable."""
     phase: str = ""
-    """given (the config's own micro-batch), grow, bisect or compiled."""
+    """given (the config's own micro-batch), grow, bisect or compiled; for a plan that failed, verify or loader
+    (its loader trials ran out of memory)."""
     error: str = ""
     """Why it did not fit or is not usable."""
     seconds: float = 0.0

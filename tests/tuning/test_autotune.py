@@ -313,31 +313,60 @@ def test_a_verification_out_of_memory_falls_back_to_a_smaller_measured_batch(tmp
         return real(task, source, **kw)
 
     monkeypatch.setattr(P, "verify", verify)
-    cfg = load_config(
-        None,
-        [
-            "data.root=",
-            "model.name=smallcnn",
-            "model.width=8",
-            "data.image_size=32",
-            "data.resize_size=32",
-            "train.batch_size=64",
-            f"train.runs_dir={tmp_path}",
-            f"tune.cache_dir={tmp_path / 'cache'}",
-            "tune.max_batch=64",
-            "tune.warmup_steps=1",
-            "tune.repeats=2",
-            "tune.repeat_s=0.01",
-            "tune.verify_s=0.1",
-            "tune.time_budget_s=600",
-            "train.epochs=1000",  # a long job: the CPU cap (half the training tuned) stays above the budget
-        ],
-    )
-    r = A.autotune(cfg, out_dir=tmp_path / "out")
+    r = A.autotune(load_config(None, _quick_sets(tmp_path)), out_dir=tmp_path / "out")
     assert calls[0] == 64 and calls[1] < 64
     assert r.ok and r.plan.micro_batch == calls[1] and r.plan.accumulation == 1  # a CPU: no accumulation
     assert any("verification at micro-batch 64 failed" in n for n in r.notes)
     assert r.files["config"] and load_config(r.files["config"]).train.batch_size == calls[1]
+
+
+def test_loader_trials_out_of_memory_fall_back_to_a_smaller_measured_batch(tmp_path, monkeypatch, virtual_time):
+    """The loader trials run the real loader beside the step (on a GPU the cache's whole set, DALI's buffers),
+    which no probe measured: their out-of-memory error ended autotune with a traceback."""
+    real = L.tune_loader
+    calls = []
+
+    def tune_loader(cfg, runtime, source, backend, **kw):
+        calls.append(kw["micro"])
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (fake)")
+        return real(cfg, runtime, source, backend, **kw)
+
+    monkeypatch.setattr(L, "tune_loader", tune_loader)
+    r = A.autotune(load_config(None, _quick_sets(tmp_path)), out_dir=tmp_path / "out")
+    assert calls[0] == 64 and calls[1] < 64
+    assert r.ok and r.plan.micro_batch == calls[1]
+    assert any("the loader trials at micro-batch 64 ran out of memory" in n for n in r.notes)
+    assert load_config(r.files["config"]).train.batch_size == calls[1]
+
+
+def test_loader_trials_failing_otherwise_still_raise(tmp_path, monkeypatch, virtual_time):
+    def tune_loader(*a, **kw):
+        raise RuntimeError("a bug in a loader")
+
+    monkeypatch.setattr(L, "tune_loader", tune_loader)
+    with pytest.raises(RuntimeError, match="a bug in a loader"):
+        A.autotune(load_config(None, _quick_sets(tmp_path)), out_dir=tmp_path / "out")
+
+
+def _quick_sets(tmp_path) -> list[str]:
+    return [
+        "data.root=",
+        "model.name=smallcnn",
+        "model.width=8",
+        "data.image_size=32",
+        "data.resize_size=32",
+        "train.batch_size=64",
+        f"train.runs_dir={tmp_path}",
+        f"tune.cache_dir={tmp_path / 'cache'}",
+        "tune.max_batch=64",
+        "tune.warmup_steps=1",
+        "tune.repeats=2",
+        "tune.repeat_s=0.01",
+        "tune.verify_s=0.1",
+        "tune.time_budget_s=600",
+        "train.epochs=1000",  # a long job: the CPU cap (half the training tuned) stays above the budget
+    ]
 
 
 # -- loader trials -----------------------------------------------------------------------------------------------
