@@ -92,7 +92,10 @@ _OOM_MARKERS = (
 def is_oom_error(exc: BaseException | None) -> bool:
     """True only for out-of-memory errors: ``torch.OutOfMemoryError``, a ``MemoryError``, or a RuntimeError whose
     message says out of memory (CUDA, cuBLAS / cuDNN allocation failures, the CPU allocator), also when it is
-    the ``__cause__`` of another error (torch.compile re-raises). Everything else is a real bug."""
+    the ``__cause__`` of another error (torch.compile re-raises) or the error another one was raised while
+    handling (``__context__``): ``torch.cuda.graph``'s exit ends the capture whatever happened inside it, and
+    when an allocation failed during a CUDA graph's recording, the capture's own error replaces the out-of-memory
+    one. Everything else is a real bug."""
     for _ in range(8):
         if exc is None:
             return False
@@ -100,7 +103,7 @@ def is_oom_error(exc: BaseException | None) -> bool:
             return True
         if isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in _OOM_MARKERS):
             return True
-        exc = exc.__cause__
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return False
 
 

@@ -47,6 +47,35 @@ def test_oom_classifier_accepts_only_out_of_memory():
     assert not M.is_oom_error(None)
 
 
+def test_an_out_of_memory_error_replaced_while_it_was_handled_is_still_one():
+    """torch.cuda.graph's exit ends the capture whatever raised inside it: an allocation that failed while a CUDA
+    graph recorded comes back as the capture's error, the out-of-memory one its context."""
+
+    def recorded() -> None:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        finally:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    with pytest.raises(RuntimeError) as caught:
+        recorded()
+    assert M.is_oom_error(caught.value)
+    try:
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        except torch.OutOfMemoryError:
+            raise RuntimeError("a bug, its context suppressed") from None
+    except RuntimeError as e:
+        assert not M.is_oom_error(e)
+    try:
+        try:
+            raise KeyError("x")
+        except KeyError:
+            raise RuntimeError("a bug raised while handling another")  # noqa: B904
+    except RuntimeError as e:
+        assert not M.is_oom_error(e)
+
+
 def test_oom_summary_is_one_line_and_short():
     text = M.oom_summary(torch.OutOfMemoryError("CUDA out of memory. " + "x" * 500 + "\nsecond line"))
     assert text.startswith("out of memory (CUDA out of memory.") and "\n" not in text and len(text) < 200
