@@ -287,6 +287,17 @@ def process_device_bytes(device: torch.device | str) -> int | None:
     return None
 
 
+def held_device_bytes(device: torch.device | str) -> tuple[int, str]:
+    """(bytes, where they were read): what this process holds on the device (NVML's per-process accounting,
+    ``nvml process``), else, where NVML cannot see processes, the whole device's used bytes (``nvml`` or
+    ``cudaMemGetInfo``), other processes included."""
+    held = process_device_bytes(device)
+    if held is not None:
+        return held, "nvml process"
+    dm = device_memory(device)
+    return dm.used_bytes, dm.source
+
+
 def outside_torch_bytes(device: torch.device | str) -> int | None:
     """Device bytes held outside torch's caching allocator (CUDA context, library handles, DALI's decode buffers
     and prefetched batches): NVML's figure for this process minus torch's reserved bytes; where NVML cannot see
@@ -296,10 +307,7 @@ def outside_torch_bytes(device: torch.device | str) -> int | None:
     dev = _device(device)
     if dev.type != "cuda":
         return None
-    held = process_device_bytes(dev)
-    if held is None:
-        held = device_memory(dev).used_bytes
-    return max(0, held - int(torch.cuda.memory_reserved(dev)))
+    return max(0, held_device_bytes(dev)[0] - int(torch.cuda.memory_reserved(dev)))
 
 
 def load_cuda_libraries(device: torch.device | str) -> None:

@@ -170,10 +170,12 @@ def test_process_device_bytes_reads_this_process_from_nvml(monkeypatch):
     dev = torch.device("cuda", 0)
     assert M.process_device_bytes(dev) == 3 * M.GIB
     assert M.outside_torch_bytes(dev) == 1 * M.GIB  # 3 GiB held, 2 GiB of it torch's reserved cache
+    assert M.held_device_bytes(dev) == (3 * M.GIB, "nvml process")
     nvml.nvmlDeviceGetComputeRunningProcesses = lambda h: [proc(pid=1, usedGpuMemory=5 * M.GIB)]
     assert M.process_device_bytes(dev) is None  # this process not visible (container PID namespace)
     nvml.nvmlDeviceGetMemoryInfo = lambda h: proc(total=80 * M.GIB, used=9 * M.GIB)
     assert M.outside_torch_bytes(dev) == 7 * M.GIB  # then the whole device (other processes included)
+    assert M.held_device_bytes(dev) == (9 * M.GIB, "nvml")
     assert M.device_memory(dev) == M.DeviceMemory(80 * M.GIB, 9 * M.GIB, "nvml")
 
 

@@ -1,7 +1,7 @@
 """What autotune measures: the memory budget, the step probe, the compiled check and the verification run.
 
 - **Budget** (:func:`setup_budget`): on a card larger than the budget, torch's allocator is capped at the
-  budget minus what is already in use (CUDA context, other processes; NVML); on a smaller card the budget is
+  budget minus what this process already holds (CUDA context, libraries; NVML); on a smaller card the budget is
   its free memory; on a CPU there is none. The process's own cap from before is read first and put back by
   :func:`release_budget`. Memory outside torch's allocator that the loader needs (DALI's decode buffers and
   prefetched batches, measured with NVML while it runs) is charged to the budget by :func:`charge_outside`.
@@ -80,7 +80,8 @@ class Budget:
     """What usage is compared to (None on CPU)."""
     card_total_bytes: int | None = None
     in_use_before_bytes: int | None = None
-    """Device memory in use before the probes (CUDA context, other processes)."""
+    """Device memory in use before the probes, torch's cache left out: emulated, this process's (its CUDA context
+    and libraries; the whole device's where NVML cannot see processes); card, every process's."""
     counted_in_use: bool = False
     """Whether in_use_before counts against the budget (emulated: yes; card: already subtracted)."""
     fraction: float | None = None
@@ -90,7 +91,7 @@ class Budget:
     outside_torch_bytes: int = 0
     """Memory outside torch's allocator charged to the budget (DALI's, measured with NVML while it ran)."""
     source: str = ""
-    """nvml or cudaMemGetInfo."""
+    """Where in_use_before was read: nvml process (this process's own), nvml or cudaMemGetInfo (the device's)."""
     gpu: str = ""
 
     def usage(self, peak_reserved: int | None) -> int | None:
@@ -111,8 +112,9 @@ class Budget:
         if self.mode == "emulated":
             return (
                 f"{self.requested_gib:g} GiB emulated on {self.gpu} ({card}): "
-                f"per-process memory fraction {self.fraction:.3f}; {used} already in use (CUDA context, other "
-                f"processes, via {self.source}) counted in the budget{outside}"
+                f"per-process memory fraction {self.fraction:.3f}; {used} already in use ("
+                f"{'this process: CUDA context, libraries' if self.source == 'nvml process' else 'the device'}, "
+                f"via {self.source}) counted in the budget{outside}"
             )
         return (
             f"{self.gpu} ({card}) is not larger than the {self.requested_gib:g} GiB "
@@ -136,21 +138,28 @@ def setup_budget(device: torch.device, requested_gib: float) -> Budget:
         return Budget("cpu", requested_gib)
     previous = memory.get_memory_fraction(device)
     memory.load_cuda_libraries(device)  # the context, cuBLAS and cuDNN count as in use
-    dm = memory.device_memory(device)
-    # set_per_process_memory_fraction multiplies the CUDA runtime's total, which can differ from NVML's.
-    total = int(torch.cuda.mem_get_info(device)[1])
-    in_use = max(0, dm.used_bytes - int(torch.cuda.memory_reserved(device)))  # our own cache is ours to spend
+    # The caching allocator's cap is this fraction of the device's totalGlobalMem (NVML's total may differ).
+    total = int(torch.cuda.get_device_properties(device).total_memory)
+    reserved = int(torch.cuda.memory_reserved(device))  # our own cache is ours to spend
     gpu = torch.cuda.get_device_name(device)
     want = int(requested_gib * GIB)
     if want < total:
+        # A smaller card emulated: this process's CUDA context and libraries would be on it, other processes'
+        # memory would not (it is on this card only; counted, a neighbour holding 16 GiB refused every budget).
+        # Where NVML cannot see processes, the whole device's use is all there is to count.
+        held, source = memory.held_device_bytes(device)
+        in_use = max(0, held - reserved)
         if want <= in_use:
             raise ValueError(
                 f"--memory-budget / tune.memory_budget_gib: {requested_gib:g} GiB is less than what is "
-                f"already in use on {gpu} ({format_bytes(in_use, 'GiB')}: CUDA context, other processes)"
+                f"already in use on {gpu} ({format_bytes(in_use, 'GiB')}: CUDA context"
+                f"{'' if source == 'nvml process' else ', other processes'})"
             )
         fraction = min(previous, (want - in_use) / total)
         memory.set_memory_fraction(device, fraction)
-        return Budget("emulated", requested_gib, want, total, in_use, True, fraction, previous, 0, dm.source, gpu)
+        return Budget("emulated", requested_gib, want, total, in_use, True, fraction, previous, 0, source, gpu)
+    dm = memory.device_memory(device)  # the card itself: every process's memory is taken from it
+    in_use = max(0, dm.used_bytes - reserved)
     return Budget("card", requested_gib, total - in_use, total, in_use, False, None, previous, 0, dm.source, gpu)
 
 
@@ -532,6 +541,8 @@ def compiled_check(
         if got.usable:
             return probe.state, got, tried
         probe.state = None
+    if tried:
+        reset(task.runtime.device)  # nothing usable: the last size's graphs and pool go too, not held to the end
     return None, None, tried
 
 
@@ -568,7 +579,8 @@ class Verification:
     peak_rss_bytes: int | None = None
     alloc_retries: int = 0
     device_used_bytes: int | None = None
-    """The whole device while the loaders ran (torch plus memory outside its allocator)."""
+    """What this process held on the device while the loaders ran (torch plus memory outside its allocator;
+    the whole device's use where NVML cannot see processes)."""
     error: str = ""
     failure: str = ""
     """oom, retries or budget: memory evidence against the micro-batch."""
@@ -769,8 +781,9 @@ def _run_verification(
         synchronize(device)
         if device.type == "cuda":
             # DALI (and cuDNN/cuBLAS workspaces) allocate outside torch's allocator, which the memory fraction does
-            # not cap: read the whole device while the loaders are still alive.
-            out.device_used_bytes = memory.device_memory(device).used_bytes
+            # not cap: read what this process holds (the whole device where NVML cannot see processes) while the
+            # loaders are still alive.
+            out.device_used_bytes = memory.held_device_bytes(device)[0]
         eval_retries = memory.alloc_retries(device) - retries0 - retries
     finally:
         for ld in (loader, val_loader):
@@ -781,8 +794,8 @@ def _run_verification(
 
 
 def _judge_memory(out: Verification, budget: Budget, retries: int, eval_retries: int) -> None:
-    """Memory evidence against the micro-batch: allocator retries while training, or (emulated budget) the
-    whole device over the budget; retries only while evaluating are a warning."""
+    """Memory evidence against the micro-batch: allocator retries while training, or (emulated budget) what the
+    run held on the device over the budget; retries only while evaluating are a warning."""
     if retries:
         out.error, out.failure = f"needed {retries} allocator retries in the steady state (at the limit)", "retries"
     if eval_retries:
@@ -802,8 +815,8 @@ def _judge_memory(out: Verification, budget: Budget, retries: int, eval_retries:
         # Memory outside torch's allocator is not capped by the fraction: on a real card of the budget's size this
         # run would fail, so it does not count as fitting.
         out.error = (
-            f"the device held {format_bytes(used, 'GiB')} during verification (torch plus memory outside "
-            f"its allocator, e.g. DALI), more than the {format_bytes(budget.budget_bytes, 'GiB')} budget"
+            f"the run held {format_bytes(used, 'GiB')} on the device during verification (torch plus memory "
+            f"outside its allocator, e.g. DALI), more than the {format_bytes(budget.budget_bytes, 'GiB')} budget"
         )
         out.failure = "budget"
 

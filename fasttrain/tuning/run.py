@@ -409,8 +409,8 @@ def _tune(
         prep = dataclasses.replace(prep, cfg=dataclasses.replace(prep.cfg, train=share))
     pcfg, device = prep.cfg, prep.runtime.device
     seed_everything(pcfg.runtime.seed)
+    max_batch, cap_reason, given, notes = _batch_limits(prep)  # before the cap: an error here leaves none set
     budget = probe.setup_budget(device, budget_gib)
-    max_batch, cap_reason, given, notes = _batch_limits(prep)
     tune = pcfg.tune
     settings = ProbeSettings(
         warmup=tune.warmup_steps,
@@ -427,6 +427,8 @@ def _tune(
         with tuning_loader.reuse_file_checks():
             search = _search_and_plan(run, out, max_batch=max_batch, cap_reason=cap_reason)
     finally:
+        if prep.runtime.compile and prep.runtime.is_cuda:  # the plans' graphs and CUDA-graph pools: a train()
+            probe.reset_compiler(device)  # after autotune in this process compiles its own
         free_device_memory(device)
         probe.release_budget(budget, device)
     report = _report(

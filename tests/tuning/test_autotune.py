@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import types
 from types import SimpleNamespace
 
 import pytest
@@ -558,6 +559,17 @@ def test_compiled_check_resets_the_compiler_between_sizes_and_a_failed_size_is_n
     )
     assert [c.batch_size for c in tried] == [64, 32] and got is tried[1] and state is not None
     assert len(resets) == 1  # between 64 and 32: the failed size's graphs never reach the next one
+    resets.clear()
+    none = P.compiled_check(
+        FakeTask(oom_above=8),
+        budget=P.Budget("cpu", 16.0),
+        settings=SETTINGS,
+        eval_batch=lambda b: 2 * b,
+        sizes=[64, 32],
+        headroom=0.1,
+        reset=lambda dev: resets.append(dev),
+    )
+    assert none[:2] == (None, None) and len(resets) == 2  # and after the last failed size: nothing held
     assert R.fits_label(tried[0]) == "OOM" and R.fits_label(tried[1]) == "yes"
     tight = Candidate(64, True, samples_per_s=100.0, phase="compiled", failure="headroom", error="leaves less")
     assert R.fits_label(tight) != "yes"  # a compiled step over the headroom did not pass
@@ -670,6 +682,41 @@ def test_the_budget_restores_the_users_own_cap_and_charges_memory_outside_torch(
     assert calls[-1] == 0.7  # the user's own fraction, not 1.0
     P.release_budget(P.Budget("cpu", 16.0), torch.device("cpu"))
     assert len(calls) == 2
+
+
+def _fake_h200(monkeypatch, own: int | None) -> list[float]:
+    """An H200 (140 GiB) where other jobs hold 40 GiB and this process 2 GiB (1 GiB of it torch's cache);
+    ``own`` None: NVML cannot see processes (a container), only the device's 42 GiB."""
+    calls = fake_fraction(monkeypatch, 1.0)
+    monkeypatch.setattr(P.memory, "load_cuda_libraries", lambda d: None)
+    monkeypatch.setattr(P.memory, "process_device_bytes", lambda d: own)
+    monkeypatch.setattr(P.memory, "device_memory", lambda d: P.memory.DeviceMemory(141 * GIB, 42 * GIB, "nvml"))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=140 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 1 * GIB)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "H200")
+    return calls
+
+
+def test_an_emulated_budget_counts_this_processs_memory_not_its_neighbours(monkeypatch):
+    """A smaller card emulated on a GPU that other jobs share: their 40 GiB would not be on that card (counted,
+    every budget under 40 GiB was refused). The cap is a fraction of the device's totalGlobalMem, as torch's
+    allocator applies it. A card not larger than the budget counts everyone: that is its real limit."""
+    calls = _fake_h200(monkeypatch, 2 * GIB)
+    dev = torch.device("cuda", 0)
+    b = P.setup_budget(dev, 16.0)
+    assert b.mode == "emulated" and b.in_use_before_bytes == 1 * GIB and b.card_total_bytes == 140 * GIB
+    assert calls == [pytest.approx(15 / 140)] and "this process" in b.describe()
+    card = P.setup_budget(dev, 200.0)
+    assert card.mode == "card" and card.budget_bytes == 140 * GIB - 41 * GIB
+
+
+def test_without_processes_in_nvml_the_devices_use_is_counted_and_a_budget_below_it_refused(monkeypatch):
+    _fake_h200(monkeypatch, None)
+    dev = torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"16 GiB is less than what is already in use on H200 \(41\.00 GiB: CUDA"):
+        P.setup_budget(dev, 16.0)
+    b = P.setup_budget(dev, 48.0)
+    assert b.in_use_before_bytes == 41 * GIB and "the device" in b.describe()
 
 
 def test_charging_the_loaders_memory_moves_the_plan_off_a_tight_batch():
