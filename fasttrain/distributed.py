@@ -706,5 +706,11 @@ def _exit(code: int) -> str:
 def _why(f: WorkerFailure) -> str:
     text = f.message.strip()
     if not text or text.startswith("To enable traceback") or text.startswith("Signal "):
+        if f.exitcode == -6:  # torchrun turns on NCCL's async error handling: its watchdog aborts, nothing raises
+            return (
+                "the process was aborted: with NCCL, its watchdog aborts a process whose collective waited "
+                "longer than dist.timeout_s (a rank that hung, or stopped without the others) or that saw a "
+                "peer fail; look for the first error above"
+            )
         return "no error recorded (see the output above)" if f.exitcode >= 0 else "the process was killed"
     return " ".join(line.strip() for line in text.splitlines() if line.strip()).removeprefix("fasttrain: error: ")

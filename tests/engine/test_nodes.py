@@ -338,6 +338,9 @@ def test_a_failed_worker_is_named_with_its_reason_and_the_resume_command():
     killed = D.failure_report([D.WorkerFailure(3, -9, "Signal 9 (SIGKILL) received by PID 7", 1)], 4, bool)
     assert killed.splitlines()[0] == "fasttrain: error: rank 3 failed (killed by SIGKILL): the process was killed"
     assert "no run folder was written" in killed
+    aborted = D.failure_report([D.WorkerFailure(1, -6, "Signal 6 (SIGABRT) received by PID 8", 1)], 2, bool)
+    assert aborted.startswith("fasttrain: error: rank 1 failed (killed by SIGABRT): the process was aborted: with")
+    assert "dist.timeout_s" in aborted  # NCCL's watchdog: a collective that waited too long ends so, silently
     assert "has no checkpoint yet" in D.failure_report([D.WorkerFailure(0, 2, "x", 1, "/r/run")], 2, lambda r: False)
     stopped = [D.WorkerFailure(0, -15, "data.root: x", 5), D.WorkerFailure(1, 2, "data.root: y", 5)]
     assert D.failure_report(stopped, 2, bool).startswith(
