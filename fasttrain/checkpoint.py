@@ -70,6 +70,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _is_rng(x: Any) -> bool:
+    """Whether ``x`` looks like :func:`rng_state`'s record."""
+    return isinstance(x, dict) and {"python", "numpy", "torch"} <= set(x)
+
+
 def _tuples(x: Any) -> Any:
     """random.setstate needs tuples; a round trip through some loaders may give lists."""
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
@@ -163,12 +168,7 @@ def _validate(ckpt: dict[str, Any], path: Path, resume: bool) -> None:
         for group in ("optimizers", "scalers", "schedulers"):
             _need(isinstance(state.get(group), dict), path, f"its state has no '{group}' (a resume needs them)")
         _need("epoch" in state and "step" in state, path, "its state has no epoch / step (a resume needs them)")
-        rng = ckpt.get("rng")
-        _need(
-            isinstance(rng, dict) and {"python", "numpy", "torch"} <= set(rng),
-            path,
-            "it has no RNG states (a resume needs them)",
-        )
+        _need(_is_rng(ckpt.get("rng")), path, "it has no RNG states (a resume needs them)")
         pos = ckpt.get("position")
         _need(
             pos is None
@@ -356,6 +356,10 @@ class ResumePoint:
     running: dict[str, Any] | None = None
     order: str = ""
     """The training loader's :attr:`~fasttrain.data.base.Loader.order` when the checkpoint was taken."""
+    own_rng: bool = True
+    """This process's random streams were put back as they were (False: a process of a torchrun job whose
+    checkpoint has no stream of its rank (another world size, or written before they were kept), which now holds
+    rank 0's: the caller gives it its own)."""
 
 
 class CheckpointManager:
@@ -391,12 +395,20 @@ class CheckpointManager:
     def last(self) -> Path:
         return self.dir / "last.pt"
 
-    def payload(self, position: dict[str, Any] | None = None, running: dict[str, Any] | None = None) -> dict[str, Any]:
+    def payload(
+        self,
+        position: dict[str, Any] | None = None,
+        running: dict[str, Any] | None = None,
+        rngs: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         """``position``: ``{"epoch", "micro", "order"}`` inside an unfinished epoch; ``running``: that epoch's
-        sums."""
+        sums; ``rngs``: every process's random streams, rank by rank (:meth:`_rng_states`), kept under torchrun
+        as ``rng_ranks`` beside rank 0's ``rng``."""
+        rngs = rngs or [rng_state()]
         return {
             "state": self.state.state_dict(),
-            "rng": rng_state(),
+            "rng": rngs[0],
+            **({"rng_ranks": rngs} if len(rngs) > 1 else {}),
             "config": config_to_dict(self.cfg),
             "meta": self.task.checkpoint_meta(),
             "best_metric": self.best_metric,
@@ -408,8 +420,18 @@ class CheckpointManager:
             "monitors": {k: m.state_dict() for k, m in self.monitors.items()},
         }
 
+    @staticmethod
+    def _rng_states() -> list[dict[str, Any]]:
+        """Every process's random streams, rank by rank: under torchrun an object all-gather, so every process
+        saves together (they do: each save follows an agreed decision or an all-reduce), before anything a rank
+        decides alone."""
+        from fasttrain import distributed
+
+        return distributed.all_gather_object(rng_state())
+
     def save_last(self, position: dict[str, Any] | None = None, running: dict[str, Any] | None = None) -> bool:
         """Write last.pt unless the weights went non-finite; returns whether it was written."""
+        rngs = self._rng_states()
         if not finite_weights(self.state.modules):
             log.warning(
                 "not writing %s at step %d: the weights are not finite; it keeps %s",
@@ -419,15 +441,16 @@ class CheckpointManager:
             )
             return False
         if self.enabled:
-            save_checkpoint(self.last, self.payload(position, running))
+            save_checkpoint(self.last, self.payload(position, running, rngs))
         self.saved_at = f"epoch {self.state.epoch}, step {self.state.step}"
         return True
 
     def save_best(self, name: str = "best.pt") -> None:
+        rngs = self._rng_states()
         if name == "best.pt":
             self.best_weights = self.weights
         if self.enabled:
-            save_checkpoint(self.dir / name, self.payload())
+            save_checkpoint(self.dir / name, self.payload(rngs=rngs))
 
     def restore(self, ckpt: dict[str, Any]) -> ResumePoint:
         """Load ``ckpt`` (from :func:`load_checkpoint` with ``resume=True``) into the state and the RNGs."""
@@ -438,7 +461,13 @@ class CheckpointManager:
                 f"checkpoint {self.last}: its state does not fit this run's model and "
                 f"optimizers ({str(e).splitlines()[0]})"
             ) from None
-        set_rng_state(ckpt["rng"])
+        from fasttrain import distributed
+
+        info = distributed.current()
+        ranks = ckpt.get("rng_ranks")
+        kept = isinstance(ranks, list) and len(ranks) == info.world_size and all(map(_is_rng, ranks))
+        own = info.world_size == 1 or kept
+        set_rng_state(ranks[info.rank] if kept and ranks else ckpt["rng"])
         self.best_value = ckpt.get("best_value")
         saved = ckpt.get("monitors")
         for k, m in self.monitors.items():
@@ -453,5 +482,6 @@ class CheckpointManager:
         self.saved_at = f"epoch {self.state.epoch}, step {self.state.step}"
         position = ckpt.get("position")
         if position and position["epoch"] == self.state.epoch:
-            return ResumePoint(self.best_value, int(position["micro"]), ckpt.get("running"), position.get("order", ""))
-        return ResumePoint(self.best_value)
+            micro, running, order = int(position["micro"]), ckpt.get("running"), position.get("order", "")
+            return ResumePoint(self.best_value, micro, running, order, own_rng=own)
+        return ResumePoint(self.best_value, own_rng=own)

@@ -54,7 +54,7 @@ from fasttrain.rundir import (
     run_name,
     write_run_config,
 )
-from fasttrain.runtime import environment, seed_everything
+from fasttrain.runtime import environment, rank_seed, seed_everything
 from fasttrain.stop import Stopped, StopRequest, stop_on_signals
 from fasttrain.tasks import Task, TrainState
 
@@ -833,6 +833,11 @@ class Trainer:
             if ckpt is None and not cfg.model.init_from:
                 _init_from_data(state.modules.get(task.predict_module), self.train_loader)
             distributed.wrap_state(state, prep.runtime, sync_bn=prep.cfg.model.sync_bn)
+            if ckpt is None and prep.dist.rank > 0:
+                # Seeded alike up to here (the model's initialisation); from here each process draws its own
+                # dropout masks, MixUp and random-erasing draws (timm seeds seed + rank), kept per rank by the
+                # checkpoints. Rank 0 goes on as one process would.
+                seed_everything(rank_seed(cfg.runtime.seed, prep.dist.rank))
             if self.tc.ema_decay > 0:
                 _add_ema(state, task.predict_module, self.tc.ema_decay)
             state.schedulers = {
@@ -938,6 +943,8 @@ class Trainer:
             return
         _check_same_outputs(task, ckpt, run_dir)
         point = self.ckpts.restore(ckpt)
+        if not point.own_rng and prep.dist.rank > 0:  # no stream of this rank in the checkpoint: one of its own
+            seed_everything(rank_seed(cfg.runtime.seed, prep.dist.rank, state.step))
         self.resume_micro = point.micro
         if point.micro and point.order != self.train_loader.order:
             log.warning(

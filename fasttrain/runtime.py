@@ -37,6 +37,7 @@ __all__ = [
     "runtime_for",
     "environment",
     "seed_everything",
+    "rank_seed",
     "decide_device",
     "native_bf16",
     "resolve_device",
@@ -259,6 +260,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # seeds CUDA too
+
+
+def rank_seed(seed: int, rank: int, *more: int) -> int:
+    """Process ``rank``'s own seed from the run's (and ``more``): numpy's SeedSequence mixes them, so no two
+    pairs share a stream (seed + rank would give (1, 0) and (0, 1) one)."""
+    return int(np.random.SeedSequence([seed % 2**64, rank, *more]).generate_state(1)[0])
 
 
 class Runtime:

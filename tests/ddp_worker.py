@@ -4,6 +4,7 @@
 
 With ``--kill-rank``, rank R of the first attempt (TORCHELASTIC_RESTART_COUNT = 0) kills itself with SIGKILL
 once S optimizer steps are done, as a lost machine would: torchrun restarts the group and the run must resume.
+With DDP_WORKER_DRAW=1, each rank prints a number drawn from torch's generator before its first step.
 With DDP_WORKER_POISON=R:S, rank R's weights become infinite after the optimizer step taken at step S.
 With DDP_WORKER_THREADS=1 in the environment, each rank names the threads it still has once main() returned.
 With DDP_WORKER_FAIL_ONCE=PATH, the first rank 0 whose main() succeeds (the one that creates PATH) still ends with
@@ -36,6 +37,8 @@ def main(argv: list[str]) -> int:
                 return train_step(self, state, batch, **kw)
 
             Task.train_step = die
+    if os.environ.get("DDP_WORKER_DRAW"):
+        _draw_at_first_step()
     poison = os.environ.get("DDP_WORKER_POISON")
     if poison and os.environ.get("RANK") == poison.split(":")[0]:
         _poison_after(int(poison.split(":")[1]))
@@ -54,6 +57,22 @@ def main(argv: list[str]) -> int:
     if hold and rc == 0:
         threading.Event().wait(120)  # the restart's SIGTERM ends this process (its default action)
     return rc
+
+
+def _draw_at_first_step() -> None:
+    """Each rank prints one number from torch's global generator before its first step: what dropout draws."""
+    import torch
+
+    from fasttrain.tasks.base import Task
+
+    train_step = Task.train_step
+
+    def drawing(self, state, batch, **kw):
+        if state.step == 0:
+            os.write(2, f"rank {os.environ.get('RANK')} draws {torch.rand(()).item():.8f}\n".encode())
+        return train_step(self, state, batch, **kw)
+
+    Task.train_step = drawing
 
 
 def _poison_after(step: int) -> None:

@@ -520,3 +520,12 @@ def test_runtime_for_under_torchrun_takes_local_ranks_device(monkeypatch):
     monkeypatch.setattr(R, "process_device", lambda requested, rank, count: asked.append((requested, rank)) or "cpu")
     R.runtime_for(load_config(None, ["runtime.device=cuda:0"]))
     assert asked == [("cuda:0", 1)] and seen == ["cpu"]  # the process's device, not the config's
+
+
+def test_each_rank_seed_is_its_own_and_stable():
+    from fasttrain.runtime import rank_seed
+
+    assert rank_seed(1, 0) != rank_seed(0, 1)  # seed + rank would give both 1
+    assert rank_seed(0, 1) == rank_seed(0, 1) and rank_seed(0, 1, 8) != rank_seed(0, 1)
+    assert len({rank_seed(s, r) for s in range(8) for r in range(8)}) == 64
+    assert 0 <= rank_seed(-3, 2) < 2**32

@@ -136,8 +136,11 @@ def test_two_ranks_match_one_process_and_write_one_run_folder(shapes_root, tmp_p
         assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-4)
 
 
-def test_a_killed_rank_restarts_the_job_which_resumes_to_the_same_weights(shapes_root, tmp_path):
-    common = ("train.epochs=2", "train.max_steps=6", "train.checkpoint_every_steps=2")
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_a_killed_rank_restarts_the_job_which_resumes_to_the_same_weights(shapes_root, tmp_path, dropout):
+    """With dropout each rank draws its own masks: the checkpoint keeps every rank's random streams, and rank 1
+    goes on with its own (given rank 0's, its masks after the restart would differ from the straight run's)."""
+    common = ("train.epochs=2", "train.max_steps=6", "train.checkpoint_every_steps=2", f"model.dropout={dropout}")
     straight = _torchrun(2, ["train", "-q", *_sets(shapes_root, tmp_path / "a", *common)])
     assert straight.returncode == 0, straight.stderr[-9000:]
     killed = _torchrun(
@@ -200,6 +203,25 @@ def test_weights_gone_infinite_on_one_rank_stop_every_rank(shapes_root, tmp_path
     assert len(stopped) == 2, done.stderr[-9000:]  # both ranks, not rank 1 alone
     # rank 0 did not go on into the next collective (gloo then fails at once; NCCL waits for dist.timeout_s)
     assert "Connection closed by peer" not in done.stderr, done.stderr[-9000:]
+
+
+def test_each_rank_draws_its_own_random_numbers(shapes_root, tmp_path):
+    """Dropout masks, MixUp's and random erasing's draws come from the global generators, seeded alike on every
+    rank for the model's initialisation; in training each rank's are its own (timm seeds seed + rank)."""
+    done = _torchrun(
+        2,
+        ["train", "-q", *_sets(shapes_root, tmp_path / "x", "train.epochs=1", "train.max_steps=2")],
+        env_extra={"DDP_WORKER_DRAW": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-9000:]
+    draws = dict(re.findall(r"rank (\d) draws ([0-9.]+)", done.stderr))
+    assert sorted(draws) == ["0", "1"] and draws["0"] != draws["1"], done.stderr[-3000:]
+    one = _torchrun(
+        1,
+        ["train", "-q", *_sets(shapes_root, tmp_path / "y", "train.epochs=1", "train.max_steps=2")],
+        env_extra={"DDP_WORKER_DRAW": "1"},
+    )
+    assert dict(re.findall(r"rank (\d) draws ([0-9.]+)", one.stderr))["0"] == draws["0"]  # rank 0: one process's
 
 
 def test_a_batch_that_does_not_divide_over_the_processes_is_refused(shapes_root, tmp_path):
