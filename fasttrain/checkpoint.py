@@ -421,17 +421,23 @@ class CheckpointManager:
         }
 
     @staticmethod
-    def _rng_states() -> list[dict[str, Any]]:
-        """Every process's random streams, rank by rank: under torchrun an object all-gather, so every process
-        saves together (they do: each save follows an agreed decision or an all-reduce), before anything a rank
-        decides alone."""
+    def rng_states() -> list[dict[str, Any]]:
+        """Every process's random streams, rank by rank: under torchrun an object all-gather, which every process
+        must call at the same point. :meth:`save_last` and :meth:`save_best` call it themselves unless given its
+        answer: the top-k copies are decided on rank 0 alone, so the epoch's end gathers once for all its saves."""
         from fasttrain import distributed
 
         return distributed.all_gather_object(rng_state())
 
-    def save_last(self, position: dict[str, Any] | None = None, running: dict[str, Any] | None = None) -> bool:
-        """Write last.pt unless the weights went non-finite; returns whether it was written."""
-        rngs = self._rng_states()
+    def save_last(
+        self,
+        position: dict[str, Any] | None = None,
+        running: dict[str, Any] | None = None,
+        rngs: list[dict[str, Any]] | None = None,
+    ) -> bool:
+        """Write last.pt unless the weights went non-finite; returns whether it was written. Every process calls
+        it together unless ``rngs`` (:meth:`rng_states`) is given."""
+        rngs = rngs or self.rng_states()  # before anything a rank decides alone
         if not finite_weights(self.state.modules):
             log.warning(
                 "not writing %s at step %d: the weights are not finite; it keeps %s",
@@ -445,8 +451,9 @@ class CheckpointManager:
         self.saved_at = f"epoch {self.state.epoch}, step {self.state.step}"
         return True
 
-    def save_best(self, name: str = "best.pt") -> None:
-        rngs = self._rng_states()
+    def save_best(self, name: str = "best.pt", rngs: list[dict[str, Any]] | None = None) -> None:
+        """Write best.pt (or a top-k copy, ``name``). Every process calls it together unless ``rngs`` is given."""
+        rngs = rngs or self.rng_states()
         if name == "best.pt":
             self.best_weights = self.weights
         if self.enabled:

@@ -1508,6 +1508,7 @@ class Trainer:
         a top-k checkpoint, early stopping's count. Returns whether early stopping ends the run here."""
         value, weights = best_candidate(record, self.best_metric, self.best_mode, bool(self.state.ema))
         finite = self._finite_everywhere()
+        rngs = self.ckpts.rng_states()  # on every process, once: rank 0 alone decides the top-k copies
         if weights is not None:
             record["weights"] = weights
             self.ckpts.weights = weights  # what predict uses from this epoch's checkpoints
@@ -1528,15 +1529,15 @@ class Trainer:
                     m,
                     _fmt(record.get(f"val_ema_{m}")),
                 )
-            self.ckpts.save_best()
+            self.ckpts.save_best(rngs=rngs)
         if self.top_k.wants(value) and finite:
             assert value is not None
             name = self.top_k.name_for(record["epoch"], value)
-            self.ckpts.save_best(name)
+            self.ckpts.save_best(name, rngs=rngs)
             self.top_k.add(name, record["epoch"], value)
         stop = self.early_stop.update(record)
         if (record["epoch"]) % self.tc.checkpoint_every == 0 or last or stop:
-            self.ckpts.save_last()
+            self.ckpts.save_last(rngs=rngs)
         if self.tc.max_nonfinite_logs and not finite:
             # Short epochs end before max_nonfinite_logs bad steps in a row: a run whose weights went inf / nan
             # used to exit 0 with NaN losses and no checkpoint at all.

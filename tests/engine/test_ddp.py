@@ -224,6 +224,19 @@ def test_each_rank_draws_its_own_random_numbers(shapes_root, tmp_path):
     assert dict(re.findall(r"rank (\d) draws ([0-9.]+)", one.stderr))["0"] == draws["0"]  # rank 0: one process's
 
 
+def test_top_k_checkpoints_under_torchrun(shapes_root, tmp_path):
+    """Rank 0 alone keeps the top-k copies; every save's gathering of the ranks' random streams happens on all
+    ranks at once (a copy gathering on rank 0 alone paired with another rank's next collective)."""
+    sets = _sets(shapes_root, tmp_path / "x", "train.epochs=3", "train.max_steps=2", "train.save_top_k=2")
+    done = _torchrun(2, ["train", "-q", *sets], timeout=240)
+    assert done.returncode == 0, done.stderr[-9000:]
+    run = _only_run(tmp_path / "x")
+    assert len(list((run / "checkpoints").glob("epoch=*.pt"))) == 2
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert len(ckpt["rng_ranks"]) == 2 and ckpt["rng"]["torch"].equal(ckpt["rng_ranks"][0]["torch"])
+    assert not ckpt["rng_ranks"][0]["torch"].equal(ckpt["rng_ranks"][1]["torch"])
+
+
 def test_a_batch_that_does_not_divide_over_the_processes_is_refused(shapes_root, tmp_path):
     done = _torchrun(2, ["train", "-q", *_sets(shapes_root, tmp_path / "x", "train.batch_size=33")])
     assert done.returncode != 0
