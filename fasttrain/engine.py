@@ -707,10 +707,10 @@ def _epoch_numbers(first: int, tc: Any):
 
 _MEASURE_SHARE = 0.03
 """A time budget's first measurement ends once it has spent this share of the budget (and timed one step)."""
-_FINISH_S = 1.0
+_FINISH_S = 0.5
 """A time budget's allowance for the end of a run beyond its evaluations: the report files and the process's
-exit, which took 0.5-2 s on a 2-core machine under load (with the confusion matrix drawn by matplotlib then, now
-by Pillow in milliseconds)."""
+exit. With confusion.png drawn by matplotlib they took 0.5-2 s on a 2-core machine under load (1.0 s allowed);
+drawn by Pillow, the quickstart's last epoch line to its exit is 0.22-0.25 s on a quiet one."""
 
 
 def _plan_words(total: int, per_epoch: int) -> str:

@@ -137,7 +137,8 @@ class ClassifyTask(Task):
         js, png = write_confusion(run_dir, report)
         ranked = sorted(((v, k) for k, v in report["per_class_accuracy"].items() if v is not None))
         shown = ", ".join(f"{k} {v:.3f}" for v, k in ranked[:10]) + (" ..." if len(ranked) > 10 else "")
-        log.info("per-class val accuracy (%s), lowest first: %s | %s, %s", weights, shown, js.name, png.name)
+        files = ", ".join(f.name for f in (js, png) if f is not None)
+        log.info("per-class val accuracy (%s), lowest first: %s | %s", weights, shown, files)
 
     def synthetic_batch(self, batch_size: int, spec: InputSpec, train: bool = True) -> Batch:
         # Training at the largest training size (progressive resizing: memory is planned for the last epochs),

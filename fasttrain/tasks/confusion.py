@@ -71,11 +71,16 @@ def confusion_report(matrix: torch.Tensor, class_names: list[str], *, split: str
     }
 
 
-def write_confusion(run_dir: Path, report: dict[str, Any]) -> tuple[Path, Path]:
-    """confusion.json and confusion.png in ``run_dir`` (fasttrain's own files: replaced on a resumed run)."""
+def write_confusion(run_dir: Path, report: dict[str, Any]) -> tuple[Path, Path | None]:
+    """confusion.json and confusion.png in ``run_dir`` (fasttrain's own files: replaced on a resumed run). A
+    figure that cannot be drawn is logged and left out (None), never the end of a finished run."""
     js = atomic_write_text(run_dir / "confusion.json", _json(report))
-    png = atomic_replace(run_dir / "confusion.png", lambda p: _render(report)[0].save(p, format="PNG"))
-    return js, png
+    try:
+        image = _render(report)[0]
+    except (OSError, ValueError) as e:  # a font Pillow cannot load, text it cannot encode
+        log.warning("confusion.png not drawn (%s: %s); %s holds the matrix", type(e).__name__, e, js.name)
+        return js, None
+    return js, atomic_replace(run_dir / "confusion.png", lambda p: image.save(p, format="PNG"))
 
 
 def _json(report: dict[str, Any]) -> str:
@@ -101,6 +106,8 @@ _BLUES = np.array(
 )
 """ColorBrewer's Blues, the nine colours of matplotlib's ``Blues`` colour map (linear between them, as there)."""
 
+MAX_SIDE = 1200
+"""The matrix's side in pixels at most: beyond as many classes, blocks of classes are averaged into a pixel."""
 NAMED_UP_TO = 50
 """Classes named along the axes up to this many; beyond, the names would overlap (and 1,000 labels cost time)."""
 COUNTS_UP_TO = 20
@@ -116,14 +123,30 @@ def blues(shares: np.ndarray) -> np.ndarray:
 
 
 def _font(size: int) -> Any:
-    """Pillow's own font at ``size`` px (FreeType, no font file to find); its fixed bitmap font without FreeType
-    or before Pillow 10.1 (``load_default`` took no size)."""
+    """Pillow's own font at ``size`` px (FreeType, no font file to find); its fixed bitmap font where Pillow has
+    no FreeType."""
     from PIL import ImageFont
 
-    try:
-        return ImageFont.load_default(size)
-    except TypeError:
-        return ImageFont.load_default()
+    return ImageFont.load_default(size)
+
+
+def _drawable(text: str, font: Any) -> str:
+    """``text`` as ``font`` can draw it: Pillow's bitmap font encodes Latin-1 and raised on anything else (a
+    class named in Greek or Chinese); FreeType draws what it has glyphs for and boxes for the rest."""
+    from PIL import ImageFont
+
+    if isinstance(font, ImageFont.FreeTypeFont):
+        return text
+    return text.encode("latin-1", "replace").decode("latin-1")
+
+
+def _blocks(shares: np.ndarray, k: int) -> np.ndarray:
+    """``shares`` averaged over k x k blocks of classes (the last blocks over the classes left)."""
+    n = len(shares)
+    m = -(-n // k)
+    padded = np.full((m * k, m * k), np.nan)
+    padded[:n, :n] = shares
+    return np.nanmean(padded.reshape(m, k, m, k), axis=(1, 3))
 
 
 class Layout(NamedTuple):
@@ -134,6 +157,8 @@ class Layout(NamedTuple):
     cell: int
     labels: list[str]
     """The class names drawn along both axes ([] beyond :data:`NAMED_UP_TO` classes)."""
+    classes_per_cell: int = 1
+    """Beyond :data:`MAX_SIDE` classes, each one-pixel cell averages a block of this many classes a side."""
 
 
 def axis_labels(report: dict[str, Any]) -> list[str]:
@@ -156,10 +181,12 @@ def _render(report: dict[str, Any]) -> tuple[Any, Layout]:
     n = len(m)
     counts = np.asarray(m, dtype=np.float64).reshape(n, n)  # square: rows true, columns predicted classes
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+    k = -(-n // MAX_SIDE)
+    shown = _blocks(shares, k) if k > 1 else shares  # 10,000 classes: a 1,000 x 1,000 picture, not 10,000^2
     cell = max(1, min(56, 560 // max(n, 1)))  # 10 classes: 56 px cells; 1,000: one pixel each
-    side = n * cell
-    labels = axis_labels(report)
+    side = len(shown) * cell
     font, small, pad = _font(13), _font(11), 8
+    labels = [_drawable(s, small) for s in axis_labels(report)]
 
     def size(text: str, f: Any) -> tuple[int, int]:
         box = f.getbbox(text)  # (left, top, right, bottom) of the text drawn at (0, 0)
@@ -170,6 +197,7 @@ def _render(report: dict[str, Any]) -> tuple[Any, Layout]:
     x_rotated = n > 8
     acc = report["accuracy"]
     title = f"{report['split']}: accuracy {acc:.4f} ({report['weights']})" if acc is not None else report["split"]
+    title = _drawable(str(title), font)
     left = pad + line + pad + label_w + (pad if labels else 0)
     top = pad + line + pad
     bar_x = left + side + 2 * pad
@@ -179,7 +207,8 @@ def _render(report: dict[str, Any]) -> tuple[Any, Layout]:
     bottom = top + side + (4 + x_labels_h if labels else 0) + pad + line + pad
     width = max(right, left + size(title, font)[0] + pad)
     canvas = Image.new("RGB", (width, bottom), "white")
-    canvas.paste(Image.fromarray(np.repeat(np.repeat(blues(shares), cell, 0), cell, 1), "RGB"), (left, top))
+    if side:
+        canvas.paste(Image.fromarray(np.repeat(np.repeat(blues(shown), cell, 0), cell, 1), "RGB"), (left, top))
     draw = ImageDraw.Draw(canvas)
 
     def upright(text: str, f: Any, x: int, y: int) -> None:  # text turned 90 degrees, read bottom to top
@@ -202,7 +231,7 @@ def _render(report: dict[str, Any]) -> tuple[Any, Layout]:
     draw.text((left + (side - w) // 2, bottom - pad - line), "predicted class", font=font, fill="black")
     w, h = size("true class", font)
     upright("true class", font, pad, top + (side - w) // 2)
-    if n <= COUNTS_UP_TO:
+    if 0 < n <= COUNTS_UP_TO:
         texts = [[str(int(v)) for v in row] for row in counts.tolist()]
         if max(size(t, small)[0] for row in texts for t in row) <= cell - 4:
             for i, row in enumerate(texts):
@@ -210,14 +239,15 @@ def _render(report: dict[str, Any]) -> tuple[Any, Layout]:
                     w, h = size(text, small)
                     xy = (left + j * cell + (cell - w) // 2, top + i * cell + (cell - h) // 2)
                     draw.text(xy, text, font=small, fill="white" if shares[i, j] > 0.5 else "black")
-    ramp = blues(np.linspace(1.0, 0.0, max(side, 2)))[:, None, :].repeat(14, axis=1)
-    canvas.paste(Image.fromarray(ramp, "RGB"), (bar_x, top))
-    draw.rectangle((bar_x, top, bar_x + 13, top + side - 1), outline=(128, 128, 128))
-    for k, tick in enumerate(ticks):
-        w, h = size(tick, small)
-        y = top + round(k * (side - 1) / 2) - h // 2
-        draw.text((bar_x + 18, min(max(y, 0), bottom - h)), tick, font=small, fill="black")
+    if side:  # the colour bar, as tall as the matrix
+        ramp = blues(np.linspace(1.0, 0.0, side))[:, None, :].repeat(14, axis=1)
+        canvas.paste(Image.fromarray(ramp, "RGB"), (bar_x, top))
+        draw.rectangle((bar_x, top, bar_x + 13, top + side - 1), outline=(128, 128, 128))
+        for t, tick in enumerate(ticks):
+            w, h = size(tick, small)
+            y = top + round(t * (side - 1) / 2) - h // 2
+            draw.text((bar_x + 18, min(max(y, 0), bottom - h)), tick, font=small, fill="black")
     tick_w = max(size(t, small)[0] for t in ticks)
     w, h = size("share of the true class", font)
     upright("share of the true class", font, bar_x + 18 + tick_w + pad, top + max(0, (side - w) // 2))
-    return canvas, Layout(left, top, cell, labels)
+    return canvas, Layout(left, top, cell, labels, k)

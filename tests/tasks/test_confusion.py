@@ -138,3 +138,43 @@ def test_each_cell_of_the_figure_is_its_share_of_the_true_class_on_the_blues_ram
     assert tuple(rgb[layout.top + layout.cell, layout.left]) == (247, 251, 255)  # the empty row
     darker = blues(np.linspace(0, 1, 11)).astype(int).sum(1)
     assert (np.diff(darker) < 0).all()
+
+
+def test_names_a_bitmap_font_cannot_encode_are_drawn_replaced_not_raised(monkeypatch):
+    """Pillow without FreeType has only its Latin-1 bitmap font: a class named in Chinese or Greek raised
+    UnicodeEncodeError at the end of a finished run."""
+    from PIL import ImageFont
+
+    from fasttrain.tasks import confusion as C
+
+    monkeypatch.setattr(C, "_font", lambda size: ImageFont.load_default_imagefont())
+    report = confusion_report(torch.eye(3, dtype=torch.long), ["猫", "Δέλτα", "café"], split="vål", weights="w")
+    image, layout = C._render(report)
+    assert layout.labels == ["?", "?????", "café"] and image.width > 50
+
+
+def test_a_figure_that_cannot_be_drawn_leaves_the_json_and_a_warning(tmp_path, monkeypatch, caplog):
+    from fasttrain.tasks import confusion as C
+
+    def broken(report):
+        raise OSError("cannot open resource")
+
+    monkeypatch.setattr(C, "_render", broken)
+    report = confusion_report(torch.eye(2, dtype=torch.long), ["a", "b"], split="val", weights="w")
+    with caplog.at_level("WARNING", logger="fasttrain"):
+        js, png = C.write_confusion(tmp_path, report)
+    assert png is None and not (tmp_path / "confusion.png").exists()
+    assert json.loads(js.read_text()) == report and "confusion.png not drawn (OSError" in caplog.text
+
+
+def test_thousands_of_classes_are_averaged_into_blocks_and_no_classes_draw_an_empty_figure():
+    from fasttrain.tasks.confusion import MAX_SIDE, _render, blues
+
+    n = MAX_SIDE + 100  # two classes a side per pixel
+    image, layout = _render(confusion_report(torch.eye(n, dtype=torch.long), ["x"] * n, split="val", weights="w"))
+    assert layout.classes_per_cell == 2 and layout.cell == 1 and image.height < MAX_SIDE // 2 + 200
+    rgb = np.asarray(image)
+    assert tuple(rgb[layout.top, layout.left]) == tuple(blues(np.array(0.5)))  # a block of 2 x 2 with 2 right
+    assert tuple(rgb[layout.top, layout.left + 1]) == tuple(blues(np.array(0.0)))
+    empty = {"matrix": [], "classes": [], "accuracy": None, "split": "val", "weights": "w"}
+    assert _render(empty)[0].width > 0
