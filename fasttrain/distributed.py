@@ -575,31 +575,54 @@ def wrap_state(state: Any, runtime: Any, *, sync_bn: bool = False) -> None:
 
 def sync_batchnorm(module: Any) -> Any:
     """``module`` with its BatchNorm layers made SyncBatchNorm (``model.sync_bn``), parameters and statistics
-    kept. torch's converter turns any BatchNorm subclass into a plain SyncBatchNorm, whose forward never calls
-    what the subclass added: timm's BatchNormAct2d (its activation and drop-out, run inside its own forward)
-    lost them, and an EfficientNet trained without activations. Where the model has timm's layers, timm's
-    converter makes them SyncBatchNormAct; a BatchNorm subclass neither knows is refused, naming it."""
+    kept, in place as torch's converter does. torch's converter turns any BatchNorm subclass into a plain
+    SyncBatchNorm, whose forward never calls what the subclass added: timm's BatchNormAct2d (its activation and
+    drop-out, run inside its own forward) lost them, and an EfficientNet trained without activations. So: a
+    layer already synchronised (SyncBatchNorm, timm's SyncBatchNormAct) stays as it is; timm's BatchNormAct2d
+    becomes SyncBatchNormAct (timm's converter); a BatchNorm whose forward is BatchNorm's becomes SyncBatchNorm;
+    any other BatchNorm layer (a forward of its own) is refused, naming it, before anything is converted."""
     import torch
     from torch.nn.modules.batchnorm import _BatchNorm
 
     from fasttrain.config import ConfigError
 
-    plain = {torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm}
-    odd = {type(m) for m in module.modules() if isinstance(m, _BatchNorm)} - plain
-    timm_layers = any(t.__module__.split(".")[0] == "timm" for t in odd)
-    if timm_layers:
+    timm_act: Any = None
+    if any(type(m).__module__.split(".")[0] == "timm" for m in module.modules()):
         from timm.layers import BatchNormAct2d, convert_sync_batchnorm
 
-        odd.discard(BatchNormAct2d)  # exactly it: a subclass of it may add to its forward too
-    unknown = sorted(f"{t.__module__}.{t.__qualname__}" for t in odd)
-    if unknown:
+        timm_act = BatchNormAct2d
+
+    def kind(m: Any) -> str:
+        if isinstance(m, torch.nn.SyncBatchNorm):
+            return "synced"
+        if timm_act is not None and type(m) is timm_act:  # exactly it: a subclass may add to its forward too
+            return "timm"
+        if isinstance(m, _BatchNorm):
+            return "plain" if type(m).forward is _BatchNorm.forward else "odd"
+        return "other"
+
+    odd = sorted({f"{type(m).__module__}.{type(m).__qualname__}" for m in module.modules() if kind(m) == "odd"})
+    if odd:
         raise ConfigError(
-            f"model.sync_bn: {', '.join(unknown)} is a BatchNorm layer with a forward of its own, which "
+            f"model.sync_bn: {', '.join(odd)} is a BatchNorm layer with a forward of its own, which "
             f"SyncBatchNorm would replace (dropping what it adds); turn model.sync_bn off for this model"
         )
-    if timm_layers:
-        return convert_sync_batchnorm(module)
-    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+
+    def convert(m: Any) -> Any:
+        what = kind(m)
+        if what == "synced":
+            return m
+        if what == "timm":
+            return convert_sync_batchnorm(m)
+        if what == "plain":
+            return torch.nn.SyncBatchNorm.convert_sync_batchnorm(m)
+        for name, child in m.named_children():
+            new = convert(child)
+            if new is not child:
+                m.add_module(name, new)
+        return m
+
+    return convert(module)
 
 
 _SECONDARY = ("closed by peer", "reset by peer", "Connection refused", "connectFullMesh", "Broken pipe")

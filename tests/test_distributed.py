@@ -136,3 +136,16 @@ def test_sync_batchnorm_refuses_a_batchnorm_with_a_forward_of_its_own():
         D.sync_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), ScaledBN(4)))
     plain = D.sync_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)))
     assert isinstance(plain[1], torch.nn.SyncBatchNorm)
+
+
+def test_sync_batchnorm_leaves_synced_layers_and_converts_subclasses_without_a_forward():
+    timm_layers = pytest.importorskip("timm.layers")
+
+    class Renamed(torch.nn.BatchNorm2d):  # BatchNorm's own forward: nothing to lose
+        pass
+
+    synced_act = timm_layers.convert_sync_batchnorm(timm_layers.BatchNormAct2d(4, act_layer=torch.nn.ReLU))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), synced_act, torch.nn.SyncBatchNorm(4), Renamed(4))
+    out = D.sync_batchnorm(model)
+    assert out[1] is synced_act and type(out[1]).__name__ == "SyncBatchNormAct"  # its activation kept
+    assert isinstance(out[2], torch.nn.SyncBatchNorm) and type(out[3]) is torch.nn.SyncBatchNorm
