@@ -93,6 +93,9 @@ class Budget:
     source: str = ""
     """Where in_use_before was read: nvml process (this process's own), nvml or cudaMemGetInfo (the device's)."""
     gpu: str = ""
+    short: str = ""
+    """Why the emulated budget is more than this GPU can give now (other processes hold the rest): the answer
+    then fits what was free, and is not cached. Empty when it is not."""
 
     def usage(self, peak_reserved: int | None) -> int | None:
         if peak_reserved is None:
@@ -157,7 +160,16 @@ def setup_budget(device: torch.device, requested_gib: float) -> Budget:
             )
         fraction = min(previous, (want - in_use) / total)
         memory.set_memory_fraction(device, fraction)
-        return Budget("emulated", requested_gib, want, total, in_use, True, fraction, previous, 0, source, gpu)
+        free = int(torch.cuda.mem_get_info(device)[0]) + reserved  # what torch could get now, its cache included
+        short = (
+            f"only {format_bytes(free, 'GiB')} of the {requested_gib:g} GiB budget were free on {gpu} (other "
+            f"processes held the rest): the answer fits what was free"
+            if want - in_use > free
+            else ""
+        )
+        if short:
+            log.warning("autotune: %s", short)
+        return Budget("emulated", requested_gib, want, total, in_use, True, fraction, previous, 0, source, gpu, short)
     dm = memory.device_memory(device)  # the card itself: every process's memory is taken from it
     in_use = max(0, dm.used_bytes - reserved)
     return Budget("card", requested_gib, total - in_use, total, in_use, False, None, previous, 0, dm.source, gpu)

@@ -347,7 +347,7 @@ def _report(
         compile_s=out.compile_s,
         error=out.error,
         notes=[*notes, *out.notes],
-        unreliable=[*unreliable, *out.unreliable],
+        unreliable=[*unreliable, *out.unreliable, *([budget.short] if budget.short else [])],
         shortcut=out.shortcut,
         cpu_cap_s=out.cpu_cap_s,
         size_rates=out.size_rates,

@@ -694,6 +694,7 @@ def _fake_h200(monkeypatch, own: int | None) -> list[float]:
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=140 * GIB))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 1 * GIB)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "H200")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (98 * GIB, 140 * GIB))
     return calls
 
 
@@ -705,9 +706,20 @@ def test_an_emulated_budget_counts_this_processs_memory_not_its_neighbours(monke
     dev = torch.device("cuda", 0)
     b = P.setup_budget(dev, 16.0)
     assert b.mode == "emulated" and b.in_use_before_bytes == 1 * GIB and b.card_total_bytes == 140 * GIB
-    assert calls == [pytest.approx(15 / 140)] and "this process" in b.describe()
+    assert calls == [pytest.approx(15 / 140)] and "this process" in b.describe() and not b.short
     card = P.setup_budget(dev, 200.0)
     assert card.mode == "card" and card.budget_bytes == 140 * GIB - 41 * GIB
+
+
+def test_an_emulated_budget_larger_than_what_is_free_is_said_and_not_cached(monkeypatch, caplog):
+    """Other jobs hold 100 GiB of the card: a 48 GiB budget fits what is free (39 GiB), not the budget, which the
+    answer's cache key would claim."""
+    _fake_h200(monkeypatch, 2 * GIB)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (38 * GIB, 140 * GIB))
+    with caplog.at_level("WARNING", logger="fasttrain"):
+        b = P.setup_budget(torch.device("cuda", 0), 48.0)
+    assert b.mode == "emulated" and b.short.startswith("only 39.00 GiB of the 48 GiB budget were free on H200")
+    assert "other processes held the rest" in caplog.text
 
 
 def test_without_processes_in_nvml_the_devices_use_is_counted_and_a_budget_below_it_refused(monkeypatch):
