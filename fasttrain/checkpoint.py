@@ -402,7 +402,7 @@ class CheckpointManager:
         rngs: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """``position``: ``{"epoch", "micro", "order"}`` inside an unfinished epoch; ``running``: that epoch's
-        sums; ``rngs``: every process's random streams, rank by rank (:meth:`_rng_states`), kept under torchrun
+        sums; ``rngs``: every process's random streams, rank by rank (:meth:`rng_states`), kept under torchrun
         as ``rng_ranks`` beside rank 0's ``rng``."""
         rngs = rngs or [rng_state()]
         return {
