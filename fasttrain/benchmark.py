@@ -161,6 +161,8 @@ class BenchReport:
     per_size: dict[int, Timing] = field(default_factory=dict)
     """Progressive resizing: the model-only step at each training size but the largest (which is measured above,
     as the loader and end to end are)."""
+    image_size: int = 0
+    """The training size the timings above are at (the largest, under progressive resizing)."""
 
     @property
     def scaling_efficiency(self) -> float | None:
@@ -199,6 +201,7 @@ class BenchReport:
             "scaling_efficiency": self.scaling_efficiency,
             "time_to_target": dataclasses.asdict(self.time_to_target) if self.time_to_target else None,
             "model_step_per_size": {str(k): t.to_dict() for k, t in self.per_size.items()},
+            "image_size": self.image_size,
         }
 
     def to_table(self) -> str:
@@ -295,6 +298,7 @@ def bench(
         if target is None:
             raise ValueError("--run needs --target METRIC=VALUE (for example val_acc=0.9)")
         reached = time_to_target(run, *target)
+    from fasttrain.data.progressive import train_sizes
     from fasttrain.prepare import prepare
     from fasttrain.runtime import environment, seed_everything
 
@@ -319,6 +323,7 @@ def bench(
         model_step_parallel=parallel_t,
         time_to_target=reached,
         per_size=per_size,
+        image_size=train_sizes(cfg).largest,
     )
     if json_path is not None and prep.dist.is_main:
         report.json_path = str(report.write_json(json_path))

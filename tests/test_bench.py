@@ -217,3 +217,4 @@ def test_bench_times_the_model_step_at_each_progressive_size(tmp_path, monkeypat
     table = report.to_table()
     assert "model only, 16 px" in table and "model only, 24 px" in table
     assert set(report.to_dict()["model_step_per_size"]) == {"16", "24"}
+    assert report.to_dict()["image_size"] == 32  # the size of the main rows

@@ -22,9 +22,9 @@
 #                 The data: ../shared/data/cifar10.tar (FASTTRAIN_SUITE_SHARED), FASTTRAIN_SUITE_CIFAR, or
 #                 .xfer/cifar10.tar.gz, which tools/device_cifar.sh makes small enough (20 MB) to carry;
 #                 FASTTRAIN_SUITE_SET="key=value ...": extra --set for its runs (a dry run on a small subset)
-#   recipe        fasttrain autotune on configs/resnet50-imagenet-fast.toml: the step's samples/s at each
-#                 progressive training size (160, 192 px), on the benchmark data; needs no DALI (its loader is
-#                 auto, and the figures are the step's)
+#   recipe        fasttrain bench on configs/resnet50-imagenet-fast.toml: the compiled step's samples/s at each
+#                 progressive training size (160, 192 px), and the loader and end to end at the largest, on the
+#                 benchmark data; needs no DALI (its loader is auto)
 #   budget        the time budget on CUDA (issue 22: within +-10 %, the schedule complete): the quickstart at 60 s
 #                 (benchmarks/test_time_budget.py) and cifar10-speedrun at 40 s (its data and FASTTRAIN_SUITE_SET
 #                 as for speedrun); needs no DALI. Each run's train.log says its plan and re-plans
@@ -89,7 +89,8 @@ note() {  # log a line; with FASTTRAIN_SUITE_BUNDLE set, re-pack OUT_DIR into th
 
 needs_dali=0
 for stage in $stages; do
-  case $stage in quick|tests|model-*|loaders|e2e|autotune) needs_dali=1 ;; esac  # recipe: its step, any loader
+  # model-*: the step alone; autotune and recipe: data.loader = auto takes the cache or the torch loader without it
+  case $stage in quick|tests|loaders|e2e) needs_dali=1 ;; esac
 done
 SUITE_NEEDS_DALI=$needs_dali python3 - <<'EOF' || exit 2
 import importlib.util, os, sys
@@ -161,6 +162,7 @@ cifar_root() {  # CIFAR-10 JPEG class folders (train/, test/), extracted once pe
 
 pytest_bench() {  # pytest_bench NAME ARGS...: one benchmark file or selection, results as they come
   local name=$1; shift
+  rm -f "$out/bench-$name.json" "$out/bench-$name.jsonl"  # a stage run again: its per-case log is appended to
   FASTTRAIN_BENCH_DATA=$(data_root) FASTTRAIN_BENCH_LOG="$out/bench-$name.jsonl" \
     python3 -m pytest "$@" --bench-size=gpu -q -rs -p no:cacheprovider -p no:randomly \
     --benchmark-json="$out/bench-$name.json" 2>&1 | tee "$out/bench-$name.txt" || status=1
@@ -184,11 +186,13 @@ for stage in $stages; do
     quick)
       root=$(data_root)
       for backend in dali cache; do  # model-only ceiling, loader alone and end to end, one compile each
+        rm -f "$out/quick-bench-$backend.json"  # bench --json never replaces a file: a rerun wrote a -2 beside it
         timed "quick-bench-$backend" "${ft[@]}" bench resnet50-imagenet --set "data.root=$root" \
           --set "data.loader=$backend" --json "$out/quick-bench-$backend.json"
       done
       pytest_bench quick-naive benchmarks/test_end_to_end.py -k "naive and resnet50"
       for run in 1 2; do
+        rm -rf "$out/quick-autotune-$run"  # gpu_targets reads the first report in it
         timed "quick-autotune-$run" "${ft[@]}" autotune resnet50-imagenet --set "data.root=$root" \
           --set "train.runs_dir=$out/runs" --out "$out/quick-autotune-$run"
       done
@@ -207,6 +211,7 @@ for stage in $stages; do
     autotune)
       root=$(data_root)
       for run in 1 2; do
+        rm -rf "$out/autotune-$run"
         timed "autotune-$run" "${ft[@]}" autotune resnet50-imagenet --set "data.root=$root" \
           --set "train.runs_dir=$out/runs" --out "$out/autotune-$run"
       done
@@ -243,9 +248,10 @@ for stage in $stages; do
         status=1
       fi
       python3 tools/gpu_targets.py "$out" -o "$out/targets.md" || status=1 ;;
-    recipe)
-      timed recipe-autotune "${ft[@]}" autotune resnet50-imagenet-fast --set "data.root=$(data_root)" \
-        --set "train.runs_dir=$out/runs" --out "$out/recipe-autotune"
+    recipe)  # the compiled step at 160 and 192 px (autotune's size figures are eager, at a 16 GiB batch)
+      rm -f "$out/recipe-bench.json"
+      timed recipe-bench "${ft[@]}" bench resnet50-imagenet-fast --set "data.root=$(data_root)" \
+        --json "$out/recipe-bench.json"
       python3 tools/gpu_targets.py "$out" -o "$out/targets.md" || status=1 ;;
     summary)
       for f in "$out"/bench-*.json; do

@@ -195,6 +195,25 @@ def test_the_third_speed_run_without_the_compile_pool_is_shown_but_not_judged(tm
     assert "run 3 (TORCH_WARM_POOL=0): final 0.8000, 90.7% not reached, whole run 14.0 s" in md
 
 
+def test_the_recipe_sizes_from_fasttrain_bench(tmp_path):
+    bench = {
+        "runtime": "cuda:0 bf16 channels_last compile",
+        "batch_size": 1024,
+        "backend": "cache",
+        "image_size": 192,
+        "model_step": {"samples_per_s": 3000.0},
+        "model_step_per_size": {"160": {"samples_per_s": 4200.0}},
+        "end_to_end": {"samples_per_s": 2900.0},
+    }
+    (tmp_path / "recipe-bench.json").write_text(json.dumps(bench))
+    (t,) = [x for x in T.evaluate(tmp_path) if x.name.startswith("ResNet-50 fast recipe")]
+    assert t.met is True and t.figure.startswith("160 px 4,200 img/s, 192 px 3,000 img/s (model-only step")
+    assert "end to end at the largest size 2,900 img/s" in t.figure
+    del bench["model_step_per_size"]["160"]
+    (tmp_path / "recipe-bench.json").write_text(json.dumps(bench))
+    assert _verdicts(tmp_path)["ResNet-50 fast recipe: the step's samples/s per training size"] is False
+
+
 def test_a_slow_or_short_speed_run_and_the_recipe_sizes(tmp_path):
     _speedrun(tmp_path, 1, [0.6, 0.91], [2.0, 2.6], None)  # at 90.7% after 2.0 + 2.6 s; no wall time written
     recipe = tmp_path / "recipe-autotune"
@@ -210,7 +229,7 @@ def test_a_slow_or_short_speed_run_and_the_recipe_sizes(tmp_path):
     assert v["cifar10-speedrun whole run, decode included"] is None
     assert v["ResNet-50 fast recipe: the step's samples/s per training size"] is True
     md = T.to_markdown(tmp_path, T.evaluate(tmp_path))
-    assert "160 px 3,100 img/s (batch 256), 192 px 2,200 img/s (batch 256)" in md
+    assert "160 px 3,100 img/s (eager, batch 256), 192 px 2,200 img/s (eager, batch 256)" in md
 
 
 def _budget_run(folder: Path, wall: float, steps: list[int], total: int) -> None:
