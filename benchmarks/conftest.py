@@ -112,9 +112,17 @@ def measure(benchmark, env, size, device) -> Callable[..., dict[str, Any]]:
     """``measure(round_fn, samples_per_round=N, flags=F, **info)``: time rounds with ``benchmark.pedantic`` under
     the backend flags ``F`` (cuDNN benchmark, TF32, determinism: set for this case, whatever ran before, and put
     back afterwards), and record samples/s (from the median round), peak memory, the flags, the
-    batch/model/precision/backend and the environment."""
+    batch/model/precision/backend and the environment. ``after``: called once the rounds ran, its figures
+    recorded too (computed from what the rounds saw), in the JSON and in the per-case log."""
 
-    def run(round_fn: Callable[[], int], *, samples_per_round: int, flags: BackendFlags, **info: Any) -> dict[str, Any]:
+    def run(
+        round_fn: Callable[[], int],
+        *,
+        samples_per_round: int,
+        flags: BackendFlags,
+        after: Callable[[], dict[str, Any]] | None = None,
+        **info: Any,
+    ) -> dict[str, Any]:
         memory.reset_peak_memory(device)
         with backend_flags(flags):
             benchmark.pedantic(round_fn, rounds=size.rounds, iterations=1, warmup_rounds=size.warmup_rounds)
@@ -129,6 +137,7 @@ def measure(benchmark, env, size, device) -> Callable[..., dict[str, Any]]:
             **memory.peak_memory(device),
             flags=dataclasses.asdict(flags),
             **info,
+            **(after() if after is not None else {}),
             env=env,
         )
         log = os.environ.get("FASTTRAIN_BENCH_LOG")

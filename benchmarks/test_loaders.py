@@ -156,6 +156,10 @@ def test_dali_epoch_boundary_gap(benchmark, measure, size, device, data_root):
             n += got
         return n
 
+    def figures() -> dict[str, float]:
+        gap, step = statistics.median(gaps), statistics.median(steady)
+        return {"epoch_gap_s": gap, "steady_batch_s": step, "gap_ratio": gap / step, "epochs_per_round": epochs}
+
     try:
         one_round()  # warm-up: the first epoch's start (pipeline build, first decode) is not a boundary
         gaps.clear()
@@ -174,11 +178,11 @@ def test_dali_epoch_boundary_gap(benchmark, measure, size, device, data_root):
             image_size=size.image_size,
             workload=f"epoch-gap-b{batch_size}",
             batches_per_epoch=len(loader),
+            after=figures,  # in the per-case log too, which a stage cut off keeps
         )
     finally:
         loader.close()
-    gap, step = statistics.median(gaps), statistics.median(steady)
-    benchmark.extra_info.update(epoch_gap_s=gap, steady_batch_s=step, gap_ratio=gap / step, epochs_per_round=epochs)
+    gap, step = info["epoch_gap_s"], info["steady_batch_s"]
     print(
         f"\nDALI epoch boundary: {gap * 1e3:.2f} ms to the first batch vs {step * 1e3:.2f} ms per steady batch "
         f"(x{gap / step:.2f}; {len(loader)} batches/epoch, {len(gaps)} boundaries)"
