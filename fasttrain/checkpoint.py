@@ -56,9 +56,15 @@ def rng_state() -> dict[str, Any]:
         "python": random.getstate(),
         "numpy": (kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), int(pos), int(has_gauss), float(cached)),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # Only where this process started CUDA: reading its generators starts it (a context on GPU 0 for a run on
+        # the CPU of a GPU machine, at every checkpoint), and a process that never started it never drew there.
+        "cuda": torch.cuda.get_rng_state_all() if _cuda_started() else [],
     }
     return state
+
+
+def _cuda_started() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -66,8 +72,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["cuda"] and _cuda_started() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])  # a run on CUDA has started it by now (its model is there)
 
 
 def _is_rng(x: Any) -> bool:

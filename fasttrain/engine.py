@@ -1437,7 +1437,7 @@ class Trainer:
         state, task, accum = self.state, self.task, self.tc.accumulation
         saved = copy.deepcopy(state.state_dict())
         rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # never starts CUDA
         runtime = self.prep.runtime
         warm = runtime.warmup_calls  # steps before the steady state: the compile; with CUDA graphs, the recording
         # whole optimizer steps only: a measurement ending inside an accumulation left its gradients behind

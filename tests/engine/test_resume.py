@@ -268,3 +268,18 @@ def test_a_pickle_payload_is_refused_in_one_line_without_advice_to_lower_the_gua
     msg = str(e.value)
     assert "\n" not in msg and str(path) in msg and "refused" in msg and "system" in msg
     assert "weights_only" not in msg and "trusted" not in msg
+
+
+def test_a_checkpoint_reads_cuda_generators_only_where_the_process_started_cuda(monkeypatch):
+    """Reading CUDA's generators starts CUDA: a run on the CPU of a GPU machine made a context on GPU 0 at every
+    checkpoint. A process that never started CUDA never drew from it: nothing to keep, nothing to put back."""
+    from fasttrain import checkpoint as C
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("started CUDA"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("started CUDA"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    state = C.rng_state()
+    assert state["cuda"] == []
+    C.set_rng_state({**state, "cuda": [torch.zeros(16, dtype=torch.uint8)]})  # a CUDA run's checkpoint, here
