@@ -513,7 +513,7 @@ def process_device(requested: str, local_rank: int, cuda_count: int) -> str:
 
 def runtime_for(cfg: Config, *, train_samples: int | None = None, **overrides: Any) -> Runtime:
     """The runtime of a config: channels_last only where its model convolves, under torchrun on this process's
-    GPU (:func:`process_device`). ``overrides`` replace
+    GPU (:func:`process_device`) unless ``overrides`` name a device. ``overrides`` replace
     ``runtime.*`` fields for this use (e.g. ``compile="off"`` for eager probes or prediction).
     ``train_samples``: the training set's size, from which ``runtime.compile = auto`` on CPU judges the job's
     length (without it, auto stays eager there)."""
@@ -522,7 +522,8 @@ def runtime_for(cfg: Config, *, train_samples: int | None = None, **overrides: A
 
     rcfg = dataclasses.replace(cfg.runtime, **overrides) if overrides else cfg.runtime
     info = dist_info()
-    if info.world_size > 1:  # under torchrun, from its environment: before the process group is joined too
+    if info.world_size > 1 and "device" not in overrides:  # under torchrun (from its environment: before the
+        # process group is joined too); a caller's own device (prediction's --device) is taken as given
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         rcfg = dataclasses.replace(rcfg, device=process_device(rcfg.device, info.local_rank, count))
     job = None

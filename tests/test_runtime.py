@@ -520,6 +520,8 @@ def test_runtime_for_under_torchrun_takes_local_ranks_device(monkeypatch):
     monkeypatch.setattr(R, "process_device", lambda requested, rank, count: asked.append((requested, rank)) or "cpu")
     R.runtime_for(load_config(None, ["runtime.device=cuda:0"]))
     assert asked == [("cuda:0", 1)] and seen == ["cpu"]  # the process's device, not the config's
+    R.runtime_for(load_config(None, []), device="cuda:3")  # a caller's own (prediction's --device): as given
+    assert len(asked) == 1 and seen[-1] == "cuda:3"
 
 
 def test_each_rank_seed_is_its_own_and_stable():
