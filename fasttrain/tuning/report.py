@@ -390,10 +390,17 @@ def _plot_marks(ax, r: AutotuneReport) -> None:
 
 
 def _plot_memory(ax2, r: AutotuneReport, cands: list[Candidate], cuda: bool) -> None:
-    """Peak memory (reserved on CUDA, RSS on CPU) and, on CUDA, the budget with its headroom."""
+    """Peak memory (on CUDA what the budget is charged, on CPU RSS) and, on CUDA, the budget with its headroom.
+    On CUDA the curve is each size's ``usage_bytes`` (peak reserved, plus memory in use before tuning and outside
+    torch where the budget counts them), what the headroom test compares with the budget lines: peak reserved
+    alone sat below them for a size refused for its headroom."""
     if cuda:
-        mem = [(c.batch_size, c.peak_reserved_bytes / GIB) for c in cands if c.peak_reserved_bytes is not None]
-        label = "steady-state peak reserved (GiB)"
+        mem = [
+            (c.batch_size, (c.usage_bytes if c.usage_bytes is not None else c.peak_reserved_bytes) / GIB)
+            for c in cands
+            if c.peak_reserved_bytes is not None
+        ]
+        label = "steady-state memory charged (GiB)"
     else:
         mem = [(c.batch_size, c.peak_rss_bytes / GIB) for c in cands if c.peak_rss_bytes is not None]
         label = "peak RSS, process lifetime (GiB)"

@@ -789,7 +789,7 @@ def full_report() -> R.AutotuneReport:
             peak_allocated_bytes=b * 2**24,
             peak_reserved_bytes=b * 2**25,
             warmup_reserved_bytes=b * 2**26,
-            usage_bytes=b * 2**25,
+            usage_bytes=b * 2**25 + 2**30,  # + 1 GiB in use before tuning (emulated budget)
             **kw,
         )
         x.set_rates([sps * 0.9, sps, sps * 1.08])
@@ -884,6 +884,10 @@ def test_the_plot_shows_spread_verification_and_cap_and_its_legend_leaves_the_oo
         assert not legend_box.contains(px, py)  # the legend does not cover an OOM marker
     lo, hi = ax2.get_ylim()
     assert lo == 0 and hi >= 16  # the 16 GiB budget line is on the memory axis's visible scale
+    charged = next(ln for ln in ax2.get_lines() if ln.get_label().startswith("steady-state memory charged"))
+    by_size = {c.batch_size: c for c in r.candidates if c.peak_reserved_bytes is not None}
+    for b, gib in zip(*charged.get_data()):  # what the headroom test compares with the budget lines
+        assert gib == pytest.approx(by_size[b].usage_bytes / GIB)
 
 
 # -- CUDA only ---------------------------------------------------------------------------------------------------
