@@ -56,8 +56,12 @@ class ModelEma:
         new_f: list[torch.Tensor] = []
         avg_o: list[torch.Tensor] = []
         new_o: list[torch.Tensor] = []
+        seen: set[int] = set()
         for key, a in mine.items():
             b = theirs[key]
+            if id(a) in seen:  # a weight the model uses twice (tied) is listed under each name: averaged once
+                continue
+            seen.add(id(a))
             # The Parameter objects themselves, not detached views: a later ``param.data = ...`` (a move, a
             # memory-format change) stays visible. update() runs under no_grad.
             if a.is_floating_point():

@@ -32,9 +32,10 @@ def tta_logits(model: Any, x: torch.Tensor, mode: str) -> torch.Tensor:
         return logits
     h, w = x.shape[-2:]
     padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-    # Laid out as x is (a compiled model's graph guards on strides too: no new graph for the shifted batches).
-    fmt = torch.channels_last if x.dim() == 4 and not x.is_contiguous() else torch.contiguous_format
-    shifted = [p.contiguous(memory_format=fmt) for p in (padded[..., 0:h, 0:w], padded[..., 2 : h + 2, 2 : w + 2])]
+    # Laid out as x is, strides and all (a compiled model's graph guards on strides: no new graph for the shifted
+    # batches). empty_like keeps x's strides; choosing a memory format did not for one channel, where a
+    # channels_last batch is also contiguous.
+    shifted = [torch.empty_like(x).copy_(p) for p in (padded[..., 0:h, 0:w], padded[..., 2 : h + 2, 2 : w + 2])]
     return 0.5 * logits + 0.25 * (mirrored(shifted[0]) + mirrored(shifted[1]))
 
 

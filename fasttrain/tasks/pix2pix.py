@@ -181,8 +181,10 @@ class Pix2PixTask(Task):
 
     # -- samples ---------------------------------------------------------------------------------------------
     def sample_grid(self, state: TrainState, batch: Batch) -> torch.Tensor:
-        """Rows of input | output | target for the first few samples, 0..1 on the CPU (eval mode, no grad)."""
-        gen = state.local["generator"]
+        """Rows of input | output | target for the first few samples, 0..1 on the CPU (eval mode, no grad). The
+        uncompiled generator: four images are a new shape, whose compile (a whole U-Net's, and one more graph
+        towards dynamo's recompile limit) would cost far more than running them eagerly."""
+        gen = state.modules["generator"]
         was_training = state.modules["generator"].training
         state.modules["generator"].train(False)
         try:

@@ -220,3 +220,18 @@ def test_ema_follows_a_parameter_whose_data_was_replaced():
     ema.update(model)
     d = ema_decay_at(0.5, 1)
     torch.testing.assert_close(ema.module.weight, d * first + (1 - d) * 4.0)
+
+
+def test_a_weight_the_model_uses_twice_is_averaged_once():
+    """A tied weight appears under two names in state_dict: it was moved towards the model twice per update."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 3)
+    tied, single = torch.nn.Sequential(lin, lin), torch.nn.Sequential(lin)
+    a, b = ModelEma(tied, decay=0.5), ModelEma(single, decay=0.5)
+    for _ in range(3):
+        a.update(tied)
+        b.update(single)
+        with torch.no_grad():
+            lin.weight.add_(1.0)
+    torch.testing.assert_close(a.module[0].weight, b.module[0].weight)
+    assert a.module[0].weight is a.module[1].weight  # deepcopy kept the tie

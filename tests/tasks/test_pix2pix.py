@@ -250,3 +250,14 @@ def test_refused_settings_name_their_field(paired_root, tmp_path, override, fiel
     cfg = p2p_cfg(paired_root, tmp_path, override)
     with pytest.raises(ConfigError, match=field):
         Pix2PixTask(cfg, Runtime(cfg.runtime), None)
+
+
+def test_sample_grids_run_the_uncompiled_generator(paired_root, tmp_path):
+    """Four images are a shape of their own: through the compiled generator they compiled a whole U-Net once more
+    on CUDA (and took one more of dynamo's eight graphs)."""
+    cfg = p2p_cfg(paired_root, tmp_path)
+    task = Pix2PixTask(cfg, Runtime(cfg.runtime), None)
+    state = task.build_state()
+    state.local["generator"] = lambda x: pytest.fail("the compiled generator ran for a sample grid")
+    grid = task.sample_grid(state, task.synthetic_batch(6, task.input_spec()))
+    assert grid.dim() == 3 and grid.shape[0] == 3 and grid.min() >= 0 and grid.max() <= 1  # one RGB picture

@@ -114,3 +114,18 @@ def test_blurpool_blurs_before_the_strided_conv():
 def test_blurpool_is_refused_for_other_models():
     with pytest.raises(ValueError, match=r"model\.blurpool: .* not smallcnn"):
         build_model("smallcnn", in_channels=3, num_outputs=4, image_size=32, blurpool=True)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_shifted_batches_keep_the_batchs_strides(channels):
+    """A compiled evaluation guards on strides: a one-channel channels_last batch is also 'contiguous', and the
+    shifted batches were made with other strides, a new graph for each evaluation's TTA."""
+    x = torch.empty(2, channels, 6, 6, memory_format=torch.channels_last).copy_(torch.randn(2, channels, 6, 6))
+    seen = []
+
+    def model(t):
+        seen.append(t.stride())
+        return t.mean((1, 2, 3))[:, None]
+
+    tta_logits(model, x, "flip_translate")
+    assert seen[0] == x.stride() and seen[2] == x.stride() and seen[4] == x.stride()  # x and its two shifts
