@@ -32,6 +32,8 @@ from fasttrain.checkpoint import (
     check_resume_config,
     checkpoint_config,
     load_checkpoint,
+    rng_state,
+    set_rng_state,
 )
 from fasttrain.config import Config, ConfigError, apply_overrides, dump_config
 from fasttrain.data.base import Batch, Loader
@@ -1436,8 +1438,7 @@ class Trainer:
 
         state, task, accum = self.state, self.task, self.tc.accumulation
         saved = copy.deepcopy(state.state_dict())
-        rng = torch.get_rng_state()
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # never starts CUDA
+        rng = rng_state()  # as a checkpoint keeps them (CUDA's only where this process started it)
         runtime = self.prep.runtime
         warm = runtime.warmup_calls  # steps before the steady state: the compile; with CUDA graphs, the recording
         # whole optimizer steps only: a measurement ending inside an accumulation left its gradients behind
@@ -1467,9 +1468,7 @@ class Trainer:
             state.load_state_dict(saved)
             for name, optimizer in state.optimizers.items():  # a step cut short (an error) leaves none either
                 optimizer.zero_grad(set_to_none=name not in state.ddp)  # as optimizer_step clears them
-            torch.set_rng_state(rng)
-            if cuda_rng is not None:
-                torch.cuda.set_rng_state_all(cuda_rng)
+            set_rng_state(rng)
         timed = times[warm:] or times[-1:]  # the first steps carry compile and warm-up
         seconds = sum(t for t, _ in timed)
         if runtime.compile and len(times) > warm:  # what each new size of progressive resizing compiles again

@@ -550,9 +550,8 @@ class DaliLoader:
         if batch_size < 1:
             raise ValueError(f"DaliLoader: batch_size must be >= 1, got {batch_size}")
         check_shard(num_shards, shard_id)
-        if device_id is not None and spec.device.type != "cuda":
-            raise ValueError(f"DaliLoader: device_id={device_id} (GPU decode) but the inputs go to {spec.device}")
-        if device_id is not None and spec.device.index not in (None, device_id):  # one GPU decodes and trains
+        if device_id is not None and (spec.device.type != "cuda" or spec.device.index not in (None, device_id)):
+            # one GPU decodes and trains: DALI's outputs are handed over on its own device's stream
             raise ValueError(f"DaliLoader: device_id={device_id} (GPU decode) but the inputs go to {spec.device}")
         if len(spec.mean) != data.channels:
             raise ValueError(f"DaliLoader: spec has {len(spec.mean)} mean values for {data.channels} channels")

@@ -95,8 +95,9 @@ class Candidate:
     usable: bool = False
     """Fits, was timed, and leaves the headroom (set by the search)."""
     failure: str = ""
-    """oom, retries, headroom (a probe) or budget (the whole device over it in the verification): the memory
-    evidence against this size; empty when usable."""
+    """oom, retries, headroom (a probe) or budget (what the run held on the device over it in the verification,
+    the whole device's use where NVML cannot see processes): the memory evidence against this size; empty when
+    usable."""
     phase: str = ""
     """given (the config's own micro-batch), grow, bisect or compiled; for a plan that failed, verify or loader
     (its loader trials ran out of memory)."""
