@@ -38,7 +38,7 @@ from fasttrain.checkpoint import (
 from fasttrain.config import Config, ConfigError, apply_overrides, dump_config
 from fasttrain.data.base import Batch, Loader
 from fasttrain.data.progressive import TrainSizes, train_sizes
-from fasttrain.io import WriteError, atomic_write_text, check_writable, os_reason
+from fasttrain.io import WriteError, atomic_write_text, check_writable, os_reason, read_jsonl
 from fasttrain.metrics import PROGRESS, MetricsLog, Progress, fmt_metrics, step_line, summary_line, trim_metrics
 from fasttrain.monitor import monitors, use_best
 from fasttrain.optim import make_scheduler
@@ -162,6 +162,7 @@ def train(
             trainer = Trainer(
                 prep, ckpt, progress=progress, on_epoch_end=on_epoch_end, started=started, marks=prep.marks
             )
+            trainer.finished = plan.finished
             try:
                 if run_dir is None:
                     run_dir, lock = _new_run(prep, Path(plan.reuse) if plan.reuse else None)
@@ -225,6 +226,9 @@ class _RunPlan:
     start_mark: tuple[int, int] = (0, 0)
     """The checkpoint's epoch and step: a rank that reads its own copy checks that it is rank 0's."""
     reuse: str = ""
+    finished: dict[str, Any] | None = None
+    """The resumed checkpoint is the one the run finished on, and its end was reported: the end's record
+    (:func:`_finished_record`), and nothing is trained or reported again unless the config asks for more."""
 
 
 def _plan_run(
@@ -252,7 +256,22 @@ def _plan_run(
         clean_temp_files(run_dir)
         check_writable(run_dir / "checkpoints", "--resume")  # read-only: fail now, not after an epoch
     cfg, held["ckpt"] = _resumed_config(run_dir, overrides, start)
-    return _RunPlan(str(run_dir), cfg, str(start), start.stat().st_size, _mark(held["ckpt"]))
+    mark = _mark(held["ckpt"])
+    return _RunPlan(str(run_dir), cfg, str(start), start.stat().st_size, mark, finished=_finished_record(run_dir, mark))
+
+
+def _finished_record(run_dir: Path, mark: tuple[int, int]) -> dict[str, Any] | None:
+    """The ``finished`` event that ``run_dir``'s metrics.jsonl holds at ``mark`` (a checkpoint's epoch and
+    step), with the weights and test metrics of that end; None when the run did not finish there (a run killed
+    in its end reports makes them again)."""
+    path = run_dir / "metrics.jsonl"
+    records = [r for r in read_jsonl(path) if (r.get("epoch"), r.get("step")) == mark] if path.is_file() else []
+    ended = next((r for r in records if r.get("event") == "finished"), None)
+    if ended is None:
+        return None
+    test = next((r for r in records if r.get("event") == "test"), None)
+    ended["test"] = {k: v for k, v in test.items() if k not in ("epoch", "step", "event", "weights")} if test else None
+    return ended
 
 
 def _mark(ckpt: dict[str, Any] | None) -> tuple[int, int]:
@@ -852,6 +871,8 @@ class Trainer:
             self.close()
             raise
         self.history: list[dict[str, Any]] = []
+        self.finished: dict[str, Any] | None = None
+        """The resumed run's end record when it finished at its checkpoint (:attr:`_RunPlan.finished`)."""
         self.resume_micro, self.running = 0, Running()
         self.stop = StopRequest()
         self.t_run, self.step_at_start = time.perf_counter(), 0  # set again when run() starts
@@ -1051,6 +1072,8 @@ class Trainer:
         state.train(True)
         try:
             self.t_run, self.step_at_start = time.perf_counter(), state.step
+            if self.finished is not None and (state.epoch >= tc.epochs or self.early_stop.stopped):
+                return self._finished_already(self.finished)
             if self.early_stop.stopped:  # a resumed run that had stopped early
                 log.info(
                     "%s; nothing left to train (a larger train.early_stop_patience goes on)", self.early_stop.reason
@@ -1122,10 +1145,14 @@ class Trainer:
                 "s" if len(skipped) != 1 else "",
                 self.run_dir,
             )
+            self.metrics.event({"epoch": state.epoch, "step": state.step, "event": "finished", "weights": tested})
         finally:
             if test_loader is not None:
                 test_loader.close()
             self.metrics.close()
+        return self._result(test_metrics, skipped, tested)
+
+    def _result(self, test_metrics: dict[str, float] | None, skipped: list, tested: str) -> TrainResult:
         return TrainResult(
             self.run_dir,
             self.history,
@@ -1137,6 +1164,22 @@ class Trainer:
             tested,
             self.early_stop.reason,
         )
+
+    def _finished_already(self, ended: dict[str, Any]) -> TrainResult:
+        """A resumed run that finished at its checkpoint and wrote its end: nothing is trained, evaluated or
+        written again (its test metrics are the ones it recorded)."""
+        stopped = self.early_stop.stopped
+        log.info(
+            "run already finished at epoch %d, step %d%s: nothing is trained, and its reports stand (%s)",
+            self.state.epoch,
+            self.state.step,
+            f" ({self.early_stop.reason})" if stopped else "",
+            "a larger train.early_stop_patience goes on"
+            if stopped
+            else f"--set train.epochs=N with N > {self.state.epoch} trains on",
+        )
+        skipped = _skipped_files(self.source.skipped, self.train_loader, self.val_loader)
+        return self._result(ended.get("test"), skipped, str(ended.get("weights") or ""))
 
     # -- a time budget -------------------------------------------------------------------------------------------
     def _plan_budget(self) -> None:

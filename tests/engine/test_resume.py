@@ -1,5 +1,7 @@
 """Resume and checkpoints: what may change on resume, damaged checkpoints, the run's config kept current."""
 
+import json
+
 import pytest
 import torch
 from tinyrun import tiny_cfg as _tiny_cfg
@@ -283,3 +285,51 @@ def test_a_checkpoint_reads_cuda_generators_only_where_the_process_started_cuda(
     state = C.rng_state()
     assert state["cuda"] == []
     C.set_rng_state({**state, "cuda": [torch.zeros(16, dtype=torch.uint8)]})  # a CUDA run's checkpoint, here
+
+
+# -- a finished run resumed -----------------------------------------------------------------------------------------
+def _records(run, event=None):
+    from fasttrain.io import read_jsonl
+
+    return [r for r in read_jsonl(run / "metrics.jsonl") if r.get("event") == event]
+
+
+@pytest.fixture
+def finished_run(shapes_root, tmp_path):
+    """A one-epoch run with a test split, finished."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(shapes_root, root)
+    shutil.copytree(root / "val", root / "test")
+    return train(tiny_cfg(root, tmp_path / "runs"), progress=False)
+
+
+def test_a_finished_run_resumed_trains_and_writes_nothing_again(finished_run, caplog):
+    run = finished_run.run_dir
+    reports = {p: p.stat().st_mtime_ns for p in (run / "confusion.json", run / "checkpoints" / "last.pt")}
+    with caplog.at_level("INFO", logger="fasttrain"):
+        again = train(resume=run, progress=False)
+    assert "run already finished at epoch 1, step 2: nothing is trained" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in reports} == reports
+    assert len(_records(run, "test")) == 1 and len(_records(run, "finished")) == 1
+    assert again.test_metrics == finished_run.test_metrics and again.test_weights == finished_run.test_weights
+    assert again.history == finished_run.history
+
+
+def test_a_run_killed_in_its_end_reports_makes_them_on_resume(finished_run, caplog):
+    """No ``finished`` record (the process died after the last checkpoint, in the test evaluation or the
+    reports): the resume evaluates and reports again, once."""
+    from fasttrain.io import atomic_write_text, read_jsonl
+
+    run = finished_run.run_dir
+    kept = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("event") not in ("finished", "test")]
+    atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    (run / "confusion.json").unlink()
+    with caplog.at_level("INFO", logger="fasttrain"):
+        again = train(resume=run, progress=False)
+    assert "already finished" not in caplog.text and "run finished: 1 epochs" in caplog.text
+    assert (run / "confusion.json").is_file()
+    assert [r["test_loss"] for r in _records(run, "test")] == [finished_run.test_metrics["test_loss"]]
+    assert len(_records(run, "finished")) == 1
+    assert again.test_metrics == pytest.approx(finished_run.test_metrics)
