@@ -1,3 +1,4 @@
+import pytest
 import torch
 from PIL import Image
 
@@ -176,3 +177,32 @@ def test_a_batch_saves_the_training_generator_once_and_each_sample_draws_its_own
     assert forks == [1]  # once per batch (it was once per sample)
     assert all(torch.equal(a, b) for a, (b, _) in zip(one_by_one, batch))  # per (seed, epoch, index)
     assert not torch.equal(batch[0][0], ds[(4, 3)][0])  # another epoch, another crop
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_the_deterministic_transforms_are_torchvisions_to_the_pixel(mode):
+    """eval_transform and resize_square call Pillow themselves (no torchvision import): the same pixels, shapes
+    and strides as torchvision's resize + center_crop + pil_to_tensor, odd sizes, portrait and landscape; the crop
+    alone also where it is larger than the image (zero-padded)."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as TF
+
+    from fasttrain.config import DataConfig
+    from fasttrain.data.transforms import center_crop, resize_square
+
+    rng = np.random.default_rng(0)
+    bilinear = v2.InterpolationMode.BILINEAR
+    for w, h, resize, crop in [(40, 30, 32, 28), (29, 47, 33, 33), (64, 64, 64, 56), (31, 50, 25, 25), (17, 9, 14, 9)]:
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+        cfg = DataConfig(image_size=crop, resize_size=resize, eval_size=crop)
+        assert (cfg.eval_resize, cfg.eval_crop) == (resize, crop)
+        want = TF.pil_to_tensor(TF.center_crop(TF.resize(im, [resize], interpolation=bilinear), [crop, crop]))
+        got = eval_transform(cfg)(im)
+        assert got.shape == want.shape and got.stride() == want.stride() and torch.equal(got, want)
+        want = TF.pil_to_tensor(TF.resize(im, [resize, resize], interpolation=bilinear))
+        got = resize_square(im, resize)
+        assert got.stride() == want.stride() and torch.equal(got, want)
+        for side in (h + 3, w + 4, max(w, h) + 1, min(w, h) - 1):
+            assert torch.equal(TF.pil_to_tensor(center_crop(im, side)), TF.pil_to_tensor(TF.center_crop(im, [side])))
