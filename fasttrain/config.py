@@ -979,6 +979,12 @@ def config_path(name_or_path: str | os.PathLike) -> Path:
         return found
     if os.sep in str(name_or_path) or str(name_or_path).endswith(".toml"):
         raise ConfigError(f"config file {p}: not found")
+    key, eq, _ = str(name_or_path).partition("=")
+    if eq and "." in key:  # `fasttrain train train.epochs=2`: a setting where the config goes
+        raise ConfigError(
+            f"config {name_or_path}: no such file; a setting is given with --set (--set {name_or_path}), and the "
+            "config (a TOML file or a packaged name, default quickstart) before or without it"
+        )
     import difflib
 
     names = list(packaged_configs())

@@ -66,6 +66,13 @@ def test_an_unknown_config_name_lists_the_packaged_ones(capsys):
     )
 
 
+def test_a_setting_given_as_the_config_points_to_set(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = _run_cli(capsys, "train", "train.epochs=2")
+    assert code == 2 and "a setting is given with --set (--set train.epochs=2)" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_config_list_and_show(capsys):
     code, out, _ = _run_cli(capsys, "config", "list")
     assert code == 0 and "quickstart" in out and "resnet50-imagenet" in out and "ResNet-50 on ImageNet" in out
