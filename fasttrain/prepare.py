@@ -162,7 +162,8 @@ def check_cuda_graphs(cfg: Config, task: Task) -> None:
 def _import_for_first_step(cfg: Config) -> None:
     """Import the slow modules the first step imports anyway, while the dataset index is built in another
     process (:mod:`fasttrain.data.prebuild`): ``torch._dynamo`` (about 1.3 s; torch's optimizers import it when
-    they are built) and, unless the loader is DALI, ``torchvision`` (the torch loader's transforms)."""
+    they are built) and, unless the loader is DALI, ``torchvision`` (the torch loader's training transforms,
+    torchvision's models; the backend is not chosen yet)."""
     import torch._dynamo  # noqa: F401
 
     if cfg.data.loader != "dali":
