@@ -58,7 +58,9 @@ def rng_state() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         # Only where this process started CUDA: reading its generators starts it (a context on GPU 0 for a run on
         # the CPU of a GPU machine, at every checkpoint), and a process that never started it never drew there.
-        "cuda": torch.cuda.get_rng_state_all() if _cuda_started() else [],
+        # Its own GPU's alone (the runtime made it the current one): a rank resumed on another GPU of another
+        # layout (2 nodes x 4 GPUs -> 1 x 8) takes its stream there.
+        "cuda": [torch.cuda.get_rng_state()] if _cuda_started() else [],
     }
     return state
 
@@ -72,8 +74,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and _cuda_started() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])  # a run on CUDA has started it by now (its model is there)
+    cuda = state["cuda"]
+    if not cuda or not _cuda_started():  # a run on CUDA has started it by now (its model is there)
+        return
+    if len(cuda) == 1:
+        torch.cuda.set_rng_state(cuda[0])  # this process's GPU's
+    elif len(cuda) == torch.cuda.device_count():  # older checkpoints: every visible GPU's
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _is_rng(x: Any) -> bool:

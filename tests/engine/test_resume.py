@@ -279,12 +279,36 @@ def test_a_checkpoint_reads_cuda_generators_only_where_the_process_started_cuda(
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("started CUDA"))
-    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: pytest.fail("started CUDA"))
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: pytest.fail("started CUDA"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: pytest.fail("started CUDA"))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     state = C.rng_state()
     assert state["cuda"] == []
     C.set_rng_state({**state, "cuda": [torch.zeros(16, dtype=torch.uint8)]})  # a CUDA run's checkpoint, here
+
+
+def test_a_checkpoint_keeps_its_own_gpus_stream_and_puts_it_back_on_whichever_gpu_resumes(monkeypatch):
+    """One stream, the process's current GPU's (a rank's own): a rank resumed where the machine shows another number
+    of GPUs gets it back. A checkpoint with every visible GPU's (older ones) is put back where the count matches."""
+    from fasttrain import checkpoint as C
+
+    mine, put = torch.arange(16, dtype=torch.uint8), {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: mine)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("read every GPU's"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: put.setdefault("current", s))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda s: put.setdefault("all", s))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    state = C.rng_state()
+    assert len(state["cuda"]) == 1 and state["cuda"][0] is mine
+    C.set_rng_state(state)
+    assert put == {"current": mine}
+    put.clear()
+    C.set_rng_state({**state, "cuda": [mine] * 4})  # an older checkpoint of a 4-GPU machine: not this one's
+    assert put == {}
+    C.set_rng_state({**state, "cuda": [mine] * 8})
+    assert list(put) == ["all"]
 
 
 # -- a finished run resumed -----------------------------------------------------------------------------------------
