@@ -100,7 +100,7 @@ def predict(
 
     check_model(cfg.model.name, given=model is not None)  # a run trained on a model from Python needs it again
     # restoring: the checkpoint holds the weights: no pretrained download, no init_from read
-    task = make_task(cfg, runtime, None, model=model, restoring=True)
+    task = make_task(cfg, runtime, None, model=model, restoring=True, inference=True)
     state = task.build_state()
     saved = dict(ckpt["state"]["modules"])
     for name, averaged in averages.items() if use_ema else ():  # ModelEma: "module." + the model's keys

@@ -21,10 +21,15 @@ def task_class(name: str) -> type[Task]:
     return registry.resolve("tasks", name)
 
 
-def make_task(cfg: Any, runtime: Any, source: Any, *, model: Any = None, restoring: bool = False) -> Task:
+def make_task(
+    cfg: Any, runtime: Any, source: Any, *, model: Any = None, restoring: bool = False, inference: bool = False
+) -> Task:
     """``task.name``'s task. ``model``: one given from Python (or a function returning one); ``restoring``: a
-    checkpoint will be loaded into its state (no pretrained download, no init_from read)."""
-    return task_class(cfg.task.name)(cfg, runtime, source, model=model, restoring=restoring)
+    checkpoint will be loaded into its state (no pretrained download, no init_from read); ``inference``: its
+    state only predicts (:attr:`Task.inference`)."""
+    task = task_class(cfg.task.name)(cfg, runtime, source, model=model, restoring=restoring)
+    task.inference = inference
+    return task
 
 
 def __getattr__(name: str) -> Any:

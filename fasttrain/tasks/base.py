@@ -194,6 +194,9 @@ class Task:
         self.restoring = restoring
         """A checkpoint will be loaded into the built state (resume, prediction): starting weights
         (model.pretrained, model.init_from) are then neither downloaded nor read."""
+        self.inference = False
+        """The built state only predicts: no optimizers or scalers (building the first torch optimizer imports
+        ``torch._dynamo``, about a second of a prediction's start). A task of one's own may build them anyway."""
 
     @classmethod
     def metric_mode(cls, metric: str) -> str:
@@ -236,12 +239,12 @@ class Task:
         )
         self.load_initial_weights(model, "model")
         fn = self.runtime.prepare_model(model)
-        opt = make_optimizer(model, c.optim, fused_kwargs=self.runtime.optimizer_kwargs())
+        training = not self.inference
         return TrainState(
             {"model": model},
             {"model": fn},
-            {"model": opt},
-            {"model": self.runtime.grad_scaler()},
+            {"model": make_optimizer(model, c.optim, fused_kwargs=self.runtime.optimizer_kwargs())} if training else {},
+            {"model": self.runtime.grad_scaler()} if training else {},
             local={"model": self.runtime.for_eval(model, fn)},
         )
 

@@ -109,11 +109,12 @@ class Pix2PixTask(Task):
         fused = self.runtime.optimizer_kwargs()
         modules = {"generator": gen, "discriminator": disc}
         callables = {k: self.runtime.prepare_model(m) for k, m in modules.items()}
+        training = {} if self.inference else modules  # prediction: no optimizers, no scalers
         return TrainState(
             modules,
             callables,
-            {k: make_optimizer(m, c.optim, fused_kwargs=fused) for k, m in modules.items()},
-            {k: self.runtime.grad_scaler() for k in modules},
+            {k: make_optimizer(m, c.optim, fused_kwargs=fused) for k, m in training.items()},
+            {k: self.runtime.grad_scaler() for k in training},
             local={k: self.runtime.for_eval(m, callables[k]) for k, m in modules.items()},
         )
 

@@ -84,7 +84,8 @@ def test_short_run_lowers_val_l1_and_writes_samples(trained, paired_root, tmp_pa
         assert (im.height - 2) % cell == 0 and im.height > cell  # one row per sample, at least two
 
 
-def test_checkpoint_holds_both_networks_and_predicts_images(trained, paired_root, tmp_path):
+def test_checkpoint_holds_both_networks_and_predicts_images(trained, paired_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.optim.Optimizer, "__init__", lambda *a, **k: pytest.fail("predict built an optimizer"))
     ckpt = load_checkpoint(trained.run_dir / "checkpoints" / "best.pt")
     state = ckpt["state"]
     for group in ("modules", "optimizers", "scalers", "schedulers"):
