@@ -3,8 +3,9 @@ another is a class in the ``loggers`` table of :mod:`fasttrain.registry`), the p
 bar on a terminal, plain progress lines elsewhere, and the epoch summary line.
 
 ``metrics.jsonl`` holds one record per epoch (no ``event`` key), one per ``train.log_every`` steps
-(``"event": "step"``), the start-up's phases at each start (``"event": "startup"``) and the final test
-(``"event": "test"``); resume and ``fasttrain plot`` read it back.
+(``"event": "step"``), the start-up's phases at each start (``"event": "startup"``), the final test
+(``"event": "test"``) and the run's end once its reports are written (``"event": "finished"``: a resume from that
+checkpoint trains and reports nothing again); resume and ``fasttrain plot`` read it back.
 Only the main process writes (under torchrun, rank 0).
 """
 
