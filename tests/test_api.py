@@ -85,6 +85,53 @@ def test_your_own_model_from_python_trains_resumes_and_predicts(shapes_root, tmp
     assert [r["epoch"] for r in resumed.history] == [1, 2]
 
 
+def test_a_model_whose_first_linear_layer_is_sized_by_its_input_trains_resumes_and_predicts(shapes_root, tmp_path):
+    """nn.LazyLinear instead of a dummy forward pass: sized before channels_last, the optimizer and a checkpoint's
+    load (it raised "uninitialized parameter" in the channels_last conversion); BatchNorm's statistics untouched."""
+    import pytest
+    import torch
+    from torch import nn
+
+    from fasttrain import load_config, predict, train
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2))
+            self.fc = nn.LazyLinear(3)
+
+        def forward(self, x):
+            return self.fc(self.features(x).flatten(1))
+
+    overrides = [f"data.root={shapes_root}", f"train.runs_dir={tmp_path}", "train.epochs=1", "train.max_steps=2"]
+    cfg = load_config("quickstart", [*overrides, "data.workers=0", "data.loader=torch"])
+    result = train(cfg, model=Flat, progress=False)
+    saved = torch.load(result.run_dir / "checkpoints" / "last.pt", weights_only=True)["state"]["modules"]["model"]
+    assert saved["fc.weight"].shape == (3, 4 * 15 * 15)  # 32 px -> conv 30 -> pool 15
+    image = str(next(shapes_root.rglob("*.png")))
+    (record,) = predict(result.run_dir, [image], device="cpu", model=Flat)
+    assert record["class"] in ("circle", "square", "triangle")
+    resumed = train(resume=result.run_dir, overrides=["train.epochs=2"], model=Flat, progress=False)
+    assert [r["epoch"] for r in resumed.history] == [1, 2]
+
+    from fasttrain.tasks.base import size_lazy_layers
+
+    fresh = Flat()
+    sized = size_lazy_layers(fresh, 3, 32)
+    assert sized.training and int(sized.features[1].num_batches_tracked) == 0
+
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.LazyLinear(2)
+
+        def forward(self, x):
+            return self.fc(x.view(1, 5))  # not the input it is given
+
+    with pytest.raises(ValueError, match=r"one 3 x 8 x 8 image \(data.channels, data.image_size\), which raised"):
+        size_lazy_layers(Broken(), 3, 8)
+
+
 def _visible(text: str) -> list[str]:
     """What a terminal shows of ``text``: each line's part after its last carriage return (tqdm redraws a bar
     with "\\r" and erases one by drawing blanks over it)."""

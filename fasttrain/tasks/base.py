@@ -29,6 +29,34 @@ from fasttrain.step import run_step
 __all__ = ["Task", "TrainState", "match_param_layout", "load_optimizer_state"]
 
 
+def size_lazy_layers(model: nn.Module, channels: int, size: int) -> nn.Module:
+    """A model with lazy layers (``nn.LazyLinear`` sized by the first input, as a script's dummy forward pass
+    would size it) gets them sized by one forward pass of a zero ``1 x channels x size x size`` batch, in eval mode
+    and without gradients (no BatchNorm statistic moves, no dropout draw), on the CPU where it was built: its
+    parameters must exist before channels_last, the device move, the optimizer and a checkpoint's load."""
+    from torch.nn.parameter import is_lazy
+
+    if not any(is_lazy(t) for t in (*model.parameters(), *model.buffers())):
+        return model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, channels, size, size))
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"model=: its lazy layers are sized by a forward pass of one {channels} x {size} x {size} image "
+            f"(data.channels, data.image_size), which raised {type(e).__name__}: {why}"
+        ) from e
+    finally:
+        model.train(was_training)
+    lazy = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if is_lazy(t)]
+    if lazy:
+        raise ValueError(f"model=: lazy {', '.join(lazy)} still unsized after a forward pass of one image")
+    return model
+
+
 @dataclass
 class TrainState:
     modules: dict[str, nn.Module]
@@ -257,7 +285,7 @@ class Task:
             m = m()
             if not isinstance(m, nn.Module):
                 raise TypeError(f"model=: the factory returned a {type(m).__name__}, not a torch.nn.Module")
-        return m
+        return size_lazy_layers(m, self.cfg.data.channels, self.cfg.data.image_size)
 
     def load_initial_weights(self, model: nn.Module, module: str) -> None:
         """``model.init_from``: the file's weights (a fasttrain checkpoint's ``module``, or a state dict) into
