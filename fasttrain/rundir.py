@@ -311,4 +311,10 @@ def resume_target(resume: Path) -> tuple[Path, Path]:
         return resume.parent.parent, resume
     if not resume.is_dir():
         raise FileNotFoundError(f"--resume: {resume} is not a run folder (nor a checkpoint in one's checkpoints/)")
+    if not (resume / "config.toml").is_file() and not (resume / "checkpoints").is_dir():
+        # checked before the run's lock is taken: nothing is written into a folder that is not a run's (a dataset)
+        raise FileNotFoundError(
+            f"--resume: {resume} is not a run folder (it holds no config.toml or checkpoints/); a folder of "
+            f"images trains with: fasttrain train CONFIG --set data.root={resume}"
+        )
     return resume, resume / "checkpoints" / "last.pt"

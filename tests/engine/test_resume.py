@@ -256,6 +256,19 @@ def test_resume_without_last_pt_says_why_and_what_to_run(run_dir, tmp_path, caps
     assert f"start again (fasttrain train {run / 'config.toml'})" in err, err
 
 
+def test_resume_of_a_folder_that_is_not_a_run_writes_nothing_into_it(shapes_root, tmp_path, capsys):
+    import shutil
+
+    data = shutil.copytree(shapes_root, tmp_path / "photos")
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    code = main(["train", "--resume", str(data), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1, err
+    assert f"{data} is not a run folder (it holds no config.toml or checkpoints/)" in err
+    assert f"fasttrain train CONFIG --set data.root={data}" in err
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # no .lock left in the user's folder
+
+
 def test_a_pickle_payload_is_refused_in_one_line_without_advice_to_lower_the_guard(tmp_path, capsys):
     import os as _os
 
