@@ -401,6 +401,7 @@ def _resumed_config(run_dir: Path, overrides: list[str] | None, last: Path | Non
     if overrides:
         cfg = apply_overrides(cfg, overrides)
         check_resume_config(saved, cfg, run_dir)
+        _check_not_behind(cfg, ckpt, run_dir)
         keys = {o.partition("=")[0].strip() for o in overrides}
         if "train.epochs" in keys and "train.total_steps" not in keys and cfg.train.total_steps:
             # the run's length was a step plan (a time budget's): the new epochs replace it, not the other way
@@ -411,6 +412,20 @@ def _resumed_config(run_dir: Path, overrides: list[str] | None, last: Path | Non
             )
             cfg.train.total_steps = 0
     return cfg, ckpt
+
+
+def _check_not_behind(cfg: Config, ckpt: dict[str, Any], run_dir: Path) -> None:
+    """A resume continues a run: a length below what it has trained (it would end at once, and its config.toml
+    would say fewer epochs than its checkpoints hold) is refused, naming what starts a shorter run."""
+    epoch, step = _mark(ckpt)
+    tc = cfg.train
+    if tc.epochs < epoch or (tc.total_steps and tc.total_steps < step):
+        which = f"train.total_steps = {tc.total_steps}" if tc.epochs >= epoch else f"train.epochs = {tc.epochs}"
+        raise ConfigError(
+            f"--resume: {which} is less than this run has trained ({epoch} epochs, {step} steps in {run_dir}); "
+            f"a resume continues a run. A new, shorter run: fasttrain train {run_dir / 'config.toml'} --set "
+            f"{which.replace(' = ', '=')}"
+        )
 
 
 def _late_replan_epoch(total: int, steps_per_epoch: int) -> int:

@@ -82,6 +82,18 @@ def test_resume_with_more_epochs_updates_config_toml(run_dir, tmp_path):
     assert not list(run.glob(".*.tmp"))
 
 
+def test_resume_with_fewer_epochs_than_trained_is_refused_and_changes_nothing(shapes_root, tmp_path, capsys):
+    run = train(_tiny_cfg(shapes_root, tmp_path, epochs=2, max_steps=1), progress=False).run_dir
+    before = (run / "config.toml").read_text()
+    code = main(["train", "--resume", str(run), "--set", "train.epochs=1", "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "train.epochs = 1 is less than this run has trained (2 epochs, 2 steps" in err, err
+    assert f"fasttrain train {run / 'config.toml'} --set train.epochs=1" in err
+    assert (run / "config.toml").read_text() == before
+    with pytest.raises(ConfigError, match=r"train.total_steps = 1 is less than this run has trained"):
+        train(resume=run, overrides=["train.total_steps=1"], progress=False)
+
+
 def _damage(run_dir, tmp_path, name, change):
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     change(ckpt)
