@@ -6,8 +6,9 @@ index), ``<key>.json`` (regression targets) or ``<key>.target.<ext>`` (a pair's 
 samples of a split in discovery order, so index i of a split is the same sample from files and from shards:
 training from either draws the same batches. Each shard is followed by ``<shard>.tar.idx`` and the folder by
 ``shards.json`` (see :mod:`fasttrain.data.shards`). Everything is written into a temporary folder beside OUT and
-renamed to OUT at the end; an existing OUT is refused, never overwritten. A file that cannot be read is named
-and skipped.
+renamed to OUT at the end; an existing OUT is refused, never overwritten. A file that cannot be read, or that the
+loaders' pre-check would refuse (not an image, cut short, beyond ``data.max_image_pixels``: judged on the bytes
+read for the copy, :func:`fasttrain.data.checks.read_checked`), is named and skipped, as training skips it.
 """
 
 from __future__ import annotations
@@ -115,19 +116,30 @@ class _ShardWriter:
         log.info("pack: %s, %d members, %.1f MiB", shard.name, len(self._members), size / 2**20)
 
 
-def _read(path: str) -> bytes:
-    from fasttrain.data.files import open_regular
+class _Unusable(Exception):
+    def __init__(self, path: str, why: str):
+        super().__init__(why)
+        self.path, self.why = path, why
 
-    with open_regular(path) as f:
-        return f.read()
+
+def _read(path: str, max_pixels: int) -> bytes:
+    """The file's bytes, judged by the loaders' pre-check (:class:`_Unusable` names the file and the reason)."""
+    from fasttrain.data.checks import UnusableImage, read_checked
+
+    try:
+        return read_checked(path, max_pixels)[0]
+    except UnusableImage as e:
+        raise _Unusable(path, str(e)) from None
 
 
-def _sample_members(key: str, path: str, target: Any, kind: str) -> tuple[list[tuple[str, bytes]], Any]:
-    """The members of one sample and the target its index records (OSError: a file that cannot be read)."""
+def _sample_members(
+    key: str, path: str, target: Any, kind: str, max_pixels: int
+) -> tuple[list[tuple[str, bytes]], Any]:
+    """The members of one sample and the target its index records (:class:`_Unusable`: a file skipped)."""
     from fasttrain.data.formats import SIDE_BY_SIDE
 
     ext = (Path(path).suffix or ".img").lower()
-    members = [(key + ext, _read(path))]
+    members = [(key + ext, _read(path, max_pixels))]
     if kind == "class":
         members.append((f"{key}.cls", str(int(target)).encode()))
         return members, int(target)
@@ -136,7 +148,7 @@ def _sample_members(key: str, path: str, target: Any, kind: str) -> tuple[list[t
         members.append((f"{key}.json", json.dumps(values).encode()))
         return members, values
     if target != SIDE_BY_SIDE:
-        members.append((f"{key}{TARGET_TAG}{(Path(target).suffix or '.img').lower()}", _read(target)))
+        members.append((f"{key}{TARGET_TAG}{(Path(target).suffix or '.img').lower()}", _read(target, max_pixels)))
     return members, None
 
 
@@ -153,17 +165,16 @@ def _kind(source: Any) -> str:
     raise ConfigError(f"pack: cannot tell what the targets of {source.root} are (class, vector or pair)")
 
 
-def _pack_split(split: Any, kind: str, folder: Path, limit: int, report: PackReport) -> list[str]:
+def _pack_split(split: Any, kind: str, folder: Path, limit: int, report: PackReport, max_pixels: int) -> list[str]:
     writer = _ShardWriter(folder, split.name, limit)
     n = 0
     try:
         for path, target in zip(split.paths, split.targets):
             key = f"{n:06d}"
             try:
-                members, recorded = _sample_members(key, path, target, kind)
-            except OSError as e:
-                where = e.filename if isinstance(e.filename, str) else path
-                report.skipped.append((where, f"cannot be read ({e.strerror or e})"))
+                members, recorded = _sample_members(key, path, target, kind, max_pixels)
+            except _Unusable as e:
+                report.skipped.append((e.path, e.why))
                 log.warning("skipped %s: %s", *report.skipped[-1])
                 continue
             writer.add(key, members, recorded)
@@ -195,7 +206,7 @@ def pack(cfg: DataConfig, out: str | os.PathLike, *, shard_bytes: int = DEFAULT_
     with atomic_dir(out) as tmp:
         for split in (source.train, source.val, source.test):
             if split is not None and len(split):
-                names = _pack_split(split, kind, tmp, shard_bytes, report)
+                names = _pack_split(split, kind, tmp, shard_bytes, report, cfg.max_image_pixels)
                 manifest["splits"][split.name] = {"shards": names, "count": report.counts[split.name]}
         manifest["skipped"] = [list(s) for s in report.skipped]
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")

@@ -103,6 +103,26 @@ def test_pack_cli_names_an_unreadable_file_and_skips_it(packed, tmp_path, capsys
     assert "already exists" in capsys.readouterr().err
 
 
+def test_pack_skips_and_names_what_training_would_skip(tmp_path):
+    """A truncated JPEG and random bytes named .jpg were copied into the shards without a word (check-data then
+    found them by member name only): they are judged by the loaders' pre-check as they are read, named and left
+    out, and the shards hold the good files alone."""
+    data = tmp_path / "data"
+    _images(data, 9, seed=5)
+    good = sorted(data.rglob("*.jpg"))[0]
+    (data / "a" / "cut.jpg").write_bytes(good.read_bytes()[:-300])
+    (data / "b" / "noise.jpg").write_bytes(np.random.default_rng(0).bytes(2000))
+    report = pack(_data(data), tmp_path / "s")
+    assert sorted(Path(f).name for f, _ in report.skipped) == ["cut.jpg", "noise.jpg"]
+    assert all(why for _, why in report.skipped)
+    manifest = json.loads((tmp_path / "s" / "shards.json").read_text())
+    assert sorted(Path(f).name for f, _ in manifest["skipped"]) == ["cut.jpg", "noise.jpg"]
+    assert sum(report.counts.values()) == 9
+    from fasttrain.data.checks import check_data
+
+    assert not check_data(str(tmp_path / "s")).bad
+
+
 @pytest.mark.parametrize("text, n", [("64MB", 64 * 10**6), ("1GiB", 2**30), ("4096", 4096), ("1.5k", 1500)])
 def test_parse_size(text, n):
     assert parse_size(text) == n
