@@ -193,6 +193,29 @@ def _validate(ckpt: dict[str, Any], path: Path, resume: bool) -> None:
         _need(running is None or isinstance(running, dict), path, "its 'running' sums are malformed")
 
 
+def _not_torch_save(path: Path) -> str:
+    """What ``path`` is when its first bytes are not torch.save's (a zip, or a legacy file's pickle), else "". An
+    image or a config given where a checkpoint goes was refused as "pickled Python objects"."""
+    from fasttrain.data.checks import sniff_image_format
+
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(b"PK") or head.startswith(b"\x80"):
+        return ""
+    image = sniff_image_format(head)
+    if image:
+        return f"it is a {image.upper()} image"
+    if not head:
+        return "it is empty"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "its first bytes are neither a zip's nor a pickle's (torch.save writes one of them)"
+    return "it is a text file" + (
+        " (a config: train with it, or give its run folder)" if path.suffix == ".toml" else ""
+    )
+
+
 def _damage(path: Path) -> str | None:
     """What is wrong with a checkpoint's bytes, or None. torch.save writes a zip whose every record carries a
     CRC-32 of its bytes; torch.load never checks them, so one flipped bit would load as different weights (or
@@ -234,6 +257,9 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path}: not found")
+    other = _not_torch_save(path)
+    if other:
+        raise CheckpointError(f"checkpoint {path}: not a fasttrain checkpoint: {other}")
     damage = _damage(path)
     if damage is not None:
         raise CheckpointError(

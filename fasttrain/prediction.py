@@ -64,6 +64,19 @@ def expand_images(paths: Sequence[str | Path]) -> tuple[list[str], list[dict[str
     return files, errors
 
 
+def _check_order(checkpoint: str | Path, images: Sequence[str | Path]) -> None:
+    """An image given first and a run folder or checkpoint among the images: the arguments swapped."""
+    from fasttrain.data.sources import IMAGE_EXTENSIONS
+
+    if Path(checkpoint).suffix.lower() not in IMAGE_EXTENSIONS:
+        return
+    runs = [str(p) for p in images if (Path(p) / "checkpoints").is_dir() or Path(p).suffix == ".pt"]
+    raise ValueError(
+        f"predict: {checkpoint} is an image where the checkpoint or run folder goes: the checkpoint comes first, "
+        f"then the images (fasttrain predict {runs[0] if runs else 'RUN_DIR'} {checkpoint} ...)"
+    )
+
+
 def predict(
     checkpoint: str | Path,
     images: list[str],
@@ -82,6 +95,7 @@ def predict(
     given."""
     if weights not in (None, "raw", "ema"):
         raise ValueError(f"predict --weights: {weights!r} is not one of raw, ema")
+    _check_order(checkpoint, images)
     checkpoint = checkpoint_file(checkpoint)
     paths, errors = expand_images(images)
     ckpt = load_checkpoint(checkpoint)

@@ -310,7 +310,11 @@ def resume_target(resume: Path) -> tuple[Path, Path]:
     if resume.is_file() and resume.parent.name == "checkpoints" and (resume.parent.parent / "config.toml").is_file():
         return resume.parent.parent, resume
     if not resume.is_dir():
-        raise FileNotFoundError(f"--resume: {resume} is not a run folder (nor a checkpoint in one's checkpoints/)")
+        run = resume.parent if (resume.parent / "checkpoints").is_dir() else None
+        raise FileNotFoundError(
+            f"--resume: {resume} is not a run folder (nor a checkpoint in one's checkpoints/)"
+            + (f"; its run folder: --resume {run}" if run is not None else "")
+        )
     if not (resume / "config.toml").is_file() and not (resume / "checkpoints").is_dir():
         # checked before the run's lock is taken: nothing is written into a folder that is not a run's (a dataset)
         raise FileNotFoundError(

@@ -48,3 +48,28 @@ def test_predict_a_folder_without_images_says_so(run_dir, tmp_path, capsys):
     code = main(["predict", str(run_dir), str(tmp_path / "empty"), "-q"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith(f"fasttrain: error: predict: no image files under {tmp_path / 'empty'}")
+
+
+def test_arguments_swapped_or_a_file_that_is_no_checkpoint_are_named_for_what_they_are(
+    run_dir, shapes_root, tmp_path, capsys
+):
+    """An image, a config or an empty file where the checkpoint goes was "refused: it holds pickled Python
+    objects, which could run code"."""
+    image = str(next(shapes_root.rglob("*.png")))
+    code = main(["predict", image, str(run_dir), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and f"{image} is an image where the checkpoint or run folder goes" in err, err
+    assert f"(fasttrain predict {run_dir} {image} ...)" in err
+    renamed = tmp_path / "weights.pt"
+    shutil.copy(image, renamed)
+    for path, what in [
+        (renamed, "it is a PNG image"),
+        (run_dir / "config.toml", "it is a text file (a config: train with it, or give its run folder)"),
+    ]:
+        assert main(["predict", str(path), image, "-q"]) == 2
+        assert f"checkpoint {path}: not a fasttrain checkpoint: {what}" in capsys.readouterr().err
+    (tmp_path / "empty.pt").write_bytes(b"")
+    assert main(["predict", str(tmp_path / "empty.pt"), image, "-q"]) == 2
+    assert "not a fasttrain checkpoint: it is empty" in capsys.readouterr().err
+    code = main(["train", "--resume", str(run_dir / "config.toml"), "-q"])
+    assert code != 0 and f"its run folder: --resume {run_dir}" in capsys.readouterr().err

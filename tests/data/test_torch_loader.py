@@ -66,8 +66,14 @@ def test_loading_something_else_than_a_checkpoint_names_the_file(tmp_path):
         with pytest.raises(ValueError, match=f"checkpoint .*{name}: not a fasttrain checkpoint"):
             load_checkpoint(tmp_path / name)
     (tmp_path / "junk.pt").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="junk.pt: cannot be loaded"):
+    with pytest.raises(ValueError, match="junk.pt: not a fasttrain checkpoint: it is a text file$"):
         load_checkpoint(tmp_path / "junk.pt")
+    (tmp_path / "binary.pt").write_bytes(b"\x00\xfe\xff junk")
+    with pytest.raises(ValueError, match="binary.pt: not a fasttrain checkpoint: its first bytes are neither a zip"):
+        load_checkpoint(tmp_path / "binary.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "list.pt").read_bytes()[:40])  # a zip's start, cut short
+    with pytest.raises(ValueError, match="cut.pt: cannot be loaded"):
+        load_checkpoint(tmp_path / "cut.pt")
 
 
 def test_optimizer_states_take_the_layout_of_channels_last_parameters():
