@@ -974,6 +974,16 @@ def config_path(name_or_path: str | os.PathLike) -> Path:
     p = Path(name_or_path)
     if p.is_file():
         return p
+    if p.is_dir():
+        if (p / "config.toml").is_file():
+            raise ConfigError(
+                f"config {p}: a run folder, not a config: continue it with --resume {p}, or train its config "
+                f"again with {p / 'config.toml'}"
+            )
+        raise ConfigError(
+            f"config {p}: a folder, not a config; a folder of images trains with --set data.root={p} (after the "
+            "config, default quickstart; 'fasttrain config list' shows the packaged ones)"
+        )
     found = packaged_config(str(name_or_path))
     if found is not None:
         return found

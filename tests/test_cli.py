@@ -66,6 +66,19 @@ def test_an_unknown_config_name_lists_the_packaged_ones(capsys):
     )
 
 
+def test_a_folder_given_as_the_config_says_what_to_do_with_it(capsys, tmp_path):
+    (tmp_path / "photos" / "cat").mkdir(parents=True)
+    code, _, err = _run_cli(capsys, "train", str(tmp_path / "photos"))
+    assert (
+        code == 2
+        and f"a folder, not a config; a folder of images trains with --set data.root={tmp_path / 'photos'}" in err
+    )
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.toml").write_text("")
+    code, _, err = _run_cli(capsys, "train", str(tmp_path / "run"))
+    assert code == 2 and f"a run folder, not a config: continue it with --resume {tmp_path / 'run'}" in err
+
+
 def test_a_setting_given_as_the_config_points_to_set(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _, err = _run_cli(capsys, "train", "train.epochs=2")
