@@ -103,6 +103,23 @@ class ImageScan:
     """Sub-folders (topmost ones) holding no image file at all."""
 
 
+FOREIGN_IMAGE_EXTENSIONS = frozenset(
+    {".gif", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".j2k", ".ico", ".svg", ".psd", ".exr", ".hdr", ".tga"}
+    | {".dng", ".cr2", ".cr3", ".nef", ".arw", ".orf", ".rw2", ".raf"}
+)
+"""Image formats fasttrain does not read (animations, phones' HEIC, camera raw, vector): such files under a
+dataset are named and skipped, not silently left out as other files (notes, .DS_Store) are."""
+
+
+def foreign_image(name: str) -> str | None:
+    """Why a file named ``name`` is an image fasttrain does not read, or None."""
+    dot = name.rfind(".")
+    ext = name[dot:].lower() if 0 < dot < len(name) - 1 else ""
+    if ext not in FOREIGN_IMAGE_EXTENSIONS:
+        return None
+    return f"{ext[1:].upper()} images are not read (convert them to JPEG or PNG)"
+
+
 def image_named(name: str) -> bool:
     """Whether a file name has an image extension (``Path(name).suffix.lower()`` in :data:`IMAGE_EXTENSIONS`,
     without making a Path)."""
@@ -322,6 +339,11 @@ def _scan(folder: Path) -> tuple[list[str], list[tuple[str, str]], set[str], lis
             for i in got.whys:
                 if image_named(got.names[i]) or got.whys[i].startswith("cannot be read"):
                     others.append((base + got.names[i], got.whys[i]))
+            if "f" in got.kinds:
+                for name, k in zip(got.names, got.kinds):
+                    why = foreign_image(name) if k == "f" else None
+                    if why:
+                        others.append((base + name, why))
             continue
         for e in entries:
             kind, why = entry_kind(e)
@@ -331,6 +353,8 @@ def _scan(folder: Path) -> tuple[list[str], list[tuple[str, str]], set[str], lis
                 if image_named(e.name):
                     files.append(base + e.name)
                     found.add(str(d))
+                elif foreign := foreign_image(e.name):
+                    others.append((base + e.name, foreign))
             elif image_named(e.name) or why and why.startswith("cannot be read"):
                 others.append((base + e.name, why or "not a regular file"))
     return files, others, found, walked
@@ -338,10 +362,12 @@ def _scan(folder: Path) -> tuple[list[str], list[tuple[str, str]], set[str], lis
 
 def list_images(folder: Path) -> list[Path]:
     """Image files under ``folder`` (see :func:`scan_images`); image-named entries that are not regular files
-    (a FIFO called ``x.png``) are left out with a warning."""
+    (a FIFO called ``x.png``) and images of formats fasttrain does not read are left out with a warning."""
     scan = scan_images(folder)
-    for path, why in scan.others:
+    for path, why in scan.others[:20]:
         log.warning("skipped %s: %s", path, why)
+    if len(scan.others) > 20:
+        log.warning("skipped %d more files under %s", len(scan.others) - 20, folder)
     return scan.files
 
 

@@ -206,6 +206,31 @@ def test_discovery_and_check_data_report_what_is_not_an_image(tmp_path, bomb):
     assert "EMPTY" in text and "empty-class" in text and "named pipe" in text
 
 
+def test_images_of_formats_not_read_are_named_and_skipped_where_other_files_are_left_out_quietly(tmp_path, caplog):
+    """A GIF or a phone's HEIC among the photos was dropped without a word ("0 skipped"): discovery (walked or from
+    the dataset index's one walk), the index's report, check-data and predict on a folder now name them."""
+    from fasttrain.data.index import describe, load_or_build
+    from fasttrain.prediction import expand_images
+
+    root = tmp_path / "data"
+    good, _ = badfiles.write_corpus(root / "train" / "a", bad={})
+    badfiles.write_corpus(root / "train" / "b", bad={})
+    (root / "train" / "a" / "clip.GIF").write_bytes(b"GIF89a" + bytes(40))
+    (root / "train" / "b" / "IMG_0001.heic").write_bytes(bytes(64))
+    (root / "train" / "b" / "notes.txt").write_text("mine")
+    cfg = DataConfig(root=str(root), val_fraction=0.0)
+    foreign = {"clip.GIF": "GIF images are not read", "IMG_0001.heic": "HEIC images are not read"}
+    src = discover(cfg)
+    assert {Path(p).name: why.split(" (")[0] for p, why in src.skipped} == foreign
+    assert not any(p.endswith((".GIF", ".heic", ".txt")) for p in src.train.paths)
+    indexed = load_or_build(cfg)  # discovery given the index build's one walk
+    assert {Path(p).name for p, _ in indexed.index.source().skipped} == set(foreign)
+    assert "2 skipped at discovery" in describe(indexed)
+    assert {Path(p).name for p, _ in check_data(root).bad} == set(foreign)
+    files, errors = expand_images([root / "train" / "b"])
+    assert [Path(e["image"]).name for e in errors] == ["IMG_0001.heic"] and len(files) == len(good)
+
+
 def test_a_file_link_loop_named_like_an_image_is_skipped_by_name_and_a_folder_loop_walked_once(tmp_path):
     """``a.jpg -> a-partner.jpg -> a.jpg`` used to stop discovery and check-data ("Too many levels of symbolic
     links" out of DirEntry.is_dir()); a folder link to its parent lists the class's files once."""
