@@ -177,8 +177,8 @@ def epoch_order(
 ) -> EpochSampler:
     """The order every backend visits a split in (:class:`~fasttrain.data.order.EpochSampler`): training shuffled
     per (seed, epoch) and trimmed to whole global batches, evaluation in order and whole; this process's shard.
-    ``refuse_empty``: the loader's name, to refuse (ValueError) a training split with not one batch in it (a
-    loader that decodes everything before its first step; the engine words it otherwise)."""
+    ``refuse_empty``: the loader's name, to refuse (ValueError, naming train.batch_size) a training split with not
+    one batch in it (a loader that decodes everything before its first step; the engine words it otherwise)."""
     sampler = EpochSampler(
         num_samples,
         batch_size=batch_size,
@@ -191,8 +191,8 @@ def epoch_order(
     if refuse_empty and train and len(sampler) == 0:
         shards = f" x {num_shards} processes" if num_shards > 1 else ""
         raise ValueError(
-            f"{refuse_empty}: the {split or 'train'} split has {num_samples} usable images, fewer than one batch "
-            f"of {batch_size}{shards} (training drops partial batches); lower the batch size"
+            f"train.batch_size: the {split or 'train'} split has {num_samples} usable images, fewer than one batch "
+            f"of {batch_size}{shards} (training drops partial batches); lower train.batch_size"
         )
     return sampler
 

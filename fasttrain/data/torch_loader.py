@@ -307,8 +307,8 @@ class StreamTorchLoader(TorchLoader):
             )
         if self.train and len(self) == 0:
             raise ValueError(
-                f"the {self._split} split has {self.num_samples} samples, fewer than one batch of "
-                f"{self.batch_size} x {stream.num_shards} processes; lower the batch size"
+                f"train.batch_size: the {self._split} split has {self.num_samples} samples, fewer than one batch "
+                f"of {self.batch_size} x {stream.num_shards} processes; lower train.batch_size"
             )
         cuda = spec.device.type == "cuda"
         self.loader = DataLoader(

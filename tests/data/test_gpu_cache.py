@@ -203,7 +203,9 @@ def test_unreadable_files_are_skipped_with_a_warning(images, tmp_path, caplog):
 
 
 def test_batch_larger_than_the_training_split_is_refused(images):
-    with pytest.raises(ValueError, match="fewer than one batch"):
+    with pytest.raises(
+        ValueError, match=r"^train.batch_size: the train split has 3 usable images, fewer than one batch"
+    ):
         make(images[:3], DataConfig(image_size=16), train=True, batch_size=4)
 
 
