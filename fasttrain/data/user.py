@@ -170,6 +170,11 @@ def _first_item(dataset: Any, arg: str) -> tuple[int, torch.Tensor, Any]:
             )
         if not (x.dtype == torch.uint8 or x.is_floating_point()):
             raise TypeError(f"{arg}[{i}]: image dtype {x.dtype}: expected uint8 (0..255) or a floating point type")
+        if x.shape[2] in (1, 3) and x.shape[0] not in (1, 3) and x.shape[0] == x.shape[1]:
+            raise ValueError(
+                f"{arg}[{i}]: image {tuple(x.shape)} looks like H x W x C; fasttrain takes C x H x W, as torchvision's "
+                f"transforms give it (x.permute(2, 0, 1) in the dataset)"
+            )
         if x.shape[1] != x.shape[2]:
             raise ValueError(
                 f"{arg}[{i}]: image {tuple(x.shape)} is not square; data.image_size is one side "

@@ -121,6 +121,10 @@ def test_a_wrong_dataset_is_refused_with_what_is_wrong(tmp_path):
         def __getitem__(self, i):
             return torch.zeros(3, 16, 24, dtype=torch.uint8), 0
 
+    class ChannelsLast(Bars):
+        def __getitem__(self, i):
+            return torch.zeros(16, 16, 3, dtype=torch.uint8), 0
+
     class Nameless(Bars):
         classes = None
 
@@ -140,6 +144,8 @@ def test_a_wrong_dataset_is_refused_with_what_is_wrong(tmp_path):
         dataset_source(cfg, Pictures(4))
     with pytest.raises(ValueError, match=r"dataset\[0\]: image \(3, 16, 24\) is not square"):
         dataset_source(cfg, Wide(4))
+    with pytest.raises(ValueError, match=r"dataset\[0\]: image \(16, 16, 3\) looks like H x W x C; .* C x H x W"):
+        dataset_source(cfg, ChannelsLast(4))
     with pytest.raises(ConfigError, match="model.num_outputs"):
         dataset_source(cfg, Nameless(4))
     assert dataset_source(config(tmp_path, "model.num_outputs=2"), Nameless(4))[1].class_names == ["0", "1"]
