@@ -153,6 +153,16 @@ def _process_start() -> float:
     return time.perf_counter() - (process_age_s() or 0.0)
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: at least 1 process")
+    return n
+
+
 def _torchrun(nproc: int, argv: list[str]) -> int:
     """``fasttrain train --nproc N ...``: torchrun's own elastic agent on this machine, starting N workers that
     run ``python -m fasttrain train ...`` (the same arguments without --nproc), as
@@ -429,7 +439,7 @@ def _add_train(command: Callable[[str, str, str], argparse.ArgumentParser]) -> N
     )
     p.add_argument(
         "--nproc",
-        type=int,
+        type=_at_least_one,
         default=1,
         metavar="N",
         help="train on N GPUs of this machine (starts torchrun's agent: one process per GPU)",

@@ -249,6 +249,8 @@ def _plan_run(
     if resume is None and info.enabled and info.run_id and cfg is not None:
         resume, overrides, reuse = _elastic_plan(cfg, info, model=model, dataset=dataset)
     if resume is None:
+        if cfg is not None and info.is_main and reuse is None:  # fail now, not after the data is decoded
+            check_writable(cfg.train.runs_dir, "train.runs_dir")
         return _RunPlan(reuse=str(reuse or ""))
     run_dir, start = resume_target(Path(resume))
     if info.is_main:

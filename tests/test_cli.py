@@ -79,6 +79,17 @@ def test_a_folder_given_as_the_config_says_what_to_do_with_it(capsys, tmp_path):
     assert code == 2 and f"a run folder, not a config: continue it with --resume {tmp_path / 'run'}" in err
 
 
+def test_a_runs_dir_that_is_a_file_and_nproc_0_are_refused_before_any_work(capsys, tmp_path, monkeypatch):
+    import fasttrain.engine
+
+    monkeypatch.setattr(fasttrain.engine, "prepare", lambda *a, **k: pytest.fail("prepared the run"))
+    (tmp_path / "my.toml").write_text("")
+    code, _, err = _run_cli(capsys, "train", "--set", f"train.runs_dir={tmp_path / 'my.toml'}")
+    assert code != 0 and f"train.runs_dir: cannot write to {tmp_path / 'my.toml'}: " in err and "not a folder" in err
+    code, _, err = _run_cli(capsys, "train", "--nproc", "0")
+    assert code == 2 and "argument --nproc: 0: at least 1 process" in err
+
+
 def test_a_setting_given_as_the_config_points_to_set(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _, err = _run_cli(capsys, "train", "train.epochs=2")
