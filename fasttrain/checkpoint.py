@@ -196,7 +196,7 @@ def _validate(ckpt: dict[str, Any], path: Path, resume: bool) -> None:
 def _not_torch_save(path: Path) -> str:
     """What ``path`` is when its first bytes are not torch.save's (a zip, or a legacy file's pickle), else "". An
     image or a config given where a checkpoint goes was refused as "pickled Python objects"."""
-    from fasttrain.data.checks import sniff_image_format
+    from fasttrain.io import sniff_image_format
 
     with open(path, "rb") as f:
         head = f.read(64)

@@ -1221,6 +1221,17 @@ class Trainer:
             elapsed,
             _plan_words(total, self.steps_per_epoch),
         )
+        over = elapsed + total * costs.step_s + eval_s + costs.final_s - self.tc.time_budget_s
+        if over > 0.1 * self.tc.time_budget_s:  # the minimum run (one step, evaluated) does not fit
+            log.warning(
+                "time budget %.0f s: %.1f s went before training (start-up and the measurement), so even the "
+                "shortest run (%d step%s, evaluated) ends about %.1f s past it; a larger budget trains",
+                self.tc.time_budget_s,
+                elapsed,
+                total,
+                "s" if total != 1 else "",
+                over,
+            )
 
     def _planned(
         self, step_s: float, eval_s: float, *, final_s: float, end_s: float = 0.0, done: int = 0

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "WriteError",
+    "sniff_image_format",
     "atomic_replace",
     "atomic_write_text",
     "write_new",
@@ -276,3 +277,22 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             ) from None
         out.append(rec)
     return out
+
+
+def sniff_image_format(head: bytes) -> str | None:
+    """The image format announced by a file's first bytes (16 are enough), or None when it is no image we read."""
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"BM"):
+        return "bmp"
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if len(head) >= 3 and head[:1] == b"P" and head[1:2] in b"123456" and head[2:3].isspace():
+        return "pnm"
+    if head.startswith(b"\x00\x00\x00\x0cjP  \r\n\x87\n") or head.startswith(b"\xffO\xffQ"):
+        return "jpeg2000"
+    return None

@@ -190,6 +190,17 @@ def test_total_steps_end_the_run_in_a_partial_epoch_that_evaluates(shapes_root, 
     assert load_config(result.run_dir / "config.toml").train.epochs == 3
 
 
+def test_a_budget_the_start_up_already_spent_trains_one_step_and_warns(shapes_root, tmp_path, caplog):
+    """--time-budget 3s after a 3.4 s start: one step, said at INFO only; now a warning with the overrun."""
+    from fasttrain.engine import train
+
+    with caplog.at_level("INFO", logger="fasttrain"):
+        result = train(tiny_cfg(shapes_root, tmp_path, "train.time_budget_s=0.05"), progress=False)
+    assert [r["step"] for r in result.history] == [1]
+    (warned,) = [r for r in caplog.records if "went before training" in r.getMessage()]
+    assert warned.levelname == "WARNING" and "the shortest run (1 step, evaluated) ends about" in warned.getMessage()
+
+
 def test_a_resume_that_sets_train_epochs_replaces_the_step_plan_and_a_restart_keeps_it(shapes_root, tmp_path):
     """--resume RUN --set train.epochs=N lengthens a run; on a run whose length is a step plan (a budget's
     train.total_steps) the plan used to win and the new epochs were silently ignored. A torchrun restart, which

@@ -43,6 +43,7 @@ from fasttrain.config import PILLOW_BOMB_PIXELS, default_workers
 from fasttrain.data.decode import DECODE_ERRORS, convert_image, decode_image
 from fasttrain.data.files import SEP, NotRegularFileError, is_shard_root, open_regular, split_address
 from fasttrain.data.sources import note_progress, scan_images
+from fasttrain.io import sniff_image_format
 
 log = logging.getLogger(__name__)
 
@@ -98,25 +99,6 @@ class ImageInfo:
     transparency (composited on white), 16-bit or sub-byte samples, palettes, CMYK / lossless / 12-bit JPEG, and
     every format besides JPEG and PNG. False for 8-bit grey or colour JPEG (baseline, progressive) and 8-bit
     grey or RGB PNG without transparency, which any decoder turns into the same pixels."""
-
-
-def sniff_image_format(head: bytes) -> str | None:
-    """The image format announced by a file's first bytes (16 are enough), or None when it is no image we read."""
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head.startswith(b"BM"):
-        return "bmp"
-    if head[:4] in (b"II*\x00", b"MM\x00*"):
-        return "tiff"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "webp"
-    if len(head) >= 3 and head[:1] == b"P" and head[1:2] in b"123456" and head[2:3].isspace():
-        return "pnm"
-    if head.startswith(b"\x00\x00\x00\x0cjP  \r\n\x87\n") or head.startswith(b"\xffO\xffQ"):
-        return "jpeg2000"
-    return None
 
 
 FileVerdict = tuple[ImageInfo | None, str | None, int, tuple[int, int] | None]
