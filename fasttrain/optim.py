@@ -199,33 +199,47 @@ class Lookahead:
             self._start = [p.detach().clone() for p in self._params(optimizer)]
 
     @torch.no_grad()
+    def _keep_start(self, optimizer: torch.optim.Optimizer) -> None:
+        """After the first step: the starting copies become the slow ones, in the optimizer's state (and the
+        buffers' in ``slow_buffers``), so a checkpoint written before the first pull carries them (a resume at
+        step 1 .. every - 1 started them from its own weights). Not before that step: Adam takes a parameter
+        whose state is not empty for one it has stepped; a parameter with a gradient has been stepped now."""
+        for i, p in enumerate(self._params(optimizer)):
+            state = optimizer.state[p]
+            if p.grad is not None and "lookahead_slow" not in state:  # not stepped: its start at its pull
+                state["lookahead_slow"] = (self._start[i] if self._start is not None else p).detach().clone()
+        buffers = self.buffers()
+        if buffers and self.slow_buffers is None:
+            first = self._start_buffers
+            if first is None or [t.shape for t in first] != [b.shape for b in buffers]:
+                first = buffers
+            self.slow_buffers = [t.detach().to(b.device, b.dtype, copy=True) for t, b in zip(first, buffers)]
+        self._start = self._start_buffers = None
+
+    @torch.no_grad()
     def _after(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         group = optimizer.param_groups[0]
         step = group["lookahead_step"] = group.get("lookahead_step", 0) + 1
+        if self._start is not None or self._start_buffers is not None:
+            self._keep_start(optimizer)
         total = self.total_steps
         if not total or (step % self.every and step != total):
             return
         params, slow = [], []
-        for i, p in enumerate(self._params(optimizer)):
+        for p in self._params(optimizer):
             if p.grad is None:  # not stepped (its state may be empty: Adam would take a slow copy for its "first")
                 continue
             state = optimizer.state[p]
-            if "lookahead_slow" not in state:
-                start = self._start[i] if self._start is not None else p
-                state["lookahead_slow"] = start.detach().clone()
+            if "lookahead_slow" not in state:  # first stepped after the first step: unchanged until then
+                state["lookahead_slow"] = p.detach().clone()
             params.append(p)
             slow.append(state["lookahead_slow"])
-        self._start = None
         buffers = self.buffers()
         if buffers:
-            if self.slow_buffers is None:
-                first = self._start_buffers
-                if first is None or [t.shape for t in first] != [b.shape for b in buffers]:
-                    first = buffers
-                self.slow_buffers = [t.detach().to(b.device, b.dtype, copy=True) for t, b in zip(first, buffers)]
+            if self.slow_buffers is None:  # buffers that appeared after the first step
+                self.slow_buffers = [b.detach().clone() for b in buffers]
             params += buffers
             slow += self.slow_buffers
-        self._start_buffers = None
         if step % self.every == 0:
             torch._foreach_lerp_(slow, params, 1.0 - self.decay**self.every * min(1.0, step / total) ** 3)
         torch._foreach_copy_(params, slow)

@@ -154,7 +154,8 @@ def test_lookahead_pulls_the_weights_back_to_a_slow_copy_as_airbench_does():
     assert w != pytest.approx(-5.0)  # it did move the weights: plain SGD ends at -5
 
 
-def test_lookahead_resumes_from_a_checkpointed_optimizer_exactly():
+@pytest.mark.parametrize("done", [1, 2, 4])  # before the first pull (at 3) too: the slow copy's start is kept
+def test_lookahead_resumes_from_a_checkpointed_optimizer_exactly(done):
     cfg = OptimConfig(name="adamw", lr=0.1, weight_decay=0.0, lookahead_every=3, lookahead_decay=0.9)
 
     def fresh():
@@ -166,14 +167,14 @@ def test_lookahead_resumes_from_a_checkpointed_optimizer_exactly():
     p, opt = fresh()
     _constant_grad_run(opt, p, 10)
     q, half = fresh()
-    _constant_grad_run(half, q, 4)  # one pull behind it: the slow copy and the count are in the state
+    _constant_grad_run(half, q, done)  # the slow copy and the count are in the state
     saved = half.state_dict()
-    assert saved["param_groups"][0]["lookahead_step"] == 4
+    assert saved["param_groups"][0]["lookahead_step"] == done
     r, resumed = fresh()
     with torch.no_grad():
         r.copy_(q)
     resumed.load_state_dict(saved)
-    _constant_grad_run(resumed, r, 6)
+    _constant_grad_run(resumed, r, 10 - done)
     assert torch.equal(r, p)
     s = torch.nn.Parameter(torch.arange(4.0))
     _constant_grad_run(torch.optim.AdamW([s], lr=0.1, weight_decay=0.0), s, 10)
@@ -243,7 +244,8 @@ def test_lookahead_pulls_batchnorm_statistics_as_airbench_pulls_its_state_dict()
     assert not torch.allclose(ours[1].running_mean, plain[1].running_mean)  # the pulls moved the statistics
 
 
-def test_lookahead_buffers_travel_in_the_optimizer_state_and_resume_exactly():
+@pytest.mark.parametrize("done", [1, 2, 4])  # 1, 2: before the first pull, whose start the resume used to lose
+def test_lookahead_buffers_travel_in_the_optimizer_state_and_resume_exactly(done):
     g = torch.Generator().manual_seed(2)
     batches = [(torch.randn(16, 4, generator=g), torch.randint(0, 2, (16,), generator=g)) for _ in range(9)]
     cfg = OptimConfig(name="sgd", lr=0.2, momentum=0.9, weight_decay=0.0, lookahead_every=3, lookahead_decay=0.9)
@@ -256,7 +258,7 @@ def test_lookahead_buffers_travel_in_the_optimizer_state_and_resume_exactly():
     whole, opt, sched = fresh()
     _bn_steps(whole, opt, sched, batches)
     half, h_opt, h_sched = fresh()
-    _bn_steps(half, h_opt, h_sched, batches[:4])  # one pull made (step 3), the next at 6
+    _bn_steps(half, h_opt, h_sched, batches[:done])  # pulls at 3 and 6
     saved = {"model": half.state_dict(), "opt": h_opt.state_dict(), "sched": h_sched.state_dict()}
     assert len(saved["opt"]["lookahead_buffers"]) == 2  # running_mean and running_var
     resumed, r_opt, r_sched = fresh()
@@ -264,7 +266,7 @@ def test_lookahead_buffers_travel_in_the_optimizer_state_and_resume_exactly():
     r_opt.load_state_dict(saved["opt"])
     r_sched.load_state_dict(saved["sched"])
     assert "lookahead_buffers" in saved["opt"]  # loading did not take it out of the caller's dict
-    _bn_steps(resumed, r_opt, r_sched, batches[4:])
+    _bn_steps(resumed, r_opt, r_sched, batches[done:])
     for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     with pytest.raises(ValueError, match=r"lookahead holds 2 buffers .* the model's 0"):

@@ -163,6 +163,24 @@ def test_resumed_run_ends_with_the_same_weights(shapes_root, tmp_path, workers):
     assert resumed.history[-1]["val_loss"] == pytest.approx(straight.history[-1]["val_loss"], rel=1e-6)
 
 
+def test_a_run_with_lookahead_resumed_before_its_first_pull_ends_with_the_same_weights(shapes_root, tmp_path):
+    """Lookahead's slow copy starts as the weights before the first step; a checkpoint before its first pull (step 2
+    of every 5) did not hold that start, and the resumed run pulled towards its own weights (72 tensors off)."""
+    extra = ("optim.lookahead_every=5", "train.max_steps=2", "model.width=8")
+    straight = train(small_cfg(shapes_root, tmp_path / "a", *extra), progress=False)
+
+    def kill_after_one(state, record):
+        if record["epoch"] == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train(small_cfg(shapes_root, tmp_path / "b", *extra), progress=False, on_epoch_end=kill_after_one)
+    (run_b,) = (tmp_path / "b").iterdir()
+    train(resume=run_b, progress=False)
+    wa, wb = weights(straight.run_dir), weights(run_b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_resume_drops_metrics_written_after_the_checkpoint(shapes_root, tmp_path):
     cfg = small_cfg(shapes_root, tmp_path, "train.checkpoint_every=2", "train.epochs=3", "train.max_steps=1")
 
