@@ -769,10 +769,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:  # called as a function (tests, notebooks): leave no handler on a stream that may close
         log.handlers[:], level = saved
         log.setLevel(level)
-        if "torch.distributed" in sys.modules:  # under torchrun: leave the process group cleanly
-            from fasttrain.distributed import shutdown
-
-            shutdown()
+        _leave_process_group()
         if command_line:
             # The process ends next: its last garbage collection walks every object torch's import made, which
             # took 2-4 s of a loaded 2-core machine (0.2-1 s frozen), time a --time-budget run pays. Frozen
@@ -782,6 +779,16 @@ def main(argv: list[str] | None = None) -> int:
             import gc
 
             gc.freeze()
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: leave the process group cleanly. Nothing is imported here: a Ctrl-C inside torch's own
+    import leaves half-made modules in sys.modules, and importing through them raised a traceback ("duplicate
+    registrations", "partially initialized module 'torch'") after "fasttrain: interrupted"."""
+    initialized = getattr(sys.modules.get("torch.distributed"), "is_initialized", None)
+    shutdown = getattr(sys.modules.get("fasttrain.distributed"), "shutdown", None)
+    if callable(initialized) and callable(shutdown):
+        shutdown()
 
 
 def _timed_out(e: BaseException) -> str | None:

@@ -134,6 +134,27 @@ def test_a_run_plots_predicts_from_its_folder_and_says_how_to_resume_after_ctrl_
     assert code == 130 and f"fasttrain train --resume {run2}" in err and "RUN_DIR" not in err
 
 
+def test_ctrl_c_inside_torchs_import_says_interrupted_without_a_traceback(capsys, monkeypatch):
+    """A Ctrl-C while torch imports leaves half-made modules in sys.modules; the exit path imported through them."""
+    import sys
+    import types
+
+    import torch
+
+    import fasttrain.cli
+
+    half_made = types.ModuleType("torch.distributed")  # its import stopped before is_initialized was defined
+    monkeypatch.setitem(sys.modules, "torch.distributed", half_made)
+    monkeypatch.setattr(torch, "distributed", half_made)
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fasttrain.cli, "cmd_train", interrupted)
+    code, _, err = _run_cli(capsys, "train")
+    assert code == 130 and err.strip() == "fasttrain: interrupted"
+
+
 def test_log_lines_of_a_run_reach_train_log_under_quiet(shapes_root, tmp_path, capsys):
     """-q silences the console, not the run's own log: train.log keeps the INFO lines and the step lines."""
     runs = tmp_path / "runs"
