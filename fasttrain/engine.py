@@ -1705,7 +1705,8 @@ class Trainer:
                     every = tc.checkpoint_every_steps
                     saved = bool(every and state.step % every == 0 and n_micro < micro_total)
                     if saved or (self.stop.pending and n_micro < micro_total):
-                        run.flush()  # the checkpoint holds sums over every process
+                        if saved or world > 1:  # the checkpoint holds sums over every process (a step checkpoint's
+                            run.flush()  # flush is the straight run's too; a stop's, one process, keeps its window)
                         self.ckpts.save_last(self._position(epoch, n_micro), run.to_checkpoint())
                     if self.stop.pending and n_micro < micro_total:  # else the epoch's end saves, then stops
                         raise self._stopped(epoch + 1, saved=True)

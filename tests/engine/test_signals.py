@@ -55,3 +55,36 @@ def test_a_signal_saves_the_run_mid_epoch_and_prints_the_resume_command(shapes_r
     # Saved where it stopped, inside the first epoch: no logged step is lost.
     assert ckpt["state"]["epoch"] == 0 and ckpt["position"]["epoch"] == 0
     assert ckpt["state"]["step"] >= logged >= 3 and ckpt["position"]["micro"] == ckpt["state"]["step"]
+
+
+def test_a_run_stopped_between_two_logged_steps_logs_what_the_straight_run_logs(shapes_root, tmp_path, monkeypatch):
+    """The stop's checkpoint moved the steps since the last logged one into the epoch's sums: the resumed run's
+    next step record averaged fewer steps, and the epoch's train_loss was summed in another order. It now keeps
+    that window as it is (one process: nothing to sum over processes)."""
+    import os
+
+    from fasttrain.engine import train
+    from fasttrain.tasks.classify import ClassifyTask
+
+    def records(run):
+        lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+        drop = ("samples_per_s", "epoch_time_s", "eval_time_s", "max_memory_gib")
+        return [{k: v for k, v in r.items() if k not in drop} for r in lines if r.get("event") in (None, "step")]
+
+    extra = ("train.log_every=4", "train.max_steps=9")
+    straight = train(tiny_cfg(shapes_root, tmp_path / "a", *extra, epochs=1, max_steps=9), progress=False)
+    plain_end = ClassifyTask.on_step_end
+
+    def stop_at_5(self, state, batch, run_dir):
+        plain_end(self, state, batch, run_dir)
+        if state.step == 5:
+            os.kill(os.getpid(), signal.SIGUSR1)  # between the logged steps 4 and 8
+
+    monkeypatch.setattr(ClassifyTask, "on_step_end", stop_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_cfg(shapes_root, tmp_path / "b", *extra, epochs=1, max_steps=9), progress=False)
+    monkeypatch.setattr(ClassifyTask, "on_step_end", plain_end)
+    (run,) = (tmp_path / "b").iterdir()
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == 5
+    train(resume=run, progress=False)
+    assert records(run) == records(straight.run_dir)
