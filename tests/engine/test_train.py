@@ -86,8 +86,8 @@ def test_run_folders_are_never_reused(shapes_root, tmp_path):
     a = train(cfg, progress=False).run_dir
     b = train(cfg, progress=False).run_dir
     assert a.name == "same" and b.name == "same-2"
-    assert (a / "metrics.jsonl").read_text().count("\n") == 2  # the first run's files are untouched: its start-up
-    # and its one epoch
+    assert (a / "metrics.jsonl").read_text().count("\n") == 3  # the first run's files are untouched: its start-up,
+    # its one epoch and its end
 
 
 def test_the_start_up_is_split_into_its_phases_in_the_log_and_the_metrics(shapes_root, tmp_path, monkeypatch):
