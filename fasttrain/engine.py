@@ -890,6 +890,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.finished: dict[str, Any] | None = None
         """The resumed run's end record when it finished at its checkpoint (:attr:`_RunPlan.finished`)."""
+        self._stopped_recorded = False
+        """A resumed run's metrics.jsonl holds its early stop's record."""
         self.resume_micro, self.running = 0, Running()
         self.stop = StopRequest()
         self.t_run, self.step_at_start = time.perf_counter(), 0  # set again when run() starts
@@ -998,8 +1000,13 @@ class Trainer:
                 self.train_loader.order or "(seed, epoch) alone",
             )
         self.running = Running.from_checkpoint(point.running, prep.runtime.device, point.micro)
-        records = trim_metrics(run_dir / "metrics.jsonl", state.epoch, state.step) if self.is_main else []
+        # A run killed in its end reports (no "finished" record yet) makes them again: its test record too.
+        redone = ("test",) if self.finished is None else ()
+        records = (
+            trim_metrics(run_dir / "metrics.jsonl", state.epoch, state.step, redone=redone) if self.is_main else []
+        )
         self.history = [r for r in records if "event" not in r]  # the test event stays in the file only
+        self._stopped_recorded = any(r.get("event") == "early_stop" for r in records)
         log.info(
             "resumed from %s at epoch %d, step %d%s",
             self.ckpts.last,
@@ -1095,6 +1102,8 @@ class Trainer:
                 log.info(
                     "%s; nothing left to train (a larger train.early_stop_patience goes on)", self.early_stop.reason
                 )
+                if not self._stopped_recorded:  # killed between the stop's checkpoint and its record
+                    self.metrics.event({"epoch": state.epoch, "step": state.step, "event": "early_stop"})
             for epoch in _epoch_numbers(state.epoch if not self.early_stop.stopped else tc.epochs, tc):
                 t_epoch = time.perf_counter()
                 record = self.train_epoch(epoch)

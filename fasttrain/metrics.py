@@ -82,9 +82,13 @@ def console_handler(level: int, *, bar_on_terminal: bool) -> logging.Handler:
     return handler
 
 
-def trim_metrics(path: str | os.PathLike, epochs_done: int, step: int) -> list[dict[str, Any]]:
+def trim_metrics(
+    path: str | os.PathLike, epochs_done: int, step: int, *, redone: tuple[str, ...] = ()
+) -> list[dict[str, Any]]:
     """On resume: keep what happened before the checkpoint (epoch records up to ``epochs_done``, step records up
-    to ``step``) and drop the rest, which will be run again, and a torn last line; returns the records kept."""
+    to ``step``) and drop the rest, which will be run again, and a torn last line; returns the records kept.
+    ``redone``: events written at the checkpoint itself that the resumed run writes again (the end of a run
+    killed before it finished: its test record), dropped too."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -93,6 +97,7 @@ def trim_metrics(path: str | os.PathLike, epochs_done: int, step: int) -> list[d
         r
         for r in records
         if (r.get("step", 0) <= step if r.get("event") == "step" else r.get("epoch", 0) <= epochs_done)
+        and not (r.get("event") in redone and (r.get("epoch"), r.get("step")) == (epochs_done, step))
     ]
     text = "".join(_json_line(r) for r in keep)
     if len(keep) != len(records) or text != path.read_text(encoding="utf-8", errors="replace"):

@@ -336,6 +336,20 @@ def test_a_checkpoint_keeps_its_own_gpus_stream_and_puts_it_back_on_whichever_gp
     assert list(put) == ["all"]
 
 
+def test_an_early_stop_whose_record_was_lost_is_recorded_on_resume(shapes_root, tmp_path):
+    from fasttrain.io import atomic_write_text, read_jsonl
+
+    cfg = _tiny_cfg(shapes_root, tmp_path, "train.early_stop_patience=1", "train.early_stop_min_delta=10", epochs=5)
+    run = train(cfg, progress=False).run_dir
+    (stop,) = _records(run, "early_stop")
+    kept = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("event") not in ("early_stop", "finished")]
+    atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+    again = train(resume=run, progress=False)
+    assert again.stopped_early and _records(run, "early_stop") == [stop]
+    train(resume=run, progress=False)  # finished now: nothing written twice
+    assert len(_records(run, "early_stop")) == 1 and len(_records(run, "finished")) == 1
+
+
 # -- a finished run resumed -----------------------------------------------------------------------------------------
 def _records(run, event=None):
     from fasttrain.io import read_jsonl
@@ -366,13 +380,14 @@ def test_a_finished_run_resumed_trains_and_writes_nothing_again(finished_run, ca
     assert again.history == finished_run.history
 
 
-def test_a_run_killed_in_its_end_reports_makes_them_on_resume(finished_run, caplog):
+@pytest.mark.parametrize("lost", [("finished", "test"), ("finished",)])
+def test_a_run_killed_in_its_end_reports_makes_them_on_resume(finished_run, caplog, lost):
     """No ``finished`` record (the process died after the last checkpoint, in the test evaluation or the
-    reports): the resume evaluates and reports again, once."""
+    reports, or after the test record): the resume evaluates and reports again, once."""
     from fasttrain.io import atomic_write_text, read_jsonl
 
     run = finished_run.run_dir
-    kept = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("event") not in ("finished", "test")]
+    kept = [r for r in read_jsonl(run / "metrics.jsonl") if r.get("event") not in lost]
     atomic_write_text(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
     (run / "confusion.json").unlink()
     with caplog.at_level("INFO", logger="fasttrain"):
