@@ -974,6 +974,15 @@ def config_path(name_or_path: str | os.PathLike) -> Path:
     p = Path(name_or_path)
     if p.is_file():
         return p
+    found = packaged_config(str(name_or_path))  # before folders: catfish's data folder is called catfish
+    if found is not None:
+        return found
+    key, eq, _ = str(name_or_path).partition("=")
+    if eq and "." in key and not p.exists():  # `fasttrain train train.epochs=2`: a setting where the config goes
+        raise ConfigError(
+            f"config {name_or_path}: no such file; a setting is given with --set (--set {name_or_path}), and the "
+            "config (a TOML file or a packaged name, default quickstart) before or without it"
+        )
     if p.is_dir():
         if (p / "config.toml").is_file():
             raise ConfigError(
@@ -984,17 +993,8 @@ def config_path(name_or_path: str | os.PathLike) -> Path:
             f"config {p}: a folder, not a config; a folder of images trains with --set data.root={p} (after the "
             "config, default quickstart; 'fasttrain config list' shows the packaged ones)"
         )
-    found = packaged_config(str(name_or_path))
-    if found is not None:
-        return found
     if os.sep in str(name_or_path) or str(name_or_path).endswith(".toml"):
         raise ConfigError(f"config file {p}: not found")
-    key, eq, _ = str(name_or_path).partition("=")
-    if eq and "." in key:  # `fasttrain train train.epochs=2`: a setting where the config goes
-        raise ConfigError(
-            f"config {name_or_path}: no such file; a setting is given with --set (--set {name_or_path}), and the "
-            "config (a TOML file or a packaged name, default quickstart) before or without it"
-        )
     import difflib
 
     names = list(packaged_configs())

@@ -90,10 +90,21 @@ def test_a_runs_dir_that_is_a_file_and_nproc_0_are_refused_before_any_work(capsy
     assert code == 2 and "argument --nproc: 0: at least 1 process" in err
 
 
+def test_a_packaged_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
+    """catfish's data.root is the folder catfish beside where it runs: `fasttrain train catfish` there."""
+    from fasttrain.config import config_path, packaged_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "catfish" / "train" / "cat").mkdir(parents=True)
+    assert config_path("catfish") == packaged_config("catfish")
+
+
 def test_a_setting_given_as_the_config_points_to_set(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _, err = _run_cli(capsys, "train", "train.epochs=2")
     assert code == 2 and "a setting is given with --set (--set train.epochs=2)" in err
+    code, _, err = _run_cli(capsys, "train", "data.root=/x/photos")  # a path in the value
+    assert code == 2 and "a setting is given with --set (--set data.root=/x/photos)" in err
     assert not (tmp_path / "runs").exists()
 
 
