@@ -421,10 +421,14 @@ def _check_not_behind(cfg: Config, ckpt: dict[str, Any], run_dir: Path) -> None:
     would say fewer epochs than its checkpoints hold) is refused, naming what starts a shorter run."""
     epoch, step = _mark(ckpt)
     tc = cfg.train
-    if tc.epochs < epoch or (tc.total_steps and tc.total_steps < step):
-        which = f"train.total_steps = {tc.total_steps}" if tc.epochs >= epoch else f"train.epochs = {tc.epochs}"
+    into_next = bool((ckpt.get("position") or {}).get("micro"))  # a step checkpoint inside epoch + 1
+    if tc.epochs < epoch + into_next or (tc.total_steps and tc.total_steps < step):
+        which = (
+            f"train.total_steps = {tc.total_steps}" if tc.epochs >= epoch + into_next else f"train.epochs = {tc.epochs}"
+        )
+        done = f"{epoch} epochs{' and part of the next' if into_next else ''}, {step} steps"
         raise ConfigError(
-            f"--resume: {which} is less than this run has trained ({epoch} epochs, {step} steps in {run_dir}); "
+            f"--resume: {which} is less than this run has trained ({done} in {run_dir}); "
             f"a resume continues a run. A new, shorter run: fasttrain train {run_dir / 'config.toml'} --set "
             f"{which.replace(' = ', '=')}"
         )
@@ -1006,7 +1010,10 @@ class Trainer:
             trim_metrics(run_dir / "metrics.jsonl", state.epoch, state.step, redone=redone) if self.is_main else []
         )
         self.history = [r for r in records if "event" not in r]  # the test event stays in the file only
-        self._stopped_recorded = any(r.get("event") == "early_stop" for r in records)
+        mark = (state.epoch, state.step)
+        self._stopped_recorded = any(
+            r.get("event") == "early_stop" and (r["epoch"], r["step"]) == mark for r in records
+        )
         log.info(
             "resumed from %s at epoch %d, step %d%s",
             self.ckpts.last,

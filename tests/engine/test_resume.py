@@ -94,6 +94,28 @@ def test_resume_with_fewer_epochs_than_trained_is_refused_and_changes_nothing(sh
         train(resume=run, overrides=["train.total_steps=1"], progress=False)
 
 
+def test_resume_that_would_drop_a_started_epoch_is_refused(shapes_root, tmp_path, monkeypatch):
+    """A step checkpoint inside epoch 2 resumed with train.epochs=1: the run would end at once, the epoch's steps
+    in its weights and config.toml saying one epoch."""
+    from fasttrain.tasks.classify import ClassifyTask
+
+    plain_end = ClassifyTask.on_step_end
+
+    def killed_at_5(self, state, batch, run_dir):
+        plain_end(self, state, batch, run_dir)
+        if state.step == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ClassifyTask, "on_step_end", killed_at_5)
+    cfg = _tiny_cfg(shapes_root, tmp_path, "train.checkpoint_every_steps=1", epochs=2, max_steps=3)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False)
+    (run,) = tmp_path.iterdir()
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["position"]["micro"] == 1  # step 4: 1 into epoch 2
+    with pytest.raises(ConfigError, match=r"train.epochs = 1 is less than this run has trained \(1 epochs and part"):
+        train(resume=run, overrides=["train.epochs=1"], progress=False)
+
+
 def _damage(run_dir, tmp_path, name, change):
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     change(ckpt)
