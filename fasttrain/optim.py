@@ -153,7 +153,9 @@ class Lookahead:
         self.modules = list(modules)
         self.total_steps = 0
         """The run's optimizer steps (0 until a schedule says: no pulls before then)."""
-        self._start: list[torch.Tensor] | None = None
+        self._starts: dict[int, torch.Tensor] = {}
+        """The parameters this step moves that have no slow copy yet, as they were before it (their start)."""
+        self._all_started = False
         self._start_buffers: list[torch.Tensor] | None = None
         self.slow_buffers: list[torch.Tensor] | None = None
 
@@ -184,6 +186,7 @@ class Lookahead:
         saved = state_dict.pop(self.STATE_KEY, None)  # a shallow copy: the caller's dict keeps it
         # none saved (no pull yet, or an older checkpoint): they start from the live ones at the next pull
         self.slow_buffers, self._start_buffers = None, None
+        self._starts, self._all_started = {}, False  # the parameters' states are the checkpoint's now
         if saved is not None:
             live = self.buffers()
             if len(saved) != len(live) or any(s.shape != b.shape for s, b in zip(saved, live, strict=False)):
@@ -195,33 +198,42 @@ class Lookahead:
 
     @torch.no_grad()
     def _before(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
-        if optimizer.param_groups[0].get("lookahead_step", 0) == 0 and self._start is None:
-            self._start = [p.detach().clone() for p in self._params(optimizer)]
+        """Each parameter's start is its value before the first step that moves it (airbench's start: the
+        weights before training), kept until that step has made the optimizer's own state for it."""
+        if self._all_started:
+            return
+        state = optimizer.state
+        self._starts = {
+            i: p.detach().clone()
+            for i, p in enumerate(self._params(optimizer))
+            if p.grad is not None and "lookahead_slow" not in state[p]
+        }
 
     @torch.no_grad()
-    def _keep_start(self, optimizer: torch.optim.Optimizer) -> None:
-        """After the first step: the starting copies become the slow ones, in the optimizer's state (and the
-        buffers' in ``slow_buffers``), so a checkpoint written before the first pull carries them (a resume at
-        step 1 .. every - 1 started them from its own weights). Not before that step: Adam takes a parameter
-        whose state is not empty for one it has stepped; a parameter with a gradient has been stepped now."""
-        for i, p in enumerate(self._params(optimizer)):
-            state = optimizer.state[p]
-            if p.grad is not None and "lookahead_slow" not in state:  # not stepped: its start at its pull
-                state["lookahead_slow"] = (self._start[i] if self._start is not None else p).detach().clone()
+    def _keep_starts(self, optimizer: torch.optim.Optimizer) -> None:
+        """After a step: the starts of the parameters it moved first become their slow copies, in the optimizer's
+        state, so every checkpoint carries them (held in memory until the first pull, a resume before it started
+        them from its own weights). Not before the step: Adam takes a parameter whose state is not empty for one
+        it has stepped. The buffers' slow copies start as they were before any forward pass."""
+        params = self._params(optimizer)
+        for i, start in self._starts.items():
+            optimizer.state[params[i]]["lookahead_slow"] = start
+        self._starts = {}
+        self._all_started = all("lookahead_slow" in optimizer.state.get(p, {}) for p in params)
         buffers = self.buffers()
         if buffers and self.slow_buffers is None:
             first = self._start_buffers
             if first is None or [t.shape for t in first] != [b.shape for b in buffers]:
                 first = buffers
             self.slow_buffers = [t.detach().to(b.device, b.dtype, copy=True) for t, b in zip(first, buffers)]
-        self._start = self._start_buffers = None
+        self._start_buffers = None
 
     @torch.no_grad()
     def _after(self, optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
         group = optimizer.param_groups[0]
         step = group["lookahead_step"] = group.get("lookahead_step", 0) + 1
-        if self._start is not None or self._start_buffers is not None:
-            self._keep_start(optimizer)
+        if not self._all_started:
+            self._keep_starts(optimizer)
         total = self.total_steps
         if not total or (step % self.every and step != total):
             return
@@ -229,11 +241,8 @@ class Lookahead:
         for p in self._params(optimizer):
             if p.grad is None:  # not stepped (its state may be empty: Adam would take a slow copy for its "first")
                 continue
-            state = optimizer.state[p]
-            if "lookahead_slow" not in state:  # first stepped after the first step: unchanged until then
-                state["lookahead_slow"] = p.detach().clone()
             params.append(p)
-            slow.append(state["lookahead_slow"])
+            slow.append(optimizer.state[p]["lookahead_slow"])  # every parameter stepped has one
         buffers = self.buffers()
         if buffers:
             if self.slow_buffers is None:  # buffers that appeared after the first step

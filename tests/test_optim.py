@@ -193,6 +193,40 @@ def test_lookahead_leaves_parameters_without_gradients_to_the_optimizer():
     assert opt.state[unused]["step"] == 1 and not torch.equal(unused, torch.ones(2))
 
 
+def test_lookahead_starts_a_parameter_first_moved_later_from_before_that_step_and_resumes_exactly():
+    """The slow copy starts as the weights before training, also for a parameter whose first gradient comes at a
+    later step (it is the same until then), and a checkpoint taken before that step resumes to the same end."""
+    cfg = OptimConfig(name="adamw", lr=0.1, weight_decay=0.0, lookahead_every=3, lookahead_decay=0.9)
+
+    def fresh():
+        a, b = torch.nn.Parameter(torch.arange(3.0)), torch.nn.Parameter(torch.full((2,), 5.0))
+        opt = make_optimizer(torch.nn.ParameterList([a, b]), cfg)
+        make_scheduler(opt, ScheduleConfig(name="constant"), 7, 7)
+        return a, b, opt
+
+    def steps(a, b, opt, first, last):
+        for i in range(first, last + 1):
+            opt.zero_grad(set_to_none=True)
+            a.grad = torch.ones_like(a)
+            if i >= 2:  # b joins at step 2
+                b.grad = torch.full_like(b, -1.0)
+            opt.step()
+
+    a, b, opt = fresh()
+    steps(a, b, opt, 1, 2)
+    assert torch.equal(opt.state[b]["lookahead_slow"], torch.full((2,), 5.0))  # before its first step
+    steps(a, b, opt, 3, 7)
+    a2, b2, opt2 = fresh()
+    steps(a2, b2, opt2, 1, 1)
+    saved = opt2.state_dict()
+    a3, b3, opt3 = fresh()
+    with torch.no_grad():
+        a3.copy_(a2)
+    opt3.load_state_dict(saved)
+    steps(a3, b3, opt3, 2, 7)
+    assert torch.equal(a3, a) and torch.equal(b3, b)
+
+
 class _AirbenchLookahead:
     """The reference, restated from airbench94's description of its lookahead: every float entry of the
     state_dict, buffers included, is pulled towards the live one, and the live one set to it."""
