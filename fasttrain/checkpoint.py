@@ -9,6 +9,7 @@ and :func:`check_resume_config` names the settings a resumed run may not change.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 import pickle
@@ -208,7 +209,9 @@ def _not_torch_save(path: Path) -> str:
     if not head:
         return "it is empty"
     try:
-        head.decode("utf-8")
+        if b"\0" in head:  # a binary format whose header is text (safetensors: a length, then JSON)
+            raise UnicodeDecodeError("utf-8", head, 0, 1, "NUL")
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=len(head) < 64)  # one cut at byte 64 is text
     except UnicodeDecodeError:
         return "its first bytes are neither a zip's nor a pickle's (torch.save writes one of them)"
     return "it is a text file" + (

@@ -71,6 +71,12 @@ def test_loading_something_else_than_a_checkpoint_names_the_file(tmp_path):
     (tmp_path / "binary.pt").write_bytes(b"\x00\xfe\xff junk")
     with pytest.raises(ValueError, match="binary.pt: not a fasttrain checkpoint: its first bytes are neither a zip"):
         load_checkpoint(tmp_path / "binary.pt")
+    (tmp_path / "utf8.pt").write_bytes(("é" * 40).encode())  # 80 bytes: byte 64 cuts a character in two
+    with pytest.raises(ValueError, match="utf8.pt: not a fasttrain checkpoint: it is a text file$"):
+        load_checkpoint(tmp_path / "utf8.pt")
+    (tmp_path / "model.safetensors").write_bytes((20).to_bytes(8, "little") + b'{"__metadata__":{}}  ')
+    with pytest.raises(ValueError, match="safetensors: not a fasttrain checkpoint: its first bytes are neither"):
+        load_checkpoint(tmp_path / "model.safetensors")
     (tmp_path / "cut.pt").write_bytes((tmp_path / "list.pt").read_bytes()[:40])  # a zip's start, cut short
     with pytest.raises(ValueError, match="cut.pt: cannot be loaded"):
         load_checkpoint(tmp_path / "cut.pt")
