@@ -315,10 +315,11 @@ def resume_target(resume: Path) -> tuple[Path, Path]:
             f"--resume: {resume} is not a run folder (nor a checkpoint in one's checkpoints/)"
             + (f"; its run folder: --resume {run}" if run is not None else "")
         )
-    if not (resume / "config.toml").is_file() and not (resume / "checkpoints").is_dir():
-        # checked before the run's lock is taken: nothing is written into a folder that is not a run's (a dataset)
+    if not any((resume / name).exists() for name in ("config.toml", "checkpoints", "train.log", "metrics.jsonl")):
+        # checked before the run's lock is taken: nothing is written into a folder that is not a run's (a dataset;
+        # a run killed before its config.toml, in a time budget's measurement, has its train.log)
         raise FileNotFoundError(
-            f"--resume: {resume} is not a run folder (it holds no config.toml or checkpoints/); a folder of "
-            f"images trains with: fasttrain train CONFIG --set data.root={resume}"
+            f"--resume: {resume} is not a run folder (it holds no config.toml, checkpoints/ or train.log); a "
+            f"folder of images trains with: fasttrain train CONFIG --set data.root={resume}"
         )
     return resume, resume / "checkpoints" / "last.pt"

@@ -298,7 +298,7 @@ def test_resume_of_a_folder_that_is_not_a_run_writes_nothing_into_it(shapes_root
     code = main(["train", "--resume", str(data), "-q"])
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1, err
-    assert f"{data} is not a run folder (it holds no config.toml or checkpoints/)" in err
+    assert f"{data} is not a run folder (it holds no config.toml, checkpoints/ or train.log)" in err
     assert f"fasttrain train CONFIG --set data.root={data}" in err
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before  # no .lock left in the user's folder
 
