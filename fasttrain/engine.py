@@ -1096,14 +1096,17 @@ class Trainer:
         if self.tc.time_budget_s and self.ckpt is None:
             self._plan_budget()  # before the run folder's config.toml is written: it records the plan
         self._open(run_dir)
-        self._record_startup()
         tc, state = self.tc, self.state
+        done = self.finished is not None and (state.epoch >= tc.epochs or self.early_stop.stopped)
+        if not done:  # a finished run resumed adds no record
+            self._record_startup()
         test_metrics, tested = None, ""
         test_loader = None
         state.train(True)
         try:
             self.t_run, self.step_at_start = time.perf_counter(), state.step
-            if self.finished is not None and (state.epoch >= tc.epochs or self.early_stop.stopped):
+            if done:
+                assert self.finished is not None
                 return self._finished_already(self.finished)
             if self.early_stop.stopped:  # a resumed run that had stopped early
                 log.info(

@@ -177,8 +177,9 @@ def epoch_order(
 ) -> EpochSampler:
     """The order every backend visits a split in (:class:`~fasttrain.data.order.EpochSampler`): training shuffled
     per (seed, epoch) and trimmed to whole global batches, evaluation in order and whole; this process's shard.
-    ``refuse_empty``: the loader's name, to refuse (ValueError, naming train.batch_size) a training split with not
-    one batch in it (a loader that decodes everything before its first step; the engine words it otherwise)."""
+    ``refuse_empty``: set (the loader's name, for the reader) to refuse with a ValueError naming train.batch_size a
+    training split with not one batch in it (a loader that decodes everything before its first step; the engine
+    words it otherwise)."""
     sampler = EpochSampler(
         num_samples,
         batch_size=batch_size,

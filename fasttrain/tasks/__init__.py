@@ -1,4 +1,5 @@
-"""Tasks: what a batch means. ``make_task(cfg, runtime, source, *, model, restoring)`` picks one by ``task.name``.
+"""Tasks: what a batch means. ``make_task(cfg, runtime, source, *, model, restoring, inference)`` picks one by
+``task.name``.
 
 The task names live in the ``tasks`` table of :mod:`fasttrain.registry` (the ground floor, torch-free), so
 ``fasttrain.config`` reads the names ``task.name`` accepts without importing torch. Adding a task: its module

@@ -393,8 +393,10 @@ def finished_run(shapes_root, tmp_path):
 def test_a_finished_run_resumed_trains_and_writes_nothing_again(finished_run, caplog):
     run = finished_run.run_dir
     reports = {p: p.stat().st_mtime_ns for p in (run / "confusion.json", run / "checkpoints" / "last.pt")}
+    records = (run / "metrics.jsonl").read_text()
     with caplog.at_level("INFO", logger="fasttrain"):
         again = train(resume=run, progress=False)
+    assert (run / "metrics.jsonl").read_text() == records  # not even a start-up record
     assert "run already finished at epoch 1, step 2: nothing is trained" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in reports} == reports
     assert len(_records(run, "test")) == 1 and len(_records(run, "finished")) == 1
