@@ -16,7 +16,7 @@ from fasttrain.io import write_new, write_new_text
 from fasttrain.memory import GIB
 from fasttrain.tuning.loader import LoaderResult
 from fasttrain.tuning.probe import Budget, SizeRate, Verification
-from fasttrain.tuning.search import BatchPlan, Candidate, Skipped
+from fasttrain.tuning.search import BatchPlan, Candidate, Skipped, beats
 
 __all__ = ["AutotuneReport", "plot_report", "tuned_config", "tuned_toml", "write_outputs", "fits_label"]
 
@@ -213,9 +213,11 @@ class AutotuneReport:
             ch = by[self.chosen_batch]
             best = by.get(self.best_batch) if self.best_batch is not None else None
             text = f"chosen batch {self.chosen_batch}: {ch.samples_per_s:,.1f} samples/s"
-            if best is not None and best.batch_size != ch.batch_size:
+            if best is not None and best.batch_size != ch.batch_size and not beats(best, ch, self.noise):
                 why = "the config's own batch" if self.chosen_batch == self.given_batch else "the smaller batch"
                 text += f" (best {best.samples_per_s:,.1f} at {best.batch_size}: within the noise, so {why} is kept)"
+            elif best is not None and best.batch_size != ch.batch_size:  # the plan's note says why (verification)
+                text += f" (the search's best, {best.samples_per_s:,.1f} at {best.batch_size}, was not kept: see below)"
             lines.append(text)
         if self.plan:
             p = self.plan

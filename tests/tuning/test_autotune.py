@@ -592,6 +592,28 @@ def test_compiled_check_resets_the_compiler_between_sizes_and_a_failed_size_is_n
     assert rows and "OOM" in rows[0] and "yes" not in rows[0]
 
 
+@pytest.mark.parametrize(
+    "best_sps, said",
+    [
+        (103.0, "within the noise, so the config's own batch is kept"),
+        (450.0, "the search's best, 450.0 at 8, was not kept: see below"),
+    ],
+)
+def test_the_choice_line_says_within_the_noise_only_when_it_is(best_sps, said):
+    """A verification that sent the plan back to the config's own batch was reported as a tie with the best
+    (451.6 against 34.1 samples/s: 'within the noise')."""
+    cands = [
+        Candidate(8, True, samples_per_s=best_sps, usable=True, phase="grow", spread=0.01),
+        Candidate(64, True, samples_per_s=100.0, usable=True, phase="given", spread=0.01),
+    ]
+    report = R.AutotuneReport(
+        "x", "m", "classify", "cpu", "rt", [3, 8, 8], P.Budget("cpu", 16.0), 0.1, 0.03, 8,
+        candidates=cands, chosen_batch=64, best_batch=8, given_batch=64,
+    )  # fmt: skip
+    (line,) = [ln for ln in report.to_table().splitlines() if ln.startswith("chosen batch 64")]
+    assert said in line
+
+
 def test_each_later_plans_compiled_check_starts_from_a_reset_compiler(monkeypatch):
     """A verification that fails (or the loader's memory) sends the plan loop to a smaller micro-batch and a new
     compiled check. The earlier plans' graphs stay in dynamo's cache after their models are dropped (an entry per
