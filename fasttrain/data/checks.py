@@ -668,6 +668,9 @@ class CheckReport:
     empty: list[str] = field(default_factory=list)
     """Folders holding no image at all (an empty class folder trains on nothing)."""
     skip_list: Path | None = None
+    layout: str = ""
+    """Why training would refuse the folder as class folders (``data.format = folder``), or "". A note, not a
+    verdict: the folder may be another format's (a manifest, drawing steps, pairs) or images to predict."""
 
     def to_text(self) -> str:
         lines = [
@@ -679,6 +682,8 @@ class CheckReport:
         lines += [f"  odd  {f}: {why}" for f, why in self.odd[:50]]
         if len(self.odd) > 50:
             lines.append(f"  ... and {len(self.odd) - 50} more odd files")
+        if self.layout:
+            lines.append(f"  LAYOUT  as class folders (data.format = folder), training refuses it: {self.layout}")
         if self.skip_list:
             lines.append(f"skip list written to {self.skip_list}")
         return "\n".join(lines)
@@ -758,7 +763,28 @@ def _check_folder(root: Path, channels: int, workers: int, max_pixels: int) -> C
     report = CheckReport(root, len(scan.files) + len(scan.others), empty=[str(d) for d in scan.empty_dirs])
     report.bad.extend(scan.others)
     _checked(report, [str(f) for f in scan.files], channels, workers, max_pixels)
+    report.layout = _folder_layout(root)
     return report
+
+
+def _folder_layout(root: Path) -> str:
+    """What training says of ``root`` as class folders (the default format), or "" when it would take it."""
+    from fasttrain.config import ConfigError, DataConfig
+    from fasttrain.data.sources import find_source
+
+    quiet = logging.getLogger("fasttrain.data.sources")  # its lines are the report's own (EMPTY, BAD)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        src = find_source(DataConfig(root=str(root), val_fraction=0.0))
+    except ConfigError as e:
+        return str(e)
+    finally:
+        quiet.setLevel(level)
+    names = src.class_names or []
+    if len(names) < 2:
+        return f"one class folder ({', '.join(names)}): a classifier needs at least 2 classes"
+    return ""
 
 
 def _check_shards(root: str | os.PathLike, channels: int, workers: int, max_pixels: int) -> CheckReport:

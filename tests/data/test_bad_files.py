@@ -231,6 +231,31 @@ def test_images_of_formats_not_read_are_named_and_skipped_where_other_files_are_
     assert [Path(e["image"]).name for e in errors] == ["IMG_0001.heic"] and len(files) == len(good)
 
 
+def test_check_data_says_what_training_would_refuse_of_the_layout_as_a_note(tmp_path, capsys):
+    """A flat folder, one class, a val class that train/ lacks: check-data passed them all; training refuses
+    them. They are a note (LAYOUT), not a verdict: the folder may be another format's, or images to predict."""
+    from fasttrain.cli import main
+
+    flat = tmp_path / "flat"
+    badfiles.write_corpus(flat, bad={})
+    one = tmp_path / "one"
+    badfiles.write_corpus(one / "train" / "cat", bad={})
+    extra = tmp_path / "extra"
+    badfiles.write_corpus(extra / "train" / "cat", bad={})
+    badfiles.write_corpus(extra / "train" / "fish", bad={})
+    badfiles.write_corpus(extra / "val" / "dog", bad={})
+    for root, said in [
+        (flat, f"holds no class folders (expected {flat}/<class>/<image>)"),
+        (one, "one class folder (cat): a classifier needs at least 2 classes"),
+        (extra, "has class folder 'dog' that the training split lacks"),
+    ]:
+        assert main(["check-data", str(root)]) == 0
+        out, err = capsys.readouterr()
+        assert "LAYOUT  as class folders (data.format = folder), training refuses it: " in out and said in out
+        assert not err  # discovery's own lines are not repeated
+    assert check_data(extra.parent / "extra" / "train").layout == ""
+
+
 def test_a_file_link_loop_named_like_an_image_is_skipped_by_name_and_a_folder_loop_walked_once(tmp_path):
     """``a.jpg -> a-partner.jpg -> a.jpg`` used to stop discovery and check-data ("Too many levels of symbolic
     links" out of DirEntry.is_dir()); a folder link to its parent lists the class's files once."""
