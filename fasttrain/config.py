@@ -575,7 +575,8 @@ class TrainConfig:
     log_every: int = 50
     """Read losses from the device (a sync point) every N steps, for the progress bar and logs."""
     max_steps: int = 0
-    """Stop each epoch after this many optimizer steps (0 = full epochs); for smoke tests."""
+    """Stop each epoch after this many optimizer steps (0 = full epochs); for smoke tests. A cap per epoch, not
+    on the run: train.total_steps caps the whole run."""
     eval_every: int = 1
     """Evaluate every N epochs (and always at the end)."""
     max_nonfinite_logs: int = 3
