@@ -120,5 +120,12 @@ def _figure(runs: list[RunCurves]):
                 ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
             else:
                 ax.legend(fontsize=7, loc="best")
-    fig.suptitle(" vs ".join(r.name for r in runs) if len(runs) > 1 else runs[0].name, fontsize=11)
+    fig.suptitle(_title([r.name for r in runs]), fontsize=11)
     return fig
+
+
+def _title(names: list[str], width: int = 110) -> str:
+    """The figure's title: the run, the runs compared, or (more than fit a line) how many, the legends naming
+    them (six run names ran off the figure)."""
+    title = " vs ".join(names)
+    return title if len(title) <= width else f"{len(names)} runs (the legends name them)"

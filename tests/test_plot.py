@@ -81,3 +81,18 @@ def test_the_compare_plots_legends_sit_beside_the_curves_not_over_them(tmp_path)
     for ax in axes:
         legend, area = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
         assert legend.x0 >= area.x1, ax.get_title()  # wholly to the right of the plotting area
+
+
+def test_the_title_of_many_runs_stays_inside_the_figure(tmp_path):
+    """Six runs' names joined with 'vs' ran off the figure."""
+    from fasttrain.plot import _figure
+
+    names = [f"quickstart-20261204-2336{i:02d}" for i in range(6)]
+    runs = [read_curves(_run(tmp_path / n, acc=[0.5, 0.7])) for n in names]
+    fig = _figure(runs)
+    fig.canvas.draw()
+    title = fig._suptitle
+    box = title.get_window_extent(fig.canvas.get_renderer())
+    assert title.get_text() == "6 runs (the legends name them)"
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.x1
+    assert _figure(runs[:2])._suptitle.get_text() == f"{names[0]} vs {names[1]}"
