@@ -217,16 +217,18 @@ def is_temp_file(name: str) -> bool:
     return bool(_TEMP.match(name))
 
 
-def remove_temp_files(folder: str | os.PathLike) -> list[Path]:
+def remove_temp_files(folder: str | os.PathLike, suffixes: tuple[str, ...] = ()) -> list[Path]:
     """Remove the temp files that interrupted :func:`atomic_replace` / :func:`write_new` calls left in
     ``folder`` (``.last.pt.ab12cd34.tmp``: killed mid-write). Only for folders fasttrain owns, while no other
-    process writes there (a run folder under its lock). Returns what was removed."""
+    process writes there (a run folder under its lock). ``suffixes``: only those of files named so (what
+    fasttrain writes there: a user's own ``.draft.abcdefgh.tmp`` is left alone). Returns what was removed."""
     removed: list[Path] = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
     for p in folder.iterdir():
-        if is_temp_file(p.name) and p.is_file() and not p.is_symlink():
+        m = _TEMP.match(p.name)
+        if m and (not suffixes or m["name"].endswith(suffixes)) and p.is_file() and not p.is_symlink():
             try:
                 p.unlink()
                 removed.append(p)

@@ -187,8 +187,12 @@ def clean_temp_files(run_dir: str | os.PathLike) -> list[Path]:
     run_dir = Path(run_dir)
     removed = []
     for folder in (run_dir, run_dir / "checkpoints", run_dir / "samples"):
-        removed += remove_temp_files(folder)
+        removed += remove_temp_files(folder, RUN_FILE_SUFFIXES)
     return removed
+
+
+RUN_FILE_SUFFIXES = (".pt", ".toml", ".json", ".jsonl", ".png", ".csv", ".log", ".txt")
+"""What fasttrain writes atomically into a run folder: the temp files of those alone are its own."""
 
 
 def write_run_config(run_dir: str | os.PathLike, text: str) -> None:

@@ -177,6 +177,8 @@ def test_temp_files_of_interrupted_writes_are_removed(shapes_root, tmp_path):
         p.write_bytes(b"partial")
     mine = run / "checkpoints" / "notes.tmp"
     mine.write_text("keep me")
+    draft = run / ".draft.abcdefgh.tmp"  # named as a temp file is, but of no file fasttrain writes
+    draft.write_text("mine too")
 
     def leave_a_temp_file(state, record):  # killed mid-write, then the run ends normally
         (run / "checkpoints" / ".last.pt.zzzzzzzz.tmp").write_bytes(b"partial")
@@ -184,7 +186,7 @@ def test_temp_files_of_interrupted_writes_are_removed(shapes_root, tmp_path):
     train(resume=run, progress=False, on_epoch_end=leave_a_temp_file)
     assert not any(p.exists() for p in stale)
     assert not (run / "checkpoints" / ".last.pt.zzzzzzzz.tmp").exists()  # removed when the run ended
-    assert mine.read_text() == "keep me"
+    assert mine.read_text() == "keep me" and draft.read_text() == "mine too"
 
 
 def test_a_second_process_on_the_same_run_folder_is_refused(shapes_root, tmp_path, capsys):
