@@ -785,7 +785,10 @@ def _leave_process_group() -> None:
     """Under torchrun: leave the process group cleanly. Nothing is imported here: a Ctrl-C inside torch's own
     import leaves half-made modules in sys.modules, and importing through them raised a traceback ("duplicate
     registrations", "partially initialized module 'torch'") after "fasttrain: interrupted"."""
-    initialized = getattr(sys.modules.get("torch.distributed"), "is_initialized", None)
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or getattr(sys.modules.get("torch"), "distributed", None) is not dist:
+        return  # torch's import failed half-way (it left sys.modules; its submodules stayed)
+    initialized = getattr(dist, "is_initialized", None)
     shutdown = getattr(sys.modules.get("fasttrain.distributed"), "shutdown", None)
     if callable(initialized) and callable(shutdown):
         shutdown()

@@ -164,6 +164,14 @@ def test_ctrl_c_inside_torchs_import_says_interrupted_without_a_traceback(capsys
     monkeypatch.setattr(fasttrain.cli, "cmd_train", interrupted)
     code, _, err = _run_cli(capsys, "train")
     assert code == 130 and err.strip() == "fasttrain: interrupted"
+    monkeypatch.undo()
+    # torch's own import failed: torch left sys.modules, its whole torch.distributed stayed; importing it again
+    # would run torch's __init__ a second time ("duplicate registrations")
+    monkeypatch.setattr(fasttrain.cli, "cmd_train", interrupted)
+    monkeypatch.delitem(sys.modules, "torch")
+    monkeypatch.setattr("fasttrain.distributed.shutdown", lambda: pytest.fail("imported through a failed torch"))
+    code, _, err = _run_cli(capsys, "train")
+    assert code == 130 and err.strip() == "fasttrain: interrupted"
 
 
 def test_log_lines_of_a_run_reach_train_log_under_quiet(shapes_root, tmp_path, capsys):
