@@ -48,7 +48,15 @@ class ClassifyTask(Task):
 
     @property
     def num_outputs(self) -> int:
-        n = self.cfg.model.num_outputs or (self.source.num_outputs if self.source else 0)
+        src = self.source
+        if src is not None and src.class_names is None and src.target_names is not None:
+            from fasttrain.config import ConfigError
+
+            raise ConfigError(
+                f"task.name = classify: {src.root} holds numeric targets per image ({', '.join(src.target_names)}), "
+                "not classes: set task.name = regress"
+            )
+        n = self.cfg.model.num_outputs or (src.num_outputs if src else 0)
         if n < 2:
             raise ValueError(
                 "model.num_outputs: a classifier needs at least 2 classes "

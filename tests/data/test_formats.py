@@ -180,6 +180,27 @@ def test_manifest_csv_targets_splits_and_bad_rows(tmp_path):
     assert chosen.target_names == ["score"] and len(chosen.train) == 3  # row 4's age no longer matters
 
 
+def test_a_classifier_on_a_manifests_numeric_targets_is_refused_before_a_run_folder_exists(tmp_path):
+    """The quickstart's classify task on a manifest crashed in its first step (a tensor size mismatch)."""
+    from tinyrun import tiny_cfg
+
+    from fasttrain.engine import train
+
+    for name in "abcdefgh":
+        png(tmp_path / "img" / f"{name}.png")
+    (tmp_path / "labels.csv").write_text(
+        "path,x,y\n" + "".join(f"img/{n}.png,{i},{i / 2}\n" for i, n in enumerate("abcdefgh"))
+    )
+    cfg = tiny_cfg(tmp_path, tmp_path / "runs", "data.format=manifest", "data.val_fraction=0.25")
+    with pytest.raises(
+        ConfigError,
+        match=r"task.name = classify: .* holds numeric targets per image \(x, y\), not "
+        r"classes: set task.name = regress",
+    ):
+        train(cfg, progress=False)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_manifest_path_leaving_the_root_is_refused_with_its_line(tmp_path):
     png(tmp_path / "data" / "a.png")
     png(tmp_path / "secret.png")
