@@ -210,8 +210,5 @@ def pack(cfg: DataConfig, out: str | os.PathLike, *, shard_bytes: int = DEFAULT_
                 manifest["splits"][split.name] = {"shards": names, "count": report.counts[split.name]}
         manifest["skipped"] = [list(s) for s in report.skipped]
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 -> the usual folder mode
     report.seconds = time.perf_counter() - start
     return report

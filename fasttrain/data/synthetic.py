@@ -73,6 +73,9 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
         yield tmp
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp's 0700 -> the usual folder mode: the data is the user's to share
         try:
             os.replace(tmp, final)
         except OSError as e:  # another process wrote ``final`` meanwhile (two ranks making the demo data)

@@ -1,5 +1,7 @@
 import json
+import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -393,6 +395,9 @@ def test_make_data_cli(tmp_path):
     )
     src = discover(DataConfig(format="drawing"), tmp_path / "d")
     assert len(src.train) + len(src.val) == 4
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~mask  # not mkdtemp's 0700
     tool = [sys.executable, str(REPO / "tools" / "make_data.py")]  # the checkout wrapper, same parser
     again = subprocess.run(tool + ["paired", str(tmp_path / "d")], capture_output=True, text=True)
     assert again.returncode == 2 and again.stderr.startswith("fasttrain: error: ") and "already exists" in again.stderr
