@@ -9,10 +9,12 @@ folder (config, metrics, checkpoints, log), from which it resumes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -377,6 +379,15 @@ def cmd_config(args: argparse.Namespace) -> int:
     rows = describe_config(cfg)
     if args.changed:
         rows = [r for r in rows if r.value != r.default]
+        if not rows:
+            print(
+                "no setting differs from the defaults"
+                + (
+                    ""
+                    if args.config
+                    else " ('fasttrain train' without a config trains quickstart: config show quickstart)"
+                )
+            )
     section = None
     for r in rows:
         head = r.key.partition(".")[0] if "." in r.key else ""
@@ -734,6 +745,13 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         _error(e, _one_line(e))
         return 2
+    except BrokenPipeError as e:  # `fasttrain config show | head`: the reader has what it wanted
+        if not _stdout_gone():  # another pipe (a worker's, a store's): an error as any other
+            _error(e, _one_line(e))
+            return 1
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except (OSError, RunError) as e:  # a write failed (disk full, read-only, permissions), a run had to stop
         _error(e, _one_line(e))
         return 1
@@ -779,6 +797,18 @@ def main(argv: list[str] | None = None) -> int:
             import gc
 
             gc.freeze()
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports an error on its end)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no fileno (captured), no poll
+        return False
 
 
 def _leave_process_group() -> None:

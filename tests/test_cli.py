@@ -90,6 +90,30 @@ def test_a_runs_dir_that_is_a_file_and_nproc_0_are_refused_before_any_work(capsy
     assert code == 2 and "argument --nproc: 0: at least 1 process" in err
 
 
+def test_a_reader_that_closes_the_pipe_early_ends_the_command_quietly_and_other_pipes_are_errors(capsys, monkeypatch):
+    """`fasttrain config show | head` printed "fasttrain: error: [Errno 32] Broken pipe" and exited 1."""
+    import subprocess
+    import sys
+
+    import fasttrain.cli
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fasttrain", "config", "show"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.read(10)
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait() == 0 and err == b""
+
+    def worker_pipe(args):  # a pipe of the run's own (a worker's), stdout intact: an error as any other
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(fasttrain.cli, "cmd_config", worker_pipe)
+    code, _, err = _run_cli(capsys, "config", "show")
+    assert code == 1 and "Broken pipe" in err
+
+
 def test_a_packaged_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
     """catfish's data.root is the folder catfish beside where it runs: `fasttrain train catfish` there."""
     from fasttrain.config import config_path, packaged_config
@@ -119,6 +143,8 @@ def test_config_list_and_show(capsys):
     code, out, _ = _run_cli(capsys, "config", "show", "catfish", "--changed")
     keys = [ln.split(" = ")[0] for ln in out.splitlines() if " = " in ln]
     assert "data.image_size" in keys and "optim.momentum" not in keys
+    code, out, _ = _run_cli(capsys, "config", "show", "--changed")  # printed nothing at all
+    assert code == 0 and out.startswith("no setting differs from the defaults") and "config show quickstart" in out
 
 
 def test_a_run_plots_predicts_from_its_folder_and_says_how_to_resume_after_ctrl_c(
