@@ -225,11 +225,12 @@ class Pix2PixTask(Task):
         ``out_dir`` defaults to ``./predictions``; existing files are never overwritten (a number is added).
         Side-by-side files are not split: pass the input images themselves.
         """
-        rec: dict[str, Any] = {"size": list(output.shape[-2:])}
+        rec: dict[str, Any] = {"size": list(output.shape[-2:])}  # [H, W] generated; the file: the input's size
         if not meta.get("image"):
             return rec
         out_dir = Path(meta.get("out_dir") or "predictions")
         w, h = meta["image_size"]
+        rec["size"] = [h, w]  # what was written (it printed the generator's 256 x 256 for a 64 x 64 input)
         img = TF.resize(_to_image(output), [h, w], antialias=True).clamp(0, 1)
         dest = write_new(out_dir / f"{Path(meta['image']).stem}_pix2pix.png", lambda p: _save_png(img, p))
         rec["output"] = str(dest)

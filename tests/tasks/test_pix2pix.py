@@ -99,6 +99,7 @@ def test_checkpoint_holds_both_networks_and_predicts_images(trained, paired_root
     assert Path(recs[0]["output"]) == out / "00099_pix2pix.png"
     with Image.open(recs[1]["output"]) as im:
         assert im.size == (40, 24)  # back at the input's size
+    assert recs[1]["size"] == [24, 40]  # [H, W] of what was written, not the generator's square
     again = predict(trained.run_dir / "checkpoints" / "best.pt", [src], device="cpu", out_dir=out)
     assert Path(again[0]["output"]).name == "00099_pix2pix-2.png"  # never overwrites
 
