@@ -155,6 +155,15 @@ def _process_start() -> float:
     return time.perf_counter() - (process_age_s() or 0.0)
 
 
+def _duration(text: str) -> float:
+    from fasttrain.budget import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).partition(": ")[2]) from None
+
+
 def _at_least_one(text: str) -> int:
     try:
         n = int(text)
@@ -505,10 +514,11 @@ def _add_autotune(command: Callable[[str, str, str], argparse.ArgumentParser]) -
     )
     p.add_argument(
         "--time-budget",
-        type=float,
+        type=_duration,
         default=None,
-        metavar="SECONDS",
-        help="seconds the whole search may take, compilation excluded (default: tune.time_budget_s, 45)",
+        metavar="DURATION",
+        help="how long the whole search may take (45, 45s, 2m), compilation excluded (default: "
+        "tune.time_budget_s, 45 s)",
     )
     p.add_argument(
         "--out",

@@ -228,6 +228,7 @@ def test_without_a_terminal_progress_is_plain_lines_not_bar_fragments(shapes_roo
     "argv, message",
     [
         (["train", "--time-budget", "ten minutes"], "--time-budget: 'ten minutes' is not a duration"),
+        (["autotune", "--time-budget", "ten"], "argument --time-budget: 'ten' is not a duration"),
         (["bench", "--run", "x"], "bench: --run RUN_DIR and --target METRIC=VALUE go together"),
         (["bench", "--run", "x", "--target", "val_acc"], "--target: expected METRIC=VALUE"),
         (["bench", "--run", "/nonexistent/run", "--target", "val_acc=0.9"], "has no metrics.jsonl"),

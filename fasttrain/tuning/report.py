@@ -157,7 +157,9 @@ class AutotuneReport:
         timing = f"{self.elapsed_s:.1f} s"
         if self.compile_s:
             timing += f" (of which compiling about {self.compile_s:.1f} s, not charged to the budget)"
-        budget = f" of tune.time_budget_s = {self.time_budget_s:g} s" if self.time_budget_s and not self.cached else ""
+        budget = ""
+        if self.time_budget_s and not self.cached:  # a CPU cap (from the job's length) is the budget: its note says
+            budget = f" of the {self.time_budget_s:.1f} s " + ("CPU cap" if self.cpu_cap_s else "tune.time_budget_s")
         lines.append(f"took {timing}{budget}" + (f"; from the cache {self.cache_path}" if self.cached else ""))
         return "\n".join(lines)
 

@@ -612,6 +612,8 @@ def test_the_choice_line_says_within_the_noise_only_when_it_is(best_sps, said):
     )  # fmt: skip
     (line,) = [ln for ln in report.to_table().splitlines() if ln.startswith("chosen batch 64")]
     assert said in line
+    report.time_budget_s = report.cpu_cap_s = 4.54476  # a CPU cap from the job's length: "= 4.54476 s" before
+    assert report.to_table().splitlines()[-1].endswith("of the 4.5 s CPU cap")
 
 
 def test_each_later_plans_compiled_check_starts_from_a_reset_compiler(monkeypatch):
