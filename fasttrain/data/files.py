@@ -139,20 +139,28 @@ def split_address(path: str) -> tuple[str, str] | None:
     return path[: i + len(SEP) - 1], path[i + len(SEP) :]
 
 
+PACKED_FORMATS = frozenset({"folder", "paired", "drawing", "manifest"})
+"""The formats ``fasttrain pack`` packs: their shards are found under any of them (a pix2pix config keeps its
+``data.format = paired`` and points data.root at the packed folder)."""
+
+
 def is_shard_root(fmt: str, root: str | os.PathLike) -> bool:
-    """Whether ``data.root`` names shards: ``data.format = shards``, or with the default ``folder`` format a
-    ``.tar`` file, a brace pattern, a URL (``http(s)://``, ``s3://``...), or a folder holding ``shards.json``
-    (or ``.tar`` files and no sub-folder: a folder dataset with a stray archive stays a folder dataset)."""
+    """Whether ``data.root`` names shards: ``data.format = shards``, or with a format fasttrain packs a ``.tar``
+    file, a brace pattern, a URL (``http(s)://``, ``s3://``...), or a folder holding ``shards.json``; with the
+    default ``folder`` format also ``.tar`` files and no sub-folder (a folder dataset with a stray archive stays a
+    folder dataset)."""
     if fmt == "shards":
         return True
-    if fmt != "folder":
+    if fmt not in PACKED_FORMATS:
         return False
     text = os.fspath(root)
     if URL.match(text) or BRACE.search(text) or text.endswith(".tar"):
         return True
     p = Path(text).expanduser()
-    if (p / MANIFEST).is_file():
+    if (p / MANIFEST).is_file():  # what fasttrain pack wrote, from any format it packs
         return True
+    if fmt != "folder":
+        return False
     try:
         with os.scandir(p) as it:
             visible = [e for e in it if not e.name.startswith(".")]

@@ -78,7 +78,13 @@ class Pix2PixTask(Task):
                 "optim.name: pix2pix trains both networks with Adam; set optim.name = adam "
                 "(and optim.betas = [0.5, 0.999] as the reference does)"
             )
-        if source is not None and source.format != "paired":
+        pairs = (
+            source is None
+            or source.format == "paired"
+            or (source.format == "shards" and source.class_names is None and source.target_names is None)
+        )  # shards: fasttrain pack's of a paired dataset
+        if not pairs:
+            assert source is not None
             raise ConfigError(f"data.format: pix2pix needs paired images (data.format = paired), got {source.format}")
 
     def check(self) -> None:

@@ -356,12 +356,19 @@ def test_vector_and_pair_datasets_pack_and_read_back(tmp_path):
     pack(cfg, tmp_path / "ds")
     a, b = discover(cfg), discover(_data(tmp_path / "ds"))
     assert b.target_names == a.target_names and b.train.targets == a.train.targets and len(b.train) > 0
+    # the config that packed it points data.root at the packed folder, its data.format kept
+    assert discover(_data(tmp_path / "ds", format="drawing")).train.targets == a.train.targets
     for layout in ("folders", "side_by_side"):
         paired = make_paired_dataset(tmp_path / layout, n=6, size=16, layout=layout, seed=2)
         cfg = _data(paired, format="paired")
         pack(cfg, tmp_path / f"{layout}-s")
         a, b = discover(cfg), discover(_data(tmp_path / f"{layout}-s"))
         assert len(b.train) == len(a.train) > 0
+        kept = discover(_data(tmp_path / f"{layout}-s", format="paired"))  # pix2pix's config, data.root changed
+        assert kept.format == "shards" and kept.train.paths == b.train.paths
+        from fasttrain.tasks.pix2pix import Pix2PixTask
+
+        Pix2PixTask(apply_overrides(Config(), ["task.name=pix2pix", "model.name=unet", "optim.name=adam"]), None, kept)
         for (pa, ta), (pb, tb) in zip(zip(a.train.paths, a.train.targets), zip(b.train.paths, b.train.targets)):
             assert open_regular(pb).read() == Path(pa).read_bytes()
             if ta == SIDE_BY_SIDE:
