@@ -174,6 +174,10 @@ def _at_least_one(text: str) -> int:
     return n
 
 
+NPROC_ENV = "FASTTRAIN_NPROC"
+"""Set by ``--nproc N`` for its workers: the command that resumes them names it."""
+
+
 def _torchrun(nproc: int, argv: list[str]) -> int:
     """``fasttrain train --nproc N ...``: torchrun's own elastic agent on this machine, starting N workers that
     run ``python -m fasttrain train ...`` (the same arguments without --nproc), as
@@ -188,13 +192,27 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
             skip = True
         elif not a.startswith("--nproc="):
             rest.append(a)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    before = os.environ.get(NPROC_ENV)
+    os.environ[NPROC_ENV] = str(nproc)  # the workers' resume command names --nproc
     try:
         torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "fasttrain", *rest])
     except SystemExit as e:  # torchrun exits with the workers' status
         return int(e.code or 0)
+    except SignalException as e:  # Ctrl-C or SIGTERM to the agent: it stopped the workers with the same signal
+        import signal
+
+        print(f"fasttrain: stopped by {signal.Signals(e.sigval).name} (all {nproc} workers)", file=sys.stderr)
+        return 128 + int(e.sigval)
     except Exception as e:  # noqa: BLE001 - torchrun's ChildFailedError: a worker failed
         print(_worker_failure(e, nproc), file=sys.stderr)
         return 1
+    finally:
+        if before is None:
+            os.environ.pop(NPROC_ENV, None)
+        else:
+            os.environ[NPROC_ENV] = before
     return 0
 
 
@@ -785,10 +803,13 @@ def main(argv: list[str] | None = None) -> int:
             print(file=sys.stderr)  # off the progress bar's line
         what = f"stopped by {e}" if isinstance(e, Stopped) else "interrupted"
         run_dir = getattr(e, "run_dir", None)
-        if run_dir is not None:
+        nproc = f" --nproc {os.environ[NPROC_ENV]}" if os.environ.get(NPROC_ENV) else ""
+        if os.environ.get("RANK", "0") != "0":
+            pass  # under torchrun rank 0 says it once
+        elif run_dir is not None:
             where = "where it stopped" if getattr(e, "saved", False) else "from its last checkpoint"
             print(
-                f"fasttrain: {what}; continue the run {where} with\n  fasttrain train --resume {run_dir}",
+                f"fasttrain: {what}; continue the run {where} with\n  fasttrain train --resume {run_dir}{nproc}",
                 file=sys.stderr,
             )
         else:

@@ -361,3 +361,31 @@ def test_a_failed_worker_under_nproc_is_named_with_its_reason(shapes_root, tmp_p
         "(WORLD_SIZE); choose a multiple of 2"
     ), done.stderr
     assert report[-1] == "no run folder was written: start the run again once that is fixed"
+
+
+def test_ctrl_c_under_nproc_says_it_once_with_the_command_that_resumes_all_workers(shapes_root, tmp_path):
+    """Ctrl-C to `fasttrain train --nproc 2` printed the resume command once per rank, without --nproc, then 'a
+    worker failed: Process N got signal: 2' and exit status 1."""
+    import signal
+    import time
+
+    runs = tmp_path / "runs"
+    args = ["train", "-q", "--nproc", "2", *_sets(shapes_root, runs, "train.epochs=50", "train.max_steps=0")]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fasttrain", *args], cwd=REPO, env=worker_env(), stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not list(runs.glob("*/checkpoints/last.pt")):
+            assert proc.poll() is None, proc.communicate()[1][-4000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)  # the agent's: it stops its workers with the same signal
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (run,) = (p.parent.parent for p in runs.glob("*/checkpoints/last.pt"))
+    assert proc.returncode == 130, err[-4000:]
+    assert err.count("fasttrain: interrupted") == 1 and f"fasttrain train --resume {run} --nproc 2" in err, err
+    assert "stopped by SIGINT (all 2 workers)" in err and "a worker failed" not in err
