@@ -142,23 +142,29 @@ class Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("workers", [0, 1])
-def test_resumed_run_ends_with_the_same_weights(shapes_root, tmp_path, workers):
-    """Kill a run after epoch 2 of 3 (after its checkpoint), resume it: same final weights as one straight run."""
-    extra = (f"data.workers={workers}", "model.dropout=0.2", "train.accumulation=2", "optim.grad_clip=1.0")
+def _straight_and_resumed(shapes_root, tmp_path, extra, kill_after):
+    """(a straight run, the same run killed after epoch ``kill_after`` and resumed): their results."""
     straight = train(small_cfg(shapes_root, tmp_path / "a", *extra), progress=False)
 
-    def kill_after_two(state, record):
-        if record["epoch"] == 2:
+    def kill(state, record):
+        if record["epoch"] == kill_after:
             raise Stop
 
     with pytest.raises(Stop):
-        train(small_cfg(shapes_root, tmp_path / "b", *extra), progress=False, on_epoch_end=kill_after_two)
+        train(small_cfg(shapes_root, tmp_path / "b", *extra), progress=False, on_epoch_end=kill)
     (run_b,) = (tmp_path / "b").iterdir()
     resumed = train(resume=run_b, progress=False)
     assert resumed.run_dir == run_b
     wa, wb = weights(straight.run_dir), weights(run_b)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    return straight, resumed
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resumed_run_ends_with_the_same_weights(shapes_root, tmp_path, workers):
+    """Kill a run after epoch 2 of 3 (after its checkpoint), resume it: same final weights as one straight run."""
+    extra = (f"data.workers={workers}", "model.dropout=0.2", "train.accumulation=2", "optim.grad_clip=1.0")
+    straight, resumed = _straight_and_resumed(shapes_root, tmp_path, extra, kill_after=2)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     assert resumed.history[-1]["val_loss"] == pytest.approx(straight.history[-1]["val_loss"], rel=1e-6)
 
@@ -166,19 +172,7 @@ def test_resumed_run_ends_with_the_same_weights(shapes_root, tmp_path, workers):
 def test_a_run_with_lookahead_resumed_before_its_first_pull_ends_with_the_same_weights(shapes_root, tmp_path):
     """Lookahead's slow copy starts as the weights before the first step; a checkpoint before its first pull (step 2
     of every 5) did not hold that start, and the resumed run pulled towards its own weights (72 tensors off)."""
-    extra = ("optim.lookahead_every=5", "train.max_steps=2", "model.width=8")
-    straight = train(small_cfg(shapes_root, tmp_path / "a", *extra), progress=False)
-
-    def kill_after_one(state, record):
-        if record["epoch"] == 1:
-            raise Stop
-
-    with pytest.raises(Stop):
-        train(small_cfg(shapes_root, tmp_path / "b", *extra), progress=False, on_epoch_end=kill_after_one)
-    (run_b,) = (tmp_path / "b").iterdir()
-    train(resume=run_b, progress=False)
-    wa, wb = weights(straight.run_dir), weights(run_b)
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    _straight_and_resumed(shapes_root, tmp_path, ("optim.lookahead_every=5", "train.max_steps=2", "model.width=8"), 1)
 
 
 def test_resume_drops_metrics_written_after_the_checkpoint(shapes_root, tmp_path):
