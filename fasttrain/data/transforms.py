@@ -3,7 +3,7 @@ decode itself is :mod:`fasttrain.data.decode`.
 
 The deterministic ones (evaluation, the GPU cache's decode, resize_square) are Pillow's resize and crop, as
 torchvision's functions call them, without importing torchvision: its import pulls ``torch._dynamo`` (1.0-1.3 s on
-a 2-core CPU), which a run that neither compiles nor augments on the CPU (the quickstart) never needs otherwise.
+a 2-core CPU), which prediction never needs otherwise (training imports it anyway, with its first optimizer).
 The training transform's random crops and flips are torchvision's, imported where one is built.
 
 Images leave here as uint8 C x H x W tensors; normalization happens on the device (``base.normalize_on_device``).
