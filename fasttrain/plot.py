@@ -32,6 +32,8 @@ class RunCurves:
     """Step records (``"event": "step"``)."""
     epochs: list[dict[str, Any]] = field(default_factory=list)
     """Epoch records (no ``event``)."""
+    best_metric: str = ""
+    """The run's train.best_metric (its config.toml), drawn and starred where it recorded it."""
 
     def series(self, key: str, source: str = "epochs") -> tuple[list[float], list[float]]:
         """(steps, values) of ``key`` in the step or epoch records, skipping records without it."""
@@ -41,7 +43,8 @@ class RunCurves:
 
     @property
     def metric(self) -> str | None:
-        return next((m for m in _METRICS if any(m in r for r in self.epochs)), None)
+        wanted = (self.best_metric, *_METRICS) if self.best_metric.startswith("val_") else _METRICS
+        return next((m for m in wanted if any(m in r for r in self.epochs)), None)
 
 
 def read_curves(run_dir: str | os.PathLike) -> RunCurves:
@@ -50,7 +53,7 @@ def read_curves(run_dir: str | os.PathLike) -> RunCurves:
     path = run_dir / "metrics.jsonl" if run_dir.is_dir() else run_dir
     if not path.is_file():
         raise FileNotFoundError(f"plot: {path} not found (a run folder holds metrics.jsonl)")
-    curves = RunCurves(path.parent.name)
+    curves = RunCurves(path.parent.name, best_metric=_best_metric(path.parent / "config.toml"))
     for rec in read_jsonl(path):
         event = rec.get("event")
         if event == "step":
@@ -58,6 +61,17 @@ def read_curves(run_dir: str | os.PathLike) -> RunCurves:
         elif event is None:
             curves.epochs.append(rec)
     return curves
+
+
+def _best_metric(config: Path) -> str:
+    """train.best_metric of a run's config.toml ("" when it has none or cannot be read: the curves still draw)."""
+    import tomllib
+
+    try:
+        value = tomllib.loads(config.read_text(encoding="utf-8")).get("train", {}).get("best_metric", "")
+    except (OSError, ValueError):
+        return ""
+    return value if isinstance(value, str) else ""
 
 
 def plot_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None) -> Path:
@@ -102,7 +116,7 @@ def _figure(runs: list[RunCurves]):
             if best:
                 ax_metric.plot([best[-1]["step"]], [best[-1][run.metric]], "*", color=c, ms=12)
         x, y = run.series("lr", "steps") if run.steps else run.series("lr")
-        ax_lr.plot(x, y, "-", color=c, label=label or None)
+        ax_lr.plot(x, y, "-" if len(x) > 1 else "o", color=c, label=label or None)  # one point: a line shows nothing
         x, y = run.series("samples_per_s", "steps")
         if x:
             ax_speed.plot(x, y, "-", color=c, alpha=0.45, lw=1, label=f"{label} (steps)".strip())

@@ -96,3 +96,24 @@ def test_the_title_of_many_runs_stays_inside_the_figure(tmp_path):
     assert title.get_text() == "6 runs (the legends name them)"
     assert box.x0 >= 0 and box.x1 <= fig.bbox.x1
     assert _figure(runs[:2])._suptitle.get_text() == f"{names[0]} vs {names[1]}"
+
+
+def test_the_run_s_own_best_metric_is_drawn_and_a_single_point_shows(tmp_path):
+    """pix2pix records val_psnr and val_l1 and stars best.pt by val_l1: the panel drew val_psnr (first in the
+    list) and starred it; a one-epoch run's learning rate was a line of one point, an empty panel."""
+    from fasttrain.plot import _figure
+
+    run = _run(tmp_path / "p2p", acc=[0.5])
+    lines = [json.loads(ln) for ln in (run / "metrics.jsonl").read_text().splitlines()]
+    for r in lines:
+        if "val_acc" in r:
+            r["val_l1"], r["val_psnr"] = r.pop("val_acc"), 20.0
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines if r.get("event") != "step"))
+    (run / "config.toml").write_text('[train]\nbest_metric = "val_l1"\n')
+    curves = read_curves(run)
+    assert curves.metric == "val_l1"
+    fig = _figure([curves])
+    lr_axes = [ax for ax in fig.axes if ax.get_title() == "learning rate"][0]
+    assert [ln.get_marker() for ln in lr_axes.get_lines()] == ["o"]
+    (run / "config.toml").write_text("not toml [")
+    assert read_curves(run).metric == "val_psnr"  # unreadable: the list's order
