@@ -43,6 +43,9 @@ __all__ = [
 
 NOISY_SPREAD = 0.25
 """(max - min) / median of the repeats above which a report calls its figures rough."""
+SHARED_BELOW = 0.85
+"""A compute-bound verdict whose end to end stays below this share of the ceiling gets a note: the parts keep up
+alone and not together (autotune, which times them together, calls such a run input-bound)."""
 INPUT_BOUND = "input-bound"
 COMPUTE_BOUND = "compute-bound"
 
@@ -259,6 +262,12 @@ class BenchReport:
                 "note: end to end measured above the model-only ceiling, which it cannot beat: the machine's "
                 "speed changed between the two (a busy machine?) or the runs were short; raise bench.steps / "
                 "bench.repeats for steadier figures"
+            )
+        elif self.verdict == COMPUTE_BOUND and self.ceiling_share < SHARED_BELOW:
+            lines.append(
+                f"note: each part alone keeps up, yet together they reach {self.ceiling_share:.0%} of the ceiling: "
+                "the loader and the step compete (on a CPU for its cores: data.loader = cache decodes once, fewer "
+                "data.workers leave the step more); autotune's loader trials measure them together"
             )
         if self.verdict == INPUT_BOUND:
             lines.append(
