@@ -384,6 +384,16 @@ def _paired_split(name: str, a: Path, b: Path, skipped: list[tuple[str, str]]) -
 
 def _side_by_side_split(name: str, folder: Path, reserved: set[str]) -> Split:
     files = [p for p in list_images(folder) if not reserved or p.relative_to(folder).parts[0] not in reserved]
+    nested = sorted({p.relative_to(folder).parts[0] for p in files if len(p.relative_to(folder).parts) > 1})
+    if nested:  # class folders, likely: pix2pix's side-by-side images lie in the split's folder itself
+        log.warning(
+            "%s split %s: no A/ and B/ folders, so its images are read as side-by-side pairs (input left, target "
+            "right), %d of them in sub-folders (%s): a classifier's folders? pix2pix wants A/ and B/, or AB images",
+            name,
+            folder,
+            sum(len(p.relative_to(folder).parts) > 1 for p in files),
+            ", ".join(nested[:5]) + (", ..." if len(nested) > 5 else ""),
+        )
     return Split(name, [str(p) for p in files], [SIDE_BY_SIDE] * len(files))
 
 

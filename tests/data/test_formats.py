@@ -311,6 +311,22 @@ def test_paired_generator_folders_layout(tmp_path):
         assert im.size == (32, 32)
 
 
+def test_class_folders_read_as_side_by_side_pairs_are_warned_of(tmp_path, caplog):
+    """pix2pix on a classifier's folders (no A/ and B/) trained on every image as a pair without a word."""
+    for cls in ("cat", "fish"):
+        for i in range(3):
+            png(tmp_path / "train" / cls / f"{i}.png")
+    with caplog.at_level("WARNING", logger="fasttrain"):
+        src = discover(DataConfig(format="paired", val_fraction=0.0), tmp_path)
+    assert len(src.train) == 6
+    assert "6 of them in sub-folders (cat, fish): a classifier's folders?" in caplog.text
+    caplog.clear()
+    make_paired_dataset(tmp_path / "ab", n=4, size=16, layout="side_by_side", seed=1)
+    with caplog.at_level("WARNING", logger="fasttrain"):
+        discover(DataConfig(format="paired"), tmp_path / "ab")
+    assert "sub-folders" not in caplog.text
+
+
 def test_paired_generator_side_by_side_layout(tmp_path):
     root = make_paired_dataset(tmp_path / "p", n=5, size=32, layout="side_by_side")
     src = discover(DataConfig(format="paired"), root)
