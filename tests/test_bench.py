@@ -51,19 +51,23 @@ def test_report_verdict_share_table_and_json(tmp_path, loader_sps, verdict):
     assert "note:" not in table  # repeats within 20 %: not called rough
 
 
-def test_a_compute_bound_run_whose_parts_slow_each_other_says_so():
-    """bench said 'compute-bound' at 81% of the ceiling where autotune, timing the parts together, said
-    'input-bound': the verdict stays the parts', and a note says why the two differ."""
-    report = B.BenchReport(
+def _report(loader: Timing, model_step: Timing, end_to_end: Timing) -> B.BenchReport:
+    return B.BenchReport(
         config_name="demo",
         backend="torch",
         model="smallcnn",
         batch_size=32,
         runtime="device=cpu",
-        loader=_timing(900.0),
-        model_step=_timing(400.0),
-        end_to_end=_timing(324.0),
+        loader=loader,
+        model_step=model_step,
+        end_to_end=end_to_end,
     )
+
+
+def test_a_compute_bound_run_whose_parts_slow_each_other_says_so():
+    """bench said 'compute-bound' at 81% of the ceiling where autotune, timing the parts together, said
+    'input-bound': the verdict stays the parts', and a note says why the two differ."""
+    report = _report(_timing(900.0), _timing(400.0), _timing(324.0))
     assert report.verdict == "compute-bound" and report.ceiling_share == pytest.approx(0.81)
     assert "note: each part alone keeps up, yet together they reach 81% of the ceiling" in report.to_table()
 
@@ -71,16 +75,7 @@ def test_a_compute_bound_run_whose_parts_slow_each_other_says_so():
 def test_report_calls_noisy_figures_rough():
     noisy = _timing(400.0)
     noisy.samples_per_s_min, noisy.samples_per_s_max = 200.0, 500.0
-    report = B.BenchReport(
-        config_name="demo",
-        backend="torch",
-        model="smallcnn",
-        batch_size=32,
-        runtime="device=cpu",
-        loader=_timing(900.0),
-        model_step=noisy,
-        end_to_end=_timing(480.0),
-    )
+    report = _report(_timing(900.0), noisy, _timing(480.0))
     assert report.ceiling_share == pytest.approx(1.2)
     assert "note: repeats differ by up to 75%" in report.to_table()
 
