@@ -985,11 +985,11 @@ def config_path(name_or_path: str | os.PathLike) -> Path:
             "config (a TOML file or a packaged name, default quickstart) before or without it"
         )
     if p.is_dir():
-        if (p / "config.toml").is_file():
-            raise ConfigError(
-                f"config {p}: a run folder, not a config: continue it with --resume {p}, or train its config "
-                f"again with {p / 'config.toml'}"
-            )
+        from fasttrain.rundir import is_run_folder
+
+        if is_run_folder(p):
+            again = f", or train its config again with {p / 'config.toml'}" if (p / "config.toml").is_file() else ""
+            raise ConfigError(f"config {p}: a run folder, not a config: continue it with --resume {p}{again}")
         raise ConfigError(
             f"config {p}: a folder, not a config; a folder of images trains with --set data.root={p} (after the "
             "config, default quickstart; 'fasttrain config list' shows the packaged ones)"

@@ -70,7 +70,9 @@ def _check_order(checkpoint: str | Path, images: Sequence[str | Path]) -> None:
 
     if Path(checkpoint).suffix.lower() not in IMAGE_EXTENSIONS:
         return
-    runs = [str(p) for p in images if (Path(p) / "checkpoints").is_dir() or Path(p).suffix == ".pt"]
+    from fasttrain.rundir import is_run_folder
+
+    runs = [str(p) for p in images if is_run_folder(p) or Path(p).suffix == ".pt"]
     raise ValueError(
         f"predict: {checkpoint} is an image where the checkpoint or run folder goes: the checkpoint comes first, "
         f"then the images (fasttrain predict {runs[0] if runs else 'RUN_DIR'} {checkpoint} ...)"

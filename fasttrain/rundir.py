@@ -298,6 +298,15 @@ def forget_elastic_run(runs_dir: str | os.PathLike, run_id: str, run_dir: Path) 
         pass
 
 
+def is_run_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder a run wrote into: it holds config.toml, checkpoints/, train.log or
+    metrics.jsonl (a run killed before its config.toml, in a time budget's measurement, has its train.log)."""
+    p = Path(path)
+    return p.is_dir() and any(
+        (p / name).exists() for name in ("config.toml", "checkpoints", "train.log", "metrics.jsonl")
+    )
+
+
 def holds_checkpoints(run_dir: str | os.PathLike) -> bool:
     """Whether a run folder has any checkpoint file under checkpoints/ (a start that died before its first
     checkpoint has none: its restart trains in the same folder instead of leaving it empty behind). The temp file
@@ -319,9 +328,7 @@ def resume_target(resume: Path) -> tuple[Path, Path]:
             f"--resume: {resume} is not a run folder (nor a checkpoint in one's checkpoints/)"
             + (f"; its run folder: --resume {run}" if run is not None else "")
         )
-    if not any((resume / name).exists() for name in ("config.toml", "checkpoints", "train.log", "metrics.jsonl")):
-        # checked before the run's lock is taken: nothing is written into a folder that is not a run's (a dataset;
-        # a run killed before its config.toml, in a time budget's measurement, has its train.log)
+    if not is_run_folder(resume):  # before the run's lock is taken: nothing is written into a dataset's folder
         raise FileNotFoundError(
             f"--resume: {resume} is not a run folder (it holds no config.toml, checkpoints/ or train.log); a "
             f"folder of images trains with: fasttrain train CONFIG --set data.root={resume}"
