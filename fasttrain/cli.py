@@ -74,14 +74,8 @@ def _add_common(p: argparse.ArgumentParser, example: str) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1:
         return _torchrun(args.nproc, sys.argv[1:] if args.argv is None else args.argv)
-    if args.time_budget:
-        from fasttrain.budget import parse_duration
-
-        try:
-            seconds = parse_duration(args.time_budget)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        args.overrides = [*(args.overrides or []), f"train.time_budget_s={seconds}"]
+    if args.time_budget:  # seconds (_duration)
+        args.overrides = [*(args.overrides or []), f"train.time_budget_s={args.time_budget}"]
     # A time budget counts the command's wall time, Python's start included (main(argv) from Python: from now).
     started = _process_start() if getattr(args, "command_line", False) else None
     if args.resume:
@@ -484,6 +478,7 @@ def _add_train(command: Callable[[str, str, str], argparse.ArgumentParser]) -> N
     )
     p.add_argument(
         "--time-budget",
+        type=_duration,
         metavar="DURATION",
         help="train for at most this long (90s, 10m, 1.5h): the epochs that fit, the schedule stretched to them "
         "(train.time_budget_s)",
