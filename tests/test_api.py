@@ -114,10 +114,13 @@ def test_a_model_whose_first_linear_layer_is_sized_by_its_input_trains_resumes_a
     resumed = train(resume=result.run_dir, overrides=["train.epochs=2"], model=Flat, progress=False)
     assert [r["epoch"] for r in resumed.history] == [1, 2]
 
+    from fasttrain.runtime import Runtime
+    from fasttrain.tasks import make_task
     from fasttrain.tasks.base import size_lazy_layers
 
+    image = ((torch.zeros(1, 3, 32, 32),), "one image")
     fresh = Flat()
-    sized = size_lazy_layers(fresh, 3, 32)
+    sized = size_lazy_layers(fresh, *image)
     assert sized.training and int(sized.features[1].num_batches_tracked) == 0
 
     class Broken(nn.Module):
@@ -128,8 +131,40 @@ def test_a_model_whose_first_linear_layer_is_sized_by_its_input_trains_resumes_a
         def forward(self, x):
             return self.fc(x.view(1, 5))  # not the input it is given
 
-    with pytest.raises(ValueError, match=r"one 3 x 8 x 8 image \(data.channels, data.image_size\), which raised"):
-        size_lazy_layers(Broken(), 3, 8)
+    task = make_task(cfg, Runtime(cfg.runtime), None, model=Broken)
+    with pytest.raises(ValueError, match=r"one 3 x 32 x 32 image \(data.channels, data.image_size\), which raised"):
+        task.given_model()
+
+
+def test_a_task_whose_model_takes_other_inputs_sizes_its_lazy_layers_by_its_own_inputs(tmp_path):
+    """A task of one's own whose model reads more than one image (an image and a vector here) says what sizes
+    the lazy layers (Task.sizing_inputs); the default, one image, fails for that model and says so."""
+    import pytest
+    import torch
+    from torch import nn
+
+    from fasttrain import load_config
+    from fasttrain.runtime import Runtime
+    from fasttrain.tasks import make_task
+    from fasttrain.tasks.classify import ClassifyTask
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.LazyLinear(3)
+
+        def forward(self, image, extra):
+            return self.fc(torch.cat([image.mean((2, 3)), extra], 1))
+
+    class WithVector(ClassifyTask):
+        def sizing_inputs(self):
+            return (torch.zeros(1, 3, 8, 8), torch.zeros(1, 5)), "an image and a 5-vector"
+
+    cfg = load_config("quickstart", [f"train.runs_dir={tmp_path}"])
+    sized = WithVector(cfg, Runtime(cfg.runtime), None, model=Two).given_model()
+    assert sized.fc.weight.shape == (3, 3 + 5)
+    with pytest.raises(ValueError, match=r"one 3 x 32 x 32 image .* which raised TypeError"):
+        make_task(cfg, Runtime(cfg.runtime), None, model=Two).given_model()
 
 
 def _visible(text: str) -> list[str]:

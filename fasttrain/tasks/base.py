@@ -29,11 +29,12 @@ from fasttrain.step import run_step
 __all__ = ["Task", "TrainState", "match_param_layout", "load_optimizer_state"]
 
 
-def size_lazy_layers(model: nn.Module, channels: int, size: int) -> nn.Module:
+def size_lazy_layers(model: nn.Module, inputs: tuple[Any, ...], described: str) -> nn.Module:
     """A model with lazy layers (``nn.LazyLinear`` sized by the first input, as a script's dummy forward pass
-    would size it) gets them sized by one forward pass of a zero ``1 x channels x size x size`` batch, in eval mode
-    and without gradients (no BatchNorm statistic moves, no dropout draw), on the CPU where it was built: its
-    parameters must exist before channels_last, the device move, the optimizer and a checkpoint's load."""
+    would size it) gets them sized by one forward pass of ``inputs`` (the forward's arguments; ``described`` names
+    them in an error), in eval mode and without gradients (no BatchNorm statistic moves, no dropout draw), on the
+    CPU where it was built: its parameters must exist before channels_last, the device move, the optimizer and a
+    checkpoint's load. The inputs are the task's :meth:`Task.sizing_inputs`."""
     from torch.nn.parameter import is_lazy
 
     if not any(is_lazy(t) for t in (*model.parameters(), *model.buffers())):
@@ -42,18 +43,18 @@ def size_lazy_layers(model: nn.Module, channels: int, size: int) -> nn.Module:
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(1, channels, size, size))
+            model(*inputs)
     except Exception as e:
         why = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(
-            f"model=: its lazy layers are sized by a forward pass of one {channels} x {size} x {size} image "
-            f"(data.channels, data.image_size), which raised {type(e).__name__}: {why}"
+            f"model=: its lazy layers are sized by a forward pass of {described}, which raised "
+            f"{type(e).__name__}: {why}"
         ) from e
     finally:
         model.train(was_training)
     lazy = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if is_lazy(t)]
     if lazy:
-        raise ValueError(f"model=: lazy {', '.join(lazy)} still unsized after a forward pass of one image")
+        raise ValueError(f"model=: lazy {', '.join(lazy)} still unsized after a forward pass of {described}")
     return model
 
 
@@ -285,7 +286,14 @@ class Task:
             m = m()
             if not isinstance(m, nn.Module):
                 raise TypeError(f"model=: the factory returned a {type(m).__name__}, not a torch.nn.Module")
-        return size_lazy_layers(m, self.cfg.data.channels, self.cfg.data.image_size)
+        return size_lazy_layers(m, *self.sizing_inputs())
+
+    def sizing_inputs(self) -> tuple[tuple[Any, ...], str]:
+        """The forward's arguments that size the lazy layers of a model given from Python (one pass, on the CPU,
+        in eval mode, without gradients), and how an error names them: one zero image of data.channels x
+        data.image_size. A task whose model takes other inputs (several tensors, a vector) returns those."""
+        c, s = self.cfg.data.channels, self.cfg.data.image_size
+        return (torch.zeros(1, c, s, s),), f"one {c} x {s} x {s} image (data.channels, data.image_size)"
 
     def load_initial_weights(self, model: nn.Module, module: str) -> None:
         """``model.init_from``: the file's weights (a fasttrain checkpoint's ``module``, or a state dict) into
