@@ -200,6 +200,12 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
         print(f"fasttrain: stopped by {signal.Signals(e.sigval).name} (all {nproc} workers)", file=sys.stderr)
         return 128 + int(e.sigval)
     except Exception as e:  # noqa: BLE001 - torchrun's ChildFailedError: a worker failed
+        stopped = _stopped_workers(e)
+        if stopped:  # a signal to the workers, not to the agent: they saved, and rank 0 said how to resume
+            import signal
+
+            print(f"fasttrain: stopped by {signal.Signals(stopped - 128).name} (all {nproc} workers)", file=sys.stderr)
+            return stopped
         print(_worker_failure(e, nproc), file=sys.stderr)
         return 1
     finally:
@@ -208,6 +214,15 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
         else:
             os.environ[NPROC_ENV] = before
     return 0
+
+
+def _stopped_workers(e: BaseException) -> int:
+    """128 + the signal's number when every worker that "failed" exited as a stop signal makes a run exit (it
+    saved, and rank 0 printed the command that resumes it); else 0."""
+    from fasttrain.stop import STOP_SIGNALS
+
+    codes = {int(getattr(f, "exitcode", 1)) for f in (getattr(e, "failures", None) or {}).values()}
+    return codes.pop() if len(codes) == 1 and min(codes) - 128 in STOP_SIGNALS else 0
 
 
 def _worker_failure(e: BaseException, nproc: int) -> str:

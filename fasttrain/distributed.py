@@ -51,6 +51,7 @@ __all__ = [
     "broadcast_object",
     "all_gather_object",
     "barrier",
+    "StopVote",
     "current",
     "wrap_state",
     "sync_batchnorm",
@@ -547,6 +548,79 @@ def barrier() -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+class StopVote:
+    """Whether the run stops at this optimizer step on a stop signal (:class:`fasttrain.stop.StopRequest`), the
+    same answer in every process of a job: each saves the same step and leaves, where one that stopped alone
+    would leave the others waiting in their next collective. (The signal reaches the processes at different
+    steps, or only some of them: a signal to one node's torchrun agent, or to one process.)
+
+    One process: the request itself, at every step. Several: every ``every`` optimizer steps each process puts
+    in its signal's number (0 for none) and the largest is taken, one all-reduce of one number, whose result is
+    read at the next vote: no step waits for the device (with NCCL the host runs ahead of it), and a stop comes
+    ``every`` to ``2 x every`` steps after its signal, well inside the 30 s torchrun's agent gives its workers
+    (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) before it kills them. :meth:`now` votes and reads at once (an epoch's
+    end, where the processes wait for each other anyway). :attr:`signum` is the signal agreed to (a process may
+    stop on another's); the request keeps only its own, so a signal that reaches it later is still its first
+    (not the second signal that stops at once, with no save)."""
+
+    def __init__(self, request: Any, device: torch.device, every: int = 4):
+        self.request, self.every = request, every
+        self.enabled = current().enabled
+        self.signum: int | None = None
+        """The signal the run stops on, once :meth:`at_step` or :meth:`now` said so."""
+        self.device = device
+        self._voted = False
+        self._ballot: torch.Tensor | None = None
+        self._seen: torch.Tensor | None = None  # read on the host without waiting for the device
+        self._counted: torch.cuda.Event | None = None
+
+    def at_step(self, step: int) -> bool:
+        """Called by every process after each optimizer step ``step``: stop here?"""
+        if not self.enabled:
+            return self._one(self.request.signum)
+        if step % self.every:
+            return False
+        if self._voted and self._result():
+            return True
+        self._vote()
+        return False
+
+    def now(self) -> bool:
+        """Stop here? Every process votes and waits for the count."""
+        if not self.enabled:
+            return self._one(self.request.signum)
+        self._vote()
+        return self._result()
+
+    def _one(self, signum: int | None) -> bool:
+        self.signum = signum or None
+        return self.signum is not None
+
+    def _vote(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        if self._ballot is None:  # made at the first vote: a run without one allocates nothing
+            cuda = self.device.type == "cuda"
+            self._ballot = torch.zeros(1, device=self.device)
+            self._seen = torch.zeros(1, pin_memory=cuda)
+            self._counted = torch.cuda.Event() if cuda else None
+        assert self._seen is not None
+        self._ballot.fill_(float(self.request.signum or 0))  # a kernel with its argument: no host-to-device copy
+        dist.all_reduce(self._ballot, op=dist.ReduceOp.MAX)
+        self._seen.copy_(self._ballot, non_blocking=True)
+        if self._counted is not None:
+            self._counted.record()
+        self._voted = True
+
+    def _result(self) -> bool:
+        if self._counted is not None:
+            self._counted.synchronize()  # recorded a vote ago: done long since, unless the host ran that far ahead
+        self._voted = False
+        assert self._seen is not None
+        return self._one(int(self._seen.item()))
 
 
 def wrap_state(state: Any, runtime: Any, *, sync_bn: bool = False) -> None:

@@ -168,9 +168,9 @@ def train(
                     run_dir, lock = _new_run(prep, Path(plan.reuse) if plan.reuse else None)
                 handler = _attach_run_log(run_dir / "train.log") if prep.dist.is_main else None
                 try:
-                    # SIGINT, SIGTERM, SIGUSR1: saved at the next step (one process; torchrun's ranks would need
-                    # to agree on that step, so a job keeps each signal's own behaviour)
-                    with stop_on_signals(enabled=not prep.dist.enabled) as trainer.stop:
+                    # SIGINT, SIGTERM, SIGUSR1: saved at the next step (under torchrun, the step its processes
+                    # agree on: distributed.StopVote)
+                    with stop_on_signals() as trainer.stop:
                         result = trainer.run(run_dir)
                     if prep.dist.is_main and info.run_id:  # the job is done: a restart has nothing to find
                         forget_elastic_run(prep.cfg.train.runs_dir, info.run_id, run_dir)
@@ -898,6 +898,8 @@ class Trainer:
         """A resumed run's metrics.jsonl holds its early stop's record."""
         self.resume_micro, self.running = 0, Running()
         self.stop = StopRequest()
+        self.vote = distributed.StopVote(self.stop, prep.runtime.device)
+        """Whether to stop at a step on the signal received (agreed by every process under torchrun)."""
         self.t_run, self.step_at_start = time.perf_counter(), 0  # set again when run() starts
         self._steady_rate: float | None = None
         """Training samples/s of the last epoch after its first step (a time budget's re-plan)."""
@@ -1097,6 +1099,7 @@ class Trainer:
             self._plan_budget()  # before the run folder's config.toml is written: it records the plan
         self._open(run_dir)
         tc, state = self.tc, self.state
+        self.vote = distributed.StopVote(self.stop, self.prep.runtime.device)
         done = self.finished is not None and (state.epoch >= tc.epochs or self.early_stop.stopped)
         if not done:  # a finished run resumed adds no record
             self._record_startup()
@@ -1149,7 +1152,7 @@ class Trainer:
                     log.info(self.early_stop.reason)
                     self.metrics.event({"epoch": state.epoch, "step": state.step, "event": "early_stop"})
                     break
-                if self.stop.pending and not last:  # the epoch's checkpoint was just written
+                if not last and self.vote.now():  # the epoch's checkpoint was just written
                     raise self._stopped(epoch + 1, saved=True)
             if self.val_loader is not None or self.source.test:
                 tested = use_best(self.task, state, self.ckpts)
@@ -1653,9 +1656,10 @@ class Trainer:
         )
 
     def _stopped(self, epoch: int, *, saved: bool) -> Stopped:
-        assert self.stop.signum is not None
-        e = Stopped(self.stop.signum, saved=saved)
-        log.warning("%s: stopped at epoch %d, step %d; %s saved", e, epoch, self.state.step, self.ckpts.last)
+        assert self.vote.signum is not None
+        e = Stopped(self.vote.signum, saved=saved)
+        if self.is_main:
+            log.warning("%s: stopped at epoch %d, step %d; %s saved", e, epoch, self.state.step, self.ckpts.last)
         return e
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
@@ -1723,11 +1727,12 @@ class Trainer:
                                 raise self._diverged(epoch, run.nonfinite_logs)
                     every = tc.checkpoint_every_steps
                     saved = bool(every and state.step % every == 0 and n_micro < micro_total)
-                    if saved or (self.stop.pending and n_micro < micro_total):
+                    stopping = n_micro < micro_total and self.vote.at_step(state.step)  # else the epoch's end
+                    if saved or stopping:
                         if saved or world > 1:  # the checkpoint holds sums over every process (a step checkpoint's
                             run.flush()  # flush is the straight run's too; a stop's, one process, keeps its window)
                         self.ckpts.save_last(self._position(epoch, n_micro), run.to_checkpoint())
-                    if self.stop.pending and n_micro < micro_total:  # else the epoch's end saves, then stops
+                    if stopping:
                         raise self._stopped(epoch + 1, saved=True)
                 if n_micro >= micro_total:
                     break

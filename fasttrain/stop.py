@@ -13,7 +13,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["STOP_SIGNALS", "Stopped", "StopRequest", "stop_on_signals"]
+__all__ = ["STOP_SIGNALS", "Stopped", "StopRequest", "ignore_stop_signals", "stop_on_signals"]
 
 STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, n))
 """Signals that stop a run with a checkpoint (SIGUSR1 does not exist on Windows)."""
@@ -59,3 +59,13 @@ def stop_on_signals(enabled: bool = True) -> Iterator[StopRequest]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """A data loader worker's ``worker_init_fn``: the stop signals are the training process's to handle. A
+    signal to the process group (a terminal's Ctrl-C, ``kill -- -PGID``, torchrun's agent, which signals each
+    worker's group) otherwise ended the workers too (SIGTERM's default, SIGINT's quiet exit), and the training
+    process failed on "DataLoader worker ... is killed by signal" before its stop could save. A worker still ends
+    with its iterator, and on its own when the training process dies (torch's workers watch their parent)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)

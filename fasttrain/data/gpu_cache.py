@@ -71,6 +71,7 @@ from fasttrain.data.samples import (
 )
 from fasttrain.data.user import DatasetSplit, dataset_parts, dataset_refusal
 from fasttrain.numbers import GIB
+from fasttrain.stop import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -753,6 +754,7 @@ def _chunks_in_processes(
         # Its own generator: an iterator otherwise draws its workers' base seed from torch's global one, and
         # whether the build forks is a timing decision taken before the model is initialized from that generator.
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=ignore_stop_signals,
     )
     yield from loader
 

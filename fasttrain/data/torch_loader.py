@@ -36,6 +36,7 @@ from fasttrain.data.progressive import train_sizes
 from fasttrain.data.samples import ImageDataset, Skip, dataset_for, precheck_samples
 from fasttrain.data.stream import ShardStream, ghost_batches, is_streamed
 from fasttrain.data.user import DatasetSplit, dataset_refusal
+from fasttrain.stop import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +168,7 @@ class TorchLoader:
             # Its own generator: otherwise each new iterator draws its base seed from the global RNG, and a
             # resumed run (fresh persistent workers) would shift dropout and init randomness.
             generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=ignore_stop_signals,
         )
         self._stream = torch.cuda.Stream(spec.device) if cuda else None
 
@@ -320,6 +322,7 @@ class StreamTorchLoader(TorchLoader):
             persistent_workers=False,  # each pass starts workers that copy the stream's epoch and skips
             prefetch_factor=prefetch if self.workers > 0 else None,
             generator=torch.Generator().manual_seed(seed),
+            worker_init_fn=ignore_stop_signals,
         )
         self._stream = torch.cuda.Stream(spec.device) if cuda else None
 

@@ -365,7 +365,7 @@ def test_a_failed_worker_under_nproc_is_named_with_its_reason(shapes_root, tmp_p
 
 def test_ctrl_c_under_nproc_says_it_once_with_the_command_that_resumes_all_workers(shapes_root, tmp_path):
     """Ctrl-C to `fasttrain train --nproc 2` printed the resume command once per rank, without --nproc, then 'a
-    worker failed: Process N got signal: 2' and exit status 1."""
+    worker failed: Process N got signal: 2' and exit status 1. (The agent passes the signal to its workers.)"""
     import signal
     import time
 
@@ -387,5 +387,60 @@ def test_ctrl_c_under_nproc_says_it_once_with_the_command_that_resumes_all_worke
             proc.wait()
     (run,) = (p.parent.parent for p in runs.glob("*/checkpoints/last.pt"))
     assert proc.returncode == 130, err[-4000:]
-    assert err.count("fasttrain: interrupted") == 1 and f"fasttrain train --resume {run} --nproc 2" in err, err
+    # every worker saved the step they agreed on (a stop signal was not handled under torchrun before)
+    assert err.count("fasttrain: stopped by SIGINT; continue") == 1 and "SIGINT: stopped at epoch" in err, err
+    assert err.count("--resume") == 1 and f"fasttrain train --resume {run} --nproc 2" in err, err
     assert "stopped by SIGINT (all 2 workers)" in err and "a worker failed" not in err
+
+
+def _worker_pid(agent: int, rank: int) -> int | None:
+    """The pid of the torchrun worker of global ``rank`` among ``agent``'s children (Linux /proc), or None."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rpartition(")")[2].split()[1])
+            env = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == agent and f"RANK={rank}".encode() in env:
+            return int(stat.parent.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").is_file(), reason="finds the workers through Linux's /proc")
+def test_a_signal_to_one_worker_stops_every_rank_at_one_saved_step(shapes_root, tmp_path):
+    """Under torchrun a stop signal was not handled at all (its ranks would have stopped at different steps):
+    SIGTERM ended a worker with no save, and the job failed. Sent here to one worker's process group only (its
+    data loader worker included, which SIGTERM used to end too), every rank now stops at the step they agree on,
+    inside the epoch, with that step saved, and the command that resumes it."""
+    import signal
+    import time
+
+    runs = tmp_path / "runs"
+    extra = ("train.epochs=50", "train.max_steps=0", "train.batch_size=8", "data.workers=1")
+    args = ["train", "-q", "--nproc", "2", *_sets(shapes_root, runs, *extra)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fasttrain", *args], cwd=REPO, env=worker_env(), stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not list(runs.glob("*/checkpoints/last.pt")):
+            assert proc.poll() is None, proc.communicate()[1][-4000:]
+            time.sleep(0.1)
+        worker = _worker_pid(proc.pid, 1)
+        assert worker is not None
+        first = load_checkpoint(next(runs.glob("*/checkpoints/last.pt")))["state"]["step"]
+        os.killpg(worker, signal.SIGTERM)  # torchrun starts each worker as its own process group
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    run = _only_run(runs)
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    step, micro = ckpt["state"]["step"], ckpt["position"]["micro"]
+    assert step > first and step % 4 == 0 and 0 < micro, err[-4000:]  # a vote's step, inside an epoch
+    assert f"SIGTERM: stopped at epoch {ckpt['position']['epoch'] + 1}, step {step}" in err, err[-4000:]
+    assert f"fasttrain train --resume {run} --nproc 2" in err and err.count("--resume") == 1, err[-4000:]
+    assert "killed by signal" not in err and "Traceback" not in err, err[-4000:]
+    assert proc.returncode == 143 and "stopped by SIGTERM (all 2 workers)" in err, err[-4000:]
+    assert "fasttrain: error" not in err, err[-4000:]

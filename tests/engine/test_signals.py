@@ -22,16 +22,25 @@ def _step_records(metrics) -> list[dict]:
     return [r for r in lines if "train_loss" not in r and "loss" in r]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
-def test_a_signal_saves_the_run_mid_epoch_and_prints_the_resume_command(shapes_root, tmp_path, sig):
+@pytest.mark.parametrize(
+    ("sig", "group"), [(signal.SIGTERM, False), (signal.SIGUSR1, False), (signal.SIGINT, False), (signal.SIGTERM, True)]
+)
+def test_a_signal_saves_the_run_mid_epoch_and_prints_the_resume_command(shapes_root, tmp_path, sig, group):
+    """``group``: to the process group, data loader workers included (a terminal's Ctrl-C, ``kill -- -PGID``,
+    torchrun's agent): SIGTERM ended the workers, and the run failed on "DataLoader worker ... is killed by signal"
+    before its stop could save."""
+    import os
+
     runs = tmp_path / "runs"
     # About 110 steps per epoch, 20 epochs: still in the first epoch when the signal comes.
-    cfg = tiny_cfg(shapes_root, runs, "train.max_steps=0", "train.epochs=20", "train.batch_size=4")
+    workers = ("data.workers=1",) if group else ()
+    cfg = tiny_cfg(shapes_root, runs, "train.max_steps=0", "train.epochs=20", "train.batch_size=4", *workers)
     proc = subprocess.Popen(
         [sys.executable, "-m", "fasttrain", "train", *cli_args(cfg), "-q"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=group,
     )
     try:
         deadline = time.monotonic() + 120
@@ -41,7 +50,10 @@ def test_a_signal_saves_the_run_mid_epoch_and_prints_the_resume_command(shapes_r
                 break
             time.sleep(0.05)
         assert proc.poll() is None, proc.communicate()
-        proc.send_signal(sig)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
