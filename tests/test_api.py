@@ -116,11 +116,11 @@ def test_a_model_whose_first_linear_layer_is_sized_by_its_input_trains_resumes_a
 
     from fasttrain.runtime import Runtime
     from fasttrain.tasks import make_task
-    from fasttrain.tasks.base import size_lazy_layers
+    from fasttrain.tasks.base import check_given_model
 
     image = ((torch.zeros(1, 3, 32, 32),), "one image")
     fresh = Flat()
-    sized = size_lazy_layers(fresh, *image)
+    sized = check_given_model(fresh, *image, lambda out: None)
     assert sized.training and int(sized.features[1].num_batches_tracked) == 0
 
     class Broken(nn.Module):
@@ -132,7 +132,7 @@ def test_a_model_whose_first_linear_layer_is_sized_by_its_input_trains_resumes_a
             return self.fc(x.view(1, 5))  # not the input it is given
 
     task = make_task(cfg, Runtime(cfg.runtime), None, model=Broken)
-    with pytest.raises(ValueError, match=r"one 3 x 32 x 32 image \(data.channels, data.image_size\), which raised"):
+    with pytest.raises(ValueError, match=r"one 3 x 32 x 32 image \(data.channels, data.image_size\) raised"):
         task.given_model()
 
 
@@ -160,11 +160,61 @@ def test_a_task_whose_model_takes_other_inputs_sizes_its_lazy_layers_by_its_own_
         def sizing_inputs(self):
             return (torch.zeros(1, 3, 8, 8), torch.zeros(1, 5)), "an image and a 5-vector"
 
-    cfg = load_config("quickstart", [f"train.runs_dir={tmp_path}"])
+    cfg = load_config("quickstart", [f"train.runs_dir={tmp_path}", "model.num_outputs=3"])
     sized = WithVector(cfg, Runtime(cfg.runtime), None, model=Two).given_model()
     assert sized.fc.weight.shape == (3, 3 + 5)
-    with pytest.raises(ValueError, match=r"one 3 x 32 x 32 image .* which raised TypeError"):
+    with pytest.raises(ValueError, match=r"one 3 x 32 x 32 image .* raised TypeError"):
         make_task(cfg, Runtime(cfg.runtime), None, model=Two).given_model()
+
+
+def test_a_model_from_python_that_cannot_train_is_refused_in_one_line_before_a_run_folder(shapes_root, tmp_path):
+    """Each of these failed inside the first step, after the run folder was made, with a traceback from torch or
+    from the task's loss; one forward pass of one image now names what the task takes."""
+    import pytest
+    from torch import nn
+
+    from fasttrain import load_config, train
+    from fasttrain.runtime import Runtime
+    from fasttrain.tasks import make_task
+
+    class Net(nn.Module):
+        def __init__(self, outputs=3, channels=3, returns="tensor"):
+            super().__init__()
+            self.conv, self.returns = nn.Conv2d(channels, 4, 3), returns
+            self.fc = nn.Linear(4, outputs)
+
+        def forward(self, x):
+            logits = self.fc(self.conv(x).mean((2, 3)))
+            if self.returns == "tuple":
+                return logits, logits
+            if self.returns == "dict":
+                return {"logits": logits}
+            return logits[:, :, None, None] if self.returns == "map" else logits
+
+    cfg = load_config("quickstart", [f"data.root={shapes_root}", f"train.runs_dir={tmp_path}", "data.loader=torch"])
+    from fasttrain.data.sources import discover
+
+    source = discover(cfg.data)
+    assert source.class_names == ["circle", "square", "triangle"]
+    cases = [
+        (Net(returns="tuple"), r"its forward returned a tuple; task classify takes one tensor of N x 3 \(logits"),
+        (Net(returns="dict"), r"returned a dict; task classify takes one tensor of N x 3"),
+        (Net(returns="map"), r"returned a 1 x 3 x 1 x 1 tensor for one image; task classify takes 1 x 3 \(logits"),
+        (Net(outputs=1), r"returned a 1 x 1 tensor .* takes 1 x 3 \(logits of its 3 classes: circle, square"),
+        (Net(channels=1), r"a forward pass of one 3 x 32 x 32 image .* raised RuntimeError: .*data.channels is"),
+    ]
+    for model, message in cases:
+        with pytest.raises(ValueError, match=message):
+            make_task(cfg, Runtime(cfg.runtime), source, model=model).given_model()
+    assert make_task(cfg, Runtime(cfg.runtime), source, model=Net()).given_model() is not None
+
+    with pytest.raises(ValueError, match="returned a tuple"):
+        train(cfg, model=Net(returns="tuple"), progress=False)
+    assert not list(tmp_path.iterdir())  # refused before a run folder
+
+    wider = load_config("quickstart", [f"data.root={shapes_root}", "model.num_outputs=4"])
+    with pytest.raises(ValueError, match=r"model.num_outputs: 4, but .* has 3 classes \(circle, square, triangle\)"):
+        _ = make_task(wider, Runtime(wider.runtime), source).num_outputs
 
 
 def _visible(text: str) -> list[str]:

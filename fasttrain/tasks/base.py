@@ -8,7 +8,7 @@ Autotune and the benchmarks call the very same step functions.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,33 +29,54 @@ from fasttrain.step import run_step
 __all__ = ["Task", "TrainState", "match_param_layout", "load_optimizer_state"]
 
 
-def size_lazy_layers(model: nn.Module, inputs: tuple[Any, ...], described: str) -> nn.Module:
-    """A model with lazy layers (``nn.LazyLinear`` sized by the first input, as a script's dummy forward pass
-    would size it) gets them sized by one forward pass of ``inputs`` (the forward's arguments; ``described`` names
-    them in an error), in eval mode and without gradients (no BatchNorm statistic moves, no dropout draw), on the
-    CPU where it was built: its parameters must exist before channels_last, the device move, the optimizer and a
-    checkpoint's load. The inputs are the task's :meth:`Task.sizing_inputs`."""
+def check_given_model(
+    model: nn.Module, inputs: tuple[Any, ...], described: str, check_output: Callable[[Any], None]
+) -> nn.Module:
+    """A model given from Python, tried once before anything else touches it: one forward pass of ``inputs``
+    (the forward's arguments; ``described`` names them in an error), in eval mode and without gradients (no
+    BatchNorm statistic moves, no dropout draw), where its parameters are (the CPU where it was built). The
+    pass sizes its lazy layers (``nn.LazyLinear`` sized by the first input, as a script's dummy forward pass
+    would size it: they must exist before channels_last, the device move, the optimizer and a checkpoint's
+    load), and ``check_output`` (the task's) judges what it returned: a model that cannot train is refused in
+    one line naming what to change, not by a traceback from inside the first step after the run folder was
+    made. The inputs are the task's :meth:`Task.sizing_inputs`."""
     from torch.nn.parameter import is_lazy
 
-    if not any(is_lazy(t) for t in (*model.parameters(), *model.buffers())):
-        return model
+    device = next((t.device for t in model.parameters()), torch.device("cpu"))
+    inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(*inputs)
+            out = model(*inputs)
     except Exception as e:
         why = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(
-            f"model=: its lazy layers are sized by a forward pass of {described}, which raised "
-            f"{type(e).__name__}: {why}"
+            f"model=: a forward pass of {described} raised {type(e).__name__}: {why}"
+            + (" (data.channels is the images' channels)" if "channels" in why else "")
         ) from e
     finally:
         model.train(was_training)
     lazy = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if is_lazy(t)]
     if lazy:
         raise ValueError(f"model=: lazy {', '.join(lazy)} still unsized after a forward pass of {described}")
+    check_output(out)
     return model
+
+
+def check_per_image(out: Any, n: int, what: str, task: str) -> None:
+    """``check_output`` of a task whose model gives ``n`` numbers per image (``what``: the classes, the targets),
+    for a forward pass of one image."""
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(
+            f"model=: its forward returned a {type(out).__name__}; task {task} takes one tensor of N x {n} "
+            f"({what}): return that alone"
+        )
+    if tuple(out.shape) != (1, n):
+        shape = " x ".join(map(str, out.shape)) or "scalar"
+        raise ValueError(
+            f"model=: its forward returned a {shape} tensor for one image; task {task} takes 1 x {n} ({what})"
+        )
 
 
 @dataclass
@@ -286,12 +307,17 @@ class Task:
             m = m()
             if not isinstance(m, nn.Module):
                 raise TypeError(f"model=: the factory returned a {type(m).__name__}, not a torch.nn.Module")
-        return size_lazy_layers(m, *self.sizing_inputs())
+        return check_given_model(m, *self.sizing_inputs(), self.check_output)
+
+    def check_output(self, out: Any) -> None:
+        """What a model given from Python returned for :meth:`sizing_inputs`: a ValueError naming what the task
+        takes when it cannot train on it. The default takes anything."""
 
     def sizing_inputs(self) -> tuple[tuple[Any, ...], str]:
-        """The forward's arguments that size the lazy layers of a model given from Python (one pass, on the CPU,
-        in eval mode, without gradients), and how an error names them: one zero image of data.channels x
-        data.image_size. A task whose model takes other inputs (several tensors, a vector) returns those."""
+        """The forward's arguments of the one pass that tries a model given from Python (:func:`check_given_model`:
+        it sizes the lazy layers and :meth:`check_output` judges the result), and how an error names them: one
+        zero image of data.channels x data.image_size. A task whose model takes other inputs (several tensors,
+        a vector) returns those."""
         c, s = self.cfg.data.channels, self.cfg.data.image_size
         return (torch.zeros(1, c, s, s),), f"one {c} x {s} x {s} image (data.channels, data.image_size)"
 

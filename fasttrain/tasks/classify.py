@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttrain.data.base import Batch, InputSpec, Loader
-from fasttrain.tasks.base import Task, TrainState
+from fasttrain.tasks.base import Task, TrainState, check_per_image
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,20 @@ class ClassifyTask(Task):
                 "model.num_outputs: a classifier needs at least 2 classes "
                 f"(found {n}; set model.num_outputs or check data.root)"
             )
+        if src is not None and src.class_names and n != len(src.class_names):
+            from fasttrain.config import ConfigError
+
+            raise ConfigError(
+                f"model.num_outputs: {n}, but {src.root} has {len(src.class_names)} classes "
+                f"({', '.join(src.class_names[:5])}{', ...' if len(src.class_names) > 5 else ''}): leave it 0 to take "
+                "the data's (a model with other outputs than classes cannot name what it predicts)"
+            )
         return n
+
+    def check_output(self, out: Any) -> None:
+        names = self.source.class_names if self.source is not None else None
+        shown = f": {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}" if names else ""
+        check_per_image(out, self.num_outputs, f"logits of its {self.num_outputs} classes{shown}", self.name)
 
     def __init__(self, cfg, runtime, source, **settings):
         super().__init__(cfg, runtime, source, **settings)

@@ -95,6 +95,17 @@ class Pix2PixTask(Task):
         return self.runtime.input_spec([0.5] * c, [0.5] * c)  # -1..1, the tanh's range
 
     # -- building ---------------------------------------------------------------------------------------------
+    def check_output(self, out: Any) -> None:
+        """The generator's image: 1 x C x H x W as its input (the discriminator reads the two side by side)."""
+        c, size = self.cfg.data.channels, self.cfg.data.image_size
+        want = (1, c, size, size)
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+            got = " x ".join(map(str, out.shape)) + " tensor" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"model=: the generator returned a {got} for one {c} x {size} x {size} image; task pix2pix takes "
+                f"an image of the same shape ({' x '.join(map(str, want))})"
+            )
+
     def build_state(self) -> TrainState:
         c = self.cfg
         ch = c.data.channels

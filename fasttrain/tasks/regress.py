@@ -27,7 +27,7 @@ from fasttrain.data.samples import Samples
 from fasttrain.data.sources import Split
 from fasttrain.data.transforms import resize_square
 from fasttrain.data.vectors import Vectors
-from fasttrain.tasks.base import Task, TrainState
+from fasttrain.tasks.base import Task, TrainState, check_per_image
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,9 @@ class RegressTask(Task):
                 f"({', '.join(self.target_names)})"
             )
         return n
+
+    def check_output(self, out: Any) -> None:
+        check_per_image(out, self.num_outputs, f"its targets: {', '.join(self.target_names)}", self.name)
 
     @property
     def is_drawing(self) -> bool:
