@@ -104,7 +104,7 @@ class DataConfig:
     """Dataset folder; empty means the built-in demo dataset (written on first use). Tar shards (fasttrain pack):
     their folder, one .tar, a brace pattern (train-{000000..000009}.tar) or http(s):// URLs of these."""
     format: str = "folder"
-    """On-disk layout: folder (ImageFolder classes), manifest (CSV/JSONL image -> targets), drawing (canvas
+    """On-disk layout: folder (ImageFolder classes), manifest (CSV/JSONL image -> class or targets), drawing (canvas
     steps), paired (A/B or side-by-side pix2pix), shards (tar shards; found by themselves under folder)."""
     train_dir: str = "train"
     """Sub-folder with the training split (relative to root); root itself is used when it does not exist."""
@@ -113,9 +113,13 @@ class DataConfig:
     test_dir: str = "test"
     """Optional sub-folder evaluated once at the end of training."""
     manifest: str = "labels.csv"
-    """Manifest file (CSV with a header, or .jsonl), relative to root, for format=manifest."""
+    """Manifest file (CSV with a header, or .jsonl), relative to root, for format=manifest: one row per image, its
+    path (relative to root) in a column named path, image, file, filename, file_name, image_path, filepath,
+    image_name or img; an optional split column (train, val, test). A label, class or category column holds
+    classes (a classifier's dataset); else the numeric columns are regression targets."""
     target_columns: list[str] = field(default_factory=list)
-    """Manifest columns/keys used as regression targets; empty means every column except the path."""
+    """Manifest columns/keys used as regression targets; empty means every numeric column but the path and split
+    (and none when a label, class or category column makes the manifest a classifier's)."""
     val_fraction: float = 0.1
     """Share of training files held out for validation when there is no val_dir (0..0.9)."""
     split_seed: int = 0

@@ -6,9 +6,13 @@ reads each canvas's header for its size). Unusable records are reported in ``Dat
 no images at all) raises :class:`~fasttrain.config.ConfigError`.
 
 Formats
-- manifest: ``root/<data.manifest>``, a CSV with a header or a ``.jsonl`` file (one object per line). The image
-  column is the first of ``path``, ``image``, ``file``; its paths are relative to the root (absolute paths must
-  lie inside it). Targets are ``data.target_columns``, or every other column whose values are mostly numbers.
+- manifest: ``root/<data.manifest>``, a CSV with a header (separated by commas, or by semicolons, tabs or bars;
+  with another separator than the comma, ``0,5`` is a number) or a ``.jsonl`` file (one object per line). The
+  image column is the first of :data:`PATH_COLUMNS` (``path``, ``image``, ``file``, ``filename``, ...); its paths
+  are relative to the root (absolute paths must lie inside it). A column named ``label``, ``class`` or
+  ``category`` makes it a classifier's: the classes are that column's values (sorted, by value when all are
+  numbers). Else the targets are ``data.target_columns``, or every other column whose values are mostly
+  numbers (the columns left out are named in a warning).
   An optional ``split`` column (train / val / test) assigns rows; without it (or without val rows) a seeded
   ``data.val_fraction`` of the training rows is held out.
 - drawing: session folders of steps. ``step_0000.png`` is the canvas before a stroke and ``step_0001.json``
@@ -53,6 +57,7 @@ from fasttrain.data.sources import (
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "LABEL_COLUMNS",
     "discover_manifest",
     "discover_drawing",
     "discover_paired",
@@ -66,9 +71,11 @@ SIDE_BY_SIDE = ":right-half:"
 """Paired target marker: the target is the right half of the input file (the input is its left half)."""
 DRAWING_TARGETS = ["x", "y", "r", "g", "b"]
 """Target layout of the drawing format: point as a share of the canvas size, colour on 0..1."""
-PATH_COLUMNS = ("path", "image", "file")
+PATH_COLUMNS = ("path", "image", "file", "filename", "file_name", "image_path", "filepath", "image_name", "img")
 """Manifest columns that may hold the image path, in order of preference."""
 SPLIT_NAMES = ("train", "val", "test")
+LABEL_COLUMNS = ("label", "class", "category")
+"""A manifest column of class names: the manifest is a classifier's (its classes are the column's values)."""
 
 _STEP = re.compile(r"^step_(\d+)\.(\w+)$")
 _COLOR = re.compile(r"^#([0-9a-fA-F]{6}|[0-9a-fA-F]{3})$")
@@ -83,13 +90,14 @@ def _finish(
     groups: list[Any] | None = None,
     **names: Any,
 ) -> DataSource:
+    stratify = names.get("class_names") is not None  # classes: each held out in its share
     train = splits.get("train")
     if train is None or len(train) == 0:
         detail = f"; {len(skipped)} records skipped, first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise ConfigError(f"data.root: no usable {fmt} training samples under {root}{detail}")
     val = splits.get("val")
     if val is None:
-        train, val = hold_out(train, cfg, stratify=False, groups=groups)
+        train, val = hold_out(train, cfg, stratify=stratify, groups=groups)
     test = splits.get("test")
     return DataSource(
         root,
@@ -133,16 +141,27 @@ def _read_manifest_rows(path: Path, skipped: list[tuple[str, str]]) -> list[tupl
                 rows.append((n, rec))
         return rows
     with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a leading BOM is not part of the header
-        reader = csv.DictReader(f)
+        header = f.readline()
+        f.seek(0)
+        # The header's separator: a comma, or what a spreadsheet writes where the comma is the decimal mark
+        # (a semicolon; then "0,5" is a number), a tab or a bar.
+        sep = max(_SEPARATORS, key=header.count) if any(c in header for c in _SEPARATORS) else ","
+        reader = csv.DictReader(f, delimiter=sep)
         if not reader.fieldnames:
             raise ConfigError(f"data.manifest: {path} is empty (expected a header line)")
         for rec in reader:
             # line_num counts physical lines read so far, so quoted multi-line fields stay correct.
             if None in rec:
-                skipped.append((f"{path}:{reader.line_num}", "more fields than the header has"))
+                skipped.append((f"{path}:{reader.line_num}", f"more fields than the header has (separator {sep!r})"))
                 continue
+            if sep != ",":
+                rec = {k: _DECIMAL_COMMA.sub(r"\1.\2", v) if isinstance(v, str) else v for k, v in rec.items()}
             rows.append((reader.line_num, rec))
     return rows
+
+
+_SEPARATORS = (",", ";", "\t", "|")
+_DECIMAL_COMMA = re.compile(r"^\s*([-+]?\d+),(\d+)\s*$")
 
 
 def _as_number(value: Any) -> float | None:
@@ -186,7 +205,8 @@ def discover_manifest(cfg: DataConfig, root: Path) -> DataSource:
     skipped: list[tuple[str, str]] = []
     rows = _read_manifest(path, skipped)
     if not rows:
-        raise ConfigError(f"data.manifest: {path} has no records")
+        first = f" ({len(skipped)} skipped; the first, {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise ConfigError(f"data.manifest: {path} has no records{first}")
     columns: list[str] = []
     for _, rec in rows:
         columns += [k for k in rec if k not in columns]
@@ -196,6 +216,17 @@ def discover_manifest(cfg: DataConfig, root: Path) -> DataSource:
             f"data.manifest: {path} has no image column (one of {', '.join(PATH_COLUMNS)}); "
             f"columns: {', '.join(columns)}"
         )
+    label_col = None if cfg.target_columns else next((c for c in LABEL_COLUMNS if c in columns), None)
+    if label_col is not None:
+        names = _class_names([rec.get(label_col) for _, rec in rows])
+        index = {c: i for i, c in enumerate(names)}
+
+        def target(rec: dict[str, Any]) -> tuple[Any, str]:
+            label = _label(rec.get(label_col))
+            return (index[label], "") if label else (None, f"no class in column {label_col!r}")
+
+        splits = _manifest_splits(root, path, rows, path_col, target, skipped)
+        return _finish(root, "manifest", splits, cfg, skipped, class_names=names)
     if cfg.target_columns:
         missing = [c for c in cfg.target_columns if c not in columns]
         if missing:
@@ -209,12 +240,60 @@ def discover_manifest(cfg: DataConfig, root: Path) -> DataSource:
             vals = [rec.get(c) for _, rec in rows]
             return sum(_as_number(v) is not None for v in vals) / len(vals)
 
-        targets = [c for c in columns if c not in (path_col, "split") and numeric_share(c) > 0.5]
+        rest = [c for c in columns if c not in (path_col, "split")]
+        targets = [c for c in rest if numeric_share(c) > 0.5]
         if not targets:
             raise ConfigError(
-                f"data.target_columns: {path} has no numeric columns besides {path_col!r}; "
-                f"name the targets in data.target_columns"
+                f"data.target_columns: {path} has no numeric columns besides {path_col!r} (a column of classes "
+                f"is named one of {', '.join(LABEL_COLUMNS)}); name the targets in data.target_columns"
             )
+        left = [c for c in rest if c not in targets]
+        if left:
+            example = next((rec.get(left[0]) for _, rec in rows if rec.get(left[0]) not in (None, "")), None)
+            log.warning(
+                "%s: column%s %s not numbers (%s = %r): not among the targets (%s); data.target_columns names "
+                "the targets",
+                path,
+                "s" if len(left) > 1 else "",
+                ", ".join(left) + (" are" if len(left) > 1 else " is"),
+                left[0],
+                example,
+                ", ".join(targets),
+            )
+
+    def numbers(rec: dict[str, Any]) -> tuple[Any, str]:
+        vals = [_as_number(rec.get(c)) for c in targets]
+        bad = [c for c, v in zip(targets, vals) if v is None]
+        if bad:
+            return None, f"not a number in {', '.join(bad)}: {', '.join(repr(rec.get(c)) for c in bad)}"
+        return vals, ""
+
+    splits = _manifest_splits(root, path, rows, path_col, numbers, skipped)
+    return _finish(root, "manifest", splits, cfg, skipped, target_names=targets)
+
+
+def _label(value: Any) -> str:
+    return str(value).strip() if value is not None else ""
+
+
+def _class_names(values: list[Any]) -> list[str]:
+    """The classes of a manifest's label column, as written, in order: by value when every one is a number
+    (2 before 10), else alphabetically (as class folders are)."""
+    names = sorted({label for v in values if (label := _label(v))})
+    if names and all(_as_number(n) is not None for n in names):
+        names.sort(key=lambda n: _as_number(n) or 0.0)
+    return names
+
+
+def _manifest_splits(
+    root: Path,
+    path: Path,
+    rows: list[tuple[int, dict[str, Any]]],
+    path_col: str,
+    target: Any,
+    skipped: list[tuple[str, str]],
+) -> dict[str, Split]:
+    """The manifest's rows as splits: ``target(record)`` gives a row's target, or None and why not."""
     rows_of: dict[str, tuple[list[str], list[Any]]] = {}
     for n, rec in rows:
         note_progress()  # a stat per row (see sources.note_progress)
@@ -229,10 +308,9 @@ def discover_manifest(cfg: DataConfig, root: Path) -> DataSource:
         if not image.is_file():
             skipped.append((where, f"image {image} not found"))
             continue
-        vals = [_as_number(rec.get(c)) for c in targets]
-        bad = [c for c, v in zip(targets, vals) if v is None]
-        if bad:
-            skipped.append((where, f"not a number in {', '.join(bad)}: {', '.join(repr(rec.get(c)) for c in bad)}"))
+        got, why = target(rec)
+        if got is None:
+            skipped.append((where, why))
             continue
         split = str(rec.get("split") or "train").strip().lower()
         if split not in SPLIT_NAMES:
@@ -240,9 +318,8 @@ def discover_manifest(cfg: DataConfig, root: Path) -> DataSource:
             continue
         paths, values = rows_of.setdefault(split, ([], []))
         paths.append(str(image))
-        values.append(vals)
-    splits = {name: Split(name, paths, values) for name, (paths, values) in rows_of.items()}
-    return _finish(root, "manifest", splits, cfg, skipped, target_names=targets)
+        values.append(got)
+    return {name: Split(name, paths, values) for name, (paths, values) in rows_of.items()}
 
 
 # -- drawing -------------------------------------------------------------------------------------------------

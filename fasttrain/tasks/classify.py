@@ -54,7 +54,8 @@ class ClassifyTask(Task):
 
             raise ConfigError(
                 f"task.name = classify: {src.root} holds numeric targets per image ({', '.join(src.target_names)}), "
-                "not classes: set task.name = regress"
+                "not classes: set task.name = regress (a manifest's column of classes is named label, class or "
+                "category)"
             )
         n = self.cfg.model.num_outputs or (src.num_outputs if src else 0)
         if n < 2:

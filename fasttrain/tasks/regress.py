@@ -67,9 +67,11 @@ class RegressTask(Task):
         super().__init__(cfg, runtime, source, **settings)
         if source is not None:
             if not source.target_names:
+                classes = " (its column of classes makes it a classifier's: data.target_columns names the numeric "
                 raise ConfigError(
                     f"task.name: regress needs numeric targets (data.format manifest or drawing), "
                     f"but data.format = {cfg.data.format} gives none"
+                    + (classes + "targets)" if cfg.data.format == "manifest" and source.class_names else "")
                 )
             self.target_names = list(source.target_names)
             self.low, self.high = target_range(source.train.targets)

@@ -156,11 +156,11 @@ def test_parse_color_rejects(bad):
 
 
 # -- manifest ------------------------------------------------------------------------------------------------
-def test_manifest_csv_targets_splits_and_bad_rows(tmp_path):
+def test_manifest_csv_targets_splits_and_bad_rows(tmp_path, caplog):
     for name in ("a", "b", "c", "d", "e", "f"):
         png(tmp_path / "img" / f"{name}.png")
     (tmp_path / "labels.csv").write_text(
-        "path,age,score,label,split\n"
+        "path,age,score,note,split\n"
         "img/a.png,30,0.5,cat,train\n"
         "img/b.png,40,0.25,dog,train\n"
         "img/c.png,oops,0.1,dog,train\n"  # line 4: not a number
@@ -170,7 +170,8 @@ def test_manifest_csv_targets_splits_and_bad_rows(tmp_path):
         "img/f.png,70,1.0,cat,holdout\n"
     )  # line 8: unknown split
     src = discover(DataConfig(format="manifest"), tmp_path)
-    assert src.target_names == ["age", "score"]  # label is not numeric, split is not a target
+    assert src.target_names == ["age", "score"]  # note is not numeric, split is not a target
+    assert "column note is not numbers (note = 'cat'): not among the targets (age, score)" in caplog.text
     assert [Path(p).name for p in src.train.paths] == ["a.png", "b.png"]
     assert src.train.targets == [[30.0, 0.5], [40.0, 0.25]]
     assert [Path(p).name for p in src.val.paths] == ["d.png"] and len(src.test) == 1
@@ -180,6 +181,53 @@ def test_manifest_csv_targets_splits_and_bad_rows(tmp_path):
 
     chosen = discover(DataConfig(format="manifest", target_columns=["score"]), tmp_path)
     assert chosen.target_names == ["score"] and len(chosen.train) == 3  # row 4's age no longer matters
+
+
+def test_a_manifest_with_a_label_column_holds_classes_and_trains_a_classifier(tmp_path):
+    """A CSV of image and class name (Kaggle's layout) was refused: 'no numeric columns besides image'."""
+    from tinyrun import tiny_cfg
+
+    from fasttrain.engine import train
+
+    colours = {"cat": (255, 0, 0), "fish": (0, 0, 255)}
+    rows = []
+    for i in range(24):
+        label = "cat" if i % 3 else "fish"
+        png(tmp_path / "photos" / f"IMG_{i:04d}.png", (32, 32), colours[label])
+        rows.append(f"photos/IMG_{i:04d}.png,{label}\n")
+    rows.append("photos/IMG_0001.png,\n")  # line 26: no class
+    (tmp_path / "labels.csv").write_text("filename,label\n" + "".join(rows))
+    src = discover(DataConfig(format="manifest", val_fraction=0.25), tmp_path)
+    assert src.class_names == ["cat", "fish"] and src.target_names is None
+    assert sorted(src.train.targets + src.val.targets) == [0] * 16 + [1] * 8
+    assert sorted(src.val.targets) == [0, 0, 0, 0, 1, 1]  # held out per class
+    assert [why for _, why in src.skipped] == ["no class in column 'label'"]
+
+    (tmp_path / "numbered.csv").write_text(
+        "image,class\n" + "".join(f"photos/IMG_{i:04d}.png,{i % 12}\n" for i in range(24))
+    )
+    numbered = discover(DataConfig(format="manifest", manifest="numbered.csv", val_fraction=0), tmp_path)
+    assert numbered.class_names == [str(n) for n in range(12)]  # by value: 2 before 10
+
+    cfg = tiny_cfg(tmp_path, tmp_path / "runs", "data.format=manifest", "train.batch_size=8", epochs=1, max_steps=2)
+    result = train(cfg, progress=False)
+    assert "val_acc" in result.history[0]
+    with pytest.raises(ConfigError, match="its column of classes makes it a classifier's"):
+        train(tiny_cfg(tmp_path, tmp_path / "runs", "data.format=manifest", "task.name=regress"), progress=False)
+
+
+def test_a_spreadsheets_semicolon_manifest_with_decimal_commas_is_read(tmp_path):
+    """Excel where the comma is the decimal mark writes ';' between fields: every row was skipped ('more fields
+    than the header has') and the error said only that the manifest had no records."""
+    for name in "abc":
+        png(tmp_path / f"{name}.png")
+    (tmp_path / "labels.csv").write_text("file;x;y\na.png;0,5;1\nb.png;2,25;-3,5\nc.png;1;2;3\n")
+    src = discover(DataConfig(format="manifest", val_fraction=0), tmp_path)
+    assert src.train.targets == [[0.5, 1.0], [2.25, -3.5]]
+    assert [why for _, why in src.skipped] == ["more fields than the header has (separator ';')"]
+    (tmp_path / "labels.csv").write_text("file,x\na.png,1,2\n")
+    with pytest.raises(ConfigError, match=r"has no records \(1 skipped; the first, .*:2: more fields than the header"):
+        discover(DataConfig(format="manifest"), tmp_path)
 
 
 def test_a_classifier_on_a_manifests_numeric_targets_is_refused_before_a_run_folder_exists(tmp_path):
