@@ -465,7 +465,8 @@ def discover_folder(cfg: DataConfig, root: Path) -> DataSource:
     """The ``folder`` format: one sub-folder per class (ImageFolder), under split folders or a hold-out."""
     folders, reserved = split_folders(cfg, root)
     train_dir = folders["train"]
-    class_names = sorted(p.name for p in train_dir.iterdir() if _class_dir(p, train_dir) and p.name not in reserved)
+    entries = sorted(train_dir.iterdir())
+    class_names = sorted(p.name for p in entries if _class_dir(p, train_dir) and p.name not in reserved)
     if not class_names:
         raise ConfigError(f"data.root: {train_dir} holds no class folders (expected {train_dir}/<class>/<image>)")
     skipped: list[tuple[str, str]] = []
@@ -474,14 +475,77 @@ def discover_folder(cfg: DataConfig, root: Path) -> DataSource:
         raise ConfigError(f"data.root: no images under {train_dir} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     present = set(train.targets)
     empty = [c for i, c in enumerate(class_names) if i not in present]
+    if empty and len(present) < 2 <= len(class_names):
+        raise ConfigError(_one_class_with_images(train_dir, class_names[min(present)], empty, skipped))
     if empty:
         log.warning("class folders without images in %s: %s", train_dir, ", ".join(empty))
+    _warn_of_layout(root, train_dir, entries, class_names, cfg, has_val="val" in folders)
     if "val" in folders:
         val = _class_folder_split(folders["val"], "val", class_names, skipped)
     else:
         train, val = hold_out(train, cfg, stratify=True)
     test = _class_folder_split(folders["test"], "test", class_names, skipped) if "test" in folders else None
     return DataSource(root, "folder", train, val if len(val) else None, test, class_names=class_names, skipped=skipped)
+
+
+VAL_LOOKALIKES = ("validation", "valid", "validate", "dev", "eval")
+"""Folder names other datasets give the validation split (Keras, Kaggle): named in a warning, never taken."""
+
+
+def _one_class_with_images(train_dir: Path, only: str, empty: list[str], skipped: list[tuple[str, str]]) -> str:
+    """The refusal of a training split where one class folder alone holds images (the others' files are all of
+    formats fasttrain does not read, or none): it trained, and validated at 100% on that one class."""
+    why = ""
+    for name in empty:
+        inside = [(f, r) for f, r in skipped if Path(f).is_relative_to(train_dir / name)]
+        if inside:
+            files = f"{len(inside)} file{'s' if len(inside) > 1 else ''}"
+            why = f"; {files} skipped in {name}/, the first {inside[0][0]}: {inside[0][1]}"
+            break
+    return (
+        f"data.root: of the class folders in {train_dir}, only {only}/ holds images it can read ({', '.join(empty)}: "
+        f"none{why}); a classifier needs images of two classes at least"
+    )
+
+
+def _warn_of_layout(
+    root: Path, train_dir: Path, entries: list[Path], class_names: list[str], cfg: DataConfig, *, has_val: bool
+) -> None:
+    """What a folder dataset's layout leaves out or takes otherwise than its owner may think, in warnings: images
+    beside the class folders (in no class), class folders whose names differ only in case (two classes), and a
+    validation split under another name than data.val_dir."""
+    loose = [p.name for p in entries if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()]
+    if loose:
+        log.warning(
+            "%d image%s directly in %s, in no class folder, %s not used (%s%s)",
+            len(loose),
+            "s" if len(loose) > 1 else "",
+            train_dir,
+            "are" if len(loose) > 1 else "is",
+            ", ".join(loose[:3]),
+            ", ..." if len(loose) > 3 else "",
+        )
+    by_case: dict[str, list[str]] = {}
+    for name in class_names:
+        by_case.setdefault(name.casefold(), []).append(name)
+    alike = [" and ".join(names) for names in by_case.values() if len(names) > 1]
+    if alike:
+        log.warning(
+            "class folders %s in %s differ only in case: each is a class of its own (merge them, or rename one)",
+            "; ".join(alike),
+            train_dir,
+        )
+    if not has_val and train_dir != root:
+        other = next((n for n in VAL_LOOKALIKES if n != cfg.val_dir and (root / n).is_dir()), None)
+        if other is not None:
+            log.warning(
+                "%s looks like a validation split, but data.val_dir is %r: --set data.val_dir=%s validates on it "
+                "(now %.0f%% of the training images are held out instead)",
+                root / other,
+                cfg.val_dir,
+                other,
+                100 * cfg.val_fraction,
+            )
 
 
 def find_source(cfg: DataConfig, root: str | os.PathLike | None = None) -> DataSource:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -181,13 +182,38 @@ def _first_item(dataset: Any, arg: str) -> tuple[int, torch.Tensor, Any]:
                 f"(resize or crop in the dataset)"
             )
         label = y.item() if isinstance(y, torch.Tensor) and y.numel() == 1 else y
-        if isinstance(label, bool) or not isinstance(label, int):
+        if isinstance(label, bool) or not isinstance(label, numbers.Integral):  # NumPy's integers are Integral
             raise TypeError(f"{arg}[{i}]: the label must be an int class index, got {type(y).__name__} {y!r}")
-        return i, x, label
+        return i, x, int(label)
     raise ValueError(
         f"{arg}: none of the first {min(len(dataset), 16)} items could be read"
         + (f" ({errors[0]})" if errors else " (each was None)")
     )
+
+
+def _check_sizes(dataset: Any, arg: str, start: int, shape: tuple[int, ...], ref: str, probes: int = 8) -> None:
+    """The first ``probes`` items from ``start`` that read have ``shape``, the shape of item ``ref`` (the
+    training dataset's first): a dataset of images of several sizes (an ImageFolder without a Resize) failed in
+    its first batch, in torch.stack."""
+    seen = 0
+    for i in range(start, len(dataset)):
+        if seen == probes:
+            return
+        try:
+            item = dataset[i]
+        except Exception:  # noqa: BLE001 - an unreadable item is skipped when read for training
+            continue
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], torch.Tensor)):
+            continue
+        seen += 1
+        got = tuple(item[0].shape)
+        if got != shape:
+            side = shape[-1]
+            raise ValueError(
+                f"{arg}[{i}]: image {' x '.join(map(str, got))}, where {ref} is "
+                f"{' x '.join(map(str, shape))}: every item must be one size (in the dataset's transform: "
+                f"transforms.Resize(({side}, {side})), or a Resize and a CenterCrop({side}))"
+            )
 
 
 FIXED_PROBES = 8
@@ -246,6 +272,9 @@ def dataset_source(cfg: Config, dataset: Any, val_dataset: Any = None) -> tuple[
     if val_dataset is not None:
         _check_dataset(val_dataset, "val_dataset")
     i, x, label = _first_item(dataset, "dataset")
+    _check_sizes(dataset, "dataset", i + 1, tuple(x.shape), f"dataset[{i}]")
+    if val_dataset is not None:
+        _check_sizes(val_dataset, "val_dataset", 0, tuple(x.shape), f"dataset[{i}]")
     c, side = int(x.shape[0]), int(x.shape[1])
     if c not in (1, 3):
         raise ValueError(f"dataset[{i}]: {c} channels; fasttrain's models take 1 (grayscale) or 3 (RGB)")

@@ -58,6 +58,11 @@ class ClassifyTask(Task):
                 "category)"
             )
         n = self.cfg.model.num_outputs or (src.num_outputs if src else 0)
+        if n < 2 and not self.cfg.model.num_outputs and src is not None and src.class_names:
+            raise ValueError(
+                f"data.root: {src.root} has one class folder ({src.class_names[0]}/); a classifier needs two at least "
+                "(is data.root one class's folder? it is the folder above them)"
+            )
         if n < 2:
             raise ValueError(
                 "model.num_outputs: a classifier needs at least 2 classes "

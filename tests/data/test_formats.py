@@ -465,3 +465,50 @@ def test_make_data_cli(tmp_path):
     tool = [sys.executable, str(REPO / "tools" / "make_data.py")]  # the checkout wrapper, same parser
     again = subprocess.run(tool + ["paired", str(tmp_path / "d")], capture_output=True, text=True)
     assert again.returncode == 2 and again.stderr.startswith("fasttrain: error: ") and "already exists" in again.stderr
+
+
+def test_a_folder_layout_that_leaves_images_out_or_splits_a_class_says_so(tmp_path, caplog):
+    """Images beside the class folders, class folders differing only in case, and a validation split named
+    validation/ were taken (or left out) without a word; a class whose every file fasttrain cannot read trained
+    a one-class classifier that validated at 100%."""
+    for cls in ("cat", "Cat", "fish"):
+        for i in range(3):
+            png(tmp_path / "train" / cls / f"{i}.png")
+    png(tmp_path / "train" / "stray.png")
+    png(tmp_path / "validation" / "cat" / "0.png")
+    src = discover(DataConfig(), tmp_path)
+    assert src.class_names == ["Cat", "cat", "fish"]
+    assert "1 image directly in" in caplog.text and "in no class folder, is not used (stray.png)" in caplog.text
+    assert "class folders Cat and cat in" in caplog.text and "differ only in case" in caplog.text
+    assert "validation looks like a validation split, but data.val_dir is 'val': --set data.val_dir=validation" in (
+        caplog.text
+    )
+    caplog.clear()
+    assert discover(DataConfig(val_dir="validation"), tmp_path).val is not None
+    assert "looks like a validation split" not in caplog.text
+
+    phone = tmp_path / "phone"
+    (phone / "fish").mkdir(parents=True)
+    for i in range(4):
+        png(phone / "cat" / f"{i}.png")
+        (phone / "fish" / f"IMG_{i}.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
+    with pytest.raises(
+        ConfigError,
+        match=r"only cat/ holds images it can read \(fish: none; 4 files skipped in fish/, the first .*IMG_0.HEIC",
+    ):
+        discover(DataConfig(), phone)
+
+
+def test_a_data_root_pointing_at_one_class_folder_says_so(tmp_path):
+    """It said 'found 1; set model.num_outputs', which is not what is wrong."""
+    from tinyrun import tiny_cfg
+
+    from fasttrain.runtime import Runtime
+    from fasttrain.tasks import make_task
+
+    for i in range(3):
+        png(tmp_path / "cat" / "2023" / f"{i}.png")
+    cfg = tiny_cfg(tmp_path / "cat", tmp_path / "runs")
+    task = make_task(cfg, Runtime(cfg.runtime), discover(cfg.data))
+    with pytest.raises(ValueError, match=r"has one class folder \(2023/\); .*is data.root one class's folder"):
+        _ = task.num_outputs

@@ -151,6 +151,29 @@ def test_a_wrong_dataset_is_refused_with_what_is_wrong(tmp_path):
     assert dataset_source(config(tmp_path, "model.num_outputs=2"), Nameless(4))[1].class_names == ["0", "1"]
     with pytest.raises(TypeError, match="int class index"):
         dataset_source(cfg, Labels(4))
+
+    class Photos(Bars):  # an ImageFolder with PILToTensor and no Resize: it failed in torch.stack
+        def __getitem__(self, i):
+            return torch.zeros(3, 16, 16 if i < 5 else 12, dtype=torch.uint8), 0
+
+    with pytest.raises(
+        ValueError, match=r"dataset\[5\]: image 3 x 16 x 12, where dataset\[0\] is 3 x 16 x 16: .*Resize"
+    ):
+        dataset_source(cfg, Photos(8))
+    with pytest.raises(ValueError, match=r"val_dataset\[5\]: image 3 x 16 x 12, where dataset\[0\] is 3 x 16 x 16"):
+        dataset_source(cfg, Bars(8), Photos(8))
+
+    class NumpyLabels(Bars):
+        def __getitem__(self, i):
+            import numpy as np
+
+            x, label = super().__getitem__(i)
+            return x, np.int64(label)
+
+    assert dataset_source(cfg, NumpyLabels(4))[1].class_names == ["horizontal", "vertical"]
+    for loader in ("torch", "cache"):  # and they batch as ints do
+        np_cfg = config(tmp_path / loader, f"data.loader={loader}", "train.max_steps=2", "train.epochs=1")
+        assert train(np_cfg, dataset=NumpyLabels(80), progress=False).history[0]["val_acc"] >= 0
     with pytest.raises(ValueError, match="none of the first 4 items could be read .*img_0.jpg"):
         dataset_source(cfg, Bars(4, broken={0, 1, 2, 3}))
     with pytest.raises(ConfigError, match="data.loader: DALI reads files"):
