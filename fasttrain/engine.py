@@ -577,7 +577,8 @@ def _check_best_metric(
 
 
 def _check_same_outputs(task: Task, ckpt: dict[str, Any], run_dir: Path) -> None:
-    """A resumed run on moved data (data.root) must see the classes / targets the run was trained on."""
+    """A resumed run on moved data (data.root) must see the classes / targets the run was trained on; data with
+    more or fewer samples than the checkpoint's is warned of."""
     saved, now = ckpt.get("meta") or {}, task.checkpoint_meta()
     for key in ("class_names", "target_names"):
         if saved.get(key) and now.get(key) and list(saved[key]) != list(now[key]):
@@ -585,6 +586,14 @@ def _check_same_outputs(task: Task, ckpt: dict[str, Any], run_dir: Path) -> None
                 f"data.root: the data's {key.replace('_', ' ')} ({', '.join(now[key])}) differ from "
                 f"those the run in {run_dir} was trained on ({', '.join(saved[key])})"
             )
+    before, after = saved.get("samples"), now.get("samples")
+    if before and after and before != after and distributed.current().is_main:
+        log.warning(
+            "the data changed since the checkpoint (%s samples): the run goes on with the data as it is now, no "
+            "longer the run it would have been; a validation split held out by data.val_fraction is drawn again, "
+            "so images it trained on may now validate",
+            ", ".join(f"{k} {before.get(k, 0)} -> {after.get(k, 0)}" for k in sorted({*before, *after})),
+        )
 
 
 # -- device values ---------------------------------------------------------------------------------------------------

@@ -478,4 +478,5 @@ class Task:
         return {
             "class_names": list(src.class_names) if src and src.class_names else None,
             "target_names": list(src.target_names) if src and src.target_names else None,
+            "samples": {s.name: len(s) for s in (src.train, src.val, src.test) if s is not None} if src else None,
         }

@@ -421,3 +421,21 @@ def test_a_run_killed_in_its_end_reports_makes_them_on_resume(finished_run, capl
     assert [r["test_loss"] for r in _records(run, "test")] == [finished_run.test_metrics["test_loss"]]
     assert len(_records(run, "finished")) == 1
     assert again.test_metrics == pytest.approx(finished_run.test_metrics)
+
+
+def test_a_resume_on_data_that_gained_files_warns_that_the_split_was_drawn_again(shapes_root, tmp_path, caplog):
+    """Files added to the data between a run and its resume re-drew the held-out validation split (images it
+    had trained on could validate) with only an INFO line about the rebuilt index."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes_root, data)
+    first = train(_tiny_cfg(data, tmp_path / "runs", "data.val_fraction=0.2", epochs=1), progress=False)
+    caplog.clear()
+    train(resume=first.run_dir, progress=False, overrides=["train.epochs=2"])  # the same data: no warning
+    assert "the data changed" not in caplog.text
+    images = sorted(p for p in (data / "train").rglob("*.png"))[:5]
+    for i, image in enumerate(images):
+        shutil.copy(image, image.parent / f"added_{i}{image.suffix}")
+    train(resume=first.run_dir, progress=False, overrides=["train.epochs=3"])
+    assert "the data changed since the checkpoint (train" in caplog.text and "is drawn again" in caplog.text
