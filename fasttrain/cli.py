@@ -718,6 +718,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def _set_hint(extra: list[str]) -> str:
+    """For ``--epochs 1`` among unknown arguments: the setting it means, as the --set that gives it."""
+    from fasttrain.config import Config, config_to_dict
+
+    flag = next((i for i, a in enumerate(extra) if a.startswith("--")), None)
+    if flag is None:
+        return ""
+    name, _, value = extra[flag][2:].partition("=")
+    key = name.replace("-", "_")
+    tables = config_to_dict(Config())
+    keys = [f"{t}.{k}" for t, values in tables.items() if isinstance(values, dict) for k in values if k == key]
+    if key in ("data", "root", "data_root", "data_dir", "dataset"):
+        keys = ["data.root"]
+    if not keys:
+        return "; settings are given as --set section.key=value (fasttrain config show lists them)"
+    if not value:
+        later = extra[flag + 1] if flag + 1 < len(extra) else ""
+        value = later if later and not later.startswith("-") else "..."
+    return f"; settings are given as --set section.key=value: --set {keys[0]}={value}"
+
+
 def _one_line(e: BaseException) -> str:
     """An OS error as ``what: why``: ``cannot write /x/y: No space left on device``."""
     from fasttrain.io import WriteError, os_reason
@@ -769,7 +795,12 @@ def main(argv: list[str] | None = None) -> int:
         from fasttrain.data.make_data import main as make_data
 
         return make_data(argv[1:] or ["--help"])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # said by the command's own parser (its usage, not the top level's), with --set where it takes one
+        command = _subparser(parser, args.command)
+        hint = _set_hint(extra) if "--set" in command._option_string_actions else ""
+        command.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     if getattr(args, "argv", "") is None:
         args.argv = argv
     args.command_line = command_line  # this process is the command (not main(argv) called from Python)

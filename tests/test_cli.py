@@ -132,6 +132,29 @@ def test_a_setting_given_as_the_config_points_to_set(capsys, tmp_path, monkeypat
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (
+            ["train", "catfish", "--epochs", "1"],
+            "--epochs 1; settings are given as --set section.key=value: --set train.epochs=1",
+        ),
+        (["autotune", "quickstart", "--lr=0.1"], "--set optim.lr=0.1"),
+        (
+            ["train", "--frobnicate"],
+            "--frobnicate; settings are given as --set section.key=value (fasttrain config show",
+        ),
+        (["predict", "run", "a.jpg", "--epochs", "1"], "unrecognized arguments: --epochs 1\n"),
+    ],
+)
+def test_an_unknown_option_is_refused_by_its_command_with_the_setting_it_means(capsys, args, said):
+    """`fasttrain train catfish --epochs 1` printed the top level's usage and no word of --set."""
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"usage: fasttrain {args[0]}" in err and said in err, err
+
+
 def test_config_list_and_show(capsys):
     code, out, _ = _run_cli(capsys, "config", "list")
     assert code == 0 and "quickstart" in out and "resnet50-imagenet" in out and "ResNet-50 on ImageNet" in out
