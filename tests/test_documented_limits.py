@@ -15,10 +15,11 @@ PROSE = " ".join(README.split())  # sentences as one line
 def test_an_empty_class_folder_is_still_an_output_and_the_readme_says_so(tmp_path):
     import badfiles
 
-    (tmp_path / "cat").mkdir()
-    (tmp_path / "empty").mkdir()
+    for name in ("cat", "dog", "empty"):
+        (tmp_path / name).mkdir()
     badfiles.write_jpeg(tmp_path / "cat" / "a.jpg")
-    assert discover(DataConfig(root=str(tmp_path), val_fraction=0.0)).class_names == ["cat", "empty"]
+    badfiles.write_jpeg(tmp_path / "dog" / "a.jpg")
+    assert discover(DataConfig(root=str(tmp_path), val_fraction=0.0)).class_names == ["cat", "dog", "empty"]
     assert "An empty class folder is kept as a class (a model output no sample trains" in PROSE
 
 

@@ -385,6 +385,7 @@ def precheck_samples(samples: Samples, data: DataConfig, threads: int) -> Checke
                     log.warning("skipping %s: %s", *bad[-1])
             ok = [k for k, info in enumerate(_all_checked(infos)) if info.width >= 2]
             keep, infos = [keep[k] for k in ok], [infos[k] for k in ok]
+            _warn_of_narrow_pairs(split.name, [split.paths[i] for i in keep], _all_checked(infos))
         else:
             targets = split.subset(keep).targets  # an index's view stays a view
             pre_b = precheck(targets, max_pixels=data.max_image_pixels, threads=threads, split=split.name)
@@ -394,6 +395,24 @@ def precheck_samples(samples: Samples, data: DataConfig, threads: int) -> Checke
     if not keep:
         raise BadDataError(_none_usable(split.name, len(split), bad))
     return Checked(replace(samples, split=split.subset(keep)), infos, target_infos, bad)
+
+
+def _warn_of_narrow_pairs(split: str, paths: list[str], infos: list[ImageInfo]) -> None:
+    """Side-by-side pairs are about twice as wide as tall (two images of one size): a folder of plain photos
+    read as pairs trained on their halves without a word."""
+    narrow = [(p, info) for p, info in zip(paths, infos) if info.width < 1.5 * info.height]
+    if narrow:
+        path, info = narrow[0]
+        log.warning(
+            "%s split: %d of %d side-by-side images are not about twice as wide as tall (%s is %d x %d): each is cut "
+            "into a left half (the input) and a right half (the target); are they pairs?",
+            split,
+            len(narrow),
+            len(paths),
+            path,
+            info.width,
+            info.height,
+        )
 
 
 def _all_checked(infos: list[ImageInfo | None]) -> list[ImageInfo]:

@@ -263,3 +263,22 @@ def test_sample_grids_run_the_uncompiled_generator(paired_root, tmp_path):
     state.local["generator"] = lambda x: pytest.fail("the compiled generator ran for a sample grid")
     grid = task.sample_grid(state, task.synthetic_batch(6, task.input_spec()))
     assert grid.dim() == 3 and grid.shape[0] == 3 and grid.min() >= 0 and grid.max() <= 1  # one RGB picture
+
+
+def test_side_by_side_images_that_are_not_twice_as_wide_are_warned_of(tmp_path, caplog):
+    """A folder of plain photos read as side-by-side pairs trained on their halves without a word."""
+    from PIL import Image
+
+    from fasttrain.data.samples import Samples, precheck_samples
+
+    root = make_paired_dataset(tmp_path / "p", n=6, size=32, layout="side_by_side", val_fraction=0)
+    cfg = p2p_cfg(root, tmp_path)
+    src = discover(cfg.data, root)
+    with caplog.at_level(logging.WARNING):
+        precheck_samples(Samples(src.train, "pair"), cfg.data, threads=1)
+    assert "not about twice as wide" not in caplog.text  # pix2pix's own AB images
+    Image.new("RGB", (40, 40)).save(src.train.paths[2])  # a photo among them
+    with caplog.at_level(logging.WARNING):
+        precheck_samples(Samples(src.train, "pair"), cfg.data, threads=1)
+    said = f"1 of {len(src.train)} side-by-side images are not about twice as wide as tall ({src.train.paths[2]} is"
+    assert f"train split: {said} 40 x 40)" in caplog.text
