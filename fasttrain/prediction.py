@@ -139,5 +139,14 @@ def predict(
                 f"checkpoint {checkpoint}: its {name} weights do not fit model "
                 f"{cfg.model.name} ({str(e).splitlines()[-1].strip()})"
             ) from None
-    records = task.predict(state, paths, ckpt.get("meta") or {}, Path(out_dir) if out_dir else None)
+    meta = ckpt.get("meta") or {}
+    if meta.get("float_items") and paths:
+        log.warning(
+            "%s learned from float images of a dataset given from Python, normalized its own way; image files are "
+            "normalized here with data.mean and data.std (%s, %s), which is right only if the dataset did the same",
+            checkpoint,
+            cfg.data.mean,
+            cfg.data.std,
+        )
+    records = task.predict(state, paths, meta, Path(out_dir) if out_dir else None)
     return records + errors

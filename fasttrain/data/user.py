@@ -90,17 +90,21 @@ class DatasetSplit(Split):
     """Items read twice gave the same tensors (no random transform): it may be cached."""
     item_nbytes: int = 0
     """Bytes one cached item takes (image and label)."""
+    floating: bool = False
+    """Its images are float, normalized the dataset's own way (uint8 ones fasttrain normalizes)."""
 
     def subset(self, indices: list[int]) -> DatasetSplit:
         rows = [i if self.rows is None else self.rows[i] for i in indices]
-        return _split(self.name, self.dataset, rows, self.label, self.fixed, self.item_nbytes)
+        return _split(self.name, self.dataset, rows, self.label, self.fixed, self.item_nbytes, self.floating)
 
     def items(self) -> Dataset:
         """The split's items as a dataset, a failing item turned into a :class:`Skip` that names it."""
         return _Checked(self.dataset, self.label, self.rows)
 
 
-def _split(name: str, dataset: Any, rows: list[int] | None, label: str, fixed: bool, item_nbytes: int) -> DatasetSplit:
+def _split(
+    name: str, dataset: Any, rows: list[int] | None, label: str, fixed: bool, item_nbytes: int, floating: bool
+) -> DatasetSplit:
     n = len(dataset) if rows is None else len(rows)
     return DatasetSplit(
         name,
@@ -111,6 +115,7 @@ def _split(name: str, dataset: Any, rows: list[int] | None, label: str, fixed: b
         label=label,
         fixed=fixed,
         item_nbytes=item_nbytes,
+        floating=floating,
     )
 
 
@@ -310,18 +315,19 @@ def dataset_source(cfg: Config, dataset: Any, val_dataset: Any = None) -> tuple[
     cfg = dataclasses.replace(cfg, data=data, model=dataclasses.replace(cfg.model, num_outputs=len(names)))
     fixed = _is_fixed(dataset)
     item_nbytes = x.numel() * x.element_size() + 8
+    floating = x.is_floating_point()
     rows: list[int] | None = None
     val = (
         None
         if val_dataset is None
-        else _split("val", val_dataset, None, "val_dataset", fixed and _is_fixed(val_dataset), item_nbytes)
+        else _split("val", val_dataset, None, "val_dataset", fixed and _is_fixed(val_dataset), item_nbytes, floating)
     )
     if val is None and cfg.data.val_fraction > 0 and len(dataset) > 1:
         order = list(range(len(dataset)))
         random.Random(cfg.runtime.seed).shuffle(order)
         k = max(1, math.floor(len(order) * cfg.data.val_fraction))
         rows = sorted(order[k:])
-        val = _split("val", dataset, sorted(order[:k]), "dataset", fixed, item_nbytes)
+        val = _split("val", dataset, sorted(order[:k]), "dataset", fixed, item_nbytes, floating)
         log.info(
             "no val_dataset: %d of %d items held out for validation (data.val_fraction = %g)",
             k,
@@ -330,7 +336,7 @@ def dataset_source(cfg: Config, dataset: Any, val_dataset: Any = None) -> tuple[
         )
     if cfg.data.max_samples and (len(dataset) if rows is None else len(rows)) > cfg.data.max_samples:
         rows = (rows or list(range(len(dataset))))[: cfg.data.max_samples]
-    train = _split("train", dataset, rows, "dataset", fixed, item_nbytes)
+    train = _split("train", dataset, rows, "dataset", fixed, item_nbytes, floating)
     source = DataSource(root=Path(data.root), format="dataset", train=train, val=val, class_names=names)
     return cfg, source
 

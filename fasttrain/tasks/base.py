@@ -479,4 +479,5 @@ class Task:
             "class_names": list(src.class_names) if src and src.class_names else None,
             "target_names": list(src.target_names) if src and src.target_names else None,
             "samples": {s.name: len(s) for s in (src.train, src.val, src.test) if s is not None} if src else None,
+            "float_items": bool(getattr(src.train, "floating", False)) if src else False,
         }

@@ -260,3 +260,23 @@ def test_sizes_taken_from_the_dataset_reach_the_run_config_and_predict_on_files(
     records = predict(result.run_dir, [str(f) for f in files], device="cpu")
     right = sum(r["class"] == Edges.classes[test[i][1]] for i, r in enumerate(records))
     assert right >= 22, records  # what the run learned from, predict reproduces
+
+
+def test_predict_on_files_warns_when_the_run_learned_from_float_items(tmp_path, caplog):
+    """Float items (ToTensor and a Normalize of one's own) reach the model as given; predict on image files
+    normalizes with data.mean / data.std, which the model never saw: it agreed 0.50 where validation said 0.85."""
+    import logging
+
+    from PIL import Image
+
+    from fasttrain import predict
+
+    image = tmp_path / "bar.png"
+    Image.fromarray(Bars(1)[0][0].permute(1, 2, 0).numpy()).save(image)
+    for dtype, warned in ((torch.float32, True), (torch.uint8, False)):
+        cfg = config(tmp_path / str(dtype), "train.epochs=1", "train.max_steps=1")
+        run = train(cfg, dataset=Bars(64, dtype=dtype), progress=False).run_dir
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            predict(run, [str(image)], device="cpu")
+        assert ("learned from float images of a dataset given from Python" in caplog.text) == warned, dtype
