@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -791,6 +792,9 @@ def main(argv: list[str] | None = None) -> int:
 
     command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
+    # Pillow's warning for an image above its pixel limit (a 108 MP panorama) printed its own lines amid the
+    # command's: data.max_image_pixels is the limit here, and a file over it is named and skipped.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit of \d+ pixels")
     if argv[:1] == ["make-data"]:  # its own parser, help included: fasttrain make-data --help
         from fasttrain.data.make_data import main as make_data
 

@@ -205,3 +205,21 @@ def test_the_quick_check_gives_the_full_checks_verdicts_and_pillows_sizes(header
         data = Path(p).read_bytes()
         quick += checks._quick_header(data[:65536], data[-64:], checks.PILLOW_BOMB_PIXELS) is not None
     assert quick == len(good + real) - 1  # all but big-exif.jpg, whose frame header lies past the first 64 KiB
+
+
+def test_pillows_pixel_limit_warning_is_not_printed_amid_a_commands_report(tmp_path, monkeypatch):
+    """A 108 MP panorama made check-data print Pillow's DecompressionBombWarning; data.max_image_pixels is the
+    limit fasttrain applies (here Pillow's warning threshold is lowered to a 12 x 12 image's 144 pixels)."""
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (12, 12)).save(tmp_path / cls / "x.png")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        Image.open(tmp_path / "a" / "x.png").close()
+        assert any("decompression bomb" in str(w.message) for w in seen)  # Pillow warns, as it would of 108 MP
+        seen.clear()
+        assert main(["check-data", str(tmp_path)]) == 0
+    assert not [w for w in seen if "decompression bomb" in str(w.message)]
