@@ -817,19 +817,27 @@ def _skipped_files(discovered: Sequence[tuple[Any, Any]], *loaders: Loader | Non
     return list(seen.items())
 
 
-def _log_skipped(skipped: list[tuple[str, str]], show: int = 20) -> None:
-    """The files the run left out, in train.log (and on the terminal), at most ``show`` of them by name."""
+def _log_skipped(skipped: list[tuple[str, str]], run_dir: Path | None, fmt: str, show: int = 20) -> None:
+    """The files the run left out, in train.log (and on the terminal), at most ``show`` of them by name; all of
+    them in ``run_dir``/skipped.txt when there are more (rank 0's: ``run_dir`` None writes nothing)."""
     if not skipped:
         return
+    check = "; `fasttrain check-data` on the data decodes every image" if fmt in ("folder", "shards") else ""
     log.warning(
-        "%d %s skipped (unreadable or unusable); run `fasttrain check-data` on the data for the full report:",
+        "%d %s skipped (unreadable or unusable)%s:",
         len(skipped),
         "file was" if len(skipped) == 1 else "files were",
+        check,
     )
     for f, why in skipped[:show]:
         log.warning("  skipped %s: %s", f, why)
     if len(skipped) > show:
-        log.warning("  ... and %d more", len(skipped) - show)
+        listed = ""
+        if run_dir is not None:
+            where = run_dir / "skipped.txt"
+            atomic_write_text(where, "".join(f"{f}\t{why}\n" for f, why in skipped))
+            listed = f" (all of them: {where})"
+        log.warning("  ... and %d more%s", len(skipped) - show, listed)
 
 
 # -- the loop ----------------------------------------------------------------------------------------------------
@@ -1181,7 +1189,7 @@ class Trainer:
                     {"epoch": state.epoch, "step": state.step, "event": "test", "weights": tested, **test_metrics}
                 )
             skipped = _skipped_files(self.source.skipped, self.train_loader, self.val_loader, test_loader)
-            _log_skipped(skipped)
+            _log_skipped(skipped, self.run_dir if self.is_main else None, self.source.format)
             best = self.ckpts.best_value
             log.info(
                 "run finished: %d epochs, best %s %s%s, %d file%s skipped | %s",
