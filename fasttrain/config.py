@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 import tomllib
@@ -981,6 +982,13 @@ def config_path(name_or_path: str | os.PathLike) -> Path:
         return p
     found = packaged_config(str(name_or_path))  # before folders: catfish's data folder is called catfish
     if found is not None:
+        mine = Path(f"{name_or_path}.toml")
+        if mine.is_file():  # a user's catfish.toml beside the packaged catfish: say which one runs
+            logging.getLogger(__name__).warning(
+                "config %s: the packaged one; %s here is another (give it by its file name to use it)",
+                name_or_path,
+                mine,
+            )
         return found
     key, eq, _ = str(name_or_path).partition("=")
     if eq and "." in key and not p.exists():  # `fasttrain train train.epochs=2`: a setting where the config goes
@@ -1030,9 +1038,11 @@ def trained_samples(tc: TrainConfig, train_samples: int) -> int:
     return (tc.total_steps or tc.epochs * per_epoch) * batch
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | str | None = None) -> Config:
     """Defaults < TOML file < overrides. ``path``: a TOML file, or a packaged config's name (``"quickstart"``);
-    None means the defaults alone."""
+    None means the defaults alone. ``overrides``: ``section.key=value`` strings (one alone may be given as is)."""
+    if isinstance(overrides, str):  # load_config("catfish", "data.root=photos") read it letter by letter
+        overrides = [overrides]
     cfg = Config()
     if path is not None:
         p = config_path(path)

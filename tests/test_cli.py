@@ -155,6 +155,21 @@ def test_an_unknown_option_is_refused_by_its_command_with_the_setting_it_means(c
     assert e.value.code == 2 and f"usage: fasttrain {args[0]}" in err and said in err, err
 
 
+def test_a_packaged_name_beside_a_users_file_of_that_name_says_which_runs(tmp_path, monkeypatch, caplog):
+    """`fasttrain train catfish` beside one's own catfish.toml took the packaged one without a word."""
+    import logging
+
+    from fasttrain.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "catfish.toml").write_text('name = "mine"\n')
+    with caplog.at_level(logging.WARNING):
+        assert load_config("catfish").name == "catfish"
+    assert "config catfish: the packaged one; catfish.toml here is another" in caplog.text
+    assert load_config("catfish.toml", "train.epochs=3").name == "mine"  # one override may come as a string
+    assert load_config("catfish.toml", "train.epochs=3").train.epochs == 3
+
+
 def test_config_list_and_show(capsys):
     code, out, _ = _run_cli(capsys, "config", "list")
     assert code == 0 and "quickstart" in out and "resnet50-imagenet" in out and "ResNet-50 on ImageNet" in out

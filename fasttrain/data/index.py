@@ -70,6 +70,7 @@ from fasttrain.data.sources import (
     discover,
     find_source,
     listed_once,
+    not_a_folder,
     note_progress,
     progress,
     walk_folders,
@@ -816,7 +817,7 @@ def load_or_build(
     t0 = time.perf_counter()
     root = Path(root if root is not None else data.root).expanduser()
     if not root.is_dir():
-        raise ConfigError(f"data.root: {root} is not a folder")
+        raise not_a_folder(root)
     here, cached = index_paths(data, root)
     if not rebuild and (here.is_file() or cached.is_file()):  # else nothing to compare: the build's walk lists
         seen = listing(root)

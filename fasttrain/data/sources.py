@@ -548,13 +548,18 @@ def _warn_of_layout(
             )
 
 
+def not_a_folder(root: Path) -> ConfigError:
+    what = "does not exist" if not root.exists() and not root.is_symlink() else "is not a folder"
+    return ConfigError(f"data.root: {root} {what}; --set data.root=FOLDER names your data (a config's is a default)")
+
+
 def find_source(cfg: DataConfig, root: str | os.PathLike | None = None) -> DataSource:
     """:func:`discover` without logging what it skipped (the dataset index logs it once, built or reused)."""
     given = root if root is not None else cfg.root
     fmt = "shards" if is_shard_root(cfg.format, given) else cfg.format  # a .tar, brace pattern, URL or packed folder
     root = Path(given).expanduser()
     if fmt != "shards" and not root.is_dir():
-        raise ConfigError(f"data.root: {root} is not a folder")
+        raise not_a_folder(root)
     try:
         find = registry.resolve("formats", fmt)
     except ValueError as e:

@@ -349,8 +349,13 @@ def test_a_bad_layout_is_the_same_error_as_discovery(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="holds no class folders"):
         indexed_source(DataConfig(root=str(tmp_path / "empty")))
-    with pytest.raises(ConfigError, match="is not a folder"):
+    with pytest.raises(ConfigError, match=r"nothing does not exist; --set data.root=FOLDER names your data"):
         indexed_source(DataConfig(root=str(tmp_path / "nothing")))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"file is not a folder; --set data.root=FOLDER"):
+        indexed_source(DataConfig(root=str(tmp_path / "file")))
+    with pytest.raises(ConfigError, match=r"nothing does not exist; --set data.root=FOLDER names your data"):
+        discover(DataConfig(root=str(tmp_path / "nothing")))
 
 
 # -- compact ------------------------------------------------------------------------------------------------------
