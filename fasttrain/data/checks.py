@@ -679,14 +679,26 @@ class CheckReport:
         ]
         lines += [f"  BAD  {f}: {why}" for f, why in self.bad]
         lines += [f"  EMPTY  {d}{os.sep}: no image in this folder" for d in self.empty]
-        lines += [f"  odd  {f}: {why}" for f, why in self.odd[:50]]
-        if len(self.odd) > 50:
-            lines.append(f"  ... and {len(self.odd) - 50} more odd files")
+        lines += _odd_lines(self.odd)
         if self.layout:
             lines.append(f"  LAYOUT  as class folders (data.format = folder), training refuses it: {self.layout}")
         if self.skip_list:
             lines.append(f"skip list written to {self.skip_list}")
         return "\n".join(lines)
+
+
+def _odd_lines(odd: list[tuple[str, str]], per_kind: int = 5) -> list[str]:
+    """The odd files by kind of note, the rarer kinds first (a misnamed PNG is not lost under a hundred
+    grayscale files), ``per_kind`` of each named and the rest counted."""
+    kinds: dict[str, list[tuple[str, str]]] = {}
+    for f, why in odd:
+        kinds.setdefault(re.sub(r"\d+x\d+", "WxH", why), []).append((f, why))
+    lines = []
+    for kind, files in sorted(kinds.items(), key=lambda kv: (len(kv[1]), kv[0])):
+        lines += [f"  odd  {f}: {why}" for f, why in files[:per_kind]]
+        if len(files) > per_kind:
+            lines.append(f"  ... and {len(files) - per_kind} more odd files: {kind}")
+    return lines
 
 
 def check_image(

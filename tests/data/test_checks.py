@@ -223,3 +223,19 @@ def test_pillows_pixel_limit_warning_is_not_printed_amid_a_commands_report(tmp_p
         seen.clear()
         assert main(["check-data", str(tmp_path)]) == 0
     assert not [w for w in seen if "decompression bomb" in str(w.message)]
+
+
+def test_odd_files_are_reported_by_kind_the_rare_kinds_first():
+    """The report cut its odd list at 50 in file order: one PNG named .jpg was lost under dozens of grayscale
+    photos' 'mode L' notes."""
+    from fasttrain.data.checks import CheckReport
+
+    odd = [(f"/d/gray_{i:02d}.jpg", "mode L, converted to RGB") for i in range(60)]
+    odd.insert(40, ("/d/really_png.jpg", "PNG data in a .jpg file"))
+    odd += [("/d/t1.png", "tiny (4x4)"), ("/d/t2.png", "tiny (6x2)")]
+    report = CheckReport(Path("/d"), total=70, bad=[], odd=odd)
+    lines = report.to_text().splitlines()[1:]
+    assert lines[0] == "  odd  /d/really_png.jpg: PNG data in a .jpg file"
+    assert lines[1:3] == ["  odd  /d/t1.png: tiny (4x4)", "  odd  /d/t2.png: tiny (6x2)"]  # one kind, sizes aside
+    assert lines[3:8] == [f"  odd  /d/gray_{i:02d}.jpg: mode L, converted to RGB" for i in range(5)]
+    assert lines[8:] == ["  ... and 55 more odd files: mode L, converted to RGB"]
