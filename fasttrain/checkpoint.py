@@ -233,6 +233,16 @@ def _damage(path: Path) -> str | None:
     return f"record {bad} does not match its CRC-32 checksum" if bad else None
 
 
+def _custom_model(config: Path) -> bool:
+    """Whether the run config at ``config`` (if readable) trained a model given from Python."""
+    import tomllib
+
+    try:
+        return tomllib.loads(config.read_text(encoding="utf-8")).get("model", {}).get("name") == "custom"
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, AttributeError):
+        return False
+
+
 def alternatives(path: str | os.PathLike, *, resume: bool = False) -> str:
     """ "; other checkpoints of this run: ..." naming the usable files beside ``path`` (best.pt, step
     checkpoints), with the command that resumes from one when ``resume``; or what else to do."""
@@ -243,8 +253,11 @@ def alternatives(path: str | os.PathLike, *, resume: bool = False) -> str:
     )
     if not others:
         if resume:
-            run = path.parent.parent
-            return f"; this run has no other checkpoint: start again (fasttrain train {run / 'config.toml'})"
+            config = path.parent.parent / "config.toml"
+            if _custom_model(config):  # its model came from Python: the command line cannot build it
+                again = f"train(load_config('{config}'), model=...)"
+                return f"; this run has no other checkpoint: start again from Python, {again}"
+            return f"; this run has no other checkpoint: start again (fasttrain train {config})"
         return ""
     names = ", ".join(p.name for p in others)
     if resume:

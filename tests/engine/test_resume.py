@@ -288,6 +288,12 @@ def test_resume_without_last_pt_says_why_and_what_to_run(run_dir, tmp_path, caps
     main(["train", "--resume", str(run), "-q"])
     err = capsys.readouterr().err.strip()
     assert f"start again (fasttrain train {run / 'config.toml'})" in err, err
+    config = run / "config.toml"  # a run of a model given from Python: the command line cannot build it
+    config.write_text(config.read_text().replace('[model]\nname = "', '[model]\nname = "custom"\nold = "'))
+    from fasttrain.checkpoint import alternatives
+
+    said = alternatives(run / "checkpoints" / "last.pt", resume=True)
+    assert f"start again from Python, train(load_config('{config}'), model=...)" in said, config.read_text()
 
 
 def test_resume_of_a_folder_that_is_not_a_run_writes_nothing_into_it(shapes_root, tmp_path, capsys):
