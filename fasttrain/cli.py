@@ -377,7 +377,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
     cfg = resolve_config(args.config, [*args.overrides, f"data.root={args.data}"])
     size = parse_size(args.shard_size) if args.shard_size else DEFAULT_SHARD_BYTES
-    report = pack(cfg.data, args.out, shard_bytes=size)
+    report = pack(cfg.data, args.out, shard_bytes=size, order=args.order)
     print(report.to_text())
     return 0
 
@@ -628,6 +628,14 @@ def _add_pack(command: Callable[[str, str, str], argparse.ArgumentParser]) -> No
     p.add_argument("out", help="the new folder for the shards")
     p.add_argument("--config", default=None, help="TOML file or packaged config (data.format, hold-out settings)")
     p.add_argument("--shard-size", default=None, metavar="SIZE", help="bytes per shard, e.g. 256MB (the default)")
+    p.add_argument(
+        "--order",
+        choices=("shuffled", "source"),
+        default="shuffled",
+        help="the training samples' order in the shards: shuffled (seeded by data.split_seed; a stream reads "
+        "shards whole, and class-sorted ones give one-class batches) or source (discovery order: the same batches "
+        "as from the files)",
+    )
     _add_common(p, "data.format=manifest")
     p.set_defaults(fn=cmd_pack)
 

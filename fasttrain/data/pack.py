@@ -2,9 +2,12 @@
 
 The dataset is discovered as training would (``data.format``, its splits or its seeded hold-out), and every
 sample's files are copied byte for byte, never decoded: ``<key>.<ext>`` (the image), and ``<key>.cls`` (class
-index), ``<key>.json`` (regression targets) or ``<key>.target.<ext>`` (a pair's target image). Keys number the
-samples of a split in discovery order, so index i of a split is the same sample from files and from shards:
-training from either draws the same batches. Each shard is followed by ``<shard>.tar.idx`` and the folder by
+index), ``<key>.json`` (regression targets) or ``<key>.target.<ext>`` (a pair's target image). The training
+split is written in a seeded random order (``data.split_seed``; ``order="shuffled"``, the default): discovery
+lists a class's files together, and a stream reads a shard whole, through a buffer of a few thousand samples, so
+class-sorted shards gave batches of one or two classes. Keys number the samples in the order written; with
+``order="source"`` that is discovery order, index i of a split is the same sample from files and from shards,
+and training from either draws the same batches. Each shard is followed by ``<shard>.tar.idx`` and the folder by
 ``shards.json`` (see :mod:`fasttrain.data.shards`). Everything is written into a temporary folder beside OUT and
 renamed to OUT at the end; an existing OUT is refused, never overwritten. A file that cannot be read, or that the
 loaders' pre-check would refuse (not an image, cut short, beyond ``data.max_image_pixels``: judged on the bytes
@@ -17,6 +20,7 @@ import io
 import json
 import logging
 import os
+import random
 import re
 import tarfile
 import time
@@ -30,7 +34,7 @@ from fasttrain.data.shards import MANIFEST_FORMAT, TARGET_TAG
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_SHARD_BYTES", "PackReport", "pack", "parse_size"]
+__all__ = ["DEFAULT_SHARD_BYTES", "ORDERS", "PackReport", "pack", "parse_size"]
 
 DEFAULT_SHARD_BYTES = 256 * 2**20
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -57,10 +61,14 @@ class PackReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     bytes: int = 0
     seconds: float = 0.0
+    order: str = ""
+    """The training split's order in its shards: "source", or "shuffled (seed N)"."""
 
     def to_text(self) -> str:
         parts = ", ".join(f"{s} {n} samples in {self.shards[s]} shards" for s, n in self.counts.items())
         lines = [f"{self.out}: {parts}; {self.bytes / 2**20:.1f} MiB in {self.seconds:.1f} s"]
+        if self.order:
+            lines.append(f"  training samples in {self.order} order")
         lines += [f"  SKIPPED  {f}: {why}" for f, why in self.skipped]
         return "\n".join(lines)
 
@@ -186,8 +194,16 @@ def _pack_split(split: Any, kind: str, folder: Path, limit: int, report: PackRep
     return writer.names
 
 
-def pack(cfg: DataConfig, out: str | os.PathLike, *, shard_bytes: int = DEFAULT_SHARD_BYTES) -> PackReport:
-    """Write ``cfg.root``'s dataset as shards into the new folder ``out`` (see the module docstring)."""
+ORDERS = ("shuffled", "source")
+
+
+def pack(
+    cfg: DataConfig, out: str | os.PathLike, *, shard_bytes: int = DEFAULT_SHARD_BYTES, order: str = "shuffled"
+) -> PackReport:
+    """Write ``cfg.root``'s dataset as shards into the new folder ``out`` (see the module docstring); ``order``:
+    the training split's, shuffled (seeded by ``data.split_seed``) or as discovered."""
+    if order not in ORDERS:
+        raise ValueError(f"pack --order: {order!r} is not one of {', '.join(ORDERS)}")
     from fasttrain.data.sources import discover
     from fasttrain.data.synthetic import atomic_dir
 
@@ -203,8 +219,15 @@ def pack(cfg: DataConfig, out: str | os.PathLike, *, shard_bytes: int = DEFAULT_
     manifest: dict[str, Any] = {"format": MANIFEST_FORMAT, "version": 1, "kind": kind, "splits": {}}
     manifest["classes"], manifest["target_names"] = source.class_names, source.target_names
     manifest["source"], manifest["source_format"] = str(source.root), source.format
+    manifest["train_order"] = order if order == "source" else f"shuffled (seed {cfg.split_seed})"
+    report.order = manifest["train_order"]
+    train = source.train
+    if order == "shuffled":
+        rows = list(range(len(train)))
+        random.Random(cfg.split_seed).shuffle(rows)
+        train = train.subset(rows)
     with atomic_dir(out) as tmp:
-        for split in (source.train, source.val, source.test):
+        for split in (train, source.val, source.test):
             if split is not None and len(split):
                 names = _pack_split(split, kind, tmp, shard_bytes, report, cfg.max_image_pixels)
                 manifest["splits"][split.name] = {"shards": names, "count": report.counts[split.name]}
