@@ -21,7 +21,15 @@ from typing import Any
 
 from fasttrain.rundir import RunError
 
-__all__ = ["Fingerprint", "NodeFacts", "NodesDisagree", "dataset_fingerprint", "differences", "check_nodes"]
+__all__ = [
+    "Fingerprint",
+    "NodeFacts",
+    "NodesDisagree",
+    "dataset_fingerprint",
+    "differences",
+    "check_nodes",
+    "check_loaders",
+]
 
 
 class NodesDisagree(RunError):
@@ -252,3 +260,34 @@ def check_nodes(source: Any, cfg: Any) -> None:
     diffs = differences(gathered)
     if diffs:
         raise NodesDisagree(message(diffs))
+
+
+def check_loaders(loader: Any, cfg: Any) -> None:
+    """Under torchrun, once the loaders are built: every rank's training loader holds the same usable samples'
+    count and batches. The files agree by name (:func:`check_nodes`) before any is read; a copy that differs in
+    content (a shard cut short on one node, a file changed on one) is found only when read, and a rank that
+    skipped other samples drew its shard of another order and another number of steps: the ranks trained on
+    overlapping samples, then waited in a collective until dist.timeout_s. :class:`NodesDisagree` names them."""
+    from fasttrain import distributed
+
+    info = distributed.current()
+    if not info.enabled:
+        return
+    timeout = float(getattr(getattr(cfg, "dist", None), "timeout_s", 1800.0))
+    env = os.environ
+    where = f"rank {info.rank} (node {env.get('GROUP_RANK', '0') or 0}, host {socket.gethostname()})"
+    skipped = list(loader.skipped)
+    mine = (where, len(loader), loader.num_samples, len(skipped), skipped[:1])
+    gathered = distributed.gather("loaders", mine, timeout)
+    if len({(n, k) for _, n, k, _, _ in gathered}) == 1:
+        return
+    parts = []
+    for who, batches, samples, n_skipped, first in gathered:
+        why = f": the first, {first[0][0]}: {first[0][1]}" if first else ""
+        parts.append(f"{who} reads {samples} usable training samples ({n_skipped} skipped{why}), {batches} batches")
+    raise NodesDisagree(
+        "the nodes of this job read different training data, so it stops before training (nothing was written): "
+        + "; ".join(parts)
+        + ". Their copies of data.root differ in content (a shard cut short, a file changed on one node): make "
+        "them the same"
+    )

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from fasttrain import distributed, memory
+from fasttrain.agree import check_loaders
 from fasttrain.budget import StepCosts
 from fasttrain.checkpoint import (
     CheckpointManager,
@@ -876,6 +877,7 @@ class Trainer:
         try:
             self.val_loader = self._loader(source.val, train=False) if source.val else None
             self._startup.append(("loaders", time.perf_counter()))
+            check_loaders(self.train_loader, cfg)  # under torchrun: the same samples read on every rank
             micro_per_epoch = len(self.train_loader)
             if micro_per_epoch < self.tc.accumulation:
                 raise ConfigError(

@@ -848,3 +848,29 @@ def test_autotune_with_an_answer_cached_on_one_node_only_takes_rank_0s_way_on_ev
     report = json.loads((rank_0 / "out" / "autotune.json").read_text())
     assert report["ok"] and report["world_size"] == 2
     assert report["cached"] == (rank_0 == nodes[holder])  # rank 0's cache decides, whichever node rank 0 is on
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_nodes_whose_copies_read_differently_are_refused_not_left_to_hang(shapes_root, tmp_path):
+    """A shard cut short on one node only: the names agree, so the job started; that rank skipped the lost
+    members, drew its shard of another order and another number of steps, trained on samples the other rank
+    also drew, and then waited in a collective for dist.timeout_s (30 minutes by default)."""
+    from fasttrain.config import DataConfig
+    from fasttrain.data.pack import pack
+
+    nodes = [tmp_path / "n0", tmp_path / "n1"]
+    pack(DataConfig(root=str(shapes_root)), tmp_path / "shards", shard_bytes=100_000)
+    for n in nodes:
+        shutil.copytree(tmp_path / "shards", n / "data")
+    cut = sorted((nodes[0] / "data").glob("train-*.tar"))[0]
+    with open(cut, "r+b") as f:
+        f.truncate(cut.stat().st_size // 2)
+    t0 = time.monotonic()
+    args = ["train", "-q", *_sets("data", tmp_path / "runs", "dist.timeout_s=600")]
+    done = _two_nodes(nodes, args, job="cut-short", limit=200)
+    assert time.monotonic() - t0 < 200  # not the 600 s of dist.timeout_s
+    for code, err in done:
+        assert code != 0 and "the nodes of this job read different training data" in err, err[-3000:]
+        assert "rank 0 (node 0" in err and "cut short" in err and "rank 1 (node 1" in err, err[-3000:]
+    assert not _runs(tmp_path / "runs")  # refused before a run folder
