@@ -806,16 +806,26 @@ def _epoch_batches(loader: Loader, epoch: int, skip: int):
     return iter(loader)
 
 
-def _skipped_files(discovered: Sequence[tuple[Any, Any]], *loaders: Loader | None) -> list[tuple[str, str]]:
+def _skipped_files(
+    discovered: Sequence[tuple[Any, Any]], *loaders: Loader | None, root: Any = None
+) -> list[tuple[str, str]]:
     """Files and records left out: at discovery (``discovered``: a source's ``skipped``), and by the loaders
     (unreadable images), each named once; under torchrun those of every rank (each loader meets the bad files of
-    its own shard). A collective: every rank calls it at the same points."""
+    its own shard). A collective: every rank calls it at the same points. ``root``: this rank's data.root; a
+    file under it is one file on every node wherever each mounts the data (named under this rank's root), not
+    one per node (7 counted for 5 where the nodes' roots differed)."""
     mine = [*discovered, *(x for ld in loaders if ld is not None for x in ld.skipped)]
+    base = str(root).rstrip("/") + "/" if root is not None else None
+
+    def key(f: Any) -> str:  # "\0" + the path under the root, or the path as it is
+        f = str(f)
+        return "\0" + f[len(base) :] if base and f.startswith(base) else f
+
     seen: dict[str, str] = {}
-    for part in distributed.all_gather_object([(str(f), str(why)) for f, why in mine]):
+    for part in distributed.all_gather_object([(key(f), str(why)) for f, why in mine]):
         for f, why in part:
             seen.setdefault(f, why)
-    return list(seen.items())
+    return [(f"{base}{f[1:]}" if f.startswith("\0") else f, why) for f, why in seen.items()]
 
 
 def _log_skipped(skipped: list[tuple[str, str]], run_dir: Path | None, fmt: str, show: int = 20) -> None:
@@ -973,10 +983,10 @@ class Trainer:
         log.info("run folder %s", run_dir)
         # The images the loaders use: files their pre-check left out are counted apart, not as used.
         used = [
-            len(split or []) - len(_skipped_files((), loader) if split else [])
+            len(split or []) - len(_skipped_files((), loader, root=self.source.root) if split else [])
             for split, loader in ((source.train, self.train_loader), (source.val, self.val_loader))
         ]
-        skipped = len(_skipped_files(source.skipped, self.train_loader, self.val_loader))
+        skipped = len(_skipped_files(source.skipped, self.train_loader, self.val_loader, root=source.root))
         log.info(
             "%s | data %s: %d train, %d val%s images%s, %s | loader %s (%s)%s",
             prep.runtime.describe(),
@@ -1151,7 +1161,11 @@ class Trainer:
                         record,
                         tc.epochs,
                         eta_s=self._eta(),
-                        skipped=len(_skipped_files(self.source.skipped, self.train_loader, self.val_loader)),
+                        skipped=len(
+                            _skipped_files(
+                                self.source.skipped, self.train_loader, self.val_loader, root=self.source.root
+                            )
+                        ),
                     )
                 )
                 budgeted = self.tc.time_budget_s and self.ckpt is None and not self._replan_step
@@ -1190,7 +1204,9 @@ class Trainer:
                 self.metrics.event(
                     {"epoch": state.epoch, "step": state.step, "event": "test", "weights": tested, **test_metrics}
                 )
-            skipped = _skipped_files(self.source.skipped, self.train_loader, self.val_loader, test_loader)
+            skipped = _skipped_files(
+                self.source.skipped, self.train_loader, self.val_loader, test_loader, root=self.source.root
+            )
             _log_skipped(skipped, self.run_dir if self.is_main else None, self.source.format)
             best = self.ckpts.best_value
             log.info(
@@ -1236,7 +1252,7 @@ class Trainer:
             if stopped
             else f"--set train.epochs=N with N > {self.state.epoch} trains on",
         )
-        skipped = _skipped_files(self.source.skipped, self.train_loader, self.val_loader)
+        skipped = _skipped_files(self.source.skipped, self.train_loader, self.val_loader, root=self.source.root)
         return self._result(ended.get("test"), skipped, str(ended.get("weights") or ""))
 
     # -- a time budget -------------------------------------------------------------------------------------------

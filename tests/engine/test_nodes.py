@@ -565,6 +565,14 @@ def test_skipped_files_are_counted_over_every_rank(monkeypatch):
         ("/d/a.jpg", "truncated"),
         ("/d/b.jpg", "not an image"),
     ]
+    # Nodes mounting the data at other places: one file each, named under this rank's root (7 were counted for 5).
+    other_node = [("\0rows.csv:3", "no label"), ("\0a.jpg", "truncated"), ("/elsewhere/x.jpg", "cut short")]
+    monkeypatch.setattr(D, "all_gather_object", lambda mine: [mine, other_node])
+    assert _skipped_files(source.skipped, loader, None, root="/d") == [
+        ("/d/rows.csv:3", "no label"),
+        ("/d/a.jpg", "truncated"),
+        ("/elsewhere/x.jpg", "cut short"),
+    ]
 
 
 # -- two agents on one host ------------------------------------------------------------------------------------------
