@@ -1161,11 +1161,7 @@ class Trainer:
                         record,
                         tc.epochs,
                         eta_s=self._eta(),
-                        skipped=len(
-                            _skipped_files(
-                                self.source.skipped, self.train_loader, self.val_loader, root=self.source.root
-                            )
-                        ),
+                        skipped=len(self._skipped()),
                     )
                 )
                 budgeted = self.tc.time_budget_s and self.ckpt is None and not self._replan_step
@@ -1204,9 +1200,7 @@ class Trainer:
                 self.metrics.event(
                     {"epoch": state.epoch, "step": state.step, "event": "test", "weights": tested, **test_metrics}
                 )
-            skipped = _skipped_files(
-                self.source.skipped, self.train_loader, self.val_loader, test_loader, root=self.source.root
-            )
+            skipped = self._skipped(test_loader)
             _log_skipped(skipped, self.run_dir if self.is_main else None, self.source.format)
             best = self.ckpts.best_value
             log.info(
@@ -1252,7 +1246,7 @@ class Trainer:
             if stopped
             else f"--set train.epochs=N with N > {self.state.epoch} trains on",
         )
-        skipped = _skipped_files(self.source.skipped, self.train_loader, self.val_loader, root=self.source.root)
+        skipped = self._skipped()
         return self._result(ended.get("test"), skipped, str(ended.get("weights") or ""))
 
     # -- a time budget -------------------------------------------------------------------------------------------
@@ -1689,6 +1683,10 @@ class Trainer:
             f"{self._kept()}. Lower optim.lr, or "
             f"try optim.grad_clip / runtime.precision=fp32 (train.max_nonfinite_logs = 0 never stops)"
         )
+
+    def _skipped(self, *more: Loader | None) -> list[tuple[str, str]]:
+        """The run's skipped files over every rank (:func:`_skipped_files`; a collective)."""
+        return _skipped_files(self.source.skipped, self.train_loader, self.val_loader, *more, root=self.source.root)
 
     def _stopped(self, epoch: int, *, saved: bool) -> Stopped:
         assert self.vote.signum is not None
