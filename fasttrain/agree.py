@@ -4,7 +4,8 @@ rank naming what differs and where, instead of a job that hangs in mismatched co
 data on each node.
 
 Compared: the dataset (:func:`dataset_fingerprint`: every discovered sample and target, by path under the
-data root), the resolved config (``data.root`` aside: nodes may mount the data at other paths; the fingerprint
+data root), the resolved config (``data.root`` and ``train.runs_dir`` aside: nodes may mount the data at other
+paths and write elsewhere; the fingerprint
 compares what lies under it), and the fasttrain and torch versions. The comparison and its message are pure
 (:func:`differences`); :func:`check_nodes` gathers each rank's facts and raises :class:`NodesDisagree`.
 """
@@ -105,13 +106,18 @@ class NodeFacts:
         return f"rank {self.rank} (node {self.node}, host {self.host})"
 
 
+NODE_LOCAL = ("data.root", "train.runs_dir")
+"""Settings each node may give its own value: where it mounts the data, and where it writes (rank 0 writes the
+run; a rank that does not see rank 0's checkpoint is sent it)."""
+
+
 def _flat(cfg: Any) -> dict[str, Any]:
     from fasttrain.config import config_to_dict
 
     out: dict[str, Any] = {}
     for section, values in config_to_dict(cfg).items():
         if isinstance(values, dict):
-            out.update({f"{section}.{k}": v for k, v in values.items() if f"{section}.{k}" != "data.root"})
+            out.update({f"{section}.{k}": v for k, v in values.items() if f"{section}.{k}" not in NODE_LOCAL})
         else:
             out[section] = values
     return out

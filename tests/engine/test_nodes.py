@@ -882,3 +882,15 @@ def test_nodes_whose_copies_read_differently_are_refused_not_left_to_hang(shapes
         assert code != 0 and "the nodes of this job read different training data" in err, err[-3000:]
         assert "rank 0 (node 0" in err and "cut short" in err and "rank 1 (node 1" in err, err[-3000:]
     assert not _runs(tmp_path / "runs")  # refused before a run folder
+
+
+def test_each_node_may_mount_the_data_and_write_its_runs_where_it_likes():
+    """Two absolute train.runs_dir values were refused as a config difference, though runs_dir need not be
+    shared (rank 0 writes the run; a rank that does not see its checkpoint is sent it)."""
+    from fasttrain.agree import _flat
+    from fasttrain.config import load_config
+
+    mine = _flat(load_config("quickstart", ["data.root=/mnt/a/data", "train.runs_dir=/scratch/a/runs"]))
+    theirs = _flat(load_config("quickstart", ["data.root=/mnt/b/data", "train.runs_dir=/scratch/b/runs"]))
+    assert mine == theirs and "optim.lr" in mine
+    assert _flat(load_config("quickstart", ["optim.lr=0.5"])) != mine
