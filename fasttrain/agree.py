@@ -123,6 +123,15 @@ def _flat(cfg: Any) -> dict[str, Any]:
     return out
 
 
+def _versions(fasttrain: str, torch: str) -> str:
+    """fasttrain's version and, run from a git checkout, its commit (nodes on other code under one version
+    string trained together), and torch's."""
+    from fasttrain.rundir import git_commit
+
+    commit = git_commit()
+    return f"fasttrain {fasttrain}{f' (commit {commit[:12]}{commit[40:]})' if commit else ''}, torch {torch}"
+
+
 def node_facts(source: Any, cfg: Any, rank: int, env: Mapping[str, str] | None = None) -> NodeFacts:
     import torch
 
@@ -135,7 +144,7 @@ def node_facts(source: Any, cfg: Any, rank: int, env: Mapping[str, str] | None =
         socket.gethostname(),
         dataset_fingerprint(source),
         _flat(cfg),
-        f"fasttrain {__version__}, torch {torch.__version__}",
+        _versions(__version__, torch.__version__),
     )
 
 

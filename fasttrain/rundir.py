@@ -17,6 +17,7 @@ from fasttrain.io import WriteError, atomic_write_text, is_temp_file, os_reason,
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "git_commit",
     "RunError",
     "RunLockedError",
     "RunLock",
@@ -334,3 +335,29 @@ def resume_target(resume: Path) -> tuple[Path, Path]:
             f"folder of images trains with: fasttrain train CONFIG --set data.root={resume}"
         )
     return resume, resume / "checkpoints" / "last.pt"
+
+
+def git_commit(root: Path | None = None) -> str | None:
+    """The commit of the checkout fasttrain runs from (with ``+dirty`` for uncommitted changes); None when it
+    was installed from a wheel or git is unavailable. Read-only: ``git status`` would otherwise refresh the
+    index and take the user's ``.git/index.lock`` for a moment (a commit of theirs at that moment fails)."""
+    import subprocess
+
+    root = root or Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    git = ["git", "--no-optional-locks", "-C", str(root)]
+    try:
+        head = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if dirty else head

@@ -17,7 +17,6 @@ import random
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +26,7 @@ from torch import nn
 from fasttrain.config import CUDA_GRAPH_COMPILE_MODES, Config, RuntimeConfig, trained_samples
 from fasttrain.data.base import InputSpec
 from fasttrain.numbers import GIB
+from fasttrain.rundir import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +417,7 @@ def environment(device: torch.device | None = None) -> dict[str, Any]:
     has_gpu = torch.cuda.is_available()
     env: dict[str, Any] = {
         "fasttrain": __version__,
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "command": sys.argv[:],
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -439,32 +439,6 @@ def environment(device: torch.device | None = None) -> dict[str, Any]:
         env["gpu_memory_gib"] = round(props.total_memory / GIB, 2)
         env["driver"] = _driver_version()
     return env
-
-
-def _git_commit(root: Path | None = None) -> str | None:
-    """The commit of the checkout fasttrain runs from (with ``+dirty`` for uncommitted changes); None when it
-    was installed from a wheel or git is unavailable. Read-only: ``git status`` would otherwise refresh the
-    index and take the user's ``.git/index.lock`` for a moment (a commit of theirs at that moment fails)."""
-    import subprocess
-
-    root = root or Path(__file__).resolve().parent.parent
-    if not (root / ".git").exists():
-        return None
-    git = ["git", "--no-optional-locks", "-C", str(root)]
-    try:
-        head = subprocess.run(
-            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            [*git, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return f"{head}+dirty" if dirty else head
 
 
 def dali_version() -> str | None:

@@ -321,7 +321,7 @@ def test_the_environment_record_never_writes_the_users_git_index(tmp_path):
     took the user's lock for a moment. The record reads the commit without touching the index."""
     import subprocess
 
-    from fasttrain.runtime import _git_commit
+    from fasttrain.rundir import git_commit
 
     def git(*args):
         subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
@@ -333,7 +333,7 @@ def test_the_environment_record_never_writes_the_users_git_index(tmp_path):
     os.utime(tmp_path / "f.txt", (1, 1))  # same content, new stat data: the index is stale
     index = tmp_path / ".git" / "index"
     before = index.stat()
-    commit = _git_commit(tmp_path)
+    commit = git_commit(tmp_path)
     after = index.stat()
     assert commit is not None and len(commit) == 40  # clean: the content did not change
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)

@@ -894,3 +894,17 @@ def test_each_node_may_mount_the_data_and_write_its_runs_where_it_likes():
     theirs = _flat(load_config("quickstart", ["data.root=/mnt/b/data", "train.runs_dir=/scratch/b/runs"]))
     assert mine == theirs and "optim.lr" in mine
     assert _flat(load_config("quickstart", ["optim.lr=0.5"])) != mine
+
+
+def test_nodes_on_other_commits_under_one_version_string_differ(monkeypatch):
+    """A node running a checkout three commits behind (version string unchanged) trained with the others."""
+    from fasttrain import rundir
+    from fasttrain.agree import _versions
+
+    monkeypatch.setattr(rundir, "git_commit", lambda: "a" * 40 + "+dirty")
+    mine = _versions("0.1.0", "2.14.1")
+    monkeypatch.setattr(rundir, "git_commit", lambda: "b" * 40)
+    theirs = _versions("0.1.0", "2.14.1")
+    assert mine == "fasttrain 0.1.0 (commit aaaaaaaaaaaa+dirty), torch 2.14.1" and theirs != mine
+    monkeypatch.setattr(rundir, "git_commit", lambda: None)  # installed from a wheel: the version alone
+    assert _versions("0.1.0", "2.14.1") == "fasttrain 0.1.0, torch 2.14.1"
