@@ -407,16 +407,19 @@ def _failure_text(store: Any, prefix: str, world_size: int) -> str:
 
 
 def _error_box(e: BaseException) -> bytes:
-    """Rank 0's error for the others: its type and text, or a :class:`RunError` with the type's name and the
-    text where the type cannot be pickled (the others would otherwise wait dist.timeout_s for an answer)."""
+    """Rank 0's error for the others: its type and text (and where rank 0 runs), or a :class:`RunError` with the
+    type's name and the text where the type cannot be pickled (the others would otherwise wait dist.timeout_s for
+    an answer)."""
     try:
         text = str(e)
     except Exception:  # noqa: BLE001 - an exception whose str() fails still has a type
         text = ""
+    # said where it was found: the others' nodes may hold what rank 0's lacks (its data.root, its run folder)
+    text = f"{text} (found by {_where()}, which decides for every rank)"
     try:
         return pickle.dumps(("error", (type(e), text)))
     except Exception:  # noqa: BLE001 - a local or otherwise unpicklable exception type
-        return pickle.dumps(("error", (RunError, f"{type(e).__name__}: {text}" if text else type(e).__name__)))
+        return pickle.dumps(("error", (RunError, f"{type(e).__name__}: {text}")))
 
 
 def decide(
