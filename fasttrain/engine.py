@@ -830,7 +830,7 @@ def _skipped_files(
 
 def _log_skipped(skipped: list[tuple[str, str]], run_dir: Path | None, fmt: str, show: int = 20) -> None:
     """The files the run left out, in train.log (and on the terminal), at most ``show`` of them by name; all of
-    them in ``run_dir``/skipped.txt when there are more (rank 0's: ``run_dir`` None writes nothing)."""
+    them in ``run_dir``/skipped.txt when there are more (None writes nothing)."""
     if not skipped:
         return
     check = "; `fasttrain check-data` on the data decodes every image" if fmt in ("folder", "shards") else ""
@@ -1201,7 +1201,8 @@ class Trainer:
                     {"epoch": state.epoch, "step": state.step, "event": "test", "weights": tested, **test_metrics}
                 )
             skipped = self._skipped(test_loader)
-            _log_skipped(skipped, self.run_dir if self.is_main else None, self.source.format)
+            if self.is_main:  # the list is every rank's: said once
+                _log_skipped(skipped, self.run_dir, self.source.format)
             best = self.ckpts.best_value
             log.info(
                 "run finished: %d epochs, best %s %s%s, %d file%s skipped | %s",

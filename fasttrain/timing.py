@@ -348,8 +348,8 @@ class TimeBudget:
             self.excluded_s += self._clock() - t0
 
     def stamp(self) -> str:
-        """``12.3/45 s``: for progress lines."""
-        return f"{self.elapsed():.1f}/{self.seconds:g} s"
+        """``12.3/45 s``: for progress lines (a computed budget, 0.901804 s, shown as 0.9)."""
+        return f"{self.elapsed():.1f}/{round(self.seconds, 1):g} s"
 
 
 def _check_batch_size(n: Any) -> int:

@@ -239,6 +239,7 @@ def test_time_budget_counts_from_creation_and_leaves_out_excluded_time(clock):
     with budget.excluded():  # a compile: not charged to the budget
         clock.now += 100.0
     assert budget.elapsed() == pytest.approx(3.0) and budget.stamp() == "3.0/10 s"
+    assert B.TimeBudget(0.901804, clock=clock).stamp() == "0.0/0.9 s"  # a computed cap: not 0.901804 s
     clock.now += 8.0
     assert budget.left() < 0
     with pytest.raises(ValueError):
