@@ -910,3 +910,51 @@ def test_nodes_on_other_commits_under_one_version_string_differ(monkeypatch):
     assert mine == "fasttrain 0.1.0 (commit aaaaaaaaaaaa+dirty), torch 2.14.1" and theirs != mine
     monkeypatch.setattr(rundir, "git_commit", lambda: None)  # installed from a wheel: the version alone
     assert _versions("0.1.0", "2.14.1") == "fasttrain 0.1.0, torch 2.14.1"
+
+
+@pytest.mark.slow
+@needs_gloo
+def test_sigterm_to_one_nodes_agent_saves_the_step_every_rank_agrees_on(shapes_root, tmp_path):
+    """SLURM or Kubernetes ending one node's agent: it passes SIGTERM to its worker only. Signals were not
+    handled under torchrun, so both nodes ended with nothing saved since the last epoch (15 steps lost in the
+    scale walkthrough) and no command to resume; every rank now saves the step they vote for."""
+    import signal
+
+    from fasttrain.checkpoint import load_checkpoint
+    from tests.engine.test_ddp import worker_env
+
+    nodes = [tmp_path / "n0", tmp_path / "n1"]
+    args = _sets(shapes_root, tmp_path / "runs", "train.epochs=50", "train.max_steps=0", "train.batch_size=8")
+    port, procs = _free_port(), []
+    for folder in nodes:
+        folder.mkdir()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1"]
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=term", str(WORKER)]
+        err = open(folder / "agent.err", "w+")
+        procs.append((subprocess.Popen([*cmd, "train", "-q", *args], cwd=folder, env=worker_env(), stderr=err), err))
+    try:
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and not list((tmp_path / "runs").glob("*/checkpoints/last.pt")):
+            assert all(p.poll() is None for p, _ in procs), [e.name for _, e in procs]
+            time.sleep(0.1)
+        (run,) = _runs(tmp_path / "runs")
+        first = load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"]
+        procs[1][0].send_signal(signal.SIGTERM)  # one node's agent, as its scheduler would
+        for p, _ in procs:
+            p.wait(timeout=90)
+    finally:
+        for p, _ in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    errs = []
+    for _, e in procs:
+        e.seek(0)
+        errs.append(e.read())
+        e.close()
+    text = "\n".join(errs)
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    step = ckpt["state"]["step"]
+    assert step > first and step % 4 == 0 and ckpt["position"]["micro"] > 0, text[-4000:]  # a vote's step
+    assert f"SIGTERM: stopped at epoch {ckpt['position']['epoch'] + 1}, step {step}" in text, text[-4000:]
+    assert text.count(f"fasttrain train --resume {run}") == 1, text[-4000:]
