@@ -214,6 +214,9 @@ class BenchReport:
             "image_size": self.image_size,
         }
 
+    def __str__(self) -> str:  # print(bench(cfg)) shows the table, not the dataclass's every field
+        return self.to_table()
+
     def to_table(self) -> str:
         rows = [
             ("loader only", self.loader),

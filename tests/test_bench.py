@@ -84,6 +84,7 @@ def test_under_torchrun_end_to_end_is_measured_against_the_data_parallel_step():
     assert report.ceiling is report.model_step_parallel
     assert report.verdict == "compute-bound" and report.ceiling_share == pytest.approx(891 / 1072)
     assert "verdict: compute-bound; end to end reaches 83% of the model-only ceiling" in report.to_table()
+    assert str(report) == report.to_table()  # print(bench(cfg)) shows the table, not every dataclass field
 
 
 def test_report_calls_noisy_figures_rough():

@@ -135,6 +135,9 @@ class AutotuneReport:
         return cls(**kw)
 
     # -- the table ------------------------------------------------------------------------------------------
+    def __str__(self) -> str:  # print(bench(cfg)) shows the table, not the dataclass's every field
+        return self.to_table()
+
     def to_table(self) -> str:
         c_, h, w = self.input_shape
         lines = [

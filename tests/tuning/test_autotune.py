@@ -614,6 +614,7 @@ def test_the_choice_line_says_within_the_noise_only_when_it_is(best_sps, said):
     assert said in line
     report.time_budget_s = report.cpu_cap_s = 4.54476  # a CPU cap from the job's length: "= 4.54476 s" before
     assert report.to_table().splitlines()[-1].endswith("of the 4.5 s CPU cap")
+    assert str(report) == report.to_table()  # print(autotune(cfg)): the table, not every dataclass field
 
 
 def test_each_later_plans_compiled_check_starts_from_a_reset_compiler(monkeypatch):
