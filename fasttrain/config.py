@@ -663,6 +663,10 @@ class TaskConfig:
     random_erasing: float = 0.0
     """classify: probability that timm's RandomErasing replaces a random box of a training image (2-33 % of its
     area) with noise, on the device after normalization (0 = off; 0.25 is timm's usual). Needs timm."""
+    class_weights: str = "none"
+    """classify: none, or balanced: each class's training loss weighed by N / (classes x its images), as
+    scikit-learn's class_weight="balanced", so a rare class counts as much as a common one (validation loss and
+    accuracy stay unweighed)."""
 
     def __post_init__(self) -> None:
         _choice(self.name, "task.name", registry.names("tasks"))
@@ -677,6 +681,12 @@ class TaskConfig:
             f"averages a classifier's logits; task {self.name} has none (set it to none)",
         )
         _check(0 <= self.random_erasing <= 1, "task.random_erasing", f"must be in [0, 1], got {self.random_erasing}")
+        _choice(self.class_weights, "task.class_weights", ("none", "balanced"))
+        _check(
+            self.class_weights == "none" or self.name == "classify",
+            "task.class_weights",
+            f"weighs a classifier's classes; task {self.name} has none (set it to none)",
+        )
         _check(
             self.random_erasing == 0 or self.name == "classify",
             "task.random_erasing",

@@ -1132,6 +1132,8 @@ class Trainer:
         done = self.finished is not None and (state.epoch >= tc.epochs or self.early_stop.stopped)
         if not done:  # a finished run resumed adds no record
             self._record_startup()
+            for note in self.task.data_notes() if self.is_main and self.ckpt is None else ():
+                log.warning("%s", note)
         test_metrics, tested = None, ""
         test_loader = None
         state.train(True)

@@ -309,6 +309,11 @@ class Task:
                 raise TypeError(f"model=: the factory returned a {type(m).__name__}, not a torch.nn.Module")
         return check_given_model(m, *self.sizing_inputs(), self.check_output)
 
+    def data_notes(self) -> list[str]:
+        """What the run should know about its training data before it starts (warned once, by rank 0): none by
+        default."""
+        return []
+
     def check_output(self, out: Any) -> None:
         """What a model given from Python returned for :meth:`sizing_inputs`: a ValueError naming what the task
         takes when it cannot train on it. The default takes anything."""

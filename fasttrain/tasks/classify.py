@@ -87,6 +87,51 @@ class ClassifyTask(Task):
         super().__init__(cfg, runtime, source, **settings)
         self._mix: Any = None
         self._erase: Any = None
+        self._weight: torch.Tensor | None = None
+        if cfg.task.class_weights == "balanced" and source is not None and not self.class_counts():
+            from fasttrain.config import ConfigError
+
+            raise ConfigError(
+                "task.class_weights = balanced weighs classes by their training images, which a dataset from "
+                "Python does not list before it is read (set it to none)"
+            )
+
+    def class_counts(self) -> list[int]:
+        """Training images per class (empty where the split lists no labels: a dataset from Python)."""
+        src = self.source
+        if src is None or not len(src.train.targets):
+            return []
+        import numpy as np
+
+        counts = np.bincount(np.asarray(src.train.targets, dtype=np.int64), minlength=self.num_outputs)
+        return [int(c) for c in counts]
+
+    def loss_weight(self, device: torch.device) -> torch.Tensor | None:
+        """``task.class_weights = balanced``: N / (classes x images of the class) per class (0 for a class with
+        none, which no sample trains anyway), on ``device``; None otherwise."""
+        if self.cfg.task.class_weights != "balanced":
+            return None
+        if self._weight is None or self._weight.device != device:
+            counts = torch.tensor(self.class_counts(), dtype=torch.float32)
+            weight = counts.sum() / (len(counts) * counts.clamp(min=1))
+            self._weight = torch.where(counts > 0, weight, torch.zeros_like(weight)).to(device)
+        return self._weight
+
+    def data_notes(self) -> list[str]:
+        counts = self.class_counts()
+        present = [c for c in counts if c]
+        if self.cfg.task.class_weights != "none" or len(present) < 2 or max(present) < 4 * min(present):
+            return []
+        names = self.source.class_names if self.source is not None and self.source.class_names else None
+        names = names or [str(i) for i in range(len(counts))]
+        most, least = counts.index(max(present)), counts.index(min(present))
+        share = max(present) / sum(counts)
+        return [
+            f"the classes are unbalanced: {names[most]} has {max(present)} training images, {names[least]} "
+            f"{min(present)}; a model answering {names[most]} for every image scores an accuracy near {share:.2f}. "
+            "task.class_weights = balanced weighs each class's loss by its rarity (the per-class accuracies at "
+            "the end show what each class gets)"
+        ]
 
     def batch_mix(self) -> Any:
         """MixUp / CutMix (torchvision.transforms.v2) over a device batch, or None when both are off. The mixing
@@ -118,7 +163,9 @@ class ClassifyTask(Task):
         with self.runtime.autocast():
             logits = state.callables["model"](x)
         # The loss in float32: autocast would compute it in float32 anyway, this makes it explicit.
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.cfg.train.label_smoothing)
+        loss = F.cross_entropy(
+            logits.float(), y, weight=self.loss_weight(logits.device), label_smoothing=self.cfg.train.label_smoothing
+        )
         yield "model", loss
         acc = (logits.detach().argmax(1) == batch.targets).float().mean()
         return {"loss": loss.detach(), "acc": acc}

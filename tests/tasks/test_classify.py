@@ -58,3 +58,43 @@ def test_cutmix_pastes_a_box_and_off_leaves_inputs_alone():
 def test_negative_alpha_names_the_field():
     with pytest.raises(ValueError, match="task.mixup_alpha: must be >= 0"):
         load_config(None, ["task.mixup_alpha=-1"])
+
+
+def test_balanced_class_weights_weigh_the_training_loss_and_unbalanced_data_is_warned_of(tmp_path, caplog):
+    """300 cats and 40 fish: best.pt was a model answering cat (val_acc 0.886, the share of cats) with no word
+    and no setting to weigh the rare class."""
+    import torch.nn.functional as F
+
+    from fasttrain.config import ConfigError
+    from fasttrain.data.sources import DataSource, Split
+
+    split = Split("train", [f"/d/{i}.png" for i in range(340)], [0] * 300 + [1] * 40)
+    source = DataSource(tmp_path, "folder", split, None, class_names=["cat", "fish"])
+    cfg = load_config(None, ["model.name=smallcnn", "model.width=4", "data.image_size=16"])
+    plain = make_task(cfg, runtime_for(cfg, device="cpu"), source)
+    (note,) = plain.data_notes()
+    assert "unbalanced: cat has 300 training images, fish 40" in note and "accuracy near 0.88" in note
+    assert plain.loss_weight(torch.device("cpu")) is None
+
+    weighed = load_config(
+        None,
+        ["model.name=smallcnn", "model.width=4", "data.image_size=16", "task.class_weights=balanced"]
+        + ["runtime.precision=fp32"],
+    )
+    task = make_task(weighed, runtime_for(weighed, device="cpu"), source)
+    assert task.data_notes() == []
+    weight = task.loss_weight(torch.device("cpu"))
+    torch.testing.assert_close(weight, torch.tensor([340 / 600, 340 / 80]))
+    state = task.build_state()
+    x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 0, 0, 1])
+    got = task.train_step(state, Batch(x, y), update=False)["loss"]
+    logits = state.modules["model"](x)
+    torch.testing.assert_close(got, F.cross_entropy(logits.float(), y, weight=weight))
+
+    with pytest.raises(ConfigError, match="task.class_weights"):
+        load_config(None, ["task.class_weights=inverse"])
+    with pytest.raises(ConfigError, match="task.class_weights: weighs a classifier's classes"):
+        load_config("drawing", ["task.class_weights=balanced"])
+    python = DataSource(tmp_path, "dataset", Split("train", ["dataset[0]"], []), None, class_names=["a", "b"])
+    with pytest.raises(ConfigError, match="a dataset from Python does not list"):
+        make_task(weighed, runtime_for(weighed, device="cpu"), python)
