@@ -671,6 +671,11 @@ class CheckReport:
     layout: str = ""
     """Why training would refuse the folder as class folders (``data.format = folder``), or "". A note, not a
     verdict: the folder may be another format's (a manifest, drawing steps, pairs) or images to predict."""
+    other_format: str = ""
+    """The format the folder also reads as (paired: A/ and B/ folders; manifest: a labels.csv), or ""."""
+    left_out: list[tuple[str, str]] = field(default_factory=list)
+    """(file or record, why) that training under :attr:`other_format` leaves out: a pair without its partner,
+    a manifest row without an image or a number."""
 
     def to_text(self) -> str:
         lines = [
@@ -682,6 +687,14 @@ class CheckReport:
         lines += _odd_lines(self.odd)
         if self.layout:
             lines.append(f"  LAYOUT  as class folders (data.format = folder), training refuses it: {self.layout}")
+        if self.other_format:
+            lines.append(
+                f"  LAYOUT  as data.format = {self.other_format}, training leaves out {len(self.left_out)} "
+                f"record{'' if len(self.left_out) == 1 else 's'}{':' if self.left_out else ''}"
+            )
+            lines += [f"  LEFT OUT  {f}: {why}" for f, why in self.left_out[:50]]
+            if len(self.left_out) > 50:
+                lines.append(f"  ... and {len(self.left_out) - 50} more")
         if self.skip_list:
             lines.append(f"skip list written to {self.skip_list}")
         return "\n".join(lines)
@@ -776,7 +789,33 @@ def _check_folder(root: Path, channels: int, workers: int, max_pixels: int) -> C
     report.bad.extend(scan.others)
     _checked(report, [str(f) for f in scan.files], channels, workers, max_pixels)
     report.layout = _folder_layout(root)
+    report.other_format, report.left_out = _other_format(root)
     return report
+
+
+def _other_format(root: Path) -> tuple[str, list[tuple[str, str]]]:
+    """The format besides class folders that ``root`` looks like (A/ and B/ folders: paired; a labels.csv:
+    manifest), and what training in that format leaves out; ("", []) for none."""
+    from fasttrain.config import ConfigError, DataConfig
+    from fasttrain.data.sources import find_source
+
+    fmt = ""
+    if any((base / "A").is_dir() and (base / "B").is_dir() for base in (root, root / "train")):
+        fmt = "paired"
+    elif (root / DataConfig().manifest).is_file():
+        fmt = "manifest"
+    if not fmt:
+        return "", []
+    quiet = logging.getLogger("fasttrain.data")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        src = find_source(DataConfig(root=str(root), format=fmt, val_fraction=0.0))
+    except ConfigError as e:
+        return fmt, [(str(root), str(e))]
+    finally:
+        quiet.setLevel(level)
+    return fmt, list(src.skipped)
 
 
 def _folder_layout(root: Path) -> str:

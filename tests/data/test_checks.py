@@ -239,3 +239,26 @@ def test_odd_files_are_reported_by_kind_the_rare_kinds_first():
     assert lines[1:3] == ["  odd  /d/t1.png: tiny (4x4)", "  odd  /d/t2.png: tiny (6x2)"]  # one kind, sizes aside
     assert lines[3:8] == [f"  odd  /d/gray_{i:02d}.jpg: mode L, converted to RGB" for i in range(5)]
     assert lines[8:] == ["  ... and 55 more odd files: mode L, converted to RGB"]
+
+
+def test_check_data_on_pairs_or_a_manifest_names_what_training_leaves_out(tmp_path, capsys):
+    """Training's end sends the user to check-data, which read A/ and B/ as two classes and reported nothing
+    of the 11 pairs without a partner."""
+    from fasttrain.data.synthetic import make_paired_dataset
+
+    pairs = make_paired_dataset(tmp_path / "pairs", n=6, size=16, val_fraction=0)
+    lost = sorted((pairs / "train" / "B").iterdir())[0]
+    lost.unlink()
+    assert main(["check-data", str(pairs)]) == 0  # a note: every image reads
+    out = capsys.readouterr().out
+    assert "LAYOUT  as data.format = paired, training leaves out 1 record:" in out
+    assert f"LEFT OUT  {pairs / 'train' / 'A' / lost.name}: no matching target image" in out
+
+    rows = tmp_path / "rows"
+    for cls in ("cat", "fish"):
+        (rows / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(rows / cls / "a.png")
+    (rows / "labels.csv").write_text("path,label\ncat/a.png,cat\nfish/a.png,fish\ngone.png,cat\n")
+    main(["check-data", str(rows)])
+    out = capsys.readouterr().out
+    assert "LAYOUT  as data.format = manifest, training leaves out 1 record:" in out and "gone.png not found" in out
