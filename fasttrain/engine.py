@@ -833,7 +833,8 @@ def _log_skipped(skipped: list[tuple[str, str]], run_dir: Path | None, fmt: str,
     them in ``run_dir``/skipped.txt when there are more (None writes nothing)."""
     if not skipped:
         return
-    check = "; `fasttrain check-data` on the data decodes every image" if fmt in ("folder", "shards") else ""
+    readable = ("folder", "shards", "paired", "manifest")  # the layouts check-data reads (not drawing, not Python's)
+    check = "; `fasttrain check-data` on the data decodes every image" if fmt in readable else ""
     log.warning(
         "%d %s skipped (unreadable or unusable)%s:",
         len(skipped),

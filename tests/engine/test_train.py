@@ -426,15 +426,15 @@ def test_what_cannot_train_is_refused_before_a_run_folder_exists(shapes_root, tm
 
 
 def test_the_runs_skipped_files_are_all_listed_and_check_data_offered_only_where_it_reads_the_layout(tmp_path, caplog):
-    """The end of a run named 20 skipped files and sent the rest to `fasttrain check-data`, which reads class
-    folders and shards only: for pairs it reported A/ and B/ as classes and nothing missing."""
+    """The end of a run named 20 skipped files and sent the rest to `fasttrain check-data`, which does not read
+    every layout (drawing sessions)."""
     import logging
 
     from fasttrain.engine import _log_skipped
 
-    skipped = [(f"/d/A/{i}.png", "no partner in B/") for i in range(25)]
+    skipped = [(f"/d/s{i}/step_0001.json", "not valid JSON") for i in range(25)]
     with caplog.at_level(logging.WARNING):
-        _log_skipped(skipped, tmp_path, "paired")
+        _log_skipped(skipped, tmp_path, "drawing")
     assert "25 files were skipped (unreadable or unusable):" in caplog.text and "check-data" not in caplog.text
     assert f"... and 5 more (all of them: {tmp_path / 'skipped.txt'})" in caplog.text
     assert (tmp_path / "skipped.txt").read_text().splitlines() == [f"{f}\t{why}" for f, why in skipped]
