@@ -218,12 +218,17 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
 
 
 def _stopped_workers(e: BaseException) -> int:
-    """128 + the signal's number when every worker that "failed" exited as a stop signal makes a run exit (it
-    saved, and rank 0 printed the command that resumes it); else 0."""
+    """128 + the signal's number when the workers that "failed" exited as a stop signal makes a run exit (it
+    saved, and rank 0 printed the command that resumes it), some perhaps ended by the agent after the others
+    (SIGTERM, SIGKILL); else 0."""
+    import signal
+
     from fasttrain.stop import STOP_SIGNALS
 
     codes = {int(getattr(f, "exitcode", 1)) for f in (getattr(e, "failures", None) or {}).values()}
-    return codes.pop() if len(codes) == 1 and min(codes) - 128 in STOP_SIGNALS else 0
+    stopped = {c for c in codes if c - 128 in STOP_SIGNALS}
+    ended = {-signal.SIGTERM, -signal.SIGKILL}
+    return stopped.pop() if len(stopped) == 1 and codes - stopped <= ended else 0
 
 
 def _worker_failure(e: BaseException, nproc: int) -> str:

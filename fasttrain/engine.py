@@ -1697,6 +1697,9 @@ class Trainer:
         e = Stopped(self.vote.signum, saved=saved)
         if self.is_main:
             log.warning("%s: stopped at epoch %d, step %d; %s saved", e, epoch, self.state.step, self.ckpts.last)
+        # every process leaves once rank 0 has written the checkpoint: torchrun's agent, seeing the others end
+        # first, would end rank 0 in the middle of it
+        distributed.barrier()
         return e
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:

@@ -3,13 +3,16 @@ and SIGUSR1 (SLURM's pre-emption warning with ``--signal``) all save the run and
 
 The handler only records the signal; the training loop stops at the next optimizer step (a state it can save:
 no half-applied update), writes ``last.pt`` there and raises :class:`Stopped`. A second signal stops at once
-(a loader that hangs must not hold Ctrl-C hostage): the last checkpoint written before it is what resumes.
+(a loader that hangs must not hold Ctrl-C hostage): the last checkpoint written before it is what resumes. The
+same signal again within :data:`REPEAT_S` is the first one delivered twice (to a torchrun worker directly and
+through its agent), not a second.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,20 +31,30 @@ class Stopped(KeyboardInterrupt):
         super().__init__(signal.Signals(signum).name)
 
 
+REPEAT_S = 2.0
+"""The same signal again within this many seconds is the first one delivered twice, not a second: a scheduler
+that signals every process of a job (SLURM's scancel, a time limit) reaches torchrun's workers directly and
+through their agent, which passes it on."""
+
+
 class StopRequest:
     """The signal received, if any; the loop asks ``pending`` at each optimizer step."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._at = 0.0
 
     @property
     def pending(self) -> bool:
         return self.signum is not None
 
     def handle(self, signum: int, frame: object) -> None:
-        if self.signum is not None:  # the second signal: stop now
-            raise Stopped(signum, saved=False)
-        self.signum = signum
+        now = time.monotonic()
+        if self.signum is not None:
+            if signum == self.signum and now - self._at < REPEAT_S:
+                return  # the first one, delivered again
+            raise Stopped(signum, saved=False)  # the second signal: stop now
+        self.signum, self._at = signum, now
 
 
 @contextmanager

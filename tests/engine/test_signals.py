@@ -100,3 +100,39 @@ def test_a_run_stopped_between_two_logged_steps_logs_what_the_straight_run_logs(
     assert load_checkpoint(run / "checkpoints" / "last.pt")["state"]["step"] == 5
     train(resume=run, progress=False)
     assert records(run) == records(straight.run_dir)
+
+
+def test_the_same_signal_delivered_twice_at_once_is_one_signal(monkeypatch):
+    """A scheduler that signals every process of a job reaches a torchrun worker directly and through its agent:
+    the second delivery, milliseconds later, stopped the worker at once with nothing saved."""
+    import fasttrain.stop as S
+
+    now = [100.0]
+    monkeypatch.setattr(S.time, "monotonic", lambda: now[0])
+    request = S.StopRequest()
+    request.handle(signal.SIGTERM, None)
+    now[0] += 0.05
+    request.handle(signal.SIGTERM, None)  # the same one again: still a save at the next step
+    assert request.signum == signal.SIGTERM
+    with pytest.raises(S.Stopped) as e:
+        request.handle(signal.SIGINT, None)  # another signal: stop now
+    assert not e.value.saved
+    now[0] += S.REPEAT_S
+    with pytest.raises(S.Stopped):
+        request.handle(signal.SIGTERM, None)  # the same signal, later: a second one
+
+
+def test_workers_that_stopped_on_a_signal_are_not_reported_as_failed():
+    """Ranks that leave before rank 0 has written its checkpoint made the agent end rank 0 (-15); the exit codes
+    {143, -15} read as a failed worker, exit status 1."""
+    from types import SimpleNamespace
+
+    from fasttrain.cli import _stopped_workers
+
+    def failed(*codes):
+        return SimpleNamespace(failures={r: SimpleNamespace(exitcode=c) for r, c in enumerate(codes)})
+
+    assert _stopped_workers(failed(143, 143)) == 143 and _stopped_workers(failed(143, -15)) == 143
+    assert _stopped_workers(failed(130, -9)) == 130
+    assert _stopped_workers(failed(1, 143)) == 0 and _stopped_workers(failed(-15)) == 0
+    assert _stopped_workers(failed(143, 130)) == 0  # two signals: not one stop
