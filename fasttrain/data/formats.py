@@ -7,7 +7,7 @@ no images at all) raises :class:`~fasttrain.config.ConfigError`.
 
 Formats
 - manifest: ``root/<data.manifest>``, a CSV with a header (separated by commas, or by semicolons, tabs or bars;
-  with another separator than the comma, ``0,5`` is a number) or a ``.jsonl`` file (one object per line). The
+  with a semicolon, ``0,5`` is a number) or a ``.jsonl`` file (one object per line). The
   image column is the first of :data:`PATH_COLUMNS` (``path``, ``image``, ``file``, ``filename``, ...); its paths
   are relative to the root (absolute paths must lie inside it). A column named ``label``, ``class`` or
   ``category`` makes it a classifier's: the classes are that column's values (sorted, by value when all are
@@ -154,7 +154,7 @@ def _read_manifest_rows(path: Path, skipped: list[tuple[str, str]]) -> list[tupl
             if None in rec:
                 skipped.append((f"{path}:{reader.line_num}", f"more fields than the header has (separator {sep!r})"))
                 continue
-            if sep != ",":
+            if sep == ";":  # where the comma is the decimal mark (a tab's or bar's "1,234" is a thousand)
                 rec = {k: _DECIMAL_COMMA.sub(r"\1.\2", v) if isinstance(v, str) else v for k, v in rec.items()}
             rows.append((reader.line_num, rec))
     return rows
@@ -217,6 +217,8 @@ def discover_manifest(cfg: DataConfig, root: Path) -> DataSource:
             f"columns: {', '.join(columns)}"
         )
     label_col = None if cfg.target_columns else next((c for c in LABEL_COLUMNS if c in columns), None)
+    if label_col is not None and _fractional([rec.get(label_col) for _, rec in rows]):
+        label_col = None  # 0.5, 2.25: a regression target named label, not classes
     if label_col is not None:
         names = _class_names([rec.get(label_col) for _, rec in rows])
         index = {c: i for i, c in enumerate(names)}
@@ -270,6 +272,12 @@ def discover_manifest(cfg: DataConfig, root: Path) -> DataSource:
 
     splits = _manifest_splits(root, path, rows, path_col, numbers, skipped)
     return _finish(root, "manifest", splits, cfg, skipped, target_names=targets)
+
+
+def _fractional(values: list[Any]) -> bool:
+    """Every value is a number and some are not whole: a measurement, not a class."""
+    numbers = [_as_number(v) for v in values if _label(v)]
+    return bool(numbers) and all(n is not None for n in numbers) and any(n != int(n) for n in numbers if n is not None)
 
 
 def _label(value: Any) -> str:

@@ -536,7 +536,7 @@ def _warn_of_layout(
             train_dir,
         )
     if not has_val and train_dir != root:
-        other = next((n for n in VAL_LOOKALIKES if n != cfg.val_dir and (root / n).is_dir()), None)
+        other = next((n for n in VAL_LOOKALIKES if n not in (cfg.val_dir, cfg.test_dir) and (root / n).is_dir()), None)
         if other is not None:
             log.warning(
                 "%s looks like a validation split, but data.val_dir is %r: --set data.val_dir=%s validates on it "

@@ -201,7 +201,7 @@ def _check_sizes(dataset: Any, arg: str, start: int, shape: tuple[int, ...], ref
     training dataset's first): a dataset of images of several sizes (an ImageFolder without a Resize) failed in
     its first batch, in torch.stack."""
     seen = 0
-    for i in range(start, len(dataset)):
+    for i in range(start, min(len(dataset), start + 2 * probes)):  # a dataset of failing items is not read whole
         if seen == probes:
             return
         try:
@@ -278,8 +278,9 @@ def dataset_source(cfg: Config, dataset: Any, val_dataset: Any = None) -> tuple[
         _check_dataset(val_dataset, "val_dataset")
     i, x, label = _first_item(dataset, "dataset")
     _check_sizes(dataset, "dataset", i + 1, tuple(x.shape), f"dataset[{i}]")
-    if val_dataset is not None:
-        _check_sizes(val_dataset, "val_dataset", 0, tuple(x.shape), f"dataset[{i}]")
+    if val_dataset is not None:  # its own size may differ (validated at another resolution): one size of its own
+        j, v, _ = _first_item(val_dataset, "val_dataset")
+        _check_sizes(val_dataset, "val_dataset", j + 1, tuple(v.shape), f"val_dataset[{j}]")
     c, side = int(x.shape[0]), int(x.shape[1])
     if c not in (1, 3):
         raise ValueError(f"dataset[{i}]: {c} channels; fasttrain's models take 1 (grayscale) or 3 (RGB)")

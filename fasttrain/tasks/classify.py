@@ -58,7 +58,7 @@ class ClassifyTask(Task):
                 "category)"
             )
         n = self.cfg.model.num_outputs or (src.num_outputs if src else 0)
-        if n < 2 and not self.cfg.model.num_outputs and src is not None and src.class_names:
+        if n < 2 and not self.cfg.model.num_outputs and src is not None and src.class_names and src.format == "folder":
             raise ValueError(
                 f"data.root: {src.root} has one class folder ({src.class_names[0]}/); a classifier needs two at least "
                 "(is data.root one class's folder? it is the folder above them)"
@@ -68,7 +68,8 @@ class ClassifyTask(Task):
                 "model.num_outputs: a classifier needs at least 2 classes "
                 f"(found {n}; set model.num_outputs or check data.root)"
             )
-        if src is not None and src.class_names and n != len(src.class_names):
+        # (a resume keeps its config's count: a changed set of classes is said by the class names it checks)
+        if src is not None and src.class_names and n != len(src.class_names) and not self.restoring:
             from fasttrain.config import ConfigError
 
             raise ConfigError(

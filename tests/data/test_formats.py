@@ -208,6 +208,17 @@ def test_a_manifest_with_a_label_column_holds_classes_and_trains_a_classifier(tm
     )
     numbered = discover(DataConfig(format="manifest", manifest="numbered.csv", val_fraction=0), tmp_path)
     assert numbered.class_names == [str(n) for n in range(12)]  # by value: 2 before 10
+    # a regression target named label (fractions): numbers, as before such columns made classes
+    (tmp_path / "scores.csv").write_text(
+        "path,label\n" + "".join(f"photos/IMG_{i:04d}.png,{i / 4}\n" for i in range(24))
+    )
+    scores = discover(DataConfig(format="manifest", manifest="scores.csv", val_fraction=0), tmp_path)
+    assert scores.class_names is None and scores.target_names == ["label"]
+    # one class alone: not called a class folder
+    (tmp_path / "cats.csv").write_text("path,label\n" + "".join(f"photos/IMG_{i:04d}.png,cat\n" for i in range(24)))
+    one = tiny_cfg(tmp_path, tmp_path / "runs", "data.format=manifest", "data.manifest=cats.csv")
+    with pytest.raises(ValueError, match=r"model.num_outputs: a classifier needs at least 2 classes \(found 1"):
+        train(one, progress=False)
 
     cfg = tiny_cfg(tmp_path, tmp_path / "runs", "data.format=manifest", "train.batch_size=8", epochs=1, max_steps=2)
     result = train(cfg, progress=False)
@@ -224,6 +235,9 @@ def test_a_spreadsheets_semicolon_manifest_with_decimal_commas_is_read(tmp_path)
     (tmp_path / "labels.csv").write_text("file;x;y\na.png;0,5;1\nb.png;2,25;-3,5\nc.png;1;2;3\n")
     src = discover(DataConfig(format="manifest", val_fraction=0), tmp_path)
     assert src.train.targets == [[0.5, 1.0], [2.25, -3.5]]
+    (tmp_path / "tabs.csv").write_text("file\tx\na.png\t1,234\nb.png\t2\nc.png\t3\n")  # a tab's 1,234: no decimal
+    tabs = discover(DataConfig(format="manifest", manifest="tabs.csv", val_fraction=0), tmp_path)
+    assert tabs.train.targets == [[2.0], [3.0]] and "not a number in x: '1,234'" in tabs.skipped[0][1]
     assert [why for _, why in src.skipped] == ["more fields than the header has (separator ';')"]
     (tmp_path / "labels.csv").write_text("file,x\na.png,1,2\n")
     with pytest.raises(ConfigError, match=r"has no records \(1 skipped; the first, .*:2: more fields than the header"):
@@ -485,6 +499,8 @@ def test_a_folder_layout_that_leaves_images_out_or_splits_a_class_says_so(tmp_pa
     )
     caplog.clear()
     assert discover(DataConfig(val_dir="validation"), tmp_path).val is not None
+    assert "looks like a validation split" not in caplog.text
+    discover(DataConfig(test_dir="validation"), tmp_path)  # the test split's folder: not offered as validation
     assert "looks like a validation split" not in caplog.text
 
     phone = tmp_path / "phone"

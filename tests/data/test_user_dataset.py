@@ -160,8 +160,14 @@ def test_a_wrong_dataset_is_refused_with_what_is_wrong(tmp_path):
         ValueError, match=r"dataset\[5\]: image 3 x 16 x 12, where dataset\[0\] is 3 x 16 x 16: .*Resize"
     ):
         dataset_source(cfg, Photos(8))
-    with pytest.raises(ValueError, match=r"val_dataset\[5\]: image 3 x 16 x 12, where dataset\[0\] is 3 x 16 x 16"):
+    with pytest.raises(ValueError, match=r"val_dataset\[5\]: image 3 x 16 x 12, where val_dataset\[0\] is 3 x 16 x 16"):
         dataset_source(cfg, Bars(8), Photos(8))
+
+    class Larger(Bars):  # validated at another resolution than trained: as before, allowed
+        def __getitem__(self, i):
+            return torch.zeros(3, 24, 24, dtype=torch.uint8), 0
+
+    assert dataset_source(cfg, Bars(8), Larger(8))[1].val is not None
 
     class NumpyLabels(Bars):
         def __getitem__(self, i):

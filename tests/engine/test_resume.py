@@ -445,3 +445,18 @@ def test_a_resume_on_data_that_gained_files_warns_that_the_split_was_drawn_again
         shutil.copy(image, image.parent / f"added_{i}{image.suffix}")
     train(resume=first.run_dir, progress=False, overrides=["train.epochs=3"])
     assert "the data changed since the checkpoint (train" in caplog.text and "is drawn again" in caplog.text
+
+
+def test_a_resume_on_data_with_another_class_says_the_classes_differ(shapes_root, tmp_path):
+    """It said 'model.num_outputs: 3, but ... has 4 classes: leave it 0', which a resume cannot do (its config
+    holds 3): the class names it was trained on are what differ."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(shapes_root, data)
+    first = train(_tiny_cfg(data, tmp_path / "runs", epochs=1), progress=False)
+    shutil.copytree(data / "train" / "circle", data / "train" / "oval")
+    with pytest.raises(
+        ConfigError, match=r"data.root: the data's class names \(circle, oval, square, triangle\) differ"
+    ):
+        train(resume=first.run_dir, progress=False, overrides=["train.epochs=2"])
