@@ -132,7 +132,7 @@ def test_a_model_whose_first_linear_layer_is_sized_by_its_input_trains_resumes_a
             return self.fc(x.view(1, 5))  # not the input it is given
 
     task = make_task(cfg, Runtime(cfg.runtime), None, model=Broken)
-    with pytest.raises(ValueError, match=r"one 3 x 32 x 32 image \(data.channels, data.image_size\) raised"):
+    with pytest.raises(ValueError, match=r"2 zero 3 x 32 x 32 images \(data.channels, data.image_size\) raised"):
         task.given_model()
 
 
@@ -158,12 +158,12 @@ def test_a_task_whose_model_takes_other_inputs_sizes_its_lazy_layers_by_its_own_
 
     class WithVector(ClassifyTask):
         def sizing_inputs(self):
-            return (torch.zeros(1, 3, 8, 8), torch.zeros(1, 5)), "an image and a 5-vector"
+            return (torch.zeros(2, 3, 8, 8), torch.zeros(2, 5)), "2 images and 5-vectors"
 
     cfg = load_config("quickstart", [f"train.runs_dir={tmp_path}", "model.num_outputs=3"])
     sized = WithVector(cfg, Runtime(cfg.runtime), None, model=Two).given_model()
     assert sized.fc.weight.shape == (3, 3 + 5)
-    with pytest.raises(ValueError, match=r"one 3 x 32 x 32 image .* raised TypeError"):
+    with pytest.raises(ValueError, match=r"2 zero 3 x 32 x 32 images .* raised TypeError"):
         make_task(cfg, Runtime(cfg.runtime), None, model=Two).given_model()
 
 
@@ -199,9 +199,12 @@ def test_a_model_from_python_that_cannot_train_is_refused_in_one_line_before_a_r
     cases = [
         (Net(returns="tuple"), r"its forward returned a tuple; task classify takes one tensor of N x 3 \(logits"),
         (Net(returns="dict"), r"returned a dict; task classify takes one tensor of N x 3"),
-        (Net(returns="map"), r"returned a 1 x 3 x 1 x 1 tensor for one image; task classify takes 1 x 3 \(logits"),
-        (Net(outputs=1), r"returned a 1 x 1 tensor .* takes 1 x 3 \(logits of its 3 classes: circle, square"),
-        (Net(channels=1), r"a forward pass of one 3 x 32 x 32 image .* raised RuntimeError: .*data.channels is"),
+        (
+            Net(returns="map"),
+            r"returned a 2 x 3 x 1 x 1 tensor for 2 images; task classify takes 2 x 3 \(N x 3: logits",
+        ),
+        (Net(outputs=1), r"returned a 2 x 1 tensor .* takes 2 x 3 \(N x 3: logits of its 3 classes: circle, square"),
+        (Net(channels=1), r"a forward pass of 2 zero 3 x 32 x 32 images .* raised RuntimeError: .*data.channels is"),
     ]
     for model, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -215,6 +218,41 @@ def test_a_model_from_python_that_cannot_train_is_refused_in_one_line_before_a_r
     wider = load_config("quickstart", [f"data.root={shapes_root}", "model.num_outputs=4"])
     with pytest.raises(ValueError, match=r"model.num_outputs: 4, but .* has 3 classes \(circle, square, triangle\)"):
         _ = make_task(wider, Runtime(wider.runtime), source).num_outputs
+
+
+def test_trying_a_model_from_python_changes_nothing_of_it_and_takes_what_trains(shapes_root, tmp_path):
+    """The review of the one-pass check: a layer initialised by its first batch was initialised on zeros, a
+    forward that draws shifted the random streams, a model squeezing its output was refused at batch 1, and a
+    bf16 model was fed float32 zeros."""
+    import torch
+    from torch import nn
+
+    from fasttrain import load_config
+    from fasttrain.data.sources import discover
+    from fasttrain.runtime import Runtime
+    from fasttrain.tasks import make_task
+
+    class FirstBatchInit(nn.Module):  # ActNorm-style: its scale is set by the first batch it sees
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 3)
+            self.register_buffer("ready", torch.zeros(()))
+
+        def forward(self, x):
+            if not self.ready:
+                self.ready.fill_(1)
+            torch.rand(1)  # a draw in every forward
+            return self.fc(self.conv(x).mean((2, 3))).squeeze()  # squeeze: 2 x 3 stays 2 x 3
+
+    cfg = load_config("quickstart", [f"data.root={shapes_root}", f"train.runs_dir={tmp_path}"])
+    source = discover(cfg.data)
+    model = FirstBatchInit()
+    before = torch.random.get_rng_state()
+    assert make_task(cfg, Runtime(cfg.runtime), source, model=model).given_model() is model
+    assert not model.ready and torch.equal(torch.random.get_rng_state(), before)
+
+    half = FirstBatchInit().to(torch.bfloat16)
+    assert make_task(cfg, Runtime(cfg.runtime), source, model=half).given_model() is half
 
 
 def _visible(text: str) -> list[str]:

@@ -8,6 +8,7 @@ Autotune and the benchmarks call the very same step functions.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,26 +30,46 @@ from fasttrain.step import run_step
 __all__ = ["Task", "TrainState", "match_param_layout", "load_optimizer_state"]
 
 
+TRIAL_BATCH = 2
+"""Images in the one forward pass that tries a model given from Python: two, so that a model squeezing its
+output (``x.squeeze()``) keeps the batch dimension it keeps in training."""
+
+
 def check_given_model(
     model: nn.Module, inputs: tuple[Any, ...], described: str, check_output: Callable[[Any], None]
 ) -> nn.Module:
     """A model given from Python, tried once before anything else touches it: one forward pass of ``inputs``
     (the forward's arguments; ``described`` names them in an error), in eval mode and without gradients (no
-    BatchNorm statistic moves, no dropout draw), where its parameters are (the CPU where it was built). The
-    pass sizes its lazy layers (``nn.LazyLinear`` sized by the first input, as a script's dummy forward pass
-    would size it: they must exist before channels_last, the device move, the optimizer and a checkpoint's
-    load), and ``check_output`` (the task's) judges what it returned: a model that cannot train is refused in
-    one line naming what to change, not by a traceback from inside the first step after the run folder was
-    made. The inputs are the task's :meth:`Task.sizing_inputs`."""
+    BatchNorm statistic moves, no dropout draw), where its parameters are (the CPU where it was built) and in
+    their floating dtype. A model with lazy layers (``nn.LazyLinear`` sized by the first input, as a script's
+    dummy forward pass would size it) is sized by that pass: they must exist before channels_last, the device
+    move, the optimizer and a checkpoint's load. Any other is tried on a copy, under its own random streams, so
+    that nothing of it changes (a layer initialised by its first batch, a generator's draws). ``check_output``
+    (the task's) judges what the pass returned: a model that cannot train is refused in one line naming what to
+    change, not by a traceback from inside the first step after the run folder was made. The inputs are the
+    task's :meth:`Task.sizing_inputs`."""
+    import copy
+
     from torch.nn.parameter import is_lazy
 
-    device = next((t.device for t in model.parameters()), torch.device("cpu"))
-    inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
-    was_training = model.training
-    model.eval()
+    lazy = any(is_lazy(t) for t in (*model.parameters(), *model.buffers()))
+    if lazy:
+        tried = model
+    else:
+        try:
+            tried = copy.deepcopy(model)
+        except Exception:  # noqa: BLE001 - a model that cannot be copied (a compiled one) is not tried
+            return model
+    first = next((t for t in tried.parameters() if t.is_floating_point()), None)
+    device, dtype = (first.device, first.dtype) if first is not None else (torch.device("cpu"), torch.float32)
+    inputs = tuple(
+        t.to(device, dtype if t.is_floating_point() else t.dtype) if isinstance(t, torch.Tensor) else t for t in inputs
+    )
+    was_training = tried.training
+    tried.eval()
     try:
-        with torch.no_grad():
-            out = model(*inputs)
+        with torch.no_grad(), torch.random.fork_rng(devices=[]) if not lazy else contextlib.nullcontext():
+            out = tried(*inputs)
     except Exception as e:
         why = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(
@@ -56,26 +77,27 @@ def check_given_model(
             + (" (data.channels is the images' channels)" if "channels" in why else "")
         ) from e
     finally:
-        model.train(was_training)
-    lazy = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if is_lazy(t)]
-    if lazy:
-        raise ValueError(f"model=: lazy {', '.join(lazy)} still unsized after a forward pass of {described}")
+        tried.train(was_training)
+    unsized = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if is_lazy(t)]
+    if unsized:
+        raise ValueError(f"model=: lazy {', '.join(unsized)} still unsized after a forward pass of {described}")
     check_output(out)
     return model
 
 
-def check_per_image(out: Any, n: int, what: str, task: str) -> None:
+def check_per_image(out: Any, n: int, what: str, task: str, batch: int = TRIAL_BATCH) -> None:
     """``check_output`` of a task whose model gives ``n`` numbers per image (``what``: the classes, the targets),
-    for a forward pass of one image."""
+    for a forward pass of ``batch`` images."""
     if not isinstance(out, torch.Tensor):
         raise ValueError(
             f"model=: its forward returned a {type(out).__name__}; task {task} takes one tensor of N x {n} "
             f"({what}): return that alone"
         )
-    if tuple(out.shape) != (1, n):
+    if tuple(out.shape) != (batch, n):
         shape = " x ".join(map(str, out.shape)) or "scalar"
         raise ValueError(
-            f"model=: its forward returned a {shape} tensor for one image; task {task} takes 1 x {n} ({what})"
+            f"model=: its forward returned a {shape} tensor for {batch} images; task {task} takes {batch} x {n} "
+            f"(N x {n}: {what})"
         )
 
 
@@ -321,10 +343,11 @@ class Task:
     def sizing_inputs(self) -> tuple[tuple[Any, ...], str]:
         """The forward's arguments of the one pass that tries a model given from Python (:func:`check_given_model`:
         it sizes the lazy layers and :meth:`check_output` judges the result), and how an error names them: one
-        zero image of data.channels x data.image_size. A task whose model takes other inputs (several tensors,
-        a vector) returns those."""
+        batch of :data:`TRIAL_BATCH` zero images of data.channels x data.image_size. A task whose model takes other
+        inputs (several tensors, a vector) returns those."""
         c, s = self.cfg.data.channels, self.cfg.data.image_size
-        return (torch.zeros(1, c, s, s),), f"one {c} x {s} x {s} image (data.channels, data.image_size)"
+        described = f"{TRIAL_BATCH} zero {c} x {s} x {s} images (data.channels, data.image_size)"
+        return (torch.zeros(TRIAL_BATCH, c, s, s),), described
 
     def load_initial_weights(self, model: nn.Module, module: str) -> None:
         """``model.init_from``: the file's weights (a fasttrain checkpoint's ``module``, or a state dict) into

@@ -30,7 +30,7 @@ from fasttrain.data.transforms import resize_square
 from fasttrain.io import atomic_replace, write_new
 from fasttrain.models import build_model
 from fasttrain.optim import make_optimizer
-from fasttrain.tasks.base import Task, TrainState
+from fasttrain.tasks.base import TRIAL_BATCH, Task, TrainState
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +96,14 @@ class Pix2PixTask(Task):
 
     # -- building ---------------------------------------------------------------------------------------------
     def check_output(self, out: Any) -> None:
-        """The generator's image: 1 x C x H x W as its input (the discriminator reads the two side by side)."""
+        """The generator's images: N x C x H x W as its input (the discriminator reads the two side by side)."""
         c, size = self.cfg.data.channels, self.cfg.data.image_size
-        want = (1, c, size, size)
+        want = (TRIAL_BATCH, c, size, size)
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
             got = " x ".join(map(str, out.shape)) + " tensor" if isinstance(out, torch.Tensor) else type(out).__name__
             raise ValueError(
-                f"model=: the generator returned a {got} for one {c} x {size} x {size} image; task pix2pix takes "
-                f"an image of the same shape ({' x '.join(map(str, want))})"
+                f"model=: the generator returned a {got} for {TRIAL_BATCH} {c} x {size} x {size} images; task "
+                f"pix2pix takes images of the same shape ({' x '.join(map(str, want))})"
             )
 
     def build_state(self) -> TrainState:
