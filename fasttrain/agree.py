@@ -101,6 +101,8 @@ class NodeFacts:
     config: dict[str, Any]
     """The resolved config, flattened (section.key -> value), data.root left out."""
     versions: str
+    commit: str = ""
+    """fasttrain's git commit where it runs from a checkout ("" where unknown: a wheel, git too slow)."""
 
     def where(self) -> str:
         return f"rank {self.rank} (node {self.node}, host {self.host})"
@@ -123,13 +125,12 @@ def _flat(cfg: Any) -> dict[str, Any]:
     return out
 
 
-def _versions(fasttrain: str, torch: str) -> str:
-    """fasttrain's version and, run from a git checkout, its commit (nodes on other code under one version
-    string trained together), and torch's."""
+def _commit() -> str:
+    """fasttrain's commit where it runs from a git checkout (nodes on other code under one version string
+    trained together), without "+dirty" (a node's local state, not other code); "" where unknown."""
     from fasttrain.rundir import git_commit
 
-    commit = git_commit()
-    return f"fasttrain {fasttrain}{f' (commit {commit[:12]}{commit[40:]})' if commit else ''}, torch {torch}"
+    return (git_commit() or "").removesuffix("+dirty")
 
 
 def node_facts(source: Any, cfg: Any, rank: int, env: Mapping[str, str] | None = None) -> NodeFacts:
@@ -144,7 +145,8 @@ def node_facts(source: Any, cfg: Any, rank: int, env: Mapping[str, str] | None =
         socket.gethostname(),
         dataset_fingerprint(source),
         _flat(cfg),
-        _versions(__version__, torch.__version__),
+        f"fasttrain {__version__}, torch {torch.__version__}",
+        _commit(),
     )
 
 
@@ -180,6 +182,8 @@ def differences(facts: list[NodeFacts], show: int = 4) -> list[str]:
             out.append(f"config: {f.where()} has {shown}{more}")
         if f.versions != ref.versions:
             out.append(f"versions: {f.where()} runs {f.versions}, rank 0 {ref.versions}")
+        elif f.commit and ref.commit and f.commit != ref.commit:  # compared where both are known
+            out.append(f"code: {f.where()} runs fasttrain's commit {f.commit[:12]}, rank 0 {ref.commit[:12]}")
     return out
 
 
@@ -289,10 +293,8 @@ def check_loaders(loader: Any, cfg: Any) -> None:
     if not info.enabled:
         return
     timeout = float(getattr(getattr(cfg, "dist", None), "timeout_s", 1800.0))
-    env = os.environ
-    where = f"rank {info.rank} (node {env.get('GROUP_RANK', '0') or 0}, host {socket.gethostname()})"
     skipped = list(loader.skipped)
-    mine = (where, len(loader), loader.num_samples, len(skipped), skipped[:1])
+    mine = (distributed._where(), len(loader), loader.num_samples, len(skipped), skipped[:1])
     gathered = distributed.gather("loaders", mine, timeout)
     if len({(n, k) for _, n, k, _, _ in gathered}) == 1:
         return

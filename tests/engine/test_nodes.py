@@ -5,6 +5,7 @@ rendezvous, one worker each, gloo on CPU), each in its own working folder standi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -899,17 +900,21 @@ def test_each_node_may_mount_the_data_and_write_its_runs_where_it_likes():
 
 
 def test_nodes_on_other_commits_under_one_version_string_differ(monkeypatch):
-    """A node running a checkout three commits behind (version string unchanged) trained with the others."""
+    """A node running a checkout three commits behind (version string unchanged) trained with the others. Only
+    commits both sides know are compared (a wheel's node has none), and a local "+dirty" is no other code."""
     from fasttrain import rundir
-    from fasttrain.agree import _versions
+    from fasttrain.agree import _commit
 
     monkeypatch.setattr(rundir, "git_commit", lambda: "a" * 40 + "+dirty")
-    mine = _versions("0.1.0", "2.14.1")
-    monkeypatch.setattr(rundir, "git_commit", lambda: "b" * 40)
-    theirs = _versions("0.1.0", "2.14.1")
-    assert mine == "fasttrain 0.1.0 (commit aaaaaaaaaaaa+dirty), torch 2.14.1" and theirs != mine
-    monkeypatch.setattr(rundir, "git_commit", lambda: None)  # installed from a wheel: the version alone
-    assert _versions("0.1.0", "2.14.1") == "fasttrain 0.1.0, torch 2.14.1"
+    assert _commit() == "a" * 40
+    source = _source("/a", FILES)
+    ahead, behind = _facts(0, source), _facts(1, source)
+    ahead = dataclasses.replace(ahead, commit="a" * 40)
+    assert differences([ahead, dataclasses.replace(behind, commit="b" * 40)]) == [
+        "code: rank 1 (node 1, host host1) runs fasttrain's commit bbbbbbbbbbbb, rank 0 aaaaaaaaaaaa"
+    ]
+    assert differences([ahead, dataclasses.replace(behind, commit="")]) == []  # a wheel: unknown, not compared
+    assert differences([ahead, dataclasses.replace(behind, commit="a" * 40)]) == []
 
 
 @pytest.mark.slow
