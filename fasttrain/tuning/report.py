@@ -226,7 +226,11 @@ class AutotuneReport:
             lines.append(text)
         if self.plan:
             p = self.plan
-            lines.append(f"train: batch_size {p.global_batch} = {p.accumulation} x {p.micro_batch}: {p.note}")
+            if self.world_size > 1:  # the plan is per process: the tuned config's train.batch_size is below
+                note = p.note.replace("train.batch_size", "the per-process batch")
+                lines.append(f"per process: batch {p.global_batch} = {p.accumulation} x {p.micro_batch}: {note}")
+            else:
+                lines.append(f"train: batch_size {p.global_batch} = {p.accumulation} x {p.micro_batch}: {p.note}")
             if self.world_size > 1:
                 lines.append(
                     f"torchrun: {self.world_size} processes, so the global batch is {self.world_size} x "

@@ -1119,3 +1119,20 @@ def test_an_answer_whose_loader_auto_chose_by_the_jobs_length_is_written_but_not
     assert report["ok"] and report["reliable"] and report["loader_by_length"] and len(asked) == 1
     assert (tmp_path / "out" / "quickstart.tuned.toml").is_file()
     assert not list((tmp_path / "cache").glob("*.json"))
+
+
+def test_under_torchrun_the_plan_line_says_per_process_and_the_global_batch_follows():
+    """Under two processes the report said 'train.batch_size raised from 16 to 32' while the tuned config set
+    64: the plan is per process, and train.batch_size is the global batch."""
+    from fasttrain.tuning.search import plan_batches
+
+    plan = plan_batches(16, 32, multiple=8)
+    report = R.AutotuneReport(
+        "x", "m", "classify", "cpu", "rt", [3, 8, 8], P.Budget("cpu", 16.0), 0.1, 0.03, 8,
+        candidates=[Candidate(32, True, samples_per_s=200.0, usable=True, phase="grow", spread=0.01)],
+        chosen_batch=32, best_batch=32, given_batch=16, plan=plan, world_size=2,
+    )  # fmt: skip
+    lines = report.to_table().splitlines()
+    (line,) = [ln for ln in lines if ln.startswith("per process: batch 32")]
+    assert "the per-process batch raised from 16 to 32" in line and "train.batch_size raised" not in line
+    assert any("the global batch is 2 x 32 = 64 (train.batch_size in the tuned config)" in ln for ln in lines)
