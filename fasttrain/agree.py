@@ -281,9 +281,10 @@ def check_nodes(source: Any, cfg: Any) -> None:
         raise NodesDisagree(message(diffs))
 
 
-def check_loaders(loader: Any, cfg: Any) -> None:
+def check_loaders(loader: Any, cfg: Any, val_loader: Any = None) -> None:
     """Under torchrun, once the loaders are built: every rank's training loader holds the same usable samples'
-    count and batches. The files agree by name (:func:`check_nodes`) before any is read; a copy that differs in
+    count and batches (and its validation loader the same usable samples: the ranks would validate on other
+    data). The files agree by name (:func:`check_nodes`) before any is read; a copy that differs in
     content (a shard cut short on one node, a file changed on one) is found only when read, and a rank that
     skipped other samples drew its shard of another order and another number of steps: the ranks trained on
     overlapping samples, then waited in a collective until dist.timeout_s. :class:`NodesDisagree` names them."""
@@ -293,15 +294,19 @@ def check_loaders(loader: Any, cfg: Any) -> None:
     if not info.enabled:
         return
     timeout = float(getattr(getattr(cfg, "dist", None), "timeout_s", 1800.0))
-    skipped = list(loader.skipped)
-    mine = (distributed._where(), len(loader), loader.num_samples, len(skipped), skipped[:1])
+    skipped = [*loader.skipped, *(val_loader.skipped if val_loader is not None else ())]
+    val = val_loader.num_samples if val_loader is not None else 0
+    mine = (distributed._where(), len(loader), loader.num_samples, val, len(skipped), skipped[:1])
     gathered = distributed.gather("loaders", mine, timeout)
-    if len({(n, k) for _, n, k, _, _ in gathered}) == 1:
+    if len({(n, k, v) for _, n, k, v, _, _ in gathered}) == 1:
         return
     parts = []
-    for who, batches, samples, n_skipped, first in gathered:
+    for who, batches, samples, val_samples, n_skipped, first in gathered:
         why = f": the first, {first[0][0]}: {first[0][1]}" if first else ""
-        parts.append(f"{who} reads {samples} usable training samples ({n_skipped} skipped{why}), {batches} batches")
+        parts.append(
+            f"{who} reads {samples} usable training samples in {batches} batches and {val_samples} validation "
+            f"samples ({n_skipped} skipped{why})"
+        )
     raise NodesDisagree(
         "the nodes of this job read different training data, so it stops before training (nothing was written): "
         + "; ".join(parts)

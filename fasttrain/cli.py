@@ -108,7 +108,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.test_metrics:
         print(f"test ({result.test_weights}): " + ", ".join(f"{k}={v:.4g}" for k, v in result.test_metrics.items()))
     if result.skipped:
-        print(f"skipped files: {len(result.skipped)} (listed in {result.run_dir / 'train.log'})")
+        listed = result.run_dir / "skipped.txt"  # every one of them where the log names only the first 20
+        listed = listed if listed.is_file() else result.run_dir / "train.log"
+        print(f"skipped files: {len(result.skipped)} (listed in {listed})")
     return 0
 
 

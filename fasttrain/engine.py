@@ -888,7 +888,7 @@ class Trainer:
         try:
             self.val_loader = self._loader(source.val, train=False) if source.val else None
             self._startup.append(("loaders", time.perf_counter()))
-            check_loaders(self.train_loader, cfg)  # under torchrun: the same samples read on every rank
+            check_loaders(self.train_loader, cfg, self.val_loader)  # under torchrun: the same samples on every rank
             micro_per_epoch = len(self.train_loader)
             if micro_per_epoch < self.tc.accumulation:
                 raise ConfigError(
@@ -1047,11 +1047,12 @@ class Trainer:
             r.get("event") == "early_stop" and (r["epoch"], r["step"]) == mark for r in records
         )
         log.info(
-            "resumed from %s at epoch %d, step %d%s",
+            "resumed from %s at step %d, %s",
             self.ckpts.last,
-            state.epoch,
             state.step,
-            f" ({self.resume_micro} batches into epoch {state.epoch + 1})" if self.resume_micro else "",
+            f"{self.resume_micro} batches into epoch {state.epoch + 1}"
+            if self.resume_micro
+            else f"after epoch {state.epoch}",
         )
         self._say_replanned(ckpt)
 

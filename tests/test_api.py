@@ -223,7 +223,9 @@ def test_a_model_from_python_that_cannot_train_is_refused_in_one_line_before_a_r
 def test_trying_a_model_from_python_changes_nothing_of_it_and_takes_what_trains(shapes_root, tmp_path):
     """The review of the one-pass check: a layer initialised by its first batch was initialised on zeros, a
     forward that draws shifted the random streams, a model squeezing its output was refused at batch 1, and a
-    bf16 model was fed float32 zeros."""
+    bf16 model was fed float32 zeros; prediction (one image at a time) then failed on the squeezed output."""
+    import dataclasses
+
     import torch
     from torch import nn
 
@@ -253,6 +255,14 @@ def test_trying_a_model_from_python_changes_nothing_of_it_and_takes_what_trains(
 
     half = FirstBatchInit().to(torch.bfloat16)
     assert make_task(cfg, Runtime(cfg.runtime), source, model=half).given_model() is half
+
+    from fasttrain import predict, train
+
+    short = load_config("quickstart", [f"data.root={shapes_root}", f"train.runs_dir={tmp_path}", "train.max_steps=1"])
+    run = train(dataclasses.replace(short, train=dataclasses.replace(short.train, epochs=1)), model=FirstBatchInit)
+    image = str(next(shapes_root.rglob("*.png")))
+    (record,) = predict(run.run_dir, [image], device="cpu", model=FirstBatchInit())  # squeezed to 3 for one image
+    assert record["class"] in ("circle", "square", "triangle")
 
 
 def _visible(text: str) -> list[str]:

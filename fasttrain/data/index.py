@@ -96,11 +96,12 @@ __all__ = [
     "load_or_build",
 ]
 
-INDEX_VERSION = 4
+INDEX_VERSION = 5
 """Raised whenever what discovery finds for the same settings changes (2: a folder is one split, so
 ``val_dir = test_dir`` has no test split; 3: images of formats fasttrain does not read, GIF or HEIC, are named
-among the skipped files; 4: a manifest with a label column holds classes): an index of an older version is
-built again, not trusted."""
+among the skipped files; 4: a manifest with a label column holds classes; 5: validation/ beside class folders
+is refused as a class, and val/ beside them is the validation split): an index of an older version is built
+again, not trusted."""
 INDEX_DIR = ".fasttrain-index"
 FORMATS = ("jpeg", "png", "bmp", "tiff", "webp", "pnm", "jpeg2000")
 _BAD, _UNCHECKED = 255, 254

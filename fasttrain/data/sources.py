@@ -442,12 +442,17 @@ def _class_dir(p: Path, split: Path) -> bool:
 
 
 def _class_folder_split(
-    folder: Path, name: str, class_names: list[str], skipped: list[tuple[str, str]] | None = None
+    folder: Path,
+    name: str,
+    class_names: list[str],
+    skipped: list[tuple[str, str]] | None = None,
+    reserved: set[str] | frozenset[str] = frozenset(),
 ) -> Split:
-    """The split's files and class indices; image-named entries that are no regular file go to ``skipped``."""
+    """The split's files and class indices; image-named entries that are no regular file go to ``skipped``.
+    ``reserved``: the other splits' folders, where the root is the training split (val/ beside cat/ and fish/)."""
     paths, targets = [], []
     index = {c: i for i, c in enumerate(class_names)}
-    for sub in sorted(p for p in folder.iterdir() if _class_dir(p, folder)):
+    for sub in sorted(p for p in folder.iterdir() if _class_dir(p, folder) and p.name not in reserved):
         if sub.name not in index:
             raise ConfigError(
                 f"data.root: {name} split {folder} has class folder {sub.name!r} that the training "
@@ -469,8 +474,9 @@ def discover_folder(cfg: DataConfig, root: Path) -> DataSource:
     class_names = sorted(p.name for p in entries if _class_dir(p, train_dir) and p.name not in reserved)
     if not class_names:
         raise ConfigError(f"data.root: {train_dir} holds no class folders (expected {train_dir}/<class>/<image>)")
+    _refuse_a_split_as_a_class(train_dir, class_names)
     skipped: list[tuple[str, str]] = []
-    train = _class_folder_split(train_dir, "train", class_names, skipped)
+    train = _class_folder_split(train_dir, "train", class_names, skipped, reserved)
     if len(train) == 0:
         raise ConfigError(f"data.root: no images under {train_dir} (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
     present = set(train.targets)
@@ -478,7 +484,7 @@ def discover_folder(cfg: DataConfig, root: Path) -> DataSource:
     if empty and len(present) < 2 <= len(class_names):
         raise ConfigError(_one_class_with_images(train_dir, class_names[min(present)], empty, skipped))
     if empty:
-        log.warning("class folders without images in %s: %s", train_dir, ", ".join(empty))
+        log.warning("class folders without images fasttrain reads in %s: %s", train_dir, ", ".join(empty))
     _warn_of_layout(root, train_dir, entries, class_names, cfg, has_val="val" in folders)
     if "val" in folders:
         val = _class_folder_split(folders["val"], "val", class_names, skipped)
@@ -490,6 +496,19 @@ def discover_folder(cfg: DataConfig, root: Path) -> DataSource:
 
 VAL_LOOKALIKES = ("validation", "valid", "validate", "dev", "eval")
 """Folder names other datasets give the validation split (Keras, Kaggle): named in a warning, never taken."""
+
+
+def _refuse_a_split_as_a_class(train_dir: Path, class_names: list[str]) -> None:
+    """A class folder named like a validation split (validation/, valid/, ...) that holds folders named like the
+    other classes is that split, not a class: it trained as a third class, cat, fish and validation."""
+    for name in (n for n in class_names if n.lower() in VAL_LOOKALIKES):
+        inside = {p.name for p in (train_dir / name).iterdir() if p.is_dir()}
+        alike = sorted(inside & (set(class_names) - {name}))
+        if alike:
+            raise ConfigError(
+                f"data.root: {train_dir / name} holds folders named like the classes ({', '.join(alike)}): a "
+                f"validation split, not a class; --set data.val_dir={name} validates on it"
+            )
 
 
 def _one_class_with_images(train_dir: Path, only: str, empty: list[str], skipped: list[tuple[str, str]]) -> str:

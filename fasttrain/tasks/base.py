@@ -228,6 +228,9 @@ class Task:
     :meth:`metric_mode`."""
     predict_module: str = "model"
     """The module (key of ``TrainState.local``) whose output prediction describes."""
+    output_ndim: int = 2
+    """Dimensions of that module's output for a batch (N x outputs); one less for one image is a model that
+    squeezed the batch dimension away (``x.squeeze()``), which prediction puts back."""
     sample_kind: str = "class"
     """What its loaders hold (:mod:`fasttrain.data.samples`: class, vector, pair): every backend serves it from
     this (the cache is sized by it, DALI knows what to decode); :meth:`samples` adds what a kind needs more."""
@@ -488,6 +491,8 @@ class Task:
                 continue
             with torch.no_grad(), self.runtime.autocast():
                 out = self.infer(model, normalize_on_device(self.preprocess(image)[None], spec, scale_shift))
+            if out.ndim == self.output_ndim - 1:  # a model of one's own squeezed the batch of one away
+                out = out[None]
             info = {**meta, "image": path, "image_size": image.size, "out_dir": out_dir}
             records.append({"image": path, **self.describe_prediction(out[0].float().cpu(), info)})
         return records

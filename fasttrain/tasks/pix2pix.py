@@ -57,6 +57,7 @@ def _save_png(image: torch.Tensor, tmp: Path) -> None:
 class Pix2PixTask(Task):
     name = "pix2pix"
     predict_module = "generator"
+    output_ndim = 4
     best_metric = "val_l1"
     higher_is_better = frozenset({"psnr"})
     sample_kind = "pair"

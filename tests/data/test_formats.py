@@ -503,6 +503,19 @@ def test_a_folder_layout_that_leaves_images_out_or_splits_a_class_says_so(tmp_pa
     discover(DataConfig(test_dir="validation"), tmp_path)  # the test split's folder: not offered as validation
     assert "looks like a validation split" not in caplog.text
 
+    flat = tmp_path / "flat"  # no train/: the class folders at the root, and validation/ beside them
+    for cls in ("cat", "fish"):
+        png(flat / cls / "0.png")
+        png(flat / "validation" / cls / "0.png")
+    with pytest.raises(
+        ConfigError, match=r"validation holds folders named like the classes \(cat, fish\): a validation"
+    ):
+        discover(DataConfig(), flat)  # it trained a third class, 'validation'
+    assert discover(DataConfig(val_dir="validation"), flat).class_names == ["cat", "fish"]
+    (flat / "validation").rename(flat / "val")  # val/ beside the class folders: it said "a class the training
+    beside = discover(DataConfig(), flat)  # split lacks"
+    assert beside.class_names == ["cat", "fish"] and len(beside.val) == 2 and len(beside.train) == 2
+
     phone = tmp_path / "phone"
     (phone / "fish").mkdir(parents=True)
     for i in range(4):

@@ -563,3 +563,23 @@ def test_a_full_disk_under_train_log_names_the_file_and_never_masks_the_real_err
     code = main(["train", *cli_set(shapes_root, runs), "-q"])
     line = one_line_error(capsys.readouterr().err)
     assert code == 1 and "cannot write checkpoint" in line and "last.pt: No space left on device" in line, line
+
+
+def test_the_commands_last_line_points_to_the_list_of_every_skipped_file(shapes_root, tmp_path, monkeypatch, capsys):
+    """It said '(listed in train.log)', which names 20 of them; skipped.txt holds them all."""
+    from fasttrain.cli import main
+    from fasttrain.tasks.classify import ClassifyTask
+
+    real = ClassifyTask.make_loader
+    bad = [(str(shapes_root / "train" / "circle" / f"broken{i}.png"), "cannot be decoded") for i in range(25)]
+
+    def with_skips(self, split, **kw):
+        loader = real(self, split, **kw)
+        loader.skipped = list(bad) if kw["train"] else []
+        return loader
+
+    monkeypatch.setattr(ClassifyTask, "make_loader", with_skips)
+    assert main(["train", "-q", *cli_args(tiny_cfg(shapes_root, tmp_path / "runs", "train.epochs=1"))]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    assert f"skipped files: 25 (listed in {run / 'skipped.txt'})" in capsys.readouterr().out
+    assert len((run / "skipped.txt").read_text().splitlines()) == 25
