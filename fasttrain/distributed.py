@@ -562,8 +562,8 @@ class StopVote:
     One process: the request itself, at every step. Several: every ``every`` optimizer steps each process puts
     in its signal's number (0 for none) and the largest is taken, one all-reduce of one number, whose result is
     read at the next vote: no step waits for the device (with NCCL the host runs ahead of it), and a stop comes
-    ``every`` to ``2 x every`` steps after its signal, well inside the 30 s torchrun's agent gives its workers
-    (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) before it kills them. :meth:`now` votes and reads at once (an epoch's
+    ``every`` to ``2 x every`` steps after its signal, which must fit in the 30 s torchrun's agent gives its
+    workers (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) before it kills them. :meth:`now` votes and reads at once (an epoch's
     end, where the processes wait for each other anyway). :attr:`signum` is the signal agreed to (a process may
     stop on another's); the request keeps only its own, so a signal that reaches it later is still its first
     (not the second signal that stops at once, with no save)."""

@@ -198,8 +198,8 @@ def _first_item(dataset: Any, arg: str) -> tuple[int, torch.Tensor, Any]:
 
 def _check_sizes(dataset: Any, arg: str, start: int, shape: tuple[int, ...], ref: str, probes: int = 8) -> None:
     """The first ``probes`` items from ``start`` that read have ``shape``, the shape of item ``ref`` (the
-    training dataset's first): a dataset of images of several sizes (an ImageFolder without a Resize) failed in
-    its first batch, in torch.stack."""
+    dataset's first): a dataset of images of several sizes (an ImageFolder without a Resize) failed in its first
+    batch, in torch.stack."""
     seen = 0
     for i in range(start, min(len(dataset), start + 2 * probes)):  # a dataset of failing items is not read whole
         if seen == probes:
