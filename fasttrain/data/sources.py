@@ -473,7 +473,14 @@ def discover_folder(cfg: DataConfig, root: Path) -> DataSource:
     entries = sorted(train_dir.iterdir())
     class_names = sorted(p.name for p in entries if _class_dir(p, train_dir) and p.name not in reserved)
     if not class_names:
-        raise ConfigError(f"data.root: {train_dir} holds no class folders (expected {train_dir}/<class>/<image>)")
+        loose = sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in entries)
+        here = (
+            f"; its {loose} images lie in it directly: if it is one class's folder, data.root is the folder above "
+            f"({train_dir.parent})"
+            if loose
+            else ""
+        )
+        raise ConfigError(f"data.root: {train_dir} holds no class folders (expected {train_dir}/<class>/<image>){here}")
     _refuse_a_split_as_a_class(train_dir, class_names)
     skipped: list[tuple[str, str]] = []
     train = _class_folder_split(train_dir, "train", class_names, skipped, reserved)

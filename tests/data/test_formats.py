@@ -528,6 +528,16 @@ def test_a_folder_layout_that_leaves_images_out_or_splits_a_class_says_so(tmp_pa
         discover(DataConfig(), phone)
 
 
+def test_a_data_root_at_a_folder_of_images_points_to_the_folder_above(tmp_path):
+    """It said only 'holds no class folders' of a folder holding a class's images."""
+    for i in range(3):
+        png(tmp_path / "photos" / "cat" / f"{i}.png")
+    with pytest.raises(
+        ConfigError, match=r"its 3 images lie in it directly: if it is one class's folder, data.root is"
+    ):
+        discover(DataConfig(), tmp_path / "photos" / "cat")
+
+
 def test_a_data_root_pointing_at_one_class_folder_says_so(tmp_path):
     """It said 'found 1; set model.num_outputs', which is not what is wrong."""
     from tinyrun import tiny_cfg

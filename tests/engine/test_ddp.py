@@ -6,6 +6,7 @@ gradients, which is the gradient of the global batch's mean loss.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -363,14 +364,12 @@ def test_a_failed_worker_under_nproc_is_named_with_its_reason(shapes_root, tmp_p
     assert report[-1] == "no run folder was written: start the run again once that is fixed"
 
 
-def test_ctrl_c_under_nproc_says_it_once_with_the_command_that_resumes_all_workers(shapes_root, tmp_path):
-    """Ctrl-C to `fasttrain train --nproc 2` printed the resume command once per rank, without --nproc, then 'a
-    worker failed: Process N got signal: 2' and exit status 1. (The agent passes the signal to its workers.)"""
-    import signal
+@contextlib.contextmanager
+def _job_past_its_first_checkpoint(args: list[str], runs: Path):
+    """``fasttrain ARGS`` started (stderr piped) and waited for until a run folder under ``runs`` holds last.pt;
+    killed at the end if it still runs."""
     import time
 
-    runs = tmp_path / "runs"
-    args = ["train", "-q", "--nproc", "2", *_sets(shapes_root, runs, "train.epochs=50", "train.max_steps=0")]
     proc = subprocess.Popen(
         [sys.executable, "-m", "fasttrain", *args], cwd=REPO, env=worker_env(), stderr=subprocess.PIPE, text=True
     )
@@ -379,12 +378,23 @@ def test_ctrl_c_under_nproc_says_it_once_with_the_command_that_resumes_all_worke
         while time.monotonic() < deadline and not list(runs.glob("*/checkpoints/last.pt")):
             assert proc.poll() is None, proc.communicate()[1][-4000:]
             time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)  # the agent's: it stops its workers with the same signal
-        _, err = proc.communicate(timeout=120)
+        yield proc
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_ctrl_c_under_nproc_says_it_once_with_the_command_that_resumes_all_workers(shapes_root, tmp_path):
+    """Ctrl-C to `fasttrain train --nproc 2` printed the resume command once per rank, without --nproc, then 'a
+    worker failed: Process N got signal: 2' and exit status 1. (The agent passes the signal to its workers.)"""
+    import signal
+
+    runs = tmp_path / "runs"
+    args = ["train", "-q", "--nproc", "2", *_sets(shapes_root, runs, "train.epochs=50", "train.max_steps=0")]
+    with _job_past_its_first_checkpoint(args, runs) as proc:
+        proc.send_signal(signal.SIGINT)  # the agent's: it stops its workers with the same signal
+        _, err = proc.communicate(timeout=120)
     (run,) = (p.parent.parent for p in runs.glob("*/checkpoints/last.pt"))
     assert proc.returncode == 130, err[-4000:]
     # every worker saved the step they agreed on (a stop signal was not handled under torchrun before)
@@ -413,28 +423,16 @@ def test_a_signal_to_one_worker_stops_every_rank_at_one_saved_step(shapes_root, 
     data loader worker included, which SIGTERM used to end too), every rank now stops at the step they agree on,
     inside the epoch, with that step saved, and the command that resumes it."""
     import signal
-    import time
 
     runs = tmp_path / "runs"
     extra = ("train.epochs=50", "train.max_steps=0", "train.batch_size=8", "data.workers=1")
     args = ["train", "-q", "--nproc", "2", *_sets(shapes_root, runs, *extra)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fasttrain", *args], cwd=REPO, env=worker_env(), stderr=subprocess.PIPE, text=True
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and not list(runs.glob("*/checkpoints/last.pt")):
-            assert proc.poll() is None, proc.communicate()[1][-4000:]
-            time.sleep(0.1)
+    with _job_past_its_first_checkpoint(args, runs) as proc:
         worker = _worker_pid(proc.pid, 1)
         assert worker is not None
         first = load_checkpoint(next(runs.glob("*/checkpoints/last.pt")))["state"]["step"]
         os.killpg(worker, signal.SIGTERM)  # torchrun starts each worker as its own process group
         _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     run = _only_run(runs)
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     step, micro = ckpt["state"]["step"], ckpt["position"]["micro"]
