@@ -74,6 +74,8 @@ def _add_common(p: argparse.ArgumentParser, example: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     if args.nproc > 1:
+        if not args.resume:  # a config error said once, here, not by every worker after torchrun's start
+            resolve_config(args.config, args.overrides)
         return _torchrun(args.nproc, sys.argv[1:] if args.argv is None else args.argv)
     if args.time_budget:  # seconds (_duration)
         args.overrides = [*(args.overrides or []), f"train.time_budget_s={args.time_budget}"]

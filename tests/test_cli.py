@@ -295,3 +295,12 @@ def test_out_of_memory_is_one_line_saying_which_memory_ran_out():
     assert dali.startswith("out of GPU memory (an allocation of 1048576 bytes failed)")
     host = _oom_line(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB"))
     assert host.startswith("out of host memory")
+
+
+def test_a_config_error_under_nproc_is_said_once_before_any_worker_starts(capsys, monkeypatch):
+    """It was found by every worker after torchrun's start: about 7 s, said three times among torchrun's lines."""
+    import fasttrain.cli as cli
+
+    monkeypatch.setattr(cli, "_torchrun", lambda *a: pytest.fail("no worker starts for a config error"))
+    assert main(["train", "--nproc", "2", "--set", "optim.lr=-1"]) == 2
+    assert capsys.readouterr().err.count("optim.lr: must be > 0") == 1
