@@ -671,6 +671,9 @@ class CheckReport:
     layout: str = ""
     """Why training would refuse the folder as class folders (``data.format = folder``), or "". A note, not a
     verdict: the folder may be another format's (a manifest, drawing steps, pairs) or images to predict."""
+    layout_notes: list[str] = field(default_factory=list)
+    """What training warns of in the layout it would take (images beside the class folders, folders differing
+    only in case, a validation split under another name)."""
     other_format: str = ""
     """The format the folder also reads as (paired: A/ and B/ folders; manifest: a labels.csv), or ""."""
     left_out: list[tuple[str, str]] = field(default_factory=list)
@@ -687,6 +690,7 @@ class CheckReport:
         lines += _odd_lines(self.odd)
         if self.layout:
             lines.append(f"  LAYOUT  as class folders (data.format = folder), training refuses it: {self.layout}")
+        lines += [f"  LAYOUT  {note}" for note in self.layout_notes]
         if self.other_format:
             lines.append(
                 f"  LAYOUT  as data.format = {self.other_format}, training leaves out {len(self.left_out)} "
@@ -788,7 +792,7 @@ def _check_folder(root: Path, channels: int, workers: int, max_pixels: int) -> C
     report = CheckReport(root, len(scan.files) + len(scan.others), empty=[str(d) for d in scan.empty_dirs])
     report.bad.extend(scan.others)
     _checked(report, [str(f) for f in scan.files], channels, workers, max_pixels)
-    report.layout = _folder_layout(root)
+    report.layout, report.layout_notes = _folder_layout(root)
     report.other_format, report.left_out = _other_format(root)
     return report
 
@@ -818,24 +822,44 @@ def _other_format(root: Path) -> tuple[str, list[tuple[str, str]]]:
     return fmt, list(src.skipped)
 
 
-def _folder_layout(root: Path) -> str:
-    """What training says of ``root`` as class folders (the default format), or "" when it would take it."""
+class _Notes(logging.Handler):
+    """The layout warnings discovery gives while check-data reads a folder as training would."""
+
+    SAID = ("in no class folder", "differ only in case", "looks like a validation split")
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.notes: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if any(s in text for s in self.SAID):
+            self.notes.append(text)
+
+
+def _folder_layout(root: Path) -> tuple[str, list[str]]:
+    """What training says of ``root`` as class folders (the default format): why it refuses them ("" when it
+    takes them), and what it warns of."""
     from fasttrain.config import ConfigError, DataConfig
     from fasttrain.data.sources import find_source
 
-    quiet = logging.getLogger("fasttrain.data.sources")  # its lines are the report's own (EMPTY, BAD)
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    quiet = logging.getLogger("fasttrain.data.sources")  # its lines are the report's own (EMPTY, BAD, LAYOUT)
+    level, notes, propagate = quiet.level, _Notes(), quiet.propagate
+    quiet.addHandler(notes)
+    quiet.setLevel(logging.WARNING)
+    quiet.propagate = False
     try:
         src = find_source(DataConfig(root=str(root), val_fraction=0.0))
     except ConfigError as e:
-        return str(e)
+        return str(e), notes.notes
     finally:
+        quiet.removeHandler(notes)
         quiet.setLevel(level)
+        quiet.propagate = propagate
     names = src.class_names or []
     if len(names) < 2:
-        return f"one class folder ({', '.join(names)}): a classifier needs at least 2 classes"
-    return ""
+        return f"one class folder ({', '.join(names)}): a classifier needs at least 2 classes", notes.notes
+    return "", notes.notes
 
 
 def _check_shards(root: str | os.PathLike, channels: int, workers: int, max_pixels: int) -> CheckReport:

@@ -262,3 +262,15 @@ def test_check_data_on_pairs_or_a_manifest_names_what_training_leaves_out(tmp_pa
     main(["check-data", str(rows)])
     out = capsys.readouterr().out
     assert "LAYOUT  as data.format = manifest, training leaves out 1 record:" in out and "gone.png not found" in out
+
+
+def test_check_data_says_the_layout_warnings_training_gives(tmp_path, capsys):
+    """Images beside the class folders and folders differing only in case: training warned, check-data did not."""
+    for cls in ("cat", "Cat", "fish"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / cls / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "stray.png")
+    assert main(["check-data", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "  LAYOUT  1 image directly in" in out and "in no class folder, is not used (stray.png)" in out
+    assert "  LAYOUT  class folders Cat and cat in" in out
