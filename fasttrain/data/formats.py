@@ -11,8 +11,9 @@ Formats
   image column is the first of :data:`PATH_COLUMNS` (``path``, ``image``, ``file``, ``filename``, ...); its paths
   are relative to the root (absolute paths must lie inside it). A column named ``label``, ``class`` or
   ``category`` makes it a classifier's: the classes are that column's values (sorted, by value when all are
-  numbers). Else the targets are ``data.target_columns``, or every other column whose values are mostly
-  numbers (the columns left out are named in a warning).
+  numbers), unless they are numbers with fractions (a regression target named so). Else the targets are
+  ``data.target_columns``, or every other column whose values are mostly numbers (the columns left out are named
+  in a warning).
   An optional ``split`` column (train / val / test) assigns rows; without it (or without val rows) a seeded
   ``data.val_fraction`` of the training rows is held out.
 - drawing: session folders of steps. ``step_0000.png`` is the canvas before a stroke and ``step_0001.json``
