@@ -810,16 +810,31 @@ def _other_format(root: Path) -> tuple[str, list[tuple[str, str]]]:
         fmt = "manifest"
     if not fmt:
         return "", []
-    quiet = logging.getLogger("fasttrain.data")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
     try:
-        src = find_source(DataConfig(root=str(root), format=fmt, val_fraction=0.0))
+        with _quiet("fasttrain.data"):
+            src = find_source(DataConfig(root=str(root), format=fmt, val_fraction=0.0))
     except ConfigError as e:
         return fmt, [(str(root), str(e))]
-    finally:
-        quiet.setLevel(level)
     return fmt, list(src.skipped)
+
+
+@contextlib.contextmanager
+def _quiet(logger: str, notes: logging.Handler | None = None) -> Iterator[None]:
+    """Discovery run for the report, whose lines say what it finds (EMPTY, BAD, LAYOUT): ``logger``'s warnings
+    are not logged meanwhile; with ``notes`` they go to it alone."""
+    quiet = logging.getLogger(logger)
+    level, propagate = quiet.level, quiet.propagate
+    if notes is not None:
+        quiet.addHandler(notes)
+        quiet.propagate = False
+    quiet.setLevel(logging.ERROR if notes is None else logging.WARNING)
+    try:
+        yield
+    finally:
+        if notes is not None:
+            quiet.removeHandler(notes)
+        quiet.setLevel(level)
+        quiet.propagate = propagate
 
 
 class _Notes(logging.Handler):
@@ -843,19 +858,12 @@ def _folder_layout(root: Path) -> tuple[str, list[str]]:
     from fasttrain.config import ConfigError, DataConfig
     from fasttrain.data.sources import find_source
 
-    quiet = logging.getLogger("fasttrain.data.sources")  # its lines are the report's own (EMPTY, BAD, LAYOUT)
-    level, notes, propagate = quiet.level, _Notes(), quiet.propagate
-    quiet.addHandler(notes)
-    quiet.setLevel(logging.WARNING)
-    quiet.propagate = False
+    notes = _Notes()
     try:
-        src = find_source(DataConfig(root=str(root), val_fraction=0.0))
+        with _quiet("fasttrain.data.sources", notes):
+            src = find_source(DataConfig(root=str(root), val_fraction=0.0))
     except ConfigError as e:
         return str(e), notes.notes
-    finally:
-        quiet.removeHandler(notes)
-        quiet.setLevel(level)
-        quiet.propagate = propagate
     names = src.class_names or []
     if len(names) < 2:
         return f"one class folder ({', '.join(names)}): a classifier needs at least 2 classes", notes.notes
