@@ -39,6 +39,11 @@ def tta_logits(model: Any, x: torch.Tensor, mode: str) -> torch.Tensor:
     return 0.5 * logits + 0.25 * (mirrored(shifted[0]) + mirrored(shifted[1]))
 
 
+def _some(names: list[str], show: int = 5) -> str:
+    """``a, b, c, d, e, ...``: the first ``show`` class names for a message."""
+    return ", ".join(names[:show]) + (", ..." if len(names) > show else "")
+
+
 class ClassifyTask(Task):
     name = "classify"
     best_metric = "val_acc"
@@ -74,14 +79,14 @@ class ClassifyTask(Task):
 
             raise ConfigError(
                 f"model.num_outputs: {n}, but {src.root} has {len(src.class_names)} classes "
-                f"({', '.join(src.class_names[:5])}{', ...' if len(src.class_names) > 5 else ''}): leave it 0 to take "
-                "the data's (a model with other outputs than classes cannot name what it predicts)"
+                f"({_some(src.class_names)}): leave it 0 to take the data's (a model with other outputs than classes "
+                "cannot name what it predicts)"
             )
         return n
 
     def check_output(self, out: Any) -> None:
         names = self.source.class_names if self.source is not None else None
-        shown = f": {', '.join(names[:5])}{', ...' if len(names) > 5 else ''}" if names else ""
+        shown = f": {_some(names)}" if names else ""
         check_per_image(out, self.num_outputs, f"logits of its {self.num_outputs} classes{shown}", self.name)
 
     def __init__(self, cfg, runtime, source, **settings):
@@ -89,6 +94,7 @@ class ClassifyTask(Task):
         self._mix: Any = None
         self._erase: Any = None
         self._weight: torch.Tensor | None = None
+        self._counts: list[int] | None = None
         if cfg.task.class_weights == "balanced" and source is not None and not self.class_counts():
             from fasttrain.config import ConfigError
 
@@ -98,14 +104,18 @@ class ClassifyTask(Task):
             )
 
     def class_counts(self) -> list[int]:
-        """Training images per class (empty where the split lists no labels: a dataset from Python)."""
-        src = self.source
-        if src is None or not len(src.train.targets):
-            return []
-        import numpy as np
+        """Training images per class (empty where the split lists no labels: a dataset from Python), counted
+        once: the check at construction, the start's note and the loss weight all ask."""
+        if self._counts is None:
+            src = self.source
+            if src is None or not len(src.train.targets):
+                self._counts = []
+            else:
+                import numpy as np
 
-        counts = np.bincount(np.asarray(src.train.targets, dtype=np.int64), minlength=self.num_outputs)
-        return [int(c) for c in counts]
+                counts = np.bincount(np.asarray(src.train.targets, dtype=np.int64), minlength=self.num_outputs)
+                self._counts = [int(c) for c in counts]
+        return self._counts
 
     def loss_weight(self, device: torch.device) -> torch.Tensor | None:
         """``task.class_weights = balanced``: N / (classes x images of the class) per class (0 for a class with
